@@ -1,0 +1,77 @@
+--- tide.check — argument and option checks with fixed message shapes.
+--
+-- Every public function fails the same way:
+--   `tide.spawn: bad argument #1 (function or table expected, got nil)`
+--   `tide.spawn: bad option 'timeout' (positive number of ms expected, got -1)`
+--   `tide.spawn: unknown option 'timout'`
+-- Errors are raised at `level` (default: the caller of the public function),
+-- so the message starts with the user's file and line.
+local type, tostring, error, pairs, math_huge = type, tostring, error, pairs, math.huge
+local sort, concat = table.sort, table.concat
+
+local M = {}
+
+local function describe(v)
+  local tv = type(v)
+  if tv == "number" then
+    if v ~= v then return "nan" end
+    if v == math_huge or v == -math_huge then return tostring(v) end
+    return "number " .. tostring(v)
+  elseif tv == "string" then
+    return ("string %q"):format(#v > 40 and v:sub(1, 40) .. "..." or v)
+  end
+  return tv
+end
+M.describe = describe
+
+--- Raises `fname: bad argument #n (expected, got ...)`.
+function M.arg_error(fname, n, expected, v, level)
+  error(("%s: bad argument #%d (%s expected, got %s)"):format(fname, n, expected, describe(v)),
+        (level or 2) + 1)
+end
+
+--- Raises `fname: bad option 'key' (expected, got ...)`.
+function M.opt_error(fname, key, expected, v, level)
+  error(("%s: bad option '%s' (%s expected, got %s)"):format(fname, key, expected, describe(v)),
+        (level or 2) + 1)
+end
+
+local function finite(v)
+  return type(v) == "number" and v == v and v ~= math_huge and v ~= -math_huge
+end
+M.finite = finite
+
+--- A duration in ms: finite and >= 0 (> 0 when `positive`).
+function M.is_ms(v, positive)
+  return finite(v) and (v > 0 or (not positive and v == 0))
+end
+
+function M.is_count(v, min)
+  return finite(v) and v >= (min or 0) and v % 1 == 0
+end
+
+--- Checks that `opts` has only keys listed in `allowed` (a set); the first
+--- unknown key, in sorted order for stable messages, is an error.
+function M.known(fname, opts, allowed, prefix, level)
+  local unknown
+  for k in pairs(opts) do
+    if not allowed[k] then
+      local ks = tostring(k)
+      if unknown == nil or ks < unknown then unknown = ks end
+    end
+  end
+  if unknown then
+    error(("%s: unknown option '%s%s'"):format(fname, prefix or "", unknown), (level or 2) + 1)
+  end
+end
+
+--- "a, b or c" for messages, from a set.
+function M.choices(set)
+  local t = {}
+  for k in pairs(set) do t[#t + 1] = ("'%s'"):format(k) end
+  sort(t)
+  if #t == 1 then return t[1] end
+  return concat(t, ", ", 1, #t - 1) .. " or " .. t[#t]
+end
+
+return M

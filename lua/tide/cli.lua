@@ -1,0 +1,81 @@
+--- tide.cli — the `tide` command line.
+local H = require "tide.host"
+local tide = require "tide"
+
+local io_stdout, io_stderr = io.stdout, io.stderr
+
+local M = {}
+
+local USAGE = [[
+Usage: tide COMMAND [ARGS...]
+
+Commands:
+  run [OPTIONS] SCRIPT [ARGS...]   run an orchestrator script as the root task
+  help                             show this help
+  version                          print the version
+
+Options for run:
+  --grace MS     grace period for running tasks on SIGINT/SIGTERM (default 5000)
+  --quiet        no progress output
+  --             end of options
+
+The script sees its arguments in `arg` (arg[0] is the script) and in `...`,
+as under luajit; it may tide.sleep and await at top level.  The process exits
+when no work is left: 0, 1 when the script failed, 130/143 after SIGINT/SIGTERM.
+
+Options:
+  -h, --help      show this help
+  -v, --version   print the version
+]]
+
+local function usage_error(msg)
+  io_stderr:write("tide: ", msg, "\n\n", USAGE)
+  return 2
+end
+
+local function run(argv, i)
+  while argv[i] and argv[i]:sub(1, 2) == "--" do
+    local opt = argv[i]
+    if opt == "--" then i = i + 1; break
+    elseif opt == "--quiet" then i = i + 1
+    elseif opt == "--grace" then
+      local ms = tonumber(argv[i + 1])
+      if not ms or ms < 0 or ms ~= ms or ms == math.huge then
+        return usage_error("run: --grace expects a number of milliseconds >= 0, got " ..
+                           tostring(argv[i + 1]))
+      end
+      tide.configure{ grace = ms }
+      i = i + 2
+    else
+      return usage_error("run: unknown option '" .. opt .. "'")
+    end
+  end
+  local script = argv[i]
+  if script == nil then return usage_error("run: missing SCRIPT") end
+  local args = {}
+  for j = i + 1, #argv do args[#args + 1] = argv[j] end
+  local t, err = H.spawn_file(script, args)
+  if not t then
+    io_stderr:write("tide: ", err, "\n")
+    return 1
+  end
+  return H.run()
+end
+
+--- Runs the command line `argv` (argv[1] is the command); returns the exit status.
+function M.main(argv)
+  local cmd = argv[1]
+  if cmd == nil then return usage_error("missing COMMAND") end
+  if cmd == "-h" or cmd == "--help" or cmd == "help" then
+    io_stdout:write(USAGE)
+    return 0
+  elseif cmd == "-v" or cmd == "--version" or cmd == "version" then
+    io_stdout:write(tide._VERSION, " (", jit.version, ")\n")
+    return 0
+  elseif cmd == "run" then
+    return run(argv, 2)
+  end
+  return usage_error("unknown command '" .. cmd .. "'")
+end
+
+return M

@@ -1,0 +1,80 @@
+--- tide.host — driving the loop: tide.run, the `tide` binary and the C embedding API.
+local core = require "tide.core"
+local S = require "tide.sched"
+
+local tostring, io_stderr = tostring, io.stderr
+
+local H = {
+  config = { grace = 5000, signals = true },   -- replaced by tide's own config table
+  signal = nil,    -- the signal that started a shutdown during the last run
+  root = nil,      -- the root task of a script (tide_spawn_file)
+}
+
+local SIGNAMES = { [2] = "SIGINT", [15] = "SIGTERM" }
+
+local function on_signal(signum)
+  local name = SIGNAMES[signum] or ("signal " .. signum)
+  if H.signal == nil then
+    H.signal = signum
+    S.shutdown(H.config.grace, "shutdown (" .. name .. ")")
+  else
+    S.shutdown(0, "shutdown (" .. name .. ", again)")   -- a second signal: stop now
+  end
+end
+
+core.set_handlers(S.tick, on_signal)
+
+--- Runs the loop until no work is left.  Tasks still live then can never be
+--- woken: they are cancelled, which may start new work, so it runs again.
+function H.loop()
+  local signals = H.config.signals
+  H.signal = nil
+  if signals then core.signals(true) end
+  repeat
+    core.run()
+  until S.reap() == 0
+  if signals then core.signals(false) end
+  S.reset()
+end
+
+--- One non-blocking iteration; 1 while work remains, else 0.
+function H.step()
+  local active = core.run(true)
+  if not active and S.live_count() > 0 then
+    S.reap()
+    active = core.run(true)
+  end
+  return active and 1 or 0
+end
+
+function H.shutdown(grace_ms)
+  S.shutdown(grace_ms or H.config.grace)
+  return 0
+end
+
+--- Loads a script and spawns it as the root task; `args` become `arg[1..]`
+--- and the chunk's `...`.  Returns the task, or nil and the load error.
+function H.spawn_file(path, args)
+  local chunk, err = loadfile(path)
+  if not chunk then return nil, err end
+  local a = { [-1] = "tide", [0] = path }
+  for i = 1, #args do a[i] = args[i] end
+  _G.arg = a
+  local t = require("tide").spawn{ run = chunk, args = { n = #args, unpack(args) }, name = path }
+  H.root = t
+  return t
+end
+
+--- Runs the loop for the root task and returns the process's exit status:
+--- 128 + signal after a shutdown by signal, 1 when the root task failed.
+function H.run()
+  H.loop()
+  local root = H.root
+  if H.signal then return 128 + H.signal end
+  if root == nil or root.state == "ok" then return 0 end
+  local msg = root.traceback or tostring(root.value)
+  io_stderr:write("tide: ", msg, "\n")
+  return 1
+end
+
+return H

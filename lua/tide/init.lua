@@ -1,0 +1,157 @@
+--- tide — supervised tasks, timers, retries and pools on an event loop.
+--
+-- This file is the public face: it checks arguments and hands the work to
+-- tide.sched (the engine).  See README.md for the guide.
+local core = require "tide.core"
+local S = require "tide.sched"
+local check = require "tide.check"
+local log = require "tide.log"
+
+local type, error, pairs, setmetatable, getmetatable = type, error, pairs, setmetatable, getmetatable
+local new_task, start = S.new_task, S.start
+local arg_error, opt_error, is_ms = check.arg_error, check.opt_error, check.is_ms
+
+local tide = { _VERSION = "tide 0.1.0" }
+
+local config = { grace = 5000, signals = true }
+
+-- ===== tasks
+
+local make_task = require("tide.task").make_task
+
+--- Spawns a task: `tide.spawn(fn, ...)` or `tide.spawn{ run = fn, ... }`.
+--- Returns at once; the task starts on the next tick.
+function tide.spawn(spec, ...)
+  local t = make_task("tide.spawn", spec, ...)
+  start(t)
+  return t
+end
+
+-- ===== time
+
+--- Suspends the current task for `ms` milliseconds (0: let others run).
+function tide.sleep(ms)
+  if not is_ms(ms) then arg_error("tide.sleep", 1, "non-negative number of ms", ms) end
+  S.sleep(ms, 2)
+end
+
+--- Monotonic time in milliseconds (fractional), for measuring intervals.
+tide.now = core.now
+
+local Timer = {}
+local Timer_mt = { __index = Timer, __tostring = function(tm)
+  return ("tide.Timer (%s)"):format(tm.key and "pending" or "stopped")
+end }
+local user_timers = setmetatable({}, { __mode = "k" })
+
+local function timer_result(status, err, task)
+  if status == "error" then log.report("timer callback", err, task.traceback)
+  elseif status == "timeout" then log.report("timer callback", err) end
+end
+
+local function fire(tm)
+  tm.key = nil
+  if tm.every then tm.key = S.timer(tm.ms, fire, tm) else user_timers[tm] = nil end
+  local t = new_task(tm.fn, { n = 1, tm })
+  t.handle_result = timer_result
+  start(t)
+end
+
+local function new_timer(fname, ms, fn, every)
+  if not is_ms(ms, every) then
+    arg_error(fname, 1, every and "positive number of ms" or "non-negative number of ms", ms, 3)
+  end
+  if type(fn) ~= "function" then arg_error(fname, 2, "function", fn, 3) end
+  if S.shutting_down() then error(fname .. ": the loop is shutting down", 3) end
+  local tm = setmetatable({ ms = ms, fn = fn, every = every }, Timer_mt)
+  tm.key = S.timer(ms, fire, tm)
+  user_timers[tm] = true
+  return tm
+end
+
+--- Runs fn(timer) as a task once, `ms` from now.  Returns a timer.
+function tide.after(ms, fn) return new_timer("tide.after", ms, fn, false) end
+
+--- Runs fn(timer) as a task every `ms` until timer:stop().
+function tide.every(ms, fn) return new_timer("tide.every", ms, fn, true) end
+
+--- Stops the timer; true when it was still pending.
+function Timer.stop(tm)
+  if getmetatable(tm) ~= Timer_mt then
+    error(("timer:stop: bad self (timer expected, got %s)"):format(check.describe(tm)), 2)
+  end
+  user_timers[tm] = nil
+  if tm.key == nil then return false end
+  S.untimer(tm.key)
+  tm.key = nil
+  return true
+end
+
+S.on_shutdown(function()
+  for tm in pairs(user_timers) do Timer.stop(tm) end
+end)
+
+-- ===== the loop
+
+local host = require "tide.host"
+host.config = config
+
+--- Runs fn(...) as the root task and drives the loop until no work is left.
+--- Returns the root task's status and value(s), as task:await does.
+function tide.run(fn, ...)
+  if type(fn) ~= "function" then arg_error("tide.run", 1, "function", fn) end
+  if core.running() then
+    error("tide.run: the loop is already running (tide.run is for a plain host; inside a task, spawn and await)", 2)
+  end
+  local root = tide.spawn(fn, ...)
+  host.loop()
+  return S.results(root)
+end
+
+--- Starts a graceful shutdown: nothing new starts, running tasks get
+--- `grace_ms` (default: configure's grace, 5000) and are then cancelled.
+function tide.shutdown(grace_ms)
+  if grace_ms ~= nil and not is_ms(grace_ms) then
+    arg_error("tide.shutdown", 1, "non-negative number of ms", grace_ms)
+  end
+  S.shutdown(grace_ms or config.grace)
+end
+
+local CONFIG_KEYS = { grace = true, on_error = true, signals = true }
+
+--- Sets process-wide options: grace (ms), on_error (sink), signals (bool).
+function tide.configure(opts)
+  if type(opts) ~= "table" then arg_error("tide.configure", 1, "table", opts) end
+  check.known("tide.configure", opts, CONFIG_KEYS)
+  if opts.grace ~= nil and not is_ms(opts.grace) then
+    opt_error("tide.configure", "grace", "non-negative number of ms", opts.grace)
+  end
+  if opts.on_error ~= nil and type(opts.on_error) ~= "function" then
+    opt_error("tide.configure", "on_error", "function", opts.on_error)
+  end
+  if opts.signals ~= nil and type(opts.signals) ~= "boolean" then
+    opt_error("tide.configure", "signals", "boolean", opts.signals)
+  end
+  if opts.grace ~= nil then config.grace = opts.grace end
+  if opts.signals ~= nil then config.signals = opts.signals end
+  if opts.on_error ~= nil then log.set_sink(opts.on_error) end
+end
+
+--- Counters: tasks by outcome, live tasks, timers, handles, callback errors.
+function tide.stats()
+  local st = S.stats
+  local active, timers, timer_bytes = core.stats()
+  return {
+    spawned = st.spawned, ok = st.ok, error = st.error, timeout = st.timeout,
+    cancelled = st.cancelled, retries = st.retries, live = S.live_count(),
+    timers = timers, timer_bytes = timer_bytes, active_handles = active,
+    callback_errors = log.errors,
+  }
+end
+
+--- The task running now, or nil outside tasks.
+tide.current = S.current
+
+tide.pool = require("tide.pool").new
+
+return tide

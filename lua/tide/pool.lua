@@ -1,0 +1,141 @@
+--- tide.pool — bounded concurrency: submit never blocks, at most `size` tasks run at once.
+--
+-- Tasks beyond `size` wait in a FIFO queue of at most `queue_limit`; past it,
+-- submit returns nil and a "queue full" message (the caller decides: drop,
+-- retry later, or slow down).  A task keeps its slot through retries and
+-- their backoff; the slot is freed when the task reaches its outcome.
+local S = require "tide.sched"
+local check = require "tide.check"
+local make_task = require("tide.task").make_task
+
+local type, getmetatable, setmetatable, error = type, getmetatable, setmetatable, error
+local arg_error, opt_error = check.arg_error, check.opt_error
+
+local M = {}
+local Pool = {}
+local Pool_mt = { __index = Pool, __tostring = function(p)
+  return ("tide.Pool%s (%d/%d running, %d waiting)")
+    :format(p.name and (" '" .. p.name .. "'") or "", p.running, p.size, p.waiting)
+end }
+
+local KEYS = { size = true, queue_limit = true, mode = true, name = true }
+
+--- tide.pool{ size = 10, queue_limit = 10000, mode = "coroutine", name = "..." }
+function M.new(opts)
+  if opts == nil then opts = {} end
+  if type(opts) ~= "table" then arg_error("tide.pool", 1, "table", opts) end
+  check.known("tide.pool", opts, KEYS)
+  local size, limit = opts.size or 10, opts.queue_limit or 10000
+  if not check.is_count(size, 1) then opt_error("tide.pool", "size", "integer >= 1", opts.size) end
+  if not check.is_count(limit) then opt_error("tide.pool", "queue_limit", "integer >= 0", opts.queue_limit) end
+  if opts.mode ~= nil and opts.mode ~= "coroutine" then
+    if opts.mode == "thread" or opts.mode == "process" then
+      error(("tide.pool: mode '%s' is not available in this version (use 'coroutine')"):format(opts.mode), 2)
+    end
+    opt_error("tide.pool", "mode", "'coroutine'", opts.mode)
+  end
+  if opts.name ~= nil and type(opts.name) ~= "string" then opt_error("tide.pool", "name", "string", opts.name) end
+  return setmetatable({
+    size = size, queue_limit = limit, name = opts.name,
+    running = 0, waiting = 0, outstanding = 0, submitted = 0,
+    queue = {}, qhead = 1, qtail = 0, filling = false, drainers = {},
+    ok = 0, error = 0, timeout = 0, cancelled = 0,
+  }, Pool_mt)
+end
+
+local function check_pool(fname, p)
+  if getmetatable(p) ~= Pool_mt then
+    error(("%s: bad self (pool expected, got %s); call it as pool:%s(...)")
+      :format(fname, check.describe(p), fname:match(":(%w+)$")), 3)
+  end
+end
+
+local function start_in_slot(p, t)
+  p.running = p.running + 1
+  t.pool_slot = true
+  S.start(t)
+end
+
+--- Gives free slots to queued tasks, oldest first.  Not re-entered: a task
+--- that finishes at once (during a shutdown) frees its slot for this loop.
+local function fill(p)
+  if p.filling then return end
+  p.filling = true
+  local q = p.queue
+  while p.running < p.size and p.qhead <= p.qtail do
+    local t = q[p.qhead]
+    q[p.qhead], p.qhead = nil, p.qhead + 1
+    if t.state == "pending" then
+      p.waiting = p.waiting - 1
+      start_in_slot(p, t)
+    end
+  end
+  if p.qhead > p.qtail then p.qhead, p.qtail = 1, 0 end
+  p.filling = false
+end
+
+local function release(t)
+  local p = t.pool
+  p.outstanding = p.outstanding - 1
+  p[t.state] = p[t.state] + 1
+  if t.pool_slot then
+    p.running = p.running - 1
+  else
+    p.waiting = p.waiting - 1            -- cancelled while queued
+  end
+  fill(p)
+  if p.outstanding == 0 and #p.drainers > 0 then
+    local d = p.drainers
+    p.drainers = {}
+    S.wake_all(d)
+  end
+end
+
+--- Submits fn(...) or a task spec; returns the task at once, or nil and
+--- "pool:submit: queue full ..." when `queue_limit` tasks already wait.
+function Pool.submit(p, spec, ...)
+  check_pool("pool:submit", p)
+  if p.running >= p.size and p.waiting >= p.queue_limit then
+    return nil, ("pool:submit: queue full (%d waiting, queue_limit %d)"):format(p.waiting, p.queue_limit)
+  end
+  local t = make_task("pool:submit", spec, ...)
+  t.pool, t.on_finish = p, release
+  p.outstanding, p.submitted = p.outstanding + 1, p.submitted + 1
+  if p.running < p.size then
+    start_in_slot(p, t)
+  else
+    p.waiting = p.waiting + 1
+    p.qtail = p.qtail + 1
+    p.queue[p.qtail] = t
+  end
+  return t
+end
+
+--- Waits (inside a task) until every task submitted so far has its outcome.
+--- Returns the pool's stats, or nil, "timeout" after `timeout_ms`.
+function Pool.drain(p, timeout_ms)
+  check_pool("pool:drain", p)
+  if timeout_ms ~= nil and not check.is_ms(timeout_ms) then
+    arg_error("pool:drain", 1, "non-negative number of ms", timeout_ms)
+  end
+  local deadline = timeout_ms and S.now() + timeout_ms
+  while p.outstanding > 0 do
+    local t, tok = S.wait_begin("pool:drain", 2)
+    S.add_waiter(p.drainers, t, tok)
+    S.wait_end(t, tok, deadline and math.max(0, deadline - S.now()))
+    if p.outstanding > 0 and deadline and S.now() >= deadline then
+      S.remove_waiter(p.drainers, t)
+      return nil, "timeout"
+    end
+  end
+  return p:stats()
+end
+
+--- Counters: size, running, waiting, submitted, and outcomes so far.
+function Pool.stats(p)
+  check_pool("pool:stats", p)
+  return { size = p.size, running = p.running, waiting = p.waiting, submitted = p.submitted,
+           ok = p.ok, error = p.error, timeout = p.timeout, cancelled = p.cancelled }
+end
+
+return M

@@ -1,0 +1,396 @@
+--- tide.sched — the engine: run queue, timers, and the task lifecycle with its one door.
+--
+-- A task is a table with a state:
+--   "pending"   created, not started (waiting for a pool slot)
+--   "running"   an attempt is under way: its coroutine is runnable or waiting
+--   "retrying"  between attempts, waiting out the backoff
+--   terminal    "ok", "error", "timeout", "cancelled"
+--
+-- Invariants kept here:
+--   - A task moves to a terminal state only through finish() (the door), once.
+--   - t.co is the coroutine of the current attempt, or nil; a run-queue entry
+--     (t, co) is stale unless t.co == co, so a timed-out or cancelled attempt
+--     is never resumed.
+--   - t.wait is the token of the wait the task is suspended in, or nil; a
+--     wake-up with another token is stale and ignored.
+--   - t.wait_timer and t.timer are keys of pending timers that belong to the
+--     task (its current wait; its attempt's deadline), or nil.
+local core = require "tide.core"
+local log = require "tide.log"
+local retry = require "tide.retry"
+
+local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, coroutine.yield
+local co_status, co_running = coroutine.status, coroutine.running
+local unpack, select, pcall, xpcall, error = unpack, select, pcall, xpcall, error
+local tostring, traceback, pairs, sort = tostring, debug.traceback, pairs, table.sort
+local timer_start, timer_cancel, pop, kick = core.timer_start, core.timer_cancel, core.pop, core.kick
+
+local S = {}
+
+local TERMINAL = { ok = true, error = true, timeout = true, cancelled = true }
+S.TERMINAL = TERMINAL
+
+-- Yielded by tide's waiting primitives.  Any other yield from a task is a
+-- plain "let the others run": the task goes to the back of the run queue.
+local WAIT = setmetatable({}, { __tostring = function() return "tide.WAIT" end })
+
+local current = nil          -- the task whose coroutine is being resumed
+local in_tick = false
+local next_id = 0
+local live, nlive = {}, 0    -- tasks not yet terminal
+local shutting = false       -- a shutdown began: nothing new starts
+local grace_key = nil        -- the timer that ends the grace period
+
+local stats = { spawned = 0, ok = 0, error = 0, timeout = 0, cancelled = 0, retries = 0 }
+S.stats = stats
+
+local function safe_tostring(v)
+  local ok, s = pcall(tostring, v)
+  return ok and s or "(error object with a failing __tostring)"
+end
+
+-- ===== the run queue: (task, coroutine) pairs, swapped out whole each tick
+
+local rq_t, rq_c, rq_n = {}, {}, 0
+local spare_t, spare_c = {}, {}
+
+local function push(t, co)
+  local n = rq_n + 1
+  rq_t[n], rq_c[n], rq_n = t, co, n
+  if n == 1 and not in_tick then kick() end
+end
+
+-- ===== timers: the heap lives in C; per key, a handler and its two arguments
+
+local t_fn, t_obj, t_arg = {}, {}, {}
+
+local function timer(ms, fn, obj, arg)
+  local key = timer_start(ms)
+  t_fn[key], t_obj[key], t_arg[key] = fn, obj, arg
+  return key
+end
+S.timer = timer
+
+local function untimer(key)
+  timer_cancel(key)
+  t_fn[key], t_obj[key], t_arg[key] = nil, nil, nil
+end
+S.untimer = untimer
+
+local function fire_due()
+  local key = pop()
+  while key do
+    local fn, obj, arg = t_fn[key], t_obj[key], t_arg[key]
+    t_fn[key], t_obj[key], t_arg[key] = nil, nil, nil
+    fn(obj, arg)
+    key = pop()
+  end
+end
+
+-- ===== waiting and waking
+
+local token = 0
+
+--- Starts a wait for the current task; returns it and the wait's token.
+--- `fname` names the public function for the error raised outside a task.
+local function wait_begin(fname, level)
+  local t = current
+  if t == nil then
+    error(fname .. ": called outside a task (start one with tide.run or tide.spawn)", level + 1)
+  elseif co_running() ~= t.co then
+    error(fname .. ": cannot wait inside a nested coroutine, only in the task's own", level + 1)
+  end
+  token = token + 1
+  t.wait = token
+  return t, token
+end
+S.wait_begin = wait_begin
+
+local function wake(t, tok)
+  if t.wait == tok then
+    t.wait = nil
+    push(t, t.co)
+  end
+end
+S.wake = wake
+
+local function wait_timer_fired(t, tok)
+  t.wait_timer = nil
+  wake(t, tok)
+end
+
+--- Suspends the current task (after wait_begin) until woken; `ms` (optional)
+--- bounds the wait.  Cancels the timer when woken otherwise.
+local function wait_end(t, tok, ms)
+  if ms then t.wait_timer = timer(ms, wait_timer_fired, t, tok) end
+  co_yield(WAIT)
+  local key = t.wait_timer
+  if key then
+    t.wait_timer = nil
+    untimer(key)
+  end
+end
+S.wait_end = wait_end
+
+function S.sleep(ms, level)
+  local t, tok = wait_begin("tide.sleep", level + 1)
+  wait_end(t, tok, ms)
+end
+
+--- Appends the current task to a list of waiters (flat pairs task, token).
+function S.add_waiter(list, t, tok)
+  local n = #list
+  list[n + 1], list[n + 2] = t, tok
+end
+
+--- Removes task t from a list of waiters (after its wait timed out).
+function S.remove_waiter(list, t)
+  for i = 1, #list, 2 do
+    if list[i] == t then
+      table.remove(list, i)
+      table.remove(list, i)
+      return
+    end
+  end
+end
+
+function S.wake_all(list)
+  for i = 1, #list, 2 do wake(list[i], list[i + 1]) end
+end
+
+function S.current() return current end
+S.now = core.now
+
+-- ===== attempts
+
+local settle
+
+--- Ends the current attempt: its coroutine, deadline and wait are dropped.
+local function end_attempt(t)
+  local key = t.timer
+  if key then t.timer = nil; untimer(key) end
+  key = t.wait_timer
+  if key then t.wait_timer = nil; untimer(key) end
+  local target = t.awaiting
+  if target then
+    t.awaiting = nil
+    if target.waiters then S.remove_waiter(target.waiters, t) end
+  end
+  t.co, t.wait = nil, nil
+end
+
+local function attempt_timed_out(t, co)
+  t.timer = nil
+  if t.co == co then
+    settle(t, "timeout", ("task %d timed out after %g ms"):format(t.id, t.timeout))
+  end
+end
+
+local function start_attempt(t)
+  t.state = "running"
+  t.attempts = t.attempts + 1
+  local co = co_create(t.fn)
+  t.co, t.fresh = co, true
+  if t.timeout then t.timer = timer(t.timeout, attempt_timed_out, t, co) end
+  push(t, co)
+end
+
+local function backoff_over(t)
+  t.wait_timer = nil
+  if t.state == "retrying" then start_attempt(t) end
+end
+
+-- ===== the door
+
+local function call_handler(t)
+  local ok, err = xpcall(t.handle_result, traceback, t.state, t.value, t)
+  if not ok then log.report("handle_result of " .. tostring(t), err, err) end
+end
+
+local function end_grace()
+  if grace_key then untimer(grace_key); grace_key = nil end
+end
+
+--- THE ONE DOOR to a terminal state.
+---
+--- Every way a task can end — its function returns or raises, its last
+--- attempt times out, it is cancelled, the loop shuts down, or it stalls with
+--- nothing left that could wake it — calls finish(), and finish() lets each
+--- task through once: only here does the state become terminal, the outcome
+--- get recorded, the awaiters get woken and handle_result get called.  A
+--- second call for the same task returns false and changes nothing.
+local function finish(t, status, ...)
+  if TERMINAL[t.state] then return false end
+  end_attempt(t)
+  t.state = status
+  local n = select("#", ...)
+  t.value = ...
+  if n > 1 then t.values = { n = n, ... } end
+  live[t] = nil
+  nlive = nlive - 1
+  stats[status] = stats[status] + 1
+  local w = t.waiters
+  if w then t.waiters = nil; S.wake_all(w) end
+  if t.on_finish then t.on_finish(t) end
+  if t.handle_result then call_handler(t) end
+  if shutting and nlive == 0 then end_grace() end
+  return true
+end
+S.finish = finish
+
+local function call_on_retry(t, status, value)
+  local ok, err = xpcall(t.on_retry, traceback, t.attempts, status, value)
+  if not ok then log.report("on_retry of " .. tostring(t), err, err) end
+end
+
+--- An attempt ended with `status`: retry when the policy says so, else finish.
+function settle(t, status, ...)
+  local p = t.retry
+  if p and p.on[status] and t.attempts < p.attempts and not shutting then
+    end_attempt(t)
+    t.state = "retrying"
+    stats.retries = stats.retries + 1
+    if t.on_retry then call_on_retry(t, status, (...)) end
+    if t.state == "retrying" then      -- the hook may have cancelled it
+      t.wait_timer = timer(retry.delay(p, t.attempts), backoff_over, t)
+    end
+    return
+  end
+  finish(t, status, ...)
+end
+
+-- ===== running tasks
+
+local function after_resume(t, co, ok, ...)
+  current = nil
+  if t.co ~= co then return end            -- it ended while it ran
+  if co_status(co) == "dead" then
+    if ok then return settle(t, "ok", ...) end
+    local err = ...
+    t.traceback = traceback(co, safe_tostring(err))
+    return settle(t, "error", err)
+  end
+  if (...) ~= WAIT then push(t, co) end    -- a bare yield: run again later
+end
+
+local function run_task(t, co)
+  current = t
+  if t.fresh then
+    t.fresh = false
+    local a = t.args
+    if a then return after_resume(t, co, co_resume(co, unpack(a, 1, a.n))) end
+  end
+  return after_resume(t, co, co_resume(co))
+end
+
+--- One tick: fires due timers, then resumes every task that was runnable
+--- when the tick began.  Returns true when tasks are runnable again.
+function S.tick()
+  in_tick = true
+  fire_due()
+  local ts, cs, n = rq_t, rq_c, rq_n
+  rq_t, rq_c, rq_n = spare_t, spare_c, 0
+  for i = 1, n do
+    local t, co = ts[i], cs[i]
+    ts[i], cs[i] = nil, nil
+    if t.co == co then run_task(t, co) end
+  end
+  spare_t, spare_c = ts, cs
+  in_tick = false
+  return rq_n > 0
+end
+
+-- ===== the lifecycle's public face
+
+local Task = {}
+S.Task = Task
+S.Task_mt = { __index = Task, __tostring = function(t)
+  return ("tide.Task %d%s (%s)"):format(t.id, t.name and (" '" .. t.name .. "'") or "", t.state)
+end }
+local Task_mt = S.Task_mt
+
+--- Creates a task (state "pending"); fields are validated by the caller.
+function S.new_task(fn, args)
+  next_id = next_id + 1
+  local t = setmetatable({ id = next_id, fn = fn, args = args, state = "pending", attempts = 0 }, Task_mt)
+  live[t] = true
+  nlive = nlive + 1
+  stats.spawned = stats.spawned + 1
+  return t
+end
+
+--- Starts a pending task's first attempt (or cancels it during a shutdown).
+function S.start(t)
+  if shutting then return finish(t, "cancelled", "shutdown") end
+  start_attempt(t)
+end
+
+--- Cancels a live task; a task that cancels itself stops at once.
+function S.cancel(t, reason)
+  if TERMINAL[t.state] then
+    return nil, ("task %d already finished (%s)"):format(t.id, t.state)
+  end
+  local co = t.co
+  finish(t, "cancelled", reason == nil and "cancelled" or reason)
+  if co and co_running() == co then co_yield(WAIT) end
+  return true
+end
+
+--- Status and value(s) of a terminal task.
+function S.results(t)
+  local v = t.values
+  if v then return t.state, unpack(v, 1, v.n) end
+  return t.state, t.value
+end
+
+-- ===== shutdown and the end of the loop
+
+local function live_by_id()
+  local list = {}
+  for t in pairs(live) do list[#list + 1] = t end
+  sort(list, function(a, b) return a.id < b.id end)
+  return list
+end
+
+--- Finishes every live task as cancelled with `reason`; returns how many.
+local function cancel_all(reason)
+  local list = live_by_id()
+  for i = 1, #list do finish(list[i], "cancelled", reason) end
+  return #list
+end
+
+local shutdown_hooks = {}
+function S.on_shutdown(fn) shutdown_hooks[#shutdown_hooks + 1] = fn end
+
+--- Starts a graceful shutdown: nothing new starts; tasks not yet running are
+--- cancelled now; running ones get `grace_ms`, then are cancelled.  Calling
+--- it again shortens the grace period to the new value.
+function S.shutdown(grace_ms, reason)
+  reason = reason or "shutdown"
+  if not shutting then
+    shutting = true
+    for i = 1, #shutdown_hooks do shutdown_hooks[i](reason) end
+    for _, t in ipairs(live_by_id()) do
+      if t.state == "pending" or t.state == "retrying" then finish(t, "cancelled", reason) end
+    end
+  end
+  end_grace()
+  if nlive > 0 then grace_key = timer(grace_ms, function() grace_key = nil; cancel_all(reason) end) end
+end
+
+function S.shutting_down() return shutting end
+function S.live_count() return nlive end
+
+--- After the loop ran out of work: tasks still live can never be woken, so
+--- they are cancelled (their outcomes delivered).  Returns how many.
+function S.reap()
+  return cancel_all("stalled: nothing left that could wake this task")
+end
+
+--- Forgets a finished shutdown, so the loop can be run again.
+function S.reset()
+  shutting = false
+  end_grace()
+end
+
+return S

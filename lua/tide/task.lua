@@ -1,0 +1,114 @@
+--- tide.task — task specs (shared by tide.spawn and pool:submit) and the task methods.
+local S = require "tide.sched"
+local check = require "tide.check"
+local retry = require "tide.retry"
+
+local type, select, error, getmetatable, unpack = type, select, error, getmetatable, unpack
+local maxn = table.maxn
+local new_task, TERMINAL = S.new_task, S.TERMINAL
+local arg_error, opt_error, is_ms = check.arg_error, check.opt_error, check.is_ms
+
+local M = {}
+
+local SPAWN_KEYS = { run = true, args = true, mode = true, timeout = true, name = true,
+                     retry = true, handle_result = true, on_retry = true }
+local MODES = { coroutine = true }
+local LATER_MODES = { thread = true, process = true }
+
+local function opt_function(fname, spec, key)
+  local v = spec[key]
+  if v ~= nil and type(v) ~= "function" then opt_error(fname, key, "function", v, 4) end
+  return v
+end
+
+--- Builds a pending task from `fn, ...` or an option table (shared by
+--- tide.spawn and pool:submit); errors name `fname` and the user's line.
+local function make_task(fname, spec, ...)
+  local kind = type(spec)
+  if kind == "function" then
+    local n = select("#", ...)
+    return new_task(spec, n > 0 and { n = n, ... } or nil)
+  elseif kind ~= "table" then
+    arg_error(fname, 1, "function or table", spec, 3)
+  end
+  if select("#", ...) > 0 then
+    error(fname .. ": extra arguments after an option table (pass them as 'args')", 3)
+  end
+  check.known(fname, spec, SPAWN_KEYS, nil, 3)
+  if type(spec.run) ~= "function" then opt_error(fname, "run", "function", spec.run, 3) end
+  local args = spec.args
+  if args ~= nil then
+    if type(args) ~= "table" then opt_error(fname, "args", "table", args, 3) end
+    local n = args.n or maxn(args)
+    args = { n = n, unpack(args, 1, n) }
+  end
+  local mode = spec.mode
+  if mode ~= nil and not MODES[mode] then
+    if LATER_MODES[mode] then
+      error(("%s: mode '%s' is not available in this version (use 'coroutine')"):format(fname, mode), 3)
+    end
+    opt_error(fname, "mode", "'coroutine'", mode, 3)
+  end
+  if spec.timeout ~= nil and not is_ms(spec.timeout, true) then
+    opt_error(fname, "timeout", "positive number of ms", spec.timeout, 3)
+  end
+  if spec.name ~= nil and type(spec.name) ~= "string" then opt_error(fname, "name", "string", spec.name, 3) end
+  local t = new_task(spec.run, args)
+  t.name, t.timeout = spec.name, spec.timeout
+  t.retry = spec.retry ~= nil and retry.policy(fname, spec.retry, 3) or nil
+  t.handle_result = opt_function(fname, spec, "handle_result")
+  t.on_retry = opt_function(fname, spec, "on_retry")
+  return t
+end
+M.make_task = make_task
+
+local Task = S.Task
+
+local function check_task(fname, t)
+  if getmetatable(t) ~= S.Task_mt then
+    error(("%s: bad self (task expected, got %s); call it as task:%s(...)")
+      :format(fname, check.describe(t), fname:match("[:.](%w+)$")), 3)
+  end
+end
+
+--- Waits for the task's outcome: returns status, value (all its values when
+--- it returned several).  With `timeout_ms`, returns nil, "timeout" when the
+--- task has not finished by then (the task itself goes on).
+function Task.await(t, timeout_ms)
+  check_task("task:await", t)
+  if timeout_ms ~= nil and not is_ms(timeout_ms) then
+    arg_error("task:await", 1, "non-negative number of ms", timeout_ms)
+  end
+  local me = S.current()
+  if me == t then error("task:await: a task cannot await itself", 2) end
+  if TERMINAL[t.state] then
+    if me == nil then error("task:await: called outside a task (start one with tide.run or tide.spawn)", 2) end
+    return S.results(t)
+  end
+  local w, tok = S.wait_begin("task:await", 2)
+  t.waiters = t.waiters or {}
+  S.add_waiter(t.waiters, w, tok)
+  w.awaiting = t
+  S.wait_end(w, tok, timeout_ms)
+  w.awaiting = nil
+  if not TERMINAL[t.state] then
+    if t.waiters then S.remove_waiter(t.waiters, w) end
+    return nil, "timeout"
+  end
+  return S.results(t)
+end
+
+--- Cancels the task: its outcome is `cancelled` with `reason` (default
+--- "cancelled").  Returns true, or nil and a message when it already finished.
+function Task.cancel(t, reason)
+  check_task("task:cancel", t)
+  return S.cancel(t, reason)
+end
+
+--- "pending", "running", "retrying", or the terminal status.
+function Task.status(t)
+  check_task("task:status", t)
+  return t.state
+end
+
+return M

@@ -1,0 +1,332 @@
+/* core.c — the Lua binding of tide's loop (module "tide.core"), the embedded Lua modules and the embedding API. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <lauxlib.h>
+#include <lualib.h>
+
+#include "codec.h"
+#include "loop.h"
+#include "modules.h"
+#include "tide.h"
+
+#define STATE_KEY "tide.state"     /* registry: the tide.Loop userdata */
+#define LOOP_MT   "tide.Loop"
+
+/* One per Lua universe.  Heap-allocated apart from its userdata because
+ * libuv owns the handles until their close callbacks have run. */
+typedef struct state {
+  tide__loop loop;
+  lua_State *L;        /* a thread of our own that C callbacks run on  */
+  int thread_ref;      /* anchors L                                    */
+  int tick_ref;        /* Lua tick(): runs due timers and tasks        */
+  int signal_ref;      /* Lua on_signal(signum)                        */
+} state;
+
+typedef struct { state *s; } loop_ud;
+
+/* ===== calling Lua from the loop ===== */
+
+static int traceback(lua_State *L) {
+  const char *msg = lua_tostring(L, 1);
+  if (msg == NULL && !lua_isnoneornil(L, 1)) msg = luaL_typename(L, 1);
+  luaL_traceback(L, L, msg, 1);
+  return 1;
+}
+
+/* Calls the function at the top of s->L with nargs arguments below it
+ * (function pushed first), protected.  An error here is a bug in tide's own
+ * Lua (user code is always called protected by the scheduler): it is printed,
+ * never propagated through libuv's frames.  Leaves nres results (or nils). */
+static void call(state *s, int nargs, int nres) {
+  lua_State *L = s->L;
+  int base = lua_gettop(L) - nargs;          /* index of the function */
+  lua_pushcfunction(L, traceback);
+  lua_insert(L, base);
+  if (lua_pcall(L, nargs, nres, base) != 0) {
+    fprintf(stderr, "tide: internal error: %s\n", lua_tostring(L, -1));
+    lua_pop(L, 1);
+    for (int i = 0; i < nres; i++) lua_pushnil(L);
+  }
+  lua_remove(L, base);                       /* the traceback handler */
+}
+
+static void on_tick(tide__loop *loop) {
+  state *s = loop->data;
+  int top = lua_gettop(s->L);
+  lua_rawgeti(s->L, LUA_REGISTRYINDEX, s->tick_ref);
+  call(s, 0, 1);
+  int more = lua_toboolean(s->L, -1);
+  lua_settop(s->L, top);
+  tide__loop_after_tick(loop, more);
+}
+
+static void on_signal(tide__loop *loop, int signum) {
+  state *s = loop->data;
+  int top = lua_gettop(s->L);
+  if (s->signal_ref == LUA_NOREF) return;
+  lua_rawgeti(s->L, LUA_REGISTRYINDEX, s->signal_ref);
+  lua_pushinteger(s->L, signum);
+  call(s, 1, 0);
+  lua_settop(s->L, top);
+}
+
+/* ===== tide.core functions (upvalue 1: the tide.Loop userdata) ===== */
+
+static state *get_state(lua_State *L) {
+  loop_ud *u = lua_touserdata(L, lua_upvalueindex(1));
+  if (u->s == NULL) luaL_error(L, "tide: the loop is closed");
+  return u->s;
+}
+
+static int l_now(lua_State *L) {
+  lua_pushnumber(L, (double)tide__loop_now() / 1e6);
+  return 1;
+}
+
+/* timer_start(ms) -> key: a timer due ms milliseconds from now. */
+static int l_timer_start(lua_State *L) {
+  state *s = get_state(L);
+  double ms = luaL_checknumber(L, 1);
+  luaL_argcheck(L, ms >= 0 && ms < 1e12, 1, "delay out of range");
+  int64_t key = tide__loop_timer_start(&s->loop, tide__loop_now() + (uint64_t)(ms * 1e6));
+  if (key < 0) return luaL_error(L, "tide: out of memory for timers");
+  lua_pushnumber(L, (lua_Number)key);
+  return 1;
+}
+
+static int l_timer_cancel(lua_State *L) {
+  state *s = get_state(L);
+  lua_pushboolean(L, tide__loop_timer_cancel(&s->loop, (int64_t)luaL_checknumber(L, 1)) == 0);
+  return 1;
+}
+
+/* pop() -> key of a timer that is due now, or nil. */
+static int l_pop(lua_State *L) {
+  state *s = get_state(L);
+  int64_t key = tide__timers_pop_due(&s->loop.timers, tide__loop_now());
+  if (key == 0) return 0;
+  lua_pushnumber(L, (lua_Number)key);
+  return 1;
+}
+
+static int l_kick(lua_State *L) {
+  tide__loop_kick(&get_state(L)->loop);
+  return 0;
+}
+
+/* run([once]) -> true when tide's handles are still active afterwards. */
+static int l_run(lua_State *L) {
+  state *s = get_state(L);
+  if (s->loop.running) return luaL_error(L, "the loop is already running");
+  tide__loop_run(&s->loop, lua_toboolean(L, 1) ? UV_RUN_NOWAIT : UV_RUN_DEFAULT);
+  lua_pushboolean(L, tide__loop_active(&s->loop) > 0);
+  return 1;
+}
+
+static int l_running(lua_State *L) {
+  lua_pushboolean(L, get_state(L)->loop.running > 0);
+  return 1;
+}
+
+/* set_handlers(tick, on_signal): the Lua side of the loop. */
+static int l_set_handlers(lua_State *L) {
+  state *s = get_state(L);
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  luaL_unref(L, LUA_REGISTRYINDEX, s->tick_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, s->signal_ref);
+  lua_pushvalue(L, 1);
+  s->tick_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushvalue(L, 2);
+  s->signal_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 0;
+}
+
+static int l_signals(lua_State *L) {
+  int rc = tide__loop_signals(&get_state(L)->loop, lua_toboolean(L, 1));
+  if (rc != 0) return luaL_error(L, "tide: cannot watch signals: %s", uv_strerror(rc));
+  return 0;
+}
+
+/* stats() -> active handles, pending timers, bytes held by the timer heap. */
+static int l_stats(lua_State *L) {
+  state *s = get_state(L);
+  lua_pushinteger(L, tide__loop_active(&s->loop));
+  lua_pushinteger(L, (lua_Integer)tide__timers_count(&s->loop.timers));
+  lua_pushnumber(L, (lua_Number)tide__timers_bytes(&s->loop.timers));
+  return 3;
+}
+
+static void free_state(tide__loop *loop) {
+  free(loop->data);
+}
+
+/* close() -> uv_loop_close's result for an owned loop (0: nothing left open). */
+static int close_state(lua_State *L, loop_ud *u) {
+  state *s = u->s;
+  if (s == NULL) return 0;                   /* closed already */
+  u->s = NULL;
+  luaL_unref(L, LUA_REGISTRYINDEX, s->tick_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, s->signal_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, s->thread_ref);
+  return tide__loop_close(&s->loop, free_state);
+}
+
+static int l_close(lua_State *L) {
+  loop_ud *u = lua_touserdata(L, lua_upvalueindex(1));
+  lua_pushinteger(L, close_state(L, u));
+  return 1;
+}
+
+static int loop_gc(lua_State *L) {
+  close_state(L, luaL_checkudata(L, 1, LOOP_MT));
+  return 0;
+}
+
+static const luaL_Reg core_funcs[] = {
+  { "now", l_now },           { "timer_start", l_timer_start },
+  { "timer_cancel", l_timer_cancel }, { "pop", l_pop },
+  { "kick", l_kick },         { "run", l_run },
+  { "running", l_running },   { "set_handlers", l_set_handlers },
+  { "signals", l_signals },   { "stats", l_stats },
+  { "close", l_close },       { NULL, NULL }
+};
+
+/* ===== opening ===== */
+
+static int load_module(lua_State *L) {
+  const tide__module *m = lua_touserdata(L, lua_upvalueindex(1));
+  char chunkname[128];
+  snprintf(chunkname, sizeof chunkname, "=%s", m->name);
+  if (luaL_loadbuffer(L, m->bytecode, m->size, chunkname) != 0) return lua_error(L);
+  lua_pushstring(L, m->name);
+  lua_call(L, 1, 1);
+  return 1;
+}
+
+/* Registers every embedded module in package.preload ("tide.init" as "tide"). */
+static void preload_modules(lua_State *L) {
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "preload");
+  for (const tide__module *m = tide__modules; m->name; m++) {
+    lua_pushlightuserdata(L, (void *)m);
+    lua_pushcclosure(L, load_module, 1);
+    lua_setfield(L, -2, strcmp(m->name, "tide.init") == 0 ? "tide" : m->name);
+  }
+  lua_pop(L, 2);                             /* preload, package */
+}
+
+/* Pushes package.loaded["tide.core"], creating it with a new loop if needed. */
+static int push_core(lua_State *L, uv_loop_t *uv) {
+  lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+  lua_getfield(L, -1, "tide.core");
+  if (!lua_isnil(L, -1)) { lua_remove(L, -2); return 0; }
+  lua_pop(L, 1);
+  state *s = calloc(1, sizeof *s);
+  if (s == NULL) { lua_pop(L, 1); lua_pushstring(L, "tide: out of memory"); return -1; }
+  int rc = tide__loop_init(&s->loop, uv, on_tick, on_signal, s);
+  if (rc != 0) {
+    free(s);
+    lua_pop(L, 1);
+    lua_pushfstring(L, "tide: cannot start the loop: %s", uv_strerror(rc));
+    return -1;
+  }
+  s->L = lua_newthread(L);
+  s->thread_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  s->tick_ref = s->signal_ref = LUA_NOREF;
+  loop_ud *u = lua_newuserdata(L, sizeof *u);
+  u->s = s;
+  luaL_newmetatable(L, LOOP_MT);
+  lua_pushcfunction(L, loop_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_setmetatable(L, -2);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, LUA_REGISTRYINDEX, STATE_KEY);   /* anchors the userdata */
+  lua_createtable(L, 0, 16);
+  lua_pushvalue(L, -2);
+  luaL_openlib(L, NULL, core_funcs, 1);            /* upvalue: the userdata */
+  tide__open_codec(L);                             /* encode, decode */
+  lua_remove(L, -2);                               /* the userdata */
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -3, "tide.core");
+  lua_remove(L, -2);                               /* _LOADED */
+  return 0;
+}
+
+TIDE_API int tide_open(lua_State *L, uv_loop_t *uv) {
+  if (push_core(L, uv) != 0) return -1;
+  lua_pop(L, 1);
+  preload_modules(L);
+  /* Not require "tide": luaopen_tide runs inside that very require. */
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "preload");
+  lua_getfield(L, -1, "tide");
+  lua_remove(L, -2);                               /* preload */
+  lua_remove(L, -2);                               /* package */
+  lua_pushstring(L, "tide");
+  if (lua_pcall(L, 1, 1, 0) != 0) return -1;
+  lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+  lua_pushvalue(L, -2);
+  lua_setfield(L, -2, "tide");
+  lua_pop(L, 1);                                   /* _LOADED */
+  return 0;
+}
+
+TIDE_API int luaopen_tide(lua_State *L) {
+  if (tide_open(L, NULL) != 0) return lua_error(L);
+  return 1;
+}
+
+/* ===== the embedding API: thin calls into tide.host ===== */
+
+/* Pushes tide.host[name], protected; -1 with a message pushed on failure. */
+static int push_host_fn(lua_State *L, const char *name) {
+  lua_getglobal(L, "require");
+  lua_pushstring(L, "tide.host");
+  if (lua_pcall(L, 1, 1, 0) != 0) return -1;
+  lua_getfield(L, -1, name);
+  lua_remove(L, -2);
+  return 0;
+}
+
+TIDE_API int tide_spawn_file(lua_State *L, const char *path, int argc, char **argv) {
+  if (push_host_fn(L, "spawn_file") != 0) return -1;
+  lua_pushstring(L, path);
+  lua_createtable(L, argc, 0);
+  for (int i = 0; i < argc; i++) {
+    lua_pushstring(L, argv[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  if (lua_pcall(L, 2, 2, 0) != 0) return -1;
+  if (lua_isnil(L, -2)) { lua_remove(L, -2); return -1; }
+  lua_pop(L, 2);
+  return 0;
+}
+
+static int call_host_int(lua_State *L, const char *name, int nargs) {
+  if (push_host_fn(L, name) != 0) return -1;
+  lua_insert(L, -1 - nargs);
+  if (lua_pcall(L, nargs, 1, 0) != 0) return -1;
+  int rc = (int)lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  return rc;
+}
+
+TIDE_API int tide_run(lua_State *L) { return call_host_int(L, "run", 0); }
+TIDE_API int tide_step(lua_State *L) { return call_host_int(L, "step", 0); }
+
+TIDE_API void tide_shutdown(lua_State *L, double grace_ms) {
+  lua_pushnumber(L, grace_ms);
+  if (call_host_int(L, "shutdown", 1) < 0) lua_pop(L, 1);
+}
+
+TIDE_API int tide_close(lua_State *L) {
+  lua_getfield(L, LUA_REGISTRYINDEX, STATE_KEY);
+  loop_ud *u = luaL_testudata(L, -1, LOOP_MT);
+  int rc = u ? close_state(L, u) : 0;
+  lua_pop(L, 1);
+  return rc;
+}

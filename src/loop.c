@@ -1,0 +1,136 @@
+/* loop.c — the libuv side of tide's event loop (see loop.h). */
+#include "loop.h"
+
+#include <signal.h>
+
+uint64_t tide__loop_now(void) {
+  return uv_hrtime();
+}
+
+static void on_wake(uv_timer_t *h) {
+  tide__loop *loop = h->data;
+  loop->armed = 0;
+  loop->on_tick(loop);
+}
+
+static void on_idle(uv_idle_t *h) {
+  tide__loop *loop = h->data;
+  loop->on_tick(loop);
+}
+
+static void on_signal(uv_signal_t *h, int signum) {
+  tide__loop *loop = h->data;
+  if (loop->on_signal) loop->on_signal(loop, signum);
+}
+
+int tide__loop_init(tide__loop *loop, uv_loop_t *uv, tide__tick_cb on_tick,
+                    tide__signal_cb on_sig, void *data) {
+  int rc;
+  *loop = (tide__loop){ .on_tick = on_tick, .on_signal = on_sig, .data = data };
+  if (uv == NULL) {
+    if ((rc = uv_loop_init(&loop->own)) != 0) return rc;
+    uv = &loop->own;
+    loop->owns_uv = 1;
+  }
+  loop->uv = uv;
+  tide__timers_init(&loop->timers);
+  uv_timer_init(uv, &loop->wake);
+  uv_idle_init(uv, &loop->idle);
+  uv_signal_init(uv, &loop->sigint);
+  uv_signal_init(uv, &loop->sigterm);
+  loop->wake.data = loop->idle.data = loop;
+  loop->sigint.data = loop->sigterm.data = loop;
+  loop->open_handles = 4;
+  return 0;
+}
+
+static void on_closed(uv_handle_t *h) {
+  tide__loop *loop = h->data;
+  if (--loop->open_handles == 0) {
+    tide__timers_free(&loop->timers);
+    if (loop->closed) loop->closed(loop);
+  }
+}
+
+int tide__loop_close(tide__loop *loop, void (*done)(tide__loop *)) {
+  int owns = loop->owns_uv;
+  /* With an owned loop, `done` (which may free the struct and the uv loop
+   * inside it) runs only after uv_loop_close, from here. */
+  loop->closed = owns ? NULL : done;
+  uv_loop_t *uv = loop->uv;
+  uv_close((uv_handle_t *)&loop->wake, on_closed);
+  uv_close((uv_handle_t *)&loop->idle, on_closed);
+  uv_close((uv_handle_t *)&loop->sigint, on_closed);
+  uv_close((uv_handle_t *)&loop->sigterm, on_closed);
+  if (!owns) return 0;
+  uv_run(uv, UV_RUN_DEFAULT);
+  int rc = uv_loop_close(uv);
+  if (done) done(loop);
+  return rc;
+}
+
+/* Arms `wake` for the earliest deadline, or stops it when none is pending. */
+static void rearm(tide__loop *loop) {
+  uint64_t deadline;
+  if (!tide__timers_next(&loop->timers, &deadline)) {
+    if (loop->armed) uv_timer_stop(&loop->wake);
+    loop->armed = 0;
+    return;
+  }
+  if (loop->armed == deadline) return;
+  uint64_t now = tide__loop_now();
+  uint64_t ms = deadline > now ? (deadline - now + 999999) / 1000000 : 0;
+  uv_update_time(loop->uv);
+  uv_timer_start(&loop->wake, on_wake, ms, 0);
+  loop->armed = deadline;
+}
+
+int64_t tide__loop_timer_start(tide__loop *loop, uint64_t deadline) {
+  int64_t key = tide__timers_start(&loop->timers, deadline);
+  if (key > 0 && (loop->armed == 0 || deadline < loop->armed)) rearm(loop);
+  return key;
+}
+
+int tide__loop_timer_cancel(tide__loop *loop, int64_t key) {
+  int rc = tide__timers_cancel(&loop->timers, key);
+  if (tide__timers_count(&loop->timers) == 0) rearm(loop);
+  return rc;
+}
+
+void tide__loop_kick(tide__loop *loop) {
+  if (!uv_is_active((uv_handle_t *)&loop->idle)) uv_idle_start(&loop->idle, on_idle);
+}
+
+void tide__loop_after_tick(tide__loop *loop, int more) {
+  if (more)
+    tide__loop_kick(loop);
+  else if (uv_is_active((uv_handle_t *)&loop->idle))
+    uv_idle_stop(&loop->idle);
+  rearm(loop);
+}
+
+int tide__loop_signals(tide__loop *loop, int on) {
+  int rc = 0;
+  if (!on) {
+    uv_signal_stop(&loop->sigint);
+    uv_signal_stop(&loop->sigterm);
+    return 0;
+  }
+  if ((rc = uv_signal_start(&loop->sigint, on_signal, SIGINT)) != 0) return rc;
+  if ((rc = uv_signal_start(&loop->sigterm, on_signal, SIGTERM)) != 0) return rc;
+  uv_unref((uv_handle_t *)&loop->sigint);
+  uv_unref((uv_handle_t *)&loop->sigterm);
+  return 0;
+}
+
+int tide__loop_run(tide__loop *loop, uv_run_mode mode) {
+  loop->running++;
+  int rc = uv_run(loop->uv, mode);
+  loop->running--;
+  return rc;
+}
+
+int tide__loop_active(const tide__loop *loop) {
+  return uv_is_active((const uv_handle_t *)&loop->wake) +
+         uv_is_active((const uv_handle_t *)&loop->idle);
+}

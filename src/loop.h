@@ -1,0 +1,75 @@
+/* loop.h — tide's event loop: the libuv handles that drive ticks, timers and signals.
+ *
+ * No Lua here.  A tide loop runs on a uv_loop_t that it owns or that the host
+ * lends it.  It keeps three kinds of handle:
+ *   - `wake`, a uv_timer_t armed for the earliest deadline in `timers`;
+ *   - `idle`, a uv_idle_t that is active while work is runnable, so the loop
+ *     polls for I/O without blocking and then ticks again;
+ *   - two uv_signal_t (SIGINT, SIGTERM), unreferenced, so they never keep the
+ *     loop alive by themselves.
+ * Each time one of them fires, the loop calls `on_tick` (or `on_signal`), and
+ * the callback tells it, through tide__loop_after_tick, whether work remains.
+ *
+ * Only call these from the loop thread.
+ */
+#ifndef TIDE_LOOP_H
+#define TIDE_LOOP_H
+
+#include <uv.h>
+
+#include "timers.h"
+
+typedef struct tide__loop tide__loop;
+typedef void (*tide__tick_cb)(tide__loop *loop);
+typedef void (*tide__signal_cb)(tide__loop *loop, int signum);
+
+struct tide__loop {
+  uv_loop_t *uv;              /* the loop the handles live on             */
+  uv_loop_t own;              /* storage when tide owns its loop          */
+  int owns_uv;                /* 1 when uv == &own                        */
+  uv_timer_t wake;
+  uv_idle_t idle;
+  uv_signal_t sigint, sigterm;
+  tide__timers timers;
+  uint64_t armed;             /* deadline `wake` is armed for; 0: disarmed */
+  int open_handles;           /* handles not yet closed                   */
+  int running;                /* nesting depth of tide__loop_run          */
+  tide__tick_cb on_tick;
+  tide__signal_cb on_signal;
+  void (*closed)(tide__loop *);  /* runs once every handle is closed      */
+  void *data;                 /* the binding's state                      */
+};
+
+/* Initialises loop on `uv` (NULL: a loop of its own).  0 or a UV_E* code. */
+int tide__loop_init(tide__loop *loop, uv_loop_t *uv, tide__tick_cb on_tick,
+                    tide__signal_cb on_signal, void *data);
+
+/* Starts closing every handle; `done` runs (on the loop) once all are closed,
+ * and may free the struct.  With an owned loop, also runs it until then and
+ * closes it: returns the result of uv_loop_close (0: nothing was left open). */
+int tide__loop_close(tide__loop *loop, void (*done)(tide__loop *));
+
+/* Monotonic clock in nanoseconds. */
+uint64_t tide__loop_now(void);
+
+/* Timers, in ns of tide__loop_now.  start returns a key >= 1 or -1 (ENOMEM). */
+int64_t tide__loop_timer_start(tide__loop *loop, uint64_t deadline);
+int tide__loop_timer_cancel(tide__loop *loop, int64_t key);
+
+/* Marks work as runnable: the loop ticks again without blocking. */
+void tide__loop_kick(tide__loop *loop);
+
+/* Called by on_tick's owner after a tick: `more` says whether work is still
+ * runnable; re-arms `wake` for the earliest timer. */
+void tide__loop_after_tick(tide__loop *loop, int more);
+
+/* Watches SIGINT and SIGTERM (on != 0) or stops watching them. */
+int tide__loop_signals(tide__loop *loop, int on);
+
+/* Runs the loop (uv_run with `mode`); returns uv_run's result. */
+int tide__loop_run(tide__loop *loop, uv_run_mode mode);
+
+/* Number of active handles that tide holds (ticks still to come). */
+int tide__loop_active(const tide__loop *loop);
+
+#endif

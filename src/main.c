@@ -1,0 +1,47 @@
+/* main.c — the `tide` host binary: LuaJIT + tide, then tide.cli.main(argv). */
+#include <stdio.h>
+
+#include <lauxlib.h>
+#include <lualib.h>
+
+#include "tide.h"
+
+static int traceback(lua_State *L) {
+  luaL_traceback(L, L, lua_tostring(L, 1), 1);
+  return 1;
+}
+
+int main(int argc, char **argv) {
+  lua_State *L = luaL_newstate();
+  if (L == NULL) {
+    fprintf(stderr, "tide: cannot create a Lua state (out of memory)\n");
+    return 1;
+  }
+  luaL_openlibs(L);
+  int status = 1;
+  if (tide_open(L, NULL) != 0) {
+    fprintf(stderr, "tide: %s\n", lua_tostring(L, -1));
+    goto done;
+  }
+  lua_settop(L, 0);
+  lua_pushcfunction(L, traceback);
+  lua_getglobal(L, "require");
+  lua_pushstring(L, "tide.cli");
+  lua_call(L, 1, 1);
+  lua_getfield(L, -1, "main");
+  lua_remove(L, -2);                          /* the tide.cli table */
+  lua_createtable(L, argc, 0);
+  for (int i = 1; i < argc; i++) {
+    lua_pushstring(L, argv[i]);
+    lua_rawseti(L, -2, i);
+  }
+  if (lua_pcall(L, 1, 1, 1) != 0) {
+    fprintf(stderr, "tide: %s\n", lua_tostring(L, -1));
+  } else {
+    status = (int)lua_tointeger(L, -1);
+  }
+done:
+  tide_close(L);
+  lua_close(L);
+  return status;
+}

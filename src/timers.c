@@ -1,0 +1,126 @@
+/* timers.c — binary min-heap of deadlines with stable keys (see timers.h). */
+#include "timers.h"
+
+#include <stdlib.h>
+
+#define FREE_SLOT UINT32_MAX
+
+typedef struct tide__tnode {
+  uint64_t deadline, seq;
+  uint32_t key;
+} tnode;
+
+void tide__timers_init(tide__timers *t) {
+  *t = (tide__timers){ 0 };
+}
+
+void tide__timers_free(tide__timers *t) {
+  free(t->heap);
+  free(t->pos);
+  free(t->free_keys);
+  tide__timers_init(t);
+}
+
+static int before(const tnode *a, const tnode *b) {
+  return a->deadline < b->deadline || (a->deadline == b->deadline && a->seq < b->seq);
+}
+
+static void place(tide__timers *t, uint32_t i, tnode n) {
+  t->heap[i] = n;
+  t->pos[n.key] = i;
+}
+
+static void sift_up(tide__timers *t, uint32_t i) {
+  tnode n = t->heap[i];
+  while (i > 0) {
+    uint32_t parent = (i - 1) / 2;
+    if (!before(&n, &t->heap[parent])) break;
+    place(t, i, t->heap[parent]);
+    i = parent;
+  }
+  place(t, i, n);
+}
+
+static void sift_down(tide__timers *t, uint32_t i) {
+  tnode n = t->heap[i];
+  for (;;) {
+    uint32_t c = 2 * i + 1;
+    if (c >= t->count) break;
+    if (c + 1 < t->count && before(&t->heap[c + 1], &t->heap[c])) c++;
+    if (!before(&t->heap[c], &n)) break;
+    place(t, i, t->heap[c]);
+    i = c;
+  }
+  place(t, i, n);
+}
+
+/* Grows heap, pos and free_keys together so that one more key always fits. */
+static int reserve(tide__timers *t) {
+  if (t->nkeys + 1 < t->cap) return 0;
+  uint32_t cap = t->cap ? t->cap * 2 : 64;
+  tnode *heap = realloc(t->heap, cap * sizeof *heap);
+  if (!heap) return -1;
+  t->heap = heap;
+  uint32_t *pos = realloc(t->pos, cap * sizeof *pos);
+  if (!pos) return -1;
+  t->pos = pos;
+  uint32_t *free_keys = realloc(t->free_keys, cap * sizeof *free_keys);
+  if (!free_keys) return -1;
+  t->free_keys = free_keys;
+  t->cap = cap;
+  return 0;
+}
+
+int64_t tide__timers_start(tide__timers *t, uint64_t deadline) {
+  uint32_t key;
+  if (t->nfree > 0) {
+    key = t->free_keys[--t->nfree];
+  } else {
+    if (reserve(t) != 0) return -1;
+    key = ++t->nkeys;                       /* key 0 is never used */
+  }
+  t->heap[t->count] = (tnode){ deadline, t->seq++, key };
+  t->pos[key] = t->count;
+  sift_up(t, t->count++);
+  return key;
+}
+
+/* Removes heap[i], keeping the heap ordered, and frees its key. */
+static void remove_at(tide__timers *t, uint32_t i) {
+  uint32_t key = t->heap[i].key;
+  t->pos[key] = FREE_SLOT;
+  t->free_keys[t->nfree++] = key;
+  if (--t->count == i) return;
+  place(t, i, t->heap[t->count]);
+  if (i > 0 && before(&t->heap[i], &t->heap[(i - 1) / 2]))
+    sift_up(t, i);
+  else
+    sift_down(t, i);
+}
+
+int tide__timers_cancel(tide__timers *t, int64_t key) {
+  if (key < 1 || key > t->nkeys || t->pos[key] == FREE_SLOT) return -1;
+  remove_at(t, t->pos[key]);
+  return 0;
+}
+
+int64_t tide__timers_pop_due(tide__timers *t, uint64_t now) {
+  if (t->count == 0 || t->heap[0].deadline > now) return 0;
+  uint32_t key = t->heap[0].key;
+  remove_at(t, 0);
+  return key;
+}
+
+int tide__timers_next(const tide__timers *t, uint64_t *deadline) {
+  if (t->count == 0) return 0;
+  *deadline = t->heap[0].deadline;
+  return 1;
+}
+
+uint32_t tide__timers_count(const tide__timers *t) {
+  return t->count;
+}
+
+size_t tide__timers_bytes(const tide__timers *t) {
+  return (size_t)t->cap * (sizeof(tnode) + 2 * sizeof(uint32_t));
+}
