@@ -41,7 +41,10 @@ int main(int argc, char **argv) {
     status = (int)lua_tointeger(L, -1);
   }
 done:
-  tide_close(L);
+  if (tide_close(L) != 0) {
+    fprintf(stderr, "tide: internal error: libuv handles left open at exit\n");
+    if (status == 0) status = 70;
+  }
   lua_close(L);
   return status;
 }

@@ -70,10 +70,16 @@ local function new_timer(fname, ms, fn, every)
 end
 
 --- Runs fn(timer) as a task once, `ms` from now.  Returns a timer.
-function tide.after(ms, fn) return new_timer("tide.after", ms, fn, false) end
+function tide.after(ms, fn)
+  local tm = new_timer("tide.after", ms, fn, false)   -- not a tail call: errors blame the caller
+  return tm
+end
 
 --- Runs fn(timer) as a task every `ms` until timer:stop().
-function tide.every(ms, fn) return new_timer("tide.every", ms, fn, true) end
+function tide.every(ms, fn)
+  local tm = new_timer("tide.every", ms, fn, true)
+  return tm
+end
 
 --- Stops the timer; true when it was still pending.
 function Timer.stop(tm)

@@ -1,0 +1,133 @@
+-- spec/badinput_spec.lua — bad calls fail with messages that name the function, the argument
+-- and what was expected, raised at the caller's line; none of them crash or leak a task.
+local tide = require "tide"
+
+local f = function() end
+local nan, inf = 0 / 0, math.huge
+
+-- { call, expected message }: each call is made from a Lua closure on this
+-- file's line, so the message must start with "spec/badinput_spec.lua:N: ".
+local BAD = {
+  { function() tide.spawn() end, "tide.spawn: bad argument #1 (function or table expected, got nil)" },
+  { function() tide.spawn(42) end, "tide.spawn: bad argument #1 (function or table expected, got number 42)" },
+  { function() tide.spawn{} end, "tide.spawn: bad option 'run' (function expected, got nil)" },
+  { function() tide.spawn{ run = f, timout = 5 } end, "tide.spawn: unknown option 'timout'" },
+  { function() tide.spawn{ run = f, timeout = -1 } end, "tide.spawn: bad option 'timeout' (positive number of ms expected, got number -1)" },
+  { function() tide.spawn{ run = f, timeout = 0 } end, "tide.spawn: bad option 'timeout' (positive number of ms expected, got number 0)" },
+  { function() tide.spawn{ run = f, timeout = nan } end, "tide.spawn: bad option 'timeout' (positive number of ms expected, got nan)" },
+  { function() tide.spawn{ run = f, timeout = inf } end, "tide.spawn: bad option 'timeout' (positive number of ms expected, got inf)" },
+  { function() tide.spawn{ run = f, timeout = "5" } end, "tide.spawn: bad option 'timeout' (positive number of ms expected, got string \"5\")" },
+  { function() tide.spawn{ run = f, mode = "fiber" } end, "tide.spawn: bad option 'mode' ('coroutine' expected, got string \"fiber\")" },
+  { function() tide.spawn{ run = f, mode = "thread" } end, "tide.spawn: mode 'thread' is not available in this version (use 'coroutine')" },
+  { function() tide.spawn{ run = f, name = 5 } end, "tide.spawn: bad option 'name' (string expected, got number 5)" },
+  { function() tide.spawn{ run = f, args = "x" } end, "tide.spawn: bad option 'args' (table expected, got string \"x\")" },
+  { function() tide.spawn{ run = f, handle_result = 5 } end, "tide.spawn: bad option 'handle_result' (function expected, got number 5)" },
+  { function() tide.spawn{ run = f, on_retry = "x" } end, "tide.spawn: bad option 'on_retry' (function expected, got string \"x\")" },
+  { function() tide.spawn{ run = "mod.fn" } end, "tide.spawn: bad option 'run' (function expected, got string \"mod.fn\")" },
+  { function() tide.spawn({ run = f }, 1) end, "tide.spawn: extra arguments after an option table (pass them as 'args')" },
+  { function() tide.spawn{ run = f, retry = 5 } end, "tide.spawn: bad option 'retry' (table expected, got number 5)" },
+  { function() tide.spawn{ run = f, retry = { attempts = 0 } } end, "tide.spawn: bad option 'retry.attempts' (integer >= 1 expected, got number 0)" },
+  { function() tide.spawn{ run = f, retry = { attempts = 1.5 } } end, "tide.spawn: bad option 'retry.attempts' (integer >= 1 expected, got number 1.5)" },
+  { function() tide.spawn{ run = f, retry = { backoff = "quadratic" } } end, "tide.spawn: bad option 'retry.backoff' ('exponential', 'fixed' or 'linear' expected, got string \"quadratic\")" },
+  { function() tide.spawn{ run = f, retry = { base = -5 } } end, "tide.spawn: bad option 'retry.base' (non-negative number of ms expected, got number -5)" },
+  { function() tide.spawn{ run = f, retry = { base = 10, max = 1 } } end, "tide.spawn: bad option 'retry.max' (number of ms >= base expected, got number 1)" },
+  { function() tide.spawn{ run = f, retry = { jitter = "yes" } } end, "tide.spawn: bad option 'retry.jitter' (boolean expected, got string \"yes\")" },
+  { function() tide.spawn{ run = f, retry = { on = { "crash" } } } end, "tide.spawn: bad option 'retry.on[1]' ('error' or 'timeout' expected, got string \"crash\")" },
+  { function() tide.spawn{ run = f, retry = { on = "error" } } end, "tide.spawn: bad option 'retry.on' (list of statuses expected, got string \"error\")" },
+  { function() tide.spawn{ run = f, retry = { tries = 3 } } end, "tide.spawn: unknown option 'retry.tries'" },
+  { function() tide.sleep() end, "tide.sleep: bad argument #1 (non-negative number of ms expected, got nil)" },
+  { function() tide.sleep(-1) end, "tide.sleep: bad argument #1 (non-negative number of ms expected, got number -1)" },
+  { function() tide.sleep(nan) end, "tide.sleep: bad argument #1 (non-negative number of ms expected, got nan)" },
+  { function() tide.sleep(inf) end, "tide.sleep: bad argument #1 (non-negative number of ms expected, got inf)" },
+  { function() tide.sleep(10) end, "tide.sleep: called outside a task (start one with tide.run or tide.spawn)" },
+  { function() tide.after(-1, f) end, "tide.after: bad argument #1 (non-negative number of ms expected, got number -1)" },
+  { function() tide.after(10, nil) end, "tide.after: bad argument #2 (function expected, got nil)" },
+  { function() tide.every(0, f) end, "tide.every: bad argument #1 (positive number of ms expected, got number 0)" },
+  { function() tide.every(nan, f) end, "tide.every: bad argument #1 (positive number of ms expected, got nan)" },
+  { function() tide.run() end, "tide.run: bad argument #1 (function expected, got nil)" },
+  { function() tide.run("main") end, "tide.run: bad argument #1 (function expected, got string \"main\")" },
+  { function() tide.shutdown(-5) end, "tide.shutdown: bad argument #1 (non-negative number of ms expected, got number -5)" },
+  { function() tide.configure(5) end, "tide.configure: bad argument #1 (table expected, got number 5)" },
+  { function() tide.configure{ grce = 1 } end, "tide.configure: unknown option 'grce'" },
+  { function() tide.configure{ grace = -1 } end, "tide.configure: bad option 'grace' (non-negative number of ms expected, got number -1)" },
+  { function() tide.configure{ on_error = 5 } end, "tide.configure: bad option 'on_error' (function expected, got number 5)" },
+  { function() tide.configure{ signals = "yes" } end, "tide.configure: bad option 'signals' (boolean expected, got string \"yes\")" },
+  { function() tide.pool(5) end, "tide.pool: bad argument #1 (table expected, got number 5)" },
+  { function() tide.pool{ size = 0 } end, "tide.pool: bad option 'size' (integer >= 1 expected, got number 0)" },
+  { function() tide.pool{ size = 1.5 } end, "tide.pool: bad option 'size' (integer >= 1 expected, got number 1.5)" },
+  { function() tide.pool{ queue_limit = -1 } end, "tide.pool: bad option 'queue_limit' (integer >= 0 expected, got number -1)" },
+  { function() tide.pool{ sise = 3 } end, "tide.pool: unknown option 'sise'" },
+  { function() tide.pool{ mode = "thread" } end, "tide.pool: mode 'thread' is not available in this version (use 'coroutine')" },
+  { function() local p = tide.pool{}; p.submit(nil, f) end, "pool:submit: bad self (pool expected, got nil); call it as pool:submit(...)" },
+  { function() local p = tide.pool{}; p:submit(nil) end, "pool:submit: bad argument #1 (function or table expected, got nil)" },
+  { function() local p = tide.pool{}; p:submit{ run = f, bogus = 1 } end, "pool:submit: unknown option 'bogus'" },
+  { function() local p = tide.pool{}; p:drain(-1) end, "pool:drain: bad argument #1 (non-negative number of ms expected, got number -1)" },
+  { function() local t = tide.spawn(f); t:cancel(); t.await(nil) end, "task:await: bad self (task expected, got nil); call it as task:await(...)" },
+  { function() local t = tide.spawn(f); t:cancel(); t:await(-1) end, "task:await: bad argument #1 (non-negative number of ms expected, got number -1)" },
+  { function() local t = tide.spawn(f); t:cancel(); t:await() end, "task:await: called outside a task (start one with tide.run or tide.spawn)" },
+  { function() local t = tide.spawn(f); t:cancel(); t.cancel({}) end, "task:cancel: bad self (task expected, got table); call it as task:cancel(...)" },
+  { function() local tm = tide.after(1, f); tm:stop(); tm.stop(nil) end, "timer:stop: bad self (timer expected, got nil)" },
+}
+
+-- Calls that only make sense inside a task.
+local BAD_IN_TASK = {
+  { function() tide.current():await() end, "task:await: a task cannot await itself" },
+  { function()
+      local _, err = coroutine.resume(coroutine.create(function() tide.sleep(1) end))
+      error(err, 0)
+    end, "tide.sleep: cannot wait inside a nested coroutine, only in the task's own" },
+  { function() tide.run(f) end, "tide.run: the loop is already running (tide.run is for a plain host; inside a task, spawn and await)" },
+  { function() local p = tide.pool{}; local t = p:submit(f); p.drain("x") end, "pool:drain: bad self (pool expected, got string \"x\"); call it as pool:drain(...)" },
+}
+
+local function check_error(case, i)
+  local ok, err = pcall(case[1])
+  assert(not ok, ("case %d did not fail: %s"):format(i, case[2]))
+  err = tostring(err)
+  local where, msg = err:match("^(spec/badinput_spec%.lua:%d+): (.*)$")
+  if msg ~= case[2] then
+    error(("case %d:\n expected: spec/badinput_spec.lua:N: %s\n      got: %s"):format(i, case[2], err), 0)
+  end
+  assert.is_string(where)
+end
+
+describe("bad input", function()
+  after_each(function()
+    assert.equal(0, tide.stats().live)
+    assert.equal(0, tide.stats().active_handles)
+  end)
+
+  it("has at least 40 bad calls on record", function()
+    assert.is_true(#BAD + #BAD_IN_TASK >= 40)
+  end)
+
+  it("fails each bad call with its message at the caller's line", function()
+    for i, case in ipairs(BAD) do check_error(case, i) end
+    tide.run(function() end)   -- reap the tasks the cases spawned and cancelled
+  end)
+
+  it("fails each bad call inside a task with its message", function()
+    local status, err = tide.run(function()
+      for i, case in ipairs(BAD_IN_TASK) do check_error(case, i) end
+    end)
+    assert.equal("ok", status, tostring(err))
+  end)
+
+  it("answers cancel of a finished task with nil and a message, not an error", function()
+    tide.run(function()
+      local t = tide.spawn(function() return 1 end)
+      t:await()
+      local ok, msg = t:cancel()
+      assert.is_nil(ok)
+      assert.equal(("task %d already finished (ok)"):format(t.id), msg)
+    end)
+  end)
+
+  it("reports a bad spawn inside a task as that task's error, not a crash", function()
+    local status, value = tide.run(function()
+      return tide.spawn(function() tide.spawn{ run = f, timeout = -1 } end):await()
+    end)
+    assert.equal("ok", status)
+    assert.equal("error", value)
+  end)
+end)

@@ -1,0 +1,109 @@
+/* test_timers.c — the timer heap against a sorted reference, with cancels and key reuse (TAP). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "timers.h"
+
+static int n_tests, n_failed;
+
+static void ok(int cond, const char *what) {
+  n_tests++;
+  if (!cond) n_failed++;
+  printf("%s %d - %s\n", cond ? "ok" : "not ok", n_tests, what);
+}
+
+static void empty_heap(void) {
+  tide__timers t;
+  tide__timers_init(&t);
+  uint64_t d;
+  ok(tide__timers_pop_due(&t, 1000) == 0, "an empty heap has nothing due");
+  ok(tide__timers_next(&t, &d) == 0, "an empty heap has no next deadline");
+  ok(tide__timers_cancel(&t, 1) == -1, "cancelling an unknown key fails");
+  tide__timers_free(&t);
+}
+
+static void ties_in_insertion_order(void) {
+  tide__timers t;
+  tide__timers_init(&t);
+  int64_t a = tide__timers_start(&t, 10), b = tide__timers_start(&t, 10), c = tide__timers_start(&t, 5);
+  ok(tide__timers_pop_due(&t, 4) == 0, "nothing due before the earliest deadline");
+  ok(tide__timers_pop_due(&t, 10) == c, "earliest deadline first");
+  ok(tide__timers_pop_due(&t, 10) == a, "equal deadlines: first started first");
+  ok(tide__timers_pop_due(&t, 10) == b, "equal deadlines: then the second");
+  ok(tide__timers_cancel(&t, a) == -1, "a fired key cannot be cancelled");
+  tide__timers_free(&t);
+}
+
+/* Random starts, cancels and pops against a brute-force reference: every
+ * pop is due, pops come in deadline order, and no due timer is left behind. */
+#define N 20000
+static void random_against_reference(void) {
+  static uint64_t deadline[N + 1];
+  static int pending[N + 1];
+  tide__timers t;
+  tide__timers_init(&t);
+  srand(42);
+  int mismatches = 0, live = 0;
+  uint64_t now = 0;
+  for (int step = 0; step < 200000; step++) {
+    int op = rand() % 10;
+    if (op < 5 && live < N) {
+      uint64_t d = now + (uint64_t)(rand() % 1000);
+      int64_t key = tide__timers_start(&t, d);
+      if (key < 1 || key > N || pending[key]) { mismatches++; continue; }
+      deadline[key] = d;
+      pending[key] = 1;
+      live++;
+    } else if (op < 7 && live > 0) {
+      int64_t key = 1 + rand() % N;
+      int rc = tide__timers_cancel(&t, key);
+      if ((rc == 0) != (pending[key] == 1)) mismatches++;
+      if (rc == 0) { pending[key] = 0; live--; }
+    } else {
+      now += (uint64_t)(rand() % 50);
+      int64_t key;
+      uint64_t last = 0;
+      while ((key = tide__timers_pop_due(&t, now)) != 0) {
+        if (!pending[key] || deadline[key] > now || deadline[key] < last) mismatches++;
+        last = deadline[key];
+        pending[key] = 0;
+        live--;
+      }
+      for (int k = 1; k <= N; k++)
+        if (pending[k] && deadline[k] <= now && step % 1000 == 0) mismatches++;
+    }
+  }
+  ok(mismatches == 0, "random starts, cancels and pops agree with the reference");
+  ok(tide__timers_count(&t) == (uint32_t)live, "the count matches the live timers");
+  tide__timers_free(&t);
+}
+
+/* Pops come out in non-decreasing deadline order. */
+static void pops_sorted(void) {
+  tide__timers t;
+  tide__timers_init(&t);
+  srand(7);
+  for (int i = 0; i < 100000; i++) tide__timers_start(&t, (uint64_t)(rand() % 100000));
+  for (int i = 0; i < 20000; i++) tide__timers_cancel(&t, 1 + rand() % 100000);
+  uint64_t prev = 0, d;
+  int sorted = 1, count = 0;
+  while (tide__timers_next(&t, &d)) {
+    if (d < prev) sorted = 0;
+    prev = d;
+    if (tide__timers_pop_due(&t, d) == 0) { sorted = 0; break; }
+    count++;
+  }
+  ok(sorted, "100,000 timers pop in deadline order");
+  ok(count > 80000 && count <= 100000, "cancelled timers never pop");
+  tide__timers_free(&t);
+}
+
+int main(void) {
+  empty_heap();
+  ties_in_insertion_order();
+  random_against_reference();
+  pops_sorted();
+  printf("1..%d\n", n_tests);
+  return n_failed != 0;
+}

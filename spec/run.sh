@@ -1,0 +1,72 @@
+#!/bin/sh
+# spec/run.sh — runs every suite (busted specs, C tests, examples, the embedding host)
+# and ends with the line "N passed, N failed".  Used by `make test` and `make sanitize`.
+BUILD=${BUILD:-build}
+export BUILD
+LOG=$BUILD/test-logs
+mkdir -p "$LOG"
+pass=0
+fail=0
+failed_names=""
+
+if [ -n "$SANITIZE" ]; then
+  # Stock luajit is not instrumented: the sanitizer runtimes must load first.
+  PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
+  export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+  # busted ends with os.exit, skipping lua_close: leaks are checked by the C
+  # tests and the embedding host, which close everything.
+  LUA_ASAN=detect_leaks=0
+else
+  PRELOAD=""
+  LUA_ASAN=""
+fi
+
+# Counts TAP lines from a log; a suite that exits non-zero without a
+# "not ok" line counts as one failure of its own.
+tally() {  # name status log
+  p=$(grep -c '^ok ' "$3")
+  f=$(grep -c '^not ok ' "$3")
+  if [ "$2" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
+  pass=$((pass + p)); fail=$((fail + f))
+  if [ "$f" -ne 0 ]; then
+    failed_names="$failed_names $1"
+    echo "FAIL $1 (exit $2): see $3"
+    grep -A12 '^not ok ' "$3" | head -60
+  else
+    echo "pass $1: $p"
+  fi
+}
+
+one() {  # name status log: a single check that passes on exit 0
+  if [ "$2" -eq 0 ]; then echo "ok - $1" >> "$3"; else echo "not ok - $1" >> "$3"; fi
+  tally "$1" "$2" "$3"
+}
+
+# 1. busted specs, under stock luajit with build/tide.so
+for spec in spec/*_spec.lua; do
+  name=$(basename "$spec" .lua)
+  ASAN_OPTIONS=$LUA_ASAN LD_PRELOAD=$PRELOAD luajit /usr/bin/busted --helper=spec/helper.lua \
+    -o TAP "$spec" > "$LOG/$name.log" 2>&1
+  tally "$name" $? "$LOG/$name.log"
+done
+
+# 2. C tests
+for t in "$BUILD"/test_*; do
+  [ -x "$t" ] || continue
+  name=$(basename "$t")
+  "$t" > "$LOG/$name.log" 2>&1
+  tally "$name" $? "$LOG/$name.log"
+done
+
+# 3. examples check their own results
+for e in examples/*.lua; do
+  name=example_$(basename "$e" .lua)
+  ASAN_OPTIONS=$LUA_ASAN "$BUILD/tide" run --quiet "$e" > "$LOG/$name.log" 2>&1
+  one "$name" $? "$LOG/$name.log"
+done
+"$BUILD/embed-host" examples/embed/script.lua > "$LOG/embed-host.log" 2>&1
+one embed-host $? "$LOG/embed-host.log"
+
+[ -z "$failed_names" ] || echo "failed:$failed_names"
+echo "$pass passed, $fail failed"
+[ "$fail" -eq 0 ]

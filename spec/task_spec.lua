@@ -1,0 +1,240 @@
+-- spec/task_spec.lua — tide.spawn and the task methods (coroutine mode).
+local tide = require "tide"
+local H = spec_helper
+
+describe("tide.spawn", function()
+  after_each(function()
+    local st = tide.stats()
+    assert.equal(0, st.live, "tasks left live")
+    assert.equal(0, st.active_handles, "handles left active")
+  end)
+
+  it("runs a function with its arguments and delivers ok with every returned value", function()
+    local root_status, status, a, b, c = tide.run(function()
+      return tide.spawn(function(x, y) return x + y, "two", nil end, 1, 2):await()
+    end)
+    assert.equal("ok", root_status)
+    assert.equal("ok", status)
+    assert.equal(3, a)
+    assert.equal("two", b)
+    assert.is_nil(c)
+  end)
+
+  it("keeps nil holes in args given as an option table", function()
+    local _, _, n, third = tide.run(function()
+      return tide.spawn{ run = function(...) return select("#", ...), (select(3, ...)) end,
+                         args = { n = 3, nil, nil, "z" } }:await()
+    end)
+    assert.equal(3, n)
+    assert.equal("z", third)
+  end)
+
+  it("returns at once: the task starts on a later tick", function()
+    local started = false
+    tide.run(function()
+      local t = tide.spawn(function() started = true end)
+      assert.is_false(started)
+      assert.equal("running", t:status())
+      t:await()
+      assert.is_true(started)
+    end)
+  end)
+
+  it("delivers error with the original value and the traceback of where it was raised", function()
+    local err_obj = { code = 42 }
+    local t
+    local status, value = tide.run(function()
+      t = tide.spawn(function()
+        local function deep() error(err_obj) end
+        deep()
+      end)
+      return t:await()
+    end)
+    assert.equal("ok", status)
+    assert.equal("error", value)
+    assert.equal(err_obj, t.value)
+    assert.matches("in function 'deep'", t.traceback)
+    assert.matches("task_spec.lua:%d+", t.traceback)
+  end)
+
+  it("calls handle_result exactly once with status, value and the task", function()
+    local calls = {}
+    tide.run(function()
+      tide.spawn{ run = function() return "v" end,
+                  handle_result = function(s, v, task) calls[#calls + 1] = { s, v, task } end }
+    end)
+    assert.equal(1, #calls)
+    assert.equal("ok", calls[1][1])
+    assert.equal("v", calls[1][2])
+    assert.equal("ok", calls[1][3]:status())
+  end)
+
+  it("contains an error raised inside handle_result: logged with traceback, counted, not fatal", function()
+    local reported = {}
+    tide.configure{ on_error = function(where, err, tb) reported[#reported + 1] = { where, err, tb } end }
+    local before = tide.stats().callback_errors
+    local sibling
+    local status = tide.run(function()
+      tide.spawn{ run = function() end, handle_result = function() error("bad callback") end }
+      sibling = tide.spawn(function() tide.sleep(5) return "still fine" end)
+      tide.sleep(10)
+    end)
+    tide.configure{ on_error = false and nil or function(where, err, tb) io.stderr:write(tb or tostring(err)) end }
+    assert.equal("ok", status)
+    assert.equal("ok", sibling:status())
+    assert.equal(before + 1, tide.stats().callback_errors)
+    assert.equal(1, #reported)
+    assert.matches("^handle_result of tide.Task %d+", reported[1][1])
+    assert.matches("bad callback", reported[1][3])
+    assert.matches("stack traceback", reported[1][3])
+  end)
+
+  it("isolates failures: a failing task never takes down its caller or siblings", function()
+    local results = {}
+    local status = tide.run(function()
+      local ts = {}
+      for i = 1, 20 do
+        ts[i] = tide.spawn(function() tide.sleep(i % 3) if i % 2 == 0 then error("e" .. i) end return i end)
+      end
+      for i = 1, 20 do results[i] = ts[i]:await() end
+    end)
+    assert.equal("ok", status)
+    for i = 1, 20 do assert.equal(i % 2 == 0 and "error" or "ok", results[i]) end
+  end)
+
+  it("times out at the deadline even while the task waits, and never resumes it", function()
+    local resumed_after = false
+    local t0, elapsed
+    local status, value = tide.run(function()
+      t0 = tide.now()
+      local t = tide.spawn{ run = function() tide.sleep(10000); resumed_after = true end, timeout = 30 }
+      local s, v = t:await()
+      elapsed = tide.now() - t0
+      return s, v
+    end)
+    assert.equal("ok", status)
+    assert.equal("timeout", value)
+    assert.is_false(resumed_after)
+    assert.is_true(elapsed >= 29 and elapsed < 500, "elapsed " .. elapsed)
+    assert.equal(0, tide.stats().timers, "the sleeping timer was not cancelled")
+  end)
+
+  it("cancels a waiting task with a reason, once; cancelling again says it finished", function()
+    local seen = {}
+    tide.run(function()
+      local t = tide.spawn{ run = function() tide.sleep(10000) end,
+                            handle_result = function(s, v) seen[#seen + 1] = s .. ":" .. v end }
+      tide.sleep(1)
+      assert.is_true(t:cancel("operator"))
+      local ok, msg = t:cancel("again")
+      assert.is_nil(ok)
+      assert.equal(("task %d already finished (cancelled)"):format(t.id), msg)
+      local s, v = t:await()
+      assert.equal("cancelled", s)
+      assert.equal("operator", v)
+    end)
+    assert.same({ "cancelled:operator" }, seen)
+  end)
+
+  it("cancels a task that has not started yet", function()
+    local ran = false
+    tide.run(function()
+      local t = tide.spawn(function() ran = true end)
+      t:cancel()
+      assert.equal("cancelled", t:status())
+      assert.equal("cancelled", t.value)
+    end)
+    assert.is_false(ran)
+  end)
+
+  it("stops a task that cancels itself at once", function()
+    local after = false
+    local t
+    tide.run(function()
+      t = tide.spawn(function() tide.current():cancel("self"); after = true end)
+    end)
+    assert.is_false(after)
+    assert.equal("cancelled", t:status())
+    assert.equal("self", t.value)
+  end)
+
+  it("wakes every awaiter with the same outcome", function()
+    local got = {}
+    tide.run(function()
+      local target = tide.spawn(function() tide.sleep(5) return "x" end)
+      local ws = {}
+      for i = 1, 5 do ws[i] = tide.spawn(function() local s, v = target:await(); got[i] = s .. v end) end
+      for i = 1, 5 do ws[i]:await() end
+    end)
+    assert.same({ "okx", "okx", "okx", "okx", "okx" }, got)
+  end)
+
+  it("returns nil, 'timeout' when await's own limit passes, and the task goes on", function()
+    tide.run(function()
+      local t = tide.spawn(function() tide.sleep(40) return "late" end)
+      local s, v = t:await(5)
+      assert.is_nil(s)
+      assert.equal("timeout", v)
+      assert.same({ "ok", "late" }, { t:await() })
+      assert.equal(0, #(t.waiters or {}))
+    end)
+  end)
+
+  it("treats a bare coroutine.yield as letting the others run", function()
+    local order = {}
+    tide.run(function()
+      local a = tide.spawn(function() order[#order + 1] = "a1"; coroutine.yield(); order[#order + 1] = "a2" end)
+      local b = tide.spawn(function() order[#order + 1] = "b1" end)
+      a:await(); b:await()
+    end)
+    assert.same({ "a1", "b1", "a2" }, order)
+  end)
+
+  it("lets a task wait across pcall", function()
+    local status, ok, v = tide.run(function()
+      return pcall(function() tide.sleep(1) return "through pcall" end)
+    end)
+    assert.equal("ok", status)
+    assert.is_true(ok)
+    assert.equal("through pcall", v)
+  end)
+
+  it("cancels what can never be woken when the loop runs out of work", function()
+    local t
+    local status, value = tide.run(function()
+      local parent = tide.current()
+      t = tide.spawn(function() parent:await() end)   -- waits for the root ...
+      return t:await()                                 -- ... which waits for it
+    end)
+    assert.equal("cancelled", status)
+    assert.matches("^stalled", value)
+    assert.equal("cancelled", t:status())
+  end)
+
+  it("names the task in tostring", function()
+    tide.run(function()
+      local t = tide.spawn{ run = function() end, name = "fetch" }
+      assert.matches("^tide.Task %d+ 'fetch' %(running%)$", tostring(t))
+      t:await()
+    end)
+  end)
+
+  it("keeps one number per task for ids, increasing", function()
+    tide.run(function()
+      local a, b = tide.spawn(function() end), tide.spawn(function() end)
+      assert.equal(a.id + 1, b.id)
+    end)
+  end)
+
+  it("refuses tide.run inside a running loop", function()
+    local _, err = tide.run(function() return select(2, pcall(tide.run, function() end)) end)
+    assert.matches("tide.run: the loop is already running", err)
+  end)
+
+  it("reports an error from await outside any task", function()
+    local t
+    tide.run(function() t = tide.spawn(function() end) end)
+    H.error_like("task:await: called outside a task (start one with tide.run or tide.spawn)",
+                 function() t:await() end)
+  end)
+end)

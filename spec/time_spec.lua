@@ -1,0 +1,111 @@
+-- spec/time_spec.lua — tide.sleep, tide.now, tide.after, tide.every: they fire on time.
+local tide = require "tide"
+
+-- Timers never fire early; they may fire late by at most this much (ms).
+-- Generous, so that a loaded CI machine under sanitizers passes.
+local LATE = 60
+
+describe("time", function()
+  after_each(function()
+    assert.equal(0, tide.stats().live)
+    assert.equal(0, tide.stats().active_handles)
+    assert.equal(0, tide.stats().timers)
+  end)
+
+  it("tide.now is monotonic milliseconds", function()
+    local a = tide.now()
+    local b = tide.now()
+    assert.is_true(b >= a)
+    assert.is_number(a)
+  end)
+
+  it("tide.sleep waits at least the time asked, and not much more", function()
+    tide.run(function()
+      for _, ms in ipairs({ 0, 1, 10, 50 }) do
+        local t0 = tide.now()
+        tide.sleep(ms)
+        local dt = tide.now() - t0
+        assert.is_true(dt >= ms - 0.001, ("slept %.3f for %d"):format(dt, ms))
+        assert.is_true(dt < ms + LATE, ("slept %.3f for %d"):format(dt, ms))
+      end
+    end)
+  end)
+
+  it("wakes sleepers in deadline order, ties in the order they slept", function()
+    local order = {}
+    tide.run(function()
+      for _, d in ipairs({ 30, 10, 20, 10, 0 }) do
+        tide.spawn(function() tide.sleep(d); order[#order + 1] = d end)
+      end
+    end)
+    assert.same({ 0, 10, 10, 20, 30 }, order)
+  end)
+
+  it("tide.after runs its function once as a task, on time, and passes the timer", function()
+    local fired, at, got
+    tide.run(function()
+      local t0 = tide.now()
+      local tm = tide.after(20, function(timer) fired = (fired or 0) + 1; at = tide.now() - t0; got = timer; tide.sleep(1) end)
+      assert.equal(tostring(tm), "tide.Timer (pending)")
+      tide.sleep(40)
+      assert.equal(tm, got)
+      assert.is_false(tm:stop())
+    end)
+    assert.equal(1, fired)
+    assert.is_true(at >= 20 and at < 20 + LATE, "fired at " .. at)
+  end)
+
+  it("tide.every repeats until stopped", function()
+    local times = {}
+    tide.run(function()
+      local t0 = tide.now()
+      tide.every(10, function(timer)
+        times[#times + 1] = tide.now() - t0
+        if #times == 5 then assert.is_true(timer:stop()) end
+      end)
+    end)
+    assert.equal(5, #times)
+    for i = 1, 5 do
+      assert.is_true(times[i] >= 10 * i - 0.5, "fire " .. i .. " at " .. times[i])
+      assert.is_true(times[i] < 10 * i + LATE * 2, "fire " .. i .. " at " .. times[i])
+    end
+  end)
+
+  it("a stopped timer never fires and does not keep the loop alive", function()
+    local fired = false
+    local t0 = tide.now()
+    tide.run(function()
+      local tm = tide.after(5000, function() fired = true end)
+      assert.is_true(tm:stop())
+      assert.is_false(tm:stop())
+    end)
+    assert.is_false(fired)
+    assert.is_true(tide.now() - t0 < 1000)
+  end)
+
+  it("reports an error in a timer callback to the error sink, not the loop", function()
+    local seen
+    tide.configure{ on_error = function(where, err) seen = where .. ": " .. tostring(err) end }
+    local status = tide.run(function() tide.after(1, function() error("tick failed") end); tide.sleep(10) end)
+    tide.configure{ on_error = function(where, err, tb) io.stderr:write(tb or tostring(err)) end }
+    assert.equal("ok", status)
+    assert.matches("^timer callback: .*tick failed", seen)
+  end)
+
+  it("fires 10,000 timers with random delays in deadline order", function()
+    local last, out_of_order, n = -1, 0, 0
+    tide.run(function()
+      for _ = 1, 10000 do
+        local due = tide.now() + math.random(0, 20)
+        tide.after(math.max(0, due - tide.now()), function()
+          n = n + 1
+          -- 1 ms of slack: the clock moves while the timers are created
+          if due < last - 1 then out_of_order = out_of_order + 1 end
+          last = due
+        end)
+      end
+    end)
+    assert.equal(10000, n)
+    assert.equal(0, out_of_order)
+  end)
+end)
