@@ -53,7 +53,7 @@ local function fire(tm)
   tm.key = nil
   if tm.every then tm.key = S.timer(tm.ms, fire, tm) else user_timers[tm] = nil end
   local t = new_task(tm.fn, { n = 1, tm })
-  t.handle_result = timer_result
+  S.options(t).handle_result = timer_result
   start(t)
 end
 

@@ -52,7 +52,7 @@ end
 
 local function start_in_slot(p, t)
   p.running = p.running + 1
-  t.pool_slot = true
+  t.opt.pool_slot = true
   S.start(t)
 end
 
@@ -75,10 +75,11 @@ local function fill(p)
 end
 
 local function release(t)
-  local p = t.pool
+  local o = t.opt
+  local p = o.pool
   p.outstanding = p.outstanding - 1
   p[t.state] = p[t.state] + 1
-  if t.pool_slot then
+  if o.pool_slot then
     p.running = p.running - 1
   else
     p.waiting = p.waiting - 1            -- cancelled while queued
@@ -99,7 +100,8 @@ function Pool.submit(p, spec, ...)
     return nil, ("pool:submit: queue full (%d waiting, queue_limit %d)"):format(p.waiting, p.queue_limit)
   end
   local t = make_task("pool:submit", spec, ...)
-  t.pool, t.on_finish = p, release
+  local o = S.options(t)
+  o.pool, o.on_finish = p, release
   p.outstanding, p.submitted = p.outstanding + 1, p.submitted + 1
   if p.running < p.size then
     start_in_slot(p, t)

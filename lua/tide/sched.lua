@@ -11,10 +11,13 @@
 --   - t.co is the coroutine of the current attempt, or nil; a run-queue entry
 --     (t, co) is stale unless t.co == co, so a timed-out or cancelled attempt
 --     is never resumed.
---   - t.wait is the token of the wait the task is suspended in, or nil; a
---     wake-up with another token is stale and ignored.
+--   - t.wait is the token of the wait the task is suspended in; true once
+--     it was woken and until it resumes; false outside waits.  A wake-up with
+--     another token is stale and ignored.
 --   - t.wait_timer and t.timer are keys of pending timers that belong to the
---     task (its current wait; its attempt's deadline), or nil.
+--     task (its current wait; its attempt's deadline), or nil/false.
+--   - The options a task rarely has (timeout, retry, hooks, pool) live in
+--     t.opt (false when none), so the hot path reads one field for them all.
 local core = require "tide.core"
 local log = require "tide.log"
 local retry = require "tide.retry"
@@ -22,7 +25,7 @@ local retry = require "tide.retry"
 local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, coroutine.yield
 local co_status, co_running = coroutine.status, coroutine.running
 local unpack, select, pcall, xpcall, error = unpack, select, pcall, xpcall, error
-local tostring, traceback, pairs, sort = tostring, debug.traceback, pairs, table.sort
+local tostring, traceback = tostring, debug.traceback
 local timer_start, timer_cancel, pop, kick = core.timer_start, core.timer_cancel, core.pop, core.kick
 
 local S = {}
@@ -37,7 +40,11 @@ local WAIT = setmetatable({}, { __tostring = function() return "tide.WAIT" end }
 local current = nil          -- the task whose coroutine is being resumed
 local in_tick = false
 local next_id = 0
-local live, nlive = {}, 0    -- tasks not yet terminal
+-- Every task that may still be live, in creation order: appended when
+-- created, and compacted (finished ones dropped) once more than half of it
+-- is finished.  nlive counts the tasks really live.
+local live, live_n, nlive = {}, 0, 0
+local compact_live
 local shutting = false       -- a shutdown began: nothing new starts
 local grace_key = nil        -- the timer that ends the grace period
 
@@ -108,7 +115,7 @@ S.wait_begin = wait_begin
 
 local function wake(t, tok)
   if t.wait == tok then
-    t.wait = nil
+    t.wait = true
     push(t, t.co)
   end
 end
@@ -124,6 +131,7 @@ end
 local function wait_end(t, tok, ms)
   if ms then t.wait_timer = timer(ms, wait_timer_fired, t, tok) end
   co_yield(WAIT)
+  t.wait = false
   local key = t.wait_timer
   if key then
     t.wait_timer = nil
@@ -168,21 +176,24 @@ local settle
 --- Ends the current attempt: its coroutine, deadline and wait are dropped.
 local function end_attempt(t)
   local key = t.timer
-  if key then t.timer = nil; untimer(key) end
-  key = t.wait_timer
-  if key then t.wait_timer = nil; untimer(key) end
-  local target = t.awaiting
-  if target then
-    t.awaiting = nil
-    if target.waiters then S.remove_waiter(target.waiters, t) end
+  if key then t.timer = false; untimer(key) end
+  if t.wait then                           -- waiting, or woken and not yet resumed
+    key = t.wait_timer
+    if key then t.wait_timer = nil; untimer(key) end
+    local target = t.awaiting
+    if target then
+      t.awaiting = nil
+      if target.waiters then S.remove_waiter(target.waiters, t) end
+    end
+    t.wait = false
   end
-  t.co, t.wait = nil, nil
+  t.co = false
 end
 
 local function attempt_timed_out(t, co)
-  t.timer = nil
+  t.timer = false
   if t.co == co then
-    settle(t, "timeout", ("task %d timed out after %g ms"):format(t.id, t.timeout))
+    settle(t, "timeout", ("task %d timed out after %g ms"):format(t.id, t.opt.timeout))
   end
 end
 
@@ -191,19 +202,20 @@ local function start_attempt(t)
   t.attempts = t.attempts + 1
   local co = co_create(t.fn)
   t.co, t.fresh = co, true
-  if t.timeout then t.timer = timer(t.timeout, attempt_timed_out, t, co) end
+  local o = t.opt
+  if o and o.timeout then t.timer = timer(o.timeout, attempt_timed_out, t, co) end
   push(t, co)
 end
 
 local function backoff_over(t)
-  t.wait_timer = nil
+  t.timer = false
   if t.state == "retrying" then start_attempt(t) end
 end
 
 -- ===== the door
 
-local function call_handler(t)
-  local ok, err = xpcall(t.handle_result, traceback, t.state, t.value, t)
+local function call_handler(t, handler)
+  local ok, err = xpcall(handler, traceback, t.state, t.value, t)
   if not ok then log.report("handle_result of " .. tostring(t), err, err) end
 end
 
@@ -226,33 +238,36 @@ local function finish(t, status, ...)
   local n = select("#", ...)
   t.value = ...
   if n > 1 then t.values = { n = n, ... } end
-  live[t] = nil
   nlive = nlive - 1
   stats[status] = stats[status] + 1
   local w = t.waiters
-  if w then t.waiters = nil; S.wake_all(w) end
-  if t.on_finish then t.on_finish(t) end
-  if t.handle_result then call_handler(t) end
+  if w then t.waiters = false; S.wake_all(w) end
+  local o = t.opt
+  if o then
+    if o.on_finish then o.on_finish(t) end
+    if o.handle_result then call_handler(t, o.handle_result) end
+  end
   if shutting and nlive == 0 then end_grace() end
   return true
 end
 S.finish = finish
 
-local function call_on_retry(t, status, value)
-  local ok, err = xpcall(t.on_retry, traceback, t.attempts, status, value)
+local function call_on_retry(t, hook, status, value)
+  local ok, err = xpcall(hook, traceback, t.attempts, status, value)
   if not ok then log.report("on_retry of " .. tostring(t), err, err) end
 end
 
 --- An attempt ended with `status`: retry when the policy says so, else finish.
 function settle(t, status, ...)
-  local p = t.retry
+  local o = t.opt
+  local p = o and o.retry
   if p and p.on[status] and t.attempts < p.attempts and not shutting then
     end_attempt(t)
     t.state = "retrying"
     stats.retries = stats.retries + 1
-    if t.on_retry then call_on_retry(t, status, (...)) end
+    if o.on_retry then call_on_retry(t, o.on_retry, status, (...)) end
     if t.state == "retrying" then      -- the hook may have cancelled it
-      t.wait_timer = timer(retry.delay(p, t.attempts), backoff_over, t)
+      t.timer = timer(retry.delay(p, t.attempts), backoff_over, t)   -- the deadline slot is free
     end
     return
   end
@@ -302,6 +317,16 @@ end
 
 -- ===== the lifecycle's public face
 
+function compact_live()
+  local j = 0
+  for i = 1, live_n do
+    local t = live[i]
+    if not TERMINAL[t.state] then j = j + 1; live[j] = t end
+  end
+  for i = j + 1, live_n do live[i] = nil end
+  live_n = j
+end
+
 local Task = {}
 S.Task = Task
 S.Task_mt = { __index = Task, __tostring = function(t)
@@ -312,9 +337,14 @@ local Task_mt = S.Task_mt
 --- Creates a task (state "pending"); fields are validated by the caller.
 function S.new_task(fn, args)
   next_id = next_id + 1
-  local t = setmetatable({ id = next_id, fn = fn, args = args, state = "pending", attempts = 0 }, Task_mt)
-  live[t] = true
-  nlive = nlive + 1
+  -- Every field a plain task ever sets is in the constructor, so the table
+  -- is allocated once at its final size (false: not yet set).
+  local t = setmetatable({ id = next_id, fn = fn, args = args, state = "pending", attempts = 0,
+                           co = false, fresh = false, value = false,
+                           opt = false, wait = false, timer = false, waiters = false }, Task_mt)
+  nlive, live_n = nlive + 1, live_n + 1
+  live[live_n] = t
+  if live_n > 2 * nlive + 1024 then compact_live() end
   stats.spawned = stats.spawned + 1
   return t
 end
@@ -337,6 +367,13 @@ function S.cancel(t, reason)
 end
 
 --- Status and value(s) of a terminal task.
+--- The task's rarely used options (created on first use).
+function S.options(t)
+  local o = t.opt
+  if not o then o = {}; t.opt = o end
+  return o
+end
+
 function S.results(t)
   local v = t.values
   if v then return t.state, unpack(v, 1, v.n) end
@@ -345,10 +382,11 @@ end
 
 -- ===== shutdown and the end of the loop
 
+--- The live tasks, oldest first (a copy: finishing them changes `live`).
 local function live_by_id()
+  compact_live()
   local list = {}
-  for t in pairs(live) do list[#list + 1] = t end
-  sort(list, function(a, b) return a.id < b.id end)
+  for i = 1, live_n do list[i] = live[i] end
   return list
 end
 

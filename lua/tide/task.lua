@@ -54,10 +54,12 @@ local function make_task(fname, spec, ...)
   end
   if spec.name ~= nil and type(spec.name) ~= "string" then opt_error(fname, "name", "string", spec.name, 3) end
   local t = new_task(spec.run, args)
-  t.name, t.timeout = spec.name, spec.timeout
-  t.retry = spec.retry ~= nil and retry.policy(fname, spec.retry, 3) or nil
-  t.handle_result = opt_function(fname, spec, "handle_result")
-  t.on_retry = opt_function(fname, spec, "on_retry")
+  t.name = spec.name
+  local o = S.options(t)
+  o.timeout = spec.timeout
+  o.retry = spec.retry ~= nil and retry.policy(fname, spec.retry, 3) or nil
+  o.handle_result = opt_function(fname, spec, "handle_result")
+  o.on_retry = opt_function(fname, spec, "on_retry")
   return t
 end
 M.make_task = make_task
@@ -86,7 +88,7 @@ function Task.await(t, timeout_ms)
     return S.results(t)
   end
   local w, tok = S.wait_begin("task:await", 2)
-  t.waiters = t.waiters or {}
+  if not t.waiters then t.waiters = {} end
   S.add_waiter(t.waiters, w, tok)
   w.awaiting = t
   S.wait_end(w, tok, timeout_ms)

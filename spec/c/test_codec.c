@@ -1,0 +1,462 @@
+/* test_codec.c — TAP tests of the value codec: round trips between two states, refusals, damaged bytes. */
+#include "codec.h"
+
+#include <lauxlib.h>
+#include <lualib.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static lua_State *A, *B;  /* A encodes, B decodes: two independent states */
+static int tests, failed;
+
+static int ok(int cond, const char *fmt, ...) {
+  va_list ap;
+  printf("%sok %d - ", cond ? "" : "not ", ++tests);
+  va_start(ap, fmt);
+  vprintf(fmt, ap);
+  va_end(ap);
+  putchar('\n');
+  failed += !cond;
+  return cond;
+}
+
+/* Pushes the value the Lua chunk src returns. */
+static void eval(lua_State *L, const char *src) {
+  if (luaL_loadstring(L, src) || lua_pcall(L, 0, 1, 0)) {
+    printf("Bail out! %s\n", lua_tostring(L, -1));
+    exit(2);
+  }
+}
+
+/* ===== DEEP EQUALITY ACROSS STATES ===== */
+
+static int same(lua_State *a, int ia, lua_State *b, int ib, int depth);
+
+static void push_scalar(lua_State *from, int i, lua_State *to) {
+  size_t n;
+  const char *s;
+  switch (lua_type(from, i)) {
+  case LUA_TNUMBER: lua_pushnumber(to, lua_tonumber(from, i)); break;
+  case LUA_TBOOLEAN: lua_pushboolean(to, lua_toboolean(from, i)); break;
+  case LUA_TSTRING: s = lua_tolstring(from, i, &n); lua_pushlstring(to, s, n); break;
+  default: lua_pushnil(to); break;
+  }
+}
+
+/* Is there a table key in b's table ib equal to a's key ka with an equal value? */
+static int find_table_key(lua_State *a, int ka, lua_State *b, int ib, int depth) {
+  int found = 0;
+  lua_pushnil(b);
+  while (!found && lua_next(b, ib)) {                 /* key, value */
+    int kb = lua_gettop(b) - 1;
+    found = lua_type(b, kb) == LUA_TTABLE && same(a, ka, b, kb, depth + 1) &&
+            same(a, ka + 1, b, kb + 1, depth + 1);
+    lua_pop(b, found ? 2 : 1);
+  }
+  return found;
+}
+
+static int same_table(lua_State *a, int ia, lua_State *b, int ib, int depth) {
+  size_t na = 0, nb = 0;
+  int equal = 1;
+  if (depth > 2 * TIDE_CODEC_DEPTH || !lua_checkstack(a, 6) || !lua_checkstack(b, 6))
+    return 0;
+  for (lua_pushnil(b); lua_next(b, ib); lua_pop(b, 1)) nb++;
+  lua_pushnil(a);
+  while (equal && lua_next(a, ia)) {                  /* key, value */
+    int ka = lua_gettop(a) - 1;
+    na++;
+    if (lua_type(a, ka) == LUA_TTABLE) {
+      equal = find_table_key(a, ka, b, ib, depth);
+    } else {
+      push_scalar(a, ka, b);
+      lua_rawget(b, ib);                              /* b: value */
+      equal = same(a, ka + 1, b, lua_gettop(b), depth + 1);
+      lua_pop(b, 1);
+    }
+    lua_pop(a, equal ? 1 : 2);
+  }
+  return equal && na == nb;
+}
+
+static int same(lua_State *a, int ia, lua_State *b, int ib, int depth) {
+  size_t na, nb;
+  const char *sa, *sb;
+  if (ia < 0) ia = lua_gettop(a) + ia + 1;
+  if (ib < 0) ib = lua_gettop(b) + ib + 1;
+  if (lua_type(a, ia) != lua_type(b, ib)) return 0;
+  switch (lua_type(a, ia)) {
+  case LUA_TNIL: return 1;
+  case LUA_TBOOLEAN: return lua_toboolean(a, ia) == lua_toboolean(b, ib);
+  case LUA_TNUMBER: {
+    double x = lua_tonumber(a, ia), y = lua_tonumber(b, ib);
+    return (isnan(x) && isnan(y)) || (x == y && signbit(x) == signbit(y));
+  }
+  case LUA_TSTRING:
+    sa = lua_tolstring(a, ia, &na);
+    sb = lua_tolstring(b, ib, &nb);
+    return na == nb && memcmp(sa, sb, na) == 0;
+  case LUA_TTABLE: return same_table(a, ia, b, ib, depth);
+  default: return 0;
+  }
+}
+
+/* ===== ROUND TRIPS ===== */
+
+/* Encodes the value src returns in A, decodes it in B, compares them, and
+ * checks that B's copy encodes to the same bytes.  Leaves the copy on B. */
+static int round_trip(const char *desc, const char *src) {
+  tide_buf b1, b2;
+  char err[256] = "";
+  int topa, topb, good;
+  tide__buf_init(&b1);
+  tide__buf_init(&b2);
+  eval(A, src);
+  topa = lua_gettop(A);
+  topb = lua_gettop(B);
+  good = tide__encode(A, -1, "args", &b1, err, sizeof err) == 0 &&
+         lua_gettop(A) == topa &&
+         tide__decode(B, b1.data, b1.len, err, sizeof err) == 0 &&
+         lua_gettop(B) == topb + 1 && same(A, -1, B, -1, 0) &&
+         tide__encode(B, -1, "copy", &b2, err, sizeof err) == 0 &&
+         b1.len == b2.len && memcmp(b1.data, b2.data, b1.len) == 0;
+  if (!ok(good, "round trip: %s", desc)) printf("# %s\n", err);
+  lua_pop(A, 1);
+  tide__buf_free(&b1);
+  tide__buf_free(&b2);
+  return good;
+}
+
+/* Round trip, then the Lua chunk check, run in B with the copy as `...`, must return true. */
+static void round_trip_check(const char *desc, const char *src, const char *check) {
+  if (!round_trip(desc, src)) {
+    lua_pop(B, 1);
+    return;
+  }
+  if (luaL_loadstring(B, check)) exit(2);
+  lua_insert(B, -2);                                  /* check, copy */
+  int good = lua_pcall(B, 1, 1, 0) == 0 && lua_toboolean(B, -1);
+  if (!ok(good, "%s: %s", desc, check)) printf("# %s\n", lua_tostring(B, -1));
+  lua_pop(B, 1);
+}
+
+static void test_round_trips(void) {
+  static const struct { const char *desc, *src; } cases[] = {
+    { "nil", "return nil" },
+    { "true", "return true" },
+    { "false", "return false" },
+    { "zero", "return 0" },
+    { "negative zero keeps its sign", "return -0.0" },
+    { "small integers", "return {1, -1, 63, -64, 127, 128, -129, 16383, 16384}" },
+    { "2^53 and -2^53", "return {2^53, -2^53, 2^53 - 1}" },
+    { "beyond 2^53", "return {2^53 + 2, -2^53 - 2, 2^63, 2^64, -2^63}" },
+    { "fractions", "return {0.1, -2.5, 1/3, 1e-300}" },
+    { "NaN", "return 0/0" },
+    { "+inf and -inf", "return {1/0, -1/0}" },
+    { "denormal and extreme doubles", "return {5e-324, 1.7976931348623157e308}" },
+    { "empty string", "return ''" },
+    { "string with NUL bytes", "return 'a\\0b\\0\\0c\\0'" },
+    { "every byte value", "local t = {} for i = 0, 255 do t[#t + 1] = string.char(i) end "
+                          "return table.concat(t)" },
+    { "1 MB string", "return string.rep('0123456789abcdef', 65536)" },
+    { "empty table", "return {}" },
+    { "array", "return {1, 2, 3, 'four', true}" },
+    { "mixed array and hash", "return {1, 2, 3, x = 1, y = 'z', [true] = false, n = {}}" },
+    { "sparse array", "return {[1] = 1, [1000] = 2, [-5] = 3, [0] = 4, [1e9] = 5}" },
+    { "array with holes", "return {1, nil, 3, nil, nil, 6}" },
+    { "number keys", "return {[1.5] = 'a', [-0.25] = 'b', [2^53] = 'c', [1/0] = 'd', "
+                     "[-1/0] = 'e', [2^60] = 'f'}" },
+    { "boolean keys", "return {[true] = 1, [false] = 0}" },
+    { "binary string keys", "return {['a\\0b'] = 1, [''] = 2, ['odd key'] = 3}" },
+    { "table keys", "return {[{1, 2}] = 'pair', [{k = {}}] = {v = 1}}" },
+    { "table keys with equal contents", "return {[{a = {}}] = true, [{a = {}}] = 'v', [{}] = 1, [{}] = 2}" },
+    { "nested records", "return {user = {name = 'ada', langs = {'lua', 'c'}, "
+                        "addr = {city = 'London', zip = 'N1'}}, n = 2}" },
+    { "100 levels of nesting", "local t = {} local c = t for i = 2, 100 do c[1] = {} "
+                               "c = c[1] end c.leaf = true return t" },
+    { "large table", "local t = {} for i = 1, 20000 do t[i] = {id = i, s = 'item' .. i, "
+                     "f = i / 7, tags = {'a', 'b'}} t['k' .. i] = i end return t" },
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+    if (round_trip(cases[i].desc, cases[i].src)) lua_pop(B, 1);
+  }
+  round_trip_check("negative zero", "return -0.0", "return 1 / ... == -1/0");
+  round_trip_check("a shared table", "local s = {1} return {s, s, x = s}",
+                   "local t = ... return t[1] ~= t[2] and t[1] ~= t.x and t[2][1] == 1");
+  round_trip_check("holes", "return {1, nil, 3}",
+                   "local t = ... return t[1] == 1 and t[2] == nil and t[3] == 3");
+}
+
+/* The same contents built in different orders encode to the same bytes. */
+static void test_canonical(void) {
+  tide_buf b1, b2;
+  char err[256] = "";
+  tide__buf_init(&b1);
+  tide__buf_init(&b2);
+  eval(A, "local t = {} for i = 1, 300 do t['k' .. i] = i t[i + 0.5] = i end return t");
+  eval(A, "local t = {} for i = 300, 1, -1 do t[i + 0.5] = i t['k' .. i] = i end "
+          "for i = 1, 100 do t['x' .. i] = true end "
+          "for i = 1, 100 do t['x' .. i] = nil end return t");
+  int good = tide__encode(A, -2, "a", &b1, err, sizeof err) == 0 &&
+             tide__encode(A, -1, "b", &b2, err, sizeof err) == 0 &&
+             b1.len == b2.len && memcmp(b1.data, b2.data, b1.len) == 0;
+  ok(good, "equal tables built in different orders encode to equal bytes");
+  lua_pop(A, 2);
+  b1.len = b2.len = 0;
+  eval(A, "local t = {} t[{a = {}}] = true t[{a = {}}] = 'v' return t");
+  eval(A, "local t = {} t[{a = {}}] = 'v' t[{a = {}}] = true return t");
+  good = tide__encode(A, -2, "a", &b1, err, sizeof err) == 0 &&
+         tide__encode(A, -1, "b", &b2, err, sizeof err) == 0 &&
+         b1.len == b2.len && memcmp(b1.data, b2.data, b1.len) == 0;
+  ok(good, "table keys that encode alike are ordered by their values");
+  lua_pop(A, 2);
+  b2.len = 0;
+  eval(A, "return {z = 1, a = 2, m = 3}");
+  good = tide__encode(A, -1, "a", &b2, err, sizeof err) == 0;
+  ok(good && b2.len > 0 && (unsigned char)b2.data[0] == 6,
+     "a table encodes to tag 6 followed by its counts");
+  lua_pop(A, 1);
+  tide__buf_free(&b1);
+  tide__buf_free(&b2);
+}
+
+/* ===== REFUSALS ===== */
+
+static void refused(const char *src, const char *want) {
+  tide_buf b;
+  char err[1024] = "";
+  tide__buf_init(&b);
+  eval(A, src);
+  int top = lua_gettop(A);
+  int rc = tide__encode(A, top, "args", &b, err, sizeof err);
+  if (!ok(rc == -1 && strcmp(err, want) == 0 && lua_gettop(A) == top && b.len == 0,
+          "refused: %s", want))
+    printf("# got %d \"%s\"\n", rc, err);
+  lua_pop(A, 1);
+  tide__buf_free(&b);
+}
+
+static void test_refusals(void) {
+  lua_newuserdata(A, 8);
+  lua_setglobal(A, "ud");
+  lua_pushlightuserdata(A, &tests);
+  lua_setglobal(A, "lud");
+  refused("return print", "args: functions cannot cross to a thread");
+  refused("return {1, {cb = function() end}}", "args[2].cb: functions cannot cross to a thread");
+  refused("return {u = ud}", "args.u: userdata cannot cross to a thread");
+  refused("return {lud}", "args[1]: light userdata cannot cross to a thread");
+  refused("return {co = coroutine.create(print)}", "args.co: coroutines cannot cross to a thread");
+  refused("return {c = require('ffi').new('int[1]')}", "args.c: cdata cannot cross to a thread");
+  refused("return {n = require('ffi').new('int64_t', 1)}", "args.n: cdata cannot cross to a thread");
+  refused("local t = {a = {b = {}}} t.a.b = t return t", "args.a.b: cycle (table refers to itself)");
+  refused("local t = {} t.self = t return t", "args.self: cycle (table refers to itself)");
+  refused("local t = {} t[1] = {t} return t", "args[1][1]: cycle (table refers to itself)");
+  refused("local t = {} t[t] = 1 return t",
+          "args: cycle (table refers to itself) (in a table key)");
+  refused("return {['odd key'] = {f = print}}", "args[\"odd key\"].f: functions cannot cross to a thread");
+  refused("return {['say \"hi\"\\\\'] = print}",
+          "args[\"say \\\"hi\\\"\\\\\"]: functions cannot cross to a thread");
+  refused("return {['a\\0b\\n'] = print}", "args[\"a\\000b\\010\"]: functions cannot cross to a thread");
+  refused("return {['1a'] = print}", "args[\"1a\"]: functions cannot cross to a thread");
+  refused("return {[string.rep('k', 41)] = print}",
+          "args[\"kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk...\"]: functions cannot cross to a thread");
+  refused("return {[1.5] = print}", "args[1.5]: functions cannot cross to a thread");
+  refused("return {[-3] = print}", "args[-3]: functions cannot cross to a thread");
+  refused("return {[10] = print}", "args[10]: functions cannot cross to a thread");
+  refused("return {[true] = {print}}", "args[true][1]: functions cannot cross to a thread");
+  refused("return {[{}] = {f = print}}", "args[table].f: functions cannot cross to a thread");
+  refused("return {[print] = 1}", "args: functions cannot cross to a thread (in a table key)");
+  refused("return {a = {[{f = print}] = 1}}",
+          "args.a: functions cannot cross to a thread (in a table key)");
+
+  char deep[512] = "args";
+  for (int i = 0; i < TIDE_CODEC_DEPTH; i++) strcat(deep, "[1]");
+  strcat(deep, ": nesting deeper than 100");
+  refused("local t = {} local c = t for i = 1, 100 do c[1] = {} c = c[1] end return t", deep);
+}
+
+/* Failure leaves out as it was; a short err buffer is cut, never overrun. */
+static void test_refusal_edges(void) {
+  tide_buf b;
+  char err[8];
+  tide__buf_init(&b);
+  eval(A, "return 'kept'");
+  eval(A, "return {1, 2, {3, print}}");
+  int rc = tide__encode(A, -2, "x", &b, err, sizeof err);
+  size_t len = b.len;
+  rc |= tide__encode(A, -1, "args", &b, err, sizeof err) != -1;
+  ok(rc == 0 && b.len == len && memcmp(b.data + len - 4, "kept", 4) == 0,
+     "a failed encode leaves the buffer's length as it was");
+  ok(strcmp(err, "args[3]") == 0, "a short error buffer is cut and terminated");
+  ok(tide__encode(A, -1, NULL, &b, NULL, 0) == -1, "a NULL error buffer is allowed");
+  char err64[64];
+  eval(A, "local t = {} local c = t for i = 1, 100 do c[1] = {} c = c[1] end return t");
+  tide__encode(A, -1, "args", &b, err64, sizeof err64);
+  if (!ok(strcmp(err64, "args[1]...[1][1][1][1][1][1][1][1][1]: nesting deeper than 100") == 0,
+          "a path too long for the buffer is elided, the reason kept"))
+    printf("# got \"%s\"\n", err64);
+  lua_pop(A, 1);
+  lua_pop(A, 2);
+  ok(tide__encode(A, 1, "args", &b, err, sizeof err) == 0 && lua_gettop(A) == 0,
+     "an empty stack slot encodes as nil");
+  tide__buf_free(&b);
+}
+
+/* ===== DAMAGED BYTES ===== */
+
+static uint64_t rng = 0x9e3779b97f4a7c15u;
+
+static uint64_t next_random(void) {
+  rng ^= rng << 13;
+  rng ^= rng >> 7;
+  rng ^= rng << 17;
+  return rng;
+}
+
+/* Decodes data into B: -1 with nothing pushed, or 0 with one value pushed. */
+static int decode_clean(const char *data, size_t len, char *err, size_t errlen) {
+  int top = lua_gettop(B);
+  int rc = tide__decode(B, data, len, err, errlen);
+  int pushed = lua_gettop(B) - top;
+  if (pushed) lua_pop(B, pushed);
+  return (rc == 0 && pushed == 1) || (rc == -1 && pushed == 0) ? rc : -2;
+}
+
+static void rejected(const char *desc, const char *data, size_t len, const char *want) {
+  char err[256] = "";
+  int rc = decode_clean(data, len, err, sizeof err);
+  if (!ok(rc == -1 && strcmp(err, want) == 0, "rejected: %s", desc))
+    printf("# got %d \"%s\"\n", rc, err);
+}
+
+static void test_malformed(void) {
+  char deep[2 * 3 * TIDE_CODEC_DEPTH + 8];
+  size_t n = 0;
+  rejected("empty input", "", 0, "bad encoding at byte 0: truncated");
+  rejected("unknown tag", "\x07", 1, "bad encoding at byte 0: unknown tag 0x07");
+  rejected("trailing bytes", "\x00\x00", 2, "bad encoding at byte 1: trailing bytes after the value");
+  rejected("string longer than the input", "\x05\x0a" "abc", 5, "bad encoding at byte 5: truncated");
+  rejected("short double", "\x04\x00\x00", 3, "bad encoding at byte 3: truncated");
+  rejected("nil key", "\x06\x00\x01\x00\x02", 5, "bad encoding at byte 3: table key is nil");
+  rejected("NaN key", "\x06\x00\x01\x04\x00\x00\x00\x00\x00\x00\xf8\x7f\x02", 13,
+           "bad encoding at byte 3: table key is NaN");
+  rejected("count beyond the input", "\x06\xff\xff\xff\xff\x0f\x00", 7,
+           "bad encoding at byte 0: table claims more values than the input holds");
+  rejected("hash count beyond the input", "\x06\x00\x03\x02\x02", 5,
+           "bad encoding at byte 0: table claims more values than the input holds");
+  rejected("varint of 11 bytes", "\x03\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01", 12,
+           "bad encoding at byte 1: varint longer than 10 bytes");
+  for (int i = 0; i <= TIDE_CODEC_DEPTH; i++) deep[n++] = 6, deep[n++] = 1, deep[n++] = 0;
+  deep[n++] = 0;
+  rejected("101 nested tables", deep, n, "bad encoding at byte 300: nesting deeper than 100");
+  ok(decode_clean(deep + 3, n - 3, NULL, 0) == 0, "100 nested tables decode");
+  ok(decode_clean("\x04\x00\x00\x00\x00\x00\x00\xf0\x3f", 9, NULL, 0) == 0 &&
+     decode_clean("\x03\x80\x00", 3, NULL, 0) == 0,
+     "non-canonical numbers (1.0 as a double, a padded varint) decode");
+  tide__decode(B, "\x03\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", 11, NULL, 0);
+  ok(lua_tonumber(B, -1) == -9223372036854775808.0, "the largest varint decodes as -2^63");
+  lua_pop(B, 1);
+}
+
+/* A value with every supported type, encoded: the victim of the damage tests. */
+static void rich_encoding(tide_buf *b) {
+  eval(A, "return {1, -2, 2^53, 0.5, -0.0, 0/0, 1/0, 'str', 'a\\0b', true, false, {}, "
+          "{x = {y = {z = 'deep', n = {300, 70000}}}}, [1.5] = 'f', [true] = 1, "
+          "key = 'value', [{}] = 'table key', s = string.rep('x', 200)}");
+  if (tide__encode(A, -1, "args", b, NULL, 0)) exit(2);
+  lua_pop(A, 1);
+}
+
+static void test_damage(void) {
+  tide_buf b;
+  char err[256], copy[4096];
+  int bad = 0, decoded = 0, rejects = 0;
+  tide__buf_init(&b);
+  rich_encoding(&b);
+  ok(decode_clean(b.data, b.len, err, sizeof err) == 0, "the undamaged encoding decodes");
+  for (size_t n = 0; n < b.len; n++) {
+    int rc = decode_clean(b.data, n, err, sizeof err);
+    bad += rc != -1 || strncmp(err, "bad encoding at byte ", 21) != 0;
+  }
+  ok(bad == 0, "truncated at each of %zu positions: rejected", b.len);
+  for (int i = 0; i < 50000 && b.len <= sizeof copy; i++) {
+    memcpy(copy, b.data, b.len);
+    for (int flips = 1 + (int)(next_random() % 3); flips > 0; flips--)
+      copy[next_random() % b.len] ^= (char)(1 + next_random() % 255);
+    int rc = decode_clean(copy, b.len, err, sizeof err);
+    decoded += rc == 0, rejects += rc == -1;
+  }
+  ok(decoded + rejects == 50000, "50000 random byte flips: %d decoded, %d rejected, no crash",
+     decoded, rejects);
+  decoded = rejects = 0;
+  for (int i = 0; i < 50000; i++) {
+    size_t len = next_random() % 64;
+    for (size_t j = 0; j < len; j++) copy[j] = (char)(next_random() % 8);  /* mostly tags */
+    int rc = decode_clean(copy, len, err, sizeof err);
+    decoded += rc == 0, rejects += rc == -1;
+  }
+  ok(decoded + rejects == 50000, "50000 random short inputs: %d decoded, %d rejected, no crash",
+     decoded, rejects);
+  tide__buf_free(&b);
+}
+
+/* ===== LUA BINDING ===== */
+
+static void lua_ok(const char *desc, const char *src) {
+  int good = luaL_loadstring(A, src) == 0 && lua_pcall(A, 0, 1, 0) == 0 && lua_toboolean(A, -1);
+  if (!ok(good, "binding: %s", desc)) printf("# %s\n", lua_tostring(A, -1));
+  lua_pop(A, 1);
+}
+
+static void test_binding(void) {
+  lua_newtable(A);
+  int top = lua_gettop(A);
+  tide__open_codec(A);
+  ok(lua_gettop(A) == top, "tide__open_codec leaves the stack as it was");
+  lua_setglobal(A, "codec");
+  lua_ok("decode(encode(v)) copies v",
+         "local v = codec.decode(codec.encode({1, 'x', {a = true, [2.5] = 'y'}})) "
+         "return v[1] == 1 and v[2] == 'x' and v[3].a == true and v[3][2.5] == 'y'");
+  lua_ok("encode raises the path error",
+         "local ok, err = pcall(codec.encode, {1, {cb = print}}) "
+         "return not ok and err == 'value[2].cb: functions cannot cross to a thread'");
+  lua_ok("encode names the root it is given",
+         "local ok, err = pcall(codec.encode, {print}, 'args') "
+         "return not ok and err == 'args[1]: functions cannot cross to a thread'");
+  lua_ok("decode returns nil and a message for bad bytes",
+         "local v, err = codec.decode('\\7') "
+         "return v == nil and err == 'bad encoding at byte 0: unknown tag 0x07'");
+  lua_ok("decode checks its argument",
+         "local ok, err = pcall(codec.decode, 42) "
+         "return not ok and err:find('string expected', 1, true) ~= nil");
+  lua_ok("encode needs a value",
+         "local ok, err = pcall(codec.encode) "
+         "return not ok and err:find('value expected', 1, true) ~= nil");
+  lua_ok("encode of a large value, then a small one",
+         "local s = codec.encode(string.rep('z', 200000)) "
+         "return #codec.decode(s) == 200000 and codec.decode(codec.encode(7)) == 7");
+}
+
+int main(void) {
+  A = luaL_newstate();
+  B = luaL_newstate();
+  if (!A || !B) return 2;
+  luaL_openlibs(A);
+  luaL_openlibs(B);
+  test_round_trips();
+  test_canonical();
+  test_refusals();
+  test_refusal_edges();
+  test_malformed();
+  test_damage();
+  test_binding();
+  ok(lua_gettop(A) == 0 && lua_gettop(B) == 0, "both stacks end empty");
+  lua_close(A);
+  lua_close(B);
+  printf("1..%d\n", tests);
+  return failed != 0;
+}
