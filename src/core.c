@@ -86,11 +86,17 @@ static int l_now(lua_State *L) {
   return 1;
 }
 
-/* timer_start(ms) -> key: a timer due ms milliseconds from now. */
+/* Delays past this (about 31 years) are clamped: such a timer never fires
+ * in practice, and its deadline in ns still fits in 64 bits. */
+#define MAX_DELAY_MS 1e12
+
+/* timer_start(ms) -> key: a timer due ms milliseconds from now (ms >= 0,
+ * checked by the caller; NaN counts as 0). */
 static int l_timer_start(lua_State *L) {
   state *s = get_state(L);
   double ms = luaL_checknumber(L, 1);
-  luaL_argcheck(L, ms >= 0 && ms < 1e12, 1, "delay out of range");
+  if (!(ms > 0)) ms = 0;
+  if (ms > MAX_DELAY_MS) ms = MAX_DELAY_MS;
   int64_t key = tide__loop_timer_start(&s->loop, tide__loop_now() + (uint64_t)(ms * 1e6));
   if (key < 0) return luaL_error(L, "tide: out of memory for timers");
   lua_pushnumber(L, (lua_Number)key);

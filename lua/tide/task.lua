@@ -53,13 +53,14 @@ local function make_task(fname, spec, ...)
     opt_error(fname, "timeout", "positive number of ms", spec.timeout, 3)
   end
   if spec.name ~= nil and type(spec.name) ~= "string" then opt_error(fname, "name", "string", spec.name, 3) end
+  -- Everything is checked before the task exists: a bad spec leaves no task behind.
+  local policy = spec.retry ~= nil and retry.policy(fname, spec.retry, 3) or nil
+  local handle_result = opt_function(fname, spec, "handle_result")
+  local on_retry = opt_function(fname, spec, "on_retry")
   local t = new_task(spec.run, args)
   t.name = spec.name
   local o = S.options(t)
-  o.timeout = spec.timeout
-  o.retry = spec.retry ~= nil and retry.policy(fname, spec.retry, 3) or nil
-  o.handle_result = opt_function(fname, spec, "handle_result")
-  o.on_retry = opt_function(fname, spec, "on_retry")
+  o.timeout, o.retry, o.handle_result, o.on_retry = spec.timeout, policy, handle_result, on_retry
   return t
 end
 M.make_task = make_task
