@@ -30,7 +30,7 @@ CTEST_SRC := $(wildcard spec/c/test_*.c)
 CTESTS    := $(CTEST_SRC:spec/c/%.c=$(BUILD)/%)
 
 .PHONY: all deps demo test sanitize bench fuzz install clean help
-all: deps $(BUILD)/tide $(BUILD)/tide.so $(CTESTS) $(BUILD)/embed-host
+all: deps $(BUILD)/tide $(BUILD)/tide.so $(BUILD)/libtide.a $(CTESTS) $(BUILD)/embed-host
 
 help:
 	@echo "make            build $(BUILD)/tide (host) and $(BUILD)/tide.so (Lua module)"
@@ -74,6 +74,9 @@ $(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h) | $(BUILD)/obj
 $(BUILD)/tide: $(CORE_OBJ) $(BUILD)/obj/main.o
 	$(CC) $(LDFLAGS) -rdynamic -o $@ $^ $(PKG_LIBS)
 
+$(BUILD)/libtide.a: $(CORE_OBJ)
+	ar rcs $@ $^
+
 $(BUILD)/tide.so: $(CORE_OBJ)
 	$(CC) $(LDFLAGS) -shared -o $@ $^ $(shell pkg-config --libs libuv) -lm -lpthread
 
@@ -110,6 +113,7 @@ install: all
 	  $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig
 	install -m 755 $(BUILD)/tide $(DESTDIR)$(PREFIX)/bin/tide
 	install -m 755 $(BUILD)/tide.so $(DESTDIR)$(PREFIX)/lib/lua/5.1/tide.so
+	install -m 644 $(BUILD)/libtide.a $(DESTDIR)$(PREFIX)/lib/libtide.a
 	install -m 644 src/tide.h $(DESTDIR)$(PREFIX)/include/tide.h
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' src/tide.pc.in \
 	  > $(DESTDIR)$(PREFIX)/lib/pkgconfig/tide.pc
