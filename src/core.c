@@ -7,6 +7,7 @@
 #include <lauxlib.h>
 #include <lualib.h>
 
+#include "bindings.h"
 #include "codec.h"
 #include "loop.h"
 #include "modules.h"
@@ -175,6 +176,7 @@ static int close_state(lua_State *L, loop_ud *u) {
   state *s = u->s;
   if (s == NULL) return 0;                   /* closed already */
   u->s = NULL;
+  tide__close_threads(L);                    /* its async handle is on our loop */
   luaL_unref(L, LUA_REGISTRYINDEX, s->tick_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, s->signal_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, s->thread_ref);
@@ -255,6 +257,7 @@ static int push_core(lua_State *L, uv_loop_t *uv) {
   lua_pushvalue(L, -2);
   luaL_openlib(L, NULL, core_funcs, 1);            /* upvalue: the userdata */
   tide__open_codec(L);                             /* encode, decode */
+  tide__open_threads(L, s->loop.uv);               /* thread_*       */
   lua_remove(L, -2);                               /* the userdata */
   lua_pushvalue(L, -1);
   lua_setfield(L, -3, "tide.core");

@@ -6,7 +6,8 @@
 -- their backoff; the slot is freed when the task reaches its outcome.
 local S = require "tide.sched"
 local check = require "tide.check"
-local make_task = require("tide.task").make_task
+local task = require "tide.task"
+local make_task = task.make_task
 
 local type, getmetatable, setmetatable, error = type, getmetatable, setmetatable, error
 local arg_error, opt_error = check.arg_error, check.opt_error
@@ -28,15 +29,10 @@ function M.new(opts)
   local size, limit = opts.size or 10, opts.queue_limit or 10000
   if not check.is_count(size, 1) then opt_error("tide.pool", "size", "integer >= 1", opts.size) end
   if not check.is_count(limit) then opt_error("tide.pool", "queue_limit", "integer >= 0", opts.queue_limit) end
-  if opts.mode ~= nil and opts.mode ~= "coroutine" then
-    if opts.mode == "thread" or opts.mode == "process" then
-      error(("tide.pool: mode '%s' is not available in this version (use 'coroutine')"):format(opts.mode), 2)
-    end
-    opt_error("tide.pool", "mode", "'coroutine'", opts.mode)
-  end
+  task.check_mode("tide.pool", opts.mode, 2)
   if opts.name ~= nil and type(opts.name) ~= "string" then opt_error("tide.pool", "name", "string", opts.name) end
   return setmetatable({
-    size = size, queue_limit = limit, name = opts.name,
+    size = size, queue_limit = limit, name = opts.name, mode = opts.mode or "coroutine",
     running = 0, waiting = 0, outstanding = 0, submitted = 0,
     queue = {}, qhead = 1, qtail = 0, filling = false, drainers = {},
     ok = 0, error = 0, timeout = 0, cancelled = 0,
@@ -99,7 +95,7 @@ function Pool.submit(p, spec, ...)
   if p.running >= p.size and p.waiting >= p.queue_limit then
     return nil, ("pool:submit: queue full (%d waiting, queue_limit %d)"):format(p.waiting, p.queue_limit)
   end
-  local t = make_task("pool:submit", spec, ...)
+  local t = make_task("pool:submit", p.mode, spec, ...)
   local o = S.options(t)
   o.pool, o.on_finish = p, release
   p.outstanding, p.submitted = p.outstanding + 1, p.submitted + 1

@@ -185,6 +185,8 @@ local function end_attempt(t)
       t.awaiting = nil
       if target.waiters then S.remove_waiter(target.waiters, t) end
     end
+    local job = t.job                      -- a thread job this attempt waits for
+    if job then t.job = nil; S.abandon_job(job) end
     t.wait = false
   end
   t.co = false
@@ -282,7 +284,7 @@ local function after_resume(t, co, ok, ...)
   if co_status(co) == "dead" then
     if ok then return settle(t, "ok", ...) end
     local err = ...
-    t.traceback = traceback(co, safe_tostring(err))
+    t.traceback = t.thread_trace or traceback(co, safe_tostring(err))
     return settle(t, "error", err)
   end
   if (...) ~= WAIT then push(t, co) end    -- a bare yield: run again later

@@ -2,6 +2,7 @@
 local S = require "tide.sched"
 local check = require "tide.check"
 local retry = require "tide.retry"
+local thread = require "tide.thread"
 
 local type, select, error, getmetatable, unpack = type, select, error, getmetatable, unpack
 local maxn = table.maxn
@@ -12,8 +13,8 @@ local M = {}
 
 local SPAWN_KEYS = { run = true, args = true, mode = true, timeout = true, name = true,
                      retry = true, handle_result = true, on_retry = true }
-local MODES = { coroutine = true }
-local LATER_MODES = { thread = true, process = true }
+local MODES = { coroutine = true, thread = true }
+local LATER_MODES = { process = true }
 
 local function opt_function(fname, spec, key)
   local v = spec[key]
@@ -21,13 +22,36 @@ local function opt_function(fname, spec, key)
   return v
 end
 
+local function check_mode(fname, mode, level)
+  if mode == nil or MODES[mode] then return end
+  if LATER_MODES[mode] then
+    error(("%s: mode '%s' is not available in this version (use 'coroutine' or 'thread')")
+      :format(fname, mode), level + 1)
+  end
+  opt_error(fname, "mode", "'coroutine' or 'thread'", mode, level + 1)
+end
+M.check_mode = check_mode
+
+local function thread_task(fname, run, args, level)
+  local payload = thread.payload(fname, run, args, level + 1)
+  local t = new_task(thread.proxy, nil)
+  S.options(t).thread = payload
+  return t
+end
+
 --- Builds a pending task from `fn, ...` or an option table (shared by
---- tide.spawn and pool:submit); errors name `fname` and the user's line.
-local function make_task(fname, spec, ...)
+--- tide.spawn and pool:submit, whose `mode` is the default); errors name
+--- `fname` and the user's line.
+local function make_task(fname, default_mode, spec, ...)
   local kind = type(spec)
   if kind == "function" then
     local n = select("#", ...)
-    return new_task(spec, n > 0 and { n = n, ... } or nil)
+    local args = n > 0 and { n = n, ... } or nil
+    if default_mode == "thread" then
+      local t = thread_task(fname, spec, args, 3)   -- not a tail call: errors blame the caller
+      return t
+    end
+    return new_task(spec, args)
   elseif kind ~= "table" then
     arg_error(fname, 1, "function or table", spec, 3)
   end
@@ -35,19 +59,21 @@ local function make_task(fname, spec, ...)
     error(fname .. ": extra arguments after an option table (pass them as 'args')", 3)
   end
   check.known(fname, spec, SPAWN_KEYS, nil, 3)
-  if type(spec.run) ~= "function" then opt_error(fname, "run", "function", spec.run, 3) end
+  check_mode(fname, spec.mode, 3)
+  local mode = spec.mode or default_mode
+  local run = spec.run
+  if mode == "thread" then
+    if type(run) ~= "function" and type(run) ~= "string" then
+      opt_error(fname, "run", "function or \"module.function\"", run, 3)
+    end
+  elseif type(run) ~= "function" then
+    opt_error(fname, "run", "function", run, 3)
+  end
   local args = spec.args
   if args ~= nil then
     if type(args) ~= "table" then opt_error(fname, "args", "table", args, 3) end
     local n = args.n or maxn(args)
     args = { n = n, unpack(args, 1, n) }
-  end
-  local mode = spec.mode
-  if mode ~= nil and not MODES[mode] then
-    if LATER_MODES[mode] then
-      error(("%s: mode '%s' is not available in this version (use 'coroutine')"):format(fname, mode), 3)
-    end
-    opt_error(fname, "mode", "'coroutine'", mode, 3)
   end
   if spec.timeout ~= nil and not is_ms(spec.timeout, true) then
     opt_error(fname, "timeout", "positive number of ms", spec.timeout, 3)
@@ -57,7 +83,8 @@ local function make_task(fname, spec, ...)
   local policy = spec.retry ~= nil and retry.policy(fname, spec.retry, 3) or nil
   local handle_result = opt_function(fname, spec, "handle_result")
   local on_retry = opt_function(fname, spec, "on_retry")
-  local t = new_task(spec.run, args)
+  local t
+  if mode == "thread" then t = thread_task(fname, run, args, 3) else t = new_task(run, args) end
   t.name = spec.name
   local o = S.options(t)
   o.timeout, o.retry, o.handle_result, o.on_retry = spec.timeout, policy, handle_result, on_retry

@@ -1,0 +1,120 @@
+--- tide.thread — thread-mode tasks: a job on the thread pool, awaited by a coroutine on the loop.
+--
+-- A thread task is an ordinary task whose function is `proxy`: it submits
+-- the job (function and arguments as bytes), waits, and returns the decoded
+-- results or raises the decoded error.  So timeouts, cancel, retries,
+-- handle_result and await work as for coroutine tasks.  When an attempt ends
+-- early (timeout, cancel, shutdown), sched calls `abandon`: the job is
+-- dropped from the queue, or its thread is asked to stop; a thread still on
+-- it after `stop_wait` ms (JIT-compiled code runs no hooks) is quarantined
+-- and replaced, and its late result is dropped.
+local core = require "tide.core"
+local S = require "tide.sched"
+
+local type, error, tostring, unpack = type, error, tostring, unpack
+local string_dump, getupvalue, getinfo = string.dump, debug.getupvalue, debug.getinfo
+
+local M = {
+  config = { threads = nil, init = nil, memory_mb = 0, stop_wait = 100 },
+}
+
+local started = false
+local next_job = 0
+local waiting_task, waiting_tok = {}, {}    -- job id -> task, wait token
+local results = {}                          -- job id -> { ok, bytes, trace }
+local dumped = setmetatable({}, { __mode = "k" })   -- function -> bytecode
+
+local function on_done(id, ok, bytes, trace)
+  local t = waiting_task[id]
+  if t == nil then return end               -- a late result: its task moved on
+  waiting_task[id] = nil
+  results[id] = { ok, bytes, trace }
+  S.wake(t, waiting_tok[id])
+  waiting_tok[id] = nil
+end
+
+local function start()
+  local c = M.config
+  local n = c.threads or tonumber(os.getenv("TIDE_THREADS")) or core.cpu_count()
+  local ok, err = core.thread_start({
+    threads = n, path = package.path, cpath = package.cpath, init = c.init,
+    memory_limit = c.memory_mb * 1024 * 1024,
+  }, on_done)
+  if not ok then error("tide: cannot start the thread pool: " .. tostring(err), 0) end
+  started = true
+end
+
+function M.started() return started end
+
+function M.stats()
+  if not started then return { size = 0, busy = 0, idle = 0, quarantined = 0, replaced = 0, queued = 0, in_flight = 0 } end
+  return core.thread_stats()
+end
+
+--- Checks what a thread task runs and with what; returns the job payload
+--- { fn bytes, is_name, args bytes }.  Errors name `fname` at `level`.
+function M.payload(fname, run, args, level)
+  level = level + 1
+  local fn, is_name
+  if type(run) == "string" then
+    if not run:match("^[%a_][%w_.]*%.[%a_][%w_]*$") then
+      error(("%s: bad option 'run' (\"module.function\" expected, got string %q)"):format(fname, run), level)
+    end
+    fn, is_name = run, true
+  else
+    local up = getupvalue(run, 1)
+    if up then
+      error(("%s: bad option 'run' (a function with upvalues cannot cross to a thread: upvalue '%s')")
+        :format(fname, up), level)
+    end
+    if getinfo(run, "S").what == "C" then
+      error(fname .. ": bad option 'run' (a C function cannot cross to a thread; name it as \"module.function\")", level)
+    end
+    fn = dumped[run]
+    if not fn then fn = string_dump(run); dumped[run] = fn end
+    is_name = false
+  end
+  local ok, bytes = pcall(core.encode, args or { n = 0 }, "args")
+  if not ok then error(fname .. ": " .. tostring(bytes):gsub("^[^:]*:%d+: ", ""), level) end
+  return { fn, is_name, bytes }
+end
+
+--- The function every thread task runs (in a coroutine on the loop).
+function M.proxy()
+  if not started then start() end
+  local t = S.current()
+  local p = t.opt.thread
+  t.thread_trace = nil
+  next_job = next_job + 1
+  local id = next_job
+  core.thread_submit(id, p[1], p[2], p[3])
+  local _, tok = S.wait_begin("thread task", 1)
+  waiting_task[id], waiting_tok[id] = t, tok
+  t.job = id
+  S.wait_end(t, tok)
+  t.job = nil
+  local r = results[id]
+  results[id] = nil
+  local value, err = core.decode(r[2])
+  if r[1] then
+    if err then error("thread task: cannot decode its results: " .. err, 0) end
+    return unpack(value, 1, value.n)
+  end
+  t.thread_trace = r[3]
+  error(value, 0)
+end
+
+local function quarantine_if_stuck(id)
+  core.thread_quarantine(id)
+end
+
+--- The attempt that waited for job `id` ended early: give up on the job.
+function M.abandon(id)
+  waiting_task[id], waiting_tok[id], results[id] = nil, nil, nil
+  if core.thread_cancel(id) == 2 then        -- running: asked to stop
+    S.timer(M.config.stop_wait, quarantine_if_stuck, id)
+  end
+end
+S.abandon_job = M.abandon
+
+return M

@@ -1,0 +1,15 @@
+/* bindings.h — entry points of the binding files that core.c assembles into tide.core. */
+#ifndef TIDE_BINDINGS_H
+#define TIDE_BINDINGS_H
+
+#include <lua.h>
+#include <uv.h>
+
+/* lua_threads.c: sets thread_start, thread_submit, thread_cancel,
+ * thread_quarantine, thread_stats and cpu_count into the table at the top. */
+void tide__open_threads(lua_State *L, uv_loop_t *loop);
+
+/* lua_threads.c: closes the thread pool, if one runs (before the loop closes). */
+void tide__close_threads(lua_State *L);
+
+#endif

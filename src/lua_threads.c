@@ -1,0 +1,176 @@
+/* lua_threads.c — the Lua binding of the thread pool (functions thread_* in tide.core). */
+#include <stdio.h>
+#include <string.h>
+
+#include <lauxlib.h>
+
+#include "bindings.h"
+#include "threads.h"
+
+#define THREADS_MT  "tide.Threads"
+#define THREADS_KEY "tide.threads"        /* registry: the binding's userdata */
+
+typedef struct binding {
+  tide__pool *pool;
+  uv_loop_t *loop;
+  lua_State *L;          /* a thread of our own for the done callback */
+  int thread_ref, done_ref;
+} binding;
+
+static binding *get(lua_State *L) {
+  return luaL_checkudata(L, lua_upvalueindex(1), THREADS_MT);
+}
+
+static binding *get_pool(lua_State *L) {
+  binding *b = get(L);
+  if (b->pool == NULL) luaL_error(L, "tide: the thread pool is not running");
+  return b;
+}
+
+static int traceback(lua_State *L) {
+  luaL_traceback(L, L, lua_tostring(L, 1), 1);
+  return 1;
+}
+
+/* Loop thread: hands a finished job to Lua's done(id, ok, bytes, trace). */
+static void on_done(tide__pool *pool, tide__job *job, void *data) {
+  (void)pool;
+  binding *b = data;
+  lua_State *L = b->L;
+  int top = lua_gettop(L);
+  lua_pushcfunction(L, traceback);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, b->done_ref);
+  lua_pushnumber(L, (lua_Number)job->id);
+  lua_pushboolean(L, job->status == TIDE_JOB_OK);
+  lua_pushlstring(L, job->result ? job->result : "", job->result ? job->result_len : 0);
+  if (job->trace) lua_pushstring(L, job->trace); else lua_pushnil(L);
+  if (lua_pcall(L, 4, 0, top + 1) != 0)
+    fprintf(stderr, "tide: internal error delivering a thread result: %s\n", lua_tostring(L, -1));
+  lua_settop(L, top);
+}
+
+static const char *opt_string(lua_State *L, const char *key) {
+  lua_getfield(L, 1, key);
+  const char *s = lua_tostring(L, -1);    /* kept alive by the config table */
+  lua_pop(L, 1);
+  return s;
+}
+
+/* thread_start{ threads=, path=, cpath=, init=, memory_limit= }, done -> true | nil, err */
+static int l_start(lua_State *L) {
+  binding *b = get(L);
+  luaL_checktype(L, 1, LUA_TTABLE);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  if (b->pool) { lua_pushboolean(L, 1); return 1; }
+  lua_getfield(L, 1, "threads");
+  lua_getfield(L, 1, "memory_limit");
+  tide__pool_config cfg = {
+    .threads = (int)luaL_checkinteger(L, -2), .path = opt_string(L, "path"),
+    .cpath = opt_string(L, "cpath"), .init = opt_string(L, "init"),
+    .memory_limit = (size_t)luaL_optnumber(L, -1, 0),
+  };
+  lua_pop(L, 2);
+  luaL_argcheck(L, cfg.threads >= 1 && cfg.threads <= 1024, 1, "threads out of range");
+  lua_pushvalue(L, 2);
+  b->done_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  char err[256];
+  b->pool = tide__pool_start(b->loop, &cfg, on_done, b, err, sizeof err);
+  if (b->pool == NULL) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* thread_submit(id, fn, fn_is_name, args) */
+static int l_submit(lua_State *L) {
+  binding *b = get_pool(L);
+  size_t fn_len, args_len;
+  uint64_t id = (uint64_t)luaL_checknumber(L, 1);
+  const char *fn = luaL_checklstring(L, 2, &fn_len);
+  int is_name = lua_toboolean(L, 3);
+  const char *args = luaL_checklstring(L, 4, &args_len);
+  tide__job *job = tide__job_new(id, fn, fn_len, is_name, args, args_len);
+  if (job == NULL) return luaL_error(L, "tide: out of memory for a thread job");
+  if (tide__pool_submit(b->pool, job) != 0) {
+    tide__job_free(job);
+    return luaL_error(L, "tide: the thread pool is closing");
+  }
+  return 0;
+}
+
+/* thread_cancel(id) -> 0 unknown, 1 dropped from the queue, 2 asked to stop */
+static int l_cancel(lua_State *L) {
+  binding *b = get_pool(L);
+  lua_pushinteger(L, tide__pool_cancel(b->pool, (uint64_t)luaL_checknumber(L, 1)));
+  return 1;
+}
+
+static int l_quarantine(lua_State *L) {
+  binding *b = get_pool(L);
+  lua_pushboolean(L, tide__pool_quarantine(b->pool, (uint64_t)luaL_checknumber(L, 1)));
+  return 1;
+}
+
+static int l_stats(lua_State *L) {
+  binding *b = get(L);
+  tide__pool_stats st = { 0 };
+  if (b->pool) tide__pool_stats_get(b->pool, &st);
+  lua_createtable(L, 0, 7);
+#define FIELD(name) (lua_pushinteger(L, st.name), lua_setfield(L, -2, #name))
+  FIELD(size); FIELD(busy); FIELD(idle); FIELD(quarantined);
+  FIELD(replaced); FIELD(queued); FIELD(in_flight);
+#undef FIELD
+  return 1;
+}
+
+static int l_cpu_count(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)uv_available_parallelism());
+  return 1;
+}
+
+static void close_binding(lua_State *L, binding *b) {
+  if (b->pool) tide__pool_close(b->pool);
+  b->pool = NULL;
+  luaL_unref(L, LUA_REGISTRYINDEX, b->done_ref);
+  b->done_ref = LUA_NOREF;
+}
+
+static int l_gc(lua_State *L) {
+  binding *b = luaL_checkudata(L, 1, THREADS_MT);
+  close_binding(L, b);
+  luaL_unref(L, LUA_REGISTRYINDEX, b->thread_ref);
+  b->thread_ref = LUA_NOREF;
+  return 0;
+}
+
+/* Closes the pool, if any, before the loop it lives on closes. */
+void tide__close_threads(lua_State *L) {
+  lua_getfield(L, LUA_REGISTRYINDEX, THREADS_KEY);
+  binding *b = luaL_testudata(L, -1, THREADS_MT);
+  if (b) close_binding(L, b);
+  lua_pop(L, 1);
+}
+
+static const luaL_Reg funcs[] = {
+  { "thread_start", l_start }, { "thread_submit", l_submit },
+  { "thread_cancel", l_cancel }, { "thread_quarantine", l_quarantine },
+  { "thread_stats", l_stats }, { "cpu_count", l_cpu_count }, { NULL, NULL }
+};
+
+/* Sets the thread_* functions into the table at the top of the stack. */
+void tide__open_threads(lua_State *L, uv_loop_t *loop) {
+  binding *b = lua_newuserdata(L, sizeof *b);
+  *b = (binding){ .loop = loop, .done_ref = LUA_NOREF };
+  b->L = lua_newthread(L);
+  b->thread_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  luaL_newmetatable(L, THREADS_MT);
+  lua_pushcfunction(L, l_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_setmetatable(L, -2);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, LUA_REGISTRYINDEX, THREADS_KEY);
+  luaL_openlib(L, NULL, funcs, 1);         /* pops the userdata: the upvalue */
+}

@@ -1,0 +1,90 @@
+/* threads.h — a pool of OS threads, each running jobs in a LuaJIT state of its own.
+ *
+ * A job is a function (a "module.function" name, or Lua bytecode) and its
+ * arguments, both as bytes; its result comes back as bytes.  Values cross
+ * only as copies (codec.h): a Lua state is touched by one thread only.
+ *
+ * The loop thread submits jobs; workers take them in order; finished jobs
+ * are queued back and `on_done` runs for each on the loop thread (woken by
+ * a uv_async_t).  A running job can be asked to stop: the worker's debug
+ * hook raises "cancelled" at its next check.  LuaJIT runs no hooks inside
+ * compiled traces, so a job may not stop; tide__pool_quarantine then gives
+ * up on its worker: a replacement starts at once, so the pool keeps its size,
+ * and the stuck worker retires by itself if it ever returns (its result is
+ * dropped).  At close, idle workers are joined and busy ones abandoned.
+ *
+ * Unless said otherwise, call these only from the loop thread.
+ */
+#ifndef TIDE_THREADS_H
+#define TIDE_THREADS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <uv.h>
+
+typedef enum { TIDE_JOB_OK = 0, TIDE_JOB_ERROR = 1 } tide__job_status;
+
+typedef struct tide__job {
+  uint64_t id;                 /* chosen by the submitter, unique while live */
+  char *fn;                    /* "module.function" or bytecode             */
+  size_t fn_len;
+  int fn_is_name;
+  char *args;                  /* codec bytes of the argument table         */
+  size_t args_len;
+  /* filled by the worker */
+  tide__job_status status;
+  char *result;                /* codec bytes: { n = N, ... } on ok, the error value on error */
+  size_t result_len;
+  char *trace;                 /* error message with the thread's traceback  */
+  /* pool bookkeeping */
+  int abandoned;               /* cancelled or timed out: result is dropped */
+  struct tide__job *next;
+} tide__job;
+
+typedef struct tide__pool tide__pool;
+typedef void (*tide__job_cb)(tide__pool *pool, tide__job *job, void *data);
+
+typedef struct tide__pool_config {
+  int threads;                 /* >= 1                                      */
+  const char *path, *cpath;    /* package.path / cpath for worker states    */
+  const char *init;            /* module each worker requires once, or NULL */
+  size_t memory_limit;         /* bytes per worker state; 0: no limit       */
+} tide__pool_config;
+
+typedef struct tide__pool_stats {
+  int size, busy, idle, quarantined, replaced;
+  int queued;                  /* jobs waiting for a worker                 */
+  int in_flight;               /* submitted, not yet delivered or abandoned */
+} tide__pool_stats;
+
+/* Starts the pool on `loop`.  on_done(pool, job, data) runs on the loop
+ * thread for each finished job that was not abandoned; the pool frees the
+ * job after it returns.  NULL with a message in err on failure. */
+tide__pool *tide__pool_start(uv_loop_t *loop, const tide__pool_config *cfg,
+                             tide__job_cb on_done, void *data, char *err, size_t errlen);
+
+/* Allocates a job with copies of fn and args (NULL when out of memory). */
+tide__job *tide__job_new(uint64_t id, const char *fn, size_t fn_len, int fn_is_name,
+                         const char *args, size_t args_len);
+void tide__job_free(tide__job *job);
+
+/* Queues a job (the pool owns it from now on).  0, or -1 once closing. */
+int tide__pool_submit(tide__pool *pool, tide__job *job);
+
+/* Gives up on job `id`: a queued job is dropped (1); a running one is
+ * asked to stop and its result will be dropped (2); 0 when unknown. */
+int tide__pool_cancel(tide__pool *pool, uint64_t id);
+
+/* If job `id` is still running (it ignored the stop request), quarantines
+ * its worker and starts a replacement.  1 when it did, else 0. */
+int tide__pool_quarantine(tide__pool *pool, uint64_t id);
+
+void tide__pool_stats_get(tide__pool *pool, tide__pool_stats *st);
+
+/* Stops the pool: idle workers exit and are joined, busy ones are
+ * abandoned; the async handle is closed.  The pool is freed once the
+ * last abandoned worker is gone (maybe never: a stuck thread). */
+void tide__pool_close(tide__pool *pool);
+
+#endif
