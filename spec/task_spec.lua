@@ -176,7 +176,7 @@ describe("tide.spawn", function()
       assert.is_nil(s)
       assert.equal("timeout", v)
       assert.same({ "ok", "late" }, { t:await() })
-      assert.equal(0, #(t.waiters or {}))
+      assert.equal(0, #(t._waiters or {}))
     end)
   end)
 
@@ -209,6 +209,19 @@ describe("tide.spawn", function()
     assert.equal("cancelled", status)
     assert.matches("^stalled", value)
     assert.equal("cancelled", t:status())
+  end)
+
+  it("leaves the task table's plain names to the user", function()
+    local status = tide.run(function()
+      local t = tide.spawn(function() tide.sleep(5) return "done" end)
+      t.job, t.wait, t.timer, t.co, t.opt, t.state, t.fn = 1, 2, 3, 4, 5, 6, 7
+      assert.same({ "ok", "done" }, { t:await() })
+      local c = tide.spawn(function() tide.sleep(1000) end)
+      c.job, c.wait = 1, 2
+      c:cancel()
+      assert.equal("cancelled", c:status())
+    end)
+    assert.equal("ok", status)
   end)
 
   it("names the task in tostring", function()

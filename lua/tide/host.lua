@@ -71,7 +71,7 @@ function H.run()
   H.loop()
   local root = H.root
   if H.signal then return 128 + H.signal end
-  if root == nil or root.state == "ok" then return 0 end
+  if root == nil or root._state == "ok" then return 0 end
   local msg = root.traceback or tostring(root.value)
   io_stderr:write("tide: ", msg, "\n")
   return 1

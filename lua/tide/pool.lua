@@ -48,7 +48,7 @@ end
 
 local function start_in_slot(p, t)
   p.running = p.running + 1
-  t.opt.pool_slot = true
+  t._opt.pool_slot = true
   S.start(t)
 end
 
@@ -61,7 +61,7 @@ local function fill(p)
   while p.running < p.size and p.qhead <= p.qtail do
     local t = q[p.qhead]
     q[p.qhead], p.qhead = nil, p.qhead + 1
-    if t.state == "pending" then
+    if t._state == "pending" then
       p.waiting = p.waiting - 1
       start_in_slot(p, t)
     end
@@ -71,10 +71,10 @@ local function fill(p)
 end
 
 local function release(t)
-  local o = t.opt
+  local o = t._opt
   local p = o.pool
   p.outstanding = p.outstanding - 1
-  p[t.state] = p[t.state] + 1
+  p[t._state] = p[t._state] + 1
   if o.pool_slot then
     p.running = p.running - 1
   else

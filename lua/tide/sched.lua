@@ -8,16 +8,16 @@
 --
 -- Invariants kept here:
 --   - A task moves to a terminal state only through finish() (the door), once.
---   - t.co is the coroutine of the current attempt, or nil; a run-queue entry
---     (t, co) is stale unless t.co == co, so a timed-out or cancelled attempt
+--   - t._co is the coroutine of the current attempt, or nil; a run-queue entry
+--     (t, co) is stale unless t._co == co, so a timed-out or cancelled attempt
 --     is never resumed.
---   - t.wait is the token of the wait the task is suspended in; true once
+--   - t._wait is the token of the wait the task is suspended in; true once
 --     it was woken and until it resumes; false outside waits.  A wake-up with
 --     another token is stale and ignored.
---   - t.wait_timer and t.timer are keys of pending timers that belong to the
+--   - t._wait_timer and t._timer are keys of pending timers that belong to the
 --     task (its current wait; its attempt's deadline), or nil/false.
 --   - The options a task rarely has (timeout, retry, hooks, pool) live in
---     t.opt (false when none), so the hot path reads one field for them all.
+--     t._opt (false when none), so the hot path reads one field for them all.
 local core = require "tide.core"
 local log = require "tide.log"
 local retry = require "tide.retry"
@@ -104,37 +104,37 @@ local function wait_begin(fname, level)
   local t = current
   if t == nil then
     error(fname .. ": called outside a task (start one with tide.run or tide.spawn)", level + 1)
-  elseif co_running() ~= t.co then
+  elseif co_running() ~= t._co then
     error(fname .. ": cannot wait inside a nested coroutine, only in the task's own", level + 1)
   end
   token = token + 1
-  t.wait = token
+  t._wait = token
   return t, token
 end
 S.wait_begin = wait_begin
 
 local function wake(t, tok)
-  if t.wait == tok then
-    t.wait = true
-    push(t, t.co)
+  if t._wait == tok then
+    t._wait = true
+    push(t, t._co)
   end
 end
 S.wake = wake
 
 local function wait_timer_fired(t, tok)
-  t.wait_timer = nil
+  t._wait_timer = nil
   wake(t, tok)
 end
 
 --- Suspends the current task (after wait_begin) until woken; `ms` (optional)
 --- bounds the wait.  Cancels the timer when woken otherwise.
 local function wait_end(t, tok, ms)
-  if ms then t.wait_timer = timer(ms, wait_timer_fired, t, tok) end
+  if ms then t._wait_timer = timer(ms, wait_timer_fired, t, tok) end
   co_yield(WAIT)
-  t.wait = false
-  local key = t.wait_timer
+  t._wait = false
+  local key = t._wait_timer
   if key then
-    t.wait_timer = nil
+    t._wait_timer = nil
     untimer(key)
   end
 end
@@ -175,49 +175,49 @@ local settle
 
 --- Ends the current attempt: its coroutine, deadline and wait are dropped.
 local function end_attempt(t)
-  local key = t.timer
-  if key then t.timer = false; untimer(key) end
-  if t.wait then                           -- waiting, or woken and not yet resumed
-    key = t.wait_timer
-    if key then t.wait_timer = nil; untimer(key) end
-    local target = t.awaiting
+  local key = t._timer
+  if key then t._timer = false; untimer(key) end
+  if t._wait then                           -- waiting, or woken and not yet resumed
+    key = t._wait_timer
+    if key then t._wait_timer = nil; untimer(key) end
+    local target = t._awaiting
     if target then
-      t.awaiting = nil
-      if target.waiters then S.remove_waiter(target.waiters, t) end
+      t._awaiting = nil
+      if target._waiters then S.remove_waiter(target._waiters, t) end
     end
-    local job = t.job                      -- a thread job this attempt waits for
-    if job then t.job = nil; S.abandon_job(job) end
-    t.wait = false
+    local job = t._job                      -- a thread job this attempt waits for
+    if job then t._job = nil; S.abandon_job(job) end
+    t._wait = false
   end
-  t.co = false
+  t._co = false
 end
 
 local function attempt_timed_out(t, co)
-  t.timer = false
-  if t.co == co then
-    settle(t, "timeout", ("task %d timed out after %g ms"):format(t.id, t.opt.timeout))
+  t._timer = false
+  if t._co == co then
+    settle(t, "timeout", ("task %d timed out after %g ms"):format(t.id, t._opt.timeout))
   end
 end
 
 local function start_attempt(t)
-  t.state = "running"
+  t._state = "running"
   t.attempts = t.attempts + 1
-  local co = co_create(t.fn)
-  t.co, t.fresh = co, true
-  local o = t.opt
-  if o and o.timeout then t.timer = timer(o.timeout, attempt_timed_out, t, co) end
+  local co = co_create(t._fn)
+  t._co, t._fresh = co, true
+  local o = t._opt
+  if o and o.timeout then t._timer = timer(o.timeout, attempt_timed_out, t, co) end
   push(t, co)
 end
 
 local function backoff_over(t)
-  t.timer = false
-  if t.state == "retrying" then start_attempt(t) end
+  t._timer = false
+  if t._state == "retrying" then start_attempt(t) end
 end
 
 -- ===== the door
 
 local function call_handler(t, handler)
-  local ok, err = xpcall(handler, traceback, t.state, t.value, t)
+  local ok, err = xpcall(handler, traceback, t._state, t.value, t)
   if not ok then log.report("handle_result of " .. tostring(t), err, err) end
 end
 
@@ -234,17 +234,17 @@ end
 --- get recorded, the awaiters get woken and handle_result get called.  A
 --- second call for the same task returns false and changes nothing.
 local function finish(t, status, ...)
-  if TERMINAL[t.state] then return false end
+  if TERMINAL[t._state] then return false end
   end_attempt(t)
-  t.state = status
+  t._state = status
   local n = select("#", ...)
   t.value = ...
-  if n > 1 then t.values = { n = n, ... } end
+  if n > 1 then t._values = { n = n, ... } end
   nlive = nlive - 1
   stats[status] = stats[status] + 1
-  local w = t.waiters
-  if w then t.waiters = false; S.wake_all(w) end
-  local o = t.opt
+  local w = t._waiters
+  if w then t._waiters = false; S.wake_all(w) end
+  local o = t._opt
   if o then
     if o.on_finish then o.on_finish(t) end
     if o.handle_result then call_handler(t, o.handle_result) end
@@ -261,15 +261,15 @@ end
 
 --- An attempt ended with `status`: retry when the policy says so, else finish.
 function settle(t, status, ...)
-  local o = t.opt
+  local o = t._opt
   local p = o and o.retry
   if p and p.on[status] and t.attempts < p.attempts and not shutting then
     end_attempt(t)
-    t.state = "retrying"
+    t._state = "retrying"
     stats.retries = stats.retries + 1
     if o.on_retry then call_on_retry(t, o.on_retry, status, (...)) end
-    if t.state == "retrying" then      -- the hook may have cancelled it
-      t.timer = timer(retry.delay(p, t.attempts), backoff_over, t)   -- the deadline slot is free
+    if t._state == "retrying" then      -- the hook may have cancelled it
+      t._timer = timer(retry.delay(p, t.attempts), backoff_over, t)   -- the deadline slot is free
     end
     return
   end
@@ -280,11 +280,11 @@ end
 
 local function after_resume(t, co, ok, ...)
   current = nil
-  if t.co ~= co then return end            -- it ended while it ran
+  if t._co ~= co then return end            -- it ended while it ran
   if co_status(co) == "dead" then
     if ok then return settle(t, "ok", ...) end
     local err = ...
-    t.traceback = t.thread_trace or traceback(co, safe_tostring(err))
+    t.traceback = t._thread_trace or traceback(co, safe_tostring(err))
     return settle(t, "error", err)
   end
   if (...) ~= WAIT then push(t, co) end    -- a bare yield: run again later
@@ -292,9 +292,9 @@ end
 
 local function run_task(t, co)
   current = t
-  if t.fresh then
-    t.fresh = false
-    local a = t.args
+  if t._fresh then
+    t._fresh = false
+    local a = t._args
     if a then return after_resume(t, co, co_resume(co, unpack(a, 1, a.n))) end
   end
   return after_resume(t, co, co_resume(co))
@@ -310,7 +310,7 @@ function S.tick()
   for i = 1, n do
     local t, co = ts[i], cs[i]
     ts[i], cs[i] = nil, nil
-    if t.co == co then run_task(t, co) end
+    if t._co == co then run_task(t, co) end
   end
   spare_t, spare_c = ts, cs
   in_tick = false
@@ -323,7 +323,7 @@ function compact_live()
   local j = 0
   for i = 1, live_n do
     local t = live[i]
-    if not TERMINAL[t.state] then j = j + 1; live[j] = t end
+    if not TERMINAL[t._state] then j = j + 1; live[j] = t end
   end
   for i = j + 1, live_n do live[i] = nil end
   live_n = j
@@ -332,7 +332,7 @@ end
 local Task = {}
 S.Task = Task
 S.Task_mt = { __index = Task, __tostring = function(t)
-  return ("tide.Task %d%s (%s)"):format(t.id, t.name and (" '" .. t.name .. "'") or "", t.state)
+  return ("tide.Task %d%s (%s)"):format(t.id, t.name and (" '" .. t.name .. "'") or "", t._state)
 end }
 local Task_mt = S.Task_mt
 
@@ -341,9 +341,9 @@ function S.new_task(fn, args)
   next_id = next_id + 1
   -- Every field a plain task ever sets is in the constructor, so the table
   -- is allocated once at its final size (false: not yet set).
-  local t = setmetatable({ id = next_id, fn = fn, args = args, state = "pending", attempts = 0,
-                           co = false, fresh = false, value = false,
-                           opt = false, wait = false, timer = false, waiters = false }, Task_mt)
+  local t = setmetatable({ id = next_id, _fn = fn, _args = args, _state = "pending", attempts = 0,
+                           _co = false, _fresh = false, value = false,
+                           _opt = false, _wait = false, _timer = false, _waiters = false }, Task_mt)
   nlive, live_n = nlive + 1, live_n + 1
   live[live_n] = t
   if live_n > 2 * nlive + 1024 then compact_live() end
@@ -359,10 +359,10 @@ end
 
 --- Cancels a live task; a task that cancels itself stops at once.
 function S.cancel(t, reason)
-  if TERMINAL[t.state] then
-    return nil, ("task %d already finished (%s)"):format(t.id, t.state)
+  if TERMINAL[t._state] then
+    return nil, ("task %d already finished (%s)"):format(t.id, t._state)
   end
-  local co = t.co
+  local co = t._co
   finish(t, "cancelled", reason == nil and "cancelled" or reason)
   if co and co_running() == co then co_yield(WAIT) end
   return true
@@ -371,15 +371,15 @@ end
 --- Status and value(s) of a terminal task.
 --- The task's rarely used options (created on first use).
 function S.options(t)
-  local o = t.opt
-  if not o then o = {}; t.opt = o end
+  local o = t._opt
+  if not o then o = {}; t._opt = o end
   return o
 end
 
 function S.results(t)
-  local v = t.values
-  if v then return t.state, unpack(v, 1, v.n) end
-  return t.state, t.value
+  local v = t._values
+  if v then return t._state, unpack(v, 1, v.n) end
+  return t._state, t.value
 end
 
 -- ===== shutdown and the end of the loop
@@ -411,7 +411,7 @@ function S.shutdown(grace_ms, reason)
     shutting = true
     for i = 1, #shutdown_hooks do shutdown_hooks[i](reason) end
     for _, t in ipairs(live_by_id()) do
-      if t.state == "pending" or t.state == "retrying" then finish(t, "cancelled", reason) end
+      if t._state == "pending" or t._state == "retrying" then finish(t, "cancelled", reason) end
     end
   end
   end_grace()

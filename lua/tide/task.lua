@@ -111,18 +111,18 @@ function Task.await(t, timeout_ms)
   end
   local me = S.current()
   if me == t then error("task:await: a task cannot await itself", 2) end
-  if TERMINAL[t.state] then
+  if TERMINAL[t._state] then
     if me == nil then error("task:await: called outside a task (start one with tide.run or tide.spawn)", 2) end
     return S.results(t)
   end
   local w, tok = S.wait_begin("task:await", 2)
-  if not t.waiters then t.waiters = {} end
-  S.add_waiter(t.waiters, w, tok)
-  w.awaiting = t
+  if not t._waiters then t._waiters = {} end
+  S.add_waiter(t._waiters, w, tok)
+  w._awaiting = t
   S.wait_end(w, tok, timeout_ms)
-  w.awaiting = nil
-  if not TERMINAL[t.state] then
-    if t.waiters then S.remove_waiter(t.waiters, w) end
+  w._awaiting = nil
+  if not TERMINAL[t._state] then
+    if t._waiters then S.remove_waiter(t._waiters, w) end
     return nil, "timeout"
   end
   return S.results(t)
@@ -138,7 +138,7 @@ end
 --- "pending", "running", "retrying", or the terminal status.
 function Task.status(t)
   check_task("task:status", t)
-  return t.state
+  return t._state
 end
 
 return M

@@ -62,13 +62,13 @@ function M.payload(fname, run, args, level)
     end
     fn, is_name = run, true
   else
+    if getinfo(run, "S").what == "C" then
+      error(fname .. ": bad option 'run' (a C function cannot cross to a thread; name it as \"module.function\")", level)
+    end
     local up = getupvalue(run, 1)
     if up then
       error(("%s: bad option 'run' (a function with upvalues cannot cross to a thread: upvalue '%s')")
         :format(fname, up), level)
-    end
-    if getinfo(run, "S").what == "C" then
-      error(fname .. ": bad option 'run' (a C function cannot cross to a thread; name it as \"module.function\")", level)
     end
     fn = dumped[run]
     if not fn then fn = string_dump(run); dumped[run] = fn end
@@ -83,16 +83,16 @@ end
 function M.proxy()
   if not started then start() end
   local t = S.current()
-  local p = t.opt.thread
-  t.thread_trace = nil
+  local p = t._opt.thread
+  t._thread_trace = nil
   next_job = next_job + 1
   local id = next_job
   core.thread_submit(id, p[1], p[2], p[3])
   local _, tok = S.wait_begin("thread task", 1)
   waiting_task[id], waiting_tok[id] = t, tok
-  t.job = id
+  t._job = id
   S.wait_end(t, tok)
-  t.job = nil
+  t._job = nil
   local r = results[id]
   results[id] = nil
   local value, err = core.decode(r[2])
@@ -100,7 +100,7 @@ function M.proxy()
     if err then error("thread task: cannot decode its results: " .. err, 0) end
     return unpack(value, 1, value.n)
   end
-  t.thread_trace = r[3]
+  t._thread_trace = r[3]
   error(value, 0)
 end
 
@@ -111,6 +111,7 @@ end
 --- The attempt that waited for job `id` ended early: give up on the job.
 function M.abandon(id)
   waiting_task[id], waiting_tok[id], results[id] = nil, nil, nil
+  if not started then return end
   if core.thread_cancel(id) == 2 then        -- running: asked to stop
     S.timer(M.config.stop_wait, quarantine_if_stuck, id)
   end
