@@ -116,6 +116,28 @@ describe("tide (host)", function()
     assert.equal(10, cancelled)    -- cancelled when it ended
   end)
 
+  it("exits after SIGTERM even with a thread stuck in compiled code (abandoned)", function()
+    local path = script("stuck.lua", [[
+      local tide = require "tide"
+      tide.configure{ threads = 1 }
+      local t = tide.spawn{ mode = "thread", run = function() while true do end end,
+                            handle_result = function(s) print("outcome", s) end }
+      tide.sleep(50)
+      local fh = io.open(arg[1], "w"); fh:write("ready"); fh:close()
+      t:await()
+    ]])
+    local ready = dir .. "/ready-stuck"
+    local cmd = ("%s run --grace 100 %s %s & pid=$!; " ..
+                 "n=0; while [ ! -s %s ] && [ $n -lt 500 ]; do sleep 0.02; n=$((n+1)); done; " ..
+                 "kill -TERM $pid; wait $pid; echo \"exit=$?\"")
+      :format(TIDE, path, ready, ready)
+    local t0 = os.time()
+    local _, out = H.sh("timeout 20 sh -c '" .. cmd .. "'")
+    assert.matches("outcome\tcancelled", out)
+    assert.matches("exit=143", out)
+    assert.is_true(os.time() - t0 < 10)
+  end)
+
   it("shuts down gracefully on SIGINT with exit status 130", function()
     local out = run_and_signal("INT")
     assert.matches("exit=130", out)

@@ -88,8 +88,29 @@ static int t_check(lua_State *L) {
   return 0;
 }
 
+/* log(...): one line on stderr, "tide[thread N]: " and the tostring'd
+ * arguments separated by spaces, written at once so lines never interleave. */
+static int t_log(lua_State *L) {
+  int n = lua_gettop(L);
+  luaL_checkstack(L, 2 * n + 4, "too many arguments to log");
+  lua_getglobal(L, "tostring");                          /* n + 1 */
+  lua_pushfstring(L, "tide[thread %d]:", worker_of(L)->index);
+  for (int i = 1; i <= n; i++) {
+    lua_pushliteral(L, " ");
+    lua_pushvalue(L, n + 1);
+    lua_pushvalue(L, i);
+    lua_call(L, 1, 1);
+  }
+  lua_pushliteral(L, "\n");
+  lua_concat(L, 2 * n + 2);
+  size_t len;
+  const char *line = lua_tolstring(L, -1, &len);
+  fwrite(line, 1, len, stderr);
+  return 0;
+}
+
 static const luaL_Reg thread_funcs[] = {
-  { "now", t_now }, { "sleep", t_sleep }, { "check", t_check }, { NULL, NULL }
+  { "now", t_now }, { "sleep", t_sleep }, { "check", t_check }, { "log", t_log }, { NULL, NULL }
 };
 
 /* ===== opening a worker state */
