@@ -173,7 +173,7 @@ static void test_round_trips(void) {
     { "boolean keys", "return {[true] = 1, [false] = 0}" },
     { "binary string keys", "return {['a\\0b'] = 1, [''] = 2, ['odd key'] = 3}" },
     { "table keys", "return {[{1, 2}] = 'pair', [{k = {}}] = {v = 1}}" },
-    { "table keys with equal contents", "return {[{a = {}}] = true, [{a = {}}] = 'v', [{}] = 1, [{}] = 2}" },
+    { "table keys with equal contents", "return {[{a = {}}] = true, [{a = {}}] = 'v', [{}] = 1, [{}] = 2, [{0}] = 3, [{0}] = 3}" },
     { "nested records", "return {user = {name = 'ada', langs = {'lua', 'c'}, "
                         "addr = {city = 'London', zip = 'N1'}}, n = 2}" },
     { "100 levels of nesting", "local t = {} local c = t for i = 2, 100 do c[1] = {} "
@@ -262,6 +262,7 @@ static void test_refusals(void) {
           "args[\"say \\\"hi\\\"\\\\\"]: functions cannot cross to a thread");
   refused("return {['a\\0b\\n'] = print}", "args[\"a\\000b\\010\"]: functions cannot cross to a thread");
   refused("return {['1a'] = print}", "args[\"1a\"]: functions cannot cross to a thread");
+  refused("return {['a-b'] = print}", "args[\"a-b\"]: functions cannot cross to a thread");
   refused("return {[string.rep('k', 41)] = print}",
           "args[\"kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk...\"]: functions cannot cross to a thread");
   refused("return {[1.5] = print}", "args[1.5]: functions cannot cross to a thread");

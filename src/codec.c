@@ -1,0 +1,602 @@
+/* codec.c — encodes Lua values to bytes and decodes them into another state (see codec.h). */
+#include "codec.h"
+
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { T_NIL, T_FALSE, T_TRUE, T_INT, T_DOUBLE, T_STRING, T_TABLE };
+
+#define TYPE_CDATA 10              /* lua_type of LuaJIT's FFI objects */
+#define EXACT_INT 9007199254740992.0  /* 2^53: doubles up to here hold any integer */
+#define PREALLOC_MAX (1 << 24)     /* most slots lua_createtable gets up front  */
+#define KEY_SHOWN 40               /* bytes of a string key an error path shows */
+#define STEP_TEXT (KEY_SHOWN * 4 + 16)  /* room for the text of one path step */
+
+/* True when d is an integer the T_INT form keeps exactly (-0 is not: it
+ * would come back as +0). */
+static int exact_int(lua_Number d) {
+  return d >= -EXACT_INT && d <= EXACT_INT && d == (lua_Number)(int64_t)d &&
+         !(d == 0 && signbit(d));
+}
+
+/* ===== BUFFER ===== */
+
+void tide__buf_init(tide_buf *b) {
+  *b = (tide_buf){ 0 };
+}
+
+void tide__buf_free(tide_buf *b) {
+  free(b->data);
+  tide__buf_init(b);
+}
+
+/* Makes room for n more bytes: 0, or -1 when out of memory. */
+static int grow(tide_buf *b, size_t n) {
+  size_t cap = b->cap ? b->cap : 256;
+  if (n > SIZE_MAX / 2 - b->len) return -1;
+  while (cap - b->len < n) cap *= 2;
+  char *p = realloc(b->data, cap);
+  if (!p) return -1;
+  b->data = p;
+  b->cap = cap;
+  return 0;
+}
+
+static inline int reserve(tide_buf *b, size_t n) {
+  return b->cap - b->len >= n ? 0 : grow(b, n);
+}
+
+/* memcpy for the short runs most pairs and strings are: two overlapping
+ * fixed-size moves instead of a call.  dst and src must not overlap. */
+static inline void copy_short(char *dst, const char *src, size_t n) {
+  if (n > 16) {
+    memcpy(dst, src, n);
+  } else if (n >= 8) {
+    memcpy(dst, src, 8);
+    memcpy(dst + n - 8, src + n - 8, 8);
+  } else if (n >= 4) {
+    memcpy(dst, src, 4);
+    memcpy(dst + n - 4, src + n - 4, 4);
+  } else {
+    for (size_t i = 0; i < n; i++) dst[i] = src[i];
+  }
+}
+
+/* Writes v as a LEB128 varint at p (at most 10 bytes); returns the length. */
+static inline size_t put_varint(char *p, uint64_t v) {
+  size_t n = 0;
+  for (; v >= 0x80; v >>= 7) p[n++] = (char)(v | 0x80);
+  p[n++] = (char)v;
+  return n;
+}
+
+/* ===== ENCODING ===== */
+
+/* One step of the path from the root to the value being encoded. */
+typedef struct step {
+  enum { STEP_INDEX, STEP_KEY, STEP_IN_KEY } kind;
+  size_t index;               /* STEP_INDEX: position in the array part */
+  int key;                    /* STEP_KEY: stack index of the key       */
+} step;
+
+/* One encoded hash pair (key bytes, then value bytes) awaiting its place. */
+typedef struct pair {
+  const char *bytes;          /* where it is while being sorted */
+  size_t off, len;            /* where it was written in out, its length */
+} pair;
+
+typedef struct enc {
+  lua_State *L;
+  tide_buf *out;
+  const char *root;
+  char *err;
+  size_t errlen, errused;
+  int depth;                               /* tables open on the path    */
+  const void *open[TIDE_CODEC_DEPTH];      /* those tables, outermost first */
+  step path[TIDE_CODEC_DEPTH];             /* path[i]: the step out of open[i] */
+  pair *pairs;                             /* hash pairs of every open table */
+  size_t npairs, cappairs;
+} enc;
+
+static void say(enc *e, const char *fmt, ...) {
+  if (e->errused + 1 >= e->errlen) return;
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(e->err + e->errused, e->errlen - e->errused, fmt, ap);
+  va_end(ap);
+  if (n > 0) e->errused += (size_t)n;
+  if (e->errused >= e->errlen) e->errused = e->errlen - 1;
+}
+
+static int is_identifier(const char *s, size_t n) {
+  if (n == 0 || (s[0] >= '0' && s[0] <= '9')) return 0;
+  for (size_t i = 0; i < n; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if (!(c == '_' || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+          (c >= '0' && c <= '9')))
+      return 0;
+  }
+  return 1;
+}
+
+/* Writes a string key as .name, or as ["quoted"] with \ddd escapes, cut at
+ * KEY_SHOWN bytes, into buf[STEP_TEXT]. */
+static void string_step(char *buf, const char *s, size_t n) {
+  if (n <= KEY_SHOWN && is_identifier(s, n)) {
+    sprintf(buf, ".%.*s", (int)n, s);
+    return;
+  }
+  char *w = buf;
+  *w++ = '[', *w++ = '"';
+  for (size_t i = 0; i < n && i < KEY_SHOWN; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if (c == '"' || c == '\\') *w++ = '\\', *w++ = (char)c;
+    else if (c < 0x20 || c == 0x7f) w += sprintf(w, "\\%03u", c);
+    else *w++ = (char)c;
+  }
+  sprintf(w, "%s\"]", n > KEY_SHOWN ? "..." : "");
+}
+
+/* Writes one step of a path — [2], .cb, ["odd key"], [true] — into buf[STEP_TEXT]. */
+static void step_text(enc *e, const step *s, char *buf) {
+  lua_State *L = e->L;
+  size_t n;
+  if (s->kind == STEP_INDEX) {
+    snprintf(buf, STEP_TEXT, "[%zu]", s->index);
+    return;
+  }
+  switch (lua_type(L, s->key)) {
+  case LUA_TSTRING: {
+    const char *k = lua_tolstring(L, s->key, &n);
+    string_step(buf, k, n);
+    break;
+  }
+  case LUA_TNUMBER: {
+    lua_Number d = lua_tonumber(L, s->key);
+    if (exact_int(d)) snprintf(buf, STEP_TEXT, "[%lld]", (long long)d);
+    else snprintf(buf, STEP_TEXT, "[%.14g]", d);
+    break;
+  }
+  case LUA_TBOOLEAN: strcpy(buf, lua_toboolean(L, s->key) ? "[true]" : "[false]"); break;
+  default: strcpy(buf, "[table]"); break;
+  }
+}
+
+/* Writes "<path>: <reason>" into err and returns -1.  The path runs from the
+ * root through every open table; inside a key it stops at the table holding
+ * the key, and the reason says so.  When the path does not fit, steps after
+ * the first give way to "..." so that the reason is always there in full. */
+static int fail(enc *e, const char *fmt, ...) {
+  char reason[96], text[STEP_TEXT];
+  size_t len[TIDE_CODEC_DEPTH], total = 0;
+  int n = 0;
+  if (e->errlen == 0) return -1;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(reason, sizeof reason, fmt, ap);
+  va_end(ap);
+  for (; n < e->depth && e->path[n].kind != STEP_IN_KEY; n++) {
+    step_text(e, &e->path[n], text);
+    total += len[n] = strlen(text);
+  }
+  const char *where = n < e->depth ? " (in a table key)" : "";
+  size_t fixed = strlen(e->root) + strlen(": ") + strlen(reason) + strlen(where) + 1;
+  int keep = n > 1, skip = keep;                /* steps [keep, skip) give way */
+  if (fixed + total > e->errlen) {
+    size_t room = e->errlen > fixed + 3 ? e->errlen - fixed - 3 : 0;
+    while (skip < n && total > room) total -= len[skip++];
+  }
+  e->errused = 0;
+  say(e, "%s", e->root);
+  for (int i = 0; i < n; i++) {
+    if (i == keep && skip > keep) say(e, "...");
+    if (i >= keep && i < skip) continue;
+    step_text(e, &e->path[i], text);
+    say(e, "%s", text);
+  }
+  say(e, ": %s%s", reason, where);
+  return -1;
+}
+
+static int out_of_memory(enc *e) {
+  e->depth = 0;
+  return fail(e, "out of memory");
+}
+
+static int enc_value(enc *e, int idx);
+
+static int enc_number(enc *e, lua_Number d) {
+  if (reserve(e->out, 10)) return out_of_memory(e);
+  char *p = e->out->data + e->out->len;
+  if (exact_int(d)) {
+    int64_t i = (int64_t)d;
+    uint64_t zigzag = i < 0 ? ~((uint64_t)i << 1) : (uint64_t)i << 1;
+    *p = T_INT;
+    e->out->len += 1 + put_varint(p + 1, zigzag);
+    return 0;
+  }
+  uint64_t bits;
+  memcpy(&bits, &d, 8);
+  *p++ = T_DOUBLE;
+  for (int i = 0; i < 8; i++) p[i] = (char)(bits >> (8 * i));
+  e->out->len += 9;
+  return 0;
+}
+
+static int enc_string(enc *e, const char *s, size_t n) {
+  if (reserve(e->out, 11 + n)) return out_of_memory(e);
+  char *p = e->out->data + e->out->len;
+  *p = T_STRING;
+  size_t head = 1 + put_varint(p + 1, n);
+  copy_short(p + head, s, n);
+  e->out->len += head + n;
+  return 0;
+}
+
+/* Pairs are ordered by their bytes.  Every encoding is self-delimiting, so
+ * that compares the keys and, only when two keys encode alike (two tables
+ * with the same contents), their values; pairs that still tie are the same
+ * bytes, and their order cannot show. */
+static int cmp_pairs(const void *a, const void *b) {
+  const pair *x = a, *y = b;
+  int c = memcmp(x->bytes, y->bytes, x->len < y->len ? x->len : y->len);
+  return c ? c : (x->len > y->len) - (x->len < y->len);
+}
+
+/* cmp_pairs(x, y) < 0, inlined: keys are short and differ early. */
+static inline int pair_less(const pair *x, const pair *y) {
+  const unsigned char *a = (const unsigned char *)x->bytes;
+  const unsigned char *b = (const unsigned char *)y->bytes;
+  size_t n = x->len < y->len ? x->len : y->len;
+  for (size_t i = 0; i < n; i++)
+    if (a[i] != b[i]) return a[i] < b[i];
+  return x->len < y->len;
+}
+
+/* Insertion sort for the few keys of a record, qsort past that. */
+static void sort_pairs_of(pair *p, size_t n) {
+  if (n > 16) {
+    qsort(p, n, sizeof *p, cmp_pairs);
+    return;
+  }
+  for (size_t i = 1; i < n; i++) {
+    pair x = p[i];
+    size_t j = i;
+    for (; j > 0 && pair_less(&x, &p[j - 1]); j--) p[j] = p[j - 1];
+    p[j] = x;
+  }
+}
+
+/* Turns out[at..) — a byte kept for the pair count, the array values, then
+ * the pairs pairs[base..npairs) in the order they were met — into the
+ * format's order: count, pairs sorted, array values.  Unless that is
+ * already the order, the pairs are copied past the end of out, and written
+ * back from there; out->len never counts the copy. */
+static int place_pairs(enc *e, size_t base, size_t at) {
+  tide_buf *out = e->out;
+  size_t n = e->npairs - base;
+  pair *p = n ? e->pairs + base : NULL;
+  size_t from = n ? p[0].off : out->len;
+  size_t body = out->len - from, values = from - at - 1;
+  int moved = 0;
+  char head[10];
+  size_t hlen = put_varint(head, n);
+  e->npairs = base;
+  for (size_t i = 0; i < n; i++) p[i].bytes = out->data + p[i].off;
+  sort_pairs_of(p, n);
+  for (size_t i = 1; i < n; i++) moved |= p[i].off < p[i - 1].off;
+  if (!moved && hlen == 1 && (n == 0 || values == 0)) {  /* in order already */
+    out->data[at] = head[0];
+    return 0;
+  }
+  if (reserve(out, 10 + body)) return out_of_memory(e);
+  char *copy = out->data + out->len + 10, *w = out->data + at;
+  memcpy(copy, out->data + from, body);
+  memmove(w + hlen + body, w + 1, values);            /* array values to the end */
+  memcpy(w, head, hlen);
+  w += hlen;
+  for (size_t i = 0; i < n; i++) {
+    copy_short(w, copy + (p[i].off - from), p[i].len);
+    w += p[i].len;
+  }
+  out->len = at + hlen + body + values;
+  return 0;
+}
+
+static int push_pair(enc *e, size_t off) {
+  if (e->npairs == e->cappairs) {
+    size_t cap = e->cappairs ? 2 * e->cappairs : 64;
+    pair *p = realloc(e->pairs, cap * sizeof *p);
+    if (!p) return out_of_memory(e);
+    e->pairs = p;
+    e->cappairs = cap;
+  }
+  e->pairs[e->npairs++] = (pair){ NULL, off, e->out->len - off };
+  return 0;
+}
+
+/* The key at k as an index in 1..narr, or 0 when it is not one. */
+static size_t array_index(lua_State *L, int k, size_t narr) {
+  if (lua_type(L, k) != LUA_TNUMBER) return 0;
+  lua_Number d = lua_tonumber(L, k);
+  return d >= 1 && d <= (lua_Number)narr && d == (lua_Number)(size_t)d ? (size_t)d : 0;
+}
+
+static int enc_element(enc *e, size_t i, int idx) {
+  step *s = &e->path[e->depth - 1];
+  s->kind = STEP_INDEX;
+  s->index = i;
+  return enc_value(e, idx);
+}
+
+static int put_nils(enc *e, size_t n) {
+  if (reserve(e->out, n)) return out_of_memory(e);
+  memset(e->out->data + e->out->len, T_NIL, n);
+  e->out->len += n;
+  return 0;
+}
+
+/* Encodes the pair whose key is at k and value at k + 1. */
+static int enc_pair(enc *e, int k) {
+  step *s = &e->path[e->depth - 1];
+  size_t off = e->out->len;
+  s->kind = STEP_IN_KEY;
+  if (enc_value(e, k)) return -1;
+  s->kind = STEP_KEY;
+  s->key = k;
+  return enc_value(e, k + 1) || push_pair(e, off) ? -1 : 0;
+}
+
+/* Writes t's array values, then its other pairs, in one lua_next walk:
+ * LuaJIT walks its array part first, so 1..narr usually come first and in
+ * order.  Returns 1, having written nothing, when one comes late. */
+static int walk_once(enc *e, int t, size_t narr) {
+  lua_State *L = e->L;
+  size_t want = 1, base = e->npairs, mark = e->out->len;
+  lua_pushnil(L);
+  int k = lua_gettop(L);                              /* the key's slot */
+  while (lua_next(L, t)) {                            /* key, value */
+    size_t i = narr ? array_index(L, k, narr) : 0;
+    if (i && (i < want || e->npairs > base)) {        /* late: give up */
+      lua_pop(L, 2);
+      want = 0;
+      break;
+    }
+    if (i ? put_nils(e, i - want) || enc_element(e, i, k + 1) : enc_pair(e, k))
+      return -1;
+    if (i) want = i + 1;
+    lua_pop(L, 1);                                    /* key */
+  }
+  if (want == narr + 1) return 0;
+  e->out->len = mark;
+  e->npairs = base;
+  return 1;
+}
+
+/* The same output as walk_once, for any table: values by index, then a
+ * lua_next walk for the other pairs. */
+static int walk_twice(enc *e, int t, size_t narr) {
+  lua_State *L = e->L;
+  for (size_t i = 1; i <= narr; i++) {
+    lua_rawgeti(L, t, (int)i);                        /* t[i] */
+    if (enc_element(e, i, -1)) return -1;
+    lua_pop(L, 1);
+  }
+  lua_pushnil(L);
+  int k = lua_gettop(L);
+  while (lua_next(L, t)) {                            /* key, value */
+    if (!array_index(L, k, narr) && enc_pair(e, k)) return -1;
+    lua_pop(L, 1);                                    /* key */
+  }
+  return 0;
+}
+
+static int enc_table(enc *e, int t) {
+  lua_State *L = e->L;
+  if (t < 0) t = lua_gettop(L) + t + 1;
+  const void *self = lua_topointer(L, t);
+  for (int i = 0; i < e->depth; i++)
+    if (e->open[i] == self) return fail(e, "cycle (table refers to itself)");
+  if (e->depth == TIDE_CODEC_DEPTH)
+    return fail(e, "nesting deeper than %d", TIDE_CODEC_DEPTH);
+  if (!lua_checkstack(L, 3)) return fail(e, "Lua stack overflow");
+  if (reserve(e->out, 12)) return out_of_memory(e);
+  size_t narr = lua_objlen(L, t), base = e->npairs;
+  char *p = e->out->data + e->out->len;
+  *p = T_TABLE;
+  e->out->len += 1 + put_varint(p + 1, narr);
+  size_t at = e->out->len++;                          /* the pair count's byte */
+  e->open[e->depth++] = self;
+  int rc = walk_once(e, t, narr);
+  if (rc > 0) rc = walk_twice(e, t, narr);
+  if (rc || place_pairs(e, base, at)) return -1;
+  e->depth--;
+  return 0;
+}
+
+static const char *refused(int type) {
+  switch (type) {
+  case LUA_TFUNCTION: return "functions";
+  case LUA_TUSERDATA: return "userdata";
+  case LUA_TLIGHTUSERDATA: return "light userdata";
+  case LUA_TTHREAD: return "coroutines";
+  case TYPE_CDATA: return "cdata";
+  default: return "values of this type";
+  }
+}
+
+static int enc_value(enc *e, int idx) {
+  lua_State *L = e->L;
+  int type = lua_type(L, idx);
+  switch (type) {
+  case LUA_TNONE:
+  case LUA_TNIL:
+  case LUA_TBOOLEAN:
+    if (reserve(e->out, 1)) return out_of_memory(e);
+    e->out->data[e->out->len++] =
+        type == LUA_TBOOLEAN ? (lua_toboolean(L, idx) ? T_TRUE : T_FALSE) : T_NIL;
+    return 0;
+  case LUA_TNUMBER: return enc_number(e, lua_tonumber(L, idx));
+  case LUA_TSTRING: {
+    size_t n;
+    const char *s = lua_tolstring(L, idx, &n);
+    return enc_string(e, s, n);
+  }
+  case LUA_TTABLE: return enc_table(e, idx);
+  default: return fail(e, "%s cannot cross to a thread", refused(type));
+  }
+}
+
+int tide__encode(lua_State *L, int idx, const char *root, tide_buf *out,
+                 char *err, size_t errlen) {
+  int top = lua_gettop(L);
+  size_t len = out->len;
+  enc e;                                /* path and open need no zeroing */
+  e.L = L, e.out = out, e.root = root ? root : "value";
+  e.err = err, e.errlen = err ? errlen : 0, e.errused = 0;
+  e.depth = 0, e.pairs = NULL, e.npairs = e.cappairs = 0;
+  if (idx < 0 && idx > LUA_REGISTRYINDEX) idx = top + idx + 1;
+  int rc = enc_value(&e, idx);
+  lua_settop(L, top);
+  if (rc) out->len = len;
+  free(e.pairs);
+  return rc;
+}
+
+/* ===== DECODING ===== */
+
+typedef struct dec {
+  lua_State *L;
+  const unsigned char *p, *start, *end;
+  size_t budget;              /* table slots the input may still claim */
+  int depth;                  /* tables open                           */
+  char *err;
+  size_t errlen;
+} dec;
+
+/* Writes "bad encoding at byte N: <message>" into err and returns -1. */
+static int bad(dec *d, const unsigned char *at, const char *fmt, ...) {
+  if (d->errlen == 0) return -1;
+  int n = snprintf(d->err, d->errlen, "bad encoding at byte %zu: ",
+                   (size_t)(at - d->start));
+  if (n > 0 && (size_t)n < d->errlen) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(d->err + n, d->errlen - (size_t)n, fmt, ap);
+    va_end(ap);
+  }
+  return -1;
+}
+
+static int get_varint(dec *d, uint64_t *v) {
+  const unsigned char *at = d->p;
+  uint64_t x = 0;
+  if (d->p < d->end && *d->p < 0x80) {                /* one byte: most lengths */
+    *v = *d->p++;
+    return 0;
+  }
+  for (int shift = 0; shift < 64; shift += 7) {
+    if (d->p == d->end) return bad(d, d->p, "truncated");
+    unsigned b = *d->p++;
+    x |= (uint64_t)(b & 0x7f) << shift;
+    if (b < 0x80) {
+      *v = x;
+      return 0;
+    }
+  }
+  return bad(d, at, "varint longer than 10 bytes");
+}
+
+static int dec_value(dec *d);
+
+/* Decodes n (key, value) pairs into the table on top. */
+static int dec_pairs(dec *d, uint64_t n) {
+  lua_State *L = d->L;
+  for (; n > 0; n--) {
+    const unsigned char *at = d->p;
+    if (at < d->end && *at == T_NIL) return bad(d, at, "table key is nil");
+    if (dec_value(d)) return -1;                      /* key */
+    if (*at == T_DOUBLE && isnan(lua_tonumber(L, -1)))
+      return bad(d, at, "table key is NaN");
+    if (dec_value(d)) return -1;                      /* key, value */
+    lua_rawset(L, -3);
+  }
+  return 0;
+}
+
+/* Decodes a table whose tag, at `at`, has been read. */
+static int dec_table(dec *d, const unsigned char *at) {
+  lua_State *L = d->L;
+  uint64_t narr, nhash;
+  if (d->depth == TIDE_CODEC_DEPTH)
+    return bad(d, at, "nesting deeper than %d", TIDE_CODEC_DEPTH);
+  if (get_varint(d, &narr) || get_varint(d, &nhash)) return -1;
+  if (narr > d->budget || nhash > (d->budget - narr) / 2 || narr > INT_MAX)
+    return bad(d, at, "table claims more values than the input holds");
+  d->budget -= narr + 2 * nhash;
+  if (!lua_checkstack(L, 3)) return bad(d, at, "Lua stack overflow");
+  lua_createtable(L, (int)(narr < PREALLOC_MAX ? narr : PREALLOC_MAX),
+                  (int)(nhash < PREALLOC_MAX ? nhash : PREALLOC_MAX));
+  d->depth++;
+  if (dec_pairs(d, nhash)) return -1;
+  for (uint64_t i = 1; i <= narr; i++) {
+    if (dec_value(d)) return -1;
+    lua_rawseti(L, -2, (int)i);
+  }
+  d->depth--;
+  return 0;
+}
+
+static int dec_value(dec *d) {
+  lua_State *L = d->L;
+  const unsigned char *at = d->p;
+  uint64_t n;
+  if (d->p == d->end) return bad(d, at, "truncated");
+  switch (*d->p++) {
+  case T_NIL: lua_pushnil(L); return 0;
+  case T_FALSE: lua_pushboolean(L, 0); return 0;
+  case T_TRUE: lua_pushboolean(L, 1); return 0;
+  case T_INT:
+    if (get_varint(d, &n)) return -1;
+    lua_pushnumber(L, n & 1 ? -(lua_Number)(n >> 1) - 1 : (lua_Number)(n >> 1));
+    return 0;
+  case T_DOUBLE: {
+    if (d->end - d->p < 8) return bad(d, d->end, "truncated");
+    uint64_t bits = 0;
+    lua_Number v;
+    for (int i = 0; i < 8; i++) bits |= (uint64_t)d->p[i] << (8 * i);
+    memcpy(&v, &bits, 8);
+    d->p += 8;
+    lua_pushnumber(L, v);
+    return 0;
+  }
+  case T_STRING:
+    if (get_varint(d, &n)) return -1;
+    if (n > (uint64_t)(d->end - d->p)) return bad(d, d->end, "truncated");
+    lua_pushlstring(L, (const char *)d->p, (size_t)n);
+    d->p += n;
+    return 0;
+  case T_TABLE: return dec_table(d, at);
+  default: return bad(d, at, "unknown tag 0x%02x", *at);
+  }
+}
+
+int tide__decode(lua_State *L, const char *data, size_t len, char *err,
+                 size_t errlen) {
+  int top = lua_gettop(L);
+  const unsigned char *p = (const unsigned char *)(data ? data : "");
+  dec d = { .L = L, .p = p, .start = p, .end = p + (data ? len : 0),
+            .budget = len, .err = err, .errlen = err ? errlen : 0 };
+  if (!lua_checkstack(L, 1)) return bad(&d, p, "Lua stack overflow");
+  if (dec_value(&d) == 0) {
+    if (d.p == d.end) return 0;
+    bad(&d, d.p, "trailing bytes after the value");
+  }
+  lua_settop(L, top);
+  return -1;
+}

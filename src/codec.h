@@ -1,0 +1,62 @@
+/* codec.h — the value codec: copies Lua values between independent Lua states as bytes.
+ *
+ * Thread-mode tasks get their arguments and give back their results through
+ * this codec: the sending state encodes into a tide_buf, the bytes cross to
+ * the other thread, and the receiving state decodes them.  Supported: nil,
+ * booleans, numbers (every double, including -0, NaN and +-inf), strings
+ * (binary-safe) and tables nested up to TIDE_CODEC_DEPTH levels, whose keys
+ * are any supported value except nil and NaN.  Functions, userdata, threads
+ * and cdata are refused with an error naming the path to them
+ * ("args[2].cb: functions cannot cross to a thread"), and so are cycles.  A
+ * table reachable twice without a cycle is copied twice.
+ *
+ * The format (all integers little-endian, varints are LEB128):
+ *   0 nil | 1 false | 2 true | 3 zigzag-varint integer (|n| <= 2^53)
+ *   4 double (8 bytes) | 5 varint length, bytes (string)
+ *   6 varint narr, varint nhash, nhash (key, value) pairs, then the values
+ *     of t[1..narr], nil for holes (table; narr is the raw #t)
+ * Hash pairs are sorted by their bytes (key, then value), so equal tables
+ * encode to equal bytes whatever state or insertion order they come from
+ * (holes aside: # may then pick another border).  Decoding then re-encoding
+ * gives the same bytes again.
+ *
+ * Tables are read and written raw: no metamethod runs.  A state is touched
+ * only by its own thread; the bytes may cross threads freely.
+ */
+#ifndef TIDE_CODEC_H
+#define TIDE_CODEC_H
+
+#include <stddef.h>
+
+#include <lua.h>
+
+#define TIDE_CODEC_DEPTH 100  /* deepest table nesting either side accepts */
+
+/* A growable byte buffer (malloc-backed); zero-initialised is empty. */
+typedef struct tide_buf { char *data; size_t len, cap; } tide_buf;
+
+void tide__buf_init(tide_buf *b);
+void tide__buf_free(tide_buf *b);  /* releases the bytes; b is empty again */
+
+/* Appends the encoding of the value at stack index idx to out.  root names
+ * the value in error paths ("args").
+ * 0 on success; -1 on failure with a message in err (truncated to errlen),
+ * like "args[2].cb: functions cannot cross to a thread", and out->len as it
+ * was.  The stack is left balanced either way.  Raises no Lua error. */
+int tide__encode(lua_State *L, int idx, const char *root, tide_buf *out,
+                 char *err, size_t errlen);
+
+/* Decodes exactly one value from data[0..len) and pushes it.
+ * 0 on success (one value pushed); -1 on failure (nothing pushed, message in
+ * err, like "bad encoding at byte 7: truncated").  Whatever the bytes, it
+ * never reads out of bounds, recurses deeper than TIDE_CODEC_DEPTH or
+ * preallocates more table slots than len.  Like any API call that allocates,
+ * it raises a Lua error when memory runs out. */
+int tide__decode(lua_State *L, const char *data, size_t len, char *err,
+                 size_t errlen);
+
+/* Sets the functions `encode(v [, root])` and `decode(s)` into the table at
+ * the top of the stack (lua_codec.c).  Returns 0; the stack is unchanged. */
+int tide__open_codec(lua_State *L);
+
+#endif
