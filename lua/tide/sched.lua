@@ -8,14 +8,16 @@
 --
 -- Invariants kept here:
 --   - A task moves to a terminal state only through finish() (the door), once.
---   - t._co is the coroutine of the current attempt, or nil; a run-queue entry
---     (t, co) is stale unless t._co == co, so a timed-out or cancelled attempt
---     is never resumed.
+--   - t._co is the coroutine (a runner) of the current attempt, the
+--     attempt's number before its first resume, or false; a run-queue entry
+--     (t, co) is stale unless t._co == co, so a timed-out or cancelled
+--     attempt is never resumed.
 --   - t._wait is the token of the wait the task is suspended in; true once
 --     it was woken and until it resumes; false outside waits.  A wake-up with
 --     another token is stale and ignored.
---   - t._wait_timer and t._timer are keys of pending timers that belong to the
---     task (its current wait; its attempt's deadline), or nil/false.
+--   - t._wait_timer and t._opt.timer are keys of pending timers that belong
+--     to the task (its current wait; its attempt's deadline or its backoff),
+--     or nil/false.
 --   - The options a task rarely has (timeout, retry, hooks, pool) live in
 --     t._opt (false when none), so the hot path reads one field for them all.
 local core = require "tide.core"
@@ -23,7 +25,8 @@ local log = require "tide.log"
 local retry = require "tide.retry"
 
 local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, coroutine.yield
-local co_status, co_running = coroutine.status, coroutine.running
+local type = type
+local co_running = coroutine.running
 local unpack, select, pcall, xpcall, error = unpack, select, pcall, xpcall, error
 local tostring, traceback = tostring, debug.traceback
 local timer_start, timer_cancel, pop, kick = core.timer_start, core.timer_cancel, core.pop, core.kick
@@ -84,14 +87,20 @@ local function untimer(key)
 end
 S.untimer = untimer
 
+-- At most this many timers fire per tick, so a flood of due timers (each
+-- may start a task) is spread over ticks, with I/O polled between them.
+local FIRE_BUDGET = 10000
+
+--- Fires due timers; true when some are still due (the budget ran out).
 local function fire_due()
-  local key = pop()
-  while key do
+  for _ = 1, FIRE_BUDGET do
+    local key = pop()
+    if not key then return false end
     local fn, obj, arg = t_fn[key], t_obj[key], t_arg[key]
     t_fn[key], t_obj[key], t_arg[key] = nil, nil, nil
     fn(obj, arg)
-    key = pop()
   end
+  return true
 end
 
 -- ===== waiting and waking
@@ -102,7 +111,9 @@ local token = 0
 --- `fname` names the public function for the error raised outside a task.
 local function wait_begin(fname, level)
   local t = current
-  if t == nil then
+  if in_callback then
+    error(("%s: cannot wait inside %s (spawn a task for work that waits)"):format(fname, in_callback), level + 1)
+  elseif t == nil then
     error(fname .. ": called outside a task (start one with tide.run or tide.spawn)", level + 1)
   elseif co_running() ~= t._co then
     error(fname .. ": cannot wait inside a nested coroutine, only in the task's own", level + 1)
@@ -169,16 +180,36 @@ end
 function S.current() return current end
 S.now = core.now
 
+-- ===== runners: coroutines reused from one task to the next
+--
+-- A runner is resumed with (fn, ...); when fn returns it yields (DONE,
+-- results...) and waits, suspended, for the next function.  Only a runner
+-- that yielded DONE goes back to the idle list: one whose task raised is
+-- dead, and one whose task was abandoned while suspended (timeout, cancel)
+-- is simply never resumed again.  Creating a coroutine per task and
+-- collecting it afterwards is most of what a trivial task costs.
+
+local DONE = setmetatable({}, { __tostring = function() return "tide.DONE" end })
+local MAX_IDLE = 256
+local idle, nidle = {}, 0
+
+local function runner_loop(fn, ...)
+  return runner_loop(co_yield(DONE, fn(...)))   -- a tail call: the stack stays flat
+end
+
 -- ===== attempts
 
 local settle
 
 --- Ends the current attempt: its coroutine, deadline and wait are dropped.
 local function end_attempt(t)
-  local key = t._timer
-  if key then t._timer = false; untimer(key) end
+  local o = t._opt
+  if o then
+    local key = o.timer
+    if key then o.timer = false; untimer(key) end
+  end
   if t._wait then                           -- waiting, or woken and not yet resumed
-    key = t._wait_timer
+    local key = t._wait_timer
     if key then t._wait_timer = nil; untimer(key) end
     local target = t._awaiting
     if target then
@@ -192,33 +223,42 @@ local function end_attempt(t)
   t._co = false
 end
 
-local function attempt_timed_out(t, co)
-  t._timer = false
-  if t._co == co then
+local function attempt_timed_out(t, attempt)
+  t._opt.timer = false
+  if t._state == "running" and t.attempts == attempt then
     settle(t, "timeout", ("task %d timed out after %g ms"):format(t.id, t._opt.timeout))
   end
 end
 
+--- Starts an attempt.  Until its first resume takes a runner, t._co holds
+--- the attempt's number, so a queued attempt holds no coroutine.
 local function start_attempt(t)
   t._state = "running"
-  t.attempts = t.attempts + 1
-  local co = co_create(t._fn)
-  t._co, t._fresh = co, true
+  local attempt = t.attempts + 1
+  t.attempts, t._co = attempt, attempt
   local o = t._opt
-  if o and o.timeout then t._timer = timer(o.timeout, attempt_timed_out, t, co) end
-  push(t, co)
+  if o and o.timeout then o.timer = timer(o.timeout, attempt_timed_out, t, attempt) end
+  push(t, attempt)
 end
 
 local function backoff_over(t)
-  t._timer = false
+  t._opt.timer = false
   if t._state == "retrying" then start_attempt(t) end
 end
 
 -- ===== the door
 
-local function call_handler(t, handler)
-  local ok, err = xpcall(handler, traceback, t._state, t.value, t)
-  if not ok then log.report("handle_result of " .. tostring(t), err, err) end
+local in_callback = nil     -- the name of the user callback running now, if any
+
+--- Calls a user callback protected, outside any task: it cannot wait (its
+--- caller may be another task, or the loop itself); a failure goes to the
+--- error sink as `what` of t.
+local function callback(what, t, fn, ...)
+  local saved_current, saved_in = current, in_callback
+  current, in_callback = nil, what
+  local ok, err = xpcall(fn, traceback, ...)
+  current, in_callback = saved_current, saved_in
+  if not ok then log.report(what .. " of " .. tostring(t), err, err) end
 end
 
 local function end_grace()
@@ -243,21 +283,16 @@ local function finish(t, status, ...)
   nlive = nlive - 1
   stats[status] = stats[status] + 1
   local w = t._waiters
-  if w then t._waiters = false; S.wake_all(w) end
+  if w then t._waiters = nil; S.wake_all(w) end
   local o = t._opt
   if o then
     if o.on_finish then o.on_finish(t) end
-    if o.handle_result then call_handler(t, o.handle_result) end
+    if o.handle_result then callback("handle_result", t, o.handle_result, status, t.value, t) end
   end
   if shutting and nlive == 0 then end_grace() end
   return true
 end
 S.finish = finish
-
-local function call_on_retry(t, hook, status, value)
-  local ok, err = xpcall(hook, traceback, t.attempts, status, value)
-  if not ok then log.report("on_retry of " .. tostring(t), err, err) end
-end
 
 --- An attempt ended with `status`: retry when the policy says so, else finish.
 function settle(t, status, ...)
@@ -267,9 +302,9 @@ function settle(t, status, ...)
     end_attempt(t)
     t._state = "retrying"
     stats.retries = stats.retries + 1
-    if o.on_retry then call_on_retry(t, o.on_retry, status, (...)) end
+    if o.on_retry then callback("on_retry", t, o.on_retry, t.attempts, status, (...)) end
     if t._state == "retrying" then      -- the hook may have cancelled it
-      t._timer = timer(retry.delay(p, t.attempts), backoff_over, t)   -- the deadline slot is free
+      o.timer = timer(retry.delay(p, t.attempts), backoff_over, t)   -- the deadline's slot is free
     end
     return
   end
@@ -281,21 +316,33 @@ end
 local function after_resume(t, co, ok, ...)
   current = nil
   if t._co ~= co then return end            -- it ended while it ran
-  if co_status(co) == "dead" then
-    if ok then return settle(t, "ok", ...) end
-    local err = ...
-    t.traceback = t._thread_trace or traceback(co, safe_tostring(err))
-    return settle(t, "error", err)
+  if ok then
+    local first = ...
+    if first == DONE then                  -- returned: the runner is free again
+      if nidle < MAX_IDLE then nidle = nidle + 1; idle[nidle] = co end
+      return settle(t, "ok", select(2, ...))
+    end
+    if first ~= WAIT then push(t, co) end  -- a bare yield: run again later
+    return
   end
-  if (...) ~= WAIT then push(t, co) end    -- a bare yield: run again later
+  local err = ...                          -- raised: the runner is dead
+  t.traceback = t._thread_trace or traceback(co, safe_tostring(err))
+  return settle(t, "error", err)
 end
 
 local function run_task(t, co)
   current = t
-  if t._fresh then
-    t._fresh = false
-    local a = t._args
-    if a then return after_resume(t, co, co_resume(co, unpack(a, 1, a.n))) end
+  if type(co) == "number" then             -- the attempt's first resume: take a runner
+    if nidle > 0 then
+      co, idle[nidle], nidle = idle[nidle], nil, nidle - 1
+    else
+      co = co_create(runner_loop)
+    end
+    t._co = co
+    local o = t._opt
+    local a = o and o.args
+    if a then return after_resume(t, co, co_resume(co, t._fn, unpack(a, 1, a.n))) end
+    return after_resume(t, co, co_resume(co, t._fn))
   end
   return after_resume(t, co, co_resume(co))
 end
@@ -304,7 +351,7 @@ end
 --- when the tick began.  Returns true when tasks are runnable again.
 function S.tick()
   in_tick = true
-  fire_due()
+  local more_timers = fire_due()
   local ts, cs, n = rq_t, rq_c, rq_n
   rq_t, rq_c, rq_n = spare_t, spare_c, 0
   for i = 1, n do
@@ -314,7 +361,7 @@ function S.tick()
   end
   spare_t, spare_c = ts, cs
   in_tick = false
-  return rq_n > 0
+  return rq_n > 0 or more_timers
 end
 
 -- ===== the lifecycle's public face
@@ -341,9 +388,12 @@ function S.new_task(fn, args)
   next_id = next_id + 1
   -- Every field a plain task ever sets is in the constructor, so the table
   -- is allocated once at its final size (false: not yet set).
-  local t = setmetatable({ id = next_id, _fn = fn, _args = args, _state = "pending", attempts = 0,
-                           _co = false, _fresh = false, value = false,
-                           _opt = false, _wait = false, _timer = false, _waiters = false }, Task_mt)
+  -- Eight fields, all set here: the table is allocated once, at its final
+  -- size.  What fewer tasks need lives in t._opt (arguments, timeout, retry,
+  -- hooks, timers) or is added when needed (t._waiters, t.name, t.traceback).
+  local t = setmetatable({ id = next_id, attempts = 0, value = false, _fn = fn, _state = "pending",
+                           _co = false, _opt = args and { args = args } or false, _wait = false },
+                         Task_mt)
   nlive, live_n = nlive + 1, live_n + 1
   live[live_n] = t
   if live_n > 2 * nlive + 1024 then compact_live() end

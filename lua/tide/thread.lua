@@ -23,6 +23,7 @@ local next_job = 0
 local waiting_task, waiting_tok = {}, {}    -- job id -> task, wait token
 local results = {}                          -- job id -> { ok, bytes, trace }
 local dumped = setmetatable({}, { __mode = "k" })   -- function -> bytecode
+local NO_ARGS = core.encode({ n = 0 })
 
 local function on_done(id, ok, bytes, trace)
   local t = waiting_task[id]
@@ -61,6 +62,8 @@ function M.payload(fname, run, args, level)
       error(("%s: bad option 'run' (\"module.function\" expected, got string %q)"):format(fname, run), level)
     end
     fn, is_name = run, true
+  elseif dumped[run] then
+    fn, is_name = dumped[run], false           -- checked and dumped before
   else
     if getinfo(run, "S").what == "C" then
       error(fname .. ": bad option 'run' (a C function cannot cross to a thread; name it as \"module.function\")", level)
@@ -70,11 +73,12 @@ function M.payload(fname, run, args, level)
       error(("%s: bad option 'run' (a function with upvalues cannot cross to a thread: upvalue '%s')")
         :format(fname, up), level)
     end
-    fn = dumped[run]
-    if not fn then fn = string_dump(run); dumped[run] = fn end
+    fn = string_dump(run)
+    dumped[run] = fn
     is_name = false
   end
-  local ok, bytes = pcall(core.encode, args or { n = 0 }, "args")
+  if args == nil then return { fn, is_name, NO_ARGS } end
+  local ok, bytes = pcall(core.encode, args, "args")
   if not ok then error(fname .. ": " .. tostring(bytes):gsub("^[^:]*:%d+: ", ""), level) end
   return { fn, is_name, bytes }
 end
