@@ -35,6 +35,7 @@ struct tide__pool {
   void *data;
   int closing, refs;
   int busy, queued, quarantined, replaced;
+  int sleeping;             /* workers waiting on `cv`: signal only when > 0 */
   int in_flight;            /* loop thread only */
 };
 
@@ -115,7 +116,11 @@ static void pool_unref(tide__pool *p) {
 
 /* Takes the next job, waiting for one; NULL when the slot must stop.  Locked. */
 static tide__job *take(tide__pool *p, slot *s) {
-  while (p->queue == NULL && !p->closing) uv_cond_wait(&p->cv, &p->mu);
+  while (p->queue == NULL && !p->closing) {
+    p->sleeping++;
+    uv_cond_wait(&p->cv, &p->mu);
+    p->sleeping--;
+  }
   if (p->closing) return NULL;
   tide__job *job = p->queue;
   p->queue = job->next;
@@ -237,7 +242,7 @@ int tide__pool_submit(tide__pool *p, tide__job *job) {
   if (!closing) {
     append(&p->queue, &p->queue_tail, job);
     p->queued++;
-    uv_cond_signal(&p->cv);
+    if (p->sleeping > 0) uv_cond_signal(&p->cv);   /* a busy worker finds it anyway */
   }
   uv_mutex_unlock(&p->mu);
   if (closing) return -1;

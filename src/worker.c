@@ -31,10 +31,13 @@ static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   return p;
 }
 
+#define WORKER_KEY "tide.worker"   /* registry: lightuserdata, this state's worker */
+
 static tide__worker *worker_of(lua_State *L) {
-  void *ud;
-  lua_getallocf(L, &ud);
-  return ud;
+  lua_getfield(L, LUA_REGISTRYINDEX, WORKER_KEY);
+  tide__worker *w = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  return w;
 }
 
 /* ===== stopping: a hook set from the loop thread, checked by the worker */
@@ -117,7 +120,9 @@ static const luaL_Reg thread_funcs[] = {
 
 static int open_state(lua_State *L) {
   const tide__pool_config *cfg = lua_touserdata(L, 1);
-  tide__worker *w = worker_of(L);
+  tide__worker *w = lua_touserdata(L, 2);
+  lua_pushlightuserdata(L, w);
+  lua_setfield(L, LUA_REGISTRYINDEX, WORKER_KEY);
   luaL_openlibs(L);
   lua_getglobal(L, "package");
   if (cfg->path) { lua_pushstring(L, cfg->path); lua_setfield(L, -2, "path"); }
@@ -141,13 +146,17 @@ static int open_state(lua_State *L) {
 }
 
 int tide__worker_open(tide__worker *w, const tide__pool_config *cfg, char *err, size_t errlen) {
+  /* LuaJIT's own allocator is faster; ours only when a limit is asked for. */
   w->limit = cfg->memory_limit;
-  w->L = lua_newstate(limited_alloc, w);
+  w->L = w->limit ? lua_newstate(limited_alloc, w) : luaL_newstate();
   if (w->L == NULL) {
     snprintf(err, errlen, "cannot create a Lua state for thread %d", w->index);
     return -1;
   }
-  if (lua_cpcall(w->L, open_state, (void *)cfg) != 0) {
+  lua_pushcfunction(w->L, open_state);
+  lua_pushlightuserdata(w->L, (void *)cfg);
+  lua_pushlightuserdata(w->L, w);
+  if (lua_pcall(w->L, 2, 0, 0) != 0) {
     snprintf(err, errlen, "cannot set up thread %d: %s", w->index, lua_tostring(w->L, -1));
     lua_close(w->L);
     w->L = NULL;
