@@ -89,6 +89,21 @@ describe("tide.spawn", function()
     assert.matches("stack traceback", reported[1][3])
   end)
 
+  it("runs handle_result outside any task: it cannot wait, and never suspends a canceller", function()
+    local reported
+    tide.configure{ on_error = function(where, err) reported = where .. ": " .. tostring(err) end }
+    local canceller_went_on = false
+    tide.run(function()
+      local b = tide.spawn{ run = function() tide.sleep(1000) end,
+                            handle_result = function() tide.sleep(100) end }
+      local a = tide.spawn{ timeout = 50, run = function() b:cancel(); canceller_went_on = true end }
+      assert.equal("ok", (a:await()))
+    end)
+    tide.configure{ on_error = function(where, err, tb) io.stderr:write(tb or tostring(err)) end }
+    assert.is_true(canceller_went_on)
+    assert.matches("^handle_result of tide.Task %d+ %(cancelled%): .*tide.sleep: cannot wait inside handle_result %(spawn a task for work that waits%)", reported)
+  end)
+
   it("isolates failures: a failing task never takes down its caller or siblings", function()
     local results = {}
     local status = tide.run(function()
