@@ -31,10 +31,7 @@ end
 -- ===== time
 
 --- Suspends the current task for `ms` milliseconds (0: let others run).
-function tide.sleep(ms)
-  if not is_ms(ms) then arg_error("tide.sleep", 1, "non-negative number of ms", ms) end
-  S.sleep(ms, 2)
-end
+tide.sleep = S.sleep
 
 --- Monotonic time in milliseconds (fractional), for measuring intervals.
 tide.now = core.now

@@ -23,6 +23,7 @@
 local core = require "tide.core"
 local log = require "tide.log"
 local retry = require "tide.retry"
+local check = require "tide.check"
 
 local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, coroutine.yield
 local type = type
@@ -30,6 +31,7 @@ local co_running = coroutine.running
 local unpack, select, pcall, xpcall, error = unpack, select, pcall, xpcall, error
 local tostring, traceback = tostring, debug.traceback
 local timer_start, timer_cancel, pop, kick = core.timer_start, core.timer_cancel, core.pop, core.kick
+local is_ms = check.is_ms
 
 local S = {}
 
@@ -41,6 +43,7 @@ S.TERMINAL = TERMINAL
 local WAIT = setmetatable({}, { __tostring = function() return "tide.WAIT" end })
 
 local current = nil          -- the task whose coroutine is being resumed
+local in_callback = nil      -- the name of the user callback running now, if any
 local in_tick = false
 local next_id = 0
 -- Every task that may still be live, in creation order: appended when
@@ -109,15 +112,18 @@ local token = 0
 
 --- Starts a wait for the current task; returns it and the wait's token.
 --- `fname` names the public function for the error raised outside a task.
-local function wait_begin(fname, level)
-  local t = current
+local function cannot_wait(fname, t, level)
   if in_callback then
     error(("%s: cannot wait inside %s (spawn a task for work that waits)"):format(fname, in_callback), level + 1)
   elseif t == nil then
     error(fname .. ": called outside a task (start one with tide.run or tide.spawn)", level + 1)
-  elseif co_running() ~= t._co then
-    error(fname .. ": cannot wait inside a nested coroutine, only in the task's own", level + 1)
   end
+  error(fname .. ": cannot wait inside a nested coroutine, only in the task's own", level + 1)
+end
+
+local function wait_begin(fname, level)
+  local t = current
+  if in_callback or t == nil or co_running() ~= t._co then cannot_wait(fname, t, level + 1) end
   token = token + 1
   t._wait = token
   return t, token
@@ -151,9 +157,22 @@ local function wait_end(t, tok, ms)
 end
 S.wait_end = wait_end
 
-function S.sleep(ms, level)
-  local t, tok = wait_begin("tide.sleep", level + 1)
-  wait_end(t, tok, ms)
+--- tide.sleep: the same steps as wait_begin and wait_end, written out in
+--- one flat function, because every frame below a yield stays on the task's
+--- stack while it sleeps (deep enough, and LuaJIT doubles the stack).
+function S.sleep(ms)
+  if not is_ms(ms) then check.arg_error("tide.sleep", 1, "non-negative number of ms", ms) end
+  local t = current
+  if in_callback or t == nil or co_running() ~= t._co then cannot_wait("tide.sleep", t, 2) end
+  local tok = token + 1
+  token, t._wait = tok, tok
+  local key = timer_start(ms)                    -- timer(), written out: one frame less
+  t_fn[key], t_obj[key], t_arg[key] = wait_timer_fired, t, tok
+  t._wait_timer = key
+  co_yield(WAIT)
+  t._wait = false
+  key = t._wait_timer
+  if key then t._wait_timer = nil; untimer(key) end
 end
 
 --- Appends the current task to a list of waiters (flat pairs task, token).
@@ -193,8 +212,11 @@ local DONE = setmetatable({}, { __tostring = function() return "tide.DONE" end }
 local MAX_IDLE = 256
 local idle, nidle = {}, 0
 
-local function runner_loop(fn, ...)
-  return runner_loop(co_yield(DONE, fn(...)))   -- a tail call: the stack stays flat
+-- Not a vararg function: a vararg frame takes more stack slots, and a task
+-- that waits keeps every frame below its yield (see S.sleep).
+local function runner_loop(fn, args)
+  if args then return runner_loop(co_yield(DONE, fn(unpack(args, 1, args.n)))) end
+  return runner_loop(co_yield(DONE, fn()))     -- tail calls: the stack stays flat
 end
 
 -- ===== attempts
@@ -247,8 +269,6 @@ local function backoff_over(t)
 end
 
 -- ===== the door
-
-local in_callback = nil     -- the name of the user callback running now, if any
 
 --- Calls a user callback protected, outside any task: it cannot wait (its
 --- caller may be another task, or the loop itself); a failure goes to the
@@ -340,9 +360,7 @@ local function run_task(t, co)
     end
     t._co = co
     local o = t._opt
-    local a = o and o.args
-    if a then return after_resume(t, co, co_resume(co, t._fn, unpack(a, 1, a.n))) end
-    return after_resume(t, co, co_resume(co, t._fn))
+    return after_resume(t, co, co_resume(co, t._fn, o and o.args))
   end
   return after_resume(t, co, co_resume(co))
 end
@@ -386,12 +404,12 @@ local Task_mt = S.Task_mt
 --- Creates a task (state "pending"); fields are validated by the caller.
 function S.new_task(fn, args)
   next_id = next_id + 1
-  -- Every field a plain task ever sets is in the constructor, so the table
-  -- is allocated once at its final size (false: not yet set).
-  -- Eight fields, all set here: the table is allocated once, at its final
-  -- size.  What fewer tasks need lives in t._opt (arguments, timeout, retry,
-  -- hooks, timers) or is added when needed (t._waiters, t.name, t.traceback).
-  local t = setmetatable({ id = next_id, attempts = 0, value = false, _fn = fn, _state = "pending",
+  -- Seven fields set here, and room for an eighth (t._wait_timer while it
+  -- sleeps, or t.value when it ends) before the table must grow: a hash
+  -- part of 8 slots is what keeps an idle task small.  What fewer tasks need
+  -- lives in t._opt (arguments, timeout, retry, hooks, timers) or is added
+  -- when needed (t._waiters, t.name, t.traceback).
+  local t = setmetatable({ id = next_id, attempts = 0, _fn = fn, _state = "pending",
                            _co = false, _opt = args and { args = args } or false, _wait = false },
                          Task_mt)
   nlive, live_n = nlive + 1, live_n + 1
