@@ -8,7 +8,7 @@ local check = require "tide.check"
 local log = require "tide.log"
 local thread = require "tide.thread"
 
-local type, error, pairs, setmetatable, getmetatable = type, error, pairs, setmetatable, getmetatable
+local type, error, ipairs, setmetatable, getmetatable = type, error, ipairs, setmetatable, getmetatable
 local new_task, start = S.new_task, S.start
 local arg_error, opt_error, is_ms = check.arg_error, check.opt_error, check.is_ms
 
@@ -40,19 +40,25 @@ local Timer = {}
 local Timer_mt = { __index = Timer, __tostring = function(tm)
   return ("tide.Timer (%s)"):format(tm.key and "pending" or "stopped")
 end }
-local user_timers = setmetatable({}, { __mode = "k" })
+--- on_finish of a timer's task (internal, so no protected call per run):
+--- a failure goes to the error sink, as nobody awaits these tasks.
+local function timer_finished(t)
+  local status = t:status()
+  if status == "error" then log.report("timer callback", t.value, t.traceback)
+  elseif status == "timeout" then log.report("timer callback", t.value) end
+end
 
-local function timer_result(status, err, task)
-  if status == "error" then log.report("timer callback", err, task.traceback)
-  elseif status == "timeout" then log.report("timer callback", err) end
+--- The task of a timer: fn(timer).  (No argument table per run: the timer
+--- rides in the task's options.)
+local function run_timer()
+  local tm = S.current()._opt.tm
+  return tm.fn(tm)
 end
 
 local function fire(tm)
-  tm.key = nil
-  if tm.every then tm.key = S.timer(tm.ms, fire, tm) else user_timers[tm] = nil end
-  local t = new_task(tm.fn, { n = 1, tm })
-  S.options(t).handle_result = timer_result
-  start(t)
+  tm.key = false
+  if tm.every then tm.key = S.timer(tm.ms, fire, tm) end
+  start(new_task(run_timer, { timer = false, tm = tm, on_finish = timer_finished }))
 end
 
 local function new_timer(fname, ms, fn, every)
@@ -61,9 +67,8 @@ local function new_timer(fname, ms, fn, every)
   end
   if type(fn) ~= "function" then arg_error(fname, 2, "function", fn, 3) end
   if S.shutting_down() then error(fname .. ": the loop is shutting down", 3) end
-  local tm = setmetatable({ ms = ms, fn = fn, every = every }, Timer_mt)
+  local tm = setmetatable({ ms = ms, fn = fn, every = every, key = false }, Timer_mt)
   tm.key = S.timer(ms, fire, tm)
-  user_timers[tm] = true
   return tm
 end
 
@@ -84,15 +89,14 @@ function Timer.stop(tm)
   if getmetatable(tm) ~= Timer_mt then
     error(("timer:stop: bad self (timer expected, got %s)"):format(check.describe(tm)), 2)
   end
-  user_timers[tm] = nil
-  if tm.key == nil then return false end
+  if not tm.key then return false end
   S.untimer(tm.key)
-  tm.key = nil
+  tm.key = false
   return true
 end
 
 S.on_shutdown(function()
-  for tm in pairs(user_timers) do Timer.stop(tm) end
+  for _, tm in ipairs(S.timers_of(fire)) do Timer.stop(tm) end
 end)
 
 -- ===== the loop

@@ -29,7 +29,7 @@ local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, corou
 local type = type
 local co_running = coroutine.running
 local unpack, select, pcall, xpcall, error = unpack, select, pcall, xpcall, error
-local tostring, traceback = tostring, debug.traceback
+local tostring, traceback, pairs = tostring, debug.traceback, pairs
 local timer_start, timer_cancel, pop, kick = core.timer_start, core.timer_cancel, core.pop, core.kick
 local is_ms = check.is_ms
 
@@ -83,6 +83,15 @@ local function timer(ms, fn, obj, arg)
   return key
 end
 S.timer = timer
+
+--- The objects of the pending timers whose handler is `fn`.
+function S.timers_of(fn)
+  local list = {}
+  for key, f in pairs(t_fn) do
+    if f == fn then list[#list + 1] = t_obj[key] end
+  end
+  return list
+end
 
 local function untimer(key)
   timer_cancel(key)
@@ -401,8 +410,9 @@ S.Task_mt = { __index = Task, __tostring = function(t)
 end }
 local Task_mt = S.Task_mt
 
---- Creates a task (state "pending"); fields are validated by the caller.
-function S.new_task(fn, args)
+--- Creates a task (state "pending") that runs fn; `opt` holds its rarer
+--- options (args, timeout, retry, hooks), or is nil.  Validated by the caller.
+function S.new_task(fn, opt)
   next_id = next_id + 1
   -- Seven fields set here, and room for an eighth (t._wait_timer while it
   -- sleeps, or t.value when it ends) before the table must grow: a hash
@@ -410,7 +420,7 @@ function S.new_task(fn, args)
   -- lives in t._opt (arguments, timeout, retry, hooks, timers) or is added
   -- when needed (t._waiters, t.name, t.traceback).
   local t = setmetatable({ id = next_id, attempts = 0, _fn = fn, _state = "pending",
-                           _co = false, _opt = args and { args = args } or false, _wait = false },
+                           _co = false, _opt = opt or false, _wait = false },
                          Task_mt)
   nlive, live_n = nlive + 1, live_n + 1
   live[live_n] = t

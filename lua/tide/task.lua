@@ -51,7 +51,7 @@ local function make_task(fname, default_mode, spec, ...)
       local t = thread_task(fname, spec, args, 3)   -- not a tail call: errors blame the caller
       return t
     end
-    return new_task(spec, args)
+    return new_task(spec, args and { args = args })
   elseif kind ~= "table" then
     arg_error(fname, 1, "function or table", spec, 3)
   end
@@ -84,7 +84,7 @@ local function make_task(fname, default_mode, spec, ...)
   local handle_result = opt_function(fname, spec, "handle_result")
   local on_retry = opt_function(fname, spec, "on_retry")
   local t
-  if mode == "thread" then t = thread_task(fname, run, args, 3) else t = new_task(run, args) end
+  if mode == "thread" then t = thread_task(fname, run, args, 3) else t = new_task(run, args and { args = args }) end
   t.name = spec.name
   local o = S.options(t)
   o.timeout, o.retry, o.handle_result, o.on_retry = spec.timeout, policy, handle_result, on_retry
