@@ -137,7 +137,7 @@ static tide__job *take(tide__pool *p, slot *s) {
 static void give_back(tide__pool *p, slot *s, tide__job *job) {
   atomic_store(&s->w.running, 0);
   s->current = NULL;
-  p->busy--;
+  if (!s->quarantined) p->busy--;            /* a quarantined one stopped counting */
   if (job->abandoned || p->closing) {
     tide__job_free(job);
     return;
@@ -184,20 +184,27 @@ static slot *start_slot(tide__pool *p, int index, char *err, size_t errlen) {
 
 /* ===== the loop side */
 
+/* Delivers finished jobs.  on_done may close the pool: a reference held
+ * for the batch keeps it allocated, and what is left after a close is freed
+ * undelivered. */
 static void on_async(uv_async_t *a) {
   tide__pool *p = a->data;
   uv_mutex_lock(&p->mu);
   tide__job *job = p->done;
   p->done = p->done_tail = NULL;
+  p->refs++;
   uv_mutex_unlock(&p->mu);
   while (job) {
     tide__job *next = job->next;
-    p->in_flight--;
-    p->on_done(p, job, p->data);
+    if (!p->closing) {
+      p->in_flight--;
+      p->on_done(p, job, p->data);
+    }
     tide__job_free(job);
     job = next;
   }
-  if (p->in_flight == 0) uv_unref((uv_handle_t *)p->async);
+  if (!p->closing && p->in_flight == 0) uv_unref((uv_handle_t *)p->async);
+  pool_unref(p);
 }
 
 static char *dup_str(const char *s) {
@@ -283,19 +290,23 @@ int tide__pool_cancel(tide__pool *p, uint64_t id) {
 int tide__pool_quarantine(tide__pool *p, uint64_t id) {
   uv_mutex_lock(&p->mu);
   slot *s = running(p, id);
-  int i = 0;
+  int i = 0, index = 0, was_abandoned = 0;
   if (s) {
     while (p->slots[i] != s) i++;
+    index = s->w.index;                      /* s is the thread's own from here on */
+    was_abandoned = s->current->abandoned;
     s->quarantined = 1;
     s->current->abandoned = 1;
     p->quarantined++;
+    p->busy--;
     p->refs++;                               /* the thread holds the pool now */
     pthread_detach(s->thread);
   }
   uv_mutex_unlock(&p->mu);
   if (s == NULL) return 0;
+  if (!was_abandoned && --p->in_flight == 0) uv_unref((uv_handle_t *)p->async);
   char err[256];
-  slot *fresh = start_slot(p, s->w.index, err, sizeof err);
+  slot *fresh = start_slot(p, index, err, sizeof err);
   uv_mutex_lock(&p->mu);
   if (fresh) {
     p->slots[i] = fresh;
@@ -334,6 +345,7 @@ void tide__pool_close(tide__pool *p) {
     s->quarantined = 1;
     s->current->abandoned = 1;
     tide__worker_interrupt(&s->w, s->current->id);
+    p->busy--;
     p->refs++;
     pthread_detach(s->thread);
     p->slots[i] = NULL;

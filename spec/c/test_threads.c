@@ -1,0 +1,379 @@
+/* test_threads.c — TAP tests of the thread pool (threads.c, worker.c) driven from a loop of the test's own. */
+#include "threads.h"
+
+#include <lauxlib.h>
+#include <lualib.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <uv.h>
+
+#include "codec.h"
+
+#define WAIT_MS 5000  /* the longest any wait may take: past it, the check fails */
+#define MAX_ID  1024  /* job ids used here are 1 .. MAX_ID - 1 */
+
+static int tests, failed;
+static lua_State *S;  /* scratch state: encodes arguments, dumps bytecode, decodes results */
+
+static int ok(int cond, const char *fmt, ...) {
+  va_list ap;
+  printf("%sok %d - ", cond ? "" : "not ", ++tests);
+  va_start(ap, fmt);
+  vprintf(fmt, ap);
+  va_end(ap);
+  putchar('\n');
+  fflush(stdout);
+  failed += !cond;
+  return cond;
+}
+
+static void bail_out(const char *what, const char *why) {
+  printf("Bail out! %s: %s\n", what, why ? why : "?");
+  exit(2);
+}
+
+/* ===== WHAT on_done DELIVERED, BY JOB ID ===== */
+
+typedef struct inbox {
+  int count[MAX_ID];                 /* deliveries of each id: must end 0 or 1 */
+  tide__job_status status[MAX_ID];   /* of the last delivery */
+  char *result[MAX_ID];              /* copies of the last delivery's bytes */
+  size_t result_len[MAX_ID];
+  char *trace[MAX_ID];
+  int total, stray;                  /* every delivery; those with an id out of range */
+} inbox;
+
+static char *copy_bytes(const char *s, size_t len) {
+  char *p = malloc(len + 1);
+  if (p == NULL) bail_out("copy_bytes", "out of memory");
+  if (len) memcpy(p, s, len);
+  p[len] = '\0';
+  return p;
+}
+
+static void on_done(tide__pool *pool, tide__job *job, void *data) {
+  inbox *box = data;
+  (void)pool;
+  box->total++;
+  if (job->id == 0 || job->id >= MAX_ID) { box->stray++; return; }
+  uint64_t id = job->id;
+  box->count[id]++;
+  box->status[id] = job->status;
+  free(box->result[id]);
+  free(box->trace[id]);
+  box->result[id] = job->result ? copy_bytes(job->result, job->result_len) : NULL;
+  box->result_len[id] = job->result ? job->result_len : 0;
+  box->trace[id] = job->trace ? copy_bytes(job->trace, strlen(job->trace)) : NULL;
+}
+
+/* ===== A LOOP AND A POOL OF THE TEST'S OWN ===== */
+
+typedef struct rig {
+  uv_loop_t loop;
+  tide__pool *pool;
+  inbox box;
+} rig;
+
+static rig *rig_start(int threads, size_t memory_limit, const char *init) {
+  rig *r = calloc(1, sizeof *r);
+  if (r == NULL || uv_loop_init(&r->loop) != 0) bail_out("rig_start", "no loop");
+  tide__pool_config cfg = { .threads = threads, .init = init, .memory_limit = memory_limit };
+  char err[256];
+  r->pool = tide__pool_start(&r->loop, &cfg, on_done, &r->box, err, sizeof err);
+  if (r->pool == NULL) bail_out("tide__pool_start", err);
+  return r;
+}
+
+/* Closes the pool, then the loop (once the async handle's close callback ran). */
+static void rig_stop(rig *r, const char *name) {
+  tide__pool_close(r->pool);
+  uv_run(&r->loop, UV_RUN_DEFAULT);
+  ok(uv_loop_close(&r->loop) == 0, "%s: the loop closes with no handle left", name);
+  for (int i = 0; i < MAX_ID; i++) {
+    free(r->box.result[i]);
+    free(r->box.trace[i]);
+  }
+  free(r);
+}
+
+static tide__pool_stats stats(rig *r) {
+  tide__pool_stats st;
+  tide__pool_stats_get(r->pool, &st);
+  return st;
+}
+
+static uint64_t deadline_in(int ms) {
+  return uv_hrtime() + (uint64_t)ms * 1000000u;
+}
+
+/* Runs the loop without blocking, then naps 1 ms; 0 once `deadline` has passed. */
+static int tick(rig *r, uint64_t deadline) {
+  uv_run(&r->loop, UV_RUN_NOWAIT);
+  if (uv_hrtime() >= deadline) return 0;
+  uv_sleep(1);
+  return 1;
+}
+
+static void run_for(rig *r, int ms) {
+  uint64_t dl = deadline_in(ms);
+  while (tick(r, dl)) {}
+}
+
+/* Waits until n jobs in all were delivered; 1 if they were in time. */
+static int wait_delivered(rig *r, int n, int ms) {
+  uint64_t dl = deadline_in(ms);
+  while (r->box.total < n && tick(r, dl)) {}
+  return r->box.total >= n;
+}
+
+/* Waits until the pool counts `busy` busy threads; 1 if it did in time. */
+static int wait_busy(rig *r, int busy, int ms) {
+  uint64_t dl = deadline_in(ms);
+  while (stats(r).busy != busy && tick(r, dl)) {}
+  return stats(r).busy == busy;
+}
+
+/* ===== JOBS: ARGUMENTS, BYTECODE, RESULTS (in the scratch state) ===== */
+
+/* The codec bytes of a Lua expression, like "{ n = 2, 'ab', 3 }". */
+static tide_buf args_of(const char *expr) {
+  char src[256], err[256];
+  tide_buf b;
+  tide__buf_init(&b);
+  snprintf(src, sizeof src, "return %s", expr);
+  if (luaL_loadstring(S, src) || lua_pcall(S, 0, 1, 0)) bail_out(expr, lua_tostring(S, -1));
+  if (tide__encode(S, -1, "args", &b, err, sizeof err) != 0) bail_out(expr, err);
+  lua_pop(S, 1);                                      /* the value */
+  return b;
+}
+
+static int append(lua_State *L, const void *p, size_t n, void *ud) {
+  tide_buf *b = ud;
+  (void)L;
+  char *data = realloc(b->data, b->len + n);
+  if (data == NULL) return 1;
+  memcpy(data + b->len, p, n);
+  b->data = data;
+  b->len += n;
+  b->cap = b->len;
+  return 0;
+}
+
+/* The bytecode of a Lua chunk (luaL_loadstring, then lua_dump). */
+static tide_buf bytecode_of(const char *src) {
+  tide_buf b;
+  tide__buf_init(&b);
+  if (luaL_loadstring(S, src) != 0) bail_out(src, lua_tostring(S, -1));
+  if (lua_dump(S, append, &b) != 0) bail_out(src, "lua_dump failed");
+  lua_pop(S, 1);                                      /* the function */
+  return b;
+}
+
+static void submit(rig *r, uint64_t id, const char *fn, size_t fn_len, int is_name,
+                   const tide_buf *args) {
+  tide__job *job = tide__job_new(id, fn, fn_len, is_name, args->data, args->len);
+  if (job == NULL) bail_out("tide__job_new", "out of memory");
+  if (tide__pool_submit(r->pool, job) != 0) bail_out("tide__pool_submit", "the pool is closing");
+}
+
+static void submit_name(rig *r, uint64_t id, const char *name, const char *args_expr) {
+  tide_buf args = args_of(args_expr);
+  submit(r, id, name, strlen(name), 1, &args);
+  tide__buf_free(&args);
+}
+
+static void submit_code(rig *r, uint64_t id, const char *src, const char *args_expr) {
+  tide_buf code = bytecode_of(src), args = args_of(args_expr);
+  submit(r, id, code.data, code.len, 0, &args);
+  tide__buf_free(&code);
+  tide__buf_free(&args);
+}
+
+/* Decodes job id's result as { n = 1, v } and gives tostring(v) in out; 1 if it was so. */
+static int result_1(rig *r, uint64_t id, char *out, size_t outlen) {
+  char err[256];
+  int good = 0;
+  out[0] = '\0';
+  if (r->box.result[id] == NULL ||
+      tide__decode(S, r->box.result[id], r->box.result_len[id], err, sizeof err) != 0)
+    return 0;
+  if (lua_istable(S, -1)) {
+    lua_getfield(S, -1, "n");                         /* results, n */
+    lua_rawgeti(S, -2, 1);                            /* results, n, v */
+    good = lua_tonumber(S, -2) == 1 && lua_isstring(S, -1);
+    if (good) snprintf(out, outlen, "%s", lua_tostring(S, -1));
+    lua_pop(S, 2);
+  }
+  lua_pop(S, 1);                                      /* the results */
+  return good;
+}
+
+static int result_is(rig *r, uint64_t id, const char *expected) {
+  char got[256];
+  return r->box.status[id] == TIDE_JOB_OK && result_1(r, id, got, sizeof got) &&
+         strcmp(got, expected) == 0;
+}
+
+/* Job id failed, and both its error value (a string) and its trace contain `part`. */
+static int failed_with(rig *r, uint64_t id, const char *part) {
+  char err[256];
+  int good = 0;
+  if (r->box.status[id] != TIDE_JOB_ERROR || r->box.trace[id] == NULL ||
+      strstr(r->box.trace[id], part) == NULL || r->box.result[id] == NULL)
+    return 0;
+  if (tide__decode(S, r->box.result[id], r->box.result_len[id], err, sizeof err) != 0) return 0;
+  good = lua_type(S, -1) == LUA_TSTRING && strstr(lua_tostring(S, -1), part) != NULL;
+  lua_pop(S, 1);                                      /* the error value */
+  return good;
+}
+
+/* ===== THE CASES ===== */
+
+#define AB3 "{ n = 2, 'ab', 3 }"
+
+static void by_name_and_by_bytecode(void) {
+  rig *r = rig_start(2, 0, NULL);
+  submit_name(r, 1, "string.rep", AB3);
+  submit_code(r, 2, "local s, k = ... return string.rep(s, k)", AB3);
+  ok(wait_delivered(r, 2, WAIT_MS), "a job by name and one by bytecode are delivered");
+  ok(result_is(r, 1, "ababab"), "by name: 'string.rep' gives OK and { n = 1, 'ababab' }");
+  ok(result_is(r, 2, "ababab"), "by bytecode: the dumped function gives OK and { n = 1, 'ababab' }");
+  ok(r->box.trace[1] == NULL && r->box.trace[2] == NULL, "a job that succeeds has no trace");
+  rig_stop(r, "by name and bytecode");
+}
+
+static void error_with_traceback(void) {
+  rig *r = rig_start(2, 0, NULL);
+  submit_code(r, 1, "local function inner() error('boom') end inner()", "{ n = 0 }");
+  submit_name(r, 2, "nosuchmodule.fn", "{ n = 0 }");
+  ok(wait_delivered(r, 2, WAIT_MS), "erroring jobs are delivered");
+  ok(failed_with(r, 1, "boom"), "an error gives TIDE_JOB_ERROR and its message");
+  ok(r->box.trace[1] && strstr(r->box.trace[1], "stack traceback"),
+     "its trace has a stack traceback");
+  ok(failed_with(r, 2, "nosuchmodule"), "a function from a missing module is an error naming it");
+  rig_stop(r, "errors");
+}
+
+static void thousand_jobs_once_each(void) {
+  enum { N = 1000 };
+  rig *r = rig_start(2, 0, NULL);
+  tide_buf args = args_of(AB3);
+  for (uint64_t id = 1; id <= N; id++) submit(r, id, "string.rep", strlen("string.rep"), 1, &args);
+  tide__buf_free(&args);
+  ok(wait_delivered(r, N, WAIT_MS), "1,000 jobs are delivered");
+  run_for(r, 50);                                     /* room for a duplicate to show */
+  int once = 1, good = 1;
+  for (uint64_t id = 1; id <= N; id++) {
+    once &= r->box.count[id] == 1;
+    good &= result_is(r, id, "ababab");
+  }
+  ok(once && r->box.total == N && r->box.stray == 0, "each exactly once, through on_done");
+  ok(good, "each with its own right result");
+  tide__pool_stats st = stats(r);
+  ok(st.in_flight == 0 && st.queued == 0 && st.busy == 0, "nothing is left queued or in flight");
+  rig_stop(r, "1,000 jobs");
+}
+
+static void cancel_queued_and_running(void) {
+  rig *r = rig_start(2, 0, NULL);
+  submit_name(r, 1, "tide.sleep", "{ n = 1, 5000 }");
+  submit_name(r, 2, "tide.sleep", "{ n = 1, 5000 }");
+  submit_name(r, 3, "string.rep", AB3);               /* queued behind them */
+  ok(wait_busy(r, 2, WAIT_MS), "two sleeping jobs occupy both threads");
+  ok(tide__pool_cancel(r->pool, 3) == 1, "cancelling a queued job returns 1");
+  ok(stats(r).queued == 0, "the queue is empty then");
+  ok(tide__pool_cancel(r->pool, 1) == 2, "cancelling a running job returns 2");
+  ok(wait_busy(r, 1, 1000), "its thread is idle again within 1 s");
+  ok(tide__pool_cancel(r->pool, 2) == 2, "cancelling the other running job returns 2");
+  ok(wait_busy(r, 0, 1000), "both threads are idle within 1 s");
+  ok(tide__pool_cancel(r->pool, 1) == 0 && tide__pool_cancel(r->pool, 99) == 0,
+     "cancelling a gone or unknown job returns 0");
+  submit_name(r, 4, "string.rep", AB3);
+  submit_name(r, 5, "string.rep", AB3);
+  ok(wait_delivered(r, 2, WAIT_MS), "later jobs still run");
+  run_for(r, 100);
+  ok(r->box.count[1] + r->box.count[2] + r->box.count[3] == 0, "no cancelled job is ever delivered");
+  ok(result_is(r, 4, "ababab") && result_is(r, 5, "ababab"),
+     "jobs after a cancel are not hit by a stale stop request");
+  tide__pool_stats st = stats(r);
+  ok(st.quarantined == 0 && st.replaced == 0 && st.size == 2, "no thread was quarantined");
+  ok(st.in_flight == 0 && st.busy == 0 && st.idle == 2, "nothing in flight, both threads idle");
+  rig_stop(r, "cancel");
+}
+
+/* Blocks 300 ms in C, where the stop hook cannot run, then returns on its own. */
+#define STUCK "os.execute('sleep 0.3') return 'late'"
+#define SLEEP_200 "local t = require('tide') t.sleep(200) return t.thread"
+
+static void quarantine_stuck_job(void) {
+  rig *r = rig_start(2, 0, NULL);
+  submit_code(r, 1, STUCK, "{ n = 0 }");
+  ok(wait_busy(r, 1, WAIT_MS), "the blocked job is running");
+  ok(tide__pool_cancel(r->pool, 1) == 2, "asked to stop (cancel returns 2)");
+  run_for(r, 50);
+  ok(stats(r).busy == 1, "it ignores the request");
+  ok(tide__pool_quarantine(r->pool, 1) == 1, "tide__pool_quarantine returns 1");
+  ok(tide__pool_quarantine(r->pool, 1) == 0 && tide__pool_quarantine(r->pool, 99) == 0,
+     "quarantining it again, or an unknown job, returns 0");
+  tide__pool_stats st = stats(r);
+  ok(st.quarantined == 1 && st.replaced == 1 && st.size == 2,
+     "stats: quarantined 1, replaced 1, size 2");
+  uint64_t t0 = uv_hrtime();
+  submit_code(r, 2, SLEEP_200, "{ n = 0 }");
+  submit_code(r, 3, SLEEP_200, "{ n = 0 }");
+  ok(wait_delivered(r, 2, WAIT_MS), "new jobs complete");
+  double ms = (double)(uv_hrtime() - t0) / 1e6;
+  char a[32], b[32];
+  ok(result_1(r, 2, a, sizeof a) && result_1(r, 3, b, sizeof b) && strcmp(a, b) != 0 && ms < 380,
+     "two 200 ms jobs ran at once on two threads (%.0f ms, threads %s and %s)", ms, a, b);
+  ok(wait_busy(r, 0, WAIT_MS), "the quarantined thread returns on its own");
+  uv_sleep(100);                                      /* ... and retires: state closed, ref dropped */
+  run_for(r, 50);
+  st = stats(r);
+  ok(r->box.count[1] == 0 && st.in_flight == 0, "its late result is dropped");
+  ok(st.size == 2 && st.idle == 2, "the pool has 2 idle threads");
+  rig_stop(r, "quarantine");
+}
+
+#define HOG "local t = {} for i = 1, 1e9 do t[i] = string.rep('x', 1000) .. i end"
+
+static void memory_limit(void) {
+  rig *r = rig_start(1, 32u << 20, NULL);
+  submit_code(r, 1, HOG, "{ n = 0 }");
+  ok(wait_delivered(r, 1, WAIT_MS), "a job allocating without bound under a 32 MB limit ends");
+  ok(failed_with(r, 1, "not enough memory"), "with TIDE_JOB_ERROR and 'not enough memory'");
+  submit_name(r, 2, "string.rep", AB3);
+  ok(wait_delivered(r, 2, WAIT_MS) && result_is(r, 2, "ababab"), "the next job on that thread succeeds");
+  rig_stop(r, "memory limit");
+}
+
+static void failing_thread_init(void) {
+  rig *r = rig_start(2, 0, "tide_test_no_such_module");
+  submit_name(r, 1, "string.rep", AB3);
+  submit_code(r, 2, "return 1", "{ n = 0 }");
+  submit_name(r, 3, "string.rep", AB3);
+  ok(wait_delivered(r, 3, WAIT_MS), "jobs on threads whose init failed are delivered");
+  ok(failed_with(r, 1, "thread_init") && failed_with(r, 2, "thread_init") &&
+     failed_with(r, 3, "thread_init"), "each fails with a message naming thread_init");
+  ok(strstr(r->box.trace[1], "tide_test_no_such_module") != NULL, "and the module");
+  rig_stop(r, "thread_init");
+}
+
+int main(void) {
+  S = luaL_newstate();
+  luaL_openlibs(S);
+  by_name_and_by_bytecode();
+  error_with_traceback();
+  thousand_jobs_once_each();
+  cancel_queued_and_running();
+  quarantine_stuck_job();
+  memory_limit();
+  failing_thread_init();
+  lua_close(S);
+  printf("1..%d\n", tests);
+  return failed != 0;
+}
