@@ -190,5 +190,8 @@ end
 tide.current = S.current
 
 tide.pool = require("tide.pool").new
+tide.supervisor = require("tide.supervisor").new
+tide.consumer = require("tide.consumer").new
+tide.sources = require "tide.sources"
 
 return tide

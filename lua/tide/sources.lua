@@ -1,0 +1,85 @@
+--- tide.sources — message sources for tide.consumer.  `memory` is a broker stand-in for tests and examples.
+--
+-- The memory source behaves like a broker channel with a prefetch limit
+-- (basic.qos): it never has more than `prefetch` deliveries unacked, each
+-- delivery gets a fresh tag, a nacked message with requeue goes back to the
+-- queue (and is delivered again with a new tag).  It records every ack and
+-- nack, and counts what a real broker would reject: settling an unknown tag
+-- or settling one twice.  `outage = true` makes fetch fail, like a lost
+-- connection.
+local check = require "tide.check"
+
+local type, setmetatable, error, tostring = type, setmetatable, error, tostring
+
+local M = {}
+local Memory = {}
+local Memory_mt = { __index = Memory, __tostring = function(m)
+  return ("tide.sources.memory (%d queued, %d unacked)"):format(m.queued, m.unacked)
+end }
+
+--- tide.sources.memory{ prefetch = N, messages = { ... } }
+function M.memory(opts)
+  opts = opts or {}
+  if type(opts) ~= "table" then check.arg_error("tide.sources.memory", 1, "table", opts) end
+  check.known("tide.sources.memory", opts, { prefetch = true, messages = true })
+  local prefetch = opts.prefetch or 10
+  if not check.is_count(prefetch, 1) then
+    check.opt_error("tide.sources.memory", "prefetch", "integer >= 1", opts.prefetch)
+  end
+  local m = setmetatable({ prefetch = prefetch, queue = {}, qhead = 1, queued = 0,
+    unacked = 0, pending = {}, next_tag = 0, outage = false,
+    delivered = 0, acked = 0, nacked = 0, violations = 0, log = {} }, Memory_mt)
+  for _, body in ipairs(opts.messages or {}) do m:publish(body) end
+  return m
+end
+
+function Memory.publish(m, body)
+  m.queue[m.qhead + m.queued] = body
+  m.queued = m.queued + 1
+end
+
+--- At most n deliveries, within the prefetch window.
+function Memory.fetch(m, n)
+  if m.outage then error("memory source: connection refused (outage)", 0) end
+  local out = {}
+  while #out < n and m.queued > 0 and m.unacked < m.prefetch do
+    local body = m.queue[m.qhead]
+    m.queue[m.qhead], m.qhead, m.queued = nil, m.qhead + 1, m.queued - 1
+    m.next_tag = m.next_tag + 1
+    local d = { tag = m.next_tag, body = body }
+    m.pending[d.tag] = body
+    m.unacked, m.delivered = m.unacked + 1, m.delivered + 1
+    out[#out + 1] = d
+  end
+  return out
+end
+
+local function settle(m, tag, what)
+  m.log[#m.log + 1] = { tag, what }
+  local body = m.pending[tag]
+  if body == nil then
+    m.violations = m.violations + 1
+    error(("memory source: %s of unknown or settled delivery tag %s"):format(what, tostring(tag)), 0)
+  end
+  m.pending[tag] = nil
+  m.unacked = m.unacked - 1
+  return body
+end
+
+function Memory.ack(m, tag)
+  settle(m, tag, "ack")
+  m.acked = m.acked + 1
+end
+
+function Memory.nack(m, tag, requeue)
+  local body = settle(m, tag, "nack")
+  m.nacked = m.nacked + 1
+  if requeue then m:publish(body) end
+end
+
+function Memory.stats(m)
+  return { queued = m.queued, unacked = m.unacked, delivered = m.delivered, acked = m.acked,
+           nacked = m.nacked, violations = m.violations }
+end
+
+return M

@@ -1,0 +1,349 @@
+--- tide.supervisor — OTP-style supervision trees for long-running children.
+--
+-- A supervisor is itself a task.  It starts its children (tasks) in order,
+-- and reacts, one event at a time, to their exits and to the commands of its
+-- API: a mailbox serializes both, so a restart never races a terminate.
+--
+--   restart types    permanent: always restarted; transient: restarted after
+--                    an abnormal exit (error, timeout, or a cancel that the
+--                    supervisor did not ask for); temporary: never.
+--   strategies       one_for_one: the child alone; one_for_all: every child
+--                    (the others are stopped in reverse order first);
+--                    rest_for_one: the child and those started after it.
+--   intensity        more than `intensity` restarts within `period` ms and
+--                    the supervisor gives up: it stops its children and ends
+--                    with an error, which its parent sees as a child's crash.
+--   the top          a supervisor without a parent that gives up does not
+--                    leave a dead node: it logs, waits a cool-down (backoff)
+--                    and starts again, unless `on_give_up` returns "stop".
+--
+-- Stopping a child: it is asked to stop (ctx:stopping() becomes true), given
+-- its `shutdown` ms to end by itself, then cancelled.  Outcomes are always
+-- delivered.
+local S = require "tide.sched"
+local check = require "tide.check"
+local log = require "tide.log"
+local retry = require "tide.retry"
+
+local type, error, ipairs, pairs, pcall, tostring = type, error, ipairs, pairs, pcall, tostring
+local setmetatable, getmetatable = setmetatable, getmetatable
+local arg_error, opt_error = check.arg_error, check.opt_error
+
+local M = {}
+local Sup = {}
+local Sup_mt = { __index = Sup, __tostring = function(s)
+  return ("tide.Supervisor '%s' (%s)"):format(s.name, s.state)
+end }
+M.Supervisor_mt = Sup_mt
+
+local STRATEGIES = { one_for_one = true, one_for_all = true, rest_for_one = true }
+local RESTARTS = { permanent = true, transient = true, temporary = true }
+local KEYS = { strategy = true, intensity = true, period = true, children = true, name = true,
+               on_give_up = true, cooldown = true }
+local CHILD_KEYS = { id = true, start = true, restart = true, shutdown = true, args = true }
+
+local tide -- the public module, for spawn (required lazily: it requires us)
+
+-- ===== validation
+
+local function check_child(fname, spec, where, level)
+  level = level + 1
+  if type(spec) ~= "table" then opt_error(fname, where, "child spec table", spec, level) end
+  check.known(fname, spec, CHILD_KEYS, where .. ".", level)
+  if type(spec.id) ~= "string" and type(spec.id) ~= "number" then
+    opt_error(fname, where .. ".id", "string or number", spec.id, level)
+  end
+  local start = spec.start
+  if type(start) ~= "function" and getmetatable(start) ~= Sup_mt then
+    opt_error(fname, where .. ".start", "function or supervisor", start, level)
+  end
+  if spec.restart ~= nil and not RESTARTS[spec.restart] then
+    opt_error(fname, where .. ".restart", check.choices(RESTARTS), spec.restart, level)
+  end
+  if spec.shutdown ~= nil and not check.is_ms(spec.shutdown) then
+    opt_error(fname, where .. ".shutdown", "non-negative number of ms", spec.shutdown, level)
+  end
+  if spec.args ~= nil and type(spec.args) ~= "table" then
+    opt_error(fname, where .. ".args", "table", spec.args, level)
+  end
+  return { id = spec.id, start = start, restart = spec.restart or "permanent",
+           shutdown = spec.shutdown or 5000, args = spec.args }
+end
+
+--- tide.supervisor{ strategy =, intensity =, period =, children = {...}, name =,
+---                  on_give_up = fn(sup, reason) -> "restart" | "stop",
+---                  cooldown = { base = ms, max = ms } }
+function M.new(opts)
+  local fname = "tide.supervisor"
+  if type(opts) ~= "table" then arg_error(fname, 1, "table", opts) end
+  check.known(fname, opts, KEYS)
+  local strategy = opts.strategy or "one_for_one"
+  if not STRATEGIES[strategy] then opt_error(fname, "strategy", check.choices(STRATEGIES), opts.strategy) end
+  local intensity, period = opts.intensity or 3, opts.period or 5000
+  if not check.is_count(intensity) then opt_error(fname, "intensity", "integer >= 0", opts.intensity) end
+  if not check.is_ms(period, true) then opt_error(fname, "period", "positive number of ms", opts.period) end
+  if opts.name ~= nil and type(opts.name) ~= "string" then opt_error(fname, "name", "string", opts.name) end
+  if opts.on_give_up ~= nil and type(opts.on_give_up) ~= "function" then
+    opt_error(fname, "on_give_up", "function", opts.on_give_up)
+  end
+  local cooldown = retry.policy(fname, { attempts = 1, backoff = "exponential",
+    base = (opts.cooldown or {}).base or 1000, max = (opts.cooldown or {}).max or 30000 })
+  local children, ids = {}, {}
+  if type(opts.children or {}) ~= "table" then opt_error(fname, "children", "list of child specs", opts.children) end
+  for i, spec in ipairs(opts.children or {}) do
+    local c = check_child(fname, spec, "children[" .. i .. "]", 2)
+    if ids[c.id] then error(("%s: duplicate child id '%s'"):format(fname, tostring(c.id)), 2) end
+    ids[c.id] = true
+    children[i] = c
+  end
+  return setmetatable({
+    name = opts.name or "supervisor", strategy = strategy, intensity = intensity, period = period,
+    on_give_up = opts.on_give_up, cooldown = cooldown, specs = children,
+    state = "stopped", children = {}, restarts = {}, mailbox = {}, waiting = false,
+    task = nil, parent = nil, gave_up = 0,
+  }, Sup_mt)
+end
+
+-- ===== the mailbox: events handled one at a time by the supervisor's task
+
+local function post(sup, event)
+  local box = sup.mailbox
+  box[#box + 1] = event
+  local w = sup.waiting
+  if w then sup.waiting = false; S.wake(w[1], w[2]) end
+end
+
+local function receive(sup)
+  local box = sup.mailbox
+  while #box == 0 do
+    local t, tok = S.wait_begin("supervisor", 1)
+    sup.waiting = { t, tok }
+    S.wait_end(t, tok)
+  end
+  return table.remove(box, 1)
+end
+
+-- ===== children
+
+--- The handle a child's start function receives.
+local Ctx = {}
+local Ctx_mt = { __index = Ctx }
+function Ctx.stopping(ctx) return ctx.stop_requested end
+
+local run_supervisor -- forward
+
+local function start_child(sup, c)
+  local ctx = setmetatable({ id = c.id, supervisor = sup, stop_requested = false }, Ctx_mt)
+  local run, args
+  if getmetatable(c.start) == Sup_mt then
+    c.start.parent = sup
+    run, args = run_supervisor, { n = 1, c.start }
+  else
+    run = c.start
+    args = { n = 1 + (c.args and (c.args.n or #c.args) or 0), ctx }
+    if c.args then for i = 1, args.n - 1 do args[i + 1] = c.args[i] end end
+  end
+  local rec = { spec = c, ctx = ctx, stopping = false }
+  rec.task = tide.spawn{ run = run, args = args, name = sup.name .. "/" .. tostring(c.id),
+    handle_result = function(status, value) post(sup, { "exit", rec, status, value }) end }
+  sup.children[c.id] = rec
+  return rec
+end
+
+--- Asks a child to stop, waits up to its shutdown, then cancels it; the
+--- exit that follows is expected (it restarts nothing).
+local function stop_child(sup, rec)
+  rec.stopping = true
+  rec.ctx.stop_requested = true
+  if getmetatable(rec.spec.start) == Sup_mt then post(rec.spec.start, { "stop" }) end  -- in order, below
+  local t = rec.task
+  if not S.TERMINAL[t:status()] and rec.spec.shutdown > 0 then t:await(rec.spec.shutdown) end
+  if not S.TERMINAL[t:status()] then t:cancel("shutdown by " .. sup.name) end
+  if sup.children[rec.spec.id] == rec then sup.children[rec.spec.id] = nil end
+end
+
+local function index_of(sup, id)
+  for i, c in ipairs(sup.specs) do if c.id == id then return i end end
+end
+
+--- Stops the children from index `from` on, last started first.
+local function stop_from(sup, from, except)
+  for i = #sup.specs, from, -1 do
+    local rec = sup.children[sup.specs[i].id]
+    if rec and rec ~= except then stop_child(sup, rec) end
+  end
+end
+
+-- ===== restarts
+
+--- Counts a restart; false when that exceeds the intensity within the period.
+local function count_restart(sup)
+  local now, list = S.now(), sup.restarts
+  local keep = {}
+  for _, at in ipairs(list) do if now - at < sup.period then keep[#keep + 1] = at end end
+  keep[#keep + 1] = now
+  sup.restarts = keep
+  return #keep <= sup.intensity
+end
+
+local function wants_restart(rec, status)
+  local kind = rec.spec.restart
+  if kind == "permanent" then return true end
+  if kind == "temporary" then return false end
+  return status ~= "ok"                        -- transient: abnormal exits only
+end
+
+local function on_exit(sup, rec, status, value)
+  if rec.stopping then return end            -- we stopped it
+  if sup.children[rec.spec.id] == rec then sup.children[rec.spec.id] = nil end
+  if not wants_restart(rec, status) then return end
+  if not count_restart(sup) then
+    error(("supervisor '%s' gave up: more than %d restarts in %g ms (last: child '%s' %s: %s)")
+      :format(sup.name, sup.intensity, sup.period, tostring(rec.spec.id), status, tostring(value)), 0)
+  end
+  local i = index_of(sup, rec.spec.id)
+  if sup.strategy == "one_for_one" then
+    start_child(sup, rec.spec)
+    return
+  end
+  local from = sup.strategy == "one_for_all" and 1 or i
+  stop_from(sup, from)
+  for j = from, #sup.specs do start_child(sup, sup.specs[j]) end
+end
+
+-- ===== commands (run by the supervisor's task)
+
+local COMMANDS = {}
+
+function COMMANDS.terminate_child(sup, id)
+  local rec = sup.children[id]
+  if rec then stop_child(sup, rec) end
+end
+
+function COMMANDS.restart_child(sup, id)
+  local rec = sup.children[id]
+  if rec then stop_child(sup, rec) end
+  local i = index_of(sup, id)
+  if i then start_child(sup, sup.specs[i]) end
+end
+
+function COMMANDS.start_child(sup, spec)
+  sup.specs[#sup.specs + 1] = spec
+  start_child(sup, spec)
+end
+
+function COMMANDS.stop(sup)
+  stop_from(sup, 1)
+  return true
+end
+
+--- The supervisor's life: start the children, then handle events until
+--- stopped (returns) or over intensity (raises, children stopped).
+local function supervise(sup)
+  sup.children, sup.restarts = {}, {}
+  for _, c in ipairs(sup.specs) do start_child(sup, c) end
+  sup.state = "running"
+  while true do
+    local ev = receive(sup)
+    local ok, done = pcall(function()
+      if ev[1] == "exit" then return on_exit(sup, ev[2], ev[3], ev[4]) end
+      return COMMANDS[ev[1]](sup, ev[2])
+    end)
+    if not ok then
+      sup.state = "giving up"
+      stop_from(sup, 1)
+      error(done, 0)
+    end
+    if done then return "stopped" end
+  end
+end
+
+--- Runs a supervisor as a task: nested ones escalate; the top one cools
+--- down and starts again after giving up, unless on_give_up says "stop".
+function run_supervisor(sup)
+  sup.task = S.current()
+  S.options(sup.task).on_finish = function()      -- however it ends, no child outlives it
+    for _, rec in pairs(sup.children) do
+      rec.stopping = true
+      if not S.TERMINAL[rec.task:status()] then rec.task:cancel("supervisor " .. sup.name .. " ended") end
+    end
+    sup.children = {}
+    sup.state = "stopped"
+  end
+  while true do
+    local ok, err = pcall(supervise, sup)
+    if ok then sup.state = "stopped"; return "stopped" end
+    sup.gave_up = sup.gave_up + 1
+    if sup.parent then
+      log.report("supervisor " .. sup.name, err .. " (escalating to '" .. sup.parent.name .. "')")
+      error(err, 0)
+    end
+    local decision = "restart"
+    if sup.on_give_up then
+      local hook_ok, d = pcall(sup.on_give_up, sup, err)
+      if not hook_ok then log.report("on_give_up of " .. tostring(sup), d, d) end
+      if hook_ok and d == "stop" then decision = "stop" end
+    end
+    if decision == "stop" then sup.state = "stopped"; error(err, 0) end
+    local wait = retry.delay(sup.cooldown, sup.gave_up)
+    log.report("supervisor " .. sup.name, err .. (" (starting again in %g ms)"):format(wait))
+    sup.state = "cooling down"
+    S.sleep(wait)
+  end
+end
+
+-- ===== the API
+
+local function check_sup(fname, sup)
+  if getmetatable(sup) ~= Sup_mt then
+    error(("%s: bad self (supervisor expected, got %s)"):format(fname, check.describe(sup)), 3)
+  end
+end
+
+--- Starts the supervisor (as a task); returns it.
+function Sup.start(sup)
+  check_sup("supervisor:start", sup)
+  if sup.task and not S.TERMINAL[sup.task:status()] then
+    error("supervisor:start: '" .. sup.name .. "' is already running", 2)
+  end
+  tide = tide or require "tide"
+  sup.gave_up = 0
+  sup.task = tide.spawn{ run = run_supervisor, args = { sup }, name = sup.name }
+  return sup
+end
+
+local function command(fname, sup, name, arg)
+  check_sup(fname, sup)
+  if not sup.task or S.TERMINAL[sup.task:status()] then
+    return nil, ("%s: '%s' is not running"):format(fname, sup.name)
+  end
+  post(sup, { name, arg })
+  return true
+end
+
+--- Stops every child (last started first) and the supervisor; await its task to wait for it.
+function Sup.stop(sup) return command("supervisor:stop", sup, "stop") end
+
+function Sup.terminate_child(sup, id) return command("supervisor:terminate_child", sup, "terminate_child", id) end
+function Sup.restart_child(sup, id) return command("supervisor:restart_child", sup, "restart_child", id) end
+
+function Sup.start_child(sup, spec)
+  check_sup("supervisor:start_child", sup)
+  local c = check_child("supervisor:start_child", spec, "child", 2)
+  if index_of(sup, c.id) then error(("supervisor:start_child: duplicate child id '%s'"):format(tostring(c.id)), 2) end
+  return command("supervisor:start_child", sup, "start_child", c)
+end
+
+--- { { id =, task =, status =, restart = }, ... } in start order.
+function Sup.which_children(sup)
+  check_sup("supervisor:which_children", sup)
+  local list = {}
+  for _, c in ipairs(sup.specs) do
+    local rec = sup.children[c.id]
+    list[#list + 1] = { id = c.id, restart = c.restart, task = rec and rec.task,
+                        status = rec and rec.task:status() or "stopped" }
+  end
+  return list
+end
+
+return M
