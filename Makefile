@@ -8,8 +8,7 @@ LUAJIT    ?= luajit
 PKGS      := luajit libuv
 VERSION   := 0.1.0
 
-DEPS_DEB  := luajit libluajit-5.1-dev libuv1-dev lua-cjson lua-busted pkg-config \
-             libsqlite3-dev
+DEPS_DEB  := luajit libluajit-5.1-dev libuv1-dev lua-cjson lua-busted pkg-config
 
 CFLAGS    ?= -O2 -g
 CFLAGS    += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -fPIC -fvisibility=hidden \
@@ -104,7 +103,8 @@ bench: all
 	@BUILD=$(BUILD) sh bench/run.sh
 
 FUZZ_SECONDS ?= 60
-fuzz: deps
+fuzz:
+	@$(MAKE) --no-print-directory deps DEPS_DEB="$(DEPS_DEB) clang"
 	@BUILD=build/fuzz FUZZ_SECONDS=$(FUZZ_SECONDS) sh spec/fuzz/run.sh
 
 # ---- install
