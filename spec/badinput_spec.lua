@@ -80,17 +80,6 @@ local BAD_IN_TASK = {
   { function() local p = tide.pool{}; local t = p:submit(f); p.drain("x") end, "pool:drain: bad self (pool expected, got string \"x\"); call it as pool:drain(...)" },
 }
 
-local function check_error(case, i)
-  local ok, err = pcall(case[1])
-  assert(not ok, ("case %d did not fail: %s"):format(i, case[2]))
-  err = tostring(err)
-  local where, msg = err:match("^(spec/badinput_spec%.lua:%d+): (.*)$")
-  if msg ~= case[2] then
-    error(("case %d:\n expected: spec/badinput_spec.lua:N: %s\n      got: %s"):format(i, case[2], err), 0)
-  end
-  assert.is_string(where)
-end
-
 describe("bad input", function()
   after_each(function()
     assert.equal(0, tide.stats().live)
@@ -102,7 +91,7 @@ describe("bad input", function()
   end)
 
   it("fails each bad call with its message at the caller's line", function()
-    for i, case in ipairs(BAD) do check_error(case, i) end
+    spec_helper.error_cases("spec/badinput_spec.lua", BAD)
     -- a call that failed left no task behind (the cases cancel what they spawn)
     assert.equal(0, tide.stats().live)
     tide.run(function() end)   -- one tick lets the loop see its run queue is empty
@@ -110,7 +99,7 @@ describe("bad input", function()
 
   it("fails each bad call inside a task with its message", function()
     local status, err = tide.run(function()
-      for i, case in ipairs(BAD_IN_TASK) do check_error(case, i) end
+      spec_helper.error_cases("spec/badinput_spec.lua", BAD_IN_TASK)
     end)
     assert.equal("ok", status, tostring(err))
   end)

@@ -164,10 +164,6 @@ describe("tide.consumer", function()
       { function() tide.consumer{ source = src, handler = { run = print, tmeout = 5 } } end, "tide.consumer: unknown option 'handler.tmeout'" },
       { function() tide.sources.memory{ prefetch = -1 } end, "tide.sources.memory: bad option 'prefetch' (integer >= 1 expected, got number -1)" },
     }
-    for i, c in ipairs(cases) do
-      local ok, err = pcall(c[1])
-      assert.is_false(ok, "case " .. i)
-      assert.equal(c[2], tostring(err):match("^spec/consumer_spec%.lua:%d+: (.*)$"), "case " .. i .. ": " .. tostring(err))
-    end
+    spec_helper.error_cases("spec/consumer_spec.lua", cases)
   end)
 end)

@@ -20,6 +20,21 @@ function H.error_like(msg, fn, ...)
   return err
 end
 
+--- Checks a list of { fn, message } cases: each fn must raise `message`,
+--- prefixed by its own line in `file` (the spec's path), as every public
+--- function blames its caller's line.
+function H.error_cases(file, cases)
+  local pattern = "^" .. file:gsub("%p", "%%%0") .. ":%d+: (.*)$"
+  for i, case in ipairs(cases) do
+    local ok, err = pcall(case[1])
+    assert(not ok, ("case %d did not fail: %s"):format(i, case[2]))
+    local msg = tostring(err):match(pattern)
+    if msg ~= case[2] then
+      error(("case %d:\n expected: %s:N: %s\n      got: %s"):format(i, file, case[2], tostring(err)), 2)
+    end
+  end
+end
+
 --- Runs a shell command; returns its exit status and output.
 function H.sh(cmd)
   local f = io.popen(cmd .. " 2>&1; echo \"__status=$?\"")

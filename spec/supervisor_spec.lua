@@ -234,10 +234,6 @@ describe("tide.supervisor", function()
       { function() tide.supervisor{ children = { { id = 1, start = f, bogus = 1 } } } end, "tide.supervisor: unknown option 'children[1].bogus'" },
       { function() tide.supervisor{ children = { { id = 1, start = f }, { id = 1, start = f } } } end, "tide.supervisor: duplicate child id '1'" },
     }
-    for i, c in ipairs(cases) do
-      local ok, err = pcall(c[1])
-      assert.is_false(ok, "case " .. i)
-      assert.equal(c[2], tostring(err):match("^spec/supervisor_spec%.lua:%d+: (.*)$"), "case " .. i .. ": " .. tostring(err))
-    end
+    spec_helper.error_cases("spec/supervisor_spec.lua", cases)
   end)
 end)

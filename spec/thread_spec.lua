@@ -185,12 +185,7 @@ describe("thread mode", function()
       { function() tide.configure{ threads = 4 } end,
         "tide.configure: threads, thread_init and thread_memory must be set before the first thread task" },
     }
-    for i, c in ipairs(cases) do
-      local ok, err = pcall(c[1])
-      assert.is_false(ok, "case " .. i)
-      local msg = tostring(err):match("^spec/thread_spec%.lua:%d+: (.*)$")
-      assert.equal(c[2], msg, "case " .. i .. ": " .. tostring(err))
-    end
+    spec_helper.error_cases("spec/thread_spec.lua", cases)
     assert.equal(0, tide.stats().live)
   end)
 

@@ -10,19 +10,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-static lua_State *A, *B;  /* A encodes, B decodes: two independent states */
-static int tests, failed;
+#include "tap.h"
 
-static int ok(int cond, const char *fmt, ...) {
-  va_list ap;
-  printf("%sok %d - ", cond ? "" : "not ", ++tests);
-  va_start(ap, fmt);
-  vprintf(fmt, ap);
-  va_end(ap);
-  putchar('\n');
-  failed += !cond;
-  return cond;
-}
+static lua_State *A, *B;  /* A encodes, B decodes: two independent states */
 
 /* Pushes the value the Lua chunk src returns. */
 static void eval(lua_State *L, const char *src) {
@@ -458,6 +448,5 @@ int main(void) {
   ok(lua_gettop(A) == 0 && lua_gettop(B) == 0, "both stacks end empty");
   lua_close(A);
   lua_close(B);
-  printf("1..%d\n", tests);
-  return failed != 0;
+  return tap_done();
 }

@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "tap.h"
+
 #include <uv.h>
 
 #include "codec.h"
@@ -16,20 +18,7 @@
 #define WAIT_MS 5000  /* the longest any wait may take: past it, the check fails */
 #define MAX_ID  1024  /* job ids used here are 1 .. MAX_ID - 1 */
 
-static int tests, failed;
 static lua_State *S;  /* scratch state: encodes arguments, dumps bytecode, decodes results */
-
-static int ok(int cond, const char *fmt, ...) {
-  va_list ap;
-  printf("%sok %d - ", cond ? "" : "not ", ++tests);
-  va_start(ap, fmt);
-  vprintf(fmt, ap);
-  va_end(ap);
-  putchar('\n');
-  fflush(stdout);
-  failed += !cond;
-  return cond;
-}
 
 static void bail_out(const char *what, const char *why) {
   printf("Bail out! %s: %s\n", what, why ? why : "?");
@@ -374,6 +363,5 @@ int main(void) {
   memory_limit();
   failing_thread_init();
   lua_close(S);
-  printf("1..%d\n", tests);
-  return failed != 0;
+  return tap_done();
 }

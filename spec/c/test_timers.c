@@ -5,13 +5,7 @@
 
 #include "timers.h"
 
-static int n_tests, n_failed;
-
-static void ok(int cond, const char *what) {
-  n_tests++;
-  if (!cond) n_failed++;
-  printf("%s %d - %s\n", cond ? "ok" : "not ok", n_tests, what);
-}
+#include "tap.h"
 
 static void empty_heap(void) {
   tide__timers t;
@@ -104,6 +98,5 @@ int main(void) {
   ties_in_insertion_order();
   random_against_reference();
   pops_sorted();
-  printf("1..%d\n", n_tests);
-  return n_failed != 0;
+  return tap_done();
 }
