@@ -158,6 +158,24 @@ describe("tide.supervisor", function()
     assert.matches("starting again in", reports[1])
   end)
 
+  it("stops at once when told to during its cool-down, starting nothing", function()
+    local starts, elapsed, status = 0
+    run(function()
+      local sup = tide.supervisor{ name = "top", intensity = 1, period = 1000, cooldown = { base = 2000, max = 2000 },
+        children = { { id = "c", start = function() starts = starts + 1; error("boom") end } } }
+      sup:start()
+      tide.sleep(50)
+      assert.equal("cooling down", sup.state)
+      local t0 = tide.now()
+      sup:stop()
+      status = sup.task:await(5000)
+      elapsed = tide.now() - t0
+    end)
+    assert.equal("ok", status)
+    assert.equal(2, starts)
+    assert.is_true(elapsed < 500, "stop took " .. elapsed .. " ms")
+  end)
+
   it("operates on children: which_children, terminate, restart, start_child", function()
     run(function()
       local sup = tide.supervisor{ children = { child("a"), child("b") } }

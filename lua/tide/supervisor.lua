@@ -113,14 +113,26 @@ local function post(sup, event)
   if w then sup.waiting = false; S.wake(w[1], w[2]) end
 end
 
-local function receive(sup)
+--- The next event; with `ms`, nil once that much time passed without one.
+local function receive(sup, ms)
   local box = sup.mailbox
+  local deadline = ms and S.now() + ms
   while #box == 0 do
+    local left = deadline and deadline - S.now()
+    if left and left <= 0 then return nil end
     local t, tok = S.wait_begin("supervisor", 1)
     sup.waiting = { t, tok }
-    S.wait_end(t, tok)
+    S.wait_end(t, tok, left)
+    sup.waiting = false
   end
   return table.remove(box, 1)
+end
+
+--- Drops the exits of children from an earlier run (commands stay).
+local function drop_stale_exits(sup)
+  local keep = {}
+  for _, ev in ipairs(sup.mailbox) do if ev[1] ~= "exit" then keep[#keep + 1] = ev end end
+  sup.mailbox = keep
 end
 
 -- ===== children
@@ -241,6 +253,7 @@ end
 --- stopped (returns) or over intensity (raises, children stopped).
 local function supervise(sup)
   sup.children, sup.restarts = {}, {}
+  drop_stale_exits(sup)
   for _, c in ipairs(sup.specs) do start_child(sup, c) end
   sup.state = "running"
   while true do
@@ -258,6 +271,19 @@ local function supervise(sup)
   end
 end
 
+--- Waits out a cool-down while still answering commands: true when told
+--- to stop.  Children are down: terminate and restart have nothing to do,
+--- and a child added now starts with the others.
+local function cool_down(sup, ms)
+  local deadline = S.now() + ms
+  while true do
+    local ev = receive(sup, deadline - S.now())
+    if ev == nil then return false end
+    if ev[1] == "stop" then return true end
+    if ev[1] == "start_child" then sup.specs[#sup.specs + 1] = ev[2] end
+  end
+end
+
 --- Runs a supervisor as a task: nested ones escalate; the top one cools
 --- down and starts again after giving up, unless on_give_up says "stop".
 function run_supervisor(sup)
@@ -270,7 +296,9 @@ function run_supervisor(sup)
     sup.children = {}
     sup.state = "stopped"
   end
+  local streak = 0
   while true do
+    local started = S.now()
     local ok, err = pcall(supervise, sup)
     if ok then sup.state = "stopped"; return "stopped" end
     sup.gave_up = sup.gave_up + 1
@@ -285,10 +313,14 @@ function run_supervisor(sup)
       if hook_ok and d == "stop" then decision = "stop" end
     end
     if decision == "stop" then sup.state = "stopped"; error(err, 0) end
-    local wait = retry.delay(sup.cooldown, sup.gave_up)
+    -- consecutive give-ups back off; a run that lasted longer than the
+    -- longest cool-down counts as healthy and starts the backoff over
+    if S.now() - started > sup.cooldown.max then streak = 0 end
+    streak = streak + 1
+    local wait = retry.delay(sup.cooldown, streak)
     log.report("supervisor " .. sup.name, err .. (" (starting again in %g ms)"):format(wait))
     sup.state = "cooling down"
-    S.sleep(wait)
+    if cool_down(sup, wait) then sup.state = "stopped"; return "stopped" end
   end
 end
 
