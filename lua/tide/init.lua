@@ -193,5 +193,6 @@ tide.pool = require("tide.pool").new
 tide.supervisor = require("tide.supervisor").new
 tide.consumer = require("tide.consumer").new
 tide.sources = require "tide.sources"
+tide.flow = require("tide.flow").new
 
 return tide

@@ -1,0 +1,597 @@
+--- tide.flow — DAGs of tasks: fan-out children, fan-in, conditions, limits, retries, hooks.
+--
+-- A flow is defined once (and validated then: unknown fields, unknown
+-- dependencies and cycles are errors) and run any number of times.  A run is
+-- driven by the outcomes of its tasks: each node's handle_result decides what
+-- starts next, so scheduling costs no extra resume per node; the run's own
+-- task only waits for the end.
+--
+-- Node statuses: "ok", "failed", "timeout", "skipped", "cancelled".  A node
+-- runs when every dependency is "ok"; when one of them did not end "ok", the
+-- node is "skipped".  fail = "stop": the first failure cancels the rest of
+-- the run; fail = "continue": only what depends on the failure is skipped.
+local S = require "tide.sched"
+local check = require "tide.check"
+local log = require "tide.log"
+
+local type, pairs, ipairs, error, tostring, setmetatable, getmetatable, pcall, xpcall =
+  type, pairs, ipairs, error, tostring, setmetatable, getmetatable, pcall, xpcall
+local sort, concat, traceback = table.sort, table.concat, debug.traceback
+local opt_error = check.opt_error
+
+local tide -- the public module (required lazily: it requires us)
+
+local M = {}
+local Flow = {}
+local Flow_mt = { __index = Flow, __tostring = function(f) return ("tide.Flow '%s'"):format(f.name) end }
+M.Flow_mt = Flow_mt
+
+local FLOW_KEYS = { name = true, max_concurrency = true, fail = true, timeout = true, tasks = true, on = true }
+local TASK_KEYS = { run = true, each = true, items = true, after = true, when = true, retry = true,
+                    timeout = true, mode = true, max_concurrency = true, exit_on_failed = true, flow = true }
+local HOOKS = { flow_start = true, task_start = true, task_done = true, task_failed = true,
+                task_timeout = true, task_retry = true, task_skipped = true, child_done = true,
+                flow_done = true }
+local FAILS = { stop = true, continue = true }
+
+M.graph_only = false        -- `tide graph`: defining is fine, running stops the script
+M.GRAPH_STOP = setmetatable({}, { __tostring = function() return "tide graph: stop here" end })
+M.defined = {}              -- flows defined so far, for `tide graph`
+
+-- ===== definition and validation
+
+local function is_flow(v) return getmetatable(v) == Flow_mt end
+
+local function bad(fname, where, key, expected, v)
+  error(("%s: %s: bad field '%s' (%s expected, got %s)"):format(fname, where, key, expected, check.describe(v)), 4)
+end
+
+local function check_task(fname, fdesc, name, spec)
+  local where = ("%s: task '%s'"):format(fdesc, name)
+  if type(spec) ~= "table" then
+    error(("%s: %s: task spec table expected, got %s"):format(fname, where, check.describe(spec)), 3)
+  end
+  for k in pairs(spec) do
+    if not TASK_KEYS[k] then error(("%s: %s: unknown field '%s'"):format(fname, where, tostring(k)), 3) end
+  end
+  if spec.run == nil and spec.each == nil and spec.flow == nil then
+    error(("%s: %s: needs 'run', 'each' or 'flow'"):format(fname, where), 3)
+  end
+  local is_thread = spec.mode == "thread"
+  if spec.run ~= nil and type(spec.run) ~= "function" and not (is_thread and type(spec.run) == "string") then
+    bad(fname, where, "run", "function", spec.run)
+  end
+  if spec.each ~= nil and type(spec.each) ~= "function" and not is_flow(spec.each)
+     and not (is_thread and type(spec.each) == "string") then
+    bad(fname, where, "each", "function or flow", spec.each)
+  end
+  if spec.flow ~= nil and not is_flow(spec.flow) then bad(fname, where, "flow", "flow", spec.flow) end
+  for _, k in ipairs{ "items", "when" } do
+    if spec[k] ~= nil and type(spec[k]) ~= "function" then bad(fname, where, k, "function", spec[k]) end
+  end
+  if spec.items ~= nil and spec.each == nil then
+    error(("%s: %s: 'items' without 'each'"):format(fname, where), 3)
+  end
+  if spec.timeout ~= nil and not check.is_ms(spec.timeout, true) then bad(fname, where, "timeout", "positive number of ms", spec.timeout) end
+  if spec.max_concurrency ~= nil and not check.is_count(spec.max_concurrency, 1) then
+    bad(fname, where, "max_concurrency", "integer >= 1", spec.max_concurrency)
+  end
+  if spec.exit_on_failed ~= nil and type(spec.exit_on_failed) ~= "boolean" then
+    bad(fname, where, "exit_on_failed", "boolean", spec.exit_on_failed)
+  end
+  if spec.mode ~= nil and spec.mode ~= "coroutine" and spec.mode ~= "thread" then
+    bad(fname, where, "mode", "'coroutine' or 'thread'", spec.mode)
+  end
+  local after = spec.after
+  if type(after) == "string" then after = { after } end
+  if after ~= nil and type(after) ~= "table" then bad(fname, where, "after", "task name or list of names", spec.after) end
+  if spec.retry ~= nil then require("tide.retry").policy(fname .. ": " .. where, spec.retry, 3) end
+  return {
+    name = name, run = spec.run, each = spec.each, items = spec.items, flow = spec.flow,
+    after = after or {}, when = spec.when, retry = spec.retry, timeout = spec.timeout,
+    mode = spec.mode, max_concurrency = spec.max_concurrency or 10,
+    exit_on_failed = spec.exit_on_failed ~= false, dependents = {},
+  }
+end
+
+--- Finds a cycle, if any: returns the list of names around it.
+local function find_cycle(nodes, order)
+  local color, stack = {}, {}
+  local function visit(n)
+    color[n.name] = 1
+    stack[#stack + 1] = n.name
+    for _, d in ipairs(n.dependents) do
+      if color[d.name] == 1 then
+        local cycle, start = {}, nil
+        for i, s in ipairs(stack) do if s == d.name then start = i end end
+        for i = start, #stack do cycle[#cycle + 1] = stack[i] end
+        cycle[#cycle + 1] = d.name
+        return cycle
+      elseif color[d.name] == nil then
+        local c = visit(d)
+        if c then return c end
+      end
+    end
+    stack[#stack] = nil
+    color[n.name] = 2
+  end
+  for _, name in ipairs(order) do
+    if color[name] == nil then
+      local c = visit(nodes[name])
+      if c then return c end
+    end
+  end
+end
+
+--- tide.flow{ name =, max_concurrency =, fail = "stop" | "continue", timeout =, tasks = {...}, on = {...} }
+function M.new(opts)
+  local fname = "tide.flow"
+  if type(opts) ~= "table" then check.arg_error(fname, 1, "table", opts) end
+  check.known(fname, opts, FLOW_KEYS)
+  local name = opts.name or "flow"
+  if type(name) ~= "string" then opt_error(fname, "name", "string", opts.name) end
+  local fdesc = ("flow '%s'"):format(name)
+  if opts.fail ~= nil and not FAILS[opts.fail] then opt_error(fname, "fail", "'stop' or 'continue'", opts.fail) end
+  if opts.timeout ~= nil and not check.is_ms(opts.timeout, true) then opt_error(fname, "timeout", "positive number of ms", opts.timeout) end
+  if opts.max_concurrency ~= nil and not check.is_count(opts.max_concurrency, 1) then
+    opt_error(fname, "max_concurrency", "integer >= 1", opts.max_concurrency)
+  end
+  local on = opts.on or {}
+  if type(on) ~= "table" then opt_error(fname, "on", "table of hooks", on) end
+  for k, v in pairs(on) do
+    if not HOOKS[k] then error(("%s: %s: unknown hook '%s'"):format(fname, fdesc, tostring(k)), 2) end
+    if type(v) ~= "function" then opt_error(fname, "on." .. k, "function", v) end
+  end
+  if type(opts.tasks) ~= "table" or next(opts.tasks) == nil then
+    opt_error(fname, "tasks", "non-empty table of tasks", opts.tasks)
+  end
+  local nodes, order = {}, {}
+  for tname, spec in pairs(opts.tasks) do
+    if type(tname) ~= "string" then error(("%s: %s: task names must be strings, got %s"):format(fname, fdesc, check.describe(tname)), 2) end
+    nodes[tname] = check_task(fname, fdesc, tname, spec)
+    order[#order + 1] = tname
+  end
+  sort(order)
+  for _, tname in ipairs(order) do
+    local n = nodes[tname]
+    for _, dep in ipairs(n.after) do
+      if nodes[dep] == nil then
+        error(("%s: %s: task '%s' depends on unknown task '%s'"):format(fname, fdesc, tname, tostring(dep)), 2)
+      end
+      local dn = nodes[dep].dependents
+      dn[#dn + 1] = n
+    end
+  end
+  local cycle = find_cycle(nodes, order)
+  if cycle then error(("%s: %s: cycle %s"):format(fname, fdesc, concat(cycle, " -> ")), 2) end
+  local f = setmetatable({ name = name, nodes = nodes, order = order, fail = opts.fail or "stop",
+                           timeout = opts.timeout, max_concurrency = opts.max_concurrency or math.huge,
+                           on = on, last_report = nil }, Flow_mt)
+  M.defined[#M.defined + 1] = f
+  return f
+end
+
+-- ===== running
+
+local active = {}           -- runs in progress, for the progress line
+
+local function hook(run, name, ev)
+  local fn = run.flow.on[name]
+  if not fn then return end
+  ev.flow = run.flow.name
+  local ok, err = xpcall(fn, traceback, ev)
+  if not ok then log.report(("flow '%s' hook %s"):format(run.flow.name, name), err, err) end
+end
+
+local function ctx_for(run, node)
+  return { input = run.input, results = run.results, flow = run.flow.name, task = node.name }
+end
+
+local start_ready, node_finished -- forward
+
+--- The end of the run: every node has a status.
+local function finish_run(run, status)
+  if run.done then return end
+  run.done = true
+  run.report.status = status
+  run.report.duration = S.now() - run.t0
+  if run.timer then S.untimer(run.timer); run.timer = nil end
+  active[run] = nil
+  hook(run, "flow_done", { status = status, report = run.report })
+  run.flow.last_report = run.report
+  local w = run.waiter
+  if w then run.waiter = nil; S.wake(w[1], w[2]) end
+end
+
+local function count_open(run)
+  return run.open == 0
+end
+
+--- Cancels everything still running or waiting, with `status` for the run.
+local function stop_run(run, status, why)
+  if run.stopping then return end
+  run.stopping, run.stop_status = true, status
+  for _, name in ipairs(run.flow.order) do
+    local r = run.report.tasks[name]
+    if r.status == "pending" then
+      r.status = "cancelled"
+      run.open = run.open - 1
+    end
+  end
+  for _, name in ipairs(run.flow.order) do
+    local st = run.state[name]
+    if st and st.task and not S.TERMINAL[st.task:status()] then st.task:cancel(why) end
+    if st and st.children then
+      for _, c in pairs(st.children) do
+        if not S.TERMINAL[c:status()] then c:cancel(why) end
+      end
+    end
+  end
+  if count_open(run) then finish_run(run, status) end
+end
+
+local function skip(run, node, why)
+  local r = run.report.tasks[node.name]
+  if r.status ~= "pending" then return end
+  r.status = "skipped"
+  r.reason = why
+  run.open = run.open - 1
+  hook(run, "task_skipped", { task = node.name, reason = why })
+  for _, d in ipairs(node.dependents) do skip(run, d, "dependency '" .. node.name .. "' " .. why:gsub("^dependency '[^']*' ", "")) end
+end
+
+--- Records a node's end and starts what it unblocks.
+function node_finished(run, node, status, value, err)
+  local r = run.report.tasks[node.name]
+  if r.status ~= "running" then return end
+  r.status = status
+  r.duration = S.now() - (r.started or run.t0)
+  run.running = run.running - 1
+  run.open = run.open - 1
+  if status == "ok" then
+    r.value = value
+    run.results[node.name] = value
+    hook(run, "task_done", { task = node.name, value = value })
+  else
+    r.error = err
+    if status ~= "cancelled" then run.failed = run.failed + 1 end
+    if status == "timeout" then hook(run, "task_timeout", { task = node.name, error = err })
+    elseif status == "failed" then hook(run, "task_failed", { task = node.name, error = err }) end
+  end
+  if run.stopping then
+    if count_open(run) then finish_run(run, run.stop_status) end
+    return
+  end
+  if status ~= "ok" and status ~= "cancelled" and run.flow.fail == "stop" then
+    return stop_run(run, "failed", ("flow '%s' stopped: task '%s' %s"):format(run.flow.name, node.name, status))
+  end
+  for _, d in ipairs(node.dependents) do
+    if status ~= "ok" then
+      skip(run, d, "dependency '" .. node.name .. "' " .. status)
+    else
+      local left = run.waiting_deps[d.name] - 1
+      run.waiting_deps[d.name] = left
+      if left == 0 then run.ready[#run.ready + 1] = d end
+    end
+  end
+  start_ready(run)
+  if count_open(run) then finish_run(run, run.failed > 0 and "failed" or "ok") end
+end
+
+local function outcome_status(status)
+  if status == "ok" or status == "timeout" or status == "cancelled" then return status end
+  return "failed"
+end
+
+-- ===== children (fan-out)
+
+--- Runs node's children over `items`, at most max_concurrency at once; the
+--- node's value is their values in item order.
+local function fan_out(run, node, items)
+  local st = run.state[node.name]
+  local r = run.report.tasks[node.name]
+  local n = #items
+  local counts = { total = n, ok = 0, failed = 0, timeout = 0, cancelled = 0, running = 0 }
+  r.children = counts
+  run.children_total = run.children_total + n
+  local values, next_i, failed_err = {}, 1, nil
+  st.children = {}
+  local each = node.each
+  local function settle_node()
+    if counts.running > 0 or (next_i <= n and not run.stopping) then return end
+    if run.stopping then return node_finished(run, node, "cancelled", nil, "flow stopped") end
+    if failed_err and node.exit_on_failed then return node_finished(run, node, "failed", nil, failed_err) end
+    node_finished(run, node, "ok", values)
+  end
+  local launch
+  local function child_done(i, status, value)
+    st.children[i] = nil
+    counts.running = counts.running - 1
+    run.children_done = run.children_done + 1
+    local s = outcome_status(status)
+    counts[s] = counts[s] + 1
+    if s == "ok" then values[i] = value end
+    hook(run, "child_done", { task = node.name, index = i, status = s, value = value })
+    if s ~= "ok" and not failed_err and s ~= "cancelled" then
+      failed_err = ("child %d %s: %s"):format(i, s, tostring(value))
+      if node.exit_on_failed then
+        next_i = n + 1                      -- start no more; stop the running ones
+        for _, c in pairs(st.children) do c:cancel("a sibling failed") end
+      end
+    end
+    if r.status == "running" then launch() end
+    settle_node()
+  end
+  function launch()
+    while next_i <= n and counts.running < node.max_concurrency and not run.stopping do
+      local i = next_i
+      next_i = i + 1
+      counts.running = counts.running + 1
+      local item = items[i]
+      local spec = { timeout = node.timeout, retry = node.retry, mode = node.mode,
+                     name = ("%s/%s[%d]"):format(run.flow.name, node.name, i),
+                     handle_result = function(status, value) child_done(i, status, value) end }
+      if is_flow(each) then
+        spec.run, spec.args = M.run_as_task, { n = 2, each, item }
+      elseif node.mode == "thread" then
+        spec.run, spec.args = each, { n = 2, item, ctx_for(run, node) }
+      else
+        spec.run, spec.args = each, { n = 2, item, ctx_for(run, node) }
+      end
+      st.children[i] = tide.spawn(spec)
+    end
+  end
+  launch()
+  settle_node()
+end
+
+-- ===== nodes
+
+local function start_node(run, node)
+  local r = run.report.tasks[node.name]
+  local ctx = ctx_for(run, node)
+  if node.when then
+    local ok, go = pcall(node.when, ctx)
+    if not ok then
+      log.report(("flow '%s' task '%s' when"):format(run.flow.name, node.name), go)
+      r.status, run.running = "running", run.running + 1
+      return node_finished(run, node, "failed", nil, go)
+    end
+    if not go then return skip(run, node, "condition false") end
+  end
+  r.status, r.started = "running", S.now()
+  run.running = run.running + 1
+  hook(run, "task_start", { task = node.name })
+  local st = {}
+  run.state[node.name] = st
+  local function after_run(status, value, task)
+    r.attempts = task and task.attempts or r.attempts
+    local s = outcome_status(status)
+    if s ~= "ok" then return node_finished(run, node, s, nil, value) end
+    if node.each then
+      local items = value
+      if node.items then
+        local ok, its = pcall(node.items, ctx)
+        if not ok then return node_finished(run, node, "failed", nil, its) end
+        items = its
+      end
+      if type(items) ~= "table" then
+        return node_finished(run, node, "failed", nil,
+          ("task '%s': items must be a list, got %s"):format(node.name, check.describe(items)))
+      end
+      return fan_out(run, node, items)
+    end
+    node_finished(run, node, "ok", value)
+  end
+  if node.run == nil and node.flow == nil then return after_run("ok", nil, nil) end   -- each with items()
+  local spec = { timeout = node.timeout, retry = node.retry, mode = node.mode,
+                 name = run.flow.name .. "/" .. node.name,
+                 on_retry = function(attempt, status, value)
+                   hook(run, "task_retry", { task = node.name, attempt = attempt, status = status, error = value })
+                 end,
+                 handle_result = after_run }
+  if node.flow then
+    spec.run, spec.args, spec.mode = M.run_as_task, { n = 2, node.flow, run.input }, nil
+  else
+    spec.run, spec.args = node.run, { n = 1, ctx }
+  end
+  st.task = tide.spawn(spec)
+end
+
+function start_ready(run)
+  local ready = run.ready
+  while #ready > 0 and run.running < run.flow.max_concurrency and not run.stopping do
+    start_node(run, table.remove(ready, 1))
+  end
+end
+
+local function new_run(f, input)
+  local report = { flow = f.name, status = "running", tasks = {} }
+  local run = { flow = f, input = input, results = {}, report = report, state = {},
+                waiting_deps = {}, ready = {}, running = 0, open = #f.order, failed = 0,
+                children_total = 0, children_done = 0, t0 = S.now(), done = false }
+  for _, name in ipairs(f.order) do
+    local node = f.nodes[name]
+    report.tasks[name] = { status = "pending", attempts = 0 }
+    run.waiting_deps[name] = #node.after
+    if #node.after == 0 then run.ready[#run.ready + 1] = node end
+  end
+  return run
+end
+
+--- The task of a run: starts the roots, then waits for the end.
+local function drive(f, input, handle)
+  local run = new_run(f, input)
+  handle.run = run
+  local me = S.current()
+  S.options(me).on_finish = function(t)        -- cancelled, timed out: stop everything
+    if not run.done then stop_run(run, t:status() == "cancelled" and "cancelled" or "failed", "flow cancelled") end
+  end
+  active[run] = true
+  if M.progress then M.progress_start() end
+  hook(run, "flow_start", { input = input })
+  if f.timeout then
+    run.timer = S.timer(f.timeout, function()
+      run.timer = nil
+      stop_run(run, "timeout", ("flow '%s' timed out after %g ms"):format(f.name, f.timeout))
+    end)
+  end
+  start_ready(run)
+  if run.open == 0 then finish_run(run, "ok") end
+  while not run.done do
+    local t, tok = S.wait_begin("flow:run", 1)
+    run.waiter = { t, tok }
+    S.wait_end(t, tok)
+  end
+  return run.report.status, run.report
+end
+
+local function check_self(fname, f)
+  if not is_flow(f) then error(("%s: bad self (flow expected, got %s)"):format(fname, check.describe(f)), 3) end
+end
+
+--- Starts a run; returns a handle with :await() -> status, report and :cancel(reason).
+function Flow.start(f, input)
+  check_self("flow:start", f)
+  if M.graph_only then error(M.GRAPH_STOP, 0) end
+  tide = tide or require "tide"
+  local handle = setmetatable({ flow = f }, M.Handle_mt)
+  handle.task = tide.spawn{ run = drive, args = { n = 3, f, input, handle }, name = "flow " .. f.name }
+  return handle
+end
+
+--- Runs the flow and waits: status ("ok", "failed", "cancelled", "timeout"), report.
+function Flow.run(f, input)
+  check_self("flow:run", f)
+  if M.graph_only then error(M.GRAPH_STOP, 0) end
+  if S.current() == nil then error("flow:run: called outside a task (use flow:start, or run it inside tide.run)", 2) end
+  local h = f:start(input)
+  return h:await()
+end
+
+--- A nested flow as a task: ok with its report's results, or an error.
+function M.run_as_task(f, input)
+  local status, report = f:run(input)
+  if status ~= "ok" then error(("nested flow '%s' %s"):format(f.name, status), 0) end
+  local values = {}
+  for name, r in pairs(report.tasks) do values[name] = r.value end
+  return values
+end
+
+local Handle = {}
+M.Handle_mt = { __index = Handle }
+
+function Handle.await(h, ms)
+  local s, a, b = h.task:await(ms)
+  if s == nil then return nil, a end           -- await's own timeout
+  if s == "ok" then return a, b end
+  local run = h.run
+  return s, run and run.report or { status = s, error = a }
+end
+
+function Handle.cancel(h, reason)
+  return h.task:cancel(reason or "flow cancelled")
+end
+
+-- ===== progress (one line per running flow, on a terminal)
+
+--- A line per active run: tasks done/total, children done/total, running, failed.
+function M.progress_lines()
+  local lines = {}
+  for run in pairs(active) do
+    local done = #run.flow.order - run.open
+    lines[#lines + 1] = ("flow %s: tasks %d/%d, children %d/%d, running %d, failed %d")
+      :format(run.flow.name, done, #run.flow.order, run.children_done, run.children_total, run.running, run.failed)
+  end
+  sort(lines)
+  return lines
+end
+
+function M.active_count()
+  local n = 0
+  for _ in pairs(active) do n = n + 1 end
+  return n
+end
+
+M.progress = false          -- set by `tide run` when stderr is a terminal and not --quiet
+local printing = false
+
+local function print_progress()
+  local lines = M.progress_lines()
+  if #lines == 0 then
+    io.stderr:write("\r\27[K")
+    printing = false
+    return
+  end
+  io.stderr:write("\r\27[K", concat(lines, "  |  "))
+  S.timer(200, print_progress)
+end
+
+--- Starts the progress line (it stops by itself when no flow runs).
+function M.progress_start()
+  if printing then return end
+  printing = true
+  S.timer(0, print_progress)
+end
+
+-- ===== pictures
+
+local COLORS = { ok = "#b7e4c7", failed = "#f4a6a6", timeout = "#f9d78c", skipped = "#dddddd",
+                 cancelled = "#cfcfe8", running = "#a9d6f5", pending = "#ffffff" }
+
+local STATUS_ORDER = { "pending", "running", "ok", "failed", "timeout", "skipped", "cancelled" }
+
+local function label(node)
+  if node.each then return node.name .. " (each)" end
+  if node.flow then return node.name .. " (flow " .. node.flow.name .. ")" end
+  return node.name
+end
+
+--- The graph as DOT or Mermaid text; with a report (or after a run), nodes
+--- are coloured by status.
+function Flow.graph(f, format, report)
+  check_self("flow:graph", f)
+  format = format or "dot"
+  if format ~= "dot" and format ~= "mermaid" then
+    check.arg_error("flow:graph", 1, "'dot' or 'mermaid'", format)
+  end
+  report = report or f.last_report
+  local out = {}
+  local function status_of(name) return report and report.tasks[name] and report.tasks[name].status end
+  if format == "dot" then
+    out[#out + 1] = ("digraph %q {"):format(f.name)
+    out[#out + 1] = '  rankdir=LR;\n  node [shape=box, style="rounded,filled", fillcolor="#ffffff"];'
+    for _, name in ipairs(f.order) do
+      local st = status_of(name)
+      out[#out + 1] = ("  %q [label=%q%s];"):format(name, label(f.nodes[name]) .. (st and (" — " .. st) or ""),
+        st and (", fillcolor=%q"):format(COLORS[st] or "#ffffff") or "")
+    end
+    for _, name in ipairs(f.order) do
+      for _, dep in ipairs(f.nodes[name].after) do out[#out + 1] = ("  %q -> %q;"):format(dep, name) end
+    end
+    out[#out + 1] = "}"
+  else
+    local function id(name) return (name:gsub("[^%w_]", "_")) end
+    out[#out + 1] = "flowchart LR"
+    for _, name in ipairs(f.order) do
+      local node, st = f.nodes[name], status_of(name)
+      local text = label(node) .. (st and (" — " .. st) or "")
+      local open, close = "[", "]"
+      if node.each then open, close = "[[", "]]" end
+      out[#out + 1] = ('  %s%s"%s"%s'):format(id(name), open, text:gsub('"', "'"), close)
+    end
+    for _, name in ipairs(f.order) do
+      for _, dep in ipairs(f.nodes[name].after) do out[#out + 1] = ("  %s --> %s"):format(id(dep), id(name)) end
+    end
+    if report then
+      for _, st in ipairs(STATUS_ORDER) do out[#out + 1] = ("  classDef %s fill:%s"):format(st, COLORS[st]) end
+      for _, name in ipairs(f.order) do
+        local st = status_of(name)
+        if st then out[#out + 1] = ("  class %s %s"):format(id(name), st) end
+      end
+    end
+  end
+  return concat(out, "\n") .. "\n"
+end
+
+return M
