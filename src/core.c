@@ -194,13 +194,20 @@ static int loop_gc(lua_State *L) {
   return 0;
 }
 
+/* isatty(fd) -> true when fd is a terminal. */
+static int l_isatty(lua_State *L) {
+  lua_pushboolean(L, uv_guess_handle((int)luaL_checkinteger(L, 1)) == UV_TTY);
+  return 1;
+}
+
 static const luaL_Reg core_funcs[] = {
   { "now", l_now },           { "timer_start", l_timer_start },
   { "timer_cancel", l_timer_cancel }, { "pop", l_pop },
   { "kick", l_kick },         { "run", l_run },
   { "running", l_running },   { "set_handlers", l_set_handlers },
   { "signals", l_signals },   { "stats", l_stats },
-  { "close", l_close },       { NULL, NULL }
+  { "close", l_close },       { "isatty", l_isatty },
+  { NULL, NULL }
 };
 
 /* ===== opening ===== */

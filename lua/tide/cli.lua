@@ -11,12 +11,14 @@ Usage: tide COMMAND [ARGS...]
 
 Commands:
   run [OPTIONS] SCRIPT [ARGS...]   run an orchestrator script as the root task
+  graph [--format dot|mermaid] SCRIPT [ARGS...]
+                                   print the flows SCRIPT defines, without running them
   help                             show this help
   version                          print the version
 
 Options for run:
   --grace MS     grace period for running tasks on SIGINT/SIGTERM (default 5000)
-  --quiet        no progress output
+  --quiet        no progress line (it shows only when stderr is a terminal)
   --             end of options
 
 The script sees its arguments in `arg` (arg[0] is the script) and in `...`,
@@ -34,10 +36,11 @@ local function usage_error(msg)
 end
 
 local function run(argv, i)
+  local quiet = false
   while argv[i] and argv[i]:sub(1, 2) == "--" do
     local opt = argv[i]
     if opt == "--" then i = i + 1; break
-    elseif opt == "--quiet" then i = i + 1
+    elseif opt == "--quiet" then quiet, i = true, i + 1
     elseif opt == "--grace" then
       local ms = tonumber(argv[i + 1])
       if not ms or ms < 0 or ms ~= ms or ms == math.huge then
@@ -59,7 +62,43 @@ local function run(argv, i)
     io_stderr:write("tide: ", err, "\n")
     return 1
   end
+  require("tide.flow").progress = not quiet and require("tide.core").isatty(2)
   return H.run()
+end
+
+--- tide graph: runs the script until its first flow:run or flow:start, then
+--- prints every flow it defined.
+local function graph(argv, i)
+  local format = "dot"
+  if argv[i] == "--format" then
+    format = argv[i + 1]
+    if format ~= "dot" and format ~= "mermaid" then
+      return usage_error("graph: --format expects dot or mermaid, got " .. tostring(format))
+    end
+    i = i + 2
+  end
+  local script = argv[i]
+  if script == nil then return usage_error("graph: missing SCRIPT") end
+  local flow = require "tide.flow"
+  flow.graph_only = true
+  local args = {}
+  for j = i + 1, #argv do args[#args + 1] = argv[j] end
+  local t, err = H.spawn_file(script, args)
+  if not t then
+    io_stderr:write("tide: ", err, "\n")
+    return 1
+  end
+  H.loop()
+  if t:status() ~= "ok" and t.value ~= flow.GRAPH_STOP then
+    io_stderr:write("tide: ", t.traceback or tostring(t.value), "\n")
+    return 1
+  end
+  if #flow.defined == 0 then
+    io_stderr:write("tide: graph: ", script, " defines no flow\n")
+    return 1
+  end
+  for _, f in ipairs(flow.defined) do io_stdout:write(f:graph(format)) end
+  return 0
 end
 
 --- Runs the command line `argv` (argv[1] is the command); returns the exit status.
@@ -74,6 +113,8 @@ function M.main(argv)
     return 0
   elseif cmd == "run" then
     return run(argv, 2)
+  elseif cmd == "graph" then
+    return graph(argv, 2)
   end
   return usage_error("unknown command '" .. cmd .. "'")
 end

@@ -174,6 +174,7 @@ end
 -- ===== running
 
 local active = {}           -- runs in progress, for the progress line
+local printing = false      -- the progress line is showing
 
 local function hook(run, name, ev)
   local fn = run.flow.on[name]
@@ -197,6 +198,7 @@ local function finish_run(run, status)
   run.report.duration = S.now() - run.t0
   if run.timer then S.untimer(run.timer); run.timer = nil end
   active[run] = nil
+  if printing and next(active) == nil then io.stderr:write("\r\27[K") end   -- clear the progress line
   hook(run, "flow_done", { status = status, report = run.report })
   run.flow.last_report = run.report
   local w = run.waiter
@@ -423,9 +425,13 @@ end
 local function drive(f, input, handle)
   local run = new_run(f, input)
   handle.run = run
-  local me = S.current()
-  S.options(me).on_finish = function(t)        -- cancelled, timed out: stop everything
+  -- However the task driving the run ends (cancelled, timed out, its
+  -- caller gone), the run stops with it: nested flows and children too.
+  local o = S.options(S.current())
+  local prev = o.on_finish
+  o.on_finish = function(t)
     if not run.done then stop_run(run, t:status() == "cancelled" and "cancelled" or "failed", "flow cancelled") end
+    if prev then prev(t) end
   end
   active[run] = true
   if M.progress then M.progress_start() end
@@ -443,6 +449,7 @@ local function drive(f, input, handle)
     run.waiter = { t, tok }
     S.wait_end(t, tok)
   end
+  o.on_finish = prev
   return run.report.status, run.report
 end
 
@@ -460,13 +467,15 @@ function Flow.start(f, input)
   return handle
 end
 
---- Runs the flow and waits: status ("ok", "failed", "cancelled", "timeout"), report.
+--- Runs the flow in the calling task and waits: status ("ok", "failed",
+--- "cancelled", "timeout"), report.  Cancelling the caller cancels the run.
 function Flow.run(f, input)
   check_self("flow:run", f)
   if M.graph_only then error(M.GRAPH_STOP, 0) end
   if S.current() == nil then error("flow:run: called outside a task (use flow:start, or run it inside tide.run)", 2) end
-  local h = f:start(input)
-  return h:await()
+  tide = tide or require "tide"
+  local status, report = drive(f, input, {})
+  return status, report
 end
 
 --- A nested flow as a task: ok with its report's results, or an error.
@@ -514,7 +523,6 @@ function M.active_count()
 end
 
 M.progress = false          -- set by `tide run` when stderr is a terminal and not --quiet
-local printing = false
 
 local function print_progress()
   local lines = M.progress_lines()

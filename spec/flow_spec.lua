@@ -1,0 +1,323 @@
+-- spec/flow_spec.lua — flows: order, parallelism, fan-out and fan-in, conditions, limits, retries,
+-- timeouts, failure policies, cancel (nested too), hooks, validation, pictures.
+local tide = require "tide"
+local H = spec_helper
+
+local function run(fn)
+  local status, err = tide.run(fn)
+  assert(status == "ok", tostring(err))
+end
+
+local function quiet() tide.configure{ on_error = function() end } end
+local function loud() tide.configure{ on_error = function(where, err, tb) io.stderr:write(tb or tostring(err), "\n") end } end
+
+describe("tide.flow", function()
+  after_each(function()
+    loud()
+    assert.equal(0, tide.stats().live)
+    assert.equal(0, tide.stats().active_handles)
+  end)
+
+  it("never starts a task before its dependencies, and overlaps independent ones", function()
+    local log, at = {}, {}
+    run(function()
+      local function step(name, ms)
+        return function() at[name] = { tide.now() }; tide.sleep(ms); log[#log + 1] = name; at[name][2] = tide.now() end
+      end
+      local f = tide.flow{ name = "diamond", tasks = {
+        a = { run = step("a", 5) },
+        b = { after = "a", run = step("b", 30) },
+        c = { after = "a", run = step("c", 30) },
+        d = { after = { "b", "c" }, run = step("d", 1) },
+      } }
+      local status, report = f:run()
+      assert.equal("ok", status)
+      for _, name in ipairs{ "a", "b", "c", "d" } do assert.equal("ok", report.tasks[name].status) end
+    end)
+    assert.equal("a", log[1])
+    assert.equal("d", log[4])
+    assert.is_true(at.b[1] >= at.a[2] and at.c[1] >= at.a[2])
+    assert.is_true(at.d[1] >= at.b[2] and at.d[1] >= at.c[2])
+    assert.is_true(at.c[1] < at.b[2] and at.b[1] < at.c[2], "b and c did not overlap")
+  end)
+
+  it("passes the input and earlier results in ctx, and returns each task's value", function()
+    run(function()
+      local f = tide.flow{ tasks = {
+        a = { run = function(ctx) return ctx.input * 2 end },
+        b = { after = "a", run = function(ctx) return ctx.results.a + 1, ctx.task, ctx.flow end },
+      } }
+      local status, report = f:run(20)
+      assert.equal("ok", status)
+      assert.equal(40, report.tasks.a.value)
+      assert.equal(41, report.tasks.b.value)
+      assert.is_number(report.tasks.b.duration)
+      assert.equal(1, report.tasks.b.attempts)
+    end)
+  end)
+
+  it("fans out children in item order, never more than max_concurrency at once", function()
+    local running, peak = 0, 0
+    run(function()
+      local f = tide.flow{ tasks = {
+        list = { run = function() local t = {} for i = 1, 40 do t[i] = i end return t end },
+        square = { after = "list", max_concurrency = 4,
+                   items = function(ctx) return ctx.results.list end,
+                   each = function(x)
+                     running = running + 1; peak = math.max(peak, running)
+                     tide.sleep(math.random(0, 3))
+                     running = running - 1
+                     return x * x
+                   end },
+      } }
+      local status, report = f:run()
+      assert.equal("ok", status)
+      assert.equal(40, #report.tasks.square.value)
+      for i = 1, 40 do assert.equal(i * i, report.tasks.square.value[i]) end
+      assert.same({ total = 40, ok = 40, failed = 0, timeout = 0, cancelled = 0, running = 0 }, report.tasks.square.children)
+    end)
+    assert.equal(4, peak)
+  end)
+
+  it("takes a fan-out task's items from its own run when it has one", function()
+    run(function()
+      local f = tide.flow{ tasks = { t = { run = function() return { "a", "b" } end, each = function(s) return s:upper() end } } }
+      local _, report = f:run()
+      assert.same({ "A", "B" }, report.tasks.t.value)
+    end)
+  end)
+
+  it("skips a task whose condition is false, and what depends on it", function()
+    run(function()
+      local f = tide.flow{ tasks = {
+        a = { run = function() return 1 end },
+        b = { after = "a", when = function(ctx) return ctx.results.a > 5 end, run = function() error("ran") end },
+        c = { after = "b", run = function() error("ran") end },
+        d = { after = "a", run = function() return "d" end },
+      } }
+      local status, report = f:run()
+      assert.equal("ok", status)
+      assert.equal("skipped", report.tasks.b.status)
+      assert.equal("skipped", report.tasks.c.status)
+      assert.equal("ok", report.tasks.d.status)
+    end)
+  end)
+
+  it("retries a task and its children, and times them out", function()
+    quiet()
+    local tries = 0
+    run(function()
+      local f = tide.flow{ tasks = {
+        flaky = { retry = { attempts = 3, base = 1 }, run = function() tries = tries + 1; if tries < 3 then error("flaky") end return "ok" end },
+        slow = { timeout = 10, run = function() tide.sleep(1000) end },
+        kids = { timeout = 10, retry = { attempts = 2, base = 1 }, exit_on_failed = false,
+                 items = function() return { 1, 50, 2 } end,
+                 each = function(ms) tide.sleep(ms) return ms end },
+      }, fail = "continue" }
+      local status, report = f:run()
+      assert.equal("failed", status)
+      assert.equal("ok", report.tasks.flaky.status)
+      assert.equal(3, report.tasks.flaky.attempts)
+      assert.equal("timeout", report.tasks.slow.status)
+      assert.equal("ok", report.tasks.kids.status)
+      assert.same({ total = 3, ok = 2, failed = 0, timeout = 1, cancelled = 0, running = 0 }, report.tasks.kids.children)
+      assert.equal(1, report.tasks.kids.value[1])
+      assert.is_nil(report.tasks.kids.value[2])
+    end)
+  end)
+
+  it("fails a fan-out task on its first failed child when exit_on_failed (the default)", function()
+    quiet()
+    run(function()
+      local f = tide.flow{ tasks = { t = { items = function() return { 1, 2, 3, 4, 5, 6 } end, max_concurrency = 2,
+        each = function(x) tide.sleep(x); if x == 2 then error("bad item") end return x end } } }
+      local status, report = f:run()
+      assert.equal("failed", status)
+      assert.equal("failed", report.tasks.t.status)
+      assert.matches("child 2 failed: .*bad item", report.tasks.t.error)
+      assert.is_true(report.tasks.t.children.ok < 6)
+    end)
+  end)
+
+  it("stops everything at the first failure with fail = 'stop'", function()
+    quiet()
+    run(function()
+      local f = tide.flow{ fail = "stop", tasks = {
+        boom = { run = function() tide.sleep(2) error("boom") end },
+        long = { run = function() tide.sleep(1000) end },
+        later = { after = "long", run = function() end },
+      } }
+      local t0 = tide.now()
+      local status, report = f:run()
+      assert.equal("failed", status)
+      assert.is_true(tide.now() - t0 < 500)
+      assert.equal("failed", report.tasks.boom.status)
+      assert.equal("cancelled", report.tasks.long.status)
+      assert.equal("cancelled", report.tasks.later.status)
+    end)
+  end)
+
+  it("skips only what depends on a failure with fail = 'continue'", function()
+    quiet()
+    run(function()
+      local f = tide.flow{ fail = "continue", tasks = {
+        boom = { run = function() error("boom") end },
+        after_boom = { after = "boom", run = function() end },
+        other = { run = function() tide.sleep(5) return "fine" end },
+      } }
+      local status, report = f:run()
+      assert.equal("failed", status)
+      assert.equal("skipped", report.tasks.after_boom.status)
+      assert.equal("ok", report.tasks.other.status)
+    end)
+  end)
+
+  it("times out a whole flow", function()
+    run(function()
+      local f = tide.flow{ timeout = 20, tasks = { a = { run = function() tide.sleep(1000) end } } }
+      local status, report = f:run()
+      assert.equal("timeout", status)
+      assert.equal("cancelled", report.tasks.a.status)
+    end)
+  end)
+
+  it("cancels a running flow, nested flows and children included", function()
+    local inner_task
+    run(function()
+      local inner = tide.flow{ name = "inner", tasks = {
+        deep = { run = function() inner_task = tide.current(); tide.sleep(100000) end } } }
+      local outer = tide.flow{ name = "outer", tasks = {
+        nested = { flow = inner },
+        kids = { items = function() return { 1, 2, 3 } end, each = function() tide.sleep(100000) end },
+      } }
+      local h = outer:start()
+      tide.sleep(10)
+      h:cancel("operator")
+      local status, report = h:await()
+      assert.equal("cancelled", status)
+      assert.equal("cancelled", report.tasks.nested.status)
+      assert.equal("cancelled", report.tasks.kids.status)
+    end)
+    assert.equal("cancelled", inner_task:status())
+  end)
+
+  it("uses a flow as a task, and as the work of each child", function()
+    run(function()
+      local double = tide.flow{ name = "double", tasks = { x = { run = function(ctx) return ctx.input * 2 end } } }
+      local f = tide.flow{ tasks = {
+        one = { flow = double },
+        many = { items = function() return { 1, 2, 3 } end, each = double },
+      } }
+      local status, report = f:run(21)
+      assert.equal("ok", status)
+      assert.equal(42, report.tasks.one.value.x)
+      assert.same({ 2, 4, 6 }, { report.tasks.many.value[1].x, report.tasks.many.value[2].x, report.tasks.many.value[3].x })
+    end)
+  end)
+
+  it("runs a task in thread mode", function()
+    run(function()
+      local f = tide.flow{ tasks = { t = { mode = "thread", run = function(ctx) return ctx.input + 1 end } } }
+      local status, report = f:run(41)
+      assert.equal("ok", status)
+      assert.equal(42, report.tasks.t.value)
+    end)
+  end)
+
+  it("fires every hook the right number of times, and contains a failing hook", function()
+    quiet()
+    local counts = {}
+    local function count(name) return function() counts[name] = (counts[name] or 0) + 1 end end
+    local on = {}
+    for _, h in ipairs{ "flow_start", "task_start", "task_done", "task_failed", "task_timeout", "task_retry",
+                        "task_skipped", "child_done", "flow_done" } do on[h] = count(h) end
+    local n = 0
+    on.task_done = function() counts.task_done = (counts.task_done or 0) + 1; error("hook broke") end
+    local errors0 = tide.stats().callback_errors
+    run(function()
+      local f = tide.flow{ fail = "continue", on = on, tasks = {
+        a = { run = function() return 1 end },
+        r = { retry = { attempts = 2, base = 1 }, run = function() n = n + 1; if n < 2 then error("again") end end },
+        t = { timeout = 5, run = function() tide.sleep(100) end },
+        bad = { run = function() error("x") end },
+        dep = { after = "bad", run = function() end },
+        kids = { items = function() return { 1, 2, 3 } end, each = function(x) return x end },
+      } }
+      f:run()
+    end)
+    assert.same({ flow_start = 1, task_start = 5, task_done = 3, task_failed = 1, task_timeout = 1,
+                  task_retry = 1, task_skipped = 1, child_done = 3, flow_done = 1 }, counts)
+    assert.equal(errors0 + 3, tide.stats().callback_errors)
+  end)
+
+  it("rejects bad definitions, naming the flow, the task and the field", function()
+    local f = function() end
+    H.error_cases("spec/flow_spec.lua", {
+      { function() tide.flow{ name = "etl", tasks = { parse = { run = f, after = "store" }, store = { run = f, after = "parse" } } } end,
+        "tide.flow: flow 'etl': cycle parse -> store -> parse" },
+      { function() tide.flow{ name = "etl", tasks = { a = { run = f, after = "b" }, b = { run = f, after = "c" }, c = { run = f, after = "a" } } } end,
+        "tide.flow: flow 'etl': cycle a -> c -> b -> a" },
+      { function() tide.flow{ name = "etl", tasks = { store = { run = f, after = "prase" } } } end,
+        "tide.flow: flow 'etl': task 'store' depends on unknown task 'prase'" },
+      { function() tide.flow{ name = "etl", tasks = { a = { run = f, retires = 3 } } } end,
+        "tide.flow: flow 'etl': task 'a': unknown field 'retires'" },
+      { function() tide.flow{ name = "etl", tasks = { a = { after = {} } } } end,
+        "tide.flow: flow 'etl': task 'a': needs 'run', 'each' or 'flow'" },
+      { function() tide.flow{ name = "etl", tasks = { a = { run = 5 } } } end,
+        "tide.flow: flow 'etl': task 'a': bad field 'run' (function expected, got number 5)" },
+      { function() tide.flow{ name = "etl", tasks = { a = { each = f, max_concurrency = 0 } } } end,
+        "tide.flow: flow 'etl': task 'a': bad field 'max_concurrency' (integer >= 1 expected, got number 0)" },
+      { function() tide.flow{ name = "etl", tasks = { a = { run = f, timeout = -1 } } } end,
+        "tide.flow: flow 'etl': task 'a': bad field 'timeout' (positive number of ms expected, got number -1)" },
+      { function() tide.flow{ name = "etl", tasks = { a = { run = f, when = true } } } end,
+        "tide.flow: flow 'etl': task 'a': bad field 'when' (function expected, got boolean)" },
+      { function() tide.flow{ name = "etl", tasks = { a = { run = f, items = f } } } end,
+        "tide.flow: flow 'etl': task 'a': 'items' without 'each'" },
+      { function() tide.flow{ name = "etl", tasks = {} } end,
+        "tide.flow: bad option 'tasks' (non-empty table of tasks expected, got table)" },
+      { function() tide.flow{ name = "etl", fail = "halt", tasks = { a = { run = f } } } end,
+        "tide.flow: bad option 'fail' ('stop' or 'continue' expected, got string \"halt\")" },
+      { function() tide.flow{ name = "etl", on = { task_end = f }, tasks = { a = { run = f } } } end,
+        "tide.flow: flow 'etl': unknown hook 'task_end'" },
+      { function() tide.flow{ name = "etl", tasks = { a = { run = f } }, taks = {} } end,
+        "tide.flow: unknown option 'taks'" },
+      { function() tide.flow{ name = "etl", tasks = { a = { run = f } } }:graph("png") end,
+        "flow:graph: bad argument #1 ('dot' or 'mermaid' expected, got string \"png\")" },
+      { function() tide.flow{ name = "etl", tasks = { a = { run = f } } }:run() end,
+        "flow:run: called outside a task (use flow:start, or run it inside tide.run)" },
+    })
+  end)
+
+  it("draws DOT and Mermaid, coloured by status after a run", function()
+    local f = tide.flow{ name = "etl", tasks = {
+      fetch = { run = function() return 1 end },
+      parse = { after = "fetch", items = function() return {} end, each = function() end },
+    } }
+    local dot = f:graph("dot")
+    assert.matches('digraph "etl" {', dot, 1, true)
+    assert.matches('"fetch" -> "parse";', dot, 1, true)
+    assert.matches('"parse" [label="parse (each)"];', dot, 1, true)
+    local mermaid = f:graph("mermaid")
+    assert.matches("flowchart LR", mermaid, 1, true)
+    assert.matches("fetch --> parse", mermaid, 1, true)
+    run(function() f:run() end)
+    assert.matches('"fetch" [label="fetch — ok", fillcolor="#b7e4c7"];', f:graph("dot"), 1, true)
+    assert.matches("class fetch ok", f:graph("mermaid"), 1, true)
+  end)
+
+  it("prints the flows of a script with `tide graph`, without running them", function()
+    local path = os.tmpname()
+    local fh = io.open(path, "w")
+    fh:write([[
+      local tide = require "tide"
+      local f = tide.flow{ name = "g", tasks = { a = { run = function() os.exit(3) end }, b = { after = "a", run = print } } }
+      f:run()
+      os.exit(4)
+    ]])
+    fh:close()
+    local status, out = H.sh(H.build .. "/tide graph --format mermaid " .. path)
+    os.remove(path)
+    assert.equal(0, status)
+    assert.equal('flowchart LR\n  a["a"]\n  b["b"]\n  a --> b\n', out)
+  end)
+end)
