@@ -85,42 +85,52 @@ local function check_task(fname, fdesc, name, spec)
   local after = spec.after
   if type(after) == "string" then after = { after } end
   if after ~= nil and type(after) ~= "table" then bad(fname, where, "after", "task name or list of names", spec.after) end
-  if spec.retry ~= nil then require("tide.retry").policy(fname .. ": " .. where, spec.retry, 3) end
+  local policy = spec.retry ~= nil and require("tide.retry").policy(fname .. ": " .. where, spec.retry, 3) or nil
   return {
     name = name, run = spec.run, each = spec.each, items = spec.items, flow = spec.flow,
-    after = after or {}, when = spec.when, retry = spec.retry, timeout = spec.timeout,
+    after = after or {}, when = spec.when, retry = spec.retry, policy = policy, timeout = spec.timeout,
     mode = spec.mode, max_concurrency = spec.max_concurrency or 10,
     exit_on_failed = spec.exit_on_failed ~= false, dependents = {},
   }
 end
 
---- Finds a cycle, if any: returns the list of names around it.
+--- Finds a cycle, if any: returns the list of names around it.  Iterative
+--- (a chain of 100,000 tasks must not overflow the stack): peel off the
+--- tasks whose dependencies are all peeled (Kahn); whatever is left lies on
+--- or behind a cycle, and walking its remaining dependencies finds one.
 local function find_cycle(nodes, order)
-  local color, stack = {}, {}
-  local function visit(n)
-    color[n.name] = 1
-    stack[#stack + 1] = n.name
-    for _, d in ipairs(n.dependents) do
-      if color[d.name] == 1 then
-        local cycle, start = {}, nil
-        for i, s in ipairs(stack) do if s == d.name then start = i end end
-        for i = start, #stack do cycle[#cycle + 1] = stack[i] end
-        cycle[#cycle + 1] = d.name
-        return cycle
-      elseif color[d.name] == nil then
-        local c = visit(d)
-        if c then return c end
-      end
-    end
-    stack[#stack] = nil
-    color[n.name] = 2
-  end
+  local left, queue, head = {}, {}, 1
   for _, name in ipairs(order) do
-    if color[name] == nil then
-      local c = visit(nodes[name])
-      if c then return c end
+    local n = #nodes[name].after
+    left[name] = n
+    if n == 0 then queue[#queue + 1] = name end
+  end
+  while head <= #queue do
+    local n = nodes[queue[head]]
+    head = head + 1
+    for _, d in ipairs(n.dependents) do
+      left[d.name] = left[d.name] - 1
+      if left[d.name] == 0 then queue[#queue + 1] = d.name end
     end
   end
+  if #queue == #order then return nil end
+  local start
+  for _, name in ipairs(order) do if left[name] > 0 then start = name; break end end
+  local seen, path, name = {}, {}, start
+  while not seen[name] do                  -- follow unpeeled dependencies until one repeats
+    seen[name] = #path + 1
+    path[#path + 1] = name
+    for _, dep in ipairs(nodes[name].after) do
+      if left[dep] > 0 then name = dep; break end
+    end
+  end
+  local ring = {}
+  for i = #path, seen[name], -1 do ring[#ring + 1] = path[i] end     -- in the order they would run
+  local first = 1                                                    -- start at the first name, for stable messages
+  for i = 2, #ring do if ring[i] < ring[first] then first = i end end
+  local cycle = {}
+  for i = 0, #ring do cycle[#cycle + 1] = ring[(first - 1 + i) % #ring + 1] end
+  return cycle
 end
 
 --- tide.flow{ name =, max_concurrency =, fail = "stop" | "continue", timeout =, tasks = {...}, on = {...} }
@@ -162,6 +172,7 @@ function M.new(opts)
       dn[#dn + 1] = n
     end
   end
+  for _, tname in ipairs(order) do nodes[tname].task_name = name .. "/" .. tname end
   local cycle = find_cycle(nodes, order)
   if cycle then error(("%s: %s: cycle %s"):format(fname, fdesc, concat(cycle, " -> ")), 2) end
   local f = setmetatable({ name = name, nodes = nodes, order = order, fail = opts.fail or "stop",
@@ -176,6 +187,8 @@ end
 local active = {}           -- runs in progress, for the progress line
 local printing = false      -- the progress line is showing
 
+--- Calls hook `name` with the event table `ev` (callers build ev only when
+--- run.flow.on[name] is set, so a flow without hooks allocates nothing).
 local function hook(run, name, ev)
   local fn = run.flow.on[name]
   if not fn then return end
@@ -188,7 +201,31 @@ local function ctx_for(run, node)
   return { input = run.input, results = run.results, flow = run.flow.name, task = node.name }
 end
 
+--- Spawns a task for the flow without the public checks (the flow checked
+--- its spec when it was defined): fn(args...) with `opt` (args, timeout,
+--- retry policy, handle_result, ...).  Thread mode and nested flows take
+--- the public road (tide.spawn), which prepares what crosses to a thread.
+local function spawn(node, name, fn, opt)
+  if node.mode == "thread" then
+    local t = tide.spawn{ run = fn, args = opt.args, mode = "thread", timeout = opt.timeout, retry = node.retry,
+                          name = name, handle_result = opt.handle_result, on_retry = opt.on_retry }
+    local o = t._opt
+    for k, v in pairs(opt) do if o[k] == nil then o[k] = v end end   -- flow_run, fan_index, ...
+    return t
+  end
+  local t = S.new_task(fn, opt)
+  t.name = name
+  S.start(t)
+  return t
+end
+
 local start_ready, node_finished -- forward
+
+--- Queues a node whose dependencies are all done (a FIFO: head and tail).
+local function push_ready(run, node)
+  run.ready_tail = run.ready_tail + 1
+  run.ready[run.ready_tail] = node
+end
 
 --- The end of the run: every node has a status.
 local function finish_run(run, status)
@@ -253,7 +290,7 @@ function node_finished(run, node, status, value, err)
   if status == "ok" then
     r.value = value
     run.results[node.name] = value
-    hook(run, "task_done", { task = node.name, value = value })
+    if run.flow.on.task_done then hook(run, "task_done", { task = node.name, value = value }) end
   else
     r.error = err
     if status ~= "cancelled" then run.failed = run.failed + 1 end
@@ -273,7 +310,7 @@ function node_finished(run, node, status, value, err)
     else
       local left = run.waiting_deps[d.name] - 1
       run.waiting_deps[d.name] = left
-      if left == 0 then run.ready[#run.ready + 1] = d end
+      if left == 0 then push_ready(run, d) end
     end
   end
   start_ready(run)
@@ -287,6 +324,11 @@ end
 
 -- ===== children (fan-out)
 
+local function child_result(status, value, task)
+  local o = task._opt
+  o.fan_done(o.fan_index, status, value)
+end
+
 --- Runs node's children over `items`, at most max_concurrency at once; the
 --- node's value is their values in item order.
 local function fan_out(run, node, items)
@@ -299,6 +341,7 @@ local function fan_out(run, node, items)
   local values, next_i, failed_err = {}, 1, nil
   st.children = {}
   local each = node.each
+  local ctx = ctx_for(run, node)             -- shared by the children
   local function settle_node()
     if counts.running > 0 or (next_i <= n and not run.stopping) then return end
     if run.stopping then return node_finished(run, node, "cancelled", nil, "flow stopped") end
@@ -313,7 +356,7 @@ local function fan_out(run, node, items)
     local s = outcome_status(status)
     counts[s] = counts[s] + 1
     if s == "ok" then values[i] = value end
-    hook(run, "child_done", { task = node.name, index = i, status = s, value = value })
+    if run.flow.on.child_done then hook(run, "child_done", { task = node.name, index = i, status = s, value = value }) end
     if s ~= "ok" and not failed_err and s ~= "cancelled" then
       failed_err = ("child %d %s: %s"):format(i, s, tostring(value))
       if node.exit_on_failed then
@@ -330,17 +373,10 @@ local function fan_out(run, node, items)
       next_i = i + 1
       counts.running = counts.running + 1
       local item = items[i]
-      local spec = { timeout = node.timeout, retry = node.retry, mode = node.mode,
-                     name = ("%s/%s[%d]"):format(run.flow.name, node.name, i),
-                     handle_result = function(status, value) child_done(i, status, value) end }
-      if is_flow(each) then
-        spec.run, spec.args = M.run_as_task, { n = 2, each, item }
-      elseif node.mode == "thread" then
-        spec.run, spec.args = each, { n = 2, item, ctx_for(run, node) }
-      else
-        spec.run, spec.args = each, { n = 2, item, ctx_for(run, node) }
-      end
-      st.children[i] = tide.spawn(spec)
+      local fn, args = each, { n = 2, item, ctx }
+      if is_flow(each) then fn, args = M.run_as_task, { n = 2, each, item } end
+      st.children[i] = spawn(node, node.task_name, fn, { args = args, timeout = node.timeout,
+        retry = node.policy, handle_result = child_result, fan_done = child_done, fan_index = i })
     end
   end
   launch()
@@ -348,6 +384,33 @@ local function fan_out(run, node, items)
 end
 
 -- ===== nodes
+
+--- A node's run ended: fan out (each), or record the node's end.
+local function node_ran(run, node, ctx, status, value, task)
+  local r = run.report.tasks[node.name]
+  r.attempts = task and task.attempts or r.attempts
+  local s = outcome_status(status)
+  if s ~= "ok" then return node_finished(run, node, s, nil, value) end
+  if node.each then
+    local items = value
+    if node.items then
+      local ok, its = pcall(node.items, ctx)
+      if not ok then return node_finished(run, node, "failed", nil, its) end
+      items = its
+    end
+    if type(items) ~= "table" then
+      return node_finished(run, node, "failed", nil,
+        ("task '%s': items must be a list, got %s"):format(node.name, check.describe(items)))
+    end
+    return fan_out(run, node, items)
+  end
+  node_finished(run, node, "ok", value)
+end
+
+local function node_result(status, value, task)
+  local o = task._opt
+  node_ran(o.flow_run, o.flow_node, o.args[1], status, value, task)
+end
 
 local function start_node(run, node)
   local r = run.report.tasks[node.name]
@@ -363,60 +426,48 @@ local function start_node(run, node)
   end
   r.status, r.started = "running", S.now()
   run.running = run.running + 1
-  hook(run, "task_start", { task = node.name })
+  if run.flow.on.task_start then hook(run, "task_start", { task = node.name }) end
   local st = {}
   run.state[node.name] = st
-  local function after_run(status, value, task)
-    r.attempts = task and task.attempts or r.attempts
-    local s = outcome_status(status)
-    if s ~= "ok" then return node_finished(run, node, s, nil, value) end
-    if node.each then
-      local items = value
-      if node.items then
-        local ok, its = pcall(node.items, ctx)
-        if not ok then return node_finished(run, node, "failed", nil, its) end
-        items = its
-      end
-      if type(items) ~= "table" then
-        return node_finished(run, node, "failed", nil,
-          ("task '%s': items must be a list, got %s"):format(node.name, check.describe(items)))
-      end
-      return fan_out(run, node, items)
+  if node.run == nil and node.flow == nil then return node_ran(run, node, ctx, "ok", nil, nil) end  -- each with items()
+  local on_retry
+  if run.flow.on.task_retry then
+    on_retry = function(attempt, status, value)
+      hook(run, "task_retry", { task = node.name, attempt = attempt, status = status, error = value })
     end
-    node_finished(run, node, "ok", value)
   end
-  if node.run == nil and node.flow == nil then return after_run("ok", nil, nil) end   -- each with items()
-  local spec = { timeout = node.timeout, retry = node.retry, mode = node.mode,
-                 name = run.flow.name .. "/" .. node.name,
-                 on_retry = function(attempt, status, value)
-                   hook(run, "task_retry", { task = node.name, attempt = attempt, status = status, error = value })
-                 end,
-                 handle_result = after_run }
+  local opt = { args = { n = 1, ctx }, timeout = node.timeout, retry = node.policy, on_retry = on_retry,
+                handle_result = node_result, flow_run = run, flow_node = node }
   if node.flow then
-    spec.run, spec.args, spec.mode = M.run_as_task, { n = 2, node.flow, run.input }, nil
+    opt.args = { n = 2, node.flow, run.input }
+    local t = S.new_task(M.run_as_task, opt)
+    t.name = node.task_name
+    S.start(t)
+    st.task = t
   else
-    spec.run, spec.args = node.run, { n = 1, ctx }
+    st.task = spawn(node, node.task_name, node.run, opt)
   end
-  st.task = tide.spawn(spec)
 end
 
 function start_ready(run)
   local ready = run.ready
-  while #ready > 0 and run.running < run.flow.max_concurrency and not run.stopping do
-    start_node(run, table.remove(ready, 1))
+  while run.ready_head <= run.ready_tail and run.running < run.flow.max_concurrency and not run.stopping do
+    local node = ready[run.ready_head]
+    ready[run.ready_head], run.ready_head = nil, run.ready_head + 1
+    start_node(run, node)
   end
 end
 
 local function new_run(f, input)
   local report = { flow = f.name, status = "running", tasks = {} }
   local run = { flow = f, input = input, results = {}, report = report, state = {},
-                waiting_deps = {}, ready = {}, running = 0, open = #f.order, failed = 0,
+                waiting_deps = {}, ready = {}, ready_head = 1, ready_tail = 0, running = 0, open = #f.order, failed = 0,
                 children_total = 0, children_done = 0, t0 = S.now(), done = false }
   for _, name in ipairs(f.order) do
     local node = f.nodes[name]
     report.tasks[name] = { status = "pending", attempts = 0 }
     run.waiting_deps[name] = #node.after
-    if #node.after == 0 then run.ready[#run.ready + 1] = node end
+    if #node.after == 0 then push_ready(run, node) end
   end
   return run
 end
