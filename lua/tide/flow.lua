@@ -213,8 +213,8 @@ local function spawn(node, name, fn, opt)
     for k, v in pairs(opt) do if o[k] == nil then o[k] = v end end   -- flow_run, fan_index, ...
     return t
   end
+  opt.name = name
   local t = S.new_task(fn, opt)
-  t.name = name
   S.start(t)
   return t
 end
@@ -439,9 +439,8 @@ local function start_node(run, node)
   local opt = { args = { n = 1, ctx }, timeout = node.timeout, retry = node.policy, on_retry = on_retry,
                 handle_result = node_result, flow_run = run, flow_node = node }
   if node.flow then
-    opt.args = { n = 2, node.flow, run.input }
+    opt.args, opt.name = { n = 2, node.flow, run.input }, node.task_name
     local t = S.new_task(M.run_as_task, opt)
-    t.name = node.task_name
     S.start(t)
     st.task = t
   else

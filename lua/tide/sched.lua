@@ -417,7 +417,8 @@ end
 local Task = {}
 S.Task = Task
 S.Task_mt = { __index = Task, __tostring = function(t)
-  return ("tide.Task %d%s (%s)"):format(t.id, t.name and (" '" .. t.name .. "'") or "", t._state)
+  local name = t._opt and t._opt.name
+  return ("tide.Task %d%s (%s)"):format(t.id, name and (" '" .. name .. "'") or "", t._state)
 end }
 local Task_mt = S.Task_mt
 
@@ -429,7 +430,7 @@ function S.new_task(fn, opt)
   -- sleeps, or t.value when it ends) before the table must grow: a hash
   -- part of 8 slots is what keeps an idle task small.  What fewer tasks need
   -- lives in t._opt (arguments, timeout, retry, hooks, timers) or is added
-  -- when needed (t._waiters, t.name, t.traceback).
+  -- when needed (t._waiters, t.traceback).
   local t = setmetatable({ id = next_id, attempts = 0, _fn = fn, _state = "pending",
                            _co = false, _opt = opt or false, _wait = false },
                          Task_mt)

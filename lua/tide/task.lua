@@ -85,8 +85,8 @@ local function make_task(fname, default_mode, spec, ...)
   local on_retry = opt_function(fname, spec, "on_retry")
   local t
   if mode == "thread" then t = thread_task(fname, run, args, 3) else t = new_task(run, args and { args = args }) end
-  t.name = spec.name
   local o = S.options(t)
+  o.name = spec.name
   o.timeout, o.retry, o.handle_result, o.on_retry = spec.timeout, policy, handle_result, on_retry
   return t
 end
