@@ -642,7 +642,11 @@ function Flow.graph(f, format, report)
       for _, dep in ipairs(f.nodes[name].after) do out[#out + 1] = ("  %s --> %s"):format(id(dep), id(name)) end
     end
     if report then
-      for _, st in ipairs(STATUS_ORDER) do out[#out + 1] = ("  classDef %s fill:%s"):format(st, COLORS[st]) end
+      local used = {}
+      for _, name in ipairs(f.order) do used[status_of(name) or ""] = true end
+      for _, st in ipairs(STATUS_ORDER) do
+        if used[st] then out[#out + 1] = ("  classDef %s fill:%s"):format(st, COLORS[st]) end
+      end
       for _, name in ipairs(f.order) do
         local st = status_of(name)
         if st then out[#out + 1] = ("  class %s %s"):format(id(name), st) end
