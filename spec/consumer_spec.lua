@@ -1,9 +1,7 @@
 -- spec/consumer_spec.lua — ack-safe consumers: every delivery acked or nacked exactly once, no zombie node.
 local tide = require "tide"
 
-local reports
-local function quiet() reports = 0; tide.configure{ on_error = function() reports = reports + 1 end } end
-local function loud() tide.configure{ on_error = function(where, err, tb) io.stderr:write(tb or tostring(err), "\n") end } end
+local quiet, loud = spec_helper.quiet_errors, spec_helper.loud_errors
 
 --- Every tag the source handed out was settled exactly once, and nothing is held.
 local function assert_promise(src)

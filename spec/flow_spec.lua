@@ -8,8 +8,7 @@ local function run(fn)
   assert(status == "ok", tostring(err))
 end
 
-local function quiet() tide.configure{ on_error = function() end } end
-local function loud() tide.configure{ on_error = function(where, err, tb) io.stderr:write(tb or tostring(err), "\n") end } end
+local quiet, loud = spec_helper.quiet_errors, spec_helper.loud_errors
 
 describe("tide.flow", function()
   after_each(function()

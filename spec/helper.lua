@@ -35,6 +35,17 @@ function H.error_cases(file, cases)
   end
 end
 
+--- Makes the error sink count instead of print (for specs that make
+--- callbacks fail on purpose); loud_errors() restores printing.
+function H.quiet_errors()
+  H.reported = 0
+  require("tide").configure{ on_error = function() H.reported = H.reported + 1 end }
+end
+
+function H.loud_errors()
+  require("tide").configure{ on_error = function(where, err, tb) io.stderr:write(tb or tostring(err), "\n") end }
+end
+
 --- Runs a shell command; returns its exit status and output.
 function H.sh(cmd)
   local f = io.popen(cmd .. " 2>&1; echo \"__status=$?\"")

@@ -35,6 +35,21 @@ local function usage_error(msg)
   return 2
 end
 
+--- Spawns argv[i] as the root task with argv[i+1..] as its arguments.
+--- Returns the task, or nil and the exit status (usage 2, load error 1).
+local function spawn_script(cmd, argv, i)
+  local script = argv[i]
+  if script == nil then return nil, usage_error(cmd .. ": missing SCRIPT") end
+  local args = {}
+  for j = i + 1, #argv do args[#args + 1] = argv[j] end
+  local t, err = H.spawn_file(script, args)
+  if not t then
+    io_stderr:write("tide: ", err, "\n")
+    return nil, 1
+  end
+  return t
+end
+
 local function run(argv, i)
   local quiet = false
   while argv[i] and argv[i]:sub(1, 2) == "--" do
@@ -53,15 +68,8 @@ local function run(argv, i)
       return usage_error("run: unknown option '" .. opt .. "'")
     end
   end
-  local script = argv[i]
-  if script == nil then return usage_error("run: missing SCRIPT") end
-  local args = {}
-  for j = i + 1, #argv do args[#args + 1] = argv[j] end
-  local t, err = H.spawn_file(script, args)
-  if not t then
-    io_stderr:write("tide: ", err, "\n")
-    return 1
-  end
+  local t, status = spawn_script("run", argv, i)
+  if not t then return status end
   require("tide.flow").progress = not quiet and require("tide.core").isatty(2)
   return H.run()
 end
@@ -77,17 +85,11 @@ local function graph(argv, i)
     end
     i = i + 2
   end
-  local script = argv[i]
-  if script == nil then return usage_error("graph: missing SCRIPT") end
   local flow = require "tide.flow"
   flow.graph_only = true
-  local args = {}
-  for j = i + 1, #argv do args[#args + 1] = argv[j] end
-  local t, err = H.spawn_file(script, args)
-  if not t then
-    io_stderr:write("tide: ", err, "\n")
-    return 1
-  end
+  local t, status = spawn_script("graph", argv, i)
+  if not t then return status end
+  local script = argv[i]
   H.loop()
   if t:status() ~= "ok" and t.value ~= flow.GRAPH_STOP then
     io_stderr:write("tide: ", t.traceback or tostring(t.value), "\n")
