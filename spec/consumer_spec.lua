@@ -152,6 +152,56 @@ describe("tide.consumer", function()
     assert_promise(src)
   end)
 
+  it("gives back what an earlier attempt held when it runs under a retry", function()
+    quiet()
+    local src = tide.sources.memory{ prefetch = 4 }
+    for i = 1, 12 do src:publish(i) end
+    local fetches = 0
+    local real_fetch = src.fetch
+    src.fetch = function(self, n)
+      fetches = fetches + 1
+      if fetches == 2 then error("connection lost") end
+      return real_fetch(self, n)
+    end
+    local c = tide.consumer{ source = src, prefetch = 8, poll = 2,
+                             handler = { run = function() tide.sleep(5) end } }
+    tide.run(function()
+      local t = tide.spawn{ retry = { attempts = 3, base = 1 }, run = function() return c:run() end }
+      assert.is_true(wait_for(function() return src.acked + src.nacked >= 12 and src.queued == 0 and src.unacked == 0 end, 2000))
+      t:cancel()
+    end)
+    assert_promise(src)
+  end)
+
+  it("stops taking deliveries when the loop shuts down", function()
+    quiet()
+    local src = tide.sources.memory{ prefetch = 4 }
+    for i = 1, 8 do src:publish(i) end
+    local c = tide.consumer{ source = src, prefetch = 4, poll = 2, handler = { run = function() tide.sleep(1000) end } }
+    local t0 = tide.now()
+    tide.run(function()
+      tide.spawn(function() return c:run() end)
+      tide.sleep(10)
+      tide.shutdown(100)
+    end)
+    assert.is_true(tide.now() - t0 < 2000)
+    assert_promise(src)
+  end)
+
+  it("drops a delivery whose handler cannot start, and goes on with the others", function()
+    quiet()
+    local src = tide.sources.memory{ prefetch = 4, messages = { "a", "b", function() end, "d" } }
+    local c = tide.consumer{ source = src, prefetch = 4, poll = 5,
+                             handler = { mode = "thread", run = function(body) return body end } }
+    tide.run(function()
+      local t = tide.spawn(function() return c:run() end)
+      assert.is_true(wait_for(function() return src.acked == 3 and src.nacked == 1 end, 2000))
+      t:cancel()
+    end)
+    assert.equal(0, src.queued)
+    assert_promise(src)
+  end)
+
   it("rejects bad options", function()
     local src = tide.sources.memory{}
     local cases = {

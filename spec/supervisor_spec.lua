@@ -238,6 +238,62 @@ describe("tide.supervisor", function()
     assert.equal("cancelled", kid:status())
   end)
 
+  it("restarts a nested supervisor cleanly (no stale stop in its mailbox)", function()
+    local starts = 0
+    run(function()
+      local inner = tide.supervisor{ name = "inner", children = {
+        { id = "w", start = function(ctx) starts = starts + 1; while not ctx:stopping() do tide.sleep(5) end end } } }
+      local top = tide.supervisor{ name = "top", children = {
+        { id = "inner", start = inner, shutdown = 0, restart = "transient" } } }
+      top:start()
+      tide.sleep(20)
+      top:restart_child("inner")
+      tide.sleep(50)
+      assert.equal("running", top:which_children()[1].status)
+      assert.equal("running", inner.state)
+      top:stop()
+      top.task:await()
+    end)
+    assert.equal(2, starts)
+  end)
+
+  it("restarts with one_for_all only what ran, and never a temporary child", function()
+    local a_starts, b_starts = 0, 0
+    run(function()
+      local crashed = false
+      local sup = tide.supervisor{ strategy = "one_for_all", children = {
+        { id = "a", shutdown = 10, start = function()
+            a_starts = a_starts + 1
+            tide.sleep(5)
+            if not crashed then crashed = true; error("a crashed") end
+            tide.sleep(100000)
+          end },
+        { id = "b", restart = "temporary", start = function() b_starts = b_starts + 1 end },
+      } }
+      sup:start()
+      tide.sleep(30)
+      sup:stop()
+      sup.task:await()
+    end)
+    assert.equal(2, a_starts)
+    assert.equal(1, b_starts)
+  end)
+
+  it("stops during a graceful shutdown instead of restarting what it ends", function()
+    local starts, gave_up = 0, 0
+    local t0 = tide.now()
+    run(function()
+      local sup = tide.supervisor{ intensity = 3, on_give_up = function() gave_up = gave_up + 1 end,
+        children = { { id = "w", start = function() starts = starts + 1; tide.sleep(50) end } } }
+      sup:start()
+      tide.sleep(10)
+      tide.shutdown(1000)
+    end)
+    assert.equal(1, starts)
+    assert.equal(0, gave_up)
+    assert.is_true(tide.now() - t0 < 800)
+  end)
+
   it("rejects bad specs with clear messages", function()
     local f = function() end
     local cases = {

@@ -104,6 +104,19 @@ describe("tide.spawn", function()
     assert.matches("^handle_result of tide.Task %d+ %(cancelled%): .*tide.sleep: cannot wait inside handle_result %(spawn a task for work that waits%)", reported)
   end)
 
+  it("keeps a task that is cancelled from a callback running under it, and nothing leaks", function()
+    local T, root_slept
+    tide.run(function()
+      local X = tide.spawn{ run = function() tide.sleep(1000) end,
+                            handle_result = function() T:cancel("from X's handle_result") end }
+      T = tide.spawn(function() tide.sleep(1); X:cancel() end)
+      assert.same({ "cancelled", "from X's handle_result" }, { T:await() })
+      tide.sleep(5)                            -- no callback state leaked into the loop
+      root_slept = true
+    end)
+    assert.is_true(root_slept)
+  end)
+
   it("isolates failures: a failing task never takes down its caller or siblings", function()
     local results = {}
     local status = tide.run(function()

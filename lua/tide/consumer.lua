@@ -64,21 +64,20 @@ end
 --- Settles a delivery once: ack after ok, nack otherwise.  A broker error
 --- here is logged; the delivery counts as settled (the broker redelivers
 --- what it never heard of once the channel is gone).
-local function settle(c, d, status)
+local function settle(c, d, status, requeue)
   if c.held[d.tag] ~= d then return end     -- settled already
   c.held[d.tag] = nil
   c.in_flight = c.in_flight - 1
+  if requeue == nil then requeue = c.requeue end
   local ok, err
   if status == "ok" then ok, err = pcall(c.source.ack, c.source, d.tag)
-  else ok, err = pcall(c.source.nack, c.source, d.tag, c.requeue) end
+  else ok, err = pcall(c.source.nack, c.source, d.tag, requeue) end
   if not ok then log.report(c.name .. " settling delivery " .. tostring(d.tag), err) end
   wake(c)
 end
 
 local function run_delivery(c, d)
   local h = c.handler
-  c.held[d.tag] = d
-  c.in_flight = c.in_flight + 1
   d.task = require("tide").spawn{
     run = h.run, args = { d.body, d }, timeout = h.timeout, retry = h.retry, mode = h.mode,
     name = c.name .. " #" .. tostring(d.tag),
@@ -87,6 +86,25 @@ local function run_delivery(c, d)
       if h.handle_result then h.handle_result(status, value, task, d) end
     end,
   }
+end
+
+--- Holds every delivery of a batch first, then starts their handlers; a
+--- handler that cannot start (say, a body that cannot cross to a thread)
+--- fails its delivery alone, which is nacked without requeue: it would
+--- never start (a poison message).
+local function run_batch(c, batch)
+  for i = 1, #batch do
+    local d = batch[i]
+    c.held[d.tag] = d
+    c.in_flight = c.in_flight + 1
+  end
+  for i = 1, #batch do
+    local ok, err = pcall(run_delivery, c, batch[i])
+    if not ok then
+      log.report(c.name .. " starting delivery " .. tostring(batch[i].tag), err)
+      settle(c, batch[i], "error", false)
+    end
+  end
 end
 
 --- Nacks (requeue) everything still held and cancels its handlers.
@@ -105,18 +123,28 @@ function Consumer.run(c, ctx)
   if getmetatable(c) ~= Consumer_mt then error("consumer:run: bad self (consumer expected)", 2) end
   local me = S.current()
   if me == nil then error("consumer:run: called outside a task", 2) end
+  -- What an earlier run left (an attempt of a task with retry ends without
+  -- its on_finish) is given back first: nothing is ever orphaned.
+  release_all(c, "consumer " .. c.name .. " restarted")
   c.held, c.in_flight = {}, 0
   local o = S.options(me)
-  local prev = o.on_finish
-  o.on_finish = function(t)                      -- however the consumer ends
-    release_all(c, "consumer " .. c.name .. " ended")
-    if prev then prev(t) end
+  if o.consumer ~= c then                        -- once per task, not per attempt
+    local prev = o.on_finish
+    o.consumer = c
+    o.on_finish = function(t)                    -- however the consumer ends
+      release_all(c, "consumer " .. c.name .. " ended")
+      if prev then prev(t) end
+    end
   end
-  while not (ctx and ctx.stopping and ctx:stopping()) do
+  while not ((ctx and ctx.stopping and ctx:stopping()) or S.shutting_down()) do
     if c.in_flight < c.prefetch then
       local batch = c.source:fetch(c.prefetch - c.in_flight)
-      for i = 1, #batch do run_delivery(c, batch[i]) end
-      if #batch == 0 then S.sleep(c.poll) end
+      run_batch(c, batch)
+      if #batch == 0 then
+        S.sleep(c.poll)
+      elseif c.in_flight < c.prefetch then
+        S.sleep(0)                           -- settled at once: let the others run before the next fetch
+      end
     else
       local t, tok = S.wait_begin("consumer", 1)
       c.waiting = { t, tok }

@@ -44,6 +44,7 @@ function H.step()
     S.reap()
     active = core.run(true)
   end
+  if not active then S.reset() end           -- the work is done: a later run starts afresh
   return active and 1 or 0
 end
 

@@ -122,6 +122,9 @@ local token = 0
 --- Starts a wait for the current task; returns it and the wait's token.
 --- `fname` names the public function for the error raised outside a task.
 local function cannot_wait(fname, t, level)
+  if t and TERMINAL[t._state] and not in_callback then
+    error(("%s: task %d has ended (%s); its code stops here"):format(fname, t.id, t._state), level + 1)
+  end
   if in_callback then
     error(("%s: cannot wait inside %s (spawn a task for work that waits)"):format(fname, in_callback), level + 1)
   elseif t == nil then
@@ -302,8 +305,11 @@ end
 --- task through once: only here does the state become terminal, the outcome
 --- get recorded, the awaiters get woken and handle_result get called.  A
 --- second call for the same task returns false and changes nothing.
+local finishing = 0          -- depth of finish() calls under way
+
 local function finish(t, status, ...)
   if TERMINAL[t._state] then return false end
+  finishing = finishing + 1
   end_attempt(t)
   t._state = status
   local n = select("#", ...)
@@ -319,6 +325,7 @@ local function finish(t, status, ...)
     if o.handle_result then callback("handle_result", t, o.handle_result, status, t.value, t) end
   end
   if shutting and nlive == 0 then end_grace() end
+  finishing = finishing - 1
   return true
 end
 S.finish = finish
@@ -343,7 +350,7 @@ end
 -- ===== running tasks
 
 local function after_resume(t, co, ok, ...)
-  current = nil
+  current, in_callback = nil, nil
   if t._co ~= co then return end            -- it ended while it ran
   if ok then
     local first = ...
@@ -360,7 +367,7 @@ local function after_resume(t, co, ok, ...)
 end
 
 local function run_task(t, co)
-  current = t
+  current, in_callback = t, nil             -- a callback that yielded never leaks its state
   if type(co) == "number" then             -- the attempt's first resume: take a runner
     if nidle > 0 then
       co, idle[nidle], nidle = idle[nidle], nil, nidle - 1
@@ -454,7 +461,12 @@ function S.cancel(t, reason)
   end
   local co = t._co
   finish(t, "cancelled", reason == nil and "cancelled" or reason)
-  if co and co_running() == co then co_yield(WAIT) end
+  -- A task that cancels itself stops here, unless the cancel comes from
+  -- inside another task's finish or a callback: then it stops at its next
+  -- wait (its coroutine is no longer its attempt's, so it is never resumed).
+  if co and co_running() == co and current == t and not in_callback and finishing == 0 then
+    co_yield(WAIT)
+  end
   return true
 end
 

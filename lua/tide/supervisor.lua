@@ -43,6 +43,7 @@ local KEYS = { strategy = true, intensity = true, period = true, children = true
 local CHILD_KEYS = { id = true, start = true, restart = true, shutdown = true, args = true }
 
 local tide -- the public module, for spawn (required lazily: it requires us)
+local running = {}          -- supervisors whose task is alive
 
 -- ===== validation
 
@@ -178,12 +179,15 @@ local function index_of(sup, id)
   for i, c in ipairs(sup.specs) do if c.id == id then return i end end
 end
 
---- Stops the children from index `from` on, last started first.
-local function stop_from(sup, from, except)
+--- Stops the children from index `from` on, last started first; returns
+--- the set of ids it stopped.
+local function stop_from(sup, from)
+  local stopped = {}
   for i = #sup.specs, from, -1 do
     local rec = sup.children[sup.specs[i].id]
-    if rec and rec ~= except then stop_child(sup, rec) end
+    if rec then stop_child(sup, rec); stopped[rec.spec.id] = true end
   end
+  return stopped
 end
 
 -- ===== restarts
@@ -208,7 +212,7 @@ end
 local function on_exit(sup, rec, status, value)
   if rec.stopping then return end            -- we stopped it
   if sup.children[rec.spec.id] == rec then sup.children[rec.spec.id] = nil end
-  if not wants_restart(rec, status) then return end
+  if S.shutting_down() or not wants_restart(rec, status) then return end
   if not count_restart(sup) then
     error(("supervisor '%s' gave up: more than %d restarts in %g ms (last: child '%s' %s: %s)")
       :format(sup.name, sup.intensity, sup.period, tostring(rec.spec.id), status, tostring(value)), 0)
@@ -219,8 +223,11 @@ local function on_exit(sup, rec, status, value)
     return
   end
   local from = sup.strategy == "one_for_all" and 1 or i
-  stop_from(sup, from)
-  for j = from, #sup.specs do start_child(sup, sup.specs[j]) end
+  local stopped = stop_from(sup, from)
+  for j = from, #sup.specs do                  -- what ran before, in order; temporary ones stay down
+    local c = sup.specs[j]
+    if c == rec.spec or (stopped[c.id] and c.restart ~= "temporary") then start_child(sup, c) end
+  end
 end
 
 -- ===== commands (run by the supervisor's task)
@@ -288,7 +295,10 @@ end
 --- down and starts again after giving up, unless on_give_up says "stop".
 function run_supervisor(sup)
   sup.task = S.current()
+  sup.mailbox = {}                              -- nothing meant for an earlier run
+  running[sup] = true
   S.options(sup.task).on_finish = function()      -- however it ends, no child outlives it
+    running[sup] = nil
     for _, rec in pairs(sup.children) do
       rec.stopping = true
       if not S.TERMINAL[rec.task:status()] then rec.task:cancel("supervisor " .. sup.name .. " ended") end
@@ -323,6 +333,12 @@ function run_supervisor(sup)
     if cool_down(sup, wait) then sup.state = "stopped"; return "stopped" end
   end
 end
+
+-- A shutdown stops every running supervisor in order (children last
+-- started first), instead of letting them restart what the shutdown ends.
+S.on_shutdown(function()
+  for sup in pairs(running) do post(sup, { "stop" }) end
+end)
 
 -- ===== the API
 
