@@ -17,6 +17,7 @@ local log = require "tide.log"
 local type, pairs, ipairs, error, tostring, setmetatable, getmetatable, pcall, xpcall =
   type, pairs, ipairs, error, tostring, setmetatable, getmetatable, pcall, xpcall
 local sort, concat, traceback = table.sort, table.concat, debug.traceback
+local table_new = require "table.new"
 local opt_error = check.opt_error
 
 local tide -- the public module (required lazily: it requires us)
@@ -458,13 +459,17 @@ function start_ready(run)
 end
 
 local function new_run(f, input)
-  local report = { flow = f.name, status = "running", tasks = {} }
-  local run = { flow = f, input = input, results = {}, report = report, state = {},
-                waiting_deps = {}, ready = {}, ready_head = 1, ready_tail = 0, running = 0, open = #f.order, failed = 0,
+  local n = #f.order
+  -- Tables keyed by task name are sized for every task up front: grown one
+  -- key at a time, 100,000 names cost more in rehashing than in running.
+  local report = { flow = f.name, status = "running", tasks = table_new(0, n) }
+  local run = { flow = f, input = input, results = table_new(0, n), report = report, state = table_new(0, n),
+                waiting_deps = table_new(0, n), ready = table_new(n, 0), ready_head = 1, ready_tail = 0,
+                running = 0, open = n, failed = 0,
                 children_total = 0, children_done = 0, t0 = S.now(), done = false }
   for _, name in ipairs(f.order) do
     local node = f.nodes[name]
-    report.tasks[name] = { status = "pending", attempts = 0 }
+    report.tasks[name] = { status = "pending", attempts = 0, started = false, duration = false }
     run.waiting_deps[name] = #node.after
     if #node.after == 0 then push_ready(run, node) end
   end
