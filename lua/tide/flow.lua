@@ -2,7 +2,7 @@
 --
 -- A flow is defined once (and validated then: unknown fields, unknown
 -- dependencies and cycles are errors) and run any number of times.  A run is
--- driven by the outcomes of its tasks: each node's handle_result decides what
+-- driven by the outcomes of its tasks: each node's outcome (its on_finish) decides what
 -- starts next, so scheduling costs no extra resume per node; the run's own
 -- task only waits for the end.
 --
@@ -204,7 +204,7 @@ end
 
 --- Spawns a task for the flow without the public checks (the flow checked
 --- its spec when it was defined): fn(args...) with `opt` (args, timeout,
---- retry policy, handle_result, ...).  Thread mode and nested flows take
+--- retry policy, on_finish, ...).  Thread mode and nested flows take
 --- the public road (tide.spawn), which prepares what crosses to a thread.
 local function spawn(node, name, fn, opt)
   if node.mode == "thread" then
@@ -325,9 +325,12 @@ end
 
 -- ===== children (fan-out)
 
-local function child_result(status, value, task)
+-- Children and nodes report through on_finish, the engine's internal hook
+-- (no protected call per task: this is tide's code; user code it calls —
+-- hooks, `items`, `when` — is protected where it is called).
+local function child_finished(task)
   local o = task._opt
-  o.fan_done(o.fan_index, status, value)
+  o.fan_done(o.fan_index, task._state, task.value)
 end
 
 --- Runs node's children over `items`, at most max_concurrency at once; the
@@ -377,7 +380,7 @@ local function fan_out(run, node, items)
       local fn, args = each, { n = 2, item, ctx }
       if is_flow(each) then fn, args = M.run_as_task, { n = 2, each, item } end
       st.children[i] = spawn(node, node.task_name, fn, { args = args, timeout = node.timeout,
-        retry = node.policy, handle_result = child_result, fan_done = child_done, fan_index = i })
+        retry = node.policy, on_finish = child_finished, fan_done = child_done, fan_index = i })
     end
   end
   launch()
@@ -408,9 +411,17 @@ local function node_ran(run, node, ctx, status, value, task)
   node_finished(run, node, "ok", value)
 end
 
-local function node_result(status, value, task)
+local function node_result(task)
   local o = task._opt
-  node_ran(o.flow_run, o.flow_node, o.args[1], status, value, task)
+  node_ran(o.flow_run, o.flow_node, o.args[1], task._state, task.value, task)
+end
+
+-- Not inside start_node: a closure there would make every return from it
+-- close upvalues, which LuaJIT 2.1 cannot compile.
+local function retry_hook(run, node)
+  return function(attempt, status, value)
+    hook(run, "task_retry", { task = node.name, attempt = attempt, status = status, error = value })
+  end
 end
 
 local function start_node(run, node)
@@ -431,14 +442,9 @@ local function start_node(run, node)
   local st = {}
   run.state[node.name] = st
   if node.run == nil and node.flow == nil then return node_ran(run, node, ctx, "ok", nil, nil) end  -- each with items()
-  local on_retry
-  if run.flow.on.task_retry then
-    on_retry = function(attempt, status, value)
-      hook(run, "task_retry", { task = node.name, attempt = attempt, status = status, error = value })
-    end
-  end
+  local on_retry = run.flow.on.task_retry and retry_hook(run, node) or nil
   local opt = { args = { n = 1, ctx }, timeout = node.timeout, retry = node.policy, on_retry = on_retry,
-                handle_result = node_result, flow_run = run, flow_node = node }
+                on_finish = node_result, flow_run = run, flow_node = node }
   if node.flow then
     opt.args, opt.name = { n = 2, node.flow, run.input }, node.task_name
     local t = S.new_task(M.run_as_task, opt)
