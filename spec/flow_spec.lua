@@ -249,6 +249,74 @@ describe("tide.flow", function()
     assert.equal(errors0 + 3, tide.stats().callback_errors)
   end)
 
+  it("survives deep graphs that end at once (10,000 skipped or empty tasks)", function()
+    run(function()
+      local skipped, empty = {}, {}
+      for i = 1, 10000 do
+        local after = i > 1 and ("n%05d"):format(i - 1) or nil
+        skipped[("n%05d"):format(i)] = { after = after, run = function() end,
+                                        when = i == 1 and function() return false end or nil }
+        empty[("n%05d"):format(i)] = { after = after, items = function() return {} end, each = function() end }
+      end
+      local s1, r1 = tide.flow{ tasks = skipped }:run()
+      assert.equal("ok", s1)
+      assert.equal("skipped", r1.tasks.n10000.status)
+      local s2, r2 = tide.flow{ tasks = empty }:run()
+      assert.equal("ok", s2)
+      assert.equal("ok", r2.tasks.n10000.status)
+    end)
+  end)
+
+  it("stops the run of an attempt that timed out before the retry starts another", function()
+    local ticks = {}
+    run(function()
+      local attempt = 0
+      local inner = tide.flow{ name = "inner", tasks = { t = { run = function()
+        attempt = attempt + 1
+        local mine = attempt
+        for i = 1, 6 do tide.sleep(10); ticks[#ticks + 1] = mine .. "@" .. i end
+      end } } }
+      local outer = tide.flow{ tasks = { n = { flow = inner, timeout = 25, retry = { attempts = 2, base = 1 } } } }
+      outer:run()
+    end)
+    for _, t in ipairs(ticks) do
+      if t:match("^1@") then assert.is_true(tonumber(t:match("@(%d)")) <= 2, "attempt 1 went on: " .. table.concat(ticks, " ")) end
+    end
+  end)
+
+  it("fails a task that cannot cross to a thread, instead of hanging", function()
+    run(function()
+      local f = tide.flow{ tasks = {
+        a = { run = function() return function() end end },
+        b = { after = "a", mode = "thread", run = function(ctx) return 1 end },
+      } }
+      local status, report = f:run()
+      assert.equal("failed", status)
+      assert.equal("failed", report.tasks.b.status)
+      assert.matches("functions cannot cross to a thread", report.tasks.b.error)
+    end)
+  end)
+
+  it("cancels cleanly from inside a condition, and before the run starts", function()
+    run(function()
+      local h
+      local f = tide.flow{ tasks = { a = { run = function() return 1 end },
+        b = { after = "a", when = function() h:cancel(); return true end, run = function() error("ran") end } } }
+      h = f:start()
+      local status, report = h:await()
+      assert.equal("cancelled", status)
+      assert.equal("cancelled", report.tasks.b.status)
+      local done = 0
+      local g = tide.flow{ on = { flow_done = function() done = done + 1 end }, tasks = { x = { run = function() end } } }
+      local h2 = g:start()
+      h2:cancel()
+      local s2, r2 = h2:await()
+      assert.equal("cancelled", s2)
+      assert.equal("cancelled", r2.tasks.x.status)
+      assert.equal(1, done)
+    end)
+  end)
+
   it("rejects bad definitions, naming the flow, the task and the field", function()
     local f = function() end
     H.error_cases("spec/flow_spec.lua", {
@@ -278,6 +346,10 @@ describe("tide.flow", function()
         "tide.flow: bad option 'fail' ('stop' or 'continue' expected, got string \"halt\")" },
       { function() tide.flow{ name = "etl", on = { task_end = f }, tasks = { a = { run = f } } } end,
         "tide.flow: flow 'etl': unknown hook 'task_end'" },
+      { function() tide.flow{ name = "etl", tasks = { a = { flow = tide.flow{ tasks = { x = { run = f } } }, run = f } } } end,
+        "tide.flow: flow 'etl': task 'a': 'flow' cannot go with 'run'" },
+      { function() tide.flow{ name = "etl", tasks = { a = { mode = "thread", each = tide.flow{ tasks = { x = { run = f } } } } } } end,
+        "tide.flow: flow 'etl': task 'a': a flow as 'each' runs on the loop, not in thread mode" },
       { function() tide.flow{ name = "etl", tasks = { a = { run = f } }, taks = {} } end,
         "tide.flow: unknown option 'taks'" },
       { function() tide.flow{ name = "etl", tasks = { a = { run = f } } }:graph("png") end,
@@ -298,10 +370,10 @@ describe("tide.flow", function()
     assert.matches('"parse" [label="parse (each)"];', dot, 1, true)
     local mermaid = f:graph("mermaid")
     assert.matches("flowchart LR", mermaid, 1, true)
-    assert.matches("fetch --> parse", mermaid, 1, true)
+    assert.matches("n1 --> n2", mermaid, 1, true)
     run(function() f:run() end)
     assert.matches('"fetch" [label="fetch — ok", fillcolor="#b7e4c7"];', f:graph("dot"), 1, true)
-    assert.matches("class fetch ok", f:graph("mermaid"), 1, true)
+    assert.matches("class n1 ok", f:graph("mermaid"), 1, true)
   end)
 
   it("prints the flows of a script with `tide graph`, without running them", function()
@@ -317,6 +389,6 @@ describe("tide.flow", function()
     local status, out = H.sh(H.build .. "/tide graph --format mermaid " .. path)
     os.remove(path)
     assert.equal(0, status)
-    assert.equal('flowchart LR\n  a["a"]\n  b["b"]\n  a --> b\n', out)
+    assert.equal('flowchart LR\n  n1["a"]\n  n2["b"]\n  n1 --> n2\n', out)
   end)
 end)

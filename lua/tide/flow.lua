@@ -66,7 +66,15 @@ local function check_task(fname, fdesc, name, spec)
      and not (is_thread and type(spec.each) == "string") then
     bad(fname, where, "each", "function or flow", spec.each)
   end
-  if spec.flow ~= nil and not is_flow(spec.flow) then bad(fname, where, "flow", "flow", spec.flow) end
+  if spec.flow ~= nil then
+    if not is_flow(spec.flow) then bad(fname, where, "flow", "flow", spec.flow) end
+    for _, k in ipairs{ "run", "each", "items", "mode" } do
+      if spec[k] ~= nil then error(("%s: %s: 'flow' cannot go with '%s'"):format(fname, where, k), 3) end
+    end
+  end
+  if is_thread and is_flow(spec.each) then
+    error(("%s: %s: a flow as 'each' runs on the loop, not in thread mode"):format(fname, where), 3)
+  end
   for _, k in ipairs{ "items", "when" } do
     if spec[k] ~= nil and type(spec[k]) ~= "function" then bad(fname, where, k, "function", spec[k]) end
   end
@@ -179,7 +187,7 @@ function M.new(opts)
   local f = setmetatable({ name = name, nodes = nodes, order = order, fail = opts.fail or "stop",
                            timeout = opts.timeout, max_concurrency = opts.max_concurrency or math.huge,
                            on = on, last_report = nil }, Flow_mt)
-  M.defined[#M.defined + 1] = f
+  if M.graph_only then M.defined[#M.defined + 1] = f end
   return f
 end
 
@@ -270,14 +278,21 @@ local function stop_run(run, status, why)
   if count_open(run) then finish_run(run, status) end
 end
 
+--- Skips a node and, iteratively (graphs can be deep), what depends on it.
 local function skip(run, node, why)
-  local r = run.report.tasks[node.name]
-  if r.status ~= "pending" then return end
-  r.status = "skipped"
-  r.reason = why
-  run.open = run.open - 1
-  hook(run, "task_skipped", { task = node.name, reason = why })
-  for _, d in ipairs(node.dependents) do skip(run, d, "dependency '" .. node.name .. "' " .. why:gsub("^dependency '[^']*' ", "")) end
+  local stack = { node, why }
+  while #stack > 0 do
+    local reason, n = stack[#stack], stack[#stack - 1]
+    stack[#stack], stack[#stack - 1] = nil, nil
+    local r = run.report.tasks[n.name]
+    if r.status == "pending" then
+      r.status, r.reason = "skipped", reason
+      run.open = run.open - 1
+      if run.flow.on.task_skipped then hook(run, "task_skipped", { task = n.name, reason = reason }) end
+      local because = "dependency '" .. n.name .. "' skipped"
+      for _, d in ipairs(n.dependents) do stack[#stack + 1] = d; stack[#stack + 1] = because end
+    end
+  end
 end
 
 --- Records a node's end and starts what it unblocks.
@@ -302,7 +317,10 @@ function node_finished(run, node, status, value, err)
     if count_open(run) then finish_run(run, run.stop_status) end
     return
   end
-  if status ~= "ok" and status ~= "cancelled" and run.flow.fail == "stop" then
+  if status == "cancelled" then             -- not by us (a shutdown, the task itself): the run goes too
+    return stop_run(run, "cancelled", ("flow '%s' stopped: task '%s' was cancelled"):format(run.flow.name, node.name))
+  end
+  if status ~= "ok" and run.flow.fail == "stop" then
     return stop_run(run, "failed", ("flow '%s' stopped: task '%s' %s"):format(run.flow.name, node.name, status))
   end
   for _, d in ipairs(node.dependents) do
@@ -379,8 +397,9 @@ local function fan_out(run, node, items)
       local item = items[i]
       local fn, args = each, { n = 2, item, ctx }
       if is_flow(each) then fn, args = M.run_as_task, { n = 2, each, item } end
-      st.children[i] = spawn(node, node.task_name, fn, { args = args, timeout = node.timeout,
+      local ok, t = pcall(spawn, node, node.task_name, fn, { args = args, timeout = node.timeout,
         retry = node.policy, on_finish = child_finished, fan_done = child_done, fan_index = i })
+      if ok then st.children[i] = t else child_done(i, "error", t) end
     end
   end
   launch()
@@ -424,23 +443,35 @@ local function retry_hook(run, node)
   end
 end
 
+--- True when the node may still start: a hook or a condition may have
+--- stopped the run (or the node) while it ran.
+local function still_pending(run, r)
+  return not run.stopping and r.status == "pending"
+end
+
 local function start_node(run, node)
   local r = run.report.tasks[node.name]
   local ctx = ctx_for(run, node)
   if node.when then
     local ok, go = pcall(node.when, ctx)
+    if not still_pending(run, r) then return end
     if not ok then
       log.report(("flow '%s' task '%s' when"):format(run.flow.name, node.name), go)
-      r.status, run.running = "running", run.running + 1
+      r.status, r.started, run.running = "running", S.now(), run.running + 1
       return node_finished(run, node, "failed", nil, go)
     end
     if not go then return skip(run, node, "condition false") end
   end
-  r.status, r.started = "running", S.now()
-  run.running = run.running + 1
-  if run.flow.on.task_start then hook(run, "task_start", { task = node.name }) end
   local st = {}
   run.state[node.name] = st
+  r.status, r.started = "running", S.now()
+  run.running = run.running + 1
+  if run.flow.on.task_start then
+    r.status = "pending"                     -- so that a stop from the hook sees it as not started
+    hook(run, "task_start", { task = node.name })
+    if not still_pending(run, r) then run.running = run.running - 1; return end
+    r.status = "running"
+  end
   if node.run == nil and node.flow == nil then return node_ran(run, node, ctx, "ok", nil, nil) end  -- each with items()
   local on_retry = run.flow.on.task_retry and retry_hook(run, node) or nil
   local opt = { args = { n = 1, ctx }, timeout = node.timeout, retry = node.policy, on_retry = on_retry,
@@ -450,18 +481,26 @@ local function start_node(run, node)
     local t = S.new_task(M.run_as_task, opt)
     S.start(t)
     st.task = t
-  else
-    st.task = spawn(node, node.task_name, node.run, opt)
+    return
   end
+  local ok, t = pcall(spawn, node, node.task_name, node.run, opt)   -- thread mode: what cannot cross
+  if not ok then return node_finished(run, node, "failed", nil, t) end
+  st.task = t
 end
 
+--- Starts ready nodes within the flow's limit.  Not re-entered: a node that
+--- ends at once (skipped, empty items) queues its dependents for this loop
+--- instead of recursing, so deep graphs cannot overflow the stack.
 function start_ready(run)
+  if run.starting then return end
+  run.starting = true
   local ready = run.ready
   while run.ready_head <= run.ready_tail and run.running < run.flow.max_concurrency and not run.stopping do
     local node = ready[run.ready_head]
     ready[run.ready_head], run.ready_head = nil, run.ready_head + 1
     start_node(run, node)
   end
+  run.starting = false
 end
 
 local function new_run(f, input)
@@ -484,14 +523,17 @@ end
 
 --- The task of a run: starts the roots, then waits for the end.
 local function drive(f, input, handle)
-  local run = new_run(f, input)
+  local run = handle.run or new_run(f, input)
   handle.run = run
-  -- However the task driving the run ends (cancelled, timed out, its
-  -- caller gone), the run stops with it: nested flows and children too.
+  -- However the attempt driving the run ends (cancelled, timed out and
+  -- retried, its caller gone), the run stops with it: nested flows and
+  -- children too.
   local o = S.options(S.current())
-  local prev = o.on_finish
-  o.on_finish = function(t)
-    if not run.done then stop_run(run, t:status() == "cancelled" and "cancelled" or "failed", "flow cancelled") end
+  local prev = o.on_attempt_end
+  o.on_attempt_end = function(t)
+    if not run.done then
+      stop_run(run, t._state == "cancelled" and "cancelled" or "failed", "flow cancelled")
+    end
     if prev then prev(t) end
   end
   active[run] = true
@@ -510,7 +552,7 @@ local function drive(f, input, handle)
     run.waiter = { t, tok }
     S.wait_end(t, tok)
   end
-  o.on_finish = prev
+  o.on_attempt_end = prev
   return run.report.status, run.report
 end
 
@@ -519,11 +561,16 @@ local function check_self(fname, f)
 end
 
 --- Starts a run; returns a handle with :await() -> status, report and :cancel(reason).
+local function graph_stop()
+  S.shutdown(0, "tide graph")                -- nothing else of the script runs
+  error(M.GRAPH_STOP, 0)
+end
+
 function Flow.start(f, input)
   check_self("flow:start", f)
-  if M.graph_only then error(M.GRAPH_STOP, 0) end
+  if M.graph_only then graph_stop() end
   tide = tide or require "tide"
-  local handle = setmetatable({ flow = f }, M.Handle_mt)
+  local handle = setmetatable({ flow = f, run = new_run(f, input) }, M.Handle_mt)
   handle.task = tide.spawn{ run = drive, args = { n = 3, f, input, handle }, name = "flow " .. f.name }
   return handle
 end
@@ -532,7 +579,7 @@ end
 --- "cancelled", "timeout"), report.  Cancelling the caller cancels the run.
 function Flow.run(f, input)
   check_self("flow:run", f)
-  if M.graph_only then error(M.GRAPH_STOP, 0) end
+  if M.graph_only then graph_stop() end
   if S.current() == nil then error("flow:run: called outside a task (use flow:start, or run it inside tide.run)", 2) end
   tide = tide or require "tide"
   local status, report = drive(f, input, {})
@@ -555,8 +602,14 @@ function Handle.await(h, ms)
   local s, a, b = h.task:await(ms)
   if s == nil then return nil, a end           -- await's own timeout
   if s == "ok" then return a, b end
-  local run = h.run
-  return s, run and run.report or { status = s, error = a }
+  local run = h.run                            -- cancelled before it started: every node too
+  if not run.done then
+    run.stopping, run.stop_status = true, s
+    for _, r in pairs(run.report.tasks) do if r.status == "pending" then r.status = "cancelled" end end
+    run.open = 0
+    finish_run(run, s)
+  end
+  return s, run.report
 end
 
 function Handle.cancel(h, reason)
@@ -640,7 +693,9 @@ function Flow.graph(f, format, report)
     end
     out[#out + 1] = "}"
   else
-    local function id(name) return (name:gsub("[^%w_]", "_")) end
+    local ids = {}                          -- n1, n2, ...: any name is safe as a label, not as an id
+    for i, name in ipairs(f.order) do ids[name] = "n" .. i end
+    local function id(name) return ids[name] end
     out[#out + 1] = "flowchart LR"
     for _, name in ipairs(f.order) do
       local node, st = f.nodes[name], status_of(name)

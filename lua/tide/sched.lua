@@ -241,6 +241,8 @@ local function end_attempt(t)
   if o then
     local key = o.timer
     if key then o.timer = false; untimer(key) end
+    local hook = o.on_attempt_end            -- internal: what this attempt started must stop
+    if hook then o.on_attempt_end = nil; hook(t) end
   end
   if t._wait then                           -- waiting, or woken and not yet resumed
     local key = t._wait_timer
