@@ -397,9 +397,14 @@ local function fan_out(run, node, items)
       local item = items[i]
       local fn, args = each, { n = 2, item, ctx }
       if is_flow(each) then fn, args = M.run_as_task, { n = 2, each, item } end
-      local ok, t = pcall(spawn, node, node.task_name, fn, { args = args, timeout = node.timeout,
-        retry = node.policy, on_finish = child_finished, fan_done = child_done, fan_index = i })
-      if ok then st.children[i] = t else child_done(i, "error", t) end
+      local opt = { args = args, timeout = node.timeout, retry = node.policy,
+                    on_finish = child_finished, fan_done = child_done, fan_index = i }
+      if node.mode ~= "thread" then
+        st.children[i] = spawn(node, node.task_name, fn, opt)
+      else
+        local ok, t = pcall(spawn, node, node.task_name, fn, opt)   -- what cannot cross fails the child
+        if ok then st.children[i] = t else child_done(i, "error", t) end
+      end
     end
   end
   launch()
@@ -483,7 +488,8 @@ local function start_node(run, node)
     st.task = t
     return
   end
-  local ok, t = pcall(spawn, node, node.task_name, node.run, opt)   -- thread mode: what cannot cross
+  if node.mode ~= "thread" then st.task = spawn(node, node.task_name, node.run, opt); return end
+  local ok, t = pcall(spawn, node, node.task_name, node.run, opt)   -- what cannot cross fails the node
   if not ok then return node_finished(run, node, "failed", nil, t) end
   st.task = t
 end
