@@ -56,10 +56,6 @@ function M.new(opts)
                         held = {}, in_flight = 0, waiting = false }, Consumer_mt)
 end
 
-local function wake(c)
-  local w = c.waiting
-  if w then c.waiting = false; S.wake(w[1], w[2]) end
-end
 
 --- Settles a delivery once: ack after ok, nack otherwise.  A broker error
 --- here is logged; the delivery counts as settled (the broker redelivers
@@ -73,7 +69,7 @@ local function settle(c, d, status, requeue)
   if status == "ok" then ok, err = pcall(c.source.ack, c.source, d.tag)
   else ok, err = pcall(c.source.nack, c.source, d.tag, requeue) end
   if not ok then log.report(c.name .. " settling delivery " .. tostring(d.tag), err) end
-  wake(c)
+  S.notify(c)
 end
 
 local function run_delivery(c, d)
@@ -146,17 +142,11 @@ function Consumer.run(c, ctx)
         S.sleep(0)                           -- settled at once: let the others run before the next fetch
       end
     else
-      local t, tok = S.wait_begin("consumer", 1)
-      c.waiting = { t, tok }
-      S.wait_end(t, tok, c.poll)
-      c.waiting = false
+      S.wait_for(c, "consumer", c.poll)      -- until a delivery settles
     end
   end
   while c.in_flight > 0 do                        -- stopping: let the handlers finish
-    local t, tok = S.wait_begin("consumer", 1)
-    c.waiting = { t, tok }
-    S.wait_end(t, tok, c.poll)
-    c.waiting = false
+    S.wait_for(c, "consumer", c.poll)
   end
   return "stopped"
 end

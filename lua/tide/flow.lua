@@ -247,8 +247,7 @@ local function finish_run(run, status)
   if printing and next(active) == nil then io.stderr:write("\r\27[K") end   -- clear the progress line
   hook(run, "flow_done", { status = status, report = run.report })
   run.flow.last_report = run.report
-  local w = run.waiter
-  if w then run.waiter = nil; S.wake(w[1], w[2]) end
+  S.notify(run)
 end
 
 local function count_open(run)
@@ -553,11 +552,7 @@ local function drive(f, input, handle)
   end
   start_ready(run)
   if run.open == 0 then finish_run(run, "ok") end
-  while not run.done do
-    local t, tok = S.wait_begin("flow:run", 1)
-    run.waiter = { t, tok }
-    S.wait_end(t, tok)
-  end
+  while not run.done do S.wait_for(run, "flow:run") end
   o.on_attempt_end = prev
   return run.report.status, run.report
 end

@@ -204,6 +204,21 @@ function S.remove_waiter(list, t)
   end
 end
 
+--- One task waits on `holder` (a table: its field `waiting` is the slot)
+--- until S.notify(holder) or `ms` pass; `fname` names the caller in errors.
+--- The supervisor's mailbox, a consumer's window and a flow run use it.
+function S.wait_for(holder, fname, ms)
+  local t, tok = wait_begin(fname, 2)
+  holder.waiting = { t, tok }
+  wait_end(t, tok, ms)
+  holder.waiting = false
+end
+
+function S.notify(holder)
+  local w = holder.waiting
+  if w then holder.waiting = false; wake(w[1], w[2]) end
+end
+
 function S.wake_all(list)
   for i = 1, #list, 2 do wake(list[i], list[i + 1]) end
 end

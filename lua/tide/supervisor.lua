@@ -110,8 +110,7 @@ end
 local function post(sup, event)
   local box = sup.mailbox
   box[#box + 1] = event
-  local w = sup.waiting
-  if w then sup.waiting = false; S.wake(w[1], w[2]) end
+  S.notify(sup)
 end
 
 --- The next event; with `ms`, nil once that much time passed without one.
@@ -121,10 +120,7 @@ local function receive(sup, ms)
   while #box == 0 do
     local left = deadline and deadline - S.now()
     if left and left <= 0 then return nil end
-    local t, tok = S.wait_begin("supervisor", 1)
-    sup.waiting = { t, tok }
-    S.wait_end(t, tok, left)
-    sup.waiting = false
+    S.wait_for(sup, "supervisor", left)
   end
   return table.remove(box, 1)
 end
