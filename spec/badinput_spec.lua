@@ -82,8 +82,7 @@ local BAD_IN_TASK = {
 
 describe("bad input", function()
   after_each(function()
-    assert.equal(0, tide.stats().live)
-    assert.equal(0, tide.stats().active_handles)
+    spec_helper.assert_idle()
   end)
 
   it("has at least 40 bad calls on record", function()

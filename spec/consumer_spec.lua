@@ -28,8 +28,7 @@ end
 describe("tide.consumer", function()
   after_each(function()
     loud()
-    assert.equal(0, tide.stats().live)
-    assert.equal(0, tide.stats().active_handles)
+    spec_helper.assert_idle()
   end)
 
   it("acks what succeeds and nacks what fails, times out or is cancelled", function()

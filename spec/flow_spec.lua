@@ -13,8 +13,7 @@ local quiet, loud = spec_helper.quiet_errors, spec_helper.loud_errors
 describe("tide.flow", function()
   after_each(function()
     loud()
-    assert.equal(0, tide.stats().live)
-    assert.equal(0, tide.stats().active_handles)
+    spec_helper.assert_idle()
   end)
 
   it("never starts a task before its dependencies, and overlaps independent ones", function()

@@ -46,6 +46,15 @@ function H.loud_errors()
   require("tide").configure{ on_error = function(where, err, tb) io.stderr:write(tb or tostring(err), "\n") end }
 end
 
+--- What every spec checks after each test: no task left live, no libuv
+--- handle of tide's left active (the loop would not have ended).
+function H.assert_idle()
+  local assert = require "luassert"         -- the helper loads before busted's globals
+  local st = require("tide").stats()
+  assert.equal(0, st.live, "tasks left live")
+  assert.equal(0, st.active_handles, "handles left active")
+end
+
 --- Runs a shell command; returns its exit status and output.
 function H.sh(cmd)
   local f = io.popen(cmd .. " 2>&1; echo \"__status=$?\"")

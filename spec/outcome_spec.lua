@@ -25,8 +25,7 @@ local EXPECT = { ok = "ok", slow_ok = "ok", error = "error", timeout = "timeout"
 
 describe("exactly one outcome", function()
   after_each(function()
-    assert.equal(0, tide.stats().live)
-    assert.equal(0, tide.stats().active_handles)
+    spec_helper.assert_idle()
   end)
 
   it("holds for 10,000 tasks with a random mix of success, error, timeout, cancel and retry", function()

@@ -3,8 +3,7 @@ local tide = require "tide"
 
 describe("tide.pool", function()
   after_each(function()
-    assert.equal(0, tide.stats().live)
-    assert.equal(0, tide.stats().active_handles)
+    spec_helper.assert_idle()
   end)
 
   it("runs at most `size` tasks at once, and does reach it", function()

@@ -6,8 +6,7 @@ tide.configure{ threads = 2, thread_stop_wait = 50 }
 
 describe("quarantine", function()
   after_each(function()
-    assert.equal(0, tide.stats().live)
-    assert.equal(0, tide.stats().active_handles)
+    spec_helper.assert_idle()
   end)
 
   it("times out `while true do end`, replaces its thread, and keeps the capacity", function()

@@ -26,8 +26,7 @@ end
 
 describe("retry", function()
   after_each(function()
-    assert.equal(0, tide.stats().live)
-    assert.equal(0, tide.stats().active_handles)
+    spec_helper.assert_idle()
   end)
 
   it("computes fixed, linear and exponential delays, capped at max", function()

@@ -44,8 +44,7 @@ end
 describe("tide.supervisor", function()
   before_each(function() events = {} end)
   after_each(function()
-    assert.equal(1 - 1, tide.stats().live)
-    assert.equal(0, tide.stats().active_handles)
+    spec_helper.assert_idle()
   end)
 
   local function scenario(strategy)

@@ -8,8 +8,7 @@ local function run(fn) return select(2, assert(tide.run(fn))) end
 
 describe("thread mode", function()
   after_each(function()
-    assert.equal(0, tide.stats().live)
-    assert.equal(0, tide.stats().active_handles)
+    spec_helper.assert_idle()
     assert.equal(0, tide.stats().threads.in_flight)
   end)
 

@@ -7,8 +7,7 @@ local LATE = 60
 
 describe("time", function()
   after_each(function()
-    assert.equal(0, tide.stats().live)
-    assert.equal(0, tide.stats().active_handles)
+    spec_helper.assert_idle()
     assert.equal(0, tide.stats().timers)
   end)
 
