@@ -12,4 +12,7 @@ void tide__open_threads(lua_State *L, uv_loop_t *loop);
 /* lua_threads.c: closes the thread pool, if one runs (before the loop closes). */
 void tide__close_threads(lua_State *L);
 
+/* lua_sqlite.c: sets sqlite_open and sqlite_version into the table at the top. */
+void tide__open_sqlite(lua_State *L);
+
 #endif

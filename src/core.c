@@ -87,6 +87,29 @@ static int l_now(lua_State *L) {
   return 1;
 }
 
+/* wallclock() -> UTC milliseconds since the Unix epoch (integral): for
+ * durable schedule times only; intervals use now(). */
+static int l_wallclock(lua_State *L) {
+  uv_timeval64_t tv;
+  if (uv_gettimeofday(&tv) != 0) return luaL_error(L, "tide: cannot read the wall clock");
+  lua_pushnumber(L, (double)tv.tv_sec * 1000.0 + (double)(tv.tv_usec / 1000));
+  return 1;
+}
+
+/* pid(), hostname(): name a worker in the leases it holds. */
+static int l_pid(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)uv_os_getpid());
+  return 1;
+}
+
+static int l_hostname(lua_State *L) {
+  char buf[UV_MAXHOSTNAMESIZE];
+  size_t size = sizeof buf;
+  if (uv_os_gethostname(buf, &size) != 0) lua_pushliteral(L, "localhost");
+  else lua_pushlstring(L, buf, size);
+  return 1;
+}
+
 /* Delays past this (about 31 years) are clamped: such a timer never fires
  * in practice, and its deadline in ns still fits in 64 bits. */
 #define MAX_DELAY_MS 1e12
@@ -207,6 +230,8 @@ static const luaL_Reg core_funcs[] = {
   { "running", l_running },   { "set_handlers", l_set_handlers },
   { "signals", l_signals },   { "stats", l_stats },
   { "close", l_close },       { "isatty", l_isatty },
+  { "wallclock", l_wallclock }, { "pid", l_pid },
+  { "hostname", l_hostname },
   { NULL, NULL }
 };
 
@@ -265,6 +290,7 @@ static int push_core(lua_State *L, uv_loop_t *uv) {
   luaL_openlib(L, NULL, core_funcs, 1);            /* upvalue: the userdata */
   tide__open_codec(L);                             /* encode, decode */
   tide__open_threads(L, s->loop.uv);               /* thread_*       */
+  tide__open_sqlite(L);                            /* sqlite_*       */
   lua_remove(L, -2);                               /* the userdata */
   lua_pushvalue(L, -1);
   lua_setfield(L, -3, "tide.core");

@@ -194,5 +194,7 @@ tide.supervisor = require("tide.supervisor").new
 tide.consumer = require("tide.consumer").new
 tide.sources = require "tide.sources"
 tide.flow = require("tide.flow").new
+tide.queue = { open = require("tide.queue").open }
+tide.worker = require("tide.worker").new
 
 return tide

@@ -1,0 +1,577 @@
+--- tide.queue — durable jobs: enqueue inside the caller's transaction, inspect, retry, cancel.
+--
+--   local q = tide.queue.open("sqlite:jobs.db", { encryptor = ... })
+--   q:transaction(function(tx)
+--     tx:exec("INSERT INTO orders (id, total) VALUES (?, ?)", 7, 120)
+--     tx:enqueue{ target = "orders", method = "fulfill", args = { id = 7 } }
+--   end)
+--
+-- The SQL lives in a store driver (tide.store_sqlite); this file checks
+-- arguments, encodes args (JSON, optionally encrypted), keeps the
+-- connection to one task at a time while a transaction is open, and tells
+-- workers in this process when a job was committed.  Misuse raises; a store
+-- failure raises an error that names the store and the SQLite code.  Times
+-- given and returned are UTC seconds since the Unix epoch (fractional).
+local core = require "tide.core"
+local S = require "tide.sched"
+local check = require "tide.check"
+local cjson = require("cjson").new()
+
+local type, error, pairs, ipairs, tostring, select = type, error, pairs, ipairs, tostring, select
+local setmetatable, pcall, co_running, floor = setmetatable, pcall, coroutine.running, math.floor
+local arg_error, opt_error, describe = check.arg_error, check.opt_error, check.describe
+local wallclock = core.wallclock
+
+local M = {}
+
+local Queue = {}
+local Queue_mt = { __index = Queue, __tostring = function(q)
+  return ("tide.Queue (%s%s)"):format(q.name, q._store and "" or ", closed")
+end }
+local Tx = {}
+local Tx_mt = { __index = Tx, __tostring = function(tx) return ("tide.Transaction (%s)"):format(tx._q.name) end }
+M.Queue_mt = Queue_mt
+
+M.STATUSES = { available = true, scheduled = true, executing = true, retryable = true,
+               completed = true, discarded = true, cancelled = true, expired = true }
+M.TERMINAL = { "completed", "discarded", "cancelled", "expired" }
+
+cjson.encode_sparse_array(false)
+cjson.encode_invalid_numbers(false)
+cjson.decode_invalid_numbers(false)
+
+-- ===== times
+
+--- Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+local function days_from_civil(y, m, d)
+  y = m <= 2 and y - 1 or y
+  local era = floor(y / 400)
+  local yoe = y - era * 400
+  local doy = floor((153 * (m + (m > 2 and -3 or 9)) + 2) / 5) + d - 1
+  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local DAYS_IN = { 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31 }
+
+--- "2026-11-23T15:04:05Z", "2026-11-23 15:04:05.250+01:00" or "2026-11-23"
+--- (UTC unless an offset is given) -> ms since the epoch, or nil.
+local function parse_iso(s)
+  local y, mo, d, rest = s:match("^(%d%d%d%d)%-(%d%d)%-(%d%d)(.*)$")
+  if not y then return nil end
+  y, mo, d = tonumber(y), tonumber(mo), tonumber(d)
+  if mo < 1 or mo > 12 or d < 1 or d > DAYS_IN[mo] then return nil end
+  local h, mi, sec, frac, zone = 0, 0, 0, "", "Z"
+  if rest ~= "" then
+    h, mi, sec, frac, zone = rest:match("^[T ](%d%d):(%d%d):(%d%d)(%.?%d*)(.*)$")
+    if not h then return nil end
+    h, mi, sec = tonumber(h), tonumber(mi), tonumber(sec)
+    if h > 23 or mi > 59 or sec > 60 or frac == "." then return nil end
+  end
+  local offset = 0
+  if zone ~= "Z" and zone ~= "" then
+    local sign, oh, om = zone:match("^([+-])(%d%d):?(%d%d)$")
+    if not sign then return nil end
+    offset = (tonumber(oh) * 60 + tonumber(om)) * (sign == "-" and -1 or 1)
+  end
+  local secs = days_from_civil(y, mo, d) * 86400 + h * 3600 + (mi - offset) * 60 + sec
+  return floor((secs + (tonumber("0" .. frac) or 0)) * 1000 + 0.5)
+end
+M.parse_iso = parse_iso
+
+--- ms since the epoch -> "2026-11-23T15:04:05.250Z".
+function M.iso(ms)
+  if ms == nil then return nil end
+  local ts = floor(ms / 1000)
+  local s = os.date("!%Y-%m-%dT%H:%M:%S", ts)
+  local frac = ms - ts * 1000
+  return frac > 0 and ("%s.%03dZ"):format(s, frac) or s .. "Z"
+end
+
+--- A run_at option -> ms since the epoch; raises naming the option.
+local function run_at_ms(fname, v, level)
+  if type(v) == "number" and check.finite(v) and v >= 0 then return floor(v * 1000 + 0.5) end
+  if type(v) == "string" then
+    local ms = parse_iso(v)
+    if ms then return ms end
+  end
+  opt_error(fname, "run_at", "UTC time (seconds since the epoch, or ISO 8601 like "
+            .. "\"2026-11-23T15:04:05Z\")", v, level + 1)
+end
+
+-- ===== args as JSON, with the path of what cannot be encoded
+
+local function is_array(t)
+  local n = 0
+  for k in pairs(t) do
+    if type(k) ~= "number" or k < 1 or k % 1 ~= 0 then return false end
+    n = n + 1
+  end
+  return n == #t or n == 0
+end
+
+--- Why `v` cannot be JSON, with its path ("args.items[2].cb: function"), or nil.
+local function json_problem(v, path, depth)
+  local tv = type(v)
+  if tv == "number" then
+    if not check.finite(v) then return path .. ": " .. describe(v) .. " is not a JSON number" end
+  elseif tv == "table" then
+    if depth > 100 then return path .. ": nested too deep (a cycle?)" end
+    local array = is_array(v)
+    for k, x in pairs(v) do
+      local sub
+      if array then
+        sub = ("%s[%d]"):format(path, k)
+      elseif type(k) == "string" then
+        sub = k:match("^[%a_][%w_]*$") and path .. "." .. k or ("%s[%q]"):format(path, k)
+      else
+        return ("%s: key %s in a table with other keys (JSON objects have string keys, "
+                .. "arrays keys 1..n)"):format(path, describe(k))
+      end
+      local p = json_problem(x, sub, depth + 1)
+      if p then return p end
+    end
+  elseif tv ~= "string" and tv ~= "boolean" and tv ~= "nil" and v ~= cjson.null then
+    return ("%s: %s cannot be encoded as JSON"):format(path, tv)
+  end
+end
+
+local function encode_args(fname, args, level)
+  local ok, json = pcall(cjson.encode, args == nil and cjson.null or args)
+  if ok then return json end
+  error(("%s: bad option 'args' (%s)"):format(fname, json_problem(args, "args", 0) or json), level + 1)
+end
+
+-- ===== opening
+
+local DRIVERS = { sqlite = "tide.store_sqlite" }
+local SYNC = { normal = true, full = true, off = true }
+local OPEN_KEYS = { encryptor = true, busy_timeout = true, synchronous = true }
+
+--- "sqlite:PATH" (or "sqlite://PATH") -> driver module, path.
+local function parse_url(url)
+  local scheme, rest = url:match("^(%a[%w+.-]*):(.*)$")
+  if not scheme then
+    error(("tide.queue.open: bad store URL %q (expected sqlite:PATH or postgres://...)"):format(url), 3)
+  end
+  scheme = scheme:lower()
+  if scheme == "postgres" or scheme == "postgresql" then
+    error("tide.queue.open: PostgreSQL stores are not available in this version (use sqlite:PATH)", 3)
+  end
+  if not DRIVERS[scheme] then
+    error(("tide.queue.open: unknown store '%s' in %q (expected sqlite:PATH)"):format(scheme, url), 3)
+  end
+  rest = rest:gsub("^//", "")
+  if rest == "" then error(("tide.queue.open: bad store URL %q (the file path is missing)"):format(url), 3) end
+  return DRIVERS[scheme], rest
+end
+
+--- Opens a job store: `url` is "sqlite:PATH" (created and migrated as
+--- needed).  opts: encryptor = { encrypt = fn, decrypt = fn } (args are
+--- stored only encrypted), busy_timeout (ms to wait for another process's
+--- write lock, default 5000), synchronous ("normal", the default in WAL
+--- mode: a crash of the process loses nothing, a power cut may lose the
+--- last commits; "full": nothing is lost on power cut either).
+function M.open(url, opts)
+  if type(url) ~= "string" then arg_error("tide.queue.open", 1, "store URL string", url) end
+  if opts ~= nil and type(opts) ~= "table" then arg_error("tide.queue.open", 2, "table or nil", opts) end
+  opts = opts or {}
+  check.known("tide.queue.open", opts, OPEN_KEYS)
+  local enc = opts.encryptor
+  if enc ~= nil and (type(enc) ~= "table" or type(enc.encrypt) ~= "function"
+                     or type(enc.decrypt) ~= "function") then
+    opt_error("tide.queue.open", "encryptor", "table with encrypt and decrypt functions", enc)
+  end
+  if opts.busy_timeout ~= nil and not check.is_ms(opts.busy_timeout) then
+    opt_error("tide.queue.open", "busy_timeout", "non-negative number of ms", opts.busy_timeout)
+  end
+  if opts.synchronous ~= nil and not SYNC[opts.synchronous] then
+    opt_error("tide.queue.open", "synchronous", check.choices(SYNC), opts.synchronous)
+  end
+  local driver, path = parse_url(url)
+  local name = url
+  local ok, store = pcall(require(driver).open, path, name, opts)
+  if not ok then error("tide.queue.open: " .. tostring(store), 2) end
+  return setmetatable({ name = name, durability = store.durability, _store = store, _enc = enc,
+                        _owner = false, _depth = 0, _waiters = {}, _listeners = {},
+                        _touched = false }, Queue_mt)
+end
+
+-- ===== one task at a time inside a transaction
+--
+-- SQLite runs on this thread, so a single statement never interleaves with
+-- another task's.  A transaction can: its function may wait (tide.sleep,
+-- an await) and let other tasks run.  While it is open the store belongs to
+-- the task that opened it; other tasks wait their turn, and code outside
+-- tasks (which cannot wait) gets an error.
+
+local MAIN = {}                  -- the owner when no coroutine runs (a plain host)
+
+local function check_q(fname, q)
+  if type(q) ~= "table" or getmetatable(q) ~= Queue_mt then
+    error(("%s: bad self (queue expected, got %s); call it as q:%s(...)")
+      :format(fname, describe(q), fname:match("[:.](%w+)$")), 3)
+  end
+  if not q._store then error(fname .. ": the queue is closed", 3) end
+end
+
+--- Waits until no other task holds the store; returns the store.
+local function acquire(q, fname)
+  local me = co_running() or MAIN
+  while q._owner and q._owner ~= me do
+    if S.current() == nil or co_running() ~= S.current()._co then
+      error(fname .. ": the store is inside another task's transaction (call it from a task, which waits its turn)", 3)
+    end
+    local t, tok = S.wait_begin(fname, 3)
+    S.add_waiter(q._waiters, t, tok)
+    S.wait_end(t, tok)
+  end
+  return q._store
+end
+M.acquire = acquire
+
+local function notify(q, queues)
+  for queue in pairs(queues) do
+    for _, fn in ipairs(q._listeners) do fn(queue) end
+  end
+end
+
+--- Runs fn(tx) in a transaction (a savepoint when nested); commits when it
+--- returns, rolls back and re-raises when it raises.  Returns fn's results.
+local function transaction(q, fname, fn, ...)
+  local store = acquire(q, fname)
+  local me = co_running() or MAIN
+  local depth = q._depth + 1
+  if depth == 1 then
+    store:begin()
+    q._owner, q._touched = me, {}
+  else
+    store:savepoint(depth)
+  end
+  q._depth = depth
+  local tx = setmetatable({ _q = q }, Tx_mt)
+  local res = { pcall(fn, tx, ...) }
+  q._depth = depth - 1
+  local ok, commit_err = true, nil
+  if depth > 1 then
+    if res[1] then store:release(depth) else store:rollback_to(depth) end
+  elseif res[1] then
+    ok, commit_err = pcall(store.commit, store)
+    if not ok then pcall(store.rollback, store) end
+  else
+    pcall(store.rollback, store)
+  end
+  if depth == 1 then
+    local touched = q._touched
+    q._owner, q._touched = false, false
+    local waiters = q._waiters
+    q._waiters = {}
+    S.wake_all(waiters)
+    if res[1] and ok then notify(q, touched) end
+  end
+  if not ok then error(fname .. ": commit failed: " .. tostring(commit_err), 3) end
+  if not res[1] then error(res[2], 0) end
+  return unpack(res, 2, table.maxn(res))
+end
+
+--- Runs fn(tx, ...) inside one database transaction: tx:exec and tx:query
+--- run your own SQL, tx:enqueue adds jobs; all commit together, or an error
+--- rolls all back and is raised again.  Returns what fn returns.
+function Queue:transaction(fn, ...)
+  check_q("q:transaction", self)
+  if type(fn) ~= "function" then arg_error("q:transaction", 1, "function", fn) end
+  return transaction(self, "q:transaction", fn, ...)
+end
+
+-- ===== enqueue
+
+local JOB_KEYS = { target = true, method = true, args = true, queue = true, run_at = true,
+                   delay = true, priority = true, max_attempts = true, idempotence_key = true }
+local NAME = "^[%a_][%w_.%-]*$"
+
+--- Checks an enqueue spec; returns the row to insert.
+local function job_row(fname, q, j, now, level)
+  level = level + 1
+  if type(j) ~= "table" then arg_error(fname, 1, "job table", j, level) end
+  check.known(fname, j, JOB_KEYS, nil, level)
+  if type(j.target) ~= "string" or not j.target:match(NAME) then
+    opt_error(fname, "target", "module name (like \"orders\" or \"app.mail\")", j.target, level)
+  end
+  if type(j.method) ~= "string" or not j.method:match("^[%a_][%w_]*$") then
+    opt_error(fname, "method", "function name", j.method, level)
+  end
+  if j.queue ~= nil and (type(j.queue) ~= "string" or not j.queue:match(NAME)) then
+    opt_error(fname, "queue", "queue name (letters, digits, _ . -)", j.queue, level)
+  end
+  if j.priority ~= nil and (type(j.priority) ~= "number" or not check.is_count(math.abs(j.priority))) then
+    opt_error(fname, "priority", "integer (lower runs first)", j.priority, level)
+  end
+  if j.max_attempts ~= nil and not check.is_count(j.max_attempts, 1) then
+    opt_error(fname, "max_attempts", "integer >= 1", j.max_attempts, level)
+  end
+  if j.idempotence_key ~= nil and (type(j.idempotence_key) ~= "string" or j.idempotence_key == "") then
+    opt_error(fname, "idempotence_key", "non-empty string", j.idempotence_key, level)
+  end
+  if j.delay ~= nil and not check.is_ms(j.delay) then
+    opt_error(fname, "delay", "non-negative number of ms", j.delay, level)
+  end
+  if j.delay ~= nil and j.run_at ~= nil then error(fname .. ": give run_at or delay, not both", level) end
+  local run_at = j.run_at ~= nil and run_at_ms(fname, j.run_at, level) or now + floor(j.delay or 0)
+  local json = encode_args(fname, j.args, level)
+  local args, args_enc = json, nil
+  if q._enc then
+    local ok, blob = pcall(q._enc.encrypt, json)
+    if not ok or type(blob) ~= "string" then
+      error(("%s: encryptor.encrypt failed: %s"):format(fname, ok and ("returned " .. describe(blob)
+            .. ", not a string") or tostring(blob)), level)
+    end
+    args, args_enc = nil, blob
+  end
+  return { queue = j.queue or "default", target = j.target, method = j.method, args = args,
+           args_enc = args_enc, status = run_at > now and "scheduled" or "available",
+           priority = j.priority or 0, max_attempts = j.max_attempts or 20, run_at = run_at,
+           idempotence_key = j.idempotence_key, inserted_at = now }
+end
+
+local function insert(q, store, row)
+  local id, inserted = store:insert(row)
+  if inserted then
+    if q._touched then q._touched[row.queue] = true else notify(q, { [row.queue] = true }) end
+  end
+  return id, inserted
+end
+
+--- Adds one job; returns its id and true, or the id of the job that already
+--- has this idempotence_key and false (nothing inserted).
+function Queue:enqueue(j)
+  check_q("q:enqueue", self)
+  local row = job_row("q:enqueue", self, j, wallclock(), 2)
+  return insert(self, acquire(self, "q:enqueue"), row)
+end
+
+--- Adds a list of jobs in one transaction; returns their ids (in order) and
+--- how many were inserted (the rest had existing idempotence keys).
+function Queue:enqueue_many(list)
+  check_q("q:enqueue_many", self)
+  if type(list) ~= "table" then arg_error("q:enqueue_many", 1, "list of job tables", list) end
+  local now, rows = wallclock(), {}
+  for i = 1, #list do
+    local ok, row = pcall(job_row, "q:enqueue_many", self, list[i], now, 1)
+    if not ok then error((tostring(row):gsub("^q:enqueue_many: ", "q:enqueue_many: job " .. i .. ": ")), 2) end
+    rows[i] = row
+  end
+  return transaction(self, "q:enqueue_many", function()
+    local ids, n = {}, 0
+    for i = 1, #rows do
+      local id, inserted = insert(self, self._store, rows[i])
+      ids[i] = id
+      if inserted then n = n + 1 end
+    end
+    return ids, n
+  end)
+end
+
+function Tx:enqueue(j)
+  local q = self._q
+  local row = job_row("tx:enqueue", q, j, wallclock(), 2)
+  return insert(q, q._store, row)
+end
+
+function Tx:enqueue_many(list) return Queue.enqueue_many(self._q, list) end
+
+--- Runs one statement of your own SQL with ? parameters bound (never
+--- interpolated); returns the number of rows changed.
+function Tx:exec(sql, ...)
+  if type(sql) ~= "string" then arg_error("tx:exec", 1, "SQL string", sql) end
+  return self._q._store:exec(sql, ...)
+end
+
+--- Runs a query of your own; returns its rows as { column = value } tables.
+function Tx:query(sql, ...)
+  if type(sql) ~= "string" then arg_error("tx:query", 1, "SQL string", sql) end
+  return self._q._store:query(sql, ...)
+end
+
+-- ===== reading jobs
+
+local function decode_args(q, row)
+  local json = row.args
+  if row.args_enc ~= nil then
+    if not q._enc then return nil, "args are encrypted and this queue has no encryptor" end
+    local ok, plain = pcall(q._enc.decrypt, row.args_enc)
+    if not ok then return nil, "encryptor.decrypt failed: " .. tostring(plain) end
+    if type(plain) ~= "string" then return nil, "encryptor.decrypt returned " .. describe(plain) end
+    json = plain
+  end
+  if json == nil then return nil end
+  local ok, v = pcall(cjson.decode, json)
+  if not ok then return nil, "args are not valid JSON: " .. tostring(v) end
+  if v == cjson.null then v = nil end
+  return v
+end
+M.decode_args = decode_args
+
+local function seconds(ms) return ms and ms / 1000 end
+
+--- A stored row -> the job table users see (times in UTC seconds).
+local function job_of(q, row)
+  local args, err = decode_args(q, row)
+  local errors = {}
+  if row.errors then
+    local ok, list = pcall(cjson.decode, row.errors)
+    if ok and type(list) == "table" then
+      for i, e in ipairs(list) do
+        errors[i] = { attempt = e.attempt, at = seconds(e.at), error = e.error,
+                      traceback = e.traceback ~= cjson.null and e.traceback or nil }
+      end
+    end
+  end
+  return {
+    id = row.id, queue = row.queue, target = row.target, method = row.method,
+    args = args, args_error = err, encrypted = row.args_enc ~= nil or nil,
+    status = row.status, priority = row.priority, attempt = row.attempt,
+    max_attempts = row.max_attempts, run_at = seconds(row.run_at),
+    attempted_at = seconds(row.attempted_at), completed_at = seconds(row.completed_at),
+    inserted_at = seconds(row.inserted_at), errors = errors,
+    idempotence_key = row.idempotence_key, lease_owner = row.lease_owner,
+    lease_expires = seconds(row.lease_expires),
+  }
+end
+M.job_of = job_of
+
+local function check_id(fname, id)
+  if not check.is_count(id, 1) then arg_error(fname, 1, "job id (integer >= 1)", id, 3) end
+end
+
+--- The job with this id, or nil.
+function Queue:job(id)
+  check_q("q:job", self)
+  check_id("q:job", id)
+  local row = acquire(self, "q:job"):get(id)
+  return row and job_of(self, row)
+end
+
+local LIST_KEYS = { status = true, queue = true, limit = true, before = true }
+
+--- Jobs, newest first: filter by status and queue; limit (default 100);
+--- before = id for the next page.
+function Queue:list(f)
+  check_q("q:list", self)
+  if f ~= nil and type(f) ~= "table" then arg_error("q:list", 1, "table or nil", f) end
+  f = f or {}
+  check.known("q:list", f, LIST_KEYS)
+  if f.status ~= nil and not M.STATUSES[f.status] then
+    opt_error("q:list", "status", check.choices(M.STATUSES), f.status)
+  end
+  if f.queue ~= nil and type(f.queue) ~= "string" then opt_error("q:list", "queue", "string", f.queue) end
+  if f.limit ~= nil and not check.is_count(f.limit, 1) then opt_error("q:list", "limit", "integer >= 1", f.limit) end
+  if f.before ~= nil and not check.is_count(f.before, 1) then opt_error("q:list", "before", "job id", f.before) end
+  local rows = acquire(self, "q:list"):list{ status = f.status, queue = f.queue,
+                                             limit = f.limit or 100, before = f.before }
+  for i, row in ipairs(rows) do rows[i] = job_of(self, row) end
+  return rows
+end
+
+-- ===== changing jobs by hand
+
+--- Applies op to job id; true, or nil and why not ("job 7 not found",
+--- "job 7 is completed").
+local function change(q, fname, op, id, err)
+  check_q(fname, q)
+  check_id(fname, id)
+  local store = acquire(q, fname)
+  if store:change(op, id, wallclock(), err) then
+    if op == "retry_now" then
+      local row = store:get(id)
+      if row and q._owner then q._touched[row.queue] = true
+      elseif row then notify(q, { [row.queue] = true }) end
+    end
+    return true
+  end
+  local row = store:get(id)
+  if not row then return nil, ("job %d not found"):format(id) end
+  return nil, ("job %d is %s"):format(id, row.status)
+end
+
+--- Makes a job run again now (from any status but executing and available).
+function Queue:retry(id) return change(self, "q:retry", "retry_now", id) end
+--- Cancels a job that has not finished; a running attempt is stopped at the worker's next heartbeat.
+function Queue:cancel(id) return change(self, "q:cancel", "cancel", id) end
+--- Marks a job expired: it must no longer run.
+function Queue:expire(id) return change(self, "q:expire", "expire", id) end
+
+--- Fails a job for good (discarded), recording `reason`.
+function Queue:fail(id, reason)
+  if reason ~= nil and type(reason) ~= "string" then arg_error("q:fail", 2, "string or nil", reason) end
+  local entry = cjson.encode{ at = wallclock(), error = reason or "failed by hand" }
+  return change(self, "q:fail", "fail", id, entry)
+end
+
+--- Counts: { total =, <status> = n, queues = { [name] = { <status> = n } } }.
+function Queue:stats()
+  check_q("q:stats", self)
+  local by_queue = acquire(self, "q:stats"):stats()
+  local out = { total = 0, queues = by_queue }
+  for status in pairs(M.STATUSES) do out[status] = 0 end
+  for _, counts in pairs(by_queue) do
+    for status, n in pairs(counts) do
+      out[status] = (out[status] or 0) + n
+      out.total = out.total + n
+    end
+  end
+  return out
+end
+
+local UNITS = { ms = 1, s = 1000, m = 60000, h = 3600000, d = 86400000 }
+
+--- "500ms", "30s", "15m", "2h", "7d" or a number of ms -> ms, or nil.
+function M.duration(v)
+  if type(v) == "number" then return check.is_ms(v) and v or nil end
+  if type(v) ~= "string" then return nil end
+  local n, unit = v:match("^(%d+%.?%d*)(%a+)$")
+  if not n or not UNITS[unit] then return nil end
+  return tonumber(n) * UNITS[unit]
+end
+
+local PRUNE_KEYS = { older_than = true, statuses = true }
+
+--- Deletes finished jobs (completed, discarded, cancelled, expired: or the
+--- `statuses` given) that finished more than older_than ago (ms, or "7d").
+--- Returns how many were deleted.
+function Queue:prune(opts)
+  check_q("q:prune", self)
+  if type(opts) ~= "table" then arg_error("q:prune", 1, "table", opts) end
+  check.known("q:prune", opts, PRUNE_KEYS)
+  local ms = M.duration(opts.older_than)
+  if not ms then opt_error("q:prune", "older_than", "duration (ms, or like \"7d\", \"12h\")", opts.older_than) end
+  local statuses = opts.statuses or M.TERMINAL
+  if type(statuses) ~= "table" or #statuses == 0 then
+    opt_error("q:prune", "statuses", "list of finished statuses", statuses)
+  end
+  for i, st in ipairs(statuses) do
+    if st ~= "completed" and st ~= "discarded" and st ~= "cancelled" and st ~= "expired" then
+      opt_error("q:prune", "statuses[" .. i .. "]", "'completed', 'discarded', 'cancelled' or 'expired'", st)
+    end
+  end
+  return acquire(self, "q:prune"):prune(wallclock() - ms, statuses)
+end
+
+--- Closes the store (idempotent).
+function Queue:close()
+  if self._store then self._store:close(); self._store = nil end
+end
+
+-- ===== for tide.worker
+
+--- fn(queue_name) runs after a commit that made a job of that queue due.
+function M.listen(q, fn) q._listeners[#q._listeners + 1] = fn end
+function M.unlisten(q, fn)
+  for i, f in ipairs(q._listeners) do
+    if f == fn then table.remove(q._listeners, i); return end
+  end
+end
+
+M.encode = cjson.encode
+M.null = cjson.null
+
+return M

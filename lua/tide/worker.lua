@@ -1,0 +1,484 @@
+--- tide.worker — performs durable jobs from a queue as supervised tide tasks.
+--
+--   local w = tide.worker{ queue = q, queues = { default = 10, mail = 2 },
+--                          targets = { orders = { fulfill = function(args, job) ... end } } }
+--
+-- How a job moves (see tide.store_sqlite for the SQL):
+--
+--   claim    a claimer task per queue takes up to `batch` due jobs (priority,
+--            then run_at) in one statement that marks them executing under a
+--            lease held by this worker, and spawns a task for each.
+--   perform  target[method](args, job) runs as a tide task (timeout and mode
+--            per target).  Its outcome is recorded by the flusher task, which
+--            writes every outcome of a tick in one transaction: completed;
+--            retryable at now + backoff; discarded after the last attempt.
+--   lease    the heartbeat task extends the leases of running jobs; a job
+--            cancelled or expired in the store meanwhile loses its lease,
+--            and its task is cancelled.  The rescuer makes jobs whose lease
+--            expired (their worker died) available again, on every worker.
+--   stop     claimers stop, running jobs get the grace period, claimed jobs
+--            that never started (or were cut short) are released: available
+--            again, the attempt not counted.
+--
+-- Nothing durable depends on this process staying alive: an outcome not yet
+-- written when the process dies leaves the job executing under a lease that
+-- expires, and the rescuer runs it again.  So a job runs at least once; it
+-- runs twice only when the process dies between its effect and the write.
+local core = require "tide.core"
+local S = require "tide.sched"
+local check = require "tide.check"
+local log = require "tide.log"
+local retry = require "tide.retry"
+local queue = require "tide.queue"
+local make_task = require("tide.task").make_task
+
+local type, error, pairs, ipairs, tostring, pcall, require = type, error, pairs, ipairs, tostring, pcall, require
+local setmetatable, min, floor, random = setmetatable, math.min, math.floor, math.random
+local wallclock, encode = core.wallclock, queue.encode
+local opt_error = check.opt_error
+
+local M = {}
+
+local Worker = {}
+local Worker_mt = { __index = Worker, __tostring = function(w)
+  return ("tide.Worker %s (%s)"):format(w.id, w.state)
+end }
+
+local KEYS = { queue = true, queues = true, concurrency = true, targets = true, lease = true,
+               heartbeat = true, poll = true, rescue_every = true, batch = true, timeout = true,
+               retry = true, handle_error = true, grace = true }
+local TARGET_OPTS = { timeout = true, mode = true, handle_error = true, retry = true }
+local DEFAULT_RETRY = { backoff = "exponential", base = 1000, max = 3600000, jitter = true }
+
+-- ===== options
+
+local function check_retry(fname, key, r, level)
+  if type(r) ~= "table" then opt_error(fname, key, "table", r, level + 1) end
+  if r.attempts ~= nil then
+    error(fname .. ": " .. key .. ".attempts is not used here (a job's max_attempts counts its attempts)", level + 1)
+  end
+  local full = { attempts = 1 }
+  for k, v in pairs(DEFAULT_RETRY) do full[k] = v end
+  for k, v in pairs(r) do full[k] = v end
+  return retry.policy(fname, full, level + 1)
+end
+
+local function check_target(fname, name, t, level)
+  local key = "targets." .. tostring(name)
+  if type(name) ~= "string" or type(t) ~= "table" then
+    opt_error(fname, key, "table of methods", t, level + 1)
+  end
+  if t.timeout ~= nil and not check.is_ms(t.timeout, true) then
+    opt_error(fname, key .. ".timeout", "positive number of ms", t.timeout, level + 1)
+  end
+  require("tide.task").check_mode(fname, t.mode, level + 1)
+  if t.handle_error ~= nil and type(t.handle_error) ~= "function" then
+    opt_error(fname, key .. ".handle_error", "function", t.handle_error, level + 1)
+  end
+  if t.retry ~= nil then check_retry(fname, key .. ".retry", t.retry, level + 1) end
+end
+
+local function check_queues(fname, opts, level)
+  if opts.queues ~= nil and opts.concurrency ~= nil then
+    error(fname .. ": give queues or concurrency, not both", level + 1)
+  end
+  if opts.concurrency ~= nil and not check.is_count(opts.concurrency, 1) then
+    opt_error(fname, "concurrency", "integer >= 1", opts.concurrency, level + 1)
+  end
+  local queues = opts.queues or { default = opts.concurrency or 10 }
+  if type(queues) ~= "table" or next(queues) == nil then
+    opt_error(fname, "queues", "table of queue name = concurrency", queues, level + 1)
+  end
+  for name, n in pairs(queues) do
+    if type(name) ~= "string" or not check.is_count(n, 1) then
+      opt_error(fname, "queues." .. tostring(name), "integer >= 1", n, level + 1)
+    end
+  end
+  return queues
+end
+
+local function check_opts(fname, opts)
+  if type(opts) ~= "table" then check.arg_error(fname, 1, "table", opts, 3) end
+  check.known(fname, opts, KEYS, nil, 3)
+  if getmetatable(opts.queue) ~= queue.Queue_mt then
+    opt_error(fname, "queue", "queue (from tide.queue.open)", opts.queue, 3)
+  end
+  for _, k in ipairs{ "lease", "heartbeat", "poll", "rescue_every", "timeout", "grace" } do
+    if opts[k] ~= nil and not check.is_ms(opts[k], true) then
+      opt_error(fname, k, "positive number of ms", opts[k], 3)
+    end
+  end
+  if opts.batch ~= nil and not check.is_count(opts.batch, 1) then
+    opt_error(fname, "batch", "integer >= 1", opts.batch, 3)
+  end
+  if opts.targets ~= nil then
+    if type(opts.targets) ~= "table" then opt_error(fname, "targets", "table of targets", opts.targets, 3) end
+    for name, t in pairs(opts.targets) do check_target(fname, name, t, 3) end
+  end
+  if opts.handle_error ~= nil and type(opts.handle_error) ~= "function" then
+    opt_error(fname, "handle_error", "function", opts.handle_error, 3)
+  end
+  return check_queues(fname, opts, 3)
+end
+
+-- ===== targets
+
+--- The target table named `name`: from `targets`, else require(name).
+--- Returns it, or nil and why not.
+local function target_of(w, name)
+  local t = w.targets[name]
+  if t then return t end
+  local cached = w.loaded[name]
+  if cached ~= nil then return cached or nil, w.load_errors[name] end
+  local ok, mod = pcall(require, name)
+  if not ok or type(mod) ~= "table" then
+    local why = ok and ("module '%s' returned %s, not a table of methods"):format(name, type(mod))
+                or ("unknown target '%s' (not in targets, and require failed: %s)")
+                   :format(name, (tostring(mod):match("^[^\n]*"):gsub(":$", "")))
+    w.loaded[name], w.load_errors[name] = false, why
+    return nil, why
+  end
+  w.loaded[name] = mod
+  return mod
+end
+
+local function method_of(w, row)
+  local t, err = target_of(w, row.target)
+  if not t then return nil, err end
+  local fn = t[row.method]
+  if TARGET_OPTS[row.method] or type(fn) ~= "function" then
+    return nil, ("unknown method '%s' of target '%s'"):format(row.method, row.target)
+  end
+  return fn, t
+end
+
+-- ===== recording outcomes
+
+local function flush_now(w, entries)
+  local store = w.q._store
+  local ok, err = pcall(store.record, store, entries, w.id, wallclock())
+  if not ok then
+    -- The leases were not released: the jobs run again after they expire.
+    log.report("worker " .. w.id .. ": recording " .. #entries .. " outcomes", err)
+    w.stats.write_errors = w.stats.write_errors + 1
+  end
+  return ok
+end
+
+--- Queues an outcome for the flusher; during a stop, writes it at once (the
+--- flusher may be gone by the end of the grace period).
+local function record(w, entry)
+  local q = w.q
+  if w.state ~= "running" and q._store and not q._owner then
+    flush_now(w, { entry })
+    return
+  end
+  local p = w.pending
+  p[#p + 1] = entry
+  S.notify(w.flusher)
+end
+
+--- Wakes the queue's claimer after `ms` (a retry due before the next poll).
+local function wake_later(w, name, ms)
+  local qs = w.queues[name]
+  local at = core.now() + ms
+  if qs.wake_at and qs.wake_at <= at then return end
+  if qs.wake_timer then qs.wake_timer:stop() end
+  qs.wake_at = at
+  qs.wake_timer = require("tide").after(ms + 1, function()
+    qs.wake_at, qs.wake_timer = nil, nil
+    S.notify(qs)
+  end)
+end
+
+local function report_error(w, target, job, err)
+  local hook = target and target.handle_error or w.handle_error
+  if hook then log.protect("handle_error of job " .. job.id, hook, job, err) end
+end
+
+--- A failed attempt: retry later, or discard after the last.
+local function failed(w, rec, err, trace, target)
+  local job, row = rec.job, rec.row
+  local entry = { id = row.id, attempt = row.attempt,
+                  error = encode{ attempt = row.attempt, at = wallclock(), error = tostring(err),
+                                  traceback = trace } }
+  if row.attempt >= row.max_attempts then
+    entry.kind = "discard"
+    w.stats.discarded = w.stats.discarded + 1
+  else
+    local policy = target and target.retry and w.target_retry[target] or w.retry
+    local delay = floor(retry.delay(policy, row.attempt))
+    entry.kind = "retry"
+    entry.run_at = wallclock() + delay
+    if delay < w.poll and w.state == "running" and not S.shutting_down() then wake_later(w, row.queue, delay) end
+    w.stats.retried = w.stats.retried + 1
+  end
+  job.error = tostring(err)
+  report_error(w, target, job, err)
+  record(w, entry)
+end
+
+local function released(w, rec, started, reason)
+  w.stats.released = w.stats.released + 1
+  local row = rec.row
+  record(w, { kind = "release", id = row.id, attempt = row.attempt, run_at = wallclock(),
+              error = started and encode{ attempt = row.attempt, at = wallclock(),
+                                          error = "interrupted: " .. tostring(reason) } or nil })
+end
+
+local function slot_freed(w, rec)
+  w.running[rec.row.id] = nil
+  w.nrunning = w.nrunning - 1
+  local qs = w.queues[rec.row.queue]
+  qs.running = qs.running - 1
+  if qs.more then S.notify(qs) end
+  if w.nrunning == 0 then
+    S.notify(w.idle)
+    if w.state ~= "running" then S.notify(w.beat); S.notify(w.flusher) end
+  end
+end
+
+--- on_finish of a job's task (inside the scheduler's one door, so every
+--- attempt's outcome is handled exactly once).
+local function job_finished(t)
+  local rec = t._opt.job
+  local w = rec.worker
+  slot_freed(w, rec)
+  local status = t._state
+  if status == "ok" then
+    w.stats.completed = w.stats.completed + 1
+    record(w, { kind = "completed", id = rec.row.id, attempt = rec.row.attempt })
+  elseif status == "cancelled" then
+    if rec.gone then                          -- cancelled or expired in the store: nothing to write
+      w.stats.cancelled = w.stats.cancelled + 1
+    elseif w.state ~= "running" or S.shutting_down() then
+      released(w, rec, t.attempts > 0, t.value)
+    else
+      failed(w, rec, "cancelled: " .. tostring(t.value), nil, rec.target)
+    end
+  else
+    failed(w, rec, t.value, t.traceback, rec.target)
+  end
+end
+
+-- ===== starting jobs
+
+--- The job table a method gets (plain data, so it can cross to a thread).
+local function job_info(row)
+  return { id = row.id, queue = row.queue, target = row.target, method = row.method,
+           attempt = row.attempt, max_attempts = row.max_attempts, priority = row.priority,
+           run_at = row.run_at / 1000, inserted_at = row.inserted_at / 1000,
+           idempotence_key = row.idempotence_key }
+end
+
+local function start_job(w, row)
+  local rec = { worker = w, row = row, job = job_info(row), gone = false }
+  local qs = w.queues[row.queue]
+  w.running[row.id] = rec
+  w.nrunning, qs.running = w.nrunning + 1, qs.running + 1
+  w.stats.claimed = w.stats.claimed + 1
+  local fn, target = method_of(w, row)
+  local args, err
+  if fn then args, err = queue.decode_args(w.q, row) end
+  if not fn or err then
+    slot_freed(w, rec)
+    return failed(w, rec, fn and ("job %d: %s"):format(row.id, err) or target, nil, fn and target)
+  end
+  rec.target = target
+  local mode = target.mode
+  local ok, t = pcall(make_task, "tide.worker", "coroutine", {
+    run = mode == "thread" and (row.target .. "." .. row.method) or fn,
+    args = { args, rec.job, n = 2 }, mode = mode, timeout = target.timeout or w.timeout,
+    name = ("job %d %s.%s"):format(row.id, row.target, row.method),
+  })
+  if not ok then
+    slot_freed(w, rec)
+    return failed(w, rec, t, nil, target)
+  end
+  rec.task = t
+  local o = S.options(t)
+  o.job, o.on_finish = rec, job_finished
+  S.start(t)
+end
+
+-- ===== the worker's own tasks
+
+local function claimer(w, name)
+  local qs = w.queues[name]
+  while w.state == "running" do
+    local free = qs.limit - qs.running
+    if free > 0 then
+      local want = min(free, w.batch)
+      local store = queue.acquire(w.q, "tide.worker")
+      if w.state ~= "running" then break end
+      local now = wallclock()
+      local rows = store:claim(name, want, w.id, now, now + w.lease)
+      qs.more = #rows == want
+      for i = 1, #rows do start_job(w, rows[i]) end
+      if not qs.more then S.wait_for(qs, "tide.worker", w.poll) end
+    else
+      S.wait_for(qs, "tide.worker", w.poll)
+    end
+  end
+end
+
+local function flusher(w)
+  while true do
+    local p = w.pending
+    if #p > 0 then
+      w.pending = {}
+      queue.acquire(w.q, "tide.worker")
+      flush_now(w, p)
+    elseif w.state ~= "running" and w.nrunning == 0 then
+      return
+    else
+      S.wait_for(w.flusher, "tide.worker")
+    end
+  end
+end
+
+local function heartbeat(w)
+  while w.state == "running" or w.nrunning > 0 do
+    S.wait_for(w.beat, "tide.worker", w.heartbeat)
+    if w.nrunning > 0 then
+      local store = queue.acquire(w.q, "tide.worker")
+      local ok, leased = pcall(store.heartbeat, store, w.id, wallclock() + w.lease)
+      if not ok then
+        log.report("worker " .. w.id .. ": heartbeat", leased)
+      else
+        for id, rec in pairs(w.running) do
+          if not leased[id] and rec.task then
+            rec.gone = true
+            rec.task:cancel(("job %d was cancelled, expired or rescued in the store"):format(id))
+          end
+        end
+      end
+    end
+  end
+end
+
+local function rescue(w)
+  local store = queue.acquire(w.q, "tide.worker")
+  local ok, n = pcall(store.rescue, store, wallclock())
+  if not ok then log.report("worker " .. w.id .. ": rescue", n); return end
+  if n > 0 then
+    w.stats.rescued = w.stats.rescued + n
+    for _, qs in pairs(w.queues) do S.notify(qs) end
+  end
+end
+
+local function rescuer(w)
+  while w.state == "running" do
+    rescue(w)
+    S.wait_for(w.rescue_holder, "tide.worker", w.rescue_every)
+  end
+end
+
+-- ===== public
+
+--- Starts a worker (see the top of this file).  Options: queue (required),
+--- queues = { name = concurrency } or concurrency (the "default" queue),
+--- targets, lease (ms, 30000), heartbeat (ms, lease/3), poll (ms, 1000),
+--- rescue_every (ms, lease/2), batch (claims per statement, 100), timeout
+--- (ms per attempt, none), retry (backoff between attempts), handle_error,
+--- grace (ms running jobs get on stop, default: tide's grace).
+function M.new(opts)
+  local queues = check_opts("tide.worker", opts)
+  local lease = opts.lease or 30000
+  local w = setmetatable({
+    q = opts.queue, targets = opts.targets or {}, loaded = {}, load_errors = {},
+    lease = lease, heartbeat = opts.heartbeat or lease / 3, poll = opts.poll or 1000,
+    rescue_every = opts.rescue_every or lease / 2, batch = opts.batch or 100,
+    timeout = opts.timeout, grace = opts.grace, handle_error = opts.handle_error,
+    retry = opts.retry and check_retry("tide.worker", "retry", opts.retry, 2)
+            or check_retry("tide.worker", "retry", {}, 2),
+    target_retry = {},
+    id = ("%s:%d:%06x"):format(core.hostname(), core.pid(), random(0, 0xffffff)),
+    state = "running", queues = {}, running = {}, nrunning = 0, pending = {},
+    flusher = { waiting = false }, beat = { waiting = false }, idle = { waiting = false },
+    rescue_holder = { waiting = false }, tasks = {},
+    stats = { claimed = 0, completed = 0, retried = 0, discarded = 0, released = 0,
+              cancelled = 0, rescued = 0, write_errors = 0 },
+  }, Worker_mt)
+  for _, t in pairs(w.targets) do
+    if t.retry then w.target_retry[t] = check_retry("tide.worker", "retry", t.retry, 2) end
+  end
+  if S.shutting_down() then error("tide.worker: the loop is shutting down", 2) end
+  for name, n in pairs(queues) do
+    w.queues[name] = { limit = n, running = 0, more = false, waiting = false }
+    w.tasks[#w.tasks + 1] = require("tide").spawn{ run = claimer, args = { w, name }, name = "claimer " .. name }
+  end
+  local spawn = require("tide").spawn
+  w.tasks[#w.tasks + 1] = spawn{ run = flusher, args = { w }, name = "worker flusher" }
+  w.tasks[#w.tasks + 1] = spawn{ run = heartbeat, args = { w }, name = "worker heartbeat" }
+  w.tasks[#w.tasks + 1] = spawn{ run = rescuer, args = { w }, name = "worker rescuer" }
+  w.on_enqueue = function(name)
+    local qs = w.queues[name]
+    if qs then S.notify(qs) end
+  end
+  queue.listen(w.q, w.on_enqueue)
+  S.on_shutdown(function() if w.state == "running" then w:stop() end end)
+  return w
+end
+
+--- Stops claiming; running jobs get `grace_ms` (default: the worker's
+--- grace option, else tide's) and are then cancelled and released.  Returns
+--- at once; w:wait() waits for the end.
+function Worker:stop(grace_ms)
+  if grace_ms ~= nil and not check.is_ms(grace_ms) then
+    check.arg_error("worker:stop", 1, "non-negative number of ms", grace_ms)
+  end
+  if self.state ~= "running" then return false end
+  self.state = "stopping"
+  queue.unlisten(self.q, self.on_enqueue)
+  for _, qs in pairs(self.queues) do
+    if qs.wake_timer then qs.wake_timer:stop(); qs.wake_timer, qs.wake_at = nil, nil end
+    S.notify(qs)
+  end
+  S.notify(self.rescue_holder)
+  S.notify(self.flusher)
+  S.notify(self.beat)
+  local grace = grace_ms or self.grace or require("tide.host").config.grace
+  if self.nrunning > 0 and not S.shutting_down() then   -- (a shutdown has its own grace)
+    self.grace_timer = require("tide").after(grace, function()
+      for _, rec in pairs(self.running) do
+        if rec.task then rec.task:cancel("worker stopped") end
+      end
+    end)
+  end
+  return true
+end
+
+--- Waits (inside a task) until the worker has stopped and written every outcome.
+function Worker:wait()
+  for _, t in ipairs(self.tasks) do t:await() end
+  if self.grace_timer then self.grace_timer:stop() end
+  self.state = "stopped"
+  return self.stats
+end
+
+--- Waits (inside a task) until no job of the worker's queues is due or
+--- executing anywhere, then stops the worker and returns its stats.
+function Worker:drain()
+  local names = {}
+  for name in pairs(self.queues) do names[#names + 1] = name end
+  while self.state == "running" do
+    if self.nrunning == 0 and #self.pending == 0 then
+      rescue(self)
+      local store = queue.acquire(self.q, "worker:drain")
+      if store:pending(names, wallclock()) == 0 and self.nrunning == 0 and #self.pending == 0 then break end
+    end
+    S.wait_for(self.idle, "worker:drain", 20)
+  end
+  self:stop()
+  return self:wait()
+end
+
+function Worker:info()
+  local out = { id = self.id, state = self.state, running = self.nrunning, queues = {} }
+  for k, v in pairs(self.stats) do out[k] = v end
+  for name, qs in pairs(self.queues) do out.queues[name] = { limit = qs.limit, running = qs.running } end
+  return out
+end
+
+return M
