@@ -101,13 +101,17 @@ end
 
 -- ===== args as JSON, with the path of what cannot be encoded
 
+--- true for an array (keys 1..n), false for an object; for positive
+--- integer keys with holes: nil and the highest key.
 local function is_array(t)
-  local n = 0
+  local n, max = 0, 0
   for k in pairs(t) do
     if type(k) ~= "number" or k < 1 or k % 1 ~= 0 then return false end
     n = n + 1
+    if k > max then max = k end
   end
-  return n == #t or n == 0
+  if n == max then return true end
+  return nil, max, n
 end
 
 --- Why `v` cannot be JSON, with its path ("args.items[2].cb: function"), or nil.
@@ -117,7 +121,12 @@ local function json_problem(v, path, depth)
     if not check.finite(v) then return path .. ": " .. describe(v) .. " is not a JSON number" end
   elseif tv == "table" then
     if depth > 100 then return path .. ": nested too deep (a cycle?)" end
-    local array = is_array(v)
+    local array, max, n = is_array(v)
+    if array == nil then
+      local p = ("%s: sparse array (keys 1..n expected, got %d values up to key %d)"):format(path, n, max)
+      if max > 10 and max > 2 * n then return p end     -- what cjson refuses
+      array = true
+    end
     for k, x in pairs(v) do
       local sub
       if array then

@@ -297,7 +297,7 @@ function Store:prune(before, statuses)
   local marks = {}
   for i, st in ipairs(statuses) do marks[i] = ("'%s'"):format(st) end
   return user_stmt(self, "DELETE FROM tide_jobs WHERE status IN (" .. concat(marks, ", ")
-    .. ") AND completed_at < ?1"):run(before)
+    .. ") AND completed_at <= ?1"):run(before)
 end
 
 --- How many jobs of `queues` are due or executing (anywhere): 0 means a

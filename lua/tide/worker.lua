@@ -60,7 +60,8 @@ local function check_retry(fname, key, r, level)
   local full = { attempts = 1 }
   for k, v in pairs(DEFAULT_RETRY) do full[k] = v end
   for k, v in pairs(r) do full[k] = v end
-  return retry.policy(fname, full, level + 1)
+  local policy = retry.policy(fname, full, level + 1)   -- not a tail call: errors blame the caller
+  return policy
 end
 
 local function check_target(fname, name, t, level)
@@ -118,7 +119,8 @@ local function check_opts(fname, opts)
   if opts.handle_error ~= nil and type(opts.handle_error) ~= "function" then
     opt_error(fname, "handle_error", "function", opts.handle_error, 3)
   end
-  return check_queues(fname, opts, 3)
+  local queues = check_queues(fname, opts, 3)   -- not a tail call: errors blame the caller
+  return queues
 end
 
 -- ===== targets
@@ -459,14 +461,19 @@ end
 
 --- Waits (inside a task) until no job of the worker's queues is due or
 --- executing anywhere, then stops the worker and returns its stats.
-function Worker:drain()
+--- opts.within = ms: also wait for jobs (retries) due within that time.
+function Worker:drain(opts)
+  if opts ~= nil and (type(opts) ~= "table" or (opts.within ~= nil and not check.is_ms(opts.within))) then
+    check.arg_error("worker:drain", 1, "nil or { within = ms }", opts)
+  end
+  local within = opts and opts.within or 0
   local names = {}
   for name in pairs(self.queues) do names[#names + 1] = name end
   while self.state == "running" do
     if self.nrunning == 0 and #self.pending == 0 then
       rescue(self)
       local store = queue.acquire(self.q, "worker:drain")
-      if store:pending(names, wallclock()) == 0 and self.nrunning == 0 and #self.pending == 0 then break end
+      if store:pending(names, wallclock() + within) == 0 and self.nrunning == 0 and #self.pending == 0 then break end
     end
     S.wait_for(self.idle, "worker:drain", 20)
   end

@@ -1,0 +1,339 @@
+-- spec/worker_spec.lua — tide.worker: claiming, performing, retries, leases, rescue, stop.
+local tide = require "tide"
+local core = require "tide.core"
+
+local function remove_db(path)
+  for _, suffix in ipairs{ "", "-wal", "-shm" } do os.remove(path .. suffix) end
+end
+
+--- Runs fn(q) as the root task on a fresh store; returns what it returns.
+local path, q
+local function with_worker(fn)
+  local status, a, b = tide.run(fn)
+  if status ~= "ok" then error(tostring(a), 2) end
+  return a, b
+end
+
+describe("tide.worker", function()
+  before_each(function()
+    path = os.tmpname()
+    remove_db(path)
+    q = tide.queue.open("sqlite:" .. path)
+    spec_helper.quiet_errors()
+  end)
+
+  after_each(function()
+    spec_helper.loud_errors()
+    q:close()
+    remove_db(path)
+    spec_helper.assert_idle()
+  end)
+
+  it("performs due jobs with target.method(args, job) and records them completed", function()
+    local seen = {}
+    local targets = { orders = { fulfill = function(args, job) seen[#seen + 1] = { args.id, job.id, job.attempt } end } }
+    local ids = {}
+    for i = 1, 300 do ids[i] = q:enqueue{ target = "orders", method = "fulfill", args = { id = i } } end
+    local st = with_worker(function()
+      return tide.worker{ queue = q, concurrency = 20, targets = targets }:drain()
+    end)
+    assert.equal(300, #seen)
+    assert.equal(300, st.completed)
+    assert.equal(300, q:stats().completed)
+    table.sort(seen, function(a, b) return a[1] < b[1] end)
+    for i = 1, 300 do assert.same({ i, ids[i], 1 }, seen[i]) end
+    local j = q:job(ids[1])
+    assert.is_not_nil(j.completed_at)
+    assert.is_nil(j.lease_owner)
+  end)
+
+  it("finds a target by require when it is not in targets", function()
+    local mod = require "spec.fixtures.jobs_target"
+    mod.calls = {}
+    q:enqueue{ target = "spec.fixtures.jobs_target", method = "record", args = { x = 1 } }
+    with_worker(function() tide.worker{ queue = q }:drain() end)
+    assert.equal(1, #mod.calls)
+    assert.same({ x = 1 }, mod.calls[1].args)
+  end)
+
+  it("runs a target's methods on threads when the target says mode = 'thread'", function()
+    local out = os.tmpname()
+    _G.MAIN_STATE_MARK = "main"
+    for n = 1, 5 do q:enqueue{ target = "spec.fixtures.jobs_thread_target", method = "square", args = { n = n, out = out } } end
+    with_worker(function() tide.worker{ queue = q }:drain() end)
+    _G.MAIN_STATE_MARK = nil
+    local f = io.open(out)
+    local lines = {}
+    for line in f:lines() do lines[#lines + 1] = line end
+    f:close()
+    os.remove(out)
+    table.sort(lines)
+    assert.equal(5, #lines)
+    for _, line in ipairs(lines) do
+      local id, sq, mark = line:match("^(%d+) (%d+) (%S+)$")
+      assert.equal(q:job(tonumber(id)).args.n ^ 2, tonumber(sq))
+      assert.equal("nil", mark)                 -- not the main state
+    end
+    assert.equal(5, q:stats().completed)
+  end)
+
+  it("starts jobs by priority, then run_at", function()
+    local order = {}
+    local t = { m = function(args) order[#order + 1] = args.name end }
+    q:enqueue{ target = "t", method = "m", args = { name = "low" }, priority = 5 }
+    q:enqueue{ target = "t", method = "m", args = { name = "old" }, run_at = 1000 }
+    q:enqueue{ target = "t", method = "m", args = { name = "urgent" }, priority = -1 }
+    q:enqueue{ target = "t", method = "m", args = { name = "normal" } }
+    with_worker(function() tide.worker{ queue = q, concurrency = 1, targets = { t = t } }:drain() end)
+    assert.same({ "urgent", "old", "normal", "low" }, order)
+  end)
+
+  it("keeps each queue within its concurrency, and reaches it", function()
+    local running, max = { a = 0, b = 0 }, { a = 0, b = 0 }
+    local t = { m = function(args)
+      running[args.q] = running[args.q] + 1
+      if running[args.q] > max[args.q] then max[args.q] = running[args.q] end
+      tide.sleep(2)
+      running[args.q] = running[args.q] - 1
+    end }
+    for i = 1, 60 do
+      local name = i % 2 == 0 and "a" or "b"
+      q:enqueue{ target = "t", method = "m", queue = name, args = { q = name } }
+    end
+    with_worker(function() tide.worker{ queue = q, queues = { a = 3, b = 5 }, targets = { t = t } }:drain() end)
+    assert.same({ a = 3, b = 5 }, max)
+    assert.equal(60, q:stats().completed)
+  end)
+
+  it("retries a failing job with backoff, records each error with its traceback, then discards it", function()
+    local reported = {}
+    local t = { m = function() error("no stock") end,
+                handle_error = function(job, err) reported[#reported + 1] = { job.attempt, err } end }
+    local id = q:enqueue{ target = "t", method = "m", max_attempts = 3 }
+    local t0 = tide.now()
+    local st = with_worker(function()
+      local w = tide.worker{ queue = q, targets = { t = t }, retry = { backoff = "fixed", base = 40, jitter = false } }
+      return w:drain{ within = 1000 }
+    end)
+    assert.is_true(tide.now() - t0 >= 80)       -- two waits of 40 ms
+    assert.equal(2, st.retried)
+    assert.equal(1, st.discarded)
+    local j = q:job(id)
+    assert.equal("discarded", j.status)
+    assert.equal(3, j.attempt)
+    assert.equal(3, #j.errors)
+    for i, e in ipairs(j.errors) do
+      assert.equal(i, e.attempt)
+      assert.truthy(e.error:find("no stock", 1, true))
+      assert.truthy(e.traceback:find("stack traceback", 1, true))
+    end
+    assert.equal(3, #reported)
+    assert.equal(3, reported[3][1])
+  end)
+
+  it("succeeds on a later attempt after failures", function()
+    local t = { m = function(_, job) if job.attempt < 3 then error("flaky") end end }
+    local id = q:enqueue{ target = "t", method = "m" }
+    with_worker(function() tide.worker{ queue = q, targets = { t = t }, retry = { base = 1 } }:drain{ within = 100 } end)
+    local j = q:job(id)
+    assert.equal("completed", j.status)
+    assert.equal(3, j.attempt)
+    assert.equal(2, #j.errors)
+  end)
+
+  it("times an attempt out with the target's timeout", function()
+    local t = { timeout = 20, m = function() tide.sleep(5000) end }
+    local id = q:enqueue{ target = "t", method = "m", max_attempts = 1 }
+    with_worker(function() tide.worker{ queue = q, targets = { t = t } }:drain() end)
+    local j = q:job(id)
+    assert.equal("discarded", j.status)
+    assert.truthy(j.errors[1].error:find("timed out after 20 ms", 1, true), j.errors[1].error)
+  end)
+
+  it("fails the attempt, not the worker, for an unknown target or method, bad args or a corrupt row", function()
+    local done = 0
+    local t = { m = function() done = done + 1 end }
+    local a = q:enqueue{ target = "no_such_target", method = "m", max_attempts = 1 }
+    local b = q:enqueue{ target = "t", method = "nope", max_attempts = 1 }
+    local c = q:enqueue{ target = "t", method = "timeout", max_attempts = 1 }     -- an option, not a method
+    local d = q:enqueue{ target = "t", method = "m", max_attempts = 1 }
+    for _ = 1, 3 do q:enqueue{ target = "t", method = "m" } end
+    q:transaction(function(tx) tx:exec("UPDATE tide_jobs SET args = '{not json' WHERE id = ?", d) end)
+    with_worker(function() tide.worker{ queue = q, targets = { t = t } }:drain() end)
+    assert.equal(3, done)
+    local function err(id) return q:job(id).errors[1].error end
+    assert.equal("discarded", q:job(a).status)
+    assert.truthy(err(a):find("unknown target 'no_such_target' (not in targets, and require failed: module 'no_such_target' not found)", 1, true), err(a))
+    assert.equal("unknown method 'nope' of target 't'", err(b))
+    assert.equal("unknown method 'timeout' of target 't'", err(c))
+    assert.truthy(err(d):find(("job %d: args are not valid JSON"):format(d), 1, true), err(d))
+    assert.equal(3, q:stats().completed)
+  end)
+
+  it("wakes at once for a job enqueued in the same process, long before the next poll", function()
+    local started
+    local t = { m = function() started = tide.now() end }
+    local enqueued
+    with_worker(function()
+      local w = tide.worker{ queue = q, poll = 10000, targets = { t = t } }
+      tide.sleep(20)
+      enqueued = tide.now()
+      q:enqueue{ target = "t", method = "m" }
+      tide.sleep(50)
+      w:stop()
+      w:wait()
+    end)
+    assert.is_not_nil(started)
+    assert.is_true(started - enqueued < 20, "started after " .. tostring(started - enqueued) .. " ms")
+  end)
+
+  it("wakes for a job committed by a transaction, and not before the commit", function()
+    local started, committed
+    local t = { m = function() started = tide.now() end }
+    with_worker(function()
+      local w = tide.worker{ queue = q, poll = 10000, targets = { t = t } }
+      q:transaction(function(tx)
+        tx:enqueue{ target = "t", method = "m" }
+        tide.sleep(30)
+        assert.is_nil(started)
+        committed = tide.now()
+      end)
+      tide.sleep(30)
+      w:stop()
+      w:wait()
+    end)
+    assert.is_true(started >= committed and started - committed < 20)
+  end)
+
+  it("drains only what is due now, unless asked to wait for jobs due soon", function()
+    local id = q:enqueue{ target = "t", method = "m", delay = 60 }
+    local t = { m = function() end }
+    with_worker(function() tide.worker{ queue = q, targets = { t = t } }:drain() end)
+    assert.equal("scheduled", q:job(id).status)
+    with_worker(function() tide.worker{ queue = q, poll = 10, targets = { t = t } }:drain{ within = 1000 } end)
+    assert.equal("completed", q:job(id).status)
+  end)
+
+  it("runs a scheduled job when it is due", function()
+    local ran_at
+    local t = { m = function() ran_at = core.wallclock() end }
+    local id = q:enqueue{ target = "t", method = "m", delay = 150 }
+    with_worker(function()
+      local w = tide.worker{ queue = q, poll = 20, targets = { t = t } }
+      tide.sleep(100)
+      assert.is_nil(ran_at)
+      tide.sleep(200)
+      w:stop()
+      w:wait()
+    end)
+    assert.is_not_nil(ran_at)
+    assert.is_true(ran_at / 1000 >= q:job(id).run_at)
+  end)
+
+  it("cancels a running job's task when the job is cancelled in the store", function()
+    local finished = false
+    local t = { m = function() tide.sleep(2000); finished = true end }
+    local id = q:enqueue{ target = "t", method = "m" }
+    local st = with_worker(function()
+      local w = tide.worker{ queue = q, heartbeat = 20, targets = { t = t } }
+      tide.sleep(20)
+      assert.is_true(q:cancel(id))
+      tide.sleep(100)
+      assert.equal(0, w:info().running)
+      w:stop()
+      return w:wait()
+    end)
+    assert.is_false(finished)
+    assert.equal(1, st.cancelled)
+    assert.equal("cancelled", q:job(id).status)
+  end)
+
+  it("rescues a job whose lease expired (its worker died) and runs it again", function()
+    local runs = 0
+    local t = { m = function() runs = runs + 1 end }
+    local id = q:enqueue{ target = "t", method = "m" }
+    -- Another worker claimed it and died: executing, its lease run out.
+    q:transaction(function(tx)
+      tx:exec("UPDATE tide_jobs SET status = 'executing', attempt = 1, lease_owner = 'ghost:1:000000', "
+              .. "lease_expires = ? WHERE id = ?", core.wallclock() - 1, id)
+    end)
+    local st = with_worker(function() return tide.worker{ queue = q, targets = { t = t } }:drain() end)
+    assert.equal(1, runs)
+    assert.equal(1, st.rescued)
+    local j = q:job(id)
+    assert.equal("completed", j.status)
+    assert.equal(2, j.attempt)
+    assert.equal("lease expired: worker ghost:1:000000 stopped heartbeating", j.errors[1].error)
+  end)
+
+  it("leaves a job leased by a live worker alone, extending the lease while it runs", function()
+    local t = { m = function() tide.sleep(150) end }
+    local id = q:enqueue{ target = "t", method = "m" }
+    with_worker(function()
+      local w = tide.worker{ queue = q, lease = 60, heartbeat = 20, rescue_every = 10, targets = { t = t } }
+      tide.sleep(120)                           -- two leases long: only heartbeats keep it
+      assert.equal("executing", q:job(id).status)
+      assert.equal(0, w:info().rescued)
+      w:drain()
+    end)
+    local j = q:job(id)
+    assert.equal("completed", j.status)
+    assert.equal(1, j.attempt)
+    assert.same({}, j.errors)
+  end)
+
+  it("stops gracefully: running jobs get the grace period, then are released, not counted", function()
+    local t = { quick = function() tide.sleep(20) end, slow = function() tide.sleep(5000) end }
+    local quick = q:enqueue{ target = "t", method = "quick" }
+    local slow = q:enqueue{ target = "t", method = "slow" }
+    local st = with_worker(function()
+      local w = tide.worker{ queue = q, targets = { t = t } }
+      tide.sleep(10)
+      w:stop(60)
+      return w:wait()
+    end)
+    assert.equal(1, st.completed)
+    assert.equal(1, st.released)
+    assert.equal("completed", q:job(quick).status)
+    local j = q:job(slow)
+    assert.equal("available", j.status)
+    assert.equal(0, j.attempt)
+    assert.is_nil(j.lease_owner)
+    assert.equal("interrupted: worker stopped", j.errors[1].error)
+  end)
+
+  it("releases claimed jobs on a shutdown of the loop, and records the ones that finish in the grace", function()
+    local t = { quick = function() tide.sleep(10) end, slow = function() tide.sleep(5000) end }
+    for _ = 1, 3 do q:enqueue{ target = "t", method = "quick" } end
+    local slow = q:enqueue{ target = "t", method = "slow" }
+    tide.run(function()
+      tide.worker{ queue = q, targets = { t = t } }
+      tide.sleep(5)
+      tide.shutdown(50)
+    end)
+    local st = q:stats()
+    assert.equal(3, st.completed)
+    assert.equal(1, st.available)
+    assert.equal(0, st.executing)
+    assert.equal(0, q:job(slow).attempt)
+  end)
+
+  it("checks its options", function()
+    spec_helper.error_cases("spec/worker_spec.lua", {
+      { function() tide.worker() end, "tide.worker: bad argument #1 (table expected, got nil)" },
+      { function() tide.worker{ queue = {} } end, "tide.worker: bad option 'queue' (queue (from tide.queue.open) expected, got table)" },
+      { function() tide.worker{ queue = q, workers = 3 } end, "tide.worker: unknown option 'workers'" },
+      { function() tide.worker{ queue = q, queues = { default = 0 } } end, "tide.worker: bad option 'queues.default' (integer >= 1 expected, got number 0)" },
+      { function() tide.worker{ queue = q, queues = { a = 1 }, concurrency = 2 } end, "tide.worker: give queues or concurrency, not both" },
+      { function() tide.worker{ queue = q, lease = -1 } end, "tide.worker: bad option 'lease' (positive number of ms expected, got number -1)" },
+      { function() tide.worker{ queue = q, targets = { t = { timeout = "1s" } } } end,
+        "tide.worker: bad option 'targets.t.timeout' (positive number of ms expected, got string \"1s\")" },
+      { function() tide.worker{ queue = q, targets = { t = { mode = "fork" } } } end,
+        "tide.worker: bad option 'mode' ('coroutine' or 'thread' expected, got string \"fork\")" },
+      { function() tide.worker{ queue = q, retry = { attempts = 3 } } end,
+        "tide.worker: retry.attempts is not used here (a job's max_attempts counts its attempts)" },
+      { function() tide.worker{ queue = q, retry = { base = -5 } } end,
+        "tide.worker: bad option 'retry.base' (non-negative number of ms expected, got number -5)" },
+    })
+  end)
+end)
