@@ -157,8 +157,12 @@ describe("tide.worker", function()
     local b = q:enqueue{ target = "t", method = "nope", max_attempts = 1 }
     local c = q:enqueue{ target = "t", method = "timeout", max_attempts = 1 }     -- an option, not a method
     local d = q:enqueue{ target = "t", method = "m", max_attempts = 1 }
+    local e = q:enqueue{ target = "t", method = "m" }
     for _ = 1, 3 do q:enqueue{ target = "t", method = "m" } end
-    q:transaction(function(tx) tx:exec("UPDATE tide_jobs SET args = '{not json' WHERE id = ?", d) end)
+    q:transaction(function(tx)
+      tx:exec("UPDATE tide_jobs SET args = '{not json' WHERE id = ?", d)
+      tx:exec("UPDATE tide_jobs SET max_attempts = 'lots' WHERE id = ?", e)
+    end)
     with_worker(function() tide.worker{ queue = q, targets = { t = t } }:drain() end)
     assert.equal(3, done)
     local function err(id) return q:job(id).errors[1].error end
@@ -167,6 +171,9 @@ describe("tide.worker", function()
     assert.equal("unknown method 'nope' of target 't'", err(b))
     assert.equal("unknown method 'timeout' of target 't'", err(c))
     assert.truthy(err(d):find(("job %d: args are not valid JSON"):format(d), 1, true), err(d))
+    assert.equal("discarded", q:job(e).status)
+    assert.equal('corrupt job row: max_attempts is string "lots", number expected', err(e))
+    assert.equal(1, spec_helper.reported)       -- reported to the error sink, once
     assert.equal(3, q:stats().completed)
   end)
 

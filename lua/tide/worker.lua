@@ -273,7 +273,27 @@ local function job_info(row)
            idempotence_key = row.idempotence_key }
 end
 
+local ROW_FIELDS = { id = "number", queue = "string", target = "string", method = "string",
+                    attempt = "number", max_attempts = "number", priority = "number",
+                    run_at = "number", inserted_at = "number" }
+
+--- What is wrong with a claimed row (edited by hand, say), or nil.
+local function row_problem(row)
+  for k, kind in pairs(ROW_FIELDS) do
+    if type(row[k]) ~= kind then
+      return ("corrupt job row: %s is %s, %s expected"):format(k, check.describe(row[k]), kind)
+    end
+  end
+end
+
 local function start_job(w, row)
+  local bad = row_problem(row)
+  if bad then
+    log.report("worker " .. w.id .. ": job " .. tostring(row.id), bad)
+    w.stats.discarded = w.stats.discarded + 1
+    return record(w, { kind = "discard", id = row.id, attempt = row.attempt,
+                       error = encode{ at = wallclock(), error = bad } })
+  end
   local rec = { worker = w, row = row, job = job_info(row), gone = false }
   local qs = w.queues[row.queue]
   w.running[row.id] = rec
@@ -305,19 +325,38 @@ end
 
 -- ===== the worker's own tasks
 
+--- Claims up to `want` due jobs of queue `name` and starts them; returns
+--- how many, or nil after a store failure (reported).
+local function claim(w, name, want)
+  local store = queue.acquire(w.q, "tide.worker")
+  if w.state ~= "running" then return 0 end
+  local now = wallclock()
+  local ok, rows = pcall(store.claim, store, name, want, w.id, now, now + w.lease)
+  if not ok then
+    log.report("worker " .. w.id .. ": claiming from queue " .. name, rows)
+    return nil
+  end
+  for i = 1, #rows do start_job(w, rows[i]) end
+  return #rows
+end
+
 local function claimer(w, name)
   local qs = w.queues[name]
+  local failures = 0
   while w.state == "running" do
     local free = qs.limit - qs.running
     if free > 0 then
       local want = min(free, w.batch)
-      local store = queue.acquire(w.q, "tide.worker")
-      if w.state ~= "running" then break end
-      local now = wallclock()
-      local rows = store:claim(name, want, w.id, now, now + w.lease)
-      qs.more = #rows == want
-      for i = 1, #rows do start_job(w, rows[i]) end
-      if not qs.more then S.wait_for(qs, "tide.worker", w.poll) end
+      local n = claim(w, name, want)
+      if n == nil then                        -- the store failed: back off, then try again
+        failures = failures + 1
+        qs.more = false
+        S.wait_for(qs, "tide.worker", min(w.poll, 50 * 2 ^ min(failures, 10)))
+      else
+        failures = 0
+        qs.more = n == want
+        if not qs.more then S.wait_for(qs, "tide.worker", w.poll) end
+      end
     else
       S.wait_for(qs, "tide.worker", w.poll)
     end
