@@ -3,79 +3,106 @@
 local tide = require "tide"
 local core = require "tide.core"
 
--- Every store this machine has: each gets the whole contract below.
-local function stores()
-  return { { name = "sqlite", url = function(path) return "sqlite:" .. path end } }
-end
-
 local function remove_db(path)
   for _, suffix in ipairs{ "", "-wal", "-shm", "-journal" } do os.remove(path .. suffix) end
 end
 
-local function file_bytes(path)
-  local f = io.open(path, "rb")
+local function file_bytes(file)
+  local f = io.open(file, "rb")
   if not f then return "" end
-  local s = f:read("*a")
+  local bytes = f:read("*a")
   f:close()
-  return s
+  return bytes
+end
+
+-- Every store under test: SQLite always; PostgreSQL when spec/run.sh started
+-- a server (TIDE_PG_URL).  Each gets the whole contract below.  fresh(path)
+-- returns the URL of an empty store; reset(path) removes what a test made.
+local function stores()
+  local list = {
+    { name = "sqlite",
+      fresh = function(path) remove_db(path); return "sqlite:" .. path end,
+      reset = function(path) remove_db(path) end },
+  }
+  local pg = os.getenv("TIDE_PG_URL")
+  if pg then
+    local function reset()
+      local c = require("tide.store_postgres").connect(pg)
+      c:query("DROP TABLE IF EXISTS tide_jobs, tide_schema, orders CASCADE")
+      c:query("DROP FUNCTION IF EXISTS tide_jobs_notify() CASCADE")
+      c:close()
+    end
+    list[2] = { name = "postgres", fresh = function() reset(); return pg end, reset = reset }
+  end
+  return list
 end
 
 for _, store in ipairs(stores()) do
 describe("tide.queue on " .. store.name, function()
   local path, q
 
+  local url
   before_each(function()
     path = os.tmpname()
-    remove_db(path)
-    q = tide.queue.open(store.url(path))
+    url = store.fresh(path)
+    q = tide.queue.open(url)
   end)
 
   after_each(function()
     q:close()
-    remove_db(path)
+    store.reset(path)
     spec_helper.assert_idle()
   end)
 
+  local function sql(stmt, ...)
+    local args = { ... }
+    return q:transaction(function(tx) return tx:query(stmt, unpack(args)) end)
+  end
+
   describe("opening", function()
-    it("creates the job tables, in WAL mode, and opens them again with the jobs kept", function()
-      assert.equal("WAL, synchronous=NORMAL", q.durability)
+    it("creates the job tables and opens them again with the jobs kept", function()
       local id = q:enqueue{ target = "orders", method = "fulfill" }
       q:close()
-      q = tide.queue.open(store.url(path))
+      q = tide.queue.open(url)
       assert.equal("available", q:job(id).status)
-      local db = core.sqlite_open(path, "check")
-      assert.equal("wal", db:prepare("PRAGMA journal_mode"):first().journal_mode)
-      assert.equal(1, db:prepare("SELECT version FROM tide_schema"):first().version)
-      db:close()
+      assert.equal(1, sql("SELECT version FROM tide_schema")[1].version)
     end)
 
-    it("states synchronous=FULL when asked for it", function()
-      local q2 = tide.queue.open(store.url(path), { synchronous = "full" })
-      assert.equal("WAL, synchronous=FULL", q2.durability)
-      q2:close()
-    end)
+    if store.name == "sqlite" then
+      it("runs in WAL mode with synchronous=NORMAL, or FULL when asked", function()
+        assert.equal("WAL, synchronous=NORMAL", q.durability)
+        assert.equal("wal", sql("PRAGMA journal_mode")[1].journal_mode)
+        local q2 = tide.queue.open(url, { synchronous = "full" })
+        assert.equal("WAL, synchronous=FULL", q2.durability)
+        q2:close()
+      end)
+    else
+      it("states the server's durability setting", function()
+        assert.equal("PostgreSQL, synchronous_commit=on", q.durability)
+      end)
+    end
 
     it("refuses job tables of a newer schema version, and a tide_jobs table it did not create", function()
+      sql("UPDATE tide_schema SET version = 99")
       q:close()
-      local db = core.sqlite_open(path, "x")
-      db:exec("UPDATE tide_schema SET version = 99")
-      db:close()
-      local ok, err = pcall(tide.queue.open, store.url(path))
+      local ok, err = pcall(tide.queue.open, url)
       assert.is_false(ok)
-      assert.truthy(err:find("tide.queue.open: sqlite:" .. path .. ": the job tables are at schema version 99, "
+      assert.truthy(err:find("tide.queue.open: " .. url .. ": the job tables are at schema version 99, "
                              .. "newer than this tide knows (1); upgrade tide", 1, true), err)
-      remove_db(path)
-      db = core.sqlite_open(path, "x")
-      db:exec("CREATE TABLE tide_jobs (x)")
-      db:close()
-      ok, err = pcall(tide.queue.open, store.url(path))
+      url = store.fresh(path)
+      q = tide.queue.open(url)
+      sql("DROP TABLE tide_jobs")
+      sql("DROP TABLE tide_schema")
+      sql("CREATE TABLE tide_jobs (x INTEGER)")
+      q:close()
+      ok, err = pcall(tide.queue.open, url)
       assert.is_false(ok)
       assert.truthy(err:find("a table tide_jobs exists that tide did not create", 1, true), err)
-      remove_db(path)
-      q = tide.queue.open(store.url(path))
+      url = store.fresh(path)
+      q = tide.queue.open(url)
     end)
 
-    it("refuses a file that is not a database, naming the store and the SQLite code", function()
+    if store.name == "sqlite" then it("refuses a file that is not a database, naming the store and the SQLite code", function()
       local bad = os.tmpname()
       local f = io.open(bad, "wb")
       f:write(("this is not a database\n"):rep(100))
@@ -84,7 +111,7 @@ describe("tide.queue on " .. store.name, function()
       os.remove(bad)
       assert.is_false(ok)
       assert.truthy(err:find("tide.queue.open: sqlite:" .. bad .. ": file is not a database (SQLITE_NOTADB)", 1, true), err)
-    end)
+    end) end
   end)
 
   describe("q:enqueue", function()
@@ -158,9 +185,7 @@ describe("tide.queue on " .. store.name, function()
 
   describe("q:transaction", function()
     before_each(function()
-      q:transaction(function(tx)
-        tx:exec("CREATE TABLE orders (id INTEGER PRIMARY KEY, customer TEXT, total REAL)")
-      end)
+      sql("CREATE TABLE orders (id INTEGER PRIMARY KEY, customer TEXT, total REAL)")
     end)
 
     it("commits the caller's rows and the job together", function()
@@ -190,7 +215,7 @@ describe("tide.queue on " .. store.name, function()
 
     it("binds parameters, never interpolates them", function()
       local evil = "x'); DROP TABLE orders; --"
-      q:transaction(function(tx) tx:exec("INSERT INTO orders (customer) VALUES (?)", evil) end)
+      q:transaction(function(tx) tx:exec("INSERT INTO orders (id, customer) VALUES (?, ?)", 1, evil) end)
       q:transaction(function(tx)
         assert.equal(evil, tx:query("SELECT customer FROM orders")[1].customer)
       end)
@@ -329,7 +354,7 @@ describe("tide.queue on " .. store.name, function()
 
     it("stores args only encrypted: the plaintext is nowhere in the database files", function()
       q:close()
-      q = tide.queue.open(store.url(path), { encryptor = enc })
+      q = tide.queue.open(url, { encryptor = enc })
       local secret = "4111-1111-1111-1111 card of ada lovelace"
       local id = q:enqueue{ target = "billing", method = "charge", args = { card = secret } }
       q:enqueue_many{ { target = "billing", method = "charge", args = { card = secret .. " 2" } } }
@@ -337,12 +362,17 @@ describe("tide.queue on " .. store.name, function()
       local j = q:job(id)
       assert.same({ card = secret }, j.args)
       assert.is_true(j.encrypted)
-      local files = file_bytes(path) .. file_bytes(path .. "-wal")
-      assert.is_true(#files > 0)
-      assert.is_nil(files:find(secret, 1, true))
-      assert.is_nil(files:find("4111-1111", 1, true))
+      local stored = {}                          -- every stored column, as the database has it
+      for _, row in ipairs(sql("SELECT * FROM tide_jobs")) do
+        for _, v in pairs(row) do stored[#stored + 1] = tostring(v) end
+      end
+      stored = table.concat(stored, "\n")
+      if store.name == "sqlite" then stored = stored .. file_bytes(path) .. file_bytes(path .. "-wal") end
+      assert.is_true(#stored > 0)
+      assert.is_nil(stored:find(secret, 1, true))
+      assert.is_nil(stored:find("4111-1111", 1, true))
       q:close()
-      q = tide.queue.open(store.url(path))           -- no encryptor: the args stay closed
+      q = tide.queue.open(url)           -- no encryptor: the args stay closed
       local jc = q:job(id)
       assert.is_nil(jc.args)
       assert.equal("args are encrypted and this queue has no encryptor", jc.args_error)
@@ -356,7 +386,7 @@ describe("tide.queue on " .. store.name, function()
       spec_helper.error_cases("spec/queue_spec.lua", {
         { function() tide.queue.open(42) end, "tide.queue.open: bad argument #1 (store URL string expected, got number 42)" },
         { function() tide.queue.open("jobs.db") end, 'tide.queue.open: bad store URL "jobs.db" (expected sqlite:PATH or postgres://...)' },
-        { function() tide.queue.open("mysql://x") end, "tide.queue.open: unknown store 'mysql' in \"mysql://x\" (expected sqlite:PATH)" },
+        { function() tide.queue.open("mysql://x") end, "tide.queue.open: unknown store 'mysql' in \"mysql://x\" (expected sqlite:PATH or postgres://...)" },
         { function() tide.queue.open("sqlite:") end, 'tide.queue.open: bad store URL "sqlite:" (the file path is missing)' },
         { function() tide.queue.open("sqlite:x.db", { encrypt = true }) end, "tide.queue.open: unknown option 'encrypt'" },
         { function() tide.queue.open("sqlite:x.db", { encryptor = {} }) end,
@@ -395,13 +425,15 @@ describe("tide.queue on " .. store.name, function()
     it("names the store and the SQLite code when the caller's SQL fails", function()
       local ok, err = pcall(q.transaction, q, function(tx) tx:exec("INSERT INTO nowhere VALUES (1)") end)
       assert.is_false(ok)
-      assert.truthy(err:find("sqlite:" .. path .. ": no such table: nowhere (SQLITE_ERROR)", 1, true), err)
+      local expected = store.name == "sqlite" and url .. ": no such table: nowhere (SQLITE_ERROR)"
+                       or url .. ': relation "nowhere" does not exist (SQLSTATE 42P01)'
+      assert.truthy(err:find(expected, 1, true), err)
     end)
 
     it("refuses calls on a closed queue", function()
       q:close()
       spec_helper.error_like("q:enqueue: the queue is closed", function() q:enqueue{ target = "t", method = "m" } end)
-      q = tide.queue.open(store.url(path))
+      q = tide.queue.open(url)
     end)
   end)
 end)

@@ -42,6 +42,19 @@ one() {  # name status log: a single check that passes on exit 0
   tally "$1" "$2" "$3"
 }
 
+# 0. a throwaway PostgreSQL server for the store specs (stopped on exit)
+PGDIR=$(mktemp -d /tmp/tide-pg.XXXXXX)
+PGPORT=$((20000 + $$ % 20000))
+if TIDE_PG_URL=$(sh spec/pg.sh start "$PGDIR/cluster" "$PGPORT" -c fsync=off -c max_connections=200 2>"$LOG/postgres.log"); then
+  export TIDE_PG_URL TIDE_PG_DIR="$PGDIR/cluster"
+  echo "postgres: $TIDE_PG_URL"
+else
+  echo "FAIL postgres: cannot start a server (see $LOG/postgres.log)"
+  cat "$LOG/postgres.log"
+  fail=$((fail + 1)); failed_names="$failed_names postgres"
+fi
+trap 'sh spec/pg.sh stop "$PGDIR/cluster"; rm -rf "$PGDIR"' EXIT
+
 # 1. busted specs, under stock luajit with build/tide.so
 for spec in spec/*_spec.lua; do
   name=$(basename "$spec" .lua)

@@ -15,4 +15,10 @@ void tide__close_threads(lua_State *L);
 /* lua_sqlite.c: sets sqlite_open and sqlite_version into the table at the top. */
 void tide__open_sqlite(lua_State *L);
 
+/* lua_pg.c: sets pg_connect and pg_on_ready into the table at the top. */
+void tide__open_pg(lua_State *L, uv_loop_t *loop);
+
+/* lua_pg.c: closes the watch handles of PostgreSQL connections (before the loop closes). */
+void tide__close_pg(lua_State *L);
+
 #endif

@@ -165,18 +165,22 @@ local function parse_url(url)
   end
   scheme = scheme:lower()
   if scheme == "postgres" or scheme == "postgresql" then
-    error("tide.queue.open: PostgreSQL stores are not available in this version (use sqlite:PATH)", 3)
+    if not rest:match("^//.") then
+      error(("tide.queue.open: bad store URL %q (expected postgres://[user[:password]@]host[:port]/database)")
+        :format(url), 3)
+    end
+    return "tide.store_postgres", url
   end
   if not DRIVERS[scheme] then
-    error(("tide.queue.open: unknown store '%s' in %q (expected sqlite:PATH)"):format(scheme, url), 3)
+    error(("tide.queue.open: unknown store '%s' in %q (expected sqlite:PATH or postgres://...)"):format(scheme, url), 3)
   end
   rest = rest:gsub("^//", "")
   if rest == "" then error(("tide.queue.open: bad store URL %q (the file path is missing)"):format(url), 3) end
   return DRIVERS[scheme], rest
 end
 
---- Opens a job store: `url` is "sqlite:PATH" (created and migrated as
---- needed).  opts: encryptor = { encrypt = fn, decrypt = fn } (args are
+--- Opens a job store: `url` is "sqlite:PATH" or "postgres://user@host/db"
+--- (tables created and migrated as needed).  opts: encryptor = { encrypt = fn, decrypt = fn } (args are
 --- stored only encrypted), busy_timeout (ms to wait for another process's
 --- write lock, default 5000), synchronous ("normal", the default in WAL
 --- mode: a crash of the process loses nothing, a power cut may lose the
@@ -201,7 +205,7 @@ function M.open(url, opts)
   local name = url
   local ok, store = pcall(require(driver).open, path, name, opts)
   if not ok then error("tide.queue.open: " .. tostring(store), 2) end
-  return setmetatable({ name = name, durability = store.durability, _store = store, _enc = enc,
+  return setmetatable({ name = store.name, durability = store.durability, _store = store, _enc = enc,
                         _owner = false, _depth = 0, _waiters = {}, _listeners = {},
                         _touched = false }, Queue_mt)
 end
@@ -245,6 +249,16 @@ local function notify(q, queues)
   end
 end
 
+--- Frees the store from a transaction whose task ended inside it (timed
+--- out, cancelled): the store rolls it back; tasks waiting for it go on.
+local function abandon(q)
+  if q._store then q._store:abandon() end
+  q._owner, q._touched, q._depth = false, false, 0
+  local waiters = q._waiters
+  q._waiters = {}
+  S.wake_all(waiters)
+end
+
 --- Runs fn(tx) in a transaction (a savepoint when nested); commits when it
 --- returns, rolls back and re-raises when it raises.  Returns fn's results.
 local function transaction(q, fname, fn, ...)
@@ -258,8 +272,19 @@ local function transaction(q, fname, fn, ...)
     store:savepoint(depth)
   end
   q._depth = depth
+  local t, o, prev = nil, nil, nil
+  if depth == 1 and S.current() and co_running() == S.current()._co then
+    t = S.current()
+    o = S.options(t)
+    prev = o.on_attempt_end
+    o.on_attempt_end = function(task)      -- the task ended inside fn: undo, free the store
+      if q._owner == me then abandon(q) end
+      if prev then prev(task) end
+    end
+  end
   local tx = setmetatable({ _q = q }, Tx_mt)
   local res = { pcall(fn, tx, ...) }
+  if o then o.on_attempt_end = prev end
   q._depth = depth - 1
   local ok, commit_err = true, nil
   if depth > 1 then

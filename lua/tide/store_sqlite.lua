@@ -192,6 +192,16 @@ function Store:savepoint(n) self.db:exec("SAVEPOINT tide_" .. n) end
 function Store:release(n) self.db:exec("RELEASE tide_" .. n) end
 function Store:rollback_to(n) self.db:exec("ROLLBACK TO tide_" .. n .. "; RELEASE tide_" .. n) end
 
+--- The task inside a transaction ended without finishing it: roll it back.
+function Store:abandon() pcall(self.rollback, self) end
+
+--- Whether a statement can run now without waiting (always: SQLite is in-process).
+function Store:idle() return true end
+
+--- The store a worker uses: this one (a second connection to the same file
+--- would wait for this one's write lock by blocking the loop).
+function Store:worker_store() return self end
+
 -- ===== the caller's own SQL (statements cached by text, at most USER_MAX)
 
 local USER_MAX = 100

@@ -156,8 +156,16 @@ end
 
 -- ===== recording outcomes
 
+--- The store for the worker's statements: its own connection (PostgreSQL),
+--- or the queue's, shared with the application's transactions (SQLite):
+--- then it waits for a transaction of another task to end.
+local function store_of(w, fname)
+  if w.store == w.q._store then return queue.acquire(w.q, fname or "tide.worker") end
+  return w.store
+end
+
 local function flush_now(w, entries)
-  local store = w.q._store
+  local store = w.store
   local ok, err = pcall(store.record, store, entries, w.id, wallclock())
   if not ok then
     -- The leases were not released: the jobs run again after they expire.
@@ -171,7 +179,7 @@ end
 --- flusher may be gone by the end of the grace period).
 local function record(w, entry)
   local q = w.q
-  if w.state ~= "running" and q._store and not q._owner then
+  if w.state ~= "running" and q._store and not (w.store == q._store and q._owner) and w.store:idle() then
     flush_now(w, { entry })
     return
   end
@@ -328,7 +336,7 @@ end
 --- Claims up to `want` due jobs of queue `name` and starts them; returns
 --- how many, or nil after a store failure (reported).
 local function claim(w, name, want)
-  local store = queue.acquire(w.q, "tide.worker")
+  local store = store_of(w)
   if w.state ~= "running" then return 0 end
   local now = wallclock()
   local ok, rows = pcall(store.claim, store, name, want, w.id, now, now + w.lease)
@@ -364,12 +372,22 @@ local function claimer(w, name)
 end
 
 local function flusher(w)
+  local failures = 0
   while true do
     local p = w.pending
     if #p > 0 then
       w.pending = {}
-      queue.acquire(w.q, "tide.worker")
-      flush_now(w, p)
+      store_of(w)
+      if flush_now(w, p) then
+        failures = 0
+      elseif w.state == "running" or failures < 10 then
+        -- Keep them: written later, or else their leases run out and they
+        -- run again (a stopping worker gives up after 10 tries).
+        failures = failures + 1
+        for i = 1, #w.pending do p[#p + 1] = w.pending[i] end
+        w.pending = p
+        S.wait_for(w.flusher, "tide.worker", min(50 * 2 ^ failures, 2000))
+      end
     elseif w.state ~= "running" and w.nrunning == 0 then
       return
     else
@@ -382,7 +400,7 @@ local function heartbeat(w)
   while w.state == "running" or w.nrunning > 0 do
     S.wait_for(w.beat, "tide.worker", w.heartbeat)
     if w.nrunning > 0 then
-      local store = queue.acquire(w.q, "tide.worker")
+      local store = store_of(w)
       local ok, leased = pcall(store.heartbeat, store, w.id, wallclock() + w.lease)
       if not ok then
         log.report("worker " .. w.id .. ": heartbeat", leased)
@@ -399,7 +417,7 @@ local function heartbeat(w)
 end
 
 local function rescue(w)
-  local store = queue.acquire(w.q, "tide.worker")
+  local store = store_of(w)
   local ok, n = pcall(store.rescue, store, wallclock())
   if not ok then log.report("worker " .. w.id .. ": rescue", n); return end
   if n > 0 then
@@ -427,7 +445,8 @@ function M.new(opts)
   local queues = check_opts("tide.worker", opts)
   local lease = opts.lease or 30000
   local w = setmetatable({
-    q = opts.queue, targets = opts.targets or {}, loaded = {}, load_errors = {},
+    q = opts.queue, store = opts.queue._store:worker_store(),
+    targets = opts.targets or {}, loaded = {}, load_errors = {},
     lease = lease, heartbeat = opts.heartbeat or lease / 3, poll = opts.poll or 1000,
     rescue_every = opts.rescue_every or lease / 2, batch = opts.batch or 100,
     timeout = opts.timeout, grace = opts.grace, handle_error = opts.handle_error,
@@ -458,6 +477,12 @@ function M.new(opts)
     if qs then S.notify(qs) end
   end
   queue.listen(w.q, w.on_enqueue)
+  if w.store.listen then                      -- other machines' enqueues (PostgreSQL)
+    w.store:listen(function(name)
+      if name then return w.on_enqueue(name) end
+      for _, qs in pairs(w.queues) do S.notify(qs) end
+    end)
+  end
   S.on_shutdown(function() if w.state == "running" then w:stop() end end)
   return w
 end
@@ -472,6 +497,7 @@ function Worker:stop(grace_ms)
   if self.state ~= "running" then return false end
   self.state = "stopping"
   queue.unlisten(self.q, self.on_enqueue)
+  if self.store.unlisten then self.store:unlisten() end
   for _, qs in pairs(self.queues) do
     if qs.wake_timer then qs.wake_timer:stop(); qs.wake_timer, qs.wake_at = nil, nil end
     S.notify(qs)
@@ -494,6 +520,7 @@ end
 function Worker:wait()
   for _, t in ipairs(self.tasks) do t:await() end
   if self.grace_timer then self.grace_timer:stop() end
+  if self.store ~= self.q._store then self.store:close() end
   self.state = "stopped"
   return self.stats
 end
@@ -511,7 +538,7 @@ function Worker:drain(opts)
   while self.state == "running" do
     if self.nrunning == 0 and #self.pending == 0 then
       rescue(self)
-      local store = queue.acquire(self.q, "worker:drain")
+      local store = store_of(self, "worker:drain")
       if store:pending(names, wallclock() + within) == 0 and self.nrunning == 0 and #self.pending == 0 then break end
     end
     S.wait_for(self.idle, "worker:drain", 20)

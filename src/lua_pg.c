@@ -1,0 +1,430 @@
+/* lua_pg.c — a thin, non-blocking Lua binding of libpq for the PostgreSQL job store.
+ *
+ * tide.store_postgres drives the protocol; this file moves bytes and events:
+ *
+ *   pg_connect(conninfo, name) -> conn | nil, message   (starts connecting)
+ *   pg_on_ready(fn)              fn(id, readable, writable) runs on the loop
+ *                                when a watched socket is ready
+ *   conn:connect_poll() -> "read" | "write" | "ok" | nil, message
+ *   conn:watch(id, readable, writable, keep_alive)   conn:unwatch()
+ *   conn:wait(readable, writable, timeout_ms) -> ready  (blocking poll(2):
+ *                                for callers outside the loop)
+ *   conn:send(sql, ...) -> true | nil, message      ($1..$n bound as text)
+ *   conn:flush() -> 0 (sent) | 1 (more to send) | nil, message
+ *   conn:consume() -> true | nil, message   conn:busy() -> boolean
+ *   conn:result() -> nil (no more) | { ok, rows, changes, sqlstate, message }
+ *   conn:notifies() -> { { channel, payload }, ... } | nil
+ *   conn:ok() -> boolean   conn:close()
+ *
+ * Watch handles belong to the loop: they are closed (uv_close) when the
+ * connection closes, is collected, or the loop closes (tide__close_pg),
+ * whichever comes first; the memory goes in the close callback.
+ */
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#include <lauxlib.h>
+#include <libpq-fe.h>
+
+#include "bindings.h"
+
+#define CONN_MT     "tide.PgConn"
+#define BINDING_MT  "tide.PgBinding"
+#define BINDING_KEY "tide.pg"                /* registry: the binding's userdata */
+
+typedef struct watch watch;
+
+typedef struct binding {
+  uv_loop_t *loop;
+  lua_State *L;          /* a thread of our own for the ready callback */
+  int thread_ref, ready_ref;
+  watch *watches;        /* every open watch handle, to close with the loop */
+} binding;
+
+typedef struct conn {
+  PGconn *pg;
+  watch *w;              /* NULL when not watched */
+  binding *b;
+  char name[256];
+} conn;
+
+struct watch {
+  uv_poll_t handle;      /* first: the handle's address is the watch's */
+  binding *b;
+  conn *owner;           /* valid while the watch is linked */
+  int id;
+  watch *prev, *next;
+};
+
+/* ===== watch handles ===== */
+
+static void watch_free(uv_handle_t *h) { free(h); }
+
+static void watch_close(watch *w) {
+  w->owner->w = NULL;
+  if (w->prev) w->prev->next = w->next; else w->b->watches = w->next;
+  if (w->next) w->next->prev = w->prev;
+  uv_close((uv_handle_t *)&w->handle, watch_free);
+}
+
+static int traceback(lua_State *L) {
+  luaL_traceback(L, L, lua_tostring(L, 1), 1);
+  return 1;
+}
+
+/* Loop thread: tells Lua's ready(id, readable, writable). */
+static void on_poll(uv_poll_t *h, int status, int events) {
+  watch *w = (watch *)h;
+  binding *b = w->b;
+  lua_State *L = b->L;
+  if (b->ready_ref == LUA_NOREF) return;
+  int top = lua_gettop(L);
+  lua_pushcfunction(L, traceback);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, b->ready_ref);
+  lua_pushnumber(L, w->id);
+  lua_pushboolean(L, status < 0 || (events & (UV_READABLE | UV_DISCONNECT)));   /* an error reads as ready */
+  lua_pushboolean(L, status < 0 || (events & UV_WRITABLE));
+  if (lua_pcall(L, 3, 0, top + 1) != 0)
+    fprintf(stderr, "tide: internal error in a PostgreSQL callback: %s\n", lua_tostring(L, -1));
+  lua_settop(L, top);
+}
+
+/* ===== connections ===== */
+
+static conn *check_conn(lua_State *L) {
+  conn *c = luaL_checkudata(L, 1, CONN_MT);
+  if (c->pg == NULL) luaL_error(L, "%s: connection is closed", c->name);
+  return c;
+}
+
+static int fail(lua_State *L, conn *c) {
+  const char *msg = c->pg ? PQerrorMessage(c->pg) : "connection is closed";
+  size_t len = strlen(msg);
+  while (len > 0 && (msg[len - 1] == '\n' || msg[len - 1] == ' ')) len--;
+  lua_pushnil(L);
+  lua_pushfstring(L, "%s: ", c->name);
+  lua_pushlstring(L, msg, len);
+  lua_concat(L, 2);
+  return 2;
+}
+
+static void unwatch(conn *c) {
+  if (c->w) watch_close(c->w);
+}
+
+/* conn:watch(id, readable, writable, keep_alive) */
+static int conn_watch(lua_State *L) {
+  conn *c = check_conn(L);
+  int id = (int)luaL_checkinteger(L, 2);
+  int events = (lua_toboolean(L, 3) ? UV_READABLE : 0) | (lua_toboolean(L, 4) ? UV_WRITABLE : 0);
+  int keep = lua_toboolean(L, 5);
+  if (c->b->loop == NULL) return luaL_error(L, "tide: the loop is closed");
+  if (c->w == NULL) {
+    watch *w = calloc(1, sizeof *w);
+    if (w == NULL) return luaL_error(L, "%s: out of memory", c->name);
+    int rc = uv_poll_init_socket(c->b->loop, &w->handle, PQsocket(c->pg));
+    if (rc != 0) { free(w); return luaL_error(L, "%s: cannot watch the socket: %s", c->name, uv_strerror(rc)); }
+    w->b = c->b;
+    w->owner = c;
+    w->next = c->b->watches;
+    if (w->next) w->next->prev = w;
+    c->b->watches = w;
+    c->w = w;
+  }
+  c->w->id = id;
+  if (keep) uv_ref((uv_handle_t *)&c->w->handle); else uv_unref((uv_handle_t *)&c->w->handle);
+  int rc = uv_poll_start(&c->w->handle, events | UV_DISCONNECT, on_poll);
+  if (rc != 0) return luaL_error(L, "%s: cannot watch the socket: %s", c->name, uv_strerror(rc));
+  return 0;
+}
+
+static int conn_unwatch(lua_State *L) {
+  conn *c = luaL_checkudata(L, 1, CONN_MT);
+  if (c->w) uv_poll_stop(&c->w->handle);
+  return 0;
+}
+
+/* conn:wait(readable, writable, timeout_ms) -> true when ready, false on timeout */
+static int conn_wait(lua_State *L) {
+  conn *c = check_conn(L);
+  struct pollfd p = { .fd = PQsocket(c->pg), .events = 0 };
+  if (lua_toboolean(L, 2)) p.events |= POLLIN;
+  if (lua_toboolean(L, 3)) p.events |= POLLOUT;
+  int rc = poll(&p, 1, (int)luaL_optinteger(L, 4, -1));
+  lua_pushboolean(L, rc != 0);
+  return 1;
+}
+
+static int conn_connect_poll(lua_State *L) {
+  conn *c = check_conn(L);
+  switch (PQconnectPoll(c->pg)) {
+    case PGRES_POLLING_READING: lua_pushliteral(L, "read"); return 1;
+    case PGRES_POLLING_WRITING: lua_pushliteral(L, "write"); return 1;
+    case PGRES_POLLING_OK:
+      if (PQsetnonblocking(c->pg, 1) != 0) return fail(L, c);
+      lua_pushliteral(L, "ok");
+      return 1;
+    default: return fail(L, c);
+  }
+}
+
+/* The text of parameter i (a Lua value at index idx), or NULL for nil. */
+static const char *param_text(lua_State *L, conn *c, int idx, char *buf, size_t size) {
+  switch (lua_type(L, idx)) {
+    case LUA_TNIL: return NULL;
+    case LUA_TBOOLEAN: return lua_toboolean(L, idx) ? "true" : "false";
+    case LUA_TNUMBER: {
+      double d = lua_tonumber(L, idx);
+      if (d == floor(d) && fabs(d) < 9007199254740992.0) snprintf(buf, size, "%.0f", d);
+      else snprintf(buf, size, "%.17g", d);
+      return buf;
+    }
+    case LUA_TSTRING: return lua_tostring(L, idx);
+    default:
+      luaL_error(L, "%s: cannot bind parameter %d (nil, boolean, number or string expected, got %s)",
+                 c->name, idx - 2, luaL_typename(L, idx));
+      return NULL;
+  }
+}
+
+#define MAX_PARAMS 4096
+
+/* conn:send(sql, ...) */
+static int conn_send(lua_State *L) {
+  conn *c = check_conn(L);
+  const char *sql = luaL_checkstring(L, 2);
+  int n = lua_gettop(L) - 2;
+  if (n > MAX_PARAMS) return luaL_error(L, "%s: too many parameters (%d)", c->name, n);
+  const char **values = NULL;
+  char (*bufs)[32] = NULL;
+  if (n > 0) {
+    values = lua_newuserdata(L, sizeof *values * (size_t)n);  /* scratch, collected later */
+    bufs = lua_newuserdata(L, sizeof *bufs * (size_t)n);
+    for (int i = 0; i < n; i++) values[i] = param_text(L, c, i + 3, bufs[i], sizeof bufs[i]);
+  }
+  if (!PQsendQueryParams(c->pg, sql, n, NULL, values, NULL, NULL, 0)) return fail(L, c);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int conn_flush(lua_State *L) {
+  conn *c = check_conn(L);
+  int rc = PQflush(c->pg);
+  if (rc < 0) return fail(L, c);
+  lua_pushinteger(L, rc);
+  return 1;
+}
+
+static int conn_consume(lua_State *L) {
+  conn *c = check_conn(L);
+  if (!PQconsumeInput(c->pg)) return fail(L, c);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int conn_busy(lua_State *L) {
+  lua_pushboolean(L, PQisBusy(check_conn(L)->pg));
+  return 1;
+}
+
+static int conn_ok(lua_State *L) {
+  conn *c = luaL_checkudata(L, 1, CONN_MT);
+  lua_pushboolean(L, c->pg != NULL && PQstatus(c->pg) == CONNECTION_OK);
+  return 1;
+}
+
+/* ===== results ===== */
+
+static void push_value(lua_State *L, PGresult *r, int row, int col) {
+  if (PQgetisnull(r, row, col)) { lua_pushnil(L); return; }
+  const char *v = PQgetvalue(r, row, col);
+  switch (PQftype(r, col)) {
+    case 16: lua_pushboolean(L, v[0] == 't'); break;                       /* bool */
+    case 20: case 21: case 23: case 26: case 700: case 701: case 1700:     /* numbers */
+      lua_pushnumber(L, strtod(v, NULL));
+      break;
+    case 17: {                                                              /* bytea */
+      size_t len = 0;
+      unsigned char *bytes = PQunescapeBytea((const unsigned char *)v, &len);
+      if (bytes == NULL) luaL_error(L, "out of memory decoding bytea");
+      lua_pushlstring(L, (const char *)bytes, len);
+      PQfreemem(bytes);
+      break;
+    }
+    default: lua_pushlstring(L, v, (size_t)PQgetlength(r, row, col));
+  }
+}
+
+static void push_rows(lua_State *L, PGresult *r) {
+  int nrows = PQntuples(r), ncols = PQnfields(r);
+  lua_createtable(L, nrows, 0);
+  for (int i = 0; i < nrows; i++) {
+    lua_createtable(L, 0, ncols);
+    for (int j = 0; j < ncols; j++) {
+      push_value(L, r, i, j);
+      lua_setfield(L, -2, PQfname(r, j));
+    }
+    lua_rawseti(L, -2, i + 1);
+  }
+}
+
+static void set_string(lua_State *L, const char *key, const char *v) {
+  if (v == NULL) return;
+  size_t len = strlen(v);
+  while (len > 0 && v[len - 1] == '\n') len--;
+  lua_pushlstring(L, v, len);
+  lua_setfield(L, -2, key);
+}
+
+/* conn:result() -> nil | { ok, rows, changes, sqlstate, message } */
+static int conn_result(lua_State *L) {
+  conn *c = check_conn(L);
+  PGresult *r = PQgetResult(c->pg);
+  if (r == NULL) return 0;
+  ExecStatusType st = PQresultStatus(r);
+  int ok = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK || st == PGRES_EMPTY_QUERY;
+  lua_createtable(L, 0, 5);
+  lua_pushboolean(L, ok);
+  lua_setfield(L, -2, "ok");
+  if (st == PGRES_TUPLES_OK) {
+    push_rows(L, r);
+    lua_setfield(L, -2, "rows");
+  }
+  const char *changes = PQcmdTuples(r);
+  lua_pushnumber(L, changes && *changes ? strtod(changes, NULL) : 0);
+  lua_setfield(L, -2, "changes");
+  if (!ok) {
+    set_string(L, "sqlstate", PQresultErrorField(r, PG_DIAG_SQLSTATE));
+    set_string(L, "message", PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY));
+    if (PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY) == NULL) set_string(L, "message", PQresultErrorMessage(r));
+  }
+  PQclear(r);
+  return 1;
+}
+
+static int conn_notifies(lua_State *L) {
+  conn *c = check_conn(L);
+  PGnotify *n;
+  int i = 0;
+  while ((n = PQnotifies(c->pg)) != NULL) {
+    if (i == 0) lua_newtable(L);
+    lua_createtable(L, 2, 0);
+    lua_pushstring(L, n->relname);
+    lua_rawseti(L, -2, 1);
+    lua_pushstring(L, n->extra);
+    lua_rawseti(L, -2, 2);
+    lua_rawseti(L, -2, ++i);
+    PQfreemem(n);
+  }
+  return i > 0 ? 1 : 0;
+}
+
+/* close() and __gc: idempotent. */
+static int conn_close(lua_State *L) {
+  conn *c = luaL_checkudata(L, 1, CONN_MT);
+  unwatch(c);
+  if (c->pg) { PQfinish(c->pg); c->pg = NULL; }
+  return 0;
+}
+
+static int conn_tostring(lua_State *L) {
+  conn *c = luaL_checkudata(L, 1, CONN_MT);
+  lua_pushfstring(L, "tide.PgConn (%s%s)", c->name, c->pg ? "" : ", closed");
+  return 1;
+}
+
+/* ===== the module functions ===== */
+
+static binding *get(lua_State *L) {
+  binding *b = luaL_checkudata(L, lua_upvalueindex(1), BINDING_MT);
+  if (b->loop == NULL) luaL_error(L, "tide: the loop is closed");
+  return b;
+}
+
+/* Server notices (NOTICE: relation already exists...) are not errors: dropped. */
+static void ignore_notice(void *arg, const char *message) { (void)arg; (void)message; }
+
+/* pg_connect(conninfo, name) -> conn | nil, message */
+static int l_connect(lua_State *L) {
+  binding *b = get(L);
+  const char *info = luaL_checkstring(L, 1);
+  const char *name = luaL_checkstring(L, 2);
+  conn *c = lua_newuserdata(L, sizeof *c);
+  memset(c, 0, sizeof *c);
+  c->b = b;
+  snprintf(c->name, sizeof c->name, "%s", name);
+  luaL_getmetatable(L, CONN_MT);
+  lua_setmetatable(L, -2);
+  c->pg = PQconnectStart(info);
+  if (c->pg == NULL) return luaL_error(L, "%s: out of memory", name);
+  if (PQstatus(c->pg) == CONNECTION_BAD) {
+    int n = fail(L, c);
+    PQfinish(c->pg);
+    c->pg = NULL;
+    return n;
+  }
+  PQsetNoticeProcessor(c->pg, ignore_notice, NULL);
+  return 1;
+}
+
+static int l_on_ready(lua_State *L) {
+  binding *b = get(L);
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  luaL_unref(L, LUA_REGISTRYINDEX, b->ready_ref);
+  lua_pushvalue(L, 1);
+  b->ready_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 0;
+}
+
+static const luaL_Reg conn_methods[] = {
+  { "watch", conn_watch }, { "unwatch", conn_unwatch }, { "wait", conn_wait },
+  { "connect_poll", conn_connect_poll }, { "send", conn_send }, { "flush", conn_flush },
+  { "consume", conn_consume }, { "busy", conn_busy }, { "result", conn_result },
+  { "notifies", conn_notifies }, { "ok", conn_ok }, { "close", conn_close }, { NULL, NULL }
+};
+
+static const luaL_Reg funcs[] = {
+  { "pg_connect", l_connect }, { "pg_on_ready", l_on_ready }, { NULL, NULL }
+};
+
+/* Closes every watch handle (before the loop closes). */
+void tide__close_pg(lua_State *L) {
+  lua_getfield(L, LUA_REGISTRYINDEX, BINDING_KEY);
+  binding *b = luaL_testudata(L, -1, BINDING_MT);
+  if (b) {
+    while (b->watches) watch_close(b->watches);
+    b->loop = NULL;
+    luaL_unref(L, LUA_REGISTRYINDEX, b->ready_ref);
+    b->ready_ref = LUA_NOREF;
+  }
+  lua_pop(L, 1);
+}
+
+/* Sets pg_connect and pg_on_ready into the table at the top of the stack. */
+void tide__open_pg(lua_State *L, uv_loop_t *loop) {
+  luaL_newmetatable(L, CONN_MT);
+  lua_newtable(L);
+  luaL_register(L, NULL, conn_methods);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, conn_close);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, conn_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pop(L, 1);
+  binding *b = lua_newuserdata(L, sizeof *b);
+  memset(b, 0, sizeof *b);
+  b->loop = loop;
+  b->L = lua_newthread(L);
+  b->thread_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  b->ready_ref = LUA_NOREF;
+  luaL_newmetatable(L, BINDING_MT);
+  lua_pop(L, 1);
+  luaL_getmetatable(L, BINDING_MT);
+  lua_setmetatable(L, -2);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, LUA_REGISTRYINDEX, BINDING_KEY);
+  luaL_openlib(L, NULL, funcs, 1);                 /* upvalue: the binding */
+}
