@@ -64,4 +64,40 @@ function H.sh(cmd)
   return status, (out:gsub("__status=%d+%s*$", ""))
 end
 
+--- The bytes of a file ("" when it does not exist).
+function H.file_bytes(file)
+  local f = io.open(file, "rb")
+  if not f then return "" end
+  local bytes = f:read("*a")
+  f:close()
+  return bytes
+end
+
+local function remove_db(path)
+  for _, suffix in ipairs{ "", "-wal", "-shm", "-journal" } do os.remove(path .. suffix) end
+end
+
+--- The job stores under test: SQLite always; PostgreSQL when spec/run.sh
+--- started a server (TIDE_PG_URL).  Store specs run once per store:
+--- fresh(path) returns the URL of an empty store, reset(path) removes what
+--- a test made.
+function H.stores()
+  local list = {
+    { name = "sqlite",
+      fresh = function(path) remove_db(path); return "sqlite:" .. path end,
+      reset = function(path) remove_db(path) end },
+  }
+  local pg = os.getenv("TIDE_PG_URL")
+  if pg then
+    local function reset()
+      local c = require("tide.store_postgres").connect(pg)
+      c:query("DROP TABLE IF EXISTS tide_jobs, tide_schema, orders CASCADE")
+      c:query("DROP FUNCTION IF EXISTS tide_jobs_notify() CASCADE")
+      c:close()
+    end
+    list[2] = { name = "postgres", fresh = function() reset(); return pg end, reset = reset }
+  end
+  return list
+end
+
 return H

@@ -3,41 +3,9 @@
 local tide = require "tide"
 local core = require "tide.core"
 
-local function remove_db(path)
-  for _, suffix in ipairs{ "", "-wal", "-shm", "-journal" } do os.remove(path .. suffix) end
-end
+local file_bytes = spec_helper.file_bytes
 
-local function file_bytes(file)
-  local f = io.open(file, "rb")
-  if not f then return "" end
-  local bytes = f:read("*a")
-  f:close()
-  return bytes
-end
-
--- Every store under test: SQLite always; PostgreSQL when spec/run.sh started
--- a server (TIDE_PG_URL).  Each gets the whole contract below.  fresh(path)
--- returns the URL of an empty store; reset(path) removes what a test made.
-local function stores()
-  local list = {
-    { name = "sqlite",
-      fresh = function(path) remove_db(path); return "sqlite:" .. path end,
-      reset = function(path) remove_db(path) end },
-  }
-  local pg = os.getenv("TIDE_PG_URL")
-  if pg then
-    local function reset()
-      local c = require("tide.store_postgres").connect(pg)
-      c:query("DROP TABLE IF EXISTS tide_jobs, tide_schema, orders CASCADE")
-      c:query("DROP FUNCTION IF EXISTS tide_jobs_notify() CASCADE")
-      c:close()
-    end
-    list[2] = { name = "postgres", fresh = function() reset(); return pg end, reset = reset }
-  end
-  return list
-end
-
-for _, store in ipairs(stores()) do
+for _, store in ipairs(spec_helper.stores()) do
 describe("tide.queue on " .. store.name, function()
   local path, q
 

@@ -2,10 +2,6 @@
 local tide = require "tide"
 local core = require "tide.core"
 
-local function remove_db(path)
-  for _, suffix in ipairs{ "", "-wal", "-shm" } do os.remove(path .. suffix) end
-end
-
 --- Runs fn(q) as the root task on a fresh store; returns what it returns.
 local path, q
 local function with_worker(fn)
@@ -14,18 +10,19 @@ local function with_worker(fn)
   return a, b
 end
 
-describe("tide.worker", function()
+for _, store in ipairs(spec_helper.stores()) do
+describe("tide.worker on " .. store.name, function()
   before_each(function()
     path = os.tmpname()
-    remove_db(path)
-    q = tide.queue.open("sqlite:" .. path)
+    q = tide.queue.open(store.fresh(path))
     spec_helper.quiet_errors()
   end)
 
   after_each(function()
     spec_helper.loud_errors()
     q:close()
-    remove_db(path)
+    store.reset(path)
+    os.remove(path)
     spec_helper.assert_idle()
   end)
 
@@ -159,22 +156,25 @@ describe("tide.worker", function()
     local d = q:enqueue{ target = "t", method = "m", max_attempts = 1 }
     local e = q:enqueue{ target = "t", method = "m" }
     for _ = 1, 3 do q:enqueue{ target = "t", method = "m" } end
+    local typed = store.name ~= "sqlite"        -- PostgreSQL's column types refuse such a row
     q:transaction(function(tx)
       tx:exec("UPDATE tide_jobs SET args = '{not json' WHERE id = ?", d)
-      tx:exec("UPDATE tide_jobs SET max_attempts = 'lots' WHERE id = ?", e)
+      if not typed then tx:exec("UPDATE tide_jobs SET max_attempts = 'lots' WHERE id = ?", e) end
     end)
     with_worker(function() tide.worker{ queue = q, targets = { t = t } }:drain() end)
-    assert.equal(3, done)
+    assert.equal(typed and 4 or 3, done)
     local function err(id) return q:job(id).errors[1].error end
     assert.equal("discarded", q:job(a).status)
     assert.truthy(err(a):find("unknown target 'no_such_target' (not in targets, and require failed: module 'no_such_target' not found)", 1, true), err(a))
     assert.equal("unknown method 'nope' of target 't'", err(b))
     assert.equal("unknown method 'timeout' of target 't'", err(c))
     assert.truthy(err(d):find(("job %d: args are not valid JSON"):format(d), 1, true), err(d))
-    assert.equal("discarded", q:job(e).status)
-    assert.equal('corrupt job row: max_attempts is string "lots", number expected', err(e))
-    assert.equal(1, spec_helper.reported)       -- reported to the error sink, once
-    assert.equal(3, q:stats().completed)
+    if not typed then
+      assert.equal("discarded", q:job(e).status)
+      assert.equal('corrupt job row: max_attempts is string "lots", number expected', err(e))
+      assert.equal(1, spec_helper.reported)     -- reported to the error sink, once
+    end
+    assert.equal(typed and 4 or 3, q:stats().completed)
   end)
 
   it("wakes at once for a job enqueued in the same process, long before the next poll", function()
@@ -213,7 +213,7 @@ describe("tide.worker", function()
   end)
 
   it("drains only what is due now, unless asked to wait for jobs due soon", function()
-    local id = q:enqueue{ target = "t", method = "m", delay = 60 }
+    local id = q:enqueue{ target = "t", method = "m", delay = 400 }
     local t = { m = function() end }
     with_worker(function() tide.worker{ queue = q, targets = { t = t } }:drain() end)
     assert.equal("scheduled", q:job(id).status)
@@ -295,7 +295,7 @@ describe("tide.worker", function()
     local slow = q:enqueue{ target = "t", method = "slow" }
     local st = with_worker(function()
       local w = tide.worker{ queue = q, targets = { t = t } }
-      tide.sleep(10)
+      while w:info().running < 2 do tide.sleep(1) end
       w:stop(60)
       return w:wait()
     end)
@@ -314,8 +314,8 @@ describe("tide.worker", function()
     for _ = 1, 3 do q:enqueue{ target = "t", method = "quick" } end
     local slow = q:enqueue{ target = "t", method = "slow" }
     tide.run(function()
-      tide.worker{ queue = q, targets = { t = t } }
-      tide.sleep(5)
+      local w = tide.worker{ queue = q, targets = { t = t } }
+      while w:info().running < 4 do tide.sleep(1) end
       tide.shutdown(50)
     end)
     local st = q:stats()
@@ -344,3 +344,4 @@ describe("tide.worker", function()
     })
   end)
 end)
+end

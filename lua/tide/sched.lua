@@ -528,7 +528,7 @@ function S.shutdown(grace_ms, reason)
   reason = reason or "shutdown"
   if not shutting then
     shutting = true
-    for i = 1, #shutdown_hooks do shutdown_hooks[i](reason) end
+    for i = 1, #shutdown_hooks do shutdown_hooks[i](reason, grace_ms) end
     for _, t in ipairs(live_by_id()) do
       if t._state == "pending" or t._state == "retrying" then finish(t, "cancelled", reason) end
     end

@@ -36,6 +36,7 @@ local type, error, pairs, ipairs, tostring, pcall, require = type, error, pairs,
 local setmetatable, min, floor, random = setmetatable, math.min, math.floor, math.random
 local wallclock, encode = core.wallclock, queue.encode
 local opt_error = check.opt_error
+local TERMINAL = S.TERMINAL
 
 local M = {}
 
@@ -179,7 +180,10 @@ end
 --- flusher may be gone by the end of the grace period).
 local function record(w, entry)
   local q = w.q
-  if w.state ~= "running" and q._store and not (w.store == q._store and q._owner) and w.store:idle() then
+  if TERMINAL[w.flusher_task._state] then   -- cancelled by the end of a shutdown: write now if we can
+    if not q._store or (w.store == q._store and q._owner) or not w.store:idle() then
+      return                                  -- the lease runs out and the job runs again
+    end
     flush_now(w, { entry })
     return
   end
@@ -344,6 +348,14 @@ local function claim(w, name, want)
     log.report("worker " .. w.id .. ": claiming from queue " .. name, rows)
     return nil
   end
+  if w.state ~= "running" then               -- stopped while the claim was under way
+    for i = 1, #rows do
+      local row = rows[i]
+      w.stats.released = w.stats.released + 1
+      record(w, { kind = "release", id = row.id, attempt = row.attempt, run_at = wallclock() })
+    end
+    return 0
+  end
   for i = 1, #rows do start_job(w, rows[i]) end
   return #rows
 end
@@ -373,12 +385,22 @@ end
 
 local function flusher(w)
   local failures = 0
+  -- Cancelled (the end of a shutdown's grace) while a batch was being
+  -- written: write it at once, as record() does from then on.
+  S.options(S.current()).on_attempt_end = function()
+    local p = w.writing
+    w.writing = nil
+    if p and w.store:idle() then flush_now(w, p) end
+  end
   while true do
     local p = w.pending
     if #p > 0 then
       w.pending = {}
       store_of(w)
-      if flush_now(w, p) then
+      w.writing = p
+      local written = flush_now(w, p)
+      w.writing = nil
+      if written then
         failures = 0
       elseif w.state == "running" or failures < 10 then
         -- Keep them: written later, or else their leases run out and they
@@ -469,7 +491,8 @@ function M.new(opts)
     w.tasks[#w.tasks + 1] = require("tide").spawn{ run = claimer, args = { w, name }, name = "claimer " .. name }
   end
   local spawn = require("tide").spawn
-  w.tasks[#w.tasks + 1] = spawn{ run = flusher, args = { w }, name = "worker flusher" }
+  w.flusher_task = spawn{ run = flusher, args = { w }, name = "worker flusher" }
+  w.tasks[#w.tasks + 1] = w.flusher_task
   w.tasks[#w.tasks + 1] = spawn{ run = heartbeat, args = { w }, name = "worker heartbeat" }
   w.tasks[#w.tasks + 1] = spawn{ run = rescuer, args = { w }, name = "worker rescuer" }
   w.on_enqueue = function(name)
@@ -483,7 +506,12 @@ function M.new(opts)
       for _, qs in pairs(w.queues) do S.notify(qs) end
     end)
   end
-  S.on_shutdown(function() if w.state == "running" then w:stop() end end)
+  -- On a shutdown of the loop, the worker stops its jobs a little before the
+  -- loop's grace ends (up to a second, or half of it), so that the flusher
+  -- can still write their releases.
+  S.on_shutdown(function(_, grace)
+    if w.state == "running" then w:stop(grace and grace - math.min(grace / 2, 1000) or nil) end
+  end)
   return w
 end
 
@@ -506,8 +534,9 @@ function Worker:stop(grace_ms)
   S.notify(self.flusher)
   S.notify(self.beat)
   local grace = grace_ms or self.grace or require("tide.host").config.grace
-  if self.nrunning > 0 and not S.shutting_down() then   -- (a shutdown has its own grace)
-    self.grace_timer = require("tide").after(grace, function()
+  if self.nrunning > 0 then
+    self.grace_timer = S.timer(grace, function()
+      self.grace_timer = nil
       for _, rec in pairs(self.running) do
         if rec.task then rec.task:cancel("worker stopped") end
       end
@@ -519,7 +548,7 @@ end
 --- Waits (inside a task) until the worker has stopped and written every outcome.
 function Worker:wait()
   for _, t in ipairs(self.tasks) do t:await() end
-  if self.grace_timer then self.grace_timer:stop() end
+  if self.grace_timer then S.untimer(self.grace_timer); self.grace_timer = nil end
   if self.store ~= self.q._store then self.store:close() end
   self.state = "stopped"
   return self.stats
