@@ -44,6 +44,7 @@ one() {  # name status log: a single check that passes on exit 0
 
 # 0. a throwaway PostgreSQL server for the store specs (stopped on exit)
 PGDIR=$(mktemp -d /tmp/tide-pg.XXXXXX)
+chmod 755 "$PGDIR"                    # the server runs as user postgres
 PGPORT=$((20000 + $$ % 20000))
 if TIDE_PG_URL=$(sh spec/pg.sh start "$PGDIR/cluster" "$PGPORT" -c fsync=off -c max_connections=200 2>"$LOG/postgres.log"); then
   export TIDE_PG_URL TIDE_PG_DIR="$PGDIR/cluster"

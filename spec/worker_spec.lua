@@ -243,7 +243,7 @@ describe("tide.worker on " .. store.name, function()
     local id = q:enqueue{ target = "t", method = "m" }
     local st = with_worker(function()
       local w = tide.worker{ queue = q, heartbeat = 20, targets = { t = t } }
-      tide.sleep(20)
+      while w:info().running < 1 do tide.sleep(1) end
       assert.is_true(q:cancel(id))
       tide.sleep(100)
       assert.equal(0, w:info().running)

@@ -6,20 +6,28 @@ local io_stdout, io_stderr = io.stdout, io.stderr
 
 local M = {}
 
-local USAGE = [[
+local USAGE = [=[
 Usage: tide COMMAND [ARGS...]
 
 Commands:
   run [OPTIONS] SCRIPT [ARGS...]   run an orchestrator script as the root task
+  worker [OPTIONS] [SCRIPT [ARGS...]]
+                                   perform durable jobs with the targets SCRIPT returns
+  enqueue [OPTIONS] TARGET METHOD [JSON_ARGS]
+                                   add a durable job
+  jobs [OPTIONS] COMMAND [ARGS]    list, show, retry, cancel, expire, fail, stats, prune
   graph [--format dot|mermaid] SCRIPT [ARGS...]
                                    print the flows SCRIPT defines, without running them
-  help                             show this help
+  help [COMMAND]                   show this help, or a command's
   version                          print the version
 
 Options for run:
   --grace MS     grace period for running tasks on SIGINT/SIGTERM (default 5000)
   --quiet        no progress line (it shows only when stderr is a terminal)
   --             end of options
+
+worker, enqueue and jobs use the job store given by --store URL, else
+$TIDE_STORE, else sqlite:tide.db; `tide COMMAND --help` lists their options.
 
 The script sees its arguments in `arg` (arg[0] is the script) and in `...`,
 as under luajit; it may tide.sleep and await at top level.  The process exits
@@ -28,7 +36,7 @@ when no work is left: 0, 1 when the script failed, 130/143 after SIGINT/SIGTERM.
 Options:
   -h, --help      show this help
   -v, --version   print the version
-]]
+]=]
 
 local function usage_error(msg)
   io_stderr:write("tide: ", msg, "\n\n", USAGE)
@@ -103,13 +111,31 @@ local function graph(argv, i)
   return 0
 end
 
+--- The job commands, each (argv, i) -> exit status; loaded when used.
+local JOB_COMMANDS = {
+  worker = function(argv, i) return require("tide.cli_worker").main(argv, i) end,
+  enqueue = function(argv, i) return require("tide.cli_jobs").enqueue(argv, i) end,
+  jobs = function(argv, i) return require("tide.cli_jobs").jobs(argv, i) end,
+}
+
+--- tide help [COMMAND]
+local function help(topic)
+  if topic == nil or topic == "run" or topic == "graph" then io_stdout:write(USAGE); return 0 end
+  if not JOB_COMMANDS[topic] then return usage_error("help: no help for '" .. topic .. "'") end
+  return JOB_COMMANDS[topic]({ topic, "--help" }, 2)
+end
+
 --- Runs the command line `argv` (argv[1] is the command); returns the exit status.
 function M.main(argv)
   local cmd = argv[1]
   if cmd == nil then return usage_error("missing COMMAND") end
-  if cmd == "-h" or cmd == "--help" or cmd == "help" then
+  if cmd == "-h" or cmd == "--help" then
     io_stdout:write(USAGE)
     return 0
+  elseif cmd == "help" then
+    return help(argv[2])
+  elseif JOB_COMMANDS[cmd] then
+    return JOB_COMMANDS[cmd](argv, 2)
   elseif cmd == "-v" or cmd == "--version" or cmd == "version" then
     io_stdout:write(tide._VERSION, " (", jit.version, ")\n")
     return 0

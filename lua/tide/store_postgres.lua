@@ -236,6 +236,9 @@ Store.__index = Store
 
 local WAITING = "status IN ('available', 'scheduled', 'retryable')"
 local TERMINAL_SQL = "('completed', 'discarded', 'cancelled', 'expired')"
+-- Leases are timed by the server's clock: one clock for every machine, read
+-- when the statement runs (not when it was queued behind a connect).
+local NOW = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
 local GUARD = "WHERE id = $1 AND status = 'executing' AND lease_owner = $2 AND attempt = $3"
 local ADD_ERROR = "coalesce(errors, '[]'::jsonb) || jsonb_build_array($5::jsonb)"
 
@@ -277,10 +280,10 @@ local SQL = {
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
     ON CONFLICT (idempotence_key) WHERE idempotence_key IS NOT NULL DO NOTHING RETURNING id]],
   by_key = "SELECT id FROM tide_jobs WHERE idempotence_key = $1",
-  claim = [[WITH due AS (SELECT id FROM tide_jobs WHERE queue = $4 AND ]] .. WAITING .. [[
-      AND run_at <= $1 ORDER BY priority, run_at, id LIMIT $5 FOR UPDATE SKIP LOCKED)
-    UPDATE tide_jobs j SET status = 'executing', attempt = j.attempt + 1, attempted_at = $1,
-      lease_owner = $2, lease_expires = $3
+  claim = [[WITH due AS (SELECT id FROM tide_jobs WHERE queue = $3 AND ]] .. WAITING .. [[
+      AND run_at <= ]] .. NOW .. [[ ORDER BY priority, run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED)
+    UPDATE tide_jobs j SET status = 'executing', attempt = j.attempt + 1, attempted_at = ]] .. NOW .. [[,
+      lease_owner = $2, lease_expires = ]] .. NOW .. [[ + $1
     FROM due WHERE j.id = due.id
     RETURNING j.id, j.queue, j.target, j.method, j.args, j.args_enc, j.priority, j.attempt,
       j.max_attempts, j.run_at, j.inserted_at, j.idempotence_key]],
@@ -295,15 +298,15 @@ local SQL = {
   release = "UPDATE tide_jobs SET status = 'available', attempt = attempt - 1, run_at = $4, "
     .. "errors = CASE WHEN $5::jsonb IS NULL THEN errors ELSE " .. ADD_ERROR .. " END, "
     .. "lease_owner = NULL, lease_expires = NULL " .. GUARD,
-  heartbeat = "UPDATE tide_jobs SET lease_expires = $2 WHERE lease_owner = $1 "
+  heartbeat = "UPDATE tide_jobs SET lease_expires = " .. NOW .. " + $2 WHERE lease_owner = $1 "
     .. "AND status = 'executing' RETURNING id",
   rescue = [[UPDATE tide_jobs SET
       status = CASE WHEN attempt >= max_attempts THEN 'discarded' ELSE 'available' END,
-      completed_at = CASE WHEN attempt >= max_attempts THEN $1::bigint END,
-      run_at = $1, lease_owner = NULL, lease_expires = NULL,
+      completed_at = CASE WHEN attempt >= max_attempts THEN ]] .. NOW .. [[ END,
+      run_at = ]] .. NOW .. [[, lease_owner = NULL, lease_expires = NULL,
       errors = coalesce(errors, '[]'::jsonb) || jsonb_build_array(jsonb_build_object('attempt', attempt,
-        'at', $1::bigint, 'error', 'lease expired: worker ' || lease_owner || ' stopped heartbeating'))
-    WHERE status = 'executing' AND lease_expires < $1]],
+        'at', ]] .. NOW .. [[, 'error', 'lease expired: worker ' || lease_owner || ' stopped heartbeating'))
+    WHERE status = 'executing' AND lease_expires < ]] .. NOW,
   get = "SELECT * FROM tide_jobs WHERE id = $1",
   cancel = "UPDATE tide_jobs SET status = 'cancelled', completed_at = $2, lease_owner = NULL, "
     .. "lease_expires = NULL WHERE id = $1 AND status NOT IN " .. TERMINAL_SQL,
@@ -485,7 +488,7 @@ local function by_priority(a, b)
 end
 
 function Store:claim(queue, n, owner, now, lease_until)
-  local rows = self.conn:query(SQL.claim, now, owner, lease_until, queue, n).rows
+  local rows = self.conn:query(SQL.claim, lease_until - now, owner, queue, n).rows
   if #rows > 1 then table.sort(rows, by_priority) end
   return rows
 end
@@ -523,11 +526,12 @@ end
 
 function Store:heartbeat(owner, lease_until)
   local set = {}
-  for _, r in ipairs(self.conn:query(SQL.heartbeat, owner, lease_until).rows) do set[r.id] = true end
+  local lease = lease_until - core.wallclock()
+  for _, r in ipairs(self.conn:query(SQL.heartbeat, owner, lease).rows) do set[r.id] = true end
   return set
 end
 
-function Store:rescue(now) return self.conn:query(SQL.rescue, now).changes end
+function Store:rescue() return self.conn:query(SQL.rescue).changes end
 
 function Store:get(id) return self.conn:query(SQL.get, id).rows[1] end
 

@@ -360,6 +360,14 @@ local function claim(w, name, want)
   return #rows
 end
 
+--- Waits for a reason to claim again (a slot freed, an enqueue, the poll
+--- interval): unless one came while the last claim was under way.
+local function idle_wait(w, qs, ms)
+  if qs.kicked then qs.kicked = false; return end
+  S.wait_for(qs, "tide.worker", ms)
+  qs.kicked = false
+end
+
 local function claimer(w, name)
   local qs = w.queues[name]
   local failures = 0
@@ -367,6 +375,7 @@ local function claimer(w, name)
     local free = qs.limit - qs.running
     if free > 0 then
       local want = min(free, w.batch)
+      qs.kicked = false                       -- what this claim sees needs no second look
       local n = claim(w, name, want)
       if n == nil then                        -- the store failed: back off, then try again
         failures = failures + 1
@@ -375,10 +384,10 @@ local function claimer(w, name)
       else
         failures = 0
         qs.more = n == want
-        if not qs.more then S.wait_for(qs, "tide.worker", w.poll) end
+        if not qs.more then idle_wait(w, qs, w.poll) end
       end
     else
-      S.wait_for(qs, "tide.worker", w.poll)
+      idle_wait(w, qs, w.poll)
     end
   end
 end
@@ -486,6 +495,12 @@ function M.new(opts)
     if t.retry then w.target_retry[t] = check_retry("tide.worker", "retry", t.retry, 2) end
   end
   if S.shutting_down() then error("tide.worker: the loop is shutting down", 2) end
+  -- On a shutdown of the loop, the worker stops its jobs a little before the
+  -- loop's grace ends (up to a second, or half of it), so that the flusher
+  -- can still write their releases.  (Hooked before anything below waits.)
+  S.on_shutdown(function(_, grace)
+    if w.state == "running" then w:stop(grace and grace - math.min(grace / 2, 1000) or nil) end
+  end)
   for name, n in pairs(queues) do
     w.queues[name] = { limit = n, running = 0, more = false, waiting = false }
     w.tasks[#w.tasks + 1] = require("tide").spawn{ run = claimer, args = { w, name }, name = "claimer " .. name }
@@ -497,21 +512,16 @@ function M.new(opts)
   w.tasks[#w.tasks + 1] = spawn{ run = rescuer, args = { w }, name = "worker rescuer" }
   w.on_enqueue = function(name)
     local qs = w.queues[name]
-    if qs then S.notify(qs) end
+    if qs then qs.kicked = true; S.notify(qs) end
   end
   queue.listen(w.q, w.on_enqueue)
   if w.store.listen then                      -- other machines' enqueues (PostgreSQL)
     w.store:listen(function(name)
       if name then return w.on_enqueue(name) end
-      for _, qs in pairs(w.queues) do S.notify(qs) end
+      for queue_name in pairs(w.queues) do w.on_enqueue(queue_name) end
     end)
   end
-  -- On a shutdown of the loop, the worker stops its jobs a little before the
-  -- loop's grace ends (up to a second, or half of it), so that the flusher
-  -- can still write their releases.
-  S.on_shutdown(function(_, grace)
-    if w.state == "running" then w:stop(grace and grace - math.min(grace / 2, 1000) or nil) end
-  end)
+  if S.shutting_down() and w.state == "running" then w:stop() end   -- came while listen waited
   return w
 end
 
@@ -577,7 +587,8 @@ function Worker:drain(opts)
 end
 
 function Worker:info()
-  local out = { id = self.id, state = self.state, running = self.nrunning, queues = {} }
+  local out = { id = self.id, state = self.state, running = self.nrunning, lease = self.lease,
+                poll = self.poll, store = self.store.name, queues = {} }
   for k, v in pairs(self.stats) do out[k] = v end
   for name, qs in pairs(self.queues) do out.queues[name] = { limit = qs.limit, running = qs.running } end
   return out

@@ -1,0 +1,638 @@
+--- tide.cli_jobs — `tide enqueue` and `tide jobs`, and what `tide worker` shares with them
+--- (option parsing, opening the store, tables and JSON on stdout).
+--
+-- Every command returns its exit status: 0 done; 1 the world said no (the
+-- store cannot be opened, "job 7 is completed"); 2 the command line is wrong
+-- (the message names the option or argument, then the usage follows).
+-- Failures go to stderr as one line starting with the command's name
+-- ("tide jobs: job 7 not found"); nothing here raises to the host.
+local queue = require "tide.queue"
+local cjson = require("cjson").new()
+
+local tostring, tonumber, ipairs, pairs, pcall = tostring, tonumber, ipairs, pairs, pcall
+local floor, max, concat, sort = math.floor, math.max, table.concat, table.sort
+local io_stdout, io_stderr, getenv = io.stdout, io.stderr, os.getenv
+
+cjson.decode_invalid_numbers(false)     -- NaN and Infinity are not JSON
+cjson.encode_invalid_numbers(false)
+cjson.encode_sparse_array(true)
+
+local M = {}
+
+M.DEFAULT_STORE = "sqlite:tide.db"
+
+--- Statuses in the order a job meets them (for messages and table columns).
+local STATUSES = { "available", "scheduled", "executing", "retryable",
+                   "completed", "discarded", "cancelled", "expired" }
+M.STATUSES = STATUSES
+
+-- ===== option values: each conversion returns the value, or nil when `s` is bad
+
+local MAX_INT, MAX_MS = 2 ^ 53, 1e12
+
+local function integer(min)
+  return function(s)
+    local n = s:match("^[+-]?%d+$") and tonumber(s)
+    if n and n >= min and n <= MAX_INT then return n end
+  end
+end
+
+--- "500ms", "30s", "5m", "2h", "7d" or a bare number of ms -> ms.
+local function duration(s)
+  local ms = s:match("^%d+%.?%d*$") and tonumber(s) or queue.duration(s)
+  if ms and ms <= MAX_MS then return ms end
+end
+
+local function positive_duration(s)
+  local ms = duration(s)
+  if ms and ms > 0 then return ms end
+end
+
+local NAME = "^[%a_][%w_.%-]*$"            -- queue and target names (as tide.queue checks them)
+local function name(s) return s:match(NAME) and s or nil end
+local function nonempty(s) return s ~= "" and s or nil end
+local function status(s) return queue.STATUSES[s] and s or nil end
+local function store_url(s) return s:match("^%a[%w+.-]*:.") and s or nil end
+
+--- A UTC time: ISO 8601 or seconds since the epoch -> seconds.
+local function utc_time(s)
+  local secs = s:match("^%d+%.?%d*$") and tonumber(s)
+  if secs then return secs end
+  local ms = queue.parse_iso(s)
+  return ms and ms / 1000
+end
+
+local DURATION = "duration: ms, or like 500ms, 30s, 5m, 2h, 7d"
+local STORE_URL = "store URL like sqlite:PATH or postgres://HOST/DB"
+
+--- Option specs: key (in the parsed table), meta (the value's name in
+--- messages; none for a flag), conv, expected (for "bad --x (... expected)").
+M.opt = {
+  store = { key = "store", meta = "URL", conv = store_url, expected = STORE_URL },
+  json = { key = "json" },
+  help = { key = "help" },
+  quiet = { key = "quiet" },
+  drain = { key = "drain" },
+  queue = { key = "queue", meta = "NAME", conv = name, expected = "queue name (letters, digits, _ . -)" },
+  limit = { key = "limit", meta = "N", conv = integer(1), expected = "integer >= 1" },
+  before = { key = "before", meta = "ID", conv = integer(1), expected = "job id (integer >= 1)" },
+  status = { key = "status", meta = "STATUS", conv = status, expected = "one of " .. concat(STATUSES, ", ") },
+  older_than = { key = "older_than", meta = "DURATION", conv = duration, expected = DURATION },
+  run_at = { key = "run_at", meta = "TIME", conv = utc_time,
+             expected = "UTC time like 2026-11-23T15:04:05Z, or seconds since the epoch" },
+  delay = { key = "delay", meta = "DURATION", conv = duration, expected = DURATION },
+  key = { key = "key", meta = "KEY", conv = nonempty, expected = "non-empty string" },
+  priority = { key = "priority", meta = "N", conv = integer(-MAX_INT), expected = "integer (lower runs first)" },
+  max_attempts = { key = "max_attempts", meta = "N", conv = integer(1), expected = "integer >= 1" },
+  concurrency = { key = "concurrency", meta = "N", conv = integer(1), expected = "integer >= 1" },
+  lease = { key = "lease", meta = "MS", conv = positive_duration, expected = "positive " .. DURATION },
+  poll = { key = "poll", meta = "MS", conv = positive_duration, expected = "positive " .. DURATION },
+  grace = { key = "grace", meta = "MS", conv = duration, expected = DURATION },
+}
+
+-- ===== parsing a command line
+
+local function is_option(a)
+  return a:match("^%-%-.") ~= nil or (a:match("^%-%a$") ~= nil)
+end
+
+--- Stores the value of option `spec` given as `oname`; nil and a message when it is bad.
+local function take(opts, spec, oname, value)
+  if spec.meta == nil then
+    if value ~= nil then return nil, ("%s takes no value"):format(oname) end
+    opts[spec.key] = true
+    return true
+  end
+  if value == nil then return nil, ("%s needs a value (%s)"):format(oname, spec.meta) end
+  local v = spec.conv(value)
+  if v == nil then return nil, ("bad %s (%s expected, got '%s')"):format(oname, spec.expected, value) end
+  if spec.many then
+    local list = opts[spec.key] or {}
+    list[#list + 1] = v
+    opts[spec.key] = list
+  else
+    opts[spec.key] = v
+  end
+  return true
+end
+
+--- Parses argv[i..] against `specs` ({ ["--name"] = spec }).  Options may
+--- come anywhere, unless `stop` (the first positional ends them, and the
+--- rest belong to it); "--" ends them; "--name=value" works too.  Returns
+--- opts (with opts.given: the option names in order) and the positionals,
+--- or nil and a message.
+function M.parse(argv, i, specs, stop)
+  local opts, pos = { given = {} }, {}
+  while i <= #argv do
+    local a = argv[i]
+    if a == "--" or (not is_option(a) and stop) then
+      for j = a == "--" and i + 1 or i, #argv do pos[#pos + 1] = argv[j] end
+      break
+    elseif is_option(a) then
+      local oname, value = a:match("^(%-%-[^=]+)=(.*)$")
+      oname = oname or a
+      local spec = specs[oname]
+      if not spec then return nil, ("unknown option '%s'"):format(oname) end
+      if spec.meta and value == nil then i = i + 1; value = argv[i] end
+      local ok, err = take(opts, spec, oname, value)
+      if not ok then return nil, err end
+      opts.given[#opts.given + 1] = oname
+    else
+      pos[#pos + 1] = a
+    end
+    i = i + 1
+  end
+  return opts, pos
+end
+
+--- Writes "PROG: msg", a blank line and `usage` to stderr; returns 2.
+function M.usage_error(prog, msg, usage)
+  io_stderr:write(prog, ": ", msg, "\n\n", usage)
+  return 2
+end
+
+--- Writes "PROG: msg" to stderr; returns 1.
+function M.fail(prog, msg)
+  io_stderr:write(prog, ": ", tostring(msg), "\n")
+  return 1
+end
+
+-- ===== the store
+
+--- The store URL: --store, else $TIDE_STORE, else sqlite:tide.db; or nil and a message.
+function M.store_url(opts)
+  if opts.store then return opts.store end
+  local env = getenv("TIDE_STORE")
+  if env == nil or env == "" then return M.DEFAULT_STORE end
+  if not store_url(env) then return nil, ("bad $TIDE_STORE (%s expected, got '%s')"):format(STORE_URL, env) end
+  return env
+end
+
+--- The file of a sqlite: URL (nil for other stores and in-memory databases).
+local function sqlite_file(url)
+  local path = url:match("^[sS][qQ][lL][iI][tT][eE]:(.*)$")
+  if not path then return nil end
+  path = path:gsub("^//", "")
+  if path == "" or path == ":memory:" or path:match("^file:") then return nil end
+  return path
+end
+
+--- Opens the store; with `must_exist`, a missing SQLite file is an error
+--- (reading commands do not create an empty store by mistake).  Returns the
+--- queue, or nil and the exit status (the message is written).
+function M.open(prog, url, must_exist)
+  local path = must_exist and sqlite_file(url)
+  if path then
+    local fh = io.open(path, "rb")
+    if not fh then return nil, M.fail(prog, ("%s: no such file (check --store or $TIDE_STORE)"):format(url)) end
+    fh:close()
+  end
+  local ok, q = pcall(queue.open, url)
+  if not ok then return nil, M.fail(prog, (tostring(q):gsub("^tide%.queue%.open: ", ""))) end
+  return q
+end
+
+-- ===== output: times, JSON, tables
+
+--- UTC seconds -> ISO 8601 with ms ("2026-11-23T15:04:05.250Z"), or nil.
+local function iso(secs) return secs and queue.iso(floor(secs * 1000 + 0.5)) end
+--- UTC seconds -> ISO 8601 to the second, for tables.
+local function iso_s(secs) return secs and os.date("!%Y-%m-%dT%H:%M:%SZ", floor(secs)) or "-" end
+M.iso, M.iso_s = iso, iso_s
+
+--- A Lua value -> JSON text ("/" left as is, which JSON allows).
+local function json(v)
+  if v == nil then return "null" end
+  return (cjson.encode(v):gsub("\\/", "/"))
+end
+M.json = json
+
+--- An object with its keys in the given order: fields = { {key, json text}, ... }.
+local function json_object(fields)
+  local parts = {}
+  for i, f in ipairs(fields) do parts[i] = json(f[1]) .. ":" .. f[2] end
+  return "{" .. concat(parts, ",") .. "}"
+end
+M.json_object = json_object
+
+--- A list of JSON texts -> a JSON array (empty: "[]", which cjson cannot say).
+local function json_array(items) return "[" .. concat(items, ",") .. "]" end
+
+local function job_json(j)
+  local errors = {}
+  for i, e in ipairs(j.errors) do
+    errors[i] = json_object{ { "attempt", json(e.attempt) }, { "at", json(iso(e.at)) },
+                             { "error", json(e.error) }, { "traceback", json(e.traceback) } }
+  end
+  local fields = {}
+  for _, k in ipairs{ "id", "queue", "target", "method", "status", "priority", "attempt",
+                      "max_attempts" } do
+    fields[#fields + 1] = { k, json(j[k]) }
+  end
+  for _, k in ipairs{ "run_at", "inserted_at", "attempted_at", "completed_at" } do
+    fields[#fields + 1] = { k, json(iso(j[k])) }
+  end
+  fields[#fields + 1] = { "idempotence_key", json(j.idempotence_key) }
+  fields[#fields + 1] = { "lease_owner", json(j.lease_owner) }
+  fields[#fields + 1] = { "lease_expires", json(iso(j.lease_expires)) }
+  fields[#fields + 1] = { "encrypted", json(j.encrypted or false) }
+  fields[#fields + 1] = { "args", json(j.args) }
+  if j.args_error then fields[#fields + 1] = { "args_error", json(j.args_error) } end
+  fields[#fields + 1] = { "errors", json_array(errors) }
+  return json_object(fields)
+end
+
+--- Display width: UTF-8 code points (continuation bytes do not count).
+local function width(s) return #s - select(2, s:gsub("[\128-\191]", "")) end
+
+--- The first line of `s`, control characters blanked, cut to `n` code points.
+local function cell(s, n)
+  s = tostring(s):match("^[^\n]*"):gsub("%c", " ")
+  if width(s) <= n then return s end
+  local out, w = {}, 0
+  for ch in s:gmatch("[%z\1-\127\192-\255][\128-\191]*") do
+    if w == n - 3 then break end
+    out[#out + 1], w = ch, w + 1
+  end
+  return concat(out) .. "..."
+end
+
+--- Writes an aligned table: widths from the content, columns in `right`
+--- right-aligned (their headers too), no trailing blanks.
+local function print_table(headers, rows, right)
+  local w = {}
+  for c, h in ipairs(headers) do w[c] = width(h) end
+  for _, r in ipairs(rows) do
+    for c = 1, #headers do w[c] = max(w[c], width(r[c] or "")) end
+  end
+  local function line(r)
+    local cells = {}
+    for c = 1, #headers do
+      local v = r[c] or ""
+      local pad = (" "):rep(w[c] - width(v))
+      cells[c] = right[c] and pad .. v or c < #headers and v .. pad or v
+    end
+    io_stdout:write((concat(cells, "  "):gsub("%s+$", "")), "\n")
+  end
+  line(headers)
+  for _, r in ipairs(rows) do line(r) end
+end
+
+-- ===== tide enqueue
+
+M.ENQUEUE_USAGE = [=[
+Usage: tide enqueue [OPTIONS] TARGET METHOD [JSON_ARGS]
+
+Adds a durable job: a worker will call TARGET.METHOD(args, job), where args
+is JSON_ARGS decoded (JSON; default null).  Options may come before or after
+the arguments; -- ends them.
+
+Options:
+  --store URL         job store: sqlite:PATH or postgres://[USER@]HOST[:PORT]/DB
+                      (default $TIDE_STORE, else sqlite:tide.db)
+  --queue NAME        queue (default "default")
+  --run-at TIME       run at this UTC time: 2026-11-23T15:04:05Z,
+                      "2026-11-23 16:04:05+01:00", or seconds since the epoch
+  --delay DURATION    run after this long: 500ms, 30s, 5m, 2h, 7d (a number is ms)
+  --key KEY           idempotence key: a second enqueue with the same key adds
+                      nothing and names the existing job
+  --priority N        lower runs first (default 0)
+  --max-attempts N    attempts before the job is discarded (default 20)
+  --json              print {"id":N,"inserted":true|false}
+  -h, --help          show this help
+
+Example:
+  tide enqueue orders fulfill '{"order":7}' --key order-7 --delay 10s
+
+Exit status: 0 (also when the key existed), 1 when the store fails, 2 for
+bad arguments.
+]=]
+
+local o = M.opt
+local ENQUEUE_OPTS = {
+  ["--store"] = o.store, ["--queue"] = o.queue, ["--run-at"] = o.run_at, ["--delay"] = o.delay,
+  ["--key"] = o.key, ["--priority"] = o.priority, ["--max-attempts"] = o.max_attempts,
+  ["--json"] = o.json, ["--help"] = o.help, ["-h"] = o.help,
+}
+
+--- The job spec from the parsed command line; or nil and a message.
+local function enqueue_spec(opts, pos)
+  local target, method, args = pos[1], pos[2], pos[3]
+  if target == nil then return nil, "missing TARGET" end
+  if method == nil then return nil, "missing METHOD" end
+  if pos[4] ~= nil then return nil, ("unexpected argument '%s' (JSON_ARGS is one argument: quote it)"):format(pos[4]) end
+  if not target:match(NAME) then
+    return nil, ("bad TARGET (module name like orders or app.mail expected, got '%s')"):format(target)
+  end
+  if not method:match("^[%a_][%w_]*$") then
+    return nil, ("bad METHOD (function name expected, got '%s')"):format(method)
+  end
+  if opts.run_at and opts.delay then return nil, "give --run-at or --delay, not both" end
+  if args ~= nil then
+    local ok, v = pcall(cjson.decode, args)
+    if not ok then return nil, ("bad JSON_ARGS (%s)"):format((tostring(v):gsub("^.-:%d+: ", ""))) end
+    local fine, why = pcall(cjson.encode, v)     -- (numbers like 1e999 decode to inf)
+    if not fine then return nil, ("bad JSON_ARGS (%s)"):format(tostring(why)) end
+    if v == cjson.null then v = nil end
+    args = v
+  end
+  return { target = target, method = method, args = args, queue = opts.queue, run_at = opts.run_at,
+           delay = opts.delay, priority = opts.priority, max_attempts = opts.max_attempts,
+           idempotence_key = opts.key }
+end
+
+--- What `tide enqueue` says about job `id`.
+local function enqueued_line(q, spec, id, inserted)
+  if not inserted then
+    return ("job %d already has key '%s': nothing enqueued"):format(id, spec.idempotence_key)
+  end
+  local j = q:job(id)
+  local when = j.status == "scheduled" and "scheduled for " .. iso_s(j.run_at) or j.status
+  return ("enqueued job %d (%s.%s, queue %s, %s)"):format(id, j.target, j.method, j.queue, when)
+end
+
+--- tide enqueue [OPTIONS] TARGET METHOD [JSON_ARGS]
+function M.enqueue(argv, i)
+  local prog, usage = "tide enqueue", M.ENQUEUE_USAGE
+  local opts, pos = M.parse(argv, i, ENQUEUE_OPTS)
+  if not opts then return M.usage_error(prog, pos, usage) end
+  if opts.help then io_stdout:write(usage); return 0 end
+  local spec, err = enqueue_spec(opts, pos)
+  if not spec then return M.usage_error(prog, err, usage) end
+  local url, uerr = M.store_url(opts)
+  if not url then return M.usage_error(prog, uerr, usage) end
+  local q, status = M.open(prog, url, false)
+  if not q then return status end
+  local ok, id, inserted = pcall(q.enqueue, q, spec)
+  if ok then
+    local line
+    if opts.json then
+      ok, line = true, json_object{ { "id", json(id) }, { "inserted", json(inserted) } }
+    else
+      ok, line = pcall(enqueued_line, q, spec, id, inserted)
+    end
+    if ok then io_stdout:write(line, "\n") end
+    id = line
+  end
+  q:close()
+  if not ok then return M.fail(prog, id) end
+  return 0
+end
+
+-- ===== tide jobs
+
+M.JOBS_USAGE = [=[
+Usage: tide jobs [--store URL] [--json] COMMAND [ARGS]
+
+Commands:
+  list [--status S] [--queue Q] [--limit N] [--before ID]
+                        jobs, newest first (at most 100 unless --limit)
+  show ID               every field of a job: args, and each failed attempt
+                        with its error and traceback
+  retry ID              run it again now (from any status but executing
+                        and available)
+  cancel ID             it will not run (again); a running attempt stops at
+                        its worker's next heartbeat
+  expire ID             mark it expired: it must no longer run
+  fail ID [REASON]      discard it, recording REASON
+  stats                 how many jobs per queue and status
+  prune --older-than DURATION
+                        delete jobs that finished (completed, discarded,
+                        cancelled, expired) longer ago than DURATION (7d, 12h)
+
+Options (anywhere on the line):
+  --store URL     job store: sqlite:PATH or postgres://[USER@]HOST[:PORT]/DB
+                  (default $TIDE_STORE, else sqlite:tide.db)
+  --json          print JSON instead of text: list an array of jobs, show a
+                  job, stats the counts, the others {"id":N,"status":S} or
+                  {"deleted":N}; times are ISO 8601 UTC strings
+  -h, --help      show this help
+
+Statuses: available, scheduled, executing, retryable, completed, discarded,
+cancelled, expired.  Exit status: 0; 1 when the store cannot be opened or
+the job cannot be changed ("job 7 is completed"); 2 for bad arguments.
+]=]
+
+local JOBS_OPTS = {
+  ["--store"] = o.store, ["--json"] = o.json, ["--help"] = o.help, ["-h"] = o.help,
+  ["--status"] = o.status, ["--queue"] = o.queue, ["--limit"] = o.limit, ["--before"] = o.before,
+  ["--older-than"] = o.older_than,
+}
+local GLOBAL_OPTS = { ["--store"] = true, ["--json"] = true, ["--help"] = true, ["-h"] = true }
+
+--- Each command: the options it takes, how many positionals (min, max;
+--- max nil = any), and its function(q, opts, args) -> exit status.
+local COMMANDS = {}
+
+local function job_id(s)
+  local id = s and s:match("^%d+$") and tonumber(s)
+  if id and id >= 1 and id <= MAX_INT then return id end
+end
+
+--- `list`: an aligned table, or a JSON array.
+function COMMANDS.list(q, opts)
+  local limit = opts.limit or 100
+  local jobs = q:list{ status = opts.status, queue = opts.queue, limit = limit + 1,
+                       before = opts.before }
+  local more = jobs[limit + 1] ~= nil               -- (one more than shown: is there a next page?)
+  jobs[limit + 1] = nil
+  if opts.json then
+    local items = {}
+    for i, j in ipairs(jobs) do items[i] = job_json(j) end
+    io_stdout:write(json_array(items), "\n")
+    return 0
+  end
+  if #jobs == 0 then io_stdout:write("no jobs\n"); return 0 end
+  local rows = {}
+  for i, j in ipairs(jobs) do
+    local last = j.errors[#j.errors]
+    rows[i] = { tostring(j.id), j.queue, j.target .. "." .. j.method, j.status,
+                j.attempt .. "/" .. j.max_attempts, iso_s(j.run_at),
+                last and cell(last.error, 60) or "" }
+  end
+  print_table({ "ID", "QUEUE", "JOB", "STATUS", "ATTEMPT", "RUN AT", "LAST ERROR" }, rows,
+              { true, [5] = true })
+  if more then
+    io_stderr:write(("(more jobs: --before %d for the next page, or a --limit above %d)\n")
+      :format(jobs[#jobs].id, limit))
+  end
+  return 0
+end
+COMMANDS.list_opts = { ["--status"] = true, ["--queue"] = true, ["--limit"] = true, ["--before"] = true }
+
+--- Writes `text` indented by `pad`, line by line.
+local function indented(pad, text)
+  for line in (tostring(text) .. "\n"):gmatch("(.-)\n") do io_stdout:write(pad, line, "\n") end
+end
+
+local function show_text(j)
+  local args = j.args_error and "(" .. j.args_error .. ")" or json(j.args)
+  local fields = {
+    { "id", j.id }, { "queue", j.queue }, { "target", j.target }, { "method", j.method },
+    { "status", j.status }, { "attempt", j.attempt .. "/" .. j.max_attempts },
+    { "priority", j.priority }, { "idempotence_key", j.idempotence_key },
+    { "run_at", iso(j.run_at) }, { "inserted_at", iso(j.inserted_at) },
+    { "attempted_at", iso(j.attempted_at) }, { "completed_at", iso(j.completed_at) },
+    { "lease_owner", j.lease_owner }, { "lease_expires", iso(j.lease_expires) },
+    { "encrypted", j.encrypted and "yes" or "no" }, { "args", args }, { "errors", #j.errors },
+  }
+  for _, f in ipairs(fields) do
+    io_stdout:write(("%-16s %s\n"):format(f[1] .. ":", f[2] == nil and "-" or tostring(f[2])))
+  end
+  for i, e in ipairs(j.errors) do
+    io_stdout:write(("  #%d  attempt %s at %s\n"):format(i, tostring(e.attempt or "-"), iso(e.at) or "-"))
+    local msg, tb = tostring(e.error), e.traceback
+    indented("      ", msg)
+    if tb then                               -- (a traceback starts with the message: once is enough)
+      indented("      ", tb:sub(1, #msg) == msg and tb:sub(#msg + 1):gsub("^\n", "") or tb)
+    end
+  end
+end
+
+--- `show ID`: "key: value" lines, or the job as JSON.
+function COMMANDS.show(q, opts, args)
+  local id = args[1]
+  local j = q:job(id)
+  if not j then return M.fail("tide jobs", ("job %d not found"):format(id)) end
+  if opts.json then io_stdout:write(job_json(j), "\n") else show_text(j) end
+  return 0
+end
+
+local DONE = {
+  retry = function(j) return ("job %d will run again now (%s)"):format(j.id, j.status) end,
+  cancel = function(j, before)
+    return ("job %d cancelled%s"):format(j.id, before == "executing"
+      and " (its running attempt stops at its worker's next heartbeat)" or "")
+  end,
+  expire = function(j) return ("job %d expired"):format(j.id) end,
+  fail = function(j)
+    local last = j.errors[#j.errors]
+    return ("job %d discarded (%s)"):format(j.id, last and tostring(last.error) or "failed by hand")
+  end,
+}
+
+--- retry, cancel, expire and fail: change job `id`, then say so.
+local function change(cmd)
+  return function(q, opts, args)
+    local id = args[1]
+    local before = q:job(id)
+    local reason = #args > 1 and concat(args, " ", 2) or nil
+    local ok, why = q[cmd](q, id, reason)
+    if not ok then return M.fail("tide jobs", why) end
+    local j = q:job(id)
+    if opts.json then
+      io_stdout:write(json_object{ { "id", json(id) }, { "status", json(j.status) } }, "\n")
+    else
+      io_stdout:write(DONE[cmd](j, before and before.status), "\n")
+    end
+    return 0
+  end
+end
+COMMANDS.retry, COMMANDS.cancel, COMMANDS.expire, COMMANDS.fail =
+  change("retry"), change("cancel"), change("expire"), change("fail")
+
+--- { status = n } -> a JSON object, statuses in lifecycle order.
+local function counts_json(counts)
+  local fields = {}
+  for _, s in ipairs(STATUSES) do
+    if counts[s] then fields[#fields + 1] = { s, json(counts[s]) } end
+  end
+  return json_object(fields)
+end
+
+--- `stats`: a table of queues by status (columns of statuses no job has are
+--- left out) with totals; or the counts as JSON.
+function COMMANDS.stats(q, opts)
+  local st = q:stats()
+  if opts.json then
+    local queues = {}
+    for qname, counts in pairs(st.queues) do queues[#queues + 1] = { qname, counts_json(counts) } end
+    sort(queues, function(a, b) return a[1] < b[1] end)
+    local fields = { { "total", json(st.total) } }
+    for _, s in ipairs(STATUSES) do fields[#fields + 1] = { s, json(st[s]) } end
+    fields[#fields + 1] = { "queues", json_object(queues) }
+    io_stdout:write(json_object(fields), "\n")
+    return 0
+  end
+  if st.total == 0 then io_stdout:write("no jobs\n"); return 0 end
+  local cols = {}
+  for _, s in ipairs(STATUSES) do if st[s] > 0 then cols[#cols + 1] = s end end
+  local names = {}
+  for qname in pairs(st.queues) do names[#names + 1] = qname end
+  sort(names)
+  local headers, right, rows = { "QUEUE" }, {}, {}
+  for c, s in ipairs(cols) do headers[c + 1], right[c + 1] = s:upper(), true end
+  headers[#headers + 1], right[#cols + 2] = "TOTAL", true
+  local function row(label, counts)
+    local r, total = { label }, 0
+    for c, s in ipairs(cols) do r[c + 1] = tostring(counts[s] or 0); total = total + (counts[s] or 0) end
+    r[#cols + 2] = tostring(total)
+    rows[#rows + 1] = r
+  end
+  for _, qname in ipairs(names) do row(qname, st.queues[qname]) end
+  row("total", st)
+  print_table(headers, rows, right)
+  return 0
+end
+
+--- `prune --older-than DURATION`: how many finished jobs were deleted.
+function COMMANDS.prune(q, opts)
+  local n = q:prune{ older_than = opts.older_than }
+  if opts.json then
+    io_stdout:write(json_object{ { "deleted", json(n) } }, "\n")
+  else
+    local before = iso_s(require("tide.core").wallclock() / 1000 - opts.older_than / 1000)
+    io_stdout:write(("deleted %d job%s that finished before %s\n"):format(n, n == 1 and "" or "s", before))
+  end
+  return 0
+end
+COMMANDS.prune_opts = { ["--older-than"] = true }
+
+--- name -> { positionals: min, max (nil: any), needs an ID }
+local SHAPES = {
+  list = { 0, 0 }, stats = { 0, 0 }, prune = { 0, 0 }, show = { 1, 1, true },
+  retry = { 1, 1, true }, cancel = { 1, 1, true }, expire = { 1, 1, true }, fail = { 1, nil, true },
+}
+
+--- Checks the command's options and arguments; nil and a message when wrong.
+local function check_command(cmd, opts, args)
+  local own = COMMANDS[cmd .. "_opts"] or {}
+  for _, oname in ipairs(opts.given) do
+    if not GLOBAL_OPTS[oname] and not own[oname] then
+      return nil, ("%s is not an option of '%s'"):format(oname, cmd)
+    end
+  end
+  local shape = SHAPES[cmd]
+  if shape[3] then
+    if args[1] == nil then return nil, cmd .. ": missing ID" end
+    local id = job_id(args[1])
+    if not id then return nil, ("%s: bad ID (job id, an integer >= 1 expected, got '%s')"):format(cmd, args[1]) end
+    args[1] = id
+  end
+  if shape[2] and #args > shape[2] then return nil, ("%s: unexpected argument '%s'"):format(cmd, args[shape[2] + 1]) end
+  if cmd == "prune" and not opts.older_than then return nil, "prune: missing --older-than DURATION" end
+  return true
+end
+
+--- tide jobs [--store URL] [--json] COMMAND [ARGS]
+function M.jobs(argv, i)
+  local prog, usage = "tide jobs", M.JOBS_USAGE
+  local opts, pos = M.parse(argv, i, JOBS_OPTS)
+  if not opts then return M.usage_error(prog, pos, usage) end
+  if opts.help then io_stdout:write(usage); return 0 end
+  local cmd = table.remove(pos, 1)
+  if cmd == nil then return M.usage_error(prog, "missing COMMAND", usage) end
+  if not SHAPES[cmd] then return M.usage_error(prog, ("unknown command '%s'"):format(cmd), usage) end
+  local ok, err = check_command(cmd, opts, pos)
+  if not ok then return M.usage_error(prog, err, usage) end
+  local url, uerr = M.store_url(opts)
+  if not url then return M.usage_error(prog, uerr, usage) end
+  local q, status = M.open(prog, url, true)
+  if not q then return status end
+  local done, code = pcall(COMMANDS[cmd], q, opts, pos)
+  q:close()
+  if not done then return M.fail(prog, code) end
+  return code
+end
+
+return M

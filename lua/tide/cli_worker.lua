@@ -1,0 +1,242 @@
+--- tide.cli_worker — `tide worker`: performs durable jobs until SIGINT/SIGTERM, or until drained.
+--
+-- The root task awaits SCRIPT (when given; the table it returns is the
+-- targets), starts a tide.worker and waits for it.  A signal stops the
+-- worker through its own shutdown hook: claiming stops, running jobs get
+-- the grace period, jobs still running then are released.  The exit status
+-- says whether every outcome was written (0) or not (1).
+local C = require "tide.cli_jobs"
+local H = require "tide.host"
+local S = require "tide.sched"
+local core = require "tide.core"
+local tide = require "tide"
+
+local type, tostring, tonumber, ipairs, pairs, pcall = type, tostring, tonumber, ipairs, pairs, pcall
+local concat, sort = table.concat, table.sort
+local io_stdout, io_stderr = io.stdout, io.stderr
+
+local M = {}
+
+local PROG = "tide worker"
+
+M.USAGE = [=[
+Usage: tide worker [OPTIONS] [SCRIPT [ARGS...]]
+
+Takes durable jobs from the store and runs TARGET.METHOD(args, job) for each,
+until SIGINT/SIGTERM (or, with --drain, until no job is due or executing).
+SCRIPT, when given, runs first as the root task (it sees ARGS in `arg` and
+`...`); the table it returns maps target names to tables of methods.  Other
+targets are required by name, SCRIPT's directory first on package.path.
+Options come before SCRIPT; what follows SCRIPT is the script's.
+
+Options:
+  --store URL          job store: sqlite:PATH or postgres://[USER@]HOST[:PORT]/DB
+                       (default $TIDE_STORE, else sqlite:tide.db)
+  --queue NAME[=N]     take jobs from queue NAME, N at a time (repeatable;
+                       default: the queue "default")
+  --concurrency N      jobs at a time for each queue given without =N (default 10)
+  --lease MS           how long a claimed job is leased; running jobs' leases
+                       are extended (default 30000)
+  --poll MS            how often to look for due jobs (default 1000)
+  --grace MS           time running jobs get to finish on SIGINT/SIGTERM
+                       (default 5000); jobs still running then are released
+  --drain              exit once no job of these queues is due or executing
+  --quiet              print nothing but errors (no start line, failed
+                       attempts, status line or summary)
+  -h, --help           show this help
+
+MS options take a number of ms, or 500ms, 30s, 5m, 2h, 1d.  Exit status: 0
+after --drain or a clean stop on SIGINT/SIGTERM; 1 when the store cannot be
+opened, SCRIPT fails or an outcome could not be written; 2 for bad options.
+]=]
+
+-- ===== options
+
+local QUEUE_NAME = "^[%a_][%w_.%-]*$"
+
+--- "NAME" or "NAME=N" -> { name, n or false }.
+local function queue_opt(s)
+  local qname, n = s:match("^([^=]+)=(%d+)$")
+  qname = qname or s
+  if not qname:match(QUEUE_NAME) or (n and tonumber(n) < 1) then return nil end
+  return { name = qname, n = n and tonumber(n) or false }
+end
+
+local o = C.opt
+local OPTS = {
+  ["--store"] = o.store, ["--concurrency"] = o.concurrency, ["--lease"] = o.lease,
+  ["--poll"] = o.poll, ["--grace"] = o.grace, ["--drain"] = o.drain, ["--quiet"] = o.quiet,
+  ["--help"] = o.help, ["-h"] = o.help,
+  ["--queue"] = { key = "queues", meta = "NAME[=N]", many = true, conv = queue_opt,
+                  expected = "NAME or NAME=N (a queue name, N an integer >= 1)" },
+}
+
+--- { name = concurrency } from --queue and --concurrency; or nil and a message.
+local function queues_of(opts)
+  local n = opts.concurrency or 10
+  if not opts.queues then return { default = n } end
+  local out = {}
+  for _, q in ipairs(opts.queues) do
+    if out[q.name] then return nil, ("--queue %s given twice"):format(q.name) end
+    out[q.name] = q.n or n
+  end
+  return out
+end
+
+local function queues_text(queues)
+  local list = {}
+  for qname, n in pairs(queues) do list[#list + 1] = qname .. "=" .. n end
+  sort(list)
+  return concat(list, " ")
+end
+
+-- ===== what the worker says on stderr
+
+--- Writes a line to stderr, above the status line when it shows.
+local function say(run, line)
+  io_stderr:write(run.live and "\r\27[K" or "", line, "\n")
+end
+
+--- handle_error for the worker: one line per failed attempt.
+local function job_error_line(run)
+  return function(job, err)
+    local last = job.attempt >= job.max_attempts
+    say(run, ("%s: job %d (%s.%s) attempt %d/%d failed, %s: %s"):format(PROG, job.id, job.target,
+        job.method, job.attempt, job.max_attempts, last and "discarded" or "will retry",
+        (tostring(err):match("^[^\n]*"))))
+  end
+end
+
+--- Redraws the status line: jobs/s since the last redraw, running, counts.
+local function status_line(run)
+  local info, now = run.w:info(), tide.now()
+  local done = info.completed + info.retried + info.discarded
+  local rate = (done - run.last_done) * 1000 / math.max(now - run.last_at, 1)
+  run.last_done, run.last_at = done, now
+  io_stderr:write(("\r\27[K%s: %.1f jobs/s, %d running, %d completed, %d retried, %d discarded")
+    :format(PROG, rate, info.running, info.completed, info.retried, info.discarded))
+end
+
+local function summary(run)
+  local info = run.w:info()
+  local extra = {}
+  for _, k in ipairs{ "cancelled", "rescued", "write_errors" } do
+    if info[k] > 0 then extra[#extra + 1] = (", %d %s"):format(info[k], (k:gsub("_", " "))) end
+  end
+  return ("%s %s: stopped after %.1f s: %d completed, %d retried, %d discarded, %d released%s")
+    :format(PROG, info.id, (tide.now() - run.t0) / 1000, info.completed, info.retried,
+            info.discarded, info.released, concat(extra))
+end
+
+-- ===== the root task
+
+--- Awaits SCRIPT; returns its targets (a table or nil), or nil and why not.
+local function script_targets(run)
+  local t = run.script
+  local status, value = t:await()
+  if status ~= "ok" then return nil, t.traceback or tostring(value) end
+  if value ~= nil and type(value) ~= "table" then
+    return nil, ("%s returned %s, not a table of targets (name -> table of methods)")
+      :format(run.script_path, type(value))
+  end
+  return value or {}
+end
+
+local function start_worker(run, targets)
+  local opts = run.opts
+  local ok, w = pcall(tide.worker, {
+    queue = run.q, queues = run.queues, targets = targets, lease = opts.lease,
+    poll = opts.poll, grace = opts.grace,
+    handle_error = not opts.quiet and job_error_line(run) or nil,
+  })
+  if not ok then
+    return nil, ("the targets %s returned: %s"):format(run.script_path or "SCRIPT",
+                                                      (tostring(w):gsub("^tide%.worker: ", "")))
+  end
+  -- A signal while tide.worker waited for the store (PostgreSQL connects)
+  -- came before the worker's own shutdown hook: stop it here.
+  if S.shutting_down() then w:stop() end
+  return w
+end
+
+local function main(run)
+  local targets, w, err = {}, nil, nil
+  if run.script then targets, err = script_targets(run) end
+  if targets and not S.shutting_down() then w, err = start_worker(run, targets) end
+  if not w then                          -- (no error: a signal came first)
+    if err then run.failed = err; S.shutdown(0, "tide worker: failed to start") end
+    return
+  end
+  run.w, run.t0, run.last_at, run.last_done = w, tide.now(), tide.now(), 0
+  if not run.opts.quiet then
+    S.on_shutdown(function(reason)
+      if H.signal then
+        local n = w:info().running
+        say(run, ("%s %s: %s: stopping; %d running job%s get%s %d ms"):format(PROG, w.id, reason,
+            n, n == 1 and "" or "s", n == 1 and "s" or "", H.config.grace))
+      end
+    end)
+    say(run, ("%s %s: %s, queues %s, lease %d ms"):format(PROG, w.id, run.q.name,
+        queues_text(run.queues), w.lease))
+    if core.isatty(2) then
+      run.live = true
+      run.timer = tide.every(1000, function() status_line(run) end)
+    end
+  end
+  if run.opts.drain then
+    w:drain()
+    S.shutdown(H.config.grace, "tide worker: drained")   -- tasks SCRIPT left running
+  else
+    w:wait()
+  end
+end
+
+--- After the loop: the summary and the exit status.
+local function finish(run)
+  if run.timer then run.timer:stop() end
+  if run.live then io_stderr:write("\r\27[K") end
+  run.live = false
+  local w = run.w
+  if w and not run.opts.quiet then say(run, summary(run)) end
+  run.q:close()
+  if run.failed then return C.fail(PROG, run.failed) end
+  if not w then                                   -- the loop stopped before the worker started
+    if H.signal then return 128 + H.signal end
+    return C.fail(PROG, "the loop shut down before the worker started")
+  end
+  local info = w:info()                           -- (after w:wait(): every outcome written, or counted)
+  return (info.running == 0 and info.write_errors == 0) and 0 or 1
+end
+
+--- Prepends SCRIPT's directory to package.path: require finds the modules beside it.
+local function add_script_dir(path)
+  local dir = path:match("^(.*/)[^/]*$") or "./"
+  package.path = dir .. "?.lua;" .. dir .. "?/init.lua;" .. package.path
+end
+
+--- tide worker [OPTIONS] [SCRIPT [ARGS...]]
+function M.main(argv, i)
+  local opts, pos = C.parse(argv, i, OPTS, true)
+  if not opts then return C.usage_error(PROG, pos, M.USAGE) end
+  if opts.help then io_stdout:write(M.USAGE); return 0 end
+  local queues, qerr = queues_of(opts)
+  if not queues then return C.usage_error(PROG, qerr, M.USAGE) end
+  local url, uerr = C.store_url(opts)
+  if not url then return C.usage_error(PROG, uerr, M.USAGE) end
+  local q, status = C.open(PROG, url, false)
+  if not q then return status end
+  if opts.grace then tide.configure{ grace = opts.grace } end
+  local run = { q = q, opts = opts, queues = queues, live = false }
+  if pos[1] then
+    run.script_path = pos[1]
+    add_script_dir(pos[1])
+    local err
+    run.script, err = H.spawn_file(pos[1], { select(2, unpack(pos)) })
+    if not run.script then q:close(); return C.fail(PROG, err) end
+  end
+  tide.spawn{ run = main, args = { run }, name = "tide worker" }
+  H.loop()
+  return finish(run)
+end
+
+return M
