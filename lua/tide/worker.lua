@@ -33,7 +33,7 @@ local queue = require "tide.queue"
 local make_task = require("tide.task").make_task
 
 local type, error, pairs, ipairs, tostring, pcall, require = type, error, pairs, ipairs, tostring, pcall, require
-local setmetatable, min, floor, random = setmetatable, math.min, math.floor, math.random
+local setmetatable, min, floor = setmetatable, math.min, math.floor
 local wallclock, encode = core.wallclock, queue.encode
 local opt_error = check.opt_error
 local TERMINAL = S.TERMINAL
@@ -484,7 +484,9 @@ function M.new(opts)
     retry = opts.retry and check_retry("tide.worker", "retry", opts.retry, 2)
             or check_retry("tide.worker", "retry", {}, 2),
     target_retry = {},
-    id = ("%s:%d:%06x"):format(core.hostname(), core.pid(), random(0, 0xffffff)),
+    -- host:pid:start time, so a later process that gets the same pid is
+    -- another lease holder (it must not heartbeat a dead one's jobs).
+    id = ("%s:%d:%x"):format(core.hostname(), core.pid(), (wallclock() * 16 + floor(core.now() * 16) % 16) % 2^40),
     state = "running", queues = {}, running = {}, nrunning = 0, pending = {},
     flusher = { waiting = false }, beat = { waiting = false }, idle = { waiting = false },
     rescue_holder = { waiting = false }, tasks = {},
