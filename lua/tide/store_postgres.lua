@@ -13,6 +13,7 @@
 -- as with SQLite: keep the machines' clocks in sync (leases are 30 s by
 -- default; skew well under that is harmless).
 local core = require "tide.core"
+local common = require "tide.store_common"
 local S = require "tide.sched"
 
 local type, error, ipairs, pairs, tostring, concat = type, error, ipairs, pairs, tostring, table.concat
@@ -331,14 +332,8 @@ local function migrate(s)
     c:query("CREATE TABLE IF NOT EXISTS tide_schema (version integer NOT NULL)")
     local rows = c:query("SELECT version FROM tide_schema").rows
     local version = rows[1] and rows[1].version or 0
-    if version > #MIGRATIONS then
-      error(("%s: the job tables are at schema version %d, newer than this tide knows (%d); upgrade tide")
-        :format(s.name, version, #MIGRATIONS), 0)
-    end
-    if version == 0 and #c:query("SELECT 1 FROM pg_tables WHERE tablename = 'tide_jobs' "
-                                 .. "AND schemaname = current_schema()").rows > 0 then
-      error(s.name .. ": a table tide_jobs exists that tide did not create (no tide_schema version)", 0)
-    end
+    common.check_version(s.name, version, #MIGRATIONS, version == 0 and
+      #c:query("SELECT 1 FROM pg_tables WHERE tablename = 'tide_jobs' AND schemaname = current_schema()").rows > 0)
     for v = version + 1, #MIGRATIONS do
       for _, stmt in ipairs(MIGRATIONS[v]) do c:query(stmt) end
     end
@@ -481,16 +476,9 @@ function Store:insert(j)
   return self.conn:query(SQL.by_key, j.idempotence_key).rows[1].id, false
 end
 
-local function by_priority(a, b)
-  if a.priority ~= b.priority then return a.priority < b.priority end
-  if a.run_at ~= b.run_at then return a.run_at < b.run_at end
-  return a.id < b.id
-end
-
 function Store:claim(queue, n, owner, now, lease_until)
   local rows = self.conn:query(SQL.claim, lease_until - now, owner, queue, n).rows
-  if #rows > 1 then table.sort(rows, by_priority) end
-  return rows
+  return common.start_order(rows)
 end
 
 function Store:record(entries, owner, now)
@@ -551,21 +539,11 @@ function Store:change(op, id, now, err)
   return self.conn:query(SQL[op], id, now).changes > 0
 end
 
-function Store:stats()
-  local out = {}
-  for _, r in ipairs(self.conn:query(SQL.stats).rows) do
-    local q = out[r.queue]
-    if not q then q = {}; out[r.queue] = q end
-    q[r.status] = r.n
-  end
-  return out
-end
+function Store:stats() return common.group_stats(self.conn:query(SQL.stats).rows) end
 
 function Store:prune(before, statuses)
-  local marks = {}
-  for i, st in ipairs(statuses) do marks[i] = format("'%s'", st) end
-  return self.conn:query("DELETE FROM tide_jobs WHERE status IN (" .. concat(marks, ", ")
-    .. ") AND completed_at <= $1", before).changes
+  return self.conn:query("DELETE FROM tide_jobs WHERE status IN " .. common.status_list(statuses)
+    .. " AND completed_at <= $1", before).changes
 end
 
 local function text_array(list)

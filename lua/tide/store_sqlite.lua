@@ -19,6 +19,7 @@
 -- Times are integers: UTC milliseconds since the Unix epoch.  Every method
 -- is synchronous here (SQLite runs in-process); a networked driver may yield.
 local core = require "tide.core"
+local common = require "tide.store_common"
 
 local type, error, ipairs, tostring, concat, sort = type, error, ipairs, tostring, table.concat, table.sort
 
@@ -129,13 +130,8 @@ local function migrate(s)
     db:exec("CREATE TABLE IF NOT EXISTS tide_schema (version INTEGER NOT NULL)")
     local row = db:prepare("SELECT version FROM tide_schema"):first()
     local version = row and row.version or 0
-    if version > #MIGRATIONS then
-      error(("%s: the job tables are at schema version %d, newer than this tide knows (%d); "
-             .. "upgrade tide"):format(s.name, version, #MIGRATIONS), 0)
-    end
-    if version == 0 and db:prepare("SELECT 1 FROM sqlite_master WHERE name = 'tide_jobs'"):first() then
-      error(s.name .. ": a table tide_jobs exists that tide did not create (no tide_schema version)", 0)
-    end
+    common.check_version(s.name, version, #MIGRATIONS, version == 0 and
+      db:prepare("SELECT 1 FROM sqlite_master WHERE name = 'tide_jobs'"):first() ~= nil)
     for v = version + 1, #MIGRATIONS do db:exec(MIGRATIONS[v]) end
     if row == nil then
       db:exec("INSERT INTO tide_schema (version) VALUES (" .. #MIGRATIONS .. ")")
@@ -232,16 +228,9 @@ function Store:insert(j)
   return stmt(self, "by_key"):first(j.idempotence_key).id, false
 end
 
-local function by_priority(a, b)
-  if a.priority ~= b.priority then return a.priority < b.priority end
-  if a.run_at ~= b.run_at then return a.run_at < b.run_at end
-  return a.id < b.id
-end
-
 function Store:claim(queue, n, owner, now, lease_until)
   local rows = stmt(self, "claim"):rows(now, owner, lease_until, queue, n)
-  if #rows > 1 then sort(rows, by_priority) end
-  return rows
+  return common.start_order(rows)
 end
 
 --- Each entry: { id, attempt, kind = "completed" | "retry" | "discard" |
@@ -293,21 +282,11 @@ function Store:change(op, id, now, err)
 end
 
 --- { [queue] = { [status] = count } }
-function Store:stats()
-  local out = {}
-  for _, r in ipairs(stmt(self, "stats"):rows()) do
-    local q = out[r.queue]
-    if not q then q = {}; out[r.queue] = q end
-    q[r.status] = r.n
-  end
-  return out
-end
+function Store:stats() return common.group_stats(stmt(self, "stats"):rows()) end
 
 function Store:prune(before, statuses)
-  local marks = {}
-  for i, st in ipairs(statuses) do marks[i] = ("'%s'"):format(st) end
-  return user_stmt(self, "DELETE FROM tide_jobs WHERE status IN (" .. concat(marks, ", ")
-    .. ") AND completed_at <= ?1"):run(before)
+  return user_stmt(self, "DELETE FROM tide_jobs WHERE status IN " .. common.status_list(statuses)
+    .. " AND completed_at <= ?1"):run(before)
 end
 
 --- How many jobs of `queues` are due or executing (anywhere): 0 means a

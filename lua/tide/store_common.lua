@@ -1,0 +1,49 @@
+--- tide.store_common — what the store drivers share apart from their SQL.
+local error, ipairs, sort, concat, format = error, ipairs, table.sort, table.concat, string.format
+
+local M = {}
+
+--- Raises when the job tables cannot be migrated from `version` (0: none
+--- yet) to `latest`; `foreign` is true when a tide_jobs table exists anyway.
+function M.check_version(name, version, latest, foreign)
+  if version > latest then
+    error(format("%s: the job tables are at schema version %d, newer than this tide knows (%d); "
+                 .. "upgrade tide", name, version, latest), 0)
+  end
+  if version == 0 and foreign then
+    error(name .. ": a table tide_jobs exists that tide did not create (no tide_schema version)", 0)
+  end
+end
+
+local function by_priority(a, b)
+  if a.priority ~= b.priority then return a.priority < b.priority end
+  if a.run_at ~= b.run_at then return a.run_at < b.run_at end
+  return a.id < b.id
+end
+
+--- Claimed rows in the order they should start (a statement that updates
+--- and returns rows gives no order of its own).
+function M.start_order(rows)
+  if #rows > 1 then sort(rows, by_priority) end
+  return rows
+end
+
+--- Rows { queue, status, n } -> { [queue] = { [status] = n } }.
+function M.group_stats(rows)
+  local out = {}
+  for _, r in ipairs(rows) do
+    local q = out[r.queue]
+    if not q then q = {}; out[r.queue] = q end
+    q[r.status] = r.n
+  end
+  return out
+end
+
+--- The statuses (checked by tide.queue: finished ones only) as an SQL list.
+function M.status_list(statuses)
+  local marks = {}
+  for i, st in ipairs(statuses) do marks[i] = format("'%s'", st) end
+  return "(" .. concat(marks, ", ") .. ")"
+end
+
+return M
