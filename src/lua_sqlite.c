@@ -5,7 +5,7 @@
  *   sqlite_open(path, busy_ms) -> db | nil, message, code
  *   db:exec(sql)                  runs one or more statements without parameters
  *   db:prepare(sql) -> stmt       a prepared statement, reused many times
- *   db:changes()  db:in_transaction()  db:close()
+ *   db:changes()  db:last_id()  db:in_transaction()  db:close()
  *   stmt:run(...)   -> changes    binds ... to ?1..?n, steps to the end
  *   stmt:rows(...)  -> { row... } every result row, as { column = value }
  *   stmt:first(...) -> row | nil  the first result row
@@ -262,6 +262,12 @@ static int db_changes(lua_State *L) {
   return 1;
 }
 
+/* db:last_id() -> the rowid of the last row inserted on this connection. */
+static int db_last_id(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)sqlite3_last_insert_rowid(check_db(L)->db));
+  return 1;
+}
+
 static int db_in_transaction(lua_State *L) {
   lua_pushboolean(L, !sqlite3_get_autocommit(check_db(L)->db));
   return 1;
@@ -320,7 +326,7 @@ static const luaL_Reg stmt_methods[] = {
 };
 
 static const luaL_Reg db_methods[] = {
-  { "exec", db_exec }, { "prepare", db_prepare }, { "changes", db_changes },
+  { "exec", db_exec }, { "prepare", db_prepare }, { "changes", db_changes }, { "last_id", db_last_id },
   { "in_transaction", db_in_transaction }, { "close", db_close }, { NULL, NULL }
 };
 

@@ -323,18 +323,29 @@ local JOB_KEYS = { target = true, method = true, args = true, queue = true, run_
                    delay = true, priority = true, max_attempts = true, idempotence_key = true }
 local NAME = "^[%a_][%w_.%-]*$"
 
+-- Names seen valid (a pattern match per job is slow: it does not compile).
+local good_names, ngood = {}, 0
+local function is_name(s, pattern)
+  if good_names[s] == pattern then return true end
+  if type(s) ~= "string" or not s:match(pattern) then return false end
+  if ngood > 10000 then good_names, ngood = {}, 0 end
+  good_names[s], ngood = pattern, ngood + 1
+  return true
+end
+local METHOD = "^[%a_][%w_]*$"
+
 --- Checks an enqueue spec; returns the row to insert.
 local function job_row(fname, q, j, now, level)
   level = level + 1
   if type(j) ~= "table" then arg_error(fname, 1, "job table", j, level) end
   check.known(fname, j, JOB_KEYS, nil, level)
-  if type(j.target) ~= "string" or not j.target:match(NAME) then
+  if not is_name(j.target, NAME) then
     opt_error(fname, "target", "module name (like \"orders\" or \"app.mail\")", j.target, level)
   end
-  if type(j.method) ~= "string" or not j.method:match("^[%a_][%w_]*$") then
+  if not is_name(j.method, METHOD) then
     opt_error(fname, "method", "function name", j.method, level)
   end
-  if j.queue ~= nil and (type(j.queue) ~= "string" or not j.queue:match(NAME)) then
+  if j.queue ~= nil and not is_name(j.queue, NAME) then
     opt_error(fname, "queue", "queue name (letters, digits, _ . -)", j.queue, level)
   end
   if j.priority ~= nil and (type(j.priority) ~= "number" or not check.is_count(math.abs(j.priority))) then
