@@ -176,8 +176,10 @@ local function flush_now(w, entries)
   return ok
 end
 
---- Queues an outcome for the flusher; during a stop, writes it at once (the
---- flusher may be gone by the end of the grace period).
+--- Queues an outcome for the flusher.  Once the flusher is gone (cancelled
+--- at the end of a shutdown's grace period) it writes the outcome at once,
+--- when the store is free; otherwise the job's lease runs out and it runs
+--- again: never lost, at worst run twice.
 local function record(w, entry)
   local q = w.q
   if TERMINAL[w.flusher_task._state] then   -- cancelled by the end of a shutdown: write now if we can
