@@ -120,7 +120,7 @@ end
 local function summary(run)
   local info = run.w:info()
   local extra = {}
-  for _, k in ipairs{ "cancelled", "rescued", "write_errors" } do
+  for _, k in ipairs{ "cancelled", "rescued", "write_errors", "unwritten" } do
     if info[k] > 0 then extra[#extra + 1] = (", %d %s"):format(info[k], (k:gsub("_", " "))) end
   end
   return ("%s %s: stopped after %.1f s: %d completed, %d retried, %d discarded, %d released%s")
@@ -205,7 +205,7 @@ local function finish(run)
     return C.fail(PROG, "the loop shut down before the worker started")
   end
   local info = w:info()                           -- (after w:wait(): every outcome written, or counted)
-  return (info.running == 0 and info.write_errors == 0) and 0 or 1
+  return (info.running == 0 and info.unwritten == 0) and 0 or 1
 end
 
 --- Prepends SCRIPT's directory to package.path: require finds the modules beside it.

@@ -169,7 +169,8 @@ local function flush_now(w, entries)
   local store = w.store
   local ok, err = pcall(store.record, store, entries, w.id, wallclock())
   if not ok then
-    -- The leases were not released: the jobs run again after they expire.
+    -- Tried again by the flusher; if never written, the leases run out and
+    -- the jobs run again (counted in stats.unwritten).
     log.report("worker " .. w.id .. ": recording " .. #entries .. " outcomes", err)
     w.stats.write_errors = w.stats.write_errors + 1
   end
@@ -183,10 +184,10 @@ end
 local function record(w, entry)
   local q = w.q
   if TERMINAL[w.flusher_task._state] then   -- cancelled by the end of a shutdown: write now if we can
-    if not q._store or (w.store == q._store and q._owner) or not w.store:idle() then
-      return                                  -- the lease runs out and the job runs again
+    if not q._store or (w.store == q._store and q._owner) or not w.store:idle()
+       or not flush_now(w, { entry }) then
+      w.stats.unwritten = w.stats.unwritten + 1  -- the lease runs out and the job runs again
     end
-    flush_now(w, { entry })
     return
   end
   local p = w.pending
@@ -401,7 +402,7 @@ local function flusher(w)
   S.options(S.current()).on_attempt_end = function()
     local p = w.writing
     w.writing = nil
-    if p and w.store:idle() then flush_now(w, p) end
+    if p and not (w.store:idle() and flush_now(w, p)) then w.stats.unwritten = w.stats.unwritten + #p end
   end
   while true do
     local p = w.pending
@@ -420,6 +421,8 @@ local function flusher(w)
         for i = 1, #w.pending do p[#p + 1] = w.pending[i] end
         w.pending = p
         S.wait_for(w.flusher, "tide.worker", min(50 * 2 ^ failures, 2000))
+      else
+        w.stats.unwritten = w.stats.unwritten + #p
       end
     elseif w.state ~= "running" and w.nrunning == 0 then
       return
@@ -493,7 +496,7 @@ function M.new(opts)
     flusher = { waiting = false }, beat = { waiting = false }, idle = { waiting = false },
     rescue_holder = { waiting = false }, tasks = {},
     stats = { claimed = 0, completed = 0, retried = 0, discarded = 0, released = 0,
-              cancelled = 0, rescued = 0, write_errors = 0 },
+              cancelled = 0, rescued = 0, write_errors = 0, unwritten = 0 },
   }, Worker_mt)
   for _, t in pairs(w.targets) do
     if t.retry then w.target_retry[t] = check_retry("tide.worker", "retry", t.retry, 2) end
