@@ -57,7 +57,7 @@ end
 local function new_conn(info, name)
   next_id = next_id + 1
   local c = setmetatable({ info = info, name = name, id = next_id, pg = false, waiter = false,
-                           holder = false, lock_waiters = {}, on_notify = false }, Conn)
+                           holder = false, waiting = {}, on_notify = false }, Conn)
   conns[next_id] = c
   return c
 end
@@ -102,47 +102,79 @@ local function holder_alive(h)
   return h.task == nil or h.task._co == h.co
 end
 
---- Takes the connection for the current task (others wait their turn).  A
---- holder whose attempt ended while it waited (cancelled, timed out) never
---- gives the connection back: its statement is abandoned, so the next
---- statement opens a fresh connection (see run).
+local function waiter_alive(e) return e.t._co == e.co end
+
+--- The first waiter whose attempt is still alive (dead ones are dropped).
+local function first_waiter(c)
+  local q = c.waiting
+  while q[1] and not waiter_alive(q[1]) do table.remove(q, 1) end
+  return q[1]
+end
+
+--- Takes the connection for the current task; others wait their turn, first
+--- come first served (unlock hands the connection to the first waiter, so
+--- a task that queries in a loop cannot starve the heartbeat).  A holder
+--- whose attempt ended while it waited (cancelled, timed out) never gives
+--- the connection back: its statement is abandoned, and the next statement
+--- opens a fresh connection (see run).
 local function lock(c)
   local co = co_running()
+  local h = c.holder
+  if h and h.co == co then return h end   -- nested: a transaction's statements
   local t = in_task() and S.current() or nil
-  while c.holder and c.holder.co ~= co and holder_alive(c.holder) do
+  if (h and holder_alive(h)) or first_waiter(c) then
     if not t then
       error(c.name .. ": the connection is busy with another task's statement", 0)
     end
-    local w, tok = S.wait_begin("postgres", 2)
-    S.add_waiter(c.lock_waiters, w, tok)
-    S.wait_end(w, tok, 100)                -- and look again: a dead holder wakes nobody
-    S.remove_waiter(c.lock_waiters, w)
+    local entry = { t = t, co = co, tok = false }
+    c.waiting[#c.waiting + 1] = entry
+    while true do
+      local _, tok = S.wait_begin("postgres", 2)
+      entry.tok = tok
+      S.wait_end(t, tok, 100)               -- and look again: a dead holder hands over to nobody
+      h = c.holder
+      if h and h.co == co then break end    -- handed over
+      if h and not holder_alive(h) then c.holder, h = false, false end
+      if not h and first_waiter(c) == entry then break end
+    end
+    for i = 1, #c.waiting do
+      if c.waiting[i] == entry then table.remove(c.waiting, i); break end
+    end
   end
-  local outer = c.holder
-  if outer and outer.co ~= co then outer = false end   -- taken over from a dead holder
   c.holder = { task = t, co = co }
-  return outer
+  return false
 end
 
 local function unlock(c, outer)
-  c.holder = outer
-  if not outer then
-    local w = c.lock_waiters
-    c.lock_waiters = {}
-    S.wake_all(w)
+  if outer then c.holder = outer; return end
+  local e = first_waiter(c)
+  if e then
+    c.holder = { task = e.t, co = e.co }
+    S.wake(e.t, e.tok)
+  else
+    c.holder = false
   end
 end
 
 local function lost(c, err)
   drop(c)
-  error(c.name .. ": connection lost: " .. tostring(err):gsub("^[^:]*: ", "", 1), 0)
+  err = tostring(err)
+  if err:sub(1, #c.name + 2) == c.name .. ": " then err = err:sub(#c.name + 3) end
+  error(c.name .. ": connection lost: " .. err, 0)
 end
 
 --- Sends one statement and reads its results; returns the last.
 local function run(c, sql, ...)
-  if c.inflight or (c.pg and not c.pg:ok()) then drop(c) end    -- abandoned mid-statement, or broken
-  if not c.pg then connect(c) end
+  -- Abandoned mid-statement, or broken; or closed by the server while idle
+  -- (a restart): reading what waits on the socket tells, before we send.
+  -- (Twice: a server that stopped sent an error, then closed; one read may
+  -- return the error alone, the second finds the end of the stream.)
   local pg = c.pg
+  if pg and (c.inflight or not pg:consume() or not pg:consume() or not pg:ok() or pg:result()) then
+    drop(c)
+  end
+  if not c.pg then connect(c) end
+  pg = c.pg
   local ok, err = pg:send(sql, ...)
   if not ok then lost(c, err) end
   c.inflight = true
@@ -288,10 +320,16 @@ local SQL = {
     FROM due WHERE j.id = due.id
     RETURNING j.id, j.queue, j.target, j.method, j.args, j.args_enc, j.priority, j.attempt,
       j.max_attempts, j.run_at, j.inserted_at, j.idempotence_key]],
-  completed_many = [[UPDATE tide_jobs j SET status = 'completed', completed_at = $1,
+  -- Row locks are taken in id order (the CTEs), by every statement that may
+  -- meet another's rows (outcomes, heartbeats of the same worker on its
+  -- second connection): so they wait for each other, never deadlock.
+  lock_ids = "SELECT id FROM tide_jobs WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE",
+  completed_many = [[WITH locked AS (SELECT id FROM tide_jobs WHERE id = ANY($3::bigint[]) ORDER BY id FOR UPDATE)
+    UPDATE tide_jobs j SET status = 'completed', completed_at = $1,
       lease_owner = NULL, lease_expires = NULL
-    FROM unnest($3::bigint[], $4::integer[]) AS d(id, attempt)
-    WHERE j.id = d.id AND j.attempt = d.attempt AND j.status = 'executing' AND j.lease_owner = $2]],
+    FROM unnest($3::bigint[], $4::integer[]) AS d(id, attempt), locked
+    WHERE j.id = d.id AND j.id = locked.id AND j.attempt = d.attempt AND j.status = 'executing'
+      AND j.lease_owner = $2]],
   retry = "UPDATE tide_jobs SET status = 'retryable', run_at = $4, errors = " .. ADD_ERROR
     .. ", lease_owner = NULL, lease_expires = NULL " .. GUARD,
   discard = "UPDATE tide_jobs SET status = 'discarded', completed_at = $4, errors = " .. ADD_ERROR
@@ -299,15 +337,18 @@ local SQL = {
   release = "UPDATE tide_jobs SET status = 'available', attempt = attempt - 1, run_at = $4, "
     .. "errors = CASE WHEN $5::jsonb IS NULL THEN errors ELSE " .. ADD_ERROR .. " END, "
     .. "lease_owner = NULL, lease_expires = NULL " .. GUARD,
-  heartbeat = "UPDATE tide_jobs SET lease_expires = " .. NOW .. " + $2 WHERE lease_owner = $1 "
-    .. "AND status = 'executing' RETURNING id",
+  heartbeat = "WITH locked AS (SELECT id FROM tide_jobs WHERE id = ANY($3::bigint[]) AND lease_owner = $1 "
+    .. "AND status = 'executing' ORDER BY id FOR UPDATE) "
+    .. "UPDATE tide_jobs j SET lease_expires = " .. NOW .. " + $2 FROM locked "
+    .. "WHERE j.id = locked.id AND j.lease_owner = $1 AND j.status = 'executing' RETURNING j.id",
   rescue = [[UPDATE tide_jobs SET
       status = CASE WHEN attempt >= max_attempts THEN 'discarded' ELSE 'available' END,
       completed_at = CASE WHEN attempt >= max_attempts THEN ]] .. NOW .. [[ END,
       run_at = ]] .. NOW .. [[, lease_owner = NULL, lease_expires = NULL,
       errors = coalesce(errors, '[]'::jsonb) || jsonb_build_array(jsonb_build_object('attempt', attempt,
         'at', ]] .. NOW .. [[, 'error', 'lease expired: worker ' || lease_owner || ' stopped heartbeating'))
-    WHERE status = 'executing' AND lease_expires < ]] .. NOW,
+    WHERE id IN (SELECT id FROM tide_jobs WHERE status = 'executing' AND lease_expires < ]] .. NOW .. [[
+      FOR UPDATE SKIP LOCKED)]],   -- rows a worker is writing now are its own (and no deadlock)
   get = "SELECT * FROM tide_jobs WHERE id = $1",
   cancel = "UPDATE tide_jobs SET status = 'cancelled', completed_at = $2, lease_owner = NULL, "
     .. "lease_expires = NULL WHERE id = $1 AND status NOT IN " .. TERMINAL_SQL,
@@ -481,30 +522,35 @@ function Store:claim(queue, n, owner, now, lease_until)
   return common.start_order(rows)
 end
 
+local function by_id(a, b) return a.id < b.id end
+
 function Store:record(entries, owner, now)
   local c = self.conn
-  local ids, attempts, others = {}, {}, {}
-  for _, e in ipairs(entries) do
+  local ids, attempts, others, all = {}, {}, {}, {}
+  for i, e in ipairs(entries) do
+    all[i] = format("%d", e.id)
     if e.kind == "completed" then
       ids[#ids + 1], attempts[#attempts + 1] = format("%d", e.id), format("%d", e.attempt)
     else
       others[#others + 1] = e
     end
   end
-  local function write()
+  local function completed()
     if #ids > 0 then
       c:query(SQL.completed_many, now, owner, "{" .. concat(ids, ",") .. "}", "{" .. concat(attempts, ",") .. "}")
     end
+  end
+  if #others == 0 then return completed() end -- one statement: atomic by itself
+  table.sort(others, by_id)
+  local outer = lock(c)                       -- the transaction's statements stay together
+  local ok, err = pcall(function()
+    c:query("BEGIN")
+    c:query(SQL.lock_ids, "{" .. concat(all, ",") .. "}")   -- all its rows, in id order, first
+    completed()
     for _, e in ipairs(others) do
       local at = e.kind == "discard" and now or e.run_at or now
       c:query(SQL[e.kind], e.id, owner, e.attempt, at, e.error)
     end
-  end
-  if #others == 0 then return write() end     -- one statement: atomic by itself
-  local outer = lock(c)                       -- the transaction's statements stay together
-  local ok, err = pcall(function()
-    c:query("BEGIN")
-    write()
     c:query("COMMIT")
   end)
   if not ok then pcall(c.query, c, "ROLLBACK") end
@@ -512,10 +558,13 @@ function Store:record(entries, owner, now)
   if not ok then error(err, 0) end
 end
 
-function Store:heartbeat(owner, lease_until)
-  local set = {}
+function Store:heartbeat(owner, lease_until, ids)
+  local set, list = {}, {}
+  for i, id in ipairs(ids) do list[i] = format("%d", id) end
   local lease = lease_until - core.wallclock()
-  for _, r in ipairs(self.conn:query(SQL.heartbeat, owner, lease).rows) do set[r.id] = true end
+  for _, r in ipairs(self.conn:query(SQL.heartbeat, owner, lease, "{" .. concat(list, ",") .. "}").rows) do
+    set[r.id] = true
+  end
   return set
 end
 

@@ -10,7 +10,7 @@
 --   store:insert(job) -> id, inserted  (false: the idempotence key existed)
 --   store:claim(queue, n, owner, now, lease_until) -> rows, marked executing
 --   store:record(entries, owner, now)  outcomes of claimed jobs, one transaction
---   store:heartbeat(owner, until) -> { id = true } of the jobs still leased
+--   store:heartbeat(owner, until, ids) -> { id = true } of those still leased
 --   store:rescue(now) -> count of expired leases made available (or discarded)
 --   store:get(id)  store:list(filter)  store:change(op, id, now, err)
 --   store:stats()  store:prune(before, statuses)  store:pending(queues, now)
@@ -105,8 +105,8 @@ local SQL = {
   release = "UPDATE tide_jobs SET status = 'available', attempt = attempt - 1, run_at = ?4, "
     .. "errors = CASE WHEN ?5 IS NULL THEN errors ELSE " .. ADD_ERROR .. " END, "
     .. "lease_owner = NULL, lease_expires = NULL " .. GUARD,
-  heartbeat = "UPDATE tide_jobs SET lease_expires = ?2 WHERE lease_owner = ?1 "
-    .. "AND status = 'executing' RETURNING id",
+  heartbeat = "UPDATE tide_jobs SET lease_expires = ?2 WHERE id IN (SELECT value FROM json_each(?3)) "
+    .. "AND lease_owner = ?1 AND status = 'executing' RETURNING id",
   rescue = [[UPDATE tide_jobs SET
       status = CASE WHEN attempt >= max_attempts THEN 'discarded' ELSE 'available' END,
       completed_at = CASE WHEN attempt >= max_attempts THEN ?1 END,
@@ -269,9 +269,12 @@ function Store:record(entries, owner, now)
   if own then db:exec("COMMIT") end
 end
 
-function Store:heartbeat(owner, lease_until)
-  local set = {}
-  for _, id in ipairs(stmt(self, "heartbeat"):column(owner, lease_until)) do set[id] = true end
+function Store:heartbeat(owner, lease_until, ids)
+  local set, list = {}, {}
+  for i, id in ipairs(ids) do list[i] = ("%d"):format(id) end
+  for _, id in ipairs(stmt(self, "heartbeat"):column(owner, lease_until, "[" .. concat(list, ",") .. "]")) do
+    set[id] = true
+  end
   return set
 end
 

@@ -160,9 +160,9 @@ end
 --- The store for the worker's statements: its own connection (PostgreSQL),
 --- or the queue's, shared with the application's transactions (SQLite):
 --- then it waits for a transaction of another task to end.
-local function store_of(w, fname)
+local function store_of(w, fname, for_leases)
   if w.store == w.q._store then return queue.acquire(w.q, fname or "tide.worker") end
-  return w.store
+  return for_leases and w.lease_store or w.store
 end
 
 local function flush_now(w, entries)
@@ -425,6 +425,7 @@ local function flusher(w)
         w.stats.unwritten = w.stats.unwritten + #p
       end
     elseif w.state ~= "running" and w.nrunning == 0 then
+      S.notify(w.beat)                        -- nothing left to keep leased
       return
     else
       S.wait_for(w.flusher, "tide.worker")
@@ -433,16 +434,24 @@ local function flusher(w)
 end
 
 local function heartbeat(w)
-  while w.state == "running" or w.nrunning > 0 do
+  while w.state == "running" or w.nrunning > 0 or #w.pending > 0 or w.writing do
     S.wait_for(w.beat, "tide.worker", w.heartbeat)
-    if w.nrunning > 0 then
-      local store = store_of(w)
-      local ok, leased = pcall(store.heartbeat, store, w.id, wallclock() + w.lease)
+    if w.nrunning > 0 or #w.pending > 0 or w.writing then
+      local store = store_of(w, nil, true)
+      -- The jobs running here, and those whose outcome waits to be written
+      -- (the store may be down): an orphan's lease runs out, theirs not.
+      local ids, asked = {}, {}
+      for id, rec in pairs(w.running) do ids[#ids + 1] = id; asked[id] = rec end
+      for _, list in ipairs{ w.pending, w.writing or {} } do
+        for i = 1, #list do ids[#ids + 1] = list[i].id end
+      end
+      local ok, leased = pcall(store.heartbeat, store, w.id, wallclock() + w.lease, ids)
       if not ok then
         log.report("worker " .. w.id .. ": heartbeat", leased)
       else
-        for id, rec in pairs(w.running) do
-          if not leased[id] and rec.task then
+        -- Only the jobs asked about: others were claimed while it ran.
+        for id, rec in pairs(asked) do
+          if not leased[id] and rec.task and w.running[id] == rec then
             rec.gone = true
             rec.task:cancel(("job %d was cancelled, expired or rescued in the store"):format(id))
           end
@@ -453,7 +462,7 @@ local function heartbeat(w)
 end
 
 local function rescue(w)
-  local store = store_of(w)
+  local store = store_of(w, nil, true)
   local ok, n = pcall(store.rescue, store, wallclock())
   if not ok then log.report("worker " .. w.id .. ": rescue", n); return end
   if n > 0 then
@@ -481,7 +490,12 @@ function M.new(opts)
   local queues = check_opts("tide.worker", opts)
   local lease = opts.lease or 30000
   local w = setmetatable({
+    -- Claims and outcomes go through one connection of the worker's own;
+    -- heartbeats and rescues through another, so that they never wait
+    -- behind a claim that waits for a server coming back.  (SQLite: the
+    -- queue's own connection for both.)
     q = opts.queue, store = opts.queue._store:worker_store(),
+    lease_store = opts.queue._store:worker_store(),
     targets = opts.targets or {}, loaded = {}, load_errors = {},
     lease = lease, heartbeat = opts.heartbeat or lease / 3, poll = opts.poll or 1000,
     rescue_every = opts.rescue_every or lease / 2, batch = opts.batch or 100,
@@ -567,6 +581,7 @@ function Worker:wait()
   for _, t in ipairs(self.tasks) do t:await() end
   if self.grace_timer then S.untimer(self.grace_timer); self.grace_timer = nil end
   if self.store ~= self.q._store then self.store:close() end
+  if self.lease_store ~= self.q._store then self.lease_store:close() end
   self.state = "stopped"
   return self.stats
 end
