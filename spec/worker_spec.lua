@@ -224,12 +224,13 @@ describe("tide.worker on " .. store.name, function()
   it("runs a scheduled job when it is due", function()
     local ran_at
     local t = { m = function() ran_at = core.wallclock() end }
-    local id = q:enqueue{ target = "t", method = "m", delay = 150 }
+    local id = q:enqueue{ target = "t", method = "m", delay = 300 }
+    local due = q:job(id).run_at * 1000
     with_worker(function()
       local w = tide.worker{ queue = q, poll = 20, targets = { t = t } }
-      tide.sleep(100)
-      assert.is_nil(ran_at)
-      tide.sleep(200)
+      while core.wallclock() < due - 50 do tide.sleep(10) end
+      assert.is_nil(ran_at)                      -- not before it is due (timed from the enqueue)
+      while not ran_at and core.wallclock() < due + 2000 do tide.sleep(10) end
       w:stop()
       w:wait()
     end)

@@ -559,6 +559,7 @@ function Worker:stop(grace_ms)
   if self.store.unlisten then self.store:unlisten() end
   for _, qs in pairs(self.queues) do
     if qs.wake_timer then qs.wake_timer:stop(); qs.wake_timer, qs.wake_at = nil, nil end
+    qs.kicked = true                          -- a claim under way must not wait a poll after it
     S.notify(qs)
   end
   S.notify(self.rescue_holder)
