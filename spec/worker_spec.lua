@@ -5,7 +5,11 @@ local core = require "tide.core"
 --- Runs fn(q) as the root task on a fresh store; returns what it returns.
 local path, q
 local function with_worker(fn)
-  local status, a, b = tide.run(fn)
+  local status, a, b = tide.run(function()
+    local ok, x, y = pcall(fn)
+    if not ok then tide.shutdown(0); error(x, 0) end   -- a failed check stops the worker too
+    return x, y
+  end)
   if status ~= "ok" then error(tostring(a), 2) end
   return a, b
 end

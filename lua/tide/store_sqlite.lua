@@ -126,8 +126,10 @@ local SQL = {
     .. "max_attempts = max(max_attempts, attempt + 1) "
     .. "WHERE id = ?1 AND status <> 'executing' AND status <> 'available'",
   stats = "SELECT queue, status, count(*) AS n FROM tide_jobs GROUP BY queue, status",
-  pending = "SELECT count(*) AS n FROM tide_jobs WHERE queue = ?1 AND ((" .. WAITING
-    .. " AND run_at <= ?2) OR status = 'executing')",
+  -- Two counts, each through a partial index (one query with an OR of both
+  -- scans the whole table: 166 ms at a million finished jobs).
+  pending_due = "SELECT count(*) AS n FROM tide_jobs WHERE queue = ?1 AND " .. WAITING .. " AND run_at <= ?2",
+  pending_executing = "SELECT count(*) AS n FROM tide_jobs WHERE status = 'executing' AND queue = ?1",
 }
 
 -- ===== opening
@@ -310,7 +312,9 @@ end
 --- draining worker is done.
 function Store:pending(queues, now)
   local n = 0
-  for _, queue in ipairs(queues) do n = n + stmt(self, "pending"):first(queue, now).n end
+  for _, queue in ipairs(queues) do
+    n = n + stmt(self, "pending_due"):first(queue, now).n + stmt(self, "pending_executing"):first(queue).n
+  end
   return n
 end
 
