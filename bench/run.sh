@@ -1,12 +1,23 @@
 #!/bin/sh
 # bench/run.sh — prints the machine, then runs every bench/*.lua against $BUILD/tide.so.
 # Run from the repository root (`make bench` does): BUILD=build sh bench/run.sh
+# Names run only those files: `sh bench/run.sh queue` runs bench/queue.lua.
 BUILD=${BUILD:-build}
 LUAJIT=${LUAJIT:-luajit}
 
 if [ ! -f "$BUILD/tide.so" ]; then
   echo "bench: $BUILD/tide.so not found (run make first, from the repository root)" >&2
   exit 2
+fi
+
+if [ $# -gt 0 ]; then
+  files=""
+  for name in "$@"; do
+    [ -f "bench/$name.lua" ] || { echo "bench: no bench/$name.lua" >&2; exit 2; }
+    files="$files bench/$name.lua"
+  done
+else
+  files=$(ls bench/*.lua)
 fi
 
 cpu=$(sed -n 's/^model name[[:space:]]*:[[:space:]]*//p' /proc/cpuinfo 2>/dev/null | head -n 1)
@@ -21,10 +32,21 @@ load=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)
 echo "date:    $(date -u '+%Y-%m-%d %H:%M UTC'), load average ${load:-unknown} (figures need an idle machine)"
 
 status=0
-for f in bench/*.lua; do
-  [ -f "$f" ] || continue
+for f in $files; do
   echo
   echo "== $f"
   LUA_CPATH="$BUILD/?.so;;" "$LUAJIT" "$f" || { echo "bench: $f failed (exit $?)" >&2; status=1; }
 done
+
+# ===== Durable jobs on PostgreSQL (bench/pg/) =====
+# With the full set only (no names given): bench/pg/run.sh starts a throwaway
+# PostgreSQL server (spec/pg.sh, default durability), runs bench/pg/bench.lua
+# against it (graphile-worker from the npm registry as the baseline) and stops
+# it; it says "skipped" when PostgreSQL is not installed.  BENCH_PG=0 skips it.
+if [ $# -eq 0 ] && [ "${BENCH_PG:-1}" != 0 ]; then
+  echo
+  echo "== bench/pg/bench.lua (PostgreSQL)"
+  BUILD="$BUILD" LUAJIT="$LUAJIT" sh bench/pg/run.sh || { echo "bench: bench/pg failed" >&2; status=1; }
+fi
+# ===== end of bench/pg/
 exit $status
