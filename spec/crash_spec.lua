@@ -47,13 +47,7 @@ local function sh_ok(cmd)
   return out
 end
 
-local function read_file(path)
-  local f = io.open(path, "r")
-  if not f then return "" end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local read_file = H.file_bytes
 
 -- ===== the worker processes
 
