@@ -294,14 +294,15 @@ static void cancel_queued_and_running(void) {
   rig_stop(r, "cancel");
 }
 
-/* Blocks 300 ms in C, where the stop hook cannot run, then returns on its own. */
-#define STUCK "os.execute('sleep 0.3') return 'late'"
+/* Blocks 600 ms in C, where the stop hook cannot run, then returns on its own. */
+#define STUCK "os.execute('sleep 0.6') return 'late'"
 #define SLEEP_200 "local t = require('tide') t.sleep(200) return t.thread"
 
 static void quarantine_stuck_job(void) {
   rig *r = rig_start(2, 0, NULL);
   submit_code(r, 1, STUCK, "{ n = 0 }");
   ok(wait_busy(r, 1, WAIT_MS), "the blocked job is running");
+  run_for(r, 50);                    /* inside os.execute by now: a stop before it would be obeyed */
   ok(tide__pool_cancel(r->pool, 1) == 2, "asked to stop (cancel returns 2)");
   run_for(r, 50);
   ok(stats(r).busy == 1, "it ignores the request");
