@@ -5,9 +5,7 @@ local H = spec_helper
 local cjson = require "cjson"
 local TIDE = H.build .. "/tide"
 
-local dir = os.tmpname()
-os.remove(dir)
-assert(os.execute("mkdir -p " .. dir) == 0)
+local dir = H.tempdir()
 
 local nstores, neffects = 0, 0
 --- A SQLite store no test has used yet.
@@ -16,13 +14,7 @@ local function fresh_store()
   return ("sqlite:%s/jobs%d.db"):format(dir, nstores)
 end
 
-local function write(name, text)
-  local path = dir .. "/" .. name
-  local fh = assert(io.open(path, "w"))
-  fh:write(text)
-  fh:close()
-  return path
-end
+local function write(name, text) return H.write_file(dir, name, text) end
 
 local function read(path)
   local fh = io.open(path)

@@ -64,6 +64,23 @@ function H.sh(cmd)
   return status, (out:gsub("__status=%d+%s*$", ""))
 end
 
+--- A fresh directory under /tmp (the spec removes it when done).
+function H.tempdir()
+  local dir = os.tmpname()
+  os.remove(dir)
+  assert(os.execute("mkdir -p " .. dir) == 0)
+  return dir
+end
+
+--- Writes `text` to dir/name; returns the path.
+function H.write_file(dir, name, text)
+  local path = dir .. "/" .. name
+  local fh = assert(io.open(path, "w"))
+  fh:write(text)
+  fh:close()
+  return path
+end
+
 --- The bytes of a file ("" when it does not exist).
 function H.file_bytes(file)
   local f = io.open(file, "rb")

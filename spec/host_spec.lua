@@ -2,17 +2,9 @@
 local H = spec_helper
 local TIDE = H.build .. "/tide"
 
-local dir = os.tmpname()
-os.remove(dir)
-assert(os.execute("mkdir -p " .. dir) == 0)
+local dir = H.tempdir()
 
-local function script(name, text)
-  local path = dir .. "/" .. name
-  local fh = assert(io.open(path, "w"))
-  fh:write(text)
-  fh:close()
-  return path
-end
+local function script(name, text) return H.write_file(dir, name, text) end
 
 describe("tide (host)", function()
   teardown(function() os.execute("rm -rf " .. dir) end)
