@@ -107,7 +107,7 @@ function H.stores()
   local pg = os.getenv("TIDE_PG_URL")
   if pg then
     local function reset()
-      local c = require("tide.store_postgres").connect(pg)
+      local c = require("tide.jobs.store.postgres").connect(pg)
       c:query("DROP TABLE IF EXISTS tide_jobs, tide_schema, orders CASCADE")
       c:query("DROP FUNCTION IF EXISTS tide_jobs_notify() CASCADE")
       c:close()

@@ -62,7 +62,7 @@ local function server(script, cmd)
 end
 
 local function fresh_tables()
-  local c = require("tide.store_postgres").connect(URL)
+  local c = require("tide.jobs.store.postgres").connect(URL)
   c:query("DROP TABLE IF EXISTS tide_jobs, tide_schema CASCADE")
   c:query("DROP FUNCTION IF EXISTS tide_jobs_notify() CASCADE")
   c:close()
@@ -227,7 +227,7 @@ end
 local function counts(q)
   local st = q:stats().queues.default or {}
   local out = { total = 0 }
-  for s in pairs(require("tide.queue").STATUSES) do
+  for s in pairs(require("tide.jobs.queue").STATUSES) do
     out[s] = st[s] or 0
     out.total = out.total + out[s]
   end
@@ -355,7 +355,7 @@ describe("tide worker processes on one PostgreSQL store", function()
     local q = tide.queue.open(URL)
     local ids = enqueue_all(q, HOUR)
     local t_enqueued = tide.now()
-    local admin = require("tide.store_postgres").connect(URL)
+    local admin = require("tide.jobs.store.postgres").connect(URL)
     local options = ("--lease %d --poll 100 --concurrency 16"):format(tonumber(os.getenv("PGW_LEASE")) or 500)
     local killed, kills, extra_slices, held, left, t_killed = {}, 0, 0, 0, nil, nil
     run(function()
@@ -484,7 +484,7 @@ describe("tide worker processes on one PostgreSQL store", function()
 
     --- A statement of the spec's own, on a connection of its own.
     local function admin(fn)
-      local c = require("tide.store_postgres").connect(URL)
+      local c = require("tide.jobs.store.postgres").connect(URL)
       local ok, err = pcall(fn, c)
       c:close()
       assert(ok, err)

@@ -1,6 +1,6 @@
 -- spec/retry_spec.lua — retries: attempts, backoff delays, on_retry, what is retried.
 local tide = require "tide"
-local retry = require "tide.retry"
+local retry = require "tide.engine.retry"
 
 local LATE = 60
 

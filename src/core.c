@@ -329,7 +329,7 @@ TIDE_API int luaopen_tide(lua_State *L) {
 /* Pushes tide.host[name], protected; -1 with a message pushed on failure. */
 static int push_host_fn(lua_State *L, const char *name) {
   lua_getglobal(L, "require");
-  lua_pushstring(L, "tide.host");
+  lua_pushstring(L, "tide.engine.host");
   if (lua_pcall(L, 1, 1, 0) != 0) return -1;
   lua_getfield(L, -1, name);
   lua_remove(L, -2);

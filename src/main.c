@@ -26,7 +26,7 @@ int main(int argc, char **argv) {
   lua_settop(L, 0);
   lua_pushcfunction(L, traceback);
   lua_getglobal(L, "require");
-  lua_pushstring(L, "tide.cli");
+  lua_pushstring(L, "tide.cli.main");
   lua_call(L, 1, 1);
   lua_getfield(L, -1, "main");
   lua_remove(L, -2);                          /* the tide.cli table */

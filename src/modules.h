@@ -5,7 +5,7 @@
 #include <stddef.h>
 
 typedef struct tide__module {
-  const char *name;        /* "tide.sched"; "tide.init" is the module "tide" */
+  const char *name;        /* "tide.engine.sched"; "tide.init" is the module "tide" */
   const char *bytecode;
   size_t size;
 } tide__module;

@@ -30,7 +30,7 @@
 -- "floors,throughput,latency"), BUILD (default build), NODE (default node).
 local tide = require "tide"
 local core = require "tide.core"
-local pg = require "tide.store_postgres"
+local pg = require "tide.jobs.store.postgres"
 local ffi = require "ffi"
 
 local floor, ceil, sort, concat, max = math.floor, math.ceil, table.sort, table.concat, math.max

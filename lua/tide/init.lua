@@ -3,10 +3,10 @@
 -- This file is the public face: it checks arguments and hands the work to
 -- tide.sched (the engine).  See README.md for the guide.
 local core = require "tide.core"
-local S = require "tide.sched"
-local check = require "tide.check"
-local log = require "tide.log"
-local thread = require "tide.thread"
+local S = require "tide.engine.sched"
+local check = require "tide.engine.check"
+local log = require "tide.engine.log"
+local thread = require "tide.engine.thread"
 
 local type, error, ipairs, setmetatable, getmetatable = type, error, ipairs, setmetatable, getmetatable
 local new_task, start = S.new_task, S.start
@@ -18,7 +18,7 @@ local config = { grace = 5000, signals = true }
 
 -- ===== tasks
 
-local make_task = require("tide.task").make_task
+local make_task = require("tide.engine.task").make_task
 
 --- Spawns a task: `tide.spawn(fn, ...)` or `tide.spawn{ run = fn, ... }`.
 --- Returns at once; the task starts on the next tick.
@@ -101,7 +101,7 @@ end)
 
 -- ===== the loop
 
-local host = require "tide.host"
+local host = require "tide.engine.host"
 host.config = config
 
 --- Runs fn(...) as the root task and drives the loop until no work is left.
@@ -189,12 +189,12 @@ end
 --- The task running now, or nil outside tasks.
 tide.current = S.current
 
-tide.pool = require("tide.pool").new
-tide.supervisor = require("tide.supervisor").new
-tide.consumer = require("tide.consumer").new
-tide.sources = require "tide.sources"
-tide.flow = require("tide.flow").new
-tide.queue = { open = require("tide.queue").open }
-tide.worker = require("tide.worker").new
+tide.pool = require("tide.engine.pool").new
+tide.supervisor = require("tide.supervision.supervisor").new
+tide.consumer = require("tide.supervision.consumer").new
+tide.sources = require "tide.supervision.sources.memory"
+tide.flow = require("tide.flow.run").new
+tide.queue = { open = require("tide.jobs.queue").open }
+tide.worker = require("tide.jobs.worker").new
 
 return tide

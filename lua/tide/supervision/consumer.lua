@@ -12,9 +12,9 @@
 -- supervisor stopping it) first nacks, with requeue, every delivery it still
 -- holds, and cancels their handlers, so a restarted consumer begins with its
 -- prefetch window empty and the broker never counts a dead node as busy.
-local S = require "tide.sched"
-local check = require "tide.check"
-local log = require "tide.log"
+local S = require "tide.engine.sched"
+local check = require "tide.engine.check"
+local log = require "tide.engine.log"
 
 local type, pairs, pcall, tostring, setmetatable, getmetatable, error =
   type, pairs, pcall, tostring, setmetatable, getmetatable, error

@@ -21,9 +21,9 @@
 --   - The options a task rarely has (timeout, retry, hooks, pool) live in
 --     t._opt (false when none), so the hot path reads one field for them all.
 local core = require "tide.core"
-local log = require "tide.log"
-local retry = require "tide.retry"
-local check = require "tide.check"
+local log = require "tide.engine.log"
+local retry = require "tide.engine.retry"
+local check = require "tide.engine.check"
 
 local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, coroutine.yield
 local type = type

@@ -7,7 +7,7 @@
 -- nack, and counts what a real broker would reject: settling an unknown tag
 -- or settling one twice.  `outage = true` makes fetch fail, like a lost
 -- connection.
-local check = require "tide.check"
+local check = require "tide.engine.check"
 
 local type, setmetatable, error, tostring = type, setmetatable, error, tostring
 

@@ -9,7 +9,7 @@
 -- it after `stop_wait` ms (JIT-compiled code runs no hooks) is quarantined
 -- and replaced, and its late result is dropped.
 local core = require "tide.core"
-local S = require "tide.sched"
+local S = require "tide.engine.sched"
 
 local type, error, tostring, unpack = type, error, tostring, unpack
 local string_dump, getupvalue, getinfo = string.dump, debug.getupvalue, debug.getinfo

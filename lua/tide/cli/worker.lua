@@ -5,9 +5,9 @@
 -- worker through its own shutdown hook: claiming stops, running jobs get
 -- the grace period, jobs still running then are released.  The exit status
 -- says whether every outcome was written (0) or not (1).
-local C = require "tide.cli_jobs"
-local H = require "tide.host"
-local S = require "tide.sched"
+local C = require "tide.cli.jobs"
+local H = require "tide.engine.host"
+local S = require "tide.engine.sched"
 local core = require "tide.core"
 local tide = require "tide"
 

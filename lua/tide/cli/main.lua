@@ -1,5 +1,5 @@
 --- tide.cli — the `tide` command line.
-local H = require "tide.host"
+local H = require "tide.engine.host"
 local tide = require "tide"
 
 local io_stdout, io_stderr = io.stdout, io.stderr
@@ -78,7 +78,7 @@ local function run(argv, i)
   end
   local t, status = spawn_script("run", argv, i)
   if not t then return status end
-  require("tide.flow").progress = not quiet and require("tide.core").isatty(2)
+  require("tide.flow.run").progress = not quiet and require("tide.core").isatty(2)
   return H.run()
 end
 
@@ -93,7 +93,7 @@ local function graph(argv, i)
     end
     i = i + 2
   end
-  local flow = require "tide.flow"
+  local flow = require "tide.flow.run"
   flow.graph_only = true
   local t, status = spawn_script("graph", argv, i)
   if not t then return status end
@@ -113,9 +113,9 @@ end
 
 --- The job commands, each (argv, i) -> exit status; loaded when used.
 local JOB_COMMANDS = {
-  worker = function(argv, i) return require("tide.cli_worker").main(argv, i) end,
-  enqueue = function(argv, i) return require("tide.cli_jobs").enqueue(argv, i) end,
-  jobs = function(argv, i) return require("tide.cli_jobs").jobs(argv, i) end,
+  worker = function(argv, i) return require("tide.cli.worker").main(argv, i) end,
+  enqueue = function(argv, i) return require("tide.cli.jobs").enqueue(argv, i) end,
+  jobs = function(argv, i) return require("tide.cli.jobs").jobs(argv, i) end,
 }
 
 --- tide help [COMMAND]

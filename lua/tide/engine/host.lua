@@ -1,6 +1,6 @@
 --- tide.host — driving the loop: tide.run, the `tide` binary and the C embedding API.
 local core = require "tide.core"
-local S = require "tide.sched"
+local S = require "tide.engine.sched"
 
 local tostring, io_stderr = tostring, io.stderr
 

@@ -6,7 +6,7 @@
 -- (the message names the option or argument, then the usage follows).
 -- Failures go to stderr as one line starting with the command's name
 -- ("tide jobs: job 7 not found"); nothing here raises to the host.
-local queue = require "tide.queue"
+local queue = require "tide.jobs.queue"
 local cjson = require("cjson").new()
 
 local tostring, tonumber, ipairs, pairs, pcall = tostring, tonumber, ipairs, pairs, pcall

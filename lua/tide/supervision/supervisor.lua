@@ -20,10 +20,10 @@
 -- Stopping a child: it is asked to stop (ctx:stopping() becomes true), given
 -- its `shutdown` ms to end by itself, then cancelled.  Outcomes are always
 -- delivered.
-local S = require "tide.sched"
-local check = require "tide.check"
-local log = require "tide.log"
-local retry = require "tide.retry"
+local S = require "tide.engine.sched"
+local check = require "tide.engine.check"
+local log = require "tide.engine.log"
+local retry = require "tide.engine.retry"
 
 local type, error, ipairs, pairs, pcall, tostring = type, error, ipairs, pairs, pcall, tostring
 local setmetatable, getmetatable = setmetatable, getmetatable

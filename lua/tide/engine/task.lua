@@ -1,8 +1,8 @@
 --- tide.task — task specs (shared by tide.spawn and pool:submit) and the task methods.
-local S = require "tide.sched"
-local check = require "tide.check"
-local retry = require "tide.retry"
-local thread = require "tide.thread"
+local S = require "tide.engine.sched"
+local check = require "tide.engine.check"
+local retry = require "tide.engine.retry"
+local thread = require "tide.engine.thread"
 
 local type, select, error, getmetatable, unpack = type, select, error, getmetatable, unpack
 local maxn = table.maxn

@@ -10,9 +10,9 @@
 -- runs when every dependency is "ok"; when one of them did not end "ok", the
 -- node is "skipped".  fail = "stop": the first failure cancels the rest of
 -- the run; fail = "continue": only what depends on the failure is skipped.
-local S = require "tide.sched"
-local check = require "tide.check"
-local log = require "tide.log"
+local S = require "tide.engine.sched"
+local check = require "tide.engine.check"
+local log = require "tide.engine.log"
 
 local type, pairs, ipairs, error, tostring, setmetatable, getmetatable, pcall, xpcall =
   type, pairs, ipairs, error, tostring, setmetatable, getmetatable, pcall, xpcall
@@ -94,7 +94,7 @@ local function check_task(fname, fdesc, name, spec)
   local after = spec.after
   if type(after) == "string" then after = { after } end
   if after ~= nil and type(after) ~= "table" then bad(fname, where, "after", "task name or list of names", spec.after) end
-  local policy = spec.retry ~= nil and require("tide.retry").policy(fname .. ": " .. where, spec.retry, 3) or nil
+  local policy = spec.retry ~= nil and require("tide.engine.retry").policy(fname .. ": " .. where, spec.retry, 3) or nil
   return {
     name = name, run = spec.run, each = spec.each, items = spec.items, flow = spec.flow,
     after = after or {}, when = spec.when, retry = spec.retry, policy = policy, timeout = spec.timeout,
@@ -667,7 +667,7 @@ function Flow.graph(f, format, report)
   if format ~= "dot" and format ~= "mermaid" then
     check.arg_error("flow:graph", 1, "'dot' or 'mermaid'", format)
   end
-  local text = require("tide.flow_graph").draw(f, format, report or f.last_report)
+  local text = require("tide.flow.graph").draw(f, format, report or f.last_report)
   return text
 end
 

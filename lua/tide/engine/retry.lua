@@ -1,5 +1,5 @@
 --- tide.retry — retry policies: validation and backoff delays.
-local check = require "tide.check"
+local check = require "tide.engine.check"
 local random, min = math.random, math.min
 
 local M = {}

@@ -13,8 +13,8 @@
 -- as with SQLite: keep the machines' clocks in sync (leases are 30 s by
 -- default; skew well under that is harmless).
 local core = require "tide.core"
-local common = require "tide.store_common"
-local S = require "tide.sched"
+local common = require "tide.jobs.store.common"
+local S = require "tide.engine.sched"
 
 local type, error, ipairs, pairs, tostring, concat = type, error, ipairs, pairs, tostring, table.concat
 local co_running, setmetatable, format = coroutine.running, setmetatable, string.format

@@ -25,12 +25,12 @@
 -- expires, and the rescuer runs it again.  So a job runs at least once; it
 -- runs twice only when the process dies between its effect and the write.
 local core = require "tide.core"
-local S = require "tide.sched"
-local check = require "tide.check"
-local log = require "tide.log"
-local retry = require "tide.retry"
-local queue = require "tide.queue"
-local make_task = require("tide.task").make_task
+local S = require "tide.engine.sched"
+local check = require "tide.engine.check"
+local log = require "tide.engine.log"
+local retry = require "tide.engine.retry"
+local queue = require "tide.jobs.queue"
+local make_task = require("tide.engine.task").make_task
 
 local type, error, pairs, ipairs, tostring, pcall, require = type, error, pairs, ipairs, tostring, pcall, require
 local setmetatable, min, floor = setmetatable, math.min, math.floor
@@ -73,7 +73,7 @@ local function check_target(fname, name, t, level)
   if t.timeout ~= nil and not check.is_ms(t.timeout, true) then
     opt_error(fname, key .. ".timeout", "positive number of ms", t.timeout, level + 1)
   end
-  require("tide.task").check_mode(fname, t.mode, level + 1)
+  require("tide.engine.task").check_mode(fname, t.mode, level + 1)
   if t.handle_error ~= nil and type(t.handle_error) ~= "function" then
     opt_error(fname, key .. ".handle_error", "function", t.handle_error, level + 1)
   end
@@ -565,7 +565,7 @@ function Worker:stop(grace_ms)
   S.notify(self.rescue_holder)
   S.notify(self.flusher)
   S.notify(self.beat)
-  local grace = grace_ms or self.grace or require("tide.host").config.grace
+  local grace = grace_ms or self.grace or require("tide.engine.host").config.grace
   if self.nrunning > 0 then
     self.grace_timer = S.timer(grace, function()
       self.grace_timer = nil

@@ -4,9 +4,9 @@
 -- submit returns nil and a "queue full" message (the caller decides: drop,
 -- retry later, or slow down).  A task keeps its slot through retries and
 -- their backoff; the slot is freed when the task reaches its outcome.
-local S = require "tide.sched"
-local check = require "tide.check"
-local task = require "tide.task"
+local S = require "tide.engine.sched"
+local check = require "tide.engine.check"
+local task = require "tide.engine.task"
 local make_task = task.make_task
 
 local type, getmetatable, setmetatable, error = type, getmetatable, setmetatable, error

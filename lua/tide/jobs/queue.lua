@@ -13,8 +13,8 @@
 -- failure raises an error that names the store and the SQLite code.  Times
 -- given and returned are UTC seconds since the Unix epoch (fractional).
 local core = require "tide.core"
-local S = require "tide.sched"
-local check = require "tide.check"
+local S = require "tide.engine.sched"
+local check = require "tide.engine.check"
 local cjson = require("cjson").new()
 
 local type, error, pairs, ipairs, tostring, select = type, error, pairs, ipairs, tostring, select
@@ -153,7 +153,7 @@ end
 
 -- ===== opening
 
-local DRIVERS = { sqlite = "tide.store_sqlite" }
+local DRIVERS = { sqlite = "tide.jobs.store.sqlite" }
 local SYNC = { normal = true, full = true, off = true }
 local OPEN_KEYS = { encryptor = true, busy_timeout = true, synchronous = true }
 
@@ -169,7 +169,7 @@ local function parse_url(url)
       error(("tide.queue.open: bad store URL %q (expected postgres://[user[:password]@]host[:port]/database)")
         :format(url), 3)
     end
-    return "tide.store_postgres", url
+    return "tide.jobs.store.postgres", url
   end
   if not DRIVERS[scheme] then
     error(("tide.queue.open: unknown store '%s' in %q (expected sqlite:PATH or postgres://...)"):format(scheme, url), 3)

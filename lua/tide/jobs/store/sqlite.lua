@@ -19,7 +19,7 @@
 -- Times are integers: UTC milliseconds since the Unix epoch.  Every method
 -- is synchronous here (SQLite runs in-process); a networked driver may yield.
 local core = require "tide.core"
-local common = require "tide.store_common"
+local common = require "tide.jobs.store.common"
 
 local type, error, ipairs, tostring, concat, sort = type, error, ipairs, tostring, table.concat, table.sort
 
