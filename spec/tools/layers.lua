@@ -4,7 +4,13 @@
 --
 -- Each folder of lua/tide is a layer, ranked from the bottom:
 --
---   engine (1)  <  flow, supervision (2)  <  jobs (3)  <  init (4)  <  cli (5)
+--   engine (1)  <  flow, supervision (2)  <  jobs (3)  <  observe (4)  <  init (5)  <  cli (6)
+--
+--   engine       the run queue, timers, the task lifecycle, pools, retries, threads
+--   flow         DAGs of tasks and their pictures
+--   supervision  supervisors, consumers and their message sources
+--   jobs         durable jobs: the queue, the worker, the stores
+--   observe      what looks at all of the above: metrics, the web dashboard
 --
 -- A module may require modules of its own folder and of lower layers, and
 -- tide.core (the C binding, below everything).  It may not require a higher
@@ -12,7 +18,7 @@
 -- module that does not exist, or take part in a cycle.  `init.lua` is the
 -- public facade "tide": only the command line (above it) may require it.
 -- Prints every violation and exits 1, or prints a one-line summary and exits 0.
-local RANKS = { engine = 1, flow = 2, supervision = 2, jobs = 3, init = 4, cli = 5 }
+local RANKS = { engine = 1, flow = 2, supervision = 2, jobs = 3, observe = 4, init = 5, cli = 6 }
 
 local M = {}
 
@@ -88,7 +94,7 @@ function M.check(root)
   for _, name in ipairs(names) do
     local layer = M.layer(name)
     if not RANKS[layer or ""] then
-      problems[#problems + 1] = ("%s (%s): not in a layer (folders: engine, flow, supervision, jobs, cli)")
+      problems[#problems + 1] = ("%s (%s): not in a layer (folders: engine, flow, supervision, jobs, observe, cli)")
         :format(name, mods[name])
     end
     graph[name] = {}
