@@ -452,6 +452,11 @@ static int enc_value(enc *e, int idx) {
   }
 }
 
+/* Stack slots the deepest encoding uses (3 per open table), reserved before
+ * anything is allocated: growing a stack is the one thing in encoding that
+ * can raise (out of memory), and then nothing must be held. */
+#define ENC_STACK (3 * TIDE_CODEC_DEPTH + 8)
+
 int tide__encode(lua_State *L, int idx, const char *root, tide_buf *out,
                  char *err, size_t errlen) {
   int top = lua_gettop(L);
@@ -461,11 +466,18 @@ int tide__encode(lua_State *L, int idx, const char *root, tide_buf *out,
   e.err = err, e.errlen = err ? errlen : 0, e.errused = 0;
   e.depth = 0, e.pairs = NULL, e.npairs = e.cappairs = 0;
   if (idx < 0 && idx > LUA_REGISTRYINDEX) idx = top + idx + 1;
+  if (lua_type(L, idx) == LUA_TTABLE && !lua_checkstack(L, ENC_STACK))
+    return fail(&e, "Lua stack overflow");
   int rc = enc_value(&e, idx);
   lua_settop(L, top);
   if (rc) out->len = len;
   free(e.pairs);
   return rc;
+}
+
+int tide__encode_string(tide_buf *out, const char *s, size_t len) {
+  enc e = { .out = out };
+  return enc_string(&e, s, len);
 }
 
 /* ===== DECODING ===== */

@@ -42,9 +42,17 @@ void tide__buf_free(tide_buf *b);  /* releases the bytes; b is empty again */
  * the value in error paths ("args").
  * 0 on success; -1 on failure with a message in err (truncated to errlen),
  * like "args[2].cb: functions cannot cross to a thread", and out->len as it
- * was.  The stack is left balanced either way.  Raises no Lua error. */
+ * was.  The stack is left balanced either way.  It runs no Lua code and no
+ * step of the collector (it allocates nothing from L but stack slots, all
+ * reserved before it allocates anything of its own), so no finalizer can
+ * run inside it; growing the stack is the one thing that can raise (out of
+ * memory), and then nothing is held. */
 int tide__encode(lua_State *L, int idx, const char *root, tide_buf *out,
                  char *err, size_t errlen);
+
+/* Appends the encoding of the string s[0..len) to out, with no Lua state:
+ * for messages made in C.  0, or -1 when out of memory (out unchanged). */
+int tide__encode_string(tide_buf *out, const char *s, size_t len);
 
 /* Decodes exactly one value from data[0..len) and pushes it.
  * 0 on success (one value pushed); -1 on failure (nothing pushed, message in

@@ -5,24 +5,55 @@
 
 #define KEPT_MAX (4 << 20)  /* encode keeps a buffer this big between calls */
 
-static int buffer_gc(lua_State *L) {
-  tide__buf_free(lua_touserdata(L, 1));
+/* The buffer encode reuses from call to call, and whether a call is using
+ * it.  Calls do nest: making the result string may run a step of the
+ * collector, the step a __gc finalizer, and the finalizer may call encode
+ * (spawning a thread task does).  A nested call finds the buffer busy and
+ * uses one of its own. */
+typedef struct shared {
+  tide_buf buf;
+  int busy;
+} shared;
+
+static int shared_gc(lua_State *L) {
+  shared *sh = lua_touserdata(L, 1);
+  tide__buf_free(&sh->buf);
   return 0;
 }
 
+/* (light userdata: a tide_buf) -> its bytes as a string.  Runs protected. */
+static int push_bytes(lua_State *L) {
+  const tide_buf *b = lua_touserdata(L, 1);
+  lua_pushlstring(L, b->data, b->len);
+  return 1;
+}
+
 /* encode(v [, root]) -> string.  Raises "<root><path>: <reason>", e.g.
- * "value.cb: functions cannot cross to a thread".  The buffer is an upvalue,
- * reused by every call; encode runs no Lua code, so no call can nest. */
+ * "value.cb: functions cannot cross to a thread".  Upvalues: the shared
+ * buffer, and push_bytes (taken from there, so that nothing is allocated
+ * outside the protected call that makes the string: whatever happens in it,
+ * the buffer is released, and its error raised again). */
 static int l_encode(lua_State *L) {
-  tide_buf *b = lua_touserdata(L, lua_upvalueindex(1));
+  shared *sh = lua_touserdata(L, lua_upvalueindex(1));
   char err[256];
   luaL_checkany(L, 1);
   const char *root = luaL_optstring(L, 2, "value");
+  int nested = sh->busy;
+  tide_buf own, *b = nested ? &own : &sh->buf;
+  tide__buf_init(&own);
   b->len = 0;
-  int rc = tide__encode(L, 1, root, b, err, sizeof err);
-  if (rc == 0) lua_pushlstring(L, b->data, b->len);   /* encoding */
-  if (b->cap > KEPT_MAX) tide__buf_free(b);
-  return rc == 0 ? 1 : luaL_error(L, "%s", err);
+  if (tide__encode(L, 1, root, b, err, sizeof err) != 0) {   /* runs no finalizer */
+    tide__buf_free(&own);
+    return luaL_error(L, "%s", err);
+  }
+  sh->busy = 1;
+  lua_pushvalue(L, lua_upvalueindex(2));              /* push_bytes */
+  lua_pushlightuserdata(L, b);
+  int rc = lua_pcall(L, 1, 1, 0);
+  sh->busy = nested;
+  tide__buf_free(&own);
+  if (!nested && sh->buf.cap > KEPT_MAX) tide__buf_free(&sh->buf);
+  return rc == 0 ? 1 : lua_error(L);
 }
 
 /* decode(s) -> value, or nil, "bad encoding at byte N: <reason>". */
@@ -38,14 +69,16 @@ static int l_decode(lua_State *L) {
 }
 
 int tide__open_codec(lua_State *L) {
-  tide_buf *b = lua_newuserdata(L, sizeof *b);        /* t, buf */
-  tide__buf_init(b);
-  if (luaL_newmetatable(L, "tide.CodecBuffer")) {     /* t, buf, mt */
-    lua_pushcfunction(L, buffer_gc);
+  shared *sh = lua_newuserdata(L, sizeof *sh);        /* t, shared */
+  tide__buf_init(&sh->buf);
+  sh->busy = 0;
+  if (luaL_newmetatable(L, "tide.CodecBuffer")) {     /* t, shared, mt */
+    lua_pushcfunction(L, shared_gc);
     lua_setfield(L, -2, "__gc");
   }
-  lua_setmetatable(L, -2);                            /* t, buf */
-  lua_pushcclosure(L, l_encode, 1);                   /* t, encode */
+  lua_setmetatable(L, -2);                            /* t, shared */
+  lua_pushcfunction(L, push_bytes);                   /* t, shared, push_bytes */
+  lua_pushcclosure(L, l_encode, 2);                   /* t, encode */
   lua_setfield(L, -2, "encode");
   lua_pushcfunction(L, l_decode);
   lua_setfield(L, -2, "decode");
