@@ -87,8 +87,14 @@ $(BUILD)/libtide.a: $(CORE_OBJ)
 $(BUILD)/tide.so: $(CORE_OBJ)
 	$(CC) $(LDFLAGS) -shared -o $@ $^ $(shell pkg-config --libs libuv sqlite3 libpq) -lm -lpthread
 
+# test_faults puts its own functions between the core and these (ld --wrap):
+# to fail them on request, count them, or check who calls them.
+FAULT_WRAPS := uv_async_init uv_mutex_init uv_signal_init uv_thread_create \
+               lua_pcall lua_sethook lua_pushcclosure lua_gc
+$(BUILD)/test_faults: WRAP = $(foreach f,$(FAULT_WRAPS),-Wl,--wrap=$(f))
+
 $(BUILD)/test_%: spec/c/test_%.c $(CORE_OBJ)
-	$(CC) $(CFLAGS) $(PKG_CFLAGS) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)
+	$(CC) $(CFLAGS) $(PKG_CFLAGS) $(LDFLAGS) $(WRAP) -o $@ $^ $(PKG_LIBS)
 
 $(BUILD)/embed-host: examples/embed/host.c $(CORE_OBJ)
 	$(CC) $(CFLAGS) $(PKG_CFLAGS) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)

@@ -180,7 +180,7 @@ describe("thread mode", function()
       { function() tide.pool{ mode = "thread" }:submit(function() return up end) end,
         "pool:submit: bad option 'run' (a function with upvalues cannot cross to a thread: upvalue 'up')" },
       { function() tide.configure{ threads = 0 } end,
-        "tide.configure: bad option 'threads' (integer >= 1 expected, got number 0)" },
+        "tide.configure: bad option 'threads' (integer from 1 to 1024 expected, got number 0)" },
       { function() tide.configure{ threads = 4 } end,
         "tide.configure: threads, thread_init and thread_memory must be set before the first thread task" },
     }

@@ -5,9 +5,12 @@
 #include <lua.h>
 #include <uv.h>
 
+#include "watchdog.h"
+
 /* lua_threads.c: sets thread_start, thread_submit, thread_cancel,
- * thread_quarantine, thread_stats and cpu_count into the table at the top. */
-void tide__open_threads(lua_State *L, uv_loop_t *loop);
+ * thread_quarantine, thread_stats, thread_max and cpu_count into the table
+ * at the top.  Deliveries tell wd (may be NULL) of their calls into Lua. */
+void tide__open_threads(lua_State *L, uv_loop_t *loop, tide__watchdog *wd);
 
 /* lua_threads.c: closes the thread pool, if one runs (before the loop closes). */
 void tide__close_threads(lua_State *L);
@@ -16,7 +19,7 @@ void tide__close_threads(lua_State *L);
 void tide__open_sqlite(lua_State *L);
 
 /* lua_pg.c: sets pg_connect and pg_on_ready into the table at the top. */
-void tide__open_pg(lua_State *L, uv_loop_t *loop);
+void tide__open_pg(lua_State *L, uv_loop_t *loop, tide__watchdog *wd);
 
 /* lua_pg.c: closes the watch handles of PostgreSQL connections (before the loop closes). */
 void tide__close_pg(lua_State *L);

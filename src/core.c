@@ -10,68 +10,106 @@
 #include "bindings.h"
 #include "codec.h"
 #include "loop.h"
+#include "lua_call.h"
 #include "modules.h"
 #include "tide.h"
+#include "watchdog.h"
 
 #define STATE_KEY "tide.state"     /* registry: the tide.Loop userdata */
 #define LOOP_MT   "tide.Loop"
+
+static const char HOOK_STATE_KEY;  /* registry, light key: the state, for the stall hook */
 
 /* One per Lua universe.  Heap-allocated apart from its userdata because
  * libuv owns the handles until their close callbacks have run. */
 typedef struct state {
   tide__loop loop;
-  lua_State *L;        /* a thread of our own that C callbacks run on  */
-  int thread_ref;      /* anchors L                                    */
-  int tick_ref;        /* Lua tick(): runs due timers and tasks        */
-  int signal_ref;      /* Lua on_signal(signum)                        */
+  tide__caller caller;  /* the loop's calls into Lua run on caller.L     */
+  tide__watchdog *wd;   /* NULL when it could not be made (no watchdog)  */
+  int tick_ref;         /* Lua tick(): runs due timers and tasks         */
+  int signal_ref;       /* Lua on_signal(signum)                         */
+  int in_call;          /* the loop's calls into Lua under way (nesting) */
+  int failed_ticks;     /* ticks in a row that raised                    */
+  int hooked;           /* the stall hook is set, replacing prev_*       */
+  lua_Hook prev_hook;
+  int prev_mask, prev_count;
 } state;
 
 typedef struct { state *s; } loop_ud;
 
-/* ===== calling Lua from the loop ===== */
-
-static int traceback(lua_State *L) {
-  const char *msg = lua_tostring(L, 1);
-  if (msg == NULL && !lua_isnoneornil(L, 1)) msg = luaL_typename(L, 1);
-  luaL_traceback(L, L, msg, 1);
-  return 1;
-}
-
-/* Calls the function at the top of s->L with nargs arguments below it
- * (function pushed first), protected.  An error here is a bug in tide's own
- * Lua (user code is always called protected by the scheduler): it is printed,
- * never propagated through libuv's frames.  Leaves nres results (or nils). */
-static void call(state *s, int nargs, int nres) {
-  lua_State *L = s->L;
-  int base = lua_gettop(L) - nargs;          /* index of the function */
-  lua_pushcfunction(L, traceback);
-  lua_insert(L, base);
-  if (lua_pcall(L, nargs, nres, base) != 0) {
-    fprintf(stderr, "tide: internal error: %s\n", lua_tostring(L, -1));
-    lua_pop(L, 1);
-    for (int i = 0; i < nres; i++) lua_pushnil(L);
-  }
-  lua_remove(L, base);                       /* the traceback handler */
-}
+/* ===== calling Lua from the loop
+ *
+ * Every call goes through tide__call (lua_call.h): protected, with nothing
+ * allocated before the protection begins, and a failure reported to the
+ * error sink.  A tick can fail without a bug in tide: a __gc finalizer that
+ * raises, run by a collector step inside the engine, throws from there (on
+ * LuaJIT before 2023-04).  The engine repairs what such an error
+ * interrupted at its next tick (tide.engine.sched), so after a failed tick
+ * the loop ticks again; a tick that keeps failing is given up after
+ * MAX_FAILED_TICKS in a row, and the loop goes on with its other handles. */
+#define MAX_FAILED_TICKS 100
 
 static void on_tick(tide__loop *loop) {
   state *s = loop->data;
-  int top = lua_gettop(s->L);
-  lua_rawgeti(s->L, LUA_REGISTRYINDEX, s->tick_ref);
-  call(s, 0, 1);
-  int more = lua_toboolean(s->L, -1);
-  lua_settop(s->L, top);
+  lua_State *L = s->caller.L;
+  int top = lua_gettop(L);
+  s->in_call++;
+  int rc = tide__call(&s->caller, s->tick_ref, NULL, NULL, 1, "the loop's tick");
+  s->in_call--;
+  int more = rc == 0 ? lua_toboolean(L, -1) : ++s->failed_ticks < MAX_FAILED_TICKS;
+  if (rc == 0) s->failed_ticks = 0;
+  lua_settop(L, top);
   tide__loop_after_tick(loop, more);
+}
+
+static int push_signum(lua_State *L, void *ud) {
+  lua_pushinteger(L, *(int *)ud);
+  return 1;
 }
 
 static void on_signal(tide__loop *loop, int signum) {
   state *s = loop->data;
-  int top = lua_gettop(s->L);
+  lua_State *L = s->caller.L;
   if (s->signal_ref == LUA_NOREF) return;
-  lua_rawgeti(s->L, LUA_REGISTRYINDEX, s->signal_ref);
-  lua_pushinteger(s->L, signum);
-  call(s, 1, 0);
-  lua_settop(s->L, top);
+  int top = lua_gettop(L);
+  s->in_call++;
+  tide__call(&s->caller, s->signal_ref, push_signum, &signum, 0, "the signal handler");
+  s->in_call--;
+  lua_settop(L, top);
+}
+
+/* ===== the watchdog's hook
+ *
+ * The watchdog thread found a call into Lua running for too long and sent
+ * SIGURG to this thread: on_poke runs in the signal handler and sets a
+ * one-shot hook, as luajit's own SIGINT handler does (lua_sethook from a
+ * signal handler on the thread that runs the state; never from another
+ * thread).  The hook runs at the next instruction the interpreter executes
+ * -- not inside JIT-compiled code, not inside a C function -- in the code
+ * that holds the loop, and reports it there. */
+
+static void stall_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  lua_pushlightuserdata(L, (void *)&HOOK_STATE_KEY);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  state *s = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  if (s == NULL || !s->hooked) { lua_sethook(L, NULL, 0, 0); return; }
+  s->hooked = 0;
+  lua_sethook(L, s->prev_hook, s->prev_mask, s->prev_count);
+  uint64_t ms = s->wd ? tide__watchdog_claim(s->wd) : 0;
+  if (ms) tide__report_stall(L, s->wd, ms, 1);
+}
+
+static void on_poke(void *data) {
+  state *s = data;
+  lua_State *L = s->caller.L;
+  if (s->hooked || L == NULL) return;
+  s->prev_hook = lua_gethook(L);
+  s->prev_mask = lua_gethookmask(L);
+  s->prev_count = lua_gethookcount(L);
+  s->hooked = 1;
+  lua_sethook(L, stall_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
 }
 
 /* ===== tide.core functions (upvalue 1: the tide.Loop userdata) ===== */
@@ -147,17 +185,23 @@ static int l_kick(lua_State *L) {
   return 0;
 }
 
-/* run([once]) -> true when tide's handles are still active afterwards. */
+/* run([once]) -> true when tide's handles are still active afterwards.
+ * Refused while the loop runs, whoever runs it: a nested uv_run on the
+ * same loop (from a task, under a host that runs the loop itself) would run
+ * the outer run's callbacks inside a tick, and reap its tasks. */
 static int l_run(lua_State *L) {
   state *s = get_state(L);
-  if (s->loop.running) return luaL_error(L, "the loop is already running");
+  if (s->loop.running || s->in_call) return luaL_error(L, "the loop is already running");
   tide__loop_run(&s->loop, lua_toboolean(L, 1) ? UV_RUN_NOWAIT : UV_RUN_DEFAULT);
   lua_pushboolean(L, tide__loop_active(&s->loop) > 0);
   return 1;
 }
 
+/* running() -> true inside tide.run, tide_run, or any call the loop makes
+ * into Lua (a host that runs the loop itself). */
 static int l_running(lua_State *L) {
-  lua_pushboolean(L, get_state(L)->loop.running > 0);
+  state *s = get_state(L);
+  lua_pushboolean(L, s->loop.running > 0 || s->in_call > 0);
   return 1;
 }
 
@@ -175,9 +219,28 @@ static int l_set_handlers(lua_State *L) {
   return 0;
 }
 
+/* signals(on [, grace_ms]): watch SIGINT and SIGTERM (the loop, and the
+ * watchdog, which ends a process still blocked grace_ms after one). */
 static int l_signals(lua_State *L) {
-  int rc = tide__loop_signals(&get_state(L)->loop, lua_toboolean(L, 1));
+  state *s = get_state(L);
+  int on = lua_toboolean(L, 1);
+  double grace = luaL_optnumber(L, 2, -1);
+  if (!on && s->wd) tide__watchdog_signals(s->wd, 0);   /* first: never the only watcher */
+  int rc = tide__loop_signals(&s->loop, on);
   if (rc != 0) return luaL_error(L, "tide: cannot watch signals: %s", uv_strerror(rc));
+  if (on && s->wd) {
+    tide__watchdog_configure(s->wd, -1, grace);
+    tide__watchdog_signals(s->wd, 1);
+  }
+  return 0;
+}
+
+/* watchdog(stall_ms): a call into Lua longer than this is a stall (0: off). */
+static int l_watchdog(lua_State *L) {
+  state *s = get_state(L);
+  double ms = luaL_checknumber(L, 1);
+  luaL_argcheck(L, ms >= 0 && ms < 1e12, 1, "non-negative number of ms expected");
+  if (s->wd) tide__watchdog_configure(s->wd, ms, -1);
   return 0;
 }
 
@@ -201,9 +264,16 @@ static int close_state(lua_State *L, loop_ud *u) {
   u->s = NULL;
   tide__close_threads(L);                    /* its async handle is on our loop */
   tide__close_pg(L);                         /* so are the sockets' watches     */
+  tide__watchdog_free(s->wd);                /* their callbacks told it of calls */
+  s->wd = NULL;
+  if (s->hooked) lua_sethook(L, s->prev_hook, s->prev_mask, s->prev_count);
+  s->hooked = 0;
+  lua_pushlightuserdata(L, (void *)&HOOK_STATE_KEY);
+  lua_pushnil(L);
+  lua_rawset(L, LUA_REGISTRYINDEX);
   luaL_unref(L, LUA_REGISTRYINDEX, s->tick_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, s->signal_ref);
-  luaL_unref(L, LUA_REGISTRYINDEX, s->thread_ref);
+  tide__caller_free(L, &s->caller);
   return tide__loop_close(&s->loop, free_state);
 }
 
@@ -232,7 +302,7 @@ static const luaL_Reg core_funcs[] = {
   { "signals", l_signals },   { "stats", l_stats },
   { "close", l_close },       { "isatty", l_isatty },
   { "wallclock", l_wallclock }, { "pid", l_pid },
-  { "hostname", l_hostname },
+  { "hostname", l_hostname }, { "watchdog", l_watchdog },
   { NULL, NULL }
 };
 
@@ -270,14 +340,17 @@ static int push_core(lua_State *L, uv_loop_t *uv) {
   if (s == NULL) { lua_pop(L, 1); lua_pushstring(L, "tide: out of memory"); return -1; }
   int rc = tide__loop_init(&s->loop, uv, on_tick, on_signal, s);
   if (rc != 0) {
-    free(s);
+    if (!s->loop.leak) free(s);
     lua_pop(L, 1);
     lua_pushfstring(L, "tide: cannot start the loop: %s", uv_strerror(rc));
     return -1;
   }
-  s->L = lua_newthread(L);
-  s->thread_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  s->wd = tide__watchdog_new(on_poke, s);
+  tide__caller_init(L, &s->caller, s->wd);
   s->tick_ref = s->signal_ref = LUA_NOREF;
+  lua_pushlightuserdata(L, (void *)&HOOK_STATE_KEY);
+  lua_pushlightuserdata(L, s);
+  lua_rawset(L, LUA_REGISTRYINDEX);
   loop_ud *u = lua_newuserdata(L, sizeof *u);
   u->s = s;
   luaL_newmetatable(L, LOOP_MT);
@@ -289,10 +362,11 @@ static int push_core(lua_State *L, uv_loop_t *uv) {
   lua_createtable(L, 0, 16);
   lua_pushvalue(L, -2);
   luaL_openlib(L, NULL, core_funcs, 1);            /* upvalue: the userdata */
+  tide__open_call(L);                              /* set_reporter   */
   tide__open_codec(L);                             /* encode, decode */
-  tide__open_threads(L, s->loop.uv);               /* thread_*       */
+  tide__open_threads(L, s->loop.uv, s->wd);        /* thread_*       */
   tide__open_sqlite(L);                            /* sqlite_*       */
-  tide__open_pg(L, s->loop.uv);                    /* pg_*           */
+  tide__open_pg(L, s->loop.uv, s->wd);             /* pg_*           */
   lua_remove(L, -2);                               /* the userdata */
   lua_pushvalue(L, -1);
   lua_setfield(L, -3, "tide.core");
@@ -350,8 +424,14 @@ TIDE_API int tide_spawn_file(lua_State *L, const char *path, int argc, char **ar
   return 0;
 }
 
+/* Calls tide.host[name] with the nargs values on top; its integer result,
+ * or -1 with a message pushed in their place. */
 static int call_host_int(lua_State *L, const char *name, int nargs) {
-  if (push_host_fn(L, name) != 0) return -1;
+  if (push_host_fn(L, name) != 0) {
+    lua_insert(L, -1 - nargs);                     /* the message, below the arguments */
+    lua_pop(L, nargs);
+    return -1;
+  }
   lua_insert(L, -1 - nargs);
   if (lua_pcall(L, nargs, 1, 0) != 0) return -1;
   int rc = (int)lua_tointeger(L, -1);
@@ -364,7 +444,7 @@ TIDE_API int tide_step(lua_State *L) { return call_host_int(L, "step", 0); }
 
 TIDE_API void tide_shutdown(lua_State *L, double grace_ms) {
   lua_pushnumber(L, grace_ms);
-  if (call_host_int(L, "shutdown", 1) < 0) lua_pop(L, 1);
+  if (call_host_int(L, "shutdown", 1) < 0) lua_pop(L, 1);   /* the message: nothing is left */
 }
 
 TIDE_API int tide_close(lua_State *L) {

@@ -23,6 +23,10 @@ static void on_signal(uv_signal_t *h, int signum) {
   if (loop->on_signal) loop->on_signal(loop, signum);
 }
 
+static void on_init_failed(uv_handle_t *h) {
+  (void)h;
+}
+
 int tide__loop_init(tide__loop *loop, uv_loop_t *uv, tide__tick_cb on_tick,
                     tide__signal_cb on_sig, void *data) {
   int rc;
@@ -34,10 +38,21 @@ int tide__loop_init(tide__loop *loop, uv_loop_t *uv, tide__tick_cb on_tick,
   }
   loop->uv = uv;
   tide__timers_init(&loop->timers);
+  /* The signal handles first: the first one on a loop makes its signal pipe,
+   * and can fail (EMFILE); timers and idles cannot.  When the second fails
+   * the first is closed again: on our own loop at once; on a host's loop at
+   * its next turn, so the struct must then outlive this call (`leak`). */
+  if ((rc = uv_signal_init(uv, &loop->sigint)) == 0 &&
+      (rc = uv_signal_init(uv, &loop->sigterm)) != 0) {
+    uv_close((uv_handle_t *)&loop->sigint, on_init_failed);
+    if (loop->owns_uv) uv_run(uv, UV_RUN_NOWAIT); else loop->leak = 1;
+  }
+  if (rc != 0) {
+    if (loop->owns_uv) uv_loop_close(uv);
+    return rc;
+  }
   uv_timer_init(uv, &loop->wake);
   uv_idle_init(uv, &loop->idle);
-  uv_signal_init(uv, &loop->sigint);
-  uv_signal_init(uv, &loop->sigterm);
   loop->wake.data = loop->idle.data = loop;
   loop->sigint.data = loop->sigterm.data = loop;
   loop->open_handles = 4;

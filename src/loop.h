@@ -34,13 +34,16 @@ struct tide__loop {
   uint64_t armed;             /* deadline `wake` is armed for; 0: disarmed */
   int open_handles;           /* handles not yet closed                   */
   int running;                /* nesting depth of tide__loop_run          */
+  int leak;                   /* a failed init left a handle closing on the host's loop */
   tide__tick_cb on_tick;
   tide__signal_cb on_signal;
   void (*closed)(tide__loop *);  /* runs once every handle is closed      */
   void *data;                 /* the binding's state                      */
 };
 
-/* Initialises loop on `uv` (NULL: a loop of its own).  0 or a UV_E* code. */
+/* Initialises loop on `uv` (NULL: a loop of its own).  0 or a UV_E* code;
+ * after a failure, `leak` says the struct must not be freed (a handle of
+ * it is still closing on the host's loop). */
 int tide__loop_init(tide__loop *loop, uv_loop_t *uv, tide__tick_cb on_tick,
                     tide__signal_cb on_signal, void *data);
 

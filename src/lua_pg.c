@@ -20,6 +20,7 @@
  * connection closes, is collected, or the loop closes (tide__close_pg),
  * whichever comes first; the memory goes in the close callback.
  */
+#include <errno.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,8 +31,10 @@
 #include <libpq-fe.h>
 
 #include "bindings.h"
+#include "lua_call.h"
 
 #define CONN_MT     "tide.PgConn"
+#define RESULT_MT   "tide.PgResult"
 #define BINDING_MT  "tide.PgBinding"
 #define BINDING_KEY "tide.pg"                /* registry: the binding's userdata */
 
@@ -39,8 +42,8 @@ typedef struct watch watch;
 
 typedef struct binding {
   uv_loop_t *loop;
-  lua_State *L;          /* a thread of our own for the ready callback */
-  int thread_ref, ready_ref;
+  tide__caller caller;   /* ready callbacks call Lua through it */
+  int ready_ref;
   watch *watches;        /* every open watch handle, to close with the loop */
 } binding;
 
@@ -56,6 +59,7 @@ struct watch {
   binding *b;
   conn *owner;           /* valid while the watch is linked */
   int id;
+  int sock;              /* the socket it watches */
   watch *prev, *next;
 };
 
@@ -70,26 +74,28 @@ static void watch_close(watch *w) {
   uv_close((uv_handle_t *)&w->handle, watch_free);
 }
 
-static int traceback(lua_State *L) {
-  luaL_traceback(L, L, lua_tostring(L, 1), 1);
-  return 1;
+typedef struct ready { int id, readable, writable; } ready;
+
+static int push_ready(lua_State *L, void *ud) {
+  const ready *r = ud;
+  lua_pushnumber(L, r->id);
+  lua_pushboolean(L, r->readable);
+  lua_pushboolean(L, r->writable);
+  return 3;
 }
 
-/* Loop thread: tells Lua's ready(id, readable, writable). */
+/* Loop thread: tells Lua's ready(id, readable, writable).  A call that
+ * fails is not tried again here: the socket is watched level-triggered, so
+ * it is reported again while it stays ready. */
 static void on_poll(uv_poll_t *h, int status, int events) {
   watch *w = (watch *)h;
   binding *b = w->b;
-  lua_State *L = b->L;
   if (b->ready_ref == LUA_NOREF) return;
-  int top = lua_gettop(L);
-  lua_pushcfunction(L, traceback);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, b->ready_ref);
-  lua_pushnumber(L, w->id);
-  lua_pushboolean(L, status < 0 || (events & (UV_READABLE | UV_DISCONNECT)));   /* an error reads as ready */
-  lua_pushboolean(L, status < 0 || (events & UV_WRITABLE));
-  if (lua_pcall(L, 3, 0, top + 1) != 0)
-    fprintf(stderr, "tide: internal error in a PostgreSQL callback: %s\n", lua_tostring(L, -1));
-  lua_settop(L, top);
+  ready r = { w->id, status < 0 || (events & (UV_READABLE | UV_DISCONNECT)),  /* an error reads as ready */
+              status < 0 || (events & UV_WRITABLE) };
+  int top = lua_gettop(b->caller.L);
+  tide__call(&b->caller, b->ready_ref, push_ready, &r, 0, "a PostgreSQL callback");
+  lua_settop(b->caller.L, top);
 }
 
 /* ===== connections ===== */
@@ -115,18 +121,24 @@ static void unwatch(conn *c) {
   if (c->w) watch_close(c->w);
 }
 
-/* conn:watch(id, readable, writable, keep_alive) */
+/* conn:watch(id, readable, writable, keep_alive).  The watch follows the
+ * connection's socket: libpq may open another one while it connects (the
+ * next host of a multi-host URL), and a watch of the old one is replaced. */
 static int conn_watch(lua_State *L) {
   conn *c = check_conn(L);
   int id = (int)luaL_checkinteger(L, 2);
   int events = (lua_toboolean(L, 3) ? UV_READABLE : 0) | (lua_toboolean(L, 4) ? UV_WRITABLE : 0);
   int keep = lua_toboolean(L, 5);
+  int sock = PQsocket(c->pg);
   if (c->b->loop == NULL) return luaL_error(L, "tide: the loop is closed");
+  if (sock < 0) return luaL_error(L, "%s: the connection has no socket", c->name);
+  if (c->w && c->w->sock != sock) unwatch(c);
   if (c->w == NULL) {
     watch *w = calloc(1, sizeof *w);
     if (w == NULL) return luaL_error(L, "%s: out of memory", c->name);
-    int rc = uv_poll_init_socket(c->b->loop, &w->handle, PQsocket(c->pg));
+    int rc = uv_poll_init_socket(c->b->loop, &w->handle, sock);
     if (rc != 0) { free(w); return luaL_error(L, "%s: cannot watch the socket: %s", c->name, uv_strerror(rc)); }
+    w->sock = sock;
     w->b = c->b;
     w->owner = c;
     w->next = c->b->watches;
@@ -147,19 +159,38 @@ static int conn_unwatch(lua_State *L) {
   return 0;
 }
 
-/* conn:wait(readable, writable, timeout_ms) -> true when ready, false on timeout */
+/* conn:wait(readable, writable, timeout_ms) -> true when ready, false on
+ * timeout, or nil, message.  A signal does not end the wait: poll is
+ * called again for what is left of the timeout. */
 static int conn_wait(lua_State *L) {
   conn *c = check_conn(L);
   struct pollfd p = { .fd = PQsocket(c->pg), .events = 0 };
   if (lua_toboolean(L, 2)) p.events |= POLLIN;
   if (lua_toboolean(L, 3)) p.events |= POLLOUT;
-  int rc = poll(&p, 1, (int)luaL_optinteger(L, 4, -1));
-  lua_pushboolean(L, rc != 0);
+  lua_Number ms = luaL_optnumber(L, 4, -1);
+  if (ms > 2e9) ms = 2e9;
+  uint64_t end = ms >= 0 ? uv_hrtime() + (uint64_t)(ms * 1e6) : 0;
+  int rc;
+  while ((rc = poll(&p, 1, ms < 0 ? -1 : (int)ms)) < 0 && errno == EINTR) {
+    if (ms < 0) continue;
+    uint64_t now = uv_hrtime();
+    ms = now >= end ? 0 : (lua_Number)((end - now + 999999) / 1000000);
+  }
+  if (rc < 0) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s: cannot wait for the socket: %s", c->name, strerror(errno));
+    return 2;
+  }
+  lua_pushboolean(L, rc > 0);
   return 1;
 }
 
+/* conn:connect_poll() -> "read" | "write" | "ok" | nil, message.  The watch
+ * is dropped first: PQconnectPoll may close its socket (and open another,
+ * maybe with the same number, that the old watch would never report). */
 static int conn_connect_poll(lua_State *L) {
   conn *c = check_conn(L);
+  unwatch(c);
   switch (PQconnectPoll(c->pg)) {
     case PGRES_POLLING_READING: lua_pushliteral(L, "read"); return 1;
     case PGRES_POLLING_WRITING: lua_pushliteral(L, "write"); return 1;
@@ -279,10 +310,25 @@ static void set_string(lua_State *L, const char *key, const char *v) {
   lua_setfield(L, -2, key);
 }
 
+/* A PGresult held by a userdata while Lua values are made from it: when
+ * making them raises (out of memory, a finalizer's error), __gc clears it. */
+typedef struct { PGresult *r; } result_ud;
+
+static int result_gc(lua_State *L) {
+  result_ud *u = luaL_checkudata(L, 1, RESULT_MT);
+  if (u->r) PQclear(u->r);
+  u->r = NULL;
+  return 0;
+}
+
 /* conn:result() -> nil | { ok, rows, changes, sqlstate, message } */
 static int conn_result(lua_State *L) {
   conn *c = check_conn(L);
-  PGresult *r = PQgetResult(c->pg);
+  result_ud *u = lua_newuserdata(L, sizeof *u);       /* before the result: it may raise */
+  u->r = NULL;
+  luaL_getmetatable(L, RESULT_MT);
+  lua_setmetatable(L, -2);
+  PGresult *r = u->r = PQgetResult(c->pg);
   if (r == NULL) return 0;
   ExecStatusType st = PQresultStatus(r);
   int ok = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK || st == PGRES_EMPTY_QUERY;
@@ -302,6 +348,7 @@ static int conn_result(lua_State *L) {
     if (PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY) == NULL) set_string(L, "message", PQresultErrorMessage(r));
   }
   PQclear(r);
+  u->r = NULL;
   return 1;
 }
 
@@ -399,12 +446,17 @@ void tide__close_pg(lua_State *L) {
     b->loop = NULL;
     luaL_unref(L, LUA_REGISTRYINDEX, b->ready_ref);
     b->ready_ref = LUA_NOREF;
+    tide__caller_free(L, &b->caller);
   }
   lua_pop(L, 1);
 }
 
 /* Sets pg_connect and pg_on_ready into the table at the top of the stack. */
-void tide__open_pg(lua_State *L, uv_loop_t *loop) {
+void tide__open_pg(lua_State *L, uv_loop_t *loop, tide__watchdog *wd) {
+  luaL_newmetatable(L, RESULT_MT);
+  lua_pushcfunction(L, result_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
   luaL_newmetatable(L, CONN_MT);
   lua_newtable(L);
   luaL_register(L, NULL, conn_methods);
@@ -417,8 +469,7 @@ void tide__open_pg(lua_State *L, uv_loop_t *loop) {
   binding *b = lua_newuserdata(L, sizeof *b);
   memset(b, 0, sizeof *b);
   b->loop = loop;
-  b->L = lua_newthread(L);
-  b->thread_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  tide__caller_init(L, &b->caller, wd);
   b->ready_ref = LUA_NOREF;
   luaL_newmetatable(L, BINDING_MT);
   lua_pop(L, 1);

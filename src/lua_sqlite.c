@@ -234,10 +234,17 @@ static int db_exec(lua_State *L) {
   return 0;
 }
 
+/* The userdata comes first, empty: making it may raise (out of memory, a
+ * finalizer's error), and then no statement must be held by nobody. */
 static int db_prepare(lua_State *L) {
   conn *c = check_db(L);
   size_t len;
   const char *sql = luaL_checklstring(L, 2, &len);
+  stmt_ud *s = lua_newuserdata(L, sizeof *s);
+  s->c = c;
+  s->st = NULL;
+  luaL_getmetatable(L, STMT_MT);
+  lua_setmetatable(L, -2);
   const char *tail = NULL;
   sqlite3_stmt *st = NULL;
   int rc = sqlite3_prepare_v3(c->db, sql, (int)len, SQLITE_PREPARE_PERSISTENT, &st, &tail);
@@ -248,12 +255,8 @@ static int db_prepare(lua_State *L) {
     sqlite3_finalize(st);
     return luaL_error(L, "%s: one statement expected, more SQL follows: \"%s\"", c->name, tail);
   }
-  stmt_ud *s = lua_newuserdata(L, sizeof *s);
-  s->c = c;
   s->st = st;
   c->refs++;
-  luaL_getmetatable(L, STMT_MT);
-  lua_setmetatable(L, -2);
   return 1;
 }
 
@@ -292,19 +295,21 @@ static int db_tostring(lua_State *L) {
   return 1;
 }
 
-/* sqlite_open(path, name, busy_ms) -> db | nil, message, code */
+/* sqlite_open(path, name, busy_ms) -> db | nil, message, code.  The
+ * userdata is made before the struct it will own (making it may raise). */
 static int l_open(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
   const char *name = luaL_checkstring(L, 2);
   lua_Number busy = luaL_optnumber(L, 3, 5000);
+  db_ud *u = lua_newuserdata(L, sizeof *u);
+  u->c = NULL;
+  luaL_getmetatable(L, DB_MT);
+  lua_setmetatable(L, -2);
   conn *c = calloc(1, sizeof *c);
   if (c == NULL) return luaL_error(L, "%s: out of memory", name);
   snprintf(c->name, sizeof c->name, "%s", name);
   c->refs = 1;
-  db_ud *u = lua_newuserdata(L, sizeof *u);
   u->c = c;
-  luaL_getmetatable(L, DB_MT);
-  lua_setmetatable(L, -2);
   int rc = sqlite3_open_v2(path, &c->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
                            SQLITE_OPEN_NOMUTEX, NULL);
   if (rc != SQLITE_OK) {

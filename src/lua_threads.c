@@ -5,6 +5,7 @@
 #include <lauxlib.h>
 
 #include "bindings.h"
+#include "lua_call.h"
 #include "threads.h"
 
 #define THREADS_MT  "tide.Threads"
@@ -13,8 +14,8 @@
 typedef struct binding {
   tide__pool *pool;
   uv_loop_t *loop;
-  lua_State *L;          /* a thread of our own for the done callback */
-  int thread_ref, done_ref;
+  tide__caller caller;   /* deliveries call Lua through it */
+  int done_ref;
 } binding;
 
 static binding *get(lua_State *L) {
@@ -27,26 +28,26 @@ static binding *get_pool(lua_State *L) {
   return b;
 }
 
-static int traceback(lua_State *L) {
-  luaL_traceback(L, L, lua_tostring(L, 1), 1);
-  return 1;
-}
-
-/* Loop thread: hands a finished job to Lua's done(id, ok, bytes, trace). */
-static void on_done(tide__pool *pool, tide__job *job, void *data) {
-  (void)pool;
-  binding *b = data;
-  lua_State *L = b->L;
-  int top = lua_gettop(L);
-  lua_pushcfunction(L, traceback);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, b->done_ref);
+/* The arguments of done(id, ok, bytes, trace); runs protected. */
+static int push_job(lua_State *L, void *ud) {
+  tide__job *job = ud;
   lua_pushnumber(L, (lua_Number)job->id);
   lua_pushboolean(L, job->status == TIDE_JOB_OK);
   lua_pushlstring(L, job->result ? job->result : "", job->result ? job->result_len : 0);
   if (job->trace) lua_pushstring(L, job->trace); else lua_pushnil(L);
-  if (lua_pcall(L, 4, 0, top + 1) != 0)
-    fprintf(stderr, "tide: internal error delivering a thread result: %s\n", lua_tostring(L, -1));
-  lua_settop(L, top);
+  return 4;
+}
+
+/* Loop thread: hands a finished job to Lua's done(id, ok, bytes, trace).
+ * done allocates first and changes nothing until it cannot fail any more
+ * (tide.engine.thread), so a failed delivery is tried again. */
+static int on_done(tide__pool *pool, tide__job *job, void *data) {
+  (void)pool;
+  binding *b = data;
+  int top = lua_gettop(b->caller.L);
+  int rc = tide__call(&b->caller, b->done_ref, push_job, job, 0, "a thread task's delivery");
+  lua_settop(b->caller.L, top);
+  return rc;
 }
 
 static const char *opt_string(lua_State *L, const char *key) {
@@ -64,15 +65,15 @@ static int l_start(lua_State *L) {
   if (b->pool) { lua_pushboolean(L, 1); return 1; }
   lua_getfield(L, 1, "threads");
   lua_getfield(L, 1, "memory_limit");
-  tide__pool_config cfg = {
-    .threads = (int)luaL_checkinteger(L, -2), .path = opt_string(L, "path"),
-    .cpath = opt_string(L, "cpath"), .init = opt_string(L, "init"),
-    .memory_limit = (size_t)luaL_optnumber(L, -1, 0),
-  };
+  lua_Number threads = luaL_checknumber(L, -2), limit = luaL_optnumber(L, -1, 0);
   lua_pop(L, 2);
-  luaL_argcheck(L, cfg.threads >= 1 && cfg.threads <= 1024, 1, "threads out of range");
-  lua_pushvalue(L, 2);
-  b->done_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  luaL_argcheck(L, threads >= 1 && threads <= TIDE_THREADS_MAX, 1, "threads out of range");
+  luaL_argcheck(L, limit >= 0 && limit < 1e15, 1, "memory_limit out of range");
+  tide__pool_config cfg = {
+    .threads = (int)threads, .path = opt_string(L, "path"),
+    .cpath = opt_string(L, "cpath"), .init = opt_string(L, "init"),
+    .memory_limit = (size_t)limit,
+  };
   char err[256];
   b->pool = tide__pool_start(b->loop, &cfg, on_done, b, err, sizeof err);
   if (b->pool == NULL) {
@@ -80,6 +81,8 @@ static int l_start(lua_State *L) {
     lua_pushstring(L, err);
     return 2;
   }
+  lua_pushvalue(L, 2);                       /* only now: a failed start keeps no reference */
+  b->done_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -118,10 +121,10 @@ static int l_stats(lua_State *L) {
   binding *b = get(L);
   tide__pool_stats st = { 0 };
   if (b->pool) tide__pool_stats_get(b->pool, &st);
-  lua_createtable(L, 0, 7);
+  lua_createtable(L, 0, 8);
 #define FIELD(name) (lua_pushinteger(L, st.name), lua_setfield(L, -2, #name))
   FIELD(size); FIELD(busy); FIELD(idle); FIELD(quarantined);
-  FIELD(replaced); FIELD(queued); FIELD(in_flight);
+  FIELD(replaced); FIELD(panicked); FIELD(queued); FIELD(in_flight);
 #undef FIELD
   return 1;
 }
@@ -141,8 +144,7 @@ static void close_binding(lua_State *L, binding *b) {
 static int l_gc(lua_State *L) {
   binding *b = luaL_checkudata(L, 1, THREADS_MT);
   close_binding(L, b);
-  luaL_unref(L, LUA_REGISTRYINDEX, b->thread_ref);
-  b->thread_ref = LUA_NOREF;
+  tide__caller_free(L, &b->caller);
   return 0;
 }
 
@@ -161,11 +163,10 @@ static const luaL_Reg funcs[] = {
 };
 
 /* Sets the thread_* functions into the table at the top of the stack. */
-void tide__open_threads(lua_State *L, uv_loop_t *loop) {
+void tide__open_threads(lua_State *L, uv_loop_t *loop, tide__watchdog *wd) {
   binding *b = lua_newuserdata(L, sizeof *b);
   *b = (binding){ .loop = loop, .done_ref = LUA_NOREF };
-  b->L = lua_newthread(L);
-  b->thread_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  tide__caller_init(L, &b->caller, wd);
   luaL_newmetatable(L, THREADS_MT);
   lua_pushcfunction(L, l_gc);
   lua_setfield(L, -2, "__gc");
@@ -173,4 +174,6 @@ void tide__open_threads(lua_State *L, uv_loop_t *loop) {
   lua_pushvalue(L, -1);
   lua_setfield(L, LUA_REGISTRYINDEX, THREADS_KEY);
   luaL_openlib(L, NULL, funcs, 1);         /* pops the userdata: the upvalue */
+  lua_pushinteger(L, TIDE_THREADS_MAX);
+  lua_setfield(L, -2, "thread_max");
 }

@@ -4,12 +4,8 @@
 #include <lauxlib.h>
 #include <lualib.h>
 
+#include "lua_call.h"
 #include "tide.h"
-
-static int traceback(lua_State *L) {
-  luaL_traceback(L, L, lua_tostring(L, 1), 1);
-  return 1;
-}
 
 int main(int argc, char **argv) {
   lua_State *L = luaL_newstate();
@@ -24,7 +20,7 @@ int main(int argc, char **argv) {
     goto done;
   }
   lua_settop(L, 0);
-  lua_pushcfunction(L, traceback);
+  lua_pushcfunction(L, tide__traceback);
   lua_getglobal(L, "require");
   lua_pushstring(L, "tide.cli.main");
   lua_call(L, 1, 1);

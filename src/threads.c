@@ -9,7 +9,7 @@
 #include "worker.h"
 
 /* One worker thread.  `current` and `quarantined` are guarded by the pool's
- * mutex; the worker's Lua state is its own thread's alone. */
+ * mutex; the worker's Lua state is its own thread's alone (it makes it). */
 typedef struct slot {
   tide__worker w;
   uv_thread_t thread;
@@ -18,15 +18,27 @@ typedef struct slot {
   int quarantined;          /* given up on: retires (and frees itself) when it returns */
 } slot;
 
+/* Where a job is: the `place` of a job in the pool. */
+enum { QUEUED = 1, RUNNING, DONE, DELIVERING };
+
+/* The jobs of the pool by id: open addressing, linear probing, deletion by
+ * backward shift.  Holds every job whose place is QUEUED, RUNNING or DONE. */
+typedef struct jobmap {
+  tide__job **slots;
+  size_t cap, count;        /* cap: a power of two, or 0 */
+} jobmap;
+
 /* Invariants, under `mu`: every job is in exactly one place — `queue`, a
- * slot's `current`, `done`, or handed to on_done/freed; `refs` counts the
- * loop side (until close) plus each quarantined thread still running, and
- * the last to drop it frees the pool. */
+ * slot's `current`, `done`, or handed to on_done/freed — and is in `jobs`
+ * exactly while it is in one of the first three; `refs` counts the loop
+ * side (until close) plus each quarantined thread still running, and the
+ * last to drop it frees the pool. */
 struct tide__pool {
   uv_mutex_t mu;
   uv_cond_t cv;
   tide__job *queue, *queue_tail;
   tide__job *done, *done_tail;
+  jobmap jobs;
   uv_async_t *async;
   slot **slots;             /* the active workers (never quarantined ones) */
   int nslots;
@@ -34,7 +46,7 @@ struct tide__pool {
   tide__job_cb on_done;
   void *data;
   int closing, refs;
-  int busy, queued, quarantined, replaced;
+  int busy, queued, quarantined, replaced, panicked;
   int sleeping;             /* workers waiting on `cv`: signal only when > 0 */
   int in_flight;            /* loop thread only */
 };
@@ -70,26 +82,84 @@ void tide__job_free(tide__job *job) {
   free(job);
 }
 
+static void map_del(jobmap *m, uint64_t id);
+
+/* ===== lists (doubly linked: a job leaves any place in O(1)) */
+
 static void append(tide__job **head, tide__job **tail, tide__job *job) {
   job->next = NULL;
+  job->prev = *tail;
   if (*tail) (*tail)->next = job; else *head = job;
   *tail = job;
 }
 
-/* Unlinks the job with `id` from a list; returns it or NULL. */
-static tide__job *unlink_id(tide__job **head, tide__job **tail, uint64_t id) {
-  tide__job *prev = NULL;
-  for (tide__job *j = *head; j; prev = j, j = j->next) {
-    if (j->id != id) continue;
-    if (prev) prev->next = j->next; else *head = j->next;
-    if (*tail == j) *tail = prev;
-    return j;
-  }
-  return NULL;
+static void unlink_job(tide__job **head, tide__job **tail, tide__job *job) {
+  if (job->prev) job->prev->next = job->next; else *head = job->next;
+  if (job->next) job->next->prev = job->prev; else *tail = job->prev;
+  job->prev = job->next = NULL;
 }
 
-static void free_list(tide__job *j) {
-  while (j) { tide__job *next = j->next; tide__job_free(j); j = next; }
+/* Frees a list of jobs, taking each out of the map. */
+static void free_list(jobmap *m, tide__job *j) {
+  while (j) {
+    tide__job *next = j->next;
+    map_del(m, j->id);
+    tide__job_free(j);
+    j = next;
+  }
+}
+
+/* ===== the map of jobs by id */
+
+static size_t hash_id(uint64_t id) {
+  id ^= id >> 33;
+  id *= 0xff51afd7ed558ccdull;
+  id ^= id >> 33;
+  return (size_t)id;
+}
+
+/* Index of job `id` in the map, or of the empty slot where it would go. */
+static size_t map_find(const jobmap *m, uint64_t id) {
+  size_t mask = m->cap - 1, i = hash_id(id) & mask;
+  while (m->slots[i] && m->slots[i]->id != id) i = (i + 1) & mask;
+  return i;
+}
+
+static tide__job *map_get(const jobmap *m, uint64_t id) {
+  return m->cap ? m->slots[map_find(m, id)] : NULL;
+}
+
+/* Adds a job (its id not in the map); 0, or -1 when out of memory. */
+static int map_put(jobmap *m, tide__job *job) {
+  if (2 * (m->count + 1) > m->cap) {                 /* at most half full */
+    size_t cap = m->cap ? 2 * m->cap : 64;
+    tide__job **slots = calloc(cap, sizeof *slots);
+    if (slots == NULL) return -1;
+    jobmap bigger = { slots, cap, m->count };
+    for (size_t i = 0; i < m->cap; i++)
+      if (m->slots[i]) slots[map_find(&bigger, m->slots[i]->id)] = m->slots[i];
+    free(m->slots);
+    *m = bigger;
+  }
+  m->slots[map_find(m, job->id)] = job;
+  m->count++;
+  return 0;
+}
+
+static void map_del(jobmap *m, uint64_t id) {
+  if (m->cap == 0) return;
+  size_t mask = m->cap - 1, i = map_find(m, id);
+  if (m->slots[i] == NULL) return;
+  m->slots[i] = NULL;
+  m->count--;
+  for (size_t j = (i + 1) & mask; m->slots[j]; j = (j + 1) & mask) {
+    size_t home = hash_id(m->slots[j]->id) & mask;    /* may it move back to i? */
+    if (((j - home) & mask) >= ((j - i) & mask)) {
+      m->slots[i] = m->slots[j];
+      m->slots[j] = NULL;
+      i = j;
+    }
+  }
 }
 
 /* ===== the pool's lifetime */
@@ -97,6 +167,7 @@ static void free_list(tide__job *j) {
 static void pool_free(tide__pool *p) {
   uv_mutex_destroy(&p->mu);
   uv_cond_destroy(&p->cv);
+  free(p->jobs.slots);
   free((char *)p->cfg.path);
   free((char *)p->cfg.cpath);
   free((char *)p->cfg.init);
@@ -123,13 +194,13 @@ static tide__job *take(tide__pool *p, slot *s) {
   }
   if (p->closing) return NULL;
   tide__job *job = p->queue;
-  p->queue = job->next;
-  if (p->queue == NULL) p->queue_tail = NULL;
+  unlink_job(&p->queue, &p->queue_tail, job);
   p->queued--;
   p->busy++;
+  job->place = RUNNING;
+  job->slot = s;
   s->current = job;
   atomic_store(&s->w.running, job->id);
-  lua_sethook(s->w.L, NULL, 0, 0);          /* a stale stop request from before */
   return job;
 }
 
@@ -137,11 +208,16 @@ static tide__job *take(tide__pool *p, slot *s) {
 static void give_back(tide__pool *p, slot *s, tide__job *job) {
   atomic_store(&s->w.running, 0);
   s->current = NULL;
+  job->slot = NULL;
   if (!s->quarantined) p->busy--;            /* a quarantined one stopped counting */
+  p->panicked += s->w.panics;
+  s->w.panics = 0;
   if (job->abandoned || p->closing) {
+    map_del(&p->jobs, job->id);
     tide__job_free(job);
     return;
   }
+  job->place = DONE;
   append(&p->done, &p->done_tail, job);
   uv_async_send(p->async);
 }
@@ -149,6 +225,8 @@ static void give_back(tide__pool *p, slot *s, tide__job *job) {
 static void worker_main(void *arg) {
   slot *s = arg;
   tide__pool *p = s->pool;
+  char err[256];
+  tide__worker_open(&s->w, &p->cfg, err, sizeof err);   /* a failure fails each job */
   uv_mutex_lock(&p->mu);
   tide__job *job;
   while (!s->quarantined && (job = take(p, s)) != NULL) {
@@ -166,16 +244,15 @@ static void worker_main(void *arg) {
   }
 }
 
-/* Creates a worker with its state and starts its thread.  Loop thread. */
+/* Starts a worker thread (which makes its own state).  Loop thread. */
 static slot *start_slot(tide__pool *p, int index, char *err, size_t errlen) {
   slot *s = calloc(1, sizeof *s);
   if (s == NULL) { snprintf(err, errlen, "out of memory"); return NULL; }
   s->pool = p;
   s->w.index = index;
-  if (tide__worker_open(&s->w, &p->cfg, err, errlen) != 0) { free(s); return NULL; }
+  s->w.cfg = &p->cfg;
   if (uv_thread_create(&s->thread, worker_main, s) != 0) {
     snprintf(err, errlen, "cannot start thread %d", index);
-    tide__worker_close(&s->w);
     free(s);
     return NULL;
   }
@@ -186,22 +263,52 @@ static slot *start_slot(tide__pool *p, int index, char *err, size_t errlen) {
 
 /* Delivers finished jobs.  on_done may close the pool: a reference held
  * for the batch keeps it allocated, and what is left after a close is freed
- * undelivered. */
+ * undelivered.  A job on_done could not deliver goes back to `done`, for
+ * the next wake-up (at most MAX_DELIVERIES tries: then it is dropped, said
+ * on stderr, and its task waits until the loop reaps it). */
+#define MAX_DELIVERIES 100
+
 static void on_async(uv_async_t *a) {
   tide__pool *p = a->data;
+  tide__job *retry = NULL, *retry_tail = NULL;
   uv_mutex_lock(&p->mu);
   tide__job *job = p->done;
   p->done = p->done_tail = NULL;
+  for (tide__job *j = job; j; j = j->next) {
+    j->place = DELIVERING;
+    map_del(&p->jobs, j->id);
+  }
   p->refs++;
   uv_mutex_unlock(&p->mu);
   while (job) {
     tide__job *next = job->next;
-    if (!p->closing) {
-      p->in_flight--;
-      p->on_done(p, job, p->data);
+    if (!p->closing && p->on_done(p, job, p->data) != 0 && ++job->deliveries < MAX_DELIVERIES) {
+      append(&retry, &retry_tail, job);
+    } else {
+      if (job->deliveries >= MAX_DELIVERIES)
+        fprintf(stderr, "tide: thread job %llu could not be delivered; dropped\n",
+                (unsigned long long)job->id);
+      if (!p->closing) p->in_flight--;
+      tide__job_free(job);
     }
-    tide__job_free(job);
     job = next;
+  }
+  if (retry) {
+    int dropped = 0;
+    uv_mutex_lock(&p->mu);
+    for (tide__job *j = retry, *next; j; j = next) {
+      next = j->next;
+      if (p->closing || map_put(&p->jobs, j) != 0) {
+        dropped += !p->closing;
+        tide__job_free(j);
+        continue;
+      }
+      j->place = DONE;
+      append(&p->done, &p->done_tail, j);
+    }
+    if (p->done) uv_async_send(p->async);
+    uv_mutex_unlock(&p->mu);
+    p->in_flight -= dropped;
   }
   if (!p->closing && p->in_flight == 0) uv_unref((uv_handle_t *)p->async);
   pool_unref(p);
@@ -213,8 +320,19 @@ static char *dup_str(const char *s) {
 
 tide__pool *tide__pool_start(uv_loop_t *loop, const tide__pool_config *cfg,
                              tide__job_cb on_done, void *data, char *err, size_t errlen) {
+  if (cfg->threads < 1 || cfg->threads > TIDE_THREADS_MAX) {
+    snprintf(err, errlen, "threads must be from 1 to %d (got %d)", TIDE_THREADS_MAX, cfg->threads);
+    return NULL;
+  }
   tide__pool *p = calloc(1, sizeof *p);
   if (p == NULL) { snprintf(err, errlen, "out of memory"); return NULL; }
+  if (uv_mutex_init(&p->mu) != 0) { free(p); snprintf(err, errlen, "cannot make a mutex"); return NULL; }
+  if (uv_cond_init(&p->cv) != 0) {
+    uv_mutex_destroy(&p->mu);
+    free(p);
+    snprintf(err, errlen, "cannot make a condition variable");
+    return NULL;
+  }
   p->cfg = (tide__pool_config){ cfg->threads, dup_str(cfg->path), dup_str(cfg->cpath),
                                 dup_str(cfg->init), cfg->memory_limit };
   p->on_done = on_done;
@@ -222,15 +340,18 @@ tide__pool *tide__pool_start(uv_loop_t *loop, const tide__pool_config *cfg,
   p->refs = 1;
   p->slots = calloc((size_t)cfg->threads, sizeof *p->slots);
   p->async = malloc(sizeof *p->async);
-  uv_mutex_init(&p->mu);
-  uv_cond_init(&p->cv);
-  if (p->slots == NULL || p->async == NULL) {
+  int rc = -1;
+  if (p->slots == NULL || p->async == NULL || (cfg->path && !p->cfg.path) ||
+      (cfg->cpath && !p->cfg.cpath) || (cfg->init && !p->cfg.init)) {
     snprintf(err, errlen, "out of memory");
+  } else if ((rc = uv_async_init(loop, p->async, on_async)) != 0) {
+    snprintf(err, errlen, "cannot watch for results: %s", uv_strerror(rc));
+  }
+  if (rc != 0) {
     free(p->async);
     pool_free(p);
     return NULL;
   }
-  uv_async_init(loop, p->async, on_async);
   p->async->data = p;
   uv_unref((uv_handle_t *)p->async);
   for (int i = 0; i < cfg->threads; i++) {
@@ -245,42 +366,39 @@ tide__pool *tide__pool_start(uv_loop_t *loop, const tide__pool_config *cfg,
 
 int tide__pool_submit(tide__pool *p, tide__job *job) {
   uv_mutex_lock(&p->mu);
-  int closing = p->closing;
-  if (!closing) {
+  int rc = p->closing ? -1 : map_put(&p->jobs, job);
+  if (rc == 0) {
+    job->place = QUEUED;
     append(&p->queue, &p->queue_tail, job);
     p->queued++;
     if (p->sleeping > 0) uv_cond_signal(&p->cv);   /* a busy worker finds it anyway */
   }
   uv_mutex_unlock(&p->mu);
-  if (closing) return -1;
+  if (rc != 0) return -1;
   if (p->in_flight++ == 0) uv_ref((uv_handle_t *)p->async);
   return 0;
-}
-
-static slot *running(tide__pool *p, uint64_t id) {
-  for (int i = 0; i < p->nslots; i++)
-    if (p->slots[i]->current && p->slots[i]->current->id == id) return p->slots[i];
-  return NULL;
 }
 
 int tide__pool_cancel(tide__pool *p, uint64_t id) {
   int rc = 0;
   uv_mutex_lock(&p->mu);
-  tide__job *job = unlink_id(&p->queue, &p->queue_tail, id);
-  if (job) {
+  tide__job *job = map_get(&p->jobs, id);
+  if (job && job->place == QUEUED) {
+    unlink_job(&p->queue, &p->queue_tail, job);
+    map_del(&p->jobs, id);
     p->queued--;
     tide__job_free(job);
     rc = 1;
-  } else if ((job = unlink_id(&p->done, &p->done_tail, id)) != NULL) {
-    tide__job_free(job);                     /* finished, not yet delivered */
+  } else if (job && job->place == DONE) {    /* finished, not yet delivered */
+    unlink_job(&p->done, &p->done_tail, job);
+    map_del(&p->jobs, id);
+    tide__job_free(job);
     rc = 2;
-  } else {
-    slot *s = running(p, id);
-    if (s) {
-      s->current->abandoned = 1;
-      tide__worker_interrupt(&s->w, id);
-      rc = 2;
-    }
+  } else if (job && job->place == RUNNING && !job->abandoned) {
+    slot *s = job->slot;
+    job->abandoned = 1;                      /* stays in the map, for quarantine */
+    tide__worker_interrupt(&s->w, id);
+    rc = 2;
   }
   uv_mutex_unlock(&p->mu);
   if (rc && --p->in_flight == 0) uv_unref((uv_handle_t *)p->async);
@@ -289,24 +407,27 @@ int tide__pool_cancel(tide__pool *p, uint64_t id) {
 
 int tide__pool_quarantine(tide__pool *p, uint64_t id) {
   uv_mutex_lock(&p->mu);
-  slot *s = running(p, id);
+  tide__job *job = map_get(&p->jobs, id);
+  slot *s = job && job->place == RUNNING ? job->slot : NULL;
   int i = 0, index = 0, was_abandoned = 0;
-  if (s) {
-    while (p->slots[i] != s) i++;
+  if (s && !s->quarantined) {
+    while (i < p->nslots && p->slots[i] != s) i++;
     index = s->w.index;                      /* s is the thread's own from here on */
-    was_abandoned = s->current->abandoned;
+    was_abandoned = job->abandoned;
     s->quarantined = 1;
-    s->current->abandoned = 1;
+    job->abandoned = 1;
     p->quarantined++;
     p->busy--;
     p->refs++;                               /* the thread holds the pool now */
     pthread_detach(s->thread);
+  } else {
+    s = NULL;
   }
   uv_mutex_unlock(&p->mu);
   if (s == NULL) return 0;
   if (!was_abandoned && --p->in_flight == 0) uv_unref((uv_handle_t *)p->async);
   char err[256];
-  slot *fresh = start_slot(p, index, err, sizeof err);
+  slot *fresh = start_slot(p, index, err, sizeof err);   /* makes its state on its thread */
   uv_mutex_lock(&p->mu);
   if (fresh) {
     p->slots[i] = fresh;
@@ -326,6 +447,7 @@ void tide__pool_stats_get(tide__pool *p, tide__pool_stats *st) {
   st->idle = p->nslots - p->busy;
   st->quarantined = p->quarantined;
   st->replaced = p->replaced;
+  st->panicked = p->panicked;
   st->queued = p->queued;
   st->in_flight = p->in_flight;
   uv_mutex_unlock(&p->mu);
@@ -350,8 +472,8 @@ void tide__pool_close(tide__pool *p) {
     pthread_detach(s->thread);
     p->slots[i] = NULL;
   }
-  free_list(p->queue);
-  free_list(p->done);
+  free_list(&p->jobs, p->queue);             /* the running jobs stay in the map */
+  free_list(&p->jobs, p->done);
   p->queue = p->queue_tail = p->done = p->done_tail = NULL;
   uv_mutex_unlock(&p->mu);
   for (int i = 0; i < p->nslots; i++) {      /* idle ones exit: join them */

@@ -6,12 +6,16 @@
  *
  * The loop thread submits jobs; workers take them in order; finished jobs
  * are queued back and `on_done` runs for each on the loop thread (woken by
- * a uv_async_t).  A running job can be asked to stop: the worker's debug
- * hook raises "cancelled" at its next check.  LuaJIT runs no hooks inside
+ * a uv_async_t).  Each worker creates its Lua state (and runs thread_init)
+ * on its own thread, so starting a pool or replacing a thread never holds
+ * the loop.  A running job can be asked to stop: the worker's debug hook
+ * raises "cancelled" at its next check.  LuaJIT runs no hooks inside
  * compiled traces, so a job may not stop; tide__pool_quarantine then gives
  * up on its worker: a replacement starts at once, so the pool keeps its size,
  * and the stuck worker retires by itself if it ever returns (its result is
  * dropped).  At close, idle workers are joined and busy ones abandoned.
+ * Every job is found by its id in O(1) (a hash of the jobs in the pool),
+ * so cancelling many queued jobs costs no scan of the queue.
  *
  * Unless said otherwise, call these only from the loop thread.
  */
@@ -24,6 +28,8 @@
 #include <uv.h>
 
 typedef enum { TIDE_JOB_OK = 0, TIDE_JOB_ERROR = 1 } tide__job_status;
+
+#define TIDE_THREADS_MAX 1024  /* most threads a pool may have */
 
 typedef struct tide__job {
   uint64_t id;                 /* chosen by the submitter, unique while live */
@@ -39,14 +45,21 @@ typedef struct tide__job {
   char *trace;                 /* error message with the thread's traceback  */
   /* pool bookkeeping */
   int abandoned;               /* cancelled or timed out: result is dropped */
-  struct tide__job *next;
+  int place;                   /* where it is (threads.c)                   */
+  int deliveries;              /* failed attempts to deliver it             */
+  void *slot;                  /* the worker running it                     */
+  struct tide__job *prev, *next;
 } tide__job;
 
 typedef struct tide__pool tide__pool;
-typedef void (*tide__job_cb)(tide__pool *pool, tide__job *job, void *data);
+
+/* Delivers a finished job (loop thread).  Returns 0 when it was delivered;
+ * non-zero when it could not be (the Lua call failed before it changed
+ * anything): the pool keeps the job and tries again at the next wake-up. */
+typedef int (*tide__job_cb)(tide__pool *pool, tide__job *job, void *data);
 
 typedef struct tide__pool_config {
-  int threads;                 /* >= 1                                      */
+  int threads;                 /* 1 .. TIDE_THREADS_MAX                     */
   const char *path, *cpath;    /* package.path / cpath for worker states    */
   const char *init;            /* module each worker requires once, or NULL */
   size_t memory_limit;         /* bytes per worker state; 0: no limit       */
@@ -54,13 +67,17 @@ typedef struct tide__pool_config {
 
 typedef struct tide__pool_stats {
   int size, busy, idle, quarantined, replaced;
+  int panicked;                /* worker states discarded after a panic     */
   int queued;                  /* jobs waiting for a worker                 */
   int in_flight;               /* submitted, not yet delivered or abandoned */
 } tide__pool_stats;
 
 /* Starts the pool on `loop`.  on_done(pool, job, data) runs on the loop
  * thread for each finished job that was not abandoned; the pool frees the
- * job after it returns.  NULL with a message in err on failure. */
+ * job once it was delivered.  The threads start at once; each makes its
+ * state before its first job (a state that cannot be made, or whose init
+ * fails, fails every job it is given, with the reason).  NULL with a
+ * message in err when the threads cannot start. */
 tide__pool *tide__pool_start(uv_loop_t *loop, const tide__pool_config *cfg,
                              tide__job_cb on_done, void *data, char *err, size_t errlen);
 
@@ -73,7 +90,8 @@ void tide__job_free(tide__job *job);
 int tide__pool_submit(tide__pool *pool, tide__job *job);
 
 /* Gives up on job `id`: a queued job is dropped (1); a running one is
- * asked to stop and its result will be dropped (2); 0 when unknown. */
+ * asked to stop and its result will be dropped (2); 0 when unknown or
+ * given up on already.  O(1). */
 int tide__pool_cancel(tide__pool *pool, uint64_t id);
 
 /* If job `id` is still running (it ignored the stop request), quarantines

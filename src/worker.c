@@ -1,6 +1,7 @@
 /* worker.c — a pool thread's LuaJIT state: creation, the thread-side `tide`, and running a job. */
 #include "worker.h"
 
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,9 +12,15 @@
 #include <uv.h>
 
 #include "codec.h"
+#include "lua_call.h"
 
 #define TRACE_KEY "tide.trace"     /* registry: traceback of the last error */
 #define FNS_KEY   "tide.fns"       /* registry: function cache, by name or bytecode */
+#define MAX_ARGS  7000             /* most arguments a job may pass (LUAI_MAXCSTACK is 8000) */
+
+/* The worker this thread runs: the thread-side functions, the hook and the
+ * panic function find it here (a worker's state is its thread's alone). */
+static _Thread_local tide__worker *self;
 
 /* ===== memory: every state allocates through this, with an optional limit */
 
@@ -31,16 +38,7 @@ static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   return p;
 }
 
-#define WORKER_KEY "tide.worker"   /* registry: lightuserdata, this state's worker */
-
-static tide__worker *worker_of(lua_State *L) {
-  lua_getfield(L, LUA_REGISTRYINDEX, WORKER_KEY);
-  tide__worker *w = lua_touserdata(L, -1);
-  lua_pop(L, 1);
-  return w;
-}
-
-/* ===== stopping: a hook set from the loop thread, checked by the worker */
+/* ===== stopping: a hook the worker installs on its own state */
 
 /* Raises "cancelled" when the job now running was asked to stop. */
 static void check_stop(lua_State *L, tide__worker *w) {
@@ -48,17 +46,17 @@ static void check_stop(lua_State *L, tide__worker *w) {
   if (running != 0 && atomic_load(&w->stop) == running) luaL_error(L, "cancelled");
 }
 
+/* Installed once, by the worker's thread, when it makes the state; runs
+ * every TIDE_STOP_CHECK_INSTRUCTIONS interpreted instructions (a count hook
+ * costs the interpreter next to nothing between calls, and compiled code
+ * nothing at all -- nor does it run there). */
 static void stop_hook(lua_State *L, lua_Debug *ar) {
   (void)ar;
-  lua_sethook(L, NULL, 0, 0);      /* one shot: stale requests cost one hit */
-  check_stop(L, worker_of(L));
+  if (self) check_stop(L, self);
 }
 
-/* Like luajit's own SIGINT handler, this sets a hook on a state that another
- * thread is running: LuaJIT reads the hook fields at its next dispatch. */
 void tide__worker_interrupt(tide__worker *w, uint64_t id) {
   atomic_store(&w->stop, id);
-  lua_sethook(w->L, stop_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
 }
 
 /* ===== the thread-side `tide` module */
@@ -72,10 +70,9 @@ static int t_now(lua_State *L) {
 static int t_sleep(lua_State *L) {
   double ms = luaL_checknumber(L, 1);
   luaL_argcheck(L, ms >= 0 && ms < 1e12, 1, "non-negative number of ms expected");
-  tide__worker *w = worker_of(L);
   uint64_t end = uv_hrtime() + (uint64_t)(ms * 1e6);
   for (;;) {
-    check_stop(L, w);
+    check_stop(L, self);
     uint64_t now = uv_hrtime();
     if (now >= end) break;
     uint64_t ns = end - now < 5000000 ? end - now : 5000000;
@@ -87,7 +84,7 @@ static int t_sleep(lua_State *L) {
 
 /* check(): a cancellation point for loops the debug hook cannot reach. */
 static int t_check(lua_State *L) {
-  check_stop(L, worker_of(L));
+  check_stop(L, self);
   return 0;
 }
 
@@ -97,7 +94,7 @@ static int t_log(lua_State *L) {
   int n = lua_gettop(L);
   luaL_checkstack(L, 2 * n + 4, "too many arguments to log");
   lua_getglobal(L, "tostring");                          /* n + 1 */
-  lua_pushfstring(L, "tide[thread %d]:", worker_of(L)->index);
+  lua_pushfstring(L, "tide[thread %d]:", self->index);
   for (int i = 1; i <= n; i++) {
     lua_pushliteral(L, " ");
     lua_pushvalue(L, n + 1);
@@ -116,67 +113,37 @@ static const luaL_Reg thread_funcs[] = {
   { "now", t_now }, { "sleep", t_sleep }, { "check", t_check }, { "log", t_log }, { NULL, NULL }
 };
 
-/* ===== opening a worker state */
+/* ===== failing a job from C (when Lua cannot be used) */
 
-static int open_state(lua_State *L) {
-  const tide__pool_config *cfg = lua_touserdata(L, 1);
-  tide__worker *w = lua_touserdata(L, 2);
-  lua_pushlightuserdata(L, w);
-  lua_setfield(L, LUA_REGISTRYINDEX, WORKER_KEY);
-  luaL_openlibs(L);
-  lua_getglobal(L, "package");
-  if (cfg->path) { lua_pushstring(L, cfg->path); lua_setfield(L, -2, "path"); }
-  if (cfg->cpath) { lua_pushstring(L, cfg->cpath); lua_setfield(L, -2, "cpath"); }
-  lua_getfield(L, -1, "loaded");
-  lua_newtable(L);
-  luaL_register(L, NULL, thread_funcs);
-  lua_pushinteger(L, w->index);
-  lua_setfield(L, -2, "thread");
-  lua_setfield(L, -2, "tide");              /* package.loaded.tide */
-  lua_newtable(L);
-  lua_setfield(L, LUA_REGISTRYINDEX, FNS_KEY);
-  if (cfg->init) {
-    lua_getglobal(L, "require");
-    lua_pushstring(L, cfg->init);
-    if (lua_pcall(L, 1, 0, 0) != 0)
-      snprintf(w->init_error, sizeof w->init_error, "thread_init '%s' failed: %s",
-               cfg->init, lua_tostring(L, -1));
-  }
-  return 0;
+static char *copy_bytes(const char *s, size_t len) {
+  char *p = malloc(len + 1);
+  if (p) { memcpy(p, s, len); p[len] = '\0'; }
+  return p;
 }
 
-int tide__worker_open(tide__worker *w, const tide__pool_config *cfg, char *err, size_t errlen) {
-  /* LuaJIT's own allocator is faster; ours only when a limit is asked for. */
-  w->limit = cfg->memory_limit;
-  w->L = w->limit ? lua_newstate(limited_alloc, w) : luaL_newstate();
-  if (w->L == NULL) {
-    snprintf(err, errlen, "cannot create a Lua state for thread %d", w->index);
-    return -1;
-  }
-  lua_pushcfunction(w->L, open_state);
-  lua_pushlightuserdata(w->L, (void *)cfg);
-  lua_pushlightuserdata(w->L, w);
-  if (lua_pcall(w->L, 2, 0, 0) != 0) {
-    snprintf(err, errlen, "cannot set up thread %d: %s", w->index, lua_tostring(w->L, -1));
-    lua_close(w->L);
-    w->L = NULL;
-    return -1;
-  }
-  return 0;
+/* Makes the job an error with this message as its value and trace. */
+static void fail_job(tide__job *job, const char *fmt, ...) {
+  char msg[512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  tide_buf buf;
+  tide__buf_init(&buf);
+  tide__encode_string(&buf, msg, strlen(msg));       /* out of memory: an empty result */
+  free(job->result);
+  free(job->trace);
+  job->status = TIDE_JOB_ERROR;
+  job->result = buf.data;
+  job->result_len = buf.len;
+  job->trace = copy_bytes(msg, strlen(msg));
 }
 
-void tide__worker_close(tide__worker *w) {
-  if (w->L) lua_close(w->L);
-  w->L = NULL;
-}
+/* ===== running a job (all inside body(), one protected call) */
 
-/* ===== running a job */
-
-/* Error handler: records the traceback, keeps the original error value. */
+/* Error handler of a job: records the traceback, keeps the error value. */
 static int on_error(lua_State *L) {
-  const char *msg = lua_tostring(L, 1);
-  if (msg == NULL) msg = lua_isnil(L, 1) ? "nil" : "(error object is not a string)";
-  luaL_traceback(L, L, msg, 1);
+  tide__traceback(L);                                /* err, traceback */
   lua_setfield(L, LUA_REGISTRYINDEX, TRACE_KEY);
   lua_settop(L, 1);
   return 1;
@@ -209,7 +176,24 @@ static void push_function(lua_State *L, tide__job *job) {
   lua_remove(L, -2);                         /* the cache table */
 }
 
-/* Protected body: function, arguments, call; returns { n = N, ... }. */
+/* The argument count of the argument table at idx: its field n, which the
+ * bytes may carry with any value (checked), or its length. */
+static int arg_count(lua_State *L, int idx) {
+  lua_getfield(L, idx, "n");
+  int n;
+  if (lua_isnil(L, -1)) {
+    size_t len = lua_objlen(L, idx);
+    n = len > MAX_ARGS ? -1 : (int)len;
+  } else {
+    lua_Number d = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : -1;
+    n = d >= 0 && d <= MAX_ARGS && d == (lua_Number)(int)d ? (int)d : -1;
+  }
+  lua_pop(L, 1);
+  if (n < 0) luaL_error(L, "bad arguments: 'n' must be an integer from 0 to %d", MAX_ARGS);
+  return n;
+}
+
+/* Protected: function, arguments, call; returns { n = N, ... }. */
 static int run_job(lua_State *L) {
   tide__job *job = lua_touserdata(L, 1);
   lua_settop(L, 0);
@@ -217,10 +201,8 @@ static int run_job(lua_State *L) {
   char err[256];
   if (tide__decode(L, job->args, job->args_len, err, sizeof err) != 0)
     return luaL_error(L, "bad arguments: %s", err);
-  int n = (int)lua_objlen(L, 2);
-  lua_getfield(L, 2, "n");
-  if (lua_isnumber(L, -1)) n = (int)lua_tointeger(L, -1);
-  lua_pop(L, 1);
+  if (!lua_istable(L, 2)) return luaL_error(L, "bad arguments: a table expected");
+  int n = arg_count(L, 2);
   luaL_checkstack(L, n + LUA_MINSTACK, "too many arguments");
   for (int i = 1; i <= n; i++) lua_rawgeti(L, 2, i);
   lua_remove(L, 2);                          /* the argument table */
@@ -234,12 +216,6 @@ static int run_job(lua_State *L) {
   return 1;
 }
 
-static char *copy_bytes(const char *s, size_t len) {
-  char *p = malloc(len + 1);
-  if (p) { memcpy(p, s, len); p[len] = '\0'; }
-  return p;
-}
-
 /* Encodes the value at the top as the job's result (or, failing that, the
  * encoding error as an error string). */
 static void take_result(lua_State *L, tide__job *job, const char *root) {
@@ -248,38 +224,195 @@ static void take_result(lua_State *L, tide__job *job, const char *root) {
   tide__buf_init(&buf);
   if (tide__encode(L, -1, root, &buf, err, sizeof err) != 0) {
     job->status = TIDE_JOB_ERROR;
-    lua_pushstring(L, err);
-    tide__encode(L, -1, root, &buf, err, sizeof err);
     if (job->trace == NULL) job->trace = copy_bytes(err, strlen(err));
+    tide__encode_string(&buf, err, strlen(err));
   }
   job->result = buf.data;
   job->result_len = buf.len;
 }
 
-void tide__worker_run(tide__worker *w, tide__job *job) {
-  lua_State *L = w->L;
-  int top = lua_gettop(L);
-  if (w->init_error[0]) {                    /* every job fails like its init */
-    job->status = TIDE_JOB_ERROR;
-    job->trace = copy_bytes(w->init_error, strlen(w->init_error));
-    lua_pushstring(L, w->init_error);
-  } else {
-    lua_pushcfunction(L, on_error);
-    lua_pushcfunction(L, run_job);
-    lua_pushlightuserdata(L, job);
-    int rc = lua_pcall(L, 1, 1, top + 1);
-    job->status = rc == 0 ? TIDE_JOB_OK : TIDE_JOB_ERROR;
-    if (rc != 0) {
-      lua_gc(L, LUA_GCCOLLECT, 0);           /* the failed job's garbage, before allocating */
-      lua_getfield(L, LUA_REGISTRYINDEX, TRACE_KEY);
-      const char *tb = lua_tostring(L, -1);
-      if (tb == NULL || rc == LUA_ERRMEM) tb = lua_tostring(L, -2);
-      if (tb) job->trace = copy_bytes(tb, strlen(tb));
-      lua_pop(L, 1);
-      lua_pushnil(L);
-      lua_setfield(L, LUA_REGISTRYINDEX, TRACE_KEY);
-    }
+/* body(job, worker): runs the job protected and records its outcome.
+ * Itself runs protected (tide__worker_run): whatever it allocates may
+ * raise (out of memory, a finalizer's error), and then the job is failed
+ * from C. */
+static int body(lua_State *L) {
+  tide__job *job = lua_touserdata(L, 1);
+  tide__worker *w = lua_touserdata(L, 2);
+  lua_settop(L, 0);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->handler_ref);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->job_ref);
+  lua_pushlightuserdata(L, job);
+  int rc = lua_pcall(L, 1, 1, 1);
+  job->status = rc == 0 ? TIDE_JOB_OK : TIDE_JOB_ERROR;
+  if (rc != 0) {
+    /* Out of memory: the failed job's garbage goes before its error is
+     * encoded.  Any other failure leaves the collector to its pace (a
+     * full collection of a large heap costs a second or more). */
+    if (rc == LUA_ERRMEM) lua_gc(L, LUA_GCCOLLECT, 0);
+    lua_getfield(L, LUA_REGISTRYINDEX, TRACE_KEY);
+    const char *tb = lua_tostring(L, -1);
+    if (tb == NULL || rc == LUA_ERRMEM) tb = lua_tostring(L, -2);
+    if (tb) job->trace = copy_bytes(tb, strlen(tb));
+    lua_pop(L, 1);
+    lua_pushnil(L);
+    lua_setfield(L, LUA_REGISTRYINDEX, TRACE_KEY);
   }
   take_result(L, job, job->status == TIDE_JOB_OK ? "results" : "error");
-  lua_settop(L, top);
+  return 0;
+}
+
+/* A panic: an error with no protected call to catch it.  Cannot happen from
+ * the paths above; should it, this jumps back to tide__worker_run. */
+static int on_panic(lua_State *L) {
+  tide__worker *w = self;
+  if (w == NULL || w->panic_at == NULL) return 0;    /* LuaJIT then exits */
+  const char *msg = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "not a string";
+  snprintf(w->panic_msg, sizeof w->panic_msg, "%s", msg);
+  longjmp(*w->panic_at, 1);
+}
+
+void tide__worker_run(tide__worker *w, tide__job *job) {
+  self = w;
+  if (w->L == NULL) {                        /* after a panic, or a failed open */
+    char err[256];
+    if (tide__worker_open(w, w->cfg, err, sizeof err) != 0) {
+      fail_job(job, "%s", err);
+      return;
+    }
+  }
+  if (w->init_error[0]) {                    /* every job fails like its init (the state */
+    fail_job(job, "%s", w->init_error);      /* may be full: no Lua needed here)        */
+    return;
+  }
+  jmp_buf at;
+  if (setjmp(at) == 0) {
+    w->panic_at = &at;
+    lua_State *L = w->L;
+    lua_settop(L, 0);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, w->body_ref);
+    lua_pushlightuserdata(L, job);
+    lua_pushlightuserdata(L, w);
+    if (lua_pcall(L, 2, 0, 0) != 0) {
+      const char *msg = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "an error";
+      fail_job(job, "thread %d: %s (while running a job)", w->index, msg);
+    }
+    lua_settop(L, 0);
+    w->panic_at = NULL;
+    return;
+  }
+  w->panic_at = NULL;                        /* here from on_panic */
+  w->panics++;
+  fail_job(job, "thread %d: its Lua state panicked (%s); the state is discarded and made "
+                "again for the next job", w->index, w->panic_msg);
+  tide__worker_close(w);
+}
+
+/* ===== opening a worker state */
+
+/* The thread-side twin of tide.engine.finalizers: a finalizer set through
+ * newproxy(true) or ffi.gc runs protected, and its error is written to
+ * stderr (LuaJIT before 2023-04 rethrows it from any allocation, and
+ * crashes when that is a trace exit).  Argument: the thread-side tide. */
+static const char GUARD_FINALIZERS[] =
+  "local tide = ...\n"
+  "local xpcall, traceback, rawset, type = xpcall, debug.traceback, rawset, type\n"
+  "local function protect(fn)\n"
+  "  return function(o)\n"
+  "    local ok, err = xpcall(fn, traceback, o)\n"
+  "    if not ok then pcall(tide.log, 'error in a __gc finalizer: ' .. tostring(err)) end\n"
+  "  end\n"
+  "end\n"
+  "local guard = { __newindex = function(mt, k, v)\n"
+  "  if k == '__gc' and type(v) == 'function' then v = protect(v) end\n"
+  "  rawset(mt, k, v)\n"
+  "end }\n"
+  "local raw_newproxy = newproxy\n"
+  "newproxy = function(arg)\n"
+  "  local p = raw_newproxy(arg)\n"
+  "  if arg == true then setmetatable(getmetatable(p), guard) end\n"
+  "  return p\n"
+  "end\n"
+  "local ok, ffi = pcall(require, 'ffi')\n"
+  "if ok then\n"
+  "  local raw_gc = ffi.gc\n"
+  "  ffi.gc = function(cdata, fn)\n"
+  "    if type(fn) == 'function' then fn = protect(fn) end\n"
+  "    return raw_gc(cdata, fn)\n"
+  "  end\n"
+  "end\n";
+
+/* (cfg, worker): libraries, paths, the thread-side tide, init.  Protected. */
+static int open_state(lua_State *L) {
+  tide__worker *w = lua_touserdata(L, 1);
+  const tide__pool_config *cfg = w->cfg;
+  lua_settop(L, 0);
+  luaL_openlibs(L);
+  lua_getglobal(L, "package");
+  if (cfg->path) { lua_pushstring(L, cfg->path); lua_setfield(L, -2, "path"); }
+  if (cfg->cpath) { lua_pushstring(L, cfg->cpath); lua_setfield(L, -2, "cpath"); }
+  lua_getfield(L, -1, "loaded");
+  lua_newtable(L);
+  luaL_register(L, NULL, thread_funcs);
+  lua_pushinteger(L, w->index);
+  lua_setfield(L, -2, "thread");
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -3, "tide");              /* package.loaded.tide */
+  if (luaL_loadbuffer(L, GUARD_FINALIZERS, sizeof GUARD_FINALIZERS - 1, "=tide.finalizers") != 0)
+    lua_error(L);
+  lua_insert(L, -2);                        /* the chunk, below the thread-side tide */
+  lua_call(L, 1, 0);
+  lua_settop(L, 0);
+  lua_newtable(L);
+  lua_setfield(L, LUA_REGISTRYINDEX, FNS_KEY);
+  lua_pushcfunction(L, body);
+  w->body_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushcfunction(L, run_job);
+  w->job_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushcfunction(L, on_error);
+  w->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  if (cfg->init) {
+    lua_getglobal(L, "require");
+    lua_pushstring(L, cfg->init);
+    if (lua_pcall(L, 1, 0, 0) != 0) {
+      snprintf(w->init_error, sizeof w->init_error, "thread_init '%s' failed: %s",
+               cfg->init, tide__error_text(L, -1));
+      lua_settop(L, 0);
+      lua_gc(L, LUA_GCCOLLECT, 0);           /* what init left: each job needs room to fail */
+    }
+  }
+  lua_sethook(L, stop_hook, LUA_MASKCOUNT, TIDE_STOP_CHECK_INSTRUCTIONS);
+  return 0;
+}
+
+int tide__worker_open(tide__worker *w, const tide__pool_config *cfg, char *err, size_t errlen) {
+  /* LuaJIT's own allocator is faster; ours only when a limit is asked for. */
+  self = w;
+  w->cfg = cfg;
+  w->limit = cfg->memory_limit;
+  w->mem = 0;
+  w->init_error[0] = '\0';
+  w->L = w->limit ? lua_newstate(limited_alloc, w) : luaL_newstate();
+  if (w->L == NULL) {
+    snprintf(w->init_error, sizeof w->init_error, "cannot create a Lua state for thread %d%s",
+             w->index, w->limit ? " (is thread_memory large enough?)" : "");
+    snprintf(err, errlen, "%s", w->init_error);
+    return -1;
+  }
+  lua_atpanic(w->L, on_panic);
+  /* lua_cpcall makes its function object inside the protection. */
+  if (lua_cpcall(w->L, open_state, w) != 0) {
+    snprintf(w->init_error, sizeof w->init_error, "cannot set up thread %d: %s", w->index,
+             lua_type(w->L, -1) == LUA_TSTRING ? lua_tostring(w->L, -1) : "an error");
+    snprintf(err, errlen, "%s", w->init_error);
+    lua_close(w->L);
+    w->L = NULL;
+    return -1;
+  }
+  lua_settop(w->L, 0);
+  return 0;
+}
+
+void tide__worker_close(tide__worker *w) {
+  if (w->L) lua_close(w->L);
+  w->L = NULL;
 }

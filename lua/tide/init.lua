@@ -7,6 +7,8 @@ local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
 local log = require "tide.engine.log"
 local thread = require "tide.engine.thread"
+local watchdog = require "tide.engine.watchdog"
+require "tide.engine.finalizers"         -- a __gc that raises is reported, not rethrown
 
 local type, error, ipairs, setmetatable, getmetatable = type, error, ipairs, setmetatable, getmetatable
 local new_task, start = S.new_task, S.start
@@ -126,40 +128,19 @@ function tide.shutdown(grace_ms)
 end
 
 local CONFIG_KEYS = { grace = true, on_error = true, signals = true, threads = true,
-                      thread_init = true, thread_memory = true, thread_stop_wait = true }
+                      thread_init = true, thread_memory = true, thread_stop_wait = true,
+                      watchdog = true }
 
-local function configure_threads(opts)
-  local c = thread.config
-  local fname = "tide.configure"
-  if opts.threads ~= nil and not check.is_count(opts.threads, 1) then
-    opt_error(fname, "threads", "integer >= 1", opts.threads, 3)
-  end
-  if opts.thread_init ~= nil and type(opts.thread_init) ~= "string" then
-    opt_error(fname, "thread_init", "module name", opts.thread_init, 3)
-  end
-  if opts.thread_memory ~= nil and not check.is_count(opts.thread_memory) then
-    opt_error(fname, "thread_memory", "integer number of MB (0: no limit)", opts.thread_memory, 3)
-  end
-  if opts.thread_stop_wait ~= nil and not is_ms(opts.thread_stop_wait) then
-    opt_error(fname, "thread_stop_wait", "non-negative number of ms", opts.thread_stop_wait, 3)
-  end
-  if thread.started() and (opts.threads or opts.thread_init or opts.thread_memory) then
-    error(fname .. ": threads, thread_init and thread_memory must be set before the first thread task", 3)
-  end
-  c.threads = opts.threads or c.threads
-  c.init = opts.thread_init or c.init
-  c.memory_mb = opts.thread_memory or c.memory_mb
-  c.stop_wait = opts.thread_stop_wait or c.stop_wait
-end
-
---- Sets process-wide options: grace (ms), on_error (sink), signals (bool);
+--- Sets process-wide options: grace (ms), on_error (sink), signals (bool),
+--- watchdog (ms a call may hold the loop before it is reported; 0: off);
 --- for thread mode: threads (count), thread_init (module each thread
 --- requires), thread_memory (MB per thread state), thread_stop_wait (ms a
 --- thread gets to stop before it is quarantined).
 function tide.configure(opts)
   if type(opts) ~= "table" then arg_error("tide.configure", 1, "table", opts) end
   check.known("tide.configure", opts, CONFIG_KEYS)
-  configure_threads(opts)
+  thread.configure("tide.configure", opts)
+  watchdog.configure("tide.configure", opts)
   if opts.grace ~= nil and not is_ms(opts.grace) then
     opt_error("tide.configure", "grace", "non-negative number of ms", opts.grace)
   end

@@ -44,11 +44,11 @@ static char *copy_bytes(const char *s, size_t len) {
   return p;
 }
 
-static void on_done(tide__pool *pool, tide__job *job, void *data) {
+static int on_done(tide__pool *pool, tide__job *job, void *data) {
   inbox *box = data;
   (void)pool;
   box->total++;
-  if (job->id == 0 || job->id >= MAX_ID) { box->stray++; return; }
+  if (job->id == 0 || job->id >= MAX_ID) { box->stray++; return 0; }
   uint64_t id = job->id;
   box->count[id]++;
   box->status[id] = job->status;
@@ -57,6 +57,7 @@ static void on_done(tide__pool *pool, tide__job *job, void *data) {
   box->result[id] = job->result ? copy_bytes(job->result, job->result_len) : NULL;
   box->result_len[id] = job->result ? job->result_len : 0;
   box->trace[id] = job->trace ? copy_bytes(job->trace, strlen(job->trace)) : NULL;
+  return 0;
 }
 
 /* ===== A LOOP AND A POOL OF THE TEST'S OWN ===== */

@@ -1,6 +1,7 @@
 --- tide.host — driving the loop: tide.run, the `tide` binary and the C embedding API.
 local core = require "tide.core"
 local S = require "tide.engine.sched"
+local log = require "tide.engine.log"
 
 local tostring, io_stderr = tostring, io.stderr
 
@@ -15,8 +16,9 @@ local SIGNAMES = { [2] = "SIGINT", [15] = "SIGTERM" }
 local function on_signal(signum)
   local name = SIGNAMES[signum] or ("signal " .. signum)
   if H.signal == nil then
+    local reason = "shutdown (" .. name .. ")"   -- allocates: before anything changes
     H.signal = signum
-    S.shutdown(H.config.grace, "shutdown (" .. name .. ")")
+    S.shutdown(H.config.grace, reason)
   else
     S.shutdown(0, "shutdown (" .. name .. ", again)")   -- a second signal: stop now
   end
@@ -24,17 +26,26 @@ end
 
 core.set_handlers(S.tick, on_signal)
 
+local function run_until_done()
+  while true do
+    core.run()
+    local ok, n = pcall(S.reap)             -- a finalizer's error may interrupt it: again
+    if not ok then log.report("tide's engine (reaping stalled tasks)", n, n) end
+    if ok and n == 0 then return end
+  end
+end
+
 --- Runs the loop until no work is left.  Tasks still live then can never be
 --- woken: they are cancelled, which may start new work, so it runs again.
+--- Whatever happens, signals are given back and the engine reset.
 function H.loop()
   local signals = H.config.signals
   H.signal = nil
-  if signals then core.signals(true) end
-  repeat
-    core.run()
-  until S.reap() == 0
+  if signals then core.signals(true, H.config.grace) end
+  local ok, err = pcall(run_until_done)
   if signals then core.signals(false) end
   S.reset()
+  if not ok then error(err, 0) end
 end
 
 --- One non-blocking iteration; 1 while work remains, else 0.

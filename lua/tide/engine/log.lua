@@ -3,8 +3,11 @@
 -- An error in `handle_result`, an `on_retry` hook or a timer callback never
 -- reaches the loop or other tasks: it comes here, is counted, and goes to the
 -- sink, which prints to stderr unless `tide.configure{ on_error = fn }` set
--- another one.  A sink that itself fails is reported on stderr, once per
+-- another one.  So do errors the C core catches in its calls into Lua, and
+-- the watchdog's reports of a stalled loop.  A sink that itself fails is reported on stderr, once per
 -- failure, and counted too.
+local core = require "tide.core"
+
 local io_stderr, xpcall, tostring, traceback = io.stderr, xpcall, tostring, debug.traceback
 
 local M = { errors = 0 }
@@ -39,5 +42,9 @@ end
 function M.set_sink(fn)
   M.sink = fn or default_sink
 end
+
+-- The C core reports here what fails in its calls into Lua (the loop's
+-- tick, thread deliveries, PostgreSQL callbacks): src/lua_call.c.
+core.set_reporter(M.report)
 
 return M

@@ -224,6 +224,9 @@ function S.wake_all(list)
 end
 
 function S.current() return current end
+
+--- The name of the callback running now ("handle_result", ...), or nil.
+function S.in_callback() return in_callback end
 S.now = core.now
 
 -- ===== runners: coroutines reused from one task to the next
@@ -275,10 +278,13 @@ local function end_attempt(t)
 end
 
 local function attempt_timed_out(t, attempt)
-  t._opt.timer = false
+  local o = t._opt
   if t._state == "running" and t.attempts == attempt then
-    settle(t, "timeout", ("task %d timed out after %g ms"):format(t.id, t._opt.timeout))
+    local msg = ("task %d timed out after %g ms"):format(t.id, o.timeout)   -- allocates: first
+    o.timer = false
+    return settle(t, "timeout", msg)
   end
+  o.timer = false
 end
 
 --- Starts an attempt.  Until its first resume takes a runner, t._co holds
@@ -302,12 +308,16 @@ end
 --- Calls a user callback protected, outside any task: it cannot wait (its
 --- caller may be another task, or the loop itself); a failure goes to the
 --- error sink as `what` of t.
+local function report_callback(what, t, err)
+  log.report(what .. " of " .. tostring(t), err, err)
+end
+
 local function callback(what, t, fn, ...)
   local saved_current, saved_in = current, in_callback
   current, in_callback = nil, what
   local ok, err = xpcall(fn, traceback, ...)
   current, in_callback = saved_current, saved_in
-  if not ok then log.report(what .. " of " .. tostring(t), err, err) end
+  if not ok then pcall(report_callback, what, t, err) end   -- reporting allocates: protected too
 end
 
 local function end_grace()
@@ -326,12 +336,13 @@ local finishing = 0          -- depth of finish() calls under way
 
 local function finish(t, status, ...)
   if TERMINAL[t._state] then return false end
+  local n = select("#", ...)
+  local values = n > 1 and { n = n, ... } or nil   -- allocates: before anything changes
   finishing = finishing + 1
   end_attempt(t)
   t._state = status
-  local n = select("#", ...)
   t.value = ...
-  if n > 1 then t._values = { n = n, ... } end
+  if values then t._values = values end
   nlive = nlive - 1
   stats[status] = stats[status] + 1
   local w = t._waiters
@@ -404,26 +415,80 @@ end
 -- per link.
 local RUN_BUDGET = 20000
 
---- One tick: fires due timers, then resumes runnable tasks, batch after
---- batch, until none is left or the budget is spent.  Returns true when
---- tasks are runnable (or timers due) still.
-function S.tick()
-  in_tick = true
+-- ===== interruptions
+--
+-- An error can interrupt the engine itself, between two resumes: LuaJIT
+-- before 2023-04 rethrows a __gc finalizer's error from whatever allocation
+-- ran the collector step, and the engine allocates (a runner, a traceback,
+-- a message).  The tick runs protected, and keeps what it was doing where
+-- an interrupted tick can find it: the batch it was running (its entries
+-- not yet run stay in it) and the task in hand.  The next tick repairs that
+-- task and finishes the batch first; the error goes to the error sink.
+
+local cur_t, cur_c, cur_n, cur_i = nil, nil, 0, 0   -- the batch under way
+local unit_t = nil                                  -- the task being run in it
+
+--- The task in hand when an error interrupted the tick: put it back where a
+--- task in its state must be.  Its first resume not yet made: queued again;
+--- waiting: left to its wake-up; ended or between attempts: left alone;
+--- else it ran and its outcome was lost after it: it fails with the error.
+local function repair(t, err)
+  if t._state ~= "running" then return end
+  local co = t._co
+  if co == false or t._wait then return end
+  if type(co) == "number" then return push(t, co) end
+  err = err or "an error interrupted tide's engine"
+  local tb = "an error interrupted tide's engine after this task ran: " .. safe_tostring(err)
+  t.traceback = tb
+  settle(t, "error", err)
+end
+
+local interrupted_by = nil                          -- the error that stopped the last tick
+
+local function tick_body()
+  current, in_callback, finishing = nil, nil, 0
+  local t = unit_t
+  if t then repair(t, interrupted_by); unit_t = nil end   -- interrupted again: repaired again
+  interrupted_by = nil
   local more_timers = fire_due()
   local done = 0
-  while rq_n > 0 and done < RUN_BUDGET do
-    local ts, cs, n = rq_t, rq_c, rq_n
-    rq_t, rq_c, rq_n = spare_t, spare_c, 0
-    for i = 1, n do
+  while true do
+    local ts, cs, n, i = cur_t, cur_c, cur_n, cur_i
+    if i >= n then                                  -- the batch is done: take the next one
+      if ts then spare_t, spare_c, cur_t = ts, cs, nil end
+      if rq_n == 0 or done >= RUN_BUDGET then break end
+      ts, cs, n, i = rq_t, rq_c, rq_n, 0
+      cur_t, cur_c, cur_n = ts, cs, n
+      rq_t, rq_c, rq_n = spare_t, spare_c, 0
+      done = done + n
+    end
+    while i < n do
+      i = i + 1
       local t, co = ts[i], cs[i]
       ts[i], cs[i] = nil, nil
-      if t._co == co then run_task(t, co) end
+      if t._co == co then
+        cur_i, unit_t = i, t
+        run_task(t, co)
+      end
     end
-    spare_t, spare_c = ts, cs
-    done = done + n
+    cur_i, unit_t = i, nil
   end
-  in_tick = false
   return rq_n > 0 or more_timers
+end
+
+--- One tick: fires due timers, then resumes runnable tasks, batch after
+--- batch, until none is left or the budget is spent.  Returns true when
+--- tasks are runnable (or timers due) still.  An error that interrupts it
+--- is reported, and the next tick repairs and goes on (see above).
+function S.tick()
+  in_tick = true
+  local ok, more = pcall(tick_body)
+  in_tick = false
+  if ok then return more end
+  interrupted_by = more
+  current, in_callback, finishing = nil, nil, 0
+  log.report("tide's engine (an error raised outside any task, as by a __gc finalizer)", more, more)
+  return true
 end
 
 -- ===== the lifecycle's public face

@@ -72,6 +72,9 @@ local function make_task(fname, default_mode, spec, ...)
   local args = spec.args
   if args ~= nil then
     if type(args) ~= "table" then opt_error(fname, "args", "table", args, 3) end
+    if args.n ~= nil and not check.is_count(args.n) then
+      opt_error(fname, "args.n", "non-negative integer", args.n, 3)
+    end
     local n = args.n or maxn(args)
     args = { n = n, unpack(args, 1, n) }
   end

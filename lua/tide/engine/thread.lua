@@ -10,33 +10,85 @@
 -- and replaced, and its late result is dropped.
 local core = require "tide.core"
 local S = require "tide.engine.sched"
+local check = require "tide.engine.check"
 
-local type, error, tostring, unpack = type, error, tostring, unpack
+local type, error, tostring, unpack, tonumber = type, error, tostring, unpack, tonumber
 local string_dump, getupvalue, getinfo = string.dump, debug.getupvalue, debug.getinfo
+
+local MAX = core.thread_max                 -- threads a pool may have (1024)
 
 local M = {
   config = { threads = nil, init = nil, memory_mb = 0, stop_wait = 100 },
+  MAX = MAX,
 }
 
-local started = false
+--- The thread count TIDE_THREADS asks for, or nil when unset; raises when it
+--- is set to anything but an integer from 1 to MAX.
+local function env_threads()
+  local text = os.getenv("TIDE_THREADS")
+  if text == nil or text == "" then return nil end
+  local n = tonumber(text)
+  if not check.is_count(n, 1) or n > MAX then
+    error(("tide: TIDE_THREADS must be an integer from 1 to %d (got %q)"):format(MAX, text), 0)
+  end
+  return n
+end
+
+-- Checked when tide is loaded: a bad value is refused at the start, not by
+-- every thread task later.
+env_threads()
+
+--- Checks the thread settings of tide.configure (`opts`), then applies them;
+--- errors name `fname` at `level` (default: the caller of fname).
+function M.configure(fname, opts, level)
+  level = (level or 2) + 1
+  if opts.threads ~= nil and not (check.is_count(opts.threads, 1) and opts.threads <= MAX) then
+    check.opt_error(fname, "threads", "integer from 1 to " .. MAX, opts.threads, level)
+  end
+  if opts.thread_init ~= nil and type(opts.thread_init) ~= "string" then
+    check.opt_error(fname, "thread_init", "module name", opts.thread_init, level)
+  end
+  if opts.thread_memory ~= nil and not check.is_count(opts.thread_memory) then
+    check.opt_error(fname, "thread_memory", "integer number of MB (0: no limit)", opts.thread_memory, level)
+  end
+  if opts.thread_stop_wait ~= nil and not check.is_ms(opts.thread_stop_wait) then
+    check.opt_error(fname, "thread_stop_wait", "non-negative number of ms", opts.thread_stop_wait, level)
+  end
+  local c = M.config
+  if M.started() and (opts.threads or opts.thread_init or opts.thread_memory) then
+    error(fname .. ": threads, thread_init and thread_memory must be set before the first thread task", level)
+  end
+  c.threads = opts.threads or c.threads
+  c.init = opts.thread_init or c.init
+  c.memory_mb = opts.thread_memory or c.memory_mb
+  c.stop_wait = opts.thread_stop_wait or c.stop_wait
+end
+
 local next_job = 0
 local waiting_task, waiting_tok = {}, {}    -- job id -> task, wait token
 local results = {}                          -- job id -> { ok, bytes, trace }
 local dumped = setmetatable({}, { __mode = "k" })   -- function -> bytecode
 local NO_ARGS = core.encode({ n = 0 })
 
+--- Called by the loop for each finished job.  It allocates first and only
+--- then changes anything: an allocation may raise (a finalizer's error), and
+--- then the delivery is tried again from the start (lua_threads.c).
 local function on_done(id, ok, bytes, trace)
   local t = waiting_task[id]
   if t == nil then return end               -- a late result: its task moved on
+  local r = { ok, bytes, trace }
   waiting_task[id] = nil
-  results[id] = { ok, bytes, trace }
+  results[id] = r
   S.wake(t, waiting_tok[id])
   waiting_tok[id] = nil
 end
 
+local started = false
+
 local function start()
   local c = M.config
-  local n = c.threads or tonumber(os.getenv("TIDE_THREADS")) or core.cpu_count()
+  local cpus = core.cpu_count()
+  local n = c.threads or env_threads() or (cpus < MAX and cpus or MAX)
   local ok, err = core.thread_start({
     threads = n, path = package.path, cpath = package.cpath, init = c.init,
     memory_limit = c.memory_mb * 1024 * 1024,
@@ -48,7 +100,9 @@ end
 function M.started() return started end
 
 function M.stats()
-  if not started then return { size = 0, busy = 0, idle = 0, quarantined = 0, replaced = 0, queued = 0, in_flight = 0 } end
+  if not started then
+    return { size = 0, busy = 0, idle = 0, quarantined = 0, replaced = 0, panicked = 0, queued = 0, in_flight = 0 }
+  end
   return core.thread_stats()
 end
 

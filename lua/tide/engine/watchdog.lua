@@ -1,0 +1,75 @@
+--- tide.watchdog — reports a loop held too long by one call (see src/watchdog.h).
+--
+-- A coroutine task that never yields holds the loop thread.  The C core's
+-- watchdog thread notices a call into Lua that has run `watchdog` ms
+-- (default 1000) and has the loop thread run a one-shot debug hook, which
+-- calls `stalled` below inside the code that holds the loop: it names the
+-- task (or callback) and where it is, once per stall, to the error sink.
+-- Hooks do not run inside JIT-compiled code or C functions: such a stall is
+-- reported when the call ends, without a name.  After SIGINT or SIGTERM and
+-- the grace period, a loop still blocked ends the process (130 or 143).
+local core = require "tide.core"
+local S = require "tide.engine.sched"
+local log = require "tide.engine.log"
+local check = require "tide.engine.check"
+
+local traceback = debug.traceback
+
+local M = { config = { stall = 1000 } }
+
+--- The line that names what runs now: a task, a callback or the engine.
+local function running_now()
+  local t, callback = S.current(), S.in_callback()
+  local what
+  if callback then
+    what = callback
+  elseif t then
+    local name = t._opt and t._opt.name
+    what = ("task %d%s"):format(t.id, name and (" '" .. name .. "'") or "")
+  else
+    what = "tide's engine"
+  end
+  return what
+end
+
+--- The first place in a traceback that is not tide's own or C.
+local function user_place(tb)
+  local first
+  for place in tb:gmatch("\n%s*([^\n]-:%d+):") do
+    if not place:find("^lua/tide/") then return place end
+    first = first or place
+  end
+  return first or "an unknown place"
+end
+
+--- Called by the core (from its hook, or after the call ended): `ms` the
+--- loop has been held, `hooked` true when this runs inside the code that
+--- holds it.  Returns the line for the exit message.
+local function stalled(ms, hooked)
+  local line
+  if hooked then
+    local tb = traceback("", 2)
+    local where = user_place(tb)
+    line = ("%s has held the loop for %d ms, at %s"):format(running_now(), ms, where)
+    log.report("the watchdog", line, "stall: " .. line .. tb)
+  else
+    line = ("one call held the loop for %d ms, in code no hook reached (JIT-compiled code or a C function)")
+      :format(ms)
+    log.report("the watchdog", line, "stall: " .. line)
+  end
+  return line
+end
+core.set_stall_reporter(stalled)
+
+--- Checks and applies the watchdog option of tide.configure.
+function M.configure(fname, opts, level)
+  local ms = opts.watchdog
+  if ms == nil then return end
+  if not check.is_ms(ms) then
+    check.opt_error(fname, "watchdog", "non-negative number of ms (0: off)", ms, (level or 2) + 1)
+  end
+  M.config.stall = ms
+  core.watchdog(ms)
+end
+
+return M
