@@ -6,6 +6,11 @@ package.cpath = build .. "/?.so;" .. package.cpath
 local H = {}
 _G.spec_helper = H
 
+-- A spec's task may hold the loop for a second on a loaded machine (or
+-- under the sanitizers) without anything being wrong: the watchdog's own
+-- specs run it at its default in processes of their own.
+require("tide").configure{ watchdog = 30000 }
+
 H.build = build
 
 --- Asserts that fn(...) raises an error whose message ends with `msg`
@@ -79,6 +84,30 @@ function H.write_file(dir, name, text)
   fh:write(text)
   fh:close()
   return path
+end
+
+--- Runs Lua code in a fresh process (stock luajit, this build's tide.so;
+--- spec/fixtures on package.path), for what may take a process down.
+--- Returns its exit status and output (stdout and stderr together).
+function H.run_lua(dir, name, text, timeout_s, env)
+  local path = H.write_file(dir, name, text)
+  return H.sh(("cd %s && timeout %d env %s LUA_CPATH='%s/?.so;;' LUA_PATH='spec/fixtures/?.lua;;' luajit %s")
+    :format(os.getenv("PWD") or ".", timeout_s or 60, env or "", H.build, path))
+end
+
+--- Bytes the C heap holds now (malloc'd and not freed): the sanitizer's
+--- count under AddressSanitizer, glibc's mallinfo2 otherwise.
+function H.heap_in_use()
+  local ffi = require "ffi"
+  if not H._heap then
+    pcall(ffi.cdef, "size_t __sanitizer_get_current_allocated_bytes(void);")
+    pcall(ffi.cdef, "struct tide_mallinfo2 { size_t arena, ordblks, smblks, hblks, hblkhd, usmblks, fsmblks, uordblks, fordblks, keepcost; };" ..
+                    "struct tide_mallinfo2 mallinfo2(void);")
+    local asan = pcall(function() return ffi.C.__sanitizer_get_current_allocated_bytes end)
+    H._heap = asan and function() return tonumber(ffi.C.__sanitizer_get_current_allocated_bytes()) end
+      or function() local m = ffi.C.mallinfo2(); return tonumber(m.uordblks) + tonumber(m.hblkhd) end
+  end
+  return H._heap()
 end
 
 --- The bytes of a file ("" when it does not exist).
