@@ -16,6 +16,7 @@
 
 #define TRACE_KEY "tide.trace"     /* registry: traceback of the last error */
 #define FNS_KEY   "tide.fns"       /* registry: function cache, by name or bytecode */
+#define INDEX_KEY "tide.thread"    /* registry: the worker's index */
 #define MAX_ARGS  7000             /* most arguments a job may pass (LUAI_MAXCSTACK is 8000) */
 
 /* The worker this thread runs: the thread-side functions, the hook and the
@@ -40,8 +41,10 @@ static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
 
 /* ===== stopping: a hook the worker installs on its own state */
 
-/* Raises "cancelled" when the job now running was asked to stop. */
+/* Raises "cancelled" when the job now running was asked to stop.  (w is
+ * NULL when the state runs Lua on another thread: finalizers at close.) */
 static void check_stop(lua_State *L, tide__worker *w) {
+  if (w == NULL) return;
   uint64_t running = atomic_load(&w->running);
   if (running != 0 && atomic_load(&w->stop) == running) luaL_error(L, "cancelled");
 }
@@ -94,7 +97,9 @@ static int t_log(lua_State *L) {
   int n = lua_gettop(L);
   luaL_checkstack(L, 2 * n + 4, "too many arguments to log");
   lua_getglobal(L, "tostring");                          /* n + 1 */
-  lua_pushfstring(L, "tide[thread %d]:", self->index);
+  lua_getfield(L, LUA_REGISTRYINDEX, INDEX_KEY);         /* not self: finalizers may run at close */
+  lua_pushfstring(L, "tide[thread %d]:", (int)lua_tointeger(L, -1));
+  lua_remove(L, -2);
   for (int i = 1; i <= n; i++) {
     lua_pushliteral(L, " ");
     lua_pushvalue(L, n + 1);
@@ -364,6 +369,8 @@ static int open_state(lua_State *L) {
   lua_settop(L, 0);
   lua_newtable(L);
   lua_setfield(L, LUA_REGISTRYINDEX, FNS_KEY);
+  lua_pushinteger(L, w->index);
+  lua_setfield(L, LUA_REGISTRYINDEX, INDEX_KEY);
   lua_pushcfunction(L, body);
   w->body_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pushcfunction(L, run_job);

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "tap.h"
 
@@ -68,10 +69,13 @@ typedef struct rig {
   inbox box;
 } rig;
 
+static const char *module_path;     /* package.path of the workers: a temp dir */
+
 static rig *rig_start(int threads, size_t memory_limit, const char *init) {
   rig *r = calloc(1, sizeof *r);
   if (r == NULL || uv_loop_init(&r->loop) != 0) bail_out("rig_start", "no loop");
-  tide__pool_config cfg = { .threads = threads, .init = init, .memory_limit = memory_limit };
+  tide__pool_config cfg = { .threads = threads, .init = init, .memory_limit = memory_limit,
+                            .path = module_path };
   char err[256];
   r->pool = tide__pool_start(&r->loop, &cfg, on_done, &r->box, err, sizeof err);
   if (r->pool == NULL) bail_out("tide__pool_start", err);
@@ -354,7 +358,91 @@ static void failing_thread_init(void) {
   rig_stop(r, "thread_init");
 }
 
+/* Job arguments whose `n` is not a count fail the job; they never reach lua_call. */
+static void bad_argument_counts(void) {
+  rig *r = rig_start(1, 0, NULL);
+  submit_code(r, 1, "return select('#', ...)", "{ n = -1 }");
+  submit_code(r, 2, "return select('#', ...)", "{ n = 1e10 }");
+  submit_code(r, 3, "return select('#', ...)", "{ n = 'two', 1, 2 }");
+  submit_code(r, 4, "return select('#', ...)", "{ n = 2.5 }");
+  submit_code(r, 5, "return select('#', ...)", "{ n = 3, 1 }");
+  ok(wait_delivered(r, 5, WAIT_MS), "five jobs with odd argument counts are delivered");
+  int all = 1;
+  for (uint64_t id = 1; id <= 4; id++) all &= failed_with(r, id, "bad arguments: 'n' must be an integer from 0 to 7000");
+  ok(all, "n = -1, 1e10, 'two' and 2.5 each fail with \"bad arguments: 'n' must be an integer from 0 to 7000\"");
+  ok(result_is(r, 5, "3"), "n = 3 with one value passes three arguments (two nil)");
+  rig_stop(r, "argument counts");
+}
+
+/* Cancelling queued jobs finds each by its id: 40,000 cancels, newest
+ * first (the worst order for a scan from the head), take well under 1 s. */
+static void cancel_many_queued(void) {
+  enum { N = 40000 };
+  rig *r = rig_start(1, 0, NULL);
+  submit_name(r, 1, "tide.sleep", "{ n = 1, 5000 }");
+  ok(wait_busy(r, 1, WAIT_MS), "the only thread is busy");
+  tide_buf args = args_of(AB3);
+  for (uint64_t id = 2; id <= N + 1; id++) submit(r, id, "string.rep", strlen("string.rep"), 1, &args);
+  tide__buf_free(&args);
+  ok(stats(r).queued == N, "40,000 jobs are queued");
+  uint64_t t0 = uv_hrtime();
+  int all = 1;
+  for (uint64_t id = N + 1; id >= 2; id--) all &= tide__pool_cancel(r->pool, id) == 1;
+  double ms = (double)(uv_hrtime() - t0) / 1e6;
+  ok(all && stats(r).queued == 0, "each cancel returns 1, and the queue is empty");
+  ok(ms < 1000, "40,000 cancels, newest first, in %.1f ms (< 1000)", ms);
+  ok(tide__pool_cancel(r->pool, 1) == 2 && wait_busy(r, 0, WAIT_MS), "the running job stops too");
+  rig_stop(r, "cancel many");
+}
+
+/* Each worker makes its state (and runs thread_init) on its own thread: a
+ * slow init holds neither the pool's start nor a quarantine's replacement. */
+static void slow_init_on_own_threads(void) {
+  uint64_t t0 = uv_hrtime();
+  rig *r = rig_start(4, 0, "tide_test_slow_init");
+  double start_ms = (double)(uv_hrtime() - t0) / 1e6;
+  ok(start_ms < 150, "starting 4 threads whose init takes 200 ms each returns in %.0f ms (< 150)", start_ms);
+  submit_code(r, 1, "return tostring(_G.slow_init_done)", "{ n = 0 }");
+  ok(wait_delivered(r, 1, WAIT_MS) && result_is(r, 1, "true"), "a job runs after its thread's init");
+  submit_code(r, 2, STUCK, "{ n = 0 }");
+  ok(wait_busy(r, 1, WAIT_MS), "a job blocks in C");
+  run_for(r, 50);
+  t0 = uv_hrtime();
+  int q = tide__pool_quarantine(r->pool, 2);
+  double q_ms = (double)(uv_hrtime() - t0) / 1e6;
+  ok(q == 1 && q_ms < 100, "quarantining it (a replacement with a 200 ms init) returns in %.0f ms (< 100)", q_ms);
+  submit_code(r, 3, "return tostring(_G.slow_init_done)", "{ n = 0 }");
+  ok(wait_delivered(r, 2, WAIT_MS) && result_is(r, 3, "true"), "the pool goes on");
+  ok(wait_busy(r, 0, WAIT_MS), "the quarantined thread returns on its own");
+  uv_sleep(100);
+  rig_stop(r, "slow init");
+}
+
+static char module_dir[64];
+
+static void write_modules(void) {
+  snprintf(module_dir, sizeof module_dir, "/tmp/tide_test_threads_XXXXXX");
+  if (mkdtemp(module_dir) == NULL) bail_out("mkdtemp", "failed");
+  char file[128], path[128];
+  snprintf(file, sizeof file, "%s/tide_test_slow_init.lua", module_dir);
+  FILE *f = fopen(file, "w");
+  if (f == NULL) bail_out("fopen", file);
+  fputs("require('tide').sleep(200)\n_G.slow_init_done = true\n", f);
+  fclose(f);
+  snprintf(path, sizeof path, "%s/?.lua;;", module_dir);
+  module_path = strdup(path);
+}
+
+static void remove_modules(void) {
+  char file[128];
+  snprintf(file, sizeof file, "%s/tide_test_slow_init.lua", module_dir);
+  remove(file);
+  rmdir(module_dir);
+  free((char *)module_path);
+}
+
 int main(void) {
+  write_modules();
   S = luaL_newstate();
   luaL_openlibs(S);
   by_name_and_by_bytecode();
@@ -364,6 +452,10 @@ int main(void) {
   quarantine_stuck_job();
   memory_limit();
   failing_thread_init();
+  bad_argument_counts();
+  cancel_many_queued();
+  slow_init_on_own_threads();
   lua_close(S);
+  remove_modules();
   return tap_done();
 }
