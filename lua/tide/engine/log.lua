@@ -21,14 +21,24 @@ local function handler(e)
   return traceback(tostring(e), 2)
 end
 
---- Reports a failure: `where` says what failed ("handle_result of task 7").
-function M.report(where, err, tb)
-  M.errors = M.errors + 1
+local function deliver(where, err, tb)
   local ok, sink_err = xpcall(M.sink, handler, where, err, tb)
   if not ok then
     M.errors = M.errors + 1
     io_stderr:write("tide: the error sink failed: ", tostring(sink_err), "\n")
   end
+end
+
+--- Reports a failure: `where` says what failed ("handle_result of task 7").
+function M.report(where, err, tb)
+  M.errors = M.errors + 1
+  deliver(where, err, tb)
+end
+
+--- Tells the sink of something wrong that is not a failure (the watchdog's
+--- stalls): the same path, not counted in `errors`.
+function M.warn(where, msg, tb)
+  deliver(where, msg, tb)
 end
 
 --- Calls fn(...) protected; a failure is reported as from `where`.

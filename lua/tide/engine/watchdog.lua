@@ -51,11 +51,11 @@ local function stalled(ms, hooked)
     local tb = traceback("", 2)
     local where = user_place(tb)
     line = ("%s has held the loop for %d ms, at %s"):format(running_now(), ms, where)
-    log.report("the watchdog", line, "stall: " .. line .. tb)
+    log.warn("the watchdog", line, "stall: " .. line .. tb)
   else
     line = ("one call held the loop for %d ms, in code no hook reached (JIT-compiled code or a C function)")
       :format(ms)
-    log.report("the watchdog", line, "stall: " .. line)
+    log.warn("the watchdog", line, "stall: " .. line)
   end
   return line
 end
