@@ -40,7 +40,7 @@ help:
 	@echo "make test       run all specs, C tests and examples; last line 'N passed, N failed'"
 	@echo "make sanitize   the same suite built with AddressSanitizer + UBSan"
 	@echo "make bench      run the benchmarks (figures go to bench/RESULTS.md by hand)"
-	@echo "make fuzz       run the fuzz targets for a bounded time (FUZZ_SECONDS=60)"
+	@echo "make fuzz       run the fuzz targets and the finalizer storm for a bounded time (FUZZ_SECONDS=60)"
 	@echo "make install    install binary, module, header and pkg-config file under PREFIX"
 
 deps:
@@ -117,9 +117,9 @@ bench: all
 	@BUILD=$(BUILD) sh bench/run.sh
 
 FUZZ_SECONDS ?= 60
-fuzz:
+fuzz: all
 	@$(MAKE) --no-print-directory deps DEPS_DEB="$(DEPS_DEB) clang"
-	@BUILD=build/fuzz FUZZ_SECONDS=$(FUZZ_SECONDS) sh spec/fuzz/run.sh
+	@BUILD=build/fuzz TIDE_BUILD=$(BUILD) FUZZ_SECONDS=$(FUZZ_SECONDS) sh spec/fuzz/run.sh
 
 # ---- install
 install: all

@@ -81,6 +81,11 @@ done
 "$BUILD/embed-host" examples/embed/script.lua > "$LOG/embed-host.log" 2>&1
 one embed-host $? "$LOG/embed-host.log"
 
+# 4. the finalizer storm (spec/fuzz/gc_storm.lua) for a few seconds; `make fuzz` runs it longer
+ASAN_OPTIONS=$LUA_ASAN LD_PRELOAD=$PRELOAD LUA_CPATH="$BUILD/?.so;;" \
+  luajit spec/fuzz/gc_storm.lua "${STORM_SECONDS:-5}" > "$LOG/gc_storm.log" 2>&1
+one gc_storm $? "$LOG/gc_storm.log"
+
 [ -z "$failed_names" ] || echo "failed:$failed_names"
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]

@@ -1,10 +1,12 @@
 #!/bin/sh
-# run.sh — builds each spec/fuzz/fuzz_*.c with libFuzzer and runs it for a bounded time (`make fuzz`).
+# run.sh — builds each spec/fuzz/fuzz_*.c with libFuzzer and runs it for a bounded time, then the
+# finalizer storm (spec/fuzz/gc_storm.lua) as long (`make fuzz`).
 #
 # Run from the repository root.  Environment:
 #   BUILD         where binaries, corpora and crash files go (default build/fuzz)
 #   FUZZ_SECONDS  how long each target runs (default 60)
 #   FUZZ_CC       a clang with libFuzzer (default clang)
+#   TIDE_BUILD    where tide.so is, for the storm (default build)
 # A target names the src/*.c files it links in a "fuzz-sources:" line of its
 # header comment.  Seeds come from spec/fuzz/corpus_<name>/ when it exists;
 # what the fuzzer finds grows $BUILD/corpus_<name>/, and crashing inputs land
@@ -38,4 +40,9 @@ for target in spec/fuzz/fuzz_*.c; do
     status=1
   fi
 done
+echo "fuzz: running gc_storm.lua for ${FUZZ_SECONDS}s"
+if ! LUA_CPATH="${TIDE_BUILD:-build}/?.so;;" luajit spec/fuzz/gc_storm.lua "$FUZZ_SECONDS"; then
+  echo "fuzz: gc_storm.lua failed (its seed is printed above)" >&2
+  status=1
+fi
 exit $status
