@@ -48,7 +48,7 @@ end
 local function stalled(ms, hooked)
   local line
   if hooked then
-    local tb = traceback("", 2)
+    local tb = traceback("", 3)            -- 1: here, 2: the C trampoline, 3: the code held
     local where = user_place(tb)
     line = ("%s has held the loop for %d ms, at %s"):format(running_now(), ms, where)
     log.warn("the watchdog", line, "stall: " .. line .. tb)
