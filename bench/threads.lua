@@ -80,3 +80,45 @@ local ours = best_of(3, function() for _ = 1, R do core.decode(core.encode(data)
 local theirs = best_of(3, function() for _ = 1, R do cjson.decode(cjson.encode(data)) end end) / R
 print(("codec encode+decode of a %.2f MB table (%.2f MB as JSON): %.2f ms; lua-cjson %.2f ms: %.2fx faster (goal >= 2x)")
   :format(bytes / 1e6, json_bytes / 1e6, ours, theirs, theirs / ours))
+
+-- 4. a failed thread task against a successful one, on threads with a large heap
+--    (a full collection after each failure made it cost as much as collecting it)
+tide.run(function()
+  local function grow()                        -- ~1,000,000 tables kept on this thread
+    local tide = require "tide"
+    tide.sleep(50)                             -- so each thread takes one of the two
+    _G.heap = {}
+    for i = 1, 1000000 do _G.heap[i] = { i } end
+    return collectgarbage("count")
+  end
+  local a, b = tide.spawn{ mode = "thread", run = grow }, tide.spawn{ mode = "thread", run = grow }
+  local _, kb = a:await()
+  b:await()
+  local M = 20
+  local ok_ms = best_of(3, function()
+    for _ = 1, M do tide.spawn{ mode = "thread", run = function() return 1 end }:await() end
+  end)
+  local fail_ms = best_of(3, function()
+    for _ = 1, M do tide.spawn{ mode = "thread", run = function() error("no") end }:await() end
+  end)
+  print(("thread heap %.0f MB: a successful task %.3f ms, a failed one %.3f ms (ratio %.1fx)")
+    :format(kb / 1024, ok_ms / M, fail_ms / M, fail_ms / ok_ms))
+  tide.spawn{ mode = "thread", run = function() _G.heap = nil collectgarbage() end }:await()
+  tide.spawn{ mode = "thread", run = function() _G.heap = nil collectgarbage() end }:await()
+end)
+
+-- 5. cancelling queued thread tasks, newest first (each cancel found its job by a scan)
+tide.run(function()
+  local N = 40000
+  local hold = {}
+  for i = 1, 2 do hold[i] = tide.spawn{ mode = "thread", run = function() require("tide").sleep(60000) end } end
+  local ts = {}
+  for i = 1, N do ts[i] = tide.spawn{ mode = "thread", run = function() return 1 end } end
+  tide.sleep(0)                                -- every task has submitted its job
+  while tide.stats().threads.queued < N do tide.sleep(1) end
+  local t0 = tide.now()
+  for i = N, 1, -1 do ts[i]:cancel() end
+  local ms = tide.now() - t0
+  for i = 1, 2 do hold[i]:cancel() end
+  print(("cancelling %d queued thread tasks, newest first: %.1f ms (%.2f us each)"):format(N, ms, ms / N * 1000))
+end)

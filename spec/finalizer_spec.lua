@@ -62,7 +62,7 @@ describe("finalizers", function()
       local p = newproxy(true)
       getmetatable(p).__gc = function() n = n + 1; spawn_one(n % 50 + 1) end
     end
-    local _, bad = assert(tide.run(function()
+    local status, bad = tide.run(function()
       for i = 1, 300 do
         for _ = 1, 10 do bomb() end
         spawn_one(i % 50 + 1)
@@ -74,7 +74,8 @@ describe("finalizers", function()
         k = k + 1
       end
       return wrong
-    end))
+    end)
+    assert.equal("ok", status, bad)
     assert.is_true(#tasks > 300, "finalizers spawned thread tasks: " .. (#tasks - 300))
     assert.equal(0, bad, "thread tasks whose arguments came back wrong")
   end)

@@ -91,6 +91,22 @@ describe("thread mode, hostile", function()
     assert.matches("error\tthread_init 'raise_table' failed: %(error object is a table value%)", out)
   end)
 
+  it("stops a thread task even after an earlier job on its thread replaced the debug hook", function()
+    tide.configure{ threads = 1, thread_stop_wait = 2000 }
+    local status, err = tide.run(function()
+      assert.equal("ok", (tide.spawn{ mode = "thread", run = function() debug.sethook() return 1 end }:await()))
+      local spin = function() jit.off() local x = 0 while true do x = x + 1 end end
+      local t0 = tide.now()
+      assert.equal("timeout", (tide.spawn{ mode = "thread", run = spin, timeout = 50 }:await()))
+      tide.sleep(200)
+      local st = tide.stats().threads
+      assert.equal(0, st.quarantined, "the spinning job was stopped, not quarantined")
+      assert.equal(0, st.busy)
+      assert.is_true(tide.now() - t0 < 1500)
+    end)
+    assert.equal("ok", status, err)            -- an assertion inside the root task fails it
+  end)
+
   it("refuses thread settings beyond the limit at the call", function()
     spec_helper.error_cases("spec/thread_faults_spec.lua", {
       { function() tide.configure{ threads = 2000 } end,

@@ -410,8 +410,8 @@ int tide__pool_quarantine(tide__pool *p, uint64_t id) {
   tide__job *job = map_get(&p->jobs, id);
   slot *s = job && job->place == RUNNING ? job->slot : NULL;
   int i = 0, index = 0, was_abandoned = 0;
-  if (s && !s->quarantined) {
-    while (i < p->nslots && p->slots[i] != s) i++;
+  while (s && i < p->nslots && p->slots[i] != s) i++;
+  if (s && i < p->nslots && !s->quarantined) {
     index = s->w.index;                      /* s is the thread's own from here on */
     was_abandoned = job->abandoned;
     s->quarantined = 1;

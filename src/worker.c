@@ -289,6 +289,8 @@ void tide__worker_run(tide__worker *w, tide__job *job) {
     fail_job(job, "%s", w->init_error);      /* may be full: no Lua needed here)        */
     return;
   }
+  if (lua_gethook(w->L) != stop_hook)       /* a job's debug.sethook replaced it */
+    lua_sethook(w->L, stop_hook, LUA_MASKCOUNT, TIDE_STOP_CHECK_INSTRUCTIONS);
   jmp_buf at;
   if (setjmp(at) == 0) {
     w->panic_at = &at;
