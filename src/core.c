@@ -5,7 +5,10 @@
 #include <string.h>
 
 #include <lauxlib.h>
+#include <libpq-fe.h>
+#include <luajit.h>
 #include <lualib.h>
+#include <sqlite3.h>
 
 #include "bindings.h"
 #include "codec.h"
@@ -224,6 +227,23 @@ static int l_isatty(lua_State *L) {
   return 1;
 }
 
+/* versions() -> { luajit =, libuv =, sqlite =, libpq = }: what this tide
+ * was built with and runs on (libraries linked dynamically report theirs). */
+static int l_versions(lua_State *L) {
+  lua_createtable(L, 0, 4);
+  lua_pushstring(L, LUAJIT_VERSION);
+  lua_setfield(L, -2, "luajit");
+  lua_pushstring(L, uv_version_string());
+  lua_setfield(L, -2, "libuv");
+  lua_pushstring(L, sqlite3_libversion());
+  lua_setfield(L, -2, "sqlite");
+  int pq = PQlibVersion();                   /* 150018 = 15.18; before 10: 90624 = 9.6.24 */
+  if (pq >= 100000) lua_pushfstring(L, "%d.%d", pq / 10000, pq % 10000);
+  else lua_pushfstring(L, "%d.%d.%d", pq / 10000, pq / 100 % 100, pq % 100);
+  lua_setfield(L, -2, "libpq");
+  return 1;
+}
+
 static const luaL_Reg core_funcs[] = {
   { "now", l_now },           { "timer_start", l_timer_start },
   { "timer_cancel", l_timer_cancel }, { "pop", l_pop },
@@ -232,7 +252,7 @@ static const luaL_Reg core_funcs[] = {
   { "signals", l_signals },   { "stats", l_stats },
   { "close", l_close },       { "isatty", l_isatty },
   { "wallclock", l_wallclock }, { "pid", l_pid },
-  { "hostname", l_hostname },
+  { "hostname", l_hostname }, { "versions", l_versions },
   { NULL, NULL }
 };
 

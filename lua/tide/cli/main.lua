@@ -55,7 +55,10 @@ function M.main(argv)
   elseif cmd == "help" then
     return help(argv[2])
   elseif cmd == "-v" or cmd == "--version" or cmd == "version" then
-    io_stdout:write(tide._VERSION, " (", jit.version, ")\n")
+    local v = require("tide.core").versions()
+    io_stdout:write(tide._VERSION, " (", jit.version, ")\n",
+                    ("built with LuaJIT %s, libuv %s, SQLite %s, libpq %s\n")
+                      :format(v.luajit:gsub("^LuaJIT ", ""), v.libuv, v.sqlite, v.libpq))
     return 0
   elseif COMMANDS[cmd] then
     return COMMANDS[cmd](argv, 2)
