@@ -92,8 +92,18 @@ static int l_now(lua_State *L) {
 
 /* wallclock() -> UTC milliseconds since the Unix epoch (integral): for
  * durable schedule times only; intervals use now(). */
+/* Under the virtual clock, the wall clock moves with it: it reads the real
+ * wall clock at the moment the virtual one started, plus the virtual time
+ * since (so jobs scheduled for later become due when a test advances). */
+static double virtual_wall_base, virtual_mono_base;
+
 static int l_wallclock(lua_State *L) {
   uv_timeval64_t tv;
+  if (tide__loop_is_virtual()) {
+    double ms = virtual_wall_base + ((double)tide__loop_now() - virtual_mono_base) / 1e6;
+    lua_pushnumber(L, floor(ms));
+    return 1;
+  }
   if (uv_gettimeofday(&tv) != 0) return luaL_error(L, "tide: cannot read the wall clock");
   lua_pushnumber(L, (double)tv.tv_sec * 1000.0 + (double)(tv.tv_usec / 1000));
   return 1;
@@ -227,6 +237,40 @@ static int l_isatty(lua_State *L) {
   return 1;
 }
 
+/* clock_virtual(on): switches the virtual clock (tide.testing) on or off. */
+static int l_clock_virtual(lua_State *L) {
+  state *s = get_state(L);
+  int on = lua_toboolean(L, 1);
+  if (on && !tide__loop_is_virtual()) {
+    uv_timeval64_t tv;
+    if (uv_gettimeofday(&tv) != 0) return luaL_error(L, "tide: cannot read the wall clock");
+    virtual_wall_base = (double)tv.tv_sec * 1000.0 + (double)(tv.tv_usec / 1000);
+    tide__loop_set_virtual(&s->loop, 1);
+    virtual_mono_base = (double)tide__loop_now();
+    return 0;
+  }
+  tide__loop_set_virtual(&s->loop, on);
+  return 0;
+}
+
+/* clock_step(target_ms, until_idle) -> true when the clock moved to the
+ * next timer's deadline (exactly, in ns: a deadline round-tripped through a
+ * double of ms may land a nanosecond short of due); false when no timer is
+ * due by the target: the clock then moves to the target, unless until_idle. */
+static int l_clock_step(lua_State *L) {
+  state *s = get_state(L);
+  double target_ms = luaL_checknumber(L, 1);
+  uint64_t target = target_ms > 0 ? (uint64_t)(target_ms * 1e6) : 0, deadline;
+  if (tide__timers_next(&s->loop.timers, &deadline) && deadline <= target) {
+    tide__loop_set_now(&s->loop, deadline);
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  if (!lua_toboolean(L, 2)) tide__loop_set_now(&s->loop, target);
+  lua_pushboolean(L, 0);
+  return 1;
+}
+
 /* versions() -> { luajit =, libuv =, sqlite =, libpq = }: what this tide
  * was built with and runs on (libraries linked dynamically report theirs). */
 static int l_versions(lua_State *L) {
@@ -253,6 +297,8 @@ static const luaL_Reg core_funcs[] = {
   { "close", l_close },       { "isatty", l_isatty },
   { "wallclock", l_wallclock }, { "pid", l_pid },
   { "hostname", l_hostname }, { "versions", l_versions },
+  { "clock_virtual", l_clock_virtual },
+  { "clock_step", l_clock_step },
   { NULL, NULL }
 };
 

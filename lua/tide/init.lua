@@ -51,6 +51,7 @@ function tide.shutdown(grace_ms)
 end
 
 tide.configure = config.configure
+tide.testing = require "tide.engine.testing"
 
 --- Counters: tasks by outcome, live tasks, timers, handles, callback errors.
 function tide.stats()

@@ -543,6 +543,44 @@ local function run_task(t, co)
   return after_resume(t, co, co_resume(co))
 end
 
+-- ===== the virtual clock (tide.testing)
+--
+-- While a test advances the virtual clock, the tick steps it: each time no
+-- task is runnable, time jumps to the next timer's deadline (if it is
+-- within the target), so every timer in the span fires in order and the
+-- tasks it wakes run before time moves on; at the end, time is set to the
+-- target and the caller is woken.
+
+local advancing = false      -- { target = ms, until_idle = bool, task, tok } while a test advances
+
+--- Steps the virtual clock once the run queue is empty; true when there is
+--- more to do (a tick must follow).
+local function step_virtual()
+  local a = advancing
+  if core.clock_step(a.target, a.until_idle) then return true end   -- at the next timer: fire it
+  advancing = false
+  if a.task then wake(a.task, a.tok) end
+  return rq_n > 0                          -- the caller, woken, runs next tick
+end
+
+--- Starts advancing the virtual clock to `target` (ms, tide.now's scale),
+--- or through every timer up to it when `until_idle`.  Inside a task, the
+--- task waits until it is done; outside, the caller drives the loop.
+function S.advance(target, until_idle, fname)
+  if advancing then error(fname .. ": the clock is already advancing", 3) end
+  advancing = { target = target, until_idle = until_idle }
+  if S.in_task() then
+    local t, tok = wait_begin(fname, 3)
+    advancing.task, advancing.tok = t, tok
+    kick()
+    wait_end(t, tok)
+  else
+    return true               -- the caller runs the loop until S.advancing() is false
+  end
+end
+
+function S.advancing() return advancing ~= false end
+
 -- Resumes per tick at most (about): past it, the loop polls for I/O and
 -- fires timers before running more.  Work that becomes runnable during a
 -- tick runs in the same tick, so a chain of tasks costs no loop iteration
@@ -569,6 +607,7 @@ function S.tick()
     done = done + n
   end
   in_tick = false
+  if advancing and rq_n == 0 and not more_timers then return step_virtual() end
   return rq_n > 0 or more_timers
 end
 
