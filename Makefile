@@ -8,7 +8,8 @@ LUAJIT    ?= luajit
 PKGS      := luajit libuv sqlite3 libpq
 VERSION   := 0.1.0
 
-DEPS_DEB  := luajit libluajit-5.1-dev libuv1-dev libsqlite3-dev libpq-dev postgresql lua-cjson lua-busted pkg-config
+DEPS_DEB  := luajit libluajit-5.1-dev libuv1-dev libsqlite3-dev libpq-dev libhttp-parser-dev postgresql lua-cjson \
+             lua-busted pkg-config curl chromium python3-prometheus-client
 
 CFLAGS    ?= -O2 -g
 CFLAGS    += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -fPIC -fvisibility=hidden \
@@ -18,7 +19,7 @@ CFLAGS    += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-
 LDFLAGS   += -fsanitize=address,undefined
 endif
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS))
-PKG_LIBS   = $(shell pkg-config --libs $(PKGS)) -lm -lpthread
+PKG_LIBS   = $(shell pkg-config --libs $(PKGS)) -lhttp_parser -lm -lpthread
 
 # Every src/*.c except the host's main() goes into both the binary and the module.
 CORE_SRC  := $(filter-out src/main.c,$(wildcard src/*.c))
@@ -85,7 +86,7 @@ $(BUILD)/libtide.a: $(CORE_OBJ)
 	ar rcs $@ $^
 
 $(BUILD)/tide.so: $(CORE_OBJ)
-	$(CC) $(LDFLAGS) -shared -o $@ $^ $(shell pkg-config --libs libuv sqlite3 libpq) -lm -lpthread
+	$(CC) $(LDFLAGS) -shared -o $@ $^ $(shell pkg-config --libs libuv sqlite3 libpq) -lhttp_parser -lm -lpthread
 
 $(BUILD)/test_%: spec/c/test_%.c $(CORE_OBJ)
 	$(CC) $(CFLAGS) $(PKG_CFLAGS) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)
