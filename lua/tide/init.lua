@@ -196,5 +196,7 @@ tide.sources = require "tide.supervision.sources.memory"
 tide.flow = require("tide.flow.run").new
 tide.queue = { open = require("tide.jobs.queue").open }
 tide.worker = require("tide.jobs.worker").new
+local metrics = require "tide.observe.metrics"
+tide.metrics = { serve = metrics.serve, render = metrics.render }
 
 return tide
