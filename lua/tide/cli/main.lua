@@ -16,6 +16,7 @@ Commands:
   enqueue [OPTIONS] TARGET METHOD [JSON_ARGS]
                                    add a durable job
   jobs [OPTIONS] COMMAND [ARGS]    list, show, retry, cancel, expire, fail, stats, prune
+  web [OPTIONS]                    serve the dashboard of a job store in the browser
   graph [--format dot|mermaid] SCRIPT [ARGS...]
                                    print the flows SCRIPT defines, without running them
   help [COMMAND]                   show this help, or a command's
@@ -24,9 +25,13 @@ Commands:
 Options for run:
   --grace MS     grace period for running tasks on SIGINT/SIGTERM (default 5000)
   --quiet        no progress line (it shows only when stderr is a terminal)
+  --metrics ADDR serve Prometheus metrics at http://ADDR/metrics while the
+                 script runs (ADDR is HOST:PORT, like 127.0.0.1:9464)
+  --log-format human|json
+                 json: errors as one JSON object per line on stderr
   --             end of options
 
-worker, enqueue and jobs use the job store given by --store URL, else
+worker, enqueue, jobs and web use the job store given by --store URL, else
 $TIDE_STORE, else sqlite:tide.db; `tide COMMAND --help` lists their options.
 
 The script sees its arguments in `arg` (arg[0] is the script) and in `...`,
@@ -58,12 +63,32 @@ local function spawn_script(cmd, argv, i)
   return t
 end
 
+--- After the loop, as H.run does, with the root task's failure as a JSON line.
+local function json_exit_status()
+  local root = H.root
+  if H.signal then return 128 + H.signal end
+  if root == nil or root._state == "ok" then return 0 end
+  require("tide.observe.logs").event("error", "script_failed", { task = root.id, error = tostring(root.value),
+                                                                traceback = root.traceback })
+  return 1
+end
+
 local function run(argv, i)
-  local quiet = false
+  local quiet, metrics, json = false, nil, false
   while argv[i] and argv[i]:sub(1, 2) == "--" do
     local opt = argv[i]
     if opt == "--" then i = i + 1; break
     elseif opt == "--quiet" then quiet, i = true, i + 1
+    elseif opt == "--metrics" then
+      if not require("tide.engine.http").parse_address(argv[i + 1]) then
+        return usage_error("run: --metrics expects HOST:PORT (like 127.0.0.1:9464), got " .. tostring(argv[i + 1]))
+      end
+      metrics, i = argv[i + 1], i + 2
+    elseif opt == "--log-format" then
+      if argv[i + 1] ~= "json" and argv[i + 1] ~= "human" then
+        return usage_error("run: --log-format expects human or json, got " .. tostring(argv[i + 1]))
+      end
+      json, i = argv[i + 1] == "json", i + 2
     elseif opt == "--grace" then
       local ms = tonumber(argv[i + 1])
       if not ms or ms < 0 or ms ~= ms or ms == math.huge then
@@ -76,10 +101,20 @@ local function run(argv, i)
       return usage_error("run: unknown option '" .. opt .. "'")
     end
   end
+  if json then require("tide.observe.logs").use_json() end
+  local servers
+  if metrics then
+    local err
+    servers, err = require("tide.cli.web").listen("tide run", { metrics = metrics })
+    if not servers then io_stderr:write("tide run: ", err, "\n"); return 1 end
+  end
   local t, status = spawn_script("run", argv, i)
   if not t then return status end
-  require("tide.flow.run").progress = not quiet and require("tide.core").isatty(2)
-  return H.run()
+  require("tide.flow.run").progress = not quiet and not json and require("tide.core").isatty(2)
+  local code
+  if json then H.loop(); code = json_exit_status() else code = H.run() end
+  for _, srv in ipairs(servers and servers.servers or {}) do srv:close() end
+  return code
 end
 
 --- tide graph: runs the script until its first flow:run or flow:start, then
@@ -116,6 +151,7 @@ local JOB_COMMANDS = {
   worker = function(argv, i) return require("tide.cli.worker").main(argv, i) end,
   enqueue = function(argv, i) return require("tide.cli.jobs").enqueue(argv, i) end,
   jobs = function(argv, i) return require("tide.cli.jobs").jobs(argv, i) end,
+  web = function(argv, i) return require("tide.cli.web").main(argv, i) end,
 }
 
 --- tide help [COMMAND]

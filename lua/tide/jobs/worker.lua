@@ -239,9 +239,9 @@ local function wake_later(w, name, ms)
   end)
 end
 
-local function report_error(w, target, job, err)
+local function report_error(w, target, job, err, trace)
   local hook = target and target.handle_error or w.handle_error
-  if hook then log.protect("handle_error of job " .. job.id, hook, job, err) end
+  if hook then log.protect("handle_error of job " .. job.id, hook, job, err, trace) end
 end
 
 --- A failed attempt: retry later, or discard after the last.
@@ -262,7 +262,7 @@ local function failed(w, rec, err, trace, target)
     count(w, row.queue, "retried")
   end
   job.error = tostring(err)
-  report_error(w, target, job, err)
+  report_error(w, target, job, err, trace)
   record(w, entry)
 end
 
