@@ -227,7 +227,13 @@ local function store_gauges(o, queues, every)
     if not seen[w.q] then seen[w.q] = true; list[#list + 1] = w.q end
   end
   local counts, age = {}, nil
-  for qname in pairs(seen_queues) do counts[qname] = {} end   -- a drained queue reads 0, not nothing
+  -- A drained queue reads 0, not nothing: the queues seen before, and those
+  -- the workers of this process serve or counted.
+  for qname in pairs(seen_queues) do counts[qname] = {} end
+  if #list > 0 then
+    for qname in pairs(worker.totals.queues) do counts[qname] = {} end
+    for w in pairs(worker.live) do for qname in pairs(w.queues) do counts[qname] = {} end end
+  end
   for _, q in ipairs(list) do
     if q._store then
       local v, _, a = sampler.get(q, "backlog", every, function() return q:backlog() end)
