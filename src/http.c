@@ -275,7 +275,10 @@ static void dispatch(tide__http_conn *c) {
     r->values[i] = (tide__http_str){ c->head.p + c->value_off[i], c->value_len[i] };
   }
   r->body = (tide__http_str){ c->body.p ? c->body.p : "", c->body.len };
-  r->keep_alive = http_should_keep_alive(&c->parser);
+  /* An Upgrade (WebSocket) is ignored, as HTTP allows: the request is
+   * answered, and the connection closes after it, so the bytes that follow
+   * are never read as HTTP. */
+  r->keep_alive = http_should_keep_alive(&c->parser) && !c->parser.upgrade;
   r->http_minor = c->parser.http_minor;
   s->stats.requests++;
   s->opt.on_request(c, r, s->opt.data);
@@ -283,6 +286,7 @@ static void dispatch(tide__http_conn *c) {
 
 static void feed(tide__http_conn *c, const char *data, size_t len) {
   size_t n = http_parser_execute(&c->parser, &settings, data, len);
+  if (c->ready && c->parser.method == HTTP_CONNECT) { reject(c, 501); return; }
   if (c->ready) {
     c->pending.len = 0;
     if (n < len && buf_add(&c->pending, data + n, len - n) != 0) { close_conn(c); return; }
@@ -290,7 +294,7 @@ static void feed(tide__http_conn *c, const char *data, size_t len) {
     return;
   }
   enum http_errno e = HTTP_PARSER_ERRNO(&c->parser);
-  if (c->parser.upgrade) reject(c, 501);   /* CONNECT, WebSocket: not served */
+  if (c->parser.upgrade) reject(c, 501);   /* CONNECT: not served */
   else if (e == HPE_HEADER_OVERFLOW) reject(c, 431);
   else if (e != HPE_OK) reject(c, c->error_status ? c->error_status : 400);
 }

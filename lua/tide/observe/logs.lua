@@ -26,7 +26,8 @@ function M.event(level, event, fields)
   for k, v in pairs(fields or {}) do
     if rec[k] == nil then
       local tv = type(v)
-      rec[k] = (tv == "string" or tv == "number" or tv == "boolean" or tv == "table") and v or tostring(v)
+      if tv == "string" or tv == "number" or tv == "boolean" or tv == "table" then rec[k] = v
+      else rec[k] = tostring(v) end
     end
   end
   local ok, line = pcall(cjson.encode, rec)
@@ -37,7 +38,11 @@ end
 --- The error sink in JSON: the task or job named in `where` becomes a field.
 local function json_sink(where, err, tb)
   local fields = { where = where, error = tostring(err) }
-  if type(tb) == "string" and tb ~= fields.error then fields.traceback = tb end
+  if type(tb) == "string" then fields.traceback = tb end
+  -- an error caught with its traceback: the message alone, then the whole
+  local msg = fields.error:match("^(.-)\nstack traceback:\n")
+  if msg then fields.error = msg end
+  if fields.traceback == nil and msg then fields.traceback = tostring(err) end
   local task = where:match("[Tt]ask (%d+)")
   local job = where:match("job (%d+)")
   fields.task, fields.job = tonumber(task), tonumber(job)
