@@ -12,6 +12,7 @@ of:
   {"click": SELECTOR}                click the element, then wait for the page it loads
   {"wait": JS, "timeout": MS}        poll until JS is truthy (fails the run after MS)
   {"sleep": MS}
+  {"viewport": [WIDTH, HEIGHT]}      resize the page's viewport
   {"screenshot": PATH}               PNG of the viewport
 Every JavaScript dialog (alert, confirm, prompt) that opens is recorded in
 "dialogs" and dismissed: a spec asserts that none fired.  The run gives up
@@ -161,6 +162,10 @@ def main():
                 while time.time() < end:          # keep reading: a dialog may open meanwhile
                     b.eval("1")
                     time.sleep(0.05)
+            elif "viewport" in step:
+                w, h = step["viewport"]
+                b.call("Emulation.setDeviceMetricsOverride",
+                       {"width": w, "height": h, "deviceScaleFactor": 1, "mobile": False})
             elif "screenshot" in step:
                 shot = b.call("Page.captureScreenshot", {"format": "png"})
                 with open(step["screenshot"], "wb") as f:
