@@ -186,6 +186,18 @@ describe("tide.engine.http", function()
     assert.equal("", extra)
   end)
 
+  it("closes a connection whose request trickles in for longer than `idle` ms", function()
+    local out
+    tide.run(function()
+      local srv = assert(http.serve{ idle = 300, handler = echo })
+      out = shell(PY .. ("trickle %d 6"):format(srv.port))
+      srv:close()
+    end)
+    local secs = tonumber(out:match("^closed after (%S+)"))
+    assert.is_truthy(secs, out)
+    assert.is_true(secs >= 0.3 and secs < 3, out)
+  end)
+
   it("rejects bad options, and says why it cannot listen", function()
     H.error_cases("spec/http_spec.lua", {
       { function() http.serve{} end, "http.serve: bad option 'handler' (function expected, got nil)" },

@@ -193,3 +193,58 @@ describe("tide web", function()
     end)
   end)
 end)
+
+describe("tide.web from Lua", function()
+  local tide = require "tide"
+  local dir
+  setup(function() dir = H.tempdir() end)
+  teardown(function() os.execute("rm -rf " .. dir) end)
+  after_each(function() H.assert_idle() end)
+
+  local function fetch(url)
+    local t = tide.spawn{ mode = "thread", args = { url }, run = function(u)
+      local f = io.popen("curl -s -H 'Authorization: Bearer the-lua-token' '" .. u .. "'")
+      local s = f:read("*a")
+      f:close()
+      return s
+    end }
+    local _, out = t:await()
+    return out
+  end
+
+  it("shows encrypted args decrypted only where the process has the encryptor", function()
+    local enc = { encrypt = function(s) return (s:reverse()) end, decrypt = function(s) return (s:reverse()) end }
+    local with, without
+    tide.run(function()
+      local q = tide.queue.open("sqlite:" .. dir .. "/enc.db", { encryptor = enc })
+      local id = q:enqueue{ target = "cards", method = "charge", args = { card = "4242-SECRET" } }
+      local srv = assert(tide.web.serve{ queue = q, port = 0, token = "the-lua-token" })
+      with = fetch(srv:url("/jobs/" .. id))
+      srv:close()
+      local plain = tide.queue.open("sqlite:" .. dir .. "/enc.db")
+      srv = assert(tide.web.serve{ queue = plain, port = 0, token = "the-lua-token" })
+      without = fetch(srv:url("/jobs/" .. id))
+      srv:close()
+      q:close()
+      plain:close()
+    end)
+    assert.matches("4242-SECRET", with, 1, true)
+    assert.matches("Decrypted with this process", with, 1, true)
+    assert.not_matches("4242", without, 1, true)
+    assert.matches("Encrypted: this process has no encryptor", without, 1, true)
+  end)
+
+  it("rejects bad options with messages that name them", function()
+    local q = tide.queue.open("sqlite:" .. dir .. "/opts.db")
+    H.error_cases("spec/web_spec.lua", {
+      { function() tide.web.serve{} end,
+        "tide.web.serve: bad option 'queue' (queue (from tide.queue.open) expected, got nil)" },
+      { function() tide.web.serve{ queue = q, token = "short" } end,
+        "tide.web.serve: bad option 'token' (string of at least 8 letters, digits or -_.~ expected, got string \"short\")" },
+      { function() tide.web.serve{ queue = q, port = "80" } end,
+        "tide.web.serve: bad option 'port' (integer 0..65535 expected, got string \"80\")" },
+      { function() tide.web.handler{ queue = q, prot = 1 } end, "tide.web.handler: unknown option 'prot'" },
+    })
+    q:close()
+  end)
+end)

@@ -27,6 +27,7 @@ struct tide__http_conn {
   int state;
   int writes;                   /* uv_write requests not yet called back */
   uint64_t last;                /* uv_now of the last activity */
+  uint64_t begun;               /* uv_now when the request being read began; 0: none */
   /* the request being read: the URL, then header names and values, in `head` */
   buf head, body, pending;
   size_t url_len;
@@ -177,6 +178,7 @@ static int on_message_begin(http_parser *p) {
   c->url_len = 0;
   c->hstate = c->nheaders = 0;
   c->error_status = 0;
+  c->begun = uv_now(c->handle.loop);
   return 0;
 }
 
@@ -265,6 +267,7 @@ static void dispatch(tide__http_conn *c) {
   tide__http_server *s = c->s;
   tide__http_request *r = &c->req;
   c->ready = 0;
+  c->begun = 0;
   uv_read_stop((uv_stream_t *)&c->handle);
   c->state = HANDLING;
   r->method = http_method_str((enum http_method)c->parser.method);
@@ -351,14 +354,18 @@ void tide__http_end(tide__http_conn *c, int keep_alive) {
   }
 }
 
-/* Closes connections idle past idle_ms, or not reading their response. */
+/* Closes connections idle past idle_ms, not reading their response, or
+ * sending a request for longer than idle_ms (a byte at a time keeps a
+ * connection active, not its request alive). */
 static void on_sweep(uv_timer_t *h) {
   tide__http_server *s = h->data;
   uint64_t now = uv_now(h->loop);
   tide__http_conn *c = s->conns;
   while (c) {
     tide__http_conn *next = c->next;
-    if ((c->state == READING || c->state == FLUSHING) && now - c->last > s->opt.idle_ms) close_conn(c);
+    if ((c->state == READING || c->state == FLUSHING) &&
+        (now - c->last > s->opt.idle_ms || (c->state == READING && c->begun && now - c->begun > s->opt.idle_ms)))
+      close_conn(c);
     c = next;
   }
 }

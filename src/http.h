@@ -14,8 +14,9 @@
  *             in the close callback
  * A request whose head or body is too large, or that does not parse, is
  * answered here (400, 413, 431) and its connection closed: on_request never
- * sees it.  Connections idle (or slow to send a request) past `idle_ms` are
- * closed by a sweep timer that runs once a second.
+ * sees it.  Connections idle past `idle_ms`, or whose request takes longer
+ * than that to arrive (however steadily its bytes trickle in), are closed by
+ * a sweep timer that runs once a second.
  *
  * Handles: the listener, the sweep timer, an idle handle that resumes
  * pipelined requests, and one uv_tcp_t per connection.  All are unreferenced

@@ -198,5 +198,7 @@ tide.queue = { open = require("tide.jobs.queue").open }
 tide.worker = require("tide.jobs.worker").new
 local metrics = require "tide.observe.metrics"
 tide.metrics = { serve = metrics.serve, render = metrics.render }
+local web = require "tide.observe.web"
+tide.web = { serve = web.serve, handler = web.handler }
 
 return tide

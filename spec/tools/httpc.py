@@ -4,6 +4,8 @@
   httpc.py raw PORT TEXT [SECONDS]     sends TEXT (Python escapes like \\r\\n allowed) to
                                        127.0.0.1:PORT, prints what comes back until the
                                        server closes or SECONDS (default 2) pass
+  httpc.py trickle PORT SECONDS        sends a request head a byte every 50 ms; prints
+                                       "closed after S" or "still open after S"
   httpc.py load PORT CONNS REQS SEED   CONNS connections at once, each sending REQS
                                        requests for /echo/<conn>/<i>, some pipelined
                                        in bursts of up to 4; checks every answer is
@@ -84,8 +86,24 @@ def load(port, conns, reqs, seed):
     print(json.dumps(result))
 
 
+def trickle(port, seconds):
+    """Sends a request head one byte every 50 ms; prints how long until the server closed."""
+    s = socket.create_connection(("127.0.0.1", port))
+    t = time.time()
+    try:
+        s.sendall(b"GET / HTTP/1.1\r\nX-Slow: ")
+        while time.time() - t < seconds:
+            s.sendall(b"x")
+            time.sleep(0.05)
+        print("still open after %.1f" % (time.time() - t))
+    except OSError:
+        print("closed after %.1f" % (time.time() - t))
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "raw":
+    if sys.argv[1] == "trickle":
+        trickle(int(sys.argv[2]), float(sys.argv[3]))
+    elif sys.argv[1] == "raw":
         raw(int(sys.argv[2]), sys.argv[3], float(sys.argv[4]) if len(sys.argv) > 4 else 2)
     else:
         load(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
