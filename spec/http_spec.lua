@@ -56,7 +56,7 @@ describe("tide.engine.http", function()
                  cookie = req:cookie("b"), body = req.body, name = req:form().name }
         return 201, { ["x-answer"] = 42 }, "made"
       end })
-      out = shell(("curl -s -i -X POST -H 'X-Thing: one' -H 'Cookie: a=1; b=two' --data 'name=A+b%%26c' '%s'")
+      out = shell(("env -u LD_PRELOAD curl -s -i -X POST -H 'X-Thing: one' -H 'Cookie: a=1; b=two' --data 'name=A+b%%26c' '%s'")
         :format(srv:url("/a%20b?q=x%2By&q=second")))
       srv:close()
     end)
@@ -109,7 +109,7 @@ describe("tide.engine.http", function()
         if req.path == "/body" then return 200, {}, { "table" } end
         return 200, {}, "fine"
       end })
-      local code = "curl -s -o /dev/null -w '%%{http_code} ' %s; "
+      local code = "env -u LD_PRELOAD curl -s -o /dev/null -w '%%{http_code} ' %s; "
       out = shell(code:format(srv:url("/raise")) .. code:format(srv:url("/slow")) .. code:format(srv:url("/crlf"))
                   .. code:format(srv:url("/status")) .. code:format(srv:url("/body")) .. code:format(srv:url("/")))
       assert.equal(2, srv:stats().errors)                -- the raise and the timeout
@@ -130,7 +130,7 @@ describe("tide.engine.http", function()
         return 200, {}, "late"
       end })
       local t = tide.spawn{ mode = "thread", args = { srv:url("/") }, run = function(url)
-        local f = io.popen("for i in 1 2 3 4 5; do curl -s --max-time 2 " .. url .. " & done; wait")
+        local f = io.popen("for i in 1 2 3 4 5; do env -u LD_PRELOAD curl -s --max-time 2 " .. url .. " & done; wait")
         local s = f:read("*a")
         f:close()
         return s
