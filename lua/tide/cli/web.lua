@@ -1,6 +1,7 @@
 --- tide.cli.web — `tide web`: the dashboard of a job store, until SIGINT/SIGTERM; and the
 --- --metrics/--web listeners that `tide run` and `tide worker` share.
-local C = require "tide.cli.jobs"
+local options = require "tide.cli.options"
+local store = require "tide.cli.store"
 local H = require "tide.engine.host"
 local http = require "tide.engine.http"
 local metrics = require "tide.observe.metrics"
@@ -46,7 +47,7 @@ M.opt = {
                  expected = "human or json" },
 }
 
-local o = C.opt
+local o = options.opt
 local OPTS = {
   ["--store"] = o.store, ["--listen"] = M.opt.listen, ["--token"] = M.opt.token,
   ["--metrics"] = { key = "metrics" }, ["--help"] = o.help, ["-h"] = o.help,
@@ -111,18 +112,18 @@ end
 
 --- tide web [OPTIONS]
 function M.main(argv, i)
-  local opts, pos = C.parse(argv, i, OPTS, false)
-  if not opts then return C.usage_error(PROG, pos, M.USAGE) end
+  local opts, pos = options.parse(argv, i, OPTS, false)
+  if not opts then return options.usage_error(PROG, pos, M.USAGE) end
   if opts.help then io_stdout:write(M.USAGE); return 0 end
-  if #pos > 0 then return C.usage_error(PROG, "unexpected argument '" .. pos[1] .. "'", M.USAGE) end
-  local url, uerr = C.store_url(opts)
-  if not url then return C.usage_error(PROG, uerr, M.USAGE) end
-  local q, status = C.open(PROG, url, true)
+  if #pos > 0 then return options.usage_error(PROG, "unexpected argument '" .. pos[1] .. "'", M.USAGE) end
+  local url, uerr = store.url(opts)
+  if not url then return options.usage_error(PROG, uerr, M.USAGE) end
+  local q, status = store.open(PROG, url, true)
   if not q then return status end
   local addr = opts.listen or "127.0.0.1:8080"
   local l, err = M.listen(PROG, { web = addr, metrics = opts.metrics and addr or nil, token = opts.token,
                                   queue = q, keep_loop = true })
-  if not l then q:close(); return C.fail(PROG, err) end
+  if not l then q:close(); return options.fail(PROG, err) end
   io_stdout:write(("%s: %s (store %s)%s\n"):format(PROG, l.web_url, q.name,
                   l.metrics and (", metrics at " .. l.web:url("/metrics")) or ""))
   io_stdout:flush()

@@ -1,14 +1,17 @@
---- tide.cli_worker — `tide worker`: performs durable jobs until SIGINT/SIGTERM, or until drained.
+--- tide.cli.worker — `tide worker`: performs durable jobs until SIGINT/SIGTERM, or until drained.
 --
 -- The root task awaits SCRIPT (when given; the table it returns is the
 -- targets), starts a tide.worker and waits for it.  A signal stops the
 -- worker through its own shutdown hook: claiming stops, running jobs get
 -- the grace period, jobs still running then are released.  The exit status
 -- says whether every outcome was written (0) or not (1).
-local C = require "tide.cli.jobs"
 local H = require "tide.engine.host"
 local S = require "tide.engine.sched"
+local config = require "tide.engine.config"
 local core = require "tide.core"
+local job = require "tide.jobs.job"
+local options = require "tide.cli.options"
+local store = require "tide.cli.store"
 local tide = require "tide"
 local logs = require "tide.observe.logs"
 
@@ -60,18 +63,16 @@ opened, SCRIPT fails or an outcome could not be written; 2 for bad options.
 
 -- ===== options
 
-local QUEUE_NAME = "^[%a_][%w_.%-]*$"
-
 --- "NAME" or "NAME=N" -> { name, n or false }.
 local function queue_opt(s)
   local qname, n = s:match("^([^=]+)=(%d+)$")
   qname = qname or s
-  if not qname:match(QUEUE_NAME) or (n and tonumber(n) < 1) then return nil end
+  if not job.is_name(qname) or (n and tonumber(n) < 1) then return nil end
   return { name = qname, n = n and tonumber(n) or false }
 end
 
 local W = require("tide.cli.web").opt
-local o = C.opt
+local o = options.opt
 local OPTS = {
   ["--metrics"] = W.metrics, ["--web"] = W.web, ["--token"] = W.token, ["--log-format"] = W.log_format,
   ["--store"] = o.store, ["--concurrency"] = o.concurrency, ["--lease"] = o.lease,
@@ -190,8 +191,8 @@ local function main(run)
       if H.signal then
         local n = w:info().running
         say(run, ("%s %s: %s: stopping; %d running job%s get%s %d ms"):format(PROG, w.id, reason,
-            n, n == 1 and "" or "s", n == 1 and "s" or "", H.config.grace), "info", "worker_stopping",
-            { worker = w.id, reason = reason, running = n, grace_ms = H.config.grace })
+            n, n == 1 and "" or "s", n == 1 and "s" or "", config.grace), "info", "worker_stopping",
+            { worker = w.id, reason = reason, running = n, grace_ms = config.grace })
       end
     end)
     say(run, ("%s %s: %s, queues %s, lease %d ms"):format(PROG, w.id, run.q.name,
@@ -204,7 +205,7 @@ local function main(run)
   end
   if run.opts.drain then
     w:drain()
-    S.shutdown(H.config.grace, "tide worker: drained")   -- tasks SCRIPT left running
+    S.shutdown(config.grace, "tide worker: drained")   -- tasks SCRIPT left running
   else
     w:wait()
   end
@@ -222,10 +223,10 @@ local function finish(run)
   end
   for _, srv in ipairs(run.servers or {}) do srv:close() end
   run.q:close()
-  if run.failed then return C.fail(PROG, run.failed) end
+  if run.failed then return options.fail(PROG, run.failed) end
   if not w then                                   -- the loop stopped before the worker started
     if H.signal then return 128 + H.signal end
-    return C.fail(PROG, "the loop shut down before the worker started")
+    return options.fail(PROG, "the loop shut down before the worker started")
   end
   local info = w:info()                           -- (after w:wait(): every outcome written, or counted)
   return (info.running == 0 and info.unwritten == 0) and 0 or 1
@@ -239,14 +240,14 @@ end
 
 --- tide worker [OPTIONS] [SCRIPT [ARGS...]]
 function M.main(argv, i)
-  local opts, pos = C.parse(argv, i, OPTS, true)
-  if not opts then return C.usage_error(PROG, pos, M.USAGE) end
+  local opts, pos = options.parse(argv, i, OPTS, true)
+  if not opts then return options.usage_error(PROG, pos, M.USAGE) end
   if opts.help then io_stdout:write(M.USAGE); return 0 end
   local queues, qerr = queues_of(opts)
-  if not queues then return C.usage_error(PROG, qerr, M.USAGE) end
-  local url, uerr = C.store_url(opts)
-  if not url then return C.usage_error(PROG, uerr, M.USAGE) end
-  local q, status = C.open(PROG, url, false)
+  if not queues then return options.usage_error(PROG, qerr, M.USAGE) end
+  local url, uerr = store.url(opts)
+  if not url then return options.usage_error(PROG, uerr, M.USAGE) end
+  local q, status = store.open(PROG, url, false)
   if not q then return status end
   if opts.grace then tide.configure{ grace = opts.grace } end
   if opts.log_format == "json" then logs.use_json() end
@@ -254,7 +255,7 @@ function M.main(argv, i)
   if opts.metrics or opts.web then
     local l, lerr = require("tide.cli.web").listen(PROG, { metrics = opts.metrics, web = opts.web,
                                                            token = opts.token, queue = q })
-    if not l then q:close(); return C.fail(PROG, lerr) end
+    if not l then q:close(); return options.fail(PROG, lerr) end
     run.servers = l.servers
     if l.web_url then
       say(run, ("%s: dashboard at %s"):format(PROG, l.web_url), "info", "dashboard", { url = l.web_url })
@@ -269,7 +270,7 @@ function M.main(argv, i)
     add_script_dir(pos[1])
     local err
     run.script, err = H.spawn_file(pos[1], { select(2, unpack(pos)) })
-    if not run.script then q:close(); return C.fail(PROG, err) end
+    if not run.script then q:close(); return options.fail(PROG, err) end
   end
   tide.spawn{ run = main, args = { run }, name = "tide worker" }
   H.loop()

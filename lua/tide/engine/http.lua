@@ -171,7 +171,7 @@ local PLAIN = { ["content-type"] = "text/plain; charset=utf-8" }
 
 --- handle_result of a request's task: the one place that answers it.
 local function answered(status, value, t)
-  local req = t._opt.http_req
+  local req = S.options(t).http_req
   local srv = req.server
   if status == "ok" then
     local _, code, headers, body = S.results(t)

@@ -1,4 +1,4 @@
---- tide.log — the one error sink for failures in user callbacks.
+--- tide.engine.log — the one error sink for failures in user callbacks.
 --
 -- An error in `handle_result`, an `on_retry` hook or a timer callback never
 -- reaches the loop or other tasks: it comes here, is counted, and goes to the

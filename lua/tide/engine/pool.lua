@@ -1,4 +1,4 @@
---- tide.pool — bounded concurrency: submit never blocks, at most `size` tasks run at once.
+--- tide.engine.pool — bounded concurrency: submit never blocks, at most `size` tasks run at once.
 --
 -- Tasks beyond `size` wait in a FIFO queue of at most `queue_limit`; past it,
 -- submit returns nil and a "queue full" message (the caller decides: drop,
@@ -22,7 +22,7 @@ end }
 
 local KEYS = { size = true, queue_limit = true, mode = true, name = true }
 
---- tide.pool{ size = 10, queue_limit = 10000, mode = "coroutine", name = "..." }
+--- tide.engine.pool{ size = 10, queue_limit = 10000, mode = "coroutine", name = "..." }
 function M.new(opts)
   if opts == nil then opts = {} end
   if type(opts) ~= "table" then arg_error("tide.pool", 1, "table", opts) end
@@ -51,7 +51,7 @@ end
 
 local function start_in_slot(p, t)
   p.running = p.running + 1
-  t._opt.pool_slot = true
+  S.options(t).pool_slot = true
   S.start(t)
 end
 
@@ -64,7 +64,7 @@ local function fill(p)
   while p.running < p.size and p.qhead <= p.qtail do
     local t = q[p.qhead]
     q[p.qhead], p.qhead = nil, p.qhead + 1
-    if t._state == "pending" then
+    if S.state(t) == "pending" then
       p.waiting = p.waiting - 1
       start_in_slot(p, t)
     end
@@ -74,10 +74,11 @@ local function fill(p)
 end
 
 local function release(t)
-  local o = t._opt
+  local o = S.options(t)
   local p = o.pool
   p.outstanding = p.outstanding - 1
-  p[t._state] = p[t._state] + 1
+  local status = S.state(t)
+  p[status] = p[status] + 1
   if o.pool_slot then
     p.running = p.running - 1
   else
@@ -100,7 +101,8 @@ function Pool.submit(p, spec, ...)
   end
   local t = make_task("pool:submit", p.mode, spec, ...)
   local o = S.options(t)
-  o.pool, o.on_finish = p, release
+  o.pool = p
+  S.on_finish(t, release)
   p.outstanding, p.submitted = p.outstanding + 1, p.submitted + 1
   if p.running < p.size then
     start_in_slot(p, t)

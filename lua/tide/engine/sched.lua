@@ -1,4 +1,4 @@
---- tide.sched — the engine: run queue, timers, and the task lifecycle with its one door.
+--- tide.engine.sched — the engine: run queue, timers, and the task lifecycle with its one door.
 --
 -- A task is a table with a state:
 --   "pending"   created, not started (waiting for a pool slot)
@@ -20,6 +20,10 @@
 --     or nil/false.
 --   - The options a task rarely has (timeout, retry, hooks, pool) live in
 --     t._opt (false when none), so the hot path reads one field for them all.
+--   - Hooks on a task's end are lists, added with S.on_finish and
+--     S.on_attempt_end and run in the order added, each call protected: no
+--     module replaces or chains another's hook, and a hook that raises is
+--     reported to the error sink without stopping the others or the tick.
 local core = require "tide.core"
 local log = require "tide.engine.log"
 local retry = require "tide.engine.retry"
@@ -30,6 +34,7 @@ local type = type
 local co_running = coroutine.running
 local unpack, select, pcall, xpcall, error = unpack, select, pcall, xpcall, error
 local tostring, traceback, pairs = tostring, debug.traceback, pairs
+local setmetatable, getmetatable = setmetatable, getmetatable
 local timer_start, timer_cancel, pop, kick = core.timer_start, core.timer_cancel, core.pop, core.kick
 local is_ms = check.is_ms
 
@@ -65,6 +70,71 @@ local function safe_tostring(v)
   local ok, s = pcall(tostring, v)
   return ok and s or "(error object with a failing __tostring)"
 end
+
+-- ===== errors that carry their own traceback
+--
+-- Work that ran elsewhere (a thread, a child process) fails with a
+-- traceback taken there; raised as a traced error, it becomes the task's
+-- traceback instead of one taken of the coroutine that waited for it.
+
+local Traced_mt = { __tostring = function(e) return safe_tostring(e.value) end }
+
+function S.traced_error(value, trace)
+  return setmetatable({ value = value, traceback = trace }, Traced_mt)
+end
+
+-- ===== hooks on a task's end: lists, each call protected
+--
+-- A slot of t._opt holds nil, one function, or a list of them (most tasks
+-- with a hook have one: no list is allocated for it).
+
+local function add_hook(t, slot, fn)
+  local o = t._opt
+  if not o then o = {}; t._opt = o end
+  local h = o[slot]
+  if h == nil then o[slot] = fn
+  elseif type(h) == "function" then o[slot] = { h, fn }
+  else h[#h + 1] = fn end
+end
+
+local function remove_hook(t, slot, fn)
+  local o = t._opt
+  local h = o and o[slot]
+  if h == fn then o[slot] = nil; return end
+  if type(h) ~= "table" then return end
+  for i = 1, #h do
+    if h[i] == fn then table.remove(h, i); return end
+  end
+end
+
+local function hook_failed(what, t, err)
+  log.report(what .. " hook of " .. safe_tostring(t), err, err)
+end
+
+local function run_hooks(what, t, h)
+  if type(h) == "function" then
+    local ok, err = xpcall(h, traceback, t)
+    if not ok then hook_failed(what, t, err) end
+    return
+  end
+  for i = 1, #h do
+    local ok, err = xpcall(h[i], traceback, t)
+    if not ok then hook_failed(what, t, err) end
+  end
+end
+
+--- Adds fn(t), run once when t reaches its outcome (inside the door, after
+--- its awaiters are woken and before handle_result).  For tide's modules:
+--- what they must do however a task ends (free a slot, nack a delivery).
+function S.on_finish(t, fn) add_hook(t, "on_finish", fn) end
+
+--- Adds fn(t), run once when the current attempt of t ends, however it
+--- ends (returns, raises, times out, is cancelled): what the attempt started
+--- must stop with it.  Cleared when the attempt ends.
+function S.on_attempt_end(t, fn) add_hook(t, "on_attempt_end", fn) end
+
+--- Removes a hook added with S.on_attempt_end (its work ended in time).
+function S.off_attempt_end(t, fn) remove_hook(t, "on_attempt_end", fn) end
 
 -- ===== the run queue: (task, coroutine) pairs, swapped out whole each tick
 
@@ -228,6 +298,21 @@ function S.wake_all(list)
 end
 
 function S.current() return current end
+
+--- True inside a task's own coroutine (where it may wait), not in a
+--- nested coroutine or a callback.
+function S.in_task()
+  local t = current
+  return t ~= nil and not in_callback and co_running() == t._co
+end
+
+--- The state of a task ("pending", "running", "retrying", or terminal).
+function S.state(t) return t._state end
+
+--- Stands for t's current attempt (its coroutine), or false between
+--- attempts: an attempt that ended never comes back, so a saved value
+--- that no longer equals S.attempt_of(t) means "that attempt is over".
+function S.attempt_of(t) return t._co end
 S.now = core.now
 
 -- ===== runners: coroutines reused from one task to the next
@@ -260,8 +345,8 @@ local function end_attempt(t)
   if o then
     local key = o.timer
     if key then o.timer = false; untimer(key) end
-    local hook = o.on_attempt_end            -- internal: what this attempt started must stop
-    if hook then o.on_attempt_end = nil; hook(t) end
+    local hooks = o.on_attempt_end           -- what this attempt started must stop
+    if hooks then o.on_attempt_end = nil; run_hooks("on_attempt_end", t, hooks) end
   end
   if t._wait then                           -- waiting, or woken and not yet resumed
     local key = t._wait_timer
@@ -271,8 +356,6 @@ local function end_attempt(t)
       t._awaiting = nil
       if target._waiters then S.remove_waiter(target._waiters, t) end
     end
-    local job = t._job                      -- a thread job this attempt waits for
-    if job then t._job = nil; S.abandon_job(job) end
     t._wait = false
   end
   t._co = false
@@ -343,7 +426,8 @@ local function finish(t, status, ...)
   local o = t._opt
   if o then
     if o.thread then thread_stats[status] = thread_stats[status] + 1 end
-    if o.on_finish then o.on_finish(t) end
+    local hooks = o.on_finish
+    if hooks then run_hooks("on_finish", t, hooks) end
     if o.handle_result then callback("handle_result", t, o.handle_result, status, t.value, t) end
   end
   if shutting and nlive == 0 then end_grace() end
@@ -384,7 +468,11 @@ local function after_resume(t, co, ok, ...)
     return
   end
   local err = ...                          -- raised: the runner is dead
-  t.traceback = t._thread_trace or traceback(co, safe_tostring(err))
+  if getmetatable(err) == Traced_mt then
+    t.traceback, err = err.traceback, err.value
+  else
+    t.traceback = traceback(co, safe_tostring(err))
+  end
   return settle(t, "error", err)
 end
 
@@ -452,7 +540,8 @@ end }
 local Task_mt = S.Task_mt
 
 --- Creates a task (state "pending") that runs fn; `opt` holds its rarer
---- options (args, timeout, retry, hooks), or is nil.  Validated by the caller.
+--- options (args, timeout, retry, handle_result, on_retry, name, and a
+--- first on_finish hook), or is nil.  Validated by the caller.
 function S.new_task(fn, opt)
   next_id = next_id + 1
   -- Seven fields set here, and room for an eighth (t._wait_timer while it
@@ -498,6 +587,23 @@ function S.options(t)
   local o = t._opt
   if not o then o = {}; t._opt = o end
   return o
+end
+
+--- Waits (inside a task) for t's outcome; returns status and value(s), or
+--- nil, "timeout" after `ms` (t itself goes on).  `fname` names the caller.
+function S.await(t, ms, fname)
+  if TERMINAL[t._state] then return S.results(t) end
+  local w, tok = wait_begin(fname, 3)
+  if not t._waiters then t._waiters = {} end
+  S.add_waiter(t._waiters, w, tok)
+  w._awaiting = t
+  wait_end(w, tok, ms)
+  w._awaiting = nil
+  if not TERMINAL[t._state] then
+    if t._waiters then S.remove_waiter(t._waiters, w) end
+    return nil, "timeout"
+  end
+  return S.results(t)
 end
 
 function S.results(t)

@@ -1,9 +1,9 @@
---- tide.worker — performs durable jobs from a queue as supervised tide tasks.
+--- tide.jobs.worker — performs durable jobs from a queue as supervised tide tasks.
 --
 --   local w = tide.worker{ queue = q, queues = { default = 10, mail = 2 },
 --                          targets = { orders = { fulfill = function(args, job) ... end } } }
 --
--- How a job moves (see tide.store_sqlite for the SQL):
+-- How a job moves (see tide.jobs.store.sqlite for the SQL):
 --
 --   claim    a claimer task per queue takes up to `batch` due jobs (priority,
 --            then run_at) in one statement that marks them executing under a
@@ -29,13 +29,17 @@ local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
 local log = require "tide.engine.log"
 local retry = require "tide.engine.retry"
+local config = require "tide.engine.config"
+local task = require "tide.engine.task"
+local timer = require "tide.engine.timer"
+local json = require "tide.jobs.json"
 local queue = require "tide.jobs.queue"
-local make_task = require("tide.engine.task").make_task
+local make_task, spawn = task.make_task, task.spawn
 local histogram = require "tide.engine.histogram"
 
 local type, error, pairs, ipairs, tostring, pcall, require = type, error, pairs, ipairs, tostring, pcall, require
 local setmetatable, min, floor = setmetatable, math.min, math.floor
-local wallclock, encode = core.wallclock, queue.encode
+local wallclock, encode = core.wallclock, json.encode
 local opt_error = check.opt_error
 local TERMINAL = S.TERMINAL
 
@@ -103,7 +107,7 @@ local function check_target(fname, name, t, level)
   if t.timeout ~= nil and not check.is_ms(t.timeout, true) then
     opt_error(fname, key .. ".timeout", "positive number of ms", t.timeout, level + 1)
   end
-  require("tide.engine.task").check_mode(fname, t.mode, level + 1)
+  task.check_mode(fname, t.mode, level + 1)
   if t.handle_error ~= nil and type(t.handle_error) ~= "function" then
     opt_error(fname, key .. ".handle_error", "function", t.handle_error, level + 1)
   end
@@ -132,7 +136,7 @@ end
 local function check_opts(fname, opts)
   if type(opts) ~= "table" then check.arg_error(fname, 1, "table", opts, 3) end
   check.known(fname, opts, KEYS, nil, 3)
-  if getmetatable(opts.queue) ~= queue.Queue_mt then
+  if not queue.is_queue(opts.queue) then
     opt_error(fname, "queue", "queue (from tide.queue.open)", opts.queue, 3)
   end
   for _, k in ipairs{ "lease", "heartbeat", "poll", "rescue_every", "timeout", "grace" } do
@@ -191,7 +195,7 @@ end
 --- or the queue's, shared with the application's transactions (SQLite):
 --- then it waits for a transaction of another task to end.
 local function store_of(w, fname, for_leases)
-  if w.store == w.q._store then return queue.acquire(w.q, fname or "tide.worker") end
+  if queue.shares_store(w.q, w.store) then return queue.acquire(w.q, fname or "tide.worker") end
   return for_leases and w.lease_store or w.store
 end
 
@@ -214,8 +218,8 @@ end
 --- again: never lost, at worst run twice.
 local function record(w, entry)
   local q = w.q
-  if TERMINAL[w.flusher_task._state] then   -- cancelled by the end of a shutdown: write now if we can
-    if not q._store or (w.store == q._store and q._owner) or not w.store:idle()
+  if TERMINAL[S.state(w.flusher_task)] then   -- cancelled by the end of a shutdown: write now if we can
+    if not queue.is_open(q) or (queue.shares_store(q, w.store) and queue.in_transaction(q)) or not w.store:idle()
        or not flush_now(w, { entry }) then
       w.stats.unwritten = w.stats.unwritten + 1  -- the lease runs out and the job runs again
     end
@@ -233,7 +237,7 @@ local function wake_later(w, name, ms)
   if qs.wake_at and qs.wake_at <= at then return end
   if qs.wake_timer then qs.wake_timer:stop() end
   qs.wake_at = at
-  qs.wake_timer = require("tide").after(ms + 1, function()
+  qs.wake_timer = timer.after(ms + 1, function()
     qs.wake_at, qs.wake_timer = nil, nil
     S.notify(qs)
   end)
@@ -289,11 +293,11 @@ end
 --- on_finish of a job's task (inside the scheduler's one door, so every
 --- attempt's outcome is handled exactly once).
 local function job_finished(t)
-  local rec = t._opt.job
+  local rec = S.options(t).job
   local w = rec.worker
   slot_freed(w, rec)
   if t.attempts > 0 then histogram.observe(rec.duration, (core.now() - rec.started) / 1000) end
-  local status = t._state
+  local status = S.state(t)
   if status == "ok" then
     count(w, rec.row.queue, "completed")
     record(w, { kind = "completed", id = rec.row.id, attempt = rec.row.attempt })
@@ -369,7 +373,8 @@ local function start_job(w, row)
   end
   rec.task = t
   local o = S.options(t)
-  o.job, o.on_finish = rec, job_finished
+  o.job = rec
+  S.on_finish(t, job_finished)
   S.start(t)
 end
 
@@ -435,11 +440,11 @@ local function flusher(w)
   local failures = 0
   -- Cancelled (the end of a shutdown's grace) while a batch was being
   -- written: write it at once, as record() does from then on.
-  S.options(S.current()).on_attempt_end = function()
+  S.on_attempt_end(S.current(), function()
     local p = w.writing
     w.writing = nil
     if p and not (w.store:idle() and flush_now(w, p)) then w.stats.unwritten = w.stats.unwritten + #p end
-  end
+  end)
   while true do
     local p = w.pending
     if #p > 0 then
@@ -536,8 +541,8 @@ function M.new(opts)
     -- heartbeats and rescues through another, so that they never wait
     -- behind a claim that waits for a server coming back.  (SQLite: the
     -- queue's own connection for both.)
-    q = opts.queue, store = opts.queue._store:worker_store(),
-    lease_store = opts.queue._store:worker_store(),
+    q = opts.queue, store = queue.worker_store(opts.queue),
+    lease_store = queue.worker_store(opts.queue),
     targets = opts.targets or {}, loaded = {}, load_errors = {},
     lease = lease, heartbeat = opts.heartbeat or lease / 3, poll = opts.poll or 1000,
     rescue_every = opts.rescue_every or lease / 2, batch = opts.batch or 100,
@@ -567,9 +572,8 @@ function M.new(opts)
   end)
   for name, n in pairs(queues) do
     w.queues[name] = { limit = n, running = 0, more = false, waiting = false }
-    w.tasks[#w.tasks + 1] = require("tide").spawn{ run = claimer, args = { w, name }, name = "claimer " .. name }
+    w.tasks[#w.tasks + 1] = spawn{ run = claimer, args = { w, name }, name = "claimer " .. name }
   end
-  local spawn = require("tide").spawn
   w.flusher_task = spawn{ run = flusher, args = { w }, name = "worker flusher" }
   w.tasks[#w.tasks + 1] = w.flusher_task
   w.tasks[#w.tasks + 1] = spawn{ run = heartbeat, args = { w }, name = "worker heartbeat" }
@@ -608,7 +612,7 @@ function Worker:stop(grace_ms)
   S.notify(self.rescue_holder)
   S.notify(self.flusher)
   S.notify(self.beat)
-  local grace = grace_ms or self.grace or require("tide.engine.host").config.grace
+  local grace = grace_ms or self.grace or config.grace
   if self.nrunning > 0 then
     self.grace_timer = S.timer(grace, function()
       self.grace_timer = nil
@@ -624,8 +628,8 @@ end
 function Worker:wait()
   for _, t in ipairs(self.tasks) do t:await() end
   if self.grace_timer then S.untimer(self.grace_timer); self.grace_timer = nil end
-  if self.store ~= self.q._store then self.store:close() end
-  if self.lease_store ~= self.q._store then self.lease_store:close() end
+  if not queue.shares_store(self.q, self.store) then self.store:close() end
+  if not queue.shares_store(self.q, self.lease_store) then self.lease_store:close() end
   self.state = "stopped"
   M.live[self] = nil
   return self.stats

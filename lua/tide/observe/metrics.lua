@@ -177,7 +177,7 @@ local function flows(o)
     o:sample("tide_flow_steps_total", { "status", st }, flow.counts.steps[st])
   end
   o:family("tide_flow_runs_active", "gauge", "Flow runs under way.")
-  o:sample("tide_flow_runs_active", nil, flow.active_count())
+  o:sample("tide_flow_runs_active", nil, #flow.runs())
 end
 
 local JOB_COUNTERS = {
@@ -235,7 +235,7 @@ local function store_gauges(o, queues, every)
     for w in pairs(worker.live) do for qname in pairs(w.queues) do counts[qname] = {} end end
   end
   for _, q in ipairs(list) do
-    if q._store then
+    if queue.is_open(q) then
       local v, _, a = sampler.get(q, "backlog", every, function() return q:backlog() end)
       if v then
         for qname, by in pairs(v) do
@@ -337,7 +337,7 @@ function M.serve(opts)
   if opts.queue ~= nil then queues = { opts.queue } end
   if type(queues) ~= "table" then opt_error(fname, "queues", "list of queues", queues) end
   for i, q in ipairs(queues) do
-    if getmetatable(q) ~= queue.Queue_mt then opt_error(fname, opts.queue and "queue" or "queues[" .. i .. "]", "queue (from tide.queue.open)", q) end
+    if not queue.is_queue(q) then opt_error(fname, opts.queue and "queue" or "queues[" .. i .. "]", "queue (from tide.queue.open)", q) end
   end
   local host = opts.host or "127.0.0.1"
   local srv, err = http.serve{ host = host, port = opts.port or 9464, name = "metrics", keep_loop = opts.keep_loop,

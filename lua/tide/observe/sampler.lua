@@ -40,8 +40,7 @@ function M.get(q, key, every, read)
   e.every = every
   if not e.busy and S.now() >= e.next then
     e.busy = true
-    local cur = S.current()
-    if e.value == nil and cur and coroutine.running() == cur._co then
+    if e.value == nil and S.in_task() then
       refresh(e, read)                        -- the first read: wait for it
     else
       local t = make_task("tide.observe.sampler", "coroutine",

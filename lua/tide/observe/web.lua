@@ -21,43 +21,33 @@
 --
 -- Pages.  Each page module (tide.observe.web_jobs: queues, jobs, a job,
 -- workers) gives nav entries and routes; web.add_page adds one.  A page for
--- durable flow runs is one more module of the same shape.
+-- durable flow runs is one more module of the same shape (it requires
+-- tide.observe.html, never this file).
 local http = require "tide.engine.http"
 local check = require "tide.engine.check"
 local queue = require "tide.jobs.queue"
 local assets = require "tide.observe.assets"
+local html = require "tide.observe.html"
 
 local type, tostring, ipairs, pairs, error, concat, byte, format =
   type, tostring, ipairs, pairs, error, table.concat, string.byte, string.format
 local opt_error = check.opt_error
+local h, link = html.h, html.link
 
 local M = {}
-
--- ===== escaping
-
-local ENTITIES = { ["&"] = "&amp;", ["<"] = "&lt;", [">"] = "&gt;", ['"'] = "&quot;", ["'"] = "&#39;" }
-
---- Any value as HTML text or attribute value.
-local function h(v)
-  if v == nil then return "" end
-  return (tostring(v):gsub("[&<>\"']", ENTITIES))
-end
-M.h = h
-
---- A local URL: path and query (values escaped); for use inside h().
-function M.link(path, query)
-  local qs = query and http.build_query(query) or ""
-  return qs ~= "" and path .. "?" .. qs or path
-end
 
 -- ===== pages
 
 M.pages = {}
 
---- Adds a page module: { nav = { { path =, title = } }, routes = { { method =, pattern =, fn = } } }.
+--- Adds a page module: { nav = { { path =, title = } }, routes = { { method =,
+--- pattern =, fn = function(ctx, captures...) } } }.  A route's fn answers
+--- with ctx:page(title, html), ctx:redirect(path) or ctx:fail(status, text).
 function M.add_page(mod)
   M.pages[#M.pages + 1] = mod
 end
+
+M.add_page(require "tide.observe.web_jobs")
 
 local CSP = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
   .. "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -166,7 +156,7 @@ end
 local function without_token(req)
   local q = {}
   for k, v in pairs(req.query) do if k ~= "token" then q[k] = v end end
-  return M.link(req.path, q)
+  return link(req.path, q)
 end
 
 -- ===== the handler
@@ -176,7 +166,7 @@ local KEYS = { queue = true, token = true, host = true, port = true, keep_loop =
 local function check_opts(fname, opts)
   if type(opts) ~= "table" then check.arg_error(fname, 1, "table", opts, 3) end
   check.known(fname, opts, KEYS, nil, 3)
-  if getmetatable(opts.queue) ~= queue.Queue_mt then
+  if not queue.is_queue(opts.queue) then
     opt_error(fname, "queue", "queue (from tide.queue.open)", opts.queue, 3)
   end
   if opts.token ~= nil and (type(opts.token) ~= "string" or #opts.token < 8 or opts.token:find("[^%w%-_.~]")) then
@@ -190,7 +180,6 @@ end
 --- Returns the handler and the token.
 function M.handler(opts)
   check_opts("tide.web.handler", opts)
-  require "tide.observe.web_jobs"             -- the pages (they add themselves)
   local token = opts.token or http.random_token(16)
   local csrf = http.random_token(16)
   local q = opts.queue

@@ -7,15 +7,15 @@
 local S = require "tide.engine.sched"
 local core = require "tide.core"
 local worker = require "tide.jobs.worker"
-local queue = require "tide.jobs.queue"
+local job = require "tide.jobs.job"
+local json = require "tide.jobs.json"
 local sampler = require "tide.observe.sampler"
-local web = require "tide.observe.web"
+local html = require "tide.observe.html"
 
-local h, link = web.h, web.link
+local h, link = html.h, html.link
 local type, tostring, tonumber, ipairs, pairs, pcall = type, tostring, tonumber, ipairs, pairs, pcall
 local concat, sort, format, floor = table.concat, table.sort, string.format, math.floor
 
-local M = {}
 
 local RECENT = 10000          -- finished jobs are counted over the newest this many
 local PAGE = 50               -- jobs per page
@@ -48,7 +48,7 @@ end
 local function pretty(v, indent)
   indent = indent or ""
   local tv = type(v)
-  if v == nil or v == queue.null then return "null"
+  if v == nil or v == json.null then return "null"
   elseif tv == "boolean" then return tostring(v)
   elseif tv == "number" then
     if v == floor(v) and math.abs(v) < 2 ^ 53 then return format("%d", v) end
@@ -73,7 +73,7 @@ local function pretty(v, indent)
   for i, k in ipairs(keys) do parts[i] = inner .. pretty(tostring(k)) .. ": " .. pretty(v[k], inner) end
   return "{\n" .. concat(parts, ",\n") .. "\n" .. indent .. "}"
 end
-M.pretty = pretty
+
 
 -- ===== data (sampled)
 
@@ -146,7 +146,7 @@ end
 local function filter_of(src)
   local f = {}
   if type(src.queue) == "string" and src.queue:match("^[%a_][%w_.%-]*$") then f.queue = src.queue end
-  if type(src.status) == "string" and queue.STATUSES[src.status] then f.status = src.status end
+  if type(src.status) == "string" and job.is_status[src.status] then f.status = src.status end
   if type(src.target) == "string" and src.target:match("^[%a_][%w_.%-]*$") then f.target = src.target end
   return f
 end
@@ -357,7 +357,8 @@ local function bulk_action(ctx)
                                       done = form.action, n = n }))
 end
 
-web.add_page{
+return {
+  pretty = pretty,
   nav = { { path = "/", title = "Queues" }, { path = "/jobs", title = "Jobs" }, { path = "/workers", title = "Workers" } },
   routes = {
     { method = "GET", pattern = "^/$", fn = queues_page },
@@ -368,5 +369,3 @@ web.add_page{
     { method = "POST", pattern = "^/jobs/(%d+)/(%a+)$", fn = job_action },
   },
 }
-
-return M

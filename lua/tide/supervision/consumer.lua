@@ -1,4 +1,4 @@
---- tide.consumer — takes deliveries from a source and runs each as a supervised task, acking or nacking every one exactly once.
+--- tide.supervision.consumer — takes deliveries from a source and runs each as a supervised task, acking or nacking every one exactly once.
 --
 -- A source is a small interface (tide.sources.memory is one; a RabbitMQ
 -- source fits the same):
@@ -15,6 +15,7 @@
 local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
 local log = require "tide.engine.log"
+local spawn = require("tide.engine.task").spawn
 
 local type, pairs, pcall, tostring, setmetatable, getmetatable, error =
   type, pairs, pcall, tostring, setmetatable, getmetatable, error
@@ -87,7 +88,7 @@ end
 
 local function run_delivery(c, d)
   local h = c.handler
-  d.task = require("tide").spawn{
+  d.task = spawn{
     run = h.run, args = { d.body, d }, timeout = h.timeout, retry = h.retry, mode = h.mode,
     name = c.name .. " #" .. tostring(d.tag),
     handle_result = function(status, value, task)
@@ -139,12 +140,10 @@ function Consumer.run(c, ctx)
   c.held, c.in_flight = {}, 0
   local o = S.options(me)
   if o.consumer ~= c then                        -- once per task, not per attempt
-    local prev = o.on_finish
     o.consumer = c
-    o.on_finish = function(t)                    -- however the consumer ends
+    S.on_finish(me, function()                   -- however the consumer ends
       release_all(c, "consumer " .. c.name .. " ended")
-      if prev then prev(t) end
-    end
+    end)
   end
   while not ((ctx and ctx.stopping and ctx:stopping()) or S.shutting_down()) do
     if c.in_flight < c.prefetch then

@@ -1,4 +1,4 @@
---- tide.supervisor — OTP-style supervision trees for long-running children.
+--- tide.supervision.supervisor — OTP-style supervision trees for long-running children.
 --
 -- A supervisor is itself a task.  It starts its children (tasks) in order,
 -- and reacts, one event at a time, to their exits and to the commands of its
@@ -24,6 +24,7 @@ local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
 local log = require "tide.engine.log"
 local retry = require "tide.engine.retry"
+local spawn = require("tide.engine.task").spawn
 
 local type, error, ipairs, pairs, pcall, tostring = type, error, ipairs, pairs, pcall, tostring
 local setmetatable, getmetatable = setmetatable, getmetatable
@@ -42,7 +43,6 @@ local KEYS = { strategy = true, intensity = true, period = true, children = true
                on_give_up = true, cooldown = true }
 local CHILD_KEYS = { id = true, start = true, restart = true, shutdown = true, args = true }
 
-local tide -- the public module, for spawn (required lazily: it requires us)
 local running = {}          -- supervisors whose task is alive
 
 -- ===== validation
@@ -153,7 +153,7 @@ local function start_child(sup, c)
     if c.args then for i = 1, args.n - 1 do args[i + 1] = c.args[i] end end
   end
   local rec = { spec = c, ctx = ctx, stopping = false }
-  rec.task = tide.spawn{ run = run, args = args, name = sup.name .. "/" .. tostring(c.id),
+  rec.task = spawn{ run = run, args = args, name = sup.name .. "/" .. tostring(c.id),
     handle_result = function(status, value) post(sup, { "exit", rec, status, value }) end }
   sup.children[c.id] = rec
   return rec
@@ -293,7 +293,7 @@ function run_supervisor(sup)
   sup.task = S.current()
   sup.mailbox = {}                              -- nothing meant for an earlier run
   running[sup] = true
-  S.options(sup.task).on_finish = function()      -- however it ends, no child outlives it
+  S.on_finish(sup.task, function()                -- however it ends, no child outlives it
     running[sup] = nil
     for _, rec in pairs(sup.children) do
       rec.stopping = true
@@ -301,7 +301,7 @@ function run_supervisor(sup)
     end
     sup.children = {}
     sup.state = "stopped"
-  end
+  end)
   local streak = 0
   while true do
     local started = S.now()
@@ -350,9 +350,8 @@ function Sup.start(sup)
   if sup.task and not S.TERMINAL[sup.task:status()] then
     error("supervisor:start: '" .. sup.name .. "' is already running", 2)
   end
-  tide = tide or require "tide"
   sup.gave_up = 0
-  sup.task = tide.spawn{ run = run_supervisor, args = { sup }, name = sup.name }
+  sup.task = spawn{ run = run_supervisor, args = { sup }, name = sup.name }
   return sup
 end
 

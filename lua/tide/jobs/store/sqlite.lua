@@ -1,4 +1,4 @@
---- tide.store_sqlite — the job store on SQLite (the embedded default).
+--- tide.jobs.store.sqlite — the job store on SQLite (the embedded default).
 --
 -- A store driver is the one place that knows SQL.  tide.queue (the public
 -- API) and tide.worker call only the methods below, so another engine is
@@ -20,6 +20,7 @@
 -- is synchronous here (SQLite runs in-process); a networked driver may yield.
 local core = require "tide.core"
 local common = require "tide.jobs.store.common"
+local job = require "tide.jobs.job"
 
 local type, error, ipairs, tostring, concat, sort = type, error, ipairs, tostring, table.concat, table.sort
 
@@ -72,9 +73,10 @@ local MIGRATIONS = {
 }
 M.VERSION = #MIGRATIONS
 
-local WAITING = "(status = 'available' OR status = 'scheduled' OR status = 'retryable')"
-local NOT_TERMINAL = "status <> 'completed' AND status <> 'discarded' AND status <> 'cancelled' "
-  .. "AND status <> 'expired'"
+-- (WAITING is the predicate of the tide_jobs_due index, written the same
+-- way, so that SQLite sees that a claim can use the index.)
+local WAITING = common.any_of(job.WAITING)
+local NOT_TERMINAL = common.none_of(job.FINISHED)
 local GUARD = "WHERE id = ?1 AND status = 'executing' AND lease_owner = ?2 AND attempt = ?3"
 local ADD_ERROR = "json_insert(coalesce(errors, '[]'), '$[#]', json(?5))"
 
