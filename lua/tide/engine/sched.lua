@@ -34,7 +34,7 @@ local type = type
 local co_running = coroutine.running
 local unpack, select, pcall, xpcall, error = unpack, select, pcall, xpcall, error
 local tostring, traceback, pairs = tostring, debug.traceback, pairs
-local setmetatable, getmetatable = setmetatable, getmetatable
+local setmetatable, getmetatable, newproxy = setmetatable, getmetatable, newproxy
 local timer_start, timer_cancel, pop, kick = core.timer_start, core.timer_cancel, core.pop, core.kick
 local is_ms = check.is_ms
 
@@ -384,6 +384,60 @@ local function backoff_over(t)
   if t._state == "retrying" then start_attempt(t) end
 end
 
+-- ===== failures nobody heard
+--
+-- A task that fails (error or timeout) with no handle_result, no awaiter,
+-- and no module of tide's that takes its outcome (o.heard: flow nodes,
+-- jobs, timers) would be lost silently.  It is noted here; an await that
+-- comes later hears it.  What is still unheard is reported once to the
+-- error sink: when the loop ends, or when the task is collected (its
+-- finalizer only queues the report: a finalizer runs at any allocation,
+-- where calling the sink is not safe; the next tick delivers it).
+
+local unheard = setmetatable({}, { __mode = "k" })   -- task -> its report record
+local collected = {}                                 -- records of collected tasks, to report
+
+local function unheard_text(t)
+  local name = t._opt and t._opt.name
+  return ("task %d%s failed (%s) and nobody heard it"):format(t.id, name and (" '" .. name .. "'") or "", t._state)
+end
+
+local function note_unheard(t)
+  local rec = { where = unheard_text(t), err = t.value, tb = t.traceback, done = false }
+  local proxy = newproxy(true)
+  getmetatable(proxy).__gc = function()
+    if not rec.done then rec.done = true; collected[#collected + 1] = rec end
+  end
+  rec.proxy = proxy                       -- lives as long as the record, which the task keys
+  unheard[t] = rec
+end
+
+--- The task's failure was heard (awaited after the fact).
+local function hear(t)
+  local rec = unheard[t]
+  if rec then rec.done = true; unheard[t] = nil end
+end
+
+local function flush_collected()
+  local list = collected
+  collected = {}
+  for i = 1, #list do log.report(list[i].where, list[i].err, list[i].tb) end
+end
+
+--- Reports every failure nobody heard (the loop ended: nobody will).
+function S.report_unheard()
+  flush_collected()
+  local list = {}
+  for t, rec in pairs(unheard) do list[#list + 1] = { t.id, rec } end
+  table.sort(list, function(a, b) return a[1] < b[1] end)
+  for i = 1, #list do
+    local rec = list[i][2]
+    rec.done = true
+    log.report(rec.where, rec.err, rec.tb)
+  end
+  unheard = setmetatable({}, { __mode = "k" })
+end
+
 -- ===== the door
 
 --- Calls a user callback protected, outside any task: it cannot wait (its
@@ -429,6 +483,9 @@ local function finish(t, status, ...)
     local hooks = o.on_finish
     if hooks then run_hooks("on_finish", t, hooks) end
     if o.handle_result then callback("handle_result", t, o.handle_result, status, t.value, t) end
+  end
+  if (status == "error" or status == "timeout") and not w and not (o and (o.handle_result or o.heard)) then
+    note_unheard(t)
   end
   if shutting and nlive == 0 then end_grace() end
   finishing = finishing - 1
@@ -502,6 +559,7 @@ local RUN_BUDGET = 20000
 --- tasks are runnable (or timers due) still.
 function S.tick()
   in_tick = true
+  if collected[1] then flush_collected() end
   local more_timers = fire_due()
   local done = 0
   while rq_n > 0 and done < RUN_BUDGET do
@@ -592,7 +650,7 @@ end
 --- Waits (inside a task) for t's outcome; returns status and value(s), or
 --- nil, "timeout" after `ms` (t itself goes on).  `fname` names the caller.
 function S.await(t, ms, fname)
-  if TERMINAL[t._state] then return S.results(t) end
+  if TERMINAL[t._state] then hear(t); return S.results(t) end
   local w, tok = wait_begin(fname, 3)
   if not t._waiters then t._waiters = {} end
   S.add_waiter(t._waiters, w, tok)

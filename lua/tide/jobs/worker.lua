@@ -373,7 +373,7 @@ local function start_job(w, row)
   end
   rec.task = t
   local o = S.options(t)
-  o.job = rec
+  o.job, o.heard = rec, true                   -- its outcome is written to the store
   S.on_finish(t, job_finished)
   S.start(t)
 end
