@@ -8,8 +8,8 @@ LUAJIT    ?= luajit
 PKGS      := luajit libuv sqlite3 libpq
 VERSION   := 0.1.0
 
-DEPS_DEB  := luajit libluajit-5.1-dev libuv1-dev libsqlite3-dev libpq-dev postgresql lua-cjson lua-busted pkg-config \
-             luarocks
+DEPS_DEB  := luajit libluajit-5.1-dev libuv1-dev libsqlite3-dev libpq-dev libhttp-parser-dev postgresql lua-cjson \
+             lua-busted pkg-config luarocks curl chromium python3-prometheus-client
 
 CFLAGS    ?= -O2 -g
 CFLAGS    += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -fPIC -fvisibility=hidden \
@@ -19,7 +19,8 @@ CFLAGS    += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-
 LDFLAGS   += -fsanitize=address,undefined
 endif
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS))
-PKG_LIBS   = $(shell pkg-config --libs $(PKGS)) -lm -lpthread
+NOPC_LIBS := -lhttp_parser             # libraries without a pkg-config file
+PKG_LIBS   = $(shell pkg-config --libs $(PKGS)) $(NOPC_LIBS) -lm -lpthread
 
 # Every src/*.c except the host's main() goes into both the binary and the module.
 CORE_SRC  := $(filter-out src/main.c,$(wildcard src/*.c))
@@ -90,7 +91,7 @@ $(BUILD)/libtide.a: $(CORE_OBJ)
 	ar rcs $@ $^
 
 $(BUILD)/tide.so: $(CORE_OBJ)
-	$(CC) $(LDFLAGS) -shared -o $@ $^ $(shell pkg-config --libs libuv sqlite3 libpq) -lm -lpthread
+	$(CC) $(LDFLAGS) -shared -o $@ $^ $(shell pkg-config --libs libuv sqlite3 libpq) $(NOPC_LIBS) -lm -lpthread
 
 $(BUILD)/test_%: spec/c/test_%.c $(CORE_OBJ)
 	$(CC) $(CFLAGS) $(PKG_CFLAGS) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)
@@ -128,7 +129,7 @@ install: binaries
 	install -m 755 $(BUILD)/tide.so $(DESTDIR)$(PREFIX)/lib/lua/5.1/tide.so
 	install -m 644 $(BUILD)/libtide.a $(DESTDIR)$(PREFIX)/lib/libtide.a
 	install -m 644 src/tide.h $(DESTDIR)$(PREFIX)/include/tide.h
-	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' -e 's|@REQUIRES@|$(PKGS)|' src/tide.pc.in \
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' -e 's|@REQUIRES@|$(PKGS)|' -e 's|@LIBS@|$(NOPC_LIBS)|' src/tide.pc.in \
 	  > $(DESTDIR)$(PREFIX)/lib/pkgconfig/tide.pc
 
 # luarocks' make build: the module where require finds it, the binary on its PATH.

@@ -26,6 +26,7 @@ external_dependencies = {
   LIBUV = { header = "uv.h" },
   SQLITE = { header = "sqlite3.h" },
   PQ = { header = "postgresql/libpq-fe.h" },
+  HTTP_PARSER = { header = "http_parser.h" },
 }
 build = {
   type = "make",

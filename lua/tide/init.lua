@@ -74,5 +74,9 @@ tide.sources = { memory = require("tide.supervision.sources.memory").new }
 tide.flow = require("tide.flow.run").new
 tide.queue = { open = require("tide.jobs.queue").open }
 tide.worker = require("tide.jobs.worker").new
+local metrics = require "tide.observe.metrics"
+tide.metrics = { serve = metrics.serve, render = metrics.render }
+local web = require "tide.observe.web"
+tide.web = { serve = web.serve, handler = web.handler }
 
 return tide

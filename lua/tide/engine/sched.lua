@@ -61,6 +61,10 @@ local grace_key = nil        -- the timer that ends the grace period
 
 local stats = { spawned = 0, ok = 0, error = 0, timeout = 0, cancelled = 0, retries = 0 }
 S.stats = stats
+-- Outcomes of thread-mode tasks (those with a thread payload), part of the
+-- above: the rest ran as coroutines.  (tide_tasks_total{mode=...})
+local thread_stats = { ok = 0, error = 0, timeout = 0, cancelled = 0 }
+S.thread_stats = thread_stats
 
 local function safe_tostring(v)
   local ok, s = pcall(tostring, v)
@@ -475,6 +479,7 @@ local function finish(t, status, ...)
   if w then t._waiters = nil; S.wake_all(w) end
   local o = t._opt
   if o then
+    if o.thread then thread_stats[status] = thread_stats[status] + 1 end
     local hooks = o.on_finish
     if hooks then run_hooks("on_finish", t, hooks) end
     if o.handle_result then callback("handle_result", t, o.handle_result, status, t.value, t) end

@@ -108,10 +108,16 @@ local function push_ready(run, node)
   run.ready[run.ready_tail] = node
 end
 
+-- For metrics: finished runs by status, and their steps by status.
+M.counts = { runs = {}, steps = {} }
+
 --- The end of the run: every node has a status.
 local function finish_run(run, status)
   if run.done then return end
   run.done = true
+  local runs, steps = M.counts.runs, M.counts.steps
+  runs[status] = (runs[status] or 0) + 1
+  for _, r in pairs(run.report.tasks) do steps[r.status] = (steps[r.status] or 0) + 1 end
   run.report.status = status
   run.report.duration = S.now() - run.t0
   if run.timer then S.untimer(run.timer); run.timer = nil end

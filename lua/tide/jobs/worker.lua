@@ -35,6 +35,7 @@ local timer = require "tide.engine.timer"
 local json = require "tide.jobs.json"
 local queue = require "tide.jobs.queue"
 local make_task, spawn = task.make_task, task.spawn
+local histogram = require "tide.engine.histogram"
 
 local type, error, pairs, ipairs, tostring, pcall, require = type, error, pairs, ipairs, tostring, pcall, require
 local setmetatable, min, floor = setmetatable, math.min, math.floor
@@ -43,6 +44,35 @@ local opt_error = check.opt_error
 local TERMINAL = S.TERMINAL
 
 local M = {}
+
+-- ===== counters for metrics (tide.observe.metrics reads them)
+--
+-- Process-wide and by queue, so they outlive the workers that counted
+-- them (a Prometheus counter never goes down): jobs claimed, completed,
+-- retried (a failed attempt with attempts left), discarded, released,
+-- cancelled in the store; how long attempts ran and how long due jobs
+-- waited to start; store statements that failed, by operation.
+M.totals = { queues = {}, rescued = 0,
+             store_errors = { claim = 0, record = 0, heartbeat = 0, rescue = 0 } }
+M.live = setmetatable({}, { __mode = "k" })    -- workers not yet stopped
+
+local function totals_of(name)
+  name = tostring(name)
+  local t = M.totals.queues[name]
+  if not t then
+    t = { claimed = 0, completed = 0, retried = 0, discarded = 0, released = 0, cancelled = 0,
+          duration = histogram.new(histogram.DURATION), wait = histogram.new(histogram.WAIT) }
+    M.totals.queues[name] = t
+  end
+  return t
+end
+
+--- Counts `key` for worker w and for the queue's process-wide totals.
+local function count(w, queue_name, key)
+  w.stats[key] = w.stats[key] + 1
+  local t = totals_of(queue_name)
+  t[key] = t[key] + 1
+end
 
 local Worker = {}
 local Worker_mt = { __index = Worker, __tostring = function(w)
@@ -176,6 +206,7 @@ local function flush_now(w, entries)
     -- Tried again by the flusher; if never written, the leases run out and
     -- the jobs run again (counted in stats.unwritten).
     log.report("worker " .. w.id .. ": recording " .. #entries .. " outcomes", err)
+    M.totals.store_errors.record = M.totals.store_errors.record + 1
     w.stats.write_errors = w.stats.write_errors + 1
   end
   return ok
@@ -212,9 +243,9 @@ local function wake_later(w, name, ms)
   end)
 end
 
-local function report_error(w, target, job, err)
+local function report_error(w, target, job, err, trace)
   local hook = target and target.handle_error or w.handle_error
-  if hook then log.protect("handle_error of job " .. job.id, hook, job, err) end
+  if hook then log.protect("handle_error of job " .. job.id, hook, job, err, trace) end
 end
 
 --- A failed attempt: retry later, or discard after the last.
@@ -225,23 +256,23 @@ local function failed(w, rec, err, trace, target)
                                   traceback = trace } }
   if row.attempt >= row.max_attempts then
     entry.kind = "discard"
-    w.stats.discarded = w.stats.discarded + 1
+    count(w, row.queue, "discarded")
   else
     local policy = target and target.retry and w.target_retry[target] or w.retry
     local delay = floor(retry.delay(policy, row.attempt))
     entry.kind = "retry"
     entry.run_at = wallclock() + delay
     if delay < w.poll and w.state == "running" and not S.shutting_down() then wake_later(w, row.queue, delay) end
-    w.stats.retried = w.stats.retried + 1
+    count(w, row.queue, "retried")
   end
   job.error = tostring(err)
-  report_error(w, target, job, err)
+  report_error(w, target, job, err, trace)
   record(w, entry)
 end
 
 local function released(w, rec, started, reason)
-  w.stats.released = w.stats.released + 1
   local row = rec.row
+  count(w, row.queue, "released")
   record(w, { kind = "release", id = row.id, attempt = row.attempt, run_at = wallclock(),
               error = started and encode{ attempt = row.attempt, at = wallclock(),
                                           error = "interrupted: " .. tostring(reason) } or nil })
@@ -265,13 +296,14 @@ local function job_finished(t)
   local rec = S.options(t).job
   local w = rec.worker
   slot_freed(w, rec)
+  if t.attempts > 0 then histogram.observe(rec.duration, (core.now() - rec.started) / 1000) end
   local status = S.state(t)
   if status == "ok" then
-    w.stats.completed = w.stats.completed + 1
+    count(w, rec.row.queue, "completed")
     record(w, { kind = "completed", id = rec.row.id, attempt = rec.row.attempt })
   elseif status == "cancelled" then
     if rec.gone then                          -- cancelled or expired in the store: nothing to write
-      w.stats.cancelled = w.stats.cancelled + 1
+      count(w, rec.row.queue, "cancelled")
     elseif w.state ~= "running" or S.shutting_down() then
       released(w, rec, t.attempts > 0, t.value)
     else
@@ -309,7 +341,7 @@ local function start_job(w, row)
   local bad = row_problem(row)
   if bad then
     log.report("worker " .. w.id .. ": job " .. tostring(row.id), bad)
-    w.stats.discarded = w.stats.discarded + 1
+    count(w, row.queue, "discarded")
     return record(w, { kind = "discard", id = row.id, attempt = row.attempt,
                        error = encode{ at = wallclock(), error = bad } })
   end
@@ -317,7 +349,10 @@ local function start_job(w, row)
   local qs = w.queues[row.queue]
   w.running[row.id] = rec
   w.nrunning, qs.running = w.nrunning + 1, qs.running + 1
-  w.stats.claimed = w.stats.claimed + 1
+  count(w, row.queue, "claimed")
+  local qt = totals_of(row.queue)
+  histogram.observe(qt.wait, math.max(0, wallclock() - row.run_at) / 1000)
+  rec.started, rec.duration = core.now(), qt.duration
   local fn, target = method_of(w, row)
   local args, err
   if fn then args, err = queue.decode_args(w.q, row) end
@@ -354,12 +389,13 @@ local function claim(w, name, want)
   local ok, rows = pcall(store.claim, store, name, want, w.id, now, now + w.lease)
   if not ok then
     log.report("worker " .. w.id .. ": claiming from queue " .. name, rows)
+    M.totals.store_errors.claim = M.totals.store_errors.claim + 1
     return nil
   end
   if w.state ~= "running" then               -- stopped while the claim was under way
     for i = 1, #rows do
       local row = rows[i]
-      w.stats.released = w.stats.released + 1
+      count(w, row.queue, "released")
       record(w, { kind = "release", id = row.id, attempt = row.attempt, run_at = wallclock() })
     end
     return 0
@@ -453,6 +489,7 @@ local function heartbeat(w)
       local ok, leased = pcall(store.heartbeat, store, w.id, wallclock() + w.lease, ids)
       if not ok then
         log.report("worker " .. w.id .. ": heartbeat", leased)
+        M.totals.store_errors.heartbeat = M.totals.store_errors.heartbeat + 1
       else
         -- Only the jobs asked about: others were claimed while it ran.
         for id, rec in pairs(asked) do
@@ -469,9 +506,14 @@ end
 local function rescue(w)
   local store = store_of(w, nil, true)
   local ok, n = pcall(store.rescue, store, wallclock())
-  if not ok then log.report("worker " .. w.id .. ": rescue", n); return end
+  if not ok then
+    log.report("worker " .. w.id .. ": rescue", n)
+    M.totals.store_errors.rescue = M.totals.store_errors.rescue + 1
+    return
+  end
   if n > 0 then
     w.stats.rescued = w.stats.rescued + n
+    M.totals.rescued = M.totals.rescued + n
     for _, qs in pairs(w.queues) do S.notify(qs) end
   end
 end
@@ -521,6 +563,7 @@ function M.new(opts)
     if t.retry then w.target_retry[t] = check_retry("tide.worker", "retry", t.retry, 2) end
   end
   if S.shutting_down() then error("tide.worker: the loop is shutting down", 2) end
+  M.live[w] = true
   -- On a shutdown of the loop, the worker stops its jobs a little before the
   -- loop's grace ends (up to a second, or half of it), so that the flusher
   -- can still write their releases.  (Hooked before anything below waits.)
@@ -588,6 +631,7 @@ function Worker:wait()
   if not queue.shares_store(self.q, self.store) then self.store:close() end
   if not queue.shares_store(self.q, self.lease_store) then self.lease_store:close() end
   self.state = "stopped"
+  M.live[self] = nil
   return self.stats
 end
 
