@@ -1,12 +1,13 @@
---- tide.host — driving the loop: tide.run, the `tide` binary and the C embedding API.
+--- tide.engine.host — driving the loop: tide.run, the `tide` binary and the C embedding API.
 local core = require "tide.core"
 local S = require "tide.engine.sched"
 local log = require "tide.engine.log"
+local config = require "tide.engine.config"
+local task = require "tide.engine.task"
 
 local tostring, io_stderr = tostring, io.stderr
 
 local H = {
-  config = { grace = 5000, signals = true },   -- replaced by tide's own config table
   signal = nil,    -- the signal that started a shutdown during the last run
   root = nil,      -- the root task of a script (tide_spawn_file)
 }
@@ -18,7 +19,7 @@ local function on_signal(signum)
   if H.signal == nil then
     local reason = "shutdown (" .. name .. ")"   -- allocates: before anything changes
     H.signal = signum
-    S.shutdown(H.config.grace, reason)
+    S.shutdown(config.grace, reason)
   else
     S.shutdown(0, "shutdown (" .. name .. ", again)")   -- a second signal: stop now
   end
@@ -39,11 +40,12 @@ end
 --- woken: they are cancelled, which may start new work, so it runs again.
 --- Whatever happens, signals are given back and the engine reset.
 function H.loop()
-  local signals = H.config.signals
+  local signals = config.signals
   H.signal = nil
-  if signals then core.signals(true, H.config.grace) end
+  if signals then core.signals(true, config.grace) end
   local ok, err = pcall(run_until_done)
   if signals then core.signals(false) end
+  S.report_unheard()
   S.reset()
   if not ok then error(err, 0) end
 end
@@ -55,12 +57,15 @@ function H.step()
     S.reap()
     active = core.run(true)
   end
-  if not active then S.reset() end           -- the work is done: a later run starts afresh
+  if not active then                         -- the work is done: a later run starts afresh
+    S.report_unheard()
+    S.reset()
+  end
   return active and 1 or 0
 end
 
 function H.shutdown(grace_ms)
-  S.shutdown(grace_ms or H.config.grace)
+  S.shutdown(grace_ms or config.grace)
   return 0
 end
 
@@ -72,7 +77,8 @@ function H.spawn_file(path, args)
   local a = { [-1] = "tide", [0] = path }
   for i = 1, #args do a[i] = args[i] end
   _G.arg = a
-  local t = require("tide").spawn{ run = chunk, args = { n = #args, unpack(args) }, name = path }
+  local t = task.spawn{ run = chunk, args = { n = #args, unpack(args) }, name = path }
+  S.options(t).heard = true                     -- its failure is the process's exit status
   H.root = t
   return t
 end
@@ -83,7 +89,7 @@ function H.run()
   H.loop()
   local root = H.root
   if H.signal then return 128 + H.signal end
-  if root == nil or root._state == "ok" then return 0 end
+  if root == nil or S.state(root) == "ok" then return 0 end
   local msg = root.traceback or tostring(root.value)
   io_stderr:write("tide: ", msg, "\n")
   return 1

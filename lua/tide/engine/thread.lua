@@ -1,13 +1,13 @@
---- tide.thread — thread-mode tasks: a job on the thread pool, awaited by a coroutine on the loop.
+--- tide.engine.thread — thread-mode tasks: a job on the thread pool, awaited by a coroutine on the loop.
 --
 -- A thread task is an ordinary task whose function is `proxy`: it submits
 -- the job (function and arguments as bytes), waits, and returns the decoded
 -- results or raises the decoded error.  So timeouts, cancel, retries,
 -- handle_result and await work as for coroutine tasks.  When an attempt ends
--- early (timeout, cancel, shutdown), sched calls `abandon`: the job is
--- dropped from the queue, or its thread is asked to stop; a thread still on
--- it after `stop_wait` ms (JIT-compiled code runs no hooks) is quarantined
--- and replaced, and its late result is dropped.
+-- early (timeout, cancel, shutdown), its attempt-end hook abandons the job:
+-- it is dropped from the queue, or its thread is asked to stop; a thread
+-- still on it after `stop_wait` ms (JIT-compiled code runs no hooks) is
+-- quarantined and replaced, and its late result is dropped.
 local core = require "tide.core"
 local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
@@ -137,20 +137,43 @@ function M.payload(fname, run, args, level)
   return { fn, is_name, bytes }
 end
 
+local function quarantine_if_stuck(id)
+  core.thread_quarantine(id)
+end
+
+--- The attempt that waited for job `id` ended early: give up on the job.
+local function abandon(id)
+  waiting_task[id], waiting_tok[id], results[id] = nil, nil, nil
+  if not started then return end
+  if core.thread_cancel(id) == 2 then        -- running: asked to stop
+    S.timer(M.config.stop_wait, quarantine_if_stuck, id)
+  end
+end
+
+--- The attempt-end hook of a thread task while it waits (one function for
+--- all: the job's id rides in the task's options).
+local function abandon_hook(t)
+  local o = S.options(t)
+  local id = o.thread_job
+  if id then o.thread_job = false; abandon(id) end
+end
+
 --- The function every thread task runs (in a coroutine on the loop).
 function M.proxy()
   if not started then start() end
   local t = S.current()
-  local p = t._opt.thread
-  t._thread_trace = nil
+  local o = S.options(t)
+  local p = o.thread
   next_job = next_job + 1
   local id = next_job
   core.thread_submit(id, p[1], p[2], p[3])
   local _, tok = S.wait_begin("thread task", 1)
   waiting_task[id], waiting_tok[id] = t, tok
-  t._job = id
+  o.thread_job = id
+  S.on_attempt_end(t, abandon_hook)
   S.wait_end(t, tok)
-  t._job = nil
+  o.thread_job = false
+  S.off_attempt_end(t, abandon_hook)
   local r = results[id]
   results[id] = nil
   local value, err = core.decode(r[2])
@@ -158,22 +181,7 @@ function M.proxy()
     if err then error("thread task: cannot decode its results: " .. err, 0) end
     return unpack(value, 1, value.n)
   end
-  t._thread_trace = r[3]
-  error(value, 0)
+  error(S.traced_error(value, r[3]), 0)
 end
-
-local function quarantine_if_stuck(id)
-  core.thread_quarantine(id)
-end
-
---- The attempt that waited for job `id` ended early: give up on the job.
-function M.abandon(id)
-  waiting_task[id], waiting_tok[id], results[id] = nil, nil, nil
-  if not started then return end
-  if core.thread_cancel(id) == 2 then        -- running: asked to stop
-    S.timer(M.config.stop_wait, quarantine_if_stuck, id)
-  end
-end
-S.abandon_job = M.abandon
 
 return M

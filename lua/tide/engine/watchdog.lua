@@ -61,13 +61,18 @@ local function stalled(ms, hooked)
 end
 core.set_stall_reporter(stalled)
 
---- Checks and applies the watchdog option of tide.configure.
-function M.configure(fname, opts, level)
+--- Checks the watchdog option of tide.configure (errors name `fname` at `level`).
+function M.check(fname, opts, level)
   local ms = opts.watchdog
-  if ms == nil then return end
-  if not check.is_ms(ms) then
+  if ms ~= nil and not check.is_ms(ms) then
     check.opt_error(fname, "watchdog", "non-negative number of ms (0: off)", ms, (level or 2) + 1)
   end
+end
+
+--- Applies it (after M.check).
+function M.apply(opts)
+  local ms = opts.watchdog
+  if ms == nil then return end
   M.config.stall = ms
   core.watchdog(ms)
 end
