@@ -19,10 +19,14 @@ typedef struct slot {
 } slot;
 
 /* Where a job is: the `place` of a job in the pool. */
-enum { QUEUED = 1, RUNNING, DONE, DELIVERING };
+enum { QUEUED = 1, RUNNING, DONE };
 
 /* The jobs of the pool by id: open addressing, linear probing, deletion by
- * backward shift.  Holds every job whose place is QUEUED, RUNNING or DONE. */
+ * backward shift.  Holds every job whose place is QUEUED or RUNNING: the
+ * places a cancel or a quarantine must find a job in.  (A finished job is
+ * taken out by its worker, so that delivering a batch holds the mutex no
+ * longer than taking the list; cancelling it then finds nothing, and its
+ * late result is dropped by the caller.) */
 typedef struct jobmap {
   tide__job **slots;
   size_t cap, count;        /* cap: a power of two, or 0 */
@@ -30,7 +34,7 @@ typedef struct jobmap {
 
 /* Invariants, under `mu`: every job is in exactly one place — `queue`, a
  * slot's `current`, `done`, or handed to on_done/freed — and is in `jobs`
- * exactly while it is in one of the first three; `refs` counts the loop
+ * exactly while it is in one of the first two; `refs` counts the loop
  * side (until close) plus each quarantined thread still running, and the
  * last to drop it frees the pool. */
 struct tide__pool {
@@ -99,11 +103,11 @@ static void unlink_job(tide__job **head, tide__job **tail, tide__job *job) {
   job->prev = job->next = NULL;
 }
 
-/* Frees a list of jobs, taking each out of the map. */
+/* Frees a list of jobs, taking each out of the map (if m). */
 static void free_list(jobmap *m, tide__job *j) {
   while (j) {
     tide__job *next = j->next;
-    map_del(m, j->id);
+    if (m) map_del(m, j->id);
     tide__job_free(j);
     j = next;
   }
@@ -212,8 +216,8 @@ static void give_back(tide__pool *p, slot *s, tide__job *job) {
   if (!s->quarantined) p->busy--;            /* a quarantined one stopped counting */
   p->panicked += s->w.panics;
   s->w.panics = 0;
+  map_del(&p->jobs, job->id);
   if (job->abandoned || p->closing) {
-    map_del(&p->jobs, job->id);
     tide__job_free(job);
     return;
   }
@@ -274,10 +278,6 @@ static void on_async(uv_async_t *a) {
   uv_mutex_lock(&p->mu);
   tide__job *job = p->done;
   p->done = p->done_tail = NULL;
-  for (tide__job *j = job; j; j = j->next) {
-    j->place = DELIVERING;
-    map_del(&p->jobs, j->id);
-  }
   p->refs++;
   uv_mutex_unlock(&p->mu);
   while (job) {
@@ -294,21 +294,14 @@ static void on_async(uv_async_t *a) {
     job = next;
   }
   if (retry) {
-    int dropped = 0;
     uv_mutex_lock(&p->mu);
     for (tide__job *j = retry, *next; j; j = next) {
       next = j->next;
-      if (p->closing || map_put(&p->jobs, j) != 0) {
-        dropped += !p->closing;
-        tide__job_free(j);
-        continue;
-      }
-      j->place = DONE;
+      if (p->closing) { tide__job_free(j); continue; }
       append(&p->done, &p->done_tail, j);
     }
     if (p->done) uv_async_send(p->async);
     uv_mutex_unlock(&p->mu);
-    p->in_flight -= dropped;
   }
   if (!p->closing && p->in_flight == 0) uv_unref((uv_handle_t *)p->async);
   pool_unref(p);
@@ -389,11 +382,6 @@ int tide__pool_cancel(tide__pool *p, uint64_t id) {
     p->queued--;
     tide__job_free(job);
     rc = 1;
-  } else if (job && job->place == DONE) {    /* finished, not yet delivered */
-    unlink_job(&p->done, &p->done_tail, job);
-    map_del(&p->jobs, id);
-    tide__job_free(job);
-    rc = 2;
   } else if (job && job->place == RUNNING && !job->abandoned) {
     slot *s = job->slot;
     job->abandoned = 1;                      /* stays in the map, for quarantine */
@@ -473,7 +461,7 @@ void tide__pool_close(tide__pool *p) {
     p->slots[i] = NULL;
   }
   free_list(&p->jobs, p->queue);             /* the running jobs stay in the map */
-  free_list(&p->jobs, p->done);
+  free_list(NULL, p->done);
   p->queue = p->queue_tail = p->done = p->done_tail = NULL;
   uv_mutex_unlock(&p->mu);
   for (int i = 0; i < p->nslots; i++) {      /* idle ones exit: join them */

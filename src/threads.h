@@ -90,8 +90,9 @@ void tide__job_free(tide__job *job);
 int tide__pool_submit(tide__pool *pool, tide__job *job);
 
 /* Gives up on job `id`: a queued job is dropped (1); a running one is
- * asked to stop and its result will be dropped (2); 0 when unknown or
- * given up on already.  O(1). */
+ * asked to stop and its result will be dropped (2); 0 when unknown, given
+ * up on already, or finished (then it is still delivered: the caller drops
+ * the late result).  O(1). */
 int tide__pool_cancel(tide__pool *pool, uint64_t id);
 
 /* If job `id` is still running (it ignored the stop request), quarantines

@@ -50,10 +50,10 @@ local function stalled(ms, hooked)
   if hooked then
     local tb = traceback("", 3)            -- 1: here, 2: the C trampoline, 3: the code held
     local where = user_place(tb)
-    line = ("%s has held the loop for %d ms, at %s"):format(running_now(), ms, where)
+    line = ("the loop has not turned for %d ms; running now: %s, at %s"):format(ms, running_now(), where)
     log.warn("the watchdog", line, "stall: " .. line .. tb)
   else
-    line = ("one call held the loop for %d ms, in code no hook reached (JIT-compiled code or a C function)")
+    line = ("the loop did not turn for %d ms, in code no hook reached (JIT-compiled code or a C function)")
       :format(ms)
     log.warn("the watchdog", line, "stall: " .. line)
   end
