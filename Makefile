@@ -5,10 +5,10 @@ BUILD     ?= build
 SANITIZE  ?=
 CC        ?= cc
 LUAJIT    ?= luajit
-PKGS      := luajit libuv sqlite3 libpq
+PKGS      := luajit libuv sqlite3 libpq librabbitmq
 VERSION   := 0.1.0
 
-DEPS_DEB  := luajit libluajit-5.1-dev libuv1-dev libsqlite3-dev libpq-dev postgresql lua-cjson lua-busted pkg-config
+DEPS_DEB  := luajit libluajit-5.1-dev libuv1-dev libsqlite3-dev libpq-dev postgresql librabbitmq-dev rabbitmq-server lua-cjson lua-busted pkg-config
 
 CFLAGS    ?= -O2 -g
 CFLAGS    += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -fPIC -fvisibility=hidden \
@@ -85,7 +85,7 @@ $(BUILD)/libtide.a: $(CORE_OBJ)
 	ar rcs $@ $^
 
 $(BUILD)/tide.so: $(CORE_OBJ)
-	$(CC) $(LDFLAGS) -shared -o $@ $^ $(shell pkg-config --libs libuv sqlite3 libpq) -lm -lpthread
+	$(CC) $(LDFLAGS) -shared -o $@ $^ $(shell pkg-config --libs libuv sqlite3 libpq librabbitmq) -lm -lpthread
 
 $(BUILD)/test_%: spec/c/test_%.c $(CORE_OBJ)
 	$(CC) $(CFLAGS) $(PKG_CFLAGS) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)

@@ -201,6 +201,7 @@ static int close_state(lua_State *L, loop_ud *u) {
   u->s = NULL;
   tide__close_threads(L);                    /* its async handle is on our loop */
   tide__close_pg(L);                         /* so are the sockets' watches     */
+  tide__close_amqp(L);                       /* and the brokers' connections    */
   luaL_unref(L, LUA_REGISTRYINDEX, s->tick_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, s->signal_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, s->thread_ref);
@@ -293,6 +294,7 @@ static int push_core(lua_State *L, uv_loop_t *uv) {
   tide__open_threads(L, s->loop.uv);               /* thread_*       */
   tide__open_sqlite(L);                            /* sqlite_*       */
   tide__open_pg(L, s->loop.uv);                    /* pg_*           */
+  tide__open_amqp(L, s->loop.uv);                  /* amqp_*         */
   lua_remove(L, -2);                               /* the userdata */
   lua_pushvalue(L, -1);
   lua_setfield(L, -3, "tide.core");

@@ -192,7 +192,8 @@ tide.current = S.current
 tide.pool = require("tide.engine.pool").new
 tide.supervisor = require("tide.supervision.supervisor").new
 tide.consumer = require("tide.supervision.consumer").new
-tide.sources = require "tide.supervision.sources.memory"
+tide.sources = { memory = require("tide.supervision.sources.memory").memory,
+                 rabbitmq = require("tide.supervision.sources.rabbitmq").rabbitmq }
 tide.flow = require("tide.flow.run").new
 tide.queue = { open = require("tide.jobs.queue").open }
 tide.worker = require("tide.jobs.worker").new

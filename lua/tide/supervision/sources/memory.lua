@@ -1,4 +1,4 @@
---- tide.sources — message sources for tide.consumer.  `memory` is a broker stand-in for tests and examples.
+--- tide.sources.memory — a broker stand-in for tests and examples, with the interface tide.consumer uses.
 --
 -- The memory source behaves like a broker channel with a prefetch limit
 -- (basic.qos): it never has more than `prefetch` deliveries unacked, each
@@ -6,8 +6,10 @@
 -- queue (and is delivered again with a new tag).  It records every ack and
 -- nack, and counts what a real broker would reject: settling an unknown tag
 -- or settling one twice.  `outage = true` makes fetch fail, like a lost
--- connection.
+-- connection.  A fetch that finds nothing waits (up to its wait_ms) until a
+-- publish or a settle may let it take something: no polling.
 local check = require "tide.engine.check"
+local S = require "tide.engine.sched"
 
 local type, setmetatable, error, tostring = type, setmetatable, error, tostring
 
@@ -36,11 +38,21 @@ end
 function Memory.publish(m, body)
   m.queue[m.qhead + m.queued] = body
   m.queued = m.queued + 1
+  S.notify(m)
 end
 
---- At most n deliveries, within the prefetch window.
-function Memory.fetch(m, n)
+local function can_deliver(m)
+  return m.queued > 0 and m.unacked < m.prefetch
+end
+
+--- At most n deliveries, within the prefetch window; waits up to wait_ms
+--- (optional) when none can be delivered now.
+function Memory.fetch(m, n, wait_ms)
   if m.outage then error("memory source: connection refused (outage)", 0) end
+  if not can_deliver(m) and wait_ms and wait_ms > 0 then
+    S.wait_for(m, "source:fetch", wait_ms)
+    if m.outage then error("memory source: connection refused (outage)", 0) end
+  end
   local out = {}
   while #out < n and m.queued > 0 and m.unacked < m.prefetch do
     local body = m.queue[m.qhead]
@@ -54,7 +66,8 @@ function Memory.fetch(m, n)
   return out
 end
 
-local function settle(m, tag, what)
+local function settle(m, d, what)
+  local tag = d.tag
   m.log[#m.log + 1] = { tag, what }
   local body = m.pending[tag]
   if body == nil then
@@ -63,18 +76,22 @@ local function settle(m, tag, what)
   end
   m.pending[tag] = nil
   m.unacked = m.unacked - 1
+  S.notify(m)
   return body
 end
 
-function Memory.ack(m, tag)
-  settle(m, tag, "ack")
+--- Settles delivery d (as fetch returned it).
+function Memory.ack(m, d)
+  settle(m, d, "ack")
   m.acked = m.acked + 1
+  return true
 end
 
-function Memory.nack(m, tag, requeue)
-  local body = settle(m, tag, "nack")
+function Memory.nack(m, d, requeue)
+  local body = settle(m, d, "nack")
   m.nacked = m.nacked + 1
   if requeue then m:publish(body) end
+  return true
 end
 
 function Memory.stats(m)
