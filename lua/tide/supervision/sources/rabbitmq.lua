@@ -124,7 +124,8 @@ function M.rabbitmq(opts)
     confirm_timeout = confirm_timeout, name = "rabbitmq " .. (opts.queue or cfg.host),
     conn = false, consume_ch = false, pub_ch = false, opening = {}, waiting = false,
     seen = {}, seen_old = {}, seen_n = 0,
-    stats = { delivered = 0, acked = 0, nacked = 0, stale = 0, dead_lettered = 0, published = 0 },
+    stats = { delivered = 0, acked = 0, nacked = 0, stale = 0, dead_lettered = 0, published = 0,
+              broker_closes = 0, precondition_failed = 0, last_close = false },
   }, Source_mt)
 end
 
@@ -231,7 +232,16 @@ function Source:start()
   local ch
   ch = conn:channel{
     deliver = function(c, ev) on_deliver(self, c, ev) end,
-    lost = function() S.notify(self) end,
+    lost = function(_, reason)
+      if reason:find("by the broker", 1, true) then
+        self.stats.broker_closes = self.stats.broker_closes + 1
+        self.stats.last_close = reason
+        if reason:find("PRECONDITION_FAILED", 1, true) then
+          self.stats.precondition_failed = self.stats.precondition_failed + 1
+        end
+      end
+      S.notify(self)
+    end,
   }
   ch.buffer = { head = 1, n = 0 }
   local ok, err = pcall(function()
