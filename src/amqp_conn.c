@@ -101,7 +101,7 @@ tide__amqp *tide__amqp_open(const tide__amqp_config *cfg, char *err, size_t errl
   struct timeval tv = { cfg->timeout_ms / 1000, (cfg->timeout_ms % 1000) * 1000 };
   int rc = sock ? amqp_socket_open_noblock(sock, cfg->host, cfg->port, &tv) : AMQP_STATUS_NO_MEMORY;
   if (rc != AMQP_STATUS_OK) {
-    snprintf(err, errlen, "cannot connect to %s:%d: %s", cfg->host, cfg->port, amqp_error_string2(rc));
+    snprintf(err, errlen, "cannot connect: %s", amqp_error_string2(rc));
     amqp_destroy_connection(st);
     return NULL;
   }

@@ -51,7 +51,8 @@ core.amqp_on_ready(function(id, kind, raw, err)
 end)
 
 --- Opens a connection (waits, in a task).  cfg: host, port, vhost, user,
---- password, name, heartbeat (s), timeout (ms).  Raises with the reason.
+--- password, name (shown by the broker), heartbeat (s), timeout (ms), label
+--- (names the connection in errors).  Raises with the reason.
 function M.connect(cfg)
   next_id = next_id + 1
   local id = next_id
@@ -62,9 +63,9 @@ function M.connect(cfg)
   S.wait_end(t, tok, 2 * cfg.timeout + 1000)
   opening[id] = nil                            -- a late answer is closed on arrival
   if not o.raw then
-    error(format("%s: %s", cfg.name, o.err or ("no answer from the broker within " .. cfg.timeout .. " ms")), 0)
+    error(format("%s: %s", cfg.label, o.err or ("no answer from the broker within " .. cfg.timeout .. " ms")), 0)
   end
-  local c = setmetatable({ id = id, raw = o.raw, name = cfg.name, channels = {}, free = {}, next_ch = 1,
+  local c = setmetatable({ id = id, raw = o.raw, name = cfg.label, channels = {}, free = {}, next_ch = 1,
                            lost = false, blocked = false }, Conn)
   conns[id] = c
   c:pump()                                     -- frames the handshake may have left behind

@@ -77,12 +77,12 @@ end
 local function check_declare(fname, d)
   if d == nil or d == false then return false end
   if d == true then d = {} end
-  if type(d) ~= "table" then opt_error(fname, "declare", "boolean or table", d, 4) end
-  check.known(fname, d, DECLARE_KEYS, "declare.", 4)
-  if d.type ~= nil and not QUEUE_TYPES[d.type] then opt_error(fname, "declare.type", check.choices(QUEUE_TYPES), d.type, 4) end
-  if d.arguments ~= nil and type(d.arguments) ~= "table" then opt_error(fname, "declare.arguments", "table", d.arguments, 4) end
+  if type(d) ~= "table" then opt_error(fname, "declare", "boolean or table", d, 3) end
+  check.known(fname, d, DECLARE_KEYS, "declare.", 3)
+  if d.type ~= nil and not QUEUE_TYPES[d.type] then opt_error(fname, "declare.type", check.choices(QUEUE_TYPES), d.type, 3) end
+  if d.arguments ~= nil and type(d.arguments) ~= "table" then opt_error(fname, "declare.arguments", "table", d.arguments, 3) end
   for _, k in ipairs{ "durable", "exclusive", "auto_delete" } do
-    if d[k] ~= nil and type(d[k]) ~= "boolean" then opt_error(fname, "declare." .. k, "boolean", d[k], 4) end
+    if d[k] ~= nil and type(d[k]) ~= "boolean" then opt_error(fname, "declare." .. k, "boolean", d[k], 3) end
   end
   local args = {}
   for k, v in pairs(d.arguments or {}) do args[k] = v end
@@ -117,6 +117,8 @@ function M.rabbitmq(opts)
   if not check.is_ms(confirm_timeout, true) then opt_error(fname, "confirm_timeout", "positive number of ms", opts.confirm_timeout) end
   local declare = check_declare(fname, opts.declare)
   cfg.name = opts.name or "tide"
+  cfg.label = cfg.host:find(":", 1, true) and ("rabbitmq [%s]:%d"):format(cfg.host, cfg.port)
+              or ("rabbitmq %s:%d"):format(cfg.host, cfg.port)
   cfg.heartbeat = heartbeat
   cfg.timeout = math.floor(timeout)
   return setmetatable({
@@ -357,16 +359,16 @@ local function publish_props(fname, o)
   for _, k in ipairs{ "content_type", "content_encoding", "message_id", "correlation_id", "reply_to",
                       "expiration", "type", "app_id", "exchange", "routing_key" } do
     if o[k] ~= nil and (type(o[k]) ~= "string" or #o[k] > 255) then
-      opt_error(fname, k, "string of at most 255 bytes", o[k], 4)
+      opt_error(fname, k, "string of at most 255 bytes", o[k], 3)
     end
   end
-  if o.headers ~= nil and type(o.headers) ~= "table" then opt_error(fname, "headers", "table", o.headers, 4) end
-  if o.persistent ~= nil and type(o.persistent) ~= "boolean" then opt_error(fname, "persistent", "boolean", o.persistent, 4) end
+  if o.headers ~= nil and type(o.headers) ~= "table" then opt_error(fname, "headers", "table", o.headers, 3) end
+  if o.persistent ~= nil and type(o.persistent) ~= "boolean" then opt_error(fname, "persistent", "boolean", o.persistent, 3) end
   if o.priority ~= nil and not (check.is_count(o.priority) and o.priority <= 255) then
-    opt_error(fname, "priority", "integer from 0 to 255", o.priority, 4)
+    opt_error(fname, "priority", "integer from 0 to 255", o.priority, 3)
   end
-  if o.timestamp ~= nil and not check.is_count(o.timestamp) then opt_error(fname, "timestamp", "integer", o.timestamp, 4) end
-  if o.timeout ~= nil and not check.is_ms(o.timeout, true) then opt_error(fname, "timeout", "positive number of ms", o.timeout, 4) end
+  if o.timestamp ~= nil and not check.is_count(o.timestamp) then opt_error(fname, "timestamp", "integer", o.timestamp, 3) end
+  if o.timeout ~= nil and not check.is_ms(o.timeout, true) then opt_error(fname, "timeout", "positive number of ms", o.timeout, 3) end
   return p
 end
 
