@@ -107,9 +107,19 @@ tide__amqp *tide__amqp_open(const tide__amqp_config *cfg, char *err, size_t errl
   }
   amqp_set_handshake_timeout(st, &tv);
   amqp_set_rpc_timeout(st, &tv);
-  amqp_table_entry_t entry = { amqp_cstring_bytes("connection_name"),
-                               { AMQP_FIELD_KIND_UTF8, { .bytes = amqp_cstring_bytes(cfg->name) } } };
-  amqp_table_t props = { 1, &entry };
+  /* What we understand from the broker, besides rabbitmq-c's own capabilities. */
+  static const char *caps[] = { "consumer_cancel_notify", "connection.blocked", "basic.nack", "publisher_confirms" };
+  amqp_table_entry_t cap[4];
+  for (int i = 0; i < 4; i++) {
+    cap[i].key = amqp_cstring_bytes(caps[i]);
+    cap[i].value.kind = AMQP_FIELD_KIND_BOOLEAN;
+    cap[i].value.value.boolean = 1;
+  }
+  amqp_table_entry_t entries[2] = {
+    { amqp_cstring_bytes("connection_name"), { AMQP_FIELD_KIND_UTF8, { .bytes = amqp_cstring_bytes(cfg->name) } } },
+    { amqp_cstring_bytes("capabilities"), { AMQP_FIELD_KIND_TABLE, { .table = { 4, cap } } } },
+  };
+  amqp_table_t props = { 2, entries };
   amqp_rpc_reply_t r = amqp_login_with_properties(st, cfg->vhost, 0, 131072, cfg->heartbeat, &props,
                                                   AMQP_SASL_METHOD_PLAIN, cfg->user, cfg->password);
   if (r.reply_type != AMQP_RESPONSE_NORMAL) {
