@@ -102,6 +102,12 @@ for e in examples/*.lua; do
   ASAN_OPTIONS=$LUA_ASAN "$BUILD/tide" run --quiet "$e" > "$LOG/$name.log" 2>&1
   one "$name" $? "$LOG/$name.log"
 done
+# examples that need the broker get its URL (make demo, without a broker, skips them)
+for e in examples/rabbitmq/*.lua; do
+  name=example_rabbitmq_$(basename "$e" .lua)
+  ASAN_OPTIONS=$LUA_ASAN "$BUILD/tide" run --quiet "$e" "${TIDE_AMQP_URL:-}" > "$LOG/$name.log" 2>&1
+  one "$name" $? "$LOG/$name.log"
+done
 "$BUILD/embed-host" examples/embed/script.lua > "$LOG/embed-host.log" 2>&1
 one embed-host $? "$LOG/embed-host.log"
 
