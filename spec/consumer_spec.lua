@@ -129,14 +129,14 @@ describe("tide.consumer on the " .. K.name .. " source", function()
     if src then
       local s = src
       src = nil
-      tide.run(function() K.close(s) end)
+      spec_helper.run(function() K.close(s) end)
     end
     spec_helper.assert_idle()
   end)
 
   it("acks what succeeds and nacks what fails, times out or is cancelled", function()
     quiet()
-    tide.run(function()
+    spec_helper.run(function()
       src = K.new(5)
       K.publish(src, { "ok", "fail", "hang", "ok", "ok" })
       local c = tide.consumer{ source = src, prefetch = 5, requeue = false,
@@ -156,7 +156,7 @@ describe("tide.consumer on the " .. K.name .. " source", function()
 
   it("nacks what it held when it crashes, so a restart starts with an empty window", function()
     quiet()
-    tide.run(function()
+    spec_helper.run(function()
       src = K.new(4)
       K.publish(src, bodies(4))
       local c = tide.consumer{ source = src, prefetch = 4, handler = { run = function() tide.sleep(100000) end } }
@@ -174,7 +174,7 @@ describe("tide.consumer on the " .. K.name .. " source", function()
     quiet()
     local outage, processed_after = true, 0
     local sup, drain_ms
-    tide.run(function()
+    spec_helper.run(function()
       src = K.new(10)
       K.publish(src, bodies(300))
       local c = tide.consumer{ source = src, prefetch = 10, poll = 5,
@@ -217,7 +217,7 @@ describe("tide.consumer on the " .. K.name .. " source", function()
     math.randomseed(seed)
     local N = K.name == "memory" and 5000 or 2000
     local done = {}
-    tide.run(function()
+    spec_helper.run(function()
       src = K.new(10)
       K.publish(src, bodies(N))
       local c = tide.consumer{ source = src, prefetch = 10, poll = 2,
@@ -264,7 +264,7 @@ describe("tide.consumer on the " .. K.name .. " source", function()
   it("gives back what an earlier attempt held when it runs under a retry", function()
     quiet()
     local done = {}
-    tide.run(function()
+    spec_helper.run(function()
       src = K.new(4)
       K.publish(src, bodies(12))
       local fetches = 0
@@ -291,19 +291,19 @@ describe("tide.consumer on the " .. K.name .. " source", function()
 
   it("stops taking deliveries when the loop shuts down", function()
     quiet()
-    tide.run(function()
+    spec_helper.run(function()
       src = K.new(4)
       K.publish(src, bodies(8))
     end)
     local c = tide.consumer{ source = src, prefetch = 4, poll = 2, handler = { run = function() tide.sleep(1000) end } }
     local t0 = tide.now()
-    tide.run(function()
+    spec_helper.run(function()
       tide.spawn(function() return c:run() end)
       tide.sleep(30)
       tide.shutdown(100)
     end)
     assert.is_true(tide.now() - t0 < 2000)
-    tide.run(function()
+    spec_helper.run(function()
       assert.is_true(wait_for(function() return K.ready(src) == 8 end, 3000), "not all given back")
       K.check(src)
     end)
@@ -313,7 +313,7 @@ describe("tide.consumer on the " .. K.name .. " source", function()
   it("lets handle_result choose per delivery: requeue, drop or ack", function()
     quiet()
     local seen, redelivered = {}, {}
-    tide.run(function()
+    spec_helper.run(function()
       src = K.new(4)
       K.publish(src, { "a", "b", "c", "d" })
       local c = tide.consumer{ source = src, prefetch = 4, requeue = false,
@@ -343,7 +343,7 @@ describe("tide.consumer on the " .. K.name .. " source", function()
   it("refuses a second concurrent run of one consumer, and leaves the first one's handlers alone", function()
     quiet()
     local finished = 0
-    tide.run(function()
+    spec_helper.run(function()
       src = K.new(3)
       K.publish(src, bodies(3))
       local c = tide.consumer{ source = src, prefetch = 3, handler = { run = function()
@@ -368,7 +368,7 @@ describe("tide.consumer on the " .. K.name .. " source", function()
   end)
 
   it("checks its handler when created: a wrong option raises at the caller's line and nothing is consumed", function()
-    tide.run(function()
+    spec_helper.run(function()
       src = K.new(5)
       K.publish(src, bodies(5))
     end)
@@ -390,7 +390,7 @@ describe("tide.consumer on the " .. K.name .. " source", function()
         "tide.consumer: bad option 'requeue' (boolean expected, got string \"no\")" },
     }
     spec_helper.error_cases("spec/consumer_spec.lua", cases)
-    tide.run(function()
+    spec_helper.run(function()
       assert.equal(5, K.ready(src))
       assert.equal(0, #src._rec.fetched)
     end)
@@ -402,7 +402,7 @@ describe("tide.consumer on the " .. K.name .. " source", function()
       src = spy(tide.sources.memory{ prefetch = 4, messages = { "a", "b", function() end, "d" } })
       local c = tide.consumer{ source = src, prefetch = 4, poll = 5,
                                handler = { mode = "thread", run = function(body) return body end } }
-      tide.run(function()
+      spec_helper.run(function()
         local t = tide.spawn(function() return c:run() end)
         assert.is_true(wait_for(function() return src.acked == 3 and src.nacked == 1 end, 2000))
         t:cancel()

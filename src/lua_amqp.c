@@ -346,9 +346,10 @@ static void push_close(lua_State *L, uint16_t code, amqp_bytes_t text, uint16_t 
 }
 
 static void push_event(lua_State *L, const tide__amqp_event *ev) {
-  lua_createtable(L, 0, 8);
+  lua_createtable(L, 0, 12);          /* a delivery: room for what the source adds */
   set_num(L, "channel", ev->channel);
-  push_method_name(L, ev->method.id);
+  if (ev->method.id == AMQP_BASIC_DELIVER_METHOD) lua_pushliteral(L, "basic.deliver");   /* the hot one */
+  else push_method_name(L, ev->method.id);
   lua_setfield(L, -2, "method");
   void *d = ev->method.decoded;
   switch (ev->method.id) {
@@ -409,8 +410,10 @@ static void push_event(lua_State *L, const tide__amqp_event *ev) {
   if (ev->has_content) {
     push_bytes(L, ev->body);
     lua_setfield(L, -2, "body");
-    push_props(L, ev->props);
-    lua_setfield(L, -2, "properties");
+    if (ev->props->_flags != 0) {     /* none: the field stays nil */
+      push_props(L, ev->props);
+      lua_setfield(L, -2, "properties");
+    }
   }
 }
 

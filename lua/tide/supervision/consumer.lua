@@ -88,7 +88,9 @@ function M.new(opts)
   if opts.poll ~= nil and not check.is_ms(opts.poll, true) then opt_error(fname, "poll", "positive number of ms", opts.poll) end
   if opts.name ~= nil and type(opts.name) ~= "string" then opt_error(fname, "name", "string", opts.name) end
   if opts.requeue ~= nil and type(opts.requeue) ~= "boolean" then opt_error(fname, "requeue", "boolean", opts.requeue) end
-  return setmetatable({ source = src, prefetch = prefetch, handler = opts.handler, name = opts.name or "consumer",
+  local h = opts.handler
+  return setmetatable({ source = src, prefetch = prefetch, handler = h, name = opts.name or "consumer",
+                        policy = h.retry ~= nil and retry.policy(fname, h.retry) or nil,
                         requeue = opts.requeue ~= false, poll = opts.poll or 50,
                         held = {}, in_flight = 0, waiting = false, runner = false }, Consumer_mt)
 end
@@ -138,16 +140,32 @@ local function plain(d)
   return p
 end
 
+--- The end of a handler's task (the engine's internal hook, inside its one
+--- door): the user's handle_result may choose, then the delivery settles.
+local function delivery_done(t)
+  local o = t._opt
+  local c, d = o.consumer_of, o.delivery
+  local h = c.handler
+  local choice = h.handle_result and choose(c, h, t._state, t.value, t, d)
+  settle(c, d, t._state, choice)
+end
+
+--- Starts the handler of a delivery.  Coroutine handlers are built here
+--- directly from the options checked once at creation (a delivery costs a
+--- task and its argument table, nothing more); thread handlers go through
+--- make_task, which encodes their arguments.
 local function run_delivery(c, d)
   local h = c.handler
-  local t = make_task("tide.consumer", "coroutine", {
-    run = h.run, args = { d.body, h.mode == "thread" and plain(d) or d }, timeout = h.timeout,
-    retry = h.retry, mode = h.mode, name = c.name .. " #" .. tostring(d.tag),
-    handle_result = function(status, value, task)
-      local choice = h.handle_result and choose(c, h, status, value, task, d)
-      settle(c, d, status, choice)
-    end,
-  })
+  local t
+  if h.mode == "thread" then
+    t = make_task("tide.consumer", "coroutine", { run = h.run, args = { d.body, plain(d) }, timeout = h.timeout,
+                                                  retry = h.retry, mode = "thread", name = c.name })
+    local o = S.options(t)
+    o.consumer_of, o.delivery, o.on_finish = c, d, delivery_done
+  else
+    t = S.new_task(h.run, { args = { n = 2, d.body, d }, timeout = h.timeout, retry = c.policy, name = c.name,
+                            consumer_of = c, delivery = d, on_finish = delivery_done, timer = false })
+  end
   d.task = t
   S.start(t)
 end

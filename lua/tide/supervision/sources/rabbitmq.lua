@@ -202,11 +202,16 @@ local function delivery_count(s, d)
   return seen
 end
 
-local function on_deliver(s, ch, ev)
+local NONE = setmetatable({}, { __newindex = function() error("a delivery's headers and properties are read-only", 2) end })
+
+--- A delivery is the event itself (fields: tag, body, redelivered,
+--- exchange, routing_key, properties, headers, delivery_count), plus the
+--- channel it came on.
+local function on_deliver(s, ch, d)
   if ch.lost then return end                         -- closing: the broker requeues it
-  local props = ev.properties
-  local d = { tag = ev.delivery_tag, body = ev.body, redelivered = ev.redelivered, exchange = ev.exchange,
-              routing_key = ev.routing_key, properties = props, headers = props.headers or {}, _ch = ch }
+  local props = d.properties or NONE
+  d.tag, d._ch, d.properties, d.headers = d.delivery_tag, ch, props, props.headers or NONE
+  d.channel, d.method, d.delivery_tag, d.consumer_tag = nil, nil, nil, nil
   s.stats.delivered = s.stats.delivered + 1
   d.delivery_count = delivery_count(s, d)
   local max = s.max_redeliveries
@@ -273,35 +278,41 @@ function Source:fetch(n, wait_ms)
     S.wait_for(self, "source:fetch", wait_ms)
   end
   if ch.lost then error(self.name .. ": " .. ch.lost, 0) end
-  local out = {}
-  while #out < n and buf.head <= buf.n do
-    out[#out + 1] = buf[buf.head]
-    buf[buf.head] = nil
-    buf.head = buf.head + 1
+  local out, k, head = {}, 0, buf.head
+  while k < n and head <= buf.n do
+    k = k + 1
+    out[k] = buf[head]
+    buf[head] = nil
+    head = head + 1
   end
+  buf.head = head
+  if head > buf.n then buf.head, buf.n = 1, 0 end    -- empty: start over at 1
   return out
 end
 
 --- Settles a delivery on the channel it came on; false when that channel
 --- is gone (the broker gave the delivery back: nothing to send).
-local function settle(s, d, method, ...)
+function Source:ack(d)
   local ch = d._ch
   if ch.lost then
-    s.stats.stale = s.stats.stale + 1
+    self.stats.stale = self.stats.stale + 1
     return false
   end
-  return ch:send(method, d.tag, false, ...)
-end
-
-function Source:ack(d)
-  if not settle(self, d, "ack") then return false end
+  local ok, err = ch.conn.raw:ack(ch.num, d.tag, false)
+  if not ok then ch.conn:lose(err); error(ch.conn.name .. ": " .. tostring(err), 0) end
   self.stats.acked = self.stats.acked + 1
   if d._key and self.seen[d._key] then self.seen[d._key] = nil end
   return true
 end
 
 function Source:nack(d, requeue)
-  if not settle(self, d, "nack", requeue and true or false) then return false end
+  local ch = d._ch
+  if ch.lost then
+    self.stats.stale = self.stats.stale + 1
+    return false
+  end
+  local ok, err = ch.conn.raw:nack(ch.num, d.tag, false, requeue and true or false)
+  if not ok then ch.conn:lose(err); error(ch.conn.name .. ": " .. tostring(err), 0) end
   self.stats.nacked = self.stats.nacked + 1
   return true
 end
