@@ -125,8 +125,10 @@ function Conn:send(method, ...)
   error(self.name .. ": " .. tostring(err), 0)
 end
 
---- Opens a channel (waits).  `on` holds its handlers: deliver(ch, ev),
---- confirm(ch, ev), lost(ch, reason); all optional.
+--- Opens a channel (waits).  `on` holds its handlers: created(ch) (called
+--- before the first wait, so an owner whose task dies while the channel
+--- opens can still close it), deliver(ch, ev), confirm(ch, ev),
+--- lost(ch, reason); all optional.
 function Conn:channel(on)
   if self.lost then error(self.name .. ": " .. self.lost, 0) end
   local n = remove(self.free)
@@ -136,6 +138,7 @@ function Conn:channel(on)
   end
   local ch = setmetatable({ conn = self, num = n, lost = false, closing = false, waiter = false, on = on or {} }, Channel)
   self.channels[n] = ch
+  if ch.on.created then ch.on.created(ch) end
   ch:call("channel_open", "channel.open-ok")
   return ch
 end

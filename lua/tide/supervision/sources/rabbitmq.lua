@@ -236,8 +236,15 @@ function Source:start()
   if not self.queue then error(self.name .. ": no queue to consume from (option 'queue')", 2) end
   self:stop()
   local conn = self:connection()
-  local ch
-  ch = conn:channel{
+  -- The channel is the source's from its creation, before any wait: a run
+  -- cancelled while it opens (or while qos, declare or consume wait) ends
+  -- with stop(), which closes it.  Otherwise an orphan channel would hold
+  -- a prefetch window of deliveries that nobody reads: a zombie node.
+  local ch = conn:channel{
+    created = function(c)
+      c.buffer = { head = 1, n = 0 }
+      self.consume_ch = c
+    end,
     deliver = function(c, ev) on_deliver(self, c, ev) end,
     lost = function(_, reason)
       if reason:find("by the broker", 1, true) then
@@ -250,14 +257,12 @@ function Source:start()
       S.notify(self)
     end,
   }
-  ch.buffer = { head = 1, n = 0 }
   local ok, err = pcall(function()
     ch:call("qos", "basic.qos-ok", self.prefetch)
     if self.declare then declare_queue(self, ch) end
     ch:call("consume", "basic.consume-ok", self.queue, "", false, nil)
   end)
-  if not ok then ch:close(); error(err, 0) end
-  self.consume_ch = ch
+  if not ok then self:stop(); error(err, 0) end
 end
 
 --- Closes the consuming channel: the broker requeues what it delivered and
