@@ -214,6 +214,41 @@ describe("tide.sources.rabbitmq", function()
     assert.equal(5, n_redelivered)
   end)
 
+  it("leaves no consumer behind when a run is cancelled while it starts", function()
+    need_broker()
+    local info
+    spec_helper.run(function()
+      local src = tide.sources.rabbitmq{ url = URL, queue = qname("cancel-start"), prefetch = 5, declare = { durable = false } }
+      -- (declare: the run declares the queue too, one more wait to cancel in)
+      src:declare_queue()
+      for i = 1, 20 do src:publish(tostring(i), { persistent = false }) end
+      local c = tide.consumer{ source = src, handler = { run = function() tide.sleep(1000) end } }
+      -- Cancel each run while its channel waits for one of these replies.
+      local waits = { "channel.open-ok", "basic.qos-ok", "queue.declare-ok", "basic.consume-ok" }
+      local function waiting_for(what)
+        for _, ch in pairs(src.conn and src.conn.channels or {}) do
+          if ch.waiter and ch.waiter.expect == what then return true end
+        end
+      end
+      src:queue_info()                       -- connected first
+      for k = 1, 20 do
+        local what = waits[k % #waits + 1]
+        local t = tide.spawn(function() return c:run() end)
+        local t0 = tide.now()
+        repeat coroutine.yield() until waiting_for(what) or tide.now() - t0 > 1000
+        assert(waiting_for(what), "never saw a run wait for " .. what)
+        t:cancel("cancelled while starting")
+      end
+      assert.is_true(wait_for(function()
+        info = src:queue_info()
+        return info.consumers == 0 and info.messages == 20
+      end, 3000), "an orphan consumer holds deliveries")
+      src:delete_queue()
+      src:close()
+    end)
+    assert.same({ consumers = 0, messages = 20 }, info)
+  end)
+
   for _, qtype in ipairs{ "quorum", "classic" } do
     it(("dead-letters a poison message past max_redeliveries (%s queue: %s)"):format(qtype,
         qtype == "quorum" and "x-delivery-count" or "counted by the consumer"), function()
