@@ -14,6 +14,8 @@
 # rabbitmq-server package (make deps installs it); the broker's log goes to
 # DIR/log, printed on stderr when it cannot start.
 set -e
+# Specs under `make sanitize` preload the sanitizer runtimes: not into Erlang.
+unset LD_PRELOAD ASAN_OPTIONS UBSAN_OPTIONS
 cmd=$1 dir=$2
 bin=/usr/lib/rabbitmq/bin
 if [ ! -x "$bin/rabbitmq-server" ]; then echo "spec/rabbitmq.sh: rabbitmq-server is not installed (make deps)" >&2; exit 1; fi
@@ -24,6 +26,19 @@ env_for() {  # exports the node's environment from DIR/env
 }
 
 ctl() { "$bin/rabbitmqctl" -q "$@"; }
+
+# Stops the node and waits until its process is gone: `rabbitmqctl shutdown`
+# (bounded: once in a while it waited forever for a node already halted),
+# then SIGKILL to the node's own pid if it is still there after 20 s.
+halt() {
+  pid=$(cat "$RABBITMQ_PID_FILE" 2>/dev/null)
+  timeout 30 "$bin/rabbitmqctl" -q shutdown > /dev/null 2>&1 || true
+  [ -n "$pid" ] || return 0
+  n=0
+  while kill -0 "$pid" 2>/dev/null && [ $n -lt 200 ]; do sleep 0.1; n=$((n + 1)); done
+  kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+  return 0
+}
 
 # Starts the node in the background and waits until it accepts work.
 boot() {
@@ -77,7 +92,7 @@ EOF
     ;;
   down)
     env_for
-    ctl shutdown > /dev/null 2>&1 || true
+    halt
     ;;
   up)
     env_for
@@ -91,7 +106,7 @@ EOF
   stop)
     if [ -f "$dir/env" ]; then
       env_for
-      ctl shutdown > /dev/null 2>&1 || { pid=$(cat "$RABBITMQ_PID_FILE" 2>/dev/null) && kill "$pid" 2>/dev/null; } || true
+      halt
       # the node's own epmd (started with the node, on its own port)
       epmd -port "$ERL_EPMD_PORT" -kill > /dev/null 2>&1 || true
     fi

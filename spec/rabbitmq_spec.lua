@@ -335,7 +335,9 @@ describe("tide.sources.rabbitmq", function()
         workers[w] = tide.spawn(function()
           -- ids w, w+4, ... until 200 were confirmed after the restart
           local i = w
+          local deadline = tide.now() + 60000
           while not (restarted and after >= 200) do
+            assert(tide.now() < deadline, "publishing did not recover within 60 s of the start")
             if i > N then N = i end
             attempted[i] = true
             while true do                               -- at least once: publish again until confirmed
@@ -346,6 +348,7 @@ describe("tide.sources.rabbitmq", function()
                 break
               end
               failures = failures + 1
+              assert(tide.now() < deadline, "publishing did not recover within 60 s of the start")
               tide.sleep(50)
             end
             i = i + 4

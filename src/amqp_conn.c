@@ -420,7 +420,8 @@ static int reserve(tide__amqp *c, size_t n) {
     if (c->out_len + n <= c->out_cap) return 0;
   }
   if (c->out_len + n > TIDE_AMQP_OUT_MAX)
-    return lose(c, "the broker is not reading (%zu bytes queued): blocked by a resource alarm?", c->out_len);
+    return lose(c, "more than %u bytes queued for the broker, which is not reading them (blocked by a resource alarm?)",
+                TIDE_AMQP_OUT_MAX);
   size_t cap = c->out_cap ? c->out_cap : 4096;
   while (cap < c->out_len + n) cap *= 2;
   char *p = realloc(c->out, cap);

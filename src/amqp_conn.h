@@ -35,7 +35,7 @@
 #include <amqp_framing.h>
 #include <uv.h>
 
-#define TIDE_AMQP_OUT_MAX (64u << 20)     /* bytes queued for the socket at most */
+#define TIDE_AMQP_OUT_MAX (256u << 20)    /* bytes queued for the socket at most */
 #define TIDE_AMQP_BODY_MAX (512u << 20)   /* largest message body accepted     */
 
 typedef struct tide__amqp tide__amqp;

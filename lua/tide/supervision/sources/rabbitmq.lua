@@ -45,6 +45,7 @@ local PUBLISH_KEYS = { exchange = true, routing_key = true, persistent = true, h
                        content_encoding = true, message_id = true, correlation_id = true, reply_to = true,
                        expiration = true, priority = true, type = true, app_id = true, timestamp = true,
                        timeout = true }
+local MAX_BODY = 128 * 1024 * 1024   -- RabbitMQ's default max_message_size
 local SEEN_MAX = 10000       -- keys of redelivered messages remembered for the consumer-side count
 
 local function unescape(s)
@@ -399,6 +400,10 @@ function Source:publish(body, opts)
   local fname = "source:publish"
   check_self(self, fname)
   if type(body) ~= "string" then check.arg_error(fname, 1, "string", body) end
+  if #body > MAX_BODY then
+    error(("%s: bad argument #1 (a body of %d bytes is larger than RabbitMQ's default max_message_size, %d)")
+      :format(fname, #body, MAX_BODY), 2)
+  end
   opts = opts or {}
   if type(opts) ~= "table" then check.arg_error(fname, 2, "table", opts) end
   check.known(fname, opts, PUBLISH_KEYS)
