@@ -289,6 +289,26 @@ describe("tide.sources.rabbitmq", function()
     end)
   end
 
+  it("fails the consumer when its queue is deleted (basic.cancel from the broker)", function()
+    need_broker()
+    local status, err
+    spec_helper.run(function()
+      local q = qname("deleted")
+      local src = tide.sources.rabbitmq{ url = URL, queue = q, declare = { durable = false } }
+      local other = tide.sources.rabbitmq{ url = URL, queue = q }
+      local c = tide.consumer{ source = src, handler = { run = function() end } }
+      local t = tide.spawn(function() return c:run() end)
+      assert.is_true(wait_for(function() return src.consume_ch and src.consume_ch.buffer and true end, 3000))
+      tide.sleep(50)
+      other:delete_queue()
+      status, err = t:await(3000)
+      src:close()
+      other:close()
+    end)
+    assert.equal("error", status)
+    assert.matches("consumer cancelled by the broker %(queue deleted%?%)", err)
+  end)
+
   it("keeps an idle connection alive with heartbeats", function()
     need_broker()
     spec_helper.run(function()
