@@ -5,7 +5,7 @@
  *                      ready(id, "open", conn | nil, message) runs on the loop
  *   amqp_on_ready(fn)  fn(id, "open", ...) as above, or fn(id, "io") when the
  *                      connection has something to read or was lost
- *   conn:next() -> event table | nil (nothing now) | false, message (lost)
+ *   conn:next() -> event, channel, method | nil (nothing now) | false, message (lost)
  *   conn:channel_open(ch)  conn:channel_close(ch, code, text)  conn:channel_close_ok(ch)
  *   conn:qos(ch, count)    conn:declare(ch, queue, passive, durable, exclusive, auto_delete, args)
  *   conn:delete(ch, queue) conn:purge(ch, queue)  conn:confirm(ch)
@@ -15,9 +15,11 @@
  *                      each -> true | nil, message
  *   conn:info() -> { heartbeat, frame_max, channel_max, pending }   conn:close()
  *
- * An event is { channel =, method = "basic.deliver", ...the method's fields...,
- * body =, properties = { headers = {...}, ... } } (body and properties for
- * messages only).  Field tables cross both ways: strings, booleans, numbers
+ * An event is a table of the method's fields, with its channel and method
+ * name ("basic.deliver") beside it; a message adds body = and properties =
+ * { headers = {...}, ... } (none when it has no properties).  A delivery's
+ * tag is `tag`; the other methods keep the AMQP names (`delivery_tag` of a
+ * publisher confirm).  Field tables cross both ways: strings, booleans, numbers
  * (integers as 64-bit integers), arrays and nested tables, 32 levels deep.
  *
  * Connections belong to the loop: they are closed when closed from Lua,
@@ -345,18 +347,16 @@ static void push_close(lua_State *L, uint16_t code, amqp_bytes_t text, uint16_t 
   set_num(L, "method_id", m);
 }
 
+/* Pushes the event's table (its channel and method are returned apart:
+ * a delivery's table becomes the delivery itself, so it holds only its own
+ * fields, with room for the few the source adds). */
 static void push_event(lua_State *L, const tide__amqp_event *ev) {
-  lua_createtable(L, 0, 12);          /* a delivery: room for what the source adds */
-  set_num(L, "channel", ev->channel);
-  if (ev->method.id == AMQP_BASIC_DELIVER_METHOD) lua_pushliteral(L, "basic.deliver");   /* the hot one */
-  else push_method_name(L, ev->method.id);
-  lua_setfield(L, -2, "method");
+  lua_createtable(L, 0, ev->method.id == AMQP_BASIC_DELIVER_METHOD ? 10 : 4);
   void *d = ev->method.decoded;
   switch (ev->method.id) {
     case AMQP_BASIC_DELIVER_METHOD: {
       amqp_basic_deliver_t *m = d;
-      set_bytes(L, "consumer_tag", m->consumer_tag);
-      set_num(L, "delivery_tag", (double)m->delivery_tag);
+      set_num(L, "tag", (double)m->delivery_tag);
       set_bool(L, "redelivered", m->redelivered);
       set_bytes(L, "exchange", m->exchange);
       set_bytes(L, "routing_key", m->routing_key);
@@ -417,7 +417,7 @@ static void push_event(lua_State *L, const tide__amqp_event *ev) {
   }
 }
 
-/* conn:next() -> event | nil | false, message */
+/* conn:next() -> event, channel, method | nil | false, message */
 static int conn_next(lua_State *L) {
   conn_ud *u = check_conn(L);
   if (u->c == NULL) { lua_pushboolean(L, 0); lua_pushliteral(L, "connection closed"); return 2; }
@@ -426,7 +426,10 @@ static int conn_next(lua_State *L) {
   if (rc == 0) return 0;
   if (rc < 0) { lua_pushboolean(L, 0); lua_pushstring(L, tide__amqp_error(u->c)); return 2; }
   push_event(L, &ev);
-  return 1;
+  lua_pushinteger(L, ev.channel);
+  if (ev.method.id == AMQP_BASIC_DELIVER_METHOD) lua_pushliteral(L, "basic.deliver");   /* the hot one */
+  else push_method_name(L, ev.method.id);
+  return 3;
 }
 
 /* ===== sending ===== */

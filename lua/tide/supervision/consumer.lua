@@ -31,7 +31,7 @@ local make_task = require("tide.engine.task").make_task
 
 local type, pairs, pcall, xpcall, tostring, setmetatable, getmetatable, error =
   type, pairs, pcall, xpcall, tostring, setmetatable, getmetatable, error
-local traceback = debug.traceback
+local traceback, co_yield = debug.traceback, coroutine.yield
 local opt_error = check.opt_error
 
 local M = {}
@@ -150,6 +150,14 @@ local function delivery_done(t)
   settle(c, d, t._state, choice)
 end
 
+--- A coroutine handler's task function: handler.run(body, delivery), read
+--- from the task's options (no argument table per delivery).
+local function handle()
+  local o = S.current()._opt
+  local d = o.delivery
+  return o.consumer_of.handler.run(d.body, d)
+end
+
 --- Starts the handler of a delivery.  Coroutine handlers are built here
 --- directly from the options checked once at creation (a delivery costs a
 --- task and its argument table, nothing more); thread handlers go through
@@ -162,9 +170,11 @@ local function run_delivery(c, d)
                                                   retry = h.retry, mode = "thread", name = c.name })
     local o = S.options(t)
     o.consumer_of, o.delivery, o.on_finish = c, d, delivery_done
+  elseif c.policy or h.timeout then
+    t = S.new_task(handle, { timeout = h.timeout, retry = c.policy, name = c.name,
+                             consumer_of = c, delivery = d, on_finish = delivery_done })
   else
-    t = S.new_task(h.run, { args = { n = 2, d.body, d }, timeout = h.timeout, retry = c.policy, name = c.name,
-                            consumer_of = c, delivery = d, on_finish = delivery_done, timer = false })
+    t = S.new_task(handle, { name = c.name, consumer_of = c, delivery = d, on_finish = delivery_done })
   end
   d.task = t
   S.start(t)
@@ -248,7 +258,7 @@ function Consumer.run(c, ctx)
       if #batch == 0 then
         if now() - t0 < 1 then S.sleep(c.poll) end   -- a source that does not wait: poll it
       elseif c.in_flight < c.prefetch then
-        S.sleep(0)                           -- settled at once: let the others run before the next fetch
+        co_yield()                           -- let the handlers run before the next fetch (no timer)
       end
     else
       S.wait_for(c, "consumer", c.poll)      -- until a delivery settles

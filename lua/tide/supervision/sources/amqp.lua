@@ -77,20 +77,19 @@ end
 --- Reads every event available now and hands each to its channel.
 function Conn:pump()
   while self.raw do
-    local ev, err = self.raw:next()
+    local ev, num, m = self.raw:next()
     if ev == nil then return end
-    if ev == false then return self:lose(err) end
-    if ev.channel == 0 then
-      self:on_event(ev)
+    if ev == false then return self:lose(num) end
+    if num == 0 then
+      self:on_event(ev, m)
     else
-      local ch = self.channels[ev.channel]
-      if ch then ch:on_event(ev) end
+      local ch = self.channels[num]
+      if ch then ch:on_event(ev, m) end
     end
   end
 end
 
-function Conn:on_event(ev)
-  local m = ev.method
+function Conn:on_event(ev, m)
   if m == "connection.close" then
     self:lose(format("connection closed by the broker: %d %s", ev.reply_code, ev.reply_text))
   elseif m == "connection.blocked" then
@@ -127,7 +126,7 @@ end
 
 --- Opens a channel (waits).  `on` holds its handlers: created(ch) (called
 --- before the first wait, so an owner whose task dies while the channel
---- opens can still close it), deliver(ch, ev), confirm(ch, ev),
+--- opens can still close it), deliver(ch, ev), confirm(ch, ev, method),
 --- lost(ch, reason); all optional.
 function Conn:channel(on)
   if self.lost then error(self.name .. ": " .. self.lost, 0) end
@@ -170,13 +169,12 @@ function Channel:send(method, ...)
   return true
 end
 
-function Channel:on_event(ev)
-  local m = ev.method
+function Channel:on_event(ev, m)
   local on = self.on
   if m == "basic.deliver" then
     if on.deliver then on.deliver(self, ev) end
   elseif m == "basic.ack" or m == "basic.nack" then
-    if on.confirm then on.confirm(self, ev) end
+    if on.confirm then on.confirm(self, ev, m) end
   elseif m == "channel.close" then               -- closed by the broker: say close-ok, free the number
     if self.conn.raw then self.conn.raw:channel_close_ok(self.num) end
     self:release()

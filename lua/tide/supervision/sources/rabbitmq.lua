@@ -211,8 +211,7 @@ local NONE = setmetatable({}, { __newindex = function() error("a delivery's head
 local function on_deliver(s, ch, d)
   if ch.lost then return end                         -- closing: the broker requeues it
   local props = d.properties or NONE
-  d.tag, d._ch, d.properties, d.headers = d.delivery_tag, ch, props, props.headers or NONE
-  d.channel, d.method, d.delivery_tag, d.consumer_tag = nil, nil, nil, nil
+  d._ch, d.properties, d.headers = ch, props, props.headers or NONE
   s.stats.delivered = s.stats.delivered + 1
   d.delivery_count = delivery_count(s, d)
   local max = s.max_redeliveries
@@ -325,8 +324,8 @@ end
 
 -- ===== publishing with confirms
 
-local function on_confirm(ch, ev)
-  local result = ev.method == "basic.ack" and "ack" or "nack"
+local function on_confirm(ch, ev, method)
+  local result = method == "basic.ack" and "ack" or "nack"
   local function resolve(seq)
     local w = ch.unconfirmed[seq]
     if w then
