@@ -223,7 +223,7 @@ describe("durable jobs under SIGKILL", function()
     assert.equal(JOBS, st.completed)
     assert.equal(0, st.executing)
     local sum = 0
-    for s in pairs(require("tide.jobs.queue").STATUSES) do sum = sum + st[s] end
+    for _, s in ipairs(require("tide.jobs.job").STATUSES) do sum = sum + st[s] end
     assert.equal(st.total, sum)
 
     -- 5. job by job, the store against the effects

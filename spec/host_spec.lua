@@ -20,6 +20,7 @@ describe("tide (host)", function()
     local status, out = H.sh(TIDE .. " --version")
     assert.equal(0, status)
     assert.matches("^tide 0%.1%.0 %(LuaJIT", out)
+    assert.matches("\nbuilt with LuaJIT 2%.1[%w.-]*, libuv %d+%.%d+%.%d+, SQLite 3%.%d+%.%d+, libpq %d+%.%d+", out)
   end)
 
   it("rejects an unknown command with usage and exit status 2", function()
@@ -31,6 +32,31 @@ describe("tide (host)", function()
     assert.equal(2, (H.sh(TIDE .. " run")))
     assert.equal(2, (H.sh(TIDE .. " run --grace soon x.lua")))
     assert.equal(2, (H.sh(TIDE .. " run --bogus x.lua")))
+  end)
+
+  it("answers -h and --help with each command's own usage, also through tide help", function()
+    for _, cmd in ipairs{ "run", "graph", "worker", "enqueue", "jobs" } do
+      for _, form in ipairs{ " " .. cmd .. " -h", " " .. cmd .. " --help", " help " .. cmd } do
+        local status, out = H.sh(TIDE .. form)
+        assert.equal(0, status, form)
+        assert.matches("^Usage: tide " .. cmd .. " ", out, nil, form)
+      end
+    end
+    local status, out = H.sh(TIDE .. " help frob")
+    assert.equal(2, status)
+    assert.matches("^tide: help: no command 'frob'", out)
+  end)
+
+  it("takes --grace in the same forms as tide worker (5s, --grace=100)", function()
+    local path = script("grace.lua", "print(require('tide.engine.config').grace)\n")
+    for form, ms in pairs{ ["--grace 5s"] = "5000", ["--grace=100"] = "100", ["--grace 250ms"] = "250" } do
+      local status, out = H.sh(("%s run %s %s"):format(TIDE, form, path))
+      assert.equal(0, status, form)
+      assert.equal(ms .. "\n", out, form)
+    end
+    local status, out = H.sh(TIDE .. " run --grace=-1 " .. path)
+    assert.equal(2, status)
+    assert.matches("^tide run: bad %-%-grace %(duration: ms, or like 500ms, 30s, 5m, 2h, 7d expected, got '%-1'%)", out)
   end)
 
   it("reports a missing script with exit status 1", function()

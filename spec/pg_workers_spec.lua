@@ -227,7 +227,7 @@ end
 local function counts(q)
   local st = q:stats().queues.default or {}
   local out = { total = 0 }
-  for s in pairs(require("tide.jobs.queue").STATUSES) do
+  for _, s in ipairs(require("tide.jobs.job").STATUSES) do
     out[s] = st[s] or 0
     out.total = out.total + out[s]
   end

@@ -70,7 +70,11 @@ else
   fail=$((fail + 1)); failed_names="$failed_names rabbitmq"
 fi
 
-# 1. busted specs, under stock luajit with build/tide.so
+# 1. the require graph of lua/tide: imports only go down (spec/tools/layers.lua)
+luajit spec/tools/layers.lua > "$LOG/layers.log" 2>&1
+one layers $? "$LOG/layers.log"
+
+# 2. busted specs, under stock luajit with build/tide.so
 for spec in spec/*_spec.lua; do
   name=$(basename "$spec" .lua)
   # The zombie-node scenario (consumer processes SIGKILLed, the broker
@@ -88,7 +92,14 @@ for spec in spec/*_spec.lua; do
   tally "$name" $? "$LOG/$name.log"
 done
 
-# 2. C tests
+# 3. installing: make install + pkg-config + a C host, and the luarocks rock
+#    (once, outside the sanitizer pass: it builds and uses its own copies)
+if [ -z "$SANITIZE" ]; then
+  BUILD="$BUILD" sh spec/install.sh > "$LOG/install.log" 2>&1
+  tally install $? "$LOG/install.log"
+fi
+
+# 4. C tests
 for t in "$BUILD"/test_*; do
   [ -x "$t" ] || continue
   name=$(basename "$t")
@@ -96,7 +107,7 @@ for t in "$BUILD"/test_*; do
   tally "$name" $? "$LOG/$name.log"
 done
 
-# 3. examples check their own results
+# 5. examples check their own results
 for e in examples/*.lua; do
   name=example_$(basename "$e" .lua)
   ASAN_OPTIONS=$LUA_ASAN "$BUILD/tide" run --quiet "$e" > "$LOG/$name.log" 2>&1

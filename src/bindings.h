@@ -27,4 +27,10 @@ void tide__open_amqp(lua_State *L, uv_loop_t *loop);
 /* lua_amqp.c: closes RabbitMQ connections and gives up connects under way (before the loop closes). */
 void tide__close_amqp(lua_State *L);
 
+/* lua_http.c: sets http_listen and random_bytes into the table at the top. */
+void tide__open_http(lua_State *L, uv_loop_t *loop);
+
+/* lua_http.c: closes every HTTP server and its connections (before the loop closes). */
+void tide__close_http(lua_State *L);
+
 #endif

@@ -47,6 +47,8 @@ function M.requires(path)
   local f = assert(io.open(path))
   local src = f:read("*a")
   f:close()
+  src = src:gsub("%-%-%[(=*)%[.-%]%1%]", "")     -- block comments
+            :gsub("%-%-[^\n]*", "")             -- line comments (usage examples in them are not imports)
   local out, seen = {}, {}
   for q, name in src:gmatch("require%s*%(?%s*([\"'])(tide[%w_.]*)%1") do
     if not seen[name] then seen[name] = true; out[#out + 1] = name end
@@ -67,8 +69,11 @@ local function find_cycle(graph, names)
           table.insert(ring, 1, stack[i])
           if stack[i] == d then break end
         end
-        ring[#ring + 1] = d
-        return ring
+        local first = 1                     -- start at the smallest name: one message per cycle
+        for i = 2, #ring do if ring[i] < ring[first] then first = i end end
+        local cycle = {}
+        for i = 0, #ring do cycle[#cycle + 1] = ring[(first - 1 + i) % #ring + 1] end
+        return cycle
       elseif state[d] == nil and graph[d] then
         local c = visit(d)
         if c then return c end

@@ -1,222 +1,18 @@
---- tide.cli_jobs — `tide enqueue` and `tide jobs`, and what `tide worker` shares with them
---- (option parsing, opening the store, tables and JSON on stdout).
---
--- Every command returns its exit status: 0 done; 1 the world said no (the
--- store cannot be opened, "job 7 is completed"); 2 the command line is wrong
--- (the message names the option or argument, then the usage follows).
--- Failures go to stderr as one line starting with the command's name
--- ("tide jobs: job 7 not found"); nothing here raises to the host.
-local queue = require "tide.jobs.queue"
-local cjson = require("cjson").new()
+--- tide.cli.jobs — `tide enqueue` and `tide jobs`: add, list, show and change durable jobs.
+local job = require "tide.jobs.job"
+local json_lib = require "tide.jobs.json"
+local options = require "tide.cli.options"
+local print = require "tide.cli.print"
+local store = require "tide.cli.store"
 
 local tostring, tonumber, ipairs, pairs, pcall = tostring, tonumber, ipairs, pairs, pcall
-local floor, max, concat, sort = math.floor, math.max, table.concat, table.sort
-local io_stdout, io_stderr, getenv = io.stdout, io.stderr, os.getenv
-
-cjson.decode_invalid_numbers(false)     -- NaN and Infinity are not JSON
-cjson.encode_invalid_numbers(false)
-cjson.encode_sparse_array(true)
+local concat, sort = table.concat, table.sort
+local io_stdout, io_stderr = io.stdout, io.stderr
+local json, json_object, json_array = print.json, print.json_object, print.json_array
+local iso, iso_s, cell, print_table = print.iso, print.iso_s, print.cell, print.table
+local STATUSES, MAX_INT = job.STATUSES, options.MAX_INT
 
 local M = {}
-
-M.DEFAULT_STORE = "sqlite:tide.db"
-
---- Statuses in the order a job meets them (for messages and table columns).
-local STATUSES = { "available", "scheduled", "executing", "retryable",
-                   "completed", "discarded", "cancelled", "expired" }
-M.STATUSES = STATUSES
-
--- ===== option values: each conversion returns the value, or nil when `s` is bad
-
-local MAX_INT, MAX_MS = 2 ^ 53, 1e12
-
-local function integer(min)
-  return function(s)
-    local n = s:match("^[+-]?%d+$") and tonumber(s)
-    if n and n >= min and n <= MAX_INT then return n end
-  end
-end
-
---- "500ms", "30s", "5m", "2h", "7d" or a bare number of ms -> ms.
-local function duration(s)
-  local ms = s:match("^%d+%.?%d*$") and tonumber(s) or queue.duration(s)
-  if ms and ms <= MAX_MS then return ms end
-end
-
-local function positive_duration(s)
-  local ms = duration(s)
-  if ms and ms > 0 then return ms end
-end
-
-local NAME = "^[%a_][%w_.%-]*$"            -- queue and target names (as tide.queue checks them)
-local function name(s) return s:match(NAME) and s or nil end
-local function nonempty(s) return s ~= "" and s or nil end
-local function status(s) return queue.STATUSES[s] and s or nil end
-local function store_url(s) return s:match("^%a[%w+.-]*:.") and s or nil end
-
---- A UTC time: ISO 8601 or seconds since the epoch -> seconds.
-local function utc_time(s)
-  local secs = s:match("^%d+%.?%d*$") and tonumber(s)
-  if secs then return secs end
-  local ms = queue.parse_iso(s)
-  return ms and ms / 1000
-end
-
-local DURATION = "duration: ms, or like 500ms, 30s, 5m, 2h, 7d"
-local STORE_URL = "store URL like sqlite:PATH or postgres://HOST/DB"
-
---- Option specs: key (in the parsed table), meta (the value's name in
---- messages; none for a flag), conv, expected (for "bad --x (... expected)").
-M.opt = {
-  store = { key = "store", meta = "URL", conv = store_url, expected = STORE_URL },
-  json = { key = "json" },
-  help = { key = "help" },
-  quiet = { key = "quiet" },
-  drain = { key = "drain" },
-  queue = { key = "queue", meta = "NAME", conv = name, expected = "queue name (letters, digits, _ . -)" },
-  limit = { key = "limit", meta = "N", conv = integer(1), expected = "integer >= 1" },
-  before = { key = "before", meta = "ID", conv = integer(1), expected = "job id (integer >= 1)" },
-  status = { key = "status", meta = "STATUS", conv = status, expected = "one of " .. concat(STATUSES, ", ") },
-  older_than = { key = "older_than", meta = "DURATION", conv = duration, expected = DURATION },
-  run_at = { key = "run_at", meta = "TIME", conv = utc_time,
-             expected = "UTC time like 2026-11-23T15:04:05Z, or seconds since the epoch" },
-  delay = { key = "delay", meta = "DURATION", conv = duration, expected = DURATION },
-  key = { key = "key", meta = "KEY", conv = nonempty, expected = "non-empty string" },
-  priority = { key = "priority", meta = "N", conv = integer(-MAX_INT), expected = "integer (lower runs first)" },
-  max_attempts = { key = "max_attempts", meta = "N", conv = integer(1), expected = "integer >= 1" },
-  concurrency = { key = "concurrency", meta = "N", conv = integer(1), expected = "integer >= 1" },
-  lease = { key = "lease", meta = "MS", conv = positive_duration, expected = "positive " .. DURATION },
-  poll = { key = "poll", meta = "MS", conv = positive_duration, expected = "positive " .. DURATION },
-  grace = { key = "grace", meta = "MS", conv = duration, expected = DURATION },
-}
-
--- ===== parsing a command line
-
-local function is_option(a)
-  return a:match("^%-%-.") ~= nil or (a:match("^%-%a$") ~= nil)
-end
-
---- Stores the value of option `spec` given as `oname`; nil and a message when it is bad.
-local function take(opts, spec, oname, value)
-  if spec.meta == nil then
-    if value ~= nil then return nil, ("%s takes no value"):format(oname) end
-    opts[spec.key] = true
-    return true
-  end
-  if value == nil then return nil, ("%s needs a value (%s)"):format(oname, spec.meta) end
-  local v = spec.conv(value)
-  if v == nil then return nil, ("bad %s (%s expected, got '%s')"):format(oname, spec.expected, value) end
-  if spec.many then
-    local list = opts[spec.key] or {}
-    list[#list + 1] = v
-    opts[spec.key] = list
-  else
-    opts[spec.key] = v
-  end
-  return true
-end
-
---- Parses argv[i..] against `specs` ({ ["--name"] = spec }).  Options may
---- come anywhere, unless `stop` (the first positional ends them, and the
---- rest belong to it); "--" ends them; "--name=value" works too.  Returns
---- opts (with opts.given: the option names in order) and the positionals,
---- or nil and a message.
-function M.parse(argv, i, specs, stop)
-  local opts, pos = { given = {} }, {}
-  while i <= #argv do
-    local a = argv[i]
-    if a == "--" or (not is_option(a) and stop) then
-      for j = a == "--" and i + 1 or i, #argv do pos[#pos + 1] = argv[j] end
-      break
-    elseif is_option(a) then
-      local oname, value = a:match("^(%-%-[^=]+)=(.*)$")
-      oname = oname or a
-      local spec = specs[oname]
-      if not spec then return nil, ("unknown option '%s'"):format(oname) end
-      if spec.meta and value == nil then i = i + 1; value = argv[i] end
-      local ok, err = take(opts, spec, oname, value)
-      if not ok then return nil, err end
-      opts.given[#opts.given + 1] = oname
-    else
-      pos[#pos + 1] = a
-    end
-    i = i + 1
-  end
-  return opts, pos
-end
-
---- Writes "PROG: msg", a blank line and `usage` to stderr; returns 2.
-function M.usage_error(prog, msg, usage)
-  io_stderr:write(prog, ": ", msg, "\n\n", usage)
-  return 2
-end
-
---- Writes "PROG: msg" to stderr; returns 1.
-function M.fail(prog, msg)
-  io_stderr:write(prog, ": ", tostring(msg), "\n")
-  return 1
-end
-
--- ===== the store
-
---- The store URL: --store, else $TIDE_STORE, else sqlite:tide.db; or nil and a message.
-function M.store_url(opts)
-  if opts.store then return opts.store end
-  local env = getenv("TIDE_STORE")
-  if env == nil or env == "" then return M.DEFAULT_STORE end
-  if not store_url(env) then return nil, ("bad $TIDE_STORE (%s expected, got '%s')"):format(STORE_URL, env) end
-  return env
-end
-
---- The file of a sqlite: URL (nil for other stores and in-memory databases).
-local function sqlite_file(url)
-  local path = url:match("^[sS][qQ][lL][iI][tT][eE]:(.*)$")
-  if not path then return nil end
-  path = path:gsub("^//", "")
-  if path == "" or path == ":memory:" or path:match("^file:") then return nil end
-  return path
-end
-
---- Opens the store; with `must_exist`, a missing SQLite file is an error
---- (reading commands do not create an empty store by mistake).  Returns the
---- queue, or nil and the exit status (the message is written).
-function M.open(prog, url, must_exist)
-  local path = must_exist and sqlite_file(url)
-  if path then
-    local fh = io.open(path, "rb")
-    if not fh then return nil, M.fail(prog, ("%s: no such file (check --store or $TIDE_STORE)"):format(url)) end
-    fh:close()
-  end
-  local ok, q = pcall(queue.open, url)
-  if not ok then return nil, M.fail(prog, (tostring(q):gsub("^tide%.queue%.open: ", ""))) end
-  return q
-end
-
--- ===== output: times, JSON, tables
-
---- UTC seconds -> ISO 8601 with ms ("2026-11-23T15:04:05.250Z"), or nil.
-local function iso(secs) return secs and queue.iso(floor(secs * 1000 + 0.5)) end
---- UTC seconds -> ISO 8601 to the second, for tables.
-local function iso_s(secs) return secs and os.date("!%Y-%m-%dT%H:%M:%SZ", floor(secs)) or "-" end
-M.iso, M.iso_s = iso, iso_s
-
---- A Lua value -> JSON text ("/" left as is, which JSON allows).
-local function json(v)
-  if v == nil then return "null" end
-  return (cjson.encode(v):gsub("\\/", "/"))
-end
-M.json = json
-
---- An object with its keys in the given order: fields = { {key, json text}, ... }.
-local function json_object(fields)
-  local parts = {}
-  for i, f in ipairs(fields) do parts[i] = json(f[1]) .. ":" .. f[2] end
-  return "{" .. concat(parts, ",") .. "}"
-end
-M.json_object = json_object
-
---- A list of JSON texts -> a JSON array (empty: "[]", which cjson cannot say).
-local function json_array(items) return "[" .. concat(items, ",") .. "]" end
 
 local function job_json(j)
   local errors = {}
@@ -240,42 +36,6 @@ local function job_json(j)
   if j.args_error then fields[#fields + 1] = { "args_error", json(j.args_error) } end
   fields[#fields + 1] = { "errors", json_array(errors) }
   return json_object(fields)
-end
-
---- Display width: UTF-8 code points (continuation bytes do not count).
-local function width(s) return #s - select(2, s:gsub("[\128-\191]", "")) end
-
---- The first line of `s`, control characters blanked, cut to `n` code points.
-local function cell(s, n)
-  s = tostring(s):match("^[^\n]*"):gsub("%c", " ")
-  if width(s) <= n then return s end
-  local out, w = {}, 0
-  for ch in s:gmatch("[%z\1-\127\192-\255][\128-\191]*") do
-    if w == n - 3 then break end
-    out[#out + 1], w = ch, w + 1
-  end
-  return concat(out) .. "..."
-end
-
---- Writes an aligned table: widths from the content, columns in `right`
---- right-aligned (their headers too), no trailing blanks.
-local function print_table(headers, rows, right)
-  local w = {}
-  for c, h in ipairs(headers) do w[c] = width(h) end
-  for _, r in ipairs(rows) do
-    for c = 1, #headers do w[c] = max(w[c], width(r[c] or "")) end
-  end
-  local function line(r)
-    local cells = {}
-    for c = 1, #headers do
-      local v = r[c] or ""
-      local pad = (" "):rep(w[c] - width(v))
-      cells[c] = right[c] and pad .. v or c < #headers and v .. pad or v
-    end
-    io_stdout:write((concat(cells, "  "):gsub("%s+$", "")), "\n")
-  end
-  line(headers)
-  for _, r in ipairs(rows) do line(r) end
 end
 
 -- ===== tide enqueue
@@ -308,7 +68,7 @@ Exit status: 0 (also when the key existed), 1 when the store fails, 2 for
 bad arguments.
 ]=]
 
-local o = M.opt
+local o = options.opt
 local ENQUEUE_OPTS = {
   ["--store"] = o.store, ["--queue"] = o.queue, ["--run-at"] = o.run_at, ["--delay"] = o.delay,
   ["--key"] = o.key, ["--priority"] = o.priority, ["--max-attempts"] = o.max_attempts,
@@ -321,19 +81,18 @@ local function enqueue_spec(opts, pos)
   if target == nil then return nil, "missing TARGET" end
   if method == nil then return nil, "missing METHOD" end
   if pos[4] ~= nil then return nil, ("unexpected argument '%s' (JSON_ARGS is one argument: quote it)"):format(pos[4]) end
-  if not target:match(NAME) then
+  if not job.is_name(target) then
     return nil, ("bad TARGET (module name like orders or app.mail expected, got '%s')"):format(target)
   end
-  if not method:match("^[%a_][%w_]*$") then
+  if not job.is_method(method) then
     return nil, ("bad METHOD (function name expected, got '%s')"):format(method)
   end
   if opts.run_at and opts.delay then return nil, "give --run-at or --delay, not both" end
   if args ~= nil then
-    local ok, v = pcall(cjson.decode, args)
-    if not ok then return nil, ("bad JSON_ARGS (%s)"):format((tostring(v):gsub("^.-:%d+: ", ""))) end
-    local fine, why = pcall(cjson.encode, v)     -- (numbers like 1e999 decode to inf)
+    local v, err = json_lib.decode(args)
+    if err then return nil, ("bad JSON_ARGS (%s)"):format((err:gsub("^.-:%d+: ", ""))) end
+    local fine, why = pcall(json_lib.encode, v == nil and json_lib.null or v)   -- (1e999 decodes to inf)
     if not fine then return nil, ("bad JSON_ARGS (%s)"):format(tostring(why)) end
-    if v == cjson.null then v = nil end
     args = v
   end
   return { target = target, method = method, args = args, queue = opts.queue, run_at = opts.run_at,
@@ -354,14 +113,14 @@ end
 --- tide enqueue [OPTIONS] TARGET METHOD [JSON_ARGS]
 function M.enqueue(argv, i)
   local prog, usage = "tide enqueue", M.ENQUEUE_USAGE
-  local opts, pos = M.parse(argv, i, ENQUEUE_OPTS)
-  if not opts then return M.usage_error(prog, pos, usage) end
+  local opts, pos = options.parse(argv, i, ENQUEUE_OPTS)
+  if not opts then return options.usage_error(prog, pos, usage) end
   if opts.help then io_stdout:write(usage); return 0 end
   local spec, err = enqueue_spec(opts, pos)
-  if not spec then return M.usage_error(prog, err, usage) end
-  local url, uerr = M.store_url(opts)
-  if not url then return M.usage_error(prog, uerr, usage) end
-  local q, status = M.open(prog, url, false)
+  if not spec then return options.usage_error(prog, err, usage) end
+  local url, uerr = store.url(opts)
+  if not url then return options.usage_error(prog, uerr, usage) end
+  local q, status = store.open(prog, url, false)
   if not q then return status end
   local ok, id, inserted = pcall(q.enqueue, q, spec)
   if ok then
@@ -375,13 +134,13 @@ function M.enqueue(argv, i)
     id = line
   end
   q:close()
-  if not ok then return M.fail(prog, id) end
+  if not ok then return options.fail(prog, id) end
   return 0
 end
 
 -- ===== tide jobs
 
-M.JOBS_USAGE = [=[
+M.JOBS_USAGE = ([=[
 Usage: tide jobs [--store URL] [--json] COMMAND [ARGS]
 
 Commands:
@@ -408,10 +167,10 @@ Options (anywhere on the line):
                   {"deleted":N}; times are ISO 8601 UTC strings
   -h, --help      show this help
 
-Statuses: available, scheduled, executing, retryable, completed, discarded,
-cancelled, expired.  Exit status: 0; 1 when the store cannot be opened or
-the job cannot be changed ("job 7 is completed"); 2 for bad arguments.
-]=]
+Statuses: %s.
+Exit status: 0; 1 when the store cannot be opened or the job cannot be
+changed ("job 7 is completed"); 2 for bad arguments.
+]=]):format(concat(STATUSES, ", "))
 
 local JOBS_OPTS = {
   ["--store"] = o.store, ["--json"] = o.json, ["--help"] = o.help, ["-h"] = o.help,
@@ -493,7 +252,7 @@ end
 function COMMANDS.show(q, opts, args)
   local id = args[1]
   local j = q:job(id)
-  if not j then return M.fail("tide jobs", ("job %d not found"):format(id)) end
+  if not j then return options.fail("tide jobs", ("job %d not found"):format(id)) end
   if opts.json then io_stdout:write(job_json(j), "\n") else show_text(j) end
   return 0
 end
@@ -518,7 +277,7 @@ local function change(cmd)
     local before = q:job(id)
     local reason = #args > 1 and concat(args, " ", 2) or nil
     local ok, why = q[cmd](q, id, reason)
-    if not ok then return M.fail("tide jobs", why) end
+    if not ok then return options.fail("tide jobs", why) end
     local j = q:job(id)
     if opts.json then
       io_stdout:write(json_object{ { "id", json(id) }, { "status", json(j.status) } }, "\n")
@@ -617,21 +376,21 @@ end
 --- tide jobs [--store URL] [--json] COMMAND [ARGS]
 function M.jobs(argv, i)
   local prog, usage = "tide jobs", M.JOBS_USAGE
-  local opts, pos = M.parse(argv, i, JOBS_OPTS)
-  if not opts then return M.usage_error(prog, pos, usage) end
+  local opts, pos = options.parse(argv, i, JOBS_OPTS)
+  if not opts then return options.usage_error(prog, pos, usage) end
   if opts.help then io_stdout:write(usage); return 0 end
   local cmd = table.remove(pos, 1)
-  if cmd == nil then return M.usage_error(prog, "missing COMMAND", usage) end
-  if not SHAPES[cmd] then return M.usage_error(prog, ("unknown command '%s'"):format(cmd), usage) end
+  if cmd == nil then return options.usage_error(prog, "missing COMMAND", usage) end
+  if not SHAPES[cmd] then return options.usage_error(prog, ("unknown command '%s'"):format(cmd), usage) end
   local ok, err = check_command(cmd, opts, pos)
-  if not ok then return M.usage_error(prog, err, usage) end
-  local url, uerr = M.store_url(opts)
-  if not url then return M.usage_error(prog, uerr, usage) end
-  local q, status = M.open(prog, url, true)
+  if not ok then return options.usage_error(prog, err, usage) end
+  local url, uerr = store.url(opts)
+  if not url then return options.usage_error(prog, uerr, usage) end
+  local q, status = store.open(prog, url, true)
   if not q then return status end
   local done, code = pcall(COMMANDS[cmd], q, opts, pos)
   q:close()
-  if not done then return M.fail(prog, code) end
+  if not done then return options.fail(prog, code) end
   return code
 end
 

@@ -1,15 +1,19 @@
---- tide.cli_worker — `tide worker`: performs durable jobs until SIGINT/SIGTERM, or until drained.
+--- tide.cli.worker — `tide worker`: performs durable jobs until SIGINT/SIGTERM, or until drained.
 --
 -- The root task awaits SCRIPT (when given; the table it returns is the
 -- targets), starts a tide.worker and waits for it.  A signal stops the
 -- worker through its own shutdown hook: claiming stops, running jobs get
 -- the grace period, jobs still running then are released.  The exit status
 -- says whether every outcome was written (0) or not (1).
-local C = require "tide.cli.jobs"
 local H = require "tide.engine.host"
 local S = require "tide.engine.sched"
+local config = require "tide.engine.config"
 local core = require "tide.core"
+local job = require "tide.jobs.job"
+local options = require "tide.cli.options"
+local store = require "tide.cli.store"
 local tide = require "tide"
+local logs = require "tide.observe.logs"
 
 local type, tostring, tonumber, ipairs, pairs, pcall = type, tostring, tonumber, ipairs, pairs, pcall
 local concat, sort = table.concat, table.sort
@@ -43,6 +47,13 @@ Options:
   --drain              exit once no job of these queues is due or executing
   --quiet              print nothing but errors (no start line, failed
                        attempts, status line or summary)
+  --log-format FORMAT  human (the default) or json: one JSON object per line
+                       (time, level, event, job, queue, attempt, error, ...)
+  --metrics ADDR       serve Prometheus metrics at http://ADDR/metrics
+                       (HOST:PORT, like 127.0.0.1:9464)
+  --web ADDR           serve the dashboard of the store at http://ADDR/
+                       (its address with the token is printed at start)
+  --token TOKEN        the dashboard's access token (default: a random one)
   -h, --help           show this help
 
 MS options take a number of ms, or 500ms, 30s, 5m, 2h, 1d.  Exit status: 0
@@ -52,18 +63,18 @@ opened, SCRIPT fails or an outcome could not be written; 2 for bad options.
 
 -- ===== options
 
-local QUEUE_NAME = "^[%a_][%w_.%-]*$"
-
 --- "NAME" or "NAME=N" -> { name, n or false }.
 local function queue_opt(s)
   local qname, n = s:match("^([^=]+)=(%d+)$")
   qname = qname or s
-  if not qname:match(QUEUE_NAME) or (n and tonumber(n) < 1) then return nil end
+  if not job.is_name(qname) or (n and tonumber(n) < 1) then return nil end
   return { name = qname, n = n and tonumber(n) or false }
 end
 
-local o = C.opt
+local W = require("tide.cli.web").opt
+local o = options.opt
 local OPTS = {
+  ["--metrics"] = W.metrics, ["--web"] = W.web, ["--token"] = W.token, ["--log-format"] = W.log_format,
   ["--store"] = o.store, ["--concurrency"] = o.concurrency, ["--lease"] = o.lease,
   ["--poll"] = o.poll, ["--grace"] = o.grace, ["--drain"] = o.drain, ["--quiet"] = o.quiet,
   ["--help"] = o.help, ["-h"] = o.help,
@@ -92,18 +103,22 @@ end
 
 -- ===== what the worker says on stderr
 
---- Writes a line to stderr, above the status line when it shows.
-local function say(run, line)
+--- Writes a line to stderr, above the status line when it shows; with
+--- --log-format json, the event and its fields as a JSON line instead.
+local function say(run, line, level, event, fields)
+  if run.opts.log_format == "json" and event then return logs.event(level, event, fields) end
   io_stderr:write(run.live and "\r\27[K" or "", line, "\n")
 end
 
 --- handle_error for the worker: one line per failed attempt.
 local function job_error_line(run)
-  return function(job, err)
+  return function(job, err, trace)
     local last = job.attempt >= job.max_attempts
     say(run, ("%s: job %d (%s.%s) attempt %d/%d failed, %s: %s"):format(PROG, job.id, job.target,
         job.method, job.attempt, job.max_attempts, last and "discarded" or "will retry",
-        (tostring(err):match("^[^\n]*"))))
+        (tostring(err):match("^[^\n]*"))), last and "error" or "warn", "job_failed",
+        { job = job.id, queue = job.queue, target = job.target, method = job.method, attempt = job.attempt,
+          max_attempts = job.max_attempts, will_retry = not last, error = tostring(err), traceback = trace })
   end
 end
 
@@ -123,9 +138,12 @@ local function summary(run)
   for _, k in ipairs{ "cancelled", "rescued", "write_errors", "unwritten" } do
     if info[k] > 0 then extra[#extra + 1] = (", %d %s"):format(info[k], (k:gsub("_", " "))) end
   end
+  local secs = (tide.now() - run.t0) / 1000
   return ("%s %s: stopped after %.1f s: %d completed, %d retried, %d discarded, %d released%s")
-    :format(PROG, info.id, (tide.now() - run.t0) / 1000, info.completed, info.retried,
-            info.discarded, info.released, concat(extra))
+    :format(PROG, info.id, secs, info.completed, info.retried, info.discarded, info.released, concat(extra)),
+    { worker = info.id, seconds = secs, claimed = info.claimed, completed = info.completed, retried = info.retried,
+      discarded = info.discarded, released = info.released, cancelled = info.cancelled, rescued = info.rescued,
+      write_errors = info.write_errors, unwritten = info.unwritten }
 end
 
 -- ===== the root task
@@ -173,19 +191,21 @@ local function main(run)
       if H.signal then
         local n = w:info().running
         say(run, ("%s %s: %s: stopping; %d running job%s get%s %d ms"):format(PROG, w.id, reason,
-            n, n == 1 and "" or "s", n == 1 and "s" or "", H.config.grace))
+            n, n == 1 and "" or "s", n == 1 and "s" or "", config.grace), "info", "worker_stopping",
+            { worker = w.id, reason = reason, running = n, grace_ms = config.grace })
       end
     end)
     say(run, ("%s %s: %s, queues %s, lease %d ms"):format(PROG, w.id, run.q.name,
-        queues_text(run.queues), w.lease))
-    if core.isatty(2) then
+        queues_text(run.queues), w.lease), "info", "worker_started",
+        { worker = w.id, store = run.q.name, queues = run.queues, lease_ms = w.lease })
+    if core.isatty(2) and run.opts.log_format ~= "json" then
       run.live = true
       run.timer = tide.every(1000, function() status_line(run) end)
     end
   end
   if run.opts.drain then
     w:drain()
-    S.shutdown(H.config.grace, "tide worker: drained")   -- tasks SCRIPT left running
+    S.shutdown(config.grace, "tide worker: drained")   -- tasks SCRIPT left running
   else
     w:wait()
   end
@@ -197,12 +217,16 @@ local function finish(run)
   if run.live then io_stderr:write("\r\27[K") end
   run.live = false
   local w = run.w
-  if w and not run.opts.quiet then say(run, summary(run)) end
+  if w and not run.opts.quiet then
+    local line, fields = summary(run)
+    say(run, line, "info", "worker_stopped", fields)
+  end
+  for _, srv in ipairs(run.servers or {}) do srv:close() end
   run.q:close()
-  if run.failed then return C.fail(PROG, run.failed) end
+  if run.failed then return options.fail(PROG, run.failed) end
   if not w then                                   -- the loop stopped before the worker started
     if H.signal then return 128 + H.signal end
-    return C.fail(PROG, "the loop shut down before the worker started")
+    return options.fail(PROG, "the loop shut down before the worker started")
   end
   local info = w:info()                           -- (after w:wait(): every outcome written, or counted)
   return (info.running == 0 and info.unwritten == 0) and 0 or 1
@@ -216,23 +240,37 @@ end
 
 --- tide worker [OPTIONS] [SCRIPT [ARGS...]]
 function M.main(argv, i)
-  local opts, pos = C.parse(argv, i, OPTS, true)
-  if not opts then return C.usage_error(PROG, pos, M.USAGE) end
+  local opts, pos = options.parse(argv, i, OPTS, true)
+  if not opts then return options.usage_error(PROG, pos, M.USAGE) end
   if opts.help then io_stdout:write(M.USAGE); return 0 end
   local queues, qerr = queues_of(opts)
-  if not queues then return C.usage_error(PROG, qerr, M.USAGE) end
-  local url, uerr = C.store_url(opts)
-  if not url then return C.usage_error(PROG, uerr, M.USAGE) end
-  local q, status = C.open(PROG, url, false)
+  if not queues then return options.usage_error(PROG, qerr, M.USAGE) end
+  local url, uerr = store.url(opts)
+  if not url then return options.usage_error(PROG, uerr, M.USAGE) end
+  local q, status = store.open(PROG, url, false)
   if not q then return status end
   if opts.grace then tide.configure{ grace = opts.grace } end
+  if opts.log_format == "json" then logs.use_json() end
   local run = { q = q, opts = opts, queues = queues, live = false }
+  if opts.metrics or opts.web then
+    local l, lerr = require("tide.cli.web").listen(PROG, { metrics = opts.metrics, web = opts.web,
+                                                           token = opts.token, queue = q })
+    if not l then q:close(); return options.fail(PROG, lerr) end
+    run.servers = l.servers
+    if l.web_url then
+      say(run, ("%s: dashboard at %s"):format(PROG, l.web_url), "info", "dashboard", { url = l.web_url })
+    end
+    if l.metrics and not opts.quiet then
+      say(run, ("%s: metrics at %s"):format(PROG, l.metrics:url("/metrics")), "info", "metrics",
+          { url = l.metrics:url("/metrics") })
+    end
+  end
   if pos[1] then
     run.script_path = pos[1]
     add_script_dir(pos[1])
     local err
     run.script, err = H.spawn_file(pos[1], { select(2, unpack(pos)) })
-    if not run.script then q:close(); return C.fail(PROG, err) end
+    if not run.script then q:close(); return options.fail(PROG, err) end
   end
   tide.spawn{ run = main, args = { run }, name = "tide worker" }
   H.loop()

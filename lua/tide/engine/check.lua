@@ -1,4 +1,4 @@
---- tide.check — argument and option checks with fixed message shapes.
+--- tide.engine.check — argument and option checks with fixed message shapes.
 --
 -- Every public function fails the same way:
 --   `tide.spawn: bad argument #1 (function or table expected, got nil)`
@@ -6,7 +6,7 @@
 --   `tide.spawn: unknown option 'timout'`
 -- Errors are raised at `level` (default: the caller of the public function),
 -- so the message starts with the user's file and line.
-local type, tostring, error, pairs, math_huge = type, tostring, error, pairs, math.huge
+local type, tostring, tonumber, error, pairs, math_huge = type, tostring, tonumber, error, pairs, math.huge
 local sort, concat = table.sort, table.concat
 
 local M = {}
@@ -44,6 +44,20 @@ M.finite = finite
 --- A duration in ms: finite and >= 0 (> 0 when `positive`).
 function M.is_ms(v, positive)
   return finite(v) and (v > 0 or (not positive and v == 0))
+end
+
+local UNITS = { ms = 1, s = 1000, m = 60000, h = 3600000, d = 86400000 }
+
+--- A duration: a number of ms, or a string like "500ms", "30s", "15m",
+--- "2h", "7d" (or a bare number of ms) -> ms; nil when it is none of these.
+function M.duration(v)
+  if type(v) == "number" then return M.is_ms(v) and v or nil end
+  if type(v) ~= "string" then return nil end
+  local n, unit = v:match("^(%d+%.?%d*)(%a*)$")
+  if not n then return nil end
+  local scale = unit == "" and 1 or UNITS[unit]
+  local ms = scale and tonumber(n) * scale
+  return ms and M.finite(ms) and ms or nil
 end
 
 function M.is_count(v, min)

@@ -1,11 +1,12 @@
---- tide.host — driving the loop: tide.run, the `tide` binary and the C embedding API.
+--- tide.engine.host — driving the loop: tide.run, the `tide` binary and the C embedding API.
 local core = require "tide.core"
 local S = require "tide.engine.sched"
+local config = require "tide.engine.config"
+local task = require "tide.engine.task"
 
 local tostring, io_stderr = tostring, io.stderr
 
 local H = {
-  config = { grace = 5000, signals = true },   -- replaced by tide's own config table
   signal = nil,    -- the signal that started a shutdown during the last run
   root = nil,      -- the root task of a script (tide_spawn_file)
 }
@@ -16,7 +17,7 @@ local function on_signal(signum)
   local name = SIGNAMES[signum] or ("signal " .. signum)
   if H.signal == nil then
     H.signal = signum
-    S.shutdown(H.config.grace, "shutdown (" .. name .. ")")
+    S.shutdown(config.grace, "shutdown (" .. name .. ")")
   else
     S.shutdown(0, "shutdown (" .. name .. ", again)")   -- a second signal: stop now
   end
@@ -27,13 +28,14 @@ core.set_handlers(S.tick, on_signal)
 --- Runs the loop until no work is left.  Tasks still live then can never be
 --- woken: they are cancelled, which may start new work, so it runs again.
 function H.loop()
-  local signals = H.config.signals
+  local signals = config.signals
   H.signal = nil
   if signals then core.signals(true) end
   repeat
     core.run()
   until S.reap() == 0
   if signals then core.signals(false) end
+  S.report_unheard()
   S.reset()
 end
 
@@ -44,12 +46,15 @@ function H.step()
     S.reap()
     active = core.run(true)
   end
-  if not active then S.reset() end           -- the work is done: a later run starts afresh
+  if not active then                         -- the work is done: a later run starts afresh
+    S.report_unheard()
+    S.reset()
+  end
   return active and 1 or 0
 end
 
 function H.shutdown(grace_ms)
-  S.shutdown(grace_ms or H.config.grace)
+  S.shutdown(grace_ms or config.grace)
   return 0
 end
 
@@ -61,7 +66,8 @@ function H.spawn_file(path, args)
   local a = { [-1] = "tide", [0] = path }
   for i = 1, #args do a[i] = args[i] end
   _G.arg = a
-  local t = require("tide").spawn{ run = chunk, args = { n = #args, unpack(args) }, name = path }
+  local t = task.spawn{ run = chunk, args = { n = #args, unpack(args) }, name = path }
+  S.options(t).heard = true                     -- its failure is the process's exit status
   H.root = t
   return t
 end
@@ -72,7 +78,7 @@ function H.run()
   H.loop()
   local root = H.root
   if H.signal then return 128 + H.signal end
-  if root == nil or root._state == "ok" then return 0 end
+  if root == nil or S.state(root) == "ok" then return 0 end
   local msg = root.traceback or tostring(root.value)
   io_stderr:write("tide: ", msg, "\n")
   return 1

@@ -1,4 +1,4 @@
---- tide.log — the one error sink for failures in user callbacks.
+--- tide.engine.log — the one error sink for failures in user callbacks.
 --
 -- An error in `handle_result`, an `on_retry` hook or a timer callback never
 -- reaches the loop or other tasks: it comes here, is counted, and goes to the
@@ -13,6 +13,7 @@ local function default_sink(where, err, tb)
   io_stderr:write(("tide: error in %s: %s\n"):format(where, tb or tostring(err)))
 end
 M.sink = default_sink
+M.default_sink = default_sink
 
 local function handler(e)
   return traceback(tostring(e), 2)

@@ -1,4 +1,4 @@
---- tide.pool — bounded concurrency: submit never blocks, at most `size` tasks run at once.
+--- tide.engine.pool — bounded concurrency: submit never blocks, at most `size` tasks run at once.
 --
 -- Tasks beyond `size` wait in a FIFO queue of at most `queue_limit`; past it,
 -- submit returns nil and a "queue full" message (the caller decides: drop,
@@ -13,6 +13,7 @@ local type, getmetatable, setmetatable, error = type, getmetatable, setmetatable
 local arg_error, opt_error = check.arg_error, check.opt_error
 
 local M = {}
+M.live = setmetatable({}, { __mode = "k" })   -- every pool not yet collected (for metrics)
 local Pool = {}
 local Pool_mt = { __index = Pool, __tostring = function(p)
   return ("tide.Pool%s (%d/%d running, %d waiting)")
@@ -21,7 +22,7 @@ end }
 
 local KEYS = { size = true, queue_limit = true, mode = true, name = true }
 
---- tide.pool{ size = 10, queue_limit = 10000, mode = "coroutine", name = "..." }
+--- tide.engine.pool{ size = 10, queue_limit = 10000, mode = "coroutine", name = "..." }
 function M.new(opts)
   if opts == nil then opts = {} end
   if type(opts) ~= "table" then arg_error("tide.pool", 1, "table", opts) end
@@ -31,12 +32,14 @@ function M.new(opts)
   if not check.is_count(limit) then opt_error("tide.pool", "queue_limit", "integer >= 0", opts.queue_limit) end
   task.check_mode("tide.pool", opts.mode, 2)
   if opts.name ~= nil and type(opts.name) ~= "string" then opt_error("tide.pool", "name", "string", opts.name) end
-  return setmetatable({
+  local p = setmetatable({
     size = size, queue_limit = limit, name = opts.name, mode = opts.mode or "coroutine",
     running = 0, waiting = 0, outstanding = 0, submitted = 0,
     queue = {}, qhead = 1, qtail = 0, filling = false, drainers = {},
     ok = 0, error = 0, timeout = 0, cancelled = 0,
   }, Pool_mt)
+  M.live[p] = true
+  return p
 end
 
 local function check_pool(fname, p)
@@ -48,7 +51,7 @@ end
 
 local function start_in_slot(p, t)
   p.running = p.running + 1
-  t._opt.pool_slot = true
+  S.options(t).pool_slot = true
   S.start(t)
 end
 
@@ -61,7 +64,7 @@ local function fill(p)
   while p.running < p.size and p.qhead <= p.qtail do
     local t = q[p.qhead]
     q[p.qhead], p.qhead = nil, p.qhead + 1
-    if t._state == "pending" then
+    if S.state(t) == "pending" then
       p.waiting = p.waiting - 1
       start_in_slot(p, t)
     end
@@ -71,10 +74,11 @@ local function fill(p)
 end
 
 local function release(t)
-  local o = t._opt
+  local o = S.options(t)
   local p = o.pool
   p.outstanding = p.outstanding - 1
-  p[t._state] = p[t._state] + 1
+  local status = S.state(t)
+  p[status] = p[status] + 1
   if o.pool_slot then
     p.running = p.running - 1
   else
@@ -97,7 +101,8 @@ function Pool.submit(p, spec, ...)
   end
   local t = make_task("pool:submit", p.mode, spec, ...)
   local o = S.options(t)
-  o.pool, o.on_finish = p, release
+  o.pool = p
+  S.on_finish(t, release)
   p.outstanding, p.submitted = p.outstanding + 1, p.submitted + 1
   if p.running < p.size then
     start_in_slot(p, t)

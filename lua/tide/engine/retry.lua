@@ -1,4 +1,4 @@
---- tide.retry — retry policies: validation and backoff delays.
+--- tide.engine.retry — retry policies: validation and backoff delays.
 local check = require "tide.engine.check"
 local random, min = math.random, math.min
 

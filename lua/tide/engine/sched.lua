@@ -1,4 +1,4 @@
---- tide.sched — the engine: run queue, timers, and the task lifecycle with its one door.
+--- tide.engine.sched — the engine: run queue, timers, and the task lifecycle with its one door.
 --
 -- A task is a table with a state:
 --   "pending"   created, not started (waiting for a pool slot)
@@ -20,6 +20,10 @@
 --     or nil/false.
 --   - The options a task rarely has (timeout, retry, hooks, pool) live in
 --     t._opt (false when none), so the hot path reads one field for them all.
+--   - Hooks on a task's end are lists, added with S.on_finish and
+--     S.on_attempt_end and run in the order added, each call protected: no
+--     module replaces or chains another's hook, and a hook that raises is
+--     reported to the error sink without stopping the others or the tick.
 local core = require "tide.core"
 local log = require "tide.engine.log"
 local retry = require "tide.engine.retry"
@@ -30,6 +34,7 @@ local type = type
 local co_running = coroutine.running
 local unpack, select, pcall, xpcall, error = unpack, select, pcall, xpcall, error
 local tostring, traceback, pairs = tostring, debug.traceback, pairs
+local setmetatable, getmetatable, newproxy = setmetatable, getmetatable, newproxy
 local timer_start, timer_cancel, pop, kick = core.timer_start, core.timer_cancel, core.pop, core.kick
 local is_ms = check.is_ms
 
@@ -56,11 +61,80 @@ local grace_key = nil        -- the timer that ends the grace period
 
 local stats = { spawned = 0, ok = 0, error = 0, timeout = 0, cancelled = 0, retries = 0 }
 S.stats = stats
+-- Outcomes of thread-mode tasks (those with a thread payload), part of the
+-- above: the rest ran as coroutines.  (tide_tasks_total{mode=...})
+local thread_stats = { ok = 0, error = 0, timeout = 0, cancelled = 0 }
+S.thread_stats = thread_stats
 
 local function safe_tostring(v)
   local ok, s = pcall(tostring, v)
   return ok and s or "(error object with a failing __tostring)"
 end
+
+-- ===== errors that carry their own traceback
+--
+-- Work that ran elsewhere (a thread, a child process) fails with a
+-- traceback taken there; raised as a traced error, it becomes the task's
+-- traceback instead of one taken of the coroutine that waited for it.
+
+local Traced_mt = { __tostring = function(e) return safe_tostring(e.value) end }
+
+function S.traced_error(value, trace)
+  return setmetatable({ value = value, traceback = trace }, Traced_mt)
+end
+
+-- ===== hooks on a task's end: lists, each call protected
+--
+-- A slot of t._opt holds nil, one function, or a list of them (most tasks
+-- with a hook have one: no list is allocated for it).
+
+local function add_hook(t, slot, fn)
+  local o = t._opt
+  if not o then o = {}; t._opt = o end
+  local h = o[slot]
+  if h == nil then o[slot] = fn
+  elseif type(h) == "function" then o[slot] = { h, fn }
+  else h[#h + 1] = fn end
+end
+
+local function remove_hook(t, slot, fn)
+  local o = t._opt
+  local h = o and o[slot]
+  if h == fn then o[slot] = nil; return end
+  if type(h) ~= "table" then return end
+  for i = 1, #h do
+    if h[i] == fn then table.remove(h, i); return end
+  end
+end
+
+local function hook_failed(what, t, err)
+  log.report(what .. " hook of " .. safe_tostring(t), err, err)
+end
+
+local function run_hooks(what, t, h)
+  if type(h) == "function" then
+    local ok, err = xpcall(h, traceback, t)
+    if not ok then hook_failed(what, t, err) end
+    return
+  end
+  for i = 1, #h do
+    local ok, err = xpcall(h[i], traceback, t)
+    if not ok then hook_failed(what, t, err) end
+  end
+end
+
+--- Adds fn(t), run once when t reaches its outcome (inside the door, after
+--- its awaiters are woken and before handle_result).  For tide's modules:
+--- what they must do however a task ends (free a slot, nack a delivery).
+function S.on_finish(t, fn) add_hook(t, "on_finish", fn) end
+
+--- Adds fn(t), run once when the current attempt of t ends, however it
+--- ends (returns, raises, times out, is cancelled): what the attempt started
+--- must stop with it.  Cleared when the attempt ends.
+function S.on_attempt_end(t, fn) add_hook(t, "on_attempt_end", fn) end
+
+--- Removes a hook added with S.on_attempt_end (its work ended in time).
+function S.off_attempt_end(t, fn) remove_hook(t, "on_attempt_end", fn) end
 
 -- ===== the run queue: (task, coroutine) pairs, swapped out whole each tick
 
@@ -224,6 +298,21 @@ function S.wake_all(list)
 end
 
 function S.current() return current end
+
+--- True inside a task's own coroutine (where it may wait), not in a
+--- nested coroutine or a callback.
+function S.in_task()
+  local t = current
+  return t ~= nil and not in_callback and co_running() == t._co
+end
+
+--- The state of a task ("pending", "running", "retrying", or terminal).
+function S.state(t) return t._state end
+
+--- Stands for t's current attempt (its coroutine), or false between
+--- attempts: an attempt that ended never comes back, so a saved value
+--- that no longer equals S.attempt_of(t) means "that attempt is over".
+function S.attempt_of(t) return t._co end
 S.now = core.now
 
 -- ===== runners: coroutines reused from one task to the next
@@ -256,8 +345,8 @@ local function end_attempt(t)
   if o then
     local key = o.timer
     if key then o.timer = false; untimer(key) end
-    local hook = o.on_attempt_end            -- internal: what this attempt started must stop
-    if hook then o.on_attempt_end = nil; hook(t) end
+    local hooks = o.on_attempt_end           -- what this attempt started must stop
+    if hooks then o.on_attempt_end = nil; run_hooks("on_attempt_end", t, hooks) end
   end
   if t._wait then                           -- waiting, or woken and not yet resumed
     local key = t._wait_timer
@@ -267,8 +356,6 @@ local function end_attempt(t)
       t._awaiting = nil
       if target._waiters then S.remove_waiter(target._waiters, t) end
     end
-    local job = t._job                      -- a thread job this attempt waits for
-    if job then t._job = nil; S.abandon_job(job) end
     t._wait = false
   end
   t._co = false
@@ -295,6 +382,60 @@ end
 local function backoff_over(t)
   t._opt.timer = false
   if t._state == "retrying" then start_attempt(t) end
+end
+
+-- ===== failures nobody heard
+--
+-- A task that fails (error or timeout) with no handle_result, no awaiter,
+-- and no module of tide's that takes its outcome (o.heard: flow nodes,
+-- jobs, timers) would be lost silently.  It is noted here; an await that
+-- comes later hears it.  What is still unheard is reported once to the
+-- error sink: when the loop ends, or when the task is collected (its
+-- finalizer only queues the report: a finalizer runs at any allocation,
+-- where calling the sink is not safe; the next tick delivers it).
+
+local unheard = setmetatable({}, { __mode = "k" })   -- task -> its report record
+local collected = {}                                 -- records of collected tasks, to report
+
+local function unheard_text(t)
+  local name = t._opt and t._opt.name
+  return ("task %d%s failed (%s) and nobody heard it"):format(t.id, name and (" '" .. name .. "'") or "", t._state)
+end
+
+local function note_unheard(t)
+  local rec = { where = unheard_text(t), err = t.value, tb = t.traceback, done = false }
+  local proxy = newproxy(true)
+  getmetatable(proxy).__gc = function()
+    if not rec.done then rec.done = true; collected[#collected + 1] = rec end
+  end
+  rec.proxy = proxy                       -- lives as long as the record, which the task keys
+  unheard[t] = rec
+end
+
+--- The task's failure was heard (awaited after the fact).
+local function hear(t)
+  local rec = unheard[t]
+  if rec then rec.done = true; unheard[t] = nil end
+end
+
+local function flush_collected()
+  local list = collected
+  collected = {}
+  for i = 1, #list do log.report(list[i].where, list[i].err, list[i].tb) end
+end
+
+--- Reports every failure nobody heard (the loop ended: nobody will).
+function S.report_unheard()
+  flush_collected()
+  local list = {}
+  for t, rec in pairs(unheard) do list[#list + 1] = { t.id, rec } end
+  table.sort(list, function(a, b) return a[1] < b[1] end)
+  for i = 1, #list do
+    local rec = list[i][2]
+    rec.done = true
+    log.report(rec.where, rec.err, rec.tb)
+  end
+  unheard = setmetatable({}, { __mode = "k" })
 end
 
 -- ===== the door
@@ -338,8 +479,13 @@ local function finish(t, status, ...)
   if w then t._waiters = nil; S.wake_all(w) end
   local o = t._opt
   if o then
-    if o.on_finish then o.on_finish(t) end
+    if o.thread then thread_stats[status] = thread_stats[status] + 1 end
+    local hooks = o.on_finish
+    if hooks then run_hooks("on_finish", t, hooks) end
     if o.handle_result then callback("handle_result", t, o.handle_result, status, t.value, t) end
+  end
+  if (status == "error" or status == "timeout") and not w and not (o and (o.handle_result or o.heard)) then
+    note_unheard(t)
   end
   if shutting and nlive == 0 then end_grace() end
   finishing = finishing - 1
@@ -379,7 +525,11 @@ local function after_resume(t, co, ok, ...)
     return
   end
   local err = ...                          -- raised: the runner is dead
-  t.traceback = t._thread_trace or traceback(co, safe_tostring(err))
+  if getmetatable(err) == Traced_mt then
+    t.traceback, err = err.traceback, err.value
+  else
+    t.traceback = traceback(co, safe_tostring(err))
+  end
   return settle(t, "error", err)
 end
 
@@ -398,6 +548,44 @@ local function run_task(t, co)
   return after_resume(t, co, co_resume(co))
 end
 
+-- ===== the virtual clock (tide.testing)
+--
+-- While a test advances the virtual clock, the tick steps it: each time no
+-- task is runnable, time jumps to the next timer's deadline (if it is
+-- within the target), so every timer in the span fires in order and the
+-- tasks it wakes run before time moves on; at the end, time is set to the
+-- target and the caller is woken.
+
+local advancing = false      -- { target = ms, until_idle = bool, task, tok } while a test advances
+
+--- Steps the virtual clock once the run queue is empty; true when there is
+--- more to do (a tick must follow).
+local function step_virtual()
+  local a = advancing
+  if core.clock_step(a.target, a.until_idle) then return true end   -- at the next timer: fire it
+  advancing = false
+  if a.task then wake(a.task, a.tok) end
+  return rq_n > 0                          -- the caller, woken, runs next tick
+end
+
+--- Starts advancing the virtual clock to `target` (ms, tide.now's scale),
+--- or through every timer up to it when `until_idle`.  Inside a task, the
+--- task waits until it is done; outside, the caller drives the loop.
+function S.advance(target, until_idle, fname)
+  if advancing then error(fname .. ": the clock is already advancing", 3) end
+  advancing = { target = target, until_idle = until_idle }
+  if S.in_task() then
+    local t, tok = wait_begin(fname, 3)
+    advancing.task, advancing.tok = t, tok
+    kick()
+    wait_end(t, tok)
+  else
+    return true               -- the caller runs the loop until S.advancing() is false
+  end
+end
+
+function S.advancing() return advancing ~= false end
+
 -- Resumes per tick at most (about): past it, the loop polls for I/O and
 -- fires timers before running more.  Work that becomes runnable during a
 -- tick runs in the same tick, so a chain of tasks costs no loop iteration
@@ -409,6 +597,7 @@ local RUN_BUDGET = 20000
 --- tasks are runnable (or timers due) still.
 function S.tick()
   in_tick = true
+  if collected[1] then flush_collected() end
   local more_timers = fire_due()
   local done = 0
   while rq_n > 0 and done < RUN_BUDGET do
@@ -423,6 +612,7 @@ function S.tick()
     done = done + n
   end
   in_tick = false
+  if advancing and rq_n == 0 and not more_timers then return step_virtual() end
   return rq_n > 0 or more_timers
 end
 
@@ -447,7 +637,8 @@ end }
 local Task_mt = S.Task_mt
 
 --- Creates a task (state "pending") that runs fn; `opt` holds its rarer
---- options (args, timeout, retry, hooks), or is nil.  Validated by the caller.
+--- options (args, timeout, retry, handle_result, on_retry, name, and a
+--- first on_finish hook), or is nil.  Validated by the caller.
 function S.new_task(fn, opt)
   next_id = next_id + 1
   -- Seven fields set here, and room for an eighth (t._wait_timer while it
@@ -493,6 +684,23 @@ function S.options(t)
   local o = t._opt
   if not o then o = {}; t._opt = o end
   return o
+end
+
+--- Waits (inside a task) for t's outcome; returns status and value(s), or
+--- nil, "timeout" after `ms` (t itself goes on).  `fname` names the caller.
+function S.await(t, ms, fname)
+  if TERMINAL[t._state] then hear(t); return S.results(t) end
+  local w, tok = wait_begin(fname, 3)
+  if not t._waiters then t._waiters = {} end
+  S.add_waiter(t._waiters, w, tok)
+  w._awaiting = t
+  wait_end(w, tok, ms)
+  w._awaiting = nil
+  if not TERMINAL[t._state] then
+    if t._waiters then S.remove_waiter(t._waiters, w) end
+    return nil, "timeout"
+  end
+  return S.results(t)
 end
 
 function S.results(t)

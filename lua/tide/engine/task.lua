@@ -1,4 +1,4 @@
---- tide.task — task specs (shared by tide.spawn and pool:submit) and the task methods.
+--- tide.engine.task — task specs (shared by tide.spawn and pool:submit), spawning, and the task methods.
 local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
 local retry = require "tide.engine.retry"
@@ -92,6 +92,15 @@ local function make_task(fname, default_mode, spec, ...)
 end
 M.make_task = make_task
 
+--- Spawns a task: `spawn(fn, ...)` or `spawn{ run = fn, ... }` (tide.spawn
+--- is this function; tide's own modules call it directly).  Returns at
+--- once; the task starts on the next tick.
+function M.spawn(spec, ...)
+  local t = make_task("tide.spawn", "coroutine", spec, ...)
+  S.start(t)
+  return t
+end
+
 local Task = S.Task
 
 local function check_task(fname, t)
@@ -111,21 +120,10 @@ function Task.await(t, timeout_ms)
   end
   local me = S.current()
   if me == t then error("task:await: a task cannot await itself", 2) end
-  if TERMINAL[t._state] then
-    if me == nil then error("task:await: called outside a task (start one with tide.run or tide.spawn)", 2) end
-    return S.results(t)
+  if me == nil and TERMINAL[S.state(t)] then
+    error("task:await: called outside a task (start one with tide.run or tide.spawn)", 2)
   end
-  local w, tok = S.wait_begin("task:await", 2)
-  if not t._waiters then t._waiters = {} end
-  S.add_waiter(t._waiters, w, tok)
-  w._awaiting = t
-  S.wait_end(w, tok, timeout_ms)
-  w._awaiting = nil
-  if not TERMINAL[t._state] then
-    if t._waiters then S.remove_waiter(t._waiters, w) end
-    return nil, "timeout"
-  end
-  return S.results(t)
+  return S.await(t, timeout_ms, "task:await")
 end
 
 --- Cancels the task: its outcome is `cancelled` with `reason` (default
@@ -138,7 +136,7 @@ end
 --- "pending", "running", "retrying", or the terminal status.
 function Task.status(t)
   check_task("task:status", t)
-  return t._state
+  return S.state(t)
 end
 
 return M

@@ -1,15 +1,16 @@
---- tide.thread — thread-mode tasks: a job on the thread pool, awaited by a coroutine on the loop.
+--- tide.engine.thread — thread-mode tasks: a job on the thread pool, awaited by a coroutine on the loop.
 --
 -- A thread task is an ordinary task whose function is `proxy`: it submits
 -- the job (function and arguments as bytes), waits, and returns the decoded
 -- results or raises the decoded error.  So timeouts, cancel, retries,
 -- handle_result and await work as for coroutine tasks.  When an attempt ends
--- early (timeout, cancel, shutdown), sched calls `abandon`: the job is
--- dropped from the queue, or its thread is asked to stop; a thread still on
--- it after `stop_wait` ms (JIT-compiled code runs no hooks) is quarantined
--- and replaced, and its late result is dropped.
+-- early (timeout, cancel, shutdown), its attempt-end hook abandons the job:
+-- it is dropped from the queue, or its thread is asked to stop; a thread
+-- still on it after `stop_wait` ms (JIT-compiled code runs no hooks) is
+-- quarantined and replaced, and its late result is dropped.
 local core = require "tide.core"
 local S = require "tide.engine.sched"
+local check = require "tide.engine.check"
 
 local type, error, tostring, unpack = type, error, tostring, unpack
 local string_dump, getupvalue, getinfo = string.dump, debug.getupvalue, debug.getinfo
@@ -47,6 +48,32 @@ end
 
 function M.started() return started end
 
+--- Checks and applies the thread options of tide.configure (threads,
+--- thread_init, thread_memory, thread_stop_wait); errors name `fname`.
+function M.configure(fname, opts, level)
+  level = level + 1
+  local c = M.config
+  if opts.threads ~= nil and not check.is_count(opts.threads, 1) then
+    check.opt_error(fname, "threads", "integer >= 1", opts.threads, level)
+  end
+  if opts.thread_init ~= nil and type(opts.thread_init) ~= "string" then
+    check.opt_error(fname, "thread_init", "module name", opts.thread_init, level)
+  end
+  if opts.thread_memory ~= nil and not check.is_count(opts.thread_memory) then
+    check.opt_error(fname, "thread_memory", "integer number of MB (0: no limit)", opts.thread_memory, level)
+  end
+  if opts.thread_stop_wait ~= nil and not check.is_ms(opts.thread_stop_wait) then
+    check.opt_error(fname, "thread_stop_wait", "non-negative number of ms", opts.thread_stop_wait, level)
+  end
+  if started and (opts.threads or opts.thread_init or opts.thread_memory) then
+    error(fname .. ": threads, thread_init and thread_memory must be set before the first thread task", level)
+  end
+  c.threads = opts.threads or c.threads
+  c.init = opts.thread_init or c.init
+  c.memory_mb = opts.thread_memory or c.memory_mb
+  c.stop_wait = opts.thread_stop_wait or c.stop_wait
+end
+
 function M.stats()
   if not started then return { size = 0, busy = 0, idle = 0, quarantined = 0, replaced = 0, queued = 0, in_flight = 0 } end
   return core.thread_stats()
@@ -83,20 +110,43 @@ function M.payload(fname, run, args, level)
   return { fn, is_name, bytes }
 end
 
+local function quarantine_if_stuck(id)
+  core.thread_quarantine(id)
+end
+
+--- The attempt that waited for job `id` ended early: give up on the job.
+local function abandon(id)
+  waiting_task[id], waiting_tok[id], results[id] = nil, nil, nil
+  if not started then return end
+  if core.thread_cancel(id) == 2 then        -- running: asked to stop
+    S.timer(M.config.stop_wait, quarantine_if_stuck, id)
+  end
+end
+
+--- The attempt-end hook of a thread task while it waits (one function for
+--- all: the job's id rides in the task's options).
+local function abandon_hook(t)
+  local o = S.options(t)
+  local id = o.thread_job
+  if id then o.thread_job = false; abandon(id) end
+end
+
 --- The function every thread task runs (in a coroutine on the loop).
 function M.proxy()
   if not started then start() end
   local t = S.current()
-  local p = t._opt.thread
-  t._thread_trace = nil
+  local o = S.options(t)
+  local p = o.thread
   next_job = next_job + 1
   local id = next_job
   core.thread_submit(id, p[1], p[2], p[3])
   local _, tok = S.wait_begin("thread task", 1)
   waiting_task[id], waiting_tok[id] = t, tok
-  t._job = id
+  o.thread_job = id
+  S.on_attempt_end(t, abandon_hook)
   S.wait_end(t, tok)
-  t._job = nil
+  o.thread_job = false
+  S.off_attempt_end(t, abandon_hook)
   local r = results[id]
   results[id] = nil
   local value, err = core.decode(r[2])
@@ -104,22 +154,7 @@ function M.proxy()
     if err then error("thread task: cannot decode its results: " .. err, 0) end
     return unpack(value, 1, value.n)
   end
-  t._thread_trace = r[3]
-  error(value, 0)
+  error(S.traced_error(value, r[3]), 0)
 end
-
-local function quarantine_if_stuck(id)
-  core.thread_quarantine(id)
-end
-
---- The attempt that waited for job `id` ended early: give up on the job.
-function M.abandon(id)
-  waiting_task[id], waiting_tok[id], results[id] = nil, nil, nil
-  if not started then return end
-  if core.thread_cancel(id) == 2 then        -- running: asked to stop
-    S.timer(M.config.stop_wait, quarantine_if_stuck, id)
-  end
-end
-S.abandon_job = M.abandon
 
 return M

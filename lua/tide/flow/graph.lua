@@ -1,4 +1,4 @@
---- tide.flow_graph — a flow drawn as DOT or Mermaid text, coloured by status after a run.
+--- tide.flow.graph — a flow drawn as DOT or Mermaid text, coloured by status after a run.
 local ipairs, concat = ipairs, table.concat
 
 local M = {}

@@ -1,7 +1,7 @@
---- tide.flow — DAGs of tasks: fan-out children, fan-in, conditions, limits, retries, hooks.
+--- tide.flow.run — flows run in memory (tide.flow): fan-out children, fan-in, conditions, limits, retries, hooks.
 --
--- A flow is defined once (and validated then: unknown fields, unknown
--- dependencies and cycles are errors) and run any number of times.  A run is
+-- A flow is defined once (validated by tide.flow.define: unknown fields,
+-- unknown dependencies and cycles are errors) and run any number of times.  A run is
 -- driven by the outcomes of its tasks: each node's outcome (its on_finish) decides what
 -- starts next, so scheduling costs no extra resume per node; the run's own
 -- task only waits for the end.
@@ -13,6 +13,8 @@
 local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
 local log = require "tide.engine.log"
+local define = require("tide.flow.define").define
+local task = require "tide.engine.task"
 
 local type, pairs, ipairs, error, tostring, setmetatable, getmetatable, pcall, xpcall =
   type, pairs, ipairs, error, tostring, setmetatable, getmetatable, pcall, xpcall
@@ -20,181 +22,33 @@ local sort, concat, traceback = table.sort, table.concat, debug.traceback
 local table_new = require "table.new"
 local opt_error = check.opt_error
 
-local tide -- the public module (required lazily: it requires us)
-
 local M = {}
 local Flow = {}
 local Flow_mt = { __index = Flow, __tostring = function(f) return ("tide.Flow '%s'"):format(f.name) end }
 M.Flow_mt = Flow_mt
 
-local FLOW_KEYS = { name = true, max_concurrency = true, fail = true, timeout = true, tasks = true, on = true }
-local TASK_KEYS = { run = true, each = true, items = true, after = true, when = true, retry = true,
-                    timeout = true, mode = true, max_concurrency = true, exit_on_failed = true, flow = true }
-local HOOKS = { flow_start = true, task_start = true, task_done = true, task_failed = true,
-                task_timeout = true, task_retry = true, task_skipped = true, child_done = true,
-                flow_done = true }
-local FAILS = { stop = true, continue = true }
+local before_run, on_define = {}, {}
 
-M.graph_only = false        -- `tide graph`: defining is fine, running stops the script
-M.GRAPH_STOP = setmetatable({}, { __tostring = function() return "tide graph: stop here" end })
-M.defined = {}              -- flows defined so far, for `tide graph`
+--- fn(flow) runs for every flow defined from now on (protected).
+function M.on_define(fn) on_define[#on_define + 1] = fn end
 
--- ===== definition and validation
+--- fn(flow) runs before every run of a flow (protected); when it returns a
+--- value, the run does not start and that value is raised instead.  (`tide
+--- graph` uses both to collect flows without running them.)
+function M.before_run(fn) before_run[#before_run + 1] = fn end
 
 local function is_flow(v) return getmetatable(v) == Flow_mt end
 
-local function bad(fname, where, key, expected, v)
-  error(("%s: %s: bad field '%s' (%s expected, got %s)"):format(fname, where, key, expected, check.describe(v)), 4)
-end
-
-local function check_task(fname, fdesc, name, spec)
-  local where = ("%s: task '%s'"):format(fdesc, name)
-  if type(spec) ~= "table" then
-    error(("%s: %s: task spec table expected, got %s"):format(fname, where, check.describe(spec)), 3)
-  end
-  for k in pairs(spec) do
-    if not TASK_KEYS[k] then error(("%s: %s: unknown field '%s'"):format(fname, where, tostring(k)), 3) end
-  end
-  if spec.run == nil and spec.each == nil and spec.flow == nil then
-    error(("%s: %s: needs 'run', 'each' or 'flow'"):format(fname, where), 3)
-  end
-  local is_thread = spec.mode == "thread"
-  if spec.run ~= nil and type(spec.run) ~= "function" and not (is_thread and type(spec.run) == "string") then
-    bad(fname, where, "run", "function", spec.run)
-  end
-  if spec.each ~= nil and type(spec.each) ~= "function" and not is_flow(spec.each)
-     and not (is_thread and type(spec.each) == "string") then
-    bad(fname, where, "each", "function or flow", spec.each)
-  end
-  if spec.flow ~= nil then
-    if not is_flow(spec.flow) then bad(fname, where, "flow", "flow", spec.flow) end
-    for _, k in ipairs{ "run", "each", "items", "mode" } do
-      if spec[k] ~= nil then error(("%s: %s: 'flow' cannot go with '%s'"):format(fname, where, k), 3) end
-    end
-  end
-  if is_thread and is_flow(spec.each) then
-    error(("%s: %s: a flow as 'each' runs on the loop, not in thread mode"):format(fname, where), 3)
-  end
-  for _, k in ipairs{ "items", "when" } do
-    if spec[k] ~= nil and type(spec[k]) ~= "function" then bad(fname, where, k, "function", spec[k]) end
-  end
-  if spec.items ~= nil and spec.each == nil then
-    error(("%s: %s: 'items' without 'each'"):format(fname, where), 3)
-  end
-  if spec.timeout ~= nil and not check.is_ms(spec.timeout, true) then bad(fname, where, "timeout", "positive number of ms", spec.timeout) end
-  if spec.max_concurrency ~= nil and not check.is_count(spec.max_concurrency, 1) then
-    bad(fname, where, "max_concurrency", "integer >= 1", spec.max_concurrency)
-  end
-  if spec.exit_on_failed ~= nil and type(spec.exit_on_failed) ~= "boolean" then
-    bad(fname, where, "exit_on_failed", "boolean", spec.exit_on_failed)
-  end
-  if spec.mode ~= nil and spec.mode ~= "coroutine" and spec.mode ~= "thread" then
-    bad(fname, where, "mode", "'coroutine' or 'thread'", spec.mode)
-  end
-  local after = spec.after
-  if type(after) == "string" then after = { after } end
-  if after ~= nil and type(after) ~= "table" then bad(fname, where, "after", "task name or list of names", spec.after) end
-  local policy = spec.retry ~= nil and require("tide.engine.retry").policy(fname .. ": " .. where, spec.retry, 3) or nil
-  return {
-    name = name, run = spec.run, each = spec.each, items = spec.items, flow = spec.flow,
-    after = after or {}, when = spec.when, retry = spec.retry, policy = policy, timeout = spec.timeout,
-    mode = spec.mode, max_concurrency = spec.max_concurrency or 10,
-    exit_on_failed = spec.exit_on_failed ~= false, dependents = {},
-  }
-end
-
---- Finds a cycle, if any: returns the list of names around it.  Iterative
---- (a chain of 100,000 tasks must not overflow the stack): peel off the
---- tasks whose dependencies are all peeled (Kahn); whatever is left lies on
---- or behind a cycle, and walking its remaining dependencies finds one.
-local function find_cycle(nodes, order)
-  local left, queue, head = {}, {}, 1
-  for _, name in ipairs(order) do
-    local n = #nodes[name].after
-    left[name] = n
-    if n == 0 then queue[#queue + 1] = name end
-  end
-  while head <= #queue do
-    local n = nodes[queue[head]]
-    head = head + 1
-    for _, d in ipairs(n.dependents) do
-      left[d.name] = left[d.name] - 1
-      if left[d.name] == 0 then queue[#queue + 1] = d.name end
-    end
-  end
-  if #queue == #order then return nil end
-  local start
-  for _, name in ipairs(order) do if left[name] > 0 then start = name; break end end
-  local seen, path, name = {}, {}, start
-  while not seen[name] do                  -- follow unpeeled dependencies until one repeats
-    seen[name] = #path + 1
-    path[#path + 1] = name
-    for _, dep in ipairs(nodes[name].after) do
-      if left[dep] > 0 then name = dep; break end
-    end
-  end
-  local ring = {}
-  for i = #path, seen[name], -1 do ring[#ring + 1] = path[i] end     -- in the order they would run
-  local first = 1                                                    -- start at the first name, for stable messages
-  for i = 2, #ring do if ring[i] < ring[first] then first = i end end
-  local cycle = {}
-  for i = 0, #ring do cycle[#cycle + 1] = ring[(first - 1 + i) % #ring + 1] end
-  return cycle
-end
-
 --- tide.flow{ name =, max_concurrency =, fail = "stop" | "continue", timeout =, tasks = {...}, on = {...} }
 function M.new(opts)
-  local fname = "tide.flow"
-  if type(opts) ~= "table" then check.arg_error(fname, 1, "table", opts) end
-  check.known(fname, opts, FLOW_KEYS)
-  local name = opts.name or "flow"
-  if type(name) ~= "string" then opt_error(fname, "name", "string", opts.name) end
-  local fdesc = ("flow '%s'"):format(name)
-  if opts.fail ~= nil and not FAILS[opts.fail] then opt_error(fname, "fail", "'stop' or 'continue'", opts.fail) end
-  if opts.timeout ~= nil and not check.is_ms(opts.timeout, true) then opt_error(fname, "timeout", "positive number of ms", opts.timeout) end
-  if opts.max_concurrency ~= nil and not check.is_count(opts.max_concurrency, 1) then
-    opt_error(fname, "max_concurrency", "integer >= 1", opts.max_concurrency)
-  end
-  local on = opts.on or {}
-  if type(on) ~= "table" then opt_error(fname, "on", "table of hooks", on) end
-  for k, v in pairs(on) do
-    if not HOOKS[k] then error(("%s: %s: unknown hook '%s'"):format(fname, fdesc, tostring(k)), 2) end
-    if type(v) ~= "function" then opt_error(fname, "on." .. k, "function", v) end
-  end
-  if type(opts.tasks) ~= "table" or next(opts.tasks) == nil then
-    opt_error(fname, "tasks", "non-empty table of tasks", opts.tasks)
-  end
-  local nodes, order = {}, {}
-  for tname, spec in pairs(opts.tasks) do
-    if type(tname) ~= "string" then error(("%s: %s: task names must be strings, got %s"):format(fname, fdesc, check.describe(tname)), 2) end
-    nodes[tname] = check_task(fname, fdesc, tname, spec)
-    order[#order + 1] = tname
-  end
-  sort(order)
-  for _, tname in ipairs(order) do
-    local n = nodes[tname]
-    for _, dep in ipairs(n.after) do
-      if nodes[dep] == nil then
-        error(("%s: %s: task '%s' depends on unknown task '%s'"):format(fname, fdesc, tname, tostring(dep)), 2)
-      end
-      local dn = nodes[dep].dependents
-      dn[#dn + 1] = n
-    end
-  end
-  for _, tname in ipairs(order) do nodes[tname].task_name = name .. "/" .. tname end
-  local cycle = find_cycle(nodes, order)
-  if cycle then error(("%s: %s: cycle %s"):format(fname, fdesc, concat(cycle, " -> ")), 2) end
-  local f = setmetatable({ name = name, nodes = nodes, order = order, fail = opts.fail or "stop",
-                           timeout = opts.timeout, max_concurrency = opts.max_concurrency or math.huge,
-                           on = on, last_report = nil }, Flow_mt)
-  if M.graph_only then M.defined[#M.defined + 1] = f end
+  local f = setmetatable(define("tide.flow", opts, is_flow), Flow_mt)
+  for i = 1, #on_define do log.protect("flow on_define hook", on_define[i], f) end
   return f
 end
 
 -- ===== running
 
-local active = {}           -- runs in progress, for the progress line
-local printing = false      -- the progress line is showing
+local active = {}           -- runs in progress
 
 --- Calls hook `name` with the event table `ev` (callers build ev only when
 --- run.flow.on[name] is set, so a flow without hooks allocates nothing).
@@ -210,16 +64,34 @@ local function ctx_for(run, node)
   return { input = run.input, results = run.results, flow = run.flow.name, task = node.name }
 end
 
+--- What crosses to a thread-mode task: the input and the results of its own
+--- dependencies only (not the whole run's: every byte is copied, and one
+--- earlier result that cannot cross would fail every thread task after it).
+local function thread_ctx(run, node)
+  local results = {}
+  for _, dep in ipairs(node.after) do results[dep] = run.results[dep] end
+  return { input = run.input, results = results, flow = run.flow.name, task = node.name }
+end
+
+--- What crosses to a thread-mode child: its item travels beside this, so
+--- only the input and the names.
+local function thread_child_ctx(run, node)
+  return { input = run.input, flow = run.flow.name, task = node.name }
+end
+
 --- Spawns a task for the flow without the public checks (the flow checked
 --- its spec when it was defined): fn(args...) with `opt` (args, timeout,
 --- retry policy, on_finish, ...).  Thread mode and nested flows take
---- the public road (tide.spawn), which prepares what crosses to a thread.
+--- the spawn of task specs, which prepares what crosses to a thread.
 local function spawn(node, name, fn, opt)
   if node.mode == "thread" then
-    local t = tide.spawn{ run = fn, args = opt.args, mode = "thread", timeout = opt.timeout, retry = node.retry,
+    local t = task.spawn{ run = fn, args = opt.args, mode = "thread", timeout = opt.timeout, retry = node.retry,
                           name = name, handle_result = opt.handle_result, on_retry = opt.on_retry }
-    local o = t._opt
-    for k, v in pairs(opt) do if o[k] == nil then o[k] = v end end   -- flow_run, fan_index, ...
+    local o = S.options(t)
+    for k, v in pairs(opt) do
+      if k == "on_finish" then S.on_finish(t, v)
+      elseif o[k] == nil then o[k] = v end                             -- flow_run, fan_index, ...
+    end
     return t
   end
   opt.name = name
@@ -236,15 +108,20 @@ local function push_ready(run, node)
   run.ready[run.ready_tail] = node
 end
 
+-- For metrics: finished runs by status, and their steps by status.
+M.counts = { runs = {}, steps = {} }
+
 --- The end of the run: every node has a status.
 local function finish_run(run, status)
   if run.done then return end
   run.done = true
+  local runs, steps = M.counts.runs, M.counts.steps
+  runs[status] = (runs[status] or 0) + 1
+  for _, r in pairs(run.report.tasks) do steps[r.status] = (steps[r.status] or 0) + 1 end
   run.report.status = status
   run.report.duration = S.now() - run.t0
   if run.timer then S.untimer(run.timer); run.timer = nil end
   active[run] = nil
-  if printing and next(active) == nil then io.stderr:write("\r\27[K") end   -- clear the progress line
   hook(run, "flow_done", { status = status, report = run.report })
   run.flow.last_report = run.report
   S.notify(run)
@@ -252,6 +129,37 @@ end
 
 local function count_open(run)
   return run.open == 0
+end
+
+-- Cancels go through one worklist instead of recursing: cancelling a node
+-- that runs a nested flow stops that flow's run inside the cancel, which
+-- cancels the next level inside that, and so on; a flow nested 2,000 deep
+-- would overflow the stack.  The first caller drains the list; a cancel
+-- asked for meanwhile is appended and done by the same loop.
+local cancels, ncancels, draining = {}, 0, false
+
+local function drain_cancels()
+  local i, me, mine = 1, S.current(), nil
+  while i <= ncancels do
+    local t, why = cancels[i], cancels[i + 1]
+    cancels[i], cancels[i + 1] = nil, nil
+    i = i + 2
+    if t == me then mine = why                 -- cancelling itself stops the caller: last
+    elseif not S.TERMINAL[S.state(t)] then t:cancel(why) end
+  end
+  return mine
+end
+
+local function cancel_soon(t, why)
+  cancels[ncancels + 1], cancels[ncancels + 2] = t, why
+  ncancels = ncancels + 2
+  if draining then return end
+  draining = true
+  local ok, mine = pcall(drain_cancels)
+  cancels, ncancels, draining = {}, 0, false
+  if not ok then error(mine, 0) end
+  local me = S.current()
+  if mine ~= nil and not S.TERMINAL[S.state(me)] then me:cancel(mine) end
 end
 
 --- Cancels everything still running or waiting, with `status` for the run.
@@ -267,10 +175,10 @@ local function stop_run(run, status, why)
   end
   for _, name in ipairs(run.flow.order) do
     local st = run.state[name]
-    if st and st.task and not S.TERMINAL[st.task:status()] then st.task:cancel(why) end
+    if st and st.task and not S.TERMINAL[S.state(st.task)] then cancel_soon(st.task, why) end
     if st and st.children then
       for _, c in pairs(st.children) do
-        if not S.TERMINAL[c:status()] then c:cancel(why) end
+        if not S.TERMINAL[S.state(c)] then cancel_soon(c, why) end
       end
     end
   end
@@ -342,12 +250,12 @@ end
 
 -- ===== children (fan-out)
 
--- Children and nodes report through on_finish, the engine's internal hook
--- (no protected call per task: this is tide's code; user code it calls —
--- hooks, `items`, `when` — is protected where it is called).
-local function child_finished(task)
-  local o = task._opt
-  o.fan_done(o.fan_index, task._state, task.value)
+-- Children and nodes report through an on_finish hook given when their
+-- task is created (one function for all: what it needs rides in the task's
+-- options, so no closure is made per task).
+local function child_finished(t)
+  local o = S.options(t)
+  o.fan_done(o.fan_index, S.state(t), t.value)
 end
 
 --- Runs node's children over `items`, at most max_concurrency at once; the
@@ -362,7 +270,7 @@ local function fan_out(run, node, items)
   local values, next_i, failed_err = {}, 1, nil
   st.children = {}
   local each = node.each
-  local ctx = ctx_for(run, node)             -- shared by the children
+  local ctx = node.mode == "thread" and thread_child_ctx(run, node) or ctx_for(run, node)   -- shared by the children
   local function settle_node()
     if counts.running > 0 or (next_i <= n and not run.stopping) then return end
     if run.stopping then return node_finished(run, node, "cancelled", nil, "flow stopped") end
@@ -397,7 +305,7 @@ local function fan_out(run, node, items)
       local fn, args = each, { n = 2, item, ctx }
       if is_flow(each) then fn, args = M.run_as_task, { n = 2, each, item } end
       local opt = { args = args, timeout = node.timeout, retry = node.policy,
-                    on_finish = child_finished, fan_done = child_done, fan_index = i }
+                    on_finish = child_finished, heard = true, fan_done = child_done, fan_index = i }
       if node.mode ~= "thread" then
         st.children[i] = spawn(node, node.task_name, fn, opt)
       else
@@ -418,10 +326,14 @@ local function node_ran(run, node, ctx, status, value, task)
   r.attempts = task and task.attempts or r.attempts
   local s = outcome_status(status)
   if s ~= "ok" then return node_finished(run, node, s, nil, value) end
+  if run.flow.on.task_run_done then
+    hook(run, "task_run_done", { task = node.name, value = value })
+    if run.stopping then return node_finished(run, node, "cancelled", nil, "flow stopped") end
+  end
   if node.each then
     local items = value
     if node.items then
-      local ok, its = pcall(node.items, ctx)
+      local ok, its = pcall(node.items, node.mode == "thread" and ctx_for(run, node) or ctx)
       if not ok then return node_finished(run, node, "failed", nil, its) end
       items = its
     end
@@ -435,8 +347,8 @@ local function node_ran(run, node, ctx, status, value, task)
 end
 
 local function node_result(task)
-  local o = task._opt
-  node_ran(o.flow_run, o.flow_node, o.args[1], task._state, task.value, task)
+  local o = S.options(task)
+  node_ran(o.flow_run, o.flow_node, o.args[1], S.state(task), task.value, task)
 end
 
 -- Not inside start_node: a closure there would make every return from it
@@ -478,8 +390,9 @@ local function start_node(run, node)
   end
   if node.run == nil and node.flow == nil then return node_ran(run, node, ctx, "ok", nil, nil) end  -- each with items()
   local on_retry = run.flow.on.task_retry and retry_hook(run, node) or nil
+  if node.mode == "thread" then ctx = thread_ctx(run, node) end
   local opt = { args = { n = 1, ctx }, timeout = node.timeout, retry = node.policy, on_retry = on_retry,
-                on_finish = node_result, flow_run = run, flow_node = node }
+                on_finish = node_result, heard = true, flow_run = run, flow_node = node }
   if node.flow then
     opt.args, opt.name = { n = 2, node.flow, run.input }, node.task_name
     local t = S.new_task(M.run_as_task, opt)
@@ -533,16 +446,14 @@ local function drive(f, input, handle)
   -- However the attempt driving the run ends (cancelled, timed out and
   -- retried, its caller gone), the run stops with it: nested flows and
   -- children too.
-  local o = S.options(S.current())
-  local prev = o.on_attempt_end
-  o.on_attempt_end = function(t)
+  local me = S.current()
+  local function stop_with_attempt(t)
     if not run.done then
-      stop_run(run, t._state == "cancelled" and "cancelled" or "failed", "flow cancelled")
+      stop_run(run, S.state(t) == "cancelled" and "cancelled" or "failed", "flow cancelled")
     end
-    if prev then prev(t) end
   end
+  S.on_attempt_end(me, stop_with_attempt)
   active[run] = true
-  if M.progress then M.progress_start() end
   hook(run, "flow_start", { input = input })
   if f.timeout then
     run.timer = S.timer(f.timeout, function()
@@ -553,7 +464,7 @@ local function drive(f, input, handle)
   start_ready(run)
   if run.open == 0 then finish_run(run, "ok") end
   while not run.done do S.wait_for(run, "flow:run") end
-  o.on_attempt_end = prev
+  S.off_attempt_end(me, stop_with_attempt)
   return run.report.status, run.report
 end
 
@@ -561,18 +472,21 @@ local function check_self(fname, f)
   if not is_flow(f) then error(("%s: bad self (flow expected, got %s)"):format(fname, check.describe(f)), 3) end
 end
 
---- Starts a run; returns a handle with :await() -> status, report and :cancel(reason).
-local function graph_stop()
-  S.shutdown(0, "tide graph")                -- nothing else of the script runs
-  error(M.GRAPH_STOP, 0)
+--- Runs the before_run hooks; raises what one of them returns.
+local function may_run(f)
+  for i = 1, #before_run do
+    local ok, stop = pcall(before_run[i], f)
+    if not ok then log.report("flow before_run hook", stop)
+    elseif stop ~= nil then error(stop, 0) end
+  end
 end
 
+--- Starts a run; returns a handle with :await() -> status, report and :cancel(reason).
 function Flow.start(f, input)
   check_self("flow:start", f)
-  if M.graph_only then graph_stop() end
-  tide = tide or require "tide"
+  may_run(f)
   local handle = setmetatable({ flow = f, run = new_run(f, input) }, M.Handle_mt)
-  handle.task = tide.spawn{ run = drive, args = { n = 3, f, input, handle }, name = "flow " .. f.name }
+  handle.task = task.spawn{ run = drive, args = { n = 3, f, input, handle }, name = "flow " .. f.name }
   return handle
 end
 
@@ -580,9 +494,8 @@ end
 --- "cancelled", "timeout"), report.  Cancelling the caller cancels the run.
 function Flow.run(f, input)
   check_self("flow:run", f)
-  if M.graph_only then graph_stop() end
+  may_run(f)
   if S.current() == nil then error("flow:run: called outside a task (use flow:start, or run it inside tide.run)", 2) end
-  tide = tide or require "tide"
   local status, report = drive(f, input, {})
   return status, report
 end
@@ -617,47 +530,22 @@ function Handle.cancel(h, reason)
   return h.task:cancel(reason or "flow cancelled")
 end
 
--- ===== progress (one line per running flow, on a terminal)
+-- ===== runs in progress (for a progress line, metrics)
 
---- A line per active run: tasks done/total, children done/total, running, failed.
-function M.progress_lines()
-  local lines = {}
+--- The runs in progress, each as { flow =, tasks_done =, tasks =,
+--- children_done =, children =, running =, failed = }, by flow name.
+function M.runs()
+  local list = {}
   for run in pairs(active) do
-    local done = #run.flow.order - run.open
-    lines[#lines + 1] = ("flow %s: tasks %d/%d, children %d/%d, running %d, failed %d")
-      :format(run.flow.name, done, #run.flow.order, run.children_done, run.children_total, run.running, run.failed)
+    list[#list + 1] = { flow = run.flow.name, tasks_done = #run.flow.order - run.open,
+                        tasks = #run.flow.order, children_done = run.children_done,
+                        children = run.children_total, running = run.running, failed = run.failed }
   end
-  sort(lines)
-  return lines
+  sort(list, function(a, b) return a.flow < b.flow end)
+  return list
 end
 
-function M.active_count()
-  local n = 0
-  for _ in pairs(active) do n = n + 1 end
-  return n
-end
-
-M.progress = false          -- set by `tide run` when stderr is a terminal and not --quiet
-
-local function print_progress()
-  local lines = M.progress_lines()
-  if #lines == 0 then
-    io.stderr:write("\r\27[K")
-    printing = false
-    return
-  end
-  io.stderr:write("\r\27[K", concat(lines, "  |  "))
-  S.timer(200, print_progress)
-end
-
---- Starts the progress line (it stops by itself when no flow runs).
-function M.progress_start()
-  if printing then return end
-  printing = true
-  S.timer(0, print_progress)
-end
-
--- ===== pictures (drawn by tide.flow_graph)
+-- ===== pictures (drawn by tide.flow.graph)
 
 --- The graph as DOT or Mermaid text; with a report (or after a run), nodes
 --- are coloured by status.

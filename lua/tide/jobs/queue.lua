@@ -1,4 +1,4 @@
---- tide.queue — durable jobs: enqueue inside the caller's transaction, inspect, retry, cancel.
+--- tide.jobs.queue — durable jobs: enqueue inside the caller's transaction, inspect, retry, cancel.
 --
 --   local q = tide.queue.open("sqlite:jobs.db", { encryptor = ... })
 --   q:transaction(function(tx)
@@ -6,7 +6,7 @@
 --     tx:enqueue{ target = "orders", method = "fulfill", args = { id = 7 } }
 --   end)
 --
--- The SQL lives in a store driver (tide.store_sqlite); this file checks
+-- The SQL lives in a store driver (tide.jobs.store.*); this file checks
 -- arguments, encodes args (JSON, optionally encrypted), keeps the
 -- connection to one task at a time while a transaction is open, and tells
 -- workers in this process when a job was committed.  Misuse raises; a store
@@ -15,7 +15,9 @@
 local core = require "tide.core"
 local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
-local cjson = require("cjson").new()
+local job = require "tide.jobs.job"
+local json = require "tide.jobs.json"
+local time = require "tide.jobs.time"
 
 local type, error, pairs, ipairs, tostring, select = type, error, pairs, ipairs, tostring, select
 local setmetatable, pcall, co_running, floor = setmetatable, pcall, coroutine.running, math.floor
@@ -30,63 +32,11 @@ local Queue_mt = { __index = Queue, __tostring = function(q)
 end }
 local Tx = {}
 local Tx_mt = { __index = Tx, __tostring = function(tx) return ("tide.Transaction (%s)"):format(tx._q.name) end }
-M.Queue_mt = Queue_mt
 
-M.STATUSES = { available = true, scheduled = true, executing = true, retryable = true,
-               completed = true, discarded = true, cancelled = true, expired = true }
-M.TERMINAL = { "completed", "discarded", "cancelled", "expired" }
-
-cjson.encode_sparse_array(false)
-cjson.encode_invalid_numbers(false)
-cjson.decode_invalid_numbers(false)
 
 -- ===== times
 
---- Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-local function days_from_civil(y, m, d)
-  y = m <= 2 and y - 1 or y
-  local era = floor(y / 400)
-  local yoe = y - era * 400
-  local doy = floor((153 * (m + (m > 2 and -3 or 9)) + 2) / 5) + d - 1
-  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
-  return era * 146097 + doe - 719468
-end
-
-local DAYS_IN = { 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31 }
-
---- "2026-11-23T15:04:05Z", "2026-11-23 15:04:05.250+01:00" or "2026-11-23"
---- (UTC unless an offset is given) -> ms since the epoch, or nil.
-local function parse_iso(s)
-  local y, mo, d, rest = s:match("^(%d%d%d%d)%-(%d%d)%-(%d%d)(.*)$")
-  if not y then return nil end
-  y, mo, d = tonumber(y), tonumber(mo), tonumber(d)
-  if mo < 1 or mo > 12 or d < 1 or d > DAYS_IN[mo] then return nil end
-  local h, mi, sec, frac, zone = 0, 0, 0, "", "Z"
-  if rest ~= "" then
-    h, mi, sec, frac, zone = rest:match("^[T ](%d%d):(%d%d):(%d%d)(%.?%d*)(.*)$")
-    if not h then return nil end
-    h, mi, sec = tonumber(h), tonumber(mi), tonumber(sec)
-    if h > 23 or mi > 59 or sec > 60 or frac == "." then return nil end
-  end
-  local offset = 0
-  if zone ~= "Z" and zone ~= "" then
-    local sign, oh, om = zone:match("^([+-])(%d%d):?(%d%d)$")
-    if not sign then return nil end
-    offset = (tonumber(oh) * 60 + tonumber(om)) * (sign == "-" and -1 or 1)
-  end
-  local secs = days_from_civil(y, mo, d) * 86400 + h * 3600 + (mi - offset) * 60 + sec
-  return floor((secs + (tonumber("0" .. frac) or 0)) * 1000 + 0.5)
-end
-M.parse_iso = parse_iso
-
---- ms since the epoch -> "2026-11-23T15:04:05.250Z".
-function M.iso(ms)
-  if ms == nil then return nil end
-  local ts = floor(ms / 1000)
-  local s = os.date("!%Y-%m-%dT%H:%M:%S", ts)
-  local frac = ms - ts * 1000
-  return frac > 0 and ("%s.%03dZ"):format(s, frac) or s .. "Z"
-end
+local parse_iso = time.parse_iso
 
 --- A run_at option -> ms since the epoch; raises naming the option.
 local function run_at_ms(fname, v, level)
@@ -97,58 +47,6 @@ local function run_at_ms(fname, v, level)
   end
   opt_error(fname, "run_at", "UTC time (seconds since the epoch, or ISO 8601 like "
             .. "\"2026-11-23T15:04:05Z\")", v, level + 1)
-end
-
--- ===== args as JSON, with the path of what cannot be encoded
-
---- true for an array (keys 1..n), false for an object; for positive
---- integer keys with holes: nil and the highest key.
-local function is_array(t)
-  local n, max = 0, 0
-  for k in pairs(t) do
-    if type(k) ~= "number" or k < 1 or k % 1 ~= 0 then return false end
-    n = n + 1
-    if k > max then max = k end
-  end
-  if n == max then return true end
-  return nil, max, n
-end
-
---- Why `v` cannot be JSON, with its path ("args.items[2].cb: function"), or nil.
-local function json_problem(v, path, depth)
-  local tv = type(v)
-  if tv == "number" then
-    if not check.finite(v) then return path .. ": " .. describe(v) .. " is not a JSON number" end
-  elseif tv == "table" then
-    if depth > 100 then return path .. ": nested too deep (a cycle?)" end
-    local array, max, n = is_array(v)
-    if array == nil then
-      local p = ("%s: sparse array (keys 1..n expected, got %d values up to key %d)"):format(path, n, max)
-      if max > 10 and max > 2 * n then return p end     -- what cjson refuses
-      array = true
-    end
-    for k, x in pairs(v) do
-      local sub
-      if array then
-        sub = ("%s[%d]"):format(path, k)
-      elseif type(k) == "string" then
-        sub = k:match("^[%a_][%w_]*$") and path .. "." .. k or ("%s[%q]"):format(path, k)
-      else
-        return ("%s: key %s in a table with other keys (JSON objects have string keys, "
-                .. "arrays keys 1..n)"):format(path, describe(k))
-      end
-      local p = json_problem(x, sub, depth + 1)
-      if p then return p end
-    end
-  elseif tv ~= "string" and tv ~= "boolean" and tv ~= "nil" and v ~= cjson.null then
-    return ("%s: %s cannot be encoded as JSON"):format(path, tv)
-  end
-end
-
-local function encode_args(fname, args, level)
-  local ok, json = pcall(cjson.encode, args == nil and cjson.null or args)
-  if ok then return json end
-  error(("%s: bad option 'args' (%s)"):format(fname, json_problem(args, "args", 0) or json), level + 1)
 end
 
 -- ===== opening
@@ -232,7 +130,7 @@ end
 local function acquire(q, fname)
   local me = co_running() or MAIN
   while q._owner and q._owner ~= me do
-    if S.current() == nil or co_running() ~= S.current()._co then
+    if not S.in_task() then
       error(fname .. ": the store is inside another task's transaction (call it from a task, which waits its turn)", 3)
     end
     local t, tok = S.wait_begin(fname, 3)
@@ -272,19 +170,17 @@ local function transaction(q, fname, fn, ...)
     store:savepoint(depth)
   end
   q._depth = depth
-  local t, o, prev = nil, nil, nil
-  if depth == 1 and S.current() and co_running() == S.current()._co then
+  local t, abandon_hook = nil, nil
+  if depth == 1 and S.in_task() then
     t = S.current()
-    o = S.options(t)
-    prev = o.on_attempt_end
-    o.on_attempt_end = function(task)      -- the task ended inside fn: undo, free the store
+    abandon_hook = function()              -- the task ended inside fn: undo, free the store
       if q._owner == me then abandon(q) end
-      if prev then prev(task) end
     end
+    S.on_attempt_end(t, abandon_hook)
   end
   local tx = setmetatable({ _q = q }, Tx_mt)
   local res = { pcall(fn, tx, ...) }
-  if o then o.on_attempt_end = prev end
+  if t then S.off_attempt_end(t, abandon_hook) end
   q._depth = depth - 1
   local ok, commit_err = true, nil
   if depth > 1 then
@@ -321,32 +217,20 @@ end
 
 local JOB_KEYS = { target = true, method = true, args = true, queue = true, run_at = true,
                    delay = true, priority = true, max_attempts = true, idempotence_key = true }
-local NAME = "^[%a_][%w_.%-]*$"
-
--- Names seen valid (a pattern match per job is slow: it does not compile).
-local good_names, ngood = {}, 0
-local function is_name(s, pattern)
-  if good_names[s] == pattern then return true end
-  if type(s) ~= "string" or not s:match(pattern) then return false end
-  if ngood > 10000 then good_names, ngood = {}, 0 end
-  good_names[s], ngood = pattern, ngood + 1
-  return true
-end
-local METHOD = "^[%a_][%w_]*$"
 
 --- Checks an enqueue spec; returns the row to insert.
 local function job_row(fname, q, j, now, level)
   level = level + 1
   if type(j) ~= "table" then arg_error(fname, 1, "job table", j, level) end
   check.known(fname, j, JOB_KEYS, nil, level)
-  if not is_name(j.target, NAME) then
+  if not job.is_name(j.target) then
     opt_error(fname, "target", "module name (like \"orders\" or \"app.mail\")", j.target, level)
   end
-  if not is_name(j.method, METHOD) then
+  if not job.is_method(j.method) then
     opt_error(fname, "method", "function name", j.method, level)
   end
-  if j.queue ~= nil and not is_name(j.queue, NAME) then
-    opt_error(fname, "queue", "queue name (letters, digits, _ . -)", j.queue, level)
+  if j.queue ~= nil and not job.is_name(j.queue) then
+    opt_error(fname, "queue", "queue " .. job.NAME_EXPECTED, j.queue, level)
   end
   if j.priority ~= nil and (type(j.priority) ~= "number" or not check.is_count(math.abs(j.priority))) then
     opt_error(fname, "priority", "integer (lower runs first)", j.priority, level)
@@ -362,10 +246,10 @@ local function job_row(fname, q, j, now, level)
   end
   if j.delay ~= nil and j.run_at ~= nil then error(fname .. ": give run_at or delay, not both", level) end
   local run_at = j.run_at ~= nil and run_at_ms(fname, j.run_at, level) or now + floor(j.delay or 0)
-  local json = encode_args(fname, j.args, level)
-  local args, args_enc = json, nil
+  local args_json = json.encode_option(fname, "args", j.args, level)
+  local args, args_enc = args_json, nil
   if q._enc then
-    local ok, blob = pcall(q._enc.encrypt, json)
+    local ok, blob = pcall(q._enc.encrypt, args_json)
     if not ok or type(blob) ~= "string" then
       error(("%s: encryptor.encrypt failed: %s"):format(fname, ok and ("returned " .. describe(blob)
             .. ", not a string") or tostring(blob)), level)
@@ -440,18 +324,17 @@ end
 -- ===== reading jobs
 
 local function decode_args(q, row)
-  local json = row.args
+  local text = row.args
   if row.args_enc ~= nil then
     if not q._enc then return nil, "args are encrypted and this queue has no encryptor" end
     local ok, plain = pcall(q._enc.decrypt, row.args_enc)
     if not ok then return nil, "encryptor.decrypt failed: " .. tostring(plain) end
     if type(plain) ~= "string" then return nil, "encryptor.decrypt returned " .. describe(plain) end
-    json = plain
+    text = plain
   end
-  if json == nil then return nil end
-  local ok, v = pcall(cjson.decode, json)
-  if not ok then return nil, "args are not valid JSON: " .. tostring(v) end
-  if v == cjson.null then v = nil end
+  if text == nil then return nil end
+  local v, err = json.decode(text)
+  if err then return nil, "args are not valid JSON: " .. err end
   return v
 end
 M.decode_args = decode_args
@@ -463,11 +346,11 @@ local function job_of(q, row)
   local args, err = decode_args(q, row)
   local errors = {}
   if row.errors then
-    local ok, list = pcall(cjson.decode, row.errors)
-    if ok and type(list) == "table" then
+    local list = json.decode(row.errors)
+    if type(list) == "table" then
       for i, e in ipairs(list) do
         errors[i] = { attempt = e.attempt, at = seconds(e.at), error = e.error,
-                      traceback = e.traceback ~= cjson.null and e.traceback or nil }
+                      traceback = e.traceback ~= json.null and e.traceback or nil }
       end
     end
   end
@@ -496,22 +379,23 @@ function Queue:job(id)
   return row and job_of(self, row)
 end
 
-local LIST_KEYS = { status = true, queue = true, limit = true, before = true }
+local LIST_KEYS = { status = true, queue = true, target = true, limit = true, before = true }
 
---- Jobs, newest first: filter by status and queue; limit (default 100);
---- before = id for the next page.
+--- Jobs, newest first: filter by status, queue and target; limit (default
+--- 100); before = id for the next page.
 function Queue:list(f)
   check_q("q:list", self)
   if f ~= nil and type(f) ~= "table" then arg_error("q:list", 1, "table or nil", f) end
   f = f or {}
   check.known("q:list", f, LIST_KEYS)
-  if f.status ~= nil and not M.STATUSES[f.status] then
-    opt_error("q:list", "status", check.choices(M.STATUSES), f.status)
+  if f.status ~= nil and not job.is_status[f.status] then
+    opt_error("q:list", "status", check.choices(job.is_status), f.status)
   end
   if f.queue ~= nil and type(f.queue) ~= "string" then opt_error("q:list", "queue", "string", f.queue) end
+  if f.target ~= nil and type(f.target) ~= "string" then opt_error("q:list", "target", "string", f.target) end
   if f.limit ~= nil and not check.is_count(f.limit, 1) then opt_error("q:list", "limit", "integer >= 1", f.limit) end
   if f.before ~= nil and not check.is_count(f.before, 1) then opt_error("q:list", "before", "job id", f.before) end
-  local rows = acquire(self, "q:list"):list{ status = f.status, queue = f.queue,
+  local rows = acquire(self, "q:list"):list{ status = f.status, queue = f.queue, target = f.target,
                                              limit = f.limit or 100, before = f.before }
   for i, row in ipairs(rows) do rows[i] = job_of(self, row) end
   return rows
@@ -548,7 +432,7 @@ function Queue:expire(id) return change(self, "q:expire", "expire", id) end
 --- Fails a job for good (discarded), recording `reason`.
 function Queue:fail(id, reason)
   if reason ~= nil and type(reason) ~= "string" then arg_error("q:fail", 2, "string or nil", reason) end
-  local entry = cjson.encode{ at = wallclock(), error = reason or "failed by hand" }
+  local entry = json.encode{ at = wallclock(), error = reason or "failed by hand" }
   return change(self, "q:fail", "fail", id, entry)
 end
 
@@ -557,7 +441,7 @@ function Queue:stats()
   check_q("q:stats", self)
   local by_queue = acquire(self, "q:stats"):stats()
   local out = { total = 0, queues = by_queue }
-  for status in pairs(M.STATUSES) do out[status] = 0 end
+  for _, status in ipairs(job.STATUSES) do out[status] = 0 end
   for _, counts in pairs(by_queue) do
     for status, n in pairs(counts) do
       out[status] = (out[status] or 0) + n
@@ -567,15 +451,43 @@ function Queue:stats()
   return out
 end
 
-local UNITS = { ms = 1, s = 1000, m = 60000, h = 3600000, d = 86400000 }
+--- Counts of the waiting and executing jobs only: { [queue] = { [status] = n } }.
+--- Read through the partial indexes, so the cost follows the backlog and
+--- not the table (finished jobs are never scanned): cheap enough to sample.
+function Queue:backlog()
+  check_q("q:backlog", self)
+  return acquire(self, "q:backlog"):backlog()
+end
 
---- "500ms", "30s", "15m", "2h", "7d" or a number of ms -> ms, or nil.
-function M.duration(v)
-  if type(v) == "number" then return check.is_ms(v) and v or nil end
-  if type(v) ~= "string" then return nil end
-  local n, unit = v:match("^(%d+%.?%d*)(%a+)$")
-  if not n or not UNITS[unit] then return nil end
-  return tonumber(n) * UNITS[unit]
+--- Over the newest `limit` jobs (by id; default 10000, a bounded read):
+--- { [queue] = { [status] = { n =, recent = } } }, `recent` counting jobs
+--- that finished within the last `within` ms (default 60000); and true when
+--- the store holds more jobs than were read.
+function Queue:recent(limit, within)
+  check_q("q:recent", self)
+  if limit ~= nil and not check.is_count(limit, 1) then arg_error("q:recent", 1, "integer >= 1", limit) end
+  if within ~= nil and not check.is_ms(within) then arg_error("q:recent", 2, "non-negative number of ms", within) end
+  limit = limit or 10000
+  local rows = acquire(self, "q:recent"):recent(wallclock() - (within or 60000), limit)
+  local out, total = {}, 0
+  for _, r in ipairs(rows) do
+    local qt = out[r.queue]
+    if not qt then qt = {}; out[r.queue] = qt end
+    qt[r.status] = { n = r.n, recent = r.recent or 0 }
+    total = total + r.n
+  end
+  return out, total >= limit
+end
+
+--- Who holds leases now: a list of { owner, queue, n, lease_expires,
+--- attempted_at } (times in UTC seconds), one per worker and queue.
+function Queue:leases()
+  check_q("q:leases", self)
+  local rows = acquire(self, "q:leases"):leases()
+  for _, r in ipairs(rows) do
+    r.lease_expires, r.attempted_at = seconds(r.lease_expires), seconds(r.attempted_at)
+  end
+  return rows
 end
 
 local PRUNE_KEYS = { older_than = true, statuses = true }
@@ -587,9 +499,9 @@ function Queue:prune(opts)
   check_q("q:prune", self)
   if type(opts) ~= "table" then arg_error("q:prune", 1, "table", opts) end
   check.known("q:prune", opts, PRUNE_KEYS)
-  local ms = M.duration(opts.older_than)
+  local ms = check.duration(opts.older_than)
   if not ms then opt_error("q:prune", "older_than", "duration (ms, or like \"7d\", \"12h\")", opts.older_than) end
-  local statuses = opts.statuses or M.TERMINAL
+  local statuses = opts.statuses or job.FINISHED
   if type(statuses) ~= "table" or #statuses == 0 then
     opt_error("q:prune", "statuses", "list of finished statuses", statuses)
   end
@@ -608,6 +520,16 @@ end
 
 -- ===== for tide.worker
 
+function M.is_queue(v) return getmetatable(v) == Queue_mt end
+function M.is_open(q) return q._store ~= nil end
+--- True while a task holds the store inside a transaction.
+function M.in_transaction(q) return q._owner ~= false end
+--- A store for a worker's own statements: a connection of its own where
+--- the store has them (PostgreSQL), else the queue's (SQLite).
+function M.worker_store(q) return q._store:worker_store() end
+--- True when `store` is the queue's own (shared with its transactions).
+function M.shares_store(q, store) return store == q._store end
+
 --- fn(queue_name) runs after a commit that made a job of that queue due.
 function M.listen(q, fn) q._listeners[#q._listeners + 1] = fn end
 function M.unlisten(q, fn)
@@ -616,7 +538,5 @@ function M.unlisten(q, fn)
   end
 end
 
-M.encode = cjson.encode
-M.null = cjson.null
 
 return M

@@ -1,9 +1,9 @@
---- tide.worker — performs durable jobs from a queue as supervised tide tasks.
+--- tide.jobs.worker — performs durable jobs from a queue as supervised tide tasks.
 --
 --   local w = tide.worker{ queue = q, queues = { default = 10, mail = 2 },
 --                          targets = { orders = { fulfill = function(args, job) ... end } } }
 --
--- How a job moves (see tide.store_sqlite for the SQL):
+-- How a job moves (see tide.jobs.store.sqlite for the SQL):
 --
 --   claim    a claimer task per queue takes up to `batch` due jobs (priority,
 --            then run_at) in one statement that marks them executing under a
@@ -29,16 +29,50 @@ local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
 local log = require "tide.engine.log"
 local retry = require "tide.engine.retry"
+local config = require "tide.engine.config"
+local task = require "tide.engine.task"
+local timer = require "tide.engine.timer"
+local json = require "tide.jobs.json"
 local queue = require "tide.jobs.queue"
-local make_task = require("tide.engine.task").make_task
+local make_task, spawn = task.make_task, task.spawn
+local histogram = require "tide.engine.histogram"
 
 local type, error, pairs, ipairs, tostring, pcall, require = type, error, pairs, ipairs, tostring, pcall, require
 local setmetatable, min, floor = setmetatable, math.min, math.floor
-local wallclock, encode = core.wallclock, queue.encode
+local wallclock, encode = core.wallclock, json.encode
 local opt_error = check.opt_error
 local TERMINAL = S.TERMINAL
 
 local M = {}
+
+-- ===== counters for metrics (tide.observe.metrics reads them)
+--
+-- Process-wide and by queue, so they outlive the workers that counted
+-- them (a Prometheus counter never goes down): jobs claimed, completed,
+-- retried (a failed attempt with attempts left), discarded, released,
+-- cancelled in the store; how long attempts ran and how long due jobs
+-- waited to start; store statements that failed, by operation.
+M.totals = { queues = {}, rescued = 0,
+             store_errors = { claim = 0, record = 0, heartbeat = 0, rescue = 0 } }
+M.live = setmetatable({}, { __mode = "k" })    -- workers not yet stopped
+
+local function totals_of(name)
+  name = tostring(name)
+  local t = M.totals.queues[name]
+  if not t then
+    t = { claimed = 0, completed = 0, retried = 0, discarded = 0, released = 0, cancelled = 0,
+          duration = histogram.new(histogram.DURATION), wait = histogram.new(histogram.WAIT) }
+    M.totals.queues[name] = t
+  end
+  return t
+end
+
+--- Counts `key` for worker w and for the queue's process-wide totals.
+local function count(w, queue_name, key)
+  w.stats[key] = w.stats[key] + 1
+  local t = totals_of(queue_name)
+  t[key] = t[key] + 1
+end
 
 local Worker = {}
 local Worker_mt = { __index = Worker, __tostring = function(w)
@@ -73,7 +107,7 @@ local function check_target(fname, name, t, level)
   if t.timeout ~= nil and not check.is_ms(t.timeout, true) then
     opt_error(fname, key .. ".timeout", "positive number of ms", t.timeout, level + 1)
   end
-  require("tide.engine.task").check_mode(fname, t.mode, level + 1)
+  task.check_mode(fname, t.mode, level + 1)
   if t.handle_error ~= nil and type(t.handle_error) ~= "function" then
     opt_error(fname, key .. ".handle_error", "function", t.handle_error, level + 1)
   end
@@ -102,7 +136,7 @@ end
 local function check_opts(fname, opts)
   if type(opts) ~= "table" then check.arg_error(fname, 1, "table", opts, 3) end
   check.known(fname, opts, KEYS, nil, 3)
-  if getmetatable(opts.queue) ~= queue.Queue_mt then
+  if not queue.is_queue(opts.queue) then
     opt_error(fname, "queue", "queue (from tide.queue.open)", opts.queue, 3)
   end
   for _, k in ipairs{ "lease", "heartbeat", "poll", "rescue_every", "timeout", "grace" } do
@@ -161,7 +195,7 @@ end
 --- or the queue's, shared with the application's transactions (SQLite):
 --- then it waits for a transaction of another task to end.
 local function store_of(w, fname, for_leases)
-  if w.store == w.q._store then return queue.acquire(w.q, fname or "tide.worker") end
+  if queue.shares_store(w.q, w.store) then return queue.acquire(w.q, fname or "tide.worker") end
   return for_leases and w.lease_store or w.store
 end
 
@@ -172,6 +206,7 @@ local function flush_now(w, entries)
     -- Tried again by the flusher; if never written, the leases run out and
     -- the jobs run again (counted in stats.unwritten).
     log.report("worker " .. w.id .. ": recording " .. #entries .. " outcomes", err)
+    M.totals.store_errors.record = M.totals.store_errors.record + 1
     w.stats.write_errors = w.stats.write_errors + 1
   end
   return ok
@@ -183,8 +218,8 @@ end
 --- again: never lost, at worst run twice.
 local function record(w, entry)
   local q = w.q
-  if TERMINAL[w.flusher_task._state] then   -- cancelled by the end of a shutdown: write now if we can
-    if not q._store or (w.store == q._store and q._owner) or not w.store:idle()
+  if TERMINAL[S.state(w.flusher_task)] then   -- cancelled by the end of a shutdown: write now if we can
+    if not queue.is_open(q) or (queue.shares_store(q, w.store) and queue.in_transaction(q)) or not w.store:idle()
        or not flush_now(w, { entry }) then
       w.stats.unwritten = w.stats.unwritten + 1  -- the lease runs out and the job runs again
     end
@@ -202,15 +237,15 @@ local function wake_later(w, name, ms)
   if qs.wake_at and qs.wake_at <= at then return end
   if qs.wake_timer then qs.wake_timer:stop() end
   qs.wake_at = at
-  qs.wake_timer = require("tide").after(ms + 1, function()
+  qs.wake_timer = timer.after(ms + 1, function()
     qs.wake_at, qs.wake_timer = nil, nil
     S.notify(qs)
   end)
 end
 
-local function report_error(w, target, job, err)
+local function report_error(w, target, job, err, trace)
   local hook = target and target.handle_error or w.handle_error
-  if hook then log.protect("handle_error of job " .. job.id, hook, job, err) end
+  if hook then log.protect("handle_error of job " .. job.id, hook, job, err, trace) end
 end
 
 --- A failed attempt: retry later, or discard after the last.
@@ -221,23 +256,23 @@ local function failed(w, rec, err, trace, target)
                                   traceback = trace } }
   if row.attempt >= row.max_attempts then
     entry.kind = "discard"
-    w.stats.discarded = w.stats.discarded + 1
+    count(w, row.queue, "discarded")
   else
     local policy = target and target.retry and w.target_retry[target] or w.retry
     local delay = floor(retry.delay(policy, row.attempt))
     entry.kind = "retry"
     entry.run_at = wallclock() + delay
     if delay < w.poll and w.state == "running" and not S.shutting_down() then wake_later(w, row.queue, delay) end
-    w.stats.retried = w.stats.retried + 1
+    count(w, row.queue, "retried")
   end
   job.error = tostring(err)
-  report_error(w, target, job, err)
+  report_error(w, target, job, err, trace)
   record(w, entry)
 end
 
 local function released(w, rec, started, reason)
-  w.stats.released = w.stats.released + 1
   local row = rec.row
+  count(w, row.queue, "released")
   record(w, { kind = "release", id = row.id, attempt = row.attempt, run_at = wallclock(),
               error = started and encode{ attempt = row.attempt, at = wallclock(),
                                           error = "interrupted: " .. tostring(reason) } or nil })
@@ -258,16 +293,17 @@ end
 --- on_finish of a job's task (inside the scheduler's one door, so every
 --- attempt's outcome is handled exactly once).
 local function job_finished(t)
-  local rec = t._opt.job
+  local rec = S.options(t).job
   local w = rec.worker
   slot_freed(w, rec)
-  local status = t._state
+  if t.attempts > 0 then histogram.observe(rec.duration, (core.now() - rec.started) / 1000) end
+  local status = S.state(t)
   if status == "ok" then
-    w.stats.completed = w.stats.completed + 1
+    count(w, rec.row.queue, "completed")
     record(w, { kind = "completed", id = rec.row.id, attempt = rec.row.attempt })
   elseif status == "cancelled" then
     if rec.gone then                          -- cancelled or expired in the store: nothing to write
-      w.stats.cancelled = w.stats.cancelled + 1
+      count(w, rec.row.queue, "cancelled")
     elseif w.state ~= "running" or S.shutting_down() then
       released(w, rec, t.attempts > 0, t.value)
     else
@@ -305,7 +341,7 @@ local function start_job(w, row)
   local bad = row_problem(row)
   if bad then
     log.report("worker " .. w.id .. ": job " .. tostring(row.id), bad)
-    w.stats.discarded = w.stats.discarded + 1
+    count(w, row.queue, "discarded")
     return record(w, { kind = "discard", id = row.id, attempt = row.attempt,
                        error = encode{ at = wallclock(), error = bad } })
   end
@@ -313,7 +349,10 @@ local function start_job(w, row)
   local qs = w.queues[row.queue]
   w.running[row.id] = rec
   w.nrunning, qs.running = w.nrunning + 1, qs.running + 1
-  w.stats.claimed = w.stats.claimed + 1
+  count(w, row.queue, "claimed")
+  local qt = totals_of(row.queue)
+  histogram.observe(qt.wait, math.max(0, wallclock() - row.run_at) / 1000)
+  rec.started, rec.duration = core.now(), qt.duration
   local fn, target = method_of(w, row)
   local args, err
   if fn then args, err = queue.decode_args(w.q, row) end
@@ -334,7 +373,8 @@ local function start_job(w, row)
   end
   rec.task = t
   local o = S.options(t)
-  o.job, o.on_finish = rec, job_finished
+  o.job, o.heard = rec, true                   -- its outcome is written to the store
+  S.on_finish(t, job_finished)
   S.start(t)
 end
 
@@ -349,12 +389,13 @@ local function claim(w, name, want)
   local ok, rows = pcall(store.claim, store, name, want, w.id, now, now + w.lease)
   if not ok then
     log.report("worker " .. w.id .. ": claiming from queue " .. name, rows)
+    M.totals.store_errors.claim = M.totals.store_errors.claim + 1
     return nil
   end
   if w.state ~= "running" then               -- stopped while the claim was under way
     for i = 1, #rows do
       local row = rows[i]
-      w.stats.released = w.stats.released + 1
+      count(w, row.queue, "released")
       record(w, { kind = "release", id = row.id, attempt = row.attempt, run_at = wallclock() })
     end
     return 0
@@ -399,11 +440,11 @@ local function flusher(w)
   local failures = 0
   -- Cancelled (the end of a shutdown's grace) while a batch was being
   -- written: write it at once, as record() does from then on.
-  S.options(S.current()).on_attempt_end = function()
+  S.on_attempt_end(S.current(), function()
     local p = w.writing
     w.writing = nil
     if p and not (w.store:idle() and flush_now(w, p)) then w.stats.unwritten = w.stats.unwritten + #p end
-  end
+  end)
   while true do
     local p = w.pending
     if #p > 0 then
@@ -448,6 +489,7 @@ local function heartbeat(w)
       local ok, leased = pcall(store.heartbeat, store, w.id, wallclock() + w.lease, ids)
       if not ok then
         log.report("worker " .. w.id .. ": heartbeat", leased)
+        M.totals.store_errors.heartbeat = M.totals.store_errors.heartbeat + 1
       else
         -- Only the jobs asked about: others were claimed while it ran.
         for id, rec in pairs(asked) do
@@ -464,9 +506,14 @@ end
 local function rescue(w)
   local store = store_of(w, nil, true)
   local ok, n = pcall(store.rescue, store, wallclock())
-  if not ok then log.report("worker " .. w.id .. ": rescue", n); return end
+  if not ok then
+    log.report("worker " .. w.id .. ": rescue", n)
+    M.totals.store_errors.rescue = M.totals.store_errors.rescue + 1
+    return
+  end
   if n > 0 then
     w.stats.rescued = w.stats.rescued + n
+    M.totals.rescued = M.totals.rescued + n
     for _, qs in pairs(w.queues) do S.notify(qs) end
   end
 end
@@ -494,8 +541,8 @@ function M.new(opts)
     -- heartbeats and rescues through another, so that they never wait
     -- behind a claim that waits for a server coming back.  (SQLite: the
     -- queue's own connection for both.)
-    q = opts.queue, store = opts.queue._store:worker_store(),
-    lease_store = opts.queue._store:worker_store(),
+    q = opts.queue, store = queue.worker_store(opts.queue),
+    lease_store = queue.worker_store(opts.queue),
     targets = opts.targets or {}, loaded = {}, load_errors = {},
     lease = lease, heartbeat = opts.heartbeat or lease / 3, poll = opts.poll or 1000,
     rescue_every = opts.rescue_every or lease / 2, batch = opts.batch or 100,
@@ -516,6 +563,7 @@ function M.new(opts)
     if t.retry then w.target_retry[t] = check_retry("tide.worker", "retry", t.retry, 2) end
   end
   if S.shutting_down() then error("tide.worker: the loop is shutting down", 2) end
+  M.live[w] = true
   -- On a shutdown of the loop, the worker stops its jobs a little before the
   -- loop's grace ends (up to a second, or half of it), so that the flusher
   -- can still write their releases.  (Hooked before anything below waits.)
@@ -524,9 +572,8 @@ function M.new(opts)
   end)
   for name, n in pairs(queues) do
     w.queues[name] = { limit = n, running = 0, more = false, waiting = false }
-    w.tasks[#w.tasks + 1] = require("tide").spawn{ run = claimer, args = { w, name }, name = "claimer " .. name }
+    w.tasks[#w.tasks + 1] = spawn{ run = claimer, args = { w, name }, name = "claimer " .. name }
   end
-  local spawn = require("tide").spawn
   w.flusher_task = spawn{ run = flusher, args = { w }, name = "worker flusher" }
   w.tasks[#w.tasks + 1] = w.flusher_task
   w.tasks[#w.tasks + 1] = spawn{ run = heartbeat, args = { w }, name = "worker heartbeat" }
@@ -565,7 +612,7 @@ function Worker:stop(grace_ms)
   S.notify(self.rescue_holder)
   S.notify(self.flusher)
   S.notify(self.beat)
-  local grace = grace_ms or self.grace or require("tide.engine.host").config.grace
+  local grace = grace_ms or self.grace or config.grace
   if self.nrunning > 0 then
     self.grace_timer = S.timer(grace, function()
       self.grace_timer = nil
@@ -581,9 +628,10 @@ end
 function Worker:wait()
   for _, t in ipairs(self.tasks) do t:await() end
   if self.grace_timer then S.untimer(self.grace_timer); self.grace_timer = nil end
-  if self.store ~= self.q._store then self.store:close() end
-  if self.lease_store ~= self.q._store then self.lease_store:close() end
+  if not queue.shares_store(self.q, self.store) then self.store:close() end
+  if not queue.shares_store(self.q, self.lease_store) then self.lease_store:close() end
   self.state = "stopped"
+  M.live[self] = nil
   return self.stats
 end
 

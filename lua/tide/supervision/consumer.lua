@@ -1,4 +1,4 @@
---- tide.consumer — takes deliveries from a source and runs each as a supervised task, acking or nacking every one exactly once.
+--- tide.supervision.consumer — takes deliveries from a source and runs each as a supervised task, acking or nacking every one exactly once.
 --
 -- A source is a small interface (tide.sources.memory and
 -- tide.sources.rabbitmq fit it):
@@ -35,6 +35,15 @@ local traceback, co_yield = debug.traceback, coroutine.yield
 local opt_error = check.opt_error
 
 local M = {}
+-- For metrics: consumers not yet collected, and process-wide counts by
+-- consumer name (they outlive the consumers): deliveries taken, acks, nacks.
+M.live = setmetatable({}, { __mode = "k" })
+M.totals = {}
+local function totals_of(name)
+  local t = M.totals[name]
+  if not t then t = { delivered = 0, acked = 0, nacked = 0 }; M.totals[name] = t end
+  return t
+end
 local Consumer = {}
 local Consumer_mt = { __index = Consumer, __tostring = function(c)
   return ("tide.Consumer '%s' (%d in flight)"):format(c.name, c.in_flight)
@@ -89,10 +98,13 @@ function M.new(opts)
   if opts.name ~= nil and type(opts.name) ~= "string" then opt_error(fname, "name", "string", opts.name) end
   if opts.requeue ~= nil and type(opts.requeue) ~= "boolean" then opt_error(fname, "requeue", "boolean", opts.requeue) end
   local h = opts.handler
-  return setmetatable({ source = src, prefetch = prefetch, handler = h, name = opts.name or "consumer",
-                        policy = h.retry ~= nil and retry.policy(fname, h.retry) or nil,
-                        requeue = opts.requeue ~= false, poll = opts.poll or 50,
-                        held = {}, in_flight = 0, waiting = false, runner = false }, Consumer_mt)
+  local c = setmetatable({ source = src, prefetch = prefetch, handler = h, name = opts.name or "consumer",
+                           policy = h.retry ~= nil and retry.policy(fname, h.retry) or nil,
+                           requeue = opts.requeue ~= false, poll = opts.poll or 50,
+                           held = {}, in_flight = 0, waiting = false, runner = false }, Consumer_mt)
+  c.totals = totals_of(c.name)
+  M.live[c] = true
+  return c
 end
 
 -- ===== settling
@@ -105,13 +117,15 @@ local function settle(c, d, status, choice)
   if not c.held[d] then return end           -- settled already
   c.held[d] = nil
   c.in_flight = c.in_flight - 1
-  local src, ok, err = c.source
+  local src, tot, ok, err = c.source, c.totals
   if choice == "ack" or (choice == nil and status == "ok") then
     ok, err = pcall(src.ack, src, d)
+    tot.acked = tot.acked + 1
   else
     local requeue = c.requeue
     if choice == "requeue" then requeue = true elseif choice == "drop" then requeue = false end
     ok, err = pcall(src.nack, src, d, requeue)
+    tot.nacked = tot.nacked + 1
   end
   if not ok then log.report(c.name .. " settling delivery " .. tostring(d.tag), err) end
   S.notify(c)
@@ -143,17 +157,18 @@ end
 --- The end of a handler's task (the engine's internal hook, inside its one
 --- door): the user's handle_result may choose, then the delivery settles.
 local function delivery_done(t)
-  local o = t._opt
+  local o = S.options(t)
   local c, d = o.consumer_of, o.delivery
   local h = c.handler
-  local choice = h.handle_result and choose(c, h, t._state, t.value, t, d)
-  settle(c, d, t._state, choice)
+  local status = S.state(t)
+  local choice = h.handle_result and choose(c, h, status, t.value, t, d)
+  settle(c, d, status, choice)
 end
 
 --- A coroutine handler's task function: handler.run(body, delivery), read
 --- from the task's options (no argument table per delivery).
 local function handle()
-  local o = S.current()._opt
+  local o = S.options(S.current())
   local d = o.delivery
   return o.consumer_of.handler.run(d.body, d)
 end
@@ -189,6 +204,7 @@ local function run_batch(c, batch)
     c.held[batch[i]] = true
     c.in_flight = c.in_flight + 1
   end
+  c.totals.delivered = c.totals.delivered + #batch
   for i = 1, #batch do
     local ok, err = pcall(run_delivery, c, batch[i])
     if not ok then
@@ -224,12 +240,10 @@ local function on_attempt_end(c, t)
   local o = S.options(t)
   if o.consumer_attempt == t.attempts and o.consumer == c then return end
   o.consumer, o.consumer_attempt = c, t.attempts
-  local prev = o.on_attempt_end
-  o.on_attempt_end = function(task)
+  S.on_attempt_end(t, function(task)
     o.consumer = nil
     end_run(c, task, "consumer " .. c.name .. " ended")
-    if prev then prev(task) end
-  end
+  end)
 end
 
 --- The consumer loop; run it as a task or as a supervisor child
@@ -241,7 +255,7 @@ function Consumer.run(c, ctx)
   local me = S.current()
   if me == nil then error("consumer:run: called outside a task", 2) end
   local r = c.runner
-  if r and r ~= me and not S.TERMINAL[r._state] then
+  if r and r ~= me and not S.TERMINAL[S.state(r)] then
     error(("consumer:run: consumer '%s' is already running in task %d"):format(c.name, r.id), 2)
   end
   -- What an earlier attempt of this task left is given back first.

@@ -1,4 +1,4 @@
---- tide.store_common — what the store drivers share apart from their SQL.
+--- tide.jobs.store.common — what the store drivers share apart from their SQL.
 local error, ipairs, sort, concat, format = error, ipairs, table.sort, table.concat, string.format
 
 local M = {}
@@ -39,7 +39,22 @@ function M.group_stats(rows)
   return out
 end
 
---- The statuses (checked by tide.queue: finished ones only) as an SQL list.
+--- "(status = 'a' OR status = 'b')": SQLite's form of a status set (an IN
+--- list in a partial index costs SQLite a temporary table per row tested).
+function M.any_of(statuses)
+  local terms = {}
+  for i, st in ipairs(statuses) do terms[i] = format("status = '%s'", st) end
+  return "(" .. concat(terms, " OR ") .. ")"
+end
+
+--- "status <> 'a' AND status <> 'b'".
+function M.none_of(statuses)
+  local terms = {}
+  for i, st in ipairs(statuses) do terms[i] = format("status <> '%s'", st) end
+  return concat(terms, " AND ")
+end
+
+--- The statuses (from tide.jobs.job's lists, or checked against them) as an SQL list.
 function M.status_list(statuses)
   local marks = {}
   for i, st in ipairs(statuses) do marks[i] = format("'%s'", st) end

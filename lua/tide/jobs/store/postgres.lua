@@ -1,6 +1,6 @@
---- tide.store_postgres — the job store on PostgreSQL, for workers on many machines.
+--- tide.jobs.store.postgres — the job store on PostgreSQL, for workers on many machines.
 --
--- The same methods as tide.store_sqlite (see the list there), over libpq in
+-- The same methods as tide.jobs.store.sqlite (see the list there), over libpq in
 -- non-blocking mode: a query sends, then the task waits for the socket on
 -- the loop (no thread blocks).  Code outside tasks (a plain script before
 -- tide.run) waits with poll(2) instead.  One query at a time per connection:
@@ -14,7 +14,9 @@
 -- default; skew well under that is harmless).
 local core = require "tide.core"
 local common = require "tide.jobs.store.common"
+local job = require "tide.jobs.job"
 local S = require "tide.engine.sched"
+local spawn = require("tide.engine.task").spawn
 
 local type, error, ipairs, pairs, tostring, concat = type, error, ipairs, pairs, tostring, table.concat
 local co_running, setmetatable, format = coroutine.running, setmetatable, string.format
@@ -49,10 +51,7 @@ core.pg_on_ready(function(id)
   end
 end)
 
-local function in_task()
-  local t = S.current()
-  return t ~= nil and co_running() == t._co
-end
+local in_task = S.in_task
 
 local function new_conn(info, name)
   next_id = next_id + 1
@@ -99,10 +98,10 @@ end
 --- The holder of a connection: the current task's attempt, or `c` itself
 --- for code outside tasks (which never waits, so never interleaves).
 local function holder_alive(h)
-  return h.task == nil or h.task._co == h.co
+  return h.task == nil or S.attempt_of(h.task) == h.co
 end
 
-local function waiter_alive(e) return e.t._co == e.co end
+local function waiter_alive(e) return S.attempt_of(e.t) == e.co end
 
 --- The first waiter whose attempt is still alive (dead ones are dropped).
 local function first_waiter(c)
@@ -246,7 +245,7 @@ function Conn:relisten()
   drop(self)
   if self.relistening or S.shutting_down() or not self.on_notify then return end
   self.relistening = true
-  require("tide").spawn{ name = "postgres listener reconnect", run = function()
+  spawn{ name = "postgres listener reconnect", run = function()
     local delay = 50
     while self.on_notify and not S.shutting_down() do
       if pcall(self.listen, self, self.channel) then
@@ -255,7 +254,7 @@ function Conn:relisten()
         return
       end
       drop(self)
-      require("tide").sleep(delay)
+      S.sleep(delay)
       delay = math.min(delay * 2, 5000)
     end
     self.relistening = false
@@ -267,8 +266,8 @@ end
 local Store = {}
 Store.__index = Store
 
-local WAITING = "status IN ('available', 'scheduled', 'retryable')"
-local TERMINAL_SQL = "('completed', 'discarded', 'cancelled', 'expired')"
+local WAITING = "status IN " .. common.status_list(job.WAITING)
+local TERMINAL_SQL = common.status_list(job.FINISHED)
 -- Leases are timed by the server's clock: one clock for every machine, read
 -- when the statement runs (not when it was queued behind a connect).
 local NOW = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
@@ -361,6 +360,12 @@ local SQL = {
     .. "max_attempts = greatest(max_attempts, attempt + 1) "
     .. "WHERE id = $1 AND status NOT IN ('executing', 'available')",
   stats = "SELECT queue, status, count(*) AS n FROM tide_jobs GROUP BY queue, status",
+  backlog = "SELECT queue, status, count(*) AS n FROM tide_jobs WHERE " .. WAITING .. " GROUP BY queue, status "
+    .. "UNION ALL SELECT queue, 'executing', count(*) FROM tide_jobs WHERE status = 'executing' GROUP BY queue",
+  recent = "SELECT queue, status, count(*) AS n, count(*) FILTER (WHERE completed_at >= $1) AS recent "
+    .. "FROM (SELECT queue, status, completed_at FROM tide_jobs ORDER BY id DESC LIMIT $2) r GROUP BY queue, status",
+  leases = "SELECT lease_owner AS owner, queue, count(*) AS n, max(lease_expires) AS lease_expires, "
+    .. "max(attempted_at) AS attempted_at FROM tide_jobs WHERE status = 'executing' GROUP BY lease_owner, queue",
   pending = "SELECT count(*) AS n FROM tide_jobs WHERE queue = ANY($1::text[]) AND ((" .. WAITING
     .. " AND run_at <= $2) OR status = 'executing')",
 }
@@ -576,6 +581,7 @@ function Store:list(f)
   local where, params = {}, {}
   if f.status then params[#params + 1] = f.status; where[#where + 1] = "status = $" .. #params end
   if f.queue then params[#params + 1] = f.queue; where[#where + 1] = "queue = $" .. #params end
+  if f.target then params[#params + 1] = f.target; where[#where + 1] = "target = $" .. #params end
   if f.before then params[#params + 1] = f.before; where[#where + 1] = "id < $" .. #params end
   local sql = "SELECT * FROM tide_jobs"
     .. (#where > 0 and " WHERE " .. concat(where, " AND ") or "")
@@ -589,6 +595,9 @@ function Store:change(op, id, now, err)
 end
 
 function Store:stats() return common.group_stats(self.conn:query(SQL.stats).rows) end
+function Store:backlog() return common.group_stats(self.conn:query(SQL.backlog).rows) end
+function Store:recent(since, limit) return self.conn:query(SQL.recent, since, limit).rows end
+function Store:leases() return self.conn:query(SQL.leases).rows end
 
 function Store:prune(before, statuses)
   return self.conn:query("DELETE FROM tide_jobs WHERE status IN " .. common.status_list(statuses)

@@ -1,4 +1,4 @@
---- tide.store_sqlite — the job store on SQLite (the embedded default).
+--- tide.jobs.store.sqlite — the job store on SQLite (the embedded default).
 --
 -- A store driver is the one place that knows SQL.  tide.queue (the public
 -- API) and tide.worker call only the methods below, so another engine is
@@ -20,6 +20,7 @@
 -- is synchronous here (SQLite runs in-process); a networked driver may yield.
 local core = require "tide.core"
 local common = require "tide.jobs.store.common"
+local job = require "tide.jobs.job"
 
 local type, error, ipairs, tostring, concat, sort = type, error, ipairs, tostring, table.concat, table.sort
 
@@ -72,9 +73,10 @@ local MIGRATIONS = {
 }
 M.VERSION = #MIGRATIONS
 
-local WAITING = "(status = 'available' OR status = 'scheduled' OR status = 'retryable')"
-local NOT_TERMINAL = "status <> 'completed' AND status <> 'discarded' AND status <> 'cancelled' "
-  .. "AND status <> 'expired'"
+-- (WAITING is the predicate of the tide_jobs_due index, written the same
+-- way, so that SQLite sees that a claim can use the index.)
+local WAITING = common.any_of(job.WAITING)
+local NOT_TERMINAL = common.none_of(job.FINISHED)
 local GUARD = "WHERE id = ?1 AND status = 'executing' AND lease_owner = ?2 AND attempt = ?3"
 local ADD_ERROR = "json_insert(coalesce(errors, '[]'), '$[#]', json(?5))"
 
@@ -126,6 +128,15 @@ local SQL = {
     .. "max_attempts = max(max_attempts, attempt + 1) "
     .. "WHERE id = ?1 AND status <> 'executing' AND status <> 'available'",
   stats = "SELECT queue, status, count(*) AS n FROM tide_jobs GROUP BY queue, status",
+  -- Through the partial indexes only: the cost follows the backlog, not the table.
+  backlog = "SELECT queue, status, count(*) AS n FROM tide_jobs WHERE " .. WAITING .. " GROUP BY queue, status",
+  backlog_executing = "SELECT queue, 'executing' AS status, count(*) AS n FROM tide_jobs "
+    .. "WHERE status = 'executing' GROUP BY queue",
+  -- The newest ?2 jobs by id (the primary key): a bounded read however big the table.
+  recent = "SELECT queue, status, count(*) AS n, sum(CASE WHEN completed_at >= ?1 THEN 1 ELSE 0 END) AS recent "
+    .. "FROM (SELECT queue, status, completed_at FROM tide_jobs ORDER BY id DESC LIMIT ?2) GROUP BY queue, status",
+  leases = "SELECT lease_owner AS owner, queue, count(*) AS n, max(lease_expires) AS lease_expires, "
+    .. "max(attempted_at) AS attempted_at FROM tide_jobs WHERE status = 'executing' GROUP BY lease_owner, queue",
   -- Two counts, each through a partial index (one query with an OR of both
   -- scans the whole table: 166 ms at a million finished jobs).
   pending_due = "SELECT count(*) AS n FROM tide_jobs WHERE queue = ?1 AND " .. WAITING .. " AND run_at <= ?2",
@@ -289,6 +300,7 @@ function Store:list(f)
   local where, params = {}, {}
   if f.status then where[#where + 1] = "status = ?"; params[#params + 1] = f.status end
   if f.queue then where[#where + 1] = "queue = ?"; params[#params + 1] = f.queue end
+  if f.target then where[#where + 1] = "target = ?"; params[#params + 1] = f.target end
   if f.before then where[#where + 1] = "id < ?"; params[#params + 1] = f.before end
   local sql = "SELECT * FROM tide_jobs" .. (#where > 0 and " WHERE " .. concat(where, " AND ") or "")
     .. " ORDER BY id DESC LIMIT " .. tostring(f.limit)
@@ -302,6 +314,20 @@ end
 
 --- { [queue] = { [status] = count } }
 function Store:stats() return common.group_stats(stmt(self, "stats"):rows()) end
+
+--- Like stats, for the waiting and executing statuses only (partial indexes).
+function Store:backlog()
+  local rows = stmt(self, "backlog"):rows()
+  for _, r in ipairs(stmt(self, "backlog_executing"):rows()) do rows[#rows + 1] = r end
+  return common.group_stats(rows)
+end
+
+--- Rows { queue, status, n, recent } over the newest `limit` jobs; `recent`
+--- counts those that finished at `since` (ms) or later.
+function Store:recent(since, limit) return stmt(self, "recent"):rows(since, limit) end
+
+--- Rows { owner, queue, n, lease_expires, attempted_at }: who holds leases.
+function Store:leases() return stmt(self, "leases"):rows() end
 
 function Store:prune(before, statuses)
   return user_stmt(self, "DELETE FROM tide_jobs WHERE status IN " .. common.status_list(statuses)

@@ -38,7 +38,7 @@ core.amqp_on_ready(function(id, kind, raw, err)
   if kind == "open" then
     local o = opening[id]
     opening[id] = nil
-    if o and o.t._wait == o.tok then           -- the opener still waits for it
+    if o and o.waiting and S.attempt_of(o.t) == o.co then   -- the opener still waits for it
       o.raw, o.err = raw, err
       S.wake(o.t, o.tok)
     elseif raw then
@@ -57,10 +57,11 @@ function M.connect(cfg)
   next_id = next_id + 1
   local id = next_id
   local t, tok = S.wait_begin("rabbitmq: connect", 2)
-  local o = { t = t, tok = tok, raw = false, err = false }
+  local o = { t = t, tok = tok, co = S.attempt_of(t), waiting = true, raw = false, err = false }
   opening[id] = o
   core.amqp_connect(id, cfg)
   S.wait_end(t, tok, 2 * cfg.timeout + 1000)
+  o.waiting = false
   opening[id] = nil                            -- a late answer is closed on arrival
   if not o.raw then
     error(format("%s: %s", cfg.label, o.err or ("no answer from the broker within " .. cfg.timeout .. " ms")), 0)

@@ -1,4 +1,4 @@
---- tide.sources.memory — a broker stand-in for tests and examples, with the interface tide.consumer uses.
+--- tide.supervision.sources.memory — tide.sources.memory, a broker stand-in for tests and examples, with the interface tide.consumer uses.
 --
 -- The memory source behaves like a broker channel with a prefetch limit
 -- (basic.qos): it never has more than `prefetch` deliveries unacked, each
@@ -20,7 +20,7 @@ local Memory_mt = { __index = Memory, __tostring = function(m)
 end }
 
 --- tide.sources.memory{ prefetch = N, messages = { ... } }
-function M.memory(opts)
+function M.new(opts)
   opts = opts or {}
   if type(opts) ~= "table" then check.arg_error("tide.sources.memory", 1, "table", opts) end
   check.known("tide.sources.memory", opts, { prefetch = true, messages = true })

@@ -1,4 +1,4 @@
---- tide.sources.rabbitmq — a RabbitMQ queue as a source for tide.consumer, and publishing with confirms.
+--- tide.supervision.sources.rabbitmq — tide.sources.rabbitmq, a RabbitMQ queue as a source for tide.consumer, and publishing with confirms.
 --
 --   local src = tide.sources.rabbitmq{ url = "amqp://user:pass@host:5672/vhost", queue = "orders",
 --                                      prefetch = 20, declare = { type = "quorum" }, max_redeliveries = 5 }
@@ -95,7 +95,7 @@ end
 --- tide.sources.rabbitmq{ url =, queue =, prefetch = 10, declare = false | true | { durable =, type =,
 ---   arguments =, exclusive =, auto_delete = }, heartbeat = 30, name = "tide", connect_timeout = 10000,
 ---   max_redeliveries = nil, confirm_timeout = 30000 }
-function M.rabbitmq(opts)
+function M.new(opts)
   local fname = "tide.sources.rabbitmq"
   if type(opts) ~= "table" then check.arg_error(fname, 1, "table", opts) end
   check.known(fname, opts, KEYS)
@@ -146,7 +146,7 @@ local function once(s, key, open)
   while true do
     local p = s.opening[key]
     if not p then break end
-    if not p.t or p.t._co ~= p.co then              -- its opener was cancelled or timed out
+    if not p.t or S.attempt_of(p.t) ~= p.co then    -- its opener was cancelled or timed out
       s.opening[key] = nil
       break
     end
@@ -156,7 +156,7 @@ local function once(s, key, open)
     S.remove_waiter(p.waiters, t)
   end
   local me = S.current()
-  local p = { t = me, co = me and me._co, waiters = {} }
+  local p = { t = me, co = me and S.attempt_of(me), waiters = {} }
   s.opening[key] = p
   local ok, res = pcall(open)
   if s.opening[key] == p then s.opening[key] = nil end

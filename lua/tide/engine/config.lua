@@ -1,0 +1,42 @@
+--- tide.engine.config — process-wide settings (tide.configure) and their one home.
+--
+-- Read by the engine's host (grace, signals) and by anything that stops
+-- gracefully (the job worker's default grace); written only by configure.
+local check = require "tide.engine.check"
+local log = require "tide.engine.log"
+local thread = require "tide.engine.thread"
+
+local type = type
+local opt_error, is_ms = check.opt_error, check.is_ms
+
+local M = {
+  grace = 5000,      -- ms running tasks get after SIGINT/SIGTERM or tide.shutdown()
+  signals = true,    -- tide.run and the tide binary watch SIGINT/SIGTERM
+}
+
+local KEYS = { grace = true, on_error = true, signals = true, threads = true,
+               thread_init = true, thread_memory = true, thread_stop_wait = true }
+
+--- tide.configure{ grace =, on_error =, signals =, threads =, thread_init =,
+--- thread_memory =, thread_stop_wait = }: everything is checked before
+--- anything is applied.
+function M.configure(opts)
+  local fname = "tide.configure"
+  if type(opts) ~= "table" then check.arg_error(fname, 1, "table", opts) end
+  check.known(fname, opts, KEYS)
+  if opts.grace ~= nil and not is_ms(opts.grace) then
+    opt_error(fname, "grace", "non-negative number of ms", opts.grace)
+  end
+  if opts.on_error ~= nil and type(opts.on_error) ~= "function" then
+    opt_error(fname, "on_error", "function", opts.on_error)
+  end
+  if opts.signals ~= nil and type(opts.signals) ~= "boolean" then
+    opt_error(fname, "signals", "boolean", opts.signals)
+  end
+  thread.configure(fname, opts, 2)
+  if opts.grace ~= nil then M.grace = opts.grace end
+  if opts.signals ~= nil then M.signals = opts.signals end
+  if opts.on_error ~= nil then log.set_sink(opts.on_error) end
+end
+
+return M

@@ -1,0 +1,78 @@
+--- tide.engine.timer — tide.after and tide.every: callbacks run as tasks at a time, once or repeatedly.
+--
+-- A timer is a key in the engine's timer heap.  When it fires, its callback
+-- runs as a task of its own (so it may wait); a failure goes to the error
+-- sink, as nobody awaits these tasks.  A shutdown stops every timer.
+local S = require "tide.engine.sched"
+local check = require "tide.engine.check"
+local log = require "tide.engine.log"
+
+local type, error, ipairs, setmetatable, getmetatable = type, error, ipairs, setmetatable, getmetatable
+local arg_error, is_ms = check.arg_error, check.is_ms
+
+local M = {}
+
+local Timer = {}
+local Timer_mt = { __index = Timer, __tostring = function(tm)
+  return ("tide.Timer (%s)"):format(tm.key and "pending" or "stopped")
+end }
+
+--- on_finish of a timer's task: a failure goes to the error sink.
+local function timer_finished(t)
+  local status = S.state(t)
+  if status == "error" then log.report("timer callback", t.value, t.traceback)
+  elseif status == "timeout" then log.report("timer callback", t.value) end
+end
+
+--- The task of a timer: fn(timer).  (No argument table per run: the timer
+--- rides in the task's options.)
+local function run_timer()
+  local tm = S.options(S.current()).tm
+  return tm.fn(tm)
+end
+
+local function fire(tm)
+  tm.key = false
+  if tm.every then tm.key = S.timer(tm.ms, fire, tm) end
+  S.start(S.new_task(run_timer, { timer = false, tm = tm, on_finish = timer_finished, heard = true }))
+end
+
+local function new_timer(fname, ms, fn, every)
+  if not is_ms(ms, every) then
+    arg_error(fname, 1, every and "positive number of ms" or "non-negative number of ms", ms, 3)
+  end
+  if type(fn) ~= "function" then arg_error(fname, 2, "function", fn, 3) end
+  if S.shutting_down() then error(fname .. ": the loop is shutting down", 3) end
+  local tm = setmetatable({ ms = ms, fn = fn, every = every, key = false }, Timer_mt)
+  tm.key = S.timer(ms, fire, tm)
+  return tm
+end
+
+--- Runs fn(timer) as a task once, `ms` from now.  Returns a timer.
+function M.after(ms, fn)
+  local tm = new_timer("tide.after", ms, fn, false)   -- not a tail call: errors blame the caller
+  return tm
+end
+
+--- Runs fn(timer) as a task every `ms` until timer:stop().
+function M.every(ms, fn)
+  local tm = new_timer("tide.every", ms, fn, true)
+  return tm
+end
+
+--- Stops the timer; true when it was still pending.
+function Timer.stop(tm)
+  if getmetatable(tm) ~= Timer_mt then
+    error(("timer:stop: bad self (timer expected, got %s)"):format(check.describe(tm)), 2)
+  end
+  if not tm.key then return false end
+  S.untimer(tm.key)
+  tm.key = false
+  return true
+end
+
+S.on_shutdown(function()
+  for _, tm in ipairs(S.timers_of(fire)) do Timer.stop(tm) end
+end)
+
+return M

@@ -1,0 +1,177 @@
+--- tide.flow.define — a flow's definition: its options checked, its tasks validated, cycles found.
+--
+-- Shared by every way a flow runs: the definition says what the tasks are
+-- and how they depend on each other, never how a run goes.  Validation
+-- happens once, when the flow is defined: unknown fields, unknown
+-- dependencies and cycles are errors that name the flow, the task and the
+-- field.
+local check = require "tide.engine.check"
+local retry = require "tide.engine.retry"
+
+local type, pairs, ipairs, error, tostring, next = type, pairs, ipairs, error, tostring, next
+local sort, concat = table.sort, table.concat
+local opt_error = check.opt_error
+
+local M = {}
+
+local FLOW_KEYS = { name = true, max_concurrency = true, fail = true, timeout = true, tasks = true, on = true }
+local TASK_KEYS = { run = true, each = true, items = true, after = true, when = true, retry = true,
+                    timeout = true, mode = true, max_concurrency = true, exit_on_failed = true, flow = true }
+local HOOKS = { flow_start = true, task_start = true, task_run_done = true, task_done = true, task_failed = true,
+                task_timeout = true, task_retry = true, task_skipped = true, child_done = true,
+                flow_done = true }
+local FAILS = { stop = true, continue = true }
+
+
+local function bad(fname, where, key, expected, v)
+  error(("%s: %s: bad field '%s' (%s expected, got %s)"):format(fname, where, key, expected, check.describe(v)), 5)
+end
+
+local function check_task(fname, fdesc, name, spec, is_flow)
+  local where = ("%s: task '%s'"):format(fdesc, name)
+  if type(spec) ~= "table" then
+    error(("%s: %s: task spec table expected, got %s"):format(fname, where, check.describe(spec)), 4)
+  end
+  for k in pairs(spec) do
+    if not TASK_KEYS[k] then error(("%s: %s: unknown field '%s'"):format(fname, where, tostring(k)), 4) end
+  end
+  if spec.run == nil and spec.each == nil and spec.flow == nil then
+    error(("%s: %s: needs 'run', 'each' or 'flow'"):format(fname, where), 4)
+  end
+  local is_thread = spec.mode == "thread"
+  if spec.run ~= nil and type(spec.run) ~= "function" and not (is_thread and type(spec.run) == "string") then
+    bad(fname, where, "run", "function", spec.run)
+  end
+  if spec.each ~= nil and type(spec.each) ~= "function" and not is_flow(spec.each)
+     and not (is_thread and type(spec.each) == "string") then
+    bad(fname, where, "each", "function or flow", spec.each)
+  end
+  if spec.flow ~= nil then
+    if not is_flow(spec.flow) then bad(fname, where, "flow", "flow", spec.flow) end
+    for _, k in ipairs{ "run", "each", "items", "mode" } do
+      if spec[k] ~= nil then error(("%s: %s: 'flow' cannot go with '%s'"):format(fname, where, k), 4) end
+    end
+  end
+  if is_thread and is_flow(spec.each) then
+    error(("%s: %s: a flow as 'each' runs on the loop, not in thread mode"):format(fname, where), 4)
+  end
+  for _, k in ipairs{ "items", "when" } do
+    if spec[k] ~= nil and type(spec[k]) ~= "function" then bad(fname, where, k, "function", spec[k]) end
+  end
+  if spec.items ~= nil and spec.each == nil then
+    error(("%s: %s: 'items' without 'each'"):format(fname, where), 4)
+  end
+  if spec.timeout ~= nil and not check.is_ms(spec.timeout, true) then bad(fname, where, "timeout", "positive number of ms", spec.timeout) end
+  if spec.max_concurrency ~= nil and not check.is_count(spec.max_concurrency, 1) then
+    bad(fname, where, "max_concurrency", "integer >= 1", spec.max_concurrency)
+  end
+  if spec.exit_on_failed ~= nil and type(spec.exit_on_failed) ~= "boolean" then
+    bad(fname, where, "exit_on_failed", "boolean", spec.exit_on_failed)
+  end
+  if spec.mode ~= nil and spec.mode ~= "coroutine" and spec.mode ~= "thread" then
+    bad(fname, where, "mode", "'coroutine' or 'thread'", spec.mode)
+  end
+  local after = spec.after
+  if type(after) == "string" then after = { after } end
+  if after ~= nil and type(after) ~= "table" then bad(fname, where, "after", "task name or list of names", spec.after) end
+  local policy = spec.retry ~= nil and retry.policy(fname .. ": " .. where, spec.retry, 4) or nil
+  return {
+    name = name, run = spec.run, each = spec.each, items = spec.items, flow = spec.flow,
+    after = after or {}, when = spec.when, retry = spec.retry, policy = policy, timeout = spec.timeout,
+    mode = spec.mode, max_concurrency = spec.max_concurrency or 10,
+    exit_on_failed = spec.exit_on_failed ~= false, dependents = {},
+  }
+end
+
+--- Finds a cycle, if any: returns the list of names around it.  Iterative
+--- (a chain of 100,000 tasks must not overflow the stack): peel off the
+--- tasks whose dependencies are all peeled (Kahn); whatever is left lies on
+--- or behind a cycle, and walking its remaining dependencies finds one.
+local function find_cycle(nodes, order)
+  local left, queue, head = {}, {}, 1
+  for _, name in ipairs(order) do
+    local n = #nodes[name].after
+    left[name] = n
+    if n == 0 then queue[#queue + 1] = name end
+  end
+  while head <= #queue do
+    local n = nodes[queue[head]]
+    head = head + 1
+    for _, d in ipairs(n.dependents) do
+      left[d.name] = left[d.name] - 1
+      if left[d.name] == 0 then queue[#queue + 1] = d.name end
+    end
+  end
+  if #queue == #order then return nil end
+  local start
+  for _, name in ipairs(order) do if left[name] > 0 then start = name; break end end
+  local seen, path, name = {}, {}, start
+  while not seen[name] do                  -- follow unpeeled dependencies until one repeats
+    seen[name] = #path + 1
+    path[#path + 1] = name
+    for _, dep in ipairs(nodes[name].after) do
+      if left[dep] > 0 then name = dep; break end
+    end
+  end
+  local ring = {}
+  for i = #path, seen[name], -1 do ring[#ring + 1] = path[i] end     -- in the order they would run
+  local first = 1                                                    -- start at the first name, for stable messages
+  for i = 2, #ring do if ring[i] < ring[first] then first = i end end
+  local cycle = {}
+  for i = 0, #ring do cycle[#cycle + 1] = ring[(first - 1 + i) % #ring + 1] end
+  return cycle
+end
+
+--- Validates a flow's options (tide.flow's: name, max_concurrency, fail,
+--- timeout, tasks, on) and returns its definition: { name, nodes (name ->
+--- node), order (names, sorted), fail, timeout, max_concurrency, on }.
+--- `is_flow(v)` says whether v may stand as a nested flow.  Errors name
+--- `fname` and blame the caller of the caller.
+function M.define(fname, opts, is_flow)
+  if type(opts) ~= "table" then check.arg_error(fname, 1, "table", opts, 3) end
+  check.known(fname, opts, FLOW_KEYS, nil, 3)
+  local name = opts.name or "flow"
+  if type(name) ~= "string" then opt_error(fname, "name", "string", opts.name, 3) end
+  local fdesc = ("flow '%s'"):format(name)
+  if opts.fail ~= nil and not FAILS[opts.fail] then opt_error(fname, "fail", "'stop' or 'continue'", opts.fail, 3) end
+  if opts.timeout ~= nil and not check.is_ms(opts.timeout, true) then opt_error(fname, "timeout", "positive number of ms", opts.timeout, 3) end
+  if opts.max_concurrency ~= nil and not check.is_count(opts.max_concurrency, 1) then
+    opt_error(fname, "max_concurrency", "integer >= 1", opts.max_concurrency, 3)
+  end
+  local on = opts.on or {}
+  if type(on) ~= "table" then opt_error(fname, "on", "table of hooks", on, 3) end
+  for k, v in pairs(on) do
+    if not HOOKS[k] then error(("%s: %s: unknown hook '%s'"):format(fname, fdesc, tostring(k)), 3) end
+    if type(v) ~= "function" then opt_error(fname, "on." .. k, "function", v, 3) end
+  end
+  if type(opts.tasks) ~= "table" or next(opts.tasks) == nil then
+    opt_error(fname, "tasks", "non-empty table of tasks", opts.tasks, 3)
+  end
+  local nodes, order = {}, {}
+  for tname, spec in pairs(opts.tasks) do
+    if type(tname) ~= "string" then error(("%s: %s: task names must be strings, got %s"):format(fname, fdesc, check.describe(tname)), 3) end
+    nodes[tname] = check_task(fname, fdesc, tname, spec, is_flow)
+    order[#order + 1] = tname
+  end
+  sort(order)
+  for _, tname in ipairs(order) do
+    local n = nodes[tname]
+    for _, dep in ipairs(n.after) do
+      if nodes[dep] == nil then
+        error(("%s: %s: task '%s' depends on unknown task '%s'"):format(fname, fdesc, tname, tostring(dep)), 3)
+      end
+      local dn = nodes[dep].dependents
+      dn[#dn + 1] = n
+    end
+  end
+  for _, tname in ipairs(order) do nodes[tname].task_name = name .. "/" .. tname end
+  local cycle = find_cycle(nodes, order)
+  if cycle then error(("%s: %s: cycle %s"):format(fname, fdesc, concat(cycle, " -> ")), 3) end
+  return { name = name, nodes = nodes, order = order, fail = opts.fail or "stop",
+           timeout = opts.timeout, max_concurrency = opts.max_concurrency or math.huge, on = on }
+end
+
+
+M.HOOKS = HOOKS
+
+return M
