@@ -309,6 +309,43 @@ describe("tide.sources.rabbitmq", function()
     assert.matches("consumer cancelled by the broker %(queue deleted%?%)", err)
   end)
 
+  it("publishes again after a publisher channel was lost or abandoned while it opened", function()
+    need_broker()
+    spec_helper.run(function()
+      local src = tide.sources.rabbitmq{ url = URL, queue = qname("pubopen"), declare = { durable = false } }
+      src:declare_queue()
+      local function waiting_for(what)
+        for _, ch in pairs(src.conn and src.conn.channels or {}) do
+          if ch.waiter and ch.waiter.expect == what then return true end
+        end
+      end
+      --- Yields until a channel waits for `what` (the loop goes on meanwhile).
+      local function until_waiting(what)
+        local t0 = tide.now()
+        repeat coroutine.yield() until waiting_for(what) or tide.now() - t0 > 3000
+        assert(waiting_for(what), "no channel ever waited for " .. what)
+      end
+      for _, what in ipairs{ "channel.open-ok", "confirm.select-ok" } do
+        src.conn:close()                     -- each step starts without a publisher channel
+        -- the connection is lost while the publisher's channel waits
+        local t = tide.spawn(function() return src:publish("x") end)
+        until_waiting(what)
+        src.conn:close()
+        local st, err = t:await(3000)
+        assert.equal("error", st)
+        assert.matches("connection closed", err)
+        -- the publishing task is cancelled while its channel waits
+        t = tide.spawn(function() return src:publish("x") end)
+        until_waiting(what)
+        t:cancel("abandoned")
+        assert.is_true(src:publish("y"))
+      end
+      assert.equal(2, src:queue_info().messages)
+      src:delete_queue()
+      src:close()
+    end)
+  end)
+
   it("keeps an idle connection alive with heartbeats", function()
     need_broker()
     spec_helper.run(function()

@@ -125,7 +125,7 @@ function M.new(opts)
   return setmetatable({
     cfg = cfg, queue = opts.queue, prefetch = prefetch, declare = declare, max_redeliveries = max,
     confirm_timeout = confirm_timeout, name = "rabbitmq " .. (opts.queue or cfg.host),
-    conn = false, consume_ch = false, pub_ch = false, opening = {}, waiting = false,
+    conn = false, consume_ch = false, pub_ch = false, pub_opening = false, opening = {}, waiting = false,
     seen = {}, seen_old = {}, seen_n = 0,
     stats = { delivered = 0, acked = 0, nacked = 0, stale = 0, dead_lettered = 0, published = 0,
               broker_closes = 0, precondition_failed = 0, last_close = false },
@@ -358,9 +358,15 @@ function Source:publisher()
     ch = self.pub_ch
     if ch and not ch.lost then return ch end
     local conn = self:connection()
-    ch = conn:channel{ confirm = on_confirm, lost = on_publisher_lost }
-    ch.unconfirmed, ch.seq, ch.low = {}, 0, 1
+    -- A channel left half-open by an opener that was cancelled is closed.
+    if self.pub_opening then self.pub_opening:close() end
+    ch = conn:channel{ confirm = on_confirm, lost = on_publisher_lost,
+                       created = function(c)
+                         c.unconfirmed, c.seq, c.low = {}, 0, 1
+                         self.pub_opening = c
+                       end }
     ch:call("confirm", "confirm.select-ok")
+    self.pub_opening = false
     if self.declare then declare_queue(self, ch) end
     self.pub_ch = ch
     return ch
