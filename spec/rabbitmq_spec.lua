@@ -183,12 +183,13 @@ describe("tide.sources.rabbitmq", function()
   it("never sends a late outcome on a new channel: deliveries of a lost connection come back redelivered", function()
     need_broker()
     local processed, redelivered, src = {}, {}, nil
+    local closed = false
     spec_helper.run(function()
       src = tide.sources.rabbitmq{ url = URL, queue = qname("late"), prefetch = 5, declare = { durable = false } }
       for i = 1, 10 do src:publish(tostring(i), { persistent = false }) end
-      local c = tide.consumer{ source = src, handler = { timeout = 5000, run = function(body, d)
+      local c = tide.consumer{ source = src, handler = { timeout = 30000, run = function(body, d)
         if d.redelivered then redelivered[body] = true end
-        tide.sleep(d.redelivered and 1 or 1500)          -- the first five outlive their connection
+        while not closed and not d.redelivered do tide.sleep(5) end   -- the first five outlive their connection
         processed[body] = (processed[body] or 0) + 1
       end } }
       local sup = tide.supervisor{ intensity = 10, period = 1000, cooldown = { base = 10, max = 50 },
@@ -196,6 +197,7 @@ describe("tide.sources.rabbitmq", function()
       sup:start()
       assert.is_true(wait_for(function() return src.stats.delivered >= 5 end, 3000))
       node("ctl " .. DIR .. " close_all_connections 'closed by the spec'")
+      closed = true
       assert.is_true(wait_for(function() return src.stats.acked == 10 end, 10000),
         "acked " .. src.stats.acked .. ", stale " .. src.stats.stale)
       assert.equal(0, src:queue_info().messages)

@@ -78,14 +78,18 @@ end
 --- Reads every event available now and hands each to its channel.
 function Conn:pump()
   while self.raw do
-    local ev, num, m = self.raw:next()
-    if ev == nil then return end
-    if ev == false then return self:lose(num) end
-    if num == 0 then
-      self:on_event(ev, m)
+    local m, num, a, b, c, d, e, f = self.raw:next()
+    if m == nil then return end
+    if m == false then return self:lose(num) end
+    if m == "basic.deliver" then                 -- tag, redelivered, exchange, routing_key, body, properties
+      local ch = self.channels[num]
+      local on = ch and ch.on.deliver
+      if on then on(ch, a, b, c, d, e, f) end
+    elseif num == 0 then
+      self:on_event(a, m)
     else
       local ch = self.channels[num]
-      if ch then ch:on_event(ev, m) end
+      if ch then ch:on_event(a, m) end
     end
   end
 end
@@ -127,7 +131,8 @@ end
 
 --- Opens a channel (waits).  `on` holds its handlers: created(ch) (called
 --- before the first wait, so an owner whose task dies while the channel
---- opens can still close it), deliver(ch, ev), confirm(ch, ev, method),
+--- opens can still close it), deliver(ch, tag, redelivered, exchange,
+--- routing_key, body, properties), confirm(ch, ev, method),
 --- lost(ch, reason); all optional.
 function Conn:channel(on)
   if self.lost then error(self.name .. ": " .. self.lost, 0) end
@@ -172,9 +177,7 @@ end
 
 function Channel:on_event(ev, m)
   local on = self.on
-  if m == "basic.deliver" then
-    if on.deliver then on.deliver(self, ev) end
-  elseif m == "basic.ack" or m == "basic.nack" then
+  if m == "basic.ack" or m == "basic.nack" then
     if on.confirm then on.confirm(self, ev, m) end
   elseif m == "channel.close" then               -- closed by the broker: say close-ok, free the number
     if self.conn.raw then self.conn.raw:channel_close_ok(self.num) end

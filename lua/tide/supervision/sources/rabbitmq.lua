@@ -205,13 +205,14 @@ end
 
 local NONE = setmetatable({}, { __newindex = function() error("a delivery's headers and properties are read-only", 2) end })
 
---- A delivery is the event itself (fields: tag, body, redelivered,
---- exchange, routing_key, properties, headers, delivery_count), plus the
---- channel it came on.
-local function on_deliver(s, ch, d)
+--- A delivery: tag, body, redelivered, exchange, routing_key, properties,
+--- headers, delivery_count, and the channel it came on (one constructor:
+--- the table is allocated once, at its final size).
+local function on_deliver(s, ch, tag, redelivered, exchange, routing_key, body, props)
   if ch.lost then return end                         -- closing: the broker requeues it
-  local props = d.properties or NONE
-  d._ch, d.properties, d.headers = ch, props, props.headers or NONE
+  props = props or NONE
+  local d = { tag = tag, body = body, redelivered = redelivered, exchange = exchange, routing_key = routing_key,
+              properties = props, headers = props.headers or NONE, delivery_count = 0, _ch = ch, task = false }
   s.stats.delivered = s.stats.delivered + 1
   d.delivery_count = delivery_count(s, d)
   local max = s.max_redeliveries
@@ -245,7 +246,7 @@ function Source:start()
       c.buffer = { head = 1, n = 0 }
       self.consume_ch = c
     end,
-    deliver = function(c, ev) on_deliver(self, c, ev) end,
+    deliver = function(c, tag, re, ex, rk, body, props) on_deliver(self, c, tag, re, ex, rk, body, props) end,
     lost = function(_, reason)
       if reason:find("by the broker", 1, true) then
         self.stats.broker_closes = self.stats.broker_closes + 1
