@@ -418,6 +418,26 @@ static void push_event(lua_State *L, const tide__amqp_event *ev) {
   }
 }
 
+/* Pushes b, reusing the string last pushed in slot `slot` of the connection's
+ * environment table when the bytes are the same: a queue's deliveries mostly
+ * share their exchange and routing key, and interning them again costs more
+ * than this compare.  The connection is at index 1. */
+static void push_cached(lua_State *L, int slot, amqp_bytes_t b) {
+  lua_getfenv(L, 1);
+  lua_rawgeti(L, -1, slot);
+  size_t n;
+  const char *s = lua_tolstring(L, -1, &n);
+  if (s != NULL && n == b.len && (n == 0 || memcmp(s, b.bytes, n) == 0)) {
+    lua_remove(L, -2);                             /* the environment */
+    return;
+  }
+  lua_pop(L, 1);
+  push_bytes(L, b);
+  lua_pushvalue(L, -1);
+  lua_rawseti(L, -3, slot);
+  lua_remove(L, -2);                               /* the environment */
+}
+
 /* conn:next() -> "basic.deliver", channel, tag, redelivered, exchange, routing_key, body, properties | nil
  *              | method, channel, event | nil (nothing now) | false, message (lost)
  * A delivery comes as values, not a table: the source builds its delivery
@@ -437,8 +457,8 @@ static int conn_next(lua_State *L) {
     lua_pushinteger(L, ev.channel);
     lua_pushnumber(L, (lua_Number)m->delivery_tag);
     lua_pushboolean(L, m->redelivered);
-    push_bytes(L, m->exchange);
-    push_bytes(L, m->routing_key);
+    push_cached(L, 1, m->exchange);
+    push_cached(L, 2, m->routing_key);
     push_bytes(L, ev.body);
     if (ev.props->_flags != 0) push_props(L, ev.props); else lua_pushnil(L);
     return 8;
@@ -629,6 +649,8 @@ static void connect_done(uv_work_t *w, int status) {
     u->id = r->id;
     luaL_getmetatable(L, CONN_MT);
     lua_setmetatable(L, -2);
+    lua_createtable(L, 2, 0);                      /* strings reused by push_cached */
+    lua_setfenv(L, -2);
     int rc = tide__amqp_attach(r->c, b->loop, on_io, u);
     if (rc != 0) {
       lua_pop(L, 1);
