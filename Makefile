@@ -5,11 +5,11 @@ BUILD     ?= build
 SANITIZE  ?=
 CC        ?= cc
 LUAJIT    ?= luajit
-PKGS      := luajit libuv sqlite3 libpq
+PKGS      := luajit libuv sqlite3 libpq librabbitmq
 VERSION   := 0.1.0
 
 DEPS_DEB  := luajit libluajit-5.1-dev libuv1-dev libsqlite3-dev libpq-dev libhttp-parser-dev postgresql lua-cjson \
-             lua-busted pkg-config luarocks curl chromium python3-prometheus-client
+             librabbitmq-dev rabbitmq-server lua-busted pkg-config luarocks curl chromium python3-prometheus-client
 
 CFLAGS    ?= -O2 -g
 CFLAGS    += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -fPIC -fvisibility=hidden \
@@ -91,7 +91,7 @@ $(BUILD)/libtide.a: $(CORE_OBJ)
 	ar rcs $@ $^
 
 $(BUILD)/tide.so: $(CORE_OBJ)
-	$(CC) $(LDFLAGS) -shared -o $@ $^ $(shell pkg-config --libs libuv sqlite3 libpq) $(NOPC_LIBS) -lm -lpthread
+	$(CC) $(LDFLAGS) -shared -o $@ $^ $(shell pkg-config --libs libuv sqlite3 libpq librabbitmq) $(NOPC_LIBS) -lm -lpthread
 
 # test_faults puts its own functions between the core and these (ld --wrap):
 # to fail them on request, count them, or check who calls them.

@@ -1,4 +1,4 @@
--- rockspecs/tide-scm-1.rockspec — builds tide with the system's LuaJIT, libuv, SQLite and libpq.
+-- rockspecs/tide-scm-1.rockspec — builds tide with the system's LuaJIT, libuv, SQLite, libpq, http-parser and librabbitmq.
 --
 --   luarocks --lua-version=5.1 make rockspecs/tide-scm-1.rockspec
 --
@@ -27,6 +27,7 @@ external_dependencies = {
   SQLITE = { header = "sqlite3.h" },
   PQ = { header = "postgresql/libpq-fe.h" },
   HTTP_PARSER = { header = "http_parser.h" },
+  RABBITMQ = { header = "amqp.h" },
 }
 build = {
   type = "make",

@@ -60,6 +60,21 @@ function H.assert_idle()
   assert.equal(0, st.active_handles, "handles left active")
 end
 
+--- tide.run(fn) for specs: an error (a failed assertion) inside fn fails
+--- the spec, and shuts the loop down at once, so tasks fn left behind
+--- (a ticker waiting for a flag fn never set) cannot keep it running.
+--- Returns what fn returned.
+function H.run(fn, ...)
+  local tide = require "tide"
+  local results = { tide.run(function(...)
+    local r = { xpcall(fn, debug.traceback, ...) }
+    if not r[1] then tide.shutdown(0); error(r[2], 0) end
+    return unpack(r, 2, table.maxn(r))
+  end, ...) }
+  if results[1] ~= "ok" then error(tostring(results[2]), 0) end
+  return unpack(results, 2, table.maxn(results))
+end
+
 --- Runs a shell command; returns its exit status and output.
 function H.sh(cmd)
   local f = io.popen(cmd .. " 2>&1; echo \"__status=$?\"")

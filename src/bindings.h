@@ -24,6 +24,12 @@ void tide__open_pg(lua_State *L, uv_loop_t *loop, tide__watchdog *wd);
 /* lua_pg.c: closes the watch handles of PostgreSQL connections (before the loop closes). */
 void tide__close_pg(lua_State *L);
 
+/* lua_amqp.c: sets amqp_connect and amqp_on_ready into the table at the top. */
+void tide__open_amqp(lua_State *L, uv_loop_t *loop, tide__watchdog *wd);
+
+/* lua_amqp.c: closes RabbitMQ connections and gives up connects under way (before the loop closes). */
+void tide__close_amqp(lua_State *L);
+
 /* lua_http.c: sets http_listen and random_bytes into the table at the top. */
 void tide__open_http(lua_State *L, uv_loop_t *loop, tide__watchdog *wd);
 

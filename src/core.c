@@ -277,6 +277,7 @@ static int close_state(lua_State *L, loop_ud *u) {
   u->s = NULL;
   tide__close_threads(L);                    /* its async handle is on our loop */
   tide__close_pg(L);                         /* so are the sockets' watches     */
+  tide__close_amqp(L);                       /* and the brokers' connections    */
   tide__close_http(L);                       /* and the HTTP servers' handles   */
   tide__watchdog_free(s->wd);                /* their callbacks told it of calls */
   s->wd = NULL;
@@ -434,6 +435,7 @@ static int push_core(lua_State *L, uv_loop_t *uv) {
   tide__open_threads(L, s->loop.uv, s->wd);        /* thread_*       */
   tide__open_sqlite(L);                            /* sqlite_*       */
   tide__open_pg(L, s->loop.uv, s->wd);             /* pg_*           */
+  tide__open_amqp(L, s->loop.uv, s->wd);           /* amqp_*         */
   tide__open_http(L, s->loop.uv, s->wd);           /* http_listen    */
   lua_remove(L, -2);                               /* the userdata */
   lua_pushvalue(L, -1);

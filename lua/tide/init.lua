@@ -71,7 +71,8 @@ end
 tide.pool = require("tide.engine.pool").new
 tide.supervisor = require("tide.supervision.supervisor").new
 tide.consumer = require("tide.supervision.consumer").new
-tide.sources = { memory = require("tide.supervision.sources.memory").new }
+tide.sources = { memory = require("tide.supervision.sources.memory").new,
+                 rabbitmq = require("tide.supervision.sources.rabbitmq").new }
 tide.flow = require("tide.flow.run").new
 tide.queue = { open = require("tide.jobs.queue").open }
 tide.worker = require("tide.jobs.worker").new

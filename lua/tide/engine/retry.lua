@@ -8,17 +8,17 @@ local BACKOFF = { fixed = true, linear = true, exponential = true }
 local ON = { error = true, timeout = true }
 local KEYS = { attempts = true, backoff = true, base = true, max = true, jitter = true, on = true }
 
-local function bad(fname, key, expected, v, level)
-  check.opt_error(fname, "retry." .. key, expected, v, level + 1)
+local function bad(fname, key, expected, v, level, prefix)
+  check.opt_error(fname, (prefix or "") .. "retry." .. key, expected, v, level + 1)
 end
 
-local function parse_on(fname, on, level)
+local function parse_on(fname, on, level, prefix)
   if on == nil then return { error = true, timeout = true } end
-  if type(on) ~= "table" then bad(fname, "on", "list of statuses", on, level + 1) end
+  if type(on) ~= "table" then bad(fname, "on", "list of statuses", on, level + 1, prefix) end
   local set = {}
   for i, status in ipairs(on) do
     if not ON[status] then
-      bad(fname, "on[" .. i .. "]", check.choices(ON), status, level + 1)
+      bad(fname, "on[" .. i .. "]", check.choices(ON), status, level + 1, prefix)
     end
     set[status] = true
   end
@@ -26,23 +26,25 @@ local function parse_on(fname, on, level)
 end
 
 --- Validates a `retry` option table; returns the normalized policy.
---- `level` points error messages at the user's call.
-function M.policy(fname, r, level)
+--- `level` points error messages at the user's call; `prefix` (optional)
+--- names where the table sits ("handler." for 'handler.retry.base').
+function M.policy(fname, r, level, prefix)
   level = (level or 2) + 1
-  if type(r) ~= "table" then check.opt_error(fname, "retry", "table", r, level) end
-  check.known(fname, r, KEYS, "retry.", level)
+  local pre = prefix or ""
+  if type(r) ~= "table" then check.opt_error(fname, pre .. "retry", "table", r, level) end
+  check.known(fname, r, KEYS, pre .. "retry.", level)
   local p = {
     attempts = r.attempts or 3, backoff = r.backoff or "exponential",
     base = r.base or 100, max = r.max or 10000, jitter = r.jitter or false,
   }
-  if not check.is_count(p.attempts, 1) then bad(fname, "attempts", "integer >= 1", r.attempts, level) end
-  if not BACKOFF[p.backoff] then bad(fname, "backoff", check.choices(BACKOFF), r.backoff, level) end
-  if not check.is_ms(p.base) then bad(fname, "base", "non-negative number of ms", r.base, level) end
+  if not check.is_count(p.attempts, 1) then bad(fname, "attempts", "integer >= 1", r.attempts, level, prefix) end
+  if not BACKOFF[p.backoff] then bad(fname, "backoff", check.choices(BACKOFF), r.backoff, level, prefix) end
+  if not check.is_ms(p.base) then bad(fname, "base", "non-negative number of ms", r.base, level, prefix) end
   if not check.is_ms(p.max) or p.max < p.base then
-    bad(fname, "max", "number of ms >= base", r.max, level)
+    bad(fname, "max", "number of ms >= base", r.max, level, prefix)
   end
-  if type(p.jitter) ~= "boolean" then bad(fname, "jitter", "boolean", r.jitter, level) end
-  p.on = parse_on(fname, r.on, level)
+  if type(p.jitter) ~= "boolean" then bad(fname, "jitter", "boolean", r.jitter, level, prefix) end
+  p.on = parse_on(fname, r.on, level, prefix)
   return p
 end
 

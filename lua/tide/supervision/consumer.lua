@@ -1,24 +1,37 @@
 --- tide.supervision.consumer — takes deliveries from a source and runs each as a supervised task, acking or nacking every one exactly once.
 --
--- A source is a small interface (tide.sources.memory is one; a RabbitMQ
--- source fits the same):
---   source:fetch(n)          -> a list of at most n deliveries { tag =, body = } (may wait)
---   source:ack(tag)          the delivery is done
---   source:nack(tag, requeue) the delivery failed; requeue it or not
+-- A source is a small interface (tide.sources.memory and
+-- tide.sources.rabbitmq fit it):
+--   source:start()            optional: begin taking deliveries (may wait; raises when it cannot)
+--   source:fetch(n, wait_ms)  -> a list of at most n deliveries { tag =, body =, ... }; may
+--                             wait up to wait_ms for the first; raises when the source is lost
+--   source:ack(d)             the delivery is done
+--   source:nack(d, requeue)   the delivery failed; requeue it or not
+--   source:stop()             optional: stop taking deliveries; whatever the source
+--                             delivered and nobody settled goes back to the broker
 --
 -- The promise: every delivery the consumer took is acked or nacked exactly
--- once.  A handler's outcome settles its delivery (ok: ack; anything else:
--- nack); a consumer that ends for any reason (an error, a cancel, its
--- supervisor stopping it) first nacks, with requeue, every delivery it still
--- holds, and cancels their handlers, so a restarted consumer begins with its
--- prefetch window empty and the broker never counts a dead node as busy.
+-- once, or given back by the broker when its channel died.  A handler's
+-- outcome settles its delivery (ok: ack; anything else: nack; the handler's
+-- handle_result may choose per delivery by returning "ack", "requeue" or
+-- "drop").  A consumer run that ends for any reason (an error, a cancel, its
+-- supervisor stopping it, the end of a retried attempt) first nacks, with
+-- requeue, every delivery it still holds, cancels their handlers and stops
+-- its source, so a restarted consumer begins with its prefetch window empty
+-- and the broker never counts a dead node as busy.
+--
+-- One consumer object is run by one task at a time: a second concurrent
+-- run raises (it would release the first run's healthy handlers).
 local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
 local log = require "tide.engine.log"
-local spawn = require("tide.engine.task").spawn
+local retry = require "tide.engine.retry"
+local thread = require "tide.engine.thread"
+local make_task = require("tide.engine.task").make_task
 
-local type, pairs, pcall, tostring, setmetatable, getmetatable, error =
-  type, pairs, pcall, tostring, setmetatable, getmetatable, error
+local type, pairs, pcall, xpcall, tostring, setmetatable, getmetatable, error =
+  type, pairs, pcall, xpcall, tostring, setmetatable, getmetatable, error
+local traceback, co_yield = debug.traceback, coroutine.yield
 local opt_error = check.opt_error
 
 local M = {}
@@ -38,9 +51,37 @@ end }
 
 local KEYS = { source = true, prefetch = true, handler = true, name = true, requeue = true, poll = true }
 local HANDLER_KEYS = { run = true, handle_result = true, timeout = true, retry = true, mode = true }
+local CHOICES = { ack = true, requeue = true, drop = true }
 
---- tide.consumer{ source =, prefetch = 10, handler = { run =, handle_result =, timeout =, retry = },
----                requeue = true, poll = 50, name = "consumer" }
+--- Checks the handler as tide.spawn checks a task spec, so a wrong option
+--- raises here, at the caller's line, and not for every delivery later.
+local function check_handler(fname, h)
+  local L = 3                                  -- the user's line: new's caller
+  if type(h) ~= "table" then opt_error(fname, "handler", "table", h, L) end
+  check.known(fname, h, HANDLER_KEYS, "handler.", L)
+  if h.mode ~= nil and h.mode ~= "coroutine" and h.mode ~= "thread" then
+    opt_error(fname, "handler.mode", "'coroutine' or 'thread'", h.mode, L)
+  end
+  if h.mode == "thread" then
+    if type(h.run) ~= "function" and type(h.run) ~= "string" then
+      opt_error(fname, "handler.run", "function or \"module.function\"", h.run, L)
+    end
+    local ok, err = pcall(thread.payload, fname, h.run, nil, 1)
+    if not ok then error((tostring(err):gsub("^[^:]*:%d+: ", ""):gsub("bad option 'run'", "bad option 'handler.run'")), L) end
+  elseif type(h.run) ~= "function" then
+    opt_error(fname, "handler.run", "function", h.run, L)
+  end
+  if h.timeout ~= nil and not check.is_ms(h.timeout, true) then
+    opt_error(fname, "handler.timeout", "positive number of ms", h.timeout, L)
+  end
+  if h.retry ~= nil then retry.policy(fname, h.retry, L, "handler.") end
+  if h.handle_result ~= nil and type(h.handle_result) ~= "function" then
+    opt_error(fname, "handler.handle_result", "function", h.handle_result, L)
+  end
+end
+
+--- tide.consumer{ source =, prefetch = source.prefetch or 10, handler = { run =, handle_result =,
+---                timeout =, retry =, mode = }, requeue = true, poll = 50, name = "consumer" }
 function M.new(opts)
   local fname = "tide.consumer"
   if type(opts) ~= "table" then check.arg_error(fname, 1, "table", opts) end
@@ -50,52 +91,108 @@ function M.new(opts)
      or type(src.nack) ~= "function" then
     opt_error(fname, "source", "source with fetch, ack and nack", src)
   end
-  local prefetch = opts.prefetch or 10
+  local prefetch = opts.prefetch or (check.is_count(src.prefetch, 1) and src.prefetch) or 10
   if not check.is_count(prefetch, 1) then opt_error(fname, "prefetch", "integer >= 1", opts.prefetch) end
-  local h = opts.handler
-  if type(h) ~= "table" then opt_error(fname, "handler", "table", h) end
-  check.known(fname, h, HANDLER_KEYS, "handler.")
-  if type(h.run) ~= "function" then opt_error(fname, "handler.run", "function", h.run) end
-  if h.handle_result ~= nil and type(h.handle_result) ~= "function" then
-    opt_error(fname, "handler.handle_result", "function", h.handle_result)
-  end
+  check_handler(fname, opts.handler)
   if opts.poll ~= nil and not check.is_ms(opts.poll, true) then opt_error(fname, "poll", "positive number of ms", opts.poll) end
   if opts.name ~= nil and type(opts.name) ~= "string" then opt_error(fname, "name", "string", opts.name) end
+  if opts.requeue ~= nil and type(opts.requeue) ~= "boolean" then opt_error(fname, "requeue", "boolean", opts.requeue) end
+  local h = opts.handler
   local c = setmetatable({ source = src, prefetch = prefetch, handler = h, name = opts.name or "consumer",
+                           policy = h.retry ~= nil and retry.policy(fname, h.retry) or nil,
                            requeue = opts.requeue ~= false, poll = opts.poll or 50,
-                           held = {}, in_flight = 0, waiting = false }, Consumer_mt)
+                           held = {}, in_flight = 0, waiting = false, runner = false }, Consumer_mt)
   c.totals = totals_of(c.name)
   M.live[c] = true
   return c
 end
 
+-- ===== settling
 
---- Settles a delivery once: ack after ok, nack otherwise.  A broker error
---- here is logged; the delivery counts as settled (the broker redelivers
---- what it never heard of once the channel is gone).
-local function settle(c, d, status, requeue)
-  if c.held[d.tag] ~= d then return end     -- settled already
-  c.held[d.tag] = nil
+--- Settles a delivery once: ack after ok, nack otherwise, unless `choice`
+--- ("ack", "requeue", "drop") says how.  A broker error here is logged; the
+--- delivery counts as settled (the broker redelivers what it never heard
+--- of once the channel is gone).
+local function settle(c, d, status, choice)
+  if not c.held[d] then return end           -- settled already
+  c.held[d] = nil
   c.in_flight = c.in_flight - 1
-  if requeue == nil then requeue = c.requeue end
-  local ok, err
-  local tot = c.totals
-  if status == "ok" then ok, err = pcall(c.source.ack, c.source, d.tag); tot.acked = tot.acked + 1
-  else ok, err = pcall(c.source.nack, c.source, d.tag, requeue); tot.nacked = tot.nacked + 1 end
+  local src, tot, ok, err = c.source, c.totals
+  if choice == "ack" or (choice == nil and status == "ok") then
+    ok, err = pcall(src.ack, src, d)
+    tot.acked = tot.acked + 1
+  else
+    local requeue = c.requeue
+    if choice == "requeue" then requeue = true elseif choice == "drop" then requeue = false end
+    ok, err = pcall(src.nack, src, d, requeue)
+    tot.nacked = tot.nacked + 1
+  end
   if not ok then log.report(c.name .. " settling delivery " .. tostring(d.tag), err) end
   S.notify(c)
 end
 
+--- The user's handle_result, protected; returns its choice, if valid.
+local function choose(c, h, status, value, task, d)
+  local ok, r = xpcall(h.handle_result, traceback, status, value, task, d)
+  if not ok then
+    log.report("handle_result of " .. c.name .. " delivery " .. tostring(d.tag), r, r)
+  elseif r ~= nil then
+    if CHOICES[r] then return r end
+    log.report("handle_result of " .. c.name .. " delivery " .. tostring(d.tag),
+      ("returned %s ('ack', 'requeue', 'drop' or nothing expected): settled as its status says"):format(check.describe(r)))
+  end
+  return nil
+end
+
+--- What a thread-mode handler receives as its delivery: the plain fields
+--- (not the channel or the task).
+local function plain(d)
+  local p = {}
+  for k, v in pairs(d) do
+    if type(k) == "string" and k:sub(1, 1) ~= "_" and k ~= "task" then p[k] = v end
+  end
+  return p
+end
+
+--- The end of a handler's task (the engine's internal hook, inside its one
+--- door): the user's handle_result may choose, then the delivery settles.
+local function delivery_done(t)
+  local o = S.options(t)
+  local c, d = o.consumer_of, o.delivery
+  local h = c.handler
+  local status = S.state(t)
+  local choice = h.handle_result and choose(c, h, status, t.value, t, d)
+  settle(c, d, status, choice)
+end
+
+--- A coroutine handler's task function: handler.run(body, delivery), read
+--- from the task's options (no argument table per delivery).
+local function handle()
+  local o = S.options(S.current())
+  local d = o.delivery
+  return o.consumer_of.handler.run(d.body, d)
+end
+
+--- Starts the handler of a delivery.  Coroutine handlers are built here
+--- directly from the options checked once at creation (a delivery costs a
+--- task and its argument table, nothing more); thread handlers go through
+--- make_task, which encodes their arguments.
 local function run_delivery(c, d)
   local h = c.handler
-  d.task = spawn{
-    run = h.run, args = { d.body, d }, timeout = h.timeout, retry = h.retry, mode = h.mode,
-    name = c.name .. " #" .. tostring(d.tag),
-    handle_result = function(status, value, task)
-      settle(c, d, status)
-      if h.handle_result then h.handle_result(status, value, task, d) end
-    end,
-  }
+  local t
+  if h.mode == "thread" then
+    t = make_task("tide.consumer", "coroutine", { run = h.run, args = { d.body, plain(d) }, timeout = h.timeout,
+                                                  retry = h.retry, mode = "thread", name = c.name })
+    local o = S.options(t)
+    o.consumer_of, o.delivery, o.on_finish = c, d, delivery_done
+  elseif c.policy or h.timeout then
+    t = S.new_task(handle, { timeout = h.timeout, retry = c.policy, name = c.name,
+                             consumer_of = c, delivery = d, on_finish = delivery_done })
+  else
+    t = S.new_task(handle, { name = c.name, consumer_of = c, delivery = d, on_finish = delivery_done })
+  end
+  d.task = t
+  S.start(t)
 end
 
 --- Holds every delivery of a batch first, then starts their handlers; a
@@ -104,8 +201,7 @@ end
 --- never start (a poison message).
 local function run_batch(c, batch)
   for i = 1, #batch do
-    local d = batch[i]
-    c.held[d.tag] = d
+    c.held[batch[i]] = true
     c.in_flight = c.in_flight + 1
   end
   c.totals.delivered = c.totals.delivered + #batch
@@ -113,17 +209,41 @@ local function run_batch(c, batch)
     local ok, err = pcall(run_delivery, c, batch[i])
     if not ok then
       log.report(c.name .. " starting delivery " .. tostring(batch[i].tag), err)
-      settle(c, batch[i], "error", false)
+      settle(c, batch[i], "error", "drop")
     end
   end
 end
 
 --- Nacks (requeue) everything still held and cancels its handlers.
 local function release_all(c, why)
-  for _, d in pairs(c.held) do
+  for d in pairs(c.held) do
     settle(c, d, "cancelled")
     if d.task and not S.TERMINAL[d.task:status()] then d.task:cancel(why) end
   end
+end
+
+--- The end of a run, however it ends: give back what is held, stop the source.
+local function end_run(c, t, why)
+  if c.runner ~= t then return end
+  release_all(c, why)
+  c.held, c.in_flight = {}, 0
+  local src = c.source
+  if src.stop then
+    local ok, err = pcall(src.stop, src)
+    if not ok then log.report(c.name .. " stopping its source", err) end
+  end
+  c.runner = false
+end
+
+--- Makes the end of the current attempt of t end the run (once per attempt).
+local function on_attempt_end(c, t)
+  local o = S.options(t)
+  if o.consumer_attempt == t.attempts and o.consumer == c then return end
+  o.consumer, o.consumer_attempt = c, t.attempts
+  S.on_attempt_end(t, function(task)
+    o.consumer = nil
+    end_run(c, task, "consumer " .. c.name .. " ended")
+  end)
 end
 
 --- The consumer loop; run it as a task or as a supervisor child
@@ -134,25 +254,25 @@ function Consumer.run(c, ctx)
   if getmetatable(c) ~= Consumer_mt then error("consumer:run: bad self (consumer expected)", 2) end
   local me = S.current()
   if me == nil then error("consumer:run: called outside a task", 2) end
-  -- What an earlier run left (an attempt of a task with retry ends without
-  -- its on_finish) is given back first: nothing is ever orphaned.
-  release_all(c, "consumer " .. c.name .. " restarted")
-  c.held, c.in_flight = {}, 0
-  local o = S.options(me)
-  if o.consumer ~= c then                        -- once per task, not per attempt
-    o.consumer = c
-    S.on_finish(me, function()                   -- however the consumer ends
-      release_all(c, "consumer " .. c.name .. " ended")
-    end)
+  local r = c.runner
+  if r and r ~= me and not S.TERMINAL[S.state(r)] then
+    error(("consumer:run: consumer '%s' is already running in task %d"):format(c.name, r.id), 2)
   end
+  -- What an earlier attempt of this task left is given back first.
+  end_run(c, r, "consumer " .. c.name .. " restarted")
+  c.runner = me
+  on_attempt_end(c, me)
+  local src, now = c.source, S.now
+  if src.start then src:start() end
   while not ((ctx and ctx.stopping and ctx:stopping()) or S.shutting_down()) do
     if c.in_flight < c.prefetch then
-      local batch = c.source:fetch(c.prefetch - c.in_flight)
+      local t0 = now()
+      local batch = src:fetch(c.prefetch - c.in_flight, c.poll)
       run_batch(c, batch)
       if #batch == 0 then
-        S.sleep(c.poll)
+        if now() - t0 < 1 then S.sleep(c.poll) end   -- a source that does not wait: poll it
       elseif c.in_flight < c.prefetch then
-        S.sleep(0)                           -- settled at once: let the others run before the next fetch
+        co_yield()                           -- let the handlers run before the next fetch (no timer)
       end
     else
       S.wait_for(c, "consumer", c.poll)      -- until a delivery settles
@@ -161,6 +281,7 @@ function Consumer.run(c, ctx)
   while c.in_flight > 0 do                        -- stopping: let the handlers finish
     S.wait_for(c, "consumer", c.poll)
   end
+  end_run(c, me, "consumer " .. c.name .. " stopped")
   return "stopped"
 end
 

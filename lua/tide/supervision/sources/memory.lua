@@ -1,13 +1,15 @@
---- tide.supervision.sources.memory — tide.sources.memory, a broker stand-in for tests and examples.
+--- tide.supervision.sources.memory — tide.sources.memory, a broker stand-in for tests and examples, with the interface tide.consumer uses.
 --
 -- The memory source behaves like a broker channel with a prefetch limit
 -- (basic.qos): it never has more than `prefetch` deliveries unacked, each
 -- delivery gets a fresh tag, a nacked message with requeue goes back to the
--- queue (and is delivered again with a new tag).  It records every ack and
--- nack, and counts what a real broker would reject: settling an unknown tag
--- or settling one twice.  `outage = true` makes fetch fail, like a lost
--- connection.
+-- queue (and is delivered again with a new tag and `redelivered` set).  It
+-- records every ack and nack, and counts what a real broker would reject:
+-- settling an unknown tag or settling one twice.  `outage = true` makes fetch fail, like a lost
+-- connection.  A fetch that finds nothing waits (up to its wait_ms) until a
+-- publish or a settle may let it take something: no polling.
 local check = require "tide.engine.check"
+local S = require "tide.engine.sched"
 
 local type, setmetatable, error, tostring = type, setmetatable, error, tostring
 
@@ -26,27 +28,41 @@ function M.new(opts)
   if not check.is_count(prefetch, 1) then
     check.opt_error("tide.sources.memory", "prefetch", "integer >= 1", opts.prefetch)
   end
-  local m = setmetatable({ prefetch = prefetch, queue = {}, qhead = 1, queued = 0,
+  local m = setmetatable({ prefetch = prefetch, queue = {}, again = {}, qhead = 1, queued = 0,
     unacked = 0, pending = {}, next_tag = 0, outage = false,
     delivered = 0, acked = 0, nacked = 0, violations = 0, log = {} }, Memory_mt)
   for _, body in ipairs(opts.messages or {}) do m:publish(body) end
   return m
 end
 
-function Memory.publish(m, body)
-  m.queue[m.qhead + m.queued] = body
+function Memory.publish(m, body, redelivered)
+  local i = m.qhead + m.queued
+  m.queue[i], m.again[i] = body, redelivered or nil
   m.queued = m.queued + 1
+  S.notify(m)
 end
 
---- At most n deliveries, within the prefetch window.
-function Memory.fetch(m, n)
+local function can_deliver(m)
+  return m.queued > 0 and m.unacked < m.prefetch
+end
+
+--- At most n deliveries, within the prefetch window; waits up to wait_ms
+--- (optional) when none can be delivered now.
+function Memory.fetch(m, n, wait_ms)
   if m.outage then error("memory source: connection refused (outage)", 0) end
+  if not can_deliver(m) and wait_ms and wait_ms > 0 then
+    local deadline = S.now() + wait_ms
+    repeat
+      S.wait_for(m, "source:fetch", deadline - S.now())
+      if m.outage then error("memory source: connection refused (outage)", 0) end
+    until can_deliver(m) or S.now() >= deadline
+  end
   local out = {}
   while #out < n and m.queued > 0 and m.unacked < m.prefetch do
-    local body = m.queue[m.qhead]
-    m.queue[m.qhead], m.qhead, m.queued = nil, m.qhead + 1, m.queued - 1
+    local body, again = m.queue[m.qhead], m.again[m.qhead] or false
+    m.queue[m.qhead], m.again[m.qhead], m.qhead, m.queued = nil, nil, m.qhead + 1, m.queued - 1
     m.next_tag = m.next_tag + 1
-    local d = { tag = m.next_tag, body = body }
+    local d = { tag = m.next_tag, body = body, redelivered = again }
     m.pending[d.tag] = body
     m.unacked, m.delivered = m.unacked + 1, m.delivered + 1
     out[#out + 1] = d
@@ -54,7 +70,8 @@ function Memory.fetch(m, n)
   return out
 end
 
-local function settle(m, tag, what)
+local function settle(m, d, what)
+  local tag = d.tag
   m.log[#m.log + 1] = { tag, what }
   local body = m.pending[tag]
   if body == nil then
@@ -63,18 +80,22 @@ local function settle(m, tag, what)
   end
   m.pending[tag] = nil
   m.unacked = m.unacked - 1
+  S.notify(m)
   return body
 end
 
-function Memory.ack(m, tag)
-  settle(m, tag, "ack")
+--- Settles delivery d (as fetch returned it).
+function Memory.ack(m, d)
+  settle(m, d, "ack")
   m.acked = m.acked + 1
+  return true
 end
 
-function Memory.nack(m, tag, requeue)
-  local body = settle(m, tag, "nack")
+function Memory.nack(m, d, requeue)
+  local body = settle(m, d, "nack")
   m.nacked = m.nacked + 1
-  if requeue then m:publish(body) end
+  if requeue then m:publish(body, true) end
+  return true
 end
 
 function Memory.stats(m)

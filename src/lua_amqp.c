@@ -1,0 +1,817 @@
+/* lua_amqp.c — a thin Lua binding of amqp_conn.c for the RabbitMQ source: connections opened off the loop, frames as Lua tables.
+ *
+ *   amqp_connect(id, { host, port, vhost, user, password, name, heartbeat, timeout })
+ *                      connects and logs in on a libuv worker thread; then
+ *                      ready(id, "open", conn | nil, message) runs on the loop
+ *   amqp_on_ready(fn)  fn(id, "open", ...) as above, or fn(id, "io") when the
+ *                      connection has something to read or was lost
+ *   conn:next() -> "basic.deliver", channel, tag, redelivered, exchange, routing_key, body,
+ *                  properties | method, channel, event | nil (nothing now) | false, message (lost)
+ *   conn:channel_open(ch)  conn:channel_close(ch, code, text)  conn:channel_close_ok(ch)
+ *   conn:qos(ch, count)    conn:declare(ch, queue, passive, durable, exclusive, auto_delete, args)
+ *   conn:delete(ch, queue) conn:purge(ch, queue)  conn:confirm(ch)
+ *   conn:consume(ch, queue, tag, exclusive, args)  conn:cancel(ch, tag)
+ *   conn:ack(ch, tag, multiple)  conn:nack(ch, tag, multiple, requeue)
+ *   conn:publish(ch, exchange, routing_key, body, properties)
+ *                      each -> true | nil, message
+ *   conn:info() -> { heartbeat, frame_max, channel_max, pending }   conn:close()
+ *
+ * An event is a table of the method's fields (AMQP's names: `delivery_tag`
+ * of a publisher confirm), its method's name ("queue.declare-ok") and
+ * channel beside it; a returned message adds body = and properties =
+ * { headers = {...}, ... } (none when it has no properties).  A delivery
+ * comes as plain values (see conn_next).  Field tables cross both ways: strings, booleans, numbers
+ * (integers as 64-bit integers), arrays and nested tables, 32 levels deep.
+ *
+ * Connections belong to the loop: they are closed when closed from Lua,
+ * collected, or when the loop closes (tide__close_amqp), whichever comes
+ * first.  A connect still under way when the loop closes is cancelled, or
+ * its connection closed as soon as it arrives.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <lauxlib.h>
+
+#include "amqp_conn.h"
+#include "bindings.h"
+#include "lua_call.h"
+
+#define CONN_MT     "tide.AmqpConn"
+#define BINDING_MT  "tide.AmqpBinding"
+#define BINDING_KEY "tide.amqp"          /* registry: the binding's userdata */
+#define MAX_DEPTH   32                   /* field tables nested deeper are cut */
+
+typedef struct conn_ud conn_ud;
+typedef struct connect_req connect_req;
+
+/* Shared by the module and the connects under way: freed when both let go. */
+typedef struct binding {
+  uv_loop_t *loop;        /* NULL once the loop closed */
+  tide__caller caller;    /* callbacks call Lua through it */
+  int ready_ref;
+  int refs;
+  conn_ud *conns;         /* open connections */
+  connect_req *pending;   /* connects under way */
+} binding;
+
+struct conn_ud {
+  tide__amqp *c;          /* NULL once closed */
+  binding *b;
+  int id;
+  conn_ud *prev, *next;
+};
+
+struct connect_req {
+  uv_work_t work;
+  binding *b;
+  int id;
+  tide__amqp_config cfg;
+  char *strings;          /* host, vhost, user, password, name: one block */
+  tide__amqp *c;
+  char err[256];
+  connect_req *prev, *next;
+};
+
+typedef struct { binding *b; } binding_ud;
+
+static void binding_unref(binding *b) {
+  if (--b->refs == 0) free(b);
+}
+
+/* What a callback into Lua carries: ready(id, kind[, conn, err]).  Pushed
+ * inside the protected call (see lua_call.h): nothing allocates before it. */
+typedef struct { binding *b; int id; const char *kind; connect_req *open; } ready_args;
+
+static int push_open(lua_State *L, ready_args *a);
+
+static int push_ready(lua_State *L, void *ud) {
+  ready_args *a = ud;
+  if (a->open) return push_open(L, a);
+  lua_pushinteger(L, a->id);
+  lua_pushstring(L, a->kind);
+  return 2;
+}
+
+/* Calls ready(id, kind, ...), protected; a failure goes to the error sink. */
+static void call_ready(ready_args *a) {
+  binding *b = a->b;
+  if (b->ready_ref == LUA_NOREF) return;
+  int top = lua_gettop(b->caller.L);
+  tide__call(&b->caller, b->ready_ref, push_ready, a, 0, "a RabbitMQ callback");
+  lua_settop(b->caller.L, top);
+}
+
+/* ===== connections ===== */
+
+static void unlink_conn(conn_ud *u) {
+  if (u->prev) u->prev->next = u->next; else u->b->conns = u->next;
+  if (u->next) u->next->prev = u->prev;
+  u->prev = u->next = NULL;
+}
+
+static void close_conn(conn_ud *u) {
+  if (u->c == NULL) return;
+  tide__amqp_close(u->c);
+  u->c = NULL;
+  unlink_conn(u);
+}
+
+static void on_io(tide__amqp *c, void *data) {
+  (void)c;
+  conn_ud *u = data;
+  ready_args a = { u->b, u->id, "io", NULL };
+  call_ready(&a);
+}
+
+static conn_ud *check_conn(lua_State *L) {
+  return luaL_checkudata(L, 1, CONN_MT);
+}
+
+/* The connection, or NULL after pushing nil, message (closed or lost). */
+static tide__amqp *live(lua_State *L, conn_ud *u) {
+  if (u->c == NULL) { lua_pushnil(L); lua_pushliteral(L, "connection closed"); return NULL; }
+  return u->c;
+}
+
+static int sent(lua_State *L, conn_ud *u, int rc) {
+  if (rc == 0) { lua_pushboolean(L, 1); return 1; }
+  lua_pushnil(L);
+  lua_pushstring(L, rc == -2 || *tide__amqp_error(u->c) ? tide__amqp_error(u->c) : "connection lost");
+  return 2;
+}
+
+/* ===== field tables: AMQP -> Lua ===== */
+
+static void push_table(lua_State *L, const amqp_table_t *t, int depth);
+
+static void push_bytes(lua_State *L, amqp_bytes_t b) {
+  lua_pushlstring(L, b.len ? (const char *)b.bytes : "", b.len);
+}
+
+static void push_field(lua_State *L, const amqp_field_value_t *v, int depth) {
+  if (depth > MAX_DEPTH) { lua_pushliteral(L, "(nested too deep)"); return; }
+  switch (v->kind) {
+    case AMQP_FIELD_KIND_BOOLEAN: lua_pushboolean(L, v->value.boolean); break;
+    case AMQP_FIELD_KIND_I8: lua_pushnumber(L, v->value.i8); break;
+    case AMQP_FIELD_KIND_U8: lua_pushnumber(L, v->value.u8); break;
+    case AMQP_FIELD_KIND_I16: lua_pushnumber(L, v->value.i16); break;
+    case AMQP_FIELD_KIND_U16: lua_pushnumber(L, v->value.u16); break;
+    case AMQP_FIELD_KIND_I32: lua_pushnumber(L, v->value.i32); break;
+    case AMQP_FIELD_KIND_U32: lua_pushnumber(L, v->value.u32); break;
+    case AMQP_FIELD_KIND_I64: lua_pushnumber(L, (lua_Number)v->value.i64); break;
+    case AMQP_FIELD_KIND_U64: case AMQP_FIELD_KIND_TIMESTAMP: lua_pushnumber(L, (lua_Number)v->value.u64); break;
+    case AMQP_FIELD_KIND_F32: lua_pushnumber(L, v->value.f32); break;
+    case AMQP_FIELD_KIND_F64: lua_pushnumber(L, v->value.f64); break;
+    case AMQP_FIELD_KIND_DECIMAL:
+      lua_pushnumber(L, v->value.decimal.value / pow(10, v->value.decimal.decimals));
+      break;
+    case AMQP_FIELD_KIND_UTF8: case AMQP_FIELD_KIND_BYTES: push_bytes(L, v->value.bytes); break;
+    case AMQP_FIELD_KIND_ARRAY:
+      lua_checkstack(L, 3);
+      lua_createtable(L, v->value.array.num_entries, 0);
+      for (int i = 0; i < v->value.array.num_entries; i++) {
+        push_field(L, &v->value.array.entries[i], depth + 1);
+        lua_rawseti(L, -2, i + 1);
+      }
+      break;
+    case AMQP_FIELD_KIND_TABLE: push_table(L, &v->value.table, depth + 1); break;
+    default: lua_pushnil(L); break;                     /* void */
+  }
+}
+
+static void push_table(lua_State *L, const amqp_table_t *t, int depth) {
+  lua_checkstack(L, 4);
+  lua_createtable(L, 0, t->num_entries);
+  for (int i = 0; i < t->num_entries; i++) {
+    push_bytes(L, t->entries[i].key);
+    push_field(L, &t->entries[i].value, depth);
+    lua_rawset(L, -3);
+  }
+}
+
+#define PROPS(X) \
+  X(content_type, AMQP_BASIC_CONTENT_TYPE_FLAG) X(content_encoding, AMQP_BASIC_CONTENT_ENCODING_FLAG) \
+  X(correlation_id, AMQP_BASIC_CORRELATION_ID_FLAG) X(reply_to, AMQP_BASIC_REPLY_TO_FLAG) \
+  X(expiration, AMQP_BASIC_EXPIRATION_FLAG) X(message_id, AMQP_BASIC_MESSAGE_ID_FLAG) \
+  X(type, AMQP_BASIC_TYPE_FLAG) X(user_id, AMQP_BASIC_USER_ID_FLAG) X(app_id, AMQP_BASIC_APP_ID_FLAG)
+
+static void push_props(lua_State *L, const amqp_basic_properties_t *p) {
+  lua_createtable(L, 0, 4);
+#define X(name, flag) if (p->_flags & flag) { push_bytes(L, p->name); lua_setfield(L, -2, #name); }
+  PROPS(X)
+#undef X
+  if (p->_flags & AMQP_BASIC_DELIVERY_MODE_FLAG) { lua_pushnumber(L, p->delivery_mode); lua_setfield(L, -2, "delivery_mode"); }
+  if (p->_flags & AMQP_BASIC_PRIORITY_FLAG) { lua_pushnumber(L, p->priority); lua_setfield(L, -2, "priority"); }
+  if (p->_flags & AMQP_BASIC_TIMESTAMP_FLAG) { lua_pushnumber(L, (lua_Number)p->timestamp); lua_setfield(L, -2, "timestamp"); }
+  if (p->_flags & AMQP_BASIC_HEADERS_FLAG) { push_table(L, &p->headers, 1); lua_setfield(L, -2, "headers"); }
+}
+
+/* ===== field tables: Lua -> AMQP (memory from a pool; errors returned, not raised) ===== */
+
+typedef struct { amqp_pool_t pool; char err[200]; } builder;
+
+static int build_table(lua_State *L, builder *bd, int idx, amqp_table_t *out, int depth, const char *path);
+
+static int build_field(lua_State *L, builder *bd, int idx, amqp_field_value_t *v, int depth, const char *path) {
+  if (depth > MAX_DEPTH) { snprintf(bd->err, sizeof bd->err, "%s: nested too deep", path); return -1; }
+  switch (lua_type(L, idx)) {
+    case LUA_TBOOLEAN: v->kind = AMQP_FIELD_KIND_BOOLEAN; v->value.boolean = lua_toboolean(L, idx); return 0;
+    case LUA_TNUMBER: {
+      double d = lua_tonumber(L, idx);
+      if (d == floor(d) && fabs(d) < 9.2e18) { v->kind = AMQP_FIELD_KIND_I64; v->value.i64 = (int64_t)d; }
+      else { v->kind = AMQP_FIELD_KIND_F64; v->value.f64 = d; }
+      return 0;
+    }
+    case LUA_TSTRING: {
+      size_t len;
+      const char *s = lua_tolstring(L, idx, &len);
+      v->kind = AMQP_FIELD_KIND_UTF8;
+      v->value.bytes.len = len;
+      v->value.bytes.bytes = (void *)s;                 /* anchored by the caller's table */
+      return 0;
+    }
+    case LUA_TTABLE: {
+      size_t n = lua_objlen(L, idx);
+      if (n == 0) { v->kind = AMQP_FIELD_KIND_TABLE; return build_table(L, bd, idx, &v->value.table, depth + 1, path); }
+      v->kind = AMQP_FIELD_KIND_ARRAY;
+      v->value.array.num_entries = (int)n;
+      v->value.array.entries = amqp_pool_alloc(&bd->pool, sizeof(amqp_field_value_t) * n);
+      if (v->value.array.entries == NULL) { snprintf(bd->err, sizeof bd->err, "out of memory"); return -1; }
+      lua_checkstack(L, 3);
+      for (size_t i = 0; i < n; i++) {
+        lua_rawgeti(L, idx, (int)i + 1);
+        int rc = build_field(L, bd, lua_gettop(L), &v->value.array.entries[i], depth + 1, path);
+        lua_pop(L, 1);
+        if (rc != 0) return rc;
+      }
+      return 0;
+    }
+    default:
+      snprintf(bd->err, sizeof bd->err, "%s: %s cannot be sent (string, number, boolean or table expected)",
+               path, lua_typename(L, lua_type(L, idx)));
+      return -1;
+  }
+}
+
+static int build_table(lua_State *L, builder *bd, int idx, amqp_table_t *out, int depth, const char *path) {
+  int n = 0;
+  lua_checkstack(L, 4);
+  lua_pushnil(L);
+  while (lua_next(L, idx)) { n++; lua_pop(L, 1); }
+  out->num_entries = 0;
+  out->entries = n ? amqp_pool_alloc(&bd->pool, sizeof(amqp_table_entry_t) * (size_t)n) : NULL;
+  if (n && out->entries == NULL) { snprintf(bd->err, sizeof bd->err, "out of memory"); return -1; }
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    if (lua_type(L, -2) != LUA_TSTRING) {
+      snprintf(bd->err, sizeof bd->err, "%s: keys must be strings (got %s)", path, lua_typename(L, lua_type(L, -2)));
+      lua_pop(L, 2);
+      return -1;
+    }
+    amqp_table_entry_t *e = &out->entries[out->num_entries++];
+    size_t len;
+    const char *k = lua_tolstring(L, -2, &len);
+    e->key.bytes = (void *)k;
+    e->key.len = len;
+    char sub[160];
+    snprintf(sub, sizeof sub, "%s.%s", path, k);
+    if (build_field(L, bd, lua_gettop(L), &e->value, depth, sub) != 0) { lua_pop(L, 2); return -1; }
+    lua_pop(L, 1);
+  }
+  return 0;
+}
+
+/* An optional field table at index idx (nil: empty). */
+static int opt_table(lua_State *L, builder *bd, int idx, amqp_table_t *out, const char *path) {
+  if (lua_isnoneornil(L, idx)) { *out = amqp_empty_table; return 0; }
+  if (!lua_istable(L, idx)) { snprintf(bd->err, sizeof bd->err, "%s: table expected", path); return -1; }
+  return build_table(L, bd, idx, out, 1, path);
+}
+
+static amqp_bytes_t field_bytes(lua_State *L, int tbl, const char *key, amqp_flags_t flag, amqp_flags_t *flags) {
+  amqp_bytes_t b = { 0, NULL };
+  lua_getfield(L, tbl, key);
+  if (lua_type(L, -1) == LUA_TSTRING) {
+    b.bytes = (void *)lua_tolstring(L, -1, &b.len);    /* anchored by the properties table */
+    *flags |= flag;
+  }
+  lua_pop(L, 1);
+  return b;
+}
+
+static int build_props(lua_State *L, builder *bd, int idx, amqp_basic_properties_t *p) {
+  memset(p, 0, sizeof *p);
+  if (lua_isnoneornil(L, idx)) return 0;
+#define X(name, flag) p->name = field_bytes(L, idx, #name, flag, &p->_flags);
+  PROPS(X)
+#undef X
+  lua_getfield(L, idx, "delivery_mode");
+  if (lua_isnumber(L, -1)) { p->delivery_mode = (uint8_t)lua_tointeger(L, -1); p->_flags |= AMQP_BASIC_DELIVERY_MODE_FLAG; }
+  lua_getfield(L, idx, "priority");
+  if (lua_isnumber(L, -1)) { p->priority = (uint8_t)lua_tointeger(L, -1); p->_flags |= AMQP_BASIC_PRIORITY_FLAG; }
+  lua_getfield(L, idx, "timestamp");
+  if (lua_isnumber(L, -1)) { p->timestamp = (uint64_t)lua_tonumber(L, -1); p->_flags |= AMQP_BASIC_TIMESTAMP_FLAG; }
+  lua_pop(L, 3);
+  lua_getfield(L, idx, "headers");
+  int rc = 0;
+  if (lua_istable(L, -1)) {
+    rc = build_table(L, bd, lua_gettop(L), &p->headers, 1, "headers");
+    p->_flags |= AMQP_BASIC_HEADERS_FLAG;
+  }
+  lua_pop(L, 1);                     /* the strings stay anchored by the properties table */
+  return rc;
+}
+
+/* ===== events ===== */
+
+static void set_num(lua_State *L, const char *k, double v) { lua_pushnumber(L, v); lua_setfield(L, -2, k); }
+static void set_bool(lua_State *L, const char *k, int v) { lua_pushboolean(L, v); lua_setfield(L, -2, k); }
+static void set_bytes(lua_State *L, const char *k, amqp_bytes_t v) { push_bytes(L, v); lua_setfield(L, -2, k); }
+
+/* "AMQP_QUEUE_DECLARE_OK_METHOD" -> "queue.declare-ok" */
+static void push_method_name(lua_State *L, amqp_method_number_t id) {
+  const char *n = amqp_method_name(id);
+  char buf[64];
+  size_t j = 0;
+  int dot = 0;
+  if (n == NULL || strncmp(n, "AMQP_", 5) != 0) { lua_pushfstring(L, "unknown method %d", (int)id); return; }
+  for (const char *p = n + 5; *p && j < sizeof buf - 1; p++) {
+    if (strcmp(p, "_METHOD") == 0) break;
+    if (*p == '_') buf[j++] = dot++ ? '-' : '.';
+    else buf[j++] = (char)(*p >= 'A' && *p <= 'Z' ? *p + 32 : *p);
+  }
+  lua_pushlstring(L, buf, j);
+}
+
+static void push_close(lua_State *L, uint16_t code, amqp_bytes_t text, uint16_t cls, uint16_t m) {
+  set_num(L, "reply_code", code);
+  set_bytes(L, "reply_text", text);
+  set_num(L, "class_id", cls);
+  set_num(L, "method_id", m);
+}
+
+/* Pushes the event's table (its channel and method are returned apart:
+ * a delivery's table becomes the delivery itself, so it holds only its own
+ * fields, with room for the few the source adds). */
+static void push_event(lua_State *L, const tide__amqp_event *ev) {
+  lua_createtable(L, 0, ev->method.id == AMQP_BASIC_DELIVER_METHOD ? 10 : 4);
+  void *d = ev->method.decoded;
+  switch (ev->method.id) {
+    case AMQP_BASIC_DELIVER_METHOD: {
+      amqp_basic_deliver_t *m = d;
+      set_num(L, "tag", (double)m->delivery_tag);
+      set_bool(L, "redelivered", m->redelivered);
+      set_bytes(L, "exchange", m->exchange);
+      set_bytes(L, "routing_key", m->routing_key);
+      break;
+    }
+    case AMQP_BASIC_RETURN_METHOD: {
+      amqp_basic_return_t *m = d;
+      set_num(L, "reply_code", m->reply_code);
+      set_bytes(L, "reply_text", m->reply_text);
+      set_bytes(L, "exchange", m->exchange);
+      set_bytes(L, "routing_key", m->routing_key);
+      break;
+    }
+    case AMQP_BASIC_ACK_METHOD: {
+      amqp_basic_ack_t *m = d;
+      set_num(L, "delivery_tag", (double)m->delivery_tag);
+      set_bool(L, "multiple", m->multiple);
+      break;
+    }
+    case AMQP_BASIC_NACK_METHOD: {
+      amqp_basic_nack_t *m = d;
+      set_num(L, "delivery_tag", (double)m->delivery_tag);
+      set_bool(L, "multiple", m->multiple);
+      break;
+    }
+    case AMQP_CHANNEL_CLOSE_METHOD: {
+      amqp_channel_close_t *m = d;
+      push_close(L, m->reply_code, m->reply_text, m->class_id, m->method_id);
+      break;
+    }
+    case AMQP_CONNECTION_CLOSE_METHOD: {
+      amqp_connection_close_t *m = d;
+      push_close(L, m->reply_code, m->reply_text, m->class_id, m->method_id);
+      break;
+    }
+    case AMQP_QUEUE_DECLARE_OK_METHOD: {
+      amqp_queue_declare_ok_t *m = d;
+      set_bytes(L, "queue", m->queue);
+      set_num(L, "message_count", m->message_count);
+      set_num(L, "consumer_count", m->consumer_count);
+      break;
+    }
+    case AMQP_QUEUE_DELETE_OK_METHOD: set_num(L, "message_count", ((amqp_queue_delete_ok_t *)d)->message_count); break;
+    case AMQP_QUEUE_PURGE_OK_METHOD: set_num(L, "message_count", ((amqp_queue_purge_ok_t *)d)->message_count); break;
+    case AMQP_BASIC_CONSUME_OK_METHOD: set_bytes(L, "consumer_tag", ((amqp_basic_consume_ok_t *)d)->consumer_tag); break;
+    case AMQP_BASIC_CANCEL_METHOD: set_bytes(L, "consumer_tag", ((amqp_basic_cancel_t *)d)->consumer_tag); break;
+    case AMQP_BASIC_CANCEL_OK_METHOD: set_bytes(L, "consumer_tag", ((amqp_basic_cancel_ok_t *)d)->consumer_tag); break;
+    case AMQP_CONNECTION_BLOCKED_METHOD: set_bytes(L, "reason", ((amqp_connection_blocked_t *)d)->reason); break;
+    default: break;
+  }
+  if (ev->has_content) {
+    push_bytes(L, ev->body);
+    lua_setfield(L, -2, "body");
+    if (ev->props->_flags != 0) {     /* none: the field stays nil */
+      push_props(L, ev->props);
+      lua_setfield(L, -2, "properties");
+    }
+  }
+}
+
+/* Pushes b, reusing the string last pushed in slot `slot` of the connection's
+ * environment table when the bytes are the same: a queue's deliveries mostly
+ * share their exchange and routing key, and interning them again costs more
+ * than this compare.  The connection is at index 1. */
+static void push_cached(lua_State *L, int slot, amqp_bytes_t b) {
+  lua_getfenv(L, 1);
+  lua_rawgeti(L, -1, slot);
+  size_t n;
+  const char *s = lua_tolstring(L, -1, &n);
+  if (s != NULL && n == b.len && (n == 0 || memcmp(s, b.bytes, n) == 0)) {
+    lua_remove(L, -2);                             /* the environment */
+    return;
+  }
+  lua_pop(L, 1);
+  push_bytes(L, b);
+  lua_pushvalue(L, -1);
+  lua_rawseti(L, -3, slot);
+  lua_remove(L, -2);                               /* the environment */
+}
+
+/* conn:next() -> "basic.deliver", channel, tag, redelivered, exchange, routing_key, body, properties | nil
+ *              | method, channel, event | nil (nothing now) | false, message (lost)
+ * A delivery comes as values, not a table: the source builds its delivery
+ * with one Lua table constructor, several times cheaper than setting the
+ * fields one by one through the C API (callgrind: 2,100 instructions per
+ * delivery in lua_setfield alone). */
+static int conn_next(lua_State *L) {
+  conn_ud *u = check_conn(L);
+  if (u->c == NULL) { lua_pushboolean(L, 0); lua_pushliteral(L, "connection closed"); return 2; }
+  tide__amqp_event ev;
+  int rc = tide__amqp_next(u->c, &ev);
+  if (rc == 0) return 0;
+  if (rc < 0) { lua_pushboolean(L, 0); lua_pushstring(L, tide__amqp_error(u->c)); return 2; }
+  if (ev.method.id == AMQP_BASIC_DELIVER_METHOD) {
+    amqp_basic_deliver_t *m = ev.method.decoded;
+    lua_pushliteral(L, "basic.deliver");
+    lua_pushinteger(L, ev.channel);
+    lua_pushnumber(L, (lua_Number)m->delivery_tag);
+    lua_pushboolean(L, m->redelivered);
+    push_cached(L, 1, m->exchange);
+    push_cached(L, 2, m->routing_key);
+    push_bytes(L, ev.body);
+    if (ev.props->_flags != 0) push_props(L, ev.props); else lua_pushnil(L);
+    return 8;
+  }
+  push_method_name(L, ev.method.id);
+  lua_pushinteger(L, ev.channel);
+  push_event(L, &ev);
+  return 3;
+}
+
+/* ===== sending ===== */
+
+static amqp_bytes_t arg_bytes(lua_State *L, int idx) {
+  amqp_bytes_t b;
+  b.bytes = (void *)luaL_optlstring(L, idx, "", &b.len);
+  return b;
+}
+
+static amqp_channel_t arg_channel(lua_State *L) {
+  lua_Integer ch = luaL_checkinteger(L, 2);
+  if (ch < 1 || ch > 65535) luaL_argerror(L, 2, "channel out of range");
+  return (amqp_channel_t)ch;
+}
+
+#define SEND(L, u, ch, id, m) do { tide__amqp *c_ = live(L, u); if (!c_) return 2; \
+    return sent(L, u, tide__amqp_send_method(c_, ch, id, &(m))); } while (0)
+
+static int conn_channel_open(lua_State *L) {
+  conn_ud *u = check_conn(L);
+  amqp_channel_open_t m = { amqp_empty_bytes };
+  SEND(L, u, arg_channel(L), AMQP_CHANNEL_OPEN_METHOD, m);
+}
+
+static int conn_channel_close(lua_State *L) {
+  conn_ud *u = check_conn(L);
+  amqp_channel_close_t m = { (uint16_t)luaL_optinteger(L, 3, 200), arg_bytes(L, 4), 0, 0 };
+  SEND(L, u, arg_channel(L), AMQP_CHANNEL_CLOSE_METHOD, m);
+}
+
+static int conn_channel_close_ok(lua_State *L) {
+  conn_ud *u = check_conn(L);
+  amqp_channel_close_ok_t m = { 0 };
+  SEND(L, u, arg_channel(L), AMQP_CHANNEL_CLOSE_OK_METHOD, m);
+}
+
+static int conn_qos(lua_State *L) {
+  conn_ud *u = check_conn(L);
+  amqp_basic_qos_t m = { 0, (uint16_t)luaL_checkinteger(L, 3), 0 };
+  SEND(L, u, arg_channel(L), AMQP_BASIC_QOS_METHOD, m);
+}
+
+static int conn_confirm(lua_State *L) {
+  conn_ud *u = check_conn(L);
+  amqp_confirm_select_t m = { 0 };
+  SEND(L, u, arg_channel(L), AMQP_CONFIRM_SELECT_METHOD, m);
+}
+
+static int conn_ack(lua_State *L) {
+  conn_ud *u = check_conn(L);
+  amqp_basic_ack_t m = { (uint64_t)luaL_checknumber(L, 3), lua_toboolean(L, 4) };
+  SEND(L, u, arg_channel(L), AMQP_BASIC_ACK_METHOD, m);
+}
+
+static int conn_nack(lua_State *L) {
+  conn_ud *u = check_conn(L);
+  amqp_basic_nack_t m = { (uint64_t)luaL_checknumber(L, 3), lua_toboolean(L, 4), lua_toboolean(L, 5) };
+  SEND(L, u, arg_channel(L), AMQP_BASIC_NACK_METHOD, m);
+}
+
+static int conn_cancel(lua_State *L) {
+  conn_ud *u = check_conn(L);
+  amqp_basic_cancel_t m = { arg_bytes(L, 3), 0 };
+  SEND(L, u, arg_channel(L), AMQP_BASIC_CANCEL_METHOD, m);
+}
+
+static int conn_delete(lua_State *L) {
+  conn_ud *u = check_conn(L);
+  amqp_queue_delete_t m = { 0, arg_bytes(L, 3), 0, 0, 0 };
+  SEND(L, u, arg_channel(L), AMQP_QUEUE_DELETE_METHOD, m);
+}
+
+static int conn_purge(lua_State *L) {
+  conn_ud *u = check_conn(L);
+  amqp_queue_purge_t m = { 0, arg_bytes(L, 3), 0 };
+  SEND(L, u, arg_channel(L), AMQP_QUEUE_PURGE_METHOD, m);
+}
+
+/* Sends a method whose field table is built first; the pool goes afterwards. */
+static int send_with_table(lua_State *L, conn_ud *u, amqp_channel_t ch, amqp_method_number_t id, void *m,
+                           builder *bd, int rc) {
+  if (rc != 0) { empty_amqp_pool(&bd->pool); return luaL_error(L, "%s", bd->err); }
+  tide__amqp *c = live(L, u);
+  if (c == NULL) { empty_amqp_pool(&bd->pool); return 2; }
+  rc = tide__amqp_send_method(c, ch, id, m);
+  empty_amqp_pool(&bd->pool);
+  return sent(L, u, rc);
+}
+
+/* conn:declare(ch, queue, passive, durable, exclusive, auto_delete, args) */
+static int conn_declare(lua_State *L) {
+  conn_ud *u = check_conn(L);
+  amqp_channel_t ch = arg_channel(L);
+  builder bd;
+  init_amqp_pool(&bd.pool, 4096);
+  amqp_queue_declare_t m = { 0, arg_bytes(L, 3), lua_toboolean(L, 4), lua_toboolean(L, 5), lua_toboolean(L, 6),
+                             lua_toboolean(L, 7), 0, amqp_empty_table };
+  int rc = opt_table(L, &bd, 8, &m.arguments, "arguments");
+  return send_with_table(L, u, ch, AMQP_QUEUE_DECLARE_METHOD, &m, &bd, rc);
+}
+
+/* conn:consume(ch, queue, tag, exclusive, args) */
+static int conn_consume(lua_State *L) {
+  conn_ud *u = check_conn(L);
+  amqp_channel_t ch = arg_channel(L);
+  builder bd;
+  init_amqp_pool(&bd.pool, 4096);
+  amqp_basic_consume_t m = { 0, arg_bytes(L, 3), arg_bytes(L, 4), 0, 0, lua_toboolean(L, 5), 0, amqp_empty_table };
+  int rc = opt_table(L, &bd, 6, &m.arguments, "arguments");
+  return send_with_table(L, u, ch, AMQP_BASIC_CONSUME_METHOD, &m, &bd, rc);
+}
+
+/* conn:publish(ch, exchange, routing_key, body, properties) */
+static int conn_publish(lua_State *L) {
+  conn_ud *u = check_conn(L);
+  amqp_channel_t ch = arg_channel(L);
+  size_t len;
+  const char *body = luaL_checklstring(L, 5, &len);
+  builder bd;
+  init_amqp_pool(&bd.pool, 4096);
+  amqp_basic_properties_t props;
+  int rc = build_props(L, &bd, 6, &props);
+  if (rc != 0) { empty_amqp_pool(&bd.pool); return luaL_error(L, "%s", bd.err); }
+  tide__amqp *c = live(L, u);
+  if (c == NULL) { empty_amqp_pool(&bd.pool); return 2; }
+  amqp_basic_publish_t m = { 0, arg_bytes(L, 3), arg_bytes(L, 4), 0, 0 };
+  rc = tide__amqp_send_method(c, ch, AMQP_BASIC_PUBLISH_METHOD, &m);
+  if (rc == 0) rc = tide__amqp_send_content(c, ch, &props, body, len);
+  empty_amqp_pool(&bd.pool);
+  return sent(L, u, rc);
+}
+
+static int conn_info(lua_State *L) {
+  conn_ud *u = check_conn(L);
+  if (u->c == NULL) return 0;
+  lua_createtable(L, 0, 4);
+  set_num(L, "heartbeat", tide__amqp_heartbeat(u->c));
+  set_num(L, "frame_max", tide__amqp_frame_max(u->c));
+  set_num(L, "channel_max", tide__amqp_channel_max(u->c));
+  set_num(L, "pending", (double)tide__amqp_pending(u->c));
+  return 1;
+}
+
+/* close() and __gc: idempotent. */
+static int conn_close(lua_State *L) {
+  close_conn(check_conn(L));
+  return 0;
+}
+
+static int conn_tostring(lua_State *L) {
+  conn_ud *u = check_conn(L);
+  lua_pushfstring(L, "tide.AmqpConn %d (%s)", u->id, u->c == NULL ? "closed" : *tide__amqp_error(u->c) ? "lost" : "open");
+  return 1;
+}
+
+/* ===== connecting, off the loop ===== */
+
+static void connect_work(uv_work_t *w) {
+  connect_req *r = w->data;
+  r->c = tide__amqp_open(&r->cfg, r->err, sizeof r->err);
+}
+
+/* ready(id, "open", conn, nil) or ready(id, "open", nil, err): the
+ * connection's userdata is made here, inside the protected call; r->c is
+ * cleared once the userdata owns it, so a failure leaves it to the caller. */
+static int push_open(lua_State *L, ready_args *a) {
+  connect_req *r = a->open;
+  binding *b = a->b;
+  lua_pushinteger(L, r->id);
+  lua_pushliteral(L, "open");
+  if (r->c == NULL) {
+    lua_pushnil(L);
+    lua_pushstring(L, r->err);
+    return 4;
+  }
+  conn_ud *u = lua_newuserdata(L, sizeof *u);
+  memset(u, 0, sizeof *u);
+  u->b = b;
+  u->id = r->id;
+  luaL_getmetatable(L, CONN_MT);
+  lua_setmetatable(L, -2);
+  lua_createtable(L, 2, 0);                      /* strings reused by push_cached */
+  lua_setfenv(L, -2);
+  int rc = tide__amqp_attach(r->c, b->loop, on_io, u);
+  if (rc != 0) {
+    lua_pop(L, 1);
+    lua_pushnil(L);
+    lua_pushfstring(L, "cannot watch the socket: %s", uv_strerror(rc));
+    return 4;
+  }
+  u->c = r->c;
+  r->c = NULL;                                   /* the userdata owns it now */
+  u->next = b->conns;
+  if (u->next) u->next->prev = u;
+  b->conns = u;
+  lua_pushnil(L);
+  return 4;
+}
+
+static void connect_done(uv_work_t *w, int status) {
+  connect_req *r = w->data;
+  binding *b = r->b;
+  if (r->prev) r->prev->next = r->next; else b->pending = r->next;
+  if (r->next) r->next->prev = r->prev;
+  if (b->loop == NULL || status != 0) {                 /* the loop closed meanwhile */
+    if (r->c) tide__amqp_close(r->c);
+  } else {
+    ready_args a = { b, r->id, "open", r };
+    call_ready(&a);                       /* takes r->c over when it made a connection of it */
+    if (r->c) tide__amqp_close(r->c);
+  }
+  free(r->strings);
+  free(r);
+  binding_unref(b);
+}
+
+static binding *get(lua_State *L) {
+  binding_ud *bu = luaL_checkudata(L, lua_upvalueindex(1), BINDING_MT);
+  if (bu->b == NULL || bu->b->loop == NULL) luaL_error(L, "tide: the loop is closed");
+  return bu->b;
+}
+
+static char *cfg_string(lua_State *L, const char *key, char **dst, char *p) {
+  lua_getfield(L, 2, key);
+  size_t len;
+  const char *s = lua_tolstring(L, -1, &len);
+  if (s == NULL) luaL_error(L, "amqp_connect: '%s' expected", key);
+  memcpy(p, s, len + 1);
+  *dst = p;
+  lua_pop(L, 1);
+  return p + len + 1;
+}
+
+static int cfg_int(lua_State *L, const char *key) {
+  lua_getfield(L, 2, key);
+  int v = (int)luaL_checkinteger(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+/* amqp_connect(id, cfg): starts connecting; the answer comes through ready. */
+static int l_connect(lua_State *L) {
+  binding *b = get(L);
+  int id = (int)luaL_checkinteger(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  static const char *keys[] = { "host", "vhost", "user", "password", "name" };
+  size_t total = 0;
+  for (int i = 0; i < 5; i++) {
+    lua_getfield(L, 2, keys[i]);
+    size_t len = 0;
+    if (lua_tolstring(L, -1, &len) == NULL) return luaL_error(L, "amqp_connect: '%s' expected", keys[i]);
+    total += len + 1;
+    lua_pop(L, 1);
+  }
+  connect_req *r = calloc(1, sizeof *r);
+  char *block = malloc(total);
+  if (r == NULL || block == NULL) { free(r); free(block); return luaL_error(L, "amqp_connect: out of memory"); }
+  char *host, *vhost, *user, *password, *name, *p = block;
+  p = cfg_string(L, "host", &host, p);
+  p = cfg_string(L, "vhost", &vhost, p);
+  p = cfg_string(L, "user", &user, p);
+  p = cfg_string(L, "password", &password, p);
+  cfg_string(L, "name", &name, p);
+  r->strings = block;
+  r->cfg = (tide__amqp_config){ host, cfg_int(L, "port"), vhost, user, password, name,
+                                cfg_int(L, "heartbeat"), cfg_int(L, "timeout") };
+  r->b = b;
+  r->id = id;
+  r->work.data = r;
+  int rc = uv_queue_work(b->loop, &r->work, connect_work, connect_done);
+  if (rc != 0) { free(block); free(r); return luaL_error(L, "amqp_connect: %s", uv_strerror(rc)); }
+  b->refs++;
+  r->next = b->pending;
+  if (r->next) r->next->prev = r;
+  b->pending = r;
+  return 0;
+}
+
+static int l_on_ready(lua_State *L) {
+  binding *b = get(L);
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  luaL_unref(L, LUA_REGISTRYINDEX, b->ready_ref);
+  lua_pushvalue(L, 1);
+  b->ready_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 0;
+}
+
+static const luaL_Reg conn_methods[] = {
+  { "next", conn_next }, { "channel_open", conn_channel_open }, { "channel_close", conn_channel_close },
+  { "channel_close_ok", conn_channel_close_ok }, { "qos", conn_qos }, { "declare", conn_declare },
+  { "delete", conn_delete }, { "purge", conn_purge }, { "confirm", conn_confirm },
+  { "consume", conn_consume }, { "cancel", conn_cancel }, { "ack", conn_ack }, { "nack", conn_nack },
+  { "publish", conn_publish }, { "info", conn_info }, { "close", conn_close }, { NULL, NULL }
+};
+
+static const luaL_Reg funcs[] = {
+  { "amqp_connect", l_connect }, { "amqp_on_ready", l_on_ready }, { NULL, NULL }
+};
+
+/* Closes every connection and gives up connects under way (before the loop closes). */
+void tide__close_amqp(lua_State *L) {
+  lua_getfield(L, LUA_REGISTRYINDEX, BINDING_KEY);
+  binding_ud *bu = luaL_testudata(L, -1, BINDING_MT);
+  if (bu && bu->b) {
+    binding *b = bu->b;
+    while (b->conns) close_conn(b->conns);
+    for (connect_req *r = b->pending; r; r = r->next) uv_cancel((uv_req_t *)&r->work);
+    b->loop = NULL;                                     /* connect_done closes what still comes */
+    luaL_unref(L, LUA_REGISTRYINDEX, b->ready_ref);
+    b->ready_ref = LUA_NOREF;
+    tide__caller_free(L, &b->caller);
+    bu->b = NULL;
+    binding_unref(b);
+  }
+  lua_pop(L, 1);
+}
+
+/* Sets amqp_connect and amqp_on_ready into the table at the top of the stack. */
+void tide__open_amqp(lua_State *L, uv_loop_t *loop, tide__watchdog *wd) {
+  luaL_newmetatable(L, CONN_MT);
+  lua_newtable(L);
+  luaL_register(L, NULL, conn_methods);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, conn_close);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, conn_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pop(L, 1);
+  binding *b = calloc(1, sizeof *b);
+  if (b == NULL) luaL_error(L, "tide: out of memory");
+  b->loop = loop;
+  b->refs = 1;
+  b->ready_ref = LUA_NOREF;
+  tide__caller_init(L, &b->caller, wd);
+  binding_ud *bu = lua_newuserdata(L, sizeof *bu);
+  bu->b = b;
+  luaL_newmetatable(L, BINDING_MT);
+  lua_setmetatable(L, -2);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, LUA_REGISTRYINDEX, BINDING_KEY);
+  luaL_openlib(L, NULL, funcs, 1);                 /* upvalue: the binding */
+}
