@@ -121,11 +121,13 @@ describe("tide.engine.http", function()
   end)
 
   it("survives its server closing while handlers wait, and clients that leave early", function()
-    local answered = 0
+    local answered, entered = 0, 0
     tide.run(function()
       local srv
+      local closed = false
       srv = assert(http.serve{ handler = function()
-        tide.sleep(30)
+        entered = entered + 1
+        while not closed do tide.sleep(5) end              -- held until the server closed
         answered = answered + 1
         return 200, {}, "late"
       end })
@@ -137,8 +139,11 @@ describe("tide.engine.http", function()
       end }
       local leaver = shell(PY .. ("raw %d 'GET / HTTP/1.1\\r\\n\\r\\n' 0.01"):format(srv.port))
       assert.matches("%[timeout%]", leaver)                 -- left before the answer
-      tide.sleep(10)
-      srv:close()                                          -- every handler is still asleep
+      local deadline = tide.now() + 10000                  -- (curl starts slowly on a loaded machine)
+      while entered < 6 and tide.now() < deadline do tide.sleep(1) end
+      assert.equal(6, entered)
+      srv:close()                                          -- every handler is still held
+      closed = true
       local status, body = t:await()
       assert.equal("ok", status)
       assert.equal("", body)                               -- each connection closed, unanswered
