@@ -175,7 +175,7 @@ describe("tide.worker on " .. store.name, function()
     assert.truthy(err(d):find(("job %d: args are not valid JSON"):format(d), 1, true), err(d))
     if not typed then
       assert.equal("discarded", q:job(e).status)
-      assert.equal('corrupt job row: max_attempts is string "lots", number expected', err(e))
+      assert.equal('corrupt job row: max_attempts is string "lots", integer >= 1 expected', err(e))
       assert.equal(1, spec_helper.reported)     -- reported to the error sink, once
     end
     assert.equal(typed and 4 or 3, q:stats().completed)

@@ -44,13 +44,18 @@ Options:
   --grace MS           time running jobs get to finish on SIGINT/SIGTERM
                        (default 5000); jobs still running then are released
   --drain              exit once no job of these queues is due or executing
+  --give-up MS         with --drain: stop and exit 1 once the store has kept
+                       failing this long (claims, writes, ...; default 60s)
   --quiet              print nothing but errors (no start line, failed
                        attempts, status line or summary)
   -h, --help           show this help
 
-MS options take a number of ms, or 500ms, 30s, 5m, 2h, 1d.  Exit status: 0
-after --drain or a clean stop on SIGINT/SIGTERM; 1 when the store cannot be
-opened, SCRIPT fails or an outcome could not be written; 2 for bad options.
+MS options take a number of ms, or 500ms, 30s, 5m, 2h, 1d.  The summary
+counts what the store took: an attempt whose job was cancelled in the store
+meanwhile counts as cancelled, one whose lease had passed to another worker
+as lost.  Exit status: 0 after --drain or a clean stop on SIGINT/SIGTERM; 1
+when the store cannot be opened, SCRIPT fails, an outcome could not be
+written, or --drain gave up on a failing store; 2 for bad options.
 ]=]
 
 -- ===== options
@@ -67,6 +72,7 @@ local o = options.opt
 local OPTS = {
   ["--store"] = o.store, ["--concurrency"] = o.concurrency, ["--lease"] = o.lease,
   ["--poll"] = o.poll, ["--grace"] = o.grace, ["--drain"] = o.drain, ["--quiet"] = o.quiet,
+  ["--give-up"] = o.give_up,
   ["--help"] = o.help, ["-h"] = o.help,
   ["--queue"] = { key = "queues", meta = "NAME[=N]", many = true, conv = queue_opt,
                   expected = "NAME or NAME=N (a queue name, N an integer >= 1)" },
@@ -98,13 +104,23 @@ local function say(run, line)
   io_stderr:write(run.live and "\r\27[K" or "", line, "\n")
 end
 
---- handle_error for the worker: one line per failed attempt.
-local function job_error_line(run)
-  return function(job, err)
-    local last = job.attempt >= job.max_attempts
-    say(run, ("%s: job %d (%s.%s) attempt %d/%d failed, %s: %s"):format(PROG, job.id, job.target,
-        job.method, job.attempt, job.max_attempts, last and "discarded" or "will retry",
-        (tostring(err):match("^[^\n]*"))))
+--- on_outcome for the worker: one line per failed attempt, and for each
+--- attempt the store did not take as this worker saw it.
+local function outcome_line(run)
+  return function(job, outcome, err)
+    local head = ("%s: job %d (%s.%s) attempt %d/%d"):format(PROG, job.id, job.target, job.method,
+                                                          job.attempt, job.max_attempts)
+    local why = (tostring(err):match("^[^\n]*"))
+    if outcome == "retried" or outcome == "discarded" then
+      say(run, ("%s failed, %s: %s"):format(head, outcome == "discarded" and "discarded" or "will retry", why))
+    elseif outcome == "lost" then
+      say(run, ("%s: not recorded, its lease had passed to another worker"):format(head))
+    elseif outcome == "cancelled" then
+      say(run, ("%s: not recorded, the job was cancelled or expired in the store"):format(head))
+    elseif outcome == "unwritten" then
+      say(run, ("%s: its outcome could not be written (the lease will run out and it will run again)")
+        :format(head))
+    end
   end
 end
 
@@ -121,7 +137,7 @@ end
 local function summary(run)
   local info = run.w:info()
   local extra = {}
-  for _, k in ipairs{ "cancelled", "rescued", "write_errors", "unwritten" } do
+  for _, k in ipairs{ "cancelled", "lost", "rescued", "write_errors", "unwritten" } do
     if info[k] > 0 then extra[#extra + 1] = (", %d %s"):format(info[k], (k:gsub("_", " "))) end
   end
   return ("%s %s: stopped after %.1f s: %d completed, %d retried, %d discarded, %d released%s")
@@ -147,8 +163,8 @@ local function start_worker(run, targets)
   local opts = run.opts
   local ok, w = pcall(tide.worker, {
     queue = run.q, queues = run.queues, targets = targets, lease = opts.lease,
-    poll = opts.poll, grace = opts.grace,
-    handle_error = not opts.quiet and job_error_line(run) or nil,
+    poll = opts.poll, grace = opts.grace, give_up = opts.give_up,
+    on_outcome = not opts.quiet and outcome_line(run) or nil,
   })
   if not ok then
     return nil, ("the targets %s returned: %s"):format(run.script_path or "SCRIPT",
@@ -206,6 +222,7 @@ local function finish(run)
     return options.fail(PROG, "the loop shut down before the worker started")
   end
   local info = w:info()                           -- (after w:wait(): every outcome written, or counted)
+  if info.gave_up then return options.fail(PROG, "gave up: " .. info.gave_up) end
   return (info.running == 0 and info.unwritten == 0) and 0 or 1
 end
 
