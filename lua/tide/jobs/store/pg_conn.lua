@@ -71,14 +71,19 @@ local function wait_io(c, r, w, ms)
     S.wait_end(t, tok, ms)
     local timed_out = c.waiter ~= false
     c.waiter = false
-    if c.pg then c.pg:unwatch() end
+    if not c.pg then error(c.name .. ": connection closed while a statement waited on it", 0) end
+    c.pg:unwatch()
     return not timed_out
   end
   return c.pg:wait(r, w, ms or -1)
 end
 
+--- Closes the socket; a task waiting on it is woken (and finds it gone),
+--- never left waiting for a socket nobody watches.
 local function drop(c)
   if c.pg then c.pg:close(); c.pg = false end
+  local w = c.waiter
+  if w then c.waiter = false; S.wake(w[1], w[2]) end
 end
 M.drop = drop
 
