@@ -513,3 +513,51 @@ describe("tide enqueue and JSON", function()
     local _ = path
   end)
 end)
+
+describe("tide worker on a store that keeps failing", function()
+  it("backs off every failing loop, and --drain gives up with a clear message and exit 1", function()
+    local store = fresh_store()
+    for i = 1, 3 do tide("enqueue", store, ("orders fulfill '{\"order\":%d}'"):format(i)) end
+    local q = require("tide").queue.open(store)
+    q:transaction(function(tx)
+      -- one job left executing by a dead worker (the rescuer must write), then every write fails
+      tx:exec("UPDATE tide_jobs SET status = 'executing', attempt = 1, lease_owner = 'ghost:1:0', lease_expires = 1 WHERE id = 1")
+      tx:exec("CREATE TRIGGER broken BEFORE UPDATE ON tide_jobs BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+    end)
+    q:close()
+    local t0 = os.time()
+    local status, _, err = tide("worker", store, "--drain --give-up 1s --poll 200 " .. WORK .. " " .. dir .. "/effects-broken")
+    local took = os.time() - t0
+    assert.equal(1, status, err)
+    assert.matches("\ntide worker: gave up: the store kept failing: %a+ failed for %d+ ms without a success "
+                   .. "%(last error: .*disk I/O error", err)
+    local kinds = {}
+    for kind in err:gmatch("tide: error in worker [^:]+:[^:]+:[^:]+: (%a+)") do kinds[kind] = (kinds[kind] or 0) + 1 end
+    assert.is_true((kinds.rescue or 0) >= 2, "the rescue never failed: " .. err)
+    for kind, n in pairs(kinds) do
+      assert(n <= 16, ("%d '%s' failures in about a second: no backoff"):format(n, kind))
+    end
+    assert.is_true(took <= 6, "took " .. took .. " s")
+    local st = tide_json("jobs", store, "stats")
+    assert.same({ 1, 2 }, { st.executing, st.available })
+  end)
+
+  local setpriv = os.execute("command -v setpriv >/dev/null 2>&1") == 0
+  local root = select(2, H.sh("id -u")):match("^0%s") ~= nil
+  it("says when SQLITE_READONLY comes from a directory it cannot create the -wal and -shm files in", function()
+    if root and not setpriv then pending("needs setpriv to drop root"); return end
+    local ro = dir .. "/readonly"
+    os.execute("mkdir -p " .. ro)
+    local store = "sqlite:" .. ro .. "/jobs.db"
+    assert.equal(0, (tide("enqueue", store, "t m")))
+    os.execute(("chmod 666 %s/jobs.db; chmod 755 %s"):format(ro, ro))
+    if not root then os.execute("chmod 555 " .. ro) end
+    local as = root and "setpriv --reuid=65534 --regid=65534 --clear-groups " or ""
+    local status, out = H.sh(("%senv TIDE_STORE= %s enqueue --store %s t m"):format(as, TIDE, store))
+    os.execute("chmod 755 " .. ro)
+    assert.equal(1, status)
+    assert.equal(("tide enqueue: %s: attempt to write a readonly database (SQLITE_READONLY_DIRECTORY) (the directory "
+                  .. "%s is not writable: SQLite needs to create %s/jobs.db-wal and %s/jobs.db-shm there; make the "
+                  .. "directory writable, or create them while it is)\n"):format(store, ro, ro, ro), out)
+  end)
+end)

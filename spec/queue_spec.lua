@@ -227,6 +227,126 @@ describe("tide.queue on " .. store.name, function()
     end)
   end)
 
+  describe("ids and ranges", function()
+    it("never gives an id twice, even after the newest jobs were pruned", function()
+      local a = q:enqueue{ target = "t", method = "m" }
+      local b = q:enqueue{ target = "t", method = "m" }
+      q:cancel(b)
+      assert.equal(1, q:prune{ older_than = 0 })
+      local c = q:enqueue{ target = "t", method = "m" }
+      assert.is_true(c > b, ("id %d given again after %d was pruned"):format(c, b))
+      local ids = q:enqueue_many{ { target = "t", method = "m" }, { target = "t", method = "m" } }
+      assert.is_true(ids[1] > c and ids[2] > ids[1])
+      assert.is_true(a < b)
+    end)
+
+    if store.name == "sqlite" then
+      it("migrates tables of version 1: ids go on from the highest, the jobs kept", function()
+        q:close()
+        store.reset(path)
+        local core = require "tide.core"
+        local db = assert(core.sqlite_open(path, "setup", 1000))
+        db:exec("CREATE TABLE tide_schema (version INTEGER NOT NULL); INSERT INTO tide_schema VALUES (1);")
+        db:exec(require("tide.jobs.store.sqlite").MIGRATIONS[1])
+        db:exec("INSERT INTO tide_jobs (id, queue, target, method, status, max_attempts, run_at, inserted_at, completed_at) "
+                .. "VALUES (7, 'default', 't', 'm', 'available', 20, 0, 0, NULL), (9, 'default', 't', 'm', 'cancelled', 20, 0, 0, 0)")
+        db:close()
+        q = tide.queue.open(url)
+        assert.equal(2, sql("SELECT version FROM tide_schema")[1].version)
+        assert.equal("available", q:job(7).status)
+        q:prune{ older_than = 0 }
+        assert.is_nil(q:job(9))
+        assert.equal(10, (q:enqueue{ target = "t", method = "m" }))
+      end)
+    end
+
+    it("refuses times and numbers no store can hold, the same on every store", function()
+      local bad = function(j) j.target, j.method = "t", "m"; return function() q:enqueue(j) end end
+      local T = "UTC time from 1970 to 9999 (seconds since the epoch, or ISO 8601 like \"2026-11-23T15:04:05Z\") expected"
+      spec_helper.error_cases("spec/queue_spec.lua", {
+        { bad{ run_at = 1e300 }, "q:enqueue: bad option 'run_at' (" .. T .. ", got number 1e+300)" },
+        { bad{ run_at = -1 }, "q:enqueue: bad option 'run_at' (" .. T .. ", got number -1)" },
+        { bad{ run_at = "2030-02-29T00:00:00Z" }, "q:enqueue: bad option 'run_at' (" .. T .. ", got string \"2030-02-29T00:00:00Z\")" },
+        { bad{ run_at = "2030-01-01T00:00:00+25:00" }, "q:enqueue: bad option 'run_at' (" .. T .. ", got string \"2030-01-01T00:00:00+25:00\")" },
+        { bad{ priority = 1e12 }, "q:enqueue: bad option 'priority' (integer from -2147483648 to 2147483647 (lower runs first) expected, got number 1000000000000)" },
+        { bad{ max_attempts = 1e12 }, "q:enqueue: bad option 'max_attempts' (integer from 1 to 2147483647 expected, got number 1000000000000)" },
+        { bad{ delay = 1e300 }, "q:enqueue: bad option 'delay' (non-negative number of ms, due before the year 10000 expected, got number 1e+300)" },
+      })
+      local id = q:enqueue{ target = "t", method = "m", run_at = "2032-02-29T00:00:00Z", priority = -2 ^ 31, max_attempts = 2 ^ 31 - 1 }
+      local j = q:job(id)
+      assert.same({ 1961625600, -2 ^ 31, 2 ^ 31 - 1 }, { j.run_at, j.priority, j.max_attempts })
+      assert.equal(1, q:stats().total)
+    end)
+  end)
+
+  if store.name == "sqlite" then
+    describe("another process's write lock", function()
+      --- Starts a process that holds the database's write lock for `ms`;
+      --- returns once it holds it, and a function that waits for its end.
+      local function hold_lock(ms)
+        local dir = spec_helper.tempdir()
+        local mark = dir .. "/locked"
+        local script = spec_helper.write_file(dir, "hold.lua", ([[
+          local core = require "tide.core"
+          local db = assert(core.sqlite_open(%q, "holder", 5000))
+          db:exec("BEGIN IMMEDIATE")
+          db:exec("INSERT INTO tide_schema (version) SELECT version FROM tide_schema WHERE 0")
+          io.open(%q, "w"):close()
+          os.execute("sleep %g")
+          db:exec("COMMIT")
+        ]]):format(path, mark, ms / 1000))
+        local p = io.popen(("%s/tide run %s 2>&1"):format(spec_helper.build, script))
+        local deadline = os.time() + 10
+        while not io.open(mark) do
+          assert(os.time() < deadline, "the lock holder did not start")
+          os.execute("sleep 0.01")
+        end
+        return function() local out = p:read("*a"); p:close(); os.execute("rm -rf " .. dir); return out end
+      end
+
+      it("is waited for without blocking the loop: timers keep their pace", function()
+        local done = hold_lock(600)
+        local gap, took, id = 0, nil, nil
+        local status, err = tide.run(function()
+          local running = true
+          local ticker = tide.spawn(function()
+            local last = tide.now()
+            while running do
+              tide.sleep(10)
+              local now = tide.now()
+              if now - last > gap then gap = now - last end
+              last = now
+            end
+          end)
+          tide.sleep(30)                         -- the ticker is ticking
+          local t0 = tide.now()
+          id = q:enqueue{ target = "t", method = "m" }
+          took = tide.now() - t0
+          tide.sleep(30)
+          running = false
+          ticker:await()
+        end)
+        assert.equal("", done())
+        print(("\n# an enqueue waited %.0f ms for another process's lock; the longest gap between 10 ms ticks: %.0f ms")
+          :format(took, gap))
+        assert(status == "ok", tostring(err))
+        assert.is_true(took >= 300, "the enqueue did not wait for the lock: " .. took .. " ms")
+        assert.is_true(gap < 200, ("a timer waited %d ms while the enqueue waited %d ms for the lock"):format(gap, took))
+        assert.equal("available", q:job(id).status)
+      end)
+
+      it("fails with SQLITE_BUSY after busy_timeout, naming the wait", function()
+        q:close()
+        q = tide.queue.open(url, { busy_timeout = 100 })
+        local done = hold_lock(800)
+        local status, err = tide.run(function() return q:enqueue{ target = "t", method = "m" } end)
+        done()
+        assert.equal("error", status)
+        assert.matches("database is locked %(SQLITE_BUSY%) %(waited %d+ ms for another connection's lock%)$", tostring(err))
+      end)
+    end)
+  end
+
   describe("q:enqueue_many", function()
     it("inserts a batch in one transaction and returns ids in order and the count inserted", function()
       q:enqueue{ target = "t", method = "m", idempotence_key = "k2" }

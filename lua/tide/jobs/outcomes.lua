@@ -104,7 +104,8 @@ end
 
 --- The flusher task: writes what is pending, backing off while the store
 --- fails (50 ms doubling up to 2 s); a stopping worker gives up after 10
---- failed tries, a running one keeps trying (w.failing.write says since when).
+--- failed tries (at once, when a drain gave up on the store), a running one
+--- keeps trying (w.failing.write says since when).
 function M.flusher(w)
   local failures = 0
   -- Cancelled (the end of a shutdown's grace) while a batch was being
@@ -124,7 +125,7 @@ function M.flusher(w)
       if written then
         failures = 0
         w.failing.write = nil
-      elseif w.state == "running" or failures < 10 then
+      elseif w.state == "running" or (failures < 10 and not w.stats.gave_up) then
         failures = failures + 1
         w.failing.write = w.failing.write or core.now()
         for i = 1, #w.pending do p[#p + 1] = w.pending[i] end
