@@ -365,6 +365,27 @@ describe("tide.worker on " .. store.name, function()
     })
   end)
 
+  if store.name == "postgres" then
+    it("runs jobs that do their own q:transaction side by side, one connection each from the pool", function()
+      q:transaction(function(tx) tx:exec("CREATE TABLE IF NOT EXISTS own_effects (job bigint PRIMARY KEY)") end)
+      local t = { m = function(_, job)
+        q:transaction(function(tx)
+          tx:exec("INSERT INTO own_effects (job) VALUES (?)", job.id)
+          tx:exec("SELECT pg_sleep(0.05)")        -- 50 ms inside the transaction
+        end)
+      end }
+      for _ = 1, 40 do q:enqueue{ target = "t", method = "m" } end
+      local t0 = tide.now()
+      local st = with_worker(function() return tide.worker{ queue = q, concurrency = 20, targets = { t = t } }:drain() end)
+      local took = tide.now() - t0
+      local n = q:transaction(function(tx) return tx:query("SELECT count(*) AS n FROM own_effects")[1].n end)
+      q:transaction(function(tx) tx:exec("DROP TABLE own_effects") end)
+      assert.same({ 40, 40 }, { st.completed, n })
+      -- 40 x 50 ms on one connection: 2 s; on the pool's 10 connections: about 0.2 s
+      assert.is_true(took < 1200, ("40 jobs of 50 ms transactions took %d ms at concurrency 20"):format(took))
+    end)
+  end
+
   describe("tells the truth about what the store took", function()
     --- Runs a worker until it drains, or (with `outcomes`) until it has
     --- settled that many attempts; returns its stats and what on_outcome heard.
