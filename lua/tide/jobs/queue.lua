@@ -177,7 +177,7 @@ local function with_session(q, fname, fn, ...)
   local store = q._store
   local session = store:acquire(fname)
   local ok, a, b = pcall(fn, session, ...)
-  store:release(session, false)
+  store:release(session, false, holder())
   if not ok then error(a, 0) end
   return a, b
 end
@@ -203,7 +203,7 @@ local function close_state(q, st, broken)
   if q._txs[st.owner] == st then q._txs[st.owner] = nil end
   for _, tx in ipairs(st.handles) do tx._live = false end
   if st.owner ~= OUTSIDE then S.off_attempt_end(st.owner, st.hook) end
-  if q._store then q._store:release(st.session, broken) end
+  if q._store then q._store:release(st.session, broken, st.owner) end
 end
 
 --- The task ended inside the transaction (timed out, cancelled): the store
@@ -619,7 +619,7 @@ function M.worker_call(q, store, fname, fn, ...)
   end
   local session = store:acquire(fname, false)
   local ok, a, b = pcall(fn, session, ...)
-  store:release(session, false)
+  store:release(session, false, holder())
   if not ok then error(a, 0) end
   return a, b
 end

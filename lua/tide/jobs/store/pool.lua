@@ -57,7 +57,7 @@ local function take(pool, c, owner)
   if owner ~= OUTSIDE then
     local abandon = c._abandon
     if not abandon then
-      abandon = function(t) if c._owner == t then pool:release(c, true) end end
+      abandon = function(t) pool:release(c, true, t) end
       c._abandon = abandon
     end
     c._attempt = attempt_of(owner)
@@ -100,8 +100,8 @@ function Pool:acquire(fname, timeout)
   local entry = { t = t, tok = tok, conn = false, gone = false }
   entry.hook = function()                    -- its attempt ended while it waited
     entry.gone = true
-    local c = entry.conn
-    if c then entry.conn = false; c._owner = nil; self:release(c, false) end
+    local c = entry.conn                     -- handed over, never taken: back it goes
+    if c then entry.conn = false; self:release(c, false, t) end
   end
   self.wtail = self.wtail + 1
   self.waiting[self.wtail] = entry
@@ -121,10 +121,13 @@ end
 --- Gives c back: to the first waiter still waiting, else to the free list.
 --- `broken`: the holder left it mid-transaction or mid-statement; the
 --- driver's reset undoes that first (a connection that is gone reconnects
---- when next used).
-function Pool:release(c, broken)
+--- when next used).  `holder`, when given, must be c's holder: a holder
+--- that gave c back already (its attempt-end hook did) gives back nothing,
+--- least of all the connection the pool has handed to someone else since.
+function Pool:release(c, broken, holder)
   local owner = c._owner
   if owner == nil then return end            -- given back already
+  if holder ~= nil and owner ~= holder then return end
   if owner ~= OUTSIDE and c._abandon then S.off_attempt_end(owner, c._abandon) end
   c._owner, c._attempt = nil, nil
   if broken and self.reset then self.reset(c) end

@@ -190,13 +190,13 @@ function M.open(url, name, opts)
     s.durability = "PostgreSQL, synchronous_commit="
       .. session.c:query("SHOW synchronous_commit").rows[1].synchronous_commit
   end)
-  s.pool:release(session, not ok)
+  s.pool:release(session, not ok, pool.holder())
   if not ok then s.pool:close(); error(err, 0) end
   return s
 end
 
 function Store:acquire(fname, timeout) return self.pool:acquire(fname, timeout) end
-function Store:release(session, broken) return self.pool:release(session, broken) end
+function Store:release(session, broken, holder) return self.pool:release(session, broken, holder) end
 function Store:available() return self.pool:available() end
 function Store:stats_pool() return self.pool:stats() end
 

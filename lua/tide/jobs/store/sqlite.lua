@@ -269,7 +269,7 @@ end
 -- ===== the store: one connection, held by one task at a time
 
 function Store:acquire(fname, timeout) return self.pool:acquire(fname, timeout) end
-function Store:release(session, broken) return self.pool:release(session, broken) end
+function Store:release(session, broken, holder) return self.pool:release(session, broken, holder) end
 function Store:available() return self.pool:available() end
 function Store:stats_pool() return self.pool:stats() end
 
