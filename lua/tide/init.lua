@@ -72,6 +72,10 @@ tide.consumer = require("tide.supervision.consumer").new
 tide.sources = { memory = require("tide.supervision.sources.memory").new }
 tide.flow = require("tide.flow.run").new
 tide.queue = { open = require("tide.jobs.queue").open }
+do                           -- the JSON of jobs: exact numbers, arrays kept arrays, strict input
+  local json = require "tide.jobs.json"
+  tide.json = { encode = json.encode, decode = json.decode, array = json.array, null = json.null }
+end
 tide.worker = require("tide.jobs.worker").new
 
 return tide
