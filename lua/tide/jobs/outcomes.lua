@@ -32,8 +32,6 @@ local wallclock = core.wallclock
 
 local M = {}
 
-local FLUSH_GATHER = 1                      -- ms the flusher waits for more outcomes while jobs run
-
 --- Tells w.on_outcome about one entry's fate, and counts it.
 local function settle(w, e, outcome)
   local stats = w.stats
@@ -119,12 +117,6 @@ function M.flusher(w)
   end)
   while true do
     local p = w.pending
-    if #p > 0 and w.nrunning > 0 and w.state == "running" and #p < w.batch then
-      -- More outcomes are on their way: gather them for a moment, so that
-      -- one statement (one commit) writes many.
-      S.sleep(FLUSH_GATHER)
-      p = w.pending
-    end
     if #p > 0 then
       w.pending = {}
       w.writing = p

@@ -278,7 +278,7 @@ local function slot_freed(w, rec)
   w.nrunning = w.nrunning - 1
   local qs = w.queues[rec.row.queue]
   qs.running = qs.running - 1
-  if qs.more and qs.limit - qs.running >= qs.refill then S.notify(qs) end
+  if qs.more then S.notify(qs) end
   if w.nrunning == 0 then
     S.notify(w.idle)
     if w.state ~= "running" then S.notify(w.beat); S.notify(w.flusher) end
@@ -405,10 +405,7 @@ local function claimer(w, name)
   local failures = 0
   while w.state == "running" do
     local free = qs.limit - qs.running
-    -- Under a backlog, claim once a quarter of the slots (or a batch) is
-    -- free, not for every slot that frees: each claim is a commit, and on
-    -- PostgreSQL a WAL flush.  An idle queue claims at once.
-    if free > 0 and (free >= qs.refill or qs.running == 0 or not qs.more) then
+    if free > 0 then
       local want = min(free, w.batch)
       qs.kicked = false                       -- what this claim sees needs no second look
       local n = claim(w, name, want)
@@ -560,8 +557,7 @@ function M.new(opts)
     if w.state == "running" then w:stop(grace and grace - math.min(grace / 2, 1000) or nil) end
   end)
   for name, n in pairs(queues) do
-    w.queues[name] = { limit = n, running = 0, more = false, waiting = false,
-                       refill = math.max(1, min(w.batch, floor(n / 4))) }
+    w.queues[name] = { limit = n, running = 0, more = false, waiting = false }
     w.tasks[#w.tasks + 1] = spawn{ run = claimer, args = { w, name }, name = "claimer " .. name }
   end
   w.flusher_task = spawn{ run = outcomes.flusher, args = { w }, name = "worker flusher" }
