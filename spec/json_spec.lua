@@ -110,23 +110,27 @@ describe("tide.jobs.json", function()
       end
     end)
 
-    it("round-trips 100,000 random doubles bit for bit (seeded)", function()
+    it("round-trips 20,000 random doubles of every exponent bit for bit (seeded)", function()
       local ffi = require "ffi"
       local seed = tonumber(os.getenv("JSON_SEED")) or os.time()
       math.randomseed(seed)
       local u = ffi.new("union { double d; uint32_t w[2]; }")
-      for i = 1, 100000 do
-        -- (never the exponent of inf and nan: a NaN with a payload read
-        -- through the FFI can crash LuaJIT, which tags values inside NaNs)
-        local hi = math.random(0, 2 ^ 32 - 1)
-        while bit.band(bit.rshift(hi, 20), 0x7FF) == 0x7FF do hi = math.random(0, 2 ^ 32 - 1) end
-        u.w[0], u.w[1] = math.random(0, 2 ^ 32 - 1), hi
-        local x = u.d
-        do
-          local text = json.encode({ x })
-          local back = json.decode(text)[1]
-          assert(x == back and (x ~= 0 or 1 / x == 1 / back),
-                 ("seed %d, value %d: %.17g printed %s, read back %.17g"):format(seed, i, x, text, back))
+      for batch = 1, 20 do                       -- 1,000 doubles a document (extreme exponents read back slowly: LuaJIT scans them exactly, with big numbers)
+        local xs = {}
+        for i = 1, 1000 do
+          -- (never the exponent of inf and nan: a NaN with a payload read
+          -- through the FFI can crash LuaJIT, which tags values inside NaNs)
+          local hi = math.random(0, 2 ^ 32 - 1)
+          while bit.band(bit.rshift(hi, 20), 0x7FF) == 0x7FF do hi = math.random(0, 2 ^ 32 - 1) end
+          u.w[0], u.w[1] = math.random(0, 2 ^ 32 - 1), hi
+          xs[i] = u.d
+        end
+        local text = json.encode(xs)
+        local back = json.decode(text)
+        for i = 1, 1000 do
+          local x, y = xs[i], back[i]
+          assert(x == y and (x ~= 0 or 1 / x == 1 / y),
+                 ("seed %d, value %d: %.17g read back as %.17g"):format(seed, (batch - 1) * 1000 + i, x, y))
         end
       end
     end)

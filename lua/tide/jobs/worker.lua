@@ -504,6 +504,9 @@ local function rescuer(w)
       failures = failures + 1
       wait = failed_loop(w, "rescue", failures, w.rescue_every, w.last_error)
     end
+    -- (a stop that came while rescue() waited for the store found nobody
+    -- to notify: look again before waiting, or it waits rescue_every)
+    if w.state ~= "running" then break end
     S.wait_for(w.rescue_holder, "tide.worker", wait)
   end
 end
