@@ -8,7 +8,8 @@ LUAJIT    ?= luajit
 PKGS      := luajit libuv sqlite3 libpq
 VERSION   := 0.1.0
 
-DEPS_DEB  := luajit libluajit-5.1-dev libuv1-dev libsqlite3-dev libpq-dev postgresql lua-cjson lua-busted pkg-config
+DEPS_DEB  := luajit libluajit-5.1-dev libuv1-dev libsqlite3-dev libpq-dev libhttp-parser-dev postgresql lua-cjson \
+             lua-busted pkg-config luarocks curl chromium python3-prometheus-client
 
 CFLAGS    ?= -O2 -g
 CFLAGS    += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -fPIC -fvisibility=hidden \
@@ -18,7 +19,8 @@ CFLAGS    += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-
 LDFLAGS   += -fsanitize=address,undefined
 endif
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS))
-PKG_LIBS   = $(shell pkg-config --libs $(PKGS)) -lm -lpthread
+NOPC_LIBS := -lhttp_parser             # libraries without a pkg-config file
+PKG_LIBS   = $(shell pkg-config --libs $(PKGS)) $(NOPC_LIBS) -lm -lpthread
 
 # Every src/*.c except the host's main() goes into both the binary and the module.
 CORE_SRC  := $(filter-out src/main.c,$(wildcard src/*.c))
@@ -30,8 +32,11 @@ modname    = $(subst /,.,$(patsubst lua/%.lua,%,$(1)))
 CTEST_SRC := $(wildcard spec/c/test_*.c)
 CTESTS    := $(CTEST_SRC:spec/c/%.c=$(BUILD)/%)
 
-.PHONY: all deps demo test sanitize bench fuzz install clean help FORCE
-all: deps $(BUILD)/tide $(BUILD)/tide.so $(BUILD)/libtide.a $(CTESTS) $(BUILD)/embed-host
+.PHONY: all binaries deps demo test sanitize bench fuzz install install-rock clean help FORCE
+all: deps binaries $(CTESTS) $(BUILD)/embed-host
+
+# What an installation needs (luarocks builds this target, without `deps`).
+binaries: $(BUILD)/tide $(BUILD)/tide.so $(BUILD)/libtide.a
 
 help:
 	@echo "make            build $(BUILD)/tide (host) and $(BUILD)/tide.so (Lua module)"
@@ -42,6 +47,7 @@ help:
 	@echo "make bench      run the benchmarks (figures go to bench/RESULTS.md by hand)"
 	@echo "make fuzz       run the fuzz targets for a bounded time (FUZZ_SECONDS=60)"
 	@echo "make install    install binary, module, header and pkg-config file under PREFIX"
+	@echo "                (luarocks --lua-version=5.1 make rockspecs/tide-scm-1.rockspec: the rock)"
 
 deps:
 	@missing=""; for p in $(DEPS_DEB); do \
@@ -85,7 +91,7 @@ $(BUILD)/libtide.a: $(CORE_OBJ)
 	ar rcs $@ $^
 
 $(BUILD)/tide.so: $(CORE_OBJ)
-	$(CC) $(LDFLAGS) -shared -o $@ $^ $(shell pkg-config --libs libuv sqlite3 libpq) -lm -lpthread
+	$(CC) $(LDFLAGS) -shared -o $@ $^ $(shell pkg-config --libs libuv sqlite3 libpq) $(NOPC_LIBS) -lm -lpthread
 
 $(BUILD)/test_%: spec/c/test_%.c $(CORE_OBJ)
 	$(CC) $(CFLAGS) $(PKG_CFLAGS) $(LDFLAGS) -o $@ $^ $(PKG_LIBS)
@@ -116,15 +122,21 @@ fuzz:
 	@BUILD=build/fuzz FUZZ_SECONDS=$(FUZZ_SECONDS) sh spec/fuzz/run.sh
 
 # ---- install
-install: all
+install: binaries
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/lua/5.1 \
 	  $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig
 	install -m 755 $(BUILD)/tide $(DESTDIR)$(PREFIX)/bin/tide
 	install -m 755 $(BUILD)/tide.so $(DESTDIR)$(PREFIX)/lib/lua/5.1/tide.so
 	install -m 644 $(BUILD)/libtide.a $(DESTDIR)$(PREFIX)/lib/libtide.a
 	install -m 644 src/tide.h $(DESTDIR)$(PREFIX)/include/tide.h
-	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' src/tide.pc.in \
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' -e 's|@REQUIRES@|$(PKGS)|' -e 's|@LIBS@|$(NOPC_LIBS)|' src/tide.pc.in \
 	  > $(DESTDIR)$(PREFIX)/lib/pkgconfig/tide.pc
+
+# luarocks' make build: the module where require finds it, the binary on its PATH.
+install-rock: binaries
+	install -d $(INST_LIBDIR) $(INST_BINDIR)
+	install -m 755 $(BUILD)/tide.so $(INST_LIBDIR)/tide.so
+	install -m 755 $(BUILD)/tide $(INST_BINDIR)/tide
 
 clean:
 	rm -rf build

@@ -13,6 +13,7 @@ fi
 if [ $# -gt 0 ]; then
   files=""
   for name in "$@"; do
+    [ "$name" = http_parsers ] && continue
     [ -f "bench/$name.lua" ] || { echo "bench: no bench/$name.lua" >&2; exit 2; }
     files="$files bench/$name.lua"
   done
@@ -37,6 +38,20 @@ for f in $files; do
   echo "== $f"
   LUA_CPATH="$BUILD/?.so;;" "$LUAJIT" "$f" || { echo "bench: $f failed (exit $?)" >&2; status=1; }
 done
+
+# ===== HTTP parsers (bench/http_parsers.c) =====
+# http-parser (linked by tide) against picohttpparser, which only Debian's
+# libh2o ships: with the full set, and only when libh2o-dev is installed.
+if [ $# -eq 0 ] || [ "$1" = http_parsers ]; then
+  if [ -e /usr/lib/x86_64-linux-gnu/libh2o.so ] || pkg-config --exists libh2o 2>/dev/null; then
+    echo
+    echo "== bench/http_parsers.c"
+    cc -O2 -o "$BUILD/http_parsers" bench/http_parsers.c -lhttp_parser -lh2o && "$BUILD/http_parsers" \
+      || { echo "bench: bench/http_parsers.c failed" >&2; status=1; }
+  else
+    echo; echo "== bench/http_parsers.c: skipped (libh2o-dev is not installed)"
+  fi
+fi
 
 # ===== Durable jobs on PostgreSQL (bench/pg/) =====
 # With the full set only (no names given): bench/pg/run.sh starts a throwaway

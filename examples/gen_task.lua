@@ -10,7 +10,7 @@
 -- task with a timeout; its handle_result acks on "ok" and nacks otherwise.
 -- The jobs misbehave on purpose: some raise an error, some hang far past
 -- their timeout, most succeed after a short sleep.  Because tide delivers
--- every task's outcome to handle_result exactly once (DESIGN.md, promise 1),
+-- every task's outcome to handle_result exactly once (README.md, "Promises"),
 -- the broker never stalls: at the end every tag was acked or nacked exactly
 -- once, nothing is in flight, and the hung jobs were stopped (no timer of
 -- theirs is left).  Any broken check exits 1.

@@ -222,13 +222,83 @@ describe("tide.flow", function()
     end)
   end)
 
+  it("sends a thread-mode child only its item and the flow's input, and a thread task only its dependencies' results", function()
+    run(function()
+      local f = tide.flow{ tasks = {
+        big = { run = function() return { fn = function() end, blob = ("x"):rep(1e6) } end },
+        small = { run = function() return 5 end },
+        kids = { after = { "big", "small" }, mode = "thread", items = function() return { 1, 2, 3 } end,
+                 each = function(item, ctx)
+                   return { item = item, input = ctx.input, results = ctx.results ~= nil, task = ctx.task }
+                 end },
+        sum = { after = "small", mode = "thread",
+                run = function(ctx)
+                  local n = 0
+                  for _ in pairs(ctx.results) do n = n + 1 end
+                  return { small = ctx.results.small, seen = n, big = ctx.results.big ~= nil }
+                end },
+      } }
+      local status, report = f:run("in")
+      assert.equal("ok", status, tostring(report.tasks.kids.error) .. " " .. tostring(report.tasks.sum.error))
+      assert.same({ item = 2, input = "in", results = false, task = "kids" }, report.tasks.kids.value[2])
+      assert.same({ small = 5, seen = 1, big = false }, report.tasks.sum.value)
+    end)
+  end)
+
+  it("fires task_run_done when a task's own run ended, before its children start and end", function()
+    local seen = {}
+    run(function()
+      local f = tide.flow{
+        on = { task_run_done = function(ev) seen[#seen + 1] = "run_done " .. ev.task .. " " .. tostring(ev.value) end,
+               child_done = function(ev) seen[#seen + 1] = "child " .. ev.index end,
+               task_done = function(ev) seen[#seen + 1] = "done " .. ev.task end },
+        tasks = {
+          list = { run = function() return { 10, 20 } end, each = function(x) return x end, max_concurrency = 1 },
+          plain = { after = "list", run = function() return "p" end },
+        } }
+      assert.equal("ok", (f:run()))
+    end)
+    assert.equal("run_done list table", seen[1]:gsub("table: 0x%x+", "table"))
+    assert.same({ "child 1", "child 2", "done list", "run_done plain p", "done plain" }, { unpack(seen, 2) })
+    run(function()                             -- a run cancelled from the hook ends, children never start
+      local h, started = nil, 0
+      local f = tide.flow{ on = { task_run_done = function() h:cancel("from the hook") end }, tasks = {
+        list = { run = function() return { 1, 2 } end, each = function() started = started + 1 end },
+        after_it = { after = "list", run = function() started = started + 1 end } } }
+      h = f:start()
+      local status, report = h:await(2000)
+      assert.equal("cancelled", status)
+      assert.equal("cancelled", report.tasks.list.status)
+      assert.equal("cancelled", report.tasks.after_it.status)
+      assert.equal(0, started)
+    end)
+  end)
+
+  it("cancels flows nested 2,000 deep without overflowing the stack", function()
+    local inner_status
+    run(function()
+      local innermost = tide.flow{ name = "f0", tasks = { work = { run = function() tide.sleep(60000) end } } }
+      local f = innermost
+      for i = 1, 2000 do f = tide.flow{ name = "f" .. i, tasks = { inner = { flow = f } } } end
+      local h = f:start()
+      tide.sleep(100)                          -- every level is running
+      assert.equal("cancelled", innermost.last_report == nil and "cancelled" or "ran")
+      local t0 = tide.now()
+      h:cancel("enough")
+      local status = h:await(5000)
+      inner_status = status
+      assert.is_true(tide.now() - t0 < 5000)
+    end)
+    assert.equal("cancelled", inner_status)
+  end)
+
   it("fires every hook the right number of times, and contains a failing hook", function()
     quiet()
     local counts = {}
     local function count(name) return function() counts[name] = (counts[name] or 0) + 1 end end
     local on = {}
-    for _, h in ipairs{ "flow_start", "task_start", "task_done", "task_failed", "task_timeout", "task_retry",
-                        "task_skipped", "child_done", "flow_done" } do on[h] = count(h) end
+    for _, h in ipairs{ "flow_start", "task_start", "task_run_done", "task_done", "task_failed", "task_timeout",
+                        "task_retry", "task_skipped", "child_done", "flow_done" } do on[h] = count(h) end
     local n = 0
     on.task_done = function() counts.task_done = (counts.task_done or 0) + 1; error("hook broke") end
     local errors0 = tide.stats().callback_errors
@@ -243,8 +313,8 @@ describe("tide.flow", function()
       } }
       f:run()
     end)
-    assert.same({ flow_start = 1, task_start = 5, task_done = 3, task_failed = 1, task_timeout = 1,
-                  task_retry = 1, task_skipped = 1, child_done = 3, flow_done = 1 }, counts)
+    assert.same({ flow_start = 1, task_start = 5, task_run_done = 3, task_done = 3, task_failed = 1,
+                  task_timeout = 1, task_retry = 1, task_skipped = 1, child_done = 3, flow_done = 1 }, counts)
     assert.equal(errors0 + 3, tide.stats().callback_errors)
   end)
 

@@ -20,6 +20,7 @@ describe("tide (host)", function()
     local status, out = H.sh(TIDE .. " --version")
     assert.equal(0, status)
     assert.matches("^tide 0%.1%.0 %(LuaJIT", out)
+    assert.matches("\nbuilt with LuaJIT 2%.1[%w.-]*, libuv %d+%.%d+%.%d+, SQLite 3%.%d+%.%d+, libpq %d+%.%d+", out)
   end)
 
   it("rejects an unknown command with usage and exit status 2", function()

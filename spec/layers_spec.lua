@@ -29,6 +29,11 @@ describe("the layers of lua/tide", function()
       assert.same({}, (layers.check(root)))
     end)
 
+    it("ignores requires inside comments (usage examples)", function()
+      H.write_file(root, "engine/check.lua", '-- local tide = require "tide"\n--[[ require("tide.jobs.queue") ]]\nreturn {}\n')
+      assert.same({}, (layers.check(root)))
+    end)
+
     it("fails on an import running back up, even a lazy one", function()
       H.write_file(root, "engine/check.lua", 'local function later() return require("tide.jobs.queue") end\n')
       local problems = layers.check(root)

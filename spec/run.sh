@@ -68,7 +68,14 @@ for spec in spec/*_spec.lua; do
   tally "$name" $? "$LOG/$name.log"
 done
 
-# 3. C tests
+# 3. installing: make install + pkg-config + a C host, and the luarocks rock
+#    (once, outside the sanitizer pass: it builds and uses its own copies)
+if [ -z "$SANITIZE" ]; then
+  BUILD="$BUILD" sh spec/install.sh > "$LOG/install.log" 2>&1
+  tally install $? "$LOG/install.log"
+fi
+
+# 4. C tests
 for t in "$BUILD"/test_*; do
   [ -x "$t" ] || continue
   name=$(basename "$t")
@@ -76,7 +83,7 @@ for t in "$BUILD"/test_*; do
   tally "$name" $? "$LOG/$name.log"
 done
 
-# 4. examples check their own results
+# 5. examples check their own results
 for e in examples/*.lua; do
   name=example_$(basename "$e" .lua)
   ASAN_OPTIONS=$LUA_ASAN "$BUILD/tide" run --quiet "$e" > "$LOG/$name.log" 2>&1

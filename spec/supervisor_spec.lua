@@ -306,7 +306,93 @@ describe("tide.supervisor", function()
       { function() tide.supervisor{ children = { { start = f } } } end, "tide.supervisor: bad option 'children[1].id' (string or number expected, got nil)" },
       { function() tide.supervisor{ children = { { id = 1, start = f, bogus = 1 } } } end, "tide.supervisor: unknown option 'children[1].bogus'" },
       { function() tide.supervisor{ children = { { id = 1, start = f }, { id = 1, start = f } } } end, "tide.supervisor: duplicate child id '1'" },
+      { function() tide.supervisor{ cooldown = 5 } end, "tide.supervisor: bad option 'cooldown' (table { base = ms, max = ms } expected, got number 5)" },
+      { function() tide.supervisor{ cooldown = { bse = 10 } } end, "tide.supervisor: unknown option 'cooldown.bse'" },
+      { function() tide.supervisor{ cooldown = { base = -1 } } end, "tide.supervisor: bad option 'cooldown.base' (non-negative number of ms expected, got number -1)" },
+      { function() tide.supervisor{ cooldown = { base = 100, max = 50 } } end, "tide.supervisor: bad option 'cooldown.max' (number of ms >= base expected, got number 50)" },
+      { function() tide.supervisor{ cooldown = { max = "1s" } } end, "tide.supervisor: bad option 'cooldown.max' (number of ms >= base expected, got string \"1s\")" },
     }
     spec_helper.error_cases("spec/supervisor_spec.lua", cases)
+  end)
+
+  it("handles commands given right after start, in order, none dropped", function()
+    run(function()
+      local sup = tide.supervisor{ children = { child("a") } }
+      sup:start()
+      assert.is_true(sup:stop())                -- before the supervisor's task ever ran
+      local status, value = sup:await(2000)
+      assert.equal("ok", status)
+      assert.equal("stopped", value)
+      assert.equal("stopped", sup.state)
+      assert.same({ "start a", "stop a" }, events)
+
+      events = {}
+      local sup2 = tide.supervisor{ children = { child("a") } }
+      sup2:start()
+      assert.is_true(sup2:start_child(child("b")))
+      assert.is_true(sup2:terminate_child("a"))
+      assert.is_true(sup2:start_child(child("c")))
+      tide.sleep(80)
+      local st = {}
+      for _, k in ipairs(sup2:which_children()) do st[#st + 1] = k.id .. "=" .. k.status end
+      assert.same({ "a=stopped", "b=running", "c=running" }, st)
+      sup2:stop()
+      assert.equal("ok", (sup2:await()))
+    end)
+  end)
+
+  it("refuses a duplicate child id at the call, even before the first one started", function()
+    run(function()
+      local sup = tide.supervisor{ children = {} }
+      sup:start()
+      assert.is_true(sup:start_child(child("x")))
+      local ok, err = pcall(sup.start_child, sup, child("x"))
+      assert.is_false(ok)
+      assert.matches("supervisor:start_child: duplicate child id 'x'$", err)
+      tide.sleep(20)
+      sup:stop()
+      assert.equal("ok", (sup:await()))
+      for _, k in ipairs(sup:which_children()) do assert.equal("stopped", k.status) end
+      assert.equal(1, #sup:which_children())
+    end)
+    local starts = 0
+    for _, e in ipairs(events) do if e == "start x" then starts = starts + 1 end end
+    assert.equal(1, starts)
+  end)
+
+  it("deletes a child's spec (stopping it first), after which its id is free again", function()
+    run(function()
+      local sup = tide.supervisor{ children = { child("a"), child("b") } }
+      sup:start()
+      tide.sleep(5)
+      assert.is_true(sup:delete_child("a"))
+      local ok, err = sup:delete_child("zz")
+      assert.is_nil(ok)
+      assert.equal("supervisor:delete_child: no child 'zz'", err)
+      tide.sleep(80)
+      assert.same({ "b" }, { sup:which_children()[1].id, sup:which_children()[2] })
+      assert.is_true(sup:start_child(child("a")))
+      tide.sleep(20)
+      assert.equal("running", sup:which_children()[2].status)
+      sup:stop()
+      assert.equal("ok", (sup:await()))
+    end)
+  end)
+
+  it("awaits its end with an optional timeout", function()
+    run(function()
+      local sup = tide.supervisor{ children = { child("a") } }
+      sup:start()
+      assert.same({ nil, "timeout" }, { sup:await(20) })
+      sup:stop()
+      assert.same({ "ok", "stopped" }, { sup:await(1000) })
+      assert.same({ "ok", "stopped" }, { sup:await() })       -- again: the same outcome
+    end)
+    spec_helper.error_cases("spec/supervisor_spec.lua", {
+      { function() tide.supervisor{}:await("x") end, "supervisor:await: bad argument #1 (non-negative number of ms expected, got string \"x\")" },
+    })
+    local ok, err = tide.supervisor{}:await()
+    assert.is_nil(ok)
+    assert.equal("supervisor:await: 'supervisor' was never started", err)
   end)
 end)

@@ -21,4 +21,10 @@ void tide__open_pg(lua_State *L, uv_loop_t *loop);
 /* lua_pg.c: closes the watch handles of PostgreSQL connections (before the loop closes). */
 void tide__close_pg(lua_State *L);
 
+/* lua_http.c: sets http_listen and random_bytes into the table at the top. */
+void tide__open_http(lua_State *L, uv_loop_t *loop);
+
+/* lua_http.c: closes every HTTP server and its connections (before the loop closes). */
+void tide__close_http(lua_State *L);
+
 #endif

@@ -5,7 +5,10 @@
 #include <string.h>
 
 #include <lauxlib.h>
+#include <libpq-fe.h>
+#include <luajit.h>
 #include <lualib.h>
+#include <sqlite3.h>
 
 #include "bindings.h"
 #include "codec.h"
@@ -89,8 +92,18 @@ static int l_now(lua_State *L) {
 
 /* wallclock() -> UTC milliseconds since the Unix epoch (integral): for
  * durable schedule times only; intervals use now(). */
+/* Under the virtual clock, the wall clock moves with it: it reads the real
+ * wall clock at the moment the virtual one started, plus the virtual time
+ * since (so jobs scheduled for later become due when a test advances). */
+static double virtual_wall_base, virtual_mono_base;
+
 static int l_wallclock(lua_State *L) {
   uv_timeval64_t tv;
+  if (tide__loop_is_virtual()) {
+    double ms = virtual_wall_base + ((double)tide__loop_now() - virtual_mono_base) / 1e6;
+    lua_pushnumber(L, floor(ms));
+    return 1;
+  }
   if (uv_gettimeofday(&tv) != 0) return luaL_error(L, "tide: cannot read the wall clock");
   lua_pushnumber(L, (double)tv.tv_sec * 1000.0 + (double)(tv.tv_usec / 1000));
   return 1;
@@ -201,6 +214,7 @@ static int close_state(lua_State *L, loop_ud *u) {
   u->s = NULL;
   tide__close_threads(L);                    /* its async handle is on our loop */
   tide__close_pg(L);                         /* so are the sockets' watches     */
+  tide__close_http(L);                       /* and the HTTP servers' handles   */
   luaL_unref(L, LUA_REGISTRYINDEX, s->tick_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, s->signal_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, s->thread_ref);
@@ -224,6 +238,57 @@ static int l_isatty(lua_State *L) {
   return 1;
 }
 
+/* clock_virtual(on): switches the virtual clock (tide.testing) on or off. */
+static int l_clock_virtual(lua_State *L) {
+  state *s = get_state(L);
+  int on = lua_toboolean(L, 1);
+  if (on && !tide__loop_is_virtual()) {
+    uv_timeval64_t tv;
+    if (uv_gettimeofday(&tv) != 0) return luaL_error(L, "tide: cannot read the wall clock");
+    virtual_wall_base = (double)tv.tv_sec * 1000.0 + (double)(tv.tv_usec / 1000);
+    tide__loop_set_virtual(&s->loop, 1);
+    virtual_mono_base = (double)tide__loop_now();
+    return 0;
+  }
+  tide__loop_set_virtual(&s->loop, on);
+  return 0;
+}
+
+/* clock_step(target_ms, until_idle) -> true when the clock moved to the
+ * next timer's deadline (exactly, in ns: a deadline round-tripped through a
+ * double of ms may land a nanosecond short of due); false when no timer is
+ * due by the target: the clock then moves to the target, unless until_idle. */
+static int l_clock_step(lua_State *L) {
+  state *s = get_state(L);
+  double target_ms = luaL_checknumber(L, 1);
+  uint64_t target = target_ms > 0 ? (uint64_t)(target_ms * 1e6) : 0, deadline;
+  if (tide__timers_next(&s->loop.timers, &deadline) && deadline <= target) {
+    tide__loop_set_now(&s->loop, deadline);
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  if (!lua_toboolean(L, 2)) tide__loop_set_now(&s->loop, target);
+  lua_pushboolean(L, 0);
+  return 1;
+}
+
+/* versions() -> { luajit =, libuv =, sqlite =, libpq = }: what this tide
+ * was built with and runs on (libraries linked dynamically report theirs). */
+static int l_versions(lua_State *L) {
+  lua_createtable(L, 0, 4);
+  lua_pushstring(L, LUAJIT_VERSION);
+  lua_setfield(L, -2, "luajit");
+  lua_pushstring(L, uv_version_string());
+  lua_setfield(L, -2, "libuv");
+  lua_pushstring(L, sqlite3_libversion());
+  lua_setfield(L, -2, "sqlite");
+  int pq = PQlibVersion();                   /* 150018 = 15.18; before 10: 90624 = 9.6.24 */
+  if (pq >= 100000) lua_pushfstring(L, "%d.%d", pq / 10000, pq % 10000);
+  else lua_pushfstring(L, "%d.%d.%d", pq / 10000, pq / 100 % 100, pq % 100);
+  lua_setfield(L, -2, "libpq");
+  return 1;
+}
+
 static const luaL_Reg core_funcs[] = {
   { "now", l_now },           { "timer_start", l_timer_start },
   { "timer_cancel", l_timer_cancel }, { "pop", l_pop },
@@ -232,7 +297,9 @@ static const luaL_Reg core_funcs[] = {
   { "signals", l_signals },   { "stats", l_stats },
   { "close", l_close },       { "isatty", l_isatty },
   { "wallclock", l_wallclock }, { "pid", l_pid },
-  { "hostname", l_hostname },
+  { "hostname", l_hostname }, { "versions", l_versions },
+  { "clock_virtual", l_clock_virtual },
+  { "clock_step", l_clock_step },
   { NULL, NULL }
 };
 
@@ -293,6 +360,7 @@ static int push_core(lua_State *L, uv_loop_t *uv) {
   tide__open_threads(L, s->loop.uv);               /* thread_*       */
   tide__open_sqlite(L);                            /* sqlite_*       */
   tide__open_pg(L, s->loop.uv);                    /* pg_*           */
+  tide__open_http(L, s->loop.uv);                  /* http_listen    */
   lua_remove(L, -2);                               /* the userdata */
   lua_pushvalue(L, -1);
   lua_setfield(L, -3, "tide.core");

@@ -3,9 +3,16 @@
 
 #include <signal.h>
 
+/* The virtual clock (tide.testing): while on, now() is `virtual_now` and
+ * moves only when told to, and `wake` is never armed: timers fire when the
+ * clock is advanced past them.  One clock per process, like the real one. */
+static int virtual_on;
+static uint64_t virtual_now;
+
 uint64_t tide__loop_now(void) {
-  return uv_hrtime();
+  return virtual_on ? virtual_now : uv_hrtime();
 }
+
 
 static void on_wake(uv_timer_t *h) {
   tide__loop *loop = h->data;
@@ -77,12 +84,27 @@ static void rearm(tide__loop *loop) {
     loop->armed = 0;
     return;
   }
-  if (loop->armed == deadline) return;
+  if (loop->armed == deadline || virtual_on) return;
   uint64_t now = tide__loop_now();
   uint64_t ms = deadline > now ? (deadline - now + 999999) / 1000000 : 0;
   uv_update_time(loop->uv);
   uv_timer_start(&loop->wake, on_wake, ms, 0);
   loop->armed = deadline;
+}
+
+void tide__loop_set_virtual(tide__loop *loop, int on) {
+  if (on && !virtual_on) virtual_now = uv_hrtime();
+  virtual_on = on;
+  if (loop->armed) { uv_timer_stop(&loop->wake); loop->armed = 0; }
+  rearm(loop);                               /* off: pending timers run on the real clock again */
+}
+
+int tide__loop_is_virtual(void) { return virtual_on; }
+
+void tide__loop_set_now(tide__loop *loop, uint64_t now) {
+  if (!virtual_on || now < virtual_now) return;   /* monotonic: never back */
+  virtual_now = now;
+  tide__loop_kick(loop);
 }
 
 int64_t tide__loop_timer_start(tide__loop *loop, uint64_t deadline) {

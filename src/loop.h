@@ -49,8 +49,15 @@ int tide__loop_init(tide__loop *loop, uv_loop_t *uv, tide__tick_cb on_tick,
  * closes it: returns the result of uv_loop_close (0: nothing was left open). */
 int tide__loop_close(tide__loop *loop, void (*done)(tide__loop *));
 
-/* Monotonic clock in nanoseconds. */
+/* Monotonic clock in nanoseconds (the virtual one while it is on). */
 uint64_t tide__loop_now(void);
+
+/* The virtual clock, for tests: on, now() stops moving by itself and
+ * timers fire only when tide__loop_set_now moves it past them (forward only;
+ * it kicks the loop so that a tick fires what became due). */
+void tide__loop_set_virtual(tide__loop *loop, int on);
+int tide__loop_is_virtual(void);
+void tide__loop_set_now(tide__loop *loop, uint64_t now);
 
 /* Timers, in ns of tide__loop_now.  start returns a key >= 1 or -1 (ENOMEM). */
 int64_t tide__loop_timer_start(tide__loop *loop, uint64_t deadline);

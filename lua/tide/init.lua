@@ -51,6 +51,7 @@ function tide.shutdown(grace_ms)
 end
 
 tide.configure = config.configure
+tide.testing = require "tide.engine.testing"
 
 --- Counters: tasks by outcome, live tasks, timers, handles, callback errors.
 function tide.stats()
@@ -77,5 +78,9 @@ do                           -- the JSON of jobs: exact numbers, arrays kept arr
   tide.json = { encode = json.encode, decode = json.decode, array = json.array, null = json.null }
 end
 tide.worker = require("tide.jobs.worker").new
+local metrics = require "tide.observe.metrics"
+tide.metrics = { serve = metrics.serve, render = metrics.render }
+local web = require "tide.observe.web"
+tide.web = { serve = web.serve, handler = web.handler }
 
 return tide

@@ -47,6 +47,8 @@ function M.requires(path)
   local f = assert(io.open(path))
   local src = f:read("*a")
   f:close()
+  src = src:gsub("%-%-%[(=*)%[.-%]%1%]", "")     -- block comments
+            :gsub("%-%-[^\n]*", "")             -- line comments (usage examples in them are not imports)
   local out, seen = {}, {}
   for q, name in src:gmatch("require%s*%(?%s*([\"'])(tide[%w_.]*)%1") do
     if not seen[name] then seen[name] = true; out[#out + 1] = name end

@@ -16,13 +16,14 @@ Commands:
   enqueue [OPTIONS] TARGET METHOD [JSON_ARGS]
                                    add a durable job
   jobs [OPTIONS] COMMAND [ARGS]    list, show, retry, cancel, expire, fail, stats, prune
+  web [OPTIONS]                    serve the dashboard of a job store in the browser
   graph [--format dot|mermaid] SCRIPT [ARGS...]
                                    print the flows SCRIPT defines, without running them
   help [COMMAND]                   show this help, or a command's
   version                          print the version
 
-`tide COMMAND --help` shows a command's options.  worker, enqueue and jobs
-use the job store given by --store URL, else $TIDE_STORE, else sqlite:tide.db.
+`tide COMMAND --help` shows a command's options.  worker, enqueue, jobs and
+web use the job store given by --store URL, else $TIDE_STORE, else sqlite:tide.db.
 
 Options:
   -h, --help      show this help
@@ -36,6 +37,7 @@ local COMMANDS = {
   worker = function(argv, i) return require("tide.cli.worker").main(argv, i) end,
   enqueue = function(argv, i) return require("tide.cli.jobs").enqueue(argv, i) end,
   jobs = function(argv, i) return require("tide.cli.jobs").jobs(argv, i) end,
+  web = function(argv, i) return require("tide.cli.web").main(argv, i) end,
 }
 
 --- tide help [COMMAND]
@@ -55,7 +57,10 @@ function M.main(argv)
   elseif cmd == "help" then
     return help(argv[2])
   elseif cmd == "-v" or cmd == "--version" or cmd == "version" then
-    io_stdout:write(tide._VERSION, " (", jit.version, ")\n")
+    local v = require("tide.core").versions()
+    io_stdout:write(tide._VERSION, " (", jit.version, ")\n",
+                    ("built with LuaJIT %s, libuv %s, SQLite %s, libpq %s\n")
+                      :format(v.luajit:gsub("^LuaJIT ", ""), v.libuv, v.sqlite, v.libpq))
     return 0
   elseif COMMANDS[cmd] then
     return COMMANDS[cmd](argv, 2)

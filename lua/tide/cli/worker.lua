@@ -13,6 +13,7 @@ local job = require "tide.jobs.job"
 local options = require "tide.cli.options"
 local store = require "tide.cli.store"
 local tide = require "tide"
+local logs = require "tide.observe.logs"
 
 local type, tostring, tonumber, ipairs, pairs, pcall = type, tostring, tonumber, ipairs, pairs, pcall
 local concat, sort = table.concat, table.sort
@@ -48,6 +49,13 @@ Options:
                        failing this long (claims, writes, ...; default 60s)
   --quiet              print nothing but errors (no start line, failed
                        attempts, status line or summary)
+  --log-format FORMAT  human (the default) or json: one JSON object per line
+                       (time, level, event, job, queue, attempt, error, ...)
+  --metrics ADDR       serve Prometheus metrics at http://ADDR/metrics
+                       (HOST:PORT, like 127.0.0.1:9464)
+  --web ADDR           serve the dashboard of the store at http://ADDR/
+                       (its address with the token is printed at start)
+  --token TOKEN        the dashboard's access token (default: a random one)
   -h, --help           show this help
 
 MS options take a number of ms, or 500ms, 30s, 5m, 2h, 1d.  The summary
@@ -68,8 +76,10 @@ local function queue_opt(s)
   return { name = qname, n = n and tonumber(n) or false }
 end
 
+local W = require("tide.cli.web").opt
 local o = options.opt
 local OPTS = {
+  ["--metrics"] = W.metrics, ["--web"] = W.web, ["--token"] = W.token, ["--log-format"] = W.log_format,
   ["--store"] = o.store, ["--concurrency"] = o.concurrency, ["--lease"] = o.lease,
   ["--poll"] = o.poll, ["--grace"] = o.grace, ["--drain"] = o.drain, ["--quiet"] = o.quiet,
   ["--give-up"] = o.give_up,
@@ -99,27 +109,35 @@ end
 
 -- ===== what the worker says on stderr
 
---- Writes a line to stderr, above the status line when it shows.
-local function say(run, line)
+--- Writes a line to stderr, above the status line when it shows; with
+--- --log-format json, the event and its fields as a JSON line instead.
+local function say(run, line, level, event, fields)
+  if run.opts.log_format == "json" and event then return logs.event(level, event, fields) end
   io_stderr:write(run.live and "\r\27[K" or "", line, "\n")
 end
 
 --- on_outcome for the worker: one line per failed attempt, and for each
---- attempt the store did not take as this worker saw it.
+--- attempt the store did not take as this worker saw it (with
+--- --log-format json, one event each).
 local function outcome_line(run)
-  return function(job, outcome, err)
+  return function(job, outcome, err, trace)
     local head = ("%s: job %d (%s.%s) attempt %d/%d"):format(PROG, job.id, job.target, job.method,
                                                           job.attempt, job.max_attempts)
     local why = (tostring(err):match("^[^\n]*"))
+    local fields = { job = job.id, queue = job.queue, target = job.target, method = job.method,
+                     attempt = job.attempt, max_attempts = job.max_attempts, outcome = outcome }
     if outcome == "retried" or outcome == "discarded" then
-      say(run, ("%s failed, %s: %s"):format(head, outcome == "discarded" and "discarded" or "will retry", why))
+      fields.will_retry, fields.error, fields.traceback = outcome == "retried", tostring(err), trace
+      say(run, ("%s failed, %s: %s"):format(head, outcome == "discarded" and "discarded" or "will retry", why),
+          outcome == "discarded" and "error" or "warn", "job_failed", fields)
     elseif outcome == "lost" then
-      say(run, ("%s: not recorded, its lease had passed to another worker"):format(head))
+      say(run, ("%s: not recorded, its lease had passed to another worker"):format(head), "warn", "job_lost", fields)
     elseif outcome == "cancelled" then
-      say(run, ("%s: not recorded, the job was cancelled or expired in the store"):format(head))
+      say(run, ("%s: not recorded, the job was cancelled or expired in the store"):format(head), "warn",
+          "job_cancelled", fields)
     elseif outcome == "unwritten" then
       say(run, ("%s: its outcome could not be written (the lease will run out and it will run again)")
-        :format(head))
+        :format(head), "error", "job_unwritten", fields)
     end
   end
 end
@@ -140,9 +158,12 @@ local function summary(run)
   for _, k in ipairs{ "cancelled", "lost", "rescued", "write_errors", "unwritten" } do
     if info[k] > 0 then extra[#extra + 1] = (", %d %s"):format(info[k], (k:gsub("_", " "))) end
   end
+  local secs = (tide.now() - run.t0) / 1000
   return ("%s %s: stopped after %.1f s: %d completed, %d retried, %d discarded, %d released%s")
-    :format(PROG, info.id, (tide.now() - run.t0) / 1000, info.completed, info.retried,
-            info.discarded, info.released, concat(extra))
+    :format(PROG, info.id, secs, info.completed, info.retried, info.discarded, info.released, concat(extra)),
+    { worker = info.id, seconds = secs, claimed = info.claimed, completed = info.completed, retried = info.retried,
+      discarded = info.discarded, released = info.released, cancelled = info.cancelled, rescued = info.rescued,
+      write_errors = info.write_errors, unwritten = info.unwritten }
 end
 
 -- ===== the root task
@@ -190,12 +211,14 @@ local function main(run)
       if H.signal then
         local n = w:info().running
         say(run, ("%s %s: %s: stopping; %d running job%s get%s %d ms"):format(PROG, w.id, reason,
-            n, n == 1 and "" or "s", n == 1 and "s" or "", config.grace))
+            n, n == 1 and "" or "s", n == 1 and "s" or "", config.grace), "info", "worker_stopping",
+            { worker = w.id, reason = reason, running = n, grace_ms = config.grace })
       end
     end)
     say(run, ("%s %s: %s, queues %s, lease %d ms"):format(PROG, w.id, run.q.name,
-        queues_text(run.queues), w.lease))
-    if core.isatty(2) then
+        queues_text(run.queues), w.lease), "info", "worker_started",
+        { worker = w.id, store = run.q.name, queues = run.queues, lease_ms = w.lease })
+    if core.isatty(2) and run.opts.log_format ~= "json" then
       run.live = true
       run.timer = tide.every(1000, function() status_line(run) end)
     end
@@ -214,7 +237,11 @@ local function finish(run)
   if run.live then io_stderr:write("\r\27[K") end
   run.live = false
   local w = run.w
-  if w and not run.opts.quiet then say(run, summary(run)) end
+  if w and not run.opts.quiet then
+    local line, fields = summary(run)
+    say(run, line, "info", "worker_stopped", fields)
+  end
+  for _, srv in ipairs(run.servers or {}) do srv:close() end
   run.q:close()
   if run.failed then return options.fail(PROG, run.failed) end
   if not w then                                   -- the loop stopped before the worker started
@@ -244,7 +271,21 @@ function M.main(argv, i)
   local q, status = store.open(PROG, url, false)
   if not q then return status end
   if opts.grace then tide.configure{ grace = opts.grace } end
+  if opts.log_format == "json" then logs.use_json() end
   local run = { q = q, opts = opts, queues = queues, live = false }
+  if opts.metrics or opts.web then
+    local l, lerr = require("tide.cli.web").listen(PROG, { metrics = opts.metrics, web = opts.web,
+                                                           token = opts.token, queue = q })
+    if not l then q:close(); return options.fail(PROG, lerr) end
+    run.servers = l.servers
+    if l.web_url then
+      say(run, ("%s: dashboard at %s"):format(PROG, l.web_url), "info", "dashboard", { url = l.web_url })
+    end
+    if l.metrics and not opts.quiet then
+      say(run, ("%s: metrics at %s"):format(PROG, l.metrics:url("/metrics")), "info", "metrics",
+          { url = l.metrics:url("/metrics") })
+    end
+  end
   if pos[1] then
     run.script_path = pos[1]
     add_script_dir(pos[1])

@@ -35,6 +35,7 @@ function H.loop()
     core.run()
   until S.reap() == 0
   if signals then core.signals(false) end
+  S.report_unheard()
   S.reset()
 end
 
@@ -45,7 +46,10 @@ function H.step()
     S.reap()
     active = core.run(true)
   end
-  if not active then S.reset() end           -- the work is done: a later run starts afresh
+  if not active then                         -- the work is done: a later run starts afresh
+    S.report_unheard()
+    S.reset()
+  end
   return active and 1 or 0
 end
 
@@ -63,6 +67,7 @@ function H.spawn_file(path, args)
   for i = 1, #args do a[i] = args[i] end
   _G.arg = a
   local t = task.spawn{ run = chunk, args = { n = #args, unpack(args) }, name = path }
+  S.options(t).heard = true                     -- its failure is the process's exit status
   H.root = t
   return t
 end

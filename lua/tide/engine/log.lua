@@ -13,6 +13,7 @@ local function default_sink(where, err, tb)
   io_stderr:write(("tide: error in %s: %s\n"):format(where, tb or tostring(err)))
 end
 M.sink = default_sink
+M.default_sink = default_sink
 
 local function handler(e)
   return traceback(tostring(e), 2)

@@ -13,6 +13,7 @@ local type, getmetatable, setmetatable, error = type, getmetatable, setmetatable
 local arg_error, opt_error = check.arg_error, check.opt_error
 
 local M = {}
+M.live = setmetatable({}, { __mode = "k" })   -- every pool not yet collected (for metrics)
 local Pool = {}
 local Pool_mt = { __index = Pool, __tostring = function(p)
   return ("tide.Pool%s (%d/%d running, %d waiting)")
@@ -31,12 +32,14 @@ function M.new(opts)
   if not check.is_count(limit) then opt_error("tide.pool", "queue_limit", "integer >= 0", opts.queue_limit) end
   task.check_mode("tide.pool", opts.mode, 2)
   if opts.name ~= nil and type(opts.name) ~= "string" then opt_error("tide.pool", "name", "string", opts.name) end
-  return setmetatable({
+  local p = setmetatable({
     size = size, queue_limit = limit, name = opts.name, mode = opts.mode or "coroutine",
     running = 0, waiting = 0, outstanding = 0, submitted = 0,
     queue = {}, qhead = 1, qtail = 0, filling = false, drainers = {},
     ok = 0, error = 0, timeout = 0, cancelled = 0,
   }, Pool_mt)
+  M.live[p] = true
+  return p
 end
 
 local function check_pool(fname, p)

@@ -34,7 +34,7 @@ local type = type
 local co_running = coroutine.running
 local unpack, select, pcall, xpcall, error = unpack, select, pcall, xpcall, error
 local tostring, traceback, pairs = tostring, debug.traceback, pairs
-local setmetatable, getmetatable = setmetatable, getmetatable
+local setmetatable, getmetatable, newproxy = setmetatable, getmetatable, newproxy
 local timer_start, timer_cancel, pop, kick = core.timer_start, core.timer_cancel, core.pop, core.kick
 local is_ms = check.is_ms
 
@@ -61,6 +61,10 @@ local grace_key = nil        -- the timer that ends the grace period
 
 local stats = { spawned = 0, ok = 0, error = 0, timeout = 0, cancelled = 0, retries = 0 }
 S.stats = stats
+-- Outcomes of thread-mode tasks (those with a thread payload), part of the
+-- above: the rest ran as coroutines.  (tide_tasks_total{mode=...})
+local thread_stats = { ok = 0, error = 0, timeout = 0, cancelled = 0 }
+S.thread_stats = thread_stats
 
 local function safe_tostring(v)
   local ok, s = pcall(tostring, v)
@@ -380,6 +384,60 @@ local function backoff_over(t)
   if t._state == "retrying" then start_attempt(t) end
 end
 
+-- ===== failures nobody heard
+--
+-- A task that fails (error or timeout) with no handle_result, no awaiter,
+-- and no module of tide's that takes its outcome (o.heard: flow nodes,
+-- jobs, timers) would be lost silently.  It is noted here; an await that
+-- comes later hears it.  What is still unheard is reported once to the
+-- error sink: when the loop ends, or when the task is collected (its
+-- finalizer only queues the report: a finalizer runs at any allocation,
+-- where calling the sink is not safe; the next tick delivers it).
+
+local unheard = setmetatable({}, { __mode = "k" })   -- task -> its report record
+local collected = {}                                 -- records of collected tasks, to report
+
+local function unheard_text(t)
+  local name = t._opt and t._opt.name
+  return ("task %d%s failed (%s) and nobody heard it"):format(t.id, name and (" '" .. name .. "'") or "", t._state)
+end
+
+local function note_unheard(t)
+  local rec = { where = unheard_text(t), err = t.value, tb = t.traceback, done = false }
+  local proxy = newproxy(true)
+  getmetatable(proxy).__gc = function()
+    if not rec.done then rec.done = true; collected[#collected + 1] = rec end
+  end
+  rec.proxy = proxy                       -- lives as long as the record, which the task keys
+  unheard[t] = rec
+end
+
+--- The task's failure was heard (awaited after the fact).
+local function hear(t)
+  local rec = unheard[t]
+  if rec then rec.done = true; unheard[t] = nil end
+end
+
+local function flush_collected()
+  local list = collected
+  collected = {}
+  for i = 1, #list do log.report(list[i].where, list[i].err, list[i].tb) end
+end
+
+--- Reports every failure nobody heard (the loop ended: nobody will).
+function S.report_unheard()
+  flush_collected()
+  local list = {}
+  for t, rec in pairs(unheard) do list[#list + 1] = { t.id, rec } end
+  table.sort(list, function(a, b) return a[1] < b[1] end)
+  for i = 1, #list do
+    local rec = list[i][2]
+    rec.done = true
+    log.report(rec.where, rec.err, rec.tb)
+  end
+  unheard = setmetatable({}, { __mode = "k" })
+end
+
 -- ===== the door
 
 --- Calls a user callback protected, outside any task: it cannot wait (its
@@ -421,9 +479,13 @@ local function finish(t, status, ...)
   if w then t._waiters = nil; S.wake_all(w) end
   local o = t._opt
   if o then
+    if o.thread then thread_stats[status] = thread_stats[status] + 1 end
     local hooks = o.on_finish
     if hooks then run_hooks("on_finish", t, hooks) end
     if o.handle_result then callback("handle_result", t, o.handle_result, status, t.value, t) end
+  end
+  if (status == "error" or status == "timeout") and not w and not (o and (o.handle_result or o.heard)) then
+    note_unheard(t)
   end
   if shutting and nlive == 0 then end_grace() end
   finishing = finishing - 1
@@ -486,6 +548,44 @@ local function run_task(t, co)
   return after_resume(t, co, co_resume(co))
 end
 
+-- ===== the virtual clock (tide.testing)
+--
+-- While a test advances the virtual clock, the tick steps it: each time no
+-- task is runnable, time jumps to the next timer's deadline (if it is
+-- within the target), so every timer in the span fires in order and the
+-- tasks it wakes run before time moves on; at the end, time is set to the
+-- target and the caller is woken.
+
+local advancing = false      -- { target = ms, until_idle = bool, task, tok } while a test advances
+
+--- Steps the virtual clock once the run queue is empty; true when there is
+--- more to do (a tick must follow).
+local function step_virtual()
+  local a = advancing
+  if core.clock_step(a.target, a.until_idle) then return true end   -- at the next timer: fire it
+  advancing = false
+  if a.task then wake(a.task, a.tok) end
+  return rq_n > 0                          -- the caller, woken, runs next tick
+end
+
+--- Starts advancing the virtual clock to `target` (ms, tide.now's scale),
+--- or through every timer up to it when `until_idle`.  Inside a task, the
+--- task waits until it is done; outside, the caller drives the loop.
+function S.advance(target, until_idle, fname)
+  if advancing then error(fname .. ": the clock is already advancing", 3) end
+  advancing = { target = target, until_idle = until_idle }
+  if S.in_task() then
+    local t, tok = wait_begin(fname, 3)
+    advancing.task, advancing.tok = t, tok
+    kick()
+    wait_end(t, tok)
+  else
+    return true               -- the caller runs the loop until S.advancing() is false
+  end
+end
+
+function S.advancing() return advancing ~= false end
+
 -- Resumes per tick at most (about): past it, the loop polls for I/O and
 -- fires timers before running more.  Work that becomes runnable during a
 -- tick runs in the same tick, so a chain of tasks costs no loop iteration
@@ -497,6 +597,7 @@ local RUN_BUDGET = 20000
 --- tasks are runnable (or timers due) still.
 function S.tick()
   in_tick = true
+  if collected[1] then flush_collected() end
   local more_timers = fire_due()
   local done = 0
   while rq_n > 0 and done < RUN_BUDGET do
@@ -511,6 +612,7 @@ function S.tick()
     done = done + n
   end
   in_tick = false
+  if advancing and rq_n == 0 and not more_timers then return step_virtual() end
   return rq_n > 0 or more_timers
 end
 
@@ -587,7 +689,7 @@ end
 --- Waits (inside a task) for t's outcome; returns status and value(s), or
 --- nil, "timeout" after `ms` (t itself goes on).  `fname` names the caller.
 function S.await(t, ms, fname)
-  if TERMINAL[t._state] then return S.results(t) end
+  if TERMINAL[t._state] then hear(t); return S.results(t) end
   local w, tok = wait_begin(fname, 3)
   if not t._waiters then t._waiters = {} end
   S.add_waiter(t._waiters, w, tok)

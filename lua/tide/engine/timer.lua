@@ -34,7 +34,7 @@ end
 local function fire(tm)
   tm.key = false
   if tm.every then tm.key = S.timer(tm.ms, fire, tm) end
-  S.start(S.new_task(run_timer, { timer = false, tm = tm, on_finish = timer_finished }))
+  S.start(S.new_task(run_timer, { timer = false, tm = tm, on_finish = timer_finished, heard = true }))
 end
 
 local function new_timer(fname, ms, fn, every)

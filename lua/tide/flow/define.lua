@@ -17,7 +17,7 @@ local M = {}
 local FLOW_KEYS = { name = true, max_concurrency = true, fail = true, timeout = true, tasks = true, on = true }
 local TASK_KEYS = { run = true, each = true, items = true, after = true, when = true, retry = true,
                     timeout = true, mode = true, max_concurrency = true, exit_on_failed = true, flow = true }
-local HOOKS = { flow_start = true, task_start = true, task_done = true, task_failed = true,
+local HOOKS = { flow_start = true, task_start = true, task_run_done = true, task_done = true, task_failed = true,
                 task_timeout = true, task_retry = true, task_skipped = true, child_done = true,
                 flow_done = true }
 local FAILS = { stop = true, continue = true }

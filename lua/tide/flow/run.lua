@@ -64,6 +64,21 @@ local function ctx_for(run, node)
   return { input = run.input, results = run.results, flow = run.flow.name, task = node.name }
 end
 
+--- What crosses to a thread-mode task: the input and the results of its own
+--- dependencies only (not the whole run's: every byte is copied, and one
+--- earlier result that cannot cross would fail every thread task after it).
+local function thread_ctx(run, node)
+  local results = {}
+  for _, dep in ipairs(node.after) do results[dep] = run.results[dep] end
+  return { input = run.input, results = results, flow = run.flow.name, task = node.name }
+end
+
+--- What crosses to a thread-mode child: its item travels beside this, so
+--- only the input and the names.
+local function thread_child_ctx(run, node)
+  return { input = run.input, flow = run.flow.name, task = node.name }
+end
+
 --- Spawns a task for the flow without the public checks (the flow checked
 --- its spec when it was defined): fn(args...) with `opt` (args, timeout,
 --- retry policy, on_finish, ...).  Thread mode and nested flows take
@@ -93,10 +108,16 @@ local function push_ready(run, node)
   run.ready[run.ready_tail] = node
 end
 
+-- For metrics: finished runs by status, and their steps by status.
+M.counts = { runs = {}, steps = {} }
+
 --- The end of the run: every node has a status.
 local function finish_run(run, status)
   if run.done then return end
   run.done = true
+  local runs, steps = M.counts.runs, M.counts.steps
+  runs[status] = (runs[status] or 0) + 1
+  for _, r in pairs(run.report.tasks) do steps[r.status] = (steps[r.status] or 0) + 1 end
   run.report.status = status
   run.report.duration = S.now() - run.t0
   if run.timer then S.untimer(run.timer); run.timer = nil end
@@ -108,6 +129,37 @@ end
 
 local function count_open(run)
   return run.open == 0
+end
+
+-- Cancels go through one worklist instead of recursing: cancelling a node
+-- that runs a nested flow stops that flow's run inside the cancel, which
+-- cancels the next level inside that, and so on; a flow nested 2,000 deep
+-- would overflow the stack.  The first caller drains the list; a cancel
+-- asked for meanwhile is appended and done by the same loop.
+local cancels, ncancels, draining = {}, 0, false
+
+local function drain_cancels()
+  local i, me, mine = 1, S.current(), nil
+  while i <= ncancels do
+    local t, why = cancels[i], cancels[i + 1]
+    cancels[i], cancels[i + 1] = nil, nil
+    i = i + 2
+    if t == me then mine = why                 -- cancelling itself stops the caller: last
+    elseif not S.TERMINAL[S.state(t)] then t:cancel(why) end
+  end
+  return mine
+end
+
+local function cancel_soon(t, why)
+  cancels[ncancels + 1], cancels[ncancels + 2] = t, why
+  ncancels = ncancels + 2
+  if draining then return end
+  draining = true
+  local ok, mine = pcall(drain_cancels)
+  cancels, ncancels, draining = {}, 0, false
+  if not ok then error(mine, 0) end
+  local me = S.current()
+  if mine ~= nil and not S.TERMINAL[S.state(me)] then me:cancel(mine) end
 end
 
 --- Cancels everything still running or waiting, with `status` for the run.
@@ -123,10 +175,10 @@ local function stop_run(run, status, why)
   end
   for _, name in ipairs(run.flow.order) do
     local st = run.state[name]
-    if st and st.task and not S.TERMINAL[st.task:status()] then st.task:cancel(why) end
+    if st and st.task and not S.TERMINAL[S.state(st.task)] then cancel_soon(st.task, why) end
     if st and st.children then
       for _, c in pairs(st.children) do
-        if not S.TERMINAL[c:status()] then c:cancel(why) end
+        if not S.TERMINAL[S.state(c)] then cancel_soon(c, why) end
       end
     end
   end
@@ -218,7 +270,7 @@ local function fan_out(run, node, items)
   local values, next_i, failed_err = {}, 1, nil
   st.children = {}
   local each = node.each
-  local ctx = ctx_for(run, node)             -- shared by the children
+  local ctx = node.mode == "thread" and thread_child_ctx(run, node) or ctx_for(run, node)   -- shared by the children
   local function settle_node()
     if counts.running > 0 or (next_i <= n and not run.stopping) then return end
     if run.stopping then return node_finished(run, node, "cancelled", nil, "flow stopped") end
@@ -253,7 +305,7 @@ local function fan_out(run, node, items)
       local fn, args = each, { n = 2, item, ctx }
       if is_flow(each) then fn, args = M.run_as_task, { n = 2, each, item } end
       local opt = { args = args, timeout = node.timeout, retry = node.policy,
-                    on_finish = child_finished, fan_done = child_done, fan_index = i }
+                    on_finish = child_finished, heard = true, fan_done = child_done, fan_index = i }
       if node.mode ~= "thread" then
         st.children[i] = spawn(node, node.task_name, fn, opt)
       else
@@ -274,10 +326,14 @@ local function node_ran(run, node, ctx, status, value, task)
   r.attempts = task and task.attempts or r.attempts
   local s = outcome_status(status)
   if s ~= "ok" then return node_finished(run, node, s, nil, value) end
+  if run.flow.on.task_run_done then
+    hook(run, "task_run_done", { task = node.name, value = value })
+    if run.stopping then return node_finished(run, node, "cancelled", nil, "flow stopped") end
+  end
   if node.each then
     local items = value
     if node.items then
-      local ok, its = pcall(node.items, ctx)
+      local ok, its = pcall(node.items, node.mode == "thread" and ctx_for(run, node) or ctx)
       if not ok then return node_finished(run, node, "failed", nil, its) end
       items = its
     end
@@ -334,8 +390,9 @@ local function start_node(run, node)
   end
   if node.run == nil and node.flow == nil then return node_ran(run, node, ctx, "ok", nil, nil) end  -- each with items()
   local on_retry = run.flow.on.task_retry and retry_hook(run, node) or nil
+  if node.mode == "thread" then ctx = thread_ctx(run, node) end
   local opt = { args = { n = 1, ctx }, timeout = node.timeout, retry = node.policy, on_retry = on_retry,
-                on_finish = node_result, flow_run = run, flow_node = node }
+                on_finish = node_result, heard = true, flow_run = run, flow_node = node }
   if node.flow then
     opt.args, opt.name = { n = 2, node.flow, run.input }, node.task_name
     local t = S.new_task(M.run_as_task, opt)

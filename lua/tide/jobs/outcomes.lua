@@ -20,7 +20,7 @@
 --                            "unwritten": the lease runs out and the job
 --                            runs again; `tide worker` exits 1
 --
--- w.on_outcome(job, outcome, err) hears each, once (`tide worker` prints
+-- w.on_outcome(job, outcome, err, traceback) hears each, once (`tide worker` prints
 -- from it); it runs outside any task and cannot wait.
 local S = require "tide.engine.sched"
 local log = require "tide.engine.log"
@@ -34,9 +34,8 @@ local M = {}
 
 --- Tells w.on_outcome about one entry's fate, and counts it.
 local function settle(w, e, outcome)
-  local stats = w.stats
-  stats[outcome] = stats[outcome] + 1
-  if w.on_outcome then log.protect("on_outcome of job " .. e.id, w.on_outcome, e.job, outcome, e.err) end
+  w.count(w, e.job and e.job.queue or "?", outcome)   -- the worker's stats and the metrics' totals
+  if w.on_outcome then log.protect("on_outcome of job " .. e.id, w.on_outcome, e.job, outcome, e.err, e.trace) end
 end
 
 local function record_batch(session, entries, owner, now)
@@ -57,6 +56,7 @@ local function write(w, entries)
     -- Tried again by the flusher; if never written, the leases run out and
     -- the jobs run again (counted as unwritten).
     log.report("worker " .. w.id .. ": recording " .. #entries .. " outcomes", written)
+    w.record_error()
     w.stats.write_errors = w.stats.write_errors + 1
     w.last_error = written
     return false

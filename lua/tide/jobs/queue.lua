@@ -493,12 +493,12 @@ function Queue:job(id)
   return row and job_of(self, row)
 end
 
-local LIST_KEYS = { status = true, queue = true, limit = true, before = true }
+local LIST_KEYS = { status = true, queue = true, target = true, limit = true, before = true }
 
 local function list_rows(session, f) return session:list(f) end
 
---- Jobs, newest first: filter by status and queue; limit (default 100);
---- before = id for the next page.
+--- Jobs, newest first: filter by status, queue and target; limit (default
+--- 100); before = id for the next page.
 function Queue:list(f)
   check_q("q:list", self)
   if f ~= nil and type(f) ~= "table" then arg_error("q:list", 1, "table or nil", f) end
@@ -508,9 +508,10 @@ function Queue:list(f)
     opt_error("q:list", "status", check.choices(job.is_status), f.status)
   end
   if f.queue ~= nil and type(f.queue) ~= "string" then opt_error("q:list", "queue", "string", f.queue) end
+  if f.target ~= nil and type(f.target) ~= "string" then opt_error("q:list", "target", "string", f.target) end
   if f.limit ~= nil and not check.is_count(f.limit, 1) then opt_error("q:list", "limit", "integer >= 1", f.limit) end
   if f.before ~= nil and not check.is_count(f.before, 1) then opt_error("q:list", "before", "job id", f.before) end
-  local rows = with_session(self, "q:list", list_rows, { status = f.status, queue = f.queue,
+  local rows = with_session(self, "q:list", list_rows, { status = f.status, queue = f.queue, target = f.target,
                                                          limit = f.limit or 100, before = f.before })
   for i, row in ipairs(rows) do rows[i] = job_of(self, row) end
   return rows
@@ -567,6 +568,49 @@ function Queue:stats()
     end
   end
   return out
+end
+
+--- Counts of the waiting and executing jobs only: { [queue] = { [status] = n } }.
+--- Read through the partial indexes, so the cost follows the backlog and
+--- not the table (finished jobs are never scanned): cheap enough to sample.
+local function backlog_rows(session) return session:backlog() end
+local function recent_rows(session, since, limit) return session:recent(since, limit) end
+local function lease_rows(session) return session:leases() end
+
+function Queue:backlog()
+  check_q("q:backlog", self)
+  return (with_session(self, "q:backlog", backlog_rows))
+end
+
+--- Over the newest `limit` jobs (by id; default 10000, a bounded read):
+--- { [queue] = { [status] = { n =, recent = } } }, `recent` counting jobs
+--- that finished within the last `within` ms (default 60000); and true when
+--- the store holds more jobs than were read.
+function Queue:recent(limit, within)
+  check_q("q:recent", self)
+  if limit ~= nil and not check.is_count(limit, 1) then arg_error("q:recent", 1, "integer >= 1", limit) end
+  if within ~= nil and not check.is_ms(within) then arg_error("q:recent", 2, "non-negative number of ms", within) end
+  limit = limit or 10000
+  local rows = with_session(self, "q:recent", recent_rows, wallclock() - (within or 60000), limit)
+  local out, total = {}, 0
+  for _, r in ipairs(rows) do
+    local qt = out[r.queue]
+    if not qt then qt = {}; out[r.queue] = qt end
+    qt[r.status] = { n = r.n, recent = r.recent or 0 }
+    total = total + r.n
+  end
+  return out, total >= limit
+end
+
+--- Who holds leases now: a list of { owner, queue, n, lease_expires,
+--- attempted_at } (times in UTC seconds), one per worker and queue.
+function Queue:leases()
+  check_q("q:leases", self)
+  local rows = with_session(self, "q:leases", lease_rows)
+  for _, r in ipairs(rows) do
+    r.lease_expires, r.attempted_at = seconds(r.lease_expires), seconds(r.attempted_at)
+  end
+  return rows
 end
 
 local PRUNE_KEYS = { older_than = true, statuses = true }

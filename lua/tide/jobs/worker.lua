@@ -43,6 +43,7 @@ local job = require "tide.jobs.job"
 local queue = require "tide.jobs.queue"
 local outcomes = require "tide.jobs.outcomes"
 local make_task, spawn = task.make_task, task.spawn
+local histogram = require "tide.engine.histogram"
 
 local type, error, pairs, ipairs, tostring, pcall, require = type, error, pairs, ipairs, tostring, pcall, require
 local getupvalue, getinfo = debug.getupvalue, debug.getinfo
@@ -57,6 +58,36 @@ local opt_error = check.opt_error
 local TERMINAL = S.TERMINAL
 
 local M = {}
+
+-- ===== counters for metrics (tide.observe.metrics reads them)
+--
+-- Process-wide and by queue, so they outlive the workers that counted
+-- them (a Prometheus counter never goes down): jobs claimed, and attempts
+-- the store took as completed, retried (a failed attempt with attempts
+-- left), discarded, released, cancelled in the store, lost to another
+-- worker, or never written; how long attempts ran and how long due jobs
+-- waited to start; store statements that failed, by operation.
+M.totals = { queues = {}, rescued = 0,
+             store_errors = { claim = 0, record = 0, heartbeat = 0, rescue = 0 } }
+M.live = setmetatable({}, { __mode = "k" })    -- workers not yet stopped
+
+local function totals_of(name)
+  name = tostring(name)
+  local t = M.totals.queues[name]
+  if not t then
+    t = { claimed = 0, completed = 0, retried = 0, discarded = 0, released = 0, cancelled = 0, lost = 0,
+          unwritten = 0, duration = histogram.new(histogram.DURATION), wait = histogram.new(histogram.WAIT) }
+    M.totals.queues[name] = t
+  end
+  return t
+end
+
+--- Counts `key` for worker w and for the queue's process-wide totals.
+local function count(w, queue_name, key)
+  w.stats[key] = w.stats[key] + 1
+  local t = totals_of(queue_name)
+  t[key] = (t[key] or 0) + 1
+end
 
 local Worker = {}
 local Worker_mt = { __index = Worker, __tostring = function(w)
@@ -240,15 +271,15 @@ local function wake_later(w, name, ms)
   end)
 end
 
-local function report_error(w, target, job, err)
+local function report_error(w, target, job, err, trace)
   local hook = target and target.handle_error or w.handle_error
-  if hook then log.protect("handle_error of job " .. job.id, hook, job, err) end
+  if hook then log.protect("handle_error of job " .. job.id, hook, job, err, trace) end
 end
 
 --- A failed attempt: retry later, or discard after the last.
 local function failed(w, rec, err, trace, target)
   local job, row = rec.job, rec.row
-  local entry = { id = row.id, attempt = row.attempt, job = job, err = err,
+  local entry = { id = row.id, attempt = row.attempt, job = job, err = err, trace = trace,
                   error = encode{ attempt = row.attempt, at = wallclock(), error = tostring(err),
                                   traceback = trace } }
   if row.attempt >= row.max_attempts then
@@ -261,7 +292,7 @@ local function failed(w, rec, err, trace, target)
     if delay < w.poll and w.state == "running" and not S.shutting_down() then wake_later(w, row.queue, delay) end
   end
   job.error = tostring(err)
-  report_error(w, target, job, err)
+  report_error(w, target, job, err, trace)
   record(w, entry)
 end
 
@@ -291,13 +322,14 @@ local function job_finished(t)
   local rec = S.options(t).job
   local w = rec.worker
   slot_freed(w, rec)
+  if t.attempts > 0 then histogram.observe(rec.duration, (core.now() - rec.started) / 1000) end
   local status = S.state(t)
   if status == "ok" then
     record(w, { kind = "completed", outcome = "completed", id = rec.row.id, attempt = rec.row.attempt,
                 job = rec.job })
   elseif status == "cancelled" then
     if rec.gone then                          -- cancelled, expired or taken over in the store
-      w.stats[rec.gone] = w.stats[rec.gone] + 1
+      count(w, rec.row.queue, rec.gone)
       if w.on_outcome then log.protect("on_outcome of job " .. rec.row.id, w.on_outcome, rec.job, rec.gone, t.value) end
     elseif w.state ~= "running" or S.shutting_down() then
       released(w, rec, t.attempts > 0, t.value)
@@ -321,7 +353,7 @@ local function job_info(row)
 end
 
 local function start_job(w, row)
-  w.stats.claimed = w.stats.claimed + 1
+  count(w, row.queue, "claimed")
   local rec = { worker = w, row = row, job = job_info(row), gone = false }
   local bad = job.row_problem(row)
   if bad or not w.queues[row.queue] then
@@ -333,6 +365,9 @@ local function start_job(w, row)
   local qs = w.queues[row.queue]
   w.running[row.id] = rec
   w.nrunning, qs.running = w.nrunning + 1, qs.running + 1
+  local qt = totals_of(row.queue)
+  histogram.observe(qt.wait, math.max(0, wallclock() - row.run_at) / 1000)
+  rec.started, rec.duration = core.now(), qt.duration
   local fn, target = method_of(w, row)
   local args, err
   if fn then args, err = queue.decode_args(w.q, row) end
@@ -357,7 +392,7 @@ local function start_job(w, row)
   end
   rec.task = t
   local o = S.options(t)
-  o.job = rec
+  o.job, o.heard = rec, true                   -- its outcome is written to the store
   S.on_finish(t, job_finished)
   S.start(t)
 end
@@ -376,13 +411,14 @@ local function claim(w, name, want)
   local ok, rows = pcall(call, w, w.store, "tide.worker", claim_rows, name, want, w.id, now, now + w.lease)
   if not ok then
     log.report("worker " .. w.id .. ": claiming from queue " .. name, rows)
+    M.totals.store_errors.claim = M.totals.store_errors.claim + 1
     w.claim_error = rows
     return nil
   end
   if w.state ~= "running" then               -- stopped while the claim was under way
     for i = 1, #rows do
       local row = rows[i]
-      w.stats.claimed = w.stats.claimed + 1
+      count(w, row.queue, "claimed")
       record(w, { kind = "release", outcome = "released", id = row.id, attempt = row.attempt,
                   run_at = wallclock(), job = job_info(row) })
     end
@@ -465,6 +501,7 @@ local function heartbeat(w)
                                wallclock() + w.lease, ids)
       if not ok then
         log.report("worker " .. w.id .. ": heartbeat", leased)
+        M.totals.store_errors.heartbeat = M.totals.store_errors.heartbeat + 1
         failures = failures + 1
         wait = failed_loop(w, "heartbeat", failures, w.heartbeat, leased)
       else
@@ -486,9 +523,15 @@ local function rescue_rows(session, now) return session:rescue(now) end
 --- failure (reported).
 local function rescue(w)
   local ok, n = pcall(call, w, w.lease_store, "tide.worker", rescue_rows, wallclock())
-  if not ok then log.report("worker " .. w.id .. ": rescue", n); w.last_error = n; return false end
+  if not ok then
+    log.report("worker " .. w.id .. ": rescue", n)
+    M.totals.store_errors.rescue = M.totals.store_errors.rescue + 1
+    w.last_error = n
+    return false
+  end
   if n > 0 then
     w.stats.rescued = w.stats.rescued + n
+    M.totals.rescued = M.totals.rescued + n
     for _, qs in pairs(w.queues) do S.notify(qs) end
   end
   return true
@@ -539,7 +582,8 @@ function M.new(opts)
     on_outcome = opts.on_outcome, give_up = opts.give_up or 60000,
     retry = opts.retry and check_retry("tide.worker", "retry", opts.retry, 2)
             or check_retry("tide.worker", "retry", {}, 2),
-    target_retry = {}, failing = {},
+    target_retry = {}, failing = {}, count = count,
+    record_error = function() M.totals.store_errors.record = M.totals.store_errors.record + 1 end,
     -- host:pid:start time, so a later process that gets the same pid is
     -- another lease holder (it must not heartbeat a dead one's jobs).
     id = ("%s:%d:%x"):format(core.hostname(), core.pid(), (wallclock() * 16 + floor(core.now() * 16) % 16) % 2^40),
@@ -553,6 +597,7 @@ function M.new(opts)
     if t.retry then w.target_retry[t] = check_retry("tide.worker", "retry", t.retry, 2) end
   end
   if S.shutting_down() then error("tide.worker: the loop is shutting down", 2) end
+  M.live[w] = true
   -- On a shutdown of the loop, the worker stops its jobs a little before the
   -- loop's grace ends (up to a second, or half of it), so that the flusher
   -- can still write their releases.  (Hooked before anything below waits.)
@@ -620,6 +665,7 @@ function Worker:wait()
   if not queue.shares_store(self.q, self.store) then self.store:close() end
   if not queue.shares_store(self.q, self.lease_store) then self.lease_store:close() end
   self.state = "stopped"
+  M.live[self] = nil
   return self.stats
 end
 

@@ -22,6 +22,15 @@ local type, pairs, pcall, tostring, setmetatable, getmetatable, error =
 local opt_error = check.opt_error
 
 local M = {}
+-- For metrics: consumers not yet collected, and process-wide counts by
+-- consumer name (they outlive the consumers): deliveries taken, acks, nacks.
+M.live = setmetatable({}, { __mode = "k" })
+M.totals = {}
+local function totals_of(name)
+  local t = M.totals[name]
+  if not t then t = { delivered = 0, acked = 0, nacked = 0 }; M.totals[name] = t end
+  return t
+end
 local Consumer = {}
 local Consumer_mt = { __index = Consumer, __tostring = function(c)
   return ("tide.Consumer '%s' (%d in flight)"):format(c.name, c.in_flight)
@@ -52,9 +61,12 @@ function M.new(opts)
   end
   if opts.poll ~= nil and not check.is_ms(opts.poll, true) then opt_error(fname, "poll", "positive number of ms", opts.poll) end
   if opts.name ~= nil and type(opts.name) ~= "string" then opt_error(fname, "name", "string", opts.name) end
-  return setmetatable({ source = src, prefetch = prefetch, handler = h, name = opts.name or "consumer",
-                        requeue = opts.requeue ~= false, poll = opts.poll or 50,
-                        held = {}, in_flight = 0, waiting = false }, Consumer_mt)
+  local c = setmetatable({ source = src, prefetch = prefetch, handler = h, name = opts.name or "consumer",
+                           requeue = opts.requeue ~= false, poll = opts.poll or 50,
+                           held = {}, in_flight = 0, waiting = false }, Consumer_mt)
+  c.totals = totals_of(c.name)
+  M.live[c] = true
+  return c
 end
 
 
@@ -67,8 +79,9 @@ local function settle(c, d, status, requeue)
   c.in_flight = c.in_flight - 1
   if requeue == nil then requeue = c.requeue end
   local ok, err
-  if status == "ok" then ok, err = pcall(c.source.ack, c.source, d.tag)
-  else ok, err = pcall(c.source.nack, c.source, d.tag, requeue) end
+  local tot = c.totals
+  if status == "ok" then ok, err = pcall(c.source.ack, c.source, d.tag); tot.acked = tot.acked + 1
+  else ok, err = pcall(c.source.nack, c.source, d.tag, requeue); tot.nacked = tot.nacked + 1 end
   if not ok then log.report(c.name .. " settling delivery " .. tostring(d.tag), err) end
   S.notify(c)
 end
@@ -95,6 +108,7 @@ local function run_batch(c, batch)
     c.held[d.tag] = d
     c.in_flight = c.in_flight + 1
   end
+  c.totals.delivered = c.totals.delivered + #batch
   for i = 1, #batch do
     local ok, err = pcall(run_delivery, c, batch[i])
     if not ok then

@@ -71,6 +71,20 @@ local function check_child(fname, spec, where, level)
            shutdown = spec.shutdown or 5000, args = spec.args }
 end
 
+local COOLDOWN_KEYS = { base = true, max = true }
+
+--- The cool-down between two runs of a top supervisor that gave up: an
+--- exponential backoff from base to max ms (defaults 1000 and 30000).
+local function check_cooldown(fname, c)
+  if c == nil then c = {} end
+  if type(c) ~= "table" then opt_error(fname, "cooldown", "table { base = ms, max = ms }", c, 3) end
+  check.known(fname, c, COOLDOWN_KEYS, "cooldown.", 3)
+  local base, max = c.base or 1000, c.max or 30000
+  if not check.is_ms(base) then opt_error(fname, "cooldown.base", "non-negative number of ms", c.base, 3) end
+  if not check.is_ms(max) or max < base then opt_error(fname, "cooldown.max", "number of ms >= base", c.max, 3) end
+  return { attempts = 1, backoff = "exponential", base = base, max = max, jitter = false }
+end
+
 --- tide.supervisor{ strategy =, intensity =, period =, children = {...}, name =,
 ---                  on_give_up = fn(sup, reason) -> "restart" | "stop",
 ---                  cooldown = { base = ms, max = ms } }
@@ -87,8 +101,7 @@ function M.new(opts)
   if opts.on_give_up ~= nil and type(opts.on_give_up) ~= "function" then
     opt_error(fname, "on_give_up", "function", opts.on_give_up)
   end
-  local cooldown = retry.policy(fname, { attempts = 1, backoff = "exponential",
-    base = (opts.cooldown or {}).base or 1000, max = (opts.cooldown or {}).max or 30000 })
+  local cooldown = check_cooldown(fname, opts.cooldown)
   local children, ids = {}, {}
   if type(opts.children or {}) ~= "table" then opt_error(fname, "children", "list of child specs", opts.children) end
   for i, spec in ipairs(opts.children or {}) do
@@ -99,7 +112,7 @@ function M.new(opts)
   end
   return setmetatable({
     name = opts.name or "supervisor", strategy = strategy, intensity = intensity, period = period,
-    on_give_up = opts.on_give_up, cooldown = cooldown, specs = children,
+    on_give_up = opts.on_give_up, cooldown = cooldown, specs = children, ids = ids,
     state = "stopped", children = {}, restarts = {}, mailbox = {}, waiting = false,
     task = nil, parent = nil, gave_up = 0,
   }, Sup_mt)
@@ -144,9 +157,10 @@ local run_supervisor -- forward
 local function start_child(sup, c)
   local ctx = setmetatable({ id = c.id, supervisor = sup, stop_requested = false }, Ctx_mt)
   local run, args
-  if getmetatable(c.start) == Sup_mt then
-    c.start.parent = sup
-    run, args = run_supervisor, { n = 1, c.start }
+  local nested = getmetatable(c.start) == Sup_mt and c.start
+  if nested then
+    nested.parent, nested.mailbox = sup, {}     -- its commands count from now on
+    run, args = run_supervisor, { n = 1, nested }
   else
     run = c.start
     args = { n = 1 + (c.args and (c.args.n or #c.args) or 0), ctx }
@@ -155,6 +169,7 @@ local function start_child(sup, c)
   local rec = { spec = c, ctx = ctx, stopping = false }
   rec.task = spawn{ run = run, args = args, name = sup.name .. "/" .. tostring(c.id),
     handle_result = function(status, value) post(sup, { "exit", rec, status, value }) end }
+  if nested then nested.task = rec.task end
   sup.children[c.id] = rec
   return rec
 end
@@ -247,6 +262,13 @@ function COMMANDS.start_child(sup, spec)
   start_child(sup, spec)
 end
 
+function COMMANDS.delete_child(sup, id)
+  local rec = sup.children[id]
+  if rec then stop_child(sup, rec) end
+  local i = index_of(sup, id)
+  if i then table.remove(sup.specs, i) end
+end
+
 function COMMANDS.stop(sup)
   stop_from(sup, 1)
   return true
@@ -284,6 +306,10 @@ local function cool_down(sup, ms)
     if ev == nil then return false end
     if ev[1] == "stop" then return true end
     if ev[1] == "start_child" then sup.specs[#sup.specs + 1] = ev[2] end
+    if ev[1] == "delete_child" then
+      local i = index_of(sup, ev[2])
+      if i then table.remove(sup.specs, i) end
+    end
   end
 end
 
@@ -291,7 +317,6 @@ end
 --- down and starts again after giving up, unless on_give_up says "stop".
 function run_supervisor(sup)
   sup.task = S.current()
-  sup.mailbox = {}                              -- nothing meant for an earlier run
   running[sup] = true
   S.on_finish(sup.task, function()                -- however it ends, no child outlives it
     running[sup] = nil
@@ -351,12 +376,23 @@ function Sup.start(sup)
     error("supervisor:start: '" .. sup.name .. "' is already running", 2)
   end
   sup.gave_up = 0
+  sup.mailbox = {}                              -- commands count from now on, in order
   sup.task = spawn{ run = run_supervisor, args = { sup }, name = sup.name }
   return sup
 end
 
+--- Waits (inside a task) for the supervisor's end: its task's status and
+--- value ("ok", "stopped" after sup:stop()), or nil, "timeout" after `ms`.
+function Sup.await(sup, ms)
+  check_sup("supervisor:await", sup)
+  if ms ~= nil and not check.is_ms(ms) then arg_error("supervisor:await", 1, "non-negative number of ms", ms) end
+  if not sup.task then return nil, ("supervisor:await: '%s' was never started"):format(sup.name) end
+  return sup.task:await(ms)
+end
+
+--- Posts a command: true, or nil and why not.  Commands are handled one at
+--- a time, in the order given, from the moment start() returns.
 local function command(fname, sup, name, arg)
-  check_sup(fname, sup)
   if not sup.task or S.TERMINAL[sup.task:status()] then
     return nil, ("%s: '%s' is not running"):format(fname, sup.name)
   end
@@ -364,17 +400,42 @@ local function command(fname, sup, name, arg)
   return true
 end
 
---- Stops every child (last started first) and the supervisor; await its task to wait for it.
-function Sup.stop(sup) return command("supervisor:stop", sup, "stop") end
+--- A command about child `id`: nil and a message when it has no such child.
+local function child_command(fname, sup, name, id)
+  check_sup(fname, sup)
+  if not sup.ids[id] then return nil, ("%s: no child '%s'"):format(fname, tostring(id)) end
+  return command(fname, sup, name, id)
+end
 
-function Sup.terminate_child(sup, id) return command("supervisor:terminate_child", sup, "terminate_child", id) end
-function Sup.restart_child(sup, id) return command("supervisor:restart_child", sup, "restart_child", id) end
+--- Stops every child (last started first) and the supervisor; sup:await() waits for it.
+function Sup.stop(sup)
+  check_sup("supervisor:stop", sup)
+  return command("supervisor:stop", sup, "stop")
+end
 
+--- Stops a child; its spec stays (restart_child starts it again).
+function Sup.terminate_child(sup, id) return child_command("supervisor:terminate_child", sup, "terminate_child", id) end
+
+--- Starts a child again: one that runs is stopped first (OTP refuses a
+--- running child with {error, running}; here a restart is always a restart).
+function Sup.restart_child(sup, id) return child_command("supervisor:restart_child", sup, "restart_child", id) end
+
+--- Removes a child's spec, stopping the child first if it runs (OTP
+--- requires terminate_child first); its id is free again at once.
+function Sup.delete_child(sup, id)
+  local ok, err = child_command("supervisor:delete_child", sup, "delete_child", id)
+  if ok then sup.ids[id] = nil end
+  return ok, err
+end
+
+--- Adds a child and starts it.  A duplicate id is refused at the call.
 function Sup.start_child(sup, spec)
   check_sup("supervisor:start_child", sup)
   local c = check_child("supervisor:start_child", spec, "child", 2)
-  if index_of(sup, c.id) then error(("supervisor:start_child: duplicate child id '%s'"):format(tostring(c.id)), 2) end
-  return command("supervisor:start_child", sup, "start_child", c)
+  if sup.ids[c.id] then error(("supervisor:start_child: duplicate child id '%s'"):format(tostring(c.id)), 2) end
+  local ok, err = command("supervisor:start_child", sup, "start_child", c)
+  if ok then sup.ids[c.id] = true end
+  return ok, err
 end
 
 --- { { id =, task =, status =, restart = }, ... } in start order.

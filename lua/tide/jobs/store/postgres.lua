@@ -142,6 +142,12 @@ local SQL = {
     .. "max_attempts = greatest(max_attempts, attempt + 1) "
     .. "WHERE id = $1 AND status NOT IN ('executing', 'available')",
   stats = "SELECT queue, status, count(*) AS n FROM tide_jobs GROUP BY queue, status",
+  backlog = "SELECT queue, status, count(*) AS n FROM tide_jobs WHERE " .. WAITING .. " GROUP BY queue, status "
+    .. "UNION ALL SELECT queue, 'executing', count(*) FROM tide_jobs WHERE status = 'executing' GROUP BY queue",
+  recent = "SELECT queue, status, count(*) AS n, count(*) FILTER (WHERE completed_at >= $1) AS recent "
+    .. "FROM (SELECT queue, status, completed_at FROM tide_jobs ORDER BY id DESC LIMIT $2) r GROUP BY queue, status",
+  leases = "SELECT lease_owner AS owner, queue, count(*) AS n, max(lease_expires) AS lease_expires, "
+    .. "max(attempted_at) AS attempted_at FROM tide_jobs WHERE status = 'executing' GROUP BY lease_owner, queue",
   pending = "SELECT count(*) AS n FROM tide_jobs WHERE queue = ANY($1::text[]) AND ((" .. WAITING
     .. " AND run_at <= $2) OR status = 'executing')",
 }
@@ -448,6 +454,7 @@ function Session:list(f)
   local where, params = {}, {}
   if f.status then params[#params + 1] = f.status; where[#where + 1] = "status = $" .. #params end
   if f.queue then params[#params + 1] = f.queue; where[#where + 1] = "queue = $" .. #params end
+  if f.target then params[#params + 1] = f.target; where[#where + 1] = "target = $" .. #params end
   if f.before then params[#params + 1] = f.before; where[#where + 1] = "id < $" .. #params end
   local sql = "SELECT * FROM tide_jobs"
     .. (#where > 0 and " WHERE " .. concat(where, " AND ") or "")
@@ -461,6 +468,9 @@ function Session:change(op, id, now, err)
 end
 
 function Session:stats() return common.group_stats(self.c:query(SQL.stats).rows) end
+function Session:backlog() return common.group_stats(self.c:query(SQL.backlog).rows) end
+function Session:recent(since, limit) return self.c:query(SQL.recent, since, limit).rows end
+function Session:leases() return self.c:query(SQL.leases).rows end
 
 function Session:prune(before, statuses)
   return self.c:query("DELETE FROM tide_jobs WHERE status IN " .. common.status_list(statuses)

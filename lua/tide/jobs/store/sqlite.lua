@@ -17,7 +17,8 @@
 --   session:heartbeat(owner, until, ids) -> { id = true } of those still leased
 --   session:rescue(now) -> count of expired leases made available (or discarded)
 --   session:get(id)  :list(filter)  :change(op, id, now, err)  :states(ids)
---   session:stats()  :prune(before, statuses)  :pending(queues, now)
+--   session:stats()  :backlog()  :recent(since, limit)  :leases()
+--   session:prune(before, statuses)  :pending(queues, now)
 --
 -- Times are integers: UTC milliseconds since the Unix epoch.  SQLite runs
 -- in this process: a statement never waits for the network.  It may wait
@@ -159,6 +160,15 @@ local SQL = {
     .. "max_attempts = max(max_attempts, attempt + 1) "
     .. "WHERE id = ?1 AND status <> 'executing' AND status <> 'available'",
   stats = "SELECT queue, status, count(*) AS n FROM tide_jobs GROUP BY queue, status",
+  -- Through the partial indexes only: the cost follows the backlog, not the table.
+  backlog = "SELECT queue, status, count(*) AS n FROM tide_jobs WHERE " .. WAITING .. " GROUP BY queue, status",
+  backlog_executing = "SELECT queue, 'executing' AS status, count(*) AS n FROM tide_jobs "
+    .. "WHERE status = 'executing' GROUP BY queue",
+  -- The newest ?2 jobs by id (the primary key): a bounded read however big the table.
+  recent = "SELECT queue, status, count(*) AS n, sum(CASE WHEN completed_at >= ?1 THEN 1 ELSE 0 END) AS recent "
+    .. "FROM (SELECT queue, status, completed_at FROM tide_jobs ORDER BY id DESC LIMIT ?2) GROUP BY queue, status",
+  leases = "SELECT lease_owner AS owner, queue, count(*) AS n, max(lease_expires) AS lease_expires, "
+    .. "max(attempted_at) AS attempted_at FROM tide_jobs WHERE status = 'executing' GROUP BY lease_owner, queue",
   -- Two counts, each through a partial index (one query with an OR of both
   -- scans the whole table: 166 ms at a million finished jobs).
   pending_due = "SELECT count(*) AS n FROM tide_jobs WHERE queue = ?1 AND " .. WAITING .. " AND run_at <= ?2",
@@ -427,6 +437,7 @@ function Session:list(f)
   local where, params = {}, {}
   if f.status then where[#where + 1] = "status = ?"; params[#params + 1] = f.status end
   if f.queue then where[#where + 1] = "queue = ?"; params[#params + 1] = f.queue end
+  if f.target then where[#where + 1] = "target = ?"; params[#params + 1] = f.target end
   if f.before then where[#where + 1] = "id < ?"; params[#params + 1] = f.before end
   local sql = "SELECT * FROM tide_jobs" .. (#where > 0 and " WHERE " .. concat(where, " AND ") or "")
     .. " ORDER BY id DESC LIMIT " .. tostring(f.limit)
@@ -440,6 +451,21 @@ end
 
 --- { [queue] = { [status] = count } }
 function Session:stats() return common.group_stats(locked(self, rows, self, "stats")) end
+
+--- Like stats, for the waiting and executing statuses only (partial indexes).
+local function backlog(s)
+  local r = stmt(s, "backlog"):rows()
+  for _, x in ipairs(stmt(s, "backlog_executing"):rows()) do r[#r + 1] = x end
+  return r
+end
+function Session:backlog() return common.group_stats(locked(self, backlog, self)) end
+
+--- Rows { queue, status, n, recent } over the newest `limit` jobs; `recent`
+--- counts those that finished at `since` (ms) or later.
+function Session:recent(since, limit) return (locked(self, rows, self, "recent", since, limit)) end
+
+--- Rows { owner, queue, n, lease_expires, attempted_at }: who holds leases.
+function Session:leases() return (locked(self, rows, self, "leases")) end
 
 function Session:prune(before, statuses)
   return (locked(self, user_run, self, "DELETE FROM tide_jobs WHERE status IN " .. common.status_list(statuses)

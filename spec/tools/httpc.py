@@ -1,0 +1,109 @@
+#!/usr/bin/python3
+"""spec/tools/httpc.py -- HTTP clients for spec/http_spec.lua (standard library only).
+
+  httpc.py raw PORT TEXT [SECONDS]     sends TEXT (Python escapes like \\r\\n allowed) to
+                                       127.0.0.1:PORT, prints what comes back until the
+                                       server closes or SECONDS (default 2) pass
+  httpc.py trickle PORT SECONDS        sends a request head a byte every 50 ms; prints
+                                       "closed after S" or "still open after S"
+  httpc.py load PORT CONNS REQS SEED   CONNS connections at once, each sending REQS
+                                       requests for /echo/<conn>/<i>, some pipelined
+                                       in bursts of up to 4; checks every answer is
+                                       200 with the body "echo /echo/<conn>/<i>", in
+                                       order; prints {"ok": n, "bad": [...]} as JSON
+"""
+import json
+import random
+import socket
+import sys
+import threading
+import time
+
+
+def read_response(f):
+    status = f.readline()
+    if not status:
+        raise EOFError("connection closed")
+    length = 0
+    while True:
+        line = f.readline()
+        if line in (b"\r\n", b""):
+            break
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    return status.decode().strip(), f.read(length).decode()
+
+
+def raw(port, text, seconds):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(text.encode().decode("unicode_escape").encode("latin-1"))
+    s.settimeout(seconds)
+    out = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+    except socket.timeout:
+        out += b"\n[timeout]"
+    sys.stdout.write(out.decode("latin-1"))
+
+
+def load(port, conns, reqs, seed):
+    result = {"ok": 0, "bad": []}
+    lock = threading.Lock()
+
+    def one(c):
+        rng = random.Random(seed * 1000 + c)
+        try:
+            s = socket.create_connection(("127.0.0.1", port))
+            f = s.makefile("rb")
+            i = 0
+            while i < reqs:
+                burst = min(rng.randint(1, 4), reqs - i)
+                paths = ["/echo/%d/%d" % (c, i + k) for k in range(burst)]
+                s.sendall(b"".join(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % p.encode() for p in paths))
+                for p in paths:
+                    status, body = read_response(f)
+                    with lock:
+                        if status.startswith("HTTP/1.1 200") and body == "echo " + p:
+                            result["ok"] += 1
+                        else:
+                            result["bad"].append([p, status, body])
+                i += burst
+            s.close()
+        except Exception as e:
+            with lock:
+                result["bad"].append(["connection %d" % c, type(e).__name__, str(e)])
+
+    threads = [threading.Thread(target=one, args=(c,)) for c in range(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    print(json.dumps(result))
+
+
+def trickle(port, seconds):
+    """Sends a request head one byte every 50 ms; prints how long until the server closed."""
+    s = socket.create_connection(("127.0.0.1", port))
+    t = time.time()
+    try:
+        s.sendall(b"GET / HTTP/1.1\r\nX-Slow: ")
+        while time.time() - t < seconds:
+            s.sendall(b"x")
+            time.sleep(0.05)
+        print("still open after %.1f" % (time.time() - t))
+    except OSError:
+        print("closed after %.1f" % (time.time() - t))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "trickle":
+        trickle(int(sys.argv[2]), float(sys.argv[3]))
+    elif sys.argv[1] == "raw":
+        raw(int(sys.argv[2]), sys.argv[3], float(sys.argv[4]) if len(sys.argv) > 4 else 2)
+    else:
+        load(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
