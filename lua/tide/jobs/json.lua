@@ -246,13 +246,23 @@ end
 --- v -> JSON text; nil and "path: why" when it cannot be JSON (`path`
 --- names v, default "value").  With `lossy`, invalid UTF-8 in strings
 --- becomes U+FFFD instead (for printing what a store holds).
+-- One buffer, reused (encoding calls no user code, so it never re-enters):
+-- a fresh table per job was a third of the cost of encoding small args.
+-- Slots past the current length may hold old strings; a buffer that grew
+-- past BUF_KEEP is dropped rather than kept.
+local shared_buf, BUF_KEEP = {}, 4096
+
 function M.try_encode(v, path, lossy)
   path = path or "value"
   local tv = type(v)
   if tv == "number" and v == v and v ~= huge and v ~= -huge then return number_text(v) end
-  local buf = {}
+  local buf = shared_buf
+  shared_buf = nil                            -- (taken: a nested call, should one happen, gets its own)
+  if not buf then buf = {} end
   local ok, err = pcall(encode_value, buf, 0, v, path, nil, 0, lossy)
-  if ok then return concat(buf, "", 1, err) end
+  local text = ok and concat(buf, "", 1, err)
+  if not ok or err <= BUF_KEEP then shared_buf = buf end
+  if ok then return text end
   if type(err) == "table" then return nil, err.path .. ": " .. err.why end
   error(err, 0)
 end
