@@ -207,17 +207,23 @@ local function main(run)
   end
   run.w, run.t0, run.last_at, run.last_done = w, tide.now(), tide.now(), 0
   if not run.opts.quiet then
-    S.on_shutdown(function(reason)
+    local function stopping(reason)
       if H.signal then
         local n = w:info().running
         say(run, ("%s %s: %s: stopping; %d running job%s get%s %d ms"):format(PROG, w.id, reason,
             n, n == 1 and "" or "s", n == 1 and "s" or "", config.grace), "info", "worker_stopping",
             { worker = w.id, reason = reason, running = n, grace_ms = config.grace })
       end
-    end)
+    end
     say(run, ("%s %s: %s, queues %s, lease %d ms"):format(PROG, w.id, run.q.name,
         queues_text(run.queues), w.lease), "info", "worker_started",
         { worker = w.id, store = run.q.name, queues = run.queues, lease_ms = w.lease })
+    -- A signal that came while tide.worker waited for the store (PostgreSQL
+    -- connects and LISTENs; its claimer may have started jobs meanwhile)
+    -- found no hook here yet: say it now.
+    if S.shutting_down() then stopping(H.signal and ("shutdown (SIG%s)"):format(H.signal == 15 and "TERM"
+                                       or H.signal == 2 and "INT" or tostring(H.signal)) or "shutdown")
+    else S.on_shutdown(stopping) end
     if core.isatty(2) and run.opts.log_format ~= "json" then
       run.live = true
       run.timer = tide.every(1000, function() status_line(run) end)
