@@ -16,7 +16,9 @@
 --   4. enqueue-to-start latency with an idle worker in the same process
 --      (poll 1 s, so the wake-up is tide's notification, not the poll):
 --      LAT_N jobs, one at a time, spaced LAT_GAP ms apart, from just before
---      q:enqueue to the first line of the method (goal p50 <= 2 ms).
+--      q:enqueue to the first line of the method (goal p50 <= 2 ms);
+--   5. the JSON every job goes through: tide.json (exact numbers, arrays
+--      kept, strict input, UTF-8 checked; Lua) against lua-cjson (C).
 -- Every figure names the store's durability setting (q.durability); all
 -- run with WAL and synchronous=NORMAL (a process crash loses nothing, a
 -- power cut may lose the last commits), and the one-per-transaction enqueue
@@ -302,6 +304,33 @@ local function bench_latency()
     :format(LAT_N, LAT_GAP, d, pct(0.5), pct(0.99), lat[#lat], verdict(pct(0.5) <= 2)))
 end
 
+-- ===== 5. the JSON of jobs: tide.json against lua-cjson
+
+--- Encodes and decodes `n` copies of typical args with each; µs per round trip.
+local function bench_json()
+  local tj = require "tide.jobs.json"
+  local cjson = require("cjson").new()
+  local args = { order = 7123, customer = "ada@example.com", total = 120.5, items = { "sku-1", "sku-22", "sku-333" },
+                 address = { street = "1 Main St", city = "Zürich", zip = "8001" }, gift = false }
+  local n = 100000
+  local function run(enc, dec)
+    local best = math.huge
+    for _ = 1, REPEATS do
+      collect(); collect()
+      local t0 = now()
+      for _ = 1, n do dec(enc(args)) end
+      best = math.min(best, now() - t0)
+    end
+    return best * 1000 / n
+  end
+  local t = run(tj.encode, tj.decode)
+  local c = run(cjson.encode, cjson.decode)
+  local te = run(tj.encode, function() end)
+  local ce = run(cjson.encode, function() end)
+  print(("JSON of typical args (%d bytes), encode + decode: tide.json %.2f us, lua-cjson %.2f us (%.1fx); "
+         .. "encode alone %.2f us against %.2f us"):format(#tj.encode(args), t, c, t / c, te, ce))
+end
+
 -- ===== main
 
 local wall0, cpu0 = now(), os.clock()
@@ -309,6 +338,7 @@ print(("stores in %s (%s)"):format(DIR, sh("stat -f -c %T " .. DIR)))
 bench_enqueue()
 bench_process()
 bench_latency()
+bench_json()
 os.execute("rm -rf " .. DIR)
 local st = tide.stats()
 if st.live ~= 0 or st.timers ~= 0 or st.callback_errors ~= 0 then

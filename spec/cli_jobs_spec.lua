@@ -214,7 +214,9 @@ for _, st in ipairs(H.stores()) do
           "QUEUE    AVAILABLE  CANCELLED  TOTAL",
           "default          2          1      3",
           "mail             1          0      1",
-          "total            3          1      4", "" }, "\n"), out)
+          "total            3          1      4",
+          ("pool: %s, 1 open, 0 busy, 0 waiting (this process's)"):format(st.name == "sqlite" and "1 connection"
+                                                                           or "10 connections"), "" }, "\n"), out)
         local st = tide_json("jobs", store, "stats")
         assert.same({ 4, 3, 1, 0 }, { st.total, st.available, st.cancelled, st.completed })
         assert.same({ default = { available = 2, cancelled = 1 }, mail = { available = 1 } }, st.queues)
@@ -358,13 +360,25 @@ describe("tide help and bad input", function()
       { "jobs", "sqlite:" .. dir .. "/missing.db", "list", 1, "tide jobs: sqlite:.-/missing%.db: no such file" },
       { "jobs", "mysql:x", "list", 1, "tide jobs: unknown store 'mysql'" },
       { "jobs", "nowhere", "list", 2, "tide jobs: bad %-%-store %(store URL like sqlite:PATH or postgres://HOST/DB expected, got 'nowhere'%)\n\nUsage: tide jobs" },
-      { "enqueue", store, "orders fulfill '{\"order\":'", 2, "tide enqueue: bad JSON_ARGS %(Expected value but found T_END at character 10%)\n\nUsage: tide enqueue" },
+      { "enqueue", store, "orders fulfill '{\"order\":'", 2, "tide enqueue: bad JSON_ARGS %(unexpected end %(a value expected%) at character 10%)\n\nUsage: tide enqueue" },
       { "enqueue", store, "orders fulfill '[1e999]'", 2, "tide enqueue: bad JSON_ARGS %(" },
       { "enqueue", store, "orders", 2, "tide enqueue: missing METHOD\n" },
       { "enqueue", store, "'orders fulfill'", 2, "tide enqueue: missing METHOD\n" },
       { "enqueue", store, "'or ders' fulfill", 2, "tide enqueue: bad TARGET %(module name like orders or app%.mail expected, got 'or ders'%)\n" },
       { "enqueue", store, "orders fulfill --bogus", 2, "tide enqueue: unknown option '%-%-bogus'\n" },
-      { "enqueue", store, "orders fulfill --run-at soon", 2, "tide enqueue: bad %-%-run%-at %(UTC time like" },
+      { "enqueue", store, "orders fulfill --run-at soon", 2, "tide enqueue: bad %-%-run%-at %(UTC time from 1970 to 9999 like" },
+      { "enqueue", store, "orders fulfill --run-at 2030-02-29T00:00:00Z", 2, "tide enqueue: bad %-%-run%-at %(UTC time from 1970 to 9999 like .*got '2030%-02%-29T00:00:00Z'%)\n" },
+      { "enqueue", store, "orders fulfill --run-at 2030-01-01T00:00:00+25:00", 2, "tide enqueue: bad %-%-run%-at %(UTC time" },
+      { "enqueue", store, "orders fulfill --run-at 2030-01-01T00:00:60Z", 2, "tide enqueue: bad %-%-run%-at %(UTC time" },
+      { "enqueue", store, "orders fulfill --run-at 99999999999999", 2, "tide enqueue: bad %-%-run%-at %(UTC time" },
+      { "enqueue", store, "orders fulfill --priority 1000000000000", 2, "tide enqueue: bad %-%-priority %(integer from %-2147483648 to 2147483647 %(lower runs first%) expected, got '1000000000000'%)\n" },
+      { "enqueue", store, "orders fulfill --max-attempts 1000000000000", 2, "tide enqueue: bad %-%-max%-attempts %(integer from 1 to 2147483647 expected, got '1000000000000'%)\n" },
+      { "enqueue", store, "orders fulfill --key $(printf 'a\\377b')", 2, "tide enqueue: bad %-%-key %(non%-empty text %(valid UTF%-8, no NUL%) expected" },
+      { "enqueue", store, "orders fulfill \"$(printf '[\\042\\377\\042]')\"", 2, "tide enqueue: bad JSON_ARGS %(invalid UTF%-8 at character 3%)\n" },
+      { "enqueue", store, "orders fulfill '[1,]'", 2, "tide enqueue: bad JSON_ARGS %(unexpected character ']' %(a value expected%) at character 4%)\n" },
+      { "enqueue", "sqlite::memory:", "orders fulfill", 2, "tide enqueue: sqlite::memory: is an in%-memory store: it would be gone when this command ends" },
+      { "jobs", "sqlite:file::memory:?cache=shared", "list", 2, "tide jobs: sqlite:file::memory:%?cache=shared is an in%-memory store" },
+      { "worker", "sqlite::memory:", "--drain", 2, "tide worker: sqlite::memory: is an in%-memory store" },
       { "enqueue", store, "orders fulfill --delay 1s --run-at 0", 2, "tide enqueue: give %-%-run%-at or %-%-delay, not both\n" },
       { "enqueue", store, "orders fulfill --max-attempts", 2, "tide enqueue: %-%-max%-attempts needs a value %(N%)\n" },
       { "jobs", store, "show abc", 2, "tide jobs: show: bad ID %(job id, an integer >= 1 expected, got 'abc'%)\n" },
@@ -402,5 +416,148 @@ describe("tide help and bad input", function()
     local status, _, err = tide("worker", fresh_store(), "--drain " .. write("fails.lua", "error('no config')"))
     assert.equal(1, status)
     assert.matches("^tide worker: .-fails%.lua:1: no config\nstack traceback:", err)
+  end)
+end)
+
+describe("tide enqueue and JSON", function()
+  local json = require "tide.jobs.json"
+
+  it("takes exactly what JSON accepts: JSONTestSuite's test_parsing cases through tide enqueue", function()
+    local cases = dofile("spec/data/json_parsing.lua")
+    local store = fresh_store()
+    local script, names = { "set +e" }, {}
+    for i, c in ipairs(cases) do
+      local kind = c[1]:sub(1, 1)
+      -- (an argument holds no NUL byte and at most 128 KB)
+      if (kind == "y" or kind == "n") and not c[2]:find("\0", 1, true) and #c[2] < 100000 then
+        local f = write(("case%d.json"):format(i), c[2])
+        names[#names + 1] = { i = i, name = c[1], kind = kind, input = c[2] }
+        script[#script + 1] = ("a=$(cat %s; printf x); TIDE_STORE= %s enqueue --store %s --json t m \"${a%%x}\" "
+          .. "> %s/out.%d 2> %s/err.%d; echo $? > %s/rc.%d"):format(f, TIDE, store, dir, i, dir, i, dir, i)
+      end
+    end
+    local status, out = H.sh("sh " .. write("cases.sh", table.concat(script, "\n")))
+    assert(status == 0, out)
+    local ids, accepted, refused = {}, 0, 0
+    for _, c in ipairs(names) do
+      local rc = tonumber(read(("%s/rc.%d"):format(dir, c.i)))
+      local err = read(("%s/err.%d"):format(dir, c.i))
+      if c.kind == "y" then
+        assert(rc == 0, ("%s refused (exit %s): %s"):format(c.name, tostring(rc), err))
+        ids[cjson.decode(read(("%s/out.%d"):format(dir, c.i))).id] = c
+        accepted = accepted + 1
+      else
+        assert(rc == 2, ("%s: exit %s, 2 expected (stderr: %s)"):format(c.name, tostring(rc), err))
+        assert(err:match("^tide enqueue: bad JSON_ARGS %(.* at character %d+%)\n"), c.name .. ": " .. err)
+        refused = refused + 1
+      end
+    end
+    -- what was stored is what was given: every y_ case comes back exactly
+    local listed = 0
+    for _, j in ipairs(tide_json("jobs", store, "list --limit 1000")) do
+      local c = ids[j.id]
+      assert(c, "an unexpected job " .. j.id)
+      local _, raw = tide("jobs", store, "show " .. j.id .. " --json")
+      local args_text = raw:match('"args":(.*),"errors":%[%]}\n$')
+      local got = json.decode(args_text)
+      local want = json.decode(c.input)
+      local same, why = H.exact(want, got)
+      assert(same, c.name .. ": " .. tostring(why))
+      listed = listed + 1
+    end
+    assert.equal(accepted, listed)
+    print(("\n# JSONTestSuite through tide enqueue: %d y_ accepted and stored exactly, %d n_ refused "
+           .. "(cases with a NUL byte or over 100 KB, which an argument cannot carry, are checked in spec/json_spec.lua)"):format(accepted, refused))
+  end)
+
+  it("keeps numbers and empty arrays exact from the command line to tide jobs show", function()
+    local store = fresh_store()
+    local given = '{"n":123456789012345,"big":1700000000123456,"max":9007199254740991,"sum":0.30000000000000004,"e":[],"a":{"b":[]}}'
+    assert.equal(0, (tide("enqueue", store, "t m '" .. given .. "'")))
+    local _, out = tide("jobs", store, "show 1 --json")
+    local args_text = out:match('"args":(.*),"errors":%[%]}\n$')
+    assert(H.exact(json.decode(given), json.decode(args_text)), args_text)
+    local status, text = tide("jobs", store, "show 1")
+    assert.equal(0, status)
+    assert.matches('\nargs: +{.*"big":1700000000123456', text)
+    assert.matches('"e":%[%]', text)
+  end)
+
+  it("accepts 29 February in a leap year, and the same times as the queue", function()
+    local store = fresh_store()
+    local status, out = tide("enqueue", store, "t m --run-at 2032-02-29T12:00:00+01:00")
+    assert.equal(0, status)
+    assert.equal("enqueued job 1 (t.m, queue default, scheduled for 2032-02-29T11:00:00Z)\n", out)
+  end)
+
+  it("shows a corrupt row as corrupt, and the worker fails that job alone with the reason", function()
+    local store = fresh_store()
+    for _ = 1, 3 do tide("enqueue", store, "orders fulfill '{\"order\":1}'") end
+    local path = store:match("^sqlite:(.*)$")
+    local q = require("tide").queue.open(store)
+    q:transaction(function(tx) tx:exec("UPDATE tide_jobs SET run_at = 'abc' WHERE id = 2") end)
+    q:close()
+    local status, out = tide("jobs", store, "list")
+    assert.equal(0, status)
+    assert.matches('\n 2  default  orders%.fulfill  corrupt +0/20  %- +corrupt row: run_at is string "abc", time in ms expected\n', out)
+    local j = tide_json("jobs", store, "show 2")
+    assert.equal('run_at is string "abc", time in ms expected', j.corrupt)
+    assert.equal(cjson.null, j.run_at)
+    local effects = dir .. "/effects-corrupt"
+    local wstatus, _, err = tide("worker", store, "--drain " .. WORK .. " " .. effects)
+    assert.equal(0, wstatus, err)
+    assert.matches('job 2 %(orders%.fulfill%) attempt 1/20 failed, discarded: corrupt job row: run_at is string "abc"', err)
+    assert.matches("2 completed, 0 retried, 1 discarded", err)
+    local st = tide_json("jobs", store, "stats")
+    assert.same({ 2, 1, 0 }, { st.completed, st.discarded, st.available })
+    local _ = path
+  end)
+end)
+
+describe("tide worker on a store that keeps failing", function()
+  it("backs off every failing loop, and --drain gives up with a clear message and exit 1", function()
+    local store = fresh_store()
+    for i = 1, 3 do tide("enqueue", store, ("orders fulfill '{\"order\":%d}'"):format(i)) end
+    local q = require("tide").queue.open(store)
+    q:transaction(function(tx)
+      -- one job left executing by a dead worker (the rescuer must write), then every write fails
+      tx:exec("UPDATE tide_jobs SET status = 'executing', attempt = 1, lease_owner = 'ghost:1:0', lease_expires = 1 WHERE id = 1")
+      tx:exec("CREATE TRIGGER broken BEFORE UPDATE ON tide_jobs BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+    end)
+    q:close()
+    local t0 = os.time()
+    local status, _, err = tide("worker", store, "--drain --give-up 1s --poll 200 " .. WORK .. " " .. dir .. "/effects-broken")
+    local took = os.time() - t0
+    assert.equal(1, status, err)
+    assert.matches("\ntide worker: gave up: the store kept failing: %a+ failed for %d+ ms without a success "
+                   .. "%(last error: .*disk I/O error", err)
+    local kinds = {}
+    for kind in err:gmatch("tide: error in worker [^:]+:[^:]+:[^:]+: (%a+)") do kinds[kind] = (kinds[kind] or 0) + 1 end
+    assert.is_true((kinds.rescue or 0) >= 2, "the rescue never failed: " .. err)
+    for kind, n in pairs(kinds) do
+      assert(n <= 16, ("%d '%s' failures in about a second: no backoff"):format(n, kind))
+    end
+    assert.is_true(took <= 6, "took " .. took .. " s")
+    local st = tide_json("jobs", store, "stats")
+    assert.same({ 1, 2 }, { st.executing, st.available })
+  end)
+
+  local setpriv = os.execute("command -v setpriv >/dev/null 2>&1") == 0
+  local root = select(2, H.sh("id -u")):match("^0%s") ~= nil
+  it("says when SQLITE_READONLY comes from a directory it cannot create the -wal and -shm files in", function()
+    if root and not setpriv then pending("needs setpriv to drop root"); return end
+    local ro = dir .. "/readonly"
+    os.execute("mkdir -p " .. ro)
+    local store = "sqlite:" .. ro .. "/jobs.db"
+    assert.equal(0, (tide("enqueue", store, "t m")))
+    os.execute(("chmod 666 %s/jobs.db; chmod 755 %s"):format(ro, ro))
+    if not root then os.execute("chmod 555 " .. ro) end
+    local as = root and "setpriv --reuid=65534 --regid=65534 --clear-groups " or ""
+    local status, out = H.sh(("%senv TIDE_STORE= %s enqueue --store %s t m"):format(as, TIDE, store))
+    os.execute("chmod 755 " .. ro)
+    assert.equal(1, status)
+    assert.equal(("tide enqueue: %s: attempt to write a readonly database (SQLITE_READONLY_DIRECTORY) (the directory "
+                  .. "%s is not writable: SQLite needs to create %s/jobs.db-wal and %s/jobs.db-shm there; make the "
+                  .. "directory writable, or create them while it is)\n"):format(store, ro, ro, ro), out)
   end)
 end)

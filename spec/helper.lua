@@ -161,4 +161,36 @@ function H.stores()
   return list
 end
 
+--- Compares two values exactly: numbers bit for bit (-0 is not 0), arrays
+--- must stay arrays (tide.jobs.json's array_mt on `b`, an empty one too).
+--- Returns true, or false and the path where they differ.
+local function exact(a, b, path)
+  local J = require "tide.jobs.json"
+  path = path or "value"
+  if type(a) ~= type(b) then return false, ("%s: %s against %s"):format(path, type(a), type(b)) end
+  if type(a) == "number" then
+    if a ~= a and b ~= b then return true end
+    if a ~= b or (a == 0 and 1 / a ~= 1 / b) then
+      return false, ("%s: %.17g against %.17g"):format(path, a, b)
+    end
+    return true
+  end
+  if type(a) ~= "table" or a == J.null or b == J.null then
+    if a ~= b then return false, ("%s: %s against %s"):format(path, tostring(a), tostring(b)) end
+    return true
+  end
+  local a_array = getmetatable(a) == J.array_mt or (next(a) ~= nil and #a > 0)
+  local b_array = getmetatable(b) == J.array_mt
+  if a_array ~= b_array then return false, path .. ": array against object (or the other way)" end
+  for k, v in pairs(a) do
+    local ok, why = exact(v, b[k], path .. "." .. tostring(k))
+    if not ok then return false, why end
+  end
+  for k in pairs(b) do
+    if a[k] == nil then return false, path .. "." .. tostring(k) .. ": extra key" end
+  end
+  return true
+end
+H.exact = exact
+
 return H

@@ -175,7 +175,7 @@ describe("tide.worker on " .. store.name, function()
     assert.truthy(err(d):find(("job %d: args are not valid JSON"):format(d), 1, true), err(d))
     if not typed then
       assert.equal("discarded", q:job(e).status)
-      assert.equal('corrupt job row: max_attempts is string "lots", number expected', err(e))
+      assert.equal('corrupt job row: max_attempts is string "lots", integer >= 1 expected', err(e))
       assert.equal(1, spec_helper.reported)     -- reported to the error sink, once
     end
     assert.equal(typed and 4 or 3, q:stats().completed)
@@ -328,6 +328,135 @@ describe("tide.worker on " .. store.name, function()
     assert.equal(1, st.available)
     assert.equal(0, st.executing)
     assert.equal(0, q:job(slow).attempt)
+  end)
+
+  it("uses the retry policy of a target it found by require", function()
+    local id = q:enqueue{ target = "spec.fixtures.jobs_retry_target", method = "flaky" }
+    local t0 = tide.now()
+    with_worker(function() tide.worker{ queue = q, poll = 10 }:drain{ within = 5000 } end)
+    local took = tide.now() - t0
+    local j = q:job(id)
+    assert.same({ "completed", 3 }, { j.status, j.attempt })
+    assert.is_true(took < 450, ("3 attempts 5 ms apart took %d ms (the default policy waits 500 ms and more)"):format(took))
+  end)
+
+  it("runs an inline thread-mode target's methods on threads, and refuses one with upvalues at start", function()
+    local out = os.tmpname()
+    local cpu = { mode = "thread", square = function(args, job)
+      local f = assert(io.open(args.out, "a"))
+      f:write(("%d %d %s\n"):format(job.id, args.n * args.n, tostring(rawget(_G, "MAIN_STATE_MARK"))))
+      f:close()
+    end }
+    _G.MAIN_STATE_MARK = "main"
+    for n = 1, 3 do q:enqueue{ target = "cpu", method = "square", args = { n = n, out = out }, max_attempts = 1 } end
+    local st = with_worker(function() return tide.worker{ queue = q, targets = { cpu = cpu } }:drain() end)
+    _G.MAIN_STATE_MARK = nil
+    local lines = {}
+    for line in io.lines(out) do lines[#lines + 1] = line:match("^%d+ (%d+ %S+)$") end
+    os.remove(out)
+    table.sort(lines)
+    assert.same({ "1 nil", "4 nil", "9 nil" }, lines)
+    assert.equal(3, st.completed)
+    local helper = function() end
+    spec_helper.error_cases("spec/worker_spec.lua", {
+      { function() tide.worker{ queue = q, targets = { cpu = { mode = "thread", m = function() return helper() end } } } end,
+        "tide.worker: targets.cpu.m: a thread-mode method crosses to a thread as bytecode, so it cannot have upvalues "
+        .. "(it has 'helper'); make it self-contained, or put the target in a module" },
+    })
+  end)
+
+  if store.name == "postgres" then
+    it("runs jobs that do their own q:transaction side by side, one connection each from the pool", function()
+      q:transaction(function(tx) tx:exec("CREATE TABLE IF NOT EXISTS own_effects (job bigint PRIMARY KEY)") end)
+      local t = { m = function(_, job)
+        q:transaction(function(tx)
+          tx:exec("INSERT INTO own_effects (job) VALUES (?)", job.id)
+          tx:exec("SELECT pg_sleep(0.05)")        -- 50 ms inside the transaction
+        end)
+      end }
+      for _ = 1, 40 do q:enqueue{ target = "t", method = "m" } end
+      local t0 = tide.now()
+      local st = with_worker(function() return tide.worker{ queue = q, concurrency = 20, targets = { t = t } }:drain() end)
+      local took = tide.now() - t0
+      local n = q:transaction(function(tx) return tx:query("SELECT count(*) AS n FROM own_effects")[1].n end)
+      q:transaction(function(tx) tx:exec("DROP TABLE own_effects") end)
+      assert.same({ 40, 40 }, { st.completed, n })
+      -- 40 x 50 ms on one connection: 2 s; on the pool's 10 connections: about 0.2 s
+      assert.is_true(took < 1200, ("40 jobs of 50 ms transactions took %d ms at concurrency 20"):format(took))
+    end)
+  end
+
+  describe("tells the truth about what the store took", function()
+    --- Runs a worker until it drains, or (with `outcomes`) until it has
+    --- settled that many attempts; returns its stats and what on_outcome heard.
+    local function run_worker(targets, opts, outcomes)
+      local seen = {}
+      opts = opts or {}
+      opts.queue, opts.targets = q, targets
+      opts.on_outcome = function(job, outcome) seen[#seen + 1] = job.id .. " " .. outcome end
+      local st = with_worker(function()
+        local w = tide.worker(opts)
+        if not outcomes then return w:drain() end
+        while #seen < outcomes do tide.sleep(5) end
+        w:stop()
+        return w:wait()
+      end)
+      return st, seen
+    end
+
+    it("counts an attempt whose lease passed to another worker as lost, not as retried", function()
+      local id = q:enqueue{ target = "t", method = "m", max_attempts = 3 }
+      local t = { m = function(_, job)
+        q:transaction(function(tx)               -- another worker took the job over meanwhile
+          tx:exec("UPDATE tide_jobs SET lease_owner = 'other:1:0', attempt = attempt + 1, lease_expires = ? WHERE id = ?",
+                  math.floor(require("tide.core").wallclock()) + 60000, job.id)
+        end)
+        error("too late")
+      end }
+      local st, seen = run_worker({ t = t }, { heartbeat = 60000 }, 1)
+      assert.same({ 0, 1, 0 }, { st.retried, st.lost, st.completed })
+      assert.same({ id .. " lost" }, seen)
+      local j = q:job(id)
+      assert.same({ "executing", "other:1:0", 0 }, { j.status, j.lease_owner, #j.errors })
+    end)
+
+    it("counts a job cancelled in the store while its code ran without waiting as cancelled, not completed", function()
+      local id = q:enqueue{ target = "t", method = "m" }
+      local t = { m = function(_, job) q:cancel(job.id) end }   -- then returns, without a wait (no heartbeat)
+      local st, seen = run_worker({ t = t })
+      assert.same({ 0, 1 }, { st.completed, st.cancelled })
+      assert.same({ id .. " cancelled" }, seen)
+      assert.equal("cancelled", q:job(id).status)
+    end)
+
+    it("counts only the outcomes written when the store fails, and a draining worker gives up", function()
+      for _ = 1, 20 do q:enqueue{ target = "t", method = "m" } end
+      local fail_after = 10
+      if store.name == "sqlite" then
+        q:transaction(function(tx)
+          tx:exec(("CREATE TRIGGER disk_full BEFORE UPDATE OF status ON tide_jobs WHEN NEW.status = 'completed' "
+                   .. "AND OLD.id > %d BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"):format(fail_after))
+        end)
+      else
+        q:transaction(function(tx)
+          tx:exec("CREATE OR REPLACE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                  .. "RAISE EXCEPTION 'could not extend file: No space left on device'; END $$")
+          tx:exec(("CREATE TRIGGER disk_full BEFORE UPDATE OF status ON tide_jobs FOR EACH ROW WHEN (NEW.status = 'completed' "
+                   .. "AND OLD.id > %d) EXECUTE FUNCTION disk_full()"):format(fail_after))
+        end)
+      end
+      local t = { m = function(_, job) if job.id > fail_after then tide.sleep(50) end end }
+      local t0 = tide.now()
+      local st = run_worker({ t = t }, { give_up = 300 })
+      local took = tide.now() - t0
+      local counts = q:stats()
+      assert.equal(counts.completed, st.completed)
+      assert.equal(counts.executing, st.unwritten)
+      assert.same({ 10, 10 }, { st.completed, st.unwritten })
+      assert.matches("^the store kept failing: write failed for %d+ ms without a success", st.gave_up)
+      assert.is_true(took < 5000, "it took " .. took .. " ms to give up")
+      assert.is_true(st.write_errors <= 12, st.write_errors .. " failed writes: no backoff?")
+    end)
   end)
 
   it("checks its options", function()

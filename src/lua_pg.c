@@ -9,7 +9,9 @@
  *   conn:watch(id, readable, writable, keep_alive)   conn:unwatch()
  *   conn:wait(readable, writable, timeout_ms) -> ready  (blocking poll(2):
  *                                for callers outside the loop)
- *   conn:send(sql, ...) -> true | nil, message      ($1..$n bound as text)
+ *   conn:send(sql, ...) -> true | nil, message      ($1..$n bound as text; a string
+ *                                with a NUL byte goes whole, in binary format:
+ *                                exact for bytea, refused by the server for text)
  *   conn:flush() -> 0 (sent) | 1 (more to send) | nil, message
  *   conn:consume() -> true | nil, message   conn:busy() -> boolean
  *   conn:result() -> nil (no more) | { ok, rows, changes, sqlstate, message }
@@ -21,6 +23,7 @@
  * whichever comes first; the memory goes in the close callback.
  */
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -202,8 +205,12 @@ static int conn_connect_poll(lua_State *L) {
   }
 }
 
-/* The text of parameter i (a Lua value at index idx), or NULL for nil. */
-static const char *param_text(lua_State *L, conn *c, int idx, char *buf, size_t size) {
+/* The text of parameter i (a Lua value at index idx), or NULL for nil;
+ * *len gets its length and *binary is set for a string holding a NUL byte
+ * (libpq reads text parameters up to the first NUL). */
+static const char *param_text(lua_State *L, conn *c, int idx, char *buf, size_t size, int *len, int *binary) {
+  *binary = 0;
+  *len = 0;
   switch (lua_type(L, idx)) {
     case LUA_TNIL: return NULL;
     case LUA_TBOOLEAN: return lua_toboolean(L, idx) ? "true" : "false";
@@ -213,7 +220,14 @@ static const char *param_text(lua_State *L, conn *c, int idx, char *buf, size_t 
       else snprintf(buf, size, "%.17g", d);
       return buf;
     }
-    case LUA_TSTRING: return lua_tostring(L, idx);
+    case LUA_TSTRING: {
+      size_t n;
+      const char *str = lua_tolstring(L, idx, &n);
+      if (n > INT_MAX) luaL_error(L, "%s: parameter %d is too long", c->name, idx - 2);
+      *len = (int)n;
+      *binary = memchr(str, 0, n) != NULL;
+      return str;
+    }
     default:
       luaL_error(L, "%s: cannot bind parameter %d (nil, boolean, number or string expected, got %s)",
                  c->name, idx - 2, luaL_typename(L, idx));
@@ -226,17 +240,27 @@ static const char *param_text(lua_State *L, conn *c, int idx, char *buf, size_t 
 /* conn:send(sql, ...) */
 static int conn_send(lua_State *L) {
   conn *c = check_conn(L);
-  const char *sql = luaL_checkstring(L, 2);
+  size_t sql_len;
+  const char *sql = luaL_checklstring(L, 2, &sql_len);
+  if (memchr(sql, 0, sql_len) != NULL) return luaL_error(L, "%s: the SQL text holds a NUL byte", c->name);
   int n = lua_gettop(L) - 2;
   if (n > MAX_PARAMS) return luaL_error(L, "%s: too many parameters (%d)", c->name, n);
   const char **values = NULL;
   char (*bufs)[32] = NULL;
+  int *lengths = NULL, *formats = NULL, any_binary = 0;
   if (n > 0) {
     values = lua_newuserdata(L, sizeof *values * (size_t)n);  /* scratch, collected later */
     bufs = lua_newuserdata(L, sizeof *bufs * (size_t)n);
-    for (int i = 0; i < n; i++) values[i] = param_text(L, c, i + 3, bufs[i], sizeof bufs[i]);
+    lengths = lua_newuserdata(L, sizeof *lengths * (size_t)n);
+    formats = lua_newuserdata(L, sizeof *formats * (size_t)n);
+    for (int i = 0; i < n; i++) {
+      values[i] = param_text(L, c, i + 3, bufs[i], sizeof bufs[i], &lengths[i], &formats[i]);
+      any_binary |= formats[i];
+    }
   }
-  if (!PQsendQueryParams(c->pg, sql, n, NULL, values, NULL, NULL, 0)) return fail(L, c);
+  if (!PQsendQueryParams(c->pg, sql, n, NULL, values, any_binary ? lengths : NULL,
+                         any_binary ? formats : NULL, 0))
+    return fail(L, c);
   lua_pushboolean(L, 1);
   return 1;
 }

@@ -2,8 +2,9 @@
  *
  * The store's SQL lives in Lua; this file only moves values across:
  *
- *   sqlite_open(path, busy_ms) -> db | nil, message, code
+ *   sqlite_open(path, name, busy_ms) -> db | nil, message, code
  *   db:exec(sql)                  runs one or more statements without parameters
+ *   db:busy_timeout(ms)           how long SQLite itself waits for a lock (0: not at all)
  *   db:prepare(sql) -> stmt       a prepared statement, reused many times
  *   db:changes()  db:last_id()  db:in_transaction()  db:close()
  *   stmt:run(...)   -> changes    binds ... to ?1..?n, steps to the end
@@ -48,6 +49,14 @@ static void conn_release(conn *c) {
 /* ===== errors ===== */
 
 static const char *code_name(int rc) {
+  switch (rc) {                                /* extended codes that say more than their base */
+    case SQLITE_READONLY_DIRECTORY: return "SQLITE_READONLY_DIRECTORY";
+    case SQLITE_READONLY_CANTINIT: return "SQLITE_READONLY_CANTINIT";
+    case SQLITE_READONLY_RECOVERY: return "SQLITE_READONLY_RECOVERY";
+    case SQLITE_READONLY_CANTLOCK: return "SQLITE_READONLY_CANTLOCK";
+    case SQLITE_READONLY_DBMOVED: return "SQLITE_READONLY_DBMOVED";
+    default: break;
+  }
   switch (rc & 0xff) {
     case SQLITE_ERROR: return "SQLITE_ERROR";         case SQLITE_INTERNAL: return "SQLITE_INTERNAL";
     case SQLITE_PERM: return "SQLITE_PERM";           case SQLITE_ABORT: return "SQLITE_ABORT";
@@ -271,6 +280,13 @@ static int db_last_id(lua_State *L) {
   return 1;
 }
 
+static int db_busy_timeout(lua_State *L) {
+  conn *c = check_db(L);
+  lua_Number ms = luaL_checknumber(L, 2);
+  sqlite3_busy_timeout(c->db, ms < 0 ? 0 : ms > INT_MAX ? INT_MAX : (int)ms);
+  return 0;
+}
+
 static int db_in_transaction(lua_State *L) {
   lua_pushboolean(L, !sqlite3_get_autocommit(check_db(L)->db));
   return 1;
@@ -332,7 +348,8 @@ static const luaL_Reg stmt_methods[] = {
 
 static const luaL_Reg db_methods[] = {
   { "exec", db_exec }, { "prepare", db_prepare }, { "changes", db_changes }, { "last_id", db_last_id },
-  { "in_transaction", db_in_transaction }, { "close", db_close }, { NULL, NULL }
+  { "in_transaction", db_in_transaction }, { "busy_timeout", db_busy_timeout }, { "close", db_close },
+  { NULL, NULL }
 };
 
 static void new_metatable(lua_State *L, const char *name, const luaL_Reg *methods,

@@ -16,7 +16,15 @@
 --      that alternate with tide's.
 -- Each throughput figure is the best of 3 runs with the median beside it;
 -- tide and graphile-worker runs alternate, so a noisy machine hits both.
--- The goal (issue): tide >= 5x graphile-worker's throughput with its defaults.
+--   4. enqueue: q:enqueue one at a time, q:enqueue_many batched, and a bare
+--      multi-row INSERT of the same rows (the floor); graphile-worker's
+--      addJob and addJobs (makeWorkerUtils) beside them;
+--   5. jobs that insert a row in a transaction of their own, with the
+--      jobs' pool at 1, 5 and 20 connections, against graphile-worker with
+--      the same concurrency and maxPoolSize.
+-- The goals (issues 14 and 16): tide >= 5x graphile-worker's throughput with
+-- its defaults; every row >= 3x graphile-worker; batched enqueue >= 50% of
+-- the bare INSERT.
 --
 -- Run from the repository root against a server of your own (bench/run.sh
 -- starts one with spec/pg.sh):
@@ -43,7 +51,7 @@ local N = tonumber(getenv("TIDE_BENCH_PG_JOBS") or "20000")
 local CONCS = {}
 for c in (getenv("TIDE_BENCH_PG_CONCURRENCY") or "200,50"):gmatch("%d+") do CONCS[#CONCS + 1] = tonumber(c) end
 local PARTS = {}
-for p in (getenv("TIDE_BENCH_PG_PARTS") or "floors,throughput,latency"):gmatch("%a+") do PARTS[p] = true end
+for p in (getenv("TIDE_BENCH_PG_PARTS") or "floors,enqueue,owntx,throughput,latency"):gmatch("%a+") do PARTS[p] = true end
 local KS = { 1, 2, 4 }
 local REPEATS = 3
 local LAT_ROUNDS, LAT_JOBS, LAT_GAP = 3, 100, 5   -- rounds, jobs per round, ms between enqueues
@@ -369,6 +377,171 @@ local function gw_latency(k, dir, acc)
   stop_all(pids)
 end
 
+-- ===== 4. enqueue: one at a time, batched, and the floor of a bare multi-row INSERT
+
+local ENQ_ONE, ENQ_BATCH, ENQ_CHUNK = 2000, 20000, 5000
+
+local function tide_table() return TIDE_SCHEMA .. ".tide_jobs" end
+
+local function tide_enqueue_one(q)
+  db:query("TRUNCATE " .. tide_table())
+  local t0 = tide.now()
+  for _ = 1, ENQ_ONE do q:enqueue{ target = "bench", method = "noop" } end
+  return ENQ_ONE * 1000 / (tide.now() - t0)
+end
+
+local function tide_enqueue_batch(q)
+  db:query("TRUNCATE " .. tide_table())
+  local lists = {}
+  for i = 1, ENQ_BATCH / ENQ_CHUNK do lists[i] = noop_list(ENQ_CHUNK) end
+  local t0 = tide.now()
+  for i = 1, #lists do q:enqueue_many(lists[i]) end
+  local rate = ENQ_BATCH * 1000 / (tide.now() - t0)
+  assert(q1("SELECT count(*) AS n FROM " .. tide_table()).n == ENQ_BATCH)
+  return rate
+end
+
+--- The floor: the rows tide's enqueue_many writes (same table, same
+--- columns, its NOTIFY trigger), as literals in one INSERT per 5,000,
+--- sent through libpq by a bare connection.
+local function bare_insert()
+  db:query("TRUNCATE " .. tide_table())
+  local now = floor(core.wallclock())
+  local row = ("('default','bench','noop','null',NULL,'available',0,20,%d,NULL,%d)"):format(now, now)
+  local sql = "INSERT INTO " .. tide_table() .. " (queue, target, method, args, args_enc, status, priority, "
+    .. "max_attempts, run_at, idempotence_key, inserted_at) VALUES " .. (row .. ","):rep(ENQ_CHUNK - 1) .. row
+  local t0 = tide.now()
+  for _ = 1, ENQ_BATCH / ENQ_CHUNK do db:query(sql) end
+  return ENQ_BATCH * 1000 / (tide.now() - t0)
+end
+
+--- The server's own floor for this table: rows made by the server itself
+--- (generate_series), no client data at all.
+local function server_insert()
+  db:query("TRUNCATE " .. tide_table())
+  local now = floor(core.wallclock())
+  local t0 = tide.now()
+  for _ = 1, ENQ_BATCH / ENQ_CHUNK do
+    db:query("INSERT INTO " .. tide_table() .. " (queue, target, method, args, status, priority, max_attempts, "
+      .. "run_at, inserted_at) SELECT 'default', 'bench', 'noop', 'null', 'available', 0, 20, $1, $1 "
+      .. "FROM generate_series(1, $2)", now, ENQ_CHUNK)
+  end
+  return ENQ_BATCH * 1000 / (tide.now() - t0)
+end
+
+local function gw_enqueue(how, n, dir)
+  db:query("DELETE FROM " .. GW_SCHEMA .. "._private_jobs")
+  local out = read_cmd(("NODE_PATH=%s %s bench/pg/graphile.js enqueue %s %s %s %d 2>>%s/graphile.log")
+    :format(sh_quote(NODE_DIR .. "/node_modules"), sh_quote(NODE), sh_quote(URL), GW_SCHEMA, how, n, dir))
+  local ms = tonumber(out)
+  if not ms then fail("graphile-worker enqueue " .. how .. " failed (see " .. dir .. "/graphile.log)") end
+  return n * 1000 / ms
+end
+
+local function enqueue_part(q, gw_ok, dir)
+  local rows = {
+    { name = "tide q:enqueue, one at a time (a commit each)", run = function() return tide_enqueue_one(q) end },
+    { name = "tide q:enqueue_many, 5,000 a call", run = function() return tide_enqueue_batch(q) end },
+    { name = "bare multi-row INSERT, 5,000 a statement", run = bare_insert },
+    { name = "(server floor: INSERT ... generate_series)", run = server_insert },
+  }
+  if gw_ok then
+    rows[5] = { name = "graphile-worker addJob, one at a time", run = function() return gw_enqueue("one", ENQ_ONE, dir) end }
+    rows[6] = { name = "graphile-worker addJobs, 5,000 a call", run = function() return gw_enqueue("batch", ENQ_BATCH, dir) end }
+  end
+  for _, r in ipairs(rows) do r.got = {} end
+  for _ = 1, REPEATS do
+    for _, r in ipairs(rows) do r.got[#r.got + 1] = r.run() end
+  end
+  print(("enqueue: %d jobs one at a time, %d batched; jobs/s, best of %d (median):"):format(ENQ_ONE, ENQ_BATCH, REPEATS))
+  for _, r in ipairs(rows) do
+    r.best, r.median = best_median(r.got)
+    print(("  %-48s %8.0f (%8.0f)"):format(r.name, r.best, r.median))
+  end
+  local function ratio(a, b, goal, what)
+    local x = rows[a].best / rows[b].best
+    print(("  %-48s %8.2fx%s"):format(what, x, goal and (x >= goal and " ok" or " MISSED") or ""))
+  end
+  ratio(2, 3, 0.5, "batched / bare INSERT (goal >= 0.5x)")
+  if gw_ok then
+    ratio(1, 5, 3, "one at a time / graphile-worker (goal >= 3x)")
+    ratio(2, 6, 3, "batched / graphile-worker (goal >= 3x)")
+  end
+end
+
+-- ===== 5. jobs that do their own transaction, at pool sizes 1, 5, 20
+
+local OWN_N, OWN_CONC, POOLS = 5000, 20, { 1, 5, 20 }
+
+local function tide_owntx(q, pool, dir)
+  db:query("TRUNCATE " .. tide_table())
+  db:query("TRUNCATE " .. TIDE_SCHEMA .. ".bench_effects")
+  for i = 1, OWN_N, ENQ_CHUNK do
+    local list = {}
+    for j = 1, math.min(ENQ_CHUNK, OWN_N - i + 1) do list[j] = { target = "bench", method = "owntx" } end
+    q:enqueue_many(list)
+  end
+  exec_or_warn("CHECKPOINT")
+  local cmd = ("TIDE_BENCH_OWNTX_URL=%s timeout 300 %s worker --store %s --concurrency %d --drain --quiet "
+    .. "bench/pg/targets.lua 2>>%s/tide.log"):format(sh_quote(TIDE_URL .. "&pool=" .. pool), sh_quote(TIDE_BIN),
+    sh_quote(TIDE_URL), OWN_CONC, dir)
+  local t0 = core.wallclock()
+  local ok = run_parallel(cmd, 1, dir)
+  local r = q1("SELECT count(*) FILTER (WHERE status = 'completed') AS done, max(completed_at) AS last FROM " .. tide_table())
+  local effects = q1("SELECT count(*) AS n FROM " .. TIDE_SCHEMA .. ".bench_effects").n
+  if not ok or r.done ~= OWN_N or effects < OWN_N then
+    fail(("tide own-transaction jobs, pool %d: %d of %d completed, %d effects (see %s/tide.log)"):format(pool, r.done, OWN_N, effects, dir))
+  end
+  return OWN_N * 1000 / (r.last - t0)
+end
+
+local function gw_owntx(pool, dir)
+  db:query("DELETE FROM " .. GW_SCHEMA .. "._private_jobs")
+  db:query("TRUNCATE " .. GW_SCHEMA .. ".bench_effects")
+  db:query(("SELECT count(%s.add_job('owntx', '{}'::json)) FROM generate_series(1, $1)"):format(GW_SCHEMA), OWN_N)
+  exec_or_warn("CHECKPOINT")
+  local cmd = "timeout 300 env " .. node_cmd(("once %s %s tuned:%d:%d:%d %s/times"):format(sh_quote(URL), GW_SCHEMA,
+    OWN_CONC, OWN_CONC, pool, dir), dir)
+  local t0 = core.wallclock()
+  local ok = run_parallel(cmd, 1, dir)
+  local exited = core.wallclock() - t0
+  os.execute("rm -f " .. sh_quote(dir) .. "/times.*")
+  local left = q1("SELECT count(*) AS n FROM " .. GW_SCHEMA .. "._private_jobs").n
+  if not ok or left ~= 0 then
+    print(("  (graphile-worker, pool %d: exit %s, %d of %d jobs left after %.1f s: %s)"):format(pool,
+      ok and "0" or "non-zero", left, OWN_N, exited / 1000,
+      read_cmd("tail -c 300 " .. sh_quote(dir) .. "/graphile.log"):gsub("%s+", " ")))
+    return 0
+  end
+  return OWN_N * 1000 / exited
+end
+
+local function owntx_part(q, gw_ok, dir)
+  db:query("CREATE TABLE IF NOT EXISTS " .. TIDE_SCHEMA .. ".bench_effects (job bigint NOT NULL)")
+  if gw_ok then db:query("CREATE TABLE IF NOT EXISTS " .. GW_SCHEMA .. ".bench_effects (job bigint NOT NULL)") end
+  print(("jobs that insert a row in a transaction of their own: %d jobs, one worker process at %d jobs at a "
+    .. "time, the jobs' pool of 1, 5, 20 connections; jobs/s to the last completion (graphile-worker: "
+    .. "concurrency %d, maxPoolSize the same, until its runOnce returns), best of 2:"):format(OWN_N, OWN_CONC, OWN_CONC))
+  for _, pool in ipairs(POOLS) do
+    local t, g = {}, {}
+    for _ = 1, 2 do
+      t[#t + 1] = tide_owntx(q, pool, dir)
+      if gw_ok then g[#g + 1] = gw_owntx(pool, dir) end
+    end
+    local tb = best_median(t)
+    local line = ("  pool %2d: tide %7.0f"):format(pool, tb)
+    if gw_ok then
+      local gb = best_median(g)
+      if gb > 0 then
+        line = line .. ("   graphile-worker %7.0f   %.1fx%s"):format(gb, tb / gb, tb / gb >= 3 and " ok" or " MISSED")
+      else
+        line = line .. "   graphile-worker did not finish (above)"
+      end
+    end
+    print(line)
+  end
+end
+
 -- ===== graphile-worker
 
 local function have_graphile()
@@ -503,6 +676,8 @@ local function main()
   local q, gw_ok = setup(dir)
   print()
   if PARTS.floors then floors() end
+  if PARTS.enqueue then enqueue_part(q, gw_ok, dir) end
+  if PARTS.owntx then owntx_part(q, gw_ok, dir) end
   if PARTS.throughput then throughput(q, gw_ok, dir) end
   if PARTS.latency then latency(q, gw_ok, dir) end
   q:close()

@@ -4,6 +4,12 @@
 //   node graphile.js once URL SCHEMA CONFIG [TIMES]   run `noop` jobs until none is left, then exit;
 //                                                     append "first_ms done_ms" to TIMES.<pid>
 //   node graphile.js run URL SCHEMA CONFIG STAMPS     run `stamp` jobs until SIGTERM
+//   node graphile.js enqueue URL SCHEMA one|batch N   add N `noop` jobs with addJob one at a time, or
+//                                                     addJobs 5,000 at a time; print the ms it took
+//
+// `owntx` jobs (the own-transaction runs) insert one row into
+// SCHEMA.bench_effects in a transaction of their own, on a client of
+// graphile-worker's pool (helpers.withPgClient).
 //
 // CONFIG is "defaults" (graphile-worker's own: 1 job at a time, a pool of
 // 10 connections, no batching) or "tuned:C:Q:P" (C jobs at a time, a local
@@ -17,7 +23,7 @@
 // (the equivalent of tide worker's --quiet).
 "use strict";
 const fs = require("fs");
-const { run, runOnce, runMigrations, Logger } = require("graphile-worker");
+const { run, runOnce, runMigrations, makeWorkerUtils, Logger } = require("graphile-worker");
 
 const [mode, url, schema, config = "defaults", stamps] = process.argv.slice(2);
 
@@ -45,9 +51,35 @@ function wallUs() {
 async function main() {
   if (mode === "migrate") {
     await runMigrations({ connectionString: url, schema, logger: quiet });
+  } else if (mode === "enqueue") {
+    const how = config, n = Number(stamps);
+    const utils = await makeWorkerUtils({ connectionString: url, schema, logger: quiet });
+    const t0 = performance.now();
+    if (how === "one") {
+      for (let i = 0; i < n; i++) await utils.addJob("noop", {});
+    } else {
+      for (let i = 0; i < n; i += 5000) {
+        const specs = [];
+        for (let j = i; j < Math.min(n, i + 5000); j++) specs.push({ identifier: "noop", payload: {} });
+        await utils.addJobs(specs);
+      }
+    }
+    console.log(String(performance.now() - t0));
+    await utils.release();
   } else if (mode === "once") {
     let first = 0;                         // when the first job started (wall ms)
-    await runOnce(options({ noop: async () => { if (!first) first = Date.now(); } }));
+    const tasks = {
+      noop: async () => { if (!first) first = Date.now(); },
+      owntx: async (payload, helpers) => {
+        if (!first) first = Date.now();
+        await helpers.withPgClient(async (c) => {
+          await c.query("BEGIN");
+          await c.query(`INSERT INTO ${schema}.bench_effects (job) VALUES ($1)`, [helpers.job.id]);
+          await c.query("COMMIT");
+        });
+      },
+    };
+    await runOnce(options(tasks));
     // runOnce resolves once every completion is written and its pool closed
     if (stamps && first) fs.appendFileSync(`${stamps}.${process.pid}`, `${first} ${Date.now()}\n`);
   } else if (mode === "run") {

@@ -1,6 +1,7 @@
 -- bench/pg/targets.lua — the jobs of bench/pg/bench.lua, for `tide worker ... bench/pg/targets.lua`.
 --
 --   bench.noop    does nothing (the throughput runs);
+--   bench.owntx   inserts a row in a transaction of its own (the pool runs);
 --   bench.stamp   appends "id enqueued_us started_us" to $TIDE_BENCH_STAMPS.<pid>
 --                 (the latency runs): the start time is read first thing in
 --                 the job, in µs of UTC wall time, the same clock the enqueuer
@@ -30,4 +31,15 @@ local function stamp(args, job)
   stamps:write(("%d %s %.0f\n"):format(job.id, args.at, started))
 end
 
-return { bench = { noop = function() end, stamp = stamp } }
+--- bench.owntx: inserts one row in a transaction of its own, on the queue
+--- $TIDE_BENCH_OWNTX_URL (its ?pool=N is the pool the jobs share).
+local own_q
+local function owntx(_, job)
+  if not own_q then
+    local url = assert(os.getenv("TIDE_BENCH_OWNTX_URL"), "TIDE_BENCH_OWNTX_URL is not set")
+    own_q = require("tide").queue.open(url)
+  end
+  own_q:transaction(function(tx) tx:exec("INSERT INTO bench_effects (job) VALUES (?)", job.id) end)
+end
+
+return { bench = { noop = function() end, stamp = stamp, owntx = owntx } }

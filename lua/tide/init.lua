@@ -75,6 +75,10 @@ tide.sources = { memory = require("tide.supervision.sources.memory").new,
                  rabbitmq = require("tide.supervision.sources.rabbitmq").new }
 tide.flow = require("tide.flow.run").new
 tide.queue = { open = require("tide.jobs.queue").open }
+do                           -- the JSON of jobs: exact numbers, arrays kept arrays, strict input
+  local json = require "tide.jobs.json"
+  tide.json = { encode = json.encode, decode = json.decode, array = json.array, null = json.null }
+end
 tide.worker = require("tide.jobs.worker").new
 local metrics = require "tide.observe.metrics"
 tide.metrics = { serve = metrics.serve, render = metrics.render }

@@ -34,6 +34,7 @@ local function job_json(j)
   fields[#fields + 1] = { "encrypted", json(j.encrypted or false) }
   fields[#fields + 1] = { "args", json(j.args) }
   if j.args_error then fields[#fields + 1] = { "args_error", json(j.args_error) } end
+  if j.corrupt then fields[#fields + 1] = { "corrupt", json(j.corrupt) } end
   fields[#fields + 1] = { "errors", json_array(errors) }
   return json_object(fields)
 end
@@ -205,9 +206,9 @@ function COMMANDS.list(q, opts)
   local rows = {}
   for i, j in ipairs(jobs) do
     local last = j.errors[#j.errors]
-    rows[i] = { tostring(j.id), j.queue, j.target .. "." .. j.method, j.status,
-                j.attempt .. "/" .. j.max_attempts, iso_s(j.run_at),
-                last and cell(last.error, 60) or "" }
+    rows[i] = { tostring(j.id), cell(j.queue or "?", 30), cell(tostring(j.target) .. "." .. tostring(j.method), 40),
+                j.corrupt and "corrupt" or j.status, tostring(j.attempt or "?") .. "/" .. tostring(j.max_attempts or "?"),
+                iso_s(j.run_at), j.corrupt and cell("corrupt row: " .. j.corrupt, 60) or last and cell(last.error, 60) or "" }
   end
   print_table({ "ID", "QUEUE", "JOB", "STATUS", "ATTEMPT", "RUN AT", "LAST ERROR" }, rows,
               { true, [5] = true })
@@ -228,13 +229,14 @@ local function show_text(j)
   local args = j.args_error and "(" .. j.args_error .. ")" or json(j.args)
   local fields = {
     { "id", j.id }, { "queue", j.queue }, { "target", j.target }, { "method", j.method },
-    { "status", j.status }, { "attempt", j.attempt .. "/" .. j.max_attempts },
+    { "status", j.status }, { "attempt", tostring(j.attempt or "?") .. "/" .. tostring(j.max_attempts or "?") },
     { "priority", j.priority }, { "idempotence_key", j.idempotence_key },
     { "run_at", iso(j.run_at) }, { "inserted_at", iso(j.inserted_at) },
     { "attempted_at", iso(j.attempted_at) }, { "completed_at", iso(j.completed_at) },
     { "lease_owner", j.lease_owner }, { "lease_expires", iso(j.lease_expires) },
     { "encrypted", j.encrypted and "yes" or "no" }, { "args", args }, { "errors", #j.errors },
   }
+  if j.corrupt then table.insert(fields, 6, { "corrupt", j.corrupt }) end
   for _, f in ipairs(fields) do
     io_stdout:write(("%-16s %s\n"):format(f[1] .. ":", f[2] == nil and "-" or tostring(f[2])))
   end
@@ -310,10 +312,16 @@ function COMMANDS.stats(q, opts)
     local fields = { { "total", json(st.total) } }
     for _, s in ipairs(STATUSES) do fields[#fields + 1] = { s, json(st[s]) } end
     fields[#fields + 1] = { "queues", json_object(queues) }
+    local p = st.pool
+    fields[#fields + 1] = { "pool", json_object{ { "size", json(p.size) }, { "open", json(p.open) },
+                                                 { "busy", json(p.busy) }, { "waiting", json(p.waiting) } } }
     io_stdout:write(json_object(fields), "\n")
     return 0
   end
-  if st.total == 0 then io_stdout:write("no jobs\n"); return 0 end
+  local p = st.pool
+  local pool_line = ("pool: %d connection%s, %d open, %d busy, %d waiting (this process's)\n")
+    :format(p.size, p.size == 1 and "" or "s", p.open, p.busy, p.waiting)
+  if st.total == 0 then io_stdout:write("no jobs\n", pool_line); return 0 end
   local cols = {}
   for _, s in ipairs(STATUSES) do if st[s] > 0 then cols[#cols + 1] = s end end
   local names = {}
@@ -331,6 +339,7 @@ function COMMANDS.stats(q, opts)
   for _, qname in ipairs(names) do row(qname, st.queues[qname]) end
   row("total", st)
   print_table(headers, rows, right)
+  io_stdout:write(pool_line)
   return 0
 end
 

@@ -21,10 +21,10 @@ M.EXIT = { ok = 0, failed = 1, usage = 2 }
 local MAX_INT, MAX_MS = 2 ^ 53, 1e12
 M.MAX_INT = MAX_INT
 
-local function integer(min)
+local function integer(min, max)
   return function(s)
     local n = s:match("^[+-]?%d+$") and tonumber(s)
-    if n and n >= min and n <= MAX_INT then return n end
+    if n and n >= min and n <= (max or MAX_INT) then return n end
   end
 end
 
@@ -40,16 +40,15 @@ local function positive_duration(s)
 end
 
 local function name(s) return job.is_name(s) and s or nil end
-local function nonempty(s) return s ~= "" and s or nil end
+local function key(s) return not job.key_problem(s) and s or nil end
 local function status(s) return job.is_status[s] and s or nil end
 local function store_url(s) return s:match("^%a[%w+.-]*:.") and s or nil end
 M.is_store_url = store_url
 
---- A UTC time: ISO 8601 or seconds since the epoch -> seconds.
+--- A UTC time: ISO 8601 or seconds since the epoch, 1970..9999 -> seconds
+--- (checked as the queue checks run_at: tide.jobs.time).
 local function utc_time(s)
-  local secs = s:match("^%d+%.?%d*$") and tonumber(s)
-  if secs then return secs end
-  local ms = time.parse_iso(s)
+  local ms = time.run_at_ms(s)
   return ms and ms / 1000
 end
 
@@ -70,15 +69,18 @@ M.opt = {
   status = { key = "status", meta = "STATUS", conv = status, expected = "one of " .. concat(job.STATUSES, ", ") },
   older_than = { key = "older_than", meta = "DURATION", conv = duration, expected = DURATION },
   run_at = { key = "run_at", meta = "TIME", conv = utc_time,
-             expected = "UTC time like 2026-11-23T15:04:05Z, or seconds since the epoch" },
+             expected = "UTC time from 1970 to 9999 like 2026-11-23T15:04:05Z, or seconds since the epoch" },
   delay = { key = "delay", meta = "DURATION", conv = duration, expected = DURATION },
-  key = { key = "key", meta = "KEY", conv = nonempty, expected = "non-empty string" },
-  priority = { key = "priority", meta = "N", conv = integer(-MAX_INT), expected = "integer (lower runs first)" },
-  max_attempts = { key = "max_attempts", meta = "N", conv = integer(1), expected = "integer >= 1" },
+  key = { key = "key", meta = "KEY", conv = key, expected = "non-empty text (valid UTF-8, no NUL)" },
+  priority = { key = "priority", meta = "N", conv = integer(-job.INT_MAX - 1, job.INT_MAX),
+               expected = job.PRIORITY_EXPECTED },
+  max_attempts = { key = "max_attempts", meta = "N", conv = integer(1, job.INT_MAX),
+                   expected = job.MAX_ATTEMPTS_EXPECTED },
   concurrency = { key = "concurrency", meta = "N", conv = integer(1), expected = "integer >= 1" },
   lease = { key = "lease", meta = "MS", conv = positive_duration, expected = "positive " .. DURATION },
   poll = { key = "poll", meta = "MS", conv = positive_duration, expected = "positive " .. DURATION },
   grace = { key = "grace", meta = "MS", conv = duration, expected = DURATION },
+  give_up = { key = "give_up", meta = "MS", conv = positive_duration, expected = "positive " .. DURATION },
 }
 
 -- ===== parsing a command line

@@ -1,26 +1,25 @@
 --- tide.cli.print — what commands write on stdout: aligned tables, JSON, UTC times.
 local time = require "tide.jobs.time"
-local cjson = require("cjson").new()
+local jobs_json = require "tide.jobs.json"
 
 local tostring, ipairs, select = tostring, ipairs, select
 local floor, max, concat = math.floor, math.max, table.concat
 local io_stdout = io.stdout
 
-cjson.encode_invalid_numbers(false)
-cjson.encode_sparse_array(true)
-
 local M = {}
 
 --- UTC seconds -> ISO 8601 with ms ("2026-11-23T15:04:05.250Z"), or nil.
 local function iso(secs) return secs and time.iso(floor(secs * 1000 + 0.5)) end
---- UTC seconds -> ISO 8601 to the second, for tables.
-local function iso_s(secs) return secs and os.date("!%Y-%m-%dT%H:%M:%SZ", floor(secs)) or "-" end
+--- UTC seconds -> ISO 8601 to the second, for tables ("-" for none).
+local function iso_s(secs) return secs and time.iso(floor(secs) * 1000) or "-" end
 M.iso, M.iso_s = iso, iso_s
 
---- A Lua value -> JSON text ("/" left as is, which JSON allows).
+--- A Lua value -> JSON text: tide.jobs.json's (exact numbers, arrays kept
+--- arrays); what a store holds is printed whatever it is, so invalid UTF-8
+--- (a row written by hand) becomes U+FFFD and what cannot be JSON a string.
 local function json(v)
-  if v == nil then return "null" end
-  return (cjson.encode(v):gsub("\\/", "/"))
+  local s, err = jobs_json.try_encode(v, nil, true)
+  return s or jobs_json.try_encode("(" .. err .. ")", nil, true)
 end
 M.json = json
 

@@ -28,10 +28,23 @@ local function sqlite_file(url)
   return path
 end
 
+--- True for a SQLite store that lives in memory (gone when the command ends).
+local function in_memory(url)
+  local path = url:match("^[sS][qQ][lL][iI][tT][eE]:(.*)$")
+  if not path then return false end
+  path = path:gsub("^//", "")
+  return path == ":memory:" or path:match("^file::memory:") ~= nil or path:match("[?&]mode=memory") ~= nil
+end
+M.in_memory = in_memory
+
 --- Opens the store; with `must_exist`, a missing SQLite file is an error
 --- (reading commands do not create an empty store by mistake).  Returns the
 --- queue, or nil and the exit status (the message is written).
 function M.open(prog, url, must_exist)
+  if in_memory(url) then
+    return nil, options.usage_error(prog, ("%s is an in-memory store: it would be gone when this command "
+      .. "ends, before anyone could read it (give a file: sqlite:PATH)"):format(url), "")
+  end
   local path = must_exist and sqlite_file(url)
   if path then
     local fh = io.open(path, "rb")

@@ -45,6 +45,8 @@ Options:
   --grace MS           time running jobs get to finish on SIGINT/SIGTERM
                        (default 5000); jobs still running then are released
   --drain              exit once no job of these queues is due or executing
+  --give-up MS         with --drain: stop and exit 1 once the store has kept
+                       failing this long (claims, writes, ...; default 60s)
   --quiet              print nothing but errors (no start line, failed
                        attempts, status line or summary)
   --log-format FORMAT  human (the default) or json: one JSON object per line
@@ -56,9 +58,12 @@ Options:
   --token TOKEN        the dashboard's access token (default: a random one)
   -h, --help           show this help
 
-MS options take a number of ms, or 500ms, 30s, 5m, 2h, 1d.  Exit status: 0
-after --drain or a clean stop on SIGINT/SIGTERM; 1 when the store cannot be
-opened, SCRIPT fails or an outcome could not be written; 2 for bad options.
+MS options take a number of ms, or 500ms, 30s, 5m, 2h, 1d.  The summary
+counts what the store took: an attempt whose job was cancelled in the store
+meanwhile counts as cancelled, one whose lease had passed to another worker
+as lost.  Exit status: 0 after --drain or a clean stop on SIGINT/SIGTERM; 1
+when the store cannot be opened, SCRIPT fails, an outcome could not be
+written, or --drain gave up on a failing store; 2 for bad options.
 ]=]
 
 -- ===== options
@@ -77,6 +82,7 @@ local OPTS = {
   ["--metrics"] = W.metrics, ["--web"] = W.web, ["--token"] = W.token, ["--log-format"] = W.log_format,
   ["--store"] = o.store, ["--concurrency"] = o.concurrency, ["--lease"] = o.lease,
   ["--poll"] = o.poll, ["--grace"] = o.grace, ["--drain"] = o.drain, ["--quiet"] = o.quiet,
+  ["--give-up"] = o.give_up,
   ["--help"] = o.help, ["-h"] = o.help,
   ["--queue"] = { key = "queues", meta = "NAME[=N]", many = true, conv = queue_opt,
                   expected = "NAME or NAME=N (a queue name, N an integer >= 1)" },
@@ -110,15 +116,29 @@ local function say(run, line, level, event, fields)
   io_stderr:write(run.live and "\r\27[K" or "", line, "\n")
 end
 
---- handle_error for the worker: one line per failed attempt.
-local function job_error_line(run)
-  return function(job, err, trace)
-    local last = job.attempt >= job.max_attempts
-    say(run, ("%s: job %d (%s.%s) attempt %d/%d failed, %s: %s"):format(PROG, job.id, job.target,
-        job.method, job.attempt, job.max_attempts, last and "discarded" or "will retry",
-        (tostring(err):match("^[^\n]*"))), last and "error" or "warn", "job_failed",
-        { job = job.id, queue = job.queue, target = job.target, method = job.method, attempt = job.attempt,
-          max_attempts = job.max_attempts, will_retry = not last, error = tostring(err), traceback = trace })
+--- on_outcome for the worker: one line per failed attempt, and for each
+--- attempt the store did not take as this worker saw it (with
+--- --log-format json, one event each).
+local function outcome_line(run)
+  return function(job, outcome, err, trace)
+    local head = ("%s: job %d (%s.%s) attempt %d/%d"):format(PROG, job.id, job.target, job.method,
+                                                          job.attempt, job.max_attempts)
+    local why = (tostring(err):match("^[^\n]*"))
+    local fields = { job = job.id, queue = job.queue, target = job.target, method = job.method,
+                     attempt = job.attempt, max_attempts = job.max_attempts, outcome = outcome }
+    if outcome == "retried" or outcome == "discarded" then
+      fields.will_retry, fields.error, fields.traceback = outcome == "retried", tostring(err), trace
+      say(run, ("%s failed, %s: %s"):format(head, outcome == "discarded" and "discarded" or "will retry", why),
+          outcome == "discarded" and "error" or "warn", "job_failed", fields)
+    elseif outcome == "lost" then
+      say(run, ("%s: not recorded, its lease had passed to another worker"):format(head), "warn", "job_lost", fields)
+    elseif outcome == "cancelled" then
+      say(run, ("%s: not recorded, the job was cancelled or expired in the store"):format(head), "warn",
+          "job_cancelled", fields)
+    elseif outcome == "unwritten" then
+      say(run, ("%s: its outcome could not be written (the lease will run out and it will run again)")
+        :format(head), "error", "job_unwritten", fields)
+    end
   end
 end
 
@@ -135,7 +155,7 @@ end
 local function summary(run)
   local info = run.w:info()
   local extra = {}
-  for _, k in ipairs{ "cancelled", "rescued", "write_errors", "unwritten" } do
+  for _, k in ipairs{ "cancelled", "lost", "rescued", "write_errors", "unwritten" } do
     if info[k] > 0 then extra[#extra + 1] = (", %d %s"):format(info[k], (k:gsub("_", " "))) end
   end
   local secs = (tide.now() - run.t0) / 1000
@@ -164,8 +184,8 @@ local function start_worker(run, targets)
   local opts = run.opts
   local ok, w = pcall(tide.worker, {
     queue = run.q, queues = run.queues, targets = targets, lease = opts.lease,
-    poll = opts.poll, grace = opts.grace,
-    handle_error = not opts.quiet and job_error_line(run) or nil,
+    poll = opts.poll, grace = opts.grace, give_up = opts.give_up,
+    on_outcome = not opts.quiet and outcome_line(run) or nil,
   })
   if not ok then
     return nil, ("the targets %s returned: %s"):format(run.script_path or "SCRIPT",
@@ -187,17 +207,23 @@ local function main(run)
   end
   run.w, run.t0, run.last_at, run.last_done = w, tide.now(), tide.now(), 0
   if not run.opts.quiet then
-    S.on_shutdown(function(reason)
+    local function stopping(reason)
       if H.signal then
         local n = w:info().running
         say(run, ("%s %s: %s: stopping; %d running job%s get%s %d ms"):format(PROG, w.id, reason,
             n, n == 1 and "" or "s", n == 1 and "s" or "", config.grace), "info", "worker_stopping",
             { worker = w.id, reason = reason, running = n, grace_ms = config.grace })
       end
-    end)
+    end
     say(run, ("%s %s: %s, queues %s, lease %d ms"):format(PROG, w.id, run.q.name,
         queues_text(run.queues), w.lease), "info", "worker_started",
         { worker = w.id, store = run.q.name, queues = run.queues, lease_ms = w.lease })
+    -- A signal that came while tide.worker waited for the store (PostgreSQL
+    -- connects and LISTENs; its claimer may have started jobs meanwhile)
+    -- found no hook here yet: say it now.
+    if S.shutting_down() then stopping(H.signal and ("shutdown (SIG%s)"):format(H.signal == 15 and "TERM"
+                                       or H.signal == 2 and "INT" or tostring(H.signal)) or "shutdown")
+    else S.on_shutdown(stopping) end
     if core.isatty(2) and run.opts.log_format ~= "json" then
       run.live = true
       run.timer = tide.every(1000, function() status_line(run) end)
@@ -229,6 +255,7 @@ local function finish(run)
     return options.fail(PROG, "the loop shut down before the worker started")
   end
   local info = w:info()                           -- (after w:wait(): every outcome written, or counted)
+  if info.gave_up then return options.fail(PROG, "gave up: " .. info.gave_up) end
   return (info.running == 0 and info.unwritten == 0) and 0 or 1
 end
 

@@ -12,7 +12,14 @@
 --
 -- Names: a queue or a target is "letters, digits, _ . -" starting with a
 -- letter or _ ("orders", "app.mail"); a method is a Lua identifier.
-local type = type
+--
+-- Ranges, the same on every store (PostgreSQL's integer columns hold no
+-- more): priority -2^31..2^31-1, max_attempts 1..2^31-1, times 1970..9999
+-- (tide.jobs.time).  An idempotence key is text: valid UTF-8 without NUL.
+local json = require "tide.jobs.json"
+local time = require "tide.jobs.time"
+
+local type, format = type, string.format
 
 local M = {}
 
@@ -49,5 +56,57 @@ function M.is_name(s) return matches(s, M.NAME) end
 
 --- True for a valid method name.
 function M.is_method(s) return matches(s, M.METHOD) end
+
+-- ===== ranges
+
+M.INT_MAX = 2 ^ 31 - 1
+M.PRIORITY_EXPECTED = "integer from -2147483648 to 2147483647 (lower runs first)"
+M.MAX_ATTEMPTS_EXPECTED = "integer from 1 to 2147483647"
+
+local function int_in(v, lo, hi) return type(v) == "number" and v % 1 == 0 and v >= lo and v <= hi end
+
+function M.is_priority(v) return int_in(v, -M.INT_MAX - 1, M.INT_MAX) end
+function M.is_max_attempts(v) return int_in(v, 1, M.INT_MAX) end
+
+--- Why `s` cannot be an idempotence key, or nil.
+function M.key_problem(s)
+  if type(s) ~= "string" or s == "" then return "non-empty string expected" end
+  local nul = s:find("\0", 1, true)
+  if nul then return format("a NUL byte at byte %d: keys are text", nul) end
+  local bad = json.utf8_error(s)
+  if bad then return format("invalid UTF-8 at byte %d", bad) end
+end
+
+-- ===== rows as stores keep them
+
+local ROW_FIELDS = {  -- field -> the check a sound row passes, and what it expects
+  id = { function(v) return int_in(v, 1, 2 ^ 53) end, "job id" },
+  queue = { M.is_name, "queue name" }, target = { M.is_name, "target name" },
+  method = { M.is_method, "method name" },
+  status = { function(v) return M.is_status[v] end, "status" },
+  priority = { M.is_priority, "integer" }, attempt = { function(v) return int_in(v, 0, M.INT_MAX) end, "integer" },
+  max_attempts = { M.is_max_attempts, "integer >= 1" },
+  run_at = { time.is_ms, "time in ms" }, inserted_at = { time.is_ms, "time in ms" },
+  attempted_at = { time.is_ms, "time in ms" }, completed_at = { time.is_ms, "time in ms" },
+  lease_expires = { time.is_ms, "time in ms" },
+}
+local ROW_ORDER = { "id", "queue", "target", "method", "status", "priority", "attempt", "max_attempts",
+                    "run_at", "inserted_at", "attempted_at", "completed_at", "lease_expires" }
+
+--- What is wrong with a row read from a store (edited by hand, say), as
+--- 'run_at is string "abc", time in ms expected'; or nil.  Fields a row
+--- lacks (a claim returns some) are not checked: the tables' NOT NULL
+--- constraints keep the required ones.
+function M.row_problem(row)
+  for i = 1, #ROW_ORDER do
+    local k = ROW_ORDER[i]
+    local v = row[k]
+    if v ~= nil and not ROW_FIELDS[k][1](v) then
+      local got = type(v) == "string" and format("string %q", #v > 40 and v:sub(1, 40) .. "..." or v)
+                  or type(v) == "number" and format("number %.17g", v) or type(v)
+      return format("%s is %s, %s expected", k, got, ROW_FIELDS[k][2])
+    end
+  end
+end
 
 return M

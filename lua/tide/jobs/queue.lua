@@ -7,22 +7,39 @@
 --   end)
 --
 -- The SQL lives in a store driver (tide.jobs.store.*); this file checks
--- arguments, encodes args (JSON, optionally encrypted), keeps the
--- connection to one task at a time while a transaction is open, and tells
--- workers in this process when a job was committed.  Misuse raises; a store
--- failure raises an error that names the store and the SQLite code.  Times
--- given and returned are UTC seconds since the Unix epoch (fractional).
+-- arguments, encodes args (JSON, optionally encrypted), gives each
+-- transaction a connection of its own for its whole life, and tells workers
+-- in this process when a job was committed.  Misuse raises; a store failure
+-- raises an error that names the store and the SQLite code or SQLSTATE.
+-- Times given and returned are UTC seconds since the Unix epoch (fractional).
+--
+-- Transactions and their connections (Promise 7):
+--   - A transaction checks a session (a connection) out of the store's pool
+--     before anything can wait, and keeps it until COMMIT or ROLLBACK: two
+--     transactions never share one, whatever their tasks do in between.
+--     The pool is the store's: PostgreSQL has `pool` connections, SQLite
+--     one (so there a transaction holds the store, and others wait).
+--   - The holder of a transaction is the task that opened it (or code
+--     outside tasks); q._txs[holder] is its state.  A statement of that
+--     holder — q:enqueue, q:job, a nested q:transaction (a savepoint) —
+--     runs inside its transaction; anyone else's waits for a free session.
+--   - A tx handle works only while its transaction (or savepoint) is open,
+--     and only for its holder: otherwise it raises, it never runs elsewhere.
+--   - A task that ends inside a transaction (timeout, cancel) leaves it
+--     through its attempt-end hook: the pool takes the session back broken
+--     (rolled back), and the handles die.
 local core = require "tide.core"
 local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
 local job = require "tide.jobs.job"
 local json = require "tide.jobs.json"
 local time = require "tide.jobs.time"
+local pool = require "tide.jobs.store.pool"
 
-local type, error, pairs, ipairs, tostring, select = type, error, pairs, ipairs, tostring, select
-local setmetatable, pcall, co_running, floor = setmetatable, pcall, coroutine.running, math.floor
+local type, error, pairs, ipairs, tostring, tonumber = type, error, pairs, ipairs, tostring, tonumber
+local setmetatable, getmetatable, pcall, select, floor = setmetatable, getmetatable, pcall, select, math.floor
 local arg_error, opt_error, describe = check.arg_error, check.opt_error, check.describe
-local wallclock = core.wallclock
+local wallclock, holder, OUTSIDE = core.wallclock, pool.holder, pool.OUTSIDE
 
 local M = {}
 
@@ -31,29 +48,17 @@ local Queue_mt = { __index = Queue, __tostring = function(q)
   return ("tide.Queue (%s%s)"):format(q.name, q._store and "" or ", closed")
 end }
 local Tx = {}
-local Tx_mt = { __index = Tx, __tostring = function(tx) return ("tide.Transaction (%s)"):format(tx._q.name) end }
+local Tx_mt = { __index = Tx, __tostring = function(tx)
+  return ("tide.Transaction (%s%s)"):format(tx._q.name, tx._live and "" or ", ended")
+end }
 
-
--- ===== times
-
-local parse_iso = time.parse_iso
-
---- A run_at option -> ms since the epoch; raises naming the option.
-local function run_at_ms(fname, v, level)
-  if type(v) == "number" and check.finite(v) and v >= 0 then return floor(v * 1000 + 0.5) end
-  if type(v) == "string" then
-    local ms = parse_iso(v)
-    if ms then return ms end
-  end
-  opt_error(fname, "run_at", "UTC time (seconds since the epoch, or ISO 8601 like "
-            .. "\"2026-11-23T15:04:05Z\")", v, level + 1)
-end
+local function pack(...) return { n = select("#", ...), ... } end
 
 -- ===== opening
 
 local DRIVERS = { sqlite = "tide.jobs.store.sqlite" }
 local SYNC = { normal = true, full = true, off = true }
-local OPEN_KEYS = { encryptor = true, busy_timeout = true, synchronous = true }
+local OPEN_KEYS = { encryptor = true, busy_timeout = true, synchronous = true, pool = true, pool_timeout = true }
 
 --- "sqlite:PATH" (or "sqlite://PATH") -> driver module, path.
 local function parse_url(url)
@@ -77,12 +82,37 @@ local function parse_url(url)
   return DRIVERS[scheme], rest
 end
 
+--- Takes tide's own parameters (pool, pool_timeout) out of a PostgreSQL
+--- URL's query string (libpq would refuse them); returns the URL left and them.
+local function url_options(url)
+  local base, query = url:match("^([^?]*)%?(.*)$")
+  if not base then return url, {} end
+  local keep, found = {}, {}
+  for pair in query:gmatch("[^&]+") do
+    local k, v = pair:match("^([^=]*)=(.*)$")
+    if k == "pool" or k == "pool_timeout" then
+      local n = tonumber(v)
+      if not n then
+        error(("tide.queue.open: bad store URL %q (%s=%s: a number expected)"):format(url, k, v), 4)
+      end
+      found[k] = n
+    else
+      keep[#keep + 1] = pair
+    end
+  end
+  return #keep > 0 and base .. "?" .. table.concat(keep, "&") or base, found
+end
+
 --- Opens a job store: `url` is "sqlite:PATH" or "postgres://user@host/db"
---- (tables created and migrated as needed).  opts: encryptor = { encrypt = fn, decrypt = fn } (args are
---- stored only encrypted), busy_timeout (ms to wait for another process's
---- write lock, default 5000), synchronous ("normal", the default in WAL
---- mode: a crash of the process loses nothing, a power cut may lose the
---- last commits; "full": nothing is lost on power cut either).
+--- (tables created and migrated as needed).  opts: encryptor = { encrypt
+--- = fn, decrypt = fn } (args are stored only encrypted); pool (PostgreSQL:
+--- connections for the application's statements and transactions, default
+--- 10; also ?pool=N in the URL); pool_timeout (ms a statement waits for a
+--- free connection before "pool exhausted", default 5000); busy_timeout
+--- (SQLite: ms to wait for another process's write lock, default 5000);
+--- synchronous (SQLite: "normal", the default in WAL mode: a crash of the
+--- process loses nothing, a power cut may lose the last commits; "full":
+--- nothing is lost on power cut either).
 function M.open(url, opts)
   if type(url) ~= "string" then arg_error("tide.queue.open", 1, "store URL string", url) end
   if opts ~= nil and type(opts) ~= "table" then arg_error("tide.queue.open", 2, "table or nil", opts) end
@@ -100,23 +130,28 @@ function M.open(url, opts)
     opt_error("tide.queue.open", "synchronous", check.choices(SYNC), opts.synchronous)
   end
   local driver, path = parse_url(url)
-  local name = url
-  local ok, store = pcall(require(driver).open, path, name, opts)
+  local o = { busy_timeout = opts.busy_timeout, synchronous = opts.synchronous, pool = opts.pool,
+              pool_timeout = opts.pool_timeout }
+  if driver == "tide.jobs.store.postgres" then
+    local from_url
+    path, from_url = url_options(path)
+    o.pool = o.pool or from_url.pool
+    o.pool_timeout = o.pool_timeout or from_url.pool_timeout
+  elseif o.pool ~= nil and o.pool ~= 1 then
+    error("tide.queue.open: bad option 'pool' (SQLite has one connection: a transaction holds the store "
+          .. "while it is open)", 2)
+  end
+  if o.pool ~= nil and not check.is_count(o.pool, 1) then
+    opt_error("tide.queue.open", "pool", "integer >= 1 (connections)", o.pool)
+  end
+  if o.pool_timeout ~= nil and not check.is_ms(o.pool_timeout, true) then
+    opt_error("tide.queue.open", "pool_timeout", "positive number of ms", o.pool_timeout)
+  end
+  local ok, store = pcall(require(driver).open, path, url, o)
   if not ok then error("tide.queue.open: " .. tostring(store), 2) end
   return setmetatable({ name = store.name, durability = store.durability, _store = store, _enc = enc,
-                        _owner = false, _depth = 0, _waiters = {}, _listeners = {},
-                        _touched = false }, Queue_mt)
+                        _txs = {}, _listeners = {} }, Queue_mt)
 end
-
--- ===== one task at a time inside a transaction
---
--- SQLite runs on this thread, so a single statement never interleaves with
--- another task's.  A transaction can: its function may wait (tide.sleep,
--- an await) and let other tasks run.  While it is open the store belongs to
--- the task that opened it; other tasks wait their turn, and code outside
--- tasks (which cannot wait) gets an error.
-
-local MAIN = {}                  -- the owner when no coroutine runs (a plain host)
 
 local function check_q(fname, q)
   if type(q) ~= "table" or getmetatable(q) ~= Queue_mt then
@@ -126,82 +161,109 @@ local function check_q(fname, q)
   if not q._store then error(fname .. ": the queue is closed", 3) end
 end
 
---- Waits until no other task holds the store; returns the store.
-local function acquire(q, fname)
-  local me = co_running() or MAIN
-  while q._owner and q._owner ~= me do
-    if not S.in_task() then
-      error(fname .. ": the store is inside another task's transaction (call it from a task, which waits its turn)", 3)
-    end
-    local t, tok = S.wait_begin(fname, 3)
-    S.add_waiter(q._waiters, t, tok)
-    S.wait_end(t, tok)
-  end
-  return q._store
-end
-M.acquire = acquire
-
 local function notify(q, queues)
   for queue in pairs(queues) do
     for _, fn in ipairs(q._listeners) do fn(queue) end
   end
 end
 
---- Frees the store from a transaction whose task ended inside it (timed
---- out, cancelled): the store rolls it back; tasks waiting for it go on.
-local function abandon(q)
-  if q._store then q._store:abandon() end
-  q._owner, q._touched, q._depth = false, false, 0
-  local waiters = q._waiters
-  q._waiters = {}
-  S.wake_all(waiters)
+-- ===== sessions: the caller's transaction's, or one of the pool's
+
+--- Runs fn(session, ...) on the caller's transaction's session, or on one
+--- checked out for it (waiting for a free one); returns fn's first two results.
+local function with_session(q, fname, fn, ...)
+  local st = q._txs[holder()]
+  if st then return fn(st.session, ...) end
+  local store = q._store
+  local session = store:acquire(fname)
+  local ok, a, b = pcall(fn, session, ...)
+  store:release(session, false, holder())
+  if not ok then error(a, 0) end
+  return a, b
+end
+M.with_session = with_session
+
+--- After an insert: wake this process's workers now, or at the commit.
+local function inserted_into(q, st, queue)
+  if st then st.touched[queue] = true else notify(q, { [queue] = true }) end
 end
 
---- Runs fn(tx) in a transaction (a savepoint when nested); commits when it
---- returns, rolls back and re-raises when it raises.  Returns fn's results.
-local function transaction(q, fname, fn, ...)
-  local store = acquire(q, fname)
-  local me = co_running() or MAIN
-  local depth = q._depth + 1
-  if depth == 1 then
-    store:begin()
-    q._owner, q._touched = me, {}
-  else
-    store:savepoint(depth)
-  end
-  q._depth = depth
-  local t, abandon_hook = nil, nil
-  if depth == 1 and S.in_task() then
-    t = S.current()
-    abandon_hook = function()              -- the task ended inside fn: undo, free the store
-      if q._owner == me then abandon(q) end
-    end
-    S.on_attempt_end(t, abandon_hook)
-  end
-  local tx = setmetatable({ _q = q }, Tx_mt)
-  local res = { pcall(fn, tx, ...) }
-  if t then S.off_attempt_end(t, abandon_hook) end
-  q._depth = depth - 1
-  local ok, commit_err = true, nil
-  if depth > 1 then
-    if res[1] then store:release(depth) else store:rollback_to(depth) end
-  elseif res[1] then
-    ok, commit_err = pcall(store.commit, store)
-    if not ok then pcall(store.rollback, store) end
-  else
-    pcall(store.rollback, store)
-  end
-  if depth == 1 then
-    local touched = q._touched
-    q._owner, q._touched = false, false
-    local waiters = q._waiters
-    q._waiters = {}
-    S.wake_all(waiters)
-    if res[1] and ok then notify(q, touched) end
-  end
-  if not ok then error(fname .. ": commit failed: " .. tostring(commit_err), 3) end
+-- ===== transactions
+
+local function new_tx(q, st, depth)
+  local tx = setmetatable({ _q = q, _st = st, _depth = depth, _live = true }, Tx_mt)
+  st.handles[#st.handles + 1] = tx
+  return tx
+end
+
+--- Ends transaction state st: its handles die, the session goes back.
+local function close_state(q, st, broken)
+  if st.closed then return end
+  st.closed = true
+  if q._txs[st.owner] == st then q._txs[st.owner] = nil end
+  for _, tx in ipairs(st.handles) do tx._live = false end
+  if st.owner ~= OUTSIDE then S.off_attempt_end(st.owner, st.hook) end
+  if q._store then q._store:release(st.session, broken, st.owner) end
+end
+
+--- The task ended inside the transaction (timed out, cancelled): the store
+--- takes the session back broken (rolled back), and tasks waiting go on.
+local function abandon(q, st)
+  close_state(q, st, true)
+end
+
+--- A nested q:transaction: a savepoint on the holder's session.
+local function savepoint(q, st, fname, fn, ...)
+  local depth = st.depth + 1
+  st.session:savepoint(depth)
+  st.depth = depth
+  local tx = new_tx(q, st, depth)
+  local res = pack(pcall(fn, tx, ...))
+  tx._live = false
+  st.depth = depth - 1
+  if st.closed then error(fname .. ": the transaction ended while it ran (its task was stopped)", 3) end
+  if res[1] then st.session:release(depth) else st.session:rollback_to(depth) end
   if not res[1] then error(res[2], 0) end
-  return unpack(res, 2, table.maxn(res))
+  return unpack(res, 2, res.n)
+end
+
+--- Runs fn(tx, ...) in a transaction (a savepoint when the caller is in one
+--- already); commits when it returns, rolls back and re-raises when it
+--- raises.  Returns fn's results.
+local function transaction(q, fname, fn, ...)
+  local owner = holder()
+  local st = q._txs[owner]
+  if st then return savepoint(q, st, fname, fn, ...) end
+  local store = q._store
+  -- The session is ours from here: nothing waits between the pool handing
+  -- it over and q._txs knowing it (the rule above).
+  local session = store:acquire(fname)
+  st = { session = session, depth = 1, owner = owner, touched = {}, handles = {}, closed = false }
+  q._txs[owner] = st
+  if owner ~= OUTSIDE then
+    st.hook = function() abandon(q, st) end
+    S.on_attempt_end(owner, st.hook)
+  end
+  local ok, err = pcall(session.begin, session)
+  if not ok then
+    close_state(q, st, true)
+    error(err, 0)
+  end
+  local tx = new_tx(q, st, 1)
+  local res = pack(pcall(fn, tx, ...))
+  local clean, commit_err = true, nil
+  if res[1] then
+    clean, commit_err = pcall(session.commit, session)
+    if not clean then pcall(session.rollback, session) end
+  else
+    clean = pcall(session.rollback, session)
+  end
+  local committed = res[1] and clean
+  close_state(q, st, not clean)
+  if committed then notify(q, st.touched) end
+  if res[1] and not clean then error(fname .. ": commit failed: " .. tostring(commit_err), 3) end
+  if not res[1] then error(res[2], 0) end
+  return unpack(res, 2, res.n)
 end
 
 --- Runs fn(tx, ...) inside one database transaction: tx:exec and tx:query
@@ -211,6 +273,23 @@ function Queue:transaction(fn, ...)
   check_q("q:transaction", self)
   if type(fn) ~= "function" then arg_error("q:transaction", 1, "function", fn) end
   return transaction(self, "q:transaction", fn, ...)
+end
+
+--- The transaction state behind a tx handle, if the caller may use it;
+--- raises otherwise ("tx:enqueue: this transaction has ended").
+local function tx_state(fname, tx)
+  if getmetatable(tx) ~= Tx_mt then
+    error(("%s: bad self (transaction expected, got %s); call it as tx:%s(...)")
+      :format(fname, describe(tx), fname:match("[:.](%w+)$")), 3)
+  end
+  local st = tx._st
+  if not tx._live or st.closed then error(fname .. ": this transaction has ended", 3) end
+  if st.owner ~= holder() then
+    error(("%s: this transaction belongs to %s, not to the caller"):format(fname,
+      st.owner == OUTSIDE and "code outside tasks" or tostring(st.owner)), 3)
+  end
+  if not tx._q._store then error(fname .. ": the queue is closed", 3) end
+  return st
 end
 
 -- ===== enqueue
@@ -232,20 +311,28 @@ local function job_row(fname, q, j, now, level)
   if j.queue ~= nil and not job.is_name(j.queue) then
     opt_error(fname, "queue", "queue " .. job.NAME_EXPECTED, j.queue, level)
   end
-  if j.priority ~= nil and (type(j.priority) ~= "number" or not check.is_count(math.abs(j.priority))) then
-    opt_error(fname, "priority", "integer (lower runs first)", j.priority, level)
+  if j.priority ~= nil and not job.is_priority(j.priority) then
+    opt_error(fname, "priority", job.PRIORITY_EXPECTED, j.priority, level)
   end
-  if j.max_attempts ~= nil and not check.is_count(j.max_attempts, 1) then
-    opt_error(fname, "max_attempts", "integer >= 1", j.max_attempts, level)
+  if j.max_attempts ~= nil and not job.is_max_attempts(j.max_attempts) then
+    opt_error(fname, "max_attempts", job.MAX_ATTEMPTS_EXPECTED, j.max_attempts, level)
   end
-  if j.idempotence_key ~= nil and (type(j.idempotence_key) ~= "string" or j.idempotence_key == "") then
-    opt_error(fname, "idempotence_key", "non-empty string", j.idempotence_key, level)
+  if j.idempotence_key ~= nil then
+    if type(j.idempotence_key) ~= "string" or j.idempotence_key == "" then
+      opt_error(fname, "idempotence_key", "non-empty string", j.idempotence_key, level)
+    end
+    local why = job.key_problem(j.idempotence_key)
+    if why then error(("%s: bad option 'idempotence_key' (%s)"):format(fname, why), level) end
   end
-  if j.delay ~= nil and not check.is_ms(j.delay) then
-    opt_error(fname, "delay", "non-negative number of ms", j.delay, level)
+  if j.delay ~= nil and not (check.is_ms(j.delay) and now + j.delay <= time.MAX_MS) then
+    opt_error(fname, "delay", "non-negative number of ms, due before the year 10000", j.delay, level)
   end
   if j.delay ~= nil and j.run_at ~= nil then error(fname .. ": give run_at or delay, not both", level) end
-  local run_at = j.run_at ~= nil and run_at_ms(fname, j.run_at, level) or now + floor(j.delay or 0)
+  local run_at = now + floor(j.delay or 0)
+  if j.run_at ~= nil then
+    run_at = time.run_at_ms(j.run_at)
+    if not run_at then opt_error(fname, "run_at", time.EXPECTED, j.run_at, level) end
+  end
   local args_json = json.encode_option(fname, "args", j.args, level)
   local args, args_enc = args_json, nil
   if q._enc then
@@ -262,63 +349,80 @@ local function job_row(fname, q, j, now, level)
            idempotence_key = j.idempotence_key, inserted_at = now }
 end
 
-local function insert(q, store, row)
-  local id, inserted = store:insert(row)
-  if inserted then
-    if q._touched then q._touched[row.queue] = true else notify(q, { [row.queue] = true }) end
-  end
-  return id, inserted
-end
+local function insert_one(session, row) return session:insert(row) end
 
 --- Adds one job; returns its id and true, or the id of the job that already
 --- has this idempotence_key and false (nothing inserted).
 function Queue:enqueue(j)
   check_q("q:enqueue", self)
   local row = job_row("q:enqueue", self, j, wallclock(), 2)
-  return insert(self, acquire(self, "q:enqueue"), row)
+  local id, inserted = with_session(self, "q:enqueue", insert_one, row)
+  if inserted then inserted_into(self, self._txs[holder()], row.queue) end
+  return id, inserted
 end
 
---- Adds a list of jobs in one transaction; returns their ids (in order) and
---- how many were inserted (the rest had existing idempotence keys).
-function Queue:enqueue_many(list)
-  check_q("q:enqueue_many", self)
-  if type(list) ~= "table" then arg_error("q:enqueue_many", 1, "list of job tables", list) end
+--- Checks a list of jobs; returns their rows.
+local function job_rows(fname, q, list)
+  if type(list) ~= "table" then arg_error(fname, 1, "list of job tables", list, 3) end
   local now, rows = wallclock(), {}
   for i = 1, #list do
-    local ok, row = pcall(job_row, "q:enqueue_many", self, list[i], now, 1)
-    if not ok then error((tostring(row):gsub("^q:enqueue_many: ", "q:enqueue_many: job " .. i .. ": ")), 2) end
+    local ok, row = pcall(job_row, fname, q, list[i], now, 1)
+    if not ok then error((tostring(row):gsub("^" .. fname:gsub("%p", "%%%0") .. ": ", fname .. ": job " .. i .. ": ")), 3) end
     rows[i] = row
   end
-  return transaction(self, "q:enqueue_many", function()
-    local ids, n = {}, 0
+  return rows
+end
+
+--- Inserts checked rows in one transaction (a savepoint inside the
+--- caller's); returns ids in order and how many were inserted.
+local function insert_rows(q, fname, rows)
+  return transaction(q, fname, function(tx)
+    local st = tx._st
+    local ids, flags = st.session:insert_many(rows)
+    local n = 0
     for i = 1, #rows do
-      local id, inserted = insert(self, self._store, rows[i])
-      ids[i] = id
-      if inserted then n = n + 1 end
+      if flags[i] then n = n + 1; st.touched[rows[i].queue] = true end
     end
     return ids, n
   end)
 end
 
-function Tx:enqueue(j)
-  local q = self._q
-  local row = job_row("tx:enqueue", q, j, wallclock(), 2)
-  return insert(q, q._store, row)
+--- Adds a list of jobs in one transaction (one statement per batch on
+--- PostgreSQL); returns their ids (in order) and how many were inserted
+--- (the rest had idempotence keys that existed, in the store or earlier in
+--- the list: their ids are the existing jobs').
+function Queue:enqueue_many(list)
+  check_q("q:enqueue_many", self)
+  return insert_rows(self, "q:enqueue_many", job_rows("q:enqueue_many", self, list))
 end
 
-function Tx:enqueue_many(list) return Queue.enqueue_many(self._q, list) end
+function Tx:enqueue(j)
+  local st = tx_state("tx:enqueue", self)
+  local q = self._q
+  local row = job_row("tx:enqueue", q, j, wallclock(), 2)
+  local id, inserted = st.session:insert(row)
+  if inserted then st.touched[row.queue] = true end
+  return id, inserted
+end
+
+function Tx:enqueue_many(list)
+  tx_state("tx:enqueue_many", self)
+  return insert_rows(self._q, "tx:enqueue_many", job_rows("tx:enqueue_many", self._q, list))
+end
 
 --- Runs one statement of your own SQL with ? parameters bound (never
 --- interpolated); returns the number of rows changed.
 function Tx:exec(sql, ...)
+  local st = tx_state("tx:exec", self)
   if type(sql) ~= "string" then arg_error("tx:exec", 1, "SQL string", sql) end
-  return self._q._store:exec(sql, ...)
+  return st.session:exec(sql, ...)
 end
 
 --- Runs a query of your own; returns its rows as { column = value } tables.
 function Tx:query(sql, ...)
+  local st = tx_state("tx:query", self)
   if type(sql) ~= "string" then arg_error("tx:query", 1, "SQL string", sql) end
-  return self._q._store:query(sql, ...)
+  return st.session:query(sql, ...)
 end
 
 -- ===== reading jobs
@@ -333,36 +437,44 @@ local function decode_args(q, row)
     text = plain
   end
   if text == nil then return nil end
+  if type(text) ~= "string" then return nil, "args are " .. describe(text) .. ", not JSON text" end
   local v, err = json.decode(text)
   if err then return nil, "args are not valid JSON: " .. err end
   return v
 end
 M.decode_args = decode_args
 
-local function seconds(ms) return ms and ms / 1000 end
+local function seconds(ms) return time.is_ms(ms) and ms / 1000 or nil end
 
---- A stored row -> the job table users see (times in UTC seconds).
+--- A stored row -> the job table users see (times in UTC seconds).  A row
+--- that no tide wrote (edited by hand) is shown with `corrupt` saying why,
+--- and its bad fields left out.
 local function job_of(q, row)
   local args, err = decode_args(q, row)
   local errors = {}
-  if row.errors then
+  if type(row.errors) == "string" then
     local list = json.decode(row.errors)
     if type(list) == "table" then
       for i, e in ipairs(list) do
-        errors[i] = { attempt = e.attempt, at = seconds(e.at), error = e.error,
-                      traceback = e.traceback ~= json.null and e.traceback or nil }
+        if type(e) == "table" then
+          errors[i] = { attempt = e.attempt, at = type(e.at) == "number" and seconds(e.at) or nil,
+                        error = e.error, traceback = e.traceback ~= json.null and e.traceback or nil }
+        end
       end
     end
   end
+  local corrupt = job.row_problem(row)
+  local function num(v) return type(v) == "number" and v or nil end
+  local function str(v) return type(v) == "string" and v or nil end
   return {
-    id = row.id, queue = row.queue, target = row.target, method = row.method,
+    id = row.id, queue = str(row.queue), target = str(row.target), method = str(row.method),
     args = args, args_error = err, encrypted = row.args_enc ~= nil or nil,
-    status = row.status, priority = row.priority, attempt = row.attempt,
-    max_attempts = row.max_attempts, run_at = seconds(row.run_at),
+    status = str(row.status), priority = num(row.priority), attempt = num(row.attempt),
+    max_attempts = num(row.max_attempts), run_at = seconds(row.run_at),
     attempted_at = seconds(row.attempted_at), completed_at = seconds(row.completed_at),
     inserted_at = seconds(row.inserted_at), errors = errors,
-    idempotence_key = row.idempotence_key, lease_owner = row.lease_owner,
-    lease_expires = seconds(row.lease_expires),
+    idempotence_key = str(row.idempotence_key), lease_owner = str(row.lease_owner),
+    lease_expires = seconds(row.lease_expires), corrupt = corrupt,
   }
 end
 M.job_of = job_of
@@ -371,15 +483,19 @@ local function check_id(fname, id)
   if not check.is_count(id, 1) then arg_error(fname, 1, "job id (integer >= 1)", id, 3) end
 end
 
+local function get_row(session, id) return session:get(id) end
+
 --- The job with this id, or nil.
 function Queue:job(id)
   check_q("q:job", self)
   check_id("q:job", id)
-  local row = acquire(self, "q:job"):get(id)
+  local row = with_session(self, "q:job", get_row, id)
   return row and job_of(self, row)
 end
 
 local LIST_KEYS = { status = true, queue = true, target = true, limit = true, before = true }
+
+local function list_rows(session, f) return session:list(f) end
 
 --- Jobs, newest first: filter by status, queue and target; limit (default
 --- 100); before = id for the next page.
@@ -395,31 +511,31 @@ function Queue:list(f)
   if f.target ~= nil and type(f.target) ~= "string" then opt_error("q:list", "target", "string", f.target) end
   if f.limit ~= nil and not check.is_count(f.limit, 1) then opt_error("q:list", "limit", "integer >= 1", f.limit) end
   if f.before ~= nil and not check.is_count(f.before, 1) then opt_error("q:list", "before", "job id", f.before) end
-  local rows = acquire(self, "q:list"):list{ status = f.status, queue = f.queue, target = f.target,
-                                             limit = f.limit or 100, before = f.before }
+  local rows = with_session(self, "q:list", list_rows, { status = f.status, queue = f.queue, target = f.target,
+                                                         limit = f.limit or 100, before = f.before })
   for i, row in ipairs(rows) do rows[i] = job_of(self, row) end
   return rows
 end
 
 -- ===== changing jobs by hand
 
+local function change_row(session, op, id, err)
+  local changed = session:change(op, id, wallclock(), err)
+  return changed, session:get(id)
+end
+
 --- Applies op to job id; true, or nil and why not ("job 7 not found",
 --- "job 7 is completed").
 local function change(q, fname, op, id, err)
   check_q(fname, q)
   check_id(fname, id)
-  local store = acquire(q, fname)
-  if store:change(op, id, wallclock(), err) then
-    if op == "retry_now" then
-      local row = store:get(id)
-      if row and q._owner then q._touched[row.queue] = true
-      elseif row then notify(q, { [row.queue] = true }) end
-    end
+  local changed, row = with_session(q, fname, change_row, op, id, err)
+  if changed then
+    if op == "retry_now" and row then inserted_into(q, q._txs[holder()], row.queue) end
     return true
   end
-  local row = store:get(id)
   if not row then return nil, ("job %d not found"):format(id) end
-  return nil, ("job %d is %s"):format(id, row.status)
+  return nil, ("job %d is %s"):format(id, tostring(row.status))
 end
 
 --- Makes a job run again now (from any status but executing and available).
@@ -432,15 +548,18 @@ function Queue:expire(id) return change(self, "q:expire", "expire", id) end
 --- Fails a job for good (discarded), recording `reason`.
 function Queue:fail(id, reason)
   if reason ~= nil and type(reason) ~= "string" then arg_error("q:fail", 2, "string or nil", reason) end
-  local entry = json.encode{ at = wallclock(), error = reason or "failed by hand" }
+  local entry = json.try_encode({ at = wallclock(), error = reason or "failed by hand" }, nil, true)
   return change(self, "q:fail", "fail", id, entry)
 end
 
---- Counts: { total =, <status> = n, queues = { [name] = { <status> = n } } }.
+local function stats_rows(session) return session:stats() end
+
+--- Counts: { total =, <status> = n, queues = { [name] = { <status> = n } },
+--- pool = { size, open, busy, waiting } (this process's connections) }.
 function Queue:stats()
   check_q("q:stats", self)
-  local by_queue = acquire(self, "q:stats"):stats()
-  local out = { total = 0, queues = by_queue }
+  local by_queue = with_session(self, "q:stats", stats_rows)
+  local out = { total = 0, queues = by_queue, pool = self._store:stats_pool() }
   for _, status in ipairs(job.STATUSES) do out[status] = 0 end
   for _, counts in pairs(by_queue) do
     for status, n in pairs(counts) do
@@ -454,9 +573,13 @@ end
 --- Counts of the waiting and executing jobs only: { [queue] = { [status] = n } }.
 --- Read through the partial indexes, so the cost follows the backlog and
 --- not the table (finished jobs are never scanned): cheap enough to sample.
+local function backlog_rows(session) return session:backlog() end
+local function recent_rows(session, since, limit) return session:recent(since, limit) end
+local function lease_rows(session) return session:leases() end
+
 function Queue:backlog()
   check_q("q:backlog", self)
-  return acquire(self, "q:backlog"):backlog()
+  return (with_session(self, "q:backlog", backlog_rows))
 end
 
 --- Over the newest `limit` jobs (by id; default 10000, a bounded read):
@@ -468,7 +591,7 @@ function Queue:recent(limit, within)
   if limit ~= nil and not check.is_count(limit, 1) then arg_error("q:recent", 1, "integer >= 1", limit) end
   if within ~= nil and not check.is_ms(within) then arg_error("q:recent", 2, "non-negative number of ms", within) end
   limit = limit or 10000
-  local rows = acquire(self, "q:recent"):recent(wallclock() - (within or 60000), limit)
+  local rows = with_session(self, "q:recent", recent_rows, wallclock() - (within or 60000), limit)
   local out, total = {}, 0
   for _, r in ipairs(rows) do
     local qt = out[r.queue]
@@ -483,7 +606,7 @@ end
 --- attempted_at } (times in UTC seconds), one per worker and queue.
 function Queue:leases()
   check_q("q:leases", self)
-  local rows = acquire(self, "q:leases"):leases()
+  local rows = with_session(self, "q:leases", lease_rows)
   for _, r in ipairs(rows) do
     r.lease_expires, r.attempted_at = seconds(r.lease_expires), seconds(r.attempted_at)
   end
@@ -492,9 +615,11 @@ end
 
 local PRUNE_KEYS = { older_than = true, statuses = true }
 
+local function prune_rows(session, before, statuses) return session:prune(before, statuses) end
+
 --- Deletes finished jobs (completed, discarded, cancelled, expired: or the
 --- `statuses` given) that finished more than older_than ago (ms, or "7d").
---- Returns how many were deleted.
+--- Returns how many were deleted.  Ids are never given out again.
 function Queue:prune(opts)
   check_q("q:prune", self)
   if type(opts) ~= "table" then arg_error("q:prune", 1, "table", opts) end
@@ -506,14 +631,14 @@ function Queue:prune(opts)
     opt_error("q:prune", "statuses", "list of finished statuses", statuses)
   end
   for i, st in ipairs(statuses) do
-    if st ~= "completed" and st ~= "discarded" and st ~= "cancelled" and st ~= "expired" then
+    if not job.is_finished[st] then
       opt_error("q:prune", "statuses[" .. i .. "]", "'completed', 'discarded', 'cancelled' or 'expired'", st)
     end
   end
-  return acquire(self, "q:prune"):prune(wallclock() - ms, statuses)
+  return (with_session(self, "q:prune", prune_rows, wallclock() - ms, statuses))
 end
 
---- Closes the store (idempotent).
+--- Closes the store (idempotent); sessions held by tasks close when given back.
 function Queue:close()
   if self._store then self._store:close(); self._store = nil end
 end
@@ -522,13 +647,26 @@ end
 
 function M.is_queue(v) return getmetatable(v) == Queue_mt end
 function M.is_open(q) return q._store ~= nil end
---- True while a task holds the store inside a transaction.
-function M.in_transaction(q) return q._owner ~= false end
---- A store for a worker's own statements: a connection of its own where
+--- A store for a worker's own statements: connections of its own where
 --- the store has them (PostgreSQL), else the queue's (SQLite).
 function M.worker_store(q) return q._store:worker_store() end
 --- True when `store` is the queue's own (shared with its transactions).
 function M.shares_store(q, store) return store == q._store end
+
+--- Runs fn(session, ...) for the worker on `store`: the queue's own goes
+--- through with_session (the caller's transaction, or the pool, waiting
+--- as long as it takes); a store of the worker's own, through its pool.
+function M.worker_call(q, store, fname, fn, ...)
+  if store == q._store then
+    local st = q._txs[holder()]
+    if st then return fn(st.session, ...) end
+  end
+  local session = store:acquire(fname, false)
+  local ok, a, b = pcall(fn, session, ...)
+  store:release(session, false, holder())
+  if not ok then error(a, 0) end
+  return a, b
+end
 
 --- fn(queue_name) runs after a commit that made a job of that queue due.
 function M.listen(q, fn) q._listeners[#q._listeners + 1] = fn end
@@ -537,6 +675,5 @@ function M.unlisten(q, fn)
     if f == fn then table.remove(q._listeners, i); return end
   end
 end
-
 
 return M

@@ -11,7 +11,8 @@
 --   perform  target[method](args, job) runs as a tide task (timeout and mode
 --            per target).  Its outcome is recorded by the flusher task, which
 --            writes every outcome of a tick in one transaction: completed;
---            retryable at now + backoff; discarded after the last attempt.
+--            retryable at now + backoff; discarded after the last attempt
+--            (tide.jobs.outcomes: counted only once the store took it).
 --   lease    the heartbeat task extends the leases of running jobs; a job
 --            cancelled or expired in the store meanwhile loses its lease,
 --            and its task is cancelled.  The rescuer makes jobs whose lease
@@ -19,6 +20,11 @@
 --   stop     claimers stop, running jobs get the grace period, claimed jobs
 --            that never started (or were cut short) are released: available
 --            again, the attempt not counted.
+--   failing  every loop that talks to the store (claim, write, heartbeat,
+--            rescue, drain's count) backs off while the store fails, 50 ms
+--            doubling up to its own period; w.failing[loop] holds since when
+--            it fails, and a draining worker gives up once one has failed
+--            for `give_up` ms (60 s) with nothing but failures.
 --
 -- Nothing durable depends on this process staying alive: an outcome not yet
 -- written when the process dies leaves the job executing under a lease that
@@ -33,13 +39,21 @@ local config = require "tide.engine.config"
 local task = require "tide.engine.task"
 local timer = require "tide.engine.timer"
 local json = require "tide.jobs.json"
+local job = require "tide.jobs.job"
 local queue = require "tide.jobs.queue"
+local outcomes = require "tide.jobs.outcomes"
 local make_task, spawn = task.make_task, task.spawn
 local histogram = require "tide.engine.histogram"
 
 local type, error, pairs, ipairs, tostring, pcall, require = type, error, pairs, ipairs, tostring, pcall, require
+local getupvalue, getinfo = debug.getupvalue, debug.getinfo
 local setmetatable, min, floor = setmetatable, math.min, math.floor
-local wallclock, encode = core.wallclock, json.encode
+local wallclock, try_encode = core.wallclock, json.try_encode
+
+--- An error entry as JSON: free text (messages, tracebacks) may hold any
+--- bytes, so invalid UTF-8 becomes U+FFFD (PostgreSQL's jsonb would refuse
+--- it, and every tool that prints it would print it).
+local function encode(entry) return (try_encode(entry, "error", true)) end
 local opt_error = check.opt_error
 local TERMINAL = S.TERMINAL
 
@@ -48,9 +62,10 @@ local M = {}
 -- ===== counters for metrics (tide.observe.metrics reads them)
 --
 -- Process-wide and by queue, so they outlive the workers that counted
--- them (a Prometheus counter never goes down): jobs claimed, completed,
--- retried (a failed attempt with attempts left), discarded, released,
--- cancelled in the store; how long attempts ran and how long due jobs
+-- them (a Prometheus counter never goes down): jobs claimed, and attempts
+-- the store took as completed, retried (a failed attempt with attempts
+-- left), discarded, released, cancelled in the store, lost to another
+-- worker, or never written; how long attempts ran and how long due jobs
 -- waited to start; store statements that failed, by operation.
 M.totals = { queues = {}, rescued = 0,
              store_errors = { claim = 0, record = 0, heartbeat = 0, rescue = 0 } }
@@ -60,8 +75,8 @@ local function totals_of(name)
   name = tostring(name)
   local t = M.totals.queues[name]
   if not t then
-    t = { claimed = 0, completed = 0, retried = 0, discarded = 0, released = 0, cancelled = 0,
-          duration = histogram.new(histogram.DURATION), wait = histogram.new(histogram.WAIT) }
+    t = { claimed = 0, completed = 0, retried = 0, discarded = 0, released = 0, cancelled = 0, lost = 0,
+          unwritten = 0, duration = histogram.new(histogram.DURATION), wait = histogram.new(histogram.WAIT) }
     M.totals.queues[name] = t
   end
   return t
@@ -71,7 +86,7 @@ end
 local function count(w, queue_name, key)
   w.stats[key] = w.stats[key] + 1
   local t = totals_of(queue_name)
-  t[key] = t[key] + 1
+  t[key] = (t[key] or 0) + 1
 end
 
 local Worker = {}
@@ -81,7 +96,7 @@ end }
 
 local KEYS = { queue = true, queues = true, concurrency = true, targets = true, lease = true,
                heartbeat = true, poll = true, rescue_every = true, batch = true, timeout = true,
-               retry = true, handle_error = true, grace = true }
+               retry = true, handle_error = true, grace = true, on_outcome = true, give_up = true }
 local TARGET_OPTS = { timeout = true, mode = true, handle_error = true, retry = true }
 local DEFAULT_RETRY = { backoff = "exponential", base = 1000, max = 3600000, jitter = true }
 
@@ -99,7 +114,9 @@ local function check_retry(fname, key, r, level)
   return policy
 end
 
-local function check_target(fname, name, t, level)
+--- Checks a target's options; `inline`: given in `targets` (its thread-mode
+--- methods then cross to threads as bytecode, so they must have no upvalues).
+local function check_target(fname, name, t, level, inline)
   local key = "targets." .. tostring(name)
   if type(name) ~= "string" or type(t) ~= "table" then
     opt_error(fname, key, "table of methods", t, level + 1)
@@ -112,6 +129,22 @@ local function check_target(fname, name, t, level)
     opt_error(fname, key .. ".handle_error", "function", t.handle_error, level + 1)
   end
   if t.retry ~= nil then check_retry(fname, key .. ".retry", t.retry, level + 1) end
+  if inline and t.mode == "thread" then
+    for m, fn in pairs(t) do
+      if type(fn) == "function" and not TARGET_OPTS[m] then
+        if getinfo(fn, "S").what == "C" then
+          error(("%s: %s.%s: a C function cannot cross to a thread (name a module's function instead)")
+            :format(fname, key, tostring(m)), level + 1)
+        end
+        local up = getupvalue(fn, 1)
+        if up then
+          error(("%s: %s.%s: a thread-mode method crosses to a thread as bytecode, so it cannot have "
+                 .. "upvalues (it has '%s'); make it self-contained, or put the target in a module"):format(
+                 fname, key, tostring(m), up), level + 1)
+        end
+      end
+    end
+  end
 end
 
 local function check_queues(fname, opts, level)
@@ -149,10 +182,16 @@ local function check_opts(fname, opts)
   end
   if opts.targets ~= nil then
     if type(opts.targets) ~= "table" then opt_error(fname, "targets", "table of targets", opts.targets, 3) end
-    for name, t in pairs(opts.targets) do check_target(fname, name, t, 3) end
+    for name, t in pairs(opts.targets) do check_target(fname, name, t, 3, true) end
   end
   if opts.handle_error ~= nil and type(opts.handle_error) ~= "function" then
     opt_error(fname, "handle_error", "function", opts.handle_error, 3)
+  end
+  if opts.on_outcome ~= nil and type(opts.on_outcome) ~= "function" then
+    opt_error(fname, "on_outcome", "function", opts.on_outcome, 3)
+  end
+  if opts.give_up ~= nil and not check.is_ms(opts.give_up, true) then
+    opt_error(fname, "give_up", "positive number of ms", opts.give_up, 3)
   end
   local queues = check_queues(fname, opts, 3)   -- not a tail call: errors blame the caller
   return queues
@@ -160,7 +199,8 @@ end
 
 -- ===== targets
 
---- The target table named `name`: from `targets`, else require(name).
+--- The target table named `name`: from `targets`, else require(name) (its
+--- options checked as those of `targets` are, its retry policy taken).
 --- Returns it, or nil and why not.
 local function target_of(w, name)
   local t = w.targets[name]
@@ -168,10 +208,20 @@ local function target_of(w, name)
   local cached = w.loaded[name]
   if cached ~= nil then return cached or nil, w.load_errors[name] end
   local ok, mod = pcall(require, name)
+  local why
   if not ok or type(mod) ~= "table" then
-    local why = ok and ("module '%s' returned %s, not a table of methods"):format(name, type(mod))
-                or ("unknown target '%s' (not in targets, and require failed: %s)")
-                   :format(name, (tostring(mod):match("^[^\n]*"):gsub(":$", "")))
+    why = ok and ("module '%s' returned %s, not a table of methods"):format(name, type(mod))
+          or ("unknown target '%s' (not in targets, and require failed: %s)")
+             :format(name, (tostring(mod):match("^[^\n]*"):gsub(":$", "")))
+  else
+    local fine, err = pcall(check_target, "target", name, mod, 1, false)
+    if fine and mod.retry then
+      fine, err = pcall(check_retry, "target", "targets." .. name .. ".retry", mod.retry, 1)
+      if fine then w.target_retry[mod] = err end
+    end
+    if not fine then why = ("module '%s' has bad target options: %s"):format(name, (tostring(err):gsub("^target: ", ""))) end
+  end
+  if why then
     w.loaded[name], w.load_errors[name] = false, why
     return nil, why
   end
@@ -189,46 +239,24 @@ local function method_of(w, row)
   return fn, t
 end
 
--- ===== recording outcomes
+-- ===== outcomes (written and counted by tide.jobs.outcomes)
 
---- The store for the worker's statements: its own connection (PostgreSQL),
---- or the queue's, shared with the application's transactions (SQLite):
---- then it waits for a transaction of another task to end.
-local function store_of(w, fname, for_leases)
-  if queue.shares_store(w.q, w.store) then return queue.acquire(w.q, fname or "tide.worker") end
-  return for_leases and w.lease_store or w.store
+local record = outcomes.record
+
+--- Runs fn(session, ...) on one of the worker's stores; raises on failure.
+local function call(w, store, fname, fn, ...)
+  return queue.worker_call(w.q, store, fname, fn, ...)
 end
 
-local function flush_now(w, entries)
-  local store = w.store
-  local ok, err = pcall(store.record, store, entries, w.id, wallclock())
-  if not ok then
-    -- Tried again by the flusher; if never written, the leases run out and
-    -- the jobs run again (counted in stats.unwritten).
-    log.report("worker " .. w.id .. ": recording " .. #entries .. " outcomes", err)
-    M.totals.store_errors.record = M.totals.store_errors.record + 1
-    w.stats.write_errors = w.stats.write_errors + 1
-  end
-  return ok
+--- Backs a failing loop off: 50 ms doubling up to `cap`; notes since when
+--- it fails (w.failing[name]) and the error.  Returns the wait.
+local function failed_loop(w, name, failures, cap, err)
+  if not w.failing[name] then w.failing[name] = core.now() end
+  w.last_error = err
+  return min(cap, 50 * 2 ^ min(failures - 1, 16))
 end
 
---- Queues an outcome for the flusher.  Once the flusher is gone (cancelled
---- at the end of a shutdown's grace period) it writes the outcome at once,
---- when the store is free; otherwise the job's lease runs out and it runs
---- again: never lost, at worst run twice.
-local function record(w, entry)
-  local q = w.q
-  if TERMINAL[S.state(w.flusher_task)] then   -- cancelled by the end of a shutdown: write now if we can
-    if not queue.is_open(q) or (queue.shares_store(q, w.store) and queue.in_transaction(q)) or not w.store:idle()
-       or not flush_now(w, { entry }) then
-      w.stats.unwritten = w.stats.unwritten + 1  -- the lease runs out and the job runs again
-    end
-    return
-  end
-  local p = w.pending
-  p[#p + 1] = entry
-  S.notify(w.flusher)
-end
+local function loop_ok(w, name) w.failing[name] = nil end
 
 --- Wakes the queue's claimer after `ms` (a retry due before the next poll).
 local function wake_later(w, name, ms)
@@ -251,19 +279,17 @@ end
 --- A failed attempt: retry later, or discard after the last.
 local function failed(w, rec, err, trace, target)
   local job, row = rec.job, rec.row
-  local entry = { id = row.id, attempt = row.attempt,
+  local entry = { id = row.id, attempt = row.attempt, job = job, err = err, trace = trace,
                   error = encode{ attempt = row.attempt, at = wallclock(), error = tostring(err),
                                   traceback = trace } }
   if row.attempt >= row.max_attempts then
-    entry.kind = "discard"
-    count(w, row.queue, "discarded")
+    entry.kind, entry.outcome = "discard", "discarded"
   else
     local policy = target and target.retry and w.target_retry[target] or w.retry
     local delay = floor(retry.delay(policy, row.attempt))
-    entry.kind = "retry"
+    entry.kind, entry.outcome = "retry", "retried"
     entry.run_at = wallclock() + delay
     if delay < w.poll and w.state == "running" and not S.shutting_down() then wake_later(w, row.queue, delay) end
-    count(w, row.queue, "retried")
   end
   job.error = tostring(err)
   report_error(w, target, job, err, trace)
@@ -272,8 +298,8 @@ end
 
 local function released(w, rec, started, reason)
   local row = rec.row
-  count(w, row.queue, "released")
-  record(w, { kind = "release", id = row.id, attempt = row.attempt, run_at = wallclock(),
+  record(w, { kind = "release", outcome = "released", id = row.id, attempt = row.attempt, run_at = wallclock(),
+              job = rec.job, err = reason,
               error = started and encode{ attempt = row.attempt, at = wallclock(),
                                           error = "interrupted: " .. tostring(reason) } or nil })
 end
@@ -299,11 +325,12 @@ local function job_finished(t)
   if t.attempts > 0 then histogram.observe(rec.duration, (core.now() - rec.started) / 1000) end
   local status = S.state(t)
   if status == "ok" then
-    count(w, rec.row.queue, "completed")
-    record(w, { kind = "completed", id = rec.row.id, attempt = rec.row.attempt })
+    record(w, { kind = "completed", outcome = "completed", id = rec.row.id, attempt = rec.row.attempt,
+                job = rec.job })
   elseif status == "cancelled" then
-    if rec.gone then                          -- cancelled or expired in the store: nothing to write
-      count(w, rec.row.queue, "cancelled")
+    if rec.gone then                          -- cancelled, expired or taken over in the store
+      count(w, rec.row.queue, rec.gone)
+      if w.on_outcome then log.protect("on_outcome of job " .. rec.row.id, w.on_outcome, rec.job, rec.gone, t.value) end
     elseif w.state ~= "running" or S.shutting_down() then
       released(w, rec, t.attempts > 0, t.value)
     else
@@ -320,36 +347,24 @@ end
 local function job_info(row)
   return { id = row.id, queue = row.queue, target = row.target, method = row.method,
            attempt = row.attempt, max_attempts = row.max_attempts, priority = row.priority,
-           run_at = row.run_at / 1000, inserted_at = row.inserted_at / 1000,
+           run_at = type(row.run_at) == "number" and row.run_at / 1000 or nil,
+           inserted_at = type(row.inserted_at) == "number" and row.inserted_at / 1000 or nil,
            idempotence_key = row.idempotence_key }
 end
 
-local ROW_FIELDS = { id = "number", queue = "string", target = "string", method = "string",
-                    attempt = "number", max_attempts = "number", priority = "number",
-                    run_at = "number", inserted_at = "number" }
-
---- What is wrong with a claimed row (edited by hand, say), or nil.
-local function row_problem(row)
-  for k, kind in pairs(ROW_FIELDS) do
-    if type(row[k]) ~= kind then
-      return ("corrupt job row: %s is %s, %s expected"):format(k, check.describe(row[k]), kind)
-    end
-  end
-end
-
 local function start_job(w, row)
-  local bad = row_problem(row)
-  if bad then
-    log.report("worker " .. w.id .. ": job " .. tostring(row.id), bad)
-    count(w, row.queue, "discarded")
-    return record(w, { kind = "discard", id = row.id, attempt = row.attempt,
-                       error = encode{ at = wallclock(), error = bad } })
-  end
+  count(w, row.queue, "claimed")
   local rec = { worker = w, row = row, job = job_info(row), gone = false }
+  local bad = job.row_problem(row)
+  if bad or not w.queues[row.queue] then
+    bad = "corrupt job row: " .. (bad or ("queue is %q, not one of this worker's"):format(tostring(row.queue)))
+    log.report("worker " .. w.id .. ": job " .. tostring(row.id), bad)
+    return record(w, { kind = "discard", outcome = "discarded", id = row.id, attempt = row.attempt,
+                       job = rec.job, err = bad, error = encode{ at = wallclock(), error = bad } })
+  end
   local qs = w.queues[row.queue]
   w.running[row.id] = rec
   w.nrunning, qs.running = w.nrunning + 1, qs.running + 1
-  count(w, row.queue, "claimed")
   local qt = totals_of(row.queue)
   histogram.observe(qt.wait, math.max(0, wallclock() - row.run_at) / 1000)
   rec.started, rec.duration = core.now(), qt.duration
@@ -362,9 +377,13 @@ local function start_job(w, row)
   end
   rec.target = target
   local mode = target.mode
+  -- Thread mode: a target given in `targets` sends the method itself (as
+  -- bytecode: checked for upvalues when the worker started); one found by
+  -- require is required again in the thread, by name.
+  local run = fn
+  if mode == "thread" and w.targets[row.target] ~= target then run = row.target .. "." .. row.method end
   local ok, t = pcall(make_task, "tide.worker", "coroutine", {
-    run = mode == "thread" and (row.target .. "." .. row.method) or fn,
-    args = { args, rec.job, n = 2 }, mode = mode, timeout = target.timeout or w.timeout,
+    run = run, args = { args, rec.job, n = 2 }, mode = mode, timeout = target.timeout or w.timeout,
     name = ("job %d %s.%s"):format(row.id, row.target, row.method),
   })
   if not ok then
@@ -380,23 +399,28 @@ end
 
 -- ===== the worker's own tasks
 
+local function claim_rows(session, name, want, owner, now, lease_until)
+  return session:claim(name, want, owner, now, lease_until)
+end
+
 --- Claims up to `want` due jobs of queue `name` and starts them; returns
 --- how many, or nil after a store failure (reported).
 local function claim(w, name, want)
-  local store = store_of(w)
   if w.state ~= "running" then return 0 end
   local now = wallclock()
-  local ok, rows = pcall(store.claim, store, name, want, w.id, now, now + w.lease)
+  local ok, rows = pcall(call, w, w.store, "tide.worker", claim_rows, name, want, w.id, now, now + w.lease)
   if not ok then
     log.report("worker " .. w.id .. ": claiming from queue " .. name, rows)
     M.totals.store_errors.claim = M.totals.store_errors.claim + 1
+    w.claim_error = rows
     return nil
   end
   if w.state ~= "running" then               -- stopped while the claim was under way
     for i = 1, #rows do
       local row = rows[i]
-      count(w, row.queue, "released")
-      record(w, { kind = "release", id = row.id, attempt = row.attempt, run_at = wallclock() })
+      count(w, row.queue, "claimed")
+      record(w, { kind = "release", outcome = "released", id = row.id, attempt = row.attempt,
+                  run_at = wallclock(), job = job_info(row) })
     end
     return 0
   end
@@ -424,9 +448,9 @@ local function claimer(w, name)
       if n == nil then                        -- the store failed: back off, then try again
         failures = failures + 1
         qs.more = false
-        S.wait_for(qs, "tide.worker", min(w.poll, 50 * 2 ^ min(failures, 10)))
+        S.wait_for(qs, "tide.worker", failed_loop(w, "claim", failures, w.poll, w.claim_error))
       else
-        failures = 0
+        if failures > 0 then failures = 0; loop_ok(w, "claim") end
         qs.more = n == want
         if not qs.more then idle_wait(w, qs, w.poll) end
       end
@@ -436,49 +460,36 @@ local function claimer(w, name)
   end
 end
 
-local function flusher(w)
-  local failures = 0
-  -- Cancelled (the end of a shutdown's grace) while a batch was being
-  -- written: write it at once, as record() does from then on.
-  S.on_attempt_end(S.current(), function()
-    local p = w.writing
-    w.writing = nil
-    if p and not (w.store:idle() and flush_now(w, p)) then w.stats.unwritten = w.stats.unwritten + #p end
-  end)
-  while true do
-    local p = w.pending
-    if #p > 0 then
-      w.pending = {}
-      store_of(w)
-      w.writing = p
-      local written = flush_now(w, p)
-      w.writing = nil
-      if written then
-        failures = 0
-      elseif w.state == "running" or failures < 10 then
-        -- Keep them: written later, or else their leases run out and they
-        -- run again (a stopping worker gives up after 10 tries).
-        failures = failures + 1
-        for i = 1, #w.pending do p[#p + 1] = w.pending[i] end
-        w.pending = p
-        S.wait_for(w.flusher, "tide.worker", min(50 * 2 ^ failures, 2000))
-      else
-        w.stats.unwritten = w.stats.unwritten + #p
-      end
-    elseif w.state ~= "running" and w.nrunning == 0 then
-      S.notify(w.beat)                        -- nothing left to keep leased
-      return
-    else
-      S.wait_for(w.flusher, "tide.worker")
+local function heartbeat_rows(session, owner, lease_until, ids)
+  return session:heartbeat(owner, lease_until, ids)
+end
+
+local function states_rows(session, ids) return session:states(ids) end
+
+--- Jobs running here whose lease the store no longer gives this worker:
+--- cancelled or expired by hand ("cancelled"), or rescued and taken by
+--- another worker after this one stalled past the lease ("lost").  Their
+--- tasks are cancelled; nothing is written for them.
+local function gone_from_store(w, ids)
+  local ok, states = pcall(call, w, w.lease_store, "tide.worker", states_rows, ids)
+  for _, id in ipairs(ids) do
+    local rec = w.running[id]
+    if rec and rec.task then
+      local st = ok and states[id] and states[id].status
+      rec.gone = (not ok or st == "cancelled" or st == "expired" or st == "discarded" or st == nil)
+                 and "cancelled" or "lost"
+      rec.task:cancel(rec.gone == "lost" and ("job %d: its lease passed to another worker"):format(id)
+                      or ("job %d was cancelled or expired in the store"):format(id))
     end
   end
 end
 
 local function heartbeat(w)
+  local failures, wait = 0, w.heartbeat
   while w.state == "running" or w.nrunning > 0 or #w.pending > 0 or w.writing do
-    S.wait_for(w.beat, "tide.worker", w.heartbeat)
+    S.wait_for(w.beat, "tide.worker", wait)
+    wait = w.heartbeat
     if w.nrunning > 0 or #w.pending > 0 or w.writing then
-      local store = store_of(w, nil, true)
       -- The jobs running here, and those whose outcome waits to be written
       -- (the store may be down): an orphan's lease runs out, theirs not.
       local ids, asked = {}, {}
@@ -486,42 +497,60 @@ local function heartbeat(w)
       for _, list in ipairs{ w.pending, w.writing or {} } do
         for i = 1, #list do ids[#ids + 1] = list[i].id end
       end
-      local ok, leased = pcall(store.heartbeat, store, w.id, wallclock() + w.lease, ids)
+      local ok, leased = pcall(call, w, w.lease_store, "tide.worker", heartbeat_rows, w.id,
+                               wallclock() + w.lease, ids)
       if not ok then
         log.report("worker " .. w.id .. ": heartbeat", leased)
         M.totals.store_errors.heartbeat = M.totals.store_errors.heartbeat + 1
+        failures = failures + 1
+        wait = failed_loop(w, "heartbeat", failures, w.heartbeat, leased)
       else
+        if failures > 0 then failures = 0; loop_ok(w, "heartbeat") end
         -- Only the jobs asked about: others were claimed while it ran.
+        local gone = {}
         for id, rec in pairs(asked) do
-          if not leased[id] and rec.task and w.running[id] == rec then
-            rec.gone = true
-            rec.task:cancel(("job %d was cancelled, expired or rescued in the store"):format(id))
-          end
+          if not leased[id] and rec.task and w.running[id] == rec then gone[#gone + 1] = id end
         end
+        if #gone > 0 then gone_from_store(w, gone) end
       end
     end
   end
 end
 
+local function rescue_rows(session, now) return session:rescue(now) end
+
+--- Makes jobs whose lease expired available again; true, or false after a
+--- failure (reported).
 local function rescue(w)
-  local store = store_of(w, nil, true)
-  local ok, n = pcall(store.rescue, store, wallclock())
+  local ok, n = pcall(call, w, w.lease_store, "tide.worker", rescue_rows, wallclock())
   if not ok then
     log.report("worker " .. w.id .. ": rescue", n)
     M.totals.store_errors.rescue = M.totals.store_errors.rescue + 1
-    return
+    w.last_error = n
+    return false
   end
   if n > 0 then
     w.stats.rescued = w.stats.rescued + n
     M.totals.rescued = M.totals.rescued + n
     for _, qs in pairs(w.queues) do S.notify(qs) end
   end
+  return true
 end
 
 local function rescuer(w)
+  local failures = 0
   while w.state == "running" do
-    rescue(w)
-    S.wait_for(w.rescue_holder, "tide.worker", w.rescue_every)
+    local wait = w.rescue_every
+    if rescue(w) then
+      if failures > 0 then failures = 0; loop_ok(w, "rescue") end
+    else
+      failures = failures + 1
+      wait = failed_loop(w, "rescue", failures, w.rescue_every, w.last_error)
+    end
+    -- (a stop that came while rescue() waited for the store found nobody
+    -- to notify: look again before waiting, or it waits rescue_every)
+    if w.state ~= "running" then break end
+    S.wait_for(w.rescue_holder, "tide.worker", wait)
   end
 end
 
@@ -532,7 +561,10 @@ end
 --- targets, lease (ms, 30000), heartbeat (ms, lease/3), poll (ms, 1000),
 --- rescue_every (ms, lease/2), batch (claims per statement, 100), timeout
 --- (ms per attempt, none), retry (backoff between attempts), handle_error,
---- grace (ms running jobs get on stop, default: tide's grace).
+--- grace (ms running jobs get on stop, default: tide's grace), on_outcome
+--- (fn(job, outcome, err) once the store settled an attempt: see
+--- tide.jobs.outcomes), give_up (ms a draining worker goes on while a loop
+--- keeps failing, 60000).
 function M.new(opts)
   local queues = check_opts("tide.worker", opts)
   local lease = opts.lease or 30000
@@ -540,16 +572,18 @@ function M.new(opts)
     -- Claims and outcomes go through one connection of the worker's own;
     -- heartbeats and rescues through another, so that they never wait
     -- behind a claim that waits for a server coming back.  (SQLite: the
-    -- queue's own connection for both.)
+    -- queue's own connection for both, through its pool.)
     q = opts.queue, store = queue.worker_store(opts.queue),
     lease_store = queue.worker_store(opts.queue),
     targets = opts.targets or {}, loaded = {}, load_errors = {},
     lease = lease, heartbeat = opts.heartbeat or lease / 3, poll = opts.poll or 1000,
     rescue_every = opts.rescue_every or lease / 2, batch = opts.batch or 100,
     timeout = opts.timeout, grace = opts.grace, handle_error = opts.handle_error,
+    on_outcome = opts.on_outcome, give_up = opts.give_up or 60000,
     retry = opts.retry and check_retry("tide.worker", "retry", opts.retry, 2)
             or check_retry("tide.worker", "retry", {}, 2),
-    target_retry = {},
+    target_retry = {}, failing = {}, count = count,
+    record_error = function() M.totals.store_errors.record = M.totals.store_errors.record + 1 end,
     -- host:pid:start time, so a later process that gets the same pid is
     -- another lease holder (it must not heartbeat a dead one's jobs).
     id = ("%s:%d:%x"):format(core.hostname(), core.pid(), (wallclock() * 16 + floor(core.now() * 16) % 16) % 2^40),
@@ -557,7 +591,7 @@ function M.new(opts)
     flusher = { waiting = false }, beat = { waiting = false }, idle = { waiting = false },
     rescue_holder = { waiting = false }, tasks = {},
     stats = { claimed = 0, completed = 0, retried = 0, discarded = 0, released = 0,
-              cancelled = 0, rescued = 0, write_errors = 0, unwritten = 0 },
+              cancelled = 0, lost = 0, rescued = 0, write_errors = 0, unwritten = 0 },
   }, Worker_mt)
   for _, t in pairs(w.targets) do
     if t.retry then w.target_retry[t] = check_retry("tide.worker", "retry", t.retry, 2) end
@@ -574,7 +608,7 @@ function M.new(opts)
     w.queues[name] = { limit = n, running = 0, more = false, waiting = false }
     w.tasks[#w.tasks + 1] = spawn{ run = claimer, args = { w, name }, name = "claimer " .. name }
   end
-  w.flusher_task = spawn{ run = flusher, args = { w }, name = "worker flusher" }
+  w.flusher_task = spawn{ run = outcomes.flusher, args = { w }, name = "worker flusher" }
   w.tasks[#w.tasks + 1] = w.flusher_task
   w.tasks[#w.tasks + 1] = spawn{ run = heartbeat, args = { w }, name = "worker heartbeat" }
   w.tasks[#w.tasks + 1] = spawn{ run = rescuer, args = { w }, name = "worker rescuer" }
@@ -635,9 +669,23 @@ function Worker:wait()
   return self.stats
 end
 
+local function pending_rows(session, names, now) return session:pending(names, now) end
+
+--- The loop that has failed the longest, and for how many ms; or nil.
+local function longest_failure(w)
+  local name, since
+  for k, t in pairs(w.failing) do
+    if not since or t < since then name, since = k, t end
+  end
+  if name then return name, core.now() - since end
+end
+
 --- Waits (inside a task) until no job of the worker's queues is due or
 --- executing anywhere, then stops the worker and returns its stats.
 --- opts.within = ms: also wait for jobs (retries) due within that time.
+--- A store that keeps failing ends the drain too: once one of the
+--- worker's loops has failed for `give_up` ms without a success, the
+--- worker stops and its stats carry gave_up = "why".
 function Worker:drain(opts)
   if opts ~= nil and (type(opts) ~= "table" or (opts.within ~= nil and not check.is_ms(opts.within))) then
     check.arg_error("worker:drain", 1, "nil or { within = ms }", opts)
@@ -645,13 +693,34 @@ function Worker:drain(opts)
   local within = opts and opts.within or 0
   local names = {}
   for name in pairs(self.queues) do names[#names + 1] = name end
+  local failures, wait = 0, 20
   while self.state == "running" do
-    if self.nrunning == 0 and #self.pending == 0 then
-      rescue(self)
-      local store = store_of(self, "worker:drain")
-      if store:pending(names, wallclock() + within) == 0 and self.nrunning == 0 and #self.pending == 0 then break end
+    local loop, ms = longest_failure(self)
+    if loop and ms >= self.give_up then
+      self.stats.gave_up = ("the store kept failing: %s failed for %d ms without a success (last error: %s)")
+        :format(loop, ms, tostring(self.last_error or "see above"))
+      break
     end
-    S.wait_for(self.idle, "worker:drain", 20)
+    wait = 20
+    if self.nrunning == 0 and #self.pending == 0 then
+      local done
+      if rescue(self) then
+        local ok, n = pcall(call, self, self.lease_store, "worker:drain", pending_rows, names, wallclock() + within)
+        if ok then
+          if failures > 0 then failures = 0; loop_ok(self, "drain") end
+          done = n == 0 and self.nrunning == 0 and #self.pending == 0
+        else
+          log.report("worker " .. self.id .. ": counting what is left", n)
+          self.last_error = n
+        end
+      end
+      if done then break end
+      if done == nil then
+        failures = failures + 1
+        wait = failed_loop(self, "drain", failures, 2000, self.last_error)
+      end
+    end
+    S.wait_for(self.idle, "worker:drain", wait)
   end
   self:stop()
   return self:wait()

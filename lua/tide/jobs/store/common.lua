@@ -1,5 +1,5 @@
 --- tide.jobs.store.common — what the store drivers share apart from their SQL.
-local error, ipairs, sort, concat, format = error, ipairs, table.sort, table.concat, string.format
+local error, ipairs, type, sort, concat, format = error, ipairs, type, table.sort, table.concat, string.format
 
 local M = {}
 
@@ -15,10 +15,16 @@ function M.check_version(name, version, latest, foreign)
   end
 end
 
+-- (a corrupt row may hold a string where a number belongs: it sorts last,
+-- and the worker fails it)
+local function num(v) return type(v) == "number" and v or math.huge end
+
 local function by_priority(a, b)
-  if a.priority ~= b.priority then return a.priority < b.priority end
-  if a.run_at ~= b.run_at then return a.run_at < b.run_at end
-  return a.id < b.id
+  local pa, pb = num(a.priority), num(b.priority)
+  if pa ~= pb then return pa < pb end
+  local ra, rb = num(a.run_at), num(b.run_at)
+  if ra ~= rb then return ra < rb end
+  return num(a.id) < num(b.id)
 end
 
 --- Claimed rows in the order they should start (a statement that updates

@@ -1,270 +1,32 @@
 --- tide.jobs.store.postgres — the job store on PostgreSQL, for workers on many machines.
 --
--- The same methods as tide.jobs.store.sqlite (see the list there), over libpq in
--- non-blocking mode: a query sends, then the task waits for the socket on
--- the loop (no thread blocks).  Code outside tasks (a plain script before
--- tide.run) waits with poll(2) instead.  One query at a time per connection:
--- other tasks wait their turn.  Workers use connections of their own
--- (worker_store), and one more that LISTENs, so that an enqueue on any
--- machine wakes idle workers at once.
+-- The same methods as tide.jobs.store.sqlite (see the list there), over the
+-- connections of tide.jobs.store.pg_conn (libpq, non-blocking, on the loop).
+-- A store is a pool of connections (`pool`, default 10): a transaction holds
+-- one from BEGIN to COMMIT, a statement outside transactions takes any free
+-- one, and waiters are served first come, first served, for at most
+-- `pool_timeout` ms.  Workers use stores of their own (worker_store: one
+-- connection for claims and outcomes, another for leases) and one more
+-- connection that LISTENs, so that an enqueue on any machine wakes idle
+-- workers at once: none of them is taken from the application's pool.
 --
--- A lost connection fails the statement under way with a clear error and is
--- opened again by the next statement.  Times are client UTC milliseconds,
--- as with SQLite: keep the machines' clocks in sync (leases are 30 s by
--- default; skew well under that is harmless).
+-- Leases are timed by the server's clock, so machines never argue about
+-- time; other times are client UTC milliseconds, as with SQLite.
 local core = require "tide.core"
 local common = require "tide.jobs.store.common"
 local job = require "tide.jobs.job"
-local S = require "tide.engine.sched"
-local spawn = require("tide.engine.task").spawn
+local pg_conn = require "tide.jobs.store.pg_conn"
+local pool = require "tide.jobs.store.pool"
 
-local type, error, ipairs, pairs, tostring, concat = type, error, ipairs, pairs, tostring, table.concat
-local co_running, setmetatable, format = coroutine.running, setmetatable, string.format
+local type, error, ipairs, tostring, concat = type, error, ipairs, tostring, table.concat
+local setmetatable, format, pcall, min = setmetatable, string.format, pcall, math.min
 
 local M = {}
 
--- ===== connections
-
---- The URL with any password masked, to name the store in messages.
-local function safe_name(url)
-  return (url:gsub("^(%a+://[^:@/]*):[^@/]*@", "%1:***@"))
-end
-
-
-local Conn = {}
-Conn.__index = Conn
-
-local conns = setmetatable({}, { __mode = "v" })   -- id -> Conn, for the ready callback
-local next_id = 0
-local CONNECT_TIMEOUT = 10000
-
-core.pg_on_ready(function(id)
-  local c = conns[id]
-  if not c or not c.pg then return end
-  c.pg:unwatch()                          -- one-shot: a level-triggered socket would spin
-  local w = c.waiter
-  if w then
-    c.waiter = false
-    S.wake(w[1], w[2])
-  elseif c.on_notify then
-    c:notified()
-  end
-end)
-
-local in_task = S.in_task
-
-local function new_conn(info, name)
-  next_id = next_id + 1
-  local c = setmetatable({ info = info, name = name, id = next_id, pg = false, waiter = false,
-                           holder = false, waiting = {}, on_notify = false }, Conn)
-  conns[next_id] = c
-  return c
-end
-
---- Waits until the socket is readable (r) or writable (w); false on timeout.
-local function wait_io(c, r, w, ms)
-  if in_task() then
-    local t, tok = S.wait_begin("postgres", 2)
-    c.waiter = { t, tok }
-    c.pg:watch(c.id, r, w, true)
-    S.wait_end(t, tok, ms)
-    local timed_out = c.waiter ~= false
-    c.waiter = false
-    if c.pg then c.pg:unwatch() end
-    return not timed_out
-  end
-  return c.pg:wait(r, w, ms or -1)
-end
-
-local function drop(c)
-  if c.pg then c.pg:close(); c.pg = false end
-end
-
-local function connect(c)
-  local pg, err = core.pg_connect(c.info, c.name)
-  if not pg then error(err, 0) end
-  c.pg = pg
-  while true do
-    local st, e = pg:connect_poll()
-    if st == "ok" then return end
-    if not st then drop(c); error(e, 0) end
-    if not wait_io(c, st == "read", st == "write", CONNECT_TIMEOUT) then
-      drop(c)
-      error(c.name .. ": connection timed out after " .. CONNECT_TIMEOUT .. " ms", 0)
-    end
-  end
-end
-
---- The holder of a connection: the current task's attempt, or `c` itself
---- for code outside tasks (which never waits, so never interleaves).
-local function holder_alive(h)
-  return h.task == nil or S.attempt_of(h.task) == h.co
-end
-
-local function waiter_alive(e) return S.attempt_of(e.t) == e.co end
-
---- The first waiter whose attempt is still alive (dead ones are dropped).
-local function first_waiter(c)
-  local q = c.waiting
-  while q[1] and not waiter_alive(q[1]) do table.remove(q, 1) end
-  return q[1]
-end
-
---- Takes the connection for the current task; others wait their turn, first
---- come first served (unlock hands the connection to the first waiter, so
---- a task that queries in a loop cannot starve the heartbeat).  A holder
---- whose attempt ended while it waited (cancelled, timed out) never gives
---- the connection back: its statement is abandoned, and the next statement
---- opens a fresh connection (see run).
-local function lock(c)
-  local co = co_running()
-  local h = c.holder
-  if h and h.co == co then return h end   -- nested: a transaction's statements
-  local t = in_task() and S.current() or nil
-  if (h and holder_alive(h)) or first_waiter(c) then
-    if not t then
-      error(c.name .. ": the connection is busy with another task's statement", 0)
-    end
-    local entry = { t = t, co = co, tok = false }
-    c.waiting[#c.waiting + 1] = entry
-    while true do
-      local _, tok = S.wait_begin("postgres", 2)
-      entry.tok = tok
-      S.wait_end(t, tok, 100)               -- and look again: a dead holder hands over to nobody
-      h = c.holder
-      if h and h.co == co then break end    -- handed over
-      if h and not holder_alive(h) then c.holder, h = false, false end
-      if not h and first_waiter(c) == entry then break end
-    end
-    for i = 1, #c.waiting do
-      if c.waiting[i] == entry then table.remove(c.waiting, i); break end
-    end
-  end
-  c.holder = { task = t, co = co }
-  return false
-end
-
-local function unlock(c, outer)
-  if outer then c.holder = outer; return end
-  local e = first_waiter(c)
-  if e then
-    c.holder = { task = e.t, co = e.co }
-    S.wake(e.t, e.tok)
-  else
-    c.holder = false
-  end
-end
-
-local function lost(c, err)
-  drop(c)
-  err = tostring(err)
-  if err:sub(1, #c.name + 2) == c.name .. ": " then err = err:sub(#c.name + 3) end
-  error(c.name .. ": connection lost: " .. err, 0)
-end
-
---- Sends one statement and reads its results; returns the last.
-local function run(c, sql, ...)
-  -- Abandoned mid-statement, or broken; or closed by the server while idle
-  -- (a restart): reading what waits on the socket tells, before we send.
-  -- (Twice: a server that stopped sent an error, then closed; one read may
-  -- return the error alone, the second finds the end of the stream.)
-  local pg = c.pg
-  if pg and (c.inflight or not pg:consume() or not pg:consume() or not pg:ok() or pg:result()) then
-    drop(c)
-  end
-  if not c.pg then connect(c) end
-  pg = c.pg
-  local ok, err = pg:send(sql, ...)
-  if not ok then lost(c, err) end
-  c.inflight = true
-  while true do
-    local more, ferr = pg:flush()
-    if not more then lost(c, ferr) end
-    if more == 0 then break end
-    wait_io(c, true, true)
-  end
-  while pg:busy() do
-    wait_io(c, true, false)
-    if not c.pg then lost(c, "closed while waiting") end
-    local cok, cerr = pg:consume()
-    if not cok then lost(c, cerr) end
-  end
-  local last, failure
-  while true do
-    local r = pg:result()
-    if not r then break end
-    if not r.ok and not failure then failure = r end
-    last = r
-  end
-  c.inflight = false
-  if failure then
-    error(format("%s: %s (SQLSTATE %s)", c.name, failure.message or "error", failure.sqlstate or "?????"), 0)
-  end
-  return last
-end
-
-function Conn:query(sql, ...)
-  local outer = lock(self)
-  local ok, res = pcall(run, self, sql, ...)
-  unlock(self, outer)
-  if not ok then error(res, 0) end
-  return res
-end
-
-function Conn:close()
-  drop(self)
-  conns[self.id] = nil
-end
-
---- A bare connection (for tools and specs): c:query(sql, ...) -> result, c:close().
-function M.connect(url)
-  return new_conn(url, safe_name(url))
-end
-
--- ===== LISTEN
-
---- Called on the loop when the listening socket is readable.
-function Conn:notified()
-  local ok = self.pg:consume()
-  if not ok then return self:relisten() end
-  local list = self.pg:notifies()
-  if list then
-    for _, n in ipairs(list) do self.on_notify(n[2]) end
-  end
-  self.pg:watch(self.id, true, false, false)   -- unref'd: listening keeps no loop alive
-end
-
-function Conn:listen(channel)
-  self:query("LISTEN " .. channel)
-  self.channel = channel
-  self.pg:watch(self.id, true, false, false)
-end
-
---- The listening connection broke: open it again with backoff, in a task.
-function Conn:relisten()
-  drop(self)
-  if self.relistening or S.shutting_down() or not self.on_notify then return end
-  self.relistening = true
-  spawn{ name = "postgres listener reconnect", run = function()
-    local delay = 50
-    while self.on_notify and not S.shutting_down() do
-      if pcall(self.listen, self, self.channel) then
-        self.relistening = false
-        self.on_notify(nil)                   -- notifications may have been missed: wake all
-        return
-      end
-      drop(self)
-      S.sleep(delay)
-      delay = math.min(delay * 2, 5000)
-    end
-    self.relistening = false
-  end }
-end
-
--- ===== the store
-
 local Store = {}
 Store.__index = Store
+local Session = {}
+Session.__index = Session
 
 local WAITING = "status IN " .. common.status_list(job.WAITING)
 local TERMINAL_SQL = common.status_list(job.FINISHED)
@@ -312,6 +74,26 @@ local SQL = {
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
     ON CONFLICT (idempotence_key) WHERE idempotence_key IS NOT NULL DO NOTHING RETURNING id]],
   by_key = "SELECT id FROM tide_jobs WHERE idempotence_key = $1",
+  by_keys = "SELECT id, idempotence_key FROM tide_jobs WHERE idempotence_key = ANY($1::text[])",
+  -- A batch in one statement: the rows as arrays, ids drawn up front (so
+  -- each input row knows its own), inserted in input order; a row whose
+  -- key exists (in the table, or earlier in the batch) is not inserted and
+  -- its id is looked up after.
+  insert_many = [[WITH input AS (
+      SELECT u.*, nextval('tide_jobs_id_seq') AS new_id
+      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::integer[],
+                  $8::integer[], $9::bigint[], $10::text[], $11::bigint[])
+        WITH ORDINALITY AS u(queue, target, method, args, args_enc, status, priority, max_attempts,
+                             run_at, idempotence_key, inserted_at, ord)),
+    ins AS (
+      INSERT INTO tide_jobs (id, queue, target, method, args, args_enc, status, priority, max_attempts,
+                             run_at, idempotence_key, inserted_at)
+      SELECT new_id, queue, target, method, args, decode(args_enc, 'hex'), status, priority, max_attempts,
+             run_at, idempotence_key, inserted_at FROM input ORDER BY ord
+      ON CONFLICT (idempotence_key) WHERE idempotence_key IS NOT NULL DO NOTHING
+      RETURNING id)
+    SELECT ins.id FROM input LEFT JOIN ins ON ins.id = input.new_id ORDER BY input.ord]],
+  states = "SELECT id, status, lease_owner, attempt FROM tide_jobs WHERE id = ANY($1::bigint[])",
   claim = [[WITH due AS (SELECT id FROM tide_jobs WHERE queue = $3 AND ]] .. WAITING .. [[
       AND run_at <= ]] .. NOW .. [[ ORDER BY priority, run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED)
     UPDATE tide_jobs j SET status = 'executing', attempt = j.attempt + 1, attempted_at = ]] .. NOW .. [[,
@@ -328,7 +110,7 @@ local SQL = {
       lease_owner = NULL, lease_expires = NULL
     FROM unnest($3::bigint[], $4::integer[]) AS d(id, attempt), locked
     WHERE j.id = d.id AND j.id = locked.id AND j.attempt = d.attempt AND j.status = 'executing'
-      AND j.lease_owner = $2]],
+      AND j.lease_owner = $2 RETURNING j.id]],
   retry = "UPDATE tide_jobs SET status = 'retryable', run_at = $4, errors = " .. ADD_ERROR
     .. ", lease_owner = NULL, lease_expires = NULL " .. GUARD,
   discard = "UPDATE tide_jobs SET status = 'discarded', completed_at = $4, errors = " .. ADD_ERROR
@@ -370,15 +152,15 @@ local SQL = {
     .. " AND run_at <= $2) OR status = 'executing')",
 }
 
-local function migrate(s)
-  local c = s.conn
+
+local function migrate(c, name)
   c:query("BEGIN")
   local ok, err = pcall(function()
     c:query("SELECT pg_advisory_xact_lock(7370601)")    -- one migrator at a time
     c:query("CREATE TABLE IF NOT EXISTS tide_schema (version integer NOT NULL)")
     local rows = c:query("SELECT version FROM tide_schema").rows
     local version = rows[1] and rows[1].version or 0
-    common.check_version(s.name, version, #MIGRATIONS, version == 0 and
+    common.check_version(name, version, #MIGRATIONS, version == 0 and
       #c:query("SELECT 1 FROM pg_tables WHERE tablename = 'tide_jobs' AND schemaname = current_schema()").rows > 0)
     for v = version + 1, #MIGRATIONS do
       for _, stmt in ipairs(MIGRATIONS[v]) do c:query(stmt) end
@@ -393,24 +175,42 @@ local function migrate(s)
   c:query("COMMIT")
 end
 
-local function new_store(url, name)
-  return setmetatable({ url = url, name = name, conn = new_conn(url, name),
-                        durability = "PostgreSQL server settings (synchronous_commit)" }, Store)
-end
-
---- Opens the store at `url` (postgres://...), creating or migrating the tables.
-function M.open(url, name, opts)
-  local _ = opts
-  local s = new_store(url, safe_name(name))
-  migrate(s)
-  local sc = s.conn:query("SHOW synchronous_commit").rows[1].synchronous_commit
-  s.durability = "PostgreSQL, synchronous_commit=" .. sc
+--- A store of `size` connections to `url`.
+local function new_store(url, name, size, timeout)
+  local s = setmetatable({ url = url, name = name, size = size, timeout = timeout }, Store)
+  s.pool = pool.new{ name = name, size = size, timeout = timeout,
+                     open = function() return setmetatable({ c = pg_conn.new(url, name) }, Session) end,
+                     reset = function(session) session.c:reset() end,
+                     close = function(session) session.c:close() end }
   return s
 end
 
---- A store on a connection of its own, for a worker.
+--- Opens the store at `url` (postgres://...), creating or migrating the
+--- tables.  opts: pool (connections, default 10), pool_timeout (ms a
+--- statement waits for one, default 5000).
+function M.open(url, name, opts)
+  local s = new_store(url, pg_conn.safe_name(name), opts.pool or 10, opts.pool_timeout or 5000)
+  local session = s.pool:acquire("tide.queue.open")
+  local ok, err = pcall(function()
+    migrate(session.c, s.name)
+    s.durability = "PostgreSQL, synchronous_commit="
+      .. session.c:query("SHOW synchronous_commit").rows[1].synchronous_commit
+  end)
+  s.pool:release(session, not ok, pool.holder())
+  if not ok then s.pool:close(); error(err, 0) end
+  return s
+end
+
+function Store:acquire(fname, timeout) return self.pool:acquire(fname, timeout) end
+function Store:release(session, broken, holder) return self.pool:release(session, broken, holder) end
+function Store:available() return self.pool:available() end
+function Store:stats_pool() return self.pool:stats() end
+
+--- A store of its own for a worker: one connection, outside the
+--- application's pool (a worker's statements never wait for the
+--- application's, nor take its connections).
 function Store:worker_store()
-  local s = new_store(self.url, self.name)
+  local s = new_store(self.url, self.name, 1, nil)
   s.durability = self.durability
   return s
 end
@@ -418,7 +218,7 @@ end
 --- Calls fn(queue) when a job becomes available (on any machine); fn(nil)
 --- after the listening connection was lost (wake everything).
 function Store:listen(fn)
-  local c = new_conn(self.url, self.name)
+  local c = pg_conn.new(self.url, self.name)
   c.on_notify = fn
   self.listener = c
   local ok, err = pcall(c.listen, c, "tide_jobs")
@@ -433,32 +233,19 @@ end
 
 function Store:close()
   self:unlisten()
-  self.conn:close()
-end
-
---- Whether a statement can run now without waiting (outside tasks).
-function Store:idle()
-  local h = self.conn.holder
-  return not h or not holder_alive(h)
-end
-
---- The task inside a transaction ended without finishing it: closing the
---- connection makes the server roll it back.
-function Store:abandon()
-  drop(self.conn)
-  self.conn.holder, self.conn.inflight = false, false
+  self.pool:close()
 end
 
 -- ===== transactions
 
-function Store:begin() self.conn:query("BEGIN") end
-function Store:commit() self.conn:query("COMMIT") end
-function Store:rollback() self.conn:query("ROLLBACK") end
-function Store:savepoint(n) self.conn:query("SAVEPOINT tide_" .. n) end
-function Store:release(n) self.conn:query("RELEASE SAVEPOINT tide_" .. n) end
-function Store:rollback_to(n)
-  self.conn:query("ROLLBACK TO SAVEPOINT tide_" .. n)
-  self.conn:query("RELEASE SAVEPOINT tide_" .. n)
+function Session:begin() self.c:query("BEGIN"); self.c.tx = true end
+function Session:commit() self.c:query("COMMIT"); self.c.tx = false end
+function Session:rollback() self.c:query("ROLLBACK"); self.c.tx = false end
+function Session:savepoint(n) self.c:query("SAVEPOINT tide_" .. n) end
+function Session:release(n) self.c:query("RELEASE SAVEPOINT tide_" .. n) end
+function Session:rollback_to(n)
+  self.c:query("ROLLBACK TO SAVEPOINT tide_" .. n)
+  self.c:query("RELEASE SAVEPOINT tide_" .. n)
 end
 
 -- ===== the caller's own SQL: ? placeholders become $1..$n (outside quotes
@@ -498,39 +285,111 @@ local function numbered(sql)
 end
 M.numbered = numbered
 
-local cache = {}
+M.numbered = numbered
+
+local cache, ncache = {}, 0
 local function user_sql(sql)
   local s = cache[sql]
-  if not s then s = numbered(sql); cache[sql] = s end
+  if not s then
+    if ncache >= 1000 then cache, ncache = {}, 0 end
+    s = numbered(sql)
+    cache[sql], ncache = s, ncache + 1
+  end
   return s
 end
 
-function Store:exec(sql, ...) return self.conn:query(user_sql(sql), ...).changes end
-function Store:query(sql, ...) return self.conn:query(user_sql(sql), ...).rows or {} end
+function Session:exec(sql, ...) return self.c:query(user_sql(sql), ...).changes end
+function Session:query(sql, ...) return self.c:query(user_sql(sql), ...).rows or {} end
 
 -- ===== jobs
 
 local function hex(s)
   if s == nil then return nil end
-  return "\\x" .. s:gsub(".", function(ch) return format("%02x", ch:byte()) end)
+  return (s:gsub(".", function(ch) return format("%02x", ch:byte()) end))
 end
 
-function Store:insert(j)
-  local rows = self.conn:query(SQL.insert, j.queue, j.target, j.method, j.args, hex(j.args_enc), j.status,
+function Session:insert(j)
+  local enc = j.args_enc and "\\x" .. hex(j.args_enc)
+  local rows = self.c:query(SQL.insert, j.queue, j.target, j.method, j.args, enc, j.status,
     j.priority, j.max_attempts, j.run_at, j.idempotence_key, j.inserted_at).rows
   if rows[1] then return rows[1].id, true end
-  return self.conn:query(SQL.by_key, j.idempotence_key).rows[1].id, false
+  return self.c:query(SQL.by_key, j.idempotence_key).rows[1].id, false
 end
 
-function Store:claim(queue, n, owner, now, lease_until)
-  local rows = self.conn:query(SQL.claim, lease_until - now, owner, queue, n).rows
+-- ===== arrays as PostgreSQL reads them in text: {"a","b",NULL}
+
+local function text_array(list, n)
+  local out = {}
+  for i = 1, n do
+    local v = list[i]
+    out[i] = v == nil and "NULL" or '"' .. v:gsub('[\\"]', "\\%0") .. '"'
+  end
+  return "{" .. concat(out, ",") .. "}"
+end
+
+local function int_array(list, n)
+  local out = {}
+  for i = 1, n do out[i] = format("%d", list[i]) end
+  return "{" .. concat(out, ",") .. "}"
+end
+
+local BATCH = 2000                          -- rows per statement
+
+--- Inserts the list in one statement per BATCH rows (inside the caller's
+--- transaction); returns their ids and inserted flags, in order.
+function Session:insert_many(list)
+  local ids, inserted = {}, {}
+  for from = 1, #list, BATCH do
+    local n = min(BATCH, #list - from + 1)
+    local cols = { {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {} }
+    for i = 1, n do
+      local j = list[from + i - 1]
+      cols[1][i], cols[2][i], cols[3][i], cols[4][i], cols[5][i], cols[6][i] =
+        j.queue, j.target, j.method, j.args, hex(j.args_enc), j.status
+      cols[7][i], cols[8][i], cols[9][i], cols[10][i], cols[11][i] =
+        j.priority, j.max_attempts, j.run_at, j.idempotence_key, j.inserted_at
+    end
+    local rows = self.c:query(SQL.insert_many, text_array(cols[1], n), text_array(cols[2], n),
+      text_array(cols[3], n), text_array(cols[4], n), text_array(cols[5], n), text_array(cols[6], n),
+      int_array(cols[7], n), int_array(cols[8], n), int_array(cols[9], n), text_array(cols[10], n),
+      int_array(cols[11], n)).rows
+    local by_key, missing = {}, {}
+    for i = 1, n do
+      local id, key = rows[i].id, cols[10][i]
+      ids[from + i - 1], inserted[from + i - 1] = id, id ~= nil
+      if id and key then by_key[key] = by_key[key] or id end
+    end
+    for i = 1, n do                           -- keys that existed: in this batch, or in the table
+      local k = from + i - 1
+      if not ids[k] then
+        local key = cols[10][i]
+        ids[k] = by_key[key]
+        if not ids[k] then missing[#missing + 1] = key end
+      end
+    end
+    if #missing > 0 then
+      for _, r in ipairs(self.c:query(SQL.by_keys, text_array(missing, #missing)).rows) do
+        by_key[r.idempotence_key] = r.id
+      end
+      for i = 1, n do
+        local k = from + i - 1
+        if not ids[k] then ids[k] = by_key[cols[10][i]] end
+      end
+    end
+  end
+  return ids, inserted
+end
+
+function Session:claim(queue, n, owner, now, lease_until)
+  local rows = self.c:query(SQL.claim, lease_until - now, owner, queue, n).rows
   return common.start_order(rows)
 end
 
 local function by_id(a, b) return a.id < b.id end
 
-function Store:record(entries, owner, now)
-  local c = self.conn
+--- Writes outcomes (see the SQLite store); returns the set of ids written.
+function Session:record(entries, owner, now)
+  local c = self.c
   local ids, attempts, others, all = {}, {}, {}, {}
   for i, e in ipairs(entries) do
     all[i] = format("%d", e.id)
@@ -540,44 +399,58 @@ function Store:record(entries, owner, now)
       others[#others + 1] = e
     end
   end
+  local written = {}
   local function completed()
     if #ids > 0 then
-      c:query(SQL.completed_many, now, owner, "{" .. concat(ids, ",") .. "}", "{" .. concat(attempts, ",") .. "}")
+      local rows = c:query(SQL.completed_many, now, owner, "{" .. concat(ids, ",") .. "}",
+                           "{" .. concat(attempts, ",") .. "}").rows
+      for _, r in ipairs(rows) do written[r.id] = true end
     end
   end
-  if #others == 0 then return completed() end -- one statement: atomic by itself
+  if #others == 0 then completed(); return written end   -- one statement: atomic by itself
   table.sort(others, by_id)
-  local outer = lock(c)                       -- the transaction's statements stay together
   local ok, err = pcall(function()
     c:query("BEGIN")
+    c.tx = true
     c:query(SQL.lock_ids, "{" .. concat(all, ",") .. "}")   -- all its rows, in id order, first
     completed()
     for _, e in ipairs(others) do
       local at = e.kind == "discard" and now or e.run_at or now
-      c:query(SQL[e.kind], e.id, owner, e.attempt, at, e.error)
+      if c:query(SQL[e.kind], e.id, owner, e.attempt, at, e.error).changes > 0 then written[e.id] = true end
     end
     c:query("COMMIT")
+    c.tx = false
   end)
-  if not ok then pcall(c.query, c, "ROLLBACK") end
-  unlock(c, outer)
-  if not ok then error(err, 0) end
+  if not ok then
+    pcall(c.query, c, "ROLLBACK")
+    c.tx = false
+    error(err, 0)
+  end
+  return written
 end
 
-function Store:heartbeat(owner, lease_until, ids)
+function Session:heartbeat(owner, lease_until, ids)
   local set, list = {}, {}
   for i, id in ipairs(ids) do list[i] = format("%d", id) end
   local lease = lease_until - core.wallclock()
-  for _, r in ipairs(self.conn:query(SQL.heartbeat, owner, lease, "{" .. concat(list, ",") .. "}").rows) do
+  for _, r in ipairs(self.c:query(SQL.heartbeat, owner, lease, "{" .. concat(list, ",") .. "}").rows) do
     set[r.id] = true
   end
   return set
 end
 
-function Store:rescue() return self.conn:query(SQL.rescue).changes end
+function Session:rescue() return self.c:query(SQL.rescue).changes end
 
-function Store:get(id) return self.conn:query(SQL.get, id).rows[1] end
+function Session:get(id) return self.c:query(SQL.get, id).rows[1] end
 
-function Store:list(f)
+function Session:states(ids)
+  local out, list = {}, {}
+  for i, id in ipairs(ids) do list[i] = format("%d", id) end
+  for _, r in ipairs(self.c:query(SQL.states, "{" .. concat(list, ",") .. "}").rows) do out[r.id] = r end
+  return out
+end
+
+function Session:list(f)
   local where, params = {}, {}
   if f.status then params[#params + 1] = f.status; where[#where + 1] = "status = $" .. #params end
   if f.queue then params[#params + 1] = f.queue; where[#where + 1] = "queue = $" .. #params end
@@ -586,32 +459,31 @@ function Store:list(f)
   local sql = "SELECT * FROM tide_jobs"
     .. (#where > 0 and " WHERE " .. concat(where, " AND ") or "")
     .. " ORDER BY id DESC LIMIT " .. format("%d", f.limit)
-  return self.conn:query(sql, unpack(params)).rows
+  return self.c:query(sql, unpack(params)).rows
 end
 
-function Store:change(op, id, now, err)
-  if op == "fail" then return self.conn:query(SQL.fail, id, now, err).changes > 0 end
-  return self.conn:query(SQL[op], id, now).changes > 0
+function Session:change(op, id, now, err)
+  if op == "fail" then return self.c:query(SQL.fail, id, now, err).changes > 0 end
+  return self.c:query(SQL[op], id, now).changes > 0
 end
 
-function Store:stats() return common.group_stats(self.conn:query(SQL.stats).rows) end
-function Store:backlog() return common.group_stats(self.conn:query(SQL.backlog).rows) end
-function Store:recent(since, limit) return self.conn:query(SQL.recent, since, limit).rows end
-function Store:leases() return self.conn:query(SQL.leases).rows end
+function Session:stats() return common.group_stats(self.c:query(SQL.stats).rows) end
+function Session:backlog() return common.group_stats(self.c:query(SQL.backlog).rows) end
+function Session:recent(since, limit) return self.c:query(SQL.recent, since, limit).rows end
+function Session:leases() return self.c:query(SQL.leases).rows end
 
-function Store:prune(before, statuses)
-  return self.conn:query("DELETE FROM tide_jobs WHERE status IN " .. common.status_list(statuses)
+function Session:prune(before, statuses)
+  return self.c:query("DELETE FROM tide_jobs WHERE status IN " .. common.status_list(statuses)
     .. " AND completed_at <= $1", before).changes
 end
 
-local function text_array(list)
-  local out = {}
-  for i, s in ipairs(list) do out[i] = '"' .. s:gsub('[\\"]', "\\%0") .. '"' end
-  return "{" .. concat(out, ",") .. "}"
+function Session:pending(queues, now)
+  return self.c:query(SQL.pending, text_array(queues, #queues), now).rows[1].n
 end
 
-function Store:pending(queues, now)
-  return self.conn:query(SQL.pending, text_array(queues), now).rows[1].n
+--- A bare connection (for tools and specs): c:query(sql, ...) -> result, c:close().
+function M.connect(url)
+  return pg_conn.new(url, pg_conn.safe_name(url))
 end
 
 return M

@@ -1,33 +1,49 @@
 --- tide.jobs.store.sqlite — the job store on SQLite (the embedded default).
 --
--- A store driver is the one place that knows SQL.  tide.queue (the public
--- API) and tide.worker call only the methods below, so another engine is
--- another file with the same methods:
+-- A store driver is the one place that knows SQL.  tide.queue and
+-- tide.worker call only these methods, so another engine is another file
+-- with the same methods:
 --
---   store:begin() :commit() :rollback()      a write transaction (IMMEDIATE)
---   store:savepoint(n) :release(n) :rollback_to(n)   nested transactions
---   store:exec(sql, ...) -> changes   store:query(sql, ...) -> rows   (user SQL)
---   store:insert(job) -> id, inserted  (false: the idempotence key existed)
---   store:claim(queue, n, owner, now, lease_until) -> rows, marked executing
---   store:record(entries, owner, now)  outcomes of claimed jobs, one transaction
---   store:heartbeat(owner, until, ids) -> { id = true } of those still leased
---   store:rescue(now) -> count of expired leases made available (or discarded)
---   store:get(id)  store:list(filter)  store:change(op, id, now, err)
---   store:stats()  store:prune(before, statuses)  store:pending(queues, now)
---   store:close()
+--   store:acquire(fname[, timeout]) -> session   store:release(session, broken)
+--   store:worker_store()   store:stats_pool()   store:close()   store.name, .durability
 --
--- Times are integers: UTC milliseconds since the Unix epoch.  Every method
--- is synchronous here (SQLite runs in-process); a networked driver may yield.
+--   session:begin() :commit() :rollback()      a write transaction (IMMEDIATE)
+--   session:savepoint(n) :release(n) :rollback_to(n)   nested transactions
+--   session:exec(sql, ...) -> changes   session:query(sql, ...) -> rows   (user SQL)
+--   session:insert(job) -> id, inserted  (false: the idempotence key existed)
+--   session:insert_many(jobs) -> ids, inserted flags (one transaction is the caller's)
+--   session:claim(queue, n, owner, now, lease_until) -> rows, marked executing
+--   session:record(entries, owner, now) -> { [id] = true } of the entries written
+--   session:heartbeat(owner, until, ids) -> { id = true } of those still leased
+--   session:rescue(now) -> count of expired leases made available (or discarded)
+--   session:get(id)  :list(filter)  :change(op, id, now, err)  :states(ids)
+--   session:stats()  :backlog()  :recent(since, limit)  :leases()
+--   session:prune(before, statuses)  :pending(queues, now)
+--
+-- Times are integers: UTC milliseconds since the Unix epoch.  SQLite runs
+-- in this process: a statement never waits for the network.  It may wait
+-- for another process's write lock, and never on the loop thread: the
+-- connection's own busy timeout is 0, and a statement that finds the
+-- database locked is tried again from a timer (1, 2, 4 ... 50 ms apart)
+-- while the task that runs it waits and the loop goes on, for at most
+-- busy_timeout ms (default 5000).  Code outside tasks, with the loop not
+-- running (a plain script), has nobody to let run: it waits in SQLite.
 local core = require "tide.core"
 local common = require "tide.jobs.store.common"
 local job = require "tide.jobs.job"
+local pool = require "tide.jobs.store.pool"
+local S = require "tide.engine.sched"
 
-local type, error, ipairs, tostring, concat, sort = type, error, ipairs, tostring, table.concat, table.sort
+local type, error, ipairs, pairs, tostring, pcall = type, error, ipairs, pairs, tostring, pcall
+local concat, min, format = table.concat, math.min, string.format
+local setmetatable = setmetatable
 
 local M = {}
 
 local Store = {}
 Store.__index = Store
+local Session = {}
+Session.__index = Session
 
 -- ===== schema and migrations
 --
@@ -37,10 +53,7 @@ Store.__index = Store
 -- tables may live in the same file (that is the point of transactional
 -- enqueue), so tide never touches PRAGMA user_version.
 
-local MIGRATIONS = {
-  [[
-  CREATE TABLE tide_jobs (
-    id              INTEGER PRIMARY KEY,
+local COLUMNS = [[
     queue           TEXT    NOT NULL,
     target          TEXT    NOT NULL,
     method          TEXT    NOT NULL,
@@ -57,8 +70,11 @@ local MIGRATIONS = {
     idempotence_key TEXT,
     lease_owner     TEXT,
     lease_expires   INTEGER,
-    inserted_at     INTEGER NOT NULL
-  );
+    inserted_at     INTEGER NOT NULL]]
+local COLUMN_LIST = "id, queue, target, method, args, args_enc, status, priority, attempt, max_attempts, "
+  .. "run_at, attempted_at, completed_at, errors, idempotence_key, lease_owner, lease_expires, inserted_at"
+
+local INDEXES = [[
   CREATE UNIQUE INDEX tide_jobs_key ON tide_jobs (idempotence_key)
     WHERE idempotence_key IS NOT NULL;
   -- Only waiting jobs are in this index: claiming reads it in order, and a
@@ -69,9 +85,21 @@ local MIGRATIONS = {
   CREATE INDEX tide_jobs_due ON tide_jobs (queue, priority, run_at, id)
     WHERE (status = 'available' OR status = 'scheduled' OR status = 'retryable');
   CREATE INDEX tide_jobs_leased ON tide_jobs (lease_expires) WHERE status = 'executing';
-  ]],
+]]
+
+local MIGRATIONS = {
+  -- 1: the job table
+  "CREATE TABLE tide_jobs (\n    id              INTEGER PRIMARY KEY,\n" .. COLUMNS .. "\n  );\n" .. INDEXES,
+  -- 2: ids are never used twice, even after the newest jobs were pruned
+  -- (AUTOINCREMENT keeps the highest id ever given in sqlite_sequence; a
+  -- table from version 1 starts from the highest id it holds).  SQLite
+  -- cannot add AUTOINCREMENT to a table: the rows move to a new one.
+  "CREATE TABLE tide_jobs_v2 (\n    id              INTEGER PRIMARY KEY AUTOINCREMENT,\n" .. COLUMNS .. "\n  );\n"
+    .. "INSERT INTO tide_jobs_v2 (" .. COLUMN_LIST .. ") SELECT " .. COLUMN_LIST .. " FROM tide_jobs;\n"
+    .. "DROP TABLE tide_jobs;\nALTER TABLE tide_jobs_v2 RENAME TO tide_jobs;\n" .. INDEXES,
 }
 M.VERSION = #MIGRATIONS
+M.MIGRATIONS = MIGRATIONS
 
 -- (WAITING is the predicate of the tide_jobs_due index, written the same
 -- way, so that SQLite sees that a claim can use the index.)
@@ -92,10 +120,13 @@ local SQL = {
     ON CONFLICT (idempotence_key) WHERE idempotence_key IS NOT NULL DO NOTHING
     RETURNING id]],
   by_key = "SELECT id FROM tide_jobs WHERE idempotence_key = ?1",
+  -- A run_at that is not an integer (a row written by hand) never compares
+  -- as due: such rows are claimed too, so that the worker fails them with
+  -- the reason, instead of leaving them waiting for ever.
   claim = [[UPDATE tide_jobs SET status = 'executing', attempt = attempt + 1, attempted_at = ?1,
       lease_owner = ?2, lease_expires = ?3
     WHERE id IN (SELECT id FROM tide_jobs WHERE queue = ?4 AND ]] .. WAITING .. [[
-      AND run_at <= ?1 ORDER BY priority, run_at, id LIMIT ?5)
+      AND (run_at <= ?1 OR typeof(run_at) <> 'integer') ORDER BY priority, run_at, id LIMIT ?5)
     RETURNING id, queue, target, method, args, args_enc, priority, attempt, max_attempts,
       run_at, inserted_at, idempotence_key]],
   completed = "UPDATE tide_jobs SET status = 'completed', completed_at = ?4, lease_owner = NULL, "
@@ -117,6 +148,7 @@ local SQL = {
         'at', ?1, 'error', 'lease expired: worker ' || lease_owner || ' stopped heartbeating'))
     WHERE status = 'executing' AND lease_expires < ?1]],
   get = "SELECT * FROM tide_jobs WHERE id = ?1",
+  states = "SELECT id, status, lease_owner, attempt FROM tide_jobs WHERE id IN (SELECT value FROM json_each(?1))",
   cancel = "UPDATE tide_jobs SET status = 'cancelled', completed_at = ?2, lease_owner = NULL, "
     .. "lease_expires = NULL WHERE id = ?1 AND " .. NOT_TERMINAL,
   expire = "UPDATE tide_jobs SET status = 'expired', completed_at = ?2, lease_owner = NULL, "
@@ -142,6 +174,59 @@ local SQL = {
   pending_due = "SELECT count(*) AS n FROM tide_jobs WHERE queue = ?1 AND " .. WAITING .. " AND run_at <= ?2",
   pending_executing = "SELECT count(*) AS n FROM tide_jobs WHERE status = 'executing' AND queue = ?1",
 }
+
+-- ===== waiting for another process's lock, never on the loop thread
+
+local BUSY_FIRST, BUSY_MAX = 1, 50          -- ms between tries: doubling up to this
+
+local function is_busy(err) return type(err) == "string" and err:find("(SQLITE_BUSY)", 1, true) ~= nil end
+
+--- Says what a READONLY error means: SQLite writes PATH-wal and PATH-shm
+--- beside the database, so a directory it cannot create files in makes
+--- even a writable file read-only.
+local function explain(s, err)
+  if type(err) ~= "string" or not err:find("(SQLITE_READONLY", 1, true) then return err end
+  local dir = s.path:match("^(.*)/[^/]*$") or "."
+  local probe = ("%s/.tide-probe-%d"):format(dir, core.pid())
+  local fh = io.open(probe, "w")
+  if fh then
+    fh:close()
+    os.remove(probe)
+    return err .. " (the file itself, or its -wal or -shm file, cannot be written: check their permissions)"
+  end
+  return err .. (" (the directory %s is not writable: SQLite needs to create %s-wal and %s-shm there; "
+    .. "make the directory writable, or create them while it is)"):format(dir, s.path, s.path)
+end
+
+--- Runs fn(...) (statements on s); a "database is locked" is tried again as
+--- the header says.  Returns fn's first two results.
+local function locked(s, fn, ...)
+  local ok, a, b = pcall(fn, ...)
+  if ok then return a, b end
+  if not is_busy(a) then error(explain(s, a), 0) end
+  local waited, delay = 0, BUSY_FIRST
+  while true do
+    if S.in_task() then
+      if waited >= s.busy_timeout then
+        error(("%s (waited %d ms for another connection's lock)"):format(a, waited), 0)
+      end
+      S.sleep(delay)
+      waited, delay = waited + delay, min(delay * 2, BUSY_MAX)
+      ok, a, b = pcall(fn, ...)
+    elseif not core.running() then          -- a plain script: nothing else would run meanwhile
+      s.db:busy_timeout(s.busy_timeout)
+      ok, a, b = pcall(fn, ...)
+      s.db:busy_timeout(0)
+      if not ok and is_busy(a) then error(("%s (waited %d ms for another connection's lock)")
+        :format(a, s.busy_timeout), 0) end
+    else
+      error(a .. " (called outside a task while the loop runs, where it cannot wait for the lock: "
+            .. "call it from a task)", 0)
+    end
+    if ok then return a, b end
+    if not is_busy(a) then error(explain(s, a), 0) end
+  end
+end
 
 -- ===== opening
 
@@ -173,17 +258,40 @@ local SYNC = { normal = "NORMAL", full = "FULL", off = "OFF" }
 --- Opens (creating or migrating) the job tables in the SQLite file `path`.
 --- `name` ("sqlite:jobs.db") starts every error message.  Raises on failure.
 function M.open(path, name, opts)
-  local db, err = core.sqlite_open(path, name, opts.busy_timeout or 5000)
+  local db, err = core.sqlite_open(path, name, 0)
   if not db then error(err, 0) end
-  local s = setmetatable({ db = db, name = name, path = path, stmts = {}, user = {}, nuser = 0 }, Store)
-  local ok, e = pcall(function()
+  local s = setmetatable({ db = db, name = name, path = path, stmts = {}, user = {}, nuser = 0,
+                           busy_timeout = opts.busy_timeout or 5000 }, Session)
+  local ok, e = pcall(locked, s, function()
     db:exec("PRAGMA journal_mode = WAL")
     db:exec("PRAGMA synchronous = " .. SYNC[opts.synchronous or "normal"])
     migrate(s)
   end)
   if not ok then db:close(); error(e, 0) end
-  s.durability = "WAL, synchronous=" .. SYNC[opts.synchronous or "normal"]
-  return s
+  local store = setmetatable({ name = name, session = s, sync = true,
+                               durability = "WAL, synchronous=" .. SYNC[opts.synchronous or "normal"] }, Store)
+  store.pool = pool.new{ name = name, size = 1, timeout = opts.pool_timeout or 5000,
+                         open = function() return s end,
+                         reset = function(c) pcall(c.rollback, c) end }
+  return store
+end
+
+-- ===== the store: one connection, held by one task at a time
+
+function Store:acquire(fname, timeout) return self.pool:acquire(fname, timeout) end
+function Store:release(session, broken, holder) return self.pool:release(session, broken, holder) end
+function Store:available() return self.pool:available() end
+function Store:stats_pool() return self.pool:stats() end
+
+--- The store a worker uses: this one, through the same pool (a second
+--- connection to the same file would only wait for this one's write lock).
+function Store:worker_store() return self end
+
+function Store:close()
+  if not self.session then return end
+  self.pool:close()
+  self.session:close()
+  self.session = nil
 end
 
 --- The prepared statement for one of the SQL above (prepared on first use).
@@ -193,7 +301,7 @@ local function stmt(s, key)
   return st
 end
 
-function Store:close()
+function Session:close()
   if not self.db then return end
   for _, st in pairs(self.stmts) do st:finalize() end
   for _, st in pairs(self.user) do st:finalize() end
@@ -203,22 +311,14 @@ end
 
 -- ===== transactions
 
-function Store:begin() self.db:exec("BEGIN IMMEDIATE") end
-function Store:commit() self.db:exec("COMMIT") end
-function Store:rollback() if self.db:in_transaction() then self.db:exec("ROLLBACK") end end
-function Store:savepoint(n) self.db:exec("SAVEPOINT tide_" .. n) end
-function Store:release(n) self.db:exec("RELEASE tide_" .. n) end
-function Store:rollback_to(n) self.db:exec("ROLLBACK TO tide_" .. n .. "; RELEASE tide_" .. n) end
+local function exec(db, sql) return db:exec(sql) end
 
---- The task inside a transaction ended without finishing it: roll it back.
-function Store:abandon() pcall(self.rollback, self) end
-
---- Whether a statement can run now without waiting (always: SQLite is in-process).
-function Store:idle() return true end
-
---- The store a worker uses: this one (a second connection to the same file
---- would wait for this one's write lock by blocking the loop).
-function Store:worker_store() return self end
+function Session:begin() locked(self, exec, self.db, "BEGIN IMMEDIATE") end
+function Session:commit() locked(self, exec, self.db, "COMMIT") end
+function Session:rollback() if self.db and self.db:in_transaction() then self.db:exec("ROLLBACK") end end
+function Session:savepoint(n) self.db:exec("SAVEPOINT tide_" .. n) end
+function Session:release(n) self.db:exec("RELEASE tide_" .. n) end
+function Session:rollback_to(n) self.db:exec("ROLLBACK TO tide_" .. n .. "; RELEASE tide_" .. n) end
 
 -- ===== the caller's own SQL (statements cached by text, at most USER_MAX)
 
@@ -236,43 +336,62 @@ local function user_stmt(s, sql)
   return st
 end
 
-function Store:exec(sql, ...) return user_stmt(self, sql):run(...) end
-function Store:query(sql, ...) return user_stmt(self, sql):rows(...) end
+local function user_run(s, sql, ...) return user_stmt(s, sql):run(...) end
+local function user_rows(s, sql, ...) return user_stmt(s, sql):rows(...) end
+
+function Session:exec(sql, ...) return (locked(self, user_run, self, sql, ...)) end
+function Session:query(sql, ...) return (locked(self, user_rows, self, sql, ...)) end
 
 -- ===== jobs
 
 --- job: queue, target, method, args (JSON text) or args_enc, status,
 --- priority, max_attempts, run_at, idempotence_key, inserted_at.
-function Store:insert(j)
+local function insert(s, j)
   if j.idempotence_key == nil then
-    stmt(self, "insert"):run(j.queue, j.target, j.method, j.args, j.args_enc, j.status,
+    stmt(s, "insert"):run(j.queue, j.target, j.method, j.args, j.args_enc, j.status,
       j.priority, j.max_attempts, j.run_at, j.inserted_at)
-    return self.db:last_id(), true
+    return s.db:last_id(), true
   end
-  local row = stmt(self, "insert_key"):first(j.queue, j.target, j.method, j.args, j.args_enc, j.status,
+  local row = stmt(s, "insert_key"):first(j.queue, j.target, j.method, j.args, j.args_enc, j.status,
     j.priority, j.max_attempts, j.run_at, j.idempotence_key, j.inserted_at)
   if row then return row.id, true end
-  return stmt(self, "by_key"):first(j.idempotence_key).id, false
+  return stmt(s, "by_key"):first(j.idempotence_key).id, false
 end
 
-function Store:claim(queue, n, owner, now, lease_until)
-  local rows = stmt(self, "claim"):rows(now, owner, lease_until, queue, n)
-  return common.start_order(rows)
+function Session:insert(j) return locked(self, insert, self, j) end
+
+--- Inserts a list (inside the caller's transaction: SQLite statements are
+--- in-process calls, so one prepared INSERT a job is its fastest batch);
+--- returns their ids and inserted flags, in order.
+function Session:insert_many(list)
+  local ids, inserted = {}, {}
+  for i = 1, #list do ids[i], inserted[i] = insert(self, list[i]) end
+  return ids, inserted
+end
+
+local function claim(s, queue, n, owner, now, lease_until)
+  return stmt(s, "claim"):rows(now, owner, lease_until, queue, n)
+end
+
+function Session:claim(queue, n, owner, now, lease_until)
+  return common.start_order(locked(self, claim, self, queue, n, owner, now, lease_until))
 end
 
 --- Each entry: { id, attempt, kind = "completed" | "retry" | "discard" |
 --- "release", run_at, error = JSON text or nil }.  Entries whose job is no
---- longer leased to `owner` at that attempt change nothing.
-function Store:record(entries, owner, now)
-  local db = self.db
+--- longer leased to `owner` at that attempt change nothing; returns the set
+--- of ids written.
+local function record(s, entries, owner, now)
+  local db = s.db
   local own = not db:in_transaction()
   if own then db:exec("BEGIN IMMEDIATE") end
+  local written = {}
   local ok, err = pcall(function()
     for i = 1, #entries do
       local e = entries[i]
       local kind = e.kind
       local at = kind == "completed" and now or kind == "discard" and now or e.run_at or now
-      stmt(self, kind):run(e.id, owner, e.attempt, at, e.error)
+      if stmt(s, kind):run(e.id, owner, e.attempt, at, e.error) > 0 then written[e.id] = true end
     end
   end)
   if not ok then
@@ -280,23 +399,41 @@ function Store:record(entries, owner, now)
     error(err, 0)
   end
   if own then db:exec("COMMIT") end
+  return written
 end
 
-function Store:heartbeat(owner, lease_until, ids)
-  local set, list = {}, {}
-  for i, id in ipairs(ids) do list[i] = ("%d"):format(id) end
-  for _, id in ipairs(stmt(self, "heartbeat"):column(owner, lease_until, "[" .. concat(list, ",") .. "]")) do
-    set[id] = true
-  end
+function Session:record(entries, owner, now) return (locked(self, record, self, entries, owner, now)) end
+
+local function id_list(ids)
+  local list = {}
+  for i, id in ipairs(ids) do list[i] = format("%d", id) end
+  return "[" .. concat(list, ",") .. "]"
+end
+
+local function heartbeat(s, owner, lease_until, ids)
+  local set = {}
+  for _, id in ipairs(stmt(s, "heartbeat"):column(owner, lease_until, id_list(ids))) do set[id] = true end
   return set
 end
 
-function Store:rescue(now) return stmt(self, "rescue"):run(now) end
+function Session:heartbeat(owner, lease_until, ids) return (locked(self, heartbeat, self, owner, lease_until, ids)) end
 
-function Store:get(id) return stmt(self, "get"):first(id) end
+local function run(s, key, ...) return stmt(s, key):run(...) end
+local function first(s, key, ...) return stmt(s, key):first(...) end
+local function rows(s, key, ...) return stmt(s, key):rows(...) end
+
+function Session:rescue(now) return (locked(self, run, self, "rescue", now)) end
+function Session:get(id) return (locked(self, first, self, "get", id)) end
+
+--- { [id] = { status, lease_owner, attempt } } of the jobs among `ids` that exist.
+function Session:states(ids)
+  local out = {}
+  for _, r in ipairs(locked(self, rows, self, "states", id_list(ids))) do out[r.id] = r end
+  return out
+end
 
 --- filter: status, queue, limit, before (an id: list older jobs, for paging).
-function Store:list(f)
+function Session:list(f)
   local where, params = {}, {}
   if f.status then where[#where + 1] = "status = ?"; params[#params + 1] = f.status end
   if f.queue then where[#where + 1] = "queue = ?"; params[#params + 1] = f.queue end
@@ -304,44 +441,47 @@ function Store:list(f)
   if f.before then where[#where + 1] = "id < ?"; params[#params + 1] = f.before end
   local sql = "SELECT * FROM tide_jobs" .. (#where > 0 and " WHERE " .. concat(where, " AND ") or "")
     .. " ORDER BY id DESC LIMIT " .. tostring(f.limit)
-  return user_stmt(self, sql):rows(unpack(params))
+  return (locked(self, user_rows, self, sql, unpack(params)))
 end
 
 --- op: "cancel" | "expire" | "fail" | "retry_now".  true when the job changed.
-function Store:change(op, id, now, err)
-  return stmt(self, op):run(id, now, err) > 0
+function Session:change(op, id, now, err)
+  return locked(self, run, self, op, id, now, err) > 0
 end
 
 --- { [queue] = { [status] = count } }
-function Store:stats() return common.group_stats(stmt(self, "stats"):rows()) end
+function Session:stats() return common.group_stats(locked(self, rows, self, "stats")) end
 
 --- Like stats, for the waiting and executing statuses only (partial indexes).
-function Store:backlog()
-  local rows = stmt(self, "backlog"):rows()
-  for _, r in ipairs(stmt(self, "backlog_executing"):rows()) do rows[#rows + 1] = r end
-  return common.group_stats(rows)
+local function backlog(s)
+  local r = stmt(s, "backlog"):rows()
+  for _, x in ipairs(stmt(s, "backlog_executing"):rows()) do r[#r + 1] = x end
+  return r
 end
+function Session:backlog() return common.group_stats(locked(self, backlog, self)) end
 
 --- Rows { queue, status, n, recent } over the newest `limit` jobs; `recent`
 --- counts those that finished at `since` (ms) or later.
-function Store:recent(since, limit) return stmt(self, "recent"):rows(since, limit) end
+function Session:recent(since, limit) return (locked(self, rows, self, "recent", since, limit)) end
 
 --- Rows { owner, queue, n, lease_expires, attempted_at }: who holds leases.
-function Store:leases() return stmt(self, "leases"):rows() end
+function Session:leases() return (locked(self, rows, self, "leases")) end
 
-function Store:prune(before, statuses)
-  return user_stmt(self, "DELETE FROM tide_jobs WHERE status IN " .. common.status_list(statuses)
-    .. " AND completed_at <= ?1"):run(before)
+function Session:prune(before, statuses)
+  return (locked(self, user_run, self, "DELETE FROM tide_jobs WHERE status IN " .. common.status_list(statuses)
+    .. " AND completed_at <= ?1", before))
 end
 
 --- How many jobs of `queues` are due or executing (anywhere): 0 means a
 --- draining worker is done.
-function Store:pending(queues, now)
+local function pending(s, queues, now)
   local n = 0
   for _, queue in ipairs(queues) do
-    n = n + stmt(self, "pending_due"):first(queue, now).n + stmt(self, "pending_executing"):first(queue).n
+    n = n + stmt(s, "pending_due"):first(queue, now).n + stmt(s, "pending_executing"):first(queue).n
   end
   return n
 end
+
+function Session:pending(queues, now) return (locked(self, pending, self, queues, now)) end
 
 return M

@@ -1,0 +1,146 @@
+--- tide.jobs.outcomes — how a worker writes its jobs' outcomes, and counts only what the store took.
+--
+-- Each attempt that ends becomes an entry { id, attempt, kind, outcome,
+-- run_at, error, job, err }: kind is the store's ("completed", "retry",
+-- "discard", "release"); outcome is what it means ("completed", "retried",
+-- "discarded", "released").  The flusher task writes the entries of a tick
+-- in one transaction.  The store says which entries it applied: an entry
+-- changes nothing when its job is no longer leased to this worker at that
+-- attempt.  So the counts and the hook see the truth (Promise: the worker
+-- tells the truth):
+--
+--   written                  the entry's outcome, counted and reported
+--   not written, job cancelled or expired in the store meanwhile
+--                            "cancelled" (its method may have finished:
+--                            the store's word wins)
+--   not written, otherwise   "lost": the lease had passed to another
+--                            worker (this one stalled past it), which
+--                            runs or ran the job again
+--   never written (the store kept failing, the worker stopped)
+--                            "unwritten": the lease runs out and the job
+--                            runs again; `tide worker` exits 1
+--
+-- w.on_outcome(job, outcome, err, traceback) hears each, once (`tide worker` prints
+-- from it); it runs outside any task and cannot wait.
+local S = require "tide.engine.sched"
+local log = require "tide.engine.log"
+local core = require "tide.core"
+local queue = require "tide.jobs.queue"
+
+local ipairs, pcall, min = ipairs, pcall, math.min
+local wallclock = core.wallclock
+
+local M = {}
+
+--- Tells w.on_outcome about one entry's fate, and counts it.
+local function settle(w, e, outcome)
+  w.count(w, e.job and e.job.queue or "?", outcome)   -- the worker's stats and the metrics' totals
+  if w.on_outcome then log.protect("on_outcome of job " .. e.id, w.on_outcome, e.job, outcome, e.err, e.trace) end
+end
+
+local function record_batch(session, entries, owner, now)
+  local written = session:record(entries, owner, now)
+  local unapplied = {}
+  for _, e in ipairs(entries) do
+    if not written[e.id] then unapplied[#unapplied + 1] = e.id end
+  end
+  return written, #unapplied > 0 and session:states(unapplied) or nil
+end
+
+--- Writes `entries` now; true when the store took the batch (each entry
+--- then settled), false after a failure (reported; the entries untouched).
+local function write(w, entries)
+  local ok, written, states = pcall(queue.worker_call, w.q, w.store, "tide.worker", record_batch,
+                                    entries, w.id, wallclock())
+  if not ok then
+    -- Tried again by the flusher; if never written, the leases run out and
+    -- the jobs run again (counted as unwritten).
+    log.report("worker " .. w.id .. ": recording " .. #entries .. " outcomes", written)
+    w.record_error()
+    w.stats.write_errors = w.stats.write_errors + 1
+    w.last_error = written
+    return false
+  end
+  for _, e in ipairs(entries) do
+    if written[e.id] then
+      settle(w, e, e.outcome)
+    else
+      local now = states and states[e.id]
+      local status = now and now.status
+      settle(w, e, (status == "cancelled" or status == "expired") and "cancelled" or "lost")
+    end
+  end
+  return true
+end
+M.write = write
+
+--- Entries that will never be written.
+local function give_up(w, entries)
+  for _, e in ipairs(entries) do settle(w, e, "unwritten") end
+end
+M.give_up = give_up
+
+--- Whether the worker can write from where it is now, without waiting:
+--- only a synchronous store (SQLite) with its connection free, and only
+--- when the caller is not a task's code that must not block (hooks run
+--- inside the scheduler's door).
+local function can_write_now(w)
+  return queue.is_open(w.q) and w.store.sync and w.store:available()
+end
+
+--- Queues an entry for the flusher.  Once the flusher is gone (cancelled
+--- at the end of a shutdown's grace period) it writes the entry at once
+--- when it can; otherwise the job's lease runs out and it runs again: never
+--- lost, at worst run twice.
+function M.record(w, e)
+  if S.TERMINAL[S.state(w.flusher_task)] then
+    if not (can_write_now(w) and write(w, { e })) then give_up(w, { e }) end
+    return
+  end
+  local p = w.pending
+  p[#p + 1] = e
+  S.notify(w.flusher)
+end
+
+--- The flusher task: writes what is pending, backing off while the store
+--- fails (50 ms doubling up to 2 s); a stopping worker gives up after 10
+--- failed tries (at once, when a drain gave up on the store), a running one
+--- keeps trying (w.failing.write says since when).
+function M.flusher(w)
+  local failures = 0
+  -- Cancelled (the end of a shutdown's grace) while a batch was being
+  -- written: write it at once if the store allows, as record() does.
+  S.on_attempt_end(S.current(), function()
+    local p = w.writing
+    w.writing = nil
+    if p and not (can_write_now(w) and write(w, p)) then give_up(w, p) end
+  end)
+  while true do
+    local p = w.pending
+    if #p > 0 then
+      w.pending = {}
+      w.writing = p
+      local written = write(w, p)
+      w.writing = nil
+      if written then
+        failures = 0
+        w.failing.write = nil
+      elseif w.state == "running" or (failures < 10 and not w.stats.gave_up) then
+        failures = failures + 1
+        w.failing.write = w.failing.write or core.now()
+        for i = 1, #w.pending do p[#p + 1] = w.pending[i] end
+        w.pending = p
+        S.wait_for(w.flusher, "tide.worker", min(50 * 2 ^ failures, 2000))
+      else
+        give_up(w, p)
+      end
+    elseif w.state ~= "running" and w.nrunning == 0 then
+      S.notify(w.beat)                        -- nothing left to keep leased
+      return
+    else
+      S.wait_for(w.flusher, "tide.worker")
+    end
+  end
+end
+
+return M

@@ -1,0 +1,224 @@
+--- tide.jobs.store.pg_conn — PostgreSQL connections on tide's loop: one statement at a time, and LISTEN.
+--
+-- A connection speaks libpq in non-blocking mode: a statement is sent, then
+-- the task waits for the socket on the loop (no thread blocks).  Code
+-- outside tasks (a plain script before tide.run) waits with poll(2) instead.
+--
+-- One statement at a time: a store's connections are handed out by its
+-- pool (tide.jobs.store.pool), one holder each; a second statement while
+-- one is under way is a bug of the caller and raises.  A holder whose
+-- attempt ended mid-statement leaves the connection to the pool's reset,
+-- which closes it (the server rolls back what it had open).
+--
+-- Losses: a statement on a connection that broke fails with an error that
+-- names the store ("connection lost: ...").  An idle connection that the
+-- server closed (a restart) is noticed before the next statement is sent,
+-- and that statement connects again, unless the connection was inside a
+-- transaction: then every statement until the pool takes it back raises
+-- "connection lost during a transaction", never runs outside it.
+local core = require "tide.core"
+local S = require "tide.engine.sched"
+local spawn = require("tide.engine.task").spawn
+
+local error, ipairs, tostring, format = error, ipairs, tostring, string.format
+local setmetatable, pcall = setmetatable, pcall
+
+local M = {}
+
+local Conn = {}
+Conn.__index = Conn
+M.Conn = Conn
+
+local conns = setmetatable({}, { __mode = "v" })   -- id -> Conn, for the ready callback
+local next_id = 0
+M.CONNECT_TIMEOUT = 10000
+
+core.pg_on_ready(function(id)
+  local c = conns[id]
+  if not c or not c.pg then return end
+  c.pg:unwatch()                          -- one-shot: a level-triggered socket would spin
+  local w = c.waiter
+  if w then
+    c.waiter = false
+    S.wake(w[1], w[2])
+  elseif c.on_notify then
+    c:notified()
+  end
+end)
+
+local in_task = S.in_task
+
+--- The URL with any password masked, to name the store in messages.
+function M.safe_name(url)
+  return (url:gsub("^(%a+://[^:@/]*):[^@/]*@", "%1:***@"))
+end
+
+--- A connection (not yet connected: the first statement connects).
+function M.new(info, name)
+  next_id = next_id + 1
+  local c = setmetatable({ info = info, name = name, id = next_id, pg = false, waiter = false,
+                           running = false, tx = false, on_notify = false }, Conn)
+  conns[next_id] = c
+  return c
+end
+
+--- Waits until the socket is readable (r) or writable (w); false on timeout.
+local function wait_io(c, r, w, ms)
+  if in_task() then
+    local t, tok = S.wait_begin("postgres", 2)
+    c.waiter = { t, tok }
+    c.pg:watch(c.id, r, w, true)
+    S.wait_end(t, tok, ms)
+    local timed_out = c.waiter ~= false
+    c.waiter = false
+    if not c.pg then error(c.name .. ": connection closed while a statement waited on it", 0) end
+    c.pg:unwatch()
+    return not timed_out
+  end
+  return c.pg:wait(r, w, ms or -1)
+end
+
+--- Closes the socket; a task waiting on it is woken (and finds it gone),
+--- never left waiting for a socket nobody watches.
+local function drop(c)
+  if c.pg then c.pg:close(); c.pg = false end
+  local w = c.waiter
+  if w then c.waiter = false; S.wake(w[1], w[2]) end
+end
+M.drop = drop
+
+--- Forgets whatever the connection was doing (its holder is gone): closed,
+--- so the server rolls back; the next statement connects again.
+function Conn:reset()
+  drop(self)
+  self.running, self.tx, self.waiter = false, false, false
+end
+
+local function connect(c)
+  local pg, err = core.pg_connect(c.info, c.name)
+  if not pg then error(err, 0) end
+  c.pg = pg
+  while true do
+    local st, e = pg:connect_poll()
+    if st == "ok" then return end
+    if not st then drop(c); error(e, 0) end
+    if not wait_io(c, st == "read", st == "write", M.CONNECT_TIMEOUT) then
+      drop(c)
+      error(c.name .. ": connection timed out after " .. M.CONNECT_TIMEOUT .. " ms", 0)
+    end
+  end
+end
+
+local function lost(c, err)
+  drop(c)
+  err = tostring(err)
+  if err:sub(1, #c.name + 2) == c.name .. ": " then err = err:sub(#c.name + 3) end
+  error(c.name .. ": connection lost: " .. err, 0)
+end
+
+--- Sends one statement and reads its results; returns the last.
+local function run(c, sql, ...)
+  -- Broken, or closed by the server while idle (a restart): reading what
+  -- waits on the socket tells, before we send.  (Twice: a server that
+  -- stopped sent an error, then closed; one read may return the error
+  -- alone, the second finds the end of the stream.)
+  local pg = c.pg
+  if pg and (not pg:consume() or not pg:consume() or not pg:ok() or pg:result()) then drop(c) end
+  if not c.pg then
+    if c.tx then error(c.name .. ": connection lost during a transaction (the server rolled it back)", 0) end
+    connect(c)
+  end
+  pg = c.pg
+  local ok, err = pg:send(sql, ...)
+  if not ok then lost(c, err) end
+  while true do
+    local more, ferr = pg:flush()
+    if not more then lost(c, ferr) end
+    if more == 0 then break end
+    wait_io(c, true, true)
+  end
+  while pg:busy() do
+    wait_io(c, true, false)
+    if not c.pg then lost(c, "closed while waiting") end
+    local cok, cerr = pg:consume()
+    if not cok then lost(c, cerr) end
+  end
+  local last, failure
+  while true do
+    local r = pg:result()
+    if not r then break end
+    if not r.ok and not failure then failure = r end
+    last = r
+  end
+  if failure then
+    error(format("%s: %s (SQLSTATE %s)", c.name, failure.message or "error", failure.sqlstate or "?????"), 0)
+  end
+  return last
+end
+
+--- Runs one statement ($1..$n bound); returns { ok, rows, changes }.
+function Conn:query(sql, ...)
+  local holder = self.running
+  if holder then
+    -- Only a caller that was cut off mid-statement leaves this set: its
+    -- attempt is over (the pool resets its connections; a bare one is
+    -- reset here).  Anything else is two statements at once: a bug.
+    if holder == true or S.attempt_of(holder[1]) == holder[2] then
+      error(self.name .. ": the connection is running another statement", 2)
+    end
+    self:reset()
+  end
+  local t = in_task() and S.current()
+  self.running = t and { t, S.attempt_of(t) } or true
+  local ok, res = pcall(run, self, sql, ...)
+  self.running = false
+  if not ok then error(res, 0) end
+  return res
+end
+
+function Conn:close()
+  drop(self)
+  conns[self.id] = nil
+end
+
+-- ===== LISTEN
+
+--- Called on the loop when the listening socket is readable.
+function Conn:notified()
+  local ok = self.pg:consume()
+  if not ok then return self:relisten() end
+  local list = self.pg:notifies()
+  if list then
+    for _, n in ipairs(list) do self.on_notify(n[2]) end
+  end
+  self.pg:watch(self.id, true, false, false)   -- unref'd: listening keeps no loop alive
+end
+
+function Conn:listen(channel)
+  self:query("LISTEN " .. channel)
+  self.channel = channel
+  self.pg:watch(self.id, true, false, false)
+end
+
+--- The listening connection broke: open it again with backoff, in a task.
+function Conn:relisten()
+  drop(self)
+  if self.relistening or S.shutting_down() or not self.on_notify then return end
+  self.relistening = true
+  spawn{ name = "postgres listener reconnect", run = function()
+    local delay = 50
+    while self.on_notify and not S.shutting_down() do
+      if pcall(self.listen, self, self.channel) then
+        self.relistening = false
+        self.on_notify(nil)                   -- notifications may have been missed: wake all
+        return
+      end
+      drop(self)
+      S.sleep(delay)
+      delay = math.min(delay * 2, 5000)
+    end
+    self.relistening = false
+  end }
+end
+
+return M

@@ -1,0 +1,238 @@
+-- spec/transaction_spec.lua — transactions of many tasks never mix (Promise 7), on every store:
+-- a session per transaction from before its first wait, tx handles valid only inside,
+-- a pool with a bounded wait, broken connections discarded, NUL-safe parameters.
+local tide = require "tide"
+
+local function seeded()
+  local seed = tonumber(os.getenv("TX_SEED")) or (os.time() * 1000 + math.floor(tide.now())) % 2 ^ 31
+  math.randomseed(seed)
+  return seed
+end
+
+for _, store in ipairs(spec_helper.stores()) do
+describe("transactions on " .. store.name, function()
+  local path, url, q
+  local pg = store.name == "postgres"
+
+  before_each(function()
+    path = os.tmpname()
+    url = store.fresh(path)
+    q = tide.queue.open(url)
+    q:transaction(function(tx)
+      tx:exec("DROP TABLE IF EXISTS effects")
+      tx:exec("CREATE TABLE effects (task INTEGER NOT NULL, step INTEGER NOT NULL, txid TEXT)")
+    end)
+  end)
+
+  after_each(function()
+    q:close()
+    store.reset(path)
+    os.remove(path)
+    spec_helper.assert_idle()
+  end)
+
+  -- The transaction's own identity, from the server: statements of one
+  -- transaction see the same (PostgreSQL); SQLite has one transaction at a time.
+  local TXID = pg and "txid_current()::text" or "'one'"
+
+  it("of 200 tasks that wait between their statements: each committed one whole, each rolled-back one gone", function()
+    local seed = seeded()
+    local N = 200
+    local plan, ended = {}, {}
+    for i = 1, N do
+      local r = math.random(10)
+      plan[i] = r <= 2 and "raise" or r == 3 and "timeout" or r == 4 and "await" or "sleep"
+    end
+    local status, err = tide.run(function()
+      local tasks = {}
+      for i = 1, N do
+        tasks[i] = tide.spawn{ timeout = plan[i] == "timeout" and 5 or nil, run = function()
+          q:transaction(function(tx)
+            tx:exec("INSERT INTO effects (task, step, txid) VALUES (?, 1, " .. TXID .. ")", i)
+            if plan[i] == "await" then
+              tide.spawn(function() tide.sleep(math.random(0, 10)) end):await()
+            else
+              tide.sleep(plan[i] == "timeout" and 50 or math.random(0, 10))
+            end
+            tx:exec("INSERT INTO effects (task, step, txid) VALUES (?, 2, " .. TXID .. ")", i)
+            tx:enqueue{ target = "t", method = "m", args = { task = i } }
+            tide.sleep(math.random(0, 3))
+            if plan[i] == "raise" then error("task " .. i .. " changes its mind") end
+          end)
+        end }
+      end
+      for i = 1, N do
+        local st, v = tasks[i]:await()
+        ended[i] = st == "error" and plan[i] ~= "raise" and ("error: " .. tostring(v)) or st
+      end
+    end)
+    assert(status == "ok", ("seed %d: %s"):format(seed, tostring(err)))
+    local rows = q:transaction(function(tx) return tx:query("SELECT task, step, txid FROM effects") end)
+    local by_task, txids = {}, {}
+    for _, r in ipairs(rows) do
+      local t = by_task[r.task] or {}
+      by_task[r.task] = t
+      t[#t + 1] = r
+    end
+    local jobs = {}
+    for _, j in ipairs(q:list{ limit = 1000 }) do jobs[j.args.task] = (jobs[j.args.task] or 0) + 1 end
+    local committed = 0
+    for i = 1, N do
+      local mine = by_task[i] or {}
+      local what = ("seed %d, task %d (%s, ended %s)"):format(seed, i, plan[i], tostring(ended[i]))
+      if plan[i] == "sleep" or plan[i] == "await" then
+        assert(ended[i] == "ok", what)
+        assert(#mine == 2 and jobs[i] == 1, what .. (": %d rows, %s jobs"):format(#mine, tostring(jobs[i])))
+        assert(mine[1].txid == mine[2].txid, what .. ": its statements ran in two transactions")
+        if pg then
+          assert(not txids[mine[1].txid], what .. ": shares a transaction with task " .. tostring(txids[mine[1].txid]))
+          txids[mine[1].txid] = i
+        end
+        committed = committed + 1
+      else
+        assert(ended[i] == (plan[i] == "raise" and "error" or "timeout"), what)
+        assert(#mine == 0 and jobs[i] == nil, what .. (": left %d rows, %s jobs"):format(#mine, tostring(jobs[i])))
+      end
+    end
+    assert.equal(committed, q:stats().total)
+    local p = q:stats().pool
+    assert.same({ 0, 0 }, { p.busy, p.waiting })
+  end)
+
+  it("takes the connection before its first wait: a BEGIN under way is not joined by another task", function()
+    -- Every task begins a transaction at once: on PostgreSQL each BEGIN is
+    -- a round trip, during which the others run.
+    local status, err = tide.run(function()
+      local tasks = {}
+      for i = 1, 20 do
+        tasks[i] = tide.spawn(function()
+          return q:transaction(function(tx)
+            tx:exec("INSERT INTO effects (task, step, txid) VALUES (?, 1, " .. TXID .. ")", i)
+            local rows = tx:query("SELECT task FROM effects WHERE txid = " .. TXID)
+            assert.equal(1, #rows)                -- nobody else's row in my transaction
+            error("roll back " .. i)
+          end)
+        end)
+      end
+      for i = 1, 20 do assert.equal("error", (tasks[i]:await())) end
+    end)
+    assert(status == "ok", tostring(err))
+    assert.same({}, q:transaction(function(tx) return tx:query("SELECT * FROM effects") end))
+  end)
+
+  it("refuses a tx handle once its transaction has ended, and in a task that does not own it", function()
+    local saved, inner_saved
+    q:transaction(function(tx)
+      saved = tx
+      q:transaction(function(inner) inner_saved = inner end)
+      assert.equal(0, tx:exec("DELETE FROM effects"))   -- the outer one still works
+    end)
+    spec_helper.error_cases("spec/transaction_spec.lua", {
+      { function() saved:enqueue{ target = "t", method = "m" } end, "tx:enqueue: this transaction has ended" },
+      { function() saved:exec("DELETE FROM effects") end, "tx:exec: this transaction has ended" },
+      { function() inner_saved:query("SELECT 1") end, "tx:query: this transaction has ended" },
+      { function() saved:enqueue_many{} end, "tx:enqueue_many: this transaction has ended" },
+    })
+    local err
+    local status = tide.run(function()
+      local handed = {}
+      local owner = tide.spawn(function()
+        q:transaction(function(tx)
+          handed.tx = tx
+          tide.sleep(40)
+          tx:exec("INSERT INTO effects (task, step) VALUES (1, 1)")
+        end)
+      end)
+      local thief = tide.spawn(function()
+        while not handed.tx do tide.sleep(1) end
+        local ok, e = pcall(handed.tx.exec, handed.tx, "INSERT INTO effects (task, step) VALUES (2, 2)")
+        err = not ok and e
+      end)
+      thief:await()
+      owner:await()
+    end)
+    assert.equal("ok", status)
+    assert.matches("tx:exec: this transaction belongs to tide%.Task %d+ %(running%), not to the caller$", tostring(err))
+    assert.equal(0, q:stats().total)
+    local rows = q:transaction(function(tx) return tx:query("SELECT task FROM effects") end)
+    assert.same({ { task = 1 } }, rows)
+    assert.equal(0, #q:list{})
+  end)
+
+  it("makes a waiter give up with 'pool exhausted' after pool_timeout, and counts the pool in q:stats()", function()
+    q:close()
+    q = tide.queue.open(url, { pool = pg and 2 or nil, pool_timeout = 100 })
+    local size = pg and 2 or 1
+    local err, mid
+    local status = tide.run(function()
+      local holders = {}
+      for i = 1, size do
+        holders[i] = tide.spawn(function()
+          q:transaction(function()
+            tide.sleep(50)
+            if i == 1 then mid = q:stats().pool end   -- (inside its transaction: on its own session)
+            tide.sleep(250)
+          end)
+        end)
+      end
+      tide.sleep(20)
+      local t0 = tide.now()
+      local ok, e = pcall(q.enqueue, q, { target = "t", method = "m" })
+      err = not ok and e
+      assert.is_true(tide.now() - t0 >= 90)
+      for _, t in ipairs(holders) do t:await() end
+    end)
+    assert.equal("ok", status)
+    assert.equal(("q:enqueue: %s: pool exhausted: %d connection%s busy for 100 ms")
+      :format(url, size, size == 1 and "" or "s"), err)
+    assert.same({ size = size, open = size, busy = size, waiting = 1 }, mid)
+    assert.same({ size = size, open = size, busy = 0, waiting = 0 }, q:stats().pool)
+  end)
+
+  it("binds strings with NUL bytes whole: exact where the column takes bytes, refused (never cut) where it takes text", function()
+    local blob = pg and "bytea" or "BLOB"
+    q:transaction(function(tx)
+      tx:exec("DROP TABLE IF EXISTS bins")
+      tx:exec("CREATE TABLE bins (b " .. blob .. ", t TEXT)")
+      tx:exec("INSERT INTO bins (b) VALUES (?)", "ab\0cd\255")
+    end)
+    local got = q:transaction(function(tx) return tx:query("SELECT b FROM bins")[1].b end)
+    assert.equal("ab\0cd\255", got)
+    local ok, err = pcall(q.transaction, q, function(tx) tx:exec("INSERT INTO bins (t) VALUES (?)", "ab\0cd") end)
+    if pg then
+      assert.is_false(ok)
+      assert.matches("invalid byte sequence for encoding \"UTF8\": 0x00 %(SQLSTATE 22021%)", err)
+    else
+      assert.is_true(ok, err)
+      local t = q:transaction(function(tx) return tx:query("SELECT t FROM bins WHERE t IS NOT NULL")[1].t end)
+      assert.equal("ab\0cd", t)
+    end
+  end)
+
+  if pg then
+    it("discards a connection broken mid-transaction: the transaction fails, no statement runs outside it", function()
+      local admin = require("tide.jobs.store.postgres").connect(url)
+      local errs = {}
+      local status = tide.run(function()
+        local ok, err = pcall(q.transaction, q, function(tx)
+          tx:exec("INSERT INTO effects (task, step) VALUES (1, 1)")
+          local pid = tx:query("SELECT pg_backend_pid() AS pid")[1].pid
+          admin:query("SELECT pg_terminate_backend($1)", pid)
+          tide.sleep(50)
+          errs[1] = select(2, pcall(tx.exec, tx, "INSERT INTO effects (task, step) VALUES (1, 2)"))
+          errs[2] = select(2, pcall(tx.exec, tx, "INSERT INTO effects (task, step) VALUES (1, 3)"))
+        end)
+        errs[3] = ok or err
+        q:transaction(function(tx) tx:exec("INSERT INTO effects (task, step) VALUES (2, 1)") end)
+      end)
+      admin:close()
+      assert.equal("ok", status)
+      assert.matches("connection lost", errs[1])
+      assert.equal(url .. ": connection lost during a transaction (the server rolled it back)", errs[2])
+      assert.matches("commit failed", tostring(errs[3]))
+      local rows = q:transaction(function(tx) return tx:query("SELECT task, step FROM effects") end)
+      assert.same({ { task = 2, step = 1 } }, rows)
+    end)
+  end
+end)
+end
