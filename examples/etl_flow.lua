@@ -39,7 +39,7 @@ local retries, children_done = 0, 0
 local flow = tide.flow{
   name = "etl", fail = "stop", timeout = 10000,
   tasks = {
-    fetch = { run = fetch, timeout = 1000, retry = { attempts = 5, backoff = "exponential", base = 10 } },
+    fetch = { run = fetch, timeout = 1000, retry = { max_attempts = 5, backoff = "exponential", base = 10 } },
     parse = { after = "fetch", max_concurrency = 4, exit_on_failed = false, each = parse_line,
               items = function(ctx)
                 local lines = {}

@@ -61,7 +61,7 @@ local function on_result(status, value, task)
   end
 end
 
-local pool = tide.pool{ size = SIZE, queue_limit = N }
+local pool = tide.pool{ concurrency = SIZE, queue_limit = N }
 
 -- ===== submission: returns at once
 

@@ -276,7 +276,7 @@ describe("tide.consumer on the " .. K.name .. " source", function()
       end
       local c = tide.consumer{ source = src, prefetch = 4, poll = 2,
                                handler = { run = function(body) tide.sleep(5); done[body] = true end } }
-      local t = tide.spawn{ retry = { attempts = 3, base = 1 }, run = function() return c:run() end }
+      local t = tide.spawn{ retry = { max_attempts = 3, base = 1 }, run = function() return c:run() end }
       assert.is_true(wait_for(function()
         for i = 1, 12 do if not done[tostring(i)] then return false end end
         return true

@@ -106,9 +106,9 @@ describe("tide.flow", function()
     local tries = 0
     run(function()
       local f = tide.flow{ tasks = {
-        flaky = { retry = { attempts = 3, base = 1 }, run = function() tries = tries + 1; if tries < 3 then error("flaky") end return "ok" end },
+        flaky = { retry = { max_attempts = 3, base = 1 }, run = function() tries = tries + 1; if tries < 3 then error("flaky") end return "ok" end },
         slow = { timeout = 10, run = function() tide.sleep(1000) end },
-        kids = { timeout = 10, retry = { attempts = 2, base = 1 }, exit_on_failed = false,
+        kids = { timeout = 10, retry = { max_attempts = 2, base = 1 }, exit_on_failed = false,
                  items = function() return { 1, 50, 2 } end,
                  each = function(ms) tide.sleep(ms) return ms end },
       }, fail = "continue" }
@@ -305,7 +305,7 @@ describe("tide.flow", function()
     run(function()
       local f = tide.flow{ fail = "continue", on = on, tasks = {
         a = { run = function() return 1 end },
-        r = { retry = { attempts = 2, base = 1 }, run = function() n = n + 1; if n < 2 then error("again") end end },
+        r = { retry = { max_attempts = 2, base = 1 }, run = function() n = n + 1; if n < 2 then error("again") end end },
         t = { timeout = 5, run = function() tide.sleep(100) end },
         bad = { run = function() error("x") end },
         dep = { after = "bad", run = function() end },
@@ -345,7 +345,7 @@ describe("tide.flow", function()
         local mine = attempt
         for i = 1, 6 do tide.sleep(10); ticks[#ticks + 1] = mine .. "@" .. i end
       end } } }
-      local outer = tide.flow{ tasks = { n = { flow = inner, timeout = 25, retry = { attempts = 2, base = 1 } } } }
+      local outer = tide.flow{ tasks = { n = { flow = inner, timeout = 25, retry = { max_attempts = 2, base = 1 } } } }
       outer:run()
     end)
     for _, t in ipairs(ticks) do

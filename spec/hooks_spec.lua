@@ -41,7 +41,7 @@ describe("hooks on a task's end", function()
     local seen = {}
     local kept, removed = function(t) seen[#seen + 1] = "kept " .. t.attempts end, function() seen[#seen + 1] = "removed" end
     tide.run(function()
-      local t = tide.spawn{ retry = { attempts = 3, base = 1 }, run = function()
+      local t = tide.spawn{ retry = { max_attempts = 3, base = 1 }, run = function()
         local me = tide.current()
         S.on_attempt_end(me, kept)
         S.on_attempt_end(me, removed)
@@ -56,7 +56,7 @@ describe("hooks on a task's end", function()
   it("let a pool slot and a consumer both clean up after the same task", function()
     local src = tide.sources.memory{ prefetch = 5, messages = { 1, 2, 3, 4, 5, 6, 7, 8 } }
     local c = tide.consumer{ source = src, prefetch = 5, handler = { run = function() tide.sleep(1000) end } }
-    local p = tide.pool{ size = 1 }
+    local p = tide.pool{ concurrency = 1 }
     tide.run(function()
       local t = p:submit(function() return c:run() end)
       tide.sleep(50)

@@ -45,7 +45,7 @@ describe("the loop", function()
       local tide = require "tide"
       tide.run(function()
         tide.after(1, function() end)
-        local p = tide.pool{ size = 2 }
+        local p = tide.pool{ concurrency = 2 }
         for i = 1, 10 do p:submit(tide.sleep, i) end
         p:drain()
       end)

@@ -49,10 +49,10 @@ describe("tide.metrics", function()
       tide.spawn(function() error("x") end)
       tide.spawn{ run = function() tide.sleep(1000) end, timeout = 5 }
       tide.spawn(function() tide.sleep(1000) end):cancel()
-      tide.spawn{ run = function() error("again") end, retry = { attempts = 2, base = 1 } }
+      tide.spawn{ run = function() error("again") end, retry = { max_attempts = 2, base = 1 } }
       tide.spawn{ run = function() end, handle_result = function() error("callback fails") end }
       assert.equal("ok", (tide.spawn{ mode = "thread", run = function() return 1 end }:await()))
-      local p = tide.pool{ size = 2, name = "workers" }
+      local p = tide.pool{ concurrency = 2, name = "workers" }
       for _ = 1, 4 do p:submit(function() tide.sleep(1) end) end
       p:drain()
       src = tide.sources.memory{ prefetch = 5, messages = { 1, 2, 3, 4, 5, 6 } }

@@ -32,7 +32,7 @@ describe("exactly one outcome", function()
     math.randomseed(7)
     local N = 10000
     local calls, first_status, awaited, kinds = {}, {}, {}, {}
-    local pool = tide.pool{ size = 200, queue_limit = N }
+    local pool = tide.pool{ concurrency = 200, queue_limit = N }
     local status = tide.run(function()
       local tasks = {}
       for i = 1, N do
@@ -41,7 +41,7 @@ describe("exactly one outcome", function()
         local spec = {
           run = body(kind, { n = 0 }),
           timeout = (kind == "timeout") and math.random(1, 5) or nil,
-          retry = (kind == "retry_ok" or kind == "retry_fail") and { attempts = 3, base = 1, max = 2 } or nil,
+          retry = (kind == "retry_ok" or kind == "retry_fail") and { max_attempts = 3, base = 1, max = 2 } or nil,
           handle_result = function(s)
             calls[i] = (calls[i] or 0) + 1
             first_status[i] = first_status[i] or s

@@ -9,7 +9,7 @@ describe("tide.pool", function()
   it("runs at most `size` tasks at once, and does reach it", function()
     local running, max_running, done = 0, 0, 0
     tide.run(function()
-      local p = tide.pool{ size = 4 }
+      local p = tide.pool{ concurrency = 4 }
       for _ = 1, 40 do
         p:submit(function()
           running = running + 1
@@ -30,7 +30,7 @@ describe("tide.pool", function()
   it("returns tasks at once, in submission order for the queue", function()
     local order = {}
     tide.run(function()
-      local p = tide.pool{ size = 1 }
+      local p = tide.pool{ concurrency = 1 }
       local t0 = tide.now()
       local tasks = {}
       for i = 1, 5 do tasks[i] = p:submit(function() order[#order + 1] = i; tide.sleep(1) end) end
@@ -44,7 +44,7 @@ describe("tide.pool", function()
 
   it("fails with 'queue full' past queue_limit, and recovers when the queue drains", function()
     tide.run(function()
-      local p = tide.pool{ size = 2, queue_limit = 3 }
+      local p = tide.pool{ concurrency = 2, queue_limit = 3 }
       for _ = 1, 5 do assert.is_table(p:submit(tide.sleep, 5)) end
       local t, err = p:submit(tide.sleep, 5)
       assert.is_nil(t)
@@ -57,7 +57,7 @@ describe("tide.pool", function()
 
   it("frees a slot when a task fails, times out or is cancelled", function()
     tide.run(function()
-      local p = tide.pool{ size = 1 }
+      local p = tide.pool{ concurrency = 1 }
       local a = p:submit{ run = function() tide.sleep(1000) end, timeout = 5 }
       local b = p:submit(function() error("x") end)
       local c = p:submit(function() tide.sleep(1000) end)
@@ -76,7 +76,7 @@ describe("tide.pool", function()
   it("cancels a queued task without running it, and without using a slot", function()
     local ran = false
     tide.run(function()
-      local p = tide.pool{ size = 1 }
+      local p = tide.pool{ concurrency = 1 }
       p:submit(tide.sleep, 5)
       local queued = p:submit(function() ran = true end)
       assert.is_true(queued:cancel())
@@ -89,7 +89,7 @@ describe("tide.pool", function()
   it("keeps the slot through retries", function()
     local running, max_running = 0, 0
     tide.run(function()
-      local p = tide.pool{ size = 2 }
+      local p = tide.pool{ concurrency = 2 }
       for _ = 1, 6 do
         p:submit{ run = function()
             running = running + 1
@@ -97,7 +97,7 @@ describe("tide.pool", function()
             tide.sleep(1)
             running = running - 1
             error("again")
-          end, retry = { attempts = 3, base = 1 } }
+          end, retry = { max_attempts = 3, base = 1 } }
       end
       local st = p:drain()
       assert.equal(6, st.error)
@@ -107,7 +107,7 @@ describe("tide.pool", function()
 
   it("drain returns nil, 'timeout' when its limit passes", function()
     tide.run(function()
-      local p = tide.pool{ size = 1 }
+      local p = tide.pool{ concurrency = 1 }
       p:submit(tide.sleep, 50)
       local st, err = p:drain(5)
       assert.is_nil(st)
@@ -118,7 +118,7 @@ describe("tide.pool", function()
 
   it("describes itself", function()
     tide.run(function()
-      local p = tide.pool{ size = 3, name = "io" }
+      local p = tide.pool{ concurrency = 3, name = "io" }
       p:submit(tide.sleep, 1)
       assert.equal("tide.Pool 'io' (1/3 running, 0 waiting)", tostring(p))
       p:drain()

@@ -17,7 +17,7 @@ local function attempts_at(policy, fails)
         return "done"
       end,
       retry = policy,
-      on_retry = function(attempt, status, value) hooks[#hooks + 1] = { attempt, status, value } end,
+      on_retry = function(ev) hooks[#hooks + 1] = { ev.attempt, ev.status, ev.error } end,
     }
     t:await()
   end)
@@ -54,7 +54,7 @@ describe("retry", function()
     local t
     tide.run(function()
       t = tide.spawn{ run = function() if #calls == 0 and (t.attempts < 3) then error("not yet") end return "ok!" end,
-                      retry = { attempts = 5, base = 1 },
+                      retry = { max_attempts = 5, base = 1 },
                       handle_result = function(s, v) calls[#calls + 1] = s .. ":" .. v end }
     end)
     assert.same({ "ok:ok!" }, calls)
@@ -62,7 +62,7 @@ describe("retry", function()
   end)
 
   it("waits the backoff between attempts (exponential, base 20)", function()
-    local t, starts, hooks = attempts_at({ attempts = 4, backoff = "exponential", base = 20 }, 3)
+    local t, starts, hooks = attempts_at({ max_attempts = 4, backoff = "exponential", base = 20 }, 3)
     assert.equal("ok", t:status())
     assert.equal(4, #starts)
     local expect = { 20, 40, 80 }
@@ -76,7 +76,7 @@ describe("retry", function()
   end)
 
   it("gives up after the last attempt with the last error", function()
-    local t, starts = attempts_at({ attempts = 3, backoff = "fixed", base = 1 }, 10)
+    local t, starts = attempts_at({ max_attempts = 3, backoff = "fixed", base = 1 }, 10)
     assert.equal("error", t:status())
     assert.equal(3, t.attempts)
     assert.equal(3, #starts)
@@ -88,7 +88,7 @@ describe("retry", function()
     local t
     tide.run(function()
       t = tide.spawn{ run = function() n = n + 1; if n < 3 then tide.sleep(1000) end return n end,
-                      timeout = 10, retry = { attempts = 3, base = 1 } }
+                      timeout = 10, retry = { max_attempts = 3, base = 1 } }
       t:await()
     end)
     assert.equal("ok", t:status())
@@ -98,7 +98,7 @@ describe("retry", function()
   it("retries only the statuses listed in `on`", function()
     local t
     tide.run(function()
-      t = tide.spawn{ run = function() tide.sleep(1000) end, timeout = 5, retry = { attempts = 3, base = 1, on = { "error" } } }
+      t = tide.spawn{ run = function() tide.sleep(1000) end, timeout = 5, retry = { max_attempts = 3, base = 1, on = { "error" } } }
       t:await()
     end)
     assert.equal("timeout", t:status())
@@ -108,7 +108,7 @@ describe("retry", function()
   it("never retries a cancel, even during backoff", function()
     local t
     tide.run(function()
-      t = tide.spawn{ run = function() error("x") end, retry = { attempts = 5, base = 50 } }
+      t = tide.spawn{ run = function() error("x") end, retry = { max_attempts = 5, base = 50 } }
       tide.sleep(10)
       assert.equal("retrying", t:status())
       t:cancel("stop")
@@ -122,7 +122,7 @@ describe("retry", function()
     tide.configure{ on_error = function() seen = seen + 1 end }
     local t
     tide.run(function()
-      t = tide.spawn{ run = function() error("x") end, retry = { attempts = 2, base = 1 },
+      t = tide.spawn{ run = function() error("x") end, retry = { max_attempts = 2, base = 1 },
                       on_retry = function() error("hook broke") end }
       t:await()                                 -- heard: only the hook's error is reported
     end)

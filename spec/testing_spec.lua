@@ -39,7 +39,7 @@ describe("tide.testing.clock", function()
     local function scenario(clock)
       local attempts, status, value
       tide.run(function()
-        local t = tide.spawn{ timeout = 50, retry = { attempts = 4, base = 20, backoff = "exponential" },
+        local t = tide.spawn{ timeout = 50, retry = { max_attempts = 4, base = 20, backoff = "exponential" },
           run = function()
             attempts = (attempts or 0) + 1
             if attempts < 4 then tide.sleep(1000) end          -- times out

@@ -121,7 +121,7 @@ describe("thread mode", function()
             return k
           end,
           timeout = (kind == 3) and 20 or nil,
-          retry = (kind == 2) and { attempts = 2, base = 1 } or nil,
+          retry = (kind == 2) and { max_attempts = 2, base = 1 } or nil,
           handle_result = function(s) calls[i] = (calls[i] or 0) + 1; assert(s == expect[i], s) end,
         }
         if kind == 4 then tide.spawn(function() tide.sleep(math.random(0, 20)); ts[i]:cancel() end) end
@@ -198,7 +198,7 @@ describe("thread mode", function()
 
   it("runs a thread pool: submit with the pool's mode", function()
     tide.run(function()
-      local p = tide.pool{ size = 3, mode = "thread" }
+      local p = tide.pool{ concurrency = 3, mode = "thread" }
       for i = 1, 30 do p:submit(function(x) return x * x end, i) end
       local st = p:drain()
       assert.equal(30, st.ok)

@@ -41,7 +41,7 @@ describe("a failure nobody heard", function()
 
   it("is reported for a pool task nobody awaited, but not for flow nodes or jobs' tasks", function()
     tide.run(function()
-      local p = tide.pool{ size = 2 }
+      local p = tide.pool{ concurrency = 2 }
       p:submit(function() error("in the pool", 0) end)
       local f = tide.flow{ fail = "continue", tasks = { a = { run = function() error("in a flow") end },
                                                         b = { items = function() return { 1 } end, each = function() error("child") end } } }

@@ -472,7 +472,9 @@ describe("tide.worker on " .. store.name, function()
       { function() tide.worker{ queue = q, targets = { t = { mode = "fork" } } } end,
         "tide.worker: bad option 'mode' ('coroutine' or 'thread' expected, got string \"fork\")" },
       { function() tide.worker{ queue = q, retry = { attempts = 3 } } end,
-        "tide.worker: retry.attempts is not used here (a job's max_attempts counts its attempts)" },
+        "tide.worker: retry.attempts is not used here (each job's own max_attempts, given at enqueue, counts its attempts)" },
+      { function() tide.worker{ queue = q, retry = { max_attempts = 3 } } end,
+        "tide.worker: retry.max_attempts is not used here (each job's own max_attempts, given at enqueue, counts its attempts)" },
       { function() tide.worker{ queue = q, retry = { base = -5 } } end,
         "tide.worker: bad option 'retry.base' (non-negative number of ms expected, got number -5)" },
     })

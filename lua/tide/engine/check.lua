@@ -79,6 +79,46 @@ function M.known(fname, opts, allowed, prefix, level)
   end
 end
 
+-- ===== deprecated names (kept one release; see README "Vocabulary")
+
+local warned = {}            -- call sites already told
+
+--- Says once per call site (the user's file:line at `level`) that `what`
+--- is deprecated, through the error sink as a warning (not an error).
+function M.deprecate(what, level)
+  local info = debug.getinfo((level or 2) + 1, "Sl")
+  local site = info and (info.short_src .. ":" .. (info.currentline or 0)) or "?"
+  local key = site .. " " .. what
+  if warned[key] then return end
+  warned[key] = true
+  require("tide.engine.log").warn("deprecated at " .. site, what .. " (the old name goes in the next release)")
+end
+
+--- The value of option `new` in opts, taking the deprecated name `old`
+--- too (with a warning); both at once is an error.
+function M.renamed(fname, opts, old, new, level, prefix)
+  local v = opts[old]
+  if v == nil then return opts[new] end
+  prefix = prefix or ""
+  if opts[new] ~= nil then
+    error(("%s: give '%s%s', not both it and '%s%s' (its old name)"):format(fname, prefix, new, prefix, old), (level or 2) + 1)
+  end
+  M.deprecate(("%s: option '%s%s' is now called '%s%s'"):format(fname, prefix, old, prefix, new), (level or 2) + 1)
+  return v
+end
+
+--- True when fn takes two parameters or more: a hook written for the old
+--- positional form, which is called that way one release more (with a
+--- warning at `level`); a hook of one parameter takes the event table.
+function M.positional_hook(fname, key, fn, level)
+  local info = debug.getinfo(fn, "u")
+  if info.nparams < 2 then return false end
+  M.deprecate(("%s: option '%s' now receives one event table (ev.%s); a function of %d parameters is "
+               .. "called the old way"):format(fname, key, key == "on_retry" and "attempt, ev.status, ev.error, ev.task"
+               or "supervisor, ev.reason", info.nparams), (level or 2) + 1)
+  return true
+end
+
 --- "a, b or c" for messages, from a set.
 function M.choices(set)
   local t = {}

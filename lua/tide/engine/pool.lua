@@ -1,6 +1,6 @@
---- tide.engine.pool — bounded concurrency: submit never blocks, at most `size` tasks run at once.
+--- tide.engine.pool — bounded concurrency: submit never blocks, at most `concurrency` tasks run at once.
 --
--- Tasks beyond `size` wait in a FIFO queue of at most `queue_limit`; past it,
+-- Tasks beyond `concurrency` wait in a FIFO queue of at most `queue_limit`; past it,
 -- submit returns nil and a "queue full" message (the caller decides: drop,
 -- retry later, or slow down).  A task keeps its slot through retries and
 -- their backoff; the slot is freed when the task reaches its outcome.
@@ -17,23 +17,25 @@ M.live = setmetatable({}, { __mode = "k" })   -- every pool not yet collected (f
 local Pool = {}
 local Pool_mt = { __index = Pool, __tostring = function(p)
   return ("tide.Pool%s (%d/%d running, %d waiting)")
-    :format(p.name and (" '" .. p.name .. "'") or "", p.running, p.size, p.waiting)
+    :format(p.name and (" '" .. p.name .. "'") or "", p.running, p.concurrency, p.waiting)
 end }
 
-local KEYS = { size = true, queue_limit = true, mode = true, name = true }
+local KEYS = { concurrency = true, size = true, queue_limit = true, mode = true, name = true }
 
---- tide.engine.pool{ size = 10, queue_limit = 10000, mode = "coroutine", name = "..." }
+--- tide.pool{ concurrency = 10, queue_limit = 10000, mode = "coroutine", name = "..." }
+--- (`size` is the deprecated name of concurrency.)
 function M.new(opts)
   if opts == nil then opts = {} end
   if type(opts) ~= "table" then arg_error("tide.pool", 1, "table", opts) end
   check.known("tide.pool", opts, KEYS)
-  local size, limit = opts.size or 10, opts.queue_limit or 10000
-  if not check.is_count(size, 1) then opt_error("tide.pool", "size", "integer >= 1", opts.size) end
+  local given = check.renamed("tide.pool", opts, "size", "concurrency")
+  local size, limit = given or 10, opts.queue_limit or 10000
+  if not check.is_count(size, 1) then opt_error("tide.pool", "concurrency", "integer >= 1", given) end
   if not check.is_count(limit) then opt_error("tide.pool", "queue_limit", "integer >= 0", opts.queue_limit) end
   task.check_mode("tide.pool", opts.mode, 2)
   if opts.name ~= nil and type(opts.name) ~= "string" then opt_error("tide.pool", "name", "string", opts.name) end
   local p = setmetatable({
-    size = size, queue_limit = limit, name = opts.name, mode = opts.mode or "coroutine",
+    concurrency = size, queue_limit = limit, name = opts.name, mode = opts.mode or "coroutine",
     running = 0, waiting = 0, outstanding = 0, submitted = 0,
     queue = {}, qhead = 1, qtail = 0, filling = false, drainers = {},
     ok = 0, error = 0, timeout = 0, cancelled = 0,
@@ -61,7 +63,7 @@ local function fill(p)
   if p.filling then return end
   p.filling = true
   local q = p.queue
-  while p.running < p.size and p.qhead <= p.qtail do
+  while p.running < p.concurrency and p.qhead <= p.qtail do
     local t = q[p.qhead]
     q[p.qhead], p.qhead = nil, p.qhead + 1
     if S.state(t) == "pending" then
@@ -96,7 +98,7 @@ end
 --- "pool:submit: queue full ..." when `queue_limit` tasks already wait.
 function Pool.submit(p, spec, ...)
   check_pool("pool:submit", p)
-  if p.running >= p.size and p.waiting >= p.queue_limit then
+  if p.running >= p.concurrency and p.waiting >= p.queue_limit then
     return nil, ("pool:submit: queue full (%d waiting, queue_limit %d)"):format(p.waiting, p.queue_limit)
   end
   local t = make_task("pool:submit", p.mode, spec, ...)
@@ -104,7 +106,7 @@ function Pool.submit(p, spec, ...)
   o.pool = p
   S.on_finish(t, release)
   p.outstanding, p.submitted = p.outstanding + 1, p.submitted + 1
-  if p.running < p.size then
+  if p.running < p.concurrency then
     start_in_slot(p, t)
   else
     p.waiting = p.waiting + 1
@@ -134,10 +136,11 @@ function Pool.drain(p, timeout_ms)
   return p:stats()
 end
 
---- Counters: size, running, waiting, submitted, and outcomes so far.
+--- Counters: concurrency, running, waiting, submitted, and outcomes so far
+--- (`size`: the same as concurrency, under its deprecated name).
 function Pool.stats(p)
   check_pool("pool:stats", p)
-  return { size = p.size, running = p.running, waiting = p.waiting, submitted = p.submitted,
+  return { concurrency = p.concurrency, size = p.concurrency, running = p.running, waiting = p.waiting, submitted = p.submitted,
            ok = p.ok, error = p.error, timeout = p.timeout, cancelled = p.cancelled }
 end
 

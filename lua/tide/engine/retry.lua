@@ -6,7 +6,7 @@ local M = {}
 
 local BACKOFF = { fixed = true, linear = true, exponential = true }
 local ON = { error = true, timeout = true }
-local KEYS = { attempts = true, backoff = true, base = true, max = true, jitter = true, on = true }
+local KEYS = { max_attempts = true, attempts = true, backoff = true, base = true, max = true, jitter = true, on = true }
 
 local function bad(fname, key, expected, v, level, prefix)
   check.opt_error(fname, (prefix or "") .. "retry." .. key, expected, v, level + 1)
@@ -33,11 +33,12 @@ function M.policy(fname, r, level, prefix)
   local pre = prefix or ""
   if type(r) ~= "table" then check.opt_error(fname, pre .. "retry", "table", r, level) end
   check.known(fname, r, KEYS, pre .. "retry.", level)
-  local p = {
-    attempts = r.attempts or 3, backoff = r.backoff or "exponential",
+  local given = check.renamed(fname, r, "attempts", "max_attempts", level, pre .. "retry.")
+  local p = {                -- (p.attempts: max_attempts, under the engine's own name)
+    attempts = given or 3, backoff = r.backoff or "exponential",
     base = r.base or 100, max = r.max or 10000, jitter = r.jitter or false,
   }
-  if not check.is_count(p.attempts, 1) then bad(fname, "attempts", "integer >= 1", r.attempts, level, prefix) end
+  if not check.is_count(p.attempts, 1) then bad(fname, "max_attempts", "integer >= 1", given, level, prefix) end
   if not BACKOFF[p.backoff] then bad(fname, "backoff", check.choices(BACKOFF), r.backoff, level, prefix) end
   if not check.is_ms(p.base) then bad(fname, "base", "non-negative number of ms", r.base, level, prefix) end
   if not check.is_ms(p.max) or p.max < p.base then

@@ -512,7 +512,10 @@ function settle(t, status, ...)
     end_attempt(t)
     t._state = "retrying"
     stats.retries = stats.retries + 1
-    if o.on_retry then callback("on_retry", t, o.on_retry, t.attempts, status, (...)) end
+    if o.on_retry then
+      if o.on_retry_positional then callback("on_retry", t, o.on_retry, t.attempts, status, (...))
+      else callback("on_retry", t, o.on_retry, { task = t, attempt = t.attempts, status = status, error = (...) }) end
+    end
     if t._state == "retrying" then      -- the hook may have cancelled it
       o.timer = timer(retry.delay(p, t.attempts), backoff_over, t)   -- the deadline's slot is free
     end

@@ -91,6 +91,7 @@ local function make_task(fname, default_mode, spec, ...)
   local o = S.options(t)
   o.name = spec.name
   o.timeout, o.retry, o.handle_result, o.on_retry = spec.timeout, policy, handle_result, on_retry
+  if on_retry and check.positional_hook(fname, "on_retry", on_retry, 3) then o.on_retry_positional = true end
   return t
 end
 M.make_task = make_task

@@ -7,7 +7,7 @@
 --   it("retries with backoff", function()
 --     local clock = testing.clock()       -- tide.now() stops moving by itself
 --     tide.run(function()
---       local t = tide.spawn{ run = flaky, retry = { attempts = 10, base = 1000, max = 600000 } }
+--       local t = tide.spawn{ run = flaky, retry = { max_attempts = 10, base = 1000, max = 600000 } }
 --       clock:advance(3600000)             -- an hour passes in milliseconds of real time
 --       assert.equal("ok", t:status())
 --     end)

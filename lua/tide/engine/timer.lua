@@ -42,30 +42,32 @@ local function new_timer(fname, ms, fn, every)
     arg_error(fname, 1, every and "positive number of ms" or "non-negative number of ms", ms, 3)
   end
   if type(fn) ~= "function" then arg_error(fname, 2, "function", fn, 3) end
-  if S.shutting_down() then error(fname .. ": the loop is shutting down", 3) end
+  if S.shutting_down() then return nil, fname .. ": the loop is shutting down" end
   local tm = setmetatable({ ms = ms, fn = fn, every = every, key = false }, Timer_mt)
   tm.key = S.timer(ms, fire, tm)
   return tm
 end
 
 --- Runs fn(timer) as a task once, `ms` from now.  Returns a timer.
+--- During a shutdown: nil and a message (nothing new starts).
 function M.after(ms, fn)
-  local tm = new_timer("tide.after", ms, fn, false)   -- not a tail call: errors blame the caller
-  return tm
+  local tm, err = new_timer("tide.after", ms, fn, false)   -- not a tail call: errors blame the caller
+  return tm, err
 end
 
 --- Runs fn(timer) as a task every `ms` until timer:stop().
 function M.every(ms, fn)
-  local tm = new_timer("tide.every", ms, fn, true)
-  return tm
+  local tm, err = new_timer("tide.every", ms, fn, true)
+  return tm, err
 end
 
---- Stops the timer; true when it was still pending.
+--- Stops the timer: true, or nil and a message when it was not pending
+--- (a tide.after that fired, a timer stopped before).
 function Timer.stop(tm)
   if getmetatable(tm) ~= Timer_mt then
     error(("timer:stop: bad self (timer expected, got %s)"):format(check.describe(tm)), 2)
   end
-  if not tm.key then return false end
+  if not tm.key then return nil, "timer:stop: the timer is not pending (it fired, or was stopped)" end
   S.untimer(tm.key)
   tm.key = false
   return true

@@ -354,8 +354,8 @@ end
 -- Not inside start_node: a closure there would make every return from it
 -- close upvalues, which LuaJIT 2.1 cannot compile.
 local function retry_hook(run, node)
-  return function(attempt, status, value)
-    hook(run, "task_retry", { task = node.name, attempt = attempt, status = status, error = value })
+  return function(ev)
+    hook(run, "task_retry", { task = node.name, attempt = ev.attempt, status = ev.status, error = ev.error })
   end
 end
 

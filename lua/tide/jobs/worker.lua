@@ -104,10 +104,13 @@ local DEFAULT_RETRY = { backoff = "exponential", base = 1000, max = 3600000, jit
 
 local function check_retry(fname, key, r, level)
   if type(r) ~= "table" then opt_error(fname, key, "table", r, level + 1) end
-  if r.attempts ~= nil then
-    error(fname .. ": " .. key .. ".attempts is not used here (a job's max_attempts counts its attempts)", level + 1)
+  for _, k in ipairs{ "max_attempts", "attempts" } do
+    if r[k] ~= nil then
+      error(("%s: %s.%s is not used here (each job's own max_attempts, given at enqueue, counts its attempts)")
+        :format(fname, key, k), level + 1)
+    end
   end
-  local full = { attempts = 1 }
+  local full = { max_attempts = 1 }
   for k, v in pairs(DEFAULT_RETRY) do full[k] = v end
   for k, v in pairs(r) do full[k] = v end
   local policy = retry.policy(fname, full, level + 1)   -- not a tail call: errors blame the caller

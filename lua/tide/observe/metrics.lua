@@ -139,7 +139,7 @@ local function pools(o)
     local name = p.name or ""
     local g = by[name]
     if not g then g = { size = 0, running = 0, waiting = 0 }; by[name] = g end
-    g.size, g.running, g.waiting = g.size + p.size, g.running + p.running, g.waiting + p.waiting
+    g.size, g.running, g.waiting = g.size + p.concurrency, g.running + p.running, g.waiting + p.waiting
   end
   local names = sorted_keys(by)
   for _, f in ipairs{ { "size", "Slots of tide.pool pools (tasks that may run at once)." },

@@ -113,6 +113,7 @@ function M.new(opts)
   return setmetatable({
     name = opts.name or "supervisor", strategy = strategy, intensity = intensity, period = period,
     on_give_up = opts.on_give_up, cooldown = cooldown, specs = children, ids = ids,
+    on_give_up_positional = opts.on_give_up and check.positional_hook(fname, "on_give_up", opts.on_give_up, 2) or nil,
     state = "stopped", children = {}, restarts = {}, mailbox = {}, waiting = false,
     task = nil, parent = nil, gave_up = 0,
   }, Sup_mt)
@@ -339,7 +340,9 @@ function run_supervisor(sup)
     end
     local decision = "restart"
     if sup.on_give_up then
-      local hook_ok, d = pcall(sup.on_give_up, sup, err)
+      local hook_ok, d
+      if sup.on_give_up_positional then hook_ok, d = pcall(sup.on_give_up, sup, err)
+      else hook_ok, d = pcall(sup.on_give_up, { supervisor = sup, reason = err }) end
       if not hook_ok then log.report("on_give_up of " .. tostring(sup), d, d) end
       if hook_ok and d == "stop" then decision = "stop" end
     end
