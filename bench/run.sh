@@ -2,6 +2,9 @@
 # bench/run.sh — prints the machine, then runs every bench/*.lua against $BUILD/tide.so.
 # Run from the repository root (`make bench` does): BUILD=build sh bench/run.sh
 # Names run only those files: `sh bench/run.sh queue` runs bench/queue.lua.
+# bench/peers.lua runs the Node peers of bench/peers/ beside tide (when node or
+# nodejs is installed; "not installed" otherwise), with the 2-process control.
+# Instruction counts per task: sh bench/cg/run.sh WORKLOAD (callgrind).
 BUILD=${BUILD:-build}
 LUAJIT=${LUAJIT:-luajit}
 

@@ -1,11 +1,11 @@
--- bench/cg.lua — one workload of N units, for counting instructions under callgrind.
+-- bench/cg/workload.lua — one workload of N units, for counting instructions under callgrind.
 --
---   valgrind --tool=callgrind --separate-threads=yes luajit bench/cg.lua WORKLOAD N
+--   valgrind --tool=callgrind --separate-threads=yes luajit bench/cg/workload.lua WORKLOAD N
 --
--- bench/cg.sh runs it at two sizes and prints the instructions per unit of
+-- bench/cg/run.sh runs it at two sizes and prints the instructions per unit of
 -- the loop thread (the difference over the difference in N: start-up and
 -- the pool's threads do not count).  Workloads: spawn, sleep, after,
--- thread, flow_define, flow_run.
+-- thread, flow_tasks, flow_define, flow_run.
 local tide = require "tide"
 
 local workload, N = arg[1], tonumber(arg[2])
@@ -54,6 +54,10 @@ local function layered_tasks()
   return tasks
 end
 
+function W.flow_tasks()                 -- the graph's table alone: subtract it from flow_define
+  layered_tasks()
+end
+
 function W.flow_define()
   local tasks = layered_tasks()
   tide.flow{ name = "layered", tasks = tasks }
@@ -70,6 +74,6 @@ if workload == "thread" then
 elseif workload == "flow_run" then
   flow = tide.flow{ name = "layered", tasks = layered_tasks() }
 end
-assert(W[workload], "bench/cg.lua: unknown workload " .. tostring(workload))
+assert(W[workload], "bench/cg/workload.lua: unknown workload " .. tostring(workload))
 local status, err = tide.run(W[workload])
 assert(status == "ok", tostring(err))

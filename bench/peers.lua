@@ -1,0 +1,187 @@
+-- bench/peers.lua — tide against Node on the same workloads, in the same run: tide, peer, ratio.
+--
+-- Each workload runs in a fresh process for each side: "cold" is its first
+-- run there, "warm" the best of the next ones.  The Node scripts are in
+-- bench/peers/ and run when `node` (or Debian's `nodejs`) is installed;
+-- otherwise the peer column says "not installed".  A ratio below 1 means
+-- tide is faster.  The load average is printed before and after: on a
+-- shared machine, figures taken under load are slower on both sides.
+--
+--   LUA_CPATH="build/?.so;;" luajit bench/peers.lua            (bench/run.sh peers)
+--   luajit bench/peers.lua one WORKLOAD                         (one tide sample, JSON)
+local tide = require "tide"
+
+local now = tide.now
+local interp = arg and arg[-1] or "luajit"
+local script = arg and arg[0] or "bench/peers.lua"
+local noop = function() return 1 end
+
+-- ===== tide's side of each workload: microseconds per unit
+
+local TASKS_N, SLEEP_N, THREAD_N, DAG_N, TIMER_N = 200000, 100000, 100000, 10000, 1000000
+
+local function per_unit(n, fn)
+  collectgarbage(); collectgarbage()
+  local t0 = now()
+  fn()
+  return (now() - t0) * 1000 / n
+end
+
+local function spawn_await(n, fn)
+  local ts = {}
+  for i = 1, n do ts[i] = tide.spawn(fn) end
+  for i = 1, n do ts[i]:await() end
+end
+
+local function sleeper() tide.sleep(1) end
+
+--- The DAG of bench/peers/dag.js: layers of 100, each node after 1-3 random
+--- nodes of the layer before (the same generator, so the same graph).
+local function dag_tasks(n)
+  local seed = 3
+  local function random(k) seed = (seed * 1103515245 + 12345) % 2147483648; return 1 + seed % k end
+  local tasks, width = {}, 100
+  for l = 0, n / width - 1 do
+    for w = 0, width - 1 do
+      local deps = {}
+      if l > 0 then
+        for _ = random(3), 1, -1 do deps[#deps + 1] = "n" .. ((l - 1) * width + random(width) - 1) end
+      end
+      tasks["n" .. (l * width + w)] = { after = deps, run = noop }
+    end
+  end
+  return tasks
+end
+
+local W = {}
+
+function W.tasks() return per_unit(TASKS_N, function() spawn_await(TASKS_N, noop) end) end
+function W.sleep() return per_unit(SLEEP_N, function() spawn_await(SLEEP_N, sleeper) end) end
+
+function W.threads()
+  return per_unit(THREAD_N, function()
+    local ts = {}
+    for i = 1, THREAD_N do ts[i] = tide.spawn{ mode = "thread", run = noop } end
+    for i = 1, THREAD_N do ts[i]:await() end
+  end)
+end
+
+local define_us
+function W.dag()
+  local tasks = dag_tasks(DAG_N)
+  local f
+  define_us = per_unit(DAG_N, function() f = tide.flow{ name = "dag", tasks = tasks } end)
+  return per_unit(DAG_N, function() assert(f:run() == "ok") end)
+end
+
+function W.timers()                        -- seconds for all of them
+  local seed = 1
+  local function random() seed = (seed * 1103515245 + 12345) % 2147483648; return seed / 2147483648 end
+  return per_unit(TIMER_N, function()
+    local fired = 0
+    local function cb() fired = fired + 1 end
+    for _ = 1, TIMER_N do tide.after(random() * 100, cb) end
+    while fired < TIMER_N do tide.sleep(1) end
+  end) * TIMER_N / 1e6
+end
+
+local WARM = { tasks = 3, sleep = 3, threads = 3, dag = 3, timers = 2 }
+
+--- One process's figures for a workload: { cold =, warm = } (and the DAG's define).
+local function sample(name)
+  if name == "threads" then tide.configure{ threads = 2 } end
+  local r = {}
+  local function run_once()
+    local status, v = tide.run(W[name])
+    if status ~= "ok" then error(("bench/peers.lua: %s ended %s: %s"):format(name, status, tostring(v))) end
+    return v
+  end
+  r.cold, r.define_cold = run_once(), define_us
+  for _ = 1, WARM[name] do
+    local v = run_once()
+    if not r.warm or v < r.warm then r.warm = v end
+    if define_us and (not r.define_warm or define_us < r.define_warm) then r.define_warm = define_us end
+  end
+  return r
+end
+
+if arg and arg[1] == "one" then
+  local r = sample(arg[2])
+  print(("{\"cold\":%.6f,\"warm\":%.6f,\"define_cold\":%.6f,\"define_warm\":%.6f}")
+    :format(r.cold, r.warm, r.define_cold or -1, r.define_warm or -1))
+  return
+end
+
+-- ===== running both sides
+
+local function shell_quote(s) return "'" .. s:gsub("'", [['\'']]) .. "'" end
+
+local function read_json(cmd)
+  local p = assert(io.popen(cmd .. " 2>&1"))
+  local out = p:read("*a")
+  p:close()
+  local r = {}
+  for k, v in out:gmatch('"([%w_]+)":(%-?[%d%.e%-]+)') do r[k] = tonumber(v) end
+  if not r.warm then error("bench/peers.lua: no figures from `" .. cmd .. "`:\n" .. out) end
+  return r
+end
+
+local function find_node()
+  for _, name in ipairs{ "node", "nodejs" } do
+    local p = io.popen("command -v " .. name .. " 2>/dev/null")
+    local path = p:read("*l")
+    p:close()
+    if path and path ~= "" then return path end
+  end
+end
+
+local function loadavg()
+  local f = io.open("/proc/loadavg")
+  if not f then return "unknown" end
+  local s = f:read("*l"); f:close()
+  return s:match("^(%S+ %S+ %S+)")
+end
+
+local node = find_node()
+local function tide_side(name) return read_json(shell_quote(interp) .. " " .. shell_quote(script) .. " one " .. name) end
+local function node_side(name, js)
+  if not node then return nil end
+  return read_json(shell_quote(node) .. " " .. shell_quote("bench/peers/" .. js))
+end
+
+print(("load average before: %s; Node: %s"):format(loadavg(), node or "not installed"))
+print(("%-44s %9s %9s %9s %9s %7s %7s"):format("workload (unit)", "tide cold", "warm", "peer cold", "warm", "cold", "warm"))
+local function row(label, t, p, key_cold, key_warm)
+  key_cold, key_warm = key_cold or "cold", key_warm or "warm"
+  if not p then
+    print(("%-44s %9.2f %9.2f %19s"):format(label, t[key_cold], t[key_warm], "not installed"))
+    return
+  end
+  print(("%-44s %9.2f %9.2f %9.2f %9.2f %7.2f %7.2f"):format(label, t[key_cold], t[key_warm],
+    p[key_cold], p[key_warm], t[key_cold] / p[key_cold], t[key_warm] / p[key_warm]))
+end
+
+row("200,000 trivial tasks in flight (us/task)", tide_side("tasks"), node_side("tasks", "tasks.js"))
+row("100,000 tasks that sleep 1 ms (us/task)", tide_side("sleep"), node_side("sleep", "sleep.js"))
+row("1,000,000 timers, 0-100 ms (s, all)", tide_side("timers"), node_side("timers", "timers.js"))
+row("thread round trip, 100,000 in flight (us)", tide_side("threads"), node_side("threads", "threads.js"))
+local td, nd = tide_side("dag"), node_side("dag", "dag.js")
+row("10,000-node DAG, define (us/node)", td, nd, "define_cold", "define_warm")
+row("10,000-node DAG, run (us/node)", td, nd)
+print("(ratio = tide / peer: below 1, tide is faster; peers: async functions, setTimeout, a 2-worker")
+print(" worker_threads pool with postMessage, a promise DAG whose define is building its node list)")
+
+-- ===== the control for a 2-thread speed-up: two plain luajit processes against one
+
+local burn = [[local x = 0 for i = 1, 2e8 do x = x + i % 7 end]]
+local function wall(cmd)
+  local t0 = now()
+  os.execute(cmd)
+  return now() - t0
+end
+local one_cmd = shell_quote(interp) .. " -e " .. shell_quote(burn)
+local t1 = wall(one_cmd)
+local t2 = wall(one_cmd .. " & " .. one_cmd .. " & wait")
+print(("control: one luajit process %.0f ms, two at once %.0f ms: 2-process speed-up %.2fx (2.00 = two free cores)")
+  :format(t1, t2, 2 * t1 / t2))
+print(("load average after: %s"):format(loadavg()))
