@@ -550,17 +550,38 @@ end
 local function run_task(t, co)
   current, in_callback = t, nil             -- a callback that yielded never leaks its state
   if type(co) == "number" then             -- the attempt's first resume: take a runner
+    local o = t._opt
+    if o and o.direct then return o.direct(t) end   -- no coroutine (see "direct tasks")
     if nidle > 0 then
       co, idle[nidle], nidle = idle[nidle], nil, nidle - 1
     else
       co = co_create(runner_loop)
     end
     t._co = co
-    local o = t._opt
     return after_resume(t, co, co_resume(co, t._fn, o and o.args))
   end
   return after_resume(t, co, co_resume(co))
 end
+
+-- ===== direct tasks: work done elsewhere, without a coroutine
+--
+-- A task whose options hold `direct` (a thread task: its work runs on
+-- another thread, nothing of it waits on the loop) takes no runner: each
+-- time its attempt is run from the run queue, direct(t) is called instead
+-- of a resume -- the first time to start the work, and again after
+-- S.ready(t), once the work came back, to settle the attempt (S.settle).
+-- Meanwhile t._co keeps the attempt's number, so an attempt that ended
+-- (timeout, cancel) is never run again; its on_attempt_end hook gives the
+-- work up, so that nothing calls S.ready for it later.
+
+--- Queues the current attempt of direct task t to run again (its work came back).
+function S.ready(t)
+  local co = t._co
+  if co then push(t, co) end
+end
+
+--- Ends the current attempt of t with `status` (a direct task's work came back).
+S.settle = settle
 
 -- ===== the virtual clock (tide.testing)
 --

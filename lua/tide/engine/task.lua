@@ -34,9 +34,7 @@ M.check_mode = check_mode
 
 local function thread_task(fname, run, args, level)
   local payload = thread.payload(fname, run, args, level + 1)
-  local t = new_task(thread.proxy, nil)
-  S.options(t).thread = payload
-  return t
+  return new_task(false, { thread = payload, direct = thread.direct })
 end
 
 --- Builds a pending task from `fn, ...` or an option table (shared by

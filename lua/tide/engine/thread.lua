@@ -1,9 +1,10 @@
---- tide.engine.thread — thread-mode tasks: a job on the thread pool, awaited by a coroutine on the loop.
+--- tide.engine.thread — thread-mode tasks: a job on the thread pool, settled on the loop without a coroutine.
 --
--- A thread task is an ordinary task whose function is `proxy`: it submits
--- the job (function and arguments as bytes), waits, and returns the decoded
--- results or raises the decoded error.  So timeouts, cancel, retries,
--- handle_result and await work as for coroutine tasks.  When an attempt ends
+-- A thread task is an ordinary task run "direct" (tide.engine.sched): its
+-- attempt submits the job (function and arguments as bytes), and when the
+-- job comes back it settles the attempt with the decoded results or error.
+-- So timeouts, cancel, retries, handle_result and await work as for
+-- coroutine tasks.  When an attempt ends
 -- early (timeout, cancel, shutdown), its attempt-end hook abandons the job:
 -- it is dropped from the queue, or its thread is asked to stop; a thread
 -- still on it after `stop_wait` ms (JIT-compiled code runs no hooks) is
@@ -13,7 +14,7 @@ local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
 
 local type, error, tostring, unpack, tonumber = type, error, tostring, unpack, tonumber
-local string_dump, getupvalue, getinfo = string.dump, debug.getupvalue, debug.getinfo
+local string_dump, getupvalue, getinfo, traceback = string.dump, debug.getupvalue, debug.getinfo, debug.traceback
 
 local MAX = core.thread_max                 -- threads a pool may have (1024)
 
@@ -65,8 +66,7 @@ function M.configure(fname, opts, level)
 end
 
 local next_job = 0
-local waiting_task, waiting_tok = {}, {}    -- job id -> task, wait token
-local results = {}                          -- job id -> { ok, bytes, trace }
+local waiting = {}                          -- job id -> the task whose attempt waits for it
 local dumped = setmetatable({}, { __mode = "k" })   -- function -> bytecode
 local NO_ARGS = core.encode({ n = 0 })
 
@@ -74,13 +74,11 @@ local NO_ARGS = core.encode({ n = 0 })
 --- then changes anything: an allocation may raise (a finalizer's error), and
 --- then the delivery is tried again from the start (lua_threads.c).
 local function on_done(id, ok, bytes, trace)
-  local t = waiting_task[id]
-  if t == nil then return end               -- a late result: its task moved on
-  local r = { ok, bytes, trace }
-  waiting_task[id] = nil
-  results[id] = r
-  S.wake(t, waiting_tok[id])
-  waiting_tok[id] = nil
+  local t = waiting[id]
+  if t == nil then return end               -- a late result: its attempt ended
+  S.options(t).thread_result = { ok, bytes, trace }
+  S.ready(t)
+  waiting[id] = nil
 end
 
 local started = false
@@ -143,45 +141,62 @@ end
 
 --- The attempt that waited for job `id` ended early: give up on the job.
 local function abandon(id)
-  waiting_task[id], waiting_tok[id], results[id] = nil, nil, nil
+  waiting[id] = nil
   if not started then return end
   if core.thread_cancel(id) == 2 then        -- running: asked to stop
     S.timer(M.config.stop_wait, quarantine_if_stuck, id)
   end
 end
 
---- The attempt-end hook of a thread task while it waits (one function for
---- all: the job's id rides in the task's options).
+--- The attempt-end hook of a thread task while its job is out (one
+--- function for all: the job's id rides in the task's options).
 local function abandon_hook(t)
   local o = S.options(t)
   local id = o.thread_job
+  o.thread_result = false
   if id then o.thread_job = false; abandon(id) end
 end
 
---- The function every thread task runs (in a coroutine on the loop).
-function M.proxy()
+local function submit(o)
   if not started then start() end
-  local t = S.current()
-  local o = S.options(t)
-  local p = o.thread
   next_job = next_job + 1
-  local id = next_job
-  core.thread_submit(id, p[1], p[2], p[3])
-  local _, tok = S.wait_begin("thread task", 1)
-  waiting_task[id], waiting_tok[id] = t, tok
+  local p = o.thread
+  core.thread_submit(next_job, p[1], p[2], p[3])
+  return next_job
+end
+
+--- The job came back: settle the attempt with its results or its error.
+local function settle(t, o, r)
+  o.thread_job, o.thread_result = false, false
+  S.off_attempt_end(t, abandon_hook)
+  local value, err = core.decode(r[2])
+  if not r[1] then
+    t.traceback = r[3]
+    return S.settle(t, "error", value)
+  end
+  if err then
+    t.traceback = "thread task: cannot decode its results: " .. err
+    return S.settle(t, "error", t.traceback)
+  end
+  return S.settle(t, "ok", unpack(value, 1, value.n))
+end
+
+--- The `direct` function of every thread task (sched.lua, "direct tasks"):
+--- run from the run queue, without a coroutine, to submit the attempt's job,
+--- and again once the job came back.
+function M.direct(t)
+  local o = t._opt
+  local r = o.thread_result
+  if r then return settle(t, o, r) end
+  if o.thread_job then return end          -- out on a thread still
+  local ok, id = pcall(submit, o)
+  if not ok then
+    t.traceback = traceback(tostring(id))
+    return S.settle(t, "error", id)
+  end
+  waiting[id] = t
   o.thread_job = id
   S.on_attempt_end(t, abandon_hook)
-  S.wait_end(t, tok)
-  o.thread_job = false
-  S.off_attempt_end(t, abandon_hook)
-  local r = results[id]
-  results[id] = nil
-  local value, err = core.decode(r[2])
-  if r[1] then
-    if err then error("thread task: cannot decode its results: " .. err, 0) end
-    return unpack(value, 1, value.n)
-  end
-  error(S.traced_error(value, r[3]), 0)
 end
 
 return M
