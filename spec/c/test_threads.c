@@ -45,11 +45,9 @@ static char *copy_bytes(const char *s, size_t len) {
   return p;
 }
 
-static int on_done(tide__pool *pool, tide__job *job, void *data) {
-  inbox *box = data;
-  (void)pool;
+static void take(inbox *box, const tide__job *job) {
   box->total++;
-  if (job->id == 0 || job->id >= MAX_ID) { box->stray++; return 0; }
+  if (job->id == 0 || job->id >= MAX_ID) { box->stray++; return; }
   uint64_t id = job->id;
   box->count[id]++;
   box->status[id] = job->status;
@@ -58,7 +56,13 @@ static int on_done(tide__pool *pool, tide__job *job, void *data) {
   box->result[id] = job->result ? copy_bytes(job->result, job->result_len) : NULL;
   box->result_len[id] = job->result ? job->result_len : 0;
   box->trace[id] = job->trace ? copy_bytes(job->trace, strlen(job->trace)) : NULL;
-  return 0;
+}
+
+static size_t on_done(tide__pool *pool, tide__job *jobs, void *data) {
+  (void)pool;
+  size_t n = 0;
+  for (const tide__job *job = jobs; job; job = job->next, n++) take(data, job);
+  return n;
 }
 
 /* ===== A LOOP AND A POOL OF THE TEST'S OWN ===== */

@@ -70,15 +70,23 @@ local waiting = {}                          -- job id -> the task whose attempt 
 local dumped = setmetatable({}, { __mode = "k" })   -- function -> bytecode
 local NO_ARGS = core.encode({ n = 0 })
 
---- Called by the loop for each finished job.  It allocates first and only
---- then changes anything: an allocation may raise (a finalizer's error), and
---- then the delivery is tried again from the start (lua_threads.c).
-local function on_done(id, ok, bytes, trace)
-  local t = waiting[id]
-  if t == nil then return end               -- a late result: its attempt ended
-  S.options(t).thread_result = { ok, bytes, trace }
-  S.ready(t)
-  waiting[id] = nil
+local take = core.thread_take
+
+--- Called by the loop once per wake-up, for the jobs that finished since
+--- the last.  For each, it allocates first and only then changes anything:
+--- an allocation may raise (a finalizer's error), and then the job in hand
+--- is delivered again, from the start, at the next wake-up (lua_threads.c).
+local function deliver()
+  while true do
+    local id, ok, bytes, trace = take()
+    if id == nil then return end
+    local t = waiting[id]
+    if t then                               -- else a late result: its attempt ended
+      t._opt.thread_result = { ok, bytes, trace }
+      S.ready(t)
+      waiting[id] = nil
+    end
+  end
 end
 
 local started = false
@@ -90,7 +98,7 @@ local function start()
   local ok, err = core.thread_start({
     threads = n, path = package.path, cpath = package.cpath, init = c.init,
     memory_limit = c.memory_mb * 1024 * 1024,
-  }, on_done)
+  }, deliver)
   if not ok then error("tide: cannot start the thread pool: " .. tostring(err), 0) end
   started = true
 end
