@@ -12,7 +12,7 @@ w=$1; n1=${2:-2000}; n2=${3:-12000}
 command -v valgrind >/dev/null || { echo "bench/cg/run.sh: valgrind not installed" >&2; exit 2; }
 dir=$(mktemp -d)
 ir() {
-  LUA_CPATH="$BUILD/?.so;;" valgrind --tool=callgrind --separate-threads=yes \
+  LUA_CPATH="$BUILD/?.so;;" valgrind --tool=callgrind --separate-threads=yes --fair-sched=yes \
     --callgrind-out-file="$dir/cg.$2" "$LUAJIT" bench/cg/workload.lua "$1" "$2" >/dev/null 2>"$dir/err.$2" \
     || { cat "$dir/err.$2" >&2; exit 1; }
   # the main thread's file is the one without a -NN suffix, or -01

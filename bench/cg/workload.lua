@@ -32,9 +32,13 @@ function W.after()
   while fired < N do tide.sleep(5) end
 end
 
+-- Awaited once all are done, so that the count does not depend on how the
+-- threads were scheduled against the loop (which awaits found their task
+-- finished already).
 function W.thread()
   local ts = {}
   for i = 1, N do ts[i] = tide.spawn{ mode = "thread", run = noop } end
+  while ts[N]:status() ~= "ok" do tide.sleep(1) end
   for i = 1, N do ts[i]:await() end
 end
 

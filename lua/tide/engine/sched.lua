@@ -85,14 +85,14 @@ end
 
 -- ===== hooks on a task's end: lists, each call protected
 --
--- A slot of t._opt holds nil, one function, or a list of them (most tasks
--- with a hook have one: no list is allocated for it).
+-- A slot of t._opt holds nil (or false), one function, or a list of them
+-- (most tasks with a hook have one: no list is allocated for it).
 
 local function add_hook(t, slot, fn)
   local o = t._opt
   if not o then o = {}; t._opt = o end
   local h = o[slot]
-  if h == nil then o[slot] = fn
+  if not h then o[slot] = fn                -- nil, or false: a slot kept free
   elseif type(h) == "function" then o[slot] = { h, fn }
   else h[#h + 1] = fn end
 end

@@ -34,7 +34,7 @@ M.check_mode = check_mode
 
 local function thread_task(fname, run, args, level)
   local payload = thread.payload(fname, run, args, level + 1)
-  return new_task(false, { thread = payload, direct = thread.direct })
+  return new_task(false, thread.options(payload))
 end
 
 --- Builds a pending task from `fn, ...` or an option table (shared by

@@ -68,6 +68,7 @@ end
 local next_job = 0
 local waiting = {}                          -- job id -> the task whose attempt waits for it
 local dumped = setmetatable({}, { __mode = "k" })   -- function -> bytecode
+local no_args = setmetatable({}, { __mode = "k" })  -- function -> its payload without arguments
 local NO_ARGS = core.encode({ n = 0 })
 
 local take = core.thread_take
@@ -82,7 +83,8 @@ local function deliver()
     if id == nil then return end
     local t = waiting[id]
     if t then                               -- else a late result: its attempt ended
-      t._opt.thread_result = { ok, bytes, trace }
+      local o = t._opt                      -- (its fields exist: nothing allocates)
+      o.thread_ok, o.thread_bytes, o.thread_trace = ok, bytes, trace
       S.ready(t)
       waiting[id] = nil
     end
@@ -123,7 +125,8 @@ function M.payload(fname, run, args, level)
     end
     fn, is_name = run, true
   elseif dumped[run] then
-    fn, is_name = dumped[run], false           -- checked and dumped before
+    if args == nil then return no_args[run] end   -- checked and dumped before: shared
+    fn, is_name = dumped[run], false
   else
     if getinfo(run, "S").what == "C" then
       error(fname .. ": bad option 'run' (a C function cannot cross to a thread; name it as \"module.function\")", level)
@@ -134,7 +137,7 @@ function M.payload(fname, run, args, level)
         :format(fname, up), level)
     end
     fn = string_dump(run)
-    dumped[run] = fn
+    dumped[run], no_args[run] = fn, { fn, false, NO_ARGS }
     is_name = false
   end
   if args == nil then return { fn, is_name, NO_ARGS } end
@@ -161,7 +164,7 @@ end
 local function abandon_hook(t)
   local o = S.options(t)
   local id = o.thread_job
-  o.thread_result = false
+  o.thread_bytes = false
   if id then o.thread_job = false; abandon(id) end
 end
 
@@ -174,12 +177,12 @@ local function submit(o)
 end
 
 --- The job came back: settle the attempt with its results or its error.
-local function settle(t, o, r)
-  o.thread_job, o.thread_result = false, false
+local function settle(t, o, bytes)
+  o.thread_job, o.thread_bytes = false, false
   S.off_attempt_end(t, abandon_hook)
-  local value, err = core.decode(r[2])
-  if not r[1] then
-    t.traceback = r[3]
+  local value, err = core.decode(bytes)
+  if not o.thread_ok then
+    t.traceback = o.thread_trace
     return S.settle(t, "error", value)
   end
   if err then
@@ -189,13 +192,21 @@ local function settle(t, o, r)
   return S.settle(t, "ok", unpack(value, 1, value.n))
 end
 
+--- The options of a new thread task that runs `payload`: every field its
+--- attempts use is there from the start (false while unset), so that the
+--- table never grows.
+function M.options(payload)
+  return { thread = payload, direct = M.direct, thread_job = false, thread_ok = false,
+           thread_bytes = false, thread_trace = false, on_attempt_end = false }
+end
+
 --- The `direct` function of every thread task (sched.lua, "direct tasks"):
 --- run from the run queue, without a coroutine, to submit the attempt's job,
 --- and again once the job came back.
 function M.direct(t)
   local o = t._opt
-  local r = o.thread_result
-  if r then return settle(t, o, r) end
+  local bytes = o.thread_bytes
+  if bytes then return settle(t, o, bytes) end
   if o.thread_job then return end          -- out on a thread still
   local ok, id = pcall(submit, o)
   if not ok then
