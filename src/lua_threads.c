@@ -15,9 +15,7 @@ typedef struct binding {
   tide__pool *pool;
   uv_loop_t *loop;
   tide__caller caller;   /* deliveries call Lua through it */
-  int done_ref;          /* Lua's deliver()                             */
-  tide__job *batch;      /* during a delivery: the jobs not yet taken   */
-  size_t taken;          /* during a delivery: the jobs taken so far    */
+  int done_ref;
 } binding;
 
 static binding *get(lua_State *L) {
@@ -30,40 +28,26 @@ static binding *get_pool(lua_State *L) {
   return b;
 }
 
-/* ===== deliveries: one call into Lua per wake-up
- *
- * on_done calls Lua's deliver() once for a whole batch; deliver() takes
- * the jobs one by one with thread_take() -> id, ok, bytes, trace (nil when
- * the batch is done).  deliver() allocates first and changes nothing until
- * it cannot fail any more (tide.engine.thread), so when the call fails, the
- * job it was delivering is tried again, with those after it. */
-
-/* thread_take() -> id, ok, bytes, trace of the batch's next job, or nothing. */
-static int l_take(lua_State *L) {
-  binding *b = get(L);
-  tide__job *job = b->batch;
-  if (job == NULL) return 0;
+/* The arguments of done(id, ok, bytes, trace); runs protected. */
+static int push_job(lua_State *L, void *ud) {
+  tide__job *job = ud;
   lua_pushnumber(L, (lua_Number)job->id);
   lua_pushboolean(L, job->status == TIDE_JOB_OK);
   lua_pushlstring(L, job->result ? job->result : "", job->result ? job->result_len : 0);
   if (job->trace) lua_pushstring(L, job->trace); else lua_pushnil(L);
-  b->batch = job->next;                      /* only now: the pushes may raise */
-  b->taken++;
   return 4;
 }
 
-/* Loop thread: hands a batch of finished jobs to Lua; how many went through. */
-static size_t on_done(tide__pool *pool, tide__job *jobs, void *data) {
+/* Loop thread: hands a finished job to Lua's done(id, ok, bytes, trace).
+ * done allocates first and changes nothing until it cannot fail any more
+ * (tide.engine.thread), so a failed delivery is tried again. */
+static int on_done(tide__pool *pool, tide__job *job, void *data) {
   (void)pool;
   binding *b = data;
   int top = lua_gettop(b->caller.L);
-  b->batch = jobs;
-  b->taken = 0;
-  int rc = tide__call(&b->caller, b->done_ref, NULL, NULL, 0, "thread tasks' deliveries");
+  int rc = tide__call(&b->caller, b->done_ref, push_job, job, 0, "a thread task's delivery");
   lua_settop(b->caller.L, top);
-  size_t n = b->taken;
-  b->batch = NULL;
-  return rc == 0 ? n : (n > 0 ? n - 1 : 0);   /* failed: the job in hand was not delivered */
+  return rc;
 }
 
 static const char *opt_string(lua_State *L, const char *key) {
@@ -73,7 +57,7 @@ static const char *opt_string(lua_State *L, const char *key) {
   return s;
 }
 
-/* thread_start{ threads=, path=, cpath=, init=, memory_limit= }, deliver -> true | nil, err */
+/* thread_start{ threads=, path=, cpath=, init=, memory_limit= }, done -> true | nil, err */
 static int l_start(lua_State *L) {
   binding *b = get(L);
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -173,7 +157,7 @@ void tide__close_threads(lua_State *L) {
 }
 
 static const luaL_Reg funcs[] = {
-  { "thread_start", l_start }, { "thread_submit", l_submit }, { "thread_take", l_take },
+  { "thread_start", l_start }, { "thread_submit", l_submit },
   { "thread_cancel", l_cancel }, { "thread_quarantine", l_quarantine },
   { "thread_stats", l_stats }, { "cpu_count", l_cpu_count }, { NULL, NULL }
 };

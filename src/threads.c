@@ -47,7 +47,7 @@ struct tide__pool {
   slot **slots;             /* the active workers (never quarantined ones) */
   int nslots;
   tide__pool_config cfg;    /* strings owned by the pool */
-  tide__batch_cb on_done;
+  tide__job_cb on_done;
   void *data;
   int closing, refs;
   int busy, queued, quarantined, replaced, panicked;
@@ -266,51 +266,42 @@ static slot *start_slot(tide__pool *p, int index, char *err, size_t errlen) {
 
 /* ===== the loop side */
 
-/* Delivers finished jobs, all those of a wake-up in one on_done call.
- * on_done may close the pool: a reference held for the batch keeps it
- * allocated, and what is left after a close is freed undelivered.  The job
- * on_done could not deliver goes back to `done` with those after it, for
+/* Delivers finished jobs.  on_done may close the pool: a reference held
+ * for the batch keeps it allocated, and what is left after a close is freed
+ * undelivered.  A job on_done could not deliver goes back to `done`, for
  * the next wake-up (at most MAX_DELIVERIES tries: then it is dropped, said
  * on stderr, and its task waits until the loop reaps it). */
 #define MAX_DELIVERIES 100
 
-/* Frees the first n jobs of a list; returns the rest.  Loop thread. */
-static tide__job *free_delivered(tide__pool *p, tide__job *job, size_t n) {
-  while (job && n-- > 0) {
-    tide__job *next = job->next;
-    if (!p->closing) p->in_flight--;
-    tide__job_free(job);
-    job = next;
-  }
-  return job;
-}
-
 static void on_async(uv_async_t *a) {
   tide__pool *p = a->data;
+  tide__job *retry = NULL, *retry_tail = NULL;
   uv_mutex_lock(&p->mu);
-  tide__job *jobs = p->done;
+  tide__job *job = p->done;
   p->done = p->done_tail = NULL;
   p->refs++;
   uv_mutex_unlock(&p->mu);
-  size_t n = jobs && !p->closing ? p->on_done(p, jobs, p->data) : 0;
-  tide__job *rest = free_delivered(p, jobs, n);
-  if (rest && !p->closing && ++rest->deliveries >= MAX_DELIVERIES) {
-    fprintf(stderr, "tide: thread job %llu could not be delivered; dropped\n",
-            (unsigned long long)rest->id);
-    rest = free_delivered(p, rest, 1);
+  while (job) {
+    tide__job *next = job->next;
+    if (!p->closing && p->on_done(p, job, p->data) != 0 && ++job->deliveries < MAX_DELIVERIES) {
+      append(&retry, &retry_tail, job);
+    } else {
+      if (job->deliveries >= MAX_DELIVERIES)
+        fprintf(stderr, "tide: thread job %llu could not be delivered; dropped\n",
+                (unsigned long long)job->id);
+      if (!p->closing) p->in_flight--;
+      tide__job_free(job);
+    }
+    job = next;
   }
-  if (rest && p->closing) {
-    free_list(NULL, rest);
-    rest = NULL;
-  }
-  if (rest) {                                /* before those that finished meanwhile */
+  if (retry) {
     uv_mutex_lock(&p->mu);
-    tide__job *last = rest;
-    while (last->next) last = last->next;
-    if (p->done) { last->next = p->done; p->done->prev = last; } else p->done_tail = last;
-    p->done = rest;
-    rest->prev = NULL;
-    uv_async_send(p->async);
+    for (tide__job *j = retry, *next; j; j = next) {
+      next = j->next;
+      if (p->closing) { tide__job_free(j); continue; }
+      append(&p->done, &p->done_tail, j);
+    }
+    if (p->done) uv_async_send(p->async);
     uv_mutex_unlock(&p->mu);
   }
   if (!p->closing && p->in_flight == 0) uv_unref((uv_handle_t *)p->async);
@@ -322,7 +313,7 @@ static char *dup_str(const char *s) {
 }
 
 tide__pool *tide__pool_start(uv_loop_t *loop, const tide__pool_config *cfg,
-                             tide__batch_cb on_done, void *data, char *err, size_t errlen) {
+                             tide__job_cb on_done, void *data, char *err, size_t errlen) {
   if (cfg->threads < 1 || cfg->threads > TIDE_THREADS_MAX) {
     snprintf(err, errlen, "threads must be from 1 to %d (got %d)", TIDE_THREADS_MAX, cfg->threads);
     return NULL;

@@ -5,9 +5,8 @@
  * only as copies (codec.h): a Lua state is touched by one thread only.
  *
  * The loop thread submits jobs; workers take them in order; finished jobs
- * are queued back and `on_done` runs on the loop thread for all those that
- * finished since its last wake-up (a uv_async_t: one wake-up, one call for
- * a whole batch).  Each worker creates its Lua state (and runs thread_init)
+ * are queued back and `on_done` runs for each on the loop thread (woken by
+ * a uv_async_t).  Each worker creates its Lua state (and runs thread_init)
  * on its own thread, so starting a pool or replacing a thread never holds
  * the loop.  A running job can be asked to stop: the worker's debug hook
  * raises "cancelled" at its next check.  LuaJIT runs no hooks inside
@@ -54,12 +53,10 @@ typedef struct tide__job {
 
 typedef struct tide__pool tide__pool;
 
-/* Delivers the jobs that finished since the last wake-up (loop thread): a
- * list linked by `next`, oldest first.  Returns how many of them, from the
- * head, were delivered; the first one that was not (the Lua call failed
- * before it changed anything) and those after it are kept and tried again
- * at the next wake-up. */
-typedef size_t (*tide__batch_cb)(tide__pool *pool, tide__job *jobs, void *data);
+/* Delivers a finished job (loop thread).  Returns 0 when it was delivered;
+ * non-zero when it could not be (the Lua call failed before it changed
+ * anything): the pool keeps the job and tries again at the next wake-up. */
+typedef int (*tide__job_cb)(tide__pool *pool, tide__job *job, void *data);
 
 typedef struct tide__pool_config {
   int threads;                 /* 1 .. TIDE_THREADS_MAX                     */
@@ -75,14 +72,14 @@ typedef struct tide__pool_stats {
   int in_flight;               /* submitted, not yet delivered or abandoned */
 } tide__pool_stats;
 
-/* Starts the pool on `loop`.  on_done(pool, jobs, data) runs on the loop
- * thread for the finished jobs that were not abandoned; the pool frees
- * each job once it was delivered.  The threads start at once; each makes its
+/* Starts the pool on `loop`.  on_done(pool, job, data) runs on the loop
+ * thread for each finished job that was not abandoned; the pool frees the
+ * job once it was delivered.  The threads start at once; each makes its
  * state before its first job (a state that cannot be made, or whose init
  * fails, fails every job it is given, with the reason).  NULL with a
  * message in err when the threads cannot start. */
 tide__pool *tide__pool_start(uv_loop_t *loop, const tide__pool_config *cfg,
-                             tide__batch_cb on_done, void *data, char *err, size_t errlen);
+                             tide__job_cb on_done, void *data, char *err, size_t errlen);
 
 /* Allocates a job with copies of fn and args (NULL when out of memory). */
 tide__job *tide__job_new(uint64_t id, const char *fn, size_t fn_len, int fn_is_name,

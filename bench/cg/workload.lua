@@ -7,6 +7,7 @@
 -- the pool's threads do not count).  Workloads: spawn, sleep, after,
 -- thread, flow_tasks, flow_define, flow_run.
 local tide = require "tide"
+tide.configure{ watchdog = 0 }
 
 local workload, N = arg[1], tonumber(arg[2])
 local noop = function() return 1 end

@@ -45,9 +45,11 @@ static char *copy_bytes(const char *s, size_t len) {
   return p;
 }
 
-static void take(inbox *box, const tide__job *job) {
+static int on_done(tide__pool *pool, tide__job *job, void *data) {
+  inbox *box = data;
+  (void)pool;
   box->total++;
-  if (job->id == 0 || job->id >= MAX_ID) { box->stray++; return; }
+  if (job->id == 0 || job->id >= MAX_ID) { box->stray++; return 0; }
   uint64_t id = job->id;
   box->count[id]++;
   box->status[id] = job->status;
@@ -56,13 +58,7 @@ static void take(inbox *box, const tide__job *job) {
   box->result[id] = job->result ? copy_bytes(job->result, job->result_len) : NULL;
   box->result_len[id] = job->result ? job->result_len : 0;
   box->trace[id] = job->trace ? copy_bytes(job->trace, strlen(job->trace)) : NULL;
-}
-
-static size_t on_done(tide__pool *pool, tide__job *jobs, void *data) {
-  (void)pool;
-  size_t n = 0;
-  for (const tide__job *job = jobs; job; job = job->next, n++) take(data, job);
-  return n;
+  return 0;
 }
 
 /* ===== A LOOP AND A POOL OF THE TEST'S OWN ===== */

@@ -141,9 +141,14 @@ function S.off_attempt_end(t, fn) remove_hook(t, "on_attempt_end", fn) end
 local rq_t, rq_c, rq_n = {}, {}, 0
 local spare_t, spare_c = {}, {}
 
+-- The slots are written before the count, one by one: a slot may grow its
+-- table, an allocation may raise (a finalizer's error), and a multiple
+-- assignment is done right to left: the count first, leaving a hole.
 local function push(t, co)
   local n = rq_n + 1
-  rq_t[n], rq_c[n], rq_n = t, co, n
+  rq_t[n] = t
+  rq_c[n] = co
+  rq_n = n
   if n == 1 and not in_tick then kick() end
 end
 

@@ -71,24 +71,18 @@ local dumped = setmetatable({}, { __mode = "k" })   -- function -> bytecode
 local no_args = setmetatable({}, { __mode = "k" })  -- function -> its payload without arguments
 local NO_ARGS = core.encode({ n = 0 })
 
-local take = core.thread_take
-
---- Called by the loop once per wake-up, for the jobs that finished since
---- the last.  For each, it allocates first and only then changes anything:
---- an allocation may raise (a finalizer's error), and then the job in hand
---- is delivered again, from the start, at the next wake-up (lua_threads.c).
-local function deliver()
-  while true do
-    local id, ok, bytes, trace = take()
-    if id == nil then return end
-    local t = waiting[id]
-    if t then                               -- else a late result: its attempt ended
-      local o = t._opt                      -- (its fields exist: nothing allocates)
-      o.thread_ok, o.thread_bytes, o.thread_trace = ok, bytes, trace
-      S.ready(t)
-      waiting[id] = nil
-    end
-  end
+--- Called by the loop for each finished job.  It allocates nothing (the
+--- task's options have the fields already) and changes nothing before its
+--- last allocation (the run queue may grow): when an allocation raises (a
+--- finalizer's error), the delivery is tried again from the start
+--- (lua_threads.c).
+local function on_done(id, ok, bytes, trace)
+  local t = waiting[id]
+  if t == nil then return end               -- a late result: its attempt ended
+  local o = t._opt
+  o.thread_ok, o.thread_bytes, o.thread_trace = ok, bytes, trace
+  S.ready(t)
+  waiting[id] = nil
 end
 
 local started = false
@@ -100,7 +94,7 @@ local function start()
   local ok, err = core.thread_start({
     threads = n, path = package.path, cpath = package.cpath, init = c.init,
     memory_limit = c.memory_mb * 1024 * 1024,
-  }, deliver)
+  }, on_done)
   if not ok then error("tide: cannot start the thread pool: " .. tostring(err), 0) end
   started = true
 end
@@ -168,11 +162,12 @@ local function abandon_hook(t)
   if id then o.thread_job = false; abandon(id) end
 end
 
-local function submit(o)
+local function submit(t, o)
   if not started then start() end
   next_job = next_job + 1
   local p = o.thread
   core.thread_submit(next_job, p[1], p[2], p[3])
+  waiting[next_job] = t                     -- may grow: raises inside the pcall
   return next_job
 end
 
@@ -180,7 +175,13 @@ end
 local function settle(t, o, bytes)
   o.thread_job, o.thread_bytes = false, false
   S.off_attempt_end(t, abandon_hook)
-  local value, err = core.decode(bytes)
+  -- Protected: an error that interrupts the decoding (a finalizer's, at an
+  -- allocation) fails this attempt, as it would fail a coroutine task.
+  local done, value, err = pcall(core.decode, bytes)
+  if not done then
+    t.traceback = traceback(tostring(value))
+    return S.settle(t, "error", value)
+  end
   if not o.thread_ok then
     t.traceback = o.thread_trace
     return S.settle(t, "error", value)
@@ -208,12 +209,11 @@ function M.direct(t)
   local bytes = o.thread_bytes
   if bytes then return settle(t, o, bytes) end
   if o.thread_job then return end          -- out on a thread still
-  local ok, id = pcall(submit, o)
+  local ok, id = pcall(submit, t, o)
   if not ok then
     t.traceback = traceback(tostring(id))
     return S.settle(t, "error", id)
   end
-  waiting[id] = t
   o.thread_job = id
   S.on_attempt_end(t, abandon_hook)
 end
