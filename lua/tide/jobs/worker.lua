@@ -7,7 +7,10 @@
 --
 --   claim    a claimer task per queue takes up to `batch` due jobs (priority,
 --            then run_at) in one statement that marks them executing under a
---            lease held by this worker, and spawns a task for each.
+--            lease held by this worker, and spawns a task for each.  It
+--            claims again when a slot frees, after `poll` ms, and when a
+--            job may have come: a commit in this process, LISTEN/NOTIFY on
+--            PostgreSQL, a watch on the -wal file on SQLite (any process).
 --   perform  target[method](args, job) runs as a tide task (timeout and mode
 --            per target).  Its outcome is recorded by the flusher task, which
 --            writes every outcome of a tick in one transaction: completed;
@@ -620,11 +623,12 @@ function M.new(opts)
     if qs then qs.kicked = true; S.notify(qs) end
   end
   queue.listen(w.q, w.on_enqueue)
-  if w.store.listen then                      -- other machines' enqueues (PostgreSQL)
-    w.store:listen(function(name)
+  if w.store.listen then                      -- other processes' and machines' enqueues
+    w.on_store_wake = function(name)
       if name then return w.on_enqueue(name) end
       for queue_name in pairs(w.queues) do w.on_enqueue(queue_name) end
-    end)
+    end
+    w.store:listen(w.on_store_wake)
   end
   if S.shutting_down() and w.state == "running" then w:stop() end   -- came while listen waited
   return w
@@ -640,7 +644,7 @@ function Worker:stop(grace_ms)
   if self.state ~= "running" then return false end
   self.state = "stopping"
   queue.unlisten(self.q, self.on_enqueue)
-  if self.store.unlisten then self.store:unlisten() end
+  if self.store.unlisten then self.store:unlisten(self.on_store_wake) end
   for _, qs in pairs(self.queues) do
     if qs.wake_timer then qs.wake_timer:stop(); qs.wake_timer, qs.wake_at = nil, nil end
     qs.kicked = true                          -- a claim under way must not wait a poll after it
