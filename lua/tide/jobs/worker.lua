@@ -414,7 +414,7 @@ end
 local function claim(w, name, want)
   if w.state ~= "running" then return 0 end
   local now = wallclock()
-  local ok, rows = pcall(call, w, w.store, "tide.worker", claim_rows, name, want, w.id, now, now + w.lease)
+  local ok, rows, limited = pcall(call, w, w.store, "tide.worker", claim_rows, name, want, w.id, now, now + w.lease)
   if not ok then
     log.report("worker " .. w.id .. ": claiming from queue " .. name, rows)
     M.totals.store_errors.claim = M.totals.store_errors.claim + 1
@@ -430,6 +430,7 @@ local function claim(w, name, want)
     end
     return 0
   end
+  w.queues[name].limited = limited or false
   for i = 1, #rows do start_job(w, rows[i]) end
   return #rows
 end
@@ -618,6 +619,14 @@ function M.new(opts)
   w.tasks[#w.tasks + 1] = w.flusher_task
   w.tasks[#w.tasks + 1] = spawn{ run = heartbeat, args = { w }, name = "worker heartbeat" }
   w.tasks[#w.tasks + 1] = spawn{ run = rescuer, args = { w }, name = "worker rescuer" }
+  -- A queue with limits (q:declare) may hold jobs back that a finished job
+  -- lets through: once its outcome is in the store, claim again.
+  w.on_written = function(entries)
+    for i = 1, #entries do
+      local qs = entries[i].job and w.queues[entries[i].job.queue]
+      if qs and qs.limited then qs.kicked = true; S.notify(qs) end
+    end
+  end
   w.on_enqueue = function(name)
     local qs = w.queues[name]
     if qs then qs.kicked = true; S.notify(qs) end

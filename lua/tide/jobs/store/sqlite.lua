@@ -99,6 +99,23 @@ local MIGRATIONS = {
   "CREATE TABLE tide_jobs_v2 (\n    id              INTEGER PRIMARY KEY AUTOINCREMENT,\n" .. COLUMNS .. "\n  );\n"
     .. "INSERT INTO tide_jobs_v2 (" .. COLUMN_LIST .. ") SELECT " .. COLUMN_LIST .. " FROM tide_jobs;\n"
     .. "DROP TABLE tide_jobs;\nALTER TABLE tide_jobs_v2 RENAME TO tide_jobs;\n" .. INDEXES,
+  -- 3: per-key limits and uniqueness over time (issue 20): a job's
+  -- partition key and unique key; the queues' limits, read by every claim.
+  [[ALTER TABLE tide_jobs ADD COLUMN partition_key TEXT;
+  ALTER TABLE tide_jobs ADD COLUMN unique_key TEXT;
+  CREATE TABLE tide_queues (
+    name            TEXT PRIMARY KEY,
+    concurrency     INTEGER,           -- executing at once, all workers together
+    partition       TEXT,              -- "function" or the path into args (for people)
+    key_concurrency INTEGER,           -- executing at once per partition key
+    rate_limit      INTEGER,           -- started per key in any window of rate_period ms
+    rate_period     INTEGER,
+    updated_at      INTEGER NOT NULL
+  );
+  -- Starts of keyed jobs by time: a rate counts the window's starts only.
+  CREATE INDEX tide_jobs_started ON tide_jobs (queue, attempted_at) WHERE partition_key IS NOT NULL;
+  CREATE INDEX tide_jobs_unique ON tide_jobs (unique_key, inserted_at) WHERE unique_key IS NOT NULL;
+  ]],
 }
 M.VERSION = #MIGRATIONS
 M.MIGRATIONS = MIGRATIONS
@@ -114,11 +131,11 @@ local SQL = {
   -- Two inserts: a job without a key needs neither the upsert nor RETURNING,
   -- which together halve SQLite's insert rate.
   insert = [[INSERT INTO tide_jobs (queue, target, method, args, args_enc, status, priority,
-      max_attempts, run_at, idempotence_key, inserted_at)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, ?10)]],
+      max_attempts, run_at, idempotence_key, inserted_at, partition_key)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, ?10, ?11)]],
   insert_key = [[INSERT INTO tide_jobs (queue, target, method, args, args_enc, status, priority,
-      max_attempts, run_at, idempotence_key, inserted_at)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+      max_attempts, run_at, idempotence_key, inserted_at, partition_key)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
     ON CONFLICT (idempotence_key) WHERE idempotence_key IS NOT NULL DO NOTHING
     RETURNING id]],
   by_key = "SELECT id FROM tide_jobs WHERE idempotence_key = ?1",
@@ -130,7 +147,46 @@ local SQL = {
     WHERE id IN (SELECT id FROM tide_jobs WHERE queue = ?4 AND ]] .. WAITING .. [[
       AND (run_at <= ?1 OR typeof(run_at) <> 'integer') ORDER BY priority, run_at, id LIMIT ?5)
     RETURNING id, queue, target, method, args, args_enc, priority, attempt, max_attempts,
-      run_at, inserted_at, idempotence_key]],
+      run_at, inserted_at, idempotence_key, partition_key]],
+  -- With limits (q:declare), read from tide_queues by the statement itself,
+  -- so every worker obeys the same ones at the same instant: the due jobs
+  -- ranked within their partition key; a key takes only as many as its
+  -- free slots (key_concurrency less those executing) and what is left of
+  -- its rate (rate_limit less those started in the window); the queue as
+  -- many as its global concurrency leaves.  Keys past their limits are
+  -- skipped, not waited for: the others' jobs are claimed in the same
+  -- statement.  SQLite runs one writer at a time, so the counts cannot go
+  -- stale before the UPDATE is done.  (Cost: the ranking reads every due
+  -- job of the queue; queues without limits use `claim`.)
+  claim_limited = [[UPDATE tide_jobs SET status = 'executing', attempt = attempt + 1, attempted_at = ?1,
+      lease_owner = ?2, lease_expires = ?3
+    WHERE id IN (
+      SELECT c.id FROM (
+        SELECT id, partition_key, priority, run_at,
+          row_number() OVER (PARTITION BY partition_key ORDER BY priority, run_at, id) AS rk
+        FROM tide_jobs WHERE queue = ?4 AND ]] .. WAITING .. [[
+          AND (run_at <= ?1 OR typeof(run_at) <> 'integer')) c
+      LEFT JOIN (SELECT partition_key, count(*) AS n FROM tide_jobs
+        WHERE status = 'executing' AND queue = ?4 AND partition_key IS NOT NULL GROUP BY partition_key) b
+        ON b.partition_key = c.partition_key
+      LEFT JOIN (SELECT partition_key, count(*) AS n FROM tide_jobs
+        WHERE queue = ?4 AND partition_key IS NOT NULL
+          AND attempted_at > ?1 - (SELECT rate_period FROM tide_queues WHERE name = ?4) GROUP BY partition_key) r
+        ON r.partition_key = c.partition_key
+      LEFT JOIN tide_queues l ON l.name = ?4
+      WHERE c.partition_key IS NULL OR (
+        (l.key_concurrency IS NULL OR c.rk <= l.key_concurrency - coalesce(b.n, 0))
+        AND (l.rate_limit IS NULL OR c.rk <= l.rate_limit - coalesce(r.n, 0)))
+      ORDER BY c.priority, c.run_at, c.id
+      LIMIT max(0, min(?5, coalesce((SELECT concurrency FROM tide_queues WHERE name = ?4)
+        - (SELECT count(*) FROM tide_jobs WHERE status = 'executing' AND queue = ?4), ?5))))
+    RETURNING id, queue, target, method, args, args_enc, priority, attempt, max_attempts,
+      run_at, inserted_at, idempotence_key, partition_key]],
+  limits = "SELECT * FROM tide_queues WHERE name = ?1",
+  declare = [[INSERT INTO tide_queues (name, concurrency, partition, key_concurrency, rate_limit, rate_period,
+      updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+    ON CONFLICT (name) DO UPDATE SET concurrency = ?2, partition = ?3, key_concurrency = ?4, rate_limit = ?5,
+      rate_period = ?6, updated_at = ?7]],
   completed = "UPDATE tide_jobs SET status = 'completed', completed_at = ?4, lease_owner = NULL, "
     .. "lease_expires = NULL " .. GUARD,
   retry = "UPDATE tide_jobs SET status = 'retryable', run_at = ?4, errors = " .. ADD_ERROR
@@ -480,14 +536,59 @@ function Session:query(sql, ...) return (locked(self, user_rows, self, sql, ...)
 
 --- job: queue, target, method, args (JSON text) or args_enc, status,
 --- priority, max_attempts, run_at, idempotence_key, inserted_at.
+--- The statements of a unique insert for one set of states (cached by it).
+local function unique_stmts(s, states)
+  local key = "unique:" .. concat(states, ",")
+  local pair = s.stmts[key]
+  if pair then return pair end
+  local list = common.status_list(states)
+  pair = {
+    -- One statement: SQLite takes the write lock before it reads, so no
+    -- other connection can insert the duplicate in between.
+    insert = s.db:prepare([[INSERT INTO tide_jobs (queue, target, method, args, args_enc, status, priority,
+        max_attempts, run_at, inserted_at, partition_key, unique_key)
+      SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12
+      WHERE NOT EXISTS (SELECT 1 FROM tide_jobs WHERE unique_key = ?12 AND inserted_at > ?10 - ?13
+                        AND status IN ]] .. list .. [[)
+      RETURNING id]]),
+    existing = s.db:prepare("SELECT id FROM tide_jobs WHERE unique_key = ?1 AND inserted_at > ?2 - ?3 "
+      .. "AND status IN " .. list .. " ORDER BY id DESC LIMIT 1"),
+    finalize = function(self) self.insert:finalize(); self.existing:finalize() end,
+  }
+  s.stmts[key] = pair
+  return pair
+end
+
+--- A job with a unique key: inserted unless a job with that key, in one of
+--- the states, was inserted within the period; then that job's id, false.
+local function insert_unique(s, j)
+  local st = unique_stmts(s, j.unique_states)
+  local db = s.db
+  local own = not db:in_transaction()
+  if own then db:exec("BEGIN IMMEDIATE") end   -- the look-up sees the same table as the insert
+  local ok, id, inserted = pcall(function()
+    local row = st.insert:first(j.queue, j.target, j.method, j.args, j.args_enc, j.status, j.priority,
+      j.max_attempts, j.run_at, j.inserted_at, j.partition_key, j.unique_key, j.unique_period)
+    if row then return row.id, true end
+    return st.existing:first(j.unique_key, j.inserted_at, j.unique_period).id, false
+  end)
+  if not ok then
+    if own then pcall(db.exec, db, "ROLLBACK") end
+    error(id, 0)
+  end
+  if own then db:exec("COMMIT") end
+  return id, inserted
+end
+
 local function insert(s, j)
+  if j.unique_key ~= nil then return insert_unique(s, j) end
   if j.idempotence_key == nil then
     stmt(s, "insert"):run(j.queue, j.target, j.method, j.args, j.args_enc, j.status,
-      j.priority, j.max_attempts, j.run_at, j.inserted_at)
+      j.priority, j.max_attempts, j.run_at, j.inserted_at, j.partition_key)
     return s.db:last_id(), true
   end
   local row = stmt(s, "insert_key"):first(j.queue, j.target, j.method, j.args, j.args_enc, j.status,
-    j.priority, j.max_attempts, j.run_at, j.idempotence_key, j.inserted_at)
+    j.priority, j.max_attempts, j.run_at, j.idempotence_key, j.inserted_at, j.partition_key)
   if row then return row.id, true end
   return stmt(s, "by_key"):first(j.idempotence_key).id, false
 end
@@ -503,13 +604,43 @@ function Session:insert_many(list)
   return ids, inserted
 end
 
-local function claim(s, queue, n, owner, now, lease_until)
-  return stmt(s, "claim"):rows(now, owner, lease_until, queue, n)
+--- True when queue `name` has limits in tide_queues (read at most once a
+--- LIMITS_TTL ms per connection: a declaration reaches running workers
+--- within that time; the limits themselves are read by each claim).
+local LIMITS_TTL = 1000
+
+local function limited(s, name, now_ms)
+  local cache = s.limited
+  if not cache then cache = {}; s.limited = cache end
+  local c = cache[name]
+  if c and now_ms - c.at < LIMITS_TTL then return c.yes end
+  local r = stmt(s, "limits"):first(name)
+  local yes = r ~= nil and (r.concurrency ~= nil or r.key_concurrency ~= nil or r.rate_limit ~= nil)
+  cache[name] = { at = now_ms, yes = yes }
+  return yes
 end
 
-function Session:claim(queue, n, owner, now, lease_until)
-  return common.start_order(locked(self, claim, self, queue, n, owner, now, lease_until))
+local function claim(s, queue, n, owner, now, lease_until)
+  local yes = limited(s, queue, core.now())
+  return stmt(s, yes and "claim_limited" or "claim"):rows(now, owner, lease_until, queue, n), yes
 end
+
+--- Claims up to n due jobs; returns them (in start order) and true when the
+--- queue has limits (a worker then claims again after each outcome it writes).
+function Session:claim(queue, n, owner, now, lease_until)
+  local rows, yes = locked(self, claim, self, queue, n, owner, now, lease_until)
+  return common.start_order(rows), yes
+end
+
+local function declare(s, r)
+  stmt(s, "declare"):run(r.name, r.concurrency, r.partition, r.key_concurrency, r.rate_limit, r.rate_period,
+    r.updated_at)
+  if s.limited then s.limited[r.name] = nil end
+end
+
+function Session:declare(r) return locked(self, declare, self, r) end
+local function queue_limits(s, name) return stmt(s, "limits"):first(name) end
+function Session:queue_limits(name) return (locked(self, queue_limits, self, name)) end
 
 --- Each entry: { id, attempt, kind = "completed" | "retry" | "discard" |
 --- "release", run_at, error = JSON text or nil }.  Entries whose job is no
