@@ -112,6 +112,118 @@ local function most_at_once(list)
 end
 
 for _, store in ipairs(H.stores()) do
+describe("q:declare and unique on " .. store.name, function()
+  local q, path
+  before_each(function()
+    path = os.tmpname()
+    q = tide.queue.open(store.fresh(path))
+  end)
+  after_each(function()
+    q:close()
+    store.reset(path)
+    os.remove(path)
+    H.assert_idle()
+  end)
+
+  it("stores the limits for every worker, and the partition key with each job", function()
+    assert.is_nil(q:limits("mail"))
+    assert.is_true(q:declare("mail", { concurrency = 10, partition = "args.customer.id",
+                                        per_key = { concurrency = 2, rate = "100/min" } }))
+    assert.same({ concurrency = 10, partition = "args.customer.id",
+                  per_key = { concurrency = 2, rate = { limit = 100, period = 60000 } } }, q:limits("mail"))
+    local a = q:enqueue{ queue = "mail", target = "t", method = "m", args = { customer = { id = 7 } } }
+    local b = q:enqueue{ queue = "mail", target = "t", method = "m", args = { customer = {} } }
+    local c = q:enqueue{ target = "t", method = "m", args = { customer = { id = 7 } } }   -- another queue
+    assert.equal("7", q:job(a).partition_key)
+    assert.is_nil(q:job(b).partition_key)               -- no key: limited by concurrency only
+    assert.is_nil(q:job(c).partition_key)
+    q:declare("mail", { partition = function(args) return args.customer.id and args.customer.id * 2 end })
+    assert.same({ partition = "function" }, q:limits("mail"))   -- declared again: replaced
+    local d = q:enqueue{ queue = "mail", target = "t", method = "m", args = { customer = { id = 1.5 } } }
+    assert.equal("3", q:job(d).partition_key)
+  end)
+
+  it("returns the existing job and false for a duplicate inside the period, and a new one outside it", function()
+    local u = { period = "1h", keys = { "args.account" } }
+    local id, inserted = q:enqueue{ target = "t", method = "m", args = { account = 1, n = 1 }, unique = u }
+    assert.is_true(inserted)
+    assert.same({ id, false }, { q:enqueue{ target = "t", method = "m", args = { account = 1, n = 2 }, unique = u } })
+    assert.is_true(select(2, q:enqueue{ target = "t", method = "m", args = { account = 2 }, unique = u }))
+    assert.is_true(select(2, q:enqueue{ target = "t", method = "other", args = { account = 1 }, unique = u }))
+    assert.is_true(select(2, q:enqueue{ queue = "q2", target = "t", method = "m", args = { account = 1 }, unique = u }))
+    -- keys default to the whole args, compared as values (key order does not matter)
+    local w = { period = 60000 }
+    local x = q:enqueue{ target = "t", method = "m", args = { a = 1, b = { 2, 3 } }, unique = w }
+    assert.same({ x, false }, { q:enqueue{ target = "t", method = "m", args = { b = { 2, 3 }, a = 1 }, unique = w } })
+    assert.is_true(select(2, q:enqueue{ target = "t", method = "m", args = { a = 1, b = { 3, 2 } }, unique = w }))
+    -- only jobs in `states` count: a cancelled one does not
+    local s = { period = "1h", states = { "available", "scheduled" } }
+    local y = q:enqueue{ target = "t", method = "s", unique = s }
+    assert.is_true(q:cancel(y))
+    local z, fresh = q:enqueue{ target = "t", method = "s", unique = s }
+    assert.is_true(fresh)
+    assert.are_not.equal(y, z)
+    -- the period: a job older than it does not count
+    local p = { period = 30 }
+    local first = q:enqueue{ target = "t", method = "p", unique = p }
+    assert.same({ first, false }, { q:enqueue{ target = "t", method = "p", unique = p } })
+    local t0 = core.now()
+    while core.now() - t0 < 40 do end
+    assert.is_true(select(2, q:enqueue{ target = "t", method = "p", unique = p }))
+    -- in a batch, and inside a transaction
+    local ids, n = q:enqueue_many{ { target = "t", method = "b", unique = p }, { target = "t", method = "b", unique = p } }
+    assert.equal(1, n)
+    assert.equal(ids[1], ids[2])
+    q:transaction(function(tx)
+      local i1 = tx:enqueue{ target = "t", method = "x", unique = u, args = { account = 9 } }
+      assert.same({ i1, false }, { tx:enqueue{ target = "t", method = "x", unique = u, args = { account = 9 } } })
+    end)
+  end)
+
+  it("refuses bad options, naming the function, the option and what was expected", function()
+    H.error_cases("spec/limits_spec.lua", {
+      { function() q:declare(7, {}) end,
+        "q:declare: bad argument #1 (queue name (letters, digits, _ . -) expected, got number 7)" },
+      { function() q:declare("mail") end, "q:declare: bad argument #2 (table of queue options expected, got nil)" },
+      { function() q:declare("mail", { size = 2 }) end, "q:declare: unknown option 'size'" },
+      { function() q:declare("mail", { concurrency = 0 }) end,
+        "q:declare: bad option 'concurrency' (integer from 1 to 2147483647 expected, got number 0)" },
+      { function() q:declare("mail", { partition = "account" }) end,
+        "q:declare: bad option 'partition' (function(args) or path into args, like \"args.account\" or "
+        .. "\"$.customer.id\" expected, got string \"account\")" },
+      { function() q:declare("mail", { per_key = { concurrency = 2 } }) end,
+        "q:declare: per_key needs a partition (a function(args) or a path into args, like \"args.account\")" },
+      { function() q:declare("mail", { partition = "$.a", per_key = { rate = "100/fortnight" } }) end,
+        "q:declare: bad option 'per_key.rate' (rate like \"100/min\", \"50/s\" or \"10/5s\" expected, "
+        .. "got string \"100/fortnight\")" },
+      { function() q:declare("mail", { partition = "$.a", per_key = { limit = 2 } }) end,
+        "q:declare: unknown option 'per_key.limit'" },
+      { function() q:enqueue{ target = "t", method = "m", unique = { period = "1h" }, idempotence_key = "k" } end,
+        "q:enqueue: give idempotence_key or unique, not both" },
+      { function() q:enqueue{ target = "t", method = "m", unique = { states = { "available" } } } end,
+        "q:enqueue: bad option 'unique.period' (positive duration (ms, or like \"1h\", \"30s\") expected, got nil)" },
+      { function() q:enqueue{ target = "t", method = "m", unique = { period = 10, states = { "running" } } } end,
+        "q:enqueue: bad option 'unique.states[1]' (" .. require("tide.engine.check").choices(require("tide.jobs.job").is_status)
+        .. " expected, got string \"running\")" },
+      { function() q:enqueue{ target = "t", method = "m", unique = { period = 10, keys = { "account" } } } end,
+        "q:enqueue: bad option 'unique.keys[1]' (\"args\" or path into args, like \"args.account\" or "
+        .. "\"$.customer.id\" expected, got string \"account\")" },
+      { function() q:enqueue{ target = "t", method = "m", unique = { period = 10, every = 2 } } end,
+        "q:enqueue: unknown option 'unique.every'" },
+    })
+    q:declare("p", { partition = function(args) return args end })
+    H.error_cases("spec/limits_spec.lua", {
+      { function() q:enqueue{ queue = "p", target = "t", method = "m", args = {} } end,
+        "q:enqueue: the partition of queue 'p' gave table (string, number, boolean or nil expected)" },
+    })
+    q:declare("p", { partition = function() error("no account", 0) end })
+    H.error_cases("spec/limits_spec.lua", {
+      { function() q:enqueue{ queue = "p", target = "t", method = "m", args = {} } end,
+        "q:enqueue: the partition function of queue 'p' failed: no account" },
+    })
+  end)
+end)
+
 describe("limits and uniqueness across processes on " .. store.name, function()
   local dir, url, path
   before_each(function()

@@ -355,7 +355,7 @@ local function job_info(row)
            attempt = row.attempt, max_attempts = row.max_attempts, priority = row.priority,
            run_at = type(row.run_at) == "number" and row.run_at / 1000 or nil,
            inserted_at = type(row.inserted_at) == "number" and row.inserted_at / 1000 or nil,
-           idempotence_key = row.idempotence_key }
+           idempotence_key = row.idempotence_key, partition_key = row.partition_key }
 end
 
 local function start_job(w, row)

@@ -10,9 +10,14 @@
 --   session:begin() :commit() :rollback()      a write transaction (IMMEDIATE)
 --   session:savepoint(n) :release(n) :rollback_to(n)   nested transactions
 --   session:exec(sql, ...) -> changes   session:query(sql, ...) -> rows   (user SQL)
---   session:insert(job) -> id, inserted  (false: the idempotence key existed)
+--   session:insert(job) -> id, inserted  (false: the idempotence key existed,
+--                          or a job with its unique key inside the period)
 --   session:insert_many(jobs) -> ids, inserted flags (one transaction is the caller's)
---   session:claim(queue, n, owner, now, lease_until) -> rows, marked executing
+--   session:claim(queue, n, owner, now, lease_until) -> rows, marked executing,
+--                          and true when the queue has limits (tide_queues)
+--   session:declare(limits)  :queue_limits(name)   the limits of a queue (q:declare)
+--   store:listen(fn)  :unlisten(fn)   fn(queue or nil) when another connection
+--                          (process, machine) may have made a job due
 --   session:record(entries, owner, now) -> { [id] = true } of the entries written
 --   session:heartbeat(owner, until, ids) -> { id = true } of those still leased
 --   session:rescue(now) -> count of expired leases made available (or discarded)
