@@ -198,8 +198,8 @@ describe("q:declare and unique on " .. store.name, function()
         .. "got string \"100/fortnight\")" },
       { function() q:declare("mail", { partition = "$.a", per_key = { limit = 2 } }) end,
         "q:declare: unknown option 'per_key.limit'" },
-      { function() q:enqueue{ target = "t", method = "m", unique = { period = "1h" }, idempotence_key = "k" } end,
-        "q:enqueue: give idempotence_key or unique, not both" },
+      { function() q:enqueue{ target = "t", method = "m", unique = { period = "1h" }, idempotency_key = "k" } end,
+        "q:enqueue: give idempotency_key or unique, not both" },
       { function() q:enqueue{ target = "t", method = "m", unique = { states = { "available" } } } end,
         "q:enqueue: bad option 'unique.period' (positive duration (ms, or like \"1h\", \"30s\") expected, got nil)" },
       { function() q:enqueue{ target = "t", method = "m", unique = { period = 10, states = { "running" } } } end,
@@ -284,7 +284,7 @@ describe("limits and uniqueness across processes on " .. store.name, function()
     assert.equal(3, most_at_once(keys.g), "queue glob (concurrency 3 across 4 workers of 4)")
     -- every sliding window of 1 s: at most 50 starts of key d (the claims' times)
     local starts = {}
-    for _, j in ipairs(rows) do if j.queue == "rate" then starts[#starts + 1] = math.floor(j.attempted_at * 1000 + 0.5) end end
+    for _, j in ipairs(rows) do if j.queue == "rate" then starts[#starts + 1] = j.attempted_at end end
     table.sort(starts)
     assert.equal(150, #starts)
     local lo = 1
@@ -337,7 +337,7 @@ describe("limits and uniqueness across processes on " .. store.name, function()
     for _, j in ipairs(q:list{ queue = "short", limit = 10000 }) do
       local a = j.args.account
       by_acct[a] = by_acct[a] or {}
-      table.insert(by_acct[a], math.floor(j.inserted_at * 1000 + 0.5))
+      table.insert(by_acct[a], j.inserted_at)
     end
     for acct = 1, 5 do
       local t = by_acct[acct]
