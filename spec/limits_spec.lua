@@ -39,7 +39,7 @@ local st = tide.run(function()
       tide.sleep(args.ms)
       note("E", job, args.key)
     end } } }
-  w:drain()
+  w:drain{ stop = true }
   q:close()
 end)
 out:close()

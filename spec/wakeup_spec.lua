@@ -102,7 +102,7 @@ describe("the SQLite store's wake-up", function()
     H.run(function()
       local ran = 0
       q:enqueue{ target = "t", method = "m" }
-      tide.worker{ queue = q, poll = 20, targets = { t = { m = function() ran = ran + 1 end } } }:drain()
+      tide.worker{ queue = q, poll = 20, targets = { t = { m = function() ran = ran + 1 end } } }:drain{ stop = true }
       assert.equal(1, ran)
     end)
     q:close()
