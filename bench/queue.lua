@@ -25,8 +25,10 @@
 --      this process one at a time, 5-15 ms apart, from just before
 --      q:enqueue to the first line of the method, both read on the
 --      monotonic clock, which processes share (goal p50 <= 2 ms, p99 <= 10 ms).
+--   7. the claim statement of a queue with per-key limits against the
+--      plain one, at backlogs of 1,000 to 100,000 due jobs (it ranks them all).
 -- `sh bench/run.sh queue:cross` runs only 6 (any of enqueue, process,
--- latency, json, cross after the colon, comma-separated).
+-- latency, json, cross, limits after the colon, comma-separated).
 -- Every figure names the store's durability setting (q.durability); all
 -- run with WAL and synchronous=NORMAL (a process crash loses nothing, a
 -- power cut may lose the last commits), and the one-per-transaction enqueue
@@ -432,13 +434,52 @@ local function bench_cross()
     :format(XLAT_N, q.durability, pct(0.5), pct(0.99), lat[#lat], verdict(pct(0.5) <= 2 and pct(0.99) <= 10)))
 end
 
+-- ===== 7. the claim statement of a queue with limits (q:declare)
+
+--- ms per claim of LIMIT_N jobs at a backlog of `backlog` due jobs over
+--- 100 keys: the plain claim against the limited one (per_key concurrency
+--- 1000, so nothing is held back and both claim the same number).  The
+--- claimed jobs are put back between claims (not timed).
+local function bench_limits()
+  local LIMIT_N, REPS = 100, 20
+  for _, backlog in ipairs{ 1000, 10000, 100000 } do
+    local q = open("normal")
+    q:declare("lim", { partition = "args.k", per_key = { concurrency = 1000 } })
+    for _, name in ipairs{ "plain", "lim" } do
+      for b = 0, backlog / 1000 - 1 do
+        local list = {}
+        for i = 1, 1000 do list[i] = { queue = name, target = "bench", method = "noop", args = { k = (b * 1000 + i) % 100 } } end
+        q:enqueue_many(list)
+      end
+    end
+    local session = q._store.session
+    local out = {}
+    for _, name in ipairs{ "plain", "lim" } do
+      local best = math.huge
+      for _ = 1, REPS do
+        local t = core.wallclock()
+        local t0 = now()
+        local rows = session:claim(name, LIMIT_N, "bench", t, t + 30000)
+        best = math.min(best, now() - t0)
+        if #rows ~= LIMIT_N then fail(("limits: claimed %d of %d"):format(#rows, LIMIT_N)) end
+        session:exec("UPDATE tide_jobs SET status = 'available', attempt = 0, attempted_at = NULL, "
+          .. "lease_owner = NULL, lease_expires = NULL WHERE status = 'executing'")
+      end
+      out[name] = best
+    end
+    q:close()
+    print(("claim of %d jobs at a backlog of %d due jobs (100 keys): plain %.2f ms, with per-key limits %.2f ms (best of %d)")
+      :format(LIMIT_N, backlog, out.plain, out.lim, REPS))
+  end
+end
+
 -- ===== main
 
 local wall0, cpu0 = now(), os.clock()
 print(("stores in %s (%s)"):format(DIR, sh("stat -f -c %T " .. DIR)))
 local SECTIONS = { enqueue = bench_enqueue, process = bench_process, latency = bench_latency,
-                   json = bench_json, cross = bench_cross }
-local ORDER = { "enqueue", "process", "latency", "json", "cross" }
+                   json = bench_json, cross = bench_cross, limits = bench_limits }
+local ORDER = { "enqueue", "process", "latency", "json", "cross", "limits" }
 local only = {}
 for name in (arg and arg[1] or ""):gmatch("[^,]+") do
   if not SECTIONS[name] then fail(("no section '%s' (expected %s)"):format(name, table.concat(ORDER, ", "))) end

@@ -119,6 +119,12 @@ local MIGRATIONS = {
   );
   -- Starts of keyed jobs by time: a rate counts the window's starts only.
   CREATE INDEX tide_jobs_started ON tide_jobs (queue, attempted_at) WHERE partition_key IS NOT NULL;
+  -- Waiting jobs by key: a limited claim visits each key and takes the
+  -- first few of each, whatever the backlog of the busiest.
+  CREATE INDEX tide_jobs_key_due ON tide_jobs (queue, partition_key, priority, run_at, id)
+    WHERE (status = 'available' OR status = 'scheduled' OR status = 'retryable');
+  -- Executing jobs by key: what a limited claim counts against the limits.
+  CREATE INDEX tide_jobs_key_running ON tide_jobs (queue, partition_key) WHERE status = 'executing';
   CREATE INDEX tide_jobs_unique ON tide_jobs (unique_key, inserted_at) WHERE unique_key IS NOT NULL;
   ]],
 }
@@ -154,31 +160,47 @@ local SQL = {
     RETURNING id, queue, target, method, args, args_enc, priority, attempt, max_attempts,
       run_at, inserted_at, idempotence_key, partition_key]],
   -- With limits (q:declare), read from tide_queues by the statement itself,
-  -- so every worker obeys the same ones at the same instant: the due jobs
-  -- ranked within their partition key; a key takes only as many as its
-  -- free slots (key_concurrency less those executing) and what is left of
-  -- its rate (rate_limit less those started in the window); the queue as
-  -- many as its global concurrency leaves.  Keys past their limits are
-  -- skipped, not waited for: the others' jobs are claimed in the same
-  -- statement.  SQLite runs one writer at a time, so the counts cannot go
-  -- stale before the UPDATE is done.  (Cost: the ranking reads every due
-  -- job of the queue; queues without limits use `claim`.)
+  -- so every worker obeys the same ones at the same instant.  `keys` walks
+  -- the keys that have waiting jobs (one index seek per key, whatever the
+  -- backlog); `cand` takes the first ?6 due jobs of each (?6: the most a
+  -- key could be given, min of the claim and its limits), and the first
+  -- ?5 due jobs without a key; they are ranked within their key, and a key
+  -- keeps only as many as its free slots (key_concurrency less those
+  -- executing) and what is left of its rate (rate_limit less those started
+  -- in the window); the queue as many as its global concurrency leaves.
+  -- Keys past their limits are skipped, not waited for: the others' jobs
+  -- are claimed in the same statement.  SQLite runs one writer at a time,
+  -- so the counts cannot go stale before the UPDATE is done.
   claim_limited = [[UPDATE tide_jobs SET status = 'executing', attempt = attempt + 1, attempted_at = ?1,
       lease_owner = ?2, lease_expires = ?3
     WHERE id IN (
-      SELECT c.id FROM (
-        SELECT id, partition_key, priority, run_at,
-          row_number() OVER (PARTITION BY partition_key ORDER BY priority, run_at, id) AS rk
-        FROM tide_jobs WHERE queue = ?4 AND ]] .. WAITING .. [[
-          AND (run_at <= ?1 OR typeof(run_at) <> 'integer')) c
-      LEFT JOIN (SELECT partition_key, count(*) AS n FROM tide_jobs
-        WHERE status = 'executing' AND queue = ?4 AND partition_key IS NOT NULL GROUP BY partition_key) b
-        ON b.partition_key = c.partition_key
-      LEFT JOIN (SELECT partition_key, count(*) AS n FROM tide_jobs
-        WHERE queue = ?4 AND partition_key IS NOT NULL
-          AND attempted_at > ?1 - (SELECT rate_period FROM tide_queues WHERE name = ?4) GROUP BY partition_key) r
-        ON r.partition_key = c.partition_key
-      LEFT JOIN tide_queues l ON l.name = ?4
+      WITH RECURSIVE keys(k) AS (
+          SELECT (SELECT min(partition_key) FROM tide_jobs WHERE queue = ?4 AND ]] .. WAITING .. [[
+                    AND partition_key IS NOT NULL)
+          UNION ALL
+          SELECT (SELECT min(partition_key) FROM tide_jobs WHERE queue = ?4 AND ]] .. WAITING .. [[
+                    AND partition_key > keys.k)
+          FROM keys WHERE keys.k IS NOT NULL),
+        cand AS (
+          SELECT j.id, j.partition_key, j.priority, j.run_at FROM keys, tide_jobs j
+          WHERE keys.k IS NOT NULL AND j.id IN (SELECT id FROM tide_jobs
+            WHERE queue = ?4 AND partition_key = keys.k AND ]] .. WAITING .. [[
+              AND (run_at <= ?1 OR typeof(run_at) <> 'integer') ORDER BY priority, run_at, id LIMIT ?6)
+          UNION ALL
+          SELECT * FROM (SELECT id, partition_key, priority, run_at FROM tide_jobs
+            WHERE queue = ?4 AND partition_key IS NULL AND ]] .. WAITING .. [[
+              AND (run_at <= ?1 OR typeof(run_at) <> 'integer') ORDER BY priority, run_at, id LIMIT ?5)),
+        ranked AS (SELECT id, partition_key, priority, run_at,
+            row_number() OVER (PARTITION BY partition_key ORDER BY priority, run_at, id) AS rk FROM cand),
+        busy AS (SELECT partition_key, count(*) AS n FROM tide_jobs
+          WHERE status = 'executing' AND queue = ?4 AND partition_key IS NOT NULL GROUP BY partition_key),
+        recent AS (SELECT partition_key, count(*) AS n FROM tide_jobs
+          WHERE queue = ?4 AND partition_key IS NOT NULL
+            AND attempted_at > ?1 - (SELECT rate_period FROM tide_queues WHERE name = ?4) GROUP BY partition_key)
+      SELECT c.id FROM ranked c
+        LEFT JOIN busy b ON b.partition_key = c.partition_key
+        LEFT JOIN recent r ON r.partition_key = c.partition_key
+        LEFT JOIN tide_queues l ON l.name = ?4
       WHERE c.partition_key IS NULL OR (
         (l.key_concurrency IS NULL OR c.rk <= l.key_concurrency - coalesce(b.n, 0))
         AND (l.rate_limit IS NULL OR c.rk <= l.rate_limit - coalesce(r.n, 0)))
@@ -237,6 +259,8 @@ local SQL = {
   pending_due = "SELECT count(*) AS n FROM tide_jobs WHERE queue = ?1 AND " .. WAITING .. " AND run_at <= ?2",
   pending_executing = "SELECT count(*) AS n FROM tide_jobs WHERE status = 'executing' AND queue = ?1",
 }
+
+M.SQL = SQL                                  -- (for EXPLAIN in benchmarks and specs)
 
 -- ===== waiting for another process's lock, never on the loop thread
 
@@ -618,16 +642,23 @@ local function limited(s, name, now_ms)
   local cache = s.limited
   if not cache then cache = {}; s.limited = cache end
   local c = cache[name]
-  if c and now_ms - c.at < LIMITS_TTL then return c.yes end
+  if c and now_ms - c.at < LIMITS_TTL then return c.row end
   local r = stmt(s, "limits"):first(name)
-  local yes = r ~= nil and (r.concurrency ~= nil or r.key_concurrency ~= nil or r.rate_limit ~= nil)
-  cache[name] = { at = now_ms, yes = yes }
-  return yes
+  if r and not (r.concurrency or r.key_concurrency or r.rate_limit) then r = false end
+  cache[name] = { at = now_ms, row = r or false }
+  return r or false
+end
+M.limited = limited
+
+--- The most jobs of one key a claim of n could take (the limits cached).
+local function per_key_cap(r, n)
+  return min(n, r.key_concurrency or n, r.rate_limit or n)
 end
 
 local function claim(s, queue, n, owner, now, lease_until)
-  local yes = limited(s, queue, core.now())
-  return stmt(s, yes and "claim_limited" or "claim"):rows(now, owner, lease_until, queue, n), yes
+  local r = limited(s, queue, core.now())
+  if not r then return stmt(s, "claim"):rows(now, owner, lease_until, queue, n), false end
+  return stmt(s, "claim_limited"):rows(now, owner, lease_until, queue, n, per_key_cap(r, n)), true
 end
 
 --- Claims up to n due jobs; returns them (in start order) and true when the
