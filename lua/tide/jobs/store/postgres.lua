@@ -78,6 +78,10 @@ local MIGRATIONS = {
       updated_at      bigint NOT NULL)]],
     [[CREATE INDEX tide_jobs_started ON tide_jobs (queue, attempted_at) WHERE partition_key IS NOT NULL]],
     [[CREATE INDEX tide_jobs_unique ON tide_jobs (unique_key, inserted_at) WHERE unique_key IS NOT NULL]],
+    [[CREATE INDEX tide_jobs_key_due ON tide_jobs (queue, partition_key, priority, run_at, id) WHERE ]] .. WAITING,
+    [[CREATE INDEX tide_jobs_key_running ON tide_jobs (queue, partition_key) WHERE status = 'executing']],
+    [[CREATE INDEX tide_jobs_nokey_due ON tide_jobs (queue, priority, run_at, id)
+      WHERE partition_key IS NULL AND ]] .. WAITING,
   },
 }
 M.VERSION = #MIGRATIONS
@@ -119,16 +123,33 @@ local SQL = {
   -- runs after pg_advisory_xact_lock on the queue, in a transaction of its
   -- own, so that its snapshot (taken once the lock is held) counts every
   -- claim committed before it: claims of a limited queue take turns.
-  claim_limited = [[WITH lim AS (SELECT concurrency, key_concurrency, rate_limit, rate_period
+  claim_limited = [[WITH RECURSIVE keys(k) AS (
+        (SELECT partition_key FROM tide_jobs WHERE queue = $3 AND ]] .. WAITING .. [[
+          AND partition_key IS NOT NULL ORDER BY partition_key LIMIT 1)
+        UNION ALL
+        SELECT (SELECT partition_key FROM tide_jobs WHERE queue = $3 AND ]] .. WAITING .. [[
+          AND partition_key > keys.k ORDER BY partition_key LIMIT 1) FROM keys WHERE keys.k IS NOT NULL),
+      lim AS (SELECT concurrency, key_concurrency, rate_limit, rate_period
         FROM tide_queues WHERE name = $3),
+      picked AS (
+        SELECT p.* FROM keys CROSS JOIN LATERAL (SELECT id, partition_key, priority, run_at FROM tide_jobs
+          WHERE queue = $3 AND partition_key = keys.k AND ]] .. WAITING .. [[ AND run_at <= ]] .. NOW .. [[
+          ORDER BY priority, run_at, id LIMIT $5) p
+        UNION ALL
+        (SELECT id, partition_key, priority, run_at FROM tide_jobs
+          WHERE queue = $3 AND partition_key IS NULL AND ]] .. WAITING .. [[ AND run_at <= ]] .. NOW .. [[
+          ORDER BY priority, run_at, id LIMIT $4)),
       cand AS (SELECT id, partition_key, priority, run_at,
-          row_number() OVER (PARTITION BY partition_key ORDER BY priority, run_at, id) AS rk
-        FROM tide_jobs WHERE queue = $3 AND ]] .. WAITING .. [[ AND run_at <= ]] .. NOW .. [[),
+          row_number() OVER (PARTITION BY partition_key ORDER BY priority, run_at, id) AS rk FROM picked),
       busy AS (SELECT partition_key, count(*) AS n FROM tide_jobs
         WHERE status = 'executing' AND queue = $3 AND partition_key IS NOT NULL GROUP BY partition_key),
+      -- (the statement's start, a stable time the index can use: a little
+      -- earlier than the claim's own, so the window counted is a little
+      -- wider, never narrower)
       recent AS (SELECT partition_key, count(*) AS n FROM tide_jobs
         WHERE queue = $3 AND partition_key IS NOT NULL
-          AND attempted_at > ]] .. NOW .. [[ - (SELECT rate_period FROM lim) GROUP BY partition_key),
+          AND attempted_at > (extract(epoch from statement_timestamp()) * 1000)::bigint
+                             - (SELECT rate_period FROM lim) GROUP BY partition_key),
       pick AS (SELECT c.id FROM cand c
           LEFT JOIN busy b ON b.partition_key = c.partition_key
           LEFT JOIN recent r ON r.partition_key = c.partition_key
@@ -203,6 +224,8 @@ local SQL = {
     .. " AND run_at <= $2) OR status = 'executing')",
 }
 
+
+M.SQL = SQL                                  -- (for EXPLAIN in benchmarks and specs)
 
 local function migrate(c, name)
   c:query("BEGIN")
@@ -474,16 +497,23 @@ function Session:insert_many(list)
 end
 
 local LIMITS_TTL = 1000                     -- ms: see the SQLite store's `limited`
+local limited_cap
 
 local function limited(self, name)
   local cache = self.limited
   if not cache then cache = {}; self.limited = cache end
   local now_ms, c = core.now(), cache[name]
-  if c and now_ms - c.at < LIMITS_TTL then return c.yes end
+  if c and now_ms - c.at < LIMITS_TTL then return c.row end
   local r = self.c:query(SQL.limits, name).rows[1]
-  local yes = r ~= nil and (r.concurrency ~= nil or r.key_concurrency ~= nil or r.rate_limit ~= nil)
-  cache[name] = { at = now_ms, yes = yes }
-  return yes
+  if r and not (r.concurrency or r.key_concurrency or r.rate_limit) then r = nil end
+  cache[name] = { at = now_ms, row = r or false }
+  return r or false
+end
+
+--- The most jobs of one key a claim of n could take (the limits cached).
+limited_cap = function(self, name, n)
+  local r = limited(self, name)
+  return min(n, r and r.key_concurrency or n, r and r.rate_limit or n)
 end
 
 --- Claims up to n due jobs; returns them and true when the queue has limits.
@@ -494,7 +524,7 @@ function Session:claim(queue, n, owner, now, lease_until)
   end
   local rows = in_tx(c, function()
     c:query(SQL.queue_lock, queue)
-    return c:query(SQL.claim_limited, lease_until - now, owner, queue, n).rows
+    return c:query(SQL.claim_limited, lease_until - now, owner, queue, n, limited_cap(self, queue, n)).rows
   end)
   return common.start_order(rows), true
 end
