@@ -143,6 +143,28 @@ describe("q:declare and unique on " .. store.name, function()
     assert.equal("3", q:job(d).partition_key)
   end)
 
+  it("holds a worker that started before the declaration to the limits at once", function()
+    local running, most, ran = 0, 0, 0
+    H.run(function()
+      local w = tide.worker{ queue = q, queues = { late = 5 }, poll = 50, targets = { t = { m = function()
+        running = running + 1
+        most = math.max(most, running)
+        tide.sleep(20)
+        running = running - 1
+        ran = ran + 1
+      end } } }
+      tide.sleep(100)                                   -- it has claimed: it knows the queue as unlimited
+      q:declare("late", { concurrency = 1 })
+      for _ = 1, 5 do q:enqueue{ queue = "late", target = "t", method = "m" } end
+      local t0 = core.now()
+      while ran < 5 and core.now() - t0 < 10000 do tide.sleep(10) end
+      w:stop()
+      w:wait()
+    end)
+    assert.equal(5, ran)
+    assert.equal(1, most)
+  end)
+
   it("returns the existing job and false for a duplicate inside the period, and a new one outside it", function()
     local u = { period = "1h", keys = { "args.account" } }
     local id, inserted = q:enqueue{ target = "t", method = "m", args = { account = 1, n = 1 }, unique = u }

@@ -112,8 +112,11 @@ local SQL = {
       RETURNING id)
     SELECT ins.id FROM input LEFT JOIN ins ON ins.id = input.new_id ORDER BY input.ord]],
   states = "SELECT id, status, lease_owner, attempt FROM tide_jobs WHERE id = ANY($1::bigint[])",
+  -- (a queue with limits claims nothing here: see the SQLite store)
   claim = [[WITH due AS (SELECT id FROM tide_jobs WHERE queue = $3 AND ]] .. WAITING .. [[
-      AND run_at <= ]] .. NOW .. [[ ORDER BY priority, run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED)
+      AND run_at <= ]] .. NOW .. [[ AND NOT EXISTS (SELECT 1 FROM tide_queues WHERE name = $3
+        AND (concurrency IS NOT NULL OR key_concurrency IS NOT NULL OR rate_limit IS NOT NULL))
+      ORDER BY priority, run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED)
     UPDATE tide_jobs j SET status = 'executing', attempt = j.attempt + 1, attempted_at = ]] .. NOW .. [[,
       lease_owner = $2, lease_expires = ]] .. NOW .. [[ + $1
     FROM due WHERE j.id = due.id
@@ -519,9 +522,13 @@ end
 --- Claims up to n due jobs; returns them and true when the queue has limits.
 function Session:claim(queue, n, owner, now, lease_until)
   local c = self.c
-  if not limited(self, queue) then
-    return common.start_order(c:query(SQL.claim, lease_until - now, owner, queue, n).rows), false
+  local cached = self.limited and self.limited[queue]
+  local fresh = cached and core.now() - cached.at < LIMITS_TTL
+  if not (fresh and cached.row) then
+    local rows = c:query(SQL.claim, lease_until - now, owner, queue, n).rows
+    if #rows > 0 or fresh then return common.start_order(rows), false end
   end
+  if not limited(self, queue) then return {}, false end   -- nothing claimed: because of limits?
   local rows = in_tx(c, function()
     c:query(SQL.queue_lock, queue)
     return c:query(SQL.claim_limited, lease_until - now, owner, queue, n, limited_cap(self, queue, n)).rows

@@ -138,6 +138,11 @@ local NOT_TERMINAL = common.none_of(job.FINISHED)
 local GUARD = "WHERE id = ?1 AND status = 'executing' AND lease_owner = ?2 AND attempt = ?3"
 local ADD_ERROR = "json_insert(coalesce(errors, '[]'), '$[#]', json(?5))"
 
+-- A queue with limits claims nothing through the plain claim (so that a
+-- worker that has not yet heard of the limits cannot break them).
+local HAS_LIMITS = "(SELECT 1 FROM tide_queues WHERE name = ?4 AND (concurrency IS NOT NULL "
+  .. "OR key_concurrency IS NOT NULL OR rate_limit IS NOT NULL))"
+
 local SQL = {
   -- Two inserts: a job without a key needs neither the upsert nor RETURNING,
   -- which together halve SQLite's insert rate.
@@ -156,7 +161,8 @@ local SQL = {
   claim = [[UPDATE tide_jobs SET status = 'executing', attempt = attempt + 1, attempted_at = ?1,
       lease_owner = ?2, lease_expires = ?3
     WHERE id IN (SELECT id FROM tide_jobs WHERE queue = ?4 AND ]] .. WAITING .. [[
-      AND (run_at <= ?1 OR typeof(run_at) <> 'integer') ORDER BY priority, run_at, id LIMIT ?5)
+      AND (run_at <= ?1 OR typeof(run_at) <> 'integer') AND NOT EXISTS ]] .. HAS_LIMITS .. [[
+      ORDER BY priority, run_at, id LIMIT ?5)
     RETURNING id, queue, target, method, args, args_enc, priority, attempt, max_attempts,
       run_at, inserted_at, idempotence_key, partition_key]],
   -- With limits (q:declare), read from tide_queues by the statement itself,
@@ -633,9 +639,11 @@ function Session:insert_many(list)
   return ids, inserted
 end
 
---- True when queue `name` has limits in tide_queues (read at most once a
---- LIMITS_TTL ms per connection: a declaration reaches running workers
---- within that time; the limits themselves are read by each claim).
+--- The limits of queue `name` (its tide_queues row), or false: read at
+--- most once a LIMITS_TTL ms per connection.  Only the choice of statement
+--- depends on it: the plain claim takes nothing from a queue with limits,
+--- and the limited one reads them itself; so a declaration is obeyed at
+--- once, and obeyed by claims within LIMITS_TTL ms.
 local LIMITS_TTL = 1000
 
 local function limited(s, name, now_ms)
@@ -656,8 +664,14 @@ local function per_key_cap(r, n)
 end
 
 local function claim(s, queue, n, owner, now, lease_until)
-  local r = limited(s, queue, core.now())
-  if not r then return stmt(s, "claim"):rows(now, owner, lease_until, queue, n), false end
+  local c = s.limited and s.limited[queue]
+  local fresh = c and core.now() - c.at < LIMITS_TTL
+  if not (fresh and c.row) then
+    local rows = stmt(s, "claim"):rows(now, owner, lease_until, queue, n)
+    if #rows > 0 or fresh then return rows, false end
+  end
+  local r = limited(s, queue, core.now())     -- nothing claimed: because of limits?
+  if not r then return {}, false end
   return stmt(s, "claim_limited"):rows(now, owner, lease_until, queue, n, per_key_cap(r, n)), true
 end
 
