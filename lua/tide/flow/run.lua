@@ -16,9 +16,9 @@ local log = require "tide.engine.log"
 local define = require("tide.flow.define").define
 local task = require "tide.engine.task"
 
-local type, pairs, ipairs, error, tostring, setmetatable, getmetatable, pcall, xpcall =
-  type, pairs, ipairs, error, tostring, setmetatable, getmetatable, pcall, xpcall
-local sort, concat, traceback = table.sort, table.concat, debug.traceback
+local type, pairs, ipairs, error, tostring, setmetatable, getmetatable, pcall =
+  type, pairs, ipairs, error, tostring, setmetatable, getmetatable, pcall
+local sort, concat = table.sort, table.concat
 local table_new = require "table.new"
 local opt_error = check.opt_error
 
@@ -52,11 +52,20 @@ local active = {}           -- runs in progress
 
 --- Calls hook `name` with the event table `ev` (callers build ev only when
 --- run.flow.on[name] is set, so a flow without hooks allocates nothing).
+--- A hook runs wherever its event happened, often inside another task's
+--- end (a node's outcome, a cancel), so it may not wait: a wait raises
+--- "cannot wait inside flow hook NAME", reported like any error in a hook.
+local HOOK_NAMES = setmetatable({}, { __index = function(names, name)
+  local s = "flow hook " .. name
+  names[name] = s
+  return s
+end })
+
 local function hook(run, name, ev)
   local fn = run.flow.on[name]
   if not fn then return end
   ev.flow = run.flow.name
-  local ok, err = xpcall(fn, traceback, ev)
+  local ok, err = S.protected(HOOK_NAMES[name], fn, ev)
   if not ok then log.report(("flow '%s' hook %s"):format(run.flow.name, name), err, err) end
 end
 
