@@ -521,7 +521,15 @@ end
 local Handle = {}
 M.Handle_mt = { __index = Handle }
 
+local function check_handle(fname, h)
+  if getmetatable(h) ~= M.Handle_mt then
+    error(("%s: bad self (flow run expected, got %s); call it as %s(...)"):format(fname, check.describe(h), fname), 3)
+  end
+end
+
 function Handle.await(h, ms)
+  check_handle("run:await", h)
+  if ms ~= nil and not check.is_ms(ms) then check.arg_error("run:await", 1, "non-negative number of ms", ms) end
   local s, a, b = h.task:await(ms)
   if s == nil then return nil, a end           -- await's own timeout
   if s == "ok" then return a, b end
@@ -536,6 +544,7 @@ function Handle.await(h, ms)
 end
 
 function Handle.cancel(h, reason)
+  check_handle("run:cancel", h)
   return h.task:cancel(reason or "flow cancelled")
 end
 

@@ -175,6 +175,7 @@ local function check_opts(fname, opts)
   if not queue.is_queue(opts.queue) then
     opt_error(fname, "queue", "queue (from tide.queue.open)", opts.queue, 3)
   end
+  if not queue.is_open(opts.queue) then error(fname .. ": bad option 'queue' (the queue is closed)", 3) end
   for _, k in ipairs{ "lease", "heartbeat", "poll", "rescue_every", "timeout", "grace" } do
     if opts[k] ~= nil and not check.is_ms(opts[k], true) then
       opt_error(fname, k, "positive number of ms", opts[k], 3)
