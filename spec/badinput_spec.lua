@@ -100,6 +100,20 @@ local BAD = {
 }
 
 -- Calls that only make sense inside a task.
+--- A case that runs fn(w) with a worker of its own, and stops it whatever
+--- fn raised; fn's error is raised again (from this file: the line is not checked).
+local function with_worker(fn)
+  return function()
+    local q = tide.queue.open("sqlite::memory:")
+    local w = tide.worker{ queue = q, targets = {} }
+    local ok, err = pcall(fn, w)
+    w:stop(0)
+    w:wait()
+    q:close()
+    if not ok then error((tostring(err):gsub("^spec/badinput_spec.lua:%d+: ", "")), 1) end
+  end
+end
+
 local BAD_IN_TASK = {
   { function() tide.current():await() end, "task:await: a task cannot await itself" },
   { function()
@@ -108,6 +122,16 @@ local BAD_IN_TASK = {
     end, "tide.sleep: cannot wait inside a nested coroutine, only in the task's own" },
   { function() tide.run(f) end, "tide.run: the loop is already running (tide.run is for a plain host; inside a task, spawn and await)" },
   { function() local p = tide.pool{}; local t = p:submit(f); p.drain("x") end, "pool:drain: bad self (pool expected, got string \"x\"); call it as pool:drain(...)" },
+  -- a worker's methods (each case stops the worker it started)
+  { with_worker(function(w) w.stop(nil) end), "worker:stop: bad self (worker expected, got nil); call it as worker:stop(...)" },
+  { with_worker(function(w) w.wait(5) end), "worker:wait: bad self (worker expected, got number 5); call it as worker:wait(...)" },
+  { with_worker(function(w) w.info({}) end), "worker:info: bad self (worker expected, got table); call it as worker:info(...)" },
+  { with_worker(function(w) w.drain("x") end), "worker:drain: bad self (worker expected, got string \"x\"); call it as worker:drain(...)" },
+  { with_worker(function(w) w:drain{ whithin = 5 } end), "worker:drain: unknown option 'whithin'" },
+  { with_worker(function(w) w:drain{ within = -5 } end), "worker:drain: bad option 'within' (non-negative number of ms expected, got number -5)" },
+  -- reads with a limit past what a store takes
+  { function() local q = tide.queue.open("sqlite::memory:"); q:list{ limit = 1e300 } end, "q:list: bad option 'limit' (integer from 1 to 2147483647 expected, got number 1e+300)" },
+  { function() local q = tide.queue.open("sqlite::memory:"); q:recent(2^31) end, "q:recent: bad argument #1 (integer from 1 to 2147483647 expected, got number 2147483648)" },
 }
 
 describe("bad input", function()

@@ -493,6 +493,7 @@ function Queue:job(id)
   return row and job_of(self, row)
 end
 
+local MAX_LIMIT = 2147483647      -- a LIMIT every store takes as an integer (1e300 reached SQLite as a real)
 local LIST_KEYS = { status = true, queue = true, target = true, limit = true, before = true }
 
 local function list_rows(session, f) return session:list(f) end
@@ -509,7 +510,9 @@ function Queue:list(f)
   end
   if f.queue ~= nil and type(f.queue) ~= "string" then opt_error("q:list", "queue", "string", f.queue) end
   if f.target ~= nil and type(f.target) ~= "string" then opt_error("q:list", "target", "string", f.target) end
-  if f.limit ~= nil and not check.is_count(f.limit, 1) then opt_error("q:list", "limit", "integer >= 1", f.limit) end
+  if f.limit ~= nil and not (check.is_count(f.limit, 1) and f.limit <= MAX_LIMIT) then
+    opt_error("q:list", "limit", "integer from 1 to 2147483647", f.limit)
+  end
   if f.before ~= nil and not check.is_count(f.before, 1) then opt_error("q:list", "before", "job id", f.before) end
   local rows = with_session(self, "q:list", list_rows, { status = f.status, queue = f.queue, target = f.target,
                                                          limit = f.limit or 100, before = f.before })
@@ -588,7 +591,9 @@ end
 --- the store holds more jobs than were read.
 function Queue:recent(limit, within)
   check_q("q:recent", self)
-  if limit ~= nil and not check.is_count(limit, 1) then arg_error("q:recent", 1, "integer >= 1", limit) end
+  if limit ~= nil and not (check.is_count(limit, 1) and limit <= MAX_LIMIT) then
+    arg_error("q:recent", 1, "integer from 1 to 2147483647", limit)
+  end
   if within ~= nil and not check.is_ms(within) then arg_error("q:recent", 2, "non-negative number of ms", within) end
   limit = limit or 10000
   local rows = with_session(self, "q:recent", recent_rows, wallclock() - (within or 60000), limit)

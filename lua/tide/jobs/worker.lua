@@ -634,7 +634,15 @@ end
 --- Stops claiming; running jobs get `grace_ms` (default: the worker's
 --- grace option, else tide's) and are then cancelled and released.  Returns
 --- at once; w:wait() waits for the end.
+--- Raises "fname: bad self" at the method's caller unless w is a worker.
+local function check_self(fname, w)
+  if getmetatable(w) ~= Worker_mt then
+    error(("%s: bad self (worker expected, got %s); call it as %s(...)"):format(fname, check.describe(w), fname), 3)
+  end
+end
+
 function Worker:stop(grace_ms)
+  check_self("worker:stop", self)
   if grace_ms ~= nil and not check.is_ms(grace_ms) then
     check.arg_error("worker:stop", 1, "non-negative number of ms", grace_ms)
   end
@@ -664,6 +672,7 @@ end
 
 --- Waits (inside a task) until the worker has stopped and written every outcome.
 function Worker:wait()
+  check_self("worker:wait", self)
   for _, t in ipairs(self.tasks) do t:await() end
   if self.grace_timer then S.untimer(self.grace_timer); self.grace_timer = nil end
   if not queue.shares_store(self.q, self.store) then self.store:close() end
@@ -672,6 +681,8 @@ function Worker:wait()
   M.live[self] = nil
   return self.stats
 end
+
+local DRAIN_KEYS = { within = true }
 
 local function pending_rows(session, names, now) return session:pending(names, now) end
 
@@ -691,8 +702,13 @@ end
 --- worker's loops has failed for `give_up` ms without a success, the
 --- worker stops and its stats carry gave_up = "why".
 function Worker:drain(opts)
-  if opts ~= nil and (type(opts) ~= "table" or (opts.within ~= nil and not check.is_ms(opts.within))) then
-    check.arg_error("worker:drain", 1, "nil or { within = ms }", opts)
+  check_self("worker:drain", self)
+  if opts ~= nil then
+    if type(opts) ~= "table" then check.arg_error("worker:drain", 1, "nil or { within = ms }", opts) end
+    check.known("worker:drain", opts, DRAIN_KEYS)
+    if opts.within ~= nil and not check.is_ms(opts.within) then
+      opt_error("worker:drain", "within", "non-negative number of ms", opts.within)
+    end
   end
   local within = opts and opts.within or 0
   local names = {}
@@ -731,6 +747,7 @@ function Worker:drain(opts)
 end
 
 function Worker:info()
+  check_self("worker:info", self)
   local out = { id = self.id, state = self.state, running = self.nrunning, lease = self.lease,
                 poll = self.poll, store = self.store.name, queues = {} }
   for k, v in pairs(self.stats) do out[k] = v end
