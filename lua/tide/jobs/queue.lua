@@ -196,14 +196,15 @@ local function new_tx(q, st, depth)
   return tx
 end
 
---- Ends transaction state st: its handles die, the session goes back.
+--- Ends transaction state st: its handles die, the session goes back to
+--- the store it came from (a queue closed meanwhile closes it then).
 local function close_state(q, st, broken)
   if st.closed then return end
   st.closed = true
   if q._txs[st.owner] == st then q._txs[st.owner] = nil end
   for _, tx in ipairs(st.handles) do tx._live = false end
   if st.owner ~= OUTSIDE then S.off_attempt_end(st.owner, st.hook) end
-  if q._store then q._store:release(st.session, broken, st.owner) end
+  st.store:release(st.session, broken, st.owner)
 end
 
 --- The task ended inside the transaction (timed out, cancelled): the store
@@ -238,7 +239,7 @@ local function transaction(q, fname, fn, ...)
   -- The session is ours from here: nothing waits between the pool handing
   -- it over and q._txs knowing it (the rule above).
   local session = store:acquire(fname)
-  st = { session = session, depth = 1, owner = owner, touched = {}, handles = {}, closed = false }
+  st = { session = session, store = store, depth = 1, owner = owner, touched = {}, handles = {}, closed = false }
   q._txs[owner] = st
   if owner ~= OUTSIDE then
     st.hook = function() abandon(q, st) end
@@ -643,7 +644,8 @@ function Queue:prune(opts)
   return (with_session(self, "q:prune", prune_rows, wallclock() - ms, statuses))
 end
 
---- Closes the store (idempotent); sessions held by tasks close when given back.
+--- Closes the store (idempotent); sessions held by tasks close when given
+--- back (a transaction under way may still commit; its tx methods raise).
 function Queue:close()
   if self._store then self._store:close(); self._store = nil end
 end
