@@ -112,6 +112,21 @@ describe("hooks on a task's end", function()
     assert.truthy(errs[1]:find("tide.sleep: cannot wait inside a task's on_attempt_end hook", 1, true), errs[1])
     assert.truthy(errs[2]:find("tide.sleep: cannot wait inside a task's on_finish hook", 1, true), errs[2])
   end)
+
+  it("let a hook's bare coroutine.yield return at once: the door it is inside still delivers the outcome", function()
+    local heard, canceller
+    H.run(function()
+      local t = tide.spawn{ run = function() tide.sleep(1000) end,
+                            handle_result = function(s, v) heard = s .. ":" .. tostring(v) end }
+      -- enough yields to span many ticks, were each one a real yield
+      S.on_finish(t, function() for _ = 1, 200000 do coroutine.yield() end end)
+      tide.sleep(1)
+      local c = tide.spawn{ timeout = 5, run = function() t:cancel("x"); return "went on" end }
+      canceller = { c:await() }
+    end)
+    assert.equal("cancelled:x", heard)
+    assert.same({ "ok", "went on" }, canceller)
+  end)
 end)
 
 describe("flow hooks", function()

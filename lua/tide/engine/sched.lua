@@ -29,7 +29,7 @@ local log = require "tide.engine.log"
 local retry = require "tide.engine.retry"
 local check = require "tide.engine.check"
 
-local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, coroutine.yield
+local co_create, co_resume, co_yield, co_status = coroutine.create, coroutine.resume, coroutine.yield, coroutine.status
 local type = type
 local co_running = coroutine.running
 local unpack, select, pcall, xpcall, error = unpack, select, pcall, xpcall, error
@@ -551,6 +551,13 @@ end
 -- ===== running tasks
 
 local function after_resume(t, co, ok, ...)
+  -- Still inside a callback or hook: the task yielded from there (a bare
+  -- coroutine.yield; tide's waits raise there).  It goes on at once: the
+  -- door it is inside must finish, and a task that waited there could be
+  -- stopped half-way through another task's end.
+  if in_callback ~= nil and ok and co_status(co) == "suspended" then
+    return after_resume(t, co, co_resume(co))
+  end
   current, in_callback = nil, nil
   if t._co ~= co then return end            -- it ended while it ran
   if ok then
