@@ -440,7 +440,7 @@ describe("tide.consumer's handle_result", function()
     end }
     local src = tide.sources.memory{ prefetch = 2, messages = { "a", "b" } }
     spec_helper.run(function()
-      local c = tide.consumer{ source = src, prefetch = 2, requeue = false, handler = {
+      local c = tide.consumer{ source = src, concurrency = 2, requeue = false, handler = {
         run = function(body) if body == "b" then error("b fails") end end,
         handle_result = function() tide.sleep(5); return "drop" end } }
       local t = tide.spawn(function() return c:run() end)

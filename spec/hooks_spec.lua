@@ -155,7 +155,7 @@ describe("flow hooks", function()
       later = { gs, grep.tasks.b.status }
     end)
     assert.equal("cancelled", done_status)
-    assert.same({ "failed", "cancelled" }, later)
+    assert.same({ "error", "cancelled" }, later)
     assert.equal(1, #errs)
     assert.truthy(errs[1]:find("tide.sleep: cannot wait inside flow hook flow_done", 1, true), errs[1])
   end)
