@@ -668,6 +668,10 @@ function M.worker_call(q, store, fname, fn, ...)
   return a, b
 end
 
+--- The store session of a live transaction handle (for tide.jobs.schedules,
+--- whose own statements join the transaction); raises as tx methods do.
+function M.tx_session(tx) return tx_state("tx_session", tx).session end
+
 --- fn(queue_name) runs after a commit that made a job of that queue due.
 function M.listen(q, fn) q._listeners[#q._listeners + 1] = fn end
 function M.unlisten(q, fn)

@@ -42,6 +42,7 @@ local json = require "tide.jobs.json"
 local job = require "tide.jobs.job"
 local queue = require "tide.jobs.queue"
 local outcomes = require "tide.jobs.outcomes"
+local schedules = require "tide.jobs.schedules"
 local make_task, spawn = task.make_task, task.spawn
 local histogram = require "tide.engine.histogram"
 
@@ -96,7 +97,8 @@ end }
 
 local KEYS = { queue = true, queues = true, concurrency = true, targets = true, lease = true,
                heartbeat = true, poll = true, rescue_every = true, batch = true, timeout = true,
-               retry = true, handle_error = true, grace = true, on_outcome = true, give_up = true }
+               retry = true, handle_error = true, grace = true, on_outcome = true, give_up = true,
+               schedules = true }
 local TARGET_OPTS = { timeout = true, mode = true, handle_error = true, retry = true }
 local DEFAULT_RETRY = { backoff = "exponential", base = 1000, max = 3600000, jitter = true }
 
@@ -197,7 +199,8 @@ local function check_opts(fname, opts)
     opt_error(fname, "give_up", "positive number of ms", opts.give_up, 3)
   end
   local queues = check_queues(fname, opts, 3)   -- not a tail call: errors blame the caller
-  return queues
+  local scheds = opts.schedules ~= nil and schedules.check(fname, opts.schedules, 3) or nil
+  return queues, scheds
 end
 
 -- ===== targets
@@ -569,7 +572,7 @@ end
 --- tide.jobs.outcomes), give_up (ms a draining worker goes on while a loop
 --- keeps failing, 60000).
 function M.new(opts)
-  local queues = check_opts("tide.worker", opts)
+  local queues, scheds = check_opts("tide.worker", opts)
   local lease = opts.lease or 30000
   local w = setmetatable({
     -- Claims and outcomes go through one connection of the worker's own;
@@ -592,9 +595,9 @@ function M.new(opts)
     id = ("%s:%d:%x"):format(core.hostname(), core.pid(), (wallclock() * 16 + floor(core.now() * 16) % 16) % 2^40),
     state = "running", queues = {}, running = {}, nrunning = 0, pending = {},
     flusher = { waiting = false }, beat = { waiting = false }, idle = { waiting = false },
-    rescue_holder = { waiting = false }, tasks = {},
+    rescue_holder = { waiting = false }, scheduler = { waiting = false }, tasks = {}, schedules = scheds,
     stats = { claimed = 0, completed = 0, retried = 0, discarded = 0, released = 0,
-              cancelled = 0, lost = 0, rescued = 0, write_errors = 0, unwritten = 0 },
+              cancelled = 0, lost = 0, rescued = 0, write_errors = 0, unwritten = 0, scheduled = 0 },
   }, Worker_mt)
   for _, t in pairs(w.targets) do
     if t.retry then w.target_retry[t] = check_retry("tide.worker", "retry", t.retry, 2) end
@@ -615,6 +618,9 @@ function M.new(opts)
   w.tasks[#w.tasks + 1] = w.flusher_task
   w.tasks[#w.tasks + 1] = spawn{ run = heartbeat, args = { w }, name = "worker heartbeat" }
   w.tasks[#w.tasks + 1] = spawn{ run = rescuer, args = { w }, name = "worker rescuer" }
+  if scheds and #scheds > 0 then
+    w.tasks[#w.tasks + 1] = spawn{ run = schedules.run, args = { w, scheds }, name = "worker scheduler" }
+  end
   w.on_enqueue = function(name)
     local qs = w.queues[name]
     if qs then qs.kicked = true; S.notify(qs) end
@@ -647,6 +653,7 @@ function Worker:stop(grace_ms)
     S.notify(qs)
   end
   S.notify(self.rescue_holder)
+  S.notify(self.scheduler)
   S.notify(self.flusher)
   S.notify(self.beat)
   local grace = grace_ms or self.grace or config.grace
@@ -734,6 +741,7 @@ function Worker:info()
                 poll = self.poll, store = self.store.name, queues = {} }
   for k, v in pairs(self.stats) do out[k] = v end
   for name, qs in pairs(self.queues) do out.queues[name] = { limit = qs.limit, running = qs.running } end
+  if self.schedules then out.schedules = schedules.info(self.schedules) end
   return out
 end
 

@@ -68,6 +68,19 @@ local MIGRATIONS = {
 }
 M.VERSION = #MIGRATIONS
 
+-- The schedules workers run (see the SQLite store): created when missing at
+-- every open, under the migration lock, apart from the numbered migrations.
+local SCHEDULES_TABLE = [[CREATE TABLE IF NOT EXISTS tide_schedules (
+    name      text PRIMARY KEY,
+    cron      text NOT NULL,
+    timezone  text NOT NULL,
+    target    text NOT NULL,
+    method    text NOT NULL,
+    queue     text NOT NULL,
+    last_tick bigint,
+    seen_at   bigint NOT NULL,
+    seen_by   text)]]
+
 local SQL = {
   insert = [[INSERT INTO tide_jobs (queue, target, method, args, args_enc, status, priority,
       max_attempts, run_at, idempotence_key, inserted_at)
@@ -150,6 +163,15 @@ local SQL = {
     .. "max(attempted_at) AS attempted_at FROM tide_jobs WHERE status = 'executing' GROUP BY lease_owner, queue",
   pending = "SELECT count(*) AS n FROM tide_jobs WHERE queue = ANY($1::text[]) AND ((" .. WAITING
     .. " AND run_at <= $2) OR status = 'executing')",
+  schedule_register = [[INSERT INTO tide_schedules (name, cron, timezone, target, method, queue, seen_at, seen_by)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    ON CONFLICT (name) DO UPDATE SET cron = excluded.cron, timezone = excluded.timezone,
+      target = excluded.target, method = excluded.method, queue = excluded.queue,
+      seen_at = excluded.seen_at, seen_by = excluded.seen_by
+    RETURNING last_tick]],
+  schedule_advance = [[UPDATE tide_schedules SET last_tick = greatest(coalesce(last_tick, $2), $2),
+      seen_at = $3, seen_by = $4 WHERE name = $1]],
+  schedules = "SELECT * FROM tide_schedules ORDER BY name",
 }
 
 
@@ -165,6 +187,7 @@ local function migrate(c, name)
     for v = version + 1, #MIGRATIONS do
       for _, stmt in ipairs(MIGRATIONS[v]) do c:query(stmt) end
     end
+    c:query(SCHEDULES_TABLE)
     if not rows[1] then c:query("INSERT INTO tide_schema (version) VALUES ($1)", #MIGRATIONS)
     else c:query("UPDATE tide_schema SET version = $1", #MIGRATIONS) end
   end)
@@ -480,6 +503,20 @@ end
 function Session:pending(queues, now)
   return self.c:query(SQL.pending, text_array(queues, #queues), now).rows[1].n
 end
+
+-- ===== schedules (tide.jobs.schedules; see the SQLite store)
+
+function Session:schedule_register(s, now, worker)
+  local row = self.c:query(SQL.schedule_register, s.name, s.cron_text, s.timezone, s.target, s.method, s.queue,
+                           now, worker).rows[1]
+  return row and row.last_tick or nil
+end
+
+function Session:schedule_advance(name, tick, now, worker)
+  self.c:query(SQL.schedule_advance, name, tick, now, worker)
+end
+
+function Session:schedules() return self.c:query(SQL.schedules).rows end
 
 --- A bare connection (for tools and specs): c:query(sql, ...) -> result, c:close().
 function M.connect(url)

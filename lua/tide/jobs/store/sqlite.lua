@@ -101,6 +101,21 @@ local MIGRATIONS = {
 M.VERSION = #MIGRATIONS
 M.MIGRATIONS = MIGRATIONS
 
+-- The schedules workers run (tide.jobs.schedules): one row per schedule
+-- name, with the latest tick enqueued.  Created when missing at every open,
+-- apart from the numbered migrations: it only adds a table, and no job
+-- column depends on it.
+local SCHEDULES_TABLE = [[CREATE TABLE IF NOT EXISTS tide_schedules (
+    name      TEXT PRIMARY KEY,
+    cron      TEXT NOT NULL,
+    timezone  TEXT NOT NULL,
+    target    TEXT NOT NULL,
+    method    TEXT NOT NULL,
+    queue     TEXT NOT NULL,
+    last_tick INTEGER,                 -- ms: the latest tick enqueued
+    seen_at   INTEGER NOT NULL,        -- ms: when a worker last registered or advanced it
+    seen_by   TEXT)]]
+
 -- (WAITING is the predicate of the tide_jobs_due index, written the same
 -- way, so that SQLite sees that a claim can use the index.)
 local WAITING = common.any_of(job.WAITING)
@@ -173,6 +188,15 @@ local SQL = {
   -- scans the whole table: 166 ms at a million finished jobs).
   pending_due = "SELECT count(*) AS n FROM tide_jobs WHERE queue = ?1 AND " .. WAITING .. " AND run_at <= ?2",
   pending_executing = "SELECT count(*) AS n FROM tide_jobs WHERE status = 'executing' AND queue = ?1",
+  schedule_register = [[INSERT INTO tide_schedules (name, cron, timezone, target, method, queue, seen_at, seen_by)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+    ON CONFLICT (name) DO UPDATE SET cron = excluded.cron, timezone = excluded.timezone,
+      target = excluded.target, method = excluded.method, queue = excluded.queue,
+      seen_at = excluded.seen_at, seen_by = excluded.seen_by
+    RETURNING last_tick]],
+  schedule_advance = [[UPDATE tide_schedules SET last_tick = CASE WHEN last_tick IS NULL OR last_tick < ?2
+      THEN ?2 ELSE last_tick END, seen_at = ?3, seen_by = ?4 WHERE name = ?1]],
+  schedules = "SELECT * FROM tide_schedules ORDER BY name",
 }
 
 -- ===== waiting for another process's lock, never on the loop thread
@@ -240,6 +264,7 @@ local function migrate(s)
     common.check_version(s.name, version, #MIGRATIONS, version == 0 and
       db:prepare("SELECT 1 FROM sqlite_master WHERE name = 'tide_jobs'"):first() ~= nil)
     for v = version + 1, #MIGRATIONS do db:exec(MIGRATIONS[v]) end
+    db:exec(SCHEDULES_TABLE)
     if row == nil then
       db:exec("INSERT INTO tide_schema (version) VALUES (" .. #MIGRATIONS .. ")")
     elseif version < #MIGRATIONS then
@@ -483,5 +508,23 @@ local function pending(s, queues, now)
 end
 
 function Session:pending(queues, now) return (locked(self, pending, self, queues, now)) end
+
+-- ===== schedules (tide.jobs.schedules)
+
+--- Records schedule `s` (name, cron, timezone, target, method, queue) as
+--- run by `worker`; returns its latest tick enqueued (ms), or nil for a new one.
+function Session:schedule_register(s, now, worker)
+  local row = locked(self, first, self, "schedule_register", s.name, s.cron_text, s.timezone, s.target, s.method,
+                     s.queue, now, worker)
+  return row and row.last_tick or nil
+end
+
+--- Notes that the ticks of schedule `name` up to `tick` (ms) are enqueued.
+function Session:schedule_advance(name, tick, now, worker)
+  locked(self, run, self, "schedule_advance", name, tick, now, worker)
+end
+
+--- Every schedule row, by name.
+function Session:schedules() return (locked(self, rows, self, "schedules")) end
 
 return M
