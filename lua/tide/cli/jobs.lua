@@ -156,6 +156,9 @@ Commands:
   expire ID             mark it expired: it must no longer run
   fail ID [REASON]      discard it, recording REASON
   stats                 how many jobs per queue and status
+  schedules [--next N]  the cron schedules workers run (registered when a
+                        worker starts), each with its next N run times
+                        (default 3) and the latest tick enqueued
   prune --older-than DURATION
                         delete jobs that finished (completed, discarded,
                         cancelled, expired) longer ago than DURATION (7d, 12h)
@@ -177,6 +180,7 @@ local JOBS_OPTS = {
   ["--store"] = o.store, ["--json"] = o.json, ["--help"] = o.help, ["-h"] = o.help,
   ["--status"] = o.status, ["--queue"] = o.queue, ["--limit"] = o.limit, ["--before"] = o.before,
   ["--older-than"] = o.older_than,
+  ["--next"] = { key = "next", meta = "N", conv = options.integer(1, 1000), expected = "integer from 1 to 1000" },
 }
 local GLOBAL_OPTS = { ["--store"] = true, ["--json"] = true, ["--help"] = true, ["-h"] = true }
 
@@ -343,6 +347,58 @@ function COMMANDS.stats(q, opts)
   return 0
 end
 
+--- `schedules`: each registered schedule with its next run times.
+function COMMANDS.schedules(q, opts)
+  local cron = require "tide.jobs.cron"
+  local now_ms = require("tide.core").wallclock()
+  local list = q:schedules()
+  local n = opts.next or 3
+  local function next_runs(s)
+    local c, err = cron.try_parse(s.cron, s.timezone)
+    if not c then return nil, err end
+    local out, t = {}, now_ms
+    for i = 1, n do
+      t = c:next(t)
+      if not t then break end
+      out[i] = t / 1000
+    end
+    return out
+  end
+  if opts.json then
+    local items = {}
+    for i, s in ipairs(list) do
+      local runs, err = next_runs(s)
+      local times = {}
+      for k, t in ipairs(runs or {}) do times[k] = json(iso_s(t)) end
+      local fields = {}
+      for _, k in ipairs{ "name", "cron", "timezone", "target", "method", "queue" } do fields[#fields + 1] = { k, json(s[k]) } end
+      fields[#fields + 1] = { "last_tick", json(s.last_tick and iso_s(s.last_tick)) }
+      fields[#fields + 1] = { "next", json_array(times) }
+      if err then fields[#fields + 1] = { "error", json(err) } end
+      fields[#fields + 1] = { "seen_at", json(s.seen_at and iso(s.seen_at)) }
+      fields[#fields + 1] = { "seen_by", json(s.seen_by) }
+      items[i] = json_object(fields)
+    end
+    io_stdout:write(json_array(items), "\n")
+    return 0
+  end
+  if #list == 0 then
+    io_stdout:write("no schedules (a worker registers its schedules when it starts)\n")
+    return 0
+  end
+  local rows = {}
+  for i, s in ipairs(list) do
+    local runs, err = next_runs(s)
+    local times = {}
+    for k, t in ipairs(runs or {}) do times[k] = iso_s(t) end
+    rows[i] = { cell(s.name, 40), s.cron, s.timezone, cell(s.target .. "." .. s.method, 40), s.queue,
+                iso_s(s.last_tick), err and cell(err, 60) or concat(times, " ") }
+  end
+  print_table({ "NAME", "CRON", "TIMEZONE", "JOB", "QUEUE", "LAST TICK", "NEXT RUNS (UTC)" }, rows, {})
+  return 0
+end
+COMMANDS.schedules_opts = { ["--next"] = true }
+
 --- `prune --older-than DURATION`: how many finished jobs were deleted.
 function COMMANDS.prune(q, opts)
   local n = q:prune{ older_than = opts.older_than }
@@ -358,7 +414,7 @@ COMMANDS.prune_opts = { ["--older-than"] = true }
 
 --- name -> { positionals: min, max (nil: any), needs an ID }
 local SHAPES = {
-  list = { 0, 0 }, stats = { 0, 0 }, prune = { 0, 0 }, show = { 1, 1, true },
+  list = { 0, 0 }, stats = { 0, 0 }, prune = { 0, 0 }, schedules = { 0, 0 }, show = { 1, 1, true },
   retry = { 1, 1, true }, cancel = { 1, 1, true }, expire = { 1, 1, true }, fail = { 1, nil, true },
 }
 

@@ -613,6 +613,19 @@ function Queue:leases()
   return rows
 end
 
+local function schedule_rows(session) return session:schedules() end
+
+--- The schedules workers registered (tide.worker's `schedules`), by name:
+--- { name, cron, timezone, target, method, queue, last_tick (the latest
+--- tick enqueued), seen_at (when a worker last registered or advanced it),
+--- seen_by (which) }, times in UTC seconds.
+function Queue:schedules()
+  check_q("q:schedules", self)
+  local rows = with_session(self, "q:schedules", schedule_rows)
+  for _, r in ipairs(rows) do r.last_tick, r.seen_at = seconds(r.last_tick), seconds(r.seen_at) end
+  return rows
+end
+
 local PRUNE_KEYS = { older_than = true, statuses = true }
 
 local function prune_rows(session, before, statuses) return session:prune(before, statuses) end
