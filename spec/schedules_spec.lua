@@ -18,6 +18,10 @@ local H = spec_helper
 local time = require "tide.jobs.time"
 
 local TIDE = H.build .. "/tide"
+local ffi = require "ffi"
+pcall(ffi.cdef, "int kill(int pid, int sig);")
+local wallclock = require("tide.core").wallclock
+local SECONDS = tonumber(os.getenv("SCHED_SECONDS")) or 24
 local PG_URL = os.getenv("TIDE_PG_URL")
 
 local function fresh_pg()
@@ -186,6 +190,56 @@ for _, store in ipairs(STORES) do
       -- false: none (a tick may fall inside the 300 ms the worker ran: it is not a missed one)
       local n = got.none
       assert.is_true(#n.list == 0 or (#n.list == 1 and n.list[1] > n.start))
+    end)
+
+    it("gives exactly one job per tick to five worker processes SIGKILLed and replaced for " .. SECONDS .. " s", function()
+      local sfile = H.write_file(dir, "sched.lua",
+        'return { { cron = "* * * * * *", target = "beat", method = "tick", args = { n = 1 } } }')
+      local tfile = H.write_file(dir, "targets.lua", 'return { beat = { tick = function() end } }')
+      if store.name == "SQLite" then              -- (the tables exist before five processes race to make them)
+        local q = tide.queue.open(url); q:close()
+      end
+      local procs, live = {}, {}
+      local function start()
+        local n = #procs + 1
+        local p = assert(io.popen(("%s worker --store %s --quiet --lease 2000 --poll 200 --schedule %s %s "
+          .. "> %s/worker-%d.log 2>&1 & echo $!; exec 2>/dev/null; wait $!"):format(TIDE, url, sfile, tfile, dir, n)))
+        local w = { pipe = p, pid = assert(tonumber(p:read("*l"))), n = n }
+        procs[n] = w
+        live[#live + 1] = w
+      end
+      for _ = 1, 5 do start() end
+      local seed = tonumber(os.getenv("SCHED_SEED")) or os.time()
+      math.randomseed(seed)
+      local t0 = wallclock()
+      local kills = 0
+      while wallclock() < t0 + SECONDS * 1000 do
+        H.sh(("sleep %.2f"):format(1.2 + math.random() * 0.6))
+        local k = math.random(1, #live)
+        assert.equal(0, ffi.C.kill(live[k].pid, 9))
+        table.remove(live, k)
+        kills = kills + 1
+        start()
+      end
+      local t_end = wallclock()
+      for _, w in ipairs(live) do ffi.C.kill(w.pid, 15) end
+      for _, w in ipairs(procs) do w.pipe:close() end
+      -- the jobs the killed workers held come back when their 2 s leases run out
+      local status, out = H.sh(("%s worker --store %s --quiet --lease 2000 --drain --queue default %s")
+        :format(TIDE, url, tfile))
+      assert.equal(0, status, out)
+      local q = tide.queue.open(url)
+      local count, list, rows = ticks_of(q, "beat.tick")
+      q:close()
+      assert_every_second(count, list, "seed " .. seed)
+      -- every second while a worker ran: from the first worker's start to the last one's stop
+      assert.is_true(list[1] <= t0 + 3000, "first tick " .. time.iso(list[1]) .. ", started " .. time.iso(t0))
+      assert.is_true(list[#list] >= t_end - 1000, "last tick " .. time.iso(list[#list]) .. ", stopped " .. time.iso(t_end))
+      local done = 0
+      for _, j in ipairs(rows) do if j.status == "completed" then done = done + 1 end end
+      assert.equal(#rows, done)
+      print(("\n# schedules on %s: %d worker processes, %d SIGKILLed, %d ticks in %.1f s, each exactly one job, "
+             .. "all completed (seed %d)"):format(store.name, #procs, kills, #list, (t_end - t0) / 1000, seed))
     end)
   end)
 end
