@@ -98,7 +98,7 @@ end }
 local KEYS = { queue = true, queues = true, concurrency = true, targets = true, lease = true,
                heartbeat = true, poll = true, rescue_every = true, batch = true, timeout = true,
                retry = true, handle_error = true, grace = true, on_outcome = true, give_up = true,
-               schedules = true }
+               schedules = true, on_discard = true }
 local TARGET_OPTS = { timeout = true, mode = true, handle_error = true, retry = true }
 local DEFAULT_RETRY = { backoff = "exponential", base = 1000, max = 3600000, jitter = true }
 
@@ -194,6 +194,9 @@ local function check_opts(fname, opts)
   end
   if opts.on_outcome ~= nil and type(opts.on_outcome) ~= "function" then
     opt_error(fname, "on_outcome", "function", opts.on_outcome, 3)
+  end
+  if opts.on_discard ~= nil and type(opts.on_discard) ~= "function" then
+    opt_error(fname, "on_discard", "function", opts.on_discard, 3)
   end
   if opts.give_up ~= nil and not check.is_ms(opts.give_up, true) then
     opt_error(fname, "give_up", "positive number of ms", opts.give_up, 3)
@@ -569,8 +572,11 @@ end
 --- (ms per attempt, none), retry (backoff between attempts), handle_error,
 --- grace (ms running jobs get on stop, default: tide's grace), on_outcome
 --- (fn(job, outcome, err) once the store settled an attempt: see
---- tide.jobs.outcomes), give_up (ms a draining worker goes on while a loop
---- keeps failing, 60000).
+--- tide.jobs.outcomes), on_discard (fn(ev) once the store took a job's
+--- discard after its last attempt: ev = { job, error, traceback, worker },
+--- every attempt's error is in the store: q:job(ev.job.id).errors), give_up
+--- (ms a draining worker goes on while a loop keeps failing, 60000),
+--- schedules (cron schedules: see tide.jobs.schedules).
 function M.new(opts)
   local queues, scheds = check_opts("tide.worker", opts)
   local lease = opts.lease or 30000
@@ -585,7 +591,7 @@ function M.new(opts)
     lease = lease, heartbeat = opts.heartbeat or lease / 3, poll = opts.poll or 1000,
     rescue_every = opts.rescue_every or lease / 2, batch = opts.batch or 100,
     timeout = opts.timeout, grace = opts.grace, handle_error = opts.handle_error,
-    on_outcome = opts.on_outcome, give_up = opts.give_up or 60000,
+    on_outcome = opts.on_outcome, on_discard = opts.on_discard, give_up = opts.give_up or 60000,
     retry = opts.retry and check_retry("tide.worker", "retry", opts.retry, 2)
             or check_retry("tide.worker", "retry", {}, 2),
     target_retry = {}, failing = {}, count = count,

@@ -504,6 +504,26 @@ function Session:pending(queues, now)
   return self.c:query(SQL.pending, text_array(queues, #queues), now).rows[1].n
 end
 
+-- ===== changing many jobs (see the SQLite store)
+
+local BULK_SET = {
+  retry_now = "status = 'available', run_at = $2, completed_at = NULL, "
+    .. "max_attempts = greatest(max_attempts, attempt + 1)",
+  cancel = "status = 'cancelled', completed_at = $2, lease_owner = NULL, lease_expires = NULL",
+}
+
+--- (Rows are locked in id order, as every statement of the store locks
+--- them, and waited for: a job a worker writes now is changed after it.)
+function Session:bulk(op, f, after, limit, now)
+  local sql = "UPDATE tide_jobs SET " .. BULK_SET[op] .. " WHERE id IN (SELECT id FROM tide_jobs WHERE id > $1 "
+    .. "AND status = $3" .. (f.queue and " AND queue = $4" or " AND $4::text IS NULL")
+    .. (f.since and (" AND %s >= $5"):format(f.since_col) or " AND $5::bigint IS NULL")
+    .. " ORDER BY id LIMIT $6 FOR UPDATE) RETURNING id, queue"
+  local list = self.c:query(sql, after, now, f.status, f.queue, f.since, limit).rows
+  table.sort(list, function(a, b) return a.id < b.id end)
+  return list
+end
+
 -- ===== schedules (tide.jobs.schedules; see the SQLite store)
 
 function Session:schedule_register(s, now, worker)

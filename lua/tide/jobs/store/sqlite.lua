@@ -509,6 +509,26 @@ end
 
 function Session:pending(queues, now) return (locked(self, pending, self, queues, now)) end
 
+-- ===== changing many jobs (q:retry_all, q:cancel_all)
+
+local BULK_SET = {
+  retry_now = "status = 'available', run_at = ?2, completed_at = NULL, max_attempts = max(max_attempts, attempt + 1)",
+  cancel = "status = 'cancelled', completed_at = ?2, lease_owner = NULL, lease_expires = NULL",
+}
+
+--- Applies op ("retry_now" or "cancel") to the next `limit` jobs after id
+--- `after` that match f (status, queue, since: ms, since_col) in one
+--- statement (its own short write transaction, outside the caller's);
+--- returns the rows changed: { id, queue }, in id order.
+function Session:bulk(op, f, after, limit, now)
+  local sql = "UPDATE tide_jobs SET " .. BULK_SET[op] .. " WHERE id IN (SELECT id FROM tide_jobs WHERE id > ?1 "
+    .. "AND status = ?3" .. (f.queue and " AND queue = ?4" or "") .. (f.since and (" AND %s >= ?5"):format(f.since_col) or "")
+    .. " ORDER BY id LIMIT ?6) RETURNING id, queue"
+  local list = locked(self, user_rows, self, sql, after, now, f.status, f.queue, f.since, limit)
+  table.sort(list, function(a, b) return a.id < b.id end)
+  return list
+end
+
 -- ===== schedules (tide.jobs.schedules)
 
 --- Records schedule `s` (name, cron, timezone, target, method, queue) as
