@@ -601,12 +601,18 @@ end
 --- for waiting statuses, that were enqueued then or later), batch (jobs
 --- per statement, 1000) }.  Returns how many.  Like q:retry, a job that
 --- used its attempts gets one more; its errors are kept.
-function Queue:retry_all(f) return bulk(self, "q:retry_all", "retry_now", f) end
+function Queue:retry_all(f)
+  local n = bulk(self, "q:retry_all", "retry_now", f)   -- (not a tail call: errors blame the caller)
+  return n
+end
 
 --- Cancels every job of a status (available, scheduled, retryable or
 --- executing: a running attempt stops at its worker's next heartbeat), in
 --- batches; the filter as q:retry_all's.  Returns how many.
-function Queue:cancel_all(f) return bulk(self, "q:cancel_all", "cancel", f) end
+function Queue:cancel_all(f)
+  local n = bulk(self, "q:cancel_all", "cancel", f)
+  return n
+end
 
 local function stats_rows(session) return session:stats() end
 
