@@ -4,7 +4,9 @@
 --   1. a job that fails its 3 attempts is discarded with the 3 errors in
 --      order; on_discard hears it once, with the job and the error; the
 --      metrics' discard counter counts it;
---   2. q:retry_all and q:cancel_all check their filter, naming the option;
+--   2. a job whose worker died in its last attempt is discarded by another
+--      worker's rescuer, which tells on_discard; q:retry_all and
+--      q:cancel_all check their filter, naming the option;
 --   3. 100,000 discarded jobs of one queue retried by `tide jobs retry
 --      --status discarded --queue dead` while two worker processes run
 --      them and another queue's jobs, one enqueued every 5 ms by the spec
@@ -64,6 +66,31 @@ for _, store in ipairs(H.stores()) do
       assert.equal(before + 1, worker_mod.totals.queues.mail.discarded)
       local text = require("tide.observe.metrics").render()
       assert.matches('tide_job_discards_total{queue="mail"} ' .. (before + 1), text, 1, true)
+    end)
+
+    it("discards a job whose worker died in its last attempt, and tells on_discard", function()
+      local heard, job = {}, nil
+      H.run(function()
+        local q = tide.queue.open(url)
+        local id = q:enqueue{ target = "pay", method = "charge", queue = "mail", max_attempts = 1 }
+        q:transaction(function(tx)   -- claimed by a worker that died: its lease ran out long ago
+          tx:exec("UPDATE tide_jobs SET status = 'executing', attempt = 1, lease_owner = 'gone:1:1', "
+                  .. "lease_expires = 1000 WHERE id = ?", id)
+        end)
+        local w = tide.worker{ queue = q, queues = { mail = 1 }, on_discard = function(ev) heard[#heard + 1] = ev end }
+        local deadline = tide.now() + 5000
+        repeat tide.sleep(5) until q:job(id).status ~= "executing" or tide.now() > deadline
+        w:stop(); w:wait()
+        job = q:job(id)
+        q:close()
+      end)
+      assert.equal("discarded", job.status)
+      assert.equal(1, #job.errors)
+      assert.equal("lease expired: worker gone:1:1 stopped heartbeating", job.errors[1].error)
+      assert.equal(1, #heard)
+      assert.same({ job.id, "mail", "pay", "charge", 1 }, { heard[1].job.id, heard[1].job.queue, heard[1].job.target,
+                                                           heard[1].job.method, heard[1].job.attempt })
+      assert.equal("lease expired: its worker stopped heartbeating during the last attempt", heard[1].error)
     end)
 
     it("checks the filter of q:retry_all and q:cancel_all", function()

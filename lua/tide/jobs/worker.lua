@@ -531,7 +531,7 @@ local function rescue_rows(session, now) return session:rescue(now) end
 --- Makes jobs whose lease expired available again; true, or false after a
 --- failure (reported).
 local function rescue(w)
-  local ok, n = pcall(call, w, w.lease_store, "tide.worker", rescue_rows, wallclock())
+  local ok, n, dead = pcall(call, w, w.lease_store, "tide.worker", rescue_rows, wallclock())
   if not ok then
     log.report("worker " .. w.id .. ": rescue", n)
     M.totals.store_errors.rescue = M.totals.store_errors.rescue + 1
@@ -542,6 +542,16 @@ local function rescue(w)
     w.stats.rescued = w.stats.rescued + n
     M.totals.rescued = M.totals.rescued + n
     for _, qs in pairs(w.queues) do S.notify(qs) end
+  end
+  -- Jobs whose last attempt's worker died: discarded here, by this worker,
+  -- so it counts them and tells on_discard (once: one rescuer's statement
+  -- changed each row).
+  for _, row in ipairs(dead or {}) do
+    count(w, row.queue, "discarded")
+    if w.on_discard then
+      log.protect("on_discard of job " .. tostring(row.id), w.on_discard, { job = job_info(row), worker = w.id,
+        error = "lease expired: its worker stopped heartbeating during the last attempt" })
+    end
   end
   return true
 end

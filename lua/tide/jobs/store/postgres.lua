@@ -142,7 +142,9 @@ local SQL = {
       errors = coalesce(errors, '[]'::jsonb) || jsonb_build_array(jsonb_build_object('attempt', attempt,
         'at', ]] .. NOW .. [[, 'error', 'lease expired: worker ' || lease_owner || ' stopped heartbeating'))
     WHERE id IN (SELECT id FROM tide_jobs WHERE status = 'executing' AND lease_expires < ]] .. NOW .. [[
-      FOR UPDATE SKIP LOCKED)]],   -- rows a worker is writing now are its own (and no deadlock)
+      FOR UPDATE SKIP LOCKED)      -- rows a worker is writing now are its own (and no deadlock)
+    RETURNING id, status, queue, target, method, attempt, max_attempts, priority, run_at, inserted_at,
+      idempotence_key]],
   get = "SELECT * FROM tide_jobs WHERE id = $1",
   cancel = "UPDATE tide_jobs SET status = 'cancelled', completed_at = $2, lease_owner = NULL, "
     .. "lease_expires = NULL WHERE id = $1 AND status NOT IN " .. TERMINAL_SQL,
@@ -462,7 +464,12 @@ function Session:heartbeat(owner, lease_until, ids)
   return set
 end
 
-function Session:rescue() return self.c:query(SQL.rescue).changes end
+function Session:rescue()
+  local list = self.c:query(SQL.rescue).rows
+  local dead = {}
+  for _, r in ipairs(list) do if r.status == "discarded" then dead[#dead + 1] = r end end
+  return #list, dead
+end
 
 function Session:get(id) return self.c:query(SQL.get, id).rows[1] end
 

@@ -161,7 +161,9 @@ local SQL = {
       run_at = ?1, lease_owner = NULL, lease_expires = NULL,
       errors = json_insert(coalesce(errors, '[]'), '$[#]', json_object('attempt', attempt,
         'at', ?1, 'error', 'lease expired: worker ' || lease_owner || ' stopped heartbeating'))
-    WHERE status = 'executing' AND lease_expires < ?1]],
+    WHERE status = 'executing' AND lease_expires < ?1
+    RETURNING id, status, queue, target, method, attempt, max_attempts, priority, run_at, inserted_at,
+      idempotence_key]],
   get = "SELECT * FROM tide_jobs WHERE id = ?1",
   states = "SELECT id, status, lease_owner, attempt FROM tide_jobs WHERE id IN (SELECT value FROM json_each(?1))",
   cancel = "UPDATE tide_jobs SET status = 'cancelled', completed_at = ?2, lease_owner = NULL, "
@@ -447,7 +449,14 @@ local function run(s, key, ...) return stmt(s, key):run(...) end
 local function first(s, key, ...) return stmt(s, key):first(...) end
 local function rows(s, key, ...) return stmt(s, key):rows(...) end
 
-function Session:rescue(now) return (locked(self, run, self, "rescue", now)) end
+--- Makes jobs whose lease expired available again, or discarded after their
+--- last attempt; returns how many, and the rows of those discarded.
+function Session:rescue(now)
+  local list = locked(self, rows, self, "rescue", now)
+  local dead = {}
+  for _, r in ipairs(list) do if r.status == "discarded" then dead[#dead + 1] = r end end
+  return #list, dead
+end
 function Session:get(id) return (locked(self, first, self, "get", id)) end
 
 --- { [id] = { status, lease_owner, attempt } } of the jobs among `ids` that exist.
