@@ -105,7 +105,7 @@ for _, store in ipairs(H.stores()) do
           { function() q:cancel_all{ status = "discarded" } end, "q:cancel_all: bad option 'status' ('available', "
             .. "'executing', 'retryable' or 'scheduled' expected, got string \"discarded\")" },
           { function() q:retry_all{ status = "discarded", since = "yesterday" } end, "q:retry_all: bad option 'since' "
-            .. "(UTC time from 1970 to 9999 (seconds since the epoch, or ISO 8601 like \"2026-11-23T15:04:05Z\") expected, "
+            .. "(UTC time from 1970 to 9999 (ms since the epoch, or ISO 8601 like \"2026-11-23T15:04:05Z\") expected, "
             .. "got string \"yesterday\")" },
           { function() q:retry_all{ status = "discarded", queue = 5 } end, "q:retry_all: bad option 'queue' (queue name "
             .. "(letters, digits, _ . -) expected, got number 5)" },

@@ -63,7 +63,7 @@ describe("tide.metrics", function()
                                                    b = { after = "a", run = function() error("b fails") end },
                                                    c = { after = "b", run = function() end } } }
       f:run()
-      w:drain{ within = 200 }
+      w:drain{ stop = true, within = 200 }
       while src.queued > 0 or src.unacked > 0 do tide.sleep(5) end
       ct:cancel()
       tide.sleep(20)                                    -- let the finished tasks settle

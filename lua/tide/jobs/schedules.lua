@@ -5,7 +5,7 @@
 --       timezone = "Europe/Paris", catch_up = "1h", name = "reports" } } }
 --
 -- Each worker that has a schedule runs a scheduler task.  At each tick it
--- enqueues the tick's job with the idempotence key "schedule:NAME@TICK"
+-- enqueues the tick's job with the idempotency key "schedule:NAME@TICK"
 -- (TICK in ISO 8601 UTC), in one transaction with an update of the
 -- schedule's row in tide_schedules (the latest tick enqueued).  Every worker
 -- tries every tick; the key's unique index lets exactly one insert through,
@@ -114,7 +114,7 @@ function M.check(fname, list, level)
   return out
 end
 
---- The idempotence key of schedule `s`'s tick `t` (ms).
+--- The idempotency key of schedule `s`'s tick `t` (ms).
 function M.key(s, t) return "schedule:" .. s.name .. "@" .. time.iso(t) end
 
 -- ===== catching up
@@ -158,8 +158,8 @@ local function enqueue_pending(w, list)
         for k = 1, n do
           local t = p[k]
           local _, fresh = tx:enqueue{ target = s.target, method = s.method, args = s.args, queue = s.queue,
-                                       run_at = t / 1000, priority = s.priority, max_attempts = s.max_attempts,
-                                       idempotence_key = M.key(s, t) }
+                                       run_at = t, priority = s.priority, max_attempts = s.max_attempts,
+                                       idempotency_key = M.key(s, t) }
           if fresh then inserted = inserted + 1 end
         end
         session:schedule_advance(s.name, p[n], now, w.id)
@@ -233,12 +233,12 @@ function M.run(w, list)
   end
 end
 
---- For w:info(): each schedule's name, next tick and latest tick enqueued (UTC seconds).
+--- For w:info(): each schedule's name, next tick and latest tick enqueued (UTC ms).
 function M.info(list)
   local out = {}
   for i, s in ipairs(list) do
-    out[i] = { name = s.name, cron = s.cron_text, timezone = s.timezone, next_at = s.next_at and s.next_at / 1000,
-               last_tick = s.last_tick and s.last_tick / 1000 }
+    out[i] = { name = s.name, cron = s.cron_text, timezone = s.timezone, next_at = s.next_at,
+               last_tick = s.last_tick }
   end
   return out
 end
