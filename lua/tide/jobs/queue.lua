@@ -569,7 +569,8 @@ end
 
 -- ===== changing many jobs at once, in batches
 
-local BULK_KEYS = { status = true, queue = true, since = true, batch = true }
+local BULK_KEYS = check.options("q:retry_all", { status = true, queue = true, since = true, batch = true })
+check.options("q:cancel_all", BULK_KEYS)
 local BULK_FROM = {
   retry_now = { "scheduled", "retryable", "completed", "discarded", "cancelled", "expired" },
   cancel = { "available", "scheduled", "retryable", "executing" },

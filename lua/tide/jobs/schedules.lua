@@ -39,8 +39,9 @@ local opt_error, wallclock = check.opt_error, core.wallclock
 
 local M = {}
 
-local KEYS = { name = true, cron = true, target = true, method = true, args = true, queue = true,
-               timezone = true, catch_up = true, priority = true, max_attempts = true }
+local KEYS = check.options("worker schedule", {
+  name = true, cron = true, target = true, method = true, args = true, queue = true, timezone = true,
+  catch_up = true, priority = true, max_attempts = true })
 
 local CHUNK = 1000                          -- ticks per transaction
 M.MAX_CATCH_UP = 10000                      -- missed ticks enqueued at most, the latest ones
