@@ -232,18 +232,25 @@ end
 --- The first tick after UTC second `after` (an integer), or nil.
 function Cron:next_second(after)
   local zone = self.zone
-  local lo = zone:offset_range(after, after + 2 * 86400)
-  local hi = zone.max_offset or 0
-  if not zone.max_offset then
+  local near = after + 2 * 86400
+  local lo, hi_near = zone:offset_range(after, near)
+  local hi = zone.max_offset
+  if not hi then
     hi = -math.huge
     for _, o in ipairs(zone.offs) do if o > hi then hi = o end end
     if zone.first > hi then hi = zone.first end
     if zone.rule then hi = math.max(hi, zone.rule.std, zone.rule.dst or zone.rule.std) end
     zone.max_offset = hi
   end
+  -- Wall times come in order, instants not quite (an overlap maps a later
+  -- wall time to an earlier instant): go on until no later wall time can
+  -- give an instant before the best found, i.e. l - (the largest offset in
+  -- force up to it) > best.  Within two days that is the offsets in force
+  -- near `after` (a per-second schedule would otherwise look an hour
+  -- ahead, the size of a clock change, at every tick).
   local best
   local l = self:next_wall(after + lo)
-  while l and not (best and l - hi > best) do
+  while l and not (best and l - (best <= near and hi_near or hi) > best) do
     local us = zone:instants(l)
     if #us == 0 then
       if not self.interval then
