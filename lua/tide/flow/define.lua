@@ -14,12 +14,14 @@ local opt_error = check.opt_error
 
 local M = {}
 
-local FLOW_KEYS = { name = true, max_concurrency = true, fail = true, timeout = true, tasks = true, on = true }
+local FLOW_KEYS = { name = true, concurrency = true, max_concurrency = true, fail = true, timeout = true, tasks = true,
+                    on = true }
 local TASK_KEYS = { run = true, each = true, items = true, after = true, when = true, retry = true,
-                    timeout = true, mode = true, max_concurrency = true, exit_on_failed = true, flow = true }
+                    timeout = true, mode = true, concurrency = true, max_concurrency = true, exit_on_failed = true,
+                    flow = true }
 local HOOKS = { flow_start = true, task_start = true, task_run_done = true, task_done = true, task_failed = true,
                 task_timeout = true, task_retry = true, task_skipped = true, child_done = true,
-                flow_done = true }
+                flow_done = true, task_error = true }
 local FAILS = { stop = true, continue = true }
 
 
@@ -62,9 +64,13 @@ local function check_task(fname, fdesc, name, spec, is_flow)
     error(("%s: %s: 'items' without 'each'"):format(fname, where), 4)
   end
   if spec.timeout ~= nil and not check.is_ms(spec.timeout, true) then bad(fname, where, "timeout", "positive number of ms", spec.timeout) end
-  if spec.max_concurrency ~= nil and not check.is_count(spec.max_concurrency, 1) then
-    bad(fname, where, "max_concurrency", "integer >= 1", spec.max_concurrency)
+  -- concurrency, or max_concurrency (its old name, still accepted)
+  if spec.concurrency ~= nil and spec.max_concurrency ~= nil then
+    error(("%s: %s: give 'concurrency', not both it and 'max_concurrency' (its old name)"):format(fname, where), 4)
   end
+  local conc_key = spec.concurrency ~= nil and "concurrency" or "max_concurrency"
+  local conc = spec[conc_key]
+  if conc ~= nil and not check.is_count(conc, 1) then bad(fname, where, conc_key, "integer >= 1", conc) end
   if spec.exit_on_failed ~= nil and type(spec.exit_on_failed) ~= "boolean" then
     bad(fname, where, "exit_on_failed", "boolean", spec.exit_on_failed)
   end
@@ -78,7 +84,7 @@ local function check_task(fname, fdesc, name, spec, is_flow)
   return {
     name = name, run = spec.run, each = spec.each, items = spec.items, flow = spec.flow,
     after = after or {}, when = spec.when, retry = spec.retry, policy = policy, timeout = spec.timeout,
-    mode = spec.mode, max_concurrency = spec.max_concurrency or 10,
+    mode = spec.mode, max_concurrency = conc or 10,
     exit_on_failed = spec.exit_on_failed ~= false, dependents = {},
   }
 end
@@ -135,14 +141,28 @@ function M.define(fname, opts, is_flow)
   local fdesc = ("flow '%s'"):format(name)
   if opts.fail ~= nil and not FAILS[opts.fail] then opt_error(fname, "fail", "'stop' or 'continue'", opts.fail, 3) end
   if opts.timeout ~= nil and not check.is_ms(opts.timeout, true) then opt_error(fname, "timeout", "positive number of ms", opts.timeout, 3) end
-  if opts.max_concurrency ~= nil and not check.is_count(opts.max_concurrency, 1) then
-    opt_error(fname, "max_concurrency", "integer >= 1", opts.max_concurrency, 3)
+  if opts.concurrency ~= nil and opts.max_concurrency ~= nil then
+    error(("%s: give 'concurrency', not both it and 'max_concurrency' (its old name)"):format(fname), 3)
+  end
+  local conc_key = opts.concurrency ~= nil and "concurrency" or "max_concurrency"
+  if opts[conc_key] ~= nil and not check.is_count(opts[conc_key], 1) then
+    opt_error(fname, conc_key, "integer >= 1", opts[conc_key], 3)
   end
   local on = opts.on or {}
   if type(on) ~= "table" then opt_error(fname, "on", "table of hooks", on, 3) end
   for k, v in pairs(on) do
     if not HOOKS[k] then error(("%s: %s: unknown hook '%s'"):format(fname, fdesc, tostring(k)), 3) end
     if type(v) ~= "function" then opt_error(fname, "on." .. k, "function", v, 3) end
+  end
+  if on.task_error and on.task_failed and on.task_error ~= on.task_failed then
+    error(("%s: %s: give hook 'task_error', not both it and 'task_failed' (its old name)"):format(fname, fdesc), 3)
+  end
+  if on.task_error or on.task_failed then       -- one hook, both names
+    local copy = {}
+    for k, v in pairs(on) do copy[k] = v end
+    copy.task_error = on.task_error or on.task_failed
+    copy.task_failed = copy.task_error
+    on = copy
   end
   if type(opts.tasks) ~= "table" or next(opts.tasks) == nil then
     opt_error(fname, "tasks", "non-empty table of tasks", opts.tasks, 3)
@@ -168,7 +188,7 @@ function M.define(fname, opts, is_flow)
   local cycle = find_cycle(nodes, order)
   if cycle then error(("%s: %s: cycle %s"):format(fname, fdesc, concat(cycle, " -> ")), 3) end
   return { name = name, nodes = nodes, order = order, fail = opts.fail or "stop",
-           timeout = opts.timeout, max_concurrency = opts.max_concurrency or math.huge, on = on }
+           timeout = opts.timeout, max_concurrency = opts[conc_key] or math.huge, on = on }
 end
 
 

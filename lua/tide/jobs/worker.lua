@@ -97,7 +97,8 @@ end }
 local KEYS = { queue = true, queues = true, concurrency = true, targets = true, lease = true,
                heartbeat = true, poll = true, rescue_every = true, batch = true, timeout = true,
                retry = true, handle_error = true, grace = true, on_outcome = true, give_up = true }
-local TARGET_OPTS = { timeout = true, mode = true, handle_error = true, retry = true }
+local TARGET_OPTS = { timeout = true, mode = true, handle_error = true, retry = true,
+                      after_record = true, retry_for = true }      -- (the last two: tide.jobs.flowstep's)
 local DEFAULT_RETRY = { backoff = "exponential", base = 1000, max = 3600000, jitter = true }
 
 -- ===== options
@@ -288,7 +289,8 @@ local function failed(w, rec, err, trace, target)
   if row.attempt >= row.max_attempts then
     entry.kind, entry.outcome = "discard", "discarded"
   else
-    local policy = target and target.retry and w.target_retry[target] or w.retry
+    local policy = target and target.retry_for and target.retry_for(rec.args)
+                   or target and target.retry and w.target_retry[target] or w.retry
     local delay = floor(retry.delay(policy, row.attempt))
     entry.kind, entry.outcome = "retry", "retried"
     entry.run_at = wallclock() + delay
@@ -296,6 +298,9 @@ local function failed(w, rec, err, trace, target)
   end
   job.error = tostring(err)
   report_error(w, target, job, err, trace)
+  if target and target.after_record then
+    entry.after_record, entry.args, entry.method = target.after_record, rec.args, row.method
+  end
   record(w, entry)
 end
 
@@ -328,8 +333,13 @@ local function job_finished(t)
   if t.attempts > 0 then histogram.observe(rec.duration, (core.now() - rec.started) / 1000) end
   local status = S.state(t)
   if status == "ok" then
-    record(w, { kind = "completed", outcome = "completed", id = rec.row.id, attempt = rec.row.attempt,
-                job = rec.job })
+    local e = { kind = "completed", outcome = "completed", id = rec.row.id, attempt = rec.row.attempt,
+                job = rec.job }
+    local target = rec.target
+    if target and target.after_record then   -- a durable flow's step: its result goes with the write
+      e.after_record, e.args, e.method, e.value = target.after_record, rec.args, rec.row.method, t.value
+    end
+    record(w, e)
   elseif status == "cancelled" then
     if rec.gone then                          -- cancelled, expired or taken over in the store
       count(w, rec.row.queue, rec.gone)
@@ -378,7 +388,7 @@ local function start_job(w, row)
     slot_freed(w, rec)
     return failed(w, rec, fn and ("job %d: %s"):format(row.id, err) or target, nil, fn and target)
   end
-  rec.target = target
+  rec.target, rec.args = target, args
   local mode = target.mode
   -- Thread mode: a target given in `targets` sends the method itself (as
   -- bytecode: checked for upvalues when the worker started); one found by
@@ -537,6 +547,14 @@ local function rescue(w)
     M.totals.rescued = M.totals.rescued + n
     for _, qs in pairs(w.queues) do S.notify(qs) end
   end
+  -- Durable flow steps whose jobs the rescue (or a hand) finished.
+  local fine, err = pcall(queue.sweep_flows, w.q, w.lease_store)
+  if not fine then
+    log.report("worker " .. w.id .. ": durable flows sweep", err)
+    M.totals.store_errors.rescue = M.totals.store_errors.rescue + 1
+    w.last_error = err
+    return false
+  end
   return true
 end
 
@@ -615,6 +633,9 @@ function M.new(opts)
   w.tasks[#w.tasks + 1] = w.flusher_task
   w.tasks[#w.tasks + 1] = spawn{ run = heartbeat, args = { w }, name = "worker heartbeat" }
   w.tasks[#w.tasks + 1] = spawn{ run = rescuer, args = { w }, name = "worker rescuer" }
+  w.start_row = function(row)              -- a job the store leased to this worker (a flow's hook)
+    if w.queues[row.queue] then start_job(w, row) end
+  end
   w.on_enqueue = function(name)
     local qs = w.queues[name]
     if qs then qs.kicked = true; S.notify(qs) end
