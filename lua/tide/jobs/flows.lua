@@ -53,10 +53,12 @@ local json = require "tide.jobs.json"
 local job = require "tide.jobs.job"
 local define = require("tide.flow.define").define
 local flow_run = require "tide.flow.run"
+local core = require "tide.core"
 
 local type, pairs, ipairs, error, tostring, pcall, require, setmetatable, getmetatable =
   type, pairs, ipairs, error, tostring, pcall, require, setmetatable, getmetatable
-local concat, sort, format = table.concat, table.sort, string.format
+local concat, sort, format, floor = table.concat, table.sort, string.format, math.floor
+local wallclock = core.wallclock
 
 local M = {}
 
@@ -82,7 +84,8 @@ function M.definition(name, fname, level)
   end
   local ok, mod = pcall(require, name)
   if not ok then
-    error(("%s: flow '%s': require failed: %s"):format(fname, name, (tostring(mod):match("^[^\n]*"))), level)
+    error(("%s: flow '%s': require failed: %s"):format(fname, name,
+      (tostring(mod):match("^[^\n]*"):gsub(":$", ""))), level)
   end
   if getmetatable(mod) ~= flow_run.Flow_mt then
     if type(mod) ~= "table" then
@@ -382,7 +385,10 @@ end
 --- Returns what to do after the commit: { queues = { [name] = true } that
 --- got jobs, hooks = { job ids leased to `owner` } }.
 function M.apply(session, entries, now, owner, lease)
-  local F = change(session, now, owner, lease)
+  -- The time is read here, inside the transaction (after its locks), not
+  -- taken from the caller: a write that waited for another process's lock
+  -- must not stamp its changes earlier than the ones it waited for.
+  local F = change(session, floor(wallclock()), owner, lease)
   local list = {}
   for _, e in ipairs(entries) do
     if type(e.args) == "table" and type(e.args.run) == "number" then list[#list + 1] = e end
@@ -414,12 +420,22 @@ end
 --- rescuer discarded it on its last attempt; cancelled or expired by
 --- hand): their steps fail.  Runs in a transaction of the caller's; returns
 --- what to do after the commit (as M.apply), and how many it settled.
-function M.sweep(session, now)
-  local F = change(session, now)
+function M.sweep(session)
+  local F = change(session, floor(wallclock()))
   local rows = session:query("SELECT s.run_id, s.name, j.id, j.status, j.errors FROM tide_flow_steps s "
     .. "JOIN tide_jobs j ON j.id = s.job_id WHERE s.status = 'queued' AND j.status IN ('discarded', 'cancelled', 'expired')")
   local items = session:query("SELECT i.run_id, i.step, i.idx, j.id, j.status, j.errors FROM tide_flow_items i "
     .. "JOIN tide_jobs j ON j.id = i.job_id WHERE i.status = 'queued' AND j.status IN ('discarded', 'cancelled', 'expired')")
+  if session.lock_flow_runs and #rows + #items > 0 then
+    local seen, ids = {}, {}
+    for _, list in ipairs{ rows, items } do
+      for _, r in ipairs(list) do
+        if not seen[r.run_id] then seen[r.run_id] = true; ids[#ids + 1] = r.run_id end
+      end
+    end
+    sort(ids)
+    session:lock_flow_runs(ids)
+  end
   local function why(r)
     local list = type(r.errors) == "string" and json.decode(r.errors)
     local last = type(list) == "table" and list[#list]

@@ -770,15 +770,15 @@ function Queue:cancel_flow(id) return change_run(self, "q:cancel_flow", flows.ca
 function Queue:retry_flow(id) return change_run(self, "q:retry_flow", flows.retry, id) end
 
 local function sweep(session)
-  local own = true
   session:begin()
-  local ok, post = pcall(flows.sweep, session, floor(wallclock()))
+  local ok, post = pcall(flows.sweep, session)
   if ok then
-    ok, post = pcall(session.commit, session)
-    if ok then return post end
+    local done, err = pcall(session.commit, session)
+    if done then return post end
+    post = err
   end
   pcall(session.rollback, session)
-  if own then error(post, 0) end
+  error(post, 0)
 end
 
 --- For workers: fails the steps of durable flows whose jobs finished
