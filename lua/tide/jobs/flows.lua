@@ -117,7 +117,7 @@ local function max_failures(node) return node.policy and node.policy.attempts or
 --- F: { s = session, now = ms, owner = worker id or nil, lease = ms,
 --- runs = { [id] = run row }, post = { queues = {}, hooks = {} } }.
 local function change(session, now, owner, lease)
-  return { s = session, now = now, owner = owner, lease = lease, runs = {},
+  return { s = session, now = now, owner = owner, lease = lease, runs = {}, closed = {}, closed_order = {},
            post = { queues = {}, hooks = {} } }
 end
 M.change = change
@@ -196,11 +196,23 @@ local function finish_run(F, run, status, err)
   end
 end
 
---- `closed` more steps finished (`failed` of them failed): the run ends when none is left.
+--- `closed` more steps finished (`failed` of them failed): counted here,
+--- written to the run's row once per change (flush), when the run ends if
+--- none is left.
 local function steps_closed(F, run, closed, failed)
-  local r = q1(F, "UPDATE tide_flow_runs SET open_steps = open_steps - ?, failed_steps = failed_steps + ? "
-    .. "WHERE id = ? AND status = 'running' RETURNING open_steps, failed_steps", closed, failed, run.id)
-  if r and r.open_steps <= 0 then finish_run(F, run, r.failed_steps > 0 and "error" or "ok") end
+  local c = F.closed[run.id]
+  if not c then c = { run = run, closed = 0, failed = 0 }; F.closed[run.id] = c; F.closed_order[#F.closed_order + 1] = c end
+  c.closed, c.failed = c.closed + closed, c.failed + failed
+end
+
+local function flush(F)
+  for _, c in ipairs(F.closed_order) do
+    local r = q1(F, "UPDATE tide_flow_runs SET open_steps = open_steps - ?, failed_steps = failed_steps + ? "
+      .. "WHERE id = ? AND status = 'running' RETURNING open_steps, failed_steps", c.closed, c.failed, c.run.id)
+    if r and r.open_steps <= 0 then finish_run(F, c.run, r.failed_steps > 0 and "error" or "ok") end
+  end
+  F.closed, F.closed_order = {}, {}
+  return F.post
 end
 
 --- Skips the waiting dependents of `name`, and theirs (iteratively: graphs can be deep).
@@ -413,7 +425,7 @@ function M.apply(session, entries, now, owner, lease)
       end
     end
   end
-  return F.post
+  return flush(F)
 end
 
 --- Steps and items whose job finished outside an outcome write (the
@@ -457,7 +469,7 @@ function M.sweep(session)
       item_failed(F, run, r.step, r.idx, status, err, nil)
     end
   end
-  return F.post, #rows + #items
+  return flush(F), #rows + #items
 end
 
 -- ===== starting a run (inside the caller's transaction)
