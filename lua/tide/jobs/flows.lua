@@ -209,7 +209,10 @@ local function flush(F)
   for _, c in ipairs(F.closed_order) do
     local r = q1(F, "UPDATE tide_flow_runs SET open_steps = open_steps - ?, failed_steps = failed_steps + ? "
       .. "WHERE id = ? AND status = 'running' RETURNING open_steps, failed_steps", c.closed, c.failed, c.run.id)
-    if r and r.open_steps <= 0 then finish_run(F, c.run, r.failed_steps > 0 and "error" or "ok") end
+    if r and r.open_steps <= 0 then
+      local n = r.failed_steps
+      finish_run(F, c.run, n > 0 and "error" or "ok", n > 0 and format("%d step%s failed", n, n == 1 and "" or "s") or nil)
+    end
   end
   F.closed, F.closed_order = {}, {}
   return F.post
@@ -303,6 +306,7 @@ local function step_attempt_failed(F, run, name, job_id, final, err, trace)
   exec(F, "UPDATE tide_jobs SET status = 'discarded', completed_at = ? WHERE id = ? AND status = 'retryable'",
        F.now, job_id)
   step_failed(F, run, name, failed_status(err), err, trace)
+  return true
 end
 
 -- ===== each: items
@@ -371,6 +375,7 @@ local function item_attempt_failed(F, run, name, idx, job_id, final, err, trace)
   exec(F, "UPDATE tide_jobs SET status = 'discarded', completed_at = ? WHERE id = ? AND status = 'retryable'",
        F.now, job_id)
   item_failed(F, run, name, idx, failed_status(err), err, trace)
+  return true
 end
 
 -- ===== outcomes of the flow's jobs, inside the worker's outcome write
@@ -419,9 +424,12 @@ function M.apply(session, entries, now, owner, lease)
           item_ok(F, run, a.step, a.index, e.id, v.json)
         end
       elseif kind == "retry" or kind == "discard" then
-        local err = tostring(e.err)
-        if method == "step" then step_attempt_failed(F, run, a.step, e.id, kind == "discard", err, e.trace)
-        elseif method == "item" then item_attempt_failed(F, run, a.step, a.index, e.id, kind == "discard", err, e.trace) end
+        local err, final = tostring(e.err), nil
+        if method == "step" then final = step_attempt_failed(F, run, a.step, e.id, kind == "discard", err, e.trace)
+        elseif method == "item" then final = item_attempt_failed(F, run, a.step, a.index, e.id, kind == "discard", err, e.trace) end
+        -- The step's retry policy allowed no more: the job was discarded
+        -- here, and the worker's counts and hooks hear that.
+        if final then e.outcome = "discarded" end
       end
     end
   end
