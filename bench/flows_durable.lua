@@ -95,9 +95,12 @@ end
 
 --- The run's steps per second, by the store's own times.
 local function rate_of(q, id)
-  local r = q:flow_run(id)
+  local r = q:transaction(function(tx)
+    return tx:query("SELECT status, error, inserted_at, completed_at FROM tide_flow_runs WHERE id = ?", id)[1]
+  end)
   assert(r.status == "ok", "run " .. id .. " ended " .. tostring(r.status) .. ": " .. tostring(r.error))
-  return WIDTH * LAYERS / ((r.completed_at - r.inserted_at)), r.completed_at - r.inserted_at
+  local secs = (r.completed_at - r.inserted_at) / 1000
+  return WIDTH * LAYERS / secs, secs
 end
 
 --- One run with a worker in this process.
