@@ -34,7 +34,7 @@ local function make_run(fixed, key)
     _G.DFLOW = { calls = {}, fixed = %s, slow = 1 }
     local q = tide.queue.open(%q)
     local id = q:enqueue_flow("dflow_stop", { day = 2 }, { key = %q })
-    tide.worker{ queue = q, poll = 20 }:drain()
+    tide.worker{ queue = q, poll = 20 }:drain{ stop = true, within = 1000 }
     io.write(id)
   ]]):format(tostring(fixed), STORE, key))
   local status, out = H.sh(("%s run %s"):format(TIDE, script))

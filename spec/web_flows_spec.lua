@@ -42,7 +42,7 @@ describe("tide web: durable flow runs", function()
     H.run(function()
       local q = tide.queue.open(store)
       failed_id = q:enqueue_flow("dflow_web", { note = "<script>alert(2)</script>" })
-      tide.worker{ queue = q, poll = 20 }:drain()
+      tide.worker{ queue = q, poll = 20 }:drain{ stop = true, within = 1000 }
       running_id = q:enqueue_flow("dflow_web", {}, { key = "still-running" })   -- no worker: stays running
       q:close()
     end)

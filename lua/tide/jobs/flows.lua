@@ -350,7 +350,7 @@ local function item_ok(F, run, name, idx, job_id, result)
   if n > 0 then item_settled(F, run, name) end
 end
 
---- An item failed for good: the step fails (unless exit_on_failed = false:
+--- An item failed for good: the step fails (unless exit_on_error = false:
 --- then its result is null and the others go on).
 local function item_failed(F, run, name, idx, status, err, trace)
   local n = exec(F, "UPDATE tide_flow_items SET status = ?, error = ?, traceback = ?, completed_at = ? "
@@ -436,6 +436,18 @@ function M.apply(session, entries, now, owner, lease)
   return flush(F)
 end
 
+local SWEEP_NEEDED = "SELECT EXISTS (SELECT 1 FROM tide_flow_steps s JOIN tide_jobs j ON j.id = s.job_id "
+  .. "WHERE s.status = 'queued' AND j.status IN ('discarded', 'cancelled', 'expired')) "
+  .. "OR EXISTS (SELECT 1 FROM tide_flow_items i JOIN tide_jobs j ON j.id = i.job_id "
+  .. "WHERE i.status = 'queued' AND j.status IN ('discarded', 'cancelled', 'expired')) AS n"
+
+--- True when M.sweep has something to do (read outside a transaction; the
+--- sweep reads again inside its own).
+function M.sweep_needed(session)
+  local r = session:query(SWEEP_NEEDED)[1]
+  return r ~= nil and (r.n == true or r.n == 1)
+end
+
 --- Steps and items whose job finished outside an outcome write (the
 --- rescuer discarded it on its last attempt; cancelled or expired by
 --- hand): their steps fail.  Runs in a transaction of the caller's; returns
@@ -509,7 +521,7 @@ function M.start(session, def, input, opts, now)
     exec(F, "INSERT INTO tide_flow_steps (run_id, name, status, waiting, deps, dependents, each, concurrency, "
       .. "max_failures) VALUES (?, ?, 'waiting', ?, ?, ?, ?, ?, ?)", run.id, name, #deps,
       json.encode(json.array(deps)), json.encode(json.array(dependents)),
-      node.each and (node.exit_on_failed and 1 or 2) or 0, node.each and node.max_concurrency or nil,
+      node.each and (node.exit_on_error and 1 or 2) or 0, node.each and node.concurrency or nil,
       max_failures(node))
   end
   for _, name in ipairs(def.order) do
@@ -567,7 +579,7 @@ end
 local RUN_STATUSES = { running = true, ok = true, error = true, cancelled = true }
 M.RUN_STATUSES = RUN_STATUSES
 
-local function seconds(ms) return type(ms) == "number" and ms / 1000 or nil end
+local function ms(v) return type(v) == "number" and v or nil end
 
 local function decoded(text)
   if type(text) ~= "string" then return nil end
@@ -581,12 +593,12 @@ local function step_of(r)
   if status == "waiting" then status = "pending"
   elseif status == "fanout" then status = "running"
   elseif status == "queued" then status = r.job_status == "executing" and "running" or "queued" end
-  local started = seconds(r.attempted_at) or seconds(r.queued_at)
+  local started = ms(r.attempted_at) or ms(r.queued_at)
   local s = {
     name = r.name, status = status, after = decoded(r.deps) or {}, job = r.job_id, attempts = r.attempt or 0,
     failures = r.failures, result = decoded(r.result), result_json = r.result, error = r.error,
-    traceback = r.traceback, reason = r.reason, queued_at = seconds(r.queued_at), started_at = started,
-    completed_at = seconds(r.completed_at), each = r.each ~= 0 or nil,
+    traceback = r.traceback, reason = r.reason, queued_at = ms(r.queued_at), started_at = started,
+    completed_at = ms(r.completed_at), each = r.each ~= 0 or nil,
   }
   if s.completed_at and started then s.duration = (r.completed_at - (r.attempted_at or r.queued_at)) end
   if r.items_total then s.items = { total = r.items_total, done = r.items_done or 0 } end
@@ -596,7 +608,7 @@ end
 local function run_row_of(r)
   return { id = r.id, flow = r.flow, status = r.status, fail = r.fail, queue = r.queue, key = r.idempotency_key,
            input = decoded(r.input), open = r.open_steps, failed = r.failed_steps, error = r.error,
-           inserted_at = seconds(r.inserted_at), completed_at = seconds(r.completed_at),
+           inserted_at = ms(r.inserted_at), completed_at = ms(r.completed_at),
            duration = r.completed_at and (r.completed_at - r.inserted_at) or nil }
 end
 

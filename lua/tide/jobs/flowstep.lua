@@ -13,7 +13,7 @@ local task = require "tide.engine.task"
 
 local type, error, tostring, select, ipairs, pcall = type, error, tostring, select, ipairs, pcall
 
-local M = {}
+local M = { methods = {} }
 
 local function node_of(args)
   if type(args) ~= "table" or type(args.flow) ~= "string" or type(args.step) ~= "string" then
@@ -44,7 +44,7 @@ local function encode(what, v)
 end
 
 --- A step: `when`, then `run`; for `each`, the items.
-function M.step(args)
+function M.methods.step(args)
   local def, node = node_of(args)
   local what = ("flow '%s' step '%s'"):format(def.name, node.name)
   local ctx = { input = args.input, results = args.results or {}, flow = def.name, task = node.name, run = args.run }
@@ -63,7 +63,7 @@ function M.step(args)
 end
 
 --- One item of an `each` step: each(item, ctx).
-function M.item(args)
+function M.methods.item(args)
   local def, node = node_of(args)
   local what = ("flow '%s' step '%s' item %d"):format(def.name, node.name, args.index or 0)
   local ctx = { input = args.input, flow = def.name, task = node.name, run = args.run, index = args.index }
@@ -71,7 +71,7 @@ function M.item(args)
 end
 
 --- A hook of the flow (flow_done, task_error), with its event table.
-function M.hook(args)
+function M.methods.hook(args)
   local def = flows.definition(args.flow, "flow hook")
   local fn = def.on[args.hook]
   if not fn then return { kind = "none" } end
@@ -81,7 +81,7 @@ function M.hook(args)
   return { kind = "none" }
 end
 
--- ===== for the worker (tide.jobs.worker): not methods
+-- ===== for the worker (tide.jobs.worker): options beside the methods
 
 --- The backoff between a step's failed attempts: its retry policy.
 function M.retry_for(args)

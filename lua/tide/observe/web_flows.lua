@@ -19,19 +19,20 @@ local STATUSES = { "running", "ok", "error", "cancelled" }
 
 local function badge(status) return ('<span class="badge s-%s">%s</span>'):format(h(status), h(status)) end
 
-local function iso(secs) return secs and os.date("!%Y-%m-%d %H:%M:%S", floor(secs)) or "" end
+local function iso(ms) return ms and os.date("!%Y-%m-%d %H:%M:%S", floor(ms / 1000)) or "" end
 
-local function when(secs)
-  if not secs then return '<span class="muted">-</span>' end
-  local d = core.wallclock() / 1000 - secs
+--- "12 s ago", "in 3 min", with the UTC time as a tooltip (times in ms, as the store gives them).
+local function when(ms)
+  if not ms then return '<span class="muted">-</span>' end
+  local d = (core.wallclock() - ms) / 1000
   local ad = math.abs(d)
   local text = ad < 1 and "now" or ad < 120 and format("%d s", ad) or ad < 7200 and format("%d min", ad / 60)
     or ad < 172800 and format("%d h", ad / 3600) or format("%d d", ad / 86400)
   if text ~= "now" then text = d >= 0 and text .. " ago" or "in " .. text end
-  return ('<span title="%s UTC">%s</span>'):format(h(iso(secs)), h(text))
+  return ('<span title="%s UTC">%s</span>'):format(h(iso(ms)), h(text))
 end
 
-local function ms(n)
+local function dur(n)
   if not n then return '<span class="muted">-</span>' end
   if n < 1000 then return h(format("%d ms", n)) end
   return h(format("%.1f s", n / 1000))
@@ -140,7 +141,7 @@ local function runs_page(ctx)
       '<tr><td class="num"><a href="/flows/', format("%d", r.id), '">', format("%d", r.id), "</a></td>",
       "<td>", h(r.flow), "</td><td>", badge(r.status), '</td><td class="num">',
       h(format("%d/%d", (c.ok or 0) + (c.skipped or 0), c.total or 0)), "</td><td>", when(r.inserted_at), "</td>",
-      '<td class="num">', ms(r.duration), "</td><td>", h(r.key or ""), '</td><td class="err" title="', h(r.error),
+      '<td class="num">', dur(r.duration), "</td><td>", h(r.key or ""), '</td><td class="err" title="', h(r.error),
       '">', h(r.error), "</td></tr>" }
   end
   local body = {
@@ -179,7 +180,7 @@ local function run_page(ctx, id)
     local note = s.error or s.reason or (s.items and format("%d/%d items", s.items.done, s.items.total)) or ""
     rows[#rows + 1] = concat{
       "<tr><td>", h(s.name), "</td><td>", badge(s.status), '</td><td class="num">', h(s.attempts), "</td>",
-      '<td class="num">', ms(s.duration), "</td><td>", h(#s.after > 0 and concat(s.after, ", ") or "-"), "</td>",
+      '<td class="num">', dur(s.duration), "</td><td>", h(#s.after > 0 and concat(s.after, ", ") or "-"), "</td>",
       "<td>", s.job and ('<a href="/jobs/' .. format("%d", s.job) .. '">' .. format("%d", s.job) .. "</a>") or "", "</td>",
       '<td class="err" title="', h(note), '">', h(note), "</td></tr>" }
     if s.error then
@@ -196,7 +197,7 @@ local function run_page(ctx, id)
     "<dl>", field("Flow", h(run.flow)), field("Key", run.key and h(run.key) or '<span class="muted">none</span>'),
     field("Queue", h(run.queue)), field("Input", '<code id="input">' .. h(json.encode(run.input)) .. "</code>"),
     field("Started", when(run.inserted_at)), field("Finished", when(run.completed_at)),
-    field("Duration", ms(run.duration)), field("Error", run.error and ('<span class="err">' .. h(run.error) .. "</span>")
+    field("Duration", dur(run.duration)), field("Error", run.error and ('<span class="err">' .. h(run.error) .. "</span>")
       or '<span class="muted">none</span>'),
     "</dl><h2>Graph</h2>", picture,
     '<h2>Steps</h2><table id="steps"><thead><tr><th>Step</th><th>Status</th><th class="num">Attempts</th>',
