@@ -200,14 +200,15 @@ local function new_tx(q, st, depth)
   return tx
 end
 
---- Ends transaction state st: its handles die, the session goes back.
+--- Ends transaction state st: its handles die, the session goes back to
+--- the store it came from (a queue closed meanwhile closes it then).
 local function close_state(q, st, broken)
   if st.closed then return end
   st.closed = true
   if q._txs[st.owner] == st then q._txs[st.owner] = nil end
   for _, tx in ipairs(st.handles) do tx._live = false end
   if st.owner ~= OUTSIDE then S.off_attempt_end(st.owner, st.hook) end
-  if q._store then q._store:release(st.session, broken, st.owner) end
+  st.store:release(st.session, broken, st.owner)
 end
 
 --- The task ended inside the transaction (timed out, cancelled): the store
@@ -242,7 +243,7 @@ local function transaction(q, fname, fn, ...)
   -- The session is ours from here: nothing waits between the pool handing
   -- it over and q._txs knowing it (the rule above).
   local session = store:acquire(fname)
-  st = { session = session, depth = 1, owner = owner, touched = {}, handles = {}, closed = false }
+  st = { session = session, store = store, depth = 1, owner = owner, touched = {}, handles = {}, closed = false }
   q._txs[owner] = st
   if owner ~= OUTSIDE then
     st.hook = function() abandon(q, st) end
@@ -507,6 +508,7 @@ function Queue:job(id)
   return row and job_of(self, row)
 end
 
+local MAX_LIMIT = 2147483647      -- a LIMIT every store takes as an integer (1e300 reached SQLite as a real)
 local LIST_KEYS = check.options("q:list", {
   status = true, queue = true, target = true, limit = true, before = true
 })
@@ -525,7 +527,9 @@ function Queue:list(f)
   end
   if f.queue ~= nil and type(f.queue) ~= "string" then opt_error("q:list", "queue", "string", f.queue) end
   if f.target ~= nil and type(f.target) ~= "string" then opt_error("q:list", "target", "string", f.target) end
-  if f.limit ~= nil and not check.is_count(f.limit, 1) then opt_error("q:list", "limit", "integer >= 1", f.limit) end
+  if f.limit ~= nil and not (check.is_count(f.limit, 1) and f.limit <= MAX_LIMIT) then
+    opt_error("q:list", "limit", "integer from 1 to 2147483647", f.limit)
+  end
   if f.before ~= nil and not check.is_count(f.before, 1) then opt_error("q:list", "before", "job id", f.before) end
   local rows = with_session(self, "q:list", list_rows, { status = f.status, queue = f.queue, target = f.target,
                                                          limit = f.limit or 100, before = f.before })
@@ -568,6 +572,69 @@ function Queue:fail(id, reason)
   return change(self, "q:fail", "fail", id, entry)
 end
 
+-- ===== changing many jobs at once, in batches
+
+local BULK_KEYS = check.options("q:retry_all", { status = true, queue = true, since = true, batch = true })
+check.options("q:cancel_all", BULK_KEYS)
+local BULK_FROM = {
+  retry_now = { "scheduled", "retryable", "completed", "discarded", "cancelled", "expired" },
+  cancel = { "available", "scheduled", "retryable", "executing" },
+}
+
+local function bulk_rows(session, op, f, after, limit) return session:bulk(op, f, after, limit, wallclock()) end
+
+--- Applies op to every job that matches filter f, BATCH jobs per statement
+--- (each its own short transaction: workers claim and write between two),
+--- in id order; returns how many changed.
+local function bulk(q, fname, op, f)
+  check_q(fname, q)
+  if type(f) ~= "table" then arg_error(fname, 1, "filter table { status =, queue =, since = }", f, 3) end
+  check.known(fname, f, BULK_KEYS, nil, 3)
+  local from = {}
+  for _, st in ipairs(BULK_FROM[op]) do from[st] = true end
+  if not from[f.status] then opt_error(fname, "status", check.choices(from), f.status, 3) end
+  if f.queue ~= nil and not job.is_name(f.queue) then opt_error(fname, "queue", "queue " .. job.NAME_EXPECTED, f.queue, 3) end
+  local since
+  if f.since ~= nil then
+    since = time.run_at_ms(f.since)
+    if not since then opt_error(fname, "since", time.EXPECTED, f.since, 3) end
+  end
+  if f.batch ~= nil and not check.is_count(f.batch, 1) then opt_error(fname, "batch", "integer >= 1", f.batch, 3) end
+  local filter = { status = f.status, queue = f.queue, since = since,
+                   since_col = job.is_finished[f.status] and "completed_at" or "inserted_at" }
+  local total, after, limit = 0, 0, f.batch or 1000
+  while true do
+    local rows = with_session(q, fname, bulk_rows, op, filter, after, limit)
+    if #rows == 0 then return total end
+    total, after = total + #rows, rows[#rows].id
+    if op == "retry_now" then
+      local queues = {}
+      for _, r in ipairs(rows) do queues[r.queue] = true end
+      local st = q._txs[holder()]
+      if st then for name in pairs(queues) do st.touched[name] = true end else notify(q, queues) end
+    end
+  end
+end
+
+--- Makes every job of a status run again now, in batches: filter = { status
+--- (required: scheduled, retryable, completed, discarded, cancelled or
+--- expired), queue, since (a UTC time: jobs that finished then or later;
+--- for waiting statuses, that were enqueued then or later), batch (jobs
+--- per statement, 1000) }.  Returns how many.  Like q:retry, a job that
+--- used its attempts gets one more; its errors are kept.
+function Queue:retry_all(f)
+  local n = bulk(self, "q:retry_all", "retry_now", f)   -- (not a tail call: errors blame the caller)
+  return n
+end
+
+--- Cancels every job of a status (available, scheduled, retryable or
+--- executing: a running attempt stops at its worker's next heartbeat), in
+--- batches; the filter as q:retry_all's.  Returns how many.
+function Queue:cancel_all(f)
+  local n = bulk(self, "q:cancel_all", "cancel", f)
+  return n
+end
+
 local function stats_rows(session) return session:stats() end
 
 --- Counts: { total =, <status> = n, queues = { [name] = { <status> = n } },
@@ -604,7 +671,9 @@ end
 --- the store holds more jobs than were read.
 function Queue:recent(limit, within)
   check_q("q:recent", self)
-  if limit ~= nil and not check.is_count(limit, 1) then arg_error("q:recent", 1, "integer >= 1", limit) end
+  if limit ~= nil and not (check.is_count(limit, 1) and limit <= MAX_LIMIT) then
+    arg_error("q:recent", 1, "integer from 1 to 2147483647", limit)
+  end
   if within ~= nil and not check.is_ms(within) then arg_error("q:recent", 2, "non-negative number of ms", within) end
   limit = limit or 10000
   local rows = with_session(self, "q:recent", recent_rows, wallclock() - (within or 60000), limit)
@@ -626,6 +695,19 @@ function Queue:leases()
   for _, r in ipairs(rows) do
     r.lease_expires, r.attempted_at = ms(r.lease_expires), ms(r.attempted_at)
   end
+  return rows
+end
+
+local function schedule_rows(session) return session:schedules() end
+
+--- The schedules workers registered (tide.worker's `schedules`), by name:
+--- { name, cron, timezone, target, method, queue, last_tick (the latest
+--- tick enqueued), seen_at (when a worker last registered or advanced it),
+--- seen_by (which) }, times in UTC ms.
+function Queue:schedules()
+  check_q("q:schedules", self)
+  local rows = with_session(self, "q:schedules", schedule_rows)
+  for _, r in ipairs(rows) do r.last_tick, r.seen_at = ms(r.last_tick), ms(r.seen_at) end
   return rows
 end
 
@@ -654,7 +736,8 @@ function Queue:prune(opts)
   return (with_session(self, "q:prune", prune_rows, wallclock() - ms, statuses))
 end
 
---- Closes the store (idempotent); sessions held by tasks close when given back.
+--- Closes the store (idempotent); sessions held by tasks close when given
+--- back (a transaction under way may still commit; its tx methods raise).
 function Queue:close()
   if self._store then self._store:close(); self._store = nil end
 end
@@ -832,6 +915,10 @@ function M.worker_call(q, store, fname, fn, ...)
 end
 
 M.notify = notify
+
+--- The store session of a live transaction handle (for tide.jobs.schedules,
+--- whose own statements join the transaction); raises as tx methods do.
+function M.tx_session(tx) return tx_state("tx_session", tx).session end
 
 --- fn(queue_name) runs after a commit that made a job of that queue due.
 function M.listen(q, fn) q._listeners[#q._listeners + 1] = fn end

@@ -42,6 +42,7 @@ local json = require "tide.jobs.json"
 local job = require "tide.jobs.job"
 local queue = require "tide.jobs.queue"
 local outcomes = require "tide.jobs.outcomes"
+local schedules = require "tide.jobs.schedules"
 local make_task, spawn = task.make_task, task.spawn
 local histogram = require "tide.engine.histogram"
 
@@ -98,7 +99,7 @@ end }
 local KEYS = check.options("tide.worker", {
   queue = true, queues = true, concurrency = true, targets = true, lease = true, heartbeat = true,
   poll = true, rescue_every = true, batch = true, timeout = true, retry = true, on_error = true,
-  handle_error = true, grace = true, on_outcome = true, give_up = true
+  handle_error = true, grace = true, on_outcome = true, give_up = true, schedules = true, on_discard = true
 }, { handle_error = "on_error" })
 -- A target is a table of methods, or { methods = {...}, timeout =, mode =,
 -- retry =, on_error = }: its options beside its methods, so that any name
@@ -229,6 +230,7 @@ local function check_opts(fname, opts)
   if not queue.is_queue(opts.queue) then
     opt_error(fname, "queue", "queue (from tide.queue.open)", opts.queue, 3)
   end
+  if not queue.is_open(opts.queue) then error(fname .. ": bad option 'queue' (the queue is closed)", 3) end
   for _, k in ipairs{ "lease", "heartbeat", "poll", "rescue_every", "timeout", "grace" } do
     if opts[k] ~= nil and not check.is_ms(opts[k], true) then
       opt_error(fname, k, "positive number of ms", opts[k], 3)
@@ -248,12 +250,16 @@ local function check_opts(fname, opts)
     if type(on_outcome) ~= "function" then opt_error(fname, "on_outcome", "function", on_outcome, 3) end
     old_outcome = check.positional_hook(fname, "on_outcome", on_outcome, 3)
   end
+  if opts.on_discard ~= nil and type(opts.on_discard) ~= "function" then
+    opt_error(fname, "on_discard", "function", opts.on_discard, 3)
+  end
   if opts.give_up ~= nil and not check.is_ms(opts.give_up, true) then
     opt_error(fname, "give_up", "positive number of ms", opts.give_up, 3)
   end
   local queues = check_queues(fname, opts, 3)   -- not a tail call: errors blame the caller
+  local scheds = opts.schedules ~= nil and schedules.check(fname, opts.schedules, 3) or nil
   return { queues = queues, targets = targets, on_error = on_error, old_hook = old_hook,
-           on_outcome = on_outcome, old_outcome = old_outcome }
+           on_outcome = on_outcome, old_outcome = old_outcome, schedules = scheds }
 end
 
 -- ===== targets
@@ -595,7 +601,7 @@ local function rescue_rows(session, now) return session:rescue(now) end
 --- Makes jobs whose lease expired available again; true, or false after a
 --- failure (reported).
 local function rescue(w, sweep)
-  local ok, n = pcall(call, w, w.lease_store, "tide.worker", rescue_rows, wallclock())
+  local ok, n, dead = pcall(call, w, w.lease_store, "tide.worker", rescue_rows, wallclock())
   if not ok then
     log.report("worker " .. w.id .. ": rescue", n)
     M.totals.store_errors.rescue = M.totals.store_errors.rescue + 1
@@ -606,6 +612,16 @@ local function rescue(w, sweep)
     w.stats.rescued = w.stats.rescued + n
     M.totals.rescued = M.totals.rescued + n
     for _, qs in pairs(w.queues) do S.notify(qs) end
+  end
+  -- Jobs whose last attempt's worker died: discarded here, by this worker,
+  -- so it counts them and tells on_discard (once: one rescuer's statement
+  -- changed each row).
+  for _, row in ipairs(dead or {}) do
+    count(w, row.queue, "discarded")
+    if w.on_discard then
+      log.protect("on_discard of job " .. tostring(row.id), w.on_discard, { job = job_info(row), worker = w.id,
+        error = "lease expired: its worker stopped heartbeating during the last attempt" })
+    end
   end
   -- Durable flow steps whose jobs the rescue (or a hand) finished: by the
   -- rescuer every time, by a drain (which rescues every 20 ms) only after
@@ -647,12 +663,16 @@ end
 --- (ms per attempt, none), retry (backoff between attempts), handle_error,
 --- grace (ms running jobs get on stop, default: tide's grace), on_outcome
 --- (fn(job, outcome, err) once the store settled an attempt: see
---- tide.jobs.outcomes), give_up (ms a draining worker goes on while a loop
---- keeps failing, 60000).
+--- tide.jobs.outcomes), on_discard (fn(ev) once the store took a job's
+--- discard after its last attempt: ev = { job, error, traceback, worker },
+--- every attempt's error is in the store: q:job(ev.job.id).errors), give_up
+--- (ms a draining worker goes on while a loop keeps failing, 60000),
+--- schedules (cron schedules: see tide.jobs.schedules).
 function M.new(opts)
   local checked = check_opts("tide.worker", opts)
   local queues = checked.queues
   if S.shutting_down() then return nil, "tide.worker: the loop is shutting down" end
+  local scheds = checked.schedules
   local lease = opts.lease or 30000
   local w = setmetatable({
     -- Claims and outcomes go through one connection of the worker's own;
@@ -665,7 +685,8 @@ function M.new(opts)
     lease = lease, heartbeat = opts.heartbeat or lease / 3, poll = opts.poll or 1000,
     rescue_every = opts.rescue_every or lease / 2, batch = opts.batch or 100,
     timeout = opts.timeout, grace = opts.grace, on_error = checked.on_error, old_hook = checked.old_hook,
-    on_outcome = checked.on_outcome, old_outcome = checked.old_outcome, give_up = opts.give_up or 60000,
+    on_outcome = checked.on_outcome, old_outcome = checked.old_outcome, on_discard = opts.on_discard,
+    give_up = opts.give_up or 60000,
     retry = opts.retry and check_retry("tide.worker", "retry", opts.retry, 2)
             or check_retry("tide.worker", "retry", {}, 2),
     failing = {}, count = count,
@@ -675,9 +696,9 @@ function M.new(opts)
     id = ("%s:%d:%x"):format(core.hostname(), core.pid(), (wallclock() * 16 + floor(core.now() * 16) % 16) % 2^40),
     state = "running", queues = {}, running = {}, nrunning = 0, pending = {},
     flusher = { waiting = false }, beat = { waiting = false }, idle = { waiting = false },
-    rescue_holder = { waiting = false }, tasks = {},
+    rescue_holder = { waiting = false }, scheduler = { waiting = false }, tasks = {}, schedules = scheds,
     stats = { claimed = 0, completed = 0, retried = 0, discarded = 0, released = 0,
-              cancelled = 0, lost = 0, rescued = 0, write_errors = 0, unwritten = 0 },
+              cancelled = 0, lost = 0, rescued = 0, write_errors = 0, unwritten = 0, scheduled = 0 },
   }, Worker_mt)
   M.live[w] = true
   -- On a shutdown of the loop, the worker stops its jobs a little before the
@@ -694,6 +715,9 @@ function M.new(opts)
   w.tasks[#w.tasks + 1] = w.flusher_task
   w.tasks[#w.tasks + 1] = spawn{ run = heartbeat, args = { w }, name = "worker heartbeat" }
   w.tasks[#w.tasks + 1] = spawn{ run = rescuer, args = { w }, name = "worker rescuer" }
+  if scheds and #scheds > 0 then
+    w.tasks[#w.tasks + 1] = spawn{ run = schedules.run, args = { w, scheds }, name = "worker scheduler" }
+  end
   w.start_row = function(row)              -- a job the store leased to this worker (a flow's hook)
     if w.queues[row.queue] then start_job(w, row) end
   end
@@ -716,7 +740,15 @@ end
 --- grace option, else tide's) and are then cancelled and released.  Returns
 --- true at once (w:wait() waits for the end), or nil and why when the
 --- worker was not running.
+--- Raises "fname: bad self" at the method's caller unless w is a worker.
+local function check_self(fname, w)
+  if getmetatable(w) ~= Worker_mt then
+    error(("%s: bad self (worker expected, got %s); call it as %s(...)"):format(fname, check.describe(w), fname), 3)
+  end
+end
+
 function Worker:stop(grace_ms)
+  check_self("worker:stop", self)
   if grace_ms ~= nil and not check.is_ms(grace_ms) then
     check.arg_error("worker:stop", 1, "non-negative number of ms", grace_ms)
   end
@@ -730,6 +762,7 @@ function Worker:stop(grace_ms)
     S.notify(qs)
   end
   S.notify(self.rescue_holder)
+  S.notify(self.scheduler)
   S.notify(self.flusher)
   S.notify(self.beat)
   local grace = grace_ms or self.grace or config.grace
@@ -746,6 +779,7 @@ end
 
 --- Waits (inside a task) until the worker has stopped and written every outcome.
 function Worker:wait()
+  check_self("worker:wait", self)
   for _, t in ipairs(self.tasks) do t:await() end
   if self.grace_timer then S.untimer(self.grace_timer); self.grace_timer = nil end
   if not queue.shares_store(self.q, self.store) then self.store:close() end
@@ -777,6 +811,7 @@ local DRAIN_KEYS = check.options("w:drain", { within = true, stop = true })
 --- one of the worker's loops has failed for `give_up` ms without a
 --- success, the stats carry gave_up = "why" (and with stop, it stops).
 function Worker:drain(opts)
+  check_self("worker:drain", self)
   if opts ~= nil then
     if type(opts) ~= "table" then check.arg_error("worker:drain", 1, "nil or { stop = boolean, within = ms }", opts) end
     check.known("worker:drain", opts, DRAIN_KEYS)
@@ -833,10 +868,12 @@ function Worker:drain(opts)
 end
 
 function Worker:info()
+  check_self("worker:info", self)
   local out = { id = self.id, state = self.state, running = self.nrunning, lease = self.lease,
                 poll = self.poll, store = self.store.name, queues = {} }
   for k, v in pairs(self.stats) do out[k] = v end
   for name, qs in pairs(self.queues) do out.queues[name] = { limit = qs.limit, running = qs.running } end
+  if self.schedules then out.schedules = schedules.info(self.schedules) end
   return out
 end
 
