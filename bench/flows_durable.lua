@@ -14,13 +14,15 @@
 --      (goal p50 < 2 ms).
 -- Each throughput is measured 3 times (a fresh store each); best and median.
 -- Run from the repository root: LUA_CPATH="build/?.so;;" luajit bench/flows_durable.lua
+-- (BENCH_LAYERS=n: n layers instead of 100; BENCH_REPEATS=n; BENCH_PG_URL=url:
+-- that server instead of a throwaway one; BENCH_NO_SQLITE=1: PostgreSQL only)
 local tide = require "tide"
 local core = require "tide.core"
 
 local BUILD = os.getenv("BUILD") or "build"
 local TIDE = BUILD .. "/tide"
-local WIDTH, LAYERS, CHAIN = 100, 100, 500
-local REPEATS = 3
+local WIDTH, LAYERS, CHAIN = 100, tonumber(os.getenv("BENCH_LAYERS")) or 100, 500
+local REPEATS = tonumber(os.getenv("BENCH_REPEATS")) or 3
 
 local dir = os.getenv("TMPDIR") or "/tmp"
 dir = dir .. "/tide-bench-flows." .. core.pid()
@@ -135,7 +137,7 @@ local function processes(url, n)
     procs[i] = { pipe = p, pid = tonumber(p:read("*l")) }
   end
   local rate, secs
-  tide.run(function()
+  local st, err = tide.run(function()
     local q = tide.queue.open(url)
     tide.sleep(300)                          -- the workers open the store and start claiming
     local id = q:enqueue_flow("bench_layered", {})
@@ -151,6 +153,7 @@ local function processes(url, n)
   end)
   for _, p in ipairs(procs) do ffi.C.kill(p.pid, 15) end
   for _, p in ipairs(procs) do p.pipe:close() end
+  assert(st == "ok", tostring(err))
   return rate, secs
 end
 
@@ -162,10 +165,12 @@ local function measure(label, fn)
 end
 
 io.stdout:setvbuf("line")
-print(("10,000-step layered DAG (%d layers of %d, each step after 2 of the layer before), no-op steps")
-  :format(LAYERS, WIDTH))
-measure("SQLite, 1 worker (this process)", function(i) return in_process(fresh_sqlite(i)) end)
-measure("SQLite, 3 worker processes", function(i) return processes(fresh_sqlite(10 + i), 3) end)
+print(("%d-step layered DAG (%d layers of %d, each step after 2 of the layer before), no-op steps")
+  :format(WIDTH * LAYERS, LAYERS, WIDTH))
+if not os.getenv("BENCH_NO_SQLITE") then        -- (BENCH_NO_SQLITE=1: PostgreSQL only)
+  measure("SQLite, 1 worker (this process)", function(i) return in_process(fresh_sqlite(i)) end)
+  measure("SQLite, 3 worker processes", function(i) return processes(fresh_sqlite(10 + i), 3) end)
+end
 
 -- PostgreSQL: BENCH_PG_URL, or a throwaway server on a free port.
 local pg_url, pg_dir = os.getenv("BENCH_PG_URL"), nil
