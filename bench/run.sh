@@ -2,6 +2,8 @@
 # bench/run.sh — prints the machine, then runs every bench/*.lua against $BUILD/tide.so.
 # Run from the repository root (`make bench` does): BUILD=build sh bench/run.sh
 # Names run only those files: `sh bench/run.sh queue` runs bench/queue.lua.
+# bench/flows_durable.lua (durable flows) starts a throwaway PostgreSQL with
+# spec/pg.sh for its PostgreSQL half, unless BENCH_PG_URL names a server.
 BUILD=${BUILD:-build}
 LUAJIT=${LUAJIT:-luajit}
 
