@@ -146,11 +146,13 @@ local function insert_job(F, run, method, args_json, max_attempts)
 end
 
 --- A hook event to run as a job (flow_done, task_error) when the flow
---- defines that hook: leased to this worker when a worker makes the
---- change (it starts the job after the commit), else left for any worker.
+--- defines that hook (or when this process cannot tell: a cancel from a
+--- process without the flow's module; the job then finds out): leased to
+--- this worker when a worker makes the change (it starts the job after the
+--- commit), else left for any worker.
 local function hook_job(F, run, hook, event_json)
   local ok, def = pcall(M.definition, run.flow)
-  if not ok or not def.on[hook] then return end
+  if ok and not def.on[hook] then return end
   local args = format('{"flow":%s,"run":%d,"hook":%s,"event":%s}', jstr(run.flow), run.id, jstr(hook), event_json)
   local id = insert_job(F, run, "hook", args, 3)
   if F.owner then

@@ -67,7 +67,7 @@ local MIGRATIONS = {
   },
   -- 2: durable flows (see the SQLite store's migration 3: the same tables)
   {
-    [[CREATE TABLE tide_flow_runs (
+    [[CREATE TABLE IF NOT EXISTS tide_flow_runs (
       id              bigserial PRIMARY KEY,
       flow            text    NOT NULL,
       status          text    NOT NULL,
@@ -81,8 +81,8 @@ local MIGRATIONS = {
       error           text,
       inserted_at     bigint  NOT NULL,
       completed_at    bigint)]],
-    [[CREATE INDEX tide_flow_runs_status ON tide_flow_runs (status, id)]],
-    [[CREATE TABLE tide_flow_steps (
+    [[CREATE INDEX IF NOT EXISTS tide_flow_runs_status ON tide_flow_runs (status, id)]],
+    [[CREATE TABLE IF NOT EXISTS tide_flow_steps (
       run_id          bigint  NOT NULL,
       name            text    NOT NULL,
       status          text    NOT NULL,
@@ -103,8 +103,8 @@ local MIGRATIONS = {
       queued_at       bigint,
       completed_at    bigint,
       PRIMARY KEY (run_id, name))]],
-    [[CREATE INDEX tide_flow_steps_open ON tide_flow_steps (job_id) WHERE status = 'queued']],
-    [[CREATE TABLE tide_flow_items (
+    [[CREATE INDEX IF NOT EXISTS tide_flow_steps_open ON tide_flow_steps (job_id) WHERE status = 'queued']],
+    [[CREATE TABLE IF NOT EXISTS tide_flow_items (
       run_id          bigint  NOT NULL,
       step            text    NOT NULL,
       idx             integer NOT NULL,
@@ -117,7 +117,7 @@ local MIGRATIONS = {
       traceback       text,
       completed_at    bigint,
       PRIMARY KEY (run_id, step, idx))]],
-    [[CREATE INDEX tide_flow_items_open ON tide_flow_items (job_id) WHERE status = 'queued']],
+    [[CREATE INDEX IF NOT EXISTS tide_flow_items_open ON tide_flow_items (job_id) WHERE status = 'queued']],
   },
 }
 M.VERSION = #MIGRATIONS

@@ -100,7 +100,9 @@ local MIGRATIONS = {
   -- 3: durable flows (tide.jobs.flows): runs, their steps, the items of
   -- their `each` steps.  Every step or item that runs is a job of
   -- tide_jobs (job_id); results and inputs are JSON text, kept as written.
-  [[CREATE TABLE tide_flow_runs (
+  -- (IF NOT EXISTS: tables left by a tide_schema dropped by hand, as specs
+  -- do to start afresh, are taken as they are, like tide_schedules.)
+  [[CREATE TABLE IF NOT EXISTS tide_flow_runs (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
     flow            TEXT    NOT NULL,   -- the definition's module name
     status          TEXT    NOT NULL,   -- running, ok, error, cancelled
@@ -115,8 +117,8 @@ local MIGRATIONS = {
     inserted_at     INTEGER NOT NULL,
     completed_at    INTEGER
   );
-  CREATE INDEX tide_flow_runs_status ON tide_flow_runs (status, id);
-  CREATE TABLE tide_flow_steps (
+  CREATE INDEX IF NOT EXISTS tide_flow_runs_status ON tide_flow_runs (status, id);
+  CREATE TABLE IF NOT EXISTS tide_flow_steps (
     run_id          INTEGER NOT NULL,
     name            TEXT    NOT NULL,
     status          TEXT    NOT NULL,   -- waiting, queued, fanout, ok, error, timeout, skipped, cancelled
@@ -138,8 +140,8 @@ local MIGRATIONS = {
     completed_at    INTEGER,
     PRIMARY KEY (run_id, name)
   );
-  CREATE INDEX tide_flow_steps_open ON tide_flow_steps (job_id) WHERE status = 'queued';
-  CREATE TABLE tide_flow_items (
+  CREATE INDEX IF NOT EXISTS tide_flow_steps_open ON tide_flow_steps (job_id) WHERE status = 'queued';
+  CREATE TABLE IF NOT EXISTS tide_flow_items (
     run_id          INTEGER NOT NULL,
     step            TEXT    NOT NULL,
     idx             INTEGER NOT NULL,
@@ -153,7 +155,7 @@ local MIGRATIONS = {
     completed_at    INTEGER,
     PRIMARY KEY (run_id, step, idx)
   );
-  CREATE INDEX tide_flow_items_open ON tide_flow_items (job_id) WHERE status = 'queued';
+  CREATE INDEX IF NOT EXISTS tide_flow_items_open ON tide_flow_items (job_id) WHERE status = 'queued';
 ]],
 }
 M.VERSION = #MIGRATIONS
