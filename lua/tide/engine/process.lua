@@ -1,0 +1,336 @@
+--- tide.engine.process — process-mode tasks: a job for a pool of child processes, awaited by a coroutine on the loop.
+--
+-- A process task is an ordinary task whose function is `proxy`, as a thread
+-- task's is: it queues the job (function and arguments as codec bytes,
+-- checked by thread mode's payload), waits, and returns the decoded
+-- results or raises the decoded error.  Timeouts, cancel, retries,
+-- handle_result and await work as for any task.  The children are
+-- mechanism in C (src/procs.c, src/proc_child.c); the policy is here:
+--
+--   - The pool keeps `processes` children, started at the first process
+--     task.  A child is "starting" until it says it is ready, then "idle" or
+--     "busy" (one job at a time).  Jobs wait in a FIFO for an idle child.
+--   - When an attempt ends early (timeout, cancel, shutdown) its outcome is
+--     already delivered; its job is dropped from the queue, or its child is
+--     asked to stop (SIGUSR1: the job raises "cancelled" at its next check,
+--     and the traceback of where it was comes back) and, if it still runs
+--     that job `process_stop_wait` ms later, SIGKILLed with its process group.
+--   - A child that dies for any reason is replaced, so the pool keeps its
+--     size; a job it was running fails with "process PID killed by SIGSEGV"
+--     (or "exited with status N") and the end of its stderr.  Children that
+--     die before they are ready three times in a row stop the replacing,
+--     and the queued jobs fail with the reason, until the next task.
+--   - Invariants: every job id in `jobs` is queued (rec.cid == nil) or on
+--     the child rec.cid; a child runs at most the one job ch.job; a waiting
+--     task is woken once, by the first of its job's result, its child's
+--     death, or a failure to send it.
+local core = require "tide.core"
+local S = require "tide.engine.sched"
+local check = require "tide.engine.check"
+local thread = require "tide.engine.thread"
+
+local type, error, tostring, unpack, pairs = type, error, tostring, unpack, pairs
+
+local MAX = 1024                             -- children a pool may have
+
+local M = {
+  config = { processes = nil, init = nil, memory_mb = 0, stop_wait = 100 },
+  MAX = MAX,
+}
+
+--- Checks the process settings of tide.configure (`opts`), then applies
+--- them; errors name `fname` at `level` (default: the caller of fname).
+function M.configure(fname, opts, level)
+  level = (level or 2) + 1
+  if opts.processes ~= nil and not (check.is_count(opts.processes, 1) and opts.processes <= MAX) then
+    check.opt_error(fname, "processes", "integer from 1 to " .. MAX, opts.processes, level)
+  end
+  if opts.process_init ~= nil and type(opts.process_init) ~= "string" then
+    check.opt_error(fname, "process_init", "module name", opts.process_init, level)
+  end
+  if opts.process_memory ~= nil and not check.is_count(opts.process_memory) then
+    check.opt_error(fname, "process_memory", "integer number of MB (0: no limit)", opts.process_memory, level)
+  end
+  if opts.process_stop_wait ~= nil and not check.is_ms(opts.process_stop_wait) then
+    check.opt_error(fname, "process_stop_wait", "non-negative number of ms", opts.process_stop_wait, level)
+  end
+  local c = M.config
+  if M.started() and (opts.processes or opts.process_init or opts.process_memory) then
+    error(fname .. ": processes, process_init and process_memory must be set before the first process task", level)
+  end
+  c.processes = opts.processes or c.processes
+  c.init = opts.process_init or c.init
+  c.memory_mb = opts.process_memory or c.memory_mb
+  c.stop_wait = opts.process_stop_wait or c.stop_wait
+end
+
+-- ===== the pool's state
+
+local started = false
+local size = 0                               -- children the pool keeps
+local cmd_file, cmd_args                     -- how a child is started
+local children, nchildren = {}, 0            -- cid -> child record
+local by_index = {}                          -- index (1..size) -> child record
+local idle, nidle = {}, 0                    -- stack of idle children (may hold stale ones)
+local queue, qhead, qtail, nqueued = {}, 1, 0, 0
+local jobs = {}                              -- job id -> { p, task, tok, cid, result, abandoned }
+local next_job = 0
+local start_failures, broken = 0, nil        -- deaths before ready in a row; their reason
+local counts = { killed = 0, replaced = 0, died = 0 }
+
+function M.started() return started end
+
+local function spawn_child(index)
+  local c = M.config
+  local cid, err = core.proc_spawn{
+    file = cmd_file, args = cmd_args, index = index, path = package.path,
+    cpath = package.cpath, init = c.init, memory_limit = c.memory_mb * 1024 * 1024,
+  }
+  if not cid then return nil, err end
+  local ch = { cid = cid, pid = core.proc_pid(cid), index = index, state = "starting", job = nil }
+  children[cid], by_index[index] = ch, ch
+  nchildren = nchildren + 1
+  return ch
+end
+
+--- Starts the children missing from the pool (all of them, the first time).
+local function fill()
+  for i = 1, size do
+    if by_index[i] == nil then
+      local ch, err = spawn_child(i)
+      if not ch then error("tide: cannot start a process for the pool: " .. tostring(err), 0) end
+    end
+  end
+end
+
+-- ===== delivering to the task that waits
+
+local function deliver(rec, ok, bytes, trace)
+  local t, tok = rec.task, rec.tok
+  if not t then return end
+  rec.task, rec.tok = nil, nil
+  rec.result = { ok, bytes, trace }
+  S.wake(t, tok)
+end
+
+local function fail(rec, msg)
+  deliver(rec, false, core.encode(msg), msg)
+end
+
+-- ===== dispatching jobs to idle children
+
+local function send(ch, id, rec)
+  local p = rec.p
+  local ok, err = core.proc_submit(ch.cid, id, p[1], p[2], p[3])
+  ch.state, ch.job, rec.cid = "busy", id, ch.cid
+  core.proc_ref(ch.cid, true)                -- work under way keeps the loop alive
+  if not ok then                             -- the child is going: its exit event follows
+    jobs[id] = nil
+    ch.job = nil
+    fail(rec, ("process %d: cannot send it the task: %s"):format(ch.pid, tostring(err)))
+  end
+end
+
+local function dispatch()
+  while nqueued > 0 and nidle > 0 do
+    local ch = idle[nidle]
+    idle[nidle], nidle = nil, nidle - 1
+    if ch.state == "idle" and children[ch.cid] == ch then
+      local id, rec
+      repeat                                 -- skip the ids of jobs given up while queued
+        id = queue[qhead]
+        queue[qhead], qhead = nil, qhead + 1
+        rec = jobs[id]
+      until (rec and rec.cid == nil) or qhead > qtail
+      if rec and rec.cid == nil then
+        nqueued = nqueued - 1
+        send(ch, id, rec)
+      else
+        nidle = nidle + 1; idle[nidle] = ch   -- nothing was left after all
+      end
+    end
+  end
+end
+
+local function make_idle(ch)
+  ch.state, ch.job = "idle", nil
+  core.proc_ref(ch.cid, false)
+  nidle = nidle + 1
+  idle[nidle] = ch
+end
+
+-- ===== events from the children
+
+--- Fails every queued job with `msg` (the children cannot start).
+local function fail_queued(msg)
+  while qhead <= qtail do
+    local id = queue[qhead]
+    queue[qhead], qhead = nil, qhead + 1
+    local rec = jobs[id]
+    if rec and rec.cid == nil then jobs[id] = nil; fail(rec, msg) end
+  end
+  nqueued = 0
+end
+
+local function death_message(ch, status, signal, tail)
+  local msg = signal and ("process %d killed by %s"):format(ch.pid, signal)
+              or ("process %d exited with status %d"):format(ch.pid, status)
+  if tail ~= "" then msg = msg .. "; the end of its stderr:\n" .. tail end
+  return msg
+end
+
+local function on_exit(ch, status, signal, tail)
+  children[ch.cid] = nil
+  if by_index[ch.index] == ch then by_index[ch.index] = nil end
+  nchildren = nchildren - 1
+  if ch.killing then counts.killed = counts.killed + 1 else counts.died = counts.died + 1 end
+  local msg = death_message(ch, status, signal, tail)
+  local id = ch.job
+  if id then
+    local rec = jobs[id]
+    jobs[id] = nil
+    if rec then fail(rec, msg) end
+  end
+  if ch.state == "starting" then
+    start_failures = start_failures + 1
+    if start_failures >= 3 then
+      broken = "tide: the process pool cannot start its processes: " .. msg
+      fail_queued(broken)
+      return
+    end
+  end
+  if S.shutting_down() then return end      -- the next task fills the pool again
+  local fresh = spawn_child(ch.index)
+  if fresh then counts.replaced = counts.replaced + 1 end
+end
+
+--- A stopped job's late result: its task moved on, but where the job was
+--- stopped (the child's traceback) is worth keeping on it.
+local function late_result(rec, ch, ok, trace)
+  local t = rec.abandoned
+  if t and not ok and trace and t.traceback == nil then
+    t.traceback = ("stopped in process %d: %s"):format(ch.pid, trace)
+  end
+end
+
+local function on_event(cid, kind, a, b, c, d)
+  local ch = children[cid]
+  if ch == nil then return end
+  if kind == "done" then
+    local rec = jobs[a]
+    if ch.job == a then
+      jobs[a] = nil
+      if rec then
+        if rec.task then deliver(rec, b, c, d) else late_result(rec, ch, b, d) end
+      end
+      make_idle(ch)
+      dispatch()
+    end
+  elseif kind == "ready" then
+    start_failures, broken = 0, nil
+    make_idle(ch)
+    dispatch()
+  elseif kind == "exit" then
+    on_exit(ch, a, b, c)
+    dispatch()
+  end
+end
+
+local function start()
+  local c = M.config
+  cmd_file, cmd_args = core.proc_command()
+  local cpus = core.cpu_count()
+  size = c.processes or (cpus < MAX and cpus or MAX)
+  core.proc_set_handler(on_event)
+  started = true
+end
+
+-- ===== giving up on a job
+
+local function kill_if_stuck(ch, id)
+  if children[ch.cid] == ch and ch.job == id and not ch.killing then
+    ch.killing = true
+    core.proc_kill(ch.cid)
+  end
+end
+
+--- The attempt that waited for job `id` ended early: give up on the job.
+local function abandon(id, t)
+  local rec = jobs[id]
+  if rec == nil then return end
+  rec.task, rec.tok = nil, nil
+  if rec.cid == nil then                     -- still queued: forgotten (its id is skipped)
+    jobs[id] = nil
+    nqueued = nqueued - 1
+    return
+  end
+  rec.abandoned = t
+  local ch = children[rec.cid]
+  if ch == nil then jobs[id] = nil; return end
+  core.proc_stop(ch.cid, id)
+  S.timer(M.config.stop_wait, kill_if_stuck, ch, id)
+end
+
+local function abandon_hook(t)
+  local o = S.options(t)
+  local id = o.process_job
+  if id then o.process_job = false; abandon(id, t) end
+end
+
+-- ===== the task side
+
+--- Checks what a process task runs and with what (as thread mode does);
+--- returns the job payload.  Errors name `fname` at `level`.
+function M.payload(fname, run, args, level)
+  return thread.payload(fname, run, args, level + 1, "a process")
+end
+
+--- The function every process task runs (in a coroutine on the loop).
+function M.proxy()
+  if not started then start() end
+  if nchildren < size then fill() end
+  local t = S.current()
+  local o = S.options(t)
+  next_job = next_job + 1
+  local id = next_job
+  local rec = { p = o.process }
+  jobs[id] = rec
+  qtail = qtail + 1
+  queue[qtail] = id
+  nqueued = nqueued + 1
+  local _, tok = S.wait_begin("process task", 1)
+  rec.task, rec.tok = t, tok
+  o.process_job = id
+  S.on_attempt_end(t, abandon_hook)
+  if broken and nidle == 0 then fail_queued(broken) else dispatch() end
+  S.wait_end(t, tok)
+  o.process_job = false
+  S.off_attempt_end(t, abandon_hook)
+  local r = rec.result
+  local value, err = core.decode(r[2])
+  if r[1] then
+    if err then error("process task: cannot decode its results: " .. err, 0) end
+    return unpack(value, 1, value.n)
+  end
+  error(S.traced_error(value, r[3]), 0)
+end
+
+--- tide.stats().processes: the pool's children by state, and what befell them.
+function M.stats()
+  local st = { size = nchildren, busy = 0, idle = 0, starting = 0, queued = nqueued,
+               killed = counts.killed, replaced = counts.replaced, died = counts.died }
+  for _, ch in pairs(children) do st[ch.state] = st[ch.state] + 1 end
+  return st
+end
+
+--- The pids of the pool's children, by index (for specs and tide.stats).
+function M.pids()
+  local list = {}
+  for i = 1, size do
+    local ch = by_index[i]
+    if ch then list[#list + 1] = ch.pid end
+  end
+  return list
+end
+
+return M
