@@ -292,8 +292,8 @@ int tide__proc_kill(tide__proc *p) {
 
 void tide__proc_ref(tide__proc *p, int on) {
   if (p->gone) return;
-  if (on) uv_ref((uv_handle_t *)&p->chan);
-  else uv_unref((uv_handle_t *)&p->chan);
+  if (on) uv_ref((uv_handle_t *)&p->proc);      /* active until its exit is reaped */
+  else uv_unref((uv_handle_t *)&p->proc);
 }
 
 /* Writing to a child that died raises SIGPIPE; libuv's streams report
@@ -351,7 +351,7 @@ int tide__proc_spawn(uv_loop_t *loop, const tide__proc_config *cfg, tide__proc_c
     return rc;
   }
   p->pid = p->proc.pid;
-  uv_unref((uv_handle_t *)&p->proc);
+  uv_unref((uv_handle_t *)&p->chan);                /* the child's own handle keeps the loop */
   uv_unref((uv_handle_t *)&p->err);
   if ((rc = send_config(p, cfg)) != 0 ||
       (rc = uv_read_start((uv_stream_t *)&p->chan, on_alloc, on_chan)) != 0 ||
