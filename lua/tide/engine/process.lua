@@ -14,7 +14,8 @@
 --     already delivered; its job is dropped from the queue, or its child is
 --     asked to stop (SIGUSR1: the job raises "cancelled" at its next check,
 --     and the traceback of where it was comes back) and, if it still runs
---     that job `process_stop_wait` ms later, SIGKILLed with its process group.
+--     that job `process_stop_wait` ms later, SIGKILLed with its process group
+--     (at once during a shutdown: the grace period was its stop wait).
 --   - A child that dies for any reason is replaced, so the pool keeps its
 --     size; a job it was running fails with "process PID killed by SIGSEGV"
 --     (or "exited with status N") and the end of its stderr.  Children that
@@ -267,6 +268,9 @@ local function abandon(id, t)
   rec.abandoned = t
   local ch = children[rec.cid]
   if ch == nil then jobs[id] = nil; return end
+  if S.shutting_down() then                  -- the grace period was its stop wait
+    return kill_if_stuck(ch, id)
+  end
   core.proc_stop(ch.cid, id)
   S.timer(M.config.stop_wait, kill_if_stuck, ch, id)
 end
@@ -282,7 +286,8 @@ end
 --- Checks what a process task runs and with what (as thread mode does);
 --- returns the job payload.  Errors name `fname` at `level`.
 function M.payload(fname, run, args, level)
-  return thread.payload(fname, run, args, level + 1, "a process")
+  local p = thread.payload(fname, run, args, level + 1, "a process")
+  return p                                   -- not a tail call: the levels count this frame
 end
 
 --- The function every process task runs (in a coroutine on the loop).
@@ -323,7 +328,15 @@ function M.stats()
   return st
 end
 
---- The pids of the pool's children, by index (for specs and tide.stats).
+--- The pid of the child running task t's job now, or nil (for specs).
+function M.pid_of(t)
+  local o = S.options(t)
+  local rec = o.process_job and jobs[o.process_job]
+  local ch = rec and rec.cid and children[rec.cid]
+  return ch and ch.pid
+end
+
+--- The pids of the pool's children, by index (for specs).
 function M.pids()
   local list = {}
   for i = 1, size do

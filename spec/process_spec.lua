@@ -1,0 +1,330 @@
+-- spec/process_spec.lua — process mode: child processes that a timeout can really stop.
+local tide = require "tide"
+local process = require "tide.engine.process"
+local ffi = require "ffi"
+
+package.path = "spec/fixtures/?.lua;" .. package.path
+pcall(ffi.cdef, "int getpid(void);")
+tide.configure{ processes = 2, process_init = "thread_init", process_memory = 64, process_stop_wait = 50 }
+
+local function run(fn)
+  local status, err = tide.run(fn)
+  if status ~= "ok" then error(err, 2) end
+end
+
+--- Whether process `pid` exists (a zombie counts: it is not reaped yet).
+local function exists(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if f then f:close() end
+  return f ~= nil
+end
+
+--- The children of this process: { pid = state letter }.
+local function my_children()
+  local list = {}
+  local p = io.popen("ps -o pid=,stat= --ppid " .. ffi.C.getpid())
+  for line in p:lines() do
+    local pid, stat = line:match("(%d+)%s+(%S+)")
+    if pid then list[tonumber(pid)] = stat end
+  end
+  p:close()
+  return list
+end
+
+local function zombies()
+  local n = 0
+  for _, stat in pairs(my_children()) do if stat:sub(1, 1) == "Z" then n = n + 1 end end
+  return n
+end
+
+--- Waits (in a task) until pred() holds or `ms` pass; returns pred().
+local function eventually(ms, pred)
+  local t0 = tide.now()
+  while not pred() and tide.now() - t0 < ms do tide.sleep(5) end
+  return pred()
+end
+
+local function pool_ready()
+  return eventually(5000, function()
+    local st = tide.stats().processes
+    return st.size == 2 and st.starting == 0
+  end)
+end
+
+describe("process mode", function()
+  after_each(function()
+    spec_helper.assert_idle()
+    assert.equal(0, tide.stats().processes.busy)
+  end)
+
+  it("runs a function without upvalues or a \"module.function\" in a child, with the codec of threads", function()
+    run(function()
+      local t = tide.spawn{ mode = "process", args = { 20, 22, "s", { deep = { 1, 2 } } },
+                            run = function(a, b, s, tbl) return a + b, s:upper(), tbl.deep[2], nil end }
+      assert.same({ "ok", 42, "S", 2 }, { t:await() })
+      assert.same({ "ok", 5 }, { tide.spawn{ mode = "process", run = "thread_mod.add", args = { 2, 3 } }:await() })
+      assert.same({ "ok", 1 }, { tide.spawn{ mode = "process", run = "thread_mod.init_count" }:await() })
+      local status, msg = tide.spawn{ mode = "process", run = function() return 1, { f = print } end }:await()
+      assert.same({ "error", "results[2].f: functions cannot cross to a thread" }, { status, msg })
+    end)
+  end)
+
+  it("runs in another process with the parent's package paths and a small tide: now, sleep, check, log", function()
+    run(function()
+      local s, pid, ppid, path, kinds = tide.spawn{ mode = "process", run = function()
+        local tide = require "tide"
+        local ffi = require "ffi"
+        ffi.cdef "int getpid(void); int getppid(void);"
+        local t0 = tide.now()
+        tide.sleep(5)
+        tide.check()
+        tide.log("hello from", tide.process)
+        return ffi.C.getpid(), ffi.C.getppid(), package.path,
+               type(tide.now) .. type(tide.sleep) .. type(tide.log) .. type(tide.process) .. tostring(tide.now() - t0 >= 5)
+      end }:await()
+      assert.equal("ok", s)
+      assert.not_equal(ffi.C.getpid(), pid)
+      assert.equal(ffi.C.getpid(), ppid)
+      assert.equal(package.path, path)
+      assert.equal("functionfunctionfunctionnumbertrue", kinds)
+    end)
+  end)
+
+  it("brings back errors with their value and the child's traceback", function()
+    run(function()
+      local t = tide.spawn{ mode = "process", run = function()
+        local function inner() error({ code = 7 }) end
+        inner()
+      end }
+      assert.same({ "error", { code = 7 } }, { t:await() })
+      assert.matches("in function 'inner'", t.traceback)
+    end)
+  end)
+
+  it("stops a JIT-compiled infinite loop at its timeout: outcome within 150 ms, its process killed, the pool kept", function()
+    run(function()
+      assert.is_true(pool_ready())
+      local before = tide.stats().processes
+      local t0 = tide.now()
+      local t = tide.spawn{ mode = "process", timeout = 100, run = function() while true do end end }
+      tide.sleep(20)
+      local pid = process.pid_of(t)
+      local status, msg = t:await()
+      local took = tide.now() - t0
+      assert.same({ "timeout", ("task %d timed out after 100 ms"):format(t.id) }, { status, msg })
+      assert.is_true(took < 150, ("the outcome came after %.1f ms"):format(took))
+      assert.is_truthy(pid, "the loop's process was running")
+      assert.is_true(eventually(1000, function() return not exists(pid) end), "the process is gone")
+      assert.is_true(pool_ready(), "the pool is back to its size")
+      local after = tide.stats().processes
+      assert.equal(before.killed + 1, after.killed)
+      assert.equal(before.replaced + 1, after.replaced)
+      local ts = {}
+      for i = 1, 100 do ts[i] = tide.spawn{ mode = "process", run = function(x) return x * 2 end, args = { i } } end
+      for i = 1, 100 do assert.same({ "ok", 2 * i }, { ts[i]:await() }) end
+    end)
+  end)
+
+  it("stops an interpreted loop without a kill, and keeps where it was as the task's traceback", function()
+    run(function()
+      assert.is_true(pool_ready())
+      local killed = tide.stats().processes.killed
+      local t = tide.spawn{ mode = "process", timeout = 50, run = function()
+        local tide = require "tide"
+        local function wait_forever() while true do tide.sleep(10) end end
+        wait_forever()
+      end }
+      assert.equal("timeout", (t:await()))
+      assert.is_true(eventually(1000, function() return t.traceback ~= nil end))
+      assert.matches("^stopped in process %d+: .*cancelled", t.traceback)
+      assert.matches("in function 'wait_forever'", t.traceback)
+      assert.equal(killed, tide.stats().processes.killed)
+    end)
+  end)
+
+  it("gives each runaway its own clear outcome, and nothing else in the node notices", function()
+    run(function()
+      assert.is_true(pool_ready())
+      local ticks = 0
+      local ticker = tide.spawn(function() while true do tide.sleep(5); ticks = ticks + 1 end end)
+      local blocked = tide.spawn{ mode = "process", timeout = 100, run = function() os.execute("sleep 1000") end }
+      local segv = tide.spawn{ mode = "process", run = function()
+        local ffi = require "ffi"
+        ffi.cast("int *", 0)[0] = 1
+      end }
+      local hog = tide.spawn{ mode = "process", run = function()
+        local t = {}
+        for i = 1, 1e9 do t[i] = { i } end
+      end }
+      local exits = tide.spawn{ mode = "process", run = function() io.stderr:write("last words\n"); os.exit(3) end }
+      assert.same({ "timeout", ("task %d timed out after 100 ms"):format(blocked.id) }, { blocked:await() })
+      local status, msg = segv:await()
+      assert.equal("error", status)
+      assert.matches("^process %d+ killed by SIGSEGV$", msg)
+      assert.same({ "error", "not enough memory" }, { hog:await() })
+      status, msg = exits:await()
+      assert.equal("error", status)
+      assert.matches("^process %d+ exited with status 3; the end of its stderr:\nlast words\n$", msg)
+      assert.is_true(ticks >= 10, "the loop kept ticking: " .. ticks)
+      ticker:cancel()
+      assert.is_true(eventually(1000, function()
+        local p = io.popen("pgrep -f '[s]leep 1000' | wc -l")
+        local n = tonumber(p:read("*a"))
+        p:close()
+        return n == 0
+      end), "the blocked child's own child is gone too (its process group was killed)")
+      assert.is_true(pool_ready())
+      assert.same({ "ok", 3 }, { tide.spawn{ mode = "process", run = "thread_mod.add", args = { 1, 2 } }:await() })
+    end)
+  end)
+
+  it("gives 1,000 cancelled process tasks exactly one outcome each, and leaves no zombie", function()
+    local outcomes, seen = {}, 0
+    run(function()
+      assert.is_true(pool_ready())
+      local ts = {}
+      for i = 1, 1000 do
+        ts[i] = tide.spawn{ mode = "process", run = function() require("tide").sleep(100000) end,
+                            handle_result = function(status)
+                              seen = seen + 1
+                              outcomes[i] = (outcomes[i] and outcomes[i] .. "," or "") .. status
+                            end }
+      end
+      tide.sleep(50)
+      assert.equal(2, tide.stats().processes.busy)
+      for i = 1000, 1, -1 do assert.is_true(ts[i]:cancel("enough")) end
+      assert.is_true(eventually(2000, function() return tide.stats().processes.busy == 0 end))
+      tide.sleep(100)
+    end)
+    assert.equal(1000, seen)
+    for i = 1, 1000 do assert.equal("cancelled", outcomes[i]) end
+    assert.equal(0, zombies())
+    local st = tide.stats().processes
+    assert.equal(0, st.queued)
+    assert.equal(2, st.size)
+  end)
+
+  it("keeps the parent's listening sockets and files out of its children", function()
+    pcall(ffi.cdef, [[
+      int socket(int, int, int);
+      int listen(int, int);
+      int close(int);
+    ]])
+    local fd = ffi.C.socket(2, 1, 0)               -- AF_INET, SOCK_STREAM: no CLOEXEC
+    assert.is_true(fd >= 0)
+    assert.equal(0, ffi.C.listen(fd, 1))
+    local file = assert(io.open(os.tmpname(), "w"))
+    run(function()
+      local _, pid = tide.spawn{ mode = "process", run = function()
+        local ffi = require "ffi"
+        pcall(ffi.cdef, "int getpid(void);")
+        return ffi.C.getpid()
+      end }:await()
+      local p = io.popen("ls /proc/" .. pid .. "/fd")
+      local fds = {}
+      for line in p:lines() do fds[#fds + 1] = tonumber(line) end
+      p:close()
+      table.sort(fds)
+      assert.same({ 0, 1, 2, 3 }, fds)
+    end)
+    file:close()
+    ffi.C.close(fd)
+  end)
+
+  it("kills every child when the parent (tide run) gets SIGTERM, within the grace period", function()
+    local dir = spec_helper.tempdir()
+    local script = spec_helper.write_file(dir, "procs.lua", [[
+      local tide = require "tide"
+      tide.configure{ processes = 3, process_stop_wait = 5000, grace = 300 }
+      local ts = {
+        tide.spawn{ mode = "process", run = function() while true do end end },
+        tide.spawn{ mode = "process", run = function() os.execute("sleep 1000") end },
+        tide.spawn{ mode = "process", run = function() require("tide").sleep(1e6) end },
+      }
+      tide.sleep(300)
+      io.write(table.concat(require("tide.engine.process").pids(), " "), "\n")
+      io.flush()
+      for i = 1, 3 do ts[i]:await() end
+    ]])
+    local out = dir .. "/out"
+    local sh = ([[
+      %s/tide run %s > %s 2>&1 & p=$!
+      i=0; while [ ! -s %s ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done
+      t0=$(date +%%s%%N); kill -TERM $p; wait $p; echo "exit $? $(( ($(date +%%s%%N) - t0) / 1000000 ))"
+    ]]):format(spec_helper.build, script, out, out)
+    local p = io.popen(sh)
+    local result = p:read("*a")
+    p:close()
+    local pids = spec_helper.file_bytes(out):match("^([%d ]+)\n")
+    assert.is_truthy(pids, spec_helper.file_bytes(out))
+    local status, ms = result:match("exit (%d+) (%d+)")
+    assert.equal("143", status)
+    assert.is_true(tonumber(ms) < 300 + 250, "the parent took " .. ms .. " ms")
+    for pid in pids:gmatch("%d+") do assert.is_false(exists(pid), "child " .. pid .. " is gone") end
+    local q = io.popen("pgrep -f '[s]leep 1000' | wc -l")
+    assert.equal(0, tonumber(q:read("*a")))
+    q:close()
+  end)
+
+  it("runs flow nodes in process mode, a killing timeout failing the node", function()
+    run(function()
+      local f = tide.flow{ tasks = {
+        double = { mode = "process", run = function(ctx) return ctx.input * 2 end },
+        each = { mode = "process", after = "double", items = function() return { 1, 2, 3 } end,
+                 each = function(item) return item + 1 end },
+        stuck = { mode = "process", after = "double", timeout = 100, run = function() while true do end end },
+      } }
+      local killed = tide.stats().processes.killed
+      local status, report = f:run(21)
+      assert.not_equal("ok", status)            -- the flow failed: its node timed out
+      assert.equal(42, report.tasks.double.value)
+      assert.same({ 2, 3, 4 }, report.tasks.each.value)
+      assert.equal("timeout", report.tasks.stuck.status)
+      assert.is_true(eventually(1000, function() return tide.stats().processes.killed == killed + 1 end))
+    end)
+  end)
+
+  it("runs a worker target in process mode, its timeout killing the job's process", function()
+    local dir = spec_helper.tempdir()
+    local q = tide.queue.open("sqlite:" .. dir .. "/jobs.db")
+    q:enqueue{ target = "cpu", method = "spin", max_attempts = 1 }
+    q:enqueue{ target = "cpu", method = "square", args = { n = 7 }, max_attempts = 1 }
+    local killed = tide.stats().processes.killed
+    local st = select(2, assert(tide.run(function()
+      return tide.worker{ queue = q, targets = { cpu = {
+        mode = "process", timeout = 100,
+        spin = function() while true do end end,
+        square = function(args) return args.n * args.n end,
+      } } }:drain()
+    end)))
+    assert.equal(1, st.completed)
+    assert.equal(1, tide.stats().processes.killed - killed)
+    q:close()
+  end)
+
+  it("refuses bad options with clear errors", function()
+    local up = 1
+    spec_helper.error_cases("spec/process_spec.lua", {
+      { function() tide.configure{ processes = 0 } end,
+        "tide.configure: bad option 'processes' (integer from 1 to 1024 expected, got number 0)" },
+      { function() tide.configure{ process_init = 5 } end,
+        "tide.configure: bad option 'process_init' (module name expected, got number 5)" },
+      { function() tide.configure{ process_memory = -1 } end,
+        "tide.configure: bad option 'process_memory' (integer number of MB (0: no limit) expected, got number -1)" },
+      { function() tide.configure{ process_stop_wait = "1s" } end,
+        "tide.configure: bad option 'process_stop_wait' (non-negative number of ms expected, got string \"1s\")" },
+      { function() tide.configure{ processes = 4 } end,
+        "tide.configure: processes, process_init and process_memory must be set before the first process task" },
+      { function() tide.spawn{ mode = "process", run = function() return up end } end,
+        "tide.spawn: bad option 'run' (a function with upvalues cannot cross to a process: upvalue 'up')" },
+      { function() tide.spawn{ mode = "process", run = "nodots" } end,
+        "tide.spawn: bad option 'run' (\"module.function\" expected, got string \"nodots\")" },
+      { function() tide.spawn{ mode = "process", run = print } end,
+        "tide.spawn: bad option 'run' (a C function cannot cross to a process; name it as \"module.function\")" },
+      { function() tide.spawn{ mode = "process", run = "m.f", args = { print } } end,
+        "tide.spawn: args[1]: functions cannot cross to a process" },
+      { function() tide.pool{ mode = "process" }:submit(function() return up end) end,
+        "pool:submit: bad option 'run' (a function with upvalues cannot cross to a process: upvalue 'up')" },
+    })
+  end)
+end)
