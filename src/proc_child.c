@@ -173,11 +173,11 @@ static size_t address_space(void) {
   return (size_t)pages * (size_t)sysconf(_SC_PAGESIZE);
 }
 
-/* ===== the process-side `tide`: the thread-side one, named for a process */
+/* ===== the process-side `tide`: the thread-side one, named for a process (tide.process: its pid) */
 
 static const char PROCESS_TIDE[] =
-  "local tide, index, pid = ...\n"
-  "tide.thread, tide.process, tide.pid = nil, index, pid\n"
+  "local tide, pid = ...\n"
+  "tide.thread, tide.process = nil, pid\n"
   "local select, tostring, concat, stderr = select, tostring, table.concat, io.stderr\n"
   "local prefix = ('tide[process %d]:'):format(pid)\n"
   "tide.log = function(...)\n"
@@ -191,9 +191,8 @@ static int rename_tide(lua_State *L) {
   lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
   lua_getfield(L, -1, "tide");
   lua_remove(L, -2);
-  lua_pushinteger(L, child.index);
   lua_pushinteger(L, (lua_Integer)getpid());
-  lua_call(L, 3, 0);
+  lua_call(L, 2, 0);
   return 0;
 }
 

@@ -16,8 +16,10 @@
 --     and the traceback of where it was comes back) and, if it still runs
 --     that job `process_stop_wait` ms later, SIGKILLed with its process group
 --     (at once during a shutdown: the grace period was its stop wait).
---   - A child that dies for any reason is replaced, so the pool keeps its
---     size; a job it was running fails with "process PID killed by SIGSEGV"
+--   - One spare child is kept started beside the pool's `processes`: a child
+--     that dies for any reason is replaced by the spare at once (if the spare
+--     is ready, the pool is whole again before the next tick), and a new spare
+--     starts in the background.  A job the dead child was running fails with "process PID killed by SIGSEGV"
 --     (or "exited with status N") and the end of its stderr.  Children that
 --     die before they are ready three times in a row stop the replacing,
 --     and the queued jobs fail with the reason, until the next task.
@@ -70,17 +72,20 @@ end
 local started = false
 local size = 0                               -- children the pool keeps
 local cmd_file, cmd_args                     -- how a child is started
-local children, nchildren = {}, 0            -- cid -> child record
-local by_index = {}                          -- index (1..size) -> child record
+local children = {}                          -- cid -> child record (the spare too)
+local by_index, nworking = {}, 0             -- index (1..size) -> child record; how many
+local spare = nil                            -- the child kept started to replace one at once
 local idle, nidle = {}, 0                    -- stack of idle children (may hold stale ones)
 local queue, qhead, qtail, nqueued = {}, 1, 0, 0
 local jobs = {}                              -- job id -> { p, task, tok, cid, result, abandoned }
 local next_job = 0
 local start_failures, broken = 0, nil        -- deaths before ready in a row; their reason
 local counts = { killed = 0, replaced = 0, died = 0 }
+local start_ms, replace_ms = nil, nil        -- the last child's spawn to ready; kill (or death) to replacement ready
 
 function M.started() return started end
 
+--- Starts a child for slot `index` of the pool (nil: the spare).
 local function spawn_child(index)
   local c = M.config
   local cid, err = core.proc_spawn{
@@ -88,9 +93,10 @@ local function spawn_child(index)
     cpath = package.cpath, init = c.init, memory_limit = c.memory_mb * 1024 * 1024,
   }
   if not cid then return nil, err end
-  local ch = { cid = cid, pid = core.proc_pid(cid), index = index, state = "starting", job = nil }
-  children[cid], by_index[index] = ch, ch
-  nchildren = nchildren + 1
+  local ch = { cid = cid, pid = core.proc_pid(cid), index = index, state = "starting", job = nil,
+               spawned_at = core.now() }
+  children[cid] = ch
+  if index then by_index[index], nworking = ch, nworking + 1 else spare = ch end
   return ch
 end
 
@@ -102,6 +108,7 @@ local function fill()
       if not ch then error("tide: cannot start a process for the pool: " .. tostring(err), 0) end
     end
   end
+  if spare == nil then spawn_child(nil) end  -- no spare: replacements start from scratch
 end
 
 -- ===== delivering to the task that waits
@@ -180,10 +187,23 @@ local function death_message(ch, status, signal, tail)
   return msg
 end
 
+--- Puts the spare in slot `index` (of a child that died); true if it was ready.
+local function promote(index, since)
+  local ch = spare
+  spare = nil
+  ch.index, ch.replacing_since = index, since
+  by_index[index], nworking = ch, nworking + 1
+  counts.replaced = counts.replaced + 1
+  if ch.state == "idle" then
+    replace_ms = core.now() - since
+    make_idle(ch)
+  end
+end
+
 local function on_exit(ch, status, signal, tail)
   children[ch.cid] = nil
-  if by_index[ch.index] == ch then by_index[ch.index] = nil end
-  nchildren = nchildren - 1
+  if ch == spare then spare = nil
+  elseif by_index[ch.index] == ch then by_index[ch.index], nworking = nil, nworking - 1 end
   if ch.killing then counts.killed = counts.killed + 1 else counts.died = counts.died + 1 end
   local msg = death_message(ch, status, signal, tail)
   local id = ch.job
@@ -201,8 +221,16 @@ local function on_exit(ch, status, signal, tail)
     end
   end
   if S.shutting_down() then return end      -- the next task fills the pool again
-  local fresh = spawn_child(ch.index)
-  if fresh then counts.replaced = counts.replaced + 1 end
+  local since = ch.killed_at or core.now()
+  if ch.index and by_index[ch.index] == nil then
+    if spare then
+      promote(ch.index, since)
+    else
+      local fresh = spawn_child(ch.index)
+      if fresh then counts.replaced = counts.replaced + 1; fresh.replacing_since = since end
+    end
+  end
+  if spare == nil then spawn_child(nil) end
 end
 
 --- A stopped job's late result: its task moved on, but where the job was
@@ -229,6 +257,14 @@ local function on_event(cid, kind, a, b, c, d)
     end
   elseif kind == "ready" then
     start_failures, broken = 0, nil
+    local now = core.now()
+    start_ms = now - ch.spawned_at
+    if ch == spare then                      -- waits, out of the pool, for a child to replace
+      ch.state = "idle"
+      core.proc_ref(ch.cid, false)
+      return
+    end
+    if ch.replacing_since then replace_ms = now - ch.replacing_since end
     make_idle(ch)
     dispatch()
   elseif kind == "exit" then
@@ -250,7 +286,7 @@ end
 
 local function kill_if_stuck(ch, id)
   if children[ch.cid] == ch and ch.job == id and not ch.killing then
-    ch.killing = true
+    ch.killing, ch.killed_at = true, core.now()
     core.proc_kill(ch.cid)
   end
 end
@@ -293,7 +329,7 @@ end
 --- The function every process task runs (in a coroutine on the loop).
 function M.proxy()
   if not started then start() end
-  if nchildren < size then fill() end
+  if nworking < size or spare == nil then fill() end
   local t = S.current()
   local o = S.options(t)
   next_job = next_job + 1
@@ -322,9 +358,13 @@ end
 
 --- tide.stats().processes: the pool's children by state, and what befell them.
 function M.stats()
-  local st = { size = nchildren, busy = 0, idle = 0, starting = 0, queued = nqueued,
-               killed = counts.killed, replaced = counts.replaced, died = counts.died }
-  for _, ch in pairs(children) do st[ch.state] = st[ch.state] + 1 end
+  local st = { size = nworking, busy = 0, idle = 0, starting = 0, queued = nqueued,
+               spare = spare and spare.state or "none",
+               killed = counts.killed, replaced = counts.replaced, died = counts.died,
+               start_ms = start_ms, replace_ms = replace_ms }
+  for _, ch in pairs(children) do
+    if ch ~= spare then st[ch.state] = st[ch.state] + 1 end
+  end
   return st
 end
 
