@@ -4,7 +4,8 @@
 -- mode; a kill-and-replace under 20 ms.
 local tide = require "tide"
 
-tide.configure{ threads = 2, processes = 2, process_stop_wait = 0 }
+tide.configure{ threads = 2, processes = 2, process_stop_wait = 0,
+                process_prefetch = tonumber(os.getenv("BENCH_PREFETCH")) or 8 }
 
 local N = tonumber(os.getenv("BENCH_N")) or 20000   -- tasks in flight at once
 local M = tonumber(os.getenv("BENCH_M")) or 2000    -- tasks one after the other

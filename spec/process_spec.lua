@@ -218,6 +218,40 @@ describe("process mode", function()
     assert.equal(2, st.size)
   end)
 
+  it("sends jobs ahead with process_prefetch: those given up on are skipped, those behind a killed one run elsewhere", function()
+    tide.configure{ process_prefetch = 8 }
+    local ok, err = pcall(run, function()
+      assert.is_true(pool_ready())
+      local ts = {}
+      for i = 1, 200 do ts[i] = tide.spawn{ mode = "process", run = function(x) return x + 1 end, args = { i } } end
+      for i = 1, 200 do assert.same({ "ok", i + 1 }, { ts[i]:await() }) end
+      -- a stuck job first on each child, 8 more sent behind each: the stuck ones time out and are killed,
+      -- the ones behind them are sent again to the replacements, and one cancelled while it waited in a
+      -- child is skipped there (exactly one outcome: cancelled)
+      local killed = tide.stats().processes.killed
+      local stuck = {}
+      for i = 1, 2 do stuck[i] = tide.spawn{ mode = "process", timeout = 100, run = function() while true do end end } end
+      tide.sleep(20)
+      local behind, outcomes = {}, {}
+      for i = 1, 10 do
+        behind[i] = tide.spawn{ mode = "process", run = function(x) return x end, args = { i },
+                                handle_result = function(status) outcomes[i] = (outcomes[i] or "") .. status end }
+      end
+      tide.sleep(5)
+      assert.equal(0, tide.stats().processes.queued)   -- all sent ahead, none waiting here
+      behind[3]:cancel()
+      for i = 1, 2 do assert.equal("timeout", (stuck[i]:await())) end
+      for i = 1, 10 do
+        if i == 3 then assert.equal("cancelled", (behind[i]:await()))
+        else assert.same({ "ok", i }, { behind[i]:await() }) end
+      end
+      for i = 1, 10 do assert.equal(i == 3 and "cancelled" or "ok", outcomes[i]) end
+      assert.is_true(eventually(1000, function() return tide.stats().processes.killed == killed + 2 end))
+    end)
+    tide.configure{ process_prefetch = 1 }
+    if not ok then error(err, 0) end
+  end)
+
   it("keeps the parent's listening sockets and files out of its children", function()
     pcall(ffi.cdef, [[
       int socket(int, int, int);
@@ -261,11 +295,18 @@ describe("process mode", function()
       for i = 1, 3 do ts[i]:await() end
     ]])
     local out = dir .. "/out"
+    -- The time from SIGTERM until every child is gone (reaped: no /proc entry).
     local sh = ([[
       %s/tide run %s > %s 2>&1 & p=$!
       i=0; while [ ! -s %s ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done
-      t0=$(date +%%s%%N); kill -TERM $p; wait $p; echo "exit $? $(( ($(date +%%s%%N) - t0) / 1000000 ))"
-    ]]):format(spec_helper.build, script, out, out)
+      pids=$(head -n 1 %s)
+      t0=$(date +%%s%%N); kill -TERM $p
+      i=0; while [ $i -lt 1000 ]; do
+        alive=0; for c in $pids; do [ -d /proc/$c ] && alive=1; done
+        [ $alive = 0 ] && break; sleep 0.005; i=$((i+1))
+      done
+      t1=$(date +%%s%%N); wait $p; echo "exit $? $(( (t1 - t0) / 1000000 ))"
+    ]]):format(spec_helper.build, script, out, out, out)
     local p = io.popen(sh)
     local result = p:read("*a")
     p:close()
@@ -273,7 +314,7 @@ describe("process mode", function()
     assert.is_truthy(pids, spec_helper.file_bytes(out))
     local status, ms = result:match("exit (%d+) (%d+)")
     assert.equal("143", status)
-    assert.is_true(tonumber(ms) < 300 + 250, "the parent took " .. ms .. " ms")
+    assert.is_true(tonumber(ms) < 300 + 250, "the children were gone after " .. ms .. " ms (grace: 300 ms)")
     for pid in pids:gmatch("%d+") do assert.is_false(exists(pid), "child " .. pid .. " is gone") end
     local q = io.popen(NOPRELOAD .. "pgrep -f '[s]leep 1000' | wc -l")
     assert.equal(0, tonumber(q:read("*a")))
@@ -327,6 +368,8 @@ describe("process mode", function()
         "tide.configure: bad option 'process_memory' (integer number of MB (0: no limit) expected, got number -1)" },
       { function() tide.configure{ process_stop_wait = "1s" } end,
         "tide.configure: bad option 'process_stop_wait' (non-negative number of ms expected, got string \"1s\")" },
+      { function() tide.configure{ process_prefetch = 0 } end,
+        "tide.configure: bad option 'process_prefetch' (integer from 1 to 64 expected, got number 0)" },
       { function() tide.configure{ processes = 4 } end,
         "tide.configure: processes, process_init and process_memory must be set before the first process task" },
       { function() tide.spawn{ mode = "process", run = function() return up end } end,

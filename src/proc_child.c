@@ -16,6 +16,7 @@
 
 #include <lauxlib.h>
 
+#include "codec.h"
 #include "worker.h"
 
 #define CHAN 3                     /* the socketpair's end: fd 3 */
@@ -24,19 +25,18 @@
 static tide__worker child;         /* this process runs one worker */
 static tide__pool_config child_cfg;
 
-/* ===== plumbing */
+/* The ids of the last STOP_RING stop requests: a job the parent sent ahead
+ * (process_prefetch) and then gave up on is skipped when its turn comes. */
+#define STOP_RING 64
+static _Atomic uint64_t stop_ring[STOP_RING];
+static _Atomic unsigned stop_next;
 
-static int read_full(int fd, void *buf, size_t n) {
-  char *p = buf;
-  while (n > 0) {
-    ssize_t r = read(fd, p, n);
-    if (r < 0 && errno == EINTR) continue;   /* a stop request between jobs */
-    if (r <= 0) return -1;
-    p += r;
-    n -= (size_t)r;
-  }
-  return 0;
-}
+/* What fd 3 brought and no frame took yet (frames are read from here, so
+ * jobs sent ahead cost no read each). */
+static char *in_buf;
+static size_t in_len, in_pos, in_cap;
+
+/* ===== plumbing */
 
 static int write_full(int fd, const void *buf, size_t n) {
   const char *p = buf;
@@ -58,15 +58,42 @@ static void put_u32(char *p, uint32_t v) {
   for (int i = 0; i < 4; i++) p[i] = (char)(v >> (8 * i));
 }
 
+/* Makes sure `n` bytes are buffered after in_pos, reading as much as fd 3
+ * has (one read may bring several frames).  -1 at the end or on failure. */
+static int buffer_at_least(size_t n) {
+  if (in_pos > 0 && in_pos == in_len) in_pos = in_len = 0;
+  while (in_len - in_pos < n) {
+    if (in_pos + n > in_cap) {
+      if (in_pos > 0) {                              /* room first: drop what was taken */
+        memmove(in_buf, in_buf + in_pos, in_len - in_pos);
+        in_len -= in_pos;
+        in_pos = 0;
+      }
+      if (n + 65536 > in_cap) {
+        char *b = realloc(in_buf, n + 65536);
+        if (b == NULL) return -1;
+        in_buf = b;
+        in_cap = n + 65536;
+      }
+    }
+    ssize_t r = read(CHAN, in_buf + in_len, in_cap - in_len);
+    if (r < 0 && errno == EINTR) continue;           /* a stop request between jobs */
+    if (r <= 0) return -1;
+    in_len += (size_t)r;
+  }
+  return 0;
+}
+
 /* Reads one frame: its bytes (type first) in a malloc'd buffer, or NULL at
  * the end (the parent closed its side) or on nonsense. */
 static char *read_frame(size_t *len) {
-  unsigned char head[4];
-  if (read_full(CHAN, head, 4) != 0) return NULL;
-  uint32_t n = get_u32(head);
-  if (n == 0 || n > 0xfffffff0u) return NULL;
+  if (buffer_at_least(4) != 0) return NULL;
+  uint32_t n = get_u32((const unsigned char *)in_buf + in_pos);
+  if (n == 0 || n > 0xfffffff0u || buffer_at_least(4 + (size_t)n) != 0) return NULL;
   char *f = malloc(n);
-  if (f == NULL || read_full(CHAN, f, n) != 0) { free(f); return NULL; }
+  if (f == NULL) return NULL;
+  memcpy(f, in_buf + in_pos + 4, n);
+  in_pos += 4 + (size_t)n;
   *len = n;
   return f;
 }
@@ -160,7 +187,16 @@ static int start_watch(void) {
 static void on_stop_request(int sig, siginfo_t *si, void *uc) {
   (void)sig;
   (void)uc;
-  if (si->si_code == SI_QUEUE) atomic_store(&child.stop, (uint64_t)(uintptr_t)si->si_value.sival_ptr);
+  if (si->si_code != SI_QUEUE) return;
+  uint64_t id = (uint64_t)(uintptr_t)si->si_value.sival_ptr;
+  atomic_store(&stop_ring[atomic_fetch_add(&stop_next, 1) % STOP_RING], id);
+  atomic_store(&child.stop, id);
+}
+
+static int stopped_before_start(uint64_t id) {
+  for (int i = 0; i < STOP_RING; i++)
+    if (atomic_load(&stop_ring[i]) == id) return 1;
+  return 0;
 }
 
 /* The address space the process has now, in bytes (0 if unknown). */
@@ -237,9 +273,18 @@ static void run_job(const char *f, size_t len) {
   free(fn);
   free(args);
   if (job == NULL) exit(3);
-  atomic_store(&child.running, id);
-  tide__worker_run(&child, job);
-  atomic_store(&child.running, 0);
+  if (stopped_before_start(id)) {                     /* given up on while it waited here */
+    tide_buf buf;
+    tide__buf_init(&buf);
+    tide__encode_string(&buf, "cancelled", 9);
+    job->status = TIDE_JOB_ERROR;
+    job->result = buf.data;
+    job->result_len = buf.len;
+  } else {
+    atomic_store(&child.running, id);
+    tide__worker_run(&child, job);
+    atomic_store(&child.running, 0);
+  }
   char head[9];
   put_u32(head, (uint32_t)id);
   put_u32(head + 4, (uint32_t)(id >> 32));

@@ -19,11 +19,11 @@ local M = {
 local KEYS = { grace = true, on_error = true, signals = true, threads = true,
                thread_init = true, thread_memory = true, thread_stop_wait = true,
                watchdog = true, processes = true, process_init = true, process_memory = true,
-               process_stop_wait = true }
+               process_stop_wait = true, process_prefetch = true }
 
 --- tide.configure{ grace =, on_error =, signals =, threads =, thread_init =,
 --- thread_memory =, thread_stop_wait =, processes =, process_init =,
---- process_memory =, process_stop_wait =, watchdog = }: everything is checked
+--- process_memory =, process_stop_wait =, process_prefetch =, watchdog = }: everything is checked
 --- before anything is applied (watchdog: ms one call may hold the loop
 --- before it is reported, 0 turns it off; tide.engine.watchdog).
 function M.configure(opts)

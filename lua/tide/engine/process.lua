@@ -37,7 +37,7 @@ local type, error, tostring, unpack, pairs = type, error, tostring, unpack, pair
 local MAX = 1024                             -- children a pool may have
 
 local M = {
-  config = { processes = nil, init = nil, memory_mb = 0, stop_wait = 100 },
+  config = { processes = nil, init = nil, memory_mb = 0, stop_wait = 100, prefetch = 1 },
   MAX = MAX,
 }
 
@@ -57,6 +57,9 @@ function M.configure(fname, opts, level)
   if opts.process_stop_wait ~= nil and not check.is_ms(opts.process_stop_wait) then
     check.opt_error(fname, "process_stop_wait", "non-negative number of ms", opts.process_stop_wait, level)
   end
+  if opts.process_prefetch ~= nil and not (check.is_count(opts.process_prefetch, 1) and opts.process_prefetch <= 64) then
+    check.opt_error(fname, "process_prefetch", "integer from 1 to 64", opts.process_prefetch, level)
+  end
   local c = M.config
   if M.started() and (opts.processes or opts.process_init or opts.process_memory) then
     error(fname .. ": processes, process_init and process_memory must be set before the first process task", level)
@@ -65,6 +68,7 @@ function M.configure(fname, opts, level)
   c.init = opts.process_init or c.init
   c.memory_mb = opts.process_memory or c.memory_mb
   c.stop_wait = opts.process_stop_wait or c.stop_wait
+  c.prefetch = opts.process_prefetch or c.prefetch
 end
 
 -- ===== the pool's state
@@ -94,7 +98,7 @@ local function spawn_child(index)
   }
   if not cid then return nil, err end
   local ch = { cid = cid, pid = core.proc_pid(cid), index = index, state = "starting", job = nil,
-               spawned_at = core.now() }
+               sent = {}, sh = 1, st = 0, spawned_at = core.now() }
   children[cid] = ch
   if index then by_index[index], nworking = ch, nworking + 1 else spare = ch end
   return ch
@@ -127,47 +131,82 @@ end
 
 -- ===== dispatching jobs to idle children
 
+--- Sends job `id` to child ch, behind what it has (ch.sent[ch.sh..ch.st],
+--- in order; ch.job is the first, the one it runs).
 local function send(ch, id, rec)
   local p = rec.p
   local ok, err = core.proc_submit(ch.cid, id, p[1], p[2], p[3])
-  ch.state, ch.job, rec.cid = "busy", id, ch.cid
-  core.proc_ref(ch.cid, true)                -- work under way keeps the loop alive
   if not ok then                             -- the child is going: its exit event follows
     jobs[id] = nil
-    ch.job = nil
-    fail(rec, ("process %d: cannot send it the task: %s"):format(ch.pid, tostring(err)))
+    return fail(rec, ("process %d: cannot send it the task: %s"):format(ch.pid, tostring(err)))
+  end
+  rec.cid = ch.cid
+  ch.st = ch.st + 1
+  ch.sent[ch.st] = id
+  if ch.state ~= "busy" then
+    ch.state, ch.job = "busy", id
+    core.proc_ref(ch.cid, true)              -- work under way keeps the loop alive
   end
 end
 
+--- The next queued job's id and record, or nil.
+local function pop_queued()
+  while qhead <= qtail do                    -- skip the ids of jobs given up while queued
+    local id = queue[qhead]
+    queue[qhead], qhead = nil, qhead + 1
+    local rec = jobs[id]
+    if rec and rec.cid == nil then
+      nqueued = nqueued - 1
+      return id, rec
+    end
+  end
+end
+
+--- Gives queued jobs to idle children; then, with process_prefetch > 1 and
+--- no child idle, sends busy children jobs ahead, up to that many each.
 local function dispatch()
   while nqueued > 0 and nidle > 0 do
     local ch = idle[nidle]
     idle[nidle], nidle = nil, nidle - 1
     if ch.state == "idle" and children[ch.cid] == ch then
-      local id, rec
-      repeat                                 -- skip the ids of jobs given up while queued
-        id = queue[qhead]
-        queue[qhead], qhead = nil, qhead + 1
-        rec = jobs[id]
-      until (rec and rec.cid == nil) or qhead > qtail
-      if rec and rec.cid == nil then
-        nqueued = nqueued - 1
+      local id, rec = pop_queued()
+      if id then send(ch, id, rec) end
+    end
+  end
+  local depth = M.config.prefetch
+  if nqueued == 0 or depth == 1 then return end
+  local more = true
+  while more and nqueued > 0 do
+    more = false
+    for i = 1, size do
+      local ch = by_index[i]
+      if ch and ch.state == "busy" and not ch.killing and ch.st - ch.sh + 1 < depth then
+        local id, rec = pop_queued()
+        if not id then return end
         send(ch, id, rec)
-      else
-        nidle = nidle + 1; idle[nidle] = ch   -- nothing was left after all
+        more = true
       end
     end
   end
 end
 
 local function make_idle(ch)
-  ch.state, ch.job = "idle", nil
+  ch.state, ch.job, ch.sh, ch.st = "idle", nil, 1, 0
   core.proc_ref(ch.cid, false)
   nidle = nidle + 1
   idle[nidle] = ch
 end
 
 -- ===== events from the children
+
+--- Kills child ch if it still runs job `id` (given up on, and asked to stop).
+local function kill_if_stuck(ch, id)
+  if children[ch.cid] == ch and ch.job == id and not ch.killing then
+    ch.killing, ch.killed_at = true, core.now()
+    core.proc_kill(ch.cid)
+  end
+end
+
 
 --- Fails every queued job with `msg` (the children cannot start).
 local function fail_queued(msg)
@@ -212,6 +251,18 @@ local function on_exit(ch, status, signal, tail)
     jobs[id] = nil
     if rec then fail(rec, msg) end
   end
+  for i = ch.st, ch.sh + 1, -1 do            -- sent ahead, never started: queued again, first
+    local rid = ch.sent[i]
+    local rec = jobs[rid]
+    if rec and rec.task then
+      rec.cid = nil
+      qhead = qhead - 1
+      queue[qhead] = rid
+      nqueued = nqueued + 1
+    else
+      jobs[rid] = nil
+    end
+  end
   if ch.state == "starting" then
     start_failures = start_failures + 1
     if start_failures >= 3 then
@@ -252,7 +303,18 @@ local function on_event(cid, kind, a, b, c, d)
       if rec then
         if rec.task then deliver(rec, b, c, d) else late_result(rec, ch, b, d) end
       end
-      make_idle(ch)
+      ch.sent[ch.sh] = nil
+      ch.sh = ch.sh + 1
+      if ch.sh > ch.st then
+        make_idle(ch)
+      else                                   -- it starts the next one it was sent
+        local next_id = ch.sent[ch.sh]
+        ch.job = next_id
+        local nrec = jobs[next_id]
+        if nrec and nrec.task == nil then    -- given up on while it waited there
+          S.timer(M.config.stop_wait, kill_if_stuck, ch, next_id)
+        end
+      end
       dispatch()
     end
   elseif kind == "ready" then
@@ -284,13 +346,6 @@ end
 
 -- ===== giving up on a job
 
-local function kill_if_stuck(ch, id)
-  if children[ch.cid] == ch and ch.job == id and not ch.killing then
-    ch.killing, ch.killed_at = true, core.now()
-    core.proc_kill(ch.cid)
-  end
-end
-
 --- The attempt that waited for job `id` ended early: give up on the job.
 local function abandon(id, t)
   local rec = jobs[id]
@@ -307,8 +362,8 @@ local function abandon(id, t)
   if S.shutting_down() then                  -- the grace period was its stop wait
     return kill_if_stuck(ch, id)
   end
-  core.proc_stop(ch.cid, id)
-  S.timer(M.config.stop_wait, kill_if_stuck, ch, id)
+  core.proc_stop(ch.cid, id)                 -- sent ahead: the child skips it when its turn comes
+  if ch.job == id then S.timer(M.config.stop_wait, kill_if_stuck, ch, id) end
 end
 
 local function abandon_hook(t)
