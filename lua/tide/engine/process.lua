@@ -307,6 +307,7 @@ local function on_event(cid, kind, a, b, c, d)
       ch.sh = ch.sh + 1
       if ch.sh > ch.st then
         make_idle(ch)
+        if S.shutting_down() then close_idle() end
       else                                   -- it starts the next one it was sent
         local next_id = ch.sent[ch.sh]
         ch.job = next_id
@@ -335,12 +336,31 @@ local function on_event(cid, kind, a, b, c, d)
   end
 end
 
+--- A shutdown began: nothing new starts, so the children without work (and
+--- the spare) are killed and reaped now; busy ones are killed when their
+--- tasks end (at the latest, the end of the grace period).  The next task
+--- after the shutdown fills the pool again.
+local function close_idle()
+  local list = {}
+  for _, ch in pairs(children) do
+    if ch.state ~= "busy" then list[#list + 1] = ch end
+  end
+  for _, ch in ipairs(list) do
+    children[ch.cid] = nil
+    if ch == spare then spare = nil
+    elseif by_index[ch.index] == ch then by_index[ch.index], nworking = nil, nworking - 1 end
+    ch.state = "closed"
+    core.proc_close(ch.cid)
+  end
+end
+
 local function start()
   local c = M.config
   cmd_file, cmd_args = core.proc_command()
   local cpus = core.cpu_count()
   size = c.processes or (cpus < MAX and cpus or MAX)
   core.proc_set_handler(on_event)
+  S.on_shutdown(close_idle)
   started = true
 end
 
