@@ -358,6 +358,20 @@ describe("process mode", function()
     q:close()
   end)
 
+  it("counts process tasks by outcome and the pool's children in the metrics", function()
+    local text = require("tide.observe.metrics").render()
+    local st = tide.stats().processes
+    local function sample(name) return tonumber(text:match("\n" .. name:gsub("%p", "%%%0") .. " (%d+)")) end
+    assert.equal(st.killed, sample('tide_process_pool_exits_total{cause="killed"}'))
+    assert.equal(st.died, sample('tide_process_pool_exits_total{cause="died"}'))
+    assert.equal(st.replaced, sample('tide_process_pool_replaced_total'))
+    assert.equal(st.idle, sample('tide_process_pool_processes{state="idle"}'))
+    assert.is_true(st.killed >= 5 and st.died >= 2)
+    assert.is_true(sample('tide_tasks_total{mode="process",outcome="ok"}') >= 300)
+    assert.is_true(sample('tide_tasks_total{mode="process",outcome="timeout"}') >= 5)
+    assert.is_true(sample('tide_tasks_total{mode="process",outcome="cancelled"}') >= 1000)
+  end)
+
   it("refuses bad options with clear errors", function()
     local up = 1
     spec_helper.error_cases("spec/process_spec.lua", {
