@@ -332,7 +332,7 @@ describe("process mode", function()
       } }
       local killed = tide.stats().processes.killed
       local status, report = f:run(21)
-      assert.not_equal("ok", status)            -- the flow failed: its node timed out
+      assert.equal("error", status)            -- the flow failed: its node timed out
       assert.equal(42, report.tasks.double.value)
       assert.same({ 2, 3, 4 }, report.tasks.each.value)
       assert.equal("timeout", report.tasks.stuck.status)
@@ -348,10 +348,10 @@ describe("process mode", function()
     local killed = tide.stats().processes.killed
     local st = select(2, assert(tide.run(function()
       return tide.worker{ queue = q, targets = { cpu = {
-        mode = "process", timeout = 100,
-        spin = function() while true do end end,
-        square = function(args) return args.n * args.n end,
-      } } }:drain()
+        mode = "process", timeout = 100, methods = {
+          spin = function() while true do end end,
+          square = function(args) return args.n * args.n end,
+        } } } }:drain()
     end)))
     assert.equal(1, st.completed)
     assert.equal(1, tide.stats().processes.killed - killed)

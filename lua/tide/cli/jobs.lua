@@ -28,7 +28,7 @@ local function job_json(j)
   for _, k in ipairs{ "run_at", "inserted_at", "attempted_at", "completed_at" } do
     fields[#fields + 1] = { k, json(iso(j[k])) }
   end
-  fields[#fields + 1] = { "idempotence_key", json(j.idempotence_key) }
+  fields[#fields + 1] = { "idempotency_key", json(j.idempotency_key) }
   fields[#fields + 1] = { "lease_owner", json(j.lease_owner) }
   fields[#fields + 1] = { "lease_expires", json(iso(j.lease_expires)) }
   fields[#fields + 1] = { "encrypted", json(j.encrypted or false) }
@@ -53,9 +53,9 @@ Options:
                       (default $TIDE_STORE, else sqlite:tide.db)
   --queue NAME        queue (default "default")
   --run-at TIME       run at this UTC time: 2026-11-23T15:04:05Z,
-                      "2026-11-23 16:04:05+01:00", or seconds since the epoch
+                      "2026-11-23 16:04:05+01:00", or ms since the epoch
   --delay DURATION    run after this long: 500ms, 30s, 5m, 2h, 7d (a number is ms)
-  --key KEY           idempotence key: a second enqueue with the same key adds
+  --key KEY           idempotency key: a second enqueue with the same key adds
                       nothing and names the existing job
   --priority N        lower runs first (default 0)
   --max-attempts N    attempts before the job is discarded (default 20)
@@ -98,13 +98,13 @@ local function enqueue_spec(opts, pos)
   end
   return { target = target, method = method, args = args, queue = opts.queue, run_at = opts.run_at,
            delay = opts.delay, priority = opts.priority, max_attempts = opts.max_attempts,
-           idempotence_key = opts.key }
+           idempotency_key = opts.key }
 end
 
 --- What `tide enqueue` says about job `id`.
 local function enqueued_line(q, spec, id, inserted)
   if not inserted then
-    return ("job %d already has key '%s': nothing enqueued"):format(id, spec.idempotence_key)
+    return ("job %d already has key '%s': nothing enqueued"):format(id, spec.idempotency_key)
   end
   local j = q:job(id)
   local when = j.status == "scheduled" and "scheduled for " .. iso_s(j.run_at) or j.status
@@ -230,7 +230,7 @@ local function show_text(j)
   local fields = {
     { "id", j.id }, { "queue", j.queue }, { "target", j.target }, { "method", j.method },
     { "status", j.status }, { "attempt", tostring(j.attempt or "?") .. "/" .. tostring(j.max_attempts or "?") },
-    { "priority", j.priority }, { "idempotence_key", j.idempotence_key },
+    { "priority", j.priority }, { "idempotency_key", j.idempotency_key },
     { "run_at", iso(j.run_at) }, { "inserted_at", iso(j.inserted_at) },
     { "attempted_at", iso(j.attempted_at) }, { "completed_at", iso(j.completed_at) },
     { "lease_owner", j.lease_owner }, { "lease_expires", iso(j.lease_expires) },
@@ -349,7 +349,7 @@ function COMMANDS.prune(q, opts)
   if opts.json then
     io_stdout:write(json_object{ { "deleted", json(n) } }, "\n")
   else
-    local before = iso_s(require("tide.core").wallclock() / 1000 - opts.older_than / 1000)
+    local before = iso_s(require("tide.core").wallclock() - opts.older_than)
     io_stdout:write(("deleted %d job%s that finished before %s\n"):format(n, n == 1 and "" or "s", before))
   end
   return 0

@@ -120,7 +120,8 @@ end
 --- attempt the store did not take as this worker saw it (with
 --- --log-format json, one event each).
 local function outcome_line(run)
-  return function(job, outcome, err, trace)
+  return function(ev)
+    local job, outcome, err, trace = ev.job, ev.outcome, ev.error, ev.traceback
     local head = ("%s: job %d (%s.%s) attempt %d/%d"):format(PROG, job.id, job.target, job.method,
                                                           job.attempt, job.max_attempts)
     local why = (tostring(err):match("^[^\n]*"))
@@ -191,6 +192,7 @@ local function start_worker(run, targets)
     return nil, ("the targets %s returned: %s"):format(run.script_path or "SCRIPT",
                                                       (tostring(w):gsub("^tide%.worker: ", "")))
   end
+  if not w then return nil end               -- a signal came first: nothing started
   -- A signal while tide.worker waited for the store (PostgreSQL connects)
   -- came before the worker's own shutdown hook: stop it here.
   if S.shutting_down() then w:stop() end
@@ -230,7 +232,7 @@ local function main(run)
     end
   end
   if run.opts.drain then
-    w:drain()
+    w:drain{ stop = true }
     S.shutdown(config.grace, "tide worker: drained")   -- tasks SCRIPT left running
   else
     w:wait()

@@ -16,10 +16,11 @@ local M = {
   signals = true,    -- tide.run and the tide binary watch SIGINT/SIGTERM
 }
 
-local KEYS = { grace = true, on_error = true, signals = true, threads = true,
-               thread_init = true, thread_memory = true, thread_stop_wait = true,
-               watchdog = true, processes = true, process_init = true, process_memory = true,
-               process_stop_wait = true, process_prefetch = true }
+local KEYS = check.options("tide.configure", {
+  grace = true, on_error = true, signals = true, threads = true, thread_init = true,
+  thread_memory = true, thread_stop_wait = true, watchdog = true, processes = true,
+  process_init = true, process_memory = true, process_stop_wait = true, process_prefetch = true
+})
 
 --- tide.configure{ grace =, on_error =, signals =, threads =, thread_init =,
 --- thread_memory =, thread_stop_wait =, processes =, process_init =,

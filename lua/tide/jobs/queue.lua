@@ -11,7 +11,8 @@
 -- transaction a connection of its own for its whole life, and tells workers
 -- in this process when a job was committed.  Misuse raises; a store failure
 -- raises an error that names the store and the SQLite code or SQLSTATE.
--- Times given and returned are UTC seconds since the Unix epoch (fractional).
+-- Times given and returned are UTC ms since the Unix epoch (integers); a
+-- run_at below 1e11 is taken for seconds, the old unit, with a warning.
 --
 -- Transactions and their connections (Promise 7):
 --   - A transaction checks a session (a connection) out of the store's pool
@@ -58,7 +59,9 @@ local function pack(...) return { n = select("#", ...), ... } end
 
 local DRIVERS = { sqlite = "tide.jobs.store.sqlite" }
 local SYNC = { normal = true, full = true, off = true }
-local OPEN_KEYS = { encryptor = true, busy_timeout = true, synchronous = true, pool = true, pool_timeout = true }
+local OPEN_KEYS = check.options("tide.queue.open", {
+  encryptor = true, busy_timeout = true, synchronous = true, pool = true, pool_timeout = true
+})
 
 --- "sqlite:PATH" (or "sqlite://PATH") -> driver module, path.
 local function parse_url(url)
@@ -196,14 +199,15 @@ local function new_tx(q, st, depth)
   return tx
 end
 
---- Ends transaction state st: its handles die, the session goes back.
+--- Ends transaction state st: its handles die, the session goes back to
+--- the store it came from (a queue closed meanwhile closes it then).
 local function close_state(q, st, broken)
   if st.closed then return end
   st.closed = true
   if q._txs[st.owner] == st then q._txs[st.owner] = nil end
   for _, tx in ipairs(st.handles) do tx._live = false end
   if st.owner ~= OUTSIDE then S.off_attempt_end(st.owner, st.hook) end
-  if q._store then q._store:release(st.session, broken, st.owner) end
+  st.store:release(st.session, broken, st.owner)
 end
 
 --- The task ended inside the transaction (timed out, cancelled): the store
@@ -238,7 +242,7 @@ local function transaction(q, fname, fn, ...)
   -- The session is ours from here: nothing waits between the pool handing
   -- it over and q._txs knowing it (the rule above).
   local session = store:acquire(fname)
-  st = { session = session, depth = 1, owner = owner, touched = {}, handles = {}, closed = false }
+  st = { session = session, store = store, depth = 1, owner = owner, touched = {}, handles = {}, closed = false }
   q._txs[owner] = st
   if owner ~= OUTSIDE then
     st.hook = function() abandon(q, st) end
@@ -294,8 +298,11 @@ end
 
 -- ===== enqueue
 
-local JOB_KEYS = { target = true, method = true, args = true, queue = true, run_at = true,
-                   delay = true, priority = true, max_attempts = true, idempotence_key = true }
+-- idempotence_key is the old name of idempotency_key (README: Vocabulary).
+local JOB_KEYS = check.options("q:enqueue", {
+  target = true, method = true, args = true, queue = true, run_at = true, delay = true,
+  priority = true, max_attempts = true, idempotency_key = true, idempotence_key = true
+}, { idempotence_key = "idempotency_key" })
 
 --- Checks an enqueue spec; returns the row to insert.
 local function job_row(fname, q, j, now, level)
@@ -317,12 +324,13 @@ local function job_row(fname, q, j, now, level)
   if j.max_attempts ~= nil and not job.is_max_attempts(j.max_attempts) then
     opt_error(fname, "max_attempts", job.MAX_ATTEMPTS_EXPECTED, j.max_attempts, level)
   end
-  if j.idempotence_key ~= nil then
-    if type(j.idempotence_key) ~= "string" or j.idempotence_key == "" then
-      opt_error(fname, "idempotence_key", "non-empty string", j.idempotence_key, level)
+  local key = check.renamed(fname, j, "idempotence_key", "idempotency_key", level)
+  if key ~= nil then
+    if type(key) ~= "string" or key == "" then
+      opt_error(fname, "idempotency_key", "non-empty string", key, level)
     end
-    local why = job.key_problem(j.idempotence_key)
-    if why then error(("%s: bad option 'idempotence_key' (%s)"):format(fname, why), level) end
+    local why = job.key_problem(key)
+    if why then error(("%s: bad option 'idempotency_key' (%s)"):format(fname, why), level) end
   end
   if j.delay ~= nil and not (check.is_ms(j.delay) and now + j.delay <= time.MAX_MS) then
     opt_error(fname, "delay", "non-negative number of ms, due before the year 10000", j.delay, level)
@@ -330,8 +338,13 @@ local function job_row(fname, q, j, now, level)
   if j.delay ~= nil and j.run_at ~= nil then error(fname .. ": give run_at or delay, not both", level) end
   local run_at = now + floor(j.delay or 0)
   if j.run_at ~= nil then
-    run_at = time.run_at_ms(j.run_at)
+    local secs
+    run_at, secs = time.run_at_ms(j.run_at)
     if not run_at then opt_error(fname, "run_at", time.EXPECTED, j.run_at, level) end
+    if secs then
+      check.deprecate(("%s: option 'run_at' is in ms since the epoch now; %s was taken for seconds")
+                      :format(fname, tostring(j.run_at)), level)
+    end
   end
   local args_json = json.encode_option(fname, "args", j.args, level)
   local args, args_enc = args_json, nil
@@ -346,13 +359,13 @@ local function job_row(fname, q, j, now, level)
   return { queue = j.queue or "default", target = j.target, method = j.method, args = args,
            args_enc = args_enc, status = run_at > now and "scheduled" or "available",
            priority = j.priority or 0, max_attempts = j.max_attempts or 20, run_at = run_at,
-           idempotence_key = j.idempotence_key, inserted_at = now }
+           idempotence_key = key, inserted_at = now }
 end
 
 local function insert_one(session, row) return session:insert(row) end
 
 --- Adds one job; returns its id and true, or the id of the job that already
---- has this idempotence_key and false (nothing inserted).
+--- has this idempotency_key and false (nothing inserted).
 function Queue:enqueue(j)
   check_q("q:enqueue", self)
   local row = job_row("q:enqueue", self, j, wallclock(), 2)
@@ -389,7 +402,7 @@ end
 
 --- Adds a list of jobs in one transaction (one statement per batch on
 --- PostgreSQL); returns their ids (in order) and how many were inserted
---- (the rest had idempotence keys that existed, in the store or earlier in
+--- (the rest had idempotency keys that existed, in the store or earlier in
 --- the list: their ids are the existing jobs').
 function Queue:enqueue_many(list)
   check_q("q:enqueue_many", self)
@@ -444,9 +457,9 @@ local function decode_args(q, row)
 end
 M.decode_args = decode_args
 
-local function seconds(ms) return time.is_ms(ms) and ms / 1000 or nil end
+local function ms(v) return time.is_ms(v) and v or nil end
 
---- A stored row -> the job table users see (times in UTC seconds).  A row
+--- A stored row -> the job table users see (times in UTC ms).  A row
 --- that no tide wrote (edited by hand) is shown with `corrupt` saying why,
 --- and its bad fields left out.
 local function job_of(q, row)
@@ -457,7 +470,7 @@ local function job_of(q, row)
     if type(list) == "table" then
       for i, e in ipairs(list) do
         if type(e) == "table" then
-          errors[i] = { attempt = e.attempt, at = type(e.at) == "number" and seconds(e.at) or nil,
+          errors[i] = { attempt = e.attempt, at = ms(e.at),
                         error = e.error, traceback = e.traceback ~= json.null and e.traceback or nil }
         end
       end
@@ -470,11 +483,12 @@ local function job_of(q, row)
     id = row.id, queue = str(row.queue), target = str(row.target), method = str(row.method),
     args = args, args_error = err, encrypted = row.args_enc ~= nil or nil,
     status = str(row.status), priority = num(row.priority), attempt = num(row.attempt),
-    max_attempts = num(row.max_attempts), run_at = seconds(row.run_at),
-    attempted_at = seconds(row.attempted_at), completed_at = seconds(row.completed_at),
-    inserted_at = seconds(row.inserted_at), errors = errors,
-    idempotence_key = str(row.idempotence_key), lease_owner = str(row.lease_owner),
-    lease_expires = seconds(row.lease_expires), corrupt = corrupt,
+    max_attempts = num(row.max_attempts), run_at = ms(row.run_at),
+    attempted_at = ms(row.attempted_at), completed_at = ms(row.completed_at),
+    inserted_at = ms(row.inserted_at), errors = errors,
+    idempotency_key = str(row.idempotence_key), lease_owner = str(row.lease_owner),
+    idempotence_key = str(row.idempotence_key),      -- the old name, one release more
+    lease_expires = ms(row.lease_expires), corrupt = corrupt,
   }
 end
 M.job_of = job_of
@@ -493,7 +507,10 @@ function Queue:job(id)
   return row and job_of(self, row)
 end
 
-local LIST_KEYS = { status = true, queue = true, target = true, limit = true, before = true }
+local MAX_LIMIT = 2147483647      -- a LIMIT every store takes as an integer (1e300 reached SQLite as a real)
+local LIST_KEYS = check.options("q:list", {
+  status = true, queue = true, target = true, limit = true, before = true
+})
 
 local function list_rows(session, f) return session:list(f) end
 
@@ -509,7 +526,9 @@ function Queue:list(f)
   end
   if f.queue ~= nil and type(f.queue) ~= "string" then opt_error("q:list", "queue", "string", f.queue) end
   if f.target ~= nil and type(f.target) ~= "string" then opt_error("q:list", "target", "string", f.target) end
-  if f.limit ~= nil and not check.is_count(f.limit, 1) then opt_error("q:list", "limit", "integer >= 1", f.limit) end
+  if f.limit ~= nil and not (check.is_count(f.limit, 1) and f.limit <= MAX_LIMIT) then
+    opt_error("q:list", "limit", "integer from 1 to 2147483647", f.limit)
+  end
   if f.before ~= nil and not check.is_count(f.before, 1) then opt_error("q:list", "before", "job id", f.before) end
   local rows = with_session(self, "q:list", list_rows, { status = f.status, queue = f.queue, target = f.target,
                                                          limit = f.limit or 100, before = f.before })
@@ -588,7 +607,9 @@ end
 --- the store holds more jobs than were read.
 function Queue:recent(limit, within)
   check_q("q:recent", self)
-  if limit ~= nil and not check.is_count(limit, 1) then arg_error("q:recent", 1, "integer >= 1", limit) end
+  if limit ~= nil and not (check.is_count(limit, 1) and limit <= MAX_LIMIT) then
+    arg_error("q:recent", 1, "integer from 1 to 2147483647", limit)
+  end
   if within ~= nil and not check.is_ms(within) then arg_error("q:recent", 2, "non-negative number of ms", within) end
   limit = limit or 10000
   local rows = with_session(self, "q:recent", recent_rows, wallclock() - (within or 60000), limit)
@@ -603,17 +624,17 @@ function Queue:recent(limit, within)
 end
 
 --- Who holds leases now: a list of { owner, queue, n, lease_expires,
---- attempted_at } (times in UTC seconds), one per worker and queue.
+--- attempted_at } (times in UTC ms), one per worker and queue.
 function Queue:leases()
   check_q("q:leases", self)
   local rows = with_session(self, "q:leases", lease_rows)
   for _, r in ipairs(rows) do
-    r.lease_expires, r.attempted_at = seconds(r.lease_expires), seconds(r.attempted_at)
+    r.lease_expires, r.attempted_at = ms(r.lease_expires), ms(r.attempted_at)
   end
   return rows
 end
 
-local PRUNE_KEYS = { older_than = true, statuses = true }
+local PRUNE_KEYS = check.options("q:prune", { older_than = true, statuses = true })
 
 local function prune_rows(session, before, statuses) return session:prune(before, statuses) end
 
@@ -638,7 +659,8 @@ function Queue:prune(opts)
   return (with_session(self, "q:prune", prune_rows, wallclock() - ms, statuses))
 end
 
---- Closes the store (idempotent); sessions held by tasks close when given back.
+--- Closes the store (idempotent); sessions held by tasks close when given
+--- back (a transaction under way may still commit; its tx methods raise).
 function Queue:close()
   if self._store then self._store:close(); self._store = nil end
 end

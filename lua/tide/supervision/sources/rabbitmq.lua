@@ -37,14 +37,19 @@ local Source_mt = { __index = Source, __tostring = function(s)
   return ("tide.sources.rabbitmq '%s' (%s)"):format(s.queue, s.consume_ch and "consuming" or "idle")
 end }
 
-local KEYS = { url = true, queue = true, prefetch = true, declare = true, heartbeat = true, name = true,
-               connect_timeout = true, max_redeliveries = true, confirm_timeout = true }
-local DECLARE_KEYS = { durable = true, type = true, arguments = true, exclusive = true, auto_delete = true }
+local KEYS = check.options("tide.sources.rabbitmq", {
+  url = true, queue = true, prefetch = true, declare = true, heartbeat = true, name = true,
+  connect_timeout = true, max_redeliveries = true, confirm_timeout = true
+})
+local DECLARE_KEYS = check.options("rabbitmq declare", {
+  durable = true, type = true, arguments = true, exclusive = true, auto_delete = true
+})
 local QUEUE_TYPES = { classic = true, quorum = true }
-local PUBLISH_KEYS = { exchange = true, routing_key = true, persistent = true, headers = true, content_type = true,
-                       content_encoding = true, message_id = true, correlation_id = true, reply_to = true,
-                       expiration = true, priority = true, type = true, app_id = true, timestamp = true,
-                       timeout = true }
+local PUBLISH_KEYS = check.options("source:publish", {
+  exchange = true, routing_key = true, persistent = true, headers = true, content_type = true,
+  content_encoding = true, message_id = true, correlation_id = true, reply_to = true,
+  expiration = true, priority = true, type = true, app_id = true, timestamp = true, timeout = true
+})
 local MAX_BODY = 128 * 1024 * 1024   -- RabbitMQ's default max_message_size
 local SEEN_MAX = 10000       -- keys of redelivered messages remembered for the consumer-side count
 
@@ -416,14 +421,21 @@ function Source:publish(body, opts)
   local props = publish_props(fname, opts)
   local rk = opts.routing_key or self.queue
   if rk == nil then error(fname .. ": no routing_key (and the source has no queue)", 2) end
+  -- Where the confirm cannot be waited for (outside a task, in a callback),
+  -- refuse before anything is sent: wait_begin raises the reason.
+  if not S.in_task() then S.wait_begin(fname, 2) end
   local ch = self:publisher()
-  ch.seq = ch.seq + 1
-  local seq = ch.seq
+  -- The broker numbers the messages it took on this channel: a message
+  -- counts only once it was sent (headers that cannot be encoded raise
+  -- before any byte goes out, and a seq counted for them would pair every
+  -- later confirm with the message before it).
+  local seq = ch.seq + 1
   local ok, err = pcall(ch.conn.send, ch.conn, "publish", ch.num, opts.exchange or "", rk, body, props)
   if not ok then
     if ch.lost or ch.conn.lost then error(err, 0) end
     error(fname .. ": " .. tostring(err):gsub("^[^:]*:%d+: ", ""), 2)   -- headers that cannot be sent
   end
+  ch.seq = seq
   local t, tok = S.wait_begin(fname, 2)
   local w = { t = t, tok = tok, result = false }
   ch.unconfirmed[seq] = w
