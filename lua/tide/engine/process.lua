@@ -9,24 +9,30 @@
 --
 --   - The pool keeps `processes` children, started at the first process
 --     task.  A child is "starting" until it says it is ready, then "idle" or
---     "busy" (one job at a time).  Jobs wait in a FIFO for an idle child.
+--     "busy".  Jobs wait in a FIFO for an idle child; with process_prefetch
+--     n > 1, when no child is idle, busy children are also sent up to n jobs
+--     each, which they run in order.
 --   - When an attempt ends early (timeout, cancel, shutdown) its outcome is
 --     already delivered; its job is dropped from the queue, or its child is
---     asked to stop (SIGUSR1: the job raises "cancelled" at its next check,
---     and the traceback of where it was comes back) and, if it still runs
---     that job `process_stop_wait` ms later, SIGKILLed with its process group
---     (at once during a shutdown: the grace period was its stop wait).
+--     asked to stop (SIGUSR1 with the job's id: the job raises "cancelled" at
+--     its next check, and the traceback of where it was comes back; a job
+--     sent ahead is skipped when its turn comes) and, if the child still
+--     runs that job `process_stop_wait` ms after it began to (or after the
+--     request), it is SIGKILLed with its process group (at once during a
+--     shutdown: the grace period was its stop wait).
 --   - One spare child is kept started beside the pool's `processes`: a child
 --     that dies for any reason is replaced by the spare at once (if the spare
---     is ready, the pool is whole again before the next tick), and a new spare
---     starts in the background.  A job the dead child was running fails with "process PID killed by SIGSEGV"
---     (or "exited with status N") and the end of its stderr.  Children that
---     die before they are ready three times in a row stop the replacing,
---     and the queued jobs fail with the reason, until the next task.
---   - Invariants: every job id in `jobs` is queued (rec.cid == nil) or on
---     the child rec.cid; a child runs at most the one job ch.job; a waiting
---     task is woken once, by the first of its job's result, its child's
---     death, or a failure to send it.
+--     is ready, the pool is whole again before the next tick), and a new
+--     spare starts in the background.  The job the dead child was running
+--     fails with "process PID killed by SIGSEGV" (or "exited with status
+--     N") and the end of its stderr; the jobs sent behind it are queued
+--     again, first.  Children that die before they are ready three times in
+--     a row stop the replacing, and the queued jobs fail with the reason,
+--     until the next task.
+--   - Invariants: every job id in `jobs` is queued (rec.cid == nil) or sent
+--     to the child rec.cid, in its list ch.sent[ch.sh .. ch.st], whose first
+--     is ch.job, the one it runs; a waiting task is woken once, by the first
+--     of its job's result, its child's death, or a failure to send it.
 local core = require "tide.core"
 local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
