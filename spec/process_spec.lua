@@ -358,6 +358,24 @@ describe("process mode", function()
     q:close()
   end)
 
+  it("runs in a C host that links tide in, with tide.so from package.cpath for the children", function()
+    local dir = spec_helper.tempdir()
+    local script = spec_helper.write_file(dir, "script.lua", [[
+      local tide = require "tide"
+      tide.configure{ processes = 1 }
+      print(tide.spawn{ mode = "process", run = function() return 6 * 7 end }:await())
+    ]])
+    local function host(cpath)
+      return spec_helper.sh(("LUA_CPATH='%s' timeout 30 %s/embed-host %s 2>&1"):format(cpath, spec_helper.build, script))
+    end
+    local status, out = host(spec_helper.build .. "/?.so;;")
+    assert.equal(0, status, out)
+    assert.matches("ok\t42\n", out)
+    status, out = host("/nonexistent/?.so")
+    assert.matches("error\ttide: process mode: tide is linked into [^\n]*embed%-host, which a child cannot load; "
+                   .. "it needs tide.so on package.cpath", out)
+  end)
+
   it("counts process tasks by outcome and the pool's children in the metrics", function()
     local text = require("tide.observe.metrics").render()
     local st = tide.stats().processes

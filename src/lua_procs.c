@@ -213,12 +213,15 @@ static int l_set_handler(lua_State *L) {
   return 0;
 }
 
-/* proc_command() -> file, { argv... }: how to start a child.  The tide
- * binary starts itself with TIDE_PROC_CHILD_ARG; anywhere else (tide.so in
- * luajit) a luajit runs tide.so's tide_process_child, found by the path
- * this very code was loaded from.  Either way the child is a fresh exec:
- * nothing of the parent's state, threads or descriptors comes along. */
+/* proc_command([so]) -> file, { argv... } | nil, why: how to start a
+ * child.  The tide binary starts itself with TIDE_PROC_CHILD_ARG; anywhere
+ * else a luajit runs tide.so's tide_process_child, found by the path this
+ * very code was loaded from (tide.so in a luajit), or at `so` (a C host
+ * that links libtide.a: its own executable cannot be loaded).  Either way
+ * the child is a fresh exec: nothing of the parent's state, threads or
+ * descriptors comes along. */
 static int l_command(lua_State *L) {
+  const char *given = luaL_optstring(L, 1, NULL);
   char exe[PATH_MAX];
   ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
   if (n < 0) return luaL_error(L, "tide: cannot find the running executable (/proc/self/exe)");
@@ -235,9 +238,16 @@ static int l_command(lua_State *L) {
   }
   Dl_info info;
   char so[PATH_MAX];
-  if (dladdr((void *)tide__proc_child_main, &info) == 0 || info.dli_fname == NULL ||
-      realpath(info.dli_fname, so) == NULL)
+  if (given) {
+    if (realpath(given, so) == NULL) return luaL_error(L, "tide: cannot find %s", given);
+  } else if (dladdr((void *)tide__proc_child_main, &info) == 0 || info.dli_fname == NULL ||
+             realpath(info.dli_fname, so) == NULL) {
     return luaL_error(L, "tide: cannot find the path of tide.so");
+  } else if (strcmp(so, exe) == 0) {              /* linked into the host's executable */
+    lua_pushnil(L);
+    lua_pushfstring(L, "tide is linked into %s, which a child cannot load", exe);
+    return 2;
+  }
   const char *base = strrchr(exe, '/');
   base = base ? base + 1 : exe;
   if (strncmp(base, "luajit", 6) == 0) lua_pushstring(L, exe); else lua_pushliteral(L, "luajit");

@@ -362,7 +362,16 @@ end
 
 local function start()
   local c = M.config
-  cmd_file, cmd_args = core.proc_command()
+  local why
+  cmd_file, why = core.proc_command()
+  if cmd_file == nil then                    -- a C host with tide linked in: the module, then
+    local so = package.searchpath("tide", package.cpath)
+    if so == nil then
+      error("tide: process mode: " .. why .. "; it needs tide.so on package.cpath", 0)
+    end
+    cmd_file, why = core.proc_command(so)
+  end
+  cmd_args = why
   local cpus = core.cpu_count()
   size = c.processes or (cpus < MAX and cpus or MAX)
   core.proc_set_handler(on_event)
