@@ -55,6 +55,7 @@ local function eventually(ms, pred)
 end
 
 local function pool_ready()
+  tide.spawn{ mode = "process", run = function() end }:await()   -- the pool starts with its first task
   return eventually(5000, function()
     local st = tide.stats().processes
     return st.size == 2 and st.starting == 0
@@ -356,6 +357,30 @@ describe("process mode", function()
     assert.equal(1, st.completed)
     assert.equal(1, tide.stats().processes.killed - killed)
     q:close()
+  end)
+
+  it("runs a consumer's handler in process mode, a killing timeout failing its delivery", function()
+    local outcomes = {}
+    local src = tide.sources.memory{ prefetch = 4, messages = { "a", "spin", "c" } }
+    local c = tide.consumer{ source = src, concurrency = 4, poll = 5, requeue = false, handler = {
+      mode = "process", timeout = 100,
+      run = function(body)
+        if body == "spin" then while true do end end
+        return body:upper()
+      end,
+      handle_result = function(status, value) outcomes[#outcomes + 1] = status .. ":" .. tostring(value) end,
+    } }
+    run(function()
+      assert.is_true(pool_ready())              -- a task's timeout counts its wait for a child too
+      local killed = tide.stats().processes.killed
+      local t = tide.spawn(function() return c:run() end)
+      assert.is_true(eventually(3000, function() return #outcomes == 3 end))
+      t:cancel()
+      table.sort(outcomes)
+      assert.same({ "ok:A", "ok:C" }, { outcomes[1], outcomes[2] })
+      assert.matches("^timeout:task %d+ timed out after 100 ms$", outcomes[3])
+      assert.is_true(eventually(1000, function() return tide.stats().processes.killed == killed + 1 end))
+    end)
   end)
 
   it("runs in a C host that links tide in, with tide.so from package.cpath for the children", function()
