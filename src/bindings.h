@@ -44,4 +44,10 @@ void tide__open_http(lua_State *L, uv_loop_t *loop, tide__watchdog *wd);
 /* lua_http.c: closes every HTTP server and its connections (before the loop closes). */
 void tide__close_http(lua_State *L);
 
+/* lua_fswatch.c: sets fs_watch into the table at the top. */
+void tide__open_fswatch(lua_State *L, uv_loop_t *loop, tide__watchdog *wd);
+
+/* lua_fswatch.c: closes every file watch (before the loop closes). */
+void tide__close_fswatch(lua_State *L);
+
 #endif

@@ -21,7 +21,9 @@
 --                            runs again; `tide worker` exits 1
 --
 -- w.on_outcome{ job, outcome, error, traceback } hears each, once (`tide
--- worker` prints from it); it runs outside any task and cannot wait.
+-- worker` prints from it), and w.on_discard{ job, error, traceback, worker }
+-- each job the store took as discarded; they run outside any task and
+-- cannot wait.
 local S = require "tide.engine.sched"
 local log = require "tide.engine.log"
 local core = require "tide.core"
@@ -48,6 +50,10 @@ end
 local function settle(w, e, outcome)
   w.count(w, e.job and e.job.queue or "?", outcome)   -- the worker's stats and the metrics' totals
   M.heard(w, e.id, e.job, outcome, e.err, e.trace)
+  if outcome == "discarded" and w.on_discard then
+    log.protect("on_discard of job " .. e.id, w.on_discard, { job = e.job, error = e.err, traceback = e.trace,
+                                                              worker = w.id })
+  end
 end
 
 local function record_batch(session, entries, owner, now)
@@ -82,6 +88,7 @@ local function write(w, entries)
       settle(w, e, (status == "cancelled" or status == "expired") and "cancelled" or "lost")
     end
   end
+  if w.on_written then w.on_written(entries) end
   return true
 end
 M.write = write

@@ -39,6 +39,8 @@ local function civil_from_days(z)
   return yoe + era * 400 + (m <= 2 and 1 or 0), m, d
 end
 
+M.days_from_civil, M.civil_from_days = days_from_civil, civil_from_days
+
 local DAYS_IN = { 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31 }
 
 local function leap(y) return y % 4 == 0 and (y % 100 ~= 0 or y % 400 == 0) end

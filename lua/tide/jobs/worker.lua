@@ -7,7 +7,10 @@
 --
 --   claim    a claimer task per queue takes up to `batch` due jobs (priority,
 --            then run_at) in one statement that marks them executing under a
---            lease held by this worker, and spawns a task for each.
+--            lease held by this worker, and spawns a task for each.  It
+--            claims again when a slot frees, after `poll` ms, and when a
+--            job may have come: a commit in this process, LISTEN/NOTIFY on
+--            PostgreSQL, a watch on the -wal file on SQLite (any process).
 --   perform  target[method](args, job) runs as a tide task (timeout and mode
 --            per target).  Its outcome is recorded by the flusher task, which
 --            writes every outcome of a tick in one transaction: completed;
@@ -42,6 +45,7 @@ local json = require "tide.jobs.json"
 local job = require "tide.jobs.job"
 local queue = require "tide.jobs.queue"
 local outcomes = require "tide.jobs.outcomes"
+local schedules = require "tide.jobs.schedules"
 local make_task, spawn = task.make_task, task.spawn
 local histogram = require "tide.engine.histogram"
 
@@ -98,7 +102,7 @@ end }
 local KEYS = check.options("tide.worker", {
   queue = true, queues = true, concurrency = true, targets = true, lease = true, heartbeat = true,
   poll = true, rescue_every = true, batch = true, timeout = true, retry = true, on_error = true,
-  handle_error = true, grace = true, on_outcome = true, give_up = true
+  handle_error = true, grace = true, on_outcome = true, give_up = true, schedules = true, on_discard = true
 }, { handle_error = "on_error" })
 -- A target is a table of methods, or { methods = {...}, timeout =, mode =,
 -- retry =, on_error = }: its options beside its methods, so that any name
@@ -239,12 +243,16 @@ local function check_opts(fname, opts)
     if type(on_outcome) ~= "function" then opt_error(fname, "on_outcome", "function", on_outcome, 3) end
     old_outcome = check.positional_hook(fname, "on_outcome", on_outcome, 3)
   end
+  if opts.on_discard ~= nil and type(opts.on_discard) ~= "function" then
+    opt_error(fname, "on_discard", "function", opts.on_discard, 3)
+  end
   if opts.give_up ~= nil and not check.is_ms(opts.give_up, true) then
     opt_error(fname, "give_up", "positive number of ms", opts.give_up, 3)
   end
   local queues = check_queues(fname, opts, 3)   -- not a tail call: errors blame the caller
+  local scheds = opts.schedules ~= nil and schedules.check(fname, opts.schedules, 3) or nil
   return { queues = queues, targets = targets, on_error = on_error, old_hook = old_hook,
-           on_outcome = on_outcome, old_outcome = old_outcome }
+           on_outcome = on_outcome, old_outcome = old_outcome, schedules = scheds }
 end
 
 -- ===== targets
@@ -403,7 +411,7 @@ local function job_info(row)
            attempt = row.attempt, max_attempts = row.max_attempts, priority = row.priority,
            run_at = type(row.run_at) == "number" and row.run_at or nil,
            inserted_at = type(row.inserted_at) == "number" and row.inserted_at or nil,
-           idempotency_key = row.idempotence_key,
+           idempotency_key = row.idempotence_key, partition_key = row.partition_key,
            idempotence_key = row.idempotence_key }          -- the old name, one release more
 end
 
@@ -463,7 +471,7 @@ end
 local function claim(w, name, want)
   if w.state ~= "running" then return 0 end
   local now = wallclock()
-  local ok, rows = pcall(call, w, w.store, "tide.worker", claim_rows, name, want, w.id, now, now + w.lease)
+  local ok, rows, limited = pcall(call, w, w.store, "tide.worker", claim_rows, name, want, w.id, now, now + w.lease)
   if not ok then
     log.report("worker " .. w.id .. ": claiming from queue " .. name, rows)
     M.totals.store_errors.claim = M.totals.store_errors.claim + 1
@@ -479,6 +487,7 @@ local function claim(w, name, want)
     end
     return 0
   end
+  w.queues[name].limited = limited or false
   for i = 1, #rows do start_job(w, rows[i]) end
   return #rows
 end
@@ -577,7 +586,7 @@ local function rescue_rows(session, now) return session:rescue(now) end
 --- Makes jobs whose lease expired available again; true, or false after a
 --- failure (reported).
 local function rescue(w)
-  local ok, n = pcall(call, w, w.lease_store, "tide.worker", rescue_rows, wallclock())
+  local ok, n, dead = pcall(call, w, w.lease_store, "tide.worker", rescue_rows, wallclock())
   if not ok then
     log.report("worker " .. w.id .. ": rescue", n)
     M.totals.store_errors.rescue = M.totals.store_errors.rescue + 1
@@ -588,6 +597,16 @@ local function rescue(w)
     w.stats.rescued = w.stats.rescued + n
     M.totals.rescued = M.totals.rescued + n
     for _, qs in pairs(w.queues) do S.notify(qs) end
+  end
+  -- Jobs whose last attempt's worker died: discarded here, by this worker,
+  -- so it counts them and tells on_discard (once: one rescuer's statement
+  -- changed each row).
+  for _, row in ipairs(dead or {}) do
+    count(w, row.queue, "discarded")
+    if w.on_discard then
+      log.protect("on_discard of job " .. tostring(row.id), w.on_discard, { job = job_info(row), worker = w.id,
+        error = "lease expired: its worker stopped heartbeating during the last attempt" })
+    end
   end
   return true
 end
@@ -618,12 +637,16 @@ end
 --- (ms per attempt, none), retry (backoff between attempts), handle_error,
 --- grace (ms running jobs get on stop, default: tide's grace), on_outcome
 --- (fn(job, outcome, err) once the store settled an attempt: see
---- tide.jobs.outcomes), give_up (ms a draining worker goes on while a loop
---- keeps failing, 60000).
+--- tide.jobs.outcomes), on_discard (fn(ev) once the store took a job's
+--- discard after its last attempt: ev = { job, error, traceback, worker },
+--- every attempt's error is in the store: q:job(ev.job.id).errors), give_up
+--- (ms a draining worker goes on while a loop keeps failing, 60000),
+--- schedules (cron schedules: see tide.jobs.schedules).
 function M.new(opts)
   local checked = check_opts("tide.worker", opts)
   local queues = checked.queues
   if S.shutting_down() then return nil, "tide.worker: the loop is shutting down" end
+  local scheds = checked.schedules
   local lease = opts.lease or 30000
   local w = setmetatable({
     -- Claims and outcomes go through one connection of the worker's own;
@@ -636,7 +659,8 @@ function M.new(opts)
     lease = lease, heartbeat = opts.heartbeat or lease / 3, poll = opts.poll or 1000,
     rescue_every = opts.rescue_every or lease / 2, batch = opts.batch or 100,
     timeout = opts.timeout, grace = opts.grace, on_error = checked.on_error, old_hook = checked.old_hook,
-    on_outcome = checked.on_outcome, old_outcome = checked.old_outcome, give_up = opts.give_up or 60000,
+    on_outcome = checked.on_outcome, old_outcome = checked.old_outcome, on_discard = opts.on_discard,
+    give_up = opts.give_up or 60000,
     retry = opts.retry and check_retry("tide.worker", "retry", opts.retry, 2)
             or check_retry("tide.worker", "retry", {}, 2),
     failing = {}, count = count,
@@ -646,9 +670,9 @@ function M.new(opts)
     id = ("%s:%d:%x"):format(core.hostname(), core.pid(), (wallclock() * 16 + floor(core.now() * 16) % 16) % 2^40),
     state = "running", queues = {}, running = {}, nrunning = 0, pending = {},
     flusher = { waiting = false }, beat = { waiting = false }, idle = { waiting = false },
-    rescue_holder = { waiting = false }, tasks = {},
+    rescue_holder = { waiting = false }, scheduler = { waiting = false }, tasks = {}, schedules = scheds,
     stats = { claimed = 0, completed = 0, retried = 0, discarded = 0, released = 0,
-              cancelled = 0, lost = 0, rescued = 0, write_errors = 0, unwritten = 0 },
+              cancelled = 0, lost = 0, rescued = 0, write_errors = 0, unwritten = 0, scheduled = 0 },
   }, Worker_mt)
   M.live[w] = true
   -- On a shutdown of the loop, the worker stops its jobs a little before the
@@ -665,16 +689,28 @@ function M.new(opts)
   w.tasks[#w.tasks + 1] = w.flusher_task
   w.tasks[#w.tasks + 1] = spawn{ run = heartbeat, args = { w }, name = "worker heartbeat" }
   w.tasks[#w.tasks + 1] = spawn{ run = rescuer, args = { w }, name = "worker rescuer" }
+  -- A queue with limits (q:declare) may hold jobs back that a finished job
+  -- lets through: once its outcome is in the store, claim again.
+  w.on_written = function(entries)
+    for i = 1, #entries do
+      local qs = entries[i].job and w.queues[entries[i].job.queue]
+      if qs and qs.limited then qs.kicked = true; S.notify(qs) end
+    end
+  end
+  if scheds and #scheds > 0 then
+    w.tasks[#w.tasks + 1] = spawn{ run = schedules.run, args = { w, scheds }, name = "worker scheduler" }
+  end
   w.on_enqueue = function(name)
     local qs = w.queues[name]
     if qs then qs.kicked = true; S.notify(qs) end
   end
   queue.listen(w.q, w.on_enqueue)
-  if w.store.listen then                      -- other machines' enqueues (PostgreSQL)
-    w.store:listen(function(name)
+  if w.store.listen then                      -- other processes' and machines' enqueues
+    w.on_store_wake = function(name)
       if name then return w.on_enqueue(name) end
       for queue_name in pairs(w.queues) do w.on_enqueue(queue_name) end
-    end)
+    end
+    w.store:listen(w.on_store_wake)
   end
   if S.shutting_down() and w.state == "running" then w:stop() end   -- came while listen waited
   return w
@@ -699,13 +735,14 @@ function Worker:stop(grace_ms)
   if self.state ~= "running" then return nil, "worker:stop: the worker is " .. self.state end
   self.state = "stopping"
   queue.unlisten(self.q, self.on_enqueue)
-  if self.store.unlisten then self.store:unlisten() end
+  if self.store.unlisten then self.store:unlisten(self.on_store_wake) end
   for _, qs in pairs(self.queues) do
     if qs.wake_timer then qs.wake_timer:stop(); qs.wake_timer, qs.wake_at = nil, nil end
     qs.kicked = true                          -- a claim under way must not wait a poll after it
     S.notify(qs)
   end
   S.notify(self.rescue_holder)
+  S.notify(self.scheduler)
   S.notify(self.flusher)
   S.notify(self.beat)
   local grace = grace_ms or self.grace or config.grace
@@ -816,6 +853,7 @@ function Worker:info()
                 poll = self.poll, store = self.store.name, queues = {} }
   for k, v in pairs(self.stats) do out[k] = v end
   for name, qs in pairs(self.queues) do out.queues[name] = { limit = qs.limit, running = qs.running } end
+  if self.schedules then out.schedules = schedules.info(self.schedules) end
   return out
 end
 
