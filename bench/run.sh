@@ -2,7 +2,8 @@
 # bench/run.sh — prints the machine, then runs every bench/*.lua against $BUILD/tide.so.
 # Run from the repository root (`make bench` does): BUILD=build sh bench/run.sh
 # Names run only those files: `sh bench/run.sh queue` runs bench/queue.lua;
-# `sh bench/run.sh queue:cross` only its cross-process section.
+# `sh bench/run.sh queue:cross` only its cross-process section
+# (`sh bench/run.sh processes threads`: process mode beside thread mode).
 BUILD=${BUILD:-build}
 LUAJIT=${LUAJIT:-luajit}
 

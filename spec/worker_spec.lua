@@ -473,7 +473,7 @@ describe("tide.worker on " .. store.name, function()
       { function() tide.worker{ queue = q, targets = { t = { timeout = "1s", methods = {} } } } end,
         "tide.worker: bad option 'targets.t.timeout' (positive number of ms expected, got string \"1s\")" },
       { function() tide.worker{ queue = q, targets = { t = { mode = "fork", methods = {} } } } end,
-        "tide.worker: bad option 'mode' ('coroutine' or 'thread' expected, got string \"fork\")" },
+        "tide.worker: bad option 'mode' ('coroutine', 'thread' or 'process' expected, got string \"fork\")" },
       { function() tide.worker{ queue = q, retry = { attempts = 3 } } end,
         "tide.worker: retry.attempts is not used here (each job's own max_attempts, given at enqueue, counts its attempts)" },
       { function() tide.worker{ queue = q, retry = { max_attempts = 3 } } end,

@@ -179,18 +179,18 @@ local function check_target(fname, name, t, level, inline)
   local policy = t.retry ~= nil and check_retry(fname, key .. ".retry", t.retry, level + 1) or nil
   local target = { methods = methods, timeout = t.timeout, mode = t.mode, policy = policy, on_error = hook,
                    old_hook = old_hook, inline = inline, mixed = methods == t }
-  if inline and t.mode == "thread" then
+  if inline and (t.mode == "thread" or t.mode == "process") then
     for m, fn in pairs(methods) do
       if type(fn) == "function" and not (target.mixed and MIXED_OPTS[m]) then
         if getinfo(fn, "S").what == "C" then
-          error(("%s: %s.%s: a C function cannot cross to a thread (name a module's function instead)")
-            :format(fname, key, tostring(m)), level + 1)
+          error(("%s: %s.%s: a C function cannot cross to a %s (name a module's function instead)")
+            :format(fname, key, tostring(m), t.mode), level + 1)
         end
         local up = getupvalue(fn, 1)
         if up then
-          error(("%s: %s.%s: a thread-mode method crosses to a thread as bytecode, so it cannot have "
+          error(("%s: %s.%s: a %s-mode method crosses to a %s as bytecode, so it cannot have "
                  .. "upvalues (it has '%s'); make it self-contained, or put the target in a module"):format(
-                 fname, key, tostring(m), up), level + 1)
+                 fname, key, tostring(m), t.mode, t.mode, up), level + 1)
         end
       end
     end
@@ -444,7 +444,7 @@ local function start_job(w, row)
   -- bytecode: checked for upvalues when the worker started); one found by
   -- require is required again in the thread, by name.
   local run = fn
-  if mode == "thread" and not target.inline then run = row.target .. "." .. row.method end
+  if (mode == "thread" or mode == "process") and not target.inline then run = row.target .. "." .. row.method end
   local ok, t = pcall(make_task, "tide.worker", "coroutine", {
     run = run, args = { args, rec.job, n = 2 }, mode = mode, timeout = target.timeout or w.timeout,
     name = ("job %d %s.%s"):format(row.id, row.target, row.method),
