@@ -379,6 +379,19 @@ describe("tide.sources.rabbitmq", function()
     end)
   end)
 
+  it("takes a connect_timeout past an int of ms (3e9, 1e300) as a long one", function()
+    need_broker()
+    spec_helper.run(function()
+      for _, ms in ipairs{ 3e9, 1e300 } do
+        local src = tide.sources.rabbitmq{ url = URL, queue = qname("longtimeout"), declare = { durable = false },
+                                           connect_timeout = ms }
+        assert.is_true(src:publish("x"))
+        src:delete_queue()
+        src:close()
+      end
+    end)
+  end)
+
   it("refuses headers that cannot be sent without losing count of the confirms that follow", function()
     need_broker()
     spec_helper.run(function()
