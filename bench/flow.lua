@@ -41,7 +41,7 @@ local function fanout_children()
   local items = {}
   for i = 1, N do items[i] = i end
   return tide.flow{ name = "children", tasks = {
-    t = { items = function() return items end, each = noop, max_concurrency = 1000 } } }
+    t = { items = function() return items end, each = noop, concurrency = 1000 } } }
 end
 
 local function baseline_ms()

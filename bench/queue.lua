@@ -8,7 +8,7 @@
 --      bare INSERT, BATCH rows per transaction;
 --   3. processing: PROC_N no-op jobs enqueued first, then one worker in this
 --      process (concurrency and claim batch PROC_CONC) runs them, timed from
---      its start until w:drain() returns with every job completed in the
+--      its start until w:drain{ stop = true } returns with every job completed in the
 --      store (goal >= 60,000 jobs/s); baseline: bare statements making the
 --      same changes in the same batches (an UPDATE ... RETURNING claiming
 --      PROC_CONC jobs, then one transaction marking them completed one by
@@ -228,7 +228,7 @@ local function proc_tide()
     local t0 = now()
     local w = tide.worker{ queue = q, concurrency = PROC_CONC, batch = PROC_CONC,
                            targets = { bench = { noop = function() ran = ran + 1 end } } }
-    local st = w:drain()
+    local st = w:drain{ stop = true }
     return { ms = now() - t0, st = st }
   end)
   local ms, st = r.ms, r.st
@@ -293,7 +293,7 @@ local function bench_latency()
       q:enqueue(job(i))
       repeat tide.sleep(LAT_GAP) until started
     end
-    w:drain()
+    w:drain{ stop = true }
   end)
   local d = q.durability
   q:close()

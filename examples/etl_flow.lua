@@ -3,7 +3,7 @@
 -- fetch returns a CSV-like text but fails its first two attempts (a stand-in
 -- for a flaky HTTP call), so its retry policy matters.  parse fans out: one
 -- child task per line, at most 4 at once, each summing the numbers on its
--- line; one line is malformed, and `exit_on_failed = false` lets the task
+-- line; one line is malformed, and `exit_on_error = false` lets the task
 -- carry on with the others (the report counts the failed child).  aggregate
 -- adds the sums up, store writes the total to a file.  The script prints the
 -- report and the flow's picture, and exits 1 unless everything is as
@@ -40,7 +40,7 @@ local flow = tide.flow{
   name = "etl", fail = "stop", timeout = 10000,
   tasks = {
     fetch = { run = fetch, timeout = 1000, retry = { max_attempts = 5, backoff = "exponential", base = 10 } },
-    parse = { after = "fetch", max_concurrency = 4, exit_on_failed = false, each = parse_line,
+    parse = { after = "fetch", concurrency = 4, exit_on_error = false, each = parse_line,
               items = function(ctx)
                 local lines = {}
                 for line in ctx.results.fetch:gmatch("[^\n]+") do lines[#lines + 1] = line end
@@ -72,7 +72,7 @@ for _, name in ipairs{ "fetch", "parse", "aggregate", "store" } do
   local r = report.tasks[name]
   local extra = ""
   if r.children then
-    extra = (", children %d ok / %d failed of %d"):format(r.children.ok, r.children.failed, r.children.total)
+    extra = (", children %d ok / %d error of %d"):format(r.children.ok, r.children.error, r.children.total)
   end
   print(("  %-9s %-7s attempts %d, %5.1f ms%s"):format(name, r.status, r.attempts, r.duration or 0, extra))
 end
@@ -89,7 +89,7 @@ local problems = {}
 local function want(cond, msg) if not cond then problems[#problems + 1] = msg end end
 want(status == "ok", "flow status " .. tostring(status))
 want(report.tasks.fetch.attempts == 3 and retries == 2, "fetch should succeed on its 3rd attempt")
-want(report.tasks.parse.children.failed == 1 and report.tasks.parse.children.ok == LINES - 1,
+want(report.tasks.parse.children.error == 1 and report.tasks.parse.children.ok == LINES - 1,
      "parse should have exactly one failed child")
 want(children_done == LINES, "child_done fired " .. children_done .. " times")
 want(report.tasks.aggregate.value.total == expected, "aggregate total " .. tostring(report.tasks.aggregate.value.total))

@@ -18,7 +18,7 @@ local function place_order(id, customer, total, card_ok)
   return pcall(q.transaction, q, function(tx)
     tx:exec("INSERT INTO orders (id, customer, total) VALUES (?, ?, ?)", id, customer, total)
     local job = tx:enqueue{ target = "orders", method = "fulfill", args = { order = id },
-                            idempotence_key = "fulfil-order-" .. id, max_attempts = 5 }
+                            idempotency_key = "fulfil-order-" .. id, max_attempts = 5 }
     if not card_ok then error("card declined", 0) end
     return job
   end)
@@ -46,7 +46,7 @@ print(("order 2 rolled back (%s): no order row, no job"):format(err))
 
 local w = tide.worker{ queue = q, concurrency = 4, targets = { orders = orders },
                        retry = { backoff = "fixed", base = 20 } }
-local st = w:drain{ within = 1000 }
+local st = w:drain{ stop = true, within = 1000 }
 print(("worker done: %d completed, %d retried, %d discarded"):format(st.completed, st.retried, st.discarded))
 
 -- Check the promise: exactly one fulfilment, for the order that committed.

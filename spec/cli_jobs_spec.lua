@@ -92,7 +92,7 @@ for _, st in ipairs(H.stores()) do
         assert.equal(20, j.max_attempts)
       end)
 
-      it("adds nothing for an idempotence key seen before, and names the existing job", function()
+      it("adds nothing for an idempotency key seen before, and names the existing job", function()
         local store = fresh_store()
         assert.equal(0, (tide("enqueue", store, "orders fulfill '{\"order\":7}' --key order-7")))
         local status, out = tide("enqueue", store, "orders fulfill '{\"order\":8}' --key order-7")
@@ -171,7 +171,7 @@ for _, st in ipairs(H.stores()) do
         assert.matches("\nattempt: +0/20\n", out)
         assert.matches("\nargs: +{\"order\":2}\n", out)
         assert.matches("\ncompleted_at: +%d%d%d%d%-[%d%-T:.]+Z\n", out)
-        assert.matches("\nidempotence_key: +%-\n", out)
+        assert.matches("\nidempotency_key: +%-\n", out)
       end)
 
       it("retries, cancels, expires and fails jobs, and says so", function()
@@ -370,7 +370,7 @@ describe("tide help and bad input", function()
       { "enqueue", store, "orders fulfill --run-at 2030-02-29T00:00:00Z", 2, "tide enqueue: bad %-%-run%-at %(UTC time from 1970 to 9999 like .*got '2030%-02%-29T00:00:00Z'%)\n" },
       { "enqueue", store, "orders fulfill --run-at 2030-01-01T00:00:00+25:00", 2, "tide enqueue: bad %-%-run%-at %(UTC time" },
       { "enqueue", store, "orders fulfill --run-at 2030-01-01T00:00:60Z", 2, "tide enqueue: bad %-%-run%-at %(UTC time" },
-      { "enqueue", store, "orders fulfill --run-at 99999999999999", 2, "tide enqueue: bad %-%-run%-at %(UTC time" },
+      { "enqueue", store, "orders fulfill --run-at 999999999999999", 2, "tide enqueue: bad %-%-run%-at %(UTC time" },
       { "enqueue", store, "orders fulfill --priority 1000000000000", 2, "tide enqueue: bad %-%-priority %(integer from %-2147483648 to 2147483647 %(lower runs first%) expected, got '1000000000000'%)\n" },
       { "enqueue", store, "orders fulfill --max-attempts 1000000000000", 2, "tide enqueue: bad %-%-max%-attempts %(integer from 1 to 2147483647 expected, got '1000000000000'%)\n" },
       { "enqueue", store, "orders fulfill --key $(printf 'a\\377b')", 2, "tide enqueue: bad %-%-key %(non%-empty text %(valid UTF%-8, no NUL%) expected" },
@@ -399,7 +399,7 @@ describe("tide help and bad input", function()
       { "worker", store, "--drain " .. write("five.lua", "return 5"), 1,
         "tide worker: .-five%.lua returned number, not a table of targets" },
       { "worker", store, "--drain " .. write("bad.lua", "return { orders = 5 }"), 1,
-        "tide worker: the targets .-bad%.lua returned: bad option 'targets%.orders' %(table of methods expected, got number 5%)\n" },
+        "tide worker: the targets .-bad%.lua returned: bad option 'targets%.orders' %(table of methods, or { methods = {%.%.%.}, options } expected, got number 5%)\n" },
     }
     for i, c in ipairs(cases) do
       local status, out, err = tide(c[1], c[2], c[3])

@@ -139,7 +139,7 @@ describe("tide.consumer on the " .. K.name .. " source", function()
     spec_helper.run(function()
       src = K.new(5)
       K.publish(src, { "ok", "fail", "hang", "ok", "ok" })
-      local c = tide.consumer{ source = src, prefetch = 5, requeue = false,
+      local c = tide.consumer{ source = src, concurrency = 5, requeue = false,
         handler = { timeout = 20, run = function(body)
           if body == "fail" then error("no") elseif body == "hang" then tide.sleep(1000) end
         end } }
@@ -159,7 +159,7 @@ describe("tide.consumer on the " .. K.name .. " source", function()
     spec_helper.run(function()
       src = K.new(4)
       K.publish(src, bodies(4))
-      local c = tide.consumer{ source = src, prefetch = 4, handler = { run = function() tide.sleep(100000) end } }
+      local c = tide.consumer{ source = src, concurrency = 4, handler = { run = function() tide.sleep(100000) end } }
       local t = tide.spawn(function() return c:run() end)
       assert.is_true(wait_for(function() return #src._rec.fetched == 4 end, 3000))
       t:cancel("crash")                                 -- the consumer dies holding 4
@@ -177,7 +177,7 @@ describe("tide.consumer on the " .. K.name .. " source", function()
     spec_helper.run(function()
       src = K.new(10)
       K.publish(src, bodies(300))
-      local c = tide.consumer{ source = src, prefetch = 10, poll = 5,
+      local c = tide.consumer{ source = src, concurrency = 10, poll = 5,
         handler = { timeout = 50, run = function()
           if outage then error("third party down") end
           tide.sleep(1)
@@ -220,7 +220,7 @@ describe("tide.consumer on the " .. K.name .. " source", function()
     spec_helper.run(function()
       src = K.new(10)
       K.publish(src, bodies(N))
-      local c = tide.consumer{ source = src, prefetch = 10, poll = 2,
+      local c = tide.consumer{ source = src, concurrency = 10, poll = 2,
         handler = { timeout = 10, run = function(body)
           local r = math.random()
           if r < 0.10 then error("handler crash")
@@ -274,7 +274,7 @@ describe("tide.consumer on the " .. K.name .. " source", function()
         if fetches == 2 then error("connection lost") end
         return real_fetch(self, n, ms)
       end
-      local c = tide.consumer{ source = src, prefetch = 4, poll = 2,
+      local c = tide.consumer{ source = src, concurrency = 4, poll = 2,
                                handler = { run = function(body) tide.sleep(5); done[body] = true end } }
       local t = tide.spawn{ retry = { max_attempts = 3, base = 1 }, run = function() return c:run() end }
       assert.is_true(wait_for(function()
@@ -295,7 +295,7 @@ describe("tide.consumer on the " .. K.name .. " source", function()
       src = K.new(4)
       K.publish(src, bodies(8))
     end)
-    local c = tide.consumer{ source = src, prefetch = 4, poll = 2, handler = { run = function() tide.sleep(1000) end } }
+    local c = tide.consumer{ source = src, concurrency = 4, poll = 2, handler = { run = function() tide.sleep(1000) end } }
     local t0 = tide.now()
     spec_helper.run(function()
       tide.spawn(function() return c:run() end)
@@ -316,7 +316,7 @@ describe("tide.consumer on the " .. K.name .. " source", function()
     spec_helper.run(function()
       src = K.new(4)
       K.publish(src, { "a", "b", "c", "d" })
-      local c = tide.consumer{ source = src, prefetch = 4, requeue = false,
+      local c = tide.consumer{ source = src, concurrency = 4, requeue = false,
         handler = {
           run = function(body, d)
             seen[body] = (seen[body] or 0) + 1
@@ -346,7 +346,7 @@ describe("tide.consumer on the " .. K.name .. " source", function()
     spec_helper.run(function()
       src = K.new(3)
       K.publish(src, bodies(3))
-      local c = tide.consumer{ source = src, prefetch = 3, handler = { run = function()
+      local c = tide.consumer{ source = src, concurrency = 3, handler = { run = function()
         tide.sleep(100)
         finished = finished + 1
       end } }
@@ -400,7 +400,7 @@ describe("tide.consumer on the " .. K.name .. " source", function()
     it("drops a delivery whose handler cannot start, and goes on with the others", function()
       quiet()
       src = spy(tide.sources.memory{ prefetch = 4, messages = { "a", "b", function() end, "d" } })
-      local c = tide.consumer{ source = src, prefetch = 4, poll = 5,
+      local c = tide.consumer{ source = src, concurrency = 4, poll = 5,
                                handler = { mode = "thread", run = function(body) return body end } }
       spec_helper.run(function()
         local t = tide.spawn(function() return c:run() end)
@@ -419,8 +419,8 @@ describe("tide.consumer options", function()
   it("rejects bad options", function()
     local src = tide.sources.memory{}
     local cases = {
-      { function() tide.consumer{ prefetch = 1 } end, "tide.consumer: bad option 'source' (source with fetch, ack and nack expected, got nil)" },
-      { function() tide.consumer{ source = src, prefetch = 0, handler = { run = print } } end, "tide.consumer: bad option 'prefetch' (integer >= 1 expected, got number 0)" },
+      { function() tide.consumer{ concurrency = 1 } end, "tide.consumer: bad option 'source' (source with fetch, ack and nack expected, got nil)" },
+      { function() tide.consumer{ source = src, concurrency = 0, handler = { run = print } } end, "tide.consumer: bad option 'concurrency' (integer >= 1 expected, got number 0)" },
       { function() tide.consumer{ source = src } end, "tide.consumer: bad option 'handler' (table expected, got nil)" },
       { function() tide.consumer{ source = src, handler = {} } end, "tide.consumer: bad option 'handler.run' (function expected, got nil)" },
       { function() tide.consumer{ source = src, handler = { run = print, tmeout = 5 } } end, "tide.consumer: unknown option 'handler.tmeout'" },
@@ -440,7 +440,7 @@ describe("tide.consumer's handle_result", function()
     end }
     local src = tide.sources.memory{ prefetch = 2, messages = { "a", "b" } }
     spec_helper.run(function()
-      local c = tide.consumer{ source = src, prefetch = 2, requeue = false, handler = {
+      local c = tide.consumer{ source = src, concurrency = 2, requeue = false, handler = {
         run = function(body) if body == "b" then error("b fails") end end,
         handle_result = function() tide.sleep(5); return "drop" end } }
       local t = tide.spawn(function() return c:run() end)

@@ -54,12 +54,12 @@ describe("tide.flow", function()
     end)
   end)
 
-  it("fans out children in item order, never more than max_concurrency at once", function()
+  it("fans out children in item order, never more than concurrency at once", function()
     local running, peak = 0, 0
     run(function()
       local f = tide.flow{ tasks = {
         list = { run = function() local t = {} for i = 1, 40 do t[i] = i end return t end },
-        square = { after = "list", max_concurrency = 4,
+        square = { after = "list", concurrency = 4,
                    items = function(ctx) return ctx.results.list end,
                    each = function(x)
                      running = running + 1; peak = math.max(peak, running)
@@ -72,7 +72,7 @@ describe("tide.flow", function()
       assert.equal("ok", status)
       assert.equal(40, #report.tasks.square.value)
       for i = 1, 40 do assert.equal(i * i, report.tasks.square.value[i]) end
-      assert.same({ total = 40, ok = 40, failed = 0, timeout = 0, cancelled = 0, running = 0 }, report.tasks.square.children)
+      assert.same({ total = 40, ok = 40, error = 0, timeout = 0, cancelled = 0, running = 0 }, report.tasks.square.children)
     end)
     assert.equal(4, peak)
   end)
@@ -108,31 +108,31 @@ describe("tide.flow", function()
       local f = tide.flow{ tasks = {
         flaky = { retry = { max_attempts = 3, base = 1 }, run = function() tries = tries + 1; if tries < 3 then error("flaky") end return "ok" end },
         slow = { timeout = 10, run = function() tide.sleep(1000) end },
-        kids = { timeout = 10, retry = { max_attempts = 2, base = 1 }, exit_on_failed = false,
+        kids = { timeout = 10, retry = { max_attempts = 2, base = 1 }, exit_on_error = false,
                  items = function() return { 1, 50, 2 } end,
                  each = function(ms) tide.sleep(ms) return ms end },
       }, fail = "continue" }
       local status, report = f:run()
-      assert.equal("failed", status)
+      assert.equal("error", status)
       assert.equal("ok", report.tasks.flaky.status)
       assert.equal(3, report.tasks.flaky.attempts)
       assert.equal("timeout", report.tasks.slow.status)
       assert.equal("ok", report.tasks.kids.status)
-      assert.same({ total = 3, ok = 2, failed = 0, timeout = 1, cancelled = 0, running = 0 }, report.tasks.kids.children)
+      assert.same({ total = 3, ok = 2, error = 0, timeout = 1, cancelled = 0, running = 0 }, report.tasks.kids.children)
       assert.equal(1, report.tasks.kids.value[1])
       assert.is_nil(report.tasks.kids.value[2])
     end)
   end)
 
-  it("fails a fan-out task on its first failed child when exit_on_failed (the default)", function()
+  it("fails a fan-out task on its first failed child when exit_on_error (the default)", function()
     quiet()
     run(function()
-      local f = tide.flow{ tasks = { t = { items = function() return { 1, 2, 3, 4, 5, 6 } end, max_concurrency = 2,
+      local f = tide.flow{ tasks = { t = { items = function() return { 1, 2, 3, 4, 5, 6 } end, concurrency = 2,
         each = function(x) tide.sleep(x); if x == 2 then error("bad item") end return x end } } }
       local status, report = f:run()
-      assert.equal("failed", status)
-      assert.equal("failed", report.tasks.t.status)
-      assert.matches("child 2 failed: .*bad item", report.tasks.t.error)
+      assert.equal("error", status)
+      assert.equal("error", report.tasks.t.status)
+      assert.matches("child 2 ended in error: .*bad item", report.tasks.t.error)
       assert.is_true(report.tasks.t.children.ok < 6)
     end)
   end)
@@ -147,9 +147,9 @@ describe("tide.flow", function()
       } }
       local t0 = tide.now()
       local status, report = f:run()
-      assert.equal("failed", status)
+      assert.equal("error", status)
       assert.is_true(tide.now() - t0 < 500)
-      assert.equal("failed", report.tasks.boom.status)
+      assert.equal("error", report.tasks.boom.status)
       assert.equal("cancelled", report.tasks.long.status)
       assert.equal("cancelled", report.tasks.later.status)
     end)
@@ -164,7 +164,7 @@ describe("tide.flow", function()
         other = { run = function() tide.sleep(5) return "fine" end },
       } }
       local status, report = f:run()
-      assert.equal("failed", status)
+      assert.equal("error", status)
       assert.equal("skipped", report.tasks.after_boom.status)
       assert.equal("ok", report.tasks.other.status)
     end)
@@ -253,7 +253,7 @@ describe("tide.flow", function()
                child_done = function(ev) seen[#seen + 1] = "child " .. ev.index end,
                task_done = function(ev) seen[#seen + 1] = "done " .. ev.task end },
         tasks = {
-          list = { run = function() return { 10, 20 } end, each = function(x) return x end, max_concurrency = 1 },
+          list = { run = function() return { 10, 20 } end, each = function(x) return x end, concurrency = 1 },
           plain = { after = "list", run = function() return "p" end },
         } }
       assert.equal("ok", (f:run()))
@@ -297,7 +297,7 @@ describe("tide.flow", function()
     local counts = {}
     local function count(name) return function() counts[name] = (counts[name] or 0) + 1 end end
     local on = {}
-    for _, h in ipairs{ "flow_start", "task_start", "task_run_done", "task_done", "task_failed", "task_timeout",
+    for _, h in ipairs{ "flow_start", "task_start", "task_run_done", "task_done", "task_error", "task_timeout",
                         "task_retry", "task_skipped", "child_done", "flow_done" } do on[h] = count(h) end
     local n = 0
     on.task_done = function() counts.task_done = (counts.task_done or 0) + 1; error("hook broke") end
@@ -313,7 +313,7 @@ describe("tide.flow", function()
       } }
       f:run()
     end)
-    assert.same({ flow_start = 1, task_start = 5, task_run_done = 3, task_done = 3, task_failed = 1,
+    assert.same({ flow_start = 1, task_start = 5, task_run_done = 3, task_done = 3, task_error = 1,
                   task_timeout = 1, task_retry = 1, task_skipped = 1, child_done = 3, flow_done = 1 }, counts)
     assert.equal(errors0 + 3, tide.stats().callback_errors)
   end)
@@ -360,8 +360,8 @@ describe("tide.flow", function()
         b = { after = "a", mode = "thread", run = function(ctx) return 1 end },
       } }
       local status, report = f:run()
-      assert.equal("failed", status)
-      assert.equal("failed", report.tasks.b.status)
+      assert.equal("error", status)
+      assert.equal("error", report.tasks.b.status)
       assert.matches("functions cannot cross to a thread", report.tasks.b.error)
     end)
   end)
@@ -401,8 +401,8 @@ describe("tide.flow", function()
         "tide.flow: flow 'etl': task 'a': needs 'run', 'each' or 'flow'" },
       { function() tide.flow{ name = "etl", tasks = { a = { run = 5 } } } end,
         "tide.flow: flow 'etl': task 'a': bad field 'run' (function expected, got number 5)" },
-      { function() tide.flow{ name = "etl", tasks = { a = { each = f, max_concurrency = 0 } } } end,
-        "tide.flow: flow 'etl': task 'a': bad field 'max_concurrency' (integer >= 1 expected, got number 0)" },
+      { function() tide.flow{ name = "etl", tasks = { a = { each = f, concurrency = 0 } } } end,
+        "tide.flow: flow 'etl': task 'a': bad field 'concurrency' (integer >= 1 expected, got number 0)" },
       { function() tide.flow{ name = "etl", tasks = { a = { run = f, timeout = -1 } } } end,
         "tide.flow: flow 'etl': task 'a': bad field 'timeout' (positive number of ms expected, got number -1)" },
       { function() tide.flow{ name = "etl", tasks = { a = { run = f, when = true } } } end,

@@ -55,7 +55,7 @@ describe("hooks on a task's end", function()
 
   it("let a pool slot and a consumer both clean up after the same task", function()
     local src = tide.sources.memory{ prefetch = 5, messages = { 1, 2, 3, 4, 5, 6, 7, 8 } }
-    local c = tide.consumer{ source = src, prefetch = 5, handler = { run = function() tide.sleep(1000) end } }
+    local c = tide.consumer{ source = src, concurrency = 5, handler = { run = function() tide.sleep(1000) end } }
     local p = tide.pool{ concurrency = 1 }
     tide.run(function()
       local t = p:submit(function() return c:run() end)
@@ -155,7 +155,7 @@ describe("flow hooks", function()
       later = { gs, grep.tasks.b.status }
     end)
     assert.equal("cancelled", done_status)
-    assert.same({ "failed", "cancelled" }, later)
+    assert.same({ "error", "cancelled" }, later)
     assert.equal(1, #errs)
     assert.truthy(errs[1]:find("tide.sleep: cannot wait inside flow hook flow_done", 1, true), errs[1])
   end)

@@ -63,7 +63,7 @@ describe("tide.metrics", function()
                                                    b = { after = "a", run = function() error("b fails") end },
                                                    c = { after = "b", run = function() end } } }
       f:run()
-      w:drain{ within = 200 }
+      w:drain{ stop = true, within = 200 }
       while src.queued > 0 or src.unacked > 0 do tide.sleep(5) end
       ct:cancel()
       tide.sleep(20)                                    -- let the finished tasks settle
@@ -100,9 +100,9 @@ describe("tide.metrics", function()
     assert.equal(src.acked, m["tide_consumer_acks_total{consumer=orders-in}"])
     assert.equal(src.nacked, m["tide_consumer_nacks_total{consumer=orders-in}"])
     assert.equal(0, m["tide_consumer_in_flight{consumer=orders-in}"])
-    assert.equal(1, m["tide_flow_runs_total{status=failed}"])
+    assert.equal(1, m["tide_flow_runs_total{status=error}"])
     assert.equal(1, m["tide_flow_steps_total{status=ok}"])
-    assert.equal(1, m["tide_flow_steps_total{status=failed}"])
+    assert.equal(1, m["tide_flow_steps_total{status=error}"])
     assert.equal(1, m["tide_flow_steps_total{status=cancelled}"])   -- stopped by the failure (fail = "stop")
     -- the worker's counters, by queue, against its own stats
     local ws = w.stats

@@ -477,7 +477,7 @@ describe("tide.sources.rabbitmq", function()
         assert(st == "ok", tostring(e))
       end
       -- Read back everything the queue holds.
-      local c = tide.consumer{ source = src, prefetch = 100, handler = { run = function(body)
+      local c = tide.consumer{ source = src, concurrency = 100, handler = { run = function(body)
         held[tonumber(body)] = (held[tonumber(body)] or 0) + 1
       end } }
       local t = tide.spawn(function() return c:run() end)

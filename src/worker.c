@@ -169,6 +169,13 @@ static void push_function(lua_State *L, tide__job *job) {
     lua_pushlstring(L, name, (size_t)(dot - name));
     lua_call(L, 1, 1);
     lua_getfield(L, -1, dot + 1);
+    if (!lua_isfunction(L, -1) && lua_istable(L, -2)) {
+      /* a job target of the form { methods = {...}, options } */
+      lua_pop(L, 1);
+      lua_getfield(L, -1, "methods");
+      if (lua_istable(L, -1)) lua_getfield(L, -1, dot + 1); else lua_pushnil(L);
+      lua_remove(L, -2);                     /* methods */
+    }
     if (!lua_isfunction(L, -1))
       luaL_error(L, "'%s': the module has no function '%s'", name, dot + 1);
     lua_remove(L, -2);                       /* the module */

@@ -26,7 +26,7 @@ local N, PREFETCH = tonumber(n), tonumber(prefetch)
 local src = tide.sources.rabbitmq{ url = url, queue = queue, prefetch = PREFETCH }
 src:queue_info()                                   -- connected before the clock starts
 local got = 0
-local c = tide.consumer{ source = src, prefetch = PREFETCH, handler = { run = function() got = got + 1 end } }
+local c = tide.consumer{ source = src, concurrency = PREFETCH, handler = { run = function() got = got + 1 end } }
 local cpu0, t0 = cpu_ms(), tide.now()
 local t = tide.spawn(function() return c:run() end)
 while got < N do tide.sleep(2) end

@@ -40,7 +40,7 @@ local function place_order(id, card_ok)
   return pcall(q.transaction, q, function(tx)
     tx:exec("INSERT INTO orders (id, customer, total) VALUES (?, ?, ?)", id, "customer-" .. id, 10 * id)
     tx:enqueue{ target = "relay", method = "order_placed", args = { order = id },
-                idempotence_key = "order-placed-" .. id, max_attempts = 5 }
+                idempotency_key = "order-placed-" .. id, max_attempts = 5 }
     if not card_ok then error("card declined", 0) end
   end)
 end
@@ -89,7 +89,7 @@ sup:start()
 
 local w = tide.worker{ queue = q, concurrency = 4, targets = { relay = relay },
                        retry = { backoff = "fixed", base = 50 } }
-local st = w:drain{ within = 10000 }
+local st = w:drain{ stop = true, within = 10000 }
 print(("relay: %d jobs completed, %d retried after a lost connection, %d discarded")
   :format(st.completed, st.retried, st.discarded))
 

@@ -28,7 +28,7 @@ local function job_json(j)
   for _, k in ipairs{ "run_at", "inserted_at", "attempted_at", "completed_at" } do
     fields[#fields + 1] = { k, json(iso(j[k])) }
   end
-  fields[#fields + 1] = { "idempotence_key", json(j.idempotence_key) }
+  fields[#fields + 1] = { "idempotency_key", json(j.idempotency_key) }
   fields[#fields + 1] = { "lease_owner", json(j.lease_owner) }
   fields[#fields + 1] = { "lease_expires", json(iso(j.lease_expires)) }
   fields[#fields + 1] = { "encrypted", json(j.encrypted or false) }
@@ -53,9 +53,9 @@ Options:
                       (default $TIDE_STORE, else sqlite:tide.db)
   --queue NAME        queue (default "default")
   --run-at TIME       run at this UTC time: 2026-11-23T15:04:05Z,
-                      "2026-11-23 16:04:05+01:00", or seconds since the epoch
+                      "2026-11-23 16:04:05+01:00", or ms since the epoch
   --delay DURATION    run after this long: 500ms, 30s, 5m, 2h, 7d (a number is ms)
-  --key KEY           idempotence key: a second enqueue with the same key adds
+  --key KEY           idempotency key: a second enqueue with the same key adds
                       nothing and names the existing job
   --priority N        lower runs first (default 0)
   --max-attempts N    attempts before the job is discarded (default 20)
@@ -98,13 +98,13 @@ local function enqueue_spec(opts, pos)
   end
   return { target = target, method = method, args = args, queue = opts.queue, run_at = opts.run_at,
            delay = opts.delay, priority = opts.priority, max_attempts = opts.max_attempts,
-           idempotence_key = opts.key }
+           idempotency_key = opts.key }
 end
 
 --- What `tide enqueue` says about job `id`.
 local function enqueued_line(q, spec, id, inserted)
   if not inserted then
-    return ("job %d already has key '%s': nothing enqueued"):format(id, spec.idempotence_key)
+    return ("job %d already has key '%s': nothing enqueued"):format(id, spec.idempotency_key)
   end
   local j = q:job(id)
   local when = j.status == "scheduled" and "scheduled for " .. iso_s(j.run_at) or j.status
@@ -151,11 +151,25 @@ Commands:
                         with its error and traceback
   retry ID              run it again now (from any status but executing
                         and available)
+  retry --status S [--queue Q] [--since TIME]
+                        run again every job of status S (discarded: the dead
+                        letters; also scheduled, retryable, completed,
+                        cancelled, expired), of queue Q, that finished at
+                        TIME or later; in batches of 1000, each its own short
+                        transaction (workers go on between them); prints
+                        how many
   cancel ID             it will not run (again); a running attempt stops at
                         its worker's next heartbeat
+  cancel --status S [--queue Q] [--since TIME]
+                        cancel every job of status S (available, scheduled,
+                        retryable, executing) of queue Q enqueued at TIME or
+                        later, in batches; prints how many
   expire ID             mark it expired: it must no longer run
   fail ID [REASON]      discard it, recording REASON
   stats                 how many jobs per queue and status
+  schedules [--next N]  the cron schedules workers run (registered when a
+                        worker starts), each with its next N run times
+                        (default 3) and the latest tick enqueued
   prune --older-than DURATION
                         delete jobs that finished (completed, discarded,
                         cancelled, expired) longer ago than DURATION (7d, 12h)
@@ -177,6 +191,9 @@ local JOBS_OPTS = {
   ["--store"] = o.store, ["--json"] = o.json, ["--help"] = o.help, ["-h"] = o.help,
   ["--status"] = o.status, ["--queue"] = o.queue, ["--limit"] = o.limit, ["--before"] = o.before,
   ["--older-than"] = o.older_than,
+  ["--since"] = { key = "since", meta = "TIME", conv = o.run_at.conv,
+                  expected = "UTC time like 2026-11-23T15:04:05Z, or ms since the epoch" },
+  ["--next"] = { key = "next", meta = "N", conv = options.integer(1, 1000), expected = "integer from 1 to 1000" },
 }
 local GLOBAL_OPTS = { ["--store"] = true, ["--json"] = true, ["--help"] = true, ["-h"] = true }
 
@@ -230,7 +247,7 @@ local function show_text(j)
   local fields = {
     { "id", j.id }, { "queue", j.queue }, { "target", j.target }, { "method", j.method },
     { "status", j.status }, { "attempt", tostring(j.attempt or "?") .. "/" .. tostring(j.max_attempts or "?") },
-    { "priority", j.priority }, { "idempotence_key", j.idempotence_key },
+    { "priority", j.priority }, { "idempotency_key", j.idempotency_key },
     { "run_at", iso(j.run_at) }, { "inserted_at", iso(j.inserted_at) },
     { "attempted_at", iso(j.attempted_at) }, { "completed_at", iso(j.completed_at) },
     { "lease_owner", j.lease_owner }, { "lease_expires", iso(j.lease_expires) },
@@ -272,9 +289,25 @@ local DONE = {
   end,
 }
 
+local BULK_DONE = { retry = "will run again", cancel = "cancelled" }
+
+--- retry and cancel --status S: change every job that matches, in batches; say how many.
+local function change_all(cmd, q, opts)
+  local n = q[cmd .. "_all"](q, { status = opts.status, queue = opts.queue, since = opts.since })
+  if opts.json then
+    io_stdout:write(json_object{ { cmd == "retry" and "retried" or "cancelled", json(n) } }, "\n")
+  else
+    io_stdout:write(("%d %s job%s%s%s %s\n"):format(n, opts.status, n == 1 and "" or "s",
+      opts.queue and " of queue " .. opts.queue or "", opts.since and " since " .. iso_s(opts.since) or "",
+      BULK_DONE[cmd]))
+  end
+  return 0
+end
+
 --- retry, cancel, expire and fail: change job `id`, then say so.
 local function change(cmd)
   return function(q, opts, args)
+    if opts.status then return change_all(cmd, q, opts) end
     local id = args[1]
     local before = q:job(id)
     local reason = #args > 1 and concat(args, " ", 2) or nil
@@ -291,6 +324,12 @@ local function change(cmd)
 end
 COMMANDS.retry, COMMANDS.cancel, COMMANDS.expire, COMMANDS.fail =
   change("retry"), change("cancel"), change("expire"), change("fail")
+COMMANDS.retry_opts = { ["--status"] = true, ["--queue"] = true, ["--since"] = true }
+COMMANDS.cancel_opts = COMMANDS.retry_opts
+local BULK_FROM = {
+  retry = { scheduled = true, retryable = true, completed = true, discarded = true, cancelled = true, expired = true },
+  cancel = { available = true, scheduled = true, retryable = true, executing = true },
+}
 
 --- { status = n } -> a JSON object, statuses in lifecycle order.
 local function counts_json(counts)
@@ -343,13 +382,65 @@ function COMMANDS.stats(q, opts)
   return 0
 end
 
+--- `schedules`: each registered schedule with its next run times.
+function COMMANDS.schedules(q, opts)
+  local cron = require "tide.jobs.cron"
+  local now_ms = require("tide.core").wallclock()
+  local list = q:schedules()
+  local n = opts.next or 3
+  local function next_runs(s)
+    local c, err = cron.try_parse(s.cron, s.timezone)
+    if not c then return nil, err end
+    local out, t = {}, now_ms
+    for i = 1, n do
+      t = c:next(t)
+      if not t then break end
+      out[i] = t
+    end
+    return out
+  end
+  if opts.json then
+    local items = {}
+    for i, s in ipairs(list) do
+      local runs, err = next_runs(s)
+      local times = {}
+      for k, t in ipairs(runs or {}) do times[k] = json(iso_s(t)) end
+      local fields = {}
+      for _, k in ipairs{ "name", "cron", "timezone", "target", "method", "queue" } do fields[#fields + 1] = { k, json(s[k]) } end
+      fields[#fields + 1] = { "last_tick", json(s.last_tick and iso_s(s.last_tick)) }
+      fields[#fields + 1] = { "next", json_array(times) }
+      if err then fields[#fields + 1] = { "error", json(err) } end
+      fields[#fields + 1] = { "seen_at", json(s.seen_at and iso(s.seen_at)) }
+      fields[#fields + 1] = { "seen_by", json(s.seen_by) }
+      items[i] = json_object(fields)
+    end
+    io_stdout:write(json_array(items), "\n")
+    return 0
+  end
+  if #list == 0 then
+    io_stdout:write("no schedules (a worker registers its schedules when it starts)\n")
+    return 0
+  end
+  local rows = {}
+  for i, s in ipairs(list) do
+    local runs, err = next_runs(s)
+    local times = {}
+    for k, t in ipairs(runs or {}) do times[k] = iso_s(t) end
+    rows[i] = { cell(s.name, 40), s.cron, s.timezone, cell(s.target .. "." .. s.method, 40), s.queue,
+                iso_s(s.last_tick), err and cell(err, 60) or concat(times, " ") }
+  end
+  print_table({ "NAME", "CRON", "TIMEZONE", "JOB", "QUEUE", "LAST TICK", "NEXT RUNS (UTC)" }, rows, {})
+  return 0
+end
+COMMANDS.schedules_opts = { ["--next"] = true }
+
 --- `prune --older-than DURATION`: how many finished jobs were deleted.
 function COMMANDS.prune(q, opts)
   local n = q:prune{ older_than = opts.older_than }
   if opts.json then
     io_stdout:write(json_object{ { "deleted", json(n) } }, "\n")
   else
-    local before = iso_s(require("tide.core").wallclock() / 1000 - opts.older_than / 1000)
+    local before = iso_s(require("tide.core").wallclock() - opts.older_than)
     io_stdout:write(("deleted %d job%s that finished before %s\n"):format(n, n == 1 and "" or "s", before))
   end
   return 0
@@ -358,7 +449,7 @@ COMMANDS.prune_opts = { ["--older-than"] = true }
 
 --- name -> { positionals: min, max (nil: any), needs an ID }
 local SHAPES = {
-  list = { 0, 0 }, stats = { 0, 0 }, prune = { 0, 0 }, show = { 1, 1, true },
+  list = { 0, 0 }, stats = { 0, 0 }, prune = { 0, 0 }, schedules = { 0, 0 }, show = { 1, 1, true },
   retry = { 1, 1, true }, cancel = { 1, 1, true }, expire = { 1, 1, true }, fail = { 1, nil, true },
 }
 
@@ -371,6 +462,17 @@ local function check_command(cmd, opts, args)
     end
   end
   local shape = SHAPES[cmd]
+  if BULK_FROM[cmd] and (opts.status or opts.queue or opts.since) then
+    if not opts.status then return nil, cmd .. ": --queue and --since choose among the jobs of a --status" end
+    if args[1] ~= nil then return nil, ("%s: give an ID or --status, not both"):format(cmd) end
+    if not BULK_FROM[cmd][opts.status] then
+      local ok = {}
+      for _, st in ipairs(STATUSES) do if BULK_FROM[cmd][st] then ok[#ok + 1] = st end end
+      return nil, ("%s: a job that is %s cannot be %s (--status %s expected)"):format(cmd, opts.status,
+        cmd == "retry" and "retried" or "cancelled", concat(ok, ", "))
+    end
+    return true
+  end
   if shape[3] then
     if args[1] == nil then return nil, cmd .. ": missing ID" end
     local id = job_id(args[1])

@@ -15,7 +15,7 @@ Commands:
                                    perform durable jobs with the targets SCRIPT returns
   enqueue [OPTIONS] TARGET METHOD [JSON_ARGS]
                                    add a durable job
-  jobs [OPTIONS] COMMAND [ARGS]    list, show, retry, cancel, expire, fail, stats, prune
+  jobs [OPTIONS] COMMAND [ARGS]    list, show, retry, cancel, expire, fail, stats, schedules, prune
   web [OPTIONS]                    serve the dashboard of a job store in the browser
   graph [--format dot|mermaid] SCRIPT [ARGS...]
                                    print the flows SCRIPT defines, without running them

@@ -45,11 +45,11 @@ local function status(s) return job.is_status[s] and s or nil end
 local function store_url(s) return s:match("^%a[%w+.-]*:.") and s or nil end
 M.is_store_url = store_url
 
---- A UTC time: ISO 8601 or seconds since the epoch, 1970..9999 -> seconds
---- (checked as the queue checks run_at: tide.jobs.time).
+--- A UTC time: ISO 8601 or ms since the epoch (seconds below 1e11, as
+--- before), 1970..9999 -> ms (checked as the queue checks run_at:
+--- tide.jobs.time).
 local function utc_time(s)
-  local ms = time.run_at_ms(s)
-  return ms and ms / 1000
+  return (time.run_at_ms(s))
 end
 
 local DURATION = "duration: ms, or like 500ms, 30s, 5m, 2h, 7d"
@@ -69,7 +69,7 @@ M.opt = {
   status = { key = "status", meta = "STATUS", conv = status, expected = "one of " .. concat(job.STATUSES, ", ") },
   older_than = { key = "older_than", meta = "DURATION", conv = duration, expected = DURATION },
   run_at = { key = "run_at", meta = "TIME", conv = utc_time,
-             expected = "UTC time from 1970 to 9999 like 2026-11-23T15:04:05Z, or seconds since the epoch" },
+             expected = "UTC time from 1970 to 9999 like 2026-11-23T15:04:05Z, or ms since the epoch" },
   delay = { key = "delay", meta = "DURATION", conv = duration, expected = DURATION },
   key = { key = "key", meta = "KEY", conv = key, expected = "non-empty text (valid UTF-8, no NUL)" },
   priority = { key = "priority", meta = "N", conv = integer(-job.INT_MAX - 1, job.INT_MAX),

@@ -9,9 +9,9 @@ local io_stdout = io.stdout
 local M = {}
 
 --- UTC seconds -> ISO 8601 with ms ("2026-11-23T15:04:05.250Z"), or nil.
-local function iso(secs) return secs and time.iso(floor(secs * 1000 + 0.5)) end
+local function iso(ms) return ms and time.iso(floor(ms + 0.5)) end
 --- UTC seconds -> ISO 8601 to the second, for tables ("-" for none).
-local function iso_s(secs) return secs and time.iso(floor(secs) * 1000) or "-" end
+local function iso_s(ms) return ms and time.iso(floor(ms / 1000) * 1000) or "-" end
 M.iso, M.iso_s = iso, iso_s
 
 --- A Lua value -> JSON text: tide.jobs.json's (exact numbers, arrays kept

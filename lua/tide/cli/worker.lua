@@ -44,6 +44,10 @@ Options:
   --poll MS            how often to look for due jobs (default 1000)
   --grace MS           time running jobs get to finish on SIGINT/SIGTERM
                        (default 5000); jobs still running then are released
+  --schedule FILE      run the cron schedules FILE returns (repeatable): a Lua
+                       file that returns a list of { cron =, target =, method =,
+                       args =, timezone =, catch_up =, queue =, name = }; one
+                       job per tick whatever the number of workers
   --drain              exit once no job of these queues is due or executing
   --give-up MS         with --drain: stop and exit 1 once the store has kept
                        failing this long (claims, writes, ...; default 60s)
@@ -83,10 +87,36 @@ local OPTS = {
   ["--store"] = o.store, ["--concurrency"] = o.concurrency, ["--lease"] = o.lease,
   ["--poll"] = o.poll, ["--grace"] = o.grace, ["--drain"] = o.drain, ["--quiet"] = o.quiet,
   ["--give-up"] = o.give_up,
+  ["--schedule"] = { key = "schedule_files", meta = "FILE", many = true, conv = function(s) return s end,
+                     expected = "file" },
   ["--help"] = o.help, ["-h"] = o.help,
   ["--queue"] = { key = "queues", meta = "NAME[=N]", many = true, conv = queue_opt,
                   expected = "NAME or NAME=N (a queue name, N an integer >= 1)" },
 }
+
+--- The schedules of the --schedule files, checked; or nil and a message.
+--- A file is Lua that returns a list of schedule tables; it runs with no
+--- globals but the table library and string functions (it is data).
+local function schedule_files(files)
+  local all = {}
+  for _, path in ipairs(files or {}) do
+    local chunk, err = loadfile(path)
+    if not chunk then return nil, ("--schedule %s: %s"):format(path, err) end
+    setfenv(chunk, { string = string, table = table, math = math, os = { getenv = os.getenv } })
+    local ok, list = pcall(chunk)
+    if not ok then return nil, ("--schedule %s: %s"):format(path, tostring(list)) end
+    if type(list) ~= "table" then
+      return nil, ("--schedule %s returned %s, not a list of schedules"):format(path, type(list))
+    end
+    for _, s in ipairs(list) do all[#all + 1] = s end
+    local fine, why = pcall(require("tide.jobs.schedules").check, "--schedule " .. path, list)
+    if not fine then return nil, tostring(why) end
+  end
+  if #all == 0 then return nil end
+  local fine, why = pcall(require("tide.jobs.schedules").check, "--schedule", all)
+  if not fine then return nil, tostring(why) end
+  return all
+end
 
 --- { name = concurrency } from --queue and --concurrency; or nil and a message.
 local function queues_of(opts)
@@ -120,7 +150,8 @@ end
 --- attempt the store did not take as this worker saw it (with
 --- --log-format json, one event each).
 local function outcome_line(run)
-  return function(job, outcome, err, trace)
+  return function(ev)
+    local job, outcome, err, trace = ev.job, ev.outcome, ev.error, ev.traceback
     local head = ("%s: job %d (%s.%s) attempt %d/%d"):format(PROG, job.id, job.target, job.method,
                                                           job.attempt, job.max_attempts)
     local why = (tostring(err):match("^[^\n]*"))
@@ -183,7 +214,7 @@ end
 local function start_worker(run, targets)
   local opts = run.opts
   local ok, w = pcall(tide.worker, {
-    queue = run.q, queues = run.queues, targets = targets, lease = opts.lease,
+    queue = run.q, queues = run.queues, targets = targets, lease = opts.lease, schedules = run.schedules,
     poll = opts.poll, grace = opts.grace, give_up = opts.give_up,
     on_outcome = not opts.quiet and outcome_line(run) or nil,
   })
@@ -191,6 +222,7 @@ local function start_worker(run, targets)
     return nil, ("the targets %s returned: %s"):format(run.script_path or "SCRIPT",
                                                       (tostring(w):gsub("^tide%.worker: ", "")))
   end
+  if not w then return nil end               -- a signal came first: nothing started
   -- A signal while tide.worker waited for the store (PostgreSQL connects)
   -- came before the worker's own shutdown hook: stop it here.
   if S.shutting_down() then w:stop() end
@@ -215,8 +247,14 @@ local function main(run)
             { worker = w.id, reason = reason, running = n, grace_ms = config.grace })
       end
     end
-    say(run, ("%s %s: %s, queues %s, lease %d ms"):format(PROG, w.id, run.q.name,
-        queues_text(run.queues), w.lease), "info", "worker_started",
+    local sched = ""
+    if run.schedules then
+      local names = {}
+      for i, s in ipairs(run.schedules) do names[i] = s.name or (s.target .. "." .. s.method) end
+      sched = ", schedules " .. concat(names, " ")
+    end
+    say(run, ("%s %s: %s, queues %s, lease %d ms%s"):format(PROG, w.id, run.q.name,
+        queues_text(run.queues), w.lease, sched), "info", "worker_started",
         { worker = w.id, store = run.q.name, queues = run.queues, lease_ms = w.lease })
     -- A signal that came while tide.worker waited for the store (PostgreSQL
     -- connects and LISTENs; its claimer may have started jobs meanwhile)
@@ -230,7 +268,7 @@ local function main(run)
     end
   end
   if run.opts.drain then
-    w:drain()
+    w:drain{ stop = true }
     S.shutdown(config.grace, "tide worker: drained")   -- tasks SCRIPT left running
   else
     w:wait()
@@ -274,11 +312,13 @@ function M.main(argv, i)
   if not queues then return options.usage_error(PROG, qerr, M.USAGE) end
   local url, uerr = store.url(opts)
   if not url then return options.usage_error(PROG, uerr, M.USAGE) end
+  local scheds, serr = schedule_files(opts.schedule_files)
+  if serr then io_stderr:write(PROG, ": ", serr, "\n"); return 2 end
   local q, status = store.open(PROG, url, false)
   if not q then return status end
   if opts.grace then tide.configure{ grace = opts.grace } end
   if opts.log_format == "json" then logs.use_json() end
-  local run = { q = q, opts = opts, queues = queues, live = false }
+  local run = { q = q, opts = opts, queues = queues, live = false, schedules = scheds }
   if opts.metrics or opts.web then
     local l, lerr = require("tide.cli.web").listen(PROG, { metrics = opts.metrics, web = opts.web,
                                                            token = opts.token, queue = q })

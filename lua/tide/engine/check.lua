@@ -79,6 +79,19 @@ function M.known(fname, opts, allowed, prefix, level)
   end
 end
 
+-- ===== the vocabulary: every public option set (README "Vocabulary";
+-- spec/vocabulary_spec.lua holds the two together)
+
+--- { [function name] = { set = option set, old = { deprecated = new } } }
+M.vocabulary = {}
+
+--- Registers the option names of public function `fname` (a set) and the
+--- deprecated ones among them (old name -> new name); returns the set.
+function M.options(fname, set, old)
+  M.vocabulary[fname] = { set = set, old = old or {} }
+  return set
+end
+
 -- ===== deprecated names (kept one release; see README "Vocabulary")
 
 local warned = {}            -- call sites already told
@@ -110,12 +123,13 @@ end
 --- True when fn takes two parameters or more: a hook written for the old
 --- positional form, which is called that way one release more (with a
 --- warning at `level`); a hook of one parameter takes the event table.
+local OLD_FORMS = { on_retry = "attempt, ev.status, ev.error, ev.task", on_give_up = "supervisor, ev.reason",
+                    on_outcome = "job, ev.outcome, ev.error, ev.traceback" }
 function M.positional_hook(fname, key, fn, level)
   local info = debug.getinfo(fn, "u")
   if info.nparams < 2 then return false end
   M.deprecate(("%s: option '%s' now receives one event table (ev.%s); a function of %d parameters is "
-               .. "called the old way"):format(fname, key, key == "on_retry" and "attempt, ev.status, ev.error, ev.task"
-               or "supervisor, ev.reason", info.nparams), (level or 2) + 1)
+               .. "called the old way"):format(fname, key, OLD_FORMS[key] or "...", info.nparams), (level or 2) + 1)
   return true
 end
 

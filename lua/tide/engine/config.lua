@@ -15,9 +15,10 @@ local M = {
   signals = true,    -- tide.run and the tide binary watch SIGINT/SIGTERM
 }
 
-local KEYS = { grace = true, on_error = true, signals = true, threads = true,
-               thread_init = true, thread_memory = true, thread_stop_wait = true,
-               watchdog = true }
+local KEYS = check.options("tide.configure", {
+  grace = true, on_error = true, signals = true, threads = true, thread_init = true,
+  thread_memory = true, thread_stop_wait = true, watchdog = true
+})
 
 --- tide.configure{ grace =, on_error =, signals =, threads =, thread_init =,
 --- thread_memory =, thread_stop_wait =, watchdog = }: everything is checked

@@ -20,7 +20,9 @@ local Pool_mt = { __index = Pool, __tostring = function(p)
     :format(p.name and (" '" .. p.name .. "'") or "", p.running, p.concurrency, p.waiting)
 end }
 
-local KEYS = { concurrency = true, size = true, queue_limit = true, mode = true, name = true }
+local KEYS = check.options("tide.pool", {
+  concurrency = true, size = true, queue_limit = true, mode = true, name = true
+}, { size = "concurrency" })
 
 --- tide.pool{ concurrency = 10, queue_limit = 10000, mode = "coroutine", name = "..." }
 --- (`size` is the deprecated name of concurrency.)

@@ -6,7 +6,10 @@ local M = {}
 
 local BACKOFF = { fixed = true, linear = true, exponential = true }
 local ON = { error = true, timeout = true }
-local KEYS = { max_attempts = true, attempts = true, backoff = true, base = true, max = true, jitter = true, on = true }
+local KEYS = check.options("retry", {
+  max_attempts = true, attempts = true, backoff = true, base = true, max = true, jitter = true,
+  on = true
+}, { attempts = "max_attempts" })
 
 local function bad(fname, key, expected, v, level, prefix)
   check.opt_error(fname, (prefix or "") .. "retry." .. key, expected, v, level + 1)

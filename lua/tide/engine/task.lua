@@ -11,8 +11,10 @@ local arg_error, opt_error, is_ms = check.arg_error, check.opt_error, check.is_m
 
 local M = {}
 
-local SPAWN_KEYS = { run = true, args = true, mode = true, timeout = true, name = true,
-                     retry = true, handle_result = true, on_retry = true }
+local SPAWN_KEYS = check.options("tide.spawn", {
+  run = true, args = true, mode = true, timeout = true, name = true, retry = true,
+  handle_result = true, on_retry = true
+})
 local MODES = { coroutine = true, thread = true }
 local LATER_MODES = { process = true }
 

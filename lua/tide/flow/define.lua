@@ -14,12 +14,24 @@ local opt_error = check.opt_error
 
 local M = {}
 
-local FLOW_KEYS = { name = true, max_concurrency = true, fail = true, timeout = true, tasks = true, on = true }
-local TASK_KEYS = { run = true, each = true, items = true, after = true, when = true, retry = true,
-                    timeout = true, mode = true, max_concurrency = true, exit_on_failed = true, flow = true }
-local HOOKS = { flow_start = true, task_start = true, task_run_done = true, task_done = true, task_failed = true,
-                task_timeout = true, task_retry = true, task_skipped = true, child_done = true,
-                flow_done = true }
+-- max_concurrency, exit_on_failed and the hook task_failed are the old
+-- names of concurrency, exit_on_error and task_error (README: Vocabulary):
+-- still taken, with a warning, for one release.
+local FLOW_KEYS = check.options("tide.flow", {
+  name = true, concurrency = true, max_concurrency = true, fail = true, timeout = true,
+  tasks = true, on = true
+}, { max_concurrency = "concurrency" })
+local TASK_KEYS = check.options("flow task", {
+  run = true, each = true, items = true, after = true, when = true, retry = true, timeout = true,
+  mode = true, concurrency = true, max_concurrency = true, exit_on_error = true,
+  exit_on_failed = true, flow = true
+}, { max_concurrency = "concurrency", exit_on_failed = "exit_on_error" })
+local HOOKS = check.options("flow hooks", {
+  flow_start = true, task_start = true, task_run_done = true, task_done = true, task_error = true,
+  task_timeout = true, task_retry = true, task_skipped = true, child_done = true, flow_done = true,
+  task_failed = true
+}, { task_failed = "task_error" })
+local OLD_HOOKS = { task_failed = "task_error" }
 local FAILS = { stop = true, continue = true }
 
 
@@ -62,11 +74,13 @@ local function check_task(fname, fdesc, name, spec, is_flow)
     error(("%s: %s: 'items' without 'each'"):format(fname, where), 4)
   end
   if spec.timeout ~= nil and not check.is_ms(spec.timeout, true) then bad(fname, where, "timeout", "positive number of ms", spec.timeout) end
-  if spec.max_concurrency ~= nil and not check.is_count(spec.max_concurrency, 1) then
-    bad(fname, where, "max_concurrency", "integer >= 1", spec.max_concurrency)
+  local concurrency = check.renamed(fname, spec, "max_concurrency", "concurrency", 4, "tasks." .. name .. ".")
+  if concurrency ~= nil and not check.is_count(concurrency, 1) then
+    bad(fname, where, "concurrency", "integer >= 1", concurrency)
   end
-  if spec.exit_on_failed ~= nil and type(spec.exit_on_failed) ~= "boolean" then
-    bad(fname, where, "exit_on_failed", "boolean", spec.exit_on_failed)
+  local exit_on_error = check.renamed(fname, spec, "exit_on_failed", "exit_on_error", 4, "tasks." .. name .. ".")
+  if exit_on_error ~= nil and type(exit_on_error) ~= "boolean" then
+    bad(fname, where, "exit_on_error", "boolean", exit_on_error)
   end
   if spec.mode ~= nil and spec.mode ~= "coroutine" and spec.mode ~= "thread" then
     bad(fname, where, "mode", "'coroutine' or 'thread'", spec.mode)
@@ -78,8 +92,8 @@ local function check_task(fname, fdesc, name, spec, is_flow)
   return {
     name = name, run = spec.run, each = spec.each, items = spec.items, flow = spec.flow,
     after = after or {}, when = spec.when, retry = spec.retry, policy = policy, timeout = spec.timeout,
-    mode = spec.mode, max_concurrency = spec.max_concurrency or 10,
-    exit_on_failed = spec.exit_on_failed ~= false, dependents = {},
+    mode = spec.mode, concurrency = concurrency or 10,
+    exit_on_error = exit_on_error ~= false, dependents = {},
   }
 end
 
@@ -122,9 +136,9 @@ local function find_cycle(nodes, order)
   return cycle
 end
 
---- Validates a flow's options (tide.flow's: name, max_concurrency, fail,
+--- Validates a flow's options (tide.flow's: name, concurrency, fail,
 --- timeout, tasks, on) and returns its definition: { name, nodes (name ->
---- node), order (names, sorted), fail, timeout, max_concurrency, on }.
+--- node), order (names, sorted), fail, timeout, concurrency, on }.
 --- `is_flow(v)` says whether v may stand as a nested flow.  Errors name
 --- `fname` and blame the caller of the caller.
 function M.define(fname, opts, is_flow)
@@ -135,13 +149,23 @@ function M.define(fname, opts, is_flow)
   local fdesc = ("flow '%s'"):format(name)
   if opts.fail ~= nil and not FAILS[opts.fail] then opt_error(fname, "fail", "'stop' or 'continue'", opts.fail, 3) end
   if opts.timeout ~= nil and not check.is_ms(opts.timeout, true) then opt_error(fname, "timeout", "positive number of ms", opts.timeout, 3) end
-  if opts.max_concurrency ~= nil and not check.is_count(opts.max_concurrency, 1) then
-    opt_error(fname, "max_concurrency", "integer >= 1", opts.max_concurrency, 3)
+  local concurrency = check.renamed(fname, opts, "max_concurrency", "concurrency", 3)
+  if concurrency ~= nil and not check.is_count(concurrency, 1) then
+    opt_error(fname, "concurrency", "integer >= 1", concurrency, 3)
   end
-  local on = opts.on or {}
-  if type(on) ~= "table" then opt_error(fname, "on", "table of hooks", on, 3) end
+  local given = opts.on or {}
+  if type(given) ~= "table" then opt_error(fname, "on", "table of hooks", given, 3) end
+  local on = {}
+  for k, v in pairs(given) do
+    if OLD_HOOKS[k] then
+      on[OLD_HOOKS[k]] = check.renamed(fname, given, k, OLD_HOOKS[k], 3, "on.")
+    elseif not HOOKS[k] then
+      error(("%s: %s: unknown hook '%s'"):format(fname, fdesc, tostring(k)), 3)
+    else
+      on[k] = v
+    end
+  end
   for k, v in pairs(on) do
-    if not HOOKS[k] then error(("%s: %s: unknown hook '%s'"):format(fname, fdesc, tostring(k)), 3) end
     if type(v) ~= "function" then opt_error(fname, "on." .. k, "function", v, 3) end
   end
   if type(opts.tasks) ~= "table" or next(opts.tasks) == nil then
@@ -168,7 +192,7 @@ function M.define(fname, opts, is_flow)
   local cycle = find_cycle(nodes, order)
   if cycle then error(("%s: %s: cycle %s"):format(fname, fdesc, concat(cycle, " -> ")), 3) end
   return { name = name, nodes = nodes, order = order, fail = opts.fail or "stop",
-           timeout = opts.timeout, max_concurrency = opts.max_concurrency or math.huge, on = on }
+           timeout = opts.timeout, concurrency = concurrency or math.huge, on = on }
 end
 
 

@@ -6,7 +6,7 @@
 -- starts next, so scheduling costs no extra resume per node; the run's own
 -- task only waits for the end.
 --
--- Node statuses: "ok", "failed", "timeout", "skipped", "cancelled".  A node
+-- Node statuses: "ok", "error", "timeout", "skipped", "cancelled".  A node
 -- runs when every dependency is "ok"; when one of them did not end "ok", the
 -- node is "skipped".  fail = "stop": the first failure cancels the rest of
 -- the run; fail = "continue": only what depends on the failure is skipped.
@@ -39,7 +39,7 @@ function M.before_run(fn) before_run[#before_run + 1] = fn end
 
 local function is_flow(v) return getmetatable(v) == Flow_mt end
 
---- tide.flow{ name =, max_concurrency =, fail = "stop" | "continue", timeout =, tasks = {...}, on = {...} }
+--- tide.flow{ name =, concurrency =, fail = "stop" | "continue", timeout =, tasks = {...}, on = {...} }
 function M.new(opts)
   local f = setmetatable(define("tide.flow", opts, is_flow), Flow_mt)
   for i = 1, #on_define do log.protect("flow on_define hook", on_define[i], f) end
@@ -227,7 +227,7 @@ function node_finished(run, node, status, value, err)
     r.error = err
     if status ~= "cancelled" then run.failed = run.failed + 1 end
     if status == "timeout" then hook(run, "task_timeout", { task = node.name, error = err })
-    elseif status == "failed" then hook(run, "task_failed", { task = node.name, error = err }) end
+    elseif status == "error" then hook(run, "task_error", { task = node.name, error = err }) end
   end
   if run.stopping then
     if count_open(run) then finish_run(run, run.stop_status) end
@@ -237,7 +237,7 @@ function node_finished(run, node, status, value, err)
     return stop_run(run, "cancelled", ("flow '%s' stopped: task '%s' was cancelled"):format(run.flow.name, node.name))
   end
   if status ~= "ok" and run.flow.fail == "stop" then
-    return stop_run(run, "failed", ("flow '%s' stopped: task '%s' %s"):format(run.flow.name, node.name, status))
+    return stop_run(run, "error", ("flow '%s' stopped: task '%s' %s"):format(run.flow.name, node.name, status))
   end
   for _, d in ipairs(node.dependents) do
     if status ~= "ok" then
@@ -249,12 +249,12 @@ function node_finished(run, node, status, value, err)
     end
   end
   start_ready(run)
-  if count_open(run) then finish_run(run, run.failed > 0 and "failed" or "ok") end
+  if count_open(run) then finish_run(run, run.failed > 0 and "error" or "ok") end
 end
 
 local function outcome_status(status)
   if status == "ok" or status == "timeout" or status == "cancelled" then return status end
-  return "failed"
+  return "error"
 end
 
 -- ===== children (fan-out)
@@ -267,13 +267,13 @@ local function child_finished(t)
   o.fan_done(o.fan_index, S.state(t), t.value)
 end
 
---- Runs node's children over `items`, at most max_concurrency at once; the
+--- Runs node's children over `items`, at most `concurrency` at once; the
 --- node's value is their values in item order.
 local function fan_out(run, node, items)
   local st = run.state[node.name]
   local r = run.report.tasks[node.name]
   local n = #items
-  local counts = { total = n, ok = 0, failed = 0, timeout = 0, cancelled = 0, running = 0 }
+  local counts = { total = n, ok = 0, error = 0, timeout = 0, cancelled = 0, running = 0 }
   r.children = counts
   run.children_total = run.children_total + n
   local values, next_i, failed_err = {}, 1, nil
@@ -283,7 +283,7 @@ local function fan_out(run, node, items)
   local function settle_node()
     if counts.running > 0 or (next_i <= n and not run.stopping) then return end
     if run.stopping then return node_finished(run, node, "cancelled", nil, "flow stopped") end
-    if failed_err and node.exit_on_failed then return node_finished(run, node, "failed", nil, failed_err) end
+    if failed_err and node.exit_on_error then return node_finished(run, node, "error", nil, failed_err) end
     node_finished(run, node, "ok", values)
   end
   local launch
@@ -296,8 +296,8 @@ local function fan_out(run, node, items)
     if s == "ok" then values[i] = value end
     if run.flow.on.child_done then hook(run, "child_done", { task = node.name, index = i, status = s, value = value }) end
     if s ~= "ok" and not failed_err and s ~= "cancelled" then
-      failed_err = ("child %d %s: %s"):format(i, s, tostring(value))
-      if node.exit_on_failed then
+      failed_err = ("child %d ended in %s: %s"):format(i, s, tostring(value))
+      if node.exit_on_error then
         next_i = n + 1                      -- start no more; stop the running ones
         for _, c in pairs(st.children) do c:cancel("a sibling failed") end
       end
@@ -306,7 +306,7 @@ local function fan_out(run, node, items)
     settle_node()
   end
   function launch()
-    while next_i <= n and counts.running < node.max_concurrency and not run.stopping do
+    while next_i <= n and counts.running < node.concurrency and not run.stopping do
       local i = next_i
       next_i = i + 1
       counts.running = counts.running + 1
@@ -343,11 +343,11 @@ local function node_ran(run, node, ctx, status, value, task)
     local items = value
     if node.items then
       local ok, its = pcall(node.items, node.mode == "thread" and ctx_for(run, node) or ctx)
-      if not ok then return node_finished(run, node, "failed", nil, its) end
+      if not ok then return node_finished(run, node, "error", nil, its) end
       items = its
     end
     if type(items) ~= "table" then
-      return node_finished(run, node, "failed", nil,
+      return node_finished(run, node, "error", nil,
         ("task '%s': items must be a list, got %s"):format(node.name, check.describe(items)))
     end
     return fan_out(run, node, items)
@@ -383,7 +383,7 @@ local function start_node(run, node)
     if not ok then
       log.report(("flow '%s' task '%s' when"):format(run.flow.name, node.name), go)
       r.status, r.started, run.running = "running", S.now(), run.running + 1
-      return node_finished(run, node, "failed", nil, go)
+      return node_finished(run, node, "error", nil, go)
     end
     if not go then return skip(run, node, "condition false") end
   end
@@ -411,7 +411,7 @@ local function start_node(run, node)
   end
   if node.mode ~= "thread" then st.task = spawn(node, node.task_name, node.run, opt); return end
   local ok, t = pcall(spawn, node, node.task_name, node.run, opt)   -- what cannot cross fails the node
-  if not ok then return node_finished(run, node, "failed", nil, t) end
+  if not ok then return node_finished(run, node, "error", nil, t) end
   st.task = t
 end
 
@@ -422,7 +422,7 @@ function start_ready(run)
   if run.starting then return end
   run.starting = true
   local ready = run.ready
-  while run.ready_head <= run.ready_tail and run.running < run.flow.max_concurrency and not run.stopping do
+  while run.ready_head <= run.ready_tail and run.running < run.flow.concurrency and not run.stopping do
     local node = ready[run.ready_head]
     ready[run.ready_head], run.ready_head = nil, run.ready_head + 1
     start_node(run, node)
@@ -458,7 +458,7 @@ local function drive(f, input, handle)
   local me = S.current()
   local function stop_with_attempt(t)
     if not run.done then
-      stop_run(run, S.state(t) == "cancelled" and "cancelled" or "failed", "flow cancelled")
+      stop_run(run, S.state(t) == "cancelled" and "cancelled" or "error", "flow cancelled")
     end
   end
   S.on_attempt_end(me, stop_with_attempt)
@@ -499,7 +499,7 @@ function Flow.start(f, input)
   return handle
 end
 
---- Runs the flow in the calling task and waits: status ("ok", "failed",
+--- Runs the flow in the calling task and waits: status ("ok", "error",
 --- "cancelled", "timeout"), report.  Cancelling the caller cancels the run.
 function Flow.run(f, input)
   check_self("flow:run", f)

@@ -15,7 +15,7 @@
 --
 -- Ranges, the same on every store (PostgreSQL's integer columns hold no
 -- more): priority -2^31..2^31-1, max_attempts 1..2^31-1, times 1970..9999
--- (tide.jobs.time).  An idempotence key is text: valid UTF-8 without NUL.
+-- (tide.jobs.time).  An idempotency key is text: valid UTF-8 without NUL.
 local json = require "tide.jobs.json"
 local time = require "tide.jobs.time"
 
@@ -68,7 +68,7 @@ local function int_in(v, lo, hi) return type(v) == "number" and v % 1 == 0 and v
 function M.is_priority(v) return int_in(v, -M.INT_MAX - 1, M.INT_MAX) end
 function M.is_max_attempts(v) return int_in(v, 1, M.INT_MAX) end
 
---- Why `s` cannot be an idempotence key, or nil.
+--- Why `s` cannot be an idempotency key, or nil.
 function M.key_problem(s)
   if type(s) ~= "string" or s == "" then return "non-empty string expected" end
   local nul = s:find("\0", 1, true)

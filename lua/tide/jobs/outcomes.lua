@@ -20,8 +20,10 @@
 --                            "unwritten": the lease runs out and the job
 --                            runs again; `tide worker` exits 1
 --
--- w.on_outcome(job, outcome, err, traceback) hears each, once (`tide worker` prints
--- from it); it runs outside any task and cannot wait.
+-- w.on_outcome{ job, outcome, error, traceback } hears each, once (`tide
+-- worker` prints from it), and w.on_discard{ job, error, traceback, worker }
+-- each job the store took as discarded; they run outside any task and
+-- cannot wait.
 local S = require "tide.engine.sched"
 local log = require "tide.engine.log"
 local core = require "tide.core"
@@ -32,10 +34,26 @@ local wallclock = core.wallclock
 
 local M = {}
 
+--- Tells w.on_outcome of a job's outcome: one event table, or (a hook of
+--- two parameters or more, its old form) four arguments.
+function M.heard(w, id, job, outcome, err, trace)
+  local hook = w.on_outcome
+  if not hook then return end
+  if w.old_outcome then
+    log.protect("on_outcome of job " .. id, hook, job, outcome, err, trace)
+  else
+    log.protect("on_outcome of job " .. id, hook, { job = job, outcome = outcome, error = err, traceback = trace })
+  end
+end
+
 --- Tells w.on_outcome about one entry's fate, and counts it.
 local function settle(w, e, outcome)
   w.count(w, e.job and e.job.queue or "?", outcome)   -- the worker's stats and the metrics' totals
-  if w.on_outcome then log.protect("on_outcome of job " .. e.id, w.on_outcome, e.job, outcome, e.err, e.trace) end
+  M.heard(w, e.id, e.job, outcome, e.err, e.trace)
+  if outcome == "discarded" and w.on_discard then
+    log.protect("on_discard of job " .. e.id, w.on_discard, { job = e.job, error = e.err, traceback = e.trace,
+                                                              worker = w.id })
+  end
 end
 
 local function record_batch(session, entries, owner, now)

@@ -11,7 +11,8 @@
 -- transaction a connection of its own for its whole life, and tells workers
 -- in this process when a job was committed.  Misuse raises; a store failure
 -- raises an error that names the store and the SQLite code or SQLSTATE.
--- Times given and returned are UTC seconds since the Unix epoch (fractional).
+-- Times given and returned are UTC ms since the Unix epoch (integers); a
+-- run_at below 1e11 is taken for seconds, the old unit, with a warning.
 --
 -- Transactions and their connections (Promise 7):
 --   - A transaction checks a session (a connection) out of the store's pool
@@ -58,7 +59,9 @@ local function pack(...) return { n = select("#", ...), ... } end
 
 local DRIVERS = { sqlite = "tide.jobs.store.sqlite" }
 local SYNC = { normal = true, full = true, off = true }
-local OPEN_KEYS = { encryptor = true, busy_timeout = true, synchronous = true, pool = true, pool_timeout = true }
+local OPEN_KEYS = check.options("tide.queue.open", {
+  encryptor = true, busy_timeout = true, synchronous = true, pool = true, pool_timeout = true
+})
 
 --- "sqlite:PATH" (or "sqlite://PATH") -> driver module, path.
 local function parse_url(url)
@@ -295,8 +298,11 @@ end
 
 -- ===== enqueue
 
-local JOB_KEYS = { target = true, method = true, args = true, queue = true, run_at = true,
-                   delay = true, priority = true, max_attempts = true, idempotence_key = true }
+-- idempotence_key is the old name of idempotency_key (README: Vocabulary).
+local JOB_KEYS = check.options("q:enqueue", {
+  target = true, method = true, args = true, queue = true, run_at = true, delay = true,
+  priority = true, max_attempts = true, idempotency_key = true, idempotence_key = true
+}, { idempotence_key = "idempotency_key" })
 
 --- Checks an enqueue spec; returns the row to insert.
 local function job_row(fname, q, j, now, level)
@@ -318,12 +324,13 @@ local function job_row(fname, q, j, now, level)
   if j.max_attempts ~= nil and not job.is_max_attempts(j.max_attempts) then
     opt_error(fname, "max_attempts", job.MAX_ATTEMPTS_EXPECTED, j.max_attempts, level)
   end
-  if j.idempotence_key ~= nil then
-    if type(j.idempotence_key) ~= "string" or j.idempotence_key == "" then
-      opt_error(fname, "idempotence_key", "non-empty string", j.idempotence_key, level)
+  local key = check.renamed(fname, j, "idempotence_key", "idempotency_key", level)
+  if key ~= nil then
+    if type(key) ~= "string" or key == "" then
+      opt_error(fname, "idempotency_key", "non-empty string", key, level)
     end
-    local why = job.key_problem(j.idempotence_key)
-    if why then error(("%s: bad option 'idempotence_key' (%s)"):format(fname, why), level) end
+    local why = job.key_problem(key)
+    if why then error(("%s: bad option 'idempotency_key' (%s)"):format(fname, why), level) end
   end
   if j.delay ~= nil and not (check.is_ms(j.delay) and now + j.delay <= time.MAX_MS) then
     opt_error(fname, "delay", "non-negative number of ms, due before the year 10000", j.delay, level)
@@ -331,8 +338,13 @@ local function job_row(fname, q, j, now, level)
   if j.delay ~= nil and j.run_at ~= nil then error(fname .. ": give run_at or delay, not both", level) end
   local run_at = now + floor(j.delay or 0)
   if j.run_at ~= nil then
-    run_at = time.run_at_ms(j.run_at)
+    local secs
+    run_at, secs = time.run_at_ms(j.run_at)
     if not run_at then opt_error(fname, "run_at", time.EXPECTED, j.run_at, level) end
+    if secs then
+      check.deprecate(("%s: option 'run_at' is in ms since the epoch now; %s was taken for seconds")
+                      :format(fname, tostring(j.run_at)), level)
+    end
   end
   local args_json = json.encode_option(fname, "args", j.args, level)
   local args, args_enc = args_json, nil
@@ -347,13 +359,13 @@ local function job_row(fname, q, j, now, level)
   return { queue = j.queue or "default", target = j.target, method = j.method, args = args,
            args_enc = args_enc, status = run_at > now and "scheduled" or "available",
            priority = j.priority or 0, max_attempts = j.max_attempts or 20, run_at = run_at,
-           idempotence_key = j.idempotence_key, inserted_at = now }
+           idempotence_key = key, inserted_at = now }
 end
 
 local function insert_one(session, row) return session:insert(row) end
 
 --- Adds one job; returns its id and true, or the id of the job that already
---- has this idempotence_key and false (nothing inserted).
+--- has this idempotency_key and false (nothing inserted).
 function Queue:enqueue(j)
   check_q("q:enqueue", self)
   local row = job_row("q:enqueue", self, j, wallclock(), 2)
@@ -390,7 +402,7 @@ end
 
 --- Adds a list of jobs in one transaction (one statement per batch on
 --- PostgreSQL); returns their ids (in order) and how many were inserted
---- (the rest had idempotence keys that existed, in the store or earlier in
+--- (the rest had idempotency keys that existed, in the store or earlier in
 --- the list: their ids are the existing jobs').
 function Queue:enqueue_many(list)
   check_q("q:enqueue_many", self)
@@ -445,9 +457,9 @@ local function decode_args(q, row)
 end
 M.decode_args = decode_args
 
-local function seconds(ms) return time.is_ms(ms) and ms / 1000 or nil end
+local function ms(v) return time.is_ms(v) and v or nil end
 
---- A stored row -> the job table users see (times in UTC seconds).  A row
+--- A stored row -> the job table users see (times in UTC ms).  A row
 --- that no tide wrote (edited by hand) is shown with `corrupt` saying why,
 --- and its bad fields left out.
 local function job_of(q, row)
@@ -458,7 +470,7 @@ local function job_of(q, row)
     if type(list) == "table" then
       for i, e in ipairs(list) do
         if type(e) == "table" then
-          errors[i] = { attempt = e.attempt, at = type(e.at) == "number" and seconds(e.at) or nil,
+          errors[i] = { attempt = e.attempt, at = ms(e.at),
                         error = e.error, traceback = e.traceback ~= json.null and e.traceback or nil }
         end
       end
@@ -471,11 +483,12 @@ local function job_of(q, row)
     id = row.id, queue = str(row.queue), target = str(row.target), method = str(row.method),
     args = args, args_error = err, encrypted = row.args_enc ~= nil or nil,
     status = str(row.status), priority = num(row.priority), attempt = num(row.attempt),
-    max_attempts = num(row.max_attempts), run_at = seconds(row.run_at),
-    attempted_at = seconds(row.attempted_at), completed_at = seconds(row.completed_at),
-    inserted_at = seconds(row.inserted_at), errors = errors,
-    idempotence_key = str(row.idempotence_key), lease_owner = str(row.lease_owner),
-    lease_expires = seconds(row.lease_expires), corrupt = corrupt,
+    max_attempts = num(row.max_attempts), run_at = ms(row.run_at),
+    attempted_at = ms(row.attempted_at), completed_at = ms(row.completed_at),
+    inserted_at = ms(row.inserted_at), errors = errors,
+    idempotency_key = str(row.idempotence_key), lease_owner = str(row.lease_owner),
+    idempotence_key = str(row.idempotence_key),      -- the old name, one release more
+    lease_expires = ms(row.lease_expires), corrupt = corrupt,
   }
 end
 M.job_of = job_of
@@ -507,7 +520,9 @@ function Queue:job(id)
 end
 
 local MAX_LIMIT = 2147483647      -- a LIMIT every store takes as an integer (1e300 reached SQLite as a real)
-local LIST_KEYS = { status = true, queue = true, target = true, limit = true, before = true }
+local LIST_KEYS = check.options("q:list", {
+  status = true, queue = true, target = true, limit = true, before = true
+})
 
 local function list_rows(session, f) return session:list(f) end
 
@@ -568,6 +583,69 @@ function Queue:fail(id, reason)
   return change(self, "q:fail", "fail", id, entry)
 end
 
+-- ===== changing many jobs at once, in batches
+
+local BULK_KEYS = check.options("q:retry_all", { status = true, queue = true, since = true, batch = true })
+check.options("q:cancel_all", BULK_KEYS)
+local BULK_FROM = {
+  retry_now = { "scheduled", "retryable", "completed", "discarded", "cancelled", "expired" },
+  cancel = { "available", "scheduled", "retryable", "executing" },
+}
+
+local function bulk_rows(session, op, f, after, limit) return session:bulk(op, f, after, limit, wallclock()) end
+
+--- Applies op to every job that matches filter f, BATCH jobs per statement
+--- (each its own short transaction: workers claim and write between two),
+--- in id order; returns how many changed.
+local function bulk(q, fname, op, f)
+  check_q(fname, q)
+  if type(f) ~= "table" then arg_error(fname, 1, "filter table { status =, queue =, since = }", f, 3) end
+  check.known(fname, f, BULK_KEYS, nil, 3)
+  local from = {}
+  for _, st in ipairs(BULK_FROM[op]) do from[st] = true end
+  if not from[f.status] then opt_error(fname, "status", check.choices(from), f.status, 3) end
+  if f.queue ~= nil and not job.is_name(f.queue) then opt_error(fname, "queue", "queue " .. job.NAME_EXPECTED, f.queue, 3) end
+  local since
+  if f.since ~= nil then
+    since = time.run_at_ms(f.since)
+    if not since then opt_error(fname, "since", time.EXPECTED, f.since, 3) end
+  end
+  if f.batch ~= nil and not check.is_count(f.batch, 1) then opt_error(fname, "batch", "integer >= 1", f.batch, 3) end
+  local filter = { status = f.status, queue = f.queue, since = since,
+                   since_col = job.is_finished[f.status] and "completed_at" or "inserted_at" }
+  local total, after, limit = 0, 0, f.batch or 1000
+  while true do
+    local rows = with_session(q, fname, bulk_rows, op, filter, after, limit)
+    if #rows == 0 then return total end
+    total, after = total + #rows, rows[#rows].id
+    if op == "retry_now" then
+      local queues = {}
+      for _, r in ipairs(rows) do queues[r.queue] = true end
+      local st = q._txs[holder()]
+      if st then for name in pairs(queues) do st.touched[name] = true end else notify(q, queues) end
+    end
+  end
+end
+
+--- Makes every job of a status run again now, in batches: filter = { status
+--- (required: scheduled, retryable, completed, discarded, cancelled or
+--- expired), queue, since (a UTC time: jobs that finished then or later;
+--- for waiting statuses, that were enqueued then or later), batch (jobs
+--- per statement, 1000) }.  Returns how many.  Like q:retry, a job that
+--- used its attempts gets one more; its errors are kept.
+function Queue:retry_all(f)
+  local n = bulk(self, "q:retry_all", "retry_now", f)   -- (not a tail call: errors blame the caller)
+  return n
+end
+
+--- Cancels every job of a status (available, scheduled, retryable or
+--- executing: a running attempt stops at its worker's next heartbeat), in
+--- batches; the filter as q:retry_all's.  Returns how many.
+function Queue:cancel_all(f)
+  local n = bulk(self, "q:cancel_all", "cancel", f)
+  return n
+end
+
 local function stats_rows(session) return session:stats() end
 
 --- Counts: { total =, <status> = n, queues = { [name] = { <status> = n } },
@@ -621,17 +699,30 @@ function Queue:recent(limit, within)
 end
 
 --- Who holds leases now: a list of { owner, queue, n, lease_expires,
---- attempted_at } (times in UTC seconds), one per worker and queue.
+--- attempted_at } (times in UTC ms), one per worker and queue.
 function Queue:leases()
   check_q("q:leases", self)
   local rows = with_session(self, "q:leases", lease_rows)
   for _, r in ipairs(rows) do
-    r.lease_expires, r.attempted_at = seconds(r.lease_expires), seconds(r.attempted_at)
+    r.lease_expires, r.attempted_at = ms(r.lease_expires), ms(r.attempted_at)
   end
   return rows
 end
 
-local PRUNE_KEYS = { older_than = true, statuses = true }
+local function schedule_rows(session) return session:schedules() end
+
+--- The schedules workers registered (tide.worker's `schedules`), by name:
+--- { name, cron, timezone, target, method, queue, last_tick (the latest
+--- tick enqueued), seen_at (when a worker last registered or advanced it),
+--- seen_by (which) }, times in UTC ms.
+function Queue:schedules()
+  check_q("q:schedules", self)
+  local rows = with_session(self, "q:schedules", schedule_rows)
+  for _, r in ipairs(rows) do r.last_tick, r.seen_at = ms(r.last_tick), ms(r.seen_at) end
+  return rows
+end
+
+local PRUNE_KEYS = check.options("q:prune", { older_than = true, statuses = true })
 
 local function prune_rows(session, before, statuses) return session:prune(before, statuses) end
 
@@ -686,6 +777,10 @@ function M.worker_call(q, store, fname, fn, ...)
   if not ok then error(a, 0) end
   return a, b
 end
+
+--- The store session of a live transaction handle (for tide.jobs.schedules,
+--- whose own statements join the transaction); raises as tx methods do.
+function M.tx_session(tx) return tx_state("tx_session", tx).session end
 
 --- fn(queue_name) runs after a commit that made a job of that queue due.
 function M.listen(q, fn) q._listeners[#q._listeners + 1] = fn end

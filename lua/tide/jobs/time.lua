@@ -10,7 +10,11 @@ local M = {}
 
 M.MIN_MS = 0
 M.MAX_MS = 253402300799999                 -- 9999-12-31T23:59:59.999Z
-M.EXPECTED = 'UTC time from 1970 to 9999 (seconds since the epoch, or ISO 8601 like "2026-11-23T15:04:05Z")'
+M.EXPECTED = 'UTC time from 1970 to 9999 (ms since the epoch, or ISO 8601 like "2026-11-23T15:04:05Z")'
+-- Below this, a number is taken for seconds since the epoch (the unit
+-- before ms, accepted one release more): 1e11 s is the year 5138, 1e11 ms
+-- is 1973-03-03, so no time a user means can be read wrong.
+M.SECONDS_BELOW = 1e11
 
 --- Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
 local function days_from_civil(y, m, d)
@@ -34,6 +38,8 @@ local function civil_from_days(z)
   local m = mp < 10 and mp + 3 or mp - 9
   return yoe + era * 400 + (m <= 2 and 1 or 0), m, d
 end
+
+M.days_from_civil, M.civil_from_days = days_from_civil, civil_from_days
 
 local DAYS_IN = { 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31 }
 
@@ -70,14 +76,17 @@ local function parse_iso(s)
 end
 M.parse_iso = parse_iso
 
---- A run_at as users give it — seconds since the epoch (a number, or a
---- string of digits from the command line) or ISO 8601 — -> ms, or nil.
+--- A run_at as users give it — ms since the epoch (a number, or a string
+--- of digits from the command line) or ISO 8601 — -> ms, or nil.  The
+--- second result is true when the number was taken for seconds (below
+--- SECONDS_BELOW: the old unit), for the caller to warn about.
 function M.run_at_ms(v)
   if type(v) == "string" and v:match("^%d+%.?%d*$") then v = tonumber(v) end
   if type(v) == "number" then
     if v ~= v then return nil end
-    local ms = floor(v * 1000 + 0.5)
-    if in_range(ms) then return ms end
+    local secs = v < M.SECONDS_BELOW
+    local ms = floor((secs and v * 1000 or v) + 0.5)
+    if in_range(ms) then return ms, secs end
     return nil
   end
   return parse_iso(v)

@@ -42,6 +42,7 @@ local json = require "tide.jobs.json"
 local job = require "tide.jobs.job"
 local queue = require "tide.jobs.queue"
 local outcomes = require "tide.jobs.outcomes"
+local schedules = require "tide.jobs.schedules"
 local make_task, spawn = task.make_task, task.spawn
 local histogram = require "tide.engine.histogram"
 
@@ -94,10 +95,20 @@ local Worker_mt = { __index = Worker, __tostring = function(w)
   return ("tide.Worker %s (%s)"):format(w.id, w.state)
 end }
 
-local KEYS = { queue = true, queues = true, concurrency = true, targets = true, lease = true,
-               heartbeat = true, poll = true, rescue_every = true, batch = true, timeout = true,
-               retry = true, handle_error = true, grace = true, on_outcome = true, give_up = true }
-local TARGET_OPTS = { timeout = true, mode = true, handle_error = true, retry = true }
+-- handle_error is the old name of on_error (README: Vocabulary).
+local KEYS = check.options("tide.worker", {
+  queue = true, queues = true, concurrency = true, targets = true, lease = true, heartbeat = true,
+  poll = true, rescue_every = true, batch = true, timeout = true, retry = true, on_error = true,
+  handle_error = true, grace = true, on_outcome = true, give_up = true, schedules = true, on_discard = true
+}, { handle_error = "on_error" })
+-- A target is a table of methods, or { methods = {...}, timeout =, mode =,
+-- retry =, on_error = }: its options beside its methods, so that any name
+-- can be a method.  The old mixed form (these option names among the
+-- methods, the hook called handle_error) still works, with a warning.
+local TARGET_KEYS = check.options("worker target", {
+  methods = true, timeout = true, mode = true, retry = true, on_error = true, handle_error = true
+}, { handle_error = "on_error" })
+local MIXED_OPTS = { timeout = true, mode = true, handle_error = true, retry = true }
 local DEFAULT_RETRY = { backoff = "exponential", base = 1000, max = 3600000, jitter = true }
 
 -- ===== options
@@ -117,24 +128,57 @@ local function check_retry(fname, key, r, level)
   return policy
 end
 
---- Checks a target's options; `inline`: given in `targets` (its thread-mode
---- methods then cross to threads as bytecode, so they must have no upvalues).
+--- The hook `on_error` as given (or its old name, handle_error, whose
+--- function takes job, err, traceback): returns it and whether it is old.
+local function error_hook(fname, opts, prefix, level)
+  local old = opts.handle_error ~= nil
+  local fn = check.renamed(fname, opts, "handle_error", "on_error", level + 1, prefix)
+  if fn ~= nil and type(fn) ~= "function" then
+    opt_error(fname, prefix .. (old and "handle_error" or "on_error"), "function", fn, level + 1)
+  end
+  return fn, old
+end
+
+--- Checks target `name` as given and returns it as the worker keeps it:
+--- { methods, timeout, mode, policy (retry), on_error, old_hook, inline }.
+--- `inline`: given in `targets` (its thread-mode methods then cross to
+--- threads as bytecode, so they must have no upvalues).
 local function check_target(fname, name, t, level, inline)
   local key = "targets." .. tostring(name)
   if type(name) ~= "string" or type(t) ~= "table" then
-    opt_error(fname, key, "table of methods", t, level + 1)
+    opt_error(fname, key, "table of methods, or { methods = {...}, options }", t, level + 1)
+  end
+  local methods = t
+  if t.methods ~= nil then
+    check.known(fname, t, TARGET_KEYS, key .. ".", level + 1)
+    methods = t.methods
+    if type(methods) ~= "table" then opt_error(fname, key .. ".methods", "table of functions", methods, level + 1) end
+  else
+    for k in pairs(MIXED_OPTS) do
+      if t[k] ~= nil then
+        check.deprecate(("%s: %s: options among the methods are deprecated (a method cannot then be called "
+                         .. "'%s'): give { methods = {...}, %s = ... }"):format(fname, key, k, k), level + 1)
+        break
+      end
+    end
   end
   if t.timeout ~= nil and not check.is_ms(t.timeout, true) then
     opt_error(fname, key .. ".timeout", "positive number of ms", t.timeout, level + 1)
   end
   task.check_mode(fname, t.mode, level + 1)
-  if t.handle_error ~= nil and type(t.handle_error) ~= "function" then
-    opt_error(fname, key .. ".handle_error", "function", t.handle_error, level + 1)
+  local hook, old_hook
+  if methods == t then                        -- the mixed form: on_error would be a method
+    hook, old_hook = t.handle_error, true
+    if hook ~= nil and type(hook) ~= "function" then opt_error(fname, key .. ".handle_error", "function", hook, level + 1) end
+  else
+    hook, old_hook = error_hook(fname, t, key .. ".", level + 1)
   end
-  if t.retry ~= nil then check_retry(fname, key .. ".retry", t.retry, level + 1) end
+  local policy = t.retry ~= nil and check_retry(fname, key .. ".retry", t.retry, level + 1) or nil
+  local target = { methods = methods, timeout = t.timeout, mode = t.mode, policy = policy, on_error = hook,
+                   old_hook = old_hook, inline = inline, mixed = methods == t }
   if inline and t.mode == "thread" then
-    for m, fn in pairs(t) do
-      if type(fn) == "function" and not TARGET_OPTS[m] then
+    for m, fn in pairs(methods) do
+      if type(fn) == "function" and not (target.mixed and MIXED_OPTS[m]) then
         if getinfo(fn, "S").what == "C" then
           error(("%s: %s.%s: a C function cannot cross to a thread (name a module's function instead)")
             :format(fname, key, tostring(m)), level + 1)
@@ -148,6 +192,7 @@ local function check_target(fname, name, t, level, inline)
       end
     end
   end
+  return target
 end
 
 local function check_queues(fname, opts, level)
@@ -189,21 +234,27 @@ local function check_opts(fname, opts)
   if opts.batch ~= nil and not check.is_count(opts.batch, 1) then
     opt_error(fname, "batch", "integer >= 1", opts.batch, 3)
   end
+  local targets = {}
   if opts.targets ~= nil then
     if type(opts.targets) ~= "table" then opt_error(fname, "targets", "table of targets", opts.targets, 3) end
-    for name, t in pairs(opts.targets) do check_target(fname, name, t, 3, true) end
+    for name, t in pairs(opts.targets) do targets[name] = check_target(fname, name, t, 3, true) end
   end
-  if opts.handle_error ~= nil and type(opts.handle_error) ~= "function" then
-    opt_error(fname, "handle_error", "function", opts.handle_error, 3)
+  local on_error, old_hook = error_hook(fname, opts, "", 3)
+  local on_outcome, old_outcome = opts.on_outcome, false
+  if on_outcome ~= nil then
+    if type(on_outcome) ~= "function" then opt_error(fname, "on_outcome", "function", on_outcome, 3) end
+    old_outcome = check.positional_hook(fname, "on_outcome", on_outcome, 3)
   end
-  if opts.on_outcome ~= nil and type(opts.on_outcome) ~= "function" then
-    opt_error(fname, "on_outcome", "function", opts.on_outcome, 3)
+  if opts.on_discard ~= nil and type(opts.on_discard) ~= "function" then
+    opt_error(fname, "on_discard", "function", opts.on_discard, 3)
   end
   if opts.give_up ~= nil and not check.is_ms(opts.give_up, true) then
     opt_error(fname, "give_up", "positive number of ms", opts.give_up, 3)
   end
   local queues = check_queues(fname, opts, 3)   -- not a tail call: errors blame the caller
-  return queues
+  local scheds = opts.schedules ~= nil and schedules.check(fname, opts.schedules, 3) or nil
+  return { queues = queues, targets = targets, on_error = on_error, old_hook = old_hook,
+           on_outcome = on_outcome, old_outcome = old_outcome, schedules = scheds }
 end
 
 -- ===== targets
@@ -223,26 +274,22 @@ local function target_of(w, name)
           or ("unknown target '%s' (not in targets, and require failed: %s)")
              :format(name, (tostring(mod):match("^[^\n]*"):gsub(":$", "")))
   else
-    local fine, err = pcall(check_target, "target", name, mod, 1, false)
-    if fine and mod.retry then
-      fine, err = pcall(check_retry, "target", "targets." .. name .. ".retry", mod.retry, 1)
-      if fine then w.target_retry[mod] = err end
-    end
-    if not fine then why = ("module '%s' has bad target options: %s"):format(name, (tostring(err):gsub("^target: ", ""))) end
+    ok, t = pcall(check_target, "target", name, mod, 1, false)
+    if not ok then why = ("module '%s' has bad target options: %s"):format(name, (tostring(t):gsub("^target: ", ""))) end
   end
   if why then
     w.loaded[name], w.load_errors[name] = false, why
     return nil, why
   end
-  w.loaded[name] = mod
-  return mod
+  w.loaded[name] = t
+  return t
 end
 
 local function method_of(w, row)
   local t, err = target_of(w, row.target)
   if not t then return nil, err end
-  local fn = t[row.method]
-  if TARGET_OPTS[row.method] or type(fn) ~= "function" then
+  local fn = t.methods[row.method]
+  if (t.mixed and MIXED_OPTS[row.method]) or type(fn) ~= "function" then
     return nil, ("unknown method '%s' of target '%s'"):format(row.method, row.target)
   end
   return fn, t
@@ -280,9 +327,17 @@ local function wake_later(w, name, ms)
   end)
 end
 
+--- Calls on_error (the target's, else the worker's) with { job, error,
+--- traceback }; a hook under its old name takes them as three arguments.
 local function report_error(w, target, job, err, trace)
-  local hook = target and target.handle_error or w.handle_error
-  if hook then log.protect("handle_error of job " .. job.id, hook, job, err, trace) end
+  local hook, old = w.on_error, w.old_hook
+  if target and target.on_error then hook, old = target.on_error, target.old_hook end
+  if not hook then return end
+  if old then
+    log.protect("handle_error of job " .. job.id, hook, job, err, trace)
+  else
+    log.protect("on_error of job " .. job.id, hook, { job = job, error = err, traceback = trace })
+  end
 end
 
 --- A failed attempt: retry later, or discard after the last.
@@ -294,7 +349,7 @@ local function failed(w, rec, err, trace, target)
   if row.attempt >= row.max_attempts then
     entry.kind, entry.outcome = "discard", "discarded"
   else
-    local policy = target and target.retry and w.target_retry[target] or w.retry
+    local policy = target and target.policy or w.retry
     local delay = floor(retry.delay(policy, row.attempt))
     entry.kind, entry.outcome = "retry", "retried"
     entry.run_at = wallclock() + delay
@@ -339,7 +394,7 @@ local function job_finished(t)
   elseif status == "cancelled" then
     if rec.gone then                          -- cancelled, expired or taken over in the store
       count(w, rec.row.queue, rec.gone)
-      if w.on_outcome then log.protect("on_outcome of job " .. rec.row.id, w.on_outcome, rec.job, rec.gone, t.value) end
+      outcomes.heard(w, rec.row.id, rec.job, rec.gone, t.value)
     elseif w.state ~= "running" or S.shutting_down() then
       released(w, rec, t.attempts > 0, t.value)
     else
@@ -356,9 +411,10 @@ end
 local function job_info(row)
   return { id = row.id, queue = row.queue, target = row.target, method = row.method,
            attempt = row.attempt, max_attempts = row.max_attempts, priority = row.priority,
-           run_at = type(row.run_at) == "number" and row.run_at / 1000 or nil,
-           inserted_at = type(row.inserted_at) == "number" and row.inserted_at / 1000 or nil,
-           idempotence_key = row.idempotence_key }
+           run_at = type(row.run_at) == "number" and row.run_at or nil,
+           inserted_at = type(row.inserted_at) == "number" and row.inserted_at or nil,
+           idempotency_key = row.idempotence_key,
+           idempotence_key = row.idempotence_key }          -- the old name, one release more
 end
 
 local function start_job(w, row)
@@ -390,7 +446,7 @@ local function start_job(w, row)
   -- bytecode: checked for upvalues when the worker started); one found by
   -- require is required again in the thread, by name.
   local run = fn
-  if mode == "thread" and w.targets[row.target] ~= target then run = row.target .. "." .. row.method end
+  if mode == "thread" and not target.inline then run = row.target .. "." .. row.method end
   local ok, t = pcall(make_task, "tide.worker", "coroutine", {
     run = run, args = { args, rec.job, n = 2 }, mode = mode, timeout = target.timeout or w.timeout,
     name = ("job %d %s.%s"):format(row.id, row.target, row.method),
@@ -531,7 +587,7 @@ local function rescue_rows(session, now) return session:rescue(now) end
 --- Makes jobs whose lease expired available again; true, or false after a
 --- failure (reported).
 local function rescue(w)
-  local ok, n = pcall(call, w, w.lease_store, "tide.worker", rescue_rows, wallclock())
+  local ok, n, dead = pcall(call, w, w.lease_store, "tide.worker", rescue_rows, wallclock())
   if not ok then
     log.report("worker " .. w.id .. ": rescue", n)
     M.totals.store_errors.rescue = M.totals.store_errors.rescue + 1
@@ -542,6 +598,16 @@ local function rescue(w)
     w.stats.rescued = w.stats.rescued + n
     M.totals.rescued = M.totals.rescued + n
     for _, qs in pairs(w.queues) do S.notify(qs) end
+  end
+  -- Jobs whose last attempt's worker died: discarded here, by this worker,
+  -- so it counts them and tells on_discard (once: one rescuer's statement
+  -- changed each row).
+  for _, row in ipairs(dead or {}) do
+    count(w, row.queue, "discarded")
+    if w.on_discard then
+      log.protect("on_discard of job " .. tostring(row.id), w.on_discard, { job = job_info(row), worker = w.id,
+        error = "lease expired: its worker stopped heartbeating during the last attempt" })
+    end
   end
   return true
 end
@@ -572,10 +638,16 @@ end
 --- (ms per attempt, none), retry (backoff between attempts), handle_error,
 --- grace (ms running jobs get on stop, default: tide's grace), on_outcome
 --- (fn(job, outcome, err) once the store settled an attempt: see
---- tide.jobs.outcomes), give_up (ms a draining worker goes on while a loop
---- keeps failing, 60000).
+--- tide.jobs.outcomes), on_discard (fn(ev) once the store took a job's
+--- discard after its last attempt: ev = { job, error, traceback, worker },
+--- every attempt's error is in the store: q:job(ev.job.id).errors), give_up
+--- (ms a draining worker goes on while a loop keeps failing, 60000),
+--- schedules (cron schedules: see tide.jobs.schedules).
 function M.new(opts)
-  local queues = check_opts("tide.worker", opts)
+  local checked = check_opts("tide.worker", opts)
+  local queues = checked.queues
+  if S.shutting_down() then return nil, "tide.worker: the loop is shutting down" end
+  local scheds = checked.schedules
   local lease = opts.lease or 30000
   local w = setmetatable({
     -- Claims and outcomes go through one connection of the worker's own;
@@ -584,28 +656,25 @@ function M.new(opts)
     -- queue's own connection for both, through its pool.)
     q = opts.queue, store = queue.worker_store(opts.queue),
     lease_store = queue.worker_store(opts.queue),
-    targets = opts.targets or {}, loaded = {}, load_errors = {},
+    targets = checked.targets, loaded = {}, load_errors = {},
     lease = lease, heartbeat = opts.heartbeat or lease / 3, poll = opts.poll or 1000,
     rescue_every = opts.rescue_every or lease / 2, batch = opts.batch or 100,
-    timeout = opts.timeout, grace = opts.grace, handle_error = opts.handle_error,
-    on_outcome = opts.on_outcome, give_up = opts.give_up or 60000,
+    timeout = opts.timeout, grace = opts.grace, on_error = checked.on_error, old_hook = checked.old_hook,
+    on_outcome = checked.on_outcome, old_outcome = checked.old_outcome, on_discard = opts.on_discard,
+    give_up = opts.give_up or 60000,
     retry = opts.retry and check_retry("tide.worker", "retry", opts.retry, 2)
             or check_retry("tide.worker", "retry", {}, 2),
-    target_retry = {}, failing = {}, count = count,
+    failing = {}, count = count,
     record_error = function() M.totals.store_errors.record = M.totals.store_errors.record + 1 end,
     -- host:pid:start time, so a later process that gets the same pid is
     -- another lease holder (it must not heartbeat a dead one's jobs).
     id = ("%s:%d:%x"):format(core.hostname(), core.pid(), (wallclock() * 16 + floor(core.now() * 16) % 16) % 2^40),
     state = "running", queues = {}, running = {}, nrunning = 0, pending = {},
     flusher = { waiting = false }, beat = { waiting = false }, idle = { waiting = false },
-    rescue_holder = { waiting = false }, tasks = {},
+    rescue_holder = { waiting = false }, scheduler = { waiting = false }, tasks = {}, schedules = scheds,
     stats = { claimed = 0, completed = 0, retried = 0, discarded = 0, released = 0,
-              cancelled = 0, lost = 0, rescued = 0, write_errors = 0, unwritten = 0 },
+              cancelled = 0, lost = 0, rescued = 0, write_errors = 0, unwritten = 0, scheduled = 0 },
   }, Worker_mt)
-  for _, t in pairs(w.targets) do
-    if t.retry then w.target_retry[t] = check_retry("tide.worker", "retry", t.retry, 2) end
-  end
-  if S.shutting_down() then error("tide.worker: the loop is shutting down", 2) end
   M.live[w] = true
   -- On a shutdown of the loop, the worker stops its jobs a little before the
   -- loop's grace ends (up to a second, or half of it), so that the flusher
@@ -621,6 +690,9 @@ function M.new(opts)
   w.tasks[#w.tasks + 1] = w.flusher_task
   w.tasks[#w.tasks + 1] = spawn{ run = heartbeat, args = { w }, name = "worker heartbeat" }
   w.tasks[#w.tasks + 1] = spawn{ run = rescuer, args = { w }, name = "worker rescuer" }
+  if scheds and #scheds > 0 then
+    w.tasks[#w.tasks + 1] = spawn{ run = schedules.run, args = { w, scheds }, name = "worker scheduler" }
+  end
   w.on_enqueue = function(name)
     local qs = w.queues[name]
     if qs then qs.kicked = true; S.notify(qs) end
@@ -638,7 +710,8 @@ end
 
 --- Stops claiming; running jobs get `grace_ms` (default: the worker's
 --- grace option, else tide's) and are then cancelled and released.  Returns
---- at once; w:wait() waits for the end.
+--- true at once (w:wait() waits for the end), or nil and why when the
+--- worker was not running.
 --- Raises "fname: bad self" at the method's caller unless w is a worker.
 local function check_self(fname, w)
   if getmetatable(w) ~= Worker_mt then
@@ -651,7 +724,7 @@ function Worker:stop(grace_ms)
   if grace_ms ~= nil and not check.is_ms(grace_ms) then
     check.arg_error("worker:stop", 1, "non-negative number of ms", grace_ms)
   end
-  if self.state ~= "running" then return false end
+  if self.state ~= "running" then return nil, "worker:stop: the worker is " .. self.state end
   self.state = "stopping"
   queue.unlisten(self.q, self.on_enqueue)
   if self.store.unlisten then self.store:unlisten() end
@@ -661,6 +734,7 @@ function Worker:stop(grace_ms)
     S.notify(qs)
   end
   S.notify(self.rescue_holder)
+  S.notify(self.scheduler)
   S.notify(self.flusher)
   S.notify(self.beat)
   local grace = grace_ms or self.grace or config.grace
@@ -687,8 +761,6 @@ function Worker:wait()
   return self.stats
 end
 
-local DRAIN_KEYS = { within = true }
-
 local function pending_rows(session, names, now) return session:pending(names, now) end
 
 --- The loop that has failed the longest, and for how many ms; or nil.
@@ -700,20 +772,31 @@ local function longest_failure(w)
   if name then return name, core.now() - since end
 end
 
+local DRAIN_KEYS = check.options("w:drain", { within = true, stop = true })
+
 --- Waits (inside a task) until no job of the worker's queues is due or
---- executing anywhere, then stops the worker and returns its stats.
---- opts.within = ms: also wait for jobs (retries) due within that time.
---- A store that keeps failing ends the drain too: once one of the
---- worker's loops has failed for `give_up` ms without a success, the
---- worker stops and its stats carry gave_up = "why".
+--- executing anywhere, and returns the worker's stats.  opts.stop: stop the
+--- worker then (true; w:drain() without it stops too, as it did before
+--- `stop` existed, with a warning), or keep it running (false), as
+--- pool:drain does.  opts.within = ms: also wait for jobs (retries) due
+--- within that time.  A store that keeps failing ends the drain too: once
+--- one of the worker's loops has failed for `give_up` ms without a
+--- success, the stats carry gave_up = "why" (and with stop, it stops).
 function Worker:drain(opts)
   check_self("worker:drain", self)
   if opts ~= nil then
-    if type(opts) ~= "table" then check.arg_error("worker:drain", 1, "nil or { within = ms }", opts) end
+    if type(opts) ~= "table" then check.arg_error("worker:drain", 1, "nil or { stop = boolean, within = ms }", opts) end
     check.known("worker:drain", opts, DRAIN_KEYS)
     if opts.within ~= nil and not check.is_ms(opts.within) then
-      opt_error("worker:drain", "within", "non-negative number of ms", opts.within)
+      check.opt_error("worker:drain", "within", "non-negative number of ms", opts.within)
     end
+    if opts.stop ~= nil and type(opts.stop) ~= "boolean" then check.opt_error("worker:drain", "stop", "boolean", opts.stop) end
+  end
+  local stop = opts and opts.stop
+  if stop == nil then
+    check.deprecate("worker:drain: without { stop = ... } the worker stops once drained, as before; the next "
+                    .. "release keeps it running, as pool:drain does: give { stop = true } or { stop = false }")
+    stop = true
   end
   local within = opts and opts.within or 0
   local names = {}
@@ -747,6 +830,11 @@ function Worker:drain(opts)
     end
     S.wait_for(self.idle, "worker:drain", wait)
   end
+  if not stop then
+    local stats = {}
+    for k, v in pairs(self.stats) do stats[k] = v end
+    return stats
+  end
   self:stop()
   return self:wait()
 end
@@ -757,6 +845,7 @@ function Worker:info()
                 poll = self.poll, store = self.store.name, queues = {} }
   for k, v in pairs(self.stats) do out[k] = v end
   for name, qs in pairs(self.queues) do out.queues[name] = { limit = qs.limit, running = qs.running } end
+  if self.schedules then out.schedules = schedules.info(self.schedules) end
   return out
 end
 

@@ -296,8 +296,10 @@ M.VERSION = "0.1.0"
 
 -- ===== the endpoint
 
-local KEYS = { host = true, port = true, token = true, queue = true, queues = true, every = true,
-               path = true, keep_loop = true }
+local KEYS = check.options("tide.metrics.serve", {
+  host = true, port = true, token = true, queue = true, queues = true, every = true, path = true,
+  keep_loop = true
+})
 
 --- Checks a bearer token: true when `token` is nil or the request carries it.
 local function authorized(req, token)

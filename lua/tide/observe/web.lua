@@ -161,7 +161,9 @@ end
 
 -- ===== the handler
 
-local KEYS = { queue = true, token = true, host = true, port = true, keep_loop = true, name = true }
+local KEYS = check.options("tide.web.serve", {
+  queue = true, token = true, host = true, port = true, keep_loop = true, name = true
+})
 
 local function check_opts(fname, opts)
   if type(opts) ~= "table" then check.arg_error(fname, 1, "table", opts, 3) end

@@ -31,17 +31,17 @@ local function num(n) return tostring(floor(n)):reverse():gsub("(%d%d%d)", "%1,"
 
 local function badge(status) return ('<span class="badge s-%s">%s</span>'):format(h(status), h(status)) end
 
-local function iso(secs) return secs and os.date("!%Y-%m-%d %H:%M:%S", floor(secs)) or "" end
+local function iso(ms) return ms and os.date("!%Y-%m-%d %H:%M:%S", floor(ms / 1000)) or "" end
 
 --- "12 s ago", "in 3 min", with the UTC time as a tooltip.
-local function when(secs)
-  if not secs then return '<span class="muted">-</span>' end
-  local d = core.wallclock() / 1000 - secs
+local function when(ms)
+  if not ms then return '<span class="muted">-</span>' end
+  local d = (core.wallclock() - ms) / 1000
   local ad = math.abs(d)
   local text = ad < 1 and "now" or ad < 120 and format("%d s", ad) or ad < 7200 and format("%d min", ad / 60)
     or ad < 172800 and format("%d h", ad / 3600) or format("%d d", ad / 86400)
   if text ~= "now" then text = d >= 0 and text .. " ago" or "in " .. text end
-  return ('<span title="%s UTC">%s</span>'):format(h(iso(secs)), h(text))
+  return ('<span title="%s UTC">%s</span>'):format(h(iso(ms)), h(text))
 end
 
 --- JSON text of a decoded value, indented, keys sorted: for people to read.
@@ -268,7 +268,7 @@ local function job_page(ctx, id)
     field("Attempt", h(format("%d of %d", job.attempt, job.max_attempts))), field("Priority", h(job.priority)),
     field("Inserted", when(job.inserted_at)), field("Run at", when(job.run_at)),
     field("Attempted", when(job.attempted_at)), field("Finished", when(job.completed_at)),
-    field("Idempotence key", job.idempotence_key and h(job.idempotence_key) or '<span class="muted">none</span>'),
+    field("Idempotency key", job.idempotency_key and h(job.idempotency_key) or '<span class="muted">none</span>'),
     field("Lease", job.lease_owner and (h(job.lease_owner) .. ", expires " .. when(job.lease_expires)) or '<span class="muted">none</span>'),
     "</dl><h2>Arguments</h2>", args,
     #errors > 0 and concat(errors) or '<h2>Errors</h2><p class="muted">None.</p>' }

@@ -49,8 +49,15 @@ local Consumer_mt = { __index = Consumer, __tostring = function(c)
   return ("tide.Consumer '%s' (%d in flight)"):format(c.name, c.in_flight)
 end }
 
-local KEYS = { source = true, prefetch = true, handler = true, name = true, requeue = true, poll = true }
-local HANDLER_KEYS = { run = true, handle_result = true, timeout = true, retry = true, mode = true }
+-- `prefetch` is the old name of concurrency (README: Vocabulary); a
+-- source's own prefetch is the broker's window, and stays so named.
+local KEYS = check.options("tide.consumer", {
+  source = true, concurrency = true, prefetch = true, handler = true, name = true, requeue = true,
+  poll = true
+}, { prefetch = "concurrency" })
+local HANDLER_KEYS = check.options("consumer handler", {
+  run = true, handle_result = true, timeout = true, retry = true, mode = true
+})
 local CHOICES = { ack = true, requeue = true, drop = true }
 
 --- Checks the handler as tide.spawn checks a task spec, so a wrong option
@@ -80,7 +87,7 @@ local function check_handler(fname, h)
   end
 end
 
---- tide.consumer{ source =, prefetch = source.prefetch or 10, handler = { run =, handle_result =,
+--- tide.consumer{ source =, concurrency = source.prefetch or 10, handler = { run =, handle_result =,
 ---                timeout =, retry =, mode = }, requeue = true, poll = 50, name = "consumer" }
 function M.new(opts)
   local fname = "tide.consumer"
@@ -91,8 +98,9 @@ function M.new(opts)
      or type(src.nack) ~= "function" then
     opt_error(fname, "source", "source with fetch, ack and nack", src)
   end
-  local prefetch = opts.prefetch or (check.is_count(src.prefetch, 1) and src.prefetch) or 10
-  if not check.is_count(prefetch, 1) then opt_error(fname, "prefetch", "integer >= 1", opts.prefetch) end
+  local given = check.renamed(fname, opts, "prefetch", "concurrency")
+  local prefetch = given or (check.is_count(src.prefetch, 1) and src.prefetch) or 10
+  if not check.is_count(prefetch, 1) then opt_error(fname, "concurrency", "integer >= 1", given) end
   check_handler(fname, opts.handler)
   if opts.poll ~= nil and not check.is_ms(opts.poll, true) then opt_error(fname, "poll", "positive number of ms", opts.poll) end
   if opts.name ~= nil and type(opts.name) ~= "string" then opt_error(fname, "name", "string", opts.name) end

@@ -39,9 +39,13 @@ M.Supervisor_mt = Sup_mt
 
 local STRATEGIES = { one_for_one = true, one_for_all = true, rest_for_one = true }
 local RESTARTS = { permanent = true, transient = true, temporary = true }
-local KEYS = { strategy = true, intensity = true, period = true, children = true, name = true,
-               on_give_up = true, cooldown = true }
-local CHILD_KEYS = { id = true, start = true, restart = true, shutdown = true, args = true }
+local KEYS = check.options("tide.supervisor", {
+  strategy = true, intensity = true, period = true, children = true, name = true,
+  on_give_up = true, cooldown = true
+})
+local CHILD_KEYS = check.options("supervisor child", {
+  id = true, start = true, restart = true, shutdown = true, args = true
+})
 
 local running = {}          -- supervisors whose task is alive
 
@@ -74,7 +78,7 @@ local function check_child(fname, spec, where, level)
            shutdown = spec.shutdown or 5000, args = spec.args }
 end
 
-local COOLDOWN_KEYS = { base = true, max = true }
+local COOLDOWN_KEYS = check.options("cooldown", { base = true, max = true })
 
 --- The cool-down between two runs of a top supervisor that gave up: an
 --- exponential backoff from base to max ms (defaults 1000 and 30000).

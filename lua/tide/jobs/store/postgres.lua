@@ -68,6 +68,19 @@ local MIGRATIONS = {
 }
 M.VERSION = #MIGRATIONS
 
+-- The schedules workers run (see the SQLite store): created when missing at
+-- every open, under the migration lock, apart from the numbered migrations.
+local SCHEDULES_TABLE = [[CREATE TABLE IF NOT EXISTS tide_schedules (
+    name      text PRIMARY KEY,
+    cron      text NOT NULL,
+    timezone  text NOT NULL,
+    target    text NOT NULL,
+    method    text NOT NULL,
+    queue     text NOT NULL,
+    last_tick bigint,
+    seen_at   bigint NOT NULL,
+    seen_by   text)]]
+
 local SQL = {
   insert = [[INSERT INTO tide_jobs (queue, target, method, args, args_enc, status, priority,
       max_attempts, run_at, idempotence_key, inserted_at)
@@ -129,7 +142,9 @@ local SQL = {
       errors = coalesce(errors, '[]'::jsonb) || jsonb_build_array(jsonb_build_object('attempt', attempt,
         'at', ]] .. NOW .. [[, 'error', 'lease expired: worker ' || lease_owner || ' stopped heartbeating'))
     WHERE id IN (SELECT id FROM tide_jobs WHERE status = 'executing' AND lease_expires < ]] .. NOW .. [[
-      FOR UPDATE SKIP LOCKED)]],   -- rows a worker is writing now are its own (and no deadlock)
+      FOR UPDATE SKIP LOCKED)      -- rows a worker is writing now are its own (and no deadlock)
+    RETURNING id, status, queue, target, method, attempt, max_attempts, priority, run_at, inserted_at,
+      idempotence_key]],
   get = "SELECT * FROM tide_jobs WHERE id = $1",
   cancel = "UPDATE tide_jobs SET status = 'cancelled', completed_at = $2, lease_owner = NULL, "
     .. "lease_expires = NULL WHERE id = $1 AND status NOT IN " .. TERMINAL_SQL,
@@ -150,6 +165,15 @@ local SQL = {
     .. "max(attempted_at) AS attempted_at FROM tide_jobs WHERE status = 'executing' GROUP BY lease_owner, queue",
   pending = "SELECT count(*) AS n FROM tide_jobs WHERE queue = ANY($1::text[]) AND ((" .. WAITING
     .. " AND run_at <= $2) OR status = 'executing')",
+  schedule_register = [[INSERT INTO tide_schedules (name, cron, timezone, target, method, queue, seen_at, seen_by)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    ON CONFLICT (name) DO UPDATE SET cron = excluded.cron, timezone = excluded.timezone,
+      target = excluded.target, method = excluded.method, queue = excluded.queue,
+      seen_at = excluded.seen_at, seen_by = excluded.seen_by
+    RETURNING last_tick]],
+  schedule_advance = [[UPDATE tide_schedules SET last_tick = greatest(coalesce(last_tick, $2), $2),
+      seen_at = $3, seen_by = $4 WHERE name = $1]],
+  schedules = "SELECT * FROM tide_schedules ORDER BY name",
 }
 
 
@@ -165,6 +189,7 @@ local function migrate(c, name)
     for v = version + 1, #MIGRATIONS do
       for _, stmt in ipairs(MIGRATIONS[v]) do c:query(stmt) end
     end
+    c:query(SCHEDULES_TABLE)
     if not rows[1] then c:query("INSERT INTO tide_schema (version) VALUES ($1)", #MIGRATIONS)
     else c:query("UPDATE tide_schema SET version = $1", #MIGRATIONS) end
   end)
@@ -439,7 +464,12 @@ function Session:heartbeat(owner, lease_until, ids)
   return set
 end
 
-function Session:rescue() return self.c:query(SQL.rescue).changes end
+function Session:rescue()
+  local list = self.c:query(SQL.rescue).rows
+  local dead = {}
+  for _, r in ipairs(list) do if r.status == "discarded" then dead[#dead + 1] = r end end
+  return #list, dead
+end
 
 function Session:get(id) return self.c:query(SQL.get, id).rows[1] end
 
@@ -480,6 +510,40 @@ end
 function Session:pending(queues, now)
   return self.c:query(SQL.pending, text_array(queues, #queues), now).rows[1].n
 end
+
+-- ===== changing many jobs (see the SQLite store)
+
+local BULK_SET = {
+  retry_now = "status = 'available', run_at = $2, completed_at = NULL, "
+    .. "max_attempts = greatest(max_attempts, attempt + 1)",
+  cancel = "status = 'cancelled', completed_at = $2, lease_owner = NULL, lease_expires = NULL",
+}
+
+--- (Rows are locked in id order, as every statement of the store locks
+--- them, and waited for: a job a worker writes now is changed after it.)
+function Session:bulk(op, f, after, limit, now)
+  local sql = "UPDATE tide_jobs SET " .. BULK_SET[op] .. " WHERE id IN (SELECT id FROM tide_jobs WHERE id > $1 "
+    .. "AND status = $3" .. (f.queue and " AND queue = $4" or " AND $4::text IS NULL")
+    .. (f.since and (" AND %s >= $5"):format(f.since_col) or " AND $5::bigint IS NULL")
+    .. " ORDER BY id LIMIT $6 FOR UPDATE) RETURNING id, queue"
+  local list = self.c:query(sql, after, now, f.status, f.queue, f.since, limit).rows
+  table.sort(list, function(a, b) return a.id < b.id end)
+  return list
+end
+
+-- ===== schedules (tide.jobs.schedules; see the SQLite store)
+
+function Session:schedule_register(s, now, worker)
+  local row = self.c:query(SQL.schedule_register, s.name, s.cron_text, s.timezone, s.target, s.method, s.queue,
+                           now, worker).rows[1]
+  return row and row.last_tick or nil
+end
+
+function Session:schedule_advance(name, tick, now, worker)
+  self.c:query(SQL.schedule_advance, name, tick, now, worker)
+end
+
+function Session:schedules() return self.c:query(SQL.schedules).rows end
 
 --- A bare connection (for tools and specs): c:query(sql, ...) -> result, c:close().
 function M.connect(url)

@@ -101,6 +101,21 @@ local MIGRATIONS = {
 M.VERSION = #MIGRATIONS
 M.MIGRATIONS = MIGRATIONS
 
+-- The schedules workers run (tide.jobs.schedules): one row per schedule
+-- name, with the latest tick enqueued.  Created when missing at every open,
+-- apart from the numbered migrations: it only adds a table, and no job
+-- column depends on it.
+local SCHEDULES_TABLE = [[CREATE TABLE IF NOT EXISTS tide_schedules (
+    name      TEXT PRIMARY KEY,
+    cron      TEXT NOT NULL,
+    timezone  TEXT NOT NULL,
+    target    TEXT NOT NULL,
+    method    TEXT NOT NULL,
+    queue     TEXT NOT NULL,
+    last_tick INTEGER,                 -- ms: the latest tick enqueued
+    seen_at   INTEGER NOT NULL,        -- ms: when a worker last registered or advanced it
+    seen_by   TEXT)]]
+
 -- (WAITING is the predicate of the tide_jobs_due index, written the same
 -- way, so that SQLite sees that a claim can use the index.)
 local WAITING = common.any_of(job.WAITING)
@@ -146,7 +161,9 @@ local SQL = {
       run_at = ?1, lease_owner = NULL, lease_expires = NULL,
       errors = json_insert(coalesce(errors, '[]'), '$[#]', json_object('attempt', attempt,
         'at', ?1, 'error', 'lease expired: worker ' || lease_owner || ' stopped heartbeating'))
-    WHERE status = 'executing' AND lease_expires < ?1]],
+    WHERE status = 'executing' AND lease_expires < ?1
+    RETURNING id, status, queue, target, method, attempt, max_attempts, priority, run_at, inserted_at,
+      idempotence_key]],
   get = "SELECT * FROM tide_jobs WHERE id = ?1",
   states = "SELECT id, status, lease_owner, attempt FROM tide_jobs WHERE id IN (SELECT value FROM json_each(?1))",
   cancel = "UPDATE tide_jobs SET status = 'cancelled', completed_at = ?2, lease_owner = NULL, "
@@ -173,6 +190,15 @@ local SQL = {
   -- scans the whole table: 166 ms at a million finished jobs).
   pending_due = "SELECT count(*) AS n FROM tide_jobs WHERE queue = ?1 AND " .. WAITING .. " AND run_at <= ?2",
   pending_executing = "SELECT count(*) AS n FROM tide_jobs WHERE status = 'executing' AND queue = ?1",
+  schedule_register = [[INSERT INTO tide_schedules (name, cron, timezone, target, method, queue, seen_at, seen_by)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+    ON CONFLICT (name) DO UPDATE SET cron = excluded.cron, timezone = excluded.timezone,
+      target = excluded.target, method = excluded.method, queue = excluded.queue,
+      seen_at = excluded.seen_at, seen_by = excluded.seen_by
+    RETURNING last_tick]],
+  schedule_advance = [[UPDATE tide_schedules SET last_tick = CASE WHEN last_tick IS NULL OR last_tick < ?2
+      THEN ?2 ELSE last_tick END, seen_at = ?3, seen_by = ?4 WHERE name = ?1]],
+  schedules = "SELECT * FROM tide_schedules ORDER BY name",
 }
 
 -- ===== waiting for another process's lock, never on the loop thread
@@ -251,6 +277,7 @@ local function migrate(s)
     common.check_version(s.name, version, #MIGRATIONS, version == 0 and
       first_once(db, "SELECT 1 FROM sqlite_master WHERE name = 'tide_jobs'") ~= nil)
     for v = version + 1, #MIGRATIONS do db:exec(MIGRATIONS[v]) end
+    db:exec(SCHEDULES_TABLE)
     if row == nil then
       db:exec("INSERT INTO tide_schema (version) VALUES (" .. #MIGRATIONS .. ")")
     elseif version < #MIGRATIONS then
@@ -440,7 +467,14 @@ local function run(s, key, ...) return stmt(s, key):run(...) end
 local function first(s, key, ...) return stmt(s, key):first(...) end
 local function rows(s, key, ...) return stmt(s, key):rows(...) end
 
-function Session:rescue(now) return (locked(self, run, self, "rescue", now)) end
+--- Makes jobs whose lease expired available again, or discarded after their
+--- last attempt; returns how many, and the rows of those discarded.
+function Session:rescue(now)
+  local list = locked(self, rows, self, "rescue", now)
+  local dead = {}
+  for _, r in ipairs(list) do if r.status == "discarded" then dead[#dead + 1] = r end end
+  return #list, dead
+end
 function Session:get(id) return (locked(self, first, self, "get", id)) end
 
 --- { [id] = { status, lease_owner, attempt } } of the jobs among `ids` that exist.
@@ -501,5 +535,43 @@ local function pending(s, queues, now)
 end
 
 function Session:pending(queues, now) return (locked(self, pending, self, queues, now)) end
+
+-- ===== changing many jobs (q:retry_all, q:cancel_all)
+
+local BULK_SET = {
+  retry_now = "status = 'available', run_at = ?2, completed_at = NULL, max_attempts = max(max_attempts, attempt + 1)",
+  cancel = "status = 'cancelled', completed_at = ?2, lease_owner = NULL, lease_expires = NULL",
+}
+
+--- Applies op ("retry_now" or "cancel") to the next `limit` jobs after id
+--- `after` that match f (status, queue, since: ms, since_col) in one
+--- statement (its own short write transaction, outside the caller's);
+--- returns the rows changed: { id, queue }, in id order.
+function Session:bulk(op, f, after, limit, now)
+  local sql = "UPDATE tide_jobs SET " .. BULK_SET[op] .. " WHERE id IN (SELECT id FROM tide_jobs WHERE id > ?1 "
+    .. "AND status = ?3" .. (f.queue and " AND queue = ?4" or "") .. (f.since and (" AND %s >= ?5"):format(f.since_col) or "")
+    .. " ORDER BY id LIMIT ?6) RETURNING id, queue"
+  local list = locked(self, user_rows, self, sql, after, now, f.status, f.queue, f.since, limit)
+  table.sort(list, function(a, b) return a.id < b.id end)
+  return list
+end
+
+-- ===== schedules (tide.jobs.schedules)
+
+--- Records schedule `s` (name, cron, timezone, target, method, queue) as
+--- run by `worker`; returns its latest tick enqueued (ms), or nil for a new one.
+function Session:schedule_register(s, now, worker)
+  local row = locked(self, first, self, "schedule_register", s.name, s.cron_text, s.timezone, s.target, s.method,
+                     s.queue, now, worker)
+  return row and row.last_tick or nil
+end
+
+--- Notes that the ticks of schedule `name` up to `tick` (ms) are enqueued.
+function Session:schedule_advance(name, tick, now, worker)
+  locked(self, run, self, "schedule_advance", name, tick, now, worker)
+end
+
+--- Every schedule row, by name.
+function Session:schedules() return (locked(self, rows, self, "schedules")) end
 
 return M

@@ -37,14 +37,19 @@ local Source_mt = { __index = Source, __tostring = function(s)
   return ("tide.sources.rabbitmq '%s' (%s)"):format(s.queue, s.consume_ch and "consuming" or "idle")
 end }
 
-local KEYS = { url = true, queue = true, prefetch = true, declare = true, heartbeat = true, name = true,
-               connect_timeout = true, max_redeliveries = true, confirm_timeout = true }
-local DECLARE_KEYS = { durable = true, type = true, arguments = true, exclusive = true, auto_delete = true }
+local KEYS = check.options("tide.sources.rabbitmq", {
+  url = true, queue = true, prefetch = true, declare = true, heartbeat = true, name = true,
+  connect_timeout = true, max_redeliveries = true, confirm_timeout = true
+})
+local DECLARE_KEYS = check.options("rabbitmq declare", {
+  durable = true, type = true, arguments = true, exclusive = true, auto_delete = true
+})
 local QUEUE_TYPES = { classic = true, quorum = true }
-local PUBLISH_KEYS = { exchange = true, routing_key = true, persistent = true, headers = true, content_type = true,
-                       content_encoding = true, message_id = true, correlation_id = true, reply_to = true,
-                       expiration = true, priority = true, type = true, app_id = true, timestamp = true,
-                       timeout = true }
+local PUBLISH_KEYS = check.options("source:publish", {
+  exchange = true, routing_key = true, persistent = true, headers = true, content_type = true,
+  content_encoding = true, message_id = true, correlation_id = true, reply_to = true,
+  expiration = true, priority = true, type = true, app_id = true, timestamp = true, timeout = true
+})
 local MAX_BODY = 128 * 1024 * 1024   -- RabbitMQ's default max_message_size
 local SEEN_MAX = 10000       -- keys of redelivered messages remembered for the consumer-side count
 
