@@ -472,6 +472,7 @@ describe("tide.worker on " .. store.name, function()
       { function() tide.worker{ queue = q, queues = { default = 0 } } end, "tide.worker: bad option 'queues.default' (integer >= 1 expected, got number 0)" },
       { function() tide.worker{ queue = q, queues = { a = 1 }, concurrency = 2 } end, "tide.worker: give queues or concurrency, not both" },
       { function() tide.worker{ queue = q, lease = -1 } end, "tide.worker: bad option 'lease' (positive number of ms expected, got number -1)" },
+      { function() tide.worker{ queue = q, lease = 1e300 } end, "tide.worker: bad option 'lease' (positive number of ms up to 1e12 (a lease's end must be a time every store holds) expected, got number 1e+300)" },
       { function() tide.worker{ queue = q, targets = { t = { timeout = "1s", methods = {} } } } end,
         "tide.worker: bad option 'targets.t.timeout' (positive number of ms expected, got string \"1s\")" },
       { function() tide.worker{ queue = q, targets = { t = { mode = "fork", methods = {} } } } end,

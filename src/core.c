@@ -331,10 +331,18 @@ static int l_clock_virtual(lua_State *L) {
  * next timer's deadline (exactly, in ns: a deadline round-tripped through a
  * double of ms may land a nanosecond short of due); false when no timer is
  * due by the target: the clock then moves to the target, unless until_idle. */
+/* The farthest the virtual clock goes, in ms (about 290 years of uptime):
+ * its ns fit in 64 bits with room for a timer of MAX_DELAY_MS after it
+ * (a larger double cast to uint64_t is undefined: 1e300 came out as 0). */
+#define MAX_CLOCK_MS 9.2e12
+
 static int l_clock_step(lua_State *L) {
   state *s = get_state(L);
   double target_ms = luaL_checknumber(L, 1);
-  uint64_t target = target_ms > 0 ? (uint64_t)(target_ms * 1e6) : 0, deadline;
+  if (!(target_ms > 0)) target_ms = 0;                 /* NaN too */
+  if (target_ms > MAX_CLOCK_MS) target_ms = MAX_CLOCK_MS;
+  uint64_t target = (uint64_t)(target_ms * 1e6), deadline;
+  if (target < tide__loop_now()) target = tide__loop_now();   /* never backwards */
   if (tide__timers_next(&s->loop.timers, &deadline) && deadline <= target) {
     tide__loop_set_now(&s->loop, deadline);
     lua_pushboolean(L, 1);

@@ -670,8 +670,20 @@ local function job_of(q, row)
 end
 M.job_of = job_of
 
+--- A job id: an integer a double holds exactly (a store's bigint took
+--- 1e300 as text and refused it, where SQLite compared it as a real).
+local function is_id(id) return check.is_count(id, 1) and id <= 2 ^ 53 end
+local ID_EXPECTED = "job id (integer from 1 to 2^53)"
+
 local function check_id(fname, id)
-  if not check.is_count(id, 1) then arg_error(fname, 1, "job id (integer >= 1)", id, 3) end
+  if not is_id(id) then arg_error(fname, 1, ID_EXPECTED, id, 3) end
+end
+
+--- The UTC ms `ms` ago, as a whole number no earlier than the epoch (a
+--- span of 1e300 ms gave -1e300, which PostgreSQL's bigint refused).
+local function ago(ms)
+  local t = floor(wallclock() - ms)
+  return t > 0 and t or 0
 end
 
 local function get_row(session, id) return session:get(id) end
@@ -706,7 +718,7 @@ function Queue:list(f)
   if f.limit ~= nil and not (check.is_count(f.limit, 1) and f.limit <= MAX_LIMIT) then
     opt_error("q:list", "limit", "integer from 1 to 2147483647", f.limit)
   end
-  if f.before ~= nil and not check.is_count(f.before, 1) then opt_error("q:list", "before", "job id", f.before) end
+  if f.before ~= nil and not is_id(f.before) then opt_error("q:list", "before", ID_EXPECTED, f.before) end
   local rows = with_session(self, "q:list", list_rows, { status = f.status, queue = f.queue, target = f.target,
                                                          limit = f.limit or 100, before = f.before })
   for i, row in ipairs(rows) do rows[i] = job_of(self, row) end
@@ -852,7 +864,7 @@ function Queue:recent(limit, within)
   end
   if within ~= nil and not check.is_ms(within) then arg_error("q:recent", 2, "non-negative number of ms", within) end
   limit = limit or 10000
-  local rows = with_session(self, "q:recent", recent_rows, wallclock() - (within or 60000), limit)
+  local rows = with_session(self, "q:recent", recent_rows, ago(within or 60000), limit)
   local out, total = {}, 0
   for _, r in ipairs(rows) do
     local qt = out[r.queue]
@@ -909,7 +921,7 @@ function Queue:prune(opts)
       opt_error("q:prune", "statuses[" .. i .. "]", "'completed', 'discarded', 'cancelled' or 'expired'", st)
     end
   end
-  return (with_session(self, "q:prune", prune_rows, wallclock() - ms, statuses))
+  return (with_session(self, "q:prune", prune_rows, ago(ms), statuses))
 end
 
 --- Closes the store (idempotent); sessions held by tasks close when given

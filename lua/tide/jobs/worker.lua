@@ -229,6 +229,11 @@ local function check_opts(fname, opts)
       opt_error(fname, k, "positive number of ms", opts[k], 3)
     end
   end
+  -- A lease's end is stored (PostgreSQL's bigint refused now + 1e300, and
+  -- every claim failed); 1e12 ms is about 31 years.
+  if opts.lease ~= nil and opts.lease > 1e12 then
+    opt_error(fname, "lease", "positive number of ms up to 1e12 (a lease's end must be a time every store holds)", opts.lease, 3)
+  end
   if opts.batch ~= nil and not check.is_count(opts.batch, 1) then
     opt_error(fname, "batch", "integer >= 1", opts.batch, 3)
   end
