@@ -68,7 +68,7 @@ local acks_of = {}                                -- body -> handler successes (
 local ok_after_outage = 0                         -- successes of deliveries started after the outage
 
 local consumer = tide.consumer{
-  source = src, prefetch = PREFETCH, name = "orders",
+  source = src, concurrency = PREFETCH, name = "orders",
   handler = {
     run = handle, timeout = 200,
     handle_result = function(status, _, _, d)

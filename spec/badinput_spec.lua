@@ -67,9 +67,53 @@ local BAD = {
   { function() local t = tide.spawn(f); t:cancel(); t:await() end, "task:await: called outside a task (start one with tide.run or tide.spawn)" },
   { function() local t = tide.spawn(f); t:cancel(); t.cancel({}) end, "task:cancel: bad self (task expected, got table); call it as task:cancel(...)" },
   { function() local tm = tide.after(1, f); tm:stop(); tm.stop(nil) end, "timer:stop: bad self (timer expected, got nil)" },
+  -- supervisors
+  { function() tide.supervisor{ children = { { id = nan, start = f } } } end, "tide.supervisor: bad option 'children[1].id' (string or number expected, got nan)" },
+  { function() tide.supervisor{ children = { { id = "a", start = f, args = 5 } } } end, "tide.supervisor: bad option 'children[1].args' (table expected, got number 5)" },
+  { function() tide.supervisor{ on_give_up = 5 } end, "tide.supervisor: bad option 'on_give_up' (function expected, got number 5)" },
+  { function() tide.supervisor{}:terminate_child(nil) end, "supervisor:terminate_child: bad argument #1 (child id (string or number) expected, got nil)" },
+  { function() tide.supervisor{}:restart_child({}) end, "supervisor:restart_child: bad argument #1 (child id (string or number) expected, got table)" },
+  { function() tide.supervisor{}:delete_child(nan) end, "supervisor:delete_child: bad argument #1 (child id (string or number) expected, got nan)" },
+  { function() tide.supervisor{}:start_child{ id = nan, start = f } end, "supervisor:start_child: bad option 'child.id' (string or number expected, got nan)" },
+  { function() tide.supervisor{}.terminate_child(5, "a") end, "supervisor:terminate_child: bad self (supervisor expected, got number 5)" },
+  -- the memory source
+  { function() tide.sources.memory{ messages = 5 } end, "tide.sources.memory: bad option 'messages' (list expected, got number 5)" },
+  { function() tide.sources.memory{}.publish(nil, "x") end, "source:publish: bad self (memory source expected, got nil)" },
+  { function() tide.sources.memory{}:fetch("x") end, "source:fetch: bad argument #1 (integer >= 0 expected, got string \"x\")" },
+  { function() tide.sources.memory{}:fetch(1, -1) end, "source:fetch: bad argument #2 (non-negative number of ms expected, got number -1)" },
+  { function() tide.sources.memory{}:ack(nil) end, "source:ack: bad argument #1 (delivery expected, got nil)" },
+  { function() tide.sources.memory{}:nack(5) end, "source:nack: bad argument #1 (delivery expected, got number 5)" },
+  { function() tide.sources.memory{}.stats(nil) end, "source:stats: bad self (memory source expected, got nil)" },
+  -- flows and their runs
+  { function() local h = tide.flow{ tasks = { a = { run = f } } }:start(); h:cancel(); h.await(nil) end, "run:await: bad self (flow run expected, got nil); call it as run:await(...)" },
+  { function() local h = tide.flow{ tasks = { a = { run = f } } }:start(); h:cancel(); h:await(-1) end, "run:await: bad argument #1 (non-negative number of ms expected, got number -1)" },
+  { function() local h = tide.flow{ tasks = { a = { run = f } } }:start(); h:cancel(); h.cancel(5) end, "run:cancel: bad self (flow run expected, got number 5); call it as run:cancel(...)" },
+  -- jobs
+  { function() local q = tide.queue.open("sqlite::memory:"); q:close(); tide.worker{ queue = q } end, "tide.worker: bad option 'queue' (the queue is closed)" },
+  -- observing
+  { function() tide.metrics.render(5) end, "tide.metrics.render: bad argument #1 (table expected, got number 5)" },
+  { function() tide.metrics.render{ every = -1 } end, "tide.metrics.render: bad option 'every' (positive number of ms expected, got number -1)" },
+  { function() tide.metrics.render{ queues = 5 } end, "tide.metrics.render: bad option 'queues' (list of queues expected, got number 5)" },
+  { function() tide.metrics.render{ bogus = 1 } end, "tide.metrics.render: unknown option 'bogus'" },
+  { function() tide.metrics.serve{ every = 0 } end, "tide.metrics.serve: bad option 'every' (positive number of ms expected, got number 0)" },
+  { function() tide.json.array(5) end, "tide.json.array: bad argument #1 (table or nil expected, got number 5)" },
 }
 
 -- Calls that only make sense inside a task.
+--- A case that runs fn(w) with a worker of its own, and stops it whatever
+--- fn raised; fn's error is raised again (from this file: the line is not checked).
+local function with_worker(fn)
+  return function()
+    local q = tide.queue.open("sqlite::memory:")
+    local w = tide.worker{ queue = q, targets = {} }
+    local ok, err = pcall(fn, w)
+    w:stop(0)
+    w:wait()
+    q:close()
+    if not ok then error((tostring(err):gsub("^spec/badinput_spec.lua:%d+: ", "")), 1) end
+  end
+end
+
 local BAD_IN_TASK = {
   { function() tide.current():await() end, "task:await: a task cannot await itself" },
   { function()
@@ -78,6 +122,16 @@ local BAD_IN_TASK = {
     end, "tide.sleep: cannot wait inside a nested coroutine, only in the task's own" },
   { function() tide.run(f) end, "tide.run: the loop is already running (tide.run is for a plain host; inside a task, spawn and await)" },
   { function() local p = tide.pool{}; local t = p:submit(f); p.drain("x") end, "pool:drain: bad self (pool expected, got string \"x\"); call it as pool:drain(...)" },
+  -- a worker's methods (each case stops the worker it started)
+  { with_worker(function(w) w.stop(nil) end), "worker:stop: bad self (worker expected, got nil); call it as worker:stop(...)" },
+  { with_worker(function(w) w.wait(5) end), "worker:wait: bad self (worker expected, got number 5); call it as worker:wait(...)" },
+  { with_worker(function(w) w.info({}) end), "worker:info: bad self (worker expected, got table); call it as worker:info(...)" },
+  { with_worker(function(w) w.drain("x") end), "worker:drain: bad self (worker expected, got string \"x\"); call it as worker:drain(...)" },
+  { with_worker(function(w) w:drain{ whithin = 5 } end), "worker:drain: unknown option 'whithin'" },
+  { with_worker(function(w) w:drain{ within = -5 } end), "worker:drain: bad option 'within' (non-negative number of ms expected, got number -5)" },
+  -- reads with a limit past what a store takes
+  { function() local q = tide.queue.open("sqlite::memory:"); q:list{ limit = 1e300 } end, "q:list: bad option 'limit' (integer from 1 to 2147483647 expected, got number 1e+300)" },
+  { function() local q = tide.queue.open("sqlite::memory:"); q:recent(2^31) end, "q:recent: bad argument #1 (integer from 1 to 2147483647 expected, got number 2147483648)" },
 }
 
 describe("bad input", function()

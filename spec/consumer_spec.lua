@@ -429,3 +429,30 @@ describe("tide.consumer options", function()
     spec_helper.error_cases("spec/consumer_spec.lua", cases)
   end)
 end)
+
+describe("tide.consumer's handle_result", function()
+  after_each(function() loud() end)
+
+  it("cannot wait (it runs inside its handler's end): the wait raises naming it, and the delivery still settles", function()
+    local errs = {}
+    tide.configure{ on_error = function(_, err)
+      if tostring(err):find("cannot wait", 1, true) then errs[#errs + 1] = tostring(err) end
+    end }
+    local src = tide.sources.memory{ prefetch = 2, messages = { "a", "b" } }
+    spec_helper.run(function()
+      local c = tide.consumer{ source = src, concurrency = 2, requeue = false, handler = {
+        run = function(body) if body == "b" then error("b fails") end end,
+        handle_result = function() tide.sleep(5); return "drop" end } }
+      local t = tide.spawn(function() return c:run() end)
+      assert.is_true(wait_for(function() return src.acked + src.nacked == 2 end, 3000))
+      t:cancel()
+    end)
+    assert.equal(1, src.acked)                    -- settled as the status says, not as the hook meant
+    assert.equal(1, src.nacked)
+    assert.equal(0, src.queued)                   -- b dropped, as requeue = false says
+    assert.equal(2, #errs, table.concat(errs, "\n"))
+    for _, e in ipairs(errs) do
+      assert.truthy(e:find("tide.sleep: cannot wait inside handle_result", 1, true), e)
+    end
+  end)
+end)

@@ -109,7 +109,7 @@ local function expiries(job, killed_id)
     assert(id, ("job %d, attempt %d failed otherwise: %s"):format(job.id, k, e.error))
     local kill = killed_id[id]
     assert(kill, ("job %d: the lease of worker %s, never killed, expired"):format(job.id, id))
-    local at = math.floor(e.at * 1000 + 0.5)
+    local at = e.at
     assert(at >= kill.sent, ("job %d: the lease of worker %s expired at %d, while it lived (killed at %d)")
       :format(job.id, id, at, kill.sent))
     by_attempt[k] = { pid = kill.pid, at = at }

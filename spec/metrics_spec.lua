@@ -100,9 +100,9 @@ describe("tide.metrics", function()
     assert.equal(src.acked, m["tide_consumer_acks_total{consumer=orders-in}"])
     assert.equal(src.nacked, m["tide_consumer_nacks_total{consumer=orders-in}"])
     assert.equal(0, m["tide_consumer_in_flight{consumer=orders-in}"])
-    assert.equal(1, m["tide_flow_runs_total{status=failed}"])
+    assert.equal(1, m["tide_flow_runs_total{status=error}"])
     assert.equal(1, m["tide_flow_steps_total{status=ok}"])
-    assert.equal(1, m["tide_flow_steps_total{status=failed}"])
+    assert.equal(1, m["tide_flow_steps_total{status=error}"])
     assert.equal(1, m["tide_flow_steps_total{status=cancelled}"])   -- stopped by the failure (fail = "stop")
     -- the worker's counters, by queue, against its own stats
     local ws = w.stats

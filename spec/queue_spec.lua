@@ -386,6 +386,77 @@ describe("tide.queue on " .. store.name, function()
       end)
     end)
 
+    it("lets a transaction in flight at q:close() end, then closes its connection", function()
+      local function connections()           -- the server's sessions on this database but q's own
+        return q:transaction(function(tx)
+          return tx:query("SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database()")[1].n
+        end)
+      end
+      local q2
+      local result, late, before, after
+      spec_helper.run(function()
+        before = store.name == "postgres" and connections()
+        q2 = tide.queue.open(url)
+        local t = tide.spawn(function()
+          return q2:transaction(function(tx)
+            tx:enqueue{ target = "t", method = "m" }
+            tide.sleep(30)
+            return "committed"
+          end)
+        end)
+        local t2 = tide.spawn(function()
+          return q2:transaction(function(tx)
+            tide.sleep(30)
+            tx:enqueue{ target = "t", method = "late" }
+          end)
+        end)
+        tide.sleep(10)
+        q2:close()
+        result, late = { t:await() }, { t2:await() }
+        if store.name == "postgres" then         -- the loop still runs (its end closes every socket)
+          local t0 = tide.now()                  -- a closed session's backend leaves the server soon after
+          repeat after = connections(); tide.sleep(10) until after == before or tide.now() - t0 > 2000
+        end
+      end)
+      assert.same({ "ok", "committed" }, result)
+      assert.equal("error", late[1])                  -- SQLite: it waited for the one connection
+      assert.matches(store.name == "postgres" and "tx:enqueue: the queue is closed"
+                     or "q:transaction: sqlite:[^:]*: the store is closed", late[2])
+      assert.equal(1, q:stats().total)
+      if store.name == "postgres" then
+        assert.equal(before, after)
+      else                                     -- the write lock is free: a new store takes it at once
+        local q3 = tide.queue.open(url, { busy_timeout = 100 })
+        q3:enqueue{ target = "t", method = "after" }
+        q3:close()
+      end
+    end)
+
+    it("closes the connection of a transaction (outside tasks) whose own function closed the queue", function()
+      local function connections()
+        return q:transaction(function(tx)
+          return tx:query("SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database()")[1].n
+        end)
+      end
+      local before = store.name == "postgres" and connections()
+      local q2 = tide.queue.open(url)
+      assert.equal("kept", q2:transaction(function(tx)
+        tx:enqueue{ target = "t", method = "m" }
+        q2:close()
+        return "kept"
+      end))
+      assert.equal(1, q:stats().total)
+      if store.name == "postgres" then               -- a closed session's backend leaves the server soon after
+        local deadline, now = os.time() + 3, connections()
+        while now ~= before and os.time() < deadline do os.execute("sleep 0.02"); now = connections() end
+        assert.equal(before, now)
+      else
+        local q3 = tide.queue.open(url, { busy_timeout = 100 })
+        q3:enqueue{ target = "t", method = "after" }
+        q3:close()
+      end
+    end)
+
     it("rolls back the rows and the job when the function raises, and raises the error again", function()
       local ok, err = pcall(q.transaction, q, function(tx)
         tx:exec("INSERT INTO orders (id, customer) VALUES (?, ?)", 8, "bob")

@@ -378,6 +378,44 @@ describe("tide.sources.rabbitmq", function()
     end)
   end)
 
+  it("refuses headers that cannot be sent without losing count of the confirms that follow", function()
+    need_broker()
+    spec_helper.run(function()
+      local src = tide.sources.rabbitmq{ url = URL, queue = qname("pubheaders"), declare = { durable = false },
+                                         confirm_timeout = 3000 }
+      assert.is_true(src:publish("a"))
+      local ok, err = pcall(src.publish, src, "b", { headers = { x = function() end } })
+      assert.is_false(ok)
+      assert.matches("source:publish: headers.x: function cannot be sent", err)
+      local t0 = tide.now()
+      assert.is_true(src:publish("c"))                 -- confirmed as itself, not taken for "b"
+      assert.is_true(src:publish("d"))
+      assert.is_true(tide.now() - t0 < 1000)
+      assert.equal(3, src:queue_info().messages)
+      src:delete_queue()
+      src:close()
+    end)
+  end)
+
+  it("refuses a publish where it cannot wait for the confirm, before anything is sent", function()
+    need_broker()
+    local src = tide.sources.rabbitmq{ url = URL, queue = qname("pubcallback"), declare = { durable = false } }
+    local err
+    spec_helper.run(function()
+      assert.is_true(src:publish("a"))                 -- the publishing channel is open from here
+      local t = tide.spawn{ run = function() return 1 end, handle_result = function()
+        local ok, e = pcall(src.publish, src, "from a callback")
+        err = ok and "published" or e
+      end }
+      t:await()
+      tide.sleep(50)
+      assert.equal(1, src:queue_info().messages)
+      src:delete_queue()
+      src:close()
+    end)
+    assert.matches("source:publish: cannot wait inside handle_result", err)
+  end)
+
   it("publishes with confirms through a broker restart: none lost, none confirmed that the broker does not hold", function()
     need_broker()
     local seed = tonumber(os.getenv("RABBITMQ_SEED")) or os.time()

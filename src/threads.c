@@ -15,6 +15,7 @@ typedef struct slot {
   uv_thread_t thread;
   tide__pool *pool;
   tide__job *current;
+  int opening;              /* still making its state (thread_init may be slow) */
   int quarantined;          /* given up on: retires (and frees itself) when it returns */
 } slot;
 
@@ -219,6 +220,7 @@ static void give_back(tide__pool *p, slot *s, tide__job *job) {
   map_del(&p->jobs, job->id);
   if (job->abandoned || p->closing) {
     tide__job_free(job);
+    if (p->closing) uv_cond_broadcast(&p->cv);   /* tide__pool_close waits for us */
     return;
   }
   job->place = DONE;
@@ -232,6 +234,8 @@ static void worker_main(void *arg) {
   char err[256];
   tide__worker_open(&s->w, &p->cfg, err, sizeof err);   /* a failure fails each job */
   uv_mutex_lock(&p->mu);
+  s->opening = 0;
+  if (p->closing) uv_cond_broadcast(&p->cv);   /* tide__pool_close waits for us */
   tide__job *job;
   while (!s->quarantined && (job = take(p, s)) != NULL) {
     uv_mutex_unlock(&p->mu);
@@ -255,6 +259,7 @@ static slot *start_slot(tide__pool *p, int index, char *err, size_t errlen) {
   s->pool = p;
   s->w.index = index;
   s->w.cfg = &p->cfg;
+  s->opening = 1;                            /* before the thread runs: it clears it, locked */
   if (uv_thread_create(&s->thread, worker_main, s) != 0) {
     snprintf(err, errlen, "cannot start thread %d", index);
     free(s);
@@ -445,26 +450,56 @@ static void free_async(uv_handle_t *h) {
   free(h);
 }
 
+/* Gives up on slot i, which may never return (stuck in compiled code or in
+ * C): it is detached and retires by itself if it ever returns.  Locked. */
+static void abandon_slot(tide__pool *p, int i) {
+  slot *s = p->slots[i];
+  s->quarantined = 1;
+  p->refs++;                                 /* the thread holds the pool now */
+  pthread_detach(s->thread);
+  p->slots[i] = NULL;
+}
+
+/* True while some worker still makes its state or runs a job.  Locked. */
+static int workers_busy(tide__pool *p) {
+  for (int i = 0; i < p->nslots; i++)
+    if (p->slots[i] && (p->slots[i]->opening || p->slots[i]->current)) return 1;
+  return 0;
+}
+
 void tide__pool_close(tide__pool *p) {
   uv_mutex_lock(&p->mu);
   p->closing = 1;
   uv_cond_broadcast(&p->cv);
-  for (int i = 0; i < p->nslots; i++) {      /* busy workers are abandoned */
+  for (int i = 0; i < p->nslots; i++) {      /* ask every worker to stop what it does */
     slot *s = p->slots[i];
-    if (s->current == NULL) continue;
-    s->quarantined = 1;
-    s->current->abandoned = 1;
-    tide__worker_interrupt(&s->w, s->current->id);
-    p->busy--;
-    p->refs++;
-    pthread_detach(s->thread);
-    p->slots[i] = NULL;
+    if (s->current) {
+      s->current->abandoned = 1;
+      tide__worker_interrupt(&s->w, s->current->id);
+    } else if (s->opening) {
+      tide__worker_interrupt(&s->w, TIDE_WORKER_OPENING);
+    }
   }
   free_list(&p->jobs, p->queue);             /* the running jobs stay in the map */
   free_list(NULL, p->done);
   p->queue = p->queue_tail = p->done = p->done_tail = NULL;
+  /* Workers stop at their next check (a job, or thread_init); those still
+   * at it after TIDE_POOL_CLOSE_WAIT_MS (compiled code runs no hook, C code
+   * none either) are left to retire by themselves. */
+  uint64_t deadline = uv_hrtime() + (uint64_t)TIDE_POOL_CLOSE_WAIT_MS * 1000000u;
+  for (uint64_t now = uv_hrtime(); workers_busy(p) && now < deadline; now = uv_hrtime())
+    uv_cond_timedwait(&p->cv, &p->mu, deadline - now);
+  int left = 0;
+  for (int i = 0; i < p->nslots; i++) {
+    slot *s = p->slots[i];
+    if (s && (s->opening || s->current)) { abandon_slot(p, i); left++; }
+  }
   uv_mutex_unlock(&p->mu);
-  for (int i = 0; i < p->nslots; i++) {      /* idle ones exit: join them */
+  if (left)
+    fprintf(stderr, "tide: %d thread%s did not stop within %d ms of the pool's close "
+            "(stuck in compiled code or in C); left to end by %s\n",
+            left, left == 1 ? "" : "s", TIDE_POOL_CLOSE_WAIT_MS, left == 1 ? "itself" : "themselves");
+  for (int i = 0; i < p->nslots; i++) {      /* the others have exited: join them */
     slot *s = p->slots[i];
     if (s == NULL) continue;
     uv_thread_join(&s->thread);

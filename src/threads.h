@@ -13,7 +13,9 @@
  * compiled traces, so a job may not stop; tide__pool_quarantine then gives
  * up on its worker: a replacement starts at once, so the pool keeps its size,
  * and the stuck worker retires by itself if it ever returns (its result is
- * dropped).  At close, idle workers are joined and busy ones abandoned.
+ * dropped).  At close, every worker is asked to stop (its job, or its
+ * thread_init) and joined; one still running after TIDE_POOL_CLOSE_WAIT_MS
+ * is abandoned (detached: it frees itself if it ever returns).
  * Every job is found by its id in O(1) (a hash of the jobs in the pool),
  * so cancelling many queued jobs costs no scan of the queue.
  *
@@ -30,6 +32,7 @@
 typedef enum { TIDE_JOB_OK = 0, TIDE_JOB_ERROR = 1 } tide__job_status;
 
 #define TIDE_THREADS_MAX 1024  /* most threads a pool may have */
+#define TIDE_POOL_CLOSE_WAIT_MS 1000  /* how long close waits for workers to stop */
 
 typedef struct tide__job {
   uint64_t id;                 /* chosen by the submitter, unique while live */
@@ -101,9 +104,12 @@ int tide__pool_quarantine(tide__pool *pool, uint64_t id);
 
 void tide__pool_stats_get(tide__pool *pool, tide__pool_stats *st);
 
-/* Stops the pool: idle workers exit and are joined, busy ones are
- * abandoned; the async handle is closed.  The pool is freed once the
- * last abandoned worker is gone (maybe never: a stuck thread). */
+/* Stops the pool: queued jobs are dropped, running jobs and thread_init
+ * are asked to stop, and every worker that stops within
+ * TIDE_POOL_CLOSE_WAIT_MS is joined (its state closed); the others are
+ * abandoned, said on stderr.  The async handle is closed.  The pool is freed
+ * once the last abandoned worker is gone (maybe never: a stuck thread).
+ * Blocks the calling (loop) thread for at most TIDE_POOL_CLOSE_WAIT_MS. */
 void tide__pool_close(tide__pool *pool);
 
 #endif

@@ -386,6 +386,7 @@ static int open_state(lua_State *L) {
   w->job_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pushcfunction(L, on_error);
   w->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_sethook(L, stop_hook, LUA_MASKCOUNT, TIDE_STOP_CHECK_INSTRUCTIONS);   /* init can be stopped */
   if (cfg->init) {
     lua_getglobal(L, "require");
     lua_pushstring(L, cfg->init);
@@ -396,7 +397,6 @@ static int open_state(lua_State *L) {
       lua_gc(L, LUA_GCCOLLECT, 0);           /* what init left: each job needs room to fail */
     }
   }
-  lua_sethook(L, stop_hook, LUA_MASKCOUNT, TIDE_STOP_CHECK_INSTRUCTIONS);
   return 0;
 }
 
@@ -415,8 +415,13 @@ int tide__worker_open(tide__worker *w, const tide__pool_config *cfg, char *err, 
     return -1;
   }
   lua_atpanic(w->L, on_panic);
+  /* While the state is made, `running` says so: the pool's close can stop
+   * a thread_init that takes long (tide__worker_interrupt). */
+  uint64_t was = atomic_exchange(&w->running, TIDE_WORKER_OPENING);
   /* lua_cpcall makes its function object inside the protection. */
-  if (lua_cpcall(w->L, open_state, w) != 0) {
+  int rc = lua_cpcall(w->L, open_state, w);
+  atomic_store(&w->running, was);
+  if (rc != 0) {
     snprintf(w->init_error, sizeof w->init_error, "cannot set up thread %d: %s", w->index,
              lua_type(w->L, -1) == LUA_TSTRING ? lua_tostring(w->L, -1) : "an error");
     snprintf(err, errlen, "%s", w->init_error);

@@ -53,6 +53,10 @@ void tide__worker_close(tide__worker *w);
  * and fills in its status, result and trace.  Worker thread only. */
 void tide__worker_run(tide__worker *w, tide__job *job);
 
+/* The id `running` holds while the worker makes its state (thread_init):
+ * interrupting it stops a slow or looping init at its next check. */
+#define TIDE_WORKER_OPENING UINT64_MAX
+
 /* Asks job `id`, if it is the one running, to stop (any thread): it raises
  * "cancelled" at its next check -- the hook, tide.sleep, tide.check.
  * Threading rule: this only stores into an atomic.  The worker installed

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include "tap.h"
@@ -418,30 +419,85 @@ static void slow_init_on_own_threads(void) {
   rig_stop(r, "slow init");
 }
 
+/* Closing a pool whose workers are still in thread_init, or running a job,
+ * stops them and joins them; one stuck where no hook runs (compiled code)
+ * is left after TIDE_POOL_CLOSE_WAIT_MS, and the close returns. */
+static double close_ms(rig *r, const char *name) {
+  uint64_t t0 = uv_hrtime();
+  rig_stop(r, name);
+  return (double)(uv_hrtime() - t0) / 1e6;
+}
+
+static void close_during_init(void) {
+  rig *r = rig_start(2, 0, "tide_test_loop_init");      /* never ends, in the interpreter */
+  run_for(r, 50);
+  double ms = close_ms(r, "looping init");
+  ok(ms < 500, "closing a pool whose thread_init loops stops it: %.0f ms (< 500)", ms);
+
+  r = rig_start(2, 0, "tide_test_slow_init");            /* tide.sleep(200) */
+  ms = close_ms(r, "sleeping init");
+  ok(ms < 150, "closing a pool whose thread_init sleeps stops it: %.0f ms (< 150)", ms);
+
+  r = rig_start(1, 0, NULL);
+  submit_code(r, 1, "jit.off() local x = 0 while true do x = x + 1 end", "{ n = 0 }");
+  ok(wait_busy(r, 1, WAIT_MS), "a job loops");
+  ms = close_ms(r, "looping job");
+  ok(ms < 500, "closing a pool stops a running job and joins its thread: %.0f ms (< 500)", ms);
+}
+
+/* Last: the stuck thread spins until the process exits. */
+static void close_with_init_stuck_in_compiled_code(void) {
+  rig *r = rig_start(1, 0, "tide_test_jit_init");
+  run_for(r, 100);
+  double ms = close_ms(r, "init stuck in compiled code");
+  ok(ms >= TIDE_POOL_CLOSE_WAIT_MS - 50 && ms < TIDE_POOL_CLOSE_WAIT_MS + 1000,
+     "closing a pool whose thread_init is stuck in compiled code returns after %.0f ms (~%d)",
+     ms, TIDE_POOL_CLOSE_WAIT_MS);
+}
+
 static char module_dir[64];
+
+static const struct { const char *name, *text; } modules[] = {
+  { "tide_test_slow_init", "require('tide').sleep(200)\n_G.slow_init_done = true\n" },
+  { "tide_test_loop_init", "jit.off()\nlocal x = 0\nwhile true do x = x + 1 end\n" },
+  { "tide_test_jit_init", "local x = 0\nwhile true do x = x + 1 end\n" },
+};
 
 static void write_modules(void) {
   snprintf(module_dir, sizeof module_dir, "/tmp/tide_test_threads_XXXXXX");
   if (mkdtemp(module_dir) == NULL) bail_out("mkdtemp", "failed");
   char file[128], path[128];
-  snprintf(file, sizeof file, "%s/tide_test_slow_init.lua", module_dir);
-  FILE *f = fopen(file, "w");
-  if (f == NULL) bail_out("fopen", file);
-  fputs("require('tide').sleep(200)\n_G.slow_init_done = true\n", f);
-  fclose(f);
+  for (size_t i = 0; i < sizeof modules / sizeof modules[0]; i++) {
+    snprintf(file, sizeof file, "%s/%s.lua", module_dir, modules[i].name);
+    FILE *f = fopen(file, "w");
+    if (f == NULL) bail_out("fopen", file);
+    fputs(modules[i].text, f);
+    fclose(f);
+  }
   snprintf(path, sizeof path, "%s/?.lua;;", module_dir);
   module_path = strdup(path);
 }
 
 static void remove_modules(void) {
   char file[128];
-  snprintf(file, sizeof file, "%s/tide_test_slow_init.lua", module_dir);
-  remove(file);
+  for (size_t i = 0; i < sizeof modules / sizeof modules[0]; i++) {
+    snprintf(file, sizeof file, "%s/%s.lua", module_dir, modules[i].name);
+    remove(file);
+  }
   rmdir(module_dir);
   free((char *)module_path);
 }
 
+static void on_alarm(int sig) {
+  (void)sig;
+  static const char msg[] = "Bail out! the tests hung (a close that never returns?)\n";
+  if (write(1, msg, sizeof msg - 1) < 0) _exit(3);
+  _exit(2);
+}
+
 int main(void) {
+  signal(SIGALRM, on_alarm);
+  alarm(120);
   write_modules();
   S = luaL_newstate();
   luaL_openlibs(S);
@@ -455,6 +511,8 @@ int main(void) {
   bad_argument_counts();
   cancel_many_queued();
   slow_init_on_own_threads();
+  close_during_init();
+  close_with_init_stuck_in_compiled_code();
   lua_close(S);
   remove_modules();
   return tap_done();

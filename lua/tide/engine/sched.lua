@@ -29,7 +29,7 @@ local log = require "tide.engine.log"
 local retry = require "tide.engine.retry"
 local check = require "tide.engine.check"
 
-local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, coroutine.yield
+local co_create, co_resume, co_yield, co_status = coroutine.create, coroutine.resume, coroutine.yield, coroutine.status
 local type = type
 local co_running = coroutine.running
 local unpack, select, pcall, xpcall, error = unpack, select, pcall, xpcall, error
@@ -111,16 +111,37 @@ local function hook_failed(what, t, err)
   log.report(what .. " hook of " .. safe_tostring(t), err, err)
 end
 
+-- A hook runs inside the door, in whatever task or callback ended t: it
+-- may not wait (a wait would suspend that other task half-way through
+-- ending t, and a cancel of it then would leave t never ended).  While
+-- hooks run, in_callback names them, so a wait raises "cannot wait inside
+-- a task's on_finish hook"; the name is a constant (no string per call).
+local HOOK_NAMES = { on_finish = "a task's on_finish hook", on_attempt_end = "a task's on_attempt_end hook" }
+
 local function run_hooks(what, t, h)
+  local saved = in_callback
+  in_callback = HOOK_NAMES[what]
   if type(h) == "function" then
     local ok, err = xpcall(h, traceback, t)
     if not ok then pcall(hook_failed, what, t, err) end   -- reporting allocates: protected too
-    return
+  else
+    for i = 1, #h do
+      local ok, err = xpcall(h[i], traceback, t)
+      if not ok then pcall(hook_failed, what, t, err) end
+    end
   end
-  for i = 1, #h do
-    local ok, err = xpcall(h[i], traceback, t)
-    if not ok then pcall(hook_failed, what, t, err) end
-  end
+  in_callback = saved
+end
+
+--- Calls fn(...) protected, where waiting is refused (a wait raises "cannot
+--- wait inside `what`"): for callbacks that run inside another task's end
+--- (flow hooks, a consumer's handle_result).  Returns xpcall's results.
+function S.protected(what, fn, ...)
+  local saved = in_callback
+  in_callback = what
+  local ok, err = xpcall(fn, traceback, ...)
+  in_callback = saved
+  return ok, err
 end
 
 --- Adds fn(t), run once when t reaches its outcome (inside the door, after
@@ -480,12 +501,15 @@ local function finish(t, status, ...)
   local n = select("#", ...)
   local values = n > 1 and { n = n, ... } or nil   -- allocates: before anything changes
   finishing = finishing + 1
-  end_attempt(t)
+  -- The door shuts before any hook runs: an on_attempt_end hook that ends
+  -- t again (a flow hook cancelling its own run) is refused above, and the
+  -- hooks see how the task ended.
   t._state = status
   t.value = ...
   if values then t._values = values end
   nlive = nlive - 1
   stats[status] = stats[status] + 1
+  end_attempt(t)
   local w = t._waiters
   if w then t._waiters = nil; S.wake_all(w) end
   local o = t._opt
@@ -527,6 +551,13 @@ end
 -- ===== running tasks
 
 local function after_resume(t, co, ok, ...)
+  -- Still inside a callback or hook: the task yielded from there (a bare
+  -- coroutine.yield; tide's waits raise there).  It goes on at once: the
+  -- door it is inside must finish, and a task that waited there could be
+  -- stopped half-way through another task's end.
+  if in_callback ~= nil and ok and co_status(co) == "suspended" then
+    return after_resume(t, co, co_resume(co))
+  end
   current, in_callback = nil, nil
   if t._co ~= co then return end            -- it ended while it ran
   if ok then

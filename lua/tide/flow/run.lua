@@ -16,9 +16,9 @@ local log = require "tide.engine.log"
 local define = require("tide.flow.define").define
 local task = require "tide.engine.task"
 
-local type, pairs, ipairs, error, tostring, setmetatable, getmetatable, pcall, xpcall =
-  type, pairs, ipairs, error, tostring, setmetatable, getmetatable, pcall, xpcall
-local sort, concat, traceback = table.sort, table.concat, debug.traceback
+local type, pairs, ipairs, error, tostring, setmetatable, getmetatable, pcall =
+  type, pairs, ipairs, error, tostring, setmetatable, getmetatable, pcall
+local sort, concat = table.sort, table.concat
 local table_new = require "table.new"
 local opt_error = check.opt_error
 
@@ -52,11 +52,20 @@ local active = {}           -- runs in progress
 
 --- Calls hook `name` with the event table `ev` (callers build ev only when
 --- run.flow.on[name] is set, so a flow without hooks allocates nothing).
+--- A hook runs wherever its event happened, often inside another task's
+--- end (a node's outcome, a cancel), so it may not wait: a wait raises
+--- "cannot wait inside flow hook NAME", reported like any error in a hook.
+local HOOK_NAMES = setmetatable({}, { __index = function(names, name)
+  local s = "flow hook " .. name
+  names[name] = s
+  return s
+end })
+
 local function hook(run, name, ev)
   local fn = run.flow.on[name]
   if not fn then return end
   ev.flow = run.flow.name
-  local ok, err = xpcall(fn, traceback, ev)
+  local ok, err = S.protected(HOOK_NAMES[name], fn, ev)
   if not ok then log.report(("flow '%s' hook %s"):format(run.flow.name, name), err, err) end
 end
 
@@ -512,7 +521,15 @@ end
 local Handle = {}
 M.Handle_mt = { __index = Handle }
 
+local function check_handle(fname, h)
+  if getmetatable(h) ~= M.Handle_mt then
+    error(("%s: bad self (flow run expected, got %s); call it as %s(...)"):format(fname, check.describe(h), fname), 3)
+  end
+end
+
 function Handle.await(h, ms)
+  check_handle("run:await", h)
+  if ms ~= nil and not check.is_ms(ms) then check.arg_error("run:await", 1, "non-negative number of ms", ms) end
   local s, a, b = h.task:await(ms)
   if s == nil then return nil, a end           -- await's own timeout
   if s == "ok" then return a, b end
@@ -527,6 +544,7 @@ function Handle.await(h, ms)
 end
 
 function Handle.cancel(h, reason)
+  check_handle("run:cancel", h)
   return h.task:cancel(reason or "flow cancelled")
 end
 

@@ -50,7 +50,7 @@ local array_mt = M.array_mt
 --- when empty; returns it.
 function M.array(t)
   if t == nil then t = {} end
-  if type(t) ~= "table" then error(("tide.json.array: bad argument #1 (table or nil expected, got %s)"):format(type(t)), 2) end
+  if type(t) ~= "table" then require("tide.engine.check").arg_error("tide.json.array", 1, "table or nil", t) end
   return setmetatable(t, array_mt)
 end
 

@@ -199,14 +199,15 @@ local function new_tx(q, st, depth)
   return tx
 end
 
---- Ends transaction state st: its handles die, the session goes back.
+--- Ends transaction state st: its handles die, the session goes back to
+--- the store it came from (a queue closed meanwhile closes it then).
 local function close_state(q, st, broken)
   if st.closed then return end
   st.closed = true
   if q._txs[st.owner] == st then q._txs[st.owner] = nil end
   for _, tx in ipairs(st.handles) do tx._live = false end
   if st.owner ~= OUTSIDE then S.off_attempt_end(st.owner, st.hook) end
-  if q._store then q._store:release(st.session, broken, st.owner) end
+  st.store:release(st.session, broken, st.owner)
 end
 
 --- The task ended inside the transaction (timed out, cancelled): the store
@@ -241,7 +242,7 @@ local function transaction(q, fname, fn, ...)
   -- The session is ours from here: nothing waits between the pool handing
   -- it over and q._txs knowing it (the rule above).
   local session = store:acquire(fname)
-  st = { session = session, depth = 1, owner = owner, touched = {}, handles = {}, closed = false }
+  st = { session = session, store = store, depth = 1, owner = owner, touched = {}, handles = {}, closed = false }
   q._txs[owner] = st
   if owner ~= OUTSIDE then
     st.hook = function() abandon(q, st) end
@@ -506,6 +507,7 @@ function Queue:job(id)
   return row and job_of(self, row)
 end
 
+local MAX_LIMIT = 2147483647      -- a LIMIT every store takes as an integer (1e300 reached SQLite as a real)
 local LIST_KEYS = check.options("q:list", {
   status = true, queue = true, target = true, limit = true, before = true
 })
@@ -524,7 +526,9 @@ function Queue:list(f)
   end
   if f.queue ~= nil and type(f.queue) ~= "string" then opt_error("q:list", "queue", "string", f.queue) end
   if f.target ~= nil and type(f.target) ~= "string" then opt_error("q:list", "target", "string", f.target) end
-  if f.limit ~= nil and not check.is_count(f.limit, 1) then opt_error("q:list", "limit", "integer >= 1", f.limit) end
+  if f.limit ~= nil and not (check.is_count(f.limit, 1) and f.limit <= MAX_LIMIT) then
+    opt_error("q:list", "limit", "integer from 1 to 2147483647", f.limit)
+  end
   if f.before ~= nil and not check.is_count(f.before, 1) then opt_error("q:list", "before", "job id", f.before) end
   local rows = with_session(self, "q:list", list_rows, { status = f.status, queue = f.queue, target = f.target,
                                                          limit = f.limit or 100, before = f.before })
@@ -666,7 +670,9 @@ end
 --- the store holds more jobs than were read.
 function Queue:recent(limit, within)
   check_q("q:recent", self)
-  if limit ~= nil and not check.is_count(limit, 1) then arg_error("q:recent", 1, "integer >= 1", limit) end
+  if limit ~= nil and not (check.is_count(limit, 1) and limit <= MAX_LIMIT) then
+    arg_error("q:recent", 1, "integer from 1 to 2147483647", limit)
+  end
   if within ~= nil and not check.is_ms(within) then arg_error("q:recent", 2, "non-negative number of ms", within) end
   limit = limit or 10000
   local rows = with_session(self, "q:recent", recent_rows, wallclock() - (within or 60000), limit)
@@ -729,7 +735,8 @@ function Queue:prune(opts)
   return (with_session(self, "q:prune", prune_rows, wallclock() - ms, statuses))
 end
 
---- Closes the store (idempotent); sessions held by tasks close when given back.
+--- Closes the store (idempotent); sessions held by tasks close when given
+--- back (a transaction under way may still commit; its tx methods raise).
 function Queue:close()
   if self._store then self._store:close(); self._store = nil end
 end

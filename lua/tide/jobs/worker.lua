@@ -220,6 +220,7 @@ local function check_opts(fname, opts)
   if not queue.is_queue(opts.queue) then
     opt_error(fname, "queue", "queue (from tide.queue.open)", opts.queue, 3)
   end
+  if not queue.is_open(opts.queue) then error(fname .. ": bad option 'queue' (the queue is closed)", 3) end
   for _, k in ipairs{ "lease", "heartbeat", "poll", "rescue_every", "timeout", "grace" } do
     if opts[k] ~= nil and not check.is_ms(opts[k], true) then
       opt_error(fname, k, "positive number of ms", opts[k], 3)
@@ -706,7 +707,15 @@ end
 --- grace option, else tide's) and are then cancelled and released.  Returns
 --- true at once (w:wait() waits for the end), or nil and why when the
 --- worker was not running.
+--- Raises "fname: bad self" at the method's caller unless w is a worker.
+local function check_self(fname, w)
+  if getmetatable(w) ~= Worker_mt then
+    error(("%s: bad self (worker expected, got %s); call it as %s(...)"):format(fname, check.describe(w), fname), 3)
+  end
+end
+
 function Worker:stop(grace_ms)
+  check_self("worker:stop", self)
   if grace_ms ~= nil and not check.is_ms(grace_ms) then
     check.arg_error("worker:stop", 1, "non-negative number of ms", grace_ms)
   end
@@ -737,6 +746,7 @@ end
 
 --- Waits (inside a task) until the worker has stopped and written every outcome.
 function Worker:wait()
+  check_self("worker:wait", self)
   for _, t in ipairs(self.tasks) do t:await() end
   if self.grace_timer then S.untimer(self.grace_timer); self.grace_timer = nil end
   if not queue.shares_store(self.q, self.store) then self.store:close() end
@@ -768,6 +778,7 @@ local DRAIN_KEYS = check.options("w:drain", { within = true, stop = true })
 --- one of the worker's loops has failed for `give_up` ms without a
 --- success, the stats carry gave_up = "why" (and with stop, it stops).
 function Worker:drain(opts)
+  check_self("worker:drain", self)
   if opts ~= nil then
     if type(opts) ~= "table" then check.arg_error("worker:drain", 1, "nil or { stop = boolean, within = ms }", opts) end
     check.known("worker:drain", opts, DRAIN_KEYS)
@@ -824,6 +835,7 @@ function Worker:drain(opts)
 end
 
 function Worker:info()
+  check_self("worker:info", self)
   local out = { id = self.id, state = self.state, running = self.nrunning, lease = self.lease,
                 poll = self.poll, store = self.store.name, queues = {} }
   for k, v in pairs(self.stats) do out[k] = v end

@@ -266,8 +266,20 @@ end
 --- The exposition text.  opts: queues (a list of tide.queue objects whose
 --- job counts to sample; the queues of this process's workers are always
 --- included), every (ms between samples, 5000).
+local RENDER_KEYS = { queues = true, every = true }
+
 function M.render(opts)
-  opts = opts or {}
+  local fname = "tide.metrics.render"
+  if opts == nil then opts = {} end
+  if type(opts) ~= "table" then check.arg_error(fname, 1, "table", opts) end
+  check.known(fname, opts, RENDER_KEYS)
+  if opts.every ~= nil and not check.is_ms(opts.every, true) then opt_error(fname, "every", "positive number of ms", opts.every) end
+  if opts.queues ~= nil then
+    if type(opts.queues) ~= "table" then opt_error(fname, "queues", "list of queues", opts.queues) end
+    for i, q in ipairs(opts.queues) do
+      if not queue.is_queue(q) then opt_error(fname, "queues[" .. i .. "]", "queue (from tide.queue.open)", q) end
+    end
+  end
   local o = setmetatable({ buf = {} }, Out)
   info(o)
   engine(o)

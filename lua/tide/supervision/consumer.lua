@@ -29,9 +29,9 @@ local retry = require "tide.engine.retry"
 local thread = require "tide.engine.thread"
 local make_task = require("tide.engine.task").make_task
 
-local type, pairs, pcall, xpcall, tostring, setmetatable, getmetatable, error =
-  type, pairs, pcall, xpcall, tostring, setmetatable, getmetatable, error
-local traceback, co_yield = debug.traceback, coroutine.yield
+local type, pairs, pcall, tostring, setmetatable, getmetatable, error =
+  type, pairs, pcall, tostring, setmetatable, getmetatable, error
+local co_yield = coroutine.yield
 local opt_error = check.opt_error
 
 local M = {}
@@ -141,7 +141,7 @@ end
 
 --- The user's handle_result, protected; returns its choice, if valid.
 local function choose(c, h, status, value, task, d)
-  local ok, r = xpcall(h.handle_result, traceback, status, value, task, d)
+  local ok, r = S.protected("handle_result", h.handle_result, status, value, task, d)
   if not ok then
     log.report("handle_result of " .. c.name .. " delivery " .. tostring(d.tag), r, r)
   elseif r ~= nil then

@@ -51,13 +51,16 @@ local running = {}          -- supervisors whose task is alive
 
 -- ===== validation
 
+--- A child's id: a string, or a number other than NaN (a table key).
+local function is_id(v)
+  return type(v) == "string" or (type(v) == "number" and v == v)
+end
+
 local function check_child(fname, spec, where, level)
   level = level + 1
   if type(spec) ~= "table" then opt_error(fname, where, "child spec table", spec, level) end
   check.known(fname, spec, CHILD_KEYS, where .. ".", level)
-  if type(spec.id) ~= "string" and type(spec.id) ~= "number" then
-    opt_error(fname, where .. ".id", "string or number", spec.id, level)
-  end
+  if not is_id(spec.id) then opt_error(fname, where .. ".id", "string or number", spec.id, level) end
   local start = spec.start
   if type(start) ~= "function" and getmetatable(start) ~= Sup_mt then
     opt_error(fname, where .. ".start", "function or supervisor", start, level)
@@ -407,9 +410,19 @@ local function command(fname, sup, name, arg)
   return true
 end
 
+--- Checks self and a child id, raising at the line that called the method
+--- (which tail-calls child_command, so that line is two levels up).
+local function check_child_call(fname, sup, id)
+  if getmetatable(sup) ~= Sup_mt then
+    error(("%s: bad self (supervisor expected, got %s)"):format(fname, check.describe(sup)), 3)
+  end
+  if not is_id(id) then arg_error(fname, 1, "child id (string or number)", id, 3) end
+end
+
 --- A command about child `id`: nil and a message when it has no such child.
+--- Tail-called by the methods: its errors blame their caller's line.
 local function child_command(fname, sup, name, id)
-  check_sup(fname, sup)
+  check_child_call(fname, sup, id)
   if not sup.ids[id] then return nil, ("%s: no child '%s'"):format(fname, tostring(id)) end
   return command(fname, sup, name, id)
 end
@@ -430,6 +443,8 @@ function Sup.restart_child(sup, id) return child_command("supervisor:restart_chi
 --- Removes a child's spec, stopping the child first if it runs (OTP
 --- requires terminate_child first); its id is free again at once.
 function Sup.delete_child(sup, id)
+  check_sup("supervisor:delete_child", sup)
+  if not is_id(id) then arg_error("supervisor:delete_child", 1, "child id (string or number)", id) end
   local ok, err = child_command("supervisor:delete_child", sup, "delete_child", id)
   if ok then sup.ids[id] = nil end
   return ok, err

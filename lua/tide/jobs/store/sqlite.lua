@@ -227,6 +227,7 @@ end
 --- Runs fn(...) (statements on s); a "database is locked" is tried again as
 --- the header says.  Returns fn's first two results.
 local function locked(s, fn, ...)
+  if not s.db then error(s.name .. ": the store is closed", 0) end
   local ok, a, b = pcall(fn, ...)
   if ok then return a, b end
   if not is_busy(a) then error(explain(s, a), 0) end
@@ -256,15 +257,25 @@ end
 
 -- ===== opening
 
+--- The first row of a one-off statement, finalized at once (not left to
+--- the collector: an unfinalized statement keeps a closed connection alive).
+local function first_once(db, sql)
+  local st = db:prepare(sql)
+  local ok, row = pcall(st.first, st)
+  st:finalize()
+  if not ok then error(row, 0) end
+  return row
+end
+
 local function migrate(s)
   local db = s.db
   db:exec("BEGIN IMMEDIATE")
   local ok, err = pcall(function()
     db:exec("CREATE TABLE IF NOT EXISTS tide_schema (version INTEGER NOT NULL)")
-    local row = db:prepare("SELECT version FROM tide_schema"):first()
+    local row = first_once(db, "SELECT version FROM tide_schema")
     local version = row and row.version or 0
     common.check_version(s.name, version, #MIGRATIONS, version == 0 and
-      db:prepare("SELECT 1 FROM sqlite_master WHERE name = 'tide_jobs'"):first() ~= nil)
+      first_once(db, "SELECT 1 FROM sqlite_master WHERE name = 'tide_jobs'") ~= nil)
     for v = version + 1, #MIGRATIONS do db:exec(MIGRATIONS[v]) end
     db:exec(SCHEDULES_TABLE)
     if row == nil then
@@ -299,7 +310,8 @@ function M.open(path, name, opts)
                                durability = "WAL, synchronous=" .. SYNC[opts.synchronous or "normal"] }, Store)
   store.pool = pool.new{ name = name, size = 1, timeout = opts.pool_timeout or 5000,
                          open = function() return s end,
-                         reset = function(c) pcall(c.rollback, c) end }
+                         reset = function(c) pcall(c.rollback, c) end,
+                         close = function(c) c:close() end }
   return store
 end
 
@@ -314,10 +326,12 @@ function Store:stats_pool() return self.pool:stats() end
 --- connection to the same file would only wait for this one's write lock).
 function Store:worker_store() return self end
 
+--- Closes the connection now, or when its holder gives it back (the
+--- pool closes it then): a transaction under way ends first.
 function Store:close()
   if not self.session then return end
   self.pool:close()
-  self.session:close()
+  if not self.pool.all[self.session] then self.session:close() end   -- not held (or never handed out)
   self.session = nil
 end
 
@@ -328,8 +342,12 @@ local function stmt(s, key)
   return st
 end
 
+--- Rolls back what is open, finalizes the statements and closes (idempotent).
+--- (A statement left unfinalized keeps the connection, and a transaction
+--- with it, alive until the collector finds it: the write lock with it.)
 function Session:close()
   if not self.db then return end
+  if self.db:in_transaction() then pcall(self.db.exec, self.db, "ROLLBACK") end
   for _, st in pairs(self.stmts) do st:finalize() end
   for _, st in pairs(self.user) do st:finalize() end
   self.db:close()

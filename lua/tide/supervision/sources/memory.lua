@@ -11,7 +11,7 @@
 local check = require "tide.engine.check"
 local S = require "tide.engine.sched"
 
-local type, setmetatable, error, tostring = type, setmetatable, error, tostring
+local type, setmetatable, getmetatable, error, tostring = type, setmetatable, getmetatable, error, tostring
 
 local M = {}
 local Memory = {}
@@ -28,6 +28,9 @@ function M.new(opts)
   if not check.is_count(prefetch, 1) then
     check.opt_error("tide.sources.memory", "prefetch", "integer >= 1", opts.prefetch)
   end
+  if opts.messages ~= nil and type(opts.messages) ~= "table" then
+    check.opt_error("tide.sources.memory", "messages", "list", opts.messages)
+  end
   local m = setmetatable({ prefetch = prefetch, queue = {}, again = {}, qhead = 1, queued = 0,
     unacked = 0, pending = {}, next_tag = 0, outage = false,
     delivered = 0, acked = 0, nacked = 0, violations = 0, log = {} }, Memory_mt)
@@ -35,7 +38,19 @@ function M.new(opts)
   return m
 end
 
+--- Raises "fname: bad self" at the method's caller unless m is a memory source.
+local function check_self(fname, m)
+  if getmetatable(m) ~= Memory_mt then
+    error(("%s: bad self (memory source expected, got %s)"):format(fname, check.describe(m)), 3)
+  end
+end
+
+local function check_delivery(fname, d)
+  if type(d) ~= "table" then check.arg_error(fname, 1, "delivery", d, 3) end
+end
+
 function Memory.publish(m, body, redelivered)
+  check_self("source:publish", m)
   local i = m.qhead + m.queued
   m.queue[i], m.again[i] = body, redelivered or nil
   m.queued = m.queued + 1
@@ -49,6 +64,11 @@ end
 --- At most n deliveries, within the prefetch window; waits up to wait_ms
 --- (optional) when none can be delivered now.
 function Memory.fetch(m, n, wait_ms)
+  check_self("source:fetch", m)
+  if not check.is_count(n) then check.arg_error("source:fetch", 1, "integer >= 0", n) end
+  if wait_ms ~= nil and not check.is_ms(wait_ms) then
+    check.arg_error("source:fetch", 2, "non-negative number of ms", wait_ms)
+  end
   if m.outage then error("memory source: connection refused (outage)", 0) end
   if not can_deliver(m) and wait_ms and wait_ms > 0 then
     local deadline = S.now() + wait_ms
@@ -86,12 +106,16 @@ end
 
 --- Settles delivery d (as fetch returned it).
 function Memory.ack(m, d)
+  check_self("source:ack", m)
+  check_delivery("source:ack", d)
   settle(m, d, "ack")
   m.acked = m.acked + 1
   return true
 end
 
 function Memory.nack(m, d, requeue)
+  check_self("source:nack", m)
+  check_delivery("source:nack", d)
   local body = settle(m, d, "nack")
   m.nacked = m.nacked + 1
   if requeue then m:publish(body, true) end
@@ -99,6 +123,7 @@ function Memory.nack(m, d, requeue)
 end
 
 function Memory.stats(m)
+  check_self("source:stats", m)
   return { queued = m.queued, unacked = m.unacked, delivered = m.delivered, acked = m.acked,
            nacked = m.nacked, violations = m.violations }
 end

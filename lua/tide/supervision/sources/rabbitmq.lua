@@ -421,14 +421,21 @@ function Source:publish(body, opts)
   local props = publish_props(fname, opts)
   local rk = opts.routing_key or self.queue
   if rk == nil then error(fname .. ": no routing_key (and the source has no queue)", 2) end
+  -- Where the confirm cannot be waited for (outside a task, in a callback),
+  -- refuse before anything is sent: wait_begin raises the reason.
+  if not S.in_task() then S.wait_begin(fname, 2) end
   local ch = self:publisher()
-  ch.seq = ch.seq + 1
-  local seq = ch.seq
+  -- The broker numbers the messages it took on this channel: a message
+  -- counts only once it was sent (headers that cannot be encoded raise
+  -- before any byte goes out, and a seq counted for them would pair every
+  -- later confirm with the message before it).
+  local seq = ch.seq + 1
   local ok, err = pcall(ch.conn.send, ch.conn, "publish", ch.num, opts.exchange or "", rk, body, props)
   if not ok then
     if ch.lost or ch.conn.lost then error(err, 0) end
     error(fname .. ": " .. tostring(err):gsub("^[^:]*:%d+: ", ""), 2)   -- headers that cannot be sent
   end
+  ch.seq = seq
   local t, tok = S.wait_begin(fname, 2)
   local w = { t = t, tok = tok, result = false }
   ch.unconfirmed[seq] = w
