@@ -1,7 +1,9 @@
 #!/bin/sh
 # bench/run.sh — prints the machine, then runs every bench/*.lua against $BUILD/tide.so.
 # Run from the repository root (`make bench` does): BUILD=build sh bench/run.sh
-# Names run only those files: `sh bench/run.sh queue` runs bench/queue.lua.
+# Names run only those files: `sh bench/run.sh queue` runs bench/queue.lua;
+# `sh bench/run.sh queue:cross` only its cross-process section
+# (`sh bench/run.sh processes threads`: process mode beside thread mode).
 BUILD=${BUILD:-build}
 LUAJIT=${LUAJIT:-luajit}
 
@@ -14,8 +16,10 @@ if [ $# -gt 0 ]; then
   files=""
   for name in "$@"; do
     [ "$name" = http_parsers ] && continue
-    [ -f "bench/$name.lua" ] || { echo "bench: no bench/$name.lua" >&2; exit 2; }
-    files="$files bench/$name.lua"
+    # NAME:SECTIONS runs only those sections of bench/NAME.lua (queue:cross)
+    file=${name%%:*}
+    [ -f "bench/$file.lua" ] || { echo "bench: no bench/$file.lua" >&2; exit 2; }
+    files="$files $name"
   done
 else
   files=$(ls bench/*.lua)
@@ -34,9 +38,14 @@ echo "date:    $(date -u '+%Y-%m-%d %H:%M UTC'), load average ${load:-unknown} (
 
 status=0
 for f in $files; do
+  case $f in
+    bench/*) file=$f; sections="" ;;
+    *:*) file=bench/${f%%:*}.lua; sections=${f#*:} ;;
+    *) file=bench/$f.lua; sections="" ;;
+  esac
   echo
-  echo "== $f"
-  LUA_CPATH="$BUILD/?.so;;" "$LUAJIT" "$f" || { echo "bench: $f failed (exit $?)" >&2; status=1; }
+  echo "== $file${sections:+ ($sections)}"
+  LUA_CPATH="$BUILD/?.so;;" "$LUAJIT" "$file" $sections || { echo "bench: $file failed (exit $?)" >&2; status=1; }
 done
 
 # ===== HTTP parsers (bench/http_parsers.c) =====

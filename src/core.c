@@ -276,9 +276,11 @@ static int close_state(lua_State *L, loop_ud *u) {
   if (s == NULL) return 0;                   /* closed already */
   u->s = NULL;
   tide__close_threads(L);                    /* its async handle is on our loop */
+  tide__close_procs(L);                      /* so are the children's pipes     */
   tide__close_pg(L);                         /* so are the sockets' watches     */
   tide__close_amqp(L);                       /* and the brokers' connections    */
   tide__close_http(L);                       /* and the HTTP servers' handles   */
+  tide__close_fswatch(L);                    /* and the file watches            */
   tide__watchdog_free(s->wd);                /* their callbacks told it of calls */
   s->wd = NULL;
   if (s->hooked) lua_sethook(L, s->prev_hook, s->prev_mask, s->prev_count);
@@ -441,10 +443,12 @@ static int push_core(lua_State *L, uv_loop_t *uv) {
   tide__open_call(L);                              /* set_reporter   */
   tide__open_codec(L);                             /* encode, decode */
   tide__open_threads(L, s->loop.uv, s->wd);        /* thread_*       */
+  tide__open_procs(L, s->loop.uv, s->wd);          /* proc_*         */
   tide__open_sqlite(L);                            /* sqlite_*       */
   tide__open_pg(L, s->loop.uv, s->wd);             /* pg_*           */
   tide__open_amqp(L, s->loop.uv, s->wd);           /* amqp_*         */
   tide__open_http(L, s->loop.uv, s->wd);           /* http_listen    */
+  tide__open_fswatch(L, s->loop.uv, s->wd);        /* fs_watch       */
   lua_remove(L, -2);                               /* the userdata */
   lua_pushvalue(L, -1);
   lua_setfield(L, -3, "tide.core");

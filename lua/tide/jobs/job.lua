@@ -77,6 +77,73 @@ function M.key_problem(s)
   if bad then return format("invalid UTF-8 at byte %d", bad) end
 end
 
+-- ===== paths into args ("args.account", "$.account", "args.items[0].sku")
+
+M.PATH_EXPECTED = 'path into args, like "args.account" or "$.customer.id"'
+
+--- The steps of a path into args (names, and 1-based indexes for [n]), or nil.
+function M.parse_path(s)
+  if type(s) ~= "string" then return nil end
+  local rest = s:match("^args(.*)$") or s:match("^%$(.*)$")
+  if not rest or rest == "" then return nil end
+  local steps = {}
+  while rest ~= "" do
+    local name, after = rest:match("^%.([%a_][%w_]*)(.*)$")
+    if name then
+      steps[#steps + 1] = name
+    else
+      local n
+      n, after = rest:match("^%[(%d+)%](.*)$")
+      if not n then return nil end
+      steps[#steps + 1] = tonumber(n) + 1
+    end
+    rest = after
+  end
+  return steps
+end
+
+--- The value at `steps` inside args (nil when a step is missing).
+function M.at_path(args, steps)
+  local v = args
+  for i = 1, #steps do
+    if type(v) ~= "table" then return nil end
+    v = v[steps[i]]
+  end
+  return v
+end
+
+--- A value as a partition key (text), or nil and what it was: strings as
+--- they are, integers without a decimal point, booleans as true/false;
+--- nil or JSON null: no key.
+function M.key_text(v)
+  local tv = type(v)
+  if tv == "string" then return v end
+  if tv == "number" then
+    if v ~= v or v == math.huge or v == -math.huge then return nil, "number " .. tostring(v) end
+    return v % 1 == 0 and math.abs(v) < 2 ^ 53 and format("%d", v) or format("%.17g", v)
+  end
+  if tv == "boolean" then return tostring(v) end
+  if v == nil or v == json.null then return nil end
+  return nil, tv
+end
+
+-- ===== rates ("100/min", "50/s", "10/5s")
+
+local PER = { s = 1000, sec = 1000, second = 1000, min = 60000, minute = 60000, m = 60000,
+              h = 3600000, hour = 3600000, d = 86400000, day = 86400000 }
+M.RATE_EXPECTED = 'rate like "100/min", "50/s" or "10/5s"'
+
+--- "100/min" -> 100, 60000 (a count and a period in ms); nil when malformed.
+function M.parse_rate(s, duration)
+  if type(s) ~= "string" then return nil end
+  local n, per = s:match("^%s*(%d+)%s*/%s*(%S+)%s*$")
+  n = tonumber(n)
+  if not n or n < 1 or n > M.INT_MAX then return nil end
+  local ms = PER[per] or duration(per)
+  if not ms or ms < 1 or ms % 1 ~= 0 or ms > 366 * 86400000 then return nil end
+  return n, ms
+end
+
 -- ===== rows as stores keep them
 
 local ROW_FIELDS = {  -- field -> the check a sound row passes, and what it expects

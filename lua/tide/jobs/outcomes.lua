@@ -88,6 +88,7 @@ local function write(w, entries)
       settle(w, e, (status == "cancelled" or status == "expired") and "cancelled" or "lost")
     end
   end
+  if w.on_written then w.on_written(entries) end
   return true
 end
 M.write = write

@@ -153,7 +153,7 @@ function M.open(url, opts)
   local ok, store = pcall(require(driver).open, path, url, o)
   if not ok then error("tide.queue.open: " .. tostring(store), 2) end
   return setmetatable({ name = store.name, durability = store.durability, _store = store, _enc = enc,
-                        _txs = {}, _listeners = {} }, Queue_mt)
+                        _txs = {}, _listeners = {}, _decl = {} }, Queue_mt)
 end
 
 local function check_q(fname, q)
@@ -301,8 +301,99 @@ end
 -- idempotence_key is the old name of idempotency_key (README: Vocabulary).
 local JOB_KEYS = check.options("q:enqueue", {
   target = true, method = true, args = true, queue = true, run_at = true, delay = true,
-  priority = true, max_attempts = true, idempotency_key = true, idempotence_key = true
+  priority = true, max_attempts = true, idempotency_key = true, idempotence_key = true,
+  unique = true
 }, { idempotence_key = "idempotency_key" })
+
+-- ===== per-key limits: the partition key of a job (see q:declare)
+
+--- The partition key of a job of a declared queue (text), or nil.
+local function partition_key(fname, q, queue_name, args, level)
+  local decl = q._decl[queue_name]
+  local part = decl and decl.partition
+  if not part then return nil end
+  local v
+  if type(part) == "function" then
+    local ok, r = pcall(part, args)
+    if not ok then error(("%s: the partition function of queue '%s' failed: %s"):format(fname, queue_name,
+                         tostring(r)), level + 1) end
+    v = r
+  else
+    v = job.at_path(args, part)
+  end
+  local text, what = job.key_text(v)
+  if what then
+    error(("%s: the partition of queue '%s' gave %s (string, number, boolean or nil expected)")
+      :format(fname, queue_name, what), level + 1)
+  end
+  local why = text and job.key_problem(text)
+  if why then error(("%s: the partition key of queue '%s' is bad (%s)"):format(fname, queue_name, why), level + 1) end
+  return text
+end
+
+-- ===== uniqueness over time: the unique key of a job
+
+local UNIQUE_KEYS = check.options("unique", { period = true, states = true, keys = true })
+local UNIQUE_STATES = { "available", "scheduled", "executing", "retryable", "completed" }
+
+--- JSON with object keys sorted: the same value gives the same text.
+local function canonical(v)
+  if type(v) ~= "table" or v == json.null then return json.encode(v == nil and json.null or v) end
+  local n = #v
+  if n > 0 or getmetatable(v) == json.array_mt then
+    local out = {}
+    for i = 1, n do out[i] = canonical(v[i]) end
+    return "[" .. table.concat(out, ",") .. "]"
+  end
+  local ks = {}
+  for k in pairs(v) do ks[#ks + 1] = tostring(k) end
+  table.sort(ks)
+  for i, k in ipairs(ks) do ks[i] = json.encode(k) .. ":" .. canonical(v[k]) end
+  return "{" .. table.concat(ks, ",") .. "}"
+end
+
+--- Checks the unique option; returns key text, period (ms), sorted states.
+local function unique_of(fname, j, level)
+  local u = j.unique
+  level = level + 1
+  if type(u) ~= "table" then opt_error(fname, "unique", "table { period =, states =, keys = }", u, level) end
+  check.known(fname, u, UNIQUE_KEYS, "unique.", level)
+  local period = check.duration(u.period)
+  if not period or period <= 0 then
+    opt_error(fname, "unique.period", "positive duration (ms, or like \"1h\", \"30s\")", u.period, level)
+  end
+  local states = u.states or UNIQUE_STATES
+  if type(states) ~= "table" or #states == 0 then
+    opt_error(fname, "unique.states", "non-empty list of statuses", states, level)
+  end
+  local sorted, seen = {}, {}
+  for i, st in ipairs(states) do
+    if not job.is_status[st] then
+      opt_error(fname, "unique.states[" .. i .. "]", check.choices(job.is_status), st, level)
+    end
+    if not seen[st] then seen[st] = true; sorted[#sorted + 1] = st end
+  end
+  table.sort(sorted)
+  local keys = u.keys or { "args" }
+  if type(keys) ~= "table" or #keys == 0 then
+    opt_error(fname, "unique.keys", 'non-empty list of "args" or paths like "args.account"', keys, level)
+  end
+  local parts = { j.queue or "default", j.target, j.method }
+  for i, k in ipairs(keys) do
+    local v
+    if k == "args" then v = j.args
+    else
+      local steps = job.parse_path(k)
+      if not steps then opt_error(fname, "unique.keys[" .. i .. "]", '"args" or ' .. job.PATH_EXPECTED, k, level) end
+      v = job.at_path(j.args, steps)
+    end
+    parts[#parts + 1] = k
+    parts[#parts + 1] = v == nil and json.null or v
+  end
+  local ok, text = pcall(canonical, parts)
+  if not ok then error(("%s: bad option 'unique.keys' (%s)"):format(fname, tostring(text)), level) end
+  return text, floor(period), sorted
+end
 
 --- Checks an enqueue spec; returns the row to insert.
 local function job_row(fname, q, j, now, level)
@@ -336,6 +427,9 @@ local function job_row(fname, q, j, now, level)
     opt_error(fname, "delay", "non-negative number of ms, due before the year 10000", j.delay, level)
   end
   if j.delay ~= nil and j.run_at ~= nil then error(fname .. ": give run_at or delay, not both", level) end
+  if j.unique ~= nil and (j.idempotency_key ~= nil or j.idempotence_key ~= nil) then
+    error(fname .. ": give idempotency_key or unique, not both", level)
+  end
   local run_at = now + floor(j.delay or 0)
   if j.run_at ~= nil then
     local secs
@@ -347,6 +441,10 @@ local function job_row(fname, q, j, now, level)
     end
   end
   local args_json = json.encode_option(fname, "args", j.args, level)
+  local queue_name = j.queue or "default"
+  local pkey = partition_key(fname, q, queue_name, j.args, level)
+  local ukey, uperiod, ustates
+  if j.unique ~= nil then ukey, uperiod, ustates = unique_of(fname, j, level) end
   local args, args_enc = args_json, nil
   if q._enc then
     local ok, blob = pcall(q._enc.encrypt, args_json)
@@ -356,16 +454,18 @@ local function job_row(fname, q, j, now, level)
     end
     args, args_enc = nil, blob
   end
-  return { queue = j.queue or "default", target = j.target, method = j.method, args = args,
+  return { queue = queue_name, target = j.target, method = j.method, args = args,
            args_enc = args_enc, status = run_at > now and "scheduled" or "available",
            priority = j.priority or 0, max_attempts = j.max_attempts or 20, run_at = run_at,
-           idempotence_key = key, inserted_at = now }
+           idempotence_key = key, inserted_at = now, partition_key = pkey,
+           unique_key = ukey, unique_period = uperiod, unique_states = ustates }
 end
 
 local function insert_one(session, row) return session:insert(row) end
 
 --- Adds one job; returns its id and true, or the id of the job that already
---- has this idempotency_key and false (nothing inserted).
+--- has this idempotency_key (or, with `unique`, the job that is its
+--- duplicate inside the period) and false (nothing inserted).
 function Queue:enqueue(j)
   check_q("q:enqueue", self)
   local row = job_row("q:enqueue", self, j, wallclock(), 2)
@@ -438,6 +538,82 @@ function Tx:query(sql, ...)
   return st.session:query(sql, ...)
 end
 
+-- ===== queue options that every worker obeys: q:declare
+
+local DECLARE_KEYS = check.options("q:declare", { concurrency = true, partition = true, per_key = true })
+local PER_KEY_KEYS = check.options("per_key", { concurrency = true, rate = true })
+
+--- Declares queue `name`'s limits, for every worker on this store:
+---   concurrency = n     at most n of its jobs executing at once, across all
+---                       workers and machines (each worker's own limit holds too)
+---   partition = fn | "args.path"   the key of a job: fn(args) or the value at
+---                       a path into args, computed at enqueue and stored
+---                       with the job (nil: a job without a key, limited by
+---                       `concurrency` only)
+---   per_key = { concurrency = n, rate = "100/min" }   per partition key: at
+---                       most n executing at once, at most so many started
+---                       in any window of the period
+--- The limits go into the store's tide_queues table (the claim statement
+--- reads them there, so all workers agree); the partition is kept by this
+--- queue object too: every process that enqueues into the queue declares
+--- it (a function cannot be read from a table).  Declaring again replaces
+--- the limits; omitted options are no limit.  Returns true.
+function Queue:declare(name, opts)
+  check_q("q:declare", self)
+  if not job.is_name(name) then arg_error("q:declare", 1, "queue " .. job.NAME_EXPECTED, name) end
+  if type(opts) ~= "table" then arg_error("q:declare", 2, "table of queue options", opts) end
+  check.known("q:declare", opts, DECLARE_KEYS)
+  if opts.concurrency ~= nil and not job.is_max_attempts(opts.concurrency) then
+    opt_error("q:declare", "concurrency", "integer from 1 to 2147483647", opts.concurrency)
+  end
+  local part, part_text = opts.partition, nil
+  if type(part) == "string" then
+    local steps = job.parse_path(part)
+    if not steps then opt_error("q:declare", "partition", "function(args) or " .. job.PATH_EXPECTED, part) end
+    part, part_text = steps, opts.partition
+  elseif type(part) == "function" then
+    part_text = "function"
+  elseif part ~= nil then
+    opt_error("q:declare", "partition", "function(args) or " .. job.PATH_EXPECTED, part)
+  end
+  local pk = opts.per_key
+  local key_conc, rate_n, rate_ms
+  if pk ~= nil then
+    if type(pk) ~= "table" then opt_error("q:declare", "per_key", "table { concurrency =, rate = }", pk) end
+    check.known("q:declare", pk, PER_KEY_KEYS, "per_key.")
+    if part == nil then
+      error("q:declare: per_key needs a partition (a function(args) or a path into args, like \"args.account\")", 2)
+    end
+    if pk.concurrency ~= nil and not job.is_max_attempts(pk.concurrency) then
+      opt_error("q:declare", "per_key.concurrency", "integer from 1 to 2147483647", pk.concurrency)
+    end
+    key_conc = pk.concurrency
+    if pk.rate ~= nil then
+      rate_n, rate_ms = job.parse_rate(pk.rate, check.duration)
+      if not rate_n then opt_error("q:declare", "per_key.rate", job.RATE_EXPECTED, pk.rate) end
+    end
+  end
+  local row = { name = name, concurrency = opts.concurrency, partition = part_text, key_concurrency = key_conc,
+                rate_limit = rate_n, rate_period = rate_ms, updated_at = wallclock() }
+  with_session(self, "q:declare", function(session) session:declare(row) end)
+  self._decl[name] = { partition = part }
+  return true
+end
+
+--- The limits stored for queue `name` (as every worker reads them), or nil:
+--- { concurrency, partition ("function" or the path), per_key = {
+--- concurrency, rate = { limit, period } } }.
+function Queue:limits(name)
+  check_q("q:limits", self)
+  if type(name) ~= "string" then arg_error("q:limits", 1, "queue name", name) end
+  local r = with_session(self, "q:limits", function(session) return session:queue_limits(name) end)
+  if not r then return nil end
+  return { concurrency = r.concurrency, partition = r.partition,
+           per_key = (r.key_concurrency or r.rate_limit) and {
+             concurrency = r.key_concurrency,
+             rate = r.rate_limit and { limit = r.rate_limit, period = r.rate_period } or nil } or nil }
+end
+
 -- ===== reading jobs
 
 local function decode_args(q, row)
@@ -486,7 +662,8 @@ local function job_of(q, row)
     max_attempts = num(row.max_attempts), run_at = ms(row.run_at),
     attempted_at = ms(row.attempted_at), completed_at = ms(row.completed_at),
     inserted_at = ms(row.inserted_at), errors = errors,
-    idempotency_key = str(row.idempotence_key), lease_owner = str(row.lease_owner),
+    idempotency_key = str(row.idempotence_key), partition_key = str(row.partition_key),
+    lease_owner = str(row.lease_owner),
     idempotence_key = str(row.idempotence_key),      -- the old name, one release more
     lease_expires = ms(row.lease_expires), corrupt = corrupt,
   }

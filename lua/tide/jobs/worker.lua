@@ -7,7 +7,10 @@
 --
 --   claim    a claimer task per queue takes up to `batch` due jobs (priority,
 --            then run_at) in one statement that marks them executing under a
---            lease held by this worker, and spawns a task for each.
+--            lease held by this worker, and spawns a task for each.  It
+--            claims again when a slot frees, after `poll` ms, and when a
+--            job may have come: a commit in this process, LISTEN/NOTIFY on
+--            PostgreSQL, a watch on the -wal file on SQLite (any process).
 --   perform  target[method](args, job) runs as a tide task (timeout and mode
 --            per target).  Its outcome is recorded by the flusher task, which
 --            writes every outcome of a tick in one transaction: completed;
@@ -176,18 +179,18 @@ local function check_target(fname, name, t, level, inline)
   local policy = t.retry ~= nil and check_retry(fname, key .. ".retry", t.retry, level + 1) or nil
   local target = { methods = methods, timeout = t.timeout, mode = t.mode, policy = policy, on_error = hook,
                    old_hook = old_hook, inline = inline, mixed = methods == t }
-  if inline and t.mode == "thread" then
+  if inline and (t.mode == "thread" or t.mode == "process") then
     for m, fn in pairs(methods) do
       if type(fn) == "function" and not (target.mixed and MIXED_OPTS[m]) then
         if getinfo(fn, "S").what == "C" then
-          error(("%s: %s.%s: a C function cannot cross to a thread (name a module's function instead)")
-            :format(fname, key, tostring(m)), level + 1)
+          error(("%s: %s.%s: a C function cannot cross to a %s (name a module's function instead)")
+            :format(fname, key, tostring(m), t.mode), level + 1)
         end
         local up = getupvalue(fn, 1)
         if up then
-          error(("%s: %s.%s: a thread-mode method crosses to a thread as bytecode, so it cannot have "
+          error(("%s: %s.%s: a %s-mode method crosses to a %s as bytecode, so it cannot have "
                  .. "upvalues (it has '%s'); make it self-contained, or put the target in a module"):format(
-                 fname, key, tostring(m), up), level + 1)
+                 fname, key, tostring(m), t.mode, t.mode, up), level + 1)
         end
       end
     end
@@ -413,7 +416,7 @@ local function job_info(row)
            attempt = row.attempt, max_attempts = row.max_attempts, priority = row.priority,
            run_at = type(row.run_at) == "number" and row.run_at or nil,
            inserted_at = type(row.inserted_at) == "number" and row.inserted_at or nil,
-           idempotency_key = row.idempotence_key,
+           idempotency_key = row.idempotence_key, partition_key = row.partition_key,
            idempotence_key = row.idempotence_key }          -- the old name, one release more
 end
 
@@ -446,7 +449,7 @@ local function start_job(w, row)
   -- bytecode: checked for upvalues when the worker started); one found by
   -- require is required again in the thread, by name.
   local run = fn
-  if mode == "thread" and not target.inline then run = row.target .. "." .. row.method end
+  if (mode == "thread" or mode == "process") and not target.inline then run = row.target .. "." .. row.method end
   local ok, t = pcall(make_task, "tide.worker", "coroutine", {
     run = run, args = { args, rec.job, n = 2 }, mode = mode, timeout = target.timeout or w.timeout,
     name = ("job %d %s.%s"):format(row.id, row.target, row.method),
@@ -473,7 +476,7 @@ end
 local function claim(w, name, want)
   if w.state ~= "running" then return 0 end
   local now = wallclock()
-  local ok, rows = pcall(call, w, w.store, "tide.worker", claim_rows, name, want, w.id, now, now + w.lease)
+  local ok, rows, limited = pcall(call, w, w.store, "tide.worker", claim_rows, name, want, w.id, now, now + w.lease)
   if not ok then
     log.report("worker " .. w.id .. ": claiming from queue " .. name, rows)
     M.totals.store_errors.claim = M.totals.store_errors.claim + 1
@@ -489,6 +492,7 @@ local function claim(w, name, want)
     end
     return 0
   end
+  w.queues[name].limited = limited or false
   for i = 1, #rows do start_job(w, rows[i]) end
   return #rows
 end
@@ -690,6 +694,14 @@ function M.new(opts)
   w.tasks[#w.tasks + 1] = w.flusher_task
   w.tasks[#w.tasks + 1] = spawn{ run = heartbeat, args = { w }, name = "worker heartbeat" }
   w.tasks[#w.tasks + 1] = spawn{ run = rescuer, args = { w }, name = "worker rescuer" }
+  -- A queue with limits (q:declare) may hold jobs back that a finished job
+  -- lets through: once its outcome is in the store, claim again.
+  w.on_written = function(entries)
+    for i = 1, #entries do
+      local qs = entries[i].job and w.queues[entries[i].job.queue]
+      if qs and qs.limited then qs.kicked = true; S.notify(qs) end
+    end
+  end
   if scheds and #scheds > 0 then
     w.tasks[#w.tasks + 1] = spawn{ run = schedules.run, args = { w, scheds }, name = "worker scheduler" }
   end
@@ -698,11 +710,12 @@ function M.new(opts)
     if qs then qs.kicked = true; S.notify(qs) end
   end
   queue.listen(w.q, w.on_enqueue)
-  if w.store.listen then                      -- other machines' enqueues (PostgreSQL)
-    w.store:listen(function(name)
+  if w.store.listen then                      -- other processes' and machines' enqueues
+    w.on_store_wake = function(name)
       if name then return w.on_enqueue(name) end
       for queue_name in pairs(w.queues) do w.on_enqueue(queue_name) end
-    end)
+    end
+    w.store:listen(w.on_store_wake)
   end
   if S.shutting_down() and w.state == "running" then w:stop() end   -- came while listen waited
   return w
@@ -727,7 +740,7 @@ function Worker:stop(grace_ms)
   if self.state ~= "running" then return nil, "worker:stop: the worker is " .. self.state end
   self.state = "stopping"
   queue.unlisten(self.q, self.on_enqueue)
-  if self.store.unlisten then self.store:unlisten() end
+  if self.store.unlisten then self.store:unlisten(self.on_store_wake) end
   for _, qs in pairs(self.queues) do
     if qs.wake_timer then qs.wake_timer:stop(); qs.wake_timer, qs.wake_at = nil, nil end
     qs.kicked = true                          -- a claim under way must not wait a poll after it

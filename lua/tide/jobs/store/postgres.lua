@@ -65,6 +65,24 @@ local MIGRATIONS = {
     [[CREATE TRIGGER tide_jobs_notify AFTER INSERT OR UPDATE OF status ON tide_jobs
       FOR EACH ROW WHEN (NEW.status = 'available') EXECUTE FUNCTION tide_jobs_notify()]],
   },
+  -- 2: per-key limits and uniqueness over time (issue 20); see the SQLite store.
+  {
+    [[ALTER TABLE tide_jobs ADD COLUMN partition_key text, ADD COLUMN unique_key text]],
+    [[CREATE TABLE IF NOT EXISTS tide_queues (
+      name            text PRIMARY KEY,
+      concurrency     integer,
+      partition       text,
+      key_concurrency integer,
+      rate_limit      integer,
+      rate_period     bigint,
+      updated_at      bigint NOT NULL)]],
+    [[CREATE INDEX tide_jobs_started ON tide_jobs (queue, attempted_at) WHERE partition_key IS NOT NULL]],
+    [[CREATE INDEX tide_jobs_unique ON tide_jobs (unique_key, inserted_at) WHERE unique_key IS NOT NULL]],
+    [[CREATE INDEX tide_jobs_key_due ON tide_jobs (queue, partition_key, priority, run_at, id) WHERE ]] .. WAITING,
+    [[CREATE INDEX tide_jobs_key_running ON tide_jobs (queue, partition_key) WHERE status = 'executing']],
+    [[CREATE INDEX tide_jobs_nokey_due ON tide_jobs (queue, priority, run_at, id)
+      WHERE partition_key IS NULL AND ]] .. WAITING,
+  },
 }
 M.VERSION = #MIGRATIONS
 
@@ -83,8 +101,8 @@ local SCHEDULES_TABLE = [[CREATE TABLE IF NOT EXISTS tide_schedules (
 
 local SQL = {
   insert = [[INSERT INTO tide_jobs (queue, target, method, args, args_enc, status, priority,
-      max_attempts, run_at, idempotence_key, inserted_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+      max_attempts, run_at, idempotence_key, inserted_at, partition_key)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
     ON CONFLICT (idempotence_key) WHERE idempotence_key IS NOT NULL DO NOTHING RETURNING id]],
   by_key = "SELECT id FROM tide_jobs WHERE idempotence_key = $1",
   by_keys = "SELECT id, idempotence_key FROM tide_jobs WHERE idempotence_key = ANY($1::text[])",
@@ -95,25 +113,82 @@ local SQL = {
   insert_many = [[WITH input AS (
       SELECT u.*, nextval('tide_jobs_id_seq') AS new_id
       FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::integer[],
-                  $8::integer[], $9::bigint[], $10::text[], $11::bigint[])
+                  $8::integer[], $9::bigint[], $10::text[], $11::bigint[], $12::text[])
         WITH ORDINALITY AS u(queue, target, method, args, args_enc, status, priority, max_attempts,
-                             run_at, idempotence_key, inserted_at, ord)),
+                             run_at, idempotence_key, inserted_at, partition_key, ord)),
     ins AS (
       INSERT INTO tide_jobs (id, queue, target, method, args, args_enc, status, priority, max_attempts,
-                             run_at, idempotence_key, inserted_at)
+                             run_at, idempotence_key, inserted_at, partition_key)
       SELECT new_id, queue, target, method, args, decode(args_enc, 'hex'), status, priority, max_attempts,
-             run_at, idempotence_key, inserted_at FROM input ORDER BY ord
+             run_at, idempotence_key, inserted_at, partition_key FROM input ORDER BY ord
       ON CONFLICT (idempotence_key) WHERE idempotence_key IS NOT NULL DO NOTHING
       RETURNING id)
     SELECT ins.id FROM input LEFT JOIN ins ON ins.id = input.new_id ORDER BY input.ord]],
   states = "SELECT id, status, lease_owner, attempt FROM tide_jobs WHERE id = ANY($1::bigint[])",
+  -- (a queue with limits claims nothing here: see the SQLite store)
   claim = [[WITH due AS (SELECT id FROM tide_jobs WHERE queue = $3 AND ]] .. WAITING .. [[
-      AND run_at <= ]] .. NOW .. [[ ORDER BY priority, run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED)
+      AND run_at <= ]] .. NOW .. [[ AND NOT EXISTS (SELECT 1 FROM tide_queues WHERE name = $3
+        AND (concurrency IS NOT NULL OR key_concurrency IS NOT NULL OR rate_limit IS NOT NULL))
+      ORDER BY priority, run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED)
     UPDATE tide_jobs j SET status = 'executing', attempt = j.attempt + 1, attempted_at = ]] .. NOW .. [[,
       lease_owner = $2, lease_expires = ]] .. NOW .. [[ + $1
     FROM due WHERE j.id = due.id
     RETURNING j.id, j.queue, j.target, j.method, j.args, j.args_enc, j.priority, j.attempt,
-      j.max_attempts, j.run_at, j.inserted_at, j.idempotence_key]],
+      j.max_attempts, j.run_at, j.inserted_at, j.idempotence_key, j.partition_key]],
+  -- With limits (q:declare): the SQLite store's claim_limited says how.  It
+  -- runs after pg_advisory_xact_lock on the queue, in a transaction of its
+  -- own, so that its snapshot (taken once the lock is held) counts every
+  -- claim committed before it: claims of a limited queue take turns.
+  claim_limited = [[WITH RECURSIVE keys(k) AS (
+        (SELECT partition_key FROM tide_jobs WHERE queue = $3 AND ]] .. WAITING .. [[
+          AND partition_key IS NOT NULL ORDER BY partition_key LIMIT 1)
+        UNION ALL
+        SELECT (SELECT partition_key FROM tide_jobs WHERE queue = $3 AND ]] .. WAITING .. [[
+          AND partition_key > keys.k ORDER BY partition_key LIMIT 1) FROM keys WHERE keys.k IS NOT NULL),
+      lim AS (SELECT concurrency, key_concurrency, rate_limit, rate_period
+        FROM tide_queues WHERE name = $3),
+      picked AS (
+        SELECT p.* FROM keys CROSS JOIN LATERAL (SELECT id, partition_key, priority, run_at FROM tide_jobs
+          WHERE queue = $3 AND partition_key = keys.k AND ]] .. WAITING .. [[ AND run_at <= ]] .. NOW .. [[
+          ORDER BY priority, run_at, id LIMIT $5) p
+        UNION ALL
+        (SELECT id, partition_key, priority, run_at FROM tide_jobs
+          WHERE queue = $3 AND partition_key IS NULL AND ]] .. WAITING .. [[ AND run_at <= ]] .. NOW .. [[
+          ORDER BY priority, run_at, id LIMIT $4)),
+      cand AS (SELECT id, partition_key, priority, run_at,
+          row_number() OVER (PARTITION BY partition_key ORDER BY priority, run_at, id) AS rk FROM picked),
+      busy AS (SELECT partition_key, count(*) AS n FROM tide_jobs
+        WHERE status = 'executing' AND queue = $3 AND partition_key IS NOT NULL GROUP BY partition_key),
+      -- (the statement's start, a stable time the index can use: a little
+      -- earlier than the claim's own, so the window counted is a little
+      -- wider, never narrower)
+      recent AS (SELECT partition_key, count(*) AS n FROM tide_jobs
+        WHERE queue = $3 AND partition_key IS NOT NULL
+          AND attempted_at > (extract(epoch from statement_timestamp()) * 1000)::bigint
+                             - (SELECT rate_period FROM lim) GROUP BY partition_key),
+      pick AS (SELECT c.id FROM cand c
+          LEFT JOIN busy b ON b.partition_key = c.partition_key
+          LEFT JOIN recent r ON r.partition_key = c.partition_key
+          LEFT JOIN lim l ON true
+        WHERE c.partition_key IS NULL OR (
+          (l.key_concurrency IS NULL OR c.rk <= l.key_concurrency - coalesce(b.n, 0))
+          AND (l.rate_limit IS NULL OR c.rk <= l.rate_limit - coalesce(r.n, 0)))
+        ORDER BY c.priority, c.run_at, c.id
+        LIMIT greatest(0, least($4, coalesce((SELECT concurrency FROM lim)
+          - (SELECT count(*) FROM tide_jobs WHERE status = 'executing' AND queue = $3), $4)))),
+      due AS (SELECT id FROM tide_jobs WHERE id IN (SELECT id FROM pick) FOR UPDATE SKIP LOCKED)
+    UPDATE tide_jobs j SET status = 'executing', attempt = j.attempt + 1, attempted_at = ]] .. NOW .. [[,
+      lease_owner = $2, lease_expires = ]] .. NOW .. [[ + $1
+    FROM due WHERE j.id = due.id
+    RETURNING j.id, j.queue, j.target, j.method, j.args, j.args_enc, j.priority, j.attempt,
+      j.max_attempts, j.run_at, j.inserted_at, j.idempotence_key, j.partition_key]],
+  queue_lock = "SELECT pg_advisory_xact_lock(7370602, hashtext($1))",
+  unique_lock = "SELECT pg_advisory_xact_lock(7370603, hashtext($1))",
+  limits = "SELECT * FROM tide_queues WHERE name = $1",
+  declare = [[INSERT INTO tide_queues (name, concurrency, partition, key_concurrency, rate_limit, rate_period,
+      updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7)
+    ON CONFLICT (name) DO UPDATE SET concurrency = $2, partition = $3, key_concurrency = $4, rate_limit = $5,
+      rate_period = $6, updated_at = $7]],
   -- Row locks are taken in id order (the CTEs), by every statement that may
   -- meet another's rows (outcomes, heartbeats of the same worker on its
   -- second connection): so they wait for each other, never deadlock.
@@ -176,6 +251,8 @@ local SQL = {
   schedules = "SELECT * FROM tide_schedules ORDER BY name",
 }
 
+
+M.SQL = SQL                                  -- (for EXPLAIN in benchmarks and specs)
 
 local function migrate(c, name)
   c:query("BEGIN")
@@ -333,10 +410,46 @@ local function hex(s)
   return (s:gsub(".", function(ch) return format("%02x", ch:byte()) end))
 end
 
+--- Runs fn() inside a transaction: the caller's, or one of its own.
+local function in_tx(c, fn)
+  if c.tx then return fn() end
+  c:query("BEGIN")
+  c.tx = true
+  local ok, a, b = pcall(fn)
+  if ok then
+    local committed, err = pcall(c.query, c, "COMMIT")
+    if not committed then ok, a = false, err end
+  end
+  if not ok then pcall(c.query, c, "ROLLBACK") end
+  c.tx = false
+  if not ok then error(a, 0) end
+  return a, b
+end
+
+--- A job with a unique key (see the SQLite store): the look-up and the
+--- insert run under a transaction-scoped advisory lock on the key, so
+--- that of two racing enqueues the second waits, then sees the first's row.
+local function insert_unique(self, j, enc)
+  local c = self.c
+  local list = common.status_list(j.unique_states)
+  return in_tx(c, function()
+    c:query(SQL.unique_lock, j.unique_key)
+    local old = c:query("SELECT id FROM tide_jobs WHERE unique_key = $1 AND inserted_at > $2::bigint - $3::bigint "
+      .. "AND status IN " .. list .. " ORDER BY id DESC LIMIT 1", j.unique_key, j.inserted_at, j.unique_period).rows[1]
+    if old then return old.id, false end
+    local rows = c:query([[INSERT INTO tide_jobs (queue, target, method, args, args_enc, status, priority,
+        max_attempts, run_at, inserted_at, partition_key, unique_key)
+      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id]], j.queue, j.target, j.method,
+      j.args, enc, j.status, j.priority, j.max_attempts, j.run_at, j.inserted_at, j.partition_key, j.unique_key).rows
+    return rows[1].id, true
+  end)
+end
+
 function Session:insert(j)
   local enc = j.args_enc and "\\x" .. hex(j.args_enc)
+  if j.unique_key then return insert_unique(self, j, enc) end
   local rows = self.c:query(SQL.insert, j.queue, j.target, j.method, j.args, enc, j.status,
-    j.priority, j.max_attempts, j.run_at, j.idempotence_key, j.inserted_at).rows
+    j.priority, j.max_attempts, j.run_at, j.idempotence_key, j.inserted_at, j.partition_key).rows
   if rows[1] then return rows[1].id, true end
   return self.c:query(SQL.by_key, j.idempotence_key).rows[1].id, false
 end
@@ -364,20 +477,26 @@ local BATCH = 2000                          -- rows per statement
 --- transaction); returns their ids and inserted flags, in order.
 function Session:insert_many(list)
   local ids, inserted = {}, {}
+  for i = 1, #list do
+    if list[i].unique_key then              -- each its own look-up under its lock
+      for k = 1, #list do ids[k], inserted[k] = self:insert(list[k]) end
+      return ids, inserted
+    end
+  end
   for from = 1, #list, BATCH do
     local n = min(BATCH, #list - from + 1)
-    local cols = { {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {} }
+    local cols = { {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {} }
     for i = 1, n do
       local j = list[from + i - 1]
       cols[1][i], cols[2][i], cols[3][i], cols[4][i], cols[5][i], cols[6][i] =
         j.queue, j.target, j.method, j.args, hex(j.args_enc), j.status
-      cols[7][i], cols[8][i], cols[9][i], cols[10][i], cols[11][i] =
-        j.priority, j.max_attempts, j.run_at, j.idempotence_key, j.inserted_at
+      cols[7][i], cols[8][i], cols[9][i], cols[10][i], cols[11][i], cols[12][i] =
+        j.priority, j.max_attempts, j.run_at, j.idempotence_key, j.inserted_at, j.partition_key
     end
     local rows = self.c:query(SQL.insert_many, text_array(cols[1], n), text_array(cols[2], n),
       text_array(cols[3], n), text_array(cols[4], n), text_array(cols[5], n), text_array(cols[6], n),
       int_array(cols[7], n), int_array(cols[8], n), int_array(cols[9], n), text_array(cols[10], n),
-      int_array(cols[11], n)).rows
+      int_array(cols[11], n), text_array(cols[12], n)).rows
     local by_key, missing = {}, {}
     for i = 1, n do
       local id, key = rows[i].id, cols[10][i]
@@ -405,10 +524,50 @@ function Session:insert_many(list)
   return ids, inserted
 end
 
-function Session:claim(queue, n, owner, now, lease_until)
-  local rows = self.c:query(SQL.claim, lease_until - now, owner, queue, n).rows
-  return common.start_order(rows)
+local LIMITS_TTL = 1000                     -- ms: see the SQLite store's `limited`
+local limited_cap
+
+local function limited(self, name)
+  local cache = self.limited
+  if not cache then cache = {}; self.limited = cache end
+  local now_ms, c = core.now(), cache[name]
+  if c and now_ms - c.at < LIMITS_TTL then return c.row end
+  local r = self.c:query(SQL.limits, name).rows[1]
+  if r and not (r.concurrency or r.key_concurrency or r.rate_limit) then r = nil end
+  cache[name] = { at = now_ms, row = r or false }
+  return r or false
 end
+
+--- The most jobs of one key a claim of n could take (the limits cached).
+limited_cap = function(self, name, n)
+  local r = limited(self, name)
+  return min(n, r and r.key_concurrency or n, r and r.rate_limit or n)
+end
+
+--- Claims up to n due jobs; returns them and true when the queue has limits.
+function Session:claim(queue, n, owner, now, lease_until)
+  local c = self.c
+  local cached = self.limited and self.limited[queue]
+  local fresh = cached and core.now() - cached.at < LIMITS_TTL
+  if not (fresh and cached.row) then
+    local rows = c:query(SQL.claim, lease_until - now, owner, queue, n).rows
+    if #rows > 0 or fresh then return common.start_order(rows), false end
+  end
+  if not limited(self, queue) then return {}, false end   -- nothing claimed: because of limits?
+  local rows = in_tx(c, function()
+    c:query(SQL.queue_lock, queue)
+    return c:query(SQL.claim_limited, lease_until - now, owner, queue, n, limited_cap(self, queue, n)).rows
+  end)
+  return common.start_order(rows), true
+end
+
+function Session:declare(r)
+  self.c:query(SQL.declare, r.name, r.concurrency, r.partition, r.key_concurrency, r.rate_limit, r.rate_period,
+    r.updated_at)
+  if self.limited then self.limited[r.name] = nil end
+end
+
+function Session:queue_limits(name) return self.c:query(SQL.limits, name).rows[1] end
 
 local function by_id(a, b) return a.id < b.id end
 

@@ -10,9 +10,14 @@
 --   session:begin() :commit() :rollback()      a write transaction (IMMEDIATE)
 --   session:savepoint(n) :release(n) :rollback_to(n)   nested transactions
 --   session:exec(sql, ...) -> changes   session:query(sql, ...) -> rows   (user SQL)
---   session:insert(job) -> id, inserted  (false: the idempotence key existed)
+--   session:insert(job) -> id, inserted  (false: the idempotence key existed,
+--                          or a job with its unique key inside the period)
 --   session:insert_many(jobs) -> ids, inserted flags (one transaction is the caller's)
---   session:claim(queue, n, owner, now, lease_until) -> rows, marked executing
+--   session:claim(queue, n, owner, now, lease_until) -> rows, marked executing,
+--                          and true when the queue has limits (tide_queues)
+--   session:declare(limits)  :queue_limits(name)   the limits of a queue (q:declare)
+--   store:listen(fn)  :unlisten(fn)   fn(queue or nil) when another connection
+--                          (process, machine) may have made a job due
 --   session:record(entries, owner, now) -> { [id] = true } of the entries written
 --   session:heartbeat(owner, until, ids) -> { id = true } of those still leased
 --   session:rescue(now) -> count of expired leases made available (or discarded)
@@ -33,10 +38,12 @@ local common = require "tide.jobs.store.common"
 local job = require "tide.jobs.job"
 local pool = require "tide.jobs.store.pool"
 local S = require "tide.engine.sched"
+local log = require "tide.engine.log"
 
 local type, error, ipairs, pairs, tostring, pcall = type, error, ipairs, pairs, tostring, pcall
 local concat, min, format = table.concat, math.min, string.format
 local setmetatable = setmetatable
+local log_protect = log.protect
 
 local M = {}
 
@@ -97,6 +104,29 @@ local MIGRATIONS = {
   "CREATE TABLE tide_jobs_v2 (\n    id              INTEGER PRIMARY KEY AUTOINCREMENT,\n" .. COLUMNS .. "\n  );\n"
     .. "INSERT INTO tide_jobs_v2 (" .. COLUMN_LIST .. ") SELECT " .. COLUMN_LIST .. " FROM tide_jobs;\n"
     .. "DROP TABLE tide_jobs;\nALTER TABLE tide_jobs_v2 RENAME TO tide_jobs;\n" .. INDEXES,
+  -- 3: per-key limits and uniqueness over time (issue 20): a job's
+  -- partition key and unique key; the queues' limits, read by every claim.
+  [[ALTER TABLE tide_jobs ADD COLUMN partition_key TEXT;
+  ALTER TABLE tide_jobs ADD COLUMN unique_key TEXT;
+  CREATE TABLE IF NOT EXISTS tide_queues (   -- (kept if tide_jobs was dropped by hand)
+    name            TEXT PRIMARY KEY,
+    concurrency     INTEGER,           -- executing at once, all workers together
+    partition       TEXT,              -- "function" or the path into args (for people)
+    key_concurrency INTEGER,           -- executing at once per partition key
+    rate_limit      INTEGER,           -- started per key in any window of rate_period ms
+    rate_period     INTEGER,
+    updated_at      INTEGER NOT NULL
+  );
+  -- Starts of keyed jobs by time: a rate counts the window's starts only.
+  CREATE INDEX tide_jobs_started ON tide_jobs (queue, attempted_at) WHERE partition_key IS NOT NULL;
+  -- Waiting jobs by key: a limited claim visits each key and takes the
+  -- first few of each, whatever the backlog of the busiest.
+  CREATE INDEX tide_jobs_key_due ON tide_jobs (queue, partition_key, priority, run_at, id)
+    WHERE (status = 'available' OR status = 'scheduled' OR status = 'retryable');
+  -- Executing jobs by key: what a limited claim counts against the limits.
+  CREATE INDEX tide_jobs_key_running ON tide_jobs (queue, partition_key) WHERE status = 'executing';
+  CREATE INDEX tide_jobs_unique ON tide_jobs (unique_key, inserted_at) WHERE unique_key IS NOT NULL;
+  ]],
 }
 M.VERSION = #MIGRATIONS
 M.MIGRATIONS = MIGRATIONS
@@ -123,15 +153,20 @@ local NOT_TERMINAL = common.none_of(job.FINISHED)
 local GUARD = "WHERE id = ?1 AND status = 'executing' AND lease_owner = ?2 AND attempt = ?3"
 local ADD_ERROR = "json_insert(coalesce(errors, '[]'), '$[#]', json(?5))"
 
+-- A queue with limits claims nothing through the plain claim (so that a
+-- worker that has not yet heard of the limits cannot break them).
+local HAS_LIMITS = "(SELECT 1 FROM tide_queues WHERE name = ?4 AND (concurrency IS NOT NULL "
+  .. "OR key_concurrency IS NOT NULL OR rate_limit IS NOT NULL))"
+
 local SQL = {
   -- Two inserts: a job without a key needs neither the upsert nor RETURNING,
   -- which together halve SQLite's insert rate.
   insert = [[INSERT INTO tide_jobs (queue, target, method, args, args_enc, status, priority,
-      max_attempts, run_at, idempotence_key, inserted_at)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, ?10)]],
+      max_attempts, run_at, idempotence_key, inserted_at, partition_key)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, ?10, ?11)]],
   insert_key = [[INSERT INTO tide_jobs (queue, target, method, args, args_enc, status, priority,
-      max_attempts, run_at, idempotence_key, inserted_at)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+      max_attempts, run_at, idempotence_key, inserted_at, partition_key)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
     ON CONFLICT (idempotence_key) WHERE idempotence_key IS NOT NULL DO NOTHING
     RETURNING id]],
   by_key = "SELECT id FROM tide_jobs WHERE idempotence_key = ?1",
@@ -141,9 +176,65 @@ local SQL = {
   claim = [[UPDATE tide_jobs SET status = 'executing', attempt = attempt + 1, attempted_at = ?1,
       lease_owner = ?2, lease_expires = ?3
     WHERE id IN (SELECT id FROM tide_jobs WHERE queue = ?4 AND ]] .. WAITING .. [[
-      AND (run_at <= ?1 OR typeof(run_at) <> 'integer') ORDER BY priority, run_at, id LIMIT ?5)
+      AND (run_at <= ?1 OR typeof(run_at) <> 'integer') AND NOT EXISTS ]] .. HAS_LIMITS .. [[
+      ORDER BY priority, run_at, id LIMIT ?5)
     RETURNING id, queue, target, method, args, args_enc, priority, attempt, max_attempts,
-      run_at, inserted_at, idempotence_key]],
+      run_at, inserted_at, idempotence_key, partition_key]],
+  -- With limits (q:declare), read from tide_queues by the statement itself,
+  -- so every worker obeys the same ones at the same instant.  `keys` walks
+  -- the keys that have waiting jobs (one index seek per key, whatever the
+  -- backlog); `cand` takes the first ?6 due jobs of each (?6: the most a
+  -- key could be given, min of the claim and its limits), and the first
+  -- ?5 due jobs without a key; they are ranked within their key, and a key
+  -- keeps only as many as its free slots (key_concurrency less those
+  -- executing) and what is left of its rate (rate_limit less those started
+  -- in the window); the queue as many as its global concurrency leaves.
+  -- Keys past their limits are skipped, not waited for: the others' jobs
+  -- are claimed in the same statement.  SQLite runs one writer at a time,
+  -- so the counts cannot go stale before the UPDATE is done.
+  claim_limited = [[UPDATE tide_jobs SET status = 'executing', attempt = attempt + 1, attempted_at = ?1,
+      lease_owner = ?2, lease_expires = ?3
+    WHERE id IN (
+      WITH RECURSIVE keys(k) AS (
+          SELECT (SELECT min(partition_key) FROM tide_jobs WHERE queue = ?4 AND ]] .. WAITING .. [[
+                    AND partition_key IS NOT NULL)
+          UNION ALL
+          SELECT (SELECT min(partition_key) FROM tide_jobs WHERE queue = ?4 AND ]] .. WAITING .. [[
+                    AND partition_key > keys.k)
+          FROM keys WHERE keys.k IS NOT NULL),
+        cand AS (
+          SELECT j.id, j.partition_key, j.priority, j.run_at FROM keys, tide_jobs j
+          WHERE keys.k IS NOT NULL AND j.id IN (SELECT id FROM tide_jobs
+            WHERE queue = ?4 AND partition_key = keys.k AND ]] .. WAITING .. [[
+              AND (run_at <= ?1 OR typeof(run_at) <> 'integer') ORDER BY priority, run_at, id LIMIT ?6)
+          UNION ALL
+          SELECT * FROM (SELECT id, partition_key, priority, run_at FROM tide_jobs
+            WHERE queue = ?4 AND partition_key IS NULL AND ]] .. WAITING .. [[
+              AND (run_at <= ?1 OR typeof(run_at) <> 'integer') ORDER BY priority, run_at, id LIMIT ?5)),
+        ranked AS (SELECT id, partition_key, priority, run_at,
+            row_number() OVER (PARTITION BY partition_key ORDER BY priority, run_at, id) AS rk FROM cand),
+        busy AS (SELECT partition_key, count(*) AS n FROM tide_jobs
+          WHERE status = 'executing' AND queue = ?4 AND partition_key IS NOT NULL GROUP BY partition_key),
+        recent AS (SELECT partition_key, count(*) AS n FROM tide_jobs
+          WHERE queue = ?4 AND partition_key IS NOT NULL
+            AND attempted_at > ?1 - (SELECT rate_period FROM tide_queues WHERE name = ?4) GROUP BY partition_key)
+      SELECT c.id FROM ranked c
+        LEFT JOIN busy b ON b.partition_key = c.partition_key
+        LEFT JOIN recent r ON r.partition_key = c.partition_key
+        LEFT JOIN tide_queues l ON l.name = ?4
+      WHERE c.partition_key IS NULL OR (
+        (l.key_concurrency IS NULL OR c.rk <= l.key_concurrency - coalesce(b.n, 0))
+        AND (l.rate_limit IS NULL OR c.rk <= l.rate_limit - coalesce(r.n, 0)))
+      ORDER BY c.priority, c.run_at, c.id
+      LIMIT max(0, min(?5, coalesce((SELECT concurrency FROM tide_queues WHERE name = ?4)
+        - (SELECT count(*) FROM tide_jobs WHERE status = 'executing' AND queue = ?4), ?5))))
+    RETURNING id, queue, target, method, args, args_enc, priority, attempt, max_attempts,
+      run_at, inserted_at, idempotence_key, partition_key]],
+  limits = "SELECT * FROM tide_queues WHERE name = ?1",
+  declare = [[INSERT INTO tide_queues (name, concurrency, partition, key_concurrency, rate_limit, rate_period,
+      updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+    ON CONFLICT (name) DO UPDATE SET concurrency = ?2, partition = ?3, key_concurrency = ?4, rate_limit = ?5,
+      rate_period = ?6, updated_at = ?7]],
   completed = "UPDATE tide_jobs SET status = 'completed', completed_at = ?4, lease_owner = NULL, "
     .. "lease_expires = NULL " .. GUARD,
   retry = "UPDATE tide_jobs SET status = 'retryable', run_at = ?4, errors = " .. ADD_ERROR
@@ -200,6 +291,8 @@ local SQL = {
       THEN ?2 ELSE last_tick END, seen_at = ?3, seen_by = ?4 WHERE name = ?1]],
   schedules = "SELECT * FROM tide_schedules ORDER BY name",
 }
+
+M.SQL = SQL                                  -- (for EXPLAIN in benchmarks and specs)
 
 -- ===== waiting for another process's lock, never on the loop thread
 
@@ -306,7 +399,7 @@ function M.open(path, name, opts)
     migrate(s)
   end)
   if not ok then db:close(); error(e, 0) end
-  local store = setmetatable({ name = name, session = s, sync = true,
+  local store = setmetatable({ name = name, session = s, sync = true, listeners = {}, events = 0, wakes = 0,
                                durability = "WAL, synchronous=" .. SYNC[opts.synchronous or "normal"] }, Store)
   store.pool = pool.new{ name = name, size = 1, timeout = opts.pool_timeout or 5000,
                          open = function() return s end,
@@ -326,10 +419,142 @@ function Store:stats_pool() return self.pool:stats() end
 --- connection to the same file would only wait for this one's write lock).
 function Store:worker_store() return self end
 
+-- ===== hearing other processes' commits
+--
+-- SQLite has no LISTEN/NOTIFY.  Every commit, by any process, appends to
+-- the -wal file beside the database, so the store watches that file (libuv
+-- fs events: inotify on Linux, no polling, no cost while nothing writes)
+-- and, on each change, reads PRAGMA data_version on its own connection:
+-- that number moves only when *another* connection committed, so this
+-- process's own claims and outcomes wake nobody.  A move wakes every
+-- listener (fn(nil): "look at every queue"), and the worker's claimers
+-- claim again.  Writers need not cooperate: a job inserted by hand, by
+-- another tide or by `tide jobs retry` wakes the workers too.
+--
+-- Why not a socket beside the database: every enqueuer would have to find
+-- and tell every worker (a directory of sockets, stale ones after a
+-- SIGKILL), and writers that are not tide would wake nobody.
+--
+-- The window, and the second look: a commit writes its frames to the -wal
+-- file (the event) a few microseconds before it publishes them in the
+-- shared-memory index (no event: it is a mapped file), which is what
+-- data_version reads.  A check that runs inside that window sees nothing
+-- new; so a check that saw nothing looks once more SECOND_LOOK ms later.
+-- The poll (the worker's `poll` option) remains the backstop.
+--
+-- Invariants: at most one watch and one pending check per store; a check
+-- runs only when the connection is free (else it is tried again BUSY_LOOK
+-- ms later), outside any task, and never waits.
+local SECOND_LOOK, BUSY_LOOK = 1, 1
+
+local arm_check
+
+local function data_version(s)
+  local st = s.stmts.data_version
+  if not st then st = s.db:prepare("PRAGMA data_version"); s.stmts.data_version = st end
+  return st:first().data_version
+end
+
+local function wake_all(store)
+  local list = store.listeners
+  for i = #list, 1, -1 do
+    local fn = list[i]
+    if fn then log_protect("a job store listener", fn, nil) end
+  end
+end
+
+local function check_version(store)
+  store.check_at, store.check_timer = nil, nil
+  if not store.session or #store.listeners == 0 or not store.watch then return end
+  if not store.pool:available() then return arm_check(store, BUSY_LOOK, store.fresh) end
+  local fresh = store.fresh
+  store.fresh = false
+  local s = store.pool:acquire("sqlite wake-up")
+  local ok, v = pcall(data_version, s)
+  store.pool:release(s, false)
+  if ok and v == store.version then
+    if fresh then arm_check(store, SECOND_LOOK, false) end
+    return
+  end
+  store.version = ok and v or nil
+  store.wakes = store.wakes + 1
+  wake_all(store)
+end
+
+--- Checks data_version in `ms` (or sooner, if a check is due sooner);
+--- `fresh`: for a change just seen (a check that finds nothing looks again).
+function arm_check(store, ms, fresh)
+  if fresh then store.fresh = true end
+  local at = core.now() + ms
+  if store.check_timer then
+    if store.check_at <= at then return end
+    S.untimer(store.check_timer)
+  end
+  store.check_at = at
+  store.check_timer = S.timer(ms, check_version, store)
+end
+
+local function on_wal_event(store, event)
+  if event ~= "change" then               -- the file went (or the watch failed): watch it anew, once
+    if store.watch then store.watch:close(); store.watch = nil end
+    store:watch_wal()
+    return wake_all(store)
+  end
+  store.events = store.events + 1
+  arm_check(store, 0, true)
+end
+
+--- Starts watching PATH-wal; true, or nil and why not (then only the
+--- workers' polls find other processes' jobs).
+function Store:watch_wal()
+  if self.watch then return true end
+  local w, err = core.fs_watch(self.session.path .. "-wal", function(event) on_wal_event(self, event) end)
+  if not w then
+    self.watch_error = err
+    return nil, err
+  end
+  self.watch, self.watch_error = w, nil
+  local s = self.pool:available() and self.pool:acquire("sqlite wake-up")
+  if s then
+    local ok, v = pcall(data_version, s)
+    self.pool:release(s, false)
+    self.version = ok and v or nil
+  end
+  return true
+end
+
+--- Calls fn(nil) soon after another connection (another process, or
+--- another store on the same file) committed anything: the caller claims
+--- again.  Returns true, or nil and why the file cannot be watched (then
+--- only polling finds other processes' jobs).
+function Store:listen(fn)
+  if not self.session then return nil, "the store is closed" end
+  self.listeners[#self.listeners + 1] = fn
+  return self:watch_wal()
+end
+
+--- Stops calling fn (every listener when fn is nil); the watch ends with the last.
+function Store:unlisten(fn)
+  local list = self.listeners
+  for i = #list, 1, -1 do
+    if fn == nil or list[i] == fn then table.remove(list, i) end
+  end
+  if #list == 0 then
+    if self.watch then self.watch:close(); self.watch = nil end
+    if self.check_timer then S.untimer(self.check_timer); self.check_timer, self.check_at = nil, nil end
+  end
+end
+
+--- { watching, events, wakes, error }: how the wake-up fares (for specs and tools).
+function Store:wake_stats()
+  return { watching = self.watch ~= nil, events = self.events, wakes = self.wakes, error = self.watch_error }
+end
+
 --- Closes the connection now, or when its holder gives it back (the
 --- pool closes it then): a transaction under way ends first.
 function Store:close()
   if not self.session then return end
+  self:unlisten()
   self.pool:close()
   if not self.pool.all[self.session] then self.session:close() end   -- not held (or never handed out)
   self.session = nil
@@ -391,14 +616,59 @@ function Session:query(sql, ...) return (locked(self, user_rows, self, sql, ...)
 
 --- job: queue, target, method, args (JSON text) or args_enc, status,
 --- priority, max_attempts, run_at, idempotence_key, inserted_at.
+--- The statements of a unique insert for one set of states (cached by it).
+local function unique_stmts(s, states)
+  local key = "unique:" .. concat(states, ",")
+  local pair = s.stmts[key]
+  if pair then return pair end
+  local list = common.status_list(states)
+  pair = {
+    -- One statement: SQLite takes the write lock before it reads, so no
+    -- other connection can insert the duplicate in between.
+    insert = s.db:prepare([[INSERT INTO tide_jobs (queue, target, method, args, args_enc, status, priority,
+        max_attempts, run_at, inserted_at, partition_key, unique_key)
+      SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12
+      WHERE NOT EXISTS (SELECT 1 FROM tide_jobs WHERE unique_key = ?12 AND inserted_at > ?10 - ?13
+                        AND status IN ]] .. list .. [[)
+      RETURNING id]]),
+    existing = s.db:prepare("SELECT id FROM tide_jobs WHERE unique_key = ?1 AND inserted_at > ?2 - ?3 "
+      .. "AND status IN " .. list .. " ORDER BY id DESC LIMIT 1"),
+    finalize = function(self) self.insert:finalize(); self.existing:finalize() end,
+  }
+  s.stmts[key] = pair
+  return pair
+end
+
+--- A job with a unique key: inserted unless a job with that key, in one of
+--- the states, was inserted within the period; then that job's id, false.
+local function insert_unique(s, j)
+  local st = unique_stmts(s, j.unique_states)
+  local db = s.db
+  local own = not db:in_transaction()
+  if own then db:exec("BEGIN IMMEDIATE") end   -- the look-up sees the same table as the insert
+  local ok, id, inserted = pcall(function()
+    local row = st.insert:first(j.queue, j.target, j.method, j.args, j.args_enc, j.status, j.priority,
+      j.max_attempts, j.run_at, j.inserted_at, j.partition_key, j.unique_key, j.unique_period)
+    if row then return row.id, true end
+    return st.existing:first(j.unique_key, j.inserted_at, j.unique_period).id, false
+  end)
+  if not ok then
+    if own then pcall(db.exec, db, "ROLLBACK") end
+    error(id, 0)
+  end
+  if own then db:exec("COMMIT") end
+  return id, inserted
+end
+
 local function insert(s, j)
+  if j.unique_key ~= nil then return insert_unique(s, j) end
   if j.idempotence_key == nil then
     stmt(s, "insert"):run(j.queue, j.target, j.method, j.args, j.args_enc, j.status,
-      j.priority, j.max_attempts, j.run_at, j.inserted_at)
+      j.priority, j.max_attempts, j.run_at, j.inserted_at, j.partition_key)
     return s.db:last_id(), true
   end
   local row = stmt(s, "insert_key"):first(j.queue, j.target, j.method, j.args, j.args_enc, j.status,
-    j.priority, j.max_attempts, j.run_at, j.idempotence_key, j.inserted_at)
+    j.priority, j.max_attempts, j.run_at, j.idempotence_key, j.inserted_at, j.partition_key)
   if row then return row.id, true end
   return stmt(s, "by_key"):first(j.idempotence_key).id, false
 end
@@ -414,13 +684,58 @@ function Session:insert_many(list)
   return ids, inserted
 end
 
-local function claim(s, queue, n, owner, now, lease_until)
-  return stmt(s, "claim"):rows(now, owner, lease_until, queue, n)
+--- The limits of queue `name` (its tide_queues row), or false: read at
+--- most once a LIMITS_TTL ms per connection.  Only the choice of statement
+--- depends on it: the plain claim takes nothing from a queue with limits,
+--- and the limited one reads them itself; so a declaration is obeyed at
+--- once, and obeyed by claims within LIMITS_TTL ms.
+local LIMITS_TTL = 1000
+
+local function limited(s, name, now_ms)
+  local cache = s.limited
+  if not cache then cache = {}; s.limited = cache end
+  local c = cache[name]
+  if c and now_ms - c.at < LIMITS_TTL then return c.row end
+  local r = stmt(s, "limits"):first(name)
+  if r and not (r.concurrency or r.key_concurrency or r.rate_limit) then r = false end
+  cache[name] = { at = now_ms, row = r or false }
+  return r or false
+end
+M.limited = limited
+
+--- The most jobs of one key a claim of n could take (the limits cached).
+local function per_key_cap(r, n)
+  return min(n, r.key_concurrency or n, r.rate_limit or n)
 end
 
-function Session:claim(queue, n, owner, now, lease_until)
-  return common.start_order(locked(self, claim, self, queue, n, owner, now, lease_until))
+local function claim(s, queue, n, owner, now, lease_until)
+  local c = s.limited and s.limited[queue]
+  local fresh = c and core.now() - c.at < LIMITS_TTL
+  if not (fresh and c.row) then
+    local rows = stmt(s, "claim"):rows(now, owner, lease_until, queue, n)
+    if #rows > 0 or fresh then return rows, false end
+  end
+  local r = limited(s, queue, core.now())     -- nothing claimed: because of limits?
+  if not r then return {}, false end
+  return stmt(s, "claim_limited"):rows(now, owner, lease_until, queue, n, per_key_cap(r, n)), true
 end
+
+--- Claims up to n due jobs; returns them (in start order) and true when the
+--- queue has limits (a worker then claims again after each outcome it writes).
+function Session:claim(queue, n, owner, now, lease_until)
+  local rows, yes = locked(self, claim, self, queue, n, owner, now, lease_until)
+  return common.start_order(rows), yes
+end
+
+local function declare(s, r)
+  stmt(s, "declare"):run(r.name, r.concurrency, r.partition, r.key_concurrency, r.rate_limit, r.rate_period,
+    r.updated_at)
+  if s.limited then s.limited[r.name] = nil end
+end
+
+function Session:declare(r) return locked(self, declare, self, r) end
+local function queue_limits(s, name) return stmt(s, "limits"):first(name) end
+function Session:queue_limits(name) return (locked(self, queue_limits, self, name)) end
 
 --- Each entry: { id, attempt, kind = "completed" | "retry" | "discard" |
 --- "release", run_at, error = JSON text or nil }.  Entries whose job is no
