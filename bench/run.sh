@@ -2,7 +2,10 @@
 # bench/run.sh — prints the machine, then runs every bench/*.lua against $BUILD/tide.so.
 # Run from the repository root (`make bench` does): BUILD=build sh bench/run.sh
 # Names run only those files: `sh bench/run.sh queue` runs bench/queue.lua;
-# `sh bench/run.sh queue:cross` only its cross-process section.
+# `sh bench/run.sh queue:cross` only its cross-process section
+# (`sh bench/run.sh processes threads`: process mode beside thread mode).
+# bench/flows_durable.lua (durable flows) starts a throwaway PostgreSQL with
+# spec/pg.sh for its PostgreSQL half, unless BENCH_PG_URL names a server.
 # bench/peers.lua runs the Node peers of bench/peers/ beside tide (when node or
 # nodejs is installed; "not installed" otherwise), with the 2-process control.
 # Instruction counts per task: sh bench/cg/run.sh WORKLOAD (callgrind).

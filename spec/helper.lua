@@ -152,7 +152,7 @@ function H.stores()
   if pg then
     local function reset()
       local c = require("tide.jobs.store.postgres").connect(pg)
-      c:query("DROP TABLE IF EXISTS tide_jobs, tide_schema, tide_queues, tide_schedules, orders CASCADE")
+      c:query("DROP TABLE IF EXISTS tide_jobs, tide_schema, tide_queues, tide_schedules, orders, tide_flow_runs, tide_flow_steps, tide_flow_items CASCADE")
       c:query("DROP FUNCTION IF EXISTS tide_jobs_notify() CASCADE")
       c:close()
     end

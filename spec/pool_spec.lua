@@ -86,6 +86,28 @@ describe("tide.pool", function()
     assert.is_false(ran)
   end)
 
+  it("keeps nothing of tasks cancelled while queued: submit and cancel in a loop holds no memory", function()
+    local held
+    tide.run(function()
+      local p = tide.pool{ concurrency = 1 }
+      local long = p:submit(function() tide.sleep(100000) end)
+      local order = {}
+      local kept = p:submit(function() order[#order + 1] = "kept" end)
+      collectgarbage(); collectgarbage()
+      local before = collectgarbage("count")
+      for _ = 1, 50000 do p:submit(function() end):cancel() end
+      local last = p:submit(function() order[#order + 1] = "last" end)
+      collectgarbage(); collectgarbage()
+      held = collectgarbage("count") - before
+      assert.equal(2, p:stats().waiting)
+      long:cancel()
+      kept:await()
+      last:await()
+      assert.same({ "kept", "last" }, order)               -- the queue's order survives
+    end)
+    assert.is_true(held < 2000, ("%.0f KB held"):format(held))
+  end)
+
   it("keeps the slot through retries", function()
     local running, max_running = 0, 0
     tide.run(function()

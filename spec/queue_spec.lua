@@ -697,7 +697,7 @@ describe("tide.queue on " .. store.name, function()
         { bad{ target = "t", method = "m", max_attempts = 0 }, "q:enqueue: bad option 'max_attempts' (integer from 1 to 2147483647 expected, got number 0)" },
         { bad{ target = "t", method = "m", idempotency_key = "" }, "q:enqueue: bad option 'idempotency_key' (non-empty string expected, got string \"\")" },
         { bad{ target = "t", method = "m", queue = "a queue" }, "q:enqueue: bad option 'queue' (queue name (letters, digits, _ . -) expected, got string \"a queue\")" },
-        { function() q:job("7") end, "q:job: bad argument #1 (job id (integer >= 1) expected, got string \"7\")" },
+        { function() q:job("7") end, "q:job: bad argument #1 (job id (integer from 1 to 2^53) expected, got string \"7\")" },
         { function() q:list{ status = "done" } end,
           "q:list: bad option 'status' ('available', 'cancelled', 'completed', 'discarded', 'executing', 'expired', 'retryable' or 'scheduled' expected, got string \"done\")" },
         { function() q:prune{ older_than = "soon" } end, "q:prune: bad option 'older_than' (duration (ms, or like \"7d\", \"12h\") expected, got string \"soon\")" },
@@ -713,6 +713,21 @@ describe("tide.queue on " .. store.name, function()
       local expected = store.name == "sqlite" and url .. ": no such table: nowhere (SQLITE_ERROR)"
                        or url .. ': relation "nowhere" does not exist (SQLSTATE 42P01)'
       assert.truthy(err:find(expected, 1, true), err)
+    end)
+
+    it("answers huge spans and ids the same on every store", function()
+      local id = q:enqueue{ target = "t", method = "m" }
+      assert.equal(0, q:prune{ older_than = 1e300 })              -- nothing is older than that
+      assert.equal(0, q:prune{ older_than = "99999999999999999999d" })
+      assert.equal(1, q:recent(5, 1e300).default.available.n)     -- as the store holds it
+      assert.equal(1, #q:list{ before = 2 ^ 53 })
+      assert.is_nil(q:job(2 ^ 53))
+      spec_helper.error_cases("spec/queue_spec.lua", {
+        { function() q:job(1e300) end, "q:job: bad argument #1 (job id (integer from 1 to 2^53) expected, got number 1e+300)" },
+        { function() q:cancel(2 ^ 60) end, "q:cancel: bad argument #1 (job id (integer from 1 to 2^53) expected, got number 1.1529215046068e+18)" },
+        { function() q:list{ before = 1e300 } end, "q:list: bad option 'before' (job id (integer from 1 to 2^53) expected, got number 1e+300)" },
+      })
+      assert.equal("available", q:job(id).status)
     end)
 
     it("refuses calls on a closed queue", function()

@@ -92,6 +92,7 @@ describe("tide.sources.rabbitmq", function()
       { function() src:publish("x", { routng_key = "a" }) end, "source:publish: unknown option 'routng_key'" },
       { function() src:publish("x", { persistent = "yes" }) end, "source:publish: bad option 'persistent' (boolean expected, got string \"yes\")" },
       { function() src:publish("x", { priority = 300 }) end, "source:publish: bad option 'priority' (integer from 0 to 255 expected, got number 300)" },
+      { function() src:publish("x", { timestamp = 1e300 }) end, "source:publish: bad option 'timestamp' (integer from 0 to 2^53 (seconds since the epoch) expected, got number 1e+300)" },
       { function() src.publish({}, "x") end, "source:publish: bad self (rabbitmq source expected, got table)" },
     }
     H.error_cases("spec/rabbitmq_spec.lua", pub_cases)
@@ -375,6 +376,19 @@ describe("tide.sources.rabbitmq", function()
       assert.equal(1, src:queue_info().messages)
       src:delete_queue()
       src:close()
+    end)
+  end)
+
+  it("takes a connect_timeout past an int of ms (3e9, 1e300) as a long one", function()
+    need_broker()
+    spec_helper.run(function()
+      for _, ms in ipairs{ 3e9, 1e300 } do
+        local src = tide.sources.rabbitmq{ url = URL, queue = qname("longtimeout"), declare = { durable = false },
+                                           connect_timeout = ms }
+        assert.is_true(src:publish("x"))
+        src:delete_queue()
+        src:close()
+      end
     end)
   end)
 

@@ -23,7 +23,13 @@ local reports
 local function run(fn)
   reports = {}
   tide.configure{ on_error = function(where, err) reports[#reports + 1] = where .. ": " .. tostring(err) end }
-  local status, err = tide.run(fn)
+  -- A failed assertion shuts the loop down: a supervisor left running
+  -- (one that gave up restarts after its cool-down) would keep it alive for
+  -- ever (the suite hung 15 minutes after a timing failure under load).
+  local status, err = tide.run(function()
+    local ok, e = xpcall(fn, debug.traceback)
+    if not ok then tide.shutdown(0); error(e, 0) end
+  end)
   tide.configure{ on_error = function(where, err, tb) io.stderr:write(tb or tostring(err), "\n") end }
   assert(status == "ok", tostring(err))
 end

@@ -172,6 +172,18 @@ describe("tide.testing.clock", function()
     assert.equal("ok", t:status())
   end)
 
+  it("advances by a huge finite span: everything pending fires, and the clock moves far ahead", function()
+    local clock = testing.clock()
+    local fired = {}
+    local t0 = tide.now()
+    tide.after(1000, function() fired[#fired + 1] = "1 s" end)
+    tide.after(1e12, function() fired[#fired + 1] = "31 years" end)       -- the longest delay a timer takes
+    local now = clock:advance(1e300)
+    assert.same({ "1 s", "31 years" }, fired)
+    assert.is_true(now - t0 >= 1e12, "the clock moved " .. (now - t0) .. " ms")
+    clock:stop()
+  end)
+
   it("checks its arguments", function()
     local clock = testing.clock()
     H.error_cases("spec/testing_spec.lua", {

@@ -109,6 +109,25 @@ describe("the watchdog", function()
     assert.matches("tide: SIGINT [%d.]+ s ago, and the loop is still blocked", out)
   end)
 
+  it("takes a huge finite grace as a very long one, not as none", function()
+    local path = script("huge_grace.lua", [[
+      local tide = require "tide"
+      tide.configure{ watchdog = 200, grace = 1e300 }
+      tide.run(function()
+        local fh = io.open(arg[1], "w"); fh:write("ready"); fh:close()
+        local x = 0
+        while true do x = x + 1 end
+      end)
+    ]])
+    local ready = path .. ".ready"
+    local _, out = H.sh(("cd %s && LUA_CPATH='%s/?.so;;' luajit %s %s > %s.out 2>&1 & pid=$!; " ..
+      "n=0; while [ ! -s %s ] && [ $n -lt 1000 ]; do sleep 0.02; n=$((n+1)); done; " ..
+      "kill -TERM $pid; sleep 1; if kill -0 $pid 2>/dev/null; then echo alive; kill -KILL $pid; fi; wait $pid; cat %s.out")
+      :format(os.getenv("PWD"), H.build, path, ready, path, ready, path))
+    assert.matches("^alive", out)
+    assert.is_nil(out:find("exiting with status", 1, true), out)
+  end)
+
   it("leaves a loop that turns to its graceful shutdown", function()
     local path = script("graceful.lua", [[
       local tide = require "tide"

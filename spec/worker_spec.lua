@@ -282,11 +282,13 @@ describe("tide.worker on " .. store.name, function()
   end)
 
   it("leaves a job leased by a live worker alone, extending the lease while it runs", function()
-    local t = { m = function() tide.sleep(150) end }
+    -- (a lease of 600 ms beats every 200: a loaded machine delays a beat by
+    -- tens of ms, and a 60 ms lease then ran out under a live worker)
+    local t = { m = function() tide.sleep(1500) end }
     local id = q:enqueue{ target = "t", method = "m" }
     with_worker(function()
-      local w = tide.worker{ queue = q, lease = 60, heartbeat = 20, rescue_every = 10, targets = { t = t } }
-      tide.sleep(120)                           -- two leases long: only heartbeats keep it
+      local w = tide.worker{ queue = q, lease = 600, heartbeat = 200, rescue_every = 100, targets = { t = t } }
+      tide.sleep(1200)                          -- two leases long: only heartbeats keep it
       assert.equal("executing", q:job(id).status)
       assert.equal(0, w:info().rescued)
       w:drain{ stop = true }
@@ -324,7 +326,7 @@ describe("tide.worker on " .. store.name, function()
     tide.run(function()
       local w = tide.worker{ queue = q, targets = { t = t } }
       while w:info().running < 4 do tide.sleep(1) end
-      tide.shutdown(50)
+      tide.shutdown(1000)                       -- the quick ones finish; the slow one is released
     end)
     local st = q:stats()
     assert.equal(3, st.completed)
@@ -470,10 +472,11 @@ describe("tide.worker on " .. store.name, function()
       { function() tide.worker{ queue = q, queues = { default = 0 } } end, "tide.worker: bad option 'queues.default' (integer >= 1 expected, got number 0)" },
       { function() tide.worker{ queue = q, queues = { a = 1 }, concurrency = 2 } end, "tide.worker: give queues or concurrency, not both" },
       { function() tide.worker{ queue = q, lease = -1 } end, "tide.worker: bad option 'lease' (positive number of ms expected, got number -1)" },
+      { function() tide.worker{ queue = q, lease = 1e300 } end, "tide.worker: bad option 'lease' (positive number of ms up to 1e12 (a lease's end must be a time every store holds) expected, got number 1e+300)" },
       { function() tide.worker{ queue = q, targets = { t = { timeout = "1s", methods = {} } } } end,
         "tide.worker: bad option 'targets.t.timeout' (positive number of ms expected, got string \"1s\")" },
       { function() tide.worker{ queue = q, targets = { t = { mode = "fork", methods = {} } } } end,
-        "tide.worker: bad option 'mode' ('coroutine' or 'thread' expected, got string \"fork\")" },
+        "tide.worker: bad option 'mode' ('coroutine', 'thread' or 'process' expected, got string \"fork\")" },
       { function() tide.worker{ queue = q, retry = { attempts = 3 } } end,
         "tide.worker: retry.attempts is not used here (each job's own max_attempts, given at enqueue, counts its attempts)" },
       { function() tide.worker{ queue = q, retry = { max_attempts = 3 } } end,

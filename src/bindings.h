@@ -15,6 +15,14 @@ void tide__open_threads(lua_State *L, uv_loop_t *loop, tide__watchdog *wd);
 /* lua_threads.c: closes the thread pool, if one runs (before the loop closes). */
 void tide__close_threads(lua_State *L);
 
+/* lua_procs.c: sets proc_spawn, proc_submit, proc_stop, proc_kill, proc_ref,
+ * proc_pid, proc_close, proc_set_handler and proc_command into the table at
+ * the top.  Events tell wd (may be NULL) of their calls into Lua. */
+void tide__open_procs(lua_State *L, uv_loop_t *loop, tide__watchdog *wd);
+
+/* lua_procs.c: kills and reaps every child process (before the loop closes). */
+void tide__close_procs(lua_State *L);
+
 /* lua_sqlite.c: sets sqlite_open and sqlite_version into the table at the top. */
 void tide__open_sqlite(lua_State *L);
 

@@ -276,6 +276,7 @@ static int close_state(lua_State *L, loop_ud *u) {
   if (s == NULL) return 0;                   /* closed already */
   u->s = NULL;
   tide__close_threads(L);                    /* its async handle is on our loop */
+  tide__close_procs(L);                      /* so are the children's pipes     */
   tide__close_pg(L);                         /* so are the sockets' watches     */
   tide__close_amqp(L);                       /* and the brokers' connections    */
   tide__close_http(L);                       /* and the HTTP servers' handles   */
@@ -330,10 +331,18 @@ static int l_clock_virtual(lua_State *L) {
  * next timer's deadline (exactly, in ns: a deadline round-tripped through a
  * double of ms may land a nanosecond short of due); false when no timer is
  * due by the target: the clock then moves to the target, unless until_idle. */
+/* The farthest the virtual clock goes, in ms (about 290 years of uptime):
+ * its ns fit in 64 bits with room for a timer of MAX_DELAY_MS after it
+ * (a larger double cast to uint64_t is undefined: 1e300 came out as 0). */
+#define MAX_CLOCK_MS 9.2e12
+
 static int l_clock_step(lua_State *L) {
   state *s = get_state(L);
   double target_ms = luaL_checknumber(L, 1);
-  uint64_t target = target_ms > 0 ? (uint64_t)(target_ms * 1e6) : 0, deadline;
+  if (!(target_ms > 0)) target_ms = 0;                 /* NaN too */
+  if (target_ms > MAX_CLOCK_MS) target_ms = MAX_CLOCK_MS;
+  uint64_t target = (uint64_t)(target_ms * 1e6), deadline;
+  if (target < tide__loop_now()) target = tide__loop_now();   /* never backwards */
   if (tide__timers_next(&s->loop.timers, &deadline) && deadline <= target) {
     tide__loop_set_now(&s->loop, deadline);
     lua_pushboolean(L, 1);
@@ -434,6 +443,7 @@ static int push_core(lua_State *L, uv_loop_t *uv) {
   tide__open_call(L);                              /* set_reporter   */
   tide__open_codec(L);                             /* encode, decode */
   tide__open_threads(L, s->loop.uv, s->wd);        /* thread_*       */
+  tide__open_procs(L, s->loop.uv, s->wd);          /* proc_*         */
   tide__open_sqlite(L);                            /* sqlite_*       */
   tide__open_pg(L, s->loop.uv, s->wd);             /* pg_*           */
   tide__open_amqp(L, s->loop.uv, s->wd);           /* amqp_*         */

@@ -28,6 +28,7 @@
  * first.  A connect still under way when the loop closes is cancelled, or
  * its connection closed as soon as it arrives.
  */
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -713,6 +714,16 @@ static int cfg_int(lua_State *L, const char *key) {
   return v;
 }
 
+/* A number of ms from cfg, clamped to what an int holds (3e9 ms became a
+ * negative timeout, "invalid parameter"; 1e300 became 0: "timed out"). */
+static int cfg_ms(lua_State *L, const char *key) {
+  lua_getfield(L, 2, key);
+  lua_Number v = luaL_checknumber(L, -1);
+  lua_pop(L, 1);
+  if (!(v > 0)) return 0;
+  return v < INT_MAX ? (int)v : INT_MAX;
+}
+
 /* amqp_connect(id, cfg): starts connecting; the answer comes through ready. */
 static int l_connect(lua_State *L) {
   binding *b = get(L);
@@ -738,7 +749,7 @@ static int l_connect(lua_State *L) {
   cfg_string(L, "name", &name, p);
   r->strings = block;
   r->cfg = (tide__amqp_config){ host, cfg_int(L, "port"), vhost, user, password, name,
-                                cfg_int(L, "heartbeat"), cfg_int(L, "timeout") };
+                                cfg_int(L, "heartbeat"), cfg_ms(L, "timeout") };
   r->b = b;
   r->id = id;
   r->work.data = r;

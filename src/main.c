@@ -1,13 +1,17 @@
 /* main.c — the `tide` host binary: LuaJIT + tide, then tide.cli.main(argv). */
 #include <stdio.h>
+#include <string.h>
 
 #include <lauxlib.h>
 #include <lualib.h>
 
 #include "lua_call.h"
+#include "procs.h"
 #include "tide.h"
 
 int main(int argc, char **argv) {
+  if (argc == 2 && strcmp(argv[1], TIDE_PROC_CHILD_ARG) == 0) return tide__proc_child_main();
+  tide__proc_in_host = 1;                     /* process mode starts this binary again */
   lua_State *L = luaL_newstate();
   if (L == NULL) {
     fprintf(stderr, "tide: cannot create a Lua state (out of memory)\n");

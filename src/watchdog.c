@@ -295,9 +295,17 @@ uint64_t tide__watchdog_claim(tide__watchdog *w) {
   return ms ? ms : 1;
 }
 
+/* ms as ns, at most MAX_MS (a larger double cast to uint64_t is undefined:
+ * a grace of 1e300 ms came out as 0, and a blocked loop ended at once). */
+#define MAX_MS 1e12
+
+static uint64_t ms_to_ns(double ms) {
+  return (uint64_t)((ms < MAX_MS ? ms : MAX_MS) * (double)NS_PER_MS);
+}
+
 void tide__watchdog_configure(tide__watchdog *w, double stall_ms, double grace_ms) {
-  if (stall_ms >= 0) w->stall_ns = (uint64_t)(stall_ms * (double)NS_PER_MS);
-  if (grace_ms >= 0) w->grace_ns = (uint64_t)(grace_ms * (double)NS_PER_MS);
+  if (stall_ms >= 0) w->stall_ns = ms_to_ns(stall_ms);
+  if (grace_ms >= 0) w->grace_ns = ms_to_ns(grace_ms);
   uv_mutex_lock(&w->mu);
   w->cfg_stall = w->stall_ns;
   w->cfg_grace = w->grace_ns;

@@ -18,6 +18,7 @@
 #define FNS_KEY   "tide.fns"       /* registry: function cache, by name or bytecode */
 #define INDEX_KEY "tide.thread"    /* registry: the worker's index */
 #define MAX_ARGS  7000             /* most arguments a job may pass (LUAI_MAXCSTACK is 8000) */
+#define MAX_FNS   256              /* functions cached per state: past it the cache starts afresh */
 
 /* The worker this thread runs: the thread-side functions, the hook and the
  * panic function find it here (a worker's state is its thread's alone). */
@@ -182,9 +183,19 @@ static void push_function(lua_State *L, tide__job *job) {
   } else if (luaL_loadbuffer(L, job->fn, job->fn_len, "=thread task") != 0) {
     lua_error(L);
   }
+  /* Cache it.  The cache is bounded: a state given ever new functions (a
+   * different constant each time) would otherwise keep all of them, and a
+   * thread_memory limit then fails every job once it is full. */
+  if (self && ++self->nfns > MAX_FNS) {
+    self->nfns = 1;
+    lua_newtable(L);                         /* fn, cache, fresh */
+    lua_replace(L, -3);                      /* fresh, fn */
+    lua_pushvalue(L, -2);
+    lua_setfield(L, LUA_REGISTRYINDEX, FNS_KEY);
+  }
   lua_pushlstring(L, job->fn, job->fn_len);
   lua_pushvalue(L, -2);
-  lua_rawset(L, -4);                         /* cache it */
+  lua_rawset(L, -4);
   lua_remove(L, -2);                         /* the cache table */
 }
 
@@ -406,6 +417,7 @@ int tide__worker_open(tide__worker *w, const tide__pool_config *cfg, char *err, 
   w->cfg = cfg;
   w->limit = cfg->memory_limit;
   w->mem = 0;
+  w->nfns = 0;
   w->init_error[0] = '\0';
   w->L = w->limit ? lua_newstate(limited_alloc, w) : luaL_newstate();
   if (w->L == NULL) {

@@ -41,6 +41,7 @@ typedef struct tide__worker {
   jmp_buf *panic_at;               /* where a panic returns to, during a job  */
   char panic_msg[128];
   int panics;                      /* states discarded after a panic          */
+  int nfns;                        /* functions in the state's cache          */
 } tide__worker;
 
 /* Creates the worker's state (worker thread).  0, or -1 with a message in

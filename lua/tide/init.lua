@@ -11,6 +11,7 @@ local host = require "tide.engine.host"
 local log = require "tide.engine.log"
 local task = require "tide.engine.task"
 local thread = require "tide.engine.thread"
+local process = require "tide.engine.process"
 local timer = require "tide.engine.timer"
 require "tide.engine.finalizers"         -- a __gc that raises is reported, not rethrown
 
@@ -62,7 +63,7 @@ function tide.stats()
     spawned = st.spawned, ok = st.ok, error = st.error, timeout = st.timeout,
     cancelled = st.cancelled, retries = st.retries, live = S.live_count(),
     timers = timers, timer_bytes = timer_bytes, active_handles = active,
-    callback_errors = log.errors, threads = thread.stats(),
+    callback_errors = log.errors, threads = thread.stats(), processes = process.stats(),
   }
 end
 

@@ -347,6 +347,26 @@ static void memory_limit(void) {
   rig_stop(r, "memory limit");
 }
 
+/* Many distinct functions, one after another, on a thread with a memory
+ * limit: the thread's cache of functions stays bounded. */
+static void many_distinct_functions(void) {
+  rig *r = rig_start(1, 4u << 20, NULL);
+  char src[5000];
+  int failed = 0;
+  for (int i = 1; i <= 1000; i++) {
+    snprintf(src, sizeof src, "return #'%04d%.4000s'", i,
+             "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+             "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+             "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx");
+    submit_code(r, (uint64_t)i, src, "{ n = 0 }");
+    if (!wait_delivered(r, i, WAIT_MS)) break;
+    if (r->box.status[i] != TIDE_JOB_OK) failed++;
+  }
+  ok(r->box.total == 1000 && failed == 0,
+     "1,000 distinct functions of 4 KB each run one after another under a 4 MB limit (%d failed)", failed);
+  rig_stop(r, "many functions");
+}
+
 static void failing_thread_init(void) {
   rig *r = rig_start(2, 0, "tide_test_no_such_module");
   submit_name(r, 1, "string.rep", AB3);
@@ -508,6 +528,7 @@ int main(void) {
   quarantine_stuck_job();
   memory_limit();
   failing_thread_init();
+  many_distinct_functions();
   bad_argument_counts();
   cancel_many_queued();
   slow_init_on_own_threads();

@@ -16,14 +16,15 @@ Commands:
   enqueue [OPTIONS] TARGET METHOD [JSON_ARGS]
                                    add a durable job
   jobs [OPTIONS] COMMAND [ARGS]    list, show, retry, cancel, expire, fail, stats, schedules, prune
+  flows [OPTIONS] COMMAND [ARGS]   durable flow runs: list, show, graph, cancel, retry
   web [OPTIONS]                    serve the dashboard of a job store in the browser
   graph [--format dot|mermaid] SCRIPT [ARGS...]
                                    print the flows SCRIPT defines, without running them
   help [COMMAND]                   show this help, or a command's
   version                          print the version
 
-`tide COMMAND --help` shows a command's options.  worker, enqueue, jobs and
-web use the job store given by --store URL, else $TIDE_STORE, else sqlite:tide.db.
+`tide COMMAND --help` shows a command's options.  worker, enqueue, jobs, flows
+and web use the job store given by --store URL, else $TIDE_STORE, else sqlite:tide.db.
 
 Options:
   -h, --help      show this help
@@ -37,6 +38,7 @@ local COMMANDS = {
   worker = function(argv, i) return require("tide.cli.worker").main(argv, i) end,
   enqueue = function(argv, i) return require("tide.cli.jobs").enqueue(argv, i) end,
   jobs = function(argv, i) return require("tide.cli.jobs").jobs(argv, i) end,
+  flows = function(argv, i) return require("tide.cli.flows").main(argv, i) end,
   web = function(argv, i) return require("tide.cli.web").main(argv, i) end,
 }
 

@@ -5,6 +5,7 @@
 local check = require "tide.engine.check"
 local log = require "tide.engine.log"
 local thread = require "tide.engine.thread"
+local process = require "tide.engine.process"
 local watchdog = require "tide.engine.watchdog"
 
 local type = type
@@ -17,11 +18,13 @@ local M = {
 
 local KEYS = check.options("tide.configure", {
   grace = true, on_error = true, signals = true, threads = true, thread_init = true,
-  thread_memory = true, thread_stop_wait = true, watchdog = true
+  thread_memory = true, thread_stop_wait = true, watchdog = true, processes = true,
+  process_init = true, process_memory = true, process_stop_wait = true, process_prefetch = true
 })
 
 --- tide.configure{ grace =, on_error =, signals =, threads =, thread_init =,
---- thread_memory =, thread_stop_wait =, watchdog = }: everything is checked
+--- thread_memory =, thread_stop_wait =, processes =, process_init =,
+--- process_memory =, process_stop_wait =, process_prefetch =, watchdog = }: everything is checked
 --- before anything is applied (watchdog: ms one call may hold the loop
 --- before it is reported, 0 turns it off; tide.engine.watchdog).
 function M.configure(opts)
@@ -39,6 +42,7 @@ function M.configure(opts)
   end
   watchdog.check(fname, opts, 2)
   thread.configure(fname, opts, 2)
+  process.configure(fname, opts, 2)
   watchdog.apply(opts)
   if opts.grace ~= nil then M.grace = opts.grace end
   if opts.signals ~= nil then M.signals = opts.signals end

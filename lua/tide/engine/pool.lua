@@ -77,6 +77,19 @@ local function fill(p)
   p.filling = false
 end
 
+--- Drops the queue's entries of tasks that ended while queued (cancelled),
+--- keeping the order of the rest: a pool whose slots stay busy while tasks
+--- are submitted and cancelled would otherwise hold every one of them.
+local function compact(p)
+  local q, j = p.queue, 0
+  for i = p.qhead, p.qtail do
+    local t = q[i]
+    q[i] = nil
+    if S.state(t) == "pending" then j = j + 1; q[j] = t end
+  end
+  p.qhead, p.qtail = 1, j
+end
+
 local function release(t)
   local o = S.options(t)
   local p = o.pool
@@ -87,6 +100,7 @@ local function release(t)
     p.running = p.running - 1
   else
     p.waiting = p.waiting - 1            -- cancelled while queued
+    if not p.filling and p.qtail - p.qhead + 1 > 2 * p.waiting + 64 then compact(p) end
   end
   fill(p)
   if p.outstanding == 0 and #p.drainers > 0 then

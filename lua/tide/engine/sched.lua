@@ -65,6 +65,8 @@ S.stats = stats
 -- above: the rest ran as coroutines.  (tide_tasks_total{mode=...})
 local thread_stats = { ok = 0, error = 0, timeout = 0, cancelled = 0 }
 S.thread_stats = thread_stats
+local process_stats = { ok = 0, error = 0, timeout = 0, cancelled = 0 }   -- and process-mode ones
+S.process_stats = process_stats
 
 local function safe_tostring(v)
   local ok, s = pcall(tostring, v)
@@ -519,7 +521,8 @@ local function finish(t, status, ...)
   if w then t._waiters = nil; S.wake_all(w) end
   local o = t._opt
   if o then
-    if o.thread then thread_stats[status] = thread_stats[status] + 1 end
+    if o.thread then thread_stats[status] = thread_stats[status] + 1
+    elseif o.process then process_stats[status] = process_stats[status] + 1 end
     local hooks = o.on_finish
     if hooks then run_hooks("on_finish", t, hooks) end
     if o.handle_result then callback("handle_result", t, o.handle_result, status, t.value, t) end

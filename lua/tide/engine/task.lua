@@ -3,6 +3,7 @@ local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
 local retry = require "tide.engine.retry"
 local thread = require "tide.engine.thread"
+local process = require "tide.engine.process"
 
 local type, select, error, getmetatable, unpack = type, select, error, getmetatable, unpack
 local maxn = table.maxn
@@ -15,8 +16,8 @@ local SPAWN_KEYS = check.options("tide.spawn", {
   run = true, args = true, mode = true, timeout = true, name = true, retry = true,
   handle_result = true, on_retry = true
 })
-local MODES = { coroutine = true, thread = true }
-local LATER_MODES = { process = true }
+local MODES = { coroutine = true, thread = true, process = true }
+M.MODES = MODES
 
 local function opt_function(fname, spec, key)
   local v = spec[key]
@@ -26,17 +27,20 @@ end
 
 local function check_mode(fname, mode, level)
   if mode == nil or MODES[mode] then return end
-  if LATER_MODES[mode] then
-    error(("%s: mode '%s' is not available in this version (use 'coroutine' or 'thread')")
-      :format(fname, mode), level + 1)
-  end
-  opt_error(fname, "mode", "'coroutine' or 'thread'", mode, level + 1)
+  opt_error(fname, "mode", "'coroutine', 'thread' or 'process'", mode, level + 1)
 end
 M.check_mode = check_mode
 
 local function thread_task(fname, run, args, level)
   local payload = thread.payload(fname, run, args, level + 1)
   return new_task(false, thread.options(payload))
+end
+
+local function process_task(fname, run, args, level)
+  local payload = process.payload(fname, run, args, level + 1)
+  local t = new_task(process.proxy, nil)
+  S.options(t).process = payload
+  return t
 end
 
 --- Builds a pending task from `fn, ...` or an option table (shared by
@@ -50,6 +54,9 @@ local function make_task(fname, default_mode, spec, ...)
     if default_mode == "thread" then
       local t = thread_task(fname, spec, args, 3)   -- not a tail call: errors blame the caller
       return t
+    elseif default_mode == "process" then
+      local t = process_task(fname, spec, args, 3)
+      return t
     end
     return new_task(spec, args and { args = args })
   elseif kind ~= "table" then
@@ -62,7 +69,7 @@ local function make_task(fname, default_mode, spec, ...)
   check_mode(fname, spec.mode, 3)
   local mode = spec.mode or default_mode
   local run = spec.run
-  if mode == "thread" then
+  if mode == "thread" or mode == "process" then
     if type(run) ~= "function" and type(run) ~= "string" then
       opt_error(fname, "run", "function or \"module.function\"", run, 3)
     end
@@ -87,7 +94,9 @@ local function make_task(fname, default_mode, spec, ...)
   local handle_result = opt_function(fname, spec, "handle_result")
   local on_retry = opt_function(fname, spec, "on_retry")
   local t
-  if mode == "thread" then t = thread_task(fname, run, args, 3) else t = new_task(run, args and { args = args }) end
+  if mode == "thread" then t = thread_task(fname, run, args, 3)
+  elseif mode == "process" then t = process_task(fname, run, args, 3)
+  else t = new_task(run, args and { args = args }) end
   local o = S.options(t)
   o.name = spec.name
   o.timeout, o.retry, o.handle_result, o.on_retry = spec.timeout, policy, handle_result, on_retry

@@ -109,9 +109,11 @@ function M.stats()
 end
 
 --- Checks what a thread task runs and with what; returns the job payload
---- { fn bytes, is_name, args bytes }.  Errors name `fname` at `level`.
-function M.payload(fname, run, args, level)
+--- { fn bytes, is_name, args bytes }.  Errors name `fname` at `level`, and
+--- `dest` where the values go ("a thread", or "a process" for process mode).
+function M.payload(fname, run, args, level, dest)
   level = level + 1
+  dest = dest or "a thread"
   local fn, is_name
   if type(run) == "string" then
     if not run:match("^[%a_][%w_.]*%.[%a_][%w_]*$") then
@@ -123,12 +125,13 @@ function M.payload(fname, run, args, level)
     fn, is_name = dumped[run], false
   else
     if getinfo(run, "S").what == "C" then
-      error(fname .. ": bad option 'run' (a C function cannot cross to a thread; name it as \"module.function\")", level)
+      error(("%s: bad option 'run' (a C function cannot cross to %s; name it as \"module.function\")")
+        :format(fname, dest), level)
     end
     local up = getupvalue(run, 1)
     if up then
-      error(("%s: bad option 'run' (a function with upvalues cannot cross to a thread: upvalue '%s')")
-        :format(fname, up), level)
+      error(("%s: bad option 'run' (a function with upvalues cannot cross to %s: upvalue '%s')")
+        :format(fname, dest, up), level)
     end
     fn = string_dump(run)
     dumped[run], no_args[run] = fn, { fn, false, NO_ARGS }
@@ -136,7 +139,10 @@ function M.payload(fname, run, args, level)
   end
   if args == nil then return { fn, is_name, NO_ARGS } end
   local ok, bytes = pcall(core.encode, args, "args")
-  if not ok then error(fname .. ": " .. tostring(bytes):gsub("^[^:]*:%d+: ", ""), level) end
+  if not ok then
+    local msg = tostring(bytes):gsub("^[^:]*:%d+: ", ""):gsub("to a thread$", "to " .. dest)
+    error(fname .. ": " .. msg, level)
+  end
   return { fn, is_name, bytes }
 end
 

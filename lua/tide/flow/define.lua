@@ -50,7 +50,7 @@ local function check_task(fname, fdesc, name, spec, is_flow)
   if spec.run == nil and spec.each == nil and spec.flow == nil then
     error(("%s: %s: needs 'run', 'each' or 'flow'"):format(fname, where), 4)
   end
-  local is_thread = spec.mode == "thread"
+  local is_thread = spec.mode == "thread" or spec.mode == "process"   -- runs elsewhere: crosses as bytes
   if spec.run ~= nil and type(spec.run) ~= "function" and not (is_thread and type(spec.run) == "string") then
     bad(fname, where, "run", "function", spec.run)
   end
@@ -65,7 +65,7 @@ local function check_task(fname, fdesc, name, spec, is_flow)
     end
   end
   if is_thread and is_flow(spec.each) then
-    error(("%s: %s: a flow as 'each' runs on the loop, not in thread mode"):format(fname, where), 4)
+    error(("%s: %s: a flow as 'each' runs on the loop, not in %s mode"):format(fname, where, spec.mode), 4)
   end
   for _, k in ipairs{ "items", "when" } do
     if spec[k] ~= nil and type(spec[k]) ~= "function" then bad(fname, where, k, "function", spec[k]) end
@@ -82,8 +82,8 @@ local function check_task(fname, fdesc, name, spec, is_flow)
   if exit_on_error ~= nil and type(exit_on_error) ~= "boolean" then
     bad(fname, where, "exit_on_error", "boolean", exit_on_error)
   end
-  if spec.mode ~= nil and spec.mode ~= "coroutine" and spec.mode ~= "thread" then
-    bad(fname, where, "mode", "'coroutine' or 'thread'", spec.mode)
+  if spec.mode ~= nil and spec.mode ~= "coroutine" and spec.mode ~= "thread" and spec.mode ~= "process" then
+    bad(fname, where, "mode", "'coroutine', 'thread' or 'process'", spec.mode)
   end
   local after = spec.after
   if type(after) == "string" then after = { after } end

@@ -4,9 +4,10 @@ local ipairs, concat = ipairs, table.concat
 local M = {}
 
 local COLORS = { ok = "#b7e4c7", error = "#f4a6a6", timeout = "#f9d78c", skipped = "#dddddd",
-                 cancelled = "#cfcfe8", running = "#a9d6f5", pending = "#ffffff" }
+                 cancelled = "#cfcfe8", running = "#a9d6f5", queued = "#e3f1fb", pending = "#ffffff" }
+M.COLORS = COLORS
 
-local STATUS_ORDER = { "pending", "running", "ok", "error", "timeout", "skipped", "cancelled" }
+local STATUS_ORDER = { "pending", "queued", "running", "ok", "error", "timeout", "skipped", "cancelled" }
 
 local function label(node)
   if node.each then return node.name .. " (each)" end

@@ -93,8 +93,8 @@ end
 --- retry policy, on_finish, ...).  Thread mode and nested flows take
 --- the spawn of task specs, which prepares what crosses to a thread.
 local function spawn(node, name, fn, opt)
-  if node.mode == "thread" then
-    local t = task.spawn{ run = fn, args = opt.args, mode = "thread", timeout = opt.timeout, retry = node.retry,
+  if node.mode == "thread" or node.mode == "process" then
+    local t = task.spawn{ run = fn, args = opt.args, mode = node.mode, timeout = opt.timeout, retry = node.retry,
                           name = name, handle_result = opt.handle_result, on_retry = opt.on_retry }
     local o = S.options(t)
     for k, v in pairs(opt) do
@@ -279,7 +279,8 @@ local function fan_out(run, node, items)
   local values, next_i, failed_err = {}, 1, nil
   st.children = {}
   local each = node.each
-  local ctx = node.mode == "thread" and thread_child_ctx(run, node) or ctx_for(run, node)   -- shared by the children
+  local remote = node.mode == "thread" or node.mode == "process"
+  local ctx = remote and thread_child_ctx(run, node) or ctx_for(run, node)   -- shared by the children
   local function settle_node()
     if counts.running > 0 or (next_i <= n and not run.stopping) then return end
     if run.stopping then return node_finished(run, node, "cancelled", nil, "flow stopped") end
@@ -315,7 +316,7 @@ local function fan_out(run, node, items)
       if is_flow(each) then fn, args = M.run_as_task, { n = 2, each, item } end
       local opt = { args = args, timeout = node.timeout, retry = node.policy,
                     on_finish = child_finished, heard = true, fan_done = child_done, fan_index = i }
-      if node.mode ~= "thread" then
+      if not remote then
         st.children[i] = spawn(node, node.task_name, fn, opt)
       else
         local ok, t = pcall(spawn, node, node.task_name, fn, opt)   -- what cannot cross fails the child
@@ -342,7 +343,8 @@ local function node_ran(run, node, ctx, status, value, task)
   if node.each then
     local items = value
     if node.items then
-      local ok, its = pcall(node.items, node.mode == "thread" and ctx_for(run, node) or ctx)
+      local remote = node.mode == "thread" or node.mode == "process"
+      local ok, its = pcall(node.items, remote and ctx_for(run, node) or ctx)
       if not ok then return node_finished(run, node, "error", nil, its) end
       items = its
     end
@@ -399,7 +401,8 @@ local function start_node(run, node)
   end
   if node.run == nil and node.flow == nil then return node_ran(run, node, ctx, "ok", nil, nil) end  -- each with items()
   local on_retry = run.flow.on.task_retry and retry_hook(run, node) or nil
-  if node.mode == "thread" then ctx = thread_ctx(run, node) end
+  local remote = node.mode == "thread" or node.mode == "process"
+  if remote then ctx = thread_ctx(run, node) end
   local opt = { args = { n = 1, ctx }, timeout = node.timeout, retry = node.policy, on_retry = on_retry,
                 on_finish = node_result, heard = true, flow_run = run, flow_node = node }
   if node.flow then
@@ -409,7 +412,7 @@ local function start_node(run, node)
     st.task = t
     return
   end
-  if node.mode ~= "thread" then st.task = spawn(node, node.task_name, node.run, opt); return end
+  if not remote then st.task = spawn(node, node.task_name, node.run, opt); return end
   local ok, t = pcall(spawn, node, node.task_name, node.run, opt)   -- what cannot cross fails the node
   if not ok then return node_finished(run, node, "error", nil, t) end
   st.task = t

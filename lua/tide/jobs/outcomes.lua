@@ -28,6 +28,7 @@ local S = require "tide.engine.sched"
 local log = require "tide.engine.log"
 local core = require "tide.core"
 local queue = require "tide.jobs.queue"
+local flows = require "tide.jobs.flows"
 
 local ipairs, pcall, min = ipairs, pcall, math.min
 local wallclock = core.wallclock
@@ -56,8 +57,27 @@ local function settle(w, e, outcome)
   end
 end
 
-local function record_batch(session, entries, owner, now)
-  local written = session:record(entries, owner, now)
+--- The transaction hooks for entries whose target applies its own
+--- changes inside the outcome write (durable flows: e.after_record); the
+--- post-commit work they return lands in box.post.
+local function tx_hooks(entries, owner, now, lease, box)
+  local apply, list
+  for _, e in ipairs(entries) do
+    if e.after_record then apply = e.after_record; list = list or {}; list[#list + 1] = e end
+  end
+  if not apply then return nil end
+  return {
+    before = function(s) if s.lock_flow_runs then s:lock_flow_runs(flows.runs_of(list)) end end,
+    after = function(s, written)
+      local mine = {}
+      for _, e in ipairs(list) do if written[e.id] then mine[#mine + 1] = e end end
+      box.post = #mine > 0 and apply(s, mine, now, owner, lease) or nil
+    end,
+  }
+end
+
+local function record_batch(session, entries, owner, now, lease, box)
+  local written = session:record(entries, owner, now, tx_hooks(entries, owner, now, lease, box))
   local unapplied = {}
   for _, e in ipairs(entries) do
     if not written[e.id] then unapplied[#unapplied + 1] = e.id end
@@ -65,11 +85,26 @@ local function record_batch(session, entries, owner, now)
   return written, #unapplied > 0 and session:states(unapplied) or nil
 end
 
+local function get_row(session, id) return session:get(id) end
+
+--- After a commit that changed durable flows: wake the claimers of the
+--- queues that got jobs, and start the hook jobs leased to this worker.
+local function after_commit(w, post)
+  queue.notify(w.q, post.queues)
+  for _, id in ipairs(post.hooks) do
+    local ok, row = pcall(queue.worker_call, w.q, w.store, "tide.worker", get_row, id)
+    if ok and row and w.state == "running" and row.status == "executing" and row.lease_owner == w.id then
+      w.start_row(row)
+    end                                      -- else its lease runs out and another worker runs it
+  end
+end
+
 --- Writes `entries` now; true when the store took the batch (each entry
 --- then settled), false after a failure (reported; the entries untouched).
 local function write(w, entries)
+  local box = {}
   local ok, written, states = pcall(queue.worker_call, w.q, w.store, "tide.worker", record_batch,
-                                    entries, w.id, wallclock())
+                                    entries, w.id, wallclock(), w.lease, box)
   if not ok then
     -- Tried again by the flusher; if never written, the leases run out and
     -- the jobs run again (counted as unwritten).
@@ -79,6 +114,7 @@ local function write(w, entries)
     w.last_error = written
     return false
   end
+  if box.post then after_commit(w, box.post) end
   for _, e in ipairs(entries) do
     if written[e.id] then
       settle(w, e, e.outcome)

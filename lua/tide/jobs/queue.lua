@@ -36,6 +36,7 @@ local job = require "tide.jobs.job"
 local json = require "tide.jobs.json"
 local time = require "tide.jobs.time"
 local pool = require "tide.jobs.store.pool"
+local flows = require "tide.jobs.flows"
 
 local type, error, pairs, ipairs, tostring, tonumber = type, error, pairs, ipairs, tostring, tonumber
 local setmetatable, getmetatable, pcall, select, floor = setmetatable, getmetatable, pcall, select, math.floor
@@ -670,8 +671,20 @@ local function job_of(q, row)
 end
 M.job_of = job_of
 
+--- A job id: an integer a double holds exactly (a store's bigint took
+--- 1e300 as text and refused it, where SQLite compared it as a real).
+local function is_id(id) return check.is_count(id, 1) and id <= 2 ^ 53 end
+local ID_EXPECTED = "job id (integer from 1 to 2^53)"
+
 local function check_id(fname, id)
-  if not check.is_count(id, 1) then arg_error(fname, 1, "job id (integer >= 1)", id, 3) end
+  if not is_id(id) then arg_error(fname, 1, ID_EXPECTED, id, 3) end
+end
+
+--- The UTC ms `ms` ago, as a whole number no earlier than the epoch (a
+--- span of 1e300 ms gave -1e300, which PostgreSQL's bigint refused).
+local function ago(ms)
+  local t = floor(wallclock() - ms)
+  return t > 0 and t or 0
 end
 
 local function get_row(session, id) return session:get(id) end
@@ -706,7 +719,7 @@ function Queue:list(f)
   if f.limit ~= nil and not (check.is_count(f.limit, 1) and f.limit <= MAX_LIMIT) then
     opt_error("q:list", "limit", "integer from 1 to 2147483647", f.limit)
   end
-  if f.before ~= nil and not check.is_count(f.before, 1) then opt_error("q:list", "before", "job id", f.before) end
+  if f.before ~= nil and not is_id(f.before) then opt_error("q:list", "before", ID_EXPECTED, f.before) end
   local rows = with_session(self, "q:list", list_rows, { status = f.status, queue = f.queue, target = f.target,
                                                          limit = f.limit or 100, before = f.before })
   for i, row in ipairs(rows) do rows[i] = job_of(self, row) end
@@ -852,7 +865,7 @@ function Queue:recent(limit, within)
   end
   if within ~= nil and not check.is_ms(within) then arg_error("q:recent", 2, "non-negative number of ms", within) end
   limit = limit or 10000
-  local rows = with_session(self, "q:recent", recent_rows, wallclock() - (within or 60000), limit)
+  local rows = with_session(self, "q:recent", recent_rows, ago(within or 60000), limit)
   local out, total = {}, 0
   for _, r in ipairs(rows) do
     local qt = out[r.queue]
@@ -909,13 +922,160 @@ function Queue:prune(opts)
       opt_error("q:prune", "statuses[" .. i .. "]", "'completed', 'discarded', 'cancelled' or 'expired'", st)
     end
   end
-  return (with_session(self, "q:prune", prune_rows, wallclock() - ms, statuses))
+  return (with_session(self, "q:prune", prune_rows, ago(ms), statuses))
 end
 
 --- Closes the store (idempotent); sessions held by tasks close when given
 --- back (a transaction under way may still commit; its tx methods raise).
 function Queue:close()
   if self._store then self._store:close(); self._store = nil end
+end
+
+-- ===== durable flows (tide.jobs.flows)
+
+-- key: the short form of idempotency_key (both are current names).
+local FLOW_START_KEYS = check.options("q:enqueue_flow", { key = true, idempotency_key = true, queue = true,
+                                                         priority = true })
+
+--- Checks enqueue_flow's arguments; returns the definition, the input as
+--- JSON, and the options.
+local function flow_args(fname, name, input, opts)
+  local def = flows.definition(name, fname, 3)
+  local input_json = json.encode_option(fname, "input", input, 3)
+  if opts ~= nil and type(opts) ~= "table" then arg_error(fname, 3, "table or nil", opts, 3) end
+  opts = opts or {}
+  check.known(fname, opts, FLOW_START_KEYS, nil, 3)
+  if opts.key ~= nil and opts.idempotency_key ~= nil then
+    error(fname .. ": give key or idempotency_key, not both", 3)
+  end
+  local key = opts.key or opts.idempotency_key
+  if key ~= nil then
+    local why = job.key_problem(key)
+    if why then error(("%s: bad option 'key' (%s)"):format(fname, why), 3) end
+  end
+  if opts.queue ~= nil and not job.is_name(opts.queue) then
+    opt_error(fname, "queue", "queue " .. job.NAME_EXPECTED, opts.queue, 3)
+  end
+  if opts.priority ~= nil and not job.is_priority(opts.priority) then
+    opt_error(fname, "priority", job.PRIORITY_EXPECTED, opts.priority, 3)
+  end
+  return def, input_json, { key = key, queue = opts.queue, priority = opts.priority }
+end
+
+--- Starts a run of the durable flow defined by module `name` inside this
+--- transaction: the run and its first jobs commit with the caller's data,
+--- or not at all.  opts: key (idempotency key: a second start with it
+--- returns the existing run), queue (of its jobs, "default"), priority.
+--- Returns the run's id and true, or the existing run's id and false.
+function Tx:enqueue_flow(name, input, opts)
+  local st = tx_state("tx:enqueue_flow", self)
+  local def, input_json, o = flow_args("tx:enqueue_flow", name, input, opts)
+  local id, inserted, qname = flows.start(st.session, def, input_json, o, floor(wallclock()))
+  if inserted then st.touched[qname] = true end
+  return id, inserted
+end
+
+--- q:enqueue_flow(name, input, opts): tx:enqueue_flow in a transaction of its own
+--- (or the caller's, when it is in one).
+function Queue:enqueue_flow(name, input, opts)
+  check_q("q:enqueue_flow", self)
+  local def, input_json, o = flow_args("q:enqueue_flow", name, input, opts)
+  return transaction(self, "q:enqueue_flow", function(tx)
+    local st = tx._st
+    local id, inserted, qname = flows.start(st.session, def, input_json, o, floor(wallclock()))
+    if inserted then st.touched[qname] = true end
+    return id, inserted
+  end)
+end
+
+local function check_run_id(fname, id)
+  if not check.is_count(id, 1) then arg_error(fname, 1, "run id (integer >= 1)", id, 3) end
+end
+
+local function get_run(session, id) return flows.get(session, id) end
+
+--- Run `id` with its steps (name order): { id, flow, status, input, key,
+--- error, inserted_at, completed_at, steps = { { name, status, after,
+--- attempts, result, error, traceback, reason, started_at, completed_at,
+--- duration (ms), items = { total, done } }, ... } }; or nil.
+function Queue:flow_run(id)
+  check_q("q:flow_run", self)
+  check_run_id("q:flow_run", id)
+  return (with_session(self, "q:flow_run", get_run, id))
+end
+
+local RUNS_KEYS = check.options("q:flow_runs", { status = true, flow = true, limit = true, before = true })
+
+local function list_runs(session, f)
+  local runs = flows.list(session, f)
+  local ids = {}
+  for i, r in ipairs(runs) do ids[i] = r.id end
+  local counts = flows.step_counts(session, ids)
+  for _, r in ipairs(runs) do r.steps = counts[r.id] end
+  return runs
+end
+
+--- Runs, newest first: filter by status ("running", "ok", "error",
+--- "cancelled") and flow (module name); limit (100); before = id.  Each
+--- run has `steps`: counts by status and total.
+function Queue:flow_runs(f)
+  check_q("q:flow_runs", self)
+  if f ~= nil and type(f) ~= "table" then arg_error("q:flow_runs", 1, "table or nil", f) end
+  f = f or {}
+  check.known("q:flow_runs", f, RUNS_KEYS)
+  if f.status ~= nil and not flows.RUN_STATUSES[f.status] then
+    opt_error("q:flow_runs", "status", check.choices(flows.RUN_STATUSES), f.status)
+  end
+  if f.flow ~= nil and type(f.flow) ~= "string" then opt_error("q:flow_runs", "flow", "string", f.flow) end
+  if f.limit ~= nil and not check.is_count(f.limit, 1) then opt_error("q:flow_runs", "limit", "integer >= 1", f.limit) end
+  if f.before ~= nil and not check.is_count(f.before, 1) then opt_error("q:flow_runs", "before", "run id", f.before) end
+  return (with_session(self, "q:flow_runs", list_runs, { status = f.status, flow = f.flow, limit = f.limit or 100,
+                                                         before = f.before }))
+end
+
+--- Runs op (flows.cancel or flows.retry) on run id in a transaction, the
+--- run's row locked first; true, or nil and why not.
+local function change_run(q, fname, op, id)
+  check_q(fname, q)
+  check_run_id(fname, id)
+  return transaction(q, fname, function(tx)
+    local st = tx._st
+    local s = st.session
+    if s.lock_flow_runs then s:lock_flow_runs({ id }) end
+    local ok, post = op(s, id, floor(wallclock()))
+    if not ok then return nil, post end
+    for qname in pairs(post.queues) do st.touched[qname] = true end
+    return true
+  end)
+end
+
+--- Cancels a running run: its jobs not yet finished are cancelled (running
+--- ones stop at their worker's next heartbeat), its steps not yet finished
+--- too.  true, or nil and why not ("run 7 is ok").
+function Queue:cancel_flow(id) return change_run(self, "q:cancel_flow", flows.cancel, id) end
+
+--- Runs the failed, timed out, cancelled and skipped steps of a finished
+--- run again; completed steps keep their results.  true, or nil and why not.
+function Queue:retry_flow(id) return change_run(self, "q:retry_flow", flows.retry, id) end
+
+local function sweep(session)
+  if not flows.sweep_needed(session) then return nil end   -- (the common case: one read, no transaction)
+  session:begin()
+  local ok, post = pcall(flows.sweep, session)
+  if ok then
+    local done, err = pcall(session.commit, session)
+    if done then return post end
+    post = err
+  end
+  pcall(session.rollback, session)
+  error(post, 0)
+end
+
+--- For workers: fails the steps of durable flows whose jobs finished
+--- outside an outcome write (see tide.jobs.flows), in a transaction on `store`.
+function M.sweep_flows(q, store)
+  local post = M.worker_call(q, store, "tide.worker", sweep)
+  if post then notify(q, post.queues) end
 end
 
 -- ===== for tide.worker
@@ -942,6 +1102,8 @@ function M.worker_call(q, store, fname, fn, ...)
   if not ok then error(a, 0) end
   return a, b
 end
+
+M.notify = notify
 
 --- The store session of a live transaction handle (for tide.jobs.schedules,
 --- whose own statements join the transaction); raises as tx methods do.

@@ -120,27 +120,30 @@ function M.key(s, t) return "schedule:" .. s.name .. "@" .. time.iso(t) end
 
 -- ===== catching up
 
---- The missed ticks in (last, now] that catch_up keeps (at most MAX_CATCH_UP, the latest).
+--- The missed ticks in (last, now] that catch_up keeps: the latest one, or
+--- those younger than the window (at most MAX_CATCH_UP, the latest).
+--- Looks back in growing steps from now, so that the cost follows what is
+--- kept, not how long no worker ran (a per-second schedule left for a
+--- year would be 31 million ticks to walk).
 function M.missed(s, last, now)
   if last == nil or s.catch_up == false or last >= now then return {} end
-  local from = last
-  if s.catch_up then
-    from = max(last, now - s.catch_up)
-  else                                       -- only the latest: look back in growing steps
-    for _, back in ipairs{ 60e3, 3600e3, 86400e3, 32 * 86400e3, 400 * 86400e3 } do
-      local t = s.cron:next(max(last, now - back))
-      if t and t <= now then from = max(last, now - back); break end
-      if now - back <= last then return {} end
+  local keep = s.catch_up and M.MAX_CATCH_UP or 1
+  local oldest = s.catch_up and max(last, now - s.catch_up) or last
+  local back = 60000
+  while true do
+    local from = max(oldest, now - back)
+    local ticks, t = {}, s.cron:next(from)
+    while t and t <= now do
+      ticks[#ticks + 1] = t
+      t = s.cron:next(t)
     end
+    if #ticks >= keep or from == oldest then
+      local out = {}
+      for i = max(1, #ticks - keep + 1), #ticks do out[#out + 1] = ticks[i] end
+      return out
+    end
+    back = back * 16
   end
-  local ticks, t = {}, s.cron:next(from)
-  while t and t <= now do
-    ticks[#ticks + 1] = t
-    if #ticks > M.MAX_CATCH_UP then table.remove(ticks, 1) end
-    t = s.cron:next(t)
-  end
-  if not s.catch_up and #ticks > 1 then ticks = { ticks[#ticks] } end
-  return ticks
 end
 
 -- ===== the scheduler task

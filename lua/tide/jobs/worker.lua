@@ -111,6 +111,10 @@ local KEYS = check.options("tide.worker", {
 local TARGET_KEYS = check.options("worker target", {
   methods = true, timeout = true, mode = true, retry = true, on_error = true, handle_error = true
 }, { handle_error = "on_error" })
+-- Also taken, from tide's own targets only (tide.jobs.flowstep: durable
+-- flows), not part of the public vocabulary: after_record and retry_for.
+local TARGET_KEYS_ALL = { after_record = true, retry_for = true }
+for k in pairs(TARGET_KEYS) do TARGET_KEYS_ALL[k] = true end
 local MIXED_OPTS = { timeout = true, mode = true, handle_error = true, retry = true }
 local DEFAULT_RETRY = { backoff = "exponential", base = 1000, max = 3600000, jitter = true }
 
@@ -153,7 +157,7 @@ local function check_target(fname, name, t, level, inline)
   end
   local methods = t
   if t.methods ~= nil then
-    check.known(fname, t, TARGET_KEYS, key .. ".", level + 1)
+    check.known(fname, t, TARGET_KEYS_ALL, key .. ".", level + 1)
     methods = t.methods
     if type(methods) ~= "table" then opt_error(fname, key .. ".methods", "table of functions", methods, level + 1) end
   else
@@ -179,18 +183,24 @@ local function check_target(fname, name, t, level, inline)
   local policy = t.retry ~= nil and check_retry(fname, key .. ".retry", t.retry, level + 1) or nil
   local target = { methods = methods, timeout = t.timeout, mode = t.mode, policy = policy, on_error = hook,
                    old_hook = old_hook, inline = inline, mixed = methods == t }
-  if inline and t.mode == "thread" then
+  if methods ~= t then
+    for _, k in ipairs{ "after_record", "retry_for" } do
+      if t[k] ~= nil and type(t[k]) ~= "function" then opt_error(fname, key .. "." .. k, "function", t[k], level + 1) end
+      target[k] = t[k]
+    end
+  end
+  if inline and (t.mode == "thread" or t.mode == "process") then
     for m, fn in pairs(methods) do
       if type(fn) == "function" and not (target.mixed and MIXED_OPTS[m]) then
         if getinfo(fn, "S").what == "C" then
-          error(("%s: %s.%s: a C function cannot cross to a thread (name a module's function instead)")
-            :format(fname, key, tostring(m)), level + 1)
+          error(("%s: %s.%s: a C function cannot cross to a %s (name a module's function instead)")
+            :format(fname, key, tostring(m), t.mode), level + 1)
         end
         local up = getupvalue(fn, 1)
         if up then
-          error(("%s: %s.%s: a thread-mode method crosses to a thread as bytecode, so it cannot have "
+          error(("%s: %s.%s: a %s-mode method crosses to a %s as bytecode, so it cannot have "
                  .. "upvalues (it has '%s'); make it self-contained, or put the target in a module"):format(
-                 fname, key, tostring(m), up), level + 1)
+                 fname, key, tostring(m), t.mode, t.mode, up), level + 1)
         end
       end
     end
@@ -228,6 +238,11 @@ local function check_opts(fname, opts)
     if opts[k] ~= nil and not check.is_ms(opts[k], true) then
       opt_error(fname, k, "positive number of ms", opts[k], 3)
     end
+  end
+  -- A lease's end is stored (PostgreSQL's bigint refused now + 1e300, and
+  -- every claim failed); 1e12 ms is about 31 years.
+  if opts.lease ~= nil and opts.lease > 1e12 then
+    opt_error(fname, "lease", "positive number of ms up to 1e12 (a lease's end must be a time every store holds)", opts.lease, 3)
   end
   if opts.batch ~= nil and not check.is_count(opts.batch, 1) then
     opt_error(fname, "batch", "integer >= 1", opts.batch, 3)
@@ -347,7 +362,8 @@ local function failed(w, rec, err, trace, target)
   if row.attempt >= row.max_attempts then
     entry.kind, entry.outcome = "discard", "discarded"
   else
-    local policy = target and target.policy or w.retry
+    local policy = target and target.retry_for and target.retry_for(rec.args)
+                   or target and target.policy or w.retry
     local delay = floor(retry.delay(policy, row.attempt))
     entry.kind, entry.outcome = "retry", "retried"
     entry.run_at = wallclock() + delay
@@ -355,6 +371,9 @@ local function failed(w, rec, err, trace, target)
   end
   job.error = tostring(err)
   report_error(w, target, job, err, trace)
+  if target and target.after_record then
+    entry.after_record, entry.args, entry.method = target.after_record, rec.args, row.method
+  end
   record(w, entry)
 end
 
@@ -387,8 +406,13 @@ local function job_finished(t)
   if t.attempts > 0 then histogram.observe(rec.duration, (core.now() - rec.started) / 1000) end
   local status = S.state(t)
   if status == "ok" then
-    record(w, { kind = "completed", outcome = "completed", id = rec.row.id, attempt = rec.row.attempt,
-                job = rec.job })
+    local e = { kind = "completed", outcome = "completed", id = rec.row.id, attempt = rec.row.attempt,
+                job = rec.job }
+    local target = rec.target
+    if target and target.after_record then   -- a durable flow's step: its result goes with the write
+      e.after_record, e.args, e.method, e.value = target.after_record, rec.args, rec.row.method, t.value
+    end
+    record(w, e)
   elseif status == "cancelled" then
     if rec.gone then                          -- cancelled, expired or taken over in the store
       count(w, rec.row.queue, rec.gone)
@@ -438,13 +462,13 @@ local function start_job(w, row)
     slot_freed(w, rec)
     return failed(w, rec, fn and ("job %d: %s"):format(row.id, err) or target, nil, fn and target)
   end
-  rec.target = target
+  rec.target, rec.args = target, args
   local mode = target.mode
   -- Thread mode: a target given in `targets` sends the method itself (as
   -- bytecode: checked for upvalues when the worker started); one found by
   -- require is required again in the thread, by name.
   local run = fn
-  if mode == "thread" and not target.inline then run = row.target .. "." .. row.method end
+  if (mode == "thread" or mode == "process") and not target.inline then run = row.target .. "." .. row.method end
   local ok, t = pcall(make_task, "tide.worker", "coroutine", {
     run = run, args = { args, rec.job, n = 2 }, mode = mode, timeout = target.timeout or w.timeout,
     name = ("job %d %s.%s"):format(row.id, row.target, row.method),
@@ -585,7 +609,7 @@ local function rescue_rows(session, now) return session:rescue(now) end
 
 --- Makes jobs whose lease expired available again; true, or false after a
 --- failure (reported).
-local function rescue(w)
+local function rescue(w, sweep)
   local ok, n, dead = pcall(call, w, w.lease_store, "tide.worker", rescue_rows, wallclock())
   if not ok then
     log.report("worker " .. w.id .. ": rescue", n)
@@ -608,6 +632,17 @@ local function rescue(w)
         error = "lease expired: its worker stopped heartbeating during the last attempt" })
     end
   end
+  -- Durable flow steps whose jobs the rescue (or a hand) finished: by the
+  -- rescuer every time, by a drain (which rescues every 20 ms) only after
+  -- a rescue that changed jobs.
+  if not sweep and n == 0 then return true end
+  local fine, err = pcall(queue.sweep_flows, w.q, w.lease_store)
+  if not fine then
+    log.report("worker " .. w.id .. ": durable flows sweep", err)
+    M.totals.store_errors.rescue = M.totals.store_errors.rescue + 1
+    w.last_error = err
+    return false
+  end
   return true
 end
 
@@ -615,7 +650,7 @@ local function rescuer(w)
   local failures = 0
   while w.state == "running" do
     local wait = w.rescue_every
-    if rescue(w) then
+    if rescue(w, true) then
       if failures > 0 then failures = 0; loop_ok(w, "rescue") end
     else
       failures = failures + 1
@@ -699,6 +734,9 @@ function M.new(opts)
   end
   if scheds and #scheds > 0 then
     w.tasks[#w.tasks + 1] = spawn{ run = schedules.run, args = { w, scheds }, name = "worker scheduler" }
+  end
+  w.start_row = function(row)              -- a job the store leased to this worker (a flow's hook)
+    if w.queues[row.queue] then start_job(w, row) end
   end
   w.on_enqueue = function(name)
     local qs = w.queues[name]

@@ -38,6 +38,10 @@ a { color: var(--blue); }
 .s-executing { background: var(--amber); } .s-retryable { background: #dc6803; }
 .s-completed { background: var(--green); } .s-discarded { background: var(--red); }
 .s-cancelled { background: #98a2b3; } .s-expired { background: var(--violet); }
+.s-running { background: var(--blue); } .s-ok { background: var(--green); } .s-error { background: var(--red); }
+.s-timeout { background: var(--amber); } .s-skipped { background: var(--gray); } .s-pending { background: #cfd4dc; }
+.s-queued { background: #7cb2f7; }
+.graph { overflow: auto; background: #fff; border: 1px solid var(--line); padding: 6px; max-height: 640px; }
 form.inline { display: inline; margin: 0; }
 button { font: inherit; font-size: 12px; padding: 2px 10px; border: 1px solid #cfd4dc; border-radius: 4px;
          background: #fff; cursor: pointer; }

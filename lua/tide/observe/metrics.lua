@@ -19,6 +19,7 @@ local check = require "tide.engine.check"
 local log = require "tide.engine.log"
 local http = require "tide.engine.http"
 local thread = require "tide.engine.thread"
+local process = require "tide.engine.process"
 local pool = require "tide.engine.pool"
 local consumer = require "tide.supervision.consumer"
 local flow = require "tide.flow.run"
@@ -99,14 +100,15 @@ local OUTCOMES = { "ok", "error", "timeout", "cancelled" }
 -- ===== the families
 
 local function engine(o)
-  local st, th = S.stats, S.thread_stats
+  local st, th, pr = S.stats, S.thread_stats, S.process_stats
   local _, timers = core.stats()
   o:family("tide_tasks_spawned_total", "counter", "Tasks created (tide.spawn, pools, timers, workers, servers).")
   o:sample("tide_tasks_spawned_total", nil, st.spawned)
   o:family("tide_tasks_total", "counter", "Tasks that reached their outcome, by mode and outcome.")
   for _, out in ipairs(OUTCOMES) do
-    o:sample("tide_tasks_total", { "mode", "coroutine", "outcome", out }, st[out] - th[out])
+    o:sample("tide_tasks_total", { "mode", "coroutine", "outcome", out }, st[out] - th[out] - pr[out])
     o:sample("tide_tasks_total", { "mode", "thread", "outcome", out }, th[out])
+    o:sample("tide_tasks_total", { "mode", "process", "outcome", out }, pr[out])
   end
   o:family("tide_task_retries_total", "counter", "Attempts that ended and were retried after a backoff.")
   o:sample("tide_task_retries_total", nil, st.retries)
@@ -130,6 +132,22 @@ local function threads(o)
   o:sample("tide_thread_pool_replaced_total", nil, t.replaced)
   o:family("tide_thread_pool_queued", "gauge", "Thread-mode jobs waiting for a free thread.")
   o:sample("tide_thread_pool_queued", nil, t.queued)
+end
+
+local function processes(o)
+  local p = process.stats()
+  o:family("tide_process_pool_processes", "gauge", "Child processes of the process-mode pool, by state (the spare apart).")
+  o:sample("tide_process_pool_processes", { "state", "busy" }, p.busy)
+  o:sample("tide_process_pool_processes", { "state", "idle" }, p.idle)
+  o:sample("tide_process_pool_processes", { "state", "starting" }, p.starting)
+  o:family("tide_process_pool_exits_total", "counter",
+           "Child processes that ended: killed after a timeout or cancel, or died otherwise (crash, exit, memory).")
+  o:sample("tide_process_pool_exits_total", { "cause", "killed" }, p.killed)
+  o:sample("tide_process_pool_exits_total", { "cause", "died" }, p.died)
+  o:family("tide_process_pool_replaced_total", "counter", "Child processes replaced (by the spare, or started afresh).")
+  o:sample("tide_process_pool_replaced_total", nil, p.replaced)
+  o:family("tide_process_pool_queued", "gauge", "Process-mode jobs waiting for a free child.")
+  o:sample("tide_process_pool_queued", nil, p.queued)
 end
 
 --- Gauges summed over the pools that share a name (unnamed ones: pool="").
@@ -284,6 +302,7 @@ function M.render(opts)
   info(o)
   engine(o)
   threads(o)
+  processes(o)
   pools(o)
   consumers(o)
   flows(o)

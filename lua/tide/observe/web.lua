@@ -20,9 +20,9 @@
 -- /assets/ only.
 --
 -- Pages.  Each page module (tide.observe.web_jobs: queues, jobs, a job,
--- workers) gives nav entries and routes; web.add_page adds one.  A page for
--- durable flow runs is one more module of the same shape (it requires
--- tide.observe.html, never this file).
+-- workers; tide.observe.web_flows: durable flow runs, a run with its
+-- graph) gives nav entries and routes; web.add_page adds one (a page
+-- module requires tide.observe.html, never this file).
 local http = require "tide.engine.http"
 local check = require "tide.engine.check"
 local queue = require "tide.jobs.queue"
@@ -48,6 +48,7 @@ function M.add_page(mod)
 end
 
 M.add_page(require "tide.observe.web_jobs")
+M.add_page(require "tide.observe.web_flows")
 
 local CSP = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
   .. "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"

@@ -66,14 +66,14 @@ local function check_handler(fname, h)
   local L = 3                                  -- the user's line: new's caller
   if type(h) ~= "table" then opt_error(fname, "handler", "table", h, L) end
   check.known(fname, h, HANDLER_KEYS, "handler.", L)
-  if h.mode ~= nil and h.mode ~= "coroutine" and h.mode ~= "thread" then
-    opt_error(fname, "handler.mode", "'coroutine' or 'thread'", h.mode, L)
+  if h.mode ~= nil and h.mode ~= "coroutine" and h.mode ~= "thread" and h.mode ~= "process" then
+    opt_error(fname, "handler.mode", "'coroutine', 'thread' or 'process'", h.mode, L)
   end
-  if h.mode == "thread" then
+  if h.mode == "thread" or h.mode == "process" then
     if type(h.run) ~= "function" and type(h.run) ~= "string" then
       opt_error(fname, "handler.run", "function or \"module.function\"", h.run, L)
     end
-    local ok, err = pcall(thread.payload, fname, h.run, nil, 1)
+    local ok, err = pcall(thread.payload, fname, h.run, nil, 1, "a " .. h.mode)
     if not ok then error((tostring(err):gsub("^[^:]*:%d+: ", ""):gsub("bad option 'run'", "bad option 'handler.run'")), L) end
   elseif type(h.run) ~= "function" then
     opt_error(fname, "handler.run", "function", h.run, L)
@@ -188,9 +188,9 @@ end
 local function run_delivery(c, d)
   local h = c.handler
   local t
-  if h.mode == "thread" then
+  if h.mode == "thread" or h.mode == "process" then
     t = make_task("tide.consumer", "coroutine", { run = h.run, args = { d.body, plain(d) }, timeout = h.timeout,
-                                                  retry = h.retry, mode = "thread", name = c.name })
+                                                  retry = h.retry, mode = h.mode, name = c.name })
     local o = S.options(t)
     o.consumer_of, o.delivery, o.on_finish = c, d, delivery_done
   elseif c.policy or h.timeout then

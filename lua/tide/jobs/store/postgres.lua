@@ -83,6 +83,60 @@ local MIGRATIONS = {
     [[CREATE INDEX tide_jobs_nokey_due ON tide_jobs (queue, priority, run_at, id)
       WHERE partition_key IS NULL AND ]] .. WAITING,
   },
+  -- 3: durable flows (see the SQLite store's migration 4: the same tables)
+  {
+    [[CREATE TABLE IF NOT EXISTS tide_flow_runs (
+      id              bigserial PRIMARY KEY,
+      flow            text    NOT NULL,
+      status          text    NOT NULL,
+      fail            text    NOT NULL,
+      queue           text    NOT NULL,
+      priority        integer NOT NULL DEFAULT 0,
+      input           text    NOT NULL,
+      idempotency_key text    UNIQUE,
+      open_steps      integer NOT NULL,
+      failed_steps    integer NOT NULL DEFAULT 0,
+      error           text,
+      inserted_at     bigint  NOT NULL,
+      completed_at    bigint)]],
+    [[CREATE INDEX IF NOT EXISTS tide_flow_runs_status ON tide_flow_runs (status, id)]],
+    [[CREATE TABLE IF NOT EXISTS tide_flow_steps (
+      run_id          bigint  NOT NULL,
+      name            text    NOT NULL,
+      status          text    NOT NULL,
+      waiting         integer NOT NULL,
+      deps            text    NOT NULL,
+      dependents      text    NOT NULL,
+      each            integer NOT NULL DEFAULT 0,
+      concurrency     integer,
+      job_id          bigint,
+      failures        integer NOT NULL DEFAULT 0,
+      max_failures    integer NOT NULL,
+      items_total     integer,
+      items_done      integer,
+      result          text,
+      error           text,
+      traceback       text,
+      reason          text,
+      queued_at       bigint,
+      completed_at    bigint,
+      PRIMARY KEY (run_id, name))]],
+    [[CREATE INDEX IF NOT EXISTS tide_flow_steps_open ON tide_flow_steps (job_id) WHERE status = 'queued']],
+    [[CREATE TABLE IF NOT EXISTS tide_flow_items (
+      run_id          bigint  NOT NULL,
+      step            text    NOT NULL,
+      idx             integer NOT NULL,
+      status          text    NOT NULL,
+      item            text    NOT NULL,
+      job_id          bigint,
+      failures        integer NOT NULL DEFAULT 0,
+      result          text,
+      error           text,
+      traceback       text,
+      completed_at    bigint,
+      PRIMARY KEY (run_id, step, idx))]],
+    [[CREATE INDEX IF NOT EXISTS tide_flow_items_open ON tide_flow_items (job_id) WHERE status = 'queued']],
+  },
 }
 M.VERSION = #MIGRATIONS
 
@@ -572,7 +626,7 @@ function Session:queue_limits(name) return self.c:query(SQL.limits, name).rows[1
 local function by_id(a, b) return a.id < b.id end
 
 --- Writes outcomes (see the SQLite store); returns the set of ids written.
-function Session:record(entries, owner, now)
+function Session:record(entries, owner, now, hooks)
   local c = self.c
   local ids, attempts, others, all = {}, {}, {}, {}
   for i, e in ipairs(entries) do
@@ -591,17 +645,19 @@ function Session:record(entries, owner, now)
       for _, r in ipairs(rows) do written[r.id] = true end
     end
   end
-  if #others == 0 then completed(); return written end   -- one statement: atomic by itself
+  if #others == 0 and not hooks then completed(); return written end   -- one statement: atomic by itself
   table.sort(others, by_id)
   local ok, err = pcall(function()
     c:query("BEGIN")
     c.tx = true
+    if hooks and hooks.before then hooks.before(self) end   -- (flow runs: locked before jobs)
     c:query(SQL.lock_ids, "{" .. concat(all, ",") .. "}")   -- all its rows, in id order, first
     completed()
     for _, e in ipairs(others) do
       local at = e.kind == "discard" and now or e.run_at or now
       if c:query(SQL[e.kind], e.id, owner, e.attempt, at, e.error).changes > 0 then written[e.id] = true end
     end
+    if hooks and hooks.after then hooks.after(self, written) end
     c:query("COMMIT")
     c.tx = false
   end)
@@ -628,6 +684,16 @@ function Session:rescue()
   local dead = {}
   for _, r in ipairs(list) do if r.status == "discarded" then dead[#dead + 1] = r end end
   return #list, dead
+end
+
+--- Locks the rows of flow runs `ids` (sorted) until the transaction ends:
+--- every change to a run takes its row first (tide.jobs.flows).
+function Session:lock_flow_runs(ids)
+  if #ids == 0 then return end
+  local list = {}
+  for i, id in ipairs(ids) do list[i] = format("%d", id) end
+  self.c:query("SELECT id FROM tide_flow_runs WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE",
+               "{" .. concat(list, ",") .. "}")
 end
 
 function Session:get(id) return self.c:query(SQL.get, id).rows[1] end

@@ -127,6 +127,66 @@ local MIGRATIONS = {
   CREATE INDEX tide_jobs_key_running ON tide_jobs (queue, partition_key) WHERE status = 'executing';
   CREATE INDEX tide_jobs_unique ON tide_jobs (unique_key, inserted_at) WHERE unique_key IS NOT NULL;
   ]],
+  -- 4: durable flows (tide.jobs.flows): runs, their steps, the items of
+  -- their `each` steps.  Every step or item that runs is a job of
+  -- tide_jobs (job_id); results and inputs are JSON text, kept as written.
+  -- (IF NOT EXISTS: tables left by a tide_schema dropped by hand, as specs
+  -- do to start afresh, are taken as they are, like tide_schedules.)
+  [[CREATE TABLE IF NOT EXISTS tide_flow_runs (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    flow            TEXT    NOT NULL,   -- the definition's module name
+    status          TEXT    NOT NULL,   -- running, ok, error, cancelled
+    fail            TEXT    NOT NULL,   -- stop, continue
+    queue           TEXT    NOT NULL,
+    priority        INTEGER NOT NULL DEFAULT 0,
+    input           TEXT    NOT NULL,   -- JSON
+    idempotency_key TEXT    UNIQUE,
+    open_steps      INTEGER NOT NULL,   -- steps not yet finished
+    failed_steps    INTEGER NOT NULL DEFAULT 0,
+    error           TEXT,
+    inserted_at     INTEGER NOT NULL,
+    completed_at    INTEGER
+  );
+  CREATE INDEX IF NOT EXISTS tide_flow_runs_status ON tide_flow_runs (status, id);
+  CREATE TABLE IF NOT EXISTS tide_flow_steps (
+    run_id          INTEGER NOT NULL,
+    name            TEXT    NOT NULL,
+    status          TEXT    NOT NULL,   -- waiting, queued, fanout, ok, error, timeout, skipped, cancelled
+    waiting         INTEGER NOT NULL,   -- dependencies not yet ok
+    deps            TEXT    NOT NULL,   -- JSON array of names
+    dependents      TEXT    NOT NULL,   -- JSON array of names
+    each            INTEGER NOT NULL DEFAULT 0,
+    concurrency     INTEGER,
+    job_id          INTEGER,
+    failures        INTEGER NOT NULL DEFAULT 0,
+    max_failures    INTEGER NOT NULL,
+    items_total     INTEGER,
+    items_done      INTEGER,
+    result          TEXT,               -- JSON
+    error           TEXT,
+    traceback       TEXT,
+    reason          TEXT,
+    queued_at       INTEGER,
+    completed_at    INTEGER,
+    PRIMARY KEY (run_id, name)
+  );
+  CREATE INDEX IF NOT EXISTS tide_flow_steps_open ON tide_flow_steps (job_id) WHERE status = 'queued';
+  CREATE TABLE IF NOT EXISTS tide_flow_items (
+    run_id          INTEGER NOT NULL,
+    step            TEXT    NOT NULL,
+    idx             INTEGER NOT NULL,
+    status          TEXT    NOT NULL,   -- waiting, queued, ok, error, timeout, cancelled
+    item            TEXT    NOT NULL,   -- JSON
+    job_id          INTEGER,
+    failures        INTEGER NOT NULL DEFAULT 0,
+    result          TEXT,
+    error           TEXT,
+    traceback       TEXT,
+    completed_at    INTEGER,
+    PRIMARY KEY (run_id, step, idx)
+  );
+  CREATE INDEX IF NOT EXISTS tide_flow_items_open ON tide_flow_items (job_id) WHERE status = 'queued';
+]],
 }
 M.VERSION = #MIGRATIONS
 M.MIGRATIONS = MIGRATIONS
@@ -741,18 +801,20 @@ function Session:queue_limits(name) return (locked(self, queue_limits, self, nam
 --- "release", run_at, error = JSON text or nil }.  Entries whose job is no
 --- longer leased to `owner` at that attempt change nothing; returns the set
 --- of ids written.
-local function record(s, entries, owner, now)
+local function record(s, entries, owner, now, hooks)
   local db = s.db
   local own = not db:in_transaction()
   if own then db:exec("BEGIN IMMEDIATE") end
   local written = {}
   local ok, err = pcall(function()
+    if hooks and hooks.before then hooks.before(s) end
     for i = 1, #entries do
       local e = entries[i]
       local kind = e.kind
       local at = kind == "completed" and now or kind == "discard" and now or e.run_at or now
       if stmt(s, kind):run(e.id, owner, e.attempt, at, e.error) > 0 then written[e.id] = true end
     end
+    if hooks and hooks.after then hooks.after(s, written) end
   end)
   if not ok then
     if own then db:exec("ROLLBACK") end
@@ -762,7 +824,9 @@ local function record(s, entries, owner, now)
   return written
 end
 
-function Session:record(entries, owner, now) return (locked(self, record, self, entries, owner, now)) end
+--- hooks (optional): { before = fn(session), after = fn(session, written) },
+--- called inside the same transaction (durable flows release dependents there).
+function Session:record(entries, owner, now, hooks) return (locked(self, record, self, entries, owner, now, hooks)) end
 
 local function id_list(ids)
   local list = {}

@@ -395,7 +395,9 @@ local function publish_props(fname, o)
   if o.priority ~= nil and not (check.is_count(o.priority) and o.priority <= 255) then
     opt_error(fname, "priority", "integer from 0 to 255", o.priority, 3)
   end
-  if o.timestamp ~= nil and not check.is_count(o.timestamp) then opt_error(fname, "timestamp", "integer", o.timestamp, 3) end
+  if o.timestamp ~= nil and not (check.is_count(o.timestamp) and o.timestamp <= 2 ^ 53) then   -- C casts it to uint64_t
+    opt_error(fname, "timestamp", "integer from 0 to 2^53 (seconds since the epoch)", o.timestamp, 3)
+  end
   if o.timeout ~= nil and not check.is_ms(o.timeout, true) then opt_error(fname, "timeout", "positive number of ms", o.timeout, 3) end
   return p
 end

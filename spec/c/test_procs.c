@@ -1,0 +1,149 @@
+/* test_procs.c — the parent's side of a child process, with shell scripts as children (TAP). */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "procs.h"
+
+#include "tap.h"
+
+/* What a child's events said. */
+typedef struct seen {
+  int ready, done, exits;
+  int init_error_null;
+  uint64_t id;
+  int ok_flag;
+  char result[64], tail[TIDE_PROC_TAIL + 1];
+  int trace_null;
+  int64_t status;
+  int signal;
+} seen;
+
+static void on_event(tide__proc *p, const tide__proc_event *ev, void *data) {
+  (void)p;
+  seen *s = data;
+  switch (ev->kind) {
+  case TIDE_PROC_READY:
+    s->ready++;
+    s->init_error_null = ev->init_error == NULL;
+    break;
+  case TIDE_PROC_DONE:
+    s->done++;
+    s->id = ev->id;
+    s->ok_flag = ev->ok;
+    snprintf(s->result, sizeof s->result, "%.*s", (int)ev->result_len, ev->result);
+    s->trace_null = ev->trace == NULL;
+    break;
+  case TIDE_PROC_EXIT:
+    s->exits++;
+    s->status = ev->exit_status;
+    s->signal = ev->term_signal;
+    snprintf(s->tail, sizeof s->tail, "%.*s", (int)ev->tail_len, ev->tail);
+    break;
+  }
+}
+
+/* Runs `script` (sh -c) as a child until its exit event and its handles are closed. */
+static tide__proc *start(uv_loop_t *loop, const char *script, seen *s) {
+  char *args[] = { "sh", "-c", (char *)script, NULL };
+  tide__proc_config cfg = { .file = "/bin/sh", .args = args, .index = 1, .path = "p", .cpath = "c" };
+  tide__proc *p = NULL;
+  char err[256];
+  memset(s, 0, sizeof *s);
+  if (tide__proc_spawn(loop, &cfg, on_event, s, &p, err, sizeof err) != 0) {
+    ok(0, "spawn: %s", err);
+    return NULL;
+  }
+  return p;
+}
+
+static void exit_status_and_tail(uv_loop_t *loop) {
+  seen s;
+  start(loop, "echo last words >&2; exit 3", &s);
+  uv_run(loop, UV_RUN_DEFAULT);
+  ok(s.exits == 1 && s.status == 3 && s.signal == 0, "an exit comes once, with its status (%lld)", (long long)s.status);
+  ok(strcmp(s.tail, "last words\n") == 0, "with the end of its stderr (%zu bytes)", strlen(s.tail));
+}
+
+static void death_by_signal(uv_loop_t *loop) {
+  seen s;
+  start(loop, "kill -SEGV $$", &s);
+  uv_run(loop, UV_RUN_DEFAULT);
+  ok(s.exits == 1 && s.signal == SIGSEGV, "a death by a signal names it (%d)", s.signal);
+}
+
+/* A child that speaks the protocol by hand: ready, then the result of job 7. */
+static void frames(uv_loop_t *loop) {
+  seen s;
+  start(loop,
+        "printf '\\005\\000\\000\\000R\\377\\377\\377\\377' >&3; "
+        "printf '\\023\\000\\000\\000D\\007\\000\\000\\000\\000\\000\\000\\000\\001\\001\\000\\000\\000x"
+        "\\377\\377\\377\\377' >&3", &s);
+  uv_run(loop, UV_RUN_DEFAULT);
+  ok(s.ready == 1 && s.init_error_null, "a ready frame without an init error");
+  ok(s.done == 1 && s.id == 7 && s.ok_flag && strcmp(s.result, "x") == 0 && s.trace_null,
+     "a done frame: id, status, result, no trace");
+  ok(s.exits == 1 && s.status == 0, "then its exit");
+}
+
+static void nonsense_is_killed(uv_loop_t *loop) {
+  seen s;
+  start(loop, "printf '\\001\\000\\000\\000Z' >&3; sleep 100", &s);
+  uv_run(loop, UV_RUN_DEFAULT);
+  ok(s.exits == 1 && s.signal == SIGKILL, "a frame that makes no sense gets the child killed (%d)", s.signal);
+}
+
+static void kill_takes_the_group(uv_loop_t *loop) {
+  seen s;
+  tide__proc *p = start(loop, "sleep 100 & wait", &s);
+  int pid = tide__proc_pid(p);
+  usleep(100 * 1000);                        /* the grandchild starts */
+  ok(tide__proc_kill(p) == 0, "kill sends SIGKILL to the process group");
+  uv_run(loop, UV_RUN_DEFAULT);
+  ok(s.exits == 1 && s.signal == SIGKILL, "the child dies of it");
+  int gone = 0;
+  for (int i = 0; i < 200 && !gone; i++) {   /* the grandchild, reparented, is reaped by init */
+    gone = kill(-pid, 0) != 0 && errno == ESRCH;
+    if (!gone) usleep(10 * 1000);
+  }
+  ok(gone, "and so does what it started");
+}
+
+static void close_reaps(uv_loop_t *loop) {
+  seen s;
+  tide__proc *p = start(loop, "sleep 100", &s);
+  int pid = tide__proc_pid(p);
+  tide__proc_close(p);
+  uv_run(loop, UV_RUN_DEFAULT);
+  ok(s.exits == 0, "close delivers no event");
+  ok(waitpid(pid, NULL, WNOHANG) < 0 && errno == ECHILD, "and leaves no zombie (reaped)");
+}
+
+static void spawn_failure(uv_loop_t *loop) {
+  char *args[] = { "no-such-program-tide", NULL };
+  tide__proc_config cfg = { .file = "no-such-program-tide", .args = args };
+  tide__proc *p = NULL;
+  seen s;
+  char err[256];
+  int rc = tide__proc_spawn(loop, &cfg, on_event, &s, &p, err, sizeof err);
+  uv_run(loop, UV_RUN_DEFAULT);
+  ok(rc == UV_ENOENT && p == NULL, "a program that cannot start is an error (%s)", err);
+}
+
+int main(void) {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  exit_status_and_tail(&loop);
+  death_by_signal(&loop);
+  frames(&loop);
+  nonsense_is_killed(&loop);
+  kill_takes_the_group(&loop);
+  close_reaps(&loop);
+  spawn_failure(&loop);
+  ok(uv_loop_close(&loop) == 0, "no handle is left open");
+  return tap_done();
+}

@@ -1,0 +1,365 @@
+/* procs.c — the parent's side of a child process: spawning, frames, stderr tail, kill and reap (see procs.h). */
+#include "procs.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define READ_CHUNK 65536
+
+int tide__proc_in_host = 0;
+
+/* Invariants: `open` counts the handles not yet closed (three once
+ * spawned); the struct is freed by the close callback that brings it to
+ * zero, and only once `gone` is set (no more events, no more calls). */
+struct tide__proc {
+  uv_process_t proc;
+  uv_pipe_t chan;                  /* fd 3: frames                        */
+  uv_pipe_t err;                   /* fd 2: stderr                        */
+  tide__proc_cb cb;
+  void *data;
+  int pid;
+  int open;
+  int gone;                        /* exited or closed: no more events    */
+  char *in;                        /* bytes read from chan, not yet parsed */
+  size_t in_len, in_cap;
+  char tail[TIDE_PROC_TAIL];       /* the end of stderr                   */
+  size_t tail_len;
+  char rbuf[READ_CHUNK];           /* libuv reads into this               */
+};
+
+/* ===== bytes */
+
+static void put_u32(char *p, uint32_t v) {
+  for (int i = 0; i < 4; i++) p[i] = (char)(v >> (8 * i));
+}
+
+static uint32_t get_u32(const char *p) {
+  uint32_t v = 0;
+  for (int i = 0; i < 4; i++) v |= (uint32_t)(unsigned char)p[i] << (8 * i);
+  return v;
+}
+
+static uint64_t get_u64(const char *p) {
+  return (uint64_t)get_u32(p) | (uint64_t)get_u32(p + 4) << 32;
+}
+
+/* A reader over a frame's payload: each get fails (returns -1) past its end. */
+typedef struct reader { const char *p; size_t left; } reader;
+
+static int rd_bytes(reader *r, size_t n, const char **out) {
+  if (r->left < n) return -1;
+  *out = r->p;
+  r->p += n;
+  r->left -= n;
+  return 0;
+}
+
+/* A string: *s NULL for the NULL marker. */
+static int rd_str(reader *r, const char **s, size_t *len) {
+  const char *p;
+  if (rd_bytes(r, 4, &p) != 0) return -1;
+  uint32_t n = get_u32(p);
+  if (n == 0xffffffffu) { *s = NULL; *len = 0; return 0; }
+  *len = n;
+  return rd_bytes(r, n, s);
+}
+
+/* ===== writing frames */
+
+typedef struct wreq {
+  uv_write_t req;
+  char data[];
+} wreq;
+
+static void on_written(uv_write_t *req, int status) {
+  (void)status;                    /* a dead child: its exit event tells */
+  free(req);
+}
+
+/* Writes a frame of `type` whose payload is the n (pointer, length)
+ * pieces; a piece with a length of SIZE_MAX is written as a string (u32
+ * length first; NULL pointer: the NULL marker). */
+typedef struct piece { const void *p; size_t len; int is_str; } piece;
+
+static int send_frame(tide__proc *p, char type, const piece *pieces, int n) {
+  size_t total = 1;
+  for (int i = 0; i < n; i++) total += pieces[i].len + (pieces[i].is_str ? 4 : 0);
+  if (total > 0xfffffff0u) return UV_E2BIG;
+  wreq *w = malloc(sizeof *w + 4 + total);
+  if (w == NULL) return UV_ENOMEM;
+  char *o = w->data;
+  put_u32(o, (uint32_t)total);
+  o[4] = type;
+  o += 5;
+  for (int i = 0; i < n; i++) {
+    if (pieces[i].is_str) {
+      put_u32(o, pieces[i].p ? (uint32_t)pieces[i].len : 0xffffffffu);
+      o += 4;
+    }
+    if (pieces[i].len) memcpy(o, pieces[i].p, pieces[i].len);
+    o += pieces[i].len;
+  }
+  uv_buf_t buf = uv_buf_init(w->data, (unsigned)(4 + total));
+  int rc = uv_write(&w->req, (uv_stream_t *)&p->chan, &buf, 1, on_written);
+  if (rc != 0) free(w);
+  return rc;
+}
+
+#define STR(s, n) ((piece){ (s), (s) ? (n) : 0, 1 })
+#define RAW(s, n) ((piece){ (s), (n), 0 })
+
+int tide__proc_submit(tide__proc *p, uint64_t id, const char *fn, size_t fn_len, int fn_is_name,
+                      const char *args, size_t args_len) {
+  if (p->gone) return UV_EPIPE;
+  char head[9];
+  put_u32(head, (uint32_t)id);
+  put_u32(head + 4, (uint32_t)(id >> 32));
+  head[8] = (char)(fn_is_name != 0);
+  piece ps[] = { RAW(head, 9), STR(fn, fn_len), STR(args, args_len) };
+  return send_frame(p, 'J', ps, 3);
+}
+
+/* ===== closing */
+
+static void on_closed(uv_handle_t *h) {
+  tide__proc *p = h->data;
+  if (--p->open == 0) {
+    free(p->in);
+    free(p);
+  }
+}
+
+static void close_handles(tide__proc *p) {
+  uv_close((uv_handle_t *)&p->proc, on_closed);
+  uv_close((uv_handle_t *)&p->chan, on_closed);
+  uv_close((uv_handle_t *)&p->err, on_closed);
+}
+
+void tide__proc_close(tide__proc *p) {
+  if (p->gone) return;
+  p->gone = 1;
+  kill(-p->pid, SIGKILL);          /* the child and whatever it started */
+  close_handles(p);                /* takes it off libuv's list of children */
+  while (waitpid(p->pid, NULL, 0) < 0 && errno == EINTR) {}   /* reaped: no zombie */
+}
+
+/* ===== reading: frames from fd 3, the tail of stderr */
+
+static void deliver(tide__proc *p, const tide__proc_event *ev) {
+  p->cb(p, ev, p->data);
+}
+
+/* Handles one frame from the child; -1 when it makes no sense. */
+static int handle_frame(tide__proc *p, const char *f, size_t len) {
+  reader r = { f + 1, len - 1 };
+  tide__proc_event ev = { 0 };
+  const char *b;
+  if (f[0] == 'R') {
+    size_t n;
+    if (rd_str(&r, &ev.init_error, &n) != 0) return -1;
+    char *msg = ev.init_error ? strndup(ev.init_error, n) : NULL;
+    ev.kind = TIDE_PROC_READY;
+    ev.init_error = msg;
+    deliver(p, &ev);
+    free(msg);
+    return 0;
+  }
+  if (f[0] != 'D') return -1;
+  if (rd_bytes(&r, 9, &b) != 0) return -1;
+  ev.kind = TIDE_PROC_DONE;
+  ev.id = get_u64(b);
+  ev.ok = b[8] != 0;
+  if (rd_str(&r, &ev.result, &ev.result_len) != 0 || rd_str(&r, &ev.trace, &ev.trace_len) != 0)
+    return -1;
+  deliver(p, &ev);
+  return 0;
+}
+
+/* Appends bytes read from fd 3 and handles every whole frame. */
+static void take_bytes(tide__proc *p, const char *data, size_t n) {
+  if (p->in_len + n > p->in_cap) {
+    size_t cap = p->in_cap ? p->in_cap : READ_CHUNK;
+    while (cap < p->in_len + n) cap *= 2;
+    char *in = realloc(p->in, cap);
+    if (in == NULL) { tide__proc_kill(p); return; }   /* cannot follow it any more */
+    p->in = in;
+    p->in_cap = cap;
+  }
+  memcpy(p->in + p->in_len, data, n);
+  p->in_len += n;
+  size_t pos = 0;
+  while (!p->gone && p->in_len - pos >= 4) {
+    uint32_t len = get_u32(p->in + pos);
+    if (len == 0 || len > 0xfffffff0u) { tide__proc_kill(p); break; }
+    if (p->in_len - pos - 4 < len) break;
+    /* p->in stays put during the callback: nothing reads until it returns. */
+    size_t at = pos + 4;
+    pos += 4 + (size_t)len;
+    if (handle_frame(p, p->in + at, len) != 0) { tide__proc_kill(p); break; }
+  }
+  if (p->gone) return;
+  memmove(p->in, p->in + pos, p->in_len - pos);
+  p->in_len -= pos;
+}
+
+static void keep_tail(tide__proc *p, const char *data, size_t n) {
+  if (n >= TIDE_PROC_TAIL) {
+    memcpy(p->tail, data + n - TIDE_PROC_TAIL, TIDE_PROC_TAIL);
+    p->tail_len = TIDE_PROC_TAIL;
+    return;
+  }
+  if (p->tail_len + n > TIDE_PROC_TAIL) {
+    size_t drop = p->tail_len + n - TIDE_PROC_TAIL;
+    memmove(p->tail, p->tail + drop, p->tail_len - drop);
+    p->tail_len -= drop;
+  }
+  memcpy(p->tail + p->tail_len, data, n);
+  p->tail_len += n;
+}
+
+static void take_stderr(tide__proc *p, const char *data, size_t n) {
+  keep_tail(p, data, n);
+  fwrite(data, 1, n, stderr);      /* the child's lines go where the parent's go */
+  fflush(stderr);
+}
+
+static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
+  (void)hint;
+  tide__proc *p = h->data;
+  *buf = uv_buf_init(p->rbuf, sizeof p->rbuf);
+}
+
+static void on_chan(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
+  tide__proc *p = s->data;
+  if (n > 0) take_bytes(p, buf->base, (size_t)n);
+  else if (n < 0) uv_read_stop(s);                  /* EOF: the exit event follows */
+}
+
+static void on_err(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
+  tide__proc *p = s->data;
+  if (n > 0) take_stderr(p, buf->base, (size_t)n);
+  else if (n < 0) uv_read_stop(s);
+}
+
+/* Reads what is left in a pipe without waiting (the child is dead). */
+static void drain(tide__proc *p, uv_pipe_t *pipe, void (*take)(tide__proc *, const char *, size_t)) {
+  uv_os_fd_t fd;
+  if (uv_fileno((uv_handle_t *)pipe, &fd) != 0) return;
+  for (int i = 0; i < 64 && !p->gone; i++) {        /* bounded: 4 MB at most */
+    ssize_t n = read(fd, p->rbuf, sizeof p->rbuf);
+    if (n > 0) { take(p, p->rbuf, (size_t)n); continue; }
+    if (n < 0 && errno == EINTR) continue;
+    break;                                           /* EOF, EAGAIN, or an error */
+  }
+}
+
+/* libuv reaped the child: take what it wrote last, then tell, then close. */
+static void on_exit_cb(uv_process_t *h, int64_t status, int term_signal) {
+  tide__proc *p = h->data;
+  if (p->gone) return;
+  drain(p, &p->chan, take_bytes);
+  drain(p, &p->err, take_stderr);
+  if (p->gone) return;                               /* closed from an event */
+  p->gone = 1;
+  tide__proc_event ev = { .kind = TIDE_PROC_EXIT, .exit_status = status,
+                          .term_signal = term_signal, .tail = p->tail, .tail_len = p->tail_len };
+  deliver(p, &ev);
+  close_handles(p);
+}
+
+/* ===== starting and signalling */
+
+int tide__proc_pid(const tide__proc *p) {
+  return p->pid;
+}
+
+int tide__proc_stop(tide__proc *p, uint64_t id) {
+  if (p->gone) return -ESRCH;
+  union sigval v;
+  v.sival_ptr = (void *)(uintptr_t)id;
+  return sigqueue(p->pid, SIGUSR1, v) == 0 ? 0 : -errno;
+}
+
+int tide__proc_kill(tide__proc *p) {
+  if (p->gone) return -ESRCH;
+  return kill(-p->pid, SIGKILL) == 0 ? 0 : -errno;
+}
+
+void tide__proc_ref(tide__proc *p, int on) {
+  if (p->gone) return;
+  if (on) uv_ref((uv_handle_t *)&p->proc);      /* active until its exit is reaped */
+  else uv_unref((uv_handle_t *)&p->proc);
+}
+
+/* Writing to a child that died raises SIGPIPE; libuv's streams report
+ * EPIPE instead once it is ignored.  Done once, if nobody set a handler. */
+static void ignore_sigpipe(void) {
+  struct sigaction sa;
+  if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL) {
+    sa.sa_handler = SIG_IGN;
+    sigaction(SIGPIPE, &sa, NULL);
+  }
+}
+
+static int send_config(tide__proc *p, const tide__proc_config *cfg) {
+  char head[16];
+  uint64_t limit = cfg->memory_limit;
+  put_u32(head, (uint32_t)cfg->index);
+  put_u32(head + 4, (uint32_t)getpid());
+  put_u32(head + 8, (uint32_t)limit);
+  put_u32(head + 12, (uint32_t)(limit >> 32));
+  const char *path = cfg->path, *cpath = cfg->cpath, *init = cfg->init;
+  piece ps[] = { RAW(head, 16), STR(path, path ? strlen(path) : 0),
+                 STR(cpath, cpath ? strlen(cpath) : 0), STR(init, init ? strlen(init) : 0) };
+  return send_frame(p, 'C', ps, 4);
+}
+
+int tide__proc_spawn(uv_loop_t *loop, const tide__proc_config *cfg, tide__proc_cb cb,
+                     void *data, tide__proc **out, char *err, size_t errlen) {
+  ignore_sigpipe();
+  tide__proc *p = calloc(1, sizeof *p);
+  if (p == NULL) { snprintf(err, errlen, "out of memory"); return UV_ENOMEM; }
+  p->cb = cb;
+  p->data = data;
+  p->proc.data = p->chan.data = p->err.data = p;
+  uv_pipe_init(loop, &p->chan, 0);                   /* cannot fail on unix */
+  uv_pipe_init(loop, &p->err, 0);
+  uv_stdio_container_t stdio[4];
+  stdio[0].flags = UV_IGNORE;
+  stdio[1].flags = UV_INHERIT_FD;
+  stdio[1].data.fd = 1;
+  stdio[2].flags = UV_CREATE_PIPE | UV_WRITABLE_PIPE;
+  stdio[2].data.stream = (uv_stream_t *)&p->err;
+  stdio[3].flags = UV_CREATE_PIPE | UV_READABLE_PIPE | UV_WRITABLE_PIPE;
+  stdio[3].data.stream = (uv_stream_t *)&p->chan;
+  uv_process_options_t opt = {
+    .exit_cb = on_exit_cb, .file = cfg->file, .args = cfg->args,
+    .flags = UV_PROCESS_DETACHED,                    /* a session: kill(-pid) reaches what it starts */
+    .stdio_count = 4, .stdio = stdio,
+  };
+  p->open = 3;
+  int rc = uv_spawn(loop, &p->proc, &opt);
+  if (rc != 0) {
+    snprintf(err, errlen, "cannot start %s: %s", cfg->file, uv_strerror(rc));
+    p->gone = 1;
+    close_handles(p);
+    return rc;
+  }
+  p->pid = p->proc.pid;
+  uv_unref((uv_handle_t *)&p->chan);                /* the child's own handle keeps the loop */
+  uv_unref((uv_handle_t *)&p->err);
+  if ((rc = send_config(p, cfg)) != 0 ||
+      (rc = uv_read_start((uv_stream_t *)&p->chan, on_alloc, on_chan)) != 0 ||
+      (rc = uv_read_start((uv_stream_t *)&p->err, on_alloc, on_err)) != 0) {
+    snprintf(err, errlen, "cannot talk to process %d: %s", p->pid, uv_strerror(rc));
+    tide__proc_close(p);
+    return rc;
+  }
+  *out = p;
+  return 0;
+}
