@@ -352,7 +352,7 @@ describe("process mode", function()
         mode = "process", timeout = 100, methods = {
           spin = function() while true do end end,
           square = function(args) return args.n * args.n end,
-        } } } }:drain()
+        } } } }:drain{ stop = true }
     end)))
     assert.equal(1, st.completed)
     assert.equal(1, tide.stats().processes.killed - killed)
