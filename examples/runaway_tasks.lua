@@ -74,9 +74,21 @@ pool:drain()
 ticker:stop()
 local took = tide.now() - t0
 
-local p = io.popen("pgrep -f '[s]leep 1000' | wc -l")
-local leftover = tonumber(p:read("*a"))
-p:close()
+-- A stuck child is killed process_stop_wait ms after its task gave up on
+-- it (its outcome came at the deadline): look for a leftover `sleep` after
+-- that, for up to a second.
+local function leftovers()
+  local p = io.popen("pgrep -f '[s]leep 1000' | wc -l")
+  local n = tonumber(p:read("*a"))
+  p:close()
+  return n
+end
+local leftover = leftovers()
+local waited = tide.now()
+while leftover ~= 0 and tide.now() - waited < 1000 do
+  tide.sleep(20)
+  leftover = leftovers()
+end
 local st = tide.stats().processes
 print(("%d tasks in %.0f ms; the loop ticked %d times; children killed %d, died %d, replaced %d; pool size %d")
   :format(N, took, ticks, st.killed, st.died, st.replaced, st.size))

@@ -280,6 +280,37 @@ describe("process mode", function()
     ffi.C.close(fd)
   end)
 
+  it("leaves nothing a child started when the parent (tide run) is SIGKILLed", function()
+    -- The children die with the parent (PDEATHSIG, and their watch of fd 3),
+    -- and take their process group with them: a `sleep` a job ran goes too.
+    local dir = spec_helper.tempdir()
+    local script = spec_helper.write_file(dir, "killed.lua", [[
+      local tide = require "tide"
+      tide.configure{ processes = 2 }
+      local t = tide.spawn{ mode = "process", run = function() os.execute("sleep 1001") end }
+      tide.sleep(300)
+      io.write("started\n")
+      io.flush()
+      t:await()
+    ]])
+    local out = dir .. "/out"
+    local sh = ([[
+      %s/tide run %s > %s 2>&1 & p=$!
+      i=0; while [ ! -s %s ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done
+      kill -KILL $p; wait $p
+    ]]):format(spec_helper.build, script, out, out)
+    local p = io.popen(sh)
+    p:read("*a")
+    p:close()
+    assert.equal("started\n", spec_helper.file_bytes(out))
+    assert.is_true(eventually(2000, function()
+      local q = io.popen(NOPRELOAD .. "pgrep -f '[s]leep 1001' | wc -l")
+      local n = tonumber(q:read("*a"))
+      q:close()
+      return n == 0
+    end), "the job's `sleep 1001` outlived the killed parent")
+  end)
+
   it("kills every child when the parent (tide run) gets SIGTERM, within the grace period", function()
     local dir = spec_helper.tempdir()
     local script = spec_helper.write_file(dir, "procs.lua", [[

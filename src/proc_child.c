@@ -154,6 +154,20 @@ static void close_inherited(void) {
   for (int fd = 4; fd < max; fd++) close(fd);
 }
 
+/* Ends the child and everything it started (its process group: the child
+ * leads a session of its own), so that a `sleep` a job ran does not outlive
+ * a parent that is gone.  Async-signal-safe. */
+static void end_group(void) {
+  kill(0, SIGKILL);
+  _exit(0);
+}
+
+/* PDEATHSIG: the parent died. */
+static void on_parent_death(int sig) {
+  (void)sig;
+  end_group();
+}
+
 /* The watch: a thread that waits for the parent's end of fd 3 to close
  * (the parent exited, or closed the pool) and ends the process then. */
 static void *watch_parent(void *arg) {
@@ -161,8 +175,8 @@ static void *watch_parent(void *arg) {
   struct pollfd pf = { .fd = CHAN, .events = POLLRDHUP };
   for (;;) {
     int r = poll(&pf, 1, -1);
-    if (r > 0 && (pf.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL))) _exit(0);
-    if (r < 0 && errno != EINTR) _exit(0);
+    if (r > 0 && (pf.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL))) end_group();
+    if (r < 0 && errno != EINTR) end_group();
   }
   return NULL;
 }
@@ -293,11 +307,12 @@ static void run_job(const char *f, size_t len) {
   int rc = send_frame('D', head, 9, job->result ? job->result : "", job->result ? job->result_len : 0,
                       trace, trace ? strlen(trace) : 0, 2);
   tide__job_free(job);
-  if (rc != 0) exit(0);                               /* the parent is gone */
+  if (rc != 0) end_group();                           /* the parent is gone */
 }
 
 int tide__proc_child_main(void) {
-  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  signal(SIGHUP, on_parent_death);
+  prctl(PR_SET_PDEATHSIG, SIGHUP);
   int fl = fcntl(CHAN, F_GETFL);
   if (fl < 0) return 2;                               /* not started by a tide parent */
   fcntl(CHAN, F_SETFL, fl & ~O_NONBLOCK);

@@ -262,6 +262,11 @@ static void drain(tide__proc *p, uv_pipe_t *pipe, void (*take)(tide__proc *, con
 static void on_exit_cb(uv_process_t *h, int64_t status, int term_signal) {
   tide__proc *p = h->data;
   if (p->gone) return;
+  /* Whatever the child started dies with it, however it ended (it may have
+   * exited by itself, past its stop, with a `sleep` it ran still waiting).
+   * Its pid names its process group, which is not given to another process
+   * while any member lives, so this reaches only what it left behind. */
+  kill(-p->pid, SIGKILL);
   drain(p, &p->chan, take_bytes);
   drain(p, &p->err, take_stderr);
   if (p->gone) return;                               /* closed from an event */
