@@ -164,7 +164,11 @@ for _, store in ipairs(H.stores()) do
           tide.sleep(5)
         end
         r.all_ms = tide.now() - t0
-        tide.sleep(500)                                   -- the last live jobs
+        local wait_live = tide.now()                      -- the last live jobs (the workers ran the bulk too)
+        repeat
+          tide.sleep(100)
+          local live = q:stats().queues.live
+        until (live.completed or 0) == r.fed or tide.now() - wait_live > 60000
         local ffi = require "ffi"
         pcall(ffi.cdef, "int kill(int pid, int sig);")
         for _, p in ipairs(pipes) do ffi.C.kill(p.pid, 15) end
