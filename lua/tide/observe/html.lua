@@ -1,7 +1,8 @@
---- tide.observe.html — escaping for the dashboard: every value goes through h() or link().
+--- tide.observe.html — escaping and formatting for the dashboard: every value goes through h() or link().
 local http = require "tide.engine.http"
+local core = require "tide.core"
 
-local tostring = tostring
+local tostring, format, floor, abs, date = tostring, string.format, math.floor, math.abs, os.date
 
 local M = {}
 
@@ -17,6 +18,26 @@ end
 function M.link(path, query)
   local qs = query and http.build_query(query) or ""
   return qs ~= "" and path .. "?" .. qs or path
+end
+
+--- 1234567 -> "1,234,567".
+function M.num(n) return (tostring(floor(n)):reverse():gsub("(%d%d%d)", "%1,"):reverse():gsub("^,", "")) end
+
+--- A status as a coloured badge.
+function M.badge(status) return ('<span class="badge s-%s">%s</span>'):format(M.h(status), M.h(status)) end
+
+--- UTC ms -> "2026-12-02 10:30:00" ("" for nil).
+function M.iso(ms) return ms and date("!%Y-%m-%d %H:%M:%S", floor(ms / 1000)) or "" end
+
+--- "12 s ago", "in 3 min", with the UTC time as a tooltip (times in UTC ms, as the store gives them).
+function M.when(ms)
+  if not ms then return '<span class="muted">-</span>' end
+  local d = (core.wallclock() - ms) / 1000
+  local ad = abs(d)
+  local text = ad < 1 and "now" or ad < 120 and format("%d s", ad) or ad < 7200 and format("%d min", ad / 60)
+    or ad < 172800 and format("%d h", ad / 3600) or format("%d d", ad / 86400)
+  if text ~= "now" then text = d >= 0 and text .. " ago" or "in " .. text end
+  return ('<span title="%s UTC">%s</span>'):format(M.h(M.iso(ms)), M.h(text))
 end
 
 return M

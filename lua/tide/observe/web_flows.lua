@@ -9,7 +9,7 @@ local core = require "tide.core"
 local html = require "tide.observe.html"
 local json = require "tide.jobs.json"
 
-local h, link = html.h, html.link
+local h, link, num, badge, iso, when = html.h, html.link, html.num, html.badge, html.iso, html.when
 local tostring, tonumber, ipairs, pcall = tostring, tonumber, ipairs, pcall
 local concat, format, floor, max = table.concat, string.format, math.floor, math.max
 
@@ -17,20 +17,6 @@ local PAGE = 50
 local SVG_MAX = 400
 local STATUSES = { "running", "ok", "error", "cancelled" }
 
-local function badge(status) return ('<span class="badge s-%s">%s</span>'):format(h(status), h(status)) end
-
-local function iso(ms) return ms and os.date("!%Y-%m-%d %H:%M:%S", floor(ms / 1000)) or "" end
-
---- "12 s ago", "in 3 min", with the UTC time as a tooltip (times in ms, as the store gives them).
-local function when(ms)
-  if not ms then return '<span class="muted">-</span>' end
-  local d = (core.wallclock() - ms) / 1000
-  local ad = math.abs(d)
-  local text = ad < 1 and "now" or ad < 120 and format("%d s", ad) or ad < 7200 and format("%d min", ad / 60)
-    or ad < 172800 and format("%d h", ad / 3600) or format("%d d", ad / 86400)
-  if text ~= "now" then text = d >= 0 and text .. " ago" or "in " .. text end
-  return ('<span title="%s UTC">%s</span>'):format(h(iso(ms)), h(text))
-end
 
 local function dur(n)
   if not n then return '<span class="muted">-</span>' end

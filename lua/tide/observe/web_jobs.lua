@@ -12,7 +12,7 @@ local json = require "tide.jobs.json"
 local sampler = require "tide.observe.sampler"
 local html = require "tide.observe.html"
 
-local h, link = html.h, html.link
+local h, link, num, badge, iso, when = html.h, html.link, html.num, html.badge, html.iso, html.when
 local type, tostring, tonumber, ipairs, pairs, pcall = type, tostring, tonumber, ipairs, pairs, pcall
 local concat, sort, format, floor = table.concat, table.sort, string.format, math.floor
 
@@ -27,22 +27,7 @@ local TERMINAL = { completed = true, discarded = true, cancelled = true, expired
 
 -- ===== formatting
 
-local function num(n) return tostring(floor(n)):reverse():gsub("(%d%d%d)", "%1,"):reverse():gsub("^,", "") end
 
-local function badge(status) return ('<span class="badge s-%s">%s</span>'):format(h(status), h(status)) end
-
-local function iso(ms) return ms and os.date("!%Y-%m-%d %H:%M:%S", floor(ms / 1000)) or "" end
-
---- "12 s ago", "in 3 min", with the UTC time as a tooltip.
-local function when(ms)
-  if not ms then return '<span class="muted">-</span>' end
-  local d = (core.wallclock() - ms) / 1000
-  local ad = math.abs(d)
-  local text = ad < 1 and "now" or ad < 120 and format("%d s", ad) or ad < 7200 and format("%d min", ad / 60)
-    or ad < 172800 and format("%d h", ad / 3600) or format("%d d", ad / 86400)
-  if text ~= "now" then text = d >= 0 and text .. " ago" or "in " .. text end
-  return ('<span title="%s UTC">%s</span>'):format(h(iso(ms)), h(text))
-end
 
 --- JSON text of a decoded value, indented, keys sorted: for people to read.
 local function pretty(v, indent)
