@@ -27,9 +27,9 @@ local function kind_of(i)
 end
 
 -- What runs in the child: a function without upvalues (it crosses as bytecode).
-local function work(kind, n)
+local function work(kind, n, sleep)
   if kind == "loop" then while true do end end
-  if kind == "blocked" then os.execute("sleep 1000") end
+  if kind == "blocked" then os.execute(sleep) end
   if kind == "segv" then require("ffi").cast("int *", 0)[0] = 1 end
   if kind == "hog" then local t = {} for i = 1, 1e9 do t[i] = { i } end end
   return n * n
@@ -51,6 +51,12 @@ local expected = {
 -- replaced).
 local TIMEOUT = { loop = 200, blocked = 200, square = 5000, segv = 5000, hog = 5000 }
 
+-- The blocked kind's `sleep` carries this process's pid in its duration, so
+-- that the count of leftovers below never counts another program's.
+local ffi = require "ffi"
+pcall(ffi.cdef, "int getpid(void);")
+local SLEEP = ("sleep 1000.%d"):format(ffi.C.getpid())
+
 tide.spawn{ mode = "process", run = function() end }:await()   -- the children start with the first task
 
 local seen, wrong, ticks = {}, {}, 0
@@ -59,7 +65,7 @@ local pool = tide.pool{ concurrency = 2, mode = "process" }
 local t0 = tide.now()
 for i = 1, N do
   local kind = kind_of(i)
-  pool:submit{ run = work, args = { kind, i }, timeout = TIMEOUT[kind],
+  pool:submit{ run = work, args = { kind, i, SLEEP }, timeout = TIMEOUT[kind],
                handle_result = function(status, value)
                  seen[i] = (seen[i] or 0) + 1
                  if not expected[kind](status, value, i) then
@@ -78,7 +84,7 @@ local took = tide.now() - t0
 -- it (its outcome came at the deadline): look for a leftover `sleep` after
 -- that, for up to a second.
 local function leftovers()
-  local p = io.popen("pgrep -f '[s]leep 1000' | wc -l")
+  local p = io.popen("pgrep -f '[s]" .. SLEEP:sub(2):gsub("%.", "[.]") .. "' | wc -l")
   local n = tonumber(p:read("*a"))
   p:close()
   return n

@@ -12,6 +12,17 @@ tide.configure{ processes = 2, process_init = "thread_init", process_memory = 64
 local NOPRELOAD = "env -u LD_PRELOAD "
 local SANITIZED = (os.getenv("LD_PRELOAD") or ""):find("asan") ~= nil
 
+-- The `sleep` commands this spec's jobs start carry this process's pid in
+-- their duration, so that counting the ones left behind never counts another
+-- run's (specs of other checkouts may run on the same machine).
+local SLEEP = ("sleep 1000.%d"):format(ffi.C.getpid())
+local function sleeps_left()
+  local p = io.popen(NOPRELOAD .. "pgrep -f '[s]" .. SLEEP:sub(2):gsub("%.", "[.]") .. "' | wc -l")
+  local n = tonumber(p:read("*a"))
+  p:close()
+  return n
+end
+
 --- Runs fn as the root task; a failed check shuts the run down (what it
 --- left running is cancelled), then fails the spec.
 local function run(fn)
@@ -158,7 +169,7 @@ describe("process mode", function()
       assert.is_true(pool_ready())
       local ticks = 0
       local ticker = tide.spawn(function() for _ = 1, 2000 do tide.sleep(5); ticks = ticks + 1 end end)
-      local blocked = tide.spawn{ mode = "process", timeout = 100, run = function() os.execute("sleep 1000") end }
+      local blocked = tide.spawn{ mode = "process", timeout = 100, run = function(cmd) os.execute(cmd) end, args = { SLEEP } }
       local segv = tide.spawn{ mode = "process", run = function()
         local ffi = require "ffi"
         ffi.cast("int *", 0)[0] = 1
@@ -182,12 +193,7 @@ describe("process mode", function()
       assert.matches("^process %d+ exited with status 3; the end of its stderr:\nlast words\n$", msg)
       assert.is_true(ticks >= 10, "the loop kept ticking: " .. ticks)
       ticker:cancel()
-      assert.is_true(eventually(1000, function()
-        local p = io.popen(NOPRELOAD .. "pgrep -f '[s]leep 1000' | wc -l")
-        local n = tonumber(p:read("*a"))
-        p:close()
-        return n == 0
-      end), "the blocked child's own child is gone too (its process group was killed)")
+      assert.is_true(eventually(1000, function() return sleeps_left() == 0 end), "the blocked child's own child is gone too (its process group was killed)")
       assert.is_true(pool_ready())
       assert.same({ "ok", 3 }, { tide.spawn{ mode = "process", run = "thread_mod.add", args = { 1, 2 } }:await() })
     end)
@@ -287,7 +293,7 @@ describe("process mode", function()
     local script = spec_helper.write_file(dir, "killed.lua", [[
       local tide = require "tide"
       tide.configure{ processes = 2 }
-      local t = tide.spawn{ mode = "process", run = function() os.execute("sleep 1001") end }
+      local t = tide.spawn{ mode = "process", run = function() os.execute("]] .. SLEEP .. [[") end }
       tide.sleep(300)
       io.write("started\n")
       io.flush()
@@ -303,12 +309,7 @@ describe("process mode", function()
     p:read("*a")
     p:close()
     assert.equal("started\n", spec_helper.file_bytes(out))
-    assert.is_true(eventually(2000, function()
-      local q = io.popen(NOPRELOAD .. "pgrep -f '[s]leep 1001' | wc -l")
-      local n = tonumber(q:read("*a"))
-      q:close()
-      return n == 0
-    end), "the job's `sleep 1001` outlived the killed parent")
+    assert.is_true(eventually(2000, function() return sleeps_left() == 0 end), "the job's `sleep` outlived the killed parent")
   end)
 
   it("kills every child when the parent (tide run) gets SIGTERM, within the grace period", function()
@@ -318,7 +319,7 @@ describe("process mode", function()
       tide.configure{ processes = 3, process_stop_wait = 5000, grace = 300 }
       local ts = {
         tide.spawn{ mode = "process", run = function() while true do end end },
-        tide.spawn{ mode = "process", run = function() os.execute("sleep 1000") end },
+        tide.spawn{ mode = "process", run = function() os.execute("]] .. SLEEP .. [[") end },
         tide.spawn{ mode = "process", run = function() require("tide").sleep(1e6) end },
       }
       tide.sleep(300)
@@ -349,9 +350,7 @@ describe("process mode", function()
     local margin = SANITIZED and 600 or 250    -- a child's death, its reaping (slower under the sanitizers)
     assert.is_true(tonumber(ms) < 300 + margin, "the children were gone after " .. ms .. " ms (grace: 300 ms)")
     for pid in pids:gmatch("%d+") do assert.is_false(exists(pid), "child " .. pid .. " is gone") end
-    local q = io.popen(NOPRELOAD .. "pgrep -f '[s]leep 1000' | wc -l")
-    assert.equal(0, tonumber(q:read("*a")))
-    q:close()
+    assert.equal(0, sleeps_left())
   end)
 
   it("runs flow nodes in process mode, a killing timeout failing the node", function()
