@@ -40,6 +40,39 @@ describe("time", function()
     assert.same({ 0, 10, 10, 20, 30 }, order)
   end)
 
+  it("tide.sleep(0) lets sockets be served: a request is answered while 100 tasks loop on it", function()
+    -- libuv 1.44 keeps running its timer phase while a callback re-arms a
+    -- 0 ms timer, and never gets to poll sockets: a request used to wait
+    -- until the looping tasks stopped (3 s here).
+    local http = require "tide.engine.http"
+    local rounds, took, body = 0, nil, nil
+    local status, err = tide.run(function()
+      local srv = assert(http.serve{ handler = function() return 200, {}, "served" end })
+      local done = false
+      local t0 = tide.now()
+      for _ = 1, 100 do
+        tide.spawn(function()
+          while not done and tide.now() - t0 < 3000 do tide.sleep(0); rounds = rounds + 1 end
+        end)
+      end
+      local client = tide.spawn{ mode = "thread", args = { srv:url("/") }, run = function(url)
+        local f = io.popen("env -u LD_PRELOAD curl -s -m 5 -w ' %{time_total}' '" .. url .. "'")
+        local s = f:read("*a")
+        f:close()
+        return s
+      end }
+      local ok, out = client:await()
+      done = true
+      assert.equal("ok", ok, tostring(out))
+      body, took = out:match("^(%S+) ([%d.]+)$")
+      srv:close()
+    end)
+    assert.equal("ok", status, tostring(err))
+    assert.equal("served", body)
+    assert.is_true(tonumber(took) < 0.5, "answered after " .. tostring(took) .. " s")
+    assert.is_true(rounds >= 100, "the looping tasks ran " .. rounds .. " rounds")
+  end)
+
   it("tide.after runs its function once as a task, on time, and passes the timer", function()
     local fired, at, got
     tide.run(function()

@@ -91,7 +91,12 @@ int tide__loop_close(tide__loop *loop, void (*done)(tide__loop *)) {
   return rc;
 }
 
-/* Arms `wake` for the earliest deadline, or stops it when none is pending. */
+/* Arms `wake` for the earliest deadline, or stops it when none is pending.
+ * A deadline already due is left to the idle handle instead: libuv (1.44)
+ * runs its timer phase until no timer is due, so a 0 ms timer re-armed from
+ * its own tick (tasks looping on tide.sleep(0)) would keep it there and
+ * sockets would never be polled; the idle phase ticks once per iteration,
+ * with a poll for I/O between two ticks. */
 static void rearm(tide__loop *loop) {
   uint64_t deadline;
   if (!tide__timers_next(&loop->timers, &deadline)) {
@@ -101,7 +106,13 @@ static void rearm(tide__loop *loop) {
   }
   if (loop->armed == deadline || virtual_on) return;
   uint64_t now = tide__loop_now();
-  uint64_t ms = deadline > now ? (deadline - now + 999999) / 1000000 : 0;
+  if (deadline <= now) {
+    if (loop->armed) uv_timer_stop(&loop->wake);
+    loop->armed = 0;
+    tide__loop_kick(loop);
+    return;
+  }
+  uint64_t ms = (deadline - now + 999999) / 1000000;
   uv_update_time(loop->uv);
   uv_timer_start(&loop->wake, on_wake, ms, 0);
   loop->armed = deadline;
