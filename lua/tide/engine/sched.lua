@@ -20,6 +20,8 @@
 --     or nil/false.
 --   - The options a task rarely has (timeout, retry, hooks, pool) live in
 --     t._opt (false when none), so the hot path reads one field for them all.
+--     Options marked `shared` are a template that many tasks point to (a
+--     timer's tasks): copied into the task's own table before any change.
 --   - Hooks on a task's end are lists, added with S.on_finish and
 --     S.on_attempt_end and run in the order added, each call protected: no
 --     module replaces or chains another's hook, and a hook that raises is
@@ -90,9 +92,24 @@ end
 -- A slot of t._opt holds nil (or false), one function, or a list of them
 -- (most tasks with a hook have one: no list is allocated for it).
 
-local function add_hook(t, slot, fn)
+--- The task's own options table, made (or copied from a shared template) when needed.
+local function own_options(t)
   local o = t._opt
-  if not o then o = {}; t._opt = o end
+  if not o then
+    o = {}
+    t._opt = o
+  elseif o.shared then
+    local copy = {}
+    for k, v in pairs(o) do copy[k] = v end
+    copy.shared = nil
+    o = copy
+    t._opt = o
+  end
+  return o
+end
+
+local function add_hook(t, slot, fn)
+  local o = own_options(t)
   local h = o[slot]
   if not h then o[slot] = fn                -- nil, or false: a slot kept free
   elseif type(h) == "function" then o[slot] = { h, fn }
@@ -422,7 +439,8 @@ end
 --
 -- A task that fails (error or timeout) with no handle_result, no awaiter,
 -- and no module of tide's that takes its outcome (o.heard: flow nodes,
--- jobs, timers) would be lost silently.  It is noted here; an await that
+-- jobs) would be lost silently.  (A task with o.report, a timer's, has its
+-- failure reported at once, named o.report.)  It is noted here; an await that
 -- comes later hears it.  What is still unheard is reported once to the
 -- error sink: when the loop ends, or when the task is collected (its
 -- finalizer only queues the report: a finalizer runs at any allocation,
@@ -527,8 +545,12 @@ local function finish(t, status, ...)
     if hooks then run_hooks("on_finish", t, hooks) end
     if o.handle_result then callback("handle_result", t, o.handle_result, status, t.value, t) end
   end
-  if (status == "error" or status == "timeout") and not w and not (o and (o.handle_result or o.heard)) then
-    pcall(note_unheard, t)                 -- allocates after the state changed: protected
+  if status == "error" or status == "timeout" then
+    if o and o.report then                 -- reported at once, under this name (a timer's callback)
+      pcall(log.report, o.report, t.value, status == "error" and t.traceback or nil)
+    elseif not w and not (o and (o.handle_result or o.heard)) then
+      pcall(note_unheard, t)               -- allocates after the state changed: protected
+    end
   end
   if shutting and nlive == 0 then end_grace() end
   finishing = finishing - 1
@@ -811,11 +833,7 @@ end
 
 --- Status and value(s) of a terminal task.
 --- The task's rarely used options (created on first use).
-function S.options(t)
-  local o = t._opt
-  if not o then o = {}; t._opt = o end
-  return o
-end
+S.options = own_options
 
 --- Waits (inside a task) for t's outcome; returns status and value(s), or
 --- nil, "timeout" after `ms` (t itself goes on).  `fname` names the caller.

@@ -5,7 +5,6 @@
 -- sink, as nobody awaits these tasks.  A shutdown stops every timer.
 local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
-local log = require "tide.engine.log"
 
 local type, error, ipairs, setmetatable, getmetatable = type, error, ipairs, setmetatable, getmetatable
 local arg_error, is_ms = check.arg_error, check.is_ms
@@ -17,24 +16,19 @@ local Timer_mt = { __index = Timer, __tostring = function(tm)
   return ("tide.Timer (%s)"):format(tm.key and "pending" or "stopped")
 end }
 
---- on_finish of a timer's task: a failure goes to the error sink.
-local function timer_finished(t)
-  local status = S.state(t)
-  if status == "error" then log.report("timer callback", t.value, t.traceback)
-  elseif status == "timeout" then log.report("timer callback", t.value) end
-end
+-- A timer is the function of the tasks it starts: calling it runs fn(timer).
+-- (No closure and no argument table per run.)
+Timer_mt.__call = function(tm) return tm.fn(tm) end
 
---- The task of a timer: fn(timer).  (No argument table per run: the timer
---- rides in the task's options.)
-local function run_timer()
-  local tm = S.options(S.current()).tm
-  return tm.fn(tm)
-end
+-- The options of every timer's task, shared (copied if a module adds to
+-- one task's): nobody awaits these tasks, so a failure goes to the error
+-- sink at once, as "timer callback".
+local TASK_OPTIONS = { shared = true, report = "timer callback" }
 
 local function fire(tm)
   tm.key = false
   if tm.every then tm.key = S.timer(tm.ms, fire, tm) end
-  S.start(S.new_task(run_timer, { timer = false, tm = tm, on_finish = timer_finished, heard = true }))
+  S.start(S.new_task(tm, TASK_OPTIONS))
 end
 
 local function new_timer(fname, ms, fn, every)
