@@ -132,6 +132,20 @@ describe("time", function()
     assert.matches("^timer callback: .*tick failed", seen)
   end)
 
+  it("keeps a hook added to one timer task's options to that task (the options are a shared template)", function()
+    local S = require "tide.engine.sched"
+    local seen = {}
+    tide.run(function()
+      tide.after(1, function()
+        S.on_attempt_end(S.current(), function() seen[#seen + 1] = "A's hook" end)
+        tide.sleep(20)
+        seen[#seen + 1] = "A done"
+      end)
+      tide.after(5, function() seen[#seen + 1] = "B" end)   -- ends while A sleeps
+    end)
+    assert.same({ "B", "A done", "A's hook" }, seen)
+  end)
+
   it("fires 10,000 timers with random delays in deadline order", function()
     -- A timer's deadline lies in [lo, hi]: now() before and after starting
     -- it, plus its delay.  Fired in deadline order, every timer's hi is at
