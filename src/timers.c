@@ -1,4 +1,4 @@
-/* timers.c — binary min-heap of deadlines with stable keys (see timers.h). */
+/* timers.c — 4-ary min-heap of deadlines with stable keys (see timers.h). */
 #include "timers.h"
 
 #include <stdlib.h>
@@ -30,10 +30,16 @@ static void place(tide__timers *t, uint32_t i, tnode n) {
   t->pos[n.key] = i;
 }
 
+/* A 4-ary heap: half the depth of a binary one, and the four children of
+ * a node side by side in memory.  With a million timers pending, a pop is
+ * bound by cache misses (one per level, and one more for `pos`), so fewer
+ * levels is what makes it faster. */
+#define ARITY 4
+
 static void sift_up(tide__timers *t, uint32_t i) {
   tnode n = t->heap[i];
   while (i > 0) {
-    uint32_t parent = (i - 1) / 2;
+    uint32_t parent = (i - 1) / ARITY;
     if (!before(&n, &t->heap[parent])) break;
     place(t, i, t->heap[parent]);
     i = parent;
@@ -44,9 +50,12 @@ static void sift_up(tide__timers *t, uint32_t i) {
 static void sift_down(tide__timers *t, uint32_t i) {
   tnode n = t->heap[i];
   for (;;) {
-    uint32_t c = 2 * i + 1;
-    if (c >= t->count) break;
-    if (c + 1 < t->count && before(&t->heap[c + 1], &t->heap[c])) c++;
+    uint32_t first = ARITY * i + 1;
+    if (first >= t->count) break;
+    uint32_t last = first + ARITY < t->count ? first + ARITY : t->count;
+    uint32_t c = first;                     /* the earliest child */
+    for (uint32_t k = first + 1; k < last; k++)
+      if (before(&t->heap[k], &t->heap[c])) c = k;
     if (!before(&t->heap[c], &n)) break;
     place(t, i, t->heap[c]);
     i = c;
@@ -92,7 +101,7 @@ static void remove_at(tide__timers *t, uint32_t i) {
   t->free_keys[t->nfree++] = key;
   if (--t->count == i) return;
   place(t, i, t->heap[t->count]);
-  if (i > 0 && before(&t->heap[i], &t->heap[(i - 1) / 2]))
+  if (i > 0 && before(&t->heap[i], &t->heap[(i - 1) / ARITY]))
     sift_up(t, i);
   else
     sift_down(t, i);
