@@ -594,6 +594,7 @@ local function after_resume(t, co, ok, ...)
     local first = ...
     if first == DONE then                  -- returned: the runner is free again
       if nidle < MAX_IDLE then nidle = nidle + 1; idle[nidle] = co end
+      if not t._opt then return finish(t, "ok", select(2, ...)) end   -- no retry policy to ask
       return settle(t, "ok", select(2, ...))
     end
     if first ~= WAIT then push(t, co) end  -- a bare yield: run again later
