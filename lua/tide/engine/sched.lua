@@ -180,6 +180,7 @@ function S.off_attempt_end(t, fn) remove_hook(t, "on_attempt_end", fn) end
 
 local rq_t, rq_c, rq_n = {}, {}, 0
 local spare_t, spare_c = {}, {}
+local SPARE_MAX = 16384      -- a batch larger than this does not keep its arrays as the spare pair
 
 -- The slots are written before the count, one by one: a slot may grow its
 -- table, an allocation may raise (a finalizer's error), and a multiple
@@ -730,7 +731,12 @@ local function tick_body()
   while true do
     local ts, cs, n, i = cur_t, cur_c, cur_n, cur_i
     if i >= n then                                  -- the batch is done: take the next one
-      if ts then spare_t, spare_c, cur_t = ts, cs, nil end
+      if ts then
+        -- A burst's arrays go (a million tasks spawned at once would keep
+        -- 16 MB); made before anything changes, as an allocation may raise.
+        if n > SPARE_MAX then ts, cs = {}, {} end
+        spare_t, spare_c, cur_t = ts, cs, nil
+      end
       if rq_n == 0 or done >= RUN_BUDGET then break end
       ts, cs, n, i = rq_t, rq_c, rq_n, 0
       cur_t, cur_c, cur_n = ts, cs, n
