@@ -838,8 +838,8 @@ function S.cancel(t, reason)
   return true
 end
 
---- Status and value(s) of a terminal task.
---- The task's rarely used options (created on first use).
+--- The task's rarely used options, its own (made, or copied from a shared
+--- template, on first use): callers may change them.
 S.options = own_options
 
 --- Waits (inside a task) for t's outcome; returns status and value(s), or
