@@ -199,36 +199,28 @@ static void push_function(lua_State *L, tide__job *job) {
   lua_remove(L, -2);                         /* the cache table */
 }
 
-/* The argument count of the argument table at idx: its field n, which the
- * bytes may carry with any value (checked), or its length. */
-static int arg_count(lua_State *L, int idx) {
-  lua_getfield(L, idx, "n");
-  int n;
-  if (lua_isnil(L, -1)) {
-    size_t len = lua_objlen(L, idx);
-    n = len > MAX_ARGS ? -1 : (int)len;
-  } else {
-    lua_Number d = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : -1;
-    n = d >= 0 && d <= MAX_ARGS && d == (lua_Number)(int)d ? (int)d : -1;
-  }
-  lua_pop(L, 1);
-  if (n < 0) luaL_error(L, "bad arguments: 'n' must be an integer from 0 to %d", MAX_ARGS);
-  return n;
+/* Raises the error of arguments that are not a list (tide__decode_list
+ * said no; this runs only then): which of "not a table" and "a bad n".  */
+static int bad_args(lua_State *L, tide__job *job, const char *err) {
+  char why[256];
+  if (tide__decode(L, job->args, job->args_len, why, sizeof why) != 0)
+    return luaL_error(L, "bad arguments: %s", why);
+  if (!lua_istable(L, -1)) return luaL_error(L, "bad arguments: a table expected");
+  lua_getfield(L, -1, "n");
+  if (!lua_isnil(L, -1) || lua_objlen(L, -2) > MAX_ARGS)
+    return luaL_error(L, "bad arguments: 'n' must be an integer from 0 to %d", MAX_ARGS);
+  return luaL_error(L, "bad arguments: %s", err);
 }
 
-/* Protected: function, arguments, call; returns { n = N, ... }. */
+/* Protected: function, arguments, call; returns { n = N, ... }.  The
+ * arguments are decoded straight onto the stack (no table of them). */
 static int run_job(lua_State *L) {
   tide__job *job = lua_touserdata(L, 1);
   lua_settop(L, 0);
   push_function(L, job);
   char err[256];
-  if (tide__decode(L, job->args, job->args_len, err, sizeof err) != 0)
-    return luaL_error(L, "bad arguments: %s", err);
-  if (!lua_istable(L, 2)) return luaL_error(L, "bad arguments: a table expected");
-  int n = arg_count(L, 2);
-  luaL_checkstack(L, n + LUA_MINSTACK, "too many arguments");
-  for (int i = 1; i <= n; i++) lua_rawgeti(L, 2, i);
-  lua_remove(L, 2);                          /* the argument table */
+  int n = tide__decode_list(L, job->args, job->args_len, MAX_ARGS, err, sizeof err);
+  if (n < 0) return bad_args(L, job, err);
   lua_call(L, n, LUA_MULTRET);
   int nres = lua_gettop(L);
   lua_createtable(L, nres, 1);

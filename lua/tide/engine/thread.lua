@@ -13,9 +13,10 @@ local core = require "tide.core"
 local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
 
-local type, error, tostring, unpack, tonumber = type, error, tostring, unpack, tonumber
+local type, error, tostring, tonumber = type, error, tostring, tonumber
 local string_dump, getupvalue, getinfo, traceback = string.dump, debug.getupvalue, debug.getinfo, debug.traceback
 
+local decode_list = core.decode_list
 local MAX = core.thread_max                 -- threads a pool may have (1024)
 
 local M = {
@@ -177,26 +178,31 @@ local function submit(t, o)
   return next_job
 end
 
+--- Settles t's attempt with the values decoded from its results, when the
+--- decoding went through (`done`); else with its error.
+local function settle_results(t, done, ...)
+  if done then return S.settle(t, "ok", ...) end
+  local err = ...
+  t.traceback = traceback("thread task: cannot decode its results: " .. tostring(err))
+  return S.settle(t, "error", err)
+end
+
 --- The job came back: settle the attempt with its results or its error.
 local function settle(t, o, bytes)
   o.thread_job, o.thread_bytes = false, false
   S.off_attempt_end(t, abandon_hook)
   -- Protected: an error that interrupts the decoding (a finalizer's, at an
   -- allocation) fails this attempt, as it would fail a coroutine task.
+  -- The results come as a list: their values, never a table of them.
+  if o.thread_ok then return settle_results(t, pcall(decode_list, bytes)) end
   local done, value, err = pcall(core.decode, bytes)
   if not done then
     t.traceback = traceback(tostring(value))
     return S.settle(t, "error", value)
   end
-  if not o.thread_ok then
-    t.traceback = o.thread_trace
-    return S.settle(t, "error", value)
-  end
-  if err then
-    t.traceback = "thread task: cannot decode its results: " .. err
-    return S.settle(t, "error", t.traceback)
-  end
-  return S.settle(t, "ok", unpack(value, 1, value.n))
+  t.traceback = o.thread_trace
+  if err then value = "thread task: cannot decode its error: " .. err end
+  return S.settle(t, "error", value)
 end
 
 --- The options of a new thread task that runs `payload`: every field its
