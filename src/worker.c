@@ -137,11 +137,10 @@ static void fail_job(tide__job *job, const char *fmt, ...) {
   tide_buf buf;
   tide__buf_init(&buf);
   tide__encode_string(&buf, msg, strlen(msg));       /* out of memory: an empty result */
-  free(job->result);
   free(job->trace);
   job->status = TIDE_JOB_ERROR;
-  job->result = buf.data;
-  job->result_len = buf.len;
+  tide__job_set_result(job, &buf);
+  tide__buf_free(&buf);                      /* what the job did not take over */
   job->trace = copy_bytes(msg, strlen(msg));
 }
 
@@ -233,17 +232,16 @@ static int run_job(lua_State *L) {
 
 /* Encodes the value at the top as the job's result (or, failing that, the
  * encoding error as an error string). */
-static void take_result(lua_State *L, tide__job *job, const char *root) {
-  tide_buf buf;
+static void take_result(lua_State *L, tide__worker *w, tide__job *job, const char *root) {
+  tide_buf *buf = &w->out;                   /* the worker's, kept from job to job */
   char err[256];
-  tide__buf_init(&buf);
-  if (tide__encode(L, -1, root, &buf, err, sizeof err) != 0) {
+  buf->len = 0;
+  if (tide__encode(L, -1, root, buf, err, sizeof err) != 0) {
     job->status = TIDE_JOB_ERROR;
     if (job->trace == NULL) job->trace = copy_bytes(err, strlen(err));
-    tide__encode_string(&buf, err, strlen(err));
+    tide__encode_string(buf, err, strlen(err));
   }
-  job->result = buf.data;
-  job->result_len = buf.len;
+  tide__job_set_result(job, buf);
 }
 
 /* body(job, worker): runs the job protected and records its outcome.
@@ -272,7 +270,7 @@ static int body(lua_State *L) {
     lua_pushnil(L);
     lua_setfield(L, LUA_REGISTRYINDEX, TRACE_KEY);
   }
-  take_result(L, job, job->status == TIDE_JOB_OK ? "results" : "error");
+  take_result(L, w, job, job->status == TIDE_JOB_OK ? "results" : "error");
   return 0;
 }
 
@@ -440,4 +438,5 @@ int tide__worker_open(tide__worker *w, const tide__pool_config *cfg, char *err, 
 void tide__worker_close(tide__worker *w) {
   if (w->L) lua_close(w->L);
   w->L = NULL;
+  tide__buf_free(&w->out);
 }

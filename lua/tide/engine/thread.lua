@@ -72,18 +72,30 @@ local dumped = setmetatable({}, { __mode = "k" })   -- function -> bytecode
 local no_args = setmetatable({}, { __mode = "k" })  -- function -> its payload without arguments
 local NO_ARGS = core.encode({ n = 0 })
 
---- Called by the loop for each finished job.  It allocates nothing (the
---- task's options have the fields already) and changes nothing before its
---- last allocation (the run queue may grow): when an allocation raises (a
---- finalizer's error), the delivery is tried again from the start
---- (lua_threads.c).
-local function on_done(id, ok, bytes, trace)
+--- One finished job: its task's attempt is queued to settle it.  It
+--- allocates nothing (the task's options have the fields already) and
+--- changes nothing before its last allocation (the run queue may grow):
+--- when an allocation raises (a finalizer's error), the delivery is tried
+--- again from the start.
+local function deliver(id, ok, bytes, trace)
   local t = waiting[id]
   if t == nil then return end               -- a late result: its attempt ended
   local o = t._opt
-  o.thread_ok, o.thread_bytes, o.thread_trace = ok, bytes, trace
+  o.thread_ok, o.thread_bytes, o.thread_trace = ok, bytes, trace or nil
   S.ready(t)
   waiting[id] = nil
+end
+
+--- Called by the loop once per batch of finished jobs (lua_threads.c):
+--- `list` holds id, ok, bytes, trace (false when none) for each of the n
+--- jobs; list[0] counts those delivered, so that after an error the loop
+--- knows which one to try again.
+local function on_done(list, n)
+  for i = 1, n do
+    local j = 4 * i
+    deliver(list[j - 3], list[j - 2], list[j - 1], list[j])
+    list[0] = i
+  end
 end
 
 local started = false
