@@ -38,7 +38,16 @@ typedef struct jobmap {
  * slot's `current`, `done`, or handed to on_done/freed — and is in `jobs`
  * exactly while it is in one of the first two; `refs` counts the loop
  * side (until close) plus each quarantined thread still running, and the
- * last to drop it frees the pool. */
+ * last to drop it frees the pool.
+ *
+ * Memory ordering: the hand-off is this mutex, nothing lock-free.  A
+ * worker fills in a job (status, result, trace) before it locks `mu` to
+ * append the job to `done`; the loop takes the whole list under `mu` (one
+ * lock per wake-up, however many jobs), so the worker's unlock and the
+ * loop's lock order those writes before the loop's reads.  The other way,
+ * a job's bytes are written before the submit's lock, read after the
+ * worker's.  Only `running` and `stop` (worker.h) are atomics, read
+ * outside the lock by design. */
 struct tide__pool {
   uv_mutex_t mu;
   uv_cond_t cv;
