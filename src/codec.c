@@ -612,3 +612,58 @@ int tide__decode(lua_State *L, const char *data, size_t len, char *err,
   lua_settop(L, top);
   return -1;
 }
+
+/* The count of the list table on top (its field n, or its length), which
+ * is popped; -1 when not an integer from 0 to max. */
+static lua_Number list_count(lua_State *L, int max) {
+  lua_getfield(L, -1, "n");                           /* raw: the table has no metatable */
+  lua_Number n = lua_isnil(L, -1) ? (lua_Number)lua_objlen(L, -2)
+               : lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : -1;
+  lua_pop(L, 1);
+  return n >= 0 && n <= max && n == (lua_Number)(int)n ? n : -1;
+}
+
+int tide__decode_list(lua_State *L, const char *data, size_t len, int max,
+                      char *err, size_t errlen) {
+  int top = lua_gettop(L);
+  const unsigned char *p = (const unsigned char *)(data ? data : "");
+  dec d = { .L = L, .p = p, .start = p, .end = p + (data ? len : 0),
+            .budget = len, .err = err, .errlen = err ? errlen : 0 };
+  uint64_t narr, nhash, n;
+  /* The shape every list has: T_TABLE narr 0|1 ["n" T_INT n], then narr values. */
+  if (d.p < d.end && *d.p == T_TABLE) {
+    d.p++;
+    if (get_varint(&d, &narr) || get_varint(&d, &nhash)) return -1;
+    int fast = nhash == 0;
+    n = narr;
+    if (nhash == 1 && d.end - d.p >= 4 && d.p[0] == T_STRING && d.p[1] == 1 &&
+        d.p[2] == 'n' && d.p[3] == T_INT) {
+      d.p += 4;
+      if (get_varint(&d, &n)) return -1;
+      fast = (n & 1) == 0;                            /* zigzag: not negative */
+      n >>= 1;
+    }
+    if (fast && n >= narr && n <= (uint64_t)max && narr <= d.budget) {
+      if (!lua_checkstack(L, (int)n + 1)) return bad(&d, p, "Lua stack overflow");
+      for (uint64_t i = 0; i < narr; i++)
+        if (dec_value(&d)) { lua_settop(L, top); return -1; }
+      if (d.p != d.end) {
+        lua_settop(L, top);
+        return bad(&d, d.p, "trailing bytes after the value");
+      }
+      for (uint64_t i = narr; i < n; i++) lua_pushnil(L);
+      return (int)n;
+    }
+  }
+  /* Any other table: decoded whole, then unpacked (1 .. n or #). */
+  if (tide__decode(L, data, len, err, errlen) != 0) return -1;
+  lua_Number count = lua_istable(L, -1) ? list_count(L, max) : -1;
+  if (count < 0 || !lua_checkstack(L, (int)count + 1)) {
+    lua_settop(L, top);
+    if (d.errlen) snprintf(d.err, d.errlen, "not a list of at most %d values", max);
+    return -1;
+  }
+  for (int i = 1; i <= (int)count; i++) lua_rawgeti(L, top + 1, i);
+  lua_remove(L, top + 1);
+  return (int)count;
+}

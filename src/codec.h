@@ -63,6 +63,15 @@ int tide__encode_string(tide_buf *out, const char *s, size_t len);
 int tide__decode(lua_State *L, const char *data, size_t len, char *err,
                  size_t errlen);
 
+/* Decodes a list -- the encoding of a table { n = N, v1, ..., vN } (n may be
+ * absent: then #t), as arguments and results cross -- and pushes its N
+ * values, not the table: the table is never made when the bytes have that
+ * shape.  Returns N (at most max), or -1 with a message in err (nothing
+ * pushed) when the bytes are not one value, or not a table, or its count
+ * is not an integer from 0 to max.  Raises like tide__decode. */
+int tide__decode_list(lua_State *L, const char *data, size_t len, int max,
+                      char *err, size_t errlen);
+
 /* Sets the functions `encode(v [, root])` and `decode(s)` into the table at
  * the top of the stack (lua_codec.c).  Returns 0; the stack is unchanged. */
 int tide__open_codec(lua_State *L);

@@ -1,4 +1,4 @@
-/* lua_codec.c — Lua binding of the value codec: encode(v [, root]) and decode(s). */
+/* lua_codec.c — Lua binding of the value codec: encode(v [, root]), decode(s) and decode_list(s). */
 #include "codec.h"
 
 #include <lauxlib.h>
@@ -68,6 +68,20 @@ static int l_decode(lua_State *L) {
   return 2;
 }
 
+/* decode_list(s) -> v1, ..., vN: the values of an encoded list { n = N, ... }
+ * (codec.h), without the table.  Raises "bad encoding ..." or "... not a
+ * list of at most 7000 values" (a C function returns at most 8000). */
+#define LIST_MAX 7000
+
+static int l_decode_list(lua_State *L) {
+  size_t len;
+  char err[256];
+  luaL_checktype(L, 1, LUA_TSTRING);
+  const char *s = lua_tolstring(L, 1, &len);
+  int n = tide__decode_list(L, s, len, LIST_MAX, err, sizeof err);
+  return n >= 0 ? n : luaL_error(L, "%s", err);
+}
+
 int tide__open_codec(lua_State *L) {
   shared *sh = lua_newuserdata(L, sizeof *sh);        /* t, shared */
   tide__buf_init(&sh->buf);
@@ -82,5 +96,7 @@ int tide__open_codec(lua_State *L) {
   lua_setfield(L, -2, "encode");
   lua_pushcfunction(L, l_decode);
   lua_setfield(L, -2, "decode");
+  lua_pushcfunction(L, l_decode_list);
+  lua_setfield(L, -2, "decode_list");
   return 0;
 }

@@ -16,6 +16,7 @@ typedef struct binding {
   uv_loop_t *loop;
   tide__caller caller;   /* deliveries call Lua through it */
   int done_ref;
+  int list_ref;          /* the table a batch of deliveries is handed over in */
 } binding;
 
 static binding *get(lua_State *L) {
@@ -28,26 +29,62 @@ static binding *get_pool(lua_State *L) {
   return b;
 }
 
-/* The arguments of done(id, ok, bytes, trace); runs protected. */
-static int push_job(lua_State *L, void *ud) {
-  tide__job *job = ud;
-  lua_pushnumber(L, (lua_Number)job->id);
-  lua_pushboolean(L, job->status == TIDE_JOB_OK);
-  lua_pushlstring(L, job->result ? job->result : "", job->result ? job->result_len : 0);
-  if (job->trace) lua_pushstring(L, job->trace); else lua_pushnil(L);
-  return 4;
+/* ===== deliveries: one call into Lua per batch of finished jobs
+ *
+ * The batch is handed over in one table, made once with room for
+ * TIDE_POOL_BATCH jobs: list[4i-3 .. 4i] = id, ok, result bytes, trace (or
+ * false) of job i.  done(list, n) delivers them in order and counts each
+ * one delivered in list[0] (LuaJIT's array part starts at 0: storing there,
+ * or anywhere in the array, allocates nothing).  When an error interrupts
+ * done (an allocation that ran a finalizer that raised), list[0] says how
+ * far it went: the pool tries the job after those again later. */
+
+typedef struct batch { tide__job *first; int n; int list_ref; } batch;
+
+/* Fills the list and pushes done's arguments (list, n); runs protected. */
+static int push_batch(lua_State *L, void *ud) {
+  const batch *bt = ud;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, bt->list_ref);
+  tide__job *job = bt->first;
+  for (int i = 0; i < bt->n; i++, job = job->next) {
+    lua_pushnumber(L, (lua_Number)job->id);
+    lua_rawseti(L, -2, 4 * i + 1);
+    lua_pushboolean(L, job->status == TIDE_JOB_OK);
+    lua_rawseti(L, -2, 4 * i + 2);
+    lua_pushlstring(L, job->result ? job->result : "", job->result ? job->result_len : 0);
+    lua_rawseti(L, -2, 4 * i + 3);
+    if (job->trace) lua_pushstring(L, job->trace); else lua_pushboolean(L, 0);
+    lua_rawseti(L, -2, 4 * i + 4);
+  }
+  lua_pushinteger(L, bt->n);
+  return 2;
 }
 
-/* Loop thread: hands a finished job to Lua's done(id, ok, bytes, trace).
- * done allocates first and changes nothing until it cannot fail any more
- * (tide.engine.thread), so a failed delivery is tried again. */
-static int on_done(tide__pool *pool, tide__job *job, void *data) {
+/* Loop thread: hands n finished jobs to Lua's done(list, n); returns how
+ * many were delivered.  None of the list's stores allocates (see above), so
+ * none of them can raise outside a protected call. */
+static int on_done(tide__pool *pool, tide__job *first, int n, void *data) {
   (void)pool;
   binding *b = data;
-  int top = lua_gettop(b->caller.L);
-  int rc = tide__call(&b->caller, b->done_ref, push_job, job, 0, "a thread task's delivery");
-  lua_settop(b->caller.L, top);
-  return rc;
+  lua_State *L = b->caller.L;
+  int top = lua_gettop(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, b->list_ref);
+  lua_pushinteger(L, 0);
+  lua_rawseti(L, -2, 0);                     /* none delivered yet */
+  batch bt = { first, n, b->list_ref };
+  int rc = tide__call(&b->caller, b->done_ref, push_batch, &bt, 0, "a thread task's delivery");
+  int delivered = n;
+  if (rc != 0) {
+    lua_rawgeti(L, top + 1, 0);
+    delivered = (int)lua_tointeger(L, -1);
+    lua_pop(L, 1);
+  }
+  for (int i = 1; i <= 4 * n; i++) {         /* the results may be collected now */
+    lua_pushnil(L);
+    lua_rawseti(L, top + 1, i);
+  }
+  lua_settop(L, top);
+  return delivered >= 0 && delivered <= n ? delivered : 0;
 }
 
 static const char *opt_string(lua_State *L, const char *key) {
@@ -75,14 +112,20 @@ static int l_start(lua_State *L) {
     .memory_limit = (size_t)limit,
   };
   char err[256];
+  lua_createtable(L, 4 * TIDE_POOL_BATCH, 0);  /* the deliveries' list */
+  int list_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushvalue(L, 2);
+  int done_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   b->pool = tide__pool_start(b->loop, &cfg, on_done, b, err, sizeof err);
-  if (b->pool == NULL) {
+  if (b->pool == NULL) {                     /* a failed start keeps no reference */
+    luaL_unref(L, LUA_REGISTRYINDEX, list_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, done_ref);
     lua_pushnil(L);
     lua_pushstring(L, err);
     return 2;
   }
-  lua_pushvalue(L, 2);                       /* only now: a failed start keeps no reference */
-  b->done_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  b->list_ref = list_ref;
+  b->done_ref = done_ref;
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -138,7 +181,8 @@ static void close_binding(lua_State *L, binding *b) {
   if (b->pool) tide__pool_close(b->pool);
   b->pool = NULL;
   luaL_unref(L, LUA_REGISTRYINDEX, b->done_ref);
-  b->done_ref = LUA_NOREF;
+  luaL_unref(L, LUA_REGISTRYINDEX, b->list_ref);
+  b->done_ref = b->list_ref = LUA_NOREF;
 }
 
 static int l_gc(lua_State *L) {
@@ -165,7 +209,7 @@ static const luaL_Reg funcs[] = {
 /* Sets the thread_* functions into the table at the top of the stack. */
 void tide__open_threads(lua_State *L, uv_loop_t *loop, tide__watchdog *wd) {
   binding *b = lua_newuserdata(L, sizeof *b);
-  *b = (binding){ .loop = loop, .done_ref = LUA_NOREF };
+  *b = (binding){ .loop = loop, .done_ref = LUA_NOREF, .list_ref = LUA_NOREF };
   tide__caller_init(L, &b->caller, wd);
   luaL_newmetatable(L, THREADS_MT);
   lua_pushcfunction(L, l_gc);

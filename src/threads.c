@@ -2,6 +2,7 @@
 #include "threads.h"
 
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,12 +38,22 @@ typedef struct jobmap {
  * slot's `current`, `done`, or handed to on_done/freed — and is in `jobs`
  * exactly while it is in one of the first two; `refs` counts the loop
  * side (until close) plus each quarantined thread still running, and the
- * last to drop it frees the pool. */
+ * last to drop it frees the pool.
+ *
+ * Memory ordering: the hand-off is this mutex, nothing lock-free.  A
+ * worker fills in a job (status, result, trace) before it locks `mu` to
+ * append the job to `done`; the loop takes the whole list under `mu` (one
+ * lock per wake-up, however many jobs), so the worker's unlock and the
+ * loop's lock order those writes before the loop's reads.  The other way,
+ * a job's bytes are written before the submit's lock, read after the
+ * worker's.  Only `running` and `stop` (worker.h) are atomics, read
+ * outside the lock by design. */
 struct tide__pool {
   uv_mutex_t mu;
   uv_cond_t cv;
   tide__job *queue, *queue_tail;
   tide__job *done, *done_tail;
+  int ndone;                /* jobs in `done` */
   jobmap jobs;
   uv_async_t *async;
   slot **slots;             /* the active workers (never quarantined ones) */
@@ -66,25 +77,40 @@ static char *dup_bytes(const char *s, size_t len) {
 
 tide__job *tide__job_new(uint64_t id, const char *fn, size_t fn_len, int fn_is_name,
                          const char *args, size_t args_len) {
-  tide__job *job = calloc(1, sizeof *job);
+  if (fn_len > SIZE_MAX / 2 || args_len > SIZE_MAX / 2 - fn_len - sizeof(tide__job) - 2) return NULL;
+  tide__job *job = malloc(sizeof *job + fn_len + 1 + args_len + 1);
   if (job == NULL) return NULL;
+  memset(job, 0, sizeof *job);
   job->id = id;
-  job->fn = dup_bytes(fn, fn_len);
+  job->fn = (char *)(job + 1);               /* the bytes follow the job: NUL-terminated */
+  if (fn_len) memcpy(job->fn, fn, fn_len);
+  job->fn[fn_len] = '\0';
   job->fn_len = fn_len;
   job->fn_is_name = fn_is_name;
-  job->args = dup_bytes(args, args_len);
+  job->args = job->fn + fn_len + 1;
+  if (args_len) memcpy(job->args, args, args_len);
+  job->args[args_len] = '\0';
   job->args_len = args_len;
-  if (job->fn == NULL || job->args == NULL) { tide__job_free(job); return NULL; }
   return job;
 }
 
 void tide__job_free(tide__job *job) {
   if (job == NULL) return;
-  free(job->fn);
-  free(job->args);
-  free(job->result);
+  if (job->result != job->small) free(job->result);
   free(job->trace);
   free(job);
+}
+
+void tide__job_set_result(tide__job *job, tide_buf *buf) {
+  if (job->result != job->small) free(job->result);
+  job->result_len = buf->len;
+  if (buf->len <= sizeof job->small) {
+    if (buf->len) memcpy(job->small, buf->data, buf->len);
+    job->result = job->small;
+  } else {
+    job->result = buf->data;
+    tide__buf_init(buf);
+  }
 }
 
 static void map_del(jobmap *m, uint64_t id);
@@ -226,6 +252,7 @@ static void give_back(tide__pool *p, slot *s, tide__job *job) {
   job->place = DONE;
   int first = p->done == NULL;
   append(&p->done, &p->done_tail, job);
+  p->ndone++;
   if (first) uv_async_send(p->async);        /* else a wake-up is due: it takes the whole list */
 }
 
@@ -271,11 +298,12 @@ static slot *start_slot(tide__pool *p, int index, char *err, size_t errlen) {
 
 /* ===== the loop side */
 
-/* Delivers finished jobs.  on_done may close the pool: a reference held
- * for the batch keeps it allocated, and what is left after a close is freed
- * undelivered.  A job on_done could not deliver goes back to `done`, for
- * the next wake-up (at most MAX_DELIVERIES tries: then it is dropped, said
- * on stderr, and its task waits until the loop reaps it). */
+/* Delivers finished jobs, TIDE_POOL_BATCH at a time.  on_done may close
+ * the pool: a reference held for the wake-up keeps it allocated, and what
+ * is left after a close is freed undelivered.  A job on_done could not
+ * deliver goes back to `done`, for the next wake-up (at most
+ * MAX_DELIVERIES tries: then it is dropped, said on stderr, and its task
+ * waits until the loop reaps it); the jobs after it are delivered now. */
 #define MAX_DELIVERIES 100
 
 static void on_async(uv_async_t *a) {
@@ -283,28 +311,42 @@ static void on_async(uv_async_t *a) {
   tide__job *retry = NULL, *retry_tail = NULL;
   uv_mutex_lock(&p->mu);
   tide__job *job = p->done;
+  int left = p->ndone;
   p->done = p->done_tail = NULL;
+  p->ndone = 0;
   p->refs++;
   uv_mutex_unlock(&p->mu);
-  while (job) {
-    tide__job *next = job->next;
-    if (!p->closing && p->on_done(p, job, p->data) != 0 && ++job->deliveries < MAX_DELIVERIES) {
-      append(&retry, &retry_tail, job);
-    } else {
-      if (job->deliveries >= MAX_DELIVERIES)
-        fprintf(stderr, "tide: thread job %llu could not be delivered; dropped\n",
-                (unsigned long long)job->id);
+  while (job && !p->closing) {
+    int n = left < TIDE_POOL_BATCH ? left : TIDE_POOL_BATCH;
+    int delivered = p->on_done(p, job, n, p->data);
+    left -= delivered;
+    for (int i = 0; i < delivered; i++) {
+      tide__job *next = job->next;
       if (!p->closing) p->in_flight--;
       tide__job_free(job);
+      job = next;
     }
-    job = next;
+    if (delivered == n || p->closing) continue;
+    tide__job *failed = job;                 /* not delivered: the others go on */
+    job = job->next;
+    left--;
+    if (++failed->deliveries < MAX_DELIVERIES) {
+      append(&retry, &retry_tail, failed);
+    } else {
+      fprintf(stderr, "tide: thread job %llu could not be delivered; dropped\n",
+              (unsigned long long)failed->id);
+      p->in_flight--;
+      tide__job_free(failed);
+    }
   }
+  free_list(NULL, job);                      /* closed: what is left goes undelivered */
   if (retry) {
     uv_mutex_lock(&p->mu);
     for (tide__job *j = retry, *next; j; j = next) {
       next = j->next;
       if (p->closing) { tide__job_free(j); continue; }
       append(&p->done, &p->done_tail, j);
+      p->ndone++;
     }
     if (p->done) uv_async_send(p->async);
     uv_mutex_unlock(&p->mu);
@@ -484,6 +526,7 @@ void tide__pool_close(tide__pool *p) {
   free_list(&p->jobs, p->queue);             /* the running jobs stay in the map */
   free_list(NULL, p->done);
   p->queue = p->queue_tail = p->done = p->done_tail = NULL;
+  p->ndone = 0;
   /* Workers stop at their next check (a job, or thread_init); those still
    * at it after TIDE_POOL_CLOSE_WAIT_MS (compiled code runs no hook, C code
    * none either) are left to retire by themselves. */

@@ -5,8 +5,9 @@
  * only as copies (codec.h): a Lua state is touched by one thread only.
  *
  * The loop thread submits jobs; workers take them in order; finished jobs
- * are queued back and `on_done` runs for each on the loop thread (woken by
- * a uv_async_t).  Each worker creates its Lua state (and runs thread_init)
+ * are queued back and `on_done` runs on the loop thread for them, in
+ * batches (woken by a uv_async_t: one wake-up takes every job finished by
+ * then).  Each worker creates its Lua state (and runs thread_init)
  * on its own thread, so starting a pool or replacing a thread never holds
  * the loop.  A running job can be asked to stop: the worker's debug hook
  * raises "cancelled" at its next check.  LuaJIT runs no hooks inside
@@ -29,22 +30,27 @@
 
 #include <uv.h>
 
+#include "codec.h"
+
 typedef enum { TIDE_JOB_OK = 0, TIDE_JOB_ERROR = 1 } tide__job_status;
 
 #define TIDE_THREADS_MAX 1024  /* most threads a pool may have */
 #define TIDE_POOL_CLOSE_WAIT_MS 1000  /* how long close waits for workers to stop */
 
+#define TIDE_JOB_SMALL 64       /* results this short are kept in the job itself */
+
 typedef struct tide__job {
   uint64_t id;                 /* chosen by the submitter, unique while live */
-  char *fn;                    /* "module.function" or bytecode             */
+  char *fn;                    /* "module.function" or bytecode (in the job's own block) */
   size_t fn_len;
   int fn_is_name;
-  char *args;                  /* codec bytes of the argument table         */
+  char *args;                  /* codec bytes of the argument table (ditto) */
   size_t args_len;
   /* filled by the worker */
   tide__job_status status;
-  char *result;                /* codec bytes: { n = N, ... } on ok, the error value on error */
-  size_t result_len;
+  char *result;                /* codec bytes: { n = N, ... } on ok, the error value on error; */
+  size_t result_len;           /* malloc'd, or `small` (tide__job_set_result) */
+  char small[TIDE_JOB_SMALL];
   char *trace;                 /* error message with the thread's traceback  */
   /* pool bookkeeping */
   int abandoned;               /* cancelled or timed out: result is dropped */
@@ -56,10 +62,17 @@ typedef struct tide__job {
 
 typedef struct tide__pool tide__pool;
 
-/* Delivers a finished job (loop thread).  Returns 0 when it was delivered;
- * non-zero when it could not be (the Lua call failed before it changed
- * anything): the pool keeps the job and tries again at the next wake-up. */
-typedef int (*tide__job_cb)(tide__pool *pool, tide__job *job, void *data);
+/* Most finished jobs handed to one call of the delivery callback. */
+#define TIDE_POOL_BATCH 1024
+
+/* Delivers n finished jobs (loop thread): `first` and the n - 1 jobs after
+ * it through `next` (1 <= n <= TIDE_POOL_BATCH), in order.  Returns how
+ * many of them, from the first, were delivered: n, or fewer when the job
+ * after those could not be (the Lua call failed before it changed anything
+ * for that job): the pool keeps that job and tries it again at the next
+ * wake-up, and hands the ones after it over in a new call.  It may not
+ * change the list. */
+typedef int (*tide__job_cb)(tide__pool *pool, tide__job *first, int n, void *data);
 
 typedef struct tide__pool_config {
   int threads;                 /* 1 .. TIDE_THREADS_MAX                     */
@@ -84,10 +97,16 @@ typedef struct tide__pool_stats {
 tide__pool *tide__pool_start(uv_loop_t *loop, const tide__pool_config *cfg,
                              tide__job_cb on_done, void *data, char *err, size_t errlen);
 
-/* Allocates a job with copies of fn and args (NULL when out of memory). */
+/* Allocates a job with copies of fn and args, all in one block (NULL when
+ * out of memory). */
 tide__job *tide__job_new(uint64_t id, const char *fn, size_t fn_len, int fn_is_name,
                          const char *args, size_t args_len);
 void tide__job_free(tide__job *job);
+
+/* Makes buf's bytes the job's result (any result it had is freed): copied
+ * into the job when short, so that buf keeps its memory for the next one;
+ * else taken over, and buf is left empty. */
+void tide__job_set_result(tide__job *job, tide_buf *buf);
 
 /* Queues a job (the pool owns it from now on).  0, or -1 once closing. */
 int tide__pool_submit(tide__pool *pool, tide__job *job);

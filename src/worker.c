@@ -137,11 +137,10 @@ static void fail_job(tide__job *job, const char *fmt, ...) {
   tide_buf buf;
   tide__buf_init(&buf);
   tide__encode_string(&buf, msg, strlen(msg));       /* out of memory: an empty result */
-  free(job->result);
   free(job->trace);
   job->status = TIDE_JOB_ERROR;
-  job->result = buf.data;
-  job->result_len = buf.len;
+  tide__job_set_result(job, &buf);
+  tide__buf_free(&buf);                      /* what the job did not take over */
   job->trace = copy_bytes(msg, strlen(msg));
 }
 
@@ -199,36 +198,28 @@ static void push_function(lua_State *L, tide__job *job) {
   lua_remove(L, -2);                         /* the cache table */
 }
 
-/* The argument count of the argument table at idx: its field n, which the
- * bytes may carry with any value (checked), or its length. */
-static int arg_count(lua_State *L, int idx) {
-  lua_getfield(L, idx, "n");
-  int n;
-  if (lua_isnil(L, -1)) {
-    size_t len = lua_objlen(L, idx);
-    n = len > MAX_ARGS ? -1 : (int)len;
-  } else {
-    lua_Number d = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : -1;
-    n = d >= 0 && d <= MAX_ARGS && d == (lua_Number)(int)d ? (int)d : -1;
-  }
-  lua_pop(L, 1);
-  if (n < 0) luaL_error(L, "bad arguments: 'n' must be an integer from 0 to %d", MAX_ARGS);
-  return n;
+/* Raises the error of arguments that are not a list (tide__decode_list
+ * said no; this runs only then): which of "not a table" and "a bad n".  */
+static int bad_args(lua_State *L, tide__job *job, const char *err) {
+  char why[256];
+  if (tide__decode(L, job->args, job->args_len, why, sizeof why) != 0)
+    return luaL_error(L, "bad arguments: %s", why);
+  if (!lua_istable(L, -1)) return luaL_error(L, "bad arguments: a table expected");
+  lua_getfield(L, -1, "n");
+  if (!lua_isnil(L, -1) || lua_objlen(L, -2) > MAX_ARGS)
+    return luaL_error(L, "bad arguments: 'n' must be an integer from 0 to %d", MAX_ARGS);
+  return luaL_error(L, "bad arguments: %s", err);
 }
 
-/* Protected: function, arguments, call; returns { n = N, ... }. */
+/* Protected: function, arguments, call; returns { n = N, ... }.  The
+ * arguments are decoded straight onto the stack (no table of them). */
 static int run_job(lua_State *L) {
   tide__job *job = lua_touserdata(L, 1);
   lua_settop(L, 0);
   push_function(L, job);
   char err[256];
-  if (tide__decode(L, job->args, job->args_len, err, sizeof err) != 0)
-    return luaL_error(L, "bad arguments: %s", err);
-  if (!lua_istable(L, 2)) return luaL_error(L, "bad arguments: a table expected");
-  int n = arg_count(L, 2);
-  luaL_checkstack(L, n + LUA_MINSTACK, "too many arguments");
-  for (int i = 1; i <= n; i++) lua_rawgeti(L, 2, i);
-  lua_remove(L, 2);                          /* the argument table */
+  int n = tide__decode_list(L, job->args, job->args_len, MAX_ARGS, err, sizeof err);
+  if (n < 0) return bad_args(L, job, err);
   lua_call(L, n, LUA_MULTRET);
   int nres = lua_gettop(L);
   lua_createtable(L, nres, 1);
@@ -241,17 +232,16 @@ static int run_job(lua_State *L) {
 
 /* Encodes the value at the top as the job's result (or, failing that, the
  * encoding error as an error string). */
-static void take_result(lua_State *L, tide__job *job, const char *root) {
-  tide_buf buf;
+static void take_result(lua_State *L, tide__worker *w, tide__job *job, const char *root) {
+  tide_buf *buf = &w->out;                   /* the worker's, kept from job to job */
   char err[256];
-  tide__buf_init(&buf);
-  if (tide__encode(L, -1, root, &buf, err, sizeof err) != 0) {
+  buf->len = 0;
+  if (tide__encode(L, -1, root, buf, err, sizeof err) != 0) {
     job->status = TIDE_JOB_ERROR;
     if (job->trace == NULL) job->trace = copy_bytes(err, strlen(err));
-    tide__encode_string(&buf, err, strlen(err));
+    tide__encode_string(buf, err, strlen(err));
   }
-  job->result = buf.data;
-  job->result_len = buf.len;
+  tide__job_set_result(job, buf);
 }
 
 /* body(job, worker): runs the job protected and records its outcome.
@@ -280,7 +270,7 @@ static int body(lua_State *L) {
     lua_pushnil(L);
     lua_setfield(L, LUA_REGISTRYINDEX, TRACE_KEY);
   }
-  take_result(L, job, job->status == TIDE_JOB_OK ? "results" : "error");
+  take_result(L, w, job, job->status == TIDE_JOB_OK ? "results" : "error");
   return 0;
 }
 
@@ -448,4 +438,5 @@ int tide__worker_open(tide__worker *w, const tide__pool_config *cfg, char *err, 
 void tide__worker_close(tide__worker *w) {
   if (w->L) lua_close(w->L);
   w->L = NULL;
+  tide__buf_free(&w->out);
 }

@@ -42,6 +42,7 @@ typedef struct tide__worker {
   char panic_msg[128];
   int panics;                      /* states discarded after a panic          */
   int nfns;                        /* functions in the state's cache          */
+  tide_buf out;                    /* where results are encoded (kept: reused) */
 } tide__worker;
 
 /* Creates the worker's state (worker thread).  0, or -1 with a message in

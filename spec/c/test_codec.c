@@ -427,6 +427,34 @@ static void test_binding(void) {
   lua_ok("encode needs a value",
          "local ok, err = pcall(codec.encode) "
          "return not ok and err:find('value expected', 1, true) ~= nil");
+  lua_ok("decode_list returns a list's values, holes and trailing nils included",
+         "local function pack(...) return { n = select('#', ...), ... } end "
+         "local v = pack(codec.decode_list(codec.encode({ n = 4, 1, nil, 'x' }))) "
+         "return v.n == 4 and v[1] == 1 and v[2] == nil and v[3] == 'x' and v[4] == nil");
+  lua_ok("decode_list of an empty list returns nothing",
+         "return select('#', codec.decode_list(codec.encode({ n = 0 }))) == 0 "
+         "and select('#', codec.decode_list(codec.encode({}))) == 0");
+  lua_ok("decode_list without n takes the length; other keys are ignored",
+         "local a, b, c = codec.decode_list(codec.encode({ 5, 6, k = 'v' })) "
+         "return a == 5 and b == 6 and c == nil");
+  lua_ok("decode_list with n below the length returns n values",
+         "local function pack(...) return { n = select('#', ...), ... } end "
+         "local v = pack(codec.decode_list(codec.encode({ n = 1, 5, 6 }))) "
+         "return v.n == 1 and v[1] == 5");
+  lua_ok("decode_list copies nested tables",
+         "local a, b = codec.decode_list(codec.encode({ n = 2, { x = { 1 } }, true })) "
+         "return a.x[1] == 1 and b == true");
+  lua_ok("decode_list refuses what is not a list",
+         "for _, v in ipairs{ 5, 'x', { n = -1 }, { n = 1.5 }, { n = 'a' }, { n = 7001 } } do "
+         "  local ok, err = pcall(codec.decode_list, codec.encode(v)) "
+         "  if ok or err ~= 'not a list of at most 7000 values' then return false end "
+         "end return true");
+  lua_ok("decode_list refuses damaged bytes",
+         "local good = codec.encode({ n = 2, 1, 'abc' }) "
+         "local ok1, e1 = pcall(codec.decode_list, good:sub(1, -2)) "
+         "local ok2, e2 = pcall(codec.decode_list, good .. 'x') "
+         "return not ok1 and e1:find('truncated', 1, true) ~= nil "
+         "and not ok2 and e2:find('trailing bytes', 1, true) ~= nil");
   lua_ok("encode of a large value, then a small one",
          "local s = codec.encode(string.rep('z', 200000)) "
          "return #codec.decode(s) == 200000 and codec.decode(codec.encode(7)) == 7");

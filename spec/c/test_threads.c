@@ -36,6 +36,8 @@ typedef struct inbox {
   size_t result_len[MAX_ID];
   char *trace[MAX_ID];
   int total, stray;                  /* every delivery; those with an id out of range */
+  int refuse[MAX_ID];                /* times on_done refuses to deliver each id */
+  int refused, largest_batch;
 } inbox;
 
 static char *copy_bytes(const char *s, size_t len) {
@@ -46,20 +48,29 @@ static char *copy_bytes(const char *s, size_t len) {
   return p;
 }
 
-static int on_done(tide__pool *pool, tide__job *job, void *data) {
+static int on_done(tide__pool *pool, tide__job *first, int n, void *data) {
   inbox *box = data;
   (void)pool;
-  box->total++;
-  if (job->id == 0 || job->id >= MAX_ID) { box->stray++; return 0; }
-  uint64_t id = job->id;
-  box->count[id]++;
-  box->status[id] = job->status;
-  free(box->result[id]);
-  free(box->trace[id]);
-  box->result[id] = job->result ? copy_bytes(job->result, job->result_len) : NULL;
-  box->result_len[id] = job->result ? job->result_len : 0;
-  box->trace[id] = job->trace ? copy_bytes(job->trace, strlen(job->trace)) : NULL;
-  return 0;
+  if (n > box->largest_batch) box->largest_batch = n;
+  tide__job *job = first;
+  for (int i = 0; i < n; i++, job = job->next) {
+    if (job->id > 0 && job->id < MAX_ID && box->refuse[job->id] > 0) {
+      box->refuse[job->id]--;                       /* "could not deliver": tried again later */
+      box->refused++;
+      return i;
+    }
+    box->total++;
+    if (job->id == 0 || job->id >= MAX_ID) { box->stray++; continue; }
+    uint64_t id = job->id;
+    box->count[id]++;
+    box->status[id] = job->status;
+    free(box->result[id]);
+    free(box->trace[id]);
+    box->result[id] = job->result ? copy_bytes(job->result, job->result_len) : NULL;
+    box->result_len[id] = job->result ? job->result_len : 0;
+    box->trace[id] = job->trace ? copy_bytes(job->trace, strlen(job->trace)) : NULL;
+  }
+  return n;
 }
 
 /* ===== A LOOP AND A POOL OF THE TEST'S OWN ===== */
@@ -239,6 +250,46 @@ static void by_name_and_by_bytecode(void) {
   ok(result_is(r, 2, "ababab"), "by bytecode: the dumped function gives OK and { n = 1, 'ababab' }");
   ok(r->box.trace[1] == NULL && r->box.trace[2] == NULL, "a job that succeeds has no trace");
   rig_stop(r, "by name and bytecode");
+}
+
+/* Deliveries come in batches; one the delivery refuses is tried again at
+ * the next wake-up, and the jobs after it in its batch are delivered at once. */
+static void refused_delivery_is_retried(void) {
+  enum { N = 200 };
+  rig *r = rig_start(2, 0, NULL);
+  tide_buf args = args_of(AB3);
+  r->box.refuse[7] = 3;                               /* refused 3 times, then taken */
+  r->box.refuse[9] = 1000;                            /* refused every time: dropped */
+  for (uint64_t id = 1; id <= N; id++) submit(r, id, "string.rep", strlen("string.rep"), 1, &args);
+  tide__buf_free(&args);
+  ok(wait_delivered(r, N - 1, WAIT_MS), "every job but the one always refused is delivered");
+  uint64_t dl = deadline_in(WAIT_MS);                 /* one refusal per wake-up */
+  while (r->box.refused < 3 + 100 && tick(r, dl)) {}
+  run_for(r, 20);
+  int once = 1;
+  for (uint64_t id = 1; id <= N; id++) once &= r->box.count[id] == (id == 9 ? 0 : 1);
+  ok(once && r->box.stray == 0, "each once, the refused one after its refusals");
+  ok(r->box.refuse[7] == 0 && result_is(r, 7, "ababab"), "a job refused 3 times comes back with its result");
+  ok(r->box.refused == 3 + 100, "a job refused 100 times is dropped (refusals: %d)", r->box.refused);
+  ok(r->box.largest_batch <= TIDE_POOL_BATCH, "no batch is larger than TIDE_POOL_BATCH");
+  tide__pool_stats st = stats(r);
+  ok(st.in_flight == 0 && st.queued == 0, "nothing is left in flight (in_flight %d)", st.in_flight);
+  rig_stop(r, "refused deliveries");
+}
+
+/* Many jobs finished before the loop looks come in one batch. */
+static void deliveries_come_in_batches(void) {
+  enum { N = 600 };
+  rig *r = rig_start(2, 0, NULL);
+  tide_buf args = args_of(AB3);
+  for (uint64_t id = 1; id <= N; id++) submit(r, id, "string.rep", strlen("string.rep"), 1, &args);
+  tide__buf_free(&args);
+  uint64_t dl = deadline_in(WAIT_MS);                 /* no loop run until all are done */
+  while (stats(r).in_flight > 0 && (stats(r).queued > 0 || stats(r).busy > 0) && uv_hrtime() < dl)
+    uv_sleep(1);
+  ok(wait_delivered(r, N, WAIT_MS), "600 jobs are delivered");
+  ok(r->box.largest_batch > 1, "in batches (largest: %d jobs)", r->box.largest_batch);
+  rig_stop(r, "batches");
 }
 
 static void error_with_traceback(void) {
@@ -523,6 +574,8 @@ int main(void) {
   luaL_openlibs(S);
   by_name_and_by_bytecode();
   error_with_traceback();
+  refused_delivery_is_retried();
+  deliveries_come_in_batches();
   thousand_jobs_once_each();
   cancel_queued_and_running();
   quarantine_stuck_job();

@@ -5,7 +5,8 @@
  * For input X that decodes to V1: E1 = encode(V1) must succeed (V1 came out of
  * the decoder, so it holds nothing the encoder refuses), E1 must decode to V2,
  * and encode(V2) must give E1 again byte for byte.  A failed decode must
- * leave the stack as it was.  Any broken promise aborts, which libFuzzer
+ * leave the stack as it was.  The same bytes decoded as a list
+ * (tide__decode_list) push exactly the count it returns, or nothing.  Any broken promise aborts, which libFuzzer
  * reports as a crash.
  */
 #include "codec.h"
@@ -27,6 +28,10 @@ static void broken(const char *what, const char *err) {
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   char err[256] = "";
   if (!L && !(L = luaL_newstate())) broken("luaL_newstate", "out of memory");
+  lua_settop(L, 0);
+  int n = tide__decode_list(L, (const char *)data, size, 50, err, sizeof err);
+  if (n < -1 || n > 50 || lua_gettop(L) != (n < 0 ? 0 : n))
+    broken("decode_list pushed other than its count", err);
   lua_settop(L, 0);
   if (tide__decode(L, (const char *)data, size, err, sizeof err) != 0) {
     if (lua_gettop(L) != 0) broken("a failed decode pushed values", err);

@@ -13,9 +13,10 @@ local core = require "tide.core"
 local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
 
-local type, error, tostring, unpack, tonumber = type, error, tostring, unpack, tonumber
+local type, error, tostring, tonumber = type, error, tostring, tonumber
 local string_dump, getupvalue, getinfo, traceback = string.dump, debug.getupvalue, debug.getinfo, debug.traceback
 
+local decode_list = core.decode_list
 local MAX = core.thread_max                 -- threads a pool may have (1024)
 
 local M = {
@@ -71,18 +72,30 @@ local dumped = setmetatable({}, { __mode = "k" })   -- function -> bytecode
 local no_args = setmetatable({}, { __mode = "k" })  -- function -> its payload without arguments
 local NO_ARGS = core.encode({ n = 0 })
 
---- Called by the loop for each finished job.  It allocates nothing (the
---- task's options have the fields already) and changes nothing before its
---- last allocation (the run queue may grow): when an allocation raises (a
---- finalizer's error), the delivery is tried again from the start
---- (lua_threads.c).
-local function on_done(id, ok, bytes, trace)
+--- One finished job: its task's attempt is queued to settle it.  It
+--- allocates nothing (the task's options have the fields already) and
+--- changes nothing before its last allocation (the run queue may grow):
+--- when an allocation raises (a finalizer's error), the delivery is tried
+--- again from the start.
+local function deliver(id, ok, bytes, trace)
   local t = waiting[id]
   if t == nil then return end               -- a late result: its attempt ended
   local o = t._opt
-  o.thread_ok, o.thread_bytes, o.thread_trace = ok, bytes, trace
+  o.thread_ok, o.thread_bytes, o.thread_trace = ok, bytes, trace or nil
   S.ready(t)
   waiting[id] = nil
+end
+
+--- Called by the loop once per batch of finished jobs (lua_threads.c):
+--- `list` holds id, ok, bytes, trace (false when none) for each of the n
+--- jobs; list[0] counts those delivered, so that after an error the loop
+--- knows which one to try again.
+local function on_done(list, n)
+  for i = 1, n do
+    local j = 4 * i
+    deliver(list[j - 3], list[j - 2], list[j - 1], list[j])
+    list[0] = i
+  end
 end
 
 local started = false
@@ -177,34 +190,43 @@ local function submit(t, o)
   return next_job
 end
 
+--- Settles t's attempt with the values decoded from its results, when the
+--- decoding went through (`done`); else with its error.
+local function settle_results(t, done, ...)
+  if done then return S.settle(t, "ok", ...) end
+  local err = ...
+  t.traceback = traceback("thread task: cannot decode its results: " .. tostring(err))
+  return S.settle(t, "error", err)
+end
+
 --- The job came back: settle the attempt with its results or its error.
 local function settle(t, o, bytes)
   o.thread_job, o.thread_bytes = false, false
   S.off_attempt_end(t, abandon_hook)
   -- Protected: an error that interrupts the decoding (a finalizer's, at an
   -- allocation) fails this attempt, as it would fail a coroutine task.
+  -- The results come as a list: their values, never a table of them.
+  if o.thread_ok then return settle_results(t, pcall(decode_list, bytes)) end
   local done, value, err = pcall(core.decode, bytes)
   if not done then
     t.traceback = traceback(tostring(value))
     return S.settle(t, "error", value)
   end
-  if not o.thread_ok then
-    t.traceback = o.thread_trace
-    return S.settle(t, "error", value)
-  end
-  if err then
-    t.traceback = "thread task: cannot decode its results: " .. err
-    return S.settle(t, "error", t.traceback)
-  end
-  return S.settle(t, "ok", unpack(value, 1, value.n))
+  t.traceback = o.thread_trace
+  if err then value = "thread task: cannot decode its error: " .. err end
+  return S.settle(t, "error", value)
 end
 
 --- The options of a new thread task that runs `payload`: every field its
 --- attempts use is there from the start (false while unset), so that the
---- table never grows.
+--- table never grows.  That includes the ones tide.spawn's option table
+--- sets (name ... on_retry), nil or not: LuaJIT makes a key even to store
+--- nil in it, and a full table rehashes for each such key (4 rehashes per
+--- task, a third of its instructions on the loop, before they were here).
 function M.options(payload)
   return { thread = payload, direct = M.direct, thread_job = false, thread_ok = false,
-           thread_bytes = false, thread_trace = false, on_attempt_end = false }
+           thread_bytes = false, thread_trace = false, on_attempt_end = false,
+           name = false, timeout = false, retry = false, handle_result = false, on_retry = false }
 end
 
 --- The `direct` function of every thread task (sched.lua, "direct tasks"):

@@ -10,6 +10,7 @@ local retry = require "tide.engine.retry"
 
 local type, pairs, ipairs, error, tostring, next = type, pairs, ipairs, error, tostring, next
 local sort, concat = table.sort, table.concat
+local table_new = require "table.new"
 local opt_error = check.opt_error
 
 local M = {}
@@ -35,65 +36,83 @@ local OLD_HOOKS = { task_failed = "task_error" }
 local FAILS = { stop = true, continue = true }
 
 
-local function bad(fname, where, key, expected, v)
-  error(("%s: %s: bad field '%s' (%s expected, got %s)"):format(fname, where, key, expected, check.describe(v)), 5)
+local FUNCTION_KEYS = { "items", "when" }
+local NOT_WITH_FLOW = { "run", "each", "items", "mode" }
+
+--- Raises "FNAME: flow 'F': task 'T': MSG" (the level blames the caller of
+--- tide.flow).  The task's part of the message is made only here: a string
+--- per task would be most of what checking a valid one costs.
+local function task_error(level, fname, fdesc, name, msg, ...)
+  error(("%s: %s: task '%s': " .. msg):format(fname, fdesc, name, ...), level + 1)
+end
+
+local function bad(fname, fdesc, name, key, expected, v)
+  task_error(5, fname, fdesc, name, "bad field '%s' (%s expected, got %s)", key, expected, check.describe(v))
+end
+
+--- check.renamed for a task's field, its prefix ("tasks.NAME.") made only
+--- when the old name is there.
+local function renamed(fname, spec, old, new, name)
+  if spec[old] == nil then return spec[new] end
+  return check.renamed(fname, spec, old, new, 5, "tasks." .. name .. ".")
 end
 
 local function check_task(fname, fdesc, name, spec, is_flow)
-  local where = ("%s: task '%s'"):format(fdesc, name)
   if type(spec) ~= "table" then
-    error(("%s: %s: task spec table expected, got %s"):format(fname, where, check.describe(spec)), 4)
+    task_error(4, fname, fdesc, name, "task spec table expected, got %s", check.describe(spec))
   end
   for k in pairs(spec) do
-    if not TASK_KEYS[k] then error(("%s: %s: unknown field '%s'"):format(fname, where, tostring(k)), 4) end
+    if not TASK_KEYS[k] then task_error(4, fname, fdesc, name, "unknown field '%s'", tostring(k)) end
   end
   if spec.run == nil and spec.each == nil and spec.flow == nil then
-    error(("%s: %s: needs 'run', 'each' or 'flow'"):format(fname, where), 4)
+    task_error(4, fname, fdesc, name, "needs 'run', 'each' or 'flow'")
   end
   local is_thread = spec.mode == "thread" or spec.mode == "process"   -- runs elsewhere: crosses as bytes
   if spec.run ~= nil and type(spec.run) ~= "function" and not (is_thread and type(spec.run) == "string") then
-    bad(fname, where, "run", "function", spec.run)
+    bad(fname, fdesc, name, "run", "function", spec.run)
   end
   if spec.each ~= nil and type(spec.each) ~= "function" and not is_flow(spec.each)
      and not (is_thread and type(spec.each) == "string") then
-    bad(fname, where, "each", "function or flow", spec.each)
+    bad(fname, fdesc, name, "each", "function or flow", spec.each)
   end
   if spec.flow ~= nil then
-    if not is_flow(spec.flow) then bad(fname, where, "flow", "flow", spec.flow) end
-    for _, k in ipairs{ "run", "each", "items", "mode" } do
-      if spec[k] ~= nil then error(("%s: %s: 'flow' cannot go with '%s'"):format(fname, where, k), 4) end
+    if not is_flow(spec.flow) then bad(fname, fdesc, name, "flow", "flow", spec.flow) end
+    for _, k in ipairs(NOT_WITH_FLOW) do
+      if spec[k] ~= nil then task_error(4, fname, fdesc, name, "'flow' cannot go with '%s'", k) end
     end
   end
   if is_thread and is_flow(spec.each) then
-    error(("%s: %s: a flow as 'each' runs on the loop, not in %s mode"):format(fname, where, spec.mode), 4)
+    task_error(4, fname, fdesc, name, "a flow as 'each' runs on the loop, not in %s mode", spec.mode)
   end
-  for _, k in ipairs{ "items", "when" } do
-    if spec[k] ~= nil and type(spec[k]) ~= "function" then bad(fname, where, k, "function", spec[k]) end
+  for _, k in ipairs(FUNCTION_KEYS) do
+    if spec[k] ~= nil and type(spec[k]) ~= "function" then bad(fname, fdesc, name, k, "function", spec[k]) end
   end
   if spec.items ~= nil and spec.each == nil then
-    error(("%s: %s: 'items' without 'each'"):format(fname, where), 4)
+    task_error(4, fname, fdesc, name, "'items' without 'each'")
   end
-  if spec.timeout ~= nil and not check.is_ms(spec.timeout, true) then bad(fname, where, "timeout", "positive number of ms", spec.timeout) end
-  local concurrency = check.renamed(fname, spec, "max_concurrency", "concurrency", 4, "tasks." .. name .. ".")
+  if spec.timeout ~= nil and not check.is_ms(spec.timeout, true) then
+    bad(fname, fdesc, name, "timeout", "positive number of ms", spec.timeout)
+  end
+  local concurrency = renamed(fname, spec, "max_concurrency", "concurrency", name)
   if concurrency ~= nil and not check.is_count(concurrency, 1) then
-    bad(fname, where, "concurrency", "integer >= 1", concurrency)
+    bad(fname, fdesc, name, "concurrency", "integer >= 1", concurrency)
   end
-  local exit_on_error = check.renamed(fname, spec, "exit_on_failed", "exit_on_error", 4, "tasks." .. name .. ".")
+  local exit_on_error = renamed(fname, spec, "exit_on_failed", "exit_on_error", name)
   if exit_on_error ~= nil and type(exit_on_error) ~= "boolean" then
-    bad(fname, where, "exit_on_error", "boolean", exit_on_error)
+    bad(fname, fdesc, name, "exit_on_error", "boolean", exit_on_error)
   end
   if spec.mode ~= nil and spec.mode ~= "coroutine" and spec.mode ~= "thread" and spec.mode ~= "process" then
-    bad(fname, where, "mode", "'coroutine', 'thread' or 'process'", spec.mode)
+    bad(fname, fdesc, name, "mode", "'coroutine', 'thread' or 'process'", spec.mode)
   end
   local after = spec.after
   if type(after) == "string" then after = { after } end
-  if after ~= nil and type(after) ~= "table" then bad(fname, where, "after", "task name or list of names", spec.after) end
-  local policy = spec.retry ~= nil and retry.policy(fname .. ": " .. where, spec.retry, 4) or nil
+  if after ~= nil and type(after) ~= "table" then bad(fname, fdesc, name, "after", "task name or list of names", spec.after) end
+  local policy = spec.retry ~= nil and retry.policy(("%s: %s: task '%s'"):format(fname, fdesc, name), spec.retry, 4) or nil
   return {
     name = name, run = spec.run, each = spec.each, items = spec.items, flow = spec.flow,
     after = after or {}, when = spec.when, retry = spec.retry, policy = policy, timeout = spec.timeout,
     mode = spec.mode, concurrency = concurrency or 10,
-    exit_on_error = exit_on_error ~= false, dependents = {},
+    exit_on_error = exit_on_error ~= false, dependents = {}, task_name = false, index = false,
   }
 end
 
@@ -102,29 +121,32 @@ end
 --- tasks whose dependencies are all peeled (Kahn); whatever is left lies on
 --- or behind a cycle, and walking its remaining dependencies finds one.
 local function find_cycle(nodes, order)
-  local left, queue, head = {}, {}, 1
-  for _, name in ipairs(order) do
-    local n = #nodes[name].after
-    left[name] = n
-    if n == 0 then queue[#queue + 1] = name end
+  local n_all = #order
+  local left, queue, nq, head = table_new(n_all, 0), table_new(n_all, 0), 0, 1   -- by node index
+  for i = 1, n_all do
+    local n = #nodes[order[i]].after
+    left[i] = n
+    if n == 0 then nq = nq + 1; queue[nq] = i end
   end
-  while head <= #queue do
-    local n = nodes[queue[head]]
+  while head <= nq do
+    local dependents = nodes[order[queue[head]]].dependents
     head = head + 1
-    for _, d in ipairs(n.dependents) do
-      left[d.name] = left[d.name] - 1
-      if left[d.name] == 0 then queue[#queue + 1] = d.name end
+    for j = 1, #dependents do
+      local d = dependents[j].index
+      local l = left[d] - 1
+      left[d] = l
+      if l == 0 then nq = nq + 1; queue[nq] = d end
     end
   end
-  if #queue == #order then return nil end
+  if nq == n_all then return nil end
   local start
-  for _, name in ipairs(order) do if left[name] > 0 then start = name; break end end
+  for i = 1, n_all do if left[i] > 0 then start = order[i]; break end end
   local seen, path, name = {}, {}, start
   while not seen[name] do                  -- follow unpeeled dependencies until one repeats
     seen[name] = #path + 1
     path[#path + 1] = name
     for _, dep in ipairs(nodes[name].after) do
-      if left[dep] > 0 then name = dep; break end
+      if left[nodes[dep].index] > 0 then name = dep; break end
     end
   end
   local ring = {}
@@ -188,7 +210,10 @@ function M.define(fname, opts, is_flow)
       dn[#dn + 1] = n
     end
   end
-  for _, tname in ipairs(order) do nodes[tname].task_name = name .. "/" .. tname end
+  for i, tname in ipairs(order) do
+    local n = nodes[tname]
+    n.task_name, n.index = name .. "/" .. tname, i      -- index: the node's place in `order`
+  end
   local cycle = find_cycle(nodes, order)
   if cycle then error(("%s: %s: cycle %s"):format(fname, fdesc, concat(cycle, " -> ")), 3) end
   return { name = name, nodes = nodes, order = order, fail = opts.fail or "stop",
