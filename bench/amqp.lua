@@ -13,7 +13,9 @@
 -- median.  Goal (issue 17): at least amqplib's rate at no more than half its
 -- client CPU.  amqplib comes from npm (`npm install --prefix bench/peers`);
 -- without node or amqplib the baseline says "not installed" and tide runs alone.
--- Environment: TIDE_BENCH_AMQP_N (default 100000), TIDE_BENCH_AMQP_REPEATS (3).
+-- Environment: TIDE_BENCH_AMQP_N (default 100000), TIDE_BENCH_AMQP_REPEATS (3),
+-- TIDE_BENCH_AMQP_PORT (the node's AMQP port; it also takes the next two for
+-- Erlang's distribution and epmd; default: one drawn from 40000-59999).
 local tide = require "tide"
 local cjson = require "cjson"
 
@@ -31,9 +33,16 @@ local function sh(cmd)
   return status, (out:gsub("__status=%d+%s*$", ""))
 end
 
+local function loadavg()
+  local f = io.open("/proc/loadavg")
+  if not f then return "unknown" end
+  local s = f:read("*l"); f:close()
+  return s:match("^(%S+ %S+ %S+)")
+end
+
 local dir = os.tmpname()
 os.remove(dir)
-local port = 40000 + math.floor(tide.now()) % 20000
+local port = tonumber(os.getenv("TIDE_BENCH_AMQP_PORT") or "") or 40000 + math.floor(tide.now()) % 20000
 local status, url = sh(("sh spec/rabbitmq.sh start %s/node %d"):format(dir, port))
 if status ~= 0 then
   io.stderr:write("bench/amqp: cannot start RabbitMQ:\n", url, "\n")
@@ -84,7 +93,8 @@ local st, err = tide.run(function()
       src:close()
       local list = results[client.name]
       list[#list + 1] = { rate = N / r.ms * 1000, cpu_us = r.cpu_ms * 1000 / N }
-      print(("  round %d %-8s %8.0f msg/s  %6.2f µs CPU/msg"):format(round, client.name, N / r.ms * 1000, r.cpu_ms * 1000 / N))
+      print(("  round %d %-8s %8.0f msg/s  %6.2f µs CPU/msg   (load average %s)")
+        :format(round, client.name, N / r.ms * 1000, r.cpu_ms * 1000 / N, loadavg()))
     end
   end
 end)

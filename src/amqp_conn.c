@@ -36,6 +36,7 @@ struct tide__amqp {
   /* the loop */
   uv_poll_t poll;
   uv_timer_t timer;
+  uv_prepare_t prepare;      /* flushes what a tick queued, before the loop polls */
   int attached, open_handles, poll_events;
   tide__amqp_ready_cb ready;
   void *data;
@@ -69,6 +70,7 @@ static int lose(tide__amqp *c, const char *fmt, ...) {
   if (c->attached && !uv_is_closing((uv_handle_t *)&c->poll)) {
     uv_poll_stop(&c->poll);
     uv_timer_stop(&c->timer);
+    uv_prepare_stop(&c->prepare);
   }
   return -1;
 }
@@ -177,8 +179,9 @@ static void flush(tide__amqp *c) {
   if (c->out_off == c->out_len) c->out_off = c->out_len = 0;
 }
 
-/* Readable always; writable while bytes wait; the loop stays alive only
- * while bytes wait (readers keep it alive with timers of their own). */
+/* Readable always; writable only while bytes wait that the socket did not
+ * take when they were flushed; the loop stays alive only while bytes wait
+ * (readers keep it alive with timers of their own). */
 static void on_closed(uv_handle_t *h);
 
 static void update_poll(tide__amqp *c) {
@@ -190,6 +193,26 @@ static void update_poll(tide__amqp *c) {
     uv_poll_start(&c->poll, events, on_poll);
   }
   if (pending) uv_ref((uv_handle_t *)&c->poll); else uv_unref((uv_handle_t *)&c->poll);
+}
+
+/* Before the loop polls (after the tick that queued them), the queued
+ * frames are written at once: a write(2) that the socket takes needs no
+ * wait for writability, which would cost an epoll_ctl to watch for it, an
+ * epoll_wait and another epoll_ctl to stop watching, per loop iteration.
+ * Only what the socket refuses waits for UV_WRITABLE. */
+static void on_prepare(uv_prepare_t *h) {
+  tide__amqp *c = h->data;
+  uv_prepare_stop(h);
+  if (c->lost) return;
+  flush(c);
+  if (c->lost) { c->ready(c, c->data); return; }
+  update_poll(c);
+}
+
+/* Frames were queued: they leave before the loop next polls. */
+static void want_flush(tide__amqp *c) {
+  if (!c->attached || c->lost || c->out_len == c->out_off) return;
+  if (!uv_is_active((uv_handle_t *)&c->prepare)) uv_prepare_start(&c->prepare, on_prepare);
 }
 
 static void on_poll(uv_poll_t *h, int status, int events) {
@@ -233,18 +256,20 @@ static void on_timer(uv_timer_t *h) {
 
 int tide__amqp_attach(tide__amqp *c, uv_loop_t *loop, tide__amqp_ready_cb ready, void *data) {
   uv_timer_init(loop, &c->timer);                      /* cannot fail */
-  c->timer.data = c->poll.data = c;
+  uv_prepare_init(loop, &c->prepare);                  /* nor this */
+  c->timer.data = c->poll.data = c->prepare.data = c;
   int rc = uv_poll_init_socket(loop, &c->poll, c->fd);
-  if (rc != 0) {                                       /* c goes with the timer */
+  if (rc != 0) {                                       /* c goes with the timer and the prepare */
     c->attached = 1;
-    c->open_handles = 1;
+    c->open_handles = 2;
     uv_close((uv_handle_t *)&c->timer, on_closed);
+    uv_close((uv_handle_t *)&c->prepare, on_closed);
     if (c->st) amqp_destroy_connection(c->st);
     c->st = NULL;
     return rc;
   }
   c->attached = 1;
-  c->open_handles = 2;
+  c->open_handles = 3;
   c->ready = ready;
   c->data = data;
   c->last_recv = c->last_send = uv_now(loop);
@@ -287,7 +312,9 @@ static int next_frame(tide__amqp *c, amqp_frame_t *f) {
     if (n > 0) {
       c->in_len = (size_t)n;
       c->in_off = 0;
-      c->reads_left--;
+      /* A short read drained the socket: reading again now would only
+       * return EAGAIN (the poll is level-triggered: more bytes wake it). */
+      c->reads_left = (size_t)n < IN_SIZE ? 0 : c->reads_left - 1;
       if (c->attached) c->last_recv = uv_now(c->poll.loop);
     } else if (n == 0) {
       return lose(c, "connection lost: closed by the broker");
@@ -469,7 +496,7 @@ int tide__amqp_send_method(tide__amqp *c, amqp_channel_t ch, amqp_method_number_
   int n = amqp_encode_method(id, decoded, room);
   if (n < 0) { snprintf(c->err, sizeof c->err, "cannot encode a method: %s", amqp_error_string2(n)); return -2; }
   frame_end(c, 4 + (size_t)n);
-  update_poll(c);
+  want_flush(c);
   return 0;
 }
 
@@ -492,7 +519,7 @@ int tide__amqp_send_content(tide__amqp *c, amqp_channel_t ch, const amqp_basic_p
     memcpy(p, (const char *)body + off, part);
     frame_end(c, part);
   }
-  update_poll(c);
+  want_flush(c);
   return 0;
 }
 
@@ -522,6 +549,7 @@ void tide__amqp_close(tide__amqp *c) {
     uv_poll_stop(&c->poll);
     uv_close((uv_handle_t *)&c->poll, on_closed);
     uv_close((uv_handle_t *)&c->timer, on_closed);
+    uv_close((uv_handle_t *)&c->prepare, on_closed);
   }
   if (c->st) {
     amqp_destroy_connection(c->st);                 /* closes the socket */

@@ -10,13 +10,14 @@
  *     read, and methods and properties encoded by amqp_encode_method and
  *     amqp_encode_properties into bytes that we write.
  * After the handshake the socket is non-blocking and belongs to the loop: a
- * uv_poll_t reads whenever bytes arrive and writes queued frames whenever the
- * socket takes them; a uv_timer_t sends heartbeats and notices a broker that
+ * uv_poll_t reads whenever bytes arrive (and writes what the socket could
+ * not take at once, when it can); a uv_timer_t sends heartbeats and notices a broker that
  * went silent.  Nothing here ever waits.
  *
- * Writes are queued (bounded by TIDE_AMQP_OUT_MAX) and flushed when the
- * socket is writable, so every ack made during one tick leaves in one
- * write(2).  A broker that stops reading (a resource alarm blocks
+ * Writes are queued (bounded by TIDE_AMQP_OUT_MAX) and flushed by a
+ * uv_prepare_t after the tick that queued them, before the loop polls, so
+ * every ack made during one tick leaves in one write(2); only bytes the
+ * socket refuses wait for it to become writable.  A broker that stops reading (a resource alarm blocks
  * publishers) fills the queue, and sending fails with an error, not a hang.
  *
  * Memory: a decoded method, the properties of a message and its body point
