@@ -52,6 +52,9 @@ struct tide__amqp {
   /* output */
   char *out;
   size_t out_len, out_off, out_cap;
+  long ack_at;               /* offset of the last queued frame when it is a basic.ack with
+                                `multiple` of which no byte was sent yet; -1: none */
+  amqp_channel_t ack_ch;     /* its channel */
   /* state */
   int lost;
   char err[256];
@@ -144,6 +147,7 @@ tide__amqp *tide__amqp_open(const tide__amqp_config *cfg, char *err, size_t errl
   c->frame_max = amqp_get_frame_max(st);
   c->channel_max = amqp_get_channel_max(st);
   c->release_ch = -1;
+  c->ack_at = -1;
   /* From here on heartbeats are ours: rabbitmq-c must never write by itself. */
   amqp_tune_connection(st, c->channel_max, c->frame_max, 0);
   c->lib_pending = amqp_data_in_buffer(st) || amqp_frames_enqueued(st);
@@ -166,6 +170,7 @@ static void flush(tide__amqp *c) {
     ssize_t n = send(c->fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL);
     if (n > 0) {
       c->out_off += (size_t)n;
+      c->ack_at = -1;                              /* sent, at least in part: no longer patched */
       if (c->attached) c->last_send = uv_now(c->poll.loop);
     } else if (n < 0 && errno == EINTR) {
       continue;
@@ -459,6 +464,7 @@ static int reserve(tide__amqp *c, size_t n) {
 }
 
 static int append(tide__amqp *c, const void *bytes, size_t len) {
+  c->ack_at = -1;
   if (reserve(c, len) != 0) return -1;
   memcpy(c->out + c->out_len, bytes, len);
   c->out_len += len;
@@ -472,6 +478,7 @@ static void put64(char *p, uint64_t v) { put32(p, (uint32_t)(v >> 32)); put32(p 
 /* Starts a frame at the end of the queue; returns its payload's address
  * (room: frame_max - FRAME_OVERHEAD bytes), or NULL (lost). */
 static char *frame_begin(tide__amqp *c, uint8_t type, amqp_channel_t ch) {
+  c->ack_at = -1;                                  /* the last frame will be another one */
   if (reserve(c, (size_t)c->frame_max) != 0) return NULL;
   char *p = c->out + c->out_len;
   p[0] = (char)type;
@@ -498,6 +505,35 @@ int tide__amqp_send_method(tide__amqp *c, amqp_channel_t ch, amqp_method_number_
   frame_end(c, 4 + (size_t)n);
   want_flush(c);
   return 0;
+}
+
+/* basic.ack: method frame header (7 bytes), class and method (4), delivery
+ * tag (8), flags (1), frame end (1). */
+#define ACK_FRAME_SIZE 21
+#define ACK_TAG_AT 11
+
+int tide__amqp_send_ack(tide__amqp *c, amqp_channel_t ch, uint64_t tag, int multiple) {
+  if (c->lost) return -1;
+  /* An ack with `multiple` settles every delivery of the channel up to its
+   * tag; a later one with a higher tag covers all the earlier one did.  So
+   * while the earlier one still waits whole at the end of the queue (no
+   * byte of it sent, no other frame after it), raising its tag in place
+   * says the same in one frame.  The caller promises that `multiple` covers
+   * only deliveries that are settled (tide.sources.rabbitmq acks with it
+   * only up to the first tag whose outcome is unknown). */
+  if (multiple && c->ack_at >= 0 && c->ack_ch == ch) {
+    char *p = c->out + c->ack_at + ACK_TAG_AT;
+    uint64_t old = 0;
+    for (int i = 0; i < 8; i++) old = old << 8 | (unsigned char)p[i];
+    if (tag > old) { put64(p, tag); return 0; }
+  }
+  amqp_basic_ack_t m = { tag, multiple ? 1 : 0 };
+  int rc = tide__amqp_send_method(c, ch, AMQP_BASIC_ACK_METHOD, &m);
+  if (rc == 0 && multiple && c->out_len - c->out_off >= ACK_FRAME_SIZE) {
+    c->ack_at = (long)(c->out_len - ACK_FRAME_SIZE);
+    c->ack_ch = ch;
+  }
+  return rc;
 }
 
 int tide__amqp_send_content(tide__amqp *c, amqp_channel_t ch, const amqp_basic_properties_t *props,

@@ -80,6 +80,11 @@ int tide__amqp_next(tide__amqp *c, tide__amqp_event *ev);
  * tide__amqp_error says which; a full queue also loses the connection). */
 int tide__amqp_send_method(tide__amqp *c, amqp_channel_t ch, amqp_method_number_t id, void *decoded);
 
+/* Queues basic.ack for `tag` (with `multiple`: every delivery of the
+ * channel up to it); as tide__amqp_send_method.  Consecutive acks with
+ * `multiple` on one channel that are still queued whole become one frame. */
+int tide__amqp_send_ack(tide__amqp *c, amqp_channel_t ch, uint64_t tag, int multiple);
+
 /* Queues a content header and body frames (after a basic.publish). */
 int tide__amqp_send_content(tide__amqp *c, amqp_channel_t ch, const amqp_basic_properties_t *props,
                             const void *body, size_t len);

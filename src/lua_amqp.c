@@ -524,8 +524,11 @@ static int conn_confirm(lua_State *L) {
 
 static int conn_ack(lua_State *L) {
   conn_ud *u = check_conn(L);
-  amqp_basic_ack_t m = { (uint64_t)luaL_checknumber(L, 3), lua_toboolean(L, 4) };
-  SEND(L, u, arg_channel(L), AMQP_BASIC_ACK_METHOD, m);
+  amqp_channel_t ch = arg_channel(L);
+  uint64_t tag = (uint64_t)luaL_checknumber(L, 3);
+  tide__amqp *c = live(L, u);
+  if (c == NULL) return 2;
+  return sent(L, u, tide__amqp_send_ack(c, ch, tag, lua_toboolean(L, 4)));
 }
 
 static int conn_nack(lua_State *L) {
