@@ -15,7 +15,9 @@
 -- without node or amqplib the baseline says "not installed" and tide runs alone.
 -- Environment: TIDE_BENCH_AMQP_N (default 100000), TIDE_BENCH_AMQP_REPEATS (3),
 -- TIDE_BENCH_AMQP_PORT (the node's AMQP port; it also takes the next two for
--- Erlang's distribution and epmd; default: one drawn from 40000-59999).
+-- Erlang's distribution and epmd; default: one drawn from 40000-59999),
+-- TIDE_BENCH_AMQP_BASE (another build directory, say of the commit before a
+-- change: its tide runs as a third client, "tide@base", in the same rounds).
 local tide = require "tide"
 local cjson = require "cjson"
 
@@ -55,14 +57,19 @@ local have_node = sh("node --version") == 0
 local have_amqplib = io.open("bench/peers/node_modules/amqplib/package.json") ~= nil
 local baseline = have_node and have_amqplib
 
+local BASE = os.getenv("TIDE_BENCH_AMQP_BASE")
 local clients = {
   { name = "tide", cmd = function(q) return ("%s/tide run bench/amqp/consume.lua %s %s %d %d"):format(BUILD, url, q, N, PREFETCH) end },
 }
 if baseline then
-  clients[2] = { name = "amqplib", cmd = function(q) return ("node bench/peers/amqplib_consume.js %s %s %d %d"):format(url, q, N, PREFETCH) end }
+  clients[#clients + 1] = { name = "amqplib", cmd = function(q) return ("node bench/peers/amqplib_consume.js %s %s %d %d"):format(url, q, N, PREFETCH) end }
+end
+if BASE then
+  clients[#clients + 1] = { name = "tide@base", cmd = function(q) return ("%s/tide run bench/amqp/consume.lua %s %s %d %d"):format(BASE, url, q, N, PREFETCH) end }
 end
 
-local results = { tide = {}, amqplib = {} }
+local results = { tide = {}, amqplib = {}, ["tide@base"] = {} }
+print(("load average before: %s"):format(loadavg()))
 local st, err = tide.run(function()
   local n = 0
   for round = 1, REPEATS do
@@ -104,6 +111,8 @@ if st ~= "ok" then
   os.exit(1)
 end
 
+print(("load average after: %s"):format(loadavg()))
+
 local function best_median(list, key, better)
   local v = {}
   for i, r in ipairs(list) do v[i] = r[key] end
@@ -119,6 +128,12 @@ print(("  tide      %8.0f / %8.0f msg/s   %6.2f / %6.2f µs CPU per message"):fo
 if not baseline then
   print(("  amqplib   not installed (%s): npm install --prefix bench/peers"):format(have_node and "no bench/peers/node_modules/amqplib" or "no node"))
   return
+end
+if BASE then
+  local br, brm = best_median(results["tide@base"], "rate", function(a, b) return a > b end)
+  local bc, bcm = best_median(results["tide@base"], "cpu_us", function(a, b) return a < b end)
+  print(("  tide@base %8.0f / %8.0f msg/s   %6.2f / %6.2f µs CPU per message   (%s)"):format(br, brm, bc, bcm, BASE))
+  print(("  tide / tide@base: CPU per message %.2fx (best), %.2fx (median)"):format(tc / bc, tcm / bcm))
 end
 local ar, arm = best_median(results.amqplib, "rate", function(a, b) return a > b end)
 local ac, acm = best_median(results.amqplib, "cpu_us", function(a, b) return a < b end)
