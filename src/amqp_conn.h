@@ -11,14 +11,15 @@
  *     amqp_encode_properties into bytes that we write.
  * After the handshake the socket is non-blocking and belongs to the loop: a
  * uv_poll_t reads whenever bytes arrive (and writes what the socket could
- * not take at once, when it can); a uv_timer_t sends heartbeats and notices a broker that
- * went silent.  Nothing here ever waits.
+ * not take at once, when it can); a uv_timer_t sends heartbeats and notices
+ * a broker that went silent.  Nothing here ever waits.
  *
  * Writes are queued (bounded by TIDE_AMQP_OUT_MAX) and flushed by a
  * uv_prepare_t after the tick that queued them, before the loop polls, so
  * every ack made during one tick leaves in one write(2); only bytes the
- * socket refuses wait for it to become writable.  A broker that stops reading (a resource alarm blocks
- * publishers) fills the queue, and sending fails with an error, not a hang.
+ * socket refuses wait for it to become writable.  A broker that stops
+ * reading (a resource alarm blocks publishers) fills the queue, and sending
+ * fails with an error, not a hang.
  *
  * Memory: a decoded method, the properties of a message and its body point
  * into rabbitmq-c's channel pools; an event stays valid until the next call
