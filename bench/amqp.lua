@@ -13,7 +13,11 @@
 -- median.  Goal (issue 17): at least amqplib's rate at no more than half its
 -- client CPU.  amqplib comes from npm (`npm install --prefix bench/peers`);
 -- without node or amqplib the baseline says "not installed" and tide runs alone.
--- Environment: TIDE_BENCH_AMQP_N (default 100000), TIDE_BENCH_AMQP_REPEATS (3).
+-- Environment: TIDE_BENCH_AMQP_N (default 100000), TIDE_BENCH_AMQP_REPEATS (3),
+-- TIDE_BENCH_AMQP_PORT (the node's AMQP port; it also takes the next two for
+-- Erlang's distribution and epmd; default: one drawn from 40000-59999),
+-- TIDE_BENCH_AMQP_BASE (another build directory, say of the commit before a
+-- change: its tide runs as a third client, "tide@base", in the same rounds).
 local tide = require "tide"
 local cjson = require "cjson"
 
@@ -31,9 +35,16 @@ local function sh(cmd)
   return status, (out:gsub("__status=%d+%s*$", ""))
 end
 
+local function loadavg()
+  local f = io.open("/proc/loadavg")
+  if not f then return "unknown" end
+  local s = f:read("*l"); f:close()
+  return s:match("^(%S+ %S+ %S+)")
+end
+
 local dir = os.tmpname()
 os.remove(dir)
-local port = 40000 + math.floor(tide.now()) % 20000
+local port = tonumber(os.getenv("TIDE_BENCH_AMQP_PORT") or "") or 40000 + math.floor(tide.now()) % 20000
 local status, url = sh(("sh spec/rabbitmq.sh start %s/node %d"):format(dir, port))
 if status ~= 0 then
   io.stderr:write("bench/amqp: cannot start RabbitMQ:\n", url, "\n")
@@ -46,14 +57,19 @@ local have_node = sh("node --version") == 0
 local have_amqplib = io.open("bench/peers/node_modules/amqplib/package.json") ~= nil
 local baseline = have_node and have_amqplib
 
+local BASE = os.getenv("TIDE_BENCH_AMQP_BASE")
 local clients = {
   { name = "tide", cmd = function(q) return ("%s/tide run bench/amqp/consume.lua %s %s %d %d"):format(BUILD, url, q, N, PREFETCH) end },
 }
 if baseline then
-  clients[2] = { name = "amqplib", cmd = function(q) return ("node bench/peers/amqplib_consume.js %s %s %d %d"):format(url, q, N, PREFETCH) end }
+  clients[#clients + 1] = { name = "amqplib", cmd = function(q) return ("node bench/peers/amqplib_consume.js %s %s %d %d"):format(url, q, N, PREFETCH) end }
+end
+if BASE then
+  clients[#clients + 1] = { name = "tide@base", cmd = function(q) return ("%s/tide run bench/amqp/consume.lua %s %s %d %d"):format(BASE, url, q, N, PREFETCH) end }
 end
 
-local results = { tide = {}, amqplib = {} }
+local results = { tide = {}, amqplib = {}, ["tide@base"] = {} }
+print(("load average before: %s"):format(loadavg()))
 local st, err = tide.run(function()
   local n = 0
   for round = 1, REPEATS do
@@ -84,7 +100,8 @@ local st, err = tide.run(function()
       src:close()
       local list = results[client.name]
       list[#list + 1] = { rate = N / r.ms * 1000, cpu_us = r.cpu_ms * 1000 / N }
-      print(("  round %d %-8s %8.0f msg/s  %6.2f µs CPU/msg"):format(round, client.name, N / r.ms * 1000, r.cpu_ms * 1000 / N))
+      print(("  round %d %-8s %8.0f msg/s  %6.2f µs CPU/msg   (load average %s)")
+        :format(round, client.name, N / r.ms * 1000, r.cpu_ms * 1000 / N, loadavg()))
     end
   end
 end)
@@ -93,6 +110,8 @@ if st ~= "ok" then
   io.stderr:write("bench/amqp: ", tostring(err), "\n")
   os.exit(1)
 end
+
+print(("load average after: %s"):format(loadavg()))
 
 local function best_median(list, key, better)
   local v = {}
@@ -109,6 +128,12 @@ print(("  tide      %8.0f / %8.0f msg/s   %6.2f / %6.2f µs CPU per message"):fo
 if not baseline then
   print(("  amqplib   not installed (%s): npm install --prefix bench/peers"):format(have_node and "no bench/peers/node_modules/amqplib" or "no node"))
   return
+end
+if BASE then
+  local br, brm = best_median(results["tide@base"], "rate", function(a, b) return a > b end)
+  local bc, bcm = best_median(results["tide@base"], "cpu_us", function(a, b) return a < b end)
+  print(("  tide@base %8.0f / %8.0f msg/s   %6.2f / %6.2f µs CPU per message   (%s)"):format(br, brm, bc, bcm, BASE))
+  print(("  tide / tide@base: CPU per message %.2fx (best), %.2fx (median)"):format(tc / bc, tcm / bcm))
 end
 local ar, arm = best_median(results.amqplib, "rate", function(a, b) return a > b end)
 local ac, acm = best_median(results.amqplib, "cpu_us", function(a, b) return a < b end)

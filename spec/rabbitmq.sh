@@ -8,7 +8,8 @@
 #   sh spec/rabbitmq.sh ctl DIR ARGS...  runs rabbitmqctl against it
 #
 # Everything lives under DIR: data (RABBITMQ_MNESIA_BASE), logs, config, the
-# Erlang cookie (HOME).  The node has its own name (tide-PORT@localhost), its
+# Erlang cookie (HOME).  The node has its own name (tide-PORT@localhost, or
+# $TIDE_RABBITMQ_PREFIX-PORT@localhost when that is set), its
 # own distribution port (PORT+1) and its own epmd (PORT+2), so it never meets
 # the system's service or another session's node.  Uses Debian's
 # rabbitmq-server package (make deps installs it); the broker's log goes to
@@ -69,7 +70,7 @@ EOF
     echo "[]." > "$dir/enabled_plugins"
     cat > "$dir/env" <<EOF
 export HOME='$dir/home'
-export RABBITMQ_NODENAME='tide-$port@localhost'
+export RABBITMQ_NODENAME='${TIDE_RABBITMQ_PREFIX:-tide}-$port@localhost'
 export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
 export RABBITMQ_NODE_PORT=$port
 export RABBITMQ_DIST_PORT=$((port + 1))

@@ -292,6 +292,79 @@ describe("tide.sources.rabbitmq", function()
     end)
   end
 
+  it("settles outcomes that come out of order each exactly once: an ack with `multiple` never covers a delivery still running", function()
+    -- 400 messages, prefetch 50, handlers that take 0-15 ms at random, so
+    -- outcomes come in any order; by id, the first delivery is acked, nacked
+    -- with requeue or dropped (dead-lettered).  Had an ack with `multiple`
+    -- covered a delivery whose handler still ran, that delivery could not be
+    -- requeued or dead-lettered afterwards (its nack would name an unknown
+    -- tag and the broker would close the channel: PRECONDITION_FAILED).
+    need_broker()
+    local M = 400
+    local seen, redelivered, dead = {}, {}, {}
+    local src, dlq_bodies
+    local function plan(id) return id % 5 == 0 and "requeue" or id % 7 == 0 and "drop" or "ack" end
+    spec_helper.run(function()
+      local q = qname("order")
+      local dlq = tide.sources.rabbitmq{ url = URL, queue = q .. "-dlq", declare = { durable = false } }
+      dlq:declare_queue()
+      src = tide.sources.rabbitmq{ url = URL, queue = q, prefetch = 50,
+        declare = { durable = false, arguments = { ["x-dead-letter-exchange"] = "",
+                                                   ["x-dead-letter-routing-key"] = q .. "-dlq" } } }
+      local pubs = {}
+      for k = 1, 10 do
+        pubs[k] = tide.spawn(function() for i = k, M, 10 do src:publish(tostring(i), { persistent = false }) end end)
+      end
+      for _, t in ipairs(pubs) do local st, e = t:await(); assert(st == "ok", tostring(e)) end
+      math.randomseed(17)
+      local c = tide.consumer{ source = src, handler = {
+        run = function(body, d)
+          tide.sleep(math.random(0, 15))
+          seen[body] = (seen[body] or 0) + 1
+          if d.redelivered then redelivered[body] = (redelivered[body] or 0) + 1 end
+        end,
+        handle_result = function(_, _, _, d)
+          if d.redelivered then return "ack" end
+          return plan(tonumber(d.body))
+        end } }
+      local t = tide.spawn(function() return c:run() end)
+      local want = 0
+      for id = 1, M do want = want + (plan(id) == "requeue" and 2 or 1) end
+      assert.is_true(wait_for(function() return src.stats.acked + src.stats.nacked == want end, 20000),
+        ("settled %d + %d of %d"):format(src.stats.acked, src.stats.nacked, want))
+      t:cancel()                                       -- closes the channel: what it held unacked comes back
+      tide.sleep(200)
+      assert.equal(0, src:queue_info().messages)
+      local drops = 0
+      for id = 1, M do if plan(id) == "drop" then drops = drops + 1 end end
+      dlq_bodies = {}
+      local d = tide.consumer{ source = dlq, handler = { run = function(body) dlq_bodies[#dlq_bodies + 1] = body end } }
+      local dt = tide.spawn(function() return d:run() end)
+      assert.is_true(wait_for(function() return dlq.stats.acked == drops end, 5000),
+        ("%d of %d dead letters"):format(dlq.stats.acked, drops))
+      tide.sleep(100)
+      dt:cancel()
+      assert.equal(0, dlq:queue_info().messages)
+      for _, b in ipairs(dlq_bodies) do dead[b] = (dead[b] or 0) + 1 end
+      src:delete_queue()
+      dlq:delete_queue()
+      src:close()
+      dlq:close()
+    end)
+    for id = 1, M do
+      local b, p = tostring(id), plan(id)
+      assert.equal(p == "requeue" and 2 or 1, seen[b], "handled " .. b)
+      assert.equal(p == "requeue" and 1 or nil, redelivered[b], "redelivered " .. b)
+      assert.equal(p == "drop" and 1 or nil, dead[b], "dead-lettered " .. b)
+    end
+    assert.equal(0, src.stats.precondition_failed)
+    assert.equal(0, src.stats.broker_closes)
+    assert.equal(0, src.stats.stale)
+    -- Both kinds of ack were sent: in order (with `multiple`) and out of order.
+    assert.is_true(src.stats.acked_multiple > 0, "no ack with multiple")
+    assert.is_true(src.stats.acked_multiple < src.stats.acked, "no ack out of order")
+  end)
+
   it("fails the consumer when its queue is deleted (basic.cancel from the broker)", function()
     need_broker()
     local status, err

@@ -36,6 +36,7 @@ struct tide__amqp {
   /* the loop */
   uv_poll_t poll;
   uv_timer_t timer;
+  uv_prepare_t prepare;      /* flushes what a tick queued, before the loop polls */
   int attached, open_handles, poll_events;
   tide__amqp_ready_cb ready;
   void *data;
@@ -51,6 +52,9 @@ struct tide__amqp {
   /* output */
   char *out;
   size_t out_len, out_off, out_cap;
+  long ack_at;               /* offset of the last queued frame when it is a basic.ack with
+                                `multiple` of which no byte was sent yet; -1: none */
+  amqp_channel_t ack_ch;     /* its channel */
   /* state */
   int lost;
   char err[256];
@@ -69,6 +73,7 @@ static int lose(tide__amqp *c, const char *fmt, ...) {
   if (c->attached && !uv_is_closing((uv_handle_t *)&c->poll)) {
     uv_poll_stop(&c->poll);
     uv_timer_stop(&c->timer);
+    uv_prepare_stop(&c->prepare);
   }
   return -1;
 }
@@ -142,6 +147,7 @@ tide__amqp *tide__amqp_open(const tide__amqp_config *cfg, char *err, size_t errl
   c->frame_max = amqp_get_frame_max(st);
   c->channel_max = amqp_get_channel_max(st);
   c->release_ch = -1;
+  c->ack_at = -1;
   /* From here on heartbeats are ours: rabbitmq-c must never write by itself. */
   amqp_tune_connection(st, c->channel_max, c->frame_max, 0);
   c->lib_pending = amqp_data_in_buffer(st) || amqp_frames_enqueued(st);
@@ -164,6 +170,7 @@ static void flush(tide__amqp *c) {
     ssize_t n = send(c->fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL);
     if (n > 0) {
       c->out_off += (size_t)n;
+      c->ack_at = -1;                              /* sent, at least in part: no longer patched */
       if (c->attached) c->last_send = uv_now(c->poll.loop);
     } else if (n < 0 && errno == EINTR) {
       continue;
@@ -177,8 +184,9 @@ static void flush(tide__amqp *c) {
   if (c->out_off == c->out_len) c->out_off = c->out_len = 0;
 }
 
-/* Readable always; writable while bytes wait; the loop stays alive only
- * while bytes wait (readers keep it alive with timers of their own). */
+/* Readable always; writable only while bytes wait that the socket did not
+ * take when they were flushed; the loop stays alive only while bytes wait
+ * (readers keep it alive with timers of their own). */
 static void on_closed(uv_handle_t *h);
 
 static void update_poll(tide__amqp *c) {
@@ -190,6 +198,26 @@ static void update_poll(tide__amqp *c) {
     uv_poll_start(&c->poll, events, on_poll);
   }
   if (pending) uv_ref((uv_handle_t *)&c->poll); else uv_unref((uv_handle_t *)&c->poll);
+}
+
+/* Before the loop polls (after the tick that queued them), the queued
+ * frames are written at once: a write(2) that the socket takes needs no
+ * wait for writability, which would cost an epoll_ctl to watch for it, an
+ * epoll_wait and another epoll_ctl to stop watching, per loop iteration.
+ * Only what the socket refuses waits for UV_WRITABLE. */
+static void on_prepare(uv_prepare_t *h) {
+  tide__amqp *c = h->data;
+  uv_prepare_stop(h);
+  if (c->lost) return;
+  flush(c);
+  if (c->lost) { c->ready(c, c->data); return; }
+  update_poll(c);
+}
+
+/* Frames were queued: they leave before the loop next polls. */
+static void want_flush(tide__amqp *c) {
+  if (!c->attached || c->lost || c->out_len == c->out_off) return;
+  if (!uv_is_active((uv_handle_t *)&c->prepare)) uv_prepare_start(&c->prepare, on_prepare);
 }
 
 static void on_poll(uv_poll_t *h, int status, int events) {
@@ -233,18 +261,20 @@ static void on_timer(uv_timer_t *h) {
 
 int tide__amqp_attach(tide__amqp *c, uv_loop_t *loop, tide__amqp_ready_cb ready, void *data) {
   uv_timer_init(loop, &c->timer);                      /* cannot fail */
-  c->timer.data = c->poll.data = c;
+  uv_prepare_init(loop, &c->prepare);                  /* nor this */
+  c->timer.data = c->poll.data = c->prepare.data = c;
   int rc = uv_poll_init_socket(loop, &c->poll, c->fd);
-  if (rc != 0) {                                       /* c goes with the timer */
+  if (rc != 0) {                                       /* c goes with the timer and the prepare */
     c->attached = 1;
-    c->open_handles = 1;
+    c->open_handles = 2;
     uv_close((uv_handle_t *)&c->timer, on_closed);
+    uv_close((uv_handle_t *)&c->prepare, on_closed);
     if (c->st) amqp_destroy_connection(c->st);
     c->st = NULL;
     return rc;
   }
   c->attached = 1;
-  c->open_handles = 2;
+  c->open_handles = 3;
   c->ready = ready;
   c->data = data;
   c->last_recv = c->last_send = uv_now(loop);
@@ -287,7 +317,9 @@ static int next_frame(tide__amqp *c, amqp_frame_t *f) {
     if (n > 0) {
       c->in_len = (size_t)n;
       c->in_off = 0;
-      c->reads_left--;
+      /* A short read drained the socket: reading again now would only
+       * return EAGAIN (the poll is level-triggered: more bytes wake it). */
+      c->reads_left = (size_t)n < IN_SIZE ? 0 : c->reads_left - 1;
       if (c->attached) c->last_recv = uv_now(c->poll.loop);
     } else if (n == 0) {
       return lose(c, "connection lost: closed by the broker");
@@ -432,6 +464,7 @@ static int reserve(tide__amqp *c, size_t n) {
 }
 
 static int append(tide__amqp *c, const void *bytes, size_t len) {
+  c->ack_at = -1;
   if (reserve(c, len) != 0) return -1;
   memcpy(c->out + c->out_len, bytes, len);
   c->out_len += len;
@@ -445,6 +478,7 @@ static void put64(char *p, uint64_t v) { put32(p, (uint32_t)(v >> 32)); put32(p 
 /* Starts a frame at the end of the queue; returns its payload's address
  * (room: frame_max - FRAME_OVERHEAD bytes), or NULL (lost). */
 static char *frame_begin(tide__amqp *c, uint8_t type, amqp_channel_t ch) {
+  c->ack_at = -1;                                  /* the last frame will be another one */
   if (reserve(c, (size_t)c->frame_max) != 0) return NULL;
   char *p = c->out + c->out_len;
   p[0] = (char)type;
@@ -469,8 +503,37 @@ int tide__amqp_send_method(tide__amqp *c, amqp_channel_t ch, amqp_method_number_
   int n = amqp_encode_method(id, decoded, room);
   if (n < 0) { snprintf(c->err, sizeof c->err, "cannot encode a method: %s", amqp_error_string2(n)); return -2; }
   frame_end(c, 4 + (size_t)n);
-  update_poll(c);
+  want_flush(c);
   return 0;
+}
+
+/* basic.ack: method frame header (7 bytes), class and method (4), delivery
+ * tag (8), flags (1), frame end (1). */
+#define ACK_FRAME_SIZE 21
+#define ACK_TAG_AT 11
+
+int tide__amqp_send_ack(tide__amqp *c, amqp_channel_t ch, uint64_t tag, int multiple) {
+  if (c->lost) return -1;
+  /* An ack with `multiple` settles every delivery of the channel up to its
+   * tag; a later one with a higher tag covers all the earlier one did.  So
+   * while the earlier one still waits whole at the end of the queue (no
+   * byte of it sent, no other frame after it), raising its tag in place
+   * says the same in one frame.  The caller promises that `multiple` covers
+   * only deliveries that are settled (tide.sources.rabbitmq acks with it
+   * only up to the first tag whose outcome is unknown). */
+  if (multiple && c->ack_at >= 0 && c->ack_ch == ch) {
+    char *p = c->out + c->ack_at + ACK_TAG_AT;
+    uint64_t old = 0;
+    for (int i = 0; i < 8; i++) old = old << 8 | (unsigned char)p[i];
+    if (tag > old) { put64(p, tag); return 0; }
+  }
+  amqp_basic_ack_t m = { tag, multiple ? 1 : 0 };
+  int rc = tide__amqp_send_method(c, ch, AMQP_BASIC_ACK_METHOD, &m);
+  if (rc == 0 && multiple && c->out_len - c->out_off >= ACK_FRAME_SIZE) {
+    c->ack_at = (long)(c->out_len - ACK_FRAME_SIZE);
+    c->ack_ch = ch;
+  }
+  return rc;
 }
 
 int tide__amqp_send_content(tide__amqp *c, amqp_channel_t ch, const amqp_basic_properties_t *props,
@@ -492,7 +555,7 @@ int tide__amqp_send_content(tide__amqp *c, amqp_channel_t ch, const amqp_basic_p
     memcpy(p, (const char *)body + off, part);
     frame_end(c, part);
   }
-  update_poll(c);
+  want_flush(c);
   return 0;
 }
 
@@ -522,6 +585,7 @@ void tide__amqp_close(tide__amqp *c) {
     uv_poll_stop(&c->poll);
     uv_close((uv_handle_t *)&c->poll, on_closed);
     uv_close((uv_handle_t *)&c->timer, on_closed);
+    uv_close((uv_handle_t *)&c->prepare, on_closed);
   }
   if (c->st) {
     amqp_destroy_connection(c->st);                 /* closes the socket */

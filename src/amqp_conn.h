@@ -10,14 +10,16 @@
  *     read, and methods and properties encoded by amqp_encode_method and
  *     amqp_encode_properties into bytes that we write.
  * After the handshake the socket is non-blocking and belongs to the loop: a
- * uv_poll_t reads whenever bytes arrive and writes queued frames whenever the
- * socket takes them; a uv_timer_t sends heartbeats and notices a broker that
- * went silent.  Nothing here ever waits.
+ * uv_poll_t reads whenever bytes arrive (and writes what the socket could
+ * not take at once, when it can); a uv_timer_t sends heartbeats and notices
+ * a broker that went silent.  Nothing here ever waits.
  *
- * Writes are queued (bounded by TIDE_AMQP_OUT_MAX) and flushed when the
- * socket is writable, so every ack made during one tick leaves in one
- * write(2).  A broker that stops reading (a resource alarm blocks
- * publishers) fills the queue, and sending fails with an error, not a hang.
+ * Writes are queued (bounded by TIDE_AMQP_OUT_MAX) and flushed by a
+ * uv_prepare_t after the tick that queued them, before the loop polls, so
+ * every ack made during one tick leaves in one write(2); only bytes the
+ * socket refuses wait for it to become writable.  A broker that stops
+ * reading (a resource alarm blocks publishers) fills the queue, and sending
+ * fails with an error, not a hang.
  *
  * Memory: a decoded method, the properties of a message and its body point
  * into rabbitmq-c's channel pools; an event stays valid until the next call
@@ -78,6 +80,11 @@ int tide__amqp_next(tide__amqp *c, tide__amqp_event *ev);
 /* Queues a method frame; 0, or -1 (lost, or the output queue is full:
  * tide__amqp_error says which; a full queue also loses the connection). */
 int tide__amqp_send_method(tide__amqp *c, amqp_channel_t ch, amqp_method_number_t id, void *decoded);
+
+/* Queues basic.ack for `tag` (with `multiple`: every delivery of the
+ * channel up to it); as tide__amqp_send_method.  Consecutive acks with
+ * `multiple` on one channel that are still queued whole become one frame. */
+int tide__amqp_send_ack(tide__amqp *c, amqp_channel_t ch, uint64_t tag, int multiple);
 
 /* Queues a content header and body frames (after a basic.publish). */
 int tide__amqp_send_content(tide__amqp *c, amqp_channel_t ch, const amqp_basic_properties_t *props,

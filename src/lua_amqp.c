@@ -199,8 +199,11 @@ static void push_table(lua_State *L, const amqp_table_t *t, int depth) {
   X(expiration, AMQP_BASIC_EXPIRATION_FLAG) X(message_id, AMQP_BASIC_MESSAGE_ID_FLAG) \
   X(type, AMQP_BASIC_TYPE_FLAG) X(user_id, AMQP_BASIC_USER_ID_FLAG) X(app_id, AMQP_BASIC_APP_ID_FLAG)
 
+/* The table is made at its final size: one field per property present (a
+ * message with only delivery_mode, the usual case, costs one hash slot, not
+ * four: a table per delivery is a good part of what the collector sweeps). */
 static void push_props(lua_State *L, const amqp_basic_properties_t *p) {
-  lua_createtable(L, 0, 4);
+  lua_createtable(L, 0, __builtin_popcount(p->_flags & 0xffff));
 #define X(name, flag) if (p->_flags & flag) { push_bytes(L, p->name); lua_setfield(L, -2, #name); }
   PROPS(X)
 #undef X
@@ -524,8 +527,11 @@ static int conn_confirm(lua_State *L) {
 
 static int conn_ack(lua_State *L) {
   conn_ud *u = check_conn(L);
-  amqp_basic_ack_t m = { (uint64_t)luaL_checknumber(L, 3), lua_toboolean(L, 4) };
-  SEND(L, u, arg_channel(L), AMQP_BASIC_ACK_METHOD, m);
+  amqp_channel_t ch = arg_channel(L);
+  uint64_t tag = (uint64_t)luaL_checknumber(L, 3);
+  tide__amqp *c = live(L, u);
+  if (c == NULL) return 2;
+  return sent(L, u, tide__amqp_send_ack(c, ch, tag, lua_toboolean(L, 4)));
 }
 
 static int conn_nack(lua_State *L) {

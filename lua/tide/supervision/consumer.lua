@@ -153,12 +153,14 @@ local function choose(c, h, status, value, task, d)
 end
 
 --- What a thread-mode handler receives as its delivery: the plain fields
---- (not the channel or the task).
+--- (not the channel), and the delivery_count a source may give through a
+--- metatable (tide.sources.rabbitmq stores it only when it is not 0).
 local function plain(d)
   local p = {}
   for k, v in pairs(d) do
     if type(k) == "string" and k:sub(1, 1) ~= "_" and k ~= "task" then p[k] = v end
   end
+  if p.delivery_count == nil then p.delivery_count = d.delivery_count end
   return p
 end
 
@@ -199,11 +201,12 @@ local function run_delivery(c, d)
   else
     t = S.new_task(handle, { name = c.name, consumer_of = c, delivery = d, on_finish = delivery_done })
   end
-  d.task = t
+  c.held[d] = t
   S.start(t)
 end
 
---- Holds every delivery of a batch first, then starts their handlers; a
+--- Holds every delivery of a batch first (c.held maps each to true, then
+--- to its handler's task), then starts their handlers; a
 --- handler that cannot start (say, a body that cannot cross to a thread)
 --- fails its delivery alone, which is nacked without requeue: it would
 --- never start (a poison message).
@@ -224,9 +227,9 @@ end
 
 --- Nacks (requeue) everything still held and cancels its handlers.
 local function release_all(c, why)
-  for d in pairs(c.held) do
+  for d, t in pairs(c.held) do
     settle(c, d, "cancelled")
-    if d.task and not S.TERMINAL[d.task:status()] then d.task:cancel(why) end
+    if t ~= true and not S.TERMINAL[t:status()] then t:cancel(why) end
   end
 end
 
