@@ -57,7 +57,8 @@ local core = require "tide.core"
 
 local type, pairs, ipairs, error, tostring, pcall, require, setmetatable, getmetatable =
   type, pairs, ipairs, error, tostring, pcall, require, setmetatable, getmetatable
-local concat, sort, format, floor = table.concat, table.sort, string.format, math.floor
+local concat, sort, format, floor, min, max = table.concat, table.sort, string.format, math.floor, math.min, math.max
+local select, unpack = select, unpack
 local wallclock = core.wallclock
 
 local M = {}
@@ -136,6 +137,83 @@ end
 
 local function jstr(s) return json.encode(s) end
 
+--- Per-process memos of the JSON of step names (a step's deps and
+--- dependents columns, and a name as a JSON string): each text is decoded
+--- or encoded once, not once per step (Lua strings are interned, so a
+--- look-up costs a hash).  The lists returned are shared: never changed.
+local names_memo, jname_memo, nmemo = {}, {}, 0
+
+local function memo_room()
+  nmemo = nmemo + 1
+  if nmemo > 20000 then names_memo, jname_memo, nmemo = {}, {}, 1 end
+end
+
+local function names_of(text)
+  local list = names_memo[text]
+  if not list then
+    memo_room()
+    list = json.decode(text)
+    names_memo[text] = list
+  end
+  return list
+end
+
+local function jname(name)
+  local text = jname_memo[name]
+  if not text then
+    memo_room()
+    text = jstr(name)
+    jname_memo[name] = text
+  end
+  return text
+end
+
+-- ===== statements over a batch of rows
+--
+-- A change touches the steps of a whole outcome batch with one statement
+-- each, not one per step: the rows go in as a VALUES list named b, each
+-- value in a CAST (PostgreSQL types the parameters by it).  A list of more
+-- than CHUNK rows takes one statement per CHUNK; a shorter one is padded
+-- with NULL rows, which match nothing, to a power of two: so a statement
+-- has few texts, each prepared once per SQLite connection.
+local CHUNK = 64
+
+local function batch_stmt(cols, types, sql)
+  return { cols = cols, types = types, sql = sql, texts = {} }
+end
+
+local function batch_text(st, size)
+  local text = st.texts[size]
+  if text then return text end
+  local one = {}
+  for i, t in ipairs(st.types) do one[i] = "CAST(? AS " .. t .. ")" end
+  local row, rows = "(" .. concat(one, ", ") .. ")", {}
+  for i = 1, size do rows[i] = row end
+  text = "WITH b(" .. st.cols .. ") AS (VALUES " .. concat(rows, ", ") .. ") " .. st.sql
+  st.texts[size] = text
+  return text
+end
+
+--- Runs st over `rows` (each a list of values in b's column order), with
+--- `...` as the parameters after b's; returns every row it returned.
+local function batch(F, st, rows, ...)
+  local out, ncol, nextra = {}, #st.types, select("#", ...)
+  for from = 1, #rows, CHUNK do
+    local n = min(CHUNK, #rows - from + 1)
+    local size = 1
+    while size < n do size = size * 2 end
+    local params = {}
+    for i = 0, n - 1 do
+      local r = rows[from + i]
+      for c = 1, ncol do params[i * ncol + c] = r[c] end
+    end
+    for i = 1, nextra do params[size * ncol + i] = select(i, ...) end
+    local got = F.s:query(batch_text(st, size), unpack(params, 1, size * ncol + nextra))
+    for i = 1, #got do out[#out + 1] = got[i] end
+  end
+  return out
+end
+
 --- Inserts a job for the flow (target tide.jobs.flowstep); returns its id.
 local function insert_job(F, run, method, args_json, max_attempts)
   local id = F.s:insert{ queue = run.queue, target = M.TARGET, method = method, args = args_json,
@@ -164,18 +242,54 @@ end
 
 -- ===== queuing steps and items
 
-local function enqueue_step(F, run, name)
-  local step = q1(F, "SELECT deps, max_failures FROM tide_flow_steps WHERE run_id = ? AND name = ?", run.id, name)
-  local parts = {}
-  for i, dep in ipairs(json.decode(step.deps)) do
-    local r = q1(F, "SELECT result FROM tide_flow_steps WHERE run_id = ? AND name = ?", run.id, dep)
-    parts[i] = jstr(dep) .. ":" .. (r and r.result or "null")
+local READ_RESULTS = batch_stmt("b_run, b_name", { "BIGINT", "TEXT" },
+  "SELECT s.run_id, s.name, s.result FROM b CROSS JOIN tide_flow_steps AS s "
+  .. "WHERE s.run_id = b_run AND s.name = b_name")
+local MARK_QUEUED = batch_stmt("b_run, b_name, b_job", { "BIGINT", "TEXT", "BIGINT" },
+  "UPDATE tide_flow_steps AS s SET status = 'queued', job_id = b_job, queued_at = ? FROM b "
+  .. "WHERE s.run_id = b_run AND s.name = b_name")
+
+--- Queues a job for each step of `list` ({ run, name, deps = { names },
+--- max_failures }, steps whose dependencies all completed): its args carry
+--- the run's input and its dependencies' results, those of `known` ({ [run
+--- id] = { [name] = result JSON } }, the steps completed by this change)
+--- and the others read in one statement.  One insert for the jobs, one
+--- update for the steps.
+local function release(F, list, known)
+  if #list == 0 then return end
+  known = known or {}
+  local want, asked = {}, {}
+  for _, x in ipairs(list) do
+    local id = x.run.id
+    local k, a = known[id], asked[id]
+    for _, d in ipairs(x.deps) do
+      if not (k and k[d]) and not (a and a[d]) then
+        if not a then a = {}; asked[id] = a end
+        a[d] = true
+        want[#want + 1] = { id, d }
+      end
+    end
   end
-  local args = format('{"flow":%s,"run":%d,"step":%s,"input":%s,"results":{%s}}', jstr(run.flow), run.id,
-                      jstr(name), run.input, concat(parts, ","))
-  local id = insert_job(F, run, "step", args, step.max_failures + M.LOST_ATTEMPTS)
-  exec(F, "UPDATE tide_flow_steps SET status = 'queued', job_id = ?, queued_at = ? WHERE run_id = ? AND name = ?",
-       id, F.now, run.id, name)
+  for _, r in ipairs(#want > 0 and batch(F, READ_RESULTS, want) or want) do
+    local k = known[r.run_id]
+    if not k then k = {}; known[r.run_id] = k end
+    k[r.name] = r.result
+  end
+  local jobs = {}
+  for i, x in ipairs(list) do
+    local run, k, parts = x.run, known[x.run.id] or {}, {}
+    for j, d in ipairs(x.deps) do parts[j] = jname(d) .. ":" .. (k[d] or "null") end
+    jobs[i] = { queue = run.queue, target = M.TARGET, method = "step", status = "available",
+                args = '{"flow":' .. jname(run.flow) .. ',"run":' .. format("%d", run.id) .. ',"step":'
+                  .. jname(x.name) .. ',"input":' .. run.input .. ',"results":{' .. concat(parts, ",") .. "}}",
+                priority = run.priority, max_attempts = x.max_failures + M.LOST_ATTEMPTS,
+                run_at = F.now, inserted_at = F.now }
+    F.post.queues[run.queue] = true
+  end
+  local ids = F.s:insert_many(jobs)
+  local rows = {}
+  for i, x in ipairs(list) do rows[i] = { x.run.id, x.name, ids[i] } end
+  batch(F, MARK_QUEUED, rows, F.now)
 end
 
 local function enqueue_item(F, run, name, idx, item, max_fail)
@@ -212,6 +326,7 @@ local function flush(F)
     local r = q1(F, "UPDATE tide_flow_runs SET open_steps = open_steps - ?, failed_steps = failed_steps + ? "
       .. "WHERE id = ? AND status = 'running' RETURNING open_steps, failed_steps", c.closed, c.failed, c.run.id)
     if r and r.open_steps <= 0 then
+      F.now = max(F.now, floor(wallclock()))  -- (after any wait for the run's row)
       local n = r.failed_steps
       finish_run(F, c.run, n > 0 and "error" or "ok", n > 0 and format("%d step%s failed", n, n == 1 and "" or "s") or nil)
     end
@@ -228,7 +343,7 @@ local function skip_dependents(F, run, name, reason)
     local top = stack[#stack]
     stack[#stack] = nil
     local row = q1(F, "SELECT dependents FROM tide_flow_steps WHERE run_id = ? AND name = ?", run.id, top[1])
-    for _, d in ipairs(json.decode(row.dependents)) do
+    for _, d in ipairs(names_of(row.dependents)) do
       local changed = exec(F, "UPDATE tide_flow_steps SET status = 'skipped', reason = ?, completed_at = ? "
         .. "WHERE run_id = ? AND name = ? AND status = 'waiting'", top[2], F.now, run.id, d)
       if changed > 0 then
@@ -258,17 +373,80 @@ local function stop_run(F, run, status, why)
   finish_run(F, run, status, why)
 end
 
-local function step_ok(F, run, name, job_id, result)
-  local row = q1(F, "UPDATE tide_flow_steps SET status = 'ok', result = ?, completed_at = ? WHERE run_id = ? "
-    .. "AND name = ? AND status IN ('queued', 'fanout') AND job_id = ? RETURNING dependents",
-    result, F.now, run.id, name, job_id)
-  if not row then return end
-  for _, d in ipairs(json.decode(row.dependents)) do
-    local w = q1(F, "UPDATE tide_flow_steps SET waiting = waiting - 1 WHERE run_id = ? AND name = ? "
-      .. "AND status = 'waiting' RETURNING waiting", run.id, d)
-    if w and w.waiting == 0 then enqueue_step(F, run, d) end
+-- (b's columns are named apart from the table's: RETURNING names the
+-- table's columns unqualified, as SQLite wants, and PostgreSQL then finds
+-- no ambiguity.)
+local MARK_OK = batch_stmt("b_run, b_job, b_name, b_result", { "BIGINT", "BIGINT", "TEXT", "TEXT" },
+  "UPDATE tide_flow_steps AS s SET status = 'ok', result = b_result, completed_at = ? FROM b "
+  .. "WHERE s.run_id = b_run AND s.name = b_name AND s.job_id = b_job "
+  .. "AND s.status IN ('queued', 'fanout') RETURNING run_id, name, dependents")
+local DECREMENT_SQL = "UPDATE tide_flow_steps AS s SET waiting = s.waiting - b_n FROM b%s "
+  .. "WHERE s.run_id = b_run AND s.name = b_name AND s.status = 'waiting'%s "
+  .. "RETURNING run_id, name, waiting, deps, max_failures"
+local DECREMENT = batch_stmt("b_run, b_name, b_n", { "BIGINT", "TEXT", "BIGINT" }, DECREMENT_SQL:format("", ""))
+-- On PostgreSQL the dependents are locked in (run, name) order first, so
+-- that two workers' changes wait for each other, never deadlock (the
+-- header's lock order).
+local DECREMENT_PG = batch_stmt("b_run, b_name, b_n", { "BIGINT", "TEXT", "BIGINT" },
+  ", locked AS (SELECT s.run_id AS l_run, s.name AS l_name FROM b JOIN tide_flow_steps AS s "
+  .. "ON s.run_id = b_run AND s.name = b_name WHERE s.status = 'waiting' ORDER BY s.run_id, s.name "
+  .. "FOR UPDATE OF s) "
+  .. DECREMENT_SQL:format(", locked", " AND l_run = s.run_id AND l_name = s.name"))
+
+local function by_run_name(a, b)
+  if a[1] ~= b[1] then return a[1] < b[1] end
+  return a[2] < b[2]
+end
+
+--- Steps that succeeded: `list` of { run, name, job_id, result } (the
+--- whole outcome batch at once).  Each becomes ok with its result when its
+--- row is still queued (or fanning out) under that job; the `waiting` of
+--- its dependents goes down by one; those that reach 0 are released.
+--- Three statements for the batch, and those of release.
+local function steps_ok(F, list)
+  local rows, byname = {}, {}
+  for _, x in ipairs(list) do
+    if x.run.status == "running" then
+      rows[#rows + 1] = { x.run.id, x.job_id, x.name, x.result }
+      local b = byname[x.run.id]
+      if not b then b = {}; byname[x.run.id] = b end
+      b[x.name] = x.result
+    end
   end
-  steps_closed(F, run, 1, 0)
+  if #rows == 0 then return end
+  local known, counts, down = {}, {}, {}
+  for _, r in ipairs(batch(F, MARK_OK, rows, F.now)) do
+    local id = r.run_id
+    steps_closed(F, F.runs[id], 1, 0)
+    local k, c = known[id], counts[id]
+    if not k then k = {}; known[id] = k; c = {}; counts[id] = c end
+    k[r.name] = byname[id][r.name]
+    for _, d in ipairs(names_of(r.dependents)) do
+      local n = c[d]
+      if not n then down[#down + 1] = { id, d } end
+      c[d] = (n or 0) + 1
+    end
+  end
+  if #down == 0 then return end
+  sort(down, by_run_name)
+  for _, x in ipairs(down) do x[3] = counts[x[1]][x[2]] end
+  local ready = {}
+  local decremented = batch(F, F.s.dialect == "postgres" and DECREMENT_PG or DECREMENT, down)
+  -- On PostgreSQL that statement may have waited for another worker's
+  -- change to commit (their completion of another dependency): the
+  -- releases are stamped after it, never before the completions they follow.
+  F.now = max(F.now, floor(wallclock()))
+  for _, r in ipairs(decremented) do
+    if r.waiting == 0 then
+      ready[#ready + 1] = { run = F.runs[r.run_id], name = r.name, deps = names_of(r.deps),
+                            max_failures = r.max_failures }
+    end
+  end
+  release(F, ready, known)
+end
+
+local function step_ok(F, run, name, job_id, result)
+  steps_ok(F, { { run = run, name = name, job_id = job_id, result = result } })
 end
 
 local function step_skipped(F, run, name, job_id, reason)
@@ -399,28 +577,70 @@ function M.runs_of(entries)
   return ids
 end
 
+--- True when an entry's change decides nothing for its run as a whole (a
+--- step's success or fan-out, a hook's end): on PostgreSQL such changes
+--- share the run's lock (see the header).
+local function shares_run(e)
+  local v = e.value
+  if e.method == "hook" then return true end
+  return e.kind == "completed" and e.method == "step" and type(v) == "table"
+    and (v.kind == "ok" or v.kind == "items")
+end
+
+--- Before the outcome write touches jobs, on PostgreSQL: locks the runs of
+--- `entries` in id order (shared when every entry shares, see shares_run)
+--- and returns their rows by id, for M.apply.  nil on SQLite, whose one
+--- writer at a time needs no lock of ours.
+function M.lock_runs(session, entries)
+  if not session.lock_flow_runs then return nil end
+  local ids = M.runs_of(entries)
+  if #ids == 0 then return nil end
+  local shared = true
+  for _, e in ipairs(entries) do
+    if not shares_run(e) then shared = false; break end
+  end
+  local runs = {}
+  for _, r in ipairs(session:lock_flow_runs(ids, shared)) do runs[r.id] = r end
+  return runs
+end
+
 --- Applies the written outcomes of flow jobs (entries of tide.jobs.outcomes
---- with .args, .value, .err, .trace) inside the transaction that wrote them.
---- Returns what to do after the commit: { queues = { [name] = true } that
---- got jobs, hooks = { job ids leased to `owner` } }.
-function M.apply(session, entries, now, owner, lease)
+--- with .args, .value, .err, .trace) inside the transaction that wrote them
+--- (`runs`: what M.lock_runs returned).  The steps that succeeded go
+--- through steps_ok together; the rest one by one.  Returns what to do
+--- after the commit: { queues = { [name] = true } that got jobs, hooks = {
+--- job ids leased to `owner` } }.
+function M.apply(session, entries, now, owner, lease, runs)
   -- The time is read here, inside the transaction (after its locks), not
   -- taken from the caller: a write that waited for another process's lock
   -- must not stamp its changes earlier than the ones it waited for.
   local F = change(session, floor(wallclock()), owner, lease)
+  for id, r in pairs(runs or {}) do F.runs[id] = r end
   local list = {}
   for _, e in ipairs(entries) do
     if type(e.args) == "table" and type(e.args.run) == "number" then list[#list + 1] = e end
   end
   sort(list, by_run)
+  local oks, rest = {}, {}
   for _, e in ipairs(list) do
-    local a, run = e.args, run_of(F, e.args.run)
+    local run, v = run_of(F, e.args.run), e.value
     if run and run.status == "running" then
+      if e.kind == "completed" and e.method == "step" and type(v) == "table"
+          and (v.kind == "ok" or (v.kind == "items" and #v.items == 0)) then
+        oks[#oks + 1] = { run = run, name = e.args.step, job_id = e.id, result = v.kind == "ok" and v.json or "[]" }
+      else
+        rest[#rest + 1] = e
+      end
+    end
+  end
+  steps_ok(F, oks)
+  for _, e in ipairs(rest) do
+    local a, run = e.args, F.runs[e.args.run]
+    if run.status == "running" then
       local method, kind, v = e.method, e.kind, e.value
       if kind == "completed" and type(v) == "table" then
         if method == "step" then
-          if v.kind == "ok" then step_ok(F, run, a.step, e.id, v.json)
-          elseif v.kind == "skipped" then step_skipped(F, run, a.step, e.id, v.reason or "condition false")
+          if v.kind == "skipped" then step_skipped(F, run, a.step, e.id, v.reason or "condition false")
           elseif v.kind == "items" then fan_out(F, run, a.step, e.id, v.items) end
         elseif method == "item" and v.kind == "ok" then
           item_ok(F, run, a.step, a.index, e.id, v.json)
@@ -496,6 +716,12 @@ end
 
 -- ===== starting a run (inside the caller's transaction)
 
+local INSERT_STEPS = batch_stmt("b_run, b_name, b_waiting, b_deps, b_dependents, b_each, b_concurrency, b_max",
+  { "BIGINT", "TEXT", "INTEGER", "TEXT", "TEXT", "INTEGER", "INTEGER", "INTEGER" },
+  "INSERT INTO tide_flow_steps (run_id, name, status, waiting, deps, dependents, each, concurrency, max_failures) "
+  .. "SELECT b_run, b_name, 'waiting', b_waiting, b_deps, b_dependents, b_each, b_concurrency, b_max FROM b "
+  .. "WHERE b_run IS NOT NULL")
+
 --- Starts a run of `def` (M.definition) with `input` (JSON text): returns
 --- its id and true, or the id of the run that has this key and false; and
 --- the queue that got jobs.  opts: key, queue, priority.
@@ -512,23 +738,22 @@ function M.start(session, def, input, opts, now)
   local run = { id = row.id, flow = def.module, status = "running", fail = def.fail, queue = queue,
                 priority = priority, input = input }
   F.runs[run.id] = run
-  for _, name in ipairs(def.order) do
+  local rows, roots = {}, {}
+  for i, name in ipairs(def.order) do
     local node = def.nodes[name]
     local deps = {}
-    for i, d in ipairs(node.after) do deps[i] = d end
+    for k, d in ipairs(node.after) do deps[k] = d end
     sort(deps)
     local dependents = {}
-    for i, d in ipairs(node.dependents) do dependents[i] = d.name end
+    for k, d in ipairs(node.dependents) do dependents[k] = d.name end
     sort(dependents)
-    exec(F, "INSERT INTO tide_flow_steps (run_id, name, status, waiting, deps, dependents, each, concurrency, "
-      .. "max_failures) VALUES (?, ?, 'waiting', ?, ?, ?, ?, ?, ?)", run.id, name, #deps,
-      json.encode(json.array(deps)), json.encode(json.array(dependents)),
-      node.each and (node.exit_on_error and 1 or 2) or 0, node.each and node.concurrency or nil,
-      max_failures(node))
+    rows[i] = { run.id, name, #deps, json.encode(json.array(deps)), json.encode(json.array(dependents)),
+                node.each and (node.exit_on_error and 1 or 2) or 0, node.each and node.concurrency or nil,
+                max_failures(node) }
+    if #deps == 0 then roots[#roots + 1] = { run = run, name = name, deps = deps, max_failures = max_failures(node) } end
   end
-  for _, name in ipairs(def.order) do
-    if #def.nodes[name].after == 0 then enqueue_step(F, run, name) end
-  end
+  batch(F, INSERT_STEPS, rows)
+  release(F, roots)
   return run.id, true, queue
 end
 
@@ -552,7 +777,7 @@ function M.retry(session, id, now)
   if not run then return nil, format("run %d not found", id) end
   if run.status == "running" then return nil, format("run %d is running", id) end
   if run.status == "ok" then return nil, format("run %d is ok: nothing to retry", id) end
-  local again = session:query("SELECT name, deps FROM tide_flow_steps WHERE run_id = ? AND status <> 'ok' ORDER BY name", id)
+  local again = session:query("SELECT name, deps, max_failures FROM tide_flow_steps WHERE run_id = ? AND status <> 'ok' ORDER BY name", id)
   exec(F, "DELETE FROM tide_flow_items WHERE run_id = ? AND step IN (SELECT name FROM tide_flow_steps "
     .. "WHERE run_id = ? AND status <> 'ok')", id, id)
   exec(F, "UPDATE tide_flow_steps SET status = 'waiting', job_id = NULL, failures = 0, items_total = NULL, "
@@ -568,11 +793,12 @@ function M.retry(session, id, now)
   local ready = {}
   for _, r in ipairs(again) do
     local n = 0
-    for _, d in ipairs(json.decode(r.deps)) do if not ok[d] then n = n + 1 end end
+    local deps = names_of(r.deps)
+    for _, d in ipairs(deps) do if not ok[d] then n = n + 1 end end
     exec(F, "UPDATE tide_flow_steps SET waiting = ? WHERE run_id = ? AND name = ?", n, id, r.name)
-    if n == 0 then ready[#ready + 1] = r.name end
+    if n == 0 then ready[#ready + 1] = { run = run, name = r.name, deps = deps, max_failures = r.max_failures } end
   end
-  for _, name in ipairs(ready) do enqueue_step(F, run, name) end
+  release(F, ready)
   return true, F.post
 end
 

@@ -66,12 +66,13 @@ local function tx_hooks(entries, owner, now, lease, box)
     if e.after_record then apply = e.after_record; list = list or {}; list[#list + 1] = e end
   end
   if not apply then return nil end
+  local runs
   return {
-    before = function(s) if s.lock_flow_runs then s:lock_flow_runs(flows.runs_of(list)) end end,
+    before = function(s) runs = flows.lock_runs(s, list) end,
     after = function(s, written)
       local mine = {}
       for _, e in ipairs(list) do if written[e.id] then mine[#mine + 1] = e end end
-      box.post = #mine > 0 and apply(s, mine, now, owner, lease) or nil
+      box.post = #mine > 0 and apply(s, mine, now, owner, lease, runs) or nil
     end,
   }
 end
