@@ -119,7 +119,7 @@ local function max_failures(node) return node.policy and node.policy.attempts or
 --- runs = { [id] = run row }, post = { queues = {}, hooks = {} } }.
 local function change(session, now, owner, lease)
   return { s = session, now = now, owner = owner, lease = lease, runs = {}, closed = {}, closed_order = {},
-           post = { queues = {}, hooks = {} } }
+           post = { queues = {}, hooks = {}, rows = {} } }
 end
 M.change = change
 
@@ -252,21 +252,42 @@ local MARK_QUEUED = batch_stmt("b_run, b_name, b_job", { "BIGINT", "TEXT", "BIGI
 -- On PostgreSQL the jobs and the steps' rows in one statement: each row of
 -- b draws its job's id first (a CTE read twice runs once), as the store's
 -- insert_many does.
-local RELEASE_PG = batch_stmt("b_run, b_name, b_queue, b_args, b_priority, b_max",
-  { "BIGINT", "TEXT", "TEXT", "TEXT", "INTEGER", "INTEGER" },
+-- A row with b_take 1 is leased at once to worker ? (see release), by the
+-- server's clock as every lease on PostgreSQL.
+local PG_NOW = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+local RELEASE_PG = batch_stmt("b_run, b_name, b_queue, b_args, b_priority, b_max, b_take",
+  { "BIGINT", "TEXT", "TEXT", "TEXT", "INTEGER", "INTEGER", "INTEGER" },
   ", input AS (SELECT b.*, nextval('tide_jobs_id_seq') AS new_id FROM b WHERE b_run IS NOT NULL), "
   .. "ins AS (INSERT INTO tide_jobs (id, queue, target, method, args, status, priority, max_attempts, run_at, "
-  .. "inserted_at) SELECT new_id, b_queue, '" .. M.TARGET .. "', 'step', b_args, 'available', b_priority, b_max, "
-  .. "CAST(? AS BIGINT), CAST(? AS BIGINT) FROM input ORDER BY new_id) "
+  .. "inserted_at, attempt, attempted_at, lease_owner, lease_expires) SELECT new_id, b_queue, '" .. M.TARGET
+  .. "', 'step', b_args, CASE WHEN b_take = 1 THEN 'executing' ELSE 'available' END, b_priority, b_max, "
+  .. "CAST(? AS BIGINT), CAST(? AS BIGINT), b_take, CASE WHEN b_take = 1 THEN " .. PG_NOW .. " END, "
+  .. "CASE WHEN b_take = 1 THEN CAST(? AS TEXT) END, CASE WHEN b_take = 1 THEN " .. PG_NOW
+  .. " + CAST(? AS BIGINT) END FROM input ORDER BY new_id) "
   .. "UPDATE tide_flow_steps AS s SET status = 'queued', job_id = new_id, queued_at = ? FROM input "
-  .. "WHERE s.run_id = b_run AND s.name = b_name")
+  .. "WHERE s.run_id = b_run AND s.name = b_name RETURNING job_id")
+local TAKE = batch_stmt("b_id", { "BIGINT" },
+  "UPDATE tide_jobs SET status = 'executing', attempt = 1, attempted_at = ?, lease_owner = ?, lease_expires = ? "
+  .. "WHERE id IN (SELECT b_id FROM b)")
+
+--- The first jobs released for each queue, as many as F.take[queue]
+--- allows (the free slots of the worker making the change), are leased to
+--- it in the same statement instead of made available: it starts them after
+--- the commit (post.rows), with no claim and no wake-up of other workers.
+--- The rest are available to any worker.
+local function taken(F, queue)
+  local n = F.take and F.take[queue]
+  if not n or n <= 0 then return false end
+  F.take[queue] = n - 1
+  return true
+end
 
 --- Queues a job for each step of `list` ({ run, name, deps = { names },
 --- max_failures }, steps whose dependencies all completed): its args carry
 --- the run's input and its dependencies' results, those of `known` ({ [run
 --- id] = { [name] = result JSON } }, the steps completed by this change)
 --- and the others read in one statement.  One insert for the jobs, one
---- update for the steps.
+--- update for the steps (one statement for both on PostgreSQL).
 local function release(F, list, known)
   if #list == 0 then return end
   known = known or {}
@@ -296,20 +317,36 @@ local function release(F, list, known)
                   .. jname(x.name) .. ',"input":' .. run.input .. ',"results":{' .. concat(parts, ",") .. "}}",
                 priority = run.priority, max_attempts = x.max_failures + M.LOST_ATTEMPTS,
                 run_at = F.now, inserted_at = F.now }
-    F.post.queues[run.queue] = true
   end
-  local rows = {}
+  local rows, take = {}, {}
+  for i, j in ipairs(jobs) do take[i] = F.owner ~= nil and taken(F, j.queue) end
+  local ids
   if F.s.dialect == "postgres" then          -- one round trip: the ids drawn first, the jobs, the steps
     for i, x in ipairs(list) do
       local j = jobs[i]
-      rows[i] = { x.run.id, x.name, j.queue, j.args, j.priority, j.max_attempts }
+      rows[i] = { x.run.id, x.name, j.queue, j.args, j.priority, j.max_attempts, take[i] and 1 or 0 }
     end
-    batch(F, RELEASE_PG, rows, F.now, F.now, F.now)
-    return
+    ids = {}
+    for i, r in ipairs(batch(F, RELEASE_PG, rows, F.now, F.now, F.owner, F.lease, F.now)) do ids[i] = r.job_id end
+    -- (RETURNING's order is not the input's: the ids are matched by the
+    -- order in which they were drawn, which is b's)
+    sort(ids)
+  else
+    ids = F.s:insert_many(jobs)
+    for i, x in ipairs(list) do rows[i] = { x.run.id, x.name, ids[i] } end
+    batch(F, MARK_QUEUED, rows, F.now)
+    local mine = {}
+    for i = 1, #jobs do if take[i] then mine[#mine + 1] = { ids[i] } end end
+    if #mine > 0 then batch(F, TAKE, mine, F.now, F.owner, F.now + F.lease) end
   end
-  local ids = F.s:insert_many(jobs)
-  for i, x in ipairs(list) do rows[i] = { x.run.id, x.name, ids[i] } end
-  batch(F, MARK_QUEUED, rows, F.now)
+  for i, j in ipairs(jobs) do
+    if take[i] then
+      j.id, j.attempt, j.status = ids[i], 1, nil
+      F.post.rows[#F.post.rows + 1] = j
+    else
+      F.post.queues[j.queue] = true           -- (wakes this worker's claimer after the commit)
+    end
+  end
 end
 
 local function enqueue_item(F, run, name, idx, item, max_fail)
@@ -626,15 +663,17 @@ end
 
 --- Applies the written outcomes of flow jobs (entries of tide.jobs.outcomes
 --- with .args, .value, .err, .trace) inside the transaction that wrote them
---- (`runs`: what M.lock_runs returned).  The steps that succeeded go
+--- (`runs`: what M.lock_runs returned; `take`: { [queue] = n }, how many
+--- released steps to lease to `owner` at once, see release).  The steps that succeeded go
 --- through steps_ok together; the rest one by one.  Returns what to do
 --- after the commit: { queues = { [name] = true } that got jobs, hooks = {
 --- job ids leased to `owner` } }.
-function M.apply(session, entries, now, owner, lease, runs)
+function M.apply(session, entries, now, owner, lease, runs, take)
   -- The time is read here, inside the transaction (after its locks), not
   -- taken from the caller: a write that waited for another process's lock
   -- must not stamp its changes earlier than the ones it waited for.
   local F = change(session, floor(wallclock()), owner, lease)
+  F.take = take
   for id, r in pairs(runs or {}) do F.runs[id] = r end
   local list = {}
   for _, e in ipairs(entries) do
