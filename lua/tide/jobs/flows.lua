@@ -29,7 +29,11 @@
 --             results of its dependencies (ctx.results).  A dependent is
 --             released by exactly one completion: the record's guard
 --             (lease owner, attempt) applies a completion once, and the
---             step row's guard (status queued, job_id) once more.
+--             step row's guard (status queued, job_id) once more.  The
+--             successes of one outcome batch go together, in a few
+--             statements for the whole batch (steps_ok, release), and the
+--             worker that writes them leases as many released steps to
+--             itself as it has free slots (it starts them after the commit).
 --   each      the parent's job returns the items; its completion writes
 --             one item row each and queues the first `concurrency` of them
 --             as jobs; each item's completion queues the next one, so at
@@ -46,9 +50,29 @@
 --             last attempt, cancelled or expired by hand) is found by the
 --             sweep each worker runs after its rescues, and fails its step.
 --
--- Lock order on PostgreSQL: a transaction that changes a run locks the
--- run's row first (runs in id order), then jobs: so two workers finishing
--- steps of one run take turns, and never deadlock with a cancel.
+-- Lock order on PostgreSQL.  Every transaction that changes a run locks
+-- the run's row first (runs in id order), then jobs (id order: the outcome
+-- write's own), then steps.  Two modes:
+--
+--   shared (FOR KEY SHARE)  an outcome batch whose flow entries are only
+--             steps' successes or fan-outs (and hooks' ends): they decide
+--             nothing for the run as a whole.  Such batches of one run
+--             proceed together.  Each touches its own steps' rows, its
+--             dependents' rows (locked in one statement, in (run, name)
+--             order: DECREMENT_PG; two batches sharing a dependent wait for
+--             each other, in that order, never in a cycle), rows it
+--             inserts, and last the run's row (its counters: an UPDATE,
+--             which does not conflict with the others' KEY SHARE; a second
+--             batch's UPDATE waits for the first's commit, and PostgreSQL
+--             lets a holder of the shared lock upgrade without queueing
+--             behind a waiting FOR UPDATE, so there is no cycle there).
+--   exclusive (FOR UPDATE)  everything else: failures, `when` skips,
+--             items, the sweep, cancel and retry by hand.  Waits for the
+--             shared batches under way, and they for it: a cancel never
+--             interleaves with a release, so nothing is released after it.
+--
+-- Changes stamp their times after the waits they may meet (a release is
+-- never stamped before the completion it follows).
 local json = require "tide.jobs.json"
 local job = require "tide.jobs.job"
 local define = require("tide.flow.define").define
@@ -664,10 +688,11 @@ end
 --- Applies the written outcomes of flow jobs (entries of tide.jobs.outcomes
 --- with .args, .value, .err, .trace) inside the transaction that wrote them
 --- (`runs`: what M.lock_runs returned; `take`: { [queue] = n }, how many
---- released steps to lease to `owner` at once, see release).  The steps that succeeded go
---- through steps_ok together; the rest one by one.  Returns what to do
---- after the commit: { queues = { [name] = true } that got jobs, hooks = {
---- job ids leased to `owner` } }.
+--- released steps to lease to `owner` at once, see release).  The steps
+--- that succeeded go through steps_ok together; the rest one by one.
+--- Returns what to do after the commit: { queues = { [name] = true } that
+--- got available jobs, hooks = { job ids leased to `owner` }, rows = { job
+--- rows leased to `owner` } }.
 function M.apply(session, entries, now, owner, lease, runs, take)
   -- The time is read here, inside the transaction (after its locks), not
   -- taken from the caller: a write that waited for another process's lock

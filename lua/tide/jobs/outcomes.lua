@@ -88,17 +88,21 @@ end
 
 local function get_row(session, id) return session:get(id) end
 
---- The free slots of each queue (without limits) of a running worker: the
---- steps a flow change may lease to it at once (tide.jobs.flows' release),
---- reserved from its claimer until the write ends.
-local function reserve(w)
+--- The free slots of the queues (without limits) of the durable flow
+--- entries of a running worker's batch: the steps a flow change may lease
+--- to it at once (tide.jobs.flows' release), reserved from those queues'
+--- claimers until the write ends.
+local function reserve(w, entries)
   if w.state ~= "running" then return nil end
   local take
-  for name, qs in pairs(w.queues) do
-    local free = qs.limit - qs.running
-    if not qs.limited and free > 0 then
+  for i = 1, #entries do                     -- (a run's steps are all in its queue)
+    local e = entries[i]
+    local name = e.after_record and e.job and e.job.queue
+    local qs = name and w.queues[name]
+    if qs and not qs.limited and qs.reserved == 0 and qs.limit - qs.running > 0 then
       take = take or {}
-      take[name], qs.reserved = free, free
+      take[name] = qs.limit - qs.running
+      qs.reserved = take[name]
     end
   end
   return take
@@ -135,7 +139,7 @@ end
 --- Writes `entries` now; true when the store took the batch (each entry
 --- then settled), false after a failure (reported; the entries untouched).
 local function write(w, entries)
-  local box = { take = reserve(w) }
+  local box = { take = reserve(w, entries) }
   local ok, written, states = pcall(queue.worker_call, w.q, w.store, "tide.worker", record_batch,
                                     entries, w.id, wallclock(), w.lease, box)
   if box.take then unreserve(w) end
