@@ -75,14 +75,14 @@
 -- never stamped before the completion it follows).
 local json = require "tide.jobs.json"
 local job = require "tide.jobs.job"
+local batch_sql = require "tide.jobs.store.batch"
 local define = require("tide.flow.define").define
 local flow_run = require "tide.flow.run"
 local core = require "tide.core"
 
 local type, pairs, ipairs, error, tostring, pcall, require, setmetatable, getmetatable =
   type, pairs, ipairs, error, tostring, pcall, require, setmetatable, getmetatable
-local concat, sort, format, floor, min, max = table.concat, table.sort, string.format, math.floor, math.min, math.max
-local select, unpack = select, unpack
+local concat, sort, format, floor, max = table.concat, table.sort, string.format, math.floor, math.max
 local wallclock = core.wallclock
 
 local M = {}
@@ -192,51 +192,8 @@ local function jname(name)
   return text
 end
 
--- ===== statements over a batch of rows
---
--- A change touches the steps of a whole outcome batch with one statement
--- each, not one per step: the rows go in as a VALUES list named b, each
--- value in a CAST (PostgreSQL types the parameters by it).  A list of more
--- than CHUNK rows takes one statement per CHUNK; a shorter one is padded
--- with NULL rows, which match nothing, to a power of two: so a statement
--- has few texts, each prepared once per SQLite connection.
-local CHUNK = 64
-
-local function batch_stmt(cols, types, sql)
-  return { cols = cols, types = types, sql = sql, texts = {} }
-end
-
-local function batch_text(st, size)
-  local text = st.texts[size]
-  if text then return text end
-  local one = {}
-  for i, t in ipairs(st.types) do one[i] = "CAST(? AS " .. t .. ")" end
-  local row, rows = "(" .. concat(one, ", ") .. ")", {}
-  for i = 1, size do rows[i] = row end
-  text = "WITH b(" .. st.cols .. ") AS (VALUES " .. concat(rows, ", ") .. ") " .. st.sql
-  st.texts[size] = text
-  return text
-end
-
---- Runs st over `rows` (each a list of values in b's column order), with
---- `...` as the parameters after b's; returns every row it returned.
-local function batch(F, st, rows, ...)
-  local out, ncol, nextra = {}, #st.types, select("#", ...)
-  for from = 1, #rows, CHUNK do
-    local n = min(CHUNK, #rows - from + 1)
-    local size = 1
-    while size < n do size = size * 2 end
-    local params = {}
-    for i = 0, n - 1 do
-      local r = rows[from + i]
-      for c = 1, ncol do params[i * ncol + c] = r[c] end
-    end
-    for i = 1, nextra do params[size * ncol + i] = select(i, ...) end
-    local got = F.s:query(batch_text(st, size), unpack(params, 1, size * ncol + nextra))
-    for i = 1, #got do out[#out + 1] = got[i] end
-  end
-  return out
-end
+local batch_stmt = batch_sql.statement
+local function batch(F, st, rows, ...) return batch_sql.run(F.s, st, rows, ...) end
 
 --- Inserts a job for the flow (target tide.jobs.flowstep); returns its id.
 local function insert_job(F, run, method, args_json, max_attempts)
@@ -454,9 +411,6 @@ local function stop_run(F, run, status, why)
   finish_run(F, run, status, why)
 end
 
--- (b's columns are named apart from the table's: RETURNING names the
--- table's columns unqualified, as SQLite wants, and PostgreSQL then finds
--- no ambiguity.)
 local MARK_OK = batch_stmt("b_run, b_job, b_name, b_result", { "BIGINT", "BIGINT", "TEXT", "TEXT" },
   "UPDATE tide_flow_steps AS s SET status = 'ok', result = b_result, completed_at = ? FROM b "
   .. "WHERE s.run_id = b_run AND s.name = b_name AND s.job_id = b_job "
