@@ -246,7 +246,7 @@ local RELEASE_PG = batch_stmt("b_run, b_name, b_queue, b_args, b_priority, b_max
   .. "CASE WHEN b_take = 1 THEN CAST(? AS TEXT) END, CASE WHEN b_take = 1 THEN " .. PG_NOW
   .. " + CAST(? AS BIGINT) END FROM input ORDER BY new_id) "
   .. "UPDATE tide_flow_steps AS s SET status = 'queued', job_id = new_id, queued_at = ? FROM input "
-  .. "WHERE s.run_id = b_run AND s.name = b_name RETURNING job_id")
+  .. "WHERE s.run_id = b_run AND s.name = b_name RETURNING run_id, name, job_id")
 local TAKE = batch_stmt("b_id", { "BIGINT" },
   "UPDATE tide_jobs SET status = 'executing', attempt = 1, attempted_at = ?, lease_owner = ?, lease_expires = ? "
   .. "WHERE id IN (SELECT b_id FROM b)")
@@ -307,11 +307,12 @@ local function release(F, list, known)
       local j = jobs[i]
       rows[i] = { x.run.id, x.name, j.queue, j.args, j.priority, j.max_attempts, take[i] and 1 or 0 }
     end
+    local by = {}
+    for _, r in ipairs(batch(F, RELEASE_PG, rows, F.now, F.now, F.owner, F.lease, F.now)) do
+      by[r.run_id .. "\0" .. r.name] = r.job_id
+    end
     ids = {}
-    for i, r in ipairs(batch(F, RELEASE_PG, rows, F.now, F.now, F.owner, F.lease, F.now)) do ids[i] = r.job_id end
-    -- (RETURNING's order is not the input's: the ids are matched by the
-    -- order in which they were drawn, which is b's)
-    sort(ids)
+    for i, x in ipairs(list) do ids[i] = by[x.run.id .. "\0" .. x.name] end
   else
     ids = F.s:insert_many(jobs)
     for i, x in ipairs(list) do rows[i] = { x.run.id, x.name, ids[i] } end
