@@ -15,7 +15,8 @@
 -- Each throughput is measured 3 times (a fresh store each); best and median.
 -- Run from the repository root: LUA_CPATH="build/?.so;;" luajit bench/flows_durable.lua
 -- (BENCH_LAYERS=n: n layers instead of 100; BENCH_REPEATS=n; BENCH_PG_URL=url:
--- that server instead of a throwaway one; BENCH_NO_SQLITE=1: PostgreSQL only)
+-- that server instead of a throwaway one; BENCH_NO_SQLITE=1: PostgreSQL only;
+-- BENCH_ONLY=sqlite1,sqlite3,pg1,pg4,latency: those measurements only)
 local tide = require "tide"
 local core = require "tide.core"
 
@@ -157,7 +158,11 @@ local function processes(url, n)
   return rate, secs
 end
 
-local function measure(label, fn)
+local only = os.getenv("BENCH_ONLY")
+local function wanted(what) return not only or (("," .. only .. ","):find("," .. what .. ",", 1, true)) ~= nil end
+
+local function measure(what, label, fn)
+  if not wanted(what) then return end
   local rates = {}
   for i = 1, REPEATS do rates[i] = fn(i) end
   local best, median = best_median(rates)
@@ -168,13 +173,14 @@ io.stdout:setvbuf("line")
 print(("%d-step layered DAG (%d layers of %d, each step after 2 of the layer before), no-op steps")
   :format(WIDTH * LAYERS, LAYERS, WIDTH))
 if not os.getenv("BENCH_NO_SQLITE") then        -- (BENCH_NO_SQLITE=1: PostgreSQL only)
-  measure("SQLite, 1 worker (this process)", function(i) return in_process(fresh_sqlite(i)) end)
-  measure("SQLite, 3 worker processes", function(i) return processes(fresh_sqlite(10 + i), 3) end)
+  measure("sqlite1", "SQLite, 1 worker (this process)", function(i) return in_process(fresh_sqlite(i)) end)
+  measure("sqlite3", "SQLite, 3 worker processes", function(i) return processes(fresh_sqlite(10 + i), 3) end)
 end
 
 -- PostgreSQL: BENCH_PG_URL, or a throwaway server on a free port.
 local pg_url, pg_dir = os.getenv("BENCH_PG_URL"), nil
-if not pg_url and os.execute("ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1") == 0 then
+if not (wanted("pg1") or wanted("pg4")) then pg_url = nil
+elseif not pg_url and os.execute("ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1") == 0 then
   pg_dir = dir .. "/pg"
   os.execute("mkdir -p " .. pg_dir .. " && chmod 755 " .. dir .. " " .. pg_dir)
   local p = io.popen(("sh spec/pg.sh start %s/cluster %d -c max_connections=200 2>&1"):format(pg_dir, 24000 + core.pid() % 5000))
@@ -190,15 +196,15 @@ if pg_url then
     return ("synchronous_commit=%s, fsync=%s"):format(v, f)
   end)()
   print("PostgreSQL: " .. sync)
-  measure("PostgreSQL, 1 worker process", function() drop_pg(pg_url); return processes(pg_url, 1) end)
-  measure("PostgreSQL, 4 worker processes", function() drop_pg(pg_url); return processes(pg_url, 4) end)
+  measure("pg1", "PostgreSQL, 1 worker process", function() drop_pg(pg_url); return processes(pg_url, 1) end)
+  measure("pg4", "PostgreSQL, 4 worker processes", function() drop_pg(pg_url); return processes(pg_url, 4) end)
   if pg_dir then os.execute(("sh spec/pg.sh stop %s/cluster"):format(pg_dir)) end
 else
   print("PostgreSQL: skipped (not installed, and no BENCH_PG_URL)")
 end
 
 -- ===== latency
-do
+if wanted("latency") then
   local lat = {}
   tide.run(function()
     local q = tide.queue.open(fresh_sqlite(99))

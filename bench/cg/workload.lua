@@ -5,7 +5,9 @@
 -- bench/cg/run.sh runs it at two sizes and prints the instructions per unit of
 -- the loop thread (the difference over the difference in N: start-up and
 -- the pool's threads do not count).  Workloads: spawn, sleep, after,
--- thread, flow_tasks, flow_define, flow_run.
+-- thread, flow_tasks, flow_define, flow_run, dflow (a durable flow: N
+-- no-op steps in layers of 100, each after 2 of the layer before, run by
+-- one worker in the process on a fresh SQLite file).
 local tide = require "tide"
 tide.configure{ watchdog = 0 }
 
@@ -73,12 +75,50 @@ function W.flow_run()
   assert(flow:run() == "ok")
 end
 
+local dflow_dir
+function W.dflow()
+  local q = tide.queue.open("sqlite:" .. dflow_dir .. "/jobs.db")
+  local w = tide.worker{ queue = q, concurrency = 100, poll = 1000 }
+  local id = q:enqueue_flow("cg_dflow", {})
+  local function status()
+    return q:transaction(function(tx)
+      return tx:query("SELECT status FROM tide_flow_runs WHERE id = ?", id)[1].status
+    end)
+  end
+  while status() == "running" do tide.sleep(20) end
+  w:stop()
+  w:wait()
+  assert(status() == "ok")
+  q:close()
+end
+
 if workload == "thread" then
   tide.configure{ threads = 2 }
   tide.run(function() tide.spawn{ mode = "thread", run = noop }:await() end)   -- start the pool
+elseif workload == "dflow" then
+  dflow_dir = os.tmpname()
+  os.remove(dflow_dir)
+  assert(os.execute("mkdir -p " .. dflow_dir) == 0)
+  package.path = dflow_dir .. "/?.lua;" .. package.path
+  local f = assert(io.open(dflow_dir .. "/cg_dflow.lua", "w"))
+  f:write(([[
+local W, L = 100, %d
+local tasks = {}
+local function noop() return true end
+for l = 1, L do
+  for i = 1, W do
+    local deps
+    if l > 1 then deps = { ("s%%d_%%d"):format(l - 1, i), ("s%%d_%%d"):format(l - 1, i %% W + 1) } end
+    tasks[("s%%d_%%d"):format(l, i)] = { after = deps, run = noop }
+  end
+end
+return { name = "cg_dflow", tasks = tasks }
+]]):format(math.ceil(N / 100)))
+  f:close()
 elseif workload == "flow_run" then
   flow = tide.flow{ name = "layered", tasks = layered_tasks() }
 end
 assert(W[workload], "bench/cg/workload.lua: unknown workload " .. tostring(workload))
 local status, err = tide.run(W[workload])
+if dflow_dir then os.execute("rm -rf " .. dflow_dir) end
 assert(status == "ok", tostring(err))

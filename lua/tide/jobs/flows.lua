@@ -29,7 +29,11 @@
 --             results of its dependencies (ctx.results).  A dependent is
 --             released by exactly one completion: the record's guard
 --             (lease owner, attempt) applies a completion once, and the
---             step row's guard (status queued, job_id) once more.
+--             step row's guard (status queued, job_id) once more.  The
+--             successes of one outcome batch go together, in a few
+--             statements for the whole batch (steps_ok, release), and the
+--             worker that writes them leases as many released steps to
+--             itself as it has free slots (it starts them after the commit).
 --   each      the parent's job returns the items; its completion writes
 --             one item row each and queues the first `concurrency` of them
 --             as jobs; each item's completion queues the next one, so at
@@ -46,18 +50,39 @@
 --             last attempt, cancelled or expired by hand) is found by the
 --             sweep each worker runs after its rescues, and fails its step.
 --
--- Lock order on PostgreSQL: a transaction that changes a run locks the
--- run's row first (runs in id order), then jobs: so two workers finishing
--- steps of one run take turns, and never deadlock with a cancel.
+-- Lock order on PostgreSQL.  Every transaction that changes a run locks
+-- the run's row first (runs in id order), then jobs (id order: the outcome
+-- write's own), then steps.  Two modes:
+--
+--   shared (FOR KEY SHARE)  an outcome batch whose flow entries are only
+--             steps' successes or fan-outs (and hooks' ends): they decide
+--             nothing for the run as a whole.  Such batches of one run
+--             proceed together.  Each touches its own steps' rows, its
+--             dependents' rows (locked in one statement, in (run, name)
+--             order: DECREMENT_PG; two batches sharing a dependent wait for
+--             each other, in that order, never in a cycle), rows it
+--             inserts, and last the run's row (its counters: an UPDATE,
+--             which does not conflict with the others' KEY SHARE; a second
+--             batch's UPDATE waits for the first's commit, and PostgreSQL
+--             lets a holder of the shared lock upgrade without queueing
+--             behind a waiting FOR UPDATE, so there is no cycle there).
+--   exclusive (FOR UPDATE)  everything else: failures, `when` skips,
+--             items, the sweep, cancel and retry by hand.  Waits for the
+--             shared batches under way, and they for it: a cancel never
+--             interleaves with a release, so nothing is released after it.
+--
+-- Changes stamp their times after the waits they may meet (a release is
+-- never stamped before the completion it follows).
 local json = require "tide.jobs.json"
 local job = require "tide.jobs.job"
+local batch_sql = require "tide.jobs.store.batch"
 local define = require("tide.flow.define").define
 local flow_run = require "tide.flow.run"
 local core = require "tide.core"
 
 local type, pairs, ipairs, error, tostring, pcall, require, setmetatable, getmetatable =
   type, pairs, ipairs, error, tostring, pcall, require, setmetatable, getmetatable
-local concat, sort, format, floor = table.concat, table.sort, string.format, math.floor
+local concat, sort, format, floor, max = table.concat, table.sort, string.format, math.floor, math.max
 local wallclock = core.wallclock
 
 local M = {}
@@ -118,7 +143,7 @@ local function max_failures(node) return node.policy and node.policy.attempts or
 --- runs = { [id] = run row }, post = { queues = {}, hooks = {} } }.
 local function change(session, now, owner, lease)
   return { s = session, now = now, owner = owner, lease = lease, runs = {}, closed = {}, closed_order = {},
-           post = { queues = {}, hooks = {} } }
+           post = { queues = {}, hooks = {}, rows = {} } }
 end
 M.change = change
 
@@ -135,6 +160,40 @@ local function run_of(F, id)
 end
 
 local function jstr(s) return json.encode(s) end
+
+--- Per-process memos of the JSON of step names (a step's deps and
+--- dependents columns, and a name as a JSON string): each text is decoded
+--- or encoded once, not once per step (Lua strings are interned, so a
+--- look-up costs a hash).  The lists returned are shared: never changed.
+local names_memo, jname_memo, nmemo = {}, {}, 0
+
+local function memo_room()
+  nmemo = nmemo + 1
+  if nmemo > 20000 then names_memo, jname_memo, nmemo = {}, {}, 1 end
+end
+
+local function names_of(text)
+  local list = names_memo[text]
+  if not list then
+    memo_room()
+    list = json.decode(text)
+    names_memo[text] = list
+  end
+  return list
+end
+
+local function jname(name)
+  local text = jname_memo[name]
+  if not text then
+    memo_room()
+    text = jstr(name)
+    jname_memo[name] = text
+  end
+  return text
+end
+
+local batch_stmt = batch_sql.statement
+local function batch(F, st, rows, ...) return batch_sql.run(F.s, st, rows, ...) end
 
 --- Inserts a job for the flow (target tide.jobs.flowstep); returns its id.
 local function insert_job(F, run, method, args_json, max_attempts)
@@ -164,18 +223,112 @@ end
 
 -- ===== queuing steps and items
 
-local function enqueue_step(F, run, name)
-  local step = q1(F, "SELECT deps, max_failures FROM tide_flow_steps WHERE run_id = ? AND name = ?", run.id, name)
-  local parts = {}
-  for i, dep in ipairs(json.decode(step.deps)) do
-    local r = q1(F, "SELECT result FROM tide_flow_steps WHERE run_id = ? AND name = ?", run.id, dep)
-    parts[i] = jstr(dep) .. ":" .. (r and r.result or "null")
+local READ_RESULTS = batch_stmt("b_run, b_name", { "BIGINT", "TEXT" },
+  "SELECT s.run_id, s.name, s.result FROM b CROSS JOIN tide_flow_steps AS s "
+  .. "WHERE s.run_id = b_run AND s.name = b_name")
+local MARK_QUEUED = batch_stmt("b_run, b_name, b_job", { "BIGINT", "TEXT", "BIGINT" },
+  "UPDATE tide_flow_steps AS s SET status = 'queued', job_id = b_job, queued_at = ? FROM b "
+  .. "WHERE s.run_id = b_run AND s.name = b_name")
+
+-- On PostgreSQL the jobs and the steps' rows in one statement: each row of
+-- b draws its job's id first (a CTE read twice runs once), as the store's
+-- insert_many does.
+-- A row with b_take 1 is leased at once to worker ? (see release), by the
+-- server's clock as every lease on PostgreSQL.
+local PG_NOW = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+local RELEASE_PG = batch_stmt("b_run, b_name, b_queue, b_args, b_priority, b_max, b_take",
+  { "BIGINT", "TEXT", "TEXT", "TEXT", "INTEGER", "INTEGER", "INTEGER" },
+  ", input AS (SELECT b.*, nextval('tide_jobs_id_seq') AS new_id FROM b WHERE b_run IS NOT NULL), "
+  .. "ins AS (INSERT INTO tide_jobs (id, queue, target, method, args, status, priority, max_attempts, run_at, "
+  .. "inserted_at, attempt, attempted_at, lease_owner, lease_expires) SELECT new_id, b_queue, '" .. M.TARGET
+  .. "', 'step', b_args, CASE WHEN b_take = 1 THEN 'executing' ELSE 'available' END, b_priority, b_max, "
+  .. "CAST(? AS BIGINT), CAST(? AS BIGINT), b_take, CASE WHEN b_take = 1 THEN " .. PG_NOW .. " END, "
+  .. "CASE WHEN b_take = 1 THEN CAST(? AS TEXT) END, CASE WHEN b_take = 1 THEN " .. PG_NOW
+  .. " + CAST(? AS BIGINT) END FROM input ORDER BY new_id) "
+  .. "UPDATE tide_flow_steps AS s SET status = 'queued', job_id = new_id, queued_at = ? FROM input "
+  .. "WHERE s.run_id = b_run AND s.name = b_name RETURNING run_id, name, job_id")
+local TAKE = batch_stmt("b_id", { "BIGINT" },
+  "UPDATE tide_jobs SET status = 'executing', attempt = 1, attempted_at = ?, lease_owner = ?, lease_expires = ? "
+  .. "WHERE id IN (SELECT b_id FROM b)")
+
+--- The first jobs released for each queue, as many as F.take[queue]
+--- allows (the free slots of the worker making the change), are leased to
+--- it in the same statement instead of made available: it starts them after
+--- the commit (post.rows), with no claim and no wake-up of other workers.
+--- The rest are available to any worker.
+local function taken(F, queue)
+  local n = F.take and F.take[queue]
+  if not n or n <= 0 then return false end
+  F.take[queue] = n - 1
+  return true
+end
+
+--- Queues a job for each step of `list` ({ run, name, deps = { names },
+--- max_failures }, steps whose dependencies all completed): its args carry
+--- the run's input and its dependencies' results, those of `known` ({ [run
+--- id] = { [name] = result JSON } }, the steps completed by this change)
+--- and the others read in one statement.  One insert for the jobs, one
+--- update for the steps (one statement for both on PostgreSQL).
+local function release(F, list, known)
+  if #list == 0 then return end
+  known = known or {}
+  local want, asked = {}, {}
+  for _, x in ipairs(list) do
+    local id = x.run.id
+    local k, a = known[id], asked[id]
+    for _, d in ipairs(x.deps) do
+      if not (k and k[d]) and not (a and a[d]) then
+        if not a then a = {}; asked[id] = a end
+        a[d] = true
+        want[#want + 1] = { id, d }
+      end
+    end
   end
-  local args = format('{"flow":%s,"run":%d,"step":%s,"input":%s,"results":{%s}}', jstr(run.flow), run.id,
-                      jstr(name), run.input, concat(parts, ","))
-  local id = insert_job(F, run, "step", args, step.max_failures + M.LOST_ATTEMPTS)
-  exec(F, "UPDATE tide_flow_steps SET status = 'queued', job_id = ?, queued_at = ? WHERE run_id = ? AND name = ?",
-       id, F.now, run.id, name)
+  for _, r in ipairs(#want > 0 and batch(F, READ_RESULTS, want) or want) do
+    local k = known[r.run_id]
+    if not k then k = {}; known[r.run_id] = k end
+    k[r.name] = r.result
+  end
+  local jobs = {}
+  for i, x in ipairs(list) do
+    local run, k, parts = x.run, known[x.run.id] or {}, {}
+    for j, d in ipairs(x.deps) do parts[j] = jname(d) .. ":" .. (k[d] or "null") end
+    jobs[i] = { queue = run.queue, target = M.TARGET, method = "step", status = "available",
+                args = '{"flow":' .. jname(run.flow) .. ',"run":' .. format("%d", run.id) .. ',"step":'
+                  .. jname(x.name) .. ',"input":' .. run.input .. ',"results":{' .. concat(parts, ",") .. "}}",
+                priority = run.priority, max_attempts = x.max_failures + M.LOST_ATTEMPTS,
+                run_at = F.now, inserted_at = F.now }
+  end
+  local rows, take = {}, {}
+  for i, j in ipairs(jobs) do take[i] = F.owner ~= nil and taken(F, j.queue) end
+  local ids
+  if F.s.dialect == "postgres" then          -- one round trip: the ids drawn first, the jobs, the steps
+    for i, x in ipairs(list) do
+      local j = jobs[i]
+      rows[i] = { x.run.id, x.name, j.queue, j.args, j.priority, j.max_attempts, take[i] and 1 or 0 }
+    end
+    local by = {}
+    for _, r in ipairs(batch(F, RELEASE_PG, rows, F.now, F.now, F.owner, F.lease, F.now)) do
+      by[r.run_id .. "\0" .. r.name] = r.job_id
+    end
+    ids = {}
+    for i, x in ipairs(list) do ids[i] = by[x.run.id .. "\0" .. x.name] end
+  else
+    ids = F.s:insert_many(jobs)
+    for i, x in ipairs(list) do rows[i] = { x.run.id, x.name, ids[i] } end
+    batch(F, MARK_QUEUED, rows, F.now)
+    local mine = {}
+    for i = 1, #jobs do if take[i] then mine[#mine + 1] = { ids[i] } end end
+    if #mine > 0 then batch(F, TAKE, mine, F.now, F.owner, F.now + F.lease) end
+  end
+  for i, j in ipairs(jobs) do
+    if take[i] then
+      j.id, j.attempt, j.status = ids[i], 1, nil
+      F.post.rows[#F.post.rows + 1] = j
+    else
+      F.post.queues[j.queue] = true           -- (wakes this worker's claimer after the commit)
+    end
+  end
 end
 
 local function enqueue_item(F, run, name, idx, item, max_fail)
@@ -212,6 +365,7 @@ local function flush(F)
     local r = q1(F, "UPDATE tide_flow_runs SET open_steps = open_steps - ?, failed_steps = failed_steps + ? "
       .. "WHERE id = ? AND status = 'running' RETURNING open_steps, failed_steps", c.closed, c.failed, c.run.id)
     if r and r.open_steps <= 0 then
+      F.now = max(F.now, floor(wallclock()))  -- (after any wait for the run's row)
       local n = r.failed_steps
       finish_run(F, c.run, n > 0 and "error" or "ok", n > 0 and format("%d step%s failed", n, n == 1 and "" or "s") or nil)
     end
@@ -228,7 +382,7 @@ local function skip_dependents(F, run, name, reason)
     local top = stack[#stack]
     stack[#stack] = nil
     local row = q1(F, "SELECT dependents FROM tide_flow_steps WHERE run_id = ? AND name = ?", run.id, top[1])
-    for _, d in ipairs(json.decode(row.dependents)) do
+    for _, d in ipairs(names_of(row.dependents)) do
       local changed = exec(F, "UPDATE tide_flow_steps SET status = 'skipped', reason = ?, completed_at = ? "
         .. "WHERE run_id = ? AND name = ? AND status = 'waiting'", top[2], F.now, run.id, d)
       if changed > 0 then
@@ -258,17 +412,77 @@ local function stop_run(F, run, status, why)
   finish_run(F, run, status, why)
 end
 
-local function step_ok(F, run, name, job_id, result)
-  local row = q1(F, "UPDATE tide_flow_steps SET status = 'ok', result = ?, completed_at = ? WHERE run_id = ? "
-    .. "AND name = ? AND status IN ('queued', 'fanout') AND job_id = ? RETURNING dependents",
-    result, F.now, run.id, name, job_id)
-  if not row then return end
-  for _, d in ipairs(json.decode(row.dependents)) do
-    local w = q1(F, "UPDATE tide_flow_steps SET waiting = waiting - 1 WHERE run_id = ? AND name = ? "
-      .. "AND status = 'waiting' RETURNING waiting", run.id, d)
-    if w and w.waiting == 0 then enqueue_step(F, run, d) end
+local MARK_OK = batch_stmt("b_run, b_job, b_name, b_result", { "BIGINT", "BIGINT", "TEXT", "TEXT" },
+  "UPDATE tide_flow_steps AS s SET status = 'ok', result = b_result, completed_at = ? FROM b "
+  .. "WHERE s.run_id = b_run AND s.name = b_name AND s.job_id = b_job "
+  .. "AND s.status IN ('queued', 'fanout') RETURNING run_id, name, dependents")
+local DECREMENT_SQL = "UPDATE tide_flow_steps AS s SET waiting = s.waiting - b_n FROM b%s "
+  .. "WHERE s.run_id = b_run AND s.name = b_name AND s.status = 'waiting'%s "
+  .. "RETURNING run_id, name, waiting, deps, max_failures"
+local DECREMENT = batch_stmt("b_run, b_name, b_n", { "BIGINT", "TEXT", "BIGINT" }, DECREMENT_SQL:format("", ""))
+-- On PostgreSQL the dependents are locked in (run, name) order first, so
+-- that two workers' changes wait for each other, never deadlock (the
+-- header's lock order).
+local DECREMENT_PG = batch_stmt("b_run, b_name, b_n", { "BIGINT", "TEXT", "BIGINT" },
+  ", locked AS (SELECT s.run_id AS l_run, s.name AS l_name FROM b JOIN tide_flow_steps AS s "
+  .. "ON s.run_id = b_run AND s.name = b_name WHERE s.status = 'waiting' ORDER BY s.run_id, s.name "
+  .. "FOR UPDATE OF s) "
+  .. DECREMENT_SQL:format(", locked", " AND l_run = s.run_id AND l_name = s.name"))
+
+local function by_run_name(a, b)
+  if a[1] ~= b[1] then return a[1] < b[1] end
+  return a[2] < b[2]
+end
+
+--- Steps that succeeded: `list` of { run, name, job_id, result } (the
+--- whole outcome batch at once).  Each becomes ok with its result when its
+--- row is still queued (or fanning out) under that job; the `waiting` of
+--- its dependents goes down by one; those that reach 0 are released.
+--- Three statements for the batch, and those of release.
+local function steps_ok(F, list)
+  local rows, byname = {}, {}
+  for _, x in ipairs(list) do
+    if x.run.status == "running" then
+      rows[#rows + 1] = { x.run.id, x.job_id, x.name, x.result }
+      local b = byname[x.run.id]
+      if not b then b = {}; byname[x.run.id] = b end
+      b[x.name] = x.result
+    end
   end
-  steps_closed(F, run, 1, 0)
+  if #rows == 0 then return end
+  local known, counts, down = {}, {}, {}
+  for _, r in ipairs(batch(F, MARK_OK, rows, F.now)) do
+    local id = r.run_id
+    steps_closed(F, F.runs[id], 1, 0)
+    local k, c = known[id], counts[id]
+    if not k then k = {}; known[id] = k; c = {}; counts[id] = c end
+    k[r.name] = byname[id][r.name]
+    for _, d in ipairs(names_of(r.dependents)) do
+      local n = c[d]
+      if not n then down[#down + 1] = { id, d } end
+      c[d] = (n or 0) + 1
+    end
+  end
+  if #down == 0 then return end
+  sort(down, by_run_name)
+  for _, x in ipairs(down) do x[3] = counts[x[1]][x[2]] end
+  local ready = {}
+  local decremented = batch(F, F.s.dialect == "postgres" and DECREMENT_PG or DECREMENT, down)
+  -- On PostgreSQL that statement may have waited for another worker's
+  -- change to commit (their completion of another dependency): the
+  -- releases are stamped after it, never before the completions they follow.
+  F.now = max(F.now, floor(wallclock()))
+  for _, r in ipairs(decremented) do
+    if r.waiting == 0 then
+      ready[#ready + 1] = { run = F.runs[r.run_id], name = r.name, deps = names_of(r.deps),
+                            max_failures = r.max_failures }
+    end
+  end
+  release(F, ready, known)
+end
+
+local function step_ok(F, run, name, job_id, result)
+  steps_ok(F, { { run = run, name = name, job_id = job_id, result = result } })
 end
 
 local function step_skipped(F, run, name, job_id, reason)
@@ -399,28 +613,73 @@ function M.runs_of(entries)
   return ids
 end
 
+--- True when an entry's change decides nothing for its run as a whole (a
+--- step's success or fan-out, a hook's end): on PostgreSQL such changes
+--- share the run's lock (see the header).
+local function shares_run(e)
+  local v = e.value
+  if e.method == "hook" then return true end
+  return e.kind == "completed" and e.method == "step" and type(v) == "table"
+    and (v.kind == "ok" or v.kind == "items")
+end
+
+--- Before the outcome write touches jobs, on PostgreSQL: locks the runs of
+--- `entries` in id order (shared when every entry shares, see shares_run)
+--- and returns their rows by id, for M.apply.  nil on SQLite, whose one
+--- writer at a time needs no lock of ours.
+function M.lock_runs(session, entries)
+  if not session.lock_flow_runs then return nil end
+  local ids = M.runs_of(entries)
+  if #ids == 0 then return nil end
+  local shared = true
+  for _, e in ipairs(entries) do
+    if not shares_run(e) then shared = false; break end
+  end
+  local runs = {}
+  for _, r in ipairs(session:lock_flow_runs(ids, shared)) do runs[r.id] = r end
+  return runs
+end
+
 --- Applies the written outcomes of flow jobs (entries of tide.jobs.outcomes
---- with .args, .value, .err, .trace) inside the transaction that wrote them.
+--- with .args, .value, .err, .trace) inside the transaction that wrote them
+--- (`runs`: what M.lock_runs returned; `take`: { [queue] = n }, how many
+--- released steps to lease to `owner` at once, see release).  The steps
+--- that succeeded go through steps_ok together; the rest one by one.
 --- Returns what to do after the commit: { queues = { [name] = true } that
---- got jobs, hooks = { job ids leased to `owner` } }.
-function M.apply(session, entries, now, owner, lease)
+--- got available jobs, hooks = { job ids leased to `owner` }, rows = { job
+--- rows leased to `owner` } }.
+function M.apply(session, entries, now, owner, lease, runs, take)
   -- The time is read here, inside the transaction (after its locks), not
   -- taken from the caller: a write that waited for another process's lock
   -- must not stamp its changes earlier than the ones it waited for.
   local F = change(session, floor(wallclock()), owner, lease)
+  F.take = take
+  for id, r in pairs(runs or {}) do F.runs[id] = r end
   local list = {}
   for _, e in ipairs(entries) do
     if type(e.args) == "table" and type(e.args.run) == "number" then list[#list + 1] = e end
   end
   sort(list, by_run)
+  local oks, rest = {}, {}
   for _, e in ipairs(list) do
-    local a, run = e.args, run_of(F, e.args.run)
+    local run, v = run_of(F, e.args.run), e.value
     if run and run.status == "running" then
+      if e.kind == "completed" and e.method == "step" and type(v) == "table"
+          and (v.kind == "ok" or (v.kind == "items" and #v.items == 0)) then
+        oks[#oks + 1] = { run = run, name = e.args.step, job_id = e.id, result = v.kind == "ok" and v.json or "[]" }
+      else
+        rest[#rest + 1] = e
+      end
+    end
+  end
+  steps_ok(F, oks)
+  for _, e in ipairs(rest) do
+    local a, run = e.args, F.runs[e.args.run]
+    if run.status == "running" then
       local method, kind, v = e.method, e.kind, e.value
       if kind == "completed" and type(v) == "table" then
         if method == "step" then
-          if v.kind == "ok" then step_ok(F, run, a.step, e.id, v.json)
-          elseif v.kind == "skipped" then step_skipped(F, run, a.step, e.id, v.reason or "condition false")
+          if v.kind == "skipped" then step_skipped(F, run, a.step, e.id, v.reason or "condition false")
           elseif v.kind == "items" then fan_out(F, run, a.step, e.id, v.items) end
         elseif method == "item" and v.kind == "ok" then
           item_ok(F, run, a.step, a.index, e.id, v.json)
@@ -496,6 +755,12 @@ end
 
 -- ===== starting a run (inside the caller's transaction)
 
+local INSERT_STEPS = batch_stmt("b_run, b_name, b_waiting, b_deps, b_dependents, b_each, b_concurrency, b_max",
+  { "BIGINT", "TEXT", "INTEGER", "TEXT", "TEXT", "INTEGER", "INTEGER", "INTEGER" },
+  "INSERT INTO tide_flow_steps (run_id, name, status, waiting, deps, dependents, each, concurrency, max_failures) "
+  .. "SELECT b_run, b_name, 'waiting', b_waiting, b_deps, b_dependents, b_each, b_concurrency, b_max FROM b "
+  .. "WHERE b_run IS NOT NULL")
+
 --- Starts a run of `def` (M.definition) with `input` (JSON text): returns
 --- its id and true, or the id of the run that has this key and false; and
 --- the queue that got jobs.  opts: key, queue, priority.
@@ -512,23 +777,22 @@ function M.start(session, def, input, opts, now)
   local run = { id = row.id, flow = def.module, status = "running", fail = def.fail, queue = queue,
                 priority = priority, input = input }
   F.runs[run.id] = run
-  for _, name in ipairs(def.order) do
+  local rows, roots = {}, {}
+  for i, name in ipairs(def.order) do
     local node = def.nodes[name]
     local deps = {}
-    for i, d in ipairs(node.after) do deps[i] = d end
+    for k, d in ipairs(node.after) do deps[k] = d end
     sort(deps)
     local dependents = {}
-    for i, d in ipairs(node.dependents) do dependents[i] = d.name end
+    for k, d in ipairs(node.dependents) do dependents[k] = d.name end
     sort(dependents)
-    exec(F, "INSERT INTO tide_flow_steps (run_id, name, status, waiting, deps, dependents, each, concurrency, "
-      .. "max_failures) VALUES (?, ?, 'waiting', ?, ?, ?, ?, ?, ?)", run.id, name, #deps,
-      json.encode(json.array(deps)), json.encode(json.array(dependents)),
-      node.each and (node.exit_on_error and 1 or 2) or 0, node.each and node.concurrency or nil,
-      max_failures(node))
+    rows[i] = { run.id, name, #deps, json.encode(json.array(deps)), json.encode(json.array(dependents)),
+                node.each and (node.exit_on_error and 1 or 2) or 0, node.each and node.concurrency or nil,
+                max_failures(node) }
+    if #deps == 0 then roots[#roots + 1] = { run = run, name = name, deps = deps, max_failures = max_failures(node) } end
   end
-  for _, name in ipairs(def.order) do
-    if #def.nodes[name].after == 0 then enqueue_step(F, run, name) end
-  end
+  batch(F, INSERT_STEPS, rows)
+  release(F, roots)
   return run.id, true, queue
 end
 
@@ -552,7 +816,7 @@ function M.retry(session, id, now)
   if not run then return nil, format("run %d not found", id) end
   if run.status == "running" then return nil, format("run %d is running", id) end
   if run.status == "ok" then return nil, format("run %d is ok: nothing to retry", id) end
-  local again = session:query("SELECT name, deps FROM tide_flow_steps WHERE run_id = ? AND status <> 'ok' ORDER BY name", id)
+  local again = session:query("SELECT name, deps, max_failures FROM tide_flow_steps WHERE run_id = ? AND status <> 'ok' ORDER BY name", id)
   exec(F, "DELETE FROM tide_flow_items WHERE run_id = ? AND step IN (SELECT name FROM tide_flow_steps "
     .. "WHERE run_id = ? AND status <> 'ok')", id, id)
   exec(F, "UPDATE tide_flow_steps SET status = 'waiting', job_id = NULL, failures = 0, items_total = NULL, "
@@ -568,11 +832,12 @@ function M.retry(session, id, now)
   local ready = {}
   for _, r in ipairs(again) do
     local n = 0
-    for _, d in ipairs(json.decode(r.deps)) do if not ok[d] then n = n + 1 end end
+    local deps = names_of(r.deps)
+    for _, d in ipairs(deps) do if not ok[d] then n = n + 1 end end
     exec(F, "UPDATE tide_flow_steps SET waiting = ? WHERE run_id = ? AND name = ?", n, id, r.name)
-    if n == 0 then ready[#ready + 1] = r.name end
+    if n == 0 then ready[#ready + 1] = { run = run, name = r.name, deps = deps, max_failures = r.max_failures } end
   end
-  for _, name in ipairs(ready) do enqueue_step(F, run, name) end
+  release(F, ready)
   return true, F.post
 end
 

@@ -317,19 +317,32 @@ end
 -- Strings: returns the string and the position after its closing quote.
 local UNESCAPE = { ['"'] = '"', ["\\"] = "\\", ["/"] = "/", b = "\b", f = "\f", n = "\n", r = "\r", t = "\t" }
 
+-- Where the next byte >= 0x80 is, at or after the point the decoder
+-- checked up to (math.huge: none left); reset by each decode.  A string
+-- before it needs no UTF-8 check, and no byte is searched twice (searching
+-- from each string to the end of the text made a long document's decode
+-- quadratic).
+local next_high = 0
+
+local function check_utf8(s, i, j)
+  if next_high < i then next_high = find(s, "[\128-\255]", i) or huge end
+  if next_high > j then return end
+  local bad = utf8_error(s, i, j)
+  if bad then perr("invalid UTF-8", bad) end
+  next_high = j                             -- (searched again from the next string)
+end
+
 local function decode_string(s, i)          -- s[i] is the opening quote
   local j = find(s, '[%z\1-\31"\\]', i + 1)
   if j and byte(s, j) == 34 then            -- the common case: no escape
-    local bad = utf8_error(s, i + 1, j - 1)
-    if bad then perr("invalid UTF-8", bad) end
+    check_utf8(s, i + 1, j - 1)
     return sub(s, i + 1, j - 1), j + 1
   end
   local parts, n, from = {}, 0, i + 1
   while true do
     if not j then perr("unterminated string", i) end
     local c = byte(s, j)
-    local bad = utf8_error(s, from, j - 1)
-    if bad then perr("invalid UTF-8", bad) end
+    check_utf8(s, from, j - 1)
     n = n + 1; parts[n] = sub(s, from, j - 1)
     if c == 34 then return concat(parts, "", 1, n), j + 1 end
     if c ~= 92 then perr("raw control character in a string (escape it)", j) end
@@ -458,6 +471,7 @@ function decode_value(s, i, depth)
 end
 
 local function decode(s)
+  next_high = 0
   local _, e = find(s, WS)
   local v, j = decode_value(s, e + 1, 0)
   _, e = find(s, WS, j)

@@ -30,7 +30,7 @@ local core = require "tide.core"
 local queue = require "tide.jobs.queue"
 local flows = require "tide.jobs.flows"
 
-local ipairs, pcall, min = ipairs, pcall, math.min
+local ipairs, pairs, pcall, min = ipairs, pairs, pcall, math.min
 local wallclock = core.wallclock
 
 local M = {}
@@ -66,12 +66,13 @@ local function tx_hooks(entries, owner, now, lease, box)
     if e.after_record then apply = e.after_record; list = list or {}; list[#list + 1] = e end
   end
   if not apply then return nil end
+  local runs
   return {
-    before = function(s) if s.lock_flow_runs then s:lock_flow_runs(flows.runs_of(list)) end end,
+    before = function(s) runs = flows.lock_runs(s, list) end,
     after = function(s, written)
       local mine = {}
       for _, e in ipairs(list) do if written[e.id] then mine[#mine + 1] = e end end
-      box.post = #mine > 0 and apply(s, mine, now, owner, lease) or nil
+      box.post = #mine > 0 and apply(s, mine, now, owner, lease, runs, box.take) or nil
     end,
   }
 end
@@ -87,9 +88,45 @@ end
 
 local function get_row(session, id) return session:get(id) end
 
---- After a commit that changed durable flows: wake the claimers of the
---- queues that got jobs, and start the hook jobs leased to this worker.
+--- The free slots of the queues (without limits) of the durable flow
+--- entries of a running worker's batch: the steps a flow change may lease
+--- to it at once (tide.jobs.flows' release), reserved from those queues'
+--- claimers until the write ends.
+local function reserve(w, entries)
+  if w.state ~= "running" then return nil end
+  local take
+  for i = 1, #entries do                     -- (a run's steps are all in its queue)
+    local e = entries[i]
+    local name = e.after_record and e.job and e.job.queue
+    local qs = name and w.queues[name]
+    if qs and not qs.limited and qs.reserved == 0 and qs.limit - qs.running > 0 then
+      take = take or {}
+      take[name] = qs.limit - qs.running
+      qs.reserved = take[name]
+    end
+  end
+  return take
+end
+
+local function unreserve(w)
+  for _, qs in pairs(w.queues) do qs.reserved = 0 end
+end
+
+--- After a commit that changed durable flows: start the steps leased to this
+--- worker in the write (or hand them back, if it stopped meanwhile), wake
+--- the claimers of the queues that got jobs, and start the hook jobs leased
+--- to this worker.
 local function after_commit(w, post)
+  for _, row in ipairs(post.rows) do
+    if w.state == "running" and w.queues[row.queue] then
+      w.start_row(row)
+    else
+      w.count(w, row.queue, "claimed")
+      M.record(w, { kind = "release", outcome = "released", id = row.id, attempt = row.attempt,
+                    run_at = wallclock(), job = { id = row.id, queue = row.queue, target = row.target,
+                                                  method = row.method, attempt = row.attempt } })
+    end
+  end
   queue.notify(w.q, post.queues)
   for _, id in ipairs(post.hooks) do
     local ok, row = pcall(queue.worker_call, w.q, w.store, "tide.worker", get_row, id)
@@ -102,9 +139,10 @@ end
 --- Writes `entries` now; true when the store took the batch (each entry
 --- then settled), false after a failure (reported; the entries untouched).
 local function write(w, entries)
-  local box = {}
+  local box = { take = reserve(w, entries) }
   local ok, written, states = pcall(queue.worker_call, w.q, w.store, "tide.worker", record_batch,
                                     entries, w.id, wallclock(), w.lease, box)
+  if box.take then unreserve(w) end
   if not ok then
     -- Tried again by the flusher; if never written, the leases run out and
     -- the jobs run again (counted as unwritten).

@@ -528,7 +528,7 @@ local function claimer(w, name)
   local qs = w.queues[name]
   local failures = 0
   while w.state == "running" do
-    local free = qs.limit - qs.running
+    local free = qs.limit - qs.running - qs.reserved   -- (reserved: see tide.jobs.outcomes)
     if free > 0 then
       local want = min(free, w.batch)
       qs.kicked = false                       -- what this claim sees needs no second look
@@ -717,7 +717,7 @@ function M.new(opts)
     if w.state == "running" then w:stop(grace and grace - math.min(grace / 2, 1000) or nil) end
   end)
   for name, n in pairs(queues) do
-    w.queues[name] = { limit = n, running = 0, more = false, waiting = false }
+    w.queues[name] = { limit = n, running = 0, reserved = 0, more = false, waiting = false }
     w.tasks[#w.tasks + 1] = spawn{ run = claimer, args = { w, name }, name = "claimer " .. name }
   end
   w.flusher_task = spawn{ run = outcomes.flusher, args = { w }, name = "worker flusher" }

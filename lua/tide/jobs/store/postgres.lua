@@ -27,6 +27,7 @@ local Store = {}
 Store.__index = Store
 local Session = {}
 Session.__index = Session
+Session.dialect = "postgres"
 
 local WAITING = "status IN " .. common.status_list(job.WAITING)
 local TERMINAL_SQL = common.status_list(job.FINISHED)
@@ -686,14 +687,17 @@ function Session:rescue()
   return #list, dead
 end
 
---- Locks the rows of flow runs `ids` (sorted) until the transaction ends:
---- every change to a run takes its row first (tide.jobs.flows).
-function Session:lock_flow_runs(ids)
-  if #ids == 0 then return end
+--- Locks the rows of flow runs `ids` (sorted) until the transaction ends,
+--- and returns them: every change to a run takes its row first, shared
+--- (FOR KEY SHARE) when it decides nothing for the run as a whole
+--- (tide.jobs.flows says which, and why this cannot deadlock).
+function Session:lock_flow_runs(ids, shared)
+  if #ids == 0 then return {} end
   local list = {}
   for i, id in ipairs(ids) do list[i] = format("%d", id) end
-  self.c:query("SELECT id FROM tide_flow_runs WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE",
-               "{" .. concat(list, ",") .. "}")
+  return self.c:query("SELECT id, flow, status, fail, queue, priority, input FROM tide_flow_runs "
+    .. "WHERE id = ANY($1::bigint[]) ORDER BY id FOR " .. (shared and "KEY SHARE" or "UPDATE"),
+    "{" .. concat(list, ",") .. "}").rows
 end
 
 function Session:get(id) return self.c:query(SQL.get, id).rows[1] end

@@ -51,6 +51,7 @@ local Store = {}
 Store.__index = Store
 local Session = {}
 Session.__index = Session
+Session.dialect = "sqlite"
 
 -- ===== schema and migrations
 --
