@@ -490,12 +490,48 @@ local function claim_rows(session, name, want, owner, now, lease_until)
   return session:claim(name, want, owner, now, lease_until)
 end
 
+--- The completions `done` and a plain claim in one statement; the states
+--- of the completions not written (as the flusher's record_batch).
+local function complete_and_claim_rows(session, done, name, want, owner, now, lease_until)
+  local rows, written = session:complete_and_claim(done, name, want, owner, now, lease_until)
+  local unapplied = {}
+  for _, e in ipairs(done) do
+    if not written[e.id] then unapplied[#unapplied + 1] = e.id end
+  end
+  return rows, written, #unapplied > 0 and session:states(unapplied) or nil
+end
+
+--- The claim statement: with the pending completions when the store can
+--- write them with it (tide.jobs.outcomes: one commit for both), else the
+--- plain claim.  Returns ok, rows, limited (as pcall(call, ...) does).
+local function claim_statement(w, qs, name, want, now)
+  local done = not qs.limited and outcomes.take_completed(w)
+  if not done then
+    return pcall(call, w, w.store, "tide.worker", claim_rows, name, want, w.id, now, now + w.lease)
+  end
+  local ok, rows, written, states = pcall(call, w, w.store, "tide.worker", complete_and_claim_rows, done, name,
+                                          want, w.id, now, now + w.lease)
+  outcomes.claim_ended(w, done, ok and written, states)
+  if ok and #rows > 0 then return ok, rows, false end
+  -- Nothing claimed: none due, or the queue has limits (the plain claim
+  -- takes nothing then): the store's claim tells which.  Or the statement
+  -- failed: the completions went back to the flusher, the claim goes on
+  -- alone (so a failure of either is counted as its own).
+  return pcall(call, w, w.store, "tide.worker", claim_rows, name, want, w.id, now, now + w.lease)
+end
+
 --- Claims up to `want` due jobs of queue `name` and starts them; returns
 --- how many, or nil after a store failure (reported).
 local function claim(w, name, want)
   if w.state ~= "running" then return 0 end
-  local now = wallclock()
-  local ok, rows, limited = pcall(call, w, w.store, "tide.worker", claim_rows, name, want, w.id, now, now + w.lease)
+  local qs = w.queues[name]
+  local fusing = w.store.complete_and_claim and not qs.limited
+  if fusing then w.claiming = w.claiming + 1 end    -- the flusher leaves completions to it
+  local ok, rows, limited = claim_statement(w, qs, name, want, wallclock())
+  if fusing then
+    w.claiming = w.claiming - 1
+    if #w.pending > 0 then S.notify(w.flusher) end
+  end
   if not ok then
     log.report("worker " .. w.id .. ": claiming from queue " .. name, rows)
     M.totals.store_errors.claim = M.totals.store_errors.claim + 1
@@ -511,7 +547,7 @@ local function claim(w, name, want)
     end
     return 0
   end
-  w.queues[name].limited = limited or false
+  qs.limited = limited or false
   for i = 1, #rows do start_job(w, rows[i]) end
   return #rows
 end
@@ -527,6 +563,9 @@ end
 local function claimer(w, name)
   local qs = w.queues[name]
   local failures = 0
+  -- (cancelled by a shutdown while its claim carried completions: they
+  -- go back the flusher's way)
+  S.on_attempt_end(S.current(), function() outcomes.claimer_ended(w) end)
   while w.state == "running" do
     local free = qs.limit - qs.running
     if free > 0 then
@@ -574,15 +613,15 @@ end
 
 local function heartbeat(w)
   local failures, wait = 0, w.heartbeat
-  while w.state == "running" or w.nrunning > 0 or #w.pending > 0 or w.writing do
+  while w.state == "running" or w.nrunning > 0 or #w.pending > 0 or w.writing or w.claim_writing do
     S.wait_for(w.beat, "tide.worker", wait)
     wait = w.heartbeat
-    if w.nrunning > 0 or #w.pending > 0 or w.writing then
+    if w.nrunning > 0 or #w.pending > 0 or w.writing or w.claim_writing then
       -- The jobs running here, and those whose outcome waits to be written
       -- (the store may be down): an orphan's lease runs out, theirs not.
       local ids, asked = {}, {}
       for id, rec in pairs(w.running) do ids[#ids + 1] = id; asked[id] = rec end
-      for _, list in ipairs{ w.pending, w.writing or {} } do
+      for _, list in ipairs{ w.pending, w.writing or {}, w.claim_writing or {} } do
         for i = 1, #list do ids[#ids + 1] = list[i].id end
       end
       local ok, leased = pcall(call, w, w.lease_store, "tide.worker", heartbeat_rows, w.id,
@@ -703,7 +742,7 @@ function M.new(opts)
     -- host:pid:start time, so a later process that gets the same pid is
     -- another lease holder (it must not heartbeat a dead one's jobs).
     id = ("%s:%d:%x"):format(core.hostname(), core.pid(), (wallclock() * 16 + floor(core.now() * 16) % 16) % 2^40),
-    state = "running", queues = {}, running = {}, nrunning = 0, pending = {},
+    state = "running", queues = {}, running = {}, nrunning = 0, pending = {}, claiming = 0, claim_writing = false,
     flusher = { waiting = false }, beat = { waiting = false }, idle = { waiting = false },
     rescue_holder = { waiting = false }, scheduler = { waiting = false }, tasks = {}, schedules = scheds,
     stats = { claimed = 0, completed = 0, retried = 0, discarded = 0, released = 0,
@@ -856,7 +895,7 @@ function Worker:drain(opts)
       break
     end
     wait = 20
-    if self.nrunning == 0 and #self.pending == 0 then
+    if self.nrunning == 0 and #self.pending == 0 and not self.claim_writing then
       local done
       if rescue(self) then
         local ok, n = pcall(call, self, self.lease_store, "worker:drain", pending_rows, names, wallclock() + within)

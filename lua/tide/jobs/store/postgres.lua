@@ -36,6 +36,19 @@ local NOW = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
 local GUARD = "WHERE id = $1 AND status = 'executing' AND lease_owner = $2 AND attempt = $3"
 local ADD_ERROR = "coalesce(errors, '[]'::jsonb) || jsonb_build_array($5::jsonb)"
 
+-- The plain claim (a queue without limits): up to $4 due jobs of queue $3,
+-- leased to $2 for $1 ms.  (A queue with limits claims nothing here: see
+-- the SQLite store.)
+local CLAIM_DUE = [[due AS (SELECT id FROM tide_jobs WHERE queue = $3 AND ]] .. WAITING .. [[
+      AND run_at <= ]] .. NOW .. [[ AND NOT EXISTS (SELECT 1 FROM tide_queues WHERE name = $3
+        AND (concurrency IS NOT NULL OR key_concurrency IS NOT NULL OR rate_limit IS NOT NULL))
+      ORDER BY priority, run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED)]]
+local CLAIM_SET = [[UPDATE tide_jobs j SET status = 'executing', attempt = j.attempt + 1, attempted_at = ]] .. NOW .. [[,
+      lease_owner = $2, lease_expires = ]] .. NOW .. [[ + $1
+    FROM due WHERE j.id = due.id
+    RETURNING j.id, j.queue, j.target, j.method, j.args, j.args_enc, j.priority, j.attempt,
+      j.max_attempts, j.run_at, j.inserted_at, j.idempotence_key, j.partition_key]]
+
 local MIGRATIONS = {
   {
     [[CREATE TABLE tide_jobs (
@@ -179,16 +192,21 @@ local SQL = {
       RETURNING id)
     SELECT ins.id FROM input LEFT JOIN ins ON ins.id = input.new_id ORDER BY input.ord]],
   states = "SELECT id, status, lease_owner, attempt FROM tide_jobs WHERE id = ANY($1::bigint[])",
-  -- (a queue with limits claims nothing here: see the SQLite store)
-  claim = [[WITH due AS (SELECT id FROM tide_jobs WHERE queue = $3 AND ]] .. WAITING .. [[
-      AND run_at <= ]] .. NOW .. [[ AND NOT EXISTS (SELECT 1 FROM tide_queues WHERE name = $3
-        AND (concurrency IS NOT NULL OR key_concurrency IS NOT NULL OR rate_limit IS NOT NULL))
-      ORDER BY priority, run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED)
-    UPDATE tide_jobs j SET status = 'executing', attempt = j.attempt + 1, attempted_at = ]] .. NOW .. [[,
-      lease_owner = $2, lease_expires = ]] .. NOW .. [[ + $1
-    FROM due WHERE j.id = due.id
-    RETURNING j.id, j.queue, j.target, j.method, j.args, j.args_enc, j.priority, j.attempt,
-      j.max_attempts, j.run_at, j.inserted_at, j.idempotence_key, j.partition_key]],
+  claim = "WITH " .. CLAIM_DUE .. " " .. CLAIM_SET,
+  -- Complete these, claim the next (Session:complete_and_claim): both in
+  -- one statement, one commit, one round trip.  The completions are
+  -- completed_many's (their rows locked in id order first); the claim is
+  -- the plain one above, on other rows (waiting, not executing).  A row
+  -- tells which part it comes from: fused_done is true for a completion
+  -- written (its id alone), false for a job claimed.
+  complete_claim = [[WITH locked AS (SELECT id FROM tide_jobs WHERE id = ANY($6::bigint[]) ORDER BY id FOR UPDATE),
+    done AS (UPDATE tide_jobs j SET status = 'completed', completed_at = $5, lease_owner = NULL, lease_expires = NULL
+      FROM unnest($6::bigint[], $7::integer[]) AS d(id, attempt), locked
+      WHERE j.id = d.id AND j.id = locked.id AND j.attempt = d.attempt AND j.status = 'executing'
+        AND j.lease_owner = $2 RETURNING j.id), ]] .. CLAIM_DUE .. [[,
+    claimed AS (]] .. CLAIM_SET .. [[)
+    SELECT false AS fused_done, * FROM claimed
+    UNION ALL SELECT true, id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM done]],
   -- With limits (q:declare): the SQLite store's claim_limited says how.  It
   -- runs after pg_advisory_xact_lock on the queue, in a transaction of its
   -- own, so that its snapshot (taken once the lock is held) counts every
@@ -614,6 +632,28 @@ function Session:claim(queue, n, owner, now, lease_until)
   end)
   return common.start_order(rows), true
 end
+
+--- Writes the completions `done` (entries { id, attempt }) and claims up
+--- to n due jobs of a queue without limits, in one statement: one commit
+--- and one round trip where record and claim took two of each.  Returns
+--- the claimed rows and the set of ids written.  (A queue with limits
+--- claims nothing here: the caller claims again through Session:claim.)
+function Session:complete_and_claim(done, queue, n, owner, now, lease_until)
+  local ids, attempts = {}, {}
+  for i, e in ipairs(done) do ids[i], attempts[i] = format("%d", e.id), format("%d", e.attempt) end
+  local rows, written = {}, {}
+  for _, r in ipairs(self.c:query(SQL.complete_claim, lease_until - now, owner, queue, n, now,
+                                  "{" .. concat(ids, ",") .. "}", "{" .. concat(attempts, ",") .. "}").rows) do
+    if r.fused_done then
+      written[r.id] = true
+    else
+      r.fused_done = nil
+      rows[#rows + 1] = r
+    end
+  end
+  return common.start_order(rows), written
+end
+Store.complete_and_claim = true             -- (the worker asks the store, before it has a session)
 
 function Session:declare(r)
   self.c:query(SQL.declare, r.name, r.concurrency, r.partition, r.key_concurrency, r.rate_limit, r.rate_period,
