@@ -57,7 +57,7 @@ end
 function M.new(info, name)
   next_id = next_id + 1
   local c = setmetatable({ info = info, name = name, id = next_id, pg = false, waiter = false,
-                           running = false, tx = false, on_notify = false }, Conn)
+                           running = false, tx = false, begin_next = false, on_notify = false }, Conn)
   conns[next_id] = c
   return c
 end
@@ -91,7 +91,33 @@ M.drop = drop
 --- so the server rolls back; the next statement connects again.
 function Conn:reset()
   drop(self)
-  self.running, self.tx, self.waiter = false, false, false
+  self.running, self.tx, self.waiter, self.begin_next = false, false, false, false
+end
+
+-- ===== transactions: BEGIN goes with the first statement
+--
+-- Conn:begin() sends nothing: the transaction's first statement goes out
+-- after a BEGIN in one pipeline (one round trip where two were taken), and
+-- a transaction that ran no statement ends without any.  The server runs
+-- the BEGIN first, so whatever that statement does is inside the
+-- transaction; if it fails, the transaction is open and aborted, and the
+-- caller's ROLLBACK ends it, as after any failed statement.
+
+--- Opens a transaction (c.tx); its BEGIN waits for the first statement.
+function Conn:begin()
+  self.tx, self.begin_next = true, true
+end
+
+--- Ends the transaction with `sql` (COMMIT or ROLLBACK): a round trip,
+--- unless no statement ran in it.  Raises when the statement fails (the
+--- transaction is then still open: roll it back).
+function Conn:finish(sql)
+  if self.begin_next then
+    self.begin_next, self.tx = false, false
+    return
+  end
+  self:query(sql)
+  self.tx = false
 end
 
 local function connect(c)
@@ -116,7 +142,8 @@ local function lost(c, err)
   error(c.name .. ": connection lost: " .. err, 0)
 end
 
---- Sends one statement and reads its results; returns the last.
+--- Sends one statement (after BEGIN, in one pipeline, when a transaction
+--- waits to begin: see Conn:begin) and reads its results; returns the last.
 local function run(c, sql, ...)
   -- Broken, or closed by the server while idle (a restart): reading what
   -- waits on the socket tells, before we send.  (Twice: a server that
@@ -125,11 +152,22 @@ local function run(c, sql, ...)
   local pg = c.pg
   if pg and (not pg:consume() or not pg:consume() or not pg:ok() or pg:result()) then drop(c) end
   if not c.pg then
-    if c.tx then error(c.name .. ": connection lost during a transaction (the server rolled it back)", 0) end
-    connect(c)
+    if c.tx and not c.begin_next then
+      error(c.name .. ": connection lost during a transaction (the server rolled it back)", 0)
+    end
+    connect(c)                                -- (a transaction not begun yet begins on the new one)
   end
   pg = c.pg
-  local ok, err = pg:send(sql, ...)
+  local ok, err
+  if c.begin_next then
+    c.begin_next = false
+    ok, err = pg:pipeline()
+    if ok then ok, err = pg:send("BEGIN") end
+    if ok then ok, err = pg:send(sql, ...) end
+    if ok then ok, err = pg:sync() end
+  else
+    ok, err = pg:send(sql, ...)
+  end
   if not ok then lost(c, err) end
   while true do
     local more, ferr = pg:flush()
@@ -137,18 +175,23 @@ local function run(c, sql, ...)
     if more == 0 then break end
     wait_io(c, true, true)
   end
-  while pg:busy() do
-    wait_io(c, true, false)
-    if not c.pg then lost(c, "closed while waiting") end
-    local cok, cerr = pg:consume()
-    if not cok then lost(c, cerr) end
-  end
   local last, failure
   while true do
-    local r = pg:result()
-    if not r then break end
-    if not r.ok and not failure then failure = r end
-    last = r
+    while pg:busy() do
+      wait_io(c, true, false)
+      if not c.pg then lost(c, "closed while waiting") end
+      local cok, cerr = pg:consume()
+      if not cok then lost(c, cerr) end
+    end
+    local r, rerr = pg:result()             -- (false: a statement of a pipeline ended; more come)
+    if r == nil then
+      if rerr then lost(c, rerr) end
+      break
+    end
+    if r then
+      if not r.ok and not failure then failure = r end
+      last = r
+    end
   end
   if failure then
     error(format("%s: %s (SQLSTATE %s)", c.name, failure.message or "error", failure.sqlstate or "?????"), 0)

@@ -412,9 +412,10 @@ end
 
 -- ===== transactions
 
-function Session:begin() self.c:query("BEGIN"); self.c.tx = true end
-function Session:commit() self.c:query("COMMIT"); self.c.tx = false end
-function Session:rollback() self.c:query("ROLLBACK"); self.c.tx = false end
+-- (BEGIN goes with the transaction's first statement: pg_conn's Conn:begin)
+function Session:begin() self.c:begin() end
+function Session:commit() self.c:finish("COMMIT") end
+function Session:rollback() self.c:finish("ROLLBACK") end
 function Session:savepoint(n) self.c:query("SAVEPOINT tide_" .. n) end
 function Session:release(n) self.c:query("RELEASE SAVEPOINT tide_" .. n) end
 function Session:rollback_to(n)
@@ -485,14 +486,13 @@ end
 --- Runs fn() inside a transaction: the caller's, or one of its own.
 local function in_tx(c, fn)
   if c.tx then return fn() end
-  c:query("BEGIN")
-  c.tx = true
+  c:begin()
   local ok, a, b = pcall(fn)
   if ok then
-    local committed, err = pcall(c.query, c, "COMMIT")
+    local committed, err = pcall(c.finish, c, "COMMIT")
     if not committed then ok, a = false, err end
   end
-  if not ok then pcall(c.query, c, "ROLLBACK") end
+  if not ok then pcall(c.finish, c, "ROLLBACK") end
   c.tx = false
   if not ok then error(a, 0) end
   return a, b
@@ -688,8 +688,7 @@ function Session:record(entries, owner, now, hooks)
   if #others == 0 and not hooks then completed(); return written end   -- one statement: atomic by itself
   table.sort(others, by_id)
   local ok, err = pcall(function()
-    c:query("BEGIN")
-    c.tx = true
+    c:begin()
     if hooks and hooks.before then hooks.before(self) end   -- (flow runs: locked before jobs)
     c:query(SQL.lock_ids, "{" .. concat(all, ",") .. "}")   -- all its rows, in id order, first
     completed()
@@ -698,11 +697,10 @@ function Session:record(entries, owner, now, hooks)
       if c:query(SQL[e.kind], e.id, owner, e.attempt, at, e.error).changes > 0 then written[e.id] = true end
     end
     if hooks and hooks.after then hooks.after(self, written) end
-    c:query("COMMIT")
-    c.tx = false
+    c:finish("COMMIT")
   end)
   if not ok then
-    pcall(c.query, c, "ROLLBACK")
+    pcall(c.finish, c, "ROLLBACK")
     c.tx = false
     error(err, 0)
   end
