@@ -115,14 +115,6 @@ local function write(w, entries)
     return false
   end
   if box.post then after_commit(w, box.post) end
-  M.settle_written(w, entries, written, states)
-  return true
-end
-M.write = write
-
---- Settles entries the store was asked to write: `written` the set of ids
---- it took, `states` (ids -> rows) for the others.
-function M.settle_written(w, entries, written, states)
   for _, e in ipairs(entries) do
     if written[e.id] then
       settle(w, e, e.outcome)
@@ -133,57 +125,9 @@ function M.settle_written(w, entries, written, states)
     end
   end
   if w.on_written then w.on_written(entries) end
+  return true
 end
-
--- ===== completions written by the claim (PostgreSQL: complete_and_claim)
---
--- A claimer that is about to claim takes the plain completions pending
--- (kind "completed", no hook of a durable flow) and writes them in its
--- claim statement: one commit for both.  They sit in w.claim_writing
--- until the claim returns: then settled, or (the statement failed) put
--- back for the flusher.  Meanwhile the flusher leaves pending completions
--- to a claim under way (w.claiming > 0), which notifies it when it ends.
--- A failed statement turns this off (w.fuse_off) until the flusher has
--- written again: a store that refuses the completions must fail the
--- flusher's writes (counted, backed off, given up on), not every claim.
-
---- Takes the pending plain completions for a claim; nil when there are
---- none (or the store writes no outcome with its claims).
-function M.take_completed(w)
-  if not w.store.complete_and_claim or w.claim_writing or w.fuse_off then return nil end
-  local p, keep, mine = w.pending, {}, {}
-  for i = 1, #p do
-    local e = p[i]
-    if e.kind == "completed" and not e.after_record then mine[#mine + 1] = e else keep[#keep + 1] = e end
-  end
-  if #mine == 0 then return nil end
-  w.pending, w.claim_writing = keep, mine
-  return mine
-end
-
---- The claim that carried `entries` ended: written (settled, as the
---- flusher settles), or not (back to the flusher).  Wakes the flusher for
---- what came meanwhile.
-function M.claim_ended(w, entries, written, states)
-  w.claim_writing = false
-  if written then
-    M.settle_written(w, entries, written, states)
-  else
-    w.fuse_off = true
-    local p = w.pending
-    for i = 1, #entries do p[#p + 1] = entries[i] end
-  end
-  if #w.pending > 0 or w.state ~= "running" then S.notify(w.flusher) end
-end
-
---- The claimer's attempt ended (a shutdown cancelled it) while its claim
---- carried completions: they go the flusher's way (record), unwritten.
-function M.claimer_ended(w)
-  local p = w.claim_writing
-  if not p then return end
-  w.claim_writing = false
-  for i = 1, #p do M.record(w, p[i]) end
-end
+M.write = write
 
 --- Entries that will never be written.
 local function give_up(w, entries)
@@ -213,15 +157,6 @@ function M.record(w, e)
   S.notify(w.flusher)
 end
 
---- True when every pending entry can go with a claim (take_completed).
-local function only_completions(w, p)
-  if not w.store.complete_and_claim or w.fuse_off then return false end
-  for i = 1, #p do
-    if p[i].kind ~= "completed" or p[i].after_record then return false end
-  end
-  return true
-end
-
 --- The flusher task: writes what is pending, backing off while the store
 --- fails (50 ms doubling up to 2 s); a stopping worker gives up after 10
 --- failed tries (at once, when a drain gave up on the store), a running one
@@ -237,9 +172,7 @@ function M.flusher(w)
   end)
   while true do
     local p = w.pending
-    if #p > 0 and w.claiming > 0 and w.state == "running" and only_completions(w, p) then
-      S.wait_for(w.flusher, "tide.worker")     -- the claim under way writes them, then notifies
-    elseif #p > 0 then
+    if #p > 0 then
       w.pending = {}
       w.writing = p
       local written = write(w, p)
@@ -247,7 +180,6 @@ function M.flusher(w)
       if written then
         failures = 0
         w.failing.write = nil
-        w.fuse_off = false
       elseif w.state == "running" or (failures < 10 and not w.stats.gave_up) then
         failures = failures + 1
         w.failing.write = w.failing.write or core.now()
@@ -257,7 +189,7 @@ function M.flusher(w)
       else
         give_up(w, p)
       end
-    elseif w.state ~= "running" and w.nrunning == 0 and not w.claim_writing then
+    elseif w.state ~= "running" and w.nrunning == 0 then
       S.notify(w.beat)                        -- nothing left to keep leased
       return
     else

@@ -490,48 +490,13 @@ local function claim_rows(session, name, want, owner, now, lease_until)
   return session:claim(name, want, owner, now, lease_until)
 end
 
---- The completions `done` and a plain claim in one statement; the states
---- of the completions not written (as the flusher's record_batch).
-local function complete_and_claim_rows(session, done, name, want, owner, now, lease_until)
-  local rows, written = session:complete_and_claim(done, name, want, owner, now, lease_until)
-  local unapplied = {}
-  for _, e in ipairs(done) do
-    if not written[e.id] then unapplied[#unapplied + 1] = e.id end
-  end
-  return rows, written, #unapplied > 0 and session:states(unapplied) or nil
-end
-
---- The claim statement: with the pending completions when the store can
---- write them with it (tide.jobs.outcomes: one commit for both), else the
---- plain claim.  Returns ok, rows, limited (as pcall(call, ...) does).
-local function claim_statement(w, qs, name, want, now)
-  local done = not qs.limited and outcomes.take_completed(w)
-  if not done then
-    return pcall(call, w, w.store, "tide.worker", claim_rows, name, want, w.id, now, now + w.lease)
-  end
-  local ok, rows, written, states = pcall(call, w, w.store, "tide.worker", complete_and_claim_rows, done, name,
-                                          want, w.id, now, now + w.lease)
-  outcomes.claim_ended(w, done, ok and written, states)
-  if ok and #rows > 0 then return ok, rows, false end
-  -- Nothing claimed: none due, or the queue has limits (the plain claim
-  -- takes nothing then): the store's claim tells which.  Or the statement
-  -- failed: the completions went back to the flusher, the claim goes on
-  -- alone (so a failure of either is counted as its own).
-  return pcall(call, w, w.store, "tide.worker", claim_rows, name, want, w.id, now, now + w.lease)
-end
-
 --- Claims up to `want` due jobs of queue `name` and starts them; returns
 --- how many, or nil after a store failure (reported).
 local function claim(w, name, want)
   if w.state ~= "running" then return 0 end
-  local qs = w.queues[name]
-  local fusing = w.store.complete_and_claim and not qs.limited
-  if fusing then w.claiming = w.claiming + 1 end    -- the flusher leaves completions to it
-  local ok, rows, limited = claim_statement(w, qs, name, want, wallclock())
-  if fusing then
-    w.claiming = w.claiming - 1
-    if #w.pending > 0 then S.notify(w.flusher) end
-  end
+  local now = wallclock()
+  local ok, rows, limited = pcall(call, w, w.claim_store, "tide.worker", claim_rows, name, want, w.id, now,
+                                  now + w.lease)
   if not ok then
     log.report("worker " .. w.id .. ": claiming from queue " .. name, rows)
     M.totals.store_errors.claim = M.totals.store_errors.claim + 1
@@ -547,7 +512,7 @@ local function claim(w, name, want)
     end
     return 0
   end
-  qs.limited = limited or false
+  w.queues[name].limited = limited or false
   for i = 1, #rows do start_job(w, rows[i]) end
   return #rows
 end
@@ -563,9 +528,6 @@ end
 local function claimer(w, name)
   local qs = w.queues[name]
   local failures = 0
-  -- (cancelled by a shutdown while its claim carried completions: they
-  -- go back the flusher's way)
-  S.on_attempt_end(S.current(), function() outcomes.claimer_ended(w) end)
   while w.state == "running" do
     local free = qs.limit - qs.running
     if free > 0 then
@@ -613,15 +575,15 @@ end
 
 local function heartbeat(w)
   local failures, wait = 0, w.heartbeat
-  while w.state == "running" or w.nrunning > 0 or #w.pending > 0 or w.writing or w.claim_writing do
+  while w.state == "running" or w.nrunning > 0 or #w.pending > 0 or w.writing do
     S.wait_for(w.beat, "tide.worker", wait)
     wait = w.heartbeat
-    if w.nrunning > 0 or #w.pending > 0 or w.writing or w.claim_writing then
+    if w.nrunning > 0 or #w.pending > 0 or w.writing then
       -- The jobs running here, and those whose outcome waits to be written
       -- (the store may be down): an orphan's lease runs out, theirs not.
       local ids, asked = {}, {}
       for id, rec in pairs(w.running) do ids[#ids + 1] = id; asked[id] = rec end
-      for _, list in ipairs{ w.pending, w.writing or {}, w.claim_writing or {} } do
+      for _, list in ipairs{ w.pending, w.writing or {} } do
         for i = 1, #list do ids[#ids + 1] = list[i].id end
       end
       local ok, leased = pcall(call, w, w.lease_store, "tide.worker", heartbeat_rows, w.id,
@@ -723,12 +685,16 @@ function M.new(opts)
   local scheds = checked.schedules
   local lease = opts.lease or 30000
   local w = setmetatable({
-    -- Claims and outcomes go through one connection of the worker's own;
-    -- heartbeats and rescues through another, so that they never wait
-    -- behind a claim that waits for a server coming back.  (SQLite: the
-    -- queue's own connection for both, through its pool.)
+    -- Outcomes go through one connection of the worker's own; heartbeats
+    -- and rescues through another, so that they never wait behind a claim
+    -- that waits for a server coming back; claims through a third, whose
+    -- commits need no WAL flush (the store's worker_store("claims") says
+    -- why), so that claiming never waits behind an outcome's flush, nor
+    -- pays one.  (SQLite: the queue's own connection for all, through its
+    -- pool.)
     q = opts.queue, store = queue.worker_store(opts.queue),
     lease_store = queue.worker_store(opts.queue),
+    claim_store = queue.worker_store(opts.queue, "claims"),
     targets = checked.targets, loaded = {}, load_errors = {},
     lease = lease, heartbeat = opts.heartbeat or lease / 3, poll = opts.poll or 1000,
     rescue_every = opts.rescue_every or lease / 2, batch = opts.batch or 100,
@@ -742,7 +708,7 @@ function M.new(opts)
     -- host:pid:start time, so a later process that gets the same pid is
     -- another lease holder (it must not heartbeat a dead one's jobs).
     id = ("%s:%d:%x"):format(core.hostname(), core.pid(), (wallclock() * 16 + floor(core.now() * 16) % 16) % 2^40),
-    state = "running", queues = {}, running = {}, nrunning = 0, pending = {}, claiming = 0, claim_writing = false,
+    state = "running", queues = {}, running = {}, nrunning = 0, pending = {},
     flusher = { waiting = false }, beat = { waiting = false }, idle = { waiting = false },
     rescue_holder = { waiting = false }, scheduler = { waiting = false }, tasks = {}, schedules = scheds,
     stats = { claimed = 0, completed = 0, retried = 0, discarded = 0, released = 0,
@@ -841,6 +807,7 @@ function Worker:wait()
   if self.grace_timer then S.untimer(self.grace_timer); self.grace_timer = nil end
   if not queue.shares_store(self.q, self.store) then self.store:close() end
   if not queue.shares_store(self.q, self.lease_store) then self.lease_store:close() end
+  if not queue.shares_store(self.q, self.claim_store) then self.claim_store:close() end
   self.state = "stopped"
   M.live[self] = nil
   return self.stats
@@ -895,7 +862,7 @@ function Worker:drain(opts)
       break
     end
     wait = 20
-    if self.nrunning == 0 and #self.pending == 0 and not self.claim_writing then
+    if self.nrunning == 0 and #self.pending == 0 then
       local done
       if rescue(self) then
         local ok, n = pcall(call, self, self.lease_store, "worker:drain", pending_rows, names, wallclock() + within)

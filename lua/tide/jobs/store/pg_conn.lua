@@ -54,10 +54,13 @@ function M.safe_name(url)
 end
 
 --- A connection (not yet connected: the first statement connects).
-function M.new(info, name)
+--- `setup`: a statement (no parameters) that runs first on every
+--- connection it opens, sent with the first statement (one round trip).
+function M.new(info, name, setup)
   next_id = next_id + 1
   local c = setmetatable({ info = info, name = name, id = next_id, pg = false, waiter = false,
-                           running = false, tx = false, begin_next = false, on_notify = false }, Conn)
+                           running = false, tx = false, begin_next = false, on_notify = false,
+                           setup = setup or false, setup_next = false }, Conn)
   conns[next_id] = c
   return c
 end
@@ -126,7 +129,7 @@ local function connect(c)
   c.pg = pg
   while true do
     local st, e = pg:connect_poll()
-    if st == "ok" then return end
+    if st == "ok" then c.setup_next = c.setup and true; return end
     if not st then drop(c); error(e, 0) end
     if not wait_io(c, st == "read", st == "write", M.CONNECT_TIMEOUT) then
       drop(c)
@@ -159,10 +162,11 @@ local function run(c, sql, ...)
   end
   pg = c.pg
   local ok, err
-  if c.begin_next then
-    c.begin_next = false
+  if c.setup_next or c.begin_next then        -- one pipeline: [setup;] [BEGIN;] the statement
     ok, err = pg:pipeline()
-    if ok then ok, err = pg:send("BEGIN") end
+    if ok and c.setup_next then ok, err = pg:send(c.setup) end
+    if ok and c.begin_next then ok, err = pg:send("BEGIN") end
+    c.setup_next, c.begin_next = false, false
     if ok then ok, err = pg:send(sql, ...) end
     if ok then ok, err = pg:sync() end
   else
