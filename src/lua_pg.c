@@ -381,6 +381,7 @@ static int conn_result(lua_State *L) {
   PGresult *r = u->r = PQgetResult(c->pg);
   if (r == NULL) {
     if (!piped) return 0;
+    if (PQstatus(c->pg) == CONNECTION_BAD) return fail(L, c);  /* no sync will come */
     lua_pushboolean(L, 0);                          /* one statement's results end */
     return 1;
   }

@@ -142,6 +142,10 @@ local function lost(c, err)
   drop(c)
   err = tostring(err)
   if err:sub(1, #c.name + 2) == c.name .. ": " then err = err:sub(#c.name + 3) end
+  -- libpq may pile its messages up ("FATAL: terminating connection ...\n
+  -- server closed the connection unexpectedly\n\tThis probably means ..."):
+  -- one headline, its indented details after
+  err = err:gsub("\n([^\t])", "; %1")
   error(c.name .. ": connection lost: " .. err, 0)
 end
 
