@@ -6,9 +6,14 @@
 -- one from BEGIN to COMMIT, a statement outside transactions takes any free
 -- one, and waiters are served first come, first served, for at most
 -- `pool_timeout` ms.  Workers use stores of their own (worker_store: one
--- connection for claims and outcomes, another for leases) and one more
--- connection that LISTENs, so that an enqueue on any machine wakes idle
--- workers at once: none of them is taken from the application's pool.
+-- connection for outcomes, one for leases, one for claims, whose commits
+-- skip the WAL flush) and one more connection that LISTENs, so that an
+-- enqueue on any machine wakes idle workers at once: none of them is
+-- taken from the application's pool.
+--
+-- A transaction's BEGIN goes with its first statement, in one pipeline
+-- (tide.jobs.store.pg_conn): a transaction of one statement costs two
+-- round trips (BEGIN + statement, COMMIT), not three.
 --
 -- Leases are timed by the server's clock, so machines never argue about
 -- time; other times are client UTC milliseconds, as with SQLite.
