@@ -35,7 +35,8 @@
 -- Environment: TIDE_BENCH_PG_JOBS (N, default 20000), TIDE_BENCH_PG_CONCURRENCY
 -- (tide worker --concurrency, a comma-separated list, default "200,50"; the
 -- first is the one set against the goal), TIDE_BENCH_PG_PARTS (default
--- "floors,throughput,latency"), BUILD (default build), NODE (default node).
+-- "floors,throughput,latency"), TIDE_BENCH_PG_REPEATS (runs of each throughput
+-- and enqueue figure, default 3), BUILD (default build), NODE (default node).
 local tide = require "tide"
 local core = require "tide.core"
 local pg = require "tide.jobs.store.postgres"
@@ -53,7 +54,7 @@ for c in (getenv("TIDE_BENCH_PG_CONCURRENCY") or "200,50"):gmatch("%d+") do CONC
 local PARTS = {}
 for p in (getenv("TIDE_BENCH_PG_PARTS") or "floors,enqueue,owntx,throughput,latency"):gmatch("%a+") do PARTS[p] = true end
 local KS = { 1, 2, 4 }
-local REPEATS = 3
+local REPEATS = tonumber(getenv("TIDE_BENCH_PG_REPEATS") or "3")
 local LAT_ROUNDS, LAT_JOBS, LAT_GAP = 3, 100, 5   -- rounds, jobs per round, ms between enqueues
 local GOAL = 5                          -- x graphile-worker with its defaults
 -- graphile-worker tuned: as many jobs at a time as tide's first concurrency,
