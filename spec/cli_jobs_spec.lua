@@ -322,7 +322,7 @@ for _, st in ipairs(H.stores()) do
         tide("enqueue", store, "orders slow '{\"ms\":10000}'")
         local t0 = os.time()
         local status, err = signal_worker(store, "INT", "--grace 100")
-        assert.equal(0, status)
+        assert.equal(0, status, err)
         assert.is_true(os.time() - t0 < 5)
         assert.matches("0 completed, 0 retried, 0 discarded, 1 released\n$", err)
         local j = tide_json("jobs", store, "show 1")

@@ -210,6 +210,53 @@ describe("transactions on " .. store.name, function()
   end)
 
   if pg then
+    -- BEGIN is sent with a transaction's first statement, in one pipeline
+    -- (tide.jobs.store.pg_conn): the statement must still run inside the
+    -- transaction, an error in it must roll everything back, and the
+    -- connection must serve the next transaction as if nothing happened.
+    it("sends BEGIN with the first statement: an error there rolls all back, and the connection serves on", function()
+      local one = tide.queue.open(url .. "?pool=1")
+      local pids, errs = {}, {}
+      local status, err = tide.run(function()
+        pids[1] = one:transaction(function(tx) return tx:query("SELECT pg_backend_pid() AS pid")[1].pid end)
+        -- 1. the first statement fails: nothing stays, the error is the statement's
+        errs[1] = select(2, pcall(one.transaction, one, function(tx)
+          tx:exec("INSERT INTO no_such_table (x) VALUES (1)")
+        end))
+        -- 2. the first statement runs inside the transaction: a failure caught
+        -- after it leaves the transaction aborted (were it outside, in
+        -- autocommit, the next statement would run and its row would stay)
+        errs[2] = select(2, pcall(one.transaction, one, function(tx)
+          tx:exec("INSERT INTO effects (task, step) VALUES (1, 1)")
+          errs[3] = select(2, pcall(tx.exec, tx, "INSERT INTO no_such_table (x) VALUES (1)"))
+          tx:exec("INSERT INTO effects (task, step) VALUES (1, 2)")
+        end))
+        -- 3. the first statement fails and the error is caught in the
+        -- transaction: the transaction had begun (aborted from there on)
+        errs[4] = select(2, pcall(one.transaction, one, function(tx)
+          pcall(tx.exec, tx, "SELECT 1 / 0")
+          tx:exec("INSERT INTO effects (task, step) VALUES (2, 1)")
+        end))
+        -- 4. a transaction that runs no statement, and one that only reads
+        one:transaction(function() end)
+        assert.equal(2, one:transaction(function(tx) return tx:query("SELECT 2 AS n")[1].n end))
+        -- 5. the same connection serves on, outside transactions and inside
+        one:enqueue{ target = "t", method = "m" }
+        one:transaction(function(tx) tx:exec("INSERT INTO effects (task, step) VALUES (3, 1)") end)
+        pids[2] = one:transaction(function(tx) return tx:query("SELECT pg_backend_pid() AS pid")[1].pid end)
+      end)
+      one:close()
+      assert(status == "ok", tostring(err))
+      assert.matches('relation "no_such_table" does not exist %(SQLSTATE 42P01%)', tostring(errs[1]))
+      assert.matches("SQLSTATE 42P01", tostring(errs[3]))
+      assert.matches("current transaction is aborted.*SQLSTATE 25P02", tostring(errs[2]))
+      assert.matches("current transaction is aborted.*SQLSTATE 25P02", tostring(errs[4]))
+      assert.equal(pids[1], pids[2])            -- never reconnected: each failure left it clean
+      local rows = q:transaction(function(tx) return tx:query("SELECT task, step FROM effects ORDER BY task") end)
+      assert.same({ { task = 3, step = 1 } }, rows)
+      assert.equal(1, q:stats().available)
+    end)
+
     it("discards a connection broken mid-transaction: the transaction fails, no statement runs outside it", function()
       local admin = require("tide.jobs.store.postgres").connect(url)
       local errs = {}

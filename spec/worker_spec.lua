@@ -389,6 +389,28 @@ describe("tide.worker on " .. store.name, function()
       -- 40 x 50 ms on one connection: 2 s; on the pool's 10 connections: about 0.2 s
       assert.is_true(took < 1200, ("40 jobs of 50 ms transactions took %d ms at concurrency 20"):format(took))
     end)
+
+    it("claims on a connection of its own whose commits skip the WAL flush; outcomes and leases keep it", function()
+      local function sync_of(store)
+        local session = store:acquire("spec")
+        local ok, v = pcall(function() return session.c:query("SHOW synchronous_commit").rows[1].synchronous_commit end)
+        store:release(session, not ok)
+        assert(ok, v)
+        return v
+      end
+      local seen
+      with_worker(function()
+        local w = tide.worker{ queue = q, concurrency = 2, targets = { t = { m = function() end } } }
+        seen = { claims = sync_of(w.claim_store), outcomes = sync_of(w.store), leases = sync_of(w.lease_store),
+                 queue = sync_of(q._store) }
+        -- the claimer's connection claims: a job enqueued now is claimed through it
+        q:enqueue{ target = "t", method = "m" }
+        w:drain{ stop = true }
+        seen.distinct = w.claim_store ~= w.store and w.claim_store ~= w.lease_store
+      end)
+      assert.same({ claims = "off", outcomes = "on", leases = "on", queue = "on", distinct = true }, seen)
+      assert.equal(1, q:stats().completed)
+    end)
   end
 
   describe("tells the truth about what the store took", function()

@@ -15,6 +15,15 @@
  *   conn:flush() -> 0 (sent) | 1 (more to send) | nil, message
  *   conn:consume() -> true | nil, message   conn:busy() -> boolean
  *   conn:result() -> nil (no more) | { ok, rows, changes, sqlstate, message }
+ *                                (in a pipeline: false at the end of each
+ *                                statement's results, nil after the sync,
+ *                                which leaves pipeline mode)
+ *   conn:pipeline() -> true | nil, message   enters pipeline mode: the
+ *                                statements sent next go out together, with
+ *                                no wait in between, until conn:sync()
+ *   conn:sync() -> true | nil, message       ends the pipeline's statements
+ *                                (a statement after a failed one is skipped:
+ *                                its result is not ok, "skipped")
  *   conn:notifies() -> { { channel, payload }, ... } | nil
  *   conn:ok() -> boolean   conn:close()
  *
@@ -265,6 +274,22 @@ static int conn_send(lua_State *L) {
   return 1;
 }
 
+/* conn:pipeline(): the statements sent from here to conn:sync() share a
+ * round trip (libpq 14+ pipeline mode). */
+static int conn_pipeline(lua_State *L) {
+  conn *c = check_conn(L);
+  if (!PQenterPipelineMode(c->pg)) return fail(L, c);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int conn_sync(lua_State *L) {
+  conn *c = check_conn(L);
+  if (!PQpipelineSync(c->pg)) return fail(L, c);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 static int conn_flush(lua_State *L) {
   conn *c = check_conn(L);
   int rc = PQflush(c->pg);
@@ -352,9 +377,21 @@ static int conn_result(lua_State *L) {
   u->r = NULL;
   luaL_getmetatable(L, RESULT_MT);
   lua_setmetatable(L, -2);
+  int piped = PQpipelineStatus(c->pg) != PQ_PIPELINE_OFF;
   PGresult *r = u->r = PQgetResult(c->pg);
-  if (r == NULL) return 0;
+  if (r == NULL) {
+    if (!piped) return 0;
+    if (PQstatus(c->pg) == CONNECTION_BAD) return fail(L, c);  /* no sync will come */
+    lua_pushboolean(L, 0);                          /* one statement's results end */
+    return 1;
+  }
   ExecStatusType st = PQresultStatus(r);
+  if (st == PGRES_PIPELINE_SYNC) {                  /* the pipeline's end */
+    PQclear(r);
+    u->r = NULL;
+    if (!PQexitPipelineMode(c->pg)) return fail(L, c);
+    return 0;
+  }
   int ok = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK || st == PGRES_EMPTY_QUERY;
   lua_createtable(L, 0, 5);
   lua_pushboolean(L, ok);
@@ -369,7 +406,8 @@ static int conn_result(lua_State *L) {
   if (!ok) {
     set_string(L, "sqlstate", PQresultErrorField(r, PG_DIAG_SQLSTATE));
     set_string(L, "message", PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY));
-    if (PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY) == NULL) set_string(L, "message", PQresultErrorMessage(r));
+    if (st == PGRES_PIPELINE_ABORTED) set_string(L, "message", "skipped: an earlier statement of its pipeline failed");
+    else if (PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY) == NULL) set_string(L, "message", PQresultErrorMessage(r));
   }
   PQclear(r);
   u->r = NULL;
@@ -454,6 +492,7 @@ static const luaL_Reg conn_methods[] = {
   { "watch", conn_watch }, { "unwatch", conn_unwatch }, { "wait", conn_wait },
   { "connect_poll", conn_connect_poll }, { "send", conn_send }, { "flush", conn_flush },
   { "consume", conn_consume }, { "busy", conn_busy }, { "result", conn_result },
+  { "pipeline", conn_pipeline }, { "sync", conn_sync },
   { "notifies", conn_notifies }, { "ok", conn_ok }, { "close", conn_close }, { NULL, NULL }
 };
 

@@ -35,7 +35,8 @@
 -- Environment: TIDE_BENCH_PG_JOBS (N, default 20000), TIDE_BENCH_PG_CONCURRENCY
 -- (tide worker --concurrency, a comma-separated list, default "200,50"; the
 -- first is the one set against the goal), TIDE_BENCH_PG_PARTS (default
--- "floors,throughput,latency"), BUILD (default build), NODE (default node).
+-- "floors,throughput,latency"), TIDE_BENCH_PG_REPEATS (runs of each throughput
+-- and enqueue figure, default 3), BUILD (default build), NODE (default node).
 local tide = require "tide"
 local core = require "tide.core"
 local pg = require "tide.jobs.store.postgres"
@@ -53,7 +54,7 @@ for c in (getenv("TIDE_BENCH_PG_CONCURRENCY") or "200,50"):gmatch("%d+") do CONC
 local PARTS = {}
 for p in (getenv("TIDE_BENCH_PG_PARTS") or "floors,enqueue,owntx,throughput,latency"):gmatch("%a+") do PARTS[p] = true end
 local KS = { 1, 2, 4 }
-local REPEATS = 3
+local REPEATS = tonumber(getenv("TIDE_BENCH_PG_REPEATS") or "3")
 local LAT_ROUNDS, LAT_JOBS, LAT_GAP = 3, 100, 5   -- rounds, jobs per round, ms between enqueues
 local GOAL = 5                          -- x graphile-worker with its defaults
 -- graphile-worker tuned: as many jobs at a time as tide's first concurrency,
@@ -188,9 +189,28 @@ local function floors()
   t0 = tide.now()
   for _ = 1, m do db:query("UPDATE " .. tbl .. " SET n = n + 1") end
   local commits = m * 1000 / (tide.now() - t0)
-  db:query("DROP TABLE " .. tbl)
   print(("floors, one connection: %.0f \"SELECT 1\" round trips/s; %.0f single-row UPDATE commits/s "
     .. "(a WAL flush each)"):format(select1, commits))
+  -- What a job that commits its own row needs at least: one commit each.
+  -- From n connections at once, the server flushes the WAL once for all
+  -- the commits that wait together (group commit): the floor of the
+  -- own-transaction rows at pool n.
+  local cells = {}
+  for _, n in ipairs{ 1, 5, 20 } do
+    local conns, tasks, per = {}, {}, floor(1000 / n)
+    for i = 1, n do conns[i] = pg.connect(URL); conns[i]:query("SELECT 1") end
+    t0 = tide.now()
+    for i = 1, n do
+      tasks[i] = tide.spawn(function()
+        for k = 1, per do conns[i]:query("INSERT INTO " .. tbl .. " VALUES ($1)", k) end
+      end)
+    end
+    for i = 1, n do tasks[i]:await() end
+    cells[#cells + 1] = ("%d connection%s %.0f"):format(n, n == 1 and "" or "s", n * per * 1000 / (tide.now() - t0))
+    for i = 1, n do conns[i]:close() end
+  end
+  db:query("DROP TABLE " .. tbl)
+  print("floors, single-row INSERT commits/s from n connections at once (group commit): " .. concat(cells, "; "))
 end
 
 -- ===== 2. throughput

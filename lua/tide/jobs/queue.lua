@@ -1084,7 +1084,7 @@ function M.is_queue(v) return getmetatable(v) == Queue_mt end
 function M.is_open(q) return q._store ~= nil end
 --- A store for a worker's own statements: connections of its own where
 --- the store has them (PostgreSQL), else the queue's (SQLite).
-function M.worker_store(q) return q._store:worker_store() end
+function M.worker_store(q, purpose) return q._store:worker_store(purpose) end
 --- True when `store` is the queue's own (shared with its transactions).
 function M.shares_store(q, store) return store == q._store end
 

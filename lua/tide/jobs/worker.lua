@@ -495,7 +495,8 @@ end
 local function claim(w, name, want)
   if w.state ~= "running" then return 0 end
   local now = wallclock()
-  local ok, rows, limited = pcall(call, w, w.store, "tide.worker", claim_rows, name, want, w.id, now, now + w.lease)
+  local ok, rows, limited = pcall(call, w, w.claim_store, "tide.worker", claim_rows, name, want, w.id, now,
+                                  now + w.lease)
   if not ok then
     log.report("worker " .. w.id .. ": claiming from queue " .. name, rows)
     M.totals.store_errors.claim = M.totals.store_errors.claim + 1
@@ -684,12 +685,16 @@ function M.new(opts)
   local scheds = checked.schedules
   local lease = opts.lease or 30000
   local w = setmetatable({
-    -- Claims and outcomes go through one connection of the worker's own;
-    -- heartbeats and rescues through another, so that they never wait
-    -- behind a claim that waits for a server coming back.  (SQLite: the
-    -- queue's own connection for both, through its pool.)
+    -- Outcomes go through one connection of the worker's own; heartbeats
+    -- and rescues through another, so that they never wait behind a claim
+    -- that waits for a server coming back; claims through a third, whose
+    -- commits need no WAL flush (the store's worker_store("claims") says
+    -- why), so that claiming never waits behind an outcome's flush, nor
+    -- pays one.  (SQLite: the queue's own connection for all, through its
+    -- pool.)
     q = opts.queue, store = queue.worker_store(opts.queue),
     lease_store = queue.worker_store(opts.queue),
+    claim_store = queue.worker_store(opts.queue, "claims"),
     targets = checked.targets, loaded = {}, load_errors = {},
     lease = lease, heartbeat = opts.heartbeat or lease / 3, poll = opts.poll or 1000,
     rescue_every = opts.rescue_every or lease / 2, batch = opts.batch or 100,
@@ -802,6 +807,7 @@ function Worker:wait()
   if self.grace_timer then S.untimer(self.grace_timer); self.grace_timer = nil end
   if not queue.shares_store(self.q, self.store) then self.store:close() end
   if not queue.shares_store(self.q, self.lease_store) then self.lease_store:close() end
+  if not queue.shares_store(self.q, self.claim_store) then self.claim_store:close() end
   self.state = "stopped"
   M.live[self] = nil
   return self.stats

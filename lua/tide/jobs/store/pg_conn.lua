@@ -54,10 +54,13 @@ function M.safe_name(url)
 end
 
 --- A connection (not yet connected: the first statement connects).
-function M.new(info, name)
+--- `setup`: a statement (no parameters) that runs first on every
+--- connection it opens, sent with the first statement (one round trip).
+function M.new(info, name, setup)
   next_id = next_id + 1
   local c = setmetatable({ info = info, name = name, id = next_id, pg = false, waiter = false,
-                           running = false, tx = false, on_notify = false }, Conn)
+                           running = false, tx = false, begin_next = false, on_notify = false,
+                           setup = setup or false, setup_next = false }, Conn)
   conns[next_id] = c
   return c
 end
@@ -91,7 +94,33 @@ M.drop = drop
 --- so the server rolls back; the next statement connects again.
 function Conn:reset()
   drop(self)
-  self.running, self.tx, self.waiter = false, false, false
+  self.running, self.tx, self.waiter, self.begin_next = false, false, false, false
+end
+
+-- ===== transactions: BEGIN goes with the first statement
+--
+-- Conn:begin() sends nothing: the transaction's first statement goes out
+-- after a BEGIN in one pipeline (one round trip where two were taken), and
+-- a transaction that ran no statement ends without any.  The server runs
+-- the BEGIN first, so whatever that statement does is inside the
+-- transaction; if it fails, the transaction is open and aborted, and the
+-- caller's ROLLBACK ends it, as after any failed statement.
+
+--- Opens a transaction (c.tx); its BEGIN waits for the first statement.
+function Conn:begin()
+  self.tx, self.begin_next = true, true
+end
+
+--- Ends the transaction with `sql` (COMMIT or ROLLBACK): a round trip,
+--- unless no statement ran in it.  Raises when the statement fails (the
+--- transaction is then still open: roll it back).
+function Conn:finish(sql)
+  if self.begin_next then
+    self.begin_next, self.tx = false, false
+    return
+  end
+  self:query(sql)
+  self.tx = false
 end
 
 local function connect(c)
@@ -100,7 +129,7 @@ local function connect(c)
   c.pg = pg
   while true do
     local st, e = pg:connect_poll()
-    if st == "ok" then return end
+    if st == "ok" then c.setup_next = c.setup and true; return end
     if not st then drop(c); error(e, 0) end
     if not wait_io(c, st == "read", st == "write", M.CONNECT_TIMEOUT) then
       drop(c)
@@ -113,10 +142,15 @@ local function lost(c, err)
   drop(c)
   err = tostring(err)
   if err:sub(1, #c.name + 2) == c.name .. ": " then err = err:sub(#c.name + 3) end
+  -- libpq may pile its messages up ("FATAL: terminating connection ...\n
+  -- server closed the connection unexpectedly\n\tThis probably means ..."):
+  -- one headline, its indented details after
+  err = err:gsub("\n([^\t])", "; %1")
   error(c.name .. ": connection lost: " .. err, 0)
 end
 
---- Sends one statement and reads its results; returns the last.
+--- Sends one statement (after BEGIN, in one pipeline, when a transaction
+--- waits to begin: see Conn:begin) and reads its results; returns the last.
 local function run(c, sql, ...)
   -- Broken, or closed by the server while idle (a restart): reading what
   -- waits on the socket tells, before we send.  (Twice: a server that
@@ -125,11 +159,23 @@ local function run(c, sql, ...)
   local pg = c.pg
   if pg and (not pg:consume() or not pg:consume() or not pg:ok() or pg:result()) then drop(c) end
   if not c.pg then
-    if c.tx then error(c.name .. ": connection lost during a transaction (the server rolled it back)", 0) end
-    connect(c)
+    if c.tx and not c.begin_next then
+      error(c.name .. ": connection lost during a transaction (the server rolled it back)", 0)
+    end
+    connect(c)                                -- (a transaction not begun yet begins on the new one)
   end
   pg = c.pg
-  local ok, err = pg:send(sql, ...)
+  local ok, err
+  if c.setup_next or c.begin_next then        -- one pipeline: [setup;] [BEGIN;] the statement
+    ok, err = pg:pipeline()
+    if ok and c.setup_next then ok, err = pg:send(c.setup) end
+    if ok and c.begin_next then ok, err = pg:send("BEGIN") end
+    c.setup_next, c.begin_next = false, false
+    if ok then ok, err = pg:send(sql, ...) end
+    if ok then ok, err = pg:sync() end
+  else
+    ok, err = pg:send(sql, ...)
+  end
   if not ok then lost(c, err) end
   while true do
     local more, ferr = pg:flush()
@@ -137,18 +183,23 @@ local function run(c, sql, ...)
     if more == 0 then break end
     wait_io(c, true, true)
   end
-  while pg:busy() do
-    wait_io(c, true, false)
-    if not c.pg then lost(c, "closed while waiting") end
-    local cok, cerr = pg:consume()
-    if not cok then lost(c, cerr) end
-  end
   local last, failure
   while true do
-    local r = pg:result()
-    if not r then break end
-    if not r.ok and not failure then failure = r end
-    last = r
+    while pg:busy() do
+      wait_io(c, true, false)
+      if not c.pg then lost(c, "closed while waiting") end
+      local cok, cerr = pg:consume()
+      if not cok then lost(c, cerr) end
+    end
+    local r, rerr = pg:result()             -- (false: a statement of a pipeline ended; more come)
+    if r == nil then
+      if rerr then lost(c, rerr) end
+      break
+    end
+    if r then
+      if not r.ok and not failure then failure = r end
+      last = r
+    end
   end
   if failure then
     error(format("%s: %s (SQLSTATE %s)", c.name, failure.message or "error", failure.sqlstate or "?????"), 0)

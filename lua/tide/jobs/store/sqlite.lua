@@ -5,7 +5,7 @@
 -- with the same methods:
 --
 --   store:acquire(fname[, timeout]) -> session   store:release(session, broken)
---   store:worker_store()   store:stats_pool()   store:close()   store.name, .durability
+--   store:worker_store([purpose])   store:stats_pool()   store:close()   store.name, .durability
 --
 --   session:begin() :commit() :rollback()      a write transaction (IMMEDIATE)
 --   session:savepoint(n) :release(n) :rollback_to(n)   nested transactions
