@@ -353,6 +353,25 @@ describe("process mode", function()
     assert.equal(0, sleeps_left())
   end)
 
+  it("closes a child whose job ends during a shutdown's grace period, without an error", function()
+    local reported = {}
+    tide.configure{ on_error = function(where, err) reported[#reported + 1] = tostring(where) .. ": " .. tostring(err) end }
+    local pid, outcome
+    local ok, err = pcall(run, function()
+      assert.is_true(pool_ready())
+      local t = tide.spawn{ mode = "process", run = function() require("tide").sleep(150); return 1 end }
+      assert.is_true(eventually(2000, function() return process.pid_of(t) ~= nil end))
+      pid = process.pid_of(t)
+      tide.shutdown(5000)
+      outcome = { t:await() }
+    end)
+    spec_helper.loud_errors()
+    assert.is_true(ok, err)
+    assert.same({ "ok", 1 }, outcome)
+    assert.same({}, reported)
+    assert.is_false(exists(pid), "the child that finished during the shutdown is gone")
+  end)
+
   it("runs flow nodes in process mode, a killing timeout failing the node", function()
     run(function()
       local f = tide.flow{ tasks = {

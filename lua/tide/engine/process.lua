@@ -290,6 +290,24 @@ local function on_exit(ch, status, signal, tail)
   if spare == nil then spawn_child(nil) end
 end
 
+--- A shutdown began: nothing new starts, so the children without work (and
+--- the spare) are killed and reaped now; busy ones are killed when their
+--- tasks end (at the latest, the end of the grace period).  The next task
+--- after the shutdown fills the pool again.
+local function close_idle()
+  local list = {}
+  for _, ch in pairs(children) do
+    if ch.state ~= "busy" then list[#list + 1] = ch end
+  end
+  for _, ch in ipairs(list) do
+    children[ch.cid] = nil
+    if ch == spare then spare = nil
+    elseif by_index[ch.index] == ch then by_index[ch.index], nworking = nil, nworking - 1 end
+    ch.state = "closed"
+    core.proc_close(ch.cid)
+  end
+end
+
 --- A stopped job's late result: its task moved on, but where the job was
 --- stopped (the child's traceback) is worth keeping on it.
 local function late_result(rec, ch, ok, trace)
@@ -339,24 +357,6 @@ local function on_event(cid, kind, a, b, c, d)
   elseif kind == "exit" then
     on_exit(ch, a, b, c)
     dispatch()
-  end
-end
-
---- A shutdown began: nothing new starts, so the children without work (and
---- the spare) are killed and reaped now; busy ones are killed when their
---- tasks end (at the latest, the end of the grace period).  The next task
---- after the shutdown fills the pool again.
-local function close_idle()
-  local list = {}
-  for _, ch in pairs(children) do
-    if ch.state ~= "busy" then list[#list + 1] = ch end
-  end
-  for _, ch in ipairs(list) do
-    children[ch.cid] = nil
-    if ch == spare then spare = nil
-    elseif by_index[ch.index] == ch then by_index[ch.index], nworking = nil, nworking - 1 end
-    ch.state = "closed"
-    core.proc_close(ch.cid)
   end
 end
 
