@@ -165,6 +165,26 @@ describe("q:declare and unique on " .. store.name, function()
     assert.equal(1, most)
   end)
 
+  it("claims a job its key's rate held back when the rate's window reopens, not at the next poll", function()
+    q:declare("r", { partition = "args.key", per_key = { rate = "2/s" } })
+    for i = 1, 4 do q:enqueue{ queue = "r", target = "t", method = "m", args = { key = "a", i = i } } end
+    local starts = {}
+    H.run(function()
+      local w = tide.worker{ queue = q, queues = { r = 4 }, poll = 10000, targets = { t = { m = function()
+        starts[#starts + 1] = core.now()
+      end } } }
+      local t0 = core.now()
+      while #starts < 4 and core.now() - t0 < 6000 do tide.sleep(10) end
+      w:stop()
+      w:wait()
+    end)
+    assert.equal(4, #starts)
+    local waited = starts[3] - starts[1]
+    assert.is_true(waited >= 990, "the rate let a third job start " .. waited .. " ms after the first")
+    -- (the window reopens 1000 ms after the first two started; the poll is 10 s)
+    assert.is_true(waited < 1600, "the third job started " .. waited .. " ms after the first (window: 1000 ms)")
+  end)
+
   it("returns the existing job and false for a duplicate inside the period, and a new one outside it", function()
     local u = { period = "1h", keys = { "args.account" } }
     local id, inserted = q:enqueue{ target = "t", method = "m", args = { account = 1, n = 1 }, unique = u }

@@ -1097,10 +1097,10 @@ function M.worker_call(q, store, fname, fn, ...)
     if st then return fn(st.session, ...) end
   end
   local session = store:acquire(fname, false)
-  local ok, a, b = pcall(fn, session, ...)
+  local ok, a, b, c = pcall(fn, session, ...)
   store:release(session, false, holder())
   if not ok then error(a, 0) end
-  return a, b
+  return a, b, c
 end
 
 M.notify = notify

@@ -290,6 +290,10 @@ local SQL = {
         - (SELECT count(*) FROM tide_jobs WHERE status = 'executing' AND queue = ?4), ?5))))
     RETURNING id, queue, target, method, args, args_enc, priority, attempt, max_attempts,
       run_at, inserted_at, idempotence_key, partition_key]],
+  -- The oldest start of a keyed job in the rate's window (?2: now less the
+  -- window): no key's window reopens before it leaves the window.
+  rate_oldest = [[SELECT min(attempted_at) AS at FROM tide_jobs
+    WHERE queue = ?1 AND partition_key IS NOT NULL AND attempted_at > ?2]],
   limits = "SELECT * FROM tide_queues WHERE name = ?1",
   declare = [[INSERT INTO tide_queues (name, concurrency, partition, key_concurrency, rate_limit, rate_period,
       updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
@@ -378,11 +382,11 @@ local function explain(s, err)
 end
 
 --- Runs fn(...) (statements on s); a "database is locked" is tried again as
---- the header says.  Returns fn's first two results.
+--- the header says.  Returns fn's first three results.
 local function locked(s, fn, ...)
   if not s.db then error(s.name .. ": the store is closed", 0) end
-  local ok, a, b = pcall(fn, ...)
-  if ok then return a, b end
+  local ok, a, b, c = pcall(fn, ...)
+  if ok then return a, b, c end
   if not is_busy(a) then error(explain(s, a), 0) end
   local waited, delay = 0, BUSY_FIRST
   while true do
@@ -392,10 +396,10 @@ local function locked(s, fn, ...)
       end
       S.sleep(delay)
       waited, delay = waited + delay, min(delay * 2, BUSY_MAX)
-      ok, a, b = pcall(fn, ...)
+      ok, a, b, c = pcall(fn, ...)
     elseif not core.running() then          -- a plain script: nothing else would run meanwhile
       s.db:busy_timeout(s.busy_timeout)
-      ok, a, b = pcall(fn, ...)
+      ok, a, b, c = pcall(fn, ...)
       s.db:busy_timeout(0)
       if not ok and is_busy(a) then error(("%s (waited %d ms for another connection's lock)")
         :format(a, s.busy_timeout), 0) end
@@ -403,7 +407,7 @@ local function locked(s, fn, ...)
       error(a .. " (called outside a task while the loop runs, where it cannot wait for the lock: "
             .. "call it from a task)", 0)
     end
-    if ok then return a, b end
+    if ok then return a, b, c end
     if not is_busy(a) then error(explain(s, a), 0) end
   end
 end
@@ -777,14 +781,22 @@ local function claim(s, queue, n, owner, now, lease_until)
   end
   local r = limited(s, queue, core.now())     -- nothing claimed: because of limits?
   if not r then return {}, false end
-  return stmt(s, "claim_limited"):rows(now, owner, lease_until, queue, n, per_key_cap(r, n)), true
+  local rows = stmt(s, "claim_limited"):rows(now, owner, lease_until, queue, n, per_key_cap(r, n))
+  local reopen
+  if #rows < n and r.rate_limit then
+    local oldest = stmt(s, "rate_oldest"):first(queue, now - r.rate_period).at
+      if oldest then reopen = oldest + r.rate_period - now end
+  end
+  return rows, true, reopen
 end
 
---- Claims up to n due jobs; returns them (in start order) and true when the
---- queue has limits (a worker then claims again after each outcome it writes).
+--- Claims up to n due jobs; returns them (in start order), true when the
+--- queue has limits (a worker then claims again after each outcome it
+--- writes), and, when a rate may have held jobs back, in how many ms the
+--- first of its windows reopens (nothing else would wake the worker then).
 function Session:claim(queue, n, owner, now, lease_until)
-  local rows, yes = locked(self, claim, self, queue, n, owner, now, lease_until)
-  return common.start_order(rows), yes
+  local rows, yes, reopen = locked(self, claim, self, queue, n, owner, now, lease_until)
+  return common.start_order(rows), yes, reopen
 end
 
 local function declare(s, r)
