@@ -2,6 +2,7 @@
 local tide = require "tide"
 local process = require "tide.engine.process"
 local ffi = require "ffi"
+local core = require "tide.core"
 
 package.path = "spec/fixtures/?.lua;" .. package.path
 pcall(ffi.cdef, "int getpid(void);")
@@ -145,6 +146,39 @@ describe("process mode", function()
       for i = 1, 100 do ts[i] = tide.spawn{ mode = "process", run = function(x) return x * 2 end, args = { i } } end
       for i = 1, 100 do assert.same({ "ok", 2 * i }, { ts[i]:await() }) end
     end)
+  end)
+
+  it("gives no new job to a child it is killing, even when the stopped job's result comes after the kill", function()
+    tide.configure{ process_stop_wait = 100 }
+    local path = os.tmpname()
+    local ok, err = pcall(run, function()
+      assert.is_true(pool_ready())
+      local other = tide.spawn{ mode = "process", run = function() require("tide").sleep(600) end }
+      -- Job a notices its stop request (at 60 ms) when a `sleep 0.15` ends.
+      local a = tide.spawn{ mode = "process", timeout = 60, run = function()
+        while true do os.execute("sleep 0.15"); require("tide").check() end
+      end }
+      local b = tide.spawn{ mode = "process", run = function() return "b" end }   -- waits: both children are busy
+      -- A callback of the loop's I/O phase (a file watch, its file written
+      -- at 90 ms) holds the loop until a's result is written (~150 ms) and
+      -- its kill is due (160 ms): the loop's next turn runs the kill's timer
+      -- first, then reads a's result.
+      local watch = core.fs_watch(path, function()
+        local t0 = core.now()
+        while core.now() - t0 < 250 do end
+      end)
+      tide.spawn{ mode = "thread", args = { path }, run = function(p)
+        require("tide").sleep(90)
+        local f = io.open(p, "w"); f:write("x"); f:close()
+      end }:await()
+      assert.equal("timeout", (a:await()))
+      assert.same({ "ok", "b" }, { b:await() })
+      assert.equal("ok", (other:await()))
+      watch:close()
+    end)
+    os.remove(path)
+    tide.configure{ process_stop_wait = 50 }
+    assert(ok, err)
   end)
 
   it("stops an interpreted loop without a kill, and keeps where it was as the task's traceback", function()

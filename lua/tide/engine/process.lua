@@ -329,7 +329,9 @@ local function on_event(cid, kind, a, b, c, d)
       end
       ch.sent[ch.sh] = nil
       ch.sh = ch.sh + 1
-      if ch.sh > ch.st then
+      if ch.killing then                     -- the result came after its kill: no more work;
+        ch.job = ch.sent[ch.sh]              -- its exit event ends what it was sent ahead
+      elseif ch.sh > ch.st then
         make_idle(ch)
         if S.shutting_down() then close_idle() end
       else                                   -- it starts the next one it was sent
