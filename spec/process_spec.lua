@@ -293,6 +293,35 @@ describe("process mode", function()
     if not ok then error(err, 0) end
   end)
 
+  it("kills a child whose frames break the protocol (a job that writes on fd 3), failing its task at once", function()
+    run(function()
+      assert.is_true(pool_ready())
+      -- A second "ready" (the parent would take the busy child for idle
+      -- and forget its job), then frames that make no sense.
+      local frames = {
+        "\5\0\0\0R\255\255\255\255",                   -- ready again
+        "\1\0\0\0X",                                       -- an unknown type
+        "\3\0\0\0D\1\2",                                 -- a done cut short
+        "\0\0\0\0",                                        -- an empty frame
+      }
+      for _, frame in ipairs(frames) do
+        local t0 = tide.now()
+        local t = tide.spawn{ mode = "process", timeout = 5000, args = { frame }, run = function(bytes)
+          local ffi = require "ffi"
+          pcall(ffi.cdef, "long write(int, const void *, unsigned long);")
+          ffi.C.write(3, bytes, #bytes)
+          require("tide").sleep(1000)
+          return "not heard"
+        end }
+        local status, msg = t:await()
+        assert.equal("error", status, ("%q"):format(frame))
+        assert.matches("^process %d+ killed by SIGKILL", msg)
+        assert.is_true(tide.now() - t0 < 900, ("%q: the outcome came after %d ms"):format(frame, tide.now() - t0))
+      end
+      assert.is_true(pool_ready(), "the pool is back to its size")
+    end)
+  end)
+
   it("keeps the parent's listening sockets and files out of its children", function()
     pcall(ffi.cdef, [[
       int socket(int, int, int);

@@ -25,6 +25,8 @@ struct tide__proc {
   int pid;
   int open;
   int gone;                        /* exited or closed: no more events    */
+  int ready;                       /* it sent its 'R' frame               */
+  int broken;                      /* it broke the protocol: being killed */
   char *in;                        /* bytes read from chan, not yet parsed */
   size_t in_len, in_cap;
   char tail[TIDE_PROC_TAIL];       /* the end of stderr                   */
@@ -36,37 +38,6 @@ struct tide__proc {
 
 static void put_u32(char *p, uint32_t v) {
   for (int i = 0; i < 4; i++) p[i] = (char)(v >> (8 * i));
-}
-
-static uint32_t get_u32(const char *p) {
-  uint32_t v = 0;
-  for (int i = 0; i < 4; i++) v |= (uint32_t)(unsigned char)p[i] << (8 * i);
-  return v;
-}
-
-static uint64_t get_u64(const char *p) {
-  return (uint64_t)get_u32(p) | (uint64_t)get_u32(p + 4) << 32;
-}
-
-/* A reader over a frame's payload: each get fails (returns -1) past its end. */
-typedef struct reader { const char *p; size_t left; } reader;
-
-static int rd_bytes(reader *r, size_t n, const char **out) {
-  if (r->left < n) return -1;
-  *out = r->p;
-  r->p += n;
-  r->left -= n;
-  return 0;
-}
-
-/* A string: *s NULL for the NULL marker. */
-static int rd_str(reader *r, const char **s, size_t *len) {
-  const char *p;
-  if (rd_bytes(r, 4, &p) != 0) return -1;
-  uint32_t n = get_u32(p);
-  if (n == 0xffffffffu) { *s = NULL; *len = 0; return 0; }
-  *len = n;
-  return rd_bytes(r, n, s);
 }
 
 /* ===== writing frames */
@@ -89,7 +60,7 @@ typedef struct piece { const void *p; size_t len; int is_str; } piece;
 static int send_frame(tide__proc *p, char type, const piece *pieces, int n) {
   size_t total = 1;
   for (int i = 0; i < n; i++) total += pieces[i].len + (pieces[i].is_str ? 4 : 0);
-  if (total > 0xfffffff0u) return UV_E2BIG;
+  if (total > TIDE_PROC_FRAME_MAX) return UV_E2BIG;
   wreq *w = malloc(sizeof *w + 4 + total);
   if (w == NULL) return UV_ENOMEM;
   char *o = w->data;
@@ -154,34 +125,27 @@ static void deliver(tide__proc *p, const tide__proc_event *ev) {
   p->cb(p, ev, p->data);
 }
 
-/* Handles one frame from the child; -1 when it makes no sense. */
+/* Handles one frame from the child; -1 when it breaks the protocol. */
 static int handle_frame(tide__proc *p, const char *f, size_t len) {
-  reader r = { f + 1, len - 1 };
-  tide__proc_event ev = { 0 };
-  const char *b;
-  if (f[0] == 'R') {
-    size_t n;
-    if (rd_str(&r, &ev.init_error, &n) != 0) return -1;
-    char *msg = ev.init_error ? strndup(ev.init_error, n) : NULL;
-    ev.kind = TIDE_PROC_READY;
-    ev.init_error = msg;
+  tide__proc_event ev;
+  if (tide__proc_decode(f, len, p->ready, &ev) != 0) return -1;
+  if (ev.kind != TIDE_PROC_READY) {
     deliver(p, &ev);
-    free(msg);
     return 0;
   }
-  if (f[0] != 'D') return -1;
-  if (rd_bytes(&r, 9, &b) != 0) return -1;
-  ev.kind = TIDE_PROC_DONE;
-  ev.id = get_u64(b);
-  ev.ok = b[8] != 0;
-  if (rd_str(&r, &ev.result, &ev.result_len) != 0 || rd_str(&r, &ev.trace, &ev.trace_len) != 0)
-    return -1;
+  p->ready = 1;
+  char *msg = ev.init_error ? strndup(ev.init_error, ev.init_error_len) : NULL;
+  if (ev.init_error && msg == NULL) return -1;        /* out of memory: cannot tell it */
+  ev.init_error = msg;
   deliver(p, &ev);
+  free(msg);
   return 0;
 }
 
-/* Appends bytes read from fd 3 and handles every whole frame. */
+/* Appends bytes read from fd 3 and handles every whole frame; a child
+ * whose bytes make no sense is killed (its exit event follows). */
 static void take_bytes(tide__proc *p, const char *data, size_t n) {
+  if (p->broken) return;
   if (p->in_len + n > p->in_cap) {
     size_t cap = p->in_cap ? p->in_cap : READ_CHUNK;
     while (cap < p->in_len + n) cap *= 2;
@@ -192,17 +156,19 @@ static void take_bytes(tide__proc *p, const char *data, size_t n) {
   }
   memcpy(p->in + p->in_len, data, n);
   p->in_len += n;
-  size_t pos = 0;
-  while (!p->gone && p->in_len - pos >= 4) {
-    uint32_t len = get_u32(p->in + pos);
-    if (len == 0 || len > 0xfffffff0u) { tide__proc_kill(p); break; }
-    if (p->in_len - pos - 4 < len) break;
+  size_t pos = 0, size;
+  while (!p->gone && !p->broken) {
+    int whole = tide__proc_frame_size(p->in + pos, p->in_len - pos, &size);
+    if (whole == 0) break;
     /* p->in stays put during the callback: nothing reads until it returns. */
-    size_t at = pos + 4;
-    pos += 4 + (size_t)len;
-    if (handle_frame(p, p->in + at, len) != 0) { tide__proc_kill(p); break; }
+    if (whole < 0 || handle_frame(p, p->in + pos + 4, size - 4) != 0) {
+      p->broken = 1;                                   /* nothing it sends counts any more */
+      tide__proc_kill(p);
+      break;
+    }
+    pos += size;
   }
-  if (p->gone) return;
+  if (p->gone || p->broken) return;
   memmove(p->in, p->in + pos, p->in_len - pos);
   p->in_len -= pos;
 }

@@ -51,6 +51,7 @@ typedef struct tide__proc_event {
   tide__proc_event_kind kind;
   /* READY */
   const char *init_error;            /* NULL when init went well            */
+  size_t init_error_len;
   /* DONE */
   uint64_t id;
   int ok;
@@ -99,6 +100,22 @@ int tide__proc_pid(const tide__proc *p);
 /* Kills the child's process group, reaps the child and closes the handles;
  * no event comes any more.  The struct frees itself once they are closed. */
 void tide__proc_close(tide__proc *p);
+
+/* ===== reading a child's frames (proc_frame.c: no libuv, fuzzed) */
+
+#define TIDE_PROC_FRAME_MAX 0xfffffff0u    /* the largest length a frame may give */
+
+/* Whether buf (len bytes) starts with a whole frame: 1, its size (length
+ * field included) in *size; 0 when more bytes are needed; -1 when its
+ * length makes no sense. */
+int tide__proc_frame_size(const char *buf, size_t len, size_t *size);
+
+/* Decodes frame f (len bytes after the length: type, payload) into *ev,
+ * whose strings then point into f (init_error is not NUL-terminated);
+ * `ready`: whether the child said it was ready before.  0, or -1 when the
+ * frame breaks the protocol (a second ready, a done before the ready, an
+ * unknown type, a field cut short or bytes after the last). */
+int tide__proc_decode(const char *f, size_t len, int ready, tide__proc_event *ev);
 
 /* Set (to 1) by the tide binary's main(): a child is then the binary itself,
  * run with TIDE_PROC_CHILD_ARG; else a luajit that loads tide.so. */
