@@ -322,6 +322,31 @@ describe("process mode", function()
     end)
   end)
 
+  it("learns of a child's death when the host took SIGCHLD (its status reaped by someone else)", function()
+    local dir = spec_helper.tempdir()
+    local script = spec_helper.write_file(dir, "host_sigchld.lua", [[
+      local tide = require "tide"
+      local ffi = require "ffi"
+      ffi.cdef "void *signal(int, void *);"
+      tide.configure{ processes = 1 }
+      tide.spawn{ mode = "process", run = function() end }:await()       -- the pool is up
+      ffi.C.signal(17, ffi.cast("void *", 1))     -- SIGCHLD ignored: the kernel reaps, libuv never hears
+      local t0 = tide.now()
+      local status, msg = tide.spawn{ mode = "process", timeout = 4000, run = function() os.exit(3) end }:await()
+      print(status, ("%d ms"):format(tide.now() - t0))
+      print(msg)
+      print(tide.spawn{ mode = "process", timeout = 4000, run = function() return 42 end }:await())
+    ]])
+    local p = io.popen(("%s/tide run %s 2>&1"):format(spec_helper.build, script))
+    local out = p:read("*a")
+    p:close()
+    local status, ms = out:match("^(%a+)\t(%d+) ms\n")
+    assert.equal("error", status, out)
+    assert.is_true(tonumber(ms) < 1000, out)
+    assert.matches("\nprocess %d+ is gone; its exit status was reaped by another waitpid %(a SIGCHLD handler of the host%?%)\n", out)
+    assert.matches("\nok\t42\n", out)
+  end)
+
   it("keeps the parent's listening sockets and files out of its children", function()
     pcall(ffi.cdef, [[
       int socket(int, int, int);

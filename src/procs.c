@@ -10,16 +10,18 @@
 #include <unistd.h>
 
 #define READ_CHUNK 65536
+#define REAPED_CHECK_MS 50
 
 int tide__proc_in_host = 0;
 
-/* Invariants: `open` counts the handles not yet closed (three once
+/* Invariants: `open` counts the handles not yet closed (four once
  * spawned); the struct is freed by the close callback that brings it to
  * zero, and only once `gone` is set (no more events, no more calls). */
 struct tide__proc {
   uv_process_t proc;
   uv_pipe_t chan;                  /* fd 3: frames                        */
   uv_pipe_t err;                   /* fd 2: stderr                        */
+  uv_timer_t check;                /* after fd 3's end: is it reaped?     */
   tide__proc_cb cb;
   void *data;
   int pid;
@@ -109,6 +111,7 @@ static void close_handles(tide__proc *p) {
   uv_close((uv_handle_t *)&p->proc, on_closed);
   uv_close((uv_handle_t *)&p->chan, on_closed);
   uv_close((uv_handle_t *)&p->err, on_closed);
+  uv_close((uv_handle_t *)&p->check, on_closed);
 }
 
 void tide__proc_close(tide__proc *p) {
@@ -200,10 +203,16 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
   *buf = uv_buf_init(p->rbuf, sizeof p->rbuf);
 }
 
+static void on_reaped_check(uv_timer_t *t);
+
 static void on_chan(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
   tide__proc *p = s->data;
-  if (n > 0) take_bytes(p, buf->base, (size_t)n);
-  else if (n < 0) uv_read_stop(s);                  /* EOF: the exit event follows */
+  if (n > 0) {
+    take_bytes(p, buf->base, (size_t)n);
+  } else if (n < 0) {                                /* EOF: the exit event follows */
+    uv_read_stop(s);
+    uv_timer_start(&p->check, on_reaped_check, REAPED_CHECK_MS, REAPED_CHECK_MS);
+  }
 }
 
 static void on_err(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
@@ -224,10 +233,8 @@ static void drain(tide__proc *p, uv_pipe_t *pipe, void (*take)(tide__proc *, con
   }
 }
 
-/* libuv reaped the child: take what it wrote last, then tell, then close. */
-static void on_exit_cb(uv_process_t *h, int64_t status, int term_signal) {
-  tide__proc *p = h->data;
-  if (p->gone) return;
+/* The child is dead and reaped: take what it wrote last, then tell, then close. */
+static void finish(tide__proc *p, int64_t status, int term_signal, int status_known) {
   /* Whatever the child started dies with it, however it ended (it may have
    * exited by itself, past its stop, with a `sleep` it ran still waiting).
    * Its pid names its process group, which is not given to another process
@@ -237,10 +244,36 @@ static void on_exit_cb(uv_process_t *h, int64_t status, int term_signal) {
   drain(p, &p->err, take_stderr);
   if (p->gone) return;                               /* closed from an event */
   p->gone = 1;
-  tide__proc_event ev = { .kind = TIDE_PROC_EXIT, .exit_status = status,
-                          .term_signal = term_signal, .tail = p->tail, .tail_len = p->tail_len };
+  tide__proc_event ev = { .kind = TIDE_PROC_EXIT, .exit_status = status, .term_signal = term_signal,
+                          .status_known = status_known, .tail = p->tail, .tail_len = p->tail_len };
   deliver(p, &ev);
   close_handles(p);
+}
+
+static void on_exit_cb(uv_process_t *h, int64_t status, int term_signal) {
+  tide__proc *p = h->data;
+  if (!p->gone) finish(p, status, term_signal, 1);
+}
+
+/* fd 3 ended, so the child is dead or dying, and libuv reaps it at its
+ * SIGCHLD: the exit event comes at once.  Unless the host took SIGCHLD
+ * (SIG_IGN, or a handler of its own that reaps every child): then nobody
+ * tells libuv, and this check, REAPED_CHECK_MS after the end and every
+ * REAPED_CHECK_MS until the exit is known, tells instead. */
+static void on_reaped_check(uv_timer_t *t) {
+  tide__proc *p = t->data;
+  if (p->gone) return;
+  int status;
+  pid_t r;
+  while ((r = waitpid(p->pid, &status, WNOHANG)) < 0 && errno == EINTR) {}
+  if (r == 0) {                                      /* alive without its channel: of no use */
+    kill(-p->pid, SIGKILL);
+    return;
+  }
+  if (r == p->pid)                                   /* reaped here: libuv never will */
+    finish(p, WIFEXITED(status) ? WEXITSTATUS(status) : 0, WIFSIGNALED(status) ? WTERMSIG(status) : 0, 1);
+  else                                               /* ECHILD: reaped by someone else */
+    finish(p, 0, 0, 0);
 }
 
 /* ===== starting and signalling */
@@ -297,9 +330,11 @@ int tide__proc_spawn(uv_loop_t *loop, const tide__proc_config *cfg, tide__proc_c
   if (p == NULL) { snprintf(err, errlen, "out of memory"); return UV_ENOMEM; }
   p->cb = cb;
   p->data = data;
-  p->proc.data = p->chan.data = p->err.data = p;
+  p->proc.data = p->chan.data = p->err.data = p->check.data = p;
   uv_pipe_init(loop, &p->chan, 0);                   /* cannot fail on unix */
   uv_pipe_init(loop, &p->err, 0);
+  uv_timer_init(loop, &p->check);
+  uv_unref((uv_handle_t *)&p->check);
   uv_stdio_container_t stdio[4];
   stdio[0].flags = UV_IGNORE;
   stdio[1].flags = UV_INHERIT_FD;
@@ -313,7 +348,7 @@ int tide__proc_spawn(uv_loop_t *loop, const tide__proc_config *cfg, tide__proc_c
     .flags = UV_PROCESS_DETACHED,                    /* a session: kill(-pid) reaches what it starts */
     .stdio_count = 4, .stdio = stdio,
   };
-  p->open = 3;
+  p->open = 4;
   int rc = uv_spawn(loop, &p->proc, &opt);
   if (rc != 0) {
     snprintf(err, errlen, "cannot start %s: %s", cfg->file, uv_strerror(rc));

@@ -24,7 +24,7 @@
  *
  * Lifetime: tide__proc_spawn makes the struct; events come through one
  * callback; after the `exit` event (the child died, for whatever reason,
- * and was reaped by libuv) or tide__proc_close, the struct closes its
+ * and was reaped, by libuv or by anyone) or tide__proc_close, the struct closes its
  * handles and frees itself: the caller must forget it then.  A child never
  * outlives its parent: it holds PR_SET_PDEATHSIG, watches fd 3 for the
  * parent's end closing, and is killed (with its process group) and reaped
@@ -60,6 +60,7 @@ typedef struct tide__proc_event {
   /* EXIT */
   int64_t exit_status;
   int term_signal;                   /* 0 when it exited by itself          */
+  int status_known;                  /* 0: another waitpid took the status  */
   const char *tail;                  /* the end of its stderr               */
   size_t tail_len;
 } tide__proc_event;

@@ -227,7 +227,9 @@ end
 
 local function death_message(ch, status, signal, tail)
   local msg = signal and ("process %d killed by %s"):format(ch.pid, signal)
-              or ("process %d exited with status %d"):format(ch.pid, status)
+              or status and ("process %d exited with status %d"):format(ch.pid, status)
+              or ("process %d is gone; its exit status was reaped by another waitpid (a SIGCHLD handler of "
+                  .. "the host?)"):format(ch.pid)
   if tail ~= "" then msg = msg .. "; the end of its stderr:\n" .. tail end
   return msg
 end
