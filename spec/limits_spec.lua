@@ -243,7 +243,12 @@ describe("q:declare and unique on " .. store.name, function()
       { function() q:enqueue{ target = "t", method = "m", unique = { period = "1h" }, idempotency_key = "k" } end,
         "q:enqueue: give idempotency_key or unique, not both" },
       { function() q:enqueue{ target = "t", method = "m", unique = { states = { "available" } } } end,
-        "q:enqueue: bad option 'unique.period' (positive duration (ms, or like \"1h\", \"30s\") expected, got nil)" },
+        "q:enqueue: bad option 'unique.period' (positive duration below 8000 years (ms, or like \"1h\", \"30s\") "
+        .. "expected, got nil)" },
+      -- (SQLite took it; PostgreSQL's bigint did not)
+      { function() q:enqueue{ target = "t", method = "m", unique = { period = 1e300 } } end,
+        "q:enqueue: bad option 'unique.period' (positive duration below 8000 years (ms, or like \"1h\", \"30s\") "
+        .. "expected, got number 1e+300)" },
       { function() q:enqueue{ target = "t", method = "m", unique = { period = 10, states = { "running" } } } end,
         "q:enqueue: bad option 'unique.states[1]' (" .. require("tide.engine.check").choices(require("tide.jobs.job").is_status)
         .. " expected, got string \"running\")" },
