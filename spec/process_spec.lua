@@ -560,7 +560,12 @@ describe("process mode", function()
       { function() tide.configure{ process_init = 5 } end,
         "tide.configure: bad option 'process_init' (module name expected, got number 5)" },
       { function() tide.configure{ process_memory = -1 } end,
-        "tide.configure: bad option 'process_memory' (integer number of MB (0: no limit) expected, got number -1)" },
+        "tide.configure: bad option 'process_memory' (integer number of MB from 0 (no limit) to 16777216 expected, "
+        .. "got number -1)" },
+      -- (taken, then every process task failed: "bad argument #1 to 'proc_spawn' (memory_limit out of range)")
+      { function() tide.configure{ process_memory = 1e9 } end,
+        "tide.configure: bad option 'process_memory' (integer number of MB from 0 (no limit) to 16777216 expected, "
+        .. "got number 1000000000)" },
       { function() tide.configure{ process_stop_wait = "1s" } end,
         "tide.configure: bad option 'process_stop_wait' (non-negative number of ms expected, got string \"1s\")" },
       { function() tide.configure{ process_prefetch = 0 } end,

@@ -41,6 +41,7 @@ local thread = require "tide.engine.thread"
 local type, error, tostring, unpack, pairs = type, error, tostring, unpack, pairs
 
 local MAX = 1024                             -- children a pool may have
+local MAX_MB = 16777216                      -- process_memory: 16 TB (proc_spawn takes below 1e15 bytes)
 
 local M = {
   config = { processes = nil, init = nil, memory_mb = 0, stop_wait = 100, prefetch = 1 },
@@ -57,8 +58,9 @@ function M.configure(fname, opts, level)
   if opts.process_init ~= nil and type(opts.process_init) ~= "string" then
     check.opt_error(fname, "process_init", "module name", opts.process_init, level)
   end
-  if opts.process_memory ~= nil and not check.is_count(opts.process_memory) then
-    check.opt_error(fname, "process_memory", "integer number of MB (0: no limit)", opts.process_memory, level)
+  if opts.process_memory ~= nil and not (check.is_count(opts.process_memory) and opts.process_memory <= MAX_MB) then
+    check.opt_error(fname, "process_memory", "integer number of MB from 0 (no limit) to " .. MAX_MB, opts.process_memory,
+                    level)
   end
   if opts.process_stop_wait ~= nil and not check.is_ms(opts.process_stop_wait) then
     check.opt_error(fname, "process_stop_wait", "non-negative number of ms", opts.process_stop_wait, level)
