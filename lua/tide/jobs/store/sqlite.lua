@@ -506,10 +506,14 @@ function Store:worker_store() return self end
 -- new; so a check that saw nothing looks once more SECOND_LOOK ms later.
 -- The poll (the worker's `poll` option) remains the backstop.
 --
+-- A -wal file that goes (moved or deleted: the watch sees no more changes)
+-- is watched anew; while it is missing, tried again every REWATCH ms.
+--
 -- Invariants: at most one watch and one pending check per store; a check
 -- runs only when the connection is free (else it is tried again BUSY_LOOK
 -- ms later), outside any task, and never waits.
 local SECOND_LOOK, BUSY_LOOK = 1, 1
+local REWATCH = 500                       -- ms between tries to watch a -wal file that went
 
 local arm_check
 
@@ -558,10 +562,22 @@ function arm_check(store, ms, fresh)
   store.check_timer = S.timer(ms, check_version, store)
 end
 
+--- Tries to watch the -wal file again, every REWATCH ms until it is there
+--- (or nobody listens any more); wakes the listeners once it is watched
+--- (commits meanwhile were not heard).
+local function rewatch(store)
+  store.rewatch_timer = nil
+  if store.watch or not store.session or #store.listeners == 0 then return end
+  if store:watch_wal() then return wake_all(store) end
+  store.rewatch_timer = S.timer(REWATCH, rewatch, store)
+end
+
 local function on_wal_event(store, event)
-  if event ~= "change" then               -- the file went (or the watch failed): watch it anew, once
+  if event ~= "change" then               -- the file went (or the watch failed): watch it anew
     if store.watch then store.watch:close(); store.watch = nil end
-    store:watch_wal()
+    if not store:watch_wal() and not store.rewatch_timer then
+      store.rewatch_timer = S.timer(REWATCH, rewatch, store)
+    end
     return wake_all(store)
   end
   store.events = store.events + 1
@@ -606,6 +622,7 @@ function Store:unlisten(fn)
   if #list == 0 then
     if self.watch then self.watch:close(); self.watch = nil end
     if self.check_timer then S.untimer(self.check_timer); self.check_timer, self.check_at = nil, nil end
+    if self.rewatch_timer then S.untimer(self.rewatch_timer); self.rewatch_timer = nil end
   end
 end
 
