@@ -73,6 +73,30 @@ describe("tide.jobs.cron parsing", function()
     assert.truthy(why)
   end)
 
+  it("refuses a TZif file cut short, or whose offsets are beyond RFC 8536's (a tick would take years to find)", function()
+    --- A version 1 TZif file: one transition at 1e9 s from offset 0 to `off` (seconds east of UTC).
+    local function u32(v) v = v % 2^32; return string.char(math.floor(v / 2^24) % 256, math.floor(v / 2^16) % 256,
+                                                           math.floor(v / 2^8) % 256, v % 256) end
+    local function tzif(off)
+      return "TZif\0" .. ("\0"):rep(15) .. u32(0) .. u32(0) .. u32(0) .. u32(1) .. u32(2) .. u32(4)
+        .. u32(1e9) .. "\1" .. u32(0) .. "\0\0" .. u32(off) .. "\1\2" .. "A\0B\0"
+    end
+    local z = assert(tz.parse("Fine", tzif(93599)))
+    assert.equal(93599, (z:offset(1e9)))
+    for _, off in ipairs{ 200 * 86400, -90000, 93600, -2^31 } do
+      local bad, why = tz.parse("Hostile", tzif(off))
+      assert.is_nil(bad)
+      assert.equal(("local time type 1 has an offset of %d s (more than -25 h and less than 26 h expected)")
+                   :format(off), why)
+    end
+    local bytes = tzif(3600)
+    for n = 0, #bytes - 1 do
+      local cut, why = tz.parse("Cut", bytes:sub(1, n))
+      assert.is_nil(cut)
+      assert.is_string(why)
+    end
+  end)
+
   it("reads aliases, names, steps, lists and the optional seconds field", function()
     local function ticks(expr, from, n, zone)
       local c = cron.parse(expr, zone)

@@ -165,6 +165,32 @@ describe("q:declare and unique on " .. store.name, function()
     assert.equal(1, most)
   end)
 
+  it("claims a job its key's rate held back when the rate's window reopens, not at the next poll", function()
+    q:declare("r", { partition = "args.key", per_key = { rate = "2/s" } })
+    local ids = {}
+    for i = 1, 4 do ids[i] = q:enqueue{ queue = "r", target = "t", method = "m", args = { key = "a", i = i } } end
+    local starts = {}
+    H.run(function()
+      local w = tide.worker{ queue = q, queues = { r = 4 }, poll = 10000, targets = { t = { m = function()
+        starts[#starts + 1] = core.now()
+      end } } }
+      local t0 = core.now()
+      while #starts < 4 and core.now() - t0 < 6000 do tide.sleep(10) end
+      w:stop()
+      w:wait()
+    end)
+    assert.equal(4, #starts)
+    -- The claims' own times (attempted_at, which the rate counts): the
+    -- window reopens 1000 ms after the first two were claimed; the poll is
+    -- 10 s, and without a wake-up the third waited for it.
+    local claimed = {}
+    for i = 1, 4 do claimed[i] = q:job(ids[i]).attempted_at end
+    table.sort(claimed)
+    local waited = claimed[3] - claimed[1]
+    assert.is_true(waited >= 1000, "the rate let a third job be claimed " .. waited .. " ms after the first")
+    assert.is_true(waited < 3000, "the third job was claimed " .. waited .. " ms after the first (window: 1000 ms)")
+  end)
+
   it("returns the existing job and false for a duplicate inside the period, and a new one outside it", function()
     local u = { period = "1h", keys = { "args.account" } }
     local id, inserted = q:enqueue{ target = "t", method = "m", args = { account = 1, n = 1 }, unique = u }
@@ -223,7 +249,12 @@ describe("q:declare and unique on " .. store.name, function()
       { function() q:enqueue{ target = "t", method = "m", unique = { period = "1h" }, idempotency_key = "k" } end,
         "q:enqueue: give idempotency_key or unique, not both" },
       { function() q:enqueue{ target = "t", method = "m", unique = { states = { "available" } } } end,
-        "q:enqueue: bad option 'unique.period' (positive duration (ms, or like \"1h\", \"30s\") expected, got nil)" },
+        "q:enqueue: bad option 'unique.period' (positive duration below 8000 years (ms, or like \"1h\", \"30s\") "
+        .. "expected, got nil)" },
+      -- (SQLite took it; PostgreSQL's bigint did not)
+      { function() q:enqueue{ target = "t", method = "m", unique = { period = 1e300 } } end,
+        "q:enqueue: bad option 'unique.period' (positive duration below 8000 years (ms, or like \"1h\", \"30s\") "
+        .. "expected, got number 1e+300)" },
       { function() q:enqueue{ target = "t", method = "m", unique = { period = 10, states = { "running" } } } end,
         "q:enqueue: bad option 'unique.states[1]' (" .. require("tide.engine.check").choices(require("tide.jobs.job").is_status)
         .. " expected, got string \"running\")" },

@@ -2,6 +2,7 @@
 local tide = require "tide"
 local process = require "tide.engine.process"
 local ffi = require "ffi"
+local core = require "tide.core"
 
 package.path = "spec/fixtures/?.lua;" .. package.path
 pcall(ffi.cdef, "int getpid(void);")
@@ -147,6 +148,39 @@ describe("process mode", function()
     end)
   end)
 
+  it("gives no new job to a child it is killing, even when the stopped job's result comes after the kill", function()
+    tide.configure{ process_stop_wait = 100 }
+    local path = os.tmpname()
+    local ok, err = pcall(run, function()
+      assert.is_true(pool_ready())
+      local other = tide.spawn{ mode = "process", run = function() require("tide").sleep(600) end }
+      -- Job a notices its stop request (at 60 ms) when a `sleep 0.15` ends.
+      local a = tide.spawn{ mode = "process", timeout = 60, run = function()
+        while true do os.execute("sleep 0.15"); require("tide").check() end
+      end }
+      local b = tide.spawn{ mode = "process", run = function() return "b" end }   -- waits: both children are busy
+      -- A callback of the loop's I/O phase (a file watch, its file written
+      -- at 90 ms) holds the loop until a's result is written (~150 ms) and
+      -- its kill is due (160 ms): the loop's next turn runs the kill's timer
+      -- first, then reads a's result.
+      local watch = core.fs_watch(path, function()
+        local t0 = core.now()
+        while core.now() - t0 < 250 do end
+      end)
+      tide.spawn{ mode = "thread", args = { path }, run = function(p)
+        require("tide").sleep(90)
+        local f = io.open(p, "w"); f:write("x"); f:close()
+      end }:await()
+      assert.equal("timeout", (a:await()))
+      assert.same({ "ok", "b" }, { b:await() })
+      assert.equal("ok", (other:await()))
+      watch:close()
+    end)
+    os.remove(path)
+    tide.configure{ process_stop_wait = 50 }
+    assert(ok, err)
+  end)
+
   it("stops an interpreted loop without a kill, and keeps where it was as the task's traceback", function()
     run(function()
       assert.is_true(pool_ready())
@@ -259,6 +293,60 @@ describe("process mode", function()
     if not ok then error(err, 0) end
   end)
 
+  it("kills a child whose frames break the protocol (a job that writes on fd 3), failing its task at once", function()
+    run(function()
+      assert.is_true(pool_ready())
+      -- A second "ready" (the parent would take the busy child for idle
+      -- and forget its job), then frames that make no sense.
+      local frames = {
+        "\5\0\0\0R\255\255\255\255",                   -- ready again
+        "\1\0\0\0X",                                       -- an unknown type
+        "\3\0\0\0D\1\2",                                 -- a done cut short
+        "\0\0\0\0",                                        -- an empty frame
+      }
+      for _, frame in ipairs(frames) do
+        local t0 = tide.now()
+        local t = tide.spawn{ mode = "process", timeout = 5000, args = { frame }, run = function(bytes)
+          local ffi = require "ffi"
+          pcall(ffi.cdef, "long write(int, const void *, unsigned long);")
+          ffi.C.write(3, bytes, #bytes)
+          require("tide").sleep(1000)
+          return "not heard"
+        end }
+        local status, msg = t:await()
+        assert.equal("error", status, ("%q"):format(frame))
+        assert.matches("^process %d+ killed by SIGKILL", msg)
+        assert.is_true(tide.now() - t0 < 900, ("%q: the outcome came after %d ms"):format(frame, tide.now() - t0))
+      end
+      assert.is_true(pool_ready(), "the pool is back to its size")
+    end)
+  end)
+
+  it("learns of a child's death when the host took SIGCHLD (its status reaped by someone else)", function()
+    local dir = spec_helper.tempdir()
+    local script = spec_helper.write_file(dir, "host_sigchld.lua", [[
+      local tide = require "tide"
+      local ffi = require "ffi"
+      ffi.cdef "void *signal(int, void *);"
+      tide.configure{ processes = 1 }
+      tide.spawn{ mode = "process", run = function() end }:await()       -- the pool is up
+      ffi.C.signal(17, ffi.cast("void *", 1))     -- SIGCHLD ignored: the kernel reaps, libuv never hears
+      local t0 = tide.now()
+      local status, msg = tide.spawn{ mode = "process", timeout = 4000, run = function() os.exit(3) end }:await()
+      print(status, ("%d ms"):format(tide.now() - t0))
+      print(msg)
+      print(tide.spawn{ mode = "process", timeout = 4000, run = function() return 42 end }:await())
+    ]])
+    local p = io.popen(("%s/tide run %s 2>&1"):format(spec_helper.build, script))
+    local out = p:read("*a")
+    p:close()
+    local status, ms = out:match("^(%a+)\t(%d+) ms\n")
+    assert.equal("error", status, out)
+    assert.is_true(tonumber(ms) < 1000, out)
+    assert.matches("\nprocess %d+ is gone; its exit status was reaped by another waitpid %(a SIGCHLD handler of the host%?%)\n", out)
+    assert.matches("\nok\t42\n", out)
+  end)
+
   it("keeps the parent's listening sockets and files out of its children", function()
     pcall(ffi.cdef, [[
       int socket(int, int, int);
@@ -351,6 +439,25 @@ describe("process mode", function()
     assert.is_true(tonumber(ms) < 300 + margin, "the children were gone after " .. ms .. " ms (grace: 300 ms)")
     for pid in pids:gmatch("%d+") do assert.is_false(exists(pid), "child " .. pid .. " is gone") end
     assert.equal(0, sleeps_left())
+  end)
+
+  it("closes a child whose job ends during a shutdown's grace period, without an error", function()
+    local reported = {}
+    tide.configure{ on_error = function(where, err) reported[#reported + 1] = tostring(where) .. ": " .. tostring(err) end }
+    local pid, outcome
+    local ok, err = pcall(run, function()
+      assert.is_true(pool_ready())
+      local t = tide.spawn{ mode = "process", run = function() require("tide").sleep(150); return 1 end }
+      assert.is_true(eventually(2000, function() return process.pid_of(t) ~= nil end))
+      pid = process.pid_of(t)
+      tide.shutdown(5000)
+      outcome = { t:await() }
+    end)
+    spec_helper.loud_errors()
+    assert.is_true(ok, err)
+    assert.same({ "ok", 1 }, outcome)
+    assert.same({}, reported)
+    assert.is_false(exists(pid), "the child that finished during the shutdown is gone")
   end)
 
   it("runs flow nodes in process mode, a killing timeout failing the node", function()
@@ -453,7 +560,12 @@ describe("process mode", function()
       { function() tide.configure{ process_init = 5 } end,
         "tide.configure: bad option 'process_init' (module name expected, got number 5)" },
       { function() tide.configure{ process_memory = -1 } end,
-        "tide.configure: bad option 'process_memory' (integer number of MB (0: no limit) expected, got number -1)" },
+        "tide.configure: bad option 'process_memory' (integer number of MB from 0 (no limit) to 16777216 expected, "
+        .. "got number -1)" },
+      -- (taken, then every process task failed: "bad argument #1 to 'proc_spawn' (memory_limit out of range)")
+      { function() tide.configure{ process_memory = 1e9 } end,
+        "tide.configure: bad option 'process_memory' (integer number of MB from 0 (no limit) to 16777216 expected, "
+        .. "got number 1000000000)" },
       { function() tide.configure{ process_stop_wait = "1s" } end,
         "tide.configure: bad option 'process_stop_wait' (non-negative number of ms expected, got string \"1s\")" },
       { function() tide.configure{ process_prefetch = 0 } end,

@@ -92,6 +92,32 @@ describe("the SQLite store's wake-up", function()
     q:close()
   end)
 
+  it("watches the -wal file again when it went for a while (moved away and back)", function()
+    local q = tide.queue.open("sqlite:" .. db)
+    local other = tide.queue.open("sqlite:" .. db)
+    local store = q._store
+    local heard = 0
+    H.run(function()
+      local function fn() heard = heard + 1 end
+      assert.is_true(store:listen(fn))
+      assert.is_true(os.rename(db .. "-wal", db .. "-wal.away"))
+      tide.sleep(50)
+      assert.is_false(store:wake_stats().watching)      -- gone: nothing to watch
+      assert.is_true(os.rename(db .. "-wal.away", db .. "-wal"))
+      local t0 = core.now()
+      while not store:wake_stats().watching and core.now() - t0 < 3000 do tide.sleep(10) end
+      assert.is_true(store:wake_stats().watching, "the -wal file is back, and watched again")
+      heard = 0
+      other:enqueue{ target = "t", method = "m" }
+      t0 = core.now()
+      while heard == 0 and core.now() - t0 < 2000 do tide.sleep(1) end
+      assert.equal(1, heard)
+      store:unlisten(fn)
+    end)
+    other:close()
+    q:close()
+  end)
+
   it("says why when the file cannot be watched, and the worker still polls", function()
     local q = tide.queue.open("sqlite::memory:")
     local function fn() end

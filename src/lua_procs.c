@@ -75,7 +75,7 @@ static int push_event(lua_State *L, void *ud) {
     return 6;
   default:
     lua_pushliteral(L, "exit");
-    lua_pushnumber(L, (lua_Number)ev->exit_status);
+    if (ev->status_known) lua_pushnumber(L, (lua_Number)ev->exit_status); else lua_pushnil(L);
     if (ev->term_signal) {
       const char *abbrev = sigabbrev_np(ev->term_signal);
       if (abbrev) lua_pushfstring(L, "SIG%s", abbrev);

@@ -10,21 +10,25 @@
 #include <unistd.h>
 
 #define READ_CHUNK 65536
+#define REAPED_CHECK_MS 50
 
 int tide__proc_in_host = 0;
 
-/* Invariants: `open` counts the handles not yet closed (three once
+/* Invariants: `open` counts the handles not yet closed (four once
  * spawned); the struct is freed by the close callback that brings it to
  * zero, and only once `gone` is set (no more events, no more calls). */
 struct tide__proc {
   uv_process_t proc;
   uv_pipe_t chan;                  /* fd 3: frames                        */
   uv_pipe_t err;                   /* fd 2: stderr                        */
+  uv_timer_t check;                /* after fd 3's end: is it reaped?     */
   tide__proc_cb cb;
   void *data;
   int pid;
   int open;
   int gone;                        /* exited or closed: no more events    */
+  int ready;                       /* it sent its 'R' frame               */
+  int broken;                      /* it broke the protocol: being killed */
   char *in;                        /* bytes read from chan, not yet parsed */
   size_t in_len, in_cap;
   char tail[TIDE_PROC_TAIL];       /* the end of stderr                   */
@@ -36,37 +40,6 @@ struct tide__proc {
 
 static void put_u32(char *p, uint32_t v) {
   for (int i = 0; i < 4; i++) p[i] = (char)(v >> (8 * i));
-}
-
-static uint32_t get_u32(const char *p) {
-  uint32_t v = 0;
-  for (int i = 0; i < 4; i++) v |= (uint32_t)(unsigned char)p[i] << (8 * i);
-  return v;
-}
-
-static uint64_t get_u64(const char *p) {
-  return (uint64_t)get_u32(p) | (uint64_t)get_u32(p + 4) << 32;
-}
-
-/* A reader over a frame's payload: each get fails (returns -1) past its end. */
-typedef struct reader { const char *p; size_t left; } reader;
-
-static int rd_bytes(reader *r, size_t n, const char **out) {
-  if (r->left < n) return -1;
-  *out = r->p;
-  r->p += n;
-  r->left -= n;
-  return 0;
-}
-
-/* A string: *s NULL for the NULL marker. */
-static int rd_str(reader *r, const char **s, size_t *len) {
-  const char *p;
-  if (rd_bytes(r, 4, &p) != 0) return -1;
-  uint32_t n = get_u32(p);
-  if (n == 0xffffffffu) { *s = NULL; *len = 0; return 0; }
-  *len = n;
-  return rd_bytes(r, n, s);
 }
 
 /* ===== writing frames */
@@ -89,7 +62,7 @@ typedef struct piece { const void *p; size_t len; int is_str; } piece;
 static int send_frame(tide__proc *p, char type, const piece *pieces, int n) {
   size_t total = 1;
   for (int i = 0; i < n; i++) total += pieces[i].len + (pieces[i].is_str ? 4 : 0);
-  if (total > 0xfffffff0u) return UV_E2BIG;
+  if (total > TIDE_PROC_FRAME_MAX) return UV_E2BIG;
   wreq *w = malloc(sizeof *w + 4 + total);
   if (w == NULL) return UV_ENOMEM;
   char *o = w->data;
@@ -138,6 +111,7 @@ static void close_handles(tide__proc *p) {
   uv_close((uv_handle_t *)&p->proc, on_closed);
   uv_close((uv_handle_t *)&p->chan, on_closed);
   uv_close((uv_handle_t *)&p->err, on_closed);
+  uv_close((uv_handle_t *)&p->check, on_closed);
 }
 
 void tide__proc_close(tide__proc *p) {
@@ -154,34 +128,27 @@ static void deliver(tide__proc *p, const tide__proc_event *ev) {
   p->cb(p, ev, p->data);
 }
 
-/* Handles one frame from the child; -1 when it makes no sense. */
+/* Handles one frame from the child; -1 when it breaks the protocol. */
 static int handle_frame(tide__proc *p, const char *f, size_t len) {
-  reader r = { f + 1, len - 1 };
-  tide__proc_event ev = { 0 };
-  const char *b;
-  if (f[0] == 'R') {
-    size_t n;
-    if (rd_str(&r, &ev.init_error, &n) != 0) return -1;
-    char *msg = ev.init_error ? strndup(ev.init_error, n) : NULL;
-    ev.kind = TIDE_PROC_READY;
-    ev.init_error = msg;
+  tide__proc_event ev;
+  if (tide__proc_decode(f, len, p->ready, &ev) != 0) return -1;
+  if (ev.kind != TIDE_PROC_READY) {
     deliver(p, &ev);
-    free(msg);
     return 0;
   }
-  if (f[0] != 'D') return -1;
-  if (rd_bytes(&r, 9, &b) != 0) return -1;
-  ev.kind = TIDE_PROC_DONE;
-  ev.id = get_u64(b);
-  ev.ok = b[8] != 0;
-  if (rd_str(&r, &ev.result, &ev.result_len) != 0 || rd_str(&r, &ev.trace, &ev.trace_len) != 0)
-    return -1;
+  p->ready = 1;
+  char *msg = ev.init_error ? strndup(ev.init_error, ev.init_error_len) : NULL;
+  if (ev.init_error && msg == NULL) return -1;        /* out of memory: cannot tell it */
+  ev.init_error = msg;
   deliver(p, &ev);
+  free(msg);
   return 0;
 }
 
-/* Appends bytes read from fd 3 and handles every whole frame. */
+/* Appends bytes read from fd 3 and handles every whole frame; a child
+ * whose bytes make no sense is killed (its exit event follows). */
 static void take_bytes(tide__proc *p, const char *data, size_t n) {
+  if (p->broken) return;
   if (p->in_len + n > p->in_cap) {
     size_t cap = p->in_cap ? p->in_cap : READ_CHUNK;
     while (cap < p->in_len + n) cap *= 2;
@@ -192,17 +159,19 @@ static void take_bytes(tide__proc *p, const char *data, size_t n) {
   }
   memcpy(p->in + p->in_len, data, n);
   p->in_len += n;
-  size_t pos = 0;
-  while (!p->gone && p->in_len - pos >= 4) {
-    uint32_t len = get_u32(p->in + pos);
-    if (len == 0 || len > 0xfffffff0u) { tide__proc_kill(p); break; }
-    if (p->in_len - pos - 4 < len) break;
+  size_t pos = 0, size;
+  while (!p->gone && !p->broken) {
+    int whole = tide__proc_frame_size(p->in + pos, p->in_len - pos, &size);
+    if (whole == 0) break;
     /* p->in stays put during the callback: nothing reads until it returns. */
-    size_t at = pos + 4;
-    pos += 4 + (size_t)len;
-    if (handle_frame(p, p->in + at, len) != 0) { tide__proc_kill(p); break; }
+    if (whole < 0 || handle_frame(p, p->in + pos + 4, size - 4) != 0) {
+      p->broken = 1;                                   /* nothing it sends counts any more */
+      tide__proc_kill(p);
+      break;
+    }
+    pos += size;
   }
-  if (p->gone) return;
+  if (p->gone || p->broken) return;
   memmove(p->in, p->in + pos, p->in_len - pos);
   p->in_len -= pos;
 }
@@ -234,10 +203,16 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
   *buf = uv_buf_init(p->rbuf, sizeof p->rbuf);
 }
 
+static void on_reaped_check(uv_timer_t *t);
+
 static void on_chan(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
   tide__proc *p = s->data;
-  if (n > 0) take_bytes(p, buf->base, (size_t)n);
-  else if (n < 0) uv_read_stop(s);                  /* EOF: the exit event follows */
+  if (n > 0) {
+    take_bytes(p, buf->base, (size_t)n);
+  } else if (n < 0) {                                /* EOF: the exit event follows */
+    uv_read_stop(s);
+    uv_timer_start(&p->check, on_reaped_check, REAPED_CHECK_MS, REAPED_CHECK_MS);
+  }
 }
 
 static void on_err(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
@@ -258,10 +233,8 @@ static void drain(tide__proc *p, uv_pipe_t *pipe, void (*take)(tide__proc *, con
   }
 }
 
-/* libuv reaped the child: take what it wrote last, then tell, then close. */
-static void on_exit_cb(uv_process_t *h, int64_t status, int term_signal) {
-  tide__proc *p = h->data;
-  if (p->gone) return;
+/* The child is dead and reaped: take what it wrote last, then tell, then close. */
+static void finish(tide__proc *p, int64_t status, int term_signal, int status_known) {
   /* Whatever the child started dies with it, however it ended (it may have
    * exited by itself, past its stop, with a `sleep` it ran still waiting).
    * Its pid names its process group, which is not given to another process
@@ -271,10 +244,36 @@ static void on_exit_cb(uv_process_t *h, int64_t status, int term_signal) {
   drain(p, &p->err, take_stderr);
   if (p->gone) return;                               /* closed from an event */
   p->gone = 1;
-  tide__proc_event ev = { .kind = TIDE_PROC_EXIT, .exit_status = status,
-                          .term_signal = term_signal, .tail = p->tail, .tail_len = p->tail_len };
+  tide__proc_event ev = { .kind = TIDE_PROC_EXIT, .exit_status = status, .term_signal = term_signal,
+                          .status_known = status_known, .tail = p->tail, .tail_len = p->tail_len };
   deliver(p, &ev);
   close_handles(p);
+}
+
+static void on_exit_cb(uv_process_t *h, int64_t status, int term_signal) {
+  tide__proc *p = h->data;
+  if (!p->gone) finish(p, status, term_signal, 1);
+}
+
+/* fd 3 ended, so the child is dead or dying, and libuv reaps it at its
+ * SIGCHLD: the exit event comes at once.  Unless the host took SIGCHLD
+ * (SIG_IGN, or a handler of its own that reaps every child): then nobody
+ * tells libuv, and this check, REAPED_CHECK_MS after the end and every
+ * REAPED_CHECK_MS until the exit is known, tells instead. */
+static void on_reaped_check(uv_timer_t *t) {
+  tide__proc *p = t->data;
+  if (p->gone) return;
+  int status;
+  pid_t r;
+  while ((r = waitpid(p->pid, &status, WNOHANG)) < 0 && errno == EINTR) {}
+  if (r == 0) {                                      /* alive without its channel: of no use */
+    kill(-p->pid, SIGKILL);
+    return;
+  }
+  if (r == p->pid)                                   /* reaped here: libuv never will */
+    finish(p, WIFEXITED(status) ? WEXITSTATUS(status) : 0, WIFSIGNALED(status) ? WTERMSIG(status) : 0, 1);
+  else                                               /* ECHILD: reaped by someone else */
+    finish(p, 0, 0, 0);
 }
 
 /* ===== starting and signalling */
@@ -331,9 +330,11 @@ int tide__proc_spawn(uv_loop_t *loop, const tide__proc_config *cfg, tide__proc_c
   if (p == NULL) { snprintf(err, errlen, "out of memory"); return UV_ENOMEM; }
   p->cb = cb;
   p->data = data;
-  p->proc.data = p->chan.data = p->err.data = p;
+  p->proc.data = p->chan.data = p->err.data = p->check.data = p;
   uv_pipe_init(loop, &p->chan, 0);                   /* cannot fail on unix */
   uv_pipe_init(loop, &p->err, 0);
+  uv_timer_init(loop, &p->check);
+  uv_unref((uv_handle_t *)&p->check);
   uv_stdio_container_t stdio[4];
   stdio[0].flags = UV_IGNORE;
   stdio[1].flags = UV_INHERIT_FD;
@@ -347,7 +348,7 @@ int tide__proc_spawn(uv_loop_t *loop, const tide__proc_config *cfg, tide__proc_c
     .flags = UV_PROCESS_DETACHED,                    /* a session: kill(-pid) reaches what it starts */
     .stdio_count = 4, .stdio = stdio,
   };
-  p->open = 3;
+  p->open = 4;
   int rc = uv_spawn(loop, &p->proc, &opt);
   if (rc != 0) {
     snprintf(err, errlen, "cannot start %s: %s", cfg->file, uv_strerror(rc));

@@ -24,7 +24,7 @@
  *
  * Lifetime: tide__proc_spawn makes the struct; events come through one
  * callback; after the `exit` event (the child died, for whatever reason,
- * and was reaped by libuv) or tide__proc_close, the struct closes its
+ * and was reaped, by libuv or by anyone) or tide__proc_close, the struct closes its
  * handles and frees itself: the caller must forget it then.  A child never
  * outlives its parent: it holds PR_SET_PDEATHSIG, watches fd 3 for the
  * parent's end closing, and is killed (with its process group) and reaped
@@ -51,6 +51,7 @@ typedef struct tide__proc_event {
   tide__proc_event_kind kind;
   /* READY */
   const char *init_error;            /* NULL when init went well            */
+  size_t init_error_len;
   /* DONE */
   uint64_t id;
   int ok;
@@ -59,6 +60,7 @@ typedef struct tide__proc_event {
   /* EXIT */
   int64_t exit_status;
   int term_signal;                   /* 0 when it exited by itself          */
+  int status_known;                  /* 0: another waitpid took the status  */
   const char *tail;                  /* the end of its stderr               */
   size_t tail_len;
 } tide__proc_event;
@@ -99,6 +101,22 @@ int tide__proc_pid(const tide__proc *p);
 /* Kills the child's process group, reaps the child and closes the handles;
  * no event comes any more.  The struct frees itself once they are closed. */
 void tide__proc_close(tide__proc *p);
+
+/* ===== reading a child's frames (proc_frame.c: no libuv, fuzzed) */
+
+#define TIDE_PROC_FRAME_MAX 0xfffffff0u    /* the largest length a frame may give */
+
+/* Whether buf (len bytes) starts with a whole frame: 1, its size (length
+ * field included) in *size; 0 when more bytes are needed; -1 when its
+ * length makes no sense. */
+int tide__proc_frame_size(const char *buf, size_t len, size_t *size);
+
+/* Decodes frame f (len bytes after the length: type, payload) into *ev,
+ * whose strings then point into f (init_error is not NUL-terminated);
+ * `ready`: whether the child said it was ready before.  0, or -1 when the
+ * frame breaks the protocol (a second ready, a done before the ready, an
+ * unknown type, a field cut short or bytes after the last). */
+int tide__proc_decode(const char *f, size_t len, int ready, tide__proc_event *ev);
 
 /* Set (to 1) by the tide binary's main(): a child is then the binary itself,
  * run with TIDE_PROC_CHILD_ARG; else a luajit that loads tide.so. */

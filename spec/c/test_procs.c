@@ -20,7 +20,7 @@ typedef struct seen {
   char result[64], tail[TIDE_PROC_TAIL + 1];
   int trace_null;
   int64_t status;
-  int signal;
+  int signal, known;
 } seen;
 
 static void on_event(tide__proc *p, const tide__proc_event *ev, void *data) {
@@ -42,6 +42,7 @@ static void on_event(tide__proc *p, const tide__proc_event *ev, void *data) {
     s->exits++;
     s->status = ev->exit_status;
     s->signal = ev->term_signal;
+    s->known = ev->status_known;
     snprintf(s->tail, sizeof s->tail, "%.*s", (int)ev->tail_len, ev->tail);
     break;
   }
@@ -65,7 +66,8 @@ static void exit_status_and_tail(uv_loop_t *loop) {
   seen s;
   start(loop, "echo last words >&2; exit 3", &s);
   uv_run(loop, UV_RUN_DEFAULT);
-  ok(s.exits == 1 && s.status == 3 && s.signal == 0, "an exit comes once, with its status (%lld)", (long long)s.status);
+  ok(s.exits == 1 && s.status == 3 && s.signal == 0 && s.known, "an exit comes once, with its status (%lld)",
+     (long long)s.status);
   ok(strcmp(s.tail, "last words\n") == 0, "with the end of its stderr (%zu bytes)", strlen(s.tail));
 }
 
@@ -123,6 +125,22 @@ static void close_reaps(uv_loop_t *loop) {
   ok(waitpid(pid, NULL, WNOHANG) < 0 && errno == ECHILD, "and leaves no zombie (reaped)");
 }
 
+/* A host that took SIGCHLD (here SIG_IGN once the child runs: the kernel
+ * reaps, libuv never hears): the end of fd 3 still brings the exit, its
+ * status unknown. */
+static void reaped_elsewhere(uv_loop_t *loop) {
+  seen s;
+  struct sigaction ign, old;
+  memset(&ign, 0, sizeof ign);
+  ign.sa_handler = SIG_IGN;
+  start(loop, "sleep 0.2; exit 4", &s);
+  sigaction(SIGCHLD, &ign, &old);            /* after the spawn: uv_spawn installs libuv's handler */
+  uv_run(loop, UV_RUN_DEFAULT);
+  sigaction(SIGCHLD, &old, NULL);
+  ok(s.exits == 1 && !s.known && s.signal == 0, "a child reaped by someone else still gives its exit, status unknown "
+     "(%d exits, known %d, signal %d)", s.exits, s.known, s.signal);
+}
+
 static void spawn_failure(uv_loop_t *loop) {
   char *args[] = { "no-such-program-tide", NULL };
   tide__proc_config cfg = { .file = "no-such-program-tide", .args = args };
@@ -143,6 +161,7 @@ int main(void) {
   nonsense_is_killed(&loop);
   kill_takes_the_group(&loop);
   close_reaps(&loop);
+  reaped_elsewhere(&loop);
   spawn_failure(&loop);
   ok(uv_loop_close(&loop) == 0, "no handle is left open");
   return tap_done();

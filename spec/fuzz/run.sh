@@ -1,6 +1,7 @@
 #!/bin/sh
 # run.sh — builds each spec/fuzz/fuzz_*.c with libFuzzer and runs it for a bounded time, then the
-# finalizer storm (spec/fuzz/gc_storm.lua) as long (`make fuzz`).
+# finalizer storm (spec/fuzz/gc_storm.lua) and the TZif mutator (spec/fuzz/tzif_mutate.lua) as long
+# (`make fuzz`).
 #
 # Run from the repository root.  Environment:
 #   BUILD         where binaries, corpora and crash files go (default build/fuzz)
@@ -43,6 +44,11 @@ done
 echo "fuzz: running gc_storm.lua for ${FUZZ_SECONDS}s"
 if ! LUA_CPATH="${TIDE_BUILD:-build}/?.so;;" luajit spec/fuzz/gc_storm.lua "$FUZZ_SECONDS"; then
   echo "fuzz: gc_storm.lua failed (its seed is printed above)" >&2
+  status=1
+fi
+echo "fuzz: running tzif_mutate.lua for ${FUZZ_SECONDS}s"
+if ! luajit spec/fuzz/tzif_mutate.lua "$FUZZ_SECONDS"; then
+  echo "fuzz: tzif_mutate.lua failed (its seed and input are named above)" >&2
   status=1
 fi
 exit $status

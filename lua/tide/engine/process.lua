@@ -41,6 +41,7 @@ local thread = require "tide.engine.thread"
 local type, error, tostring, unpack, pairs = type, error, tostring, unpack, pairs
 
 local MAX = 1024                             -- children a pool may have
+local MAX_MB = 16777216                      -- process_memory: 16 TB (proc_spawn takes below 1e15 bytes)
 
 local M = {
   config = { processes = nil, init = nil, memory_mb = 0, stop_wait = 100, prefetch = 1 },
@@ -57,8 +58,9 @@ function M.configure(fname, opts, level)
   if opts.process_init ~= nil and type(opts.process_init) ~= "string" then
     check.opt_error(fname, "process_init", "module name", opts.process_init, level)
   end
-  if opts.process_memory ~= nil and not check.is_count(opts.process_memory) then
-    check.opt_error(fname, "process_memory", "integer number of MB (0: no limit)", opts.process_memory, level)
+  if opts.process_memory ~= nil and not (check.is_count(opts.process_memory) and opts.process_memory <= MAX_MB) then
+    check.opt_error(fname, "process_memory", "integer number of MB from 0 (no limit) to " .. MAX_MB, opts.process_memory,
+                    level)
   end
   if opts.process_stop_wait ~= nil and not check.is_ms(opts.process_stop_wait) then
     check.opt_error(fname, "process_stop_wait", "non-negative number of ms", opts.process_stop_wait, level)
@@ -227,7 +229,9 @@ end
 
 local function death_message(ch, status, signal, tail)
   local msg = signal and ("process %d killed by %s"):format(ch.pid, signal)
-              or ("process %d exited with status %d"):format(ch.pid, status)
+              or status and ("process %d exited with status %d"):format(ch.pid, status)
+              or ("process %d is gone; its exit status was reaped by another waitpid (a SIGCHLD handler of "
+                  .. "the host?)"):format(ch.pid)
   if tail ~= "" then msg = msg .. "; the end of its stderr:\n" .. tail end
   return msg
 end
@@ -290,6 +294,24 @@ local function on_exit(ch, status, signal, tail)
   if spare == nil then spawn_child(nil) end
 end
 
+--- A shutdown began: nothing new starts, so the children without work (and
+--- the spare) are killed and reaped now; busy ones are killed when their
+--- tasks end (at the latest, the end of the grace period).  The next task
+--- after the shutdown fills the pool again.
+local function close_idle()
+  local list = {}
+  for _, ch in pairs(children) do
+    if ch.state ~= "busy" then list[#list + 1] = ch end
+  end
+  for _, ch in ipairs(list) do
+    children[ch.cid] = nil
+    if ch == spare then spare = nil
+    elseif by_index[ch.index] == ch then by_index[ch.index], nworking = nil, nworking - 1 end
+    ch.state = "closed"
+    core.proc_close(ch.cid)
+  end
+end
+
 --- A stopped job's late result: its task moved on, but where the job was
 --- stopped (the child's traceback) is worth keeping on it.
 local function late_result(rec, ch, ok, trace)
@@ -311,7 +333,9 @@ local function on_event(cid, kind, a, b, c, d)
       end
       ch.sent[ch.sh] = nil
       ch.sh = ch.sh + 1
-      if ch.sh > ch.st then
+      if ch.killing then                     -- the result came after its kill: no more work;
+        ch.job = ch.sent[ch.sh]              -- its exit event ends what it was sent ahead
+      elseif ch.sh > ch.st then
         make_idle(ch)
         if S.shutting_down() then close_idle() end
       else                                   -- it starts the next one it was sent
@@ -339,24 +363,6 @@ local function on_event(cid, kind, a, b, c, d)
   elseif kind == "exit" then
     on_exit(ch, a, b, c)
     dispatch()
-  end
-end
-
---- A shutdown began: nothing new starts, so the children without work (and
---- the spare) are killed and reaped now; busy ones are killed when their
---- tasks end (at the latest, the end of the grace period).  The next task
---- after the shutdown fills the pool again.
-local function close_idle()
-  local list = {}
-  for _, ch in pairs(children) do
-    if ch.state ~= "busy" then list[#list + 1] = ch end
-  end
-  for _, ch in ipairs(list) do
-    children[ch.cid] = nil
-    if ch == spare then spare = nil
-    elseif by_index[ch.index] == ch then by_index[ch.index], nworking = nil, nworking - 1 end
-    ch.state = "closed"
-    core.proc_close(ch.cid)
   end
 end
 

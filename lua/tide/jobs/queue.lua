@@ -353,6 +353,8 @@ local function canonical(v)
   return "{" .. table.concat(ks, ",") .. "}"
 end
 
+local MAX_PERIOD = 8000 * 365.25 * 86400000
+
 --- Checks the unique option; returns key text, period (ms), sorted states.
 local function unique_of(fname, j, level)
   local u = j.unique
@@ -360,8 +362,9 @@ local function unique_of(fname, j, level)
   if type(u) ~= "table" then opt_error(fname, "unique", "table { period =, states =, keys = }", u, level) end
   check.known(fname, u, UNIQUE_KEYS, "unique.", level)
   local period = check.duration(u.period)
-  if not period or period <= 0 then
-    opt_error(fname, "unique.period", "positive duration (ms, or like \"1h\", \"30s\")", u.period, level)
+  if not period or period <= 0 or period > MAX_PERIOD then   -- (a store's bigint holds inserted_at - period)
+    opt_error(fname, "unique.period", "positive duration below 8000 years (ms, or like \"1h\", \"30s\")", u.period,
+              level)
   end
   local states = u.states or UNIQUE_STATES
   if type(states) ~= "table" or #states == 0 then
@@ -788,7 +791,9 @@ local function bulk(q, fname, op, f)
     since = time.run_at_ms(f.since)
     if not since then opt_error(fname, "since", time.EXPECTED, f.since, 3) end
   end
-  if f.batch ~= nil and not check.is_count(f.batch, 1) then opt_error(fname, "batch", "integer >= 1", f.batch, 3) end
+  if f.batch ~= nil and not (check.is_count(f.batch, 1) and f.batch <= 2147483647) then
+    opt_error(fname, "batch", "integer from 1 to 2147483647", f.batch, 3)
+  end
   local filter = { status = f.status, queue = f.queue, since = since,
                    since_col = job.is_finished[f.status] and "completed_at" or "inserted_at" }
   local total, after, limit = 0, 0, f.batch or 1000
@@ -1097,10 +1102,10 @@ function M.worker_call(q, store, fname, fn, ...)
     if st then return fn(st.session, ...) end
   end
   local session = store:acquire(fname, false)
-  local ok, a, b = pcall(fn, session, ...)
+  local ok, a, b, c = pcall(fn, session, ...)
   store:release(session, false, holder())
   if not ok then error(a, 0) end
-  return a, b
+  return a, b, c
 end
 
 M.notify = notify

@@ -73,6 +73,13 @@ local function data(s, h, at, tsize)
   local chars_at = p + h.typecnt * 6
   for k = 0, h.typecnt - 1 do
     local utoff, desig = i32(s, p), byte(s, p + 5)
+    -- RFC 8536's range: every search for a wall time's instants looks
+    -- this far around it (SPAN); a file with offsets of months would
+    -- make a per-second schedule walk months of wall seconds per tick.
+    if utoff < -89999 or utoff > 93599 then
+      return nil, format("local time type %d has an offset of %d s (more than -25 h and less than 26 h expected)",
+                         k, utoff)
+    end
     local e = s:find("\0", chars_at + desig, true) or chars_at + h.charcnt
     types[k] = utoff
     abbrs[k] = sub(s, chars_at + desig, e - 1)

@@ -51,7 +51,7 @@ local histogram = require "tide.engine.histogram"
 
 local type, error, pairs, ipairs, tostring, pcall, require = type, error, pairs, ipairs, tostring, pcall, require
 local getupvalue, getinfo = debug.getupvalue, debug.getinfo
-local setmetatable, min, floor = setmetatable, math.min, math.floor
+local setmetatable, min, max, floor = setmetatable, math.min, math.max, math.floor
 local wallclock, try_encode = core.wallclock, json.try_encode
 
 --- An error entry as JSON: free text (messages, tracebacks) may hold any
@@ -495,8 +495,8 @@ end
 local function claim(w, name, want)
   if w.state ~= "running" then return 0 end
   local now = wallclock()
-  local ok, rows, limited = pcall(call, w, w.claim_store, "tide.worker", claim_rows, name, want, w.id, now,
-                                  now + w.lease)
+  local ok, rows, limited, reopen = pcall(call, w, w.claim_store, "tide.worker", claim_rows, name, want, w.id, now,
+                                          now + w.lease)
   if not ok then
     log.report("worker " .. w.id .. ": claiming from queue " .. name, rows)
     M.totals.store_errors.claim = M.totals.store_errors.claim + 1
@@ -513,6 +513,9 @@ local function claim(w, name, want)
     return 0
   end
   w.queues[name].limited = limited or false
+  -- A rate held jobs back: claim again when its window reopens (no
+  -- outcome nor enqueue may come to wake the claimer before the poll).
+  if reopen and reopen < w.poll then wake_later(w, name, max(0, reopen)) end
   for i = 1, #rows do start_job(w, rows[i]) end
   return #rows
 end

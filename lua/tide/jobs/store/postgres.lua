@@ -242,6 +242,10 @@ local SQL = {
     FROM due WHERE j.id = due.id
     RETURNING j.id, j.queue, j.target, j.method, j.args, j.args_enc, j.priority, j.attempt,
       j.max_attempts, j.run_at, j.inserted_at, j.idempotence_key, j.partition_key]],
+  -- In how many ms the first rate window of queue $1 ($2: its length) can
+  -- reopen: the oldest start of a keyed job in the window leaves it then.
+  rate_reopen = [[SELECT min(attempted_at) + $2 - ]] .. NOW .. [[ AS ms FROM tide_jobs
+    WHERE queue = $1 AND partition_key IS NOT NULL AND attempted_at > ]] .. NOW .. [[ - $2]],
   queue_lock = "SELECT pg_advisory_xact_lock(7370602, hashtext($1))",
   unique_lock = "SELECT pg_advisory_xact_lock(7370603, hashtext($1))",
   limits = "SELECT * FROM tide_queues WHERE name = $1",
@@ -615,7 +619,9 @@ limited_cap = function(self, name, n)
   return min(n, r and r.key_concurrency or n, r and r.rate_limit or n)
 end
 
---- Claims up to n due jobs; returns them and true when the queue has limits.
+--- Claims up to n due jobs; returns them, true when the queue has limits,
+--- and in how many ms a rate window reopens when one may have held jobs
+--- back (see the SQLite store's).
 function Session:claim(queue, n, owner, now, lease_until)
   local c = self.c
   local cached = self.limited and self.limited[queue]
@@ -629,7 +635,9 @@ function Session:claim(queue, n, owner, now, lease_until)
     c:query(SQL.queue_lock, queue)
     return c:query(SQL.claim_limited, lease_until - now, owner, queue, n, limited_cap(self, queue, n)).rows
   end)
-  return common.start_order(rows), true
+  local r, reopen = limited(self, queue), nil
+  if #rows < n and r and r.rate_limit then reopen = c:query(SQL.rate_reopen, queue, r.rate_period).rows[1].ms end
+  return common.start_order(rows), true, reopen
 end
 
 function Session:declare(r)

@@ -291,6 +291,10 @@ local SQL = {
         - (SELECT count(*) FROM tide_jobs WHERE status = 'executing' AND queue = ?4), ?5))))
     RETURNING id, queue, target, method, args, args_enc, priority, attempt, max_attempts,
       run_at, inserted_at, idempotence_key, partition_key]],
+  -- The oldest start of a keyed job in the rate's window (?2: now less the
+  -- window): no key's window reopens before it leaves the window.
+  rate_oldest = [[SELECT min(attempted_at) AS at FROM tide_jobs
+    WHERE queue = ?1 AND partition_key IS NOT NULL AND attempted_at > ?2]],
   limits = "SELECT * FROM tide_queues WHERE name = ?1",
   declare = [[INSERT INTO tide_queues (name, concurrency, partition, key_concurrency, rate_limit, rate_period,
       updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
@@ -379,11 +383,11 @@ local function explain(s, err)
 end
 
 --- Runs fn(...) (statements on s); a "database is locked" is tried again as
---- the header says.  Returns fn's first two results.
+--- the header says.  Returns fn's first three results.
 local function locked(s, fn, ...)
   if not s.db then error(s.name .. ": the store is closed", 0) end
-  local ok, a, b = pcall(fn, ...)
-  if ok then return a, b end
+  local ok, a, b, c = pcall(fn, ...)
+  if ok then return a, b, c end
   if not is_busy(a) then error(explain(s, a), 0) end
   local waited, delay = 0, BUSY_FIRST
   while true do
@@ -393,10 +397,10 @@ local function locked(s, fn, ...)
       end
       S.sleep(delay)
       waited, delay = waited + delay, min(delay * 2, BUSY_MAX)
-      ok, a, b = pcall(fn, ...)
+      ok, a, b, c = pcall(fn, ...)
     elseif not core.running() then          -- a plain script: nothing else would run meanwhile
       s.db:busy_timeout(s.busy_timeout)
-      ok, a, b = pcall(fn, ...)
+      ok, a, b, c = pcall(fn, ...)
       s.db:busy_timeout(0)
       if not ok and is_busy(a) then error(("%s (waited %d ms for another connection's lock)")
         :format(a, s.busy_timeout), 0) end
@@ -404,7 +408,7 @@ local function locked(s, fn, ...)
       error(a .. " (called outside a task while the loop runs, where it cannot wait for the lock: "
             .. "call it from a task)", 0)
     end
-    if ok then return a, b end
+    if ok then return a, b, c end
     if not is_busy(a) then error(explain(s, a), 0) end
   end
 end
@@ -503,10 +507,14 @@ function Store:worker_store() return self end
 -- new; so a check that saw nothing looks once more SECOND_LOOK ms later.
 -- The poll (the worker's `poll` option) remains the backstop.
 --
+-- A -wal file that goes (moved or deleted: the watch sees no more changes)
+-- is watched anew; while it is missing, tried again every REWATCH ms.
+--
 -- Invariants: at most one watch and one pending check per store; a check
 -- runs only when the connection is free (else it is tried again BUSY_LOOK
 -- ms later), outside any task, and never waits.
 local SECOND_LOOK, BUSY_LOOK = 1, 1
+local REWATCH = 500                       -- ms between tries to watch a -wal file that went
 
 local arm_check
 
@@ -555,10 +563,22 @@ function arm_check(store, ms, fresh)
   store.check_timer = S.timer(ms, check_version, store)
 end
 
+--- Tries to watch the -wal file again, every REWATCH ms until it is there
+--- (or nobody listens any more); wakes the listeners once it is watched
+--- (commits meanwhile were not heard).
+local function rewatch(store)
+  store.rewatch_timer = nil
+  if store.watch or not store.session or #store.listeners == 0 then return end
+  if store:watch_wal() then return wake_all(store) end
+  store.rewatch_timer = S.timer(REWATCH, rewatch, store)
+end
+
 local function on_wal_event(store, event)
-  if event ~= "change" then               -- the file went (or the watch failed): watch it anew, once
+  if event ~= "change" then               -- the file went (or the watch failed): watch it anew
     if store.watch then store.watch:close(); store.watch = nil end
-    store:watch_wal()
+    if not store:watch_wal() and not store.rewatch_timer then
+      store.rewatch_timer = S.timer(REWATCH, rewatch, store)
+    end
     return wake_all(store)
   end
   store.events = store.events + 1
@@ -603,6 +623,7 @@ function Store:unlisten(fn)
   if #list == 0 then
     if self.watch then self.watch:close(); self.watch = nil end
     if self.check_timer then S.untimer(self.check_timer); self.check_timer, self.check_at = nil, nil end
+    if self.rewatch_timer then S.untimer(self.rewatch_timer); self.rewatch_timer = nil end
   end
 end
 
@@ -778,14 +799,22 @@ local function claim(s, queue, n, owner, now, lease_until)
   end
   local r = limited(s, queue, core.now())     -- nothing claimed: because of limits?
   if not r then return {}, false end
-  return stmt(s, "claim_limited"):rows(now, owner, lease_until, queue, n, per_key_cap(r, n)), true
+  local rows = stmt(s, "claim_limited"):rows(now, owner, lease_until, queue, n, per_key_cap(r, n))
+  local reopen
+  if #rows < n and r.rate_limit then
+    local oldest = stmt(s, "rate_oldest"):first(queue, now - r.rate_period).at
+      if oldest then reopen = oldest + r.rate_period - now end
+  end
+  return rows, true, reopen
 end
 
---- Claims up to n due jobs; returns them (in start order) and true when the
---- queue has limits (a worker then claims again after each outcome it writes).
+--- Claims up to n due jobs; returns them (in start order), true when the
+--- queue has limits (a worker then claims again after each outcome it
+--- writes), and, when a rate may have held jobs back, in how many ms the
+--- first of its windows reopens (nothing else would wake the worker then).
 function Session:claim(queue, n, owner, now, lease_until)
-  local rows, yes = locked(self, claim, self, queue, n, owner, now, lease_until)
-  return common.start_order(rows), yes
+  local rows, yes, reopen = locked(self, claim, self, queue, n, owner, now, lease_until)
+  return common.start_order(rows), yes, reopen
 end
 
 local function declare(s, r)
