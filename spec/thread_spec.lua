@@ -183,6 +183,10 @@ describe("thread mode", function()
         "tide.configure: bad option 'threads' (integer from 1 to 1024 expected, got number 0)" },
       { function() tide.configure{ threads = 4 } end,
         "tide.configure: threads, thread_init and thread_memory must be set before the first thread task" },
+      -- (taken, then every thread task failed: "bad argument #1 to 'thread_start' (memory_limit out of range)")
+      { function() tide.configure{ thread_memory = 1e9 } end,
+        "tide.configure: bad option 'thread_memory' (integer number of MB from 0 (no limit) to 16777216 expected, "
+        .. "got number 1000000000)" },
     }
     spec_helper.error_cases("spec/thread_spec.lua", cases)
     assert.equal(0, tide.stats().live)

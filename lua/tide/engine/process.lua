@@ -41,7 +41,7 @@ local thread = require "tide.engine.thread"
 local type, error, tostring, unpack, pairs = type, error, tostring, unpack, pairs
 
 local MAX = 1024                             -- children a pool may have
-local MAX_MB = 16777216                      -- process_memory: 16 TB (proc_spawn takes below 1e15 bytes)
+local MAX_MB = thread.MAX_MB                 -- process_memory, as thread_memory
 
 local M = {
   config = { processes = nil, init = nil, memory_mb = 0, stop_wait = 100, prefetch = 1 },

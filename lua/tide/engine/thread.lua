@@ -21,6 +21,7 @@ local MAX = core.thread_max                 -- threads a pool may have (1024)
 
 local M = {
   config = { threads = nil, init = nil, memory_mb = 0, stop_wait = 100 },
+  MAX_MB = 16777216,                         -- thread_memory, process_memory: 16 TB (the C side takes below 1e15 bytes)
   MAX = MAX,
 }
 
@@ -50,8 +51,9 @@ function M.configure(fname, opts, level)
   if opts.thread_init ~= nil and type(opts.thread_init) ~= "string" then
     check.opt_error(fname, "thread_init", "module name", opts.thread_init, level)
   end
-  if opts.thread_memory ~= nil and not check.is_count(opts.thread_memory) then
-    check.opt_error(fname, "thread_memory", "integer number of MB (0: no limit)", opts.thread_memory, level)
+  if opts.thread_memory ~= nil and not (check.is_count(opts.thread_memory) and opts.thread_memory <= M.MAX_MB) then
+    check.opt_error(fname, "thread_memory", "integer number of MB from 0 (no limit) to " .. M.MAX_MB, opts.thread_memory,
+                    level)
   end
   if opts.thread_stop_wait ~= nil and not check.is_ms(opts.thread_stop_wait) then
     check.opt_error(fname, "thread_stop_wait", "non-negative number of ms", opts.thread_stop_wait, level)
