@@ -365,6 +365,34 @@ describe("tide.sources.rabbitmq", function()
     assert.is_true(src.stats.acked_multiple < src.stats.acked, "no ack out of order")
   end)
 
+  for _, mode in ipairs{ "coroutine", "thread" } do
+    it("gives a " .. mode .. " handler delivery_count 0 on a first delivery and 1 on its redelivery", function()
+      -- delivery_count is stored only when it is not 0 (a metatable gives
+      -- 0): a thread handler's copy of the delivery must have it too.
+      need_broker()
+      local got = {}
+      spec_helper.run(function()
+        local src = tide.sources.rabbitmq{ url = URL, queue = qname("count-" .. mode), declare = { durable = false } }
+        src:declare_queue()
+        src:publish("m", { persistent = false })
+        local c = tide.consumer{ source = src, handler = {
+          mode = mode ~= "coroutine" and mode or nil,
+          run = function(_, d) return d.delivery_count end,
+          handle_result = function(status, value, _, d)
+            got[#got + 1] = status .. ":" .. tostring(value)
+            if not d.redelivered then return "requeue" end
+            return "ack"
+          end } }
+        local t = tide.spawn(function() return c:run() end)
+        assert.is_true(wait_for(function() return src.stats.acked == 1 end, 10000), "acked " .. src.stats.acked)
+        t:cancel()
+        src:delete_queue()
+        src:close()
+      end)
+      assert.same({ "ok:0", "ok:1" }, got)
+    end)
+  end
+
   it("fails the consumer when its queue is deleted (basic.cancel from the broker)", function()
     need_broker()
     local status, err
