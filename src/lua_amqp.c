@@ -664,7 +664,8 @@ static int push_open(lua_State *L, ready_args *a) {
   lua_createtable(L, 2, 0);                      /* strings reused by push_cached */
   lua_setfenv(L, -2);
   int rc = tide__amqp_attach(r->c, b->loop, on_io, u);
-  if (rc != 0) {
+  if (rc != 0) {                                 /* the connection went with its handles' close */
+    r->c = NULL;                                 /* (connect_done closing it again closed them twice) */
     lua_pop(L, 1);
     lua_pushnil(L);
     lua_pushfstring(L, "cannot watch the socket: %s", uv_strerror(rc));
