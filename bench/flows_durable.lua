@@ -18,6 +18,7 @@
 -- that server instead of a throwaway one; BENCH_NO_SQLITE=1: PostgreSQL only;
 -- BENCH_ONLY=sqlite1,sqlite3,pg1,pg4,latency: those measurements only)
 local tide = require "tide"
+tide.configure{ watchdog = 0 }                 -- the driver waits for its processes with blocking calls
 local core = require "tide.core"
 
 local BUILD = os.getenv("BUILD") or "build"

@@ -38,6 +38,7 @@
 -- "floors,throughput,latency"), TIDE_BENCH_PG_REPEATS (runs of each throughput
 -- and enqueue figure, default 3), BUILD (default build), NODE (default node).
 local tide = require "tide"
+tide.configure{ watchdog = 0 }                 -- the driver waits for its processes with blocking calls
 local core = require "tide.core"
 local pg = require "tide.jobs.store.postgres"
 local ffi = require "ffi"
