@@ -65,14 +65,18 @@ describe("finalizers", function()
     -- The collector starts each cycle at once: with the pause at its default,
     -- after the test before (a big heap, collected) no cycle came due in
     -- the loop, and no finalizer ran.
-    -- A spawn allocates little (a thread task is one table and its job), so
-    -- the collector also does much work per step: cycles through the 10 MB
-    -- of payloads end while spawns run, and their finalizers run there.
+    -- A spawn allocates little (a thread task is one table and its job):
+    -- each round also makes some garbage (~13 KB), and the collector does
+    -- 20 times the usual work per step, so that cycles through the 10 MB of
+    -- payloads end several times while the spawns run (about 80 MB of
+    -- collector work over the loop), and the finalizers run among them.
     local pause = collectgarbage("setpause", 50)
     local stepmul = collectgarbage("setstepmul", 2000)
     local status, bad = tide.run(function()
       for i = 1, 300 do
         for _ = 1, 10 do bomb() end
+        local garbage = {}
+        for j = 1, 200 do garbage[j] = { j } end
         spawn_one(i % 50 + 1)
       end
       collectgarbage("setpause", pause)
