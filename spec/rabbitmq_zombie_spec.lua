@@ -1,7 +1,8 @@
 -- spec/rabbitmq_zombie_spec.lua — the zombie-node scenario on a real broker: faults everywhere, every message handled, no node left busy.
 --
 -- 5,000 persistent messages with ids go into a durable queue (published
--- with confirms).  Two consumer processes (spec/fixtures/rabbit_consumer.lua:
+-- with confirms: 3,500 at the start, the last 1,500 just before the last
+-- fault, so that it falls on work however fast the consumers are).  Two consumer processes (spec/fixtures/rabbit_consumer.lua:
 -- a supervised tide.consumer, prefetch 20, handlers that succeed, raise,
 -- hang past their timeout or run a runaway thread task, and the consumer
 -- task killed every second or so and restarted by its supervisor) work
@@ -102,14 +103,20 @@ describe("the zombie-node scenario on RabbitMQ", function()
     local count_rows = db:prepare("SELECT count(*) AS n, count(DISTINCT id) AS ids FROM done")
     local ok, err = pcall(spec_helper.run, function()
       local src = tide.sources.rabbitmq{ url = URL, queue = queue, declare = { durable = true }, connect_timeout = 1000 }
-      -- 5,000 persistent messages, confirmed.
-      local pubs = {}
-      for k = 1, 10 do
-        pubs[k] = tide.spawn(function()
-          for i = k, N, 10 do src:publish(tostring(i)) end
-        end)
+      -- Persistent messages with ids first..last, confirmed.
+      local function publish(source, first, last)
+        local pubs = {}
+        for k = 0, 9 do
+          pubs[#pubs + 1] = tide.spawn(function()
+            for i = first + k, last, 10 do source:publish(tostring(i)) end
+          end)
+        end
+        for _, t in ipairs(pubs) do local st, e = t:await(); assert(st == "ok", tostring(e)) end
       end
-      for _, t in ipairs(pubs) do local st, e = t:await(); assert(st == "ok", tostring(e)) end
+      -- The last 1,500 wait for the last fault, so that however fast the
+      -- consumers are, work is left for it to fall on.
+      local FIRST = N - 1500
+      publish(src, 1, FIRST)
       local a = start_proc(dir, queue, seed)
       local b = start_proc(dir, queue, seed + 1)
 
@@ -174,9 +181,12 @@ describe("the zombie-node scenario on RabbitMQ", function()
         tide.sleep(300)
         shell("sh spec/rabbitmq.sh up " .. DIR)
       end)
-      assert.is_true(before_restart < N - 500, "too little work was left for the broker restart: " .. before_restart)
+      assert.is_true(before_restart < FIRST - 200, "too little work was left for the broker restart: " .. before_restart)
       -- 4. once the consumers are back, the broker closes every connection at once
       assert.is_true(wait_for(function() return #connections_of(nil) >= 2 end, 10000, 200), "the consumers did not reconnect")
+      local late = tide.sources.rabbitmq{ url = URL, queue = queue, declare = { durable = true }, connect_timeout = 1000 }
+      publish(late, FIRST + 1, N)
+      late:close()
       -- Measured from the moment this last fault begins: the consumers'
       -- reconnection counts in the longest wait.
       last_fault_end = tide.now()
