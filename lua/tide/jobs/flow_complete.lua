@@ -102,10 +102,6 @@ local RELEASE_PG = batch_stmt("b_run, b_name, b_queue, b_args, b_priority, b_max
   .. " + CAST(? AS BIGINT) END FROM input ORDER BY new_id) "
   .. "UPDATE tide_flow_steps AS s SET status = 'queued', job_id = new_id, queued_at = ? FROM input "
   .. "WHERE s.run_id = b_run AND s.name = b_name RETURNING run_id, name, job_id")
-local TAKE = batch_stmt("b_id", { "BIGINT" },
-  "UPDATE tide_jobs SET status = 'executing', attempt = 1, attempted_at = ?, lease_owner = ?, lease_expires = ? "
-  .. "WHERE id IN (SELECT b_id FROM b)")
-
 --- The first jobs released for each queue, as many as F.take[queue]
 --- allows (the free slots of the worker making the change), are leased to
 --- it in the same statement instead of made available: it starts them after
@@ -168,17 +164,17 @@ local function release(F, list, known)
     end
     ids = {}
     for i, x in ipairs(list) do ids[i] = by[x.run.id .. "\0" .. x.name] end
-  else
+  else                                       -- the taken ones go in leased: one write each
+    for i, j in ipairs(jobs) do
+      if take[i] then j.lease_owner, j.lease_expires = F.owner, F.now + F.lease end
+    end
     ids = F.s:insert_many(jobs)
     for i, x in ipairs(list) do rows[i] = { x.run.id, x.name, ids[i] } end
     batch(F, MARK_QUEUED, rows, F.now)
-    local mine = {}
-    for i = 1, #jobs do if take[i] then mine[#mine + 1] = { ids[i] } end end
-    if #mine > 0 then batch(F, TAKE, mine, F.now, F.owner, F.now + F.lease) end
   end
   for i, j in ipairs(jobs) do
     if take[i] then
-      j.id, j.attempt, j.status = ids[i], 1, nil
+      j.id, j.attempt, j.status, j.lease_owner, j.lease_expires = ids[i], 1, nil, nil, nil
       F.post.rows[#F.post.rows + 1] = j
     else
       F.post.queues[j.queue] = true           -- (wakes this worker's claimer after the commit)

@@ -13,6 +13,8 @@
 --   session:insert(job) -> id, inserted  (false: the idempotence key existed,
 --                          or a job with its unique key inside the period)
 --   session:insert_many(jobs) -> ids, inserted flags (one transaction is the caller's)
+--                          (a job with lease_owner and lease_expires, and no keys,
+--                          goes in executing, attempt 1, leased to that worker)
 --   session:claim(queue, n, owner, now, lease_until) -> rows, marked executing,
 --                          and true when the queue has limits (tide_queues)
 --   session:declare(limits)  :queue_limits(name)   the limits of a queue (q:declare)
@@ -81,6 +83,11 @@ local SQL = {
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
     ON CONFLICT (idempotence_key) WHERE idempotence_key IS NOT NULL DO NOTHING
     RETURNING id]],
+  -- A job leased at once to the worker inserting it (a durable flow's
+  -- released step, started after the commit): one write, no claim.
+  insert_leased = [[INSERT INTO tide_jobs (queue, target, method, args, status, priority, max_attempts, run_at,
+      inserted_at, attempt, attempted_at, lease_owner, lease_expires)
+    VALUES (?1, ?2, ?3, ?4, 'executing', ?5, ?6, ?7, ?8, 1, ?8, ?9, ?10)]],
   by_key = "SELECT id FROM tide_jobs WHERE idempotence_key = ?1",
   -- A run_at that is not an integer (a row written by hand) never compares
   -- as due: such rows are claimed too, so that the worker fails them with
@@ -561,6 +568,11 @@ local function insert_unique(s, j)
 end
 
 local function insert(s, j)
+  if j.lease_owner ~= nil then
+    stmt(s, "insert_leased"):run(j.queue, j.target, j.method, j.args, j.priority, j.max_attempts, j.run_at,
+      j.inserted_at, j.lease_owner, j.lease_expires)
+    return s.db:last_id(), true
+  end
   if j.unique_key ~= nil then return insert_unique(s, j) end
   if j.idempotence_key == nil then
     stmt(s, "insert"):run(j.queue, j.target, j.method, j.args, j.args_enc, j.status,

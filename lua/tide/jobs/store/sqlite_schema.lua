@@ -154,6 +154,20 @@ local MIGRATIONS = {
     seen_at   INTEGER NOT NULL,        -- ms: when a worker last registered or advanced it
     seen_by   TEXT
   )]],
+  -- 6: the per-key indexes of migration 3 hold keyed jobs only.  They held
+  -- every waiting and every executing job, so each job without a key (a
+  -- durable flow's step above all) paid two more index writes at each
+  -- change of status for indexes only keyed claims read (their statements
+  -- all say partition_key IS NOT NULL, or = a key, which implies it).
+  -- Counts of executing jobs by queue now read tide_jobs_leased: as many
+  -- rows as the workers' slots.
+  [[DROP INDEX tide_jobs_key_due;
+  CREATE INDEX tide_jobs_key_due ON tide_jobs (queue, partition_key, priority, run_at, id)
+    WHERE partition_key IS NOT NULL AND (status = 'available' OR status = 'scheduled' OR status = 'retryable');
+  DROP INDEX tide_jobs_key_running;
+  CREATE INDEX tide_jobs_key_running ON tide_jobs (queue, partition_key)
+    WHERE partition_key IS NOT NULL AND status = 'executing';
+  ]],
 }
 M.VERSION = #MIGRATIONS
 M.MIGRATIONS = MIGRATIONS
