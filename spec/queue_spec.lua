@@ -259,6 +259,29 @@ describe("tide.queue on " .. store.name, function()
         assert.equal(10, (q:enqueue{ target = "t", method = "m" }))
       end)
 
+      it("inserts a job leased to a worker when insert_many is given its lease, and rescues it after", function()
+        local session = q._store:acquire("spec")
+        local ok, err = pcall(function()
+          session:begin()
+          local ids = session:insert_many{
+            { queue = "default", target = "t", method = "m", args = "[1]", priority = 3, max_attempts = 5,
+              run_at = 1000, inserted_at = 1000, lease_owner = "w1", lease_expires = 2000 },
+            { queue = "default", target = "t", method = "m", args = "[2]", status = "available", priority = 0,
+              max_attempts = 5, run_at = 1000, inserted_at = 1000 } }
+          session:commit()
+          local a, b = session:get(ids[1]), session:get(ids[2])
+          assert.same({ "executing", 1, 1000, "w1", 2000, "[1]", 3, 5 }, { a.status, a.attempt, a.attempted_at,
+            a.lease_owner, a.lease_expires, a.args, a.priority, a.max_attempts })
+          assert.same({ "available", 0 }, { b.status, b.attempt })
+          session:begin()
+          assert.equal(1, session:rescue(2001))
+          session:commit()
+          assert.equal("available", session:get(ids[1]).status)
+        end)
+        q._store:release(session, not ok)
+        assert(ok, err)
+      end)
+
       -- Until version 5, tide_schedules was created at every open outside
       -- the numbered migrations: a file of version 4 may have it (with rows)
       -- or not (made before schedules existed).

@@ -344,8 +344,21 @@ local function check_utf8(s, i, j)
   next_high = j                             -- (searched again from the next string)
 end
 
+--- The first byte at or after `i` that ends a run of plain characters
+--- (a quote, a backslash, a control character), or nil.  Short runs (keys,
+--- names) are scanned byte by byte, which LuaJIT compiles; a long one goes
+--- on with a pattern find.
+local function plain_end(s, i)
+  for k = i, i + 31 do
+    local c = byte(s, k)
+    if c == nil then return nil end
+    if c == 34 or c == 92 or c < 32 then return k end
+  end
+  return (find(s, '[%z\1-\31"\\]', i + 32))
+end
+
 local function decode_string(s, i)          -- s[i] is the opening quote
-  local j = find(s, '[%z\1-\31"\\]', i + 1)
+  local j = plain_end(s, i + 1)
   if j and byte(s, j) == 34 then            -- the common case: no escape
     check_utf8(s, i + 1, j - 1)
     return sub(s, i + 1, j - 1), j + 1
@@ -379,7 +392,7 @@ local function decode_string(s, i)          -- s[i] is the opening quote
     else
       perr("bad escape", j)
     end
-    j = find(s, '[%z\1-\31"\\]', from)
+    j = plain_end(s, from)
   end
 end
 
