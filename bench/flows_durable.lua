@@ -163,8 +163,10 @@ end
 
 -- The same DAG on graphile-worker (bench/pg/graphile_chain.js: each step's
 -- job releases its dependents in a transaction of its own), with `n`
--- processes of 100 jobs at a time each; graphile-worker from NODE_PATH, or
--- where bench/pg/bench.lua installs it (build/bench-node).
+-- processes of 100 jobs at a time each, or fewer so that their pools (a
+-- connection per job) stay within 160 of the server's 200 connections (4
+-- processes: 40 each); graphile-worker from NODE_PATH, or where
+-- bench/pg/bench.lua installs it (build/bench-node).
 local NODE_PATH = os.getenv("NODE_PATH") or (BUILD .. "/bench-node/node_modules")
 local function graphile(url, n)
   local js = ("NODE_PATH=%s NO_LOG_SUCCESS=1 node bench/pg/graphile_chain.js"):format(NODE_PATH)
@@ -172,7 +174,8 @@ local function graphile(url, n)
     :format(js, url, WIDTH, LAYERS, dir)) == 0, "graphile_chain.js setup failed (see graphile.log)")
   local cmd = {}
   for i = 1, n do
-    cmd[i] = ("%s work '%s' tide_bench_chain concurrency:100 >>%s/graphile.log 2>&1 &"):format(js, url, dir)
+    cmd[i] = ("%s work '%s' tide_bench_chain concurrency:%d >>%s/graphile.log 2>&1 &")
+      :format(js, url, math.min(100, math.floor(160 / n)), dir)
   end
   assert(os.execute(table.concat(cmd, " ") .. " wait") == 0)
   local p = io.popen(("%s rate '%s' tide_bench_chain 2>>%s/graphile.log"):format(js, url, dir))
