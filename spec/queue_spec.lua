@@ -307,6 +307,10 @@ describe("tide.queue on " .. store.name, function()
           q = tide.queue.open(url)
           assert.equal(require("tide.jobs.store.sqlite").VERSION, sql("SELECT version FROM tide_schema")[1].version)
           assert.equal("available", q:job(5).status)
+          -- (6: the per-key indexes hold keyed jobs only)
+          local idx = sql("SELECT sql FROM sqlite_master WHERE name IN ('tide_jobs_key_due', 'tide_jobs_key_running')")
+          assert.equal(2, #idx)
+          for _, r in ipairs(idx) do assert.truthy(r.sql:find("WHERE partition_key IS NOT NULL AND", 1, true), r.sql) end
           local rows = sql("SELECT name, last_tick, seen_by FROM tide_schedules")
           if with_schedules then
             assert.same({ { name = "nightly", last_tick = 42, seen_by = "w1" } }, rows)
