@@ -2,12 +2,13 @@
 local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
 local retry = require "tide.engine.retry"
+local unheard = require "tide.engine.unheard"
 local thread = require "tide.engine.thread"
 local process = require "tide.engine.process"
 
 local type, select, error, getmetatable, unpack = type, select, error, getmetatable, unpack
 local maxn = table.maxn
-local new_task, TERMINAL = S.new_task, S.TERMINAL
+local new_task, TERMINAL, results = S.new_task, S.TERMINAL, S.results
 local arg_error, opt_error, is_ms = check.arg_error, check.opt_error, check.is_ms
 
 local M = {}
@@ -136,7 +137,18 @@ function Task.await(t, timeout_ms)
   if me == nil and TERMINAL[S.state(t)] then
     error("task:await: called outside a task (start one with tide.run or tide.spawn)", 2)
   end
-  return S.await(t, timeout_ms, "task:await")
+  if TERMINAL[t._state] then unheard.hear(t); return results(t) end
+  local w, tok = S.wait_begin("task:await", 2)
+  if not t._waiters then t._waiters = {} end
+  S.add_waiter(t._waiters, w, tok)
+  w._awaiting = t                       -- so that an end of w's attempt takes it off the list
+  S.wait_end(w, tok, timeout_ms)
+  w._awaiting = nil
+  if not TERMINAL[t._state] then
+    if t._waiters then S.remove_waiter(t._waiters, w) end
+    return nil, "timeout"
+  end
+  return results(t)
 end
 
 --- Cancels the task: its outcome is `cancelled` with `reason` (default
