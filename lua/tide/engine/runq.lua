@@ -16,7 +16,7 @@
 local core = require "tide.core"
 
 local timer_start, timer_cancel, pop, kick = core.timer_start, core.timer_cancel, core.pop, core.kick
-local pairs = pairs
+local pairs, type = pairs, type
 
 local M = {}
 
@@ -81,10 +81,28 @@ function M.run(run, budget)
       if t._co == co then
         cur_i, unit_t = i, t
         run(t, co)
+        i = cur_i                                 -- a runner may have taken the entries after it
       end
     end
     cur_i, unit_t = i, nil
   end
+end
+
+--- For a runner that ended its task: takes the next entry of the batch
+--- under way if it is an attempt's first run (its coroutine slot holds the
+--- attempt's number, and the task is still on that attempt) of a task that
+--- `fits`, and returns the task, which becomes unit_t.  nil when the next
+--- entry is anything else (the tick runs it, or drops it if stale).  No
+--- loop here: a loop inside the runner's loop would stop LuaJIT from
+--- compiling the runner's ("inner loop in root trace").
+function M.take_first(fits)
+  local i = cur_i + 1
+  if i > cur_n then return nil end
+  local t, co = cur_t[i], cur_c[i]
+  if type(co) ~= "number" or t._co ~= co or not fits(t) then return nil end
+  cur_t[i], cur_c[i] = nil, nil
+  cur_i, unit_t = i, t
+  return t
 end
 
 -- ===== timers: the heap lives in C; per key, a handler and its two arguments

@@ -43,7 +43,7 @@ local unpack, select, pcall, xpcall, error = unpack, select, pcall, xpcall, erro
 local tostring, traceback, pairs = tostring, debug.traceback, pairs
 local setmetatable, getmetatable = setmetatable, getmetatable
 local kick = core.kick
-local push, timer, untimer = runq.push, runq.timer, runq.untimer
+local push, timer, untimer, take_first = runq.push, runq.timer, runq.untimer, runq.take_first
 local is_ms = check.is_ms
 
 local S = {}
@@ -267,23 +267,24 @@ S.now = core.now
 
 -- ===== runners: coroutines reused from one task to the next
 --
--- A runner is resumed with (fn, ...); when fn returns it yields (DONE,
--- results...) and waits, suspended, for the next function.  Only a runner
--- that yielded DONE goes back to the idle list: one whose task raised is
--- dead, and one whose task was abandoned while suspended (timeout, cancel)
--- is simply never resumed again.  Creating a coroutine per task and
--- collecting it afterwards is most of what a trivial task costs.
+-- A runner runs new tasks back to back, without going back to the tick
+-- between them: when a task's function returns, the runner ends its attempt
+-- (the door) itself, then takes the next entry of the batch under way if it
+-- is another attempt's first run (runq.take_first), and so on; with none,
+-- it yields DONE to the tick and waits, idle, to be given a task.  When a
+-- task waits (or yields), the runner is that task's own until it returns;
+-- the tick takes a fresh runner for the next new task.  Only a runner that
+-- yielded DONE goes back to the idle list: one whose task raised is dead,
+-- and one whose task was abandoned while suspended (timeout, cancel) is
+-- never resumed again.  Why: a resume and a yield per task cut LuaJIT's
+-- traces short, so a trivial task ran ~5,000 instructions, nearly all in
+-- the interpreter (callgrind); run back to back, the loop of returns stays
+-- in the runner.  Invariant: `current` is the task whose code the runner
+-- runs, or nil while the runner is inside the door.
 
 local DONE = setmetatable({}, { __tostring = function() return "tide.DONE" end })
 local MAX_IDLE = 256
 local idle, nidle = {}, 0
-
--- Not a vararg function: a vararg frame takes more stack slots, and a task
--- that waits keeps every frame below its yield (see S.sleep).
-local function runner_loop(fn, args)
-  if args then return runner_loop(co_yield(DONE, fn(unpack(args, 1, args.n)))) end
-  return runner_loop(co_yield(DONE, fn()))     -- tail calls: the stack stays flat
-end
 
 -- ===== attempts
 
@@ -432,27 +433,59 @@ end
 
 -- ===== running tasks
 
-local function after_resume(t, co, ok, ...)
+--- The attempt of t (run by runner co) returned: it ends here, in the runner.
+local function returned(t, co, ...)
+  current = nil
+  if t._co ~= co then return end            -- it ended while it ran
+  if not t._opt then return finish(t, "ok", ...) end   -- no retry policy to ask
+  return settle(t, "ok", ...)
+end
+
+--- A task that takes a runner of its own (not a direct task).
+local function needs_runner(t)
+  local o = t._opt
+  return not (o and o.direct)
+end
+
+-- Not a vararg function: a vararg frame takes more stack slots, and a task
+-- that waits keeps every frame below its yield (see S.sleep).
+local function runner_loop(t)
+  local co = co_running()
+  while true do
+    current = t
+    local args = t._opt and t._opt.args
+    if args then returned(t, co, t._fn(unpack(args, 1, args.n)))
+    else returned(t, co, t._fn()) end
+    t = take_first(needs_runner)           -- the next new task of the batch, if it is one
+    if t then t._co = co else t = co_yield(DONE) end
+  end
+end
+
+local function after_resume(co, ok, ...)
   -- Still inside a callback or hook: the task yielded from there (a bare
   -- coroutine.yield; tide's waits raise there).  It goes on at once: the
   -- door it is inside must finish, and a task that waited there could be
   -- stopped half-way through another task's end.
   if in_callback ~= nil and ok and co_status(co) == "suspended" then
-    return after_resume(t, co, co_resume(co))
+    return after_resume(co, co_resume(co))
   end
+  local t = current                         -- the task the runner was running, if any
   current, in_callback = nil, nil
-  if t._co ~= co then return end            -- it ended while it ran
   if ok then
     local first = ...
-    if first == DONE then                  -- returned: the runner is free again
+    if first == DONE then                  -- idle: its tasks ended inside it
       if nidle < MAX_IDLE then nidle = nidle + 1; idle[nidle] = co end
-      if not t._opt then return finish(t, "ok", select(2, ...)) end   -- no retry policy to ask
-      return settle(t, "ok", select(2, ...))
+    elseif t and t._co == co and first ~= WAIT then
+      push(t, co)                          -- a bare yield: run again later
     end
-    if first ~= WAIT then push(t, co) end  -- a bare yield: run again later
     return
   end
   local err = ...                          -- raised: the runner is dead
+  if t == nil then                         -- in the door, between two tasks
+    finishing = 0                          -- the door it left half-way
+    return log.report("tide's engine (an error raised inside a task's end, as by a __gc finalizer)", err, err)
+  end
+  if t._co ~= co then return end            -- it ended while it ran
   if getmetatable(err) == Traced_mt then
     t.traceback, err = err.traceback, err.value
   else
@@ -472,9 +505,9 @@ local function run_task(t, co)
       co = co_create(runner_loop)
     end
     t._co = co
-    return after_resume(t, co, co_resume(co, t._fn, o and o.args))
+    return after_resume(co, co_resume(co, t))
   end
-  return after_resume(t, co, co_resume(co))
+  return after_resume(co, co_resume(co))
 end
 
 -- ===== direct tasks: work done elsewhere, without a coroutine
