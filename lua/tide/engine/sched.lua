@@ -433,12 +433,16 @@ end
 
 -- ===== running tasks
 
+local ending = nil            -- the task a runner is ending (in the door), or nil
+
 --- The attempt of t (run by runner co) returned: it ends here, in the runner.
 local function returned(t, co, ...)
-  current = nil
-  if t._co ~= co then return end            -- it ended while it ran
-  if not t._opt then return finish(t, "ok", ...) end   -- no retry policy to ask
-  return settle(t, "ok", ...)
+  current, ending = nil, t
+  if t._co == co then                       -- else it ended while it ran
+    if not t._opt then finish(t, "ok", ...)  -- no retry policy to ask
+    else settle(t, "ok", ...) end
+  end
+  ending = nil
 end
 
 --- A task that takes a runner of its own (not a direct task).
@@ -481,8 +485,12 @@ local function after_resume(co, ok, ...)
     return
   end
   local err = ...                          -- raised: the runner is dead
-  if t == nil then                         -- in the door, between two tasks
-    finishing = 0                          -- the door it left half-way
+  if t == nil then                         -- raised in the door (a __gc finalizer's error)
+    t, ending, finishing = ending, nil, 0
+    if t and t._co == co and t._state == "running" then   -- before the door shut: it fails with the error
+      t.traceback = "an error interrupted tide's engine while this task ended: " .. safe_tostring(err)
+      return settle(t, "error", err)
+    end
     return log.report("tide's engine (an error raised inside a task's end, as by a __gc finalizer)", err, err)
   end
   if t._co ~= co then return end            -- it ended while it ran
