@@ -99,8 +99,13 @@ local function make_task(fname, default_mode, spec, ...)
   elseif mode == "process" then t = process_task(fname, run, args, 3)
   else t = new_task(run, args and { args = args }) end
   local o = S.options(t)
-  o.name = spec.name
-  o.timeout, o.retry, o.handle_result, o.on_retry = spec.timeout, policy, handle_result, on_retry
+  -- Only the options given: a nil stored under a key the table lacks still
+  -- makes a slot for it (5 such stores grew the table twice per spawn).
+  if spec.name ~= nil then o.name = spec.name end
+  if spec.timeout ~= nil then o.timeout = spec.timeout end
+  if policy then o.retry = policy end
+  if handle_result then o.handle_result = handle_result end
+  if on_retry then o.on_retry = on_retry end
   if on_retry and check.positional_hook(fname, "on_retry", on_retry, 3) then o.on_retry_positional = true end
   return t
 end
