@@ -535,7 +535,9 @@ end
 --     or false: a node queued meanwhile is taken by that loop; queued at
 --     any other time, it wakes a worker.
 --   - A worker that ran POLL_EVERY nodes without waiting sleeps 0 ms, so
---     the loop polls I/O and fires timers during a long flow.
+--     the loop polls I/O and fires timers during a long flow; meanwhile
+--     (run.polling) no other worker takes queued nodes, or the relays it
+--     started would run them all within the same tick.
 -- Inside a simple node, tide.current() is its worker, which runs other
 -- nodes before and after it.
 local POLL_EVERY = 1000
@@ -545,6 +547,7 @@ local function worker_ended(t)
   local run, i = o.flow_run, o.flow_index
   if run.looping == t then run.looping = false end
   if run.relay == t then run.relay = false end
+  if run.polling == t then run.polling = false end
   if i and run.holder[i] == t then           -- it ended inside node i's code
     local status = S.state(t)
     node_finished(run, i, status == "cancelled" and "cancelled" or "error", nil, t.value)
@@ -602,7 +605,7 @@ function worker(run)
   while not run.done do
     if run.relay == me then run.relay = false end
     run.looping = me
-    while run.q_head <= run.q_tail and not run.stopping do
+    while run.q_head <= run.q_tail and not run.stopping and not run.polling do
       local head = run.q_head
       local i = q[head]
       q[head], run.q_head = nil, head + 1
@@ -612,9 +615,9 @@ function worker(run)
         since_poll = since_poll + 1
         if since_poll >= POLL_EVERY then
           since_poll = 0
-          run.looping = false
+          run.looping, run.polling = false, me
           S.sleep(0)
-          run.looping = me
+          run.looping, run.polling = me, false
         end
       end
     end
@@ -645,7 +648,7 @@ local function new_run(f, input)
                 started = table_new(n, 0), duration = table_new(n, 0), attempts = table_new(n, 0),
                 values = table_new(n, 0), errors = {}, reasons = {}, children = {}, kids = {},
                 ready = table_new(n, 0), ready_head = 1, ready_tail = 0,
-                queue = {}, q_head = 1, q_tail = 0, looping = false, relay = false, idle = {}, nidle = 0,
+                queue = {}, q_head = 1, q_tail = 0, looping = false, relay = false, polling = false, idle = {}, nidle = 0,
                 running = 0, open = n, failed = 0, starting = false, stopping = false,
                 children_total = 0, children_done = 0, t0 = now(), done = false, timer = false,
                 waiting = false }                   -- S.wait_for's slot
