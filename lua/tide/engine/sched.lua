@@ -453,10 +453,16 @@ end
 
 -- Not a vararg function: a vararg frame takes more stack slots, and a task
 -- that waits keeps every frame below its yield (see S.sleep).
+--
+-- Each task starts outside any callback: a callback that yielded from a
+-- nested coroutine of the task before (a handle_result run by a cancel
+-- inside coroutine.wrap) never came back to restore in_callback, and the
+-- next task of the batch would inherit it (its waits refused, its bare
+-- yields resumed for ever by after_resume).
 local function runner_loop(t)
   local co = co_running()
   while true do
-    current = t
+    current, in_callback = t, nil
     local args = t._opt and t._opt.args
     if args then returned(t, co, t._fn(unpack(args, 1, args.n)))
     else returned(t, co, t._fn()) end
