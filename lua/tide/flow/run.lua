@@ -88,6 +88,13 @@ local function hook(run, name, ev)
   if not ok then log.report(("flow '%s' hook %s"):format(run.flow.name, name), err, err) end
 end
 
+--- tostring that cannot raise: an error object's __tostring is user code,
+--- and a raise half-way through a child's end would lose the node's outcome.
+local function safe_tostring(v)
+  local ok, text = pcall(tostring, v)
+  return ok and text or "(an error object whose __tostring failed)"
+end
+
 local function ctx_for(run, node)
   return { input = run.input, results = run.results, flow = run.flow.name, task = node.name }
 end
@@ -365,7 +372,7 @@ local function fan_out(run, i, items)
     if s == "ok" then values[k] = value end
     if run.flow.on.child_done then hook(run, "child_done", { task = node.name, index = k, status = s, value = value }) end
     if s ~= "ok" and not failed_err and s ~= "cancelled" then
-      failed_err = ("child %d ended in %s: %s"):format(k, s, tostring(value))
+      failed_err = ("child %d ended in %s: %s"):format(k, s, safe_tostring(value))
       if node.exit_on_error then
         next_i = n + 1                      -- start no more; stop the running ones
         for _, c in pairs(kids) do c:cancel("a sibling failed") end
@@ -678,7 +685,7 @@ local function drive(f, input, handle)
   S.on_attempt_end(me, stop_with_attempt)
   active[run] = true
   hook(run, "flow_start", { input = input })
-  if f.timeout then
+  if f.timeout and not run.done then        -- (the hook may have cancelled the run: no timer left behind)
     run.timer = S.timer(f.timeout, function()
       run.timer = nil
       stop_run(run, "timeout", ("flow '%s' timed out after %g ms"):format(f.name, f.timeout))
