@@ -549,6 +549,15 @@ end
 -- nodes before and after it.
 local POLL_EVERY = 1000
 
+--- What a worker runs now, for the watchdog's "running now": the name of
+--- the node in its hands ("flow/node", as its own task would be named), or
+--- nil between nodes.  Asked only when a stall is reported: no cost per node.
+local function worker_doing(t)
+  local o = S.options(t)
+  local i = o.flow_index
+  if i then return task_name(o.flow_run.flow, o.flow_run.flow.list[i]) end
+end
+
 local function worker_ended(t)
   local o = S.options(t)
   local run, i = o.flow_run, o.flow_index
@@ -577,7 +586,8 @@ local function relay(run)
     return
   end
   local t = S.new_task(worker, { args = { n = 1, run }, on_finish = worker_ended, heard = true,
-                                 name = "flow " .. run.flow.name .. " worker", flow_run = run, flow_index = false })
+                                 name = "flow " .. run.flow.name .. " worker", flow_run = run, flow_index = false,
+                                 describe = worker_doing })
   run.relay = t
   S.start(t)
 end
