@@ -105,6 +105,29 @@ describe("review: tide.flow", function()
     assert.equal("ok", b_status)
   end)
 
+  it("runs every node once when simple nodes take tide.current(), and each handle is finished when the next node runs", function()
+    local runs, live_handles = {}, {}
+    local status = H.run(function()
+      local tasks, last = {}, nil
+      for i = 1, 60 do
+        local name = ("n%02d"):format(i)
+        tasks[name] = { after = i > 1 and ("n%02d"):format(i - 1) or nil, run = function()
+          runs[name] = (runs[name] or 0) + 1
+          if last and last:status() == "running" then live_handles[#live_handles + 1] = name end
+          last = nil
+          if i % 3 == 0 then last = tide.current() end
+          if i % 7 == 0 then tide.sleep(0) end
+          return i
+        end }
+      end
+      local f = tide.flow{ name = "handles", tasks = tasks }
+      return (f:run())
+    end)
+    assert.equal("ok", status)
+    assert.same({}, live_handles)
+    for i = 1, 60 do assert.equal(1, runs[("n%02d"):format(i)]) end
+  end)
+
   it("has the watchdog name the simple node that holds the loop, not only the run's worker", function()
     local path = H.write_file(dir, "spin_node.lua", [[
       local tide = require "tide"
