@@ -246,6 +246,21 @@ end
 
 function S.current() return current end
 
+--- tide.current(): the task running now, or nil.  A task whose options
+--- hold `seen = false` runs the work of several owners in turn (a flow's
+--- worker runs node after node): handing its handle out marks it (seen =
+--- true), so that it retires after the work in hand, and a handle kept
+--- never reaches the next owner's work.  tide's own modules call
+--- S.current, which marks nothing.
+function S.current_handle()
+  local t = current
+  if t then
+    local o = t._opt
+    if o and o.seen == false then o.seen = true end
+  end
+  return t
+end
+
 --- The name of the callback running now ("handle_result", ...), or nil.
 function S.in_callback() return in_callback end
 

@@ -545,8 +545,10 @@ end
 --     the loop polls I/O and fires timers during a long flow; meanwhile
 --     (run.polling) no other worker takes queued nodes, or the relays it
 --     started would run them all within the same tick.
--- Inside a simple node, tide.current() is its worker, which runs other
--- nodes before and after it.
+--   - Inside a simple node, tide.current() is its worker; a worker whose
+--     handle went out that way (o.seen) retires after that node, so the
+--     handle, kept, finds a finished task, as a node's own task would be,
+--     and never the nodes run after it.
 local POLL_EVERY = 1000
 
 --- What a worker runs now, for the watchdog's "running now": the name of
@@ -587,7 +589,7 @@ local function relay(run)
   end
   local t = S.new_task(worker, { args = { n = 1, run }, on_finish = worker_ended, heard = true,
                                  name = "flow " .. run.flow.name .. " worker", flow_run = run, flow_index = false,
-                                 describe = worker_doing })
+                                 describe = worker_doing, seen = false })
   run.relay = t
   S.start(t)
 end
@@ -629,6 +631,11 @@ function worker(run)
       if st[i] == "running" then
         if run.q_head <= run.q_tail then relay(run) end     -- if this one waits, another takes the rest
         if not run_simple(run, i, me, o) then return end
+        if o.seen then                                     -- its handle went out inside that node: retire
+          run.looping = false
+          if run.q_head <= run.q_tail then relay(run) end
+          return
+        end
         since_poll = since_poll + 1
         if since_poll >= POLL_EVERY then
           since_poll = 0
