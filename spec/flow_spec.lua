@@ -386,6 +386,192 @@ describe("tide.flow", function()
     end)
   end)
 
+  -- Simple nodes (a `run` function, no timeout, retry, mode or nested flow)
+  -- run without a task of their own, in the run's workers: these attack what
+  -- a task per node gave.
+  describe("simple nodes, run by the run's workers", function()
+    it("never hold back the others when one waits, and overlap when several wait", function()
+      local order, at = {}, {}
+      run(function()
+        local function slow(name)
+          return function() at[name] = { tide.now() }; tide.sleep(40); order[#order + 1] = name; at[name][2] = tide.now() end
+        end
+        local tasks = { slow = { run = slow("slow") }, slow2 = { run = slow("slow2") } }
+        for i = 1, 100 do
+          tasks["q" .. i] = { after = i > 1 and ("q" .. (i - 1)) or nil, run = function() order[#order + 1] = "q" .. i; return i end }
+        end
+        local status, report = tide.flow{ tasks = tasks }:run()
+        assert.equal("ok", status)
+        assert.equal(100, report.tasks.q100.value)
+      end)
+      assert.equal(102, #order)
+      assert.equal("q100", order[100])             -- the chain ran while both slow ones slept
+      assert.same({ slow = true, slow2 = true }, { [order[101]] = true, [order[102]] = true })
+      assert.is_true(at.slow[1] < at.slow2[2] and at.slow2[1] < at.slow[2], "the two waits did not overlap")
+    end)
+
+    it("keep the flow's concurrency while they wait", function()
+      local running, peak = 0, 0
+      run(function()
+        local tasks = {}
+        for i = 1, 20 do
+          tasks["t" .. i] = { run = function()
+            running = running + 1; peak = math.max(peak, running)
+            tide.sleep(math.random(0, 3))
+            running = running - 1
+          end }
+        end
+        assert.equal("ok", (tide.flow{ concurrency = 3, tasks = tasks }:run()))
+      end)
+      assert.equal(3, peak)
+    end)
+
+    it("record an error, skip what depends on it, and run the rest (fail = 'continue')", function()
+      run(function()
+        local f = tide.flow{ fail = "continue", tasks = {
+          a = { run = function() return 1 end },
+          bad = { after = "a", run = function() error("bad node") end },
+          dep = { after = "bad", run = function() error("ran") end },
+          waits = { after = "a", run = function() tide.sleep(5); error("late failure") end },
+          fine = { after = "a", run = function(ctx) return ctx.results.a + 1 end },
+        } }
+        local status, report = f:run()
+        assert.equal("error", status)
+        assert.matches("bad node", report.tasks.bad.error)
+        assert.matches("late failure", report.tasks.waits.error)
+        assert.equal("skipped", report.tasks.dep.status)
+        assert.equal("dependency 'bad' error", report.tasks.dep.reason)
+        assert.equal(2, report.tasks.fine.value)
+        assert.equal(1, report.tasks.bad.attempts)
+      end)
+    end)
+
+    it("stop at a node that times out, and the waiting ones with it (fail = 'stop')", function()
+      local after_sleep = 0
+      run(function()
+        local f = tide.flow{ tasks = {
+          limited = { timeout = 10, run = function() tide.sleep(1000) end },
+          waits = { run = function() tide.sleep(200); after_sleep = after_sleep + 1 end },
+          quick = { run = function() return "q" end },
+          later = { after = "waits", run = function() after_sleep = after_sleep + 1 end },
+        } }
+        local status, report = f:run()
+        assert.equal("error", status)
+        assert.equal("timeout", report.tasks.limited.status)
+        assert.equal("cancelled", report.tasks.waits.status)
+        assert.equal("cancelled", report.tasks.later.status)
+        assert.equal("ok", report.tasks.quick.status)
+        tide.sleep(250)                          -- the cancelled node's code never goes on
+      end)
+      assert.equal(0, after_sleep)
+    end)
+
+    it("give every node exactly one outcome when the run is cancelled while some wait and others are queued", function()
+      local outcomes, went_on = {}, 0
+      local function note(ev) outcomes[ev.task] = (outcomes[ev.task] or 0) + 1 end
+      run(function()
+        local tasks = {}
+        for i = 1, 50 do
+          tasks["w" .. i] = { run = function() tide.sleep(i % 3 == 0 and 1000 or 0); went_on = went_on + 1 end }
+          tasks["d" .. i] = { after = "w" .. i, run = function() end }
+        end
+        local f = tide.flow{ concurrency = 10, tasks = tasks,
+                             on = { task_done = note, task_error = note, task_timeout = note } }
+        local h = f:start()
+        tide.sleep(30)
+        h:cancel("enough")
+        local status, report = h:await()
+        assert.equal("cancelled", status)
+        local n, cancelled = 0, 0
+        for name, r in pairs(report.tasks) do
+          n = n + 1
+          assert.is_true(r.status == "ok" or r.status == "cancelled", name .. ": " .. r.status)
+          if r.status == "cancelled" then cancelled = cancelled + 1 end
+          if r.status == "ok" then assert.equal(1, outcomes[name], name) else assert.is_nil(outcomes[name], name) end
+        end
+        assert.equal(100, n)
+        assert.is_true(cancelled > 0)
+        local before = went_on
+        tide.sleep(50)
+        assert.equal(before, went_on)           -- no cancelled node went on after its wait
+      end)
+    end)
+
+    it("stop the run when a node cancels its own worker (tide.current())", function()
+      local ran_after = false
+      run(function()
+        local f = tide.flow{ tasks = {
+          a = { run = function() tide.current():cancel("by itself"); ran_after = true end },
+          b = { after = "a", run = function() ran_after = true end },
+          other = { run = function() tide.sleep(1000) end },
+        } }
+        local status, report = f:run()
+        assert.equal("cancelled", status)
+        assert.equal("cancelled", report.tasks.a.status)
+        assert.equal("cancelled", report.tasks.b.status)
+        assert.equal("cancelled", report.tasks.other.status)
+      end)
+      assert.is_false(ran_after)
+    end)
+
+    it("run a 100,000-node layered graph, every node once, each result handed to its dependents", function()
+      run(function()
+        local tasks, width, calls = {}, 1000, 0
+        for l = 1, 100 do
+          for w = 1, width do
+            local deps = l > 1 and { ("l%d_%d"):format(l - 1, w), ("l%d_%d"):format(l - 1, w % width + 1) } or nil
+            tasks[("l%d_%d"):format(l, w)] = { after = deps, run = function(ctx)
+              calls = calls + 1
+              if not deps then return 1 end
+              return ctx.results[deps[1]] + ctx.results[deps[2]]
+            end }
+          end
+        end
+        local status, report = tide.flow{ name = "big", tasks = tasks }:run()
+        assert.equal("ok", status)
+        local n = 0
+        for _, r in pairs(report.tasks) do n = n + 1; assert.equal("ok", r.status) end
+        assert.equal(100000, n)
+        assert.equal(100000, calls)
+        assert.equal(2 ^ 99, report.tasks.l100_7.value)
+      end)
+    end)
+
+    it("let the loop fire timers during a long run of nodes that never wait", function()
+      local done, seen_at = 0, nil
+      run(function()
+        local tasks = {}
+        for i = 1, 50000 do tasks["n" .. i] = { run = function() done = done + 1 end } end
+        local f = tide.flow{ tasks = tasks }
+        tide.after(0, function() seen_at = done end)
+        assert.equal("ok", (f:run()))
+      end)
+      assert.is_number(seen_at)
+      assert.is_true(seen_at < 50000, "the timer fired only after the run: " .. tostring(seen_at))
+    end)
+  end)
+
+  it("names the cycle and the unknown dependency in a large graph, whatever order the tasks come in", function()
+    local f = function() end
+    local tasks = {}
+    for i = 1, 5000 do tasks[("t%04d"):format(i)] = { run = f, after = i > 1 and ("t%04d"):format(i - 1) or nil } end
+    tasks.t0001.after = "t3000"
+    local ring = {}
+    for i = 1, 3000 do ring[i] = ("t%04d"):format(i) end
+    ring[3001] = "t0001"
+    H.error_cases("spec/flow_spec.lua", {
+      { function() tide.flow{ name = "big", tasks = tasks } end,
+        "tide.flow: flow 'big': cycle " .. table.concat(ring, " -> ") },
+    })
+    tasks.t0001.after = nil
+    tasks.t2500.after = { "t2499", "nope" }
+    tasks.t4000.after = "nada"
+    H.error_cases("spec/flow_spec.lua", {
+      { function() tide.flow{ name = "big", tasks = tasks } end,
+        "tide.flow: flow 'big': task 't2500' depends on unknown task 'nope'" },
+    })
+  end)
+
   it("rejects bad definitions, naming the flow, the task and the field", function()
     local f = function() end
     H.error_cases("spec/flow_spec.lua", {

@@ -8,7 +8,8 @@
 local check = require "tide.engine.check"
 local retry = require "tide.engine.retry"
 
-local type, pairs, ipairs, error, tostring, next = type, pairs, ipairs, error, tostring, next
+local type, pairs, ipairs, error, tostring, next, rawget, rawset, setmetatable =
+  type, pairs, ipairs, error, tostring, next, rawget, rawset, setmetatable
 local sort, concat = table.sort, table.concat
 local table_new = require "table.new"
 local opt_error = check.opt_error
@@ -46,90 +47,112 @@ local function task_error(level, fname, fdesc, name, msg, ...)
   error(("%s: %s: task '%s': " .. msg):format(fname, fdesc, name, ...), level + 1)
 end
 
-local function bad(fname, fdesc, name, key, expected, v)
-  task_error(5, fname, fdesc, name, "bad field '%s' (%s expected, got %s)", key, expected, check.describe(v))
+local function bad(fname, fdesc, name, key, expected, v, level)
+  task_error(level or 5, fname, fdesc, name, "bad field '%s' (%s expected, got %s)", key, expected, check.describe(v))
 end
 
 --- check.renamed for a task's field, its prefix ("tasks.NAME.") made only
 --- when the old name is there.
 local function renamed(fname, spec, old, new, name)
   if spec[old] == nil then return spec[new] end
-  return check.renamed(fname, spec, old, new, 5, "tasks." .. name .. ".")
+  return check.renamed(fname, spec, old, new, 6, "tasks." .. name .. ".")
 end
 
+-- Shared by nodes without dependencies or dependents (never changed: a
+-- node's first dependent replaces it with a list of its own).
+local NONE = {}
+
+--- A task's rarer fields (anything but `run` and `after`), checked and set on its node.
+local function check_rare(fname, fdesc, name, spec, is_flow, node)
+  local is_thread = spec.mode == "thread" or spec.mode == "process"   -- runs elsewhere: crosses as bytes
+  if spec.each ~= nil and type(spec.each) ~= "function" and not is_flow(spec.each)
+     and not (is_thread and type(spec.each) == "string") then
+    bad(fname, fdesc, name, "each", "function or flow", spec.each, 6)
+  end
+  if spec.flow ~= nil then
+    if not is_flow(spec.flow) then bad(fname, fdesc, name, "flow", "flow", spec.flow, 6) end
+    for _, k in ipairs(NOT_WITH_FLOW) do
+      if spec[k] ~= nil then task_error(5, fname, fdesc, name, "'flow' cannot go with '%s'", k) end
+    end
+  end
+  if is_thread and is_flow(spec.each) then
+    task_error(5, fname, fdesc, name, "a flow as 'each' runs on the loop, not in %s mode", spec.mode)
+  end
+  for _, k in ipairs(FUNCTION_KEYS) do
+    if spec[k] ~= nil and type(spec[k]) ~= "function" then bad(fname, fdesc, name, k, "function", spec[k], 6) end
+  end
+  if spec.items ~= nil and spec.each == nil then
+    task_error(5, fname, fdesc, name, "'items' without 'each'")
+  end
+  if spec.timeout ~= nil and not check.is_ms(spec.timeout, true) then
+    bad(fname, fdesc, name, "timeout", "positive number of ms", spec.timeout, 6)
+  end
+  local concurrency = renamed(fname, spec, "max_concurrency", "concurrency", name)
+  if concurrency ~= nil and not check.is_count(concurrency, 1) then
+    bad(fname, fdesc, name, "concurrency", "integer >= 1", concurrency, 6)
+  end
+  local exit_on_error = renamed(fname, spec, "exit_on_failed", "exit_on_error", name)
+  if exit_on_error ~= nil and type(exit_on_error) ~= "boolean" then
+    bad(fname, fdesc, name, "exit_on_error", "boolean", exit_on_error, 6)
+  end
+  if spec.mode ~= nil and spec.mode ~= "coroutine" and spec.mode ~= "thread" and spec.mode ~= "process" then
+    bad(fname, fdesc, name, "mode", "'coroutine', 'thread' or 'process'", spec.mode, 6)
+  end
+  node.each, node.items, node.flow, node.when, node.timeout, node.mode = spec.each, spec.items, spec.flow,
+    spec.when, spec.timeout, spec.mode
+  if spec.retry ~= nil then
+    node.retry = spec.retry
+    node.policy = retry.policy(("%s: %s: task '%s'"):format(fname, fdesc, name), spec.retry, 5)
+  end
+  node.concurrency, node.exit_on_error = concurrency or 10, exit_on_error ~= false
+end
+
+--- Checks one task's spec and returns its node: { name, index, run, after,
+--- dependents, and the rarer fields when given (each, items, flow, when,
+--- retry, policy, timeout, mode, concurrency, exit_on_error) }.  Most tasks
+--- have only `run` and `after`: their node is made at its final size, in
+--- one table of 8 slots.
 local function check_task(fname, fdesc, name, spec, is_flow)
   if type(spec) ~= "table" then
     task_error(4, fname, fdesc, name, "task spec table expected, got %s", check.describe(spec))
   end
+  local rare = false
   for k in pairs(spec) do
     if not TASK_KEYS[k] then task_error(4, fname, fdesc, name, "unknown field '%s'", tostring(k)) end
+    if k ~= "run" and k ~= "after" then rare = true end
   end
-  if spec.run == nil and spec.each == nil and spec.flow == nil then
+  local run = spec.run
+  if run == nil and spec.each == nil and spec.flow == nil then
     task_error(4, fname, fdesc, name, "needs 'run', 'each' or 'flow'")
   end
-  local is_thread = spec.mode == "thread" or spec.mode == "process"   -- runs elsewhere: crosses as bytes
-  if spec.run ~= nil and type(spec.run) ~= "function" and not (is_thread and type(spec.run) == "string") then
-    bad(fname, fdesc, name, "run", "function", spec.run)
-  end
-  if spec.each ~= nil and type(spec.each) ~= "function" and not is_flow(spec.each)
-     and not (is_thread and type(spec.each) == "string") then
-    bad(fname, fdesc, name, "each", "function or flow", spec.each)
-  end
-  if spec.flow ~= nil then
-    if not is_flow(spec.flow) then bad(fname, fdesc, name, "flow", "flow", spec.flow) end
-    for _, k in ipairs(NOT_WITH_FLOW) do
-      if spec[k] ~= nil then task_error(4, fname, fdesc, name, "'flow' cannot go with '%s'", k) end
-    end
-  end
-  if is_thread and is_flow(spec.each) then
-    task_error(4, fname, fdesc, name, "a flow as 'each' runs on the loop, not in %s mode", spec.mode)
-  end
-  for _, k in ipairs(FUNCTION_KEYS) do
-    if spec[k] ~= nil and type(spec[k]) ~= "function" then bad(fname, fdesc, name, k, "function", spec[k]) end
-  end
-  if spec.items ~= nil and spec.each == nil then
-    task_error(4, fname, fdesc, name, "'items' without 'each'")
-  end
-  if spec.timeout ~= nil and not check.is_ms(spec.timeout, true) then
-    bad(fname, fdesc, name, "timeout", "positive number of ms", spec.timeout)
-  end
-  local concurrency = renamed(fname, spec, "max_concurrency", "concurrency", name)
-  if concurrency ~= nil and not check.is_count(concurrency, 1) then
-    bad(fname, fdesc, name, "concurrency", "integer >= 1", concurrency)
-  end
-  local exit_on_error = renamed(fname, spec, "exit_on_failed", "exit_on_error", name)
-  if exit_on_error ~= nil and type(exit_on_error) ~= "boolean" then
-    bad(fname, fdesc, name, "exit_on_error", "boolean", exit_on_error)
-  end
-  if spec.mode ~= nil and spec.mode ~= "coroutine" and spec.mode ~= "thread" and spec.mode ~= "process" then
-    bad(fname, fdesc, name, "mode", "'coroutine', 'thread' or 'process'", spec.mode)
+  if run ~= nil and type(run) ~= "function"
+     and not ((spec.mode == "thread" or spec.mode == "process") and type(run) == "string") then
+    bad(fname, fdesc, name, "run", "function", run)
   end
   local after = spec.after
-  if type(after) == "string" then after = { after } end
-  if after ~= nil and type(after) ~= "table" then bad(fname, fdesc, name, "after", "task name or list of names", spec.after) end
-  local policy = spec.retry ~= nil and retry.policy(("%s: %s: task '%s'"):format(fname, fdesc, name), spec.retry, 4) or nil
-  return {
-    name = name, run = spec.run, each = spec.each, items = spec.items, flow = spec.flow,
-    after = after or {}, when = spec.when, retry = spec.retry, policy = policy, timeout = spec.timeout,
-    mode = spec.mode, concurrency = concurrency or 10,
-    exit_on_error = exit_on_error ~= false, dependents = {}, task_name = false, index = false,
-  }
+  if after == nil then after = NONE
+  elseif type(after) == "string" then after = { after }
+  elseif type(after) ~= "table" then bad(fname, fdesc, name, "after", "task name or list of names", after) end
+  local node = { name = name, index = 0, run = run, after = after, dependents = NONE }
+  if rare then check_rare(fname, fdesc, name, spec, is_flow, node) end
+  return node
 end
 
 --- Finds a cycle, if any: returns the list of names around it.  Iterative
 --- (a chain of 100,000 tasks must not overflow the stack): peel off the
 --- tasks whose dependencies are all peeled (Kahn); whatever is left lies on
---- or behind a cycle, and walking its remaining dependencies finds one.
-local function find_cycle(nodes, order)
-  local n_all = #order
+--- or behind a cycle, and walking its remaining dependencies from the first
+--- name left finds one.
+local function find_cycle(nodes, list)
+  local n_all = #list
   local left, queue, nq, head = table_new(n_all, 0), table_new(n_all, 0), 0, 1   -- by node index
   for i = 1, n_all do
-    local n = #nodes[order[i]].after
+    local n = #list[i].after
     left[i] = n
     if n == 0 then nq = nq + 1; queue[nq] = i end
   end
   while head <= nq do
-    local dependents = nodes[order[queue[head]]].dependents
+    local dependents = list[queue[head]].dependents
     head = head + 1
     for j = 1, #dependents do
       local d = dependents[j].index
@@ -139,8 +162,10 @@ local function find_cycle(nodes, order)
     end
   end
   if nq == n_all then return nil end
-  local start
-  for i = 1, n_all do if left[i] > 0 then start = order[i]; break end end
+  local start                              -- the first name left: the same message whatever the numbering
+  for i = 1, n_all do
+    if left[i] > 0 and (start == nil or list[i].name < start) then start = list[i].name end
+  end
   local seen, path, name = {}, {}, start
   while not seen[name] do                  -- follow unpeeled dependencies until one repeats
     seen[name] = #path + 1
@@ -158,9 +183,43 @@ local function find_cycle(nodes, order)
   return cycle
 end
 
+--- Raises the error for the first task (by name) that depends on an unknown one.
+local function unknown_dependency(fname, fdesc, nodes)
+  local names = {}
+  for tname in pairs(nodes) do names[#names + 1] = tname end
+  sort(names)
+  for _, tname in ipairs(names) do
+    for _, dep in ipairs(nodes[tname].after) do
+      if nodes[dep] == nil then
+        error(("%s: %s: task '%s' depends on unknown task '%s'"):format(fname, fdesc, tname, tostring(dep)), 4)
+      end
+    end
+  end
+end
+
+--- The names of a definition's tasks, sorted: made on first use and kept.
+--- Not when the flow is defined: sorting 100,000 names takes 0.6 µs per
+--- name, more than everything else defining them does, and only pictures,
+--- durable runs and errors need the order.
+function M.order(def)
+  local order = rawget(def, "order")
+  if order then return order end
+  local list = def.list
+  order = table_new(#list, 0)
+  for i = 1, #list do order[i] = list[i].name end
+  sort(order)
+  rawset(def, "order", order)
+  return order
+end
+
+local Definition_mt = { __index = function(def, k) if k == "order" then return M.order(def) end end }
+
 --- Validates a flow's options (tide.flow's: name, concurrency, fail,
 --- timeout, tasks, on) and returns its definition: { name, nodes (name ->
---- node), order (names, sorted), fail, timeout, concurrency, on }.
+--- node), list (the nodes by index), roots (the nodes without
+--- dependencies, by name), order (the names, sorted: made when first read),
+--- fail, timeout, concurrency, on }.  A node's index is its place in
+--- `list`; a run keeps its state in arrays by that index.
 --- `is_flow(v)` says whether v may stand as a nested flow.  Errors name
 --- `fname` and blame the caller of the caller.
 function M.define(fname, opts, is_flow)
@@ -190,34 +249,43 @@ function M.define(fname, opts, is_flow)
   for k, v in pairs(on) do
     if type(v) ~= "function" then opt_error(fname, "on." .. k, "function", v, 3) end
   end
-  if type(opts.tasks) ~= "table" or next(opts.tasks) == nil then
-    opt_error(fname, "tasks", "non-empty table of tasks", opts.tasks, 3)
+  local tasks = opts.tasks
+  if type(tasks) ~= "table" or next(tasks) == nil then
+    opt_error(fname, "tasks", "non-empty table of tasks", tasks, 3)
   end
-  local nodes, order = {}, {}
-  for tname, spec in pairs(opts.tasks) do
+  -- One pass checks the tasks and numbers them; one more links them.  The
+  -- tables are sized first: grown one key at a time, 100,000 names cost
+  -- more in rehashing than in checking.
+  local n = 0
+  for _ in pairs(tasks) do n = n + 1 end
+  local nodes, list = table_new(0, n), table_new(n, 0)
+  local i = 0
+  for tname, spec in pairs(tasks) do
     if type(tname) ~= "string" then error(("%s: %s: task names must be strings, got %s"):format(fname, fdesc, check.describe(tname)), 3) end
-    nodes[tname] = check_task(fname, fdesc, tname, spec, is_flow)
-    order[#order + 1] = tname
+    local node = check_task(fname, fdesc, tname, spec, is_flow)
+    i = i + 1
+    node.index = i
+    nodes[tname], list[i] = node, node
   end
-  sort(order)
-  for _, tname in ipairs(order) do
-    local n = nodes[tname]
-    for _, dep in ipairs(n.after) do
-      if nodes[dep] == nil then
-        error(("%s: %s: task '%s' depends on unknown task '%s'"):format(fname, fdesc, tname, tostring(dep)), 3)
-      end
-      local dn = nodes[dep].dependents
-      dn[#dn + 1] = n
+  local roots = {}
+  for j = 1, n do
+    local node = list[j]
+    local after = node.after
+    if #after == 0 then roots[#roots + 1] = node.name end
+    for k = 1, #after do
+      local dep = nodes[after[k]]
+      if dep == nil then unknown_dependency(fname, fdesc, nodes) end
+      local dn = dep.dependents
+      if dn == NONE then dn = {}; dep.dependents = dn end
+      dn[#dn + 1] = node
     end
   end
-  for i, tname in ipairs(order) do
-    local n = nodes[tname]
-    n.task_name, n.index = name .. "/" .. tname, i      -- index: the node's place in `order`
-  end
-  local cycle = find_cycle(nodes, order)
+  local cycle = find_cycle(nodes, list)
   if cycle then error(("%s: %s: cycle %s"):format(fname, fdesc, concat(cycle, " -> ")), 3) end
-  return { name = name, nodes = nodes, order = order, fail = opts.fail or "stop",
-           timeout = opts.timeout, concurrency = concurrency or math.huge, on = on }
+  sort(roots)                               -- a run starts them in name order
+  for j = 1, #roots do roots[j] = nodes[roots[j]] end
+  return setmetatable({ name = name, nodes = nodes, list = list, roots = roots, fail = opts.fail or "stop",
+                        timeout = opts.timeout, concurrency = concurrency or math.huge, on = on }, Definition_mt)
 end
 
 

@@ -1,30 +1,49 @@
 --- tide.flow.run — flows run in memory (tide.flow): fan-out children, fan-in, conditions, limits, retries, hooks.
 --
 -- A flow is defined once (validated by tide.flow.define: unknown fields,
--- unknown dependencies and cycles are errors) and run any number of times.  A run is
--- driven by the outcomes of its tasks: each node's outcome (its on_finish) decides what
+-- unknown dependencies and cycles are errors) and run any number of times.
+-- A run is driven by the outcomes of its nodes: each node's end decides what
 -- starts next, so scheduling costs no extra resume per node; the run's own
 -- task only waits for the end.
 --
--- Node statuses: "ok", "error", "timeout", "skipped", "cancelled".  A node
--- runs when every dependency is "ok"; when one of them did not end "ok", the
--- node is "skipped".  fail = "stop": the first failure cancels the rest of
--- the run; fail = "continue": only what depends on the failure is skipped.
+-- Node statuses: "pending", "running", then one of "ok", "error",
+-- "timeout", "skipped", "cancelled".  A node runs when every dependency is
+-- "ok"; when one of them did not end "ok", the node is "skipped".  fail =
+-- "stop": the first failure cancels the rest of the run; fail = "continue":
+-- only what depends on the failure is skipped.
+--
+-- A run keeps its state in arrays by node index (the definition numbers
+-- the nodes): status, dependencies left, start and duration, the task that
+-- holds a running node.  The report (report.tasks, by name) is made once,
+-- when the run ends.  Invariants:
+--   - A node leaves "running" only through node_finished, once: that is its
+--     one outcome, whatever ends it (its code, its task, a stop, a cancel).
+--   - run.open counts the nodes without an outcome; the run ends when it
+--     reaches 0, through finish_run, once.
+--   - holder[i] is the task running node i's code (its own task, or the
+--     worker that called it), or false; a stop cancels it, and its end
+--     gives node i its outcome if nothing did before.
 local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
 local log = require "tide.engine.log"
-local define = require("tide.flow.define").define
+local definition = require "tide.flow.define"
 local task = require "tide.engine.task"
 
 local type, pairs, ipairs, error, tostring, setmetatable, getmetatable, pcall =
   type, pairs, ipairs, error, tostring, setmetatable, getmetatable, pcall
-local sort, concat = table.sort, table.concat
+local sort = table.sort
 local table_new = require "table.new"
-local opt_error = check.opt_error
+local now, TERMINAL = S.now, S.TERMINAL
+local define, define_order = definition.define, definition.order
 
 local M = {}
 local Flow = {}
-local Flow_mt = { __index = Flow, __tostring = function(f) return ("tide.Flow '%s'"):format(f.name) end }
+local Flow_mt = { __tostring = function(f) return ("tide.Flow '%s'"):format(f.name) end,
+                  __index = function(f, k)
+                    local v = Flow[k]
+                    if v == nil and k == "order" then return define_order(f) end   -- made when first read
+                    return v
+                  end }
 M.Flow_mt = Flow_mt
 
 local before_run, on_define = {}, {}
@@ -69,6 +88,13 @@ local function hook(run, name, ev)
   if not ok then log.report(("flow '%s' hook %s"):format(run.flow.name, name), err, err) end
 end
 
+--- tostring that cannot raise: an error object's __tostring is user code,
+--- and a raise half-way through a child's end would lose the node's outcome.
+local function safe_tostring(v)
+  local ok, text = pcall(tostring, v)
+  return ok and text or "(an error object whose __tostring failed)"
+end
+
 local function ctx_for(run, node)
   return { input = run.input, results = run.results, flow = run.flow.name, task = node.name }
 end
@@ -86,6 +112,16 @@ end
 --- only the input and the names.
 local function thread_child_ctx(run, node)
   return { input = run.input, flow = run.flow.name, task = node.name }
+end
+
+--- The name of a node's tasks ("flow/task"): made when first needed, and kept.
+local function task_name(f, node)
+  local name = node.task_name
+  if not name then
+    name = f.name .. "/" .. node.name
+    node.task_name = name
+  end
+  return name
 end
 
 --- Spawns a task for the flow without the public checks (the flow checked
@@ -109,35 +145,50 @@ local function spawn(node, name, fn, opt)
   return t
 end
 
-local start_ready, node_finished -- forward
-
---- Queues a node whose dependencies are all done (a FIFO: head and tail).
-local function push_ready(run, node)
-  run.ready_tail = run.ready_tail + 1
-  run.ready[run.ready_tail] = node
-end
+local start_ready, node_finished, queue_simple, dismiss_workers -- forward
 
 -- For metrics: finished runs by status, and their steps by status.
 M.counts = { runs = {}, steps = {} }
 
---- The end of the run: every node has a status.
+--- The report's entries, by name, made from the run's arrays.
+local function report_tasks(run)
+  local list = run.flow.list
+  local n = #list
+  local tasks = table_new(0, n)
+  local status, attempts, started, duration, values = run.status, run.attempts, run.started, run.duration, run.values
+  local errors, reasons, children = run.errors, run.reasons, run.children
+  -- Only the fields a node has: storing nil under a new key still makes the
+  -- key in LuaJIT, by its slow path (an entry of 8 fields with 3 nil cost
+  -- 3.6 times one of 5).
+  for i = 1, n do
+    local r = { status = status[i], attempts = attempts[i] or 0, started = started[i] or false,
+                duration = duration[i] or false, value = values[i] }
+    if errors[i] ~= nil then r.error = errors[i] end
+    if reasons[i] ~= nil then r.reason = reasons[i] end
+    if children[i] ~= nil then r.children = children[i] end
+    tasks[list[i].name] = r
+  end
+  return tasks
+end
+
+--- The end of the run: every node has its outcome.
 local function finish_run(run, status)
   if run.done then return end
   run.done = true
   local runs, steps = M.counts.runs, M.counts.steps
   runs[status] = (runs[status] or 0) + 1
-  for _, r in pairs(run.report.tasks) do steps[r.status] = (steps[r.status] or 0) + 1 end
-  run.report.status = status
-  run.report.duration = S.now() - run.t0
+  local st = run.status
+  for i = 1, #st do local s = st[i]; steps[s] = (steps[s] or 0) + 1 end
+  local report = run.report
+  report.tasks = report_tasks(run)
+  report.status = status
+  report.duration = now() - run.t0
   if run.timer then S.untimer(run.timer); run.timer = nil end
   active[run] = nil
-  hook(run, "flow_done", { status = status, report = run.report })
-  run.flow.last_report = run.report
+  dismiss_workers(run)
+  hook(run, "flow_done", { status = status, report = report })
+  run.flow.last_report = report
   S.notify(run)
-end
-
-local function count_open(run)
-  return run.open == 0
 end
 
 -- Cancels go through one worklist instead of recursing: cancelling a node
@@ -154,7 +205,7 @@ local function drain_cancels()
     cancels[i], cancels[i + 1] = nil, nil
     i = i + 2
     if t == me then mine = why                 -- cancelling itself stops the caller: last
-    elseif not S.TERMINAL[S.state(t)] then t:cancel(why) end
+    elseif not TERMINAL[S.state(t)] then t:cancel(why) end
   end
   return mine
 end
@@ -168,69 +219,86 @@ local function cancel_soon(t, why)
   cancels, ncancels, draining = {}, 0, false
   if not ok then error(mine, 0) end
   local me = S.current()
-  if mine ~= nil and not S.TERMINAL[S.state(me)] then me:cancel(mine) end
+  if mine ~= nil and not TERMINAL[S.state(me)] then me:cancel(mine) end
 end
 
 --- Cancels everything still running or waiting, with `status` for the run.
 local function stop_run(run, status, why)
   if run.stopping then return end
   run.stopping, run.stop_status = true, status
-  for _, name in ipairs(run.flow.order) do
-    local r = run.report.tasks[name]
-    if r.status == "pending" then
-      r.status = "cancelled"
+  local st, holder, kids = run.status, run.holder, run.kids
+  local n = #st
+  for i = 1, n do
+    if st[i] == "pending" then
+      st[i] = "cancelled"
       run.open = run.open - 1
     end
   end
-  for _, name in ipairs(run.flow.order) do
-    local st = run.state[name]
-    if st and st.task and not S.TERMINAL[S.state(st.task)] then cancel_soon(st.task, why) end
-    if st and st.children then
-      for _, c in pairs(st.children) do
-        if not S.TERMINAL[S.state(c)] then cancel_soon(c, why) end
+  -- Queued for a worker, not called yet: nothing to stop but the node.
+  local q = run.queue
+  for k = run.q_head, run.q_tail do
+    local i = q[k]
+    q[k] = nil
+    if st[i] == "running" and not holder[i] then node_finished(run, i, "cancelled", nil, "flow stopped") end
+  end
+  run.q_head, run.q_tail = 1, 0
+  for i = 1, n do
+    if st[i] == "running" then
+      local t = holder[i]
+      if t and not TERMINAL[S.state(t)] then cancel_soon(t, why) end
+      local c = kids[i]
+      if c then
+        for _, ct in pairs(c) do
+          if not TERMINAL[S.state(ct)] then cancel_soon(ct, why) end
+        end
       end
     end
   end
-  if count_open(run) then finish_run(run, status) end
+  if run.open == 0 then finish_run(run, status) end
 end
 
 --- Skips a node and, iteratively (graphs can be deep), what depends on it.
-local function skip(run, node, why)
-  local stack = { node, why }
+local function skip(run, i, why)
+  local list, st = run.flow.list, run.status
+  local stack = { i, why }
   while #stack > 0 do
-    local reason, n = stack[#stack], stack[#stack - 1]
+    local reason, j = stack[#stack], stack[#stack - 1]
     stack[#stack], stack[#stack - 1] = nil, nil
-    local r = run.report.tasks[n.name]
-    if r.status == "pending" then
-      r.status, r.reason = "skipped", reason
+    if st[j] == "pending" then
+      local n = list[j]
+      st[j], run.reasons[j] = "skipped", reason
       run.open = run.open - 1
       if run.flow.on.task_skipped then hook(run, "task_skipped", { task = n.name, reason = reason }) end
       local because = "dependency '" .. n.name .. "' skipped"
-      for _, d in ipairs(n.dependents) do stack[#stack + 1] = d; stack[#stack + 1] = because end
+      local dependents = n.dependents
+      for k = 1, #dependents do stack[#stack + 1] = dependents[k].index; stack[#stack + 1] = because end
     end
   end
 end
 
---- Records a node's end and starts what it unblocks.
-function node_finished(run, node, status, value, err)
-  local r = run.report.tasks[node.name]
-  if r.status ~= "running" then return end
-  r.status = status
-  r.duration = S.now() - (r.started or run.t0)
+--- Records node i's outcome (once: see the invariants) and starts what it unblocks.
+function node_finished(run, i, status, value, err)
+  local st = run.status
+  if st[i] ~= "running" then return end
+  local t = now()
+  local node = run.flow.list[i]
+  st[i] = status
+  run.holder[i] = false
+  run.duration[i] = t - (run.started[i] or run.t0)
   run.running = run.running - 1
   run.open = run.open - 1
   if status == "ok" then
-    r.value = value
-    run.results[node.name] = value
+    run.values[i] = value
+    if value ~= nil then run.results[node.name] = value end
     if run.flow.on.task_done then hook(run, "task_done", { task = node.name, value = value }) end
   else
-    r.error = err
+    run.errors[i] = err
     if status ~= "cancelled" then run.failed = run.failed + 1 end
     if status == "timeout" then hook(run, "task_timeout", { task = node.name, error = err })
     elseif status == "error" then hook(run, "task_error", { task = node.name, error = err }) end
   end
   if run.stopping then
-    if count_open(run) then finish_run(run, run.stop_status) end
+    if run.open == 0 then finish_run(run, run.stop_status) end
     return
   end
   if status == "cancelled" then             -- not by us (a shutdown, the task itself): the run goes too
@@ -239,17 +307,23 @@ function node_finished(run, node, status, value, err)
   if status ~= "ok" and run.flow.fail == "stop" then
     return stop_run(run, "error", ("flow '%s' stopped: task '%s' %s"):format(run.flow.name, node.name, status))
   end
-  for _, d in ipairs(node.dependents) do
+  local dependents, deps_left, ready = node.dependents, run.deps_left, run.ready
+  for k = 1, #dependents do
+    local d = dependents[k].index
     if status ~= "ok" then
       skip(run, d, "dependency '" .. node.name .. "' " .. status)
     else
-      local left = run.waiting_deps[d.name] - 1
-      run.waiting_deps[d.name] = left
-      if left == 0 then push_ready(run, d) end
+      local left = deps_left[d] - 1
+      deps_left[d] = left
+      if left == 0 then
+        local tail = run.ready_tail + 1
+        ready[tail] = d
+        run.ready_tail = tail
+      end
     end
   end
-  start_ready(run)
-  if count_open(run) then finish_run(run, run.failed > 0 and "error" or "ok") end
+  start_ready(run, t)
+  if run.open == 0 then finish_run(run, run.failed > 0 and "error" or "ok") end
 end
 
 local function outcome_status(status)
@@ -267,60 +341,61 @@ local function child_finished(t)
   o.fan_done(o.fan_index, S.state(t), t.value)
 end
 
---- Runs node's children over `items`, at most `concurrency` at once; the
+--- Runs node i's children over `items`, at most `concurrency` at once; the
 --- node's value is their values in item order.
-local function fan_out(run, node, items)
-  local st = run.state[node.name]
-  local r = run.report.tasks[node.name]
+local function fan_out(run, i, items)
+  local node = run.flow.list[i]
   local n = #items
   local counts = { total = n, ok = 0, error = 0, timeout = 0, cancelled = 0, running = 0 }
-  r.children = counts
+  run.children[i] = counts
   run.children_total = run.children_total + n
   local values, next_i, failed_err = {}, 1, nil
-  st.children = {}
+  local kids = {}
+  run.kids[i] = kids
   local each = node.each
   local remote = node.mode == "thread" or node.mode == "process"
   local ctx = remote and thread_child_ctx(run, node) or ctx_for(run, node)   -- shared by the children
+  local name = task_name(run.flow, node)
   local function settle_node()
     if counts.running > 0 or (next_i <= n and not run.stopping) then return end
-    if run.stopping then return node_finished(run, node, "cancelled", nil, "flow stopped") end
-    if failed_err and node.exit_on_error then return node_finished(run, node, "error", nil, failed_err) end
-    node_finished(run, node, "ok", values)
+    if run.stopping then return node_finished(run, i, "cancelled", nil, "flow stopped") end
+    if failed_err and node.exit_on_error then return node_finished(run, i, "error", nil, failed_err) end
+    node_finished(run, i, "ok", values)
   end
   local launch
-  local function child_done(i, status, value)
-    st.children[i] = nil
+  local function child_done(k, status, value)
+    kids[k] = nil
     counts.running = counts.running - 1
     run.children_done = run.children_done + 1
     local s = outcome_status(status)
     counts[s] = counts[s] + 1
-    if s == "ok" then values[i] = value end
-    if run.flow.on.child_done then hook(run, "child_done", { task = node.name, index = i, status = s, value = value }) end
+    if s == "ok" then values[k] = value end
+    if run.flow.on.child_done then hook(run, "child_done", { task = node.name, index = k, status = s, value = value }) end
     if s ~= "ok" and not failed_err and s ~= "cancelled" then
-      failed_err = ("child %d ended in %s: %s"):format(i, s, tostring(value))
+      failed_err = ("child %d ended in %s: %s"):format(k, s, safe_tostring(value))
       if node.exit_on_error then
         next_i = n + 1                      -- start no more; stop the running ones
-        for _, c in pairs(st.children) do c:cancel("a sibling failed") end
+        for _, c in pairs(kids) do c:cancel("a sibling failed") end
       end
     end
-    if r.status == "running" then launch() end
+    if run.status[i] == "running" then launch() end
     settle_node()
   end
   function launch()
     while next_i <= n and counts.running < node.concurrency and not run.stopping do
-      local i = next_i
-      next_i = i + 1
+      local k = next_i
+      next_i = k + 1
       counts.running = counts.running + 1
-      local item = items[i]
+      local item = items[k]
       local fn, args = each, { n = 2, item, ctx }
       if is_flow(each) then fn, args = M.run_as_task, { n = 2, each, item } end
       local opt = { args = args, timeout = node.timeout, retry = node.policy,
-                    on_finish = child_finished, heard = true, fan_done = child_done, fan_index = i }
+                    on_finish = child_finished, heard = true, fan_done = child_done, fan_index = k }
       if not remote then
-        st.children[i] = spawn(node, node.task_name, fn, opt)
+        kids[k] = spawn(node, name, fn, opt)
       else
-        local ok, t = pcall(spawn, node, node.task_name, fn, opt)   -- what cannot cross fails the child
-        if ok then st.children[i] = t else child_done(i, "error", t) end
+        local ok, t = pcall(spawn, node, name, fn, opt)   -- what cannot cross fails the child
+        if ok then kids[k] = t else child_done(k, "error", t) end
       end
     end
   end
@@ -330,36 +405,36 @@ end
 
 -- ===== nodes
 
---- A node's run ended: fan out (each), or record the node's end.
-local function node_ran(run, node, ctx, status, value, task)
-  local r = run.report.tasks[node.name]
-  r.attempts = task and task.attempts or r.attempts
+--- Node i's own run ended: fan out (each), or record the node's end.
+local function node_ran(run, i, ctx, status, value, attempts)
+  local node = run.flow.list[i]
+  run.attempts[i] = attempts
   local s = outcome_status(status)
-  if s ~= "ok" then return node_finished(run, node, s, nil, value) end
+  if s ~= "ok" then return node_finished(run, i, s, nil, value) end
   if run.flow.on.task_run_done then
     hook(run, "task_run_done", { task = node.name, value = value })
-    if run.stopping then return node_finished(run, node, "cancelled", nil, "flow stopped") end
+    if run.stopping then return node_finished(run, i, "cancelled", nil, "flow stopped") end
   end
   if node.each then
     local items = value
     if node.items then
       local remote = node.mode == "thread" or node.mode == "process"
       local ok, its = pcall(node.items, remote and ctx_for(run, node) or ctx)
-      if not ok then return node_finished(run, node, "error", nil, its) end
+      if not ok then return node_finished(run, i, "error", nil, its) end
       items = its
     end
     if type(items) ~= "table" then
-      return node_finished(run, node, "error", nil,
+      return node_finished(run, i, "error", nil,
         ("task '%s': items must be a list, got %s"):format(node.name, check.describe(items)))
     end
-    return fan_out(run, node, items)
+    return fan_out(run, i, items)
   end
-  node_finished(run, node, "ok", value)
+  node_finished(run, i, "ok", value)
 end
 
-local function node_result(task)
-  local o = S.options(task)
-  node_ran(o.flow_run, o.flow_node, o.args[1], S.state(task), task.value, task)
+local function node_result(t)
+  local o = S.options(t)
+  node_ran(o.flow_run, o.flow_index, o.args[1], S.state(t), t.value, t.attempts)
 end
 
 -- Not inside start_node: a closure there would make every return from it
@@ -370,84 +445,244 @@ local function retry_hook(run, node)
   end
 end
 
---- True when the node may still start: a hook or a condition may have
+--- True when node i may still start: a hook or a condition may have
 --- stopped the run (or the node) while it ran.
-local function still_pending(run, r)
-  return not run.stopping and r.status == "pending"
+local function still_pending(run, i)
+  return not run.stopping and run.status[i] == "pending"
 end
 
-local function start_node(run, node)
-  local r = run.report.tasks[node.name]
-  local ctx = ctx_for(run, node)
+--- A node without timeout, retry, mode or nested flow, whose `run` is a
+--- function: run by a worker (below), without a task of its own.
+local function is_simple(node)
+  return not (node.timeout or node.policy or node.flow) and (node.mode == nil or node.mode == "coroutine")
+    and node.run ~= nil
+end
+
+local function start_node(run, i, t)
+  local node = run.flow.list[i]
+  local st = run.status
+  local ctx
   if node.when then
+    ctx = ctx_for(run, node)
     local ok, go = pcall(node.when, ctx)
-    if not still_pending(run, r) then return end
+    if not still_pending(run, i) then return end
     if not ok then
       log.report(("flow '%s' task '%s' when"):format(run.flow.name, node.name), go)
-      r.status, r.started, run.running = "running", S.now(), run.running + 1
-      return node_finished(run, node, "error", nil, go)
+      st[i], run.started[i], run.running = "running", t, run.running + 1
+      return node_finished(run, i, "error", nil, go)
     end
-    if not go then return skip(run, node, "condition false") end
+    if not go then return skip(run, i, "condition false") end
   end
-  local st = {}
-  run.state[node.name] = st
-  r.status, r.started = "running", S.now()
+  st[i], run.started[i] = "running", t
   run.running = run.running + 1
   if run.flow.on.task_start then
-    r.status = "pending"                     -- so that a stop from the hook sees it as not started
+    st[i] = "pending"                        -- so that a stop from the hook sees it as not started
     hook(run, "task_start", { task = node.name })
-    if not still_pending(run, r) then run.running = run.running - 1; return end
-    r.status = "running"
+    if not still_pending(run, i) then run.running = run.running - 1; return end
+    st[i] = "running"
   end
-  if node.run == nil and node.flow == nil then return node_ran(run, node, ctx, "ok", nil, nil) end  -- each with items()
+  if node.run == nil and node.flow == nil then                       -- each with items()
+    return node_ran(run, i, ctx or ctx_for(run, node), "ok", nil, 0)
+  end
+  if is_simple(node) then return queue_simple(run, i) end
+  ctx = ctx or ctx_for(run, node)
   local on_retry = run.flow.on.task_retry and retry_hook(run, node) or nil
   local remote = node.mode == "thread" or node.mode == "process"
   if remote then ctx = thread_ctx(run, node) end
   local opt = { args = { n = 1, ctx }, timeout = node.timeout, retry = node.policy, on_retry = on_retry,
-                on_finish = node_result, heard = true, flow_run = run, flow_node = node }
+                on_finish = node_result, heard = true, flow_run = run, flow_index = i }
   if node.flow then
-    opt.args, opt.name = { n = 2, node.flow, run.input }, node.task_name
-    local t = S.new_task(M.run_as_task, opt)
-    S.start(t)
-    st.task = t
+    opt.args, opt.name = { n = 2, node.flow, run.input }, task_name(run.flow, node)
+    local tk = S.new_task(M.run_as_task, opt)
+    run.holder[i] = tk
+    S.start(tk)
     return
   end
-  if not remote then st.task = spawn(node, node.task_name, node.run, opt); return end
-  local ok, t = pcall(spawn, node, node.task_name, node.run, opt)   -- what cannot cross fails the node
-  if not ok then return node_finished(run, node, "error", nil, t) end
-  st.task = t
+  if not remote then run.holder[i] = spawn(node, task_name(run.flow, node), node.run, opt); return end
+  local ok, tk = pcall(spawn, node, task_name(run.flow, node), node.run, opt)   -- what cannot cross fails the node
+  if not ok then return node_finished(run, i, "error", nil, tk) end
+  run.holder[i] = tk
 end
 
---- Starts ready nodes within the flow's limit.  Not re-entered: a node that
---- ends at once (skipped, empty items) queues its dependents for this loop
---- instead of recursing, so deep graphs cannot overflow the stack.
-function start_ready(run)
+--- Starts ready nodes within the flow's limit (`t`: the time now).  Not
+--- re-entered: a node that ends at once (skipped, empty items) queues its
+--- dependents for this loop instead of recursing, so deep graphs cannot
+--- overflow the stack.
+function start_ready(run, t)
   if run.starting then return end
   run.starting = true
-  local ready = run.ready
-  while run.ready_head <= run.ready_tail and run.running < run.flow.concurrency and not run.stopping do
-    local node = ready[run.ready_head]
-    ready[run.ready_head], run.ready_head = nil, run.ready_head + 1
-    start_node(run, node)
+  local ready, limit = run.ready, run.flow.concurrency
+  while run.ready_head <= run.ready_tail and run.running < limit and not run.stopping do
+    local head = run.ready_head
+    local i = ready[head]
+    ready[head], run.ready_head = nil, head + 1
+    start_node(run, i, t)
   end
   run.starting = false
 end
 
-local function new_run(f, input)
-  local n = #f.order
-  -- Tables keyed by task name are sized for every task up front: grown one
-  -- key at a time, 100,000 names cost more in rehashing than in running.
-  local report = { flow = f.name, status = "running", tasks = table_new(0, n) }
-  local run = { flow = f, input = input, results = table_new(0, n), report = report, state = table_new(0, n),
-                waiting_deps = table_new(0, n), ready = table_new(n, 0), ready_head = 1, ready_tail = 0,
-                running = 0, open = n, failed = 0,
-                children_total = 0, children_done = 0, t0 = S.now(), done = false }
-  for _, name in ipairs(f.order) do
-    local node = f.nodes[name]
-    report.tasks[name] = { status = "pending", attempts = 0, started = false, duration = false }
-    run.waiting_deps[name] = #node.after
-    if #node.after == 0 then push_ready(run, node) end
+-- ===== workers: simple nodes run without a task of their own
+--
+-- A task per node costs the engine about 4,000 instructions (callgrind: a
+-- trivial task spawned and finished), more than everything else a node
+-- costs.  So a simple node (is_simple: a `run` function, no timeout,
+-- retry, mode or nested flow) is queued for a worker: a task of the run's
+-- own that takes queued nodes one after the other and calls each
+-- protected, on its own coroutine.  A flow of trivial nodes runs in one or
+-- two workers.  What a node's own task gave, a worker keeps:
+--   - A node that waits holds only its worker.  Before a worker calls a node
+--     while others are queued, it makes sure another worker will run (the
+--     relay: an idle one, or a new one), so a node that waits never holds
+--     back the ones queued behind it.
+--   - A stop cancels the worker that holds a running node (holder[i]); the
+--     worker's on_finish gives that node its outcome, as a task's would.  A
+--     worker cancelled by anything else (a shutdown, a node cancelling
+--     tide.current()) cancels its node, which stops the run.
+--   - run.looping is the worker whose loop runs now (outside a node's code),
+--     or false: a node queued meanwhile is taken by that loop; queued at
+--     any other time, it wakes a worker.
+--   - A worker that ran POLL_EVERY nodes without waiting sleeps 0 ms, so
+--     the loop polls I/O and fires timers during a long flow; meanwhile
+--     (run.polling) no other worker takes queued nodes, or the relays it
+--     started would run them all within the same tick.
+--   - Inside a simple node, tide.current() is its worker; a worker whose
+--     handle went out that way (o.seen) retires after that node, so the
+--     handle, kept, finds a finished task, as a node's own task would be,
+--     and never the nodes run after it.
+local POLL_EVERY = 1000
+
+--- What a worker runs now, for the watchdog's "running now": the name of
+--- the node in its hands ("flow/node", as its own task would be named), or
+--- nil between nodes.  Asked only when a stall is reported: no cost per node.
+local function worker_doing(t)
+  local o = S.options(t)
+  local i = o.flow_index
+  if i then return task_name(o.flow_run.flow, o.flow_run.flow.list[i]) end
+end
+
+local function worker_ended(t)
+  local o = S.options(t)
+  local run, i = o.flow_run, o.flow_index
+  if run.looping == t then run.looping = false end
+  if run.relay == t then run.relay = false end
+  if run.polling == t then run.polling = false end
+  if i and run.holder[i] == t then           -- it ended inside node i's code
+    local status = S.state(t)
+    node_finished(run, i, status == "cancelled" and "cancelled" or "error", nil, t.value)
+  elseif not run.stopping and not run.done and S.state(t) ~= "ok" then
+    stop_run(run, "cancelled", ("flow '%s' stopped: its worker was %s"):format(run.flow.name, S.state(t)))
   end
+end
+
+local worker
+
+--- Makes sure a worker will take the queued nodes: wakes an idle one, or starts one.
+local function relay(run)
+  if run.relay or run.stopping then return end
+  local n = run.nidle
+  if n > 0 then
+    local t, tok = run.idle[2 * n - 1], run.idle[2 * n]
+    run.idle[2 * n - 1], run.idle[2 * n], run.nidle = nil, nil, n - 1
+    run.relay = t
+    S.wake(t, tok)
+    return
+  end
+  local t = S.new_task(worker, { args = { n = 1, run }, on_finish = worker_ended, heard = true,
+                                 name = "flow " .. run.flow.name .. " worker", flow_run = run, flow_index = false,
+                                 describe = worker_doing, seen = false })
+  run.relay = t
+  S.start(t)
+end
+
+--- Queues simple node i (already "running") for a worker.
+function queue_simple(run, i)
+  local tail = run.q_tail + 1
+  run.queue[tail], run.q_tail = i, tail
+  if not run.looping then relay(run) end
+end
+
+--- Calls node i's code in worker `me` (options `o`), and records how it ended.
+local function run_simple(run, i, me, o)
+  local node = run.flow.list[i]
+  local ctx = ctx_for(run, node)
+  run.holder[i], o.flow_index, run.looping = me, i, false
+  local ok, value = pcall(node.run, ctx)
+  if run.holder[i] ~= me then return false end   -- ended while it ran (cancelled): so did this worker
+  run.holder[i], run.looping = false, me
+  node_ran(run, i, ctx, ok and "ok" or "error", value, 1)
+  o.flow_index = false
+  return true
+end
+
+--- A worker's task: runs queued nodes until none is left, then idles until
+--- relay() wakes it or the run ends.
+function worker(run)
+  local me = S.current()
+  local o = S.options(me)
+  local q, st = run.queue, run.status
+  local since_poll = 0
+  while not run.done do
+    if run.relay == me then run.relay = false end
+    run.looping = me
+    while run.q_head <= run.q_tail and not run.stopping and not run.polling do
+      local head = run.q_head
+      local i = q[head]
+      q[head], run.q_head = nil, head + 1
+      if st[i] == "running" then
+        if run.q_head <= run.q_tail then relay(run) end     -- if this one waits, another takes the rest
+        if not run_simple(run, i, me, o) then return end
+        if o.seen then                                     -- its handle went out inside that node: retire
+          run.looping = false
+          if run.q_head <= run.q_tail then relay(run) end
+          return
+        end
+        since_poll = since_poll + 1
+        if since_poll >= POLL_EVERY then
+          since_poll = 0
+          run.looping, run.polling = false, me
+          S.sleep(0)
+          run.looping, run.polling = me, false
+        end
+      end
+    end
+    run.looping = false
+    if run.done or run.stopping then break end
+    local _, tok = S.wait_begin("flow worker", 1)          -- idle until relay() or the run's end
+    local n = run.nidle + 1
+    run.idle[2 * n - 1], run.idle[2 * n], run.nidle = me, tok, n
+    S.wait_end(me, tok)
+  end
+end
+
+--- Wakes the idle workers of a run that ended, so that they end too.
+function dismiss_workers(run)
+  local idle = run.idle
+  for k = 1, 2 * run.nidle, 2 do S.wake(idle[k], idle[k + 1]) end
+  run.nidle = 0
+end
+
+-- ===== a run
+
+local function new_run(f, input)
+  local list = f.list
+  local n = #list
+  local report = { flow = f.name, status = "running", tasks = false }
+  local run = { flow = f, input = input, report = report, results = table_new(0, n),
+                status = table_new(n, 0), deps_left = table_new(n, 0), holder = table_new(n, 0),
+                started = table_new(n, 0), duration = table_new(n, 0), attempts = table_new(n, 0),
+                values = table_new(n, 0), errors = {}, reasons = {}, children = {}, kids = {},
+                ready = table_new(n, 0), ready_head = 1, ready_tail = 0,
+                queue = {}, q_head = 1, q_tail = 0, looping = false, relay = false, polling = false, idle = {}, nidle = 0,
+                running = 0, open = n, failed = 0, starting = false, stopping = false,
+                children_total = 0, children_done = 0, t0 = now(), done = false, timer = false,
+                waiting = false }                   -- S.wait_for's slot
+  local status, deps_left, holder = run.status, run.deps_left, run.holder
+  for i = 1, n do
+    status[i], deps_left[i], holder[i] = "pending", #list[i].after, false
+  end
+  local roots, ready = f.roots, run.ready
+  for k = 1, #roots do ready[k] = roots[k].index end
+  run.ready_tail = #roots
   return run
 end
 
@@ -467,13 +702,13 @@ local function drive(f, input, handle)
   S.on_attempt_end(me, stop_with_attempt)
   active[run] = true
   hook(run, "flow_start", { input = input })
-  if f.timeout then
+  if f.timeout and not run.done then        -- (the hook may have cancelled the run: no timer left behind)
     run.timer = S.timer(f.timeout, function()
       run.timer = nil
       stop_run(run, "timeout", ("flow '%s' timed out after %g ms"):format(f.name, f.timeout))
     end)
   end
-  start_ready(run)
+  start_ready(run, now())
   if run.open == 0 then finish_run(run, "ok") end
   while not run.done do S.wait_for(run, "flow:run") end
   S.off_attempt_end(me, stop_with_attempt)
@@ -539,7 +774,8 @@ function Handle.await(h, ms)
   local run = h.run                            -- cancelled before it started: every node too
   if not run.done then
     run.stopping, run.stop_status = true, s
-    for _, r in pairs(run.report.tasks) do if r.status == "pending" then r.status = "cancelled" end end
+    local st = run.status
+    for i = 1, #st do if st[i] == "pending" then st[i] = "cancelled" end end
     run.open = 0
     finish_run(run, s)
   end
@@ -558,8 +794,8 @@ end
 function M.runs()
   local list = {}
   for run in pairs(active) do
-    list[#list + 1] = { flow = run.flow.name, tasks_done = #run.flow.order - run.open,
-                        tasks = #run.flow.order, children_done = run.children_done,
+    list[#list + 1] = { flow = run.flow.name, tasks_done = #run.flow.list - run.open,
+                        tasks = #run.flow.list, children_done = run.children_done,
                         children = run.children_total, running = run.running, failed = run.failed }
   end
   sort(list, function(a, b) return a.flow < b.flow end)
