@@ -22,7 +22,7 @@
  * the pairs in the order the table walk meets them: the same format, read
  * by the same decoder, without that promise; thread and process hand-offs
  * use it (they only need the value back), and it saves the sort and the
- * copy that puts the pairs in order (a fifth of an encoding's instructions
+ * copy that puts the pairs in order (a tenth of an encoding's instructions
  * on records: callgrind, bench/threads.lua's 1 MB table).
  *
  * Tables are read and written raw: no metamethod runs.  A state is touched
