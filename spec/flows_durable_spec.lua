@@ -411,7 +411,7 @@ describe("a 1,000-step durable flow", function()
     it("completes on PostgreSQL with 4 workers (two URL forms) through SIGKILLs and a server restart", function()
       local c = require("tide.jobs.store.postgres").connect(PG)
       c:query("DROP TABLE IF EXISTS tide_jobs, tide_schema, tide_flow_runs, tide_flow_steps, tide_flow_items CASCADE")
-      c:query("DROP FUNCTION IF EXISTS tide_jobs_notify() CASCADE")
+      c:query("DROP FUNCTION IF EXISTS tide_jobs_notify(), tide_jobs_notify_inserted() CASCADE")
       c:close()
       -- the same server as postgresql://...localhost...?pool=2
       local other = PG:gsub("^postgres://", "postgresql://"):gsub("@127%.0%.0%.1:", "@localhost:") .. "?pool=2"

@@ -153,7 +153,7 @@ function H.stores()
     local function reset()
       local c = require("tide.jobs.store.postgres").connect(pg)
       c:query("DROP TABLE IF EXISTS tide_jobs, tide_schema, tide_queues, tide_schedules, orders, tide_flow_runs, tide_flow_steps, tide_flow_items CASCADE")
-      c:query("DROP FUNCTION IF EXISTS tide_jobs_notify() CASCADE")
+      c:query("DROP FUNCTION IF EXISTS tide_jobs_notify(), tide_jobs_notify_inserted() CASCADE")
       c:close()
     end
     list[2] = { name = "postgres", fresh = function() reset(); return pg end, reset = reset }

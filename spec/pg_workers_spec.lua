@@ -67,7 +67,7 @@ end
 local function fresh_tables()
   local c = require("tide.jobs.store.postgres").connect(URL)
   c:query("DROP TABLE IF EXISTS tide_jobs, tide_schema, tide_queues, tide_schedules, tide_flow_runs, tide_flow_steps, tide_flow_items CASCADE")
-  c:query("DROP FUNCTION IF EXISTS tide_jobs_notify() CASCADE")
+  c:query("DROP FUNCTION IF EXISTS tide_jobs_notify(), tide_jobs_notify_inserted() CASCADE")
   c:close()
 end
 

@@ -424,6 +424,104 @@ describe("tide.queue on " .. store.name, function()
       assert.is_nil(q:job(ids[2]).args)          -- k2 existed: its job is the earlier one
     end)
 
+    it("gives a key repeated inside the batch (across its statements) or found in the table the existing id", function()
+      local old = q:enqueue{ target = "t", method = "m", idempotency_key = "old" }
+      local run_at = math.floor(core.wallclock()) + 3600000
+      local list = {}
+      for i = 1, 2100 do list[i] = { target = "t", method = "m", args = { i = i } } end
+      list[5].idempotency_key, list[9].idempotency_key = "a", "a"     -- one statement
+      list[2050].idempotency_key = "a"                                 -- the next (2,000 rows a statement on PostgreSQL)
+      list[100].idempotency_key = "old"                                -- in the table
+      list[7].idempotency_key, list[2099].idempotency_key = "b", "b"
+      -- jobs of every option, mixed with plain ones
+      local args3 = { s = "a\0b é", n = 0.1, big = 2 ^ 53, neg = -0.0, empty = setmetatable({}, require("tide.jobs.json").array_mt) }
+      list[3] = { target = "t", method = "m", queue = "mail", priority = -3, max_attempts = 2, delay = 60000, args = args3 }
+      list[4] = { target = "u", method = "v", run_at = run_at }
+      local ids, n = q:enqueue_many(list)
+      assert.equal(2100, #ids)
+      assert.equal(2100 - 4, n)
+      assert.equal(ids[5], ids[9])
+      assert.equal(ids[5], ids[2050])
+      assert.equal(ids[7], ids[2099])
+      assert.equal(old, ids[100])
+      local seen = {}
+      for i, id in ipairs(ids) do
+        if i ~= 9 and i ~= 2050 and i ~= 2099 and i ~= 100 then
+          assert.is_nil(seen[id], "id " .. id .. " given twice"); seen[id] = true
+        end
+      end
+      assert.equal(2101 - 4, q:stats().total)
+      assert.equal(5, q:job(ids[5]).args.i)
+      local j3 = q:job(ids[3])
+      assert.same({ "mail", -3, 2, "scheduled" }, { j3.queue, j3.priority, j3.max_attempts, j3.status })
+      assert.is_true(spec_helper.exact(j3.args, args3))
+      local j4 = q:job(ids[4])
+      assert.same({ "u", "v", run_at, "scheduled", "default" }, { j4.target, j4.method, j4.run_at, j4.status, j4.queue })
+      assert.is_nil(j4.args)
+      -- a batch with a unique job (inserted one by one) keeps the keys the same way
+      local uids, un = q:enqueue_many{ { target = "t", method = "m", unique = { period = "1h" }, args = { u = 1 } },
+                                       { target = "t", method = "m", idempotency_key = "a" },
+                                       { target = "t", method = "m", unique = { period = "1h" }, args = { u = 1 } } }
+      assert.same({ 1, ids[5], uids[1] }, { un, uids[2], uids[3] })
+      assert.same({ u = 1 }, q:job(uids[1]).args)
+      -- the same inside a transaction, against a row it inserted itself
+      local tids, tn = q:transaction(function(tx)
+        local first = tx:enqueue{ target = "t", method = "m", idempotency_key = "t1" }
+        local got, k = tx:enqueue_many{ { target = "t", method = "m", idempotency_key = "t1" },
+                                         { target = "t", method = "m", idempotency_key = "t2" },
+                                         { target = "t", method = "m", idempotency_key = "t2" } }
+        assert.equal(first, got[1])
+        return got, k
+      end)
+      assert.equal(1, tn)
+      assert.equal(tids[2], tids[3])
+      assert.equal("t2", q:job(tids[2]).idempotency_key)
+    end)
+
+    if store.name == "postgres" then
+      it("prepares its statements once per connection, and again on the next one after the server ended it", function()
+        q:close()
+        q = tide.queue.open(url, { pool = 1 })                         -- (one connection: sql() sees the same session)
+        local function prepared()
+          local names = {}
+          for _, r in ipairs(sql("SELECT name FROM pg_prepared_statements ORDER BY name")) do names[#names + 1] = r.name end
+          return table.concat(names, ",")
+        end
+        local a = q:enqueue{ target = "t", method = "m" }
+        q:enqueue_many{ { target = "t", method = "m" }, { target = "t", method = "m" } }
+        assert.equal("tide_insert,tide_insert_many", prepared())
+        local pid = sql("SELECT pg_backend_pid() AS pid")[1].pid
+        local admin = require("tide.jobs.store.postgres").connect(url)
+        admin:query("SELECT pg_terminate_backend($1)", pid)
+        for _ = 1, 200 do                                                -- (until the server has closed it)
+          if admin:query("SELECT count(*) AS n FROM pg_stat_activity WHERE pid = $1", pid).rows[1].n == 0 then break end
+          os.execute("sleep 0.01")
+        end
+        admin:close()
+        os.execute("sleep 0.02")
+        local b = q:enqueue{ target = "t", method = "m" }               -- a new session: prepared again
+        assert.is_true(b > a)
+        assert.is_not.equal(pid, sql("SELECT pg_backend_pid() AS pid")[1].pid)
+        assert.equal("tide_insert", prepared())
+        assert.equal(4, q:stats().total)
+      end)
+
+      it("does not take a Parse that failed for a prepared statement", function()
+        q:close()
+        q = tide.queue.open(url, { pool = 1 })
+        -- The transaction is aborted when tx:enqueue's Parse goes out: it fails.
+        local ok, err = pcall(q.transaction, q, function(tx)
+          pcall(tx.exec, tx, "SELECT no_such_column FROM tide_jobs")
+          tx:enqueue{ target = "t", method = "m" }
+        end)
+        assert.is_false(ok)
+        assert.matches("current transaction is aborted", tostring(err))
+        local id = q:enqueue{ target = "t", method = "m" }              -- prepared now, not "does not exist"
+        assert.equal("available", q:job(id).status)
+        assert.equal(1, q:stats().total)
+      end)
+    end
+
     it("inserts nothing when one job of the batch is bad, and names it", function()
       local ok, err = pcall(q.enqueue_many, q, { { target = "t", method = "m" }, { target = "t", method = "m", args = { f = print } } })
       assert.is_false(ok)

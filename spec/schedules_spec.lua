@@ -27,7 +27,7 @@ local PG_URL = os.getenv("TIDE_PG_URL")
 local function fresh_pg()
   local c = require("tide.jobs.store.postgres").connect(PG_URL)
   c:query("DROP TABLE IF EXISTS tide_jobs, tide_schema, tide_schedules, tide_queues, tide_flow_runs, tide_flow_steps, tide_flow_items CASCADE")
-  c:query("DROP FUNCTION IF EXISTS tide_jobs_notify() CASCADE")
+  c:query("DROP FUNCTION IF EXISTS tide_jobs_notify(), tide_jobs_notify_inserted() CASCADE")
   c:close()
 end
 

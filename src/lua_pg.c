@@ -246,29 +246,70 @@ static const char *param_text(lua_State *L, conn *c, int idx, char *buf, size_t 
 
 #define MAX_PARAMS 4096
 
+/* Parameters from stack index `first` on, as libpq takes them: texts (NULL
+ * for nil), and lengths and formats when a string holds a NUL byte (sent as
+ * bytes then).  The arrays are scratch userdata on the stack, collected
+ * later.  Returns the count; *binary tells whether lengths and formats apply. */
+static int params(lua_State *L, conn *c, int first, const char ***values, int **lengths, int **formats,
+                  int *binary) {
+  int n = lua_gettop(L) - first + 1;
+  if (n > MAX_PARAMS) return luaL_error(L, "%s: too many parameters (%d)", c->name, n);
+  *values = NULL;
+  *lengths = *formats = NULL;
+  *binary = 0;
+  if (n <= 0) return 0;
+  *values = lua_newuserdata(L, sizeof **values * (size_t)n);
+  char (*bufs)[32] = lua_newuserdata(L, sizeof *bufs * (size_t)n);
+  *lengths = lua_newuserdata(L, sizeof **lengths * (size_t)n);
+  *formats = lua_newuserdata(L, sizeof **formats * (size_t)n);
+  for (int i = 0; i < n; i++) {
+    (*values)[i] = param_text(L, c, first + i, bufs[i], sizeof bufs[i], &(*lengths)[i], &(*formats)[i]);
+    *binary |= (*formats)[i];
+  }
+  return n;
+}
+
+static const char *check_sql(lua_State *L, conn *c, int idx) {
+  size_t len;
+  const char *sql = luaL_checklstring(L, idx, &len);
+  if (memchr(sql, 0, len) != NULL) luaL_error(L, "%s: the SQL text holds a NUL byte", c->name);
+  return sql;
+}
+
 /* conn:send(sql, ...) */
 static int conn_send(lua_State *L) {
   conn *c = check_conn(L);
-  size_t sql_len;
-  const char *sql = luaL_checklstring(L, 2, &sql_len);
-  if (memchr(sql, 0, sql_len) != NULL) return luaL_error(L, "%s: the SQL text holds a NUL byte", c->name);
-  int n = lua_gettop(L) - 2;
-  if (n > MAX_PARAMS) return luaL_error(L, "%s: too many parameters (%d)", c->name, n);
-  const char **values = NULL;
-  char (*bufs)[32] = NULL;
-  int *lengths = NULL, *formats = NULL, any_binary = 0;
-  if (n > 0) {
-    values = lua_newuserdata(L, sizeof *values * (size_t)n);  /* scratch, collected later */
-    bufs = lua_newuserdata(L, sizeof *bufs * (size_t)n);
-    lengths = lua_newuserdata(L, sizeof *lengths * (size_t)n);
-    formats = lua_newuserdata(L, sizeof *formats * (size_t)n);
-    for (int i = 0; i < n; i++) {
-      values[i] = param_text(L, c, i + 3, bufs[i], sizeof bufs[i], &lengths[i], &formats[i]);
-      any_binary |= formats[i];
-    }
-  }
-  if (!PQsendQueryParams(c->pg, sql, n, NULL, values, any_binary ? lengths : NULL,
-                         any_binary ? formats : NULL, 0))
+  const char *sql = check_sql(L, c, 2);
+  const char **values;
+  int *lengths, *formats, binary;
+  int n = params(L, c, 3, &values, &lengths, &formats, &binary);
+  if (!PQsendQueryParams(c->pg, sql, n, NULL, values, binary ? lengths : NULL, binary ? formats : NULL, 0))
+    return fail(L, c);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* conn:prepare(name, sql): sends a Parse of a named statement (its
+ * parameters' types inferred by the server).  In a pipeline only: its
+ * result comes before that of the statement sent after it. */
+static int conn_prepare(lua_State *L) {
+  conn *c = check_conn(L);
+  const char *name = check_sql(L, c, 2);
+  const char *sql = check_sql(L, c, 3);
+  if (!PQsendPrepare(c->pg, name, sql, 0, NULL)) return fail(L, c);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* conn:send_prepared(name, ...): runs a statement prepared on this
+ * connection (conn:prepare), parameters bound as conn:send binds them. */
+static int conn_send_prepared(lua_State *L) {
+  conn *c = check_conn(L);
+  const char *name = check_sql(L, c, 2);
+  const char **values;
+  int *lengths, *formats, binary;
+  int n = params(L, c, 3, &values, &lengths, &formats, &binary);
+  if (!PQsendQueryPrepared(c->pg, name, n, values, binary ? lengths : NULL, binary ? formats : NULL, 0))
     return fail(L, c);
   lua_pushboolean(L, 1);
   return 1;
@@ -493,6 +534,7 @@ static const luaL_Reg conn_methods[] = {
   { "connect_poll", conn_connect_poll }, { "send", conn_send }, { "flush", conn_flush },
   { "consume", conn_consume }, { "busy", conn_busy }, { "result", conn_result },
   { "pipeline", conn_pipeline }, { "sync", conn_sync },
+  { "prepare", conn_prepare }, { "send_prepared", conn_send_prepared },
   { "notifies", conn_notifies }, { "ok", conn_ok }, { "close", conn_close }, { NULL, NULL }
 };
 

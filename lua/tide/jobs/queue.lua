@@ -13,48 +13,32 @@
 -- raises an error that names the store and the SQLite code or SQLSTATE.
 -- Times given and returned are UTC ms since the Unix epoch (integers); a
 -- run_at below 1e11 is taken for seconds, the old unit, with a warning.
---
--- Transactions and their connections (Promise 7):
---   - A transaction checks a session (a connection) out of the store's pool
---     before anything can wait, and keeps it until COMMIT or ROLLBACK: two
---     transactions never share one, whatever their tasks do in between.
---     The pool is the store's: PostgreSQL has `pool` connections, SQLite
---     one (so there a transaction holds the store, and others wait).
---   - The holder of a transaction is the task that opened it (or code
---     outside tasks); q._txs[holder] is its state.  A statement of that
---     holder — q:enqueue, q:job, a nested q:transaction (a savepoint) —
---     runs inside its transaction; anyone else's waits for a free session.
---   - A tx handle works only while its transaction (or savepoint) is open,
---     and only for its holder: otherwise it raises, it never runs elsewhere.
---   - A task that ends inside a transaction (timeout, cancel) leaves it
---     through its attempt-end hook: the pool takes the session back broken
---     (rolled back), and the handles die.
+-- Transactions, and the connections they hold: tide.jobs.transaction.
 local core = require "tide.core"
-local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
 local job = require "tide.jobs.job"
 local json = require "tide.jobs.json"
 local time = require "tide.jobs.time"
 local pool = require "tide.jobs.store.pool"
 local flows = require "tide.jobs.flows"
+local transaction_mod = require "tide.jobs.transaction"
 
 local type, error, pairs, ipairs, tostring, tonumber = type, error, pairs, ipairs, tostring, tonumber
-local setmetatable, getmetatable, pcall, select, floor = setmetatable, getmetatable, pcall, select, math.floor
+local setmetatable, getmetatable, pcall, floor = setmetatable, getmetatable, pcall, math.floor
 local arg_error, opt_error, describe = check.arg_error, check.opt_error, check.describe
-local wallclock, holder, OUTSIDE = core.wallclock, pool.holder, pool.OUTSIDE
+local wallclock, holder = core.wallclock, pool.holder
+
+local with_session, transaction, tx_state = transaction_mod.with_session, transaction_mod.transaction,
+                                            transaction_mod.tx_state
+local notify, inserted_into, Tx = transaction_mod.notify, transaction_mod.inserted_into, transaction_mod.Tx
 
 local M = {}
+M.with_session = with_session
 
 local Queue = {}
 local Queue_mt = { __index = Queue, __tostring = function(q)
   return ("tide.Queue (%s%s)"):format(q.name, q._store and "" or ", closed")
 end }
-local Tx = {}
-local Tx_mt = { __index = Tx, __tostring = function(tx)
-  return ("tide.Transaction (%s%s)"):format(tx._q.name, tx._live and "" or ", ended")
-end }
-
-local function pack(...) return { n = select("#", ...), ... } end
 
 -- ===== opening
 
@@ -165,112 +149,6 @@ local function check_q(fname, q)
   if not q._store then error(fname .. ": the queue is closed", 3) end
 end
 
-local function notify(q, queues)
-  for queue in pairs(queues) do
-    for _, fn in ipairs(q._listeners) do fn(queue) end
-  end
-end
-
--- ===== sessions: the caller's transaction's, or one of the pool's
-
---- Runs fn(session, ...) on the caller's transaction's session, or on one
---- checked out for it (waiting for a free one); returns fn's first two results.
-local function with_session(q, fname, fn, ...)
-  local st = q._txs[holder()]
-  if st then return fn(st.session, ...) end
-  local store = q._store
-  local session = store:acquire(fname)
-  local ok, a, b = pcall(fn, session, ...)
-  store:release(session, false, holder())
-  if not ok then error(a, 0) end
-  return a, b
-end
-M.with_session = with_session
-
---- After an insert: wake this process's workers now, or at the commit.
-local function inserted_into(q, st, queue)
-  if st then st.touched[queue] = true else notify(q, { [queue] = true }) end
-end
-
--- ===== transactions
-
-local function new_tx(q, st, depth)
-  local tx = setmetatable({ _q = q, _st = st, _depth = depth, _live = true }, Tx_mt)
-  st.handles[#st.handles + 1] = tx
-  return tx
-end
-
---- Ends transaction state st: its handles die, the session goes back to
---- the store it came from (a queue closed meanwhile closes it then).
-local function close_state(q, st, broken)
-  if st.closed then return end
-  st.closed = true
-  if q._txs[st.owner] == st then q._txs[st.owner] = nil end
-  for _, tx in ipairs(st.handles) do tx._live = false end
-  if st.owner ~= OUTSIDE then S.off_attempt_end(st.owner, st.hook) end
-  st.store:release(st.session, broken, st.owner)
-end
-
---- The task ended inside the transaction (timed out, cancelled): the store
---- takes the session back broken (rolled back), and tasks waiting go on.
-local function abandon(q, st)
-  close_state(q, st, true)
-end
-
---- A nested q:transaction: a savepoint on the holder's session.
-local function savepoint(q, st, fname, fn, ...)
-  local depth = st.depth + 1
-  st.session:savepoint(depth)
-  st.depth = depth
-  local tx = new_tx(q, st, depth)
-  local res = pack(pcall(fn, tx, ...))
-  tx._live = false
-  st.depth = depth - 1
-  if st.closed then error(fname .. ": the transaction ended while it ran (its task was stopped)", 3) end
-  if res[1] then st.session:release(depth) else st.session:rollback_to(depth) end
-  if not res[1] then error(res[2], 0) end
-  return unpack(res, 2, res.n)
-end
-
---- Runs fn(tx, ...) in a transaction (a savepoint when the caller is in one
---- already); commits when it returns, rolls back and re-raises when it
---- raises.  Returns fn's results.
-local function transaction(q, fname, fn, ...)
-  local owner = holder()
-  local st = q._txs[owner]
-  if st then return savepoint(q, st, fname, fn, ...) end
-  local store = q._store
-  -- The session is ours from here: nothing waits between the pool handing
-  -- it over and q._txs knowing it (the rule above).
-  local session = store:acquire(fname)
-  st = { session = session, store = store, depth = 1, owner = owner, touched = {}, handles = {}, closed = false }
-  q._txs[owner] = st
-  if owner ~= OUTSIDE then
-    st.hook = function() abandon(q, st) end
-    S.on_attempt_end(owner, st.hook)
-  end
-  local ok, err = pcall(session.begin, session)
-  if not ok then
-    close_state(q, st, true)
-    error(err, 0)
-  end
-  local tx = new_tx(q, st, 1)
-  local res = pack(pcall(fn, tx, ...))
-  local clean, commit_err = true, nil
-  if res[1] then
-    clean, commit_err = pcall(session.commit, session)
-    if not clean then pcall(session.rollback, session) end
-  else
-    clean = pcall(session.rollback, session)
-  end
-  local committed = res[1] and clean
-  close_state(q, st, not clean)
-  if committed then notify(q, st.touched) end
-  if res[1] and not clean then error(fname .. ": commit failed: " .. tostring(commit_err), 3) end
-  if not res[1] then error(res[2], 0) end
-  return unpack(res, 2, res.n)
-end
-
 --- Runs fn(tx, ...) inside one database transaction: tx:exec and tx:query
 --- run your own SQL, tx:enqueue adds jobs; all commit together, or an error
 --- rolls all back and is raised again.  Returns what fn returns.
@@ -278,23 +156,6 @@ function Queue:transaction(fn, ...)
   check_q("q:transaction", self)
   if type(fn) ~= "function" then arg_error("q:transaction", 1, "function", fn) end
   return transaction(self, "q:transaction", fn, ...)
-end
-
---- The transaction state behind a tx handle, if the caller may use it;
---- raises otherwise ("tx:enqueue: this transaction has ended").
-local function tx_state(fname, tx)
-  if getmetatable(tx) ~= Tx_mt then
-    error(("%s: bad self (transaction expected, got %s); call it as tx:%s(...)")
-      :format(fname, describe(tx), fname:match("[:.](%w+)$")), 3)
-  end
-  local st = tx._st
-  if not tx._live or st.closed then error(fname .. ": this transaction has ended", 3) end
-  if st.owner ~= holder() then
-    error(("%s: this transaction belongs to %s, not to the caller"):format(fname,
-      st.owner == OUTSIDE and "code outside tasks" or tostring(st.owner)), 3)
-  end
-  if not tx._q._store then error(fname .. ": the queue is closed", 3) end
-  return st
 end
 
 -- ===== enqueue
@@ -527,22 +388,6 @@ function Tx:enqueue_many(list)
   return insert_rows(self._q, "tx:enqueue_many", job_rows("tx:enqueue_many", self._q, list))
 end
 
---- Runs one statement of your own SQL with ? parameters bound (never
---- interpolated); returns the number of rows changed.
-function Tx:exec(sql, ...)
-  local st = tx_state("tx:exec", self)
-  if type(sql) ~= "string" then arg_error("tx:exec", 1, "SQL string", sql) end
-  return st.session:exec(sql, ...)
-end
-
---- Runs a query of your own; returns its rows as { column = value } tables.
-function Tx:query(sql, ...)
-  local st = tx_state("tx:query", self)
-  if type(sql) ~= "string" then arg_error("tx:query", 1, "SQL string", sql) end
-  return st.session:query(sql, ...)
-end
-
--- ===== queue options that every worker obeys: q:declare
 
 local DECLARE_KEYS = check.options("q:declare", { concurrency = true, partition = true, per_key = true })
 local PER_KEY_KEYS = check.options("per_key", { concurrency = true, rate = true })

@@ -46,6 +46,7 @@ local job = require "tide.jobs.job"
 local queue = require "tide.jobs.queue"
 local outcomes = require "tide.jobs.outcomes"
 local schedules = require "tide.jobs.schedules"
+local claimer = require "tide.jobs.claimer"
 local make_task, spawn = task.make_task, task.spawn
 local histogram = require "tide.engine.histogram"
 
@@ -484,73 +485,11 @@ local function start_job(w, row)
   S.start(t)
 end
 
--- ===== the worker's own tasks
+-- ===== the worker's own tasks (the claimers: tide.jobs.claimer)
 
-local function claim_rows(session, name, want, owner, now, lease_until)
-  return session:claim(name, want, owner, now, lease_until)
-end
-
---- Claims up to `want` due jobs of queue `name` and starts them; returns
---- how many, or nil after a store failure (reported).
-local function claim(w, name, want)
-  if w.state ~= "running" then return 0 end
-  local now = wallclock()
-  local ok, rows, limited, reopen = pcall(call, w, w.claim_store, "tide.worker", claim_rows, name, want, w.id, now,
-                                          now + w.lease)
-  if not ok then
-    log.report("worker " .. w.id .. ": claiming from queue " .. name, rows)
-    M.totals.store_errors.claim = M.totals.store_errors.claim + 1
-    w.claim_error = rows
-    return nil
-  end
-  if w.state ~= "running" then               -- stopped while the claim was under way
-    for i = 1, #rows do
-      local row = rows[i]
-      count(w, row.queue, "claimed")
-      record(w, { kind = "release", outcome = "released", id = row.id, attempt = row.attempt,
-                  run_at = wallclock(), job = job_info(row) })
-    end
-    return 0
-  end
-  w.queues[name].limited = limited or false
-  -- A rate held jobs back: claim again when its window reopens (no
-  -- outcome nor enqueue may come to wake the claimer before the poll).
-  if reopen and reopen < w.poll then wake_later(w, name, max(0, reopen)) end
-  for i = 1, #rows do start_job(w, rows[i]) end
-  return #rows
-end
-
---- Waits for a reason to claim again (a slot freed, an enqueue, the poll
---- interval): unless one came while the last claim was under way.
-local function idle_wait(w, qs, ms)
-  if qs.kicked then qs.kicked = false; return end
-  S.wait_for(qs, "tide.worker", ms)
-  qs.kicked = false
-end
-
-local function claimer(w, name)
-  local qs = w.queues[name]
-  local failures = 0
-  while w.state == "running" do
-    local free = qs.limit - qs.running - qs.reserved   -- (reserved: see tide.jobs.outcomes)
-    if free > 0 then
-      local want = min(free, w.batch)
-      qs.kicked = false                       -- what this claim sees needs no second look
-      local n = claim(w, name, want)
-      if n == nil then                        -- the store failed: back off, then try again
-        failures = failures + 1
-        qs.more = false
-        S.wait_for(qs, "tide.worker", failed_loop(w, "claim", failures, w.poll, w.claim_error))
-      else
-        if failures > 0 then failures = 0; loop_ok(w, "claim") end
-        qs.more = n == want
-        if not qs.more then idle_wait(w, qs, w.poll) end
-      end
-    else
-      idle_wait(w, qs, w.poll)
-    end
-  end
-end
+--- What a claimer needs of this module (see tide.jobs.claimer's M.run).
+local CLAIMER_NEEDS = { start_job = start_job, job_info = job_info, wake_later = wake_later,
+                        failed_loop = failed_loop, loop_ok = loop_ok, store_errors = M.totals.store_errors }
 
 local function heartbeat_rows(session, owner, lease_until, ids)
   return session:heartbeat(owner, lease_until, ids)
@@ -730,7 +669,7 @@ function M.new(opts)
   end)
   for name, n in pairs(queues) do
     w.queues[name] = { limit = n, running = 0, reserved = 0, more = false, waiting = false }
-    w.tasks[#w.tasks + 1] = spawn{ run = claimer, args = { w, name }, name = "claimer " .. name }
+    w.tasks[#w.tasks + 1] = spawn{ run = claimer.run, args = { w, name, CLAIMER_NEEDS }, name = "claimer " .. name }
   end
   w.flusher_task = spawn{ run = outcomes.flusher, args = { w }, name = "worker flusher" }
   w.tasks[#w.tasks + 1] = w.flusher_task

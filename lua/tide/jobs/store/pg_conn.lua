@@ -60,7 +60,8 @@ function M.new(info, name, setup)
   next_id = next_id + 1
   local c = setmetatable({ info = info, name = name, id = next_id, pg = false, waiter = false,
                            running = false, tx = false, begin_next = false, on_notify = false,
-                           setup = setup or false, setup_next = false }, Conn)
+                           setup = setup or false, setup_next = false, parsed = {},
+                           deallocate_next = false, replanned = false }, Conn)
   conns[next_id] = c
   return c
 end
@@ -127,6 +128,7 @@ local function connect(c)
   local pg, err = core.pg_connect(c.info, c.name)
   if not pg then error(err, 0) end
   c.pg = pg
+  c.parsed, c.deallocate_next = {}, false     -- (a new session: nothing prepared on it yet)
   while true do
     local st, e = pg:connect_poll()
     if st == "ok" then c.setup_next = c.setup and true; return end
@@ -149,9 +151,30 @@ local function lost(c, err)
   error(c.name .. ": connection lost: " .. err, 0)
 end
 
+-- What the server says when the session's prepared statements are not
+-- what c.parsed says: 26000, a statement gone (DEALLOCATE ALL or DISCARD
+-- ALL run on the connection by the application, or a pooler that gave us
+-- another server session); 42P05, a name taken by a statement tide did not
+-- prepare on this session (the same pooler); 0A000, "cached plan must not
+-- change result type" (a column the statement returns changed type, as a
+-- newer release's migration may do under running workers).  Each of them
+-- is raised before the statement runs, and would be raised again at every
+-- run, for ever, on that connection.
+local SESSION_CHANGED = { ["26000"] = true, ["42P05"] = true, ["0A000"] = true }
+
+--- After such an error: every statement is prepared again, after a
+--- DEALLOCATE ALL (which never fails, whatever is left on the session) in
+--- the same pipeline; c.replanned tells query() that it may run the
+--- statement once more.
+local function forget_prepared(c)
+  c.parsed, c.deallocate_next, c.replanned = {}, true, true
+end
+
 --- Sends one statement (after BEGIN, in one pipeline, when a transaction
 --- waits to begin: see Conn:begin) and reads its results; returns the last.
-local function run(c, sql, ...)
+--- `name`: the statement is prepared on the connection under that name
+--- (the Parse goes in the same pipeline the first time: see Conn:prepared).
+local function run(c, name, sql, ...)
   -- Broken, or closed by the server while idle (a restart): reading what
   -- waits on the socket tells, before we send.  (Twice: a server that
   -- stopped sent an error, then closed; one read may return the error
@@ -166,13 +189,23 @@ local function run(c, sql, ...)
   end
   pg = c.pg
   local ok, err
-  if c.setup_next or c.begin_next then        -- one pipeline: [setup;] [BEGIN;] the statement
+  local parse = name and not c.parsed[name]
+  local dealloc = parse and c.deallocate_next
+  local parse_at, dealloc_at = false, false   -- (which results are the Parse's, the DEALLOCATE's)
+  if c.setup_next or c.begin_next or parse then   -- one pipeline: [setup;] [BEGIN;] [DEALLOCATE ALL;] [Parse;] the statement
     ok, err = pg:pipeline()
-    if ok and c.setup_next then ok, err = pg:send(c.setup) end
-    if ok and c.begin_next then ok, err = pg:send("BEGIN") end
+    local before = 0
+    if ok and c.setup_next then ok, err = pg:send(c.setup); before = before + 1 end
+    if ok and c.begin_next then ok, err = pg:send("BEGIN"); before = before + 1 end
     c.setup_next, c.begin_next = false, false
-    if ok then ok, err = pg:send(sql, ...) end
+    if ok and dealloc then ok, err = pg:send("DEALLOCATE ALL"); before = before + 1; dealloc_at = before end
+    if ok and parse then ok, err = pg:prepare(name, sql); parse_at = before + 1 end
+    if ok then
+      if name then ok, err = pg:send_prepared(name, ...) else ok, err = pg:send(sql, ...) end
+    end
     if ok then ok, err = pg:sync() end
+  elseif name then
+    ok, err = pg:send_prepared(name, ...)
   else
     ok, err = pg:send(sql, ...)
   end
@@ -183,7 +216,7 @@ local function run(c, sql, ...)
     if more == 0 then break end
     wait_io(c, true, true)
   end
-  local last, failure
+  local last, failure, k = nil, nil, 0
   while true do
     while pg:busy() do
       wait_io(c, true, false)
@@ -197,33 +230,62 @@ local function run(c, sql, ...)
       break
     end
     if r then
+      k = k + 1
+      if k == parse_at and r.ok then c.parsed[name] = true end
+      if k == dealloc_at and r.ok then c.deallocate_next = false end
       if not r.ok and not failure then failure = r end
       last = r
     end
   end
   if failure then
+    if name and SESSION_CHANGED[failure.sqlstate] then forget_prepared(c) end
     error(format("%s: %s (SQLSTATE %s)", c.name, failure.message or "error", failure.sqlstate or "?????"), 0)
   end
   return last
 end
 
---- Runs one statement ($1..$n bound); returns { ok, rows, changes }.
-function Conn:query(sql, ...)
+local function query(self, name, sql, ...)
   local holder = self.running
   if holder then
     -- Only a caller that was cut off mid-statement leaves this set: its
     -- attempt is over (the pool resets its connections; a bare one is
     -- reset here).  Anything else is two statements at once: a bug.
     if holder == true or S.attempt_of(holder[1]) == holder[2] then
-      error(self.name .. ": the connection is running another statement", 2)
+      error(self.name .. ": the connection is running another statement", 3)
     end
     self:reset()
   end
   local t = in_task() and S.current()
   self.running = t and { t, S.attempt_of(t) } or true
-  local ok, res = pcall(run, self, sql, ...)
+  self.replanned = false
+  local ok, res = pcall(run, self, name, sql, ...)
+  -- The session's prepared statements were not what we thought (see
+  -- SESSION_CHANGED): the statement did not run.  Outside a transaction
+  -- it runs once more, prepared again; inside one, the transaction is
+  -- aborted and the error stands (the next one prepares again).
+  if not ok and self.replanned and not self.tx then
+    self.replanned = false
+    ok, res = pcall(run, self, name, sql, ...)
+  end
   self.running = false
   if not ok then error(res, 0) end
+  return res
+end
+
+--- Runs one statement ($1..$n bound); returns { ok, rows, changes }.
+function Conn:query(sql, ...)
+  local res = query(self, nil, sql, ...)
+  return res
+end
+
+--- Conn:query for a statement of tide's own that runs often (a claim, an
+--- outcome, an insert): prepared once per session under `name` (the Parse
+--- sent with its first run, in one pipeline), then only bound and run, so
+--- the server neither parses it again nor, once its plan is generic,
+--- plans it.  A new session (a reconnect) prepares it again; a Parse that
+--- failed is not taken for done.  `name` must name this one `sql`.
+function Conn:prepared(name, sql, ...)
+  local res = query(self, name, sql, ...)
   return res
 end
 
