@@ -20,6 +20,9 @@
 -- change: its tide runs as a third client, "tide@base", in the same rounds).
 local tide = require "tide"
 local cjson = require "cjson"
+package.path = "bench/lib/?.lua;" .. package.path
+local lib = require "common"
+local sh, loadavg = lib.sh, lib.loadavg
 
 -- The driver waits for its clients with blocking popen calls (they are what
 -- is measured, the loop has nothing else to do): no stall reports for those.
@@ -30,21 +33,6 @@ local N = tonumber(os.getenv("TIDE_BENCH_AMQP_N") or "100000")
 local REPEATS = tonumber(os.getenv("TIDE_BENCH_AMQP_REPEATS") or "3")
 local PREFETCH = 100
 local BODY = ("x"):rep(16)
-
-local function sh(cmd)
-  local f = io.popen(cmd .. " 2>&1; echo \"__status=$?\"")
-  local out = f:read("*a")
-  f:close()
-  local status = tonumber(out:match("__status=(%d+)%s*$"))
-  return status, (out:gsub("__status=%d+%s*$", ""))
-end
-
-local function loadavg()
-  local f = io.open("/proc/loadavg")
-  if not f then return "unknown" end
-  local s = f:read("*l"); f:close()
-  return s:match("^(%S+ %S+ %S+)")
-end
 
 local dir = os.tmpname()
 os.remove(dir)
@@ -80,19 +68,7 @@ local st, err = tide.run(function()
     for _, client in ipairs(clients) do
       n = n + 1
       local q = "bench-" .. n
-      local src = tide.sources.rabbitmq{ url = url, queue = q, declare = { durable = false } }
-      src:declare_queue()
-      local tasks = {}
-      for k = 1, 200 do
-        tasks[k] = tide.spawn(function()
-          for _ = k, N, 200 do src:publish(BODY, { persistent = false }) end
-        end)
-      end
-      for _, t in ipairs(tasks) do
-        local s, e = t:await()
-        assert(s == "ok", tostring(e))
-      end
-      assert(src:queue_info().messages == N, "the queue was not filled")
+      local src = lib.fill_queue(tide, url, q, N, BODY)
       local code, out = sh(client.cmd(q))     -- the loop waits: nothing else runs meanwhile
       local line = out:match("({.-})%s*$")
       assert(code == 0 and line, client.name .. " failed:\n" .. out)

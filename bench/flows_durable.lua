@@ -16,7 +16,9 @@
 -- Run from the repository root: LUA_CPATH="build/?.so;;" luajit bench/flows_durable.lua
 -- (BENCH_LAYERS=n: n layers instead of 100; BENCH_REPEATS=n; BENCH_PG_URL=url:
 -- that server instead of a throwaway one; BENCH_NO_SQLITE=1: PostgreSQL only;
--- BENCH_ONLY=sqlite1,sqlite3,pg1,pg4,latency: those measurements only)
+-- BENCH_ONLY=sqlite1,sqlite3,pg1,pg4,graphile1,graphile4,latency: those measurements only)
+--   3. the same DAG on graphile-worker (bench/pg/graphile_chain.js), the
+--      PostgreSQL peer, with 1 and 4 processes, on the same server.
 local tide = require "tide"
 tide.configure{ watchdog = 0 }                 -- the driver waits for its processes with blocking calls
 local core = require "tide.core"
@@ -159,11 +161,41 @@ local function processes(url, n)
   return rate, secs
 end
 
+-- The same DAG on graphile-worker (bench/pg/graphile_chain.js: each step's
+-- job releases its dependents in a transaction of its own), with `n`
+-- processes of 100 jobs at a time each, or fewer so that their pools (a
+-- connection per job) stay within 160 of the server's 200 connections (4
+-- processes: 40 each); graphile-worker from NODE_PATH, or where
+-- bench/pg/bench.lua installs it (build/bench-node).
+local NODE_PATH = os.getenv("NODE_PATH") or (BUILD .. "/bench-node/node_modules")
+local function graphile(url, n)
+  local js = ("NODE_PATH=%s NO_LOG_SUCCESS=1 node bench/pg/graphile_chain.js"):format(NODE_PATH)
+  assert(os.execute(("%s setup '%s' tide_bench_chain %d %d >>%s/graphile.log 2>&1")
+    :format(js, url, WIDTH, LAYERS, dir)) == 0, "graphile_chain.js setup failed (see graphile.log)")
+  local cmd = {}
+  for i = 1, n do
+    cmd[i] = ("%s work '%s' tide_bench_chain concurrency:%d >>%s/graphile.log 2>&1 &")
+      :format(js, url, math.min(100, math.floor(160 / n)), dir)
+  end
+  assert(os.execute(table.concat(cmd, " ") .. " wait") == 0)
+  local p = io.popen(("%s rate '%s' tide_bench_chain 2>>%s/graphile.log"):format(js, url, dir))
+  local rate = tonumber((p:read("*l") or ""):match("^%S+"))
+  p:close()
+  assert(rate, "graphile_chain.js rate failed (see graphile.log)")
+  return rate
+end
+local graphile_ok = os.execute(("NODE_PATH=%s node -e 'require(\"graphile-worker\")' >/dev/null 2>&1")
+  :format(NODE_PATH)) == 0
+
 local only = os.getenv("BENCH_ONLY")
 local function wanted(what) return not only or (("," .. only .. ","):find("," .. what .. ",", 1, true)) ~= nil end
 
 local function measure(what, label, fn)
   if not wanted(what) then return end
+  if what:find("^graphile") and not graphile_ok then
+    print(("%-44s skipped: node or graphile-worker not found (NODE_PATH=%s)"):format(label, NODE_PATH))
+    return
+  end
   local rates = {}
   for i = 1, REPEATS do rates[i] = fn(i) end
   local best, median = best_median(rates)
@@ -180,7 +212,7 @@ end
 
 -- PostgreSQL: BENCH_PG_URL, or a throwaway server on a free port.
 local pg_url, pg_dir = os.getenv("BENCH_PG_URL"), nil
-if not (wanted("pg1") or wanted("pg4")) then pg_url = nil
+if not (wanted("pg1") or wanted("pg4") or wanted("graphile1") or wanted("graphile4")) then pg_url = nil
 elseif not pg_url and os.execute("ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1") == 0 then
   pg_dir = dir .. "/pg"
   os.execute("mkdir -p " .. pg_dir .. " && chmod 755 " .. dir .. " " .. pg_dir)
@@ -199,6 +231,8 @@ if pg_url then
   print("PostgreSQL: " .. sync)
   measure("pg1", "PostgreSQL, 1 worker process", function() drop_pg(pg_url); return processes(pg_url, 1) end)
   measure("pg4", "PostgreSQL, 4 worker processes", function() drop_pg(pg_url); return processes(pg_url, 4) end)
+  measure("graphile1", "graphile-worker chain, 1 process", function() return graphile(pg_url, 1) end)
+  measure("graphile4", "graphile-worker chain, 4 processes", function() return graphile(pg_url, 4) end)
   if pg_dir then os.execute(("sh spec/pg.sh stop %s/cluster"):format(pg_dir)) end
 else
   print("PostgreSQL: skipped (not installed, and no BENCH_PG_URL)")

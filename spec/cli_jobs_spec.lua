@@ -294,13 +294,14 @@ for _, st in ipairs(H.stores()) do
       end)
 
       --- Starts a worker in the background on a slow job, sends `sig` once the
-      --- job started, waits; returns the exit status and stderr.
-      local function signal_worker(store, sig, opts)
+      --- job started (and, given `before`, once that shell command returned),
+      --- waits; returns the exit status and stderr.
+      local function signal_worker(store, sig, opts, before)
         local ready = effects
         local cmd = ("TIDE_STORE= %s worker --store %s %s %s %s 2>%s/worker-err & pid=$!; " ..
                      "n=0; while ! grep -q start %s 2>/dev/null && [ $n -lt 250 ]; do sleep 0.02; n=$((n+1)); done; " ..
-                     "kill -%s $pid; wait $pid; echo \"exit=$?\"")
-          :format(TIDE, store, opts, WORK, effects, dir, ready, sig)
+                     "%s kill -%s $pid; wait $pid; echo \"exit=$?\"")
+          :format(TIDE, store, opts, WORK, effects, dir, ready, before and before .. ";" or "", sig)
         local _, out = H.sh(cmd)
         return tonumber(out:match("exit=(%d+)")), read(dir .. "/worker-err")
       end
@@ -328,6 +329,38 @@ for _, st in ipairs(H.stores()) do
         local j = tide_json("jobs", store, "show 1")
         assert.same({ "available", 0 }, { j.status, j.attempt })
         assert.matches("^interrupted: ", j.errors[1].error)
+      end)
+
+      -- A short --grace is the jobs' time: the releases written after it
+      -- get time of their own.  Here another transaction holds the job's
+      -- row for 600 ms after the signal, so the release waits for it (with
+      -- the grace split between jobs and releases, it was never written).
+      it("releases a job after a short --grace even when the store takes 600 ms to take the write", function()
+        local store = fresh_store()
+        tide("enqueue", store, "orders slow '{\"ms\":10000}'")
+        local locked = dir .. "/locked"
+        os.remove(locked)
+        local locker = write("locker.lua", [[
+          local tide = require "tide"
+          local q = tide.queue.open(arg[1])
+          q:transaction(function(tx)
+            tx:exec("UPDATE tide_jobs SET priority = priority WHERE id = 1")
+            local fh = assert(io.open(arg[2], "w")); fh:write("locked\n"); fh:close()
+            tide.sleep(600)
+          end)
+          q:close()
+        ]])
+        local before = ("(TIDE_STORE= %s run %s %s %s >%s/locker-out 2>&1 &); " ..
+                        "n=0; while [ ! -s %s ] && [ $n -lt 250 ]; do sleep 0.02; n=$((n+1)); done")
+          :format(TIDE, locker, store, locked, dir, locked)
+        local t0 = os.time()
+        local status, err = signal_worker(store, "INT", "--grace 100", before)
+        assert.equal("locked\n", read(locked), read(dir .. "/locker-out"))
+        assert.equal(0, status, err)
+        assert.is_true(os.time() - t0 < 5)
+        assert.matches("0 completed, 0 retried, 0 discarded, 1 released\n$", err)
+        local j = tide_json("jobs", store, "show 1")
+        assert.same({ "available", 0 }, { j.status, j.attempt })
       end)
     end)
   end)

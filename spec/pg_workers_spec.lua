@@ -7,7 +7,7 @@
 --
 --   1. 4 workers (--drain), no kills: every job completed in one attempt
 --      with exactly one effect; every worker did a share of the work.
---   2. 4 workers (lease 500 ms) while 30 of them are SIGKILLed, one after
+--   2. 4 workers (lease 1.5 s) while 30 of them are SIGKILLed, one after
 --      every 500 jobs or so, each picked at random among the live workers
 --      that hold executing jobs at that moment, and replaced: every job
 --      completed, every job did its work, and a job did it more than once
@@ -27,9 +27,12 @@
 -- TIDE_PG_DIR (spec/run.sh starts the server); leaves that server running.
 --
 -- PGW_SEED=n replays the random choices (not the timing); PGW_LEASE=ms
--- changes test 2's lease (500); PGW_KEEP=1 keeps the effects, a timeline
--- of the workers (pid, started, killed: wall clock ms) and the tables of
--- a failed test for a look (run that test alone, with --filter).
+-- changes test 2's lease (1500: short, so that killed workers' jobs are
+-- rescued soon, and long enough for a live worker's heartbeat on a loaded
+-- machine: at 500 ms and load 13, one came late and its job ran twice);
+-- PGW_KEEP=1 keeps the effects, a timeline of the workers (pid, started,
+-- killed: wall clock ms) and the tables of a failed test for a look (run
+-- that test alone, with --filter).
 local tide = require "tide"
 local H = spec_helper
 
@@ -356,7 +359,7 @@ describe("tide worker processes on one PostgreSQL store", function()
     local ids = enqueue_all(q, HOUR)
     local t_enqueued = tide.now()
     local admin = require("tide.jobs.store.postgres").connect(URL)
-    local options = ("--lease %d --poll 100 --concurrency 16"):format(tonumber(os.getenv("PGW_LEASE")) or 500)
+    local options = ("--lease %d --poll 100 --concurrency 16"):format(tonumber(os.getenv("PGW_LEASE")) or 1500)
     local killed, kills, extra_slices, held, left, t_killed = {}, 0, 0, 0, nil, nil
     run(function()
       local live, released = {}, JOBS - RESERVE

@@ -258,6 +258,70 @@ describe("tide.queue on " .. store.name, function()
         assert.is_nil(q:job(9))
         assert.equal(10, (q:enqueue{ target = "t", method = "m" }))
       end)
+
+      it("inserts a job leased to a worker when insert_many is given its lease, and rescues it after", function()
+        local session = q._store:acquire("spec")
+        local ok, err = pcall(function()
+          session:begin()
+          local ids = session:insert_many{
+            { queue = "default", target = "t", method = "m", args = "[1]", priority = 3, max_attempts = 5,
+              run_at = 1000, inserted_at = 1000, lease_owner = "w1", lease_expires = 2000 },
+            { queue = "default", target = "t", method = "m", args = "[2]", status = "available", priority = 0,
+              max_attempts = 5, run_at = 1000, inserted_at = 1000 } }
+          session:commit()
+          local a, b = session:get(ids[1]), session:get(ids[2])
+          assert.same({ "executing", 1, 1000, "w1", 2000, "[1]", 3, 5 }, { a.status, a.attempt, a.attempted_at,
+            a.lease_owner, a.lease_expires, a.args, a.priority, a.max_attempts })
+          assert.same({ "available", 0 }, { b.status, b.attempt })
+          session:begin()
+          assert.equal(1, session:rescue(2001))
+          session:commit()
+          assert.equal("available", session:get(ids[1]).status)
+        end)
+        q._store:release(session, not ok)
+        assert(ok, err)
+      end)
+
+      -- Until version 5, tide_schedules was created at every open outside
+      -- the numbered migrations: a file of version 4 may have it (with rows)
+      -- or not (made before schedules existed).
+      for _, with_schedules in ipairs{ true, false } do
+        it("migrates tables of version 4 " .. (with_schedules and "with" or "without")
+           .. " the tide_schedules the old open made, its rows kept", function()
+          q:close()
+          store.reset(path)
+          local core = require "tide.core"
+          local M = require("tide.jobs.store.sqlite").MIGRATIONS
+          local db = assert(core.sqlite_open(path, "setup", 1000))
+          db:exec("CREATE TABLE tide_schema (version INTEGER NOT NULL); INSERT INTO tide_schema VALUES (4);")
+          for v = 1, 4 do db:exec(M[v]) end
+          if with_schedules then
+            db:exec([[CREATE TABLE IF NOT EXISTS tide_schedules (
+              name TEXT PRIMARY KEY, cron TEXT NOT NULL, timezone TEXT NOT NULL, target TEXT NOT NULL,
+              method TEXT NOT NULL, queue TEXT NOT NULL, last_tick INTEGER, seen_at INTEGER NOT NULL, seen_by TEXT)]])
+            db:exec("INSERT INTO tide_schedules VALUES ('nightly', '0 3 * * *', 'UTC', 't', 'm', 'default', 42, 7, 'w1')")
+          end
+          db:exec("INSERT INTO tide_jobs (id, queue, target, method, status, max_attempts, run_at, inserted_at) "
+                  .. "VALUES (5, 'default', 't', 'm', 'available', 20, 0, 0)")
+          db:close()
+          q = tide.queue.open(url)
+          assert.equal(require("tide.jobs.store.sqlite").VERSION, sql("SELECT version FROM tide_schema")[1].version)
+          assert.equal("available", q:job(5).status)
+          -- (6: the per-key indexes hold keyed jobs only)
+          local idx = sql("SELECT sql FROM sqlite_master WHERE name IN ('tide_jobs_key_due', 'tide_jobs_key_running')")
+          assert.equal(2, #idx)
+          for _, r in ipairs(idx) do assert.truthy(r.sql:find("WHERE partition_key IS NOT NULL AND", 1, true), r.sql) end
+          local rows = sql("SELECT name, last_tick, seen_by FROM tide_schedules")
+          if with_schedules then
+            assert.same({ { name = "nightly", last_tick = 42, seen_by = "w1" } }, rows)
+          else
+            assert.same({}, rows)
+          end
+          q:close()
+          q = tide.queue.open(url)             -- and opens again at the new version
+          assert.equal(6, (q:enqueue{ target = "t", method = "m" }))
+        end)
+      end
     end
 
     it("refuses times and numbers no store can hold, the same on every store", function()

@@ -41,16 +41,30 @@ halt() {
   return 0
 }
 
-# Starts the node in the background and waits until it accepts work.
+# Starts the node in the background and waits until it accepts work
+# (rabbitmqctl wait: until the pid file appears and the app has started).
+# On a loaded machine rabbitmqctl itself sometimes dies at start
+# ("escript: Internal error: undef ... noproc"): while the server is still
+# alive and the 60 s are not over, it is asked again.
 boot() {
   rm -f "$RABBITMQ_PID_FILE"
   nohup "$bin/rabbitmq-server" > "$dir/log/console.log" 2>&1 &
-  # rabbitmqctl wait: until the pid file appears and the app has started.
-  if ! timeout 60 "$bin/rabbitmqctl" -q wait "$RABBITMQ_PID_FILE" --timeout 55 > "$dir/log/wait.log" 2>&1; then
-    cat "$dir/log/wait.log" "$dir/log/console.log" >&2
-    cat "$dir"/log/*.log >&2 2>/dev/null || true
-    exit 1
-  fi
+  server=$!
+  deadline=$(($(date +%s) + 60))
+  : > "$dir/log/wait.log"
+  while :; do
+    left=$((deadline - $(date +%s)))
+    if [ $left -gt 0 ] && timeout "$left" "$bin/rabbitmqctl" -q wait "$RABBITMQ_PID_FILE" \
+         --timeout "$left" >> "$dir/log/wait.log" 2>&1; then
+      return 0
+    fi
+    if [ $left -le 0 ] || ! kill -0 "$server" 2>/dev/null; then
+      cat "$dir/log/wait.log" "$dir/log/console.log" >&2
+      cat "$dir"/log/*.log >&2 2>/dev/null || true
+      exit 1
+    fi
+    sleep 1
+  done
 }
 
 case $cmd in

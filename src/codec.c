@@ -96,6 +96,7 @@ typedef struct enc {
   const char *root;
   char *err;
   size_t errlen, errused;
+  int sorted;                              /* canonical order (tide__encode) */
   int depth;                               /* tables open on the path    */
   const void *open[TIDE_CODEC_DEPTH];      /* those tables, outermost first */
   step path[TIDE_CODEC_DEPTH];             /* path[i]: the step out of open[i] */
@@ -274,9 +275,11 @@ static void sort_pairs_of(pair *p, size_t n) {
 
 /* Turns out[at..) — a byte kept for the pair count, the array values, then
  * the pairs pairs[base..npairs) in the order they were met — into the
- * format's order: count, pairs sorted, array values.  Unless that is
- * already the order, the pairs are copied past the end of out, and written
- * back from there; out->len never counts the copy. */
+ * format's order: count, pairs (sorted, unless e->sorted is 0), array
+ * values.  Unless that is already the order, the pairs are copied past the
+ * end of out, and written back from there; out->len never counts the copy.
+ * Unsorted, a record (fewer than 128 pairs, no array values) is already in
+ * order: its count is written into the byte kept for it, and nothing moves. */
 static int place_pairs(enc *e, size_t base, size_t at) {
   tide_buf *out = e->out;
   size_t n = e->npairs - base;
@@ -287,9 +290,11 @@ static int place_pairs(enc *e, size_t base, size_t at) {
   char head[10];
   size_t hlen = put_varint(head, n);
   e->npairs = base;
-  for (size_t i = 0; i < n; i++) p[i].bytes = out->data + p[i].off;
-  sort_pairs_of(p, n);
-  for (size_t i = 1; i < n; i++) moved |= p[i].off < p[i - 1].off;
+  if (e->sorted) {
+    for (size_t i = 0; i < n; i++) p[i].bytes = out->data + p[i].off;
+    sort_pairs_of(p, n);
+    for (size_t i = 1; i < n; i++) moved |= p[i].off < p[i - 1].off;
+  }
   if (!moved && hlen == 1 && (n == 0 || values == 0)) {  /* in order already */
     out->data[at] = head[0];
     return 0;
@@ -457,12 +462,12 @@ static int enc_value(enc *e, int idx) {
  * can raise (out of memory), and then nothing must be held. */
 #define ENC_STACK (3 * TIDE_CODEC_DEPTH + 8)
 
-int tide__encode(lua_State *L, int idx, const char *root, tide_buf *out,
-                 char *err, size_t errlen) {
+static int encode(lua_State *L, int idx, const char *root, tide_buf *out,
+                  char *err, size_t errlen, int sorted) {
   int top = lua_gettop(L);
   size_t len = out->len;
   enc e;                                /* path and open need no zeroing */
-  e.L = L, e.out = out, e.root = root ? root : "value";
+  e.L = L, e.out = out, e.root = root ? root : "value", e.sorted = sorted;
   e.err = err, e.errlen = err ? errlen : 0, e.errused = 0;
   e.depth = 0, e.pairs = NULL, e.npairs = e.cappairs = 0;
   if (idx < 0 && idx > LUA_REGISTRYINDEX) idx = top + idx + 1;
@@ -473,6 +478,16 @@ int tide__encode(lua_State *L, int idx, const char *root, tide_buf *out,
   if (rc) out->len = len;
   free(e.pairs);
   return rc;
+}
+
+int tide__encode(lua_State *L, int idx, const char *root, tide_buf *out,
+                 char *err, size_t errlen) {
+  return encode(L, idx, root, out, err, errlen, 1);
+}
+
+int tide__encode_unordered(lua_State *L, int idx, const char *root,
+                           tide_buf *out, char *err, size_t errlen) {
+  return encode(L, idx, root, out, err, errlen, 0);
 }
 
 int tide__encode_string(tide_buf *out, const char *s, size_t len) {

@@ -1,4 +1,4 @@
-/* lua_codec.c — Lua binding of the value codec: encode(v [, root]), decode(s) and decode_list(s). */
+/* lua_codec.c — Lua binding of the value codec: encode(v [, root]), encode_unordered, decode(s) and decode_list(s). */
 #include "codec.h"
 
 #include <lauxlib.h>
@@ -30,11 +30,13 @@ static int push_bytes(lua_State *L) {
 
 /* encode(v [, root]) -> string.  Raises "<root><path>: <reason>", e.g.
  * "value.cb: functions cannot cross to a thread".  Upvalues: the shared
- * buffer, and push_bytes (taken from there, so that nothing is allocated
+ * buffer, push_bytes (taken from there, so that nothing is allocated
  * outside the protected call that makes the string: whatever happens in it,
- * the buffer is released, and its error raised again). */
+ * the buffer is released, and its error raised again), and whether hash
+ * pairs are sorted (encode) or not (encode_unordered: codec.h). */
 static int l_encode(lua_State *L) {
   shared *sh = lua_touserdata(L, lua_upvalueindex(1));
+  int sorted = lua_toboolean(L, lua_upvalueindex(3));
   char err[256];
   luaL_checkany(L, 1);
   const char *root = luaL_optstring(L, 2, "value");
@@ -42,14 +44,16 @@ static int l_encode(lua_State *L) {
   tide_buf own, *b = nested ? &own : &sh->buf;
   tide__buf_init(&own);
   b->len = 0;
-  if (tide__encode(L, 1, root, b, err, sizeof err) != 0) {   /* runs no finalizer */
+  int rc = sorted ? tide__encode(L, 1, root, b, err, sizeof err)     /* runs no finalizer */
+                  : tide__encode_unordered(L, 1, root, b, err, sizeof err);
+  if (rc != 0) {
     tide__buf_free(&own);
     return luaL_error(L, "%s", err);
   }
   sh->busy = 1;
   lua_pushvalue(L, lua_upvalueindex(2));              /* push_bytes */
   lua_pushlightuserdata(L, b);
-  int rc = lua_pcall(L, 1, 1, 0);
+  rc = lua_pcall(L, 1, 1, 0);
   sh->busy = nested;
   tide__buf_free(&own);
   if (!nested && sh->buf.cap > KEPT_MAX) tide__buf_free(&sh->buf);
@@ -92,8 +96,14 @@ int tide__open_codec(lua_State *L) {
   }
   lua_setmetatable(L, -2);                            /* t, shared */
   lua_pushcfunction(L, push_bytes);                   /* t, shared, push_bytes */
-  lua_pushcclosure(L, l_encode, 2);                   /* t, encode */
-  lua_setfield(L, -2, "encode");
+  for (int sorted = 1; sorted >= 0; sorted--) {
+    lua_pushvalue(L, -2);
+    lua_pushvalue(L, -2);
+    lua_pushboolean(L, sorted);                       /* t, shared, push_bytes, shared, push_bytes, sorted */
+    lua_pushcclosure(L, l_encode, 3);                 /* t, shared, push_bytes, encode */
+    lua_setfield(L, -4, sorted ? "encode" : "encode_unordered");
+  }
+  lua_pop(L, 2);                                      /* t */
   lua_pushcfunction(L, l_decode);
   lua_setfield(L, -2, "decode");
   lua_pushcfunction(L, l_decode_list);

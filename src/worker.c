@@ -236,7 +236,7 @@ static void take_result(lua_State *L, tide__worker *w, tide__job *job, const cha
   tide_buf *buf = &w->out;                   /* the worker's, kept from job to job */
   char err[256];
   buf->len = 0;
-  if (tide__encode(L, -1, root, buf, err, sizeof err) != 0) {
+  if (tide__encode_unordered(L, -1, root, buf, err, sizeof err) != 0) {   /* only crosses: codec.h */
     job->status = TIDE_JOB_ERROR;
     if (job->trace == NULL) job->trace = copy_bytes(err, strlen(err));
     tide__encode_string(buf, err, strlen(err));

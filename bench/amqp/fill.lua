@@ -2,23 +2,11 @@
 --
 --   build/tide run bench/amqp/fill.lua URL QUEUE N
 --
--- Used by bench/amqp/cg.sh; bench/amqp.lua fills its queues the same way.
+-- Used by bench/amqp/cg.sh; bench/amqp.lua fills its queues with the same bench/lib/common.lua function.
 local tide = require "tide"
 
+package.path = "bench/lib/?.lua;" .. package.path
+local lib = require "common"
+
 local url, queue, n = ...
-local N = tonumber(n)
-local BODY = ("x"):rep(16)
-local src = tide.sources.rabbitmq{ url = url, queue = queue, declare = { durable = false } }
-src:declare_queue()
-local tasks = {}
-for k = 1, 200 do
-  tasks[k] = tide.spawn(function()
-    for _ = k, N, 200 do src:publish(BODY, { persistent = false }) end
-  end)
-end
-for _, t in ipairs(tasks) do
-  local s, e = t:await()
-  assert(s == "ok", tostring(e))
-end
-assert(src:queue_info().messages >= N, "the queue was not filled")
-src:close()
+lib.fill_queue(tide, url, queue, tonumber(n), ("x"):rep(16)):close()

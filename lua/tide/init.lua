@@ -27,7 +27,7 @@ tide.sleep = S.sleep         -- suspends the current task for ms (0: let others 
 tide.now = core.now          -- monotonic ms (fractional), for measuring intervals
 tide.after = timer.after
 tide.every = timer.every
-tide.current = S.current     -- the task running now, or nil outside tasks
+tide.current = S.current_handle   -- the task running now, or nil outside tasks
 
 -- ===== the loop
 

@@ -134,8 +134,7 @@ static void round_trip_check(const char *desc, const char *src, const char *chec
   lua_pop(B, 1);
 }
 
-static void test_round_trips(void) {
-  static const struct { const char *desc, *src; } cases[] = {
+static const struct { const char *desc, *src; } cases[] = {
     { "nil", "return nil" },
     { "true", "return true" },
     { "false", "return false" },
@@ -170,7 +169,11 @@ static void test_round_trips(void) {
                                "c = c[1] end c.leaf = true return t" },
     { "large table", "local t = {} for i = 1, 20000 do t[i] = {id = i, s = 'item' .. i, "
                      "f = i / 7, tags = {'a', 'b'}} t['k' .. i] = i end return t" },
-  };
+    { "200 pairs (a 2-byte count) beside array values",
+      "local t = {1, 2, 3} for i = 1, 200 do t['k' .. i] = {i} end return t" },
+};
+
+static void test_round_trips(void) {
   for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
     if (round_trip(cases[i].desc, cases[i].src)) lua_pop(B, 1);
   }
@@ -179,6 +182,50 @@ static void test_round_trips(void) {
                    "local t = ... return t[1] ~= t[2] and t[1] ~= t.x and t[2][1] == 1");
   round_trip_check("holes", "return {1, nil, 3}",
                    "local t = ... return t[1] == 1 and t[2] == nil and t[3] == 3");
+}
+
+/* tide__encode_unordered: every case decodes to an equal value, which
+ * encodes (sorted) to the bytes the original does; errors are the same. */
+static void test_unordered(void) {
+  tide_buf u, c1, c2;
+  char err[256] = "";
+  int bad = 0;
+  tide__buf_init(&u);
+  tide__buf_init(&c1);
+  tide__buf_init(&c2);
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+    eval(A, cases[i].src);
+    u.len = c1.len = c2.len = 0;
+    int topb = lua_gettop(B);
+    int good = tide__encode_unordered(A, -1, "args", &u, err, sizeof err) == 0 &&
+               tide__decode(B, u.data, u.len, err, sizeof err) == 0 &&
+               lua_gettop(B) == topb + 1 && same(A, -1, B, -1, 0) &&
+               tide__encode(A, -1, "a", &c1, err, sizeof err) == 0 &&
+               tide__encode(B, -1, "b", &c2, err, sizeof err) == 0 &&
+               c1.len == c2.len && memcmp(c1.data, c2.data, c1.len) == 0;
+    if (!good) bad++, printf("# unordered %s: %s\n", cases[i].desc, err);
+    lua_settop(A, 0);
+    lua_settop(B, topb);
+  }
+  ok(bad == 0, "unordered: %zu cases decode to equal values, with the same sorted bytes",
+     sizeof cases / sizeof *cases);
+  eval(A, "return {1, {x = {cb = print}}}");
+  u.len = 0;
+  int rc = tide__encode_unordered(A, -1, "args", &u, err, sizeof err);
+  ok(rc == -1 && u.len == 0 && strcmp(err, "args[2].x.cb: functions cannot cross to a thread") == 0,
+     "unordered: the same path error, nothing written");
+  lua_pop(A, 1);
+  eval(A, "local t = {} for i = 1, 300 do t['k' .. i] = i end return t");
+  u.len = 0;
+  tide__encode_unordered(A, -1, "a", &u, NULL, 0);
+  c1.len = 0;
+  tide__encode(A, -1, "a", &c1, NULL, 0);
+  ok(u.len == c1.len && memcmp(u.data, c1.data, u.len) != 0,
+     "unordered: the pairs in walk order, not sorted (same length, other bytes)");
+  lua_pop(A, 1);
+  tide__buf_free(&u);
+  tide__buf_free(&c1);
+  tide__buf_free(&c2);
 }
 
 /* The same contents built in different orders encode to the same bytes. */
@@ -455,6 +502,12 @@ static void test_binding(void) {
          "local ok2, e2 = pcall(codec.decode_list, good .. 'x') "
          "return not ok1 and e1:find('truncated', 1, true) ~= nil "
          "and not ok2 and e2:find('trailing bytes', 1, true) ~= nil");
+  lua_ok("encode_unordered copies v like encode, and raises the same errors",
+         "local v = codec.decode(codec.encode_unordered({1, 'x', {a = true, [2.5] = 'y'}, n = 3})) "
+         "local ok, err = pcall(codec.encode_unordered, {1, {cb = print}}, 'args') "
+         "return v[1] == 1 and v[2] == 'x' and v[3].a == true and v[3][2.5] == 'y' and v.n == 3 "
+         "and not ok and err == 'args[2].cb: functions cannot cross to a thread' "
+         "and codec.encode(codec.decode(codec.encode_unordered(v))) == codec.encode(v)");
   lua_ok("encode of a large value, then a small one",
          "local s = codec.encode(string.rep('z', 200000)) "
          "return #codec.decode(s) == 200000 and codec.decode(codec.encode(7)) == 7");
@@ -467,6 +520,7 @@ int main(void) {
   luaL_openlibs(A);
   luaL_openlibs(B);
   test_round_trips();
+  test_unordered();
   test_canonical();
   test_refusals();
   test_refusal_edges();

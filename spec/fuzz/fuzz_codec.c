@@ -4,7 +4,8 @@
  *
  * For input X that decodes to V1: E1 = encode(V1) must succeed (V1 came out of
  * the decoder, so it holds nothing the encoder refuses), E1 must decode to V2,
- * and encode(V2) must give E1 again byte for byte.  A failed decode must
+ * and encode(V2) must give E1 again byte for byte; the unordered encoding of
+ * V1 must decode to a V3 whose encode(V3) is E1 too.  A failed decode must
  * leave the stack as it was.  The same bytes decoded as a list
  * (tide__decode_list) push exactly the count it returns, or nothing.  Any broken promise aborts, which libFuzzer
  * reports as a crash.
@@ -19,6 +20,7 @@
 
 static lua_State *L;            /* one state for every input, for speed */
 static tide_buf first, second;  /* E1 and encode(V2), reused */
+static tide_buf unordered;      /* encode_unordered(V1), reused */
 
 static void broken(const char *what, const char *err) {
   fprintf(stderr, "fuzz_codec: %s: %s\n", what, err);
@@ -47,5 +49,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     broken("a decoded encoding does not encode", err);
   if (first.len != second.len || memcmp(first.data, second.data, first.len) != 0)
     broken("re-encoding changed the bytes", "");
+  unordered.len = second.len = 0;
+  if (tide__encode_unordered(L, 1, "v1", &unordered, err, sizeof err) != 0)
+    broken("a decoded value does not encode unordered", err);
+  if (tide__decode(L, unordered.data, unordered.len, err, sizeof err) != 0)
+    broken("an unordered encoding does not decode", err);
+  if (tide__encode(L, -1, "v3", &second, err, sizeof err) != 0)
+    broken("a decoded unordered encoding does not encode", err);
+  if (first.len != second.len || memcmp(first.data, second.data, first.len) != 0)
+    broken("the unordered encoding decoded to another value", "");
   return 0;
 }

@@ -4,7 +4,7 @@ local options = require "tide.cli.options"
 local print = require "tide.cli.print"
 local store = require "tide.cli.store"
 
-local tostring, tonumber, ipairs, pcall = tostring, tonumber, ipairs, pcall
+local tostring, tonumber, ipairs = tostring, tonumber, ipairs
 local concat, format = table.concat, string.format
 local io_stdout, io_stderr = io.stdout, io.stderr
 local json, json_object, json_array = print.json, print.json_object, print.json_array
@@ -261,14 +261,7 @@ function M.main(argv, i)
   elseif pos[1] then
     return options.usage_error(prog, ("%s: unexpected argument '%s'"):format(cmd, pos[1]), usage)
   end
-  local url, uerr = store.url(opts)
-  if not url then return options.usage_error(prog, uerr, usage) end
-  local q, status = store.open(prog, url, true)
-  if not q then return status end
-  local done, code = pcall(COMMANDS[cmd], q, opts, id)
-  q:close()
-  if not done then return options.fail(prog, code) end
-  return code
+  return store.with(prog, opts, usage, COMMANDS[cmd], opts, id)
 end
 
 return M

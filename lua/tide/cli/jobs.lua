@@ -495,14 +495,7 @@ function M.jobs(argv, i)
   if not SHAPES[cmd] then return options.usage_error(prog, ("unknown command '%s'"):format(cmd), usage) end
   local ok, err = check_command(cmd, opts, pos)
   if not ok then return options.usage_error(prog, err, usage) end
-  local url, uerr = store.url(opts)
-  if not url then return options.usage_error(prog, uerr, usage) end
-  local q, status = store.open(prog, url, true)
-  if not q then return status end
-  local done, code = pcall(COMMANDS[cmd], q, opts, pos)
-  q:close()
-  if not done then return options.fail(prog, code) end
-  return code
+  return store.with(prog, opts, usage, COMMANDS[cmd], opts, pos)
 end
 
 return M

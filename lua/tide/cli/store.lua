@@ -56,5 +56,19 @@ function M.open(prog, url, must_exist)
   return q
 end
 
+--- Runs a reading command: opens the store that `opts` name (it must
+--- exist), calls fn(q, ...) and closes it.  Returns fn's exit status; a
+--- bad URL is a usage error, and an error raised by fn is written as the
+--- command's failure (exit 1).
+function M.with(prog, opts, usage, fn, ...)
+  local url, uerr = M.url(opts)
+  if not url then return options.usage_error(prog, uerr, usage) end
+  local q, status = M.open(prog, url, true)
+  if not q then return status end
+  local done, code = pcall(fn, q, ...)
+  q:close()
+  if not done then return options.fail(prog, code) end
+  return code
+end
 
 return M

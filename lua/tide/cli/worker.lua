@@ -23,6 +23,12 @@ local M = {}
 
 local PROG = "tide worker"
 
+-- After --grace, the jobs still running are cancelled and their leases
+-- released; the loop waits up to this long more for those writes (on a
+-- loaded machine a write can take longer than a short grace), and the
+-- process exits as soon as they are done.
+local RELEASE_WINDOW = 2000
+
 M.USAGE = [=[
 Usage: tide worker [OPTIONS] [SCRIPT [ARGS...]]
 
@@ -43,7 +49,8 @@ Options:
                        are extended (default 30000)
   --poll MS            how often to look for due jobs (default 1000)
   --grace MS           time running jobs get to finish on SIGINT/SIGTERM
-                       (default 5000); jobs still running then are released
+                       (default 5000); jobs still running then are cancelled
+                       and released (the releases get up to 2 s more)
   --schedule FILE      run the cron schedules FILE returns (repeatable): a Lua
                        file that returns a list of { cron =, target =, method =,
                        args =, timezone =, catch_up =, queue =, name = }; one
@@ -215,7 +222,7 @@ local function start_worker(run, targets)
   local opts = run.opts
   local ok, w = pcall(tide.worker, {
     queue = run.q, queues = run.queues, targets = targets, lease = opts.lease, schedules = run.schedules,
-    poll = opts.poll, grace = opts.grace, give_up = opts.give_up,
+    poll = opts.poll, grace = run.grace, give_up = opts.give_up,
     on_outcome = not opts.quiet and outcome_line(run) or nil,
   })
   if not ok then
@@ -243,8 +250,8 @@ local function main(run)
       if H.signal then
         local n = w:info().running
         say(run, ("%s %s: %s: stopping; %d running job%s get%s %d ms"):format(PROG, w.id, reason,
-            n, n == 1 and "" or "s", n == 1 and "s" or "", config.grace), "info", "worker_stopping",
-            { worker = w.id, reason = reason, running = n, grace_ms = config.grace })
+            n, n == 1 and "" or "s", n == 1 and "s" or "", run.grace), "info", "worker_stopping",
+            { worker = w.id, reason = reason, running = n, grace_ms = run.grace })
       end
     end
     local sched = ""
@@ -316,9 +323,10 @@ function M.main(argv, i)
   if serr then io_stderr:write(PROG, ": ", serr, "\n"); return 2 end
   local q, status = store.open(PROG, url, false)
   if not q then return status end
-  if opts.grace then tide.configure{ grace = opts.grace } end
+  local grace = opts.grace or config.grace      -- the jobs'; the loop's adds the release window
+  tide.configure{ grace = grace + RELEASE_WINDOW }
   if opts.log_format == "json" then logs.use_json() end
-  local run = { q = q, opts = opts, queues = queues, live = false, schedules = scheds }
+  local run = { q = q, opts = opts, queues = queues, live = false, schedules = scheds, grace = grace }
   if opts.metrics or opts.web then
     local l, lerr = require("tide.cli.web").listen(PROG, { metrics = opts.metrics, web = opts.web,
                                                            token = opts.token, queue = q })

@@ -1,4 +1,8 @@
---- tide.engine.sched — the engine: run queue, timers, and the task lifecycle with its one door.
+--- tide.engine.sched — the engine: the task lifecycle with its one door, waits, and the tick.
+--
+-- (Below it: tide.engine.runq, the run queue, the timers' handlers and the
+-- virtual clock; tide.engine.hooks, a task's options and hook lists;
+-- tide.engine.unheard, failures nobody heard.)
 --
 -- A task is a table with a state:
 --   "pending"   created, not started (waiting for a pool slot)
@@ -19,25 +23,27 @@
 --     to the task (its current wait; its attempt's deadline or its backoff),
 --     or nil/false.
 --   - The options a task rarely has (timeout, retry, hooks, pool) live in
---     t._opt (false when none), so the hot path reads one field for them all.
---     Options marked `shared` are a template that many tasks point to (a
---     timer's tasks): copied into the task's own table before any change.
---   - Hooks on a task's end are lists, added with S.on_finish and
---     S.on_attempt_end and run in the order added, each call protected: no
---     module replaces or chains another's hook, and a hook that raises is
---     reported to the error sink without stopping the others or the tick.
+--     t._opt (false when none, maybe a shared template: see hooks.lua), so
+--     the hot path reads one field for them all.
+--   - Hooks on a task's end are lists (S.on_finish, S.on_attempt_end), run
+--     in the order added, each call protected: no module replaces or chains
+--     another's hook.
 local core = require "tide.core"
 local log = require "tide.engine.log"
 local retry = require "tide.engine.retry"
 local check = require "tide.engine.check"
+local runq = require "tide.engine.runq"
+local unheard = require "tide.engine.unheard"
+local hooks = require "tide.engine.hooks"
 
 local co_create, co_resume, co_yield, co_status = coroutine.create, coroutine.resume, coroutine.yield, coroutine.status
 local type = type
 local co_running = coroutine.running
 local unpack, select, pcall, xpcall, error = unpack, select, pcall, xpcall, error
 local tostring, traceback, pairs = tostring, debug.traceback, pairs
-local setmetatable, getmetatable, newproxy = setmetatable, getmetatable, newproxy
-local timer_start, timer_cancel, pop, kick = core.timer_start, core.timer_cancel, core.pop, core.kick
+local setmetatable, getmetatable = setmetatable, getmetatable
+local kick = core.kick
+local push, timer, untimer, take_first = runq.push, runq.timer, runq.untimer, runq.take_first
 local is_ms = check.is_ms
 
 local S = {}
@@ -51,7 +57,6 @@ local WAIT = setmetatable({}, { __tostring = function() return "tide.WAIT" end }
 
 local current = nil          -- the task whose coroutine is being resumed
 local in_callback = nil      -- the name of the user callback running now, if any
-local in_tick = false
 local next_id = 0
 -- Every task that may still be live, in creation order: appended when
 -- created, and compacted (finished ones dropped) once more than half of it
@@ -87,48 +92,9 @@ function S.traced_error(value, trace)
   return setmetatable({ value = value, traceback = trace }, Traced_mt)
 end
 
--- ===== hooks on a task's end: lists, each call protected
---
--- A slot of t._opt holds nil (or false), one function, or a list of them
--- (most tasks with a hook have one: no list is allocated for it).
+-- ===== hooks on a task's end: lists, each call protected (tide.engine.hooks)
 
---- The task's own options table, made (or copied from a shared template) when needed.
-local function own_options(t)
-  local o = t._opt
-  if not o then
-    o = {}
-    t._opt = o
-  elseif o.shared then
-    local copy = {}
-    for k, v in pairs(o) do copy[k] = v end
-    copy.shared = nil
-    o = copy
-    t._opt = o
-  end
-  return o
-end
-
-local function add_hook(t, slot, fn)
-  local o = own_options(t)
-  local h = o[slot]
-  if not h then o[slot] = fn                -- nil, or false: a slot kept free
-  elseif type(h) == "function" then o[slot] = { h, fn }
-  else h[#h + 1] = fn end
-end
-
-local function remove_hook(t, slot, fn)
-  local o = t._opt
-  local h = o and o[slot]
-  if h == fn then o[slot] = nil; return end
-  if type(h) ~= "table" then return end
-  for i = 1, #h do
-    if h[i] == fn then table.remove(h, i); return end
-  end
-end
-
-local function hook_failed(what, t, err)
-  log.report(what .. " hook of " .. safe_tostring(t), err, err)
-end
+local own_options, add_hook, remove_hook = hooks.own_options, hooks.add, hooks.remove
 
 -- A hook runs inside the door, in whatever task or callback ended t: it
 -- may not wait (a wait would suspend that other task half-way through
@@ -140,15 +106,7 @@ local HOOK_NAMES = { on_finish = "a task's on_finish hook", on_attempt_end = "a 
 local function run_hooks(what, t, h)
   local saved = in_callback
   in_callback = HOOK_NAMES[what]
-  if type(h) == "function" then
-    local ok, err = xpcall(h, traceback, t)
-    if not ok then pcall(hook_failed, what, t, err) end   -- reporting allocates: protected too
-  else
-    for i = 1, #h do
-      local ok, err = xpcall(h[i], traceback, t)
-      if not ok then pcall(hook_failed, what, t, err) end
-    end
-  end
+  hooks.call(what, t, h)
   in_callback = saved
 end
 
@@ -176,64 +134,9 @@ function S.on_attempt_end(t, fn) add_hook(t, "on_attempt_end", fn) end
 --- Removes a hook added with S.on_attempt_end (its work ended in time).
 function S.off_attempt_end(t, fn) remove_hook(t, "on_attempt_end", fn) end
 
--- ===== the run queue: (task, coroutine) pairs, swapped out whole each tick
+-- ===== the run queue and timers (tide.engine.runq)
 
-local rq_t, rq_c, rq_n = {}, {}, 0
-local spare_t, spare_c = {}, {}
-local SPARE_MAX = 16384      -- a batch larger than this does not keep its arrays as the spare pair
-
--- The slots are written before the count, one by one: a slot may grow its
--- table, an allocation may raise (a finalizer's error), and a multiple
--- assignment is done right to left: the count first, leaving a hole.
-local function push(t, co)
-  local n = rq_n + 1
-  rq_t[n] = t
-  rq_c[n] = co
-  rq_n = n
-  if n == 1 and not in_tick then kick() end
-end
-
--- ===== timers: the heap lives in C; per key, a handler and its two arguments
-
-local t_fn, t_obj, t_arg = {}, {}, {}
-
-local function timer(ms, fn, obj, arg)
-  local key = timer_start(ms)
-  t_fn[key], t_obj[key], t_arg[key] = fn, obj, arg
-  return key
-end
-S.timer = timer
-
---- The objects of the pending timers whose handler is `fn`.
-function S.timers_of(fn)
-  local list = {}
-  for key, f in pairs(t_fn) do
-    if f == fn then list[#list + 1] = t_obj[key] end
-  end
-  return list
-end
-
-local function untimer(key)
-  timer_cancel(key)
-  t_fn[key], t_obj[key], t_arg[key] = nil, nil, nil
-end
-S.untimer = untimer
-
--- At most this many timers fire per tick, so a flood of due timers (each
--- may start a task) is spread over ticks, with I/O polled between them.
-local FIRE_BUDGET = 10000
-
---- Fires due timers; true when some are still due (the budget ran out).
-local function fire_due()
-  for _ = 1, FIRE_BUDGET do
-    local key = pop()
-    if not key then return false end
-    local fn, obj, arg = t_fn[key], t_obj[key], t_arg[key]
-    t_fn[key], t_obj[key], t_arg[key] = nil, nil, nil
-    fn(obj, arg)
-  end
-  return true
-end
+S.timer, S.untimer, S.timers_of = timer, untimer, runq.timers_of
 
 -- ===== waiting and waking
 
@@ -298,12 +201,10 @@ function S.sleep(ms)
   if in_callback or t == nil or co_running() ~= t._co then cannot_wait("tide.sleep", t, 2) end
   local tok = token + 1
   token, t._wait = tok, tok
-  local key = timer_start(ms)                    -- timer(), written out: one frame less
-  t_fn[key], t_obj[key], t_arg[key] = wait_timer_fired, t, tok
-  t._wait_timer = key
+  t._wait_timer = timer(ms, wait_timer_fired, t, tok)
   co_yield(WAIT)
   t._wait = false
-  key = t._wait_timer
+  local key = t._wait_timer
   if key then t._wait_timer = nil; untimer(key) end
 end
 
@@ -345,6 +246,21 @@ end
 
 function S.current() return current end
 
+--- tide.current(): the task running now, or nil.  A task whose options
+--- hold `seen = false` runs the work of several owners in turn (a flow's
+--- worker runs node after node): handing its handle out marks it (seen =
+--- true), so that it retires after the work in hand, and a handle kept
+--- never reaches the next owner's work.  tide's own modules call
+--- S.current, which marks nothing.
+function S.current_handle()
+  local t = current
+  if t then
+    local o = t._opt
+    if o and o.seen == false then o.seen = true end
+  end
+  return t
+end
+
 --- The name of the callback running now ("handle_result", ...), or nil.
 function S.in_callback() return in_callback end
 
@@ -366,23 +282,24 @@ S.now = core.now
 
 -- ===== runners: coroutines reused from one task to the next
 --
--- A runner is resumed with (fn, ...); when fn returns it yields (DONE,
--- results...) and waits, suspended, for the next function.  Only a runner
--- that yielded DONE goes back to the idle list: one whose task raised is
--- dead, and one whose task was abandoned while suspended (timeout, cancel)
--- is simply never resumed again.  Creating a coroutine per task and
--- collecting it afterwards is most of what a trivial task costs.
+-- A runner runs new tasks back to back, without going back to the tick
+-- between them: when a task's function returns, the runner ends its attempt
+-- (the door) itself, then takes the next entry of the batch under way if it
+-- is another attempt's first run (runq.take_first), and so on; with none,
+-- it yields DONE to the tick and waits, idle, to be given a task.  When a
+-- task waits (or yields), the runner is that task's own until it returns;
+-- the tick takes a fresh runner for the next new task.  Only a runner that
+-- yielded DONE goes back to the idle list: one whose task raised is dead,
+-- and one whose task was abandoned while suspended (timeout, cancel) is
+-- never resumed again.  Why: a resume and a yield per task cut LuaJIT's
+-- traces short, so a trivial task ran ~5,000 instructions, nearly all in
+-- the interpreter (callgrind); run back to back, the loop of returns stays
+-- in the runner.  Invariant: `current` is the task whose code the runner
+-- runs, or nil while the runner is inside the door.
 
 local DONE = setmetatable({}, { __tostring = function() return "tide.DONE" end })
 local MAX_IDLE = 256
 local idle, nidle = {}, 0
-
--- Not a vararg function: a vararg frame takes more stack slots, and a task
--- that waits keeps every frame below its yield (see S.sleep).
-local function runner_loop(fn, args)
-  if args then return runner_loop(co_yield(DONE, fn(unpack(args, 1, args.n)))) end
-  return runner_loop(co_yield(DONE, fn()))     -- tail calls: the stack stays flat
-end
 
 -- ===== attempts
 
@@ -436,60 +353,10 @@ local function backoff_over(t)
   if t._state == "retrying" then start_attempt(t) end
 end
 
--- ===== failures nobody heard
---
--- A task that fails (error or timeout) with no handle_result, no awaiter,
--- and no module of tide's that takes its outcome (o.heard: flow nodes,
--- jobs) would be lost silently.  (A task with o.report, a timer's, has its
--- failure reported at once, named o.report.)  It is noted here; an await that
--- comes later hears it.  What is still unheard is reported once to the
--- error sink: when the loop ends, or when the task is collected (its
--- finalizer only queues the report: a finalizer runs at any allocation,
--- where calling the sink is not safe; the next tick delivers it).
+-- ===== failures nobody heard (tide.engine.unheard)
 
-local unheard = setmetatable({}, { __mode = "k" })   -- task -> its report record
-local collected = {}                                 -- records of collected tasks, to report
-
-local function unheard_text(t)
-  local name = t._opt and t._opt.name
-  return ("task %d%s failed (%s) and nobody heard it"):format(t.id, name and (" '" .. name .. "'") or "", t._state)
-end
-
-local function note_unheard(t)
-  local rec = { where = unheard_text(t), err = t.value, tb = t.traceback, done = false }
-  local proxy = newproxy(true)
-  getmetatable(proxy).__gc = function()
-    if not rec.done then rec.done = true; collected[#collected + 1] = rec end
-  end
-  rec.proxy = proxy                       -- lives as long as the record, which the task keys
-  unheard[t] = rec
-end
-
---- The task's failure was heard (awaited after the fact).
-local function hear(t)
-  local rec = unheard[t]
-  if rec then rec.done = true; unheard[t] = nil end
-end
-
-local function flush_collected()
-  local list = collected
-  collected = {}
-  for i = 1, #list do log.report(list[i].where, list[i].err, list[i].tb) end
-end
-
---- Reports every failure nobody heard (the loop ended: nobody will).
-function S.report_unheard()
-  flush_collected()
-  local list = {}
-  for t, rec in pairs(unheard) do list[#list + 1] = { t.id, rec } end
-  table.sort(list, function(a, b) return a[1] < b[1] end)
-  for i = 1, #list do
-    local rec = list[i][2]
-    rec.done = true
-    log.report(rec.where, rec.err, rec.tb)
-  end
-  unheard = setmetatable({}, { __mode = "k" })
-end
+local note_unheard = unheard.note
+S.report_unheard = unheard.report_all
 
 -- ===== the door
 
@@ -581,27 +448,73 @@ end
 
 -- ===== running tasks
 
-local function after_resume(t, co, ok, ...)
+local ending = nil            -- the task a runner is ending (in the door), or nil
+
+--- The attempt of t (run by runner co) returned: it ends here, in the runner.
+local function returned(t, co, ...)
+  current, ending = nil, t
+  if t._co == co then                       -- else it ended while it ran
+    if not t._opt then finish(t, "ok", ...)  -- no retry policy to ask
+    else settle(t, "ok", ...) end
+  end
+  ending = nil
+end
+
+--- A task that takes a runner of its own (not a direct task).
+local function needs_runner(t)
+  local o = t._opt
+  return not (o and o.direct)
+end
+
+-- Not a vararg function: a vararg frame takes more stack slots, and a task
+-- that waits keeps every frame below its yield (see S.sleep).
+--
+-- Each task starts outside any callback: a callback that yielded from a
+-- nested coroutine of the task before (a handle_result run by a cancel
+-- inside coroutine.wrap) never came back to restore in_callback, and the
+-- next task of the batch would inherit it (its waits refused, its bare
+-- yields resumed for ever by after_resume).
+local function runner_loop(t)
+  local co = co_running()
+  while true do
+    current, in_callback = t, nil
+    local args = t._opt and t._opt.args
+    if args then returned(t, co, t._fn(unpack(args, 1, args.n)))
+    else returned(t, co, t._fn()) end
+    t = take_first(needs_runner)           -- the next new task of the batch, if it is one
+    if t then t._co = co else t = co_yield(DONE) end
+  end
+end
+
+local function after_resume(co, ok, ...)
   -- Still inside a callback or hook: the task yielded from there (a bare
   -- coroutine.yield; tide's waits raise there).  It goes on at once: the
   -- door it is inside must finish, and a task that waited there could be
   -- stopped half-way through another task's end.
   if in_callback ~= nil and ok and co_status(co) == "suspended" then
-    return after_resume(t, co, co_resume(co))
+    return after_resume(co, co_resume(co))
   end
+  local t = current                         -- the task the runner was running, if any
   current, in_callback = nil, nil
-  if t._co ~= co then return end            -- it ended while it ran
   if ok then
     local first = ...
-    if first == DONE then                  -- returned: the runner is free again
+    if first == DONE then                  -- idle: its tasks ended inside it
       if nidle < MAX_IDLE then nidle = nidle + 1; idle[nidle] = co end
-      if not t._opt then return finish(t, "ok", select(2, ...)) end   -- no retry policy to ask
-      return settle(t, "ok", select(2, ...))
+    elseif t and t._co == co and first ~= WAIT then
+      push(t, co)                          -- a bare yield: run again later
     end
-    if first ~= WAIT then push(t, co) end  -- a bare yield: run again later
     return
   end
   local err = ...                          -- raised: the runner is dead
+  if t == nil then                         -- raised in the door (a __gc finalizer's error)
+    t, ending, finishing = ending, nil, 0
+    if t and t._co == co and t._state == "running" then   -- before the door shut: it fails with the error
+      t.traceback = "an error interrupted tide's engine while this task ended: " .. safe_tostring(err)
+      return settle(t, "error", err)
+    end
+    return log.report("tide's engine (an error raised inside a task's end, as by a __gc finalizer)", err, err)
+  end
+  if t._co ~= co then return end            -- it ended while it ran
   if getmetatable(err) == Traced_mt then
     t.traceback, err = err.traceback, err.value
   else
@@ -621,9 +534,9 @@ local function run_task(t, co)
       co = co_create(runner_loop)
     end
     t._co = co
-    return after_resume(t, co, co_resume(co, t._fn, o and o.args))
+    return after_resume(co, co_resume(co, t))
   end
-  return after_resume(t, co, co_resume(co))
+  return after_resume(co, co_resume(co))
 end
 
 -- ===== direct tasks: work done elsewhere, without a coroutine
@@ -646,43 +559,33 @@ end
 --- Ends the current attempt of t with `status` (a direct task's work came back).
 S.settle = settle
 
--- ===== the virtual clock (tide.testing)
---
--- While a test advances the virtual clock, the tick steps it: each time no
--- task is runnable, time jumps to the next timer's deadline (if it is
--- within the target), so every timer in the span fires in order and the
--- tasks it wakes run before time moves on; at the end, time is set to the
--- target and the caller is woken.
-
-local advancing = false      -- { target = ms, until_idle = bool, task, tok } while a test advances
+-- ===== the virtual clock (tide.testing; its state and steps are in tide.engine.runq)
 
 --- Steps the virtual clock once the run queue is empty; true when there is
 --- more to do (a tick must follow).
 local function step_virtual()
-  local a = advancing
-  if core.clock_step(a.target, a.until_idle) then return true end   -- at the next timer: fire it
-  advancing = false
-  if a.task then wake(a.task, a.tok) end
-  return rq_n > 0                          -- the caller, woken, runs next tick
+  local more, t, tok = runq.step_virtual()
+  if more then return true end
+  if t then wake(t, tok) end               -- the test that advanced it
+  return runq.count() > 0                  -- the caller, woken, runs next tick
 end
 
 --- Starts advancing the virtual clock to `target` (ms, tide.now's scale),
 --- or through every timer up to it when `until_idle`.  Inside a task, the
 --- task waits until it is done; outside, the caller drives the loop.
 function S.advance(target, until_idle, fname)
-  if advancing then error(fname .. ": the clock is already advancing", 3) end
-  advancing = { target = target, until_idle = until_idle }
-  if S.in_task() then
-    local t, tok = wait_begin(fname, 3)
-    advancing.task, advancing.tok = t, tok
-    kick()
-    wait_end(t, tok)
-  else
+  if runq.advancing() then error(fname .. ": the clock is already advancing", 3) end
+  if not S.in_task() then
+    runq.advance(target, until_idle)
     return true               -- the caller runs the loop until S.advancing() is false
   end
+  local t, tok = wait_begin(fname, 3)
+  runq.advance(target, until_idle, t, tok)
+  kick()
+  wait_end(t, tok)
 end
 
-function S.advancing() return advancing ~= false end
+S.advancing = runq.advancing
 
 -- Resumes per tick at most (about): past it, the loop polls for I/O and
 -- fires timers before running more.  Work that becomes runnable during a
@@ -699,9 +602,6 @@ local RUN_BUDGET = 20000
 -- an interrupted tick can find it: the batch it was running (its entries
 -- not yet run stay in it) and the task in hand.  The next tick repairs that
 -- task and finishes the batch first; the error goes to the error sink.
-
-local cur_t, cur_c, cur_n, cur_i = nil, nil, 0, 0   -- the batch under way
-local unit_t = nil                                  -- the task being run in it
 
 --- The task in hand when an error interrupted the tick: put it back where a
 --- task in its state must be.  Its first resume not yet made: queued again;
@@ -722,43 +622,17 @@ local interrupted_by = nil                          -- the error that stopped th
 
 local function tick_body()
   current, in_callback, finishing = nil, nil, 0
-  local t = unit_t
-  if t then repair(t, interrupted_by); unit_t = nil end   -- interrupted again: repaired again
+  local t = runq.interrupted()
+  if t then repair(t, interrupted_by); runq.repaired() end   -- interrupted again: repaired again
   interrupted_by = nil
-  if collected[1] then flush_collected() end
-  local more_timers = fire_due()
-  local done = 0
-  while true do
-    local ts, cs, n, i = cur_t, cur_c, cur_n, cur_i
-    if i >= n then                                  -- the batch is done: take the next one
-      if ts then
-        -- A burst's arrays go (a million tasks spawned at once would keep
-        -- 16 MB); made before anything changes, as an allocation may raise.
-        if n > SPARE_MAX then ts, cs = {}, {} end
-        spare_t, spare_c, cur_t = ts, cs, nil
-      end
-      if rq_n == 0 or done >= RUN_BUDGET then break end
-      ts, cs, n, i = rq_t, rq_c, rq_n, 0
-      cur_t, cur_c, cur_n = ts, cs, n
-      rq_t, rq_c, rq_n = spare_t, spare_c, 0
-      done = done + n
-    end
-    while i < n do
-      i = i + 1
-      local t, co = ts[i], cs[i]
-      ts[i], cs[i] = nil, nil
-      if t._co == co then
-        cur_i, unit_t = i, t
-        run_task(t, co)
-      end
-    end
-    cur_i, unit_t = i, nil
-  end
-  if advancing and rq_n == 0 and not more_timers then
-    in_tick = false                                 -- what it wakes kicks the loop
+  if unheard.pending() then unheard.flush() end
+  local more_timers = runq.fire_due()
+  runq.run(run_task, RUN_BUDGET)
+  if runq.advancing() and runq.count() == 0 and not more_timers then
+    runq.set_in_tick(false)                         -- what it wakes kicks the loop
     return step_virtual()
   end
-  return rq_n > 0 or more_timers
+  return runq.count() > 0 or more_timers
 end
 
 --- One tick: fires due timers, then resumes runnable tasks, batch after
@@ -766,9 +640,9 @@ end
 --- tasks are runnable (or timers due) still.  An error that interrupts it
 --- is reported, and the next tick repairs and goes on (see above).
 function S.tick()
-  in_tick = true
+  runq.set_in_tick(true)
   local ok, more = pcall(tick_body)
-  in_tick = false
+  runq.set_in_tick(false)
   if ok then return more end
   interrupted_by = more
   current, in_callback, finishing = nil, nil, 0
@@ -841,23 +715,6 @@ end
 --- The task's rarely used options, its own (made, or copied from a shared
 --- template, on first use): callers may change them.
 S.options = own_options
-
---- Waits (inside a task) for t's outcome; returns status and value(s), or
---- nil, "timeout" after `ms` (t itself goes on).  `fname` names the caller.
-function S.await(t, ms, fname)
-  if TERMINAL[t._state] then hear(t); return S.results(t) end
-  local w, tok = wait_begin(fname, 3)
-  if not t._waiters then t._waiters = {} end
-  S.add_waiter(t._waiters, w, tok)
-  w._awaiting = t
-  wait_end(w, tok, ms)
-  w._awaiting = nil
-  if not TERMINAL[t._state] then
-    if t._waiters then S.remove_waiter(t._waiters, w) end
-    return nil, "timeout"
-  end
-  return S.results(t)
-end
 
 function S.results(t)
   local v = t._values

@@ -2,12 +2,13 @@
 local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
 local retry = require "tide.engine.retry"
+local unheard = require "tide.engine.unheard"
 local thread = require "tide.engine.thread"
 local process = require "tide.engine.process"
 
 local type, select, error, getmetatable, unpack = type, select, error, getmetatable, unpack
 local maxn = table.maxn
-local new_task, TERMINAL = S.new_task, S.TERMINAL
+local new_task, TERMINAL, results = S.new_task, S.TERMINAL, S.results
 local arg_error, opt_error, is_ms = check.arg_error, check.opt_error, check.is_ms
 
 local M = {}
@@ -98,8 +99,13 @@ local function make_task(fname, default_mode, spec, ...)
   elseif mode == "process" then t = process_task(fname, run, args, 3)
   else t = new_task(run, args and { args = args }) end
   local o = S.options(t)
-  o.name = spec.name
-  o.timeout, o.retry, o.handle_result, o.on_retry = spec.timeout, policy, handle_result, on_retry
+  -- Only the options given: a nil stored under a key the table lacks still
+  -- makes a slot for it (5 such stores grew the table twice per spawn).
+  if spec.name ~= nil then o.name = spec.name end
+  if spec.timeout ~= nil then o.timeout = spec.timeout end
+  if policy then o.retry = policy end
+  if handle_result then o.handle_result = handle_result end
+  if on_retry then o.on_retry = on_retry end
   if on_retry and check.positional_hook(fname, "on_retry", on_retry, 3) then o.on_retry_positional = true end
   return t
 end
@@ -136,7 +142,18 @@ function Task.await(t, timeout_ms)
   if me == nil and TERMINAL[S.state(t)] then
     error("task:await: called outside a task (start one with tide.run or tide.spawn)", 2)
   end
-  return S.await(t, timeout_ms, "task:await")
+  if TERMINAL[t._state] then unheard.hear(t); return results(t) end
+  local w, tok = S.wait_begin("task:await", 2)
+  if not t._waiters then t._waiters = {} end
+  S.add_waiter(t._waiters, w, tok)
+  w._awaiting = t                       -- so that an end of w's attempt takes it off the list
+  S.wait_end(w, tok, timeout_ms)
+  w._awaiting = nil
+  if not TERMINAL[t._state] then
+    if t._waiters then S.remove_waiter(t._waiters, w) end
+    return nil, "timeout"
+  end
+  return results(t)
 end
 
 --- Cancels the task: its outcome is `cancelled` with `reason` (default

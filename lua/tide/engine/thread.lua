@@ -17,6 +17,7 @@ local type, error, tostring, tonumber = type, error, tostring, tonumber
 local string_dump, getupvalue, getinfo, traceback = string.dump, debug.getupvalue, debug.getinfo, debug.traceback
 
 local decode_list = core.decode_list
+local encode_unordered = core.encode_unordered   -- the pairs in walk order: a value that only crosses (codec.h)
 local MAX = core.thread_max                 -- threads a pool may have (1024)
 
 local M = {
@@ -153,7 +154,7 @@ function M.payload(fname, run, args, level, dest)
     is_name = false
   end
   if args == nil then return { fn, is_name, NO_ARGS } end
-  local ok, bytes = pcall(core.encode, args, "args")
+  local ok, bytes = pcall(encode_unordered, args, "args")
   if not ok then
     local msg = tostring(bytes):gsub("^[^:]*:%d+: ", ""):gsub("to a thread$", "to " .. dest)
     error(fname .. ": " .. msg, level)

@@ -24,8 +24,16 @@ local function running_now()
   if callback then
     what = callback
   elseif t then
-    local name = t._opt and t._opt.name
+    local o = t._opt
+    local name = o and o.name
     what = ("task %d%s"):format(t.id, name and (" '" .. name .. "'") or "")
+    -- A task that runs the work of several owners in turn (a flow's
+    -- worker) says which it runs now (o.describe): the stall is that one's.
+    local describe = o and o.describe
+    if describe then
+      local ok, doing = pcall(describe, t)
+      if ok and doing then what = ("'%s' (on %s)"):format(doing, what) end
+    end
   else
     what = "tide's engine"
   end

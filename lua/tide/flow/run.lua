@@ -88,6 +88,13 @@ local function hook(run, name, ev)
   if not ok then log.report(("flow '%s' hook %s"):format(run.flow.name, name), err, err) end
 end
 
+--- tostring that cannot raise: an error object's __tostring is user code,
+--- and a raise half-way through a child's end would lose the node's outcome.
+local function safe_tostring(v)
+  local ok, text = pcall(tostring, v)
+  return ok and text or "(an error object whose __tostring failed)"
+end
+
 local function ctx_for(run, node)
   return { input = run.input, results = run.results, flow = run.flow.name, task = node.name }
 end
@@ -365,7 +372,7 @@ local function fan_out(run, i, items)
     if s == "ok" then values[k] = value end
     if run.flow.on.child_done then hook(run, "child_done", { task = node.name, index = k, status = s, value = value }) end
     if s ~= "ok" and not failed_err and s ~= "cancelled" then
-      failed_err = ("child %d ended in %s: %s"):format(k, s, tostring(value))
+      failed_err = ("child %d ended in %s: %s"):format(k, s, safe_tostring(value))
       if node.exit_on_error then
         next_i = n + 1                      -- start no more; stop the running ones
         for _, c in pairs(kids) do c:cancel("a sibling failed") end
@@ -538,9 +545,20 @@ end
 --     the loop polls I/O and fires timers during a long flow; meanwhile
 --     (run.polling) no other worker takes queued nodes, or the relays it
 --     started would run them all within the same tick.
--- Inside a simple node, tide.current() is its worker, which runs other
--- nodes before and after it.
+--   - Inside a simple node, tide.current() is its worker; a worker whose
+--     handle went out that way (o.seen) retires after that node, so the
+--     handle, kept, finds a finished task, as a node's own task would be,
+--     and never the nodes run after it.
 local POLL_EVERY = 1000
+
+--- What a worker runs now, for the watchdog's "running now": the name of
+--- the node in its hands ("flow/node", as its own task would be named), or
+--- nil between nodes.  Asked only when a stall is reported: no cost per node.
+local function worker_doing(t)
+  local o = S.options(t)
+  local i = o.flow_index
+  if i then return task_name(o.flow_run.flow, o.flow_run.flow.list[i]) end
+end
 
 local function worker_ended(t)
   local o = S.options(t)
@@ -570,7 +588,8 @@ local function relay(run)
     return
   end
   local t = S.new_task(worker, { args = { n = 1, run }, on_finish = worker_ended, heard = true,
-                                 name = "flow " .. run.flow.name .. " worker", flow_run = run, flow_index = false })
+                                 name = "flow " .. run.flow.name .. " worker", flow_run = run, flow_index = false,
+                                 describe = worker_doing, seen = false })
   run.relay = t
   S.start(t)
 end
@@ -612,6 +631,11 @@ function worker(run)
       if st[i] == "running" then
         if run.q_head <= run.q_tail then relay(run) end     -- if this one waits, another takes the rest
         if not run_simple(run, i, me, o) then return end
+        if o.seen then                                     -- its handle went out inside that node: retire
+          run.looping = false
+          if run.q_head <= run.q_tail then relay(run) end
+          return
+        end
         since_poll = since_poll + 1
         if since_poll >= POLL_EVERY then
           since_poll = 0
@@ -678,7 +702,7 @@ local function drive(f, input, handle)
   S.on_attempt_end(me, stop_with_attempt)
   active[run] = true
   hook(run, "flow_start", { input = input })
-  if f.timeout then
+  if f.timeout and not run.done then        -- (the hook may have cancelled the run: no timer left behind)
     run.timer = S.timer(f.timeout, function()
       run.timer = nil
       stop_run(run, "timeout", ("flow '%s' timed out after %g ms"):format(f.name, f.timeout))

@@ -25,10 +25,18 @@ local function node_of(args)
   return def, node
 end
 
+--- What a message calls the step (or its item `index`): built only for a
+--- message or a task's name, not for each step that runs.
+local function what_of(def, node, index)
+  if index then return ("flow '%s' step '%s' item %d"):format(def.name, node.name, index) end
+  return ("flow '%s' step '%s'"):format(def.name, node.name)
+end
+
 --- fn(...) with the node's timeout and mode: a task of its own when either
 --- is set (so that a timeout stops it), else called here.
-local function call(node, what, fn, ...)
+local function call(def, node, index, fn, ...)
   if not node.timeout and node.mode ~= "thread" then return fn(...) end
+  local what = what_of(def, node, index)
   local t = task.spawn{ run = fn, args = { n = select("#", ...), ... }, timeout = node.timeout, mode = node.mode,
                         name = what }
   local status, value = t:await()
@@ -37,37 +45,38 @@ local function call(node, what, fn, ...)
   error(t.traceback or value, 0)
 end
 
-local function encode(what, v)
+local function encode(def, node, index, v)
   local text, err = json.try_encode(v, "result")
-  if not text then error(("%s: its result cannot be stored as JSON: %s"):format(what, tostring(err)), 0) end
+  if not text then
+    error(("%s: its result cannot be stored as JSON: %s"):format(what_of(def, node, index), tostring(err)), 0)
+  end
   return text
 end
 
 --- A step: `when`, then `run`; for `each`, the items.
 function M.methods.step(args)
   local def, node = node_of(args)
-  local what = ("flow '%s' step '%s'"):format(def.name, node.name)
   local ctx = { input = args.input, results = args.results or {}, flow = def.name, task = node.name, run = args.run }
   if node.when and not node.when(ctx) then return { kind = "skipped", reason = "condition false" } end
   local value
-  if node.run ~= nil then value = call(node, what, node.run, ctx) end
-  if not node.each then return { kind = "ok", json = encode(what, value) } end
+  if node.run ~= nil then value = call(def, node, nil, node.run, ctx) end
+  if not node.each then return { kind = "ok", json = encode(def, node, nil, value) } end
   local items = value
   if node.items then items = node.items(ctx) end
   if type(items) ~= "table" then
-    error(("%s: items must be a list, got %s"):format(what, type(items)), 0)
+    error(("%s: items must be a list, got %s"):format(what_of(def, node), type(items)), 0)
   end
   local list = {}
-  for i, item in ipairs(items) do list[i] = encode(what .. " item " .. i, item) end
+  for i, item in ipairs(items) do list[i] = encode(def, node, i, item) end
   return { kind = "items", items = list }
 end
 
 --- One item of an `each` step: each(item, ctx).
 function M.methods.item(args)
   local def, node = node_of(args)
-  local what = ("flow '%s' step '%s' item %d"):format(def.name, node.name, args.index or 0)
   local ctx = { input = args.input, flow = def.name, task = node.name, run = args.run, index = args.index }
-  return { kind = "ok", json = encode(what, call(node, what, node.each, args.item, ctx)) }
+  local index = args.index or 0
+  return { kind = "ok", json = encode(def, node, index, call(def, node, index, node.each, args.item, ctx)) }
 end
 
 --- A hook of the flow (flow_done, task_error), with its event table.

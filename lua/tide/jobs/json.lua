@@ -287,6 +287,18 @@ end
 
 local WS = "^[ \t\n\r]*"
 
+--- The first byte at or after `j` that is not whitespace.  Compact JSON
+--- (what tide writes) has none between tokens: one byte compared, no
+--- pattern match (string.find is not compiled by LuaJIT: a find at each
+--- token kept the decoder in the interpreter; a worker decodes each job's
+--- args, so this is per job).
+local function skip(s, j)
+  local c = byte(s, j)
+  if c ~= 32 and c ~= 9 and c ~= 10 and c ~= 13 then return j end
+  local _, e = find(s, WS, j)
+  return e + 1
+end
+
 --- A parse error at byte `pos`: raised as a string the caller returns.
 local function perr(what, pos) error(format("%s at character %d", what, pos), 0) end
 
@@ -332,8 +344,21 @@ local function check_utf8(s, i, j)
   next_high = j                             -- (searched again from the next string)
 end
 
+--- The first byte at or after `i` that ends a run of plain characters
+--- (a quote, a backslash, a control character), or nil.  Short runs (keys,
+--- names) are scanned byte by byte, which LuaJIT compiles; a long one goes
+--- on with a pattern find.
+local function plain_end(s, i)
+  for k = i, i + 31 do
+    local c = byte(s, k)
+    if c == nil then return nil end
+    if c == 34 or c == 92 or c < 32 then return k end
+  end
+  return (find(s, '[%z\1-\31"\\]', i + 32))
+end
+
 local function decode_string(s, i)          -- s[i] is the opening quote
-  local j = find(s, '[%z\1-\31"\\]', i + 1)
+  local j = plain_end(s, i + 1)
   if j and byte(s, j) == 34 then            -- the common case: no escape
     check_utf8(s, i + 1, j - 1)
     return sub(s, i + 1, j - 1), j + 1
@@ -367,7 +392,7 @@ local function decode_string(s, i)          -- s[i] is the opening quote
     else
       perr("bad escape", j)
     end
-    j = find(s, '[%z\1-\31"\\]', from)
+    j = plain_end(s, from)
   end
 end
 
@@ -412,48 +437,40 @@ end
 local function decode_array(s, i, depth)
   if depth > M.MAX_DEPTH then perr("nested too deep (more than " .. M.MAX_DEPTH .. " levels)", i) end
   local t, n = setmetatable({}, array_mt), 0
-  local _, e = find(s, WS, i + 1)
-  local j = e + 1
+  local j = skip(s, i + 1)
   if byte(s, j) == 93 then return t, j + 1 end
   while true do
     local v
     v, j = decode_value(s, j, depth)
     n = n + 1
     t[n] = v == nil and null or v
-    _, e = find(s, WS, j)
-    j = e + 1
+    j = skip(s, j)
     local c = byte(s, j)
     if c == 93 then return t, j + 1 end
     if c ~= 44 then perr(what_at(s, j) .. " (',' or ']' expected)", j) end
-    _, e = find(s, WS, j + 1)
-    j = e + 1
+    j = skip(s, j + 1)
   end
 end
 
 local function decode_object(s, i, depth)
   if depth > M.MAX_DEPTH then perr("nested too deep (more than " .. M.MAX_DEPTH .. " levels)", i) end
   local t = {}
-  local _, e = find(s, WS, i + 1)
-  local j = e + 1
+  local j = skip(s, i + 1)
   if byte(s, j) == 125 then return t, j + 1 end
   while true do
     if byte(s, j) ~= 34 then perr(what_at(s, j) .. " (a string key expected)", j) end
     local k
     k, j = decode_string(s, j)
-    _, e = find(s, WS, j)
-    j = e + 1
+    j = skip(s, j)
     if byte(s, j) ~= 58 then perr(what_at(s, j) .. " (':' expected)", j) end
-    _, e = find(s, WS, j + 1)
     local v
-    v, j = decode_value(s, e + 1, depth)
+    v, j = decode_value(s, skip(s, j + 1), depth)
     t[k] = v == nil and null or v
-    _, e = find(s, WS, j)
-    j = e + 1
+    j = skip(s, j)
     local c = byte(s, j)
     if c == 125 then return t, j + 1 end
     if c ~= 44 then perr(what_at(s, j) .. " (',' or '}' expected)", j) end
-    _, e = find(s, WS, j + 1)
-    j = e + 1
+    j = skip(s, j + 1)
   end
 end
 
@@ -472,10 +489,9 @@ end
 
 local function decode(s)
   next_high = 0
-  local _, e = find(s, WS)
-  local v, j = decode_value(s, e + 1, 0)
-  _, e = find(s, WS, j)
-  if e < #s then perr(what_at(s, e + 1) .. " after the value", e + 1) end
+  local v, j = decode_value(s, skip(s, 1), 0)
+  j = skip(s, j)
+  if j <= #s then perr(what_at(s, j) .. " after the value", j) end
   return v
 end
 

@@ -720,9 +720,13 @@ function M.new(opts)
   M.live[w] = true
   -- On a shutdown of the loop, the worker stops its jobs a little before the
   -- loop's grace ends (up to a second, or half of it), so that the flusher
-  -- can still write their releases.  (Hooked before anything below waits.)
+  -- can still write their releases; sooner when its own grace is shorter.
+  -- (Hooked before anything below waits.)
   S.on_shutdown(function(_, grace)
-    if w.state == "running" then w:stop(grace and grace - math.min(grace / 2, 1000) or nil) end
+    if w.state ~= "running" then return end
+    local jobs_grace = grace and grace - math.min(grace / 2, 1000)
+    if w.grace and (not jobs_grace or w.grace < jobs_grace) then jobs_grace = w.grace end
+    w:stop(jobs_grace)
   end)
   for name, n in pairs(queues) do
     w.queues[name] = { limit = n, running = 0, reserved = 0, more = false, waiting = false }
