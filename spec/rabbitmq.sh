@@ -24,6 +24,8 @@ if [ ! -x "$bin/rabbitmq-server" ]; then echo "spec/rabbitmq.sh: rabbitmq-server
 env_for() {  # exports the node's environment from DIR/env
   [ -f "$dir/env" ] || { echo "spec/rabbitmq.sh: no node in '$dir'" >&2; exit 1; }
   . "$dir/env"
+  # a crashing rabbitmqctl writes its dump there, not into the checkout
+  export ERL_CRASH_DUMP="$dir/log/erl_crash.dump"
 }
 
 ctl() { "$bin/rabbitmqctl" -q "$@"; }
