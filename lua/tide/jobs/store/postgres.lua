@@ -15,6 +15,12 @@
 -- (tide.jobs.store.pg_conn): a transaction of one statement costs two
 -- round trips (BEGIN + statement, COMMIT), not three.
 --
+-- The statements that run most (the claim, the heartbeat, the inserts) are
+-- prepared once per connection (pg_conn's Conn:prepared), so the server
+-- plans them once; a statement whose good plan depends on how many ids it
+-- gets (the outcome write) is not: its generic plan was a trap (see
+-- Session:record).
+--
 -- Leases are timed by the server's clock, so machines never argue about
 -- time; other times are client UTC milliseconds, as with SQLite.
 local core = require "tide.core"
