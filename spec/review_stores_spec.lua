@@ -64,6 +64,77 @@ describe("review: tide.queue on " .. store.name, function()
         assert.equal(2, q:stats().total)
       end)
     end)
+
+    -- A pooler in transaction mode cannot keep a session's prepared
+    -- statements: with prepare = false (or ?prepare=false) tide sends each
+    -- statement unprepared, on the pool's connections and the worker's.
+    describe("without prepared statements (prepare = false)", function()
+      local function prepared_here()
+        return tonumber(sql("SELECT count(*) AS n FROM pg_prepared_statements")[1].n)
+      end
+      --- Statements prepared on one of a worker's own stores (one connection).
+      local function prepared_on(store)
+        local session = store:acquire("spec")
+        local ok, n = pcall(function()
+          return tonumber(session.c:query("SELECT count(*) AS n FROM pg_prepared_statements").rows[1].n)
+        end)
+        store:release(session, not ok)
+        assert(ok, n)
+        return n
+      end
+      --- Enqueues 3 jobs (one by one, with a key, in a batch) and has a worker
+      --- do them; returns how many ran and the statements prepared on the
+      --- worker's claim and outcome connections.
+      local function work()
+        q:enqueue{ target = "t", method = "m", idempotency_key = "k1" }
+        q:enqueue_many{ { target = "t", method = "m" }, { target = "t", method = "m", idempotency_key = "k2" } }
+        local done, on_worker = 0, nil
+        spec_helper.run(function()
+          local w = tide.worker{ queue = q, concurrency = 2, targets = { t = { m = function() done = done + 1 end } } }
+          w:drain{ stop = false }
+          on_worker = prepared_on(w.claim_store) + prepared_on(w.store)
+          w:stop()
+          w:wait()
+        end)
+        return done, on_worker
+      end
+
+      it("prepares its hot statements by default (the check below can fail)", function()
+        q = tide.queue.open(url, { pool = 1 })
+        local done, on_worker = work()
+        assert.equal(3, done)
+        assert.is_true(prepared_here() > 0)
+        assert.is_true(on_worker > 0)
+      end)
+
+      it("sends every statement unprepared with prepare = false or ?prepare=false, and works the same", function()
+        for _, open in ipairs{ function() return tide.queue.open(url, { pool = 1, prepare = false }) end,
+                               function() return tide.queue.open(url .. (url:find("?", 1, true) and "&" or "?")
+                                                                   .. "prepare=false&pool=1") end } do
+          q = open()
+          sql("DELETE FROM tide_jobs")
+          assert.same({ 3, 0 }, { work() })
+          assert.equal(0, prepared_here())
+          assert.same({ 3, 3 }, { q:stats().total, q:stats().completed })
+          q:close(); q = nil
+        end
+      end)
+
+      it("refuses a prepare that is not a boolean, and prepare on SQLite", function()
+        spec_helper.error_cases("spec/review_stores_spec.lua", {
+          { function() tide.queue.open(url, { prepare = "no" }) end,
+            "tide.queue.open: bad option 'prepare' (boolean expected, got string \"no\")" },
+          { function() tide.queue.open(url .. (url:find("?", 1, true) and "&" or "?") .. "prepare=0") end,
+            ("tide.queue.open: bad store URL %q (prepare=0: true or false expected)")
+              :format(url .. (url:find("?", 1, true) and "&" or "?") .. "prepare=0") },
+          { function() tide.queue.open(url .. (url:find("?", 1, true) and "&" or "?") .. "pool=x") end,
+            ("tide.queue.open: bad store URL %q (pool=x: a number expected)")
+              :format(url .. (url:find("?", 1, true) and "&" or "?") .. "pool=x") },
+          { function() tide.queue.open("sqlite::memory:", { prepare = false }) end,
+            "tide.queue.open: bad option 'prepare' (PostgreSQL only: SQLite keeps its statements in the process)" },
+        })
+      end)
+    end)
   end
 end)
 end

@@ -45,7 +45,7 @@ end }
 local DRIVERS = { sqlite = "tide.jobs.store.sqlite" }
 local SYNC = { normal = true, full = true, off = true }
 local OPEN_KEYS = check.options("tide.queue.open", {
-  encryptor = true, busy_timeout = true, synchronous = true, pool = true, pool_timeout = true
+  encryptor = true, busy_timeout = true, synchronous = true, pool = true, pool_timeout = true, prepare = true
 })
 
 --- "sqlite:PATH" (or "sqlite://PATH") -> driver module, path.
@@ -70,18 +70,24 @@ local function parse_url(url)
   return DRIVERS[scheme], rest
 end
 
---- Takes tide's own parameters (pool, pool_timeout) out of a PostgreSQL
---- URL's query string (libpq would refuse them); returns the URL left and them.
+--- Takes tide's own parameters (pool, pool_timeout, prepare) out of a
+--- PostgreSQL URL's query string (libpq would refuse them); returns the URL
+--- left and them.
 local function url_options(url)
   local base, query = url:match("^([^?]*)%?(.*)$")
   if not base then return url, {} end
   local keep, found = {}, {}
   for pair in query:gmatch("[^&]+") do
     local k, v = pair:match("^([^=]*)=(.*)$")
-    if k == "pool" or k == "pool_timeout" then
+    if k == "prepare" then
+      if v ~= "true" and v ~= "false" then
+        error(("tide.queue.open: bad store URL %q (prepare=%s: true or false expected)"):format(url, v), 3)
+      end
+      found.prepare = v == "true"
+    elseif k == "pool" or k == "pool_timeout" then
       local n = tonumber(v)
       if not n then
-        error(("tide.queue.open: bad store URL %q (%s=%s: a number expected)"):format(url, k, v), 4)
+        error(("tide.queue.open: bad store URL %q (%s=%s: a number expected)"):format(url, k, v), 3)
       end
       found[k] = n
     else
@@ -98,6 +104,9 @@ end
 --- 10; also ?pool=N in the URL); pool_timeout (ms a statement waits for a
 --- free connection before "pool exhausted", default 5000); busy_timeout
 --- (SQLite: ms to wait for another process's write lock, default 5000);
+--- prepare (PostgreSQL: false sends every statement unprepared, for a
+--- pooler in transaction mode that cannot keep a session's prepared
+--- statements; default true; also ?prepare=false in the URL);
 --- synchronous (SQLite: "normal", the default in WAL mode: a crash of the
 --- process loses nothing, a power cut may lose the last commits; "full":
 --- nothing is lost on power cut either).
@@ -118,13 +127,19 @@ function M.open(url, opts)
     opt_error("tide.queue.open", "synchronous", check.choices(SYNC), opts.synchronous)
   end
   local driver, path = parse_url(url)
+  if opts.prepare ~= nil and type(opts.prepare) ~= "boolean" then
+    opt_error("tide.queue.open", "prepare", "boolean", opts.prepare)
+  end
   local o = { busy_timeout = opts.busy_timeout, synchronous = opts.synchronous, pool = opts.pool,
-              pool_timeout = opts.pool_timeout }
+              pool_timeout = opts.pool_timeout, prepare = opts.prepare }
   if driver == "tide.jobs.store.postgres" then
     local from_url
     path, from_url = url_options(path)
     o.pool = o.pool or from_url.pool
     o.pool_timeout = o.pool_timeout or from_url.pool_timeout
+    if o.prepare == nil then o.prepare = from_url.prepare end
+  elseif o.prepare ~= nil then
+    error("tide.queue.open: bad option 'prepare' (PostgreSQL only: SQLite keeps its statements in the process)", 2)
   elseif o.pool ~= nil and o.pool ~= 1 then
     error("tide.queue.open: bad option 'pool' (SQLite has one connection: a transaction holds the store "
           .. "while it is open)", 2)

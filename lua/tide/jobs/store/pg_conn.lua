@@ -56,9 +56,11 @@ end
 --- A connection (not yet connected: the first statement connects).
 --- `setup`: a statement (no parameters) that runs first on every
 --- connection it opens, sent with the first statement (one round trip).
-function M.new(info, name, setup)
+--- `prepare` false: Conn:prepared sends its statements unprepared.
+function M.new(info, name, setup, prepare)
   next_id = next_id + 1
   local c = setmetatable({ info = info, name = name, id = next_id, pg = false, waiter = false,
+                           unprepared = prepare == false,
                            running = false, tx = false, begin_next = false, on_notify = false,
                            setup = setup or false, setup_next = false, parsed = {},
                            deallocate_next = false, replanned = false }, Conn)
@@ -285,7 +287,7 @@ end
 --- plans it.  A new session (a reconnect) prepares it again; a Parse that
 --- failed is not taken for done.  `name` must name this one `sql`.
 function Conn:prepared(name, sql, ...)
-  local res = query(self, name, sql, ...)
+  local res = query(self, not self.unprepared and name or nil, sql, ...)
   return res
 end
 

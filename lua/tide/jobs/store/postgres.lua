@@ -372,10 +372,12 @@ local function migrate(c, name)
 end
 
 --- A store of `size` connections to `url` (each runs `setup` first).
-local function new_store(url, name, size, timeout, setup)
-  local s = setmetatable({ url = url, name = name, size = size, timeout = timeout }, Store)
+local function new_store(url, name, size, timeout, setup, prepare)
+  local s = setmetatable({ url = url, name = name, size = size, timeout = timeout, prepare = prepare }, Store)
   s.pool = pool.new{ name = name, size = size, timeout = timeout,
-                     open = function() return setmetatable({ c = pg_conn.new(url, name, setup) }, Session) end,
+                     open = function()
+                       return setmetatable({ c = pg_conn.new(url, name, setup, prepare) }, Session)
+                     end,
                      reset = function(session) session.c:reset() end,
                      close = function(session) session.c:close() end }
   return s
@@ -383,9 +385,11 @@ end
 
 --- Opens the store at `url` (postgres://...), creating or migrating the
 --- tables.  opts: pool (connections, default 10), pool_timeout (ms a
---- statement waits for one, default 5000).
+--- statement waits for one, default 5000), prepare (false: no prepared
+--- statements, on the pool's connections nor on its workers').
 function M.open(url, name, opts)
-  local s = new_store(url, pg_conn.safe_name(name), opts.pool or 10, opts.pool_timeout or 5000)
+  local s = new_store(url, pg_conn.safe_name(name), opts.pool or 10, opts.pool_timeout or 5000, nil,
+                      opts.prepare ~= false)
   local session = s.pool:acquire("tide.queue.open")
   local ok, err = pcall(function()
     migrate(session.c, s.name)
@@ -417,7 +421,7 @@ function Store:stats_pool() return self.pool:stats() end
 --- measured with 20 jobs at a time that commit their own transactions).
 function Store:worker_store(purpose)
   local s = new_store(self.url, self.name, 1, nil,
-                      purpose == "claims" and "SET synchronous_commit = off" or nil)
+                      purpose == "claims" and "SET synchronous_commit = off" or nil, self.prepare)
   s.durability = self.durability
   return s
 end
