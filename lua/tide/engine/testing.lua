@@ -1,6 +1,6 @@
 --- tide.engine.testing — tide.testing: a virtual clock for users' specs, and the checks to run after each test.
 --
---   local testing = require("tide").testing
+--   local testing = tide.testing          -- (tide: the module the script required)
 --   before_each(testing.before_each)      -- errors sent to the sink are collected
 --   after_each(testing.after_each)        -- no task left, no handle open, no error unseen
 --

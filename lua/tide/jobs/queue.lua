@@ -20,7 +20,6 @@ local job = require "tide.jobs.job"
 local json = require "tide.jobs.json"
 local time = require "tide.jobs.time"
 local pool = require "tide.jobs.store.pool"
-local flows = require "tide.jobs.flows"
 local transaction_mod = require "tide.jobs.transaction"
 
 local type, error, pairs, ipairs, tostring, tonumber = type, error, pairs, ipairs, tostring, tonumber
@@ -796,150 +795,16 @@ function Queue:close()
   if self._store then self._store:close(); self._store = nil end
 end
 
--- ===== durable flows (tide.jobs.flows)
+-- ===== durable flows: tide.jobs.queue_flows adds q:enqueue_flow, tx:enqueue_flow,
+-- q:flow_run, q:flow_runs, q:cancel_flow and q:retry_flow
 
--- key: the short form of idempotency_key (both are current names).
-local FLOW_START_KEYS = check.options("q:enqueue_flow", { key = true, idempotency_key = true, queue = true,
-                                                         priority = true })
-
---- Checks enqueue_flow's arguments; returns the definition, the input as
---- JSON, and the options.
-local function flow_args(fname, name, input, opts)
-  local def = flows.definition(name, fname, 3)
-  local input_json = json.encode_option(fname, "input", input, 3)
-  if opts ~= nil and type(opts) ~= "table" then arg_error(fname, 3, "table or nil", opts, 3) end
-  opts = opts or {}
-  check.known(fname, opts, FLOW_START_KEYS, nil, 3)
-  if opts.key ~= nil and opts.idempotency_key ~= nil then
-    error(fname .. ": give key or idempotency_key, not both", 3)
-  end
-  local key = opts.key or opts.idempotency_key
-  if key ~= nil then
-    local why = job.key_problem(key)
-    if why then error(("%s: bad option 'key' (%s)"):format(fname, why), 3) end
-  end
-  if opts.queue ~= nil and not job.is_name(opts.queue) then
-    opt_error(fname, "queue", "queue " .. job.NAME_EXPECTED, opts.queue, 3)
-  end
-  if opts.priority ~= nil and not job.is_priority(opts.priority) then
-    opt_error(fname, "priority", job.PRIORITY_EXPECTED, opts.priority, 3)
-  end
-  return def, input_json, { key = key, queue = opts.queue, priority = opts.priority }
-end
-
---- Starts a run of the durable flow defined by module `name` inside this
---- transaction: the run and its first jobs commit with the caller's data,
---- or not at all.  opts: key (idempotency key: a second start with it
---- returns the existing run), queue (of its jobs, "default"), priority.
---- Returns the run's id and true, or the existing run's id and false.
-function Tx:enqueue_flow(name, input, opts)
-  local st = tx_state("tx:enqueue_flow", self)
-  local def, input_json, o = flow_args("tx:enqueue_flow", name, input, opts)
-  local id, inserted, qname = flows.start(st.session, def, input_json, o, floor(wallclock()))
-  if inserted then st.touched[qname] = true end
-  return id, inserted
-end
-
---- q:enqueue_flow(name, input, opts): tx:enqueue_flow in a transaction of its own
---- (or the caller's, when it is in one).
-function Queue:enqueue_flow(name, input, opts)
-  check_q("q:enqueue_flow", self)
-  local def, input_json, o = flow_args("q:enqueue_flow", name, input, opts)
-  return transaction(self, "q:enqueue_flow", function(tx)
-    local st = tx._st
-    local id, inserted, qname = flows.start(st.session, def, input_json, o, floor(wallclock()))
-    if inserted then st.touched[qname] = true end
-    return id, inserted
-  end)
-end
-
-local function check_run_id(fname, id)
-  if not check.is_count(id, 1) then arg_error(fname, 1, "run id (integer >= 1)", id, 3) end
-end
-
-local function get_run(session, id) return flows.get(session, id) end
-
---- Run `id` with its steps (name order): { id, flow, status, input, key,
---- error, inserted_at, completed_at, steps = { { name, status, after,
---- attempts, result, error, traceback, reason, started_at, completed_at,
---- duration (ms), items = { total, done } }, ... } }; or nil.
-function Queue:flow_run(id)
-  check_q("q:flow_run", self)
-  check_run_id("q:flow_run", id)
-  return (with_session(self, "q:flow_run", get_run, id))
-end
-
-local RUNS_KEYS = check.options("q:flow_runs", { status = true, flow = true, limit = true, before = true })
-
-local function list_runs(session, f)
-  local runs = flows.list(session, f)
-  local ids = {}
-  for i, r in ipairs(runs) do ids[i] = r.id end
-  local counts = flows.step_counts(session, ids)
-  for _, r in ipairs(runs) do r.steps = counts[r.id] end
-  return runs
-end
-
---- Runs, newest first: filter by status ("running", "ok", "error",
---- "cancelled") and flow (module name); limit (100); before = id.  Each
---- run has `steps`: counts by status and total.
-function Queue:flow_runs(f)
-  check_q("q:flow_runs", self)
-  if f ~= nil and type(f) ~= "table" then arg_error("q:flow_runs", 1, "table or nil", f) end
-  f = f or {}
-  check.known("q:flow_runs", f, RUNS_KEYS)
-  if f.status ~= nil and not flows.RUN_STATUSES[f.status] then
-    opt_error("q:flow_runs", "status", check.choices(flows.RUN_STATUSES), f.status)
-  end
-  if f.flow ~= nil and type(f.flow) ~= "string" then opt_error("q:flow_runs", "flow", "string", f.flow) end
-  if f.limit ~= nil and not check.is_count(f.limit, 1) then opt_error("q:flow_runs", "limit", "integer >= 1", f.limit) end
-  if f.before ~= nil and not check.is_count(f.before, 1) then opt_error("q:flow_runs", "before", "run id", f.before) end
-  return (with_session(self, "q:flow_runs", list_runs, { status = f.status, flow = f.flow, limit = f.limit or 100,
-                                                         before = f.before }))
-end
-
---- Runs op (flows.cancel or flows.retry) on run id in a transaction, the
---- run's row locked first; true, or nil and why not.
-local function change_run(q, fname, op, id)
-  check_q(fname, q)
-  check_run_id(fname, id)
-  return transaction(q, fname, function(tx)
-    local st = tx._st
-    local s = st.session
-    if s.lock_flow_runs then s:lock_flow_runs({ id }) end
-    local ok, post = op(s, id, floor(wallclock()))
-    if not ok then return nil, post end
-    for qname in pairs(post.queues) do st.touched[qname] = true end
-    return true
-  end)
-end
-
---- Cancels a running run: its jobs not yet finished are cancelled (running
---- ones stop at their worker's next heartbeat), its steps not yet finished
---- too.  true, or nil and why not ("run 7 is ok").
-function Queue:cancel_flow(id) return change_run(self, "q:cancel_flow", flows.cancel, id) end
-
---- Runs the failed, timed out, cancelled and skipped steps of a finished
---- run again; completed steps keep their results.  true, or nil and why not.
-function Queue:retry_flow(id) return change_run(self, "q:retry_flow", flows.retry, id) end
-
-local function sweep(session)
-  if not flows.sweep_needed(session) then return nil end   -- (the common case: one read, no transaction)
-  session:begin()
-  local ok, post = pcall(flows.sweep, session)
-  if ok then
-    local done, err = pcall(session.commit, session)
-    if done then return post end
-    post = err
-  end
-  pcall(session.rollback, session)
-  error(post, 0)
-end
+local queue_flows = require "tide.jobs.queue_flows"
+queue_flows.install(Queue, check_q)
 
 --- For workers: fails the steps of durable flows whose jobs finished
 --- outside an outcome write (see tide.jobs.flows), in a transaction on `store`.
 function M.sweep_flows(q, store)
-  local post = M.worker_call(q, store, "tide.worker", sweep)
+  local post = M.worker_call(q, store, "tide.worker", queue_flows.sweep)
   if post then notify(q, post.queues) end
 end
 
