@@ -69,3 +69,19 @@ describe("the layers of lua/tide", function()
     end)
   end)
 end)
+
+describe("the repository's top level", function()
+  it("holds only the fixed entries (a stray profile or dump fails here)", function()
+    local fixed = { [".ci"] = true, [".gitignore"] = true, Makefile = true, ["README.md"] = true, bench = true,
+                    docs = true, examples = true, lua = true, rockspecs = true, spec = true, src = true }
+    local p = assert(io.popen("git ls-files 2>/dev/null | cut -d/ -f1 | sort -u"))
+    local strays, seen = {}, 0
+    for entry in p:lines() do
+      seen = seen + 1
+      if not fixed[entry] then strays[#strays + 1] = entry end
+    end
+    p:close()
+    if seen == 0 then pending("not a git checkout") return end
+    assert.same({}, strays)
+  end)
+end)
