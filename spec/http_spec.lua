@@ -8,18 +8,7 @@ local cjson = require "cjson"
 
 local PY = "env -u LD_PRELOAD /usr/bin/python3 spec/tools/httpc.py "
 
---- Runs a shell command on a thread (the loop goes on meanwhile); its output.
-local function shell(cmd)
-  local t = tide.spawn{ mode = "thread", args = { cmd }, run = function(c)
-    local f = io.popen(c)
-    local s = f:read("*a")
-    f:close()
-    return s
-  end }
-  local status, out = t:await()
-  assert(status == "ok", tostring(out))
-  return out
-end
+local shell = H.sh_on_thread
 
 local function raw(srv, text, seconds)
   return shell(PY .. ("raw %d '%s' %s"):format(srv.port, text, seconds or 2))

@@ -4,18 +4,7 @@ local H = spec_helper
 local tide = require "tide"
 local cjson = require "cjson"
 
---- Runs a shell command on a thread (the loop goes on meanwhile); its output.
-local function run_on_thread(cmd)
-  local t = tide.spawn{ mode = "thread", args = { cmd }, run = function(c)
-    local f = io.popen(c)
-    local s = f:read("*a")
-    f:close()
-    return s
-  end }
-  local status, out = t:await()
-  assert(status == "ok", tostring(out))
-  return out
-end
+local run_on_thread = H.sh_on_thread
 
 --- The strict check of spec/tools/promcheck.py; the samples, or raises.
 local function parse(text, dir)
