@@ -52,14 +52,7 @@ end
 
 --- Runs a shell command on a thread (the loop goes on); returns its output.
 local function shell(cmd)
-  local t = tide.spawn{ mode = "thread", args = { cmd }, run = function(c)
-    local f = io.popen(c .. " 2>&1; echo \"__status=$?\"")
-    local out = f:read("*a")
-    f:close()
-    return out
-  end }
-  local st, out = t:await()
-  assert(st == "ok", tostring(out))
+  local out = H.sh_on_thread(cmd .. " 2>&1; echo \"__status=$?\"")
   local status = tonumber(out:match("__status=(%d+)%s*$"))
   out = out:gsub("__status=%d+%s*$", "")
   assert(status == 0, cmd .. " failed: " .. out)
