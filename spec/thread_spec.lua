@@ -4,7 +4,6 @@ local tide = require "tide"
 package.path = "spec/fixtures/?.lua;" .. package.path
 tide.configure{ threads = 2, thread_init = "thread_init", thread_memory = 64, thread_stop_wait = 100 }
 
-local function run(fn) return select(2, assert(tide.run(fn))) end
 
 describe("thread mode", function()
   after_each(function()
@@ -13,7 +12,7 @@ describe("thread mode", function()
   end)
 
   it("runs a function without upvalues, with its arguments, returning every value", function()
-    tide.run(function()
+    spec_helper.run(function()
       local t = tide.spawn{ mode = "thread", args = { 20, 22, "s", { deep = { 1, 2 } } },
                             run = function(a, b, s, tbl) return a + b, s:upper(), tbl.deep[2], nil end }
       local status, sum, up, two, none = t:await()
@@ -23,13 +22,13 @@ describe("thread mode", function()
   end)
 
   it("resolves \"module.function\" with require inside the thread", function()
-    tide.run(function()
+    spec_helper.run(function()
       assert.same({ "ok", 5 }, { tide.spawn{ mode = "thread", run = "thread_mod.add", args = { 2, 3 } }:await() })
     end)
   end)
 
   it("loads thread_init once per thread", function()
-    tide.run(function()
+    spec_helper.run(function()
       local ts = {}
       for i = 1, 8 do ts[i] = tide.spawn{ mode = "thread", run = "thread_mod.init_count" } end
       for i = 1, 8 do assert.same({ "ok", 1 }, { ts[i]:await() }) end
@@ -37,7 +36,7 @@ describe("thread mode", function()
   end)
 
   it("gives the thread a tide of its own: now, sleep, check, log, thread", function()
-    tide.run(function()
+    spec_helper.run(function()
       local s, kinds = tide.spawn{ mode = "thread", run = function()
         local tide = require "tide"
         local t0 = tide.now()
@@ -51,7 +50,7 @@ describe("thread mode", function()
   end)
 
   it("brings back errors with their value and the thread's traceback", function()
-    tide.run(function()
+    spec_helper.run(function()
       local t = tide.spawn{ mode = "thread", run = function()
         local function inner() error({ code = 7, msg = "bad row" }) end
         inner()
@@ -68,7 +67,7 @@ describe("thread mode", function()
   end)
 
   it("fails a task whose results cannot cross, naming the path", function()
-    tide.run(function()
+    spec_helper.run(function()
       local status, msg = tide.spawn{ mode = "thread", run = function() return 1, { f = print } end }:await()
       assert.equal("error", status)
       assert.equal("results[2].f: functions cannot cross to a thread", msg)
@@ -76,7 +75,7 @@ describe("thread mode", function()
   end)
 
   it("turns running out of memory in a thread into an error outcome, and the thread goes on", function()
-    tide.run(function()
+    spec_helper.run(function()
       local status, msg = tide.spawn{ mode = "thread", run = function()
         local t = {}
         for i = 1, 1e9 do t[i] = ("x"):rep(1000) .. i end
@@ -91,7 +90,7 @@ describe("thread mode", function()
 
   it("delivers timeout at the deadline and stops a thread that checks (no quarantine)", function()
     local before = tide.stats().threads.quarantined
-    tide.run(function()
+    spec_helper.run(function()
       local t0 = tide.now()
       local status = tide.spawn{ mode = "thread", timeout = 30,
                                  run = function() require("tide").sleep(10000) end }:await()
@@ -106,7 +105,7 @@ describe("thread mode", function()
   it("keeps exactly one outcome under a random fault mix", function()
     math.randomseed(11)
     local calls, expect = {}, {}
-    tide.run(function()
+    spec_helper.run(function()
       local ts = {}
       for i = 1, 400 do
         local kind = math.random(5)
@@ -131,13 +130,62 @@ describe("thread mode", function()
     for i = 1, 400 do assert.equal(1, calls[i]) end
   end)
 
+  -- Jobs whose attempts end (timeout, cancel) around the time they finish
+  -- leave late results in flight while new jobs take the freed slots of
+  -- thread.lua's table of jobs out: each result must reach its own task or
+  -- nobody, and each task get one outcome.
+  it("gives each result to its own task while late results race with reused slots", function()
+    local seed = os.time()
+    math.randomseed(seed)
+    local N = 1500
+    local heard, ts, results = {}, {}, {}
+    local function job(i, ms)
+      local t = require "tide"
+      if ms > 0 then t.sleep(ms) end
+      return i, -i
+    end
+    spec_helper.run(function()
+      for round = 0, 2 do                    -- later rounds reuse the slots the first freed
+        for i = round * N / 3 + 1, (round + 1) * N / 3 do
+          local ms = math.random(1, 6)
+          ts[i] = tide.spawn{ mode = "thread", run = job, args = { i, ms },
+                              timeout = math.random(2) == 1 and ms + math.random(0, 2) or nil,
+                              handle_result = function() heard[i] = (heard[i] or 0) + 1 end }
+          if math.random(4) == 1 then
+            tide.spawn(function() tide.sleep(math.random(0, 6)); ts[i]:cancel() end)
+          end
+        end
+        -- Hold the loop while jobs finish: timers run before deliveries in
+        -- a loop iteration, so attempts time out with their results waiting.
+        local t0 = tide.now()
+        while tide.now() - t0 < 8 do end
+        tide.sleep(math.random(0, 4))
+      end
+      for i = 1, N do ts[i]:await() end
+      tide.sleep(50)                         -- late results arrive, and must change nothing
+      for i = 1, N do results[i] = { ts[i]:await() } end
+    end)
+    local n = { ok = 0, timeout = 0, cancelled = 0 }
+    for i = 1, N do
+      local status, a, b = unpack(results[i], 1, 3)
+      assert(n[status], ("seed %d: task %d ended %s: %s"):format(seed, i, status, tostring(a)))
+      n[status] = n[status] + 1
+      if status == "ok" then
+        assert(a == i and b == -i, ("seed %d: task %d got the results of another (%s, %s)"):format(seed, i, a, b))
+      end
+      assert(heard[i] == 1, ("seed %d: task %d heard %s times"):format(seed, i, tostring(heard[i])))
+    end
+    assert.is_true(n.ok > 0 and n.timeout > 0 and n.cancelled > 0, ("ok %d, timeout %d, cancelled %d")
+      :format(n.ok, n.timeout, n.cancelled))
+  end)
+
   it("runs CPU-bound work in parallel on two threads", function()
     local function burn()
       local x = 0
       for i = 1, 3e7 do x = x + i % 7 end
       return x
     end
-    tide.run(function()
+    spec_helper.run(function()
       tide.spawn{ mode = "thread", run = burn }:await()           -- warm both paths
       local t0 = tide.now()
       tide.spawn{ mode = "thread", run = burn }:await()
@@ -193,7 +241,7 @@ describe("thread mode", function()
   end)
 
   it("fails a task whose module function does not exist, clearly", function()
-    tide.run(function()
+    spec_helper.run(function()
       local s, msg = tide.spawn{ mode = "thread", run = "thread_mod.nope" }:await()
       assert.equal("error", s)
       assert.matches("'thread_mod.nope': the module has no function 'nope'", msg)
@@ -201,7 +249,7 @@ describe("thread mode", function()
   end)
 
   it("runs a thread pool: submit with the pool's mode", function()
-    tide.run(function()
+    spec_helper.run(function()
       local p = tide.pool{ concurrency = 3, mode = "thread" }
       for i = 1, 30 do p:submit(function(x) return x * x end, i) end
       local st = p:drain()
