@@ -179,24 +179,26 @@ describe("thread mode", function()
       :format(n.ok, n.timeout, n.cancelled))
   end)
 
+  -- Whether two jobs run twice as fast depends on the machine's free cores
+  -- (bench/threads.lua measures it); what tide controls is that they run at
+  -- the same time, on two threads: their spans overlap.
   it("runs CPU-bound work in parallel on two threads", function()
     local function burn()
-      local x = 0
+      local t = require "tide"
+      local start, x = t.now(), 0
       for i = 1, 3e7 do x = x + i % 7 end
-      return x
+      return t.thread, start, t.now()
     end
     spec_helper.run(function()
       tide.spawn{ mode = "thread", run = burn }:await()           -- warm both paths
-      local t0 = tide.now()
-      tide.spawn{ mode = "thread", run = burn }:await()
-      local one = tide.now() - t0
-      t0 = tide.now()
       local a = tide.spawn{ mode = "thread", run = burn }
       local b = tide.spawn{ mode = "thread", run = burn }
-      a:await(); b:await()
-      local two = tide.now() - t0
-      -- two in parallel take about as long as one; in sequence they would take twice
-      assert.is_true(two < 1.6 * one, ("one %.0f ms, two in parallel %.0f ms"):format(one, two))
+      local _, ta, a0, a1 = a:await()
+      local _, tb, b0, b1 = b:await()
+      assert.are_not.equal(ta, tb)
+      local overlap = math.min(a1, b1) - math.max(a0, b0)
+      assert.is_true(overlap > 0.5 * math.min(a1 - a0, b1 - b0),
+        ("thread %d ran %.0f-%.0f ms, thread %d %.0f-%.0f ms"):format(ta, 0, a1 - a0, tb, b0 - a0, b1 - a0))
     end)
   end)
 
