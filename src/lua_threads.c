@@ -19,8 +19,11 @@ typedef struct binding {
   int list_ref;          /* the table a batch of deliveries is handed over in */
 } binding;
 
+/* The binding is every function's upvalue, set by tide__open_threads and
+ * out of Lua's reach: no type check needed (luaL_checkudata's registry
+ * lookup was ~215 instructions of each thread_submit). */
 static binding *get(lua_State *L) {
-  return luaL_checkudata(L, lua_upvalueindex(1), THREADS_MT);
+  return lua_touserdata(L, lua_upvalueindex(1));
 }
 
 static binding *get_pool(lua_State *L) {
@@ -32,12 +35,14 @@ static binding *get_pool(lua_State *L) {
 /* ===== deliveries: one call into Lua per batch of finished jobs
  *
  * The batch is handed over in one table, made once with room for
- * TIDE_POOL_BATCH jobs: list[4i-3 .. 4i] = id, ok, result bytes, trace (or
- * false) of job i.  done(list, n) delivers them in order and counts each
+ * TIDE_POOL_BATCH jobs: list[5i-4 .. 5i] = id, tag, ok, result bytes, trace
+ * (or false) of job i.  done(list, n) delivers them in order and counts each
  * one delivered in list[0] (LuaJIT's array part starts at 0: storing there,
  * or anywhere in the array, allocates nothing).  When an error interrupts
  * done (an allocation that ran a finalizer that raised), list[0] says how
  * far it went: the pool tries the job after those again later. */
+
+#define PER_JOB 5        /* list entries per job */
 
 typedef struct batch { tide__job *first; int n; int list_ref; } batch;
 
@@ -48,13 +53,15 @@ static int push_batch(lua_State *L, void *ud) {
   tide__job *job = bt->first;
   for (int i = 0; i < bt->n; i++, job = job->next) {
     lua_pushnumber(L, (lua_Number)job->id);
-    lua_rawseti(L, -2, 4 * i + 1);
+    lua_rawseti(L, -2, PER_JOB * i + 1);
+    lua_pushinteger(L, (lua_Integer)job->tag);
+    lua_rawseti(L, -2, PER_JOB * i + 2);
     lua_pushboolean(L, job->status == TIDE_JOB_OK);
-    lua_rawseti(L, -2, 4 * i + 2);
+    lua_rawseti(L, -2, PER_JOB * i + 3);
     lua_pushlstring(L, job->result ? job->result : "", job->result ? job->result_len : 0);
-    lua_rawseti(L, -2, 4 * i + 3);
+    lua_rawseti(L, -2, PER_JOB * i + 4);
     if (job->trace) lua_pushstring(L, job->trace); else lua_pushboolean(L, 0);
-    lua_rawseti(L, -2, 4 * i + 4);
+    lua_rawseti(L, -2, PER_JOB * i + 5);
   }
   lua_pushinteger(L, bt->n);
   return 2;
@@ -79,9 +86,11 @@ static int on_done(tide__pool *pool, tide__job *first, int n, void *data) {
     delivered = (int)lua_tointeger(L, -1);
     lua_pop(L, 1);
   }
-  for (int i = 1; i <= 4 * n; i++) {         /* the results may be collected now */
+  for (int i = 0; i < n; i++) {              /* the results may be collected now */
+    lua_pushnil(L);                          /* (the other entries hold no object) */
+    lua_rawseti(L, top + 1, PER_JOB * i + 4);
     lua_pushnil(L);
-    lua_rawseti(L, top + 1, i);
+    lua_rawseti(L, top + 1, PER_JOB * i + 5);
   }
   lua_settop(L, top);
   return delivered >= 0 && delivered <= n ? delivered : 0;
@@ -112,7 +121,7 @@ static int l_start(lua_State *L) {
     .memory_limit = (size_t)limit,
   };
   char err[256];
-  lua_createtable(L, 4 * TIDE_POOL_BATCH, 0);  /* the deliveries' list */
+  lua_createtable(L, PER_JOB * TIDE_POOL_BATCH, 0);  /* the deliveries' list */
   int list_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pushvalue(L, 2);
   int done_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -130,16 +139,19 @@ static int l_start(lua_State *L) {
   return 1;
 }
 
-/* thread_submit(id, fn, fn_is_name, args) */
+/* thread_submit(id, tag, fn, fn_is_name, args): tag (0 .. 2^32 - 1) comes back with the result */
 static int l_submit(lua_State *L) {
   binding *b = get_pool(L);
   size_t fn_len, args_len;
   uint64_t id = (uint64_t)luaL_checknumber(L, 1);
-  const char *fn = luaL_checklstring(L, 2, &fn_len);
-  int is_name = lua_toboolean(L, 3);
-  const char *args = luaL_checklstring(L, 4, &args_len);
+  lua_Number tag = luaL_checknumber(L, 2);
+  luaL_argcheck(L, tag >= 0 && tag <= UINT32_MAX, 2, "tag out of range");
+  const char *fn = luaL_checklstring(L, 3, &fn_len);
+  int is_name = lua_toboolean(L, 4);
+  const char *args = luaL_checklstring(L, 5, &args_len);
   tide__job *job = tide__job_new(id, fn, fn_len, is_name, args, args_len);
   if (job == NULL) return luaL_error(L, "tide: out of memory for a thread job");
+  job->tag = (uint32_t)tag;
   if (tide__pool_submit(b->pool, job) != 0) {
     tide__job_free(job);
     return luaL_error(L, "tide: the thread pool is closing");

@@ -41,6 +41,7 @@ typedef enum { TIDE_JOB_OK = 0, TIDE_JOB_ERROR = 1 } tide__job_status;
 
 typedef struct tide__job {
   uint64_t id;                 /* chosen by the submitter, unique while live */
+  uint32_t tag;                /* the submitter's, handed back with the job (0 by default) */
   char *fn;                    /* "module.function" or bytecode (in the job's own block) */
   size_t fn_len;
   int fn_is_name;

@@ -64,9 +64,10 @@ function M.is_count(v, min)
   return finite(v) and v >= (min or 0) and v % 1 == 0
 end
 
---- Checks that `opts` has only keys listed in `allowed` (a set); the first
---- unknown key, in sorted order for stable messages, is an error.
-function M.known(fname, opts, allowed, prefix, level)
+local next = next
+
+--- Reports the first unknown key of `opts`, in sorted order for stable messages.
+local function unknown_option(fname, opts, allowed, prefix, level)
   local unknown
   for k in pairs(opts) do
     if not allowed[k] then
@@ -74,9 +75,37 @@ function M.known(fname, opts, allowed, prefix, level)
       if unknown == nil or ks < unknown then unknown = ks end
     end
   end
-  if unknown then
-    error(("%s: unknown option '%s%s'"):format(fname, prefix or "", unknown), (level or 2) + 1)
+  error(("%s: unknown option '%s%s'"):format(fname, prefix or "", unknown), level + 1)
+end
+
+--- True when every key of `opts` is in `allowed`.  The first six keys are
+--- checked without a loop: a loop here, compiled as a trace of its own,
+--- stopped LuaJIT from compiling any loop that spawns tasks with an option
+--- table ("inner loop in root trace"), and tide.spawn{...} ran in the
+--- interpreter (-jv; callgrind: bench/RESULTS.md, issue 21, branch h21th).
+local function all_known(opts, allowed)
+  local k = next(opts)
+  if k == nil then return true elseif not allowed[k] then return false end
+  k = next(opts, k)
+  if k == nil then return true elseif not allowed[k] then return false end
+  k = next(opts, k)
+  if k == nil then return true elseif not allowed[k] then return false end
+  k = next(opts, k)
+  if k == nil then return true elseif not allowed[k] then return false end
+  k = next(opts, k)
+  if k == nil then return true elseif not allowed[k] then return false end
+  k = next(opts, k)
+  if k == nil then return true elseif not allowed[k] then return false end
+  for key in next, opts, k do
+    if not allowed[key] then return false end
   end
+  return true
+end
+
+--- Checks that `opts` has only keys listed in `allowed` (a set); the first
+--- unknown key, in sorted order for stable messages, is an error.
+function M.known(fname, opts, allowed, prefix, level)
+  if not all_known(opts, allowed) then unknown_option(fname, opts, allowed, prefix, (level or 2) + 1) end
 end
 
 -- ===== the vocabulary: every public option set (README "Vocabulary";
