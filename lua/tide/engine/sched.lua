@@ -680,9 +680,13 @@ function S.new_task(fn, opt)
   -- part of 8 slots is what keeps an idle task small.  What fewer tasks need
   -- lives in t._opt (arguments, timeout, retry, hooks, timers) or is added
   -- when needed (t._waiters, t.traceback).
-  local t = setmetatable({ id = next_id, attempts = 0, _fn = fn, _state = "pending",
-                           _co = false, _opt = opt or false, _wait = false },
+  -- Made with constants, then filled: the template of a table constructor
+  -- holds only the keys given constants, and each key added after the
+  -- template's hash is full grows the table (a rehash per task).
+  local t = setmetatable({ id = 0, attempts = 0, _fn = false, _state = "pending",
+                           _co = false, _opt = false, _wait = false },
                          Task_mt)
+  t.id, t._fn, t._opt = next_id, fn, opt or false
   nlive, live_n = nlive + 1, live_n + 1
   live[live_n] = t
   if live_n > 2 * nlive + 1024 then compact_live() end

@@ -37,7 +37,11 @@ local function new_timer(fname, ms, fn, every)
   end
   if type(fn) ~= "function" then arg_error(fname, 2, "function", fn, 3) end
   if S.shutting_down() then return nil, fname .. ": the loop is shutting down" end
-  local tm = setmetatable({ ms = ms, fn = fn, every = every, key = false }, Timer_mt)
+  -- Made with constants, then filled: LuaJIT's template of a table
+  -- constructor holds only the keys whose values are constants, and each
+  -- other key made the table grow (a rehash per timer: callgrind).
+  local tm = setmetatable({ ms = 0, fn = false, every = false, key = false }, Timer_mt)
+  tm.ms, tm.fn, tm.every = ms, fn, every
   tm.key = S.timer(ms, fire, tm)
   return tm
 end
