@@ -29,6 +29,13 @@ function W.spawn_opt()                  -- an option table: tasks with handle_re
   for i = 1, N do ts[i]:await() end
 end
 
+function W.after_stop()                 -- created and stopped, never fired: subtract it from after
+  local tms = {}
+  local function cb() end
+  for i = 1, N do tms[i] = tide.after(1000 + i % 100, cb) end
+  for i = 1, N do tms[i]:stop() end
+end
+
 function W.sleep()
   local ts = {}
   for i = 1, N do ts[i] = tide.spawn(tide.sleep, 1) end
