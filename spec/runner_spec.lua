@@ -63,6 +63,26 @@ describe("a runner", function()
     assert.same({ "ok", 7 }, { ts[7]:status(), ts[7].value })
   end)
 
+  it("keeps a returned false, and no value for nothing returned, after a wait or none", function()
+    local got = H.run(function()
+      local ts = {
+        tide.spawn(function() tide.sleep(1) end),
+        tide.spawn(function() tide.sleep(1); return false end),
+        tide.spawn(function() return nil end),
+        tide.spawn(function() return false end),
+        tide.spawn(function() tide.sleep(1); return nil, "second" end),
+      }
+      local got = {}
+      for i = 1, #ts do got[i] = { n = select("#", ts[i]:await()), ts[i]:await() } end
+      return got
+    end)
+    assert.same({ n = 2, "ok", nil }, got[1])
+    assert.same({ n = 2, "ok", false }, got[2])
+    assert.same({ n = 2, "ok", nil }, got[3])
+    assert.same({ n = 2, "ok", false }, got[4])
+    assert.same({ n = 3, "ok", nil, "second" }, got[5])
+  end)
+
   it("never starts a task cancelled by the task before it in the batch", function()
     local ran = {}
     local ts, calls = H.run(function()

@@ -419,7 +419,10 @@ local function finish(t, status, ...)
   -- t again (a flow hook cancelling its own run) is refused above, and the
   -- hooks see how the task ended.
   t._state = status
-  t.value = ...
+  -- A nil value is not stored: the key would be the table's ninth after a
+  -- sleep's _wait_timer and grow it (a rehash, ~1,900 instructions).
+  local value = ...
+  if value ~= nil then t.value = value end
   if values then t._values = values end
   nlive = nlive - 1
   stats[status] = stats[status] + 1
