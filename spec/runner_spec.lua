@@ -364,19 +364,21 @@ describe("a timer's fire", function()
   end)
 
   it("stops its own timer from inside the callback, before and after a wait", function()
-    local fires, fires_w, again = 0, 0, nil
+    -- A fire already queued when stop() is called still runs (at most one:
+    -- a loop slowed by the machine's load may fire once more in the tick).
+    local fires, fires_w, again, stopped_at = 0, 0, nil, nil
     H.run(function()
       tide.every(1, function(tm) fires = fires + 1; if fires == 3 then assert(tm:stop()) end end)
       tide.every(1, function(tm)
         fires_w = fires_w + 1
         tide.sleep(1)
-        if fires_w >= 2 and tm.key then assert(tm:stop()) end
+        if fires_w >= 2 and tm.key then assert(tm:stop()); stopped_at = fires_w end
       end)
       tide.after(0, function(tm) again = { tm:stop() } end)
       tide.sleep(40)
     end)
-    assert.equal(3, fires)
-    assert.is_true(fires_w >= 2 and fires_w <= 4, "waiting every fired " .. fires_w)
+    assert.is_true(fires == 3 or fires == 4, "every fired " .. fires)
+    assert.is_true(fires_w >= 2 and fires_w <= stopped_at + 1, ("waiting every fired %d, stopped at %d"):format(fires_w, stopped_at))
     assert.same({ nil, "timer:stop: the timer is not pending (it fired, or was stopped)" }, again)
     assert.same({}, reports)
   end)

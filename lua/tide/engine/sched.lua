@@ -517,7 +517,14 @@ local arm_grace
 function S.fire(tm)
   if shutting then return end
   tm._co = FIRE
-  push(tm, FIRE)
+  -- The timer's key has popped: a push that raises (it may grow the run
+  -- queue, and an allocation may run a finalizer that raises) would lose
+  -- the fire.  It is pushed again, and the error goes to the error sink.
+  local ok, err = pcall(push, tm, FIRE)
+  if not ok then
+    push(tm, FIRE)
+    pcall(log.report, "tide's engine (an error raised while a timer fired, as by a __gc finalizer)", err, err)
+  end
 end
 
 function promote()
