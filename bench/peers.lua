@@ -9,6 +9,7 @@
 --
 --   LUA_CPATH="build/?.so;;" luajit bench/peers.lua            (bench/run.sh peers)
 --   luajit bench/peers.lua one WORKLOAD                         (one tide sample, JSON)
+--   luajit bench/peers.lua mem [N]                              (bytes per sleeping task, N asleep)
 local tide = require "tide"
 tide.configure{ watchdog = 0 }              -- a batch of 100,000 spawns holds the loop for a while
 
@@ -104,6 +105,39 @@ local function sample(name)
     if define_us and (not r.define_warm or define_us < r.define_warm) then r.define_warm = define_us end
   end
   return r
+end
+
+--- Bytes per sleeping task, N of them asleep at once in this (fresh)
+--- process: RSS (what the issue's goal counts) and Lua heap, after a full
+--- collection, and the C timer heap's share.
+local function memory(n)
+  local function rss()
+    local f = assert(io.open("/proc/self/statm"))
+    local pages = tonumber(f:read("*l"):match("^%S+%s+(%S+)"))
+    f:close()
+    return pages * 4096
+  end
+  local function sleeper() tide.sleep(3600000) end
+  local out
+  local status, err = tide.run(function()
+    collectgarbage(); collectgarbage()
+    local r0, h0, tb0 = rss(), collectgarbage("count") * 1024, tide.stats().timer_bytes
+    for _ = 1, n do tide.spawn(sleeper) end
+    tide.sleep(0); tide.sleep(0)                 -- every task runs up to its sleep
+    collectgarbage(); collectgarbage()
+    local st = tide.stats()
+    assert(st.live - 1 == n and st.timers >= n, "bench/peers.lua mem: the tasks are not all asleep")
+    out = ("{\"rss\":%.1f,\"heap\":%.1f,\"timer_heap\":%.1f}"):format((rss() - r0) / n,
+      (collectgarbage("count") * 1024 - h0) / n, (st.timer_bytes - tb0) / n)
+    tide.shutdown(0)                             -- cancel them all rather than wait
+  end)
+  assert(status == "ok" or status == "cancelled", tostring(err))
+  return out
+end
+
+if arg and arg[1] == "mem" then                 -- luajit bench/peers.lua mem [N]: bytes per sleeping task
+  print(memory(tonumber(arg[2]) or 1000000))
+  return
 end
 
 if arg and arg[1] == "one" then

@@ -63,6 +63,26 @@ describe("a runner", function()
     assert.same({ "ok", 7 }, { ts[7]:status(), ts[7].value })
   end)
 
+  it("keeps a returned false, and no value for nothing returned, after a wait or none", function()
+    local got = H.run(function()
+      local ts = {
+        tide.spawn(function() tide.sleep(1) end),
+        tide.spawn(function() tide.sleep(1); return false end),
+        tide.spawn(function() return nil end),
+        tide.spawn(function() return false end),
+        tide.spawn(function() tide.sleep(1); return nil, "second" end),
+      }
+      local got = {}
+      for i = 1, #ts do got[i] = { n = select("#", ts[i]:await()), ts[i]:await() } end
+      return got
+    end)
+    assert.same({ n = 2, "ok", nil }, got[1])
+    assert.same({ n = 2, "ok", false }, got[2])
+    assert.same({ n = 2, "ok", nil }, got[3])
+    assert.same({ n = 2, "ok", false }, got[4])
+    assert.same({ n = 3, "ok", nil, "second" }, got[5])
+  end)
+
   it("never starts a task cancelled by the task before it in the batch", function()
     local ran = {}
     local ts, calls = H.run(function()
@@ -246,5 +266,209 @@ describe("a runner", function()
     ]], 120)
     assert.equal(0, status, out)
     assert.matches("tasks 20000 once 20000 wrong 0 live 0", out)
+  end)
+end)
+
+-- A timer's fire makes no task: a runner calls the callback, which becomes
+-- a task only when it needs one (it waits, yields, or asks for itself).
+-- Attacked here: callbacks side by side in one batch that return, raise,
+-- wait then raise, cancel themselves, yield bare, stop their own timer,
+-- wait in a nested coroutine, and a shutdown that meets a callback before
+-- and after it became a task.
+describe("a timer's fire", function()
+  local reports
+  before_each(function()
+    reports = {}
+    tide.configure{ on_error = function(where, err, tb)
+      reports[#reports + 1] = { where = where, err = tostring(err), tb = tb or "" }
+    end }
+  end)
+  after_each(function()
+    H.loud_errors()
+    H.assert_idle()
+  end)
+
+  it("runs callbacks that return in the order they fired, and makes no task for them", function()
+    local order, spawned, ok0, ok1
+    H.run(function()
+      local s0 = tide.stats().spawned
+      ok0 = tide.stats().ok
+      for i = 1, 5 do tide.after(0, function(tm) order[#order + 1] = i; assert(getmetatable(tm)) end) end
+      tide.after(1, function() order[#order + 1] = "later" end)
+      order = {}
+      tide.sleep(20)
+      spawned, ok1 = tide.stats().spawned - s0, tide.stats().ok
+    end)
+    assert.same({ 1, 2, 3, 4, 5, "later" }, order)
+    assert.equal(0, spawned)
+    assert.equal(ok0, ok1)
+    assert.same({}, reports)
+  end)
+
+  it("reports each raising callback once, as a timer callback, and goes on with the next of the batch", function()
+    local ran = {}
+    H.run(function()
+      tide.after(0, function() ran[#ran + 1] = 1 end)
+      tide.after(0, function() local function bad_callback() error("raised before any wait") end bad_callback() end)
+      tide.after(0, function() ran[#ran + 1] = 3 end)
+      tide.after(0, function() error({ code = 7 }) end)         -- not a string
+      tide.after(0, function() tide.sleep(2); error("raised after a wait") end)
+      tide.after(0, function() ran[#ran + 1] = 6 end)
+      tide.sleep(30)
+    end)
+    assert.same({ 1, 3, 6 }, ran)
+    assert.equal(3, #reports)
+    for _, r in ipairs(reports) do assert.equal("timer callback", r.where) end
+    assert.matches("raised before any wait", reports[1].err)
+    assert.matches("in %a* ?function 'bad_callback'", reports[1].tb)
+    assert.matches("runner_spec.lua:%d+", reports[1].tb)
+    assert.matches("^table", reports[2].err)
+    assert.matches("raised after a wait", reports[3].err)
+    assert.matches("runner_spec.lua:%d+", reports[3].tb)
+  end)
+
+  it("gives a callback that waits, yields or asks for itself a task with exactly one outcome", function()
+    local tasks, after_yield, awaited = {}, false, nil
+    H.run(function()
+      tide.after(0, function() tasks.sleeper = tide.current(); tide.sleep(3) end)
+      tide.after(0, function() tasks.asker = tide.current() end)
+      tide.after(0, function() coroutine.yield(); coroutine.yield("not WAIT"); after_yield = true end)
+      tide.after(0, function()
+        local t = tide.spawn(function() tide.sleep(1); return "child" end)
+        awaited = { t:await() }
+      end)
+      tide.sleep(30)
+    end)
+    assert.equal("ok", tasks.sleeper:status())
+    assert.equal("ok", tasks.asker:status())
+    assert.is_true(after_yield)
+    assert.same({ "ok", "child" }, awaited)
+    assert.same({}, reports)
+  end)
+
+  it("stops a callback that cancels itself, before and after it waited, and reports nothing", function()
+    local reached, t1, t2 = {}, nil, nil
+    H.run(function()
+      tide.after(0, function() t1 = tide.current(); t1:cancel("myself"); reached[#reached + 1] = "past 1" end)
+      tide.after(0, function()
+        tide.sleep(1)
+        t2 = tide.current(); t2:cancel("after a wait"); reached[#reached + 1] = "past 2"
+      end)
+      tide.after(0, function() reached[#reached + 1] = "third" end)
+      tide.sleep(20)
+    end)
+    assert.same({ "third" }, reached)
+    assert.same({ "cancelled", "myself" }, { t1:status(), t1.value })
+    assert.same({ "cancelled", "after a wait" }, { t2:status(), t2.value })
+    assert.same({}, reports)
+  end)
+
+  it("stops its own timer from inside the callback, before and after a wait", function()
+    -- A fire already queued when stop() is called still runs (at most one:
+    -- a loop slowed by the machine's load may fire once more in the tick).
+    local fires, fires_w, again, stopped_at = 0, 0, nil, nil
+    H.run(function()
+      tide.every(1, function(tm) fires = fires + 1; if fires == 3 then assert(tm:stop()) end end)
+      tide.every(1, function(tm)
+        fires_w = fires_w + 1
+        tide.sleep(1)
+        if fires_w >= 2 and tm.key then assert(tm:stop()); stopped_at = fires_w end
+      end)
+      tide.after(0, function(tm) again = { tm:stop() } end)
+      tide.sleep(40)
+    end)
+    assert.is_true(fires == 3 or fires == 4, "every fired " .. fires)
+    assert.is_true(fires_w >= 2 and fires_w <= stopped_at + 1, ("waiting every fired %d, stopped at %d"):format(fires_w, stopped_at))
+    assert.same({ nil, "timer:stop: the timer is not pending (it fired, or was stopped)" }, again)
+    assert.same({}, reports)
+  end)
+
+  it("refuses a wait in a nested coroutine of a callback, naming it, and the callback goes on", function()
+    local err, went_on
+    H.run(function()
+      tide.after(0, function()
+        local co = coroutine.create(function() tide.sleep(1) end)
+        local _, e = coroutine.resume(co)
+        err, went_on = e, true
+      end)
+      tide.sleep(10)
+    end)
+    assert.matches("tide.sleep: cannot wait inside a nested coroutine, only in the task's own", err)
+    assert.is_true(went_on)
+    assert.same({}, reports)
+  end)
+
+  it("cancels a callback that became a task during a shutdown begun before it ran, at the end of the grace", function()
+    local t0, woke, t = tide.now(), false, nil
+    tide.run(function()
+      tide.after(0, function() tide.shutdown(30) end)        -- no task live when it begins
+      tide.after(0, function() t = tide.current(); tide.sleep(10000); woke = true end)
+    end)
+    assert.is_false(woke)
+    assert.same({ "cancelled", "shutdown" }, { t:status(), t.value })
+    assert.is_true(tide.now() - t0 < 2000, "the grace ended the loop")
+    assert.same({}, reports)
+  end)
+
+  it("runs each callback once when raising finalizers interrupt the engine around the fires", function()
+    -- As in "gives one outcome to each task ..." above: finalizers whose
+    -- errors reach whatever allocation ran the collector step, here the
+    -- runners taken for the fires and the callbacks' own allocations.
+    local status, out = H.run_lua(dir, "fires.lua", [[
+      jit.off()
+      local tide = require "tide"
+      tide.configure{ on_error = function() end }
+      local mt = { __gc = function() error("boom in gc") end }
+      local function bomb() return debug.setmetatable(newproxy(false), mt) end
+      local N = 20000
+      local entered = {}
+      for k = 1, N do entered[k] = 0 end
+      collectgarbage("setpause", 10)
+      tide.run(function()
+        for k = 1, N do
+          local ok repeat ok = pcall(tide.after, k % 7, function()
+            entered[k] = entered[k] + 1
+            bomb(); bomb()
+            if k % 3 == 0 then tide.sleep(1) end
+          end) until ok
+        end
+        repeat until pcall(tide.sleep, 50)
+        mt.__gc = function() end
+      end)
+      local once, more = 0, 0
+      for k = 1, N do
+        if entered[k] == 1 then once = once + 1 elseif entered[k] > 1 then more = more + 1 end
+      end
+      print(("fires %d once %d more %d live %d"):format(N, once, more, tide.stats().live))
+    ]], 120)
+    assert.equal(0, status, out)
+    assert.matches("fires 20000 once 20000 more 0 live 0", out)
+  end)
+
+  it("runs 2,000 random callbacks each exactly once, through returns, raises, waits and cancels", function()
+    local seed = os.time()
+    math.randomseed(seed)
+    local entered, finished, raised, n = {}, 0, 0, 2000
+    H.run(function()
+      for k = 1, n do
+        local kind = math.random(1, 5)
+        tide.after(math.random(0, 5), function()
+          entered[k] = (entered[k] or 0) + 1
+          if kind == 2 then raised = raised + 1; error("kind 2") end
+          if kind == 3 then tide.sleep(math.random(0, 3)) end
+          if kind == 4 then coroutine.yield() end
+          if kind == 5 then
+            if math.random() < 0.5 then tide.sleep(0) end
+            tide.current():cancel("kind 5")
+          end
+          finished = finished + 1
+        end)
+      end
+      tide.sleep(60)
+    end)
+    local twice = 0
+    for k = 1, n do if entered[k] ~= 1 then twice = twice + 1 end end
+    assert.equal(0, twice, "callbacks not entered exactly once (seed " .. seed .. ")")
+    assert.equal(raised, #reports, "seed " .. seed)
   end)
 end)

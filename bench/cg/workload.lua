@@ -4,8 +4,8 @@
 --
 -- bench/cg/run.sh runs it at two sizes and prints the instructions per unit of
 -- the loop thread (the difference over the difference in N: start-up and
--- the pool's threads do not count).  Workloads: spawn, spawn_opt, sleep, after,
--- thread, flow_tasks, flow_define, flow_run, dflow (a durable flow: N
+-- the pool's threads do not count).  Workloads: spawn, spawn_opt, sleep, sleep_fn,
+-- after, after_stop, thread, flow_tasks, flow_define, flow_run, dflow (a durable flow: N
 -- no-op steps in layers of 100, each after 2 of the layer before, run by
 -- one worker in the process on a fresh SQLite file).
 local tide = require "tide"
@@ -27,6 +27,20 @@ function W.spawn_opt()                  -- an option table: tasks with handle_re
   local function hr() heard = heard + 1 end
   for i = 1, N do ts[i] = tide.spawn{ run = noop, handle_result = hr } end
   for i = 1, N do ts[i]:await() end
+end
+
+function W.sleep_fn()                   -- as bench/peers.lua's: a function without arguments
+  local ts = {}
+  local function sleeper() tide.sleep(1) end
+  for i = 1, N do ts[i] = tide.spawn(sleeper) end
+  for i = 1, N do ts[i]:await() end
+end
+
+function W.after_stop()                 -- created and stopped, never fired: subtract it from after
+  local tms = {}
+  local function cb() end
+  for i = 1, N do tms[i] = tide.after(1000 + i % 100, cb) end
+  for i = 1, N do tms[i]:stop() end
 end
 
 function W.sleep()

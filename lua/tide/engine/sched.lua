@@ -56,6 +56,10 @@ S.TERMINAL = TERMINAL
 local WAIT = setmetatable({}, { __tostring = function() return "tide.WAIT" end })
 
 local current = nil          -- the task whose coroutine is being resumed
+-- The timer whose callback a runner is running without a task (see "timers'
+-- fires"), and that runner; nil otherwise.  promote() makes its task.
+local firing, firing_co = nil, nil
+local promote
 local in_callback = nil      -- the name of the user callback running now, if any
 local next_id = 0
 -- Every task that may still be live, in creation order: appended when
@@ -156,9 +160,19 @@ local function cannot_wait(fname, t, level)
   error(fname .. ": cannot wait inside a nested coroutine, only in the task's own", level + 1)
 end
 
+--- The slow path of the wait checks: the task that may wait here (a timer
+--- callback running without a task becomes one), or an error.
+local function waiting_task(fname, level)
+  if current == nil and firing_co and not in_callback then
+    if co_running() == firing_co then current = promote(); return current end
+    error(fname .. ": cannot wait inside a nested coroutine, only in the task's own", level + 1)
+  end
+  cannot_wait(fname, current, level + 1)
+end
+
 local function wait_begin(fname, level)
   local t = current
-  if in_callback or t == nil or co_running() ~= t._co then cannot_wait(fname, t, level + 1) end
+  if in_callback or t == nil or co_running() ~= t._co then t = waiting_task(fname, level + 1) end
   token = token + 1
   t._wait = token
   return t, token
@@ -198,7 +212,7 @@ S.wait_end = wait_end
 function S.sleep(ms)
   if not is_ms(ms) then check.arg_error("tide.sleep", 1, "non-negative number of ms", ms) end
   local t = current
-  if in_callback or t == nil or co_running() ~= t._co then cannot_wait("tide.sleep", t, 2) end
+  if in_callback or t == nil or co_running() ~= t._co then t = waiting_task("tide.sleep", 2) end
   local tok = token + 1
   token, t._wait = tok, tok
   t._wait_timer = timer(ms, wait_timer_fired, t, tok)
@@ -244,7 +258,13 @@ function S.wake_all(list)
   for i = 1, #list, 2 do wake(list[i], list[i + 1]) end
 end
 
-function S.current() return current end
+--- The task running now, or nil.  A timer callback that runs without a
+--- task gets one here: asking for it makes it (see "timers' fires").
+local function current_task()
+  if current == nil and firing_co and not in_callback then current = promote() end
+  return current
+end
+S.current = current_task
 
 --- tide.current(): the task running now, or nil.  A task whose options
 --- hold `seen = false` runs the work of several owners in turn (a flow's
@@ -253,7 +273,7 @@ function S.current() return current end
 --- never reaches the next owner's work.  tide's own modules call
 --- S.current, which marks nothing.
 function S.current_handle()
-  local t = current
+  local t = current_task()
   if t then
     local o = t._opt
     if o and o.seen == false then o.seen = true end
@@ -268,7 +288,8 @@ function S.in_callback() return in_callback end
 --- nested coroutine or a callback.
 function S.in_task()
   local t = current
-  return t ~= nil and not in_callback and co_running() == t._co
+  if t == nil then return firing_co ~= nil and not in_callback and co_running() == firing_co end
+  return not in_callback and co_running() == t._co
 end
 
 --- The state of a task ("pending", "running", "retrying", or terminal).
@@ -398,7 +419,10 @@ local function finish(t, status, ...)
   -- t again (a flow hook cancelling its own run) is refused above, and the
   -- hooks see how the task ended.
   t._state = status
-  t.value = ...
+  -- A nil value is not stored: the key would be the table's ninth after a
+  -- sleep's _wait_timer and grow it (a rehash, ~1,900 instructions).
+  local value = ...
+  if value ~= nil then t.value = value end
   if values then t._values = values end
   nlive = nlive - 1
   stats[status] = stats[status] + 1
@@ -460,10 +484,80 @@ local function returned(t, co, ...)
   ending = nil
 end
 
---- A task that takes a runner of its own (not a direct task).
+--- A task that takes a runner of its own (not a direct task), or a timer's fire.
 local function needs_runner(t)
   local o = t._opt
   return not (o and o.direct)
+end
+
+-- ===== timers' fires: a callback runs on a runner, and is a task only if it waits
+--
+-- A timer's fire queues the entry (timer, FIRE) on the run queue, in the
+-- order of the fires, and makes no task: a runner calls tm.fn(tm) as it
+-- would run a task's function, with `current` nil and `firing` set.  Most
+-- callbacks return without waiting, and nothing more happens (a callback
+-- that raises goes to the error sink as "timer callback", as nobody awaits
+-- it).  A callback that needs its task (it waits, yields, or asks for it:
+-- tide.current(), S.current()) gets one there, promote(): a running task
+-- whose coroutine is the runner, with the shared options that report its
+-- failure as "timer callback"; from then on it is a task like any other
+-- (its end goes through the door; a shutdown cancels it).  Why: a task per
+-- fire (a table, the live list, the door) was most of the 6,700
+-- instructions of a tide.after timer (callgrind, bench/cg after).
+-- Invariant: firing_co is the runner running a timer's callback that has no
+-- task yet, or nil; a promotion, a return, an error or a bare yield clears it.
+
+local FIRE = 0                -- the coroutine slot of a fire's entry (attempt numbers start at 1)
+local FIRE_OPTIONS = { shared = true, report = "timer callback" }
+local fire_unrun = nil        -- a fire taken by run_task whose runner is not resumed yet
+local arm_grace
+
+--- Queues a run of tm.fn(tm) (tm: a table of tide.engine.timer).  Nothing
+--- new starts during a shutdown.
+function S.fire(tm)
+  if shutting then return end
+  tm._co = FIRE
+  -- The timer's key has popped: a push that raises (it may grow the run
+  -- queue, and an allocation may run a finalizer that raises) would lose
+  -- the fire.  It is pushed again, and the error goes to the error sink.
+  local ok, err = pcall(push, tm, FIRE)
+  if not ok then
+    push(tm, FIRE)
+    pcall(log.report, "tide's engine (an error raised while a timer fired, as by a __gc finalizer)", err, err)
+  end
+end
+
+function promote()
+  local tm, co = firing, firing_co
+  firing, firing_co = nil, nil
+  local t = S.new_task(tm.fn, FIRE_OPTIONS)
+  t._state, t.attempts, t._co = "running", 1, co
+  if shutting and not grace_key then arm_grace() end   -- the grace applies to it too
+  return t
+end
+
+--- Runs a fire on runner co.  Returns when the callback returned: if it got
+--- its task meanwhile, that task's attempt returned (the runner is its
+--- coroutine; run_task made it current when it resumed it).
+local function run_fire(tm, co)
+  current, in_callback, firing, firing_co = nil, nil, tm, co
+  tm.fn(tm)
+  if firing_co == co then firing, firing_co = nil, nil
+  else returned(current, co) end
+end
+
+--- A fire's callback raised before it had a task: reported, as its task's
+--- would be (protected: the traceback and the report allocate).
+local function report_fire(co, err)
+  local tb
+  if getmetatable(err) == Traced_mt then tb, err = err.traceback, err.value
+  else tb = traceback(co, safe_tostring(err)) end
+  log.report(FIRE_OPTIONS.report, err, tb)
+end
+
+local function fire_failed(co, err)
+  firing, firing_co = nil, nil
+  pcall(report_fire, co, err)
 end
 
 -- Not a vararg function: a vararg frame takes more stack slots, and a task
@@ -477,12 +571,19 @@ end
 local function runner_loop(t)
   local co = co_running()
   while true do
-    current, in_callback = t, nil
-    local args = t._opt and t._opt.args
-    if args then returned(t, co, t._fn(unpack(args, 1, args.n)))
-    else returned(t, co, t._fn()) end
-    t = take_first(needs_runner)           -- the next new task of the batch, if it is one
-    if t then t._co = co else t = co_yield(DONE) end
+    if t._co == FIRE then run_fire(t, co)
+    else
+      current, in_callback = t, nil
+      local args = t._opt and t._opt.args
+      if args then returned(t, co, t._fn(unpack(args, 1, args.n)))
+      else returned(t, co, t._fn()) end
+    end
+    t = take_first(needs_runner)           -- the next new task (or fire) of the batch, if it is one
+    if t then
+      if t._co ~= FIRE then t._co = co end
+    else
+      t = co_yield(DONE)
+    end
   end
 end
 
@@ -500,12 +601,16 @@ local function after_resume(co, ok, ...)
     local first = ...
     if first == DONE then                  -- idle: its tasks ended inside it
       if nidle < MAX_IDLE then nidle = nidle + 1; idle[nidle] = co end
-    elseif t and t._co == co and first ~= WAIT then
+      return
+    end
+    if t == nil and firing_co == co then t = promote() end   -- a fire's callback yielded bare
+    if t and t._co == co and first ~= WAIT then
       push(t, co)                          -- a bare yield: run again later
     end
     return
   end
   local err = ...                          -- raised: the runner is dead
+  if t == nil and firing_co == co then return fire_failed(co, err) end
   if t == nil then                         -- raised in the door (a __gc finalizer's error)
     t, ending, finishing = ending, nil, 0
     if t and t._co == co and t._state == "running" then   -- before the door shut: it fails with the error
@@ -525,15 +630,16 @@ end
 
 local function run_task(t, co)
   current, in_callback = t, nil             -- a callback that yielded never leaks its state
-  if type(co) == "number" then             -- the attempt's first resume: take a runner
+  if type(co) == "number" then             -- the attempt's first resume (or a fire): take a runner
     local o = t._opt
     if o and o.direct then return o.direct(t) end   -- no coroutine (see "direct tasks")
+    if co == FIRE then current, fire_unrun = nil, t end
     if nidle > 0 then
       co, idle[nidle], nidle = idle[nidle], nil, nidle - 1
     else
-      co = co_create(runner_loop)
+      co = co_create(runner_loop)           -- allocates: may raise (see "interruptions")
     end
-    t._co = co
+    if t._co == FIRE then fire_unrun = nil else t._co = co end
     return after_resume(co, co_resume(co, t))
   end
   return after_resume(co, co_resume(co))
@@ -608,6 +714,10 @@ local RUN_BUDGET = 20000
 --- waiting: left to its wake-up; ended or between attempts: left alone;
 --- else it ran and its outcome was lost after it: it fails with the error.
 local function repair(t, err)
+  if t._co == FIRE then                              -- a fire: run it if it never ran
+    if fire_unrun == t then fire_unrun = nil; push(t, FIRE) end
+    return
+  end
   if t._state ~= "running" then return end
   local co = t._co
   if co == false or t._wait then return end
@@ -621,7 +731,7 @@ end
 local interrupted_by = nil                          -- the error that stopped the last tick
 
 local function tick_body()
-  current, in_callback, finishing = nil, nil, 0
+  current, in_callback, finishing, firing, firing_co = nil, nil, 0, nil, nil
   local t = runq.interrupted()
   if t then repair(t, interrupted_by); runq.repaired() end   -- interrupted again: repaired again
   interrupted_by = nil
@@ -744,6 +854,13 @@ local function cancel_all(reason)
   return #list
 end
 
+local grace_end, grace_reason = 0, nil    -- when the grace period ends (tide.now's scale), and why
+
+local function grace_over()
+  grace_key = nil
+  cancel_all(grace_reason)
+end
+
 local shutdown_hooks = {}
 function S.on_shutdown(fn) shutdown_hooks[#shutdown_hooks + 1] = fn end
 
@@ -760,7 +877,15 @@ function S.shutdown(grace_ms, reason)
     end
   end
   end_grace()
-  if nlive > 0 then grace_key = timer(grace_ms, function() grace_key = nil; cancel_all(reason) end) end
+  grace_end, grace_reason = core.now() + grace_ms, reason
+  if nlive > 0 then arm_grace() end
+end
+
+--- Arms the timer that ends the grace period (again, for a timer callback
+--- that became a task during it: see promote).
+function arm_grace()
+  local ms = grace_end - core.now()
+  grace_key = timer(ms > 0 and ms or 0, grace_over)
 end
 
 function S.shutting_down() return shutting end

@@ -1,8 +1,10 @@
---- tide.engine.timer — tide.after and tide.every: callbacks run as tasks at a time, once or repeatedly.
+--- tide.engine.timer — tide.after and tide.every: callbacks run at a time, once or repeatedly.
 --
 -- A timer is a key in the engine's timer heap.  When it fires, its callback
--- runs as a task of its own (so it may wait); a failure goes to the error
--- sink, as nobody awaits these tasks.  A shutdown stops every timer.
+-- runs on one of the engine's runners (S.fire), and becomes a task of its
+-- own only if it waits (so it may wait, at no cost to those that do not);
+-- a failure goes to the error sink, as nobody awaits these callbacks.  A
+-- shutdown stops every timer.
 local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
 
@@ -16,19 +18,10 @@ local Timer_mt = { __index = Timer, __tostring = function(tm)
   return ("tide.Timer (%s)"):format(tm.key and "pending" or "stopped")
 end }
 
--- A timer is the function of the tasks it starts: calling it runs fn(timer).
--- (No closure and no argument table per run.)
-Timer_mt.__call = function(tm) return tm.fn(tm) end
-
--- The options of every timer's task, shared (copied if a module adds to
--- one task's): nobody awaits these tasks, so a failure goes to the error
--- sink at once, as "timer callback".
-local TASK_OPTIONS = { shared = true, report = "timer callback" }
-
 local function fire(tm)
   tm.key = false
   if tm.every then tm.key = S.timer(tm.ms, fire, tm) end
-  S.start(S.new_task(tm, TASK_OPTIONS))
+  S.fire(tm)
 end
 
 local function new_timer(fname, ms, fn, every)
@@ -37,12 +30,17 @@ local function new_timer(fname, ms, fn, every)
   end
   if type(fn) ~= "function" then arg_error(fname, 2, "function", fn, 3) end
   if S.shutting_down() then return nil, fname .. ": the loop is shutting down" end
-  local tm = setmetatable({ ms = ms, fn = fn, every = every, key = false }, Timer_mt)
+  -- _co and _opt: the run queue's view of a fire's entry (see S.fire).  Made
+  -- with constants, then filled: LuaJIT's template of a table constructor
+  -- holds only the keys whose values are constants, and each other key made
+  -- the table grow (a rehash per timer, ~870 instructions: callgrind).
+  local tm = setmetatable({ ms = 0, fn = false, every = false, key = false, _co = false, _opt = false }, Timer_mt)
+  tm.ms, tm.fn, tm.every = ms, fn, every
   tm.key = S.timer(ms, fire, tm)
   return tm
 end
 
---- Runs fn(timer) as a task once, `ms` from now.  Returns a timer.
+--- Runs fn(timer) once, `ms` from now (as a task if it waits).  Returns a timer.
 --- During a shutdown: nil and a message (nothing new starts).
 function M.after(ms, fn)
   local tm, err = new_timer("tide.after", ms, fn, false)   -- not a tail call: errors blame the caller
