@@ -133,7 +133,11 @@ local function check_task(fname, fdesc, name, spec, is_flow)
   if after == nil then after = NONE
   elseif type(after) == "string" then after = { after }
   elseif type(after) ~= "table" then bad(fname, fdesc, name, "after", "task name or list of names", after) end
-  local node = { name = name, index = 0, run = run, after = after, dependents = NONE }
+  -- Made from constants, then filled: `{ k = v }` with variable values
+  -- compiles to one lj_tab_newkey per key, which rehashed the new table
+  -- (callgrind); a slot holding a constant is stored into directly.
+  local node = { name = false, index = 0, run = false, after = false, dependents = false }
+  node.name, node.run, node.after, node.dependents = name, run, after, NONE
   if rare then check_rare(fname, fdesc, name, spec, is_flow, node) end
   return node
 end
@@ -267,7 +271,11 @@ function M.define(fname, opts, is_flow)
     node.index = i
     nodes[tname], list[i] = node, node
   end
-  local roots = {}
+  -- Linking resolves each dependency once (edges: the dependencies' indexes,
+  -- in order), then makes each list of dependents at its final size: grown
+  -- one append at a time, a list was rehashed at each (callgrind).
+  local roots, count, edges, ne = {}, table_new(n, 0), table_new(2 * n, 0), 0
+  for j = 1, n do count[j] = 0 end
   for j = 1, n do
     local node = list[j]
     local after = node.after
@@ -275,9 +283,24 @@ function M.define(fname, opts, is_flow)
     for k = 1, #after do
       local dep = nodes[after[k]]
       if dep == nil then unknown_dependency(fname, fdesc, nodes) end
-      local dn = dep.dependents
-      if dn == NONE then dn = {}; dep.dependents = dn end
-      dn[#dn + 1] = node
+      local d = dep.index
+      count[d] = count[d] + 1
+      ne = ne + 1
+      edges[ne] = d
+    end
+  end
+  for j = 1, n do
+    if count[j] > 0 then list[j].dependents = table_new(count[j], 0); count[j] = 0 end
+  end
+  local e = 0
+  for j = 1, n do
+    local node = list[j]
+    for _ = 1, #node.after do
+      e = e + 1
+      local d = edges[e]
+      local c = count[d] + 1
+      count[d] = c
+      list[d].dependents[c] = node
     end
   end
   local cycle = find_cycle(nodes, list)

@@ -13,9 +13,10 @@
 -- only what depends on the failure is skipped.
 --
 -- A run keeps its state in arrays by node index (the definition numbers
--- the nodes): status, dependencies left, start and duration, the task that
--- holds a running node.  The report (report.tasks, by name) is made once,
--- when the run ends.  Invariants:
+-- the nodes): status, dependencies left, start, attempts, the task that
+-- holds a running node.  A node's report entry (report.tasks[name]) is
+-- made when it gets its outcome; those of nodes that never ran, when the
+-- run ends.  Invariants:
 --   - A node leaves "running" only through node_finished, once: that is its
 --     one outcome, whatever ends it (its code, its task, a stop, a cancel).
 --   - run.open counts the nodes without an outcome; the run ends when it
@@ -95,8 +96,17 @@ local function safe_tostring(v)
   return ok and text or "(an error object whose __tostring failed)"
 end
 
+--- A node's ctx.  Made from a table of constants, then filled: LuaJIT
+--- compiles `{ k = v }` with variable values as a copy of a template whose
+--- slots are empty, then one lj_tab_newkey call per key, which rehashed
+--- the new table (callgrind: 5 rehashes per node between this and the
+--- report entry, about 2,400 instructions of a node's 7,800).  Slots that
+--- hold a constant are stored into directly.  A nil stored this way
+--- leaves no visible key: next() skips it.
 local function ctx_for(run, node)
-  return { input = run.input, results = run.results, flow = run.flow.name, task = node.name }
+  local ctx = { input = false, results = false, flow = false, task = false }
+  ctx.input, ctx.results, ctx.flow, ctx.task = run.input, run.results, run.flow.name, node.name
+  return ctx
 end
 
 --- What crosses to a thread-mode task: the input and the results of its own
@@ -150,25 +160,34 @@ local start_ready, node_finished, queue_simple, dismiss_workers -- forward
 -- For metrics: finished runs by status, and their steps by status.
 M.counts = { runs = {}, steps = {} }
 
---- The report's entries, by name, made from the run's arrays.
-local function report_tasks(run)
-  local list = run.flow.list
-  local n = #list
-  local tasks = table_new(0, n)
-  local status, attempts, started, duration, values = run.status, run.attempts, run.started, run.duration, run.values
-  local errors, reasons, children = run.errors, run.reasons, run.children
-  -- Only the fields a node has: storing nil under a new key still makes the
-  -- key in LuaJIT, by its slow path (an entry of 8 fields with 3 nil cost
-  -- 3.6 times one of 5).
-  for i = 1, n do
-    local r = { status = status[i], attempts = attempts[i] or 0, started = started[i] or false,
-                duration = duration[i] or false, value = values[i] }
-    if errors[i] ~= nil then r.error = errors[i] end
-    if reasons[i] ~= nil then r.reason = reasons[i] end
-    if children[i] ~= nil then r.children = children[i] end
-    tasks[list[i].name] = r
+--- Node i's report entry (status, attempts, started, duration, value, and
+--- error, reason, children when it has them), kept by index and by name.
+--- A node that ends through node_finished gets it there, while its node
+--- and name are still in the cache: made in one pass at the run's end,
+--- the entries of 10,000 nodes cost as much as the rest of the run did
+--- (LuaJIT's profiler, 16% of the compiled code against 10% for
+--- node_finished).  Only the fields a node has: storing nil under a new
+--- key still makes the key in LuaJIT, by its slow path (an entry of 8
+--- fields with 3 nil cost 3.6 times one of 5).
+local function make_entry(run, i, name, status, duration, value, err)
+  local r = { status = false, attempts = 0, started = false, duration = false, value = false }  -- see ctx_for
+  r.status, r.attempts, r.started, r.duration, r.value = status, run.attempts[i] or 0, run.started[i] or false,
+    duration, value
+  if err ~= nil then r.error = err end
+  local reason, children = run.reasons[i], run.children[i]
+  if reason ~= nil then r.reason = reason end
+  if children ~= nil then r.children = children end
+  run.entry[i], run.tasks[name] = r, r
+end
+
+--- The entries of the nodes that did not end through node_finished
+--- (skipped, cancelled before they started): made when the run ends.
+local function last_entries(run)
+  local list, entry, st = run.flow.list, run.entry, run.status
+  for i = 1, #list do
+    if not entry[i] then make_entry(run, i, list[i].name, st[i], false, nil, nil) end
   end
-  return tasks
+  return run.tasks
 end
 
 --- The end of the run: every node has its outcome.
@@ -180,7 +199,7 @@ local function finish_run(run, status)
   local st = run.status
   for i = 1, #st do local s = st[i]; steps[s] = (steps[s] or 0) + 1 end
   local report = run.report
-  report.tasks = report_tasks(run)
+  report.tasks = last_entries(run)
   report.status = status
   report.duration = now() - run.t0
   if run.timer then S.untimer(run.timer); run.timer = nil end
@@ -284,15 +303,15 @@ function node_finished(run, i, status, value, err)
   local node = run.flow.list[i]
   st[i] = status
   run.holder[i] = false
-  run.duration[i] = t - (run.started[i] or run.t0)
   run.running = run.running - 1
   run.open = run.open - 1
+  local started = run.started[i] or run.t0
   if status == "ok" then
-    run.values[i] = value
+    make_entry(run, i, node.name, status, t - started, value, nil)
     if value ~= nil then run.results[node.name] = value end
     if run.flow.on.task_done then hook(run, "task_done", { task = node.name, value = value }) end
   else
-    run.errors[i] = err
+    make_entry(run, i, node.name, status, t - started, nil, err)
     if status ~= "cancelled" then run.failed = run.failed + 1 end
     if status == "timeout" then hook(run, "task_timeout", { task = node.name, error = err })
     elseif status == "error" then hook(run, "task_error", { task = node.name, error = err }) end
@@ -669,10 +688,10 @@ local function new_run(f, input)
   local report = { flow = f.name, status = "running", tasks = false }
   local run = { flow = f, input = input, report = report, results = table_new(0, n),
                 status = table_new(n, 0), deps_left = table_new(n, 0), holder = table_new(n, 0),
-                started = table_new(n, 0), duration = table_new(n, 0), attempts = table_new(n, 0),
-                values = table_new(n, 0), errors = {}, reasons = {}, children = {}, kids = {},
+                started = table_new(n, 0), attempts = table_new(n, 0), entry = table_new(n, 0),
+                tasks = table_new(0, n), reasons = {}, children = {}, kids = {},
                 ready = table_new(n, 0), ready_head = 1, ready_tail = 0,
-                queue = {}, q_head = 1, q_tail = 0, looping = false, relay = false, polling = false, idle = {}, nidle = 0,
+                queue = table_new(n, 0), q_head = 1, q_tail = 0, looping = false, relay = false, polling = false, idle = {}, nidle = 0,
                 running = 0, open = n, failed = 0, starting = false, stopping = false,
                 children_total = 0, children_done = 0, t0 = now(), done = false, timer = false,
                 waiting = false }                   -- S.wait_for's slot
