@@ -551,6 +551,123 @@ describe("tide.flow", function()
     end)
   end)
 
+  -- ctx, report entries and nodes are made from tables of constants, then
+  -- filled (a speed-up): a nil stored that way must leave no key behind, and
+  -- no table may be shared between nodes or runs.
+  describe("tables made per node", function()
+    local function keys(t)
+      local ks = {}
+      for k in pairs(t) do ks[#ks + 1] = k end
+      table.sort(ks)
+      return table.concat(ks, " ")
+    end
+
+    it("give each report entry exactly the fields its node's outcome has, however it ended", function()
+      run(function()
+        quiet()
+        local tries = 0
+        local f = tide.flow{ fail = "continue", tasks = {
+          none = { run = function() end },
+          falsy = { run = function() return false end },
+          bad = { run = function() error("bad node") end },
+          dep = { after = "bad", run = function() return 1 end },
+          again = { retry = { attempts = 2, base = 1 }, run = function()
+            tries = tries + 1
+            if tries == 1 then error("once") end
+            return "second"
+          end },
+          fan = { items = function() return { 1, 2 } end, each = function(x) return x * 10 end },
+          no = { when = function() return false end, run = function() return 1 end },
+        } }
+        local status, report = f:run()
+        assert.equal("error", status)
+        local t = report.tasks
+        assert.equal("attempts duration started status", keys(t.none))
+        assert.equal("attempts duration started status value", keys(t.falsy))
+        assert.is_false(t.falsy.value)
+        assert.equal("attempts duration error started status", keys(t.bad))
+        assert.matches("bad node", t.bad.error)
+        assert.equal("attempts duration reason started status", keys(t.dep))
+        assert.same({ "skipped", 0, false, false, "dependency 'bad' error" },
+                    { t.dep.status, t.dep.attempts, t.dep.started, t.dep.duration, t.dep.reason })
+        assert.equal("attempts duration started status value", keys(t.again))
+        assert.same({ "ok", 2, "second" }, { t.again.status, t.again.attempts, t.again.value })
+        assert.equal("attempts children duration started status value", keys(t.fan))
+        assert.same({ 10, 20 }, t.fan.value)
+        assert.equal(2, t.fan.children.ok)
+        assert.equal("attempts duration reason started status", keys(t.no))
+        assert.equal("condition false", t.no.reason)
+        assert.equal("attempts duration started status value", keys(t.again))
+        for name, r in pairs(t) do                -- never one table for two nodes
+          for other, r2 in pairs(t) do assert.is_true(name == other or r ~= r2, name .. " shares " .. other) end
+          if r.started then assert.is_number(r.duration) end
+        end
+      end)
+    end)
+
+    it("give the nodes that never started an entry of their own when a run is stopped", function()
+      run(function()
+        local f = tide.flow{ tasks = {
+          first = { run = function() tide.sleep(5); error("stop here") end },
+          second = { after = "first", run = function() return 1 end },
+          beside = { run = function() tide.sleep(1000) end },
+        } }
+        quiet()
+        local status, report = f:run()
+        assert.equal("error", status)
+        assert.equal("attempts duration started status", keys(report.tasks.second))
+        assert.same({ "cancelled", 0, false, false },
+                    { report.tasks.second.status, report.tasks.second.attempts, report.tasks.second.started,
+                      report.tasks.second.duration })
+        assert.equal("attempts duration error started status", keys(report.tasks.beside))
+        assert.equal("cancelled", report.tasks.beside.status)
+        local again = f:run()                      -- a second run makes tables of its own
+        assert.equal("error", again)
+        assert.are_not.equal(report.tasks.second, f.last_report.tasks.second)
+      end)
+    end)
+
+    it("give each node a ctx of its own, holding exactly input, results, flow and task", function()
+      local seen = {}
+      run(function()
+        local function look(ctx)
+          seen[ctx.task] = { keys = keys(ctx), flow = ctx.flow, extra = ctx.extra, input = ctx.input }
+          ctx.extra, ctx.task = "left by " .. ctx.task, "changed"
+          return ctx
+        end
+        local f = tide.flow{ name = "ctxs", tasks = { a = { run = look }, b = { after = "a", run = look },
+                                                     c = { after = "a", run = look } } }
+        local _, report = f:run()
+        assert.equal("flow results task", seen.a.keys)              -- no input: no key
+        assert.equal("flow results task", seen.b.keys)
+        assert.is_nil(seen.b.extra)
+        assert.equal("ctxs", seen.c.flow)
+        assert.are_not.equal(report.tasks.a.value, report.tasks.b.value)
+        _, report = f:run(false)                                    -- false is an input
+        assert.equal("flow input results task", seen.a.keys)
+        assert.is_false(seen.c.input)
+      end)
+    end)
+
+    it("link a dependency named twice once per naming, and a node with 2,000 dependents", function()
+      local runs = {}
+      run(function()
+        local tasks = { hub = { run = function() return 1 end },
+                        twice = { after = { "hub", "hub" }, run = function() runs.twice = (runs.twice or 0) + 1 end } }
+        for i = 1, 2000 do
+          tasks["d" .. i] = { after = "hub", run = function(ctx) runs[ctx.task] = (runs[ctx.task] or 0) + ctx.results.hub end }
+        end
+        local f = tide.flow{ tasks = tasks }
+        assert.equal(2002, #f.nodes.hub.dependents)                  -- "twice" is there twice, as before
+        assert.equal(0, #f.nodes.d7.dependents)
+        assert.equal("ok", (f:run()))
+      end)
+      local n = 0
+      for _, c in pairs(runs) do n = n + 1; assert.equal(1, c) end
+      assert.equal(2001, n)
+    end)
+  end)
+
   it("names the cycle and the unknown dependency in a large graph, whatever order the tasks come in", function()
     local f = function() end
     local tasks = {}
