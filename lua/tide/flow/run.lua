@@ -403,8 +403,10 @@ local function fan_out(run, i, items)
       local item = items[k]
       local fn, args = each, { n = 2, item, ctx }
       if is_flow(each) then fn, args = M.run_as_task, { n = 2, each, item } end
-      local opt = { args = args, timeout = node.timeout, retry = node.policy,
-                    on_finish = child_finished, heard = true, fan_done = child_done, fan_index = k }
+      local opt = { args = false, timeout = false, retry = false, on_finish = false, heard = true,  -- see ctx_for
+                    fan_done = false, fan_index = 0, name = false }
+      opt.args, opt.timeout, opt.retry, opt.on_finish, opt.fan_done, opt.fan_index =
+        args, node.timeout, node.policy, child_finished, child_done, k
       if not remote then
         kids[k] = spawn(node, name, fn, opt)
       else
@@ -503,8 +505,10 @@ local function start_node(run, i, t)
   local on_retry = run.flow.on.task_retry and retry_hook(run, node) or nil
   local remote = node.mode == "thread" or node.mode == "process"
   if remote then ctx = thread_ctx(run, node) end
-  local opt = { args = { n = 1, ctx }, timeout = node.timeout, retry = node.policy, on_retry = on_retry,
-                on_finish = node_result, heard = true, flow_run = run, flow_index = i }
+  local opt = { args = false, timeout = false, retry = false, on_retry = false, on_finish = false,  -- see ctx_for
+                heard = true, flow_run = false, flow_index = 0, name = false }
+  opt.args, opt.timeout, opt.retry, opt.on_retry, opt.on_finish, opt.flow_run, opt.flow_index =
+    { n = 1, ctx }, node.timeout, node.policy, on_retry, node_result, run, i
   if node.flow then
     opt.args, opt.name = { n = 2, node.flow, run.input }, task_name(run.flow, node)
     local tk = S.new_task(M.run_as_task, opt)
