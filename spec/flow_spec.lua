@@ -551,6 +551,113 @@ describe("tide.flow", function()
     end)
   end)
 
+  describe("simple children, run by their node's crew", function()
+    it("give every child exactly one outcome when a sibling fails, and no cancelled child's code goes on", function()
+      local went_on, outcomes = 0, {}
+      run(function()
+        quiet()
+        local f = tide.flow{ on = { child_done = function(ev) outcomes[ev.index] = (outcomes[ev.index] or 0) + 1 end },
+          tasks = { t = { items = function() local t = {} for i = 1, 60 do t[i] = i end return t end,
+                          concurrency = 8, each = function(x)
+                            if x == 20 then error("bad item") end
+                            if x % 3 == 0 then tide.sleep(math.random(1, 5)); went_on = went_on + 1 end
+                            return x
+                          end } } }
+        local status, report = f:run()
+        assert.equal("error", status)
+        assert.matches("child 20 ended in error: .*bad item", report.tasks.t.error)
+        local c = report.tasks.t.children
+        assert.equal(0, c.running)
+        assert.equal(1, c.error)
+        assert.is_true(c.cancelled > 0, "no waiting sibling was cancelled")
+        local n = 0
+        for k, count in pairs(outcomes) do n = n + 1; assert.equal(1, count, "child " .. k) end
+        assert.equal(c.ok + c.error + c.cancelled, n)
+        local before = went_on
+        tide.sleep(20)
+        assert.equal(before, went_on)
+      end)
+    end)
+
+    it("give every child exactly one outcome when the run is cancelled while some wait", function()
+      local outcomes, went_on = {}, 0
+      run(function()
+        local f = tide.flow{ on = { child_done = function(ev) outcomes[ev.index] = (outcomes[ev.index] or 0) + 1 end },
+          tasks = { t = { items = function() local t = {} for i = 1, 500 do t[i] = i end return t end,
+                          concurrency = 5, each = function(x)
+                            if x % 7 == 0 then tide.sleep(1000); went_on = went_on + 1 end
+                            return x
+                          end } } }
+        local h = f:start()
+        tide.sleep(5)
+        h:cancel("operator")
+        local status, report = h:await()
+        assert.equal("cancelled", status)
+        assert.equal("cancelled", report.tasks.t.status)
+        local c = report.tasks.t.children
+        assert.equal(0, c.running)
+        assert.is_true(c.cancelled >= 1 and c.cancelled <= 5)
+        local n = 0
+        for k, count in pairs(outcomes) do n = n + 1; assert.equal(1, count, "child " .. k) end
+        assert.equal(c.ok + c.cancelled, n)
+        tide.sleep(20)
+      end)
+      assert.equal(0, went_on)
+    end)
+
+    it("cancel only the child that cancels tide.current(), and run the others", function()
+      local handle
+      run(function()
+        local f = tide.flow{ tasks = { t = { items = function() return { 1, 2, 3, 4, 5, 6 } end, concurrency = 2,
+          each = function(x)
+            if x == 3 then handle = tide.current(); handle:cancel("by itself"); error("not reached") end
+            return x * 2
+          end } } }
+        local status, report = f:run()
+        assert.equal("ok", status)
+        local v = report.tasks.t.value
+        assert.same({ 2, 4, nil, 8, 10, 12 }, { v[1], v[2], v[3], v[4], v[5], v[6] })
+        assert.same({ total = 6, ok = 5, error = 0, timeout = 0, cancelled = 1, running = 0 }, report.tasks.t.children)
+      end)
+      assert.equal("cancelled", handle:status())
+    end)
+
+    it("never hand one child's task handle to another child's work", function()
+      local handles, kept = {}, nil
+      run(function()
+        local f = tide.flow{ tasks = { t = { items = function() local t = {} for i = 1, 50 do t[i] = i end return t end,
+          concurrency = 3, each = function(x)
+            local me = tide.current()
+            if x == 1 then kept = me end
+            handles[x] = me
+            if x % 10 == 0 then tide.sleep(1) end
+            return x
+          end } } }
+        assert.equal("ok", (f:run()))
+        assert.equal("ok", (kept:await(1000)))             -- the handle kept finishes, as a child's task would
+      end)
+      for x = 2, 50 do assert.are_not.equal(kept, handles[x], "child " .. x .. " ran in child 1's task") end
+    end)
+
+    it("run 100,000 children in item order, and let the loop fire timers meanwhile", function()
+      local seen_at, done = nil, 0
+      run(function()
+        local items = {}
+        for i = 1, 100000 do items[i] = i end
+        local f = tide.flow{ tasks = { t = { items = function() return items end, concurrency = 1000,
+          each = function(x) done = done + 1; return x + 1 end } } }
+        tide.after(0, function() seen_at = done end)
+        local status, report = f:run()
+        assert.equal("ok", status)
+        local v = report.tasks.t.value
+        assert.equal(100000, #v)
+        for i = 1, 100000 do if v[i] ~= i + 1 then error("child " .. i .. " gave " .. tostring(v[i])) end end
+      end)
+      assert.is_number(seen_at)
+      assert.is_true(seen_at < 100000, "the timer fired only after the children: " .. tostring(seen_at))
+    end)
+  end)
+
   -- ctx, report entries and nodes are made from tables of constants, then
   -- filled (a speed-up): a nil stored that way must leave no key behind, and
   -- no table may be shared between nodes or runs.
