@@ -639,6 +639,29 @@ describe("tide.flow", function()
       for x = 2, 50 do assert.are_not.equal(kept, handles[x], "child " .. x .. " ran in child 1's task") end
     end)
 
+    it("run every child with exit_on_error = false, through failures, waits and a child_done hook that raises", function()
+      local heard = 0
+      run(function()
+        quiet()
+        local f = tide.flow{ on = { child_done = function(ev)
+            heard = heard + 1
+            if ev.index % 10 == 0 then error("hook fails at " .. ev.index) end
+          end },
+          tasks = { t = { items = function() local t = {} for i = 1, 40 do t[i] = i end return t end,
+                          concurrency = 3, exit_on_error = false, each = function(x)
+                            if x % 4 == 0 then tide.sleep(1) end
+                            if x % 5 == 0 then error("child " .. x) end
+                            return x
+                          end } } }
+        local status, report = f:run()
+        assert.equal("ok", status)
+        assert.same({ total = 40, ok = 32, error = 8, timeout = 0, cancelled = 0, running = 0 }, report.tasks.t.children)
+        local v = report.tasks.t.value
+        for x = 1, 40 do assert.equal(x % 5 ~= 0 and x or nil, v[x]) end
+      end)
+      assert.equal(40, heard)
+    end)
+
     it("run 100,000 children in item order, and let the loop fire timers meanwhile", function()
       local seen_at, done = nil, 0
       run(function()
