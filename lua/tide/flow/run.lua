@@ -570,9 +570,9 @@ local function new_run(f, input)
                 running = 0, open = n, failed = 0, starting = false, stopping = false,
                 children_total = 0, children_done = 0, t0 = now(), done = false, timer = false,
                 waiting = false }                   -- S.wait_for's slot
-  local status, deps_left, holder = run.status, run.deps_left, run.holder
+  local status, deps_left, holder, ndeps = run.status, run.deps_left, run.holder, f.ndeps
   for i = 1, n do
-    status[i], deps_left[i], holder[i] = "pending", #list[i].after, false
+    status[i], deps_left[i], holder[i] = "pending", ndeps[i], false
   end
   local roots, ready = f.roots, run.ready
   for k = 1, #roots do ready[k] = roots[k].index end
