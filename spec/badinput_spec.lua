@@ -147,7 +147,7 @@ describe("bad input", function()
     spec_helper.error_cases("spec/badinput_spec.lua", BAD)
     -- a call that failed left no task behind (the cases cancel what they spawn)
     assert.equal(0, tide.stats().live)
-    tide.run(function() end)   -- one tick lets the loop see its run queue is empty
+    spec_helper.run(function() end)   -- one tick lets the loop see its run queue is empty
   end)
 
   it("fails each bad call inside a task with its message", function()
@@ -158,7 +158,7 @@ describe("bad input", function()
   end)
 
   it("accepts huge finite delays (clamped to about 31 years)", function()
-    tide.run(function()
+    spec_helper.run(function()
       local tm = tide.after(1e300, function() end)
       local t = tide.spawn{ run = function() tide.sleep(1e13) end, timeout = 1e20 }
       tide.sleep(1)
@@ -169,7 +169,7 @@ describe("bad input", function()
   end)
 
   it("answers cancel of a finished task with nil and a message, not an error", function()
-    tide.run(function()
+    spec_helper.run(function()
       local t = tide.spawn(function() return 1 end)
       t:await()
       local ok, msg = t:cancel()

@@ -85,7 +85,7 @@ describe("the bindings", function()
     it("conn:wait waits its whole timeout when a signal interrupts poll", function()
       if not PG then return pending("no PostgreSQL server (spec/run.sh starts one)") end
       local status, out = H.run_lua(dir, "eintr.lua", PRELUDE .. CONNECT .. [[
-        tide.run(function()
+        H.run(function()
           local pg = connect(os.getenv("TIDE_PG_URL"))
           os.execute(("(sleep 0.2; kill -INT %d) &"):format(core.pid()))
           local t0 = tide.now()

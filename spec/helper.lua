@@ -84,6 +84,20 @@ function H.sh(cmd)
   return status, (out:gsub("__status=%d+%s*$", ""))
 end
 
+--- Runs a shell command on a thread task, so that the loop goes on meanwhile (a
+--- client talking to a server of this process); its output.  Inside a task.
+function H.sh_on_thread(cmd)
+  local t = require("tide").spawn{ mode = "thread", args = { cmd }, run = function(c)
+    local f = io.popen(c)
+    local s = f:read("*a")
+    f:close()
+    return s
+  end }
+  local status, out = t:await()
+  assert(status == "ok", tostring(out))
+  return out
+end
+
 --- A fresh directory under /tmp (the spec removes it when done).
 function H.tempdir()
   local dir = os.tmpname()

@@ -9,7 +9,7 @@ describe("hooks on a task's end", function()
   it("run every on_finish hook in the order added, exactly once, even when one raises", function()
     H.quiet_errors()
     local calls = {}
-    tide.run(function()
+    H.run(function()
       local t = tide.spawn(function() tide.sleep(5) return "done" end)
       S.on_finish(t, function(task) calls[#calls + 1] = "a:" .. task:status() end)
       S.on_finish(t, function() error("boom in a hook") end)
@@ -23,7 +23,7 @@ describe("hooks on a task's end", function()
   it("keep the tick going when a hook raises: the other tasks of the tick still end", function()
     H.quiet_errors()
     local ended = 0
-    tide.run(function()
+    H.run(function()
       local tasks = {}
       for i = 1, 50 do
         local t = tide.spawn(function() return i end)
@@ -40,7 +40,7 @@ describe("hooks on a task's end", function()
   it("run on_attempt_end hooks once per attempt, and not after they were removed", function()
     local seen = {}
     local kept, removed = function(t) seen[#seen + 1] = "kept " .. t.attempts end, function() seen[#seen + 1] = "removed" end
-    tide.run(function()
+    H.run(function()
       local t = tide.spawn{ retry = { max_attempts = 3, base = 1 }, run = function()
         local me = tide.current()
         S.on_attempt_end(me, kept)
@@ -57,7 +57,7 @@ describe("hooks on a task's end", function()
     local src = tide.sources.memory{ prefetch = 5, messages = { 1, 2, 3, 4, 5, 6, 7, 8 } }
     local c = tide.consumer{ source = src, concurrency = 5, handler = { run = function() tide.sleep(1000) end } }
     local p = tide.pool{ concurrency = 1 }
-    tide.run(function()
+    H.run(function()
       local t = p:submit(function() return c:run() end)
       tide.sleep(50)
       assert.equal(5, src:stats().unacked)

@@ -8,18 +8,7 @@ local cjson = require "cjson"
 
 local PY = "env -u LD_PRELOAD /usr/bin/python3 spec/tools/httpc.py "
 
---- Runs a shell command on a thread (the loop goes on meanwhile); its output.
-local function shell(cmd)
-  local t = tide.spawn{ mode = "thread", args = { cmd }, run = function(c)
-    local f = io.popen(c)
-    local s = f:read("*a")
-    f:close()
-    return s
-  end }
-  local status, out = t:await()
-  assert(status == "ok", tostring(out))
-  return out
-end
+local shell = H.sh_on_thread
 
 local function raw(srv, text, seconds)
   return shell(PY .. ("raw %d '%s' %s"):format(srv.port, text, seconds or 2))
@@ -37,7 +26,7 @@ describe("tide.engine.http", function()
   it("answers many interleaved and pipelined requests, each with its own answer, in order", function()
     local seed = os.time()
     local report
-    tide.run(function()
+    H.run(function()
       local srv = assert(http.serve{ handler = echo })
       report = cjson.decode(shell(PY .. ("load %d 16 40 %d"):format(srv.port, seed)))
       local st = srv:stats()
@@ -50,7 +39,7 @@ describe("tide.engine.http", function()
 
   it("gives the handler the method, path, query, headers, cookies and body", function()
     local seen, out
-    tide.run(function()
+    H.run(function()
       local srv = assert(http.serve{ handler = function(req)
         seen = { method = req.method, path = req.path, q = req.query.q, ua = req.headers["x-thing"],
                  cookie = req:cookie("b"), body = req.body, name = req:form().name }
@@ -69,7 +58,7 @@ describe("tide.engine.http", function()
 
   it("answers what does not parse or is too large itself; the handler never sees it", function()
     local calls, out = 0, {}
-    tide.run(function()
+    H.run(function()
       local srv = assert(http.serve{ max_body = 100, handler = function() calls = calls + 1; return 200, {}, "" end })
       out.garbage = raw(srv, "HELLO THERE\\r\\n\\r\\n")
       out.body = raw(srv, "POST / HTTP/1.1\\r\\nContent-Length: 101\\r\\n\\r\\n")
@@ -100,7 +89,7 @@ describe("tide.engine.http", function()
   it("answers 500 for a handler that raises or answers badly, 503 for one that times out, and goes on", function()
     H.quiet_errors()
     local out
-    tide.run(function()
+    H.run(function()
       local srv = assert(http.serve{ timeout = 50, handler = function(req)
         if req.path == "/raise" then error("handler bug") end
         if req.path == "/slow" then tide.sleep(5000) end
@@ -122,7 +111,7 @@ describe("tide.engine.http", function()
 
   it("survives its server closing while handlers wait, and clients that leave early", function()
     local answered, entered = 0, 0
-    tide.run(function()
+    H.run(function()
       local srv
       local closed = false
       srv = assert(http.serve{ handler = function()
@@ -154,12 +143,12 @@ describe("tide.engine.http", function()
 
   it("never keeps the loop alive by itself; keep_loop does, until a shutdown", function()
     local t0 = tide.now()
-    tide.run(function()
+    H.run(function()
       assert(http.serve{ handler = echo })               -- left open: the run still ends
     end)
     assert.is_true(tide.now() - t0 < 1000)
     local srv
-    tide.run(function()
+    H.run(function()
       srv = assert(http.serve{ handler = echo, keep_loop = true })
       tide.after(50, function() tide.shutdown(0) end)
     end)
@@ -169,7 +158,7 @@ describe("tide.engine.http", function()
 
   it("closes idle connections after `idle` ms, and connections past max_conns at once", function()
     local idle, extra
-    tide.run(function()
+    H.run(function()
       local srv = assert(http.serve{ idle = 100, max_conns = 1, handler = echo })
       local t = tide.spawn{ mode = "thread", args = { srv.port }, run = function(port)
         local f = io.popen(("env -u LD_PRELOAD /usr/bin/python3 -c \"import socket,time\n"
@@ -193,7 +182,7 @@ describe("tide.engine.http", function()
 
   it("closes a connection whose request trickles in for longer than `idle` ms", function()
     local out
-    tide.run(function()
+    H.run(function()
       local srv = assert(http.serve{ idle = 300, handler = echo })
       out = shell(PY .. ("trickle %d 6"):format(srv.port))
       srv:close()

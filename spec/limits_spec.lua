@@ -51,7 +51,7 @@ local tide = require "tide"
 local core = require "tide.core"
 local url, dir, n, go = ...
 local out = assert(io.open(dir .. "/ids." .. n, "w"))
-tide.run(function()
+local status, err = tide.run(function()
   local q = tide.queue.open(url)
   while core.now() < tonumber(go) do tide.sleep(1) end
   for acct = 1, 20 do
@@ -70,6 +70,7 @@ tide.run(function()
   end
   q:close()
 end)
+assert(status == "ok", tostring(err))
 out:close()
 local f = assert(io.open(dir .. "/done." .. n, "w")); f:write("ok"); f:close()
 ]]

@@ -6,7 +6,7 @@ local LUAJIT_TIDE = ("LUA_CPATH='%s/?.so;;' luajit -e "):format(H.build)
 
 describe("the loop", function()
   it("leaves no handle active and no timer pending after a run", function()
-    tide.run(function()
+    H.run(function()
       tide.after(1, function() end)
       local tm = tide.every(5, function() end)
       tide.spawn{ run = function() tide.sleep(1000) end, timeout = 2 }
@@ -33,7 +33,7 @@ describe("the loop", function()
 
   it("cancels new tasks during a shutdown, delivering their outcome", function()
     local seen
-    tide.run(function()
+    H.run(function()
       tide.shutdown(50)
       tide.spawn{ run = function() end, handle_result = function(s, v) seen = s .. ":" .. v end }
     end)

@@ -4,18 +4,7 @@ local H = spec_helper
 local tide = require "tide"
 local cjson = require "cjson"
 
---- Runs a shell command on a thread (the loop goes on meanwhile); its output.
-local function run_on_thread(cmd)
-  local t = tide.spawn{ mode = "thread", args = { cmd }, run = function(c)
-    local f = io.popen(c)
-    local s = f:read("*a")
-    f:close()
-    return s
-  end }
-  local status, out = t:await()
-  assert(status == "ok", tostring(out))
-  return out
-end
+local run_on_thread = H.sh_on_thread
 
 --- The strict check of spec/tools/promcheck.py; the samples, or raises.
 local function parse(text, dir)
@@ -34,7 +23,7 @@ describe("tide.metrics", function()
   it("serves an exposition that a strict parser accepts, with counters equal to their sources", function()
     H.quiet_errors()
     local text, st, w, src, q, backlog
-    tide.run(function()
+    H.run(function()
       q = tide.queue.open("sqlite:" .. dir .. "/jobs.db")
       for i = 1, 12 do
         q:enqueue{ target = "t", method = i % 4 == 0 and "bad" or "ok", queue = i % 3 == 0 and "mail" or "default",
@@ -125,7 +114,7 @@ describe("tide.metrics", function()
 
   it("asks for the bearer token when one is set, and answers only GET /metrics", function()
     local codes
-    tide.run(function()
+    H.run(function()
       local srv = assert(tide.metrics.serve{ port = 0, token = "s3cret-token" })
       local base = srv:url("/metrics")
       local curl = "env -u LD_PRELOAD curl -s -o /dev/null -w '%{http_code} ' "
@@ -168,7 +157,7 @@ describe("tide.metrics", function()
       for _ = 1, 20 do tide.metrics.render() end
       return (os.clock() - t0) / 20
     end
-    tide.run(function()
+    H.run(function()
       few = timed()
       local tasks = {}
       for i = 1, 100000 do tasks[i] = tide.spawn(function() tide.sleep(60000) end) end

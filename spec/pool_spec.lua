@@ -8,7 +8,7 @@ describe("tide.pool", function()
 
   it("runs at most `size` tasks at once, and does reach it", function()
     local running, max_running, done = 0, 0, 0
-    tide.run(function()
+    spec_helper.run(function()
       local p = tide.pool{ concurrency = 4 }
       for _ = 1, 40 do
         p:submit(function()
@@ -29,7 +29,7 @@ describe("tide.pool", function()
 
   it("returns tasks at once, in submission order for the queue", function()
     local order = {}
-    tide.run(function()
+    spec_helper.run(function()
       local p = tide.pool{ concurrency = 1 }
       local t0 = tide.now()
       local tasks = {}
@@ -43,7 +43,7 @@ describe("tide.pool", function()
   end)
 
   it("fails with 'queue full' past queue_limit, and recovers when the queue drains", function()
-    tide.run(function()
+    spec_helper.run(function()
       local p = tide.pool{ concurrency = 2, queue_limit = 3 }
       for _ = 1, 5 do assert.is_table(p:submit(tide.sleep, 5)) end
       local t, err = p:submit(tide.sleep, 5)
@@ -56,7 +56,7 @@ describe("tide.pool", function()
   end)
 
   it("frees a slot when a task fails, times out or is cancelled", function()
-    tide.run(function()
+    spec_helper.run(function()
       local p = tide.pool{ concurrency = 1 }
       local a = p:submit{ run = function() tide.sleep(1000) end, timeout = 5 }
       local b = p:submit(function() error("x") end)
@@ -75,7 +75,7 @@ describe("tide.pool", function()
 
   it("cancels a queued task without running it, and without using a slot", function()
     local ran = false
-    tide.run(function()
+    spec_helper.run(function()
       local p = tide.pool{ concurrency = 1 }
       p:submit(tide.sleep, 5)
       local queued = p:submit(function() ran = true end)
@@ -88,7 +88,7 @@ describe("tide.pool", function()
 
   it("keeps nothing of tasks cancelled while queued: submit and cancel in a loop holds no memory", function()
     local held
-    tide.run(function()
+    spec_helper.run(function()
       local p = tide.pool{ concurrency = 1 }
       local long = p:submit(function() tide.sleep(100000) end)
       local order = {}
@@ -110,7 +110,7 @@ describe("tide.pool", function()
 
   it("keeps the slot through retries", function()
     local running, max_running = 0, 0
-    tide.run(function()
+    spec_helper.run(function()
       local p = tide.pool{ concurrency = 2 }
       for _ = 1, 6 do
         p:submit{ run = function()
@@ -128,7 +128,7 @@ describe("tide.pool", function()
   end)
 
   it("drain returns nil, 'timeout' when its limit passes", function()
-    tide.run(function()
+    spec_helper.run(function()
       local p = tide.pool{ concurrency = 1 }
       p:submit(tide.sleep, 50)
       local st, err = p:drain(5)
@@ -139,7 +139,7 @@ describe("tide.pool", function()
   end)
 
   it("describes itself", function()
-    tide.run(function()
+    spec_helper.run(function()
       local p = tide.pool{ concurrency = 3, name = "io" }
       p:submit(tide.sleep, 1)
       assert.equal("tide.Pool 'io' (1/3 running, 0 waiting)", tostring(p))

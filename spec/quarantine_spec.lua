@@ -10,7 +10,7 @@ describe("quarantine", function()
   end)
 
   it("times out `while true do end`, replaces its thread, and keeps the capacity", function()
-    tide.run(function()
+    spec_helper.run(function()
       local t0 = tide.now()
       local status = tide.spawn{ mode = "thread", timeout = 50, run = function() while true do end end }:await()
       assert.equal("timeout", status)
@@ -34,7 +34,7 @@ describe("quarantine", function()
 
   it("drops the late result of a thread blocked in C, and delivers one outcome", function()
     local outcomes = {}
-    tide.run(function()
+    spec_helper.run(function()
       local t = tide.spawn{ mode = "thread", timeout = 30,
                             run = function() os.execute("sleep 0.3") return "late" end,
                             handle_result = function(s, v) outcomes[#outcomes + 1] = s end }

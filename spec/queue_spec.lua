@@ -656,7 +656,7 @@ describe("tide.queue on " .. store.name, function()
     if store.name == "sqlite" then
       it("holds the store for the task inside it: another task's enqueue waits for the commit", function()
         local order = {}
-        tide.run(function()
+        spec_helper.run(function()
           local t1 = tide.spawn(function()
             q:transaction(function(tx)
               tx:enqueue{ target = "t", method = "first" }
@@ -679,7 +679,7 @@ describe("tide.queue on " .. store.name, function()
 
       it("gives code outside tasks a clear error while a task holds the store", function()
         local err
-        tide.run(function()
+        spec_helper.run(function()
           local t = tide.spawn(function() q:transaction(function() tide.sleep(20) end) end)
           tide.spawn{ run = function() tide.sleep(5) end, handle_result = function()
             local ok, e = pcall(q.enqueue, q, { target = "t", method = "m" })   -- a callback cannot wait
@@ -693,7 +693,7 @@ describe("tide.queue on " .. store.name, function()
     else
       it("gives another task's statements a connection of their own: they neither wait nor join the transaction", function()
         local order = {}
-        tide.run(function()
+        spec_helper.run(function()
           local t1 = tide.spawn(function()
             pcall(q.transaction, q, function(tx)
               tx:enqueue{ target = "t", method = "first" }

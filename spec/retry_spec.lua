@@ -8,7 +8,7 @@ local LATE = 60
 local function attempts_at(policy, fails)
   local starts, hooks = {}, {}
   local t
-  tide.run(function()
+  spec_helper.run(function()
     local t0 = tide.now()
     t = tide.spawn{
       run = function()
@@ -52,7 +52,7 @@ describe("retry", function()
   it("retries until success; handle_result sees only the final outcome", function()
     local calls = {}
     local t
-    tide.run(function()
+    spec_helper.run(function()
       t = tide.spawn{ run = function() if #calls == 0 and (t.attempts < 3) then error("not yet") end return "ok!" end,
                       retry = { max_attempts = 5, base = 1 },
                       handle_result = function(s, v) calls[#calls + 1] = s .. ":" .. v end }
@@ -86,7 +86,7 @@ describe("retry", function()
   it("retries timeouts by default, each attempt with its own deadline", function()
     local n = 0
     local t
-    tide.run(function()
+    spec_helper.run(function()
       t = tide.spawn{ run = function() n = n + 1; if n < 3 then tide.sleep(1000) end return n end,
                       timeout = 10, retry = { max_attempts = 3, base = 1 } }
       t:await()
@@ -97,7 +97,7 @@ describe("retry", function()
 
   it("retries only the statuses listed in `on`", function()
     local t
-    tide.run(function()
+    spec_helper.run(function()
       t = tide.spawn{ run = function() tide.sleep(1000) end, timeout = 5, retry = { max_attempts = 3, base = 1, on = { "error" } } }
       t:await()
     end)
@@ -107,7 +107,7 @@ describe("retry", function()
 
   it("never retries a cancel, even during backoff", function()
     local t
-    tide.run(function()
+    spec_helper.run(function()
       t = tide.spawn{ run = function() error("x") end, retry = { max_attempts = 5, base = 50 } }
       tide.sleep(10)
       assert.equal("retrying", t:status())
@@ -121,7 +121,7 @@ describe("retry", function()
     local seen = 0
     tide.configure{ on_error = function() seen = seen + 1 end }
     local t
-    tide.run(function()
+    spec_helper.run(function()
       t = tide.spawn{ run = function() error("x") end, retry = { max_attempts = 2, base = 1 },
                       on_retry = function() error("hook broke") end }
       t:await()                                 -- heard: only the hook's error is reported

@@ -31,7 +31,7 @@ describe("tide.spawn", function()
 
   it("returns at once: the task starts on a later tick", function()
     local started = false
-    tide.run(function()
+    H.run(function()
       local t = tide.spawn(function() started = true end)
       assert.is_false(started)
       assert.equal("running", t:status())
@@ -59,7 +59,7 @@ describe("tide.spawn", function()
 
   it("calls handle_result exactly once with status, value and the task", function()
     local calls = {}
-    tide.run(function()
+    H.run(function()
       tide.spawn{ run = function() return "v" end,
                   handle_result = function(s, v, task) calls[#calls + 1] = { s, v, task } end }
     end)
@@ -93,7 +93,7 @@ describe("tide.spawn", function()
     local reported
     tide.configure{ on_error = function(where, err) reported = where .. ": " .. tostring(err) end }
     local canceller_went_on = false
-    tide.run(function()
+    H.run(function()
       local b = tide.spawn{ run = function() tide.sleep(1000) end,
                             handle_result = function() tide.sleep(100) end }
       local a = tide.spawn{ timeout = 50, run = function() b:cancel(); canceller_went_on = true end }
@@ -106,7 +106,7 @@ describe("tide.spawn", function()
 
   it("keeps a task that is cancelled from a callback running under it, and nothing leaks", function()
     local T, root_slept
-    tide.run(function()
+    H.run(function()
       local X = tide.spawn{ run = function() tide.sleep(1000) end,
                             handle_result = function() T:cancel("from X's handle_result") end }
       T = tide.spawn(function() tide.sleep(1); X:cancel() end)
@@ -149,7 +149,7 @@ describe("tide.spawn", function()
 
   it("cancels a waiting task with a reason, once; cancelling again says it finished", function()
     local seen = {}
-    tide.run(function()
+    H.run(function()
       local t = tide.spawn{ run = function() tide.sleep(10000) end,
                             handle_result = function(s, v) seen[#seen + 1] = s .. ":" .. v end }
       tide.sleep(1)
@@ -166,7 +166,7 @@ describe("tide.spawn", function()
 
   it("cancels a task that has not started yet", function()
     local ran = false
-    tide.run(function()
+    H.run(function()
       local t = tide.spawn(function() ran = true end)
       t:cancel()
       assert.equal("cancelled", t:status())
@@ -178,7 +178,7 @@ describe("tide.spawn", function()
   it("stops a task that cancels itself at once", function()
     local after = false
     local t
-    tide.run(function()
+    H.run(function()
       t = tide.spawn(function() tide.current():cancel("self"); after = true end)
     end)
     assert.is_false(after)
@@ -188,7 +188,7 @@ describe("tide.spawn", function()
 
   it("wakes every awaiter with the same outcome", function()
     local got = {}
-    tide.run(function()
+    H.run(function()
       local target = tide.spawn(function() tide.sleep(5) return "x" end)
       local ws = {}
       for i = 1, 5 do ws[i] = tide.spawn(function() local s, v = target:await(); got[i] = s .. v end) end
@@ -198,7 +198,7 @@ describe("tide.spawn", function()
   end)
 
   it("returns nil, 'timeout' when await's own limit passes, and the task goes on", function()
-    tide.run(function()
+    H.run(function()
       local t = tide.spawn(function() tide.sleep(40) return "late" end)
       local s, v = t:await(5)
       assert.is_nil(s)
@@ -210,7 +210,7 @@ describe("tide.spawn", function()
 
   it("treats a bare coroutine.yield as letting the others run", function()
     local order = {}
-    tide.run(function()
+    H.run(function()
       local a = tide.spawn(function() order[#order + 1] = "a1"; coroutine.yield(); order[#order + 1] = "a2" end)
       local b = tide.spawn(function() order[#order + 1] = "b1" end)
       a:await(); b:await()
@@ -253,7 +253,7 @@ describe("tide.spawn", function()
   end)
 
   it("names the task in tostring", function()
-    tide.run(function()
+    H.run(function()
       local t = tide.spawn{ run = function() end, name = "fetch" }
       assert.matches("^tide.Task %d+ 'fetch' %(running%)$", tostring(t))
       t:await()
@@ -261,7 +261,7 @@ describe("tide.spawn", function()
   end)
 
   it("keeps one number per task for ids, increasing", function()
-    tide.run(function()
+    H.run(function()
       local a, b = tide.spawn(function() end), tide.spawn(function() end)
       assert.equal(a.id + 1, b.id)
     end)
@@ -274,7 +274,7 @@ describe("tide.spawn", function()
 
   it("reports an error from await outside any task", function()
     local t
-    tide.run(function() t = tide.spawn(function() end) end)
+    H.run(function() t = tide.spawn(function() end) end)
     H.error_like("task:await: called outside a task (start one with tide.run or tide.spawn)",
                  function() t:await() end)
   end)

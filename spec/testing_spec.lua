@@ -14,7 +14,7 @@ describe("tide.testing.clock", function()
   it("stops tide.now, and fires what falls due in order as time advances", function()
     local clock = testing.clock()
     local seen = {}
-    tide.run(function()
+    H.run(function()
       local t0 = tide.now()
       tide.after(30, function() seen[#seen + 1] = "after 30 at " .. (tide.now() - t0) end)
       tide.spawn(function()
@@ -38,7 +38,7 @@ describe("tide.testing.clock", function()
   it("times out and retries on virtual time, with the real clock's outcome", function()
     local function scenario(clock)
       local attempts, status, value
-      tide.run(function()
+      H.run(function()
         local t = tide.spawn{ timeout = 50, retry = { max_attempts = 4, base = 20, backoff = "exponential" },
           run = function()
             attempts = (attempts or 0) + 1
@@ -64,7 +64,7 @@ describe("tide.testing.clock", function()
   it("takes a worker with a flaky target through exponential backoff up to minutes, in milliseconds", function()
     local function scenario(clock, base, max, path)
       local gaps, job = {}, nil
-      tide.run(function()
+      H.run(function()
         local q = tide.queue.open("sqlite:" .. path)
         local last
         local w = tide.worker{ queue = q, retry = { base = base, max = max, jitter = false },
@@ -118,7 +118,7 @@ describe("tide.testing.clock", function()
   it("runs a supervisor storm past its intensity on virtual time, as on the real clock", function()
     local function scenario(clock)
       local events, t0 = {}, tide.now()
-      tide.run(function()
+      H.run(function()
         local sup
         sup = tide.supervisor{ name = "storm", intensity = 2, period = 1000, cooldown = { base = 50, max = 200 },
           on_give_up = function()
@@ -146,7 +146,7 @@ describe("tide.testing.clock", function()
   it("makes scheduled jobs due as it advances: the wall clock moves with it", function()
     local clock = testing.clock()
     local ran
-    tide.run(function()
+    H.run(function()
       local q = tide.queue.open("sqlite:" .. dir .. "/sched.db")
       local wallclock = require("tide.core").wallclock
       local w = tide.worker{ queue = q, targets = { t = { m = function() ran = wallclock() end } } }
@@ -209,16 +209,16 @@ describe("tide.testing.after_each", function()
     local ok, err = pcall(testing.after_each)
     assert.is_false(ok)
     assert.matches("tide.testing: 1 task still live", err)
-    tide.run(function() t:await() end)
+    H.run(function() t:await() end)
 
     testing.before_each()
-    tide.run(function() tide.spawn(function() error("lost", 0) end) end)
+    H.run(function() tide.spawn(function() error("lost", 0) end) end)
     ok, err = pcall(testing.after_each)
     assert.is_false(ok)
     assert.matches("error sent to the sink: task %d+ failed %(error%) and nobody heard it: lost", err)
 
     testing.before_each()
-    tide.run(function() tide.spawn(function() error("expected", 0) end) end)
+    H.run(function() tide.spawn(function() error("expected", 0) end) end)
     assert.equal(1, #testing.errors())
     testing.after_each()                         -- taken: nothing left to complain about
   end)

@@ -19,7 +19,7 @@ describe("time", function()
   end)
 
   it("tide.sleep waits at least the time asked, and not much more", function()
-    tide.run(function()
+    spec_helper.run(function()
       for _, ms in ipairs({ 0, 1, 10, 50 }) do
         local t0 = tide.now()
         tide.sleep(ms)
@@ -32,7 +32,7 @@ describe("time", function()
 
   it("wakes sleepers in deadline order, ties in the order they slept", function()
     local order = {}
-    tide.run(function()
+    spec_helper.run(function()
       for _, d in ipairs({ 30, 10, 20, 10, 0 }) do
         tide.spawn(function() tide.sleep(d); order[#order + 1] = d end)
       end
@@ -75,7 +75,7 @@ describe("time", function()
 
   it("tide.after runs its function once as a task, on time, and passes the timer", function()
     local fired, at, got
-    tide.run(function()
+    spec_helper.run(function()
       local t0 = tide.now()
       local tm = tide.after(20, function(timer) fired = (fired or 0) + 1; at = tide.now() - t0; got = timer; tide.sleep(1) end)
       assert.equal(tostring(tm), "tide.Timer (pending)")
@@ -89,7 +89,7 @@ describe("time", function()
 
   it("tide.every repeats until stopped", function()
     local times = {}
-    tide.run(function()
+    spec_helper.run(function()
       local t0 = tide.now()
       tide.every(10, function(timer)
         times[#times + 1] = tide.now() - t0
@@ -104,7 +104,7 @@ describe("time", function()
   end)
 
   it("gives nil and a message for a timer asked for while the loop shuts down", function()
-    tide.run(function()
+    spec_helper.run(function()
       tide.shutdown(100)
       assert.same({ nil, "tide.after: the loop is shutting down" }, { tide.after(1, function() end) })
       assert.same({ nil, "tide.every: the loop is shutting down" }, { tide.every(1, function() end) })
@@ -114,7 +114,7 @@ describe("time", function()
   it("a stopped timer never fires and does not keep the loop alive", function()
     local fired = false
     local t0 = tide.now()
-    tide.run(function()
+    spec_helper.run(function()
       local tm = tide.after(5000, function() fired = true end)
       assert.is_true(tm:stop())
       assert.same({ nil, "timer:stop: the timer is not pending (it fired, or was stopped)" }, { tm:stop() })
@@ -135,7 +135,7 @@ describe("time", function()
   it("keeps a hook added to one timer task's options to that task (the options are a shared template)", function()
     local S = require "tide.engine.sched"
     local seen = {}
-    tide.run(function()
+    spec_helper.run(function()
       tide.after(1, function()
         S.on_attempt_end(S.current(), function() seen[#seen + 1] = "A's hook" end)
         tide.sleep(20)
@@ -151,7 +151,7 @@ describe("time", function()
     -- it, plus its delay.  Fired in deadline order, every timer's hi is at
     -- least the largest lo fired before it.
     local max_lo, out_of_order, n = -math.huge, 0, 0
-    tide.run(function()
+    spec_helper.run(function()
       for _ = 1, 10000 do
         local d = math.random(0, 20)
         local lo = tide.now() + d

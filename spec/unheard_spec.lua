@@ -14,7 +14,7 @@ describe("a failure nobody heard", function()
   after_each(function() H.loud_errors(); H.assert_idle() end)
 
   it("is reported once when the loop ends, naming the task and the error", function()
-    tide.run(function()
+    H.run(function()
       tide.spawn{ name = "lonely", run = function() error("nobody listens", 0) end }
       tide.spawn{ timeout = 5, run = function() tide.sleep(1000) end }
       tide.sleep(20)
@@ -23,12 +23,22 @@ describe("a failure nobody heard", function()
     table.sort(reports)
     assert.matches("^task %d+ 'lonely' failed %(error%) and nobody heard it: nobody listens$", reports[1])
     assert.matches("^task %d+ failed %(timeout%) and nobody heard it: task %d+ timed out after 5 ms$", reports[2])
-    tide.run(function() end)                 -- not reported again
+    H.run(function() end)                 -- not reported again
     assert.equal(2, #reports)
   end)
 
+  it("is not reported for tide.run's root task: tide.run returns its outcome to the caller", function()
+    local status, err = tide.run(function() error("the caller hears this", 0) end)
+    assert.equal("error", status)
+    assert.equal("the caller hears this", err)
+    status, err = tide.run(function() tide.spawn(function() error("this one nobody hears", 0) end) end)
+    assert.equal("ok", status)
+    assert.equal(1, #reports)
+    assert.matches("failed %(error%) and nobody heard it: this one nobody hears$", reports[1])
+  end)
+
   it("is not reported when it was awaited, even after the fact, or had a handle_result", function()
-    tide.run(function()
+    H.run(function()
       local t = tide.spawn(function() error("heard later") end)
       tide.spawn{ run = function() error("handled") end, handle_result = function() end }
       tide.spawn(function() end)                -- fine: nothing to hear
@@ -40,7 +50,7 @@ describe("a failure nobody heard", function()
   end)
 
   it("is reported for a pool task nobody awaited, but not for flow nodes or jobs' tasks", function()
-    tide.run(function()
+    H.run(function()
       local p = tide.pool{ concurrency = 2 }
       p:submit(function() error("in the pool", 0) end)
       local f = tide.flow{ fail = "continue", tasks = { a = { run = function() error("in a flow") end },
@@ -54,7 +64,7 @@ describe("a failure nobody heard", function()
 
   it("is reported when the task is collected, while the loop still runs", function()
     local seen_at
-    tide.run(function()
+    H.run(function()
       do tide.spawn(function() error("collected", 0) end) end
       tide.sleep(5)
       for _ = 1, 5 do                         -- a busy process: finished tasks leave the engine's lists

@@ -94,7 +94,7 @@ describe("the vocabulary", function()
     walk(tide, "tide", 1)
     local dir = os.tmpname()
     os.remove(dir)
-    tide.run(function()
+    spec_helper.run(function()
       local objects = {
         task = tide.spawn(function() end), pool = tide.pool{ concurrency = 1 },
         timer = tide.after(1, function() end), flow = tide.flow{ tasks = { a = { run = function() end } } },

@@ -215,7 +215,7 @@ describe("tide.web from Lua", function()
   it("shows encrypted args decrypted only where the process has the encryptor", function()
     local enc = { encrypt = function(s) return (s:reverse()) end, decrypt = function(s) return (s:reverse()) end }
     local with, without
-    tide.run(function()
+    H.run(function()
       local q = tide.queue.open("sqlite:" .. dir .. "/enc.db", { encryptor = enc })
       local id = q:enqueue{ target = "cards", method = "charge", args = { card = "4242-SECRET" } }
       local srv = assert(tide.web.serve{ queue = q, port = 0, token = "the-lua-token" })

@@ -325,7 +325,7 @@ describe("tide.worker on " .. store.name, function()
     local t = { quick = function() tide.sleep(10) end, slow = function() tide.sleep(5000) end }
     for _ = 1, 3 do q:enqueue{ target = "t", method = "quick" } end
     local slow = q:enqueue{ target = "t", method = "slow" }
-    tide.run(function()
+    spec_helper.run(function()
       local w = tide.worker{ queue = q, targets = { t = t } }
       while w:info().running < 4 do tide.sleep(1) end
       tide.shutdown(1000)                       -- the quick ones finish; the slow one is released

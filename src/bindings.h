@@ -2,10 +2,29 @@
 #ifndef TIDE_BINDINGS_H
 #define TIDE_BINDINGS_H
 
+#include <lauxlib.h>
 #include <lua.h>
 #include <uv.h>
 
 #include "watchdog.h"
+
+/* lua_binding.c, shared by the binding files: */
+
+/* Registers the metatable `name` (luaL_newmetatable): __index holds methods;
+ * __gc and __tostring when given (either may be NULL). */
+void tide__new_type(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc,
+                    lua_CFunction tostring);
+
+/* The userdata at the top is a binding: gives it the metatable `mt` (with
+ * __gc when gc is not NULL), anchors it in the registry at `key`, and sets
+ * `funcs` into the table below it, each with the binding as its upvalue.
+ * Pops the userdata. */
+void tide__publish_binding(lua_State *L, const char *mt, lua_CFunction gc, const char *key,
+                           const luaL_Reg *funcs);
+
+/* Keeps the function at idx in the registry at *ref, releasing the one *ref
+ * held (a callback set from Lua); raises when idx holds no function. */
+void tide__keep_function(lua_State *L, int idx, int *ref);
 
 /* lua_threads.c: sets thread_start, thread_submit, thread_cancel,
  * thread_quarantine, thread_stats, thread_max and cpu_count into the table

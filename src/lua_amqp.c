@@ -770,11 +770,7 @@ static int l_connect(lua_State *L) {
 }
 
 static int l_on_ready(lua_State *L) {
-  binding *b = get(L);
-  luaL_checktype(L, 1, LUA_TFUNCTION);
-  luaL_unref(L, LUA_REGISTRYINDEX, b->ready_ref);
-  lua_pushvalue(L, 1);
-  b->ready_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  tide__keep_function(L, 1, &get(L)->ready_ref);
   return 0;
 }
 
@@ -810,15 +806,7 @@ void tide__close_amqp(lua_State *L) {
 
 /* Sets amqp_connect and amqp_on_ready into the table at the top of the stack. */
 void tide__open_amqp(lua_State *L, uv_loop_t *loop, tide__watchdog *wd) {
-  luaL_newmetatable(L, CONN_MT);
-  lua_newtable(L);
-  luaL_register(L, NULL, conn_methods);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, conn_close);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, conn_tostring);
-  lua_setfield(L, -2, "__tostring");
-  lua_pop(L, 1);
+  tide__new_type(L, CONN_MT, conn_methods, conn_close, conn_tostring);
   binding *b = calloc(1, sizeof *b);
   if (b == NULL) luaL_error(L, "tide: out of memory");
   b->loop = loop;
@@ -827,9 +815,5 @@ void tide__open_amqp(lua_State *L, uv_loop_t *loop, tide__watchdog *wd) {
   tide__caller_init(L, &b->caller, wd);
   binding_ud *bu = lua_newuserdata(L, sizeof *bu);
   bu->b = b;
-  luaL_newmetatable(L, BINDING_MT);
-  lua_setmetatable(L, -2);
-  lua_pushvalue(L, -1);
-  lua_setfield(L, LUA_REGISTRYINDEX, BINDING_KEY);
-  luaL_openlib(L, NULL, funcs, 1);                 /* upvalue: the binding */
+  tide__publish_binding(L, BINDING_MT, NULL, BINDING_KEY, funcs);
 }

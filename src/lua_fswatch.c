@@ -147,22 +147,10 @@ void tide__close_fswatch(lua_State *L) {
 
 /* Sets fs_watch into the table at the top of the stack. */
 void tide__open_fswatch(lua_State *L, uv_loop_t *loop, tide__watchdog *wd) {
-  luaL_newmetatable(L, WATCH_MT);
-  lua_newtable(L);
-  luaL_register(L, NULL, watch_methods);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, watch_close_l);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, watch_tostring);
-  lua_setfield(L, -2, "__tostring");
-  lua_pop(L, 1);
+  tide__new_type(L, WATCH_MT, watch_methods, watch_close_l, watch_tostring);
   binding *b = lua_newuserdata(L, sizeof *b);
   memset(b, 0, sizeof *b);
   b->loop = loop;
   tide__caller_init(L, &b->caller, wd);
-  luaL_newmetatable(L, BINDING_MT);
-  lua_setmetatable(L, -2);
-  lua_pushvalue(L, -1);
-  lua_setfield(L, LUA_REGISTRYINDEX, BINDING_KEY);
-  luaL_openlib(L, NULL, funcs, 1);                 /* upvalue: the binding */
+  tide__publish_binding(L, BINDING_MT, NULL, BINDING_KEY, funcs);
 }

@@ -305,29 +305,13 @@ void tide__close_http(lua_State *L) {
   lua_pop(L, 1);
 }
 
-static void new_type(lua_State *L, const char *name, const luaL_Reg *methods,
-                     lua_CFunction gc, lua_CFunction tostring) {
-  luaL_newmetatable(L, name);
-  lua_newtable(L);
-  luaL_register(L, NULL, methods);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, gc);
-  lua_setfield(L, -2, "__gc");
-  if (tostring) { lua_pushcfunction(L, tostring); lua_setfield(L, -2, "__tostring"); }
-  lua_pop(L, 1);
-}
-
 /* Sets http_listen and random_bytes into the table at the top of the stack. */
 void tide__open_http(lua_State *L, uv_loop_t *loop, tide__watchdog *wd) {
-  new_type(L, SERVER_MT, server_methods, srv_close, srv_tostring);
-  new_type(L, REQUEST_MT, request_methods, req_gc, NULL);
+  tide__new_type(L, SERVER_MT, server_methods, srv_close, srv_tostring);
+  tide__new_type(L, REQUEST_MT, request_methods, req_gc, NULL);
   binding *b = lua_newuserdata(L, sizeof *b);
   memset(b, 0, sizeof *b);
   b->loop = loop;
   tide__caller_init(L, &b->caller, wd);
-  luaL_newmetatable(L, BINDING_MT);
-  lua_setmetatable(L, -2);
-  lua_pushvalue(L, -1);
-  lua_setfield(L, LUA_REGISTRYINDEX, BINDING_KEY);
-  luaL_openlib(L, NULL, funcs, 1);                 /* upvalue: the binding */
+  tide__publish_binding(L, BINDING_MT, NULL, BINDING_KEY, funcs);
 }

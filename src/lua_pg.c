@@ -521,11 +521,7 @@ static int l_connect(lua_State *L) {
 }
 
 static int l_on_ready(lua_State *L) {
-  binding *b = get(L);
-  luaL_checktype(L, 1, LUA_TFUNCTION);
-  luaL_unref(L, LUA_REGISTRYINDEX, b->ready_ref);
-  lua_pushvalue(L, 1);
-  b->ready_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  tide__keep_function(L, 1, &get(L)->ready_ref);
   return 0;
 }
 
@@ -562,25 +558,11 @@ void tide__open_pg(lua_State *L, uv_loop_t *loop, tide__watchdog *wd) {
   lua_pushcfunction(L, result_gc);
   lua_setfield(L, -2, "__gc");
   lua_pop(L, 1);
-  luaL_newmetatable(L, CONN_MT);
-  lua_newtable(L);
-  luaL_register(L, NULL, conn_methods);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, conn_close);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, conn_tostring);
-  lua_setfield(L, -2, "__tostring");
-  lua_pop(L, 1);
+  tide__new_type(L, CONN_MT, conn_methods, conn_close, conn_tostring);
   binding *b = lua_newuserdata(L, sizeof *b);
   memset(b, 0, sizeof *b);
   b->loop = loop;
   tide__caller_init(L, &b->caller, wd);
   b->ready_ref = LUA_NOREF;
-  luaL_newmetatable(L, BINDING_MT);
-  lua_pop(L, 1);
-  luaL_getmetatable(L, BINDING_MT);
-  lua_setmetatable(L, -2);
-  lua_pushvalue(L, -1);
-  lua_setfield(L, LUA_REGISTRYINDEX, BINDING_KEY);
-  luaL_openlib(L, NULL, funcs, 1);                 /* upvalue: the binding */
+  tide__publish_binding(L, BINDING_MT, NULL, BINDING_KEY, funcs);
 }

@@ -205,11 +205,7 @@ static int l_close(lua_State *L) {
 }
 
 static int l_set_handler(lua_State *L) {
-  binding *b = get(L);
-  luaL_checktype(L, 1, LUA_TFUNCTION);
-  luaL_unref(L, LUA_REGISTRYINDEX, b->event_ref);
-  lua_pushvalue(L, 1);
-  b->event_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  tide__keep_function(L, 1, &get(L)->event_ref);
   return 0;
 }
 
@@ -302,11 +298,5 @@ void tide__open_procs(lua_State *L, uv_loop_t *loop, tide__watchdog *wd) {
   binding *b = lua_newuserdata(L, sizeof *b);
   *b = (binding){ .loop = loop, .event_ref = LUA_NOREF };
   tide__caller_init(L, &b->caller, wd);
-  luaL_newmetatable(L, PROCS_MT);
-  lua_pushcfunction(L, l_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_setmetatable(L, -2);
-  lua_pushvalue(L, -1);
-  lua_setfield(L, LUA_REGISTRYINDEX, PROCS_KEY);
-  luaL_openlib(L, NULL, funcs, 1);                 /* pops the userdata: the upvalue */
+  tide__publish_binding(L, PROCS_MT, l_gc, PROCS_KEY, funcs);
 }

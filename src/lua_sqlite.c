@@ -352,22 +352,9 @@ static const luaL_Reg db_methods[] = {
   { NULL, NULL }
 };
 
-static void new_metatable(lua_State *L, const char *name, const luaL_Reg *methods,
-                          lua_CFunction gc, lua_CFunction tostring) {
-  luaL_newmetatable(L, name);
-  lua_newtable(L);
-  luaL_register(L, NULL, methods);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, tostring);
-  lua_setfield(L, -2, "__tostring");
-  lua_pop(L, 1);                               /* the metatable */
-}
-
 void tide__open_sqlite(lua_State *L) {
-  new_metatable(L, DB_MT, db_methods, db_close, db_tostring);
-  new_metatable(L, STMT_MT, stmt_methods, stmt_finalize, stmt_tostring);
+  tide__new_type(L, DB_MT, db_methods, db_close, db_tostring);
+  tide__new_type(L, STMT_MT, stmt_methods, stmt_finalize, stmt_tostring);
   lua_pushcfunction(L, l_open);
   lua_setfield(L, -2, "sqlite_open");
   lua_pushstring(L, sqlite3_libversion());

@@ -39,6 +39,7 @@ function tide.run(fn, ...)
     error("tide.run: the loop is already running (tide.run is for a plain host; inside a task, spawn and await)", 2)
   end
   local root = task.spawn(fn, ...)
+  S.options(root).heard = true            -- its outcome is what tide.run returns
   host.loop()
   return S.results(root)
 end

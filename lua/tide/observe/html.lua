@@ -26,6 +26,9 @@ function M.num(n) return (tostring(floor(n)):reverse():gsub("(%d%d%d)", "%1,"):r
 --- A status as a coloured badge.
 function M.badge(status) return ('<span class="badge s-%s">%s</span>'):format(M.h(status), M.h(status)) end
 
+--- One row of a definition list: the name escaped, the value as it is (already HTML).
+function M.field(name, value) return "<dt>" .. M.h(name) .. "</dt><dd>" .. value .. "</dd>" end
+
 --- UTC ms -> "2026-12-02 10:30:00" ("" for nil).
 function M.iso(ms) return ms and date("!%Y-%m-%d %H:%M:%S", floor(ms / 1000)) or "" end
 

@@ -9,7 +9,7 @@ local core = require "tide.core"
 local html = require "tide.observe.html"
 local json = require "tide.jobs.json"
 
-local h, link, num, badge, iso, when = html.h, html.link, html.num, html.badge, html.iso, html.when
+local h, link, num, badge, iso, when, field = html.h, html.link, html.num, html.badge, html.iso, html.when, html.field
 local tostring, tonumber, ipairs, pcall = tostring, tonumber, ipairs, pcall
 local concat, format, floor, max = table.concat, string.format, math.floor, math.max
 
@@ -146,8 +146,6 @@ local function runs_page(ctx)
 end
 
 -- ===== one run
-
-local function field(name, value) return "<dt>" .. h(name) .. "</dt><dd>" .. value .. "</dd>" end
 
 local function run_page(ctx, id)
   local q = ctx.q

@@ -12,7 +12,7 @@ local json = require "tide.jobs.json"
 local sampler = require "tide.observe.sampler"
 local html = require "tide.observe.html"
 
-local h, link, num, badge, iso, when = html.h, html.link, html.num, html.badge, html.iso, html.when
+local h, link, num, badge, iso, when, field = html.h, html.link, html.num, html.badge, html.iso, html.when, html.field
 local type, tostring, tonumber, ipairs, pairs, pcall = type, tostring, tonumber, ipairs, pairs, pcall
 local concat, sort, format, floor = table.concat, table.sort, string.format, math.floor
 
@@ -221,8 +221,6 @@ local function jobs_page(ctx)
 end
 
 -- ===== one job
-
-local function field(name, value) return "<dt>" .. h(name) .. "</dt><dd>" .. value .. "</dd>" end
 
 local function job_page(ctx, id)
   local q = ctx.q
