@@ -551,6 +551,253 @@ describe("tide.flow", function()
     end)
   end)
 
+  describe("simple children, run by their node's crew", function()
+    it("give every child exactly one outcome when a sibling fails, and no cancelled child's code goes on", function()
+      local went_on, outcomes = 0, {}
+      run(function()
+        quiet()
+        local f = tide.flow{ on = { child_done = function(ev) outcomes[ev.index] = (outcomes[ev.index] or 0) + 1 end },
+          tasks = { t = { items = function() local t = {} for i = 1, 60 do t[i] = i end return t end,
+                          concurrency = 8, each = function(x)
+                            if x == 20 then error("bad item") end
+                            if x % 3 == 0 then tide.sleep(math.random(1, 5)); went_on = went_on + 1 end
+                            return x
+                          end } } }
+        local status, report = f:run()
+        assert.equal("error", status)
+        assert.matches("child 20 ended in error: .*bad item", report.tasks.t.error)
+        local c = report.tasks.t.children
+        assert.equal(0, c.running)
+        assert.equal(1, c.error)
+        assert.is_true(c.cancelled > 0, "no waiting sibling was cancelled")
+        local n = 0
+        for k, count in pairs(outcomes) do n = n + 1; assert.equal(1, count, "child " .. k) end
+        assert.equal(c.ok + c.error + c.cancelled, n)
+        local before = went_on
+        tide.sleep(20)
+        assert.equal(before, went_on)
+      end)
+    end)
+
+    it("give every child exactly one outcome when the run is cancelled while some wait", function()
+      local outcomes, went_on = {}, 0
+      run(function()
+        local f = tide.flow{ on = { child_done = function(ev) outcomes[ev.index] = (outcomes[ev.index] or 0) + 1 end },
+          tasks = { t = { items = function() local t = {} for i = 1, 500 do t[i] = i end return t end,
+                          concurrency = 5, each = function(x)
+                            if x % 7 == 0 then tide.sleep(1000); went_on = went_on + 1 end
+                            return x
+                          end } } }
+        local h = f:start()
+        tide.sleep(5)
+        h:cancel("operator")
+        local status, report = h:await()
+        assert.equal("cancelled", status)
+        assert.equal("cancelled", report.tasks.t.status)
+        local c = report.tasks.t.children
+        assert.equal(0, c.running)
+        assert.is_true(c.cancelled >= 1 and c.cancelled <= 5)
+        local n = 0
+        for k, count in pairs(outcomes) do n = n + 1; assert.equal(1, count, "child " .. k) end
+        assert.equal(c.ok + c.cancelled, n)
+        tide.sleep(20)
+      end)
+      assert.equal(0, went_on)
+    end)
+
+    it("cancel only the child that cancels tide.current(), and run the others", function()
+      local handle
+      run(function()
+        local f = tide.flow{ tasks = { t = { items = function() return { 1, 2, 3, 4, 5, 6 } end, concurrency = 2,
+          each = function(x)
+            if x == 3 then handle = tide.current(); handle:cancel("by itself"); error("not reached") end
+            return x * 2
+          end } } }
+        local status, report = f:run()
+        assert.equal("ok", status)
+        local v = report.tasks.t.value
+        assert.same({ 2, 4, nil, 8, 10, 12 }, { v[1], v[2], v[3], v[4], v[5], v[6] })
+        assert.same({ total = 6, ok = 5, error = 0, timeout = 0, cancelled = 1, running = 0 }, report.tasks.t.children)
+      end)
+      assert.equal("cancelled", handle:status())
+    end)
+
+    it("never hand one child's task handle to another child's work", function()
+      local handles, kept = {}, nil
+      run(function()
+        local f = tide.flow{ tasks = { t = { items = function() local t = {} for i = 1, 50 do t[i] = i end return t end,
+          concurrency = 3, each = function(x)
+            local me = tide.current()
+            if x == 1 then kept = me end
+            handles[x] = me
+            if x % 10 == 0 then tide.sleep(1) end
+            return x
+          end } } }
+        assert.equal("ok", (f:run()))
+        assert.equal("ok", (kept:await(1000)))             -- the handle kept finishes, as a child's task would
+      end)
+      for x = 2, 50 do assert.are_not.equal(kept, handles[x], "child " .. x .. " ran in child 1's task") end
+    end)
+
+    it("run every child with exit_on_error = false, through failures, waits and a child_done hook that raises", function()
+      local heard = 0
+      run(function()
+        quiet()
+        local f = tide.flow{ on = { child_done = function(ev)
+            heard = heard + 1
+            if ev.index % 10 == 0 then error("hook fails at " .. ev.index) end
+          end },
+          tasks = { t = { items = function() local t = {} for i = 1, 40 do t[i] = i end return t end,
+                          concurrency = 3, exit_on_error = false, each = function(x)
+                            if x % 4 == 0 then tide.sleep(1) end
+                            if x % 5 == 0 then error("child " .. x) end
+                            return x
+                          end } } }
+        local status, report = f:run()
+        assert.equal("ok", status)
+        assert.same({ total = 40, ok = 32, error = 8, timeout = 0, cancelled = 0, running = 0 }, report.tasks.t.children)
+        local v = report.tasks.t.value
+        for x = 1, 40 do assert.equal(x % 5 ~= 0 and x or nil, v[x]) end
+      end)
+      assert.equal(40, heard)
+    end)
+
+    it("run 100,000 children in item order, and let the loop fire timers meanwhile", function()
+      local seen_at, done = nil, 0
+      run(function()
+        local items = {}
+        for i = 1, 100000 do items[i] = i end
+        local f = tide.flow{ tasks = { t = { items = function() return items end, concurrency = 1000,
+          each = function(x) done = done + 1; return x + 1 end } } }
+        tide.after(0, function() seen_at = done end)
+        local status, report = f:run()
+        assert.equal("ok", status)
+        local v = report.tasks.t.value
+        assert.equal(100000, #v)
+        for i = 1, 100000 do if v[i] ~= i + 1 then error("child " .. i .. " gave " .. tostring(v[i])) end end
+      end)
+      assert.is_number(seen_at)
+      assert.is_true(seen_at < 100000, "the timer fired only after the children: " .. tostring(seen_at))
+    end)
+  end)
+
+  -- ctx, report entries and nodes are made from tables of constants, then
+  -- filled (a speed-up): a nil stored that way must leave no key behind, and
+  -- no table may be shared between nodes or runs.
+  describe("tables made per node", function()
+    local function keys(t)
+      local ks = {}
+      for k in pairs(t) do ks[#ks + 1] = k end
+      table.sort(ks)
+      return table.concat(ks, " ")
+    end
+
+    it("give each report entry exactly the fields its node's outcome has, however it ended", function()
+      run(function()
+        quiet()
+        local tries = 0
+        local f = tide.flow{ fail = "continue", tasks = {
+          none = { run = function() end },
+          falsy = { run = function() return false end },
+          bad = { run = function() error("bad node") end },
+          dep = { after = "bad", run = function() return 1 end },
+          again = { retry = { attempts = 2, base = 1 }, run = function()
+            tries = tries + 1
+            if tries == 1 then error("once") end
+            return "second"
+          end },
+          fan = { items = function() return { 1, 2 } end, each = function(x) return x * 10 end },
+          no = { when = function() return false end, run = function() return 1 end },
+        } }
+        local status, report = f:run()
+        assert.equal("error", status)
+        local t = report.tasks
+        assert.equal("attempts duration started status", keys(t.none))
+        assert.equal("attempts duration started status value", keys(t.falsy))
+        assert.is_false(t.falsy.value)
+        assert.equal("attempts duration error started status", keys(t.bad))
+        assert.matches("bad node", t.bad.error)
+        assert.equal("attempts duration reason started status", keys(t.dep))
+        assert.same({ "skipped", 0, false, false, "dependency 'bad' error" },
+                    { t.dep.status, t.dep.attempts, t.dep.started, t.dep.duration, t.dep.reason })
+        assert.equal("attempts duration started status value", keys(t.again))
+        assert.same({ "ok", 2, "second" }, { t.again.status, t.again.attempts, t.again.value })
+        assert.equal("attempts children duration started status value", keys(t.fan))
+        assert.same({ 10, 20 }, t.fan.value)
+        assert.equal(2, t.fan.children.ok)
+        assert.equal("attempts duration reason started status", keys(t.no))
+        assert.equal("condition false", t.no.reason)
+        assert.equal("attempts duration started status value", keys(t.again))
+        for name, r in pairs(t) do                -- never one table for two nodes
+          for other, r2 in pairs(t) do assert.is_true(name == other or r ~= r2, name .. " shares " .. other) end
+          if r.started then assert.is_number(r.duration) end
+        end
+      end)
+    end)
+
+    it("give the nodes that never started an entry of their own when a run is stopped", function()
+      run(function()
+        local f = tide.flow{ tasks = {
+          first = { run = function() tide.sleep(5); error("stop here") end },
+          second = { after = "first", run = function() return 1 end },
+          beside = { run = function() tide.sleep(1000) end },
+        } }
+        quiet()
+        local status, report = f:run()
+        assert.equal("error", status)
+        assert.equal("attempts duration started status", keys(report.tasks.second))
+        assert.same({ "cancelled", 0, false, false },
+                    { report.tasks.second.status, report.tasks.second.attempts, report.tasks.second.started,
+                      report.tasks.second.duration })
+        assert.equal("attempts duration error started status", keys(report.tasks.beside))
+        assert.equal("cancelled", report.tasks.beside.status)
+        local again = f:run()                      -- a second run makes tables of its own
+        assert.equal("error", again)
+        assert.are_not.equal(report.tasks.second, f.last_report.tasks.second)
+      end)
+    end)
+
+    it("give each node a ctx of its own, holding exactly input, results, flow and task", function()
+      local seen = {}
+      run(function()
+        local function look(ctx)
+          seen[ctx.task] = { keys = keys(ctx), flow = ctx.flow, extra = ctx.extra, input = ctx.input }
+          ctx.extra, ctx.task = "left by " .. ctx.task, "changed"
+          return ctx
+        end
+        local f = tide.flow{ name = "ctxs", tasks = { a = { run = look }, b = { after = "a", run = look },
+                                                     c = { after = "a", run = look } } }
+        local _, report = f:run()
+        assert.equal("flow results task", seen.a.keys)              -- no input: no key
+        assert.equal("flow results task", seen.b.keys)
+        assert.is_nil(seen.b.extra)
+        assert.equal("ctxs", seen.c.flow)
+        assert.are_not.equal(report.tasks.a.value, report.tasks.b.value)
+        _, report = f:run(false)                                    -- false is an input
+        assert.equal("flow input results task", seen.a.keys)
+        assert.is_false(seen.c.input)
+      end)
+    end)
+
+    it("link a dependency named twice once per naming, and a node with 2,000 dependents", function()
+      local runs = {}
+      run(function()
+        local tasks = { hub = { run = function() return 1 end },
+                        twice = { after = { "hub", "hub" }, run = function() runs.twice = (runs.twice or 0) + 1 end } }
+        for i = 1, 2000 do
+          tasks["d" .. i] = { after = "hub", run = function(ctx) runs[ctx.task] = (runs[ctx.task] or 0) + ctx.results.hub end }
+        end
+        local f = tide.flow{ tasks = tasks }
+        assert.equal(2002, #f.nodes.hub.dependents)                  -- "twice" is there twice, as before
+        assert.equal(0, #f.nodes.d7.dependents)
+        assert.equal("ok", (f:run()))
+      end)
+      local n = 0
+      for _, c in pairs(runs) do n = n + 1; assert.equal(1, c) end
+      assert.equal(2001, n)
+    end)
+  end)
+
   it("names the cycle and the unknown dependency in a large graph, whatever order the tasks come in", function()
     local f = function() end
     local tasks = {}

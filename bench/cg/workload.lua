@@ -5,7 +5,8 @@
 -- bench/cg/run.sh runs it at two sizes and prints the instructions per unit of
 -- the loop thread (the difference over the difference in N: start-up and
 -- the pool's threads do not count).  Workloads: spawn, spawn_opt, sleep, sleep_fn,
--- after, after_stop, thread, flow_tasks, flow_define, flow_run, dflow (a durable flow: N
+-- after, after_stop, thread, flow_tasks, flow_define, flow_run, flow_each (one task
+-- fanned out into N trivial children, 1,000 at once), dflow (a durable flow: N
 -- no-op steps in layers of 100, each after 2 of the layer before, run by
 -- one worker in the process on a fresh SQLite file).
 local tide = require "tide"
@@ -96,6 +97,11 @@ function W.flow_run()
   assert(flow:run() == "ok")
 end
 
+local each_flow
+function W.flow_each()
+  assert(each_flow:run() == "ok")
+end
+
 local dflow_dir
 function W.dflow()
   local q = tide.queue.open("sqlite:" .. dflow_dir .. "/jobs.db")
@@ -138,6 +144,11 @@ return { name = "cg_dflow", tasks = tasks }
   f:close()
 elseif workload == "flow_run" then
   flow = tide.flow{ name = "layered", tasks = layered_tasks() }
+elseif workload == "flow_each" then
+  local items = {}
+  for i = 1, N do items[i] = i end
+  each_flow = tide.flow{ name = "children", tasks = {
+    t = { items = function() return items end, each = noop, concurrency = 1000 } } }
 end
 assert(W[workload], "bench/cg/workload.lua: unknown workload " .. tostring(workload))
 local status, err = tide.run(W[workload])

@@ -133,7 +133,11 @@ local function check_task(fname, fdesc, name, spec, is_flow)
   if after == nil then after = NONE
   elseif type(after) == "string" then after = { after }
   elseif type(after) ~= "table" then bad(fname, fdesc, name, "after", "task name or list of names", after) end
-  local node = { name = name, index = 0, run = run, after = after, dependents = NONE }
+  -- Made from constants, then filled: `{ k = v }` with variable values
+  -- compiles to one lj_tab_newkey per key, which rehashed the new table
+  -- (callgrind); a slot holding a constant is stored into directly.
+  local node = { name = false, index = 0, run = false, after = false, dependents = false }
+  node.name, node.run, node.after, node.dependents = name, run, after, NONE
   if rare then check_rare(fname, fdesc, name, spec, is_flow, node) end
   return node
 end
@@ -143,11 +147,11 @@ end
 --- tasks whose dependencies are all peeled (Kahn); whatever is left lies on
 --- or behind a cycle, and walking its remaining dependencies from the first
 --- name left finds one.
-local function find_cycle(nodes, list)
+local function find_cycle(nodes, list, ndeps)
   local n_all = #list
   local left, queue, nq, head = table_new(n_all, 0), table_new(n_all, 0), 0, 1   -- by node index
   for i = 1, n_all do
-    local n = #list[i].after
+    local n = ndeps[i]
     left[i] = n
     if n == 0 then nq = nq + 1; queue[nq] = i end
   end
@@ -216,7 +220,8 @@ local Definition_mt = { __index = function(def, k) if k == "order" then return M
 
 --- Validates a flow's options (tide.flow's: name, concurrency, fail,
 --- timeout, tasks, on) and returns its definition: { name, nodes (name ->
---- node), list (the nodes by index), roots (the nodes without
+--- node), list (the nodes by index), ndeps (their numbers of dependencies,
+--- by index), roots (the nodes without
 --- dependencies, by name), order (the names, sorted: made when first read),
 --- fail, timeout, concurrency, on }.  A node's index is its place in
 --- `list`; a run keeps its state in arrays by that index.
@@ -267,25 +272,49 @@ function M.define(fname, opts, is_flow)
     node.index = i
     nodes[tname], list[i] = node, node
   end
-  local roots = {}
+  -- Linking resolves each dependency once (edges: the dependencies' indexes,
+  -- in order), then makes each list of dependents at its final size: grown
+  -- one append at a time, a list was rehashed at each (callgrind).
+  -- ndeps: each node's number of dependencies, by index (kept: a run starts
+  -- from it without reading every node's `after` again).
+  local roots, count, edges, ne, ndeps = {}, table_new(n, 0), table_new(2 * n, 0), 0, table_new(n, 0)
+  for j = 1, n do count[j] = 0 end
   for j = 1, n do
     local node = list[j]
     local after = node.after
-    if #after == 0 then roots[#roots + 1] = node.name end
-    for k = 1, #after do
+    local na = #after
+    ndeps[j] = na
+    if na == 0 then roots[#roots + 1] = node.name end
+    for k = 1, na do
       local dep = nodes[after[k]]
       if dep == nil then unknown_dependency(fname, fdesc, nodes) end
-      local dn = dep.dependents
-      if dn == NONE then dn = {}; dep.dependents = dn end
-      dn[#dn + 1] = node
+      local d = dep.index
+      count[d] = count[d] + 1
+      ne = ne + 1
+      edges[ne] = d
     end
   end
-  local cycle = find_cycle(nodes, list)
+  for j = 1, n do
+    if count[j] > 0 then list[j].dependents = table_new(count[j], 0); count[j] = 0 end
+  end
+  local e = 0
+  for j = 1, n do
+    local node = list[j]
+    for _ = 1, ndeps[j] do
+      e = e + 1
+      local d = edges[e]
+      local c = count[d] + 1
+      count[d] = c
+      list[d].dependents[c] = node
+    end
+  end
+  local cycle = find_cycle(nodes, list, ndeps)
   if cycle then error(("%s: %s: cycle %s"):format(fname, fdesc, concat(cycle, " -> ")), 3) end
   sort(roots)                               -- a run starts them in name order
   for j = 1, #roots do roots[j] = nodes[roots[j]] end
-  return setmetatable({ name = name, nodes = nodes, list = list, roots = roots, fail = opts.fail or "stop",
-                        timeout = opts.timeout, concurrency = concurrency or math.huge, on = on }, Definition_mt)
+  return setmetatable({ name = name, nodes = nodes, list = list, ndeps = ndeps, roots = roots,
+                        fail = opts.fail or "stop", timeout = opts.timeout, concurrency = concurrency or math.huge,
+                        on = on }, Definition_mt)
 end
 
 

@@ -13,9 +13,10 @@
 -- only what depends on the failure is skipped.
 --
 -- A run keeps its state in arrays by node index (the definition numbers
--- the nodes): status, dependencies left, start and duration, the task that
--- holds a running node.  The report (report.tasks, by name) is made once,
--- when the run ends.  Invariants:
+-- the nodes): status, dependencies left, start, attempts, the task that
+-- holds a running node.  A node's report entry (report.tasks[name]) is
+-- made when it gets its outcome; those of nodes that never ran, when the
+-- run ends.  Invariants:
 --   - A node leaves "running" only through node_finished, once: that is its
 --     one outcome, whatever ends it (its code, its task, a stop, a cancel).
 --   - run.open counts the nodes without an outcome; the run ends when it
@@ -28,6 +29,8 @@ local check = require "tide.engine.check"
 local log = require "tide.engine.log"
 local definition = require "tide.flow.define"
 local task = require "tide.engine.task"
+local workers = require "tide.flow.workers"
+local crew = require "tide.flow.crew"
 
 local type, pairs, ipairs, error, tostring, setmetatable, getmetatable, pcall =
   type, pairs, ipairs, error, tostring, setmetatable, getmetatable, pcall
@@ -95,8 +98,17 @@ local function safe_tostring(v)
   return ok and text or "(an error object whose __tostring failed)"
 end
 
+--- A node's ctx.  Made from a table of constants, then filled: LuaJIT
+--- compiles `{ k = v }` with variable values as a copy of a template whose
+--- slots are empty, then one lj_tab_newkey call per key, which rehashed
+--- the new table (callgrind: 5 rehashes per node between this and the
+--- report entry, about 2,400 instructions of a node's 7,800).  Slots that
+--- hold a constant are stored into directly.  A nil stored this way
+--- leaves no visible key: next() skips it.
 local function ctx_for(run, node)
-  return { input = run.input, results = run.results, flow = run.flow.name, task = node.name }
+  local ctx = { input = false, results = false, flow = false, task = false }
+  ctx.input, ctx.results, ctx.flow, ctx.task = run.input, run.results, run.flow.name, node.name
+  return ctx
 end
 
 --- What crosses to a thread-mode task: the input and the results of its own
@@ -145,30 +157,40 @@ local function spawn(node, name, fn, opt)
   return t
 end
 
-local start_ready, node_finished, queue_simple, dismiss_workers -- forward
+local start_ready, node_finished -- forward
+local queue_simple, dismiss_workers, drop_queued = workers.queue, workers.dismiss, workers.drop_queued
 
 -- For metrics: finished runs by status, and their steps by status.
 M.counts = { runs = {}, steps = {} }
 
---- The report's entries, by name, made from the run's arrays.
-local function report_tasks(run)
-  local list = run.flow.list
-  local n = #list
-  local tasks = table_new(0, n)
-  local status, attempts, started, duration, values = run.status, run.attempts, run.started, run.duration, run.values
-  local errors, reasons, children = run.errors, run.reasons, run.children
-  -- Only the fields a node has: storing nil under a new key still makes the
-  -- key in LuaJIT, by its slow path (an entry of 8 fields with 3 nil cost
-  -- 3.6 times one of 5).
-  for i = 1, n do
-    local r = { status = status[i], attempts = attempts[i] or 0, started = started[i] or false,
-                duration = duration[i] or false, value = values[i] }
-    if errors[i] ~= nil then r.error = errors[i] end
-    if reasons[i] ~= nil then r.reason = reasons[i] end
-    if children[i] ~= nil then r.children = children[i] end
-    tasks[list[i].name] = r
+--- Node i's report entry (status, attempts, started, duration, value, and
+--- error, reason, children when it has them), kept by index and by name.
+--- A node that ends through node_finished gets it there, while its node
+--- and name are still in the cache: made in one pass at the run's end,
+--- the entries of 10,000 nodes cost as much as the rest of the run did
+--- (LuaJIT's profiler, 16% of the compiled code against 10% for
+--- node_finished).  Only the fields a node has: storing nil under a new
+--- key still makes the key in LuaJIT, by its slow path (an entry of 8
+--- fields with 3 nil cost 3.6 times one of 5).
+local function make_entry(run, i, name, status, duration, value, err)
+  local r = { status = false, attempts = 0, started = false, duration = false, value = false }  -- see ctx_for
+  r.status, r.attempts, r.started, r.duration, r.value = status, run.attempts[i] or 0, run.started[i] or false,
+    duration, value
+  if err ~= nil then r.error = err end
+  local reason, children = run.reasons[i], run.children[i]
+  if reason ~= nil then r.reason = reason end
+  if children ~= nil then r.children = children end
+  run.entry[i], run.tasks[name] = r, r
+end
+
+--- The entries of the nodes that did not end through node_finished
+--- (skipped, cancelled before they started): made when the run ends.
+local function last_entries(run)
+  local list, entry, st = run.flow.list, run.entry, run.status
+  for i = 1, #list do
+    if not entry[i] then make_entry(run, i, list[i].name, st[i], false, nil, nil) end
   end
-  return tasks
+  return run.tasks
 end
 
 --- The end of the run: every node has its outcome.
@@ -180,7 +202,7 @@ local function finish_run(run, status)
   local st = run.status
   for i = 1, #st do local s = st[i]; steps[s] = (steps[s] or 0) + 1 end
   local report = run.report
-  report.tasks = report_tasks(run)
+  report.tasks = last_entries(run)
   report.status = status
   report.duration = now() - run.t0
   if run.timer then S.untimer(run.timer); run.timer = nil end
@@ -234,14 +256,7 @@ local function stop_run(run, status, why)
       run.open = run.open - 1
     end
   end
-  -- Queued for a worker, not called yet: nothing to stop but the node.
-  local q = run.queue
-  for k = run.q_head, run.q_tail do
-    local i = q[k]
-    q[k] = nil
-    if st[i] == "running" and not holder[i] then node_finished(run, i, "cancelled", nil, "flow stopped") end
-  end
-  run.q_head, run.q_tail = 1, 0
+  drop_queued(run)                          -- queued for a worker, not called yet: nothing to stop but the node
   for i = 1, n do
     if st[i] == "running" then
       local t = holder[i]
@@ -284,15 +299,15 @@ function node_finished(run, i, status, value, err)
   local node = run.flow.list[i]
   st[i] = status
   run.holder[i] = false
-  run.duration[i] = t - (run.started[i] or run.t0)
   run.running = run.running - 1
   run.open = run.open - 1
+  local started = run.started[i] or run.t0
   if status == "ok" then
-    run.values[i] = value
+    make_entry(run, i, node.name, status, t - started, value, nil)
     if value ~= nil then run.results[node.name] = value end
     if run.flow.on.task_done then hook(run, "task_done", { task = node.name, value = value }) end
   else
-    run.errors[i] = err
+    make_entry(run, i, node.name, status, t - started, nil, err)
     if status ~= "cancelled" then run.failed = run.failed + 1 end
     if status == "timeout" then hook(run, "task_timeout", { task = node.name, error = err })
     elseif status == "error" then hook(run, "task_error", { task = node.name, error = err }) end
@@ -349,15 +364,19 @@ local function fan_out(run, i, items)
   local counts = { total = n, ok = 0, error = 0, timeout = 0, cancelled = 0, running = 0 }
   run.children[i] = counts
   run.children_total = run.children_total + n
-  local values, next_i, failed_err = {}, 1, nil
+  local values, failed_err = {}, nil
   local kids = {}
   run.kids[i] = kids
   local each = node.each
   local remote = node.mode == "thread" or node.mode == "process"
   local ctx = remote and thread_child_ctx(run, node) or ctx_for(run, node)   -- shared by the children
   local name = task_name(run.flow, node)
+  -- The fan-out's state, shared with its crew (tide.flow.crew) when it has one.
+  local fan = { run = run, i = i, node = node, items = items, n = n, ctx = ctx, name = name, kids = kids,
+                counts = counts, next_i = 1, crew = 0, since = 0, polling = false,
+                child_done = false, settle = false, launch = false }
   local function settle_node()
-    if counts.running > 0 or (next_i <= n and not run.stopping) then return end
+    if counts.running > 0 or (fan.next_i <= n and not run.stopping) then return end
     if run.stopping then return node_finished(run, i, "cancelled", nil, "flow stopped") end
     if failed_err and node.exit_on_error then return node_finished(run, i, "error", nil, failed_err) end
     node_finished(run, i, "ok", values)
@@ -374,23 +393,25 @@ local function fan_out(run, i, items)
     if s ~= "ok" and not failed_err and s ~= "cancelled" then
       failed_err = ("child %d ended in %s: %s"):format(k, s, safe_tostring(value))
       if node.exit_on_error then
-        next_i = n + 1                      -- start no more; stop the running ones
+        fan.next_i = n + 1                  -- start no more; stop the running ones
         for _, c in pairs(kids) do c:cancel("a sibling failed") end
       end
     end
     if run.status[i] == "running" then launch() end
     settle_node()
   end
-  function launch()
-    while next_i <= n and counts.running < node.concurrency and not run.stopping do
-      local k = next_i
-      next_i = k + 1
+  local function launch_tasks()
+    while fan.next_i <= n and counts.running < node.concurrency and not run.stopping do
+      local k = fan.next_i
+      fan.next_i = k + 1
       counts.running = counts.running + 1
       local item = items[k]
       local fn, args = each, { n = 2, item, ctx }
       if is_flow(each) then fn, args = M.run_as_task, { n = 2, each, item } end
-      local opt = { args = args, timeout = node.timeout, retry = node.policy,
-                    on_finish = child_finished, heard = true, fan_done = child_done, fan_index = k }
+      local opt = { args = false, timeout = false, retry = false, on_finish = false, heard = true,  -- see ctx_for
+                    fan_done = false, fan_index = 0, name = false }
+      opt.args, opt.timeout, opt.retry, opt.on_finish, opt.fan_done, opt.fan_index =
+        args, node.timeout, node.policy, child_finished, child_done, k
       if not remote then
         kids[k] = spawn(node, name, fn, opt)
       else
@@ -399,6 +420,12 @@ local function fan_out(run, i, items)
       end
     end
   end
+  if type(each) == "function" and not remote and not node.timeout and not node.policy then
+    launch = function() crew.launch(fan) end
+  else
+    launch = launch_tasks
+  end
+  fan.child_done, fan.settle, fan.launch = child_done, settle_node, launch
   launch()
   settle_node()
 end
@@ -452,7 +479,7 @@ local function still_pending(run, i)
 end
 
 --- A node without timeout, retry, mode or nested flow, whose `run` is a
---- function: run by a worker (below), without a task of its own.
+--- function: run by a worker (tide.flow.workers), without a task of its own.
 local function is_simple(node)
   return not (node.timeout or node.policy or node.flow) and (node.mode == nil or node.mode == "coroutine")
     and node.run ~= nil
@@ -489,8 +516,10 @@ local function start_node(run, i, t)
   local on_retry = run.flow.on.task_retry and retry_hook(run, node) or nil
   local remote = node.mode == "thread" or node.mode == "process"
   if remote then ctx = thread_ctx(run, node) end
-  local opt = { args = { n = 1, ctx }, timeout = node.timeout, retry = node.policy, on_retry = on_retry,
-                on_finish = node_result, heard = true, flow_run = run, flow_index = i }
+  local opt = { args = false, timeout = false, retry = false, on_retry = false, on_finish = false,  -- see ctx_for
+                heard = true, flow_run = false, flow_index = 0, name = false }
+  opt.args, opt.timeout, opt.retry, opt.on_retry, opt.on_finish, opt.flow_run, opt.flow_index =
+    { n = 1, ctx }, node.timeout, node.policy, on_retry, node_result, run, i
   if node.flow then
     opt.args, opt.name = { n = 2, node.flow, run.input }, task_name(run.flow, node)
     local tk = S.new_task(M.run_as_task, opt)
@@ -521,145 +550,10 @@ function start_ready(run, t)
   run.starting = false
 end
 
--- ===== workers: simple nodes run without a task of their own
---
--- A task per node costs the engine about 4,000 instructions (callgrind: a
--- trivial task spawned and finished), more than everything else a node
--- costs.  So a simple node (is_simple: a `run` function, no timeout,
--- retry, mode or nested flow) is queued for a worker: a task of the run's
--- own that takes queued nodes one after the other and calls each
--- protected, on its own coroutine.  A flow of trivial nodes runs in one or
--- two workers.  What a node's own task gave, a worker keeps:
---   - A node that waits holds only its worker.  Before a worker calls a node
---     while others are queued, it makes sure another worker will run (the
---     relay: an idle one, or a new one), so a node that waits never holds
---     back the ones queued behind it.
---   - A stop cancels the worker that holds a running node (holder[i]); the
---     worker's on_finish gives that node its outcome, as a task's would.  A
---     worker cancelled by anything else (a shutdown, a node cancelling
---     tide.current()) cancels its node, which stops the run.
---   - run.looping is the worker whose loop runs now (outside a node's code),
---     or false: a node queued meanwhile is taken by that loop; queued at
---     any other time, it wakes a worker.
---   - A worker that ran POLL_EVERY nodes without waiting sleeps 0 ms, so
---     the loop polls I/O and fires timers during a long flow; meanwhile
---     (run.polling) no other worker takes queued nodes, or the relays it
---     started would run them all within the same tick.
---   - Inside a simple node, tide.current() is its worker; a worker whose
---     handle went out that way (o.seen) retires after that node, so the
---     handle, kept, finds a finished task, as a node's own task would be,
---     and never the nodes run after it.
-local POLL_EVERY = 1000
+-- ===== workers: simple nodes run without a task of their own (tide.flow.workers)
 
---- What a worker runs now, for the watchdog's "running now": the name of
---- the node in its hands ("flow/node", as its own task would be named), or
---- nil between nodes.  Asked only when a stall is reported: no cost per node.
-local function worker_doing(t)
-  local o = S.options(t)
-  local i = o.flow_index
-  if i then return task_name(o.flow_run.flow, o.flow_run.flow.list[i]) end
-end
-
-local function worker_ended(t)
-  local o = S.options(t)
-  local run, i = o.flow_run, o.flow_index
-  if run.looping == t then run.looping = false end
-  if run.relay == t then run.relay = false end
-  if run.polling == t then run.polling = false end
-  if i and run.holder[i] == t then           -- it ended inside node i's code
-    local status = S.state(t)
-    node_finished(run, i, status == "cancelled" and "cancelled" or "error", nil, t.value)
-  elseif not run.stopping and not run.done and S.state(t) ~= "ok" then
-    stop_run(run, "cancelled", ("flow '%s' stopped: its worker was %s"):format(run.flow.name, S.state(t)))
-  end
-end
-
-local worker
-
---- Makes sure a worker will take the queued nodes: wakes an idle one, or starts one.
-local function relay(run)
-  if run.relay or run.stopping then return end
-  local n = run.nidle
-  if n > 0 then
-    local t, tok = run.idle[2 * n - 1], run.idle[2 * n]
-    run.idle[2 * n - 1], run.idle[2 * n], run.nidle = nil, nil, n - 1
-    run.relay = t
-    S.wake(t, tok)
-    return
-  end
-  local t = S.new_task(worker, { args = { n = 1, run }, on_finish = worker_ended, heard = true,
-                                 name = "flow " .. run.flow.name .. " worker", flow_run = run, flow_index = false,
-                                 describe = worker_doing, seen = false })
-  run.relay = t
-  S.start(t)
-end
-
---- Queues simple node i (already "running") for a worker.
-function queue_simple(run, i)
-  local tail = run.q_tail + 1
-  run.queue[tail], run.q_tail = i, tail
-  if not run.looping then relay(run) end
-end
-
---- Calls node i's code in worker `me` (options `o`), and records how it ended.
-local function run_simple(run, i, me, o)
-  local node = run.flow.list[i]
-  local ctx = ctx_for(run, node)
-  run.holder[i], o.flow_index, run.looping = me, i, false
-  local ok, value = pcall(node.run, ctx)
-  if run.holder[i] ~= me then return false end   -- ended while it ran (cancelled): so did this worker
-  run.holder[i], run.looping = false, me
-  node_ran(run, i, ctx, ok and "ok" or "error", value, 1)
-  o.flow_index = false
-  return true
-end
-
---- A worker's task: runs queued nodes until none is left, then idles until
---- relay() wakes it or the run ends.
-function worker(run)
-  local me = S.current()
-  local o = S.options(me)
-  local q, st = run.queue, run.status
-  local since_poll = 0
-  while not run.done do
-    if run.relay == me then run.relay = false end
-    run.looping = me
-    while run.q_head <= run.q_tail and not run.stopping and not run.polling do
-      local head = run.q_head
-      local i = q[head]
-      q[head], run.q_head = nil, head + 1
-      if st[i] == "running" then
-        if run.q_head <= run.q_tail then relay(run) end     -- if this one waits, another takes the rest
-        if not run_simple(run, i, me, o) then return end
-        if o.seen then                                     -- its handle went out inside that node: retire
-          run.looping = false
-          if run.q_head <= run.q_tail then relay(run) end
-          return
-        end
-        since_poll = since_poll + 1
-        if since_poll >= POLL_EVERY then
-          since_poll = 0
-          run.looping, run.polling = false, me
-          S.sleep(0)
-          run.looping, run.polling = me, false
-        end
-      end
-    end
-    run.looping = false
-    if run.done or run.stopping then break end
-    local _, tok = S.wait_begin("flow worker", 1)          -- idle until relay() or the run's end
-    local n = run.nidle + 1
-    run.idle[2 * n - 1], run.idle[2 * n], run.nidle = me, tok, n
-    S.wait_end(me, tok)
-  end
-end
-
---- Wakes the idle workers of a run that ended, so that they end too.
-function dismiss_workers(run)
-  local idle = run.idle
-  for k = 1, 2 * run.nidle, 2 do S.wake(idle[k], idle[k + 1]) end
-  run.nidle = 0
-end
+workers.attach{ ctx_for = ctx_for, node_ran = node_ran, node_finished = node_finished, stop_run = stop_run,
+                task_name = task_name }
 
 -- ===== a run
 
@@ -669,16 +563,16 @@ local function new_run(f, input)
   local report = { flow = f.name, status = "running", tasks = false }
   local run = { flow = f, input = input, report = report, results = table_new(0, n),
                 status = table_new(n, 0), deps_left = table_new(n, 0), holder = table_new(n, 0),
-                started = table_new(n, 0), duration = table_new(n, 0), attempts = table_new(n, 0),
-                values = table_new(n, 0), errors = {}, reasons = {}, children = {}, kids = {},
+                started = table_new(n, 0), attempts = table_new(n, 0), entry = table_new(n, 0),
+                tasks = table_new(0, n), reasons = {}, children = {}, kids = {},
                 ready = table_new(n, 0), ready_head = 1, ready_tail = 0,
-                queue = {}, q_head = 1, q_tail = 0, looping = false, relay = false, polling = false, idle = {}, nidle = 0,
+                queue = table_new(n, 0), q_head = 1, q_tail = 0, looping = false, relay = false, polling = false, idle = {}, nidle = 0,
                 running = 0, open = n, failed = 0, starting = false, stopping = false,
                 children_total = 0, children_done = 0, t0 = now(), done = false, timer = false,
                 waiting = false }                   -- S.wait_for's slot
-  local status, deps_left, holder = run.status, run.deps_left, run.holder
+  local status, deps_left, holder, ndeps = run.status, run.deps_left, run.holder, f.ndeps
   for i = 1, n do
-    status[i], deps_left[i], holder[i] = "pending", #list[i].after, false
+    status[i], deps_left[i], holder[i] = "pending", ndeps[i], false
   end
   local roots, ready = f.roots, run.ready
   for k = 1, #roots do ready[k] = roots[k].index end
