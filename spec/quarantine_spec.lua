@@ -47,4 +47,34 @@ describe("quarantine", function()
     assert.equal(2, st.size)
     assert.equal(0, st.in_flight)
   end)
+
+  it("keeps tide's library loaded for a quarantined thread, which runs in its code until the process ends", function()
+    -- lua_close (busted's os.exit(code, true)) unloads the C modules; a
+    -- stuck thread would then jump into unmapped code.  The child unloads
+    -- tide.so the way lua_close does, and looks whether it is still mapped.
+    local dir = spec_helper.tempdir()
+    local status, out = spec_helper.run_lua(dir, "unload.lua", [[
+      local tide = require "tide"
+      tide.configure{ threads = 1, thread_stop_wait = 20 }
+      local st = tide.run(function()
+        assert(tide.spawn{ mode = "thread", timeout = 20, run = function() while true do end end }:await() == "timeout")
+        while tide.stats().threads.quarantined == 0 do tide.sleep(10) end
+      end)
+      assert(st == "ok", "the root failed")
+      local reg, n = debug.getregistry(), 0
+      for k in pairs(reg) do
+        if type(k) == "string" and k:match("^LOADLIB: .*tide%.so$") then reg[k] = nil; n = n + 1 end
+      end
+      assert(n == 1, "no LOADLIB entry for tide.so")
+      package.loaded["tide.core"] = nil
+      collectgarbage(); collectgarbage()               -- its __gc: dlclose
+      local maps = io.open("/proc/self/maps"):read("*a")
+      print(maps:find("tide.so", 1, true) and "still mapped" or "unmapped")
+      io.stdout:flush()
+      os.execute("sleep 0.1")                          -- the stuck thread runs on meanwhile
+    ]], 30)
+    os.execute("rm -rf " .. dir)
+    assert.equal(0, status, out)
+    assert.matches("still mapped", out)
+  end)
 end)

@@ -1,6 +1,7 @@
 /* threads.c — the pool of worker threads: queues, hand-off to the loop, quarantine (see threads.h). */
 #include "threads.h"
 
+#include <dlfcn.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -483,6 +484,21 @@ int tide__pool_cancel(tide__pool *p, uint64_t id) {
   return rc;
 }
 
+/* A thread given up on may run on inside this library (its worker loop, the
+ * stop hook) until the process ends, so the library must never be unloaded:
+ * lua_close unloads the C modules it loaded (busted's os.exit(code, true)
+ * does), and the thread would then jump into unmapped code.  Reopening the
+ * object already loaded with RTLD_NODELETE pins it; the reference is kept.
+ * (In the tide binary this names the executable: a no-op.)  Loop thread. */
+static void keep_library_loaded(void) {
+  static int pinned;
+  if (pinned) return;
+  pinned = 1;
+  Dl_info info;
+  if (dladdr((void *)keep_library_loaded, &info) != 0 && info.dli_fname != NULL)
+    (void)dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
+}
+
 int tide__pool_quarantine(tide__pool *p, uint64_t id) {
   uv_mutex_lock(&p->mu);
   tide__job *job = map_get(&p->jobs, id);
@@ -498,6 +514,7 @@ int tide__pool_quarantine(tide__pool *p, uint64_t id) {
     p->busy--;
     p->refs++;                               /* the thread holds the pool now */
     pthread_detach(s->thread);
+    keep_library_loaded();
   } else {
     s = NULL;
   }
@@ -542,6 +559,7 @@ static void abandon_slot(tide__pool *p, int i) {
   s->quarantined = 1;
   p->refs++;                                 /* the thread holds the pool now */
   pthread_detach(s->thread);
+  keep_library_loaded();
   p->slots[i] = NULL;
 }
 
