@@ -424,33 +424,75 @@ describe("tide.queue on " .. store.name, function()
       assert.is_nil(q:job(ids[2]).args)          -- k2 existed: its job is the earlier one
     end)
 
+    it("gives each job of batches without keys its own id, while other tasks insert at the same time", function()
+      -- (PostgreSQL: such a batch is one plain INSERT per 5,000 rows, whose
+      -- ids the server draws as it reads the rows; concurrent inserts on
+      -- other connections draw from the same sequence meanwhile)
+      local json = require "tide.jobs.json"
+      local lists, got = {}, {}
+      local status, err = tide.run(function()
+        local tasks = {}
+        for t = 1, 3 do
+          lists[t] = {}
+          for i = 1, 5003 do lists[t][i] = { target = "t", method = "m", args = { t = t, i = i } } end
+          if t == 2 then lists[t][4999].queue = "other"; lists[t][5002].priority = 7 end
+          tasks[t] = tide.spawn(function()
+            local ids, n = q:enqueue_many(lists[t])
+            got[t] = { ids = ids, n = n }
+          end)
+        end
+        tasks[4] = tide.spawn(function()                       -- single inserts in between
+          for i = 1, 50 do q:enqueue{ target = "t", method = "m", args = { t = 4, i = i } } end
+        end)
+        for _, task in ipairs(tasks) do task:await() end
+      end)
+      assert.equal("ok", status, tostring(err))
+      local by_id = {}
+      for _, r in ipairs(sql("SELECT id, args, queue, priority FROM tide_jobs")) do by_id[r.id] = r end
+      local all = 0
+      for t = 1, 3 do
+        assert.equal(5003, got[t].n)
+        assert.equal(5003, #got[t].ids)
+        for i, id in ipairs(got[t].ids) do
+          local r = by_id[id]
+          local a = r and r.args and json.decode(r.args)
+          assert.same({ i = i, t = t }, a, ("task %d job %d got id %s"):format(t, i, tostring(id)))
+          all = all + 1
+        end
+      end
+      assert.equal(3 * 5003, all)
+      assert.same({ "other", 0 }, { by_id[got[2].ids[4999]].queue, by_id[got[2].ids[4999]].priority })
+      assert.same({ "default", 7 }, { by_id[got[2].ids[5002]].queue, by_id[got[2].ids[5002]].priority })
+      assert.equal(3 * 5003 + 50, q:stats().total)
+    end)
+
     it("gives a key repeated inside the batch (across its statements) or found in the table the existing id", function()
       local old = q:enqueue{ target = "t", method = "m", idempotency_key = "old" }
       local run_at = math.floor(core.wallclock()) + 3600000
       local list = {}
-      for i = 1, 2100 do list[i] = { target = "t", method = "m", args = { i = i } } end
+      for i = 1, 5100 do list[i] = { target = "t", method = "m", args = { i = i } } end
       list[5].idempotency_key, list[9].idempotency_key = "a", "a"     -- one statement
-      list[2050].idempotency_key = "a"                                 -- the next (2,000 rows a statement on PostgreSQL)
+      list[5050].idempotency_key = "a"                                 -- the next (5,000 rows a statement on PostgreSQL)
       list[100].idempotency_key = "old"                                -- in the table
-      list[7].idempotency_key, list[2099].idempotency_key = "b", "b"
+      list[7].idempotency_key, list[5099].idempotency_key = "b", "b"
       -- jobs of every option, mixed with plain ones
       local args3 = { s = "a\0b é", n = 0.1, big = 2 ^ 53, neg = -0.0, empty = setmetatable({}, require("tide.jobs.json").array_mt) }
       list[3] = { target = "t", method = "m", queue = "mail", priority = -3, max_attempts = 2, delay = 60000, args = args3 }
       list[4] = { target = "u", method = "v", run_at = run_at }
       local ids, n = q:enqueue_many(list)
-      assert.equal(2100, #ids)
-      assert.equal(2100 - 4, n)
+      assert.equal(5100, #ids)
+      assert.equal(5100 - 4, n)
       assert.equal(ids[5], ids[9])
-      assert.equal(ids[5], ids[2050])
-      assert.equal(ids[7], ids[2099])
+      assert.equal(ids[5], ids[5050])
+      assert.equal(ids[7], ids[5099])
       assert.equal(old, ids[100])
       local seen = {}
       for i, id in ipairs(ids) do
-        if i ~= 9 and i ~= 2050 and i ~= 2099 and i ~= 100 then
+        if i ~= 9 and i ~= 5050 and i ~= 5099 and i ~= 100 then
           assert.is_nil(seen[id], "id " .. id .. " given twice"); seen[id] = true
         end
       end
-      assert.equal(2101 - 4, q:stats().total)
+      assert.equal(5101 - 4, q:stats().total)
       assert.equal(5, q:job(ids[5]).args.i)
       local j3 = q:job(ids[3])
       assert.same({ "mail", -3, 2, "scheduled" }, { j3.queue, j3.priority, j3.max_attempts, j3.status })
@@ -489,7 +531,7 @@ describe("tide.queue on " .. store.name, function()
         end
         local a = q:enqueue{ target = "t", method = "m" }
         q:enqueue_many{ { target = "t", method = "m" }, { target = "t", method = "m" } }
-        assert.equal("tide_insert,tide_insert_many", prepared())
+        assert.equal("tide_insert,tide_insert_batch", prepared())
         local pid = sql("SELECT pg_backend_pid() AS pid")[1].pid
         local admin = require("tide.jobs.store.postgres").connect(url)
         admin:query("SELECT pg_terminate_backend($1)", pid)

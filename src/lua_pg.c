@@ -165,9 +165,12 @@ static int conn_watch(lua_State *L) {
   return 0;
 }
 
+/* conn:unwatch(): a watch already stopped (the ready callback stops it,
+ * then the waiter) is left alone: a second uv_poll_stop removes the socket
+ * from epoll again, a failing syscall (ENOENT) per wait. */
 static int conn_unwatch(lua_State *L) {
   conn *c = luaL_checkudata(L, 1, CONN_MT);
-  if (c->w) uv_poll_stop(&c->w->handle);
+  if (c->w && uv_is_active((uv_handle_t *)&c->w->handle)) uv_poll_stop(&c->w->handle);
   return 0;
 }
 

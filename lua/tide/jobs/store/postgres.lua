@@ -30,7 +30,7 @@ local pg_conn = require "tide.jobs.store.pg_conn"
 local pool = require "tide.jobs.store.pool"
 
 local type, error, ipairs, tostring, concat = type, error, ipairs, tostring, table.concat
-local setmetatable, format, pcall, min = setmetatable, string.format, pcall, math.min
+local setmetatable, format, pcall, min, sort = setmetatable, string.format, pcall, math.min, table.sort
 
 local M = {}
 
@@ -196,16 +196,29 @@ local SQL = {
     ON CONFLICT (idempotence_key) WHERE idempotence_key IS NOT NULL DO NOTHING RETURNING id]],
   by_key = "SELECT id FROM tide_jobs WHERE idempotence_key = $1",
   by_keys = "SELECT id, idempotence_key FROM tide_jobs WHERE idempotence_key = ANY($1::text[])",
-  -- A batch in one statement: the rows as arrays, ids drawn up front (so
-  -- each input row knows its own), inserted in input order; a row whose
-  -- key exists (in the table, or earlier in the batch) is not inserted and
-  -- its id is looked up after.
-  insert_many = [[WITH input AS (
+  -- A batch in one statement, the rows as arrays.  Without idempotency
+  -- keys (the common case) every row goes in: a plain INSERT from the
+  -- arrays, each id drawn from the column's default as the server reads
+  -- the rows, in the arrays' order (so the batch's ids, sorted, are its
+  -- rows' in order: RETURNING's own order is not promised).
+  insert_many = [[INSERT INTO tide_jobs (queue, target, method, args, args_enc, status, priority, max_attempts,
+        run_at, inserted_at, partition_key)
+      SELECT queue, target, method, args, decode(args_enc, 'hex'), status, priority, max_attempts, run_at,
+             inserted_at, partition_key
+      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::integer[],
+                  $8::integer[], $9::bigint[], $10::bigint[], $11::text[])
+        AS u(queue, target, method, args, args_enc, status, priority, max_attempts, run_at, inserted_at,
+             partition_key)
+      RETURNING id]],
+  -- With keys: ids drawn up front (so each input row knows its own),
+  -- inserted in input order; a row whose key exists (in the table, or
+  -- earlier in the batch) is not inserted and its id is looked up after.
+  insert_many_keyed = [[WITH input AS (
       SELECT u.*, nextval('tide_jobs_id_seq') AS new_id
       FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::integer[],
-                  $8::integer[], $9::bigint[], $10::text[], $11::bigint[], $12::text[])
+                  $8::integer[], $9::bigint[], $10::bigint[], $11::text[], $12::text[])
         WITH ORDINALITY AS u(queue, target, method, args, args_enc, status, priority, max_attempts,
-                             run_at, idempotence_key, inserted_at, partition_key, ord)),
+                             run_at, inserted_at, partition_key, idempotence_key, ord)),
     ins AS (
       INSERT INTO tide_jobs (id, queue, target, method, args, args_enc, status, priority, max_attempts,
                              run_at, idempotence_key, inserted_at, partition_key)
@@ -564,23 +577,96 @@ function Session:insert(j)
 end
 
 -- ===== arrays as PostgreSQL reads them in text: {"a","b",NULL}
+--
+-- A batch repeats most of its values (its queue, target, method, status,
+-- times): each distinct value is quoted once per batch (`memo`).
 
-local function text_array(list, n)
+local function text_array(list, n, memo)
+  memo = memo or {}
   local out = {}
   for i = 1, n do
     local v = list[i]
-    out[i] = v == nil and "NULL" or '"' .. v:gsub('[\\"]', "\\%0") .. '"'
+    local t = memo[v]
+    if not t then
+      if v == nil then t = "NULL" else t = '"' .. v:gsub('[\\"]', "\\%0") .. '"'; memo[v] = t end
+    end
+    out[i] = t
   end
   return "{" .. concat(out, ",") .. "}"
 end
 
-local function int_array(list, n)
+local function int_array(list, n, memo)
   local out = {}
-  for i = 1, n do out[i] = format("%d", list[i]) end
+  for i = 1, n do
+    local v = list[i]
+    local t = memo[v]
+    if not t then t = format("%d", v); memo[v] = t end
+    out[i] = t
+  end
   return "{" .. concat(out, ",") .. "}"
 end
 
-local BATCH = 2000                          -- rows per statement
+local BATCH = 5000                          -- rows per statement
+local by_number = function(a, b) return a < b end
+
+--- One statement over list[from .. from + n - 1]: their ids, and whether
+--- each was inserted (false: its key existed, in the table or earlier in
+--- the batch; its id is that job's).
+local function insert_batch(c, list, from, n, ids, inserted)
+  local cols, keyed = { {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {} }, false
+  for i = 1, n do
+    local j = list[from + i - 1]
+    cols[1][i], cols[2][i], cols[3][i], cols[4][i], cols[5][i], cols[6][i] =
+      j.queue, j.target, j.method, j.args, j.args_enc and hex(j.args_enc), j.status
+    cols[7][i], cols[8][i], cols[9][i], cols[10][i], cols[11][i], cols[12][i] =
+      j.priority, j.max_attempts, j.run_at, j.inserted_at, j.partition_key, j.idempotence_key
+    keyed = keyed or j.idempotence_key ~= nil
+  end
+  local memo, keys = {}, cols[12]
+  local a1, a2, a3, a4, a5, a6 = text_array(cols[1], n, memo), text_array(cols[2], n, memo),
+    text_array(cols[3], n, memo), text_array(cols[4], n, memo), text_array(cols[5], n, memo),
+    text_array(cols[6], n, memo)
+  local a7, a8, a9, a10 = int_array(cols[7], n, memo), int_array(cols[8], n, memo), int_array(cols[9], n, memo),
+    int_array(cols[10], n, memo)
+  local a11 = text_array(cols[11], n, memo)
+  if not keyed then
+    local rows = c:prepared("tide_insert_batch", SQL.insert_many, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11).rows
+    if #rows ~= n then error(("insert_many: %d ids for %d rows"):format(#rows, n), 0) end
+    local got, sorted = {}, true
+    for i = 1, n do
+      got[i] = rows[i].id
+      if i > 1 and got[i] < got[i - 1] then sorted = false end
+    end
+    if not sorted then sort(got, by_number) end
+    for i = 1, n do ids[from + i - 1], inserted[from + i - 1] = got[i], true end
+    return
+  end
+  local rows = c:prepared("tide_insert_batch_keyed", SQL.insert_many_keyed, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10,
+    a11, text_array(keys, n, memo)).rows
+  local by_key, missing = {}, {}
+  for i = 1, n do
+    local id, key = rows[i].id, keys[i]
+    ids[from + i - 1], inserted[from + i - 1] = id, id ~= nil
+    if id and key then by_key[key] = by_key[key] or id end
+  end
+  for i = 1, n do                           -- keys that existed: in this batch, or in the table
+    local k = from + i - 1
+    if not ids[k] then
+      local key = keys[i]
+      ids[k] = by_key[key]
+      if not ids[k] then missing[#missing + 1] = key end
+    end
+  end
+  if #missing > 0 then
+    for _, r in ipairs(c:query(SQL.by_keys, text_array(missing, #missing, memo)).rows) do
+      by_key[r.idempotence_key] = r.id
+    end
+    for i = 1, n do
+      local k = from + i - 1
+      if not ids[k] then ids[k] = by_key[keys[i]] end
+    end
+  end
+end
 
 --- Inserts the list in one statement per BATCH rows (inside the caller's
 --- transaction); returns their ids and inserted flags, in order.
@@ -592,44 +678,7 @@ function Session:insert_many(list)
       return ids, inserted
     end
   end
-  for from = 1, #list, BATCH do
-    local n = min(BATCH, #list - from + 1)
-    local cols = { {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {} }
-    for i = 1, n do
-      local j = list[from + i - 1]
-      cols[1][i], cols[2][i], cols[3][i], cols[4][i], cols[5][i], cols[6][i] =
-        j.queue, j.target, j.method, j.args, hex(j.args_enc), j.status
-      cols[7][i], cols[8][i], cols[9][i], cols[10][i], cols[11][i], cols[12][i] =
-        j.priority, j.max_attempts, j.run_at, j.idempotence_key, j.inserted_at, j.partition_key
-    end
-    local rows = self.c:prepared("tide_insert_many", SQL.insert_many, text_array(cols[1], n), text_array(cols[2], n),
-      text_array(cols[3], n), text_array(cols[4], n), text_array(cols[5], n), text_array(cols[6], n),
-      int_array(cols[7], n), int_array(cols[8], n), int_array(cols[9], n), text_array(cols[10], n),
-      int_array(cols[11], n), text_array(cols[12], n)).rows
-    local by_key, missing = {}, {}
-    for i = 1, n do
-      local id, key = rows[i].id, cols[10][i]
-      ids[from + i - 1], inserted[from + i - 1] = id, id ~= nil
-      if id and key then by_key[key] = by_key[key] or id end
-    end
-    for i = 1, n do                           -- keys that existed: in this batch, or in the table
-      local k = from + i - 1
-      if not ids[k] then
-        local key = cols[10][i]
-        ids[k] = by_key[key]
-        if not ids[k] then missing[#missing + 1] = key end
-      end
-    end
-    if #missing > 0 then
-      for _, r in ipairs(self.c:query(SQL.by_keys, text_array(missing, #missing)).rows) do
-        by_key[r.idempotence_key] = r.id
-      end
-      for i = 1, n do
-        local k = from + i - 1
-        if not ids[k] then ids[k] = by_key[cols[10][i]] end
-      end
-    end
-  end
+  for from = 1, #list, BATCH do insert_batch(self.c, list, from, min(BATCH, #list - from + 1), ids, inserted) end
   return ids, inserted
 end
 
