@@ -282,6 +282,53 @@ describe("tide.queue on " .. store.name, function()
         assert(ok, err)
       end)
 
+      it("gives each job of insert_many its own id, in order, across its many-row statements and keyed jobs", function()
+        -- Jobs without keys go in up to 64 to a statement (64 + 32 + ...),
+        -- their ids worked out from the last one's: a wrong sum would hand
+        -- a job another's id.  The newest job pruned first: ids go on past it.
+        local pruned = q:enqueue{ target = "t", method = "m" }
+        q:cancel(pruned)
+        q:prune{ older_than = 0 }
+        assert.is_nil(q:job(pruned))
+        local existing = q:enqueue{ target = "t", method = "m", idempotence_key = "k-old" }
+        local session = q._store:acquire("spec")
+        local ok, err = pcall(function()
+          local list = {}
+          for i = 1, 203 do
+            local j = { queue = "default", target = "t", method = "m", args = "[" .. i .. "]", status = "available",
+                        priority = i % 3, max_attempts = 5, run_at = 1000 + i, inserted_at = 1000 }
+            if i % 5 == 0 then j.lease_owner, j.lease_expires = "w1", 5000 + i end
+            if i == 71 or i == 72 or i == 141 then j.idempotence_key = "k-" .. i end
+            if i == 151 then j.idempotence_key = "k-old" end
+            list[i] = j
+          end
+          session:begin()
+          local ids, inserted = session:insert_many(list)
+          session:commit()
+          local last = pruned
+          for i = 1, 203 do
+            if i == 151 then
+              assert.same({ existing, false }, { ids[i], inserted[i] })
+            else
+              assert.is_true(inserted[i])
+              assert.is_true(ids[i] > last, "job " .. i .. ": id " .. tostring(ids[i]) .. " after " .. last)
+              last = ids[i]
+              local r = session:get(ids[i])
+              assert.same({ "[" .. i .. "]", i % 3, 1000 + i }, { r.args, r.priority, r.run_at })
+              if i % 5 == 0 then
+                assert.same({ "executing", 1, 1000, "w1", 5000 + i }, { r.status, r.attempt, r.attempted_at,
+                  r.lease_owner, r.lease_expires })
+              else
+                assert.same({ "available", 0 }, { r.status, r.attempt })
+                assert.is_nil(r.lease_owner)
+              end
+            end
+          end
+        end)
+        q._store:release(session, not ok)
+        assert(ok, err)
+      end)
+
       -- Until version 5, tide_schedules was created at every open outside
       -- the numbered migrations: a file of version 4 may have it (with rows)
       -- or not (made before schedules existed).
