@@ -336,8 +336,18 @@ local UNESCAPE = { ['"'] = '"', ["\\"] = "\\", ["/"] = "/", b = "\b", f = "\f", 
 -- quadratic).
 local next_high = 0
 
+--- The first byte >= 0x80 at or after `i`, or math.huge.  A byte loop, which
+--- LuaJIT compiles: a pattern find cost 0.84 us of a durable flow step's
+--- 2.4 us args decode (100 bytes), most of it the pattern machinery.
+local function find_high(s, i)
+  for k = i, #s do
+    if byte(s, k) >= 128 then return k end
+  end
+  return huge
+end
+
 local function check_utf8(s, i, j)
-  if next_high < i then next_high = find(s, "[\128-\255]", i) or huge end
+  if next_high < i then next_high = find_high(s, i) end
   if next_high > j then return end
   local bad = utf8_error(s, i, j)
   if bad then perr("invalid UTF-8", bad) end
