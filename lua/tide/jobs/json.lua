@@ -154,8 +154,20 @@ local encode_value
 
 local function fail(path, why) error({ path = path, why = why }, 0) end
 
+--- False when `s` holds a byte the encoder must look at: a control
+--- character, a quote, a backslash, or one >= 0x80 (UTF-8 to check).  A
+--- byte loop, which LuaJIT compiles; a pattern find cost more than the rest
+--- of a short string's encoding.
+local function plain_ascii(s)
+  for k = 1, #s do
+    local c = byte(s, k)
+    if c < 32 or c == 34 or c == 92 or c >= 128 then return false end
+  end
+  return true
+end
+
 local function encode_string(buf, n, s, path, key, lossy)
-  if find(s, '[%z\1-\31"\\\128-\255]') then
+  if not plain_ascii(s) then
     local bad = utf8_error(s, 1, #s)
     if bad then
       if not lossy then
