@@ -329,6 +329,57 @@ describe("tide.queue on " .. store.name, function()
         assert(ok, err)
       end)
 
+      it("records the completions of a batch together, and writes exactly those still leased at their attempt", function()
+        -- Completions go in by statements of up to 64 guarded jobs; one
+        -- whose lease was lost makes its statement change fewer rows, and
+        -- the statement is undone and its jobs written one by one.  Stale
+        -- entries sit in the 64-job statement and the 4-job one; the
+        -- 32-job one is all fresh; a job listed twice goes one by one.
+        local list = {}
+        for i = 1, 101 do list[i] = { target = "t", method = "m", args = { i } } end
+        q:enqueue_many(list)
+        local id = q:enqueue{ target = "t", method = "m", queue = "other" }
+        local session = q._store:acquire("spec")
+        local ok, err = pcall(function()
+          local t = math.floor(require("tide.core").wallclock()) + 1000
+          local rows = session:claim("default", 101, "w1", t, t + 60000)
+          assert.equal(101, #rows)
+          table.sort(rows, function(a, b) return a.id < b.id end)
+          local stale = { [rows[3].id] = "attempt", [rows[40].id] = "owner", [rows[99].id] = "cancelled" }
+          session:begin()
+          session:exec("UPDATE tide_jobs SET lease_owner = 'w2' WHERE id = ?", rows[40].id)
+          session:exec("UPDATE tide_jobs SET status = 'cancelled', lease_owner = NULL WHERE id = ?", rows[99].id)
+          session:commit()
+          local entries = {}
+          for i, r in ipairs(rows) do
+            entries[i] = { id = r.id, attempt = stale[r.id] == "attempt" and r.attempt + 1 or r.attempt, kind = "completed" }
+          end
+          local written = session:record(entries, "w1", 2000)
+          for _, r in ipairs(rows) do
+            local now = session:get(r.id)
+            if stale[r.id] then
+              assert.is_nil(written[r.id], "job " .. r.id .. " (" .. stale[r.id] .. ") written")
+              assert.equal(stale[r.id] == "cancelled" and "cancelled" or "executing", now.status)
+            else
+              assert.is_true(written[r.id], "job " .. r.id .. " not written")
+              assert.same({ "completed", 2000 }, { now.status, now.completed_at })
+              assert.is_nil(now.lease_owner)
+            end
+          end
+          -- The same job twice in one batch: in order, one by one (the
+          -- completion first, so the retry after it finds nothing leased).
+          local r = session:claim("other", 1, "w1", t, t + 60000)[1]
+          assert.equal(id, r.id)
+          written = session:record({ { id = id, attempt = r.attempt, kind = "completed" },
+                                     { id = id, attempt = r.attempt, kind = "retry", run_at = 5000,
+                                       error = '{"error":"x"}' } }, "w1", 4000)
+          assert.same({ [id] = true }, written)
+          assert.equal("completed", session:get(id).status)
+        end)
+        q._store:release(session, not ok)
+        assert(ok, err)
+      end)
+
       -- Until version 5, tide_schedules was created at every open outside
       -- the numbered migrations: a file of version 4 may have it (with rows)
       -- or not (made before schedules existed).
