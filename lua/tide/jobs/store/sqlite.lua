@@ -42,9 +42,10 @@ local pool = require "tide.jobs.store.pool"
 local S = require "tide.engine.sched"
 local log = require "tide.engine.log"
 local schema = require "tide.jobs.store.sqlite_schema"
+local many = require "tide.jobs.store.sqlite_many"
 
 local type, error, ipairs, pairs, tostring, pcall = type, error, ipairs, pairs, tostring, pcall
-local concat, min, format, unpack = table.concat, math.min, string.format, unpack
+local concat, min, format = table.concat, math.min, string.format
 local setmetatable = setmetatable
 local log_protect = log.protect
 
@@ -587,78 +588,10 @@ end
 
 function Session:insert(j) return locked(self, insert, self, j) end
 
--- Jobs without keys go in MANY_MAX at a time, by one INSERT of many rows.
--- One row per statement cost 28,300 instructions a job (callgrind), 10,500
--- in a statement of 64: each execution paid the statement's start and end
--- and AUTOINCREMENT's read and write of sqlite_sequence.  A run of n such
--- jobs takes one statement per power of two in n (64 + 32 + 4 for 100), so
--- at most 7 texts are prepared.  The rows of one statement get consecutive
--- ids (AUTOINCREMENT gives each the previous one's plus one; nothing else
--- writes meanwhile: the statement holds the write lock), the last one's is
--- last_id: the ids come back without RETURNING, whose temporary table cost
--- more than the insert.
-local MANY_MAX = 64
-local MANY_COLS = 15
-local MANY_ROW = "(" .. ("?, "):rep(MANY_COLS - 1) .. "?)"
-
-local function many_stmt(s, n)
-  local key = "insert_many:" .. n
-  local st = s.stmts[key]
-  if st then return st end
-  local rows = {}
-  for i = 1, n do rows[i] = MANY_ROW end
-  st = s.db:prepare("INSERT INTO tide_jobs (queue, target, method, args, args_enc, status, priority, max_attempts, "
-    .. "run_at, inserted_at, partition_key, attempt, attempted_at, lease_owner, lease_expires) VALUES "
-    .. concat(rows, ", "))
-  s.stmts[key] = st
-  return st
-end
-
---- Inserts list[from .. from + n - 1] (jobs without keys) in one statement;
---- their ids go in ids[from ..].  A job with lease_owner and lease_expires
---- goes in executing, attempt 1, leased (as insert_leased).
-local function insert_run(s, list, from, n, ids, inserted)
-  local p, k = {}, 0
-  for i = from, from + n - 1 do
-    local j = list[i]
-    local leased = j.lease_owner ~= nil
-    p[k + 1], p[k + 2], p[k + 3], p[k + 4], p[k + 5] = j.queue, j.target, j.method, j.args, j.args_enc
-    p[k + 6], p[k + 7], p[k + 8], p[k + 9] = leased and "executing" or j.status, j.priority, j.max_attempts, j.run_at
-    p[k + 10], p[k + 11], p[k + 12] = j.inserted_at, j.partition_key, leased and 1 or 0
-    p[k + 13], p[k + 14], p[k + 15] = leased and j.inserted_at or nil, j.lease_owner, leased and j.lease_expires or nil
-    k = k + MANY_COLS
-  end
-  many_stmt(s, n):run(unpack(p, 1, k))
-  local last = s.db:last_id()
-  for i = 0, n - 1 do ids[from + i], inserted[from + i] = last - n + 1 + i, true end
-end
-
-local function keyless(j) return j.idempotence_key == nil and j.unique_key == nil end
-
 --- Inserts a list (inside the caller's transaction); returns their ids and
---- inserted flags, in order.  Runs of jobs without keys go in by the
---- statements above; a job with a key, by insert.
-function Session:insert_many(list)
-  local ids, inserted = {}, {}
-  local i, n = 1, #list
-  while i <= n do
-    if keyless(list[i]) then
-      local e = i
-      while e < n and keyless(list[e + 1]) do e = e + 1 end
-      local left = e - i + 1
-      while left > 0 do
-        local size = MANY_MAX
-        while size > left do size = size / 2 end
-        insert_run(self, list, i, size, ids, inserted)
-        i, left = i + size, left - size
-      end
-    else
-      ids[i], inserted[i] = insert(self, list[i])
-      i = i + 1
-    end
-  end
-  return ids, inserted
-end
+--- inserted flags, in order.  Runs of jobs without keys go in many to a
+--- statement (tide.jobs.store.sqlite_many); a job with a key, by insert.
+function Session:insert_many(list) return many.insert_many(self, list, insert) end
 
 --- The limits of queue `name` (its tide_queues row), or false: read at
 --- most once a LIMITS_TTL ms per connection.  Only the choice of statement
@@ -721,56 +654,14 @@ function Session:declare(r) return locked(self, declare, self, r) end
 local function queue_limits(s, name) return stmt(s, "limits"):first(name) end
 function Session:queue_limits(name) return (locked(self, queue_limits, self, name)) end
 
---- Each entry: { id, attempt, kind = "completed" | "retry" | "discard" |
---- "release", run_at, error = JSON text or nil }.  Entries whose job is no
---- longer leased to `owner` at that attempt change nothing; returns the set
---- of ids written.
--- The completions of a batch go in one UPDATE per power of two in their
--- number (up to 64 a statement, as insert_many), each job under the guard
--- of `completed` (executing, leased to the owner, at its attempt).  It
--- changes as many rows as it has jobs, and then each was written; fewer (a
--- lease lost meanwhile), and the statement is undone to a savepoint and the
--- jobs written one by one, which says which.  23,900 instructions a
--- completion one by one, 15,900 by 64 (callgrind).
-local function completed_stmt(s, n)
-  local key = "completed_many:" .. n
-  local st = s.stmts[key]
-  if st then return st end
-  local terms = {}
-  for i = 1, n do terms[i] = format("(id = ?%d AND attempt = ?%d)", 2 * i + 1, 2 * i + 2) end
-  st = s.db:prepare("UPDATE tide_jobs SET status = 'completed', completed_at = ?1, lease_owner = NULL, "
-    .. "lease_expires = NULL WHERE status = 'executing' AND lease_owner = ?2 AND (" .. concat(terms, " OR ") .. ")")
-  s.stmts[key] = st
-  return st
-end
-
 local function complete_one(s, e, owner, now, written)
   if stmt(s, "completed"):run(e.id, owner, e.attempt, now) > 0 then written[e.id] = true end
 end
 
-local function complete_many(s, list, owner, now, written)
-  local i, n = 1, #list
-  while i <= n do
-    local size = MANY_MAX
-    while size > n - i + 1 do size = size / 2 end
-    if size == 1 then
-      complete_one(s, list[i], owner, now, written)
-    else
-      local p = { now, owner }
-      for k = 0, size - 1 do p[2 * k + 3], p[2 * k + 4] = list[i + k].id, list[i + k].attempt end
-      s.db:exec("SAVEPOINT tide_record")
-      if completed_stmt(s, size):run(unpack(p, 1, 2 * size + 2)) == size then
-        s.db:exec("RELEASE tide_record")
-        for k = i, i + size - 1 do written[list[k].id] = true end
-      else
-        s.db:exec("ROLLBACK TO tide_record; RELEASE tide_record")
-        for k = i, i + size - 1 do complete_one(s, list[k], owner, now, written) end
-      end
-    end
-    i = i + size
-  end
-end
-
+--- Each entry: { id, attempt, kind = "completed" | "retry" | "discard" |
+--- "release", run_at, error = JSON text or nil }.  Entries whose job is no
+--- longer leased to `owner` at that attempt change nothing; returns the set
+--- of ids written.  The completions go together (sqlite_many).
 local function record(s, entries, owner, now, hooks)
   local db = s.db
   local own = not db:in_transaction()
@@ -795,7 +686,7 @@ local function record(s, entries, owner, now, hooks)
         if stmt(s, kind):run(e.id, owner, e.attempt, at, e.error) > 0 then written[e.id] = true end
       end
     end
-    complete_many(s, done, owner, now, written)
+    many.complete_many(s, done, owner, now, written, complete_one)
     if hooks and hooks.after then hooks.after(s, written) end
   end)
   if not ok then
