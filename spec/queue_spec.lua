@@ -282,6 +282,104 @@ describe("tide.queue on " .. store.name, function()
         assert(ok, err)
       end)
 
+      it("gives each job of insert_many its own id, in order, across its many-row statements and keyed jobs", function()
+        -- Jobs without keys go in up to 64 to a statement (64 + 32 + ...),
+        -- their ids worked out from the last one's: a wrong sum would hand
+        -- a job another's id.  The newest job pruned first: ids go on past it.
+        local pruned = q:enqueue{ target = "t", method = "m" }
+        q:cancel(pruned)
+        q:prune{ older_than = 0 }
+        assert.is_nil(q:job(pruned))
+        local existing = q:enqueue{ target = "t", method = "m", idempotence_key = "k-old" }
+        local session = q._store:acquire("spec")
+        local ok, err = pcall(function()
+          local list = {}
+          for i = 1, 203 do
+            local j = { queue = "default", target = "t", method = "m", args = "[" .. i .. "]", status = "available",
+                        priority = i % 3, max_attempts = 5, run_at = 1000 + i, inserted_at = 1000 }
+            if i % 5 == 0 then j.lease_owner, j.lease_expires = "w1", 5000 + i end
+            if i == 71 or i == 72 or i == 141 then j.idempotence_key = "k-" .. i end
+            if i == 151 then j.idempotence_key = "k-old" end
+            list[i] = j
+          end
+          session:begin()
+          local ids, inserted = session:insert_many(list)
+          session:commit()
+          local last = pruned
+          for i = 1, 203 do
+            if i == 151 then
+              assert.same({ existing, false }, { ids[i], inserted[i] })
+            else
+              assert.is_true(inserted[i])
+              assert.is_true(ids[i] > last, "job " .. i .. ": id " .. tostring(ids[i]) .. " after " .. last)
+              last = ids[i]
+              local r = session:get(ids[i])
+              assert.same({ "[" .. i .. "]", i % 3, 1000 + i }, { r.args, r.priority, r.run_at })
+              if i % 5 == 0 then
+                assert.same({ "executing", 1, 1000, "w1", 5000 + i }, { r.status, r.attempt, r.attempted_at,
+                  r.lease_owner, r.lease_expires })
+              else
+                assert.same({ "available", 0 }, { r.status, r.attempt })
+                assert.is_nil(r.lease_owner)
+              end
+            end
+          end
+        end)
+        q._store:release(session, not ok)
+        assert(ok, err)
+      end)
+
+      it("records the completions of a batch together, and writes exactly those still leased at their attempt", function()
+        -- Completions go in by statements of up to 64 guarded jobs; one
+        -- whose lease was lost makes its statement change fewer rows, and
+        -- the statement is undone and its jobs written one by one.  Stale
+        -- entries sit in the 64-job statement and the 4-job one; the
+        -- 32-job one is all fresh; a job listed twice goes one by one.
+        local list = {}
+        for i = 1, 101 do list[i] = { target = "t", method = "m", args = { i } } end
+        q:enqueue_many(list)
+        local id = q:enqueue{ target = "t", method = "m", queue = "other" }
+        local session = q._store:acquire("spec")
+        local ok, err = pcall(function()
+          local t = math.floor(require("tide.core").wallclock()) + 1000
+          local rows = session:claim("default", 101, "w1", t, t + 60000)
+          assert.equal(101, #rows)
+          table.sort(rows, function(a, b) return a.id < b.id end)
+          local stale = { [rows[3].id] = "attempt", [rows[40].id] = "owner", [rows[99].id] = "cancelled" }
+          session:begin()
+          session:exec("UPDATE tide_jobs SET lease_owner = 'w2' WHERE id = ?", rows[40].id)
+          session:exec("UPDATE tide_jobs SET status = 'cancelled', lease_owner = NULL WHERE id = ?", rows[99].id)
+          session:commit()
+          local entries = {}
+          for i, r in ipairs(rows) do
+            entries[i] = { id = r.id, attempt = stale[r.id] == "attempt" and r.attempt + 1 or r.attempt, kind = "completed" }
+          end
+          local written = session:record(entries, "w1", 2000)
+          for _, r in ipairs(rows) do
+            local now = session:get(r.id)
+            if stale[r.id] then
+              assert.is_nil(written[r.id], "job " .. r.id .. " (" .. stale[r.id] .. ") written")
+              assert.equal(stale[r.id] == "cancelled" and "cancelled" or "executing", now.status)
+            else
+              assert.is_true(written[r.id], "job " .. r.id .. " not written")
+              assert.same({ "completed", 2000 }, { now.status, now.completed_at })
+              assert.is_nil(now.lease_owner)
+            end
+          end
+          -- The same job twice in one batch: in order, one by one (the
+          -- completion first, so the retry after it finds nothing leased).
+          local r = session:claim("other", 1, "w1", t, t + 60000)[1]
+          assert.equal(id, r.id)
+          written = session:record({ { id = id, attempt = r.attempt, kind = "completed" },
+                                     { id = id, attempt = r.attempt, kind = "retry", run_at = 5000,
+                                       error = '{"error":"x"}' } }, "w1", 4000)
+          assert.same({ [id] = true }, written)
+          assert.equal("completed", session:get(id).status)
+        end)
+        q._store:release(session, not ok)
+        assert(ok, err)
+      end)
+
       -- Until version 5, tide_schedules was created at every open outside
       -- the numbered migrations: a file of version 4 may have it (with rows)
       -- or not (made before schedules existed).

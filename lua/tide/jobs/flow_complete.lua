@@ -37,11 +37,24 @@ local function jstr(s) return json.encode(s) end
 --- dependents columns, and a name as a JSON string): each text is decoded
 --- or encoded once, not once per step (Lua strings are interned, so a
 --- look-up costs a hash).  The lists returned are shared: never changed.
+--- A run of n steps needs 3n entries (its deps and dependents texts, filled
+--- in by the start that encodes them, and its names): MEMO_MAX holds those
+--- of a 20,000-step run (at 20,000 the memos of a 10,000-step run were
+--- emptied once during it, and most of its texts decoded again).
+local MEMO_MAX = 65536
 local names_memo, jname_memo, nmemo = {}, {}, 0
 
 local function memo_room()
   nmemo = nmemo + 1
-  if nmemo > 20000 then names_memo, jname_memo, nmemo = {}, {}, 1 end
+  if nmemo > MEMO_MAX then names_memo, jname_memo, nmemo = {}, {}, 1 end
+end
+
+--- Notes that `text` is the JSON of `list` (a list of names, never changed
+--- after), so that names_of finds it without a decode.
+local function remember(text, list)
+  if names_memo[text] then return end
+  memo_room()
+  names_memo[text] = list
 end
 
 local function names_of(text)
@@ -253,7 +266,7 @@ local function steps_ok(F, list)
   release(F, ready, known)
 end
 
-M.names_of, M.jname, M.batch, M.batch_stmt = names_of, jname, batch, batch_stmt
+M.names_of, M.remember, M.jname, M.batch, M.batch_stmt = names_of, remember, jname, batch, batch_stmt
 M.steps_closed, M.release, M.steps_ok = steps_closed, release, steps_ok
 
 return M

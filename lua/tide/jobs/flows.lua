@@ -93,7 +93,7 @@ M.LOST_ATTEMPTS = complete.LOST_ATTEMPTS
 -- The set-based completion (tide.jobs.flow_complete): steps that succeeded,
 -- the release of those whose dependencies all completed, and the memos of
 -- the JSON of step names.
-local names_of, batch, batch_stmt = complete.names_of, complete.batch, complete.batch_stmt
+local names_of, remember, batch, batch_stmt = complete.names_of, complete.remember, complete.batch, complete.batch_stmt
 local steps_closed, release, steps_ok = complete.steps_closed, complete.release, complete.steps_ok
 
 -- ===== definitions
@@ -573,7 +573,10 @@ function M.start(session, def, input, opts, now)
     local dependents = {}
     for k, d in ipairs(node.dependents) do dependents[k] = d.name end
     sort(dependents)
-    rows[i] = { run.id, name, #deps, json.encode(json.array(deps)), json.encode(json.array(dependents)),
+    local deps_json, dependents_json = json.encode(json.array(deps)), json.encode(json.array(dependents))
+    remember(deps_json, deps)
+    remember(dependents_json, dependents)
+    rows[i] = { run.id, name, #deps, deps_json, dependents_json,
                 node.each and (node.exit_on_error and 1 or 2) or 0, node.each and node.concurrency or nil,
                 max_failures(node) }
     if #deps == 0 then roots[#roots + 1] = { run = run, name = name, deps = deps, max_failures = max_failures(node) } end

@@ -42,6 +42,7 @@ local pool = require "tide.jobs.store.pool"
 local S = require "tide.engine.sched"
 local log = require "tide.engine.log"
 local schema = require "tide.jobs.store.sqlite_schema"
+local many = require "tide.jobs.store.sqlite_many"
 
 local type, error, ipairs, pairs, tostring, pcall = type, error, ipairs, pairs, tostring, pcall
 local concat, min, format = table.concat, math.min, string.format
@@ -587,14 +588,10 @@ end
 
 function Session:insert(j) return locked(self, insert, self, j) end
 
---- Inserts a list (inside the caller's transaction: SQLite statements are
---- in-process calls, so one prepared INSERT a job is its fastest batch);
---- returns their ids and inserted flags, in order.
-function Session:insert_many(list)
-  local ids, inserted = {}, {}
-  for i = 1, #list do ids[i], inserted[i] = insert(self, list[i]) end
-  return ids, inserted
-end
+--- Inserts a list (inside the caller's transaction); returns their ids and
+--- inserted flags, in order.  Runs of jobs without keys go in many to a
+--- statement (tide.jobs.store.sqlite_many); a job with a key, by insert.
+function Session:insert_many(list) return many.insert_many(self, list, insert) end
 
 --- The limits of queue `name` (its tide_queues row), or false: read at
 --- most once a LIMITS_TTL ms per connection.  Only the choice of statement
@@ -657,10 +654,14 @@ function Session:declare(r) return locked(self, declare, self, r) end
 local function queue_limits(s, name) return stmt(s, "limits"):first(name) end
 function Session:queue_limits(name) return (locked(self, queue_limits, self, name)) end
 
+local function complete_one(s, e, owner, now, written)
+  if stmt(s, "completed"):run(e.id, owner, e.attempt, now) > 0 then written[e.id] = true end
+end
+
 --- Each entry: { id, attempt, kind = "completed" | "retry" | "discard" |
 --- "release", run_at, error = JSON text or nil }.  Entries whose job is no
 --- longer leased to `owner` at that attempt change nothing; returns the set
---- of ids written.
+--- of ids written.  The completions go together (sqlite_many).
 local function record(s, entries, owner, now, hooks)
   local db = s.db
   local own = not db:in_transaction()
@@ -668,12 +669,24 @@ local function record(s, entries, owner, now, hooks)
   local written = {}
   local ok, err = pcall(function()
     if hooks and hooks.before then hooks.before(s) end
+    -- Completions together when no job appears twice (else in order, one by one).
+    local done, seen, twice = {}, {}, false
+    for i = 1, #entries do
+      local e = entries[i]
+      if seen[e.id] then twice = true end
+      seen[e.id] = true
+      if e.kind == "completed" then done[#done + 1] = e end
+    end
+    if twice then done = {} end
     for i = 1, #entries do
       local e = entries[i]
       local kind = e.kind
-      local at = kind == "completed" and now or kind == "discard" and now or e.run_at or now
-      if stmt(s, kind):run(e.id, owner, e.attempt, at, e.error) > 0 then written[e.id] = true end
+      if twice or kind ~= "completed" then
+        local at = kind == "completed" and now or kind == "discard" and now or e.run_at or now
+        if stmt(s, kind):run(e.id, owner, e.attempt, at, e.error) > 0 then written[e.id] = true end
+      end
     end
+    many.complete_many(s, done, owner, now, written, complete_one)
     if hooks and hooks.after then hooks.after(s, written) end
   end)
   if not ok then
