@@ -5,6 +5,7 @@
 --
 -- On main a timer callback was a task from the start: asking for it (tide.current()) or
 -- yielding allocated nothing, so these cases could not lose it.
+local tide = require "tide"
 local H = spec_helper
 
 local dir
@@ -80,5 +81,25 @@ describe("review h21e: a timer callback whose promotion to a task is interrupted
     ]], 120)
     assert.equal(0, status, out)
     assert.matches("yielded %d+ never resumed 0 live 0", out)
+  end)
+end)
+
+describe("review h21e: a timer callback that became a task", function()
+  after_each(function() H.assert_idle() end)
+
+  it("ends with the values its callback returned, seen by an awaiter of its handle", function()
+    -- Attacks run_fire (sched.lua): it calls tm.fn(tm) and drops the results, then ends the
+    -- promoted task with returned(current, co) and no values: the task's outcome is
+    -- ok, nil instead of ok, 1, 2 (on main a timer's task ended with what its callback returned).
+    local got = H.run(function()
+      local h = {}
+      tide.after(0, function() h.waited = tide.current(); tide.sleep(1); return 1, 2 end)
+      tide.after(0, function() h.asked = tide.current(); return "three" end)
+      tide.sleep(10)
+      return { waited = { h.waited:await() }, asked = { h.asked:await() }, value = h.waited.value }
+    end)
+    assert.same({ "ok", 1, 2 }, got.waited)
+    assert.same({ "ok", "three" }, got.asked)
+    assert.equal(1, got.value)
   end)
 end)
