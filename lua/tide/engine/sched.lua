@@ -528,22 +528,45 @@ function S.fire(tm)
 end
 
 function promote()
-  local tm, co = firing, firing_co
+  local t = S.new_task(firing.fn, FIRE_OPTIONS)   -- allocates: may raise, the fire stays as it was
+  local co = firing_co
   firing, firing_co = nil, nil
-  local t = S.new_task(tm.fn, FIRE_OPTIONS)
   t._state, t.attempts, t._co = "running", 1, co
   if shutting and not grace_key then arm_grace() end   -- the grace applies to it too
   return t
 end
 
+--- promote() where no error may escape (a callback that yielded bare must
+--- get its task, or it would stay suspended with no outcome): an allocation
+--- that raises (a __gc finalizer's error, which LuaJIT rethrows from it) is
+--- reported and tried again.  Each finalizer runs once, so this ends, however
+--- many are pending; only memory running out, again and again, gives the
+--- fire up (reported).
+local OUT_OF_MEMORY_TRIES = 100
+local function promote_now()
+  local oom = 0
+  while oom < OUT_OF_MEMORY_TRIES do
+    local made, t = pcall(promote)
+    if made then return t end
+    if t == "not enough memory" then oom = oom + 1 end
+    pcall(log.report, "tide's engine (an error raised while a timer callback became a task, as by a __gc finalizer)", t, t)
+  end
+  firing, firing_co = nil, nil
+  pcall(log.report, "tide's engine", "a timer callback that yielded could not be given a task (out of memory): it is abandoned")
+  return nil
+end
+
 --- Runs a fire on runner co.  Returns when the callback returned: if it got
 --- its task meanwhile, that task's attempt returned (the runner is its
 --- coroutine; run_task made it current when it resumed it).
+local function fire_returned(co, ...)
+  if firing_co == co then firing, firing_co = nil, nil
+  else returned(current, co, ...) end
+end
+
 local function run_fire(tm, co)
   current, in_callback, firing, firing_co = nil, nil, tm, co
-  tm.fn(tm)
-  if firing_co == co then firing, firing_co = nil, nil
-  else returned(current, co) end
+  return fire_returned(co, tm.fn(tm))
 end
 
 --- A fire's callback raised before it had a task: reported, as its task's
@@ -603,7 +626,7 @@ local function after_resume(co, ok, ...)
       if nidle < MAX_IDLE then nidle = nidle + 1; idle[nidle] = co end
       return
     end
-    if t == nil and firing_co == co then t = promote() end   -- a fire's callback yielded bare
+    if t == nil and firing_co == co then t = promote_now() end   -- a fire's callback yielded bare
     if t and t._co == co and first ~= WAIT then
       push(t, co)                          -- a bare yield: run again later
     end
