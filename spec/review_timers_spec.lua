@@ -24,8 +24,8 @@ describe("review h21e: a timer callback whose promotion to a task is interrupted
       tide.configure{ on_error = function(w, e)
         if not tostring(e):find("boom in gc") then engine_bugs = engine_bugs + 1 end
       end }
-      local mt = { __gc = function() error("boom in gc") end }
-      local function bomb() return debug.setmetatable(newproxy(false), mt) end
+      local storm = require "gc_storm"
+      local bomb = storm.bomb
       local N = 20000
       local got, lost = 0, 0
       local function cb()
@@ -41,7 +41,7 @@ describe("review h21e: a timer callback whose promotion to a task is interrupted
         while k <= N do if pcall(arm, k) then k = k + 1 end end
         repeat until pcall(tide.sleep, 50)
       end)
-      mt.__gc = function() end
+      storm.disarm()
       collectgarbage()
       print(("got %d nil %d engine_bugs %d live %d"):format(got, lost, engine_bugs, tide.stats().live))
     ]], 120)
@@ -58,8 +58,8 @@ describe("review h21e: a timer callback whose promotion to a task is interrupted
       jit.off()
       local tide = require "tide"
       tide.configure{ on_error = function() end }
-      local mt = { __gc = function() error("boom in gc") end }
-      local function bomb() return debug.setmetatable(newproxy(false), mt) end
+      local storm = require "gc_storm"
+      local bomb = storm.bomb
       local N = 20000
       local yielded, resumed = 0, 0
       local function cb()
@@ -75,7 +75,7 @@ describe("review h21e: a timer callback whose promotion to a task is interrupted
         while k <= N do if pcall(arm, k) then k = k + 1 end end
         repeat until pcall(tide.sleep, 50)
       end)
-      mt.__gc = function() end
+      storm.disarm()
       collectgarbage()
       print(("yielded %d never resumed %d live %d"):format(yielded, yielded - resumed, tide.stats().live))
     ]], 120)

@@ -237,8 +237,8 @@ describe("a runner", function()
       jit.off()
       local tide = require "tide"
       tide.configure{ on_error = function() end }
-      local mt = { __gc = function() error("boom in gc") end }
-      local function bomb() return debug.setmetatable(newproxy(false), mt) end
+      local storm = require "gc_storm"
+      local bomb = storm.bomb
       local seen, wrong, total = {}, 0, 0
       local function record(k)
         return function(s, v)
@@ -256,7 +256,7 @@ describe("a runner", function()
                               handle_result = record(i) }
         end
         for i = 1, #ts do repeat until pcall(ts[i].await, ts[i]) end   -- the root's allocations may raise too
-        mt.__gc = function() end           -- disarm what is left (see finalizer_spec.lua)
+        storm.disarm()           -- disarm what is left (see finalizer_spec.lua)
         collectgarbage(); collectgarbage()
         return #ts
       end)
@@ -418,8 +418,8 @@ describe("a timer's fire", function()
       jit.off()
       local tide = require "tide"
       tide.configure{ on_error = function() end }
-      local mt = { __gc = function() error("boom in gc") end }
-      local function bomb() return debug.setmetatable(newproxy(false), mt) end
+      local storm = require "gc_storm"
+      local bomb = storm.bomb
       local N = 20000
       local entered = {}
       for k = 1, N do entered[k] = 0 end
@@ -433,7 +433,7 @@ describe("a timer's fire", function()
           end) until ok
         end
         repeat until pcall(tide.sleep, 50)
-        mt.__gc = function() end
+        storm.disarm()
       end)
       local once, more = 0, 0
       for k = 1, N do
