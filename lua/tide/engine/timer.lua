@@ -13,14 +13,15 @@ local arg_error, is_ms = check.arg_error, check.is_ms
 
 local M = {}
 
-local Timer = {}
+local Timer = { _opt = false }   -- what a timer's fire entry reads as a task's options
 local Timer_mt = { __index = Timer, __tostring = function(tm)
   return ("tide.Timer (%s)"):format(tm.key and "pending" or "stopped")
 end }
 
 local function fire(tm)
   tm.key = false
-  if tm.every then tm.key = S.timer(tm.ms, fire, tm) end
+  local every = tm.every
+  if every then tm.key = S.timer(every, fire, tm) end
   S.fire(tm)
 end
 
@@ -30,12 +31,15 @@ local function new_timer(fname, ms, fn, every)
   end
   if type(fn) ~= "function" then arg_error(fname, 2, "function", fn, 3) end
   if S.shutting_down() then return nil, fname .. ": the loop is shutting down" end
-  -- _co and _opt: the run queue's view of a fire's entry (see S.fire).  Made
-  -- with constants, then filled: LuaJIT's template of a table constructor
-  -- holds only the keys whose values are constants, and each other key made
-  -- the table grow (a rehash per timer, ~870 instructions: callgrind).
-  local tm = setmetatable({ ms = 0, fn = false, every = false, key = false, _co = false, _opt = false }, Timer_mt)
-  tm.ms, tm.fn, tm.every = ms, fn, every
+  -- _co: the run queue's view of a fire's entry (see S.fire; its _opt is
+  -- Timer's false).  Four keys, made with constants, then filled: LuaJIT's
+  -- template of a table constructor holds only the keys whose values are
+  -- constants (each other key made the table grow: a rehash per timer), and
+  -- four fit a 4-slot hash: 160 bytes a timer against 256 for five or six,
+  -- which a million pending timers and the collector's marks of them feel.
+  local tm = setmetatable({ fn = false, every = false, key = false, _co = false }, Timer_mt)
+  tm.fn = fn
+  if every then tm.every = ms end
   tm.key = S.timer(ms, fire, tm)
   return tm
 end
