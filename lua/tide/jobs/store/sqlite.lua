@@ -568,17 +568,24 @@ local function insert_unique(s, j)
   return id, inserted
 end
 
+--- The id of the row the last INSERT put in; an error when it put in none
+--- (a user's trigger that ignored it: last_id would name an older row).
+local function inserted_id(s)
+  if s.db:changes() ~= 1 then error("tide_jobs: the job's row did not go in (a trigger ignored it?)", 0) end
+  return s.db:last_id(), true
+end
+
 local function insert(s, j)
   if j.lease_owner ~= nil then
     stmt(s, "insert_leased"):run(j.queue, j.target, j.method, j.args, j.priority, j.max_attempts, j.run_at,
       j.inserted_at, j.lease_owner, j.lease_expires)
-    return s.db:last_id(), true
+    return inserted_id(s)
   end
   if j.unique_key ~= nil then return insert_unique(s, j) end
   if j.idempotence_key == nil then
     stmt(s, "insert"):run(j.queue, j.target, j.method, j.args, j.args_enc, j.status,
       j.priority, j.max_attempts, j.run_at, j.inserted_at, j.partition_key)
-    return s.db:last_id(), true
+    return inserted_id(s)
   end
   local row = stmt(s, "insert_key"):first(j.queue, j.target, j.method, j.args, j.args_enc, j.status,
     j.priority, j.max_attempts, j.run_at, j.idempotence_key, j.inserted_at, j.partition_key)
