@@ -149,11 +149,11 @@ static int l_submit(lua_State *L) {
   const char *fn = luaL_checklstring(L, 3, &fn_len);
   int is_name = lua_toboolean(L, 4);
   const char *args = luaL_checklstring(L, 5, &args_len);
-  tide__job *job = tide__job_new(id, fn, fn_len, is_name, args, args_len);
+  tide__job *job = tide__pool_job_new(b->pool, id, fn, fn_len, is_name, args, args_len);
   if (job == NULL) return luaL_error(L, "tide: out of memory for a thread job");
   job->tag = (uint32_t)tag;
   if (tide__pool_submit(b->pool, job) != 0) {
-    tide__job_free(job);
+    tide__pool_job_free(b->pool, job);
     return luaL_error(L, "tide: the thread pool is closing");
   }
   return 0;

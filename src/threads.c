@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "slab.h"
 #include "worker.h"
 
 /* One worker thread.  `current` and `quarantined` are guarded by the pool's
@@ -36,10 +37,15 @@ typedef struct jobmap {
 } jobmap;
 
 /* Invariants, under `mu`: every job is in exactly one place — `queue`, a
- * slot's `current`, `done`, or handed to on_done/freed — and is in `jobs`
- * exactly while it is in one of the first two; `refs` counts the loop
- * side (until close) plus each quarantined thread still running, and the
- * last to drop it frees the pool.
+ * slot's `current`, `done`, `dead`, or handed to on_done/freed — and is in
+ * `jobs` exactly while it is in one of the first two; `refs` counts the
+ * loop side (until close) plus each quarantined thread still running, and
+ * the last to drop it frees the pool.
+ *
+ * Job memory (`slab`) is touched by the loop thread only, and by pool_free
+ * (the last reference: nobody else is left).  So a worker never frees a
+ * job: one whose result is dropped goes on `dead`, which the loop empties
+ * at its next submit or wake-up.
  *
  * Memory ordering: the hand-off is this mutex, nothing lock-free.  A
  * worker fills in a job (status, result, trace) before it locks `mu` to
@@ -55,6 +61,8 @@ struct tide__pool {
   tide__job *queue, *queue_tail;
   tide__job *done, *done_tail;
   int ndone;                /* jobs in `done` */
+  tide__job *dead;          /* finished or stopped jobs to free (through `next`) */
+  tide__slab slab;          /* the memory of jobs made by tide__pool_job_new */
   jobmap jobs;
   uv_async_t *async;
   uv_prepare_t *prepare;    /* wakes sleeping workers once per loop iteration */
@@ -71,6 +79,13 @@ struct tide__pool {
   int in_flight;            /* loop thread only */
 };
 
+/* Empty chunks of job memory the pool keeps for the next burst (2 MB each,
+ * slab.h): 100,000 trivial jobs in flight fill 13.  Kept, a later burst of
+ * that size faults none of them in again; glibc's malloc gave such memory
+ * back between runs, and every run faulted it in anew (~6,500 faults per
+ * 100,000 jobs, ~20 us each on the VMs measured: bench/RESULTS.md). */
+#define SPARE_CHUNKS 16
+
 /* ===== jobs */
 
 static char *dup_bytes(const char *s, size_t len) {
@@ -79,11 +94,15 @@ static char *dup_bytes(const char *s, size_t len) {
   return p;
 }
 
-tide__job *tide__job_new(uint64_t id, const char *fn, size_t fn_len, int fn_is_name,
-                         const char *args, size_t args_len) {
-  if (fn_len > SIZE_MAX / 2 || args_len > SIZE_MAX / 2 - fn_len - sizeof(tide__job) - 2) return NULL;
-  tide__job *job = malloc(sizeof *job + fn_len + 1 + args_len + 1);
-  if (job == NULL) return NULL;
+/* The bytes a job with these lengths takes (0: too many). */
+static size_t job_size(size_t fn_len, size_t args_len) {
+  if (fn_len > SIZE_MAX / 2 || args_len > SIZE_MAX / 2 - fn_len - sizeof(tide__job) - 2) return 0;
+  return sizeof(tide__job) + fn_len + 1 + args_len + 1;
+}
+
+/* Fills the `size` bytes at job (job_size's) with a fresh job. */
+static tide__job *fill_job(tide__job *job, uint64_t id, const char *fn, size_t fn_len, int fn_is_name,
+                           const char *args, size_t args_len) {
   memset(job, 0, sizeof *job);
   job->id = id;
   job->fn = (char *)(job + 1);               /* the bytes follow the job: NUL-terminated */
@@ -98,11 +117,37 @@ tide__job *tide__job_new(uint64_t id, const char *fn, size_t fn_len, int fn_is_n
   return job;
 }
 
+tide__job *tide__job_new(uint64_t id, const char *fn, size_t fn_len, int fn_is_name,
+                         const char *args, size_t args_len) {
+  size_t size = job_size(fn_len, args_len);
+  tide__job *job = size ? malloc(size) : NULL;
+  return job ? fill_job(job, id, fn, fn_len, fn_is_name, args, args_len) : NULL;
+}
+
 void tide__job_free(tide__job *job) {
   if (job == NULL) return;
   if (job->result != job->small) free(job->result);
   free(job->trace);
   free(job);
+}
+
+/* Loop thread (or pool_free). */
+tide__job *tide__pool_job_new(tide__pool *p, uint64_t id, const char *fn, size_t fn_len, int fn_is_name,
+                              const char *args, size_t args_len) {
+  size_t size = job_size(fn_len, args_len);
+  tide__job *job = size ? tide__slab_alloc(&p->slab, size) : NULL;
+  if (job == NULL) return tide__job_new(id, fn, fn_len, fn_is_name, args, args_len);   /* too large */
+  fill_job(job, id, fn, fn_len, fn_is_name, args, args_len);
+  job->in_slab = 1;
+  return job;
+}
+
+/* Loop thread (or pool_free). */
+void tide__pool_job_free(tide__pool *p, tide__job *job) {
+  if (job == NULL || !job->in_slab) { tide__job_free(job); return; }
+  if (job->result != job->small) free(job->result);
+  free(job->trace);
+  tide__slab_free(&p->slab, job);
 }
 
 void tide__job_set_result(tide__job *job, tide_buf *buf) {
@@ -134,14 +179,21 @@ static void unlink_job(tide__job **head, tide__job **tail, tide__job *job) {
   job->prev = job->next = NULL;
 }
 
-/* Frees a list of jobs, taking each out of the map (if m). */
-static void free_list(jobmap *m, tide__job *j) {
+/* Frees a list of jobs, taking each out of the map (if m).  Loop thread. */
+static void free_list(tide__pool *p, jobmap *m, tide__job *j) {
   while (j) {
     tide__job *next = j->next;
     if (m) map_del(m, j->id);
-    tide__job_free(j);
+    tide__pool_job_free(p, j);
     j = next;
   }
+}
+
+/* Frees the jobs workers left on `dead`.  Loop thread, locked. */
+static void bury(tide__pool *p) {
+  tide__job *j = p->dead;
+  p->dead = NULL;
+  free_list(p, NULL, j);
 }
 
 /* ===== the map of jobs by id */
@@ -200,6 +252,8 @@ static void map_del(jobmap *m, uint64_t id) {
 /* ===== the pool's lifetime */
 
 static void pool_free(tide__pool *p) {
+  bury(p);
+  tide__slab_release(&p->slab);
   uv_mutex_destroy(&p->mu);
   uv_cond_destroy(&p->cv);
   free(p->jobs.slots);
@@ -250,7 +304,8 @@ static void give_back(tide__pool *p, slot *s, tide__job *job) {
   s->w.panics = 0;
   map_del(&p->jobs, job->id);
   if (job->abandoned || p->closing) {
-    tide__job_free(job);
+    job->next = p->dead;                     /* the loop frees it (job memory is its own) */
+    p->dead = job;
     if (p->closing) uv_cond_broadcast(&p->cv);   /* tide__pool_close waits for us */
     return;
   }
@@ -320,6 +375,7 @@ static void on_async(uv_async_t *a) {
   p->done = p->done_tail = NULL;
   p->ndone = 0;
   p->refs++;
+  bury(p);
   uv_mutex_unlock(&p->mu);
   while (job && !p->closing) {
     int n = left < TIDE_POOL_BATCH ? left : TIDE_POOL_BATCH;
@@ -328,7 +384,7 @@ static void on_async(uv_async_t *a) {
     for (int i = 0; i < delivered; i++) {
       tide__job *next = job->next;
       if (!p->closing) p->in_flight--;
-      tide__job_free(job);
+      tide__pool_job_free(p, job);
       job = next;
     }
     if (delivered == n || p->closing) continue;
@@ -341,15 +397,15 @@ static void on_async(uv_async_t *a) {
       fprintf(stderr, "tide: thread job %llu could not be delivered; dropped\n",
               (unsigned long long)failed->id);
       p->in_flight--;
-      tide__job_free(failed);
+      tide__pool_job_free(p, failed);
     }
   }
-  free_list(NULL, job);                      /* closed: what is left goes undelivered */
+  free_list(p, NULL, job);                   /* closed: what is left goes undelivered */
   if (retry) {
     uv_mutex_lock(&p->mu);
     for (tide__job *j = retry, *next; j; j = next) {
       next = j->next;
-      if (p->closing) { tide__job_free(j); continue; }
+      if (p->closing) { tide__pool_job_free(p, j); continue; }
       append(&p->done, &p->done_tail, j);
       p->ndone++;
     }
@@ -398,6 +454,7 @@ tide__pool *tide__pool_start(uv_loop_t *loop, const tide__pool_config *cfg,
   p->on_done = on_done;
   p->data = data;
   p->refs = 1;
+  tide__slab_init(&p->slab, SPARE_CHUNKS);
   p->slots = calloc((size_t)cfg->threads, sizeof *p->slots);
   p->async = malloc(sizeof *p->async);
   p->prepare = malloc(sizeof *p->prepare);
@@ -442,6 +499,7 @@ tide__pool *tide__pool_start(uv_loop_t *loop, const tide__pool_config *cfg,
 int tide__pool_submit(tide__pool *p, tide__job *job) {
   int due = 0;
   uv_mutex_lock(&p->mu);
+  if (p->dead) bury(p);
   int rc = p->closing ? -1 : map_put(&p->jobs, job);
   if (rc == 0) {
     job->place = QUEUED;
@@ -471,7 +529,7 @@ int tide__pool_cancel(tide__pool *p, uint64_t id) {
     unlink_job(&p->queue, &p->queue_tail, job);
     map_del(&p->jobs, id);
     p->queued--;
-    tide__job_free(job);
+    tide__pool_job_free(p, job);
     rc = 1;
   } else if (job && job->place == RUNNING && !job->abandoned) {
     slot *s = job->slot;
@@ -583,8 +641,9 @@ void tide__pool_close(tide__pool *p) {
       tide__worker_interrupt(&s->w, TIDE_WORKER_OPENING);
     }
   }
-  free_list(&p->jobs, p->queue);             /* the running jobs stay in the map */
-  free_list(NULL, p->done);
+  free_list(p, &p->jobs, p->queue);          /* the running jobs stay in the map */
+  free_list(p, NULL, p->done);
+  bury(p);
   p->queue = p->queue_tail = p->done = p->done_tail = NULL;
   p->ndone = 0;
   /* Workers stop at their next check (a job, or thread_init); those still

@@ -45,6 +45,7 @@ typedef struct tide__job {
   char *fn;                    /* "module.function" or bytecode (in the job's own block) */
   size_t fn_len;
   int fn_is_name;
+  int in_slab;                 /* from its pool's slab (tide__pool_job_new), not malloc */
   char *args;                  /* codec bytes of the argument table (ditto) */
   size_t args_len;
   /* filled by the worker */
@@ -103,6 +104,14 @@ tide__pool *tide__pool_start(uv_loop_t *loop, const tide__pool_config *cfg,
 tide__job *tide__job_new(uint64_t id, const char *fn, size_t fn_len, int fn_is_name,
                          const char *args, size_t args_len);
 void tide__job_free(tide__job *job);
+
+/* The same, from the pool's own memory (its slab, slab.h: chunks kept from
+ * burst to burst, backed by huge pages where the kernel has them; malloc
+ * for a job too large for it).  Such a job is submitted to this pool, or
+ * freed with tide__pool_job_free; never with tide__job_free. */
+tide__job *tide__pool_job_new(tide__pool *pool, uint64_t id, const char *fn, size_t fn_len, int fn_is_name,
+                              const char *args, size_t args_len);
+void tide__pool_job_free(tide__pool *pool, tide__job *job);
 
 /* Makes buf's bytes the job's result (any result it had is freed): copied
  * into the job when short, so that buf keeps its memory for the next one;
