@@ -179,6 +179,75 @@ describe("thread mode", function()
       :format(n.ok, n.timeout, n.cancelled))
   end)
 
+  -- A job's memory comes from the pool's slab in blocks of 256, 512 and
+  -- 1024 bytes, or from malloc past that (src/slab.h), and is reused from
+  -- job to job: jobs of every size, many in flight, ending every way
+  -- (results, errors, timeouts, cancels), each must get back its own bytes,
+  -- and an ended job's block must never be handed out while a thread still
+  -- runs it.
+  it("keeps each job's bytes its own across the job memory's sizes, with errors, timeouts and cancels", function()
+    local seed = os.time()
+    math.randomseed(seed)
+    local N = 3000
+    local small = function(s, ms, fail)             -- a short function: its bytecode is small
+      if ms > 0 then require("tide").sleep(ms) end
+      if fail then error("job failed: " .. s:sub(1, 12), 0) end
+      return s, #s
+    end
+    local big = function(s, ms, fail)               -- the same, with longer bytecode
+      local t = require "tide"
+      local a, b, c, d, e = 1, 2, 3, 4, 5
+      a, b, c, d, e = a + b * c, b - c * d, c + d * e, d - e * a, e + a * b
+      a, b, c, d, e = a + b * c, b - c * d, c + d * e, d - e * a, e + a * b
+      a, b, c, d, e = a + b * c, b - c * d, c + d * e, d - e * a, e + a * b
+      if ms > 0 then t.sleep(ms) end
+      if fail then error("job failed: " .. s:sub(1, 12), 0) end
+      assert(a + b + c + d + e ~= 0.5)
+      return s, #s
+    end
+    local heard, ts, kinds, payload, results = {}, {}, {}, {}, {}
+    local sizes = { 0, 1, 40, 63, 64, 65, 100, 180, 300, 330, 700, 800, 900, 1500, 5000 }
+    spec_helper.run(function()
+      for round = 0, 2 do
+        for i = round * N / 3 + 1, (round + 1) * N / 3 do
+          local len = sizes[math.random(#sizes)] + math.random(0, 3)
+          local s = (("%06d:"):format(i) .. string.rep(string.char(i % 251), len)):sub(1, math.max(len, 7))
+          local kind = math.random(8)              -- 1 error, 2 timeout, 3 cancel, else ok
+          kinds[i], payload[i] = kind, s
+          ts[i] = tide.spawn{ mode = "thread", run = (i % 2 == 0) and small or big,
+                              args = { s, (kind == 2 or kind == 3) and math.random(1, 5) or 0, kind == 1 },
+                              timeout = kind == 2 and 1 or nil,
+                              handle_result = function() heard[i] = (heard[i] or 0) + 1 end }
+          if kind == 3 then tide.spawn(function() tide.sleep(math.random(0, 3)); ts[i]:cancel() end) end
+        end
+        tide.sleep(math.random(0, 3))             -- the next round's jobs reuse freed blocks
+      end
+      for i = 1, N do ts[i]:await() end
+      tide.sleep(30)                               -- stopped jobs come back, and change nothing
+      for i = 1, N do results[i] = { ts[i]:await() } end
+    end)
+    local n = { ok = 0, error = 0, timeout = 0, cancelled = 0 }
+    for i = 1, N do
+      local status, a, b = unpack(results[i], 1, 3)
+      local where = ("seed %d: task %d (kind %d, %d bytes)"):format(seed, i, kinds[i], #payload[i])
+      assert(n[status], where .. " ended " .. status)
+      n[status] = n[status] + 1
+      if status == "ok" then
+        assert(kinds[i] >= 2, where .. " should not have ended ok")
+        assert(a == payload[i] and b == #payload[i], where .. " got bytes that are not its own")
+      elseif status == "error" then
+        assert(kinds[i] == 1, where .. " failed: " .. tostring(a))
+        assert(a == "job failed: " .. payload[i]:sub(1, 12), where .. " got another's error: " .. tostring(a))
+        assert(ts[i].traceback:match("stack traceback:"), where .. " has no traceback")
+      else
+        assert(kinds[i] == 2 or kinds[i] == 3, where .. " ended " .. status)
+      end
+      assert(heard[i] == 1, where .. " heard " .. tostring(heard[i]) .. " times")
+    end
+    assert.is_true(n.ok > 0 and n.error > 0 and n.timeout > 0 and n.cancelled > 0,
+      ("ok %d, error %d, timeout %d, cancelled %d"):format(n.ok, n.error, n.timeout, n.cancelled))
+  end)
+
   -- Whether two jobs run twice as fast depends on the machine's free cores
   -- (bench/threads.lua measures it); what tide controls is that they run at
   -- the same time, on two threads: their spans overlap.
