@@ -48,7 +48,10 @@ void tide__slab_init(tide__slab *s, int max_spare) {
 /* ===== chunks */
 
 /* Maps a chunk aligned to its size (a huge page can only back an aligned
- * one): twice the size is mapped, then the ends are cut off. */
+ * one): twice the size is mapped, then the ends are cut off.  Huge pages
+ * are asked for only once the slab has a chunk already: a slab that needs
+ * one (a pool with a few jobs in flight) touches a few small pages of it,
+ * not 2 MB at once. */
 static tide__slab_chunk *map_chunk(tide__slab *s) {
   size_t size = TIDE_SLAB_CHUNK;
   char *p = mmap(NULL, 2 * size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -57,7 +60,7 @@ static tide__slab_chunk *map_chunk(tide__slab *s) {
   if (c > p) munmap(p, (size_t)(c - p));
   if (c + size < p + 2 * size) munmap(c + size, (size_t)(p + 2 * size - (c + size)));
 #ifdef MADV_HUGEPAGE
-  madvise(c, size, MADV_HUGEPAGE);   /* advice: refused, the chunk has small pages */
+  if (s->chunks > 0) madvise(c, size, MADV_HUGEPAGE);   /* advice: refused, the chunk has small pages */
 #endif
   tide__slab_chunk *k = (tide__slab_chunk *)c;
   k->all_prev = NULL;

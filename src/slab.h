@@ -6,9 +6,10 @@
  * their first run, 1.3 us per job, and nearly as many on every later run,
  * since glibc gave the memory back to the system between runs.  A slab maps
  * TIDE_SLAB_CHUNK bytes at a time, aligned to that size, with MADV_HUGEPAGE
- * (one fault per chunk when the kernel has a huge page for it, else the same
- * faults as malloc's), and keeps up to `max_spare` empty chunks for the next
- * burst instead of unmapping them.
+ * from its second chunk on (one fault per chunk when the kernel has a huge
+ * page for it, else the same faults as malloc's; the first chunk keeps small
+ * pages, so that a few blocks in use touch a few pages), and keeps up to
+ * `max_spare` empty chunks for the next burst instead of unmapping them.
  *
  * A block is one of TIDE_SLAB_CLASSES sizes (the smallest that fits the
  * request); a request above TIDE_SLAB_MAX gets NULL: the caller uses malloc.
