@@ -462,14 +462,19 @@ static int enc_value(enc *e, int idx) {
  * can raise (out of memory), and then nothing must be held. */
 #define ENC_STACK (3 * TIDE_CODEC_DEPTH + 8)
 
+static void enc_init(enc *e, lua_State *L, const char *root, tide_buf *out,
+                     char *err, size_t errlen, int sorted) {
+  e->L = L, e->out = out, e->root = root ? root : "value", e->sorted = sorted;
+  e->err = err, e->errlen = err ? errlen : 0, e->errused = 0;
+  e->depth = 0, e->pairs = NULL, e->npairs = e->cappairs = 0;
+}
+
 static int encode(lua_State *L, int idx, const char *root, tide_buf *out,
                   char *err, size_t errlen, int sorted) {
   int top = lua_gettop(L);
   size_t len = out->len;
   enc e;                                /* path and open need no zeroing */
-  e.L = L, e.out = out, e.root = root ? root : "value", e.sorted = sorted;
-  e.err = err, e.errlen = err ? errlen : 0, e.errused = 0;
-  e.depth = 0, e.pairs = NULL, e.npairs = e.cappairs = 0;
+  enc_init(&e, L, root, out, err, errlen, sorted);
   if (idx < 0 && idx > LUA_REGISTRYINDEX) idx = top + idx + 1;
   if (lua_type(L, idx) == LUA_TTABLE && !lua_checkstack(L, ENC_STACK))
     return fail(&e, "Lua stack overflow");
@@ -488,6 +493,45 @@ int tide__encode(lua_State *L, int idx, const char *root, tide_buf *out,
 int tide__encode_unordered(lua_State *L, int idx, const char *root,
                            tide_buf *out, char *err, size_t errlen) {
   return encode(L, idx, root, out, err, errlen, 0);
+}
+
+/* { n = n, v1 .. vn } for the values at first .. first + n - 1: its one
+ * pair, then the values (nil for holes), as enc_table would write that
+ * table with narr = n. */
+static int enc_list(enc *e, int first, int n) {
+  if (reserve(e->out, 15)) return out_of_memory(e);
+  char *p = e->out->data + e->out->len;
+  size_t len = 0;
+  p[len++] = T_TABLE;
+  len += put_varint(p + len, (uint64_t)n);
+  p[len++] = 1;                                       /* one pair: n */
+  p[len++] = T_STRING;
+  p[len++] = 1;
+  p[len++] = 'n';
+  e->out->len += len;
+  if (enc_number(e, n)) return -1;
+  e->open[0] = NULL;                                  /* no table: none can be a cycle with it */
+  e->depth = 1;
+  for (int i = 1; i <= n; i++)
+    if (enc_element(e, (size_t)i, first + i - 1)) return -1;
+  e->depth = 0;
+  return 0;
+}
+
+int tide__encode_list(lua_State *L, int first, int n, const char *root,
+                      tide_buf *out, char *err, size_t errlen) {
+  int top = lua_gettop(L);
+  size_t len = out->len;
+  enc e;
+  enc_init(&e, L, root, out, err, errlen, 0);
+  if (first < 0 && first > LUA_REGISTRYINDEX) first = top + first + 1;
+  int rc = n < 0 || first < 1 || first + n - 1 > top ? fail(&e, "bad list of values")
+         : !lua_checkstack(L, ENC_STACK) ? fail(&e, "Lua stack overflow")
+         : enc_list(&e, first, n);
+  lua_settop(L, top);
+  if (rc) out->len = len;
+  free(e.pairs);
+  return rc;
 }
 
 int tide__encode_string(tide_buf *out, const char *s, size_t len) {

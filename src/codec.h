@@ -60,6 +60,14 @@ int tide__encode(lua_State *L, int idx, const char *root, tide_buf *out,
 int tide__encode_unordered(lua_State *L, int idx, const char *root,
                            tide_buf *out, char *err, size_t errlen);
 
+/* Appends the encoding of the list { n = n, v1, ..., vn } of the n values
+ * at stack indices first .. first + n - 1, without making the table (pairs
+ * unordered; tide__decode_list gives the n values back).  Errors name the
+ * values root[i]; otherwise as tide__encode.  A worker's results cross so:
+ * no table of them per job. */
+int tide__encode_list(lua_State *L, int first, int n, const char *root,
+                      tide_buf *out, char *err, size_t errlen);
+
 /* Appends the encoding of the string s[0..len) to out, with no Lua state:
  * for messages made in C.  0, or -1 when out of memory (out unchanged). */
 int tide__encode_string(tide_buf *out, const char *s, size_t len);

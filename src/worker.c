@@ -211,8 +211,9 @@ static int bad_args(lua_State *L, tide__job *job, const char *err) {
   return luaL_error(L, "bad arguments: %s", err);
 }
 
-/* Protected: function, arguments, call; returns { n = N, ... }.  The
- * arguments are decoded straight onto the stack (no table of them). */
+/* Protected: function, arguments, call; returns every result.  Arguments
+ * and results cross as lists, never a table of them: decoded straight onto
+ * the stack, encoded straight from it (take_result). */
 static int run_job(lua_State *L) {
   tide__job *job = lua_touserdata(L, 1);
   lua_settop(L, 0);
@@ -221,22 +222,20 @@ static int run_job(lua_State *L) {
   int n = tide__decode_list(L, job->args, job->args_len, MAX_ARGS, err, sizeof err);
   if (n < 0) return bad_args(L, job, err);
   lua_call(L, n, LUA_MULTRET);
-  int nres = lua_gettop(L);
-  lua_createtable(L, nres, 1);
-  lua_insert(L, 1);
-  for (int i = nres; i >= 1; i--) lua_rawseti(L, 1, i);
-  lua_pushinteger(L, nres);
-  lua_setfield(L, 1, "n");
-  return 1;
+  return lua_gettop(L);
 }
 
-/* Encodes the value at the top as the job's result (or, failing that, the
- * encoding error as an error string). */
-static void take_result(lua_State *L, tide__worker *w, tide__job *job, const char *root) {
+/* Encodes the job's result: on ok, the list of the values from stack index
+ * `first` to the top (tide__encode_list); on error, the value at the top.
+ * Failing that, the encoding error as an error string. */
+static void take_result(lua_State *L, tide__worker *w, tide__job *job, int first) {
   tide_buf *buf = &w->out;                   /* the worker's, kept from job to job */
   char err[256];
   buf->len = 0;
-  if (tide__encode_unordered(L, -1, root, buf, err, sizeof err) != 0) {   /* only crosses: codec.h */
+  int rc = job->status == TIDE_JOB_OK
+         ? tide__encode_list(L, first, lua_gettop(L) - first + 1, "results", buf, err, sizeof err)
+         : tide__encode_unordered(L, -1, "error", buf, err, sizeof err);   /* only crosses: codec.h */
+  if (rc != 0) {
     job->status = TIDE_JOB_ERROR;
     if (job->trace == NULL) job->trace = copy_bytes(err, strlen(err));
     tide__encode_string(buf, err, strlen(err));
@@ -255,7 +254,7 @@ static int body(lua_State *L) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, w->handler_ref);
   lua_rawgeti(L, LUA_REGISTRYINDEX, w->job_ref);
   lua_pushlightuserdata(L, job);
-  int rc = lua_pcall(L, 1, 1, 1);
+  int rc = lua_pcall(L, 1, LUA_MULTRET, 1);  /* ok: its results from index 2 on */
   job->status = rc == 0 ? TIDE_JOB_OK : TIDE_JOB_ERROR;
   if (rc != 0) {
     /* Out of memory: the failed job's garbage goes before its error is
@@ -270,7 +269,7 @@ static int body(lua_State *L) {
     lua_pushnil(L);
     lua_setfield(L, LUA_REGISTRYINDEX, TRACE_KEY);
   }
-  take_result(L, w, job, job->status == TIDE_JOB_OK ? "results" : "error");
+  take_result(L, w, job, 2);
   return 0;
 }
 

@@ -442,6 +442,75 @@ static void test_damage(void) {
   tide__buf_free(&b);
 }
 
+/* ===== LISTS FROM THE STACK (tide__encode_list) ===== */
+
+/* Encodes the values src returns (as a list, from the stack), decodes them
+ * with tide__decode_list in B and checks them with `check`, a function of
+ * (n, ...) run in B. */
+static void list_check(const char *desc, const char *src, const char *check) {
+  tide_buf b;
+  char err[256] = "";
+  tide__buf_init(&b);
+  int base = lua_gettop(A);
+  if (luaL_loadstring(A, src) || lua_pcall(A, 0, LUA_MULTRET, 0)) { printf("Bail out! %s\n", lua_tostring(A, -1)); exit(2); }
+  int n = lua_gettop(A) - base;
+  lua_pushliteral(A, "not part of the list");          /* the list stops where it is told */
+  int top = lua_gettop(A);
+  int rc = tide__encode_list(A, base + 1, n, "results", &b, err, sizeof err);
+  int balanced = lua_gettop(A) == top;
+  lua_settop(A, base);
+  eval(B, check);
+  int fn = lua_gettop(B);
+  int got = rc == 0 ? tide__decode_list(B, b.data, b.len, 7000, err, sizeof err) : -1;
+  int good = rc == 0 && balanced && got == n && lua_pcall(B, got, 1, 0) == 0 && lua_toboolean(B, -1);
+  if (!ok(good, "encode_list: %s", desc)) printf("# rc %d, got %d of %d: %s\n", rc, got, n, err);
+  lua_settop(B, fn - 1);
+  tide__buf_free(&b);
+}
+
+static void test_lists(void) {
+  list_check("no values", "return", "return function(...) return select('#', ...) == 0 end");
+  list_check("values of every kind, holes and trailing nils kept",
+             "return 1, nil, 'x', { a = { 2 } }, false, nil, nil",
+             "return function(...) local v = { n = select('#', ...), ... } "
+             "return v.n == 7 and v[1] == 1 and v[2] == nil and v[3] == 'x' and v[4].a[1] == 2 "
+             "and v[5] == false and v[6] == nil and v[7] == nil end");
+  list_check("a thousand values", "local t = {} for i = 1, 1000 do t[i] = i * 1.5 end return unpack(t)",
+             "return function(...) if select('#', ...) ~= 1000 then return false end "
+             "for i = 1, 1000 do if select(i, ...) ~= i * 1.5 then return false end end return true end");
+  /* the same bytes tide__decode reads as the table { n = N, ... } */
+  tide_buf b;
+  char err[256] = "";
+  tide__buf_init(&b);
+  lua_pushinteger(A, 5);
+  lua_pushnil(A);
+  lua_pushstring(A, "y");
+  int rc = tide__encode_list(A, -3, 3, "results", &b, err, sizeof err);
+  lua_settop(A, 0);
+  rc = rc == 0 ? tide__decode(B, b.data, b.len, err, sizeof err) : rc;
+  eval(B, "return function(t) return t.n == 3 and t[1] == 5 and t[2] == nil and t[3] == 'y' end");
+  lua_insert(B, -2);
+  ok(rc == 0 && lua_pcall(B, 1, 1, 0) == 0 && lua_toboolean(B, -1),
+     "encode_list: the bytes of the table { n = 3, 5, nil, 'y' }, negative index given");
+  lua_settop(B, 0);
+  /* refusals name the value by its place in the list, and leave nothing */
+  b.len = 0;
+  eval(A, "return 1");
+  eval(A, "return { cb = print }");
+  size_t before = b.len;
+  rc = tide__encode_list(A, 1, 2, "results", &b, err, sizeof err);
+  ok(rc == -1 && strcmp(err, "results[2].cb: functions cannot cross to a thread") == 0 && b.len == before &&
+     lua_gettop(A) == 2, "encode_list refuses what cannot cross, naming results[2].cb (got \"%s\")", err);
+  eval(A, "local t = {} t.self = t return t");
+  rc = tide__encode_list(A, 3, 1, "results", &b, err, sizeof err);
+  ok(rc == -1 && strcmp(err, "results[1].self: cycle (table refers to itself)") == 0,
+     "encode_list refuses a cycle inside a value (got \"%s\")", err);
+  rc = tide__encode_list(A, 2, 5, "results", &b, err, sizeof err);
+  ok(rc == -1 && lua_gettop(A) == 3, "encode_list refuses a list past the top of the stack");
+  lua_settop(A, 0);
+  tide__buf_free(&b);
+}
+
 /* ===== LUA BINDING ===== */
 
 static void lua_ok(const char *desc, const char *src) {
@@ -526,6 +595,7 @@ int main(void) {
   test_refusal_edges();
   test_malformed();
   test_damage();
+  test_lists();
   test_binding();
   ok(lua_gettop(A) == 0 && lua_gettop(B) == 0, "both stacks end empty");
   lua_close(A);
