@@ -7,8 +7,10 @@
  * and encode(V2) must give E1 again byte for byte; the unordered encoding of
  * V1 must decode to a V3 whose encode(V3) is E1 too.  A failed decode must
  * leave the stack as it was.  The same bytes decoded as a list
- * (tide__decode_list) push exactly the count it returns, or nothing.  Any broken promise aborts, which libFuzzer
- * reports as a crash.
+ * (tide__decode_list) push exactly the count it returns, or nothing; the
+ * values of a list encode as one (tide__encode_list), and those bytes decode
+ * to as many values, each equal to its original (canonical encodings).  Any
+ * broken promise aborts, which libFuzzer reports as a crash.
  */
 #include "codec.h"
 
@@ -21,11 +23,32 @@
 static lua_State *L;            /* one state for every input, for speed */
 static tide_buf first, second;  /* E1 and encode(V2), reused */
 static tide_buf unordered;      /* encode_unordered(V1), reused */
+static tide_buf list;           /* encode_list of a list's values, reused */
 
 static void broken(const char *what, const char *err) {
   fprintf(stderr, "fuzz_codec: %s: %s\n", what, err);
   abort();
 }
+
+/* The values of a decoded list (at 1..n) encode as a list, and decode from
+ * it to n values equal to them one by one. */
+static void list_round_trip(int n) {
+  char err[256] = "";
+  list.len = 0;
+  if (tide__encode_list(L, 1, n, "list", &list, err, sizeof err) != 0)
+    broken("a decoded list's values do not encode as a list", err);
+  if (tide__decode_list(L, list.data, list.len, 50, err, sizeof err) != n)
+    broken("a list encoding does not decode to its count", err);
+  for (int i = 1; i <= n; i++) {
+    first.len = second.len = 0;
+    if (tide__encode(L, i, "a", &first, err, sizeof err) != 0 ||
+        tide__encode(L, n + i, "b", &second, err, sizeof err) != 0)
+      broken("a list value does not encode", err);
+    if (first.len != second.len || memcmp(first.data, second.data, first.len) != 0)
+      broken("a list's value came back changed", "");
+  }
+}
+
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   char err[256] = "";
@@ -34,6 +57,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   int n = tide__decode_list(L, (const char *)data, size, 50, err, sizeof err);
   if (n < -1 || n > 50 || lua_gettop(L) != (n < 0 ? 0 : n))
     broken("decode_list pushed other than its count", err);
+  if (n >= 0) list_round_trip(n);
   lua_settop(L, 0);
   if (tide__decode(L, (const char *)data, size, err, sizeof err) != 0) {
     if (lua_gettop(L) != 0) broken("a failed decode pushed values", err);
