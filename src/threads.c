@@ -100,7 +100,7 @@ static size_t job_size(size_t fn_len, size_t args_len) {
   return sizeof(tide__job) + fn_len + 1 + args_len + 1;
 }
 
-/* Fills the `size` bytes at job (job_size's) with a fresh job. */
+/* Makes a fresh job in the job_size(fn_len, args_len) bytes at `job`. */
 static tide__job *fill_job(tide__job *job, uint64_t id, const char *fn, size_t fn_len, int fn_is_name,
                            const char *args, size_t args_len) {
   memset(job, 0, sizeof *job);
@@ -136,7 +136,7 @@ tide__job *tide__pool_job_new(tide__pool *p, uint64_t id, const char *fn, size_t
                               const char *args, size_t args_len) {
   size_t size = job_size(fn_len, args_len);
   tide__job *job = size ? tide__slab_alloc(&p->slab, size) : NULL;
-  if (job == NULL) return tide__job_new(id, fn, fn_len, fn_is_name, args, args_len);   /* too large */
+  if (job == NULL) return tide__job_new(id, fn, fn_len, fn_is_name, args, args_len);   /* too large, or no chunk */
   fill_job(job, id, fn, fn_len, fn_is_name, args, args_len);
   job->in_slab = 1;
   return job;
@@ -189,7 +189,7 @@ static void free_list(tide__pool *p, jobmap *m, tide__job *j) {
   }
 }
 
-/* Frees the jobs workers left on `dead`.  Loop thread, locked. */
+/* Frees the jobs workers left on `dead`.  Loop thread, locked (or pool_free). */
 static void bury(tide__pool *p) {
   tide__job *j = p->dead;
   p->dead = NULL;
