@@ -32,9 +32,9 @@ local function check_mode(fname, mode, level)
 end
 M.check_mode = check_mode
 
-local function thread_task(fname, run, args, level)
+local function thread_task(fname, run, args, level, roomy)
   local payload = thread.payload(fname, run, args, level + 1)
-  return new_task(false, thread.options(payload))
+  return new_task(false, thread.options(payload, roomy))
 end
 
 local function process_task(fname, run, args, level)
@@ -52,8 +52,8 @@ local function make_task(fname, default_mode, spec, ...)
   if kind == "function" then
     local n = select("#", ...)
     local args = n > 0 and { n = n, ... } or nil
-    if default_mode == "thread" then
-      local t = thread_task(fname, spec, args, 3)   -- not a tail call: errors blame the caller
+    if default_mode == "thread" then             -- a thread pool's: room for its slot and hook
+      local t = thread_task(fname, spec, args, 3, true)   -- not a tail call: errors blame the caller
       return t
     elseif default_mode == "process" then
       local t = process_task(fname, spec, args, 3)
@@ -95,7 +95,9 @@ local function make_task(fname, default_mode, spec, ...)
   local handle_result = opt_function(fname, spec, "handle_result")
   local on_retry = opt_function(fname, spec, "on_retry")
   local t
-  if mode == "thread" then t = thread_task(fname, run, args, 3)
+  if mode == "thread" then   -- roomy: the options below go in without a rehash
+    t = thread_task(fname, run, args, 3, default_mode ~= "coroutine" or spec.timeout ~= nil or spec.name ~= nil
+                    or policy or handle_result or on_retry)
   elseif mode == "process" then t = process_task(fname, run, args, 3)
   else t = new_task(run, args and { args = args }) end
   local o = S.options(t)

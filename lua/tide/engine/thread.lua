@@ -14,6 +14,7 @@ local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
 
 local type, error, tostring, tonumber = type, error, tostring, tonumber
+local table_new = require "table.new"
 local string_dump, getupvalue, getinfo, traceback = string.dump, debug.getupvalue, debug.getinfo, debug.traceback
 
 local decode_list = core.decode_list
@@ -272,8 +273,10 @@ end
 
 --- The options of a new thread task that runs `payload`: every field its
 --- attempts use is there from the start (false while unset): four keys, a
---- hash part of 4, 160 bytes (a task's options with a `timeout` grow to 8
---- slots, 256 bytes, once).  `thread_job` says where the attempt's job
+--- hash part of 4, 160 bytes; `roomy` (the task has options of its own to
+--- store: a timeout and its timer, handle_result...) makes a hash part of
+--- 8 at once, 256 bytes, which growing by rehash would cost ~400
+--- instructions per task (callgrind).  `thread_job` says where the attempt's job
 --- is: false (not out), its slot (a number: out on a thread), the bytes of
 --- its results (a string) or the pair { bytes, traceback or true } of its
 --- error, until the attempt settles.  Every thread task in flight holds
@@ -283,8 +286,14 @@ end
 --- modules are compiled to it) keeps in a constructor's template only the
 --- keys of constant values, so `{ thread = payload }` would add the key
 --- at run time (lj_tab_newkey, a rehash once the template is full).
-function M.options(payload)
-  local o = { thread = false, direct = false, thread_job = false, on_attempt_end = false }
+function M.options(payload, roomy)
+  local o
+  if roomy then
+    o = table_new(0, 8)
+    o.thread_job, o.on_attempt_end = false, false
+  else
+    o = { thread = false, direct = false, thread_job = false, on_attempt_end = false }
+  end
   o.thread, o.direct = payload, M.direct
   return o
 end
