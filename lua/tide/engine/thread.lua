@@ -86,8 +86,9 @@ local NO_ARGS = core.encode({ n = 0 })
 -- plain LuaJIT: 3.2 us per insert at 8,000 in flight, 5.4 us at 16,000,
 -- against 0.1 us at 100), and that was a thread task's dearest step.
 -- A slot is taken by submit and given back exactly once: by the delivery
--- of its job's result, or by abandon (the attempt ended first); both clear
--- the task's `thread_job` (the slot), so neither finds it again.
+-- of its job's result, or by abandon (the attempt ended first); both take
+-- the slot out of the task's `thread_job` (the delivery puts what came back
+-- there, abandon false), so neither finds it again.
 local next_job = 0
 -- slot -> the task waiting (false when free) and the id of its job; a free
 -- slot's id entry holds minus the next free slot (0: none), so the free
