@@ -19,6 +19,11 @@
  * unmapped at once.  So the memory held is the live blocks' chunks plus
  * max_spare chunks at most.  Blocks are 64-byte aligned.
  *
+ * Where the kernel's THP `defrag` setting lets a fault compact memory for a
+ * huge page (`madvise`, `always`), a chunk's first touch may wait while it
+ * does; with THP `never`, chunks have small pages and only the keeping of
+ * spares is left.
+ *
  * Not thread-safe: its owner calls it from one thread at a time.  Under
  * ASan, a block is poisoned from its free until its next alloc.
  */
