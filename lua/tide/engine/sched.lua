@@ -176,10 +176,14 @@ end
 local OWN = setmetatable({}, { __tostring = function() return "tide.OWN" end })
 local getlocal = debug.getlocal
 
+-- The check may allocate (debug.getlocal pushes on co's stack, and interns
+-- a name): an allocation may run a finalizer that raises, and that error is
+-- the wait's own, raised from it as from any allocation of the task's.
 local function check_runner(co)
   while true do
     local ok, name, v = pcall(getlocal, co, 1, 1)
-    co = co_yield(ok and name == "own" and v == OWN)
+    if ok then co = co_yield(true, name == "own" and v == OWN)
+    else co = co_yield(false, name) end
   end
 end
 local checker = co_create(check_runner)
@@ -187,10 +191,10 @@ local checker = co_create(check_runner)
 --- True when runner `co` is running this code itself (not a coroutine it resumed).
 local function own_runner(own, co)
   if type(co) ~= "thread" then return false end
-  local resumed, yes = co_resume(checker, co)
-  if resumed then return yes end
-  if co_status(checker) == "dead" then checker = co_create(check_runner) end   -- never expected
-  return co_running() == co         -- the checker is busy (a finalizer inside it): ask the slow way
+  local resumed, checked, yes = co_resume(checker, co)
+  if not resumed then return co_running() == co end   -- the checker is busy (a finalizer that waits, inside it)
+  if not checked then error(yes, 0) end
+  return yes
 end
 
 --- The slow path of the wait checks: the task that may wait here (a timer
