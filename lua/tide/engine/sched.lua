@@ -170,26 +170,25 @@ end
 -- sleeping task (callgrind and `bench/peers.lua mem`, bench/RESULTS.md).
 -- So no wait makes a C call on the task's stack: own_runner() resumes
 -- `checker`, a coroutine of tide's own, which looks at `co` from its own
--- stack.  If own_runner's frame is the one that resumed it from `co` (its
--- first local is the private OWN), the wait runs in `co` itself; from a
--- nested coroutine, `co` is suspended in the user's resume instead.
-local OWN = setmetatable({}, { __tostring = function() return "tide.OWN" end })
-local getlocal = debug.getlocal
+-- stack (core.caller_is): if own_runner is the function that resumed it
+-- from `co`, the wait runs in `co` itself; from a nested coroutine, `co` is
+-- suspended in the user's resume instead, below the user's code.
+local caller_is = core.caller_is
+local own_runner
 
--- The check may allocate (debug.getlocal pushes on co's stack, and interns
--- a name): an allocation may run a finalizer that raises, and that error is
--- the wait's own, raised from it as from any allocation of the task's.
+-- The check may allocate (a slot pushed on co's stack may grow it): an
+-- allocation may run a finalizer that raises, and that error is the wait's
+-- own, raised from it as from any allocation of the task's.
 local function check_runner(co)
   while true do
-    local ok, name, v = pcall(getlocal, co, 1, 1)
-    if ok then co = co_yield(true, name == "own" and v == OWN)
-    else co = co_yield(false, name) end
+    local ok, yes = pcall(caller_is, co, own_runner)
+    co = co_yield(ok, yes)
   end
 end
 local checker = co_create(check_runner)
 
 --- True when runner `co` is running this code itself (not a coroutine it resumed).
-local function own_runner(own, co)
+function own_runner(co)
   if type(co) ~= "thread" then return false end
   local resumed, checked, yes = co_resume(checker, co)
   if not resumed then return co_running() == co end   -- the checker is busy (a finalizer that waits, inside it)
@@ -201,7 +200,7 @@ end
 --- callback running without a task becomes one), or an error.
 local function waiting_task(fname, level)
   if current == nil and firing_co and not in_callback then
-    if own_runner(OWN, firing_co) then current = promote(); return current end
+    if own_runner(firing_co) then current = promote(); return current end
     error(fname .. ": cannot wait inside a nested coroutine, only in the task's own", level + 1)
   end
   cannot_wait(fname, current, level + 1)
@@ -209,7 +208,7 @@ end
 
 local function wait_begin(fname, level)
   local t = current
-  if in_callback or t == nil or not own_runner(OWN, t._co) then t = waiting_task(fname, level + 1) end
+  if in_callback or t == nil or not own_runner(t._co) then t = waiting_task(fname, level + 1) end
   token = token + 1
   t._wait = token
   return t, token
@@ -246,7 +245,7 @@ S.wait_end = wait_end
 function S.sleep(ms)
   if not is_ms(ms) then check.arg_error("tide.sleep", 1, "non-negative number of ms", ms) end
   local t = current
-  if in_callback or t == nil or not own_runner(OWN, t._co) then t = waiting_task("tide.sleep", 2) end
+  if in_callback or t == nil or not own_runner(t._co) then t = waiting_task("tide.sleep", 2) end
   local tok = token + 1
   token, t._wait = tok, tok
   co_yield(WAIT, ms)
