@@ -61,6 +61,28 @@ describe("a wait", function()
     assert.same({ "ok", "other" }, after)
   end)
 
+  it("lets the task wait between the steps of a generator it made, inside pcall and xpcall", function()
+    local got = H.run(function()
+      local got = {}
+      local gen = coroutine.wrap(function() for i = 1, 3 do coroutine.yield(i) end end)
+      for _ = 1, 3 do
+        local v = gen()                        -- suspended again in its yield while the task waits
+        tide.sleep(1)
+        assert(pcall(tide.sleep, 0))
+        assert(xpcall(function() tide.sleep(1) end, debug.traceback))
+        got[#got + 1] = v
+      end
+      local co = coroutine.create(function() coroutine.yield("first"); tide.sleep(1) end)
+      got[#got + 1] = select(2, coroutine.resume(co))
+      tide.sleep(1)
+      local ok, err = coroutine.resume(co)   -- refused when it comes to its wait, after the task's
+      got[#got + 1] = ok and "no error" or err
+      return got
+    end)
+    assert.same({ 1, 2, 3, "first" }, { got[1], got[2], got[3], got[4] })
+    assert.matches("tide.sleep: " .. NESTED, got[5], 1, true)
+  end)
+
   it("wakes a waiter before its bound and leaves no timer behind; times out the others", function()
     local seed = os.time()
     math.randomseed(seed)
