@@ -642,18 +642,23 @@ end
 
 --- Arms the timer of the wait task t yielded in (it bounds the wait by
 --- `ms`), unless the wait is over already.  Made from the scheduler's
---- stack, not the task's (see own_runner).  The key must be stored: a timer
---- that raises (an allocation running a finalizer that raises) is armed
---- again, as a fire's push is, or the task would never wake.
+--- stack, not the task's (see own_runner).  The timer must be armed, or the
+--- task would never wake: an arming that raises (an allocation running a
+--- finalizer that raises, reported) is tried again, as each finalizer runs
+--- once; memory running out again and again fails the task instead.
+local ARM_TRIES = 100
 local function arm_wait(t, ms)
   local tok = t._wait
   if tok == true or not tok then return end   -- woken, or ended, before it yielded
-  local armed, key = pcall(timer, ms, wait_timer_fired, t, tok)
-  if not armed then
-    pcall(log.report, "tide's engine (an error raised while a wait's timer was armed, as by a __gc finalizer)", key, key)
-    key = timer(ms, wait_timer_fired, t, tok)
+  local err
+  for _ = 1, ARM_TRIES do
+    local armed, key = pcall(timer, ms, wait_timer_fired, t, tok)
+    if armed then t._wait_timer = key; return end
+    err = key
+    pcall(log.report, "tide's engine (an error raised while a wait's timer was armed, as by a __gc finalizer)", err, err)
   end
-  t._wait_timer = key
+  t.traceback = "its wait's timer could not be armed: " .. safe_tostring(err)
+  settle(t, "error", err)
 end
 
 local function after_resume(co, ok, first, ms)
