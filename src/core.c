@@ -353,6 +353,24 @@ static int l_clock_step(lua_State *L) {
   return 1;
 }
 
+/* caller_is(co, fn) -> boolean: whether fn is the function at level 1 of
+ * coroutine co, which is not running (suspended in the coroutine.resume at
+ * its level 0).  For the wait check (sched.lua, own_runner), which calls it
+ * from a coroutine of its own so that no C call runs on a task's stack.
+ * Allocates only if co's stack must grow for the one slot pushed on it. */
+static int l_caller_is(lua_State *L) {
+  lua_State *co = lua_tothread(L, 1);
+  lua_Debug ar;
+  int yes = 0;
+  if (co != NULL && co != L && lua_getstack(co, 1, &ar) && lua_getinfo(co, "f", &ar)) {
+    lua_xmove(co, L, 1);                     /* the function, from co's stack to ours */
+    yes = lua_rawequal(L, -1, 2);
+    lua_pop(L, 1);
+  }
+  lua_pushboolean(L, yes);
+  return 1;
+}
+
 /* versions() -> { luajit =, libuv =, sqlite =, libpq = }: what this tide
  * was built with and runs on (libraries linked dynamically report theirs). */
 static int l_versions(lua_State *L) {
@@ -375,6 +393,7 @@ static const luaL_Reg core_funcs[] = {
   { "timer_cancel", l_timer_cancel }, { "pop", l_pop },
   { "kick", l_kick },         { "run", l_run },
   { "running", l_running },   { "set_handlers", l_set_handlers },
+  { "caller_is", l_caller_is },
   { "signals", l_signals },   { "stats", l_stats },
   { "close", l_close },       { "isatty", l_isatty },
   { "wallclock", l_wallclock }, { "pid", l_pid },

@@ -160,11 +160,47 @@ local function cannot_wait(fname, t, level)
   error(fname .. ": cannot wait inside a nested coroutine, only in the task's own", level + 1)
 end
 
+-- Is the code running now that of runner `co` itself, or of a coroutine
+-- it resumed (the task's coroutine.wrap)?  A wait must be in the former:
+-- only the runner's yields reach the scheduler.  coroutine.running() would
+-- say, but a C function needs 20 free slots above its caller, and a waiting
+-- runner's frames (runner, task, wait) leave fewer of LuaJIT's first 47:
+-- that one call doubled the stack of every sleeping task (47 -> 94 slots),
+-- and a collection shrank it back, leaving ~350 bytes of RSS behind per
+-- sleeping task (callgrind and `bench/peers.lua mem`, bench/RESULTS.md).
+-- So no wait makes a C call on the task's stack: own_runner() resumes
+-- `checker`, a coroutine of tide's own, which looks at `co` from its own
+-- stack (core.caller_is): if own_runner is the function that resumed it
+-- from `co`, the wait runs in `co` itself; from a nested coroutine, `co` is
+-- suspended in the user's resume instead, below the user's code.
+local caller_is = core.caller_is
+local own_runner
+
+-- The check may allocate (a slot pushed on co's stack may grow it): an
+-- allocation may run a finalizer that raises, and that error is the wait's
+-- own, raised from it as from any allocation of the task's.
+local function check_runner(co)
+  while true do
+    local ok, yes = pcall(caller_is, co, own_runner)
+    co = co_yield(ok, yes)
+  end
+end
+local checker = co_create(check_runner)
+
+--- True when runner `co` is running this code itself (not a coroutine it resumed).
+function own_runner(co)
+  if type(co) ~= "thread" then return false end
+  local resumed, checked, yes = co_resume(checker, co)
+  if not resumed then return co_running() == co end   -- the checker is busy (a finalizer that waits, inside it)
+  if not checked then error(yes, 0) end
+  return yes
+end
+
 --- The slow path of the wait checks: the task that may wait here (a timer
 --- callback running without a task becomes one), or an error.
 local function waiting_task(fname, level)
   if current == nil and firing_co and not in_callback then
-    if co_running() == firing_co then current = promote(); return current end
+    if own_runner(firing_co) then current = promote(); return current end
     error(fname .. ": cannot wait inside a nested coroutine, only in the task's own", level + 1)
   end
   cannot_wait(fname, current, level + 1)
@@ -172,7 +208,7 @@ end
 
 local function wait_begin(fname, level)
   local t = current
-  if in_callback or t == nil or co_running() ~= t._co then t = waiting_task(fname, level + 1) end
+  if in_callback or t == nil or not own_runner(t._co) then t = waiting_task(fname, level + 1) end
   token = token + 1
   t._wait = token
   return t, token
@@ -193,33 +229,27 @@ local function wait_timer_fired(t, tok)
 end
 
 --- Suspends the current task (after wait_begin) until woken; `ms` (optional)
---- bounds the wait.  Cancels the timer when woken otherwise.
+--- bounds the wait.  The scheduler arms the wait's timer once the task has
+--- yielded, and cancels it before resuming a task woken otherwise
+--- (after_resume, run_task): the timer's functions are C functions, which
+--- must not run on the task's stack (see own_runner).
 local function wait_end(t, tok, ms)
-  if ms then t._wait_timer = timer(ms, wait_timer_fired, t, tok) end
-  co_yield(WAIT)
+  co_yield(WAIT, ms)
   t._wait = false
-  local key = t._wait_timer
-  if key then
-    t._wait_timer = nil
-    untimer(key)
-  end
 end
 S.wait_end = wait_end
 
---- tide.sleep: the same steps as wait_begin and wait_end, written out in
---- one flat function, because every frame below a yield stays on the task's
---- stack while it sleeps (deep enough, and LuaJIT doubles the stack).
+--- tide.sleep: wait_begin and wait_end written out in one flat function,
+--- because every frame below a yield stays on the task's stack while it
+--- sleeps.
 function S.sleep(ms)
   if not is_ms(ms) then check.arg_error("tide.sleep", 1, "non-negative number of ms", ms) end
   local t = current
-  if in_callback or t == nil or co_running() ~= t._co then t = waiting_task("tide.sleep", 2) end
+  if in_callback or t == nil or not own_runner(t._co) then t = waiting_task("tide.sleep", 2) end
   local tok = token + 1
   token, t._wait = tok, tok
-  t._wait_timer = timer(ms, wait_timer_fired, t, tok)
-  co_yield(WAIT)
+  co_yield(WAIT, ms)
   t._wait = false
-  local key = t._wait_timer
-  if key then t._wait_timer = nil; untimer(key) end
 end
 
 --- Appends the current task to a list of waiters (flat pairs task, token).
@@ -610,7 +640,28 @@ local function runner_loop(t)
   end
 end
 
-local function after_resume(co, ok, ...)
+--- Arms the timer of the wait task t yielded in (it bounds the wait by
+--- `ms`), unless the wait is over already.  Made from the scheduler's
+--- stack, not the task's (see own_runner).  The timer must be armed, or the
+--- task would never wake: an arming that raises (an allocation running a
+--- finalizer that raises, reported) is tried again, as each finalizer runs
+--- once; memory running out again and again fails the task instead.
+local ARM_TRIES = 100
+local function arm_wait(t, ms)
+  local tok = t._wait
+  if tok == true or not tok then return end   -- woken, or ended, before it yielded
+  local err
+  for _ = 1, ARM_TRIES do
+    local armed, key = pcall(timer, ms, wait_timer_fired, t, tok)
+    if armed then t._wait_timer = key; return end
+    err = key
+    pcall(log.report, "tide's engine (an error raised while a wait's timer was armed, as by a __gc finalizer)", err, err)
+  end
+  t.traceback = "its wait's timer could not be armed: " .. safe_tostring(err)
+  settle(t, "error", err)
+end
+
+local function after_resume(co, ok, first, ms)
   -- Still inside a callback or hook: the task yielded from there (a bare
   -- coroutine.yield; tide's waits raise there).  It goes on at once: the
   -- door it is inside must finish, and a task that waited there could be
@@ -621,18 +672,18 @@ local function after_resume(co, ok, ...)
   local t = current                         -- the task the runner was running, if any
   current, in_callback = nil, nil
   if ok then
-    local first = ...
     if first == DONE then                  -- idle: its tasks ended inside it
       if nidle < MAX_IDLE then nidle = nidle + 1; idle[nidle] = co end
       return
     end
     if t == nil and firing_co == co then t = promote_now() end   -- a fire's callback yielded bare
-    if t and t._co == co and first ~= WAIT then
-      push(t, co)                          -- a bare yield: run again later
+    if t and t._co == co then
+      if first ~= WAIT then push(t, co)    -- a bare yield: run again later
+      elseif ms then arm_wait(t, ms) end   -- a wait with a bound
     end
     return
   end
-  local err = ...                          -- raised: the runner is dead
+  local err = first                        -- raised: the runner is dead
   if t == nil and firing_co == co then return fire_failed(co, err) end
   if t == nil then                         -- raised in the door (a __gc finalizer's error)
     t, ending, finishing = ending, nil, 0
@@ -665,6 +716,8 @@ local function run_task(t, co)
     if t._co == FIRE then fire_unrun = nil else t._co = co end
     return after_resume(co, co_resume(co, t))
   end
+  local key = t._wait_timer                 -- woken before its wait's timer fired: cancelled here
+  if key then t._wait_timer = nil; untimer(key) end
   return after_resume(co, co_resume(co))
 end
 
