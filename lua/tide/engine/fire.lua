@@ -1,9 +1,12 @@
 --- tide.engine.fire — timers' fires: a callback runs on a runner, and is a task only if it waits.
 --
--- A timer's fire queues the entry (timer, FIRE) on the run queue, in the
--- order of the fires, and makes no task: a runner calls tm.fn(tm) as it
--- would run a task's function, with the scheduler's `current` nil and this
--- module's `firing` set.  Most callbacks return without waiting, and
+-- A timer's fire appends (fn, timer) to the fires' queue here, and the
+-- entry (ENTRY, FIRE) to the run queue, in the order of the fires; it makes
+-- no task: a runner that reaches an ENTRY takes the oldest fire and calls
+-- fn(timer) as it would run a task's function, with the scheduler's
+-- `current` nil and this module's `firing_co` set.  (The entries are all
+-- the same table, and each takes the next fire: a timer's handle need not
+-- be a table the run queue can read, nor hold its callback.)  Most callbacks return without waiting, and
 -- nothing more happens (a callback that raises goes to the error sink as
 -- "timer callback", as nobody awaits it).  A callback that needs its task
 -- (it waits, yields, or asks for it: tide.current(), S.current()) gets one
@@ -21,10 +24,14 @@
 -- error's traceback.
 --
 -- Invariants kept here:
+--   - The fires' queue q_fn/q_tm[head+1 .. tail] holds the fires not yet
+--     run, oldest first, and the run queue holds one ENTRY for each of them
+--     (an entry is queued after its fire, and a fire is taken only by an
+--     entry's run).
 --   - firing_co is the runner running a timer's callback that has no task
---     yet (firing is that timer), or nil; a promotion, a return, an error
---     or a bare yield clears it.
---   - unrun is a fire taken off the run queue whose runner is not resumed
+--     yet (firing_fn is that callback), or nil; a promotion, a return, an
+--     error or a bare yield clears it.
+--   - unrun is an entry taken off the run queue whose runner is not resumed
 --     yet, or nil: an error that interrupts the tick then queues it again
 --     (M.repair), so no fire is lost.
 local runq = require "tide.engine.runq"
@@ -38,8 +45,14 @@ local M = {}
 M.FIRE = 0                    -- the coroutine slot of a fire's entry (attempt numbers start at 1)
 local FIRE = M.FIRE
 local OPTIONS = { shared = true, report = "timer callback" }   -- a promoted callback's task options
+-- What the run queue holds for each fire: the run queue reads an entry's
+-- _co (an attempt that ended is stale; FIRE never is) and _opt.
+local ENTRY = { _co = FIRE, _opt = false }
 
-local firing, firing_co = nil, nil
+local q_fn, q_tm, head, tail = {}, {}, 0, 0
+local SPARE_MAX = 16384      -- a queue drained from longer than this is made anew (a burst's arrays go)
+
+local firing_fn, firing_co = nil, nil
 local unrun = nil
 
 -- What the scheduler lends (M.init).
@@ -55,20 +68,34 @@ function M.init(engine)
   shutting_down, promoted, error_trace = engine.shutting_down, engine.promoted, engine.error_trace
 end
 
---- Queues a run of tm.fn(tm) (tm: a table of tide.engine.timer, whose _co
---- the run queue reads).  Nothing new starts during a shutdown.
-function M.fire(tm)
-  if shutting_down() then return end
-  tm._co = FIRE
-  -- The timer's key has popped: a push that raises (it may grow the run
-  -- queue, and an allocation may run a finalizer that raises) would lose
-  -- the fire.  It is pushed again, and the error goes to the error sink.
-  local ok, err = pcall(push, tm, FIRE)
-  if not ok then
-    push(tm, FIRE)
-    pcall(log.report, "tide's engine (an error raised while a timer fired, as by a __gc finalizer)", err, err)
-  end
+-- The slots are written before the count (an allocation may raise: see
+-- runq.push).
+local function enqueue(fn, tm)
+  local n = tail + 1
+  q_fn[n] = fn
+  q_tm[n] = tm
+  tail = n
 end
+
+local function report_engine(err)
+  pcall(log.report, "tide's engine (an error raised while a timer fired, as by a __gc finalizer)", err, err)
+end
+
+--- Queues a run of fn(tm) (tm: a timer's handle, tide.engine.timer).
+--- Nothing new starts during a shutdown.
+function M.fire(fn, tm)
+  if shutting_down() then return end
+  -- The timer's key has popped: a queueing that raises (it may grow an
+  -- array, and an allocation may run a finalizer that raises) would lose
+  -- the fire.  It is done again, and the error goes to the error sink.
+  local ok, err = pcall(enqueue, fn, tm)
+  if not ok then enqueue(fn, tm); report_engine(err) end
+  ok, err = pcall(push, ENTRY, FIRE)
+  if not ok then push(ENTRY, FIRE); report_engine(err) end
+end
+
+--- Fires queued and not yet run.
+function M.queued() return tail - head end
 
 --- The runner running a callback that has no task yet, or nil.
 function M.runner() return firing_co end
@@ -77,9 +104,9 @@ function M.runner() return firing_co end
 --- coroutine is co), which is returned.  Allocates: may raise, and then the
 --- fire stays as it was.
 function M.promote()
-  local t = new_task(firing.fn, OPTIONS)
+  local t = new_task(firing_fn, OPTIONS)
   local co = firing_co
-  firing, firing_co = nil, nil
+  firing_fn, firing_co = nil, nil
   t._state, t.attempts, t._co = "running", 1, co
   promoted(t)
   return t
@@ -100,36 +127,47 @@ function M.promote_now()
     if t == "not enough memory" then oom = oom + 1 end
     pcall(log.report, "tide's engine (an error raised while a timer callback became a task, as by a __gc finalizer)", t, t)
   end
-  firing, firing_co = nil, nil
+  firing_fn, firing_co = nil, nil
   pcall(log.report, "tide's engine", "a timer callback that yielded could not be given a task (out of memory): it is abandoned")
   return nil
 end
 
---- The tick took fire entry tm off the run queue; its runner is not resumed yet.
-function M.taken(tm) unrun = tm end
+--- The tick took fire entry e off the run queue; its runner is not resumed yet.
+function M.taken(e) unrun = e end
 
 --- The fire taken last is being resumed on its runner.
 function M.resumed() unrun = nil end
 
---- An error interrupted the tick while it held fire entry tm: queued again
---- if its callback never ran.
-function M.repair(tm)
-  if unrun == tm then unrun = nil; push(tm, FIRE) end
+--- An error interrupted the tick while it held fire entry e: queued again
+--- if its runner never ran (its fire is still queued here).
+function M.repair(e)
+  if unrun == e then unrun = nil; push(ENTRY, FIRE) end
 end
 
 --- A new tick: no callback runs.
-function M.reset() firing, firing_co = nil, nil end
+function M.reset() firing_fn, firing_co = nil, nil end
 
---- Runs a fire on runner co.  Returns when the callback returned: if it got
---- its task meanwhile, that task's attempt returned (the scheduler hears it).
+--- Runs the oldest queued fire on runner co (for an entry of the run
+--- queue).  Returns when the callback returned: if it got its task
+--- meanwhile, that task's attempt returned (the scheduler hears it).
 local function returned(co, ...)
-  if firing_co == co then firing, firing_co = nil, nil
+  if firing_co == co then firing_fn, firing_co = nil, nil
   else task_returned(co, ...) end
 end
 
-function M.run(tm, co)
-  firing, firing_co = tm, co
-  return returned(co, tm.fn(tm))
+function M.run(_, co)
+  local i = head + 1
+  if i > tail then return end              -- (an entry whose fire is gone: none is queued without one)
+  local fn, tm = q_fn[i], q_tm[i]
+  if i < tail then
+    q_fn[i], q_tm[i], head = nil, nil, i
+  else                                     -- drained: start again at the front
+    if i > SPARE_MAX then q_fn, q_tm = {}, {}   -- (a burst's arrays go; allocates: before any change)
+    else q_fn[i], q_tm[i] = nil, nil end
+    head, tail = 0, 0
+  end
+  firing_fn, firing_co = fn, co
+  return returned(co, fn(tm))
 end
 
 --- A fire's callback raised before it had a task: reported, as its task's
@@ -141,7 +179,7 @@ local function report(co, err)
 end
 
 function M.failed(co, err)
-  firing, firing_co = nil, nil
+  firing_fn, firing_co = nil, nil
   pcall(report, co, err)
 end
 

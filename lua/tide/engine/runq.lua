@@ -16,7 +16,7 @@
 local core = require "tide.core"
 
 local timer_start, timer_cancel, pop, kick = core.timer_start, core.timer_cancel, core.pop, core.kick
-local type, error, pcall = type, error, pcall
+local type, error, pcall, rawequal = type, error, pcall, rawequal
 
 local M = {}
 
@@ -166,7 +166,10 @@ end
 --- Calls fn(obj, arg) in `ms`; returns the timer's key.
 function M.timer(ms, fn, obj, arg)
   local key = timer_start(ms)
-  if key > cap then grow(key) end
+  if key > cap then
+    local ok, err = pcall(grow, key)           -- allocates: may raise (a finalizer's error)
+    if not ok then timer_cancel(key); error(err, 0) end
+  end
   local i = 3 * key
   slots[i - 2], slots[i - 1], slots[i] = fn, obj, arg
   return key
@@ -179,6 +182,22 @@ function M.untimer(key)
     local i = 3 * key
     slots[i - 2], slots[i - 1], slots[i] = nil, nil, nil
   end
+end
+
+--- True when timer `key` is pending and was made for `obj` (a key is
+--- reused once its timer fired or was cancelled: a saved key alone cannot
+--- tell its own timer from a later one).
+local function pending(key, obj)
+  return key >= 1 and key <= cap and rawequal(slots[3 * key - 1], obj)
+end
+M.pending = pending
+
+--- Cancels timer `key` if it is pending and made for `obj`: true, or false
+--- when it fired, was cancelled, or its key now names another timer.
+function M.untimer_of(key, obj)
+  if not pending(key, obj) then return false end
+  M.untimer(key)
+  return true
 end
 
 --- The objects of the pending timers whose handler is `fn`.
@@ -202,7 +221,7 @@ function M.fire_due()
     local i = 3 * key
     local fn, obj, arg = slots[i - 2], slots[i - 1], slots[i]
     slots[i - 2], slots[i - 1], slots[i] = nil, nil, nil
-    fn(obj, arg)
+    if fn then fn(obj, arg) end                   -- (none: its slots were never filled)
   end
   return true
 end
