@@ -138,6 +138,50 @@ describe("timers stopped from other timers' callbacks", function()
   end)
 end)
 
+describe("timers under a finalizer storm", function()
+  it("made, kept and stopped while finalizers raise: each made timer fires once or is stopped", function()
+    -- LuaJIT 2.1 of 2022 rethrows a __gc finalizer's error from whatever allocation ran the
+    -- collector step: making a handle, growing the key slots (runq), queueing a fire (fire.lua)
+    -- may raise.  A tide.after that raised must have started nothing (its caller, retrying,
+    -- would get a second fire), and one that returned a handle must fire or stop exactly once.
+    local dir = H.tempdir()
+    local status, out = H.run_lua(dir, "storm.lua", [[
+      jit.off()
+      local tide = require "tide"
+      tide.configure{ on_error = function() end }
+      local storm = require "gc_storm"
+      local bomb = storm.bomb
+      local N = 20000
+      local entered, handles, stopped = {}, {}, 0
+      for k = 1, N do entered[k], handles[k] = 0, false end   -- no table grows during the storm
+      local function arm(k) return tide.after(k % 5, function() entered[k] = entered[k] + 1; bomb() end) end
+      collectgarbage("setpause", 10)
+      tide.run(function()
+        for k = 1, N do                                        -- (this task's own allocations are
+          local ok, tm                                         -- protected: it must not die)
+          repeat ok, tm = pcall(arm, k) until ok               -- (its callback is made inside the pcall)
+          handles[k] = tm
+          pcall(bomb)
+          if k % 2 == 0 then
+            local tm1 = handles[k - 1]
+            local done, was_pending = pcall(tm1.stop, tm1)
+            if not done then error("timer:stop raised: " .. tostring(was_pending)) end
+            if was_pending then entered[k - 1] = entered[k - 1] + 1; stopped = stopped + 1 end
+          end
+        end
+        repeat until pcall(tide.sleep, 50)
+        storm.disarm()
+      end)
+      local once, other = 0, 0
+      for k = 1, N do if entered[k] == 1 then once = once + 1 else other = other + 1 end end
+      print(("timers %d once %d other %d stopped>0 %s live %d"):format(N, once, other, tostring(stopped > 0), tide.stats().live))
+    ]], 120)
+    os.execute("rm -rf " .. dir)
+    assert.equal(0, status, out)
+    assert.matches("timers 20000 once 20000 other 0 stopped>0 true live 0", out)
+  end)
+end)
+
 describe("fires and tasks' wake-ups", function()
   before_each(testing.before_each)
   after_each(testing.after_each)
