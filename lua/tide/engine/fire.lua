@@ -6,14 +6,14 @@
 -- fn(timer) as it would run a task's function, with the scheduler's
 -- `current` nil and this module's `firing_co` set.  (The entries are all
 -- the same table, and each takes the next fire: a timer's handle need not
--- be a table the run queue can read, nor hold its callback.)  Most callbacks return without waiting, and
--- nothing more happens (a callback that raises goes to the error sink as
--- "timer callback", as nobody awaits it).  A callback that needs its task
--- (it waits, yields, or asks for it: tide.current(), S.current()) gets one
--- there, M.promote(): a running task whose coroutine is the runner, with
--- the shared options that report its failure as "timer callback"; from
--- then on it is a task like any other (its end goes through the door; a
--- shutdown cancels it).  Why: a task per fire (a table, the live list, the
+-- be a table the run queue can read, nor hold its callback.)  Most
+-- callbacks return without waiting, and nothing more happens (a callback
+-- that raises goes to the error sink as "timer callback", as nobody awaits
+-- it).  A callback that needs its task (it waits, yields, or asks for it:
+-- tide.current(), S.current()) gets one there, M.promote(): a running task
+-- whose coroutine is the runner, with the shared options that report its
+-- failure as "timer callback"; from then on it is a task like any other
+-- (its end goes through the door; a shutdown cancels it).  Why: a task per fire (a table, the live list, the
 -- door) was most of the 6,700 instructions of a tide.after timer
 -- (callgrind, bench/cg after).
 --
