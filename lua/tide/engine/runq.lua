@@ -116,9 +116,9 @@ end
 -- made a key, and the hash part of an array of nils was rehashed every few
 -- timers (callgrind: ~390 instructions a timer).
 --
--- The C calls go through LuaJIT's FFI when it is there (tide.core's
--- timer_ffi): compiled into the caller's trace, ~300 instructions fewer
--- each than the classic API's stitching (bench/cg after).
+-- The C calls go through LuaJIT's FFI when it is there and the JIT is on
+-- (tide.core's timer_ffi): compiled into the caller's trace, ~300
+-- instructions fewer each than the classic API's stitching (bench/cg after).
 
 local slots, cap = nil, 0            -- slots[3k-2 .. 3k]: key k's handler, obj, arg
 local new_table = (function()
@@ -137,9 +137,13 @@ grow(1)
 
 local timer_pop = pop
 do
+  -- Only with the JIT on when tide is loaded: the interpreter makes an FFI
+  -- call dearer than a classic one (bench/cg after with the JIT off: 6,800
+  -- instructions a timer with the classic calls, 8,900 through the FFI).
   local ok, ffi = pcall(require, "ffi")
   local fns = core.timer_ffi
-  if ok and fns then
+  local jit_on = jit and jit.status and jit.status()
+  if ok and fns and jit_on then
     local ud = fns.loop
     local start = ffi.cast("double (*)(void *, double)", fns.start)
     local cancel = ffi.cast("double (*)(void *, double)", fns.cancel)
