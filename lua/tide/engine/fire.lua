@@ -94,9 +94,6 @@ function M.fire(fn, tm)
   if not ok then push(ENTRY, FIRE); report_engine(err) end
 end
 
---- Fires queued and not yet run.
-function M.queued() return tail - head end
-
 --- The runner running a callback that has no task yet, or nil.
 function M.runner() return firing_co end
 
