@@ -59,6 +59,11 @@ local function after_fired(tm, fn)
   fire(fn, tm)
 end
 
+-- Started again at once, it takes back the key that just fired (the heap
+-- hands out the last freed key first, and nothing starts a timer between
+-- the pop and its handler): its slots exist, so this allocates nothing and
+-- cannot be stopped half-way by a finalizer's error (timer_spec checks the
+-- key stays the same).
 local function every_fired(tm, fn)
   tm.key = timer(tm.every, every_fired, tm, fn)
   fire(fn, tm)
