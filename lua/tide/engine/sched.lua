@@ -1,8 +1,9 @@
 --- tide.engine.sched — the engine: the task lifecycle with its one door, waits, and the tick.
 --
 -- (Below it: tide.engine.runq, the run queue, the timers' handlers and the
--- virtual clock; tide.engine.hooks, a task's options and hook lists;
--- tide.engine.unheard, failures nobody heard.)
+-- virtual clock; tide.engine.fire, timers' callbacks run without a task;
+-- tide.engine.hooks, a task's options and hook lists; tide.engine.unheard,
+-- failures nobody heard.)
 --
 -- A task is a table with a state:
 --   "pending"   created, not started (waiting for a pool slot)
@@ -35,6 +36,7 @@ local check = require "tide.engine.check"
 local runq = require "tide.engine.runq"
 local unheard = require "tide.engine.unheard"
 local hooks = require "tide.engine.hooks"
+local fire = require "tide.engine.fire"
 
 local co_create, co_resume, co_yield, co_status = coroutine.create, coroutine.resume, coroutine.yield, coroutine.status
 local type = type
@@ -56,10 +58,9 @@ S.TERMINAL = TERMINAL
 local WAIT = setmetatable({}, { __tostring = function() return "tide.WAIT" end })
 
 local current = nil          -- the task whose coroutine is being resumed
--- The timer whose callback a runner is running without a task (see "timers'
--- fires"), and that runner; nil otherwise.  promote() makes its task.
-local firing, firing_co = nil, nil
-local promote
+-- (A timer's callback may run on a runner without a task: then current is
+-- nil and fire.runner() is that runner; promote() makes its task.)
+local FIRE, fire_runner, promote, promote_now = fire.FIRE, fire.runner, fire.promote, fire.promote_now
 local in_callback = nil      -- the name of the user callback running now, if any
 local next_id = 0
 -- Every task that may still be live, in creation order: appended when
@@ -199,7 +200,8 @@ end
 --- The slow path of the wait checks: the task that may wait here (a timer
 --- callback running without a task becomes one), or an error.
 local function waiting_task(fname, level)
-  if current == nil and firing_co and not in_callback then
+  local firing_co = current == nil and not in_callback and fire_runner()
+  if firing_co then
     if own_runner(firing_co) then current = promote(); return current end
     error(fname .. ": cannot wait inside a nested coroutine, only in the task's own", level + 1)
   end
@@ -291,7 +293,7 @@ end
 --- The task running now, or nil.  A timer callback that runs without a
 --- task gets one here: asking for it makes it (see "timers' fires").
 local function current_task()
-  if current == nil and firing_co and not in_callback then current = promote() end
+  if current == nil and not in_callback and fire_runner() then current = promote() end
   return current
 end
 S.current = current_task
@@ -318,7 +320,7 @@ function S.in_callback() return in_callback end
 --- nested coroutine or a callback.
 function S.in_task()
   local t = current
-  if t == nil then return firing_co ~= nil and not in_callback and co_running() == firing_co end
+  if t == nil then return not in_callback and fire_runner() ~= nil and co_running() == fire_runner() end
   return not in_callback and co_running() == t._co
 end
 
@@ -520,97 +522,27 @@ local function needs_runner(t)
   return not (o and o.direct)
 end
 
--- ===== timers' fires: a callback runs on a runner, and is a task only if it waits
---
--- A timer's fire queues the entry (timer, FIRE) on the run queue, in the
--- order of the fires, and makes no task: a runner calls tm.fn(tm) as it
--- would run a task's function, with `current` nil and `firing` set.  Most
--- callbacks return without waiting, and nothing more happens (a callback
--- that raises goes to the error sink as "timer callback", as nobody awaits
--- it).  A callback that needs its task (it waits, yields, or asks for it:
--- tide.current(), S.current()) gets one there, promote(): a running task
--- whose coroutine is the runner, with the shared options that report its
--- failure as "timer callback"; from then on it is a task like any other
--- (its end goes through the door; a shutdown cancels it).  Why: a task per
--- fire (a table, the live list, the door) was most of the 6,700
--- instructions of a tide.after timer (callgrind, bench/cg after).
--- Invariant: firing_co is the runner running a timer's callback that has no
--- task yet, or nil; a promotion, a return, an error or a bare yield clears it.
+-- ===== timers' fires (tide.engine.fire): a callback runs on a runner, and is a task only if it waits
 
-local FIRE = 0                -- the coroutine slot of a fire's entry (attempt numbers start at 1)
-local FIRE_OPTIONS = { shared = true, report = "timer callback" }
-local fire_unrun = nil        -- a fire taken by run_task whose runner is not resumed yet
 local arm_grace
 
---- Queues a run of tm.fn(tm) (tm: a table of tide.engine.timer).  Nothing
---- new starts during a shutdown.
-function S.fire(tm)
-  if shutting then return end
-  tm._co = FIRE
-  -- The timer's key has popped: a push that raises (it may grow the run
-  -- queue, and an allocation may run a finalizer that raises) would lose
-  -- the fire.  It is pushed again, and the error goes to the error sink.
-  local ok, err = pcall(push, tm, FIRE)
-  if not ok then
-    push(tm, FIRE)
-    pcall(log.report, "tide's engine (an error raised while a timer fired, as by a __gc finalizer)", err, err)
-  end
-end
+fire.init{
+  new_task = function(fn, opt) return S.new_task(fn, opt) end,
+  task_returned = function(co, ...) return returned(current, co, ...) end,
+  shutting_down = function() return shutting end,
+  promoted = function() if shutting and not grace_key then arm_grace() end end,   -- the grace applies to it too
+  error_trace = function(co, err)
+    if getmetatable(err) == Traced_mt then return err.value, err.traceback end
+    return err, traceback(co, safe_tostring(err))
+  end,
+}
+S.fire = fire.fire
 
-function promote()
-  local t = S.new_task(firing.fn, FIRE_OPTIONS)   -- allocates: may raise, the fire stays as it was
-  local co = firing_co
-  firing, firing_co = nil, nil
-  t._state, t.attempts, t._co = "running", 1, co
-  if shutting and not grace_key then arm_grace() end   -- the grace applies to it too
-  return t
-end
-
---- promote() where no error may escape (a callback that yielded bare must
---- get its task, or it would stay suspended with no outcome): an allocation
---- that raises (a __gc finalizer's error, which LuaJIT rethrows from it) is
---- reported and tried again.  Each finalizer runs once, so this ends, however
---- many are pending; only memory running out, again and again, gives the
---- fire up (reported).
-local OUT_OF_MEMORY_TRIES = 100
-local function promote_now()
-  local oom = 0
-  while oom < OUT_OF_MEMORY_TRIES do
-    local made, t = pcall(promote)
-    if made then return t end
-    if t == "not enough memory" then oom = oom + 1 end
-    pcall(log.report, "tide's engine (an error raised while a timer callback became a task, as by a __gc finalizer)", t, t)
-  end
-  firing, firing_co = nil, nil
-  pcall(log.report, "tide's engine", "a timer callback that yielded could not be given a task (out of memory): it is abandoned")
-  return nil
-end
-
---- Runs a fire on runner co.  Returns when the callback returned: if it got
---- its task meanwhile, that task's attempt returned (the runner is its
---- coroutine; run_task made it current when it resumed it).
-local function fire_returned(co, ...)
-  if firing_co == co then firing, firing_co = nil, nil
-  else returned(current, co, ...) end
-end
+local fire_run, fire_failed = fire.run, fire.failed
 
 local function run_fire(tm, co)
-  current, in_callback, firing, firing_co = nil, nil, tm, co
-  return fire_returned(co, tm.fn(tm))
-end
-
---- A fire's callback raised before it had a task: reported, as its task's
---- would be (protected: the traceback and the report allocate).
-local function report_fire(co, err)
-  local tb
-  if getmetatable(err) == Traced_mt then tb, err = err.traceback, err.value
-  else tb = traceback(co, safe_tostring(err)) end
-  log.report(FIRE_OPTIONS.report, err, tb)
-end
-
-local function fire_failed(co, err)
-  firing, firing_co = nil, nil
-  pcall(report_fire, co, err)
+  current, in_callback = nil, nil
+  return fire_run(tm, co)                  -- a tail call: no frame of its own below a callback's wait
 end
 
 -- Not a vararg function: a vararg frame takes more stack slots, and a task
@@ -676,7 +608,7 @@ local function after_resume(co, ok, first, ms)
       if nidle < MAX_IDLE then nidle = nidle + 1; idle[nidle] = co end
       return
     end
-    if t == nil and firing_co == co then t = promote_now() end   -- a fire's callback yielded bare
+    if t == nil and fire_runner() == co then t = promote_now() end   -- a fire's callback yielded bare
     if t and t._co == co then
       if first ~= WAIT then push(t, co)    -- a bare yield: run again later
       elseif ms then arm_wait(t, ms) end   -- a wait with a bound
@@ -684,7 +616,7 @@ local function after_resume(co, ok, first, ms)
     return
   end
   local err = first                        -- raised: the runner is dead
-  if t == nil and firing_co == co then return fire_failed(co, err) end
+  if t == nil and fire_runner() == co then return fire_failed(co, err) end
   if t == nil then                         -- raised in the door (a __gc finalizer's error)
     t, ending, finishing = ending, nil, 0
     if t and t._co == co and t._state == "running" then   -- before the door shut: it fails with the error
@@ -707,13 +639,13 @@ local function run_task(t, co)
   if type(co) == "number" then             -- the attempt's first resume (or a fire): take a runner
     local o = t._opt
     if o and o.direct then return o.direct(t) end   -- no coroutine (see "direct tasks")
-    if co == FIRE then current, fire_unrun = nil, t end
+    if co == FIRE then current = nil; fire.taken(t) end
     if nidle > 0 then
       co, idle[nidle], nidle = idle[nidle], nil, nidle - 1
     else
       co = co_create(runner_loop)           -- allocates: may raise (see "interruptions")
     end
-    if t._co == FIRE then fire_unrun = nil else t._co = co end
+    if t._co == FIRE then fire.resumed() else t._co = co end
     return after_resume(co, co_resume(co, t))
   end
   local key = t._wait_timer                 -- woken before its wait's timer fired: cancelled here
@@ -790,10 +722,7 @@ local RUN_BUDGET = 20000
 --- waiting: left to its wake-up; ended or between attempts: left alone;
 --- else it ran and its outcome was lost after it: it fails with the error.
 local function repair(t, err)
-  if t._co == FIRE then                              -- a fire: run it if it never ran
-    if fire_unrun == t then fire_unrun = nil; push(t, FIRE) end
-    return
-  end
+  if t._co == FIRE then return fire.repair(t) end    -- a fire: run it if it never ran
   if t._state ~= "running" then return end
   local co = t._co
   if co == false or t._wait then return end
@@ -807,7 +736,8 @@ end
 local interrupted_by = nil                          -- the error that stopped the last tick
 
 local function tick_body()
-  current, in_callback, finishing, firing, firing_co = nil, nil, 0, nil, nil
+  current, in_callback, finishing = nil, nil, 0
+  fire.reset()
   local t = runq.interrupted()
   if t then repair(t, interrupted_by); runq.repaired() end   -- interrupted again: repaired again
   interrupted_by = nil
