@@ -3,7 +3,7 @@
 -- (Below it: tide.engine.runq, the run queue, the timers' handlers and the
 -- virtual clock; tide.engine.fire, timers' callbacks run without a task;
 -- tide.engine.hooks, a task's options and hook lists; tide.engine.unheard,
--- failures nobody heard.)
+-- failures nobody heard; tide.engine.shutdown, a graceful shutdown.)
 --
 -- A task is a table with a state:
 --   "pending"   created, not started (waiting for a pool slot)
@@ -37,6 +37,7 @@ local runq = require "tide.engine.runq"
 local unheard = require "tide.engine.unheard"
 local hooks = require "tide.engine.hooks"
 local fire = require "tide.engine.fire"
+local shutdown = require "tide.engine.shutdown"
 
 local co_create, co_resume, co_yield, co_status = coroutine.create, coroutine.resume, coroutine.yield, coroutine.status
 local type = type
@@ -68,8 +69,6 @@ local next_id = 0
 -- is finished.  nlive counts the tasks really live.
 local live, live_n, nlive = {}, 0, 0
 local compact_live
-local shutting = false       -- a shutdown began: nothing new starts
-local grace_key = nil        -- the timer that ends the grace period
 
 local stats = { spawned = 0, ok = 0, error = 0, timeout = 0, cancelled = 0, retries = 0 }
 S.stats = stats
@@ -428,10 +427,6 @@ local function callback(what, t, fn, ...)
   if not ok then pcall(report_callback, what, t, err) end   -- reporting allocates: protected too
 end
 
-local function end_grace()
-  if grace_key then untimer(grace_key); grace_key = nil end
-end
-
 --- THE ONE DOOR to a terminal state.
 ---
 --- Every way a task can end — its function returns or raises, its last
@@ -476,7 +471,7 @@ local function finish(t, status, ...)
       pcall(note_unheard, t)               -- allocates after the state changed: protected
     end
   end
-  if shutting and nlive == 0 then end_grace() end
+  if nlive == 0 and shutdown.shutting then shutdown.end_grace() end
   finishing = finishing - 1
   return true
 end
@@ -486,7 +481,7 @@ S.finish = finish
 function settle(t, status, ...)
   local o = t._opt
   local p = o and o.retry
-  if p and p.on[status] and t.attempts < p.attempts and not shutting then
+  if p and p.on[status] and t.attempts < p.attempts and not shutdown.shutting then
     end_attempt(t)
     t._state = "retrying"
     stats.retries = stats.retries + 1
@@ -524,13 +519,11 @@ end
 
 -- ===== timers' fires (tide.engine.fire): a callback runs on a runner, and is a task only if it waits
 
-local arm_grace
-
 fire.init{
   new_task = function(fn, opt) return S.new_task(fn, opt) end,
   task_returned = function(co, ...) return returned(current, co, ...) end,
-  shutting_down = function() return shutting end,
-  promoted = function() if shutting and not grace_key then arm_grace() end end,   -- the grace applies to it too
+  shutting_down = function() return shutdown.shutting end,
+  promoted = shutdown.promoted,
   error_trace = function(co, err)
     if getmetatable(err) == Traced_mt then return err.value, err.traceback end
     return err, traceback(co, safe_tostring(err))
@@ -813,7 +806,7 @@ end
 
 --- Starts a pending task's first attempt (or cancels it during a shutdown).
 function S.start(t)
-  if shutting then return finish(t, "cancelled", "shutdown") end
+  if shutdown.shutting then return finish(t, "cancelled", "shutdown") end
   start_attempt(t)
 end
 
@@ -843,7 +836,7 @@ function S.results(t)
   return t._state, t.value
 end
 
--- ===== shutdown and the end of the loop
+-- ===== shutdown and the end of the loop (tide.engine.shutdown)
 
 --- The live tasks, oldest first (a copy: finishing them changes `live`).
 local function live_by_id()
@@ -853,60 +846,10 @@ local function live_by_id()
   return list
 end
 
---- Finishes every live task as cancelled with `reason`; returns how many.
-local function cancel_all(reason)
-  local list = live_by_id()
-  for i = 1, #list do finish(list[i], "cancelled", reason) end
-  return #list
-end
-
-local grace_end, grace_reason = 0, nil    -- when the grace period ends (tide.now's scale), and why
-
-local function grace_over()
-  grace_key = nil
-  cancel_all(grace_reason)
-end
-
-local shutdown_hooks = {}
-function S.on_shutdown(fn) shutdown_hooks[#shutdown_hooks + 1] = fn end
-
---- Starts a graceful shutdown: nothing new starts; tasks not yet running are
---- cancelled now; running ones get `grace_ms`, then are cancelled.  Calling
---- it again shortens the grace period to the new value.
-function S.shutdown(grace_ms, reason)
-  reason = reason or "shutdown"
-  if not shutting then
-    shutting = true
-    for i = 1, #shutdown_hooks do shutdown_hooks[i](reason, grace_ms) end
-    for _, t in ipairs(live_by_id()) do
-      if t._state == "pending" or t._state == "retrying" then finish(t, "cancelled", reason) end
-    end
-  end
-  end_grace()
-  grace_end, grace_reason = core.now() + grace_ms, reason
-  if nlive > 0 then arm_grace() end
-end
-
---- Arms the timer that ends the grace period (again, for a timer callback
---- that became a task during it: see promote).
-function arm_grace()
-  local ms = grace_end - core.now()
-  grace_key = timer(ms > 0 and ms or 0, grace_over)
-end
-
-function S.shutting_down() return shutting end
 function S.live_count() return nlive end
 
---- After the loop ran out of work: tasks still live can never be woken, so
---- they are cancelled (their outcomes delivered).  Returns how many.
-function S.reap()
-  return cancel_all("stalled: nothing left that could wake this task")
-end
-
---- Forgets a finished shutdown, so the loop can be run again.
-function S.reset()
-  shutting = false
-  end_grace()
-end
+shutdown.init{ finish = finish, live_tasks = live_by_id, live_count = S.live_count }
+S.on_shutdown, S.shutdown, S.reap, S.reset = shutdown.on_shutdown, shutdown.shutdown, shutdown.reap, shutdown.reset
+function S.shutting_down() return shutdown.shutting end
 
 return S
