@@ -165,14 +165,19 @@ static int l_hostname(lua_State *L) {
  * in practice, and its deadline in ns still fits in 64 bits. */
 #define MAX_DELAY_MS 1e12
 
-/* timer_start(ms) -> key: a timer due ms milliseconds from now (ms >= 0,
- * checked by the caller; NaN counts as 0). */
-static int l_timer_start(lua_State *L) {
-  state *s = get_state(L);
-  double ms = luaL_checknumber(L, 1);
+/* A timer due ms milliseconds from now (ms >= 0; NaN counts as 0): its
+ * key, or -1 when out of memory. */
+static int64_t start_ms(state *s, double ms) {
   if (!(ms > 0)) ms = 0;
   if (ms > MAX_DELAY_MS) ms = MAX_DELAY_MS;
-  int64_t key = tide__loop_timer_start(&s->loop, tide__loop_now() + (uint64_t)(ms * 1e6));
+  return tide__loop_timer_start(&s->loop, tide__loop_now() + (uint64_t)(ms * 1e6));
+}
+
+/* timer_start(ms) -> key: a timer due ms milliseconds from now (ms >= 0,
+ * checked by the caller). */
+static int l_timer_start(lua_State *L) {
+  state *s = get_state(L);
+  int64_t key = start_ms(s, luaL_checknumber(L, 1));
   if (key < 0) return luaL_error(L, "tide: out of memory for timers");
   lua_pushnumber(L, (lua_Number)key);
   return 1;
@@ -191,6 +196,46 @@ static int l_pop(lua_State *L) {
   if (key == 0) return 0;
   lua_pushnumber(L, (lua_Number)key);
   return 1;
+}
+
+/* ===== the same three through LuaJIT's FFI (tide.engine.runq)
+ *
+ * Every timer is started and popped once, and a call through the classic
+ * API costs ~300 instructions of trace stitching and stack handling around
+ * a heap operation of ~100 (callgrind, bench/cg after); an FFI call is
+ * compiled into the caller's trace.  These take the tide.Loop userdata
+ * (its payload: FFI passes a userdata as a pointer to it), never call into
+ * Lua, and return -2 once the loop is closed (its state freed).  Numbers
+ * are doubles, as the keys are on the Lua side. */
+static double ffi_timer_start(loop_ud *u, double ms) {
+  if (u->s == NULL) return -2;
+  return (double)start_ms(u->s, ms);      /* a key, or -1 */
+}
+
+static double ffi_timer_cancel(loop_ud *u, double key) {
+  if (u->s == NULL) return -2;
+  return tide__loop_timer_cancel(&u->s->loop, (int64_t)key) == 0 ? 1 : 0;
+}
+
+static double ffi_pop(loop_ud *u) {
+  if (u->s == NULL) return -2;
+  return (double)tide__timers_pop_due(&u->s->loop.timers, tide__loop_now());   /* a key, or 0 */
+}
+
+/* Adds timer_ffi = { loop = the userdata, start, cancel, pop = the
+ * functions as light userdata } to the table on top; the userdata is at
+ * `ud`. */
+static void open_timer_ffi(lua_State *L, int ud) {
+  lua_createtable(L, 0, 4);
+  lua_pushvalue(L, ud);
+  lua_setfield(L, -2, "loop");
+  lua_pushlightuserdata(L, (void *)(uintptr_t)ffi_timer_start);
+  lua_setfield(L, -2, "start");
+  lua_pushlightuserdata(L, (void *)(uintptr_t)ffi_timer_cancel);
+  lua_setfield(L, -2, "cancel");
+  lua_pushlightuserdata(L, (void *)(uintptr_t)ffi_pop);
+  lua_setfield(L, -2, "pop");
+  lua_setfield(L, -2, "timer_ffi");
 }
 
 static int l_kick(lua_State *L) {
@@ -353,6 +398,24 @@ static int l_clock_step(lua_State *L) {
   return 1;
 }
 
+/* caller_is(co, fn) -> boolean: whether fn is the function at level 1 of
+ * coroutine co, which is not running (suspended in the coroutine.resume at
+ * its level 0).  For the wait check (sched.lua, own_runner), which calls it
+ * from a coroutine of its own so that no C call runs on a task's stack.
+ * Allocates only if co's stack must grow for the one slot pushed on it. */
+static int l_caller_is(lua_State *L) {
+  lua_State *co = lua_tothread(L, 1);
+  lua_Debug ar;
+  int yes = 0;
+  if (co != NULL && co != L && lua_getstack(co, 1, &ar) && lua_getinfo(co, "f", &ar)) {
+    lua_xmove(co, L, 1);                     /* the function, from co's stack to ours */
+    yes = lua_rawequal(L, -1, 2);
+    lua_pop(L, 1);
+  }
+  lua_pushboolean(L, yes);
+  return 1;
+}
+
 /* versions() -> { luajit =, libuv =, sqlite =, libpq = }: what this tide
  * was built with and runs on (libraries linked dynamically report theirs). */
 static int l_versions(lua_State *L) {
@@ -375,6 +438,7 @@ static const luaL_Reg core_funcs[] = {
   { "timer_cancel", l_timer_cancel }, { "pop", l_pop },
   { "kick", l_kick },         { "run", l_run },
   { "running", l_running },   { "set_handlers", l_set_handlers },
+  { "caller_is", l_caller_is },
   { "signals", l_signals },   { "stats", l_stats },
   { "close", l_close },       { "isatty", l_isatty },
   { "wallclock", l_wallclock }, { "pid", l_pid },
@@ -440,6 +504,7 @@ static int push_core(lua_State *L, uv_loop_t *uv) {
   lua_createtable(L, 0, 16);
   lua_pushvalue(L, -2);
   luaL_openlib(L, NULL, core_funcs, 1);            /* upvalue: the userdata */
+  open_timer_ffi(L, lua_gettop(L) - 1);            /* timer_ffi      */
   tide__open_call(L);                              /* set_reporter   */
   tide__open_codec(L);                             /* encode, decode */
   tide__open_threads(L, s->loop.uv, s->wd);        /* thread_*       */

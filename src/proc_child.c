@@ -248,6 +248,22 @@ static int rename_tide(lua_State *L) {
 
 /* ===== setup and the job loop */
 
+/* A result (or trace) a frame cannot hold becomes the job's error, rather
+ * than a frame whose u32 length would be cut and the stream lost. */
+static void too_big_to_send(tide__job *job) {
+  char msg[160];
+  int n = snprintf(msg, sizeof msg, "the process task's result is too large to send: %zu bytes (at most %u)",
+                   job->result_len, (unsigned)TIDE_PROC_FRAME_MAX - 64);
+  tide_buf buf;
+  tide__buf_init(&buf);
+  tide__encode_string(&buf, msg, (size_t)n);
+  tide__job_set_result(job, &buf);
+  tide__buf_free(&buf);
+  free(job->trace);
+  job->trace = NULL;
+  job->status = TIDE_JOB_ERROR;
+}
+
 /* Reads the config frame and applies it; -1 when the parent is gone. */
 static int configure(void) {
   size_t len;
@@ -299,11 +315,14 @@ static void run_job(const char *f, size_t len) {
     tide__worker_run(&child, job);
     atomic_store(&child.running, 0);
   }
+  const char *trace = job->trace;
+  if (tide__proc_done_length(job->result_len, trace ? strlen(trace) : SIZE_MAX) == 0)
+    too_big_to_send(job);
   char head[9];
   put_u32(head, (uint32_t)id);
   put_u32(head + 4, (uint32_t)(id >> 32));
   head[8] = (char)(job->status == TIDE_JOB_OK);
-  const char *trace = job->trace;
+  trace = job->trace;
   int rc = send_frame('D', head, 9, job->result ? job->result : "", job->result ? job->result_len : 0,
                       trace, trace ? strlen(trace) : 0, 2);
   tide__job_free(job);

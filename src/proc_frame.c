@@ -61,3 +61,11 @@ int tide__proc_decode(const char *f, size_t len, int ready, tide__proc_event *ev
     return -1;
   return r.left == 0 ? 0 : -1;
 }
+
+size_t tide__proc_done_length(size_t result_len, size_t trace_len) {
+  size_t fixed = 1 + 9 + 4 + 4;                     /* type, id and ok, two string lengths */
+  if (trace_len == SIZE_MAX) trace_len = 0;
+  if (result_len > TIDE_PROC_FRAME_MAX - fixed || trace_len > TIDE_PROC_FRAME_MAX - fixed - result_len)
+    return 0;
+  return fixed + result_len + trace_len;
+}

@@ -118,6 +118,11 @@ int tide__proc_frame_size(const char *buf, size_t len, size_t *size);
  * unknown type, a field cut short or bytes after the last). */
 int tide__proc_decode(const char *f, size_t len, int ready, tide__proc_event *ev);
 
+/* The length field of a child's 'D' frame for a result and a trace of these
+ * lengths (trace_len SIZE_MAX: no trace), or 0 when that frame would be
+ * longer than a frame may be: the child then sends an error in its place. */
+size_t tide__proc_done_length(size_t result_len, size_t trace_len);
+
 /* Set (to 1) by the tide binary's main(): a child is then the binary itself,
  * run with TIDE_PROC_CHILD_ARG; else a luajit that loads tide.so. */
 extern int tide__proc_in_host;

@@ -152,7 +152,21 @@ static void spawn_failure(uv_loop_t *loop) {
   ok(rc == UV_ENOENT && p == NULL, "a program that cannot start is an error (%s)", err);
 }
 
+/* A result a frame's u32 length cannot give is refused before it is sent
+ * (the child then sends an error in its place), at the exact bound. */
+static void done_length(void) {
+  size_t fixed = 1 + 9 + 4 + 4, max = TIDE_PROC_FRAME_MAX;
+  ok(tide__proc_done_length(1, SIZE_MAX) == fixed + 1, "a done frame's length counts type, head and lengths");
+  ok(tide__proc_done_length(3, 5) == fixed + 8, "and the trace when there is one");
+  ok(tide__proc_done_length(max - fixed, SIZE_MAX) == max, "a result that fills a frame exactly fits");
+  ok(tide__proc_done_length(max - fixed + 1, SIZE_MAX) == 0, "one byte more does not");
+  ok(tide__proc_done_length(max - fixed - 10, 11) == 0, "nor does a trace that tips it over");
+  ok(tide__proc_done_length((size_t)5 << 30, SIZE_MAX) == 0, "a 5 GiB result is refused, not cut to its low bits");
+  ok(tide__proc_done_length(SIZE_MAX - 3, 7) == 0, "lengths near SIZE_MAX do not wrap around");
+}
+
 int main(void) {
+  done_length();
   uv_loop_t loop;
   uv_loop_init(&loop);
   exit_status_and_tail(&loop);

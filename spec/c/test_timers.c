@@ -73,6 +73,40 @@ static void random_against_reference(void) {
   tide__timers_free(&t);
 }
 
+/* Equal deadlines among many, with cancels and keys reused: they pop in the
+ * order their timers started (the order is kept by key, not in the node). */
+static void many_ties_in_start_order(void) {
+  static uint64_t started_at[N + 1];
+  static int pending[N + 1];
+  tide__timers t;
+  tide__timers_init(&t);
+  srand(11);
+  uint64_t order = 0;
+  for (int i = 0; i < 30000; i++) {
+    if (rand() % 4 == 0) {
+      int64_t key = 1 + rand() % N;
+      if (tide__timers_cancel(&t, key) == 0) pending[key] = 0;
+    } else {
+      uint64_t d = 100 + (uint64_t)(rand() % 3);      /* three deadlines, thousands of ties each */
+      int64_t key = tide__timers_start(&t, d);
+      if (key < 1 || key > N) break;
+      started_at[key] = d * 1000000 + order++;       /* deadline first, then start order */
+      pending[key] = 1;
+    }
+  }
+  int in_order = 1, count = 0;
+  uint64_t last = 0;
+  int64_t key;
+  while ((key = tide__timers_pop_due(&t, 1000)) != 0) {
+    if (!pending[key] || started_at[key] < last) in_order = 0;
+    last = started_at[key];
+    pending[key] = 0;
+    count++;
+  }
+  ok(in_order && count > 1000, "thousands of equal deadlines pop in start order, through cancels and reused keys");
+  tide__timers_free(&t);
+}
+
 /* Pops come out in non-decreasing deadline order. */
 static void pops_sorted(void) {
   tide__timers t;
@@ -97,6 +131,7 @@ int main(void) {
   empty_heap();
   ties_in_insertion_order();
   random_against_reference();
+  many_ties_in_start_order();
   pops_sorted();
   return tap_done();
 }

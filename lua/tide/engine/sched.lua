@@ -1,8 +1,9 @@
 --- tide.engine.sched — the engine: the task lifecycle with its one door, waits, and the tick.
 --
 -- (Below it: tide.engine.runq, the run queue, the timers' handlers and the
--- virtual clock; tide.engine.hooks, a task's options and hook lists;
--- tide.engine.unheard, failures nobody heard.)
+-- virtual clock; tide.engine.fire, timers' callbacks run without a task;
+-- tide.engine.hooks, a task's options and hook lists; tide.engine.unheard,
+-- failures nobody heard; tide.engine.shutdown, a graceful shutdown.)
 --
 -- A task is a table with a state:
 --   "pending"   created, not started (waiting for a pool slot)
@@ -35,6 +36,8 @@ local check = require "tide.engine.check"
 local runq = require "tide.engine.runq"
 local unheard = require "tide.engine.unheard"
 local hooks = require "tide.engine.hooks"
+local fire = require "tide.engine.fire"
+local shutdown = require "tide.engine.shutdown"
 
 local co_create, co_resume, co_yield, co_status = coroutine.create, coroutine.resume, coroutine.yield, coroutine.status
 local type = type
@@ -56,10 +59,9 @@ S.TERMINAL = TERMINAL
 local WAIT = setmetatable({}, { __tostring = function() return "tide.WAIT" end })
 
 local current = nil          -- the task whose coroutine is being resumed
--- The timer whose callback a runner is running without a task (see "timers'
--- fires"), and that runner; nil otherwise.  promote() makes its task.
-local firing, firing_co = nil, nil
-local promote
+-- (A timer's callback may run on a runner without a task: then current is
+-- nil and fire.runner() is that runner; promote() makes its task.)
+local FIRE, fire_runner, promote, promote_now = fire.FIRE, fire.runner, fire.promote, fire.promote_now
 local in_callback = nil      -- the name of the user callback running now, if any
 local next_id = 0
 -- Every task that may still be live, in creation order: appended when
@@ -67,8 +69,6 @@ local next_id = 0
 -- is finished.  nlive counts the tasks really live.
 local live, live_n, nlive = {}, 0, 0
 local compact_live
-local shutting = false       -- a shutdown began: nothing new starts
-local grace_key = nil        -- the timer that ends the grace period
 
 local stats = { spawned = 0, ok = 0, error = 0, timeout = 0, cancelled = 0, retries = 0 }
 S.stats = stats
@@ -160,11 +160,48 @@ local function cannot_wait(fname, t, level)
   error(fname .. ": cannot wait inside a nested coroutine, only in the task's own", level + 1)
 end
 
+-- Is the code running now that of runner `co` itself, or of a coroutine
+-- it resumed (the task's coroutine.wrap)?  A wait must be in the former:
+-- only the runner's yields reach the scheduler.  coroutine.running() would
+-- say, but a C function needs 20 free slots above its caller, and a waiting
+-- runner's frames (runner, task, wait) leave fewer of LuaJIT's first 47:
+-- that one call doubled the stack of every sleeping task (47 -> 94 slots),
+-- and a collection shrank it back, leaving ~350 bytes of RSS behind per
+-- sleeping task (callgrind and `bench/peers.lua mem`, bench/RESULTS.md).
+-- So no wait makes a C call on the task's stack: own_runner() resumes
+-- `checker`, a coroutine of tide's own, which looks at `co` from its own
+-- stack (core.caller_is): if own_runner is the function that resumed it
+-- from `co`, the wait runs in `co` itself; from a nested coroutine, `co` is
+-- suspended in the user's resume instead, below the user's code.
+local caller_is = core.caller_is
+local own_runner
+
+-- The check may allocate (a slot pushed on co's stack may grow it): an
+-- allocation may run a finalizer that raises, and that error is the wait's
+-- own, raised from it as from any allocation of the task's.
+local function check_runner(co)
+  while true do
+    local ok, yes = pcall(caller_is, co, own_runner)
+    co = co_yield(ok, yes)
+  end
+end
+local checker = co_create(check_runner)
+
+--- True when runner `co` is running this code itself (not a coroutine it resumed).
+function own_runner(co)
+  if type(co) ~= "thread" then return false end
+  local resumed, checked, yes = co_resume(checker, co)
+  if not resumed then return co_running() == co end   -- the checker is busy (a finalizer that waits, inside it)
+  if not checked then error(yes, 0) end
+  return yes
+end
+
 --- The slow path of the wait checks: the task that may wait here (a timer
 --- callback running without a task becomes one), or an error.
 local function waiting_task(fname, level)
-  if current == nil and firing_co and not in_callback then
-    if co_running() == firing_co then current = promote(); return current end
+  local firing_co = current == nil and not in_callback and fire_runner()
+  if firing_co then
+    if own_runner(firing_co) then current = promote(); return current end
     error(fname .. ": cannot wait inside a nested coroutine, only in the task's own", level + 1)
   end
   cannot_wait(fname, current, level + 1)
@@ -172,7 +209,7 @@ end
 
 local function wait_begin(fname, level)
   local t = current
-  if in_callback or t == nil or co_running() ~= t._co then t = waiting_task(fname, level + 1) end
+  if in_callback or t == nil or not own_runner(t._co) then t = waiting_task(fname, level + 1) end
   token = token + 1
   t._wait = token
   return t, token
@@ -193,33 +230,27 @@ local function wait_timer_fired(t, tok)
 end
 
 --- Suspends the current task (after wait_begin) until woken; `ms` (optional)
---- bounds the wait.  Cancels the timer when woken otherwise.
+--- bounds the wait.  The scheduler arms the wait's timer once the task has
+--- yielded, and cancels it before resuming a task woken otherwise
+--- (after_resume, run_task): the timer's functions are C functions, which
+--- must not run on the task's stack (see own_runner).
 local function wait_end(t, tok, ms)
-  if ms then t._wait_timer = timer(ms, wait_timer_fired, t, tok) end
-  co_yield(WAIT)
+  co_yield(WAIT, ms)
   t._wait = false
-  local key = t._wait_timer
-  if key then
-    t._wait_timer = nil
-    untimer(key)
-  end
 end
 S.wait_end = wait_end
 
---- tide.sleep: the same steps as wait_begin and wait_end, written out in
---- one flat function, because every frame below a yield stays on the task's
---- stack while it sleeps (deep enough, and LuaJIT doubles the stack).
+--- tide.sleep: wait_begin and wait_end written out in one flat function,
+--- because every frame below a yield stays on the task's stack while it
+--- sleeps.
 function S.sleep(ms)
   if not is_ms(ms) then check.arg_error("tide.sleep", 1, "non-negative number of ms", ms) end
   local t = current
-  if in_callback or t == nil or co_running() ~= t._co then t = waiting_task("tide.sleep", 2) end
+  if in_callback or t == nil or not own_runner(t._co) then t = waiting_task("tide.sleep", 2) end
   local tok = token + 1
   token, t._wait = tok, tok
-  t._wait_timer = timer(ms, wait_timer_fired, t, tok)
-  co_yield(WAIT)
+  co_yield(WAIT, ms)
   t._wait = false
-  local key = t._wait_timer
-  if key then t._wait_timer = nil; untimer(key) end
 end
 
 --- Appends the current task to a list of waiters (flat pairs task, token).
@@ -261,7 +292,7 @@ end
 --- The task running now, or nil.  A timer callback that runs without a
 --- task gets one here: asking for it makes it (see "timers' fires").
 local function current_task()
-  if current == nil and firing_co and not in_callback then current = promote() end
+  if current == nil and not in_callback and fire_runner() then current = promote() end
   return current
 end
 S.current = current_task
@@ -288,7 +319,7 @@ function S.in_callback() return in_callback end
 --- nested coroutine or a callback.
 function S.in_task()
   local t = current
-  if t == nil then return firing_co ~= nil and not in_callback and co_running() == firing_co end
+  if t == nil then return not in_callback and fire_runner() ~= nil and co_running() == fire_runner() end
   return not in_callback and co_running() == t._co
 end
 
@@ -396,10 +427,6 @@ local function callback(what, t, fn, ...)
   if not ok then pcall(report_callback, what, t, err) end   -- reporting allocates: protected too
 end
 
-local function end_grace()
-  if grace_key then untimer(grace_key); grace_key = nil end
-end
-
 --- THE ONE DOOR to a terminal state.
 ---
 --- Every way a task can end — its function returns or raises, its last
@@ -444,7 +471,7 @@ local function finish(t, status, ...)
       pcall(note_unheard, t)               -- allocates after the state changed: protected
     end
   end
-  if shutting and nlive == 0 then end_grace() end
+  if nlive == 0 and shutdown.shutting then shutdown.end_grace() end
   finishing = finishing - 1
   return true
 end
@@ -454,7 +481,7 @@ S.finish = finish
 function settle(t, status, ...)
   local o = t._opt
   local p = o and o.retry
-  if p and p.on[status] and t.attempts < p.attempts and not shutting then
+  if p and p.on[status] and t.attempts < p.attempts and not shutdown.shutting then
     end_attempt(t)
     t._state = "retrying"
     stats.retries = stats.retries + 1
@@ -490,97 +517,25 @@ local function needs_runner(t)
   return not (o and o.direct)
 end
 
--- ===== timers' fires: a callback runs on a runner, and is a task only if it waits
---
--- A timer's fire queues the entry (timer, FIRE) on the run queue, in the
--- order of the fires, and makes no task: a runner calls tm.fn(tm) as it
--- would run a task's function, with `current` nil and `firing` set.  Most
--- callbacks return without waiting, and nothing more happens (a callback
--- that raises goes to the error sink as "timer callback", as nobody awaits
--- it).  A callback that needs its task (it waits, yields, or asks for it:
--- tide.current(), S.current()) gets one there, promote(): a running task
--- whose coroutine is the runner, with the shared options that report its
--- failure as "timer callback"; from then on it is a task like any other
--- (its end goes through the door; a shutdown cancels it).  Why: a task per
--- fire (a table, the live list, the door) was most of the 6,700
--- instructions of a tide.after timer (callgrind, bench/cg after).
--- Invariant: firing_co is the runner running a timer's callback that has no
--- task yet, or nil; a promotion, a return, an error or a bare yield clears it.
+-- ===== timers' fires (tide.engine.fire): a callback runs on a runner, and is a task only if it waits
 
-local FIRE = 0                -- the coroutine slot of a fire's entry (attempt numbers start at 1)
-local FIRE_OPTIONS = { shared = true, report = "timer callback" }
-local fire_unrun = nil        -- a fire taken by run_task whose runner is not resumed yet
-local arm_grace
+fire.init{
+  new_task = function(fn, opt) return S.new_task(fn, opt) end,
+  task_returned = function(co, ...) return returned(current, co, ...) end,
+  shutting_down = function() return shutdown.shutting end,
+  promoted = shutdown.promoted,
+  error_trace = function(co, err)
+    if getmetatable(err) == Traced_mt then return err.value, err.traceback end
+    return err, traceback(co, safe_tostring(err))
+  end,
+}
+S.fire = fire.fire
 
---- Queues a run of tm.fn(tm) (tm: a table of tide.engine.timer).  Nothing
---- new starts during a shutdown.
-function S.fire(tm)
-  if shutting then return end
-  tm._co = FIRE
-  -- The timer's key has popped: a push that raises (it may grow the run
-  -- queue, and an allocation may run a finalizer that raises) would lose
-  -- the fire.  It is pushed again, and the error goes to the error sink.
-  local ok, err = pcall(push, tm, FIRE)
-  if not ok then
-    push(tm, FIRE)
-    pcall(log.report, "tide's engine (an error raised while a timer fired, as by a __gc finalizer)", err, err)
-  end
-end
-
-function promote()
-  local t = S.new_task(firing.fn, FIRE_OPTIONS)   -- allocates: may raise, the fire stays as it was
-  local co = firing_co
-  firing, firing_co = nil, nil
-  t._state, t.attempts, t._co = "running", 1, co
-  if shutting and not grace_key then arm_grace() end   -- the grace applies to it too
-  return t
-end
-
---- promote() where no error may escape (a callback that yielded bare must
---- get its task, or it would stay suspended with no outcome): an allocation
---- that raises (a __gc finalizer's error, which LuaJIT rethrows from it) is
---- reported and tried again.  Each finalizer runs once, so this ends, however
---- many are pending; only memory running out, again and again, gives the
---- fire up (reported).
-local OUT_OF_MEMORY_TRIES = 100
-local function promote_now()
-  local oom = 0
-  while oom < OUT_OF_MEMORY_TRIES do
-    local made, t = pcall(promote)
-    if made then return t end
-    if t == "not enough memory" then oom = oom + 1 end
-    pcall(log.report, "tide's engine (an error raised while a timer callback became a task, as by a __gc finalizer)", t, t)
-  end
-  firing, firing_co = nil, nil
-  pcall(log.report, "tide's engine", "a timer callback that yielded could not be given a task (out of memory): it is abandoned")
-  return nil
-end
-
---- Runs a fire on runner co.  Returns when the callback returned: if it got
---- its task meanwhile, that task's attempt returned (the runner is its
---- coroutine; run_task made it current when it resumed it).
-local function fire_returned(co, ...)
-  if firing_co == co then firing, firing_co = nil, nil
-  else returned(current, co, ...) end
-end
+local fire_run, fire_failed = fire.run, fire.failed
 
 local function run_fire(tm, co)
-  current, in_callback, firing, firing_co = nil, nil, tm, co
-  return fire_returned(co, tm.fn(tm))
-end
-
---- A fire's callback raised before it had a task: reported, as its task's
---- would be (protected: the traceback and the report allocate).
-local function report_fire(co, err)
-  local tb
-  if getmetatable(err) == Traced_mt then tb, err = err.traceback, err.value
-  else tb = traceback(co, safe_tostring(err)) end
-  log.report(FIRE_OPTIONS.report, err, tb)
-end
-
-local function fire_failed(co, err)
-  firing, firing_co = nil, nil
-  pcall(report_fire, co, err)
+  current, in_callback = nil, nil
+  return fire_run(tm, co)                  -- a tail call: no frame of its own below a callback's wait
 end
 
 -- Not a vararg function: a vararg frame takes more stack slots, and a task
@@ -610,7 +565,28 @@ local function runner_loop(t)
   end
 end
 
-local function after_resume(co, ok, ...)
+--- Arms the timer of the wait task t yielded in (it bounds the wait by
+--- `ms`), unless the wait is over already.  Made from the scheduler's
+--- stack, not the task's (see own_runner).  The timer must be armed, or the
+--- task would never wake: an arming that raises (an allocation running a
+--- finalizer that raises, reported) is tried again, as each finalizer runs
+--- once; memory running out again and again fails the task instead.
+local ARM_TRIES = 100
+local function arm_wait(t, ms)
+  local tok = t._wait
+  if tok == true or not tok then return end   -- woken, or ended, before it yielded
+  local err
+  for _ = 1, ARM_TRIES do
+    local armed, key = pcall(timer, ms, wait_timer_fired, t, tok)
+    if armed then t._wait_timer = key; return end
+    err = key
+    pcall(log.report, "tide's engine (an error raised while a wait's timer was armed, as by a __gc finalizer)", err, err)
+  end
+  t.traceback = "its wait's timer could not be armed: " .. safe_tostring(err)
+  settle(t, "error", err)
+end
+
+local function after_resume(co, ok, first, ms)
   -- Still inside a callback or hook: the task yielded from there (a bare
   -- coroutine.yield; tide's waits raise there).  It goes on at once: the
   -- door it is inside must finish, and a task that waited there could be
@@ -621,19 +597,19 @@ local function after_resume(co, ok, ...)
   local t = current                         -- the task the runner was running, if any
   current, in_callback = nil, nil
   if ok then
-    local first = ...
     if first == DONE then                  -- idle: its tasks ended inside it
       if nidle < MAX_IDLE then nidle = nidle + 1; idle[nidle] = co end
       return
     end
-    if t == nil and firing_co == co then t = promote_now() end   -- a fire's callback yielded bare
-    if t and t._co == co and first ~= WAIT then
-      push(t, co)                          -- a bare yield: run again later
+    if t == nil and fire_runner() == co then t = promote_now() end   -- a fire's callback yielded bare
+    if t and t._co == co then
+      if first ~= WAIT then push(t, co)    -- a bare yield: run again later
+      elseif ms then arm_wait(t, ms) end   -- a wait with a bound
     end
     return
   end
-  local err = ...                          -- raised: the runner is dead
-  if t == nil and firing_co == co then return fire_failed(co, err) end
+  local err = first                        -- raised: the runner is dead
+  if t == nil and fire_runner() == co then return fire_failed(co, err) end
   if t == nil then                         -- raised in the door (a __gc finalizer's error)
     t, ending, finishing = ending, nil, 0
     if t and t._co == co and t._state == "running" then   -- before the door shut: it fails with the error
@@ -656,15 +632,17 @@ local function run_task(t, co)
   if type(co) == "number" then             -- the attempt's first resume (or a fire): take a runner
     local o = t._opt
     if o and o.direct then return o.direct(t) end   -- no coroutine (see "direct tasks")
-    if co == FIRE then current, fire_unrun = nil, t end
+    if co == FIRE then current = nil; fire.taken(t) end
     if nidle > 0 then
       co, idle[nidle], nidle = idle[nidle], nil, nidle - 1
     else
       co = co_create(runner_loop)           -- allocates: may raise (see "interruptions")
     end
-    if t._co == FIRE then fire_unrun = nil else t._co = co end
+    if t._co == FIRE then fire.resumed() else t._co = co end
     return after_resume(co, co_resume(co, t))
   end
+  local key = t._wait_timer                 -- woken before its wait's timer fired: cancelled here
+  if key then t._wait_timer = nil; untimer(key) end
   return after_resume(co, co_resume(co))
 end
 
@@ -737,10 +715,7 @@ local RUN_BUDGET = 20000
 --- waiting: left to its wake-up; ended or between attempts: left alone;
 --- else it ran and its outcome was lost after it: it fails with the error.
 local function repair(t, err)
-  if t._co == FIRE then                              -- a fire: run it if it never ran
-    if fire_unrun == t then fire_unrun = nil; push(t, FIRE) end
-    return
-  end
+  if t._co == FIRE then return fire.repair(t) end    -- a fire: run it if it never ran
   if t._state ~= "running" then return end
   local co = t._co
   if co == false or t._wait then return end
@@ -754,7 +729,8 @@ end
 local interrupted_by = nil                          -- the error that stopped the last tick
 
 local function tick_body()
-  current, in_callback, finishing, firing, firing_co = nil, nil, 0, nil, nil
+  current, in_callback, finishing = nil, nil, 0
+  fire.reset()
   local t = runq.interrupted()
   if t then repair(t, interrupted_by); runq.repaired() end   -- interrupted again: repaired again
   interrupted_by = nil
@@ -830,7 +806,7 @@ end
 
 --- Starts a pending task's first attempt (or cancels it during a shutdown).
 function S.start(t)
-  if shutting then return finish(t, "cancelled", "shutdown") end
+  if shutdown.shutting then return finish(t, "cancelled", "shutdown") end
   start_attempt(t)
 end
 
@@ -860,7 +836,7 @@ function S.results(t)
   return t._state, t.value
 end
 
--- ===== shutdown and the end of the loop
+-- ===== shutdown and the end of the loop (tide.engine.shutdown)
 
 --- The live tasks, oldest first (a copy: finishing them changes `live`).
 local function live_by_id()
@@ -870,60 +846,10 @@ local function live_by_id()
   return list
 end
 
---- Finishes every live task as cancelled with `reason`; returns how many.
-local function cancel_all(reason)
-  local list = live_by_id()
-  for i = 1, #list do finish(list[i], "cancelled", reason) end
-  return #list
-end
-
-local grace_end, grace_reason = 0, nil    -- when the grace period ends (tide.now's scale), and why
-
-local function grace_over()
-  grace_key = nil
-  cancel_all(grace_reason)
-end
-
-local shutdown_hooks = {}
-function S.on_shutdown(fn) shutdown_hooks[#shutdown_hooks + 1] = fn end
-
---- Starts a graceful shutdown: nothing new starts; tasks not yet running are
---- cancelled now; running ones get `grace_ms`, then are cancelled.  Calling
---- it again shortens the grace period to the new value.
-function S.shutdown(grace_ms, reason)
-  reason = reason or "shutdown"
-  if not shutting then
-    shutting = true
-    for i = 1, #shutdown_hooks do shutdown_hooks[i](reason, grace_ms) end
-    for _, t in ipairs(live_by_id()) do
-      if t._state == "pending" or t._state == "retrying" then finish(t, "cancelled", reason) end
-    end
-  end
-  end_grace()
-  grace_end, grace_reason = core.now() + grace_ms, reason
-  if nlive > 0 then arm_grace() end
-end
-
---- Arms the timer that ends the grace period (again, for a timer callback
---- that became a task during it: see promote).
-function arm_grace()
-  local ms = grace_end - core.now()
-  grace_key = timer(ms > 0 and ms or 0, grace_over)
-end
-
-function S.shutting_down() return shutting end
 function S.live_count() return nlive end
 
---- After the loop ran out of work: tasks still live can never be woken, so
---- they are cancelled (their outcomes delivered).  Returns how many.
-function S.reap()
-  return cancel_all("stalled: nothing left that could wake this task")
-end
-
---- Forgets a finished shutdown, so the loop can be run again.
-function S.reset()
-  shutting = false
-  end_grace()
-end
+shutdown.init{ finish = finish, live_tasks = live_by_id, live_count = S.live_count }
+S.on_shutdown, S.shutdown, S.reap, S.reset = shutdown.on_shutdown, shutdown.shutdown, shutdown.reap, shutdown.reset
+function S.shutting_down() return shutdown.shutting end
 
 return S

@@ -1,0 +1,251 @@
+-- spec/timer_spec.lua — a timer's handle (tide.engine.timer) and its fires (tide.engine.fire):
+-- handles kept past their timer, keys reused, handles dropped while pending, stops from other
+-- callbacks, fires in deadline order among tasks' wake-ups, and the same without the FFI.
+--
+-- A handle holds no callback and no state of its own but its key: a timer is pending exactly
+-- when its key's slots hold its handle.  A key is reused by the next timer once its timer fired
+-- or was stopped, so each case below that keeps a handle checks that the key was indeed reused
+-- (else it would attack nothing).
+local tide = require "tide"
+local testing = tide.testing
+local H = spec_helper
+
+local NOT_PENDING = "timer:stop: the timer is not pending (it fired, or was stopped)"
+
+describe("a timer's handle", function()
+  after_each(function() H.assert_idle() end)
+
+  it("kept past its fire, stopped later, never stops the timer that took its key", function()
+    local fired_b = 0
+    H.run(function()
+      local a = tide.after(0, function() end)
+      tide.sleep(5)                                     -- a fired (and the sleep's timer after it)
+      local b, others = nil, {}
+      for _ = 1, 64 do                                  -- the freed keys are taken again, latest first
+        local tm = tide.after(5, function() fired_b = fired_b + 1 end)
+        if tm.key == a.key then b = tm; break end
+        others[#others + 1] = tm
+      end
+      for _, tm in ipairs(others) do assert.is_true(tm:stop()) end
+      assert.is_truthy(b, "the key was not reused: this case attacks nothing")
+      assert.equal("tide.Timer (stopped)", tostring(a))
+      assert.equal("tide.Timer (pending)", tostring(b))
+      assert.same({ nil, NOT_PENDING }, { a:stop() })
+      assert.same({ nil, NOT_PENDING }, { a:stop() })   -- and again: idempotent
+      assert.equal("tide.Timer (pending)", tostring(b))
+      tide.sleep(20)
+    end)
+    assert.equal(1, fired_b)
+  end)
+
+  it("stopped, then stopped again after its key was reused, leaves the new timer alone", function()
+    local fired = {}
+    H.run(function()
+      local a = tide.after(60000, function() fired[#fired + 1] = "a" end)
+      assert.is_true(a:stop())
+      local b = tide.after(1, function() fired[#fired + 1] = "b" end)
+      local c = tide.every(2, function(tm) fired[#fired + 1] = "c"; tm:stop() end)
+      assert.is_true(a.key == b.key or a.key == c.key, "the key was not reused: this case attacks nothing")
+      assert.same({ nil, NOT_PENDING }, { a:stop() })
+      tide.sleep(20)
+      assert.same({ nil, NOT_PENDING }, { c:stop() })
+    end)
+    table.sort(fired)
+    assert.same({ "b", "c" }, fired)
+  end)
+
+  it("of a tide.every, kept and stopped from outside after many fires, stops it at once", function()
+    local n, stopped_at, keys = 0, nil, {}
+    H.run(function()
+      local tm = tide.every(1, function(t) n = n + 1; keys[t.key] = true end)
+      local others = {}                                 -- timers started and stopped meanwhile: keys churn
+      while n < 10 do
+        for i = 1, 5 do others[i] = tide.after(1000, function() error("never") end) end
+        tide.sleep(1)
+        for i = 1, 5 do assert.is_true(others[i]:stop()) end
+      end
+      assert.is_true(tm:stop())
+      stopped_at = n
+      assert.same({ nil, NOT_PENDING }, { tm:stop() })
+      tide.sleep(10)
+    end)
+    assert.is_true(n <= stopped_at + 1, ("fired %d times, stopped at %d"):format(n, stopped_at))
+    -- started again under the key that just fired, whatever else churns: no allocation when
+    -- it goes on, so no finalizer's error can stop it half-way (timer.lua, every_fired)
+    local distinct = 0
+    for _ in pairs(keys) do distinct = distinct + 1 end
+    assert.equal(1, distinct)
+  end)
+
+  it("dropped while pending, and collected meanwhile, still fires, with a handle", function()
+    local got = {}
+    H.run(function()
+      for i = 1, 200 do
+        tide.after(i % 7, function(tm) got[#got + 1] = tostring(tm) end)   -- nobody keeps the handle
+      end
+      collectgarbage(); collectgarbage()
+      tide.sleep(30)
+      collectgarbage(); collectgarbage()
+    end)
+    assert.equal(200, #got)
+    for i = 1, 200 do assert.equal("tide.Timer (stopped)", got[i]) end    -- a fired tide.after is not pending
+  end)
+
+  it("is the object the callback receives, and rejects a bad self", function()
+    H.run(function()
+      local got
+      local tm = tide.after(0, function(t) got = t end)
+      tide.sleep(5)
+      assert.is_true(rawequal(tm, got))
+      local keyed = { [tm] = true }
+      assert.is_true(keyed[got])
+    end)
+    H.error_like("timer:stop: bad self (timer expected, got table)", function()
+      local tm = tide.after(1, function() end); tm:stop(); tm.stop({ key = tm.key })
+    end)
+    H.error_like("timer:stop: bad self (timer expected, got number 1)", function()
+      local tm = tide.after(1, function() end); tm:stop(); tm.stop(1)
+    end)
+  end)
+end)
+
+describe("timers stopped from other timers' callbacks", function()
+  after_each(function() H.assert_idle() end)
+
+  it("each timer fires exactly once or is stopped while pending, never both, never neither (seeded)", function()
+    local seed = os.time()
+    math.randomseed(seed)
+    local N = 3000
+    local handles, fired, stopped, late_stop = {}, {}, {}, 0
+    H.run(function()
+      for i = 1, N do
+        handles[i] = tide.after(math.random(0, 30), function(tm)
+          fired[i] = (fired[i] or 0) + 1
+          assert(rawequal(tm, handles[i]), "a callback got another timer's handle")
+          for _ = 1, math.random(0, 3) do                  -- stop some others, pending or not
+            local j = math.random(1, N)
+            if handles[j]:stop() then stopped[j] = (stopped[j] or 0) + 1 else late_stop = late_stop + 1 end
+          end
+          if i % 5 == 0 then
+            local k = tide.after(60000, function() error("never") end)  -- churn: takes a freed key
+            assert.is_true(k:stop())
+          end
+          if i % 11 == 0 then tide.sleep(1) end             -- some become tasks, mid-batch
+        end)
+      end
+      tide.sleep(60)
+    end)
+    for i = 1, N do
+      local f, s = fired[i] or 0, stopped[i] or 0
+      assert(f + s == 1, ("seed %d: timer %d fired %d times and was stopped %d times"):format(seed, i, f, s))
+    end
+    assert.is_true(late_stop > 0, "no stop of a fired timer: this case attacks less than it says")
+  end)
+end)
+
+describe("timers under a finalizer storm", function()
+  it("made, kept and stopped while finalizers raise: each made timer fires once or is stopped", function()
+    -- LuaJIT 2.1 of 2022 rethrows a __gc finalizer's error from whatever allocation ran the
+    -- collector step: making a handle, growing the key slots (runq), queueing a fire (fire.lua)
+    -- may raise.  A tide.after that raised must have started nothing (its caller, retrying,
+    -- would get a second fire), and one that returned a handle must fire or stop exactly once.
+    local dir = H.tempdir()
+    local status, out = H.run_lua(dir, "storm.lua", [[
+      local tide = require "tide"               -- loaded with the JIT on: the FFI calls, then
+      jit.off()                                 -- run by the interpreter (a raise at a trace exit crashes LuaJIT 2.1 of 2022)
+      tide.configure{ on_error = function() end }
+      local storm = require "gc_storm"
+      local bomb = storm.bomb
+      local N = 20000
+      local entered, handles, stopped = {}, {}, 0
+      for k = 1, N do entered[k], handles[k] = 0, false end   -- no table grows during the storm
+      local function arm(k) return tide.after(k % 5, function() entered[k] = entered[k] + 1; bomb() end) end
+      collectgarbage("setpause", 10)
+      tide.run(function()
+        for k = 1, N do                                        -- (this task's own allocations are
+          local ok, tm                                         -- protected: it must not die)
+          repeat ok, tm = pcall(arm, k) until ok               -- (its callback is made inside the pcall)
+          handles[k] = tm
+          pcall(bomb)
+          if k % 2 == 0 then
+            local tm1 = handles[k - 1]
+            local done, was_pending = pcall(tm1.stop, tm1)
+            if not done then error("timer:stop raised: " .. tostring(was_pending)) end
+            if was_pending then entered[k - 1] = entered[k - 1] + 1; stopped = stopped + 1 end
+          end
+        end
+        repeat until pcall(tide.sleep, 50)
+        storm.disarm()
+      end)
+      local once, other = 0, 0
+      for k = 1, N do if entered[k] == 1 then once = once + 1 else other = other + 1 end end
+      print(("timers %d once %d other %d stopped>0 %s live %d"):format(N, once, other, tostring(stopped > 0), tide.stats().live))
+    ]], 120)
+    os.execute("rm -rf " .. dir)
+    assert.equal(0, status, out)
+    assert.matches("timers 20000 once 20000 other 0 stopped>0 true live 0", out)
+  end)
+end)
+
+describe("fires and tasks' wake-ups", function()
+  before_each(testing.before_each)
+  after_each(testing.after_each)
+
+  it("run in deadline order, and ties in the order they were started (virtual clock)", function()
+    local clock = testing.clock()
+    local order = {}
+    H.run(function()
+      local expected = {}
+      for d = 10, 1, -1 do                              -- started latest first; per deadline, a
+        tide.after(d, function() order[#order + 1] = "after " .. d end)   -- sleep between two fires
+        tide.spawn(function() tide.sleep(d); order[#order + 1] = "sleep " .. d end)
+        coroutine.yield()                                -- the sleeper starts its sleep
+        tide.after(d, function() order[#order + 1] = "after' " .. d end)
+      end
+      for d = 1, 10 do
+        expected[#expected + 1] = "after " .. d
+        expected[#expected + 1] = "sleep " .. d
+        expected[#expected + 1] = "after' " .. d
+      end
+      clock:advance(20)
+      assert.same(expected, order)
+    end)
+  end)
+end)
+
+describe("timers without the FFI", function()
+  it("keep every promise with table handles and the classic C calls", function()
+    local dir = H.tempdir()
+    local status, out = H.run_lua(dir, "noffi.lua", [[
+      package.loaded.ffi = nil
+      package.preload.ffi = function() error("no FFI in this build") end
+      local tide = require "tide"
+      local fired, n, got = {}, 0, nil
+      local st = tide.run(function()
+        local a = tide.after(0, function(tm) got = tm; fired[#fired + 1] = "a" end)
+        assert(type(a) == "table" and tostring(a) == "tide.Timer (pending)", tostring(a))
+        tide.sleep(5)
+        assert(got == a, "the callback got another handle")
+        local b, others = nil, {}
+        repeat
+          b = tide.after(5, function() fired[#fired + 1] = "b" end)
+          others[#others + 1] = b
+        until b.key == a.key or #others == 64
+        assert(b.key == a.key, "the key was not reused")
+        for i = 1, #others - 1 do assert(others[i]:stop() == true) end
+        assert(a:stop() == nil and b:stop() == true and b:stop() == nil)
+        local e = tide.every(1, function(tm) n = n + 1; if n == 3 then assert(tm:stop()) end end)
+        tide.after(2, function() tide.sleep(1); fired[#fired + 1] = "waited" end)
+        tide.sleep(30)
+        assert(e:stop() == nil)
+        local z = tide.after(1000, function() fired[#fired + 1] = "z" end)
+        tide.shutdown(0)
+        assert(tostring(z) == "tide.Timer (stopped)")
+      end)
+      print(st, table.concat(fired, ","), n)
+    ]], 30)
+    os.execute("rm -rf " .. dir)
+    assert.equal(0, status, out)
+    assert.equal("ok\ta,waited\t3\n", out)
+  end)
+end)
