@@ -196,6 +196,12 @@ local function pending(key, obj)
 end
 M.pending = pending
 
+--- The argument of timer `key` if it is pending and made for `obj`, else nil.
+function M.arg_of(key, obj)
+  if not pending(key, obj) then return nil end
+  return slots[3 * key]
+end
+
 --- Cancels timer `key` if it is pending and made for `obj`: true, or false
 --- when it fired, was cancelled, or its key now names another timer.
 function M.untimer_of(key, obj)

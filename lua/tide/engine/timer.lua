@@ -27,7 +27,7 @@ local check = require "tide.engine.check"
 
 local type, error, ipairs, setmetatable, getmetatable, pcall = type, error, ipairs, setmetatable, getmetatable, pcall
 local arg_error, is_ms = check.arg_error, check.is_ms
-local timer, pending, untimer_of, fire = runq.timer, runq.pending, runq.untimer_of, S.fire
+local timer, pending, untimer_of, arg_of, fire = runq.timer, runq.pending, runq.untimer_of, runq.arg_of, S.fire
 
 local M = {}
 
@@ -64,9 +64,21 @@ end
 -- the pop and its handler): its slots exist, so this allocates nothing and
 -- cannot be stopped half-way by a finalizer's error (timer_spec checks the
 -- key stays the same).
+--
+-- Its fire runs the callback only if the timer is still pending when the
+-- fire's turn comes (every_run): a stop() that said true meanwhile (from a
+-- callback that ran before it in the tick, or from its own while fires of
+-- a period shorter than a tick piled up) leaves the queued fires unrun.
+-- The callback is read from the key's slots; a tail call, so no frame of
+-- its own stays below a callback that waits.
+local function every_run(tm)
+  local fn = arg_of(tm.key, tm)
+  if fn then return fn(tm) end
+end
+
 local function every_fired(tm, fn)
   tm.key = timer(tm.every, every_fired, tm, fn)
-  fire(fn, tm)
+  fire(every_run, tm)
 end
 
 local function new_timer(fname, ms, fn, every)
