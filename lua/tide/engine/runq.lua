@@ -167,8 +167,47 @@ do
   end
 end
 
+-- ===== one engine per tide.core
+--
+-- tide.core is loaded once per process and its loop runs one engine's tick
+-- (tide.engine.host hands it the handlers).  A second copy of tide's Lua
+-- modules (package.loaded cleared, tide required again) takes the loop
+-- over, which it may only while the first has nothing pending: the timers'
+-- keys are shared in C, and a first copy's timer would fire into slots the
+-- second does not have, its stale handle cancel a key the second reused.
+-- The first copy is then retired: its timers and tasks raise.
+
+local RETIRED = "tide: this copy of tide's engine was replaced by a second one loaded beside it "
+  .. "(package.loaded cleared and tide required again); use the newer copy"
+M.retired = false
+
+--- Raises the retired copy's error.
+function M.refuse() error(RETIRED, 0) end
+
+--- What the engine has pending, said in words, or nil.
+local function busy()
+  local n = 0
+  for i = 1, 3 * cap, 3 do if slots[i] ~= nil then n = n + 1 end end
+  if n > 0 then return ("%d timer(s) pending"):format(n) end
+  if rq_n > 0 then return ("%d task(s) runnable"):format(rq_n) end
+end
+
+do
+  local first = rawget(core, "_engine")
+  if first then
+    local what = first.busy()
+    if what then
+      error("tide: a second copy of tide's engine was loaded (package.loaded cleared and tide "
+        .. "required again) while the first has " .. what .. "; keep one copy", 0)
+    end
+    first.retire()
+  end
+  core._engine = { busy = busy, retire = function() M.retired = true end }
+end
+
 --- Calls fn(obj, arg) in `ms`; returns the timer's key.
 function M.timer(ms, fn, obj, arg)
+  if M.retired then M.refuse() end
   local key = timer_start(ms)
   if key > cap then
     local ok, err = pcall(grow, key)           -- allocates: may raise (a finalizer's error)

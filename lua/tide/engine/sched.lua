@@ -783,6 +783,7 @@ local Task_mt = S.Task_mt
 --- options (args, timeout, retry, handle_result, on_retry, name, and a
 --- first on_finish hook), or is nil.  Validated by the caller.
 function S.new_task(fn, opt)
+  if runq.retired then runq.refuse() end
   next_id = next_id + 1
   -- Seven fields set here, and room for an eighth (t._wait_timer while it
   -- sleeps, or t.value when it ends) before the table must grow: a hash
