@@ -402,12 +402,12 @@ describe("tide.worker on " .. store.name, function()
       math.randomseed(seed)
       local own = tide.queue.open(os.getenv("TIDE_PG_URL"), { pool = 1 })   -- the jobs queue on one connection
       own:transaction(function(tx)
-        tx:exec("DROP TABLE IF EXISTS own_effects")
-        tx:exec("CREATE TABLE own_effects (job bigint PRIMARY KEY)")
+        tx:exec("DROP TABLE IF EXISTS gathered_effects")
+        tx:exec("CREATE TABLE gathered_effects (job bigint PRIMARY KEY)")
       end)
       local t = { m = function(_, job)
         own:transaction(function(tx)
-          tx:exec("INSERT INTO own_effects (job) VALUES (?)", job.id)
+          tx:exec("INSERT INTO gathered_effects (job) VALUES (?)", job.id)
           tx:exec("SELECT pg_sleep(0.003)")       -- ~3 ms each, one after the other
           if math.random() < 0.3 then tide.sleep(math.random(0, 3)) end
         end)
@@ -452,7 +452,7 @@ describe("tide.worker on " .. store.name, function()
       local left = q:stats()
       assert.equal(120, left.total)
       assert.equal(0, left.executing or 0, "seed " .. seed)   -- nothing left leased: every claimed job settled
-      own:transaction(function(tx) tx:exec("DROP TABLE own_effects") end)
+      own:transaction(function(tx) tx:exec("DROP TABLE gathered_effects") end)
       own:close()
     end)
 
