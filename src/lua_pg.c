@@ -7,6 +7,10 @@
  *                                when a watched socket is ready
  *   conn:connect_poll() -> "read" | "write" | "ok" | nil, message
  *   conn:watch(id, readable, writable, keep_alive)   conn:unwatch()
+ *                                (a watch stays armed until unwatched: see
+ *                                conn_watch)
+ *   conn:input() -> boolean      something (bytes, or the end of the
+ *                                stream) waits on the socket, unread
  *   conn:wait(readable, writable, timeout_ms) -> ready  (blocking poll(2):
  *                                for callers outside the loop)
  *   conn:send(sql, ...) -> true | nil, message      ($1..$n bound as text; a string
@@ -37,6 +41,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <math.h>
 
 #include <lauxlib.h>
@@ -72,6 +77,7 @@ struct watch {
   conn *owner;           /* valid while the watch is linked */
   int id;
   int sock;              /* the socket it watches */
+  int events;            /* what it was started with (valid while active) */
   watch *prev, *next;
 };
 
@@ -135,7 +141,12 @@ static void unwatch(conn *c) {
 
 /* conn:watch(id, readable, writable, keep_alive).  The watch follows the
  * connection's socket: libpq may open another one while it connects (the
- * next host of a multi-host URL), and a watch of the old one is replaced. */
+ * next host of a multi-host URL), and a watch of the old one is replaced.
+ * A watch already armed for the same events is left armed (only its id and
+ * keep_alive change): every uv_poll_start costs two epoll_ctl calls (a DEL,
+ * then an ADD), and a connection that runs statement after statement keeps
+ * one watch for all of them (strace: 12 epoll_ctl per job that commits its
+ * own transaction, 4 of them failing, before). */
 static int conn_watch(lua_State *L) {
   conn *c = check_conn(L);
   int id = (int)luaL_checkinteger(L, 2);
@@ -160,8 +171,11 @@ static int conn_watch(lua_State *L) {
   }
   c->w->id = id;
   if (keep) uv_ref((uv_handle_t *)&c->w->handle); else uv_unref((uv_handle_t *)&c->w->handle);
-  int rc = uv_poll_start(&c->w->handle, events | UV_DISCONNECT, on_poll);
+  events |= UV_DISCONNECT;
+  if (uv_is_active((uv_handle_t *)&c->w->handle) && c->w->events == events) return 0;
+  int rc = uv_poll_start(&c->w->handle, events, on_poll);
   if (rc != 0) return luaL_error(L, "%s: cannot watch the socket: %s", c->name, uv_strerror(rc));
+  c->w->events = events;
   return 0;
 }
 
@@ -349,6 +363,19 @@ static int conn_consume(lua_State *L) {
   return 1;
 }
 
+/* conn:input() -> true when bytes or the end of the stream wait on the
+ * socket unread (or the socket failed), false when nothing does: one
+ * non-blocking peek, where reading with PQconsumeInput to find out took
+ * two reads (see pg_conn's run). */
+static int conn_input(lua_State *L) {
+  conn *c = check_conn(L);
+  char byte;
+  ssize_t n;
+  do n = recv(PQsocket(c->pg), &byte, 1, MSG_PEEK | MSG_DONTWAIT); while (n < 0 && errno == EINTR);
+  lua_pushboolean(L, !(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)));
+  return 1;
+}
+
 static int conn_busy(lua_State *L) {
   lua_pushboolean(L, PQisBusy(check_conn(L)->pg));
   return 1;
@@ -531,7 +558,7 @@ static int l_on_ready(lua_State *L) {
 static const luaL_Reg conn_methods[] = {
   { "watch", conn_watch }, { "unwatch", conn_unwatch }, { "wait", conn_wait },
   { "connect_poll", conn_connect_poll }, { "send", conn_send }, { "flush", conn_flush },
-  { "consume", conn_consume }, { "busy", conn_busy }, { "result", conn_result },
+  { "consume", conn_consume }, { "input", conn_input }, { "busy", conn_busy }, { "result", conn_result },
   { "pipeline", conn_pipeline }, { "sync", conn_sync },
   { "prepare", conn_prepare }, { "send_prepared", conn_send_prepared },
   { "notifies", conn_notifies }, { "ok", conn_ok }, { "close", conn_close }, { NULL, NULL }

@@ -33,17 +33,23 @@ local conns = setmetatable({}, { __mode = "v" })   -- id -> Conn, for the ready 
 local next_id = 0
 M.CONNECT_TIMEOUT = 10000
 
+-- A statement's task waits on the connection's watch; once woken it runs
+-- before the loop polls again (the run queue goes first), reads what came,
+-- and the socket is quiet: the watch stays armed for the next statement
+-- (see conn:watch in src/lua_pg.c: no epoll_ctl per statement).  A
+-- callback that finds nobody waiting stops it: the socket is level-
+-- triggered, and would be reported again and again.
 core.pg_on_ready(function(id)
   local c = conns[id]
   if not c or not c.pg then return end
-  c.pg:unwatch()                          -- one-shot: a level-triggered socket would spin
   local w = c.waiter
   if w then
     c.waiter = false
     S.wake(w[1], w[2])
-  elseif c.on_notify then
-    c:notified()
+    return
   end
+  c.pg:unwatch()
+  if c.on_notify then c:notified() end
 end)
 
 local in_task = S.in_task
@@ -78,7 +84,8 @@ local function wait_io(c, r, w, ms)
     local timed_out = c.waiter ~= false
     c.waiter = false
     if not c.pg then error(c.name .. ": connection closed while a statement waited on it", 0) end
-    c.pg:unwatch()
+    if timed_out then c.pg:unwatch()
+    else c.pg:watch(c.id, r, w, false) end   -- armed, but keeps no loop alive while idle
     return not timed_out
   end
   return c.pg:wait(r, w, ms or -1)
@@ -180,9 +187,13 @@ local function run(c, name, sql, ...)
   -- Broken, or closed by the server while idle (a restart): reading what
   -- waits on the socket tells, before we send.  (Twice: a server that
   -- stopped sent an error, then closed; one read may return the error
-  -- alone, the second finds the end of the stream.)
+  -- alone, the second finds the end of the stream.)  A peek first: when
+  -- nothing waits, as before almost every statement, one syscall instead of
+  -- two reads that fail with EAGAIN.
   local pg = c.pg
-  if pg and (not pg:consume() or not pg:consume() or not pg:ok() or pg:result()) then drop(c) end
+  if pg and (not pg:ok() or pg:input() and (not pg:consume() or not pg:consume() or not pg:ok() or pg:result())) then
+    drop(c)
+  end
   if not c.pg then
     if c.tx and not c.begin_next then
       error(c.name .. ": connection lost during a transaction (the server rolled it back)", 0)

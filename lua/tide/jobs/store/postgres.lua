@@ -345,8 +345,18 @@ local SQL = {
     .. "FROM (SELECT queue, status, completed_at FROM tide_jobs ORDER BY id DESC LIMIT $2) r GROUP BY queue, status",
   leases = "SELECT lease_owner AS owner, queue, count(*) AS n, max(lease_expires) AS lease_expires, "
     .. "max(attempted_at) AS attempted_at FROM tide_jobs WHERE status = 'executing' GROUP BY lease_owner, queue",
-  pending = "SELECT count(*) AS n FROM tide_jobs WHERE queue = ANY($1::text[]) AND ((" .. WAITING
-    .. " AND run_at <= $2) OR status = 'executing')",
+  -- How many of queues $1 have a job due by $2 or executing: a draining
+  -- worker asks every 20 ms while it has nothing running.  Each look stops
+  -- at its first row, in its partial index's order (an ORDER BY that the
+  -- index gives for free keeps the planner on it when the statistics, made
+  -- before a run, say every row is due: a count over both conditions
+  -- scanned the whole table, 14-26 ms a call at 20,000 rows, 0.4 s of the
+  -- server's time in a 1.3 s run of 4 workers, pg_stat_statements).
+  pending = [[SELECT count(*) AS n FROM unnest($1::text[]) AS u(name)
+    WHERE (SELECT id FROM tide_jobs WHERE queue = u.name AND ]] .. WAITING .. [[ AND run_at <= $2
+             ORDER BY priority, run_at, id LIMIT 1) IS NOT NULL
+       OR (SELECT id FROM tide_jobs WHERE status = 'executing' AND queue = u.name
+             ORDER BY partition_key LIMIT 1) IS NOT NULL]],
   schedule_register = [[INSERT INTO tide_schedules (name, cron, timezone, target, method, queue, seen_at, seen_by)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
     ON CONFLICT (name) DO UPDATE SET cron = excluded.cron, timezone = excluded.timezone,
@@ -844,6 +854,8 @@ function Session:prune(before, statuses)
     .. " AND completed_at <= $1", before).changes
 end
 
+--- 0 when no job of `queues` is due by `now` or executing; else how many
+--- of them have one (not how many jobs: a drain needs only the zero).
 function Session:pending(queues, now)
   return self.c:query(SQL.pending, text_array(queues, #queues), now).rows[1].n
 end
