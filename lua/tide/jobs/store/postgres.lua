@@ -196,11 +196,24 @@ local SQL = {
     ON CONFLICT (idempotence_key) WHERE idempotence_key IS NOT NULL DO NOTHING RETURNING id]],
   by_key = "SELECT id FROM tide_jobs WHERE idempotence_key = $1",
   by_keys = "SELECT id, idempotence_key FROM tide_jobs WHERE idempotence_key = ANY($1::text[])",
-  -- A batch in one statement, the rows as arrays.  Without idempotency
-  -- keys (the common case) every row goes in: a plain INSERT from the
-  -- arrays, each id drawn from the column's default as the server reads
-  -- the rows, in the arrays' order (so the batch's ids, sorted, are its
-  -- rows' in order: RETURNING's own order is not promised).
+  -- A batch without idempotency keys (the common case): its ids drawn
+  -- first (contiguous unless another session drew some meanwhile: then
+  -- the list), then its rows sent by COPY with those ids, so each row's id
+  -- is the one the caller gets by construction.  COPY is the server's bulk
+  -- path (rows go into the heap a page at a time, one WAL record each):
+  -- 23 ms a 5,000-row batch against 42 ms for the same rows by INSERT ...
+  -- SELECT FROM unnest (psql, min of 12 alternated, fsync on), and the
+  -- rows stream while the client encodes the next ones.
+  draw_ids = [[SELECT min(v) AS lo, max(v) AS hi,
+      CASE WHEN max(v) - min(v) + 1 = count(*) THEN NULL ELSE array_agg(v)::text END AS list
+    FROM (SELECT nextval('tide_jobs_id_seq') AS v FROM generate_series(1, $1::integer)) s]],
+  copy_jobs = [[COPY tide_jobs (id, queue, target, method, args, args_enc, status, priority, max_attempts, run_at,
+      inserted_at, partition_key) FROM STDIN]],
+  -- (the same as arrays: a plain INSERT from them, each id drawn from the
+  -- column's default as the server reads the rows, in the arrays' order,
+  -- so the batch's ids, sorted, are its rows' in order; kept for stores
+  -- opened with prepare = false, which a pooler in transaction mode needs
+  -- and whose poolers may not pass COPY either)
   insert_many = [[INSERT INTO tide_jobs (queue, target, method, args, args_enc, status, priority, max_attempts,
         run_at, inserted_at, partition_key)
       SELECT queue, target, method, args, decode(args_enc, 'hex'), status, priority, max_attempts, run_at,
@@ -609,6 +622,69 @@ end
 local BATCH = 5000                          -- rows per statement
 local by_number = function(a, b) return a < b end
 
+-- ===== rows as COPY reads them in text: tab-separated, \N for NULL
+
+local COPY_ESC = { ["\\"] = "\\\\", ["\t"] = "\\t", ["\n"] = "\\n", ["\r"] = "\\r" }
+local COPY_PIECE = 1000                     -- rows per piece sent
+
+local function copy_text(v)
+  if v == nil then return "\\N" end
+  if v:find("[\\\t\n\r]") then v = v:gsub("[\\\t\n\r]", COPY_ESC) end
+  return v
+end
+
+--- The same, memoized (the values a batch repeats: queue, target, method,
+--- status, partition key, and the numbers, as "%d").
+local function copy_memo(memo, v)
+  local t = memo[v]
+  if t then return t end
+  if v == nil then return "\\N" end
+  if type(v) == "number" then t = format("%d", v) else t = copy_text(v) end
+  memo[v] = t
+  return t
+end
+
+--- Ids for n new rows, in order (see SQL.draw_ids).
+local function draw_ids(c, n)
+  local r = c:prepared("tide_draw_ids", SQL.draw_ids, n).rows[1]
+  local ids = {}
+  if r.list then
+    for id in r.list:gmatch("%d+") do ids[#ids + 1] = tonumber(id) end
+  else
+    for i = 1, n do ids[i] = r.lo + i - 1 end
+  end
+  if #ids ~= n or r.hi - r.lo + 1 < n then error(("insert_many: %d ids drawn for %d rows"):format(#ids, n), 0) end
+  return ids
+end
+
+--- The rows list[from .. from + n - 1] by COPY, with their ids drawn first.
+local function copy_batch(c, list, from, n, ids, inserted)
+  local got = draw_ids(c, n)
+  local res = c:copy(SQL.copy_jobs, function(put)
+    local memo, parts, k = {}, {}, 0
+    for i = 1, n do
+      local j = list[from + i - 1]
+      local enc = j.args_enc
+      parts[k + 1], parts[k + 2] = format("%d", got[i]), "\t"
+      parts[k + 3], parts[k + 4] = copy_memo(memo, j.queue), "\t"
+      parts[k + 5], parts[k + 6] = copy_memo(memo, j.target), "\t"
+      parts[k + 7], parts[k + 8] = copy_memo(memo, j.method), "\t"
+      parts[k + 9], parts[k + 10] = copy_text(j.args), "\t"
+      parts[k + 11], parts[k + 12] = enc and "\\\\x" .. hex(enc) or "\\N", "\t"
+      parts[k + 13], parts[k + 14] = copy_memo(memo, j.status), "\t"
+      parts[k + 15], parts[k + 16] = copy_memo(memo, j.priority), "\t"
+      parts[k + 17], parts[k + 18] = copy_memo(memo, j.max_attempts), "\t"
+      parts[k + 19], parts[k + 20] = copy_memo(memo, j.run_at), "\t"
+      parts[k + 21], parts[k + 22] = copy_memo(memo, j.inserted_at), "\t"
+      parts[k + 23], parts[k + 24] = copy_memo(memo, j.partition_key), "\n"
+      k = k + 24
+      if i % COPY_PIECE == 0 or i == n then put(concat(parts, "", 1, k)); k = 0 end
+    end
+  end)
+  if res.changes ~= n then error(("insert_many: %d rows copied of %d"):format(res.changes, n), 0) end
+  for i = 1, n do ids[from + i - 1], inserted[from + i - 1] = got[i], true end
+end
+
 --- One statement over list[from .. from + n - 1]: their ids, and whether
 --- each was inserted (false: its key existed, in the table or earlier in
 --- the batch; its id is that job's).
@@ -629,6 +705,7 @@ local function insert_batch(c, list, from, n, ids, inserted)
   local a7, a8, a9, a10 = int_array(cols[7], n, memo), int_array(cols[8], n, memo), int_array(cols[9], n, memo),
     int_array(cols[10], n, memo)
   local a11 = text_array(cols[11], n, memo)
+  if not keyed and not c.unprepared then return copy_batch(c, list, from, n, ids, inserted) end
   if not keyed then
     local rows = c:prepared("tide_insert_batch", SQL.insert_many, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11).rows
     if #rows ~= n then error(("insert_many: %d ids for %d rows"):format(#rows, n), 0) end
