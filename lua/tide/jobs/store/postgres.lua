@@ -30,7 +30,7 @@ local pg_conn = require "tide.jobs.store.pg_conn"
 local pool = require "tide.jobs.store.pool"
 
 local type, error, ipairs, tostring, concat = type, error, ipairs, tostring, table.concat
-local setmetatable, format, pcall, min, sort = setmetatable, string.format, pcall, math.min, table.sort
+local setmetatable, format, pcall, min = setmetatable, string.format, pcall, math.min
 
 local M = {}
 
@@ -209,20 +209,6 @@ local SQL = {
     FROM (SELECT nextval('tide_jobs_id_seq') AS v FROM generate_series(1, $1::integer)) s]],
   copy_jobs = [[COPY tide_jobs (id, queue, target, method, args, args_enc, status, priority, max_attempts, run_at,
       inserted_at, partition_key) FROM STDIN]],
-  -- (the same as arrays: a plain INSERT from them, each id drawn from the
-  -- column's default as the server reads the rows, in the arrays' order,
-  -- so the batch's ids, sorted, are its rows' in order; kept for stores
-  -- opened with prepare = false, which a pooler in transaction mode needs
-  -- and whose poolers may not pass COPY either)
-  insert_many = [[INSERT INTO tide_jobs (queue, target, method, args, args_enc, status, priority, max_attempts,
-        run_at, inserted_at, partition_key)
-      SELECT queue, target, method, args, decode(args_enc, 'hex'), status, priority, max_attempts, run_at,
-             inserted_at, partition_key
-      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::integer[],
-                  $8::integer[], $9::bigint[], $10::bigint[], $11::text[])
-        AS u(queue, target, method, args, args_enc, status, priority, max_attempts, run_at, inserted_at,
-             partition_key)
-      RETURNING id]],
   -- With keys: ids drawn up front (so each input row knows its own),
   -- inserted in input order; a row whose key exists (in the table, or
   -- earlier in the batch) is not inserted and its id is looked up after.
@@ -620,7 +606,6 @@ local function int_array(list, n, memo)
 end
 
 local BATCH = 5000                          -- rows per statement
-local by_number = function(a, b) return a < b end
 
 -- ===== rows as COPY reads them in text: tab-separated, \N for NULL
 
@@ -685,18 +670,18 @@ local function copy_batch(c, list, from, n, ids, inserted)
   for i = 1, n do ids[from + i - 1], inserted[from + i - 1] = got[i], true end
 end
 
---- One statement over list[from .. from + n - 1]: their ids, and whether
---- each was inserted (false: its key existed, in the table or earlier in
---- the batch; its id is that job's).
-local function insert_batch(c, list, from, n, ids, inserted)
-  local cols, keyed = { {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {} }, false
+--- A batch with idempotency keys, in one statement over list[from ..
+--- from + n - 1] as arrays: their ids, and whether each was inserted
+--- (false: its key existed, in the table or earlier in the batch; its id
+--- is that job's).
+local function insert_keyed(c, list, from, n, ids, inserted)
+  local cols = { {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {} }
   for i = 1, n do
     local j = list[from + i - 1]
     cols[1][i], cols[2][i], cols[3][i], cols[4][i], cols[5][i], cols[6][i] =
       j.queue, j.target, j.method, j.args, j.args_enc and hex(j.args_enc), j.status
     cols[7][i], cols[8][i], cols[9][i], cols[10][i], cols[11][i], cols[12][i] =
       j.priority, j.max_attempts, j.run_at, j.inserted_at, j.partition_key, j.idempotence_key
-    keyed = keyed or j.idempotence_key ~= nil
   end
   local memo, keys = {}, cols[12]
   local a1, a2, a3, a4, a5, a6 = text_array(cols[1], n, memo), text_array(cols[2], n, memo),
@@ -705,19 +690,6 @@ local function insert_batch(c, list, from, n, ids, inserted)
   local a7, a8, a9, a10 = int_array(cols[7], n, memo), int_array(cols[8], n, memo), int_array(cols[9], n, memo),
     int_array(cols[10], n, memo)
   local a11 = text_array(cols[11], n, memo)
-  if not keyed and not c.unprepared then return copy_batch(c, list, from, n, ids, inserted) end
-  if not keyed then
-    local rows = c:prepared("tide_insert_batch", SQL.insert_many, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11).rows
-    if #rows ~= n then error(("insert_many: %d ids for %d rows"):format(#rows, n), 0) end
-    local got, sorted = {}, true
-    for i = 1, n do
-      got[i] = rows[i].id
-      if i > 1 and got[i] < got[i - 1] then sorted = false end
-    end
-    if not sorted then sort(got, by_number) end
-    for i = 1, n do ids[from + i - 1], inserted[from + i - 1] = got[i], true end
-    return
-  end
   local rows = c:prepared("tide_insert_batch_keyed", SQL.insert_many_keyed, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10,
     a11, text_array(keys, n, memo)).rows
   local by_key, missing = {}, {}
@@ -743,6 +715,14 @@ local function insert_batch(c, list, from, n, ids, inserted)
       if not ids[k] then ids[k] = by_key[keys[i]] end
     end
   end
+end
+
+--- list[from .. from + n - 1]: by COPY, unless one of them has a key.
+local function insert_batch(c, list, from, n, ids, inserted)
+  for i = from, from + n - 1 do
+    if list[i].idempotence_key ~= nil then return insert_keyed(c, list, from, n, ids, inserted) end
+  end
+  return copy_batch(c, list, from, n, ids, inserted)
 end
 
 --- Inserts the list in one statement per BATCH rows (inside the caller's
