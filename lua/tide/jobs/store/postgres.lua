@@ -612,20 +612,27 @@ local BATCH = 5000                          -- rows per statement
 local COPY_ESC = { ["\\"] = "\\\\", ["\t"] = "\\t", ["\n"] = "\\n", ["\r"] = "\\r" }
 local COPY_PIECE = 1000                     -- rows per piece sent
 
+local find = string.find
+
+-- (plain finds: LuaJIT compiles them, where a pattern would leave the loop
+-- to the interpreter; JSON args hold a backslash now and then, raw tabs
+-- and line ends never)
 local function copy_text(v)
   if v == nil then return "\\N" end
-  if v:find("[\\\t\n\r]") then v = v:gsub("[\\\t\n\r]", COPY_ESC) end
+  if find(v, "\\", 1, true) or find(v, "\t", 1, true) or find(v, "\n", 1, true) or find(v, "\r", 1, true) then
+    v = v:gsub("[\\\t\n\r]", COPY_ESC)
+  end
   return v
 end
 
---- The same, memoized (the values a batch repeats: queue, target, method,
---- status, partition key, and the numbers, as "%d").
+--- The same, memoized (the texts a batch repeats: queue, target, method,
+--- status, partition key).  Strings only: a table keyed by numbers too is
+--- one LuaJIT does not compile ("mixed sparse/dense table"), and the loop
+--- below ran interpreted, 1.3 us a row.
 local function copy_memo(memo, v)
-  local t = memo[v]
-  if t then return t end
   if v == nil then return "\\N" end
-  if type(v) == "number" then t = format("%d", v) else t = copy_text(v) end
-  memo[v] = t
+  local t = memo[v]
+  if not t then t = copy_text(v); memo[v] = t end
   return t
 end
 
@@ -646,24 +653,17 @@ end
 local function copy_batch(c, list, from, n, ids, inserted)
   local got = draw_ids(c, n)
   local res = c:copy(SQL.copy_jobs, function(put)
-    local memo, parts, k = {}, {}, 0
+    local memo, rows, k = {}, {}, 0
     for i = 1, n do
-      local j = list[from + i - 1]
+      local j, id = list[from + i - 1], got[i]
       local enc = j.args_enc
-      parts[k + 1], parts[k + 2] = format("%d", got[i]), "\t"
-      parts[k + 3], parts[k + 4] = copy_memo(memo, j.queue), "\t"
-      parts[k + 5], parts[k + 6] = copy_memo(memo, j.target), "\t"
-      parts[k + 7], parts[k + 8] = copy_memo(memo, j.method), "\t"
-      parts[k + 9], parts[k + 10] = copy_text(j.args), "\t"
-      parts[k + 11], parts[k + 12] = enc and "\\\\x" .. hex(enc) or "\\N", "\t"
-      parts[k + 13], parts[k + 14] = copy_memo(memo, j.status), "\t"
-      parts[k + 15], parts[k + 16] = copy_memo(memo, j.priority), "\t"
-      parts[k + 17], parts[k + 18] = copy_memo(memo, j.max_attempts), "\t"
-      parts[k + 19], parts[k + 20] = copy_memo(memo, j.run_at), "\t"
-      parts[k + 21], parts[k + 22] = copy_memo(memo, j.inserted_at), "\t"
-      parts[k + 23], parts[k + 24] = copy_memo(memo, j.partition_key), "\n"
-      k = k + 24
-      if i % COPY_PIECE == 0 or i == n then put(concat(parts, "", 1, k)); k = 0 end
+      k = k + 1                             -- (one concatenation a row: 0.45 us against 0.65 for
+      rows[k] = (id < 1e14 and tostring(id) or format("%d", id))   -- 24 table stores a row)
+        .. "\t" .. copy_memo(memo, j.queue) .. "\t" .. copy_memo(memo, j.target) .. "\t" .. copy_memo(memo, j.method)
+        .. "\t" .. copy_text(j.args) .. "\t" .. (enc and "\\\\x" .. hex(enc) or "\\N")
+        .. "\t" .. copy_memo(memo, j.status) .. "\t" .. format("%d\t%d\t%d\t%d\t", j.priority, j.max_attempts,
+        j.run_at, j.inserted_at) .. copy_memo(memo, j.partition_key) .. "\n"
+      if k == COPY_PIECE or i == n then put(concat(rows, "", 1, k)); k = 0 end
     end
   end)
   if res.changes ~= n then error(("insert_many: %d rows copied of %d"):format(res.changes, n), 0) end
