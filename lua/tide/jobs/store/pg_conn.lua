@@ -222,6 +222,15 @@ end
 
 local function run(c, name, sql, ...)
   local pg = live(c)
+  -- A new connection's setup (a SET) sent before a BEGIN in one pipeline
+  -- joins that transaction, and its ROLLBACK undoes it: the setup goes
+  -- first, with a SELECT 1, on the first transaction of a connection.
+  if c.setup_next and c.begin_next then
+    c.begin_next = false
+    local ok, err = pcall(run, c, nil, "SELECT 1")
+    c.begin_next = c.tx and true
+    if not ok then error(err, 0) end
+  end
   local ok, err
   local parse = name and not c.parsed[name]
   local dealloc = parse and c.deallocate_next
@@ -272,8 +281,9 @@ end
 --- If produce raises, the COPY fails (nothing of it stays) and the error
 --- is raised again once the server has said so.
 local function run_copy(c, _, sql, produce)
+  live(c)                                     -- (a new connection's setup waits too)
   if c.setup_next or c.begin_next then run(c, nil, "SELECT 1") end
-  local pg = live(c)
+  local pg = c.pg
   local ok, err = pg:send(sql)
   if not ok then lost(c, err) end
   flush_all(c, pg)
