@@ -723,7 +723,7 @@ describe("tide.queue on " .. store.name, function()
         assert.equal(7000, q:stats().total)
       end)
 
-      it("runs a COPY that is a connection's first statement after its setup, and inside its transaction", function()
+      it("runs a connection's setup alone, before a first COPY, inside a transaction or not, or a failing first statement", function()
         local pg_conn = require "tide.jobs.store.pg_conn"
         sql("DROP TABLE IF EXISTS copied")
         sql("CREATE TABLE copied (n integer, app text DEFAULT current_setting('application_name'))")
@@ -742,6 +742,11 @@ describe("tide.queue on " .. store.name, function()
           assert.is_false(ok)
           assert.matches("invalid input syntax for type integer.*%(SQLSTATE 22P02%)", err)
           assert.equal(1, c:query("SELECT count(*) AS n FROM copied").rows[1].n)   -- and it serves on
+          c:close()
+          -- a first statement that fails leaves the setup in place too
+          c = pg_conn.new(url, "copy spec", "SET application_name = 'tide_copy_setup'")
+          assert.is_false((pcall(c.query, c, "SELECT 1 / 0")))
+          assert.equal("tide_copy_setup", c:query("SHOW application_name").rows[1].application_name)
           c:close()
         end)
         sql("DROP TABLE copied")
