@@ -28,6 +28,12 @@
  *   conn:sync() -> true | nil, message       ends the pipeline's statements
  *                                (a statement after a failed one is skipped:
  *                                its result is not ok, "skipped")
+ *   conn:put_copy(data) -> true | nil, message   queues bytes of a COPY ... FROM
+ *                                STDIN (after conn:result() said copy_in);
+ *                                conn:flush() sends them
+ *   conn:copy_end([error]) -> true | nil, message   ends the COPY's data (with
+ *                                an error message: fails the COPY instead);
+ *                                its result follows as any statement's
  *   conn:notifies() -> { { channel, payload }, ... } | nil
  *   conn:ok() -> boolean   conn:close()
  *
@@ -387,6 +393,29 @@ static int conn_ok(lua_State *L) {
   return 1;
 }
 
+/* ===== COPY ... FROM STDIN ===== */
+
+/* In non-blocking mode libpq grows its output buffer rather than refuse
+ * data, so 0 ("not queued, try again") comes only when it cannot: treated
+ * as the failure it is. */
+static int conn_put_copy(lua_State *L) {
+  conn *c = check_conn(L);
+  size_t len;
+  const char *data = luaL_checklstring(L, 2, &len);
+  if (len > INT_MAX) return luaL_error(L, "%s: COPY data too long", c->name);
+  if (PQputCopyData(c->pg, data, (int)len) != 1) return fail(L, c);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int conn_copy_end(lua_State *L) {
+  conn *c = check_conn(L);
+  const char *err = luaL_optstring(L, 2, NULL);
+  if (PQputCopyEnd(c->pg, err) != 1) return fail(L, c);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 /* ===== results ===== */
 
 static void push_value(lua_State *L, PGresult *r, int row, int col) {
@@ -441,7 +470,7 @@ static int result_gc(lua_State *L) {
   return 0;
 }
 
-/* conn:result() -> nil | { ok, rows, changes, sqlstate, message } */
+/* conn:result() -> nil | { ok, rows, changes, sqlstate, message, copy_in } */
 static int conn_result(lua_State *L) {
   conn *c = check_conn(L);
   result_ud *u = lua_newuserdata(L, sizeof *u);       /* before the result: it may raise */
@@ -463,10 +492,14 @@ static int conn_result(lua_State *L) {
     if (!PQexitPipelineMode(c->pg)) return fail(L, c);
     return 0;
   }
-  int ok = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK || st == PGRES_EMPTY_QUERY;
+  int ok = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK || st == PGRES_EMPTY_QUERY || st == PGRES_COPY_IN;
   lua_createtable(L, 0, 5);
   lua_pushboolean(L, ok);
   lua_setfield(L, -2, "ok");
+  if (st == PGRES_COPY_IN) {                        /* the server waits for the data: conn:put_copy */
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "copy_in");
+  }
   if (st == PGRES_TUPLES_OK) {
     push_rows(L, r);
     lua_setfield(L, -2, "rows");
@@ -561,6 +594,7 @@ static const luaL_Reg conn_methods[] = {
   { "consume", conn_consume }, { "input", conn_input }, { "busy", conn_busy }, { "result", conn_result },
   { "pipeline", conn_pipeline }, { "sync", conn_sync },
   { "prepare", conn_prepare }, { "send_prepared", conn_send_prepared },
+  { "put_copy", conn_put_copy }, { "copy_end", conn_copy_end },
   { "notifies", conn_notifies }, { "ok", conn_ok }, { "close", conn_close }, { NULL, NULL }
 };
 

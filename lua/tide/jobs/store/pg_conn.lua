@@ -61,7 +61,7 @@ end
 
 --- A connection (not yet connected: the first statement connects).
 --- `setup`: a statement (no parameters) that runs first on every
---- connection it opens, sent with the first statement (one round trip).
+--- connection it opens, in a round trip of its own before the first statement.
 --- `prepare` false: Conn:prepared sends its statements unprepared.
 function M.new(info, name, setup, prepare)
   next_id = next_id + 1
@@ -183,7 +183,8 @@ end
 --- waits to begin: see Conn:begin) and reads its results; returns the last.
 --- `name`: the statement is prepared on the connection under that name
 --- (the Parse goes in the same pipeline the first time: see Conn:prepared).
-local function run(c, name, sql, ...)
+--- Makes sure c has a live connection before a statement is sent.
+local function live(c)
   -- Broken, or closed by the server while idle (a restart): reading what
   -- waits on the socket tells, before we send.  (Twice: a server that
   -- stopped sent an error, then closed; one read may return the error
@@ -200,17 +201,59 @@ local function run(c, name, sql, ...)
     end
     connect(c)                                -- (a transaction not begun yet begins on the new one)
   end
-  pg = c.pg
+  return c.pg
+end
+
+--- Sends what libpq holds for the server, waiting for the socket as needed.
+local function flush_all(c, pg)
+  while true do
+    local more, ferr = pg:flush()
+    if not more then lost(c, ferr) end
+    if more == 0 then return end
+    wait_io(c, true, true)
+  end
+end
+
+--- The next result of the statement under way (waiting for it), or nil.
+local function next_result(c, pg)
+  while pg:busy() do
+    wait_io(c, true, false)
+    if not c.pg then lost(c, "closed while waiting") end
+    local cok, cerr = pg:consume()
+    if not cok then lost(c, cerr) end
+  end
+  local r, rerr = pg:result()
+  if r == nil and rerr then lost(c, rerr) end
+  return r
+end
+
+local function raise(c, failure)
+  error(format("%s: %s (SQLSTATE %s)", c.name, failure.message or "error", failure.sqlstate or "?????"), 0)
+end
+
+local function run(c, name, sql, ...)
+  local pg = live(c)
+  -- A new connection's setup (a SET) runs alone, in a round trip of its
+  -- own: in one pipeline with what follows it joined that statement's
+  -- transaction (a BEGIN's, or the pipeline's implicit one), whose
+  -- ROLLBACK or failure undid it for the connection's whole life.
+  if c.setup_next then
+    local begin = c.begin_next
+    c.setup_next, c.begin_next = false, false
+    local ok, err = pcall(run, c, nil, c.setup)
+    c.begin_next = begin
+    if not ok then c.setup_next = c.pg and true; error(err, 0) end
+    pg = c.pg
+  end
   local ok, err
   local parse = name and not c.parsed[name]
   local dealloc = parse and c.deallocate_next
   local parse_at, dealloc_at = false, false   -- (which results are the Parse's, the DEALLOCATE's)
-  if c.setup_next or c.begin_next or parse then   -- one pipeline: [setup;] [BEGIN;] [DEALLOCATE ALL;] [Parse;] the statement
+  if c.begin_next or parse then               -- one pipeline: [BEGIN;] [DEALLOCATE ALL;] [Parse;] the statement
     ok, err = pg:pipeline()
     local before = 0
-    if ok and c.setup_next then ok, err = pg:send(c.setup); before = before + 1 end
     if ok and c.begin_next then ok, err = pg:send("BEGIN"); before = before + 1 end
-    c.setup_next, c.begin_next = false, false
+    c.begin_next = false
     if ok and dealloc then ok, err = pg:send("DEALLOCATE ALL"); before = before + 1; dealloc_at = before end
     if ok and parse then ok, err = pg:prepare(name, sql); parse_at = before + 1 end
     if ok then
@@ -223,25 +266,11 @@ local function run(c, name, sql, ...)
     ok, err = pg:send(sql, ...)
   end
   if not ok then lost(c, err) end
-  while true do
-    local more, ferr = pg:flush()
-    if not more then lost(c, ferr) end
-    if more == 0 then break end
-    wait_io(c, true, true)
-  end
+  flush_all(c, pg)
   local last, failure, k = nil, nil, 0
   while true do
-    while pg:busy() do
-      wait_io(c, true, false)
-      if not c.pg then lost(c, "closed while waiting") end
-      local cok, cerr = pg:consume()
-      if not cok then lost(c, cerr) end
-    end
-    local r, rerr = pg:result()             -- (false: a statement of a pipeline ended; more come)
-    if r == nil then
-      if rerr then lost(c, rerr) end
-      break
-    end
+    local r = next_result(c, pg)            -- (false: a statement of a pipeline ended; more come)
+    if r == nil then break end
     if r then
       k = k + 1
       if k == parse_at and r.ok then c.parsed[name] = true end
@@ -252,10 +281,54 @@ local function run(c, name, sql, ...)
   end
   if failure then
     if name and SESSION_CHANGED[failure.sqlstate] then forget_prepared(c) end
-    error(format("%s: %s (SQLSTATE %s)", c.name, failure.message or "error", failure.sqlstate or "?????"), 0)
+    raise(c, failure)
   end
   return last
 end
+
+--- Runs `sql`, a COPY ... FROM STDIN, with the data produce(put) gives
+--- (it calls put(text) for each piece, in order): each piece is sent as it
+--- comes, so the server parses and inserts the first rows while the
+--- caller encodes the next.  Not in a pipeline (libpq has no COPY there):
+--- a BEGIN or setup still waiting goes first, in a round trip of its own.
+--- If produce raises, the COPY fails (nothing of it stays) and the error
+--- is raised again once the server has said so.
+local function run_copy(c, _, sql, produce)
+  live(c)                                     -- (a new connection's setup goes first)
+  if c.setup_next or c.begin_next then run(c, nil, "SELECT 1") end
+  local pg = c.pg
+  local ok, err = pg:send(sql)
+  if not ok then lost(c, err) end
+  flush_all(c, pg)
+  local r = next_result(c, pg)
+  if not (r and r.copy_in) then               -- the COPY itself failed (or was not one)
+    local failure = r and not r.ok and r
+    while r do r = next_result(c, pg) end
+    if failure then raise(c, failure) end
+    error(c.name .. ": not a COPY ... FROM STDIN statement", 0)
+  end
+  local produced, perr = pcall(produce, function(text)
+    local sent, serr = pg:put_copy(text)
+    if not sent then lost(c, serr) end
+    if not pg:flush() then lost(c, "could not send") end  -- (what the socket takes now; the rest later)
+  end)
+  if not c.pg then error(perr, 0) end          -- (the connection was lost while sending)
+  ok, err = pg:copy_end(not produced and "tide: the data of the COPY failed" or nil)
+  if not ok then lost(c, err) end
+  flush_all(c, pg)
+  local last, failure = nil, nil
+  while true do
+    r = next_result(c, pg)
+    if r == nil then break end
+    if not r.ok and not failure then failure = r end
+    last = r
+  end
+  if not produced then error(perr, 0) end
+  if failure then raise(c, failure) end
+  return last
+end
+
+local COPY = {}                               -- (query's `name` for a COPY: run_copy)
 
 local function query(self, name, sql, ...)
   local holder = self.running
@@ -271,7 +344,7 @@ local function query(self, name, sql, ...)
   local t = in_task() and S.current()
   self.running = t and { t, S.attempt_of(t) } or true
   self.replanned = false
-  local ok, res = pcall(run, self, name, sql, ...)
+  local ok, res = pcall(name == COPY and run_copy or run, self, name, sql, ...)
   -- The session's prepared statements were not what we thought (see
   -- SESSION_CHANGED): the statement did not run.  Outside a transaction
   -- it runs once more, prepared again; inside one, the transaction is
@@ -299,6 +372,13 @@ end
 --- failed is not taken for done.  `name` must name this one `sql`.
 function Conn:prepared(name, sql, ...)
   local res = query(self, not self.unprepared and name or nil, sql, ...)
+  return res
+end
+
+--- Runs a COPY ... FROM STDIN with the data produce(put) gives (see
+--- run_copy); returns { ok, changes } (changes: the rows copied).
+function Conn:copy(sql, produce)
+  local res = query(self, COPY, sql, produce)
   return res
 end
 
