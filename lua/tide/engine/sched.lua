@@ -181,29 +181,43 @@ local own_runner
 -- own, raised from it as from any allocation of the task's.
 local function check_runner(co)
   while true do
-    local ok, yes = pcall(caller_is, co, own_runner)
-    co = co_yield(ok, yes)
+    local ok, yes, can = pcall(caller_is, co, own_runner)
+    co = co_yield(ok, yes, can)
   end
 end
 local checker = co_create(check_runner)
 
---- True when runner `co` is running this code itself (not a coroutine it resumed).
+--- True when runner `co` is running this code itself (not a coroutine it
+--- resumed) and can yield here.  Else false, and a second value: true when
+--- it is co's own code, but inside a C call (a __gc finalizer run by an
+--- allocation of the task's, a debug hook, table.sort's comparator), where
+--- a yield fails; such a wait must be refused before it takes a token: a
+--- finalizer's wait inside the task's own await took the await's token
+--- away, and the await was never woken.
 function own_runner(co)
   if type(co) ~= "thread" then return false end
-  local resumed, checked, yes = co_resume(checker, co)
+  local resumed, checked, yes, can = co_resume(checker, co)
   if not resumed then return co_running() == co end   -- the checker is busy (a finalizer that waits, inside it)
   if not checked then error(yes, 0) end
-  return yes
+  return can, yes
 end
+
+local NESTED = ": cannot wait inside a nested coroutine, only in the task's own"
+local IN_C_CALL = ": cannot wait inside a C call (a __gc finalizer, a debug hook, a function a C function calls)"
 
 --- The slow path of the wait checks: the task that may wait here (a timer
 --- callback running without a task becomes one), or an error.
 local function waiting_task(fname, level)
   if current == nil and firing_co and not in_callback then
-    if own_runner(firing_co) then current = promote(); return current end
-    error(fname .. ": cannot wait inside a nested coroutine, only in the task's own", level + 1)
+    local can, own = own_runner(firing_co)
+    if can then current = promote(); return current end
+    error(fname .. (own and IN_C_CALL or NESTED), level + 1)
   end
-  cannot_wait(fname, current, level + 1)
+  local t = current
+  if t and not in_callback and not TERMINAL[t._state] and select(2, own_runner(t._co)) then
+    error(fname .. IN_C_CALL, level + 1)
+  end
+  cannot_wait(fname, t, level + 1)
 end
 
 local function wait_begin(fname, level)
