@@ -660,6 +660,9 @@ end
 --- task would never wake: an arming that raises (an allocation running a
 --- finalizer that raises, reported) is tried again, as each finalizer runs
 --- once; memory running out again and again fails the task instead.
+--- The report runs the error sink (user code), which may end or wake t:
+--- then the wait is over, and t is not settled again (a task ended
+--- meanwhile and settled with a retry policy left its terminal state).
 local ARM_TRIES = 100
 local function arm_wait(t, ms)
   local tok = t._wait
@@ -670,6 +673,7 @@ local function arm_wait(t, ms)
     if armed then t._wait_timer = key; return end
     err = key
     pcall(log.report, "tide's engine (an error raised while a wait's timer was armed, as by a __gc finalizer)", err, err)
+    if t._wait ~= tok then return end        -- ended or woken by the report's sink
   end
   t.traceback = "its wait's timer could not be armed: " .. safe_tostring(err)
   settle(t, "error", err)
