@@ -237,9 +237,21 @@ local function wake(t, tok)
 end
 S.wake = wake
 
+local drop_wait_timer
+
 local function wait_timer_fired(t, tok)
   t._wait_timer = nil
   wake(t, tok)
+end
+
+--- A wait that returns with its timer pending was not resumed by the
+--- scheduler (which cancels it first, run_task), but by code holding the
+--- task's runner (another task's coroutine.resume): the timer is cancelled
+--- here, or the loop would run until it fires.  Never on the usual path.
+function drop_wait_timer(t)
+  local key = t._wait_timer
+  t._wait_timer = nil
+  untimer(key)
 end
 
 --- Suspends the current task (after wait_begin) until woken; `ms` (optional)
@@ -250,6 +262,7 @@ end
 local function wait_end(t, tok, ms)
   co_yield(WAIT, ms)
   t._wait = false
+  if t._wait_timer then drop_wait_timer(t) end   -- resumed by another than the scheduler
 end
 S.wait_end = wait_end
 
@@ -264,6 +277,7 @@ function S.sleep(ms)
   token, t._wait = tok, tok
   co_yield(WAIT, ms)
   t._wait = false
+  if t._wait_timer then drop_wait_timer(t) end   -- resumed by another than the scheduler
 end
 
 --- Appends the current task to a list of waiters (flat pairs task, token).
