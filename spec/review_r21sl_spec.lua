@@ -178,6 +178,36 @@ describe("review r21sl: a wait", function()
   end)
 end)
 
+describe("review r21sl: the wait check", function()
+  after_each(function() debug.sethook(); H.assert_idle() end)
+
+  -- A hook's error raised in the checker coroutine, outside its pcall,
+  -- ended it: own_runner then fell back to coroutine.running() for every
+  -- later wait (the C call on the task's stack the branch removed), and the
+  -- hook's error was lost (an instruction-limit hook failed to stop the
+  -- code it meant to stop).
+  it("raises a debug hook's error raised inside it as the wait's own, and goes on checking", function()
+    local got = H.run(function()
+      local me, raised = coroutine.running(), false
+      debug.sethook(function()
+        if not raised and coroutine.running() ~= me then raised = true; debug.sethook(); error("the hook's error", 0) end
+      end, "l")
+      local ok, err = pcall(tide.sleep, 1)
+      debug.sethook()
+      local got = { raised = raised, first = ok and "no error" or tostring(err) }
+      got.sleep = pcall(tide.sleep, 1)
+      got.nested = select(2, pcall(coroutine.wrap(function() tide.sleep(1) end)))
+      got.sort = select(2, pcall(table.sort, { 3, 2, 1 }, function(a, b) tide.sleep(1); return a < b end))
+      return got
+    end)
+    assert.is_true(got.raised)
+    assert.equal("the hook's error", got.first)
+    assert.is_true(got.sleep)
+    assert.matches("tide.sleep: cannot wait inside a nested coroutine", got.nested, 1, true)
+    assert.matches("tide.sleep: " .. C_CALL, got.sort, 1, true)
+  end)
+end)
+
 describe("review r21sl: core.caller_is", function()
   local core = require "tide.core"
   it("checks its arguments", function()
