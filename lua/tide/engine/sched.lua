@@ -197,7 +197,13 @@ local checker = co_create(check_runner)
 function own_runner(co)
   if type(co) ~= "thread" then return false end
   local resumed, checked, yes, can = co_resume(checker, co)
-  if not resumed then return co_running() == co end   -- the checker is busy (a finalizer that waits, inside it)
+  if not resumed then
+    if co_status(checker) == "dead" then     -- a debug hook's error ended it, outside its pcall:
+      checker = co_create(check_runner)      -- a new one, and the error is the wait's own
+      error(checked, 0)
+    end
+    return co_running() == co                -- the checker is busy (a finalizer that waits, inside it)
+  end
   if not checked then error(yes, 0) end
   return can, yes
 end
