@@ -834,8 +834,13 @@ local function repair(t, err)
   end
   if t._state ~= "running" then return end
   local co = t._co
-  if co == false or t._wait then return end
+  if co == false then return end
   if type(co) == "number" then return push(t, co) end
+  -- Waiting: left to its wake-up.  Not when its runner is dead: a wait
+  -- that raised between its start and its yield (an allocation running a
+  -- finalizer that raises, in task:await) leaves t._wait set, and the task
+  -- raised later; its end was interrupted (the traceback allocates).
+  if t._wait and co_status(co) ~= "dead" then return end
   err = err or "an error interrupted tide's engine"
   local tb = "an error interrupted tide's engine after this task ran: " .. safe_tostring(err)
   t.traceback = tb
