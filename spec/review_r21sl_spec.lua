@@ -5,7 +5,8 @@
 -- xpcall's handler, a debug hook), which pass the check (own_runner is at
 -- level 1 of the runner) but cannot yield; a wait's timer whose arming
 -- fails while the error sink ends the task; a runner resumed by another
--- task; core.caller_is's arguments.
+-- task; a finalizer storm around awaits, nested coroutines and generators;
+-- a debug hook's error inside the wait check; core.caller_is's arguments.
 local tide = require "tide"
 local H = spec_helper
 
