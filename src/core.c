@@ -398,22 +398,29 @@ static int l_clock_step(lua_State *L) {
   return 1;
 }
 
-/* caller_is(co, fn) -> boolean: whether fn is the function at level 1 of
- * coroutine co, which is not running (suspended in the coroutine.resume at
- * its level 0).  For the wait check (sched.lua, own_runner), which calls it
- * from a coroutine of its own so that no C call runs on a task's stack.
- * Allocates only if co's stack must grow for the one slot pushed on it. */
+/* caller_is(co, fn) -> own, yieldable: whether fn is the function at
+ * level 1 of coroutine co, which is not running (suspended in the
+ * coroutine.resume at its level 0), and whether co could yield from there:
+ * false when a C call lies between co's resume and that point (a __gc
+ * finalizer run by co's allocation, a debug hook, a function a C function
+ * calls, like table.sort's comparator), where a yield raises "attempt to
+ * yield across C-call boundary".  lua_isyieldable reads co's C-frame link
+ * only.  For the wait check (sched.lua, own_runner), which calls it from a
+ * coroutine of its own so that no C call runs on a task's stack. */
 static int l_caller_is(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTHREAD);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
   lua_State *co = lua_tothread(L, 1);
   lua_Debug ar;
   int yes = 0;
-  if (co != NULL && co != L && lua_getstack(co, 1, &ar) && lua_getinfo(co, "f", &ar)) {
+  if (co != L && lua_getstack(co, 1, &ar) && lua_getinfo(co, "f", &ar)) {
     lua_xmove(co, L, 1);                     /* the function, from co's stack to ours */
     yes = lua_rawequal(L, -1, 2);
     lua_pop(L, 1);
   }
   lua_pushboolean(L, yes);
-  return 1;
+  lua_pushboolean(L, yes && lua_isyieldable(co));
+  return 2;
 }
 
 /* versions() -> { luajit =, libuv =, sqlite =, libpq = }: what this tide

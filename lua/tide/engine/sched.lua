@@ -181,30 +181,50 @@ local own_runner
 -- own, raised from it as from any allocation of the task's.
 local function check_runner(co)
   while true do
-    local ok, yes = pcall(caller_is, co, own_runner)
-    co = co_yield(ok, yes)
+    local ok, yes, can = pcall(caller_is, co, own_runner)
+    co = co_yield(ok, yes, can)
   end
 end
 local checker = co_create(check_runner)
 
---- True when runner `co` is running this code itself (not a coroutine it resumed).
+--- True when runner `co` is running this code itself (not a coroutine it
+--- resumed) and can yield here.  Else false, and a second value: true when
+--- it is co's own code, but inside a C call (a __gc finalizer run by an
+--- allocation of the task's, a debug hook, table.sort's comparator), where
+--- a yield fails; such a wait must be refused before it takes a token: a
+--- finalizer's wait inside the task's own await took the await's token
+--- away, and the await was never woken.
 function own_runner(co)
   if type(co) ~= "thread" then return false end
-  local resumed, checked, yes = co_resume(checker, co)
-  if not resumed then return co_running() == co end   -- the checker is busy (a finalizer that waits, inside it)
+  local resumed, checked, yes, can = co_resume(checker, co)
+  if not resumed then
+    if co_status(checker) == "dead" then     -- a debug hook's error ended it, outside its pcall:
+      checker = co_create(check_runner)      -- a new one, and the error is the wait's own
+      error(checked, 0)
+    end
+    return co_running() == co                -- the checker is busy (a finalizer that waits, inside it)
+  end
   if not checked then error(yes, 0) end
-  return yes
+  return can, yes
 end
+
+local NESTED = ": cannot wait inside a nested coroutine, only in the task's own"
+local IN_C_CALL = ": cannot wait inside a C call (a __gc finalizer, a debug hook, a function a C function calls)"
 
 --- The slow path of the wait checks: the task that may wait here (a timer
 --- callback running without a task becomes one), or an error.
 local function waiting_task(fname, level)
   local firing_co = current == nil and not in_callback and fire_runner()
   if firing_co then
-    if own_runner(firing_co) then current = promote(); return current end
-    error(fname .. ": cannot wait inside a nested coroutine, only in the task's own", level + 1)
+    local can, own = own_runner(firing_co)
+    if can then current = promote(); return current end
+    error(fname .. (own and IN_C_CALL or NESTED), level + 1)
   end
-  cannot_wait(fname, current, level + 1)
+  local t = current
+  if t and not in_callback and not TERMINAL[t._state] and select(2, own_runner(t._co)) then
+    error(fname .. IN_C_CALL, level + 1)
+  end
+  cannot_wait(fname, t, level + 1)
 end
 
 local function wait_begin(fname, level)
@@ -224,9 +244,21 @@ local function wake(t, tok)
 end
 S.wake = wake
 
+local drop_wait_timer
+
 local function wait_timer_fired(t, tok)
   t._wait_timer = nil
   wake(t, tok)
+end
+
+--- A wait that returns with its timer pending was not resumed by the
+--- scheduler (which cancels it first, run_task), but by code holding the
+--- task's runner (another task's coroutine.resume): the timer is cancelled
+--- here, or the loop would run until it fires.  Never on the usual path.
+function drop_wait_timer(t)
+  local key = t._wait_timer
+  t._wait_timer = nil
+  untimer(key)
 end
 
 --- Suspends the current task (after wait_begin) until woken; `ms` (optional)
@@ -237,6 +269,7 @@ end
 local function wait_end(t, tok, ms)
   co_yield(WAIT, ms)
   t._wait = false
+  if t._wait_timer then drop_wait_timer(t) end   -- resumed by another than the scheduler
 end
 S.wait_end = wait_end
 
@@ -251,6 +284,7 @@ function S.sleep(ms)
   token, t._wait = tok, tok
   co_yield(WAIT, ms)
   t._wait = false
+  if t._wait_timer then drop_wait_timer(t) end   -- resumed by another than the scheduler
 end
 
 --- Appends the current task to a list of waiters (flat pairs task, token).
@@ -571,6 +605,9 @@ end
 --- task would never wake: an arming that raises (an allocation running a
 --- finalizer that raises, reported) is tried again, as each finalizer runs
 --- once; memory running out again and again fails the task instead.
+--- The report runs the error sink (user code), which may end or wake t:
+--- then the wait is over, and t is not settled again (a task ended
+--- meanwhile and settled with a retry policy left its terminal state).
 local ARM_TRIES = 100
 local function arm_wait(t, ms)
   local tok = t._wait
@@ -581,6 +618,7 @@ local function arm_wait(t, ms)
     if armed then t._wait_timer = key; return end
     err = key
     pcall(log.report, "tide's engine (an error raised while a wait's timer was armed, as by a __gc finalizer)", err, err)
+    if t._wait ~= tok then return end        -- ended or woken by the report's sink
   end
   t.traceback = "its wait's timer could not be armed: " .. safe_tostring(err)
   settle(t, "error", err)
@@ -718,8 +756,13 @@ local function repair(t, err)
   if t._co == FIRE then return fire.repair(t) end    -- a fire: run it if it never ran
   if t._state ~= "running" then return end
   local co = t._co
-  if co == false or t._wait then return end
+  if co == false then return end
   if type(co) == "number" then return push(t, co) end
+  -- Waiting: left to its wake-up.  Not when its runner is dead: a wait
+  -- that raised between its start and its yield (an allocation running a
+  -- finalizer that raises, in task:await) leaves t._wait set, and the task
+  -- raised later; its end was interrupted (the traceback allocates).
+  if t._wait and co_status(co) ~= "dead" then return end
   err = err or "an error interrupted tide's engine"
   local tb = "an error interrupted tide's engine after this task ran: " .. safe_tostring(err)
   t.traceback = tb
