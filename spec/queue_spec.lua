@@ -523,9 +523,9 @@ describe("tide.queue on " .. store.name, function()
     end)
 
     it("gives each job of batches without keys its own id, while other tasks insert at the same time", function()
-      -- (PostgreSQL: such a batch is one plain INSERT per 5,000 rows, whose
-      -- ids the server draws as it reads the rows; concurrent inserts on
-      -- other connections draw from the same sequence meanwhile)
+      -- (PostgreSQL: such a batch draws its ids, then sends its rows by
+      -- COPY with them, per 5,000 rows; concurrent inserts on other
+      -- connections draw from the same sequence meanwhile)
       local json = require "tide.jobs.json"
       local lists, got = {}, {}
       local status, err = tide.run(function()
@@ -629,7 +629,7 @@ describe("tide.queue on " .. store.name, function()
         end
         local a = q:enqueue{ target = "t", method = "m" }
         q:enqueue_many{ { target = "t", method = "m" }, { target = "t", method = "m" } }
-        assert.equal("tide_insert,tide_insert_batch", prepared())
+        assert.equal("tide_draw_ids,tide_insert", prepared())   -- (the batch's rows go by COPY)
         local pid = sql("SELECT pg_backend_pid() AS pid")[1].pid
         local admin = require("tide.jobs.store.postgres").connect(url)
         admin:query("SELECT pg_terminate_backend($1)", pid)
@@ -659,6 +659,81 @@ describe("tide.queue on " .. store.name, function()
         local id = q:enqueue{ target = "t", method = "m" }              -- prepared now, not "does not exist"
         assert.equal("available", q:job(id).status)
         assert.equal(1, q:stats().total)
+      end)
+    end
+
+    it("brings back texts that COPY must escape, encrypted bytes and every number exactly", function()
+      local json = require "tide.jobs.json"
+      local texts = { "a\tb", "c\nd", "e\\f", "g\rh", "\\N", "\\.", "x\"y", "é€😀", "\\\\t", "", "\\x41", "a\0b" }
+      local list = {}
+      for i = 1, 1200 do
+        list[i] = { target = "t", method = "m", args = { s = texts[i % #texts + 1], n = i + 0.25, big = 2 ^ 53 - i,
+                                                         list = json.array(), t = { texts[(i + 5) % #texts + 1] } } }
+      end
+      list[600].args = nil
+      local ids, n = q:enqueue_many(list)
+      assert.equal(1200, n)
+      for i = 1, 1200 do
+        local got = q:job(ids[i]).args
+        if i == 600 then assert.is_nil(got) else assert(spec_helper.exact(list[i].args, got), "job " .. i) end
+      end
+      local q2 = tide.queue.open(url, { encryptor = {
+        encrypt = function(s) return "\0\t\n\\\r" .. s .. "\255\\." end,
+        decrypt = function(b) assert(b:sub(1, 5) == "\0\t\n\\\r" and b:sub(-3) == "\255\\.", "bytes changed"); return b:sub(6, -4) end } })
+      local eids = q2:enqueue_many{ { target = "t", method = "m", args = { "z\0z\t" } }, { target = "t", method = "m" } }
+      assert.same({ { "z\0z\t" }, nil }, { q2:job(eids[1]).args, q2:job(eids[2]).args })
+      q2:close()
+    end)
+
+    if store.name == "postgres" then
+      it("gives each job its own id when the ids drawn for a batch are not contiguous", function()
+        -- (a sequence stepping by 3 stands for other sessions' draws
+        -- between the batch's: the ids come back as a list)
+        sql("ALTER SEQUENCE tide_jobs_id_seq INCREMENT BY 3")
+        local list = {}
+        for i = 1, 5003 do list[i] = { target = "t", method = "m", args = { i = i } } end
+        local ids, n = q:enqueue_many(list)
+        assert.equal(5003, n)
+        for i = 1, 5003 do
+          if i > 1 then assert.equal(ids[i - 1] + 3, ids[i]) end
+          assert.equal(i, q:job(ids[i]).args.i)
+        end
+      end)
+
+      it("leaves nothing of a batch the server refuses halfway, and its connection serves the next one", function()
+        q:close()
+        q = tide.queue.open(url, { pool = 1 })
+        sql("ALTER TABLE tide_jobs ADD CONSTRAINT no_bad CHECK (method <> 'bad')")
+        local list = {}
+        for i = 1, 7000 do list[i] = { target = "t", method = i == 6500 and "bad" or "m", args = { i = i } } end
+        local ok, err = pcall(q.enqueue_many, q, list)
+        assert.is_false(ok)
+        assert.matches('violates check constraint "no_bad" %(SQLSTATE 23514%)', tostring(err))
+        assert.equal(0, q:stats().total)
+        list[6500].method = "m"
+        local ids, n = q:enqueue_many(list)
+        assert.same({ 7000, 7000, 6500 }, { n, #ids, q:job(ids[6500]).args.i })
+        -- inside the caller's transaction: its own row goes with the batch
+        ok = pcall(q.transaction, q, function(tx)
+          tx:enqueue{ target = "t", method = "m", args = { mine = true } }
+          list[1].method = "bad"
+          tx:enqueue_many(list)
+        end)
+        assert.is_false(ok)
+        assert.equal(7000, q:stats().total)
+      end)
+
+      it("leaves nothing of a batch whose task times out while its rows are sent", function()
+        local list = {}
+        for i = 1, 40000 do list[i] = { target = "t", method = "m", args = { i = i, pad = ("x"):rep(200) } } end
+        local status = spec_helper.run(function()
+          local t = tide.spawn{ run = function() return q:enqueue_many(list) end, timeout = 40 }
+          return (t:await())
+        end)
+        assert.equal("timeout", status)
+        assert.equal(0, q:stats().total)
+        local ids, n = q:enqueue_many{ { target = "t", method = "m" } }   -- the pool serves again
+        assert.same({ 1, "available" }, { n, q:job(ids[1]).status })
       end)
     end
 

@@ -397,6 +397,65 @@ describe("tide.worker on " .. store.name, function()
       assert.is_true(peak >= 5, ("at most %d of 20 concurrent jobs were inside their transactions at once"):format(peak))
     end)
 
+    it("gathers the outcomes of jobs that end one at a time into few commits, each job's once, also at a stop", function()
+      local seed = os.time()
+      math.randomseed(seed)
+      local own = tide.queue.open(os.getenv("TIDE_PG_URL"), { pool = 1 })   -- the jobs queue on one connection
+      own:transaction(function(tx)
+        tx:exec("DROP TABLE IF EXISTS gathered_effects")
+        tx:exec("CREATE TABLE gathered_effects (job bigint PRIMARY KEY)")
+      end)
+      local t = { m = function(_, job)
+        own:transaction(function(tx)
+          tx:exec("INSERT INTO gathered_effects (job) VALUES (?)", job.id)
+          tx:exec("SELECT pg_sleep(0.003)")       -- ~3 ms each, one after the other
+          if math.random() < 0.3 then tide.sleep(math.random(0, 3)) end
+        end)
+      end }
+      local function run(n, stop_after)
+        local heard, writes, written = {}, 0, 0
+        for _ = 1, n do q:enqueue{ target = "t", method = "m" } end
+        local st = with_worker(function()
+          local w = tide.worker{ queue = q, concurrency = 20, targets = { t = t },
+                                 on_outcome = function(ev) heard[#heard + 1] = ev end }
+          w.on_written = function(entries) writes, written = writes + 1, written + #entries end
+          if not stop_after then return w:drain{ stop = true } end
+          while #heard < stop_after do tide.sleep(1) end
+          w:stop(0)                           -- jobs gathered or running now: written, or released
+          return w:wait()
+        end)
+        return st, heard, writes, written
+      end
+      -- (a window long against a job's ~4 ms, so that one write per job, or
+      -- per two, as without gathering on a loaded machine, cannot pass)
+      local outcomes = require "tide.jobs.outcomes"
+      local window = outcomes.GATHER_MS
+      outcomes.GATHER_MS = 100
+      local ok, st, heard, writes, written = pcall(run, 60)
+      outcomes.GATHER_MS = window
+      assert(ok, st)
+      assert.same({ 60, 60, 60 }, { st.completed, #heard, written }, "seed " .. seed)
+      assert.is_true(writes <= 12, ("%d writes for 60 jobs that ended one at a time (seed %d)"):format(writes, seed))
+      st, heard = run(60, 10)
+      local by_id, counts = {}, {}
+      for _, ev in ipairs(heard) do
+        assert.is_nil(by_id[ev.job.id], "job " .. ev.job.id .. " heard twice (seed " .. seed .. ")")
+        by_id[ev.job.id] = ev.outcome
+        counts[ev.outcome] = (counts[ev.outcome] or 0) + 1
+      end
+      for id, outcome in pairs(by_id) do        -- the store says what each job's outcome said
+        local status = q:job(id).status
+        assert.equal(outcome == "completed" and "completed" or "available", status, ("job %d (seed %d)"):format(id, seed))
+      end
+      assert.same({ st.completed, st.released }, { counts.completed or 0, counts.released or 0 }, "seed " .. seed)
+      assert.is_true((counts.completed or 0) >= 10, "seed " .. seed)
+      local left = q:stats()
+      assert.equal(120, left.total)
+      assert.equal(0, left.executing or 0, "seed " .. seed)   -- nothing left leased: every claimed job settled
+      own:transaction(function(tx) tx:exec("DROP TABLE gathered_effects") end)
+      own:close()
+    end)
+
     it("claims on a connection of its own whose commits skip the WAL flush; outcomes and leases keep it", function()
       local function sync_of(store)
         local session = store:acquire("spec")

@@ -7,6 +7,10 @@
  *                                when a watched socket is ready
  *   conn:connect_poll() -> "read" | "write" | "ok" | nil, message
  *   conn:watch(id, readable, writable, keep_alive)   conn:unwatch()
+ *                                (a watch stays armed until unwatched: see
+ *                                conn_watch)
+ *   conn:input() -> boolean      something (bytes, or the end of the
+ *                                stream) waits on the socket, unread
  *   conn:wait(readable, writable, timeout_ms) -> ready  (blocking poll(2):
  *                                for callers outside the loop)
  *   conn:send(sql, ...) -> true | nil, message      ($1..$n bound as text; a string
@@ -24,6 +28,12 @@
  *   conn:sync() -> true | nil, message       ends the pipeline's statements
  *                                (a statement after a failed one is skipped:
  *                                its result is not ok, "skipped")
+ *   conn:put_copy(data) -> true | nil, message   queues bytes of a COPY ... FROM
+ *                                STDIN (after conn:result() said copy_in);
+ *                                conn:flush() sends them
+ *   conn:copy_end([error]) -> true | nil, message   ends the COPY's data (with
+ *                                an error message: fails the COPY instead);
+ *                                its result follows as any statement's
  *   conn:notifies() -> { { channel, payload }, ... } | nil
  *   conn:ok() -> boolean   conn:close()
  *
@@ -37,6 +47,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <math.h>
 
 #include <lauxlib.h>
@@ -72,6 +83,7 @@ struct watch {
   conn *owner;           /* valid while the watch is linked */
   int id;
   int sock;              /* the socket it watches */
+  int events;            /* what it was started with (valid while active) */
   watch *prev, *next;
 };
 
@@ -135,7 +147,12 @@ static void unwatch(conn *c) {
 
 /* conn:watch(id, readable, writable, keep_alive).  The watch follows the
  * connection's socket: libpq may open another one while it connects (the
- * next host of a multi-host URL), and a watch of the old one is replaced. */
+ * next host of a multi-host URL), and a watch of the old one is replaced.
+ * A watch already armed for the same events is left armed (only its id and
+ * keep_alive change): every uv_poll_start costs two epoll_ctl calls (a DEL,
+ * then an ADD), and a connection that runs statement after statement keeps
+ * one watch for all of them (strace: 12 epoll_ctl per job that commits its
+ * own transaction, 4 of them failing, before). */
 static int conn_watch(lua_State *L) {
   conn *c = check_conn(L);
   int id = (int)luaL_checkinteger(L, 2);
@@ -160,8 +177,11 @@ static int conn_watch(lua_State *L) {
   }
   c->w->id = id;
   if (keep) uv_ref((uv_handle_t *)&c->w->handle); else uv_unref((uv_handle_t *)&c->w->handle);
-  int rc = uv_poll_start(&c->w->handle, events | UV_DISCONNECT, on_poll);
+  events |= UV_DISCONNECT;
+  if (uv_is_active((uv_handle_t *)&c->w->handle) && c->w->events == events) return 0;
+  int rc = uv_poll_start(&c->w->handle, events, on_poll);
   if (rc != 0) return luaL_error(L, "%s: cannot watch the socket: %s", c->name, uv_strerror(rc));
+  c->w->events = events;
   return 0;
 }
 
@@ -349,6 +369,19 @@ static int conn_consume(lua_State *L) {
   return 1;
 }
 
+/* conn:input() -> true when bytes or the end of the stream wait on the
+ * socket unread (or the socket failed), false when nothing does: one
+ * non-blocking peek, where reading with PQconsumeInput to find out took
+ * two reads (see pg_conn's run). */
+static int conn_input(lua_State *L) {
+  conn *c = check_conn(L);
+  char byte;
+  ssize_t n;
+  do n = recv(PQsocket(c->pg), &byte, 1, MSG_PEEK | MSG_DONTWAIT); while (n < 0 && errno == EINTR);
+  lua_pushboolean(L, !(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)));
+  return 1;
+}
+
 static int conn_busy(lua_State *L) {
   lua_pushboolean(L, PQisBusy(check_conn(L)->pg));
   return 1;
@@ -357,6 +390,29 @@ static int conn_busy(lua_State *L) {
 static int conn_ok(lua_State *L) {
   conn *c = luaL_checkudata(L, 1, CONN_MT);
   lua_pushboolean(L, c->pg != NULL && PQstatus(c->pg) == CONNECTION_OK);
+  return 1;
+}
+
+/* ===== COPY ... FROM STDIN ===== */
+
+/* In non-blocking mode libpq grows its output buffer rather than refuse
+ * data, so 0 ("not queued, try again") comes only when it cannot: treated
+ * as the failure it is. */
+static int conn_put_copy(lua_State *L) {
+  conn *c = check_conn(L);
+  size_t len;
+  const char *data = luaL_checklstring(L, 2, &len);
+  if (len > INT_MAX) return luaL_error(L, "%s: COPY data too long", c->name);
+  if (PQputCopyData(c->pg, data, (int)len) != 1) return fail(L, c);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int conn_copy_end(lua_State *L) {
+  conn *c = check_conn(L);
+  const char *err = luaL_optstring(L, 2, NULL);
+  if (PQputCopyEnd(c->pg, err) != 1) return fail(L, c);
+  lua_pushboolean(L, 1);
   return 1;
 }
 
@@ -414,7 +470,7 @@ static int result_gc(lua_State *L) {
   return 0;
 }
 
-/* conn:result() -> nil | { ok, rows, changes, sqlstate, message } */
+/* conn:result() -> nil | { ok, rows, changes, sqlstate, message, copy_in } */
 static int conn_result(lua_State *L) {
   conn *c = check_conn(L);
   result_ud *u = lua_newuserdata(L, sizeof *u);       /* before the result: it may raise */
@@ -436,10 +492,14 @@ static int conn_result(lua_State *L) {
     if (!PQexitPipelineMode(c->pg)) return fail(L, c);
     return 0;
   }
-  int ok = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK || st == PGRES_EMPTY_QUERY;
+  int ok = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK || st == PGRES_EMPTY_QUERY || st == PGRES_COPY_IN;
   lua_createtable(L, 0, 5);
   lua_pushboolean(L, ok);
   lua_setfield(L, -2, "ok");
+  if (st == PGRES_COPY_IN) {                        /* the server waits for the data: conn:put_copy */
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "copy_in");
+  }
   if (st == PGRES_TUPLES_OK) {
     push_rows(L, r);
     lua_setfield(L, -2, "rows");
@@ -531,9 +591,10 @@ static int l_on_ready(lua_State *L) {
 static const luaL_Reg conn_methods[] = {
   { "watch", conn_watch }, { "unwatch", conn_unwatch }, { "wait", conn_wait },
   { "connect_poll", conn_connect_poll }, { "send", conn_send }, { "flush", conn_flush },
-  { "consume", conn_consume }, { "busy", conn_busy }, { "result", conn_result },
+  { "consume", conn_consume }, { "input", conn_input }, { "busy", conn_busy }, { "result", conn_result },
   { "pipeline", conn_pipeline }, { "sync", conn_sync },
   { "prepare", conn_prepare }, { "send_prepared", conn_send_prepared },
+  { "put_copy", conn_put_copy }, { "copy_end", conn_copy_end },
   { "notifies", conn_notifies }, { "ok", conn_ok }, { "close", conn_close }, { NULL, NULL }
 };
 

@@ -4,6 +4,8 @@
 # The server (spec/pg.sh, in a temporary directory, on a free loopback port)
 # keeps PostgreSQL's default durability: fsync on, synchronous_commit on.
 # bench/run.sh calls this; alone, from the repository root: sh bench/pg/run.sh
+# TIDE_BENCH_PG_PORT: the port(s) to try (default 55491-55495), for a
+# session that was given ports of its own.
 # Exit status: 0 when the benchmark ran (or PostgreSQL is not installed:
 # it says so and skips), 1 when it failed.
 BUILD=${BUILD:-build}
@@ -21,7 +23,7 @@ fi
 top=$(mktemp -d /tmp/tide-bench-pg-server.XXXXXX) || exit 1
 chmod 755 "$top"                              # the server runs as postgres when we are root
 url=""
-for port in 55491 55492 55493 55494 55495; do
+for port in ${TIDE_BENCH_PG_PORT:-55491 55492 55493 55494 55495}; do
   url=$(sh spec/pg.sh start "$top/cluster" "$port" -c max_connections=200 2>"$top/start.log") && break
   url=""
 done

@@ -33,17 +33,23 @@ local conns = setmetatable({}, { __mode = "v" })   -- id -> Conn, for the ready 
 local next_id = 0
 M.CONNECT_TIMEOUT = 10000
 
+-- A statement's task waits on the connection's watch; once woken it runs
+-- before the loop polls again (the run queue goes first), reads what came,
+-- and the socket is quiet: the watch stays armed for the next statement
+-- (see conn:watch in src/lua_pg.c: no epoll_ctl per statement).  A
+-- callback that finds nobody waiting stops it: the socket is level-
+-- triggered, and would be reported again and again.
 core.pg_on_ready(function(id)
   local c = conns[id]
   if not c or not c.pg then return end
-  c.pg:unwatch()                          -- one-shot: a level-triggered socket would spin
   local w = c.waiter
   if w then
     c.waiter = false
     S.wake(w[1], w[2])
-  elseif c.on_notify then
-    c:notified()
+    return
   end
+  c.pg:unwatch()
+  if c.on_notify then c:notified() end
 end)
 
 local in_task = S.in_task
@@ -78,7 +84,8 @@ local function wait_io(c, r, w, ms)
     local timed_out = c.waiter ~= false
     c.waiter = false
     if not c.pg then error(c.name .. ": connection closed while a statement waited on it", 0) end
-    c.pg:unwatch()
+    if timed_out then c.pg:unwatch()
+    else c.pg:watch(c.id, r, w, false) end   -- armed, but keeps no loop alive while idle
     return not timed_out
   end
   return c.pg:wait(r, w, ms or -1)
@@ -176,20 +183,56 @@ end
 --- waits to begin: see Conn:begin) and reads its results; returns the last.
 --- `name`: the statement is prepared on the connection under that name
 --- (the Parse goes in the same pipeline the first time: see Conn:prepared).
-local function run(c, name, sql, ...)
+--- Makes sure c has a live connection before a statement is sent.
+local function live(c)
   -- Broken, or closed by the server while idle (a restart): reading what
   -- waits on the socket tells, before we send.  (Twice: a server that
   -- stopped sent an error, then closed; one read may return the error
-  -- alone, the second finds the end of the stream.)
+  -- alone, the second finds the end of the stream.)  A peek first: when
+  -- nothing waits, as before almost every statement, one syscall instead of
+  -- two reads that fail with EAGAIN.
   local pg = c.pg
-  if pg and (not pg:consume() or not pg:consume() or not pg:ok() or pg:result()) then drop(c) end
+  if pg and (not pg:ok() or pg:input() and (not pg:consume() or not pg:consume() or not pg:ok() or pg:result())) then
+    drop(c)
+  end
   if not c.pg then
     if c.tx and not c.begin_next then
       error(c.name .. ": connection lost during a transaction (the server rolled it back)", 0)
     end
     connect(c)                                -- (a transaction not begun yet begins on the new one)
   end
-  pg = c.pg
+  return c.pg
+end
+
+--- Sends what libpq holds for the server, waiting for the socket as needed.
+local function flush_all(c, pg)
+  while true do
+    local more, ferr = pg:flush()
+    if not more then lost(c, ferr) end
+    if more == 0 then return end
+    wait_io(c, true, true)
+  end
+end
+
+--- The next result of the statement under way (waiting for it), or nil.
+local function next_result(c, pg)
+  while pg:busy() do
+    wait_io(c, true, false)
+    if not c.pg then lost(c, "closed while waiting") end
+    local cok, cerr = pg:consume()
+    if not cok then lost(c, cerr) end
+  end
+  local r, rerr = pg:result()
+  if r == nil and rerr then lost(c, rerr) end
+  return r
+end
+
+local function raise(c, failure)
+  error(format("%s: %s (SQLSTATE %s)", c.name, failure.message or "error", failure.sqlstate or "?????"), 0)
+end
+
+local function run(c, name, sql, ...)
+  local pg = live(c)
   local ok, err
   local parse = name and not c.parsed[name]
   local dealloc = parse and c.deallocate_next
@@ -212,25 +255,11 @@ local function run(c, name, sql, ...)
     ok, err = pg:send(sql, ...)
   end
   if not ok then lost(c, err) end
-  while true do
-    local more, ferr = pg:flush()
-    if not more then lost(c, ferr) end
-    if more == 0 then break end
-    wait_io(c, true, true)
-  end
+  flush_all(c, pg)
   local last, failure, k = nil, nil, 0
   while true do
-    while pg:busy() do
-      wait_io(c, true, false)
-      if not c.pg then lost(c, "closed while waiting") end
-      local cok, cerr = pg:consume()
-      if not cok then lost(c, cerr) end
-    end
-    local r, rerr = pg:result()             -- (false: a statement of a pipeline ended; more come)
-    if r == nil then
-      if rerr then lost(c, rerr) end
-      break
-    end
+    local r = next_result(c, pg)            -- (false: a statement of a pipeline ended; more come)
+    if r == nil then break end
     if r then
       k = k + 1
       if k == parse_at and r.ok then c.parsed[name] = true end
@@ -241,10 +270,53 @@ local function run(c, name, sql, ...)
   end
   if failure then
     if name and SESSION_CHANGED[failure.sqlstate] then forget_prepared(c) end
-    error(format("%s: %s (SQLSTATE %s)", c.name, failure.message or "error", failure.sqlstate or "?????"), 0)
+    raise(c, failure)
   end
   return last
 end
+
+--- Runs `sql`, a COPY ... FROM STDIN, with the data produce(put) gives
+--- (it calls put(text) for each piece, in order): each piece is sent as it
+--- comes, so the server parses and inserts the first rows while the
+--- caller encodes the next.  Not in a pipeline (libpq has no COPY there):
+--- a BEGIN or setup still waiting goes first, in a round trip of its own.
+--- If produce raises, the COPY fails (nothing of it stays) and the error
+--- is raised again once the server has said so.
+local function run_copy(c, _, sql, produce)
+  if c.setup_next or c.begin_next then run(c, nil, "SELECT 1") end
+  local pg = live(c)
+  local ok, err = pg:send(sql)
+  if not ok then lost(c, err) end
+  flush_all(c, pg)
+  local r = next_result(c, pg)
+  if not (r and r.copy_in) then               -- the COPY itself failed (or was not one)
+    local failure = r and not r.ok and r
+    while r do r = next_result(c, pg) end
+    if failure then raise(c, failure) end
+    error(c.name .. ": not a COPY ... FROM STDIN statement", 0)
+  end
+  local produced, perr = pcall(produce, function(text)
+    local sent, serr = pg:put_copy(text)
+    if not sent then lost(c, serr) end
+    if not pg:flush() then lost(c, "could not send") end  -- (what the socket takes now; the rest later)
+  end)
+  if not c.pg then error(perr, 0) end          -- (the connection was lost while sending)
+  ok, err = pg:copy_end(not produced and "tide: the data of the COPY failed" or nil)
+  if not ok then lost(c, err) end
+  flush_all(c, pg)
+  local last, failure = nil, nil
+  while true do
+    r = next_result(c, pg)
+    if r == nil then break end
+    if not r.ok and not failure then failure = r end
+    last = r
+  end
+  if not produced then error(perr, 0) end
+  if failure then raise(c, failure) end
+  return last
+end
+
+local COPY = {}                               -- (query's `name` for a COPY: run_copy)
 
 local function query(self, name, sql, ...)
   local holder = self.running
@@ -260,7 +332,7 @@ local function query(self, name, sql, ...)
   local t = in_task() and S.current()
   self.running = t and { t, S.attempt_of(t) } or true
   self.replanned = false
-  local ok, res = pcall(run, self, name, sql, ...)
+  local ok, res = pcall(name == COPY and run_copy or run, self, name, sql, ...)
   -- The session's prepared statements were not what we thought (see
   -- SESSION_CHANGED): the statement did not run.  Outside a transaction
   -- it runs once more, prepared again; inside one, the transaction is
@@ -288,6 +360,13 @@ end
 --- failed is not taken for done.  `name` must name this one `sql`.
 function Conn:prepared(name, sql, ...)
   local res = query(self, not self.unprepared and name or nil, sql, ...)
+  return res
+end
+
+--- Runs a COPY ... FROM STDIN with the data produce(put) gives (see
+--- run_copy); returns { ok, changes } (changes: the rows copied).
+function Conn:copy(sql, produce)
+  local res = query(self, COPY, sql, produce)
   return res
 end
 

@@ -1,0 +1,113 @@
+-- spec/pg_conn_spec.lua — a PostgreSQL connection's watch on the loop: armed from one statement to the next.
+--
+-- Between two statements a connection's watch stays armed (no epoll_ctl per
+-- statement), unreferenced: these specs attack what that could break — a
+-- loop kept alive by idle connections, a server that closes an idle
+-- connection whose watch nobody waits on, tasks whose statements interleave
+-- on many connections, a statement cut off by its task's timeout.
+local H = require "spec.helper"
+local tide = require "tide"
+local pg = require "tide.jobs.store.postgres"
+
+local URL = os.getenv("TIDE_PG_URL")
+if not URL then
+  pending("tide.jobs.store.pg_conn needs a PostgreSQL server (TIDE_PG_URL, as spec/run.sh sets)")
+  return
+end
+
+local function backend_pid(q)
+  return q:transaction(function(tx) return tx:query("SELECT pg_backend_pid() AS pid")[1].pid end)
+end
+
+--- Ends backend `pid` and waits until its process is gone, and with it
+--- its end of the socket (it leaves pg_stat_activity before that; the
+--- server runs on this machine: spec/pg.sh).
+local function terminate(pid)
+  local admin = pg.connect(URL)
+  admin:query("SELECT pg_terminate_backend($1)", pid)
+  admin:close()
+  for _ = 1, 500 do
+    local f = io.open("/proc/" .. pid .. "/stat")
+    if not f then return end
+    f:close()
+    os.execute("sleep 0.01")
+  end
+  error("backend " .. pid .. " still there 5 s after pg_terminate_backend")
+end
+
+describe("tide.jobs.store.pg_conn", function()
+  after_each(H.assert_idle)
+
+  it("lets the loop end while idle connections keep their watches armed", function()
+    local q
+    local n = H.run(function()
+      q = tide.queue.open(URL, { pool = 3 })
+      local tasks = {}
+      for i = 1, 3 do
+        tasks[i] = tide.spawn(function() return q:transaction(function(tx) return tx:query("SELECT 1 AS one")[1].one end) end)
+      end
+      local sum = 0
+      for i = 1, 3 do local _, v = tasks[i]:await(); sum = sum + v end
+      return sum
+    end)
+    assert.equal(3, n)                        -- (H.run returned: no idle watch kept the loop running)
+    q:close()
+  end)
+
+  it("notices an idle connection the server closed while its watch was armed, and connects again", function()
+    local q = tide.queue.open(URL, { pool = 1 })
+    H.run(function()
+      local before = backend_pid(q)           -- the watch is armed now, nobody waits on it
+      terminate(before)
+      tide.sleep(20)                          -- the loop polls: the closed socket is reported to nobody
+      local after = backend_pid(q)            -- a new session, not "connection lost"
+      assert.is_not.equal(before, after)
+      terminate(after)                        -- and once more, without the loop polling in between
+      assert.is_not.equal(after, backend_pid(q))
+    end)
+    q:close()
+  end)
+
+  it("gives each of many interleaved tasks its own statements' results", function()
+    local seed = os.time()
+    math.randomseed(seed)
+    local q = tide.queue.open(URL, { pool = 7 })
+    local wrong = H.run(function()
+      local tasks, bad = {}, 0
+      for i = 1, 60 do
+        tasks[i] = tide.spawn(function()
+          for k = 1, 5 do
+            local v = q:transaction(function(tx)
+              local a = tx:query("SELECT $1::int AS v", i * 100 + k)[1].v
+              if math.random() < 0.5 then tide.sleep(math.random(0, 3)) end
+              return a + tx:query("SELECT $1::int AS v, pg_sleep($2)", 0, math.random(0, 2) / 1000)[1].v
+            end)
+            if v ~= i * 100 + k then bad = bad + 1 end
+          end
+        end)
+      end
+      for i = 1, 60 do
+        local st, err = tasks[i]:await()
+        assert(st == "ok", tostring(err) .. " (seed " .. seed .. ")")
+      end
+      return bad
+    end)
+    assert.equal(0, wrong, "seed " .. seed)
+    q:close()
+  end)
+
+  it("leaves a connection usable after a statement cut off by its task's timeout", function()
+    local q = tide.queue.open(URL, { pool = 1 })
+    H.run(function()
+      local t = tide.spawn{ timeout = 30, run = function()
+        q:transaction(function(tx) tx:query("SELECT pg_sleep(2)") end)
+      end }
+      local st = t:await()
+      assert.equal("timeout", st)
+      for i = 1, 3 do
+        assert.equal(i, q:transaction(function(tx) return tx:query("SELECT $1::int AS v", i)[1].v end))
+      end
+    end)
+    q:close()
+  end)
+end)
