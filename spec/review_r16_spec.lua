@@ -159,7 +159,7 @@ describe("review r16: enqueue_many by COPY", function()
     q:close()
     q = tide.queue.open(url, { pool = 1, pool_timeout = 20000 })
     local list = {}
-    for i = 1, 12000 do list[i] = { target = "t", method = "m", args = { i = i, pad = ("p\t\\"):rep(30) } } end
+    for i = 1, 6000 do list[i] = { target = "t", method = "m", args = { i = i, pad = ("p\t\\"):rep(30) } } end
     local expect = 0
     for round = 1, 12 do
       local how = round % 3                  -- 0: own batch; 1: in a transaction; 2: cancelled by another task
@@ -179,7 +179,6 @@ describe("review r16: enqueue_many by COPY", function()
         return (t:await())
       end)
       if status == "ok" then expect = expect + #list + (how == 1 and 2 or 0) end
-      io.stderr:write(("round %d how %d cut %d: %s\n"):format(round, how, cut, status))
       local n = count()
       assert(n == expect, ("seed %d round %d (%s after %d ms): %d rows, %d expected")
         :format(SEED, round, status, cut, n, expect))
