@@ -723,6 +723,35 @@ describe("tide.queue on " .. store.name, function()
         assert.equal(7000, q:stats().total)
       end)
 
+      it("runs a connection's setup alone, before a first COPY, inside a transaction or not, or a failing first statement", function()
+        local pg_conn = require "tide.jobs.store.pg_conn"
+        sql("DROP TABLE IF EXISTS copied")
+        sql("CREATE TABLE copied (n integer, app text DEFAULT current_setting('application_name'))")
+        spec_helper.run(function()
+          local c = pg_conn.new(url, "copy spec", "SET application_name = 'tide_copy_setup'")
+          c:begin()                                          -- (its BEGIN waits for the first statement)
+          local res = c:copy("COPY copied (n) FROM STDIN", function(put) put("1\n2\n"); put("3\n") end)
+          assert.equal(3, res.changes)
+          c:finish("ROLLBACK")
+          assert.equal(0, c:query("SELECT count(*) AS n FROM copied").rows[1].n)
+          res = c:copy("COPY copied (n) FROM STDIN", function(put) put("4\n") end)
+          assert.same({ { n = 4, app = "tide_copy_setup" } }, c:query("SELECT n, app FROM copied").rows)
+          local ok, err = pcall(c.copy, c, "COPY copied (n) FROM STDIN", function(put) put("5\n"); error("bad data", 0) end)
+          assert.same({ false, "bad data" }, { ok, err })
+          ok, err = pcall(c.copy, c, "COPY copied (n) FROM STDIN", function(put) put("six\n") end)
+          assert.is_false(ok)
+          assert.matches("invalid input syntax for type integer.*%(SQLSTATE 22P02%)", err)
+          assert.equal(1, c:query("SELECT count(*) AS n FROM copied").rows[1].n)   -- and it serves on
+          c:close()
+          -- a first statement that fails leaves the setup in place too
+          c = pg_conn.new(url, "copy spec", "SET application_name = 'tide_copy_setup'")
+          assert.is_false((pcall(c.query, c, "SELECT 1 / 0")))
+          assert.equal("tide_copy_setup", c:query("SHOW application_name").rows[1].application_name)
+          c:close()
+        end)
+        sql("DROP TABLE copied")
+      end)
+
       it("leaves nothing of a batch whose task times out while its rows are sent", function()
         local list = {}
         for i = 1, 40000 do list[i] = { target = "t", method = "m", args = { i = i, pad = ("x"):rep(200) } } end

@@ -13,7 +13,7 @@
 --            PostgreSQL, a watch on the -wal file on SQLite (any process).
 --   perform  target[method](args, job) runs as a tide task (timeout and mode
 --            per target).  Its outcome is recorded by the flusher task, which
---            writes every outcome of a tick in one transaction: completed;
+--            writes the outcomes of a tick (PostgreSQL: of <= 10 ms) in one commit: completed;
 --            retryable at now + backoff; discarded after the last attempt
 --            (tide.jobs.outcomes: counted only once the store took it).
 --   lease    the heartbeat task extends the leases of running jobs; a job

@@ -61,7 +61,7 @@ end
 
 --- A connection (not yet connected: the first statement connects).
 --- `setup`: a statement (no parameters) that runs first on every
---- connection it opens, sent with the first statement (one round trip).
+--- connection it opens, in a round trip of its own before the first statement.
 --- `prepare` false: Conn:prepared sends its statements unprepared.
 function M.new(info, name, setup, prepare)
   next_id = next_id + 1
@@ -250,16 +250,27 @@ end
 
 local function run(c, name, sql, ...)
   local pg = live(c)
+  -- A new connection's setup (a SET) runs alone, in a round trip of its
+  -- own: in one pipeline with what follows it joined that statement's
+  -- transaction (a BEGIN's, or the pipeline's implicit one), whose
+  -- ROLLBACK or failure undid it for the connection's whole life.
+  if c.setup_next then
+    local begin = c.begin_next
+    c.setup_next, c.begin_next = false, false
+    local ok, err = pcall(run, c, nil, c.setup)
+    c.begin_next = begin
+    if not ok then c.setup_next = c.pg and true; error(err, 0) end
+    pg = c.pg
+  end
   local ok, err
   local parse = name and not c.parsed[name]
   local dealloc = parse and c.deallocate_next
   local parse_at, dealloc_at = false, false   -- (which results are the Parse's, the DEALLOCATE's)
-  if c.setup_next or c.begin_next or parse then   -- one pipeline: [setup;] [BEGIN;] [DEALLOCATE ALL;] [Parse;] the statement
+  if c.begin_next or parse then               -- one pipeline: [BEGIN;] [DEALLOCATE ALL;] [Parse;] the statement
     ok, err = pg:pipeline()
     local before = 0
-    if ok and c.setup_next then ok, err = pg:send(c.setup); before = before + 1 end
     if ok and c.begin_next then ok, err = pg:send("BEGIN"); before = before + 1 end
-    c.setup_next, c.begin_next = false, false
+    c.begin_next = false
     if ok and dealloc then ok, err = pg:send("DEALLOCATE ALL"); before = before + 1; dealloc_at = before end
     if ok and parse then ok, err = pg:prepare(name, sql); parse_at = before + 1 end
     if ok then
@@ -301,8 +312,9 @@ end
 --- If produce raises, the COPY fails (nothing of it stays) and the error
 --- is raised again once the server has said so.
 local function run_copy(c, _, sql, produce)
+  live(c)                                     -- (a new connection's setup goes first)
   if c.setup_next or c.begin_next then run(c, nil, "SELECT 1") end
-  local pg = live(c)
+  local pg = c.pg
   local ok, err = pg:send(sql)
   if not ok then lost(c, err) end
   flush_all(c, pg)
