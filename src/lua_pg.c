@@ -470,7 +470,7 @@ static int result_gc(lua_State *L) {
   return 0;
 }
 
-/* conn:result() -> nil | { ok, rows, changes, sqlstate, message, copy_in } */
+/* conn:result() -> nil | { ok, rows, changes, sqlstate, message, copy_in, copy_out } */
 static int conn_result(lua_State *L) {
   conn *c = check_conn(L);
   result_ud *u = lua_newuserdata(L, sizeof *u);       /* before the result: it may raise */
@@ -499,6 +499,9 @@ static int conn_result(lua_State *L) {
   if (st == PGRES_COPY_IN) {                        /* the server waits for the data: conn:put_copy */
     lua_pushboolean(L, 1);
     lua_setfield(L, -2, "copy_in");
+  } else if (st == PGRES_COPY_OUT || st == PGRES_COPY_BOTH) {  /* data no caller reads: until the */
+    lua_pushboolean(L, 1);                                      /* connection closes, PQgetResult  */
+    lua_setfield(L, -2, "copy_out");                            /* returns this result again       */
   }
   if (st == PGRES_TUPLES_OK) {
     push_rows(L, r);

@@ -231,6 +231,23 @@ local function raise(c, failure)
   error(format("%s: %s (SQLSTATE %s)", c.name, failure.message or "error", failure.sqlstate or "?????"), 0)
 end
 
+--- A COPY that a statement of the caller's own started (only Conn:copy
+--- sends COPY data): libpq hands its result out again at every call until
+--- the COPY ends, so it is ended here.  FROM STDIN: the server is told the
+--- data failed, and its error follows as the statement's; TO STDOUT: the
+--- data is not read here, so the connection is closed (the server rolls
+--- back).  Returns the result to take for the statement.
+local function copy_refused(c, pg, r)
+  if r.copy_out then
+    drop(c)
+    error(c.name .. ": COPY ... TO STDOUT is not supported (its connection was closed)", 0)
+  end
+  local ok, err = pg:copy_end("tide: COPY ... FROM STDIN is sent by enqueue_many only")
+  if not ok then lost(c, err) end
+  flush_all(c, pg)
+  return { ok = false, sqlstate = "0A000", message = "COPY ... FROM STDIN is not supported" }
+end
+
 local function run(c, name, sql, ...)
   local pg = live(c)
   -- A new connection's setup (a SET) runs alone, in a round trip of its
@@ -271,6 +288,7 @@ local function run(c, name, sql, ...)
   while true do
     local r = next_result(c, pg)            -- (false: a statement of a pipeline ended; more come)
     if r == nil then break end
+    if r and (r.copy_in or r.copy_out) then r = copy_refused(c, pg, r) end
     if r then
       k = k + 1
       if k == parse_at and r.ok then c.parsed[name] = true end
