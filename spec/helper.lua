@@ -60,6 +60,21 @@ function H.assert_idle()
   assert.equal(0, st.active_handles, "handles left active")
 end
 
+--- For tests whose callbacks fail on purpose: quiet_start() before each
+--- makes the error sink count and notes the pending timers; quiet_end()
+--- after each prints errors again and checks that nothing is left live and
+--- no timer the test made is left pending.
+function H.quiet_start()
+  H.quiet_errors()
+  H.timers0 = require("tide").stats().timers
+end
+
+function H.quiet_end()
+  H.loud_errors()
+  H.assert_idle()
+  require("luassert").equal(H.timers0, require("tide").stats().timers, "timers left pending")
+end
+
 --- tide.run(fn) for specs: an error (a failed assertion) inside fn fails
 --- the spec, and shuts the loop down at once, so tasks fn left behind
 --- (a ticker waiting for a flag fn never set) cannot keep it running.

@@ -17,16 +17,8 @@ teardown(function() os.execute("rm -rf " .. dir) end)
 local C_CALL = "cannot wait inside a C call (a __gc finalizer, a debug hook, a function a C function calls)"
 
 describe("review r21sl: a wait", function()
-  local timers0
-  before_each(function()
-    H.quiet_errors()
-    timers0 = tide.stats().timers
-  end)
-  after_each(function()
-    H.loud_errors()
-    H.assert_idle()
-    assert.equal(timers0, tide.stats().timers, "timers left pending")
-  end)
+  before_each(H.quiet_start)
+  after_each(H.quiet_end)
 
   -- A finalizer that waits runs inside the allocation of the task's own
   -- await, between wait_begin and the yield: its wait passed the check,

@@ -18,16 +18,8 @@ teardown(function() os.execute("rm -rf " .. dir) end)
 local NESTED = "cannot wait inside a nested coroutine, only in the task's own"
 
 describe("a wait", function()
-  local timers0
-  before_each(function()
-    H.quiet_errors()
-    timers0 = tide.stats().timers
-  end)
-  after_each(function()
-    H.loud_errors()
-    H.assert_idle()
-    assert.equal(timers0, tide.stats().timers, "timers left pending")
-  end)
+  before_each(H.quiet_start)
+  after_each(H.quiet_end)
 
   it("is refused in a coroutine the task made, however deep or resumed, and the task goes on", function()
     local errs, after = H.run(function()
