@@ -8,7 +8,9 @@
 -- pool (tide.jobs.store.pool), one holder each; a second statement while
 -- one is under way is a bug of the caller and raises.  A holder whose
 -- attempt ended mid-statement leaves the connection to the pool's reset,
--- which closes it (the server rolls back what it had open).
+-- which closes it (the server rolls back what it had open).  Its COMMIT,
+-- if already sent, cannot be taken back: the server decides, and the
+-- transaction is whole or absent; the error sink is told (a warning).
 --
 -- Losses: a statement on a connection that broke fails with an error that
 -- names the store ("connection lost: ...").  An idle connection that the
@@ -18,6 +20,7 @@
 -- "connection lost during a transaction", never runs outside it.
 local core = require "tide.core"
 local S = require "tide.engine.sched"
+local log = require "tide.engine.log"
 local spawn = require("tide.engine.task").spawn
 
 local error, ipairs, tostring, format = error, ipairs, tostring, string.format
@@ -67,7 +70,7 @@ function M.new(info, name, setup, prepare)
   next_id = next_id + 1
   local c = setmetatable({ info = info, name = name, id = next_id, pg = false, waiter = false,
                            unprepared = prepare == false,
-                           running = false, tx = false, begin_next = false, on_notify = false,
+                           running = false, tx = false, begin_next = false, ending = false, on_notify = false,
                            setup = setup or false, setup_next = false, parsed = {},
                            deallocate_next = false, replanned = false }, Conn)
   conns[next_id] = c
@@ -103,6 +106,12 @@ M.drop = drop
 --- Forgets whatever the connection was doing (its holder is gone): closed,
 --- so the server rolls back; the next statement connects again.
 function Conn:reset()
+  if self.ending == "COMMIT" and self.pg then
+    -- Sent, or about to be: closing the socket cannot take it back, and
+    -- the server commits or rolls back the transaction whole, unheard.
+    log.warn(self.name, "a transaction's task ended (cancelled or timed out) while its COMMIT was in flight: "
+      .. "the server may have committed it")
+  end
   drop(self)
   self.running, self.tx, self.waiter, self.begin_next = false, false, false, false
 end
@@ -129,7 +138,10 @@ function Conn:finish(sql)
     self.begin_next, self.tx = false, false
     return
   end
-  self:query(sql)
+  self.ending = sql
+  local ok, err = pcall(self.query, self, sql)
+  self.ending = false
+  if not ok then error(err, 0) end
   self.tx = false
 end
 
