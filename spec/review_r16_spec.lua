@@ -204,10 +204,11 @@ describe("review r16: enqueue_many by COPY", function()
   end)
 
   it("tells the error sink when a task is cut while its COMMIT is in flight: the server commits it whole, or not at all", function()
-    -- A deferred trigger runs at COMMIT: the server holds the COMMIT 300 ms
-    -- (then, on the second table, refuses it), and the task is cut at 100.
+    -- A deferred trigger runs at COMMIT: the server holds the COMMIT 1 s
+    -- (then, on the second table, refuses it), and the task is cut at 500 ms,
+    -- long after its statements (a few ms, tens under ASan) were done.
     sql([[CREATE OR REPLACE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-          BEGIN PERFORM pg_sleep(0.3);
+          BEGIN PERFORM pg_sleep(1);
                 IF TG_TABLE_NAME = 'refused' THEN RAISE EXCEPTION 'refused at commit'; END IF;
                 RETURN NULL; END $$]])
     for _, t in ipairs{ "slow", "refused" } do
@@ -219,8 +220,8 @@ describe("review r16: enqueue_many by COPY", function()
     q:close()
     q = tide.queue.open(url, { pool = 1 })
     local list = {}
-    for i = 1, 2000 do list[i] = { target = "t", method = "m", args = { i = i } } end
-    for _, case in ipairs{ { "slow", "cancel", 2002 }, { "slow", "timeout", 4004 }, { "refused", "cancel", 4004 } } do
+    for i = 1, 200 do list[i] = { target = "t", method = "m", args = { i = i } } end
+    for _, case in ipairs{ { "slow", "cancel", 202 }, { "slow", "timeout", 404 }, { "refused", "cancel", 404 } } do
       local tbl, how, rows = case[1], case[2], case[3]
       local warned = 0
       tide.configure{ on_error = function(where, msg)
@@ -229,7 +230,7 @@ describe("review r16: enqueue_many by COPY", function()
         warned = warned + 1
       end }
       local status = spec_helper.run(function()
-        local t = tide.spawn{ timeout = how == "timeout" and 100 or nil, run = function()
+        local t = tide.spawn{ timeout = how == "timeout" and 500 or nil, run = function()
           q:transaction(function(tx)
             tx:exec("INSERT INTO " .. tbl .. " VALUES (1)")
             tx:enqueue_many(list)
@@ -237,15 +238,15 @@ describe("review r16: enqueue_many by COPY", function()
             tx:enqueue{ target = "t", method = "m" }
           end)
         end }
-        if how == "cancel" then tide.sleep(100); t:cancel("cut") end
+        if how == "cancel" then tide.sleep(500); t:cancel("cut") end
         return (t:await())
       end)
       spec_helper.loud_errors()
       assert.equal(how == "cancel" and "cancelled" or "timeout", status)
       assert.equal(1, warned)
-      spec_helper.run(function() tide.sleep(400) end)   -- (the server is done with the COMMIT it was sent)
+      spec_helper.run(function() tide.sleep(700) end)   -- (the server is done with the COMMIT it was sent)
       assert.equal(rows, count(), tbl .. " " .. how)
-      assert.equal(tbl == "slow" and rows / 2002 or 0, sql("SELECT count(*) AS n FROM " .. tbl)[1].n)
+      assert.equal(tbl == "slow" and rows / 202 or 0, sql("SELECT count(*) AS n FROM " .. tbl)[1].n)
       assert.same({ size = 1, open = 1, busy = 0, waiting = 0 }, q:stats().pool)
     end
   end)
