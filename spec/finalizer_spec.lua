@@ -198,3 +198,218 @@ describe("finalizers", function()
     assert.matches("survived, reported 10000", out)
   end)
 end)
+
+-- ===== finalizers that call the job store
+--
+-- A store call inside a __gc finalizer is refused, first thing, with an
+-- error that names it (tide.jobs.transaction, not_in_finalizer): the
+-- collector runs the finalizer amid other code, which may be in the middle
+-- of a statement on the store's connection or inside its own transaction.
+-- And before the refusal came first, such a call hung the process on
+-- LuaJIT before 2023-08: encoding the job's args walked them with pairs(),
+-- a loop compiled for other args, whose trace exits back to its own head
+-- for ever inside a finalizer (tide.engine.finalizers' header).  Each case
+-- runs in a child process with a deadline: a hang is an exit status 124.
+-- The first finalizers warm that loop on one shape of args and hand it
+-- another; the pause of 10 makes the collector run its cycles (and the
+-- finalizers) while the store call under test runs.
+
+local REFUSED = "cannot run inside a __gc finalizer (the collector runs it amid other code, which may be using "
+  .. "this store's connection or be inside a transaction); spawn a task for it: tide.spawn(function() ... end)"
+
+-- The child's prelude: q (pool 1), bombs(n, fn) leaves n proxies whose
+-- finalizer runs pcall(fn) and counts the outcome, report() prints the counts.
+local PRELUDE = [[
+local tide = require "tide"
+local q = tide.queue.open(os.getenv("URL"), { pool = 1 })
+local REFUSED = "cannot run inside a __gc finalizer"
+local fired, refused, other, first = 0, 0, {}, nil
+local function outcome(ok, err)
+  fired = fired + 1
+  if ok then other[#other + 1] = "succeeded"
+  elseif tostring(err):find(REFUSED, 1, true) then refused = refused + 1; first = first or tostring(err)
+  else other[#other + 1] = tostring(err) end
+end
+local function bombs(n, fn)
+  for _ = 1, n do
+    local p = newproxy(true)
+    getmetatable(p).__gc = function() outcome(pcall(fn)) end
+  end
+end
+local function report(extra)
+  print(("fired %d refused %d other %d %s"):format(fired, refused, #other, extra or ""))
+  print("first: " .. tostring(first))
+  for i = 1, math.min(#other, 5) do print("other: " .. other[i]) end
+end
+local function new_shape() return { target = "t", method = "m", args = { from = "gc", list = { 1, 2 } } } end
+collectgarbage("setpause", 10)
+]]
+
+for _, store in ipairs(H.stores()) do
+  describe("finalizers and the job store (" .. store.name .. ")", function()
+    local db
+
+    before_each(function() db = dir .. "/fin.db" end)
+    after_each(function() store.reset(db) end)
+
+    --- Runs `body` after the prelude in a child; returns the child's output
+    --- and its counts (fired, refused, other, extra).
+    local function child(name, body)
+      local url = store.fresh(db)
+      local status, out = H.run_lua(dir, name, PRELUDE .. body, 90, "URL='" .. url .. "'")
+      assert.equal(0, status, "exit " .. status .. " (124: hung): " .. out)
+      local fired, refused, other, extra = out:match("fired (%d+) refused (%d+) other (%d+) ([^\n]*)")
+      assert.is_not_nil(fired, out)
+      return out, tonumber(fired), tonumber(refused), tonumber(other), extra
+    end
+
+    --- Every finalizer ran into the refusal, and some ran; the first refusal
+    --- has its exact words, from a function that `names` (a pattern) matches.
+    local function all_refused(out, fired, refused, other, names)
+      assert.is_true(fired > 0, "no finalizer ran while the call under test did: " .. out)
+      assert.equal(0, other, out)
+      assert.equal(fired, refused, out)
+      assert.is_truthy(out:find("first: [^\n]-" .. names .. ": " .. REFUSED:gsub("%p", "%%%0") .. "\n"), out)
+    end
+
+    it("refuses q:enqueue in finalizers that run while q:enqueue_many sends a batch, and never hangs", function()
+      local out, fired, refused, other, extra = child("many.lua", [[
+        local status, n = tide.run(function()
+          local list = {}
+          for i = 1, 6000 do list[i] = { target = "t", method = "m", args = { i = i, round = 1 } } end
+          bombs(200, function() return q:enqueue(new_shape()) end)
+          return #q:enqueue_many(list)
+        end)
+        report(("%s %s total %d"):format(status, tostring(n), q:stats().total))
+        q:close()
+      ]])
+      all_refused(out, fired, refused, other, "q:enqueue")
+      assert.equal("ok 6000 total 6000", extra)
+    end)
+
+    it("refuses q:enqueue, q:job, q:transaction and q:stats in finalizers that run between and inside single enqueues", function()
+      local calls = {
+        function() return q:enqueue(new_shape()) end,
+        function() return q:job(1) end,
+        function() return q:transaction(function(tx) return tx:enqueue(new_shape()) end) end,
+        function() return q:stats() end,
+      }
+      local out, fired, refused, other, extra = child("single.lua", [[
+        local calls = {
+          function() return q:enqueue(new_shape()) end,
+          function() return q:job(1) end,
+          function() return q:transaction(function(tx) return tx:enqueue(new_shape()) end) end,
+          function() return q:stats() end,
+        }
+        local status, n = tide.run(function()
+          local n = 0
+          for i = 1, 3000 do
+            if i % 50 == 0 then for k = 1, 8 do bombs(1, calls[k % #calls + 1]) end end
+            local _, inserted = q:enqueue{ target = "t", method = "m", args = { i = i, round = 1 } }
+            if inserted then n = n + 1 end
+          end
+          return n
+        end)
+        report(("%s %s total %d"):format(status, tostring(n), q:stats().total))
+        q:close()
+      ]])
+      assert.equal(4, #calls)
+      all_refused(out, fired, refused, other, "q:%a+")
+      assert.equal("ok 3000 total 3000", extra)
+    end)
+
+    it("refuses store calls and the transaction's own tx handle in finalizers that run inside a transaction", function()
+      local out, fired, refused, other, extra = child("tx.lua", [[
+        local status, n = tide.run(function()
+          return q:transaction(function(tx)
+            local calls = {
+              function() return q:enqueue(new_shape()) end,
+              function() return q:transaction(function(tx2) return tx2:enqueue(new_shape()) end) end,
+              function() return q:job(1) end,
+              function() return tx:enqueue(new_shape()) end,
+              function() return tx:exec("SELECT 1") end,
+            }
+            for i = 1, 2000 do
+              if i % 40 == 0 then for k = 1, 10 do bombs(1, calls[k % #calls + 1]) end end
+              tx:enqueue{ target = "t", method = "m", args = { i = i, round = 1 } }
+            end
+            return 2000
+          end)
+        end)
+        report(("%s %s total %d"):format(status, tostring(n), q:stats().total))
+        q:close()
+      ]])
+      all_refused(out, fired, refused, other, "t?[qx]:%a+")
+      -- the transaction holds its 2000 jobs and nothing else; the finalizers' calls did nothing
+      assert.equal("ok 2000 total 2000", extra)
+      assert.is_truthy(out:find("tx:enqueue: " .. REFUSED, 1, true) or out:find("q:", 1, true), out)
+    end)
+
+    it("refuses store calls in finalizers that run while a worker claims, runs and records jobs", function()
+      local out, fired, refused, other, extra = child("worker.lua", [[
+        for i = 1, 400 do q:enqueue{ target = "fin_t", method = "m", args = { i = i, round = 1 } } end
+        local calls = {
+          function() return q:enqueue(new_shape()) end,
+          function() return q:job(1) end,
+          function() return q:transaction(function(tx) return tx:enqueue(new_shape()) end) end,
+        }
+        local k = 0
+        local status, stats = tide.run(function()
+          local t = { m = function()
+            k = k + 1
+            bombs(1, calls[k % #calls + 1])
+            local garbage = {}
+            for j = 1, 200 do garbage[j] = { j } end
+          end }
+          local w = tide.worker{ queue = q, concurrency = 20, targets = { fin_t = t } }
+          return w:drain{ stop = true }
+        end)
+        local st = q:stats()
+        report(("%s completed %d total %d"):format(status, stats.completed, st.total))
+        q:close()
+      ]])
+      all_refused(out, fired, refused, other, "q:%a+")
+      assert.equal("ok completed 400 total 400", extra)
+    end)
+
+    it("lets a finalizer hand its enqueue to a task (tide.spawn), which enqueues it", function()
+      local out, fired, refused, other, extra = child("spawn.lua", [[
+        local spawned, done = {}, 0
+        local status, n = tide.run(function()
+          local list = {}
+          for i = 1, 6000 do list[i] = { target = "t", method = "m", args = { i = i, round = 1 } } end
+          for _ = 1, 200 do
+            local p = newproxy(true)
+            getmetatable(p).__gc = function()
+              fired = fired + 1
+              spawned[#spawned + 1] = tide.spawn(function() q:enqueue(new_shape()); done = done + 1 end)
+            end
+          end
+          local n = #q:enqueue_many(list)
+          collectgarbage()
+          for _, t in ipairs(spawned) do t:await() end
+          return n
+        end)
+        report(("%s %s spawned %d done %d total %d"):format(status, tostring(n), #spawned, done, q:stats().total))
+        q:close()
+      ]])
+      assert.equal(0, refused, out)
+      assert.equal(0, other, out)
+      assert.equal(200, fired, out)
+      assert.equal("ok 6000 spawned 200 done 200 total 6200", extra)
+    end)
+
+    it("refuses q:enqueue in finalizers that run while code outside tasks sends a batch", function()
+      local out, fired, refused, other, extra = child("outside.lua", [[
+        local list = {}
+        for i = 1, 6000 do list[i] = { target = "t", method = "m", args = { i = i, round = 1 } } end
+        bombs(200, function() return q:enqueue(new_shape()) end)
+        local n = #q:enqueue_many(list)
+        report(("%d total %d"):format(n, q:stats().total))
+        q:close()
+      ]])
+      all_refused(out, fired, refused, other, "q:enqueue")
+      assert.equal("6000 total 6000", extra)
+    end)
+  end)
+end

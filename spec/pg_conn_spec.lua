@@ -8,6 +8,7 @@
 local H = require "spec.helper"
 local tide = require "tide"
 local pg = require "tide.jobs.store.postgres"
+local pg_conn = require "tide.jobs.store.pg_conn"
 
 local URL = os.getenv("TIDE_PG_URL")
 if not URL then
@@ -93,6 +94,39 @@ describe("tide.jobs.store.pg_conn", function()
       return bad
     end)
     assert.equal(0, wrong, "seed " .. seed)
+    q:close()
+  end)
+
+  it("refuses a statement from code a C call runs inside a task before sending it; the transaction goes on", function()
+    -- An unwrapped finalizer (debug.setmetatable: tide wraps only newproxy's
+    -- and ffi.gc's, and refuses store calls in those first thing) and a
+    -- gsub callback run a statement in the task's transaction.  Neither can
+    -- wait for its result: sent anyway, the result was left on the
+    -- connection, and the transaction's next statement failed on it.
+    local q = tide.queue.open(URL, { pool = 1 })
+    local errs = {}
+    local function try(tx, v)
+      local ok, err = pcall(tx.exec, tx, "INSERT INTO pgc_fin VALUES ($1)", v)
+      errs[#errs + 1] = ok and "sent" or err
+    end
+    local sum = H.run(function()
+      return q:transaction(function(tx)
+        tx:exec("CREATE TEMP TABLE pgc_fin (v int) ON COMMIT DROP")
+        tx:exec("INSERT INTO pgc_fin VALUES (1)")
+        debug.setmetatable(newproxy(false), { __gc = function() try(tx, 20) end })
+        collectgarbage()
+        collectgarbage()
+        local _ = ("x"):gsub("x", function() try(tx, 300) end)
+        tx:exec("INSERT INTO pgc_fin VALUES (4)")
+        return tx:query("SELECT sum(v)::int AS s FROM pgc_fin")[1].s
+      end)
+    end)
+    assert.equal(5, sum)
+    assert.equal(2, #errs)
+    for _, err in ipairs(errs) do
+      assert.equal(pg_conn.safe_name(URL) .. ": cannot wait inside a C call (a __gc finalizer, a debug hook, "
+        .. "a function a C function calls)", err)
+    end
     q:close()
   end)
 

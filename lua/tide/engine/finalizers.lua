@@ -14,6 +14,25 @@
 -- modules) are not wrapped: the engine survives their errors (see
 -- tide.engine.sched, "interruptions"), but LuaJIT's crash at a trace exit
 -- only a newer LuaJIT avoids.
+--
+-- M.running() tells whether a wrapped finalizer is running now: tide's job
+-- store calls refuse to run inside one (tide.jobs.queue, check_q), before
+-- they touch anything.  The collector runs a finalizer amid whatever code
+-- allocated: that code may be in the middle of a statement on the store's
+-- one connection, or inside its own transaction, which the finalizer's
+-- statement would join (and leave if it rolled back), and a statement
+-- cannot wait for the network there (no yield crosses the collector's C
+-- call).  And a finalizer cannot be trusted to walk tables: on LuaJIT before
+-- 2023-08 (Debian 12's; fixed upstream by "Ensure forward progress on trace
+-- exit to BC_ITERN"), a pairs() or next() loop that was JIT-compiled for
+-- other tables, run inside a finalizer, may never end: a guard of its trace
+-- fails, the trace exits back to its own loop head, and only a side trace
+-- (which LuaJIT never records inside a finalizer) would get past it, so the
+-- process spins inside LuaJIT, where no hook or profiler sees it
+-- (spec/finalizer_spec.lua, "finalizers and the job store").  Store calls
+-- check first, before any such loop (encoding a job's args is one).  A
+-- finalizer of your own should only release things, or hand work to a task:
+-- tide.spawn(function() ... end).
 local log = require "tide.engine.log"
 
 local xpcall, rawset, type, setmetatable, getmetatable = xpcall, rawset, type, setmetatable, getmetatable
@@ -27,10 +46,19 @@ local function report(err)
   log.report("a __gc finalizer", err, err)
 end
 
+-- Wrapped finalizers running now (0 or 1: the collector starts no other
+-- while one runs, but a count stays right whatever LuaJIT does).
+local running = 0
+
+--- True while a wrapped finalizer runs (see the header).
+function M.running() return running > 0 end
+
 --- fn, wrapped: runs protected; its error is reported.
 local function protect(fn)
   return function(o)
+    running = running + 1
     local ok, err = xpcall(fn, traceback, o)
+    running = running - 1
     if not ok then pcall(report, err) end
   end
 end

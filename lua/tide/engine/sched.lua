@@ -166,6 +166,7 @@ local own_runner = require "tide.engine.own_runner"
 
 local NESTED = ": cannot wait inside a nested coroutine, only in the task's own"
 local IN_C_CALL = ": cannot wait inside a C call (a __gc finalizer, a debug hook, a function a C function calls)"
+S.IN_C_CALL = IN_C_CALL                  -- (for a refusal that must come before the wait: pg_conn's)
 
 --- The slow path of the wait checks: the task that may wait here (a timer
 --- callback running without a task becomes one), or an error.

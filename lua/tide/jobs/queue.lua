@@ -30,6 +30,7 @@ local wallclock, holder = core.wallclock, pool.holder
 local with_session, transaction, tx_state = transaction_mod.with_session, transaction_mod.transaction,
                                             transaction_mod.tx_state
 local notify, inserted_into, Tx = transaction_mod.notify, transaction_mod.inserted_into, transaction_mod.Tx
+local not_in_finalizer = transaction_mod.not_in_finalizer
 
 local M = {}
 M.with_session = with_session
@@ -110,6 +111,7 @@ end
 --- process loses nothing, a power cut may lose the last commits; "full":
 --- nothing is lost on power cut either).
 function M.open(url, opts)
+  not_in_finalizer("tide.queue.open", 2)
   if type(url) ~= "string" then arg_error("tide.queue.open", 1, "store URL string", url) end
   if opts ~= nil and type(opts) ~= "table" then arg_error("tide.queue.open", 2, "table or nil", opts) end
   opts = opts or {}
@@ -155,7 +157,10 @@ function M.open(url, opts)
                         _txs = {}, _listeners = {}, _decl = {} }, Queue_mt)
 end
 
+--- Every q method but close starts here: refused inside a __gc finalizer
+--- (tide.jobs.transaction, not_in_finalizer), then q must be an open queue.
 local function check_q(fname, q)
+  not_in_finalizer(fname, 3)
   if type(q) ~= "table" or getmetatable(q) ~= Queue_mt then
     error(("%s: bad self (queue expected, got %s); call it as q:%s(...)")
       :format(fname, describe(q), fname:match("[:.](%w+)$")), 3)
@@ -618,6 +623,7 @@ function Queue:expire(id) return change(self, "q:expire", "expire", id) end
 
 --- Fails a job for good (discarded), recording `reason`.
 function Queue:fail(id, reason)
+  not_in_finalizer("q:fail", 2)                -- (before the encode below: see not_in_finalizer)
   if reason ~= nil and type(reason) ~= "string" then arg_error("q:fail", 2, "string or nil", reason) end
   local entry = json.try_encode({ at = wallclock(), error = reason or "failed by hand" }, nil, true)
   return change(self, "q:fail", "fail", id, entry)

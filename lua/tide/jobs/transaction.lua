@@ -21,8 +21,13 @@
 --   - A task that ends inside a transaction (timeout, cancel) leaves it
 --     through its attempt-end hook: the pool takes the session back broken
 --     (rolled back), and the handles die.
+--   - Nothing runs inside a __gc finalizer (refused, first thing: see
+--     not_in_finalizer): the collector runs one amid other code, whose
+--     holder it would take for its own, joining that code's transaction or
+--     its statement under way.
 local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
+local finalizers = require "tide.engine.finalizers"
 local pool = require "tide.jobs.store.pool"
 
 local type, error, pairs, ipairs, tostring = type, error, pairs, ipairs, tostring
@@ -39,6 +44,21 @@ end }
 M.Tx, M.Tx_mt = Tx, Tx_mt
 
 local function pack(...) return { n = select("#", ...), ... } end
+
+local in_finalizer = finalizers.running
+
+--- Raises when called inside a __gc finalizer (tide's wrapped ones: see
+--- tide.engine.finalizers), naming `fname`, at `level`.  Called first, before
+--- any argument is walked: on LuaJIT before 2023-08 a compiled pairs() loop
+--- may never end inside a finalizer (the header of tide.engine.finalizers).
+local function not_in_finalizer(fname, level)
+  if in_finalizer() then
+    error(fname .. ": cannot run inside a __gc finalizer (the collector runs it amid other code, which may "
+      .. "be using this store's connection or be inside a transaction); spawn a task for it: "
+      .. "tide.spawn(function() ... end)", level + 1)
+  end
+end
+M.not_in_finalizer = not_in_finalizer
 
 --- Tells the listeners of queue object q (its workers in this process)
 --- that jobs of `queues` (a set of names) were committed.
@@ -154,6 +174,7 @@ M.transaction = transaction
 --- The transaction state behind a tx handle, if the caller may use it;
 --- raises otherwise ("tx:enqueue: this transaction has ended").
 local function tx_state(fname, tx)
+  not_in_finalizer(fname, 3)
   if getmetatable(tx) ~= Tx_mt then
     error(("%s: bad self (transaction expected, got %s); call it as tx:%s(...)")
       :format(fname, describe(tx), fname:match("[:.](%w+)$")), 3)

@@ -55,7 +55,7 @@ core.pg_on_ready(function(id)
   if c.on_notify then c:notified() end
 end)
 
-local in_task = S.in_task
+local in_task, isyieldable = S.in_task, coroutine.isyieldable
 
 --- The URL with any password masked, to name the store in messages.
 function M.safe_name(url)
@@ -372,6 +372,13 @@ local function query(self, name, sql, ...)
     self:reset()
   end
   local t = in_task() and S.current()
+  -- A task whose code runs inside a C call here (a __gc finalizer, a debug
+  -- hook, a gsub callback) could send the statement but not wait for its
+  -- result, and would leave that result on the connection for its next
+  -- statement to trip on (inside a transaction: losing it): refused before
+  -- anything is sent.  (isyieldable, not the wait's own check: a builtin,
+  -- where that one costs ~1200 instructions, and the stack is deep here.)
+  if t and not isyieldable() then error(self.name .. S.IN_C_CALL, 0) end
   self.running = t and { t, S.attempt_of(t) } or true
   self.replanned = false
   local ok, res = pcall(name == COPY and run_copy or run, self, name, sql, ...)
