@@ -399,6 +399,55 @@ for _, store in ipairs(H.stores()) do
       assert.equal("ok 6000 spawned 200 done 200 total 6200", extra)
     end)
 
+    it("lets a finalizer close the queue while q:enqueue_many runs: the batch is in whole, or refused as closed", function()
+      -- q:close is the one queue method a finalizer may call (it waits for
+      -- nothing: a connection in use closes when given back).  Each round
+      -- closes at another point of the batch: while its jobs are checked,
+      -- inside its transaction, or after it.
+      local out = child("close.lua", [[
+        local url = os.getenv("URL")
+        local seen, where = {}, "never"
+        for round = 1, 12 do
+          where = "never"
+          local qr = tide.queue.open(url, { pool = 1 })
+          local status, res = tide.run(function()
+            local list = {}
+            for i = 1, 3000 do list[i] = { target = "t", method = "m", args = { i = i, round = round } } end
+            -- a chain: each collection cycle finalizes one link, which
+            -- leaves the next; the last one closes, 2 * (round - 1) cycles on
+            local function link(k)
+              local p = newproxy(true)
+              getmetatable(p).__gc = function()
+                if k > 0 then return link(k - 1) end
+                where = next(qr._txs) and "inside" or "outside"       -- (the queue's own: see q:transaction)
+                qr:close()
+              end
+            end
+            link(round * 2 - 2)
+            local before = q:stats().total
+            local ok, err = pcall(qr.enqueue_many, qr, list)
+            collectgarbage()
+            local added = q:stats().total - before
+            if ok then return ("whole %d"):format(added) end
+            return ("refused %d %s"):format(added, tostring(err):match("q:enqueue_many: .*") or tostring(err))
+          end)
+          qr:close()
+          seen[#seen + 1] = status .. " " .. tostring(res) .. " (closed " .. where .. " its transaction)"
+        end
+        report(table.concat(seen, "|"))
+        q:close()
+      ]])
+      local extra = out:match("fired %d+ refused %d+ other %d+ ([^\n]*)")
+      local n = 0
+      for outcome in extra:gmatch("[^|]+") do
+        n = n + 1
+        assert.is_truthy(outcome:match("^ok whole 3000 %(closed %a+ its transaction%)$")
+          or outcome == "ok refused 0 q:enqueue_many: the queue is closed (closed outside its transaction)",
+          outcome .. " in " .. out)
+      end
+      assert.equal(12, n, out)
+    end)
+
     it("refuses q:enqueue in finalizers that run while code outside tasks sends a batch", function()
       local out, fired, refused, other, extra = child("outside.lua", [[
         local list = {}

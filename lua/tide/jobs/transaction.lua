@@ -77,6 +77,7 @@ local function with_session(q, fname, fn, ...)
   local st = q._txs[holder()]
   if st then return fn(st.session, ...) end
   local store = q._store
+  if not store then error(fname .. ": the queue is closed", 3) end   -- (since check_q: by a finalizer)
   local session = store:acquire(fname)
   local ok, a, b = pcall(fn, session, ...)
   store:release(session, false, holder())
@@ -139,6 +140,7 @@ local function transaction(q, fname, fn, ...)
   local st = q._txs[owner]
   if st then return savepoint(q, st, fname, fn, ...) end
   local store = q._store
+  if not store then error(fname .. ": the queue is closed", 3) end   -- (since check_q: by a finalizer)
   -- The session is ours from here: nothing waits between the pool handing
   -- it over and q._txs knowing it (the rule above).
   local session = store:acquire(fname)
