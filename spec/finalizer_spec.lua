@@ -177,6 +177,39 @@ describe("finalizers", function()
     assert.matches("tasks 6600 once 6600 wrong 0 live 0", out)
   end)
 
+  it("reports the error of an ffi.metatype __gc, in the main state and in a thread", function()
+    local status, out = H.run_lua(dir, "metatype.lua", [[
+      local tide = require "tide"
+      local ffi = require "ffi"
+      local reported = 0
+      tide.configure{ threads = 1, on_error = function(where, err)
+        if where == "a __gc finalizer" and tostring(err):find("boom in metatype gc", 1, true) then
+          reported = reported + 1
+        end
+      end }
+      ffi.cdef "struct fin_boom { int n; };"
+      local boom = ffi.metatype("struct fin_boom", { __gc = function() error("boom in metatype gc") end })
+      local function work(n) local s = 0 for i = 1, n do local t = { i, i } s = s + t[1] end return s end
+      for i = 1, 50 do boom(i); work(1e4) end
+      collectgarbage()
+      collectgarbage()
+      local _, st, v = tide.run(function()
+        return tide.spawn{ mode = "thread", run = function()
+          local ffi = require "ffi"
+          ffi.cdef "struct fin_boom_t { int n; };"
+          local b = ffi.metatype("struct fin_boom_t", { __gc = function() error("boom in a thread") end })
+          for i = 1, 50 do b(i) end
+          collectgarbage()
+          collectgarbage()
+          return "thread survived"
+        end }:await()
+      end)
+      print(("reported %d %s %s"):format(reported, tostring(st), tostring(v)))
+    ]], 60)
+    assert.equal(0, status, out)
+    assert.matches("reported 50 ok thread survived", out, 1, true)
+  end)
+
   it("a finalizer that raises at the exit of a compiled trace does not crash LuaJIT under tide", function()
     -- Without `require "tide"` this script ends in a segmentation fault on
     -- LuaJIT 2.1 of 2022 (Debian 12): the error is rethrown from the trace
@@ -446,6 +479,27 @@ for _, store in ipairs(H.stores()) do
           outcome .. " in " .. out)
       end
       assert.equal(12, n, out)
+    end)
+
+    it("refuses q:enqueue in an ffi.metatype __gc that runs while q:enqueue_many sends a batch", function()
+      -- (the usual way a library owns C resources: wrapped as newproxy's)
+      local out, fired, refused, other, extra = child("metatype.lua", [[
+        local ffi = require "ffi"
+        ffi.cdef "struct fin_handle { int fd; };"
+        local handle = ffi.metatype("struct fin_handle", { __gc = function()
+          outcome(pcall(function() return q:enqueue(new_shape()) end))
+        end })
+        local status, n = tide.run(function()
+          local list = {}
+          for i = 1, 6000 do list[i] = { target = "t", method = "m", args = { i = i, round = 1 } } end
+          for i = 1, 200 do handle(i) end
+          return #q:enqueue_many(list)
+        end)
+        report(("%s %s total %d"):format(status, tostring(n), q:stats().total))
+        q:close()
+      ]])
+      all_refused(out, fired, refused, other, "q:enqueue")
+      assert.equal("ok 6000 total 6000", extra)
     end)
 
     it("refuses q:enqueue in finalizers that run while code outside tasks sends a batch", function()

@@ -324,9 +324,10 @@ void tide__worker_run(tide__worker *w, tide__job *job) {
 /* ===== opening a worker state */
 
 /* The thread-side twin of tide.engine.finalizers: a finalizer set through
- * newproxy(true) or ffi.gc runs protected, and its error is written to
- * stderr (LuaJIT before 2023-04 rethrows it from any allocation, and
- * crashes when that is a trace exit).  Argument: the thread-side tide. */
+ * newproxy(true), ffi.gc or ffi.metatype runs protected, and its error is
+ * written to stderr (LuaJIT before 2023-04 rethrows it from any
+ * allocation, and crashes when that is a trace exit).  Argument: the
+ * thread-side tide. */
 static const char GUARD_FINALIZERS[] =
   "local tide = ...\n"
   "local xpcall, traceback, rawset, type = xpcall, debug.traceback, rawset, type\n"
@@ -352,6 +353,13 @@ static const char GUARD_FINALIZERS[] =
   "  ffi.gc = function(cdata, fn)\n"
   "    if type(fn) == 'function' then fn = protect(fn) end\n"
   "    return raw_gc(cdata, fn)\n"
+  "  end\n"
+  "  local raw_metatype = ffi.metatype\n"
+  "  ffi.metatype = function(ct, mt)\n"
+  "    if type(mt) == 'table' and type(rawget(mt, '__gc')) == 'function' then\n"
+  "      rawset(mt, '__gc', protect(rawget(mt, '__gc')))\n"
+  "    end\n"
+  "    return raw_metatype(ct, mt)\n"
   "  end\n"
   "end\n";
 

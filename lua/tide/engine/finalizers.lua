@@ -6,9 +6,11 @@
 -- exit of a JIT-compiled trace, that LuaJIT crashes (a segmentation fault,
 -- in plain Lua: spec/finalizer_spec.lua shows it).  Newer LuaJIT prints such
 -- an error and goes on.  So tide wraps the finalizers that Lua code sets
--- through the two ways it has to make them:
+-- through the three ways it has to make them:
 --   - newproxy(true): the first __gc stored into the new metatable;
---   - ffi.gc(cdata, fn).
+--   - ffi.gc(cdata, fn);
+--   - ffi.metatype(ct, mt): the __gc that mt holds then (replaced in mt by
+--     its wrapped self; LuaJIT reads it at each ffi.new of a struct).
 -- A wrapped finalizer runs protected and its error goes to the error sink
 -- ("a __gc finalizer").  Finalizers set otherwise (debug.setmetatable, C
 -- modules) are not wrapped: the engine survives their errors (see
@@ -35,7 +37,8 @@
 -- tide.spawn(function() ... end).
 local log = require "tide.engine.log"
 
-local xpcall, rawset, type, setmetatable, getmetatable = xpcall, rawset, type, setmetatable, getmetatable
+local xpcall, rawset, rawget, type, setmetatable, getmetatable = xpcall, rawset, rawget, type, setmetatable,
+                                                                 getmetatable
 local traceback = debug.traceback
 
 local M = {}
@@ -84,6 +87,14 @@ if ok then
   ffi.gc = function(cdata, fn)
     if type(fn) == "function" then fn = protect(fn) end
     return raw_gc(cdata, fn)
+  end
+  local raw_metatype = ffi.metatype
+  ffi.metatype = function(ct, mt)
+    if type(mt) == "table" then
+      local fn = rawget(mt, "__gc")
+      if type(fn) == "function" then rawset(mt, "__gc", protect(fn)) end
+    end
+    return raw_metatype(ct, mt)
   end
 end
 return M
