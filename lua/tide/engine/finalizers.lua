@@ -22,7 +22,7 @@
 -- they touch anything.  The collector runs a finalizer amid whatever code
 -- allocated: that code may be in the middle of a statement on the store's
 -- one connection, or inside its own transaction, which the finalizer's
--- statement would join (and leave if it rolled back), and a statement
+-- statement would join (and vanish with, if it rolled back), and a statement
 -- cannot wait for the network there (no yield crosses the collector's C
 -- call).  And a finalizer cannot be trusted to walk tables: on LuaJIT before
 -- 2023-08 (Debian 12's; fixed upstream by "Ensure forward progress on trace
