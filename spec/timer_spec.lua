@@ -249,3 +249,83 @@ describe("timers without the FFI", function()
     assert.equal("ok\ta,waited\t3\n", out)
   end)
 end)
+
+-- The timers' public functions used after tide.core.close(), or in a first copy of tide retired
+-- by a second one (tide.engine.runq): each error names the function and blames the caller's
+-- line, with and without the FFI (the FFI's errors named a line of runq.lua, the retired
+-- copy's none at all, and neither the function).  A timer stopped after close says true: it
+-- can no longer fire.
+describe("timers after the loop closed, or in a retired copy", function()
+  local CLOSED = [[
+    local tide = require "tide"
+    local function try(f) local ok, err = pcall(f); print(ok, err) end
+    local pending = tide.after(60000, function() end)
+    print("closed", require("tide.core").close() ~= nil)
+    try(function() local tm = tide.after(1, print); return tm end)
+    try(function() local tm = tide.every(1, print); return tm end)
+    try(function() local ok = tide.sleep(1); return ok end)
+    try(function() local st = tide.run(print); return st end)
+    print("stop", pending:stop())
+    print("again", pending:stop())
+  ]]
+
+  local function expected_closed(file)
+    return table.concat({
+      "closed\ttrue",
+      "false\t" .. file .. ":5: tide.after: the loop is closed",
+      "false\t" .. file .. ":6: tide.every: the loop is closed",
+      "false\t" .. file .. ":7: tide.sleep: called outside a task (start one with tide.run or tide.spawn)",
+      "false\t" .. file .. ":8: tide.run: the loop is closed",
+      "stop\ttrue",
+      "again\tnil\t" .. NOT_PENDING, "" }, "\n")
+  end
+
+  it("blame the caller and name the function once the loop is closed (FFI calls)", function()
+    local dir = H.tempdir()
+    local status, out = H.run_lua(dir, "closed.lua", CLOSED, 30)
+    os.execute("rm -rf " .. dir)
+    assert.equal(0, status, out)
+    assert.equal(expected_closed(dir .. "/closed.lua"), out)
+  end)
+
+  it("blame the caller and name the function once the loop is closed (classic calls)", function()
+    local dir = H.tempdir()
+    local status, out = H.run_lua(dir, "closed_joff.lua", "jit.off() " .. CLOSED, 30)
+    os.execute("rm -rf " .. dir)
+    assert.equal(0, status, out)
+    assert.equal(expected_closed(dir .. "/closed_joff.lua"), out)
+  end)
+
+  it("blame the caller and name the function in a retired copy", function()
+    local dir = H.tempdir()
+    local status, out = H.run_lua(dir, "retired.lua", [[
+      local function clear() for k in pairs(package.loaded) do if k:match("^tide") and k ~= "tide.core" then package.loaded[k] = nil end end end
+      local function try(f) local ok, err = pcall(f); print(ok, err) end
+      local tide1 = require "tide"
+      local fired; tide1.run(function() fired = tide1.after(1, function() end) end)
+      clear()
+      local tide2 = require "tide"
+      assert(tide2 ~= tide1, "not a second copy: this case attacks nothing")
+      print(tide2.run(function()
+        try(function() local tm = tide1.after(1, print); return tm end)
+        try(function() local tm = tide1.every(1, print); return tm end)
+        try(function() local ok = tide1.sleep(1); return ok end)
+        try(function() local t = tide1.spawn(print); return t end)
+        print("stop", fired:stop())
+      end))
+      try(function() local st = tide1.run(print); return st end)
+    ]], 30)
+    os.execute("rm -rf " .. dir)
+    assert.equal(0, status, out)
+    local file, retired = dir .. "/retired.lua", "this copy of tide's engine was replaced by a second one "
+      .. "loaded beside it (package.loaded cleared and tide required again); use the newer copy"
+    assert.equal(table.concat({
+      "false\t" .. file .. ":9: tide.after: " .. retired,
+      "false\t" .. file .. ":10: tide.every: " .. retired,
+      "false\t" .. file .. ":11: tide.sleep: " .. retired,
+      "false\t" .. file .. ":12: tide.spawn: " .. retired,
+      "stop\tnil\t" .. NOT_PENDING,
+      "ok\tnil",
+      "false\t" .. file .. ":15: tide.run: " .. retired, "" }, "\n"), out)
+  end)
+end)

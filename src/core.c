@@ -174,18 +174,28 @@ static int64_t start_ms(state *s, double ms) {
 }
 
 /* timer_start(ms) -> key: a timer due ms milliseconds from now (ms >= 0,
- * checked by the caller). */
+ * checked by the caller); -1 when out of memory, -2 once the loop is
+ * closed (the caller names itself in the error, tide.engine.runq). */
 static int l_timer_start(lua_State *L) {
-  state *s = get_state(L);
-  int64_t key = start_ms(s, luaL_checknumber(L, 1));
-  if (key < 0) return luaL_error(L, "tide: out of memory for timers");
-  lua_pushnumber(L, (lua_Number)key);
+  loop_ud *u = lua_touserdata(L, lua_upvalueindex(1));
+  double ms = luaL_checknumber(L, 1);
+  lua_pushnumber(L, u->s ? (lua_Number)start_ms(u->s, ms) : -2);
   return 1;
 }
 
+/* timer_cancel(key) -> true when it was pending; false too once the loop
+ * is closed (no timer can fire then: a cancel is harmless). */
 static int l_timer_cancel(lua_State *L) {
-  state *s = get_state(L);
-  lua_pushboolean(L, tide__loop_timer_cancel(&s->loop, (int64_t)luaL_checknumber(L, 1)) == 0);
+  loop_ud *u = lua_touserdata(L, lua_upvalueindex(1));
+  int64_t key = (int64_t)luaL_checknumber(L, 1);
+  lua_pushboolean(L, u->s && tide__loop_timer_cancel(&u->s->loop, key) == 0);
+  return 1;
+}
+
+/* closed() -> true once close() ran: the loop's functions raise then. */
+static int l_closed(lua_State *L) {
+  loop_ud *u = lua_touserdata(L, lua_upvalueindex(1));
+  lua_pushboolean(L, u->s == NULL);
   return 1;
 }
 
@@ -447,7 +457,8 @@ static const luaL_Reg core_funcs[] = {
   { "running", l_running },   { "set_handlers", l_set_handlers },
   { "caller_is", l_caller_is },
   { "signals", l_signals },   { "stats", l_stats },
-  { "close", l_close },       { "isatty", l_isatty },
+  { "close", l_close },       { "closed", l_closed },
+  { "isatty", l_isatty },
   { "wallclock", l_wallclock }, { "pid", l_pid },
   { "hostname", l_hostname }, { "versions", l_versions },
   { "clock_virtual", l_clock_virtual },

@@ -148,20 +148,12 @@ do
     local start = ffi.cast("double (*)(void *, double)", fns.start)
     local cancel = ffi.cast("double (*)(void *, double)", fns.cancel)
     local c_pop = ffi.cast("double (*)(void *)", fns.pop)
-    local function closed() error("tide: the loop is closed", 3) end
-    timer_start = function(ms)
-      local key = start(ud, ms)
-      if key > 0 then return key end
-      if key == -2 then closed() end
-      error("tide: out of memory for timers", 2)
-    end
-    timer_cancel = function(key)
-      if cancel(ud, key) == -2 then closed() end
-    end
+    timer_start = function(ms) return start(ud, ms) end     -- a key, or -1, -2 (as core.timer_start)
+    timer_cancel = function(key) cancel(ud, key) end        -- closed: no timer can fire, nothing to do
     timer_pop = function()
       local key = c_pop(ud)
       if key > 0 then return key end
-      if key == -2 then closed() end
+      if key == -2 then error("tide: the loop is closed", 0) end   -- (inside a tick: cannot be)
       return nil
     end
   end
@@ -177,12 +169,22 @@ end
 -- second does not have, its stale handle cancel a key the second reused.
 -- The first copy is then retired: its timers and tasks raise.
 
-local RETIRED = "tide: this copy of tide's engine was replaced by a second one loaded beside it "
+local RETIRED = "this copy of tide's engine was replaced by a second one loaded beside it "
   .. "(package.loaded cleared and tide required again); use the newer copy"
+M.RETIRED = RETIRED          -- for the public functions' errors: "tide.after: " .. RETIRED
 M.retired = false
 
---- Raises the retired copy's error.
-function M.refuse() error(RETIRED, 0) end
+--- Raises the retired copy's error (for tide's own calls: a public
+--- function raises M.RETIRED in its own name, at its caller).
+function M.refuse() error("tide: " .. RETIRED, 0) end
+
+--- Why tide cannot be used at all now (this copy retired, the loop closed),
+--- or nil.  Not for hot paths: a C call.
+function M.unusable()
+  if M.retired then return RETIRED end
+  if core.closed() then return "the loop is closed" end
+  return nil
+end
 
 --- What the engine has pending, said in words, or nil.
 local function busy()
@@ -205,10 +207,16 @@ do
   core._engine = { busy = busy, retire = function() M.retired = true end }
 end
 
---- Calls fn(obj, arg) in `ms`; returns the timer's key.
-function M.timer(ms, fn, obj, arg)
-  if M.retired then M.refuse() end
+local START_FAILED = { [-1] = "out of memory for timers", [-2] = "the loop is closed" }
+
+--- Calls fn(obj, arg) in `ms`: returns the timer's key, or nil and why not
+--- (this copy retired, the loop closed, out of memory), which a public
+--- function raises in its own name, blaming its caller (tide.after).  A
+--- finalizer's error raised by an allocation here is raised as it is.
+local function try_timer(ms, fn, obj, arg)
+  if M.retired then return nil, RETIRED end
   local key = timer_start(ms)
+  if key <= 0 then return nil, START_FAILED[key] end
   if key > cap then
     local ok, err = pcall(grow, key)           -- allocates: may raise (a finalizer's error)
     if not ok then timer_cancel(key); error(err, 0) end
@@ -216,6 +224,14 @@ function M.timer(ms, fn, obj, arg)
   local i = 3 * key
   slots[i - 2], slots[i - 1], slots[i] = fn, obj, arg
   return key
+end
+M.try_timer = try_timer
+
+--- The same for tide's own timers (a wait's, a stop wait's): raises.
+function M.timer(ms, fn, obj, arg)
+  local key, why = try_timer(ms, fn, obj, arg)
+  if key then return key end
+  error("tide: " .. why, 2)
 end
 
 --- Cancels a pending timer (a key that fired or was cancelled: harmless).

@@ -27,7 +27,8 @@ local check = require "tide.engine.check"
 
 local type, error, ipairs, setmetatable, getmetatable, pcall = type, error, ipairs, setmetatable, getmetatable, pcall
 local arg_error, is_ms = check.arg_error, check.is_ms
-local timer, pending, untimer_of, arg_of, fire = runq.timer, runq.pending, runq.untimer_of, runq.arg_of, S.fire
+local timer, try_timer, pending = runq.timer, runq.try_timer, runq.pending
+local untimer_of, arg_of, fire = runq.untimer_of, runq.arg_of, S.fire
 
 local M = {}
 
@@ -88,12 +89,15 @@ local function new_timer(fname, ms, fn, every)
   if type(fn) ~= "function" then arg_error(fname, 2, "function", fn, 3) end
   if S.shutting_down() then return nil, fname .. ": the loop is shutting down" end
   local tm = new_handle()                    -- allocates first: a timer is never left without its handle
+  local key, why
   if every then
     tm.every = ms
-    tm.key = timer(ms, every_fired, tm, fn)
+    key, why = try_timer(ms, every_fired, tm, fn)
   else
-    tm.key = timer(ms, after_fired, tm, fn)
+    key, why = try_timer(ms, after_fired, tm, fn)
   end
+  if not key then error(fname .. ": " .. why, 3) end   -- the loop closed, this copy retired
+  tm.key = key
   return tm
 end
 
