@@ -329,3 +329,63 @@ describe("timers after the loop closed, or in a retired copy", function()
       "false\t" .. file .. ":15: tide.run: " .. retired, "" }, "\n"), out)
   end)
 end)
+
+-- A tide.every whose period is shorter than a pass of the timers' fires was started again, due
+-- again and fired again inside that same pass, up to the 10,000 fires of a pass: its callback
+-- then ran dozens of times in a row, back to back, to "catch up".  A pass now fires what was
+-- due when it began: missed runs are skipped (coalesced into one), as Node's setInterval and
+-- most schedulers do, and the tasks of the tick run between two runs.
+describe("a tide.every shorter than a tick", function()
+  before_each(testing.before_each)
+  after_each(testing.after_each)
+
+  it("runs at most once a tick: missed runs are skipped, never run back to back", function()
+    local since, most, runs, sleeper_runs = 0, 0, 0, 0
+    H.run(function()
+      local stop = false
+      local sleeper = tide.spawn(function()        -- runs once a tick (its 0 ms timer fires each pass)
+        while not stop do since = 0; sleeper_runs = sleeper_runs + 1; tide.sleep(0) end
+      end)
+      local others = 0
+      local tm = tide.every(0.0001, function()
+        runs, since = runs + 1, since + 1
+        if since > most then most = since end
+        for _ = 1, 200 do tide.after(0, function() others = others + 1 end) end   -- long passes
+      end)
+      tide.sleep(50)
+      stop = true
+      assert.is_true(tm:stop())
+      sleeper:await()
+      tide.sleep(1)
+    end)
+    assert.is_true(runs > 10 and sleeper_runs > 10, ("ran %d times, the sleeper %d"):format(runs, sleeper_runs))
+    -- between two runs of the sleeper (two ticks), at most one run in each tick
+    assert.is_true(most <= 2, ("%d runs back to back between two ticks"):format(most))
+  end)
+
+  it("under the virtual clock, a period under a nanosecond still advances time (1 ns)", function()
+    local clock = testing.clock()
+    local runs = 0
+    H.run(function()
+      local tm = tide.every(1e-9, function(t)
+        runs = runs + 1
+        if runs == 1000 then t:stop() end           -- (0 ns: time stood still, and this never ended)
+      end)
+      clock:advance(0.00001)                       -- 10 ns: 10 runs
+      tm:stop()
+    end)
+    assert.equal(10, runs)
+  end)
+
+  it("keeps its rhythm when the clock advances exactly (virtual clock): one run per period", function()
+    local clock = testing.clock()
+    local at = {}
+    H.run(function()
+      local t0 = tide.now()
+      local tm = tide.every(10, function() at[#at + 1] = tide.now() - t0 end)
+      clock:advance(55)
+      assert.is_true(tm:stop())
+    end)
+    assert.same({ 10, 20, 30, 40, 50 }, at)
+  end)
+end)

@@ -147,11 +147,11 @@ do
     local ud = fns.loop
     local start = ffi.cast("double (*)(void *, double)", fns.start)
     local cancel = ffi.cast("double (*)(void *, double)", fns.cancel)
-    local c_pop = ffi.cast("double (*)(void *)", fns.pop)
+    local c_pop = ffi.cast("double (*)(void *, int)", fns.pop)
     timer_start = function(ms) return start(ud, ms) end     -- a key, or -1, -2 (as core.timer_start)
     timer_cancel = function(key) cancel(ud, key) end        -- closed: no timer can fire, nothing to do
-    timer_pop = function()
-      local key = c_pop(ud)
+    timer_pop = function(first)
+      local key = c_pop(ud, first and 1 or 0)
       if key > 0 then return key end
       if key == -2 then error("tide: the loop is closed", 0) end   -- (inside a tick: cannot be)
       return nil
@@ -278,11 +278,15 @@ end
 -- may start a task) is spread over ticks, with I/O polled between them.
 local FIRE_BUDGET = 10000
 
---- Fires due timers; true when some are still due (the budget ran out).
+--- Fires the timers due when it starts (a pass: a timer started by a fire,
+--- as a tide.every is, waits for the next pass, so each fires at most once
+--- in one); true when some are still due (the budget ran out).
 function M.fire_due()
+  local first = true
   for _ = 1, FIRE_BUDGET do
-    local key = timer_pop()
+    local key = timer_pop(first)
     if not key then return false end
+    first = false
     local i = 3 * key
     local fn, obj, arg = slots[i - 2], slots[i - 1], slots[i]
     slots[i - 2], slots[i - 1], slots[i] = nil, nil, nil

@@ -66,10 +66,16 @@ end
 -- cannot be stopped half-way by a finalizer's error (timer_spec checks the
 -- key stays the same).
 --
+-- Missed runs are skipped, not caught up: started again inside a pass of
+-- the timers' fires, it is not due in that pass (runq.fire_due fires what
+-- was due when the pass began), so a period shorter than a tick runs once
+-- a tick, after the tick's other fires, never back to back (before, up to
+-- 10,000 fires of it queued in one pass).  A run that waits (a task) does
+-- not hold the next one back: runs may overlap, as ticks go on.
+--
 -- Its fire runs the callback only if the timer is still pending when the
 -- fire's turn comes (every_run): a stop() that said true meanwhile (from a
--- callback that ran before it in the tick, or from its own while fires of
--- a period shorter than a tick piled up) leaves the queued fires unrun.
+-- callback that ran before it in the tick) leaves the queued fire unrun.
 -- The callback is read from the key's slots; a tail call, so no frame of
 -- its own stays below a callback that waits.
 local function every_run(tm)
