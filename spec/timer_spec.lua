@@ -389,3 +389,48 @@ describe("a tide.every shorter than a tick", function()
     assert.same({ 10, 20, 30, 40, 50 }, at)
   end)
 end)
+
+-- A burst of timers left its memory behind for ever: the slots array of runq (3 slots a key,
+-- 24 MB after a million) and the C heap's arrays (32 MB) only grew.  Now, once few timers have
+-- stayed pending for a second, the keys are compacted and both shrink, also while periodic
+-- timers stay pending all along on the burst's highest keys (so the heap is never empty).
+describe("a burst of timers", function()
+  before_each(testing.before_each)
+  after_each(testing.after_each)
+
+  it("gives its memory back once it is over, while periodic timers and late ones stay pending", function()
+    local clock = testing.clock()
+    local N = 200000
+    local fired, beats, beats2, late_fired, again = 0, 0, 0, {}, 0
+    H.run(function()
+      collectgarbage()
+      local lua0, c0 = collectgarbage("count"), tide.stats().timer_bytes
+      for i = 1, N do tide.after(1 + i % 50, function() fired = fired + 1 end) end
+      local beat = tide.every(100, function() beats = beats + 1 end)       -- keys above the burst's
+      local beat2 = tide.every(150, function() beats2 = beats2 + 1 end)
+      local late = {}
+      for i = 1, 10 do late[i] = tide.after(1500 + i, function(tm) late_fired[#late_fired + 1] = tm end) end
+      clock:advance(60)
+      assert.equal(N, fired)
+      collectgarbage()
+      local lua1, c1 = collectgarbage("count"), tide.stats().timer_bytes
+      assert.is_true((lua1 - lua0) * 1024 > 3 * N * 8, "the burst's slots array is not there: this attacks nothing")
+      assert.is_true(c1 - c0 > N * 16, "the burst's C heap is not there: this attacks nothing")
+      clock:advance(3000)                        -- more than a second of few timers; the late ones fire
+      collectgarbage()
+      local lua2, c2 = collectgarbage("count"), tide.stats().timer_bytes
+      assert.is_true((lua1 - lua2) * 1024 > 3 * N * 8, ("the slots array kept %d KB"):format(lua2 - lua0))
+      assert.is_true(c2 < 64 * 1024, ("the C heap kept %d bytes"):format(c2))
+      assert.equal(10, #late_fired)              -- each late timer fired once, with its own handle
+      for i = 1, 10 do assert.equal(late[i], late_fired[i]) end
+      assert.same({ 30, 20 }, { beats, beats2 })    -- (at 3060 ms)
+      clock:advance(300)                         -- the periodic ones moved to low keys and go on
+      assert.same({ 33, 22 }, { beats, beats2 })
+      assert.is_true(beat.key < 64 and beat2.key < 64, ("keys %d and %d"):format(beat.key, beat2.key))
+      assert.is_true(beat:stop() and beat2:stop())
+      for _ = 1, N do tide.after(1, function() again = again + 1 end) end   -- and it grows again
+      clock:advance(2)
+    end)
+    assert.equal(N, again)
+  end)
+end)

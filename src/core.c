@@ -208,6 +208,19 @@ static int l_timer_cancel(lua_State *L) {
   return 1;
 }
 
+/* timer_count() -> the number of pending timers. */
+static int l_timer_count(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)tide__timers_count(&get_state(L)->loop.timers));
+  return 1;
+}
+
+/* timer_compact() -> n: every pending key is <= n; compacts the keys and
+ * gives the heap's memory back after a burst (tide__timers_compact). */
+static int l_timer_compact(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)tide__timers_compact(&get_state(L)->loop.timers));
+  return 1;
+}
+
 /* closed() -> true once close() ran: the loop's functions raise then. */
 static int l_closed(lua_State *L) {
   loop_ud *u = lua_touserdata(L, lua_upvalueindex(1));
@@ -469,6 +482,7 @@ static int l_versions(lua_State *L) {
 static const luaL_Reg core_funcs[] = {
   { "now", l_now },           { "timer_start", l_timer_start },
   { "timer_cancel", l_timer_cancel }, { "pop", l_pop },
+  { "timer_count", l_timer_count }, { "timer_compact", l_timer_compact },
   { "kick", l_kick },         { "run", l_run },
   { "running", l_running },   { "set_handlers", l_set_handlers },
   { "caller_is", l_caller_is },

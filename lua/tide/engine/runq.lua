@@ -110,7 +110,8 @@ end
 -- A key's handler and arguments are three consecutive slots of one array
 -- (3k-2, 3k-1, 3k): firing a timer among a million pending reads one cache
 -- line, not three arrays.  The array is made at its full size (table.new)
--- and replaced by one twice as large when a key passes it, so a nil
+-- and replaced by one twice as large when a key passes it (by a small one
+-- after a burst: "a burst's memory given back", below), so a nil
 -- argument is a hole in its array part, never a key of its hash part: with
 -- arrays grown by assignment, storing a nil argument past the array's end
 -- made a key, and the hash part of an array of nils was rehashed every few
@@ -274,6 +275,35 @@ function M.timers_of(fn)
   return list
 end
 
+-- ===== a burst's memory given back
+--
+-- A million timers fired leave a 24 MB slots array here (and 32 MB in the
+-- C heap): once few timers have stayed pending for SHRINK_AFTER ms, the C
+-- heap compacts its keys (tide__timers_compact: new timers take low keys,
+-- a high key is not reused once freed, so a periodic timer pending on one
+-- moves down at its next start) and both arrays shrink to fit the highest
+-- key still in use.  Not at once: a burst that follows another (the
+-- benchmark's warm runs) finds the arrays still there.  Checked at the end
+-- of each pass of fires, only while the array is large.
+local SHRINK_MIN = 16384     -- keys: an array this small (384 KB) is kept
+local SHRINK_AFTER = 1000    -- ms of few pending timers before the arrays shrink
+local few_since = nil        -- when the pending timers became few (< 1/8 of cap), or nil
+local timer_count, timer_compact, now = core.timer_count, core.timer_compact, core.now
+
+local function shrink_check()
+  if timer_count() * 8 >= cap then few_since = nil; return end
+  local t = now()
+  if not few_since then few_since = t; return end
+  if t - few_since < SHRINK_AFTER then return end
+  local n = timer_compact()                -- every pending key is <= n
+  if n * 8 >= cap then return end          -- high keys still pending: later (they are not reused)
+  local c = 64
+  while c < 2 * n do c = c * 2 end
+  local new = new_table(3 * c, 0)          -- allocates first: may raise (a finalizer's), changing nothing
+  for i = 1, 3 * n do new[i] = slots[i] end
+  slots, cap, few_since = new, c, nil
+end
+
 -- At most this many timers fire per tick, so a flood of due timers (each
 -- may start a task) is spread over ticks, with I/O polled between them.
 local FIRE_BUDGET = 10000
@@ -285,7 +315,10 @@ function M.fire_due()
   local first = true
   for _ = 1, FIRE_BUDGET do
     local key = timer_pop(first)
-    if not key then return false end
+    if not key then
+      if cap > SHRINK_MIN then shrink_check() end
+      return false
+    end
     first = false
     local i = 3 * key
     local fn, obj, arg = slots[i - 2], slots[i - 1], slots[i]

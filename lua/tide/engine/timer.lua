@@ -62,9 +62,10 @@ end
 
 -- Started again at once, it takes back the key that just fired (the heap
 -- hands out the last freed key first, and nothing starts a timer between
--- the pop and its handler): its slots exist, so this allocates nothing and
--- cannot be stopped half-way by a finalizer's error (timer_spec checks the
--- key stays the same).
+-- the pop and its handler), or a lower one (key 1 when it was the only
+-- timer; a low free key while the heap compacts its keys after a burst,
+-- runq): its slots exist, so this allocates nothing and cannot be stopped
+-- half-way by a finalizer's error.
 --
 -- Missed runs are skipped, not caught up: started again inside a pass of
 -- the timers' fires, it is not due in that pass (runq.fire_due fires what
