@@ -8,7 +8,8 @@
 --   - An entry is a pair (task, coroutine or attempt number), in rq_t/rq_c
 --     at the same index; rq_n counts them, and is written after the slots.
 --   - The queue is swapped out whole when a batch starts (cur_*): entries
---     pushed while a batch runs go to the next batch, of the same tick.
+--     pushed while a batch runs go to the next batch, of the same tick
+--     unless the batch ran past SLICE_MS (its rest runs first next tick).
 --   - unit_t is the task whose entry the batch is running now, or nil: an
 --     error that interrupts the tick leaves it there for sched to repair.
 --   - A pending timer's key k has its handler and two arguments in
@@ -38,14 +39,14 @@ function M.push(t, co)
   if n == 1 and not in_tick then kick() end
 end
 
---- Entries waiting for the next batch.
-function M.count() return rq_n end
+local cur_t, cur_c, cur_n, cur_i = nil, nil, 0, 0   -- the batch under way
+local unit_t = nil                                  -- the task being run in it
+
+--- Entries waiting: for the next batch, and those of a batch cut short.
+function M.count() return rq_n + cur_n - cur_i end
 
 --- Says whether a tick is running (pushes made outside one kick the loop).
 function M.set_in_tick(on) in_tick = on end
-
-local cur_t, cur_c, cur_n, cur_i = nil, nil, 0, 0   -- the batch under way
-local unit_t = nil                                  -- the task being run in it
 
 --- The task in hand when an error interrupted the last tick, or nil.
 function M.interrupted() return unit_t end
@@ -53,12 +54,26 @@ function M.interrupted() return unit_t end
 --- Forgets it (sched repaired it).
 function M.repaired() unit_t = nil end
 
+-- A batch is cut after SLICE_MS: the rest runs at the next tick, after the
+-- loop polled I/O (results of thread jobs, sockets, signals).  Before, a
+-- batch ran whole in one tick, whatever its size: 100,000 thread tasks
+-- spawned at once were 100,000 submits in one tick, 0.4 s on an idle
+-- machine and over a second under load, a stall the watchdog reported
+-- (bench/threads.lua).  The clock is read every CHECK_EVERY entries
+-- (a runner taking entries itself, take_first, stops there too).
+local SLICE_MS = 20
+local CHECK_EVERY = 64
+local check_at = 0           -- the batch's index at which run() reads the clock next
+local now = core.now
+
 --- Runs run(t, co) for each entry whose task still has that attempt
 --- (t._co == co; others are stale), batch after batch, until the queue is
---- empty or `budget` entries were taken.  An interrupted batch (an error
---- raised out of run) is finished first by the next call.
+--- empty, `budget` entries were taken or SLICE_MS passed.  A batch cut
+--- short, or interrupted (an error raised out of run), is finished first by
+--- the next call (M.count() counts what is left of it).
 function M.run(run, budget)
   local done = 0
+  local t0 = now()
   while true do
     local ts, cs, n, i = cur_t, cur_c, cur_n, cur_i
     if i >= n then                                  -- the batch is done: take the next one
@@ -74,7 +89,12 @@ function M.run(run, budget)
       rq_t, rq_c, rq_n = spare_t, spare_c, 0
       done = done + n
     end
+    check_at = i + CHECK_EVERY
     while i < n do
+      if i >= check_at then
+        if now() - t0 >= SLICE_MS then cur_i, unit_t = i, nil; return end   -- the rest: next tick
+        check_at = i + CHECK_EVERY
+      end
       i = i + 1
       local t, co = ts[i], cs[i]
       ts[i], cs[i] = nil, nil
@@ -97,7 +117,7 @@ end
 --- compiling the runner's ("inner loop in root trace").
 function M.take_first(fits)
   local i = cur_i + 1
-  if i > cur_n then return nil end
+  if i > cur_n or i > check_at then return nil end   -- (at check_at: back to run(), to read the clock)
   local t, co = cur_t[i], cur_c[i]
   if type(co) ~= "number" or t._co ~= co or not fits(t) then return nil end
   cur_t[i], cur_c[i] = nil, nil
@@ -288,7 +308,7 @@ end
 local SHRINK_MIN = 16384     -- keys: an array this small (384 KB) is kept
 local SHRINK_AFTER = 1000    -- ms of few pending timers before the arrays shrink
 local few_since = nil        -- when the pending timers became few (< 1/8 of cap), or nil
-local timer_count, timer_compact, now = core.timer_count, core.timer_compact, core.now
+local timer_count, timer_compact = core.timer_count, core.timer_compact
 
 local function shrink_check()
   if timer_count() * 8 >= cap then few_since = nil; return end
