@@ -250,7 +250,7 @@ describe("timers without the FFI", function()
   end)
 end)
 
--- The timers' public functions used after tide.core.close(), or in a first copy of tide retired
+-- The timers' public functions (and tide.run, tide.spawn) used after tide.core.close(), or in a first copy of tide retired
 -- by a second one (tide.engine.runq): each error names the function and blames the caller's
 -- line, with and without the FFI (the FFI's errors named a line of runq.lua, the retired
 -- copy's none at all, and neither the function).  A timer stopped after close says true: it
@@ -265,6 +265,7 @@ describe("timers after the loop closed, or in a retired copy", function()
     try(function() local tm = tide.every(1, print); return tm end)
     try(function() local ok = tide.sleep(1); return ok end)
     try(function() local st = tide.run(print); return st end)
+    try(function() local t = tide.spawn(print); return t end)
     print("stop", pending:stop())
     print("again", pending:stop())
   ]]
@@ -276,6 +277,7 @@ describe("timers after the loop closed, or in a retired copy", function()
       "false\t" .. file .. ":6: tide.every: the loop is closed",
       "false\t" .. file .. ":7: tide.sleep: called outside a task (start one with tide.run or tide.spawn)",
       "false\t" .. file .. ":8: tide.run: the loop is closed",
+      "false\t" .. file .. ":9: tide.spawn: the loop is closed",
       "stop\ttrue",
       "again\tnil\t" .. NOT_PENDING, "" }, "\n")
   end

@@ -48,6 +48,9 @@ function M.count() return rq_n + cur_n - cur_i end
 --- Says whether a tick is running (pushes made outside one kick the loop).
 function M.set_in_tick(on) in_tick = on end
 
+--- True while a tick runs (the loop is open then).
+function M.in_tick() return in_tick end
+
 --- The task in hand when an error interrupted the last tick, or nil.
 function M.interrupted() return unit_t end
 

@@ -118,7 +118,8 @@ M.make_task = make_task
 --- is this function; tide's own modules call it directly).  Returns at
 --- once; the task starts on the next tick.
 function M.spawn(spec, ...)
-  if runq.retired then error("tide.spawn: " .. runq.RETIRED, 2) end
+  -- (outside a tick only, a C call: the loop may have been closed)
+  if runq.retired or not runq.in_tick() and runq.unusable() then error("tide.spawn: " .. runq.unusable(), 2) end
   local t = make_task("tide.spawn", "coroutine", spec, ...)
   S.start(t)
   return t
