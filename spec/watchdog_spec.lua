@@ -82,6 +82,26 @@ describe("the watchdog", function()
     assert.is_nil(out:find("running now: task", 1, true), out)
   end)
 
+  it("names a tide.every's callback by its own function, not tide's wrapper around it", function()
+    local path = script("every_spin.lua", [[
+      local tide = require "tide"
+      tide.configure{ watchdog = 300 }
+      local function spin(ms)
+        local t0 = tide.now()
+        while tide.now() - t0 < ms do end
+      end
+      jit.off(spin)
+      tide.every(10, function(tm)
+        tm:stop()
+        spin(800)
+      end)
+      tide.sleep(1000)
+    ]])
+    local status, out = run(path)
+    assert.equal(0, status, out)
+    assert.matches("running now: a timer callback %(function at [^\n]*every_spin%.lua:8%), at [^\n]*every_spin%.lua:5", out)
+  end)
+
   it("says a task is a timer callback's when the callback got one (it waited)", function()
     local path = script("timer_task_spin.lua", [[
       local tide = require "tide"
