@@ -190,6 +190,13 @@ function H.stores()
   return list
 end
 
+--- The result of one statement run in its own transaction of queue q (a
+--- store spec's look at the rows behind the API).
+function H.sql(q, stmt, ...)
+  local n, args = select("#", ...), { ... }
+  return q:transaction(function(tx) return tx:query(stmt, unpack(args, 1, n)) end)
+end
+
 --- Compares two values exactly: numbers bit for bit (-0 is not 0), arrays
 --- must stay arrays (tide.jobs.json's array_mt on `b`, an empty one too).
 --- Returns true, or false and the path where they differ.

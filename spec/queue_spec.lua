@@ -4,6 +4,7 @@ local tide = require "tide"
 local core = require "tide.core"
 
 local file_bytes = spec_helper.file_bytes
+local sql = spec_helper.sql                -- sql(q, stmt, ...): rows, in a transaction of q
 
 for _, store in ipairs(spec_helper.stores()) do
 describe("tide.queue on " .. store.name, function()
@@ -22,24 +23,19 @@ describe("tide.queue on " .. store.name, function()
     spec_helper.assert_idle()
   end)
 
-  local function sql(stmt, ...)
-    local args = { ... }
-    return q:transaction(function(tx) return tx:query(stmt, unpack(args)) end)
-  end
-
   describe("opening", function()
     it("creates the job tables and opens them again with the jobs kept", function()
       local id = q:enqueue{ target = "orders", method = "fulfill" }
       q:close()
       q = tide.queue.open(url)
       assert.equal("available", q:job(id).status)
-      assert.equal(require("tide.jobs.store." .. store.name).VERSION, sql("SELECT version FROM tide_schema")[1].version)
+      assert.equal(require("tide.jobs.store." .. store.name).VERSION, sql(q, "SELECT version FROM tide_schema")[1].version)
     end)
 
     if store.name == "sqlite" then
       it("runs in WAL mode with synchronous=NORMAL, or FULL when asked", function()
         assert.equal("WAL, synchronous=NORMAL", q.durability)
-        assert.equal("wal", sql("PRAGMA journal_mode")[1].journal_mode)
+        assert.equal("wal", sql(q, "PRAGMA journal_mode")[1].journal_mode)
         local q2 = tide.queue.open(url, { synchronous = "full" })
         assert.equal("WAL, synchronous=FULL", q2.durability)
         q2:close()
@@ -51,7 +47,7 @@ describe("tide.queue on " .. store.name, function()
     end
 
     it("refuses job tables of a newer schema version, and a tide_jobs table it did not create", function()
-      sql("UPDATE tide_schema SET version = 99")
+      sql(q, "UPDATE tide_schema SET version = 99")
       q:close()
       local ok, err = pcall(tide.queue.open, url)
       assert.is_false(ok)
@@ -59,9 +55,9 @@ describe("tide.queue on " .. store.name, function()
                              .. "newer than this tide knows (" .. require("tide.jobs.store." .. store.name).VERSION .. "); upgrade tide", 1, true), err)
       url = store.fresh(path)
       q = tide.queue.open(url)
-      sql("DROP TABLE tide_jobs")
-      sql("DROP TABLE tide_schema")
-      sql("CREATE TABLE tide_jobs (x INTEGER)")
+      sql(q, "DROP TABLE tide_jobs")
+      sql(q, "DROP TABLE tide_schema")
+      sql(q, "CREATE TABLE tide_jobs (x INTEGER)")
       q:close()
       ok, err = pcall(tide.queue.open, url)
       assert.is_false(ok)
@@ -252,7 +248,7 @@ describe("tide.queue on " .. store.name, function()
                 .. "VALUES (7, 'default', 't', 'm', 'available', 20, 0, 0, NULL), (9, 'default', 't', 'm', 'cancelled', 20, 0, 0, 0)")
         db:close()
         q = tide.queue.open(url)
-        assert.equal(require("tide.jobs.store.sqlite").VERSION, sql("SELECT version FROM tide_schema")[1].version)
+        assert.equal(require("tide.jobs.store.sqlite").VERSION, sql(q, "SELECT version FROM tide_schema")[1].version)
         assert.equal("available", q:job(7).status)
         q:prune{ older_than = 0 }
         assert.is_nil(q:job(9))
@@ -403,13 +399,13 @@ describe("tide.queue on " .. store.name, function()
                   .. "VALUES (5, 'default', 't', 'm', 'available', 20, 0, 0)")
           db:close()
           q = tide.queue.open(url)
-          assert.equal(require("tide.jobs.store.sqlite").VERSION, sql("SELECT version FROM tide_schema")[1].version)
+          assert.equal(require("tide.jobs.store.sqlite").VERSION, sql(q, "SELECT version FROM tide_schema")[1].version)
           assert.equal("available", q:job(5).status)
           -- (6: the per-key indexes hold keyed jobs only)
-          local idx = sql("SELECT sql FROM sqlite_master WHERE name IN ('tide_jobs_key_due', 'tide_jobs_key_running')")
+          local idx = sql(q, "SELECT sql FROM sqlite_master WHERE name IN ('tide_jobs_key_due', 'tide_jobs_key_running')")
           assert.equal(2, #idx)
           for _, r in ipairs(idx) do assert.truthy(r.sql:find("WHERE partition_key IS NOT NULL AND", 1, true), r.sql) end
-          local rows = sql("SELECT name, last_tick, seen_by FROM tide_schedules")
+          local rows = sql(q, "SELECT name, last_tick, seen_by FROM tide_schedules")
           if with_schedules then
             assert.same({ { name = "nightly", last_tick = 42, seen_by = "w1" } }, rows)
           else
@@ -546,7 +542,7 @@ describe("tide.queue on " .. store.name, function()
       end)
       assert.equal("ok", status, tostring(err))
       local by_id = {}
-      for _, r in ipairs(sql("SELECT id, args, queue, priority FROM tide_jobs")) do by_id[r.id] = r end
+      for _, r in ipairs(sql(q, "SELECT id, args, queue, priority FROM tide_jobs")) do by_id[r.id] = r end
       local all = 0
       for t = 1, 3 do
         assert.equal(5003, got[t].n)
@@ -621,16 +617,16 @@ describe("tide.queue on " .. store.name, function()
     if store.name == "postgres" then
       it("prepares its statements once per connection, and again on the next one after the server ended it", function()
         q:close()
-        q = tide.queue.open(url, { pool = 1 })                         -- (one connection: sql() sees the same session)
+        q = tide.queue.open(url, { pool = 1 })                         -- (one connection: sql(q, ) sees the same session)
         local function prepared()
           local names = {}
-          for _, r in ipairs(sql("SELECT name FROM pg_prepared_statements ORDER BY name")) do names[#names + 1] = r.name end
+          for _, r in ipairs(sql(q, "SELECT name FROM pg_prepared_statements ORDER BY name")) do names[#names + 1] = r.name end
           return table.concat(names, ",")
         end
         local a = q:enqueue{ target = "t", method = "m" }
         q:enqueue_many{ { target = "t", method = "m" }, { target = "t", method = "m" } }
         assert.equal("tide_draw_ids,tide_insert", prepared())   -- (the batch's rows go by COPY)
-        local pid = sql("SELECT pg_backend_pid() AS pid")[1].pid
+        local pid = sql(q, "SELECT pg_backend_pid() AS pid")[1].pid
         local admin = require("tide.jobs.store.postgres").connect(url)
         admin:query("SELECT pg_terminate_backend($1)", pid)
         for _ = 1, 200 do                                                -- (until the server has closed it)
@@ -641,7 +637,7 @@ describe("tide.queue on " .. store.name, function()
         os.execute("sleep 0.02")
         local b = q:enqueue{ target = "t", method = "m" }               -- a new session: prepared again
         assert.is_true(b > a)
-        assert.is_not.equal(pid, sql("SELECT pg_backend_pid() AS pid")[1].pid)
+        assert.is_not.equal(pid, sql(q, "SELECT pg_backend_pid() AS pid")[1].pid)
         assert.equal("tide_insert", prepared())
         assert.equal(4, q:stats().total)
       end)
@@ -689,7 +685,7 @@ describe("tide.queue on " .. store.name, function()
       it("gives each job its own id when the ids drawn for a batch are not contiguous", function()
         -- (a sequence stepping by 3 stands for other sessions' draws
         -- between the batch's: the ids come back as a list)
-        sql("ALTER SEQUENCE tide_jobs_id_seq INCREMENT BY 3")
+        sql(q, "ALTER SEQUENCE tide_jobs_id_seq INCREMENT BY 3")
         local list = {}
         for i = 1, 5003 do list[i] = { target = "t", method = "m", args = { i = i } } end
         local ids, n = q:enqueue_many(list)
@@ -703,7 +699,7 @@ describe("tide.queue on " .. store.name, function()
       it("leaves nothing of a batch the server refuses halfway, and its connection serves the next one", function()
         q:close()
         q = tide.queue.open(url, { pool = 1 })
-        sql("ALTER TABLE tide_jobs ADD CONSTRAINT no_bad CHECK (method <> 'bad')")
+        sql(q, "ALTER TABLE tide_jobs ADD CONSTRAINT no_bad CHECK (method <> 'bad')")
         local list = {}
         for i = 1, 7000 do list[i] = { target = "t", method = i == 6500 and "bad" or "m", args = { i = i } } end
         local ok, err = pcall(q.enqueue_many, q, list)
@@ -725,8 +721,8 @@ describe("tide.queue on " .. store.name, function()
 
       it("runs a connection's setup alone, before a first COPY, inside a transaction or not, or a failing first statement", function()
         local pg_conn = require "tide.jobs.store.pg_conn"
-        sql("DROP TABLE IF EXISTS copied")
-        sql("CREATE TABLE copied (n integer, app text DEFAULT current_setting('application_name'))")
+        sql(q, "DROP TABLE IF EXISTS copied")
+        sql(q, "CREATE TABLE copied (n integer, app text DEFAULT current_setting('application_name'))")
         spec_helper.run(function()
           local c = pg_conn.new(url, "copy spec", "SET application_name = 'tide_copy_setup'")
           c:begin()                                          -- (its BEGIN waits for the first statement)
@@ -749,7 +745,7 @@ describe("tide.queue on " .. store.name, function()
           assert.equal("tide_copy_setup", c:query("SHOW application_name").rows[1].application_name)
           c:close()
         end)
-        sql("DROP TABLE copied")
+        sql(q, "DROP TABLE copied")
       end)
 
       it("leaves nothing of a batch whose task times out while its rows are sent", function()
@@ -776,7 +772,7 @@ describe("tide.queue on " .. store.name, function()
 
   describe("q:transaction", function()
     before_each(function()
-      sql("CREATE TABLE orders (id INTEGER PRIMARY KEY, customer TEXT, total REAL)")
+      sql(q, "CREATE TABLE orders (id INTEGER PRIMARY KEY, customer TEXT, total REAL)")
     end)
 
     it("commits the caller's rows and the job together", function()
@@ -1054,7 +1050,7 @@ describe("tide.queue on " .. store.name, function()
       assert.same({ card = secret }, j.args)
       assert.is_true(j.encrypted)
       local stored = {}                          -- every stored column, as the database has it
-      for _, row in ipairs(sql("SELECT * FROM tide_jobs")) do
+      for _, row in ipairs(sql(q, "SELECT * FROM tide_jobs")) do
         for _, v in pairs(row) do stored[#stored + 1] = tostring(v) end
       end
       stored = table.concat(stored, "\n")

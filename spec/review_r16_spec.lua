@@ -3,6 +3,7 @@
 -- between them, batches cut off at random instants, a server restarted mid-batch, an exhausted pool.
 local tide = require "tide"
 local json = require "tide.jobs.json"
+local sql = spec_helper.sql                -- sql(q, stmt, ...): rows, in a transaction of q
 
 local pg_store = spec_helper.stores()[2]
 if not pg_store then
@@ -15,8 +16,7 @@ end
 --- Rows of a query as a table: { status = n } when it has columns status
 --- and n, else the first row.
 local function sql_rows(q, stmt, ...)
-  local args = { ... }
-  local rows = q:transaction(function(tx) return tx:query(stmt, unpack(args)) end)
+  local rows = sql(q, stmt, ...)
   if rows[1] and rows[1].status and rows[1].n then
     local out = {}
     for _, r in ipairs(rows) do out[r.status] = r.n end
@@ -41,13 +41,8 @@ describe("review r16: enqueue_many by COPY", function()
     spec_helper.assert_idle()
   end)
 
-  local function sql(stmt, ...)
-    local args = { ... }
-    return q:transaction(function(tx) return tx:query(stmt, unpack(args)) end)
-  end
-
   local function count(where)
-    return sql("SELECT count(*) AS n FROM tide_jobs WHERE " .. (where or "true"))[1].n
+    return sql(q, "SELECT count(*) AS n FROM tide_jobs WHERE " .. (where or "true"))[1].n
   end
 
   it("brings back every text a single enqueue brings back, byte for byte, in args and partition keys", function()
@@ -69,8 +64,8 @@ describe("review r16: enqueue_many by COPY", function()
       local a, b = q:job(singles[i]), q:job(ids[i])
       assert(spec_helper.exact(many[i].args, b.args), "args of text " .. i .. " changed")
       assert.equal(a.args and json.encode(a.args), json.encode(b.args), "text " .. i)
-      local pa = sql("SELECT partition_key AS k FROM tide_jobs WHERE id = $1", singles[i])[1].k
-      local pb = sql("SELECT partition_key AS k FROM tide_jobs WHERE id = $1", ids[i])[1].k
+      local pa = sql(q, "SELECT partition_key AS k FROM tide_jobs WHERE id = $1", singles[i])[1].k
+      local pb = sql(q, "SELECT partition_key AS k FROM tide_jobs WHERE id = $1", ids[i])[1].k
       assert.equal(many[i].args.k, pb, "partition key of text " .. i)
       assert.equal(pa, pb)
     end
@@ -135,7 +130,7 @@ describe("review r16: enqueue_many by COPY", function()
     end)
     assert.equal("ok", status, tostring(err))
     local byid = {}
-    for _, r in ipairs(sql("SELECT id, args FROM tide_jobs")) do byid[r.id] = json.decode(r.args) end
+    for _, r in ipairs(sql(q, "SELECT id, args FROM tide_jobs")) do byid[r.id] = json.decode(r.args) end
     local n = 0
     for b = 1, 3 do
       assert.equal(5003, #got[b])
@@ -207,14 +202,14 @@ describe("review r16: enqueue_many by COPY", function()
     -- A deferred trigger runs at COMMIT: the server holds the COMMIT 1 s
     -- (then, on the second table, refuses it), and the task is cut at 500 ms,
     -- long after its statements (a few ms, tens under ASan) were done.
-    sql([[CREATE OR REPLACE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+    sql(q, [[CREATE OR REPLACE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
           BEGIN PERFORM pg_sleep(1);
                 IF TG_TABLE_NAME = 'refused' THEN RAISE EXCEPTION 'refused at commit'; END IF;
                 RETURN NULL; END $$]])
     for _, t in ipairs{ "slow", "refused" } do
-      sql("DROP TABLE IF EXISTS " .. t)
-      sql("CREATE TABLE " .. t .. " (n int)")
-      sql("CREATE CONSTRAINT TRIGGER at_commit AFTER INSERT ON " .. t
+      sql(q, "DROP TABLE IF EXISTS " .. t)
+      sql(q, "CREATE TABLE " .. t .. " (n int)")
+      sql(q, "CREATE CONSTRAINT TRIGGER at_commit AFTER INSERT ON " .. t
           .. " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()")
     end
     q:close()
@@ -246,13 +241,13 @@ describe("review r16: enqueue_many by COPY", function()
       assert.equal(1, warned)
       spec_helper.run(function() tide.sleep(700) end)   -- (the server is done with the COMMIT it was sent)
       assert.equal(rows, count(), tbl .. " " .. how)
-      assert.equal(tbl == "slow" and rows / 202 or 0, sql("SELECT count(*) AS n FROM " .. tbl)[1].n)
+      assert.equal(tbl == "slow" and rows / 202 or 0, sql(q, "SELECT count(*) AS n FROM " .. tbl)[1].n)
       assert.same({ size = 1, open = 1, busy = 0, waiting = 0 }, q:stats().pool)
     end
   end)
 
   it("keeps a failed batch in a savepoint out of the transaction that goes on and commits", function()
-    sql("ALTER TABLE tide_jobs ADD CONSTRAINT no_bad CHECK (method <> 'bad')")
+    sql(q, "ALTER TABLE tide_jobs ADD CONSTRAINT no_bad CHECK (method <> 'bad')")
     local list = {}
     for i = 1, 6000 do list[i] = { target = "t", method = i == 5999 and "bad" or "m", args = { i = i } } end
     local ok, err

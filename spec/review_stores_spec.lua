@@ -2,6 +2,7 @@
 -- prepared statements on PostgreSQL when the session changes under them,
 -- and whatever else the review found.  Each test names what a user does.
 local tide = require "tide"
+local sql = spec_helper.sql                -- sql(q, stmt, ...): rows, in a transaction of q
 
 for _, store in ipairs(spec_helper.stores()) do
 describe("review: tide.queue on " .. store.name, function()
@@ -18,34 +19,29 @@ describe("review: tide.queue on " .. store.name, function()
     spec_helper.assert_idle()
   end)
 
-  local function sql(stmt, ...)
-    local args = { ... }
-    return q:transaction(function(tx) return tx:query(stmt, unpack(args)) end)
-  end
-
   if store.name == "postgres" then
     describe("prepared statements when the session changes under them", function()
       before_each(function()
-        q = tide.queue.open(url, { pool = 1 })          -- (one connection: sql() runs on tide's session)
+        q = tide.queue.open(url, { pool = 1 })          -- (one connection: sql(q, ) runs on tide's session)
         q:enqueue{ target = "t", method = "m" }         -- tide_insert prepared
       end)
 
       it("enqueues again after DEALLOCATE ALL ran on its connection", function()
-        sql("DEALLOCATE ALL")
+        sql(q, "DEALLOCATE ALL")
         local ok, id = pcall(q.enqueue, q, { target = "t", method = "m" })
         assert.is_true(ok, id)
         assert.equal("available", q:job(id).status)
       end)
 
       it("enqueues again after a column of the result changed type (cached plan must not change result type)", function()
-        sql("ALTER TABLE tide_jobs ALTER COLUMN id TYPE numeric")
+        sql(q, "ALTER TABLE tide_jobs ALTER COLUMN id TYPE numeric")
         local ok, id = pcall(q.enqueue, q, { target = "t", method = "m" })
         assert.is_true(ok, id)
         assert.equal(2, q:stats().total)
       end)
 
       it("prepares again when its statement's name was taken on the session (as a transaction pooler gives)", function()
-        sql("PREPARE tide_by_key(text) AS SELECT 0::bigint AS id")
+        sql(q, "PREPARE tide_by_key(text) AS SELECT 0::bigint AS id")
         q:enqueue{ target = "t", method = "m", idempotency_key = "k" }
         local ok, id = pcall(q.enqueue, q, { target = "t", method = "m", idempotency_key = "k" })
         assert.is_true(ok, id)
@@ -70,7 +66,7 @@ describe("review: tide.queue on " .. store.name, function()
     -- statement unprepared, on the pool's connections and the worker's.
     describe("without prepared statements (prepare = false)", function()
       local function prepared_here()
-        return tonumber(sql("SELECT count(*) AS n FROM pg_prepared_statements")[1].n)
+        return tonumber(sql(q, "SELECT count(*) AS n FROM pg_prepared_statements")[1].n)
       end
       --- Statements prepared on one of a worker's own stores (one connection).
       local function prepared_on(store)
@@ -112,7 +108,7 @@ describe("review: tide.queue on " .. store.name, function()
                                function() return tide.queue.open(url .. (url:find("?", 1, true) and "&" or "?")
                                                                    .. "prepare=false&pool=1") end } do
           q = open()
-          sql("DELETE FROM tide_jobs")
+          sql(q, "DELETE FROM tide_jobs")
           assert.same({ 3, 0 }, { work() })
           assert.equal(0, prepared_here())
           assert.same({ 3, 3 }, { q:stats().total, q:stats().completed })

@@ -249,3 +249,190 @@ describe("timers without the FFI", function()
     assert.equal("ok\ta,waited\t3\n", out)
   end)
 end)
+
+-- The timers' public functions (and tide.run, tide.spawn) used after tide.core.close(), or in a first copy of tide retired
+-- by a second one (tide.engine.runq): each error names the function and blames the caller's
+-- line, with and without the FFI (the FFI's errors named a line of runq.lua, the retired
+-- copy's none at all, and neither the function).  A timer stopped after close says true: it
+-- can no longer fire.
+describe("timers after the loop closed, or in a retired copy", function()
+  local CLOSED = [[
+    local tide = require "tide"
+    local function try(f) local ok, err = pcall(f); print(ok, err) end
+    local pending = tide.after(60000, function() end)
+    print("closed", require("tide.core").close() ~= nil)
+    try(function() local tm = tide.after(1, print); return tm end)
+    try(function() local tm = tide.every(1, print); return tm end)
+    try(function() local ok = tide.sleep(1); return ok end)
+    try(function() local st = tide.run(print); return st end)
+    try(function() local t = tide.spawn(print); return t end)
+    print("stop", pending:stop())
+    print("again", pending:stop())
+  ]]
+
+  local function expected_closed(file)
+    return table.concat({
+      "closed\ttrue",
+      "false\t" .. file .. ":5: tide.after: the loop is closed",
+      "false\t" .. file .. ":6: tide.every: the loop is closed",
+      "false\t" .. file .. ":7: tide.sleep: called outside a task (start one with tide.run or tide.spawn)",
+      "false\t" .. file .. ":8: tide.run: the loop is closed",
+      "false\t" .. file .. ":9: tide.spawn: the loop is closed",
+      "stop\ttrue",
+      "again\tnil\t" .. NOT_PENDING, "" }, "\n")
+  end
+
+  it("blame the caller and name the function once the loop is closed (FFI calls)", function()
+    local dir = H.tempdir()
+    local status, out = H.run_lua(dir, "closed.lua", CLOSED, 30)
+    os.execute("rm -rf " .. dir)
+    assert.equal(0, status, out)
+    assert.equal(expected_closed(dir .. "/closed.lua"), out)
+  end)
+
+  it("blame the caller and name the function once the loop is closed (classic calls)", function()
+    local dir = H.tempdir()
+    local status, out = H.run_lua(dir, "closed_joff.lua", "jit.off() " .. CLOSED, 30)
+    os.execute("rm -rf " .. dir)
+    assert.equal(0, status, out)
+    assert.equal(expected_closed(dir .. "/closed_joff.lua"), out)
+  end)
+
+  it("blame the caller and name the function in a retired copy", function()
+    local dir = H.tempdir()
+    local status, out = H.run_lua(dir, "retired.lua", [[
+      local function clear() for k in pairs(package.loaded) do if k:match("^tide") and k ~= "tide.core" then package.loaded[k] = nil end end end
+      local function try(f) local ok, err = pcall(f); print(ok, err) end
+      local tide1 = require "tide"
+      local fired; tide1.run(function() fired = tide1.after(1, function() end) end)
+      clear()
+      local tide2 = require "tide"
+      assert(tide2 ~= tide1, "not a second copy: this case attacks nothing")
+      print(tide2.run(function()
+        try(function() local tm = tide1.after(1, print); return tm end)
+        try(function() local tm = tide1.every(1, print); return tm end)
+        try(function() local ok = tide1.sleep(1); return ok end)
+        try(function() local t = tide1.spawn(print); return t end)
+        print("stop", fired:stop())
+      end))
+      try(function() local st = tide1.run(print); return st end)
+    ]], 30)
+    os.execute("rm -rf " .. dir)
+    assert.equal(0, status, out)
+    local file, retired = dir .. "/retired.lua", "this copy of tide's engine was replaced by a second one "
+      .. "loaded beside it (package.loaded cleared and tide required again); use the newer copy"
+    assert.equal(table.concat({
+      "false\t" .. file .. ":9: tide.after: " .. retired,
+      "false\t" .. file .. ":10: tide.every: " .. retired,
+      "false\t" .. file .. ":11: tide.sleep: " .. retired,
+      "false\t" .. file .. ":12: tide.spawn: " .. retired,
+      "stop\tnil\t" .. NOT_PENDING,
+      "ok\tnil",
+      "false\t" .. file .. ":15: tide.run: " .. retired, "" }, "\n"), out)
+  end)
+end)
+
+-- A tide.every whose period is shorter than a pass of the timers' fires was started again, due
+-- again and fired again inside that same pass, up to the 10,000 fires of a pass: its callback
+-- then ran dozens of times in a row, back to back, to "catch up".  A pass now fires what was
+-- due when it began: missed runs are skipped (coalesced into one), as Node's setInterval and
+-- most schedulers do, and the tasks of the tick run between two runs.
+describe("a tide.every shorter than a tick", function()
+  before_each(testing.before_each)
+  after_each(testing.after_each)
+
+  it("runs at most once a tick: missed runs are skipped, never run back to back", function()
+    local since, most, runs, sleeper_runs = 0, 0, 0, 0
+    H.run(function()
+      local stop = false
+      local sleeper = tide.spawn(function()        -- runs once a tick (its 0 ms timer fires each pass)
+        while not stop do since = 0; sleeper_runs = sleeper_runs + 1; tide.sleep(0) end
+      end)
+      local others = 0
+      local tm = tide.every(0.0001, function()
+        runs, since = runs + 1, since + 1
+        if since > most then most = since end
+        for _ = 1, 200 do tide.after(0, function() others = others + 1 end) end   -- long passes
+      end)
+      tide.sleep(50)
+      stop = true
+      assert.is_true(tm:stop())
+      sleeper:await()
+      tide.sleep(1)
+    end)
+    assert.is_true(runs > 10 and sleeper_runs > 10, ("ran %d times, the sleeper %d"):format(runs, sleeper_runs))
+    -- between two runs of the sleeper (two ticks), at most one run in each tick
+    assert.is_true(most <= 2, ("%d runs back to back between two ticks"):format(most))
+  end)
+
+  it("under the virtual clock, a period under a nanosecond still advances time (1 ns)", function()
+    local clock = testing.clock()
+    local runs = 0
+    H.run(function()
+      local tm = tide.every(1e-9, function(t)
+        runs = runs + 1
+        if runs == 1000 then t:stop() end           -- (0 ns: time stood still, and this never ended)
+      end)
+      clock:advance(0.00001)                       -- 10 ns: 10 runs
+      tm:stop()
+    end)
+    assert.equal(10, runs)
+  end)
+
+  it("keeps its rhythm when the clock advances exactly (virtual clock): one run per period", function()
+    local clock = testing.clock()
+    local at = {}
+    H.run(function()
+      local t0 = tide.now()
+      local tm = tide.every(10, function() at[#at + 1] = tide.now() - t0 end)
+      clock:advance(55)
+      assert.is_true(tm:stop())
+    end)
+    assert.same({ 10, 20, 30, 40, 50 }, at)
+  end)
+end)
+
+-- A burst of timers left its memory behind for ever: the slots array of runq (3 slots a key,
+-- 24 MB after a million) and the C heap's arrays (32 MB) only grew.  Now, once few timers have
+-- stayed pending for a second, the keys are compacted and both shrink, also while periodic
+-- timers stay pending all along on the burst's highest keys (so the heap is never empty).
+describe("a burst of timers", function()
+  before_each(testing.before_each)
+  after_each(testing.after_each)
+
+  it("gives its memory back once it is over, while periodic timers and late ones stay pending", function()
+    local clock = testing.clock()
+    local N = 200000
+    local fired, beats, beats2, late_fired, again = 0, 0, 0, {}, 0
+    H.run(function()
+      collectgarbage()
+      local lua0, c0 = collectgarbage("count"), tide.stats().timer_bytes
+      for i = 1, N do tide.after(1 + i % 50, function() fired = fired + 1 end) end
+      local beat = tide.every(100, function() beats = beats + 1 end)       -- keys above the burst's
+      local beat2 = tide.every(150, function() beats2 = beats2 + 1 end)
+      local late = {}
+      for i = 1, 10 do late[i] = tide.after(1500 + i, function(tm) late_fired[#late_fired + 1] = tm end) end
+      clock:advance(60)
+      assert.equal(N, fired)
+      collectgarbage()
+      local lua1, c1 = collectgarbage("count"), tide.stats().timer_bytes
+      assert.is_true((lua1 - lua0) * 1024 > 3 * N * 8, "the burst's slots array is not there: this attacks nothing")
+      assert.is_true(c1 - c0 > N * 16, "the burst's C heap is not there: this attacks nothing")
+      clock:advance(3000)                        -- more than a second of few timers; the late ones fire
+      collectgarbage()
+      local lua2, c2 = collectgarbage("count"), tide.stats().timer_bytes
+      assert.is_true((lua1 - lua2) * 1024 > 3 * N * 8, ("the slots array kept %d KB"):format(lua2 - lua0))
+      assert.is_true(c2 < 64 * 1024, ("the C heap kept %d bytes"):format(c2))
+      assert.equal(10, #late_fired)              -- each late timer fired once, with its own handle
+      for i = 1, 10 do assert.equal(late[i], late_fired[i]) end
+      assert.same({ 30, 20 }, { beats, beats2 })    -- (at 3060 ms)
+      clock:advance(300)                         -- the periodic ones moved to low keys and go on
+      assert.same({ 33, 22 }, { beats, beats2 })
+      assert.is_true(beat.key < 64 and beat2.key < 64, ("keys %d and %d"):format(beat.key, beat2.key))
+      assert.is_true(beat:stop() and beat2:stop())
+      for _ = 1, N do tide.after(1, function() again = again + 1 end) end   -- and it grows again
+      clock:advance(2)
+    end)
+    assert.equal(N, again)
+  end)
+end)

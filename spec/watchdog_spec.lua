@@ -53,6 +53,76 @@ describe("the watchdog", function()
     assert.matches("the loop has not turned for %d+ ms; running now: task %d+ 'spinner', at [^\n]*spin%.lua:5", out)
   end)
 
+  -- A timer's callback runs without a task unless it waits (tide.engine.fire): the watchdog
+  -- named a "task N" that did not exist, as asking the scheduler for the task running now
+  -- made one (from inside the debug hook).  It names the callback, and where it was defined.
+  it("names a timer callback that holds the loop as one, and makes no task for it", function()
+    local path = script("timer_spin.lua", [[
+      local tide = require "tide"
+      tide.configure{ watchdog = 300 }
+      local function spin(ms)          -- interpreted: the hook reaches it
+        local t0 = tide.now()
+        while tide.now() - t0 < ms do end
+      end
+      jit.off(spin)
+      local live = {}
+      tide.after(10, function()
+        spin(1500)
+        live[#live + 1] = tide.stats().live
+      end)
+      tide.sleep(1700)
+      print("live in the callback", live[1])
+    ]])
+    local status, out = run(path)
+    assert.equal(0, status, out)
+    assert.matches("live in the callback\t1\n", out)  -- the root task only: the callback has none
+    local _, reports = out:gsub("tide: error in the watchdog:", "")
+    assert.equal(1, reports, out)
+    assert.matches("running now: a timer callback %(function at [^\n]*timer_spin%.lua:9%), at [^\n]*timer_spin%.lua:5", out)
+    assert.is_nil(out:find("running now: task", 1, true), out)
+  end)
+
+  it("names a tide.every's callback by its own function, not tide's wrapper around it", function()
+    local path = script("every_spin.lua", [[
+      local tide = require "tide"
+      tide.configure{ watchdog = 300 }
+      local function spin(ms)
+        local t0 = tide.now()
+        while tide.now() - t0 < ms do end
+      end
+      jit.off(spin)
+      tide.every(10, function(tm)
+        tm:stop()
+        spin(800)
+      end)
+      tide.sleep(1000)
+    ]])
+    local status, out = run(path)
+    assert.equal(0, status, out)
+    assert.matches("running now: a timer callback %(function at [^\n]*every_spin%.lua:8%), at [^\n]*every_spin%.lua:5", out)
+  end)
+
+  it("says a task is a timer callback's when the callback got one (it waited)", function()
+    local path = script("timer_task_spin.lua", [[
+      local tide = require "tide"
+      tide.configure{ watchdog = 300 }
+      local function spin(ms)
+        local t0 = tide.now()
+        while tide.now() - t0 < ms do end
+      end
+      jit.off(spin)
+      tide.after(10, function()
+        tide.sleep(1)
+        spin(1500)
+      end)
+      tide.sleep(1700)
+      print("done")
+    ]])
+    local status, out = run(path)
+    assert.equal(0, status, out)
+    assert.matches("running now: task %d+ %(a timer callback, function at [^\n]*timer_task_spin%.lua:8%), at [^\n]*timer_task_spin%.lua:5", out)
+  end)
+
   it("names a task that held the loop inside a C function, when it comes back", function()
     local path = script("sleeper.lua", [[
       local tide = require "tide"

@@ -34,6 +34,7 @@ typedef struct state {
   int in_call;          /* the loop's calls into Lua under way (nesting) */
   int failed_ticks;     /* ticks in a row that raised                    */
   int hooked;           /* the stall hook is set, replacing prev_*       */
+  uint64_t pass_now;    /* when the timers' pass under way began (pop)   */
   lua_Hook prev_hook;
   int prev_mask, prev_count;
 } state;
@@ -166,33 +167,71 @@ static int l_hostname(lua_State *L) {
 #define MAX_DELAY_MS 1e12
 
 /* A timer due ms milliseconds from now (ms >= 0; NaN counts as 0): its
- * key, or -1 when out of memory. */
+ * key, or -1 when out of memory.  A positive delay is at least 1 ns: a
+ * tide.every of 1e-7 ms started again inside a pass of pop() must not be
+ * due in that same pass (under the virtual clock, time stands still). */
 static int64_t start_ms(state *s, double ms) {
   if (!(ms > 0)) ms = 0;
   if (ms > MAX_DELAY_MS) ms = MAX_DELAY_MS;
-  return tide__loop_timer_start(&s->loop, tide__loop_now() + (uint64_t)(ms * 1e6));
+  uint64_t ns = (uint64_t)(ms * 1e6);
+  if (ns == 0 && ms > 0) ns = 1;
+  return tide__loop_timer_start(&s->loop, tide__loop_now() + ns);
+}
+
+/* The next timer due in the pass of pops under way, or 0.  `first` starts
+ * a pass: it fires what was due when it began, so a timer started during
+ * it (a tide.every started again as it fires) waits for the next pass,
+ * after the runs queued by this one -- as libuv's timers use the loop's
+ * cached time.  Before, a tide.every shorter than a pass fired again and
+ * again in it (up to the engine's 10,000 fires a pass). */
+static int64_t pop_due(state *s, int first) {
+  if (first) s->pass_now = tide__loop_now();
+  return tide__timers_pop_due(&s->loop.timers, s->pass_now);
 }
 
 /* timer_start(ms) -> key: a timer due ms milliseconds from now (ms >= 0,
- * checked by the caller). */
+ * checked by the caller); -1 when out of memory, -2 once the loop is
+ * closed (the caller names itself in the error, tide.engine.runq). */
 static int l_timer_start(lua_State *L) {
-  state *s = get_state(L);
-  int64_t key = start_ms(s, luaL_checknumber(L, 1));
-  if (key < 0) return luaL_error(L, "tide: out of memory for timers");
-  lua_pushnumber(L, (lua_Number)key);
+  loop_ud *u = lua_touserdata(L, lua_upvalueindex(1));
+  double ms = luaL_checknumber(L, 1);
+  lua_pushnumber(L, u->s ? (lua_Number)start_ms(u->s, ms) : -2);
   return 1;
 }
 
+/* timer_cancel(key) -> true when it was pending; false too once the loop
+ * is closed (no timer can fire then: a cancel is harmless). */
 static int l_timer_cancel(lua_State *L) {
-  state *s = get_state(L);
-  lua_pushboolean(L, tide__loop_timer_cancel(&s->loop, (int64_t)luaL_checknumber(L, 1)) == 0);
+  loop_ud *u = lua_touserdata(L, lua_upvalueindex(1));
+  int64_t key = (int64_t)luaL_checknumber(L, 1);
+  lua_pushboolean(L, u->s && tide__loop_timer_cancel(&u->s->loop, key) == 0);
   return 1;
 }
 
-/* pop() -> key of a timer that is due now, or nil. */
+/* timer_count() -> the number of pending timers. */
+static int l_timer_count(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)tide__timers_count(&get_state(L)->loop.timers));
+  return 1;
+}
+
+/* timer_compact() -> n: every pending key is <= n; compacts the keys and
+ * gives the heap's memory back after a burst (tide__timers_compact). */
+static int l_timer_compact(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)tide__timers_compact(&get_state(L)->loop.timers));
+  return 1;
+}
+
+/* closed() -> true once close() ran: the loop's functions raise then. */
+static int l_closed(lua_State *L) {
+  loop_ud *u = lua_touserdata(L, lua_upvalueindex(1));
+  lua_pushboolean(L, u->s == NULL);
+  return 1;
+}
+
+/* pop(first) -> key of a timer due in this pass, or nil (see pop_due). */
 static int l_pop(lua_State *L) {
   state *s = get_state(L);
-  int64_t key = tide__timers_pop_due(&s->loop.timers, tide__loop_now());
+  int64_t key = pop_due(s, lua_toboolean(L, 1));
   if (key == 0) return 0;
   lua_pushnumber(L, (lua_Number)key);
   return 1;
@@ -217,9 +256,9 @@ static double ffi_timer_cancel(loop_ud *u, double key) {
   return tide__loop_timer_cancel(&u->s->loop, (int64_t)key) == 0 ? 1 : 0;
 }
 
-static double ffi_pop(loop_ud *u) {
+static double ffi_pop(loop_ud *u, int first) {
   if (u->s == NULL) return -2;
-  return (double)tide__timers_pop_due(&u->s->loop.timers, tide__loop_now());   /* a key, or 0 */
+  return (double)pop_due(u->s, first);    /* a key, or 0 */
 }
 
 /* Adds timer_ffi = { loop = the userdata, start, cancel, pop = the
@@ -443,11 +482,13 @@ static int l_versions(lua_State *L) {
 static const luaL_Reg core_funcs[] = {
   { "now", l_now },           { "timer_start", l_timer_start },
   { "timer_cancel", l_timer_cancel }, { "pop", l_pop },
+  { "timer_count", l_timer_count }, { "timer_compact", l_timer_compact },
   { "kick", l_kick },         { "run", l_run },
   { "running", l_running },   { "set_handlers", l_set_handlers },
   { "caller_is", l_caller_is },
   { "signals", l_signals },   { "stats", l_stats },
-  { "close", l_close },       { "isatty", l_isatty },
+  { "close", l_close },       { "closed", l_closed },
+  { "isatty", l_isatty },
   { "wallclock", l_wallclock }, { "pid", l_pid },
   { "hostname", l_hostname }, { "versions", l_versions },
   { "clock_virtual", l_clock_virtual },

@@ -4,6 +4,8 @@
 #include <stdlib.h>
 
 #define FREE_SLOT UINT32_MAX
+#define NO_LIMIT UINT32_MAX
+#define MIN_CAP 64
 
 typedef struct tide__tnode {
   uint64_t deadline, seq;
@@ -11,7 +13,7 @@ typedef struct tide__tnode {
 } tnode;
 
 void tide__timers_init(tide__timers *t) {
-  *t = (tide__timers){ 0 };
+  *t = (tide__timers){ .limit = NO_LIMIT };
 }
 
 void tide__timers_free(tide__timers *t) {
@@ -77,7 +79,7 @@ static void sift_down(tide__timers *t, uint32_t i) {
 /* Grows heap, pos and free_keys together so that one more key always fits. */
 static int reserve(tide__timers *t) {
   if (t->nkeys + 1 < t->cap) return 0;
-  uint32_t cap = t->cap ? t->cap * 2 : 64;
+  uint32_t cap = t->cap ? t->cap * 2 : MIN_CAP;
   tnode *heap = realloc(t->heap, cap * sizeof *heap);
   if (!heap) return -1;
   t->heap = heap;
@@ -98,6 +100,7 @@ int64_t tide__timers_start(tide__timers *t, uint64_t deadline) {
   } else {
     if (reserve(t) != 0) return -1;
     key = ++t->nkeys;                       /* key 0 is never used */
+    if (key > t->limit) t->nabove++;        /* (compacting: a burst above the limit) */
   }
   t->heap[t->count] = (tnode){ deadline, t->seq++, key };
   t->pos[key] = t->count;
@@ -105,12 +108,27 @@ int64_t tide__timers_start(tide__timers *t, uint64_t deadline) {
   return key;
 }
 
+/* Frees a key: on the stack for reuse, unless it is above the limit.  No
+ * timer pending: the numbering starts again at 1. */
+static void free_key(tide__timers *t, uint32_t key) {
+  t->pos[key] = FREE_SLOT;
+  if (t->count == 0) {
+    t->nkeys = t->nfree = t->nabove = 0;
+    t->limit = NO_LIMIT;
+  } else if (key <= t->limit) {
+    t->free_keys[t->nfree++] = key;
+  } else if (--t->nabove == 0) {            /* the last key above the limit */
+    t->nkeys = t->limit;
+    t->limit = NO_LIMIT;
+  }
+}
+
 /* Removes heap[i], keeping the heap ordered, and frees its key. */
 static void remove_at(tide__timers *t, uint32_t i) {
   uint32_t key = t->heap[i].key;
-  t->pos[key] = FREE_SLOT;
-  t->free_keys[t->nfree++] = key;
-  if (--t->count == i) return;
+  t->count--;
+  free_key(t, key);
+  if (t->count == i) return;
   place(t, i, t->heap[t->count]);
   if (i > 0 && before(&t->heap[i], &t->heap[(i - 1) / ARITY]))
     sift_up(t, i);
@@ -129,6 +147,38 @@ int64_t tide__timers_pop_due(tide__timers *t, uint64_t now) {
   uint32_t key = t->heap[0].key;
   remove_at(t, 0);
   return key;
+}
+
+/* Shrinks the three arrays to `cap` entries.  A realloc that fails keeps
+ * its larger block, which is as good. */
+static void shrink_to(tide__timers *t, uint32_t cap) {
+  tnode *heap = realloc(t->heap, cap * sizeof *heap);
+  if (heap) t->heap = heap;
+  uint32_t *pos = realloc(t->pos, cap * sizeof *pos);
+  if (pos) t->pos = pos;
+  uint32_t *free_keys = realloc(t->free_keys, cap * sizeof *free_keys);
+  if (free_keys) t->free_keys = free_keys;
+  t->cap = cap;
+}
+
+uint32_t tide__timers_compact(tide__timers *t) {
+  if (t->limit == NO_LIMIT && t->nkeys > 2 * MIN_CAP && t->count < t->nkeys / 8) {
+    uint32_t limit = 2 * t->count + MIN_CAP;  /* < nkeys: room for the timers pending, twice */
+    t->nfree = 0;
+    for (uint32_t k = limit; k >= 1; k--)     /* the lowest free key on top */
+      if (t->pos[k] == FREE_SLOT) t->free_keys[t->nfree++] = k;
+    t->nabove = 0;
+    for (uint32_t i = 0; i < t->count; i++)
+      if (t->heap[i].key > limit) t->nabove++;
+    if (t->nabove == 0) t->nkeys = limit;
+    else t->limit = limit;
+  }
+  if (t->limit == NO_LIMIT) {
+    uint32_t cap = MIN_CAP;
+    while (cap < 2 * (t->nkeys + 1)) cap *= 2;
+    if (cap < t->cap) shrink_to(t, cap);
+  }
+  return t->nkeys;
 }
 
 int tide__timers_next(const tide__timers *t, uint64_t *deadline) {

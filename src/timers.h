@@ -7,6 +7,15 @@
  *
  * Ties are broken by insertion order: two timers with the same deadline fire
  * in the order they were started.  Not thread-safe: loop thread only.
+ *
+ * Keys stay small after a burst.  When no timer is pending the numbering
+ * starts again at 1.  When a few are pending among many keys handed out (a
+ * million timers fired, a few periodic ones still pending on high keys),
+ * tide__timers_compact sets a limit: the free keys under it are handed out
+ * first, and a key above it is not reused once freed; when the last one
+ * above it is freed, nkeys falls to the limit and the arrays can shrink.
+ * Every pending key is <= nkeys: the caller's arrays indexed by key need
+ * no more than that.
  */
 #ifndef TIDE_TIMERS_H
 #define TIDE_TIMERS_H
@@ -19,7 +28,9 @@ typedef struct tide__timers {
   uint32_t *pos;              /* pos[key] = index in heap, or FREE_SLOT     */
   uint32_t *free_keys;        /* stack of keys ready for reuse              */
   uint32_t count, cap;        /* heap size and capacity                     */
-  uint32_t nkeys, nfree;      /* keys ever handed out; keys on the stack    */
+  uint32_t nkeys, nfree;      /* keys 1..nkeys may be pending; keys on the stack */
+  uint32_t limit, nabove;     /* keys above limit are not reused (compacting, see
+                                 above; else UINT32_MAX), and how many are pending */
   uint64_t seq;               /* insertion counter for stable ties          */
 } tide__timers;
 
@@ -40,6 +51,13 @@ int64_t tide__timers_pop_due(tide__timers *t, uint64_t now);
 
 /* 1 and the earliest deadline in *deadline when a timer is pending, else 0. */
 int tide__timers_next(const tide__timers *t, uint64_t *deadline);
+
+/* After a burst: when fewer than one key in 8 is pending, starts the
+ * compaction described above; when no key above the limit is pending any
+ * more, gives back the arrays' memory beyond twice nkeys.  Returns nkeys:
+ * every pending key is <= it.  O(nkeys) when it compacts, else O(1) (and a
+ * realloc when it shrinks). */
+uint32_t tide__timers_compact(tide__timers *t);
 
 /* Number of pending timers, and bytes held by the heap's arrays. */
 uint32_t tide__timers_count(const tide__timers *t);

@@ -13,6 +13,7 @@ local task = require "tide.engine.task"
 local thread = require "tide.engine.thread"
 local process = require "tide.engine.process"
 local timer = require "tide.engine.timer"
+local runq = require "tide.engine.runq"
 require "tide.engine.finalizers"         -- a __gc that raises is reported, not rethrown
 
 local type, error = type, error
@@ -35,6 +36,8 @@ tide.current = S.current_handle   -- the task running now, or nil outside tasks
 --- Returns the root task's status and value(s), as task:await does.
 function tide.run(fn, ...)
   if type(fn) ~= "function" then arg_error("tide.run", 1, "function", fn) end
+  local why = runq.unusable()                -- this copy retired, the loop closed
+  if why then error("tide.run: " .. why, 2) end
   if core.running() then
     error("tide.run: the loop is already running (tide.run is for a plain host; inside a task, spawn and await)", 2)
   end

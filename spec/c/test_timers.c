@@ -127,11 +127,76 @@ static void pops_sorted(void) {
   tide__timers_free(&t);
 }
 
+/* After a burst, with a few timers pending on high keys all along (periodic
+ * ones, started again as they pop): compaction hands out low keys, a high key
+ * is not reused once freed, and the arrays shrink when none is pending.
+ * Random starts, cancels, pops and compactions against a reference: keys
+ * are never handed out twice, every pending key is <= what compact says,
+ * and pops come in deadline order. */
+#define B 100000
+static void compaction_after_a_burst(void) {
+  static uint64_t deadline[B + 1];
+  static int pending[B + 1], periodic[B + 1];
+  tide__timers t;
+  tide__timers_init(&t);
+  int bad = 0, live = 0;
+  int64_t k_;
+  uint64_t now = 0;
+#define START(d) do { uint64_t d_ = (d); k_ = tide__timers_start(&t, d_); \
+    if (k_ < 1 || k_ > B || pending[k_]) bad++; else { pending[k_] = 1; deadline[k_] = d_; live++; } } while (0)
+  for (int i = 0; i < B - 10; i++) START(1 + (uint64_t)(i % 1000));
+  for (int i = 0; i < 3; i++) {                            /* the periodic ones: the highest keys */
+    START(5000 + (uint64_t)i);
+    if (!bad) periodic[k_] = 1;
+  }
+  size_t burst_bytes = tide__timers_bytes(&t);
+  srand(5);
+  uint32_t top = 0;
+  for (int step = 0; step < 400000 && !bad; step++) {
+    int op = rand() % 100;
+    if (op < 2 && live < B / 2) {
+      START(now + 1 + (uint64_t)(rand() % 3000));
+    } else if (op < 3) {
+      int64_t key = 1 + rand() % B;
+      if (periodic[key]) continue;                         /* (those are never stopped) */
+      int rc = tide__timers_cancel(&t, key);
+      if ((rc == 0) != (pending[key] == 1)) bad++;
+      if (rc == 0) { pending[key] = 0; live--; }
+    } else if (op < 5) {
+      top = tide__timers_compact(&t);
+      for (uint32_t k = top + 1; k <= B; k++) if (pending[k]) { bad++; break; }
+    } else {
+      now += 1;
+      int64_t key;
+      uint64_t last = 0;
+      while ((key = tide__timers_pop_due(&t, now)) != 0) {
+        if (!pending[key] || deadline[key] > now || deadline[key] < last) bad++;
+        last = deadline[key];
+        pending[key] = 0;
+        live--;
+        if (periodic[key]) {                               /* started again as it pops */
+          periodic[key] = 0;
+          START(now + 5000);
+          if (!bad) periodic[k_] = 1;
+        }
+      }
+    }
+  }
+  ok(bad == 0, "keys are never handed out twice and pending keys stay under compact's bound, through compactions");
+  ok(tide__timers_count(&t) == (uint32_t)live && live >= 3, "the count matches the live timers");
+  top = tide__timers_compact(&t);
+  ok(top < 1000, "after the burst, the keys in use are few and low again");
+  ok(tide__timers_bytes(&t) * 16 < burst_bytes, "and the arrays gave the burst's memory back");
+  tide__timers_free(&t);
+#undef START
+}
+
 int main(void) {
   empty_heap();
   ties_in_insertion_order();
   random_against_reference();
   many_ties_in_start_order();
   pops_sorted();
+  compaction_after_a_burst();
   return tap_done();
 }

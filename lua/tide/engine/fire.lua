@@ -44,7 +44,8 @@ local M = {}
 
 M.FIRE = 0                    -- the coroutine slot of a fire's entry (attempt numbers start at 1)
 local FIRE = M.FIRE
-local OPTIONS = { shared = true, report = "timer callback" }   -- a promoted callback's task options
+M.REPORT = "timer callback"  -- what a promoted callback's task is reported as
+local OPTIONS = { shared = true, report = M.REPORT }   -- a promoted callback's task options
 -- What the run queue holds for each fire: the run queue reads an entry's
 -- _co (an attempt that ended is stale; FIRE never is) and _opt.
 local ENTRY = { _co = FIRE, _opt = false }
@@ -96,6 +97,10 @@ end
 
 --- The runner running a callback that has no task yet, or nil.
 function M.runner() return firing_co end
+
+--- The callback running now without a task, or nil (tide.watchdog names
+--- it: asking the scheduler for the current task would make one).
+function M.callback() return firing_fn end
 
 --- The callback running on runner co gets its task (a running task whose
 --- coroutine is co), which is returned.  Allocates: may raise, and then the

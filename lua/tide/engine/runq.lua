@@ -8,7 +8,8 @@
 --   - An entry is a pair (task, coroutine or attempt number), in rq_t/rq_c
 --     at the same index; rq_n counts them, and is written after the slots.
 --   - The queue is swapped out whole when a batch starts (cur_*): entries
---     pushed while a batch runs go to the next batch, of the same tick.
+--     pushed while a batch runs go to the next batch, of the same tick
+--     unless the batch ran past SLICE_MS (its rest runs first next tick).
 --   - unit_t is the task whose entry the batch is running now, or nil: an
 --     error that interrupts the tick leaves it there for sched to repair.
 --   - A pending timer's key k has its handler and two arguments in
@@ -38,14 +39,17 @@ function M.push(t, co)
   if n == 1 and not in_tick then kick() end
 end
 
---- Entries waiting for the next batch.
-function M.count() return rq_n end
+local cur_t, cur_c, cur_n, cur_i = nil, nil, 0, 0   -- the batch under way
+local unit_t = nil                                  -- the task being run in it
+
+--- Entries waiting: for the next batch, and those of a batch cut short.
+function M.count() return rq_n + cur_n - cur_i end
 
 --- Says whether a tick is running (pushes made outside one kick the loop).
 function M.set_in_tick(on) in_tick = on end
 
-local cur_t, cur_c, cur_n, cur_i = nil, nil, 0, 0   -- the batch under way
-local unit_t = nil                                  -- the task being run in it
+--- True while a tick runs (the loop is open then).
+function M.in_tick() return in_tick end
 
 --- The task in hand when an error interrupted the last tick, or nil.
 function M.interrupted() return unit_t end
@@ -53,12 +57,27 @@ function M.interrupted() return unit_t end
 --- Forgets it (sched repaired it).
 function M.repaired() unit_t = nil end
 
+-- A batch is cut after SLICE_MS: the rest runs at the next tick, after the
+-- loop polled I/O (results of thread jobs, sockets, signals).  Before, a
+-- batch ran whole in one tick, whatever its size: 100,000 thread tasks
+-- spawned at once were 100,000 submits in one tick, 0.4 s on an idle
+-- machine and over a second under load, a stall the watchdog reported
+-- (bench/threads.lua).  The clock is read every CHECK_EVERY entries
+-- (a runner taking entries itself, take_first, stops there too); at 256, no
+-- change to bench/cg spawn within its noise (1,954 against 1,981).
+local SLICE_MS = 20
+local CHECK_EVERY = 256
+local check_at = 0           -- the batch's index at which run() reads the clock next
+local now = core.now
+
 --- Runs run(t, co) for each entry whose task still has that attempt
 --- (t._co == co; others are stale), batch after batch, until the queue is
---- empty or `budget` entries were taken.  An interrupted batch (an error
---- raised out of run) is finished first by the next call.
+--- empty, `budget` entries were taken or SLICE_MS passed.  A batch cut
+--- short, or interrupted (an error raised out of run), is finished first by
+--- the next call (M.count() counts what is left of it).
 function M.run(run, budget)
   local done = 0
+  local t0 = now()
   while true do
     local ts, cs, n, i = cur_t, cur_c, cur_n, cur_i
     if i >= n then                                  -- the batch is done: take the next one
@@ -74,7 +93,12 @@ function M.run(run, budget)
       rq_t, rq_c, rq_n = spare_t, spare_c, 0
       done = done + n
     end
+    check_at = i + CHECK_EVERY
     while i < n do
+      if i >= check_at then
+        if now() - t0 >= SLICE_MS then cur_i, unit_t = i, nil; return end   -- the rest: next tick
+        check_at = i + CHECK_EVERY
+      end
       i = i + 1
       local t, co = ts[i], cs[i]
       ts[i], cs[i] = nil, nil
@@ -97,7 +121,7 @@ end
 --- compiling the runner's ("inner loop in root trace").
 function M.take_first(fits)
   local i = cur_i + 1
-  if i > cur_n then return nil end
+  if i > cur_n or i > check_at then return nil end   -- (at check_at: back to run(), to read the clock)
   local t, co = cur_t[i], cur_c[i]
   if type(co) ~= "number" or t._co ~= co or not fits(t) then return nil end
   cur_t[i], cur_c[i] = nil, nil
@@ -110,7 +134,8 @@ end
 -- A key's handler and arguments are three consecutive slots of one array
 -- (3k-2, 3k-1, 3k): firing a timer among a million pending reads one cache
 -- line, not three arrays.  The array is made at its full size (table.new)
--- and replaced by one twice as large when a key passes it, so a nil
+-- and replaced by one twice as large when a key passes it (by a small one
+-- after a burst: "a burst's memory given back", below), so a nil
 -- argument is a hole in its array part, never a key of its hash part: with
 -- arrays grown by assignment, storing a nil argument past the array's end
 -- made a key, and the hash part of an array of nils was rehashed every few
@@ -147,21 +172,13 @@ do
     local ud = fns.loop
     local start = ffi.cast("double (*)(void *, double)", fns.start)
     local cancel = ffi.cast("double (*)(void *, double)", fns.cancel)
-    local c_pop = ffi.cast("double (*)(void *)", fns.pop)
-    local function closed() error("tide: the loop is closed", 3) end
-    timer_start = function(ms)
-      local key = start(ud, ms)
+    local c_pop = ffi.cast("double (*)(void *, int)", fns.pop)
+    timer_start = function(ms) return start(ud, ms) end     -- a key, or -1, -2 (as core.timer_start)
+    timer_cancel = function(key) cancel(ud, key) end        -- closed: no timer can fire, nothing to do
+    timer_pop = function(first)
+      local key = c_pop(ud, first and 1 or 0)
       if key > 0 then return key end
-      if key == -2 then closed() end
-      error("tide: out of memory for timers", 2)
-    end
-    timer_cancel = function(key)
-      if cancel(ud, key) == -2 then closed() end
-    end
-    timer_pop = function()
-      local key = c_pop(ud)
-      if key > 0 then return key end
-      if key == -2 then closed() end
+      if key == -2 then error("tide: the loop is closed", 0) end   -- (inside a tick: cannot be)
       return nil
     end
   end
@@ -177,12 +194,22 @@ end
 -- second does not have, its stale handle cancel a key the second reused.
 -- The first copy is then retired: its timers and tasks raise.
 
-local RETIRED = "tide: this copy of tide's engine was replaced by a second one loaded beside it "
+local RETIRED = "this copy of tide's engine was replaced by a second one loaded beside it "
   .. "(package.loaded cleared and tide required again); use the newer copy"
+M.RETIRED = RETIRED          -- for the public functions' errors: "tide.after: " .. RETIRED
 M.retired = false
 
---- Raises the retired copy's error.
-function M.refuse() error(RETIRED, 0) end
+--- Raises the retired copy's error (for tide's own calls: a public
+--- function raises M.RETIRED in its own name, at its caller).
+function M.refuse() error("tide: " .. RETIRED, 0) end
+
+--- Why tide cannot be used at all now (this copy retired, the loop closed),
+--- or nil.  Not for hot paths: a C call.
+function M.unusable()
+  if M.retired then return RETIRED end
+  if core.closed() then return "the loop is closed" end
+  return nil
+end
 
 --- What the engine has pending, said in words, or nil.
 local function busy()
@@ -205,10 +232,16 @@ do
   core._engine = { busy = busy, retire = function() M.retired = true end }
 end
 
---- Calls fn(obj, arg) in `ms`; returns the timer's key.
-function M.timer(ms, fn, obj, arg)
-  if M.retired then M.refuse() end
+local START_FAILED = { [-1] = "out of memory for timers", [-2] = "the loop is closed" }
+
+--- Calls fn(obj, arg) in `ms`: returns the timer's key, or nil and why not
+--- (this copy retired, the loop closed, out of memory), which a public
+--- function raises in its own name, blaming its caller (tide.after).  A
+--- finalizer's error raised by an allocation here is raised as it is.
+local function try_timer(ms, fn, obj, arg)
+  if M.retired then return nil, RETIRED end
   local key = timer_start(ms)
+  if key <= 0 then return nil, START_FAILED[key] end
   if key > cap then
     local ok, err = pcall(grow, key)           -- allocates: may raise (a finalizer's error)
     if not ok then timer_cancel(key); error(err, 0) end
@@ -216,6 +249,14 @@ function M.timer(ms, fn, obj, arg)
   local i = 3 * key
   slots[i - 2], slots[i - 1], slots[i] = fn, obj, arg
   return key
+end
+M.try_timer = try_timer
+
+--- The same for tide's own timers (a wait's, a stop wait's): raises.
+function M.timer(ms, fn, obj, arg)
+  local key, why = try_timer(ms, fn, obj, arg)
+  if key then return key end
+  error("tide: " .. why, 2)
 end
 
 --- Cancels a pending timer (a key that fired or was cancelled: harmless).
@@ -258,15 +299,56 @@ function M.timers_of(fn)
   return list
 end
 
+-- ===== a burst's memory given back
+--
+-- A million timers fired leave a 24 MB slots array here (and 32 MB in the
+-- C heap): once few timers have stayed pending for SHRINK_AFTER ms, the C
+-- heap compacts its keys (tide__timers_compact: new timers take low keys,
+-- a high key is not reused once freed, so a periodic timer pending on one
+-- moves down at its next start) and both arrays shrink to fit the highest
+-- key still in use.  Not at once: a burst that follows another (the
+-- benchmark's warm runs) finds the arrays still there.  Checked at the end
+-- of each pass of fires, only while the array is large.
+local SHRINK_MIN = 16384     -- keys: an array this small (384 KB) is kept
+local SHRINK_AFTER = 1000    -- ms of few pending timers before the arrays shrink
+local few_since = nil        -- when the pending timers became few (< 1/8 of cap), or nil
+local timer_count, timer_compact = core.timer_count, core.timer_compact
+
+local function shrink_check()
+  if timer_count() * 8 >= cap then few_since = nil; return end
+  local t = now()
+  if not few_since then few_since = t; return end
+  if t - few_since < SHRINK_AFTER then return end
+  local n = timer_compact()                -- every pending key is <= n
+  if n * 8 >= cap then return end          -- high keys still pending: later (they are not reused)
+  local c = 64
+  while c < 2 * n do c = c * 2 end
+  local new = new_table(3 * c, 0)          -- allocates first: may raise (a finalizer's), changing nothing
+  for i = 1, 3 * n do new[i] = slots[i] end
+  slots, cap, few_since = new, c, nil
+end
+
 -- At most this many timers fire per tick, so a flood of due timers (each
 -- may start a task) is spread over ticks, with I/O polled between them.
 local FIRE_BUDGET = 10000
 
---- Fires due timers; true when some are still due (the budget ran out).
+--- Fires the timers due when it starts (a pass: a timer started by a fire,
+--- as a tide.every is, waits for the next pass, so each fires at most once
+--- in one); true when some are still due (the budget ran out).  None while
+--- a batch cut short (SLICE_MS) has entries left: what fires would run
+--- after them anyway, and popping FIRE_BUDGET a tick while a slice runs
+--- far fewer grew the run queue to every due timer (a million under
+--- callgrind, whose slowness cut every batch).
 function M.fire_due()
+  if cur_i < cur_n then return true end
+  local first = true
   for _ = 1, FIRE_BUDGET do
-    local key = timer_pop()
-    if not key then return false end
+    local key = timer_pop(first)
+    if not key then
+      if cap > SHRINK_MIN then shrink_check() end
+      return false
+    end
+    first = false
     local i = 3 * key
     local fn, obj, arg = slots[i - 2], slots[i - 1], slots[i]
     slots[i - 2], slots[i - 1], slots[i] = nil, nil, nil

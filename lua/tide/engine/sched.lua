@@ -149,6 +149,7 @@ local token = 0
 --- Starts a wait for the current task; returns it and the wait's token.
 --- `fname` names the public function for the error raised outside a task.
 local function cannot_wait(fname, t, level)
+  if runq.retired then error(fname .. ": " .. runq.RETIRED, level + 1) end
   if t and TERMINAL[t._state] and not in_callback then
     error(("%s: task %d has ended (%s); its code stops here"):format(fname, t.id, t._state), level + 1)
   end

@@ -1,5 +1,6 @@
 --- tide.engine.task — task specs (shared by tide.spawn and pool:submit), spawning, and the task methods.
 local S = require "tide.engine.sched"
+local runq = require "tide.engine.runq"
 local check = require "tide.engine.check"
 local retry = require "tide.engine.retry"
 local unheard = require "tide.engine.unheard"
@@ -117,6 +118,8 @@ M.make_task = make_task
 --- is this function; tide's own modules call it directly).  Returns at
 --- once; the task starts on the next tick.
 function M.spawn(spec, ...)
+  -- (outside a tick only, a C call: the loop may have been closed)
+  if runq.retired or not runq.in_tick() and runq.unusable() then error("tide.spawn: " .. runq.unusable(), 2) end
   local t = make_task("tide.spawn", "coroutine", spec, ...)
   S.start(t)
   return t

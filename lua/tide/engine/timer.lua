@@ -27,7 +27,8 @@ local check = require "tide.engine.check"
 
 local type, error, ipairs, setmetatable, getmetatable, pcall = type, error, ipairs, setmetatable, getmetatable, pcall
 local arg_error, is_ms = check.arg_error, check.is_ms
-local timer, pending, untimer_of, arg_of, fire = runq.timer, runq.pending, runq.untimer_of, runq.arg_of, S.fire
+local timer, try_timer, pending = runq.timer, runq.try_timer, runq.pending
+local untimer_of, arg_of, fire = runq.untimer_of, runq.arg_of, S.fire
 
 local M = {}
 
@@ -61,14 +62,21 @@ end
 
 -- Started again at once, it takes back the key that just fired (the heap
 -- hands out the last freed key first, and nothing starts a timer between
--- the pop and its handler): its slots exist, so this allocates nothing and
--- cannot be stopped half-way by a finalizer's error (timer_spec checks the
--- key stays the same).
+-- the pop and its handler), or a lower one (key 1 when it was the only
+-- timer; a low free key while the heap compacts its keys after a burst,
+-- runq): its slots exist, so this allocates nothing and cannot be stopped
+-- half-way by a finalizer's error.
+--
+-- Missed runs are skipped, not caught up: started again inside a pass of
+-- the timers' fires, it is not due in that pass (runq.fire_due fires what
+-- was due when the pass began), so a period shorter than a tick runs once
+-- a tick, after the tick's other fires, never back to back (before, up to
+-- 10,000 fires of it queued in one pass).  A run that waits (a task) does
+-- not hold the next one back: runs may overlap, as ticks go on.
 --
 -- Its fire runs the callback only if the timer is still pending when the
 -- fire's turn comes (every_run): a stop() that said true meanwhile (from a
--- callback that ran before it in the tick, or from its own while fires of
--- a period shorter than a tick piled up) leaves the queued fires unrun.
+-- callback that ran before it in the tick) leaves the queued fire unrun.
 -- The callback is read from the key's slots; a tail call, so no frame of
 -- its own stays below a callback that waits.
 local function every_run(tm)
@@ -88,12 +96,15 @@ local function new_timer(fname, ms, fn, every)
   if type(fn) ~= "function" then arg_error(fname, 2, "function", fn, 3) end
   if S.shutting_down() then return nil, fname .. ": the loop is shutting down" end
   local tm = new_handle()                    -- allocates first: a timer is never left without its handle
+  local key, why
   if every then
     tm.every = ms
-    tm.key = timer(ms, every_fired, tm, fn)
+    key, why = try_timer(ms, every_fired, tm, fn)
   else
-    tm.key = timer(ms, after_fired, tm, fn)
+    key, why = try_timer(ms, after_fired, tm, fn)
   end
+  if not key then error(fname .. ": " .. why, 3) end   -- the loop closed, this copy retired
+  tm.key = key
   return tm
 end
 

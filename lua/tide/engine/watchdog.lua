@@ -13,20 +13,45 @@ local S = require "tide.engine.sched"
 local log = require "tide.engine.log"
 local check = require "tide.engine.check"
 
-local traceback = debug.traceback
+local fire = require "tide.engine.fire"
+
+local traceback, getinfo = debug.traceback, debug.getinfo
 
 local M = { config = { stall = 1000 } }
 
+--- Where the timer callback on this stack was defined: the function just
+--- above tide.engine.fire's run (a tide.every's callback is tail-called
+--- from there, and takes that frame), or nil when fire.run is not on it.
+local function callback_place()
+  for level = 2, 1000 do
+    local info = getinfo(level, "f")
+    if not info then return nil end
+    if info.func == fire.run then
+      local cb = getinfo(level - 1, "S")
+      if cb.what == "C" then return "a C function" end
+      return ("function at %s:%d"):format(cb.short_src, cb.linedefined)
+    end
+  end
+end
+
 --- The line that names what runs now: a task, a callback or the engine.
+--- A timer's callback that has no task is named as one: S.current() would
+--- make it a task (fire.promote), from inside this hook.
 local function running_now()
-  local t, callback = S.current(), S.in_callback()
+  local callback = S.in_callback()
   local what
   if callback then
     what = callback
-  elseif t then
+  elseif fire.callback() then
+    what = ("a timer callback (%s)"):format(callback_place() or "an unknown function")
+  elseif S.current() then
+    local t = S.current()
     local o = t._opt
     local name = o and o.name
     what = ("task %d%s"):format(t.id, name and (" '" .. name .. "'") or "")
+    if o and o.report == fire.REPORT then    -- a timer callback's, made when it waited
+      what = ("%s (a timer callback, %s)"):format(what, callback_place() or "an unknown function")
+    end
     -- A task that runs the work of several owners in turn (a flow's
     -- worker) says which it runs now (o.describe): the stall is that one's.
     local describe = o and o.describe
