@@ -14,6 +14,7 @@
 --   - A pending timer's key k has its handler and two arguments in
 --     slots[3k-2 .. 3k]; a fired or cancelled one has none.
 local core = require "tide.core"
+local CO = require("tide.engine.fields").CO
 
 local timer_start, timer_cancel, pop, kick = core.timer_start, core.timer_cancel, core.pop, core.kick
 local type, error, pcall, rawequal = type, error, pcall, rawequal
@@ -54,7 +55,7 @@ function M.interrupted() return unit_t end
 function M.repaired() unit_t = nil end
 
 --- Runs run(t, co) for each entry whose task still has that attempt
---- (t._co == co; others are stale), batch after batch, until the queue is
+--- (t[CO] == co; others are stale), batch after batch, until the queue is
 --- empty or `budget` entries were taken.  An interrupted batch (an error
 --- raised out of run) is finished first by the next call.
 function M.run(run, budget)
@@ -78,7 +79,7 @@ function M.run(run, budget)
       i = i + 1
       local t, co = ts[i], cs[i]
       ts[i], cs[i] = nil, nil
-      if t._co == co then
+      if t[CO] == co then
         cur_i, unit_t = i, t
         run(t, co)
         i = cur_i                                 -- a runner may have taken the entries after it
@@ -99,7 +100,7 @@ function M.take_first(fits)
   local i = cur_i + 1
   if i > cur_n then return nil end
   local t, co = cur_t[i], cur_c[i]
-  if type(co) ~= "number" or t._co ~= co or not fits(t) then return nil end
+  if type(co) ~= "number" or t[CO] ~= co or not fits(t) then return nil end
   cur_t[i], cur_c[i] = nil, nil
   cur_i, unit_t = i, t
   return t

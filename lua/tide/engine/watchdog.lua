@@ -11,6 +11,7 @@
 local core = require "tide.core"
 local S = require "tide.engine.sched"
 local log = require "tide.engine.log"
+local OPT = require("tide.engine.fields").OPT
 local check = require "tide.engine.check"
 
 local traceback = debug.traceback
@@ -24,7 +25,7 @@ local function running_now()
   if callback then
     what = callback
   elseif t then
-    local o = t._opt
+    local o = t[OPT]
     local name = o and o.name
     what = ("task %d%s"):format(t.id, name and (" '" .. name .. "'") or "")
     -- A task that runs the work of several owners in turn (a flow's
