@@ -775,19 +775,10 @@ end
 
 local Task = {}
 S.Task = Task
--- The public fields a task's slots hold: t.id, t.attempts, t.value.
-local PUBLIC = { id = ID, attempts = ATTEMPTS, value = VALUE }
-S.Task_mt = {
-  __index = function(t, k)
-    local i = PUBLIC[k]
-    if i then return t[i] end
-    return Task[k]
-  end,
-  __tostring = function(t)
-    local name = t[OPT] and t[OPT].name
-    return ("tide.Task %d%s (%s)"):format(t[ID], name and (" '" .. name .. "'") or "", t[STATE])
-  end,
-}
+S.Task_mt = { __index = fields.index(Task), __tostring = function(t)   -- t.id, t.attempts, t.value, the methods
+  local name = t[OPT] and t[OPT].name
+  return ("tide.Task %d%s (%s)"):format(t[ID], name and (" '" .. name .. "'") or "", t[STATE])
+end }
 local Task_mt = S.Task_mt
 
 --- Creates a task (state "pending") that runs fn; `opt` holds its rarer
@@ -796,10 +787,9 @@ local Task_mt = S.Task_mt
 function S.new_task(fn, opt)
   if runq.retired then runq.refuse() end
   next_id = next_id + 1
-  -- The fields are slots 0..8 of the array part (tide.engine.fields), made
-  -- with the table in one block from a constant template: no hash part
-  -- until a rarer field is added (t._waiters, t.traceback).  The slots, in
-  -- order: ID, ATTEMPTS, VALUE, STATE, FN, CO, OPT, WAITING, WAIT_TIMER.
+  -- The fields are slots 0..8 of the array part, made with the table in
+  -- one block from a constant template (tide.engine.fields: the slots in
+  -- this order, and why the last is false, not nil).
   local t = setmetatable({ [0] = 0, 0, nil, "pending", false, false, false, false, false }, Task_mt)
   t[ID], t[FN], t[OPT] = next_id, fn, opt or false
   nlive, live_n = nlive + 1, live_n + 1
