@@ -252,6 +252,41 @@ describe("tide.spawn", function()
     assert.equal("ok", status)
   end)
 
+  it("reads t.id, t.attempts and t.value as fields, through every state, beside the methods", function()
+    -- A task's fields are slots of its array part (tide.engine.fields): the
+    -- public ones are read through its metatable, the methods too.
+    local seen = {}
+    H.run(function()
+      local t = tide.spawn{ run = function() tide.sleep(1); return false, "second" end }
+      seen.spawned = { t.attempts, t.value, type(t.id), type(t.await) }   -- its attempt started
+      tide.sleep(0)
+      seen.asleep = { t:status(), t.attempts, t.value }
+      assert.same({ "ok", false, "second" }, { t:await() })
+      seen.ended = { t.attempts, t.value, t.traceback }
+      local n = 0
+      local r = tide.spawn{ run = function() n = n + 1; if n < 3 then error("again " .. n, 0) end end,
+                            retry = { max_attempts = 3, base = 1 } }
+      assert.same({ "ok" }, { r:await() })
+      seen.retried = { r.attempts, r.value }
+      local e = tide.spawn(function() error({ code = 7 }) end)
+      assert.equal("error", (e:await()))
+      seen.failed = { e.value.code, type(e.traceback), e.attempts }
+      local c = tide.spawn(function() end)
+      c:cancel("never ran")
+      seen.cancelled = { c.attempts, c.value, c:status() }
+      seen.ids = { t.id < r.id, r.id < e.id, e.id < c.id }
+      seen.unknown = { t.nothing, t[100], t.Id }
+    end)
+    assert.same({ 1, nil, "number", "function" }, seen.spawned)
+    assert.same({ "running", 1, nil }, seen.asleep)
+    assert.same({ 1, false, nil }, seen.ended)
+    assert.same({ 3, nil }, seen.retried)
+    assert.same({ 7, "string", 1 }, seen.failed)
+    assert.same({ 1, "never ran", "cancelled" }, seen.cancelled)
+    assert.same({ true, true, true }, seen.ids)
+    assert.same({}, seen.unknown)
+  end)
+
   it("names the task in tostring", function()
     H.run(function()
       local t = tide.spawn{ run = function() end, name = "fetch" }

@@ -4,7 +4,7 @@
 --
 -- bench/cg/run.sh runs it at two sizes and prints the instructions per unit of
 -- the loop thread (the difference over the difference in N: start-up and
--- the pool's threads do not count).  Workloads: spawn, spawn_opt, sleep, sleep_fn,
+-- the pool's threads do not count).  Workloads: spawn, spawn_opt, await_child, sleep, sleep_fn,
 -- after, after_stop, thread, flow_tasks, flow_define, flow_run, flow_each (one task
 -- fanned out into N trivial children, 1,000 at once), dflow (a durable flow: N
 -- no-op steps in layers of 100, each after 2 of the layer before, run by
@@ -34,6 +34,13 @@ function W.sleep_fn()                   -- as bench/peers.lua's: a function with
   local ts = {}
   local function sleeper() tide.sleep(1) end
   for i = 1, N do ts[i] = tide.spawn(sleeper) end
+  for i = 1, N do ts[i]:await() end
+end
+
+function W.await_child()                -- each task awaits a child not yet run: both wait-side fields set
+  local ts = {}
+  local function parent() return tide.spawn(noop):await() end
+  for i = 1, N do ts[i] = tide.spawn(parent) end
   for i = 1, N do ts[i]:await() end
 end
 

@@ -36,6 +36,8 @@
 --     (M.repair), so no fire is lost.
 local runq = require "tide.engine.runq"
 local log = require "tide.engine.log"
+local fields = require "tide.engine.fields"
+local CO, OPT, STATE, ATTEMPTS = fields.CO, fields.OPT, fields.STATE, fields.ATTEMPTS
 
 local pcall = pcall
 local push = runq.push
@@ -47,8 +49,8 @@ local FIRE = M.FIRE
 M.REPORT = "timer callback"  -- what a promoted callback's task is reported as
 local OPTIONS = { shared = true, report = M.REPORT }   -- a promoted callback's task options
 -- What the run queue holds for each fire: the run queue reads an entry's
--- _co (an attempt that ended is stale; FIRE never is) and _opt.
-local ENTRY = { _co = FIRE, _opt = false }
+-- slots CO (an attempt that ended is stale; FIRE never is) and OPT.
+local ENTRY = { [CO] = FIRE, [OPT] = false }
 
 local q_fn, q_tm, head, tail = {}, {}, 0, 0
 local SPARE_MAX = 16384      -- a queue drained from longer than this is made anew (a burst's arrays go)
@@ -109,7 +111,7 @@ function M.promote()
   local t = new_task(firing_fn, OPTIONS)
   local co = firing_co
   firing_fn, firing_co = nil, nil
-  t._state, t.attempts, t._co = "running", 1, co
+  t[STATE], t[ATTEMPTS], t[CO] = "running", 1, co
   promoted(t)
   return t
 end

@@ -1,13 +1,14 @@
---- tide.engine.hooks — a task's rarer options (t._opt) and the hook lists kept in them.
+--- tide.engine.hooks — a task's rarer options (t[OPT]) and the hook lists kept in them.
 --
 -- The options a task rarely has (timeout, retry, hooks, pool) live in
--- t._opt (false when none).  Options marked `shared` are a template that
+-- t[OPT] (false when none).  Options marked `shared` are a template that
 -- many tasks point to (a timer's tasks): copied into the task's own table
--- before any change.  A hook slot of t._opt holds nil (or false), one
+-- before any change.  A hook slot of t[OPT] holds nil (or false), one
 -- function, or a list of them (most tasks with a hook have one: no list is
 -- allocated for it); each call is protected, and one that raises is
 -- reported to the error sink without stopping the others.
 local log = require "tide.engine.log"
+local OPT = require("tide.engine.fields").OPT
 
 local type, pairs, pcall, xpcall, tostring = type, pairs, pcall, xpcall, tostring
 local traceback = debug.traceback
@@ -16,16 +17,16 @@ local M = {}
 
 --- The task's own options table, made (or copied from a shared template) when needed.
 function M.own_options(t)
-  local o = t._opt
+  local o = t[OPT]
   if not o then
     o = {}
-    t._opt = o
+    t[OPT] = o
   elseif o.shared then
     local copy = {}
     for k, v in pairs(o) do copy[k] = v end
     copy.shared = nil
     o = copy
-    t._opt = o
+    t[OPT] = o
   end
   return o
 end
@@ -42,7 +43,7 @@ end
 
 --- Removes fn from the hook list in t's option `slot` (absent: nothing).
 function M.remove(t, slot, fn)
-  local o = t._opt
+  local o = t[OPT]
   local h = o and o[slot]
   if h == fn then o[slot] = nil; return end
   if type(h) ~= "table" then return end

@@ -15,6 +15,7 @@
 --   - A pending timer's key k has its handler and two arguments in
 --     slots[3k-2 .. 3k]; a fired or cancelled one has none.
 local core = require "tide.core"
+local CO = require("tide.engine.fields").CO
 
 local timer_start, timer_cancel, pop, kick = core.timer_start, core.timer_cancel, core.pop, core.kick
 local type, error, pcall, rawequal = type, error, pcall, rawequal
@@ -71,7 +72,7 @@ local check_at = 0           -- the batch's index at which run() reads the clock
 local now = core.now
 
 --- Runs run(t, co) for each entry whose task still has that attempt
---- (t._co == co; others are stale), batch after batch, until the queue is
+--- (t[CO] == co; others are stale), batch after batch, until the queue is
 --- empty, `budget` entries were taken or SLICE_MS passed.  A batch cut
 --- short, or interrupted (an error raised out of run), is finished first by
 --- the next call (M.count() counts what is left of it).
@@ -102,7 +103,7 @@ function M.run(run, budget)
       i = i + 1
       local t, co = ts[i], cs[i]
       ts[i], cs[i] = nil, nil
-      if t._co == co then
+      if t[CO] == co then
         cur_i, unit_t = i, t
         run(t, co)
         i = cur_i                                 -- a runner may have taken the entries after it
@@ -123,7 +124,7 @@ function M.take_first(fits)
   local i = cur_i + 1
   if i > cur_n or i > check_at then return nil end   -- (at check_at: back to run(), to read the clock)
   local t, co = cur_t[i], cur_c[i]
-  if type(co) ~= "number" or t._co ~= co or not fits(t) then return nil end
+  if type(co) ~= "number" or t[CO] ~= co or not fits(t) then return nil end
   cur_t[i], cur_c[i] = nil, nil
   cur_i, unit_t = i, t
   return t

@@ -5,7 +5,8 @@
 -- tide.engine.hooks, a task's options and hook lists; tide.engine.unheard,
 -- failures nobody heard; tide.engine.shutdown, a graceful shutdown.)
 --
--- A task is a table with a state:
+-- A task is a table with a state (its fields are numbered slots, t[STATE]:
+-- tide.engine.fields):
 --   "pending"   created, not started (waiting for a pool slot)
 --   "running"   an attempt is under way: its coroutine is runnable or waiting
 --   "retrying"  between attempts, waiting out the backoff
@@ -13,18 +14,18 @@
 --
 -- Invariants kept here:
 --   - A task moves to a terminal state only through finish() (the door), once.
---   - t._co is the coroutine (a runner) of the current attempt, the
+--   - t[CO] is the coroutine (a runner) of the current attempt, the
 --     attempt's number before its first resume, or false; a run-queue entry
---     (t, co) is stale unless t._co == co, so a timed-out or cancelled
+--     (t, co) is stale unless t[CO] == co, so a timed-out or cancelled
 --     attempt is never resumed.
---   - t._wait is the token of the wait the task is suspended in; true once
+--   - t[WAITING] is the token of the wait the task is suspended in; true once
 --     it was woken and until it resumes; false outside waits.  A wake-up with
 --     another token is stale and ignored.
---   - t._wait_timer and t._opt.timer are keys of pending timers that belong
+--   - t[WAIT_TIMER] and t[OPT].timer are keys of pending timers that belong
 --     to the task (its current wait; its attempt's deadline or its backoff),
 --     or nil/false.
 --   - The options a task rarely has (timeout, retry, hooks, pool) live in
---     t._opt (false when none, maybe a shared template: see hooks.lua), so
+--     t[OPT] (false when none, maybe a shared template: see hooks.lua), so
 --     the hot path reads one field for them all.
 --   - Hooks on a task's end are lists (S.on_finish, S.on_attempt_end), run
 --     in the order added, each call protected: no module replaces or chains
@@ -38,6 +39,7 @@ local unheard = require "tide.engine.unheard"
 local hooks = require "tide.engine.hooks"
 local fire = require "tide.engine.fire"
 local shutdown = require "tide.engine.shutdown"
+local fields = require "tide.engine.fields"
 
 local co_create, co_resume, co_yield, co_status = coroutine.create, coroutine.resume, coroutine.yield, coroutine.status
 local type = type
@@ -48,6 +50,9 @@ local setmetatable, getmetatable = setmetatable, getmetatable
 local kick = core.kick
 local push, timer, untimer, take_first = runq.push, runq.timer, runq.untimer, runq.take_first
 local is_ms = check.is_ms
+-- A task's fields: slots of its array part (tide.engine.fields).
+local ID, ATTEMPTS, VALUE, STATE = fields.ID, fields.ATTEMPTS, fields.VALUE, fields.STATE
+local FN, CO, OPT, WAITING, WAIT_TIMER = fields.FN, fields.CO, fields.OPT, fields.WAITING, fields.WAIT_TIMER
 
 local S = {}
 
@@ -150,8 +155,8 @@ local token = 0
 --- `fname` names the public function for the error raised outside a task.
 local function cannot_wait(fname, t, level)
   if runq.retired then error(fname .. ": " .. runq.RETIRED, level + 1) end
-  if t and TERMINAL[t._state] and not in_callback then
-    error(("%s: task %d has ended (%s); its code stops here"):format(fname, t.id, t._state), level + 1)
+  if t and TERMINAL[t[STATE]] and not in_callback then
+    error(("%s: task %d has ended (%s); its code stops here"):format(fname, t[ID], t[STATE]), level + 1)
   end
   if in_callback then
     error(("%s: cannot wait inside %s (spawn a task for work that waits)"):format(fname, in_callback), level + 1)
@@ -179,7 +184,7 @@ local function waiting_task(fname, level)
     error(fname .. (own and IN_C_CALL or NESTED), level + 1)
   end
   local t = current
-  if t and not in_callback and not TERMINAL[t._state] and select(2, own_runner(t._co)) then
+  if t and not in_callback and not TERMINAL[t[STATE]] and select(2, own_runner(t[CO])) then
     error(fname .. IN_C_CALL, level + 1)
   end
   cannot_wait(fname, t, level + 1)
@@ -187,17 +192,17 @@ end
 
 local function wait_begin(fname, level)
   local t = current
-  if in_callback or t == nil or not own_runner(t._co) then t = waiting_task(fname, level + 1) end
+  if in_callback or t == nil or not own_runner(t[CO]) then t = waiting_task(fname, level + 1) end
   token = token + 1
-  t._wait = token
+  t[WAITING] = token
   return t, token
 end
 S.wait_begin = wait_begin
 
 local function wake(t, tok)
-  if t._wait == tok then
-    t._wait = true
-    push(t, t._co)
+  if t[WAITING] == tok then
+    t[WAITING] = true
+    push(t, t[CO])
   end
 end
 S.wake = wake
@@ -205,7 +210,7 @@ S.wake = wake
 local drop_wait_timer
 
 local function wait_timer_fired(t, tok)
-  t._wait_timer = nil
+  t[WAIT_TIMER] = false
   wake(t, tok)
 end
 
@@ -214,8 +219,8 @@ end
 --- task's runner (another task's coroutine.resume): the timer is cancelled
 --- here, or the loop would run until it fires.  Never on the usual path.
 function drop_wait_timer(t)
-  local key = t._wait_timer
-  t._wait_timer = nil
+  local key = t[WAIT_TIMER]
+  t[WAIT_TIMER] = false
   untimer(key)
 end
 
@@ -226,8 +231,8 @@ end
 --- must not run on the task's stack (see own_runner).
 local function wait_end(t, tok, ms)
   co_yield(WAIT, ms)
-  t._wait = false
-  if t._wait_timer then drop_wait_timer(t) end   -- resumed by another than the scheduler
+  t[WAITING] = false
+  if t[WAIT_TIMER] then drop_wait_timer(t) end   -- resumed by another than the scheduler
 end
 S.wait_end = wait_end
 
@@ -237,12 +242,12 @@ S.wait_end = wait_end
 function S.sleep(ms)
   if not is_ms(ms) then check.arg_error("tide.sleep", 1, "non-negative number of ms", ms) end
   local t = current
-  if in_callback or t == nil or not own_runner(t._co) then t = waiting_task("tide.sleep", 2) end
+  if in_callback or t == nil or not own_runner(t[CO]) then t = waiting_task("tide.sleep", 2) end
   local tok = token + 1
-  token, t._wait = tok, tok
+  token, t[WAITING] = tok, tok
   co_yield(WAIT, ms)
-  t._wait = false
-  if t._wait_timer then drop_wait_timer(t) end   -- resumed by another than the scheduler
+  t[WAITING] = false
+  if t[WAIT_TIMER] then drop_wait_timer(t) end   -- resumed by another than the scheduler
 end
 
 --- Appends the current task to a list of waiters (flat pairs task, token).
@@ -298,7 +303,7 @@ S.current = current_task
 function S.current_handle()
   local t = current_task()
   if t then
-    local o = t._opt
+    local o = t[OPT]
     if o and o.seen == false then o.seen = true end
   end
   return t
@@ -312,16 +317,16 @@ function S.in_callback() return in_callback end
 function S.in_task()
   local t = current
   if t == nil then return not in_callback and fire_runner() ~= nil and co_running() == fire_runner() end
-  return not in_callback and co_running() == t._co
+  return not in_callback and co_running() == t[CO]
 end
 
 --- The state of a task ("pending", "running", "retrying", or terminal).
-function S.state(t) return t._state end
+function S.state(t) return t[STATE] end
 
 --- Stands for t's current attempt (its coroutine), or false between
 --- attempts: an attempt that ended never comes back, so a saved value
 --- that no longer equals S.attempt_of(t) means "that attempt is over".
-function S.attempt_of(t) return t._co end
+function S.attempt_of(t) return t[CO] end
 S.now = core.now
 
 -- ===== runners: coroutines reused from one task to the next
@@ -351,50 +356,50 @@ local settle
 
 --- Ends the current attempt: its coroutine, deadline and wait are dropped.
 local function end_attempt(t)
-  local o = t._opt
+  local o = t[OPT]
   if o then
     local key = o.timer
     if key then o.timer = false; untimer(key) end
     local hooks = o.on_attempt_end           -- what this attempt started must stop
     if hooks then o.on_attempt_end = nil; run_hooks("on_attempt_end", t, hooks) end
   end
-  if t._wait then                           -- waiting, or woken and not yet resumed
-    local key = t._wait_timer
-    if key then t._wait_timer = nil; untimer(key) end
+  if t[WAITING] then                           -- waiting, or woken and not yet resumed
+    local key = t[WAIT_TIMER]
+    if key then t[WAIT_TIMER] = false; untimer(key) end
     local target = t._awaiting
     if target then
       t._awaiting = nil
       if target._waiters then S.remove_waiter(target._waiters, t) end
     end
-    t._wait = false
+    t[WAITING] = false
   end
-  t._co = false
+  t[CO] = false
 end
 
 local function attempt_timed_out(t, attempt)
-  local o = t._opt
-  if t._state == "running" and t.attempts == attempt then
-    local msg = ("task %d timed out after %g ms"):format(t.id, o.timeout)   -- allocates: first
+  local o = t[OPT]
+  if t[STATE] == "running" and t[ATTEMPTS] == attempt then
+    local msg = ("task %d timed out after %g ms"):format(t[ID], o.timeout)   -- allocates: first
     o.timer = false
     return settle(t, "timeout", msg)
   end
   o.timer = false
 end
 
---- Starts an attempt.  Until its first resume takes a runner, t._co holds
+--- Starts an attempt.  Until its first resume takes a runner, t[CO] holds
 --- the attempt's number, so a queued attempt holds no coroutine.
 local function start_attempt(t)
-  t._state = "running"
-  local attempt = t.attempts + 1
-  t.attempts, t._co = attempt, attempt
-  local o = t._opt
+  t[STATE] = "running"
+  local attempt = t[ATTEMPTS] + 1
+  t[ATTEMPTS], t[CO] = attempt, attempt
+  local o = t[OPT]
   if o and o.timeout then o.timer = timer(o.timeout, attempt_timed_out, t, attempt) end
   push(t, attempt)
 end
 
 local function backoff_over(t)
-  t._opt.timer = false
-  if t._state == "retrying" then start_attempt(t) end
+  t[OPT].timer = false
+  if t[STATE] == "retrying" then start_attempt(t) end
 end
 
 -- ===== failures nobody heard (tide.engine.unheard)
@@ -430,35 +435,33 @@ end
 local finishing = 0          -- depth of finish() calls under way
 
 local function finish(t, status, ...)
-  if TERMINAL[t._state] then return false end
+  if TERMINAL[t[STATE]] then return false end
   local n = select("#", ...)
   local values = n > 1 and { n = n, ... } or nil   -- allocates: before anything changes
   finishing = finishing + 1
   -- The door shuts before any hook runs: an on_attempt_end hook that ends
   -- t again (a flow hook cancelling its own run) is refused above, and the
   -- hooks see how the task ended.
-  t._state = status
-  -- A nil value is not stored: the key would be the table's ninth after a
-  -- sleep's _wait_timer and grow it (a rehash, ~1,900 instructions).
+  t[STATE] = status
   local value = ...
-  if value ~= nil then t.value = value end
+  t[VALUE] = value
   if values then t._values = values end
   nlive = nlive - 1
   stats[status] = stats[status] + 1
   end_attempt(t)
   local w = t._waiters
   if w then t._waiters = nil; S.wake_all(w) end
-  local o = t._opt
+  local o = t[OPT]
   if o then
     if o.thread then thread_stats[status] = thread_stats[status] + 1
     elseif o.process then process_stats[status] = process_stats[status] + 1 end
     local hooks = o.on_finish
     if hooks then run_hooks("on_finish", t, hooks) end
-    if o.handle_result then callback("handle_result", t, o.handle_result, status, t.value, t) end
+    if o.handle_result then callback("handle_result", t, o.handle_result, status, t[VALUE], t) end
   end
   if status == "error" or status == "timeout" then
     if o and o.report then                 -- reported at once, under this name (a timer's callback)
-      pcall(log.report, o.report, t.value, status == "error" and t.traceback or nil)
+      pcall(log.report, o.report, t[VALUE], status == "error" and t.traceback or nil)
     elseif not w and not (o and (o.handle_result or o.heard)) then
       pcall(note_unheard, t)               -- allocates after the state changed: protected
     end
@@ -471,18 +474,18 @@ S.finish = finish
 
 --- An attempt ended with `status`: retry when the policy says so, else finish.
 function settle(t, status, ...)
-  local o = t._opt
+  local o = t[OPT]
   local p = o and o.retry
-  if p and p.on[status] and t.attempts < p.attempts and not shutdown.shutting then
+  if p and p.on[status] and t[ATTEMPTS] < p.attempts and not shutdown.shutting then
     end_attempt(t)
-    t._state = "retrying"
+    t[STATE] = "retrying"
     stats.retries = stats.retries + 1
     if o.on_retry then
-      if o.on_retry_positional then callback("on_retry", t, o.on_retry, t.attempts, status, (...))
-      else callback("on_retry", t, o.on_retry, { task = t, attempt = t.attempts, status = status, error = (...) }) end
+      if o.on_retry_positional then callback("on_retry", t, o.on_retry, t[ATTEMPTS], status, (...))
+      else callback("on_retry", t, o.on_retry, { task = t, attempt = t[ATTEMPTS], status = status, error = (...) }) end
     end
-    if t._state == "retrying" then      -- the hook may have cancelled it
-      o.timer = timer(retry.delay(p, t.attempts), backoff_over, t)   -- the deadline's slot is free
+    if t[STATE] == "retrying" then      -- the hook may have cancelled it
+      o.timer = timer(retry.delay(p, t[ATTEMPTS]), backoff_over, t)   -- the deadline's slot is free
     end
     return
   end
@@ -496,8 +499,8 @@ local ending = nil            -- the task a runner is ending (in the door), or n
 --- The attempt of t (run by runner co) returned: it ends here, in the runner.
 local function returned(t, co, ...)
   current, ending = nil, t
-  if t._co == co then                       -- else it ended while it ran
-    if not t._opt then finish(t, "ok", ...)  -- no retry policy to ask
+  if t[CO] == co then                       -- else it ended while it ran
+    if not t[OPT] then finish(t, "ok", ...)  -- no retry policy to ask
     else settle(t, "ok", ...) end
   end
   ending = nil
@@ -505,7 +508,7 @@ end
 
 --- A task that takes a runner of its own (not a direct task), or a timer's fire.
 local function needs_runner(t)
-  local o = t._opt
+  local o = t[OPT]
   return not (o and o.direct)
 end
 
@@ -541,16 +544,16 @@ end
 local function runner_loop(t)
   local co = co_running()
   while true do
-    if t._co == FIRE then run_fire(t, co)
+    if t[CO] == FIRE then run_fire(t, co)
     else
       current, in_callback = t, nil
-      local args = t._opt and t._opt.args
-      if args then returned(t, co, t._fn(unpack(args, 1, args.n)))
-      else returned(t, co, t._fn()) end
+      local args = t[OPT] and t[OPT].args
+      if args then returned(t, co, t[FN](unpack(args, 1, args.n)))
+      else returned(t, co, t[FN]()) end
     end
     t = take_first(needs_runner)           -- the next new task (or fire) of the batch, if it is one
     if t then
-      if t._co ~= FIRE then t._co = co end
+      if t[CO] ~= FIRE then t[CO] = co end
     else
       t = co_yield(DONE)
     end
@@ -568,15 +571,15 @@ end
 --- meanwhile and settled with a retry policy left its terminal state).
 local ARM_TRIES = 100
 local function arm_wait(t, ms)
-  local tok = t._wait
+  local tok = t[WAITING]
   if tok == true or not tok then return end   -- woken, or ended, before it yielded
   local err
   for _ = 1, ARM_TRIES do
     local armed, key = pcall(timer, ms, wait_timer_fired, t, tok)
-    if armed then t._wait_timer = key; return end
+    if armed then t[WAIT_TIMER] = key; return end
     err = key
     pcall(log.report, "tide's engine (an error raised while a wait's timer was armed, as by a __gc finalizer)", err, err)
-    if t._wait ~= tok then return end        -- ended or woken by the report's sink
+    if t[WAITING] ~= tok then return end        -- ended or woken by the report's sink
   end
   t.traceback = "its wait's timer could not be armed: " .. safe_tostring(err)
   settle(t, "error", err)
@@ -598,7 +601,7 @@ local function after_resume(co, ok, first, ms)
       return
     end
     if t == nil and fire_runner() == co then t = promote_now() end   -- a fire's callback yielded bare
-    if t and t._co == co then
+    if t and t[CO] == co then
       if first ~= WAIT then push(t, co)    -- a bare yield: run again later
       elseif ms then arm_wait(t, ms) end   -- a wait with a bound
     end
@@ -608,13 +611,13 @@ local function after_resume(co, ok, first, ms)
   if t == nil and fire_runner() == co then return fire_failed(co, err) end
   if t == nil then                         -- raised in the door (a __gc finalizer's error)
     t, ending, finishing = ending, nil, 0
-    if t and t._co == co and t._state == "running" then   -- before the door shut: it fails with the error
+    if t and t[CO] == co and t[STATE] == "running" then   -- before the door shut: it fails with the error
       t.traceback = "an error interrupted tide's engine while this task ended: " .. safe_tostring(err)
       return settle(t, "error", err)
     end
     return log.report("tide's engine (an error raised inside a task's end, as by a __gc finalizer)", err, err)
   end
-  if t._co ~= co then return end            -- it ended while it ran
+  if t[CO] ~= co then return end            -- it ended while it ran
   if getmetatable(err) == Traced_mt then
     t.traceback, err = err.traceback, err.value
   else
@@ -626,7 +629,7 @@ end
 local function run_task(t, co)
   current, in_callback = t, nil             -- a callback that yielded never leaks its state
   if type(co) == "number" then             -- the attempt's first resume (or a fire): take a runner
-    local o = t._opt
+    local o = t[OPT]
     if o and o.direct then return o.direct(t) end   -- no coroutine (see "direct tasks")
     if co == FIRE then current = nil; fire.taken(t) end
     if nidle > 0 then
@@ -634,11 +637,11 @@ local function run_task(t, co)
     else
       co = co_create(runner_loop)           -- allocates: may raise (see "interruptions")
     end
-    if t._co == FIRE then fire.resumed() else t._co = co end
+    if t[CO] == FIRE then fire.resumed() else t[CO] = co end
     return after_resume(co, co_resume(co, t))
   end
-  local key = t._wait_timer                 -- woken before its wait's timer fired: cancelled here
-  if key then t._wait_timer = nil; untimer(key) end
+  local key = t[WAIT_TIMER]                 -- woken before its wait's timer fired: cancelled here
+  if key then t[WAIT_TIMER] = false; untimer(key) end
   return after_resume(co, co_resume(co))
 end
 
@@ -649,13 +652,13 @@ end
 -- time its attempt is run from the run queue, direct(t) is called instead
 -- of a resume -- the first time to start the work, and again after
 -- S.ready(t), once the work came back, to settle the attempt (S.settle).
--- Meanwhile t._co keeps the attempt's number, so an attempt that ended
+-- Meanwhile t[CO] keeps the attempt's number, so an attempt that ended
 -- (timeout, cancel) is never run again; its on_attempt_end hook gives the
 -- work up, so that nothing calls S.ready for it later.
 
 --- Queues the current attempt of direct task t to run again (its work came back).
 function S.ready(t)
-  local co = t._co
+  local co = t[CO]
   if co then push(t, co) end
 end
 
@@ -711,16 +714,16 @@ local RUN_BUDGET = 20000
 --- waiting: left to its wake-up; ended or between attempts: left alone;
 --- else it ran and its outcome was lost after it: it fails with the error.
 local function repair(t, err)
-  if t._co == FIRE then return fire.repair(t) end    -- a fire: run it if it never ran
-  if t._state ~= "running" then return end
-  local co = t._co
+  if t[CO] == FIRE then return fire.repair(t) end    -- a fire: run it if it never ran
+  if t[STATE] ~= "running" then return end
+  local co = t[CO]
   if co == false then return end
   if type(co) == "number" then return push(t, co) end
   -- Waiting: left to its wake-up.  Not when its runner is dead: a wait
   -- that raised between its start and its yield (an allocation running a
-  -- finalizer that raises, in task:await) leaves t._wait set, and the task
+  -- finalizer that raises, in task:await) leaves t[WAITING] set, and the task
   -- raised later; its end was interrupted (the traceback allocates).
-  if t._wait and co_status(co) ~= "dead" then return end
+  if t[WAITING] and co_status(co) ~= "dead" then return end
   err = err or "an error interrupted tide's engine"
   local tb = "an error interrupted tide's engine after this task ran: " .. safe_tostring(err)
   t.traceback = tb
@@ -766,7 +769,7 @@ function compact_live()
   local j = 0
   for i = 1, live_n do
     local t = live[i]
-    if not TERMINAL[t._state] then j = j + 1; live[j] = t end
+    if not TERMINAL[t[STATE]] then j = j + 1; live[j] = t end
   end
   for i = j + 1, live_n do live[i] = nil end
   live_n = j
@@ -774,9 +777,9 @@ end
 
 local Task = {}
 S.Task = Task
-S.Task_mt = { __index = Task, __tostring = function(t)
-  local name = t._opt and t._opt.name
-  return ("tide.Task %d%s (%s)"):format(t.id, name and (" '" .. name .. "'") or "", t._state)
+S.Task_mt = { __index = fields.index(Task), __tostring = function(t)   -- t.id, t.attempts, t.value, the methods
+  local name = t[OPT] and t[OPT].name
+  return ("tide.Task %d%s (%s)"):format(t[ID], name and (" '" .. name .. "'") or "", t[STATE])
 end }
 local Task_mt = S.Task_mt
 
@@ -786,19 +789,11 @@ local Task_mt = S.Task_mt
 function S.new_task(fn, opt)
   if runq.retired then runq.refuse() end
   next_id = next_id + 1
-  -- Seven fields set here, and room for an eighth (t._wait_timer while it
-  -- sleeps, or t.value when it ends) before the table must grow: a hash
-  -- part of 8 slots is what keeps an idle task small.  What fewer tasks need
-  -- lives in t._opt (arguments, timeout, retry, hooks, timers) or is added
-  -- when needed (t._waiters, t.traceback).
-  -- Made from constants, then filled: from bytecode (tide's modules are
-  -- compiled to it), a constructor's template keeps only the keys of
-  -- constant values, and `{ id = next_id, ... }` added three keys at run time
-  -- and rehashed the table once per task (callgrind: ~1,000 instructions).
-  local t = setmetatable({ id = 0, attempts = 0, _fn = false, _state = "pending",
-                           _co = false, _opt = false, _wait = false },
-                         Task_mt)
-  t.id, t._fn, t._opt = next_id, fn, opt or false
+  -- The fields are slots 0..8 of the array part, made with the table in
+  -- one block from a constant template (tide.engine.fields: the slots in
+  -- this order, and why the last is false, not nil).
+  local t = setmetatable({ [0] = 0, 0, nil, "pending", false, false, false, false, false }, Task_mt)
+  t[ID], t[FN], t[OPT] = next_id, fn, opt or false
   nlive, live_n = nlive + 1, live_n + 1
   live[live_n] = t
   if live_n > 2 * nlive + 1024 then compact_live() end
@@ -814,10 +809,10 @@ end
 
 --- Cancels a live task; a task that cancels itself stops at once.
 function S.cancel(t, reason)
-  if TERMINAL[t._state] then
-    return nil, ("task %d already finished (%s)"):format(t.id, t._state)
+  if TERMINAL[t[STATE]] then
+    return nil, ("task %d already finished (%s)"):format(t[ID], t[STATE])
   end
-  local co = t._co
+  local co = t[CO]
   finish(t, "cancelled", reason == nil and "cancelled" or reason)
   -- A task that cancels itself stops here, unless the cancel comes from
   -- inside another task's finish or a callback: then it stops at its next
@@ -834,8 +829,8 @@ S.options = own_options
 
 function S.results(t)
   local v = t._values
-  if v then return t._state, unpack(v, 1, v.n) end
-  return t._state, t.value
+  if v then return t[STATE], unpack(v, 1, v.n) end
+  return t[STATE], t[VALUE]
 end
 
 -- ===== shutdown and the end of the loop (tide.engine.shutdown)

@@ -7,6 +7,7 @@
 -- list of live tasks.
 local core = require "tide.core"
 local runq = require "tide.engine.runq"
+local STATE = require("tide.engine.fields").STATE
 
 local timer, untimer = runq.timer, runq.untimer
 
@@ -66,7 +67,7 @@ function M.shutdown(grace_ms, reason)
     M.shutting = true
     for i = 1, #hooks do hooks[i](reason, grace_ms) end
     for _, t in ipairs(live_tasks()) do
-      if t._state == "pending" or t._state == "retrying" then finish(t, "cancelled", reason) end
+      if t[STATE] == "pending" or t[STATE] == "retrying" then finish(t, "cancelled", reason) end
     end
   end
   M.end_grace()

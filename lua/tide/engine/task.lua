@@ -3,6 +3,7 @@ local S = require "tide.engine.sched"
 local runq = require "tide.engine.runq"
 local check = require "tide.engine.check"
 local retry = require "tide.engine.retry"
+local STATE = require("tide.engine.fields").STATE
 local unheard = require "tide.engine.unheard"
 local thread = require "tide.engine.thread"
 local process = require "tide.engine.process"
@@ -147,14 +148,14 @@ function Task.await(t, timeout_ms)
   if me == nil and TERMINAL[S.state(t)] then
     error("task:await: called outside a task (start one with tide.run or tide.spawn)", 2)
   end
-  if TERMINAL[t._state] then unheard.hear(t); return results(t) end
+  if TERMINAL[t[STATE]] then unheard.hear(t); return results(t) end
   local w, tok = S.wait_begin("task:await", 2)
   if not t._waiters then t._waiters = {} end
   S.add_waiter(t._waiters, w, tok)
   w._awaiting = t                       -- so that an end of w's attempt takes it off the list
   S.wait_end(w, tok, timeout_ms)
   w._awaiting = nil
-  if not TERMINAL[t._state] then
+  if not TERMINAL[t[STATE]] then
     if t._waiters then S.remove_waiter(t._waiters, w) end
     return nil, "timeout"
   end

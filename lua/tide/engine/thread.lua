@@ -12,6 +12,7 @@
 local core = require "tide.core"
 local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
+local OPT = require("tide.engine.fields").OPT
 
 local type, error, tostring, tonumber = type, error, tostring, tonumber
 local table_new = require "table.new"
@@ -131,7 +132,7 @@ local function deliver(id, slot, ok, bytes, trace)
   local back = bytes
   if not ok then back = { bytes, trace or true } end
   S.ready(t)
-  t._opt.thread_job = back
+  t[OPT].thread_job = back
   give_slot(slot)
 end
 
@@ -304,7 +305,7 @@ end
 --- run from the run queue, without a coroutine, to submit the attempt's job,
 --- and again once the job came back.
 function M.direct(t)
-  local o = t._opt
+  local o = t[OPT]
   local job = o.thread_job
   if job then
     if type(job) == "number" then return end   -- out on a thread still

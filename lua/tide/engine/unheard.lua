@@ -9,6 +9,8 @@
 -- finalizer only queues the report: a finalizer runs at any allocation,
 -- where calling the sink is not safe; the next tick delivers it).
 local log = require "tide.engine.log"
+local fields = require "tide.engine.fields"
+local OPT, STATE = fields.OPT, fields.STATE
 
 local setmetatable, getmetatable, newproxy, pairs = setmetatable, getmetatable, newproxy, pairs
 
@@ -18,8 +20,8 @@ local unheard = setmetatable({}, { __mode = "k" })   -- task -> its report recor
 local collected = {}                                 -- records of collected tasks, to report
 
 local function unheard_text(t)
-  local name = t._opt and t._opt.name
-  return ("task %d%s failed (%s) and nobody heard it"):format(t.id, name and (" '" .. name .. "'") or "", t._state)
+  local name = t[OPT] and t[OPT].name
+  return ("task %d%s failed (%s) and nobody heard it"):format(t.id, name and (" '" .. name .. "'") or "", t[STATE])
 end
 
 --- Notes that t failed and nobody heard it (yet).

@@ -11,6 +11,7 @@
 local core = require "tide.core"
 local S = require "tide.engine.sched"
 local log = require "tide.engine.log"
+local OPT = require("tide.engine.fields").OPT
 local check = require "tide.engine.check"
 
 local fire = require "tide.engine.fire"
@@ -46,7 +47,7 @@ local function running_now()
     what = ("a timer callback (%s)"):format(callback_place() or "an unknown function")
   elseif S.current() then
     local t = S.current()
-    local o = t._opt
+    local o = t[OPT]
     local name = o and o.name
     what = ("task %d%s"):format(t.id, name and (" '" .. name .. "'") or "")
     if o and o.report == fire.REPORT then    -- a timer callback's, made when it waited
