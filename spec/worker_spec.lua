@@ -477,6 +477,53 @@ describe("tide.worker on " .. store.name, function()
       assert.same({ claims = "off", outcomes = "on", leases = "on", queue = "on", distinct = true }, seen)
       assert.equal(1, q:stats().completed)
     end)
+
+    -- Each connection is a server backend (~30 ms of the server's CPU to
+    -- start here): a worker takes the one the queue's opening used, while it
+    -- sits idle and no caller's SQL ran on it, rather than opening one more.
+    it("adopts the idle connection the queue's opening used, never one a caller's SQL ran on", function()
+      local function app_name(store)
+        local session = store:acquire("spec")
+        local ok, v = pcall(function() return session.c:query("SHOW application_name").rows[1].application_name end)
+        store:release(session, not ok)
+        assert(ok, v)
+        return v
+      end
+      local function backends()
+        local c = require("tide.jobs.store.postgres").connect(os.getenv("TIDE_PG_URL"))
+        local n = c:query("SELECT count(*) AS n FROM pg_stat_activity WHERE backend_type = 'client backend' "
+          .. "AND pid <> pg_backend_pid() AND datname = current_database()").rows[1].n
+        c:close()
+        return n
+      end
+      local seen = {}
+      for round, dirty in ipairs{ false, true } do
+        q:close()
+        q = tide.queue.open(os.getenv("TIDE_PG_URL"))
+        if dirty then       -- a caller's SET stays with the connection: not one for the worker's writes
+          q:transaction(function(tx) tx:exec("SET application_name = 'the caller''s'") end)
+        end
+        q:enqueue{ target = "t", method = "m" }    -- (tide's own statements leave it fit)
+        local before = backends()
+        with_worker(function()
+          local w = tide.worker{ queue = q, concurrency = 2, targets = { t = { m = function() end } } }
+          w:drain{ stop = false }
+          -- (q:stats() would run a statement: on a connection the pool opens)
+          seen[round] = { more = backends() - before, pool_open = q._store:stats_pool().open,
+                          outcomes = app_name(w.store) == "the caller's", leases_on_outcomes = w.lease_store == w.store }
+          w:stop()
+          w:wait()
+        end)
+      end
+      -- clean: the worker's store took the connection (the pool has none
+      -- open), and the worker added its claims' connection and its LISTEN
+      assert.same({ pool_open = 0, outcomes = false, leases_on_outcomes = true, more = 2 }, seen[1])
+      -- used by a caller: left in the pool, the worker opened its own
+      assert.same({ pool_open = 1, outcomes = false, leases_on_outcomes = true, more = 3 }, seen[2])
+      assert.equal(2, q:stats().completed)
+      -- the queue's pool opens another when a caller needs one
+      assert.equal(1, q:transaction(function(tx) return tx:query("SELECT 1 AS one")[1].one end))
+    end)
   end
 
   describe("tells the truth about what the store took", function()
