@@ -508,7 +508,7 @@ describe("tide.worker on " .. store.name, function()
           local w = tide.worker{ queue = q, concurrency = 2, targets = { t = { m = function() end } } }
           w:drain{ stop = false }                 -- (nothing to do: it claims, rescues and listens)
           -- (q:stats() would run a statement: on a connection the pool opens)
-          seen[round] = { more = backends() - before, pool_open = q._store:stats_pool().open,
+          seen[round] = { more = backends() - before, pool = q._store:stats_pool(),
                           outcomes = app_name(w.store) == "the caller's", leases_on_outcomes = w.lease_store == w.store }
           w:stop()
           w:wait()
@@ -516,9 +516,11 @@ describe("tide.worker on " .. store.name, function()
       end
       -- clean: the worker's store took the connection (the pool has none
       -- open), and the worker added its claims' connection and its LISTEN
-      assert.same({ pool_open = 0, outcomes = false, leases_on_outcomes = true, more = 2 }, seen[1])
+      assert.same({ pool = { size = 10, open = 0, busy = 0, waiting = 0 }, outcomes = false,
+                    leases_on_outcomes = true, more = 2 }, seen[1])
       -- used by a caller: left in the pool, the worker opened its own
-      assert.same({ pool_open = 1, outcomes = false, leases_on_outcomes = true, more = 3 }, seen[2])
+      assert.same({ pool = { size = 10, open = 1, busy = 0, waiting = 0 }, outcomes = false,
+                    leases_on_outcomes = true, more = 3 }, seen[2])
       -- the queue's pool opens another when a caller needs one; a worker works on
       q:close()
       q = tide.queue.open(os.getenv("TIDE_PG_URL"))
