@@ -56,7 +56,7 @@ describe("PostgreSQL migration 5 (the rescue reads the executing jobs' index)", 
 
     q = tide.queue.open(URL)
     assert.equal(pg.VERSION, c:query("SELECT version FROM tide_schema").rows[1].version)
-    assert.equal(5, pg.VERSION)
+    assert.is_true(pg.VERSION >= 5)
     assert.equal(0, #c:query("SELECT 1 FROM pg_indexes WHERE indexname = 'tide_jobs_leased'").rows)
 
     local s = pg.open(URL, "spec", {})
