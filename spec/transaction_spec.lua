@@ -283,3 +283,32 @@ describe("transactions on " .. store.name, function()
   end
 end)
 end
+
+-- A worker's store of its own adopts the connection its queue's opening
+-- used (tide.jobs.store.postgres): it leaves one pool for the other whole.
+describe("a store's pool giving a free connection to another", function()
+  local pool = require "tide.jobs.store.pool"
+  local function new(size)
+    local n = 0
+    return pool.new{ name = "spec", size = size, timeout = 100,
+                     open = function() n = n + 1; return { n = n } end, close = function() end }
+  end
+
+  it("moves it whole: out of one's free list and count, into the other's; never a held one", function()
+    local a, b = new(3), new(1)
+    local c1, c2, c3 = a:acquire("spec"), a:acquire("spec"), a:acquire("spec")
+    a:release(c1); a:release(c2); a:release(c3)
+    assert.is_true(a:remove_free(c1))            -- not the last of the free list
+    assert.is_false(a:remove_free(c1))           -- gone already
+    assert.same({ size = 3, open = 2, busy = 0, waiting = 0 }, a:stats())
+    b:adopt(c1)
+    assert.same({ size = 1, open = 1, busy = 0, waiting = 0 }, b:stats())
+    assert.has_error(function() b:adopt(c2) end, "pool:adopt: spec: no room for one more connection (1 open of 1)")
+    local got = {}
+    for _ = 1, 3 do got[#got + 1] = a:acquire("spec") end   -- c2, c3 and a new one: never c1
+    for _, c in ipairs(got) do assert.are_not.equal(c1, c) end
+    assert.equal(c1, b:acquire("spec"))
+    assert.is_false(a:remove_free(got[1]))        -- held
+    a:close(); b:close()
+  end)
+end)

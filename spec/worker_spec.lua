@@ -477,6 +477,63 @@ describe("tide.worker on " .. store.name, function()
       assert.same({ claims = "off", outcomes = "on", leases = "on", queue = "on", distinct = true }, seen)
       assert.equal(1, q:stats().completed)
     end)
+
+    -- Each connection is a server backend (~30 ms of the server's CPU to
+    -- start here): a worker takes the one the queue's opening used, when
+    -- nothing used it since, rather than opening one more.
+    it("adopts the idle connection the queue's opening used, never one a caller's SQL ran on", function()
+      local function app_name(store)
+        local session = store:acquire("spec")
+        local ok, v = pcall(function() return session.c:query("SHOW application_name").rows[1].application_name end)
+        store:release(session, not ok)
+        assert(ok, v)
+        return v
+      end
+      local function backends()
+        local c = require("tide.jobs.store.postgres").connect(os.getenv("TIDE_PG_URL"))
+        local n = c:query("SELECT count(*) AS n FROM pg_stat_activity WHERE backend_type = 'client backend' "
+          .. "AND pid <> pg_backend_pid() AND datname = current_database()").rows[1].n
+        c:close()
+        return n
+      end
+      local seen = {}
+      for round, dirty in ipairs{ false, true } do
+        q:close()
+        q = tide.queue.open(os.getenv("TIDE_PG_URL"))
+        if dirty then       -- a caller's SET stays with the connection: not one for the worker's writes
+          q:transaction(function(tx) tx:exec("SET application_name = 'the caller''s'") end)
+        end
+        local before = backends()
+        with_worker(function()
+          local w = tide.worker{ queue = q, concurrency = 2, targets = { t = { m = function() end } } }
+          w:drain{ stop = false }                 -- (nothing to do: it claims, rescues and listens)
+          -- (q:stats() would run a statement: on a connection the pool opens)
+          seen[round] = { more = backends() - before, pool = q._store:stats_pool(),
+                          outcomes = app_name(w.store) == "the caller's", leases_on_outcomes = w.lease_store == w.store }
+          w:stop()
+          w:wait()
+        end)
+      end
+      -- clean: the worker's store took the connection (the pool has none
+      -- open), and the worker added its claims' connection and its LISTEN
+      assert.same({ pool = { size = 10, open = 0, busy = 0, waiting = 0 }, outcomes = false,
+                    leases_on_outcomes = true, more = 2 }, seen[1])
+      -- used by a caller: left in the pool, the worker opened its own
+      assert.same({ pool = { size = 10, open = 1, busy = 0, waiting = 0 }, outcomes = false,
+                    leases_on_outcomes = true, more = 3 }, seen[2])
+      -- the queue's pool opens another when a caller needs one; a worker works on
+      q:close()
+      q = tide.queue.open(os.getenv("TIDE_PG_URL"))
+      local done = 0
+      with_worker(function()
+        local w = tide.worker{ queue = q, concurrency = 2, targets = { t = { m = function() done = done + 1 end } } }
+        for _ = 1, 3 do q:enqueue{ target = "t", method = "m" } end
+        assert.equal(1, q:transaction(function(tx) return tx:query("SELECT 1 AS one")[1].one end))
+        w:drain{ stop = true }
+      end)
+      assert.equal(3, done)
+      assert.equal(3, q:stats().completed)
+    end)
   end
 
   describe("tells the truth about what the store took", function()

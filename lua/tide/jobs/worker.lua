@@ -626,16 +626,19 @@ function M.new(opts)
   if S.shutting_down() then return nil, "tide.worker: the loop is shutting down" end
   local scheds = checked.schedules
   local lease = opts.lease or 30000
+  -- Outcomes, heartbeats and rescues go through one connection of the
+  -- worker's own, so that they never wait behind a claim that waits for a
+  -- server coming back; claims through another, whose commits need no WAL
+  -- flush (the store's worker_store("claims") says why), so that claiming
+  -- never waits behind an outcome's flush, nor pays one.  (A heartbeat on a
+  -- connection apart from the outcomes' gained nothing: it locks the same
+  -- rows, in the same id order, and waited for an outcome's row locks
+  -- anyway; and each connection is a server backend, ~30 ms of the
+  -- server's CPU to start.)  (SQLite: the queue's own connection for all,
+  -- through its pool.)
+  local own = queue.worker_store(opts.queue)
   local w = setmetatable({
-    -- Outcomes go through one connection of the worker's own; heartbeats
-    -- and rescues through another, so that they never wait behind a claim
-    -- that waits for a server coming back; claims through a third, whose
-    -- commits need no WAL flush (the store's worker_store("claims") says
-    -- why), so that claiming never waits behind an outcome's flush, nor
-    -- pays one.  (SQLite: the queue's own connection for all, through its
-    -- pool.)
-    q = opts.queue, store = queue.worker_store(opts.queue),
-    lease_store = queue.worker_store(opts.queue),
+    q = opts.queue, store = own, lease_store = own,
     claim_store = queue.worker_store(opts.queue, "claims"),
     targets = checked.targets, loaded = {}, load_errors = {},
     lease = lease, heartbeat = opts.heartbeat or lease / 3, poll = opts.poll or 1000,
@@ -752,7 +755,9 @@ function Worker:wait()
   for _, t in ipairs(self.tasks) do t:await() end
   if self.grace_timer then S.untimer(self.grace_timer); self.grace_timer = nil end
   if not queue.shares_store(self.q, self.store) then self.store:close() end
-  if not queue.shares_store(self.q, self.lease_store) then self.lease_store:close() end
+  if self.lease_store ~= self.store and not queue.shares_store(self.q, self.lease_store) then
+    self.lease_store:close()
+  end
   if not queue.shares_store(self.q, self.claim_store) then self.claim_store:close() end
   self.state = "stopped"
   M.live[self] = nil

@@ -132,6 +132,19 @@ local MIGRATIONS = {
     [[CREATE INDEX tide_jobs_key_due ON tide_jobs (queue, partition_key, priority, run_at, id)
       WHERE partition_key IS NOT NULL AND ]] .. WAITING,
   },
+  -- 5: one index entry fewer per claim (issue 16).  tide_jobs_leased held
+  -- every executing job by lease_expires, for the rescue alone; the rescue
+  -- now reads tide_jobs_key_running, which holds the same rows (status =
+  -- 'executing': at most the workers' slots, however big the table), and
+  -- checks each lease.  A claim wrote 5 WAL records a job and writes 4
+  -- (pg_stat_statements), and a heartbeat, which changes lease_expires
+  -- alone, no longer touches an index (it may be a HOT update).  DROP
+  -- INDEX, not CONCURRENTLY: the migration runs in one transaction, and a
+  -- drop holds its lock only for the catalog change (no scan of the
+  -- table), which waits for the statements under way and no longer.
+  {
+    [[DROP INDEX IF EXISTS tide_jobs_leased]],
+  },
 }
 M.MIGRATIONS, M.VERSION = MIGRATIONS, #MIGRATIONS
 

@@ -151,6 +151,35 @@ function Pool:release(c, broken, holder)
   self.free[n], self.nfree = c, n
 end
 
+--- Takes the free connection c out of this pool for good (true), unless
+--- it is held or a holder waits (false): the pool may open another in its
+--- place.  (A worker's store of its own adopts the connection the store's
+--- opening used, rather than opening one more: see the PostgreSQL store.)
+function Pool:remove_free(c)
+  if self.closed or self.whead <= self.wtail or not self.all[c] then return false end
+  local free, n = self.free, self.nfree
+  for i = 1, n do
+    if free[i] == c then
+      free[i] = free[n]                       -- (the last one fills its place)
+      free[n] = nil
+      self.nfree, self.nopen, self.all[c] = n - 1, self.nopen - 1, nil
+      c._abandon = nil                        -- (its hook gave it back to this pool)
+      return true
+    end
+  end
+  return false
+end
+
+--- Adds c, an open connection another pool gave up (remove_free), as free.
+function Pool:adopt(c)
+  if self.closed or self.nopen >= self.size then
+    error(format("pool:adopt: %s: no room for one more connection (%d open of %d)", self.name, self.nopen, self.size), 2)
+  end
+  self.all[c], self.nopen = true, self.nopen + 1
+  self.nfree = self.nfree + 1
+  self.free[self.nfree] = c
+end
+
 --- True when a call outside tasks would get a connection at once.
 function Pool:available()
   return not self.closed and self.whead > self.wtail and (self.nfree > 0 or self.nopen < self.size)

@@ -6,8 +6,8 @@
 -- one from BEGIN to COMMIT, a statement outside transactions takes any free
 -- one, and waiters are served first come, first served, for at most
 -- `pool_timeout` ms.  Workers use stores of their own (worker_store: one
--- connection for outcomes, one for leases, one for claims, whose commits
--- skip the WAL flush) and one more connection that LISTENs, so that an
+-- connection for outcomes and leases, one for claims, whose commits skip
+-- the WAL flush) and one more connection that LISTENs, so that an
 -- enqueue on any machine wakes idle workers at once: none of them is
 -- taken from the application's pool.
 --
@@ -283,10 +283,14 @@ function M.open(url, name, opts)
   end)
   s.pool:release(session, not ok, pool.holder())
   if not ok then s.pool:close(); error(err, 0) end
+  s.spare = session                         -- (see Store:worker_store)
   return s
 end
 
-function Store:acquire(fname, timeout) return self.pool:acquire(fname, timeout) end
+function Store:acquire(fname, timeout)
+  self.spare = nil                          -- (used since the opening: the pool's to keep)
+  return self.pool:acquire(fname, timeout)
+end
 function Store:release(session, broken, holder) return self.pool:release(session, broken, holder) end
 function Store:available() return self.pool:available() end
 function Store:stats_pool() return self.pool:stats() end
@@ -304,10 +308,21 @@ function Store:stats_pool() return self.pool:stats() end
 --- claim.  It saves a WAL flush per claim (the claimer's round trip on a
 --- loaded server: 17-20 ms of flush waits against ~1 ms of execution,
 --- measured with 20 jobs at a time that commit their own transactions).
+---
+--- The first store of purpose nil adopts the connection that opening this
+--- store used, when nothing used it since (a caller's SET would have stayed
+--- with it; the pool keeps the statements it prepared): a worker process,
+--- `tide worker`, then starts one backend fewer (each costs the server ~30
+--- ms of CPU to start here, more than the work of 600 no-op jobs).
 function Store:worker_store(purpose)
   local s = new_store(self.url, self.name, 1, nil,
                       purpose == "claims" and "SET synchronous_commit = off" or nil, self.prepare)
   s.durability = self.durability
+  local spare = self.spare
+  if purpose == nil and spare then
+    self.spare = nil
+    if self.pool:remove_free(spare) then s.pool:adopt(spare) end
+  end
   return s
 end
 
