@@ -1,0 +1,72 @@
+-- spec/review_rfin_spec.lua — review of the task's fields as array slots
+-- (tide.engine.fields) and of the store's refusals inside __gc finalizers.
+--
+-- t.id, t.attempts and t.value are read through Task_mt's __index now, so a
+-- user's write of one of those names onto a task stays in its hash part and
+-- shadows the slot for good (before, the engine overwrote it).  The engine's
+-- own modules must not read those public names: a job handler that wrote
+-- tide.current().attempts made the worker's on_finish raise (the job ran
+-- again and again, its outcome lost); a task that wrote t.id and failed
+-- unheard was never reported; one that wrote t.value was reported with the
+-- user's value in place of its error.
+local tide = require "tide"
+local H = spec_helper
+
+describe("review rfin: fields a user writes onto a task", function()
+  after_each(function() H.loud_errors(); H.assert_idle() end)
+
+  it("a job whose handler writes its task's attempts/value completes, and the worker goes on", function()
+    local path = os.tmpname()
+    local q = tide.queue.open("sqlite:" .. path)
+    H.quiet_errors()
+    local ran = 0
+    local targets = { t = { m = function()
+      ran = ran + 1
+      local me = tide.current()
+      me.attempts, me.value = "mine", "mine"
+      return "real"
+    end } }
+    for _ = 1, 3 do q:enqueue{ target = "t", method = "m" } end
+    local status, st = tide.run(function()
+      return tide.worker{ queue = q, concurrency = 1, targets = targets }:drain{ stop = true, within = 3000 }
+    end)
+    local stats = q:stats()
+    q:close()
+    for _, s in ipairs{ "", "-wal", "-shm" } do os.remove(path .. s) end
+    assert.equal("ok", status, tostring(st))
+    assert.equal(3, ran)
+    assert.equal(3, stats.completed)
+  end)
+
+  it("a task that writes t.id and fails unheard is reported, and the engine is not interrupted", function()
+    local reports = {}
+    tide.configure{ on_error = function(where, err) reports[#reports + 1] = where .. ": " .. tostring(err) end }
+    local status = tide.run(function()
+      tide.spawn(function() tide.current().id = "mine"; error("boom") end)
+      tide.sleep(10)
+    end)
+    assert.equal("ok", status)
+    local text = table.concat(reports, "\n")
+    assert.truthy(text:find("boom", 1, true), text)
+    assert.falsy(text:find("interrupted", 1, true), text)
+  end)
+
+  it("a task that writes t.value and fails unheard is reported with its own error", function()
+    local reports = {}
+    tide.configure{ on_error = function(where, err) reports[#reports + 1] = where .. ": " .. tostring(err) end }
+    local status = tide.run(function()
+      tide.spawn(function() tide.current().value = "mine"; error("boom") end)
+      tide.sleep(10)
+    end)
+    assert.equal("ok", status)
+    local text = table.concat(reports, "\n")
+    assert.truthy(text:find("boom", 1, true), text)
+  end)
+
+    assert.equal("ok", status, tostring(fst))
+    assert.equal("ok", fst)
+    assert.equal(7, report.tasks.a.value)
+    assert.equal(1, report.tasks.a.attempts)
+    assert.equal(14, report.tasks.b.value)
+  end)
+end)
