@@ -89,3 +89,31 @@ describe("review rfin: fields a user writes onto a task", function()
     end)
   end
 end)
+
+-- pg_conn refuses a statement from a task's code inside a C call (here a
+-- table.sort comparator) before sending it: right.  But the message names
+-- the store's URL and "cannot wait", neither the method the user called nor
+-- the user's line (COMMON: messages name the function); the same call on
+-- SQLite works, so the user cannot tell which of their calls it was.
+describe("review rfin: the PostgreSQL store's refusal inside a C call", function()
+  local url = os.getenv("TIDE_PG_URL")
+  if not url then
+    pending("needs TIDE_PG_URL (spec/pg.sh start)")
+    return
+  end
+  after_each(function() H.assert_idle() end)
+
+  it("names the q: method called, at the caller's line", function()
+    local status, err, stats_ok = tide.run(function()
+      local q = tide.queue.open(url)
+      local list = { 3, 1, 2 }
+      local ok, e = pcall(table.sort, list, function(a, b) q:stats(); return a < b end)
+      local after = pcall(q.stats, q)
+      q:close()
+      return not ok and tostring(e) or "not refused", after
+    end)
+    assert.equal("ok", status, tostring(err))
+    assert.is_true(stats_ok, "the next statement works")
+    assert.truthy(err:find("^spec/review_rfin_spec%.lua:%d+: q:stats: "), err)
+  end)
+end)
