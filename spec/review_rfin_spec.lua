@@ -117,3 +117,30 @@ describe("review rfin: the PostgreSQL store's refusal inside a C call", function
     assert.truthy(err:find("^spec/review_rfin_spec%.lua:%d+: q:stats: "), err)
   end)
 end)
+
+-- tide wraps a finalizer stored in newproxy's metatable and counts it as
+-- running while it runs.  A library that closes its handle explicitly by
+-- calling that same function (getmetatable(p).__gc(p)) from a task, and
+-- waits in it, kept the count up across the wait: meanwhile every store call
+-- of every task was refused as "inside a __gc finalizer".
+describe("review rfin: a finalizer's function called by a task", function()
+  after_each(function() H.loud_errors(); H.assert_idle() end)
+
+  it("does not make other tasks' store calls refused while it waits", function()
+    local path = os.tmpname()
+    local status, ok, err = tide.run(function()
+      local q = tide.queue.open("sqlite:" .. path)
+      local p = newproxy(true)
+      getmetatable(p).__gc = function() tide.sleep(30) end   -- the handle's close, also its finalizer
+      local closer = tide.spawn(function() getmetatable(p).__gc(p) end)
+      tide.sleep(5)                                          -- closer waits inside it now
+      local a, b = pcall(q.enqueue, q, { target = "t", method = "m" })
+      closer:await()
+      q:close()
+      return a, b
+    end)
+    for _, s in ipairs{ "", "-wal", "-shm" } do os.remove(path .. s) end
+    assert.equal("ok", status, tostring(ok))
+    assert.is_true(ok, tostring(err))
+  end)
+end)
