@@ -56,12 +56,19 @@ local running = 0
 --- True while a wrapped finalizer runs (see the header).
 function M.running() return running > 0 end
 
---- fn, wrapped: runs protected; its error is reported.
+local isyieldable = coroutine.isyieldable
+
+--- fn, wrapped: runs protected; its error is reported.  It counts as a
+--- finalizer (M.running) only where it cannot yield, as the collector calls
+--- it: a task may call the same function itself (a handle's explicit close,
+--- read back from the metatable) and wait in it, and the count, kept up
+--- across that wait, refused every other task's store calls meanwhile.
 local function protect(fn)
   return function(o)
-    running = running + 1
+    local counted = not isyieldable()
+    if counted then running = running + 1 end
     local ok, err = xpcall(fn, traceback, o)
-    running = running - 1
+    if counted then running = running - 1 end
     if not ok then pcall(report, err) end
   end
 end
