@@ -143,4 +143,18 @@ describe("review rfin: a finalizer's function called by a task", function()
     assert.equal("ok", status, tostring(ok))
     assert.is_true(ok, tostring(err))
   end)
+
+  it("raises its error to the task that called it, as the function itself would", function()
+    local reports = 0
+    tide.configure{ on_error = function() reports = reports + 1 end }
+    local status, ok, err = tide.run(function()
+      local p = newproxy(true)
+      getmetatable(p).__gc = function() error("close failed") end
+      return pcall(getmetatable(p).__gc, p)
+    end)
+    assert.equal("ok", status)
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("close failed", 1, true), tostring(err))
+    assert.equal(0, reports, "reported to the sink instead")
+  end)
 end)
