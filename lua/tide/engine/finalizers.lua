@@ -58,17 +58,18 @@ function M.running() return running > 0 end
 
 local isyieldable = coroutine.isyieldable
 
---- fn, wrapped: runs protected; its error is reported.  It counts as a
---- finalizer (M.running) only where it cannot yield, as the collector calls
---- it: a task may call the same function itself (a handle's explicit close,
---- read back from the metatable) and wait in it, and the count, kept up
---- across that wait, refused every other task's store calls meanwhile.
+--- fn, wrapped: where the collector calls it (it cannot yield there), it
+--- runs protected, its error is reported, and it counts as a finalizer
+--- (M.running).  A task may call the same function itself (a handle's
+--- explicit close, read back from the metatable): that call is fn's own,
+--- its errors raised to the caller; counted, it would stay counted across
+--- a wait in it, and every other task's store calls would be refused.
 local function protect(fn)
   return function(o)
-    local counted = not isyieldable()
-    if counted then running = running + 1 end
+    if isyieldable() then return fn(o) end
+    running = running + 1
     local ok, err = xpcall(fn, traceback, o)
-    if counted then running = running - 1 end
+    running = running - 1
     if not ok then pcall(report, err) end
   end
 end
