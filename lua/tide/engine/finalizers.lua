@@ -11,7 +11,7 @@
 --   - ffi.gc(cdata, fn);
 --   - ffi.metatype(ct, mt): the __gc that mt holds then (replaced in mt by
 --     its wrapped self; LuaJIT reads it at each ffi.new of a struct).
--- A wrapped finalizer runs protected and its error goes to the error sink
+-- A wrapped finalizer, run by the collector, runs protected and its error goes to the error sink
 -- ("a __gc finalizer").  Finalizers set otherwise (debug.setmetatable, C
 -- modules) are not wrapped: the engine survives their errors (see
 -- tide.engine.sched, "interruptions"), but LuaJIT's crash at a trace exit
