@@ -204,7 +204,7 @@ describe("tide.spawn", function()
       assert.is_nil(s)
       assert.equal("timeout", v)
       assert.same({ "ok", "late" }, { t:await() })
-      assert.equal(0, #(t._waiters or {}))
+      assert.equal(0, #(t[require("tide.engine.fields").WAITERS] or {}))
     end)
   end)
 

@@ -5,6 +5,7 @@
 -- defined so far is printed.
 local H = require "tide.engine.host"
 local S = require "tide.engine.sched"
+local VALUE = require("tide.engine.fields").VALUE   -- (t.value: a user may write that name onto a task)
 local flow = require "tide.flow.run"
 local options = require "tide.cli.options"
 
@@ -52,8 +53,8 @@ function M.main(argv, i)
   local t, err = H.spawn_file(script, { select(2, unpack(pos)) })
   if not t then return options.fail(prog, err) end
   H.loop()
-  if t:status() ~= "ok" and t.value ~= STOP then
-    return options.fail(prog, t.traceback or tostring(t.value))
+  if t:status() ~= "ok" and t[VALUE] ~= STOP then
+    return options.fail(prog, t.traceback or tostring(t[VALUE]))
   end
   if #defined == 0 then return options.fail(prog, script .. " defines no flow") end
   for _, f in ipairs(defined) do io_stdout:write(f:graph(opts.format or "dot")) end

@@ -5,6 +5,7 @@ local options = require "tide.cli.options"
 local progress = require "tide.cli.progress"
 local tide = require "tide"
 local logs = require "tide.observe.logs"
+local fields = require "tide.engine.fields"
 
 local io_stdout = io.stdout
 
@@ -42,7 +43,7 @@ local function json_exit_status()
   local root = H.root
   if H.signal then return 128 + H.signal end
   if root == nil or root:status() == "ok" then return 0 end
-  logs.event("error", "script_failed", { task = root.id, error = tostring(root.value), traceback = root.traceback })
+  logs.event("error", "script_failed", { task = root[fields.ID], error = tostring(root[fields.VALUE]), traceback = root.traceback })
   return 1
 end
 

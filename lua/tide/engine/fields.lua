@@ -5,8 +5,11 @@
 -- the table's header, so a task is one block of 136 bytes with no hash
 -- part; with its fields as keys it was a header and a hash part of 8
 -- nodes, 256 bytes (a sleeping task is mostly this table and its runner:
--- bench/RESULTS.md, issue 21).  Rarer fields stay keys, added when needed
--- (t.traceback, t._values, t._waiters, t._awaiting).
+-- bench/RESULTS.md, issue 21).  Rarer fields stay keys of the hash part,
+-- added when needed: t.traceback (public, read-only), and the negative
+-- numbers VALUES, WAITERS and AWAITING below: a task's numeric keys are
+-- tide's, its plain names the user's (README), so a user's t._waiters
+-- cannot break the task's end.
 --
 -- The engine reads and writes the slots by these names (`t[STATE]`); the
 -- public fields t.id, t.attempts and t.value are read through the task's
@@ -28,6 +31,10 @@ local M = {
   OPT = 6,         -- the rarer options (hooks.lua), or false
   WAITING = 7,     -- the token of the wait it is suspended in, true once woken, or false
   WAIT_TIMER = 8,  -- the key of its current wait's timer, or false
+  -- keys of the hash part, set when needed:
+  VALUES = -1,     -- all the outcome's values, when not one ({ n = n, ... })
+  WAITERS = -2,    -- the tasks awaiting it (tide.engine.task, await)
+  AWAITING = -3,   -- the task it awaits now
 }
 
 local PUBLIC = { id = M.ID, attempts = M.ATTEMPTS, value = M.VALUE }

@@ -11,7 +11,7 @@
 --   - ffi.gc(cdata, fn);
 --   - ffi.metatype(ct, mt): the __gc that mt holds then (replaced in mt by
 --     its wrapped self; LuaJIT reads it at each ffi.new of a struct).
--- A wrapped finalizer runs protected and its error goes to the error sink
+-- A wrapped finalizer, run by the collector, runs protected and its error goes to the error sink
 -- ("a __gc finalizer").  Finalizers set otherwise (debug.setmetatable, C
 -- modules) are not wrapped: the engine survives their errors (see
 -- tide.engine.sched, "interruptions"), but LuaJIT's crash at a trace exit
@@ -56,9 +56,17 @@ local running = 0
 --- True while a wrapped finalizer runs (see the header).
 function M.running() return running > 0 end
 
---- fn, wrapped: runs protected; its error is reported.
+local isyieldable = coroutine.isyieldable
+
+--- fn, wrapped: where the collector calls it (it cannot yield there), it
+--- runs protected, its error is reported, and it counts as a finalizer
+--- (M.running).  A task may call the same function itself (a handle's
+--- explicit close, read back from the metatable): that call is fn's own,
+--- its errors raised to the caller; counted, it would stay counted across
+--- a wait in it, and every other task's store calls would be refused.
 local function protect(fn)
   return function(o)
+    if isyieldable() then return fn(o) end
     running = running + 1
     local ok, err = xpcall(fn, traceback, o)
     running = running - 1

@@ -1,6 +1,7 @@
 --- tide.engine.host — driving the loop: tide.run, the `tide` binary and the C embedding API.
 local core = require "tide.core"
 local S = require "tide.engine.sched"
+local VALUE = require("tide.engine.fields").VALUE   -- (t.value: a user may write that name onto a task)
 local log = require "tide.engine.log"
 local config = require "tide.engine.config"
 local task = require "tide.engine.task"
@@ -90,7 +91,7 @@ function H.run()
   local root = H.root
   if H.signal then return 128 + H.signal end
   if root == nil or S.state(root) == "ok" then return 0 end
-  local msg = root.traceback or tostring(root.value)
+  local msg = root.traceback or tostring(root[VALUE])
   io_stderr:write("tide: ", msg, "\n")
   return 1
 end

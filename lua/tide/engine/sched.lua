@@ -53,6 +53,7 @@ local is_ms = check.is_ms
 -- A task's fields: slots of its array part (tide.engine.fields).
 local ID, ATTEMPTS, VALUE, STATE = fields.ID, fields.ATTEMPTS, fields.VALUE, fields.STATE
 local FN, CO, OPT, WAITING, WAIT_TIMER = fields.FN, fields.CO, fields.OPT, fields.WAITING, fields.WAIT_TIMER
+local VALUES, WAITERS, AWAITING = fields.VALUES, fields.WAITERS, fields.AWAITING
 
 local S = {}
 
@@ -366,10 +367,10 @@ local function end_attempt(t)
   if t[WAITING] then                           -- waiting, or woken and not yet resumed
     local key = t[WAIT_TIMER]
     if key then t[WAIT_TIMER] = false; untimer(key) end
-    local target = t._awaiting
+    local target = t[AWAITING]
     if target then
-      t._awaiting = nil
-      if target._waiters then S.remove_waiter(target._waiters, t) end
+      t[AWAITING] = nil
+      if target[WAITERS] then S.remove_waiter(target[WAITERS], t) end
     end
     t[WAITING] = false
   end
@@ -445,12 +446,12 @@ local function finish(t, status, ...)
   t[STATE] = status
   local value = ...
   t[VALUE] = value
-  if values then t._values = values end
+  if values then t[VALUES] = values end
   nlive = nlive - 1
   stats[status] = stats[status] + 1
   end_attempt(t)
-  local w = t._waiters
-  if w then t._waiters = nil; S.wake_all(w) end
+  local w = t[WAITERS]
+  if w then t[WAITERS] = nil; S.wake_all(w) end
   local o = t[OPT]
   if o then
     if o.thread then thread_stats[status] = thread_stats[status] + 1
@@ -828,7 +829,7 @@ end
 S.options = own_options
 
 function S.results(t)
-  local v = t._values
+  local v = t[VALUES]
   if v then return t[STATE], unpack(v, 1, v.n) end
   return t[STATE], t[VALUE]
 end

@@ -3,7 +3,8 @@ local S = require "tide.engine.sched"
 local runq = require "tide.engine.runq"
 local check = require "tide.engine.check"
 local retry = require "tide.engine.retry"
-local STATE = require("tide.engine.fields").STATE
+local fields = require "tide.engine.fields"
+local STATE, WAITERS, AWAITING = fields.STATE, fields.WAITERS, fields.AWAITING
 local unheard = require "tide.engine.unheard"
 local thread = require "tide.engine.thread"
 local process = require "tide.engine.process"
@@ -150,13 +151,13 @@ function Task.await(t, timeout_ms)
   end
   if TERMINAL[t[STATE]] then unheard.hear(t); return results(t) end
   local w, tok = S.wait_begin("task:await", 2)
-  if not t._waiters then t._waiters = {} end
-  S.add_waiter(t._waiters, w, tok)
-  w._awaiting = t                       -- so that an end of w's attempt takes it off the list
+  if not t[WAITERS] then t[WAITERS] = {} end
+  S.add_waiter(t[WAITERS], w, tok)
+  w[AWAITING] = t                       -- so that an end of w's attempt takes it off the list
   S.wait_end(w, tok, timeout_ms)
-  w._awaiting = nil
+  w[AWAITING] = nil
   if not TERMINAL[t[STATE]] then
-    if t._waiters then S.remove_waiter(t._waiters, w) end
+    if t[WAITERS] then S.remove_waiter(t[WAITERS], w) end
     return nil, "timeout"
   end
   return results(t)

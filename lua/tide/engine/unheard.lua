@@ -10,7 +10,7 @@
 -- where calling the sink is not safe; the next tick delivers it).
 local log = require "tide.engine.log"
 local fields = require "tide.engine.fields"
-local OPT, STATE = fields.OPT, fields.STATE
+local OPT, STATE, ID, VALUE = fields.OPT, fields.STATE, fields.ID, fields.VALUE
 
 local setmetatable, getmetatable, newproxy, pairs = setmetatable, getmetatable, newproxy, pairs
 
@@ -21,12 +21,12 @@ local collected = {}                                 -- records of collected tas
 
 local function unheard_text(t)
   local name = t[OPT] and t[OPT].name
-  return ("task %d%s failed (%s) and nobody heard it"):format(t.id, name and (" '" .. name .. "'") or "", t[STATE])
+  return ("task %d%s failed (%s) and nobody heard it"):format(t[ID], name and (" '" .. name .. "'") or "", t[STATE])
 end
 
 --- Notes that t failed and nobody heard it (yet).
 function M.note(t)
-  local rec = { where = unheard_text(t), err = t.value, tb = t.traceback, done = false }
+  local rec = { where = unheard_text(t), err = t[VALUE], tb = t.traceback, done = false }
   local proxy = newproxy(true)
   getmetatable(proxy).__gc = function()
     if not rec.done then rec.done = true; collected[#collected + 1] = rec end
@@ -55,7 +55,7 @@ end
 function M.report_all()
   M.flush()
   local list = {}
-  for t, rec in pairs(unheard) do list[#list + 1] = { t.id, rec } end
+  for t, rec in pairs(unheard) do list[#list + 1] = { t[ID], rec } end
   table.sort(list, function(a, b) return a[1] < b[1] end)
   for i = 1, #list do
     local rec = list[i][2]

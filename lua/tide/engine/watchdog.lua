@@ -11,7 +11,8 @@
 local core = require "tide.core"
 local S = require "tide.engine.sched"
 local log = require "tide.engine.log"
-local OPT = require("tide.engine.fields").OPT
+local fields = require "tide.engine.fields"
+local OPT, ID = fields.OPT, fields.ID
 local check = require "tide.engine.check"
 
 local fire = require "tide.engine.fire"
@@ -49,7 +50,7 @@ local function running_now()
     local t = S.current()
     local o = t[OPT]
     local name = o and o.name
-    what = ("task %d%s"):format(t.id, name and (" '" .. name .. "'") or "")
+    what = ("task %d%s"):format(t[ID], name and (" '" .. name .. "'") or "")
     if o and o.report == fire.REPORT then    -- a timer callback's, made when it waited
       what = ("%s (a timer callback, %s)"):format(what, callback_place() or "an unknown function")
     end

@@ -25,6 +25,7 @@
 -- the fan-out's own functions: child_done(k, status, value), settle() and
 -- launch().
 local S = require "tide.engine.sched"
+local VALUE = require("tide.engine.fields").VALUE   -- (t.value: a user may write that name onto a task)
 
 local M = {}
 
@@ -37,7 +38,7 @@ local function member_ended(t)
   if fan.polling == t then fan.polling = false end
   if k and fan.kids[k] == t then             -- it ended inside child k's code
     o.fan_index = false
-    return fan.child_done(k, S.state(t) == "cancelled" and "cancelled" or "error", t.value)
+    return fan.child_done(k, S.state(t) == "cancelled" and "cancelled" or "error", t[VALUE])
   end
   if fan.run.status[fan.i] == "running" then fan.launch() end
   fan.settle()

@@ -25,6 +25,7 @@
 --     worker that called it), or false; a stop cancels it, and its end
 --     gives node i its outcome if nothing did before.
 local S = require "tide.engine.sched"
+local fields = require "tide.engine.fields"
 local check = require "tide.engine.check"
 local log = require "tide.engine.log"
 local definition = require "tide.flow.define"
@@ -353,7 +354,7 @@ end
 -- options, so no closure is made per task).
 local function child_finished(t)
   local o = S.options(t)
-  o.fan_done(o.fan_index, S.state(t), t.value)
+  o.fan_done(o.fan_index, S.state(t), t[fields.VALUE])
 end
 
 --- Runs node i's children over `items`, at most `concurrency` at once; the
@@ -461,7 +462,7 @@ end
 
 local function node_result(t)
   local o = S.options(t)
-  node_ran(o.flow_run, o.flow_index, o.args[1], S.state(t), t.value, t.attempts)
+  node_ran(o.flow_run, o.flow_index, o.args[1], S.state(t), t[fields.VALUE], t[fields.ATTEMPTS])
 end
 
 -- Not inside start_node: a closure there would make every return from it

@@ -30,6 +30,7 @@
 -- A run's fields that are the workers' own (made with the run, in one
 -- table): queue, q_head, q_tail, looping, relay, polling, idle, nidle.
 local S = require "tide.engine.sched"
+local VALUE = require("tide.engine.fields").VALUE   -- (t.value: a user may write that name onto a task)
 
 local M = {}
 
@@ -63,7 +64,7 @@ local function worker_ended(t)
   if run.polling == t then run.polling = false end
   if i and run.holder[i] == t then           -- it ended inside node i's code
     local status = S.state(t)
-    node_finished(run, i, status == "cancelled" and "cancelled" or "error", nil, t.value)
+    node_finished(run, i, status == "cancelled" and "cancelled" or "error", nil, t[VALUE])
   elseif not run.stopping and not run.done and S.state(t) ~= "ok" then
     stop_run(run, "cancelled", ("flow '%s' stopped: its worker was %s"):format(run.flow.name, S.state(t)))
   end

@@ -30,7 +30,7 @@ local wallclock, holder = core.wallclock, pool.holder
 local with_session, transaction, tx_state = transaction_mod.with_session, transaction_mod.transaction,
                                             transaction_mod.tx_state
 local notify, inserted_into, Tx = transaction_mod.notify, transaction_mod.inserted_into, transaction_mod.Tx
-local not_in_finalizer = transaction_mod.not_in_finalizer
+local not_in_finalizer, not_in_c_call = transaction_mod.not_in_finalizer, transaction_mod.not_in_c_call
 
 local M = {}
 M.with_session = with_session
@@ -158,7 +158,8 @@ function M.open(url, opts)
 end
 
 --- Every q method but close starts here: refused inside a __gc finalizer
---- (tide.jobs.transaction, not_in_finalizer), then q must be an open queue.
+--- (tide.jobs.transaction, not_in_finalizer), then q must be an open queue,
+--- and on PostgreSQL a task's code must not be inside a C call (not_in_c_call).
 local function check_q(fname, q)
   not_in_finalizer(fname, 3)
   if type(q) ~= "table" or getmetatable(q) ~= Queue_mt then
@@ -166,6 +167,7 @@ local function check_q(fname, q)
       :format(fname, describe(q), fname:match("[:.](%w+)$")), 3)
   end
   if not q._store then error(fname .. ": the queue is closed", 3) end
+  not_in_c_call(fname, q._store, 3)
 end
 
 --- Runs fn(tx, ...) inside one database transaction: tx:exec and tx:query

@@ -60,6 +60,17 @@ local function not_in_finalizer(fname, level)
 end
 M.not_in_finalizer = not_in_finalizer
 
+local in_task, isyieldable, IN_C_CALL = S.in_task, coroutine.isyieldable, S.IN_C_CALL
+
+--- Raises when `store` waits for the network (PostgreSQL) and the caller is
+--- a task's code inside a C call (a gsub or sort callback, a hook), where no
+--- wait can yield: pg_conn refuses the statement anyway, before sending it,
+--- but naming only the store; here the message names `fname`, at `level`.
+local function not_in_c_call(fname, store, level)
+  if store.waits and in_task() and not isyieldable() then error(fname .. IN_C_CALL, level + 1) end
+end
+M.not_in_c_call = not_in_c_call
+
 --- Tells the listeners of queue object q (its workers in this process)
 --- that jobs of `queues` (a set of names) were committed.
 local function notify(q, queues)
@@ -188,6 +199,7 @@ local function tx_state(fname, tx)
       st.owner == OUTSIDE and "code outside tasks" or tostring(st.owner)), 3)
   end
   if not tx._q._store then error(fname .. ": the queue is closed", 3) end
+  not_in_c_call(fname, tx._q._store, 3)
   return st
 end
 M.tx_state = tx_state

@@ -49,6 +49,7 @@ local schedules = require "tide.jobs.schedules"
 local claimer = require "tide.jobs.claimer"
 local make_task, spawn = task.make_task, task.spawn
 local histogram = require "tide.engine.histogram"
+local fields = require "tide.engine.fields"
 
 local type, error, pairs, ipairs, tostring, pcall, require = type, error, pairs, ipairs, tostring, pcall, require
 local getupvalue, getinfo = debug.getupvalue, debug.getinfo
@@ -398,33 +399,36 @@ local function slot_freed(w, rec)
   end
 end
 
+local VALUE, ATTEMPTS = fields.VALUE, fields.ATTEMPTS
+
 --- on_finish of a job's task (inside the scheduler's one door, so every
---- attempt's outcome is handled exactly once).
+--- attempt's outcome is handled exactly once).  It reads the task's slots, not
+--- t.value and t.attempts: a handler may write those names onto its task.
 local function job_finished(t)
   local rec = S.options(t).job
   local w = rec.worker
   slot_freed(w, rec)
-  if t.attempts > 0 then histogram.observe(rec.duration, (core.now() - rec.started) / 1000) end
+  if t[ATTEMPTS] > 0 then histogram.observe(rec.duration, (core.now() - rec.started) / 1000) end
   local status = S.state(t)
   if status == "ok" then
     local e = { kind = "completed", outcome = "completed", id = rec.row.id, attempt = rec.row.attempt,
                 job = rec.job }
     local target = rec.target
     if target and target.after_record then   -- a durable flow's step: its result goes with the write
-      e.after_record, e.args, e.method, e.value = target.after_record, rec.args, rec.row.method, t.value
+      e.after_record, e.args, e.method, e.value = target.after_record, rec.args, rec.row.method, t[VALUE]
     end
     record(w, e)
   elseif status == "cancelled" then
     if rec.gone then                          -- cancelled, expired or taken over in the store
       count(w, rec.row.queue, rec.gone)
-      outcomes.heard(w, rec.row.id, rec.job, rec.gone, t.value)
+      outcomes.heard(w, rec.row.id, rec.job, rec.gone, t[VALUE])
     elseif w.state ~= "running" or S.shutting_down() then
-      released(w, rec, t.attempts > 0, t.value)
+      released(w, rec, t[ATTEMPTS] > 0, t[VALUE])
     else
-      failed(w, rec, "cancelled: " .. tostring(t.value), nil, rec.target)
+      failed(w, rec, "cancelled: " .. tostring(t[VALUE]), nil, rec.target)
     end
   else
-    failed(w, rec, t.value, t.traceback, rec.target)
+    failed(w, rec, t[VALUE], t.traceback, rec.target)
   end
 end
 

@@ -23,6 +23,8 @@
 -- One consumer object is run by one task at a time: a second concurrent
 -- run raises (it would release the first run's healthy handlers).
 local S = require "tide.engine.sched"
+local fields = require "tide.engine.fields"
+local ATTEMPTS, VALUE = fields.ATTEMPTS, fields.VALUE   -- (not t.attempts, t.value: a user may write those names)
 local check = require "tide.engine.check"
 local log = require "tide.engine.log"
 local retry = require "tide.engine.retry"
@@ -171,7 +173,7 @@ local function delivery_done(t)
   local c, d = o.consumer_of, o.delivery
   local h = c.handler
   local status = S.state(t)
-  local choice = h.handle_result and choose(c, h, status, t.value, t, d)
+  local choice = h.handle_result and choose(c, h, status, t[VALUE], t, d)
   settle(c, d, status, choice)
 end
 
@@ -249,8 +251,8 @@ end
 --- Makes the end of the current attempt of t end the run (once per attempt).
 local function on_attempt_end(c, t)
   local o = S.options(t)
-  if o.consumer_attempt == t.attempts and o.consumer == c then return end
-  o.consumer, o.consumer_attempt = c, t.attempts
+  if o.consumer_attempt == t[ATTEMPTS] and o.consumer == c then return end
+  o.consumer, o.consumer_attempt = c, t[ATTEMPTS]
   S.on_attempt_end(t, function(task)
     o.consumer = nil
     end_run(c, task, "consumer " .. c.name .. " ended")

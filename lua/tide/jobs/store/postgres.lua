@@ -37,6 +37,7 @@ local M = {}
 
 local Store = {}
 Store.__index = Store
+Store.waits = true             -- each statement waits for the network (tide.jobs.transaction, not_in_c_call)
 local Session = {}
 Session.__index = Session
 Session.dialect = "postgres"
