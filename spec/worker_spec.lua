@@ -456,6 +456,47 @@ describe("tide.worker on " .. store.name, function()
       own:close()
     end)
 
+    it("gathers the slots of jobs that end one at a time into few claims; an idle worker claims at once", function()
+      local own = tide.queue.open(os.getenv("TIDE_PG_URL"), { pool = 1 })   -- the jobs queue on one connection
+      local t = { m = function()
+        own:transaction(function(tx) tx:exec("SELECT pg_sleep(0.003)") end)   -- ~4 ms each, one after the other
+      end, first = function() end }
+      local claimer = require "tide.jobs.claimer"
+      local window = claimer.GATHER_MS
+      claimer.GATHER_MS = 200        -- long against a job's ~4 ms: one claim per job, or per two, cannot pass
+      local box = {}
+      local ok, err = pcall(with_worker, function()
+        local w = tide.worker{ queue = q, concurrency = 20, targets = { t = t } }
+        local session = w.claim_store:acquire("spec")          -- to count the claims
+        local Session = getmetatable(session).__index
+        w.claim_store:release(session)
+        local claim, claims = Session.claim, 0
+        Session.claim = function(...) claims = claims + 1; return claim(...) end
+        local ok2, err2 = pcall(function()
+          for _ = 1, 80 do q:enqueue{ target = "t", method = "m" } end
+          local before = claims
+          while q:stats().completed ~= 80 do tide.sleep(5) end
+          box.backlog = claims - before
+          -- idle now: a job enqueued is claimed without waiting out the window
+          tide.sleep(50)
+          local at = tide.now()
+          q:enqueue{ target = "t", method = "first" }
+          while q:stats().completed ~= 81 do tide.sleep(1) end
+          box.idle_ms = tide.now() - at
+        end)
+        Session.claim = claim
+        w:stop()
+        w:wait()
+        assert(ok2, err2)
+      end)
+      claimer.GATHER_MS = window
+      own:close()
+      assert(ok, err)
+      -- one claim a freed slot would be 61 claims (20, then 60 one by one)
+      assert.is_true(box.backlog <= 20, ("%d claims for 80 jobs that ended one at a time"):format(box.backlog))
+      assert.is_true(box.idle_ms < 150, ("an idle worker took %.0f ms to claim and run a job"):format(box.idle_ms))
+    end)
+
     it("claims on a connection of its own whose commits skip the WAL flush; outcomes and leases keep it", function()
       local function sync_of(store)
         local session = store:acquire("spec")
