@@ -21,7 +21,9 @@
 --      addJob and addJobs (makeWorkerUtils) beside them;
 --   5. jobs that insert a row in a transaction of their own, with the
 --      jobs' pool at 1, 5 and 20 connections, against graphile-worker with
---      the same concurrency and maxPoolSize.
+--      the same concurrency and maxPoolSize; and their ceiling: the same
+--      transactions run by as many tasks of this process on the same pool,
+--      without jobs (what a worker could reach at best).
 -- The goals (issues 14 and 16): tide >= 5x graphile-worker's throughput with
 -- its defaults; every row >= 3x graphile-worker; batched enqueue >= 50% of
 -- the bare INSERT.
@@ -537,6 +539,32 @@ local function gw_owntx(pool, dir)
   return OWN_N * 1000 / exited
 end
 
+--- The ceiling of the rows above at pool `pool`: the jobs' own
+--- transactions alone (the same INSERT, OWN_CONC tasks of this process on
+--- a pool of that size), without jobs to claim, run or record: a worker can
+--- only be slower.  Transactions/s.
+local function tide_owntx_floor(pool)
+  db:query("TRUNCATE " .. TIDE_SCHEMA .. ".bench_effects")
+  local own = tide.queue.open(TIDE_URL .. "&pool=" .. pool)
+  own:stats()                                 -- (migrated and connected before the clock starts)
+  local per, tasks = floor(OWN_N / OWN_CONC), {}
+  local t0 = tide.now()
+  for i = 1, OWN_CONC do
+    tasks[i] = tide.spawn(function()
+      for k = 1, per do
+        own:transaction(function(tx) tx:exec("INSERT INTO bench_effects (job) VALUES (?)", i * per + k) end)
+      end
+    end)
+  end
+  for i = 1, OWN_CONC do
+    local status, err = tasks[i]:await()
+    if status ~= "ok" then fail("own-transaction floor: " .. tostring(err)) end
+  end
+  local rate = OWN_CONC * per * 1000 / (tide.now() - t0)
+  own:close()
+  return rate
+end
+
 local function owntx_part(q, gw_ok, dir)
   db:query("CREATE TABLE IF NOT EXISTS " .. TIDE_SCHEMA .. ".bench_effects (job bigint NOT NULL)")
   if gw_ok then db:query("CREATE TABLE IF NOT EXISTS " .. GW_SCHEMA .. ".bench_effects (job bigint NOT NULL)") end
@@ -544,22 +572,26 @@ local function owntx_part(q, gw_ok, dir)
     .. "time, the jobs' pool of 1, 5, 20 connections; jobs/s to the last completion (graphile-worker: "
     .. "concurrency %d, maxPoolSize the same, until its runOnce returns), best of 2:"):format(OWN_N, OWN_CONC, OWN_CONC))
   for _, pool in ipairs(POOLS) do
-    local t, g = {}, {}
+    local t, g, f = {}, {}, {}
     for _ = 1, 2 do
       t[#t + 1] = tide_owntx(q, pool, dir)
       if gw_ok then g[#g + 1] = gw_owntx(pool, dir) end
+      f[#f + 1] = tide_owntx_floor(pool)
     end
-    local tb = best_median(t)
+    local tb, fb = best_median(t), best_median(f)
     local line = ("  pool %2d: tide %7.0f"):format(pool, tb)
+    local ceiling = ("           ceiling: the same transactions alone, no jobs: %7.0f/s"):format(fb)
     if gw_ok then
       local gb = best_median(g)
       if gb > 0 then
         line = line .. ("   graphile-worker %7.0f   %.1fx%s"):format(gb, tb / gb, tb / gb >= 3 and " ok" or " MISSED")
+        ceiling = ceiling .. (" (%.1fx graphile-worker)"):format(fb / gb)
       else
         line = line .. "   graphile-worker did not finish (above)"
       end
     end
     print(line)
+    print(ceiling)
   end
 end
 
