@@ -595,107 +595,6 @@ function Queue:list(f)
   return rows
 end
 
--- ===== changing jobs by hand
-
-local function change_row(session, op, id, err)
-  local changed = session:change(op, id, wallclock(), err)
-  return changed, session:get(id)
-end
-
---- Applies op to job id; true, or nil and why not ("job 7 not found",
---- "job 7 is completed").
-local function change(q, fname, op, id, err)
-  check_q(fname, q)
-  check_id(fname, id)
-  local changed, row = with_session(q, fname, change_row, op, id, err)
-  if changed then
-    if op == "retry_now" and row then inserted_into(q, q._txs[holder()], row.queue) end
-    return true
-  end
-  if not row then return nil, ("job %d not found"):format(id) end
-  return nil, ("job %d is %s"):format(id, tostring(row.status))
-end
-
---- Makes a job run again now (from any status but executing and available).
-function Queue:retry(id) return change(self, "q:retry", "retry_now", id) end
---- Cancels a job that has not finished; a running attempt is stopped at the worker's next heartbeat.
-function Queue:cancel(id) return change(self, "q:cancel", "cancel", id) end
---- Marks a job expired: it must no longer run.
-function Queue:expire(id) return change(self, "q:expire", "expire", id) end
-
---- Fails a job for good (discarded), recording `reason`.
-function Queue:fail(id, reason)
-  not_in_finalizer("q:fail", 2)                -- (before the encode below: see not_in_finalizer)
-  if reason ~= nil and type(reason) ~= "string" then arg_error("q:fail", 2, "string or nil", reason) end
-  local entry = json.try_encode({ at = wallclock(), error = reason or "failed by hand" }, nil, true)
-  return change(self, "q:fail", "fail", id, entry)
-end
-
--- ===== changing many jobs at once, in batches
-
-local BULK_KEYS = check.options("q:retry_all", { status = true, queue = true, since = true, batch = true })
-check.options("q:cancel_all", BULK_KEYS)
-local BULK_FROM = {
-  retry_now = { "scheduled", "retryable", "completed", "discarded", "cancelled", "expired" },
-  cancel = { "available", "scheduled", "retryable", "executing" },
-}
-
-local function bulk_rows(session, op, f, after, limit) return session:bulk(op, f, after, limit, wallclock()) end
-
---- Applies op to every job that matches filter f, BATCH jobs per statement
---- (each its own short transaction: workers claim and write between two),
---- in id order; returns how many changed.
-local function bulk(q, fname, op, f)
-  check_q(fname, q)
-  if type(f) ~= "table" then arg_error(fname, 1, "filter table { status =, queue =, since = }", f, 3) end
-  check.known(fname, f, BULK_KEYS, nil, 3)
-  local from = {}
-  for _, st in ipairs(BULK_FROM[op]) do from[st] = true end
-  if not from[f.status] then opt_error(fname, "status", check.choices(from), f.status, 3) end
-  if f.queue ~= nil and not job.is_name(f.queue) then opt_error(fname, "queue", "queue " .. job.NAME_EXPECTED, f.queue, 3) end
-  local since
-  if f.since ~= nil then
-    since = time.run_at_ms(f.since)
-    if not since then opt_error(fname, "since", time.EXPECTED, f.since, 3) end
-  end
-  if f.batch ~= nil and not (check.is_count(f.batch, 1) and f.batch <= 2147483647) then
-    opt_error(fname, "batch", "integer from 1 to 2147483647", f.batch, 3)
-  end
-  local filter = { status = f.status, queue = f.queue, since = since,
-                   since_col = job.is_finished[f.status] and "completed_at" or "inserted_at" }
-  local total, after, limit = 0, 0, f.batch or 1000
-  while true do
-    local rows = with_session(q, fname, bulk_rows, op, filter, after, limit)
-    if #rows == 0 then return total end
-    total, after = total + #rows, rows[#rows].id
-    if op == "retry_now" then
-      local queues = {}
-      for _, r in ipairs(rows) do queues[r.queue] = true end
-      local st = q._txs[holder()]
-      if st then for name in pairs(queues) do st.touched[name] = true end else notify(q, queues) end
-    end
-  end
-end
-
---- Makes every job of a status run again now, in batches: filter = { status
---- (required: scheduled, retryable, completed, discarded, cancelled or
---- expired), queue, since (a UTC time: jobs that finished then or later;
---- for waiting statuses, that were enqueued then or later), batch (jobs
---- per statement, 1000) }.  Returns how many.  Like q:retry, a job that
---- used its attempts gets one more; its errors are kept.
-function Queue:retry_all(f)
-  local n = bulk(self, "q:retry_all", "retry_now", f)   -- (not a tail call: errors blame the caller)
-  return n
-end
-
---- Cancels every job of a status (available, scheduled, retryable or
---- executing: a running attempt stops at its worker's next heartbeat), in
---- batches; the filter as q:retry_all's.  Returns how many.
-function Queue:cancel_all(f)
-  local n = bulk(self, "q:cancel_all", "cancel", f)
-  return n
-end
-
 local function stats_rows(session) return session:stats() end
 
 --- Counts: { total =, <status> = n, queues = { [name] = { <status> = n } },
@@ -772,36 +671,16 @@ function Queue:schedules()
   return rows
 end
 
-local PRUNE_KEYS = check.options("q:prune", { older_than = true, statuses = true })
-
-local function prune_rows(session, before, statuses) return session:prune(before, statuses) end
-
---- Deletes finished jobs (completed, discarded, cancelled, expired: or the
---- `statuses` given) that finished more than older_than ago (ms, or "7d").
---- Returns how many were deleted.  Ids are never given out again.
-function Queue:prune(opts)
-  check_q("q:prune", self)
-  if type(opts) ~= "table" then arg_error("q:prune", 1, "table", opts) end
-  check.known("q:prune", opts, PRUNE_KEYS)
-  local ms = check.duration(opts.older_than)
-  if not ms then opt_error("q:prune", "older_than", "duration (ms, or like \"7d\", \"12h\")", opts.older_than) end
-  local statuses = opts.statuses or job.FINISHED
-  if type(statuses) ~= "table" or #statuses == 0 then
-    opt_error("q:prune", "statuses", "list of finished statuses", statuses)
-  end
-  for i, st in ipairs(statuses) do
-    if not job.is_finished[st] then
-      opt_error("q:prune", "statuses[" .. i .. "]", "'completed', 'discarded', 'cancelled' or 'expired'", st)
-    end
-  end
-  return (with_session(self, "q:prune", prune_rows, ago(ms), statuses))
-end
-
 --- Closes the store (idempotent); sessions held by tasks close when given
 --- back (a transaction under way may still commit; its tx methods raise).
 function Queue:close()
   if self._store then self._store:close(); self._store = nil end
 end
+
+-- ===== changing jobs by hand, in batches, and pruning: tide.jobs.queue_changes adds
+-- q:retry, q:cancel, q:expire, q:fail, q:retry_all, q:cancel_all and q:prune
+
+require("tide.jobs.queue_changes").install(Queue, { check_q = check_q, check_id = check_id, ago = ago })
 
 -- ===== durable flows: tide.jobs.queue_flows adds q:enqueue_flow, tx:enqueue_flow,
 -- q:flow_run, q:flow_runs, q:cancel_flow and q:retry_flow
