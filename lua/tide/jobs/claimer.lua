@@ -99,7 +99,12 @@ function M.run(w, name, worker)
   local failures = 0
   while w.state == "running" do
     local free = qs.limit - qs.running - qs.reserved   -- (reserved: see tide.jobs.outcomes)
-    if free > 0 and qs.more and not w.claim_store.sync then free = gather(w, qs, free) end
+    if free > 0 and qs.more and not w.claim_store.sync then
+      free = gather(w, qs, free)
+      -- A stop that came while it gathered notified qs once, and that wait
+      -- took it: claiming (nothing) and then waiting would wait a poll.
+      if w.state ~= "running" then break end
+    end
     if free > 0 then
       local want = min(free, w.batch)
       qs.kicked = false                       -- what this claim sees needs no second look
