@@ -61,25 +61,28 @@ describe("the claimer's gathering on " .. store.name, function()
 
   it("stops promptly when w:stop() comes while a claimer gathers (not a poll later)", function()
     started, ended = 0, 0
-    -- 20 slots: one short job, 19 of 300 ms claimed first; 20 more wait (a backlog: the claim took all 20).
-    q:enqueue{ target = "t", method = "m", args = { ms = 1 }, priority = -1 }
-    for _ = 1, 19 do q:enqueue{ target = "t", method = "m", args = { ms = 300 } } end
-    for _ = 1, 20 do q:enqueue{ target = "t", method = "m", args = { ms = 1 }, priority = 5 } end
+    -- 20 slots: 4 jobs of 1.5 s and 16 of 2.5 s claimed first; 20 more wait (a backlog: the claim took all 20).
+    -- When the 4 end, 4 slots of 20 are free: the claimer gathers (up to a quarter of the 1.5 s they held
+    -- their slots, as GATHER_MS is wide here).
+    for _ = 1, 4 do q:enqueue{ target = "t", method = "m", args = { ms = 1500 }, priority = -2 } end
+    for _ = 1, 16 do q:enqueue{ target = "t", method = "m", args = { ms = 2500 }, priority = -1 } end
+    for _ = 1, 20 do q:enqueue{ target = "t", method = "m", args = { ms = 1 } } end
     local box = {}
     with_window(5000, function()
       with_worker(function()
         local w = tide.worker{ queue = q, concurrency = 20, poll = 8000, targets = targets }
-        wait_until(function() return ended >= 1 end, 3000, "the short job")
-        tide.sleep(30)                       -- the claimer now gathers: 1 slot free of 20, 19 running
-        assert.equal(20, started)            -- (and has not claimed)
+        wait_until(function() return ended >= 4 end, 5000, "the first jobs")
+        tide.sleep(20)                       -- the claimer now gathers: 4 slots free of 20, 16 running
+        box.started = started                -- (and has not claimed)
         local at = tide.now()
-        w:stop(2000)
+        w:stop(3000)
         w:wait()
         box.ms = tide.now() - at
       end)
     end)
-    -- the 19 jobs end 300 ms after they started: the stop waits for them, not for the poll (8 s)
-    assert.is_true(box.ms < 2000, ("w:stop() + w:wait() took %.0f ms"):format(box.ms))
+    assert.equal(20, box.started)
+    -- the 16 jobs end ~1 s after the stop: the stop waits for them, not for the poll (8 s)
+    assert.is_true(box.ms < 3000, ("w:stop() + w:wait() took %.0f ms"):format(box.ms))
     local st = q:stats()
     assert.equal(20, st.completed)
     assert.equal(20, st.available)
