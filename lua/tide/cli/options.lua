@@ -21,9 +21,21 @@ M.EXIT = { ok = 0, failed = 1, usage = 2 }
 local MAX_INT, MAX_MS = 2 ^ 53, 1e12
 M.MAX_INT = MAX_INT
 
+--- The integer decimal `s` spells ([+-]digits), when a double holds it
+--- exactly; else nil (2^53 + 1 would read as 2^53: a command given job
+--- 9007199254740993 acted on job 9007199254740992).
+local function exact_integer(s)
+  local sign, digits = s:match("^([+-]?)0*(%d+)$")
+  if not digits or #digits > 16 then return nil end
+  local n = tonumber(digits)
+  if ("%.0f"):format(n) ~= digits then return nil end
+  return sign == "-" and -n or n
+end
+M.exact_integer = exact_integer
+
 local function integer(min, max)
   return function(s)
-    local n = s:match("^[+-]?%d+$") and tonumber(s)
+    local n = exact_integer(s)
     if n and n >= min and n <= (max or MAX_INT) then return n end
   end
 end
