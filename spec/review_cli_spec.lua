@@ -94,8 +94,10 @@ describe("the command line under bad input", function()
   it("refuses a --queue NAME=N whose N --concurrency would refuse", function()
     local store = fresh_store()
     refused("worker", store, "--drain --queue a=99999999999999999999",
-            "tide worker: bad %-%-queue %(NAME or NAME=N %(a queue name, N an integer from 1 to 9007199254740992%)")
+            "tide worker: bad %-%-queue %(NAME or NAME=N %(a queue name, N an integer >= 1%) expected, got 'a=99999999999999999999'%)")
     refused("worker", store, "--drain --queue a=0", "tide worker: bad %-%-queue")
+    refused("worker", store, "--drain --queue a=", "tide worker: bad %-%-queue")
+    refused("worker", store, "--drain --queue a=1=2", "tide worker: bad %-%-queue")
   end)
 
   it("refuses an option that takes one value given twice, rather than acting on the last", function()

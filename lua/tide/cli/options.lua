@@ -76,7 +76,9 @@ M.opt = {
   quiet = { key = "quiet" },
   drain = { key = "drain" },
   queue = { key = "queue", meta = "NAME", conv = name, expected = "queue " .. job.NAME_EXPECTED },
-  limit = { key = "limit", meta = "N", conv = integer(1), expected = "integer >= 1" },
+  -- (a list asks the store for one more than --limit, to know of a next
+  -- page; the store takes at most 2^31 - 1)
+  limit = { key = "limit", meta = "N", conv = integer(1, job.INT_MAX - 1), expected = "integer from 1 to 2147483646" },
   before = { key = "before", meta = "ID", conv = integer(1), expected = "job id (integer >= 1)" },
   status = { key = "status", meta = "STATUS", conv = status, expected = "one of " .. concat(job.STATUSES, ", ") },
   older_than = { key = "older_than", meta = "DURATION", conv = duration, expected = DURATION },
