@@ -111,6 +111,9 @@ local function take(opts, spec, oname, value)
     return true
   end
   if value == nil then return nil, ("%s needs a value (%s)"):format(oname, spec.meta) end
+  -- A second value is refused, not taken over the first: `tide jobs cancel
+  -- --status available --queue a --queue b` meant both queues, or one.
+  if not spec.many and opts[spec.key] ~= nil then return nil, ("%s given twice (one value expected)"):format(oname) end
   local v = spec.conv(value)
   if v == nil then return nil, ("bad %s (%s expected, got '%s')"):format(oname, spec.expected, value) end
   if spec.many then
