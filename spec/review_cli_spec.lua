@@ -119,6 +119,27 @@ describe("the command line under bad input", function()
     assert(status ~= 2, err)               -- (no target "orders": the jobs fail, but the line is taken)
   end)
 
+  it("refuses a --lease its own heartbeat cannot keep (a bare 30 is 30 ms, not 30 s)", function()
+    local store = fresh_store()
+    local script = H.write_file(dir, "slow.lua", [[
+      local tide = require "tide"
+      return { t = { m = function() tide.sleep(200) end } } ]])
+    tide("enqueue", store, "t m")
+    local before = rows(store)
+    -- taken, the job (200 ms, never failing) ran 20 times, each attempt lost to its own worker's rescuer, and
+    -- was discarded
+    for _, v in ipairs{ "1", "30", "99ms" } do
+      refused("worker", store, "--drain --lease " .. v .. " " .. script,
+              "tide worker: bad %-%-lease %(duration of at least 100 ms %(a number is ms: 30s for 30 seconds%) expected, got '" .. v .. "'%)")
+    end
+    assert.equal(before, rows(store))
+    local status, _, err = tide("worker", fresh_store(), "--drain --quiet --lease 100ms " .. script)
+    assert.equal(0, status, err)                 -- (the least taken)
+    status, _, err = tide("worker", store, "--drain --quiet --lease 1s " .. script)
+    assert.equal(0, status, err)
+    assert.equal(1, tide_json("jobs", store, "stats").completed)
+  end)
+
   it("exits 143 (or 0 once started) without a traceback on a SIGTERM at any instant of a worker's start", function()
     local store = fresh_store()
     local script = H.write_file(dir, "targets.lua", "return { t = { m = function() end } }")
