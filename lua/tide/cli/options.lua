@@ -91,7 +91,11 @@ M.opt = {
   max_attempts = { key = "max_attempts", meta = "N", conv = integer(1, job.INT_MAX),
                    expected = job.MAX_ATTEMPTS_EXPECTED },
   concurrency = { key = "concurrency", meta = "N", conv = integer(1), expected = "integer >= 1" },
-  lease = { key = "lease", meta = "MS", conv = positive_duration, expected = "positive " .. DURATION },
+  -- A lease shorter than the loop's hiccups is lost to the worker's own
+  -- rescuer between heartbeats (lease / 3): with --lease 30 (meant as
+  -- seconds), a 200 ms job that never failed ran 20 times and was discarded.
+  lease = { key = "lease", meta = "MS", conv = function(s) local ms = duration(s); return ms and ms >= 100 and ms or nil end,
+            expected = "duration of at least 100 ms (a number is ms: 30s for 30 seconds)" },
   poll = { key = "poll", meta = "MS", conv = positive_duration, expected = "positive " .. DURATION },
   grace = { key = "grace", meta = "MS", conv = duration, expected = DURATION },
   give_up = { key = "give_up", meta = "MS", conv = positive_duration, expected = "positive " .. DURATION },

@@ -46,7 +46,7 @@ Options:
                        default: the queue "default")
   --concurrency N      jobs at a time for each queue given without =N (default 10)
   --lease MS           how long a claimed job is leased; running jobs' leases
-                       are extended (default 30000)
+                       are extended (default 30000, at least 100)
   --poll MS            how often to look for due jobs (default 1000)
   --grace MS           time running jobs get to finish on SIGINT/SIGTERM
                        (default 5000); jobs still running then are cancelled
