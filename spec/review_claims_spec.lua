@@ -180,6 +180,30 @@ describe("the claimer's gathering on " .. store.name, function()
     assert.equal(60, q:stats().completed)
     assert.is_true(box.after < 1000, ("the drain ended %.0f ms after the last outcome"):format(box.after))
   end)
+
+  it("keeps a queue with limits (q:declare) and one without flowing while both gather", function()
+    started, ended = 0, 0
+    q:declare("lim", { concurrency = 20, partition = "args.k", per_key = { concurrency = 8 } })
+    for i = 1, 60 do
+      q:enqueue{ queue = "lim", target = "t", method = "m", args = { ms = 10 + i % 9 * 4, k = "k" .. i % 3 } }
+      q:enqueue{ target = "t", method = "m", args = { ms = 10 + i % 7 * 5 } }
+    end
+    local box = {}
+    with_window(200, function()
+      with_worker(function()
+        local w = tide.worker{ queue = q, queues = { lim = 20, default = 20 }, poll = 10000, targets = targets }
+        local at = tide.now()
+        local ok, err = pcall(wait_until, function() return ended >= 120 end, 20000, "the jobs")
+        box.ms = tide.now() - at
+        w:stop()
+        w:wait()
+        assert(ok, err)
+      end)
+    end)
+    -- 60 jobs of <= 42 ms on 20 slots a queue: a few hundred ms; a stall waits out the poll (10 s)
+    assert.is_true(box.ms < 5000, ("120 jobs took %.0f ms"):format(box.ms))
+    assert.equal(120, q:stats().completed)
+  end)
 end)
 end
 end
