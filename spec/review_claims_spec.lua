@@ -204,6 +204,31 @@ describe("the claimer's gathering on " .. store.name, function()
     assert.is_true(box.ms < 5000, ("120 jobs took %.0f ms"):format(box.ms))
     assert.equal(120, q:stats().completed)
   end)
+
+  it("writes the outcome of a job of a queue with limits at once: its slot in the store is held until then", function()
+    started, ended = 0, 0
+    -- 18 of the queue's 20 slots (declared: the claim counts executing rows) hold jobs of 10 s; 60 short
+    -- jobs go through the 2 left, each claimable only once the outcome before it is written
+    q:declare("lim", { concurrency = 20 })
+    for _ = 1, 18 do q:enqueue{ queue = "lim", target = "t", method = "m", args = { ms = 10000 }, priority = -1 } end
+    for _ = 1, 60 do q:enqueue{ queue = "lim", target = "t", method = "m", args = { ms = 0 } } end
+    local outcomes = require "tide.jobs.outcomes"
+    local saved = outcomes.GATHER_MS
+    outcomes.GATHER_MS = 100                 -- (wide: a wait per outcome shows as seconds)
+    local box = {}
+    local ok, err = pcall(with_worker, function()
+      local w = tide.worker{ queue = q, queues = { lim = 20 }, targets = targets }
+      local at = tide.now()
+      local fine, why = pcall(wait_until, function() return ended >= 60 end, 15000, "the short jobs")
+      box.ms = tide.now() - at
+      w:stop(0)
+      w:wait()
+      assert(fine, why)
+    end)
+    outcomes.GATHER_MS = saved
+    assert(ok, err)
+    assert.is_true(box.ms < 2500, ("60 short jobs took %.0f ms on the 2 free slots"):format(box.ms))
+  end)
 end)
 end
 end
