@@ -229,6 +229,32 @@ describe("the claimer's gathering on " .. store.name, function()
     assert(ok, err)
     assert.is_true(box.ms < 2500, ("60 short jobs took %.0f ms on the 2 free slots"):format(box.ms))
   end)
+
+  it("claims at once when the slots a durable flow's write reserved come free (not a poll later)", function()
+    -- One slot: a one-step flow's job and plain jobs take turns on it.  While the step's outcome is written
+    -- the slot is reserved for the steps the write may lease (tide.jobs.outcomes); a claimer that looked
+    -- then found no free slot, and nothing woke it when the write ended: it waited out the poll.
+    package.preload["review_claims_flow"] = function()
+      return { name = "review_claims_flow", tasks = { a = { run = function() return 1 end } } }
+    end
+    started, ended = 0, 0
+    for i = 1, 20 do
+      q:enqueue_flow("review_claims_flow", { i = i })
+      q:enqueue{ target = "t", method = "m", args = { ms = 2 } }
+      q:enqueue{ target = "t", method = "m", args = { ms = 2 } }
+    end
+    local box = {}
+    with_worker(function()
+      local w = tide.worker{ queue = q, concurrency = 1, poll = 2000, targets = targets }
+      local at = tide.now()
+      box.st = w:drain{ stop = true }
+      box.ms = tide.now() - at
+    end)
+    package.preload["review_claims_flow"], package.loaded["review_claims_flow"] = nil, nil
+    assert.equal(60, box.st.completed)
+    -- 60 jobs of <= 2 ms one after the other: well under a second; one stall is the poll (2 s)
+    assert.is_true(box.ms < 1500, ("60 jobs on one slot took %.0f ms"):format(box.ms))
+  end)
 end)
 end
 end
