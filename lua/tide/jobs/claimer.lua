@@ -129,7 +129,11 @@ function M.run(w, name, worker)
         if not qs.more then idle_wait(w, qs, w.poll) end
       end
     else
+      -- (slots reserved for a durable flow's steps while an outcome is
+      -- written: tide.jobs.outcomes wakes it when the write ends)
+      qs.starved = qs.reserved > 0
       idle_wait(w, qs, w.poll)
+      qs.starved = false
     end
   end
 end

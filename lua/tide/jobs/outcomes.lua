@@ -109,7 +109,10 @@ local function reserve(w, entries)
 end
 
 local function unreserve(w)
-  for _, qs in pairs(w.queues) do qs.reserved = 0 end
+  for _, qs in pairs(w.queues) do
+    qs.reserved = 0
+    if qs.starved then S.notify(qs) end       -- its claimer found no free slot while they were reserved
+  end
 end
 
 --- After a commit that changed durable flows: start the steps leased to this

@@ -676,7 +676,7 @@ function M.new(opts)
     w:stop(jobs_grace)
   end)
   for name, n in pairs(queues) do
-    w.queues[name] = { limit = n, running = 0, reserved = 0, more = false, held = 0, waiting = false }
+    w.queues[name] = { limit = n, running = 0, reserved = 0, more = false, held = 0, starved = false, waiting = false }
     w.tasks[#w.tasks + 1] = spawn{ run = claimer.run, args = { w, name, CLAIMER_NEEDS }, name = "claimer " .. name }
   end
   w.flusher_task = spawn{ run = outcomes.flusher, args = { w }, name = "worker flusher" }
