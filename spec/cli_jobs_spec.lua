@@ -420,7 +420,7 @@ describe("tide help and bad input", function()
       { "jobs", store, "", 2, "tide jobs: missing COMMAND\n" },
       { "jobs", store, "frob", 2, "tide jobs: unknown command 'frob'\n" },
       { "jobs", store, "list --status failed", 2, "tide jobs: bad %-%-status %(one of available, scheduled, executing, retryable, completed, discarded, cancelled, expired expected, got 'failed'%)\n" },
-      { "jobs", store, "list --limit x", 2, "tide jobs: bad %-%-limit %(integer >= 1 expected, got 'x'%)\n" },
+      { "jobs", store, "list --limit x", 2, "tide jobs: bad %-%-limit %(integer from 1 to 2147483646 expected, got 'x'%)\n" },
       { "jobs", store, "stats --limit 3", 2, "tide jobs: %-%-limit is not an option of 'stats'\n" },
       { "jobs", store, "prune", 2, "tide jobs: prune: missing %-%-older%-than DURATION\n" },
       { "jobs", store, "prune --older-than soon", 2, "tide jobs: bad %-%-older%-than %(duration" },

@@ -4,7 +4,7 @@ local options = require "tide.cli.options"
 local print = require "tide.cli.print"
 local store = require "tide.cli.store"
 
-local tostring, tonumber, ipairs = tostring, tonumber, ipairs
+local tostring, ipairs = tostring, ipairs
 local concat, format = table.concat, string.format
 local io_stdout, io_stderr = io.stdout, io.stderr
 local json, json_object, json_array = print.json, print.json_object, print.json_array
@@ -253,7 +253,7 @@ function M.main(argv, i)
   local id
   if NEEDS_RUN[cmd] then
     if pos[1] == nil then return options.usage_error(prog, cmd .. ": missing RUN", usage) end
-    id = pos[1]:match("^%d+$") and tonumber(pos[1])
+    id = pos[1]:match("^%d+$") and options.exact_integer(pos[1])
     if not id or id < 1 or id > MAX_INT then
       return options.usage_error(prog, ("%s: bad RUN (run id, an integer >= 1 expected, got '%s')"):format(cmd, pos[1]), usage)
     end

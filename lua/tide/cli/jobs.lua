@@ -5,7 +5,7 @@ local options = require "tide.cli.options"
 local print = require "tide.cli.print"
 local store = require "tide.cli.store"
 
-local tostring, tonumber, ipairs, pairs, pcall = tostring, tonumber, ipairs, pairs, pcall
+local tostring, ipairs, pairs, pcall = tostring, ipairs, pairs, pcall
 local concat, sort = table.concat, table.sort
 local io_stdout, io_stderr = io.stdout, io.stderr
 local json, json_object, json_array = print.json, print.json_object, print.json_array
@@ -202,7 +202,7 @@ local GLOBAL_OPTS = { ["--store"] = true, ["--json"] = true, ["--help"] = true, 
 local COMMANDS = {}
 
 local function job_id(s)
-  local id = s and s:match("^%d+$") and tonumber(s)
+  local id = s and s:match("^%d+$") and options.exact_integer(s)
   if id and id >= 1 and id <= MAX_INT then return id end
 end
 

@@ -21,9 +21,21 @@ M.EXIT = { ok = 0, failed = 1, usage = 2 }
 local MAX_INT, MAX_MS = 2 ^ 53, 1e12
 M.MAX_INT = MAX_INT
 
+--- The integer decimal `s` spells ([+-]digits), when a double holds it
+--- exactly; else nil (2^53 + 1 would read as 2^53: a command given job
+--- 9007199254740993 acted on job 9007199254740992).
+local function exact_integer(s)
+  local sign, digits = s:match("^([+-]?)0*(%d+)$")
+  if not digits or #digits > 16 then return nil end
+  local n = tonumber(digits)
+  if ("%.0f"):format(n) ~= digits then return nil end
+  return sign == "-" and -n or n
+end
+M.exact_integer = exact_integer
+
 local function integer(min, max)
   return function(s)
-    local n = s:match("^[+-]?%d+$") and tonumber(s)
+    local n = exact_integer(s)
     if n and n >= min and n <= (max or MAX_INT) then return n end
   end
 end
@@ -64,7 +76,9 @@ M.opt = {
   quiet = { key = "quiet" },
   drain = { key = "drain" },
   queue = { key = "queue", meta = "NAME", conv = name, expected = "queue " .. job.NAME_EXPECTED },
-  limit = { key = "limit", meta = "N", conv = integer(1), expected = "integer >= 1" },
+  -- (a list asks the store for one more than --limit, to know of a next
+  -- page; the store takes at most 2^31 - 1)
+  limit = { key = "limit", meta = "N", conv = integer(1, job.INT_MAX - 1), expected = "integer from 1 to 2147483646" },
   before = { key = "before", meta = "ID", conv = integer(1), expected = "job id (integer >= 1)" },
   status = { key = "status", meta = "STATUS", conv = status, expected = "one of " .. concat(job.STATUSES, ", ") },
   older_than = { key = "older_than", meta = "DURATION", conv = duration, expected = DURATION },
@@ -77,7 +91,11 @@ M.opt = {
   max_attempts = { key = "max_attempts", meta = "N", conv = integer(1, job.INT_MAX),
                    expected = job.MAX_ATTEMPTS_EXPECTED },
   concurrency = { key = "concurrency", meta = "N", conv = integer(1), expected = "integer >= 1" },
-  lease = { key = "lease", meta = "MS", conv = positive_duration, expected = "positive " .. DURATION },
+  -- A lease shorter than the loop's hiccups is lost to the worker's own
+  -- rescuer between heartbeats (lease / 3): with --lease 30 (meant as
+  -- seconds), a 200 ms job that never failed ran 20 times and was discarded.
+  lease = { key = "lease", meta = "MS", conv = function(s) local ms = duration(s); return ms and ms >= 100 and ms or nil end,
+            expected = "duration of at least 100 ms (a number is ms: 30s for 30 seconds)" },
   poll = { key = "poll", meta = "MS", conv = positive_duration, expected = "positive " .. DURATION },
   grace = { key = "grace", meta = "MS", conv = duration, expected = DURATION },
   give_up = { key = "give_up", meta = "MS", conv = positive_duration, expected = "positive " .. DURATION },
@@ -97,6 +115,9 @@ local function take(opts, spec, oname, value)
     return true
   end
   if value == nil then return nil, ("%s needs a value (%s)"):format(oname, spec.meta) end
+  -- A second value is refused, not taken over the first: `tide jobs cancel
+  -- --status available --queue a --queue b` meant both queues, or one.
+  if not spec.many and opts[spec.key] ~= nil then return nil, ("%s given twice (one value expected)"):format(oname) end
   local v = spec.conv(value)
   if v == nil then return nil, ("bad %s (%s expected, got '%s')"):format(oname, spec.expected, value) end
   if spec.many then

@@ -15,7 +15,7 @@ local store = require "tide.cli.store"
 local tide = require "tide"
 local logs = require "tide.observe.logs"
 
-local type, tostring, tonumber, ipairs, pairs, pcall = type, tostring, tonumber, ipairs, pairs, pcall
+local type, tostring, ipairs, pairs, pcall = type, tostring, ipairs, pairs, pcall
 local concat, sort = table.concat, table.sort
 local io_stdout, io_stderr = io.stdout, io.stderr
 
@@ -46,7 +46,7 @@ Options:
                        default: the queue "default")
   --concurrency N      jobs at a time for each queue given without =N (default 10)
   --lease MS           how long a claimed job is leased; running jobs' leases
-                       are extended (default 30000)
+                       are extended (default 30000, at least 100)
   --poll MS            how often to look for due jobs (default 1000)
   --grace MS           time running jobs get to finish on SIGINT/SIGTERM
                        (default 5000); jobs still running then are cancelled
@@ -79,12 +79,14 @@ written, or --drain gave up on a failing store; 2 for bad options.
 
 -- ===== options
 
---- "NAME" or "NAME=N" -> { name, n or false }.
+--- "NAME" or "NAME=N" -> { name, n or false }; N as --concurrency takes it.
 local function queue_opt(s)
-  local qname, n = s:match("^([^=]+)=(%d+)$")
+  local qname, text = s:match("^([^=]+)=(.*)$")
+  local n = text and options.opt.concurrency.conv(text)
+  if text and not n then return nil end
   qname = qname or s
-  if not job.is_name(qname) or (n and tonumber(n) < 1) then return nil end
-  return { name = qname, n = n and tonumber(n) or false }
+  if not job.is_name(qname) then return nil end
+  return { name = qname, n = n or false }
 end
 
 local W = require("tide.cli.web").opt

@@ -392,6 +392,7 @@ local function slot_freed(w, rec)
   w.nrunning = w.nrunning - 1
   local qs = w.queues[rec.row.queue]
   qs.running = qs.running - 1
+  qs.held = qs.held + (core.now() - rec.started - qs.held) * 0.125   -- (tide.jobs.claimer's gathering)
   if qs.more then S.notify(qs) end
   if w.nrunning == 0 then
     S.notify(w.idle)
@@ -675,7 +676,7 @@ function M.new(opts)
     w:stop(jobs_grace)
   end)
   for name, n in pairs(queues) do
-    w.queues[name] = { limit = n, running = 0, reserved = 0, more = false, waiting = false }
+    w.queues[name] = { limit = n, running = 0, reserved = 0, more = false, held = 0, starved = false, waiting = false }
     w.tasks[#w.tasks + 1] = spawn{ run = claimer.run, args = { w, name, CLAIMER_NEEDS }, name = "claimer " .. name }
   end
   w.flusher_task = spawn{ run = outcomes.flusher, args = { w }, name = "worker flusher" }
