@@ -1,0 +1,102 @@
+-- spec/review_amqp_spec.lua — a hostile review of the RabbitMQ consumer: frames a broker should never send, deliveries settled twice, bad arguments that must refuse before anything is consumed, frame-size edges.
+--
+-- The hostile-broker tests need python3 (spec/tools/fake_amqp.py) and run
+-- the client in a process of its own, so a crash shows as a failed exit
+-- status.  The others need the throwaway node of spec/run.sh (TIDE_AMQP_URL).
+local tide = require "tide"
+local H = spec_helper
+
+local URL = os.getenv("TIDE_AMQP_URL")
+local n = 0
+
+local function qname(what)
+  n = n + 1
+  return ("review-%s-%d-%d"):format(what, os.time(), n)
+end
+
+local function wait_for(cond, ms)
+  local t0 = tide.now()
+  while not cond() do
+    if tide.now() - t0 > ms then return false end
+    tide.sleep(5)
+  end
+  return true
+end
+
+-- The client of a hostile broker: consumes from it until the consumer
+-- fails, prints the bodies it handled and the consumer's outcome.
+local CLIENT = [[
+local tide = require "tide"
+local port = assert(tonumber(os.getenv("FAKE_PORT")))
+tide.configure{ on_error = function() end }
+local src = tide.sources.rabbitmq{ url = "amqp://guest:guest@127.0.0.1:" .. port .. "/", queue = "q",
+                                   heartbeat = 0, connect_timeout = 3000 }
+local bodies = {}
+local c = tide.consumer{ source = src, concurrency = 4,
+                         handler = { run = function(body) bodies[#bodies + 1] = body; return true end } }
+local want = tonumber(os.getenv("WANT") or "0")      -- bodies after which the client is done
+local status, st, err = tide.run(function()
+  local t = tide.spawn(function() return c:run() end)
+  local t0 = tide.now()
+  while tide.now() - t0 < 5000 do
+    local st, err = t:await(20)
+    if st then return st, err end
+    if want > 0 and #bodies >= want then break end
+  end
+  t:cancel("client done")
+  return "stopped", #bodies
+end)
+print("BODIES " .. table.concat(bodies, ","))
+print("OUTCOME " .. tostring(st) .. " " .. tostring(err))
+]]
+
+--- Runs the client against fake_amqp.py in `mode`; its exit status and output.
+local function against_fake(mode, want)
+  local dir = H.tempdir()
+  local portfile = dir .. "/port"
+  assert(os.execute(("python3 spec/tools/fake_amqp.py %s %s > %s/fake.log 2>&1 &"):format(mode, portfile, dir)) == 0)
+  local port
+  for _ = 1, 200 do
+    port = H.file_bytes(portfile)
+    if port ~= "" then break end
+    os.execute("sleep 0.05")
+  end
+  assert(port ~= "", "the fake broker did not start: " .. H.file_bytes(dir .. "/fake.log"))
+  local status, out = H.run_lua(dir, "client.lua", CLIENT, 30, ("FAKE_PORT=%s WANT=%d"):format(port, want or 0))
+  os.execute("rm -rf " .. dir)
+  return status, out
+end
+
+describe("tide.sources.rabbitmq against a hostile broker", function()
+  -- Each: a mode of fake_amqp.py, what the consumer's failure must say.
+  local cases = {
+    { "class_header", "content header of class 10" },
+    { "body_overrun", "an unexpected body frame" },
+    { "stray_header", "an unexpected content header" },
+    { "stray_body", "an unexpected body frame" },
+    { "huge_frame", "protocol error" },
+    { "bad_frame_end", "protocol error" },
+  }
+  for _, case in ipairs(cases) do
+    it("fails the consumer with a reason, never crashes, on " .. case[1], function()
+      local status, out = against_fake(case[1])
+      assert.equal(0, status, out)
+      local outcome = out:match("OUTCOME ([^\n]*)")
+      assert.truthy(outcome, out)
+      assert.matches("^error ", outcome)
+      assert.truthy(outcome:find(case[2], 1, true), outcome)
+      if case[1] == "class_header" then assert.matches("BODIES ok\n", out) end
+    end)
+  end
+
+  it("takes headers nested 4,000 deep, a delivery on a channel it never opened, a frame of an unknown type", function()
+    local status, out = against_fake("deep_headers", 1)
+    assert.equal(0, status, out)
+    assert.matches("BODIES ok\n", out)
+    for _, mode in ipairs{ "channel_65535", "unknown_frame_type" } do
+      status, out = against_fake(mode, 1)
+      assert.equal(0, status, out)
+      assert.matches("BODIES ok\n", out)
+    end
+  end)
+end)
