@@ -100,3 +100,86 @@ describe("tide.sources.rabbitmq against a hostile broker", function()
     end
   end)
 end)
+
+describe("tide.consumer on RabbitMQ, attacked", function()
+  local AmqpConn = debug.getregistry()["tide.AmqpConn"]
+  local next0 = AmqpConn and AmqpConn.__index.next
+  before_each(function()
+    assert(URL, "TIDE_AMQP_URL is not set: spec/run.sh starts a RabbitMQ node for this spec")
+    H.quiet_errors()
+  end)
+  after_each(function()
+    if next0 then AmqpConn.__index.next = next0 end
+    H.loud_errors()
+    H.assert_idle()
+  end)
+
+  --- A durable queue of its own, deleted at the end of fn(src).
+  local function with_queue(what, opts, fn)
+    opts.url, opts.queue, opts.declare = URL, qname(what), true
+    local src = tide.sources.rabbitmq(opts)
+    H.run(function()
+      local ok, err = pcall(fn, src)
+      pcall(src.delete_queue, src)
+      src:close()
+      if not ok then error(err, 0) end
+    end)
+  end
+
+  it("gives a delivery back when reading its frame raises, instead of losing it with its slot", function()
+    with_queue("unreadable", { prefetch = 5 }, function(src)
+      for i = 1, 3 do src:publish("m" .. i) end
+      -- The binding raises while it makes a delivery into Lua values (it
+      -- did on a content header of another class; out of memory would too).
+      local armed = true
+      AmqpConn.__index.next = function(raw)
+        local r = { next0(raw) }
+        if armed and r[1] == "basic.deliver" then armed = false; error("not enough memory", 0) end
+        return unpack(r, 1, table.maxn(r))
+      end
+      local seen = {}
+      local c = tide.consumer{ source = src, handler = { run = function(body) seen[body] = (seen[body] or 0) + 1 end } }
+      local t = tide.spawn(function() return c:run() end)
+      local st, err = t:await(3000)
+      if st == nil then t:cancel() end
+      AmqpConn.__index.next = next0
+      assert.equal("error", st, "the consumer went on with a delivery lost: " .. tostring(err))
+      assert.truthy(tostring(err):find("not enough memory", 1, true), tostring(err))
+      local again = tide.spawn(function() return c:run() end)
+      assert.is_true(wait_for(function() return seen.m1 and seen.m2 and seen.m3 end, 5000), "a message never came back")
+      again:cancel()
+      again:await()
+      assert.is_true(wait_for(function() return src:queue_info().messages == 0 end, 3000))
+    end)
+  end)
+
+  it("refuses a second settle of one delivery (handle_result acked it itself) without closing the channel", function()
+    with_queue("twice", { prefetch = 10 }, function(src)
+      src:publish("self")
+      for i = 1, 5 do src:publish("slow" .. i) end
+      local seen, refused = {}, 0
+      local c = tide.consumer{ source = src, handler = {
+        run = function(body) seen[body] = (seen[body] or 0) + 1; if body ~= "self" then tide.sleep(300) end end,
+        handle_result = function(status, _, _, d)
+          if d.body == "self" then src:ack(d) end    -- then the consumer settles it again
+        end } }
+      tide.configure{ on_error = function(where, e)
+        if tostring(e):find("settled already", 1, true) then refused = refused + 1 end
+      end }
+      local t = tide.spawn(function() return c:run() end)
+      assert.is_true(wait_for(function()
+        for i = 1, 5 do if not seen["slow" .. i] then return false end end
+        return true
+      end, 3000))
+      tide.sleep(600)                                 -- the slow ones settle
+      local st, err = t:await(1)
+      t:cancel()
+      t:await()
+      assert.is_nil(st, "the consumer failed: " .. tostring(err))
+      assert.equal(0, src.stats.precondition_failed, tostring(src.stats.last_close))
+      for body, count in pairs(seen) do assert.equal(1, count, body .. " handled twice") end
+      assert.equal(1, refused, "the second settle was not refused")
+      assert.is_true(wait_for(function() return src:queue_info().messages == 0 end, 3000))
+    end)
+  end)
+end)
