@@ -390,6 +390,12 @@ static int on_frame(tide__amqp *c, amqp_frame_t *f, tide__amqp_event *ev) {
     case AMQP_FRAME_HEADER:
       a = ch < c->asm_n ? &c->asm_by_ch[ch] : NULL;
       if (a == NULL || a->state != 1) return lose(c, "protocol error: an unexpected content header on channel %u", ch);
+      /* rabbitmq-c decodes the properties by the class the frame names: for
+       * any class but basic, a struct of another (smaller) type, which the
+       * binding would read as basic properties. */
+      if (f->payload.properties.class_id != AMQP_BASIC_CLASS)
+        return lose(c, "protocol error: a content header of class %u on channel %u",
+                    (unsigned)f->payload.properties.class_id, ch);
       if (f->payload.properties.body_size > TIDE_AMQP_BODY_MAX)
         return lose(c, "a message of %llu bytes is larger than %u", (unsigned long long)f->payload.properties.body_size,
                     TIDE_AMQP_BODY_MAX);
