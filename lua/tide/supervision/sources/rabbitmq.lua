@@ -348,6 +348,18 @@ function Source:fetch(n, wait_ms)
   return out
 end
 
+--- Raises when delivery tag `tag` of channel ch was settled already: a
+--- second ack or nack of a tag closes the channel (406 PRECONDITION_FAILED),
+--- and every delivery in flight on it comes back to be handled again.
+--- (Once a channel stopped counting, see settled, it cannot tell.)
+local function check_unsettled(s, ch, tag, fname)
+  local low = ch.low
+  if low and (tag < low or ch.above[tag]) then
+    error(format("%s: %s: delivery %s is settled already (an ack or nack was sent for it)", fname, s.name,
+                 tostring(tag)), 3)
+  end
+end
+
 --- Settles a delivery on the channel it came on; false when that channel
 --- is gone (the broker gave the delivery back: nothing to send).
 function Source:ack(d)
@@ -357,6 +369,7 @@ function Source:ack(d)
     return false
   end
   local tag = d.tag
+  check_unsettled(self, ch, tag, "source:ack")
   local multiple = settled(ch, tag)
   local ok, err = ch.conn.raw:ack(ch.num, tag, multiple)
   if not ok then ch.conn:lose(err); error(ch.conn.name .. ": " .. tostring(err), 0) end
@@ -373,6 +386,7 @@ function Source:nack(d, requeue)
     self.stats.stale = self.stats.stale + 1
     return false
   end
+  check_unsettled(self, ch, d.tag, "source:nack")
   local ok, err = ch.conn.raw:nack(ch.num, d.tag, false, requeue and true or false)
   settled(ch, d.tag)
   if not ok then ch.conn:lose(err); error(ch.conn.name .. ": " .. tostring(err), 0) end
