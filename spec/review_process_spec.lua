@@ -1,0 +1,175 @@
+-- spec/review_process_spec.lua — a hostile review of process mode: jobs that break the channel to their parent, children killed from outside at any moment, timeouts racing results, huge results.
+local tide = require "tide"
+local ffi = require "ffi"
+
+package.path = "spec/fixtures/?.lua;" .. package.path
+pcall(ffi.cdef, "int kill(int pid, int sig);")
+tide.configure{ processes = 2, process_stop_wait = 50 }
+
+local function run(fn)
+  local status, err = tide.run(function()
+    local ok, e = xpcall(fn, debug.traceback)
+    if not ok then tide.shutdown(0); error(e, 0) end
+  end)
+  if status ~= "ok" then error(err, 2) end
+end
+
+local function eventually(ms, pred)
+  local t0 = tide.now()
+  while not pred() and tide.now() - t0 < ms do tide.sleep(5) end
+  return pred()
+end
+
+local function pool_ready()
+  tide.spawn{ mode = "process", run = function() end }:await()
+  return eventually(10000, function()
+    local st = tide.stats().processes
+    return st.size == 2 and st.starting == 0 and st.spare == "idle"
+  end)
+end
+
+describe("process mode, attacked", function()
+  before_each(function() spec_helper.quiet_errors() end)
+  after_each(function()
+    spec_helper.loud_errors()
+    spec_helper.assert_idle()
+    assert.equal(0, tide.stats().processes.busy)
+  end)
+
+  it("fails a job that wrote a few stray bytes on fd 3 and then returned, instead of waiting for ever", function()
+    run(function()
+      assert.is_true(pool_ready())
+      -- No timeout: the outcome must come from the parent noticing the
+      -- broken channel, not from a deadline.  Text (a log line sent to the
+      -- wrong descriptor) and two bytes that make a plausible length.
+      for _, bytes in ipairs{ "hello from the job\n", "xy" } do
+        local t = tide.spawn{ mode = "process", args = { bytes }, run = function(b)
+          local ffi = require "ffi"
+          pcall(ffi.cdef, "long write(int, const void *, unsigned long);")
+          ffi.C.write(3, b, #b)
+          return "answered"
+        end }
+        local status, msg = t:await(3000)
+        if status == nil then t:cancel() end
+        assert.equal("error", status, ("%q: no outcome within 3 s (%s)"):format(bytes, tostring(msg)))
+        assert.matches("^process %d+ killed by SIGKILL", msg)
+      end
+      assert.is_true(pool_ready(), "the pool is back to its size")
+    end)
+  end)
+
+  it("fails a job that closed fd 3 (its child can no longer answer)", function()
+    run(function()
+      assert.is_true(pool_ready())
+      local t = tide.spawn{ mode = "process", run = function()
+        local ffi = require "ffi"
+        pcall(ffi.cdef, "int close(int);")
+        ffi.C.close(3)
+        return "answered"
+      end }
+      local status, msg = t:await(3000)
+      if status == nil then t:cancel() end
+      assert.equal("error", status, tostring(msg))
+      assert.matches("^process %d+ ", msg)
+      assert.is_true(pool_ready())
+    end)
+  end)
+
+  it("gives every task exactly one outcome while busy children are SIGKILLed from outside, with jobs sent ahead", function()
+    tide.configure{ process_prefetch = 4 }
+    local ok, err = pcall(run, function()
+      assert.is_true(pool_ready())
+      local outcomes, by_status = {}, {}
+      local ts = {}
+      for i = 1, 300 do
+        ts[i] = tide.spawn{ mode = "process", args = { i }, run = function(k)
+          require("tide").sleep(k % 5)
+          return k
+        end, handle_result = function(status, value, task)
+          outcomes[task] = (outcomes[task] or 0) + 1
+          by_status[status] = (by_status[status] or 0) + 1
+        end }
+      end
+      local kills = 0
+      while kills < 6 do
+        tide.sleep(40)
+        local busy = {}
+        for _, t in ipairs(ts) do
+          local pid = require("tide.engine.process").pid_of(t)
+          if pid then busy[#busy + 1] = pid end
+        end
+        if #busy == 0 then break end
+        ffi.C.kill(busy[math.random(#busy)], 9)
+        kills = kills + 1
+      end
+      for i, t in ipairs(ts) do
+        local status, value = t:await(10000)
+        assert.truthy(status, ("task %d: no outcome"):format(i))
+        if status == "ok" then assert.equal(i, value)
+        else
+          assert.equal("error", status, tostring(value))
+          assert.matches("^process %d+ killed by SIGKILL", value)
+        end
+      end
+      for i, t in ipairs(ts) do assert.equal(1, outcomes[t], ("task %d: handle_result count"):format(i)) end
+      assert.is_true((by_status.ok or 0) >= 300 - kills, "a kill failed more than the job it interrupted")
+      assert.is_true(pool_ready(), "the pool is back to its size")
+    end)
+    tide.configure{ process_prefetch = 1 }
+    if not ok then error(err, 0) end
+  end)
+
+  it("settles timeouts racing their results exactly once, the late results dropped", function()
+    tide.configure{ process_prefetch = 2 }
+    local ok, err = pcall(run, function()
+      assert.is_true(pool_ready())
+      local seen, ts = {}, {}
+      for i = 1, 120 do
+        ts[i] = tide.spawn{ mode = "process", timeout = 15, args = { 10 + i % 10 }, run = function(ms)
+          require("tide").sleep(ms)
+          return ms
+        end, handle_result = function(status, _, task) seen[task] = (seen[task] or 0) + 1 end }
+      end
+      local n = { ok = 0, timeout = 0 }
+      for i, t in ipairs(ts) do
+        local status, value = t:await(20000)
+        assert.truthy(status == "ok" or status == "timeout", ("task %d: %s %s"):format(i, tostring(status), tostring(value)))
+        n[status] = n[status] + 1
+        if status == "ok" then assert.equal(10 + i % 10, value) end
+      end
+      for i, t in ipairs(ts) do assert.equal(1, seen[t], ("task %d: handle_result count"):format(i)) end
+      assert.is_true(n.timeout > 0, "no timeout raced a result")
+      assert.same({ "ok", 7 }, { tide.spawn{ mode = "process", args = { 7 }, run = function(x) return x end }:await() })
+    end)
+    tide.configure{ process_prefetch = 1 }
+    if not ok then error(err, 0) end
+  end)
+
+  it("kills a child that stopped itself (SIGSTOP: deaf to the stop request) at its timeout", function()
+    run(function()
+      assert.is_true(pool_ready())
+      local t = tide.spawn{ mode = "process", timeout = 100, run = function()
+        os.execute("kill -STOP " .. require("tide").process)
+        return "woke"
+      end }
+      assert.equal("timeout", (t:await(3000)))
+      assert.is_true(eventually(2000, function() return tide.stats().processes.busy == 0 end), "the stopped child was never killed")
+      assert.is_true(pool_ready())
+    end)
+  end)
+
+  it("brings back a 48 MB binary result exactly", function()
+    run(function()
+      local t = tide.spawn{ mode = "process", run = function()
+        local parts = {}
+        for i = 0, 255 do parts[#parts + 1] = string.char(i) end
+        return (table.concat(parts):rep(48 * 4096))
+      end }
+      local status, value = t:await(20000)
+      assert.equal("ok", status, tostring(value))
+      assert.equal(48 * 1024 * 1024, #value)
+      assert.equal("\0\1\2", value:sub(1, 3))
+      assert.equal("\253\254\255", value:sub(-3))
+    end)
+  end)
+end)
