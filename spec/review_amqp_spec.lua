@@ -153,6 +153,51 @@ describe("tide.consumer on RabbitMQ, attacked", function()
     end)
   end)
 
+  it("refuses a bad supervisor context at the call, before the source starts consuming", function()
+    with_queue("badctx", { prefetch = 5 }, function(src)
+      for i = 1, 3 do src:publish("m" .. i) end
+      local c = tide.consumer{ source = src, handler = { run = function() end } }
+      for _, case in ipairs{ { 5, "number 5" }, { {}, "table" }, { { stopping = true }, "table" } } do
+        local ok, err = pcall(c.run, c, case[1])
+        assert.is_false(ok)
+        assert.matches("^spec/review_amqp_spec.lua:%d+: consumer:run: bad argument #1 %(supervisor context "
+          .. "%(a table with a stopping method%) or nil expected, got " .. case[2]:gsub("%p", "%%%0") .. "%)$", err)
+      end
+      -- Nothing was consumed: the next run is the first to see the messages.
+      local redelivered = {}
+      c = tide.consumer{ source = src, handler = { run = function(body, d) redelivered[body] = d.redelivered end } }
+      local t = tide.spawn(function() return c:run() end)
+      assert.is_true(wait_for(function() return redelivered.m1 ~= nil and redelivered.m2 ~= nil and redelivered.m3 ~= nil end, 3000))
+      t:cancel()
+      t:await()
+      assert.same({ m1 = false, m2 = false, m3 = false }, redelivered)
+    end)
+  end)
+
+  it("round-trips binary bodies whose sizes straddle the frame boundaries, and an empty one", function()
+    with_queue("frames", { prefetch = 20 }, function(src)
+      local conn = src:connection()
+      local F = conn.raw:info().frame_max - 8              -- the body bytes of one frame
+      local sizes = { 0, 1, F - 1, F, F + 1, 2 * F, 2 * F + 1, 3 * F - 1 }
+      local function body(size, k)
+        local t = {}
+        for i = 1, size do t[i] = string.char((i * 7 + k) % 256) end
+        return table.concat(t)
+      end
+      for k, size in ipairs(sizes) do src:publish(body(size, k), { message_id = tostring(k) }) end
+      local got = {}
+      local c = tide.consumer{ source = src, handler = { run = function(b, d) got[tonumber(d.properties.message_id)] = b end } }
+      local t = tide.spawn(function() return c:run() end)
+      assert.is_true(wait_for(function() return #got == #sizes end, 5000))
+      t:cancel()
+      t:await()
+      for k, size in ipairs(sizes) do
+        assert.equal(size, #got[k])
+        assert.is_true(got[k] == body(size, k), ("body %d (%d bytes) differs"):format(k, size))
+      end
+    end)
+  end)
+
   it("refuses a second settle of one delivery (handle_result acked it itself) without closing the channel", function()
     with_queue("twice", { prefetch = 10 }, function(src)
       src:publish("self")
