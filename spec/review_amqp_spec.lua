@@ -158,7 +158,7 @@ describe("tide.consumer on RabbitMQ, attacked", function()
       for i = 1, 3 do src:publish("m" .. i) end
       local c = tide.consumer{ source = src, handler = { run = function() end } }
       for _, case in ipairs{ { 5, "number 5" }, { {}, "table" }, { { stopping = true }, "table" } } do
-        local ok, err = pcall(c.run, c, case[1])
+        local ok, err = pcall(function() c:run(case[1]) end)
         assert.is_false(ok)
         assert.matches("^spec/review_amqp_spec.lua:%d+: consumer:run: bad argument #1 %(supervisor context "
           .. "%(a table with a stopping method%) or nil expected, got " .. case[2]:gsub("%p", "%%%0") .. "%)$", err)

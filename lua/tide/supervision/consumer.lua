@@ -265,6 +265,9 @@ end
 --- source fails.
 function Consumer.run(c, ctx)
   if getmetatable(c) ~= Consumer_mt then error("consumer:run: bad self (consumer expected)", 2) end
+  if ctx ~= nil and (type(ctx) ~= "table" or type(ctx.stopping) ~= "function") then
+    check.arg_error("consumer:run", 1, "supervisor context (a table with a stopping method) or nil", ctx)
+  end
   local me = S.current()
   if me == nil then error("consumer:run: called outside a task", 2) end
   local r = c.runner
@@ -277,7 +280,7 @@ function Consumer.run(c, ctx)
   on_attempt_end(c, me)
   local src, now = c.source, S.now
   if src.start then src:start() end
-  while not ((ctx and ctx.stopping and ctx:stopping()) or S.shutting_down()) do
+  while not ((ctx and ctx:stopping()) or S.shutting_down()) do
     if c.in_flight < c.prefetch then
       local t0 = now()
       local batch = src:fetch(c.prefetch - c.in_flight, c.poll)
