@@ -173,3 +173,47 @@ describe("process mode, attacked", function()
     end)
   end)
 end)
+
+describe("process mode, its spare killed while it starts", function()
+  -- In a process of its own: a slow process_init (300 ms) keeps each new
+  -- spare "starting" long enough to be killed there for sure.
+  it("still runs a new task on the pool's busy child, instead of failing it as if no child could start", function()
+    local dir = spec_helper.tempdir()
+    spec_helper.write_file(dir, "slow_init.lua", "os.execute('sleep 0.3')\n")
+    local status, out = spec_helper.run_lua(dir, "spare.lua", ([[
+package.path = %q .. "/?.lua;" .. package.path
+local tide = require "tide"
+local ffi = require "ffi"
+ffi.cdef "int kill(int pid, int sig); int getpid(void);"
+tide.configure{ processes = 1, process_init = "slow_init", on_error = function() end }
+local function spare_pid(working)
+  local p = io.popen("env -u LD_PRELOAD pgrep -x luajit -P " .. ffi.C.getpid())   -- not popen's own sh
+  local pid
+  for line in p:lines() do if tonumber(line) ~= working then pid = tonumber(line) end end
+  p:close()
+  return pid
+end
+tide.run(function()
+  tide.spawn{ mode = "process", run = function() end }:await()
+  while tide.stats().processes.spare ~= "idle" do tide.sleep(10) end
+  local working = require("tide.engine.process").pids()[1]
+  local long = tide.spawn{ mode = "process", run = function() require("tide").sleep(2500); return "done" end }
+  tide.sleep(20)
+  for k = 1, 4 do                   -- the ready spare, then three spares while they start
+    local pid
+    repeat tide.sleep(5); pid = spare_pid(working) until pid
+    ffi.C.kill(pid, 9)
+    repeat tide.sleep(5) until spare_pid(working) ~= pid or k == 4
+  end
+  tide.sleep(50)
+  local t = tide.spawn{ mode = "process", run = function() return "ran" end }
+  print("NEW", t:await(8000))
+  print("LONG", long:await())
+end)
+]]):format(dir), 60)
+    os.execute("rm -rf " .. dir)
+    assert.equal(0, status, out)
+    assert.matches("LONG\tok\tdone", out)
+    assert.matches("NEW\tok\tran", out)
+  end)
+end)
