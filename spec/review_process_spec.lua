@@ -216,4 +216,24 @@ end)
     assert.matches("LONG\tok\tdone", out)
     assert.matches("NEW\tok\tran", out)
   end)
+
+  it("still fails tasks at once when no child can start (a process_init that exits)", function()
+    local dir = spec_helper.tempdir()
+    spec_helper.write_file(dir, "dying_init.lua", "os.exit(3)\n")
+    local status, out = spec_helper.run_lua(dir, "dying.lua", ([[
+package.path = %q .. "/?.lua;" .. package.path
+local tide = require "tide"
+tide.configure{ processes = 1, process_init = "dying_init", on_error = function() end }
+tide.run(function()
+  local t = tide.spawn{ mode = "process", run = function() return "ran" end }
+  print("FIRST", t:await(8000))
+  t = tide.spawn{ mode = "process", run = function() return "ran" end }
+  print("SECOND", t:await(8000))
+end)
+]]):format(dir), 60)
+    os.execute("rm -rf " .. dir)
+    assert.equal(0, status, out)
+    assert.matches("FIRST\terror\ttide: the process pool cannot start its processes: process %d+ exited with status 3", out)
+    assert.matches("SECOND\terror\ttide: the process pool cannot start its processes: ", out)
+  end)
 end)
