@@ -228,3 +228,69 @@ describe("tide.consumer on RabbitMQ, attacked", function()
     end)
   end)
 end)
+
+describe("tide.consumer on the memory source, attacked", function()
+  before_each(function() H.quiet_errors() end)
+  after_each(function()
+    H.loud_errors()
+    H.assert_idle()
+  end)
+
+  --- The memory source's own log: every tag it delivered settled exactly once.
+  local function settled_once(src)
+    local seen = {}
+    for _, e in ipairs(src.log) do
+      assert(not seen[e[1]], "tag " .. e[1] .. " settled twice")
+      seen[e[1]] = e[2]
+    end
+    for tag = 1, src.next_tag do assert(seen[tag], "tag " .. tag .. " never settled") end
+    assert.equal(0, src.violations)
+    assert.equal(0, src:stats().unacked)
+    return seen
+  end
+
+  for _, mode in ipairs{ "thread", "process" } do
+    it("settles and reports each delivery once when the loop shuts down under " .. mode .. "-mode handlers", function()
+      local src = tide.sources.memory{ prefetch = 4, messages = { "0", "1", "2", "3", "4", "5" } }
+      local reported = {}
+      local c = tide.consumer{ source = src, concurrency = 4, handler = { mode = mode, timeout = 5000,
+        run = function(body) require("tide").sleep(body == "0" and 0 or 3000); return body end,
+        handle_result = function(status, _, _, d) reported[d.tag] = (reported[d.tag] or 0) + 1 end } }
+      local t0 = tide.now()
+      H.run(function()
+        tide.spawn(function() return c:run() end)
+        tide.sleep(400)
+        tide.shutdown(100)
+      end)
+      assert.is_true(tide.now() - t0 < 2500, "the shutdown waited for the handlers")
+      local seen = settled_once(src)
+      for tag = 1, src.next_tag do assert.equal(1, reported[tag], ("tag %d: handle_result count"):format(tag)) end
+      local acked = 0
+      for _, what in pairs(seen) do if what == "ack" then acked = acked + 1 end end
+      assert.equal(6 - acked, src.queued, "what was not acked went back to the queue")
+    end)
+  end
+
+  it("acks a delivery that succeeded even when its handle_result ended the consumer's run", function()
+    local src = tide.sources.memory{ prefetch = 4, messages = { "stop", "slow1", "slow2" } }
+    local run_task
+    local reported = {}
+    local c = tide.consumer{ source = src, concurrency = 4, handler = {
+      run = function(body) if body ~= "stop" then tide.sleep(1000) end return body end,
+      handle_result = function(status, value, _, d)
+        reported[d.body] = status
+        if d.body == "stop" then run_task:cancel("stop from handle_result") end
+        return status == "ok" and "ack" or nil
+      end } }
+    H.run(function()
+      run_task = tide.spawn(function() return c:run() end)
+      assert.equal("cancelled", (run_task:await(3000)))
+    end)
+    local seen = settled_once(src)
+    assert.same({ stop = "ok", slow1 = "cancelled", slow2 = "cancelled" }, reported)
+    for _, e in ipairs(src.log) do
+      if e[1] == 1 then assert.equal("ack", e[2], "the delivery that succeeded was requeued") end
+    end
+    assert.truthy(seen)
+  end)
+end)
