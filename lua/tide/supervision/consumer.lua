@@ -227,11 +227,20 @@ local function run_batch(c, batch)
   end
 end
 
---- Nacks (requeue) everything still held and cancels its handlers.
+--- Nacks (requeue) everything still held and cancels its handlers.  A
+--- delivery whose handler has its outcome already is inside its
+--- handle_result, which ended this run (a cancel of the consumer's task):
+--- it settles as its outcome says (an ok is acked, not handled again),
+--- before the source stops; its handle_result's choice comes too late.
 local function release_all(c, why)
   for d, t in pairs(c.held) do
-    settle(c, d, "cancelled")
-    if t ~= true and not S.TERMINAL[t:status()] then t:cancel(why) end
+    local status = t ~= true and t:status()
+    if status and S.TERMINAL[status] then
+      settle(c, d, status)
+    else
+      settle(c, d, "cancelled")
+      if t ~= true then t:cancel(why) end
+    end
   end
 end
 
