@@ -101,6 +101,29 @@ describe("tide.sources.rabbitmq against a hostile broker", function()
   end)
 end)
 
+describe("tide.sources.rabbitmq options, attacked", function()
+  it("refuses declare.arguments that could never be sent, at the constructor", function()
+    local R = tide.sources.rabbitmq
+    local deep = {}
+    local t = deep
+    for _ = 1, 40 do t.a = {}; t = t.a end
+    H.error_cases("spec/review_amqp_spec.lua", {
+      { function() R{ url = "amqp://h/", declare = { arguments = { ["x-max-length"] = print } } } end,
+        "tide.sources.rabbitmq: bad option 'declare.arguments.x-max-length' (string, number, boolean or table expected, got function)" },
+      { function() R{ url = "amqp://h/", declare = { arguments = { a = { b = { coroutine.create(print) } } } } } end,
+        "tide.sources.rabbitmq: bad option 'declare.arguments.a.b[1]' (string, number, boolean or table expected, got thread)" },
+      { function() R{ url = "amqp://h/", declare = { arguments = { [true] = 1 } } } end,
+        "tide.sources.rabbitmq: bad option 'declare.arguments' (table with string keys expected, got boolean key)" },
+      { function() R{ url = "amqp://h/", declare = { arguments = deep } } end,
+        "tide.sources.rabbitmq: bad option 'declare.arguments' (tables nested at most 32 deep expected, got deeper)" },
+    })
+    -- What can be sent is taken: strings, numbers, booleans, arrays, nested tables.
+    local src = R{ url = "amqp://h/", declare = { arguments = { ["x-max-length"] = 10, ["x-tags"] = { "a", "b" },
+                                                                 nested = { on = true } } } }
+    assert.same({ ["x-max-length"] = 10, ["x-tags"] = { "a", "b" }, nested = { on = true } }, src.declare.arguments)
+  end)
+end)
+
 describe("tide.consumer on RabbitMQ, attacked", function()
   local AmqpConn = debug.getregistry()["tide.AmqpConn"]
   local next0 = AmqpConn and AmqpConn.__index.next
