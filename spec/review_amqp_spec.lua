@@ -115,7 +115,7 @@ describe("tide.sources.rabbitmq options, attacked", function()
       { function() R{ url = "amqp://h/", declare = { arguments = { [true] = 1 } } } end,
         "tide.sources.rabbitmq: bad option 'declare.arguments' (table with string keys expected, got boolean key)" },
       { function() R{ url = "amqp://h/", declare = { arguments = deep } } end,
-        "tide.sources.rabbitmq: bad option 'declare.arguments' (tables nested at most 32 deep expected, got deeper)" },
+        "tide.sources.rabbitmq: bad option 'declare.arguments" .. (".a"):rep(32) .. "' (tables nested at most 32 deep expected, got deeper)" },
     })
     -- What can be sent is taken: strings, numbers, booleans, arrays, nested tables.
     local src = R{ url = "amqp://h/", declare = { arguments = { ["x-max-length"] = 10, ["x-tags"] = { "a", "b" },

@@ -92,6 +92,32 @@ local function parse_url(url)
   return { host = host, port = port, vhost = vhost, user = user, password = pass }
 end
 
+local FIELD_DEPTH = 32      -- field tables nested deeper are refused by the binding (src/lua_amqp.c)
+
+--- Whether v can be sent as an AMQP field table (as src/lua_amqp.c builds
+--- one): nil, or the option's path, what was expected and what came.
+local function bad_field_table(t, path, depth)
+  if depth > FIELD_DEPTH then return path, "tables nested at most " .. FIELD_DEPTH .. " deep", "deeper" end
+  local array = #t > 0
+  for k, v in pairs(t) do
+    local at
+    if array then
+      if type(k) ~= "number" then return path, "array or table with string keys", "a mixed table" end
+      at = ("%s[%s]"):format(path, tostring(k))
+    else
+      if type(k) ~= "string" then return path, "table with string keys", type(k) .. " key" end
+      at = path .. "." .. k
+    end
+    local tv = type(v)
+    if tv == "table" then
+      local p, want, got = bad_field_table(v, at, depth + 1)
+      if p then return p, want, got end
+    elseif tv ~= "string" and tv ~= "number" and tv ~= "boolean" then
+      return at, "string, number, boolean or table", tv
+    end
+  end
+end
+
 local function check_declare(fname, d)
   if d == nil or d == false then return false end
   if d == true then d = {} end
@@ -99,6 +125,10 @@ local function check_declare(fname, d)
   check.known(fname, d, DECLARE_KEYS, "declare.", 3)
   if d.type ~= nil and not QUEUE_TYPES[d.type] then opt_error(fname, "declare.type", check.choices(QUEUE_TYPES), d.type, 3) end
   if d.arguments ~= nil and type(d.arguments) ~= "table" then opt_error(fname, "declare.arguments", "table", d.arguments, 3) end
+  if d.arguments ~= nil then
+    local path, want, got = bad_field_table(d.arguments, "declare.arguments", 1)
+    if path then error(("%s: bad option '%s' (%s expected, got %s)"):format(fname, path, want, got), 3) end
+  end
   for _, k in ipairs{ "durable", "exclusive", "auto_delete" } do
     if d[k] ~= nil and type(d[k]) ~= "boolean" then opt_error(fname, "declare." .. k, "boolean", d[k], 3) end
   end
