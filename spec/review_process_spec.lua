@@ -59,12 +59,8 @@ describe("process mode, attacked", function()
   end)
 
   -- The type check catches text and most stray bytes, not a header written
-  -- on purpose.  Flip to `it` once the child keeps its channel away from
-  -- jobs (say, moved above fd 3 with /dev/null put there) or the parent
-  -- checks a done frame's id as soon as it arrives.
-  pending("DEFECT: a job that writes a plausible frame header on fd 3 (length 100, type 'D') and returns "
-    .. "leaves its task without an outcome: the parent waits for 100 bytes and swallows the real 'done' "
-    .. "frame into them; without a timeout the task waits for ever and its child stays busy", function()
+  -- on purpose: the id of a 'done' frame is checked as soon as it arrives.
+  it("fails a job that wrote a plausible frame header on fd 3 (length 100, type 'D') and returned", function()
     run(function()
       assert.is_true(pool_ready())
       local t = tide.spawn{ mode = "process", run = function()
@@ -76,6 +72,8 @@ describe("process mode, attacked", function()
       local status, msg = t:await(3000)
       if status == nil then t:cancel() end
       assert.equal("error", status, tostring(msg))
+      assert.matches("^process %d+ killed by SIGKILL", msg)
+      assert.is_true(pool_ready())
     end)
   end)
 
