@@ -30,10 +30,14 @@ local tide = require "tide"
 local port = assert(tonumber(os.getenv("FAKE_PORT")))
 tide.configure{ on_error = function() end }
 local src = tide.sources.rabbitmq{ url = "amqp://guest:guest@127.0.0.1:" .. port .. "/", queue = "q",
-                                   heartbeat = 0, connect_timeout = 3000 }
+                                   heartbeat = tonumber(os.getenv("HEARTBEAT") or "0"), connect_timeout = 3000 }
 local bodies = {}
 local c = tide.consumer{ source = src, concurrency = 4,
-                         handler = { run = function(body) bodies[#bodies + 1] = body; return true end } }
+                         handler = { run = function(body)
+                           bodies[#bodies + 1] = body
+                           if os.getenv("SLOW") then tide.sleep(tonumber(os.getenv("SLOW"))) end
+                           return true
+                         end, handle_result = function(status) print("RESULT " .. status) end } }
 local want = tonumber(os.getenv("WANT") or "0")      -- bodies after which the client is done
 local status, st, err = tide.run(function()
   local t = tide.spawn(function() return c:run() end)
@@ -51,7 +55,7 @@ print("OUTCOME " .. tostring(st) .. " " .. tostring(err))
 ]]
 
 --- Runs the client against fake_amqp.py in `mode`; its exit status and output.
-local function against_fake(mode, want)
+local function against_fake(mode, want, env)
   local dir = H.tempdir()
   local portfile = dir .. "/port"
   assert(os.execute(("python3 spec/tools/fake_amqp.py %s %s > %s/fake.log 2>&1 &"):format(mode, portfile, dir)) == 0)
@@ -62,7 +66,7 @@ local function against_fake(mode, want)
     os.execute("sleep 0.05")
   end
   assert(port ~= "", "the fake broker did not start: " .. H.file_bytes(dir .. "/fake.log"))
-  local status, out = H.run_lua(dir, "client.lua", CLIENT, 30, ("FAKE_PORT=%s WANT=%d"):format(port, want or 0))
+  local status, out = H.run_lua(dir, "client.lua", CLIENT, 30, ("FAKE_PORT=%s WANT=%d %s"):format(port, want or 0, env or ""))
   os.execute("rm -rf " .. dir)
   return status, out
 end
@@ -88,6 +92,19 @@ describe("tide.sources.rabbitmq against a hostile broker", function()
       if case[1] == "class_header" then assert.matches("BODIES ok\n", out) end
     end)
   end
+
+  it("fails the consumer when a silent broker misses its heartbeats, a handler still running", function()
+    local t0 = os.time()
+    local status, out = against_fake("silent", 0, "HEARTBEAT=1 SLOW=4000")
+    assert.equal(0, status, out)
+    assert.matches("BODIES ok\n", out)
+    assert.matches("OUTCOME error [^\n]*no heartbeat from the broker for 2 s", out)
+    assert.is_true(os.time() - t0 < 12, "the loss took too long to notice")
+    -- Its handler is cancelled with the run, and reported once.
+    local _, results = out:gsub("RESULT ", "")
+    assert.equal(1, results, out)
+    assert.matches("RESULT cancelled\n", out)
+  end)
 
   it("takes headers nested 4,000 deep, a delivery on a channel it never opened, a frame of an unknown type", function()
     local status, out = against_fake("deep_headers", 1)

@@ -138,6 +138,13 @@ def attack(c, ch):
     elif MODE == "channel_65535":
         c.send(deliver(65535, 1) + header(65535, 60, 2, 0) + body(65535, b"no")
                + deliver(ch, 1) + header(ch, 60, 2, 0) + body(ch, b"ok"))
+    elif MODE == "silent":
+        # One delivery, then nothing at all: no heartbeat, no reading (a
+        # broker stopped with SIGSTOP, a network that drops everything).
+        c.send(deliver(ch, 1) + header(ch, 60, 2, 0) + body(ch, b"ok"))
+        import time
+        time.sleep(15)
+        raise EOFError
     else:
         raise SystemExit("unknown mode " + MODE)
 
