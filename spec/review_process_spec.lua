@@ -177,18 +177,39 @@ describe("process mode, attacked", function()
     end)
   end)
 
-  it("brings back a 48 MB binary result exactly", function()
+  it("carries a 32 MB binary argument there and a 48 MB binary result back, exactly", function()
     run(function()
-      local t = tide.spawn{ mode = "process", run = function()
+      local parts = {}
+      for i = 0, 255 do parts[#parts + 1] = string.char(255 - i) end
+      local arg = table.concat(parts):rep(32 * 4096)
+      local t = tide.spawn{ mode = "process", args = { arg }, run = function(a)
         local parts = {}
         for i = 0, 255 do parts[#parts + 1] = string.char(i) end
-        return (table.concat(parts):rep(48 * 4096))
+        return (table.concat(parts):rep(48 * 4096)), #a, a:sub(1, 2), a:sub(-2)
       end }
-      local status, value = t:await(20000)
+      local status, value, n, head, tail = t:await(20000)
       assert.equal("ok", status, tostring(value))
+      assert.same({ 32 * 1024 * 1024, "\255\254", "\1\0" }, { n, head, tail })
       assert.equal(48 * 1024 * 1024, #value)
       assert.equal("\0\1\2", value:sub(1, 3))
       assert.equal("\253\254\255", value:sub(-3))
+    end)
+  end)
+
+  it("gives a retried task one outcome when each attempt's child dies, and keeps the pool", function()
+    run(function()
+      assert.is_true(pool_ready())
+      local reported, retries = 0, 0
+      local t = tide.spawn{ mode = "process", retry = { attempts = 3, base = 1 }, run = function() os.exit(4) end,
+                            on_retry = function() retries = retries + 1 end,
+                            handle_result = function() reported = reported + 1 end }
+      local status, msg = t:await(10000)
+      assert.equal("error", status)
+      assert.matches("^process %d+ exited with status 4", msg)
+      assert.equal(3, t.attempts)
+      assert.same({ 1, 2 }, { reported, retries })
+      assert.is_true(pool_ready(), "the pool took three deaths of ready children for children that cannot start")
+      assert.same({ "ok", 5 }, { tide.spawn{ mode = "process", args = { 5 }, run = function(x) return x end }:await() })
     end)
   end)
 end)
