@@ -80,6 +80,8 @@ describe("tide.sources.rabbitmq against a hostile broker", function()
     { "stray_body", "an unexpected body frame" },
     { "huge_frame", "protocol error" },
     { "bad_frame_end", "protocol error" },
+    { "huge_body_size", "is larger than" },
+    { "truncated_method", "protocol error" },
   }
   for _, case in ipairs(cases) do
     it("fails the consumer with a reason, never crashes, on " .. case[1], function()
@@ -106,7 +108,7 @@ describe("tide.sources.rabbitmq against a hostile broker", function()
     assert.matches("RESULT cancelled\n", out)
   end)
 
-  it("takes headers nested 4,000 deep, a delivery on a channel it never opened, a frame of an unknown type", function()
+  it("takes headers nested 4,000 deep, deliveries on a channel it never opened (interleaved too), a frame of an unknown type", function()
     local status, out = against_fake("deep_headers", 1)
     assert.equal(0, status, out)
     assert.matches("BODIES ok\n", out)
@@ -115,6 +117,9 @@ describe("tide.sources.rabbitmq against a hostile broker", function()
       assert.equal(0, status, out)
       assert.matches("BODIES ok\n", out)
     end
+    status, out = against_fake("interleaved", 2)
+    assert.equal(0, status, out)
+    assert.matches("BODIES ok,ok2\n", out)
   end)
 end)
 

@@ -138,6 +138,18 @@ def attack(c, ch):
     elif MODE == "channel_65535":
         c.send(deliver(65535, 1) + header(65535, 60, 2, 0) + body(65535, b"no")
                + deliver(ch, 1) + header(ch, 60, 2, 0) + body(ch, b"ok"))
+    elif MODE == "huge_body_size":                                # more than TIDE_AMQP_BODY_MAX
+        c.send(deliver(ch, 1) + header(ch, 60, 600 << 20, 0) + body(ch, b"x" * 100))
+    elif MODE == "truncated_method":                              # a deliver whose routing key runs past its frame
+        c.send(method(ch, 60, 60, shortstr(b"ctag") + struct.pack(">QB", 1, 0) + shortstr(b"") + b"\x40q"))
+    elif MODE == "interleaved":
+        # A message on a channel the client never opened begins, a message
+        # on the consuming channel comes whole in the middle, then the first
+        # one ends in two body frames and a heartbeat between them.
+        c.send(deliver(7, 1) + header(7, 60, 6, 0x8000, shortstr(b"text/plain"))
+               + deliver(ch, 1) + header(ch, 60, 2, 0) + body(ch, b"ok")
+               + body(7, b"abc") + frame(8, 0, b"") + body(7, b"def")
+               + deliver(ch, 2) + header(ch, 60, 3, 0) + body(ch, b"ok2"))
     elif MODE == "silent":
         # One delivery, then nothing at all: no heartbeat, no reading (a
         # broker stopped with SIGSTOP, a network that drops everything).
