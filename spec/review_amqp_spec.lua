@@ -243,6 +243,32 @@ describe("tide.consumer on RabbitMQ, attacked", function()
     end)
   end)
 
+  it("refuses a publish whose headers do not fit in a frame, leaving the connection and its consumer alone", function()
+    with_queue("bighead", { prefetch = 10 }, function(src)
+      for i = 1, 4 do src:publish("m" .. i) end
+      local seen = {}
+      local c = tide.consumer{ source = src, handler = { run = function(body)
+        seen[body] = (seen[body] or 0) + 1
+        tide.sleep(300)
+      end } }
+      local t = tide.spawn(function() return c:run() end)
+      assert.is_true(wait_for(function() return seen.m4 ~= nil end, 3000))
+      local ok, err = pcall(src.publish, src, "big", { headers = { big = ("x"):rep(200000) } })
+      assert.is_false(ok)
+      assert.matches("source:publish: .*propert", tostring(err))
+      assert.is_false(src.conn.lost, "the publish lost the connection: " .. tostring(src.conn.lost))
+      assert.is_true(src:publish("after"), "a publish after it")
+      assert.is_true(wait_for(function() return seen.after ~= nil end, 3000))
+      tide.sleep(400)
+      local st, e = t:await(1)
+      t:cancel()
+      t:await()
+      assert.is_nil(st, "the consumer failed: " .. tostring(e))
+      for body, count in pairs(seen) do assert.equal(1, count, body .. " handled twice") end
+      assert.is_nil(seen.big)
+    end)
+  end)
+
   it("refuses a second settle of one delivery (handle_result acked it itself) without closing the channel", function()
     with_queue("twice", { prefetch = 10 }, function(src)
       src:publish("self")
