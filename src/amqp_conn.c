@@ -565,6 +565,25 @@ int tide__amqp_send_content(tide__amqp *c, amqp_channel_t ch, const amqp_basic_p
   return 0;
 }
 
+int tide__amqp_send_publish(tide__amqp *c, amqp_channel_t ch, const amqp_basic_publish_t *m,
+                            const amqp_basic_properties_t *props, const void *body, size_t len) {
+  if (c->lost) return -1;
+  /* Nothing is written before the loop's next prepare (want_flush only
+   * asks for it), and reserve keeps the unsent bytes whole when it slides
+   * them: so dropping what this call queued is cutting the queue back to
+   * the unsent length it had. */
+  size_t unsent = c->out_len - c->out_off;
+  int rc = tide__amqp_send_method(c, ch, AMQP_BASIC_PUBLISH_METHOD, (void *)m);
+  if (rc == 0) rc = tide__amqp_send_content(c, ch, props, body, len);
+  if (rc == -2) {                                  /* a method frame alone would break the channel */
+    c->out_len = c->out_off + unsent;
+    c->ack_at = -1;
+  }
+  return rc;
+}
+
+const char *tide__amqp_send_error(const tide__amqp *c) { return c->err; }
+
 /* ===== closing ===== */
 
 static void free_conn(tide__amqp *c) {

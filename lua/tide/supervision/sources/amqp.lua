@@ -130,11 +130,14 @@ function Conn:close()
   self:lose("connection closed")
 end
 
---- Sends through the binding; a failure loses the connection and raises.
+--- Sends through the binding; a failure loses the connection and raises,
+--- but for a method or properties that cannot be encoded (too big for a
+--- frame): nothing was sent, the connection goes on.
 function Conn:send(method, ...)
   if not self.raw then error(self.name .. ": " .. tostring(self.lost), 0) end
-  local ok, err = self.raw[method](self.raw, ...)
+  local ok, err, why = self.raw[method](self.raw, ...)
   if ok then return end
+  if why == "encode" then error(self.name .. ": " .. tostring(err), 0) end
   self:lose(err)
   error(self.name .. ": " .. tostring(err), 0)
 end
