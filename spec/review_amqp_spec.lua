@@ -144,6 +144,19 @@ describe("tide.sources.rabbitmq options, attacked", function()
                                                                  nested = { on = true } } } }
     assert.same({ ["x-max-length"] = 10, ["x-tags"] = { "a", "b" }, nested = { on = true } }, src.declare.arguments)
   end)
+
+  it("refuses to settle what is not one of its deliveries, and methods called on something else", function()
+    local R = tide.sources.rabbitmq
+    -- Settling something that is not a delivery of this source says so.
+    local src0 = R{ url = "amqp://h/", queue = "q" }
+    H.error_cases("spec/review_amqp_spec.lua", {
+      { function() src0:ack(nil) end, "source:ack: bad argument #1 (delivery of a rabbitmq source expected, got nil)" },
+      { function() src0:nack({ tag = 1 }, true) end,
+        "source:nack: bad argument #1 (delivery of a rabbitmq source expected, got table)" },
+      { function() src0.ack({}, {}) end, "source:ack: bad self (rabbitmq source expected, got table)" },
+      { function() src0.fetch(5, 1) end, "source:fetch: bad self (rabbitmq source expected, got number 5)" },
+    })
+  end)
 end)
 
 describe("tide.consumer on RabbitMQ, attacked", function()
