@@ -351,6 +351,7 @@ end
 --- Closes the consuming channel: the broker requeues what it delivered and
 --- nobody settled.  Never waits.
 function Source:stop()
+  check_self(self, "source:stop")
   local ch = self.consume_ch
   self.consume_ch = false
   if ch then ch:close("consumer stopped") end
@@ -359,6 +360,7 @@ end
 --- Up to n deliveries; waits up to wait_ms for the first when none is
 --- there.  Raises when the channel or its connection is lost.
 function Source:fetch(n, wait_ms)
+  check_self(self, "source:fetch")
   local ch = self.consume_ch
   if not ch then error(self.name .. ": not consuming (call source:start first)", 2) end
   local buf = ch.buffer
@@ -390,9 +392,15 @@ local function check_unsettled(s, ch, tag, fname)
   end
 end
 
+local function check_delivery(d, fname)
+  if getmetatable(d) ~= Delivery_mt then check.arg_error(fname, 1, "delivery of a rabbitmq source", d, 3) end
+end
+
 --- Settles a delivery on the channel it came on; false when that channel
 --- is gone (the broker gave the delivery back: nothing to send).
 function Source:ack(d)
+  check_self(self, "source:ack")
+  check_delivery(d, "source:ack")
   local ch = d._ch
   if ch.lost then
     self.stats.stale = self.stats.stale + 1
@@ -411,6 +419,8 @@ function Source:ack(d)
 end
 
 function Source:nack(d, requeue)
+  check_self(self, "source:nack")
+  check_delivery(d, "source:nack")
   local ch = d._ch
   if ch.lost then
     self.stats.stale = self.stats.stale + 1
