@@ -282,6 +282,30 @@ describe("tide.consumer on RabbitMQ, attacked", function()
     end)
   end)
 
+  it("refuses a second consumer run on a source another run consumes, leaving the first one's channel alone", function()
+    with_queue("shared", { prefetch = 10 }, function(src)
+      for i = 1, 6 do src:publish("m" .. i) end
+      local seen = {}
+      local function handler() return { run = function(body) seen[body] = (seen[body] or 0) + 1; tide.sleep(200) end } end
+      local a = tide.consumer{ source = src, name = "a", handler = handler() }
+      local b = tide.consumer{ source = src, name = "b", handler = handler() }
+      local ta = tide.spawn(function() return a:run() end)
+      assert.is_true(wait_for(function() return seen.m6 ~= nil end, 3000))
+      local tb = tide.spawn(function() return b:run() end)
+      local st, err = tb:await(2000)
+      if st == nil then tb:cancel() end
+      assert.equal("error", st, "the second run went on: " .. tostring(err))
+      assert.matches("source:start: .* is consumed by task %d+", tostring(err))
+      tide.sleep(300)                                 -- a's handlers settle on their channel
+      local sa, ea = ta:await(1)
+      ta:cancel()
+      ta:await()
+      assert.is_nil(sa, "the first run failed: " .. tostring(ea))
+      assert.equal(0, src.stats.stale, "the first run's outcomes came after its channel was closed")
+      for body, count in pairs(seen) do assert.equal(1, count, body .. " handled twice") end
+    end)
+  end)
+
   it("refuses a second settle of one delivery (handle_result acked it itself) without closing the channel", function()
     with_queue("twice", { prefetch = 10 }, function(src)
       src:publish("self")
