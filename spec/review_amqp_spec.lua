@@ -295,7 +295,7 @@ describe("tide.consumer on RabbitMQ, attacked", function()
       local st, err = tb:await(2000)
       if st == nil then tb:cancel() end
       assert.equal("error", st, "the second run went on: " .. tostring(err))
-      assert.matches("source:start: .* is consumed by task %d+", tostring(err))
+      assert.matches("consumer:run: rabbitmq review%-shared%-[%d-]+ is consumed by consumer 'a' in task %d+ %(one run at a time per source%)$", tostring(err))
       tide.sleep(300)                                 -- a's handlers settle on their channel
       local sa, ea = ta:await(1)
       ta:cancel()

@@ -41,6 +41,11 @@ local M = {}
 -- consumer name (they outlive the consumers): deliveries taken, acks, nacks.
 M.live = setmetatable({}, { __mode = "k" })
 M.totals = {}
+-- A source that starts (a consuming channel: tide.sources.rabbitmq) -> the
+-- consumer whose run consumes it: one run at a time, as a second run's
+-- start would close the first one's channel and the first one's end the
+-- second's.
+local consumed_by = setmetatable({}, { __mode = "k" })
 local function totals_of(name)
   local t = M.totals[name]
   if not t then t = { delivered = 0, acked = 0, nacked = 0 }; M.totals[name] = t end
@@ -250,6 +255,7 @@ local function end_run(c, t, why)
   release_all(c, why)
   c.held, c.in_flight = {}, 0
   local src = c.source
+  if consumed_by[src] == c then consumed_by[src] = nil end
   if src.stop then
     local ok, err = pcall(src.stop, src)
     if not ok then log.report(c.name .. " stopping its source", err) end
@@ -283,11 +289,18 @@ function Consumer.run(c, ctx)
   if r and r ~= me and not S.TERMINAL[S.state(r)] then
     error(("consumer:run: consumer '%s' is already running in task %d"):format(c.name, r.id), 2)
   end
+  local src = c.source
+  local other = src.start and consumed_by[src]
+  if other and other ~= c and other.runner and not S.TERMINAL[S.state(other.runner)] then
+    error(("consumer:run: %s is consumed by consumer '%s' in task %d (one run at a time per source)")
+      :format(tostring(src.name or src), other.name, other.runner.id), 2)
+  end
   -- What an earlier attempt of this task left is given back first.
   end_run(c, r, "consumer " .. c.name .. " restarted")
   c.runner = me
+  if src.start then consumed_by[src] = c end
   on_attempt_end(c, me)
-  local src, now = c.source, S.now
+  local now = S.now
   if src.start then src:start() end
   while not ((ctx and ctx:stopping()) or S.shutting_down()) do
     if c.in_flight < c.prefetch then
