@@ -95,6 +95,14 @@ describe("tide.sources.rabbitmq against a hostile broker", function()
     end)
   end
 
+  it("survives frames of random shapes (10 seeds): the client fails with a reason or goes on, never crashes", function()
+    for seed = 1, 10 do
+      local status, out = against_fake("random:" .. seed)
+      assert.equal(0, status, ("seed %d: %s"):format(seed, out))
+      assert.matches("OUTCOME ", out)
+    end
+  end)
+
   it("fails the consumer when a silent broker misses its heartbeats, a handler still running", function()
     local t0 = os.time()
     local status, out = against_fake("silent", 0, "HEARTBEAT=1 SLOW=4000")

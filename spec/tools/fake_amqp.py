@@ -150,6 +150,30 @@ def attack(c, ch):
                + deliver(ch, 1) + header(ch, 60, 2, 0) + body(ch, b"ok")
                + body(7, b"abc") + frame(8, 0, b"") + body(7, b"def")
                + deliver(ch, 2) + header(ch, 60, 3, 0) + body(ch, b"ok2"))
+    elif MODE.startswith("random:"):                               # random:SEED: frames of random shapes
+        import random
+        rnd = random.Random(int(MODE.split(":")[1]))
+        methods = [(60, 60), (60, 80), (60, 120), (20, 40), (20, 41), (60, 30), (10, 60), (60, 71), (85, 11)]
+        out = b""
+        for _ in range(rnd.randint(1, 30)):
+            kind = rnd.choice(["deliver", "method", "header", "body", "garbage", "heartbeat"])
+            fch = rnd.choice([0, ch, ch, ch, 2, 65535])
+            if kind == "deliver":
+                out += deliver(fch, rnd.randint(0, 5)) + header(fch, 60, 3, rnd.choice([0, 0x8000, 0x2000, 0xfffc]),
+                        bytes(rnd.getrandbits(8) for _ in range(rnd.randint(0, 40)))) + body(fch, b"abc")
+            elif kind == "method":
+                cls, mid = rnd.choice(methods)
+                out += method(fch, cls, mid, bytes(rnd.getrandbits(8) for _ in range(rnd.randint(0, 40))))
+            elif kind == "header":
+                out += header(fch, rnd.choice([60, 60, 10, 90]), rnd.randint(0, 10), rnd.getrandbits(16),
+                              bytes(rnd.getrandbits(8) for _ in range(rnd.randint(0, 40))))
+            elif kind == "body":
+                out += body(fch, bytes(rnd.getrandbits(8) for _ in range(rnd.randint(0, 20))))
+            elif kind == "heartbeat":
+                out += frame(8, 0, b"")
+            else:
+                out += bytes(rnd.getrandbits(8) for _ in range(rnd.randint(1, 30)))
+        c.send(out)
     elif MODE == "silent":
         # One delivery, then nothing at all: no heartbeat, no reading (a
         # broker stopped with SIGSTOP, a network that drops everything).
