@@ -95,8 +95,8 @@ describe("tide.sources.rabbitmq against a hostile broker", function()
     end)
   end
 
-  it("survives frames of random shapes (10 seeds): the client fails with a reason or goes on, never crashes", function()
-    for seed = 1, 10 do
+  it("survives frames of random shapes (6 seeds): the client fails with a reason or goes on, never crashes", function()
+    for seed = 1, 6 do
       local status, out = against_fake("random:" .. seed)
       assert.equal(0, status, ("seed %d: %s"):format(seed, out))
       assert.matches("OUTCOME ", out)
