@@ -314,6 +314,33 @@ describe("tide.consumer on RabbitMQ, attacked", function()
     end)
   end)
 
+  it("runs again after its run was stopped twice and its source stopped twice and closed", function()
+    with_queue("again", { prefetch = 5 }, function(src)
+      local seen = {}
+      local c = tide.consumer{ source = src, handler = { run = function(body) seen[body] = (seen[body] or 0) + 1 end } }
+      src:publish("one")
+      local t = tide.spawn(function() return c:run() end)
+      assert.is_true(wait_for(function() return seen.one ~= nil end, 3000))
+      t:cancel("first stop")
+      t:cancel("second stop")                        -- a second stop is a no-op
+      assert.equal("cancelled", (t:await()))
+      src:stop()
+      src:stop()
+      local ok, err = pcall(src.fetch, src, 1, 0)      -- used after stop: says so
+      assert.is_false(ok)
+      assert.matches("not consuming %(call source:start first%)", tostring(err))
+      src:close()
+      src:publish("two")                               -- connects again
+      t = tide.spawn(function() return c:run() end)
+      assert.is_true(wait_for(function() return seen.two ~= nil end, 3000))
+      t:cancel()
+      t:await()
+      assert.same({ one = 1, two = 1 }, seen)
+      assert.equal(0, src.stats.precondition_failed)
+      assert.is_true(wait_for(function() return src:queue_info().messages == 0 end, 3000))
+    end)
+  end)
+
   it("refuses a second settle of one delivery (handle_result acked it itself) without closing the channel", function()
     with_queue("twice", { prefetch = 10 }, function(src)
       src:publish("self")
