@@ -277,3 +277,42 @@ end)
     assert.matches("SECOND\terror\ttide: the process pool cannot start its processes: ", out)
   end)
 end)
+
+describe("process mode, a child that floods its stderr", function()
+  -- Flip to `it` once the parent stops reading a child's stderr while its
+  -- own stderr does not take more (back-pressure on the child) instead of
+  -- waiting in fwrite on the loop thread.
+  pending("DEFECT: blocks the parent's whole loop while the parent's own stderr is not drained: procs.c's "
+    .. "take_stderr forwards each chunk with a blocking fwrite(stderr) on the loop thread; 4 MB written by a "
+    .. "job, a stderr pipe read only after 3 s: no timer, task or I/O of the parent ran for 2.9 s (for ever "
+    .. "if the reader is stuck)", function()
+    local dir = spec_helper.tempdir()
+    spec_helper.write_file(dir, "flood.lua", [[
+local tide = require "tide"
+tide.configure{ processes = 1 }
+tide.run(function()
+  tide.spawn{ mode = "process", run = function() end }:await()
+  local gap, last, stop = 0, tide.now(), false
+  local ticker = tide.spawn(function()
+    while not stop do tide.sleep(10); local n = tide.now(); if n - last > gap then gap = n - last end; last = n end
+  end)
+  local t = tide.spawn{ mode = "process", run = function()
+    local line = ("x"):rep(1023) .. "\n"
+    for _ = 1, 4096 do io.stderr:write(line) end
+    return "done"
+  end }
+  print("task", t:await(20000))
+  stop = true
+  ticker:await()
+  print(("GAP %d"):format(gap))
+end)
+]])
+    local status, out = spec_helper.sh(("cd %s && ( LUA_CPATH='%s/?.so;;' timeout 60 luajit %s/flood.lua 2>&1 1>&3 "
+      .. "| (sleep 3; cat > /dev/null) ) 3>&1"):format(os.getenv("PWD") or ".", spec_helper.build, dir))
+    os.execute("rm -rf " .. dir)
+    assert.equal(0, status, out)
+    local gap = tonumber(out:match("GAP (%d+)"))
+    assert.truthy(gap, out)
+    assert.is_true(gap < 500, ("the parent's loop stood still for %d ms"):format(gap))
+  end)
+end)
