@@ -414,6 +414,31 @@ describe("tide.consumer on the memory source, attacked", function()
     end)
   end
 
+  it("reports a delivery whose handler cannot start to handle_result, once, before it is dropped", function()
+    local src = tide.sources.memory{ prefetch = 4, messages = { "a", function() end, "c" } }
+    local reports = {}
+    local c = tide.consumer{ source = src, concurrency = 4, handler = { mode = "thread", run = function(body) return body end,
+      handle_result = function(status, value, task, d)
+        reports[#reports + 1] = { status, tostring(value), task == nil, d.tag }
+      end } }
+    H.run(function()
+      local t = tide.spawn(function() return c:run() end)
+      assert.is_true(wait_for(function() return src.acked == 2 and src.nacked == 1 end, 3000))
+      t:cancel()
+      t:await()
+    end)
+    local seen = settled_once(src)
+    assert.equal("nack", seen[2])
+    assert.equal(0, src.queued, "the delivery that cannot start was requeued: it would come back for ever")
+    table.sort(reports, function(x, y) return x[4] < y[4] end)
+    assert.equal(3, #reports, "every delivery reaches handle_result once")
+    assert.same({ "ok", "a", false, 1 }, reports[1])
+    assert.equal("error", reports[2][1])
+    assert.matches("functions cannot cross to a thread", reports[2][2])
+    assert.is_true(reports[2][3], "no task: it never started")
+    assert.same({ "ok", "c", false, 3 }, reports[3])
+  end)
+
   it("acks a delivery that succeeded even when its handle_result ended the consumer's run", function()
     local src = tide.sources.memory{ prefetch = 4, messages = { "stop", "slow1", "slow2" } }
     local run_task
