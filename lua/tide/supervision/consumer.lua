@@ -215,7 +215,8 @@ end
 --- Holds every delivery of a batch first (c.held maps each to true, then
 --- to its handler's task), then starts their handlers; a
 --- handler that cannot start (say, a body that cannot cross to a thread)
---- fails its delivery alone, which is nacked without requeue: it would
+--- fails its delivery alone: handle_result sees it ("error", the reason,
+--- no task) and may choose, else it is nacked without requeue: it would
 --- never start (a poison message).
 local function run_batch(c, batch)
   for i = 1, #batch do
@@ -223,11 +224,14 @@ local function run_batch(c, batch)
     c.in_flight = c.in_flight + 1
   end
   c.totals.delivered = c.totals.delivered + #batch
+  local h = c.handler
   for i = 1, #batch do
-    local ok, err = pcall(run_delivery, c, batch[i])
+    local d = batch[i]
+    local ok, err = pcall(run_delivery, c, d)
     if not ok then
-      log.report(c.name .. " starting delivery " .. tostring(batch[i].tag), err)
-      settle(c, batch[i], "error", "drop")
+      log.report(c.name .. " starting delivery " .. tostring(d.tag), err)
+      local choice = h.handle_result and choose(c, h, "error", err, nil, d)
+      settle(c, d, "error", choice or "drop")
     end
   end
 end
