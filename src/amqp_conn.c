@@ -390,6 +390,12 @@ static int on_frame(tide__amqp *c, amqp_frame_t *f, tide__amqp_event *ev) {
     case AMQP_FRAME_HEADER:
       a = ch < c->asm_n ? &c->asm_by_ch[ch] : NULL;
       if (a == NULL || a->state != 1) return lose(c, "protocol error: an unexpected content header on channel %u", ch);
+      /* rabbitmq-c decodes the properties by the class the frame names: for
+       * any class but basic, a struct of another (smaller) type, which the
+       * binding would read as basic properties. */
+      if (f->payload.properties.class_id != AMQP_BASIC_CLASS)
+        return lose(c, "protocol error: a content header of class %u on channel %u",
+                    (unsigned)f->payload.properties.class_id, ch);
       if (f->payload.properties.body_size > TIDE_AMQP_BODY_MAX)
         return lose(c, "a message of %llu bytes is larger than %u", (unsigned long long)f->payload.properties.body_size,
                     TIDE_AMQP_BODY_MAX);
@@ -558,6 +564,25 @@ int tide__amqp_send_content(tide__amqp *c, amqp_channel_t ch, const amqp_basic_p
   want_flush(c);
   return 0;
 }
+
+int tide__amqp_send_publish(tide__amqp *c, amqp_channel_t ch, const amqp_basic_publish_t *m,
+                            const amqp_basic_properties_t *props, const void *body, size_t len) {
+  if (c->lost) return -1;
+  /* Nothing is written before the loop's next prepare (want_flush only
+   * asks for it), and reserve keeps the unsent bytes whole when it slides
+   * them: so dropping what this call queued is cutting the queue back to
+   * the unsent length it had. */
+  size_t unsent = c->out_len - c->out_off;
+  int rc = tide__amqp_send_method(c, ch, AMQP_BASIC_PUBLISH_METHOD, (void *)m);
+  if (rc == 0) rc = tide__amqp_send_content(c, ch, props, body, len);
+  if (rc == -2) {                                  /* a method frame alone would break the channel */
+    c->out_len = c->out_off + unsent;
+    c->ack_at = -1;
+  }
+  return rc;
+}
+
+const char *tide__amqp_send_error(const tide__amqp *c) { return c->err; }
 
 /* ===== closing ===== */
 

@@ -90,6 +90,16 @@ int tide__amqp_send_ack(tide__amqp *c, amqp_channel_t ch, uint64_t tag, int mult
 int tide__amqp_send_content(tide__amqp *c, amqp_channel_t ch, const amqp_basic_properties_t *props,
                             const void *body, size_t len);
 
+/* Queues basic.publish with its content, whole or not at all: 0; -1 (lost,
+ * as tide__amqp_send_method); -2 when the method or the properties cannot
+ * be encoded (they must fit in one frame): then nothing of it stays queued,
+ * the connection goes on, and tide__amqp_send_error says why. */
+int tide__amqp_send_publish(tide__amqp *c, amqp_channel_t ch, const amqp_basic_publish_t *m,
+                            const amqp_basic_properties_t *props, const void *body, size_t len);
+
+/* Why the last send returned -2 (nothing was queued: the connection goes on). */
+const char *tide__amqp_send_error(const tide__amqp *c);
+
 /* Why the connection is lost ("" while it is not). */
 const char *tide__amqp_error(const tide__amqp *c);
 

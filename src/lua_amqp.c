@@ -13,7 +13,8 @@
  *   conn:consume(ch, queue, tag, exclusive, args)  conn:cancel(ch, tag)
  *   conn:ack(ch, tag, multiple)  conn:nack(ch, tag, multiple, requeue)
  *   conn:publish(ch, exchange, routing_key, body, properties)
- *                      each -> true | nil, message
+ *                      each -> true | nil, message (lost) | nil, message, "encode"
+ *                      (nothing sent: it cannot be encoded; the connection goes on)
  *   conn:info() -> { heartbeat, frame_max, channel_max, pending }   conn:close()
  *
  * An event is a table of the method's fields (AMQP's names: `delivery_tag`
@@ -137,10 +138,17 @@ static tide__amqp *live(lua_State *L, conn_ud *u) {
   return u->c;
 }
 
+/* true | nil, message (lost) | nil, message, "encode" (nothing was sent:
+ * the method or properties cannot be encoded; the connection goes on). */
 static int sent(lua_State *L, conn_ud *u, int rc) {
   if (rc == 0) { lua_pushboolean(L, 1); return 1; }
   lua_pushnil(L);
-  lua_pushstring(L, rc == -2 || *tide__amqp_error(u->c) ? tide__amqp_error(u->c) : "connection lost");
+  if (rc == -2) {
+    lua_pushstring(L, tide__amqp_send_error(u->c));
+    lua_pushliteral(L, "encode");
+    return 3;
+  }
+  lua_pushstring(L, *tide__amqp_error(u->c) ? tide__amqp_error(u->c) : "connection lost");
   return 2;
 }
 
@@ -606,8 +614,7 @@ static int conn_publish(lua_State *L) {
   tide__amqp *c = live(L, u);
   if (c == NULL) { empty_amqp_pool(&bd.pool); return 2; }
   amqp_basic_publish_t m = { 0, arg_bytes(L, 3), arg_bytes(L, 4), 0, 0 };
-  rc = tide__amqp_send_method(c, ch, AMQP_BASIC_PUBLISH_METHOD, &m);
-  if (rc == 0) rc = tide__amqp_send_content(c, ch, &props, body, len);
+  rc = tide__amqp_send_publish(c, ch, &m, &props, body, len);
   empty_amqp_pool(&bd.pool);
   return sent(L, u, rc);
 }

@@ -32,10 +32,20 @@ static int rd_str(reader *r, const char **s, size_t *len) {
   return rd_bytes(r, n, s);
 }
 
+/* The shortest payload of a frame of each type a child may send: 'R' with
+ * its string's length, 'D' with its id, ok and two strings' lengths. */
+#define READY_MIN 5u
+#define DONE_MIN 18u
+
+/* A frame's type is judged as soon as it arrived, not once the whole frame
+ * did: bytes a job wrote on fd 3 (a log line) make a plausible length, and
+ * waiting for that many bytes would swallow the child's real frames, its
+ * task waiting for ever. */
 int tide__proc_frame_size(const char *buf, size_t len, size_t *size) {
   if (len < 4) return 0;
   uint32_t n = get_u32(buf);
   if (n == 0 || n > TIDE_PROC_FRAME_MAX) return -1;
+  if (len > 4 && !(buf[4] == 'R' && n >= READY_MIN) && !(buf[4] == 'D' && n >= DONE_MIN)) return -1;
   if (len - 4 < n) return 0;
   *size = 4 + (size_t)n;
   return 1;

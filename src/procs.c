@@ -11,6 +11,7 @@
 
 #define READ_CHUNK 65536
 #define REAPED_CHECK_MS 50
+#define SENT_MAX 128               /* job ids remembered per child (process_prefetch is 64 at most) */
 
 int tide__proc_in_host = 0;
 
@@ -29,6 +30,14 @@ struct tide__proc {
   int gone;                        /* exited or closed: no more events    */
   int ready;                       /* it sent its 'R' frame               */
   int broken;                      /* it broke the protocol: being killed */
+  /* The ids of the jobs sent and not done yet, oldest first: a child
+   * answers its jobs in order, so a 'done' frame must name the oldest, and
+   * is judged as soon as its id arrived (bytes a job wrote on fd 3 would
+   * otherwise make a frame that swallows the real ones).  `ids_lost`: more
+   * were sent than remembered, and the ids are not checked any more. */
+  uint64_t sent[SENT_MAX];
+  unsigned sent_head, sent_n;
+  int ids_lost;
   char *in;                        /* bytes read from chan, not yet parsed */
   size_t in_len, in_cap;
   char tail[TIDE_PROC_TAIL];       /* the end of stderr                   */
@@ -40,6 +49,12 @@ struct tide__proc {
 
 static void put_u32(char *p, uint32_t v) {
   for (int i = 0; i < 4; i++) p[i] = (char)(v >> (8 * i));
+}
+
+static uint64_t get_u64(const char *p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; i--) v = v << 8 | (unsigned char)p[i];
+  return v;
 }
 
 /* ===== writing frames */
@@ -94,7 +109,11 @@ int tide__proc_submit(tide__proc *p, uint64_t id, const char *fn, size_t fn_len,
   put_u32(head + 4, (uint32_t)(id >> 32));
   head[8] = (char)(fn_is_name != 0);
   piece ps[] = { RAW(head, 9), STR(fn, fn_len), STR(args, args_len) };
-  return send_frame(p, 'J', ps, 3);
+  int rc = send_frame(p, 'J', ps, 3);
+  if (rc != 0) return rc;
+  if (p->sent_n == SENT_MAX) p->ids_lost = 1;
+  else p->sent[(p->sent_head + p->sent_n++) % SENT_MAX] = id;
+  return 0;
 }
 
 /* ===== closing */
@@ -133,6 +152,10 @@ static int handle_frame(tide__proc *p, const char *f, size_t len) {
   tide__proc_event ev;
   if (tide__proc_decode(f, len, p->ready, &ev) != 0) return -1;
   if (ev.kind != TIDE_PROC_READY) {
+    if (!p->ids_lost && p->sent_n > 0) {             /* checked on arrival: the oldest */
+      p->sent_head = (p->sent_head + 1) % SENT_MAX;
+      p->sent_n--;
+    }
     deliver(p, &ev);
     return 0;
   }
@@ -143,6 +166,13 @@ static int handle_frame(tide__proc *p, const char *f, size_t len) {
   deliver(p, &ev);
   free(msg);
   return 0;
+}
+
+/* Whether the frame that begins at f (n bytes of it arrived) is no 'done'
+ * or, once its id arrived, a 'done' of the oldest job sent and not done. */
+static int done_id_expected(const tide__proc *p, const char *f, size_t n) {
+  if (n < 13 || f[4] != 'D' || p->ids_lost) return 1;
+  return p->sent_n > 0 && get_u64(f + 5) == p->sent[p->sent_head];
 }
 
 /* Appends bytes read from fd 3 and handles every whole frame; a child
@@ -162,6 +192,7 @@ static void take_bytes(tide__proc *p, const char *data, size_t n) {
   size_t pos = 0, size;
   while (!p->gone && !p->broken) {
     int whole = tide__proc_frame_size(p->in + pos, p->in_len - pos, &size);
+    if (whole >= 0 && !done_id_expected(p, p->in + pos, p->in_len - pos)) whole = -1;
     if (whole == 0) break;
     /* p->in stays put during the callback: nothing reads until it returns. */
     if (whole < 0 || handle_frame(p, p->in + pos + 4, size - 4) != 0) {

@@ -108,7 +108,8 @@ void tide__proc_close(tide__proc *p);
 
 /* Whether buf (len bytes) starts with a whole frame: 1, its size (length
  * field included) in *size; 0 when more bytes are needed; -1 when its
- * length makes no sense. */
+ * length makes no sense, or its type (judged as soon as it arrived) is
+ * none a child sends, or its length is too short for that type. */
 int tide__proc_frame_size(const char *buf, size_t len, size_t *size);
 
 /* Decodes frame f (len bytes after the length: type, payload) into *ev,

@@ -78,13 +78,16 @@ static void death_by_signal(uv_loop_t *loop) {
   ok(s.exits == 1 && s.signal == SIGSEGV, "a death by a signal names it (%d)", s.signal);
 }
 
-/* A child that speaks the protocol by hand: ready, then the result of job 7. */
+#define READY_FRAME "printf '\\005\\000\\000\\000R\\377\\377\\377\\377' >&3; "
+#define DONE_7_FRAME "printf '\\023\\000\\000\\000D\\007\\000\\000\\000\\000\\000\\000\\000\\001\\001\\000\\000\\000x" \
+                     "\\377\\377\\377\\377' >&3"
+
+/* A child that speaks the protocol by hand: ready, then the result of job 7
+ * (sent to it first: a child answers only the jobs it was sent, in order). */
 static void frames(uv_loop_t *loop) {
   seen s;
-  start(loop,
-        "printf '\\005\\000\\000\\000R\\377\\377\\377\\377' >&3; "
-        "printf '\\023\\000\\000\\000D\\007\\000\\000\\000\\000\\000\\000\\000\\001\\001\\000\\000\\000x"
-        "\\377\\377\\377\\377' >&3", &s);
+  tide__proc *p = start(loop, READY_FRAME DONE_7_FRAME, &s);
+  if (p) tide__proc_submit(p, 7, "f", 1, 1, "a", 1);
   uv_run(loop, UV_RUN_DEFAULT);
   ok(s.ready == 1 && s.init_error_null, "a ready frame without an init error");
   ok(s.done == 1 && s.id == 7 && s.ok_flag && strcmp(s.result, "x") == 0 && s.trace_null,
@@ -97,6 +100,10 @@ static void nonsense_is_killed(uv_loop_t *loop) {
   start(loop, "printf '\\001\\000\\000\\000Z' >&3; sleep 100", &s);
   uv_run(loop, UV_RUN_DEFAULT);
   ok(s.exits == 1 && s.signal == SIGKILL, "a frame that makes no sense gets the child killed (%d)", s.signal);
+  start(loop, READY_FRAME DONE_7_FRAME "; sleep 100", &s);
+  uv_run(loop, UV_RUN_DEFAULT);
+  ok(s.exits == 1 && s.signal == SIGKILL && s.done == 0,
+     "so does a done for a job it was not sent (%d)", s.signal);
 }
 
 static void kill_takes_the_group(uv_loop_t *loop) {

@@ -27,8 +27,9 @@
 --     fails with "process PID killed by SIGSEGV" (or "exited with status
 --     N") and the end of its stderr; the jobs sent behind it are queued
 --     again, first.  Children that die before they are ready three times in
---     a row stop the replacing, and the queued jobs fail with the reason,
---     until the next task.
+--     a row stop the replacing, and, unless a child of the pool is ready
+--     (it takes them in turn), the queued jobs fail with the reason, until
+--     the next task.
 --   - Invariants: every job id in `jobs` is queued (rec.cid == nil) or sent
 --     to the child rec.cid, in its list ch.sent[ch.sh .. ch.st], whose first
 --     is ch.job, the one it runs; a waiting task is woken once, by the first
@@ -227,6 +228,17 @@ local function fail_queued(msg)
   nqueued = 0
 end
 
+--- Whether a child of the pool is ready (idle or busy): it takes the queued
+--- jobs in turn, whatever befalls the children that start (a spare killed
+--- while it starts is no sign that none can).
+local function any_ready()
+  for i = 1, size do
+    local ch = by_index[i]
+    if ch and (ch.state == "idle" or ch.state == "busy") then return true end
+  end
+  return false
+end
+
 local function death_message(ch, status, signal, tail)
   local msg = signal and ("process %d killed by %s"):format(ch.pid, signal)
               or status and ("process %d exited with status %d"):format(ch.pid, status)
@@ -277,7 +289,7 @@ local function on_exit(ch, status, signal, tail)
     start_failures = start_failures + 1
     if start_failures >= 3 then
       broken = "tide: the process pool cannot start its processes: " .. msg
-      fail_queued(broken)
+      if not any_ready() then fail_queued(broken) end
       return
     end
   end
@@ -439,7 +451,7 @@ function M.proxy()
   rec.task, rec.tok = t, tok
   o.process_job = id
   S.on_attempt_end(t, abandon_hook)
-  if broken and nidle == 0 then fail_queued(broken) else dispatch() end
+  if broken and not any_ready() then fail_queued(broken) else dispatch() end
   S.wait_end(t, tok)
   o.process_job = false
   S.off_attempt_end(t, abandon_hook)

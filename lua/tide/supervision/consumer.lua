@@ -41,6 +41,11 @@ local M = {}
 -- consumer name (they outlive the consumers): deliveries taken, acks, nacks.
 M.live = setmetatable({}, { __mode = "k" })
 M.totals = {}
+-- A source that starts (a consuming channel: tide.sources.rabbitmq) -> the
+-- consumer whose run consumes it: one run at a time, as a second run's
+-- start would close the first one's channel and the first one's end the
+-- second's.
+local consumed_by = setmetatable({}, { __mode = "k" })
 local function totals_of(name)
   local t = M.totals[name]
   if not t then t = { delivered = 0, acked = 0, nacked = 0 }; M.totals[name] = t end
@@ -210,7 +215,8 @@ end
 --- Holds every delivery of a batch first (c.held maps each to true, then
 --- to its handler's task), then starts their handlers; a
 --- handler that cannot start (say, a body that cannot cross to a thread)
---- fails its delivery alone, which is nacked without requeue: it would
+--- fails its delivery alone: handle_result sees it ("error", the reason,
+--- no task) and may choose, else it is nacked without requeue: it would
 --- never start (a poison message).
 local function run_batch(c, batch)
   for i = 1, #batch do
@@ -218,20 +224,32 @@ local function run_batch(c, batch)
     c.in_flight = c.in_flight + 1
   end
   c.totals.delivered = c.totals.delivered + #batch
+  local h = c.handler
   for i = 1, #batch do
-    local ok, err = pcall(run_delivery, c, batch[i])
+    local d = batch[i]
+    local ok, err = pcall(run_delivery, c, d)
     if not ok then
-      log.report(c.name .. " starting delivery " .. tostring(batch[i].tag), err)
-      settle(c, batch[i], "error", "drop")
+      log.report(c.name .. " starting delivery " .. tostring(d.tag), err)
+      local choice = h.handle_result and choose(c, h, "error", err, nil, d)
+      settle(c, d, "error", choice or "drop")
     end
   end
 end
 
---- Nacks (requeue) everything still held and cancels its handlers.
+--- Nacks (requeue) everything still held and cancels its handlers.  A
+--- delivery whose handler has its outcome already is inside its
+--- handle_result, which ended this run (a cancel of the consumer's task):
+--- it settles as its outcome says (an ok is acked, not handled again),
+--- before the source stops; its handle_result's choice comes too late.
 local function release_all(c, why)
   for d, t in pairs(c.held) do
-    settle(c, d, "cancelled")
-    if t ~= true and not S.TERMINAL[t:status()] then t:cancel(why) end
+    local status = t ~= true and t:status()
+    if status and S.TERMINAL[status] then
+      settle(c, d, status)
+    else
+      settle(c, d, "cancelled")
+      if t ~= true then t:cancel(why) end
+    end
   end
 end
 
@@ -241,6 +259,7 @@ local function end_run(c, t, why)
   release_all(c, why)
   c.held, c.in_flight = {}, 0
   local src = c.source
+  if consumed_by[src] == c then consumed_by[src] = nil end
   if src.stop then
     local ok, err = pcall(src.stop, src)
     if not ok then log.report(c.name .. " stopping its source", err) end
@@ -265,19 +284,29 @@ end
 --- source fails.
 function Consumer.run(c, ctx)
   if getmetatable(c) ~= Consumer_mt then error("consumer:run: bad self (consumer expected)", 2) end
+  if ctx ~= nil and (type(ctx) ~= "table" or type(ctx.stopping) ~= "function") then
+    check.arg_error("consumer:run", 1, "supervisor context (a table with a stopping method) or nil", ctx)
+  end
   local me = S.current()
   if me == nil then error("consumer:run: called outside a task", 2) end
   local r = c.runner
   if r and r ~= me and not S.TERMINAL[S.state(r)] then
     error(("consumer:run: consumer '%s' is already running in task %d"):format(c.name, r.id), 2)
   end
+  local src = c.source
+  local other = src.start and consumed_by[src]
+  if other and other ~= c and other.runner and not S.TERMINAL[S.state(other.runner)] then
+    error(("consumer:run: %s is consumed by consumer '%s' in task %d (one run at a time per source)")
+      :format(tostring(src.name or src), other.name, other.runner.id), 2)
+  end
   -- What an earlier attempt of this task left is given back first.
   end_run(c, r, "consumer " .. c.name .. " restarted")
   c.runner = me
+  if src.start then consumed_by[src] = c end
   on_attempt_end(c, me)
-  local src, now = c.source, S.now
+  local now = S.now
   if src.start then src:start() end
-  while not ((ctx and ctx.stopping and ctx:stopping()) or S.shutting_down()) do
+  while not ((ctx and ctx:stopping()) or S.shutting_down()) do
     if c.in_flight < c.prefetch then
       local t0 = now()
       local batch = src:fetch(c.prefetch - c.in_flight, c.poll)

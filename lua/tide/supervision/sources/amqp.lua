@@ -76,7 +76,7 @@ end
 -- ===== connections
 
 --- Reads every event available now and hands each to its channel.
-function Conn:pump()
+local function pump(self)
   while self.raw do
     local m, num, a, b, c, d, e, f = self.raw:next()
     if m == nil then return end
@@ -92,6 +92,16 @@ function Conn:pump()
       if ch then ch:on_event(a, m) end
     end
   end
+end
+
+--- pump, protected: an event that cannot be read or handled (the binding
+--- raises while it makes a delivery into Lua values: out of memory) loses
+--- the connection, so the broker takes back what it delivered; otherwise
+--- the event would vanish, and a delivery with it, never settled, its slot
+--- of the prefetch window held.
+function Conn:pump()
+  local ok, err = pcall(pump, self)
+  if not ok then self:lose("connection lost: an event could not be read: " .. tostring(err)) end
 end
 
 function Conn:on_event(ev, m)
@@ -120,11 +130,14 @@ function Conn:close()
   self:lose("connection closed")
 end
 
---- Sends through the binding; a failure loses the connection and raises.
+--- Sends through the binding; a failure loses the connection and raises,
+--- but for a method or properties that cannot be encoded (too big for a
+--- frame): nothing was sent, the connection goes on.
 function Conn:send(method, ...)
   if not self.raw then error(self.name .. ": " .. tostring(self.lost), 0) end
-  local ok, err = self.raw[method](self.raw, ...)
+  local ok, err, why = self.raw[method](self.raw, ...)
   if ok then return end
+  if why == "encode" then error(self.name .. ": " .. tostring(err), 0) end
   self:lose(err)
   error(self.name .. ": " .. tostring(err), 0)
 end

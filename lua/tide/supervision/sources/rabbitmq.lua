@@ -92,6 +92,32 @@ local function parse_url(url)
   return { host = host, port = port, vhost = vhost, user = user, password = pass }
 end
 
+local FIELD_DEPTH = 32      -- field tables nested deeper are refused by the binding (src/lua_amqp.c)
+
+--- Whether v can be sent as an AMQP field table (as src/lua_amqp.c builds
+--- one): nil, or the option's path, what was expected and what came.
+local function bad_field_table(t, path, depth)
+  if depth > FIELD_DEPTH then return path, "tables nested at most " .. FIELD_DEPTH .. " deep", "deeper" end
+  local array = #t > 0
+  for k, v in pairs(t) do
+    local at
+    if array then
+      if type(k) ~= "number" then return path, "array or table with string keys", "a mixed table" end
+      at = ("%s[%s]"):format(path, tostring(k))
+    else
+      if type(k) ~= "string" then return path, "table with string keys", type(k) .. " key" end
+      at = path .. "." .. k
+    end
+    local tv = type(v)
+    if tv == "table" then
+      local p, want, got = bad_field_table(v, at, depth + 1)
+      if p then return p, want, got end
+    elseif tv ~= "string" and tv ~= "number" and tv ~= "boolean" then
+      return at, "string, number, boolean or table", tv
+    end
+  end
+end
+
 local function check_declare(fname, d)
   if d == nil or d == false then return false end
   if d == true then d = {} end
@@ -99,6 +125,10 @@ local function check_declare(fname, d)
   check.known(fname, d, DECLARE_KEYS, "declare.", 3)
   if d.type ~= nil and not QUEUE_TYPES[d.type] then opt_error(fname, "declare.type", check.choices(QUEUE_TYPES), d.type, 3) end
   if d.arguments ~= nil and type(d.arguments) ~= "table" then opt_error(fname, "declare.arguments", "table", d.arguments, 3) end
+  if d.arguments ~= nil then
+    local path, want, got = bad_field_table(d.arguments, "declare.arguments", 1)
+    if path then error(("%s: bad option '%s' (%s expected, got %s)"):format(fname, path, want, got), 3) end
+  end
   for _, k in ipairs{ "durable", "exclusive", "auto_delete" } do
     if d[k] ~= nil and type(d[k]) ~= "boolean" then opt_error(fname, "declare." .. k, "boolean", d[k], 3) end
   end
@@ -321,6 +351,7 @@ end
 --- Closes the consuming channel: the broker requeues what it delivered and
 --- nobody settled.  Never waits.
 function Source:stop()
+  check_self(self, "source:stop")
   local ch = self.consume_ch
   self.consume_ch = false
   if ch then ch:close("consumer stopped") end
@@ -329,6 +360,7 @@ end
 --- Up to n deliveries; waits up to wait_ms for the first when none is
 --- there.  Raises when the channel or its connection is lost.
 function Source:fetch(n, wait_ms)
+  check_self(self, "source:fetch")
   local ch = self.consume_ch
   if not ch then error(self.name .. ": not consuming (call source:start first)", 2) end
   local buf = ch.buffer
@@ -348,15 +380,34 @@ function Source:fetch(n, wait_ms)
   return out
 end
 
+--- Raises when delivery tag `tag` of channel ch was settled already: a
+--- second ack or nack of a tag closes the channel (406 PRECONDITION_FAILED),
+--- and every delivery in flight on it comes back to be handled again.
+--- (Once a channel stopped counting, see settled, it cannot tell.)
+local function check_unsettled(s, ch, tag, fname)
+  local low = ch.low
+  if low and (tag < low or ch.above[tag]) then
+    error(format("%s: %s: delivery %s is settled already (an ack or nack was sent for it)", fname, s.name,
+                 tostring(tag)), 3)
+  end
+end
+
+local function check_delivery(d, fname)
+  if getmetatable(d) ~= Delivery_mt then check.arg_error(fname, 1, "delivery of a rabbitmq source", d, 3) end
+end
+
 --- Settles a delivery on the channel it came on; false when that channel
 --- is gone (the broker gave the delivery back: nothing to send).
 function Source:ack(d)
+  check_self(self, "source:ack")
+  check_delivery(d, "source:ack")
   local ch = d._ch
   if ch.lost then
     self.stats.stale = self.stats.stale + 1
     return false
   end
   local tag = d.tag
+  check_unsettled(self, ch, tag, "source:ack")
   local multiple = settled(ch, tag)
   local ok, err = ch.conn.raw:ack(ch.num, tag, multiple)
   if not ok then ch.conn:lose(err); error(ch.conn.name .. ": " .. tostring(err), 0) end
@@ -368,11 +419,14 @@ function Source:ack(d)
 end
 
 function Source:nack(d, requeue)
+  check_self(self, "source:nack")
+  check_delivery(d, "source:nack")
   local ch = d._ch
   if ch.lost then
     self.stats.stale = self.stats.stale + 1
     return false
   end
+  check_unsettled(self, ch, d.tag, "source:nack")
   local ok, err = ch.conn.raw:nack(ch.num, d.tag, false, requeue and true or false)
   settled(ch, d.tag)
   if not ok then ch.conn:lose(err); error(ch.conn.name .. ": " .. tostring(err), 0) end
