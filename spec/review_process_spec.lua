@@ -279,13 +279,13 @@ end)
 end)
 
 describe("process mode, a child that floods its stderr", function()
-  -- Flip to `it` once the parent stops reading a child's stderr while its
-  -- own stderr does not take more (back-pressure on the child) instead of
-  -- waiting in fwrite on the loop thread.
-  pending("DEFECT: blocks the parent's whole loop while the parent's own stderr is not drained: procs.c's "
-    .. "take_stderr forwards each chunk with a blocking fwrite(stderr) on the loop thread; 4 MB written by a "
-    .. "job, a stderr pipe read only after 3 s: no timer, task or I/O of the parent ran for 2.9 s (for ever "
-    .. "if the reader is stuck)", function()
+  -- Was a defect: procs.c's take_stderr forwarded each chunk with a
+  -- blocking fwrite(stderr) on the loop thread; 4 MB written by a job to a
+  -- stderr pipe read only after 3 s stopped every timer, task and I/O of
+  -- the parent for 2.9 s (for ever if the reader is stuck).  Now what the
+  -- parent's fd 2 does not take at once is held back and the child's
+  -- stderr is not read meanwhile: the child waits, the parent does not.
+  it("does not stop the parent's loop while the parent's own stderr is drained late: the child waits", function()
     local dir = spec_helper.tempdir()
     spec_helper.write_file(dir, "flood.lua", [[
 local tide = require "tide"

@@ -2,6 +2,8 @@
 #include "procs.h"
 
 #include <errno.h>
+#include <limits.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,18 +13,23 @@
 
 #define READ_CHUNK 65536
 #define REAPED_CHECK_MS 50
+#define FLUSH_RETRY_MS 10             /* how often a child's held-back stderr is offered again */
 #define SENT_MAX 128               /* job ids remembered per child (process_prefetch is 64 at most) */
 
 int tide__proc_in_host = 0;
 
-/* Invariants: `open` counts the handles not yet closed (four once
+/* Invariants: `open` counts the handles not yet closed (five once
  * spawned); the struct is freed by the close callback that brings it to
- * zero, and only once `gone` is set (no more events, no more calls). */
+ * zero, and only once `gone` is set (no more events, no more calls).
+ * While `held` bytes of the child's stderr wait for the parent's fd 2 to
+ * take them, the child's stderr is not read (its own writes then wait:
+ * back-pressure) and the `flush` timer offers them again. */
 struct tide__proc {
   uv_process_t proc;
   uv_pipe_t chan;                  /* fd 3: frames                        */
   uv_pipe_t err;                   /* fd 2: stderr                        */
   uv_timer_t check;                /* after fd 3's end: is it reaped?     */
+  uv_timer_t flush;                /* offers held-back stderr again       */
   tide__proc_cb cb;
   void *data;
   int pid;
@@ -30,6 +37,7 @@ struct tide__proc {
   int gone;                        /* exited or closed: no more events    */
   int ready;                       /* it sent its 'R' frame               */
   int broken;                      /* it broke the protocol: being killed */
+  int dying;                       /* dead: its last bytes are being read  */
   /* The ids of the jobs sent and not done yet, oldest first: a child
    * answers its jobs in order, so a 'done' frame must name the oldest, and
    * is judged as soon as its id arrived (bytes a job wrote on fd 3 would
@@ -43,6 +51,8 @@ struct tide__proc {
   char tail[TIDE_PROC_TAIL];       /* the end of stderr                   */
   size_t tail_len;
   char rbuf[READ_CHUNK];           /* libuv reads into this               */
+  char held[READ_CHUNK];           /* stderr the parent's fd 2 did not take yet */
+  size_t held_off, held_len;
 };
 
 /* ===== bytes */
@@ -131,6 +141,7 @@ static void close_handles(tide__proc *p) {
   uv_close((uv_handle_t *)&p->chan, on_closed);
   uv_close((uv_handle_t *)&p->err, on_closed);
   uv_close((uv_handle_t *)&p->check, on_closed);
+  uv_close((uv_handle_t *)&p->flush, on_closed);
 }
 
 void tide__proc_close(tide__proc *p) {
@@ -222,10 +233,68 @@ static void keep_tail(tide__proc *p, const char *data, size_t n) {
   p->tail_len += n;
 }
 
+/* Writes to the parent's fd 2 what it takes now, without waiting: at most
+ * PIPE_BUF bytes a write, each after poll says it has room (a pipe or a
+ * terminal with room for PIPE_BUF takes them whole; a file always has).
+ * Returns how many bytes went, or n when fd 2 is broken (closed, its
+ * reader gone: they would go nowhere, so they are dropped as fwrite's were).
+ * The loop thread must never wait here: a parent whose stderr is read late
+ * (a slow log collector, a pipe nobody drains yet) stood still for as long,
+ * every task and timer with it (spec/review_process_spec.lua). */
+static size_t write_ready(const char *data, size_t n) {
+  size_t done = 0;
+  while (done < n) {
+    struct pollfd pfd = { .fd = 2, .events = POLLOUT, .revents = 0 };
+    int r = poll(&pfd, 1, 0);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 || (pfd.revents & (POLLERR | POLLNVAL))) return n;
+    if (r == 0 || !(pfd.revents & POLLOUT)) break;   /* no room now */
+    size_t k = n - done < PIPE_BUF ? n - done : PIPE_BUF;
+    ssize_t w = write(2, data + done, k);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN) break;
+      return n;                                      /* EPIPE and the like: nowhere to go */
+    }
+    done += (size_t)w;
+  }
+  return done;
+}
+
+static void on_err(uv_stream_t *s, ssize_t n, const uv_buf_t *buf);
+static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf);
+
+/* The flush timer: the held-back bytes once more; when all went, the
+ * child's stderr is read again. */
+static void on_flush(uv_timer_t *t) {
+  tide__proc *p = t->data;
+  p->held_off += write_ready(p->held + p->held_off, p->held_len - p->held_off);
+  if (p->held_off < p->held_len) return;
+  p->held_off = p->held_len = 0;
+  uv_timer_stop(&p->flush);
+  if (!p->gone && uv_read_start((uv_stream_t *)&p->err, on_alloc, on_err) != 0)
+    uv_read_stop((uv_stream_t *)&p->err);            /* (cannot fail on a live pipe) */
+}
+
+/* The child's stderr goes where the parent's goes, as fast as the
+ * parent's fd 2 takes it: what does not go now is held back, and the
+ * child's stderr is not read until it went (see write_ready).  Once the
+ * child is dead (`gone`, or drained at its end) what fd 2 does not take
+ * now is dropped: the end of it is in the exit event's tail anyway. */
 static void take_stderr(tide__proc *p, const char *data, size_t n) {
   keep_tail(p, data, n);
-  fwrite(data, 1, n, stderr);      /* the child's lines go where the parent's go */
-  fflush(stderr);
+  if (p->held_len > p->held_off) {                   /* at the end: what was held goes first */
+    p->held_off += write_ready(p->held + p->held_off, p->held_len - p->held_off);
+    if (p->held_off < p->held_len) return;           /* (dying: the rest is dropped) */
+    p->held_off = p->held_len = 0;
+  }
+  size_t done = write_ready(data, n);
+  if (done == n || p->gone || p->dying) return;
+  memcpy(p->held, data + done, n - done);            /* n <= READ_CHUNK: one read */
+  p->held_off = 0;
+  p->held_len = n - done;
+  uv_read_stop((uv_stream_t *)&p->err);
+  uv_timer_start(&p->flush, on_flush, FLUSH_RETRY_MS, FLUSH_RETRY_MS);
 }
 
 static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
@@ -272,6 +341,7 @@ static void finish(tide__proc *p, int64_t status, int term_signal, int status_kn
    * while any member lives, so this reaches only what it left behind. */
   kill(-p->pid, SIGKILL);
   drain(p, &p->chan, take_bytes);
+  p->dying = 1;                                      /* nothing is held back from here on */
   drain(p, &p->err, take_stderr);
   if (p->gone) return;                               /* closed from an event */
   p->gone = 1;
@@ -361,11 +431,13 @@ int tide__proc_spawn(uv_loop_t *loop, const tide__proc_config *cfg, tide__proc_c
   if (p == NULL) { snprintf(err, errlen, "out of memory"); return UV_ENOMEM; }
   p->cb = cb;
   p->data = data;
-  p->proc.data = p->chan.data = p->err.data = p->check.data = p;
+  p->proc.data = p->chan.data = p->err.data = p->check.data = p->flush.data = p;
   uv_pipe_init(loop, &p->chan, 0);                   /* cannot fail on unix */
   uv_pipe_init(loop, &p->err, 0);
   uv_timer_init(loop, &p->check);
   uv_unref((uv_handle_t *)&p->check);
+  uv_timer_init(loop, &p->flush);
+  uv_unref((uv_handle_t *)&p->flush);
   uv_stdio_container_t stdio[4];
   stdio[0].flags = UV_IGNORE;
   stdio[1].flags = UV_INHERIT_FD;
@@ -379,7 +451,7 @@ int tide__proc_spawn(uv_loop_t *loop, const tide__proc_config *cfg, tide__proc_c
     .flags = UV_PROCESS_DETACHED,                    /* a session: kill(-pid) reaches what it starts */
     .stdio_count = 4, .stdio = stdio,
   };
-  p->open = 4;
+  p->open = 5;
   int rc = uv_spawn(loop, &p->proc, &opt);
   if (rc != 0) {
     snprintf(err, errlen, "cannot start %s: %s", cfg->file, uv_strerror(rc));
