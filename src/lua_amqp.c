@@ -1,7 +1,7 @@
 /* lua_amqp.c — a thin Lua binding of amqp_conn.c for the RabbitMQ source: connections opened off the loop, frames as Lua tables.
  *
  *   amqp_connect(id, { host, port, vhost, user, password, name, heartbeat, timeout })
- *                      connects and logs in on a libuv worker thread; then
+ *                      connects and logs in on a thread of its own; then
  *                      ready(id, "open", conn | nil, message) runs on the loop
  *   amqp_on_ready(fn)  fn(id, "open", ...) as above, or fn(id, "io") when the
  *                      connection has something to read or was lost
@@ -26,11 +26,19 @@
  *
  * Connections belong to the loop: they are closed when closed from Lua,
  * collected, or when the loop closes (tide__close_amqp), whichever comes
- * first.  A connect still under way when the loop closes is cancelled, or
- * its connection closed as soon as it arrives.
+ * first.  A connect still under way when the loop closes is left to its
+ * thread, which closes the connection it gets and lets the binding go.
+ *
+ * Each connect has a thread of its own (detached), not one of libuv's
+ * shared worker threads: a TCP connect and a login block for up to their
+ * timeout, and four connects to a broker that never answers held all four
+ * of libuv's threads, so a connect to a healthy broker waited behind them
+ * (spec/review_amqp_spec.lua).  A thread hands its result to the loop
+ * through the binding's `finished` list and async handle, under its lock.
  */
 #include <limits.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,14 +57,21 @@
 typedef struct conn_ud conn_ud;
 typedef struct connect_req connect_req;
 
-/* Shared by the module and the connects under way: freed when both let go. */
+/* Shared by the module, its async handle and the connects under way:
+ * freed when all let go.  `lock` guards refs, closed and finished (the
+ * connects' threads touch them); the rest is the loop thread's. */
 typedef struct binding {
   uv_loop_t *loop;        /* NULL once the loop closed */
   tide__caller caller;    /* callbacks call Lua through it */
   int ready_ref;
   int refs;
   conn_ud *conns;         /* open connections */
-  connect_req *pending;   /* connects under way */
+  connect_req *pending;   /* connects under way (their threads may have finished) */
+  int npending;           /* the async handle keeps the loop alive while > 0 */
+  uv_mutex_t lock;
+  uv_async_t async;       /* a connect's thread finished */
+  int closed;             /* the loop closed: threads clean up after themselves */
+  connect_req *finished;  /* handed over by the threads, not yet taken by the loop */
 } binding;
 
 struct conn_ud {
@@ -67,20 +82,26 @@ struct conn_ud {
 };
 
 struct connect_req {
-  uv_work_t work;
   binding *b;
   int id;
   tide__amqp_config cfg;
   char *strings;          /* host, vhost, user, password, name: one block */
   tide__amqp *c;
   char err[256];
-  connect_req *prev, *next;
+  connect_req *prev, *next;   /* b->pending: the loop thread's */
+  connect_req *fnext;         /* b->finished: under b->lock */
 };
 
 typedef struct { binding *b; } binding_ud;
 
 static void binding_unref(binding *b) {
-  if (--b->refs == 0) free(b);
+  uv_mutex_lock(&b->lock);
+  int left = --b->refs;
+  uv_mutex_unlock(&b->lock);
+  if (left == 0) {
+    uv_mutex_destroy(&b->lock);
+    free(b);
+  }
 }
 
 /* What a callback into Lua carries: ready(id, kind[, conn, err]).  Pushed
@@ -644,9 +665,32 @@ static int conn_tostring(lua_State *L) {
 
 /* ===== connecting, off the loop ===== */
 
-static void connect_work(uv_work_t *w) {
-  connect_req *r = w->data;
+static void free_req(connect_req *r) {
+  if (r->c) tide__amqp_close(r->c);          /* (not attached to a loop: any thread may) */
+  free(r->strings);
+  free(r);
+}
+
+/* A connect's own thread: connects and logs in (blocking, up to its
+ * timeout), then hands the result to the loop, or, the loop gone, closes
+ * it and lets the binding go. */
+static void *connect_thread(void *arg) {
+  connect_req *r = arg;
+  binding *b = r->b;
   r->c = tide__amqp_open(&r->cfg, r->err, sizeof r->err);
+  uv_mutex_lock(&b->lock);
+  int orphan = b->closed;
+  if (!orphan) {
+    r->fnext = b->finished;
+    b->finished = r;
+    uv_async_send(&b->async);
+  }
+  uv_mutex_unlock(&b->lock);
+  if (orphan) {
+    free_req(r);
+    binding_unref(b);
+  }
+  return NULL;
 }
 
 /* ready(id, "open", conn, nil) or ready(id, "open", nil, err): the
@@ -687,21 +731,42 @@ static int push_open(lua_State *L, ready_args *a) {
   return 4;
 }
 
-static void connect_done(uv_work_t *w, int status) {
-  connect_req *r = w->data;
+/* On the loop: a connect's thread finished; ready(id, "open", ...). */
+static void connect_done(connect_req *r) {
   binding *b = r->b;
   if (r->prev) r->prev->next = r->next; else b->pending = r->next;
   if (r->next) r->next->prev = r->prev;
-  if (b->loop == NULL || status != 0) {                 /* the loop closed meanwhile */
-    if (r->c) tide__amqp_close(r->c);
-  } else {
-    ready_args a = { b, r->id, "open", r };
-    call_ready(&a);                       /* takes r->c over when it made a connection of it */
-    if (r->c) tide__amqp_close(r->c);
-  }
-  free(r->strings);
-  free(r);
+  if (--b->npending == 0) uv_unref((uv_handle_t *)&b->async);
+  ready_args a = { b, r->id, "open", r };
+  call_ready(&a);                         /* takes r->c over when it made a connection of it */
+  free_req(r);
   binding_unref(b);
+}
+
+/* The async handle: takes what the threads handed over, oldest first. */
+static void on_connected(uv_async_t *h) {
+  binding *b = h->data;
+  uv_mutex_lock(&b->lock);
+  connect_req *list = NULL, *r = b->finished;
+  b->finished = NULL;
+  uv_mutex_unlock(&b->lock);
+  while (r) {                                  /* (handed over newest first) */
+    connect_req *next = r->fnext;
+    r->fnext = list;
+    list = r;
+    r = next;
+  }
+  while (list && b->loop) {
+    r = list;
+    list = r->fnext;
+    connect_done(r);
+  }
+  while (list) {                               /* the loop closed from a ready callback */
+    r = list;
+    list = r->fnext;
+    free_req(r);
+    binding_unref(b);
+  }
 }
 
 static binding *get(lua_State *L) {
@@ -766,13 +831,27 @@ static int l_connect(lua_State *L) {
                                 cfg_int(L, "heartbeat"), cfg_ms(L, "timeout") };
   r->b = b;
   r->id = id;
-  r->work.data = r;
-  int rc = uv_queue_work(b->loop, &r->work, connect_work, connect_done);
-  if (rc != 0) { free(block); free(r); return luaL_error(L, "amqp_connect: %s", uv_strerror(rc)); }
-  b->refs++;
-  r->next = b->pending;
+  uv_mutex_lock(&b->lock);
+  b->refs++;                                   /* the thread's */
+  uv_mutex_unlock(&b->lock);
+  pthread_attr_t attr;
+  pthread_t thread;
+  int rc = pthread_attr_init(&attr);
+  if (rc == 0) {
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    rc = pthread_create(&thread, &attr, connect_thread, r);
+    pthread_attr_destroy(&attr);
+  }
+  if (rc != 0) {
+    free(block);
+    free(r);
+    binding_unref(b);
+    return luaL_error(L, "amqp_connect: cannot start a thread: %s", strerror(rc));
+  }
+  r->next = b->pending;                        /* (the thread never reads these links) */
   if (r->next) r->next->prev = r;
   b->pending = r;
+  if (b->npending++ == 0) uv_ref((uv_handle_t *)&b->async);
   return 0;
 }
 
@@ -793,6 +872,8 @@ static const luaL_Reg funcs[] = {
   { "amqp_connect", l_connect }, { "amqp_on_ready", l_on_ready }, { NULL, NULL }
 };
 
+static void on_async_closed(uv_handle_t *h) { binding_unref(h->data); }
+
 /* Closes every connection and gives up connects under way (before the loop closes). */
 void tide__close_amqp(lua_State *L) {
   lua_getfield(L, LUA_REGISTRYINDEX, BINDING_KEY);
@@ -800,8 +881,21 @@ void tide__close_amqp(lua_State *L) {
   if (bu && bu->b) {
     binding *b = bu->b;
     while (b->conns) close_conn(b->conns);
-    for (connect_req *r = b->pending; r; r = r->next) uv_cancel((uv_req_t *)&r->work);
-    b->loop = NULL;                                     /* connect_done closes what still comes */
+    uv_mutex_lock(&b->lock);
+    b->closed = 1;                                      /* threads still connecting clean up after themselves */
+    connect_req *r = b->finished;
+    b->finished = NULL;
+    uv_mutex_unlock(&b->lock);
+    while (r) {                                         /* handed over, never taken: closed here */
+      connect_req *next = r->fnext;
+      free_req(r);
+      binding_unref(b);
+      r = next;
+    }
+    b->pending = NULL;                                  /* (the threads' now) */
+    b->npending = 0;
+    b->loop = NULL;
+    uv_close((uv_handle_t *)&b->async, on_async_closed);
     luaL_unref(L, LUA_REGISTRYINDEX, b->ready_ref);
     b->ready_ref = LUA_NOREF;
     tide__caller_free(L, &b->caller);
@@ -816,8 +910,16 @@ void tide__open_amqp(lua_State *L, uv_loop_t *loop, tide__watchdog *wd) {
   tide__new_type(L, CONN_MT, conn_methods, conn_close, conn_tostring);
   binding *b = calloc(1, sizeof *b);
   if (b == NULL) luaL_error(L, "tide: out of memory");
+  if (uv_mutex_init(&b->lock) != 0) { free(b); luaL_error(L, "tide: cannot make a mutex"); }
+  if (uv_async_init(loop, &b->async, on_connected) != 0) {
+    uv_mutex_destroy(&b->lock);
+    free(b);
+    luaL_error(L, "tide: cannot make an async handle");
+  }
+  b->async.data = b;
+  uv_unref((uv_handle_t *)&b->async);                 /* only while connects are under way */
   b->loop = loop;
-  b->refs = 1;
+  b->refs = 2;                                        /* the module's and the async handle's */
   b->ready_ref = LUA_NOREF;
   tide__caller_init(L, &b->caller, wd);
   binding_ud *bu = lua_newuserdata(L, sizeof *bu);
