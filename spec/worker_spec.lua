@@ -302,13 +302,23 @@ describe("tide.worker on " .. store.name, function()
   end)
 
   it("stops gracefully: running jobs get the grace period, then are released, not counted", function()
-    local t = { quick = function() tide.sleep(20) end, slow = function() tide.sleep(5000) end }
+    -- The quick job ends only once the stop is under way: a quick job that
+    -- ended before this task saw both running (a loaded machine delays a
+    -- 1 ms sleep past 20 ms) left it waiting for ever.
+    local stopping = false
+    local t = { quick = function() while not stopping do tide.sleep(1) end; tide.sleep(5) end,
+                slow = function() tide.sleep(5000) end }
     local quick = q:enqueue{ target = "t", method = "quick" }
     local slow = q:enqueue{ target = "t", method = "slow" }
     local st = with_worker(function()
       local w = tide.worker{ queue = q, targets = { t = t } }
-      while w:info().running < 2 do tide.sleep(1) end
-      w:stop(60)
+      local deadline = tide.now() + 10000
+      while w:info().running < 2 do
+        assert(tide.now() < deadline, "the two jobs never ran at once")
+        tide.sleep(1)
+      end
+      stopping = true
+      w:stop(1000)
       return w:wait()
     end)
     assert.equal(1, st.completed)
@@ -322,12 +332,19 @@ describe("tide.worker on " .. store.name, function()
   end)
 
   it("releases claimed jobs on a shutdown of the loop, and records the ones that finish in the grace", function()
-    local t = { quick = function() tide.sleep(10) end, slow = function() tide.sleep(5000) end }
+    local stopping = false                      -- (the quick ones end once all four ran: see above)
+    local t = { quick = function() while not stopping do tide.sleep(1) end; tide.sleep(5) end,
+                slow = function() tide.sleep(5000) end }
     for _ = 1, 3 do q:enqueue{ target = "t", method = "quick" } end
     local slow = q:enqueue{ target = "t", method = "slow" }
     spec_helper.run(function()
       local w = tide.worker{ queue = q, targets = { t = t } }
-      while w:info().running < 4 do tide.sleep(1) end
+      local deadline = tide.now() + 10000
+      while w:info().running < 4 do
+        assert(tide.now() < deadline, "the four jobs never ran at once")
+        tide.sleep(1)
+      end
+      stopping = true
       tide.shutdown(1000)                       -- the quick ones finish; the slow one is released
     end)
     local st = q:stats()
