@@ -10,13 +10,7 @@ local STORE = "sqlite:" .. dir .. "/flows.db"
 
 --- Runs `tide flows --store STORE REST`; returns the exit status, stdout and stderr.
 local function flows(rest, store)
-  local errfile = dir .. "/stderr"
-  local f = io.popen(("TIDE_STORE= %s flows --store %s %s 2>%s; echo \"__status=$?\""):format(TIDE, store or STORE,
-                                                                                               rest, errfile))
-  local out = f:read("*a")
-  f:close()
-  local status = tonumber(out:match("__status=(%d+)%s*$"))
-  return status, (out:gsub("__status=%d+%s*$", "")), H.file_bytes(errfile)
+  return H.sh_split(("TIDE_STORE= %s flows --store %s %s"):format(TIDE, store or STORE, rest), dir)
 end
 
 local function flows_json(rest)

@@ -99,6 +99,17 @@ function H.sh(cmd)
   return status, (out:gsub("__status=%d+%s*$", ""))
 end
 
+--- Runs a shell command; returns its exit status, its stdout and its
+--- stderr, kept apart (through the file dir/stderr).
+function H.sh_split(cmd, dir)
+  local errfile = dir .. "/stderr"
+  local f = io.popen(("%s 2>%s; echo \"__status=$?\""):format(cmd, errfile))
+  local out = f:read("*a")
+  f:close()
+  local status = tonumber(out:match("__status=(%d+)%s*$"))
+  return status, (out:gsub("__status=%d+%s*$", "")), H.file_bytes(errfile)
+end
+
 --- Runs a shell command on a thread task, so that the loop goes on meanwhile (a
 --- client talking to a server of this process); its output.  Inside a task.
 function H.sh_on_thread(cmd)

@@ -7,13 +7,7 @@ local TIDE = H.build .. "/tide"
 local function sleep(s) os.execute("sleep " .. s) end
 
 --- Runs a command; returns its exit status, stdout and stderr.
-local function run(dir, cmd)
-  local f = io.popen(("%s 2>%s/stderr; echo \"__status=$?\""):format(cmd, dir))
-  local out = f:read("*a")
-  f:close()
-  local status = tonumber(out:match("__status=(%d+)%s*$"))
-  return status, (out:gsub("__status=%d+%s*$", "")), H.file_bytes(dir .. "/stderr")
-end
+local function run(dir, cmd) return H.sh_split(cmd, dir) end
 
 --- Every line of `text` as a decoded JSON object (raises on a line that is not one).
 local function json_lines(text)

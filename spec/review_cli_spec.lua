@@ -14,24 +14,11 @@ local function fresh_store()
   return ("sqlite:%s/cli%d.db"):format(dir, nstores)
 end
 
-local function read(path)
-  local fh = io.open(path)
-  if not fh then return "" end
-  local s = fh:read("*a")
-  fh:close()
-  return s
-end
+local read = H.file_bytes
 
 --- Runs `tide CMD --store STORE REST`; returns the exit status, stdout and stderr.
 local function tide(cmd, store, rest)
-  local errfile = dir .. "/stderr"
-  local line = ("TIDE_STORE= %s %s%s %s 2>%s"):format(TIDE, cmd, store and " --store " .. store or "",
-                                                      rest or "", errfile)
-  local f = io.popen(line .. "; echo \"__status=$?\"")
-  local out = f:read("*a")
-  f:close()
-  local status = tonumber(out:match("__status=(%d+)%s*$"))
-  return status, (out:gsub("__status=%d+%s*$", "")), read(errfile)
+  return H.sh_split(("TIDE_STORE= %s %s%s %s"):format(TIDE, cmd, store and " --store " .. store or "", rest or ""), dir)
 end
 
 local function tide_json(cmd, store, rest)
