@@ -368,10 +368,10 @@ static slot *start_slot(tide__pool *p, int index, char *err, size_t errlen) {
  * and each such finalizer runs once: so a storm of them is outlasted, not
  * given up on.  At 100 tries, a storm of up to 20,000 raising finalizers
  * dropped a job in 1 run of 30-40 (finalizer_spec: its task then ended
- * "cancelled: stalled" instead of with its result; 0 of 100 runs now); a
- * failure that never ends is given up after 100,000 loop iterations (not
- * measured: about a second, at some 10 us each). */
-#define MAX_DELIVERIES 100000
+ * "cancelled: stalled" instead of with its result); at 10,000, none in
+ * 100 runs.  A failure that never ends is given up after 10,000 wake-ups
+ * (test_threads: about 12 s, at some 1.2 ms each). */
+#define MAX_DELIVERIES TIDE_POOL_MAX_DELIVERIES
 
 static void on_async(uv_async_t *a) {
   tide__pool *p = a->data;

@@ -67,6 +67,10 @@ typedef struct tide__pool tide__pool;
 /* Most finished jobs handed to one call of the delivery callback. */
 #define TIDE_POOL_BATCH 1024
 
+/* A finished job whose delivery failed this many times is dropped (see
+ * on_async in threads.c: why so many). */
+#define TIDE_POOL_MAX_DELIVERIES 10000
+
 /* Delivers n finished jobs (loop thread): `first` and the n - 1 jobs after
  * it through `next` (1 <= n <= TIDE_POOL_BATCH), in order.  Returns how
  * many of them, from the first, were delivered: n, or fewer when the job

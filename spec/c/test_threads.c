@@ -259,18 +259,19 @@ static void refused_delivery_is_retried(void) {
   rig *r = rig_start(2, 0, NULL);
   tide_buf args = args_of(AB3);
   r->box.refuse[7] = 3;                               /* refused 3 times, then taken */
-  r->box.refuse[9] = 1000;                            /* refused every time: dropped */
+  r->box.refuse[9] = TIDE_POOL_MAX_DELIVERIES + 10;   /* refused every time: dropped */
   for (uint64_t id = 1; id <= N; id++) submit(r, id, "string.rep", strlen("string.rep"), 1, &args);
   tide__buf_free(&args);
   ok(wait_delivered(r, N - 1, WAIT_MS), "every job but the one always refused is delivered");
-  uint64_t dl = deadline_in(WAIT_MS);                 /* one refusal per wake-up */
-  while (r->box.refused < 3 + 100 && tick(r, dl)) {}
+  uint64_t dl = deadline_in(12 * WAIT_MS);            /* one refusal per wake-up */
+  while (r->box.refused < 3 + TIDE_POOL_MAX_DELIVERIES && tick(r, dl)) {}
   run_for(r, 20);
   int once = 1;
   for (uint64_t id = 1; id <= N; id++) once &= r->box.count[id] == (id == 9 ? 0 : 1);
   ok(once && r->box.stray == 0, "each once, the refused one after its refusals");
   ok(r->box.refuse[7] == 0 && result_is(r, 7, "ababab"), "a job refused 3 times comes back with its result");
-  ok(r->box.refused == 3 + 100, "a job refused 100 times is dropped (refusals: %d)", r->box.refused);
+  ok(r->box.refused == 3 + TIDE_POOL_MAX_DELIVERIES, "a job refused TIDE_POOL_MAX_DELIVERIES times is dropped "
+     "(refusals: %d)", r->box.refused);
   ok(r->box.largest_batch <= TIDE_POOL_BATCH, "no batch is larger than TIDE_POOL_BATCH");
   tide__pool_stats st = stats(r);
   ok(st.in_flight == 0 && st.queued == 0, "nothing is left in flight (in_flight %d)", st.in_flight);
