@@ -91,7 +91,7 @@ $(BUILD)/libtide.a: $(CORE_OBJ)
 	ar rcs $@ $^
 
 $(BUILD)/tide.so: $(CORE_OBJ)
-	$(CC) $(LDFLAGS) -shared -o $@ $^ $(shell pkg-config --libs libuv sqlite3 libpq librabbitmq) $(NOPC_LIBS) -lm -lpthread
+	$(CC) $(LDFLAGS) -shared -Wl,-z,nodelete -o $@ $^ $(shell pkg-config --libs libuv sqlite3 libpq librabbitmq) $(NOPC_LIBS) -lm -lpthread
 
 # test_faults puts its own functions between the core and these (ld --wrap):
 # to fail them on request, count them, or check who calls them.

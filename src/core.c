@@ -10,6 +10,7 @@
 #include <lualib.h>
 #include <sqlite3.h>
 
+#include "alloc_cache.h"
 #include "bindings.h"
 #include "codec.h"
 #include "loop.h"
@@ -350,6 +351,19 @@ static int l_stats(lua_State *L) {
   return 3;
 }
 
+/* alloc_cache([cap]) -> bytes kept, cap, hits: the allocator cache's
+ * figures, after setting its cap (bytes) when given (alloc_cache.h). */
+static int l_alloc_cache(lua_State *L) {
+  if (!lua_isnoneornil(L, 1)) tide__alloc_cache_set(L, (size_t)luaL_checknumber(L, 1));
+  size_t kept, cap;
+  unsigned long long hits;
+  tide__alloc_cache_stats(L, &kept, &cap, &hits);
+  lua_pushnumber(L, (lua_Number)kept);
+  lua_pushnumber(L, (lua_Number)cap);
+  lua_pushnumber(L, (lua_Number)hits);
+  return 3;
+}
+
 static void free_state(tide__loop *loop) {
   free(loop->data);
 }
@@ -493,6 +507,7 @@ static const luaL_Reg core_funcs[] = {
   { "hostname", l_hostname }, { "versions", l_versions },
   { "clock_virtual", l_clock_virtual },
   { "clock_step", l_clock_step }, { "watchdog", l_watchdog },
+  { "alloc_cache", l_alloc_cache },
   { NULL, NULL }
 };
 
@@ -526,6 +541,7 @@ static int push_core(lua_State *L, uv_loop_t *uv) {
   lua_getfield(L, -1, "tide.core");
   if (!lua_isnil(L, -1)) { lua_remove(L, -2); return 0; }
   lua_pop(L, 1);
+  tide__alloc_cache_open(L);                       /* without it (no memory), L keeps its allocator */
   state *s = calloc(1, sizeof *s);
   if (s == NULL) { lua_pop(L, 1); lua_pushstring(L, "tide: out of memory"); return -1; }
   int rc = tide__loop_init(&s->loop, uv, on_tick, on_signal, s);

@@ -1,0 +1,51 @@
+/* alloc_cache.h — freed small blocks of a Lua state kept for reuse, in front of its allocator.
+ *
+ * Why: LuaJIT's allocator gives freed memory back to the kernel soon (its
+ * segments are mmap'ed), and a task is one small table: a burst of 200,000
+ * tasks allocates ~27 MB that the next burst faults in again, page by page.
+ * On the virtual machines these figures come from, a page fault costs
+ * ~20 us, and the faults were more than half of a warm burst's time
+ * (bench/RESULTS.md, issue 21; slab.h says the same of thread jobs).  The
+ * cache keeps each freed block of a small size on a free list of that exact
+ * size and hands it back for the next allocation of that size, so memory
+ * that Lua freed stays with the process, as a V8 or glibc heap does.
+ *
+ * Bounds: the blocks kept never add up to more than `cap` bytes
+ * (tide.configure{ alloc_cache = N }, TIDE_ALLOC_CACHE_DEFAULT), nor to
+ * more than the state's heap in use (or TIDE_ALLOC_CACHE_FLOOR, whichever
+ * is larger): a process keeps at most about what it uses.  A free that
+ * would pass the bound goes to the allocator at once.
+ *
+ * Safety: a block is handed back only for a request of exactly the size it
+ * was freed with (a Lua allocator is told the exact size of every block it
+ * frees), and every block comes from the state's own allocator and goes
+ * back to it: when the cap is lowered, and before the state closes (a
+ * finalizer of tide.core flushes the cache and puts the allocator back, so
+ * lua_close frees everything through the allocator it came from).
+ *
+ * One per state; a state is used by one thread at a time, and so is its cache. */
+#ifndef TIDE_ALLOC_CACHE_H
+#define TIDE_ALLOC_CACHE_H
+
+#include <stddef.h>
+
+#include <lua.h>
+
+#define TIDE_ALLOC_CACHE_DEFAULT ((size_t)64 << 20)   /* cap when not configured */
+#define TIDE_ALLOC_CACHE_FLOOR ((size_t)4 << 20)      /* kept even when the heap is smaller */
+#define TIDE_ALLOC_CACHE_LARGEST 512                  /* larger blocks are not kept */
+
+/* Puts the cache in front of L's allocator (cap: the default), and a
+ * finalizer that takes it out again; a second call does nothing.  0, or -1
+ * when it cannot (out of memory: L keeps its allocator). */
+int tide__alloc_cache_open(lua_State *L);
+
+/* Sets the most bytes kept (0: none; the blocks kept over it go back at
+ * once).  Returns the bytes kept now, or -1 when L has no cache. */
+long long tide__alloc_cache_set(lua_State *L, size_t cap);
+
+/* The bytes kept now, the cap, and the allocations served from the cache
+ * (0s when L has no cache). */
+void tide__alloc_cache_stats(lua_State *L, size_t *kept, size_t *cap, unsigned long long *hits);
+
+#endif
