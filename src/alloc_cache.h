@@ -6,9 +6,14 @@
  * On the virtual machines these figures come from, a page fault costs
  * ~20 us, and the faults were more than half of a warm burst's time
  * (bench/RESULTS.md, issue 21; slab.h says the same of thread jobs).  The
- * cache keeps each freed block of a small size on a free list of that exact
- * size and hands it back for the next allocation of that size, so memory
- * that Lua freed stays with the process, as a V8 or glibc heap does.
+ * cache keeps each freed block of a small size (up to
+ * TIDE_ALLOC_CACHE_LARGEST bytes) on a free list of that exact size, and
+ * the last few larger ones up to TIDE_ALLOC_CACHE_BIGGEST (the old sizes
+ * of an array that grew with a burst: a table's array, the run queue) in
+ * a ring, for a while (alloc_cache.c, BIG_LIFETIME).  A block is handed
+ * back for the next allocation of its exact size, a block that grows
+ * included (its contents are copied into the kept one).  Memory that Lua
+ * freed stays with the process, as a V8 or glibc heap does.
  *
  * Bounds: the blocks kept never add up to more than `cap` bytes
  * (tide.configure{ alloc_cache = N }, TIDE_ALLOC_CACHE_DEFAULT), nor to
@@ -33,7 +38,11 @@
 
 #define TIDE_ALLOC_CACHE_DEFAULT ((size_t)64 << 20)   /* cap when not configured */
 #define TIDE_ALLOC_CACHE_FLOOR ((size_t)4 << 20)      /* kept even when the heap is smaller */
-#define TIDE_ALLOC_CACHE_LARGEST 512                  /* larger blocks are not kept */
+#define TIDE_ALLOC_CACHE_LARGEST 512                  /* the largest block on a free list */
+/* The largest block kept at all.  Larger ones are a burst's last arrays,
+ * which the run queue drops on purpose (runq.lua, SPARE_MAX): kept, they
+ * were 42 bytes more RSS per task among 1,000,000 asleep (goal <= 700). */
+#define TIDE_ALLOC_CACHE_BIGGEST ((size_t)1 << 20)
 
 /* Puts the cache in front of L's allocator (cap: the default), and a
  * finalizer that takes it out again; a second call does nothing.  0, or -1

@@ -24,6 +24,8 @@ typedef struct { uint64_t magic, size; } header;   /* 16 bytes: keeps the alignm
 typedef struct {
   long long blocks, bytes;   /* outstanding */
   long long peak;            /* the most bytes outstanding */
+  long long watched_frees;   /* frees of blocks of the size `watched` */
+  size_t watched;
   long long bad_sizes;       /* frees and reallocs told a wrong size */
   long long bad_blocks;      /* pointers it never gave */
 } host;
@@ -36,7 +38,13 @@ static void *host_alloc(void *ud, void *p, size_t osize, size_t nsize) {
     if (b->size != osize) h->bad_sizes++;
   }
   if (nsize == 0) {
-    if (b) { h->blocks--; h->bytes -= (long long)b->size; b->magic = 0; free(b); }
+    if (b) {
+      h->blocks--;
+      h->bytes -= (long long)b->size;
+      if (b->size == h->watched) h->watched_frees++;
+      b->magic = 0;
+      free(b);
+    }
     return NULL;
   }
   header *n = realloc(b, sizeof *n + nsize);
@@ -158,6 +166,52 @@ static void bounded_by_heap(void) {
   ok(h.blocks == 0 && h.bad_sizes == 0, "every block is back at close (%lld, %lld)", h.blocks, h.bad_sizes);
 }
 
+/* An array that grows by doubling, freed, then grown again: each of its
+ * larger blocks (over TIDE_ALLOC_CACHE_LARGEST) comes back from the cache,
+ * its contents copied, and the host gives out nothing new. */
+static void growing_arrays(void) {
+  host h = { 0 };
+  lua_State *L = open_with(&h);
+  const char *grow =
+    "local t = {} for i = 1, 300000 do t[i] = i end\n"
+    "for i = 1, 300000 do assert(t[i] == i) end\n"
+    "t = nil; collectgarbage(); collectgarbage()\n";
+  ok(run(L, grow), "an array of 300,000 grown and freed");
+  size_t kept, cap;
+  unsigned long long hits0, hits1;
+  stats(L, &kept, &cap, &hits0);
+  long long blocks = h.blocks, peak = h.peak;
+  ok(run(L, grow), "... grown again, its values intact");
+  stats(L, &kept, &cap, &hits1);
+  ok(hits1 - hits0 >= 10, "... from the blocks it had before (%llu hits)", hits1 - hits0);
+  ok(h.peak == peak && h.blocks <= blocks + 8, "... and the host gave out no more (peak %lld -> %lld)",
+     peak, h.peak);
+  lua_close(L);
+  ok(h.blocks == 0 && h.bad_sizes == 0, "every block is back at close (%lld, %lld)", h.blocks, h.bad_sizes);
+}
+
+/* The big blocks kept go back once 64 MiB were handed out without them
+ * being taken: a process whose arrays stay large does not keep their old
+ * sizes for ever. */
+static void big_blocks_expire(void) {
+  host h = { 0 };
+  lua_State *L = open_with(&h);
+  size_t kept0, kept1, cap;
+  unsigned long long hits;
+  stats(L, &kept0, &cap, &hits);
+  ok(run(L, "local t = {} for i = 1, 50000 do t[i] = i end t = nil collectgarbage() collectgarbage()"),
+     "an array of 50,000 grown (to 512 KiB) and freed");
+  stats(L, &kept1, &cap, &hits);
+  ok(kept1 >= kept0 + (65536 + 1) * 8, "... its block is kept (%zu -> %zu bytes)", kept0, kept1);
+  h.watched = (65536 + 1) * 8;          /* a LuaJIT array part of 2^16 slots and slot 0 */
+  long long before = h.watched_frees;
+  ok(run(L, "local x for i = 1, 1000000 do x = { i, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12 } end"),
+     "then 1,000,000 small tables made and dropped (~170 MB handed out)");
+  ok(h.watched_frees - before == 1, "... the array's block went back (%lld)", h.watched_frees - before);
+  lua_close(L);
+  ok(h.blocks == 0 && h.bad_sizes == 0, "every block is back at close (%lld, %lld)", h.blocks, h.bad_sizes);
+}
+
 /* A host wraps the allocator again after tide: tide cannot take itself out
  * at close, and stays a pass-through that keeps nothing. */
 static void wrapped_after(void) {
@@ -200,6 +254,8 @@ static void bad_options(void) {
 int main(void) {
   reuse_and_bounds();
   bounded_by_heap();
+  growing_arrays();
+  big_blocks_expire();
   wrapped_after();
   bad_options();
   return tap_done();
