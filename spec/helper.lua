@@ -90,6 +90,40 @@ function H.run(fn, ...)
   return unpack(results, 2, table.maxn(results))
 end
 
+--- Waits (inside a task) until cond() holds, polling every `step` ms (5
+--- unless given); true, or false once more than `ms` have passed.
+function H.wait_for(cond, ms, step)
+  local tide = require "tide"
+  local t0 = tide.now()
+  while not cond() do
+    if tide.now() - t0 > ms then return false end
+    tide.sleep(step or 5)
+  end
+  return true
+end
+
+--- For the store specs' describe blocks (call it inside one): before each
+--- test, a queue on an empty `store` (an entry of H.stores()), handed to
+--- set(q), and the error sink counting; after each, errors printed again,
+--- the queue closed, the store removed, and nothing left live.
+function H.fresh_queue_each(store, set)
+  local busted = getfenv(2)     -- (before_each and after_each live in the spec's environment, not this file's)
+  local path, q
+  busted.before_each(function()
+    path = os.tmpname()
+    q = require("tide").queue.open(store.fresh(path))
+    set(q)
+    H.quiet_errors()
+  end)
+  busted.after_each(function()
+    H.loud_errors()
+    q:close()
+    store.reset(path)
+    os.remove(path)
+    H.assert_idle()
+  end)
+end
+
 --- Runs a shell command; returns its exit status and output.
 function H.sh(cmd)
   local f = io.popen(cmd .. " 2>&1; echo \"__status=$?\"")
