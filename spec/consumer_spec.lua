@@ -12,16 +12,9 @@ local tide = require "tide"
 
 local quiet, loud = spec_helper.quiet_errors, spec_helper.loud_errors
 local URL = os.getenv("TIDE_AMQP_URL")
-local queue_n = 0
 
-local function wait_for(cond, ms)
-  local t0 = tide.now()
-  while not cond() do
-    if tide.now() - t0 > ms then return false end
-    tide.sleep(2)
-  end
-  return true
-end
+--- spec_helper.wait_for, polling every 2 ms.
+local function wait_for(cond, ms) return spec_helper.wait_for(cond, ms, 2) end
 
 --- Wraps fetch, ack and nack to record deliveries and settles.
 local function spy(src)
@@ -74,9 +67,8 @@ kinds[1] = {
 kinds[2] = {
   name = "rabbitmq",
   new = function(prefetch)
-    assert(URL, "TIDE_AMQP_URL is not set: spec/run.sh starts a RabbitMQ node for this spec")
-    queue_n = queue_n + 1
-    local src = tide.sources.rabbitmq{ url = URL, queue = ("contract-%d-%d"):format(os.time(), queue_n),
+    spec_helper.amqp_node()
+    local src = tide.sources.rabbitmq{ url = URL, queue = spec_helper.qname("contract"),
                                        prefetch = prefetch, declare = { durable = false } }
     src:declare_queue()
     return spy(src)

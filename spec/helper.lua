@@ -124,6 +124,49 @@ function H.fresh_queue_each(store, set)
   end)
 end
 
+--- The throwaway RabbitMQ node spec/run.sh starts: its URL and its
+--- directory (TIDE_AMQP_URL, TIDE_AMQP_DIR).  Raises when the URL (and,
+--- with need_dir, the directory) is not set: a broker spec fails without
+--- its broker, it is never skipped.
+function H.amqp_node(need_dir)
+  local url, dir = os.getenv("TIDE_AMQP_URL"), os.getenv("TIDE_AMQP_DIR")
+  if need_dir then
+    assert(url and dir, "TIDE_AMQP_URL / TIDE_AMQP_DIR are not set: spec/run.sh starts a RabbitMQ node for this spec")
+  else
+    assert(url, "TIDE_AMQP_URL is not set: spec/run.sh starts a RabbitMQ node for this spec")
+  end
+  return url, dir
+end
+
+--- A broker queue name no other test (nor an earlier run) has used:
+--- WHAT-TIME-N.
+local queues_named = 0
+function H.qname(what)
+  queues_named = queues_named + 1
+  return ("%s-%d-%d"):format(what, os.time(), queues_named)
+end
+
+--- A TCP socket on 127.0.0.1 that listens and never accepts (a broker that
+--- never answers: the kernel completes the handshake, nobody speaks);
+--- returns its fd and port.  ffi.C.close(fd) when done.
+function H.silent_listener()
+  local ffi = require "ffi"
+  pcall(ffi.cdef, [[
+    int socket(int domain, int type, int protocol);
+    int listen(int fd, int backlog);
+    int close(int fd);
+    struct tide_spec_sockaddr_in { uint16_t family; uint16_t port; uint32_t addr; char zero[8]; };
+    int bind(int fd, const struct tide_spec_sockaddr_in *a, unsigned len);
+    int getsockname(int fd, struct tide_spec_sockaddr_in *a, unsigned *len);
+  ]])
+  local fd = ffi.C.socket(2, 1, 0)                     -- AF_INET, SOCK_STREAM
+  local a = ffi.new("struct tide_spec_sockaddr_in", { family = 2, port = 0, addr = 0x0100007f })
+  assert(fd >= 0 and ffi.C.bind(fd, a, 16) == 0 and ffi.C.listen(fd, 8) == 0, "cannot listen")
+  local len = ffi.new("unsigned[1]", 16)
+  assert(ffi.C.getsockname(fd, a, len) == 0)
+  return fd, bit.bor(bit.lshift(bit.band(a.port, 0xff), 8), bit.rshift(a.port, 8))
+end
+
 --- Runs a shell command; returns its exit status and output.
 function H.sh(cmd)
   local f = io.popen(cmd .. " 2>&1; echo \"__status=$?\"")
