@@ -187,6 +187,24 @@ function H.sh_split(cmd, dir)
   return status, (out:gsub("__status=%d+%s*$", "")), H.file_bytes(errfile)
 end
 
+--- The command line of this build (H.build/tide), for the CLI specs: returns
+--- tide(cmd, store, rest), which runs `tide CMD [--store STORE] REST` with
+--- TIDE_STORE unset and returns its exit status, stdout and stderr (through
+--- dir/stderr), and tide_json(cmd, store, rest), which runs it with --json,
+--- checks that it exits 0 and returns what it printed, decoded.
+function H.cli(dir)
+  local exe = H.build .. "/tide"
+  local function tide(cmd, store, rest)
+    return H.sh_split(("TIDE_STORE= %s %s%s %s"):format(exe, cmd, store and " --store " .. store or "", rest or ""), dir)
+  end
+  local function tide_json(cmd, store, rest)
+    local status, out, err = tide(cmd, store, rest .. " --json")
+    assert(status == 0, ("exit %s: %s"):format(tostring(status), err))
+    return require("cjson").decode(out)
+  end
+  return tide, tide_json
+end
+
 --- Runs a shell command on a thread task, so that the loop goes on meanwhile (a
 --- client talking to a server of this process); its output.  Inside a task.
 function H.sh_on_thread(cmd)
