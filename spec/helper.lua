@@ -205,6 +205,41 @@ function H.cli(dir)
   return tide, tide_json
 end
 
+--- Starts `tide web --store STORE` on a free port, its output in
+--- dir/web.out; returns { pid, url (with its ?token=), base, token }.
+function H.start_web(dir, store)
+  local out = dir .. "/web.out"
+  local _, pid = H.sh(("%s/tide web --store %s --listen 127.0.0.1:0 > %s 2>&1 & echo $!"):format(H.build, store, out))
+  for _ = 1, 200 do
+    local url = H.file_bytes(out):match("(http://127%.0%.0%.1:%d+/%?token=%x+)")
+    if url then
+      return { pid = tonumber(pid), url = url, base = url:match("^(http://[^/]+)"), token = url:match("token=(%x+)") }
+    end
+    os.execute("sleep 0.05")
+  end
+  error("tide web did not start: " .. H.file_bytes(out))
+end
+
+--- Stops what H.start_web started (nil: nothing): SIGTERM, then SIGKILL
+--- when it has not exited within 5 s.
+function H.stop_web(w)
+  if not w then return end
+  H.sh("kill -TERM " .. w.pid)
+  for _ = 1, 100 do
+    if H.sh("kill -0 " .. w.pid) ~= 0 then return end
+    os.execute("sleep 0.05")
+  end
+  H.sh("kill -KILL " .. w.pid)
+end
+
+--- Runs curl (without the sanitizers' preload) with `args`; returns the
+--- HTTP status code and the body.
+function H.curl(args)
+  local _, out = H.sh("env -u LD_PRELOAD curl -s -w '\\n%{http_code}' " .. args)
+  local body, code = out:match("^(.*)\n(%d+)$")
+  return tonumber(code), body
+end
+
 --- Runs a shell command on a thread task, so that the loop goes on meanwhile (a
 --- client talking to a server of this process); its output.  Inside a task.
 function H.sh_on_thread(cmd)
