@@ -176,6 +176,13 @@ function H.sh(cmd)
   return status, (out:gsub("__status=%d+%s*$", ""))
 end
 
+--- Runs a shell command that must exit 0; returns its output.
+function H.sh_ok(cmd)
+  local status, out = H.sh(cmd)
+  assert(status == 0, cmd .. " failed: " .. out)
+  return out
+end
+
 --- Runs a shell command; returns its exit status, its stdout and its
 --- stderr, kept apart (through the file dir/stderr).
 function H.sh_split(cmd, dir)
