@@ -146,6 +146,21 @@ function H.qname(what)
   return ("%s-%d-%d"):format(what, os.time(), queues_named)
 end
 
+--- Checks tide.sources.memory's own log of `src`: every tag it delivered
+--- settled exactly once, nothing left unacked; returns { [tag] = how }.
+function H.settled_once(src)
+  local assert = require "luassert"         -- the helper loads before busted's globals
+  local seen = {}
+  for _, e in ipairs(src.log) do
+    assert(not seen[e[1]], "tag " .. e[1] .. " settled twice")
+    seen[e[1]] = e[2]
+  end
+  for tag = 1, src.next_tag do assert(seen[tag], "tag " .. tag .. " never settled") end
+  assert.equal(0, src.violations)
+  assert.equal(0, src:stats().unacked)
+  return seen
+end
+
 --- A TCP socket on 127.0.0.1 that listens and never accepts (a broker that
 --- never answers: the kernel completes the handshake, nobody speaks);
 --- returns its fd and port.  ffi.C.close(fd) when done.
