@@ -211,7 +211,7 @@ end
 
 --- The command line of this build (H.build/tide), for the CLI specs: returns
 --- tide(cmd, store, rest), which runs `tide CMD [--store STORE] REST` with
---- TIDE_STORE unset and returns its exit status, stdout and stderr (through
+--- TIDE_STORE empty (taken as unset) and returns its exit status, stdout and stderr (through
 --- dir/stderr), and tide_json(cmd, store, rest), which runs it with --json,
 --- checks that it exits 0 and returns what it printed, decoded.
 function H.cli(dir)
