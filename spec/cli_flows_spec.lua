@@ -2,22 +2,18 @@
 -- holding runs of spec/fixtures/dflow_stop.lua made by a `tide run` script.
 require "tide"
 local H = spec_helper
-local cjson = require "cjson"
 local TIDE = H.build .. "/tide"
 
 local dir = H.tempdir()
 local STORE = "sqlite:" .. dir .. "/flows.db"
 
---- Runs `tide flows --store STORE REST`; returns the exit status, stdout and stderr.
-local function flows(rest, store)
-  return H.sh_split(("TIDE_STORE= %s flows --store %s %s"):format(TIDE, store or STORE, rest), dir)
-end
+local tide, tide_json = H.cli(dir)
 
-local function flows_json(rest)
-  local status, out, err = flows(rest .. " --json")
-  assert(status == 0, ("exit %s: %s"):format(tostring(status), err))
-  return cjson.decode(out)
-end
+--- Runs `tide flows --store STORE REST`; returns the exit status, stdout and stderr.
+local function flows(rest, store) return tide("flows", store or STORE, rest) end
+
+--- Runs `tide flows --store STORE REST --json`, which must exit 0; returns its output decoded.
+local function flows_json(rest) return tide_json("flows", STORE, rest) end
 
 --- Starts a run of dflow_stop (its `bad` step fails unless FIXED) and
 --- drains it with a worker; returns the run id.

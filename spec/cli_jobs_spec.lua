@@ -18,17 +18,9 @@ local function write(name, text) return H.write_file(dir, name, text) end
 
 local read = H.file_bytes
 
---- Runs `tide CMD --store STORE REST`; returns the exit status, stdout and stderr.
-local function tide(cmd, store, rest)
-  return H.sh_split(("TIDE_STORE= %s %s%s %s"):format(TIDE, cmd, store and " --store " .. store or "", rest or ""), dir)
-end
-
---- Runs a command that must succeed and print JSON; returns it decoded.
-local function tide_json(cmd, store, rest)
-  local status, out, err = tide(cmd, store, rest .. " --json")
-  assert(status == 0, ("exit %s: %s"):format(tostring(status), err))
-  return cjson.decode(out)
-end
+--- tide(cmd, store, rest): the exit status, stdout and stderr of `tide CMD --store STORE REST`;
+--- tide_json(...): that command's JSON output (it must exit 0).
+local tide, tide_json = H.cli(dir)
 
 local function ids(jobs)
   local out = {}

@@ -12,16 +12,9 @@ local tide = require "tide"
 
 local quiet, loud = spec_helper.quiet_errors, spec_helper.loud_errors
 local URL = os.getenv("TIDE_AMQP_URL")
-local queue_n = 0
 
-local function wait_for(cond, ms)
-  local t0 = tide.now()
-  while not cond() do
-    if tide.now() - t0 > ms then return false end
-    tide.sleep(2)
-  end
-  return true
-end
+--- spec_helper.wait_for, polling every 2 ms.
+local function wait_for(cond, ms) return spec_helper.wait_for(cond, ms, 2) end
 
 --- Wraps fetch, ack and nack to record deliveries and settles.
 local function spy(src)
@@ -58,25 +51,15 @@ kinds[1] = {
   nacked = function(src) return src.nacked end,
   ready = function(src) return src.queued end,
   --- The promise, from the memory source's own log: every tag settled once.
-  check = function(src)
-    local seen = {}
-    for _, e in ipairs(src.log) do
-      assert(not seen[e[1]], "tag " .. e[1] .. " settled twice")
-      seen[e[1]] = e[2]
-    end
-    for tag = 1, src.next_tag do assert(seen[tag], "tag " .. tag .. " never settled") end
-    assert.equal(0, src.violations)
-    assert.equal(0, src:stats().unacked)
-  end,
+  check = function(src) spec_helper.settled_once(src) end,
   close = function() end,
 }
 
 kinds[2] = {
   name = "rabbitmq",
   new = function(prefetch)
-    assert(URL, "TIDE_AMQP_URL is not set: spec/run.sh starts a RabbitMQ node for this spec")
-    queue_n = queue_n + 1
-    local src = tide.sources.rabbitmq{ url = URL, queue = ("contract-%d-%d"):format(os.time(), queue_n),
+    spec_helper.amqp_node()
+    local src = tide.sources.rabbitmq{ url = URL, queue = spec_helper.qname("contract"),
                                        prefetch = prefetch, declare = { durable = false } }
     src:declare_queue()
     return spy(src)

@@ -41,12 +41,6 @@ local JOBS, SCHEDULED, SPREAD = 5000, 1000, 3000   -- SCHEDULED of them due over
 local KILLS, KILLS_WORKING = 60, 50
 local MAX_ROUNDS = 400
 
-local function sh_ok(cmd)
-  local status, out = H.sh(cmd)
-  assert(status == 0, cmd .. " failed: " .. out)
-  return out
-end
-
 local read_file = H.file_bytes
 
 -- ===== the worker processes
@@ -144,7 +138,7 @@ describe("durable jobs under SIGKILL", function()
   before_each(function()
     dir = os.tmpname()
     os.remove(dir)
-    sh_ok("mkdir -p " .. dir)
+    H.sh_ok("mkdir -p " .. dir)
   end)
 
   after_each(function()

@@ -90,6 +90,98 @@ function H.run(fn, ...)
   return unpack(results, 2, table.maxn(results))
 end
 
+--- Waits (inside a task) until cond() holds, polling every `step` ms (5
+--- unless given); true, or false once more than `ms` have passed.
+function H.wait_for(cond, ms, step)
+  local tide = require "tide"
+  local t0 = tide.now()
+  while not cond() do
+    if tide.now() - t0 > ms then return false end
+    tide.sleep(step or 5)
+  end
+  return true
+end
+
+--- For the store specs' describe blocks (call it inside one): before each
+--- test, a queue on an empty `store` (an entry of H.stores()), handed to
+--- set(q), and the error sink counting; after each, errors printed again,
+--- the queue closed, the store removed, and nothing left live.
+function H.fresh_queue_each(store, set)
+  local busted = getfenv(2)     -- (before_each and after_each live in the spec's environment, not this file's)
+  local path, q
+  busted.before_each(function()
+    path = os.tmpname()
+    q = require("tide").queue.open(store.fresh(path))
+    set(q)
+    H.quiet_errors()
+  end)
+  busted.after_each(function()
+    H.loud_errors()
+    q:close()
+    store.reset(path)
+    os.remove(path)
+    H.assert_idle()
+  end)
+end
+
+--- The throwaway RabbitMQ node spec/run.sh starts: its URL and its
+--- directory (TIDE_AMQP_URL, TIDE_AMQP_DIR).  Raises when the URL (and,
+--- with need_dir, the directory) is not set: a broker spec fails without
+--- its broker, it is never skipped.
+function H.amqp_node(need_dir)
+  local url, dir = os.getenv("TIDE_AMQP_URL"), os.getenv("TIDE_AMQP_DIR")
+  if need_dir then
+    assert(url and dir, "TIDE_AMQP_URL / TIDE_AMQP_DIR are not set: spec/run.sh starts a RabbitMQ node for this spec")
+  else
+    assert(url, "TIDE_AMQP_URL is not set: spec/run.sh starts a RabbitMQ node for this spec")
+  end
+  return url, dir
+end
+
+--- A broker queue name no other test (nor an earlier run) has used:
+--- WHAT-TIME-N.
+local queues_named = 0
+function H.qname(what)
+  queues_named = queues_named + 1
+  return ("%s-%d-%d"):format(what, os.time(), queues_named)
+end
+
+--- Checks tide.sources.memory's own log of `src`: every tag it delivered
+--- settled exactly once, nothing left unacked; returns { [tag] = how }.
+function H.settled_once(src)
+  local assert = require "luassert"         -- the helper loads before busted's globals
+  local seen = {}
+  for _, e in ipairs(src.log) do
+    assert(not seen[e[1]], "tag " .. e[1] .. " settled twice")
+    seen[e[1]] = e[2]
+  end
+  for tag = 1, src.next_tag do assert(seen[tag], "tag " .. tag .. " never settled") end
+  assert.equal(0, src.violations)
+  assert.equal(0, src:stats().unacked)
+  return seen
+end
+
+--- A TCP socket on 127.0.0.1 that listens and never accepts (a broker that
+--- never answers: the kernel completes the handshake, nobody speaks);
+--- returns its fd and port.  ffi.C.close(fd) when done.
+function H.silent_listener()
+  local ffi = require "ffi"
+  pcall(ffi.cdef, [[
+    int socket(int domain, int type, int protocol);
+    int listen(int fd, int backlog);
+    int close(int fd);
+    struct tide_spec_sockaddr_in { uint16_t family; uint16_t port; uint32_t addr; char zero[8]; };
+    int bind(int fd, const struct tide_spec_sockaddr_in *a, unsigned len);
+    int getsockname(int fd, struct tide_spec_sockaddr_in *a, unsigned *len);
+  ]])
+  local fd = ffi.C.socket(2, 1, 0)                     -- AF_INET, SOCK_STREAM
+  local a = ffi.new("struct tide_spec_sockaddr_in", { family = 2, port = 0, addr = 0x0100007f })
+  assert(fd >= 0 and ffi.C.bind(fd, a, 16) == 0 and ffi.C.listen(fd, 8) == 0, "cannot listen")
+  local len = ffi.new("unsigned[1]", 16)
+  assert(ffi.C.getsockname(fd, a, len) == 0)
+  return fd, bit.bor(bit.lshift(bit.band(a.port, 0xff), 8), bit.rshift(a.port, 8))
+end
+
 --- Runs a shell command; returns its exit status and output.
 function H.sh(cmd)
   local f = io.popen(cmd .. " 2>&1; echo \"__status=$?\"")
@@ -97,6 +189,13 @@ function H.sh(cmd)
   f:close()
   local status = tonumber(out:match("__status=(%d+)%s*$"))
   return status, (out:gsub("__status=%d+%s*$", ""))
+end
+
+--- Runs a shell command that must exit 0; returns its output.
+function H.sh_ok(cmd)
+  local status, out = H.sh(cmd)
+  assert(status == 0, cmd .. " failed: " .. out)
+  return out
 end
 
 --- Runs a shell command; returns its exit status, its stdout and its
@@ -108,6 +207,59 @@ function H.sh_split(cmd, dir)
   f:close()
   local status = tonumber(out:match("__status=(%d+)%s*$"))
   return status, (out:gsub("__status=%d+%s*$", "")), H.file_bytes(errfile)
+end
+
+--- The command line of this build (H.build/tide), for the CLI specs: returns
+--- tide(cmd, store, rest), which runs `tide CMD [--store STORE] REST` with
+--- TIDE_STORE empty (taken as unset) and returns its exit status, stdout and stderr (through
+--- dir/stderr), and tide_json(cmd, store, rest), which runs it with --json,
+--- checks that it exits 0 and returns what it printed, decoded.
+function H.cli(dir)
+  local exe = H.build .. "/tide"
+  local function tide(cmd, store, rest)
+    return H.sh_split(("TIDE_STORE= %s %s%s %s"):format(exe, cmd, store and " --store " .. store or "", rest or ""), dir)
+  end
+  local function tide_json(cmd, store, rest)
+    local status, out, err = tide(cmd, store, rest .. " --json")
+    assert(status == 0, ("exit %s: %s"):format(tostring(status), err))
+    return require("cjson").decode(out)
+  end
+  return tide, tide_json
+end
+
+--- Starts `tide web --store STORE` on a free port, its output in
+--- dir/web.out; returns { pid, url (with its ?token=), base, token }.
+function H.start_web(dir, store)
+  local out = dir .. "/web.out"
+  local _, pid = H.sh(("%s/tide web --store %s --listen 127.0.0.1:0 > %s 2>&1 & echo $!"):format(H.build, store, out))
+  for _ = 1, 200 do
+    local url = H.file_bytes(out):match("(http://127%.0%.0%.1:%d+/%?token=%x+)")
+    if url then
+      return { pid = tonumber(pid), url = url, base = url:match("^(http://[^/]+)"), token = url:match("token=(%x+)") }
+    end
+    os.execute("sleep 0.05")
+  end
+  error("tide web did not start: " .. H.file_bytes(out))
+end
+
+--- Stops what H.start_web started (nil: nothing): SIGTERM, then SIGKILL
+--- when it has not exited within 5 s.
+function H.stop_web(w)
+  if not w then return end
+  H.sh("kill -TERM " .. w.pid)
+  for _ = 1, 100 do
+    if H.sh("kill -0 " .. w.pid) ~= 0 then return end
+    os.execute("sleep 0.05")
+  end
+  H.sh("kill -KILL " .. w.pid)
+end
+
+--- Runs curl (without the sanitizers' preload) with `args`; returns the
+--- HTTP status code and the body.
+function H.curl(args)
+  local _, out = H.sh("env -u LD_PRELOAD curl -s -w '\\n%{http_code}' " .. args)
+  local body, code = out:match("^(.*)\n(%d+)$")
+  return tonumber(code), body
 end
 
 --- Runs a shell command on a thread task, so that the loop goes on meanwhile (a

@@ -6,9 +6,6 @@ local TIDE = H.build .. "/tide"
 
 local function sleep(s) os.execute("sleep " .. s) end
 
---- Runs a command; returns its exit status, stdout and stderr.
-local function run(dir, cmd) return H.sh_split(cmd, dir) end
-
 --- Every line of `text` as a decoded JSON object (raises on a line that is not one).
 local function json_lines(text)
   local list = {}
@@ -52,8 +49,11 @@ local function stop(pid)
 end
 
 describe("the observe command line", function()
-  local dir
-  setup(function() dir = H.tempdir() end)
+  local dir, tide              -- tide(cmd, store, rest): the exit status, stdout and stderr of `tide CMD ...`
+  setup(function()
+    dir = H.tempdir()
+    tide = H.cli(dir)
+  end)
   teardown(function() os.execute("rm -rf " .. dir) end)
 
   it("tide run --log-format json writes errors and the script's failure as JSON lines", function()
@@ -64,7 +64,7 @@ describe("the observe command line", function()
       tide.sleep(1)
       error("the script fails")
     ]])
-    local status, out, err = run(dir, TIDE .. " run --log-format json " .. script)
+    local status, out, err = tide("run", nil, "--log-format json " .. script)
     assert.equal(1, status)
     assert.equal("", out)
     local events = json_lines(err)
@@ -77,7 +77,7 @@ describe("the observe command line", function()
     assert.matches("the script fails", failed.error)
     assert.matches("stack traceback", failed.traceback)
     -- the default stays human-readable
-    local _, _, human = run(dir, TIDE .. " run " .. script)
+    local _, _, human = tide("run", nil, script)
     assert.matches("^tide: error in handle_result of tide.Task %d+", human)
   end)
 
@@ -90,7 +90,7 @@ describe("the observe command line", function()
       local st, out = H.sh(("%s enqueue --store %s --max-attempts 1 orders fulfill '{\"n\":%d}'"):format(TIDE, store, n))
       assert.equal(0, st, out)
     end
-    local status, _, err = run(dir, ("%s worker --store %s --drain --log-format json %s"):format(TIDE, store, work))
+    local status, _, err = tide("worker", store, "--drain --log-format json " .. work)
     assert.equal(0, status, err)
     local events = json_lines(err)
     local started = assert(find(events, "worker_started"), err)
@@ -117,12 +117,12 @@ describe("the observe command line", function()
       local _, text = t:await()
       io.write(text)
     ]])
-    local status, out, err = run(dir, ("%s run --metrics 127.0.0.1:%d %s http://127.0.0.1:%d/metrics")
-      :format(TIDE, port, script, port))
+    local status, out, err = tide("run", nil, ("--metrics 127.0.0.1:%d %s http://127.0.0.1:%d/metrics")
+      :format(port, script, port))
     assert.equal(0, status, err)
     assert.matches("\ntide_tasks_live %d+\n", out)
     assert.matches("# TYPE tide_tasks_total counter", out, 1, true)
-    local bad = run(dir, TIDE .. " run --metrics nowhere " .. script)
+    local bad = tide("run", nil, "--metrics nowhere " .. script)
     assert.equal(2, bad)
   end)
 
@@ -156,13 +156,13 @@ describe("the observe command line", function()
     stop(pid)
     assert(ok, err)
     assert.matches("http://0%.0%.0%.0:%d+/%?token=%x+", H.file_bytes(out))
-    local status, _, e = run(dir, TIDE .. " web --store " .. store .. " --listen nope")
+    local status, _, e = tide("web", store, "--listen nope")
     assert.equal(2, status)
     assert.matches("bad %-%-listen %(HOST:PORT like 127%.0%.0%.1:8080 expected, got 'nope'%)", e)
-    status, _, e = run(dir, TIDE .. " web --store " .. store .. " --token short")
+    status, _, e = tide("web", store, "--token short")
     assert.equal(2, status)
     assert.matches("bad %-%-token", e)
-    status, _, e = run(dir, TIDE .. " web --store sqlite:" .. dir .. "/missing.db")
+    status, _, e = tide("web", "sqlite:" .. dir .. "/missing.db")
     assert.equal(1, status)
     assert.matches("no such file", e)
   end)

@@ -52,11 +52,7 @@ if not (URL and PGDIR) then
   return
 end
 
-local function sh_ok(cmd)
-  local status, out = H.sh(cmd)
-  assert(status == 0, cmd .. " failed: " .. out)
-  return out
-end
+local sh_ok = H.sh_ok
 
 --- Runs spec/pg.sh or spec/pg/server.sh on the suite's server.  (Without
 --- the sanitizers' LD_PRELOAD of `make sanitize`: postgres hangs under it.)

@@ -26,13 +26,7 @@ end
 
 --- Runs fn as the root task; a failed check shuts the run down (what it
 --- left running is cancelled), then fails the spec.
-local function run(fn)
-  local status, err = tide.run(function()
-    local ok, e = xpcall(fn, debug.traceback)
-    if not ok then tide.shutdown(0); error(e, 0) end
-  end)
-  if status ~= "ok" then error(err, 2) end
-end
+local run = spec_helper.run
 
 --- Whether process `pid` exists (a zombie counts: it is not reaped yet).
 local function exists(pid)
@@ -59,19 +53,12 @@ local function zombies()
   return n
 end
 
---- Waits (in a task) until pred() holds or `ms` pass; returns pred().
-local function eventually(ms, pred)
-  local t0 = tide.now()
-  while not pred() and tide.now() - t0 < ms do tide.sleep(5) end
-  return pred()
-end
-
 local function pool_ready()
   tide.spawn{ mode = "process", run = function() end }:await()   -- the pool starts with its first task
-  return eventually(5000, function()
+  return spec_helper.wait_for(function()
     local st = tide.stats().processes
     return st.size == 2 and st.starting == 0
-  end)
+  end, 5000)
 end
 
 describe("process mode", function()
@@ -137,7 +124,7 @@ describe("process mode", function()
       assert.same({ "timeout", ("task %d timed out after 100 ms"):format(t.id) }, { status, msg })
       assert.is_true(took < 150, ("the outcome came after %.1f ms"):format(took))
       assert.is_truthy(pid, "the loop's process was running")
-      assert.is_true(eventually(1000, function() return not exists(pid) end), "the process is gone")
+      assert.is_true(spec_helper.wait_for(function() return not exists(pid) end, 1000), "the process is gone")
       assert.is_true(pool_ready(), "the pool is back to its size")
       local after = tide.stats().processes
       assert.equal(before.killed + 1, after.killed)
@@ -191,7 +178,7 @@ describe("process mode", function()
         wait_forever()
       end }
       assert.equal("timeout", (t:await()))
-      assert.is_true(eventually(1000, function() return t.traceback ~= nil end))
+      assert.is_true(spec_helper.wait_for(function() return t.traceback ~= nil end, 1000))
       assert.matches("^stopped in process %d+: .*cancelled", t.traceback)
       assert.matches("in function 'wait_forever'", t.traceback)
       assert.equal(killed, tide.stats().processes.killed)
@@ -227,7 +214,7 @@ describe("process mode", function()
       assert.matches("^process %d+ exited with status 3; the end of its stderr:\nlast words\n$", msg)
       assert.is_true(ticks >= 10, "the loop kept ticking: " .. ticks)
       ticker:cancel()
-      assert.is_true(eventually(1000, function() return sleeps_left() == 0 end), "the blocked child's own child is gone too (its process group was killed)")
+      assert.is_true(spec_helper.wait_for(function() return sleeps_left() == 0 end, 1000), "the blocked child's own child is gone too (its process group was killed)")
       assert.is_true(pool_ready())
       assert.same({ "ok", 3 }, { tide.spawn{ mode = "process", run = "thread_mod.add", args = { 1, 2 } }:await() })
     end)
@@ -248,7 +235,7 @@ describe("process mode", function()
       tide.sleep(50)
       assert.equal(2, tide.stats().processes.busy)
       for i = 1000, 1, -1 do assert.is_true(ts[i]:cancel("enough")) end
-      assert.is_true(eventually(2000, function() return tide.stats().processes.busy == 0 end))
+      assert.is_true(spec_helper.wait_for(function() return tide.stats().processes.busy == 0 end, 2000))
       tide.sleep(100)
     end)
     assert.equal(1000, seen)
@@ -287,7 +274,7 @@ describe("process mode", function()
         else assert.same({ "ok", i }, { behind[i]:await() }) end
       end
       for i = 1, 10 do assert.equal(i == 3 and "cancelled" or "ok", outcomes[i]) end
-      assert.is_true(eventually(1000, function() return tide.stats().processes.killed == killed + 2 end))
+      assert.is_true(spec_helper.wait_for(function() return tide.stats().processes.killed == killed + 2 end, 1000))
     end)
     tide.configure{ process_prefetch = 1 }
     if not ok then error(err, 0) end
@@ -397,7 +384,7 @@ describe("process mode", function()
     p:read("*a")
     p:close()
     assert.equal("started\n", spec_helper.file_bytes(out))
-    assert.is_true(eventually(2000, function() return sleeps_left() == 0 end), "the job's `sleep` outlived the killed parent")
+    assert.is_true(spec_helper.wait_for(function() return sleeps_left() == 0 end, 2000), "the job's `sleep` outlived the killed parent")
   end)
 
   it("kills every child when the parent (tide run) gets SIGTERM, within the grace period", function()
@@ -448,7 +435,7 @@ describe("process mode", function()
     local ok, err = pcall(run, function()
       assert.is_true(pool_ready())
       local t = tide.spawn{ mode = "process", run = function() require("tide").sleep(150); return 1 end }
-      assert.is_true(eventually(2000, function() return process.pid_of(t) ~= nil end))
+      assert.is_true(spec_helper.wait_for(function() return process.pid_of(t) ~= nil end, 2000))
       pid = process.pid_of(t)
       tide.shutdown(5000)
       outcome = { t:await() }
@@ -474,7 +461,7 @@ describe("process mode", function()
       assert.equal(42, report.tasks.double.value)
       assert.same({ 2, 3, 4 }, report.tasks.each.value)
       assert.equal("timeout", report.tasks.stuck.status)
-      assert.is_true(eventually(1000, function() return tide.stats().processes.killed == killed + 1 end))
+      assert.is_true(spec_helper.wait_for(function() return tide.stats().processes.killed == killed + 1 end, 1000))
     end)
   end)
 
@@ -511,12 +498,12 @@ describe("process mode", function()
       assert.is_true(pool_ready())              -- a task's timeout counts its wait for a child too
       local killed = tide.stats().processes.killed
       local t = tide.spawn(function() return c:run() end)
-      assert.is_true(eventually(3000, function() return #outcomes == 3 end))
+      assert.is_true(spec_helper.wait_for(function() return #outcomes == 3 end, 3000))
       t:cancel()
       table.sort(outcomes)
       assert.same({ "ok:A", "ok:C" }, { outcomes[1], outcomes[2] })
       assert.matches("^timeout:task %d+ timed out after 100 ms$", outcomes[3])
-      assert.is_true(eventually(1000, function() return tide.stats().processes.killed == killed + 1 end))
+      assert.is_true(spec_helper.wait_for(function() return tide.stats().processes.killed == killed + 1 end, 1000))
     end)
   end)
 

@@ -6,45 +6,11 @@ local tide = require "tide"
 local H = spec_helper
 
 local URL, DIR = os.getenv("TIDE_AMQP_URL"), os.getenv("TIDE_AMQP_DIR")
-local n = 0
-
 local ffi = require "ffi"
-ffi.cdef[[
-int socket(int domain, int type, int protocol);
-int listen(int fd, int backlog);
-int close(int fd);
-struct tide_spec_sockaddr_in { uint16_t family; uint16_t port; uint32_t addr; char zero[8]; };
-int bind(int fd, const struct tide_spec_sockaddr_in *a, unsigned len);
-int getsockname(int fd, struct tide_spec_sockaddr_in *a, unsigned *len);
-]]
 
---- A TCP socket on 127.0.0.1 that listens and never accepts; returns fd, port.
-local function silent_listener()
-  local fd = ffi.C.socket(2, 1, 0)                     -- AF_INET, SOCK_STREAM
-  local a = ffi.new("struct tide_spec_sockaddr_in", { family = 2, port = 0, addr = 0x0100007f })
-  assert(fd >= 0 and ffi.C.bind(fd, a, 16) == 0 and ffi.C.listen(fd, 8) == 0, "cannot listen")
-  local len = ffi.new("unsigned[1]", 16)
-  assert(ffi.C.getsockname(fd, a, len) == 0)
-  return fd, bit.bor(bit.lshift(bit.band(a.port, 0xff), 8), bit.rshift(a.port, 8))
-end
-
-local function need_broker()
-  assert(URL and DIR, "TIDE_AMQP_URL / TIDE_AMQP_DIR are not set: spec/run.sh starts a RabbitMQ node for this spec")
-end
-
-local function qname(what)
-  n = n + 1
-  return ("%s-%d-%d"):format(what, os.time(), n)
-end
-
-local function wait_for(cond, ms)
-  local t0 = tide.now()
-  while not cond() do
-    if tide.now() - t0 > ms then return false end
-    tide.sleep(5)
-  end
-  return true
-end
+--- Fails the test unless spec/run.sh started the node (URL and directory).
+local function need_broker() H.amqp_node(true) end
+local qname, wait_for, silent_listener = H.qname, H.wait_for, H.silent_listener
 
 --- Runs `sh spec/rabbitmq.sh ARGS` on a thread, so the loop goes on meanwhile.
 local function node(args)

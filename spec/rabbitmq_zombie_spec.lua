@@ -41,14 +41,8 @@ local FIXTURE = "spec/fixtures/rabbit_consumer.lua"
 local N = 5000
 local GAP_MS = 2000
 
-local function wait_for(cond, ms, step)
-  local t0 = tide.now()
-  while not cond() do
-    if tide.now() - t0 > ms then return false end
-    tide.sleep(step or 20)
-  end
-  return true
-end
+--- spec_helper.wait_for, polling every 20 ms unless told.
+local function wait_for(cond, ms, step) return H.wait_for(cond, ms, step or 20) end
 
 --- Runs a shell command on a thread (the loop goes on); returns its output.
 local function shell(cmd)
@@ -86,7 +80,7 @@ end
 
 describe("the zombie-node scenario on RabbitMQ", function()
   it("handles every message, leaves nothing unacked, and keeps making progress through every fault", function()
-    assert(URL and DIR, "TIDE_AMQP_URL / TIDE_AMQP_DIR are not set: spec/run.sh starts a RabbitMQ node for this spec")
+    H.amqp_node(true)
     local seed = tonumber(os.getenv("ZOMBIE_SEED")) or os.time() % 100000
     math.randomseed(seed)
     local dir = H.tempdir()

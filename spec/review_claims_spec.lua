@@ -6,16 +6,8 @@
 local tide = require "tide"
 local claimer = require "tide.jobs.claimer"
 
-local path, q
-local function with_worker(fn)
-  local status, a, b = tide.run(function()
-    local ok, x, y = pcall(fn)
-    if not ok then tide.shutdown(0); error(x, 0) end
-    return x, y
-  end)
-  if status ~= "ok" then error(tostring(a), 2) end
-  return a, b
-end
+local with_worker = spec_helper.run
+local q                          -- each test's queue on a fresh store (spec_helper.fresh_queue_each)
 
 --- Runs fn with claimer.GATHER_MS set to ms; restores it however fn ends.
 local function with_window(ms, fn)
@@ -37,19 +29,7 @@ end
 for _, store in ipairs(spec_helper.stores()) do
 if store.name == "postgres" then
 describe("the claimer's gathering on " .. store.name, function()
-  before_each(function()
-    path = os.tmpname()
-    q = tide.queue.open(store.fresh(path))
-    spec_helper.quiet_errors()
-  end)
-
-  after_each(function()
-    spec_helper.loud_errors()
-    q:close()
-    store.reset(path)
-    os.remove(path)
-    spec_helper.assert_idle()
-  end)
+  spec_helper.fresh_queue_each(store, function(new) q = new end)
 
   -- A job that sleeps args.ms; `started`/`ended` count them.
   local started, ended

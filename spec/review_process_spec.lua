@@ -6,26 +6,14 @@ package.path = "spec/fixtures/?.lua;" .. package.path
 pcall(ffi.cdef, "int kill(int pid, int sig);")
 tide.configure{ processes = 2, process_stop_wait = 50 }
 
-local function run(fn)
-  local status, err = tide.run(function()
-    local ok, e = xpcall(fn, debug.traceback)
-    if not ok then tide.shutdown(0); error(e, 0) end
-  end)
-  if status ~= "ok" then error(err, 2) end
-end
-
-local function eventually(ms, pred)
-  local t0 = tide.now()
-  while not pred() and tide.now() - t0 < ms do tide.sleep(5) end
-  return pred()
-end
+local run = spec_helper.run
 
 local function pool_ready()
   tide.spawn{ mode = "process", run = function() end }:await()
-  return eventually(10000, function()
+  return spec_helper.wait_for(function()
     local st = tide.stats().processes
     return st.size == 2 and st.starting == 0 and st.spare == "idle"
-  end)
+  end, 10000)
 end
 
 describe("process mode, attacked", function()
@@ -172,7 +160,7 @@ describe("process mode, attacked", function()
         return "woke"
       end }
       assert.equal("timeout", (t:await(3000)))
-      assert.is_true(eventually(2000, function() return tide.stats().processes.busy == 0 end), "the stopped child was never killed")
+      assert.is_true(spec_helper.wait_for(function() return tide.stats().processes.busy == 0 end, 2000), "the stopped child was never killed")
       assert.is_true(pool_ready())
     end)
   end)

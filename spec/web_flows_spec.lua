@@ -3,30 +3,9 @@
 -- and cancel/retry only through a POST with the CSRF token.
 local H = spec_helper
 
-local TIDE = H.build .. "/tide"
-
 package.path = "spec/fixtures/?.lua;" .. package.path
 
-local function sleep(s) os.execute("sleep " .. s) end
-
-local function start_web(dir, store)
-  local out = dir .. "/web.out"
-  local _, pid = H.sh(("%s web --store %s --listen 127.0.0.1:0 > %s 2>&1 & echo $!"):format(TIDE, store, out))
-  for _ = 1, 200 do
-    local url = H.file_bytes(out):match("(http://127%.0%.0%.1:%d+/%?token=%x+)")
-    if url then
-      return { pid = tonumber(pid), base = url:match("^(http://[^/]+)"), token = url:match("token=(%x+)") }
-    end
-    sleep(0.05)
-  end
-  error("tide web did not start: " .. H.file_bytes(out))
-end
-
-local function curl(args)
-  local _, out = H.sh("env -u LD_PRELOAD curl -s -w '\\n%{http_code}' " .. args)
-  local body, code = out:match("^(.*)\n(%d+)$")
-  return tonumber(code), body
-end
+local start_web, curl = H.start_web, H.curl
 
 describe("tide web: durable flow runs", function()
   local dir, store, w, failed_id, running_id

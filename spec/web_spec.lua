@@ -4,35 +4,9 @@
 local H = spec_helper
 local cjson = require "cjson"
 
-local TIDE = H.build .. "/tide"
 local NO_PRELOAD = "env -u LD_PRELOAD "       -- chromium and python are not built with the sanitizers
 
-local function sleep(s) os.execute("sleep " .. s) end
-
---- Starts `tide web` on a free port; returns { pid, url, base, token }.
-local function start_web(dir, store)
-  local out = dir .. "/web.out"
-  local _, pid = H.sh(("%s web --store %s --listen 127.0.0.1:0 > %s 2>&1 & echo $!"):format(TIDE, store, out))
-  for _ = 1, 200 do
-    local line = H.file_bytes(out)
-    local url = line:match("(http://127%.0%.0%.1:%d+/%?token=%x+)")
-    if url then
-      return { pid = tonumber(pid), url = url, base = url:match("^(http://[^/]+)"), token = url:match("token=(%x+)") }
-    end
-    sleep(0.05)
-  end
-  error("tide web did not start: " .. H.file_bytes(out))
-end
-
-local function stop_web(w)
-  if not w then return end
-  H.sh("kill -TERM " .. w.pid)
-  for _ = 1, 100 do
-    if H.sh("kill -0 " .. w.pid) ~= 0 then return end
-    sleep(0.05)
-  end
-  H.sh("kill -KILL " .. w.pid)
-end
+local start_web, stop_web = H.start_web, H.stop_web
 
 --- Runs the steps in Chromium; returns cdp.py's report.
 local function browse(dir, steps)
@@ -44,12 +18,7 @@ local function browse(dir, steps)
   return report
 end
 
---- curl, with the status code as the last line of what it prints.
-local function curl(args)
-  local _, out = H.sh("env -u LD_PRELOAD curl -s -w '\\n%{http_code}' " .. args)
-  local body, code = out:match("^(.*)\n(%d+)$")
-  return tonumber(code), body
-end
+local curl = H.curl                   -- curl(args): the status code and the body
 
 local function job_status(store, id)
   local tide = require "tide"

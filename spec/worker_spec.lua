@@ -2,33 +2,13 @@
 local tide = require "tide"
 local core = require "tide.core"
 
---- Runs fn(q) as the root task on a fresh store; returns what it returns.
-local path, q
-local function with_worker(fn)
-  local status, a, b = tide.run(function()
-    local ok, x, y = pcall(fn)
-    if not ok then tide.shutdown(0); error(x, 0) end   -- a failed check stops the worker too
-    return x, y
-  end)
-  if status ~= "ok" then error(tostring(a), 2) end
-  return a, b
-end
+--- Runs fn as the root task; returns what it returns (a failed check stops the worker too).
+local with_worker = spec_helper.run
+local q                          -- each test's queue on a fresh store (spec_helper.fresh_queue_each)
 
 for _, store in ipairs(spec_helper.stores()) do
 describe("tide.worker on " .. store.name, function()
-  before_each(function()
-    path = os.tmpname()
-    q = tide.queue.open(store.fresh(path))
-    spec_helper.quiet_errors()
-  end)
-
-  after_each(function()
-    spec_helper.loud_errors()
-    q:close()
-    store.reset(path)
-    os.remove(path)
-    spec_helper.assert_idle()
-  end)
+  spec_helper.fresh_queue_each(store, function(new) q = new end)
 
   it("performs due jobs with target.method(args, job) and records them completed", function()
     local seen = {}
