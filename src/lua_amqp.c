@@ -29,6 +29,12 @@
  * collected, or when the loop closes (tide__close_amqp), whichever comes
  * first.  A connect still under way when the loop closes is left to its
  * thread, which closes the connection it gets and lets the binding go.
+ * A connect does not keep the loop alive: whoever waits for it does, with
+ * a timer (amqp.lua waits 2 x its timeout + 1 s, longer than the thread
+ * can block).  When the async handle kept it alive, a connect nobody waited
+ * for any more (its task cancelled, the script ended, tide.shutdown, a
+ * SIGTERM) held `tide run` until the broker answered, up to 2 x the
+ * connect timeout (spec/review_amqp_spec.lua).
  *
  * Each connect has a thread of its own (detached), not one of libuv's
  * shared worker threads: a TCP connect and a login block for up to their
@@ -67,7 +73,6 @@ typedef struct binding {
   int refs;
   conn_ud *conns;         /* open connections */
   connect_req *pending;   /* connects under way (their threads may have finished) */
-  int npending;           /* the async handle keeps the loop alive while > 0 */
   uv_mutex_t lock;
   uv_async_t async;       /* a connect's thread finished */
   int closed;             /* the loop closed: threads clean up after themselves */
@@ -551,7 +556,6 @@ static void connect_done(connect_req *r) {
   binding *b = r->b;
   if (r->prev) r->prev->next = r->next; else b->pending = r->next;
   if (r->next) r->next->prev = r->prev;
-  if (--b->npending == 0) uv_unref((uv_handle_t *)&b->async);
   ready_args a = { b, r->id, "open", r };
   call_ready(&a);                         /* takes r->c over when it made a connection of it */
   free_req(r);
@@ -666,7 +670,6 @@ static int l_connect(lua_State *L) {
   r->next = b->pending;                        /* (the thread never reads these links) */
   if (r->next) r->next->prev = r;
   b->pending = r;
-  if (b->npending++ == 0) uv_ref((uv_handle_t *)&b->async);
   return 0;
 }
 
@@ -708,7 +711,6 @@ void tide__close_amqp(lua_State *L) {
       r = next;
     }
     b->pending = NULL;                                  /* (the threads' now) */
-    b->npending = 0;
     b->loop = NULL;
     uv_close((uv_handle_t *)&b->async, on_async_closed);
     luaL_unref(L, LUA_REGISTRYINDEX, b->ready_ref);
@@ -732,7 +734,7 @@ void tide__open_amqp(lua_State *L, uv_loop_t *loop, tide__watchdog *wd) {
     luaL_error(L, "tide: cannot make an async handle");
   }
   b->async.data = b;
-  uv_unref((uv_handle_t *)&b->async);                 /* only while connects are under way */
+  uv_unref((uv_handle_t *)&b->async);                 /* a connect keeps no loop alive (above) */
   b->loop = loop;
   b->refs = 2;                                        /* the module's and the async handle's */
   b->ready_ref = LUA_NOREF;
