@@ -580,7 +580,7 @@ static void on_connected(uv_async_t *h) {
     list = r->fnext;
     connect_done(r);
   }
-  while (list) {                               /* the loop closed from a ready callback */
+  while (list) {          /* the loop closed under a ready callback: core.c refuses that; a guard */
     r = list;
     list = r->fnext;
     free_req(r);
