@@ -419,6 +419,206 @@ describe("tide.sources.rabbitmq connects, attacked", function()
   end)
 end)
 
+-- Connects run on detached threads (lua_amqp.c) and hand their result to
+-- the loop through the binding's `finished` list and an async handle.  These
+-- end the loop, the process or the run while connects are still in flight
+-- to a broker that answers late (fake_amqp.py slow:MS), and close the loop
+-- or raise from the very callback that delivers a connect.  Each runs in a
+-- process of its own: a crash, a sanitizer's report or a hang shows in its
+-- exit status and output.
+describe("tide.sources.rabbitmq connects in flight when the loop, the run or the process ends, attacked", function()
+  --- A fake_amqp.py slow:`ms` broker: its port and a function that stops it.
+  local function slow_broker(ms)
+    local dir = H.tempdir()
+    assert(os.execute(("python3 spec/tools/fake_amqp.py slow:%d %s/port > %s/fake.log 2>&1 & echo $! > %s/pid")
+      :format(ms, dir, dir, dir)) == 0)
+    local port
+    for _ = 1, 200 do
+      port = H.file_bytes(dir .. "/port")
+      if port ~= "" then break end
+      os.execute("sleep 0.05")
+    end
+    assert(port ~= "", "the fake broker did not start: " .. H.file_bytes(dir .. "/fake.log"))
+    return port, function()
+      os.execute(("kill %s 2>/dev/null; rm -rf %s"):format(H.file_bytes(dir .. "/pid"):match("%d+"), dir))
+    end
+  end
+
+  --- No sanitizer report, no Lua error but those expected, in a process's output.
+  local function clean(out)
+    assert.is_nil(out:find("AddressSanitizer", 1, true), out)
+    assert.is_nil(out:find("runtime error", 1, true), out)
+    assert.is_nil(out:find("internal error", 1, true), out)
+  end
+
+  -- Three tasks connect to a broker that answers after 3 s; the script then
+  -- ends in one of four ways.  Nobody waits for those connects any more.
+  local SCRIPT = [[
+io.stdout:setvbuf("line")
+local tide = require "tide"
+tide.configure{ grace = 300 }               -- after SIGTERM: then the connecting tasks are cancelled
+local port = assert(os.getenv("FAKE_PORT"))
+local ts = {}
+for i = 1, 3 do
+  ts[i] = tide.spawn(function()
+    local s = tide.sources.rabbitmq{ url = "amqp://u:p@127.0.0.1:" .. port .. "/", queue = "q", connect_timeout = 8000 }
+    return s:connection()
+  end)
+end
+tide.sleep(200)
+local how = os.getenv("HOW")
+print("ENDING " .. how)
+if how == "cancel" then for i = 1, 3 do ts[i]:cancel("not wanted") end
+elseif how == "shutdown" then tide.shutdown(0)
+elseif how == "raise" then error("the script fails")
+elseif how == "exit" then os.exit(3)
+elseif how == "signal" then tide.sleep(60000) end
+]]
+
+  it("lets `tide run` end at once with its usual status when the script ends while connects are in flight", function()
+    local port, stop = slow_broker(3000)
+    local dir = H.tempdir()
+    local script = H.write_file(dir, "script.lua", SCRIPT)
+    local tide_bin = H.build .. "/tide"
+    local ok, err = pcall(function()
+      -- How the script ends, the status `tide run` must exit with, and
+      -- whether it must exit before the broker answers: after a raise the
+      -- connecting tasks are still live work, and the run waits for them.
+      for _, case in ipairs{ { "cancel", 0, true }, { "shutdown", 0, true }, { "raise", 1, false }, { "exit", 3, true },
+                             { "signal", 143, true } } do
+        local cmd = ("FAKE_PORT=%s HOW=%s timeout 30 %s run %s"):format(port, case[1], tide_bin, script)
+        if case[1] == "signal" then                   -- SIGTERM once the script says it is ending
+          cmd = ("(%s > %s/out 2>&1 & pid=$!; for i in $(seq 400); do grep -q ENDING %s/out && break; sleep 0.05; done; "
+            .. "kill -TERM $pid; wait $pid; st=$?; cat %s/out; exit $st)"):format(cmd, dir, dir, dir)
+        end
+        local t0 = tide.now()
+        local status, out = H.sh(cmd)
+        local took = tide.now() - t0
+        clean(out)
+        assert.matches("ENDING " .. case[1], out)
+        assert.equal(case[2], status, case[1] .. ": " .. out)
+        -- The broker answers after 3 s: a run that waited for it held the
+        -- process for connects nobody wanted.
+        if case[3] then
+          assert.is_true(took < 2500, ("%s: `tide run` took %d ms: it waited for the connects in flight"):format(case[1], took))
+        end
+      end
+    end)
+    stop()
+    os.execute("rm -rf " .. dir)
+    if not ok then error(err, 0) end
+  end)
+
+  it("lets a host close the loop with connects in flight, then live on while their threads finish", function()
+    local slow_port, stop_slow = slow_broker(1500)
+    local dir = H.tempdir()
+    local ok, err = pcall(function()
+      local status, out = H.run_lua(dir, "host.lua", [[
+local tide = require "tide"
+local core = require "tide.core"
+local port = assert(os.getenv("FAKE_PORT"))
+local t0 = tide.now()
+local st = tide.run(function()
+  local ts = {}
+  -- these connect when the broker answers (1.5 s), after the loop closed;
+  -- these give up before it answers (timeout 300 ms: at most about 600)
+  for i, timeout in ipairs{ 8000, 8000, 300, 300 } do
+    ts[i] = tide.spawn(function()
+      local s = tide.sources.rabbitmq{ url = "amqp://u:p@127.0.0.1:" .. port .. "/", queue = "q", connect_timeout = timeout }
+      return s:connection()
+    end)
+  end
+  tide.sleep(100)
+  for i = 1, #ts do ts[i]:cancel("not wanted") end
+end)
+print("RUN " .. st .. " " .. (tide.now() - t0 < 1000 and "prompt" or ("after " .. (tide.now() - t0) .. " ms")))
+print("CLOSE " .. tostring(core.close()))
+os.execute("sleep 2.5")                     -- the threads finish on a closed loop
+collectgarbage()
+collectgarbage()
+print("LIVED ON")
+]], 60, "FAKE_PORT=" .. slow_port)
+      clean(out)
+      assert.equal(0, status, out)
+      assert.equal("RUN ok prompt\nCLOSE 0\nLIVED ON\n", out)
+    end)
+    stop_slow()
+    os.execute("rm -rf " .. dir)
+    if not ok then error(err, 0) end
+  end)
+
+  -- Four connects through the binding itself, its ready callback replaced:
+  -- two to a broker that answers at once, two to one that answers after
+  -- 1.5 s.  The first ready callback raises, stops the runtime, or closes
+  -- the loop, while the others are still pending.
+  local READY = [[
+local tide = require "tide"
+local core = require "tide.core"
+local fast, slow = tonumber(os.getenv("FAST_PORT")), tonumber(os.getenv("SLOW_PORT"))
+local how = os.getenv("HOW")
+local calls, reported = {}, 0
+tide.configure{ on_error = function(where, e) reported = reported + 1; print("REPORTED " .. tostring(e):match("[^\n]*")) end }
+core.amqp_on_ready(function(id, kind, raw, err)
+  if kind ~= "open" then return end
+  calls[#calls + 1] = id
+  print("READY " .. id .. " " .. tostring(raw ~= nil) .. " " .. tostring(err))
+  if #calls > 1 then if raw then raw:close() end return end
+  if how == "raise" then error("the ready callback fails")
+  elseif how == "shutdown" then tide.shutdown(0)
+  elseif how == "close" then local ok, e = pcall(core.close); print("CLOSE IN CALLBACK " .. tostring(ok) .. " " .. tostring(e)) end
+end)
+local function cfg(port) return { host = "127.0.0.1", port = port, vhost = "/", user = "u", password = "p",
+                                  name = "n", heartbeat = 0, timeout = 5000 } end
+print("RUN " .. tide.run(function()
+  core.amqp_connect(1, cfg(fast)); core.amqp_connect(2, cfg(fast))
+  core.amqp_connect(3, cfg(slow)); core.amqp_connect(4, cfg(slow))
+  tide.sleep(3000)
+end))
+table.sort(calls)
+print("CALLS " .. table.concat(calls, ","))
+print("REPORTS " .. reported)
+print("CLOSE " .. tostring(core.close()))
+]]
+
+  it("delivers every other connect once when a ready callback raises, stops the runtime or closes the loop", function()
+    local fast_port, stop_fast = slow_broker(0)
+    local slow_port, stop_slow = slow_broker(1500)
+    local dir = H.tempdir()
+    local ok, err = pcall(function()
+      for _, how in ipairs{ "raise", "shutdown", "close" } do
+        local status, out = H.run_lua(dir, "ready.lua", READY, 60,
+          ("FAST_PORT=%s SLOW_PORT=%s HOW=%s"):format(fast_port, slow_port, how))
+        clean(out)
+        assert.equal(0, status, how .. ": " .. out)
+        assert.matches("CLOSE 0\n$", out)
+        if how == "raise" then
+          assert.matches("REPORTED [^\n]*the ready callback fails\n", out)
+          assert.matches("RUN ok\nCALLS 1,2,3,4\nREPORTS 1\n", out)
+        elseif how == "shutdown" then
+          -- The run ends at once; connects that come later are not
+          -- delivered, and none twice.
+          assert.matches("RUN cancelled\nCALLS [%d,]+\nREPORTS 0\n", out)
+          local seen = {}
+          for id in out:match("CALLS ([%d,]+)"):gmatch("%d") do
+            assert.is_nil(seen[id], "connect " .. id .. " delivered twice: " .. out)
+            seen[id] = true
+          end
+          assert.is_true(seen["1"] or seen["2"], out)
+        else
+          -- Closing the loop from inside its own callback is refused: it
+          -- would free what that very call runs on.
+          assert.matches("CLOSE IN CALLBACK false [^\n]*the loop is running", out)
+          assert.matches("RUN ok\nCALLS 1,2,3,4\nREPORTS 0\n", out)
+        end
+      end
+    end)
+    stop_fast()
+    stop_slow()
+    os.execute("rm -rf " .. dir)
+    if not ok then error(err, 0) end
+  end)
+end)
+
 describe("tide.consumer on the memory source, attacked", function()
   before_each(function() H.quiet_errors() end)
   after_each(function()

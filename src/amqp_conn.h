@@ -4,8 +4,9 @@
  * reads and writes wait in poll(2) and would stall every task on the loop.
  * So it is used only where waiting is harmless or absent:
  *   - tide__amqp_open: DNS, TCP connect and the handshake (connection.start
- *     ... open-ok), blocking, bounded by a timeout: call it on a worker
- *     thread (the binding uses uv_queue_work), never on the loop thread;
+ *     ... open-ok), blocking, bounded by a timeout: call it on a thread
+ *     of its own (the binding starts one per connect), never on the loop
+ *     thread;
  *   - its codec: frames are decoded by amqp_handle_input from bytes that we
  *     read, and methods and properties encoded by amqp_encode_method and
  *     amqp_encode_properties into bytes that we write.

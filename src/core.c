@@ -368,10 +368,21 @@ static void free_state(tide__loop *loop) {
   free(loop->data);
 }
 
-/* close() -> uv_loop_close's result for an owned loop (0: nothing left open). */
+/* True while the loop runs or calls into Lua (a tick, a signal, any
+ * binding's callback: they all tell the watchdog).  The loop cannot be
+ * closed then: the handles, callers and watchdog that very call runs on
+ * would be freed under it (a RabbitMQ ready callback that closed the loop
+ * crashed: heap-use-after-free, spec/review_amqp_spec.lua). */
+static int busy(const state *s) {
+  return s->loop.running > 0 || s->in_call > 0 || tide__watchdog_in_call(s->wd);
+}
+
+/* close() -> uv_loop_close's result for an owned loop (0: nothing left open);
+ * UV_EBUSY, closing nothing, while busy. */
 static int close_state(lua_State *L, loop_ud *u) {
   state *s = u->s;
   if (s == NULL) return 0;                   /* closed already */
+  if (busy(s)) return UV_EBUSY;
   u->s = NULL;
   tide__close_threads(L);                    /* its async handle is on our loop */
   tide__close_procs(L);                      /* so are the children's pipes     */
@@ -394,6 +405,7 @@ static int close_state(lua_State *L, loop_ud *u) {
 
 static int l_close(lua_State *L) {
   loop_ud *u = lua_touserdata(L, lua_upvalueindex(1));
+  if (u->s && busy(u->s)) return luaL_error(L, "tide.core.close: the loop is running (close it once its run returned)");
   lua_pushinteger(L, close_state(L, u));
   return 1;
 }

@@ -21,13 +21,20 @@
  * of a publisher confirm), its method's name ("queue.declare-ok") and
  * channel beside it; a returned message adds body = and properties =
  * { headers = {...}, ... } (none when it has no properties).  A delivery
- * comes as plain values (see conn_next).  Field tables cross both ways: strings, booleans, numbers
- * (integers as 64-bit integers), arrays and nested tables, 32 levels deep.
+ * comes as plain values (see conn_next).  Field tables cross both ways
+ * (amqp_fields.c): strings, booleans, numbers (integers as 64-bit
+ * integers), arrays and nested tables, 32 levels deep.
  *
  * Connections belong to the loop: they are closed when closed from Lua,
  * collected, or when the loop closes (tide__close_amqp), whichever comes
  * first.  A connect still under way when the loop closes is left to its
  * thread, which closes the connection it gets and lets the binding go.
+ * A connect does not keep the loop alive: whoever waits for it does, with
+ * a timer (amqp.lua waits 2 x its timeout + 1 s, longer than the thread
+ * can block).  When the async handle kept it alive, a connect nobody waited
+ * for any more (its task cancelled, the script ended, tide.shutdown, a
+ * SIGTERM) held `tide run` until the broker answered, up to 2 x the
+ * connect timeout (spec/review_amqp_spec.lua).
  *
  * Each connect has a thread of its own (detached), not one of libuv's
  * shared worker threads: a TCP connect and a login block for up to their
@@ -37,7 +44,6 @@
  * through the binding's `finished` list and async handle, under its lock.
  */
 #include <limits.h>
-#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,13 +52,13 @@
 #include <lauxlib.h>
 
 #include "amqp_conn.h"
+#include "amqp_fields.h"
 #include "bindings.h"
 #include "lua_call.h"
 
 #define CONN_MT     "tide.AmqpConn"
 #define BINDING_MT  "tide.AmqpBinding"
 #define BINDING_KEY "tide.amqp"          /* registry: the binding's userdata */
-#define MAX_DEPTH   32                   /* field tables nested deeper are cut */
 
 typedef struct conn_ud conn_ud;
 typedef struct connect_req connect_req;
@@ -67,7 +73,6 @@ typedef struct binding {
   int refs;
   conn_ud *conns;         /* open connections */
   connect_req *pending;   /* connects under way (their threads may have finished) */
-  int npending;           /* the async handle keeps the loop alive while > 0 */
   uv_mutex_t lock;
   uv_async_t async;       /* a connect's thread finished */
   int closed;             /* the loop closed: threads clean up after themselves */
@@ -173,196 +178,11 @@ static int sent(lua_State *L, conn_ud *u, int rc) {
   return 2;
 }
 
-/* ===== field tables: AMQP -> Lua ===== */
-
-static void push_table(lua_State *L, const amqp_table_t *t, int depth);
-
-static void push_bytes(lua_State *L, amqp_bytes_t b) {
-  lua_pushlstring(L, b.len ? (const char *)b.bytes : "", b.len);
-}
-
-static void push_field(lua_State *L, const amqp_field_value_t *v, int depth) {
-  if (depth > MAX_DEPTH) { lua_pushliteral(L, "(nested too deep)"); return; }
-  switch (v->kind) {
-    case AMQP_FIELD_KIND_BOOLEAN: lua_pushboolean(L, v->value.boolean); break;
-    case AMQP_FIELD_KIND_I8: lua_pushnumber(L, v->value.i8); break;
-    case AMQP_FIELD_KIND_U8: lua_pushnumber(L, v->value.u8); break;
-    case AMQP_FIELD_KIND_I16: lua_pushnumber(L, v->value.i16); break;
-    case AMQP_FIELD_KIND_U16: lua_pushnumber(L, v->value.u16); break;
-    case AMQP_FIELD_KIND_I32: lua_pushnumber(L, v->value.i32); break;
-    case AMQP_FIELD_KIND_U32: lua_pushnumber(L, v->value.u32); break;
-    case AMQP_FIELD_KIND_I64: lua_pushnumber(L, (lua_Number)v->value.i64); break;
-    case AMQP_FIELD_KIND_U64: case AMQP_FIELD_KIND_TIMESTAMP: lua_pushnumber(L, (lua_Number)v->value.u64); break;
-    case AMQP_FIELD_KIND_F32: lua_pushnumber(L, v->value.f32); break;
-    case AMQP_FIELD_KIND_F64: lua_pushnumber(L, v->value.f64); break;
-    case AMQP_FIELD_KIND_DECIMAL:
-      lua_pushnumber(L, v->value.decimal.value / pow(10, v->value.decimal.decimals));
-      break;
-    case AMQP_FIELD_KIND_UTF8: case AMQP_FIELD_KIND_BYTES: push_bytes(L, v->value.bytes); break;
-    case AMQP_FIELD_KIND_ARRAY:
-      lua_checkstack(L, 3);
-      lua_createtable(L, v->value.array.num_entries, 0);
-      for (int i = 0; i < v->value.array.num_entries; i++) {
-        push_field(L, &v->value.array.entries[i], depth + 1);
-        lua_rawseti(L, -2, i + 1);
-      }
-      break;
-    case AMQP_FIELD_KIND_TABLE: push_table(L, &v->value.table, depth + 1); break;
-    default: lua_pushnil(L); break;                     /* void */
-  }
-}
-
-static void push_table(lua_State *L, const amqp_table_t *t, int depth) {
-  lua_checkstack(L, 4);
-  lua_createtable(L, 0, t->num_entries);
-  for (int i = 0; i < t->num_entries; i++) {
-    push_bytes(L, t->entries[i].key);
-    push_field(L, &t->entries[i].value, depth);
-    lua_rawset(L, -3);
-  }
-}
-
-#define PROPS(X) \
-  X(content_type, AMQP_BASIC_CONTENT_TYPE_FLAG) X(content_encoding, AMQP_BASIC_CONTENT_ENCODING_FLAG) \
-  X(correlation_id, AMQP_BASIC_CORRELATION_ID_FLAG) X(reply_to, AMQP_BASIC_REPLY_TO_FLAG) \
-  X(expiration, AMQP_BASIC_EXPIRATION_FLAG) X(message_id, AMQP_BASIC_MESSAGE_ID_FLAG) \
-  X(type, AMQP_BASIC_TYPE_FLAG) X(user_id, AMQP_BASIC_USER_ID_FLAG) X(app_id, AMQP_BASIC_APP_ID_FLAG)
-
-/* The table is made at its final size: one field per property present (a
- * message with only delivery_mode, the usual case, costs one hash slot, not
- * four: a table per delivery is a good part of what the collector sweeps). */
-static void push_props(lua_State *L, const amqp_basic_properties_t *p) {
-  lua_createtable(L, 0, __builtin_popcount(p->_flags & 0xffff));
-#define X(name, flag) if (p->_flags & flag) { push_bytes(L, p->name); lua_setfield(L, -2, #name); }
-  PROPS(X)
-#undef X
-  if (p->_flags & AMQP_BASIC_DELIVERY_MODE_FLAG) { lua_pushnumber(L, p->delivery_mode); lua_setfield(L, -2, "delivery_mode"); }
-  if (p->_flags & AMQP_BASIC_PRIORITY_FLAG) { lua_pushnumber(L, p->priority); lua_setfield(L, -2, "priority"); }
-  if (p->_flags & AMQP_BASIC_TIMESTAMP_FLAG) { lua_pushnumber(L, (lua_Number)p->timestamp); lua_setfield(L, -2, "timestamp"); }
-  if (p->_flags & AMQP_BASIC_HEADERS_FLAG) { push_table(L, &p->headers, 1); lua_setfield(L, -2, "headers"); }
-}
-
-/* ===== field tables: Lua -> AMQP (memory from a pool; errors returned, not raised) ===== */
-
-typedef struct { amqp_pool_t pool; char err[200]; } builder;
-
-static int build_table(lua_State *L, builder *bd, int idx, amqp_table_t *out, int depth, const char *path);
-
-static int build_field(lua_State *L, builder *bd, int idx, amqp_field_value_t *v, int depth, const char *path) {
-  if (depth > MAX_DEPTH) { snprintf(bd->err, sizeof bd->err, "%s: nested too deep", path); return -1; }
-  switch (lua_type(L, idx)) {
-    case LUA_TBOOLEAN: v->kind = AMQP_FIELD_KIND_BOOLEAN; v->value.boolean = lua_toboolean(L, idx); return 0;
-    case LUA_TNUMBER: {
-      double d = lua_tonumber(L, idx);
-      if (d == floor(d) && fabs(d) < 9.2e18) { v->kind = AMQP_FIELD_KIND_I64; v->value.i64 = (int64_t)d; }
-      else { v->kind = AMQP_FIELD_KIND_F64; v->value.f64 = d; }
-      return 0;
-    }
-    case LUA_TSTRING: {
-      size_t len;
-      const char *s = lua_tolstring(L, idx, &len);
-      v->kind = AMQP_FIELD_KIND_UTF8;
-      v->value.bytes.len = len;
-      v->value.bytes.bytes = (void *)s;                 /* anchored by the caller's table */
-      return 0;
-    }
-    case LUA_TTABLE: {
-      size_t n = lua_objlen(L, idx);
-      if (n == 0) { v->kind = AMQP_FIELD_KIND_TABLE; return build_table(L, bd, idx, &v->value.table, depth + 1, path); }
-      v->kind = AMQP_FIELD_KIND_ARRAY;
-      v->value.array.num_entries = (int)n;
-      v->value.array.entries = amqp_pool_alloc(&bd->pool, sizeof(amqp_field_value_t) * n);
-      if (v->value.array.entries == NULL) { snprintf(bd->err, sizeof bd->err, "out of memory"); return -1; }
-      lua_checkstack(L, 3);
-      for (size_t i = 0; i < n; i++) {
-        lua_rawgeti(L, idx, (int)i + 1);
-        int rc = build_field(L, bd, lua_gettop(L), &v->value.array.entries[i], depth + 1, path);
-        lua_pop(L, 1);
-        if (rc != 0) return rc;
-      }
-      return 0;
-    }
-    default:
-      snprintf(bd->err, sizeof bd->err, "%s: %s cannot be sent (string, number, boolean or table expected)",
-               path, lua_typename(L, lua_type(L, idx)));
-      return -1;
-  }
-}
-
-static int build_table(lua_State *L, builder *bd, int idx, amqp_table_t *out, int depth, const char *path) {
-  int n = 0;
-  lua_checkstack(L, 4);
-  lua_pushnil(L);
-  while (lua_next(L, idx)) { n++; lua_pop(L, 1); }
-  out->num_entries = 0;
-  out->entries = n ? amqp_pool_alloc(&bd->pool, sizeof(amqp_table_entry_t) * (size_t)n) : NULL;
-  if (n && out->entries == NULL) { snprintf(bd->err, sizeof bd->err, "out of memory"); return -1; }
-  lua_pushnil(L);
-  while (lua_next(L, idx)) {
-    if (lua_type(L, -2) != LUA_TSTRING) {
-      snprintf(bd->err, sizeof bd->err, "%s: keys must be strings (got %s)", path, lua_typename(L, lua_type(L, -2)));
-      lua_pop(L, 2);
-      return -1;
-    }
-    amqp_table_entry_t *e = &out->entries[out->num_entries++];
-    size_t len;
-    const char *k = lua_tolstring(L, -2, &len);
-    e->key.bytes = (void *)k;
-    e->key.len = len;
-    char sub[160];
-    snprintf(sub, sizeof sub, "%s.%s", path, k);
-    if (build_field(L, bd, lua_gettop(L), &e->value, depth, sub) != 0) { lua_pop(L, 2); return -1; }
-    lua_pop(L, 1);
-  }
-  return 0;
-}
-
-/* An optional field table at index idx (nil: empty). */
-static int opt_table(lua_State *L, builder *bd, int idx, amqp_table_t *out, const char *path) {
-  if (lua_isnoneornil(L, idx)) { *out = amqp_empty_table; return 0; }
-  if (!lua_istable(L, idx)) { snprintf(bd->err, sizeof bd->err, "%s: table expected", path); return -1; }
-  return build_table(L, bd, idx, out, 1, path);
-}
-
-static amqp_bytes_t field_bytes(lua_State *L, int tbl, const char *key, amqp_flags_t flag, amqp_flags_t *flags) {
-  amqp_bytes_t b = { 0, NULL };
-  lua_getfield(L, tbl, key);
-  if (lua_type(L, -1) == LUA_TSTRING) {
-    b.bytes = (void *)lua_tolstring(L, -1, &b.len);    /* anchored by the properties table */
-    *flags |= flag;
-  }
-  lua_pop(L, 1);
-  return b;
-}
-
-static int build_props(lua_State *L, builder *bd, int idx, amqp_basic_properties_t *p) {
-  memset(p, 0, sizeof *p);
-  if (lua_isnoneornil(L, idx)) return 0;
-#define X(name, flag) p->name = field_bytes(L, idx, #name, flag, &p->_flags);
-  PROPS(X)
-#undef X
-  lua_getfield(L, idx, "delivery_mode");
-  if (lua_isnumber(L, -1)) { p->delivery_mode = (uint8_t)lua_tointeger(L, -1); p->_flags |= AMQP_BASIC_DELIVERY_MODE_FLAG; }
-  lua_getfield(L, idx, "priority");
-  if (lua_isnumber(L, -1)) { p->priority = (uint8_t)lua_tointeger(L, -1); p->_flags |= AMQP_BASIC_PRIORITY_FLAG; }
-  lua_getfield(L, idx, "timestamp");
-  if (lua_isnumber(L, -1)) { p->timestamp = (uint64_t)lua_tonumber(L, -1); p->_flags |= AMQP_BASIC_TIMESTAMP_FLAG; }
-  lua_pop(L, 3);
-  lua_getfield(L, idx, "headers");
-  int rc = 0;
-  if (lua_istable(L, -1)) {
-    rc = build_table(L, bd, lua_gettop(L), &p->headers, 1, "headers");
-    p->_flags |= AMQP_BASIC_HEADERS_FLAG;
-  }
-  lua_pop(L, 1);                     /* the strings stay anchored by the properties table */
-  return rc;
-}
-
 /* ===== events ===== */
 
 static void set_num(lua_State *L, const char *k, double v) { lua_pushnumber(L, v); lua_setfield(L, -2, k); }
 static void set_bool(lua_State *L, const char *k, int v) { lua_pushboolean(L, v); lua_setfield(L, -2, k); }
-static void set_bytes(lua_State *L, const char *k, amqp_bytes_t v) { push_bytes(L, v); lua_setfield(L, -2, k); }
+static void set_bytes(lua_State *L, const char *k, amqp_bytes_t v) { tide__amqp_push_bytes(L, v); lua_setfield(L, -2, k); }
 
 /* "AMQP_QUEUE_DECLARE_OK_METHOD" -> "queue.declare-ok" */
 static void push_method_name(lua_State *L, amqp_method_number_t id) {
@@ -447,10 +267,10 @@ static void push_event(lua_State *L, const tide__amqp_event *ev) {
     default: break;
   }
   if (ev->has_content) {
-    push_bytes(L, ev->body);
+    tide__amqp_push_bytes(L, ev->body);
     lua_setfield(L, -2, "body");
     if (ev->props->_flags != 0) {     /* none: the field stays nil */
-      push_props(L, ev->props);
+      tide__amqp_push_props(L, ev->props);
       lua_setfield(L, -2, "properties");
     }
   }
@@ -470,7 +290,7 @@ static void push_cached(lua_State *L, int slot, amqp_bytes_t b) {
     return;
   }
   lua_pop(L, 1);
-  push_bytes(L, b);
+  tide__amqp_push_bytes(L, b);
   lua_pushvalue(L, -1);
   lua_rawseti(L, -3, slot);
   lua_remove(L, -2);                               /* the environment */
@@ -497,8 +317,8 @@ static int conn_next(lua_State *L) {
     lua_pushboolean(L, m->redelivered);
     push_cached(L, 1, m->exchange);
     push_cached(L, 2, m->routing_key);
-    push_bytes(L, ev.body);
-    if (ev.props->_flags != 0) push_props(L, ev.props); else lua_pushnil(L);
+    tide__amqp_push_bytes(L, ev.body);
+    if (ev.props->_flags != 0) tide__amqp_push_props(L, ev.props); else lua_pushnil(L);
     return 8;
   }
   push_method_name(L, ev.method.id);
@@ -589,7 +409,7 @@ static int conn_purge(lua_State *L) {
 
 /* Sends a method whose field table is built first; the pool goes afterwards. */
 static int send_with_table(lua_State *L, conn_ud *u, amqp_channel_t ch, amqp_method_number_t id, void *m,
-                           builder *bd, int rc) {
+                           tide__amqp_builder *bd, int rc) {
   if (rc != 0) { empty_amqp_pool(&bd->pool); return luaL_error(L, "%s", bd->err); }
   tide__amqp *c = live(L, u);
   if (c == NULL) { empty_amqp_pool(&bd->pool); return 2; }
@@ -602,11 +422,11 @@ static int send_with_table(lua_State *L, conn_ud *u, amqp_channel_t ch, amqp_met
 static int conn_declare(lua_State *L) {
   conn_ud *u = check_conn(L);
   amqp_channel_t ch = arg_channel(L);
-  builder bd;
+  tide__amqp_builder bd;
   init_amqp_pool(&bd.pool, 4096);
   amqp_queue_declare_t m = { 0, arg_bytes(L, 3), lua_toboolean(L, 4), lua_toboolean(L, 5), lua_toboolean(L, 6),
                              lua_toboolean(L, 7), 0, amqp_empty_table };
-  int rc = opt_table(L, &bd, 8, &m.arguments, "arguments");
+  int rc = tide__amqp_opt_table(L, &bd, 8, &m.arguments, "arguments");
   return send_with_table(L, u, ch, AMQP_QUEUE_DECLARE_METHOD, &m, &bd, rc);
 }
 
@@ -614,10 +434,10 @@ static int conn_declare(lua_State *L) {
 static int conn_consume(lua_State *L) {
   conn_ud *u = check_conn(L);
   amqp_channel_t ch = arg_channel(L);
-  builder bd;
+  tide__amqp_builder bd;
   init_amqp_pool(&bd.pool, 4096);
   amqp_basic_consume_t m = { 0, arg_bytes(L, 3), arg_bytes(L, 4), 0, 0, lua_toboolean(L, 5), 0, amqp_empty_table };
-  int rc = opt_table(L, &bd, 6, &m.arguments, "arguments");
+  int rc = tide__amqp_opt_table(L, &bd, 6, &m.arguments, "arguments");
   return send_with_table(L, u, ch, AMQP_BASIC_CONSUME_METHOD, &m, &bd, rc);
 }
 
@@ -627,10 +447,10 @@ static int conn_publish(lua_State *L) {
   amqp_channel_t ch = arg_channel(L);
   size_t len;
   const char *body = luaL_checklstring(L, 5, &len);
-  builder bd;
+  tide__amqp_builder bd;
   init_amqp_pool(&bd.pool, 4096);
   amqp_basic_properties_t props;
-  int rc = build_props(L, &bd, 6, &props);
+  int rc = tide__amqp_build_props(L, &bd, 6, &props);
   if (rc != 0) { empty_amqp_pool(&bd.pool); return luaL_error(L, "%s", bd.err); }
   tide__amqp *c = live(L, u);
   if (c == NULL) { empty_amqp_pool(&bd.pool); return 2; }
@@ -736,7 +556,6 @@ static void connect_done(connect_req *r) {
   binding *b = r->b;
   if (r->prev) r->prev->next = r->next; else b->pending = r->next;
   if (r->next) r->next->prev = r->prev;
-  if (--b->npending == 0) uv_unref((uv_handle_t *)&b->async);
   ready_args a = { b, r->id, "open", r };
   call_ready(&a);                         /* takes r->c over when it made a connection of it */
   free_req(r);
@@ -761,7 +580,7 @@ static void on_connected(uv_async_t *h) {
     list = r->fnext;
     connect_done(r);
   }
-  while (list) {                               /* the loop closed from a ready callback */
+  while (list) {          /* the loop closed under a ready callback: core.c refuses that; a guard */
     r = list;
     list = r->fnext;
     free_req(r);
@@ -851,7 +670,6 @@ static int l_connect(lua_State *L) {
   r->next = b->pending;                        /* (the thread never reads these links) */
   if (r->next) r->next->prev = r;
   b->pending = r;
-  if (b->npending++ == 0) uv_ref((uv_handle_t *)&b->async);
   return 0;
 }
 
@@ -893,7 +711,6 @@ void tide__close_amqp(lua_State *L) {
       r = next;
     }
     b->pending = NULL;                                  /* (the threads' now) */
-    b->npending = 0;
     b->loop = NULL;
     uv_close((uv_handle_t *)&b->async, on_async_closed);
     luaL_unref(L, LUA_REGISTRYINDEX, b->ready_ref);
@@ -917,7 +734,7 @@ void tide__open_amqp(lua_State *L, uv_loop_t *loop, tide__watchdog *wd) {
     luaL_error(L, "tide: cannot make an async handle");
   }
   b->async.data = b;
-  uv_unref((uv_handle_t *)&b->async);                 /* only while connects are under way */
+  uv_unref((uv_handle_t *)&b->async);                 /* a connect keeps no loop alive (above) */
   b->loop = loop;
   b->refs = 2;                                        /* the module's and the async handle's */
   b->ready_ref = LUA_NOREF;

@@ -55,7 +55,9 @@ TIDE_API void tide_shutdown(lua_State *L, double grace_ms);
 
 /* Closes tide's handles.  With a host loop, run it once more afterwards so
  * the close callbacks free tide's memory.  Returns uv_loop_close's result
- * for tide's own loop (0: nothing left open), else 0. */
+ * for tide's own loop (0: nothing left open), else 0; UV_EBUSY, closing
+ * nothing, when called while tide runs the loop or calls into Lua (from a
+ * callback: close once the run returned). */
 TIDE_API int tide_close(lua_State *L);
 
 /* The module entry point for `require "tide"` from stock luajit. */

@@ -286,6 +286,10 @@ uint64_t tide__watchdog_leave(tide__watchdog *w) {
   return ms ? ms : 1;
 }
 
+int tide__watchdog_in_call(const tide__watchdog *w) {
+  return w != NULL && w->depth > 0;
+}
+
 uint64_t tide__watchdog_claim(tide__watchdog *w) {
   uint64_t seq = atomic_load(&w->seq), since = atomic_load(&w->since), now = uv_hrtime();
   if (since == 0 || atomic_load(&w->poked) != seq || atomic_load(&w->reported) == seq) return 0;

@@ -49,6 +49,9 @@ void tide__watchdog_enter(tide__watchdog *w);
  * that no hook reported, so the caller can report it; else 0. */
 uint64_t tide__watchdog_leave(tide__watchdog *w);
 
+/* True while a call into Lua is under way (between enter and leave). */
+int tide__watchdog_in_call(const tide__watchdog *w);
+
 /* Sets the stall time (0: off) and the grace period, in ms; a negative
  * value leaves that one as it is. */
 void tide__watchdog_configure(tide__watchdog *w, double stall_ms, double grace_ms);

@@ -9,9 +9,11 @@
 #   FUZZ_CC       a clang with libFuzzer (default clang)
 #   TIDE_BUILD    where tide.so is, for the storm (default build)
 # A target names the src/*.c files it links in a "fuzz-sources:" line of its
-# header comment.  Seeds come from spec/fuzz/corpus_<name>/ when it exists;
-# what the fuzzer finds grows $BUILD/corpus_<name>/, and crashing inputs land
-# in $BUILD/crashes_<name>/.  Exits non-zero when any target crashed.
+# header comment, and the pkg-config packages it needs besides luajit in a
+# "fuzz-packages:" line (optional).  Seeds come from spec/fuzz/corpus_<name>/
+# when it exists; what the fuzzer finds grows $BUILD/corpus_<name>/, and
+# crashing inputs land in $BUILD/crashes_<name>/.  Exits non-zero when any
+# target crashed.
 set -eu
 
 BUILD=${BUILD:-build/fuzz}
@@ -26,10 +28,11 @@ for target in spec/fuzz/fuzz_*.c; do
   name=$(basename "$target" .c)
   short=${name#fuzz_}
   sources=$(sed -n 's/^.*fuzz-sources:[[:space:]]*\([^*]*\).*$/\1/p' "$target")
+  packages="luajit $(sed -n 's/^.*fuzz-packages:[[:space:]]*\([^*]*\).*$/\1/p' "$target")"
   echo "fuzz: building $name ($sources)"
-  # shellcheck disable=SC2046,SC2086  # word splitting of flags and sources is wanted
-  $FUZZ_CC $FLAGS $(pkg-config --cflags luajit) "$target" $sources \
-    $(pkg-config --libs luajit) -lm -o "$BUILD/$name"
+  # shellcheck disable=SC2046,SC2086  # word splitting of flags, sources and packages is wanted
+  $FUZZ_CC $FLAGS $(pkg-config --cflags $packages) "$target" $sources \
+    $(pkg-config --libs $packages) -lm -o "$BUILD/$name"
   mkdir -p "$BUILD/corpus_$short" "$BUILD/crashes_$short"
   seeds=""
   [ -d "spec/fuzz/corpus_$short" ] && seeds="spec/fuzz/corpus_$short"

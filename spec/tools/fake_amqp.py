@@ -8,6 +8,11 @@ takes one client, plays the handshake, channel.open, basic.qos and
 basic.consume as RabbitMQ would, then sends what MODE says: frames a real
 broker never sends, to check that the client fails the connection with a
 reason instead of crashing.  Exits when the client goes (or after 20 s).
+
+MODE slow:MS is a slow but honest broker instead: it takes any number of
+clients, each on a thread of its own, waits MS ms before it answers the
+protocol header, then plays the login and opens channels when asked, until
+the client goes; it exits after 20 s (or when killed).
 """
 import signal
 import socket
@@ -185,6 +190,31 @@ def attack(c, ch):
         raise SystemExit("unknown mode " + MODE)
 
 
+def slow_client(s, delay_ms):
+    """A login answered after delay_ms, then channel.open and close answered, until the client goes."""
+    import time
+    c = Conn(s)
+    try:
+        assert c.read(8) == b"AMQP\x00\x00\x09\x01"
+        time.sleep(delay_ms / 1000.0)
+        c.send(method(0, 10, 10, b"\x00\x09" + struct.pack(">I", 0) + longstr(b"PLAIN") + longstr(b"en_US")))
+        c.expect(10, 11)                                          # start-ok
+        c.send(method(0, 10, 30, struct.pack(">HIH", 2047, FRAME_MAX, 0)))
+        c.expect(10, 31)                                          # tune-ok
+        c.expect(10, 40)                                          # open
+        c.send(method(0, 10, 41, shortstr(b"")))
+        while True:
+            ftype, fch, cls, mid = c.frame()
+            if (cls, mid) == (20, 10):
+                c.send(method(fch, 20, 11, longstr(b"")))
+            elif (cls, mid) == (10, 50):
+                c.send(method(0, 10, 51))
+    except (EOFError, ConnectionError, AssertionError):
+        pass
+    finally:
+        s.close()
+
+
 def main():
     ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -194,6 +224,12 @@ def main():
         f.write(str(ls.getsockname()[1]))
     import os
     os.rename(PORTFILE + ".tmp", PORTFILE)
+    if MODE.startswith("slow:"):
+        import threading
+        delay_ms = int(MODE.split(":")[1])
+        while True:
+            s, _ = ls.accept()
+            threading.Thread(target=slow_client, args=(s, delay_ms), daemon=True).start()
     s, _ = ls.accept()
     c = Conn(s)
     try:

@@ -1,7 +1,8 @@
 --- tide.supervision.sources.amqp — AMQP connections and channels for the RabbitMQ source, over tide.core's amqp_* binding.
 --
--- A connection is opened on a libuv worker thread (connect and login block
--- there, never the loop); the task that asked waits, the others run.  After
+-- A connection is opened on a thread of its own (connect and login block
+-- there, never the loop); the task that asked waits, the others run; its
+-- wait's timer, not the connect, keeps the loop alive (src/lua_amqp.c).  After
 -- that every frame is read and written by the loop without blocking
 -- (src/amqp_conn.c).  This module keeps what belongs to a connection: its
 -- channels, the one synchronous call a channel may have under way, and what
