@@ -20,7 +20,15 @@
 #endif
 
 #define NLISTS (TIDE_ALLOC_CACHE_LARGEST / 8)   /* sizes 8, 16, ... LARGEST: list size/8 - 1 */
-#define NBIGS 32                                /* larger blocks kept, of any size */
+/* Larger blocks, up to TIDE_ALLOC_CACHE_BIGGEST and of a size that is a
+ * multiple of 8 (a table's array or hash part, a stack; not a string of
+ * any length), are kept in one ring per power of two of their size, so
+ * that the odd blocks of one size class never push out those of another
+ * (with one ring for all, a burst's arrays were pushed out before the
+ * next burst by the strings that loading code frees). */
+#define BIG_CLASS(size) (63 - __builtin_clzll((unsigned long long)(size)) - 9)   /* 513..1023: 0 */
+#define NCLASSES (BIG_CLASS(TIDE_ALLOC_CACHE_BIGGEST) + 1)
+#define PER_CLASS 8
 /* A big block kept is given back when BIG_LIFETIME bytes were handed out
  * since without it being taken: the old sizes of an array that grew are
  * taken again by the next burst that grows one, and not kept for ever by
@@ -43,8 +51,8 @@ typedef struct cache {
   size_t in_use;           /* the state's heap, as this allocator sees it */
   unsigned long long hits; /* allocations served from what was kept */
   void *list[NLISTS];      /* small freed blocks of each size, linked through their first word */
-  big bigs[NBIGS];         /* larger freed blocks (p NULL: a free slot) */
-  int next_big;            /* the slot a big block goes to next, round robin */
+  big bigs[NCLASSES][PER_CLASS];   /* larger freed blocks (p NULL: a free slot) */
+  int next_big[NCLASSES];          /* the slot of its class a big block goes to next */
   size_t volume;           /* bytes handed out so far */
   size_t next_expiry;      /* the volume at which big blocks are looked at next */
 } cache;
@@ -71,23 +79,26 @@ static void give_back_big(cache *c, big *b) {
 
 static void expire(cache *c) {
   c->next_expiry = c->volume + EXPIRY_EVERY;
-  for (int i = 0; i < NBIGS; i++)
-    if (c->bigs[i].p != NULL && c->volume - c->bigs[i].at > BIG_LIFETIME) give_back_big(c, &c->bigs[i]);
+  for (int k = 0; k < NCLASSES; k++)
+    for (int i = 0; i < PER_CLASS; i++) {
+      big *b = &c->bigs[k][i];
+      if (b->p != NULL && c->volume - b->at > BIG_LIFETIME) give_back_big(c, b);
+    }
 }
 
 /* Keeps a freed block when the bound allows (1), else 0: the caller gives
  * it back.  Small ones go on their size's list; a big one takes a slot,
  * and the block in that slot before goes back. */
 static int keep(cache *c, void *p, size_t size) {
-  if (c->kept + size > bound(c) || size > TIDE_ALLOC_CACHE_BIGGEST) return 0;
+  if ((size & 7) || size > TIDE_ALLOC_CACHE_BIGGEST || c->kept + size > bound(c)) return 0;
   if (size <= TIDE_ALLOC_CACHE_LARGEST) {
-    if (size & 7) return 0;
     void **head = &c->list[size / 8 - 1];
     *(void **)p = *head;
     *head = p;
   } else {
-    big *b = &c->bigs[c->next_big];
-    c->next_big = (c->next_big + 1) % NBIGS;
+    int k = BIG_CLASS(size);
+    big *b = &c->bigs[k][c->next_big[k]];
+    c->next_big[k] = (c->next_big[k] + 1) % PER_CLASS;
     if (b->p != NULL) give_back_big(c, b);
     b->p = p;
     b->size = size;
@@ -101,18 +112,19 @@ static int keep(cache *c, void *p, size_t size) {
 /* A kept block of exactly `size` bytes, or NULL. */
 static void *take(cache *c, size_t size) {
   void *q = NULL;
+  if ((size & 7) || size > TIDE_ALLOC_CACHE_BIGGEST) return NULL;
   if (size <= TIDE_ALLOC_CACHE_LARGEST) {
-    if (size & 7) return NULL;
     void **head = &c->list[size / 8 - 1];
     if (*head == NULL) return NULL;
     q = *head;
     UNPOISON(q, size);
     *head = *(void **)q;
   } else {
-    for (int i = 0; i < NBIGS && q == NULL; i++) {
-      if (c->bigs[i].p != NULL && c->bigs[i].size == size) {
-        q = c->bigs[i].p;
-        c->bigs[i].p = NULL;
+    big *b = c->bigs[BIG_CLASS(size)];
+    for (int i = 0; i < PER_CLASS && q == NULL; i++) {
+      if (b[i].p != NULL && b[i].size == size) {
+        q = b[i].p;
+        b[i].p = NULL;
         UNPOISON(q, size);
       }
     }
@@ -135,31 +147,37 @@ static void *cached_alloc(void *ud, void *p, size_t osize, size_t nsize) {
     if (p != NULL) release(c, p, osize);
     return NULL;
   }
-  /* A new block, or a block that grows or shrinks (a table's array, a
-   * coroutine's stack): a kept one of the new size when there is one. */
+  /* A new block, or one that grows or shrinks (a table's array, a
+   * coroutine's stack).  It moves to a kept block of the new size when
+   * there is one; a big block that grows moves anyway, so that its old
+   * size is kept for the next array that grows (resized by the allocator,
+   * it would be mapped and faulted in again every time). */
   c->volume += nsize;
   if (c->volume >= c->next_expiry) expire(c);
   void *q = take(c, nsize);
-  if (q != NULL) {
-    grew(c, nsize);
-    if (p != NULL) {
-      memcpy(q, p, osize < nsize ? osize : nsize);
-      release(c, p, osize);
+  int big = p != NULL && osize > TIDE_ALLOC_CACHE_LARGEST && osize <= TIDE_ALLOC_CACHE_BIGGEST;
+  if (q == NULL && !big) {                         /* new, or resized by the allocator */
+    q = c->inner(c->inner_ud, p, osize, nsize);
+    if (q != NULL) {
+      if (p != NULL) shrank(c, osize);
+      grew(c, nsize);
     }
     return q;
   }
-  q = c->inner(c->inner_ud, p, osize, nsize);
-  if (q != NULL) {
-    if (p != NULL) shrank(c, osize);
-    grew(c, nsize);
+  if (q == NULL && (q = c->inner(c->inner_ud, NULL, 0, nsize)) == NULL) return NULL;
+  grew(c, nsize);
+  if (p != NULL) {
+    memcpy(q, p, osize < nsize ? osize : nsize);
+    release(c, p, osize);
   }
   return q;
 }
 
 /* Gives the blocks kept over `limit` bytes back to the state's allocator. */
 static void trim(cache *c, size_t limit) {
-  for (int i = 0; i < NBIGS && c->kept > limit; i++)
-    if (c->bigs[i].p != NULL) give_back_big(c, &c->bigs[i]);
+  for (int k = 0; k < NCLASSES && c->kept > limit; k++)
+    for (int i = 0; i < PER_CLASS && c->kept > limit; i++)
+      if (c->bigs[k][i].p != NULL) give_back_big(c, &c->bigs[k][i]);
   for (int i = NLISTS - 1; i >= 0 && c->kept > limit; i--) {
     size_t size = (size_t)(i + 1) * 8;
     while (c->list[i] != NULL && c->kept > limit) {

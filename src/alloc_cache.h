@@ -39,10 +39,12 @@
 #define TIDE_ALLOC_CACHE_DEFAULT ((size_t)64 << 20)   /* cap when not configured */
 #define TIDE_ALLOC_CACHE_FLOOR ((size_t)4 << 20)      /* kept even when the heap is smaller */
 #define TIDE_ALLOC_CACHE_LARGEST 512                  /* the largest block on a free list */
-/* The largest block kept at all.  Larger ones are a burst's last arrays,
- * which the run queue drops on purpose (runq.lua, SPARE_MAX): kept, they
- * were 42 bytes more RSS per task among 1,000,000 asleep (goal <= 700). */
-#define TIDE_ALLOC_CACHE_BIGGEST ((size_t)1 << 20)
+/* The largest block kept at all: a table's array of 2^18 slots and its slot
+ * 0 (200,000 task handles), with room.  Larger ones are mostly a burst's
+ * last arrays, which the run queue drops on purpose (runq.lua, SPARE_MAX):
+ * kept, they were 42 bytes more RSS per task among 1,000,000 asleep (goal
+ * <= 700). */
+#define TIDE_ALLOC_CACHE_BIGGEST (((size_t)2 << 20) + 4096)
 
 /* Puts the cache in front of L's allocator (cap: the default), and a
  * finalizer that takes it out again; a second call does nothing.  0, or -1
