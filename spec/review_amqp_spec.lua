@@ -7,21 +7,9 @@ local tide = require "tide"
 local H = spec_helper
 
 local URL = os.getenv("TIDE_AMQP_URL")
-local n = 0
 
-local function qname(what)
-  n = n + 1
-  return ("review-%s-%d-%d"):format(what, os.time(), n)
-end
-
-local function wait_for(cond, ms)
-  local t0 = tide.now()
-  while not cond() do
-    if tide.now() - t0 > ms then return false end
-    tide.sleep(5)
-  end
-  return true
-end
+local function qname(what) return H.qname("review-" .. what) end
+local wait_for = H.wait_for
 
 -- The client of a hostile broker: consumes from it until the consumer
 -- fails, prints the bodies it handled and the consumer's outcome.
@@ -626,18 +614,7 @@ describe("tide.consumer on the memory source, attacked", function()
     H.assert_idle()
   end)
 
-  --- The memory source's own log: every tag it delivered settled exactly once.
-  local function settled_once(src)
-    local seen = {}
-    for _, e in ipairs(src.log) do
-      assert(not seen[e[1]], "tag " .. e[1] .. " settled twice")
-      seen[e[1]] = e[2]
-    end
-    for tag = 1, src.next_tag do assert(seen[tag], "tag " .. tag .. " never settled") end
-    assert.equal(0, src.violations)
-    assert.equal(0, src:stats().unacked)
-    return seen
-  end
+  local settled_once = H.settled_once      -- every tag delivered settled exactly once
 
   for _, mode in ipairs{ "thread", "process" } do
     it("settles and reports each delivery once when the loop shuts down under " .. mode .. "-mode handlers", function()
