@@ -17,6 +17,7 @@ the client goes; it exits after 20 s (or when killed).
 import signal
 import socket
 import struct
+import time
 import sys
 
 signal.alarm(20)
@@ -87,14 +88,21 @@ class Conn:
         self.s.sendall(data)
 
 
-def handshake(c):
+def login(c, delay_ms=0):
+    """The protocol header read, then (after delay_ms) start, tune and open answered."""
     assert c.read(8) == b"AMQP\x00\x00\x09\x01"
+    if delay_ms:
+        time.sleep(delay_ms / 1000.0)
     c.send(method(0, 10, 10, b"\x00\x09" + struct.pack(">I", 0) + longstr(b"PLAIN") + longstr(b"en_US")))
     c.expect(10, 11)                                              # start-ok
     c.send(method(0, 10, 30, struct.pack(">HIH", 2047, FRAME_MAX, 0)))
     c.expect(10, 31)                                              # tune-ok
     c.expect(10, 40)                                              # open
     c.send(method(0, 10, 41, shortstr(b"")))
+
+
+def handshake(c):
+    login(c)
     ch = c.expect(20, 10)                                         # channel.open
     c.send(method(ch, 20, 11, longstr(b"")))
     c.expect(60, 10)                                              # basic.qos
@@ -192,17 +200,9 @@ def attack(c, ch):
 
 def slow_client(s, delay_ms):
     """A login answered after delay_ms, then channel.open and close answered, until the client goes."""
-    import time
     c = Conn(s)
     try:
-        assert c.read(8) == b"AMQP\x00\x00\x09\x01"
-        time.sleep(delay_ms / 1000.0)
-        c.send(method(0, 10, 10, b"\x00\x09" + struct.pack(">I", 0) + longstr(b"PLAIN") + longstr(b"en_US")))
-        c.expect(10, 11)                                          # start-ok
-        c.send(method(0, 10, 30, struct.pack(">HIH", 2047, FRAME_MAX, 0)))
-        c.expect(10, 31)                                          # tune-ok
-        c.expect(10, 40)                                          # open
-        c.send(method(0, 10, 41, shortstr(b"")))
+        login(c, delay_ms)
         while True:
             ftype, fch, cls, mid = c.frame()
             if (cls, mid) == (20, 10):
