@@ -140,6 +140,20 @@ static void release(cache *c, void *p, size_t size) {
   if (!keep(c, p, size)) c->inner(c->inner_ud, p, size, 0);
 }
 
+static void trim(cache *c, size_t limit);
+
+/* The state's allocator.  When it refuses, everything kept goes back to it
+ * and it is asked once more: a host that bounds the state's memory counts
+ * the blocks kept as used (worker.c, thread_memory). */
+static void *ask(cache *c, void *p, size_t osize, size_t nsize) {
+  void *q = c->inner(c->inner_ud, p, osize, nsize);
+  if (q == NULL && c->kept > 0) {
+    trim(c, 0);
+    q = c->inner(c->inner_ud, p, osize, nsize);
+  }
+  return q;
+}
+
 /* The lua_Alloc in front of the state's own. */
 static void *cached_alloc(void *ud, void *p, size_t osize, size_t nsize) {
   cache *c = ud;
@@ -155,16 +169,19 @@ static void *cached_alloc(void *ud, void *p, size_t osize, size_t nsize) {
   c->volume += nsize;
   if (c->volume >= c->next_expiry) expire(c);
   void *q = take(c, nsize);
-  int big = p != NULL && osize > TIDE_ALLOC_CACHE_LARGEST && osize <= TIDE_ALLOC_CACHE_BIGGEST;
-  if (q == NULL && !big) {                         /* new, or resized by the allocator */
-    q = c->inner(c->inner_ud, p, osize, nsize);
+  if (q == NULL && p != NULL && osize > TIDE_ALLOC_CACHE_LARGEST && osize <= TIDE_ALLOC_CACHE_BIGGEST)
+    q = ask(c, NULL, 0, nsize);
+  if (q == NULL) {
+    /* New, or resized by the allocator: also a big block it had no room
+     * to move, as a shrink must not fail ("Lua assumes that the allocator
+     * never fails when osize >= nsize", the Lua 5.1 manual, lua_Alloc). */
+    q = ask(c, p, osize, nsize);
     if (q != NULL) {
       if (p != NULL) shrank(c, osize);
       grew(c, nsize);
     }
-    return q;
+    return q;                                      /* (NULL: p is as it was) */
   }
-  if (q == NULL && (q = c->inner(c->inner_ud, NULL, 0, nsize)) == NULL) return NULL;
   grew(c, nsize);
   if (p != NULL) {
     memcpy(q, p, osize < nsize ? osize : nsize);
