@@ -142,16 +142,19 @@ static void release(cache *c, void *p, size_t size) {
 
 static void trim(cache *c, size_t limit);
 
-/* The state's allocator.  When it refuses, everything kept goes back to it
- * and it is asked once more: a host that bounds the state's memory counts
- * the blocks kept as used (worker.c, thread_memory). */
-static void *ask(cache *c, void *p, size_t osize, size_t nsize) {
+/* The state's allocator asked again, after everything kept went back to
+ * it: a host that bounds the state's memory counts the blocks kept as used
+ * (worker.c, thread_memory).  Out of the hot path. */
+__attribute__((noinline, cold))
+static void *ask_again(cache *c, void *p, size_t osize, size_t nsize) {
+  trim(c, 0);
+  return c->inner(c->inner_ud, p, osize, nsize);
+}
+
+/* The state's allocator; when it refuses, ask_again. */
+static inline void *ask(cache *c, void *p, size_t osize, size_t nsize) {
   void *q = c->inner(c->inner_ud, p, osize, nsize);
-  if (q == NULL && c->kept > 0) {
-    trim(c, 0);
-    q = c->inner(c->inner_ud, p, osize, nsize);
-  }
-  return q;
+  return q != NULL || c->kept == 0 ? q : ask_again(c, p, osize, nsize);
 }
 
 /* The lua_Alloc in front of the state's own. */
