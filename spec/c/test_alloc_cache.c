@@ -441,6 +441,30 @@ static void host_restores_allocator(void) {
      h.blocks, h.bytes, h.bad_sizes, h.bad_blocks);
 }
 
+/* Two states, each with its own cache, used in turn and closed in the
+ * other order: neither takes a block of the other's. */
+static void two_states(void) {
+  host h1 = { 0 }, h2 = { 0 };
+  lua_State *L1 = open_with(&h1), *L2 = open_with(&h2);
+  for (int i = 0; i < 3; i++) {
+    burst(L1, 10000);
+    burst(L2, 10000);
+  }
+  ok(run(L1, "tide.configure{ alloc_cache = 4096 }"), "one state's cap lowered");
+  size_t kept1, kept2, cap1, cap2;
+  unsigned long long hits1, hits2;
+  stats(L1, &kept1, &cap1, &hits1);
+  stats(L2, &kept2, &cap2, &hits2);
+  ok(cap1 == 4096 && kept1 <= 4096 && cap2 == TIDE_ALLOC_CACHE_DEFAULT && kept2 > 4096 && hits2 > 0,
+     "... the other's is its own (%zu/%zu kept, %zu/%zu kept)", kept1, cap1, kept2, cap2);
+  lua_close(L2);
+  burst(L1, 10000);
+  lua_close(L1);
+  ok(h1.blocks == 0 && h2.blocks == 0 && h1.bad_sizes + h2.bad_sizes == 0 && h1.bad_blocks + h2.bad_blocks == 0,
+     "two states: every block back to its own host (%lld, %lld, %lld, %lld)", h1.blocks, h2.blocks,
+     h1.bad_sizes + h2.bad_sizes, h1.bad_blocks + h2.bad_blocks);
+}
+
 int main(void) {
   reuse_and_bounds();
   bounded_by_heap();
@@ -454,5 +478,6 @@ int main(void) {
   luajit_sizes();
   finalizers_at_close();
   host_restores_allocator();
+  two_states();
   return tap_done();
 }
