@@ -465,6 +465,40 @@ static void two_states(void) {
      h1.bad_sizes + h2.bad_sizes, h1.bad_blocks + h2.bad_blocks);
 }
 
+/* A larger block taken from its size class's ring leaves its slot free:
+ * the next block of that class kept goes there, and pushes out none of the
+ * others (with a ring position that only turned, it pushed out the oldest
+ * while a slot stood empty). */
+static void ring_fills_free_slots(void) {
+  host h = { 0 };
+  lua_State *L = open_with(&h);
+  ok(run(L, "tide.configure{ alloc_cache = 0 } tide.configure{ alloc_cache = 64 * 1024 * 1024 }"),
+     "the rings emptied");
+  void *ud;
+  lua_Alloc f = lua_getallocf(L, &ud);
+  void *b[9];
+  for (int i = 0; i < 9; i++) b[i] = f(ud, NULL, 0, 4096 + 8 * (size_t)i);   /* one class: 4096..8191 */
+  for (int i = 0; i < 8; i++) f(ud, b[i], 4096 + 8 * (size_t)i, 0);          /* its ring full */
+  size_t kept, cap;
+  unsigned long long hits0, hits1;
+  stats(L, &kept, &cap, &hits0);
+  void *again = f(ud, NULL, 0, 4096 + 8 * 5);
+  stats(L, &kept, &cap, &hits1);
+  ok(hits1 == hits0 + 1, "a block of a size kept is taken from the ring (%llu hits)", hits1 - hits0);
+  h.watched = 4096;
+  f(ud, b[8], 4096 + 8 * 8, 0);
+  ok(h.watched_frees == 0, "a block of the class freed then takes the free slot: the oldest stays (%lld freed)",
+     h.watched_frees);
+  void *first = f(ud, NULL, 0, 4096);
+  stats(L, &kept, &cap, &hits0);
+  ok(hits0 == hits1 + 1, "... and is taken again (%llu hits)", hits0 - hits1);
+  f(ud, first, 4096, 0);
+  f(ud, again, 4096 + 8 * 5, 0);
+  lua_close(L);
+  ok(h.blocks == 0 && h.bad_sizes == 0 && h.bad_blocks == 0, "every block is back at close (%lld, %lld, %lld)",
+     h.blocks, h.bad_sizes, h.bad_blocks);
+}
+
 int main(void) {
   reuse_and_bounds();
   bounded_by_heap();
@@ -479,5 +513,6 @@ int main(void) {
   finalizers_at_close();
   host_restores_allocator();
   two_states();
+  ring_fills_free_slots();
   return tap_done();
 }
