@@ -52,7 +52,6 @@ typedef struct cache {
   unsigned long long hits; /* allocations served from what was kept */
   void *list[NLISTS];      /* small freed blocks of each size, linked through their first word */
   big bigs[NCLASSES][PER_CLASS];   /* larger freed blocks (p NULL: a free slot) */
-  int next_big[NCLASSES];          /* the slot of its class a big block goes to next */
   size_t volume;           /* bytes handed out so far */
   size_t next_expiry;      /* the volume at which big blocks are looked at next */
 } cache;
@@ -86,6 +85,17 @@ static void expire(cache *c) {
     }
 }
 
+/* The slot of a size class's ring a big block is kept in: a free one (a
+ * block taken leaves one), else the one kept longest. */
+static big *slot_for(big *ring) {
+  big *b = &ring[0];
+  for (int i = 0; i < PER_CLASS; i++) {
+    if (ring[i].p == NULL) return &ring[i];
+    if (ring[i].at < b->at) b = &ring[i];
+  }
+  return b;
+}
+
 /* Keeps a freed block when the bound allows (1), else 0: the caller gives
  * it back.  Small ones go on their size's list; a big one takes a slot,
  * and the block in that slot before goes back. */
@@ -96,9 +106,7 @@ static int keep(cache *c, void *p, size_t size) {
     *(void **)p = *head;
     *head = p;
   } else {
-    int k = BIG_CLASS(size);
-    big *b = &c->bigs[k][c->next_big[k]];
-    c->next_big[k] = (c->next_big[k] + 1) % PER_CLASS;
+    big *b = slot_for(c->bigs[BIG_CLASS(size)]);
     if (b->p != NULL) give_back_big(c, b);
     b->p = p;
     b->size = size;
