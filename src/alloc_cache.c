@@ -52,7 +52,6 @@ typedef struct cache {
   unsigned long long hits; /* allocations served from what was kept */
   void *list[NLISTS];      /* small freed blocks of each size, linked through their first word */
   big bigs[NCLASSES][PER_CLASS];   /* larger freed blocks (p NULL: a free slot) */
-  int next_big[NCLASSES];          /* the slot of its class a big block goes to next */
   size_t volume;           /* bytes handed out so far */
   size_t next_expiry;      /* the volume at which big blocks are looked at next */
 } cache;
@@ -86,6 +85,17 @@ static void expire(cache *c) {
     }
 }
 
+/* The slot of a size class's ring a big block is kept in: a free one (a
+ * block taken leaves one), else the one kept longest. */
+static big *slot_for(big *ring) {
+  big *b = &ring[0];
+  for (int i = 0; i < PER_CLASS; i++) {
+    if (ring[i].p == NULL) return &ring[i];
+    if (ring[i].at < b->at) b = &ring[i];
+  }
+  return b;
+}
+
 /* Keeps a freed block when the bound allows (1), else 0: the caller gives
  * it back.  Small ones go on their size's list; a big one takes a slot,
  * and the block in that slot before goes back. */
@@ -96,9 +106,7 @@ static int keep(cache *c, void *p, size_t size) {
     *(void **)p = *head;
     *head = p;
   } else {
-    int k = BIG_CLASS(size);
-    big *b = &c->bigs[k][c->next_big[k]];
-    c->next_big[k] = (c->next_big[k] + 1) % PER_CLASS;
+    big *b = slot_for(c->bigs[BIG_CLASS(size)]);
     if (b->p != NULL) give_back_big(c, b);
     b->p = p;
     b->size = size;
@@ -140,6 +148,23 @@ static void release(cache *c, void *p, size_t size) {
   if (!keep(c, p, size)) c->inner(c->inner_ud, p, size, 0);
 }
 
+static void trim(cache *c, size_t limit);
+
+/* The state's allocator asked again, after everything kept went back to
+ * it: a host that bounds the state's memory counts the blocks kept as used
+ * (worker.c, thread_memory).  Out of the hot path. */
+__attribute__((noinline, cold))
+static void *ask_again(cache *c, void *p, size_t osize, size_t nsize) {
+  trim(c, 0);
+  return c->inner(c->inner_ud, p, osize, nsize);
+}
+
+/* The state's allocator; when it refuses, ask_again. */
+static inline void *ask(cache *c, void *p, size_t osize, size_t nsize) {
+  void *q = c->inner(c->inner_ud, p, osize, nsize);
+  return q != NULL || c->kept == 0 ? q : ask_again(c, p, osize, nsize);
+}
+
 /* The lua_Alloc in front of the state's own. */
 static void *cached_alloc(void *ud, void *p, size_t osize, size_t nsize) {
   cache *c = ud;
@@ -155,16 +180,19 @@ static void *cached_alloc(void *ud, void *p, size_t osize, size_t nsize) {
   c->volume += nsize;
   if (c->volume >= c->next_expiry) expire(c);
   void *q = take(c, nsize);
-  int big = p != NULL && osize > TIDE_ALLOC_CACHE_LARGEST && osize <= TIDE_ALLOC_CACHE_BIGGEST;
-  if (q == NULL && !big) {                         /* new, or resized by the allocator */
-    q = c->inner(c->inner_ud, p, osize, nsize);
+  if (q == NULL && p != NULL && osize > TIDE_ALLOC_CACHE_LARGEST && osize <= TIDE_ALLOC_CACHE_BIGGEST)
+    q = ask(c, NULL, 0, nsize);
+  if (q == NULL) {
+    /* New, or resized by the allocator: also a big block it had no room
+     * to move, as a shrink must not fail ("Lua assumes that the allocator
+     * never fails when osize >= nsize", the Lua 5.1 manual, lua_Alloc). */
+    q = ask(c, p, osize, nsize);
     if (q != NULL) {
       if (p != NULL) shrank(c, osize);
       grew(c, nsize);
     }
-    return q;
+    return q;                                      /* (NULL: p is as it was) */
   }
-  if (q == NULL && (q = c->inner(c->inner_ud, NULL, 0, nsize)) == NULL) return NULL;
   grew(c, nsize);
   if (p != NULL) {
     memcpy(q, p, osize < nsize ? osize : nsize);

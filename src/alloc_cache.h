@@ -16,10 +16,15 @@
  * freed stays with the process, as a V8 or glibc heap does.
  *
  * Bounds: the blocks kept never add up to more than `cap` bytes
- * (tide.configure{ alloc_cache = N }, TIDE_ALLOC_CACHE_DEFAULT), nor to
- * more than the state's heap in use (or TIDE_ALLOC_CACHE_FLOOR, whichever
- * is larger): a process keeps at most about what it uses.  A free that
- * would pass the bound goes to the allocator at once.
+ * (tide.configure{ alloc_cache = N }, TIDE_ALLOC_CACHE_DEFAULT), and a
+ * block is kept only while they stay within the state's heap in use at
+ * that moment (or TIDE_ALLOC_CACHE_FLOOR, whichever is larger): a free that
+ * would pass the bound goes to the allocator at once.  The heap may shrink
+ * after: a process keeps at most about half the largest heap it had (600,000
+ * small tables freed: 33 MB kept beside a heap of 1 MB), and the small
+ * blocks do not expire: they stay until taken, the cap is lowered or the
+ * state closes.  When the state's allocator refuses a request, everything
+ * kept goes back to it first (a host may bound the state's memory).
  *
  * Safety: a block is handed back only for a request of exactly the size it
  * was freed with (a Lua allocator is told the exact size of every block it

@@ -1,6 +1,7 @@
 /* core.c — the Lua binding of tide's loop (module "tide.core"), the embedded Lua modules and the embedding API. */
 #include <math.h>
 #include <stdio.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -354,7 +355,12 @@ static int l_stats(lua_State *L) {
 /* alloc_cache([cap]) -> bytes kept, cap, hits: the allocator cache's
  * figures, after setting its cap (bytes) when given (alloc_cache.h). */
 static int l_alloc_cache(lua_State *L) {
-  if (!lua_isnoneornil(L, 1)) tide__alloc_cache_set(L, (size_t)luaL_checknumber(L, 1));
+  if (!lua_isnoneornil(L, 1)) {
+    lua_Number cap = luaL_checknumber(L, 1);
+    luaL_argcheck(L, cap >= 0, 1, "non-negative number of bytes expected");
+    /* (lua_Number)SIZE_MAX is 2^64: converting it or more is undefined (on x86-64, 0) */
+    tide__alloc_cache_set(L, cap < (lua_Number)SIZE_MAX ? (size_t)cap : SIZE_MAX);
+  }
   size_t kept, cap;
   unsigned long long hits;
   tide__alloc_cache_stats(L, &kept, &cap, &hits);

@@ -30,6 +30,9 @@ typedef struct {
                                 a multiple of 8 (an array, not a string) */
   long long bad_sizes;       /* frees and reallocs told a wrong size */
   long long bad_blocks;      /* pointers it never gave */
+  long long limit;           /* the most bytes outstanding it gives (0: no limit), as a host that
+                                bounds a state's memory does (worker.c, thread_memory) */
+  int fail_new, fail_all;    /* fail every new block / every allocation and resize */
 } host;
 
 static void *host_alloc(void *ud, void *p, size_t osize, size_t nsize) {
@@ -50,6 +53,8 @@ static void *host_alloc(void *ud, void *p, size_t osize, size_t nsize) {
     return NULL;
   }
   if (nsize > TIDE_ALLOC_CACHE_LARGEST && nsize % 8 == 0) h->big_asks++;
+  if (h->fail_all || (h->fail_new && b == NULL)) return NULL;
+  if (h->limit && h->bytes - (b ? (long long)b->size : 0) + (long long)nsize > h->limit) return NULL;
   header *n = realloc(b, sizeof *n + nsize);
   if (n == NULL) return NULL;
   if (b) h->bytes -= (long long)n->size; else h->blocks++;
@@ -250,6 +255,250 @@ static void bad_options(void) {
   ok(h.blocks == 0, "every block is back at close (%lld)", h.blocks);
 }
 
+/* A cap beyond what a size_t holds keeps all it may, and a negative one
+ * given to tide.core itself is refused: neither turns into some other cap
+ * (a double of 2^64 or more converted to size_t is undefined; on x86-64 it
+ * was 0, the cache silently off). */
+static void huge_cap(void) {
+  host h = { 0 };
+  lua_State *L = open_with(&h);
+  size_t kept, cap;
+  unsigned long long hits;
+  const char *huge[] = { "2^53", "2^63", "2^64", "1e300" };
+  for (size_t i = 0; i < sizeof huge / sizeof *huge; i++) {
+    char code[128];
+    snprintf(code, sizeof code, "tide.configure{ alloc_cache = %s }", huge[i]);
+    int done = run(L, code);
+    stats(L, &kept, &cap, &hits);
+    ok(done && cap >= ((size_t)1 << 53), "alloc_cache = %s keeps a cap that large (cap %zu)", huge[i], cap);
+  }
+  ok(run(L, "local ok, err = pcall(require('tide.core').alloc_cache, -1)\n"
+            "assert(not ok and tostring(err):find('non-negative', 1, true), tostring(err))"),
+     "tide.core's alloc_cache(-1) is refused");
+  stats(L, &kept, &cap, &hits);
+  ok(cap >= ((size_t)1 << 53), "... and the cap is unchanged (%zu)", cap);
+  lua_close(L);
+  ok(h.blocks == 0 && h.bad_sizes == 0, "every block is back at close (%lld, %lld)", h.blocks, h.bad_sizes);
+}
+
+/* The allocator's contract, called directly: a resize that fails leaves
+ * the old block as it was, and a shrink does not fail when the host's own
+ * resize would not ("Lua assumes that the allocator never fails when
+ * osize >= nsize", the Lua 5.1 manual, lua_Alloc; LuaJIT shrinks its
+ * string buffers and string table inside a GC step).  Cap 0: nothing kept
+ * can serve the request. */
+static int intact(const unsigned char *p, size_t n, unsigned char v) {
+  for (size_t i = 0; i < n; i++)
+    if (p[i] != v) return 0;
+  return 1;
+}
+
+static void failed_resizes(void) {
+  host h = { 0 };
+  lua_State *L = open_with(&h);
+  ok(run(L, "tide.configure{ alloc_cache = 0 }"), "cap 0");
+  void *ud;
+  lua_Alloc f = lua_getallocf(L, &ud);
+  size_t grows[][2] = { { 24, 40 }, { 1000, 3000 }, { 4096, 1000000 }, { 40, 600 }, { 600, 4000000 } };
+  for (size_t i = 0; i < sizeof grows / sizeof *grows; i++) {
+    size_t o = grows[i][0], n = grows[i][1];
+    unsigned char *p = f(ud, NULL, 0, o);
+    memset(p, 0xa5, o);
+    h.fail_all = 1;
+    void *q = f(ud, p, o, n);
+    h.fail_all = 0;
+    ok(q == NULL && intact(p, o, 0xa5), "a resize %zu -> %zu the host fails returns NULL, the block intact", o, n);
+    f(ud, p, o, 0);
+  }
+  size_t shrinks[][2] = { { 4096, 1024 }, { 1000, 16 }, { 65544, 520 }, { 2000000, 1000 } };
+  for (size_t i = 0; i < sizeof shrinks / sizeof *shrinks; i++) {
+    size_t o = shrinks[i][0], n = shrinks[i][1];
+    unsigned char *p = f(ud, NULL, 0, o);
+    memset(p, 0x5a, o);
+    h.fail_new = 1;
+    unsigned char *q = f(ud, p, o, n);
+    h.fail_new = 0;
+    ok(q != NULL && intact(q, n, 0x5a), "a shrink %zu -> %zu succeeds when only new blocks fail", o, n);
+    f(ud, q ? q : p, q ? n : o, 0);
+  }
+  lua_close(L);
+  ok(h.blocks == 0 && h.bytes == 0 && h.bad_sizes == 0 && h.bad_blocks == 0,
+     "every block is back at close (%lld, %lld, %lld, %lld)", h.blocks, h.bytes, h.bad_sizes, h.bad_blocks);
+}
+
+/* A host that bounds the state's memory (as worker.c does for
+ * thread_memory) counts the blocks kept as used: when it refuses, what is
+ * kept must go back to it first, or a state fails with room to spare. */
+static void kept_blocks_yield_to_a_limit(void) {
+  host h = { 0 };
+  lua_State *L = open_with(&h);
+  ok(run(L, "local t = {} for i = 1, 200000 do t[i] = { 1, 2, 3 } end t = nil collectgarbage() collectgarbage()"),
+     "200,000 small tables made and freed");
+  size_t kept, cap;
+  unsigned long long hits;
+  stats(L, &kept, &cap, &hits);
+  ok(kept > TIDE_ALLOC_CACHE_FLOOR, "... their blocks are kept (%zu bytes)", kept);
+  h.limit = h.bytes + (long long)kept / 2;
+  char code[160];
+  snprintf(code, sizeof code, "local t = {} for i = 1, %zu do t[i] = { 1, 2, 3, 4, 5, 6, 7 } end", kept / 128);
+  ok(run(L, code), "then, under a host limit of what is out + half what is kept, tables of another size "
+                   "as large as what is kept (limit %lld)", h.limit);
+  h.limit = 0;
+  lua_close(L);
+  ok(h.blocks == 0 && h.bad_sizes == 0, "every block is back at close (%lld, %lld)", h.blocks, h.bad_sizes);
+}
+
+/* Every way LuaJIT allocates and frees (ffi cdata of fixed, variable and
+ * large alignment, finalized cdata, long strings, string.buffer, deep
+ * coroutine stacks, the string table and a hash part growing and
+ * shrinking, traces compiled and flushed), with the cache in front: the
+ * host is told each block's own size, and gets all back at close. */
+static const char *EXERCISE =
+  "local ffi = require 'ffi'\n"
+  "pcall(ffi.cdef, 'typedef struct { double x, y; } ac_pt; typedef struct { int n; double v[?]; } ac_vls; '"
+  "  .. 'typedef struct { int x __attribute__((aligned(64))); } ac_al;')\n"
+  "local keep, finalized = {}, 0\n"
+  "for i = 1, 20000 do\n"
+  "  local p = ffi.new('ac_pt', i, i)\n"
+  "  local a = ffi.new('double[?]', i % 300 + 1)\n"
+  "  local v = ffi.new('ac_vls', i % 100 + 1)\n"
+  "  local al = ffi.new('ac_al')\n"
+  "  local g = ffi.gc(ffi.new('int[4]'), function(c) finalized = finalized + 1 end)\n"
+  "  local s = string.rep('x', i % 1000) .. i\n"
+  "  keep[i % 100 + 1] = { p, a, v, al, g, s }\n"
+  "end\n"
+  "local big = string.rep('y', 3000000) .. 'z'\n"
+  "local has_buf, buffer = pcall(require, 'string.buffer')\n"
+  "if has_buf then\n"
+  "  local b = buffer.new() for i = 1, 100000 do b:put(i, ',') end\n"
+  "  local s = b:tostring() b:reset() b:put(s) b:set(big) b:put('more') b:free()\n"
+  "  for i = 1, 1000 do local e = buffer.encode({ i, tostring(i), { i } }) assert(buffer.decode(e)[1] == i) end\n"
+  "end\n"
+  "local function deep(n) if n == 0 then return 0 end return 1 + deep(n - 1) end\n"
+  "for i = 1, 5 do local co = coroutine.wrap(function() return deep(20000) end) assert(co() == 20000) end\n"
+  "local t = {} for i = 1, 300000 do t['k' .. i] = i end\n"
+  "for i = 1, 300000 do t['k' .. i] = nil end\n"
+  "local arr = {} for i = 1, 300000 do arr[i] = i end for i = 300000, 1, -1 do arr[i] = nil end\n"
+  "t, big, keep, arr = nil collectgarbage() collectgarbage()\n"
+  "jit.flush()\n"
+  "assert(finalized > 0)\n";
+
+static void luajit_sizes(void) {
+  host h = { 0 };
+  lua_State *L = open_with(&h);
+  ok(run(L, EXERCISE), "LuaJIT's ways to allocate, with the cache in front");
+  ok(h.bad_sizes == 0 && h.bad_blocks == 0, "... each block freed or resized with its own size (%lld, %lld)",
+     h.bad_sizes, h.bad_blocks);
+  ok(run(L, "tide.configure{ alloc_cache = 65536 }"), "a small cap");
+  ok(run(L, EXERCISE), "... the same again");
+  lua_close(L);
+  ok(h.blocks == 0 && h.bytes == 0 && h.bad_sizes == 0 && h.bad_blocks == 0,
+     "every block is back at close, each with its own size (%lld, %lld, %lld, %lld)",
+     h.blocks, h.bytes, h.bad_sizes, h.bad_blocks);
+}
+
+/* Finalizers of objects made before tide and after it, run at lua_close
+ * before and after the cache is taken out, allocate, free and configure:
+ * every block still goes back to the host with its size. */
+static void finalizers_at_close(void) {
+  host h = { 0 };
+  lua_State *L = lua_newstate(host_alloc, &h);
+  luaL_openlibs(L);
+  const char *proxies =
+    "FIN = FIN or {}\n"
+    "for i = 1, 50 do\n"
+    "  local u = newproxy(true)\n"
+    "  getmetatable(u).__gc = function()\n"
+    "    local t = {} for j = 1, 2000 do t[j] = { j } end\n"
+    "    local s = string.rep('q', 5000 + i) .. i\n"
+    "    t = nil collectgarbage()\n"
+    "    if tide then pcall(tide.configure, { alloc_cache = (i % 3) * 100000 }) pcall(tide.stats) end\n"
+    "  end\n"
+    "  FIN[#FIN + 1] = u\n"
+    "end\n";
+  ok(run(L, proxies), "userdata with finalizers made before tide");
+  if (tide_open(L, NULL) != 0) { printf("Bail out! tide_open\n"); exit(1); }
+  lua_setglobal(L, "tide");
+  ok(run(L, proxies), "... and after");
+  burst(L, 20000);
+  lua_close(L);
+  ok(h.blocks == 0 && h.bytes == 0 && h.bad_sizes == 0 && h.bad_blocks == 0,
+     "finalizers that allocate at close: every block is back (%lld, %lld, %lld, %lld)",
+     h.blocks, h.bytes, h.bad_sizes, h.bad_blocks);
+}
+
+/* A host that puts its own allocator back while the cache holds blocks:
+ * they go back at close all the same. */
+static void host_restores_allocator(void) {
+  host h = { 0 };
+  lua_State *L = open_with(&h);
+  burst(L, 20000);
+  lua_setallocf(L, host_alloc, &h);
+  burst(L, 20000);
+  lua_close(L);
+  ok(h.blocks == 0 && h.bytes == 0 && h.bad_sizes == 0 && h.bad_blocks == 0,
+     "the host's allocator put back under the cache: every block is back at close (%lld, %lld, %lld, %lld)",
+     h.blocks, h.bytes, h.bad_sizes, h.bad_blocks);
+}
+
+/* Two states, each with its own cache, used in turn and closed in the
+ * other order: neither takes a block of the other's. */
+static void two_states(void) {
+  host h1 = { 0 }, h2 = { 0 };
+  lua_State *L1 = open_with(&h1), *L2 = open_with(&h2);
+  for (int i = 0; i < 3; i++) {
+    burst(L1, 10000);
+    burst(L2, 10000);
+  }
+  ok(run(L1, "tide.configure{ alloc_cache = 4096 }"), "one state's cap lowered");
+  size_t kept1, kept2, cap1, cap2;
+  unsigned long long hits1, hits2;
+  stats(L1, &kept1, &cap1, &hits1);
+  stats(L2, &kept2, &cap2, &hits2);
+  ok(cap1 == 4096 && kept1 <= 4096 && cap2 == TIDE_ALLOC_CACHE_DEFAULT && kept2 > 4096 && hits2 > 0,
+     "... the other's is its own (%zu/%zu kept, %zu/%zu kept)", kept1, cap1, kept2, cap2);
+  lua_close(L2);
+  burst(L1, 10000);
+  lua_close(L1);
+  ok(h1.blocks == 0 && h2.blocks == 0 && h1.bad_sizes + h2.bad_sizes == 0 && h1.bad_blocks + h2.bad_blocks == 0,
+     "two states: every block back to its own host (%lld, %lld, %lld, %lld)", h1.blocks, h2.blocks,
+     h1.bad_sizes + h2.bad_sizes, h1.bad_blocks + h2.bad_blocks);
+}
+
+/* A larger block taken from its size class's ring leaves its slot free:
+ * the next block of that class kept goes there, and pushes out none of the
+ * others (with a ring position that only turned, it pushed out the oldest
+ * while a slot stood empty). */
+static void ring_fills_free_slots(void) {
+  host h = { 0 };
+  lua_State *L = open_with(&h);
+  ok(run(L, "tide.configure{ alloc_cache = 0 } tide.configure{ alloc_cache = 64 * 1024 * 1024 }"),
+     "the rings emptied");
+  void *ud;
+  lua_Alloc f = lua_getallocf(L, &ud);
+  void *b[9];
+  for (int i = 0; i < 9; i++) b[i] = f(ud, NULL, 0, 4096 + 8 * (size_t)i);   /* one class: 4096..8191 */
+  for (int i = 0; i < 8; i++) f(ud, b[i], 4096 + 8 * (size_t)i, 0);          /* its ring full */
+  size_t kept, cap;
+  unsigned long long hits0, hits1;
+  stats(L, &kept, &cap, &hits0);
+  void *again = f(ud, NULL, 0, 4096 + 8 * 5);
+  stats(L, &kept, &cap, &hits1);
+  ok(hits1 == hits0 + 1, "a block of a size kept is taken from the ring (%llu hits)", hits1 - hits0);
+  h.watched = 4096;
+  f(ud, b[8], 4096 + 8 * 8, 0);
+  ok(h.watched_frees == 0, "a block of the class freed then takes the free slot: the oldest stays (%lld freed)",
+     h.watched_frees);
+  void *first = f(ud, NULL, 0, 4096);
+  stats(L, &kept, &cap, &hits0);
+  ok(hits0 == hits1 + 1, "... and is taken again (%llu hits)", hits0 - hits1);
+  f(ud, first, 4096, 0);
+  f(ud, again, 4096 + 8 * 5, 0);
+  lua_close(L);
+  ok(h.blocks == 0 && h.bad_sizes == 0 && h.bad_blocks == 0, "every block is back at close (%lld, %lld, %lld)",
+     h.blocks, h.bad_sizes, h.bad_blocks);
+}
+
 int main(void) {
   reuse_and_bounds();
   bounded_by_heap();
@@ -257,5 +506,13 @@ int main(void) {
   big_blocks_expire();
   wrapped_after();
   bad_options();
+  huge_cap();
+  failed_resizes();
+  kept_blocks_yield_to_a_limit();
+  luajit_sizes();
+  finalizers_at_close();
+  host_restores_allocator();
+  two_states();
+  ring_fills_free_slots();
   return tap_done();
 }

@@ -29,8 +29,8 @@ local KEYS = check.options("tide.configure", {
 --- process_memory =, process_stop_wait =, process_prefetch =, watchdog =, alloc_cache = }:
 --- everything is checked before anything is applied (watchdog: ms one call
 --- may hold the loop before it is reported, 0 turns it off;
---- tide.engine.watchdog; alloc_cache: the most bytes of freed small blocks
---- kept for reuse, 0 gives them back and keeps none: src/alloc_cache.h).
+--- tide.engine.watchdog; alloc_cache: the most bytes of freed blocks kept
+--- for reuse, 0 gives them back and keeps none: src/alloc_cache.h).
 function M.configure(opts)
   local fname = "tide.configure"
   if type(opts) ~= "table" then check.arg_error(fname, 1, "table", opts) end

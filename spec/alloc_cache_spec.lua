@@ -1,0 +1,93 @@
+-- spec/alloc_cache_spec.lua — tide.configure{ alloc_cache } from Lua: inside tasks that
+-- allocate, from finalizers, again and again, with hostile values; tide.stats().alloc_cache.
+--
+-- The allocator's own contract (sizes, failures, lua_close) is checked by
+-- spec/c/test_alloc_cache.c with a host allocator that verifies every call.
+local tide = require "tide"
+local H = spec_helper
+
+local DEFAULT = 64 * 1024 * 1024
+
+describe("tide.configure{ alloc_cache }", function()
+  after_each(function()
+    tide.configure{ alloc_cache = DEFAULT }
+    H.assert_idle()
+  end)
+
+  it("is taken from inside tasks that allocate, and every task still ends with its value", function()
+    local status = tide.run(function()
+      local ts = {}
+      for i = 1, 2000 do
+        ts[i] = tide.spawn(function()
+          local t = {}
+          for j = 1, 50 do t[j] = { j, tostring(j) } end
+          if i % 100 == 0 then tide.configure{ alloc_cache = (i % 300) * 1000 } end
+          tide.sleep(0)
+          return #t + t[50][1]
+        end)
+      end
+      for i = 1, #ts do
+        assert.equal("ok", ts[i]:await())
+        assert.equal(100, ts[i].value)
+      end
+    end)
+    assert.equal("ok", status)
+    local s = tide.stats().alloc_cache
+    assert.equal(200000, s.cap)                       -- the last one set: i = 2000
+    assert.is_true(s.kept <= s.cap, s.kept .. " kept over the cap")
+  end)
+
+  it("is taken from finalizers, which run at allocations", function()
+    local ran = 0
+    local function drop(i)                            -- (no proxy left in this frame's slots)
+      local u = newproxy(true)
+      getmetatable(u).__gc = function()
+        local t = {}
+        for j = 1, 100 do t[j] = { j } end
+        tide.configure{ alloc_cache = i * 4096 }
+        ran = ran + 1
+      end
+    end
+    for i = 1, 20 do drop(i) end
+    for _ = 1, 3 do collectgarbage() end
+    assert.equal(20, ran)
+    local s = tide.stats().alloc_cache
+    assert.is_true(s.cap >= 4096 and s.cap <= 20 * 4096, "cap " .. s.cap)
+    assert.is_true(s.kept <= s.cap, s.kept .. " kept over the cap")
+  end)
+
+  it("set again and again, each cap holds at once", function()
+    for i = 1, 200 do
+      local cap = (i * 7919) % 100000
+      local t = {}
+      for j = 1, 200 do t[j] = { j, i } end
+      t = nil
+      collectgarbage()
+      tide.configure{ alloc_cache = cap }
+      local s = tide.stats().alloc_cache
+      assert.equal(cap, s.cap)
+      assert.is_true(s.kept <= cap, s.kept .. " kept over " .. cap)
+    end
+  end)
+
+  it("refuses what is not a byte count, naming the option, and changes nothing", function()
+    tide.configure{ alloc_cache = 12345 * 8 }
+    for _, v in ipairs{ -1, 0.5, 0 / 0, 1 / 0, -1 / 0, "1", true, {} } do
+      local ok, err = pcall(tide.configure, { alloc_cache = v })
+      assert.is_false(ok)
+      assert.matches("tide.configure", err, 1, true)
+      assert.matches("alloc_cache", err, 1, true)
+    end
+    assert.equal(12345 * 8, tide.stats().alloc_cache.cap)
+  end)
+
+  it("takes a cap of 2^64 or more as no cap, not as 0", function()
+    tide.configure{ alloc_cache = 2 ^ 70 }
+    assert.is_true(tide.stats().alloc_cache.cap >= 2 ^ 63)
+    local t = {}
+    for j = 1, 10000 do t[j] = { j } end
+    t = nil
+    collectgarbage()
+    assert.is_true(tide.stats().alloc_cache.kept > 0)
+  end)
+end)
