@@ -83,6 +83,15 @@ static lua_State *open_with(host *h) {
   return L;
 }
 
+/* Closes L and checks that every block came back to the host, each freed
+ * with its own size: one check, named `what`. */
+static void close_clean(lua_State *L, host *h, const char *what) {
+  lua_close(L);
+  ok(h->blocks == 0 && h->bytes == 0 && h->bad_sizes == 0 && h->bad_blocks == 0,
+     "%s (%lld blocks, %lld bytes, %lld wrong sizes, %lld unknown blocks)",
+     what, h->blocks, h->bytes, h->bad_sizes, h->bad_blocks);
+}
+
 static int run(lua_State *L, const char *code) {
   if (luaL_dostring(L, code) != 0) {
     printf("# %s\n", lua_tostring(L, -1));
@@ -143,10 +152,7 @@ static void reuse_and_bounds(void) {
   stats(L, &kept, &cap, &hits1);
   ok(cap == 1048576 && kept <= cap && kept > 0, "... keeps no more than its cap (%zu kept)", kept);
 
-  lua_close(L);
-  ok(h.blocks == 0 && h.bytes == 0, "after lua_close every block is back with the host (%lld blocks, %lld bytes)",
-     h.blocks, h.bytes);
-  ok(h.bad_sizes == 0 && h.bad_blocks == 0, "... each with its own size (%lld, %lld)", h.bad_sizes, h.bad_blocks);
+  close_clean(L, &h, "after lua_close every block is back with the host");
 }
 
 /* Blocks of one size kept, then a larger heap of another size freed: the
@@ -170,8 +176,7 @@ static void bounded_by_heap(void) {
   stats(L, &kept, &cap, &hits);
   ok(kept > TIDE_ALLOC_CACHE_FLOOR && (double)kept <= peak,
      "the cache keeps no more than the heap's peak (%zu kept, peak %.0f)", kept, peak);
-  lua_close(L);
-  ok(h.blocks == 0 && h.bad_sizes == 0, "every block is back at close (%lld, %lld)", h.blocks, h.bad_sizes);
+  close_clean(L, &h, "every block is back at close");
 }
 
 /* An array that grows by doubling (to 1 MiB), freed, then grown again:
@@ -190,8 +195,7 @@ static void growing_arrays(void) {
   ok(h.big_asks == asks, "... each larger size from the blocks it had before (%lld asked of the host)",
      h.big_asks - asks);
   ok(h.peak == peak, "... and the host gave out no more (peak %lld -> %lld)", peak, h.peak);
-  lua_close(L);
-  ok(h.blocks == 0 && h.bad_sizes == 0, "every block is back at close (%lld, %lld)", h.blocks, h.bad_sizes);
+  close_clean(L, &h, "every block is back at close");
 }
 
 /* The big blocks kept go back once 64 MiB were handed out without them
@@ -212,8 +216,7 @@ static void big_blocks_expire(void) {
   ok(run(L, "local x for i = 1, 1000000 do x = { i, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12 } end"),
      "then 1,000,000 small tables made and dropped (~170 MB handed out)");
   ok(h.watched_frees - before == 1, "... the array's block went back (%lld)", h.watched_frees - before);
-  lua_close(L);
-  ok(h.blocks == 0 && h.bad_sizes == 0, "every block is back at close (%lld, %lld)", h.blocks, h.bad_sizes);
+  close_clean(L, &h, "every block is back at close");
 }
 
 /* A host wraps the allocator again after tide: tide cannot take itself out
@@ -227,10 +230,7 @@ static void wrapped_after(void) {
   lua_setallocf(L, outer_alloc, &o);
   burst(L, 20000);
   ok(o.calls > 20000, "the host's outer layer sees the allocations (%lld)", o.calls);
-  lua_close(L);
-  ok(h.blocks == 0 && h.bytes == 0, "wrapped after tide: every block is back at close (%lld blocks, %lld bytes)",
-     h.blocks, h.bytes);
-  ok(h.bad_sizes == 0 && h.bad_blocks == 0, "... each with its own size (%lld, %lld)", h.bad_sizes, h.bad_blocks);
+  close_clean(L, &h, "wrapped after tide: every block is back at close");
 }
 
 /* Bad caps from Lua are refused before anything changes. */
@@ -251,8 +251,7 @@ static void bad_options(void) {
   unsigned long long hits;
   stats(L, &kept, &cap, &hits);
   ok(cap == TIDE_ALLOC_CACHE_DEFAULT, "... and the cap is unchanged (%zu)", cap);
-  lua_close(L);
-  ok(h.blocks == 0, "every block is back at close (%lld)", h.blocks);
+  close_clean(L, &h, "every block is back at close");
 }
 
 /* A cap beyond what a size_t holds keeps all it may, and a negative one
@@ -277,8 +276,7 @@ static void huge_cap(void) {
      "tide.core's alloc_cache(-1) is refused");
   stats(L, &kept, &cap, &hits);
   ok(cap >= ((size_t)1 << 53), "... and the cap is unchanged (%zu)", cap);
-  lua_close(L);
-  ok(h.blocks == 0 && h.bad_sizes == 0, "every block is back at close (%lld, %lld)", h.blocks, h.bad_sizes);
+  close_clean(L, &h, "every block is back at close");
 }
 
 /* The allocator's contract, called directly: a resize that fails leaves
@@ -321,9 +319,7 @@ static void failed_resizes(void) {
     ok(q != NULL && intact(q, n, 0x5a), "a shrink %zu -> %zu succeeds when only new blocks fail", o, n);
     f(ud, q ? q : p, q ? n : o, 0);
   }
-  lua_close(L);
-  ok(h.blocks == 0 && h.bytes == 0 && h.bad_sizes == 0 && h.bad_blocks == 0,
-     "every block is back at close (%lld, %lld, %lld, %lld)", h.blocks, h.bytes, h.bad_sizes, h.bad_blocks);
+  close_clean(L, &h, "every block is back at close");
 }
 
 /* A host that bounds the state's memory (as worker.c does for
@@ -344,8 +340,7 @@ static void kept_blocks_yield_to_a_limit(void) {
   ok(run(L, code), "then, under a host limit of what is out + half what is kept, tables of another size "
                    "as large as what is kept (limit %lld)", h.limit);
   h.limit = 0;
-  lua_close(L);
-  ok(h.blocks == 0 && h.bad_sizes == 0, "every block is back at close (%lld, %lld)", h.blocks, h.bad_sizes);
+  close_clean(L, &h, "every block is back at close");
 }
 
 /* Every way LuaJIT allocates and frees (ffi cdata of fixed, variable and
@@ -391,10 +386,7 @@ static void luajit_sizes(void) {
      h.bad_sizes, h.bad_blocks);
   ok(run(L, "tide.configure{ alloc_cache = 65536 }"), "a small cap");
   ok(run(L, EXERCISE), "... the same again");
-  lua_close(L);
-  ok(h.blocks == 0 && h.bytes == 0 && h.bad_sizes == 0 && h.bad_blocks == 0,
-     "every block is back at close, each with its own size (%lld, %lld, %lld, %lld)",
-     h.blocks, h.bytes, h.bad_sizes, h.bad_blocks);
+  close_clean(L, &h, "every block is back at close, each with its own size");
 }
 
 /* Finalizers of objects made before tide and after it, run at lua_close
@@ -421,10 +413,7 @@ static void finalizers_at_close(void) {
   lua_setglobal(L, "tide");
   ok(run(L, proxies), "... and after");
   burst(L, 20000);
-  lua_close(L);
-  ok(h.blocks == 0 && h.bytes == 0 && h.bad_sizes == 0 && h.bad_blocks == 0,
-     "finalizers that allocate at close: every block is back (%lld, %lld, %lld, %lld)",
-     h.blocks, h.bytes, h.bad_sizes, h.bad_blocks);
+  close_clean(L, &h, "finalizers that allocate at close: every block is back");
 }
 
 /* A host that puts its own allocator back while the cache holds blocks:
@@ -435,10 +424,7 @@ static void host_restores_allocator(void) {
   burst(L, 20000);
   lua_setallocf(L, host_alloc, &h);
   burst(L, 20000);
-  lua_close(L);
-  ok(h.blocks == 0 && h.bytes == 0 && h.bad_sizes == 0 && h.bad_blocks == 0,
-     "the host's allocator put back under the cache: every block is back at close (%lld, %lld, %lld, %lld)",
-     h.blocks, h.bytes, h.bad_sizes, h.bad_blocks);
+  close_clean(L, &h, "the host's allocator put back under the cache: every block is back at close");
 }
 
 /* Two states, each with its own cache, used in turn and closed in the
@@ -494,9 +480,7 @@ static void ring_fills_free_slots(void) {
   ok(hits0 == hits1 + 1, "... and is taken again (%llu hits)", hits0 - hits1);
   f(ud, first, 4096, 0);
   f(ud, again, 4096 + 8 * 5, 0);
-  lua_close(L);
-  ok(h.blocks == 0 && h.bad_sizes == 0 && h.bad_blocks == 0, "every block is back at close (%lld, %lld, %lld)",
-     h.blocks, h.bad_sizes, h.bad_blocks);
+  close_clean(L, &h, "every block is back at close");
 }
 
 int main(void) {
