@@ -72,7 +72,6 @@ typedef struct binding {
   int ready_ref;
   int refs;
   conn_ud *conns;         /* open connections */
-  connect_req *pending;   /* connects under way (their threads may have finished) */
   uv_mutex_t lock;
   uv_async_t async;       /* a connect's thread finished */
   int closed;             /* the loop closed: threads clean up after themselves */
@@ -93,7 +92,6 @@ struct connect_req {
   char *strings;          /* host, vhost, user, password, name: one block */
   tide__amqp *c;
   char err[256];
-  connect_req *prev, *next;   /* b->pending: the loop thread's */
   connect_req *fnext;         /* b->finished: under b->lock */
 };
 
@@ -554,8 +552,6 @@ static int push_open(lua_State *L, ready_args *a) {
 /* On the loop: a connect's thread finished; ready(id, "open", ...). */
 static void connect_done(connect_req *r) {
   binding *b = r->b;
-  if (r->prev) r->prev->next = r->next; else b->pending = r->next;
-  if (r->next) r->next->prev = r->prev;
   ready_args a = { b, r->id, "open", r };
   call_ready(&a);                         /* takes r->c over when it made a connection of it */
   free_req(r);
@@ -667,9 +663,6 @@ static int l_connect(lua_State *L) {
     binding_unref(b);
     return luaL_error(L, "amqp_connect: cannot start a thread: %s", strerror(rc));
   }
-  r->next = b->pending;                        /* (the thread never reads these links) */
-  if (r->next) r->next->prev = r;
-  b->pending = r;
   return 0;
 }
 
@@ -710,7 +703,6 @@ void tide__close_amqp(lua_State *L) {
       binding_unref(b);
       r = next;
     }
-    b->pending = NULL;                                  /* (the threads' now) */
     b->loop = NULL;
     uv_close((uv_handle_t *)&b->async, on_async_closed);
     luaL_unref(L, LUA_REGISTRYINDEX, b->ready_ref);
