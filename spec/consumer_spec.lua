@@ -439,3 +439,38 @@ describe("tide.consumer's handle_result", function()
     end
   end)
 end)
+
+describe("tide.consumer's counts when the source cannot settle", function()
+  after_each(function() loud() end)
+
+  it("counts an ack or nack the source refused as a settle error, not as an ack or nack", function()
+    quiet()
+    local src = tide.sources.memory{ prefetch = 4, messages = { "ok1", "ok2", "bad" } }
+    local ack, nack = src.ack, src.nack
+    src.ack = function(self, d)                     -- the broker's channel is gone: the first ack raises
+      if d.body == "ok1" then error("channel closed") end
+      return ack(self, d)
+    end
+    src.nack = function(self, d, requeue)
+      if d.body == "bad" then error("channel closed") end
+      return nack(self, d, requeue)
+    end
+    local settled = 0
+    spec_helper.run(function()
+      local c = tide.consumer{ source = src, name = "settle-errors", concurrency = 3, handler = {
+        run = function(body) if body == "bad" then error("fails") end end,
+        handle_result = function() settled = settled + 1 end } }
+      local t = tide.spawn(function() return c:run() end)
+      assert.is_true(wait_for(function() return settled == 3 end, 3000))
+      t:cancel()
+    end)
+    local tot = require("tide.supervision.consumer").totals["settle-errors"]
+    assert.equal(3, tot.delivered)
+    assert.equal(1, tot.acked)                      -- ok2: the only ack the source took
+    assert.equal(0, tot.nacked)
+    assert.equal(2, tot.settle_errors)              -- ok1's ack and bad's nack raised
+    local m = require("tide.observe.metrics").render()
+    assert.truthy(m:find('tide_consumer_settle_errors_total{consumer="settle-errors"} 2', 1, true), m)
+    assert.truthy(m:find('tide_consumer_acks_total{consumer="settle-errors"} 1', 1, true))
+  end)
+end)

@@ -172,7 +172,8 @@ local function consumers(o)
   local names = sorted_keys(consumer.totals)
   for _, f in ipairs{ { "deliveries", "delivered", "Deliveries a consumer took from its source." },
                       { "acks", "acked", "Deliveries acked (their handler ended ok)." },
-                      { "nacks", "nacked", "Deliveries nacked (their handler failed, or the consumer ended)." } } do
+                      { "nacks", "nacked", "Deliveries nacked (their handler failed, or the consumer ended)." },
+                      { "settle_errors", "settle_errors", "Acks and nacks the source refused (the delivery goes back to the broker with its channel)." } } do
     o:family("tide_consumer_" .. f[1] .. "_total", "counter", f[3])
     for _, name in ipairs(names) do
       o:sample("tide_consumer_" .. f[1] .. "_total", { "consumer", name }, consumer.totals[name][f[2]])

@@ -48,7 +48,7 @@ M.totals = {}
 local consumed_by = setmetatable({}, { __mode = "k" })
 local function totals_of(name)
   local t = M.totals[name]
-  if not t then t = { delivered = 0, acked = 0, nacked = 0 }; M.totals[name] = t end
+  if not t then t = { delivered = 0, acked = 0, nacked = 0, settle_errors = 0 }; M.totals[name] = t end
   return t
 end
 local Consumer = {}
@@ -125,24 +125,29 @@ end
 -- ===== settling
 
 --- Settles a delivery once: ack after ok, nack otherwise, unless `choice`
---- ("ack", "requeue", "drop") says how.  A broker error here is logged; the
---- delivery counts as settled (the broker redelivers what it never heard
---- of once the channel is gone).
+--- ("ack", "requeue", "drop") says how.  A broker error here is logged and
+--- counted as a settle error, not as an ack or nack; the delivery counts as
+--- settled (the broker redelivers what it never heard of once the channel
+--- is gone).
 local function settle(c, d, status, choice)
   if not c.held[d] then return end           -- settled already
   c.held[d] = nil
   c.in_flight = c.in_flight - 1
-  local src, tot, ok, err = c.source, c.totals
+  local src, tot, ok, err, counter = c.source, c.totals
   if choice == "ack" or (choice == nil and status == "ok") then
     ok, err = pcall(src.ack, src, d)
-    tot.acked = tot.acked + 1
+    counter = "acked"
   else
     local requeue = c.requeue
     if choice == "requeue" then requeue = true elseif choice == "drop" then requeue = false end
     ok, err = pcall(src.nack, src, d, requeue)
-    tot.nacked = tot.nacked + 1
+    counter = "nacked"
   end
-  if not ok then log.report(c.name .. " settling delivery " .. tostring(d.tag), err) end
+  if not ok then
+    counter = "settle_errors"
+    log.report(c.name .. " settling delivery " .. tostring(d.tag), err)
+  end
+  tot[counter] = tot[counter] + 1
   S.notify(c)
 end
 
