@@ -4,6 +4,12 @@ local core = require "tide.core"
 
 --- Runs fn as the root task; returns what it returns (a failed check stops the worker too).
 local with_worker = spec_helper.run
+
+--- Waits (10 s at most, else fails) until worker w runs n jobs at once.
+local function until_running(w, n)
+  local ok = spec_helper.wait_for(function() return w:info().running >= n end, 10000, 1)
+  assert(ok, ("the %d jobs never ran at once"):format(n))
+end
 local q                          -- each test's queue on a fresh store (spec_helper.fresh_queue_each)
 
 for _, store in ipairs(spec_helper.stores()) do
@@ -292,11 +298,7 @@ describe("tide.worker on " .. store.name, function()
     local slow = q:enqueue{ target = "t", method = "slow" }
     local st = with_worker(function()
       local w = tide.worker{ queue = q, targets = { t = t } }
-      local deadline = tide.now() + 10000
-      while w:info().running < 2 do
-        assert(tide.now() < deadline, "the two jobs never ran at once")
-        tide.sleep(1)
-      end
+      until_running(w, 2)
       stopping = true
       w:stop(1000)
       return w:wait()
@@ -319,11 +321,7 @@ describe("tide.worker on " .. store.name, function()
     local slow = q:enqueue{ target = "t", method = "slow" }
     spec_helper.run(function()
       local w = tide.worker{ queue = q, targets = { t = t } }
-      local deadline = tide.now() + 10000
-      while w:info().running < 4 do
-        assert(tide.now() < deadline, "the four jobs never ran at once")
-        tide.sleep(1)
-      end
+      until_running(w, 4)
       stopping = true
       tide.shutdown(1000)                       -- the quick ones finish; the slow one is released
     end)
