@@ -36,6 +36,9 @@
  * bytes more a task in RSS without it: bench/peers.lua mem). */
 #define BIG_LIFETIME ((size_t)64 << 20)
 #define EXPIRY_EVERY ((size_t)1 << 20)
+/* The small blocks kept are bounded by the heap's recent peak: its largest
+ * in this window of PEAK_WINDOW bytes handed out, or in the one before. */
+#define PEAK_WINDOW BIG_LIFETIME
 #define CACHE_MT "tide.AllocCache"
 
 static const char CACHE_KEY;                    /* registry, light key: the sentinel userdata */
@@ -48,7 +51,10 @@ typedef struct cache {
   void *inner_ud;
   size_t cap;              /* the most bytes kept */
   size_t kept;             /* bytes kept now, small and big */
+  size_t kept_small;       /* of which on the free lists */
   size_t in_use;           /* the state's heap, as this allocator sees it */
+  size_t peak, peak_before;   /* in_use at its largest in this window and the one before */
+  size_t window_end;       /* the volume at which the next window starts */
   unsigned long long hits; /* allocations served from what was kept */
   void *list[NLISTS];      /* small freed blocks of each size, linked through their first word */
   big bigs[NCLASSES][PER_CLASS];   /* larger freed blocks (p NULL: a free slot) */
@@ -61,12 +67,22 @@ typedef struct cache {
  * they stay reachable (a leak checker does not report them). */
 static cache *_Atomic orphans;
 
-static size_t bound(const cache *c) {
-  size_t b = c->in_use > TIDE_ALLOC_CACHE_FLOOR ? c->in_use : TIDE_ALLOC_CACHE_FLOOR;
-  return b < c->cap ? b : c->cap;
+/* The most bytes of small blocks kept: the heap's recent peak (the
+ * blocks of a burst whose tasks all ended, for the next burst), at least
+ * TIDE_ALLOC_CACHE_FLOOR.  Bounded by the heap at the moment of each free
+ * instead, a burst's blocks were kept only while the collector had freed
+ * less than half of them: the rest went back to the allocator, which gave
+ * it to the kernel, and the next burst faulted it in again (1,000-2,800
+ * faults, a third to two thirds of a warm burst's time, one run in two). */
+static size_t small_bound(const cache *c) {
+  size_t b = c->peak > c->peak_before ? c->peak : c->peak_before;
+  return b > TIDE_ALLOC_CACHE_FLOOR ? b : TIDE_ALLOC_CACHE_FLOOR;
 }
 
-static void grew(cache *c, size_t n) { c->in_use += n; }
+static void grew(cache *c, size_t n) {
+  c->in_use += n;
+  if (c->in_use > c->peak) c->peak = c->in_use;
+}
 static void shrank(cache *c, size_t n) { c->in_use -= n < c->in_use ? n : c->in_use; }
 
 static void give_back_big(cache *c, big *b) {
@@ -78,6 +94,11 @@ static void give_back_big(cache *c, big *b) {
 
 static void expire(cache *c) {
   c->next_expiry = c->volume + EXPIRY_EVERY;
+  if (c->volume >= c->window_end) {
+    c->window_end = c->volume + PEAK_WINDOW;
+    c->peak_before = c->peak;
+    c->peak = c->in_use;
+  }
   for (int k = 0; k < NCLASSES; k++)
     for (int i = 0; i < PER_CLASS; i++) {
       big *b = &c->bigs[k][i];
@@ -96,15 +117,17 @@ static big *slot_for(big *ring) {
   return b;
 }
 
-/* Keeps a freed block when the bound allows (1), else 0: the caller gives
+/* Keeps a freed block when the bounds allow (1), else 0: the caller gives
  * it back.  Small ones go on their size's list; a big one takes a slot,
- * and the block in that slot before goes back. */
+ * and the block in that slot before goes back (the rings bound them). */
 static int keep(cache *c, void *p, size_t size) {
-  if ((size & 7) || size > TIDE_ALLOC_CACHE_BIGGEST || c->kept + size > bound(c)) return 0;
+  if ((size & 7) || size > TIDE_ALLOC_CACHE_BIGGEST || c->kept + size > c->cap) return 0;
   if (size <= TIDE_ALLOC_CACHE_LARGEST) {
+    if (c->kept_small + size > small_bound(c)) return 0;
     void **head = &c->list[size / 8 - 1];
     *(void **)p = *head;
     *head = p;
+    c->kept_small += size;
   } else {
     big *b = slot_for(c->bigs[BIG_CLASS(size)]);
     if (b->p != NULL) give_back_big(c, b);
@@ -127,6 +150,7 @@ static void *take(cache *c, size_t size) {
     q = *head;
     UNPOISON(q, size);
     *head = *(void **)q;
+    c->kept_small -= size;
   } else {
     big *b = c->bigs[BIG_CLASS(size)];
     for (int i = 0; i < PER_CLASS && q == NULL; i++) {
@@ -213,6 +237,7 @@ static void trim(cache *c, size_t limit) {
       UNPOISON(p, size);
       c->list[i] = *(void **)p;
       c->kept -= size;
+      c->kept_small -= size;
       c->inner(c->inner_ud, p, size, 0);
     }
   }
@@ -265,6 +290,8 @@ int tide__alloc_cache_open(lua_State *L) {
   c->inner = lua_getallocf(L, &c->inner_ud);
   c->cap = TIDE_ALLOC_CACHE_DEFAULT;
   c->in_use = (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024 + (size_t)lua_gc(L, LUA_GCCOUNTB, 0);
+  c->peak = c->in_use;
+  c->window_end = PEAK_WINDOW;
   *u = c;
   lua_setallocf(L, cached_alloc, c);
   return 0;
@@ -274,7 +301,7 @@ long long tide__alloc_cache_set(lua_State *L, size_t cap) {
   cache *c = get(L);
   if (c == NULL) return -1;
   c->cap = cap;
-  trim(c, bound(c));
+  trim(c, cap);
   return (long long)c->kept;
 }
 
@@ -283,4 +310,9 @@ void tide__alloc_cache_stats(lua_State *L, size_t *kept, size_t *cap, unsigned l
   *kept = c ? c->kept : 0;
   *cap = c ? c->cap : 0;
   *hits = c ? c->hits : 0;
+}
+
+size_t tide__alloc_cache_small(lua_State *L) {
+  cache *c = get(L);
+  return c ? c->kept_small : 0;
 }

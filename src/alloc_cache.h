@@ -16,15 +16,16 @@
  * freed stays with the process, as a V8 or glibc heap does.
  *
  * Bounds: the blocks kept never add up to more than `cap` bytes
- * (tide.configure{ alloc_cache = N }, TIDE_ALLOC_CACHE_DEFAULT), and a
- * block is kept only while they stay within the state's heap in use at
- * that moment (or TIDE_ALLOC_CACHE_FLOOR, whichever is larger): a free that
- * would pass the bound goes to the allocator at once.  The heap may shrink
- * after: a process keeps at most about half the largest heap it had (600,000
- * small tables freed: 33 MB kept beside a heap of 1 MB), and the small
- * blocks do not expire: they stay until taken, the cap is lowered or the
- * state closes.  When the state's allocator refuses a request, everything
- * kept goes back to it first (a host may bound the state's memory).
+ * (tide.configure{ alloc_cache = N }, TIDE_ALLOC_CACHE_DEFAULT); the small
+ * ones never to more than the heap's recent peak (its largest while the
+ * last 64 to 128 MiB were handed out, at least TIDE_ALLOC_CACHE_FLOOR), so
+ * that a burst whose tasks all ended leaves its blocks for the next burst;
+ * the big ones are bounded by their rings and expire.  A free that would
+ * pass a bound goes to the allocator at once.  The heap may shrink after:
+ * a process keeps up to the cap of what it once used, and the small blocks
+ * do not expire: they stay until taken, the cap is lowered or the state
+ * closes.  When the state's allocator refuses a request, everything kept
+ * goes back to it first (a host may bound the state's memory).
  *
  * Safety: a block is handed back only for a request of exactly the size it
  * was freed with (a Lua allocator is told the exact size of every block it
@@ -63,5 +64,9 @@ long long tide__alloc_cache_set(lua_State *L, size_t cap);
 /* The bytes kept now, the cap, and the allocations served from the cache
  * (0s when L has no cache). */
 void tide__alloc_cache_stats(lua_State *L, size_t *kept, size_t *cap, unsigned long long *hits);
+
+/* Of the bytes kept, those of small blocks (on the free lists; 0 when L
+ * has no cache). */
+size_t tide__alloc_cache_small(lua_State *L);
 
 #endif
