@@ -276,6 +276,7 @@ end
 --- Skips a node and, iteratively (graphs can be deep), what depends on it.
 local function skip(run, i, why)
   local list, st = run.flow.list, run.status
+  local dep_first, dep_idx = run.flow.dep_first, run.flow.dep_idx
   local stack = { i, why }
   while #stack > 0 do
     local reason, j = stack[#stack], stack[#stack - 1]
@@ -286,8 +287,7 @@ local function skip(run, i, why)
       run.open = run.open - 1
       if run.flow.on.task_skipped then hook(run, "task_skipped", { task = n.name, reason = reason }) end
       local because = "dependency '" .. n.name .. "' skipped"
-      local dependents = n.dependents
-      for k = 1, #dependents do stack[#stack + 1] = dependents[k].index; stack[#stack + 1] = because end
+      for e = dep_first[j], dep_first[j + 1] - 1 do stack[#stack + 1] = dep_idx[e]; stack[#stack + 1] = because end
     end
   end
 end
@@ -323,9 +323,9 @@ function node_finished(run, i, status, value, err)
   if status ~= "ok" and run.flow.fail == "stop" then
     return stop_run(run, "error", ("flow '%s' stopped: task '%s' %s"):format(run.flow.name, node.name, status))
   end
-  local dependents, deps_left, ready = node.dependents, run.deps_left, run.ready
-  for k = 1, #dependents do
-    local d = dependents[k].index
+  local dep_first, dep_idx, deps_left, ready = run.flow.dep_first, run.flow.dep_idx, run.deps_left, run.ready
+  for e = dep_first[i], dep_first[i + 1] - 1 do
+    local d = dep_idx[e]
     if status ~= "ok" then
       skip(run, d, "dependency '" .. node.name .. "' " .. status)
     else

@@ -76,7 +76,7 @@
 local json = require "tide.jobs.json"
 local job = require "tide.jobs.job"
 local complete = require "tide.jobs.flow_complete"
-local define = require("tide.flow.define").define
+local define, dependents_of = require("tide.flow.define").define, require("tide.flow.define").dependents
 local flow_run = require "tide.flow.run"
 local core = require "tide.core"
 
@@ -133,7 +133,7 @@ function M.definition(name, fname, level)
     end
   end
   d = { name = mod.name, module = name, nodes = mod.nodes, order = mod.order, fail = mod.fail or "stop",
-        on = mod.on or {} }
+        on = mod.on or {}, list = mod.list, dep_first = mod.dep_first, dep_idx = mod.dep_idx }
   defs[name] = d
   return d
 end
@@ -571,7 +571,7 @@ function M.start(session, def, input, opts, now)
     for k, d in ipairs(node.after) do deps[k] = d end
     sort(deps)
     local dependents = {}
-    for k, d in ipairs(node.dependents) do dependents[k] = d.name end
+    for k, d in ipairs(dependents_of(def, node)) do dependents[k] = d.name end
     sort(dependents)
     local deps_json, dependents_json = json.encode(json.array(deps)), json.encode(json.array(dependents))
     remember(deps_json, deps)
