@@ -21,10 +21,12 @@
  * last 64 to 128 MiB were handed out, at least TIDE_ALLOC_CACHE_FLOOR), so
  * that a burst whose tasks all ended leaves its blocks for the next burst;
  * the big ones are bounded by their rings and expire.  A free that would
- * pass a bound goes to the allocator at once.  The heap may shrink after:
- * a process keeps up to the cap of what it once used, and the small blocks
- * do not expire: they stay until taken, the cap is lowered or the state
- * closes.  When the state's allocator refuses a request, everything kept
+ * pass a bound goes to the allocator at once, and when the recent peak
+ * comes down (each 64 MiB handed out) the small blocks over it go back.
+ * The heap may shrink after: an idle process (nothing handed out) keeps up
+ * to the cap of what it once used, and the small blocks do not expire
+ * otherwise: they stay until taken, the peak comes down, the cap is
+ * lowered or the state closes.  When the state's allocator refuses a request, everything kept
  * goes back to it first (a host may bound the state's memory).
  *
  * Safety: a block is handed back only for a request of exactly the size it

@@ -200,6 +200,41 @@ static void burst_kept_whole(void) {
   close_clean(L, &h, "every block is back at close");
 }
 
+/* The bound on small blocks follows the heap's recent peak down: once a
+ * burst's peak is two windows (64-128 MiB handed out) behind, a process
+ * whose heap stays small keeps no more small blocks than that heap's peak,
+ * not the burst's.  The churn allocates only blocks the free lists do not
+ * take (1 MiB strings: an odd size), so nothing but the bound can lower
+ * what is kept. */
+static void small_bound_decays(void) {
+  host h = { 0 };
+  lua_State *L = open_with(&h);
+  burst(L, 100000);
+  size_t after_burst = tide__alloc_cache_small(L);
+  ok(run(L,
+    "TOP = 0\n"
+    "local s\n"
+    "for i = 1, 300 do\n"
+    "  s = string.rep('x', 1048576 + i % 7)\n"
+    "  local m = collectgarbage('count') * 1024\n"
+    "  if m > TOP then TOP = m end\n"
+    "  if i % 8 == 0 then s = nil; collectgarbage() end\n"
+    "end\n"
+    "s = nil; collectgarbage(); collectgarbage()\n"), "then ~300 MiB handed out in 1 MiB strings");
+  lua_getglobal(L, "TOP");
+  double top = lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  size_t small = tide__alloc_cache_small(L);
+  /* TOP is sampled between strings: one string and string.rep's buffer
+   * in flight (2 MiB) may come on top of it. */
+  double bound = top + (2 << 20);
+  if (bound < (double)TIDE_ALLOC_CACHE_FLOOR) bound = (double)TIDE_ALLOC_CACHE_FLOOR;
+  ok(after_burst > bound && (double)small <= bound,
+     "the small blocks kept follow the heap's peak down (%zu after the burst, %zu after, peak since %.0f)",
+     after_burst, small, top);
+  close_clean(L, &h, "every block is back at close");
+}
+
 /* An array that grows by doubling (to 1 MiB), freed, then grown again:
  * each of its sizes over TIDE_ALLOC_CACHE_LARGEST comes back from the
  * cache, its contents copied, and the host is asked for none. */
@@ -508,6 +543,7 @@ int main(void) {
   reuse_and_bounds();
   bounded_by_heap();
   burst_kept_whole();
+  small_bound_decays();
   growing_arrays();
   big_blocks_expire();
   wrapped_after();
