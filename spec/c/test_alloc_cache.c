@@ -378,6 +378,101 @@ static void failed_resizes(void) {
   close_clean(L, &h, "every block is back at close");
 }
 
+/* Random allocations, frees and resizes called directly, with caps
+ * changed and a host that refuses now and then: after every call, what the
+ * host holds is the state's heap, the blocks live and the blocks kept,
+ * to the byte (the cache's count of what it keeps does not drift), kept
+ * stays within the cap, and every live block keeps its contents. */
+typedef struct { unsigned char *p; size_t size; unsigned char v; } live;
+
+/* The first and last 64 bytes of n (all of a short block): a copy that
+ * lost the prefix or the tail shows, without a pass over megabytes. */
+static void mark(unsigned char *p, size_t n, unsigned char v) {
+  size_t k = n < 128 ? n : 64;
+  memset(p, v, k);
+  memset(p + n - k, v, k);
+}
+
+static int marked(const unsigned char *p, size_t n, unsigned char v) {
+  size_t k = n < 128 ? n : 64;
+  return intact(p, k, v) && intact(p + n - k, k, v);
+}
+
+static size_t random_size(unsigned *seed) {
+  unsigned r = rand_r(seed);
+  switch (r % 6) {
+  case 0: return 8 * (1 + r / 6 % 64);                       /* small, on a list */
+  case 1: return 1 + r / 6 % 600;                            /* any size */
+  case 2: return 8 * (65 + r / 6 % 4000);                    /* big, in a ring */
+  case 3: return ((size_t)1 << (10 + r / 6 % 12)) + 8;       /* a table's array */
+  case 4: return TIDE_ALLOC_CACHE_BIGGEST - 8 + 8 * (r / 6 % 3);   /* at the edge */
+  default: return 1 + r / 6 % 3000000;
+  }
+}
+
+static void accounting_under_random_calls(void) {
+  host h = { 0 };
+  lua_State *L = open_with(&h);
+  void *ud;
+  lua_Alloc f = lua_getallocf(L, &ud);
+  size_t kept, cap;
+  unsigned long long hits;
+  stats(L, &kept, &cap, &hits);
+  long long base = h.bytes - (long long)kept;
+  enum { N = 64 };
+  live blocks[N] = { { 0 } };
+  long long live_bytes = 0, drift = 0, over_cap = 0, small_over = 0, lost = 0, failed_shrinks = 0;
+  unsigned seed = 7;
+  for (int step = 0; step < 60000; step++) {
+    unsigned r = rand_r(&seed);
+    live *b = &blocks[r % N];
+    h.fail_new = r % 97 == 0;
+    h.fail_all = r % 89 == 0;
+    if (r % 501 == 0) tide__alloc_cache_set(L, (size_t)(rand_r(&seed) % 4) << 22);
+    if (b->p == NULL) {
+      size_t n = random_size(&seed);
+      b->p = f(ud, NULL, 0, n);
+      if (b->p) { b->size = n; b->v = (unsigned char)r; mark(b->p, n, b->v); live_bytes += (long long)n; }
+    } else if (r % 3 == 0) {
+      if (!marked(b->p, b->size, b->v)) lost++;
+      f(ud, b->p, b->size, 0);
+      live_bytes -= (long long)b->size;
+      b->p = NULL;
+    } else {
+      size_t n = random_size(&seed);
+      unsigned char *q = f(ud, b->p, b->size, n);
+      if (q != NULL) {
+        if (n >= b->size ? !marked(q, b->size, b->v) : !intact(q, n < 64 ? n : 64, b->v)) lost++;
+        live_bytes += (long long)n - (long long)b->size;
+        b->p = q;
+        b->size = n;
+        mark(q, n, b->v);
+      } else if (n <= b->size && !h.fail_all) {
+        failed_shrinks++;
+      } else if (!marked(b->p, b->size, b->v)) {
+        lost++;
+      }
+    }
+    h.fail_new = h.fail_all = 0;
+    stats(L, &kept, &cap, &hits);
+    if (h.bytes != base + live_bytes + (long long)kept) drift++;
+    if (kept > cap) over_cap++;
+    if (tide__alloc_cache_small(L) > kept) small_over++;
+  }
+  ok(drift == 0 && over_cap == 0 && small_over == 0,
+     "60,000 random calls: the host holds the heap, the live blocks and the kept ones to the byte "
+     "(%lld drifts), kept <= cap (%lld over), small <= kept (%lld)", drift, over_cap, small_over);
+  ok(lost == 0 && failed_shrinks == 0, "... every block keeps its contents (%lld lost), no shrink fails (%lld)",
+     lost, failed_shrinks);
+  for (int i = 0; i < N; i++)
+    if (blocks[i].p) f(ud, blocks[i].p, blocks[i].size, 0);
+  tide__alloc_cache_set(L, 0);
+  stats(L, &kept, &cap, &hits);
+  ok(kept == 0 && tide__alloc_cache_small(L) == 0 && h.bytes == base,
+     "... and cap 0 gives every kept block back (%zu kept, %lld bytes over the heap)", kept, h.bytes - base);
+  close_clean(L, &h, "every block is back at close");
+}
+
 /* A host that bounds the state's memory (as worker.c does for
  * thread_memory) counts the blocks kept as used: when it refuses, what is
  * kept must go back to it first, or a state fails with room to spare. */
@@ -550,6 +645,7 @@ int main(void) {
   bad_options();
   huge_cap();
   failed_resizes();
+  accounting_under_random_calls();
   kept_blocks_yield_to_a_limit();
   luajit_sizes();
   finalizers_at_close();
