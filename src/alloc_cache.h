@@ -7,7 +7,8 @@
  * ~20 us, and the faults were more than half of a warm burst's time
  * (bench/RESULTS.md, issue 21; slab.h says the same of thread jobs).  The
  * cache keeps each freed block of a small size (up to
- * TIDE_ALLOC_CACHE_LARGEST bytes) on a free list of that exact size, and
+ * TIDE_ALLOC_CACHE_LARGEST bytes, a multiple of 8: a table, a closure, a
+ * coroutine; not every string) on a free list of that exact size, and
  * the last few larger ones up to TIDE_ALLOC_CACHE_BIGGEST (the old sizes
  * of an array that grew with a burst: a table's array, the run queue) in
  * a ring, for a while (alloc_cache.c, BIG_LIFETIME).  A block is handed
