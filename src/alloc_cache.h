@@ -27,8 +27,9 @@
  * The heap may shrink after: an idle process (nothing handed out) keeps up
  * to the cap of what it once used, and the small blocks do not expire
  * otherwise: they stay until taken, the peak comes down, the cap is
- * lowered or the state closes.  When the state's allocator refuses a request, everything kept
- * goes back to it first (a host may bound the state's memory).
+ * lowered or the state closes.  When the state's allocator refuses a
+ * request, everything kept goes back to it first (a host may bound the
+ * state's memory).
  *
  * Safety: a block is handed back only for a request of exactly the size it
  * was freed with (a Lua allocator is told the exact size of every block it
