@@ -799,6 +799,30 @@ describe("tide.flow", function()
     end)
   end)
 
+  it("skips a dependent that names a failed dependency twice once, and its own dependents after it", function()
+    local skipped, calls = {}, {}
+    local function call(name) calls[name] = (calls[name] or 0) + 1 end
+    local report
+    run(function()
+      local f = tide.flow{ fail = "continue", tasks = {
+        a = { run = function() call("a"); return 1 end },
+        bad = { run = function() call("bad"); error("bad: fails", 0) end },
+        b = { after = { "a", "a" }, run = function(ctx) call("b"); return ctx.results.a + 1 end },
+        c = { after = { "bad", "bad", "b" }, run = function() call("c") end },
+        d = { after = { "c", "c" }, run = function() call("d") end },
+        self = { after = { "d" }, run = function() call("self") end },
+      }, on = { task_skipped = function(ev) skipped[#skipped + 1] = ev.task .. ": " .. ev.reason end } }
+      local status
+      status, report = f:run()
+      assert.equal("error", status)
+    end)
+    table.sort(skipped)
+    assert.same({ "c: dependency 'bad' error", "d: dependency 'c' skipped", "self: dependency 'd' skipped" }, skipped)
+    assert.same({ a = 1, b = 1, bad = 1 }, calls)
+    assert.equal(2, report.tasks.b.value)
+    assert.equal("skipped", report.tasks.self.status)
+  end)
+
   it("names the cycle and the unknown dependency in a large graph, whatever order the tasks come in", function()
     local f = function() end
     local tasks = {}

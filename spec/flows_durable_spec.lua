@@ -6,6 +6,7 @@
 --   * fail = "stop" cancels everything not yet finished (a running step's
 --     job too), fail = "continue" skips only what depends on the failure;
 --   * retry after a fix runs only what failed, was cancelled or skipped;
+--   * a dependency named twice releases its step once, and skips it once;
 --   * an `each` runs at most `concurrency` items at once across workers,
 --     and its result is the items' results in item order;
 --   * bad arguments raise errors naming the function and the option.
@@ -153,6 +154,27 @@ describe("durable flows on " .. store.name, function()
       assert.equal(("run %d is ok: nothing to retry"):format(id), why)
       ok, why = q:cancel_flow(id)
       assert.equal(("run %d is ok"):format(id), why)
+    end)
+  end)
+
+  it("a dependency named twice: the step runs once after it, and is skipped once when it fails", function()
+    H.run(function()
+      local id = q:enqueue_flow("dflow_twice", {})
+      drain()
+      local run = q:flow_run(id)
+      assert.equal("error", run.status)
+      local s = steps(run)
+      assert.equal("ok", s.a.status)
+      assert.equal("ok", s.b.status)
+      assert.equal(2, s.b.result)
+      assert.equal("error", s.bad.status)
+      assert.equal("skipped", s.c.status)
+      assert.equal("dependency 'bad' error", s.c.reason)
+      assert.equal("skipped", s.d.status)
+      assert.equal("dependency 'c' skipped", s.d.reason)
+      assert.same({ a = 1, b = 1, bad = 1 }, _G.DFLOW.calls)
+      assert.equal(0, count("SELECT count(*) AS n FROM tide_flow_steps WHERE status IN ('waiting', 'queued', 'fanout')"))
+      assert.equal(0, q:stats().executing + q:stats().available + q:stats().retryable)
     end)
   end)
 

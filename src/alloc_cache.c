@@ -92,12 +92,19 @@ static void give_back_big(cache *c, big *b) {
   b->p = NULL;
 }
 
+static void trim_small(cache *c, size_t limit);
+
 static void expire(cache *c) {
   c->next_expiry = c->volume + EXPIRY_EVERY;
   if (c->volume >= c->window_end) {
     c->window_end = c->volume + PEAK_WINDOW;
     c->peak_before = c->peak;
     c->peak = c->in_use;
+    /* The bound may have come down with the window: the small blocks kept
+     * under an older peak go back, so that what is kept stays within the
+     * heap's recent peak (else a burst's blocks stayed for ever, up to the
+     * cap, however small the heap remained after). */
+    trim_small(c, small_bound(c));
   }
   for (int k = 0; k < NCLASSES; k++)
     for (int i = 0; i < PER_CLASS; i++) {
@@ -225,22 +232,30 @@ static void *cached_alloc(void *ud, void *p, size_t osize, size_t nsize) {
   return q;
 }
 
+/* Gives the first small block of list i back to the state's allocator. */
+static void give_back_small(cache *c, int i) {
+  size_t size = (size_t)(i + 1) * 8;
+  void *p = c->list[i];
+  UNPOISON(p, size);
+  c->list[i] = *(void **)p;
+  c->kept -= size;
+  c->kept_small -= size;
+  c->inner(c->inner_ud, p, size, 0);
+}
+
 /* Gives the blocks kept over `limit` bytes back to the state's allocator. */
 static void trim(cache *c, size_t limit) {
   for (int k = 0; k < NCLASSES && c->kept > limit; k++)
     for (int i = 0; i < PER_CLASS && c->kept > limit; i++)
       if (c->bigs[k][i].p != NULL) give_back_big(c, &c->bigs[k][i]);
-  for (int i = NLISTS - 1; i >= 0 && c->kept > limit; i--) {
-    size_t size = (size_t)(i + 1) * 8;
-    while (c->list[i] != NULL && c->kept > limit) {
-      void *p = c->list[i];
-      UNPOISON(p, size);
-      c->list[i] = *(void **)p;
-      c->kept -= size;
-      c->kept_small -= size;
-      c->inner(c->inner_ud, p, size, 0);
-    }
-  }
+  for (int i = NLISTS - 1; i >= 0 && c->kept > limit; i--)
+    while (c->list[i] != NULL && c->kept > limit) give_back_small(c, i);
+}
+
+/* Gives the small blocks kept over `limit` bytes back (the largest sizes first). */
+static void trim_small(cache *c, size_t limit) {
+  for (int i = NLISTS - 1; i >= 0 && c->kept_small > limit; i--)
+    while (c->list[i] != NULL && c->kept_small > limit) give_back_small(c, i);
 }
 
 static cache *get(lua_State *L) {

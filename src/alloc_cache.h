@@ -7,7 +7,8 @@
  * ~20 us, and the faults were more than half of a warm burst's time
  * (bench/RESULTS.md, issue 21; slab.h says the same of thread jobs).  The
  * cache keeps each freed block of a small size (up to
- * TIDE_ALLOC_CACHE_LARGEST bytes) on a free list of that exact size, and
+ * TIDE_ALLOC_CACHE_LARGEST bytes, a multiple of 8: a table, a closure, a
+ * coroutine; not every string) on a free list of that exact size, and
  * the last few larger ones up to TIDE_ALLOC_CACHE_BIGGEST (the old sizes
  * of an array that grew with a burst: a table's array, the run queue) in
  * a ring, for a while (alloc_cache.c, BIG_LIFETIME).  A block is handed
@@ -21,11 +22,14 @@
  * last 64 to 128 MiB were handed out, at least TIDE_ALLOC_CACHE_FLOOR), so
  * that a burst whose tasks all ended leaves its blocks for the next burst;
  * the big ones are bounded by their rings and expire.  A free that would
- * pass a bound goes to the allocator at once.  The heap may shrink after:
- * a process keeps up to the cap of what it once used, and the small blocks
- * do not expire: they stay until taken, the cap is lowered or the state
- * closes.  When the state's allocator refuses a request, everything kept
- * goes back to it first (a host may bound the state's memory).
+ * pass a bound goes to the allocator at once, and when the recent peak
+ * comes down (each 64 MiB handed out) the small blocks over it go back.
+ * The heap may shrink after: an idle process (nothing handed out) keeps up
+ * to the cap of what it once used, and the small blocks do not expire
+ * otherwise: they stay until taken, the peak comes down, the cap is
+ * lowered or the state closes.  When the state's allocator refuses a
+ * request, everything kept goes back to it first (a host may bound the
+ * state's memory).
  *
  * Safety: a block is handed back only for a request of exactly the size it
  * was freed with (a Lua allocator is told the exact size of every block it

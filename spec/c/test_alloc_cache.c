@@ -200,6 +200,42 @@ static void burst_kept_whole(void) {
   close_clean(L, &h, "every block is back at close");
 }
 
+/* The bound on small blocks follows the heap's recent peak down: once a
+ * burst's peak is two windows (64-128 MiB handed out) behind, a process
+ * whose heap stays small keeps no more small blocks than that heap's peak,
+ * not the burst's.  The churn allocates only blocks the free lists do not
+ * take (1 MiB strings: an odd size), so nothing but the bound can lower
+ * what is kept. */
+static void small_bound_decays(void) {
+  host h = { 0 };
+  lua_State *L = open_with(&h);
+  burst(L, 100000);
+  size_t after_burst = tide__alloc_cache_small(L);
+  ok(run(L,
+    "TOP = 0\n"
+    "local s\n"
+    "for i = 1, 300 do\n"
+    "  s = string.rep('x', 1048576 + i % 7)\n"
+    "  local m = collectgarbage('count') * 1024\n"
+    "  if m > TOP then TOP = m end\n"
+    "  if i % 8 == 0 then s = nil; collectgarbage() end\n"
+    "end\n"
+    "s = nil; collectgarbage(); collectgarbage()\n"), "then ~300 MiB handed out in 1 MiB strings");
+  lua_getglobal(L, "TOP");
+  double top = lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  size_t small = tide__alloc_cache_small(L);
+  /* TOP is sampled between strings: one string and string.rep's buffer
+   * in flight (2 MiB) may come on top of it, and the collector's own
+   * blocks: 4 MiB of room, still far below what the burst left. */
+  double bound = top + (4 << 20);
+  if (bound < (double)TIDE_ALLOC_CACHE_FLOOR) bound = (double)TIDE_ALLOC_CACHE_FLOOR;
+  ok(after_burst > bound && (double)small <= bound,
+     "the small blocks kept follow the heap's peak down (%zu after the burst, %zu after, peak since %.0f)",
+     after_burst, small, top);
+  close_clean(L, &h, "every block is back at close");
+}
+
 /* An array that grows by doubling (to 1 MiB), freed, then grown again:
  * each of its sizes over TIDE_ALLOC_CACHE_LARGEST comes back from the
  * cache, its contents copied, and the host is asked for none. */
@@ -340,6 +376,101 @@ static void failed_resizes(void) {
     ok(q != NULL && intact(q, n, 0x5a), "a shrink %zu -> %zu succeeds when only new blocks fail", o, n);
     f(ud, q ? q : p, q ? n : o, 0);
   }
+  close_clean(L, &h, "every block is back at close");
+}
+
+/* Random allocations, frees and resizes called directly, with caps
+ * changed and a host that refuses now and then: after every call, what the
+ * host holds is the state's heap, the blocks live and the blocks kept,
+ * to the byte (the cache's count of what it keeps does not drift), kept
+ * stays within the cap, and every live block keeps its contents. */
+typedef struct { unsigned char *p; size_t size; unsigned char v; } live;
+
+/* The first and last 64 bytes of n (all of a short block): a copy that
+ * lost the prefix or the tail shows, without a pass over megabytes. */
+static void mark(unsigned char *p, size_t n, unsigned char v) {
+  size_t k = n < 128 ? n : 64;
+  memset(p, v, k);
+  memset(p + n - k, v, k);
+}
+
+static int marked(const unsigned char *p, size_t n, unsigned char v) {
+  size_t k = n < 128 ? n : 64;
+  return intact(p, k, v) && intact(p + n - k, k, v);
+}
+
+static size_t random_size(unsigned *seed) {
+  unsigned r = rand_r(seed);
+  switch (r % 6) {
+  case 0: return 8 * (1 + r / 6 % 64);                       /* small, on a list */
+  case 1: return 1 + r / 6 % 600;                            /* any size */
+  case 2: return 8 * (65 + r / 6 % 4000);                    /* big, in a ring */
+  case 3: return ((size_t)1 << (10 + r / 6 % 12)) + 8;       /* a table's array */
+  case 4: return TIDE_ALLOC_CACHE_BIGGEST - 8 + 8 * (r / 6 % 3);   /* at the edge */
+  default: return 1 + r / 6 % 3000000;
+  }
+}
+
+static void accounting_under_random_calls(void) {
+  host h = { 0 };
+  lua_State *L = open_with(&h);
+  void *ud;
+  lua_Alloc f = lua_getallocf(L, &ud);
+  size_t kept, cap;
+  unsigned long long hits;
+  stats(L, &kept, &cap, &hits);
+  long long base = h.bytes - (long long)kept;
+  enum { N = 64 };
+  live blocks[N] = { { 0 } };
+  long long live_bytes = 0, drift = 0, over_cap = 0, small_over = 0, lost = 0, failed_shrinks = 0;
+  unsigned seed = 7;
+  for (int step = 0; step < 60000; step++) {
+    unsigned r = rand_r(&seed);
+    live *b = &blocks[r % N];
+    h.fail_new = r % 97 == 0;
+    h.fail_all = r % 89 == 0;
+    if (r % 501 == 0) tide__alloc_cache_set(L, (size_t)(rand_r(&seed) % 4) << 22);
+    if (b->p == NULL) {
+      size_t n = random_size(&seed);
+      b->p = f(ud, NULL, 0, n);
+      if (b->p) { b->size = n; b->v = (unsigned char)r; mark(b->p, n, b->v); live_bytes += (long long)n; }
+    } else if (r % 3 == 0) {
+      if (!marked(b->p, b->size, b->v)) lost++;
+      f(ud, b->p, b->size, 0);
+      live_bytes -= (long long)b->size;
+      b->p = NULL;
+    } else {
+      size_t n = random_size(&seed);
+      unsigned char *q = f(ud, b->p, b->size, n);
+      if (q != NULL) {
+        if (n >= b->size ? !marked(q, b->size, b->v) : !intact(q, n < 64 ? n : 64, b->v)) lost++;
+        live_bytes += (long long)n - (long long)b->size;
+        b->p = q;
+        b->size = n;
+        mark(q, n, b->v);
+      } else if (n <= b->size && !h.fail_all) {
+        failed_shrinks++;
+      } else if (!marked(b->p, b->size, b->v)) {
+        lost++;
+      }
+    }
+    h.fail_new = h.fail_all = 0;
+    stats(L, &kept, &cap, &hits);
+    if (h.bytes != base + live_bytes + (long long)kept) drift++;
+    if (kept > cap) over_cap++;
+    if (tide__alloc_cache_small(L) > kept) small_over++;
+  }
+  ok(drift == 0 && over_cap == 0 && small_over == 0,
+     "60,000 random calls: the host holds the heap, the live blocks and the kept ones to the byte "
+     "(%lld drifts), kept <= cap (%lld over), small <= kept (%lld)", drift, over_cap, small_over);
+  ok(lost == 0 && failed_shrinks == 0, "... every block keeps its contents (%lld lost), no shrink fails (%lld)",
+     lost, failed_shrinks);
+  for (int i = 0; i < N; i++)
+    if (blocks[i].p) f(ud, blocks[i].p, blocks[i].size, 0);
+  tide__alloc_cache_set(L, 0);
+  stats(L, &kept, &cap, &hits);
+  ok(kept == 0 && tide__alloc_cache_small(L) == 0 && h.bytes == base,
+     "... and cap 0 gives every kept block back (%zu kept, %lld bytes over the heap)", kept, h.bytes - base);
   close_clean(L, &h, "every block is back at close");
 }
 
@@ -508,12 +639,14 @@ int main(void) {
   reuse_and_bounds();
   bounded_by_heap();
   burst_kept_whole();
+  small_bound_decays();
   growing_arrays();
   big_blocks_expire();
   wrapped_after();
   bad_options();
   huge_cap();
   failed_resizes();
+  accounting_under_random_calls();
   kept_blocks_yield_to_a_limit();
   luajit_sizes();
   finalizers_at_close();

@@ -58,8 +58,7 @@ local function renamed(fname, spec, old, new, name)
   return check.renamed(fname, spec, old, new, 6, "tasks." .. name .. ".")
 end
 
--- Shared by nodes without dependencies or dependents (never changed: a
--- node's first dependent replaces it with a list of its own).
+-- The `after` of every node without dependencies (shared: never changed).
 local NONE = {}
 
 --- A task's rarer fields (anything but `run` and `after`), checked and set on its node.
