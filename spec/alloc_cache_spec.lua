@@ -10,7 +10,7 @@ local DEFAULT = 64 * 1024 * 1024
 
 describe("tide.configure{ alloc_cache }", function()
   after_each(function()
-    tide.configure{ alloc_cache = DEFAULT }
+    tide.configure{ alloc_cache = DEFAULT, alloc_cache_small = 0 }
     H.assert_idle()
   end)
 
@@ -89,5 +89,35 @@ describe("tide.configure{ alloc_cache }", function()
     t = nil
     collectgarbage()
     assert.is_true(tide.stats().alloc_cache.kept > 0)
+  end)
+
+  it("keeps small blocks only when asked (alloc_cache_small), within both caps", function()
+    local function burst()
+      local t = {}
+      for j = 1, 20000 do t[j] = { j } end
+      t = nil
+      collectgarbage(); collectgarbage()
+    end
+    burst()
+    local s = tide.stats().alloc_cache
+    assert.equal(0, s.small_cap)
+    assert.equal(0, s.small)
+    tide.configure{ alloc_cache_small = 65536 }
+    burst()
+    s = tide.stats().alloc_cache
+    assert.equal(65536, s.small_cap)
+    assert.is_true(s.small > 0 and s.small <= 65536, "small " .. s.small)
+    assert.is_true(s.kept >= s.small and s.kept <= s.cap)
+    tide.configure{ alloc_cache = 1000 }                -- the cap bounds the small blocks too
+    s = tide.stats().alloc_cache
+    assert.is_true(s.kept <= 1000 and s.small <= s.kept, s.kept .. " kept, " .. s.small .. " small")
+    for _, v in ipairs{ -1, 0.5, 0 / 0, "1", true } do
+      local ok, err = pcall(tide.configure, { alloc_cache_small = v })
+      assert.is_false(ok)
+      assert.matches("alloc_cache_small", err, 1, true)
+    end
+    assert.equal(65536, tide.stats().alloc_cache.small_cap)
+    tide.configure{ alloc_cache_small = 0 }
+    assert.equal(0, tide.stats().alloc_cache.small)
   end)
 end)

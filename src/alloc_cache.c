@@ -50,6 +50,7 @@ typedef struct cache {
   lua_Alloc inner;         /* the state's allocator, which every block comes from */
   void *inner_ud;
   size_t cap;              /* the most bytes kept */
+  size_t small_cap;        /* the most bytes kept on the free lists (0: none) */
   size_t kept;             /* bytes kept now, small and big */
   size_t kept_small;       /* of which on the free lists */
   size_t in_use;           /* the state's heap, as this allocator sees it */
@@ -76,7 +77,8 @@ static cache *_Atomic orphans;
  * faults, a third to two thirds of a warm burst's time, one run in two). */
 static size_t small_bound(const cache *c) {
   size_t b = c->peak > c->peak_before ? c->peak : c->peak_before;
-  return b > TIDE_ALLOC_CACHE_FLOOR ? b : TIDE_ALLOC_CACHE_FLOOR;
+  if (b < TIDE_ALLOC_CACHE_FLOOR) b = TIDE_ALLOC_CACHE_FLOOR;
+  return b < c->small_cap ? b : c->small_cap;
 }
 
 static void grew(cache *c, size_t n) {
@@ -304,6 +306,7 @@ int tide__alloc_cache_open(lua_State *L) {
   if (c == NULL) return -1;
   c->inner = lua_getallocf(L, &c->inner_ud);
   c->cap = TIDE_ALLOC_CACHE_DEFAULT;
+  c->small_cap = TIDE_ALLOC_CACHE_SMALL_DEFAULT;
   c->in_use = (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024 + (size_t)lua_gc(L, LUA_GCCOUNTB, 0);
   c->peak = c->in_use;
   c->window_end = PEAK_WINDOW;
@@ -318,6 +321,19 @@ long long tide__alloc_cache_set(lua_State *L, size_t cap) {
   c->cap = cap;
   trim(c, cap);
   return (long long)c->kept;
+}
+
+long long tide__alloc_cache_set_small(lua_State *L, size_t cap) {
+  cache *c = get(L);
+  if (c == NULL) return -1;
+  c->small_cap = cap;
+  trim_small(c, small_bound(c));
+  return (long long)c->kept_small;
+}
+
+size_t tide__alloc_cache_small_cap(lua_State *L) {
+  cache *c = get(L);
+  return c ? c->small_cap : 0;
 }
 
 void tide__alloc_cache_stats(lua_State *L, size_t *kept, size_t *cap, unsigned long long *hits) {

@@ -1,4 +1,4 @@
-/* alloc_cache.h — freed small blocks of a Lua state kept for reuse, in front of its allocator.
+/* alloc_cache.h — freed blocks of a Lua state kept for reuse, in front of its allocator.
  *
  * Why: LuaJIT's allocator gives freed memory back to the kernel soon (its
  * segments are mmap'ed), and a task is one small table: a burst of 200,000
@@ -6,19 +6,21 @@
  * On the virtual machines these figures come from, a page fault costs
  * ~20 us, and the faults were more than half of a warm burst's time
  * (bench/RESULTS.md, issue 21; slab.h says the same of thread jobs).  The
- * cache keeps each freed block of a small size (up to
- * TIDE_ALLOC_CACHE_LARGEST bytes, a multiple of 8: a table, a closure, a
- * coroutine; not every string) on a free list of that exact size, and
- * the last few larger ones up to TIDE_ALLOC_CACHE_BIGGEST (the old sizes
- * of an array that grew with a burst: a table's array, the run queue) in
- * a ring, for a while (alloc_cache.c, BIG_LIFETIME).  A block is handed
+ * cache keeps the last few freed blocks larger than
+ * TIDE_ALLOC_CACHE_LARGEST bytes, up to TIDE_ALLOC_CACHE_BIGGEST (the old
+ * sizes of an array that grew with a burst: a table's array, the run
+ * queue) in a ring, for a while (alloc_cache.c, BIG_LIFETIME); and, when
+ * asked (TIDE_ALLOC_CACHE_SMALL_DEFAULT says why not by default), each
+ * freed block of a small size (a multiple of 8: a table, a closure, a
+ * coroutine; not every string) on a free list of that exact size.  A block is handed
  * back for the next allocation of its exact size, a block that grows
  * included (its contents are copied into the kept one).  Memory that Lua
  * freed stays with the process, as a V8 or glibc heap does.
  *
  * Bounds: the blocks kept never add up to more than `cap` bytes
  * (tide.configure{ alloc_cache = N }, TIDE_ALLOC_CACHE_DEFAULT); the small
- * ones never to more than the heap's recent peak (its largest while the
+ * ones never to more than `small_cap` (tide.configure{ alloc_cache_small =
+ * N }, 0 by default) nor the heap's recent peak (its largest while the
  * last 64 to 128 MiB were handed out, at least TIDE_ALLOC_CACHE_FLOOR), so
  * that a burst whose tasks all ended leaves its blocks for the next burst;
  * the big ones are bounded by their rings and expire.  A free that would
@@ -48,6 +50,13 @@
 
 #define TIDE_ALLOC_CACHE_DEFAULT ((size_t)64 << 20)   /* cap when not configured */
 #define TIDE_ALLOC_CACHE_FLOOR ((size_t)4 << 20)      /* kept even when the heap is smaller */
+/* Small blocks are kept only when asked (tide.configure{ alloc_cache_small
+ * = N }): handed back in the collector's order, they scatter what is
+ * allocated together, and collecting it costs more.  Kept by default, a
+ * loop that makes and drops 1 MB tables of records took 65-80% longer, and
+ * lua-cjson's in the same process too (bench/RESULTS.md, issue 21); what
+ * it saves is a burst's memory faulted in again after a full collection. */
+#define TIDE_ALLOC_CACHE_SMALL_DEFAULT ((size_t)0)
 #define TIDE_ALLOC_CACHE_LARGEST 512                  /* the largest block on a free list */
 /* The largest block kept at all: a table's array of 2^18 slots and its slot
  * 0 (200,000 task handles), with room.  Larger ones are mostly a burst's
@@ -72,5 +81,13 @@ void tide__alloc_cache_stats(lua_State *L, size_t *kept, size_t *cap, unsigned l
 /* Of the bytes kept, those of small blocks (on the free lists; 0 when L
  * has no cache). */
 size_t tide__alloc_cache_small(lua_State *L);
+
+/* Sets the most bytes of small blocks kept (0, the default: none; within
+ * the cap and the heap's recent peak too).  Returns the bytes of small
+ * blocks kept now, or -1 when L has no cache. */
+long long tide__alloc_cache_set_small(lua_State *L, size_t cap);
+
+/* That setting (0 when L has no cache). */
+size_t tide__alloc_cache_small_cap(lua_State *L);
 
 #endif

@@ -352,8 +352,9 @@ static int l_stats(lua_State *L) {
   return 3;
 }
 
-/* alloc_cache([cap]) -> bytes kept, cap, hits: the allocator cache's
- * figures, after setting its cap (bytes) when given (alloc_cache.h). */
+/* alloc_cache([cap [, small_cap]]) -> bytes kept, cap, hits, bytes kept in
+ * small blocks, small_cap: the allocator cache's figures, after setting
+ * its caps (bytes) when given (alloc_cache.h). */
 static int l_alloc_cache(lua_State *L) {
   if (!lua_isnoneornil(L, 1)) {
     lua_Number cap = luaL_checknumber(L, 1);
@@ -361,13 +362,20 @@ static int l_alloc_cache(lua_State *L) {
     /* (lua_Number)SIZE_MAX is 2^64: converting it or more is undefined (on x86-64, 0) */
     tide__alloc_cache_set(L, cap < (lua_Number)SIZE_MAX ? (size_t)cap : SIZE_MAX);
   }
+  if (!lua_isnoneornil(L, 2)) {
+    lua_Number small = luaL_checknumber(L, 2);
+    luaL_argcheck(L, small >= 0, 2, "non-negative number of bytes expected");
+    tide__alloc_cache_set_small(L, small < (lua_Number)SIZE_MAX ? (size_t)small : SIZE_MAX);
+  }
   size_t kept, cap;
   unsigned long long hits;
   tide__alloc_cache_stats(L, &kept, &cap, &hits);
   lua_pushnumber(L, (lua_Number)kept);
   lua_pushnumber(L, (lua_Number)cap);
   lua_pushnumber(L, (lua_Number)hits);
-  return 3;
+  lua_pushnumber(L, (lua_Number)tide__alloc_cache_small(L));
+  lua_pushnumber(L, (lua_Number)tide__alloc_cache_small_cap(L));
+  return 5;
 }
 
 static void free_state(tide__loop *loop) {

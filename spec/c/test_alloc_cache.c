@@ -76,12 +76,20 @@ static void *outer_alloc(void *ud, void *p, size_t osize, size_t nsize) {
   return o->f(o->ud, p, osize, nsize);
 }
 
-static lua_State *open_with(host *h) {
+/* A state with tide and its cache, small blocks kept too (off by default:
+ * small_off_by_default): most checks here are of the free lists. */
+static lua_State *open_default(host *h) {
   lua_State *L = lua_newstate(host_alloc, h);
   if (L == NULL) { printf("Bail out! lua_newstate\n"); exit(1); }
   luaL_openlibs(L);
   if (tide_open(L, NULL) != 0) { printf("Bail out! tide_open: %s\n", lua_tostring(L, -1)); exit(1); }
   lua_setglobal(L, "tide");
+  return L;
+}
+
+static lua_State *open_with(host *h) {
+  lua_State *L = open_default(h);
+  tide__alloc_cache_set_small(L, SIZE_MAX);
   return L;
 }
 
@@ -179,6 +187,33 @@ static void bounded_by_heap(void) {
   size_t small = tide__alloc_cache_small(L);
   ok(small > TIDE_ALLOC_CACHE_FLOOR && (double)small <= peak && small <= kept,
      "the cache keeps no more small blocks than the heap's peak (%zu kept, peak %.0f)", small, peak);
+  close_clean(L, &h, "every block is back at close");
+}
+
+/* By default no small block is kept (they are handed back in the
+ * collector's order, which scatters what is allocated together), and the
+ * larger ones are: a burst's arrays. */
+static void small_off_by_default(void) {
+  host h = { 0 };
+  lua_State *L = open_default(&h);
+  ok(tide__alloc_cache_small_cap(L) == 0, "small blocks are not kept by default (small_cap 0)");
+  burst(L, 100000);
+  size_t kept, cap;
+  unsigned long long hits;
+  stats(L, &kept, &cap, &hits);
+  ok(tide__alloc_cache_small(L) == 0 && kept > 0,
+     "... after a burst: no small block kept, %zu bytes of larger ones", kept);
+  long long before = h.news;
+  burst(L, 100000);
+  ok(h.news - before > 100000, "... and the next burst asks the host for its tables (%lld new blocks)",
+     h.news - before);
+  ok(tide__alloc_cache_set_small(L, 1 << 20) == 0 && tide__alloc_cache_small_cap(L) == 1 << 20,
+     "small blocks kept when asked (1 MiB)");
+  burst(L, 100000);
+  ok(tide__alloc_cache_small(L) > 0 && tide__alloc_cache_small(L) <= 1 << 20,
+     "... up to that (%zu kept)", tide__alloc_cache_small(L));
+  ok(tide__alloc_cache_set_small(L, 0) == 0 && tide__alloc_cache_small(L) == 0,
+     "... and given back when it is set to 0 again");
   close_clean(L, &h, "every block is back at close");
 }
 
@@ -638,6 +673,7 @@ static void ring_fills_free_slots(void) {
 int main(void) {
   reuse_and_bounds();
   bounded_by_heap();
+  small_off_by_default();
   burst_kept_whole();
   small_bound_decays();
   growing_arrays();
