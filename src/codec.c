@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { T_NIL, T_FALSE, T_TRUE, T_INT, T_DOUBLE, T_STRING, T_TABLE };
+enum { T_NIL, T_FALSE, T_TRUE, T_INT, T_DOUBLE, T_STRING, T_TABLE, T_STRDEF, T_STRREF };
 
 #define TYPE_CDATA 10              /* lua_type of LuaJIT's FFI objects */
 #define EXACT_INT 9007199254740992.0  /* 2^53: doubles up to here hold any integer */
@@ -102,7 +102,18 @@ typedef struct enc {
   step path[TIDE_CODEC_DEPTH];             /* path[i]: the step out of open[i] */
   pair *pairs;                             /* hash pairs of every open table */
   size_t npairs, cappairs;
+  /* Strings met twice (unordered encodings only: see enc_string_ref). */
+  int refs;                                /* on                          */
+  struct sref *seen;                       /* by address: open addressing */
+  size_t seencap, nseen;
+  const char **defs;                       /* defs[k]: the string defined as k */
+  size_t ndefs, capdefs;
 } enc;
+
+/* A string the encoder met: its address (Lua strings are interned, so one
+ * address is one content within a state) and 0 when met once, k + 1 once
+ * defined as k. */
+typedef struct sref { const char *p; size_t def; } sref;
 
 static void say(enc *e, const char *fmt, ...) {
   if (e->errused + 1 >= e->errlen) return;
@@ -229,14 +240,95 @@ static int enc_number(enc *e, lua_Number d) {
   return 0;
 }
 
-static int enc_string(enc *e, const char *s, size_t n) {
+/* A string's bytes after `tag` (T_STRING, or T_STRDEF). */
+static int put_string(enc *e, int tag, const char *s, size_t n) {
   if (reserve(e->out, 11 + n)) return out_of_memory(e);
   char *p = e->out->data + e->out->len;
-  *p = T_STRING;
+  *p = (char)tag;
   size_t head = 1 + put_varint(p + 1, n);
   copy_short(p + head, s, n);
   e->out->len += head + n;
   return 0;
+}
+
+static int enc_string(enc *e, const char *s, size_t n) { return put_string(e, T_STRING, s, n); }
+
+/* The strings of an unordered encoding that repeat cross once: the second
+ * time a string is met it is written as a definition (T_STRDEF, its bytes,
+ * numbered from 0 in the order they come), and each time after as a
+ * reference to that number (T_STRREF).  Decoding then makes each such
+ * string once: LuaJIT interns every string it makes (a hash, a lookup and
+ * a compare), most of a decoding's time on records, whose keys repeat
+ * (bench/threads.lua; bench/RESULTS.md, issue 21).  The canonical encoding
+ * has none, so that equal tables still encode to equal bytes. */
+/* The most strings told apart; those met after are written whole.  The
+ * strings that repeat in records, their keys, come first; and a table of
+ * 64 KB stays in the cache and in malloc's heap (a larger one was mapped
+ * and faulted in at each encoding: 2.8 -> 8 ms for bench/threads.lua's). */
+#define SEEN_MAX ((size_t)2048)
+
+static sref *seen_slot(enc *e, const char *p) {
+  size_t mask = e->seencap - 1;
+  size_t i = (size_t)(((uint64_t)(uintptr_t)p * 0x9E3779B97F4A7C15ULL) >> 40) & mask;
+  while (e->seen[i].p != NULL && e->seen[i].p != p) i = (i + 1) & mask;
+  return &e->seen[i];
+}
+
+/* Makes room for one more string met: 0, or -1 when it cannot (then the
+ * string is written whole). */
+static int seen_room(enc *e) {
+  if (2 * (e->nseen + 1) <= e->seencap) return 0;
+  if (e->seencap >= 2 * SEEN_MAX) return -1;
+  size_t cap = e->seencap ? 2 * e->seencap : 1024;
+  sref *old = e->seen, *fresh = calloc(cap, sizeof *fresh);
+  if (fresh == NULL) return -1;
+  size_t oldcap = e->seencap;
+  e->seen = fresh;
+  e->seencap = cap;
+  for (size_t i = 0; i < oldcap; i++)
+    if (old[i].p != NULL) *seen_slot(e, old[i].p) = old[i];
+  free(old);
+  return 0;
+}
+
+static int put_strref(enc *e, size_t k) {
+  if (reserve(e->out, 11)) return out_of_memory(e);
+  char *p = e->out->data + e->out->len;
+  *p = T_STRREF;
+  e->out->len += 1 + put_varint(p + 1, k);
+  return 0;
+}
+
+static int enc_string_ref(enc *e, const char *s, size_t n) {
+  if (!e->refs) return enc_string(e, s, n);
+  sref *r = e->seen ? seen_slot(e, s) : NULL;
+  if (r == NULL || r->p == NULL) {                    /* first met: written whole */
+    if (seen_room(e) == 0) {
+      r = seen_slot(e, s);
+      r->p = s;
+      r->def = 0;
+      e->nseen++;
+    }
+    return enc_string(e, s, n);
+  }
+  if (r->def) return put_strref(e, r->def - 1);
+  if (e->ndefs == e->capdefs) {                       /* met again: defined */
+    size_t cap = e->capdefs ? 2 * e->capdefs : 256;
+    const char **d = realloc(e->defs, cap * sizeof *d);
+    if (d == NULL) return out_of_memory(e);
+    e->defs = d;
+    e->capdefs = cap;
+  }
+  if (put_string(e, T_STRDEF, s, n)) return -1;
+  e->defs[e->ndefs] = s;
+  r->def = ++e->ndefs;
+  return 0;
+}
+
+/* Forgets the definitions made since there were `mark` (their bytes were
+ * taken back): those strings count as met once again. */
+static void undo_defs(enc *e, size_t mark) {
+  for (; e->ndefs > mark; e->ndefs--) seen_slot(e, e->defs[e->ndefs - 1])->def = 0;
 }
 
 /* Pairs are ordered by their bytes.  Every encoding is self-delimiting, so
@@ -362,7 +454,7 @@ static int enc_pair(enc *e, int k) {
  * order.  Returns 1, having written nothing, when one comes late. */
 static int walk_once(enc *e, int t, size_t narr) {
   lua_State *L = e->L;
-  size_t want = 1, base = e->npairs, mark = e->out->len;
+  size_t want = 1, base = e->npairs, mark = e->out->len, defs = e->ndefs;
   lua_pushnil(L);
   int k = lua_gettop(L);                              /* the key's slot */
   while (lua_next(L, t)) {                            /* key, value */
@@ -380,6 +472,7 @@ static int walk_once(enc *e, int t, size_t narr) {
   if (want == narr + 1) return 0;
   e->out->len = mark;
   e->npairs = base;
+  undo_defs(e, defs);
   return 1;
 }
 
@@ -411,7 +504,7 @@ static int enc_table(enc *e, int t) {
     return fail(e, "nesting deeper than %d", TIDE_CODEC_DEPTH);
   if (!lua_checkstack(L, 3)) return fail(e, "Lua stack overflow");
   if (reserve(e->out, 12)) return out_of_memory(e);
-  size_t narr = lua_objlen(L, t), base = e->npairs;
+  size_t narr = lua_objlen(L, t), base = e->npairs, start = e->out->len, defs = e->ndefs;
   char *p = e->out->data + e->out->len;
   *p = T_TABLE;
   e->out->len += 1 + put_varint(p + 1, narr);
@@ -419,7 +512,22 @@ static int enc_table(enc *e, int t) {
   e->open[e->depth++] = self;
   int rc = walk_once(e, t, narr);
   if (rc > 0) rc = walk_twice(e, t, narr);
-  if (rc || place_pairs(e, base, at)) return -1;
+  if (rc) return -1;
+  if (e->ndefs > defs && e->npairs > base && e->pairs[base].off > at + 1) {
+    /* Array values and pairs: place_pairs moves the values after the
+     * pairs, and a string defined among the values would come after its
+     * references among the pairs.  Encoded again without references (such
+     * tables are rare: records have no array values, lists no pairs). */
+    e->out->len = start;
+    e->npairs = base;
+    undo_defs(e, defs);
+    e->depth--;
+    e->refs = 0;
+    rc = enc_table(e, t);
+    e->refs = 1;
+    return rc;
+  }
+  if (place_pairs(e, base, at)) return -1;
   e->depth--;
   return 0;
 }
@@ -450,7 +558,7 @@ static int enc_value(enc *e, int idx) {
   case LUA_TSTRING: {
     size_t n;
     const char *s = lua_tolstring(L, idx, &n);
-    return enc_string(e, s, n);
+    return enc_string_ref(e, s, n);
   }
   case LUA_TTABLE: return enc_table(e, idx);
   default: return fail(e, "%s cannot cross to a thread", refused(type));
@@ -467,6 +575,14 @@ static void enc_init(enc *e, lua_State *L, const char *root, tide_buf *out,
   e->L = L, e->out = out, e->root = root ? root : "value", e->sorted = sorted;
   e->err = err, e->errlen = err ? errlen : 0, e->errused = 0;
   e->depth = 0, e->pairs = NULL, e->npairs = e->cappairs = 0;
+  e->refs = !sorted, e->seen = NULL, e->seencap = e->nseen = 0;
+  e->defs = NULL, e->ndefs = e->capdefs = 0;
+}
+
+static void enc_free(enc *e) {
+  free(e->pairs);
+  free(e->seen);
+  free(e->defs);
 }
 
 static int encode(lua_State *L, int idx, const char *root, tide_buf *out,
@@ -481,7 +597,7 @@ static int encode(lua_State *L, int idx, const char *root, tide_buf *out,
   int rc = enc_value(&e, idx);
   lua_settop(L, top);
   if (rc) out->len = len;
-  free(e.pairs);
+  enc_free(&e);
   return rc;
 }
 
@@ -530,7 +646,7 @@ int tide__encode_list(lua_State *L, int first, int n, const char *root,
          : enc_list(&e, first, n);
   lua_settop(L, top);
   if (rc) out->len = len;
-  free(e.pairs);
+  enc_free(&e);
   return rc;
 }
 
@@ -546,6 +662,9 @@ typedef struct dec {
   const unsigned char *p, *start, *end;
   size_t budget;              /* table slots the input may still claim */
   int depth;                  /* tables open                           */
+  int base;                   /* the stack's top before decoding       */
+  int strs;                   /* stack index of the table of defined strings, or 0 */
+  size_t nstrs;               /* strings defined so far                */
   char *err;
   size_t errlen;
 } dec;
@@ -584,6 +703,7 @@ static int get_varint(dec *d, uint64_t *v) {
 }
 
 static int dec_value(dec *d);
+static int dec_strdef(dec *d);
 
 /* Decodes n (key, value) pairs into the table on top. */
 static int dec_pairs(dec *d, uint64_t n) {
@@ -623,6 +743,33 @@ static int dec_table(dec *d, const unsigned char *at) {
   return 0;
 }
 
+/* A string defined for later references (T_STRDEF): pushed, and kept in a
+ * table made at the first one, below everything decoded (the caller takes
+ * it out at the end: dec_done). */
+static int dec_strdef(dec *d) {
+  lua_State *L = d->L;
+  uint64_t n;
+  if (get_varint(d, &n)) return -1;
+  if (n > (uint64_t)(d->end - d->p)) return bad(d, d->end, "truncated");
+  if (!lua_checkstack(L, 2)) return bad(d, d->p, "Lua stack overflow");
+  if (d->strs == 0) {
+    lua_createtable(L, 64, 0);
+    lua_insert(L, d->base + 1);
+    d->strs = d->base + 1;
+  }
+  lua_pushlstring(L, (const char *)d->p, (size_t)n);
+  d->p += n;
+  lua_pushvalue(L, -1);
+  lua_rawseti(L, d->strs, (int)++d->nstrs);           /* (at most len / 2 of them) */
+  return 0;
+}
+
+/* Takes the table of defined strings out from under the decoded values. */
+static void dec_done(dec *d) {
+  if (d->strs) lua_remove(d->L, d->strs);
+  d->strs = 0;
+}
+
 static int dec_value(dec *d) {
   lua_State *L = d->L;
   const unsigned char *at = d->p;
@@ -652,6 +799,13 @@ static int dec_value(dec *d) {
     lua_pushlstring(L, (const char *)d->p, (size_t)n);
     d->p += n;
     return 0;
+  case T_STRDEF: return dec_strdef(d);
+  case T_STRREF:
+    if (get_varint(d, &n)) return -1;
+    if (n >= d->nstrs) return bad(d, at, "reference to string %llu, of %zu defined",
+                                  (unsigned long long)n, d->nstrs);
+    lua_rawgeti(L, d->strs, (int)n + 1);
+    return 0;
   case T_TABLE: return dec_table(d, at);
   default: return bad(d, at, "unknown tag 0x%02x", *at);
   }
@@ -662,10 +816,10 @@ int tide__decode(lua_State *L, const char *data, size_t len, char *err,
   int top = lua_gettop(L);
   const unsigned char *p = (const unsigned char *)(data ? data : "");
   dec d = { .L = L, .p = p, .start = p, .end = p + (data ? len : 0),
-            .budget = len, .err = err, .errlen = err ? errlen : 0 };
+            .budget = len, .err = err, .errlen = err ? errlen : 0, .base = top };
   if (!lua_checkstack(L, 1)) return bad(&d, p, "Lua stack overflow");
   if (dec_value(&d) == 0) {
-    if (d.p == d.end) return 0;
+    if (d.p == d.end) { dec_done(&d); return 0; }
     bad(&d, d.p, "trailing bytes after the value");
   }
   lua_settop(L, top);
@@ -687,7 +841,7 @@ int tide__decode_list(lua_State *L, const char *data, size_t len, int max,
   int top = lua_gettop(L);
   const unsigned char *p = (const unsigned char *)(data ? data : "");
   dec d = { .L = L, .p = p, .start = p, .end = p + (data ? len : 0),
-            .budget = len, .err = err, .errlen = err ? errlen : 0 };
+            .budget = len, .err = err, .errlen = err ? errlen : 0, .base = top };
   uint64_t narr, nhash, n;
   /* The shape every list has: T_TABLE narr 0|1 ["n" T_INT n], then narr values. */
   if (d.p < d.end && *d.p == T_TABLE) {
@@ -710,6 +864,7 @@ int tide__decode_list(lua_State *L, const char *data, size_t len, int max,
         lua_settop(L, top);
         return bad(&d, d.p, "trailing bytes after the value");
       }
+      dec_done(&d);
       for (uint64_t i = narr; i < n; i++) lua_pushnil(L);
       return (int)n;
     }

@@ -15,6 +15,9 @@
  *   4 double (8 bytes) | 5 varint length, bytes (string)
  *   6 varint narr, varint nhash, nhash (key, value) pairs, then the values
  *     of t[1..narr], nil for holes (table; narr is the raw #t)
+ *   7 varint length, bytes (a string defined for references: the first 7
+ *     of a message is string 0, the next string 1, ...)
+ *   8 varint k (a reference: string k again)
  * tide__encode sorts hash pairs by their bytes (key, then value), so equal
  * tables encode to equal bytes whatever state or insertion order they come
  * from (holes aside: # may then pick another border).  Decoding then
@@ -23,7 +26,11 @@
  * by the same decoder, without that promise; thread and process hand-offs
  * use it (they only need the value back), and it saves the sort and the
  * copy that puts the pairs in order (a tenth of an encoding's instructions
- * on records: callgrind, bench/threads.lua's 1 MB table).
+ * on records: callgrind, bench/threads.lua's 1 MB table).  It also sends a
+ * string met again (a record's keys) as a definition the second time and
+ * as a reference after, so that the decoder makes it once (codec.c,
+ * enc_string_ref); tide__encode never does, and decoding then re-encoding
+ * with it gives the same bytes again.
  *
  * Tables are read and written raw: no metamethod runs.  A state is touched
  * only by its own thread; the bytes may cross threads freely.

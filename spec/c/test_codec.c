@@ -375,7 +375,14 @@ static void test_malformed(void) {
   char deep[2 * 3 * TIDE_CODEC_DEPTH + 8];
   size_t n = 0;
   rejected("empty input", "", 0, "bad encoding at byte 0: truncated");
-  rejected("unknown tag", "\x07", 1, "bad encoding at byte 0: unknown tag 0x07");
+  rejected("unknown tag", "\x09", 1, "bad encoding at byte 0: unknown tag 0x09");
+  rejected("reference before any definition", "\x08\x00", 2,
+           "bad encoding at byte 0: reference to string 0, of 0 defined");
+  rejected("reference past the definitions", "\x06\x02\x00\x07\x01" "a" "\x08\x01", 8,
+           "bad encoding at byte 6: reference to string 1, of 1 defined");
+  rejected("definition longer than the input", "\x07\x0a" "abc", 5, "bad encoding at byte 5: truncated");
+  ok(decode_clean("\x06\x02\x00\x07\x01" "a" "\x08\x00", 8, NULL, 0) == 0,
+     "a definition, then a reference to it, decode");
   rejected("trailing bytes", "\x00\x00", 2, "bad encoding at byte 1: trailing bytes after the value");
   rejected("string longer than the input", "\x05\x0a" "abc", 5, "bad encoding at byte 5: truncated");
   rejected("short double", "\x04\x00\x00", 3, "bad encoding at byte 3: truncated");
@@ -442,6 +449,76 @@ static void test_damage(void) {
   tide__buf_free(&b);
 }
 
+/* Strings met again in an unordered encoding cross as references: the
+ * values come back equal, with the same canonical bytes, in shapes where
+ * the encoder moves or takes back what it wrote (a table with array values
+ * and pairs; array values met late), and the bytes are fewer. */
+static void test_references(void) {
+  static const struct { const char *desc, *src; } shapes[] = {
+    { "keys and values repeated",
+      "local t = {} for i = 1, 500 do t[i] = { name = 'n' .. i % 7, city = 'Springfield', "
+      "tags = { 'a', 'b', 'a' } } end return t" },
+    { "a table with array values and pairs, repeats on both sides",
+      "return { 'k', 'k', { 'k', k = 'k' }, k = 'k', kk = { 'k' } }" },
+    { "array values met late (set backwards), with repeats",
+      "local t = {} for i = 40, 1, -1 do t[i] = 'v' .. i % 3 end t.v1 = 'v2' return { t, t2 = 'v1' }" },
+    { "a list whose values the walk meets out of order (keys set in this order), with repeats",
+      "local t = {} for _, k in ipairs{ 9,17,27,29,1,5,12,10,34,22,13,18,20,19,14,30,28,25,8,6,24,16,2,"
+      "4,33,11,32,31,21,23,15,7,3,26 } do t[k] = 'v' .. k % 3 end return { t, 'v1', 'v2', 'v0' }" },
+    { "nested mixed tables",
+      "local t = { 'x', x = { 'y', y = { 'x', 'y', x = 'y' } } } return { t, { t2 = t }, 'y', y = 'x' }" },
+    { "more distinct strings than the encoder tells apart",
+      "local t = {} for i = 1, 5000 do t[i] = { k = 'v' .. i, kk = 'v' .. (i - 1) } end return t" },
+  };
+  tide_buf u, c1, c2;
+  char err[256] = "";
+  tide__buf_init(&u);
+  tide__buf_init(&c1);
+  tide__buf_init(&c2);
+  for (size_t i = 0; i < sizeof shapes / sizeof *shapes; i++) {
+    eval(A, shapes[i].src);
+    u.len = c1.len = c2.len = 0;
+    int topb = lua_gettop(B);
+    int good = tide__encode_unordered(A, -1, "args", &u, err, sizeof err) == 0 &&
+               tide__decode(B, u.data, u.len, err, sizeof err) == 0 &&
+               lua_gettop(B) == topb + 1 && same(A, -1, B, -1, 0) &&
+               tide__encode(A, -1, "a", &c1, err, sizeof err) == 0 &&
+               tide__encode(B, -1, "b", &c2, err, sizeof err) == 0 &&
+               c1.len == c2.len && memcmp(c1.data, c2.data, c1.len) == 0;
+    if (!ok(good, "references: %s (%zu bytes, %zu sorted)", shapes[i].desc, u.len, c1.len))
+      printf("# %s\n", err);
+    if (i == 0) ok(u.len < c1.len / 2, "references: repeated strings cross once (%zu bytes against %zu)",
+                   u.len, c1.len);
+    lua_settop(A, 0);
+    lua_settop(B, topb);
+  }
+  /* Damage to an encoding full of references: rejected or decoded, never a crash. */
+  eval(A, shapes[0].src);
+  u.len = 0;
+  tide__encode_unordered(A, -1, "a", &u, NULL, 0);
+  lua_pop(A, 1);
+  int bad = 0, decoded = 0, rejects = 0;
+  for (size_t n = 0; n < u.len; n += 7) {
+    int rc = decode_clean(u.data, n, err, sizeof err);
+    bad += rc != -1 || strncmp(err, "bad encoding at byte ", 21) != 0;
+  }
+  ok(bad == 0, "references: truncated at every 7th of %zu positions, rejected", u.len);
+  char *copy = malloc(u.len);
+  for (int i = 0; i < 2000; i++) {
+    memcpy(copy, u.data, u.len);
+    for (int flips = 1 + (int)(next_random() % 3); flips > 0; flips--)
+      copy[next_random() % u.len] ^= (char)(1 + next_random() % 255);
+    int rc = decode_clean(copy, u.len, err, sizeof err);
+    decoded += rc == 0, rejects += rc == -1;
+  }
+  ok(decoded + rejects == 2000, "references: 2000 random byte flips: %d decoded, %d rejected, no crash",
+     decoded, rejects);
+  free(copy);
+  tide__buf_free(&u);
+  tide__buf_free(&c1);
+  tide__buf_free(&c2);
+}
+
 /* ===== LISTS FROM THE STACK (tide__encode_list) ===== */
 
 /* Encodes the values src returns (as a list, from the stack), decodes them
@@ -478,6 +555,11 @@ static void test_lists(void) {
   list_check("a thousand values", "local t = {} for i = 1, 1000 do t[i] = i * 1.5 end return unpack(t)",
              "return function(...) if select('#', ...) ~= 1000 then return false end "
              "for i = 1, 1000 do if select(i, ...) ~= i * 1.5 then return false end end return true end");
+  list_check("values whose strings repeat (references), holes kept",
+             "return 'r', { r = 'r', { 'r' } }, nil, 'r', { s = 'r' }",
+             "return function(...) local v = { n = select('#', ...), ... } "
+             "return v.n == 5 and v[1] == 'r' and v[2].r == 'r' and v[2][1][1] == 'r' and v[3] == nil "
+             "and v[4] == 'r' and v[5].s == 'r' end");
   /* the same bytes tide__decode reads as the table { n = N, ... } */
   tide_buf b;
   char err[256] = "";
@@ -535,8 +617,8 @@ static void test_binding(void) {
          "local ok, err = pcall(codec.encode, {print}, 'args') "
          "return not ok and err == 'args[1]: functions cannot cross to a thread'");
   lua_ok("decode returns nil and a message for bad bytes",
-         "local v, err = codec.decode('\\7') "
-         "return v == nil and err == 'bad encoding at byte 0: unknown tag 0x07'");
+         "local v, err = codec.decode('\\9') "
+         "return v == nil and err == 'bad encoding at byte 0: unknown tag 0x09'");
   lua_ok("decode checks its argument",
          "local ok, err = pcall(codec.decode, 42) "
          "return not ok and err:find('string expected', 1, true) ~= nil");
@@ -595,6 +677,7 @@ int main(void) {
   test_refusal_edges();
   test_malformed();
   test_damage();
+  test_references();
   test_lists();
   test_binding();
   ok(lua_gettop(A) == 0 && lua_gettop(B) == 0, "both stacks end empty");
