@@ -184,6 +184,25 @@ static void test_round_trips(void) {
                    "local t = ... return t[1] == 1 and t[2] == nil and t[3] == 3");
 }
 
+/* The value src returns, encoded unordered into u and decoded in B, is
+ * equal to it, and both encode (sorted, into c1 and c2) to the same bytes.
+ * Leaves both stacks as they were. */
+static int unordered_round_trip(const char *src, tide_buf *u, tide_buf *c1, tide_buf *c2,
+                                char *err, size_t errlen) {
+  eval(A, src);
+  u->len = c1->len = c2->len = 0;
+  int topb = lua_gettop(B);
+  int good = tide__encode_unordered(A, -1, "args", u, err, errlen) == 0 &&
+             tide__decode(B, u->data, u->len, err, errlen) == 0 &&
+             lua_gettop(B) == topb + 1 && same(A, -1, B, -1, 0) &&
+             tide__encode(A, -1, "a", c1, err, errlen) == 0 &&
+             tide__encode(B, -1, "b", c2, err, errlen) == 0 &&
+             c1->len == c2->len && memcmp(c1->data, c2->data, c1->len) == 0;
+  lua_settop(A, 0);
+  lua_settop(B, topb);
+  return good;
+}
+
 /* tide__encode_unordered: every case decodes to an equal value, which
  * encodes (sorted) to the bytes the original does; errors are the same. */
 static void test_unordered(void) {
@@ -193,20 +212,9 @@ static void test_unordered(void) {
   tide__buf_init(&u);
   tide__buf_init(&c1);
   tide__buf_init(&c2);
-  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
-    eval(A, cases[i].src);
-    u.len = c1.len = c2.len = 0;
-    int topb = lua_gettop(B);
-    int good = tide__encode_unordered(A, -1, "args", &u, err, sizeof err) == 0 &&
-               tide__decode(B, u.data, u.len, err, sizeof err) == 0 &&
-               lua_gettop(B) == topb + 1 && same(A, -1, B, -1, 0) &&
-               tide__encode(A, -1, "a", &c1, err, sizeof err) == 0 &&
-               tide__encode(B, -1, "b", &c2, err, sizeof err) == 0 &&
-               c1.len == c2.len && memcmp(c1.data, c2.data, c1.len) == 0;
-    if (!good) bad++, printf("# unordered %s: %s\n", cases[i].desc, err);
-    lua_settop(A, 0);
-    lua_settop(B, topb);
-  }
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++)
+    if (!unordered_round_trip(cases[i].src, &u, &c1, &c2, err, sizeof err))
+      bad++, printf("# unordered %s: %s\n", cases[i].desc, err);
   ok(bad == 0, "unordered: %zu cases decode to equal values, with the same sorted bytes",
      sizeof cases / sizeof *cases);
   eval(A, "return {1, {x = {cb = print}}}");
@@ -476,21 +484,11 @@ static void test_references(void) {
   tide__buf_init(&c1);
   tide__buf_init(&c2);
   for (size_t i = 0; i < sizeof shapes / sizeof *shapes; i++) {
-    eval(A, shapes[i].src);
-    u.len = c1.len = c2.len = 0;
-    int topb = lua_gettop(B);
-    int good = tide__encode_unordered(A, -1, "args", &u, err, sizeof err) == 0 &&
-               tide__decode(B, u.data, u.len, err, sizeof err) == 0 &&
-               lua_gettop(B) == topb + 1 && same(A, -1, B, -1, 0) &&
-               tide__encode(A, -1, "a", &c1, err, sizeof err) == 0 &&
-               tide__encode(B, -1, "b", &c2, err, sizeof err) == 0 &&
-               c1.len == c2.len && memcmp(c1.data, c2.data, c1.len) == 0;
+    int good = unordered_round_trip(shapes[i].src, &u, &c1, &c2, err, sizeof err);
     if (!ok(good, "references: %s (%zu bytes, %zu sorted)", shapes[i].desc, u.len, c1.len))
       printf("# %s\n", err);
     if (i == 0) ok(u.len < c1.len / 2, "references: repeated strings cross once (%zu bytes against %zu)",
                    u.len, c1.len);
-    lua_settop(A, 0);
-    lua_settop(B, topb);
   }
   /* Damage to an encoding full of references: rejected or decoded, never a crash. */
   eval(A, shapes[0].src);
