@@ -245,6 +245,24 @@ describe("tide.flow", function()
     end)
   end)
 
+  it("keeps the dependencies it was defined with: the caller's after list changed later changes nothing", function()
+    run(function()
+      local deps = { "a" }
+      local f = tide.flow{ tasks = {
+        a = { run = function() return 1 end },
+        b = { run = function() return 2 end },
+        c = { after = deps, mode = "thread", run = function(ctx) return { a = ctx.results.a, b = ctx.results.b } end },
+      } }
+      deps[1] = "b"                                   -- after the definition: not the flow's any more
+      deps[2] = "nowhere"
+      local dependencies = require("tide.flow.define").dependencies
+      assert.same({ "a" }, dependencies(f, f.nodes.c))
+      local status, report = f:run()
+      assert.equal("ok", status, tostring(report.tasks.c.error))
+      assert.same({ a = 1 }, report.tasks.c.value)    -- what crossed to the thread: a's result only
+    end)
+  end)
+
   it("fires task_run_done when a task's own run ended, before its children start and end", function()
     local seen = {}
     run(function()

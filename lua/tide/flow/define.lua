@@ -214,6 +214,15 @@ function M.order(def)
   return order
 end
 
+--- The names of the tasks `node` depends on in definition `def`, as it was
+--- defined, in a new list (a name given twice is there twice).
+function M.dependencies(def, node)
+  local first, edges, list = def.dep_of_first, def.dep_of, def.list
+  local out = {}
+  for e = first[node.index], first[node.index + 1] - 1 do out[#out + 1] = list[edges[e]].name end
+  return out
+end
+
 --- The nodes that depend on `node` in definition `def`, in a new list (for
 --- what is not hot: a run walks def.dep_idx itself).
 function M.dependents(def, node)
@@ -230,6 +239,7 @@ local Definition_mt = { __index = function(def, k) if k == "order" then return M
 --- node), list (the nodes by index), ndeps (their numbers of dependencies,
 --- by index), dep_first and dep_idx (the dependents of the node of index i
 --- are dep_idx[dep_first[i] .. dep_first[i + 1] - 1], see M.dependents),
+--- dep_of_first and dep_of (its dependencies, the same way: M.dependencies),
 --- roots (the nodes without dependencies, by name), order (the names,
 --- sorted: made when first read), fail, timeout, concurrency, on }.  A node's index is its place in
 --- `list`; a run keeps its state in arrays by that index.
@@ -324,12 +334,18 @@ function M.define(fname, opts, is_flow)
       dep_idx[c] = j
     end
   end
+  -- The dependencies of node j, as the definition saw them: edges[dep_of_first[j]
+  -- .. dep_of_first[j + 1] - 1] (the caller's `after` lists stay theirs to change).
+  local dep_of_first = table_new(n + 1, 0)
+  at = 1
+  for j = 1, n do dep_of_first[j] = at; at = at + ndeps[j] end
+  dep_of_first[n + 1] = at
   local cycle = find_cycle(nodes, list, ndeps, dep_first, dep_idx)
   if cycle then error(("%s: %s: cycle %s"):format(fname, fdesc, concat(cycle, " -> ")), 3) end
   sort(roots)                               -- a run starts them in name order
   for j = 1, #roots do roots[j] = nodes[roots[j]] end
   return setmetatable({ name = name, nodes = nodes, list = list, ndeps = ndeps, roots = roots,
-                        dep_first = dep_first, dep_idx = dep_idx,
+                        dep_first = dep_first, dep_idx = dep_idx, dep_of = edges, dep_of_first = dep_of_first,
                         fail = opts.fail or "stop", timeout = opts.timeout, concurrency = concurrency or math.huge,
                         on = on }, Definition_mt)
 end

@@ -117,7 +117,7 @@ end
 --- earlier result that cannot cross would fail every thread task after it).
 local function thread_ctx(run, node)
   local results = {}
-  for _, dep in ipairs(node.after) do results[dep] = run.results[dep] end
+  for _, dep in ipairs(definition.dependencies(run.flow, node)) do results[dep] = run.results[dep] end
   return { input = run.input, results = results, flow = run.flow.name, task = node.name }
 end
 

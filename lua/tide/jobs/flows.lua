@@ -76,7 +76,8 @@
 local json = require "tide.jobs.json"
 local job = require "tide.jobs.job"
 local complete = require "tide.jobs.flow_complete"
-local define, dependents_of = require("tide.flow.define").define, require("tide.flow.define").dependents
+local definitions = require "tide.flow.define"
+local define, dependents_of, dependencies_of = definitions.define, definitions.dependents, definitions.dependencies
 local flow_run = require "tide.flow.run"
 local core = require "tide.core"
 
@@ -133,7 +134,8 @@ function M.definition(name, fname, level)
     end
   end
   d = { name = mod.name, module = name, nodes = mod.nodes, order = mod.order, fail = mod.fail or "stop",
-        on = mod.on or {}, list = mod.list, dep_first = mod.dep_first, dep_idx = mod.dep_idx }
+        on = mod.on or {}, list = mod.list, dep_first = mod.dep_first, dep_idx = mod.dep_idx,
+        dep_of = mod.dep_of, dep_of_first = mod.dep_of_first }
   defs[name] = d
   return d
 end
@@ -568,7 +570,7 @@ function M.start(session, def, input, opts, now)
   for i, name in ipairs(def.order) do
     local node = def.nodes[name]
     local deps = {}
-    for k, d in ipairs(node.after) do deps[k] = d end
+    for k, d in ipairs(dependencies_of(def, node)) do deps[k] = d end
     sort(deps)
     local dependents = {}
     for k, d in ipairs(dependents_of(def, node)) do dependents[k] = d.name end
