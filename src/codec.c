@@ -752,6 +752,7 @@ static int dec_strdef(dec *d) {
   if (get_varint(d, &n)) return -1;
   if (n > (uint64_t)(d->end - d->p)) return bad(d, d->end, "truncated");
   if (!lua_checkstack(L, 2)) return bad(d, d->p, "Lua stack overflow");
+  if (d->nstrs >= INT_MAX) return bad(d, d->p, "more than %d strings defined", INT_MAX);
   if (d->strs == 0) {
     lua_createtable(L, 64, 0);
     lua_insert(L, d->base + 1);
