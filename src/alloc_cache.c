@@ -68,9 +68,9 @@ typedef struct cache {
  * they stay reachable (a leak checker does not report them). */
 static cache *_Atomic orphans;
 
-/* The most bytes of small blocks kept: the heap's recent peak (the
- * blocks of a burst whose tasks all ended, for the next burst), at least
- * TIDE_ALLOC_CACHE_FLOOR.  Bounded by the heap at the moment of each free
+/* The most bytes of small blocks kept: small_cap (0 by default: none), and
+ * within it the heap's recent peak (the blocks of a burst whose tasks all
+ * ended, for the next burst), at least TIDE_ALLOC_CACHE_FLOOR.  Bounded by the heap at the moment of each free
  * instead, a burst's blocks were kept only while the collector had freed
  * less than half of them: the rest went back to the allocator, which gave
  * it to the kernel, and the next burst faulted it in again (1,000-2,800

@@ -424,25 +424,42 @@ static void rich_encoding(tide_buf *b) {
   lua_pop(A, 1);
 }
 
+/* How many of b's prefixes (every `step` bytes) decode, or fail with another
+ * message than "bad encoding at byte N": each should be rejected so. */
+static int truncations_accepted(const tide_buf *b, size_t step) {
+  char err[256];
+  int bad = 0;
+  for (size_t n = 0; n < b->len; n += step) {
+    int rc = decode_clean(b->data, n, err, sizeof err);
+    bad += rc != -1 || strncmp(err, "bad encoding at byte ", 21) != 0;
+  }
+  return bad;
+}
+
+/* Decodes `rounds` copies of b with 1 to 3 random bytes changed, counting
+ * those decoded and those rejected (a crash ends the test). */
+static void byte_flips(const tide_buf *b, int rounds, int *decoded, int *rejects) {
+  char err[256], *copy = malloc(b->len ? b->len : 1);
+  if (copy == NULL) exit(2);
+  for (int i = 0; i < rounds && b->len > 0; i++) {
+    memcpy(copy, b->data, b->len);
+    for (int flips = 1 + (int)(next_random() % 3); flips > 0; flips--)
+      copy[next_random() % b->len] ^= (char)(1 + next_random() % 255);
+    int rc = decode_clean(copy, b->len, err, sizeof err);
+    *decoded += rc == 0, *rejects += rc == -1;
+  }
+  free(copy);
+}
+
 static void test_damage(void) {
   tide_buf b;
   char err[256], copy[4096];
-  int bad = 0, decoded = 0, rejects = 0;
+  int decoded = 0, rejects = 0;
   tide__buf_init(&b);
   rich_encoding(&b);
   ok(decode_clean(b.data, b.len, err, sizeof err) == 0, "the undamaged encoding decodes");
-  for (size_t n = 0; n < b.len; n++) {
-    int rc = decode_clean(b.data, n, err, sizeof err);
-    bad += rc != -1 || strncmp(err, "bad encoding at byte ", 21) != 0;
-  }
-  ok(bad == 0, "truncated at each of %zu positions: rejected", b.len);
-  for (int i = 0; i < 50000 && b.len <= sizeof copy; i++) {
-    memcpy(copy, b.data, b.len);
-    for (int flips = 1 + (int)(next_random() % 3); flips > 0; flips--)
-      copy[next_random() % b.len] ^= (char)(1 + next_random() % 255);
-    int rc = decode_clean(copy, b.len, err, sizeof err);
-    decoded += rc == 0, rejects += rc == -1;
-  }
+  ok(truncations_accepted(&b, 1) == 0, "truncated at each of %zu positions: rejected", b.len);
+  byte_flips(&b, 50000, &decoded, &rejects);
   ok(decoded + rejects == 50000, "50000 random byte flips: %d decoded, %d rejected, no crash",
      decoded, rejects);
   decoded = rejects = 0;
@@ -495,23 +512,11 @@ static void test_references(void) {
   u.len = 0;
   tide__encode_unordered(A, -1, "a", &u, NULL, 0);
   lua_pop(A, 1);
-  int bad = 0, decoded = 0, rejects = 0;
-  for (size_t n = 0; n < u.len; n += 7) {
-    int rc = decode_clean(u.data, n, err, sizeof err);
-    bad += rc != -1 || strncmp(err, "bad encoding at byte ", 21) != 0;
-  }
-  ok(bad == 0, "references: truncated at every 7th of %zu positions, rejected", u.len);
-  char *copy = malloc(u.len);
-  for (int i = 0; i < 2000; i++) {
-    memcpy(copy, u.data, u.len);
-    for (int flips = 1 + (int)(next_random() % 3); flips > 0; flips--)
-      copy[next_random() % u.len] ^= (char)(1 + next_random() % 255);
-    int rc = decode_clean(copy, u.len, err, sizeof err);
-    decoded += rc == 0, rejects += rc == -1;
-  }
+  int decoded = 0, rejects = 0;
+  ok(truncations_accepted(&u, 7) == 0, "references: truncated at every 7th of %zu positions, rejected", u.len);
+  byte_flips(&u, 2000, &decoded, &rejects);
   ok(decoded + rejects == 2000, "references: 2000 random byte flips: %d decoded, %d rejected, no crash",
      decoded, rejects);
-  free(copy);
   tide__buf_free(&u);
   tide__buf_free(&c1);
   tide__buf_free(&c2);
