@@ -120,4 +120,42 @@ describe("tide.configure{ alloc_cache }", function()
     tide.configure{ alloc_cache_small = 0 }
     assert.equal(0, tide.stats().alloc_cache.small)
   end)
+
+  -- What the cache is for: LuaJIT's allocator gives a segment back to the
+  -- kernel once all of it is free, so a burst after a full collection
+  -- faulted its memory in again, page by page (10,700 faults for 200,000
+  -- tasks).  The anchors keep those segments mapped.  The control (cap 0)
+  -- shows the faults the check would see without them.
+  it("lets a burst after a full collection reuse the memory of the last one, not fault it in again", function()
+    local ffi = require "ffi"
+    pcall(ffi.cdef, [[ struct tide_spec_rusage { long tv[4]; long maxrss, ixrss, idrss, isrss, minflt, majflt, rest[8]; };
+                       int getrusage(int who, struct tide_spec_rusage *usage); ]])
+    local ru = ffi.new("struct tide_spec_rusage")
+    local function faults()
+      assert(ffi.C.getrusage(0, ru) == 0)
+      return tonumber(ru.minflt)
+    end
+    local function burst()
+      collectgarbage(); collectgarbage()
+      local before = faults()
+      assert.equal("ok", (tide.run(function()
+        local ts = {}
+        for i = 1, 100000 do ts[i] = tide.spawn(function() return i end) end
+        for i = 1, 100000 do ts[i]:await() end
+      end)))
+      return faults() - before
+    end
+    tide.configure{ alloc_cache = 0 }
+    burst()
+    local without = burst()
+    assert.equal(0, tide.stats().alloc_cache.anchors)
+    tide.configure{ alloc_cache = DEFAULT }
+    burst()
+    local s = tide.stats().alloc_cache
+    assert.is_true(s.anchors > 0 and s.anchors <= DEFAULT / 65536, "anchors " .. s.anchors)
+    assert.is_true(s.kept <= s.cap)
+    local with = burst()
+    assert.is_true(without > 1000, without .. " faults without the cache")
+    assert.is_true(with * 10 < without, with .. " faults with the cache, " .. without .. " without")
+  end)
 end)

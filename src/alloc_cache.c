@@ -1,5 +1,6 @@
 /* alloc_cache.c — freed small blocks of a Lua state kept for reuse (see alloc_cache.h). */
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -45,6 +46,24 @@ static const char CACHE_KEY;                    /* registry, light key: the sent
 
 typedef struct big { void *p; size_t size, at; } big;   /* at: `volume` when kept */
 
+/* Anchors.  LuaJIT's allocator takes memory from the kernel in segments
+ * (mmap, 128 KiB at least) and gives a segment back as soon as all of it is
+ * free, and the end of its last one once more than 2 MiB there is free: a
+ * burst of tasks that all ended leaves its segments free after a full
+ * collection, and the next burst faults the same memory in again, page by
+ * page.  So the cache holds one freed small block in each ANCHOR_WINDOW of
+ * address space where small blocks were freed: no segment is ever wholly
+ * free, nor the end of the last one, and the allocator reuses the memory
+ * around the anchors itself, in its own order (the free lists of kept
+ * small blocks hand blocks out in the collector's order instead, which
+ * scatters what is allocated together: alloc_cache.h).  An anchor is never
+ * handed out: it only holds its window.  What anchors keep mapped is
+ * bounded by the cap (cap / ANCHOR_WINDOW anchors), and they all go back
+ * when the heap's recent peak falls under half the span they hold. */
+#define ANCHOR_SHIFT 16
+#define ANCHOR_WINDOW ((size_t)1 << ANCHOR_SHIFT)
+typedef struct anchor { void *p; size_t size; } anchor;   /* p NULL: a free slot */
+
 typedef struct cache {
   struct cache *next;      /* on the orphans' list (sentinel_gc) */
   lua_Alloc inner;         /* the state's allocator, which every block comes from */
@@ -59,6 +78,9 @@ typedef struct cache {
   unsigned long long hits; /* allocations served from what was kept */
   void *list[NLISTS];      /* small freed blocks of each size, linked through their first word */
   big bigs[NCLASSES][PER_CLASS];   /* larger freed blocks (p NULL: a free slot) */
+  anchor *anchors;         /* an open-addressing set of ANCHOR_WINDOW-sized windows (malloc'ed) */
+  size_t nanchors, anchor_slots;   /* anchors held; slots in the set (a power of two, or 0) */
+  uintptr_t last_window;   /* the window of the last small free looked at (1 + its number) */
   size_t volume;           /* bytes handed out so far */
   size_t next_expiry;      /* the volume at which big blocks are looked at next */
 } cache;
@@ -95,6 +117,7 @@ static void give_back_big(cache *c, big *b) {
 }
 
 static void trim_small(cache *c, size_t limit);
+static void release_anchors(cache *c);
 
 static void expire(cache *c) {
   c->next_expiry = c->volume + EXPIRY_EVERY;
@@ -107,6 +130,8 @@ static void expire(cache *c) {
      * heap's recent peak (else a burst's blocks stayed for ever, up to the
      * cap, however small the heap remained after). */
     trim_small(c, small_bound(c));
+    size_t peak = c->peak > c->peak_before ? c->peak : c->peak_before;
+    if (c->nanchors * ANCHOR_WINDOW / 2 > peak) release_anchors(c);
   }
   for (int k = 0; k < NCLASSES; k++)
     for (int i = 0; i < PER_CLASS; i++) {
@@ -176,8 +201,66 @@ static void *take(cache *c, size_t size) {
   return q;
 }
 
+/* The anchors' set doubled (0 when there is no memory for it: no anchor
+ * is added then). */
+static int grow_anchors(cache *c) {
+  size_t n = c->anchor_slots ? 2 * c->anchor_slots : 64;
+  anchor *a = calloc(n, sizeof *a);
+  if (a == NULL) return 0;
+  for (size_t i = 0; i < c->anchor_slots; i++) {
+    void *p = c->anchors[i].p;
+    if (p == NULL) continue;
+    size_t h = ((uintptr_t)p >> ANCHOR_SHIFT) * 0x9E3779B97F4A7C15ull >> 32 & (n - 1);
+    while (a[h].p != NULL) h = (h + 1) & (n - 1);
+    a[h] = c->anchors[i];
+  }
+  free(c->anchors);
+  c->anchors = a;
+  c->anchor_slots = n;
+  return 1;
+}
+
+/* Holds freed small block p as its window's anchor when the window has
+ * none yet (1), else 0: the caller gives it back or keeps it otherwise. */
+static int anchor_at(cache *c, void *p, size_t size) {
+  uintptr_t w = (uintptr_t)p >> ANCHOR_SHIFT;
+  if (w + 1 == c->last_window) return 0;            /* frees come in runs: the collector sweeps in order */
+  c->last_window = w + 1;
+  if (c->nanchors >= c->cap >> ANCHOR_SHIFT || c->kept + size > c->cap) return 0;
+  if (2 * (c->nanchors + 1) > c->anchor_slots && !grow_anchors(c)) return 0;
+  size_t mask = c->anchor_slots - 1;
+  for (size_t h = w * 0x9E3779B97F4A7C15ull >> 32 & mask;; h = (h + 1) & mask) {
+    anchor *a = &c->anchors[h];
+    if (a->p == NULL) {
+      a->p = p;
+      a->size = size;
+      c->nanchors++;
+      c->kept += size;
+      POISON(p, size);
+      return 1;
+    }
+    if ((uintptr_t)a->p >> ANCHOR_SHIFT == w) return 0;
+  }
+}
+
+/* Gives every anchor back to the state's allocator (it may then give
+ * their segments back to the kernel). */
+static void release_anchors(cache *c) {
+  for (size_t i = 0; i < c->anchor_slots && c->nanchors > 0; i++) {
+    anchor *a = &c->anchors[i];
+    if (a->p == NULL) continue;
+    UNPOISON(a->p, a->size);
+    c->inner(c->inner_ud, a->p, a->size, 0);
+    c->kept -= a->size;
+    c->nanchors--;
+    a->p = NULL;
+  }
+  c->last_window = 0;
+}
+
 static void release(cache *c, void *p, size_t size) {
   shrank(c, size);
+  if (size <= TIDE_ALLOC_CACHE_LARGEST && anchor_at(c, p, size)) return;
   if (!keep(c, p, size)) c->inner(c->inner_ud, p, size, 0);
 }
 
@@ -252,6 +335,7 @@ static void trim(cache *c, size_t limit) {
       if (c->bigs[k][i].p != NULL) give_back_big(c, &c->bigs[k][i]);
   for (int i = NLISTS - 1; i >= 0 && c->kept > limit; i--)
     while (c->list[i] != NULL && c->kept > limit) give_back_small(c, i);
+  if (c->kept > limit || c->nanchors > limit >> ANCHOR_SHIFT) release_anchors(c);
 }
 
 /* Gives the small blocks kept over `limit` bytes back (the largest sizes first). */
@@ -280,6 +364,9 @@ static int sentinel_gc(lua_State *L) {
   *u = NULL;
   c->cap = 0;
   trim(c, 0);
+  free(c->anchors);
+  c->anchors = NULL;
+  c->anchor_slots = 0;
   void *ud;
   if (lua_getallocf(L, &ud) == cached_alloc && ud == c) {
     lua_setallocf(L, c->inner, c->inner_ud);
@@ -346,4 +433,9 @@ void tide__alloc_cache_stats(lua_State *L, size_t *kept, size_t *cap, unsigned l
 size_t tide__alloc_cache_small(lua_State *L) {
   cache *c = get(L);
   return c ? c->kept_small : 0;
+}
+
+size_t tide__alloc_cache_anchors(lua_State *L) {
+  cache *c = get(L);
+  return c ? c->nanchors : 0;
 }

@@ -1,26 +1,34 @@
 /* alloc_cache.h — freed blocks of a Lua state kept for reuse, in front of its allocator.
  *
  * Why: LuaJIT's allocator gives freed memory back to the kernel soon (its
- * segments are mmap'ed), and a task is one small table: a burst of 200,000
- * tasks allocates ~27 MB that the next burst faults in again, page by page.
- * On the virtual machines these figures come from, a page fault costs
- * ~20 us, and the faults were more than half of a warm burst's time
- * (bench/RESULTS.md, issue 21; slab.h says the same of thread jobs).  The
- * cache keeps the last few freed blocks larger than
- * TIDE_ALLOC_CACHE_LARGEST bytes, up to TIDE_ALLOC_CACHE_BIGGEST (the old
- * sizes of an array that grew with a burst: a table's array, the run
- * queue) in a ring, for a while (alloc_cache.c, BIG_LIFETIME); and, when
- * asked (TIDE_ALLOC_CACHE_SMALL_DEFAULT says why not by default), each
- * freed block of a small size (a multiple of 8: a table, a closure, a
- * coroutine; not every string) on a free list of that exact size.  A block is handed
+ * segments are mmap'ed, and one goes back as soon as all of it is free),
+ * and a task is one small table: a burst of 200,000 tasks allocates ~27 MB
+ * that the next burst, after a full collection, faulted in again, page by
+ * page.  On the virtual machines these figures come from, a page fault
+ * costs ~20 us, and the faults were more than half of a warm burst's time
+ * (bench/RESULTS.md, issue 21; slab.h says the same of thread jobs).  So
+ * the cache holds *anchors*: one freed small block in each 64 KiB of
+ * address space where small blocks were freed, never handed out, so that
+ * no segment is ever wholly free and the allocator keeps it, reusing the
+ * memory around the anchors itself (alloc_cache.c says more).  It keeps
+ * the last few freed blocks larger than TIDE_ALLOC_CACHE_LARGEST bytes, up
+ * to TIDE_ALLOC_CACHE_BIGGEST (the old sizes of an array that grew with a
+ * burst: a table's array, the run queue) in a ring, for a while
+ * (alloc_cache.c, BIG_LIFETIME); and, when asked
+ * (TIDE_ALLOC_CACHE_SMALL_DEFAULT says why not by default), each freed
+ * block of a small size (a multiple of 8: a table, a closure, a coroutine;
+ * not every string) on a free list of that exact size.  A block is handed
  * back for the next allocation of its exact size, a block that grows
  * included (its contents are copied into the kept one).  Memory that Lua
  * freed stays with the process, as a V8 or glibc heap does.
  *
  * Bounds: the blocks kept never add up to more than `cap` bytes
- * (tide.configure{ alloc_cache = N }, TIDE_ALLOC_CACHE_DEFAULT); the small
- * ones never to more than `small_cap` (tide.configure{ alloc_cache_small =
- * N }, 0 by default) nor the heap's recent peak (its largest while the
+ * (tide.configure{ alloc_cache = N }, TIDE_ALLOC_CACHE_DEFAULT), and the
+ * anchors never hold more than `cap` bytes of address space (cap / 64 KiB
+ * of them), nor, once the heap's recent peak comes down, more than twice
+ * that peak: then they all go back (and are taken again where small blocks
+ * are freed); the small ones never add up to more than `small_cap`
+ * (tide.configure{ alloc_cache_small = N }, 0 by default) nor the heap's recent peak (its largest while the
  * last 64 to 128 MiB were handed out, at least TIDE_ALLOC_CACHE_FLOOR), so
  * that a burst whose tasks all ended leaves its blocks for the next burst;
  * the big ones are bounded by their rings and expire.  A free that would
@@ -81,6 +89,12 @@ void tide__alloc_cache_stats(lua_State *L, size_t *kept, size_t *cap, unsigned l
 /* Of the bytes kept, those of small blocks (on the free lists; 0 when L
  * has no cache). */
 size_t tide__alloc_cache_small(lua_State *L);
+
+/* The anchors held: freed small blocks, one in each 64 KiB of the heap
+ * where small blocks were freed, that keep LuaJIT's allocator from giving
+ * that memory back to the kernel (alloc_cache.c says why; 0 when L has no
+ * cache).  Their bytes are in `kept`. */
+size_t tide__alloc_cache_anchors(lua_State *L);
 
 /* Sets the most bytes of small blocks kept (0, the default: none; within
  * the cap and the heap's recent peak too).  Returns the bytes of small

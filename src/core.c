@@ -353,8 +353,8 @@ static int l_stats(lua_State *L) {
 }
 
 /* alloc_cache([cap [, small_cap]]) -> bytes kept, cap, hits, bytes kept in
- * small blocks, small_cap: the allocator cache's figures, after setting
- * its caps (bytes) when given (alloc_cache.h). */
+ * small blocks, small_cap, anchors: the allocator cache's figures, after
+ * setting its caps (bytes) when given (alloc_cache.h). */
 static int l_alloc_cache(lua_State *L) {
   if (!lua_isnoneornil(L, 1)) {
     lua_Number cap = luaL_checknumber(L, 1);
@@ -375,7 +375,8 @@ static int l_alloc_cache(lua_State *L) {
   lua_pushnumber(L, (lua_Number)hits);
   lua_pushnumber(L, (lua_Number)tide__alloc_cache_small(L));
   lua_pushnumber(L, (lua_Number)tide__alloc_cache_small_cap(L));
-  return 5;
+  lua_pushnumber(L, (lua_Number)tide__alloc_cache_anchors(L));
+  return 6;
 }
 
 static void free_state(tide__loop *loop) {

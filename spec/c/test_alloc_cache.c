@@ -530,6 +530,64 @@ static void kept_blocks_yield_to_a_limit(void) {
   close_clean(L, &h, "every block is back at close");
 }
 
+/* Anchors (alloc_cache.c): after a burst and a full collection the cache
+ * holds a freed small block in windows of 64 KiB where small blocks were
+ * freed, never more of them than the cap's share (cap / 64 KiB), counted
+ * in what is kept; a lower cap gives them back, and so does close. */
+static void anchors_hold_windows(void) {
+  host h = { 0 };
+  lua_State *L = open_default(&h);
+  burst(L, 100000);
+  size_t n = tide__alloc_cache_anchors(L), kept, cap;
+  unsigned long long hits;
+  stats(L, &kept, &cap, &hits);
+  ok(n > 16 && n <= TIDE_ALLOC_CACHE_DEFAULT >> 16 && kept >= n * 8,
+     "a burst leaves anchors in the windows it freed (%zu, %zu bytes kept)", n, kept);
+  tide__alloc_cache_set(L, (size_t)4 << 16);
+  ok(tide__alloc_cache_anchors(L) <= 4, "a cap of 4 windows leaves at most 4 anchors (%zu)",
+     tide__alloc_cache_anchors(L));
+  burst(L, 100000);
+  stats(L, &kept, &cap, &hits);
+  ok(tide__alloc_cache_anchors(L) <= 4 && kept <= cap,
+     "... and a burst under it takes no more (%zu anchors, %zu kept)", tide__alloc_cache_anchors(L), kept);
+  tide__alloc_cache_set(L, 0);
+  stats(L, &kept, &cap, &hits);
+  ok(tide__alloc_cache_anchors(L) == 0 && kept == 0, "cap 0: every anchor given back");
+  tide__alloc_cache_set(L, TIDE_ALLOC_CACHE_DEFAULT);
+  burst(L, 100000);
+  ok(tide__alloc_cache_anchors(L) > 16, "anchors again once the cap is back (%zu)", tide__alloc_cache_anchors(L));
+  close_clean(L, &h, "every block is back at close, anchors included");
+}
+
+/* Anchors follow the heap's recent peak down: once a burst is two windows
+ * of volume (64-128 MiB handed out) behind, a process whose heap stays
+ * small holds no more than twice its peak's worth of windows, so that the
+ * allocator can give the burst's memory back to the kernel. */
+static void anchors_decay(void) {
+  host h = { 0 };
+  lua_State *L = open_default(&h);
+  burst(L, 200000);
+  size_t after_burst = tide__alloc_cache_anchors(L);
+  ok(run(L,
+    "TOP = 0\n"
+    "local s\n"
+    "for i = 1, 300 do\n"
+    "  s = string.rep('x', 1048576 + i % 7)\n"
+    "  local m = collectgarbage('count') * 1024\n"
+    "  if m > TOP then TOP = m end\n"
+    "  if i % 8 == 0 then s = nil; collectgarbage() end\n"
+    "end\n"
+    "s = nil; collectgarbage(); collectgarbage()\n"), "then ~300 MiB handed out in 1 MiB strings");
+  lua_getglobal(L, "TOP");
+  double top = lua_tonumber(L, -1) + (4 << 20);    /* room as in small_bound_decays */
+  lua_pop(L, 1);
+  size_t after = tide__alloc_cache_anchors(L);
+  ok((double)after_burst * 65536 / 2 > top && (double)after * 65536 / 2 <= top,
+     "the anchors follow the heap's peak down (%zu after the burst, %zu after, peak since %.0f)",
+     after_burst, after, top);
+  close_clean(L, &h, "every block is back at close");
+}
+
 /* Every way LuaJIT allocates and frees (ffi cdata of fixed, variable and
  * large alignment, finalized cdata, long strings, string.buffer, deep
  * coroutine stacks, the string table and a hash part growing and
@@ -684,6 +742,8 @@ int main(void) {
   failed_resizes();
   accounting_under_random_calls();
   kept_blocks_yield_to_a_limit();
+  anchors_hold_windows();
+  anchors_decay();
   luajit_sizes();
   finalizers_at_close();
   host_restores_allocator();
