@@ -70,10 +70,16 @@ local current = nil          -- the task whose coroutine is being resumed
 local FIRE, fire_runner, promote, promote_now = fire.FIRE, fire.runner, fire.promote, fire.promote_now
 local in_callback = nil      -- the name of the user callback running now, if any
 local next_id = 0
--- Every task that may still be live, in creation order: appended when
--- created, and compacted (finished ones dropped) once more than half of it
--- is finished.  nlive counts the tasks really live.
+-- Every task that may still be live, in creation order (a shutdown ends
+-- them oldest first): appended when created.  A finished task leaves it
+-- at once when it is the last one, with the finished ones before it (a
+-- flow's workers, a burst); else when the list is compacted, as soon as
+-- more than half of it and LIVE_SLACK entries are finished.  A finished task
+-- left on it keeps what it refers to (its function, arguments, value):
+-- with a slack of 1,024, a flow run 400 times inside one task kept every
+-- run.  nlive counts the tasks really live.
 local live, live_n, nlive = {}, 0, 0
+local LIVE_SLACK = 64
 local compact_live
 
 local stats = { spawned = 0, ok = 0, error = 0, timeout = 0, cancelled = 0, retries = 0 }
@@ -448,6 +454,11 @@ local function finish(t, status, ...)
   t[VALUE] = value
   if values then t[VALUES] = values end
   nlive = nlive - 1
+  if live[live_n] == t then            -- the youngest: it and the finished ones before it leave the list
+    repeat live[live_n], live_n = nil, live_n - 1 until live_n == 0 or not TERMINAL[live[live_n][STATE]]
+  elseif live_n > 2 * nlive + LIVE_SLACK then
+    compact_live()
+  end
   stats[status] = stats[status] + 1
   end_attempt(t)
   local w = t[WAITERS]
@@ -467,6 +478,11 @@ local function finish(t, status, ...)
       pcall(note_unheard, t)               -- allocates after the state changed: protected
     end
   end
+  -- What only its attempts needed goes (a finished task may stay on
+  -- `live` for a while, and its caller may keep its handle for long): its
+  -- function and arguments, and what they hold.
+  t[FN] = false
+  if o and o.args and not o.shared then o.args = false end
   if nlive == 0 and shutdown.shutting then shutdown.end_grace() end
   finishing = finishing - 1
   return true
@@ -797,7 +813,7 @@ function S.new_task(fn, opt)
   t[ID], t[FN], t[OPT] = next_id, fn, opt or false
   nlive, live_n = nlive + 1, live_n + 1
   live[live_n] = t
-  if live_n > 2 * nlive + 1024 then compact_live() end
+  if live_n > 2 * nlive + LIVE_SLACK then compact_live() end
   stats.spawned = stats.spawned + 1
   return t
 end
