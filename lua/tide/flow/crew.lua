@@ -36,6 +36,7 @@ local function member_ended(t)
   local fan, k = o.fan, o.fan_index
   fan.crew = fan.crew - 1
   if fan.polling == t then fan.polling = false end
+  o.fan = false                              -- a finished task keeps no run alive
   if k and fan.kids[k] == t then             -- it ended inside child k's code
     o.fan_index = false
     return fan.child_done(k, S.state(t) == "cancelled" and "cancelled" or "error", t[VALUE])

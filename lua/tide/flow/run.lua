@@ -462,7 +462,9 @@ end
 
 local function node_result(t)
   local o = S.options(t)
-  node_ran(o.flow_run, o.flow_index, o.args[1], S.state(t), t[fields.VALUE], t[fields.ATTEMPTS])
+  local run = o.flow_run
+  o.flow_run = false                         -- a finished task keeps no run alive
+  node_ran(run, o.flow_index, o.args[1], S.state(t), t[fields.VALUE], t[fields.ATTEMPTS])
 end
 
 -- Not inside start_node: a closure there would make every return from it

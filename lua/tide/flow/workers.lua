@@ -68,6 +68,7 @@ local function worker_ended(t)
   elseif not run.stopping and not run.done and S.state(t) ~= "ok" then
     stop_run(run, "cancelled", ("flow '%s' stopped: its worker was %s"):format(run.flow.name, S.state(t)))
   end
+  o.flow_run = false                         -- a finished task keeps no run alive
 end
 
 local worker
