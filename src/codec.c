@@ -426,7 +426,9 @@ static inline int push_pair(enc *e, size_t off) {
 static size_t array_index(lua_State *L, int k, size_t narr) {
   if (lua_type(L, k) != LUA_TNUMBER) return 0;
   lua_Number d = lua_tonumber(L, k);
-  return d >= 1 && d <= (lua_Number)narr && d == (lua_Number)(size_t)d ? (size_t)d : 0;
+  if (!(d >= 1 && d <= (lua_Number)narr)) return 0;
+  int64_t i = (int64_t)d;                             /* (one instruction, unlike size_t) */
+  return (lua_Number)i == d ? (size_t)i : 0;
 }
 
 static int enc_element(enc *e, size_t i, int idx) {
