@@ -415,7 +415,10 @@ static int more_pairs(enc *e) {
   return 0;
 }
 
-/* Notes the pair written from off to the end of out (once per pair: inline). */
+/* Notes the pair written from off to the end of out.  Inlined into
+ * enc_pair, as enc_pair is into the walks: with the stack check enc_table
+ * no longer makes, 43.3 -> 41.1 M instructions an unordered encoding of
+ * bench/threads.lua's table (callgrind). */
 static inline int push_pair(enc *e, size_t off) {
   if (e->npairs == e->cappairs && more_pairs(e)) return -1;
   e->pairs[e->npairs++] = (pair){ NULL, off, e->out->len - off };
@@ -445,10 +448,7 @@ static int put_nils(enc *e, size_t n) {
   return 0;
 }
 
-/* Encodes the pair whose key is at k and value at k + 1.  Inlined into
- * the walks, as push_pair is into it: with the stack check enc_table no
- * longer makes, 43.3 -> 41.1 M instructions an unordered encoding of
- * bench/threads.lua's table (callgrind). */
+/* Encodes the pair whose key is at k and value at k + 1. */
 __attribute__((always_inline)) static inline int enc_pair(enc *e, int k) {
   step *s = &e->path[e->depth - 1];
   size_t off = e->out->len;
