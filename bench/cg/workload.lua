@@ -8,7 +8,10 @@
 -- after, after_stop, thread, flow_tasks, flow_define, flow_run, flow_each (one task
 -- fanned out into N trivial children, 1,000 at once), dflow (a durable flow: N
 -- no-op steps in layers of 100, each after 2 of the layer before, run by
--- one worker in the process on a fresh SQLite file).
+-- one worker in the process on a fresh SQLite file), codec (one round trip of
+-- bench/threads.lua's 1 MB table of records through encode_unordered and
+-- decode, as thread hand-offs make it: run it at small sizes, `sh
+-- bench/cg/run.sh codec 1 5`; codec_encode and codec_decode, each half alone).
 local tide = require "tide"
 tide.configure{ watchdog = 0 }
 
@@ -74,6 +77,20 @@ function W.thread()
   for i = 1, N do ts[i]:await() end
 end
 
+local records, records_bytes                -- the codec workloads' table, and its encoding
+function W.codec()
+  local core = require "tide.core"
+  for _ = 1, N do core.decode(core.encode_unordered(records)) end
+end
+function W.codec_encode()
+  local encode_unordered = require("tide.core").encode_unordered
+  for _ = 1, N do encode_unordered(records) end
+end
+function W.codec_decode()
+  local decode = require("tide.core").decode
+  for _ = 1, N do decode(records_bytes) end
+end
+
 local function layered_tasks()
   math.randomseed(3)
   local width = 100
@@ -126,7 +143,16 @@ function W.dflow()
   q:close()
 end
 
-if workload == "thread" then
+if workload == "codec" or workload == "codec_encode" or workload == "codec_decode" then
+  local users = {}
+  for i = 1, 6000 do
+    users[i] = { id = i, name = "user" .. i, email = "user" .. i .. "@example.com", score = i * 1.5,
+                 active = i % 2 == 0, tags = { "alpha", "beta", "gamma" },
+                 address = { street = i .. " Main Street", city = "Springfield", zip = 10000 + i } }
+  end
+  records = { users = users, meta = { count = #users, source = "bench" } }
+  records_bytes = require("tide.core").encode_unordered(records)
+elseif workload == "thread" then
   tide.configure{ threads = 2 }
   tide.run(function() tide.spawn{ mode = "thread", run = noop }:await() end)   -- start the pool
 elseif workload == "dflow" then
