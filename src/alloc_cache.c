@@ -260,7 +260,13 @@ static void release_anchors(cache *c) {
 
 static void release(cache *c, void *p, size_t size) {
   shrank(c, size);
-  if (size <= TIDE_ALLOC_CACHE_LARGEST && anchor_at(c, p, size)) return;
+  if (size <= TIDE_ALLOC_CACHE_LARGEST) {
+    if (anchor_at(c, p, size)) return;
+    if (c->small_cap == 0) {                      /* no free lists (the default): straight back */
+      c->inner(c->inner_ud, p, size, 0);
+      return;
+    }
+  }
   if (!keep(c, p, size)) c->inner(c->inner_ud, p, size, 0);
 }
 
