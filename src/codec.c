@@ -472,9 +472,10 @@ static int walk_pairs(enc *e, int t, size_t narr) {
  * values left are taken by index and the pairs by a walk of their own:
  * nothing written is taken back, as that would encode a table's contents
  * again at each level of nesting (2^depth times). */
-static int walk(enc *e, int t, size_t narr) {
+static int walk(enc *e, int t, size_t narr, size_t *vdefs) {
   lua_State *L = e->L;
   size_t want = 1;
+  *vdefs = e->ndefs;                                  /* strings defined by the values: none yet */
   lua_pushnil(L);
   int k = lua_gettop(L);                              /* the key's slot */
   while (lua_next(L, t)) {                            /* key, value */
@@ -482,9 +483,12 @@ static int walk(enc *e, int t, size_t narr) {
       if (enc_pair(e, k)) return -1;
     } else if (array_index(L, k, narr) == want) {
       if (enc_element(e, want++, k + 1)) return -1;
+      *vdefs = e->ndefs;
     } else {
       lua_pop(L, 2);
-      return values_by_index(e, t, want, narr) || walk_pairs(e, t, narr) ? -1 : 0;
+      if (values_by_index(e, t, want, narr)) return -1;
+      *vdefs = e->ndefs;
+      return walk_pairs(e, t, narr);
     }
     lua_pop(L, 1);                                    /* key */
   }
@@ -501,26 +505,28 @@ static int enc_table(enc *e, int t) {
     return fail(e, "nesting deeper than %d", TIDE_CODEC_DEPTH);
   if (!lua_checkstack(L, 3)) return fail(e, "Lua stack overflow");
   if (reserve(e->out, 12)) return out_of_memory(e);
-  size_t narr = lua_objlen(L, t), base = e->npairs, start = e->out->len, defs = e->ndefs;
+  size_t narr = lua_objlen(L, t), base = e->npairs, defs = e->ndefs, vdefs;
   char *p = e->out->data + e->out->len;
   *p = T_TABLE;
   e->out->len += 1 + put_varint(p + 1, narr);
   size_t at = e->out->len++;                          /* the pair count's byte */
   e->open[e->depth++] = self;
-  if (walk(e, t, narr)) return -1;
-  if (e->ndefs > defs && e->npairs > base && e->pairs[base].off > at + 1) {
-    /* Array values and pairs: place_pairs moves the values after the
-     * pairs, and a string defined among the values would come after its
-     * references among the pairs.  Encoded again without references (such
-     * tables are rare: records have no array values, lists no pairs). */
-    e->out->len = start;
+  if (walk(e, t, narr, &vdefs)) return -1;
+  if (vdefs > defs && e->npairs > base) {
+    /* Strings defined among the array values, and pairs: place_pairs
+     * moves the pairs before the values, where a reference to one of
+     * those strings, or a string defined (they are numbered in the order
+     * they come), would be out of place.  The pairs are encoded again
+     * without references; the values keep theirs (a task's arguments
+     * { n = N, ... }: the records among them, and one pair). */
+    e->out->len = e->pairs[base].off;
     e->npairs = base;
-    undo_defs(e, defs);
-    e->depth--;
+    undo_defs(e, vdefs);
+    int refs = e->refs;
     e->refs = 0;
-    int rc = enc_table(e, t);
-    e->refs = 1;
-    return rc;
+    int rc = walk_pairs(e, t, narr);
+    e->refs = refs;
+    if (rc) return -1;
   }
   if (place_pairs(e, base, at)) return -1;
   e->depth--;

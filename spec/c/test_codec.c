@@ -515,6 +515,23 @@ static void test_references(void) {
     if (i == 0) ok(u.len < c1.len / 2, "references: repeated strings cross once (%zu bytes against %zu)",
                    u.len, c1.len);
   }
+  /* A task's arguments are { n = N, ... }: array values and one pair.  The
+   * records among the values keep their references. */
+  eval(A, shapes[0].src);
+  u.len = 0;
+  tide__encode_unordered(A, -1, "a", &u, NULL, 0);
+  size_t alone = u.len;
+  lua_createtable(A, 1, 1);
+  lua_insert(A, -2);
+  lua_rawseti(A, -2, 1);
+  lua_pushinteger(A, 1);
+  lua_setfield(A, -2, "n");                           /* { n = 1, records } */
+  u.len = c1.len = 0;
+  tide__encode_unordered(A, -1, "a", &u, NULL, 0);
+  tide__encode(A, -1, "a", &c1, NULL, 0);
+  lua_pop(A, 1);
+  ok(u.len == alone + 8, "references: the arguments { n = 1, records } keep them, 8 bytes more (the header, n = 1): "
+     "%zu bytes; %zu the records alone, %zu sorted", u.len, alone, c1.len);
   /* Damage to an encoding full of references: rejected or decoded, never a crash. */
   eval(A, shapes[0].src);
   u.len = 0;
