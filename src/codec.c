@@ -453,7 +453,7 @@ static int values_by_index(enc *e, int t, size_t from, size_t narr) {
   return 0;
 }
 
-/* Writes t's pairs but its array values, in lua_next order. */
+/* Writes t's pairs other than its array values t[1..narr], in lua_next order. */
 static int walk_pairs(enc *e, int t, size_t narr) {
   lua_State *L = e->L;
   lua_pushnil(L);
@@ -471,11 +471,12 @@ static int walk_pairs(enc *e, int t, size_t narr) {
  * the first key out of that order (a hole, a pair, an index met early) the
  * values left are taken by index and the pairs by a walk of their own:
  * nothing written is taken back, as that would encode a table's contents
- * again at each level of nesting (2^depth times). */
+ * again at each level of nesting (2^depth times).  *vdefs: e->ndefs once
+ * the values are written (enc_table: strings they defined). */
 static int walk(enc *e, int t, size_t narr, size_t *vdefs) {
   lua_State *L = e->L;
   size_t want = 1;
-  *vdefs = e->ndefs;                                  /* strings defined by the values: none yet */
+  *vdefs = e->ndefs;
   lua_pushnil(L);
   int k = lua_gettop(L);                              /* the key's slot */
   while (lua_next(L, t)) {                            /* key, value */
