@@ -392,6 +392,26 @@ static void test_malformed(void) {
   rejected("definition longer than the input", "\x07\x0a" "abc", 5, "bad encoding at byte 5: truncated");
   ok(decode_clean("\x06\x02\x00\x07\x01" "a" "\x08\x00", 8, NULL, 0) == 0,
      "a definition, then a reference to it, decode");
+  rejected("reference of 2^64 - 1", "\x06\x02\x00\x07\x01" "a" "\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", 17,
+           "bad encoding at byte 6: reference to string 18446744073709551615, of 1 defined");
+  rejected("a definition, then bad bytes: the table of definitions goes too", "\x06\x02\x00\x07\x01" "a" "\x09", 7,
+           "bad encoding at byte 6: unknown tag 0x09");
+  rejected("a definition cut short inside a table key", "\x06\x00\x01\x07\x05" "ab", 7, "bad encoding at byte 7: truncated");
+  ok(decode_clean("\x07\x01" "a", 3, NULL, 0) == 0 && decode_clean("\x06\x00\x02\x07\x01" "k" "\x08\x00\x06\x00\x01\x08\x00\x08\x00\x02", 16, NULL, 0) == 0,
+     "a definition at the top; one in a key, referred to as a value and as a key in a nested table, decode");
+  /* the same bytes as a list: a definition then bad bytes leave nothing; references decode to the values */
+  int top = lua_gettop(B);
+  char lerr[256] = "";
+  int n1 = tide__decode_list(B, "\x06\x02\x00\x07\x01" "a" "\x09", 7, 10, lerr, sizeof lerr);
+  int left = lua_gettop(B) - top;
+  int n2 = tide__decode_list(B, "\x06\x03\x00\x07\x01" "a" "\x08\x00\x06\x00\x01\x08\x00\x08\x00", 15, 10, lerr, sizeof lerr);
+  int values = n2 == 3 && lua_gettop(B) == top + 3 && lua_istable(B, -1);
+  if (values) lua_getfield(B, -1, "a");               /* 'a', 'a', { a = 'a' }, 'a' */
+  for (int i = -4; values && i <= -1; i += i == -3 ? 2 : 1)
+    values = lua_type(B, i) == LUA_TSTRING && strcmp(lua_tostring(B, i), "a") == 0;
+  ok(n1 == -1 && left == 0 && values,
+     "decode_list: a definition then bad bytes push nothing; definitions and references push the values only");
+  lua_settop(B, top);
   rejected("trailing bytes", "\x00\x00", 2, "bad encoding at byte 1: trailing bytes after the value");
   rejected("string longer than the input", "\x05\x0a" "abc", 5, "bad encoding at byte 5: truncated");
   rejected("short double", "\x04\x00\x00", 3, "bad encoding at byte 3: truncated");
