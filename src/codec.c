@@ -275,11 +275,13 @@ static sref *seen_slot(enc *e, const char *p) {
 }
 
 /* Makes room for one more string met: 0, or -1 when it cannot (then the
- * string is written whole). */
+ * string is written whole).  The table starts at 64 slots (1 KB): a small
+ * value, a task's arguments, then zeroes no 16 KB (5/6 of the instructions
+ * of encoding { n = 2, 'hello', 42 }), and a large one doubles it 6 times. */
 static int seen_room(enc *e) {
   if (2 * (e->nseen + 1) <= e->seencap) return 0;
   if (e->seencap >= 2 * SEEN_MAX) return -1;
-  size_t cap = e->seencap ? 2 * e->seencap : 1024;
+  size_t cap = e->seencap ? 2 * e->seencap : 64;
   sref *old = e->seen, *fresh = calloc(cap, sizeof *fresh);
   if (fresh == NULL) return -1;
   size_t oldcap = e->seencap;
@@ -441,13 +443,6 @@ static int enc_element(enc *e, size_t i, int idx) {
   return enc_value(e, idx);
 }
 
-static int put_nils(enc *e, size_t n) {
-  if (reserve(e->out, n)) return out_of_memory(e);
-  memset(e->out->data + e->out->len, T_NIL, n);
-  e->out->len += n;
-  return 0;
-}
-
 /* Encodes the pair whose key is at k and value at k + 1. */
 __attribute__((always_inline)) static inline int enc_pair(enc *e, int k) {
   step *s = &e->path[e->depth - 1];
@@ -459,46 +454,55 @@ __attribute__((always_inline)) static inline int enc_pair(enc *e, int k) {
   return enc_value(e, k + 1) || push_pair(e, off) ? -1 : 0;
 }
 
-/* Writes t's array values, then its other pairs, in one lua_next walk:
- * LuaJIT walks its array part first, so 1..narr usually come first and in
- * order.  Returns 1, having written nothing, when one comes late. */
-static int walk_once(enc *e, int t, size_t narr) {
+/* Writes t[from..narr] by index, nil for holes. */
+static int values_by_index(enc *e, int t, size_t from, size_t narr) {
   lua_State *L = e->L;
-  size_t want = 1, base = e->npairs, mark = e->out->len, defs = e->ndefs;
-  lua_pushnil(L);
-  int k = lua_gettop(L);                              /* the key's slot */
-  while (lua_next(L, t)) {                            /* key, value */
-    size_t i = narr ? array_index(L, k, narr) : 0;
-    if (i && (i < want || e->npairs > base)) {        /* late: give up */
-      lua_pop(L, 2);
-      want = 0;
-      break;
-    }
-    if (i ? (i > want && put_nils(e, i - want)) || enc_element(e, i, k + 1) : enc_pair(e, k))
-      return -1;
-    if (i) want = i + 1;
-    lua_pop(L, 1);                                    /* key */
-  }
-  if (want == narr + 1) return 0;
-  e->out->len = mark;
-  e->npairs = base;
-  undo_defs(e, defs);
-  return 1;
-}
-
-/* The same output as walk_once, for any table: values by index, then a
- * lua_next walk for the other pairs. */
-static int walk_twice(enc *e, int t, size_t narr) {
-  lua_State *L = e->L;
-  for (size_t i = 1; i <= narr; i++) {
+  for (size_t i = from; i <= narr; i++) {
     lua_rawgeti(L, t, (int)i);                        /* t[i] */
     if (enc_element(e, i, -1)) return -1;
     lua_pop(L, 1);
   }
+  return 0;
+}
+
+/* Writes t's pairs other than its array values t[1..narr], in lua_next order. */
+static int walk_pairs(enc *e, int t, size_t narr) {
+  lua_State *L = e->L;
   lua_pushnil(L);
   int k = lua_gettop(L);
   while (lua_next(L, t)) {                            /* key, value */
     if (!array_index(L, k, narr) && enc_pair(e, k)) return -1;
+    lua_pop(L, 1);                                    /* key */
+  }
+  return 0;
+}
+
+/* Writes t's array values t[1..narr], then its other pairs, each once.
+ * One lua_next walk does it while the walk meets 1, 2, ... narr first:
+ * LuaJIT walks its array part first, so a list or a record goes so.  At
+ * the first key out of that order (a hole, a pair, an index met early) the
+ * values left are taken by index and the pairs by a walk of their own:
+ * nothing written is taken back, as that would encode a table's contents
+ * again at each level of nesting (2^depth times).  *vdefs: e->ndefs once
+ * the values are written (enc_table: strings they defined). */
+static int walk(enc *e, int t, size_t narr, size_t *vdefs) {
+  lua_State *L = e->L;
+  size_t want = 1;
+  *vdefs = e->ndefs;
+  lua_pushnil(L);
+  int k = lua_gettop(L);                              /* the key's slot */
+  while (lua_next(L, t)) {                            /* key, value */
+    if (want > narr) {                                /* t[1..narr] met: a pair */
+      if (enc_pair(e, k)) return -1;
+    } else if (array_index(L, k, narr) == want) {
+      if (enc_element(e, want++, k + 1)) return -1;
+      *vdefs = e->ndefs;
+    } else {
+      lua_pop(L, 2);
+      if (values_by_index(e, t, want, narr)) return -1;
+      *vdefs = e->ndefs;
+      return walk_pairs(e, t, narr);
+    }
     lua_pop(L, 1);                                    /* key */
   }
   return 0;
@@ -515,28 +519,28 @@ static int enc_table(enc *e, int t) {
   /* Its 3 stack slots were reserved with the others (ENC_STACK), and
    * nothing in an encoding runs the collector, which could shrink them. */
   if (reserve(e->out, 12)) return out_of_memory(e);
-  size_t narr = lua_objlen(L, t), base = e->npairs, start = e->out->len, defs = e->ndefs;
+  size_t narr = lua_objlen(L, t), base = e->npairs, defs = e->ndefs, vdefs;
   char *p = e->out->data + e->out->len;
   *p = T_TABLE;
   e->out->len += 1 + put_varint(p + 1, narr);
   size_t at = e->out->len++;                          /* the pair count's byte */
   e->open[e->depth++] = self;
-  int rc = walk_once(e, t, narr);
-  if (rc > 0) rc = walk_twice(e, t, narr);
-  if (rc) return -1;
-  if (e->ndefs > defs && e->npairs > base && e->pairs[base].off > at + 1) {
-    /* Array values and pairs: place_pairs moves the values after the
-     * pairs, and a string defined among the values would come after its
-     * references among the pairs.  Encoded again without references (such
-     * tables are rare: records have no array values, lists no pairs). */
-    e->out->len = start;
+  if (walk(e, t, narr, &vdefs)) return -1;
+  if (vdefs > defs && e->npairs > base) {
+    /* Strings defined among the array values, and pairs: place_pairs
+     * moves the pairs before the values, where a reference to one of
+     * those strings, or a string defined (they are numbered in the order
+     * they come), would be out of place.  The pairs are encoded again
+     * without references; the values keep theirs (a task's arguments
+     * { n = N, ... }: the records among them, and one pair). */
+    e->out->len = e->pairs[base].off;
     e->npairs = base;
-    undo_defs(e, defs);
-    e->depth--;
+    undo_defs(e, vdefs);
+    int refs = e->refs;
     e->refs = 0;
-    rc = enc_table(e, t);
-    e->refs = 1;
-    return rc;
+    int rc = walk_pairs(e, t, narr);
+    e->refs = refs;
+    if (rc) return -1;
   }
   if (place_pairs(e, base, at)) return -1;
   e->depth--;
