@@ -314,6 +314,30 @@ describe("tide.spawn", function()
                  function() t:await() end)
   end)
 
+  -- An attempt that raised is settled after its traceback is taken, and
+  -- taking it runs the error's __tostring: user code, which may end the
+  -- task.  With a retry policy, the settle put the cancelled task back to
+  -- "retrying": it ran again (its function gone since it ended, or before
+  -- that, its body again) and reached a second and third outcome.
+  it("delivers exactly one outcome when the error's __tostring cancels the task before its retry", function()
+    local outcomes, runs, t = {}, 0, nil
+    local err = setmetatable({}, { __tostring = function()
+      if t:status() == "running" then t:cancel("from __tostring") end
+      return "boom"
+    end })
+    H.run(function()
+      t = tide.spawn{ run = function() runs = runs + 1; error(err) end,
+                      retry = { max_attempts = 3, base = 1 },
+                      handle_result = function(status, value) outcomes[#outcomes + 1] = { status, value } end }
+      tide.sleep(30)
+      assert.equal(1, tide.stats().live)              -- this one only
+    end)
+    assert.same({ { "cancelled", "from __tostring" } }, outcomes)
+    assert.equal(1, runs)
+    assert.same({ "cancelled", "from __tostring" }, { t:status(), t.value })
+    assert.is_nil(t.traceback)
+  end)
+
   -- The engine lists every task that may be live (for a shutdown); a
   -- finished task left on that list kept whatever it referenced (its
   -- function, arguments and value) until 1,024 more tasks were spawned:

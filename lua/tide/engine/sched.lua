@@ -490,7 +490,12 @@ end
 S.finish = finish
 
 --- An attempt ended with `status`: retry when the policy says so, else finish.
+--- A task that ended meanwhile stays ended: what runs between an attempt's
+--- end and its settling (an error's __tostring, a finalizer run by an
+--- allocation) may have finished it, and a retry would take it out of its
+--- terminal state and give it a second outcome.
 function settle(t, status, ...)
+  if TERMINAL[t[STATE]] then return end
   local o = t[OPT]
   local p = o and o.retry
   if p and p.on[status] and t[ATTEMPTS] < p.attempts and not shutdown.shutting then
@@ -635,11 +640,14 @@ local function after_resume(co, ok, first, ms)
     return log.report("tide's engine (an error raised inside a task's end, as by a __gc finalizer)", err, err)
   end
   if t[CO] ~= co then return end            -- it ended while it ran
+  local tb
   if getmetatable(err) == Traced_mt then
-    t.traceback, err = err.traceback, err.value
+    tb, err = err.traceback, err.value
   else
-    t.traceback = traceback(co, safe_tostring(err))
+    tb = traceback(co, safe_tostring(err))  -- runs the error's __tostring: it may end t
+    if t[CO] ~= co then return end
   end
+  t.traceback = tb
   return settle(t, "error", err)
 end
 
