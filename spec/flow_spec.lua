@@ -732,6 +732,41 @@ describe("tide.flow", function()
     end)
   end
 
+  -- A handle kept (tide.current() inside a node or a child) is a finished
+  -- task held for long: its options must not keep the run either.  A
+  -- child's task kept its fan_done (a closure over the run), a node's
+  -- task its on_retry (the flow's task_retry hook, a closure over the run).
+  for _, shape in ipairs{ "fan-out children as tasks", "a task per node, with a task_retry hook" } do
+    it("keeps none of the earlier runs when the handles of their finished tasks are kept (" .. shape .. ")", function()
+      run(function()
+        local kept, tasks, on = {}, nil, nil
+        if shape == "fan-out children as tasks" then
+          tasks = { list = { run = function() local xs = {} for i = 1, 2000 do xs[i] = i end return xs end },
+                    each = { after = { "list" }, items = function(ctx) return ctx.results.list end, timeout = 60000,
+                             each = function(x) if x == 1 then kept[#kept + 1] = tide.current() end return { x } end,
+                             concurrency = 4 } }
+        else
+          tasks, on = {}, { task_retry = function() end }
+          for i = 1, 500 do
+            tasks["n" .. i] = { run = function() if i == 1 then kept[#kept + 1] = tide.current() end return { i } end,
+                                after = i > 1 and { "n" .. (i - 1) } or nil, retry = { max_attempts = 2 } }
+          end
+        end
+        local f = tide.flow{ name = "kept", tasks = tasks, on = on }
+        local function heap() collectgarbage(); collectgarbage(); return collectgarbage("count") end
+        for _ = 1, 4 do assert.equal("ok", (f:run())) end
+        local before, most = heap(), 0
+        for r = 1, 40 do
+          assert.equal("ok", (f:run()))
+          if r % 4 == 0 then most = math.max(most, heap()) end
+        end
+        assert.equal(44, #kept)
+        -- a run is ~200 KB; 40 handles without their runs are ~20 KB
+        assert.is_true(most - before < 1024, ("the heap grew by up to %.0f KB over 40 runs"):format(most - before))
+      end)
+    end)
+  end
+
   describe("tables made per node", function()
     local function keys(t)
       local ks = {}

@@ -480,9 +480,13 @@ local function finish(t, status, ...)
   end
   -- What only its attempts needed goes (a finished task may stay on
   -- `live` for a while, and its caller may keep its handle for long): its
-  -- function and arguments, and what they hold.
+  -- function, arguments and on_retry hook, and what they hold (a flow's
+  -- task_retry hook is a closure over its run).
   t[FN] = false
-  if o and o.args and not o.shared then o.args = false end
+  if o and not o.shared then
+    if o.args then o.args = false end
+    if o.on_retry then o.on_retry = false end
+  end
   if nlive == 0 and shutdown.shutting then shutdown.end_grace() end
   finishing = finishing - 1
   return true

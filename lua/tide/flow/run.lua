@@ -354,7 +354,9 @@ end
 -- options, so no closure is made per task).
 local function child_finished(t)
   local o = S.options(t)
-  o.fan_done(o.fan_index, S.state(t), t[fields.VALUE])
+  local done = o.fan_done
+  o.fan_done = false                         -- a finished task keeps no run alive (a closure over it)
+  done(o.fan_index, S.state(t), t[fields.VALUE])
 end
 
 --- Runs node i's children over `items`, at most `concurrency` at once; the
