@@ -767,6 +767,31 @@ describe("tide.flow", function()
     end)
   end
 
+  -- A simple child that cancels its crew member from a nested coroutine
+  -- goes on running (the member stops at its next wait); the member's end
+  -- gives the child its outcome (cancelled), and the member, once the
+  -- child's code returned, gave it a second one (ok): 4 outcomes of 3
+  -- children, running -1.
+  it("ends a child once when it cancels its crew member from a nested coroutine", function()
+    local ends, status, rep = {}, nil, nil
+    run(function()
+      local f = tide.flow{ name = "crew", tasks = {
+        list = { run = function() return { 1, 2, 3 } end },
+        each = { after = { "list" }, items = function(ctx) return ctx.results.list end, concurrency = 1,
+                 each = function(x)
+                   if x == 2 then coroutine.wrap(function() tide.current():cancel("by itself") end)() end
+                   return x
+                 end } },
+        on = { child_done = function(ev) ends[#ends + 1] = ev.index .. " " .. ev.status end } }
+      status, rep = f:run()
+    end)
+    assert.same({ "1 ok", "2 cancelled", "3 ok" }, ends)     -- as children run as tasks end
+    assert.equal("ok", status)
+    local each = rep.tasks.each
+    assert.same({ total = 3, ok = 2, cancelled = 1, error = 0, timeout = 0, running = 0 }, each.children)
+    assert.same({ 1, nil, 3 }, each.value)
+  end)
+
   describe("tables made per node", function()
     local function keys(t)
       local ks = {}
