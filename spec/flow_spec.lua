@@ -792,6 +792,80 @@ describe("tide.flow", function()
     assert.same({ 1, nil, 3 }, each.value)
   end)
 
+  -- Attacks the hooks that let go of a run at a task's end (workers,
+  -- crews, node tasks, children as tasks): random flows whose nodes and
+  -- children raise, wait, time out, retry, nest a flow, cancel their own
+  -- task (directly or from a nested coroutine) or keep its handle, while
+  -- the run is cancelled from outside or times out.  Every node and child
+  -- ends once, every kept handle is finished, and nothing in the engine or
+  -- the flow fails on a field dropped at a task's end.
+  it("ends every node and child once in random flows that fail, retry, time out and are cancelled", function()
+    local seed = tonumber(os.getenv("SPEC_SEED")) or os.time()
+    math.randomseed(seed)
+    local R = math.random
+    local kept, broken, twice, statuses = {}, {}, {}, {}
+    local errors_before = tide.stats().callback_errors
+    local inner = tide.flow{ name = "inner", tasks = {
+      a = { run = function() tide.sleep(R(0, 3)); if R(4) == 1 then error("inner fails", 0) end return 1 end },
+      b = { after = { "a" }, run = function() return 2 end, timeout = 5 } } }
+    local function body(tag)
+      local r = R(12)
+      if r == 1 then error("boom " .. tag, 0)
+      elseif r == 2 then kept[#kept + 1] = tide.current()
+      elseif r == 3 then tide.sleep(R(0, 8))
+      elseif r == 4 then coroutine.wrap(function() tide.current():cancel("nested " .. tag) end)()
+      elseif r == 5 then tide.current():cancel("self " .. tag)
+      elseif r == 6 then local h = tide.current(); tide.sleep(R(0, 3)); kept[#kept + 1] = h
+      end
+      return { tag }
+    end
+    local function items() return { 1, 2, 3, 4, 5 } end
+    run(function()
+      for r = 1, 60 do
+        local tasks, names, ended = {}, {}, {}
+        local function once(key) if ended[key] then twice[#twice + 1] = key end; ended[key] = true end
+        for i = 1, R(3, 10) do
+          local name = "n" .. i
+          local node, kind = {}, R(6)
+          if kind <= 2 or kind == 6 then node.run = function() return body(name) end end
+          if kind == 2 then node.timeout = R(2, 6) end
+          if kind == 2 or kind == 6 then node.retry = { max_attempts = 2, base = 1 } end
+          if kind == 3 or kind == 4 then
+            node.run, node.each, node.concurrency = items, function(x) return body(name .. "." .. x) end, R(1, 3)
+          end
+          if kind == 4 then node.timeout = R(2, 6); if R(2) == 1 then node.retry = { max_attempts = 2, base = 1 } end end
+          if kind == 5 then node.flow = inner end
+          if R(3) == 1 then node.exit_on_error = true end
+          if #names > 0 and R(3) > 1 then node.after = { names[R(#names)] } end
+          tasks[name], names[#names + 1] = node, name
+        end
+        local f = tide.flow{ name = "random" .. r, tasks = tasks, fail = R(2) == 1 and "continue" or "stop",
+                             timeout = R(4) == 1 and R(3, 20) or nil,
+                             on = { task_retry = function() end,
+                                    task_done = function(ev) once(ev.task) end,
+                                    task_error = function(ev) once(ev.task) end,
+                                    task_timeout = function(ev) once(ev.task) end,
+                                    child_done = function(ev) once(ev.task .. "#" .. ev.index) end } }
+        local h = f:start()
+        if R(4) == 1 then tide.sleep(R(0, 6)); h:cancel("from outside") end
+        local s, rep = h:await()
+        statuses[s] = true
+        for name, e in pairs(rep.tasks) do
+          local msg = tostring(e.error or e.reason or "")
+          if msg:find("attempt to", 1, true) then broken[#broken + 1] = name .. ": " .. msg end
+        end
+      end
+      tide.sleep(20)
+    end)
+    local where = " (SPEC_SEED=" .. seed .. ")"
+    assert.same({}, twice, "a node or child ended twice" .. where .. " " .. table.concat(twice, " "))
+    assert.same({}, broken, "the engine failed on a dropped field" .. where)
+    local terminal = { ok = true, error = true, timeout = true, cancelled = true }
+    for _, t in ipairs(kept) do assert.is_true(terminal[t:status()], t:status() .. where) end
+    for s in pairs(statuses) do assert.is_true(s == "ok" or s == "error" or s == "cancelled" or s == "timeout", s .. where) end
+    assert.equal(0, tide.stats().callback_errors - errors_before, "errors in callbacks" .. where)
+  end)
+
   describe("tables made per node", function()
     local function keys(t)
       local ks = {}
