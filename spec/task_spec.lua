@@ -386,4 +386,69 @@ describe("tide.spawn", function()
       end)
     end)
   end)
+
+  -- An attack on the door and the list of live tasks (13764bf: a finished
+  -- task leaves the list at once when it is the youngest, compaction runs
+  -- at a task's end, and its function and arguments go): random tasks that
+  -- raise (one with an error whose __tostring cancels its own task), wait,
+  -- retry, time out, spawn more, cancel or await others (some stall for
+  -- ever), cancel themselves from a nested coroutine, and handle_result
+  -- callbacks that cancel and spawn; the run then stalls or shuts down.
+  -- Every task must reach exactly one outcome, and none be left live.
+  for _, ending in ipairs{ "stall", "shutdown" } do
+    it("gives every task exactly one outcome among random tasks that end each other (then " .. ending .. ")", function()
+      local seed = tonumber(os.getenv("SPEC_SEED")) or os.time()
+      math.randomseed(seed)
+      local R = math.random
+      local outcomes, all = {}, {}
+      local spawn
+      local function body(depth)
+        local r = R(14)
+        if r == 1 then error("boom")
+        elseif r == 2 then tide.sleep(R(0, 5))
+        elseif r == 3 and depth < 3 then for _ = 1, R(1, 4) do spawn(depth + 1) end
+        elseif r == 4 then local t = all[R(#all)]; if t then t:cancel("random") end
+        elseif r == 5 then local t = all[R(#all)]; if t then t:await(R(0, 3)) end
+        elseif r == 6 then coroutine.wrap(function() tide.current():cancel("nested") end)(); tide.sleep(1)
+        elseif r == 7 then tide.sleep(R(1, 3)); coroutine.yield()
+        elseif r == 8 then local t = all[R(#all)]; if t then t:await() end   -- may stall for ever
+        elseif r == 9 then
+          local me = tide.current()
+          error(setmetatable({}, { __tostring = function()
+            if me:status() == "running" then me:cancel("from __tostring") end
+            return "x"
+          end }))
+        end
+        return depth
+      end
+      function spawn(depth)
+        local spec = { run = body, args = { depth } }
+        if R(3) == 1 then spec.retry = { max_attempts = R(1, 3), base = 1 } end
+        if R(4) == 1 then spec.timeout = R(1, 6) end
+        spec.handle_result = function(_, _, t)
+          outcomes[t] = (outcomes[t] or 0) + 1
+          if R(6) == 1 then local o = all[R(#all)]; if o then o:cancel("from handle_result") end end
+          if R(8) == 1 and depth < 3 then spawn(depth + 1) end
+        end
+        local ok, t = pcall(tide.spawn, spec)            -- (refused once the run is over)
+        if ok then all[#all + 1] = t end
+      end
+      tide.run(function()
+        for _ = 1, 300 do spawn(0); if R(20) == 1 then tide.sleep(R(0, 2)) end end
+        if ending == "shutdown" then tide.sleep(R(1, 5)); tide.shutdown(R(0, 5)) end
+        tide.sleep(R(0, 5))
+      end)
+      local where = " (SPEC_SEED=" .. seed .. ")"
+      local terminal, missing, twice = { ok = true, error = true, timeout = true, cancelled = true }, 0, 0
+      for _, t in ipairs(all) do
+        local n = outcomes[t] or 0
+        if n == 0 then missing = missing + 1 elseif n > 1 then twice = twice + 1 end
+        assert.is_true(terminal[t:status()], t:status() .. where)
+      end
+      assert.is_true(#all > 300, #all .. " tasks" .. where)
+      assert.equal(0, missing, "tasks without an outcome" .. where)
+      assert.equal(0, twice, "tasks with two outcomes or more" .. where)
+      assert.equal(0, tide.stats().live, "tasks left live" .. where)
+    end)
+  end
 end)
