@@ -392,18 +392,19 @@ describe("tide.spawn", function()
   -- at a task's end, and its function and arguments go): random tasks that
   -- raise (one with an error whose __tostring cancels its own task), wait,
   -- retry, time out, spawn more, cancel or await others (some stall for
-  -- ever), cancel themselves from a nested coroutine, and handle_result
-  -- callbacks that cancel and spawn; the run then stalls or shuts down.
+  -- ever), cancel themselves from a nested coroutine, leave finalizers that
+  -- cancel and spawn at any allocation, and handle_result callbacks that
+  -- cancel and spawn; the run then stalls or shuts down.
   -- Every task must reach exactly one outcome, and none be left live.
   for _, ending in ipairs{ "stall", "shutdown" } do
     it("gives every task exactly one outcome among random tasks that end each other (then " .. ending .. ")", function()
       local seed = tonumber(os.getenv("SPEC_SEED")) or os.time()
       math.randomseed(seed)
       local R = math.random
-      local outcomes, all = {}, {}
+      local outcomes, all, over = {}, {}, false
       local spawn
       local function body(depth)
-        local r = R(14)
+        local r = R(16)
         if r == 1 then error("boom")
         elseif r == 2 then tide.sleep(R(0, 5))
         elseif r == 3 and depth < 3 then for _ = 1, R(1, 4) do spawn(depth + 1) end
@@ -411,6 +412,15 @@ describe("tide.spawn", function()
         elseif r == 5 then local t = all[R(#all)]; if t then t:await(R(0, 3)) end
         elseif r == 6 then coroutine.wrap(function() tide.current():cancel("nested") end)(); tide.sleep(1)
         elseif r == 7 then tide.sleep(R(1, 3)); coroutine.yield()
+        elseif r == 10 or r == 11 then                  -- a finalizer that cancels and spawns, at any allocation
+          local p = newproxy(true)
+          getmetatable(p).__gc = function()
+            if over then return end
+            local o = all[R(#all)]; if o then o:cancel("from a finalizer") end
+            if R(3) == 1 then spawn(depth + 1) end
+          end
+          p = nil
+          if r == 11 then collectgarbage("step", 0) end
         elseif r == 8 then local t = all[R(#all)]; if t then t:await() end   -- may stall for ever
         elseif r == 9 then
           local me = tide.current()
@@ -438,6 +448,7 @@ describe("tide.spawn", function()
         if ending == "shutdown" then tide.sleep(R(1, 5)); tide.shutdown(R(0, 5)) end
         tide.sleep(R(0, 5))
       end)
+      over = true                                       -- (a task spawned now would wait for the next run)
       local where = " (SPEC_SEED=" .. seed .. ")"
       local terminal, missing, twice = { ok = true, error = true, timeout = true, cancelled = true }, 0, 0
       for _, t in ipairs(all) do
