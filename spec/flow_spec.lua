@@ -767,6 +767,40 @@ describe("tide.flow", function()
     end)
   end
 
+  -- A node (or child) of a thread or process mode is spawned through the
+  -- task specs, which start the task at once; its flow hooks were added
+  -- after.  Started during a shutdown's grace (its dependency ended then),
+  -- the task ended at once, before it had them: the node never ended, nor
+  -- its run (no flow_done; the caller's await waited until the grace ran out).
+  for _, mode in ipairs{ "thread", "process" } do
+    it("ends the run when a " .. mode .. "-mode node starts during a shutdown's grace", function()
+      local flow_done, awaited
+      local status = tide.run(function()
+        local f = tide.flow{ name = "grace", tasks = {
+          a = { run = function() tide.sleep(20) return 1 end, timeout = 5000 },
+          b = { after = { "a" }, mode = mode, run = function() return 2 end },
+          c = { after = { "a" }, mode = mode, items = function() return { 1, 2 } end, each = function(x) return x end },
+        }, on = { flow_done = function(ev) flow_done = ev.status end } }
+        local h = f:start()
+        tide.sleep(5)
+        tide.shutdown(5000)
+        local t0 = tide.now()
+        awaited = { h:await() }
+        awaited.ms = tide.now() - t0
+      end)
+      assert.equal("ok", status)
+      assert.equal("cancelled", flow_done)
+      assert.equal("cancelled", awaited[1])
+      assert.is_true(awaited.ms < 2000, awaited.ms .. " ms")
+      assert.equal("cancelled", awaited[2].tasks.b.status)
+      -- c, when it started before b stopped the run: its children are
+      -- cancelled, which fails no fan-out (as for coroutine-mode children)
+      local c = awaited[2].tasks.c
+      assert.is_true(c.status == "cancelled" or c.status == "ok" and c.children.cancelled == 2, c.status)
+      if c.children then assert.equal(0, c.children.running) end
+    end)
+  end
+
   -- A simple child that cancels its crew member from a nested coroutine
   -- goes on running (the member stops at its next wait); the member's end
   -- gives the child its outcome (cancelled), and the member, once the
