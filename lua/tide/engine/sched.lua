@@ -494,10 +494,7 @@ end
 S.finish = finish
 
 --- An attempt ended with `status`: retry when the policy says so, else finish.
---- A task that ended meanwhile stays ended: what runs between an attempt's
---- end and its settling (an error's __tostring, a finalizer run by an
---- allocation) may have finished it, and a retry would take it out of its
---- terminal state and give it a second outcome.
+--- A task ended meanwhile (by its error's __tostring, a finalizer) stays so.
 function settle(t, status, ...)
   if TERMINAL[t[STATE]] then return end
   local o = t[OPT]
@@ -645,12 +642,9 @@ local function after_resume(co, ok, first, ms)
   end
   if t[CO] ~= co then return end            -- it ended while it ran
   local tb
-  if getmetatable(err) == Traced_mt then
-    tb, err = err.traceback, err.value
-  else
-    tb = traceback(co, safe_tostring(err))  -- runs the error's __tostring: it may end t
-    if t[CO] ~= co then return end
-  end
+  if getmetatable(err) == Traced_mt then tb, err = err.traceback, err.value
+  else tb = traceback(co, safe_tostring(err)) end   -- runs the error's __tostring: it may end t
+  if t[CO] ~= co then return end
   t.traceback = tb
   return settle(t, "error", err)
 end
