@@ -732,6 +732,174 @@ describe("tide.flow", function()
     end)
   end
 
+  -- A handle kept (tide.current() inside a node or a child) is a finished
+  -- task held for long: its options must not keep the run either.  A
+  -- child's task kept its fan_done (a closure over the run), a node's
+  -- task its on_retry (the flow's task_retry hook, a closure over the run).
+  for _, shape in ipairs{ "fan-out children as tasks", "a task per node, with a task_retry hook" } do
+    it("keeps none of the earlier runs when the handles of their finished tasks are kept (" .. shape .. ")", function()
+      run(function()
+        local kept, tasks, on = {}, nil, nil
+        if shape == "fan-out children as tasks" then
+          tasks = { list = { run = function() local xs = {} for i = 1, 2000 do xs[i] = i end return xs end },
+                    each = { after = { "list" }, items = function(ctx) return ctx.results.list end, timeout = 60000,
+                             each = function(x) if x == 1 then kept[#kept + 1] = tide.current() end return { x } end,
+                             concurrency = 4 } }
+        else
+          tasks, on = {}, { task_retry = function() end }
+          for i = 1, 500 do
+            tasks["n" .. i] = { run = function() if i == 1 then kept[#kept + 1] = tide.current() end return { i } end,
+                                after = i > 1 and { "n" .. (i - 1) } or nil, retry = { max_attempts = 2 } }
+          end
+        end
+        local f = tide.flow{ name = "kept", tasks = tasks, on = on }
+        local function heap() collectgarbage(); collectgarbage(); return collectgarbage("count") end
+        for _ = 1, 4 do assert.equal("ok", (f:run())) end
+        local before, most = heap(), 0
+        for r = 1, 40 do
+          assert.equal("ok", (f:run()))
+          if r % 4 == 0 then most = math.max(most, heap()) end
+        end
+        assert.equal(44, #kept)
+        -- a run is ~200 KB; 40 handles without their runs are ~20 KB
+        assert.is_true(most - before < 1024, ("the heap grew by up to %.0f KB over 40 runs"):format(most - before))
+      end)
+    end)
+  end
+
+  -- A node (or child) of a thread or process mode is spawned through the
+  -- task specs, which start the task at once; its flow hooks were added
+  -- after.  Started during a shutdown's grace (its dependency ended then),
+  -- the task ended at once, before it had them: the node never ended, nor
+  -- its run (no flow_done; the caller's await waited until the grace ran out).
+  for _, mode in ipairs{ "thread", "process" } do
+    it("ends the run when a " .. mode .. "-mode node starts during a shutdown's grace", function()
+      local flow_done, awaited
+      local status = tide.run(function()
+        local f = tide.flow{ name = "grace", tasks = {
+          a = { run = function() tide.sleep(20) return 1 end, timeout = 5000 },
+          b = { after = { "a" }, mode = mode, run = function() return 2 end },
+          c = { after = { "a" }, mode = mode, items = function() return { 1, 2 } end, each = function(x) return x end },
+        }, on = { flow_done = function(ev) flow_done = ev.status end } }
+        local h = f:start()
+        tide.sleep(5)
+        tide.shutdown(5000)
+        local t0 = tide.now()
+        awaited = { h:await() }
+        awaited.ms = tide.now() - t0
+      end)
+      assert.equal("ok", status)
+      assert.equal("cancelled", flow_done)
+      assert.equal("cancelled", awaited[1])
+      assert.is_true(awaited.ms < 2000, awaited.ms .. " ms")
+      assert.equal("cancelled", awaited[2].tasks.b.status)
+      -- c, when it started before b stopped the run: its children are
+      -- cancelled, which fails no fan-out (as for coroutine-mode children)
+      local c = awaited[2].tasks.c
+      assert.is_true(c.status == "cancelled" or c.status == "ok" and c.children.cancelled == 2, c.status)
+      if c.children then assert.equal(0, c.children.running) end
+    end)
+  end
+
+  -- A simple child that cancels its crew member from a nested coroutine
+  -- goes on running (the member stops at its next wait); the member's end
+  -- gives the child its outcome (cancelled), and the member, once the
+  -- child's code returned, gave it a second one (ok): 4 outcomes of 3
+  -- children, running -1.
+  it("ends a child once when it cancels its crew member from a nested coroutine", function()
+    local ends, status, rep = {}, nil, nil
+    run(function()
+      local f = tide.flow{ name = "crew", tasks = {
+        list = { run = function() return { 1, 2, 3 } end },
+        each = { after = { "list" }, items = function(ctx) return ctx.results.list end, concurrency = 1,
+                 each = function(x)
+                   if x == 2 then coroutine.wrap(function() tide.current():cancel("by itself") end)() end
+                   return x
+                 end } },
+        on = { child_done = function(ev) ends[#ends + 1] = ev.index .. " " .. ev.status end } }
+      status, rep = f:run()
+    end)
+    assert.same({ "1 ok", "2 cancelled", "3 ok" }, ends)     -- as children run as tasks end
+    assert.equal("ok", status)
+    local each = rep.tasks.each
+    assert.same({ total = 3, ok = 2, cancelled = 1, error = 0, timeout = 0, running = 0 }, each.children)
+    assert.same({ 1, nil, 3 }, each.value)
+  end)
+
+  -- Attacks the hooks that let go of a run at a task's end (workers,
+  -- crews, node tasks, children as tasks): random flows whose nodes and
+  -- children raise, wait, time out, retry, nest a flow, cancel their own
+  -- task (directly or from a nested coroutine) or keep its handle, while
+  -- the run is cancelled from outside or times out.  Every node and child
+  -- ends once, every kept handle is finished, and nothing in the engine or
+  -- the flow fails on a field dropped at a task's end.
+  it("ends every node and child once in random flows that fail, retry, time out and are cancelled", function()
+    local seed = tonumber(os.getenv("SPEC_SEED")) or os.time()
+    math.randomseed(seed)
+    local R = math.random
+    local kept, broken, twice, statuses = {}, {}, {}, {}
+    local errors_before = tide.stats().callback_errors
+    local inner = tide.flow{ name = "inner", tasks = {
+      a = { run = function() tide.sleep(R(0, 3)); if R(4) == 1 then error("inner fails", 0) end return 1 end },
+      b = { after = { "a" }, run = function() return 2 end, timeout = 5 } } }
+    local function body(tag)
+      local r = R(12)
+      if r == 1 then error("boom " .. tag, 0)
+      elseif r == 2 then kept[#kept + 1] = tide.current()
+      elseif r == 3 then tide.sleep(R(0, 8))
+      elseif r == 4 then coroutine.wrap(function() tide.current():cancel("nested " .. tag) end)()
+      elseif r == 5 then tide.current():cancel("self " .. tag)
+      elseif r == 6 then local h = tide.current(); tide.sleep(R(0, 3)); kept[#kept + 1] = h
+      end
+      return { tag }
+    end
+    local function items() return { 1, 2, 3, 4, 5 } end
+    run(function()
+      for r = 1, 60 do
+        local tasks, names, ended = {}, {}, {}
+        local function once(key) if ended[key] then twice[#twice + 1] = key end; ended[key] = true end
+        for i = 1, R(3, 10) do
+          local name = "n" .. i
+          local node, kind = {}, R(6)
+          if kind <= 2 or kind == 6 then node.run = function() return body(name) end end
+          if kind == 2 then node.timeout = R(2, 6) end
+          if kind == 2 or kind == 6 then node.retry = { max_attempts = 2, base = 1 } end
+          if kind == 3 or kind == 4 then
+            node.run, node.each, node.concurrency = items, function(x) return body(name .. "." .. x) end, R(1, 3)
+          end
+          if kind == 4 then node.timeout = R(2, 6); if R(2) == 1 then node.retry = { max_attempts = 2, base = 1 } end end
+          if kind == 5 then node.flow = inner end
+          if R(3) == 1 then node.exit_on_error = true end
+          if #names > 0 and R(3) > 1 then node.after = { names[R(#names)] } end
+          tasks[name], names[#names + 1] = node, name
+        end
+        local f = tide.flow{ name = "random" .. r, tasks = tasks, fail = R(2) == 1 and "continue" or "stop",
+                             timeout = R(4) == 1 and R(3, 20) or nil,
+                             on = { task_retry = function() end,
+                                    task_done = function(ev) once(ev.task) end,
+                                    task_error = function(ev) once(ev.task) end,
+                                    task_timeout = function(ev) once(ev.task) end,
+                                    child_done = function(ev) once(ev.task .. "#" .. ev.index) end } }
+        local h = f:start()
+        if R(4) == 1 then tide.sleep(R(0, 6)); h:cancel("from outside") end
+        local s, rep = h:await()
+        statuses[s] = true
+        for name, e in pairs(rep.tasks) do
+          local msg = tostring(e.error or e.reason or "")
+          if msg:find("attempt to", 1, true) then broken[#broken + 1] = name .. ": " .. msg end
+        end
+      end
+      tide.sleep(20)
+    end)
+    local where = " (SPEC_SEED=" .. seed .. ")"
+    assert.same({}, twice, "a node or child ended twice" .. where .. " " .. table.concat(twice, " "))
+    assert.same({}, broken, "the engine failed on a dropped field" .. where)
+    local terminal = { ok = true, error = true, timeout = true, cancelled = true }
+    for _, t in ipairs(kept) do assert.is_true(terminal[t:status()], t:status() .. where) end
+    for s in pairs(statuses) do assert.is_true(s == "ok" or s == "error" or s == "cancelled" or s == "timeout", s .. where) end
+    assert.equal(0, tide.stats().callback_errors - errors_before, "errors in callbacks" .. where)
+  end)
+
   describe("tables made per node", function()
     local function keys(t)
       local ks = {}

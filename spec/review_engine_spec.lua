@@ -144,4 +144,29 @@ describe("review: tide.flow", function()
     assert.matches("flow\tok", out)
     assert.matches("running now: [^\n]*etl/parse", out)
   end)
+
+  -- A node that cancels its worker from a nested coroutine goes on running
+  -- (the worker stops at its next wait): the stall is still that node's.
+  -- The worker's end drops its run (so that a finished task keeps none
+  -- alive), and the watchdog's describe then failed on it, naming only the worker.
+  it("has the watchdog name the simple node that holds the loop after it cancelled its own worker", function()
+    local path = H.write_file(dir, "spin_cancelled_node.lua", [[
+      local tide = require "tide"
+      tide.configure{ watchdog = 300 }
+      local function spin(ms)          -- interpreted: the hook reaches it
+        local t0 = tide.now()
+        while tide.now() - t0 < ms do end
+      end
+      jit.off(spin)
+      local f = tide.flow{ name = "etl", tasks = { parse = { run = function()
+        coroutine.wrap(function() tide.current():cancel("by itself") end)()
+        spin(1500)
+        return 1
+      end } } }
+      print("flow", (f:run()))
+    ]])
+    local _, out = H.sh("timeout 60 " .. H.build .. "/tide run " .. path)
+    assert.matches("flow\tcancelled", out)
+    assert.matches("running now: 'etl/parse' %(on task %d+ 'flow etl worker'%)", out)
+  end)
 end)

@@ -314,6 +314,30 @@ describe("tide.spawn", function()
                  function() t:await() end)
   end)
 
+  -- An attempt that raised is settled after its traceback is taken, and
+  -- taking it runs the error's __tostring: user code, which may end the
+  -- task.  With a retry policy, the settle put the cancelled task back to
+  -- "retrying": it ran again (its function gone since it ended, or before
+  -- that, its body again) and reached a second and third outcome.
+  it("delivers exactly one outcome when the error's __tostring cancels the task before its retry", function()
+    local outcomes, runs, t = {}, 0, nil
+    local err = setmetatable({}, { __tostring = function()
+      if t:status() == "running" then t:cancel("from __tostring") end
+      return "boom"
+    end })
+    H.run(function()
+      t = tide.spawn{ run = function() runs = runs + 1; error(err) end,
+                      retry = { max_attempts = 3, base = 1 },
+                      handle_result = function(status, value) outcomes[#outcomes + 1] = { status, value } end }
+      tide.sleep(30)
+      assert.equal(1, tide.stats().live)              -- this one only
+    end)
+    assert.same({ { "cancelled", "from __tostring" } }, outcomes)
+    assert.equal(1, runs)
+    assert.same({ "cancelled", "from __tostring" }, { t:status(), t.value })
+    assert.is_nil(t.traceback)
+  end)
+
   -- The engine lists every task that may be live (for a shutdown); a
   -- finished task left on that list kept whatever it referenced (its
   -- function, arguments and value) until 1,024 more tasks were spawned:
@@ -362,4 +386,80 @@ describe("tide.spawn", function()
       end)
     end)
   end)
+
+  -- An attack on the door and the list of live tasks (13764bf: a finished
+  -- task leaves the list at once when it is the youngest, compaction runs
+  -- at a task's end, and its function and arguments go): random tasks that
+  -- raise (one with an error whose __tostring cancels its own task), wait,
+  -- retry, time out, spawn more, cancel or await others (some stall for
+  -- ever), cancel themselves from a nested coroutine, leave finalizers that
+  -- cancel and spawn at any allocation, and handle_result callbacks that
+  -- cancel and spawn; the run then stalls or shuts down.
+  -- Every task must reach exactly one outcome, and none be left live.
+  for _, ending in ipairs{ "stall", "shutdown" } do
+    it("gives every task exactly one outcome among random tasks that end each other (then " .. ending .. ")", function()
+      local seed = tonumber(os.getenv("SPEC_SEED")) or os.time()
+      math.randomseed(seed)
+      local R = math.random
+      local outcomes, all, over = {}, {}, false
+      local spawn
+      local function body(depth)
+        local r = R(16)
+        if r == 1 then error("boom")
+        elseif r == 2 then tide.sleep(R(0, 5))
+        elseif r == 3 and depth < 3 then for _ = 1, R(1, 4) do spawn(depth + 1) end
+        elseif r == 4 then local t = all[R(#all)]; if t then t:cancel("random") end
+        elseif r == 5 then local t = all[R(#all)]; if t then t:await(R(0, 3)) end
+        elseif r == 6 then coroutine.wrap(function() tide.current():cancel("nested") end)(); tide.sleep(1)
+        elseif r == 7 then tide.sleep(R(1, 3)); coroutine.yield()
+        elseif r == 10 or r == 11 then                  -- a finalizer that cancels and spawns, at any allocation
+          local p = newproxy(true)
+          getmetatable(p).__gc = function()
+            if over then return end
+            local o = all[R(#all)]; if o then o:cancel("from a finalizer") end
+            if R(3) == 1 then spawn(depth + 1) end
+          end
+          p = nil
+          if r == 11 then collectgarbage("step", 0) end
+        elseif r == 8 then local t = all[R(#all)]; if t then t:await() end   -- may stall for ever
+        elseif r == 9 then
+          local me = tide.current()
+          error(setmetatable({}, { __tostring = function()
+            if me:status() == "running" then me:cancel("from __tostring") end
+            return "x"
+          end }))
+        end
+        return depth
+      end
+      function spawn(depth)
+        local spec = { run = body, args = { depth } }
+        if R(3) == 1 then spec.retry = { max_attempts = R(1, 3), base = 1 } end
+        if R(4) == 1 then spec.timeout = R(1, 6) end
+        spec.handle_result = function(_, _, t)
+          outcomes[t] = (outcomes[t] or 0) + 1
+          if R(6) == 1 then local o = all[R(#all)]; if o then o:cancel("from handle_result") end end
+          if R(8) == 1 and depth < 3 then spawn(depth + 1) end
+        end
+        local ok, t = pcall(tide.spawn, spec)            -- (refused once the run is over)
+        if ok then all[#all + 1] = t end
+      end
+      tide.run(function()
+        for _ = 1, 300 do spawn(0); if R(20) == 1 then tide.sleep(R(0, 2)) end end
+        if ending == "shutdown" then tide.sleep(R(1, 5)); tide.shutdown(R(0, 5)) end
+        tide.sleep(R(0, 5))
+      end)
+      over = true                                       -- (a task spawned now would wait for the next run)
+      local where = " (SPEC_SEED=" .. seed .. ")"
+      local terminal, missing, twice = { ok = true, error = true, timeout = true, cancelled = true }, 0, 0
+      for _, t in ipairs(all) do
+        local n = outcomes[t] or 0
+        if n == 0 then missing = missing + 1 elseif n > 1 then twice = twice + 1 end
+        assert.is_true(terminal[t:status()], t:status() .. where)
+      end
+      assert.is_true(#all > 300, #all .. " tasks" .. where)
+      assert.equal(0, missing, "tasks without an outcome" .. where)
+      assert.equal(0, twice, "tasks with two outcomes or more" .. where)
+      assert.equal(0, tide.stats().live, "tasks left live" .. where)
+    end)
+  end
 end)

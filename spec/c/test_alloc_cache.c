@@ -588,6 +588,51 @@ static void anchors_decay(void) {
   close_clean(L, &h, "every block is back at close");
 }
 
+/* The cap changed by the tasks of a burst themselves, while their
+ * neighbours' blocks are freed and anchors are taken: every change leaves
+ * what is kept within the new cap and the anchors within its share (cap /
+ * 64 KiB), and at close every block, anchors included, is back with its
+ * own size. */
+static void anchors_under_cap_changes(void) {
+  host h = { 0 };
+  lua_State *L = open_default(&h);
+  ok(run(L,
+    "math.randomseed(11)\n"
+    "local caps = { 0, 65536, 3 * 65536, 1048576, 64 * 1048576 }\n"
+    "BAD = nil\n"
+    "for round = 1, 3 do\n"
+    "  local status = tide.run(function()\n"
+    "    local ts = {}\n"
+    "    for i = 1, 60000 do\n"
+    "      ts[i] = tide.spawn(function()\n"
+    "        if i % 997 == 0 then\n"
+    "          local cap = caps[math.random(#caps)]\n"
+    "          tide.configure{ alloc_cache = cap }\n"
+    "          local s = tide.stats().alloc_cache\n"
+    "          if s.kept > cap or s.anchors > math.floor(cap / 65536) then\n"
+    "            BAD = ('cap %d: %d kept, %d anchors'):format(cap, s.kept, s.anchors)\n"
+    "          end\n"
+    "        end\n"
+    "        return i\n"
+    "      end)\n"
+    "      if i % 5000 == 0 then ts = {}; collectgarbage() end\n"
+    "    end\n"
+    "  end)\n"
+    "  assert(status == 'ok', status)\n"
+    "  collectgarbage()\n"
+    "end\n"), "three bursts whose tasks change the cap");
+  lua_getglobal(L, "BAD");
+  ok(lua_isnil(L, -1), "every change leaves the kept blocks and the anchors within the cap (%s)",
+     lua_isnil(L, -1) ? "so they were" : lua_tostring(L, -1));
+  lua_pop(L, 1);
+  size_t kept, cap;
+  unsigned long long hits;
+  stats(L, &kept, &cap, &hits);
+  ok(kept <= cap && tide__alloc_cache_anchors(L) <= cap >> 16, "... and after (%zu kept, %zu anchors, cap %zu)",
+     kept, tide__alloc_cache_anchors(L), cap);
+  close_clean(L, &h, "every block is back at close, anchors included");
+}
+
 /* Every way LuaJIT allocates and frees (ffi cdata of fixed, variable and
  * large alignment, finalized cdata, long strings, string.buffer, deep
  * coroutine stacks, the string table and a hash part growing and
@@ -744,6 +789,7 @@ int main(void) {
   kept_blocks_yield_to_a_limit();
   anchors_hold_windows();
   anchors_decay();
+  anchors_under_cap_changes();
   luajit_sizes();
   finalizers_at_close();
   host_restores_allocator();

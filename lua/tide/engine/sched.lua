@@ -480,9 +480,13 @@ local function finish(t, status, ...)
   end
   -- What only its attempts needed goes (a finished task may stay on
   -- `live` for a while, and its caller may keep its handle for long): its
-  -- function and arguments, and what they hold.
+  -- function, arguments and on_retry hook, and what they hold (a flow's
+  -- task_retry hook is a closure over its run).
   t[FN] = false
-  if o and o.args and not o.shared then o.args = false end
+  if o and not o.shared then
+    if o.args then o.args = false end
+    if o.on_retry then o.on_retry = false end
+  end
   if nlive == 0 and shutdown.shutting then shutdown.end_grace() end
   finishing = finishing - 1
   return true
@@ -490,7 +494,9 @@ end
 S.finish = finish
 
 --- An attempt ended with `status`: retry when the policy says so, else finish.
+--- A task ended meanwhile (by its error's __tostring, a finalizer) stays so.
 function settle(t, status, ...)
+  if TERMINAL[t[STATE]] then return end
   local o = t[OPT]
   local p = o and o.retry
   if p and p.on[status] and t[ATTEMPTS] < p.attempts and not shutdown.shutting then
@@ -635,11 +641,11 @@ local function after_resume(co, ok, first, ms)
     return log.report("tide's engine (an error raised inside a task's end, as by a __gc finalizer)", err, err)
   end
   if t[CO] ~= co then return end            -- it ended while it ran
-  if getmetatable(err) == Traced_mt then
-    t.traceback, err = err.traceback, err.value
-  else
-    t.traceback = traceback(co, safe_tostring(err))
-  end
+  local tb
+  if getmetatable(err) == Traced_mt then tb, err = err.traceback, err.value
+  else tb = traceback(co, safe_tostring(err)) end   -- runs the error's __tostring: it may end t
+  if t[CO] ~= co then return end
+  t.traceback = tb
   return settle(t, "error", err)
 end
 

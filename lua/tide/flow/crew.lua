@@ -60,6 +60,7 @@ local function member(fan)
       counts.running = counts.running + 1
       kids[k], o.fan_index = me, k
       local ok, value = pcall(each, items[k], ctx)
+      if kids[k] ~= me then return end                -- ended while it ran (cancelled): member_ended gave k its outcome
       o.fan_index = false
       fan.child_done(k, ok and "ok" or "error", value)
       if o.seen then return end                       -- its handle went out inside that child: retire

@@ -143,13 +143,18 @@ end
 --- the spawn of task specs, which prepares what crosses to a thread.
 local function spawn(node, name, fn, opt)
   if node.mode == "thread" or node.mode == "process" then
-    local t = task.spawn{ run = fn, args = opt.args, mode = node.mode, timeout = opt.timeout, retry = node.retry,
-                          name = name, handle_result = opt.handle_result, on_retry = opt.on_retry }
+    -- Made pending, given the flow's options and hooks, then started: a
+    -- task started at once (task.spawn) during a shutdown ends at once,
+    -- before it had its on_finish, and its node (and run) never would.
+    local t = task.make_task("tide.spawn", "coroutine", { run = fn, args = opt.args, mode = node.mode,
+      timeout = opt.timeout, retry = node.retry, name = name, handle_result = opt.handle_result,
+      on_retry = opt.on_retry })
     local o = S.options(t)
     for k, v in pairs(opt) do
       if k == "on_finish" then S.on_finish(t, v)
       elseif o[k] == nil then o[k] = v end                             -- flow_run, fan_index, ...
     end
+    S.start(t)
     return t
   end
   opt.name = name
@@ -354,7 +359,9 @@ end
 -- options, so no closure is made per task).
 local function child_finished(t)
   local o = S.options(t)
-  o.fan_done(o.fan_index, S.state(t), t[fields.VALUE])
+  local done = o.fan_done
+  o.fan_done = false                         -- a finished task keeps no run alive (a closure over it)
+  done(o.fan_index, S.state(t), t[fields.VALUE])
 end
 
 --- Runs node i's children over `items`, at most `concurrency` at once; the

@@ -50,10 +50,14 @@ local POLL_EVERY = 1000
 --- What a worker runs now, for the watchdog's "running now": the name of
 --- the node in its hands ("flow/node", as its own task would be named), or
 --- nil between nodes.  Asked only when a stall is reported: no cost per node.
+--- A worker that ended inside a node's code (cancelled from a nested
+--- coroutine, it runs on until its next wait) no longer holds its run: its
+--- end left the node's name (o.flow_node).
 local function worker_doing(t)
   local o = S.options(t)
-  local i = o.flow_index
-  if i then return task_name(o.flow_run.flow, o.flow_run.flow.list[i]) end
+  local i, run = o.flow_index, o.flow_run
+  if i and run then return task_name(run.flow, run.flow.list[i]) end
+  if i then return o.flow_node end
 end
 
 local function worker_ended(t)
@@ -68,6 +72,7 @@ local function worker_ended(t)
   elseif not run.stopping and not run.done and S.state(t) ~= "ok" then
     stop_run(run, "cancelled", ("flow '%s' stopped: its worker was %s"):format(run.flow.name, S.state(t)))
   end
+  if i then o.flow_node = task_name(run.flow, run.flow.list[i]) end   -- for worker_doing
   o.flow_run = false                         -- a finished task keeps no run alive
 end
 
