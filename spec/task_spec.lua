@@ -366,7 +366,7 @@ describe("tide.spawn", function()
       end)
     end)
 
-    it("is let go once the finished tasks behind a live one outnumber the live ones", function()
+    it("is let go at the next spawns once the finished tasks behind a live one outnumber the live ones", function()
       local weak = setmetatable({}, { __mode = "v" })
       H.run(function()
         tide.spawn(function() local v = big(); weak.value = v; return v end)
@@ -379,8 +379,9 @@ describe("tide.spawn", function()
         local last = tide.spawn(function() tide.sleep(50) end)   -- so they end behind a live task too
         for i = 1, 200 do ts[i]:await() end
         ts = nil
+        tide.spawn(function() end)                    -- a spawn compacts the list
         collectgarbage(); collectgarbage()
-        assert.is_nil(weak.value, "its value kept after 200 more tasks ended")
+        assert.is_nil(weak.value, "its value kept after 200 more tasks ended and a spawn")
         younger:await()
         last:await()
       end)
@@ -388,8 +389,8 @@ describe("tide.spawn", function()
   end)
 
   -- An attack on the door and the list of live tasks (13764bf: a finished
-  -- task leaves the list at once when it is the youngest, compaction runs
-  -- at a task's end, and its function and arguments go): random tasks that
+  -- task leaves the list at once when it is the youngest, the list is
+  -- compacted at spawns, and a task's function and arguments go at its end): random tasks that
   -- raise (one with an error whose __tostring cancels its own task), wait,
   -- retry, time out, spawn more, cancel or await others (some stall for
   -- ever), cancel themselves from a nested coroutine, leave finalizers that
