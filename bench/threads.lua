@@ -68,16 +68,8 @@ tide.run(function()
 end)
 
 -- 3. the codec against lua-cjson on a ~1 MB nested table
-local function make_table()
-  local t = {}
-  for i = 1, 6000 do
-    t[i] = { id = i, name = "user" .. i, email = "user" .. i .. "@example.com", score = i * 1.5,
-             active = i % 2 == 0, tags = { "alpha", "beta", "gamma" },
-             address = { street = i .. " Main Street", city = "Springfield", zip = 10000 + i } }
-  end
-  return { users = t, meta = { count = #t, source = "bench" } }
-end
-local data = make_table()
+package.path = "bench/lib/?.lua;" .. package.path
+local data = require("common").records()
 local bytes = #core.encode(data)
 local json_bytes = #cjson.encode(data)
 local R = 20

@@ -13,6 +13,19 @@ require("tide").configure{ watchdog = 30000 }
 
 H.build = build
 
+--- The start of a script whose code holds the loop: tide with a watchdog of
+--- 300 ms, and spin(ms), kept interpreted so that the watchdog's hook
+--- reaches it (watchdog_spec, review_engine_spec).
+H.SPIN_SCRIPT = [[
+      local tide = require "tide"
+      tide.configure{ watchdog = 300 }
+      local function spin(ms)          -- interpreted: the hook reaches it
+        local t0 = tide.now()
+        while tide.now() - t0 < ms do end
+      end
+      jit.off(spin)
+]]
+
 --- Asserts that fn(...) raises an error whose message ends with `msg`
 --- (the start is the caller's file:line).
 function H.error_like(msg, fn, ...)

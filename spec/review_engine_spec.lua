@@ -129,14 +129,7 @@ describe("review: tide.flow", function()
   end)
 
   it("has the watchdog name the simple node that holds the loop, not only the run's worker", function()
-    local path = H.write_file(dir, "spin_node.lua", [[
-      local tide = require "tide"
-      tide.configure{ watchdog = 300 }
-      local function spin(ms)          -- interpreted: the hook reaches it
-        local t0 = tide.now()
-        while tide.now() - t0 < ms do end
-      end
-      jit.off(spin)
+    local path = H.write_file(dir, "spin_node.lua", H.SPIN_SCRIPT .. [[
       local f = tide.flow{ name = "etl", tasks = { parse = { run = function() spin(1500) return 1 end } } }
       print("flow", (f:run()))
     ]])
@@ -150,14 +143,7 @@ describe("review: tide.flow", function()
   -- The worker's end drops its run (so that a finished task keeps none
   -- alive), and the watchdog's describe then failed on it, naming only the worker.
   it("has the watchdog name the simple node that holds the loop after it cancelled its own worker", function()
-    local path = H.write_file(dir, "spin_cancelled_node.lua", [[
-      local tide = require "tide"
-      tide.configure{ watchdog = 300 }
-      local function spin(ms)          -- interpreted: the hook reaches it
-        local t0 = tide.now()
-        while tide.now() - t0 < ms do end
-      end
-      jit.off(spin)
+    local path = H.write_file(dir, "spin_cancelled_node.lua", H.SPIN_SCRIPT .. [[
       local f = tide.flow{ name = "etl", tasks = { parse = { run = function()
         coroutine.wrap(function() tide.current():cancel("by itself") end)()
         spin(1500)

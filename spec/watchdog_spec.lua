@@ -34,14 +34,7 @@ end
 
 describe("the watchdog", function()
   it("names the task that holds the loop, and where, once", function()
-    local path = script("spin.lua", [[
-      local tide = require "tide"
-      tide.configure{ watchdog = 300 }
-      local function spin(ms)          -- interpreted: the hook reaches it
-        local t0 = tide.now()
-        while tide.now() - t0 < ms do end
-      end
-      jit.off(spin)
+    local path = script("spin.lua", H.SPIN_SCRIPT .. [[
       local t = tide.spawn{ name = "spinner", run = function() spin(1500) return "spun" end }
       print("outcome", t:await())
     ]])
@@ -57,14 +50,7 @@ describe("the watchdog", function()
   -- named a "task N" that did not exist, as asking the scheduler for the task running now
   -- made one (from inside the debug hook).  It names the callback, and where it was defined.
   it("names a timer callback that holds the loop as one, and makes no task for it", function()
-    local path = script("timer_spin.lua", [[
-      local tide = require "tide"
-      tide.configure{ watchdog = 300 }
-      local function spin(ms)          -- interpreted: the hook reaches it
-        local t0 = tide.now()
-        while tide.now() - t0 < ms do end
-      end
-      jit.off(spin)
+    local path = script("timer_spin.lua", H.SPIN_SCRIPT .. [[
       local live = {}
       tide.after(10, function()
         spin(1500)

@@ -144,13 +144,8 @@ function W.dflow()
 end
 
 if workload == "codec" or workload == "codec_encode" or workload == "codec_decode" then
-  local users = {}
-  for i = 1, 6000 do
-    users[i] = { id = i, name = "user" .. i, email = "user" .. i .. "@example.com", score = i * 1.5,
-                 active = i % 2 == 0, tags = { "alpha", "beta", "gamma" },
-                 address = { street = i .. " Main Street", city = "Springfield", zip = 10000 + i } }
-  end
-  records = { users = users, meta = { count = #users, source = "bench" } }
+  package.path = "bench/lib/?.lua;" .. package.path
+  records = require("common").records()
   records_bytes = require("tide.core").encode_unordered(records)
 elseif workload == "thread" then
   tide.configure{ threads = 2 }

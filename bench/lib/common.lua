@@ -45,4 +45,16 @@ function M.fill_queue(tide, url, queue, n, body)
   return src
 end
 
+--- The ~1 MB table of 6,000 user records the codec is measured on
+--- (bench/threads.lua against lua-cjson, bench/cg's codec workloads).
+function M.records()
+  local users = {}
+  for i = 1, 6000 do
+    users[i] = { id = i, name = "user" .. i, email = "user" .. i .. "@example.com", score = i * 1.5,
+                 active = i % 2 == 0, tags = { "alpha", "beta", "gamma" },
+                 address = { street = i .. " Main Street", city = "Springfield", zip = 10000 + i } }
+  end
+  return { users = users, meta = { count = #users, source = "bench" } }
+end
+
 return M

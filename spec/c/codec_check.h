@@ -16,6 +16,24 @@
 
 static lua_State *A, *B;  /* A encodes, B decodes: two independent states */
 
+/* Opens A and B with the standard libraries; 0, or -1 when out of memory. */
+static int open_states(void) {
+  A = luaL_newstate();
+  B = luaL_newstate();
+  if (!A || !B) return -1;
+  luaL_openlibs(A);
+  luaL_openlibs(B);
+  return 0;
+}
+
+/* Checks that both stacks are empty, closes the states, and ends the TAP run. */
+static int close_states(void) {
+  ok(lua_gettop(A) == 0 && lua_gettop(B) == 0, "both stacks end empty");
+  lua_close(A);
+  lua_close(B);
+  return tap_done();
+}
+
 /* Pushes the value the Lua chunk src returns. */
 static void eval(lua_State *L, const char *src) {
   if (luaL_loadstring(L, src) || lua_pcall(L, 0, 1, 0)) {

@@ -235,17 +235,10 @@ static void burst_kept_whole(void) {
   close_clean(L, &h, "every block is back at close");
 }
 
-/* The bound on small blocks follows the heap's recent peak down: once a
- * burst's peak is two windows (64-128 MiB handed out) behind, a process
- * whose heap stays small keeps no more small blocks than that heap's peak,
- * not the burst's.  The churn allocates only blocks the free lists do not
- * take (1 MiB strings: an odd size), so nothing but the bound can lower
- * what is kept. */
-static void small_bound_decays(void) {
-  host h = { 0 };
-  lua_State *L = open_with(&h);
-  burst(L, 100000);
-  size_t after_burst = tide__alloc_cache_small(L);
+/* ~300 MiB handed out in 1 MiB strings (an odd size, which no free list
+ * takes), a collection every 8: returns the heap's largest size seen
+ * between strings (one check: the churn ran). */
+static double churn(lua_State *L) {
   ok(run(L,
     "TOP = 0\n"
     "local s\n"
@@ -259,6 +252,21 @@ static void small_bound_decays(void) {
   lua_getglobal(L, "TOP");
   double top = lua_tonumber(L, -1);
   lua_pop(L, 1);
+  return top;
+}
+
+/* The bound on small blocks follows the heap's recent peak down: once a
+ * burst's peak is two windows (64-128 MiB handed out) behind, a process
+ * whose heap stays small keeps no more small blocks than that heap's peak,
+ * not the burst's.  The churn allocates only blocks the free lists do not
+ * take (1 MiB strings: an odd size), so nothing but the bound can lower
+ * what is kept. */
+static void small_bound_decays(void) {
+  host h = { 0 };
+  lua_State *L = open_with(&h);
+  burst(L, 100000);
+  size_t after_burst = tide__alloc_cache_small(L);
+  double top = churn(L);
   size_t small = tide__alloc_cache_small(L);
   /* TOP is sampled between strings: one string and string.rep's buffer
    * in flight (2 MiB) may come on top of it, and the collector's own
@@ -568,19 +576,7 @@ static void anchors_decay(void) {
   lua_State *L = open_default(&h);
   burst(L, 200000);
   size_t after_burst = tide__alloc_cache_anchors(L);
-  ok(run(L,
-    "TOP = 0\n"
-    "local s\n"
-    "for i = 1, 300 do\n"
-    "  s = string.rep('x', 1048576 + i % 7)\n"
-    "  local m = collectgarbage('count') * 1024\n"
-    "  if m > TOP then TOP = m end\n"
-    "  if i % 8 == 0 then s = nil; collectgarbage() end\n"
-    "end\n"
-    "s = nil; collectgarbage(); collectgarbage()\n"), "then ~300 MiB handed out in 1 MiB strings");
-  lua_getglobal(L, "TOP");
-  double top = lua_tonumber(L, -1) + (4 << 20);    /* room as in small_bound_decays */
-  lua_pop(L, 1);
+  double top = churn(L) + (4 << 20);              /* room as in small_bound_decays */
   size_t after = tide__alloc_cache_anchors(L);
   ok((double)after_burst * 65536 / 2 > top && (double)after * 65536 / 2 <= top,
      "the anchors follow the heap's peak down (%zu after the burst, %zu after, peak since %.0f)",

@@ -484,11 +484,7 @@ static void test_binding(void) {
 }
 
 int main(void) {
-  A = luaL_newstate();
-  B = luaL_newstate();
-  if (!A || !B) return 2;
-  luaL_openlibs(A);
-  luaL_openlibs(B);
+  if (open_states() != 0) return 2;
   test_round_trips();
   test_unordered();
   test_canonical();
@@ -498,8 +494,5 @@ int main(void) {
   test_damage();
   test_lists();
   test_binding();
-  ok(lua_gettop(A) == 0 && lua_gettop(B) == 0, "both stacks end empty");
-  lua_close(A);
-  lua_close(B);
-  return tap_done();
+  return close_states();
 }

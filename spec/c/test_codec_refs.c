@@ -205,16 +205,9 @@ static void test_late_values_nested(void) {
 }
 
 int main(void) {
-  A = luaL_newstate();
-  B = luaL_newstate();
-  if (!A || !B) return 2;
-  luaL_openlibs(A);
-  luaL_openlibs(B);
+  if (open_states() != 0) return 2;
   test_references();
   test_random_values();
   test_late_values_nested();
-  ok(lua_gettop(A) == 0 && lua_gettop(B) == 0, "both stacks end empty");
-  lua_close(A);
-  lua_close(B);
-  return tap_done();
+  return close_states();
 }
