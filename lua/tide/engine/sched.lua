@@ -688,7 +688,7 @@ end
 --- Ends the current attempt of t with `status` (a direct task's work came back).
 S.settle = settle
 
--- ===== the virtual clock (tide.testing; its state and steps are in tide.engine.runq)
+-- ===== the virtual clock (tide.engine.testing starts it; its state and steps are in tide.engine.runq)
 
 --- Steps the virtual clock once the run queue is empty; true when there is
 --- more to do (a tick must follow).
@@ -699,22 +699,7 @@ local function step_virtual()
   return runq.count() > 0                  -- the caller, woken, runs next tick
 end
 
---- Starts advancing the virtual clock to `target` (ms, tide.now's scale),
---- or through every timer up to it when `until_idle`.  Inside a task, the
---- task waits until it is done; outside, the caller drives the loop.
-function S.advance(target, until_idle, fname)
-  if runq.advancing() then error(fname .. ": the clock is already advancing", 3) end
-  if not S.in_task() then
-    runq.advance(target, until_idle)
-    return true               -- the caller runs the loop until S.advancing() is false
-  end
-  local t, tok = wait_begin(fname, 3)
-  runq.advance(target, until_idle, t, tok)
-  kick()
-  wait_end(t, tok)
-end
-
-S.advancing = runq.advancing
+S.advancing = runq.advancing            -- (tide.engine.testing starts it: clock:advance)
 
 -- Resumes per tick at most (about): past it, the loop polls for I/O and
 -- fires timers before running more.  Work that becomes runnable during a

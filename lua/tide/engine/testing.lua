@@ -25,6 +25,7 @@
 -- do not.
 local core = require "tide.core"
 local S = require "tide.engine.sched"
+local runq = require "tide.engine.runq"
 local check = require "tide.engine.check"
 local log = require "tide.engine.log"
 
@@ -69,12 +70,27 @@ local function drive(fname)
   end
 end
 
+--- Starts advancing the virtual clock to `target` (ms, tide.now's scale),
+--- or through every timer up to it when `until_idle`.  Inside a task, the
+--- task waits until it is done (true: the caller must drive the loop).
+local function advance(target, until_idle, fname)
+  if runq.advancing() then error(fname .. ": the clock is already advancing", 3) end
+  if not S.in_task() then
+    runq.advance(target, until_idle)
+    return true
+  end
+  local t, tok = S.wait_begin(fname, 3)
+  runq.advance(target, until_idle, t, tok)
+  core.kick()
+  S.wait_end(t, tok)
+end
+
 --- Moves time forward by `ms`, firing what falls due in order.  Returns
 --- the virtual time (tide.now()) afterwards.
 function Clock.advance(c, ms)
   check_clock("clock:advance", c)
   if not check.is_ms(ms) then check.arg_error("clock:advance", 1, "non-negative number of ms", ms) end
-  if S.advance(core.now() + ms, false, "clock:advance") then drive("clock:advance") end
+  if advance(core.now() + ms, false, "clock:advance") then drive("clock:advance") end
   return core.now()
 end
 
@@ -87,7 +103,7 @@ function Clock.run_until_idle(c, max_ms)
     check.arg_error("clock:run_until_idle", 1, "non-negative number of ms", max_ms)
   end
   local t0 = core.now()
-  if S.advance(t0 + (max_ms or 86400000), true, "clock:run_until_idle") then drive("clock:run_until_idle") end
+  if advance(t0 + (max_ms or 86400000), true, "clock:run_until_idle") then drive("clock:run_until_idle") end
   return core.now() - t0
 end
 
