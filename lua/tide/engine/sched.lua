@@ -159,6 +159,10 @@ S.timer, S.untimer, S.timers_of = timer, untimer, runq.timers_of
 -- ===== waiting and waking
 
 local token = 0
+-- The last wait a task yielded in (its task, token and bound): what the
+-- scheduler arms once the yield reaches it (after_resume), kept here for
+-- repair() when an error interrupted the tick in between.
+local yield_t, yield_tok, yield_ms = nil, nil, nil
 
 --- Starts a wait for the current task; returns it and the wait's token.
 --- `fname` names the public function for the error raised outside a task.
@@ -239,6 +243,7 @@ end
 --- (after_resume, run_task): the timer's functions are C functions, which
 --- must not run on the task's stack (see own_runner).
 local function wait_end(t, tok, ms)
+  yield_t, yield_tok, yield_ms = t, tok, ms
   co_yield(WAIT, ms)
   t[WAITING] = false
   if t[WAIT_TIMER] then drop_wait_timer(t) end   -- resumed by another than the scheduler
@@ -254,6 +259,7 @@ function S.sleep(ms)
   if in_callback or t == nil or not own_runner(t[CO]) then t = waiting_task("tide.sleep", 2) end
   local tok = token + 1
   token, t[WAITING] = tok, tok
+  yield_t, yield_tok, yield_ms = t, tok, ms
   co_yield(WAIT, ms)
   t[WAITING] = false
   if t[WAIT_TIMER] then drop_wait_timer(t) end   -- resumed by another than the scheduler
@@ -730,8 +736,16 @@ local function repair(t, err)
   -- Waiting: left to its wake-up.  Not when its runner is dead: a wait
   -- that raised between its start and its yield (an allocation running a
   -- finalizer that raises, in task:await) leaves t[WAITING] set, and the task
-  -- raised later; its end was interrupted (the traceback allocates).
-  if t[WAITING] and co_status(co) ~= "dead" then return end
+  -- raised later; its end was interrupted (the traceback allocates).  The
+  -- error may have come between its yield and the arming of its wait's
+  -- timer (the resume's results, copied to the scheduler's stack, may grow
+  -- it: an allocation): then the timer is armed now.  Left unarmed, the
+  -- task stalled for ever (1 run in ~150 of review_r21sl's storm).
+  local waiting = t[WAITING]
+  if waiting and co_status(co) ~= "dead" then
+    if waiting == yield_tok and yield_t == t and yield_ms and not t[WAIT_TIMER] then arm_wait(t, yield_ms) end
+    return
+  end
   err = err or "an error interrupted tide's engine"
   local tb = "an error interrupted tide's engine after this task ran: " .. safe_tostring(err)
   t.traceback = tb
