@@ -47,7 +47,6 @@ local co_running = coroutine.running
 local unpack, select, pcall, xpcall, error = unpack, select, pcall, xpcall, error
 local tostring, traceback, pairs = tostring, debug.traceback, pairs
 local setmetatable, getmetatable = setmetatable, getmetatable
-local kick = core.kick
 local push, timer, untimer, take_first = runq.push, runq.timer, runq.untimer, runq.take_first
 local is_ms = check.is_ms
 -- A task's fields: slots of its array part (tide.engine.fields).
@@ -73,12 +72,12 @@ local next_id = 0
 -- Every task that may still be live, in creation order (a shutdown ends
 -- them oldest first): appended when created.  A finished task leaves it
 -- at once when it is the last one, with the finished ones before it (a
--- flow's workers, a burst); else at a spawn that finds more than half of
--- the list and LIVE_SLACK entries finished, which compacts it (compacted
--- at a task's end too, the ends of a burst compacted it again and again:
--- 8% of a burst's time).  A finished task left on it keeps its value (its
--- function and arguments go at its end): with a slack of 1,024, a flow run
--- 400 times inside one task kept every run.  nlive counts the tasks
+-- flow's workers, a burst); the others go when a spawn finds more than
+-- half of the list and LIVE_SLACK entries finished, and compacts it (at
+-- tasks' ends too, it was compacted again and again at the end of a burst:
+-- 8% of its time).  A finished task keeps only its value (its function and
+-- arguments go at its end): with a slack of 1,024 and those kept, a flow
+-- run 400 times inside one task kept every run.  nlive counts the tasks
 -- really live.
 local live, live_n, nlive = {}, 0, 0
 local LIVE_SLACK = 64
