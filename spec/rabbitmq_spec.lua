@@ -12,12 +12,19 @@ local ffi = require "ffi"
 local function need_broker() H.amqp_node(true) end
 local qname, wait_for, silent_listener = H.qname, H.wait_for, H.silent_listener
 
---- Runs `sh spec/rabbitmq.sh ARGS` on a thread, so the loop goes on meanwhile.
+--- Runs `sh spec/rabbitmq.sh ARGS` on a thread, so the loop goes on
+--- meanwhile.  A failure shows the script's last lines (the node's logs:
+--- a restart that failed once in a sanitizer run left nothing to read).
 local function node(args)
-  local t = tide.spawn{ mode = "thread", args = { "sh spec/rabbitmq.sh " .. args .. " > /dev/null 2>&1" },
+  local out = os.tmpname()
+  local t = tide.spawn{ mode = "thread", args = { ("sh spec/rabbitmq.sh %s > %s 2>&1"):format(args, out) },
                         run = function(cmd) return os.execute(cmd) end }
   local st, rc = t:await()
-  assert(st == "ok" and rc == 0, "spec/rabbitmq.sh " .. args .. " failed: " .. tostring(rc))
+  local f = io.open(out)
+  local text = f and f:read("*a") or ""
+  if f then f:close() end
+  os.remove(out)
+  assert(st == "ok" and rc == 0, ("spec/rabbitmq.sh %s failed: %s\n%s"):format(args, tostring(rc), text:sub(-3000)))
 end
 
 describe("tide.sources.rabbitmq", function()
