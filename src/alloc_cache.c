@@ -28,8 +28,23 @@
  * (with one ring for all, a burst's arrays were pushed out before the
  * next burst by the strings that loading code frees). */
 #define BIG_CLASS(size) (63 - __builtin_clzll((unsigned long long)(size)) - 9)   /* 513..1023: 0 */
-#define NCLASSES (BIG_CLASS(TIDE_ALLOC_CACHE_BIGGEST) + 1)
+#define NCLASSES (BIG_CLASS(TIDE_ALLOC_CACHE_HUGEST) + 1)
 #define PER_CLASS 8
+/* Huge blocks (more than TIDE_ALLOC_CACHE_BIGGEST bytes) go in the same
+ * rings, but only in a size that came back: one freed, then asked for
+ * again, then freed again.  Anchors (below) leave no free chunk larger
+ * than a window in the memory they hold, so the allocator maps each huge
+ * block afresh and unmaps it when it is freed: every page of it is
+ * faulted in again (~12 us each on these VMs, most of it counted as user
+ * time).  Without anchors it had carved the block out of the memory a
+ * full collection freed.  A flow of 100,000 nodes has tables whose hash
+ * part is 2^17 nodes (3 MiB): 770 faults at each definition after a full
+ * collection and 1,540 at each run, 10 and 20 ms (bench/flow.lua, 45 ms a
+ * run against 25 without anchors).  A burst's last arrays come back in no
+ * such rhythm, and stay with the allocator (TIDE_ALLOC_CACHE_BIGGEST).
+ * NSEEN: the sizes of the last huge blocks freed, as the rhythm's memory. */
+#define NSEEN 8
+typedef struct seen { size_t size; int back; } seen;   /* back: asked for again since freed */
 /* A big block kept is given back when BIG_LIFETIME bytes were handed out
  * since without it being taken: the old sizes of an array that grew are
  * taken again by the next burst that grows one, and not kept for ever by
@@ -78,6 +93,8 @@ typedef struct cache {
   unsigned long long hits; /* allocations served from what was kept */
   void *list[NLISTS];      /* small freed blocks of each size, linked through their first word */
   big bigs[NCLASSES][PER_CLASS];   /* larger freed blocks (p NULL: a free slot) */
+  seen seen[NSEEN];        /* sizes of huge blocks freed lately (size 0: none) */
+  unsigned next_seen;      /* the entry of seen replaced next */
   anchor *anchors;         /* an open-addressing set of ANCHOR_WINDOW-sized windows (malloc'ed) */
   size_t nanchors, anchor_slots;   /* anchors held; slots in the set (a power of two, or 0) */
   uintptr_t last_window;   /* the window of the last small free looked at (1 + its number) */
@@ -151,11 +168,32 @@ static big *slot_for(big *ring) {
   return b;
 }
 
+/* The entry of seen for huge blocks of `size` bytes, or NULL. */
+static seen *seen_of(cache *c, size_t size) {
+  for (int i = 0; i < NSEEN; i++)
+    if (c->seen[i].size == size) return &c->seen[i];
+  return NULL;
+}
+
+/* Whether a huge block of `size` bytes just freed is kept by its rhythm:
+ * its size freed, asked for again since, and now freed again.  A size
+ * freed for the first time is remembered (in place of the oldest). */
+static int came_back(cache *c, size_t size) {
+  seen *s = seen_of(c, size);
+  if (s == NULL) {
+    s = &c->seen[c->next_seen++ % NSEEN];
+    s->size = size;
+    s->back = 0;
+  }
+  return s->back;
+}
+
 /* Keeps a freed block when the bounds allow (1), else 0: the caller gives
  * it back.  Small ones go on their size's list; a big one takes a slot,
  * and the block in that slot before goes back (the rings bound them). */
 static int keep(cache *c, void *p, size_t size) {
-  if ((size & 7) || size > TIDE_ALLOC_CACHE_BIGGEST || c->kept + size > c->cap) return 0;
+  if ((size & 7) || size > TIDE_ALLOC_CACHE_HUGEST || c->kept + size > c->cap) return 0;
+  if (size > TIDE_ALLOC_CACHE_BIGGEST && !came_back(c, size)) return 0;
   if (size <= TIDE_ALLOC_CACHE_LARGEST) {
     if (c->kept_small + size > small_bound(c)) return 0;
     void **head = &c->list[size / 8 - 1];
@@ -177,7 +215,7 @@ static int keep(cache *c, void *p, size_t size) {
 /* A kept block of exactly `size` bytes, or NULL. */
 static void *take(cache *c, size_t size) {
   void *q = NULL;
-  if ((size & 7) || size > TIDE_ALLOC_CACHE_BIGGEST) return NULL;
+  if ((size & 7) || size > TIDE_ALLOC_CACHE_HUGEST) return NULL;
   if (size <= TIDE_ALLOC_CACHE_LARGEST) {
     void **head = &c->list[size / 8 - 1];
     if (*head == NULL) return NULL;
@@ -194,7 +232,11 @@ static void *take(cache *c, size_t size) {
         UNPOISON(q, size);
       }
     }
-    if (q == NULL) return NULL;
+    if (q == NULL) {
+      seen *s = size > TIDE_ALLOC_CACHE_BIGGEST ? seen_of(c, size) : NULL;
+      if (s != NULL) s->back = 1;                  /* a huge size freed comes back: keep it next time */
+      return NULL;
+    }
   }
   c->kept -= size;
   c->hits++;

@@ -14,7 +14,10 @@
  * the last few freed blocks larger than TIDE_ALLOC_CACHE_LARGEST bytes, up
  * to TIDE_ALLOC_CACHE_BIGGEST (the old sizes of an array that grew with a
  * burst: a table's array, the run queue) in a ring, for a while
- * (alloc_cache.c, BIG_LIFETIME); and, when asked
+ * (alloc_cache.c, BIG_LIFETIME), and larger ones up to
+ * TIDE_ALLOC_CACHE_HUGEST in a size that came back (a flow's 3 MiB hash
+ * parts, made again at each run: the anchors leave the allocator no room
+ * for them in the memory it keeps, alloc_cache.c, NSEEN); and, when asked
  * (TIDE_ALLOC_CACHE_SMALL_DEFAULT says why not by default), each freed
  * block of a small size (a multiple of 8: a table, a closure, a coroutine;
  * not every string) on a free list of that exact size.  A block is handed
@@ -66,12 +69,15 @@
  * it saves is a burst's memory faulted in again after a full collection. */
 #define TIDE_ALLOC_CACHE_SMALL_DEFAULT ((size_t)0)
 #define TIDE_ALLOC_CACHE_LARGEST 512                  /* the largest block on a free list */
-/* The largest block kept at all: a table's array of 2^18 slots and its slot
- * 0 (200,000 task handles), with room.  Larger ones are mostly a burst's
- * last arrays, which the run queue drops on purpose (runq.lua, SPARE_MAX):
- * kept, they were 42 bytes more RSS per task among 1,000,000 asleep (goal
- * <= 700). */
+/* The largest block kept whenever it is freed: a table's array of 2^18
+ * slots and its slot 0 (200,000 task handles), with room.  Larger ones are
+ * mostly a burst's last arrays, which the run queue drops on purpose
+ * (runq.lua, SPARE_MAX): kept, they were 42 bytes more RSS per task among
+ * 1,000,000 asleep (goal <= 700).  So a larger one, up to
+ * TIDE_ALLOC_CACHE_HUGEST, is kept only in a size that came back: freed,
+ * asked for again, and freed again (alloc_cache.c, keep). */
 #define TIDE_ALLOC_CACHE_BIGGEST (((size_t)2 << 20) + 4096)
+#define TIDE_ALLOC_CACHE_HUGEST ((size_t)64 << 20)
 
 /* Puts the cache in front of L's allocator (cap: the default), and a
  * finalizer that takes it out again; a second call does nothing.  0, or -1

@@ -769,6 +769,60 @@ static void ring_fills_free_slots(void) {
   close_clean(L, &h, "every block is back at close");
 }
 
+/* Huge blocks (over TIDE_ALLOC_CACHE_BIGGEST): kept only in a size that
+ * came back, freed, asked for again and freed again (a flow's 3 MiB hash
+ * parts, made again at each definition and run), not the first time one
+ * is freed (a burst's last arrays), nor of a size that is not a multiple
+ * of 8 or over TIDE_ALLOC_CACHE_HUGEST. */
+static void huge_blocks_kept_when_they_come_back(void) {
+  host h = { 0 };
+  lua_State *L = open_default(&h);
+  void *ud;
+  lua_Alloc f = lua_getallocf(L, &ud);
+  size_t huge = (size_t)3 << 20, kept0, kept, cap;
+  unsigned long long hits0, hits;
+  h.watched = huge;
+  stats(L, &kept0, &cap, &hits0);
+  void *b = f(ud, NULL, 0, huge);
+  memset(b, 1, huge);
+  f(ud, b, huge, 0);
+  ok(h.watched_frees == 1, "a huge block freed for the first time goes back (%lld)", h.watched_frees);
+  b = f(ud, NULL, 0, huge);
+  stats(L, &kept, &cap, &hits);
+  ok(hits == hits0 && h.watched_frees == 1, "asked for again, it comes from the allocator (%llu hits)", hits - hits0);
+  f(ud, b, huge, 0);
+  stats(L, &kept, &cap, &hits);
+  ok(h.watched_frees == 1 && kept == kept0 + huge, "freed again, its size came back: kept (%zu bytes more)",
+     kept - kept0);
+  void *again = f(ud, NULL, 0, huge);
+  stats(L, &kept, &cap, &hits);
+  ok(again == b && hits == hits0 + 1 && kept == kept0, "... and taken by the next of its size (%llu hits)",
+     hits - hits0);
+  f(ud, again, huge, 0);
+  void *other = f(ud, NULL, 0, huge + 8);
+  f(ud, other, huge + 8, 0);
+  h.watched = huge + 8;
+  other = f(ud, NULL, 0, huge + 8);
+  f(ud, other, huge + 8, 0);
+  stats(L, &kept, &cap, &hits);
+  ok(kept == kept0 + huge + huge + 8, "another size that comes back is kept beside it (%zu bytes kept)",
+     kept - kept0);
+  tide__alloc_cache_set(L, TIDE_ALLOC_CACHE_HUGEST * 4);   /* room for the largest under the cap */
+  long long back = 0;
+  for (int i = 0; i < 2; i++) {                    /* an odd size, and over the largest: never kept */
+    size_t n = i == 0 ? huge + 1 : TIDE_ALLOC_CACHE_HUGEST + 8;
+    h.watched = n;
+    h.watched_frees = 0;
+    for (int k = 0; k < 3; k++) f(ud, f(ud, NULL, 0, n), n, 0);
+    back += h.watched_frees;
+  }
+  ok(back == 6, "a huge block of an odd size or over the largest is never kept (%lld of 6 went back)", back);
+  tide__alloc_cache_set(L, huge);
+  stats(L, &kept, &cap, &hits);
+  ok(kept <= huge, "a lower cap gives huge blocks back (%zu bytes kept)", kept);
+  close_clean(L, &h, "every block is back at close");
+}
+
 int main(void) {
   reuse_and_bounds();
   bounded_by_heap();
@@ -791,5 +845,6 @@ int main(void) {
   host_restores_allocator();
   two_states();
   ring_fills_free_slots();
+  huge_blocks_kept_when_they_come_back();
   return tap_done();
 }
