@@ -75,7 +75,7 @@ typedef struct big { void *p; size_t size, at; } big;   /* at: `volume` when kep
  * handed out: it only holds its window.  What anchors keep mapped is
  * bounded by the cap (cap / ANCHOR_WINDOW anchors), and they all go back
  * when the heap's recent peak falls under half the span they hold. */
-#define ANCHOR_SHIFT 16
+#define ANCHOR_SHIFT TIDE_ALLOC_CACHE_ANCHOR_SHIFT
 #define ANCHOR_WINDOW ((size_t)1 << ANCHOR_SHIFT)
 typedef struct anchor { void *p; size_t size; } anchor;   /* p NULL: a free slot */
 

@@ -7,7 +7,7 @@
  * page.  On the virtual machines these figures come from, a page fault
  * costs ~20 us, and the faults were more than half of a warm burst's time
  * (bench/RESULTS.md, issue 21; slab.h says the same of thread jobs).  So
- * the cache holds *anchors*: one freed small block in each 64 KiB of
+ * the cache holds *anchors*: one freed small block in each 512 KiB of
  * address space where small blocks were freed, never handed out, so that
  * no segment is ever wholly free and the allocator keeps it, reusing the
  * memory around the anchors itself (alloc_cache.c says more).  It keeps
@@ -27,7 +27,7 @@
  *
  * Bounds: the blocks kept never add up to more than `cap` bytes
  * (tide.configure{ alloc_cache = N }, TIDE_ALLOC_CACHE_DEFAULT), and the
- * anchors never hold more than `cap` bytes of address space (cap / 64 KiB
+ * anchors never hold more than `cap` bytes of address space (cap / 512 KiB
  * of them), nor, once the heap's recent peak comes down, more than twice
  * that peak: then they all go back (and are taken again where small blocks
  * are freed); the small ones never add up to more than `small_cap`
@@ -78,6 +78,14 @@
  * asked for again, and freed again (alloc_cache.c, keep). */
 #define TIDE_ALLOC_CACHE_BIGGEST (((size_t)2 << 20) + 4096)
 #define TIDE_ALLOC_CACHE_HUGEST ((size_t)64 << 20)
+/* Anchors hold windows of 2^19 bytes (512 KiB) of address space.  An
+ * anchor leaves the allocator no free chunk larger than its window in the
+ * memory it holds, and LuaJIT's allocator maps anything larger afresh: a
+ * 200 KB string made after each full collection was faulted in each time
+ * (49 pages) with 64 KiB windows, and is not with 512 KiB ones, which
+ * anchor a burst as well (3 bursts of 200,000 tasks: 16,627 / 9 / 0
+ * faults either way; bench/RESULTS.md, issue 21). */
+#define TIDE_ALLOC_CACHE_ANCHOR_SHIFT 19
 
 /* Puts the cache in front of L's allocator (cap: the default), and a
  * finalizer that takes it out again; a second call does nothing.  0, or -1
@@ -96,7 +104,7 @@ void tide__alloc_cache_stats(lua_State *L, size_t *kept, size_t *cap, unsigned l
  * has no cache). */
 size_t tide__alloc_cache_small(lua_State *L);
 
-/* The anchors held: freed small blocks, one in each 64 KiB of the heap
+/* The anchors held: freed small blocks, one in each 512 KiB of the heap
  * where small blocks were freed, that keep LuaJIT's allocator from giving
  * that memory back to the kernel (alloc_cache.c says why; 0 when L has no
  * cache).  Their bytes are in `kept`. */

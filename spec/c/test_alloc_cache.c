@@ -539,8 +539,8 @@ static void kept_blocks_yield_to_a_limit(void) {
 }
 
 /* Anchors (alloc_cache.c): after a burst and a full collection the cache
- * holds a freed small block in windows of 64 KiB where small blocks were
- * freed, never more of them than the cap's share (cap / 64 KiB), counted
+ * holds a freed small block in windows (TIDE_ALLOC_CACHE_ANCHOR_SHIFT) where small
+ * blocks were freed, never more of them than the cap's share (cap / window), counted
  * in what is kept; a lower cap gives them back, and so does close. */
 static void anchors_hold_windows(void) {
   host h = { 0 };
@@ -549,9 +549,9 @@ static void anchors_hold_windows(void) {
   size_t n = tide__alloc_cache_anchors(L), kept, cap;
   unsigned long long hits;
   stats(L, &kept, &cap, &hits);
-  ok(n > 16 && n <= TIDE_ALLOC_CACHE_DEFAULT >> 16 && kept >= n * 8,
+  ok(n > 16 && n <= TIDE_ALLOC_CACHE_DEFAULT >> TIDE_ALLOC_CACHE_ANCHOR_SHIFT && kept >= n * 8,
      "a burst leaves anchors in the windows it freed (%zu, %zu bytes kept)", n, kept);
-  tide__alloc_cache_set(L, (size_t)4 << 16);
+  tide__alloc_cache_set(L, (size_t)4 << TIDE_ALLOC_CACHE_ANCHOR_SHIFT);
   ok(tide__alloc_cache_anchors(L) <= 4, "a cap of 4 windows leaves at most 4 anchors (%zu)",
      tide__alloc_cache_anchors(L));
   burst(L, 100000);
@@ -578,7 +578,8 @@ static void anchors_decay(void) {
   size_t after_burst = tide__alloc_cache_anchors(L);
   double top = churn(L) + (4 << 20);              /* room as in small_bound_decays */
   size_t after = tide__alloc_cache_anchors(L);
-  ok((double)after_burst * 65536 / 2 > top && (double)after * 65536 / 2 <= top,
+  double window = (double)((size_t)1 << TIDE_ALLOC_CACHE_ANCHOR_SHIFT);
+  ok(after_burst * window / 2 > top && after * window / 2 <= top,
      "the anchors follow the heap's peak down (%zu after the burst, %zu after, peak since %.0f)",
      after_burst, after, top);
   close_clean(L, &h, "every block is back at close");
@@ -587,14 +588,16 @@ static void anchors_decay(void) {
 /* The cap changed by the tasks of a burst themselves, while their
  * neighbours' blocks are freed and anchors are taken: every change leaves
  * what is kept within the new cap and the anchors within its share (cap /
- * 64 KiB), and at close every block, anchors included, is back with its
+ * window), and at close every block, anchors included, is back with its
  * own size. */
 static void anchors_under_cap_changes(void) {
   host h = { 0 };
   lua_State *L = open_default(&h);
+  lua_pushinteger(L, (lua_Integer)1 << TIDE_ALLOC_CACHE_ANCHOR_SHIFT);
+  lua_setglobal(L, "WINDOW");
   ok(run(L,
     "math.randomseed(11)\n"
-    "local caps = { 0, 65536, 3 * 65536, 1048576, 64 * 1048576 }\n"
+    "local caps = { 0, 65536, WINDOW, 3 * WINDOW, 8 * WINDOW, 64 * 1048576 }\n"
     "BAD = nil\n"
     "for round = 1, 3 do\n"
     "  local status = tide.run(function()\n"
@@ -605,7 +608,7 @@ static void anchors_under_cap_changes(void) {
     "          local cap = caps[math.random(#caps)]\n"
     "          tide.configure{ alloc_cache = cap }\n"
     "          local s = tide.stats().alloc_cache\n"
-    "          if s.kept > cap or s.anchors > math.floor(cap / 65536) then\n"
+    "          if s.kept > cap or s.anchors > math.floor(cap / WINDOW) then\n"
     "            BAD = ('cap %d: %d kept, %d anchors'):format(cap, s.kept, s.anchors)\n"
     "          end\n"
     "        end\n"
@@ -624,7 +627,7 @@ static void anchors_under_cap_changes(void) {
   size_t kept, cap;
   unsigned long long hits;
   stats(L, &kept, &cap, &hits);
-  ok(kept <= cap && tide__alloc_cache_anchors(L) <= cap >> 16, "... and after (%zu kept, %zu anchors, cap %zu)",
+  ok(kept <= cap && tide__alloc_cache_anchors(L) <= cap >> TIDE_ALLOC_CACHE_ANCHOR_SHIFT, "... and after (%zu kept, %zu anchors, cap %zu)",
      kept, tide__alloc_cache_anchors(L), cap);
   close_clean(L, &h, "every block is back at close, anchors included");
 }
