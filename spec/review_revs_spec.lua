@@ -1,0 +1,38 @@
+-- spec/review_revs_spec.lua — a hostile review of schedules, cron and supervision: one test per defect found.
+local tide = require "tide"
+local cron = require "tide.jobs.cron"
+local time = require "tide.jobs.time"
+
+--- The first n ticks of `expr` after the ISO time `from`, as ISO strings.
+local function ticks(expr, from, n, zone)
+  local c = cron.parse(expr, zone)
+  local t, out = time.parse_iso(from), {}
+  for i = 1, n do t = c:next(t); out[i] = time.iso(t) end
+  return out
+end
+
+describe("review revs: cron day fields", function()
+  -- Broken: a day field written `*/S` was taken for `*` whenever the other
+  -- day field was a star too, so "0 0 */2 * *" ran every day and
+  -- "0 0 * * */2" every day of the week; and with the other field
+  -- restricted, the step was dropped ("*/2 MON" ran every Monday).  Vixie
+  -- cron (and cronie) match both day fields (AND) when either starts with
+  -- `*`, either of them (OR) only when both are restricted.
+  it("keeps the step of a */S day field (Vixie: AND when either field starts with *)", function()
+    -- 2026-05-01 is a Friday
+    assert.same({ "2026-05-03T00:00:00Z", "2026-05-05T00:00:00Z", "2026-05-07T00:00:00Z" },
+                ticks("0 0 */2 * *", "2026-05-01T00:00:00Z", 3))
+    assert.same({ "2026-05-02T00:00:00Z", "2026-05-03T00:00:00Z", "2026-05-05T00:00:00Z" },
+                ticks("0 0 * * */2", "2026-05-01T00:00:00Z", 3))   -- Sat, Sun, Tue (0, 2, 4, 6)
+    -- odd-numbered days that are Mondays: May 11, May 25, June 1
+    assert.same({ "2026-05-11T00:00:00Z", "2026-05-25T00:00:00Z", "2026-06-01T00:00:00Z" },
+                ticks("0 0 */2 * MON", "2026-05-01T00:00:00Z", 3))
+    -- still OR when both are restricted, and a plain * still leaves the other alone
+    assert.same({ "2026-05-04T00:00:00Z", "2026-05-11T00:00:00Z", "2026-05-15T00:00:00Z" },
+                ticks("0 0 15 * MON", "2026-05-01T00:00:00Z", 3))
+    assert.same({ "2026-05-04T00:00:00Z", "2026-05-11T00:00:00Z" }, ticks("0 0 * * MON", "2026-05-01T00:00:00Z", 2))
+    -- the rarest such day: Feb 29 on a Sunday, 40 years apart across 2100
+    -- (the search gave up after 30 years and the schedule never ran again)
+    assert.same({ "2088-02-29T00:00:00Z", "2128-02-29T00:00:00Z" }, ticks("0 0 29 2 */7", "2080-01-01T00:00:00Z", 2))
+  end)
+end)
