@@ -36,3 +36,32 @@ describe("review revs: cron day fields", function()
     assert.same({ "2088-02-29T00:00:00Z", "2128-02-29T00:00:00Z" }, ticks("0 0 29 2 */7", "2080-01-01T00:00:00Z", 2))
   end)
 end)
+
+describe("review revs: tide.consumer", function()
+  after_each(function()
+    spec_helper.loud_errors()
+    spec_helper.assert_idle()
+  end)
+
+  -- Broken: a consumer made with requeue = false (drop what fails) that
+  -- ended while holding deliveries (cancelled, crashed, restarted by its
+  -- supervisor) nacked them without requeue: messages that never failed
+  -- were lost.  The promise (consumer.lua's header) is that a run that
+  -- ends gives back what it holds, nacked with requeue.
+  it("gives back what it holds when its run ends, even with requeue = false", function()
+    spec_helper.quiet_errors()
+    local src
+    spec_helper.run(function()
+      src = tide.sources.memory{ prefetch = 4 }
+      for i = 1, 4 do src:publish("m" .. i) end
+      local c = tide.consumer{ source = src, concurrency = 4, requeue = false,
+                               handler = { run = function() tide.sleep(100000) end } }
+      local t = tide.spawn(function() return c:run() end)
+      assert.is_true(spec_helper.wait_for(function() return c.in_flight == 4 end, 2000))
+      t:cancel("crash")
+      assert.equal(4, src.nacked)
+      assert.equal(4, src.queued)                  -- all four back in the queue, none lost
+    end)
+    spec_helper.settled_once(src)
+  end)
+end)

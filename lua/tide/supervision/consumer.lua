@@ -252,7 +252,7 @@ local function release_all(c, why)
     if status and S.TERMINAL[status] then
       settle(c, d, status)
     else
-      settle(c, d, "cancelled")
+      settle(c, d, "cancelled", "requeue")     -- (whatever `requeue` says: it never failed)
       if t ~= true then t:cancel(why) end
     end
   end
