@@ -65,3 +65,23 @@ describe("review revs: tide.consumer", function()
     spec_helper.settled_once(src)
   end)
 end)
+
+describe("review revs: tide.supervisor", function()
+  after_each(function()
+    spec_helper.loud_errors()
+    spec_helper.assert_idle()
+  end)
+
+  -- Broken: `children` was read with ipairs only, so children given as a
+  -- map ({ consumer = {...} }) or after a hole ({ a, nil, c }) were dropped
+  -- without a word: a supervisor of nothing.
+  it("refuses children that are not a list, or a list with holes", function()
+    local f = function() end
+    spec_helper.error_cases("spec/review_revs_spec.lua", {
+      { function() tide.supervisor{ children = { consumer = { id = "c", start = f } } } end,
+        "tide.supervisor: bad option 'children' (a list expected, it has the key consumer)" },
+      { function() tide.supervisor{ children = { { id = "a", start = f }, nil, { id = "c", start = f } } } end,
+        "tide.supervisor: bad option 'children[2]' (child spec table expected, got nil)" },
+    })
+  end)
+end)

@@ -110,9 +110,17 @@ function M.new(opts)
   end
   local cooldown = check_cooldown(fname, opts.cooldown)
   local children, ids = {}, {}
-  if type(opts.children or {}) ~= "table" then opt_error(fname, "children", "list of child specs", opts.children) end
-  for i, spec in ipairs(opts.children or {}) do
-    local c = check_child(fname, spec, "children[" .. i .. "]", 2)
+  local list = opts.children or {}
+  if type(list) ~= "table" then opt_error(fname, "children", "list of child specs", opts.children) end
+  local n = 0                                    -- (not ipairs: a map or a hole would drop children silently)
+  for k in pairs(list) do
+    if type(k) ~= "number" or k < 1 or k % 1 ~= 0 then
+      error(("%s: bad option 'children' (a list expected, it has the key %s)"):format(fname, tostring(k)), 2)
+    end
+    if k > n then n = k end
+  end
+  for i = 1, n do
+    local c = check_child(fname, list[i], "children[" .. i .. "]", 2)
     if ids[c.id] then error(("%s: duplicate child id '%s'"):format(fname, tostring(c.id)), 2) end
     ids[c.id] = true
     children[i] = c
