@@ -85,3 +85,42 @@ describe("review revs: tide.supervisor", function()
     })
   end)
 end)
+
+describe("review revs: a supervisor runs once at a time", function()
+  after_each(function()
+    spec_helper.loud_errors()
+    spec_helper.assert_idle()
+  end)
+
+  local function idle_child(id)
+    return { id = id, shutdown = 50, start = function(ctx) while not ctx:stopping() do tide.sleep(2) end end }
+  end
+
+  -- Broken: sup:start() refuses a supervisor that runs, but a parent did
+  -- not: a running supervisor given as a child (or as two children, or as
+  -- its own child through start_child) was started a second time over the
+  -- same state.  The first run was orphaned (sup.task pointed at the new
+  -- one: sup:stop() never reached it, and it ran until the loop's end);
+  -- a supervisor made its own child never stopped at all.
+  it("is refused as a child while it runs, at the caller's line", function()
+    spec_helper.run(function()
+      local inner = tide.supervisor{ name = "inner", children = { idle_child("a") } }
+      inner:start()
+      tide.sleep(5)
+      local outer = tide.supervisor{ name = "outer", children = { { id = "i", start = inner } } }
+      local twice = tide.supervisor{ name = "twice", children = { { id = "x", start = outer }, { id = "y", start = outer } } }
+      spec_helper.error_cases("spec/review_revs_spec.lua", {
+        { function() outer:start() end,
+          "supervisor:start: child 'i' is supervisor 'inner', which is already running (a supervisor runs once at a time)" },
+        { function() twice:start() end,
+          "supervisor:start: children 'x' and 'y' are both supervisor 'outer' (a supervisor runs once at a time)" },
+        { function() inner:start_child{ id = "me", start = inner } end,
+          "supervisor:start_child: child 'me' is supervisor 'inner', which is already running (a supervisor runs once at a time)" },
+      })
+      assert.is_nil(outer.task)
+      assert.equal("running", inner:which_children()[1].status)
+      assert.is_true(inner:stop())
+      assert.same({ "ok", "stopped" }, { inner:await(2000) })
+    end)
+  end)
+end)

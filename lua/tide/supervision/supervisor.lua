@@ -170,11 +170,23 @@ function Ctx.stopping(ctx) return ctx.stop_requested end
 
 local run_supervisor -- forward
 
+--- Why child spec c cannot start now, or nil: a supervisor runs once at a
+--- time (a second run would share its children, mailbox and task with the first).
+local function busy(fname, c)
+  local nested = getmetatable(c.start) == Sup_mt and c.start
+  if nested and nested.task and not S.TERMINAL[nested.task:status()] then
+    return ("%s: child '%s' is supervisor '%s', which is already running (a supervisor runs once at a time)")
+      :format(fname, tostring(c.id), nested.name)
+  end
+end
+
 local function start_child(sup, c)
   local ctx = setmetatable({ id = c.id, supervisor = sup, stop_requested = false }, Ctx_mt)
   local run, args
   local nested = getmetatable(c.start) == Sup_mt and c.start
   if nested then
+    local why = busy("supervisor '" .. sup.name .. "'", c)
+    if why then error(why, 0) end
     nested.parent, nested.mailbox = sup, {}     -- its commands count from now on
     run, args = run_supervisor, { n = 1, nested }
   else
@@ -393,6 +405,18 @@ function Sup.start(sup)
   if sup.task and not S.TERMINAL[sup.task:status()] then
     error("supervisor:start: '" .. sup.name .. "' is already running", 2)
   end
+  local seen = {}
+  for _, c in ipairs(sup.specs) do
+    local why = busy("supervisor:start", c)
+    if why then error(why, 2) end
+    if getmetatable(c.start) == Sup_mt then
+      if seen[c.start] ~= nil then
+        error(("supervisor:start: children '%s' and '%s' are both supervisor '%s' (a supervisor runs once at a time)")
+          :format(tostring(seen[c.start]), tostring(c.id), c.start.name), 2)
+      end
+      seen[c.start] = c.id
+    end
+  end
   sup.gave_up = 0
   sup.mailbox = {}                              -- commands count from now on, in order
   sup.task = spawn{ run = run_supervisor, args = { sup }, name = sup.name }
@@ -463,6 +487,8 @@ function Sup.start_child(sup, spec)
   check_sup("supervisor:start_child", sup)
   local c = check_child("supervisor:start_child", spec, "child", 2)
   if sup.ids[c.id] then error(("supervisor:start_child: duplicate child id '%s'"):format(tostring(c.id)), 2) end
+  local why = busy("supervisor:start_child", c)
+  if why then error(why, 2) end
   local ok, err = command("supervisor:start_child", sup, "start_child", c)
   if ok then sup.ids[c.id] = true end
   return ok, err
