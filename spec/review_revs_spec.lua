@@ -124,3 +124,43 @@ describe("review revs: a supervisor runs once at a time", function()
     end)
   end)
 end)
+
+describe("review revs: cron in a zone whose clock change falls on a fixed date", function()
+  -- Broken: Cron:next looped for ever (the loop and every task with it)
+  -- when every wall time an interval schedule names falls in a clock gap:
+  -- "* 0 21 3 *" in a zone whose rule jumps from 00:00 to 01:00 every
+  -- March 21 (Asia/Tehran's rule until tzdata 2022b: "J79/24").  Interval
+  -- schedules do not run in a gap; the search went on through every later
+  -- year, never finding a tick and never stopping.  Now it skips a gap in
+  -- one step and stops after 400 years (the calendar and a zone's rule
+  -- repeat then): nil, like any schedule with no tick.
+  it("finds no tick (and returns) for an interval schedule whose wall times all fall in a gap", function()
+    local dir = os.tmpname(); os.remove(dir)
+    assert(os.execute("mkdir -p " .. dir .. "/Test") == 0)
+    local script = [[
+      io.stdout:setvbuf("no")
+      local function u32(v) return string.char(math.floor(v / 2^24) % 256, math.floor(v / 2^16) % 256,
+                                               math.floor(v / 2^8) % 256, v % 256) end
+      local function header() return "TZif2" .. ("\0"):rep(15) .. u32(0) .. u32(0) .. u32(0) .. u32(0) .. u32(1) .. u32(4) end
+      local block = u32(12600) .. "\0\0" .. "ABC\0"       -- one type (+03:30), no transitions: the rule rules
+      local f = assert(io.open(arg[1] .. "/Test/Tehran", "wb"))
+      f:write(header(), block, header(), block, "\n<+0330>-3:30<+0430>,J79/24,J263/24\n")
+      f:close()
+      require "tide"
+      local cron, time = require "tide.jobs.cron", require "tide.jobs.time"
+      local from = time.parse_iso("2026-01-01T00:00:00Z")
+      -- a fixed time in the gap runs when the gap ends (00:00 +03:30 = 01:00 +04:30)
+      print(time.iso(cron.parse("30 0 21 3 *", "Test/Tehran"):next(from)))
+      print(tostring((cron.parse("* 0 21 3 *", "Test/Tehran"):next(from))))
+      print(tostring((cron.parse("* * 0 21 3 *", "Test/Tehran"):next(from))))
+      -- an interval schedule with a wall time out of the gap runs then (01:00 +04:30)
+      print(time.iso(cron.parse("*/30 0-1 21 3 *", "Test/Tehran"):next(from)))
+    ]]
+    local f = assert(io.open(dir .. "/gap.lua", "w")); f:write(script); f:close()
+    local status, out = spec_helper.sh(("TZDIR=%s timeout 20 env LUA_CPATH='%s/?.so;;' luajit %s/gap.lua %s")
+      :format(dir, spec_helper.build, dir, dir))
+    os.execute("rm -rf " .. dir)
+    assert.equal(0, status, out)
+    assert.equal("2026-03-20T20:30:00Z\nnil\nnil\n2026-03-20T20:30:00Z\n", out)
+  end)
+end)

@@ -250,14 +250,20 @@ function Cron:next_second(after)
   -- force up to it) > best.  Within two days that is the offsets in force
   -- near `after` (a per-second schedule would otherwise look an hour
   -- ahead, the size of a clock change, at every tick).
+  -- An interval schedule whose wall times all fall in gaps has no tick:
+  -- after 400 years (the calendar and a zone's rule repeat then) there is
+  -- none to find.
   local best
   local l = self:next_wall(after + lo)
-  while l and not (best and l - (best <= near and hi_near or hi) > best) do
+  local stop = after + LIMIT_YEARS * 366 * 86400
+  while l and l <= stop and not (best and l - (best <= near and hi_near or hi) > best) do
     local us = zone:instants(l)
     if #us == 0 then
+      local t = zone:gap_end(l)
       if not self.interval then
-        local t = zone:gap_end(l)
         if t and t > after and (not best or t < best) then best = t end
+      elseif t then
+        l = t + zone:offset(t) - 1             -- not run in a gap: skip its wall times at once
       end
     else
       for k = 1, self.interval and #us or 1 do
