@@ -164,3 +164,60 @@ describe("review revs: cron in a zone whose clock change falls on a fixed date",
     assert.equal("2026-03-20T20:30:00Z\nnil\nnil\n2026-03-20T20:30:00Z\n", out)
   end)
 end)
+
+describe("review revs: the scheduler and the wall clock", function()
+  local testing = tide.testing
+  local schedules = require "tide.jobs.schedules"
+  local dir
+  before_each(function()
+    testing.before_each()
+    dir = os.tmpname(); os.remove(dir); assert(os.execute("mkdir -p " .. dir) == 0)
+  end)
+  after_each(function()
+    testing.after_each()
+    os.execute("rm -rf " .. dir)
+  end)
+
+  --- Replaces the wall clock schedules.lua reads (an upvalue shared by its functions); returns the old one.
+  local function set_wallclock(fn)
+    for i = 1, 100 do
+      local name, old = debug.getupvalue(schedules.run, i)
+      if name == nil then break end
+      if name == "wallclock" then debug.setupvalue(schedules.run, i, fn); return old end
+    end
+    error("schedules.run has no upvalue wallclock")
+  end
+
+  -- Broken: the scheduler slept until the next tick on the monotonic clock
+  -- (one timer for the whole wait, up to a day for a daily schedule) while
+  -- ticks are wall times.  Where the two part — a suspended VM or laptop
+  -- (CLOCK_MONOTONIC stands still during a suspend), an NTP step — the tick
+  -- came as late as the clocks had parted: a daily 00:00 job resumed at
+  -- 08:00 after a night's suspend ran at 16:00.  The wait is now at most a
+  -- minute, so a tick is enqueued within a minute of its wall time.
+  it("enqueues a tick within a minute when the wall clock jumps past it", function()
+    local clock = testing.clock()
+    local real = set_wallclock(function() return 0 end)
+    local skew = 0
+    set_wallclock(function() return real() + skew end)
+    local before, after
+    local ok, err = pcall(spec_helper.run, function()
+      skew = 1893499200000 - real()          -- 2030-01-01T12:00:00Z: the next midnight is twelve hours away
+      local q = tide.queue.open("sqlite:" .. dir .. "/jobs.db")
+      local w = tide.worker{ queue = q, queues = { idle = 1 },
+                             schedules = { { cron = "0 0 * * *", target = "beat", method = "tick", catch_up = false } } }
+      clock:advance(1000)                    -- registered: it waits for midnight
+      before = #q:list{}
+      skew = skew + 12 * 3600 * 1000         -- the wall clock jumps past midnight; tide.now() does not
+      clock:advance(61000)
+      local jobs = q:list{}
+      after = { #jobs, jobs[1] and jobs[1].idempotency_key }
+      w:stop(); w:wait(); q:close()
+    end)
+    set_wallclock(real)
+    clock:stop()
+    assert(ok, err)
+    assert.equal(0, before)
+    assert.same({ 1, "schedule:beat.tick@2030-01-02T00:00:00Z" }, after)
+  end)
+end)

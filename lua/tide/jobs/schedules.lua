@@ -44,6 +44,10 @@ local KEYS = check.options("worker schedule", {
   catch_up = true, priority = true, max_attempts = true })
 
 local CHUNK = 1000                          -- ticks per transaction
+-- The longest the scheduler sleeps: ticks are wall times, its timers run on
+-- the monotonic clock, and the two part (a suspend stops the monotonic
+-- clock; NTP steps the wall clock): it looks at the wall clock again this often.
+local MAX_WAIT = 60000
 M.MAX_CATCH_UP = 10000                      -- missed ticks enqueued at most, the latest ones
 
 -- ===== checking
@@ -230,7 +234,7 @@ function M.run(w, list)
       end
     elseif soonest then
       -- (+1: a timer may fire within its last millisecond; never spin)
-      S.wait_for(w.scheduler, "tide.worker", max(1, soonest - wallclock() + 1))
+      S.wait_for(w.scheduler, "tide.worker", min(MAX_WAIT, max(1, soonest - wallclock() + 1)))
     else
       S.wait_for(w.scheduler, "tide.worker")   -- no tick before the year 10000: until stopped
     end
