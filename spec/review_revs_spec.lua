@@ -221,3 +221,59 @@ describe("review revs: the scheduler and the wall clock", function()
     assert.same({ 1, "schedule:beat.tick@2030-01-02T00:00:00Z" }, after)
   end)
 end)
+
+describe("review revs: tide.consumer and a faulty source", function()
+  after_each(function()
+    spec_helper.loud_errors()
+    spec_helper.assert_idle()
+  end)
+
+  --- A source whose first fetch returns `batch`, then nothing.
+  local function source(batch)
+    local s = { acks = 0, nacks = 0, n = 0 }
+    function s.fetch() s.n = s.n + 1; if s.n == 1 then return batch end; tide.sleep(2); return {} end
+    function s.ack() s.acks = s.acks + 1 end
+    function s.nack() s.nacks = s.nacks + 1 end
+    return s
+  end
+
+  -- Broken: a delivery a source returned twice (in one batch, or again
+  -- while its handler ran) was counted in flight twice and settled once:
+  -- the count never came back to 0, so the consumer's window shrank for
+  -- good (prefetch such faults and it fetched nothing more: a zombie node)
+  -- and a graceful stop waited for ever.  Now the second copy is reported
+  -- and skipped: the delivery runs and settles once.
+  it("runs and settles once a delivery its source returned twice, and still stops", function()
+    spec_helper.quiet_errors()
+    spec_helper.run(function()
+      local d = { tag = 1, body = "x" }
+      local src = source({ d, d })
+      local ran = 0
+      local c = tide.consumer{ source = src, concurrency = 4, handler = { run = function() ran = ran + 1 end } }
+      local stop = false
+      local t = tide.spawn(function() return c:run({ stopping = function() return stop end }) end)
+      tide.sleep(30)
+      stop = true
+      assert.same({ "ok", "stopped" }, { t:await(1000) })
+      assert.equal(1, ran)
+      assert.equal(1, src.acks)
+      assert.equal(0, c.in_flight)
+      assert.equal(1, spec_helper.reported)
+    end)
+  end)
+
+  -- Broken: a fetch that returned something else than a list ended the run
+  -- with "attempt to get length of local 'batch' (a nil value)", an error
+  -- inside tide that names neither the source nor what was expected.
+  it("names the source's fault when fetch returns no list", function()
+    spec_helper.quiet_errors()
+    spec_helper.run(function()
+      local src = source(nil)
+      local c = tide.consumer{ source = src, handler = { run = function() end } }
+      local t = tide.spawn(function() return c:run() end)
+      local st, err = t:await(1000)
+      assert.equal("error", st)
+      assert.matches("consumer:run: consumer 'consumer': source:fetch returned nil (a list of deliveries expected)", err, 1, true)
+    end)
+  end)
+end)
