@@ -277,3 +277,51 @@ describe("review revs: tide.consumer and a faulty source", function()
     end)
   end)
 end)
+
+local PG_URL = os.getenv("TIDE_PG_URL")
+if PG_URL then
+describe("review revs: schedules on PostgreSQL", function()
+  local testing = tide.testing
+  after_each(testing.after_each)
+  before_each(function()
+    testing.before_each()
+    local c = require("tide.jobs.store.postgres").connect(PG_URL)
+    c:query("DROP TABLE IF EXISTS tide_jobs, tide_schema, tide_schedules, tide_queues, tide_flow_runs, tide_flow_steps, tide_flow_items CASCADE")
+    c:query("DROP FUNCTION IF EXISTS tide_jobs_notify(), tide_jobs_notify_inserted() CASCADE")
+    c:close()
+  end)
+
+  -- Broken: each worker's scheduler enqueued its schedules' ticks and
+  -- advanced their rows in the order of its own list, taking the rows' and
+  -- the keys' locks in that order: two workers whose lists were in another
+  -- order (two --schedule files given the other way round, a rolling
+  -- deploy that reorders the list) deadlocked.  PostgreSQL broke each
+  -- deadlock after a second (deadlock_timeout), an error was reported and
+  -- the ticks of both came late.  Now every worker takes them by name.
+  it("does not deadlock two workers whose schedule lists are in another order", function()
+    local count = {}
+    spec_helper.run(function()
+      local list, rev = {}, {}
+      for i = 1, 6 do list[i] = { name = "s" .. i, cron = "* * * * * *", target = "beat", method = "tick" } end
+      for i = 1, 6 do rev[i] = list[7 - i] end
+      local ws = {}
+      for k = 1, 4 do
+        local q = tide.queue.open(PG_URL)
+        ws[k] = { q = q, w = tide.worker{ queue = q, queues = { idle = 1 }, schedules = k % 2 == 0 and rev or list } }
+      end
+      tide.sleep(5000)
+      for _, x in ipairs(ws) do x.w:stop(); x.w:wait() end
+      for _, j in ipairs(ws[1].q:list{ limit = 1000 }) do
+        count[j.idempotency_key] = (count[j.idempotency_key] or 0) + 1
+      end
+      for _, x in ipairs(ws) do x.q:close() end
+    end)
+    local errors = testing.errors()
+    local deadlocks = 0
+    for _, e in ipairs(errors) do if tostring(e.err):find("deadlock", 1, true) then deadlocks = deadlocks + 1 end end
+    for key, n in pairs(count) do assert.equal(1, n, key) end
+    assert.equal(0, deadlocks, "deadlocks reported")
+    assert.equal(0, #errors)
+  end)
+end)
+end

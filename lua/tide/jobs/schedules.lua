@@ -211,6 +211,12 @@ end
 
 --- The scheduler task of worker w (see the top of this file).
 function M.run(w, list)
+  -- Every worker locks the schedules' rows and keys in name order: in the
+  -- order of its own list, two workers with lists in other orders deadlock.
+  local by_name = {}
+  for i, s in ipairs(list) do by_name[i] = s end
+  table.sort(by_name, function(a, b) return a.name < b.name end)
+  list = by_name
   if not persist(w, "registering schedules", register, list) then return end
   while w.state == "running" do
     local now, soonest, any = wallclock(), nil, false
