@@ -165,6 +165,21 @@ describe("review revs: cron in a zone whose clock change falls on a fixed date",
   end)
 end)
 
+describe("review revs: schedules options", function()
+  -- Broken: tide.worker's `schedules` was read with ipairs after a check
+  -- against #list, which a hole can fool: { a, nil, c } passed and c was
+  -- dropped without a word (never scheduled).
+  it("refuses a list of schedules with a hole", function()
+    local schedules = require "tide.jobs.schedules"
+    local a = { cron = "* * * * *", target = "reports", method = "a" }
+    local c = { cron = "0 * * * *", target = "reports", method = "c" }
+    spec_helper.error_cases("spec/review_revs_spec.lua", {
+      { function() schedules.check("tide.worker", { a, nil, c }) end,
+        "tide.worker: bad option 'schedules[2]' (table expected, got nil)" },
+    })
+  end)
+end)
+
 describe("review revs: the scheduler and the wall clock", function()
   local testing = tide.testing
   local schedules = require "tide.jobs.schedules"

@@ -101,14 +101,15 @@ end
 function M.check(fname, list, level)
   level = (level or 1) + 1
   if type(list) ~= "table" then opt_error(fname, "schedules", "list of schedule tables", list, level) end
-  local out, names = {}, {}
+  local out, names, n = {}, {}, 0
   for k in pairs(list) do
-    if type(k) ~= "number" or k < 1 or k % 1 ~= 0 or k > #list then
+    if type(k) ~= "number" or k < 1 or k % 1 ~= 0 then
       error(format("%s: bad option 'schedules' (a list expected, it has the key %s)", fname, tostring(k)), level)
     end
+    if k > n then n = k end
   end
-  for i, s in ipairs(list) do
-    local one = check_one(fname, i, s, level)
+  for i = 1, n do                              -- (not ipairs: a hole would drop the schedules after it)
+    local one = check_one(fname, i, list[i], level)
     if names[one.name] then
       error(format("%s: schedules[%d] and schedules[%d] are both named '%s' (give each a name)", fname,
                    names[one.name], i, one.name), level)
