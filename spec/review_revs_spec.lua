@@ -86,6 +86,34 @@ describe("review revs: tide.supervisor", function()
   end)
 end)
 
+describe("review revs: supervisor child args", function()
+  after_each(function()
+    spec_helper.loud_errors()
+    spec_helper.assert_idle()
+  end)
+
+  -- Broken: a child's args were counted with #args (tide.spawn counts them
+  -- with args.n or table.maxn): { "a", nil, "c" } reached start as ctx,
+  -- "a" alone; and a bad args.n was not checked at the call but raised
+  -- inside the supervisor, which gave up over it.
+  it("passes every argument, nils included, and checks args.n at the call", function()
+    local got
+    spec_helper.run(function()
+      local sup = tide.supervisor{ children = { { id = "a", args = { "a", nil, "c" }, restart = "temporary",
+        start = function(ctx, ...) got = { n = select("#", ...), ... } end } } }
+      sup:start()
+      tide.sleep(10)
+      sup:stop()
+      sup:await()
+    end)
+    assert.same({ n = 3, "a", nil, "c" }, got)
+    spec_helper.error_cases("spec/review_revs_spec.lua", {
+      { function() tide.supervisor{ children = { { id = "a", start = print, args = { n = "x" } } } } end,
+        "tide.supervisor: bad option 'children[1].args.n' (non-negative integer expected, got string \"x\")" },
+    })
+  end)
+end)
+
 describe("review revs: a supervisor runs once at a time", function()
   after_each(function()
     spec_helper.loud_errors()

@@ -74,6 +74,9 @@ local function check_child(fname, spec, where, level)
   if spec.args ~= nil and type(spec.args) ~= "table" then
     opt_error(fname, where .. ".args", "table", spec.args, level)
   end
+  if spec.args ~= nil and spec.args.n ~= nil and not check.is_count(spec.args.n) then   -- (as tide.spawn)
+    opt_error(fname, where .. ".args.n", "non-negative integer", spec.args.n, level)
+  end
   return { id = spec.id, start = start, restart = spec.restart or "permanent",
            shutdown = spec.shutdown or 5000, args = spec.args }
 end
@@ -191,7 +194,7 @@ local function start_child(sup, c)
     run, args = run_supervisor, { n = 1, nested }
   else
     run = c.start
-    args = { n = 1 + (c.args and (c.args.n or #c.args) or 0), ctx }
+    args = { n = 1 + (c.args and (c.args.n or table.maxn(c.args)) or 0), ctx }   -- (nils too, as tide.spawn)
     if c.args then for i = 1, args.n - 1 do args[i + 1] = c.args[i] end end
   end
   local rec = { spec = c, ctx = ctx, stopping = false }
