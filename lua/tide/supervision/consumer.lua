@@ -219,9 +219,13 @@ end
 
 --- Raises when what source:fetch returned is not a list of delivery tables.
 local function check_batch(c, batch)
-  local why = type(batch) ~= "table" and "returned " .. check.describe(batch)
-  for i = 1, not why and #batch or 0 do
-    if type(batch[i]) ~= "table" then why = ("returned a list whose item %d is %s"):format(i, check.describe(batch[i])) end
+  local why
+  if type(batch) ~= "table" then
+    why = "returned " .. check.describe(batch)
+  else
+    for i = #batch, 1, -1 do
+      if type(batch[i]) ~= "table" then why = ("returned a list whose item %d is %s"):format(i, check.describe(batch[i])) end
+    end
   end
   if why then
     error(("consumer:run: consumer '%s': source:fetch %s (a list of deliveries expected)"):format(c.name, why), 0)
