@@ -8,9 +8,10 @@
 -- six (seconds first); each field a list of `*`, `N`, `A-B`, `*/S`, `A-B/S`
 -- or `A/S` (from A to the end, every S); months JAN-DEC and days SUN-SAT by
 -- name too (7 is Sunday as well as 0); the aliases @yearly (@annually),
--- @monthly, @weekly, @daily (@midnight) and @hourly.  As in every cron: when
--- both day fields are restricted, a day matches either; when one is `*`
--- (or `*/S`), only the other counts.
+-- @monthly, @weekly, @daily (@midnight) and @hourly.  As in Vixie cron: when
+-- both day fields are restricted, a day matches either; when one starts
+-- with `*` (`*` or `*/S`), a day must match both ("0 0 */2 * MON": the
+-- Mondays with an odd date).
 --
 -- Ticks fall on wall-clock times in the schedule's zone.  Where the clocks
 -- change, tide does what Vixie cron (and cronie) document:
@@ -179,9 +180,7 @@ local function month_days(y, m) return m == 2 and (leap(y) and 29 or 28) or DAYS
 local function day_matches(c, y, m, d)
   local dom = c.sets[4][d] == true
   local dow = c.sets[6][(days_from_civil(y, m, d) + 4) % 7] == true
-  if c.dom_star and c.dow_star then return true end
-  if c.dom_star then return dow end
-  if c.dow_star then return dom end
+  if c.dom_star or c.dow_star then return dom and dow end   -- (a `*` field holds every day)
   return dom or dow
 end
 
@@ -190,7 +189,10 @@ local function first_from(set, v, hi)
   for x = v, hi do if set[x] then return x end end
 end
 
-local LIMIT_YEARS = 30                       -- (Feb 29 on a Monday comes back within 28)
+-- Every expression try_parse accepts has a tick within one Gregorian cycle
+-- (400 years); the rarest, Feb 29 on a given weekday ("0 0 29 2 */7"), can
+-- be 40 years apart (2088, then 2128: 2100 is not a leap year).
+local LIMIT_YEARS = 400
 
 --- The first matching wall time >= l (wall seconds), or nil within LIMIT_YEARS.
 function Cron:next_wall(l)
@@ -248,14 +250,20 @@ function Cron:next_second(after)
   -- force up to it) > best.  Within two days that is the offsets in force
   -- near `after` (a per-second schedule would otherwise look an hour
   -- ahead, the size of a clock change, at every tick).
+  -- An interval schedule whose wall times all fall in gaps has no tick:
+  -- after 400 years (the calendar and a zone's rule repeat then) there is
+  -- none to find.
   local best
   local l = self:next_wall(after + lo)
-  while l and not (best and l - (best <= near and hi_near or hi) > best) do
+  local stop = after + LIMIT_YEARS * 366 * 86400
+  while l and l <= stop and not (best and l - (best <= near and hi_near or hi) > best) do
     local us = zone:instants(l)
     if #us == 0 then
+      local t = zone:gap_end(l)
       if not self.interval then
-        local t = zone:gap_end(l)
         if t and t > after and (not best or t < best) then best = t end
+      elseif t then
+        l = t + zone:offset(t) - 1             -- not run in a gap: skip its wall times at once
       end
     else
       for k = 1, self.interval and #us or 1 do
@@ -269,7 +277,7 @@ function Cron:next_second(after)
 end
 
 --- The first tick after `after_ms` (UTC ms since the epoch), in ms; nil
---- when there is none before the year 10000 (or within 30 years).
+--- when there is none before the year 10000.
 function Cron:next(after_ms)
   local t = self:next_second(floor(after_ms / 1000))
   if t and t * 1000 <= time.MAX_MS then return t * 1000 end

@@ -44,6 +44,10 @@ local KEYS = check.options("worker schedule", {
   catch_up = true, priority = true, max_attempts = true })
 
 local CHUNK = 1000                          -- ticks per transaction
+-- The longest the scheduler sleeps: ticks are wall times, its timers run on
+-- the monotonic clock, and the two part (a suspend stops the monotonic
+-- clock; NTP steps the wall clock): it looks at the wall clock again this often.
+local MAX_WAIT = 60000
 M.MAX_CATCH_UP = 10000                      -- missed ticks enqueued at most, the latest ones
 
 -- ===== checking
@@ -97,14 +101,15 @@ end
 function M.check(fname, list, level)
   level = (level or 1) + 1
   if type(list) ~= "table" then opt_error(fname, "schedules", "list of schedule tables", list, level) end
-  local out, names = {}, {}
+  local out, names, n = {}, {}, 0
   for k in pairs(list) do
-    if type(k) ~= "number" or k < 1 or k % 1 ~= 0 or k > #list then
+    if type(k) ~= "number" or k < 1 or k % 1 ~= 0 then
       error(format("%s: bad option 'schedules' (a list expected, it has the key %s)", fname, tostring(k)), level)
     end
+    if k > n then n = k end
   end
-  for i, s in ipairs(list) do
-    local one = check_one(fname, i, s, level)
+  for i = 1, n do                              -- (not ipairs: a hole would drop the schedules after it)
+    local one = check_one(fname, i, list[i], level)
     if names[one.name] then
       error(format("%s: schedules[%d] and schedules[%d] are both named '%s' (give each a name)", fname,
                    names[one.name], i, one.name), level)
@@ -207,6 +212,12 @@ end
 
 --- The scheduler task of worker w (see the top of this file).
 function M.run(w, list)
+  -- Every worker locks the schedules' rows and keys in name order: in the
+  -- order of its own list, two workers with lists in other orders deadlock.
+  local by_name = {}
+  for i, s in ipairs(list) do by_name[i] = s end
+  table.sort(by_name, function(a, b) return a.name < b.name end)
+  list = by_name
   if not persist(w, "registering schedules", register, list) then return end
   while w.state == "running" do
     local now, soonest, any = wallclock(), nil, false
@@ -230,7 +241,7 @@ function M.run(w, list)
       end
     elseif soonest then
       -- (+1: a timer may fire within its last millisecond; never spin)
-      S.wait_for(w.scheduler, "tide.worker", max(1, soonest - wallclock() + 1))
+      S.wait_for(w.scheduler, "tide.worker", min(MAX_WAIT, max(1, soonest - wallclock() + 1)))
     else
       S.wait_for(w.scheduler, "tide.worker")   -- no tick before the year 10000: until stopped
     end

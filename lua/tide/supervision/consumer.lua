@@ -217,16 +217,38 @@ local function run_delivery(c, d)
   S.start(t)
 end
 
+--- Raises when what source:fetch returned is not a list of delivery tables.
+local function check_batch(c, batch)
+  local why
+  if type(batch) ~= "table" then
+    why = "returned " .. check.describe(batch)
+  else
+    for i = #batch, 1, -1 do
+      if type(batch[i]) ~= "table" then why = ("returned a list whose item %d is %s"):format(i, check.describe(batch[i])) end
+    end
+  end
+  if why then
+    error(("consumer:run: consumer '%s': source:fetch %s (a list of deliveries expected)"):format(c.name, why), 0)
+  end
+end
+
 --- Holds every delivery of a batch first (c.held maps each to true, then
 --- to its handler's task), then starts their handlers; a
 --- handler that cannot start (say, a body that cannot cross to a thread)
 --- fails its delivery alone: handle_result sees it ("error", the reason,
 --- no task) and may choose, else it is nacked without requeue: it would
 --- never start (a poison message).
-local function run_batch(c, batch)
-  for i = 1, #batch do
-    c.held[batch[i]] = true
-    c.in_flight = c.in_flight + 1
+local function run_batch(c, got)
+  local batch = {}
+  for i = 1, #got do
+    local d = got[i]
+    if c.held[d] then                        -- a faulty source gave it twice: it runs and settles once
+      log.report(c.name .. " fetching", ("its source returned delivery %s again while held: ignored"):format(tostring(d.tag)))
+    else
+      c.held[d] = true
+      c.in_flight = c.in_flight + 1
+      batch[#batch + 1] = d
+    end
   end
   c.totals.delivered = c.totals.delivered + #batch
   local h = c.handler
@@ -252,7 +274,7 @@ local function release_all(c, why)
     if status and S.TERMINAL[status] then
       settle(c, d, status)
     else
-      settle(c, d, "cancelled")
+      settle(c, d, "cancelled", "requeue")     -- (whatever `requeue` says: it never failed)
       if t ~= true then t:cancel(why) end
     end
   end
@@ -315,6 +337,7 @@ function Consumer.run(c, ctx)
     if c.in_flight < c.prefetch then
       local t0 = now()
       local batch = src:fetch(c.prefetch - c.in_flight, c.poll)
+      check_batch(c, batch)
       run_batch(c, batch)
       if #batch == 0 then
         if now() - t0 < 1 then S.sleep(c.poll) end   -- a source that does not wait: poll it

@@ -74,6 +74,9 @@ local function check_child(fname, spec, where, level)
   if spec.args ~= nil and type(spec.args) ~= "table" then
     opt_error(fname, where .. ".args", "table", spec.args, level)
   end
+  if spec.args ~= nil and spec.args.n ~= nil and not check.is_count(spec.args.n) then   -- (as tide.spawn)
+    opt_error(fname, where .. ".args.n", "non-negative integer", spec.args.n, level)
+  end
   return { id = spec.id, start = start, restart = spec.restart or "permanent",
            shutdown = spec.shutdown or 5000, args = spec.args }
 end
@@ -110,9 +113,17 @@ function M.new(opts)
   end
   local cooldown = check_cooldown(fname, opts.cooldown)
   local children, ids = {}, {}
-  if type(opts.children or {}) ~= "table" then opt_error(fname, "children", "list of child specs", opts.children) end
-  for i, spec in ipairs(opts.children or {}) do
-    local c = check_child(fname, spec, "children[" .. i .. "]", 2)
+  local list = opts.children or {}
+  if type(list) ~= "table" then opt_error(fname, "children", "list of child specs", opts.children) end
+  local n = 0                                    -- (not ipairs: a map or a hole would drop children silently)
+  for k in pairs(list) do
+    if type(k) ~= "number" or k < 1 or k % 1 ~= 0 then
+      error(("%s: bad option 'children' (a list expected, it has the key %s)"):format(fname, tostring(k)), 2)
+    end
+    if k > n then n = k end
+  end
+  for i = 1, n do
+    local c = check_child(fname, list[i], "children[" .. i .. "]", 2)
     if ids[c.id] then error(("%s: duplicate child id '%s'"):format(fname, tostring(c.id)), 2) end
     ids[c.id] = true
     children[i] = c
@@ -162,16 +173,28 @@ function Ctx.stopping(ctx) return ctx.stop_requested end
 
 local run_supervisor -- forward
 
+--- Why child spec c cannot start now, or nil: a supervisor runs once at a
+--- time (a second run would share its children, mailbox and task with the first).
+local function busy(fname, c)
+  local nested = getmetatable(c.start) == Sup_mt and c.start
+  if nested and nested.task and not S.TERMINAL[nested.task:status()] then
+    return ("%s: child '%s' is supervisor '%s', which is already running (a supervisor runs once at a time)")
+      :format(fname, tostring(c.id), nested.name)
+  end
+end
+
 local function start_child(sup, c)
   local ctx = setmetatable({ id = c.id, supervisor = sup, stop_requested = false }, Ctx_mt)
   local run, args
   local nested = getmetatable(c.start) == Sup_mt and c.start
   if nested then
+    local why = busy("supervisor '" .. sup.name .. "'", c)
+    if why then error(why, 0) end
     nested.parent, nested.mailbox = sup, {}     -- its commands count from now on
     run, args = run_supervisor, { n = 1, nested }
   else
     run = c.start
-    args = { n = 1 + (c.args and (c.args.n or #c.args) or 0), ctx }
+    args = { n = 1 + (c.args and (c.args.n or table.maxn(c.args)) or 0), ctx }   -- (nils too, as tide.spawn)
     if c.args then for i = 1, args.n - 1 do args[i + 1] = c.args[i] end end
   end
   local rec = { spec = c, ctx = ctx, stopping = false }
@@ -385,6 +408,18 @@ function Sup.start(sup)
   if sup.task and not S.TERMINAL[sup.task:status()] then
     error("supervisor:start: '" .. sup.name .. "' is already running", 2)
   end
+  local seen = {}
+  for _, c in ipairs(sup.specs) do
+    local why = busy("supervisor:start", c)
+    if why then error(why, 2) end
+    if getmetatable(c.start) == Sup_mt then
+      if seen[c.start] ~= nil then
+        error(("supervisor:start: children '%s' and '%s' are both supervisor '%s' (a supervisor runs once at a time)")
+          :format(tostring(seen[c.start]), tostring(c.id), c.start.name), 2)
+      end
+      seen[c.start] = c.id
+    end
+  end
   sup.gave_up = 0
   sup.mailbox = {}                              -- commands count from now on, in order
   sup.task = spawn{ run = run_supervisor, args = { sup }, name = sup.name }
@@ -455,6 +490,8 @@ function Sup.start_child(sup, spec)
   check_sup("supervisor:start_child", sup)
   local c = check_child("supervisor:start_child", spec, "child", 2)
   if sup.ids[c.id] then error(("supervisor:start_child: duplicate child id '%s'"):format(tostring(c.id)), 2) end
+  local why = busy("supervisor:start_child", c)
+  if why then error(why, 2) end
   local ok, err = command("supervisor:start_child", sup, "start_child", c)
   if ok then sup.ids[c.id] = true end
   return ok, err
