@@ -319,6 +319,31 @@ describe("review revs: tide.consumer and a faulty source", function()
       assert.matches("consumer:run: consumer 'consumer': source:fetch returned nil (a list of deliveries expected)", err, 1, true)
     end)
   end)
+
+  -- Broken: a batch refused for one bad item left its good deliveries
+  -- unsettled: neither acked nor nacked, to a source (or a broker) that
+  -- waits for one or the other.  They are now nacked with requeue, once
+  -- each, before the run ends with the source's fault.
+  it("gives back with requeue the good deliveries of a batch it refuses", function()
+    spec_helper.quiet_errors()
+    spec_helper.run(function()
+      local d1, d2 = { tag = 1, body = "x" }, { tag = 2, body = "y" }
+      local src = source({ d1, 42, d2 })
+      local given = {}
+      function src.nack(_, d, requeue) given[#given + 1] = { d.tag, requeue } end
+      local ran = 0
+      local c = tide.consumer{ source = src, requeue = false, handler = { run = function() ran = ran + 1 end } }
+      local t = tide.spawn(function() return c:run() end)
+      local st, err = t:await(1000)
+      assert.equal("error", st)
+      assert.matches("source:fetch returned a list whose item 2 is number 42 (a list of deliveries expected)", err, 1, true)
+      table.sort(given, function(a, b) return a[1] < b[1] end)
+      assert.same({ { 1, true }, { 2, true } }, given)
+      assert.equal(0, ran)
+      assert.equal(0, src.acks)
+      assert.equal(0, c.in_flight)
+    end)
+  end)
 end)
 
 local PG_URL = os.getenv("TIDE_PG_URL")

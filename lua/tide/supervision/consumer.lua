@@ -217,7 +217,9 @@ local function run_delivery(c, d)
   S.start(t)
 end
 
---- Raises when what source:fetch returned is not a list of delivery tables.
+--- Raises when what source:fetch returned is not a list of delivery tables;
+--- the good deliveries of such a list go back first (nacked with requeue:
+--- they never ran), so that none is left unsettled.
 local function check_batch(c, batch)
   local why
   if type(batch) ~= "table" then
@@ -227,9 +229,18 @@ local function check_batch(c, batch)
       if type(batch[i]) ~= "table" then why = ("returned a list whose item %d is %s"):format(i, check.describe(batch[i])) end
     end
   end
-  if why then
-    error(("consumer:run: consumer '%s': source:fetch %s (a list of deliveries expected)"):format(c.name, why), 0)
+  if not why then return end
+  if type(batch) == "table" then
+    for i = 1, #batch do
+      local d = batch[i]
+      if type(d) == "table" and not c.held[d] then
+        c.held[d] = true
+        c.in_flight = c.in_flight + 1
+        settle(c, d, "cancelled", "requeue")
+      end
+    end
   end
+  error(("consumer:run: consumer '%s': source:fetch %s (a list of deliveries expected)"):format(c.name, why), 0)
 end
 
 --- Holds every delivery of a batch first (c.held maps each to true, then
