@@ -423,6 +423,7 @@ function Sup.start(sup)
   sup.gave_up = 0
   sup.mailbox = {}                              -- commands count from now on, in order
   sup.task = spawn{ run = run_supervisor, args = { sup }, name = sup.name }
+  sup.state = "starting"                        -- its task starts the children on the next tick
   return sup
 end
 
@@ -503,8 +504,8 @@ function Sup.which_children(sup)
   local list = {}
   for _, c in ipairs(sup.specs) do
     local rec = sup.children[c.id]
-    list[#list + 1] = { id = c.id, restart = c.restart, task = rec and rec.task,
-                        status = rec and rec.task:status() or "stopped" }
+    local status = rec and rec.task:status() or (sup.state == "starting" and "pending" or "stopped")
+    list[#list + 1] = { id = c.id, restart = c.restart, task = rec and rec.task, status = status }
   end
   return list
 end
