@@ -98,12 +98,7 @@ describe("tide.jobs.cron parsing", function()
   end)
 
   it("reads aliases, names, steps, lists and the optional seconds field", function()
-    local function ticks(expr, from, n, zone)
-      local c = cron.parse(expr, zone)
-      local t, out = time.parse_iso(from), {}
-      for i = 1, n do t = c:next(t); out[i] = time.iso(t) end
-      return out
-    end
+    local ticks = spec_helper.cron_ticks
     assert.same(ticks("0 0 1 1 *", "2026-05-01T00:00:00Z", 2), ticks("@yearly", "2026-05-01T00:00:00Z", 2))
     assert.same(ticks("@annually", "2026-05-01T00:00:00Z", 2), ticks("@yearly", "2026-05-01T00:00:00Z", 2))
     assert.same(ticks("@midnight", "2026-05-01T00:00:00Z", 2), ticks("@daily", "2026-05-01T00:00:00Z", 2))

@@ -405,4 +405,14 @@ local function exact(a, b, path)
 end
 H.exact = exact
 
+--- The first n ticks of cron expression `expr` after the ISO time `from`
+--- (in `zone`, default UTC), as ISO strings.
+function H.cron_ticks(expr, from, n, zone)
+  local cron, time = require "tide.jobs.cron", require "tide.jobs.time"
+  local c = cron.parse(expr, zone)
+  local t, out = time.parse_iso(from), {}
+  for i = 1, n do t = c:next(t); out[i] = time.iso(t) end
+  return out
+end
+
 return H

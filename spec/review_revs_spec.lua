@@ -3,13 +3,7 @@ local tide = require "tide"
 local cron = require "tide.jobs.cron"
 local time = require "tide.jobs.time"
 
---- The first n ticks of `expr` after the ISO time `from`, as ISO strings.
-local function ticks(expr, from, n, zone)
-  local c = cron.parse(expr, zone)
-  local t, out = time.parse_iso(from), {}
-  for i = 1, n do t = c:next(t); out[i] = time.iso(t) end
-  return out
-end
+local ticks = spec_helper.cron_ticks
 
 describe("review revs: cron day fields", function()
   -- Broken: a day field written `*/S` was taken for `*` whenever the other
