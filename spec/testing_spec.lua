@@ -35,6 +35,22 @@ describe("tide.testing.clock", function()
     assert.same({ "slept 10 at 10", "slept 15 at 15", "after 30 at 30" }, seen)
   end)
 
+  -- clock_step converted its target to nanoseconds by truncation: a
+  -- target a hair under a whole nanosecond (most are, in binary) lost
+  -- one, so advance(40) could land 1 ns short of t0 + 40 (CI met it once,
+  -- at an uptime where it did), and many small advances drifted.
+  it("advances by exactly what it is asked, with no drift over many small steps", function()
+    local clock = testing.clock()
+    H.run(function()
+      local t0 = tide.now()
+      for _ = 1, 1000 do clock:advance(0.1) end
+      local drift = tide.now() - (t0 + 100)
+      assert.is_true(math.abs(drift) < 1e-7, ("drifted by %.9f ms over 1,000 steps of 0.1 ms"):format(drift))
+      local t1 = tide.now()
+      assert.is_true(math.abs(clock:advance(40) - (t1 + 40)) < 1e-7)
+    end)
+  end)
+
   it("times out and retries on virtual time, with the real clock's outcome", function()
     local function scenario(clock)
       local attempts, status, value

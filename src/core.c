@@ -466,7 +466,9 @@ static int l_clock_step(lua_State *L) {
   double target_ms = luaL_checknumber(L, 1);
   if (!(target_ms > 0)) target_ms = 0;                 /* NaN too */
   if (target_ms > MAX_CLOCK_MS) target_ms = MAX_CLOCK_MS;
-  uint64_t target = (uint64_t)(target_ms * 1e6), deadline;
+  /* Rounded, not truncated: most targets are a hair under a whole
+   * nanosecond in binary (now() + 40), and truncating lost one each time. */
+  uint64_t target = (uint64_t)(target_ms * 1e6 + 0.5), deadline;
   if (target < tide__loop_now()) target = tide__loop_now();   /* never backwards */
   if (tide__timers_next(&s->loop.timers, &deadline) && deadline <= target) {
     tide__loop_set_now(&s->loop, deadline);
