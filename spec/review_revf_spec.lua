@@ -1,0 +1,76 @@
+-- spec/review_revf_spec.lua — a hostile review of durable flows, per-key limits and dead letters: one test per defect found.
+--
+-- The flows are modules given through package.preload (a durable flow is
+-- named by its module); every test runs on SQLite, and on PostgreSQL when
+-- TIDE_PG_URL is set.
+local tide = require "tide"
+local core = require "tide.core"
+local H = spec_helper
+
+_G.REVF = { n = 0, most = 0 }
+
+--- A hook that notes how many hooks run at once.
+local function busy_hook()
+  local d = _G.REVF
+  d.n = d.n + 1
+  if d.n > d.most then d.most = d.n end
+  require("tide").sleep(100)
+  d.n = d.n - 1
+end
+
+package.preload.revf_hooks = function()
+  return { name = "revf_hooks", fail = "continue", tasks = {
+    a = { run = function() error("a fails", 0) end },
+  }, on = { task_error = busy_hook, flow_done = busy_hook } }
+end
+
+package.preload.revf_process = function()
+  return { name = "revf_process", tasks = {
+    a = { mode = "process", run = function() return require("tide.core").pid() end },
+    fan = { mode = "process", each = "revf_each.pid", items = function() return { 1, 2 } end },
+  } }
+end
+
+package.preload.revf_one = function()
+  return { name = "revf_one", tasks = { a = { run = function() return "a" end } } }
+end
+
+for _, store in ipairs(H.stores()) do
+describe("review revf: durable flows on " .. store.name, function()
+  local path, q
+  before_each(function()
+    path = os.tmpname()
+    q = tide.queue.open(store.fresh(path))
+    _G.REVF = { n = 0, most = 0 }
+  end)
+  after_each(function()
+    q:close()
+    store.reset(path)
+    os.remove(path)
+    H.assert_idle()
+  end)
+
+  -- Broken: run ids and q:flow_runs' limit and before were checked as
+  -- integers >= 1 only (q:job bounds its id at 2^53, as a double holds it
+  -- exactly): PostgreSQL's bigint refused 1e300 and 2^60 with a store
+  -- error naming no function ("invalid input syntax for type bigint"), and
+  -- a limit of 1e300 became LIMIT -9223372036854775808, which SQLite took
+  -- for no limit at all and PostgreSQL refused.
+  it("refuses run ids beyond 2^53 and a limit beyond 2^31 - 1, naming the function", function()
+    local ID = "run id (integer from 1 to 2^53) expected"
+    H.error_cases("spec/review_revf_spec.lua", {
+      { function() q:flow_run(1e300) end, "q:flow_run: bad argument #1 (" .. ID .. ", got number 1e+300)" },
+      { function() q:cancel_flow(2 ^ 60) end,
+        "q:cancel_flow: bad argument #1 (" .. ID .. ", got number 1.1529215046068e+18)" },
+      { function() q:retry_flow(1e300) end, "q:retry_flow: bad argument #1 (" .. ID .. ", got number 1e+300)" },
+      { function() q:flow_runs{ limit = 1e300 } end,
+        "q:flow_runs: bad option 'limit' (integer from 1 to 2147483647 expected, got number 1e+300)" },
+      { function() q:flow_runs{ before = 1e300 } end,
+        "q:flow_runs: bad option 'before' (" .. ID .. ", got number 1e+300)" },
+    })
+    assert.is_nil(q:flow_run(2 ^ 53))
+    assert.same({}, q:flow_runs{ limit = 2147483647, before = 2 ^ 53 })
+  end)
+
+end)
+end
