@@ -72,5 +72,31 @@ describe("review revf: durable flows on " .. store.name, function()
     assert.same({}, q:flow_runs{ limit = 2147483647, before = 2 ^ 53 })
   end)
 
+  -- Broken: the outcome write took a flow job's args as a flow wrote
+  -- them.  A job of target tide.jobs.flowstep whose args.run was 1.5, or
+  -- args.step a table (a row no flow wrote: enqueued by hand, or edited),
+  -- made the store refuse the whole outcome batch ("invalid input syntax
+  -- for type bigint" on PostgreSQL, "cannot bind parameter 2" on both),
+  -- again at every try: the other jobs of the batch, a real flow's step
+  -- among them, were never recorded (their leases ran out, and they ran
+  -- again, and again).
+  it("does not let a flow job with an odd run id in its args poison the outcome write", function()
+    H.run(function()
+      local id = q:enqueue_flow("revf_one", {})
+      local odd = q:enqueue{ target = "tide.jobs.flowstep", method = "step", max_attempts = 1,
+                             args = { run = id + 0.5, flow = "revf_one", step = "a" } }
+      local odd2 = q:enqueue{ target = "tide.jobs.flowstep", method = "item", max_attempts = 1,
+                              args = { run = id, flow = "revf_one", step = {}, index = 1 } }
+      local plain = q:enqueue{ target = "t", method = "m" }
+      local w = tide.worker{ queue = q, poll = 20, heartbeat = 50, targets = { t = { m = function() end } } }
+      w:drain{ stop = true, within = 3000 }
+      assert.equal(0, w.stats.write_errors, tostring(w.last_error))
+      assert.equal("ok", q:flow_run(id).status)
+      assert.equal("completed", q:job(plain).status)
+      assert.equal("completed", q:job(odd).status)
+      assert.equal("discarded", q:job(odd2).status)        -- (not a flow's: its step is no name)
+    end)
+  end)
+
 end)
 end

@@ -391,12 +391,26 @@ local function by_run(a, b)
   return a.id < b.id
 end
 
+local function is_int(v) return type(v) == "number" and v >= 1 and v <= 2 ^ 53 and v % 1 == 0 end
+
+--- The run id in an entry's args, or nil when they are not a flow job's
+--- as tide.jobs.flows writes them (a run id; a step's name; an item's
+--- index): a job of this target written by hand (args.run = 1.5, args.step
+--- = {}) made the store refuse the whole outcome batch, at every try.
+local function run_id(e)
+  local a = e.args
+  if type(a) ~= "table" or not is_int(a.run) then return nil end
+  if e.method ~= "hook" and type(a.step) ~= "string" then return nil end
+  if e.method == "item" and not is_int(a.index) then return nil end
+  return a.run
+end
+
 --- The run ids of the entries, in order (for the store to lock first).
 function M.runs_of(entries)
   local seen, ids = {}, {}
   for _, e in ipairs(entries) do
-    local id = type(e.args) == "table" and e.args.run
-    if type(id) == "number" and not seen[id] then seen[id] = true; ids[#ids + 1] = id end
+    local id = run_id(e)
+    if id and not seen[id] then seen[id] = true; ids[#ids + 1] = id end
   end
   sort(ids)
   return ids
@@ -446,7 +460,7 @@ function M.apply(session, entries, now, owner, lease, runs, take)
   for id, r in pairs(runs or {}) do F.runs[id] = r end
   local list = {}
   for _, e in ipairs(entries) do
-    if type(e.args) == "table" and type(e.args.run) == "number" then list[#list + 1] = e end
+    if run_id(e) then list[#list + 1] = e end
   end
   sort(list, by_run)
   local oks, rest = {}, {}
