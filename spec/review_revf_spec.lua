@@ -7,6 +7,8 @@ local tide = require "tide"
 local core = require "tide.core"
 local H = spec_helper
 
+package.path = "spec/fixtures/?.lua;" .. package.path     -- (revf_mod, for the steps run in a process)
+
 _G.REVF = { n = 0, most = 0 }
 
 --- A hook that notes how many hooks run at once.
@@ -26,8 +28,8 @@ end
 
 package.preload.revf_process = function()
   return { name = "revf_process", tasks = {
-    a = { mode = "process", run = function() return require("tide.core").pid() end },
-    fan = { mode = "process", each = "revf_each.pid", items = function() return { 1, 2 } end },
+    a = { mode = "process", run = "revf_mod.pid" },
+    fan = { mode = "process", each = "revf_mod.pid", items = function() return { 1, 2 } end },
   } }
 end
 
@@ -95,6 +97,27 @@ describe("review revf: durable flows on " .. store.name, function()
       assert.equal("completed", q:job(plain).status)
       assert.equal("completed", q:job(odd).status)
       assert.equal("discarded", q:job(odd2).status)        -- (not a flow's: its step is no name)
+    end)
+  end)
+
+  -- Broken: a durable step with mode = "process" ran in the worker's own
+  -- Lua state when it had no timeout (only "thread" was sent away), so
+  -- the isolation it asked for (a crash or a memory limit stays in a
+  -- child) was silently dropped; and an `each` named by module
+  -- ("mod.fn", as process and thread modes allow) in process mode was
+  -- refused as "a nested flow".
+  it("runs a step with mode = 'process' in a child process, timeout or not", function()
+    H.run(function()
+      local id = q:enqueue_flow("revf_process", {})
+      local w = tide.worker{ queue = q, poll = 20, heartbeat = 50 }
+      w:drain{ stop = true, within = 5000 }
+      local run = q:flow_run(id)
+      assert.equal("ok", run.status, tostring(run.error))
+      local by = {}
+      for _, s in ipairs(run.steps) do by[s.name] = s end
+      assert.is_number(by.a.result)
+      assert.are_not.equal(core.pid(), by.a.result)
+      assert.are_not.equal(core.pid(), by.fan.result[1])
     end)
   end)
 

@@ -128,7 +128,8 @@ function M.definition(name, fname, level)
   end
   for _, tname in ipairs(mod.order) do
     local node = mod.nodes[tname]
-    if node.flow or (node.each and type(node.each) ~= "function" and node.mode ~= "thread") then
+    local remote = node.mode == "thread" or node.mode == "process"   -- (an each named "mod.fn" runs there)
+    if node.flow or (node.each and type(node.each) ~= "function" and not remote) then
       error(("%s: flow '%s': task '%s': a nested flow cannot run durably (make it a step of its own)")
         :format(fname, name, tname), level)
     end
