@@ -121,5 +121,32 @@ describe("review revf: durable flows on " .. store.name, function()
     end)
   end)
 
+  -- Broken: the hook jobs of a change (task_error, flow_done) were leased
+  -- at once to the worker writing it whatever its free slots: with
+  -- queues = { default = 1 }, a failing step's task_error and the run's
+  -- flow_done hooks ran together, two jobs of the queue at once on a
+  -- worker allowed one (and on a queue with limits (q:declare), past the
+  -- limit every worker obeys).  They now take a free slot as released
+  -- steps do, else wait for a claim.
+  it("runs a flow's hook jobs within the worker's slots", function()
+    H.run(function()
+      local id = q:enqueue_flow("revf_hooks", {})
+      local w = tide.worker{ queue = q, queues = { default = 1 }, poll = 20, heartbeat = 50 }
+      w:drain{ stop = true, within = 5000 }
+      assert.equal("error", q:flow_run(id).status)
+      assert.equal(1, _G.REVF.most)
+    end)
+  end)
+
+  it("runs a flow's hook jobs within a declared concurrency", function()
+    q:declare("lim", { concurrency = 1 })
+    H.run(function()
+      local id = q:enqueue_flow("revf_hooks", {}, { queue = "lim" })
+      local w = tide.worker{ queue = q, queues = { lim = 4 }, poll = 20, heartbeat = 50 }
+      w:drain{ stop = true, within = 5000 }
+      assert.equal("error", q:flow_run(id).status)
+      assert.equal(1, _G.REVF.most)
+    end)
+  end)
 end)
 end

@@ -95,7 +95,7 @@ M.LOST_ATTEMPTS = complete.LOST_ATTEMPTS
 -- the release of those whose dependencies all completed, and the memos of
 -- the JSON of step names.
 local names_of, remember, batch, batch_stmt = complete.names_of, complete.remember, complete.batch, complete.batch_stmt
-local steps_closed, release, steps_ok = complete.steps_closed, complete.release, complete.steps_ok
+local steps_closed, release, steps_ok, taken = complete.steps_closed, complete.release, complete.steps_ok, complete.taken
 
 -- ===== definitions
 
@@ -180,14 +180,15 @@ end
 --- A hook event to run as a job (flow_done, task_error) when the flow
 --- defines that hook (or when this process cannot tell: a cancel from a
 --- process without the flow's module; the job then finds out): leased to
---- this worker when a worker makes the change (it starts the job after the
---- commit), else left for any worker.
+--- this worker when a worker makes the change and has a free slot of the
+--- queue (as released steps are: see release; it starts the job after the
+--- commit), else left for any worker's claim (and its queue's limits).
 local function hook_job(F, run, hook, event_json)
   local ok, def = pcall(M.definition, run.flow)
   if ok and not def.on[hook] then return end
   local args = format('{"flow":%s,"run":%d,"hook":%s,"event":%s}', jstr(run.flow), run.id, jstr(hook), event_json)
   local id = insert_job(F, run, "hook", args, 3)
-  if F.owner then
+  if F.owner and taken(F, run.queue) then
     exec(F, "UPDATE tide_jobs SET status = 'executing', attempt = 1, attempted_at = ?, lease_owner = ?, "
       .. "lease_expires = ? WHERE id = ?", F.now, F.owner, F.now + F.lease, id)
     F.post.hooks[#F.post.hooks + 1] = id
