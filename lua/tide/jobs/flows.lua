@@ -147,10 +147,10 @@ local function max_failures(node) return node.policy and node.policy.attempts or
 -- ===== a change: the session and what to do after the commit
 
 --- F: { s = session, now = ms, owner = worker id or nil, lease = ms,
---- runs = { [id] = run row }, post = { queues = {}, hooks = {} } }.
+--- runs = { [id] = run row }, post = { queues = {}, rows = {} } }.
 local function change(session, now, owner, lease)
   return { s = session, now = now, owner = owner, lease = lease, runs = {}, closed = {}, closed_order = {},
-           post = { queues = {}, hooks = {}, rows = {} } }
+           post = { queues = {}, rows = {} } }
 end
 M.change = change
 
@@ -191,7 +191,11 @@ local function hook_job(F, run, hook, event_json)
   if F.owner and taken(F, run.queue) then
     exec(F, "UPDATE tide_jobs SET status = 'executing', attempt = 1, attempted_at = ?, lease_owner = ?, "
       .. "lease_expires = ? WHERE id = ?", F.now, F.owner, F.now + F.lease, id)
-    F.post.hooks[#F.post.hooks + 1] = id
+    -- (started after the commit as the released steps are, from this row:
+    -- a read of it there let the claimer fill the slot meanwhile)
+    F.post.rows[#F.post.rows + 1] = { id = id, queue = run.queue, target = M.TARGET, method = "hook", args = args,
+                                      priority = run.priority, max_attempts = 3, run_at = F.now,
+                                      inserted_at = F.now, attempt = 1 }
   end
 end
 
@@ -448,11 +452,10 @@ end
 --- Applies the written outcomes of flow jobs (entries of tide.jobs.outcomes
 --- with .args, .value, .err, .trace) inside the transaction that wrote them
 --- (`runs`: what M.lock_runs returned; `take`: { [queue] = n }, how many
---- released steps to lease to `owner` at once, see release).  The steps
---- that succeeded go through steps_ok together; the rest one by one.
---- Returns what to do after the commit: { queues = { [name] = true } that
---- got available jobs, hooks = { job ids leased to `owner` }, rows = { job
---- rows leased to `owner` } }.
+--- released steps and hook jobs to lease to `owner` at once, see release).
+--- The steps that succeeded go through steps_ok together; the rest one by
+--- one.  Returns what to do after the commit: { queues = { [name] = true }
+--- that got available jobs, rows = { job rows leased to `owner` } }.
 function M.apply(session, entries, now, owner, lease, runs, take)
   -- The time is read here, inside the transaction (after its locks), not
   -- taken from the caller: a write that waited for another process's lock

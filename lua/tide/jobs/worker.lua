@@ -525,7 +525,7 @@ function M.new(opts)
   if scheds and #scheds > 0 then
     w.tasks[#w.tasks + 1] = spawn{ run = schedules.run, args = { w, scheds }, name = "worker scheduler" }
   end
-  w.start_row = function(row)              -- a job the store leased to this worker (a flow's hook)
+  w.start_row = function(row)              -- a job the store leased to this worker (a flow's step or hook)
     if w.queues[row.queue] then start_job(w, row) end
   end
   w.on_enqueue = function(name)
