@@ -33,6 +33,13 @@ package.preload.revf_process = function()
   } }
 end
 
+package.preload.revf_bytes = function()
+  return { name = "revf_bytes", fail = "continue", tasks = {
+    nul = { run = function() error("a\0b", 0) end },
+    latin1 = { run = function() error("caf\233", 0) end },
+  }, on = { task_error = function() end } }
+end
+
 package.preload.revf_one = function()
   return { name = "revf_one", tasks = { a = { run = function() return "a" end } } }
 end
@@ -121,6 +128,27 @@ describe("review revf: durable flows on " .. store.name, function()
     end)
   end)
 
+  -- Broken: a step's error went into the store as it came: one with
+  -- invalid UTF-8 ("caf\233", Latin-1) made the task_error hook's event
+  -- fail to encode, on every store, and one with a NUL byte made
+  -- PostgreSQL refuse the row (text and jsonb hold no NUL): the outcome
+  -- write failed at every try, and the run stayed running for ever.  The
+  -- text is kept as every store can hold it (U+FFFD for each bad byte).
+  it("fails a step whose error holds a NUL byte or invalid UTF-8, on every store alike", function()
+    H.run(function()
+      local id = q:enqueue_flow("revf_bytes", {})
+      local w = tide.worker{ queue = q, poll = 20, heartbeat = 50 }
+      w:drain{ stop = true, within = 3000 }
+      assert.equal(0, w.stats.write_errors, tostring(w.last_error))
+      local run = q:flow_run(id)
+      assert.equal("error", run.status)
+      local by = {}
+      for _, s in ipairs(run.steps) do by[s.name] = s end
+      assert.equal("a\239\191\189b", by.nul.error)
+      assert.equal("caf\239\191\189", by.latin1.error)
+    end)
+  end)
+
   -- Broken: the hook jobs of a change (task_error, flow_done) were leased
   -- at once to the worker writing it whatever its free slots: with
   -- queues = { default = 1 }, a failing step's task_error and the run's
@@ -146,6 +174,54 @@ describe("review revf: durable flows on " .. store.name, function()
       w:drain{ stop = true, within = 5000 }
       assert.equal("error", q:flow_run(id).status)
       assert.equal(1, _G.REVF.most)
+    end)
+  end)
+end)
+
+describe("review revf: dead letters on " .. store.name, function()
+  local path, q
+  before_each(function()
+    path = os.tmpname()
+    q = tide.queue.open(store.fresh(path))
+  end)
+  after_each(function()
+    q:close()
+    store.reset(path)
+    os.remove(path)
+    H.assert_idle()
+  end)
+
+  -- Broken: an attempt's error went into the job's errors with its NUL
+  -- bytes as \u0000, which PostgreSQL's jsonb refuses ("unsupported
+  -- Unicode escape sequence"): a job that raised error("a\0b") made the
+  -- whole outcome batch fail at every try, so neither it nor the jobs
+  -- written with it were ever recorded (each ran again after its lease),
+  -- and q:fail(id, "r\0s") raised that store error.  SQLite kept the NUL:
+  -- now both keep U+FFFD, as for invalid UTF-8.
+  it("keeps the error of an attempt that raised a NUL byte, and of q:fail with one", function()
+    H.run(function()
+      local a = q:enqueue{ target = "t", method = "nul", max_attempts = 1 }
+      local c = q:enqueue{ target = "t", method = "ok" }
+      local w = tide.worker{ queue = q, poll = 20, heartbeat = 50, targets = { t = {
+        nul = function() error("a\0b", 0) end, ok = function() end } } }
+      w:drain{ stop = true, within = 3000 }
+      assert.equal(0, w.stats.write_errors, tostring(w.last_error))
+      local job = q:job(a)
+      assert.equal("discarded", job.status)
+      assert.equal("a\239\191\189b", job.errors[1].error)
+      assert.equal("completed", q:job(c).status)
+      -- the dead letter runs again with its data, and keeps its errors
+      local d = q:enqueue{ target = "t", method = "ok", args = { keep = "x\0y" } }
+      assert.is_true(q:fail(d, "r\0s"))
+      assert.equal("r\239\191\189s", q:job(d).errors[1].error)
+      assert.is_true(q:retry(d))
+      local w2 = tide.worker{ queue = q, poll = 20, heartbeat = 50, targets = { t = { ok = function(args)
+        assert(args.keep == "x\0y") end } } }
+      w2:drain{ stop = true, within = 3000 }
+      job = q:job(d)
+      assert.equal("completed", job.status)
+      assert.same({ keep = "x\0y" }, job.args)
+      assert.equal(1, #job.errors)
     end)
   end)
 end)

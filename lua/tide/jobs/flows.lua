@@ -493,9 +493,11 @@ function M.apply(session, entries, now, owner, lease, runs, take)
           item_ok(F, run, a.step, a.index, e.id, v.json)
         end
       elseif kind == "retry" or kind == "discard" then
-        local err, final = tostring(e.err), nil
-        if method == "step" then final = step_attempt_failed(F, run, a.step, e.id, kind == "discard", err, e.trace)
-        elseif method == "item" then final = item_attempt_failed(F, run, a.step, a.index, e.id, kind == "discard", err, e.trace) end
+        -- (free text: as the job's own error entry, json.text; a NUL or
+        -- invalid UTF-8 made the write fail at every try)
+        local err, trace, final = json.text(tostring(e.err)), type(e.trace) == "string" and json.text(e.trace) or nil
+        if method == "step" then final = step_attempt_failed(F, run, a.step, e.id, kind == "discard", err, trace)
+        elseif method == "item" then final = item_attempt_failed(F, run, a.step, a.index, e.id, kind == "discard", err, trace) end
         -- The step's retry policy allowed no more: the job was discarded
         -- here, and the worker's counts and hooks hear that.
         if final then e.outcome = "discarded" end

@@ -57,9 +57,14 @@ local setmetatable, min, max, floor = setmetatable, math.min, math.max, math.flo
 local wallclock, try_encode = core.wallclock, json.try_encode
 
 --- An error entry as JSON: free text (messages, tracebacks) may hold any
---- bytes, so invalid UTF-8 becomes U+FFFD (PostgreSQL's jsonb would refuse
---- it, and every tool that prints it would print it).
-local function encode(entry) return (try_encode(entry, "error", true)) end
+--- bytes, so invalid UTF-8 and NUL become U+FFFD (PostgreSQL's jsonb would
+--- refuse them, and every tool that prints it would print them).
+local function encode(entry)
+  for _, k in ipairs{ "error", "traceback" } do
+    if type(entry[k]) == "string" then entry[k] = json.text(entry[k]) end
+  end
+  return (try_encode(entry, "error", true))
+end
 local TERMINAL = S.TERMINAL
 
 local M = {}
