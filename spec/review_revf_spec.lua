@@ -225,4 +225,50 @@ describe("review revf: dead letters on " .. store.name, function()
     end)
   end)
 end)
+
+describe("review revf: per-key limits on " .. store.name, function()
+  local path, q
+  before_each(function()
+    path = os.tmpname()
+    q = tide.queue.open(store.fresh(path))
+  end)
+  after_each(function()
+    q:close()
+    store.reset(path)
+    os.remove(path)
+    H.assert_idle()
+  end)
+
+  -- Broken: a key's rate counted the jobs whose attempted_at fell in the
+  -- window, and a retry overwrites attempted_at: with "3/s", a job that
+  -- failed at once and was claimed again 40 ms later took its first
+  -- start out of the count, so a third and a fourth job of the key were
+  -- claimed within the same second (4 starts: 0, 0, 40, 300 ms).  A job
+  -- tried before is now claimed only once its last start has left the
+  -- window, so that no start it made is forgotten while it still counts.
+  it("counts a retried job's earlier start in its key's rate", function()
+    q:declare("r", { partition = "args.key", per_key = { rate = "3/s" } })
+    local starts = {}
+    H.run(function()
+      local w = tide.worker{ queue = q, queues = { r = 4 }, poll = 20, heartbeat = 100,
+        retry = { base = 30, max = 30, jitter = false }, targets = { t = { m = function(args, job)
+          starts[#starts + 1] = core.wallclock()
+          if args.fail and job.attempt == 1 then error("the first attempt fails", 0) end
+        end } } }
+      q:enqueue{ queue = "r", target = "t", method = "m", args = { key = "x", fail = true } }
+      q:enqueue{ queue = "r", target = "t", method = "m", args = { key = "x" } }
+      tide.sleep(300)
+      for _ = 1, 2 do q:enqueue{ queue = "r", target = "t", method = "m", args = { key = "x" } } end
+      assert.is_true(H.wait_for(function() return #starts == 5 end, 5000))
+      w:stop()
+      w:wait()
+    end)
+    table.sort(starts)
+    -- (the method starts a little after its claim: 900 ms of starts hold
+    -- at most the rate's 3, whatever the claims' own instants)
+    for i = 1, #starts - 3 do
+      assert(starts[i + 3] - starts[i] > 900, ("4 starts of key x within %.0f ms (rate 3/s)"):format(starts[i + 3] - starts[i]))
+    end
+  end)
+end)
 end
