@@ -224,9 +224,9 @@ describe("durable flows on " .. store.name, function()
       { function() q:enqueue_flow("dflow_stop", {}, { key = "" }) end, "q:enqueue_flow: bad option 'key' (non-empty string expected)" },
       { function() q:enqueue_flow("dflow_stop", {}, { queue = "a b" }) end, "q:enqueue_flow: bad option 'queue' (queue name (letters, digits, _ . -) expected, got string \"a b\")" },
       { function() q:enqueue_flow("dflow_stop", { f = print }) end, "q:enqueue_flow: bad option 'input' (input.f: function cannot be encoded as JSON)" },
-      { function() q:flow_run("x") end, "q:flow_run: bad argument #1 (run id (integer >= 1) expected, got string \"x\")" },
+      { function() q:flow_run("x") end, "q:flow_run: bad argument #1 (run id (integer from 1 to 2^53) expected, got string \"x\")" },
       { function() q:flow_runs{ status = "done" } end, "q:flow_runs: bad option 'status' ('cancelled', 'error', 'ok' or 'running' expected, got string \"done\")" },
-      { function() q:cancel_flow(0) end, "q:cancel_flow: bad argument #1 (run id (integer >= 1) expected, got number 0)" },
+      { function() q:cancel_flow(0) end, "q:cancel_flow: bad argument #1 (run id (integer from 1 to 2^53) expected, got number 0)" },
     })
     local ok, why = q:cancel_flow(12345)
     assert.is_nil(ok)

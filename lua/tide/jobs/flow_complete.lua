@@ -267,6 +267,6 @@ local function steps_ok(F, list)
 end
 
 M.names_of, M.remember, M.jname, M.batch, M.batch_stmt = names_of, remember, jname, batch, batch_stmt
-M.steps_closed, M.release, M.steps_ok = steps_closed, release, steps_ok
+M.steps_closed, M.release, M.steps_ok, M.taken = steps_closed, release, steps_ok, taken
 
 return M

@@ -95,7 +95,7 @@ M.LOST_ATTEMPTS = complete.LOST_ATTEMPTS
 -- the release of those whose dependencies all completed, and the memos of
 -- the JSON of step names.
 local names_of, remember, batch, batch_stmt = complete.names_of, complete.remember, complete.batch, complete.batch_stmt
-local steps_closed, release, steps_ok = complete.steps_closed, complete.release, complete.steps_ok
+local steps_closed, release, steps_ok, taken = complete.steps_closed, complete.release, complete.steps_ok, complete.taken
 
 -- ===== definitions
 
@@ -128,7 +128,8 @@ function M.definition(name, fname, level)
   end
   for _, tname in ipairs(mod.order) do
     local node = mod.nodes[tname]
-    if node.flow or (node.each and type(node.each) ~= "function" and node.mode ~= "thread") then
+    local remote = node.mode == "thread" or node.mode == "process"   -- (an each named "mod.fn" runs there)
+    if node.flow or (node.each and type(node.each) ~= "function" and not remote) then
       error(("%s: flow '%s': task '%s': a nested flow cannot run durably (make it a step of its own)")
         :format(fname, name, tname), level)
     end
@@ -146,10 +147,10 @@ local function max_failures(node) return node.policy and node.policy.attempts or
 -- ===== a change: the session and what to do after the commit
 
 --- F: { s = session, now = ms, owner = worker id or nil, lease = ms,
---- runs = { [id] = run row }, post = { queues = {}, hooks = {} } }.
+--- runs = { [id] = run row }, post = { queues = {}, rows = {} } }.
 local function change(session, now, owner, lease)
   return { s = session, now = now, owner = owner, lease = lease, runs = {}, closed = {}, closed_order = {},
-           post = { queues = {}, hooks = {}, rows = {} } }
+           post = { queues = {}, rows = {} } }
 end
 M.change = change
 
@@ -179,17 +180,22 @@ end
 --- A hook event to run as a job (flow_done, task_error) when the flow
 --- defines that hook (or when this process cannot tell: a cancel from a
 --- process without the flow's module; the job then finds out): leased to
---- this worker when a worker makes the change (it starts the job after the
---- commit), else left for any worker.
+--- this worker when a worker makes the change and has a free slot of the
+--- queue (as released steps are: see release; it starts the job after the
+--- commit), else left for any worker's claim (and its queue's limits).
 local function hook_job(F, run, hook, event_json)
   local ok, def = pcall(M.definition, run.flow)
   if ok and not def.on[hook] then return end
   local args = format('{"flow":%s,"run":%d,"hook":%s,"event":%s}', jstr(run.flow), run.id, jstr(hook), event_json)
   local id = insert_job(F, run, "hook", args, 3)
-  if F.owner then
+  if F.owner and taken(F, run.queue) then
     exec(F, "UPDATE tide_jobs SET status = 'executing', attempt = 1, attempted_at = ?, lease_owner = ?, "
       .. "lease_expires = ? WHERE id = ?", F.now, F.owner, F.now + F.lease, id)
-    F.post.hooks[#F.post.hooks + 1] = id
+    -- (started after the commit as the released steps are, from this row:
+    -- a read of it there let the claimer fill the slot meanwhile)
+    F.post.rows[#F.post.rows + 1] = { id = id, queue = run.queue, target = M.TARGET, method = "hook", args = args,
+                                      priority = run.priority, max_attempts = 3, run_at = F.now,
+                                      inserted_at = F.now, attempt = 1 }
   end
 end
 
@@ -391,12 +397,26 @@ local function by_run(a, b)
   return a.id < b.id
 end
 
+local function is_int(v) return type(v) == "number" and v >= 1 and v <= 2 ^ 53 and v % 1 == 0 end
+
+--- The run id in an entry's args, or nil when they are not a flow job's
+--- as tide.jobs.flows writes them (a run id; a step's name; an item's
+--- index): a job of this target written by hand (args.run = 1.5, args.step
+--- = {}) made the store refuse the whole outcome batch, at every try.
+local function run_id(e)
+  local a = e.args
+  if type(a) ~= "table" or not is_int(a.run) then return nil end
+  if e.method ~= "hook" and type(a.step) ~= "string" then return nil end
+  if e.method == "item" and not is_int(a.index) then return nil end
+  return a.run
+end
+
 --- The run ids of the entries, in order (for the store to lock first).
 function M.runs_of(entries)
   local seen, ids = {}, {}
   for _, e in ipairs(entries) do
-    local id = type(e.args) == "table" and e.args.run
-    if type(id) == "number" and not seen[id] then seen[id] = true; ids[#ids + 1] = id end
+    local id = run_id(e)
+    if id and not seen[id] then seen[id] = true; ids[#ids + 1] = id end
   end
   sort(ids)
   return ids
@@ -432,11 +452,10 @@ end
 --- Applies the written outcomes of flow jobs (entries of tide.jobs.outcomes
 --- with .args, .value, .err, .trace) inside the transaction that wrote them
 --- (`runs`: what M.lock_runs returned; `take`: { [queue] = n }, how many
---- released steps to lease to `owner` at once, see release).  The steps
---- that succeeded go through steps_ok together; the rest one by one.
---- Returns what to do after the commit: { queues = { [name] = true } that
---- got available jobs, hooks = { job ids leased to `owner` }, rows = { job
---- rows leased to `owner` } }.
+--- released steps and hook jobs to lease to `owner` at once, see release).
+--- The steps that succeeded go through steps_ok together; the rest one by
+--- one.  Returns what to do after the commit: { queues = { [name] = true }
+--- that got available jobs, rows = { job rows leased to `owner` } }.
 function M.apply(session, entries, now, owner, lease, runs, take)
   -- The time is read here, inside the transaction (after its locks), not
   -- taken from the caller: a write that waited for another process's lock
@@ -446,7 +465,7 @@ function M.apply(session, entries, now, owner, lease, runs, take)
   for id, r in pairs(runs or {}) do F.runs[id] = r end
   local list = {}
   for _, e in ipairs(entries) do
-    if type(e.args) == "table" and type(e.args.run) == "number" then list[#list + 1] = e end
+    if run_id(e) then list[#list + 1] = e end
   end
   sort(list, by_run)
   local oks, rest = {}, {}
@@ -474,9 +493,11 @@ function M.apply(session, entries, now, owner, lease, runs, take)
           item_ok(F, run, a.step, a.index, e.id, v.json)
         end
       elseif kind == "retry" or kind == "discard" then
-        local err, final = tostring(e.err), nil
-        if method == "step" then final = step_attempt_failed(F, run, a.step, e.id, kind == "discard", err, e.trace)
-        elseif method == "item" then final = item_attempt_failed(F, run, a.step, a.index, e.id, kind == "discard", err, e.trace) end
+        -- (free text: as the job's own error entry, json.text; a NUL or
+        -- invalid UTF-8 made the write fail at every try)
+        local err, trace, final = json.text(tostring(e.err)), type(e.trace) == "string" and json.text(e.trace) or nil
+        if method == "step" then final = step_attempt_failed(F, run, a.step, e.id, kind == "discard", err, trace)
+        elseif method == "item" then final = item_attempt_failed(F, run, a.step, a.index, e.id, kind == "discard", err, trace) end
         -- The step's retry policy allowed no more: the job was discarded
         -- here, and the worker's counts and hooks hear that.
         if final then e.outcome = "discarded" end

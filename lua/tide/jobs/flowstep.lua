@@ -33,9 +33,10 @@ local function what_of(def, node, index)
 end
 
 --- fn(...) with the node's timeout and mode: a task of its own when either
---- is set (so that a timeout stops it), else called here.
+--- is set (so that a timeout stops it, and a thread or process mode runs it
+--- there), else called here.
 local function call(def, node, index, fn, ...)
-  if not node.timeout and node.mode ~= "thread" then return fn(...) end
+  if not node.timeout and (node.mode == nil or node.mode == "coroutine") then return fn(...) end
   local what = what_of(def, node, index)
   local t = task.spawn{ run = fn, args = { n = select("#", ...), ... }, timeout = node.timeout, mode = node.mode,
                         name = what }

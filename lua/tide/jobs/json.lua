@@ -103,6 +103,16 @@ function M.sanitize(s)
   return concat(out)
 end
 
+--- Free text as every store keeps it (error messages and tracebacks of
+--- attempts and of flows' steps): sanitized, and NUL bytes, which
+--- PostgreSQL's text and jsonb refuse, become U+FFFD too (a message with
+--- one made the store refuse the whole outcome batch, at every try).
+function M.text(s)
+  s = M.sanitize(s)
+  if find(s, "\0", 1, true) then s = s:gsub("%z", "\239\191\189") end
+  return s
+end
+
 -- ===== encoding
 
 local ESCAPE = { ['"'] = '\\"', ["\\"] = "\\\\", ["\b"] = "\\b", ["\f"] = "\\f", ["\n"] = "\\n",

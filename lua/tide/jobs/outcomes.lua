@@ -86,8 +86,6 @@ local function record_batch(session, entries, owner, now, lease, box)
   return written, #unapplied > 0 and session:states(unapplied) or nil
 end
 
-local function get_row(session, id) return session:get(id) end
-
 --- The free slots of the queues (without limits) of the durable flow
 --- entries of a running worker's batch: the steps a flow change may lease
 --- to it at once (tide.jobs.flows' release), reserved from those queues'
@@ -115,10 +113,9 @@ local function unreserve(w)
   end
 end
 
---- After a commit that changed durable flows: start the steps leased to this
---- worker in the write (or hand them back, if it stopped meanwhile), wake
---- the claimers of the queues that got jobs, and start the hook jobs leased
---- to this worker.
+--- After a commit that changed durable flows: start the steps and hook
+--- jobs leased to this worker in the write (or hand them back, if it
+--- stopped meanwhile), and wake the claimers of the queues that got jobs.
 local function after_commit(w, post)
   for _, row in ipairs(post.rows) do
     if w.state == "running" and w.queues[row.queue] then
@@ -131,12 +128,6 @@ local function after_commit(w, post)
     end
   end
   queue.notify(w.q, post.queues)
-  for _, id in ipairs(post.hooks) do
-    local ok, row = pcall(queue.worker_call, w.q, w.store, "tide.worker", get_row, id)
-    if ok and row and w.state == "running" and row.status == "executing" and row.lease_owner == w.id then
-      w.start_row(row)
-    end                                      -- else its lease runs out and another worker runs it
-  end
 end
 
 --- Writes `entries` now; true when the store took the batch (each entry

@@ -54,7 +54,7 @@ function Queue:expire(id) return change(self, "q:expire", "expire", id) end
 function Queue:fail(id, reason)
   not_in_finalizer("q:fail", 2)                -- (before the encode below: see not_in_finalizer)
   if reason ~= nil and type(reason) ~= "string" then arg_error("q:fail", 2, "string or nil", reason) end
-  local entry = json.try_encode({ at = wallclock(), error = reason or "failed by hand" }, nil, true)
+  local entry = json.try_encode({ at = wallclock(), error = json.text(reason or "failed by hand") }, nil, true)
   return change(self, "q:fail", "fail", id, entry)
 end
 

@@ -80,8 +80,14 @@ function Q:enqueue_flow(name, input, opts)
   end)
 end
 
+-- A run id: an integer a double holds exactly (as q:job's: PostgreSQL's
+-- bigint refused 1e300 with a store error); a limit every store takes.
+local function is_run_id(id) return check.is_count(id, 1) and id <= 2 ^ 53 end
+local RUN_ID_EXPECTED = "run id (integer from 1 to 2^53)"
+local MAX_LIMIT = 2147483647
+
 local function check_run_id(fname, id)
-  if not check.is_count(id, 1) then arg_error(fname, 1, "run id (integer >= 1)", id, 3) end
+  if not is_run_id(id) then arg_error(fname, 1, RUN_ID_EXPECTED, id, 3) end
 end
 
 local function get_run(session, id) return flows.get(session, id) end
@@ -119,8 +125,10 @@ function Q:flow_runs(f)
     opt_error("q:flow_runs", "status", check.choices(flows.RUN_STATUSES), f.status)
   end
   if f.flow ~= nil and type(f.flow) ~= "string" then opt_error("q:flow_runs", "flow", "string", f.flow) end
-  if f.limit ~= nil and not check.is_count(f.limit, 1) then opt_error("q:flow_runs", "limit", "integer >= 1", f.limit) end
-  if f.before ~= nil and not check.is_count(f.before, 1) then opt_error("q:flow_runs", "before", "run id", f.before) end
+  if f.limit ~= nil and not (check.is_count(f.limit, 1) and f.limit <= MAX_LIMIT) then
+    opt_error("q:flow_runs", "limit", "integer from 1 to 2147483647", f.limit)
+  end
+  if f.before ~= nil and not is_run_id(f.before) then opt_error("q:flow_runs", "before", RUN_ID_EXPECTED, f.before) end
   return (with_session(self, "q:flow_runs", list_runs, { status = f.status, flow = f.flow, limit = f.limit or 100,
                                                          before = f.before }))
 end

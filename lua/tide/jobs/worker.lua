@@ -57,9 +57,14 @@ local setmetatable, min, max, floor = setmetatable, math.min, math.max, math.flo
 local wallclock, try_encode = core.wallclock, json.try_encode
 
 --- An error entry as JSON: free text (messages, tracebacks) may hold any
---- bytes, so invalid UTF-8 becomes U+FFFD (PostgreSQL's jsonb would refuse
---- it, and every tool that prints it would print it).
-local function encode(entry) return (try_encode(entry, "error", true)) end
+--- bytes, so invalid UTF-8 and NUL become U+FFFD (PostgreSQL's jsonb would
+--- refuse them, and every tool that prints it would print them).
+local function encode(entry)
+  for _, k in ipairs{ "error", "traceback" } do
+    if type(entry[k]) == "string" then entry[k] = json.text(entry[k]) end
+  end
+  return (try_encode(entry, "error", true))
+end
 local TERMINAL = S.TERMINAL
 
 local M = {}
@@ -525,7 +530,7 @@ function M.new(opts)
   if scheds and #scheds > 0 then
     w.tasks[#w.tasks + 1] = spawn{ run = schedules.run, args = { w, scheds }, name = "worker scheduler" }
   end
-  w.start_row = function(row)              -- a job the store leased to this worker (a flow's hook)
+  w.start_row = function(row)              -- a job the store leased to this worker (a flow's step or hook)
     if w.queues[row.queue] then start_job(w, row) end
   end
   w.on_enqueue = function(name)

@@ -116,6 +116,9 @@ local SQL = {
       picked AS (
         SELECT p.* FROM keys CROSS JOIN LATERAL (SELECT id, partition_key, priority, run_at FROM tide_jobs
           WHERE queue = $3 AND partition_key = keys.k AND ]] .. WAITING .. [[ AND run_at <= ]] .. NOW .. [[
+            -- (tried before: only once its last start left the rate's window, see the SQLite store's RATE_LEFT)
+            AND coalesce(attempted_at <= (extract(epoch from statement_timestamp()) * 1000)::bigint
+                         - (SELECT rate_period FROM lim WHERE rate_limit IS NOT NULL), true)
           ORDER BY priority, run_at, id LIMIT $5) p
         UNION ALL
         (SELECT id, partition_key, priority, run_at FROM tide_jobs

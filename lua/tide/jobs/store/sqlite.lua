@@ -73,6 +73,13 @@ local ADD_ERROR = "json_insert(coalesce(errors, '[]'), '$[#]', json(?5))"
 local HAS_LIMITS = "(SELECT 1 FROM tide_queues WHERE name = ?4 AND (concurrency IS NOT NULL "
   .. "OR key_concurrency IS NOT NULL OR rate_limit IS NOT NULL))"
 
+-- A job tried before (a retry, a release) waits until its last start has
+-- left its key's rate window: a claim overwrites attempted_at, and the
+-- rate counts starts by it (a retry 40 ms after its first start took that
+-- start out of the count, and a fourth job of "3/s" ran in the second).
+local RATE_LEFT = "coalesce(attempted_at <= ?1 - (SELECT rate_period FROM tide_queues WHERE name = ?4 "
+  .. "AND rate_limit IS NOT NULL), 1)"
+
 local SQL = {
   -- Two inserts: a job without a key needs neither the upsert nor RETURNING,
   -- which together halve SQLite's insert rate.
@@ -103,7 +110,7 @@ local SQL = {
   -- With limits (q:declare), read from tide_queues by the statement itself,
   -- so every worker obeys the same ones at the same instant.  `keys` walks
   -- the keys that have waiting jobs (one index seek per key, whatever the
-  -- backlog); `cand` takes the first ?6 due jobs of each (?6: the most a
+  -- backlog); `cand` takes the first ?6 due jobs of each (RATE_LEFT; ?6: the most a
   -- key could be given, min of the claim and its limits), and the first
   -- ?5 due jobs without a key; they are ranked within their key, and a key
   -- keeps only as many as its free slots (key_concurrency less those
@@ -126,7 +133,8 @@ local SQL = {
           SELECT j.id, j.partition_key, j.priority, j.run_at FROM keys, tide_jobs j
           WHERE keys.k IS NOT NULL AND j.id IN (SELECT id FROM tide_jobs
             WHERE queue = ?4 AND partition_key = keys.k AND ]] .. WAITING .. [[
-              AND (run_at <= ?1 OR typeof(run_at) <> 'integer') ORDER BY priority, run_at, id LIMIT ?6)
+              AND (run_at <= ?1 OR typeof(run_at) <> 'integer') AND ]] .. RATE_LEFT .. [[
+              ORDER BY priority, run_at, id LIMIT ?6)
           UNION ALL
           SELECT * FROM (SELECT id, partition_key, priority, run_at FROM tide_jobs
             WHERE queue = ?4 AND partition_key IS NULL AND ]] .. WAITING .. [[
