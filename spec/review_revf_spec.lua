@@ -46,18 +46,9 @@ end
 
 for _, store in ipairs(H.stores()) do
 describe("review revf: durable flows on " .. store.name, function()
-  local path, q
-  before_each(function()
-    path = os.tmpname()
-    q = tide.queue.open(store.fresh(path))
-    _G.REVF = { n = 0, most = 0 }
-  end)
-  after_each(function()
-    q:close()
-    store.reset(path)
-    os.remove(path)
-    H.assert_idle()
-  end)
+  local q
+  H.fresh_queue_each(store, function(new) q = new end)
+  before_each(function() _G.REVF = { n = 0, most = 0 } end)
 
   -- Broken: run ids and q:flow_runs' limit and before were checked as
   -- integers >= 1 only (q:job bounds its id at 2^53, as a double holds it
@@ -179,17 +170,8 @@ describe("review revf: durable flows on " .. store.name, function()
 end)
 
 describe("review revf: dead letters on " .. store.name, function()
-  local path, q
-  before_each(function()
-    path = os.tmpname()
-    q = tide.queue.open(store.fresh(path))
-  end)
-  after_each(function()
-    q:close()
-    store.reset(path)
-    os.remove(path)
-    H.assert_idle()
-  end)
+  local q
+  H.fresh_queue_each(store, function(new) q = new end)
 
   -- Broken: an attempt's error went into the job's errors with its NUL
   -- bytes as \u0000, which PostgreSQL's jsonb refuses ("unsupported
@@ -227,17 +209,8 @@ describe("review revf: dead letters on " .. store.name, function()
 end)
 
 describe("review revf: per-key limits on " .. store.name, function()
-  local path, q
-  before_each(function()
-    path = os.tmpname()
-    q = tide.queue.open(store.fresh(path))
-  end)
-  after_each(function()
-    q:close()
-    store.reset(path)
-    os.remove(path)
-    H.assert_idle()
-  end)
+  local q
+  H.fresh_queue_each(store, function(new) q = new end)
 
   -- Broken: a key's rate counted the jobs whose attempted_at fell in the
   -- window, and a retry overwrites attempted_at: with "3/s", a job that
