@@ -1135,3 +1135,26 @@ describe("tide.flow", function()
     assert.equal('flowchart LR\n  n1["a"]\n  n2["b"]\n  n1 --> n2\n', out)
   end)
 end)
+
+-- Items with a hole ({ 1, nil, 3 }) or given as a map ({ a = 1 }) were cut
+-- short without a word: one item, or none and an "ok" node.
+describe("tide.flow items", function()
+  it("fails a node whose items are not a list, naming the hole or the key", function()
+    local res
+    run(function()
+      local f = tide.flow{ name = "holes", fail = "continue", tasks = {
+        hole = { each = function(x) return x end, items = function() return { 1, nil, 3 } end },
+        map = { each = function(x) return x end, items = function() return { a = 1 } end },
+        list = { each = function(x) return x end, items = function() return { 1, 2 } end },
+      } }
+      local _, r = f:run()
+      res = r
+    end)
+    assert.equal("error", res.tasks.hole.status)
+    assert.matches("items must be a list (it has a hole at 2)", tostring(res.tasks.hole.error), 1, true)
+    assert.equal("error", res.tasks.map.status)
+    assert.matches('items must be a list (it has the key string "a")', tostring(res.tasks.map.error), 1, true)
+    assert.equal("ok", res.tasks.list.status)
+    assert.same({ 1, 2 }, res.tasks.list.value)
+  end)
+end)

@@ -33,6 +33,14 @@ package.preload.revf_process = function()
   } }
 end
 
+package.preload.revf_holes = function()
+  return { name = "revf_holes", fail = "continue", tasks = {
+    hole = { each = function(x) return x end, items = function() return { 1, nil, 3 } end },
+    map = { each = function(x) return x end, items = function() return { a = 1 } end },
+    list = { each = function(x) return x end, items = function() return { 1, 2 } end },
+  } }
+end
+
 package.preload.revf_bytes = function()
   return { name = "revf_bytes", fail = "continue", tasks = {
     nul = { run = function() error("a\0b", 0) end },
@@ -137,6 +145,24 @@ describe("review revf: durable flows on " .. store.name, function()
       for _, s in ipairs(run.steps) do by[s.name] = s end
       assert.equal("a\239\191\189b", by.nul.error)
       assert.equal("caf\239\191\189", by.latin1.error)
+    end)
+  end)
+
+  -- Broken (the review's design question, made a check): items with a
+  -- hole ({ 1, nil, 3 }) or given as a map ({ a = 1 }) were cut short
+  -- without a word: one item, or none and an "ok" step.
+  it("fails a step whose items are not a list, naming the hole or the key", function()
+    H.run(function()
+      local id = q:enqueue_flow("revf_holes", {})
+      local w = tide.worker{ queue = q, poll = 20, heartbeat = 50 }
+      w:drain{ stop = true, within = 3000 }
+      local by = {}
+      for _, st in ipairs(q:flow_run(id).steps) do by[st.name] = st end
+      assert.equal("error", by.hole.status)
+      assert.matches("items must be a list (it has a hole at 2)", by.hole.error, 1, true)
+      assert.equal("error", by.map.status)
+      assert.matches('items must be a list (it has the key string "a")', by.map.error, 1, true)
+      assert.equal("ok", by.list.status)
     end)
   end)
 

@@ -171,4 +171,18 @@ function M.choices(set)
   return concat(t, ", ", 1, #t - 1) .. " or " .. t[#t]
 end
 
+--- Why table t is not a list (keys 1..n, no hole), or nil: "it has a hole
+--- at 2", "it has the key string "a"".  For what a caller hands over as
+--- a list (a flow's items), which # and ipairs would cut short silently.
+function M.not_a_list(t)
+  local n = 0
+  for k in pairs(t) do
+    if type(k) ~= "number" or k < 1 or k % 1 ~= 0 then return "it has the key " .. M.describe(k) end
+    if k > n then n = k end
+  end
+  for i = 1, n do
+    if t[i] == nil then return ("it has a hole at %d"):format(i) end
+  end
+end
+
 return M

@@ -462,6 +462,10 @@ local function node_ran(run, i, ctx, status, value, attempts)
       return node_finished(run, i, "error", nil,
         ("task '%s': items must be a list, got %s"):format(node.name, check.describe(items)))
     end
+    local why = check.not_a_list(items)
+    if why then
+      return node_finished(run, i, "error", nil, ("task '%s': items must be a list (%s)"):format(node.name, why))
+    end
     return fan_out(run, i, items)
   end
   node_finished(run, i, "ok", value)

@@ -10,6 +10,7 @@
 local flows = require "tide.jobs.flows"
 local json = require "tide.jobs.json"
 local task = require "tide.engine.task"
+local check = require "tide.engine.check"
 
 local type, error, tostring, select, ipairs, pcall = type, error, tostring, select, ipairs, pcall
 
@@ -67,6 +68,8 @@ function M.methods.step(args)
   if type(items) ~= "table" then
     error(("%s: items must be a list, got %s"):format(what_of(def, node), type(items)), 0)
   end
+  local why = check.not_a_list(items)
+  if why then error(("%s: items must be a list (%s)"):format(what_of(def, node), why), 0) end
   local list = {}
   for i, item in ipairs(items) do list[i] = encode(def, node, i, item) end
   return { kind = "items", items = list }
