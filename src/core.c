@@ -466,9 +466,10 @@ static int l_clock_step(lua_State *L) {
   double target_ms = luaL_checknumber(L, 1);
   if (!(target_ms > 0)) target_ms = 0;                 /* NaN too */
   if (target_ms > MAX_CLOCK_MS) target_ms = MAX_CLOCK_MS;
-  /* Rounded, not truncated: most targets are a hair under a whole
-   * nanosecond in binary (now() + 40), and truncating lost one each time. */
-  uint64_t target = (uint64_t)(target_ms * 1e6 + 0.5), deadline;
+  /* Whole nanoseconds, cut down; but a target a hair under a whole one
+   * (now() + 40 most often is, in binary) counts as it: cut, it lost a
+   * nanosecond each time.  A real fraction (10.5 ns) is still cut. */
+  uint64_t target = (uint64_t)(target_ms * 1e6 + 0.01), deadline;
   if (target < tide__loop_now()) target = tide__loop_now();   /* never backwards */
   if (tide__timers_next(&s->loop.timers, &deadline) && deadline <= target) {
     tide__loop_set_now(&s->loop, deadline);
