@@ -59,8 +59,9 @@ local wallclock, try_encode = core.wallclock, json.try_encode
 --- An error entry as JSON: free text (messages, tracebacks) may hold any
 --- bytes, so invalid UTF-8 and NUL become U+FFFD (PostgreSQL's jsonb would
 --- refuse them, and every tool that prints it would print them).
+local FREE_TEXT = { "error", "traceback" }
 local function encode(entry)
-  for _, k in ipairs{ "error", "traceback" } do
+  for _, k in ipairs(FREE_TEXT) do
     if type(entry[k]) == "string" then entry[k] = json.text(entry[k]) end
   end
   return (try_encode(entry, "error", true))
