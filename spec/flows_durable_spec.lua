@@ -91,6 +91,27 @@ describe("durable flows on " .. store.name, function()
     end)
   end)
 
+  it("refuses a key held by a run of another flow, naming both, and starts nothing", function()
+    H.run(function()
+      local id = q:enqueue_flow("dflow_continue", { day = 1 }, { key = "day-7" })
+      local ok, err = pcall(q.enqueue_flow, q, "dflow_stop", { n = 1 }, { key = "day-7" })
+      assert.is_false(ok)
+      assert.equal(("q:enqueue_flow: key \"day-7\" is held by run %d of flow 'dflow_continue', not of 'dflow_stop'")
+        :format(id), err)
+      ok, err = pcall(q.transaction, q, function(tx)
+        tx:enqueue{ target = "nothing", method = "here" }
+        tx:enqueue_flow("dflow_stop", { n = 1 }, { idempotency_key = "day-7" })
+      end)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("tx:enqueue_flow: key \"day-7\" is held by run " .. id, 1, true), err)
+      assert.equal(1, count("SELECT count(*) AS n FROM tide_flow_runs"))
+      assert.equal(1, q:stats().total)                 -- the first run's root job only
+      local again, inserted = q:enqueue_flow("dflow_continue", { day = 2 }, { key = "day-7" })
+      assert.equal(id, again)
+      assert.is_false(inserted)
+    end)
+  end)
+
   it("fail = 'stop' cancels every step and job not yet finished, a running one too", function()
     H.run(function()
       _G.DFLOW.slow = 2000

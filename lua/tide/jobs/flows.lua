@@ -573,8 +573,10 @@ local INSERT_STEPS = batch_stmt("b_run, b_name, b_waiting, b_deps, b_dependents,
 
 --- Starts a run of `def` (M.definition) with `input` (JSON text): returns
 --- its id and true, or the id of the run that has this key and false; and
---- the queue that got jobs.  opts: key, queue, priority.
-function M.start(session, def, input, opts, now)
+--- the queue that got jobs.  opts: key, queue, priority.  A key held by a
+--- run of another flow is refused (`fname` names the caller): returning
+--- that run would tell the caller its flow had started when it never will.
+function M.start(session, def, input, opts, now, fname)
   local F = change(session, now)
   local queue, priority = opts.queue or "default", opts.priority or 0
   local row = q1(F, "INSERT INTO tide_flow_runs (flow, status, fail, queue, priority, input, idempotency_key, "
@@ -582,7 +584,12 @@ function M.start(session, def, input, opts, now)
     .. "ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
     def.module, def.fail, queue, priority, input, opts.key, #def.order, now)
   if not row then
-    return q1(F, "SELECT id FROM tide_flow_runs WHERE idempotency_key = ?", opts.key).id, false
+    local held = q1(F, "SELECT id, flow FROM tide_flow_runs WHERE idempotency_key = ?", opts.key)
+    if held.flow ~= def.module then
+      error(("%s: key %q is held by run %d of flow '%s', not of '%s'"):format(fname, opts.key, held.id,
+        held.flow, def.module), 0)
+    end
+    return held.id, false
   end
   local run = { id = row.id, flow = def.module, status = "running", fail = def.fail, queue = queue,
                 priority = priority, input = input }

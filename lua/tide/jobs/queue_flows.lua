@@ -57,12 +57,13 @@ end
 --- Starts a run of the durable flow defined by module `name` inside this
 --- transaction: the run and its first jobs commit with the caller's data,
 --- or not at all.  opts: key (idempotency key: a second start with it
---- returns the existing run), queue (of its jobs, "default"), priority.
+--- returns the existing run; a key held by another flow's run raises),
+--- queue (of its jobs, "default"), priority.
 --- Returns the run's id and true, or the existing run's id and false.
 function Tx:enqueue_flow(name, input, opts)
   local st = tx_state("tx:enqueue_flow", self)
   local def, input_json, o = flow_args("tx:enqueue_flow", name, input, opts)
-  local id, inserted, qname = flows.start(st.session, def, input_json, o, floor(wallclock()))
+  local id, inserted, qname = flows.start(st.session, def, input_json, o, floor(wallclock()), "tx:enqueue_flow")
   if inserted then st.touched[qname] = true end
   return id, inserted
 end
@@ -74,7 +75,7 @@ function Q:enqueue_flow(name, input, opts)
   local def, input_json, o = flow_args("q:enqueue_flow", name, input, opts)
   return transaction(self, "q:enqueue_flow", function(tx)
     local st = tx._st
-    local id, inserted, qname = flows.start(st.session, def, input_json, o, floor(wallclock()))
+    local id, inserted, qname = flows.start(st.session, def, input_json, o, floor(wallclock()), "q:enqueue_flow")
     if inserted then st.touched[qname] = true end
     return id, inserted
   end)
