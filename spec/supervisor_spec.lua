@@ -34,6 +34,12 @@ local function run(fn)
   assert(status == "ok", tostring(err))
 end
 
+local function reports_matching(text)
+  local out = {}
+  for _, r in ipairs(reports) do if r:find(text, 1, true) then out[#out + 1] = r end end
+  return out
+end
+
 local function crash_once(target)
   local done = false
   return function(id)
@@ -123,6 +129,38 @@ describe("tide.supervisor", function()
     end)
   end)
 
+  it("reports each child that ends other than ok, with its error, traceback and what follows", function()
+    local seen = {}
+    run(function()
+      tide.configure{ on_error = function(where, err, tb) seen[#seen + 1] = { where, tostring(err), tb } end }
+      local function fails_once(id)
+        local failed = false
+        return function()
+          if not failed then failed = true; tide.sleep(1); error(id .. " broke") end
+          tide.sleep(100000)
+        end
+      end
+      local sup = tide.supervisor{ name = "top", intensity = 10, children = {
+        { id = "p", shutdown = 10, start = fails_once("p") },
+        { id = "t", restart = "temporary", start = fails_once("t") },
+        { id = "fine", restart = "transient", start = function() tide.sleep(1) end },
+        { id = "long", shutdown = 10, start = function() tide.sleep(100000) end } } }
+      sup:start()
+      local t0 = tide.now()
+      while #seen < 2 and tide.now() - t0 < 2000 do tide.sleep(5) end
+      tide.sleep(20)
+      sup:stop()                                  -- the children it stops are not reported
+      sup.task:await()
+    end)
+    table.sort(seen, function(a, b) return a[1] < b[1] end)
+    assert.equal(2, #seen)
+    assert.equal("supervisor 'top': child 'p' ended error (restarting)", seen[1][1])
+    assert.matches("p broke", seen[1][2])
+    assert.matches("stack traceback", seen[1][3] or "")
+    assert.equal("supervisor 'top': child 't' ended error (temporary: not restarted)", seen[2][1])
+    assert.matches("t broke", seen[2][2])
+  end)
+
   it("escalates past its intensity: a nested supervisor gives up and its parent restarts it", function()
     local sub_starts = 0
     run(function()
@@ -138,7 +176,8 @@ describe("tide.supervisor", function()
       assert.equal(2, sub.gave_up)        -- sub gave up twice: once per run the top allowed
       assert.equal(6, sub_starts)         -- 3 starts (1 + intensity 2) per run of sub
     end)
-    assert.matches("supervisor 'sub' gave up: more than 2 restarts in 1000 ms", reports[1] or tostring(reports[1]) or "")
+    local gave_up = reports_matching("gave up")
+    assert.matches("supervisor 'sub' gave up: more than 2 restarts in 1000 ms", gave_up[1] or "")
   end)
 
   it("does not leave a dead node: the top supervisor cools down and starts again", function()
@@ -159,8 +198,9 @@ describe("tide.supervisor", function()
       sup:stop()
       sup.task:await()
     end)
-    assert.equal(3, #reports)             -- each give-up logged
-    assert.matches("starting again in", reports[1])
+    assert.equal(3, #reports_matching("starting again in"))   -- each give-up logged
+    assert.equal(6, #reports_matching("child 'c' ended error"))  -- and each crash
+    assert.equal(9, #reports)
   end)
 
   it("stops at once when told to during its cool-down, starting nothing", function()

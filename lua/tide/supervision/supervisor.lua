@@ -199,7 +199,7 @@ local function start_child(sup, c)
   end
   local rec = { spec = c, ctx = ctx, stopping = false }
   rec.task = spawn{ run = run, args = args, name = sup.name .. "/" .. tostring(c.id),
-    handle_result = function(status, value) post(sup, { "exit", rec, status, value }) end }
+    handle_result = function(status, value, t) post(sup, { "exit", rec, status, value, t.traceback }) end }
   if nested then nested.task = rec.task end
   sup.children[c.id] = rec
   return rec
@@ -251,11 +251,28 @@ local function wants_restart(rec, status)
   return status ~= "ok"                        -- transient: abnormal exits only
 end
 
-local function on_exit(sup, rec, status, value)
+--- Tells the error sink of a child that ended other than ok, and what
+--- follows (a warning: supervision handles it, and the restarts are
+--- counted).  As an Erlang supervisor's crash report: without it a child
+--- that fails and is restarted, again and again within the intensity, is
+--- never seen.
+local function report_exit(sup, rec, status, value, tb, next_step)
+  log.warn(("supervisor '%s': child '%s' ended %s (%s)"):format(sup.name, tostring(rec.spec.id), status, next_step),
+    value, tb)
+end
+
+local function on_exit(sup, rec, status, value, tb)
   if rec.stopping then return end            -- we stopped it
   if sup.children[rec.spec.id] == rec then sup.children[rec.spec.id] = nil end
-  if S.shutting_down() or not wants_restart(rec, status) then return end
-  if not count_restart(sup) then
+  if S.shutting_down() then return end       -- every task is ending: nothing to say of each
+  local restart = wants_restart(rec, status)
+  local gave_up = restart and not count_restart(sup)
+  if status ~= "ok" then
+    report_exit(sup, rec, status, value, tb, gave_up and "restarts exhausted: giving up"
+      or restart and "restarting" or rec.spec.restart .. ": not restarted")
+  end
+  if not restart then return end
+  if gave_up then
     error(("supervisor '%s' gave up: more than %d restarts in %g ms (last: child '%s' %s: %s)")
       :format(sup.name, sup.intensity, sup.period, tostring(rec.spec.id), status, tostring(value)), 0)
   end
@@ -315,7 +332,7 @@ local function supervise(sup)
   while true do
     local ev = receive(sup)
     local ok, done = pcall(function()
-      if ev[1] == "exit" then return on_exit(sup, ev[2], ev[3], ev[4]) end
+      if ev[1] == "exit" then return on_exit(sup, ev[2], ev[3], ev[4], ev[5]) end
       return COMMANDS[ev[1]](sup, ev[2])
     end)
     if not ok then
