@@ -18,8 +18,9 @@
 -- during and after the outage) ends acked exactly once, nothing is left
 -- unacked, no delivery was settled twice or with an unknown tag, and new
 -- deliveries were processed after the outage.  The error sink is quieted:
--- it only counts its reports (one per give-up is expected).  Any broken
--- check exits 1.
+-- it only counts its reports (one per give-up is expected, and one per
+-- exit of the consumer: the supervisor logs each child that fails).  Any
+-- broken check exits 1.
 --
 -- Run: build/tide run examples/supervised_consumer.lua      (about 1.3 s)
 local tide = require "tide"
@@ -135,11 +136,16 @@ local sup_status = sup.task:await(3000)
 -- ===== tally and checks
 
 local expected_where = "supervisor " .. sup.name
+local exit_prefix = ("supervisor '%s': child 'orders' ended "):format(sup.name)
+local restarting, exhausted = exit_prefix .. "error (restarting)", exit_prefix .. "error (restarts exhausted: giving up)"
 local sink_total, unexpected = 0, {}
 for where, n in pairs(reports) do
   sink_total = sink_total + n
-  if where ~= expected_where then unexpected[#unexpected + 1] = ("%s (%d)"):format(where, n) end
+  if where ~= expected_where and where ~= restarting and where ~= exhausted then
+    unexpected[#unexpected + 1] = ("%s (%d)"):format(where, n)
+  end
 end
+local exits = (reports[restarting] or 0) + (reports[exhausted] or 0)
 
 print(("source: %d messages (%d up front, %d during the run), prefetch %d, done in %.0f ms")
   :format(total, INITIAL, total - INITIAL, PREFETCH, elapsed))
@@ -151,8 +157,8 @@ print(("outage of %d ms: supervisor gave up %d times (state at its end: %s), con
   :format(OUTAGE_MS, gave_up_in_outage, state_at_end, starts, starts - 1))
 print(("after the outage: %d deliveries, %d processed ok; drained in %.0f ms")
   :format(final.delivered - delivered_at_end, ok_after_outage, drain_ms))
-print(("error sink: %d reports (%d from the supervisor giving up)")
-  :format(sink_total, reports[expected_where] or 0))
+print(("error sink: %d reports (%d from the supervisor giving up; %d exits of the consumer, %d of them giving up)")
+  :format(sink_total, reports[expected_where] or 0, exits, reports[exhausted] or 0))
 
 local failures = {}
 local function check(cond, msg, ...)
@@ -189,6 +195,9 @@ check(late_published > 0 and late_acked == late_published,
 check(#unexpected == 0, "unexpected error reports: %s", table.concat(unexpected, ", "))
 check((reports[expected_where] or 0) == sup.gave_up, "%d give-up reports for %d give-ups",
       reports[expected_where] or 0, sup.gave_up)
+check((reports[exhausted] or 0) == sup.gave_up, "%d exits logged as giving up for %d give-ups",
+      reports[exhausted] or 0, sup.gave_up)
+check(exits == starts - 1, "%d exits of the consumer logged for %d starts after the first", exits, starts - 1)
 check(sup_status == "ok", "the supervisor did not stop (%s)", tostring(sup_status))
 local st = tide.stats()
 check(st.live == 1, "%d tasks still live besides this script", st.live - 1)
