@@ -259,12 +259,13 @@ end
 local FINISHED_JOBS = "('completed', 'discarded', 'cancelled', 'expired')"
 
 --- Cancels every job of the run not yet finished, and every step and item
---- not yet finished; the run ends with `status`.
+--- not yet finished; the run ends with `status`.  (A running job keeps its
+--- lease until its worker stops it: tide.jobs.store.common's STOPPING.)
 local function stop_run(F, run, status, why)
-  exec(F, "UPDATE tide_jobs SET status = 'cancelled', completed_at = ?, lease_owner = NULL, lease_expires = NULL "
+  exec(F, "UPDATE tide_jobs SET status = 'cancelled', completed_at = ? "
     .. "WHERE id IN (SELECT job_id FROM tide_flow_steps WHERE run_id = ? AND status IN ('queued', 'fanout')) "
     .. "AND status NOT IN " .. FINISHED_JOBS, F.now, run.id)
-  exec(F, "UPDATE tide_jobs SET status = 'cancelled', completed_at = ?, lease_owner = NULL, lease_expires = NULL "
+  exec(F, "UPDATE tide_jobs SET status = 'cancelled', completed_at = ? "
     .. "WHERE id IN (SELECT job_id FROM tide_flow_items WHERE run_id = ? AND status = 'queued') "
     .. "AND status NOT IN " .. FINISHED_JOBS, F.now, run.id)
   exec(F, "UPDATE tide_flow_items SET status = 'cancelled', completed_at = ? WHERE run_id = ? "
@@ -369,7 +370,7 @@ local function item_failed(F, run, name, idx, status, err, trace)
   if n == 0 then return end
   local step = q1(F, "SELECT each FROM tide_flow_steps WHERE run_id = ? AND name = ?", run.id, name)
   if step and step.each == 2 then return item_settled(F, run, name) end
-  exec(F, "UPDATE tide_jobs SET status = 'cancelled', completed_at = ?, lease_owner = NULL, lease_expires = NULL "
+  exec(F, "UPDATE tide_jobs SET status = 'cancelled', completed_at = ? "
     .. "WHERE id IN (SELECT job_id FROM tide_flow_items WHERE run_id = ? AND step = ? AND status = 'queued') "
     .. "AND status NOT IN " .. FINISHED_JOBS, F.now, run.id, name)
   exec(F, "UPDATE tide_flow_items SET status = 'cancelled', completed_at = ? WHERE run_id = ? AND step = ? "

@@ -132,6 +132,15 @@ end
 
 --- Writes `entries` now; true when the store took the batch (each entry
 --- then settled), false after a failure (reported; the entries untouched).
+--- Job `id`, cancelled, expired or failed by hand while it ran here, has
+--- stopped: its lease, which kept its slot (tide.jobs.store.common's
+--- STOPPING), is given up by the worker's heartbeat task.
+function M.stopped(w, id)
+  local list = w.unlease
+  list[#list + 1] = id
+  S.notify(w.beat)
+end
+
 local function write(w, entries)
   local box = { take = reserve(w, entries) }
   local ok, written, states = pcall(queue.worker_call, w.q, w.store, "tide.worker", record_batch,
@@ -153,6 +162,9 @@ local function write(w, entries)
     else
       local now = states and states[e.id]
       local status = now and now.status
+      if now and now.lease_owner == w.id and status ~= "executing" then
+        M.stopped(w, e.id)                    -- cancelled by hand while it ran: its lease held its slot
+      end
       settle(w, e, (status == "cancelled" or status == "expired") and "cancelled" or "lost")
     end
   end

@@ -258,6 +258,7 @@ local function job_finished(t)
     record(w, e)
   elseif status == "cancelled" then
     if rec.gone then                          -- cancelled, expired or taken over in the store
+      outcomes.stopped(w, rec.row.id)
       count(w, rec.row.queue, rec.gone)
       outcomes.heard(w, rec.row.id, rec.job, rec.gone, t[VALUE])
     elseif w.state ~= "running" or S.shutting_down() then
@@ -357,10 +358,23 @@ local function gone_from_store(w, ids)
   end
 end
 
+local function unlease_rows(session, owner, ids) return session:unlease(owner, ids) end
+
+--- Gives up the leases of the jobs stopped here.  On a failure they run
+--- out instead (the rescue gives them up): their slots are held longer,
+--- never lost.
+local function unlease(w)
+  local ids = w.unlease
+  w.unlease = {}
+  local ok, err = pcall(call, w, w.lease_store, "tide.worker", unlease_rows, w.id, ids)
+  if not ok then log.report("worker " .. w.id .. ": giving up the leases of stopped jobs", err) end
+end
+
 local function heartbeat(w)
   local failures, wait = 0, w.heartbeat
-  while w.state == "running" or w.nrunning > 0 or #w.pending > 0 or w.writing do
-    S.wait_for(w.beat, "tide.worker", wait)
+  while w.state == "running" or w.nrunning > 0 or #w.pending > 0 or w.writing or #w.unlease > 0 do
+    if #w.unlease == 0 then S.wait_for(w.beat, "tide.worker", wait) end
+    if #w.unlease > 0 then unlease(w) end
     wait = w.heartbeat
     if w.nrunning > 0 or #w.pending > 0 or w.writing then
       -- The jobs running here, and those whose outcome waits to be written
@@ -495,7 +509,7 @@ function M.new(opts)
     -- host:pid:start time, so a later process that gets the same pid is
     -- another lease holder (it must not heartbeat a dead one's jobs).
     id = ("%s:%d:%x"):format(core.hostname(), core.pid(), (wallclock() * 16 + floor(core.now() * 16) % 16) % 2^40),
-    state = "running", queues = {}, running = {}, nrunning = 0, pending = {},
+    state = "running", queues = {}, running = {}, nrunning = 0, pending = {}, unlease = {},
     flusher = { waiting = false }, beat = { waiting = false }, idle = { waiting = false },
     rescue_holder = { waiting = false }, scheduler = { waiting = false }, tasks = {}, schedules = scheds,
     stats = { claimed = 0, completed = 0, retried = 0, discarded = 0, released = 0,

@@ -53,6 +53,12 @@ function M.any_of(statuses)
   return "(" .. concat(terms, " OR ") .. ")"
 end
 
+--- A job stopping: cancelled, expired or failed by hand while it ran, and
+--- still leased to its worker until that worker has stopped it and said so
+--- (session:unlease), or its lease ran out (session:rescue).  The predicate
+--- of the index tide_jobs_stopping, in both stores.
+M.STOPPING = "lease_owner IS NOT NULL AND status <> 'executing'"
+
 --- "status <> 'a' AND status <> 'b'".
 function M.none_of(statuses)
   local terms = {}

@@ -145,6 +145,11 @@ local MIGRATIONS = {
   {
     [[DROP INDEX IF EXISTS tide_jobs_leased]],
   },
+  -- 6: jobs stopping (see the SQLite store's migration 7).
+  {
+    [[CREATE INDEX tide_jobs_stopping ON tide_jobs (queue, partition_key)
+      WHERE lease_owner IS NOT NULL AND status <> 'executing']],
+  },
 }
 M.MIGRATIONS, M.VERSION = MIGRATIONS, #MIGRATIONS
 

@@ -44,6 +44,7 @@ Session.dialect = "postgres"
 
 local WAITING = "status IN " .. common.status_list(job.WAITING)
 local TERMINAL_SQL = common.status_list(job.FINISHED)
+local STOPPING = common.STOPPING      -- (see the SQLite store)
 -- Leases are timed by the server's clock: one clock for every machine, read
 -- when the statement runs (not when it was queued behind a connect).
 local NOW = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
@@ -126,8 +127,12 @@ local SQL = {
           ORDER BY priority, run_at, id LIMIT $4)),
       cand AS (SELECT id, partition_key, priority, run_at,
           row_number() OVER (PARTITION BY partition_key ORDER BY priority, run_at, id) AS rk FROM picked),
-      busy AS (SELECT partition_key, count(*) AS n FROM tide_jobs
-        WHERE status = 'executing' AND queue = $3 AND partition_key IS NOT NULL GROUP BY partition_key),
+      busy AS (SELECT partition_key, count(*) AS n FROM (
+          SELECT partition_key FROM tide_jobs
+          WHERE status = 'executing' AND queue = $3 AND partition_key IS NOT NULL
+          UNION ALL
+          SELECT partition_key FROM tide_jobs
+          WHERE ]] .. STOPPING .. [[ AND queue = $3 AND partition_key IS NOT NULL) b GROUP BY partition_key),
       -- (the statement's start, a stable time the index can use: a little
       -- earlier than the claim's own, so the window counted is a little
       -- wider, never narrower)
@@ -144,7 +149,8 @@ local SQL = {
           AND (l.rate_limit IS NULL OR c.rk <= l.rate_limit - coalesce(r.n, 0)))
         ORDER BY c.priority, c.run_at, c.id
         LIMIT greatest(0, least($4, coalesce((SELECT concurrency FROM lim)
-          - (SELECT count(*) FROM tide_jobs WHERE status = 'executing' AND queue = $3), $4)))),
+          - (SELECT count(*) FROM tide_jobs WHERE status = 'executing' AND queue = $3)
+          - (SELECT count(*) FROM tide_jobs WHERE ]] .. STOPPING .. [[ AND queue = $3), $4)))),
       due AS (SELECT id FROM tide_jobs WHERE id IN (SELECT id FROM pick) FOR UPDATE SKIP LOCKED)
     UPDATE tide_jobs j SET status = 'executing', attempt = j.attempt + 1, attempted_at = ]] .. NOW .. [[,
       lease_owner = $2, lease_expires = ]] .. NOW .. [[ + $1
@@ -194,16 +200,21 @@ local SQL = {
     RETURNING id, status, queue, target, method, attempt, max_attempts, priority, run_at, inserted_at,
       idempotence_key]],
   get = "SELECT * FROM tide_jobs WHERE id = $1",
-  cancel = "UPDATE tide_jobs SET status = 'cancelled', completed_at = $2, lease_owner = NULL, "
-    .. "lease_expires = NULL WHERE id = $1 AND status NOT IN " .. TERMINAL_SQL,
-  expire = "UPDATE tide_jobs SET status = 'expired', completed_at = $2, lease_owner = NULL, "
-    .. "lease_expires = NULL WHERE id = $1 AND status NOT IN " .. TERMINAL_SQL,
-  fail = "UPDATE tide_jobs SET status = 'discarded', completed_at = $2, lease_owner = NULL, "
-    .. "lease_expires = NULL, errors = coalesce(errors, '[]'::jsonb) || jsonb_build_array($3::jsonb) "
+  -- (A running job keeps its lease: see the SQLite store's STOPPING.)
+  cancel = "UPDATE tide_jobs SET status = 'cancelled', completed_at = $2 "
     .. "WHERE id = $1 AND status NOT IN " .. TERMINAL_SQL,
+  expire = "UPDATE tide_jobs SET status = 'expired', completed_at = $2 "
+    .. "WHERE id = $1 AND status NOT IN " .. TERMINAL_SQL,
+  fail = "UPDATE tide_jobs SET status = 'discarded', completed_at = $2, "
+    .. "errors = coalesce(errors, '[]'::jsonb) || jsonb_build_array($3::jsonb) "
+    .. "WHERE id = $1 AND status NOT IN " .. TERMINAL_SQL,
+  unlease = "UPDATE tide_jobs SET lease_owner = NULL, lease_expires = NULL "
+    .. "WHERE id = ANY($2::bigint[]) AND lease_owner = $1 AND status <> 'executing'",
+  rescue_stopping = "UPDATE tide_jobs SET lease_owner = NULL, lease_expires = NULL WHERE " .. STOPPING
+    .. " AND lease_expires < " .. NOW,
   retry_now = "UPDATE tide_jobs SET status = 'available', run_at = $2, completed_at = NULL, "
     .. "max_attempts = greatest(max_attempts, attempt + 1) "
-    .. "WHERE id = $1 AND status NOT IN ('executing', 'available')",
+    .. "WHERE id = $1 AND status NOT IN ('executing', 'available') AND lease_owner IS NULL",
   stats = "SELECT queue, status, count(*) AS n FROM tide_jobs GROUP BY queue, status",
   backlog = "SELECT queue, status, count(*) AS n FROM tide_jobs WHERE " .. WAITING .. " GROUP BY queue, status "
     .. "UNION ALL SELECT queue, 'executing', count(*) FROM tide_jobs WHERE status = 'executing' GROUP BY queue",
@@ -737,7 +748,15 @@ function Session:heartbeat(owner, lease_until, ids)
   return set
 end
 
+--- (See the SQLite store.)
+function Session:unlease(owner, ids)
+  local list = {}
+  for i, id in ipairs(ids) do list[i] = format("%d", id) end
+  return self.c:query(SQL.unlease, owner, "{" .. concat(list, ",") .. "}").changes
+end
+
 function Session:rescue()
+  self.c:query(SQL.rescue_stopping)
   local list = self.c:query(SQL.rescue).rows
   local dead = {}
   for _, r in ipairs(list) do if r.status == "discarded" then dead[#dead + 1] = r end end
@@ -790,7 +809,7 @@ function Session:leases() return self.c:query(SQL.leases).rows end
 
 function Session:prune(before, statuses)
   return self.c:query("DELETE FROM tide_jobs WHERE status IN " .. common.status_list(statuses)
-    .. " AND completed_at <= $1", before).changes
+    .. " AND completed_at <= $1 AND lease_owner IS NULL", before).changes   -- (not a job still stopping)
 end
 
 --- 0 when no job of `queues` is due by `now` or executing; else how many
@@ -804,13 +823,14 @@ end
 local BULK_SET = {
   retry_now = "status = 'available', run_at = $2, completed_at = NULL, "
     .. "max_attempts = greatest(max_attempts, attempt + 1)",
-  cancel = "status = 'cancelled', completed_at = $2, lease_owner = NULL, lease_expires = NULL",
+  cancel = "status = 'cancelled', completed_at = $2",
 }
 
 --- (Rows are locked in id order, as every statement of the store locks
 --- them, and waited for: a job a worker writes now is changed after it.)
 function Session:bulk(op, f, after, limit, now)
   local sql = "UPDATE tide_jobs SET " .. BULK_SET[op] .. " WHERE id IN (SELECT id FROM tide_jobs WHERE id > $1 "
+    .. (op == "retry_now" and "AND lease_owner IS NULL " or "")
     .. "AND status = $3" .. (f.queue and " AND queue = $4" or " AND $4::text IS NULL")
     .. (f.since and (" AND %s >= $5"):format(f.since_col) or " AND $5::bigint IS NULL")
     .. " ORDER BY id LIMIT $6 FOR UPDATE) RETURNING id, queue"

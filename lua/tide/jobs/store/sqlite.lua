@@ -65,6 +65,11 @@ Session.dialect = "sqlite"
 -- way, so that SQLite sees that a claim can use the index.)
 local WAITING = common.any_of(job.WAITING)
 local NOT_TERMINAL = common.none_of(job.FINISHED)
+-- A job stopping: cancelled, expired or failed by hand while it ran, and
+-- still leased to its worker until the worker has stopped it (the
+-- predicate of tide_jobs_stopping).  It holds its slot until then: its
+-- queue's and key's limits count it as running.
+local STOPPING = common.STOPPING
 local GUARD = "WHERE id = ?1 AND status = 'executing' AND lease_owner = ?2 AND attempt = ?3"
 local ADD_ERROR = "json_insert(coalesce(errors, '[]'), '$[#]', json(?5))"
 
@@ -141,8 +146,12 @@ local SQL = {
               AND (run_at <= ?1 OR typeof(run_at) <> 'integer') ORDER BY priority, run_at, id LIMIT ?5)),
         ranked AS (SELECT id, partition_key, priority, run_at,
             row_number() OVER (PARTITION BY partition_key ORDER BY priority, run_at, id) AS rk FROM cand),
-        busy AS (SELECT partition_key, count(*) AS n FROM tide_jobs
-          WHERE status = 'executing' AND queue = ?4 AND partition_key IS NOT NULL GROUP BY partition_key),
+        busy AS (SELECT partition_key, count(*) AS n FROM (
+            SELECT partition_key FROM tide_jobs
+            WHERE status = 'executing' AND queue = ?4 AND partition_key IS NOT NULL
+            UNION ALL
+            SELECT partition_key FROM tide_jobs
+            WHERE ]] .. STOPPING .. [[ AND queue = ?4 AND partition_key IS NOT NULL) GROUP BY partition_key),
         recent AS (SELECT partition_key, count(*) AS n FROM tide_jobs
           WHERE queue = ?4 AND partition_key IS NOT NULL
             AND attempted_at > ?1 - (SELECT rate_period FROM tide_queues WHERE name = ?4) GROUP BY partition_key)
@@ -155,7 +164,8 @@ local SQL = {
         AND (l.rate_limit IS NULL OR c.rk <= l.rate_limit - coalesce(r.n, 0)))
       ORDER BY c.priority, c.run_at, c.id
       LIMIT max(0, min(?5, coalesce((SELECT concurrency FROM tide_queues WHERE name = ?4)
-        - (SELECT count(*) FROM tide_jobs WHERE status = 'executing' AND queue = ?4), ?5))))
+        - (SELECT count(*) FROM tide_jobs WHERE status = 'executing' AND queue = ?4)
+        - (SELECT count(*) FROM tide_jobs WHERE ]] .. STOPPING .. [[ AND queue = ?4), ?5))))
     RETURNING id, queue, target, method, args, args_enc, priority, attempt, max_attempts,
       run_at, inserted_at, idempotence_key, partition_key]],
   -- The oldest start of a keyed job in the rate's window (?2: now less the
@@ -189,16 +199,20 @@ local SQL = {
       idempotence_key]],
   get = "SELECT * FROM tide_jobs WHERE id = ?1",
   states = "SELECT id, status, lease_owner, attempt FROM tide_jobs WHERE id IN (SELECT value FROM json_each(?1))",
-  cancel = "UPDATE tide_jobs SET status = 'cancelled', completed_at = ?2, lease_owner = NULL, "
-    .. "lease_expires = NULL WHERE id = ?1 AND " .. NOT_TERMINAL,
-  expire = "UPDATE tide_jobs SET status = 'expired', completed_at = ?2, lease_owner = NULL, "
-    .. "lease_expires = NULL WHERE id = ?1 AND " .. NOT_TERMINAL,
-  fail = "UPDATE tide_jobs SET status = 'discarded', completed_at = ?2, lease_owner = NULL, "
-    .. "lease_expires = NULL, errors = json_insert(coalesce(errors, '[]'), '$[#]', json(?3)) "
-    .. "WHERE id = ?1 AND " .. NOT_TERMINAL,
+  -- (A running job keeps its lease: see STOPPING.)
+  cancel = "UPDATE tide_jobs SET status = 'cancelled', completed_at = ?2 WHERE id = ?1 AND " .. NOT_TERMINAL,
+  expire = "UPDATE tide_jobs SET status = 'expired', completed_at = ?2 WHERE id = ?1 AND " .. NOT_TERMINAL,
+  fail = "UPDATE tide_jobs SET status = 'discarded', completed_at = ?2, "
+    .. "errors = json_insert(coalesce(errors, '[]'), '$[#]', json(?3)) WHERE id = ?1 AND " .. NOT_TERMINAL,
+  -- The leases of jobs among ?2 that this worker (?1) has stopped.
+  unlease = "UPDATE tide_jobs SET lease_owner = NULL, lease_expires = NULL "
+    .. "WHERE id IN (SELECT value FROM json_each(?2)) AND lease_owner = ?1 AND status <> 'executing'",
+  -- Leases of stopping jobs whose worker died before it stopped them.
+  rescue_stopping = "UPDATE tide_jobs SET lease_owner = NULL, lease_expires = NULL WHERE " .. STOPPING
+    .. " AND lease_expires < ?1",
   retry_now = "UPDATE tide_jobs SET status = 'available', run_at = ?2, completed_at = NULL, "
     .. "max_attempts = max(max_attempts, attempt + 1) "
-    .. "WHERE id = ?1 AND status <> 'executing' AND status <> 'available'",
+    .. "WHERE id = ?1 AND status <> 'executing' AND status <> 'available' AND lease_owner IS NULL",
   stats = "SELECT queue, status, count(*) AS n FROM tide_jobs GROUP BY queue, status",
   -- Through the partial indexes only: the cost follows the backlog, not the table.
   backlog = "SELECT queue, status, count(*) AS n FROM tide_jobs WHERE " .. WAITING .. " GROUP BY queue, status",
@@ -734,10 +748,20 @@ local function run(s, key, ...) return stmt(s, key):run(...) end
 local function first(s, key, ...) return stmt(s, key):first(...) end
 local function rows(s, key, ...) return stmt(s, key):rows(...) end
 
+--- Gives up the leases of jobs among `ids` that worker `owner` has stopped
+--- after they were cancelled, expired or failed by hand (STOPPING).
+function Session:unlease(owner, ids) return (locked(self, run, self, "unlease", owner, id_list(ids))) end
+
+local function rescue_all(s, now)
+  stmt(s, "rescue_stopping"):run(now)
+  return stmt(s, "rescue"):rows(now)
+end
+
 --- Makes jobs whose lease expired available again, or discarded after their
---- last attempt; returns how many, and the rows of those discarded.
+--- last attempt; returns how many, and the rows of those discarded.  The
+--- leases of stopping jobs that expired are given up too (not counted).
 function Session:rescue(now)
-  local list = locked(self, rows, self, "rescue", now)
+  local list = locked(self, rescue_all, self, now)
   local dead = {}
   for _, r in ipairs(list) do if r.status == "discarded" then dead[#dead + 1] = r end end
   return #list, dead
@@ -788,7 +812,7 @@ function Session:leases() return (locked(self, rows, self, "leases")) end
 
 function Session:prune(before, statuses)
   return (locked(self, user_run, self, "DELETE FROM tide_jobs WHERE status IN " .. common.status_list(statuses)
-    .. " AND completed_at <= ?1", before))
+    .. " AND completed_at <= ?1 AND lease_owner IS NULL", before))   -- (not a job still stopping)
 end
 
 --- How many jobs of `queues` are due or executing (anywhere): 0 means a
@@ -807,7 +831,7 @@ function Session:pending(queues, now) return (locked(self, pending, self, queues
 
 local BULK_SET = {
   retry_now = "status = 'available', run_at = ?2, completed_at = NULL, max_attempts = max(max_attempts, attempt + 1)",
-  cancel = "status = 'cancelled', completed_at = ?2, lease_owner = NULL, lease_expires = NULL",
+  cancel = "status = 'cancelled', completed_at = ?2",
 }
 
 --- Applies op ("retry_now" or "cancel") to the next `limit` jobs after id
@@ -816,6 +840,7 @@ local BULK_SET = {
 --- returns the rows changed: { id, queue }, in id order.
 function Session:bulk(op, f, after, limit, now)
   local sql = "UPDATE tide_jobs SET " .. BULK_SET[op] .. " WHERE id IN (SELECT id FROM tide_jobs WHERE id > ?1 "
+    .. (op == "retry_now" and "AND lease_owner IS NULL " or "")
     .. "AND status = ?3" .. (f.queue and " AND queue = ?4" or "") .. (f.since and (" AND %s >= ?5"):format(f.since_col) or "")
     .. " ORDER BY id LIMIT ?6) RETURNING id, queue"
   local list = locked(self, user_rows, self, sql, after, now, f.status, f.queue, f.since, limit)

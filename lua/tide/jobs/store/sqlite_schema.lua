@@ -176,6 +176,13 @@ local MIGRATIONS = {
   CREATE INDEX tide_jobs_key_running ON tide_jobs (queue, partition_key)
     WHERE partition_key IS NOT NULL AND status = 'executing';
   ]],
+  -- 7: jobs stopping (tide.jobs.store.common's STOPPING).  A job cancelled,
+  -- expired or failed by hand while it runs keeps its lease until its
+  -- worker has stopped it: the limits count it, so that the next job of its
+  -- key does not start beside it.  As few rows as the workers' slots.
+  [[CREATE INDEX tide_jobs_stopping ON tide_jobs (queue, partition_key)
+    WHERE lease_owner IS NOT NULL AND status <> 'executing';
+  ]],
 }
 M.VERSION = #MIGRATIONS
 M.MIGRATIONS = MIGRATIONS
