@@ -48,6 +48,7 @@ describe("PostgreSQL migration 5 (the rescue reads the executing jobs' index)", 
     q:close(); q = nil
     -- what version 4 had: the index, and the jobs two workers leased
     c:query("CREATE INDEX tide_jobs_leased ON tide_jobs (lease_expires) WHERE status = 'executing'")
+    c:query("DROP INDEX tide_jobs_stopping")                  -- (migration 6's)
     c:query("UPDATE tide_schema SET version = 4")
     c:query("UPDATE tide_jobs SET status = 'executing', attempt = 1, lease_owner = 'gone:1:1', lease_expires = "
       .. NOW .. " - 1000 WHERE id = $1", expired)
@@ -58,6 +59,7 @@ describe("PostgreSQL migration 5 (the rescue reads the executing jobs' index)", 
     assert.equal(pg.VERSION, c:query("SELECT version FROM tide_schema").rows[1].version)
     assert.is_true(pg.VERSION >= 5)
     assert.equal(0, #c:query("SELECT 1 FROM pg_indexes WHERE indexname = 'tide_jobs_leased'").rows)
+    assert.equal(1, #c:query("SELECT 1 FROM pg_indexes WHERE indexname = 'tide_jobs_stopping'").rows)
 
     local s = pg.open(URL, "spec", {})
     local session = s:acquire("spec")
