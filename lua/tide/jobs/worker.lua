@@ -365,9 +365,11 @@ local function unlease_rows(session, owner, ids) return session:unlease(owner, i
 --- never lost.
 local function unlease(w)
   local ids = w.unlease
-  w.unlease = {}
+  w.unlease, w.unleasing = {}, true
   local ok, err = pcall(call, w, w.lease_store, "tide.worker", unlease_rows, w.id, ids)
+  w.unleasing = false
   if not ok then log.report("worker " .. w.id .. ": giving up the leases of stopped jobs", err) end
+  S.notify(w.idle)                            -- (a drain waits for them)
 end
 
 local function heartbeat(w)
@@ -669,13 +671,18 @@ function Worker:drain(opts)
       break
     end
     wait = 20
-    if self.nrunning == 0 and #self.pending == 0 then
+    -- (and once the leases of the jobs it stopped are given up: they hold
+    -- their keys' slots, and q:retry refuses them until then; a write under
+    -- way may find more)
+    if self.nrunning == 0 and #self.pending == 0 and not self.writing and #self.unlease == 0
+       and not self.unleasing then
       local done
       if rescue(self) then
         local ok, n = pcall(call, self, self.lease_store, "worker:drain", pending_rows, names, wallclock() + within)
         if ok then
           if failures > 0 then failures = 0; loop_ok(self, "drain") end
-          done = n == 0 and self.nrunning == 0 and #self.pending == 0
+          done = n == 0 and self.nrunning == 0 and #self.pending == 0 and not self.writing and #self.unlease == 0
+                 and not self.unleasing
         else
           log.report("worker " .. self.id .. ": counting what is left", n)
           self.last_error = n
