@@ -107,5 +107,40 @@ describe("review: a stopping job's lease, on " .. store.name, function()
       assert(ok, err)
     end)
   end)
+
+  -- Broken before: the unlease matched the row by id and owner only.  A
+  -- stopped attempt whose lease ran out (the store was down) was rescued,
+  -- retried by hand and claimed again by the same worker, then cancelled
+  -- again: the first attempt's late unlease gave up the second's lease
+  -- while it still ran, and the next job of its key started beside it.
+  it("gives up the lease of the attempt stopped, never a later attempt's", function()
+    local id = q:enqueue{ target = "t", method = "m" }
+    q:transaction(function(tx)
+      tx:exec("UPDATE tide_jobs SET status = 'cancelled', completed_at = ?, attempt = 2, "
+        .. "lease_owner = 'w:1:1', lease_expires = ? WHERE id = ?", core.wallclock(), core.wallclock() + 60000, id)
+    end)
+    H.run(function()
+      local queue = require "tide.jobs.queue"
+      local s = queue.worker_store(q)
+      local session = s:acquire("spec")
+      local ok, n1, n2 = pcall(function()
+        return session:unlease("w:1:1", { { id = id, attempt = 1 } }),   -- a stale attempt: nothing
+               session:unlease("w:9:9", { { id = id, attempt = 2 } })    -- another worker: nothing
+      end)
+      s:release(session)
+      assert(ok, n1)
+      assert.equal(0, n1)
+      assert.equal(0, n2)
+      assert.equal("w:1:1", lease_of(id))
+      session = s:acquire("spec")
+      local n3
+      ok, n3 = pcall(session.unlease, session, "w:1:1", { { id = id, attempt = 2 } })
+      s:release(session)
+      if not queue.shares_store(q, s) then s:close() end
+      assert(ok, n3)
+      assert.equal(1, n3)
+      assert.is_nil(lease_of(id))
+    end)
+  end)
 end)
 end

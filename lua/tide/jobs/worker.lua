@@ -258,7 +258,7 @@ local function job_finished(t)
     record(w, e)
   elseif status == "cancelled" then
     if rec.gone then                          -- cancelled, expired or taken over in the store
-      outcomes.stopped(w, rec.row.id)
+      outcomes.stopped(w, rec.row.id, rec.row.attempt)
       count(w, rec.row.queue, rec.gone)
       outcomes.heard(w, rec.row.id, rec.job, rec.gone, t[VALUE])
     elseif w.state ~= "running" or S.shutting_down() then

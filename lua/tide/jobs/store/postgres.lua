@@ -209,7 +209,8 @@ local SQL = {
     .. "errors = coalesce(errors, '[]'::jsonb) || jsonb_build_array($3::jsonb) "
     .. "WHERE id = $1 AND status NOT IN " .. TERMINAL_SQL,
   unlease = "UPDATE tide_jobs SET lease_owner = NULL, lease_expires = NULL "
-    .. "WHERE id = ANY($2::bigint[]) AND lease_owner = $1 AND status <> 'executing'",
+    .. "WHERE id = ANY($2::bigint[]) AND (id, attempt) IN (SELECT * FROM unnest($2::bigint[], $3::integer[])) "
+    .. "AND lease_owner = $1 AND status <> 'executing'",
   rescue_stopping = "UPDATE tide_jobs SET lease_owner = NULL, lease_expires = NULL WHERE " .. STOPPING
     .. " AND lease_expires < " .. NOW,
   retry_now = "UPDATE tide_jobs SET status = 'available', run_at = $2, completed_at = NULL, "
@@ -749,10 +750,10 @@ function Session:heartbeat(owner, lease_until, ids)
 end
 
 --- (See the SQLite store.)
-function Session:unlease(owner, ids)
-  local list = {}
-  for i, id in ipairs(ids) do list[i] = format("%d", id) end
-  return self.c:query(SQL.unlease, owner, "{" .. concat(list, ",") .. "}").changes
+function Session:unlease(owner, stopped)
+  local ids, attempts = {}, {}
+  for i, j in ipairs(stopped) do ids[i], attempts[i] = format("%d", j.id), format("%d", j.attempt) end
+  return self.c:query(SQL.unlease, owner, "{" .. concat(ids, ",") .. "}", "{" .. concat(attempts, ",") .. "}").changes
 end
 
 function Session:rescue()
