@@ -142,5 +142,33 @@ describe("review: a stopping job's lease, on " .. store.name, function()
       assert.is_nil(lease_of(id))
     end)
   end)
+  -- Broken before: q:retry_flow of a run cancelled while a step ran
+  -- released that step again at once, while the cancelled attempt still
+  -- ran on its worker (and held its lease) until the worker's next
+  -- heartbeat: the step ran twice at once.  q:retry says "still stopping"
+  -- for such a job; so does q:retry_flow for its run now.
+  it("q:retry_flow refuses a run whose cancelled step is still stopping", function()
+    package.path = "spec/fixtures/?.lua;" .. package.path
+    _G.DFLOW = { calls = {}, slow = 5000, fixed = true }
+    H.run(function()
+      local id = q:enqueue_flow("dflow_continue", {})
+      local w = tide.worker{ queue = q, poll = 20, concurrency = 10, heartbeat = 400 }
+      assert.is_true(H.wait_for(function() return (_G.DFLOW.calls.slow or 0) > 0 end, 5000))
+      local slow_job
+      for _, st in ipairs(q:flow_run(id).steps) do if st.name == "slow" then slow_job = st.job end end
+      assert.is_true(q:cancel_flow(id))
+      assert.equal(w.id, lease_of(slow_job))
+      local ok, why = q:retry_flow(id)
+      assert.is_nil(ok)
+      assert.equal(("run %d: its job %d is cancelled and still stopping on worker %s"):format(id, slow_job, w.id), why)
+      assert.is_true(H.wait_for(function() return lease_of(slow_job) == nil end, 3000))
+      _G.DFLOW.slow = 1
+      assert.is_true(q:retry_flow(id))
+      w:drain{ stop = true }
+      assert.equal("ok", q:flow_run(id).status)
+      assert.equal(2, _G.DFLOW.calls.slow)
+    end)
+    _G.DFLOW = nil
+  end)
 end)
 end
