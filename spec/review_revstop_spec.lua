@@ -174,5 +174,33 @@ describe("review: a stopping job's lease, on " .. store.name, function()
     end)
     _G.DFLOW = nil
   end)
+  -- Broken before: q:leases (and the web page of workers) counted the
+  -- executing jobs only: a worker holding the lease, and the key's slot, of
+  -- a job it had not yet stopped was not listed.
+  it("q:leases lists the leases of jobs still stopping", function()
+    H.run(function()
+      local started = {}
+      local w = tide.worker{ queue = q, queues = { default = 2 }, poll = 10, heartbeat = 1000,
+        targets = { t = { long = function(_, job) started[job.id] = true; while true do tide.sleep(5) end end } } }
+      local a = q:enqueue{ target = "t", method = "long" }
+      assert.is_true(H.wait_for(function() return started[a] end, 3000))
+      local l = q:leases()
+      assert.equal(1, #l)
+      assert.equal(w.id, l[1].owner)
+      assert.equal(1, l[1].n)
+      assert.equal(0, l[1].stopping)
+      assert.is_true(q:cancel(a))
+      l = q:leases()
+      assert.equal(1, #l)
+      assert.equal(w.id, l[1].owner)
+      assert.equal("default", l[1].queue)
+      assert.equal(0, l[1].n)
+      assert.equal(1, l[1].stopping)
+      assert.is_number(l[1].lease_expires)
+      w:stop()
+      w:wait()
+      assert.same({}, q:leases())
+    end)
+  end)
 end)
 end

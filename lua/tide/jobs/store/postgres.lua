@@ -221,8 +221,15 @@ local SQL = {
     .. "UNION ALL SELECT queue, 'executing', count(*) FROM tide_jobs WHERE status = 'executing' GROUP BY queue",
   recent = "SELECT queue, status, count(*) AS n, count(*) FILTER (WHERE completed_at >= $1) AS recent "
     .. "FROM (SELECT queue, status, completed_at FROM tide_jobs ORDER BY id DESC LIMIT $2) r GROUP BY queue, status",
-  leases = "SELECT lease_owner AS owner, queue, count(*) AS n, max(lease_expires) AS lease_expires, "
-    .. "max(attempted_at) AS attempted_at FROM tide_jobs WHERE status = 'executing' GROUP BY lease_owner, queue",
+  -- n: the jobs running; stopping: those cancelled, expired or failed by
+  -- hand that their worker has not yet stopped (STOPPING): leases too.
+  -- Each half through its partial index.
+  leases = "SELECT owner, queue, sum(n)::bigint AS n, sum(stopping)::bigint AS stopping, max(lease_expires) AS lease_expires, "
+    .. "max(attempted_at) AS attempted_at FROM ("
+    .. "SELECT lease_owner AS owner, queue, 1 AS n, 0 AS stopping, lease_expires, attempted_at FROM tide_jobs "
+    .. "WHERE status = 'executing' UNION ALL "
+    .. "SELECT lease_owner, queue, 0, 1, lease_expires, attempted_at FROM tide_jobs WHERE " .. STOPPING
+    .. ") l GROUP BY owner, queue",
   -- How many of queues $1 have a job due by $2 or executing: a draining
   -- worker asks every 20 ms while it has nothing running.  Each look stops
   -- at its first row, in its partial index's order (an ORDER BY that the

@@ -225,8 +225,15 @@ local SQL = {
   -- The newest ?2 jobs by id (the primary key): a bounded read however big the table.
   recent = "SELECT queue, status, count(*) AS n, sum(CASE WHEN completed_at >= ?1 THEN 1 ELSE 0 END) AS recent "
     .. "FROM (SELECT queue, status, completed_at FROM tide_jobs ORDER BY id DESC LIMIT ?2) GROUP BY queue, status",
-  leases = "SELECT lease_owner AS owner, queue, count(*) AS n, max(lease_expires) AS lease_expires, "
-    .. "max(attempted_at) AS attempted_at FROM tide_jobs WHERE status = 'executing' GROUP BY lease_owner, queue",
+  -- n: the jobs running; stopping: those cancelled, expired or failed by
+  -- hand that their worker has not yet stopped (STOPPING): leases too.
+  -- Each half through its partial index.
+  leases = "SELECT owner, queue, sum(n) AS n, sum(stopping) AS stopping, max(lease_expires) AS lease_expires, "
+    .. "max(attempted_at) AS attempted_at FROM ("
+    .. "SELECT lease_owner AS owner, queue, 1 AS n, 0 AS stopping, lease_expires, attempted_at FROM tide_jobs "
+    .. "WHERE status = 'executing' UNION ALL "
+    .. "SELECT lease_owner, queue, 0, 1, lease_expires, attempted_at FROM tide_jobs WHERE " .. STOPPING
+    .. ") l GROUP BY owner, queue",
   -- Two counts, each through a partial index (one query with an OR of both
   -- scans the whole table: 166 ms at a million finished jobs).
   pending_due = "SELECT count(*) AS n FROM tide_jobs WHERE queue = ?1 AND " .. WAITING .. " AND run_at <= ?2",
