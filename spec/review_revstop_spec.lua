@@ -201,5 +201,39 @@ describe("review: a stopping job's lease, on " .. store.name, function()
       assert.same({}, q:leases())
     end)
   end)
+  -- The index of stopping jobs (SQLite migration 7, PostgreSQL 6) on a
+  -- database of the version before, holding a running job: made, and the
+  -- job's lease kept.  (Broken before: spec/pg_schema_spec's version-4
+  -- database, its tide_schema set back by hand, met "relation
+  -- tide_jobs_stopping already exists".)
+  it("upgrades a database of the version before: the index made, a running job's lease kept", function()
+    local id = q:enqueue{ target = "t", method = "m" }
+    local pg = store.name == "postgres"
+    local VERSION = require(pg and "tide.jobs.store.pg_schema" or "tide.jobs.store.sqlite_schema").VERSION
+    q:transaction(function(tx)
+      tx:exec("UPDATE tide_jobs SET status = 'executing', attempt = 1, lease_owner = 'w:1:1', lease_expires = ? "
+        .. "WHERE id = ?", core.wallclock() + 60000, id)
+      tx:exec("DROP INDEX tide_jobs_stopping")
+      tx:exec("UPDATE tide_schema SET version = " .. (VERSION - 1))
+    end)
+    local q2 = tide.queue.open(q.name)
+    local ok, err = pcall(function()
+      local idx = q2:transaction(function(tx)
+        return tx:query(pg and "SELECT count(*) AS n FROM pg_indexes WHERE indexname = 'tide_jobs_stopping'"
+                        or "SELECT count(*) AS n FROM sqlite_master WHERE name = 'tide_jobs_stopping'")[1].n
+      end)
+      assert.equal(1, tonumber(idx))
+      assert.equal(VERSION, tonumber(q2:transaction(function(tx)
+        return tx:query("SELECT version FROM tide_schema")[1].version end)))
+      assert.equal("w:1:1", q2:job(id).lease_owner)
+      assert.equal("executing", q2:job(id).status)
+    end)
+    q2:close()
+    assert(ok, err)
+    -- set back by hand with the index still there: taken again, not refused
+    q:transaction(function(tx) tx:exec("UPDATE tide_schema SET version = " .. (VERSION - 1)) end)
+    q2 = tide.queue.open(q.name)
+    q2:close()
+  end)
 end)
 end

@@ -147,7 +147,7 @@ local MIGRATIONS = {
   },
   -- 6: jobs stopping (see the SQLite store's migration 7).
   {
-    [[CREATE INDEX tide_jobs_stopping ON tide_jobs (queue, partition_key)
+    [[CREATE INDEX IF NOT EXISTS tide_jobs_stopping ON tide_jobs (queue, partition_key)
       WHERE lease_owner IS NOT NULL AND status <> 'executing']],
   },
 }
