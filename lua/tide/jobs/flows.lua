@@ -80,6 +80,7 @@ local definitions = require "tide.flow.define"
 local define, dependents_of, dependencies_of = definitions.define, definitions.dependents, definitions.dependencies
 local flow_run = require "tide.flow.run"
 local core = require "tide.core"
+local STOPPING = require("tide.jobs.store.common").STOPPING
 
 local type, pairs, ipairs, error, tostring, pcall, require, setmetatable, getmetatable =
   type, pairs, ipairs, error, tostring, pcall, require, setmetatable, getmetatable
@@ -637,6 +638,16 @@ function M.retry(session, id, now)
   if not run then return nil, format("run %d not found", id) end
   if run.status == "running" then return nil, format("run %d is running", id) end
   if run.status == "ok" then return nil, format("run %d is ok: nothing to retry", id) end
+  -- A step or item cancelled while it ran keeps its lease until its worker
+  -- has stopped it (tide.jobs.store.common's STOPPING): run again now, it
+  -- would run beside itself (q:retry refuses such a job too).
+  local stopping = q1(F, "SELECT id, status, lease_owner FROM tide_jobs WHERE id IN ("
+    .. "SELECT job_id FROM tide_flow_steps WHERE run_id = ? UNION ALL "
+    .. "SELECT job_id FROM tide_flow_items WHERE run_id = ?) AND " .. STOPPING .. " ORDER BY id LIMIT 1", id, id)
+  if stopping then
+    return nil, format("run %d: its job %d is %s and still stopping on worker %s", id, stopping.id,
+                       tostring(stopping.status), tostring(stopping.lease_owner))
+  end
   local again = session:query("SELECT name, deps, max_failures FROM tide_flow_steps WHERE run_id = ? AND status <> 'ok' ORDER BY name", id)
   exec(F, "DELETE FROM tide_flow_items WHERE run_id = ? AND step IN (SELECT name FROM tide_flow_steps "
     .. "WHERE run_id = ? AND status <> 'ok')", id, id)

@@ -132,12 +132,13 @@ end
 
 --- Writes `entries` now; true when the store took the batch (each entry
 --- then settled), false after a failure (reported; the entries untouched).
---- Job `id`, cancelled, expired or failed by hand while it ran here, has
---- stopped: its lease, which kept its slot (tide.jobs.store.common's
---- STOPPING), is given up by the worker's heartbeat task.
-function M.stopped(w, id)
+--- Job `id`'s attempt `attempt`, cancelled, expired or failed by hand
+--- while it ran here, has stopped: its lease, which kept its slot
+--- (tide.jobs.store.common's STOPPING), is given up by the worker's
+--- heartbeat task (for that attempt only).
+function M.stopped(w, id, attempt)
   local list = w.unlease
-  list[#list + 1] = id
+  list[#list + 1] = { id = id, attempt = attempt }
   S.notify(w.beat)
 end
 
@@ -162,8 +163,8 @@ local function write(w, entries)
     else
       local now = states and states[e.id]
       local status = now and now.status
-      if now and now.lease_owner == w.id and status ~= "executing" then
-        M.stopped(w, e.id)                    -- cancelled by hand while it ran: its lease held its slot
+      if now and now.lease_owner == w.id and status ~= "executing" and now.attempt == e.attempt then
+        M.stopped(w, e.id, e.attempt)         -- cancelled by hand while it ran: its lease held its slot
       end
       settle(w, e, (status == "cancelled" or status == "expired") and "cancelled" or "lost")
     end

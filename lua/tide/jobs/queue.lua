@@ -647,8 +647,10 @@ function Queue:recent(limit, within)
   return out, total >= limit
 end
 
---- Who holds leases now: a list of { owner, queue, n, lease_expires,
---- attempted_at } (times in UTC ms), one per worker and queue.
+--- Who holds leases now: a list of { owner, queue, n, stopping,
+--- lease_expires, attempted_at } (times in UTC ms), one per worker and
+--- queue: n jobs running, and `stopping` jobs cancelled, expired or failed
+--- by hand that the worker has not yet stopped (they hold their slots).
 function Queue:leases()
   check_q("q:leases", self)
   local rows = with_session(self, "q:leases", lease_rows)

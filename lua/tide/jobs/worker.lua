@@ -258,7 +258,7 @@ local function job_finished(t)
     record(w, e)
   elseif status == "cancelled" then
     if rec.gone then                          -- cancelled, expired or taken over in the store
-      outcomes.stopped(w, rec.row.id)
+      outcomes.stopped(w, rec.row.id, rec.row.attempt)
       count(w, rec.row.queue, rec.gone)
       outcomes.heard(w, rec.row.id, rec.job, rec.gone, t[VALUE])
     elseif w.state ~= "running" or S.shutting_down() then
@@ -360,22 +360,47 @@ end
 
 local function unlease_rows(session, owner, ids) return session:unlease(owner, ids) end
 
---- Gives up the leases of the jobs stopped here.  On a failure they run
---- out instead (the rescue gives them up): their slots are held longer,
---- never lost.
+--- Gives up the leases of the jobs stopped here; true, or false after a
+--- failure (reported): they are kept to be tried again at the next beat,
+--- as a stopped job's lease is never extended and holds its key's slot
+--- until it runs out (the rescue gives it up then).
 local function unlease(w)
   local ids = w.unlease
-  w.unlease = {}
+  w.unlease, w.unleasing = {}, true
   local ok, err = pcall(call, w, w.lease_store, "tide.worker", unlease_rows, w.id, ids)
-  if not ok then log.report("worker " .. w.id .. ": giving up the leases of stopped jobs", err) end
+  w.unleasing = false
+  if not ok then
+    log.report("worker " .. w.id .. ": giving up the leases of stopped jobs", err)
+    M.totals.store_errors.heartbeat = M.totals.store_errors.heartbeat + 1
+    for i = 1, #w.unlease do ids[#ids + 1] = w.unlease[i] end   -- (with those stopped meanwhile)
+    w.unlease = ids
+    w.last_error = err
+  end
+  S.notify(w.idle)                            -- (a drain waits for them)
+  return ok
 end
 
 local function heartbeat(w)
-  local failures, wait = 0, w.heartbeat
+  local failures, wait, unlease_failures = 0, w.heartbeat, 0
   while w.state == "running" or w.nrunning > 0 or #w.pending > 0 or w.writing or #w.unlease > 0 do
-    if #w.unlease == 0 then S.wait_for(w.beat, "tide.worker", wait) end
-    if #w.unlease > 0 then unlease(w) end
+    if #w.unlease == 0 or unlease_failures > 0 then S.wait_for(w.beat, "tide.worker", wait) end
     wait = w.heartbeat
+    if #w.unlease > 0 then
+      if unlease(w) then
+        if unlease_failures > 0 then unlease_failures = 0; loop_ok(w, "unlease") end
+      else
+        unlease_failures = unlease_failures + 1
+        if w.state ~= "running" and (unlease_failures >= 5 or w.stats.gave_up) then
+          -- A stopping worker gives up after 5 tries (~1.5 s, as its flusher
+          -- does after 10): the leases run out, and a rescue gives them up.
+          w.unlease, unlease_failures = {}, 0
+          S.notify(w.idle)
+        else
+          wait = failed_loop(w, "unlease", unlease_failures, w.state == "running" and w.heartbeat
+                             or min(w.heartbeat, 2000), w.last_error)
+        end
+      end
+    end
     if w.nrunning > 0 or #w.pending > 0 or w.writing then
       -- The jobs running here, and those whose outcome waits to be written
       -- (the store may be down): an orphan's lease runs out, theirs not.
@@ -390,7 +415,7 @@ local function heartbeat(w)
         log.report("worker " .. w.id .. ": heartbeat", leased)
         M.totals.store_errors.heartbeat = M.totals.store_errors.heartbeat + 1
         failures = failures + 1
-        wait = failed_loop(w, "heartbeat", failures, w.heartbeat, leased)
+        wait = min(wait, failed_loop(w, "heartbeat", failures, w.heartbeat, leased))
       else
         if failures > 0 then failures = 0; loop_ok(w, "heartbeat") end
         -- Only the jobs asked about: others were claimed while it ran.
@@ -669,13 +694,18 @@ function Worker:drain(opts)
       break
     end
     wait = 20
-    if self.nrunning == 0 and #self.pending == 0 then
+    -- (and once the leases of the jobs it stopped are given up: they hold
+    -- their keys' slots, and q:retry refuses them until then; a write under
+    -- way may find more)
+    if self.nrunning == 0 and #self.pending == 0 and not self.writing and #self.unlease == 0
+       and not self.unleasing then
       local done
       if rescue(self) then
         local ok, n = pcall(call, self, self.lease_store, "worker:drain", pending_rows, names, wallclock() + within)
         if ok then
           if failures > 0 then failures = 0; loop_ok(self, "drain") end
-          done = n == 0 and self.nrunning == 0 and #self.pending == 0
+          done = n == 0 and self.nrunning == 0 and #self.pending == 0 and not self.writing and #self.unlease == 0
+                 and not self.unleasing
         else
           log.report("worker " .. self.id .. ": counting what is left", n)
           self.last_error = n

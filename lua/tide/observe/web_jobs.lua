@@ -268,7 +268,8 @@ local function workers_page(ctx)
     local w = by[l.owner]
     if not w then w = { owner = l.owner, n = 0, queues = {}, attempted = 0, expires = 0 }; by[l.owner] = w end
     w.n = w.n + l.n
-    w.queues[#w.queues + 1] = ("%s (%d)"):format(l.queue, l.n)
+    w.queues[#w.queues + 1] = (l.stopping or 0) > 0 and ("%s (%d, %d stopping)"):format(l.queue, l.n, l.stopping)
+                              or ("%s (%d)"):format(l.queue, l.n)
     w.attempted = math.max(w.attempted, l.attempted_at or 0)
     w.expires = math.max(w.expires, l.lease_expires or 0)
   end

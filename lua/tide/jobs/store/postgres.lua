@@ -209,7 +209,8 @@ local SQL = {
     .. "errors = coalesce(errors, '[]'::jsonb) || jsonb_build_array($3::jsonb) "
     .. "WHERE id = $1 AND status NOT IN " .. TERMINAL_SQL,
   unlease = "UPDATE tide_jobs SET lease_owner = NULL, lease_expires = NULL "
-    .. "WHERE id = ANY($2::bigint[]) AND lease_owner = $1 AND status <> 'executing'",
+    .. "WHERE id = ANY($2::bigint[]) AND (id, attempt) IN (SELECT * FROM unnest($2::bigint[], $3::integer[])) "
+    .. "AND lease_owner = $1 AND status <> 'executing'",
   rescue_stopping = "UPDATE tide_jobs SET lease_owner = NULL, lease_expires = NULL WHERE " .. STOPPING
     .. " AND lease_expires < " .. NOW,
   retry_now = "UPDATE tide_jobs SET status = 'available', run_at = $2, completed_at = NULL, "
@@ -220,8 +221,15 @@ local SQL = {
     .. "UNION ALL SELECT queue, 'executing', count(*) FROM tide_jobs WHERE status = 'executing' GROUP BY queue",
   recent = "SELECT queue, status, count(*) AS n, count(*) FILTER (WHERE completed_at >= $1) AS recent "
     .. "FROM (SELECT queue, status, completed_at FROM tide_jobs ORDER BY id DESC LIMIT $2) r GROUP BY queue, status",
-  leases = "SELECT lease_owner AS owner, queue, count(*) AS n, max(lease_expires) AS lease_expires, "
-    .. "max(attempted_at) AS attempted_at FROM tide_jobs WHERE status = 'executing' GROUP BY lease_owner, queue",
+  -- n: the jobs running; stopping: those cancelled, expired or failed by
+  -- hand that their worker has not yet stopped (STOPPING): leases too.
+  -- Each half through its partial index.
+  leases = "SELECT owner, queue, sum(n)::bigint AS n, sum(stopping)::bigint AS stopping, max(lease_expires) AS lease_expires, "
+    .. "max(attempted_at) AS attempted_at FROM ("
+    .. "SELECT lease_owner AS owner, queue, 1 AS n, 0 AS stopping, lease_expires, attempted_at FROM tide_jobs "
+    .. "WHERE status = 'executing' UNION ALL "
+    .. "SELECT lease_owner, queue, 0, 1, lease_expires, attempted_at FROM tide_jobs WHERE " .. STOPPING
+    .. ") l GROUP BY owner, queue",
   -- How many of queues $1 have a job due by $2 or executing: a draining
   -- worker asks every 20 ms while it has nothing running.  Each look stops
   -- at its first row, in its partial index's order (an ORDER BY that the
@@ -749,10 +757,10 @@ function Session:heartbeat(owner, lease_until, ids)
 end
 
 --- (See the SQLite store.)
-function Session:unlease(owner, ids)
-  local list = {}
-  for i, id in ipairs(ids) do list[i] = format("%d", id) end
-  return self.c:query(SQL.unlease, owner, "{" .. concat(list, ",") .. "}").changes
+function Session:unlease(owner, stopped)
+  local ids, attempts = {}, {}
+  for i, j in ipairs(stopped) do ids[i], attempts[i] = format("%d", j.id), format("%d", j.attempt) end
+  return self.c:query(SQL.unlease, owner, "{" .. concat(ids, ",") .. "}", "{" .. concat(attempts, ",") .. "}").changes
 end
 
 function Session:rescue()

@@ -204,9 +204,13 @@ local SQL = {
   expire = "UPDATE tide_jobs SET status = 'expired', completed_at = ?2 WHERE id = ?1 AND " .. NOT_TERMINAL,
   fail = "UPDATE tide_jobs SET status = 'discarded', completed_at = ?2, "
     .. "errors = json_insert(coalesce(errors, '[]'), '$[#]', json(?3)) WHERE id = ?1 AND " .. NOT_TERMINAL,
-  -- The leases of jobs among ?2 that this worker (?1) has stopped.
+  -- The leases of jobs among ?2 ([[id, attempt], ...]) that this worker
+  -- (?1) has stopped, at that attempt: a later attempt of the same job
+  -- (rescued once the stopped one's lease ran out, retried, claimed again
+  -- by this worker) keeps its own.
   unlease = "UPDATE tide_jobs SET lease_owner = NULL, lease_expires = NULL "
-    .. "WHERE id IN (SELECT value FROM json_each(?2)) AND lease_owner = ?1 AND status <> 'executing'",
+    .. "WHERE (id, attempt) IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') "
+    .. "FROM json_each(?2)) AND lease_owner = ?1 AND status <> 'executing'",
   -- Leases of stopping jobs whose worker died before it stopped them.
   rescue_stopping = "UPDATE tide_jobs SET lease_owner = NULL, lease_expires = NULL WHERE " .. STOPPING
     .. " AND lease_expires < ?1",
@@ -221,8 +225,15 @@ local SQL = {
   -- The newest ?2 jobs by id (the primary key): a bounded read however big the table.
   recent = "SELECT queue, status, count(*) AS n, sum(CASE WHEN completed_at >= ?1 THEN 1 ELSE 0 END) AS recent "
     .. "FROM (SELECT queue, status, completed_at FROM tide_jobs ORDER BY id DESC LIMIT ?2) GROUP BY queue, status",
-  leases = "SELECT lease_owner AS owner, queue, count(*) AS n, max(lease_expires) AS lease_expires, "
-    .. "max(attempted_at) AS attempted_at FROM tide_jobs WHERE status = 'executing' GROUP BY lease_owner, queue",
+  -- n: the jobs running; stopping: those cancelled, expired or failed by
+  -- hand that their worker has not yet stopped (STOPPING): leases too.
+  -- Each half through its partial index.
+  leases = "SELECT owner, queue, sum(n) AS n, sum(stopping) AS stopping, max(lease_expires) AS lease_expires, "
+    .. "max(attempted_at) AS attempted_at FROM ("
+    .. "SELECT lease_owner AS owner, queue, 1 AS n, 0 AS stopping, lease_expires, attempted_at FROM tide_jobs "
+    .. "WHERE status = 'executing' UNION ALL "
+    .. "SELECT lease_owner, queue, 0, 1, lease_expires, attempted_at FROM tide_jobs WHERE " .. STOPPING
+    .. ") l GROUP BY owner, queue",
   -- Two counts, each through a partial index (one query with an OR of both
   -- scans the whole table: 166 ms at a million finished jobs).
   pending_due = "SELECT count(*) AS n FROM tide_jobs WHERE queue = ?1 AND " .. WAITING .. " AND run_at <= ?2",
@@ -748,9 +759,18 @@ local function run(s, key, ...) return stmt(s, key):run(...) end
 local function first(s, key, ...) return stmt(s, key):first(...) end
 local function rows(s, key, ...) return stmt(s, key):rows(...) end
 
---- Gives up the leases of jobs among `ids` that worker `owner` has stopped
---- after they were cancelled, expired or failed by hand (STOPPING).
-function Session:unlease(owner, ids) return (locked(self, run, self, "unlease", owner, id_list(ids))) end
+local function attempt_list(stopped)
+  local list = {}
+  for i, j in ipairs(stopped) do list[i] = format("[%d,%d]", j.id, j.attempt) end
+  return "[" .. concat(list, ",") .. "]"
+end
+
+--- Gives up the leases of the jobs `stopped` ({ { id, attempt }, ... })
+--- that worker `owner` has stopped at that attempt after they were
+--- cancelled, expired or failed by hand (STOPPING); returns how many.
+function Session:unlease(owner, stopped)
+  return (locked(self, run, self, "unlease", owner, attempt_list(stopped)))
+end
 
 local function rescue_all(s, now)
   stmt(s, "rescue_stopping"):run(now)

@@ -180,7 +180,8 @@ local MIGRATIONS = {
   -- expired or failed by hand while it runs keeps its lease until its
   -- worker has stopped it: the limits count it, so that the next job of its
   -- key does not start beside it.  As few rows as the workers' slots.
-  [[CREATE INDEX tide_jobs_stopping ON tide_jobs (queue, partition_key)
+  -- (IF NOT EXISTS: a database whose tide_schema was set back by hand.)
+  [[CREATE INDEX IF NOT EXISTS tide_jobs_stopping ON tide_jobs (queue, partition_key)
     WHERE lease_owner IS NOT NULL AND status <> 'executing';
   ]],
 }
