@@ -125,6 +125,18 @@ for _, st in ipairs(H.stores()) do
         assert.matches("^ 1  default  orders%.fulfill  available     0/20  ", lines[4])
       end)
 
+      it("marks a job cancelled while it ran, which its worker has not stopped yet, as stopping", function()
+        local q = require("tide").queue.open(store)
+        q:transaction(function(tx)
+          tx:exec("UPDATE tide_jobs SET attempt = 1, lease_owner = 'host:7:1', lease_expires = 1 WHERE id = 2")
+        end)
+        q:close()
+        local status, out = tide("jobs", store, "list")
+        assert.equal(0, status)
+        assert.matches("\n 2  default  orders%.fulfill  cancelled %(stopping%)     1/20  ", out)
+        assert.matches("\n 1  default  orders%.fulfill  available                0/20  ", out)
+      end)
+
       it("lists as JSON, filtered by status and queue, limited, paged", function()
         assert.same({ 3, 2, 1 }, ids(tide_json("jobs", store, "list")))
         assert.same({ 3, 1 }, ids(tide_json("jobs", store, "list --status available")))

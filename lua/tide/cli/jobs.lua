@@ -223,8 +223,11 @@ function COMMANDS.list(q, opts)
   local rows = {}
   for i, j in ipairs(jobs) do
     local last = j.errors[#j.errors]
+    -- (a job cancelled, expired or failed while it ran, which its worker has not stopped yet)
+    local stopping = j.lease_owner ~= nil and j.status ~= "executing"
     rows[i] = { tostring(j.id), cell(j.queue or "?", 30), cell(tostring(j.target) .. "." .. tostring(j.method), 40),
-                j.corrupt and "corrupt" or j.status, tostring(j.attempt or "?") .. "/" .. tostring(j.max_attempts or "?"),
+                j.corrupt and "corrupt" or stopping and j.status .. " (stopping)" or j.status,
+                tostring(j.attempt or "?") .. "/" .. tostring(j.max_attempts or "?"),
                 iso_s(j.run_at), j.corrupt and cell("corrupt row: " .. j.corrupt, 60) or last and cell(last.error, 60) or "" }
   end
   print_table({ "ID", "QUEUE", "JOB", "STATUS", "ATTEMPT", "RUN AT", "LAST ERROR" }, rows,
