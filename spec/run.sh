@@ -45,13 +45,18 @@ one() {  # name status log: a single check that passes on exit 0
 # 0. a throwaway RabbitMQ node (it boots in the background while PostgreSQL
 #    starts) and a throwaway PostgreSQL server for the store specs; both are
 #    stopped on exit.  Either failing to start is a failure, never a skip.
+#    Their ports are below 32768: the kernel takes the local ports of
+#    outgoing connections from 32768-60999 (ip_local_port_range), so a
+#    port there may be held by any client's connection at that moment (a
+#    node failed to start with dist_port_already_used, not_erlang).  The
+#    node uses PORT, PORT+1 and PORT+2.
 AMQPDIR=$(mktemp -d /tmp/tide-amqp.XXXXXX)
-AMQPPORT=$((30000 + $$ % 20000))
+AMQPPORT=$((10000 + ($$ % 3000) * 3))
 sh spec/rabbitmq.sh start "$AMQPDIR/node" "$AMQPPORT" > "$AMQPDIR/url" 2> "$LOG/rabbitmq.log" &
 AMQPPID=$!
 PGDIR=$(mktemp -d /tmp/tide-pg.XXXXXX)
 chmod 755 "$PGDIR"                    # the server runs as user postgres
-PGPORT=$((20000 + $$ % 20000))
+PGPORT=$((20000 + $$ % 6000))
 if TIDE_PG_URL=$(sh spec/pg.sh start "$PGDIR/cluster" "$PGPORT" -c fsync=off -c max_connections=200 2>"$LOG/postgres.log"); then
   export TIDE_PG_URL TIDE_PG_DIR="$PGDIR/cluster"
   echo "postgres: $TIDE_PG_URL"
