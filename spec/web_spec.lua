@@ -45,6 +45,12 @@ describe("tide web", function()
     assert.is_true(q:fail(ids.discarded, "card declined"))
     ids.xss = q:enqueue{ target = "orders", method = "note", args = { note = "<script>alert(1)</script>" } }
     ids.cancel_me = q:enqueue{ target = "orders", method = "fulfill", args = { order = 10 } }
+    -- cancelled while it ran, its worker not yet told: it holds its lease
+    ids.stopping = q:enqueue{ target = "orders", method = "fulfill", args = { order = 11 } }
+    q:transaction(function(tx)
+      tx:exec("UPDATE tide_jobs SET status = 'cancelled', attempt = 1, lease_owner = 'host:7:1', "
+        .. "lease_expires = 9999999999999 WHERE id = ?", ids.stopping)
+    end)
     q:close()
     w = start_web(dir, store)
   end)
@@ -139,6 +145,19 @@ describe("tide web", function()
       assert.equal("cancelled", job_status(store, ids.cancel_me))
       -- a GET never changes anything
       assert.equal(404, (curl(auth .. action)))
+    end)
+
+    it("offers no Retry for a job still stopping, and says it is stopping", function()
+      local auth = "-H 'Authorization: Bearer " .. w.token .. "' "
+      local stop_id = ("%d"):format(ids.stopping)
+      for _, path in ipairs{ "/jobs?status=cancelled", "/jobs/" .. stop_id } do
+        local code, page = curl(auth .. w.base .. path)
+        assert.equal(200, code)
+        assert.is_nil(page:find("/jobs/" .. stop_id .. "/retry", 1, true), path)
+        assert.truthy(page:find('<span class="muted">stopping</span>', 1, true), path)
+      end
+      local _, list = curl(auth .. w.base .. "/jobs?status=discarded")
+      assert.is_nil(list:find('<span class="muted">stopping</span>', 1, true))
     end)
 
     it("applies an action in bulk to what the filter matches", function()

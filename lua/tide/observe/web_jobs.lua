@@ -136,10 +136,20 @@ local function filter_of(src)
   return f
 end
 
+--- A job cancelled, expired or failed while it ran, which its worker has
+--- not stopped yet: it keeps its lease (and its slot) until then, and
+--- cannot be retried before.
+local function stopping(job) return job.lease_owner ~= nil and job.status ~= "executing" end
+
+--- The job's status badge, and "stopping" after it when it is.
+local function status_of(job)
+  return stopping(job) and badge(job.status) .. ' <span class="muted">stopping</span>' or badge(job.status)
+end
+
 local function actions_for(ctx, job, back)
   local out = {}
   local url = "/jobs/" .. format("%d", job.id)
-  if job.status ~= "executing" and job.status ~= "available" then
+  if job.status ~= "executing" and job.status ~= "available" and not stopping(job) then
     out[#out + 1] = ctx:button(url .. "/retry", "Retry", { back = back })
   end
   if not TERMINAL[job.status] then
@@ -188,7 +198,7 @@ local function jobs_page(ctx)
     local j = jobs[i]
     rows[#rows + 1] = concat{
       '<tr><td class="num"><a href="/jobs/', format("%d", j.id), '">', format("%d", j.id), "</a></td>",
-      "<td>", h(j.queue), "</td><td>", h(j.target), ".", h(j.method), "</td><td>", badge(j.status), "</td>",
+      "<td>", h(j.queue), "</td><td>", h(j.target), ".", h(j.method), "</td><td>", status_of(j), "</td>",
       '<td class="num">', format("%d/%d", j.attempt, j.max_attempts), "</td><td>", when(j.run_at), "</td>",
       '<td class="err" title="', h(last_error(j)), '">', h(last_error(j)), "</td><td>", actions_for(ctx, j, back), "</td></tr>" }
   end
@@ -244,7 +254,7 @@ local function job_page(ctx, id)
       '<pre class="err-text">', h(e.error), e.traceback and ("\n\n" .. h(e.traceback)) or "", "</pre>" }
   end
   local body = concat{
-    "<h1>Job ", format("%d", job.id), " ", badge(job.status), "</h1>",
+    "<h1>Job ", format("%d", job.id), " ", status_of(job), "</h1>",
     "<p>", actions_for(ctx, job, back), "</p>",
     "<dl>",
     field("Job", h(job.target .. "." .. job.method)), field("Queue", h(job.queue)),
