@@ -223,8 +223,7 @@ function COMMANDS.list(q, opts)
   local rows = {}
   for i, j in ipairs(jobs) do
     local last = j.errors[#j.errors]
-    -- (a job cancelled, expired or failed while it ran, which its worker has not stopped yet)
-    local stopping = j.lease_owner ~= nil and j.status ~= "executing"
+    local stopping = job.is_stopping(j)
     rows[i] = { tostring(j.id), cell(j.queue or "?", 30), cell(tostring(j.target) .. "." .. tostring(j.method), 40),
                 j.corrupt and "corrupt" or stopping and j.status .. " (stopping)" or j.status,
                 tostring(j.attempt or "?") .. "/" .. tostring(j.max_attempts or "?"),

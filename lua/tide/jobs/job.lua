@@ -69,6 +69,11 @@ function M.is_priority(v) return int_in(v, -M.INT_MAX - 1, M.INT_MAX) end
 function M.is_max_attempts(v) return int_in(v, 1, M.INT_MAX) end
 
 --- Why `s` cannot be an idempotency key, or nil.
+--- True for a job cancelled, expired or failed by hand while it ran, which
+--- its worker has not stopped yet: it keeps its lease, and its slot, until
+--- then (the stores' predicate: tide.jobs.store.common's STOPPING).
+function M.is_stopping(row) return row.lease_owner ~= nil and row.status ~= "executing" end
+
 function M.key_problem(s)
   if type(s) ~= "string" or s == "" then return "non-empty string expected" end
   local nul = s:find("\0", 1, true)

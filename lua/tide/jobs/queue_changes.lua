@@ -40,7 +40,7 @@ local function change(q, fname, op, id, err)
     return true
   end
   if not row then return nil, ("job %d not found"):format(id) end
-  if row.lease_owner ~= nil and row.status ~= "executing" then   -- (a job stopping: its worker has not yet)
+  if job.is_stopping(row) then
     return nil, ("job %d is %s and still stopping on worker %s"):format(id, tostring(row.status), row.lease_owner)
   end
   return nil, ("job %d is %s"):format(id, tostring(row.status))

@@ -136,10 +136,7 @@ local function filter_of(src)
   return f
 end
 
---- A job cancelled, expired or failed while it ran, which its worker has
---- not stopped yet: it keeps its lease (and its slot) until then, and
---- cannot be retried before.
-local function stopping(job) return job.lease_owner ~= nil and job.status ~= "executing" end
+local stopping = job.is_stopping   -- (it cannot be retried before its worker has stopped it)
 
 --- The job's status badge, and "stopping" after it when it is.
 local function status_of(job)
