@@ -645,8 +645,7 @@ function M.retry(session, id, now)
     .. "SELECT job_id FROM tide_flow_steps WHERE run_id = ? UNION ALL "
     .. "SELECT job_id FROM tide_flow_items WHERE run_id = ?) AND " .. STOPPING .. " ORDER BY id LIMIT 1", id, id)
   if stopping then
-    return nil, format("run %d: its job %d is %s and still stopping on worker %s", id, stopping.id,
-                       tostring(stopping.status), tostring(stopping.lease_owner))
+    return nil, format("run %d: its %s", id, job.stopping_why(stopping))
   end
   local again = session:query("SELECT name, deps, max_failures FROM tide_flow_steps WHERE run_id = ? AND status <> 'ok' ORDER BY name", id)
   exec(F, "DELETE FROM tide_flow_items WHERE run_id = ? AND step IN (SELECT name FROM tide_flow_steps "

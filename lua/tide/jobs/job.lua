@@ -74,6 +74,12 @@ function M.is_max_attempts(v) return int_in(v, 1, M.INT_MAX) end
 --- then (the stores' predicate: tide.jobs.store.common's STOPPING).
 function M.is_stopping(row) return row.lease_owner ~= nil and row.status ~= "executing" end
 
+--- Why such a job cannot run again yet: "job 7 is cancelled and still
+--- stopping on worker host:12:1".
+function M.stopping_why(row)
+  return ("job %d is %s and still stopping on worker %s"):format(row.id, tostring(row.status), tostring(row.lease_owner))
+end
+
 function M.key_problem(s)
   if type(s) ~= "string" or s == "" then return "non-empty string expected" end
   local nul = s:find("\0", 1, true)

@@ -130,8 +130,6 @@ local function after_commit(w, post)
   queue.notify(w.q, post.queues)
 end
 
---- Writes `entries` now; true when the store took the batch (each entry
---- then settled), false after a failure (reported; the entries untouched).
 --- Job `id`'s attempt `attempt`, cancelled, expired or failed by hand
 --- while it ran here, has stopped: its lease, which kept its slot
 --- (tide.jobs.store.common's STOPPING), is given up by the worker's
@@ -142,6 +140,8 @@ function M.stopped(w, id, attempt)
   S.notify(w.beat)
 end
 
+--- Writes `entries` now; true when the store took the batch (each entry
+--- then settled), false after a failure (reported; the entries untouched).
 local function write(w, entries)
   local box = { take = reserve(w, entries) }
   local ok, written, states = pcall(queue.worker_call, w.q, w.store, "tide.worker", record_batch,

@@ -41,7 +41,7 @@ local function change(q, fname, op, id, err)
   end
   if not row then return nil, ("job %d not found"):format(id) end
   if job.is_stopping(row) then
-    return nil, ("job %d is %s and still stopping on worker %s"):format(id, tostring(row.status), row.lease_owner)
+    return nil, job.stopping_why(row)
   end
   return nil, ("job %d is %s"):format(id, tostring(row.status))
 end
