@@ -104,4 +104,71 @@ describe("a job stopped by hand while it runs, on " .. store.name, function()
     end)
   end)
 end)
+
+describe("a stopping job whose worker process was killed -9, on " .. store.name, function()
+  local TIDE = H.build .. "/tide"
+  local ffi = require "ffi"
+  pcall(ffi.cdef, "int kill(int pid, int sig);")
+
+  it("keeps its key's slot until its lease ran out, then gives it back without running it again", function()
+    local dir = H.tempdir()
+    local url = store.fresh(dir .. "/jobs.db")
+    local stamps = dir .. "/stamps"
+    local targets = H.write_file(dir, "targets.lua", ([[
+      local tide, core = require "tide", require "tide.core"
+      local function stamp(what, job)
+        local f = assert(io.open(%q, "a")); f:write(what, " ", job.id, " ", core.wallclock(), "\n"); f:close()
+      end
+      return { t = { long = function(_, job) stamp("S", job); tide.sleep(600000) end,
+                     quick = function(_, job) stamp("S", job) end } }
+    ]]):format(stamps))
+    local function started()
+      local out, f = {}, io.open(stamps)
+      if f then
+        for id, at in f:read("*a"):gmatch("S (%d+) (%d+)") do
+          out[tonumber(id)] = out[tonumber(id)] or {}
+          table.insert(out[tonumber(id)], tonumber(at))
+        end
+        f:close()
+      end
+      return out
+    end
+    local procs = {}
+    local function worker()
+      local p = assert(io.popen(("%s worker --store %s --quiet --queue k=4 --lease 1500 --poll 20 %s "
+        .. "> %s/worker-%d.log 2>&1 & echo $!; exec 2>/dev/null; wait $!")
+        :format(TIDE, url, targets, dir, #procs + 1)))
+      procs[#procs + 1] = { pipe = p, pid = assert(tonumber(p:read("*l"))) }
+      return procs[#procs]
+    end
+    local q = tide.queue.open(url)
+    local ok, err = pcall(H.run, function()
+      q:declare("k", { partition = "args.key", per_key = { concurrency = 1 } })
+      local first = worker()
+      local a = q:enqueue{ queue = "k", target = "t", method = "long", args = { key = "x" } }
+      assert.is_true(H.wait_for(function() return started()[a] ~= nil end, 10000), "job a never started")
+      assert.equal(0, ffi.C.kill(first.pid, 9))
+      first.pipe:close(); first.pipe = nil
+      assert.is_true(q:cancel(a))                    -- stopping, its worker dead: nobody will give the lease up
+      local expires = q:job(a).lease_expires
+      assert.is_not_nil(expires)
+      local b = q:enqueue{ queue = "k", target = "t", method = "quick", args = { key = "x" } }
+      worker()
+      assert.is_true(H.wait_for(function() return started()[b] ~= nil end, 10000), "job b never started")
+      local b_at = started()[b][1]
+      assert(b_at >= expires - 5, ("job b of key x started %d ms before the dead worker's lease on a ran out")
+        :format(expires - b_at))
+      assert.equal(1, #started()[a])                 -- a was cancelled: the lease's end did not run it again
+      assert.equal("cancelled", q:job(a).status)
+      assert.is_true(H.wait_for(function() return q:job(a).lease_owner == nil end, 5000))
+    end)
+    for _, w in ipairs(procs) do
+      if w.pipe then ffi.C.kill(w.pid, 15); w.pipe:close() end
+    end
+    q:close()
+    store.reset(dir .. "/jobs.db")
+    os.execute("rm -rf " .. dir)
+    assert(ok, err)
+  end)
+end)
 end
