@@ -8,7 +8,7 @@ LUAJIT    ?= luajit
 PKGS      := luajit libuv sqlite3 libpq librabbitmq
 VERSION   := 0.1.0
 
-DEPS_DEB  := luajit tzdata libluajit-5.1-dev libuv1-dev libsqlite3-dev libpq-dev libhttp-parser-dev postgresql lua-cjson \
+DEPS_DEB  := luajit tzdata faketime libluajit-5.1-dev libuv1-dev libsqlite3-dev libpq-dev libhttp-parser-dev postgresql lua-cjson \
              librabbitmq-dev rabbitmq-server lua-busted pkg-config luarocks curl chromium python3-prometheus-client
 
 CFLAGS    ?= -O2 -g

@@ -131,16 +131,18 @@ static int l_now(lua_State *L) {
   return 1;
 }
 
-/* wallclock() -> UTC milliseconds since the Unix epoch (integral): for
- * durable schedule times only; intervals use now(). */
+/* wallclock([real]) -> UTC milliseconds since the Unix epoch (integral):
+ * for durable schedule times only; intervals use now(). */
 /* Under the virtual clock, the wall clock moves with it: it reads the real
  * wall clock at the moment the virtual one started, plus the virtual time
- * since (so jobs scheduled for later become due when a test advances). */
+ * since (so jobs scheduled for later become due when a test advances).
+ * wallclock(true) reads the real one all the same: what a PostgreSQL
+ * store's distance from the server's clock is measured against. */
 static double virtual_wall_base, virtual_mono_base;
 
 static int l_wallclock(lua_State *L) {
   uv_timeval64_t tv;
-  if (tide__loop_is_virtual()) {
+  if (tide__loop_is_virtual() && !lua_toboolean(L, 1)) {
     double ms = virtual_wall_base + ((double)tide__loop_now() - virtual_mono_base) / 1e6;
     lua_pushnumber(L, floor(ms));
     return 1;

@@ -387,7 +387,7 @@ end
 --- `schedules`: each registered schedule with its next run times.
 function COMMANDS.schedules(q, opts)
   local cron = require "tide.jobs.cron"
-  local now_ms = require("tide.core").wallclock()
+  local now_ms = q:now()
   local list = q:schedules()
   local n = opts.next or 3
   local function next_runs(s)
@@ -442,7 +442,7 @@ function COMMANDS.prune(q, opts)
   if opts.json then
     io_stdout:write(json_object{ { "deleted", json(n) } }, "\n")
   else
-    local before = iso_s(require("tide.core").wallclock() - opts.older_than)
+    local before = iso_s(q:now() - opts.older_than)
     io_stdout:write(("deleted %d job%s that finished before %s\n"):format(n, n == 1 and "" or "s", before))
   end
   return 0

@@ -15,7 +15,7 @@ local outcomes = require "tide.jobs.outcomes"
 
 local pcall = pcall
 local min, max = math.min, math.max
-local wallclock, record = core.wallclock, outcomes.record
+local record = outcomes.record
 
 local M = {}
 
@@ -65,7 +65,7 @@ end
 --- how many, or nil after a store failure (reported).
 local function claim(w, name, want, worker)
   if w.state ~= "running" then return 0 end
-  local now = wallclock()
+  local now = w.store:now()
   local ok, rows, limited, reopen = pcall(queue.worker_call, w.q, w.claim_store, "tide.worker", claim_rows, name, want,
                                           w.id, now, now + w.lease)
   if not ok then
@@ -79,7 +79,7 @@ local function claim(w, name, want, worker)
       local row = rows[i]
       w.count(w, row.queue, "claimed")
       record(w, { kind = "release", outcome = "released", id = row.id, attempt = row.attempt,
-                  run_at = wallclock(), job = worker.job_info(row) })
+                  run_at = w.store:now(), job = worker.job_info(row) })
     end
     return 0
   end

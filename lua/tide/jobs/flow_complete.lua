@@ -19,10 +19,8 @@
 -- ({ s = session, now, owner, lease, runs, closed, closed_order, post, take }).
 local json = require "tide.jobs.json"
 local batch_sql = require "tide.jobs.store.batch"
-local core = require "tide.core"
 
 local ipairs, sort, concat, format, floor, max = ipairs, table.sort, table.concat, string.format, math.floor, math.max
-local wallclock = core.wallclock
 
 local M = {}
 
@@ -256,7 +254,7 @@ local function steps_ok(F, list)
   -- On PostgreSQL that statement may have waited for another worker's
   -- change to commit (their completion of another dependency): the
   -- releases are stamped after it, never before the completions they follow.
-  F.now = max(F.now, floor(wallclock()))
+  F.now = max(F.now, floor(F.s:now()))
   for _, r in ipairs(decremented) do
     if r.waiting == 0 then
       ready[#ready + 1] = { run = F.runs[r.run_id], name = r.name, deps = names_of(r.deps),

@@ -79,13 +79,11 @@ local complete = require "tide.jobs.flow_complete"
 local definitions = require "tide.flow.define"
 local define, dependents_of, dependencies_of = definitions.define, definitions.dependents, definitions.dependencies
 local flow_run = require "tide.flow.run"
-local core = require "tide.core"
 local STOPPING = require("tide.jobs.store.common").STOPPING
 
 local type, pairs, ipairs, error, tostring, pcall, require, setmetatable, getmetatable =
   type, pairs, ipairs, error, tostring, pcall, require, setmetatable, getmetatable
 local concat, sort, format, floor, max = table.concat, table.sort, string.format, math.floor, math.max
-local wallclock = core.wallclock
 
 local M = {}
 
@@ -228,7 +226,7 @@ local function flush(F)
     local r = q1(F, "UPDATE tide_flow_runs SET open_steps = open_steps - ?, failed_steps = failed_steps + ? "
       .. "WHERE id = ? AND status = 'running' RETURNING open_steps, failed_steps", c.closed, c.failed, c.run.id)
     if r and r.open_steps <= 0 then
-      F.now = max(F.now, floor(wallclock()))  -- (after any wait for the run's row)
+      F.now = max(F.now, floor(F.s:now()))  -- (after any wait for the run's row)
       local n = r.failed_steps
       finish_run(F, c.run, n > 0 and "error" or "ok", n > 0 and format("%d step%s failed", n, n == 1 and "" or "s") or nil)
     end
@@ -462,7 +460,7 @@ function M.apply(session, entries, now, owner, lease, runs, take)
   -- The time is read here, inside the transaction (after its locks), not
   -- taken from the caller: a write that waited for another process's lock
   -- must not stamp its changes earlier than the ones it waited for.
-  local F = change(session, floor(wallclock()), owner, lease)
+  local F = change(session, floor(session:now()), owner, lease)
   F.take = take
   for id, r in pairs(runs or {}) do F.runs[id] = r end
   local list = {}
@@ -526,7 +524,7 @@ end
 --- hand): their steps fail.  Runs in a transaction of the caller's; returns
 --- what to do after the commit (as M.apply), and how many it settled.
 function M.sweep(session)
-  local F = change(session, floor(wallclock()))
+  local F = change(session, floor(session:now()))
   local rows = session:query("SELECT s.run_id, s.name, j.id, j.status, j.errors FROM tide_flow_steps s "
     .. "JOIN tide_jobs j ON j.id = s.job_id WHERE s.status = 'queued' AND j.status IN ('discarded', 'cancelled', 'expired')")
   local items = session:query("SELECT i.run_id, i.step, i.idx, j.id, j.status, j.errors FROM tide_flow_items i "

@@ -31,7 +31,6 @@ local queue = require "tide.jobs.queue"
 local flows = require "tide.jobs.flows"
 
 local ipairs, pairs, pcall, min = ipairs, pairs, pcall, math.min
-local wallclock = core.wallclock
 
 local M = {}
 
@@ -123,7 +122,7 @@ local function after_commit(w, post)
     else
       w.count(w, row.queue, "claimed")
       M.record(w, { kind = "release", outcome = "released", id = row.id, attempt = row.attempt,
-                    run_at = wallclock(), job = { id = row.id, queue = row.queue, target = row.target,
+                    run_at = w.store:now(), job = { id = row.id, queue = row.queue, target = row.target,
                                                   method = row.method, attempt = row.attempt } })
     end
   end
@@ -145,7 +144,7 @@ end
 local function write(w, entries)
   local box = { take = reserve(w, entries) }
   local ok, written, states = pcall(queue.worker_call, w.q, w.store, "tide.worker", record_batch,
-                                    entries, w.id, wallclock(), w.lease, box)
+                                    entries, w.id, w.store:now(), w.lease, box)
   if box.take then unreserve(w) end
   if not ok then
     -- Tried again by the flusher; if never written, the leases run out and

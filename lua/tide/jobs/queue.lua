@@ -14,7 +14,6 @@
 -- Times given and returned are UTC ms since the Unix epoch (integers); a
 -- run_at below 1e11 is taken for seconds, the old unit, with a warning.
 -- Transactions, and the connections they hold: tide.jobs.transaction.
-local core = require "tide.core"
 local check = require "tide.engine.check"
 local job = require "tide.jobs.job"
 local json = require "tide.jobs.json"
@@ -25,7 +24,7 @@ local transaction_mod = require "tide.jobs.transaction"
 local type, error, pairs, ipairs, tostring, tonumber = type, error, pairs, ipairs, tostring, tonumber
 local setmetatable, getmetatable, pcall, floor = setmetatable, getmetatable, pcall, math.floor
 local arg_error, opt_error, describe = check.arg_error, check.opt_error, check.describe
-local wallclock, holder = core.wallclock, pool.holder
+local holder = pool.holder
 
 local with_session, transaction, tx_state = transaction_mod.with_session, transaction_mod.transaction,
                                             transaction_mod.tx_state
@@ -354,7 +353,7 @@ local function insert_one(session, row) return session:insert(row) end
 --- duplicate inside the period) and false (nothing inserted).
 function Queue:enqueue(j)
   check_q("q:enqueue", self)
-  local row = job_row("q:enqueue", self, j, wallclock(), 2)
+  local row = job_row("q:enqueue", self, j, self._store:now(), 2)
   local id, inserted = with_session(self, "q:enqueue", insert_one, row)
   if inserted then inserted_into(self, self._txs[holder()], row.queue) end
   return id, inserted
@@ -363,7 +362,7 @@ end
 --- Checks a list of jobs; returns their rows.
 local function job_rows(fname, q, list)
   if type(list) ~= "table" then arg_error(fname, 1, "list of job tables", list, 3) end
-  local now, rows = wallclock(), {}
+  local now, rows = q._store:now(), {}
   for i = 1, #list do
     local ok, row = pcall(job_row, fname, q, list[i], now, 1)
     if not ok then error((tostring(row):gsub("^" .. fname:gsub("%p", "%%%0") .. ": ", fname .. ": job " .. i .. ": ")), 3) end
@@ -398,7 +397,7 @@ end
 function Tx:enqueue(j)
   local st = tx_state("tx:enqueue", self)
   local q = self._q
-  local row = job_row("tx:enqueue", q, j, wallclock(), 2)
+  local row = job_row("tx:enqueue", q, j, q._store:now(), 2)
   local id, inserted = st.session:insert(row)
   if inserted then st.touched[row.queue] = true end
   return id, inserted
@@ -464,7 +463,7 @@ function Queue:declare(name, opts)
     end
   end
   local row = { name = name, concurrency = opts.concurrency, partition = part_text, key_concurrency = key_conc,
-                rate_limit = rate_n, rate_period = rate_ms, updated_at = wallclock() }
+                rate_limit = rate_n, rate_period = rate_ms, updated_at = self._store:now() }
   with_session(self, "q:declare", function(session) session:declare(row) end)
   self._decl[name] = { partition = part }
   return true
@@ -551,8 +550,8 @@ end
 
 --- The UTC ms `ms` ago, as a whole number no earlier than the epoch (a
 --- span of 1e300 ms gave -1e300, which PostgreSQL's bigint refused).
-local function ago(ms)
-  local t = floor(wallclock() - ms)
+local function ago(q, ms)
+  local t = floor(q._store:now() - ms)
   return t > 0 and t or 0
 end
 
@@ -636,7 +635,7 @@ function Queue:recent(limit, within)
   end
   if within ~= nil and not check.is_ms(within) then arg_error("q:recent", 2, "non-negative number of ms", within) end
   limit = limit or 10000
-  local rows = with_session(self, "q:recent", recent_rows, ago(within or 60000), limit)
+  local rows = with_session(self, "q:recent", recent_rows, ago(self, within or 60000), limit)
   local out, total = {}, 0
   for _, r in ipairs(rows) do
     local qt = out[r.queue]
@@ -645,6 +644,14 @@ function Queue:recent(limit, within)
     total = total + r.n
   end
   return out, total >= limit
+end
+
+--- The store's time now, in UTC ms: the server's on PostgreSQL (this
+--- process's clock corrected by its distance from the server's), this
+--- machine's on SQLite.  A job's times (run_at, lease_expires, ...) are on it.
+function Queue:now()
+  check_q("q:now", self)
+  return self._store:now()
 end
 
 --- Who holds leases now: a list of { owner, queue, n, stopping,

@@ -25,7 +25,7 @@ local Queue = {}               -- the methods, copied onto the queue's by instal
 -- ===== changing jobs by hand
 
 local function change_row(session, op, id, err)
-  local changed = session:change(op, id, wallclock(), err)
+  local changed = session:change(op, id, session:now(), err)
   return changed, session:get(id)
 end
 
@@ -70,7 +70,7 @@ local BULK_FROM = {
   cancel = { "available", "scheduled", "retryable", "executing" },
 }
 
-local function bulk_rows(session, op, f, after, limit) return session:bulk(op, f, after, limit, wallclock()) end
+local function bulk_rows(session, op, f, after, limit) return session:bulk(op, f, after, limit, session:now()) end
 
 --- Applies op to every job that matches filter f, BATCH jobs per statement
 --- (each its own short transaction: workers claim and write between two),
@@ -150,7 +150,7 @@ function Queue:prune(opts)
       opt_error("q:prune", "statuses[" .. i .. "]", "'completed', 'discarded', 'cancelled' or 'expired'", st)
     end
   end
-  return (with_session(self, "q:prune", prune_rows, ago(ms), statuses))
+  return (with_session(self, "q:prune", prune_rows, ago(self, ms), statuses))
 end
 
 

@@ -4,7 +4,6 @@
 --- workers run.  The flows themselves (definitions, steps, the statements)
 --- are tide.jobs.flows; tide.jobs.queue installs these methods on its
 --- queues.
-local core = require "tide.core"
 local check = require "tide.engine.check"
 local job = require "tide.jobs.job"
 local json = require "tide.jobs.json"
@@ -13,7 +12,6 @@ local transaction_mod = require "tide.jobs.transaction"
 
 local type, error, pairs, ipairs, pcall, floor = type, error, pairs, ipairs, pcall, math.floor
 local arg_error, opt_error = check.arg_error, check.opt_error
-local wallclock = core.wallclock
 local with_session, transaction, tx_state = transaction_mod.with_session, transaction_mod.transaction,
                                             transaction_mod.tx_state
 local Tx = transaction_mod.Tx
@@ -63,7 +61,7 @@ end
 function Tx:enqueue_flow(name, input, opts)
   local st = tx_state("tx:enqueue_flow", self)
   local def, input_json, o = flow_args("tx:enqueue_flow", name, input, opts)
-  local id, inserted, qname = flows.start(st.session, def, input_json, o, floor(wallclock()), "tx:enqueue_flow")
+  local id, inserted, qname = flows.start(st.session, def, input_json, o, floor(st.session:now()), "tx:enqueue_flow")
   if inserted then st.touched[qname] = true end
   return id, inserted
 end
@@ -75,7 +73,7 @@ function Q:enqueue_flow(name, input, opts)
   local def, input_json, o = flow_args("q:enqueue_flow", name, input, opts)
   return transaction(self, "q:enqueue_flow", function(tx)
     local st = tx._st
-    local id, inserted, qname = flows.start(st.session, def, input_json, o, floor(wallclock()), "q:enqueue_flow")
+    local id, inserted, qname = flows.start(st.session, def, input_json, o, floor(st.session:now()), "q:enqueue_flow")
     if inserted then st.touched[qname] = true end
     return id, inserted
   end)
@@ -143,7 +141,7 @@ local function change_run(q, fname, op, id)
     local st = tx._st
     local s = st.session
     if s.lock_flow_runs then s:lock_flow_runs({ id }) end
-    local ok, post = op(s, id, floor(wallclock()))
+    local ok, post = op(s, id, floor(s:now()))
     if not ok then return nil, post end
     for qname in pairs(post.queues) do st.touched[qname] = true end
     return true

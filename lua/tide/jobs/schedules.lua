@@ -35,7 +35,7 @@ local time = require "tide.jobs.time"
 
 local type, error, pairs, ipairs, tostring, pcall, format = type, error, pairs, ipairs, tostring, pcall, string.format
 local min, max = math.min, math.max
-local opt_error, wallclock = check.opt_error, core.wallclock
+local opt_error = check.opt_error
 
 local M = {}
 
@@ -156,7 +156,7 @@ end
 --- Enqueues up to CHUNK of each schedule's pending ticks in one transaction;
 --- returns how many were inserted (others had a job already).
 local function enqueue_pending(w, list)
-  local now = wallclock()
+  local now = w.store:now()
   return w.q:transaction(function(tx)
     local session = queue.tx_session(tx)
     local inserted, done = 0, {}
@@ -181,7 +181,7 @@ end
 
 --- Registers the schedules and computes their missed ticks (one transaction).
 local function register(w, list)
-  local now = wallclock()
+  local now = w.store:now()
   w.q:transaction(function(tx)
     local session = queue.tx_session(tx)
     for _, s in ipairs(list) do
@@ -220,7 +220,7 @@ function M.run(w, list)
   list = by_name
   if not persist(w, "registering schedules", register, list) then return end
   while w.state == "running" do
-    local now, soonest, any = wallclock(), nil, false
+    local now, soonest, any = w.store:now(), nil, false
     for _, s in ipairs(list) do
       while s.next_at and s.next_at <= now and #s.pending < CHUNK do
         s.pending[#s.pending + 1] = s.next_at
@@ -241,7 +241,7 @@ function M.run(w, list)
       end
     elseif soonest then
       -- (+1: a timer may fire within its last millisecond; never spin)
-      S.wait_for(w.scheduler, "tide.worker", min(MAX_WAIT, max(1, soonest - wallclock() + 1)))
+      S.wait_for(w.scheduler, "tide.worker", min(MAX_WAIT, max(1, soonest - w.store:now() + 1)))
     else
       S.wait_for(w.scheduler, "tide.worker")   -- no tick before the year 10000: until stopped
     end

@@ -196,7 +196,7 @@ end
 local function failed(w, rec, err, trace, target)
   local job, row = rec.job, rec.row
   local entry = { id = row.id, attempt = row.attempt, job = job, err = err, trace = trace,
-                  error = encode{ attempt = row.attempt, at = wallclock(), error = tostring(err),
+                  error = encode{ attempt = row.attempt, at = w.store:now(), error = tostring(err),
                                   traceback = trace } }
   if row.attempt >= row.max_attempts then
     entry.kind, entry.outcome = "discard", "discarded"
@@ -205,7 +205,7 @@ local function failed(w, rec, err, trace, target)
                    or target and target.policy or w.retry
     local delay = floor(retry.delay(policy, row.attempt))
     entry.kind, entry.outcome = "retry", "retried"
-    entry.run_at = wallclock() + delay
+    entry.run_at = w.store:now() + delay
     if delay < w.poll and w.state == "running" and not S.shutting_down() then wake_later(w, row.queue, delay) end
   end
   job.error = tostring(err)
@@ -218,9 +218,9 @@ end
 
 local function released(w, rec, started, reason)
   local row = rec.row
-  record(w, { kind = "release", outcome = "released", id = row.id, attempt = row.attempt, run_at = wallclock(),
+  record(w, { kind = "release", outcome = "released", id = row.id, attempt = row.attempt, run_at = w.store:now(),
               job = rec.job, err = reason,
-              error = started and encode{ attempt = row.attempt, at = wallclock(),
+              error = started and encode{ attempt = row.attempt, at = w.store:now(),
                                           error = "interrupted: " .. tostring(reason) } or nil })
 end
 
@@ -291,13 +291,13 @@ local function start_job(w, row)
     bad = "corrupt job row: " .. (bad or ("queue is %q, not one of this worker's"):format(tostring(row.queue)))
     log.report("worker " .. w.id .. ": job " .. tostring(row.id), bad)
     return record(w, { kind = "discard", outcome = "discarded", id = row.id, attempt = row.attempt,
-                       job = rec.job, err = bad, error = encode{ at = wallclock(), error = bad } })
+                       job = rec.job, err = bad, error = encode{ at = w.store:now(), error = bad } })
   end
   local qs = w.queues[row.queue]
   w.running[row.id] = rec
   w.nrunning, qs.running = w.nrunning + 1, qs.running + 1
   local qt = totals_of(row.queue)
-  histogram.observe(qt.wait, math.max(0, wallclock() - row.run_at) / 1000)
+  histogram.observe(qt.wait, math.max(0, w.store:now() - row.run_at) / 1000)
   rec.started, rec.duration = core.now(), qt.duration
   local fn, target = method_of(w, row)
   local args, err
@@ -410,7 +410,7 @@ local function heartbeat(w)
         for i = 1, #list do ids[#ids + 1] = list[i].id end
       end
       local ok, leased = pcall(call, w, w.lease_store, "tide.worker", heartbeat_rows, w.id,
-                               wallclock() + w.lease, ids)
+                               w.store:now() + w.lease, ids)
       if not ok then
         log.report("worker " .. w.id .. ": heartbeat", leased)
         M.totals.store_errors.heartbeat = M.totals.store_errors.heartbeat + 1
@@ -434,7 +434,7 @@ local function rescue_rows(session, now) return session:rescue(now) end
 --- Makes jobs whose lease expired available again; true, or false after a
 --- failure (reported).
 local function rescue(w, sweep)
-  local ok, n, dead = pcall(call, w, w.lease_store, "tide.worker", rescue_rows, wallclock())
+  local ok, n, dead = pcall(call, w, w.lease_store, "tide.worker", rescue_rows, w.store:now())
   if not ok then
     log.report("worker " .. w.id .. ": rescue", n)
     M.totals.store_errors.rescue = M.totals.store_errors.rescue + 1
@@ -701,7 +701,7 @@ function Worker:drain(opts)
        and not self.unleasing then
       local done
       if rescue(self) then
-        local ok, n = pcall(call, self, self.lease_store, "worker:drain", pending_rows, names, wallclock() + within)
+        local ok, n = pcall(call, self, self.lease_store, "worker:drain", pending_rows, names, self.store:now() + within)
         if ok then
           if failures > 0 then failures = 0; loop_ok(self, "drain") end
           done = n == 0 and self.nrunning == 0 and #self.pending == 0 and not self.writing and #self.unlease == 0

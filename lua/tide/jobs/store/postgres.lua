@@ -21,8 +21,14 @@
 -- gets (the outcome write) is not: its generic plan was a trap (see
 -- Session:record).
 --
--- Leases are timed by the server's clock, so machines never argue about
--- time; other times are client UTC milliseconds, as with SQLite.
+-- Every time is the server's, so machines never argue about time: the
+-- statements that compare times (a job due, a lease run out) read the
+-- server's clock, and the times a process writes to be compared with them
+-- (run_at, a lease's end, a retry's) come from Store:now, this process's
+-- wall clock plus its distance from the server's (measured when the store
+-- opens, and again at least every CLOCK_EVERY ms).  A producer whose clock
+-- runs ahead would otherwise delay its jobs, and a worker behind the server
+-- would write leases that have run out already (spec/pg_clock_spec.lua).
 local core = require "tide.core"
 local common = require "tide.jobs.store.common"
 local job = require "tide.jobs.job"
@@ -45,8 +51,8 @@ Session.dialect = "postgres"
 local WAITING = "status IN " .. common.status_list(job.WAITING)
 local TERMINAL_SQL = common.status_list(job.FINISHED)
 local STOPPING = common.STOPPING      -- (see the SQLite store)
--- Leases are timed by the server's clock: one clock for every machine, read
--- when the statement runs (not when it was queued behind a connect).
+-- The server's clock, read when the statement runs (not when it was queued
+-- behind a connect): the one every machine's times are compared on.
 local NOW = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
 local GUARD = "WHERE id = $1 AND status = 'executing' AND lease_owner = $2 AND attempt = $3"
 local ADD_ERROR = "coalesce(errors, '[]'::jsonb) || jsonb_build_array($5::jsonb)"
@@ -279,12 +285,37 @@ local function migrate(c, name)
   c:query("COMMIT")
 end
 
---- A store of `size` connections to `url` (each runs `setup` first).
-local function new_store(url, name, size, timeout, setup, prepare)
-  local s = setmetatable({ url = url, name = name, size = size, timeout = timeout, prepare = prepare }, Store)
+-- ===== the server's clock
+
+local CLOCK_EVERY = 60000     -- ms between measures of the distance (clocks drift apart)
+
+--- A clock of the stores of one tide.queue.open (its workers' stores share
+--- it): offset = the server's time - this process's, in ms.
+local function new_clock() return { offset = 0, measured = -math.huge } end
+
+--- Measures the clock's offset on connection c: the server's time against
+--- the middle of the round trip that read it, on the real wall clock (so
+--- that under tide.testing's virtual clock the store's time moves with it,
+--- as SQLite's does).
+local function measure(clock, c)
+  local before = core.wallclock(true)
+  local server = tonumber(c:query("SELECT " .. NOW .. " AS now").rows[1].now)
+  local after = core.wallclock(true)
+  clock.offset = math.floor(server - (before + after) / 2 + 0.5)
+  clock.measured = core.now()
+end
+
+--- The server's time now, in UTC ms, as this process can tell it.
+function Store:now() return core.wallclock() + self.clock.offset end
+function Session:now() return core.wallclock() + self.clock.offset end
+
+--- A store of `size` connections to `url` (each runs `setup` first), on `clock`.
+local function new_store(url, name, size, timeout, setup, prepare, clock)
+  local s = setmetatable({ url = url, name = name, size = size, timeout = timeout, prepare = prepare,
+                           clock = clock }, Store)
   s.pool = pool.new{ name = name, size = size, timeout = timeout,
                      open = function()
-                       return setmetatable({ c = pg_conn.new(url, name, setup, prepare) }, Session)
+                       return setmetatable({ c = pg_conn.new(url, name, setup, prepare), clock = clock }, Session)
                      end,
                      reset = function(session) session.c:reset() end,
                      close = function(session) session.c:close() end }
@@ -297,10 +328,11 @@ end
 --- statements, on the pool's connections nor on its workers').
 function M.open(url, name, opts)
   local s = new_store(url, pg_conn.safe_name(name), opts.pool or 10, opts.pool_timeout or 5000, nil,
-                      opts.prepare ~= false)
+                      opts.prepare ~= false, new_clock())
   local session = s.pool:acquire("tide.queue.open")
   local ok, err = pcall(function()
     migrate(session.c, s.name)
+    measure(s.clock, session.c)
     s.durability = "PostgreSQL, synchronous_commit="
       .. session.c:query("SHOW synchronous_commit").rows[1].synchronous_commit
   end)
@@ -312,7 +344,15 @@ end
 
 function Store:acquire(fname, timeout)
   self.spare = nil                          -- (used since the opening: the pool's to keep)
-  return self.pool:acquire(fname, timeout)
+  local session = self.pool:acquire(fname, timeout)
+  local clock = self.clock
+  if core.now() - clock.measured >= CLOCK_EVERY then
+    -- (a failure leaves the last offset: the caller's own statement will
+    -- meet what broke, and say it)
+    clock.measured = core.now()
+    pcall(measure, clock, session.c)
+  end
+  return session
 end
 function Store:release(session, broken, holder) return self.pool:release(session, broken, holder) end
 function Store:available() return self.pool:available() end
@@ -339,7 +379,7 @@ function Store:stats_pool() return self.pool:stats() end
 --- ms of CPU to start here, more than the work of 600 no-op jobs).
 function Store:worker_store(purpose)
   local s = new_store(self.url, self.name, 1, nil,
-                      purpose == "claims" and "SET synchronous_commit = off" or nil, self.prepare)
+                      purpose == "claims" and "SET synchronous_commit = off" or nil, self.prepare, self.clock)
   s.durability = self.durability
   local spare = self.spare
   if purpose == nil and spare then
@@ -749,7 +789,7 @@ end
 function Session:heartbeat(owner, lease_until, ids)
   local set, list = {}, {}
   for i, id in ipairs(ids) do list[i] = format("%d", id) end
-  local lease = lease_until - core.wallclock()
+  local lease = lease_until - self:now()
   for _, r in ipairs(self.c:prepared("tide_heartbeat", SQL.heartbeat, owner, lease, "{" .. concat(list, ",") .. "}").rows) do
     set[r.id] = true
   end

@@ -334,6 +334,11 @@ end
 
 -- ===== the store: one connection, held by one task at a time
 
+--- The store's time now, in UTC ms: this machine's, as every process that
+--- opens the file runs on it.  (PostgreSQL's store tells the server's.)
+function Store:now() return core.wallclock() end
+function Session:now() return core.wallclock() end
+
 function Store:acquire(fname, timeout) return self.pool:acquire(fname, timeout) end
 function Store:release(session, broken, holder) return self.pool:release(session, broken, holder) end
 function Store:available() return self.pool:available() end
