@@ -32,10 +32,11 @@ function M.field(name, value) return "<dt>" .. M.h(name) .. "</dt><dd>" .. value
 --- UTC ms -> "2026-12-02 10:30:00" ("" for nil).
 function M.iso(ms) return ms and date("!%Y-%m-%d %H:%M:%S", floor(ms / 1000)) or "" end
 
---- "12 s ago", "in 3 min", with the UTC time as a tooltip (times in UTC ms, as the store gives them).
-function M.when(ms)
+--- "12 s ago", "in 3 min", with the UTC time as a tooltip (times in UTC ms, as the store gives them),
+--- from `now` (the store's time, q:now(): on PostgreSQL the server's; default this machine's).
+function M.when(ms, now)
   if not ms then return '<span class="muted">-</span>' end
-  local d = (core.wallclock() - ms) / 1000
+  local d = ((now or core.wallclock()) - ms) / 1000
   local ad = abs(d)
   local text = ad < 1 and "now" or ad < 120 and format("%d s", ad) or ad < 7200 and format("%d min", ad / 60)
     or ad < 172800 and format("%d h", ad / 3600) or format("%d d", ad / 86400)

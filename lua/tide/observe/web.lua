@@ -207,7 +207,8 @@ function M.handler(opts)
     end
     if req.path == "/assets/app.css" then return 200, headers("text/css; charset=utf-8"), assets.css end
     if req.path == "/assets/app.js" then return 200, headers("text/javascript; charset=utf-8"), assets.js end
-    local ctx = setmetatable({ req = req, q = q, csrf = csrf, store_name = store_name,
+    local has_now, now = pcall(q.now, q)      -- (the store's clock, for "12 s ago")
+    local ctx = setmetatable({ req = req, q = q, csrf = csrf, store_name = store_name, now = has_now and now or nil,
                                partial = req.query.partial == "1" }, Ctx)
     if req.method == "POST" then
       local ok, why = csrf_ok(req, csrf)

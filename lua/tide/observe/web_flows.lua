@@ -126,7 +126,7 @@ local function runs_page(ctx)
     rows[#rows + 1] = concat{
       '<tr><td class="num"><a href="/flows/', format("%d", r.id), '">', format("%d", r.id), "</a></td>",
       "<td>", h(r.flow), "</td><td>", badge(r.status), '</td><td class="num">',
-      h(format("%d/%d", (c.ok or 0) + (c.skipped or 0), c.total or 0)), "</td><td>", when(r.inserted_at), "</td>",
+      h(format("%d/%d", (c.ok or 0) + (c.skipped or 0), c.total or 0)), "</td><td>", when(r.inserted_at, ctx.now), "</td>",
       '<td class="num">', dur(r.duration), "</td><td>", h(r.key or ""), '</td><td class="err" title="', h(r.error),
       '">', h(r.error), "</td></tr>" }
   end
@@ -180,7 +180,7 @@ local function run_page(ctx, id)
     #actions > 0 and ("<p>" .. concat(actions, " ") .. "</p>") or "",
     "<dl>", field("Flow", h(run.flow)), field("Key", run.key and h(run.key) or '<span class="muted">none</span>'),
     field("Queue", h(run.queue)), field("Input", '<code id="input">' .. h(json.encode(run.input)) .. "</code>"),
-    field("Started", when(run.inserted_at)), field("Finished", when(run.completed_at)),
+    field("Started", when(run.inserted_at, ctx.now)), field("Finished", when(run.completed_at, ctx.now)),
     field("Duration", dur(run.duration)), field("Error", run.error and ('<span class="err">' .. h(run.error) .. "</span>")
       or '<span class="muted">none</span>'),
     "</dl><h2>Graph</h2>", picture,

@@ -196,7 +196,7 @@ local function jobs_page(ctx)
     rows[#rows + 1] = concat{
       '<tr><td class="num"><a href="/jobs/', format("%d", j.id), '">', format("%d", j.id), "</a></td>",
       "<td>", h(j.queue), "</td><td>", h(j.target), ".", h(j.method), "</td><td>", status_of(j), "</td>",
-      '<td class="num">', format("%d/%d", j.attempt, j.max_attempts), "</td><td>", when(j.run_at), "</td>",
+      '<td class="num">', format("%d/%d", j.attempt, j.max_attempts), "</td><td>", when(j.run_at, ctx.now), "</td>",
       '<td class="err" title="', h(last_error(j)), '">', h(last_error(j)), "</td><td>", actions_for(ctx, j, back), "</td></tr>" }
   end
   body[#body + 1] = concat{
@@ -256,10 +256,10 @@ local function job_page(ctx, id)
     "<dl>",
     field("Job", h(job.target .. "." .. job.method)), field("Queue", h(job.queue)),
     field("Attempt", h(format("%d of %d", job.attempt, job.max_attempts))), field("Priority", h(job.priority)),
-    field("Inserted", when(job.inserted_at)), field("Run at", when(job.run_at)),
-    field("Attempted", when(job.attempted_at)), field("Finished", when(job.completed_at)),
+    field("Inserted", when(job.inserted_at, ctx.now)), field("Run at", when(job.run_at, ctx.now)),
+    field("Attempted", when(job.attempted_at, ctx.now)), field("Finished", when(job.completed_at, ctx.now)),
     field("Idempotency key", job.idempotency_key and h(job.idempotency_key) or '<span class="muted">none</span>'),
-    field("Lease", job.lease_owner and (h(job.lease_owner) .. ", expires " .. when(job.lease_expires)) or '<span class="muted">none</span>'),
+    field("Lease", job.lease_owner and (h(job.lease_owner) .. ", expires " .. when(job.lease_expires, ctx.now)) or '<span class="muted">none</span>'),
     "</dl><h2>Arguments</h2>", args,
     #errors > 0 and concat(errors) or '<h2>Errors</h2><p class="muted">None.</p>' }
   return ctx:page("Job " .. job.id, body)
@@ -286,7 +286,7 @@ local function workers_page(ctx)
   local rows = {}
   for _, w in ipairs(list) do
     rows[#rows + 1] = concat{ "<tr><td>", h(w.owner), "</td><td>", h(concat(w.queues, ", ")), '</td><td class="num">',
-      num(w.n), "</td><td>", when(w.attempted), "</td><td>", when(w.expires), "</td></tr>" }
+      num(w.n), "</td><td>", when(w.attempted, ctx.now), "</td><td>", when(w.expires, ctx.now), "</td></tr>" }
   end
   local body = { "<h1>Workers</h1>", "<p class=\"muted\">Workers as the store sees them: those holding leases on "
     .. "running jobs, kept alive by their heartbeats. An idle worker holds no lease and is not listed.</p>",
