@@ -65,6 +65,8 @@ describe("review: a stopping job's lease, on " .. store.name, function()
         if fails < 2 then fails = fails + 1; error("store down (spec)") end
         return unlease(...)
       end
+      local errors = require("tide.jobs.worker").totals.store_errors
+      local unlease_errors, heartbeat_errors = errors.unlease or 0, errors.heartbeat
       local ok, err = pcall(function()
         local a = q:enqueue{ queue = "k", target = "t", method = "long", args = { key = "x" } }
         assert.is_true(H.wait_for(function() return started[a] ~= nil end, 3000))
@@ -73,6 +75,9 @@ describe("review: a stopping job's lease, on " .. store.name, function()
         assert.is_true(H.wait_for(function() return started[b] ~= nil end, 3000))
         assert.equal(2, fails)
         assert.is_nil(lease_of(a))
+        -- counted as what failed (tide_job_store_errors_total{operation="unlease"}), not as heartbeats
+        assert.equal(unlease_errors + 2, errors.unlease)
+        assert.equal(heartbeat_errors, errors.heartbeat)
       end)
       Session.unlease = unlease
       w:stop()

@@ -79,7 +79,7 @@ local M = {}
 -- worker, or never written; how long attempts ran and how long due jobs
 -- waited to start; store statements that failed, by operation.
 M.totals = { queues = {}, rescued = 0,
-             store_errors = { claim = 0, record = 0, heartbeat = 0, rescue = 0 } }
+             store_errors = { claim = 0, record = 0, heartbeat = 0, unlease = 0, rescue = 0 } }
 M.live = setmetatable({}, { __mode = "k" })    -- workers not yet stopped
 
 local function totals_of(name)
@@ -371,7 +371,7 @@ local function unlease(w)
   w.unleasing = false
   if not ok then
     log.report("worker " .. w.id .. ": giving up the leases of stopped jobs", err)
-    M.totals.store_errors.heartbeat = M.totals.store_errors.heartbeat + 1
+    M.totals.store_errors.unlease = M.totals.store_errors.unlease + 1
     for i = 1, #w.unlease do ids[#ids + 1] = w.unlease[i] end   -- (with those stopped meanwhile)
     w.unlease = ids
     w.last_error = err
