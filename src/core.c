@@ -126,8 +126,12 @@ static state *get_state(lua_State *L) {
   return u->s;
 }
 
+/* now([real]) -> ms on the monotonic clock; under tide.testing's virtual
+ * clock the virtual time, unless real (a PostgreSQL store's measure of the
+ * server's clock counts real time). */
 static int l_now(lua_State *L) {
-  lua_pushnumber(L, (double)tide__loop_now() / 1e6);
+  uint64_t ns = lua_toboolean(L, 1) ? uv_hrtime() : tide__loop_now();
+  lua_pushnumber(L, (double)ns / 1e6);
   return 1;
 }
 

@@ -646,9 +646,8 @@ function Queue:recent(limit, within)
   return out, total >= limit
 end
 
---- The store's time now, in UTC ms: the server's on PostgreSQL (this
---- process's clock corrected by its distance from the server's), this
---- machine's on SQLite.  A job's times (run_at, lease_expires, ...) are on it.
+--- The store's time now, in UTC ms: the server's on PostgreSQL (as this
+--- process can tell it: tide.jobs.store.postgres), this machine's on SQLite.  A job's times (run_at, lease_expires, ...) are on it.
 function Queue:now()
   check_q("q:now", self)
   return self._store:now()

@@ -24,9 +24,9 @@
 -- Every time is the server's, so machines never argue about time: the
 -- statements that compare times (a job due, a lease run out) read the
 -- server's clock, and the times a process writes to be compared with them
--- (run_at, a lease's end, a retry's) come from Store:now, this process's
--- wall clock plus its distance from the server's (measured when the store
--- opens, and again at least every CLOCK_EVERY ms).  A producer whose clock
+-- (run_at, a lease's end, a retry's) come from Store:now: the server's time
+-- read when the store opened, and again at least every CLOCK_EVERY ms, and
+-- counted on since on this process's monotonic clock.  A producer whose clock
 -- runs ahead would otherwise delay its jobs, and a worker behind the server
 -- would write leases that have run out already (spec/pg_clock_spec.lua).
 local core = require "tide.core"
@@ -37,7 +37,7 @@ local pool = require "tide.jobs.store.pool"
 local schema = require "tide.jobs.store.pg_schema"
 
 local type, error, ipairs, tostring, concat = type, error, ipairs, tostring, table.concat
-local setmetatable, format, pcall, min = setmetatable, string.format, pcall, math.min
+local setmetatable, format, pcall, min, floor = setmetatable, string.format, pcall, math.min, math.floor
 
 local M = {}
 
@@ -287,27 +287,38 @@ end
 
 -- ===== the server's clock
 
-local CLOCK_EVERY = 60000     -- ms between measures of the distance (clocks drift apart)
+local CLOCK_EVERY = 60000     -- ms between measures (the two machines' clocks tick at rates a little apart)
+local CLOCK_RTT = 50          -- ms: a measure whose round trip took longer is not taken (its error is up to half)
+local CLOCK_RETRY = 1000      -- ms before measuring again after one not taken
 
 --- A clock of the stores of one tide.queue.open (its workers' stores share
---- it): offset = the server's time - this process's, in ms.
-local function new_clock() return { offset = 0, measured = -math.huge } end
+--- it): the server's time `server` (UTC ms) as it was at `at` on this
+--- process's monotonic clock.  Store:now() counts on from there on the
+--- monotonic clock, so a step of this machine's wall clock (NTP, by hand)
+--- changes nothing; measures every CLOCK_EVERY ms take in the drift.
+local function new_clock() return { measured = -math.huge } end
 
---- Measures the clock's offset on connection c: the server's time against
---- the middle of the round trip that read it, on the real wall clock (so
---- that under tide.testing's virtual clock the store's time moves with it,
---- as SQLite's does).
+--- Measures the server's time on connection c, against the middle of the
+--- round trip that read it (real time: the loop's virtual clock stands
+--- still during I/O).  A round trip longer than CLOCK_RTT (the loop busy
+--- while the answer waited, a slow server) could put up to half of it
+--- into every time written, so the last measure is kept (the first is
+--- taken whatever it took) and another one is made soon.
 local function measure(clock, c)
-  local before = core.wallclock(true)
+  local before = core.now(true)
   local server = tonumber(c:query("SELECT " .. NOW .. " AS now").rows[1].now)
-  local after = core.wallclock(true)
-  clock.offset = math.floor(server - (before + after) / 2 + 0.5)
-  clock.measured = core.now()
+  local after = core.now(true)
+  local slow = after - before > CLOCK_RTT
+  clock.measured = core.now() - (slow and CLOCK_EVERY - CLOCK_RETRY or 0)
+  if not (slow and clock.server) then clock.server, clock.at = server, (before + after) / 2 end
 end
 
---- The server's time now, in UTC ms, as this process can tell it.
-function Store:now() return core.wallclock() + self.clock.offset end
-function Session:now() return core.wallclock() + self.clock.offset end
+--- The server's time now, in UTC ms, as this process can tell it.  (Under
+--- tide.testing's virtual clock, core.now() is the virtual time: the
+--- store's times then move with it, as SQLite's do.)
+local function server_now(clock) return floor(clock.server + (core.now() - clock.at) + 0.5) end
+function Store:now() return server_now(self.clock) end
+function Session:now() return server_now(self.clock) end
 
 --- A store of `size` connections to `url` (each runs `setup` first), on `clock`.
 local function new_store(url, name, size, timeout, setup, prepare, clock)
