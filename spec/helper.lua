@@ -343,6 +343,16 @@ local function remove_db(path)
   for _, suffix in ipairs{ "", "-wal", "-shm", "-journal" } do os.remove(path .. suffix) end
 end
 
+--- The path of libfaketime (the thread-safe build: tide processes run
+--- threads), for LD_PRELOAD, on whatever architecture; nil when the
+--- faketime package is not installed.
+function H.libfaketime()
+  local p = io.popen("ls /usr/lib/*/faketime/libfaketimeMT.so.1 2>/dev/null")
+  local path = p:read("*l")
+  p:close()
+  return path
+end
+
 --- The job stores under test: SQLite always; PostgreSQL when spec/run.sh
 --- started a server (TIDE_PG_URL).  Store specs run once per store:
 --- fresh(path) returns the URL of an empty store, reset(path) removes what

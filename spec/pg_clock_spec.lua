@@ -21,15 +21,9 @@ package.path = "spec/fixtures/?.lua;" .. package.path
 
 -- libfaketime preloaded by hand: the faketime command forks, and a signal
 -- to its pid would not reach the worker.
-local LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+local LIBFAKETIME = H.libfaketime()
 
-local function exists(path)
-  local f = io.open(path)
-  if f then f:close() end
-  return f ~= nil
-end
-
-if not PG or (os.getenv("SANITIZE") or "") ~= "" or not exists(LIBFAKETIME) then
+if not PG or (os.getenv("SANITIZE") or "") ~= "" or not LIBFAKETIME then
   describe("clocks that disagree with PostgreSQL's", function()
     pending("needs spec/run.sh's PostgreSQL and faketime (and is skipped by make sanitize)")
   end)
@@ -99,7 +93,7 @@ describe("clocks that disagree with PostgreSQL's", function()
       q:close()
     ]])
     local before = server_now()
-    local p = assert(io.popen(("SKEW_URL='%s' %s%s run %s 2>&1"):format(PG, skewed(SKEW), TIDE, script)))
+    local p = assert(io.popen(("SKEW_URL='%s' %stimeout 60 %s run %s 2>&1"):format(PG, skewed(SKEW), TIDE, script)))
     local out = p:read("*a")
     p:close()
     local after = server_now()

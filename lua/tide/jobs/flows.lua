@@ -696,7 +696,9 @@ local function step_of(r)
     traceback = r.traceback, reason = r.reason, queued_at = ms(r.queued_at), started_at = started,
     completed_at = ms(r.completed_at), each = r.each ~= 0 or nil,
   }
-  if s.completed_at and started then s.duration = (r.completed_at - (r.attempted_at or r.queued_at)) end
+  -- (at least 0: on PostgreSQL a step's start is the server's clock, its
+  -- end the worker's reading of it, which may be a few ms behind)
+  if s.completed_at and started then s.duration = max(0, r.completed_at - (r.attempted_at or r.queued_at)) end
   if r.items_total then s.items = { total = r.items_total, done = r.items_done or 0 } end
   return s
 end

@@ -298,25 +298,29 @@ local CLOCK_RETRY = 1000      -- ms before measuring again after one not taken
 --- changes nothing; measures every CLOCK_EVERY ms take in the drift.
 local function new_clock() return { measured = -math.huge } end
 
---- Measures the server's time on connection c, against the middle of the
---- round trip that read it (real time: the loop's virtual clock stands
---- still during I/O).  A round trip longer than CLOCK_RTT (the loop busy
---- while the answer waited, a slow server) could put up to half of it
---- into every time written, so the last measure is kept (the first is
---- taken whatever it took) and another one is made soon.
+--- Measures the server's time on connection c.  The server read its clock
+--- (whole ms, rounded down) somewhere inside the round trip, so at its end
+--- (real time: the loop's virtual clock stands still during I/O) the
+--- server's time was at least what it read: the estimate is never ahead
+--- of the server, and behind it by at most the round trip.  (Ahead, a job
+--- enqueued "for now" would not yet be due to the claim its enqueue wakes,
+--- and would wait a poll.)  A round trip longer than CLOCK_RTT (the loop
+--- busy while the answer waited, a slow server) is not taken, unless there
+--- is no other yet; another measure follows soon.
 local function measure(clock, c)
   local before = core.now(true)
-  local server = tonumber(c:query("SELECT " .. NOW .. " AS now").rows[1].now)
+  local server = tonumber(c:query("SELECT floor(extract(epoch from clock_timestamp()) * 1000)::bigint AS now")
+                           .rows[1].now)
   local after = core.now(true)
   local slow = after - before > CLOCK_RTT
   clock.measured = core.now() - (slow and CLOCK_EVERY - CLOCK_RETRY or 0)
-  if not (slow and clock.server) then clock.server, clock.at = server, (before + after) / 2 end
+  if not (slow and clock.server) then clock.server, clock.at = server, after end
 end
 
---- The server's time now, in UTC ms, as this process can tell it.  (Under
---- tide.testing's virtual clock, core.now() is the virtual time: the
---- store's times then move with it, as SQLite's do.)
-local function server_now(clock) return floor(clock.server + (core.now() - clock.at) + 0.5) end
+--- The server's time now, in whole UTC ms, as this process can tell it
+--- (never ahead of it).  Under tide.testing's virtual clock core.now() is
+--- the virtual time: the store's times then move with it, as SQLite's do.
+local function server_now(clock) return floor(clock.server + (core.now() - clock.at)) end
 function Store:now() return server_now(self.clock) end
 function Session:now() return server_now(self.clock) end
 
