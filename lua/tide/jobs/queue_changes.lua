@@ -2,7 +2,6 @@
 --- (q:retry, q:cancel, q:expire, q:fail), in batches (q:retry_all,
 --- q:cancel_all), and q:prune.  tide.jobs.queue installs them on its
 --- queues, with its own checks; the statements are the stores'.
-local core = require "tide.core"
 local check = require "tide.engine.check"
 local job = require "tide.jobs.job"
 local json = require "tide.jobs.json"
@@ -12,7 +11,7 @@ local transaction_mod = require "tide.jobs.transaction"
 
 local type, pairs, ipairs, tostring = type, pairs, ipairs, tostring
 local arg_error, opt_error = check.arg_error, check.opt_error
-local wallclock, holder = core.wallclock, pool.holder
+local holder = pool.holder
 local with_session, notify, inserted_into = transaction_mod.with_session, transaction_mod.notify,
                                             transaction_mod.inserted_into
 local not_in_finalizer = transaction_mod.not_in_finalizer
@@ -25,7 +24,9 @@ local Queue = {}               -- the methods, copied onto the queue's by instal
 -- ===== changing jobs by hand
 
 local function change_row(session, op, id, err)
-  local changed = session:change(op, id, session:now(), err)
+  local now = session:now()
+  if type(err) == "function" then err = err(now) end  -- (q:fail's entry, stamped on the store's clock)
+  local changed = session:change(op, id, now, err)
   return changed, session:get(id)
 end
 
@@ -57,8 +58,8 @@ function Queue:expire(id) return change(self, "q:expire", "expire", id) end
 function Queue:fail(id, reason)
   not_in_finalizer("q:fail", 2)                -- (before the encode below: see not_in_finalizer)
   if reason ~= nil and type(reason) ~= "string" then arg_error("q:fail", 2, "string or nil", reason) end
-  local entry = json.try_encode({ at = wallclock(), error = json.text(reason or "failed by hand") }, nil, true)
-  return change(self, "q:fail", "fail", id, entry)
+  local text = json.text(reason or "failed by hand")
+  return change(self, "q:fail", "fail", id, function(now) return json.try_encode({ at = now, error = text }, nil, true) end)
 end
 
 -- ===== changing many jobs at once, in batches
