@@ -353,6 +353,47 @@ function H.libfaketime()
   return path
 end
 
+--- A test bed for `tide worker` processes whose wall clocks are set off,
+--- on spec/run.sh's PostgreSQL (spec/pg_clock_spec.lua,
+--- spec/review_rclock_spec.lua): bed.q (a queue on a fresh store), bed.dir,
+--- bed.stamps (the file spec/fixtures/skew_*.lua append their starts to).
+--- bed:worker(env, args) starts `env tide worker ... args` on
+--- spec/fixtures/skew_targets.lua (env: libfaketime's variables);
+--- bed:lines(what) counts the stamps `what`; bed:close() stops the workers
+--- and removes what the test made.
+function H.skew_bed()
+  local tide, ffi = require "tide", require "ffi"
+  pcall(ffi.cdef, "int kill(int pid, int sig);")
+  local bed = { dir = H.tempdir(), procs = {} }
+  bed.stamps = bed.dir .. "/stamps"
+  bed.q = tide.queue.open(H.stores()[2].fresh())
+  function bed:worker(env, args)
+    local log = ("%s/worker-%d.log"):format(self.dir, #self.procs + 1)
+    local p = assert(io.popen(("SKEW_STAMPS=%s %s %s/tide worker --store '%s' --quiet --poll 20 %s "
+      .. "spec/fixtures/skew_targets.lua > %s 2>&1 & echo $!; exec 2>/dev/null; wait $!")
+      :format(self.stamps, env, H.build, os.getenv("TIDE_PG_URL"), args, log)))
+    self.procs[#self.procs + 1] = { pipe = p, pid = assert(tonumber(p:read("*l"))), log = log }
+  end
+  function bed:lines(what)
+    local n, f = 0, io.open(self.stamps)
+    if f then
+      for l in f:lines() do if l == what then n = n + 1 end end
+      f:close()
+    end
+    return n
+  end
+  function bed:close()
+    for _, p in ipairs(self.procs) do
+      ffi.C.kill(p.pid, 15)
+      p.pipe:close()
+    end
+    self.q:close()
+    H.stores()[2].reset()
+    os.execute("rm -rf " .. self.dir)
+  end
+  return bed
+end
+
 --- The job stores under test: SQLite always; PostgreSQL when spec/run.sh
 --- started a server (TIDE_PG_URL).  Store specs run once per store:
 --- fresh(path) returns the URL of an empty store, reset(path) removes what

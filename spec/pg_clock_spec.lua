@@ -30,32 +30,21 @@ if not PG or (os.getenv("SANITIZE") or "") ~= "" or not LIBFAKETIME then
   return
 end
 
-local ffi = require "ffi"
-pcall(ffi.cdef, "int kill(int pid, int sig);")
-
 --- The command prefix that runs a process with its wall clock `ms` off.
 local function skewed(ms)
-  return ("LD_PRELOAD=%s FAKETIME='%+ds' FAKETIME_DONT_FAKE_MONOTONIC=1 "):format(LIBFAKETIME, ms / 1000)
+  return ("LD_PRELOAD=%s FAKETIME='%+ds' FAKETIME_DONT_FAKE_MONOTONIC=1"):format(LIBFAKETIME, ms / 1000)
 end
 
 describe("clocks that disagree with PostgreSQL's", function()
-  local dir, stamps, q, procs
+  local bed, q
 
   before_each(function()
-    dir = H.tempdir()
-    stamps = dir .. "/stamps"
-    q = tide.queue.open(H.stores()[2].fresh())
-    procs = {}
+    bed = H.skew_bed()
+    q = bed.q
   end)
 
   after_each(function()
-    for _, p in ipairs(procs) do
-      ffi.C.kill(p.pid, 15)
-      p.pipe:close()
-    end
-    q:close()
-    H.stores()[2].reset()
-    os.execute("rm -rf " .. dir)
+    bed:close()
     H.assert_idle()
   end)
 
@@ -63,26 +52,11 @@ describe("clocks that disagree with PostgreSQL's", function()
     return tonumber(H.sql(q, "SELECT (extract(epoch from clock_timestamp()) * 1000)::bigint AS now")[1].now)
   end
 
-  local function lines(what)
-    local n, f = 0, io.open(stamps)
-    if f then
-      for l in f:lines() do if l == what then n = n + 1 end end
-      f:close()
-    end
-    return n
-  end
-
   --- Starts `tide worker` with its clock off by `ms`.
-  local function worker(ms, args)
-    local log = ("%s/worker-%d.log"):format(dir, #procs + 1)
-    local p = assert(io.popen(("SKEW_STAMPS=%s %s%s worker --store '%s' --quiet --poll 20 %s "
-      .. "spec/fixtures/skew_targets.lua > %s 2>&1 & echo $!; exec 2>/dev/null; wait $!")
-      :format(stamps, skewed(ms), TIDE, PG, args, log)))
-    procs[#procs + 1] = { pipe = p, pid = assert(tonumber(p:read("*l"))), log = log }
-  end
+  local function worker(ms, args) bed:worker(skewed(ms), args) end
 
   it("makes a producer's jobs due by the server's clock, not by the producer's", function()
-    local script = H.write_file(dir, "producer.lua", [[
+    local script = H.write_file(bed.dir, "producer.lua", [[
       local tide = require "tide"
       local q = tide.queue.open(os.getenv("SKEW_URL"))
       local job = { target = "skew", method = "fail_once" }
@@ -93,7 +67,7 @@ describe("clocks that disagree with PostgreSQL's", function()
       q:close()
     ]])
     local before = server_now()
-    local p = assert(io.popen(("SKEW_URL='%s' %stimeout 60 %s run %s 2>&1"):format(PG, skewed(SKEW), TIDE, script)))
+    local p = assert(io.popen(("SKEW_URL='%s' %s timeout 60 %s run %s 2>&1"):format(PG, skewed(SKEW), TIDE, script)))
     local out = p:read("*a")
     p:close()
     local after = server_now()
@@ -117,7 +91,7 @@ describe("clocks that disagree with PostgreSQL's", function()
       assert.is_true(H.wait_for(function() return q:job(id).status == "completed" end, 15000),
         "the failed job's retry did not run within 15 s: " .. q:job(id).status)
       assert.is_true(H.wait_for(function() return q:flow_run(run).status == "ok" end, 15000),
-        "the flow did not end within 15 s: " .. q:flow_run(run).status .. ", " .. lines("item") .. " of 6 items run")
+        "the flow did not end within 15 s: " .. q:flow_run(run).status .. ", " .. bed:lines("item") .. " of 6 items run")
     end)
   end)
 
@@ -130,11 +104,11 @@ describe("clocks that disagree with PostgreSQL's", function()
       local rescuer = tide.worker{ queue = q, queues = { nothing_here = 1 }, rescue_every = 50, poll = 50 }
       assert.is_true(H.wait_for(function() return q:flow_run(run).status == "ok" end, 15000),
         "the flow did not end within 15 s")
-      assert.is_true(H.wait_for(function() return lines("hook") > 0 end, 5000), "the flow_done hook never ran")
+      assert.is_true(H.wait_for(function() return bed:lines("hook") > 0 end, 5000), "the flow_done hook never ran")
       tide.sleep(2500)                                 -- the hook takes 2 s: a second start would show by now
       rescuer:stop()
       rescuer:wait()
-      assert.equal(1, lines("hook"))
+      assert.equal(1, bed:lines("hook"))
       assert.equal(0, rescuer:info().rescued or 0)
     end)
   end)

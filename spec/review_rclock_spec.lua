@@ -16,7 +16,6 @@
 local tide = require "tide"
 local H = spec_helper
 
-local TIDE = H.build .. "/tide"
 local PG = os.getenv("TIDE_PG_URL")
 local LIBFAKETIME = H.libfaketime()
 local SERVER_NOW = "SELECT (extract(epoch from clock_timestamp()) * 1000)::bigint AS now"
@@ -29,8 +28,6 @@ if not PG or (os.getenv("SANITIZE") or "") ~= "" then
   return
 end
 
-local ffi = require "ffi"
-pcall(ffi.cdef, "int kill(int pid, int sig);")
 
 describe("review 88b45af: the re-measure in Store:acquire", function()
   local q
@@ -139,23 +136,15 @@ if not LIBFAKETIME then
 end
 
 describe("review 88b45af: a worker's clock stepped after its store measured it", function()
-  local dir, stamps, clockfile, q, procs
+  local bed, q, clockfile
 
   before_each(function()
-    dir = H.tempdir()
-    stamps, clockfile = dir .. "/stamps", dir .. "/clock"
-    q = tide.queue.open(H.stores()[2].fresh())
-    procs = {}
+    bed = H.skew_bed()
+    q, clockfile = bed.q, bed.dir .. "/clock"
   end)
 
   after_each(function()
-    for _, p in ipairs(procs) do
-      ffi.C.kill(p.pid, 15)
-      p.pipe:close()
-    end
-    q:close()
-    H.stores()[2].reset()
-    os.execute("rm -rf " .. dir)
+    bed:close()
     H.assert_idle()
   end)
 
@@ -165,23 +154,10 @@ describe("review 88b45af: a worker's clock stepped after its store measured it",
     f:close()
   end
 
-  local function lines(what)
-    local n, f = 0, io.open(stamps)
-    if f then
-      for l in f:lines() do if l == what then n = n + 1 end end
-      f:close()
-    end
-    return n
-  end
-
   --- Starts `tide worker` whose wall clock reads $clockfile (re-read at every read of the clock).
   local function worker(args)
-    local log = ("%s/worker-%d.log"):format(dir, #procs + 1)
-    local p = assert(io.popen(("SKEW_STAMPS=%s LD_PRELOAD=%s FAKETIME_TIMESTAMP_FILE=%s FAKETIME_NO_CACHE=1 "
-      .. "FAKETIME_DONT_FAKE_MONOTONIC=1 %s worker --store '%s' --quiet --poll 20 %s "
-      .. "spec/fixtures/skew_targets.lua > %s 2>&1 & echo $!; exec 2>/dev/null; wait $!")
-      :format(stamps, LIBFAKETIME, clockfile, TIDE, PG, args, log)))
-    procs[#procs + 1] = { pipe = p, pid = assert(tonumber(p:read("*l"))), log = log }
+    bed:worker(("LD_PRELOAD=%s FAKETIME_TIMESTAMP_FILE=%s FAKETIME_NO_CACHE=1 FAKETIME_DONT_FAKE_MONOTONIC=1")
+      :format(LIBFAKETIME, clockfile), args)
   end
 
   it("keeps the hook's lease of a worker 60 s ahead whose clock is then stepped back", function()
@@ -200,7 +176,7 @@ describe("review 88b45af: a worker's clock stepped after its store measured it",
       local run = q:enqueue_flow("skew_flow", {})
       assert.is_true(H.wait_for(function() return q:flow_run(run).status == "ok" end, 15000),
         "the flow did not end within 15 s")
-      assert.is_true(H.wait_for(function() return lines("hook") > 0 end, 5000), "the flow_done hook never ran")
+      assert.is_true(H.wait_for(function() return bed:lines("hook") > 0 end, 5000), "the flow_done hook never ran")
       local hook = H.sql(q, "SELECT id, lease_expires, attempted_at, inserted_at, status FROM tide_jobs WHERE method = 'hook'")[1]
       local what = hook and ("hook job: inserted %+d ms, attempted %+d ms, lease ends %+d ms from the server's now")
         :format(hook.inserted_at - q:now(), (hook.attempted_at or 0) - q:now(), (hook.lease_expires or 0) - q:now())
@@ -208,7 +184,7 @@ describe("review 88b45af: a worker's clock stepped after its store measured it",
       rescuer:stop()
       rescuer:wait()
       assert.equal(0, rescuer:info().rescued or 0, what)
-      assert.equal(1, lines("hook"))
+      assert.equal(1, bed:lines("hook"))
     end)
   end)
 
