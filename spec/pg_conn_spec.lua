@@ -145,4 +145,51 @@ describe("tide.jobs.store.pg_conn", function()
     end)
     q:close()
   end)
+
+  -- Broken before: a connect's timeout was a timer of the loop, so under
+  -- tide.testing's virtual clock it ran out as soon as a test advanced 10
+  -- virtual seconds, however little real time the connect had taken
+  -- (schedules_spec's PostgreSQL test failed so now and then: "connection
+  -- timed out after 10000 ms").  It counts real time now.
+  it("connects under the virtual clock however far a test advances it meanwhile", function()
+    local q = tide.queue.open(URL, { pool = 1 })
+    local clock = tide.testing.clock()
+    local ok, err = pcall(H.run, function()
+      terminate(backend_pid(q))               -- the next statement connects again
+      local t = tide.spawn(function() return backend_pid(q) end)
+      clock:advance(60000)                    -- while the connect waits for the server
+      local st, pid = t:await()
+      assert.equal("ok", st, tostring(pid))
+    end)
+    clock:stop()
+    q:close()
+    assert(ok, err)
+  end)
+
+  it("gives up a connect the server never answers after CONNECT_TIMEOUT ms", function()
+    -- A socket that listens and never accepts: the kernel completes the
+    -- handshake, and the startup packet waits for an answer that never comes.
+    local port = 24000 + math.random(0, 999)
+    local listener = io.popen(("python3 -c \"import socket, time; s = socket.socket(); "
+      .. "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', %d)); s.listen(8); "
+      .. "print('up', flush=True); time.sleep(20)\" & echo $!"):format(port))
+    local pid = listener:read("*l")
+    assert.equal("up", listener:read("*l"))
+    local saved = pg_conn.CONNECT_TIMEOUT
+    pg_conn.CONNECT_TIMEOUT = 300
+    local ok, err = pcall(H.run, function()
+      local c = pg_conn.new(("postgres://tide@127.0.0.1:%d/postgres"):format(port), "silent")
+      local t0 = tide.now()
+      local qok, qerr = pcall(c.query, c, "SELECT 1")
+      local took = tide.now() - t0
+      c:close()
+      assert.is_false(qok)
+      assert.equal("silent: connection timed out after 300 ms", tostring(qerr))
+      assert.is_true(took >= 290 and took < 3000, ("gave up after %d ms"):format(took))
+    end)
+    pg_conn.CONNECT_TIMEOUT = saved
+    os.execute("kill " .. pid .. " 2>/dev/null")
+    listener:close()
+    assert(ok, err)
+  end)
 end)
