@@ -114,6 +114,41 @@ describe("review 88b45af: the re-measure in Store:acquire", function()
     assert(ok, err)
   end)
 
+  -- A flow step is released in the transaction that completes its last
+  -- dependency, and stamped queued_at then; the dependencies completed
+  -- before may have been stamped by other processes, each with its own
+  -- reading of the server's clock (behind it by up to a round trip).  A
+  -- reading behind by more than the time between two completions stamped
+  -- the release before the completion it follows.  The release is now
+  -- stamped no earlier than the server's own clock after its lock waits.
+  it("never stamps a flow step's release before the completion of a dependency another worker made", function()
+    _G.DFLOW_ORDER = 0
+    local ok, err = pcall(H.run, function()
+      local a = tide.worker{ queue = q, concurrency = 4, poll = 20 }
+      local run = q:enqueue_flow("dflow_order", {})
+      assert.is_true(H.wait_for(function()
+        local by = {}
+        for _, st in ipairs(q:flow_run(run).steps) do by[st.name] = st end
+        return by.first.status == "ok" and _G.DFLOW_ORDER == 1
+      end, 5000), "the first steps did not run")
+      a:stop(); a:wait()
+      -- Another worker, its reading of the server's clock well behind (as a
+      -- reading a long round trip ago could be), completes `retried`.
+      local q2 = tide.queue.open(PG)
+      q2._store.clock.server = q2._store.clock.server - 60000
+      q2._store.clock.measured = math.huge           -- (no measure to put it right during the test)
+      local b = tide.worker{ queue = q2, concurrency = 4, poll = 20 }
+      assert.is_true(H.wait_for(function() return q:flow_run(run).status == "ok" end, 5000), "the flow did not end")
+      b:stop(); b:wait()
+      q2:close()
+      local by = {}
+      for _, st in ipairs(q:flow_run(run).steps) do by[st.name] = st end
+      assert(by.last.queued_at >= by.first.completed_at, ("'last' queued %d ms before 'first' completed")
+        :format(by.first.completed_at - by.last.queued_at))
+    end)
+    assert(ok, err)
+  end)
+
   it("measures again on a connection whose backend was killed, and the caller's statement runs", function()
     local ok, err = pcall(H.run, function()
       q:enqueue{ target = "x", method = "y" }

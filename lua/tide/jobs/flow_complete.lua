@@ -201,16 +201,18 @@ local MARK_OK = batch_stmt("b_run, b_job, b_name, b_result", { "BIGINT", "BIGINT
   .. "AND s.status IN ('queued', 'fanout') RETURNING run_id, name, dependents")
 local DECREMENT_SQL = "UPDATE tide_flow_steps AS s SET waiting = s.waiting - b_n FROM b%s "
   .. "WHERE s.run_id = b_run AND s.name = b_name AND s.status = 'waiting'%s "
-  .. "RETURNING run_id, name, waiting, deps, max_failures"
-local DECREMENT = batch_stmt("b_run, b_name, b_n", { "BIGINT", "TEXT", "BIGINT" }, DECREMENT_SQL:format("", ""))
+  .. "RETURNING run_id, name, waiting, deps, max_failures%s"
+local DECREMENT = batch_stmt("b_run, b_name, b_n", { "BIGINT", "TEXT", "BIGINT" }, DECREMENT_SQL:format("", "", ""))
 -- On PostgreSQL the dependents are locked in (run, name) order first, so
 -- that two workers' changes wait for each other, never deadlock (the
--- header's lock order).
+-- header's lock order); and the server's clock is read after those waits,
+-- rounded down (see steps_ok).
 local DECREMENT_PG = batch_stmt("b_run, b_name, b_n", { "BIGINT", "TEXT", "BIGINT" },
   ", locked AS (SELECT s.run_id AS l_run, s.name AS l_name FROM b JOIN tide_flow_steps AS s "
   .. "ON s.run_id = b_run AND s.name = b_name WHERE s.status = 'waiting' ORDER BY s.run_id, s.name "
   .. "FOR UPDATE OF s) "
-  .. DECREMENT_SQL:format(", locked", " AND l_run = s.run_id AND l_name = s.name"))
+  .. DECREMENT_SQL:format(", locked", " AND l_run = s.run_id AND l_name = s.name",
+                          ", floor(extract(epoch from clock_timestamp()) * 1000)::bigint AS server_now"))
 
 local function by_run_name(a, b)
   if a[1] ~= b[1] then return a[1] < b[1] end
@@ -253,8 +255,15 @@ local function steps_ok(F, list)
   local decremented = batch(F, F.s.dialect == "postgres" and DECREMENT_PG or DECREMENT, down)
   -- On PostgreSQL that statement may have waited for another worker's
   -- change to commit (their completion of another dependency): the
-  -- releases are stamped after it, never before the completions they follow.
+  -- releases are stamped after it, never before the completions they
+  -- follow.  Each process stamps its reading of the server's clock (never
+  -- ahead of it, behind by up to a round trip: tide.jobs.store.postgres),
+  -- so the server's own clock, read after the wait, is the one that orders
+  -- them whatever the two readings' errors.
   F.now = max(F.now, floor(F.s:now()))
+  for _, r in ipairs(decremented) do
+    if r.server_now then F.now = max(F.now, tonumber(r.server_now)) end
+  end
   for _, r in ipairs(decremented) do
     if r.waiting == 0 then
       ready[#ready + 1] = { run = F.runs[r.run_id], name = r.name, deps = names_of(r.deps),
