@@ -288,7 +288,7 @@ end
 -- ===== the server's clock
 
 local CLOCK_EVERY = 60000     -- ms between measures (the two machines' clocks tick at rates a little apart)
-local CLOCK_RTT = 50          -- ms: a measure whose round trip took longer is not taken (its error is up to half)
+local CLOCK_RTT = 50          -- ms: a measure whose round trip took longer is not taken (its error is up to the round trip)
 local CLOCK_RETRY = 1000      -- ms before measuring again after one not taken
 
 --- A clock of the stores of one tide.queue.open (its workers' stores share
