@@ -152,8 +152,11 @@ local function transaction(q, fname, fn, ...)
   if st then return savepoint(q, st, fname, fn, ...) end
   local store = q._store
   if not store then error(fname .. ": the queue is closed", 3) end   -- (since check_q: by a finalizer)
-  -- The session is ours from here: nothing waits between the pool handing
-  -- it over and q._txs knowing it (the rule above).
+  -- The session is ours from here: nothing of ours waits between the pool
+  -- handing it over and q._txs knowing it (the rule above).  (The
+  -- PostgreSQL store's acquire may read the server's clock on it first,
+  -- once a minute: a task abandoned then is the pool's to clean up, as any
+  -- holder the pool knows: tide.jobs.store.pool.)
   local session = store:acquire(fname)
   st = { session = session, store = store, depth = 1, owner = owner, touched = {}, handles = {}, closed = false }
   q._txs[owner] = st
