@@ -25,19 +25,20 @@
 -- statements that compare times (a job due, a lease run out) read the
 -- server's clock, and the times a process writes to be compared with them
 -- (run_at, a lease's end, a retry's) come from Store:now: the server's time
--- read when the store opened, and again at least every CLOCK_EVERY ms, and
--- counted on since on this process's monotonic clock.  A producer whose clock
+-- read when the store opened, and again about once a minute, and counted
+-- on since on this process's monotonic clock (tide.jobs.store.pg_clock).  A producer whose clock
 -- runs ahead would otherwise delay its jobs, and a worker behind the server
 -- would write leases that have run out already (spec/pg_clock_spec.lua).
 local core = require "tide.core"
 local common = require "tide.jobs.store.common"
 local job = require "tide.jobs.job"
+local pg_clock = require "tide.jobs.store.pg_clock"
 local pg_conn = require "tide.jobs.store.pg_conn"
 local pool = require "tide.jobs.store.pool"
 local schema = require "tide.jobs.store.pg_schema"
 
 local type, error, ipairs, tostring, concat = type, error, ipairs, tostring, table.concat
-local setmetatable, format, pcall, min, floor = setmetatable, string.format, pcall, math.min, math.floor
+local setmetatable, format, pcall, min = setmetatable, string.format, pcall, math.min
 
 local M = {}
 
@@ -285,44 +286,11 @@ local function migrate(c, name)
   c:query("COMMIT")
 end
 
--- ===== the server's clock
+-- ===== the server's clock (tide.jobs.store.pg_clock)
 
-local CLOCK_EVERY = 60000     -- ms between measures (the two machines' clocks tick at rates a little apart)
-local CLOCK_RTT = 50          -- ms: a measure whose round trip took longer is not taken (its error is up to the round trip)
-local CLOCK_RETRY = 1000      -- ms before measuring again after one not taken
-
---- A clock of the stores of one tide.queue.open (its workers' stores share
---- it): the server's time `server` (UTC ms) as it was at `at` on this
---- process's monotonic clock.  Store:now() counts on from there on the
---- monotonic clock, so a step of this machine's wall clock (NTP, by hand)
---- changes nothing; measures every CLOCK_EVERY ms take in the drift.
-local function new_clock() return { measured = -math.huge } end
-
---- Measures the server's time on connection c.  The server read its clock
---- (whole ms, rounded down) somewhere inside the round trip, so at its end
---- (real time: the loop's virtual clock stands still during I/O) the
---- server's time was at least what it read: the estimate is never ahead
---- of the server, and behind it by at most the round trip.  (Ahead, a job
---- enqueued "for now" would not yet be due to the claim its enqueue wakes,
---- and would wait a poll.)  A round trip longer than CLOCK_RTT (the loop
---- busy while the answer waited, a slow server) is not taken, unless there
---- is no other yet; another measure follows soon.
-local function measure(clock, c)
-  local before = core.now(true)
-  local server = tonumber(c:query("SELECT floor(extract(epoch from clock_timestamp()) * 1000)::bigint AS now")
-                           .rows[1].now)
-  local after = core.now(true)
-  local slow = after - before > CLOCK_RTT
-  clock.measured = core.now() - (slow and CLOCK_EVERY - CLOCK_RETRY or 0)
-  if not (slow and clock.server) then clock.server, clock.at = server, after end
-end
-
---- The server's time now, in whole UTC ms, as this process can tell it
---- (never ahead of it).  Under tide.testing's virtual clock core.now() is
---- the virtual time: the store's times then move with it, as SQLite's do.
-local function server_now(clock) return floor(clock.server + (core.now() - clock.at)) end
-function Store:now() return server_now(self.clock) end
-function Session:now() return server_now(self.clock) end
+--- The server's time now, in whole UTC ms, as this process can tell it.
+function Store:now() return pg_clock.now(self.clock) end
+function Session:now() return pg_clock.now(self.clock) end
 
 --- A store of `size` connections to `url` (each runs `setup` first), on `clock`.
 local function new_store(url, name, size, timeout, setup, prepare, clock)
@@ -343,11 +311,11 @@ end
 --- statements, on the pool's connections nor on its workers').
 function M.open(url, name, opts)
   local s = new_store(url, pg_conn.safe_name(name), opts.pool or 10, opts.pool_timeout or 5000, nil,
-                      opts.prepare ~= false, new_clock())
+                      opts.prepare ~= false, pg_clock.new())
   local session = s.pool:acquire("tide.queue.open")
   local ok, err = pcall(function()
     migrate(session.c, s.name)
-    measure(s.clock, session.c)
+    pg_clock.measure(s.clock, session.c)
     s.durability = "PostgreSQL, synchronous_commit="
       .. session.c:query("SHOW synchronous_commit").rows[1].synchronous_commit
   end)
@@ -360,13 +328,7 @@ end
 function Store:acquire(fname, timeout)
   self.spare = nil                          -- (used since the opening: the pool's to keep)
   local session = self.pool:acquire(fname, timeout)
-  local clock = self.clock
-  if core.now() - clock.measured >= CLOCK_EVERY then
-    -- (a failure leaves the last offset: the caller's own statement will
-    -- meet what broke, and say it)
-    clock.measured = core.now()
-    pcall(measure, clock, session.c)
-  end
+  pg_clock.refresh(self.clock, session.c)
   return session
 end
 function Store:release(session, broken, holder) return self.pool:release(session, broken, holder) end
