@@ -19,6 +19,7 @@
 -- ({ s = session, now, owner, lease, runs, closed, closed_order, post, take }).
 local json = require "tide.jobs.json"
 local batch_sql = require "tide.jobs.store.batch"
+local pg_clock = require "tide.jobs.store.pg_clock"
 
 local ipairs, sort, concat, format, floor, max = ipairs, table.sort, table.concat, string.format, math.floor, math.max
 
@@ -212,7 +213,7 @@ local DECREMENT_PG = batch_stmt("b_run, b_name, b_n", { "BIGINT", "TEXT", "BIGIN
   .. "ON s.run_id = b_run AND s.name = b_name WHERE s.status = 'waiting' ORDER BY s.run_id, s.name "
   .. "FOR UPDATE OF s) "
   .. DECREMENT_SQL:format(", locked", " AND l_run = s.run_id AND l_name = s.name",
-                          ", floor(extract(epoch from clock_timestamp()) * 1000)::bigint AS server_now"))
+                          ", " .. pg_clock.SERVER_MS .. " AS server_now"))
 
 local function by_run_name(a, b)
   if a[1] ~= b[1] then return a[1] < b[1] end
@@ -257,7 +258,7 @@ local function steps_ok(F, list)
   -- change to commit (their completion of another dependency): the
   -- releases are stamped after it, never before the completions they
   -- follow.  Each process stamps its reading of the server's clock (never
-  -- ahead of it, behind by up to a round trip: tide.jobs.store.postgres),
+  -- ahead of it, behind by up to a round trip: tide.jobs.store.pg_clock),
   -- so the server's own clock, read after the wait, is the one that orders
   -- them whatever the two readings' errors.
   F.now = max(F.now, floor(F.s:now()))

@@ -647,7 +647,8 @@ function Queue:recent(limit, within)
 end
 
 --- The store's time now, in UTC ms: the server's on PostgreSQL (as this
---- process can tell it: tide.jobs.store.postgres), this machine's on SQLite.  A job's times (run_at, lease_expires, ...) are on it.
+--- process can tell it: tide.jobs.store.pg_clock), this machine's on
+--- SQLite.  A job's times (run_at, lease_expires, ...) are on it.
 function Queue:now()
   check_q("q:now", self)
   return self._store:now()

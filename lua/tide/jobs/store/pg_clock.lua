@@ -20,6 +20,9 @@ local EVERY = 60000     -- ms between readings (the two machines' clocks tick at
 local RTT = 50          -- ms: a reading whose round trip took longer is not taken (its error is up to the round trip)
 local RETRY = 1000      -- ms before reading again after one not taken
 
+--- The server's clock in whole UTC ms, rounded down (never ahead of it), as SQL.
+M.SERVER_MS = "floor(extract(epoch from clock_timestamp()) * 1000)::bigint"
+
 --- A clock not read yet (M.measure reads it).
 function M.new() return { measured = -math.huge } end
 
@@ -34,8 +37,7 @@ function M.new() return { measured = -math.huge } end
 --- is no other yet; another reading follows soon.  Raises as c:query does.
 function M.measure(clock, c)
   local before = core.now(true)
-  local server = tonumber(c:query("SELECT floor(extract(epoch from clock_timestamp()) * 1000)::bigint AS now")
-                           .rows[1].now)
+  local server = tonumber(c:query("SELECT " .. M.SERVER_MS .. " AS now").rows[1].now)
   local after = core.now(true)
   local slow = after - before > RTT
   clock.measured = core.now() - (slow and EVERY - RETRY or 0)

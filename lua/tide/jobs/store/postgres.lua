@@ -24,11 +24,12 @@
 -- Every time is the server's, so machines never argue about time: the
 -- statements that compare times (a job due, a lease run out) read the
 -- server's clock, and the times a process writes to be compared with them
--- (run_at, a lease's end, a retry's) come from Store:now: the server's time
--- read when the store opened, and again about once a minute, and counted
--- on since on this process's monotonic clock (tide.jobs.store.pg_clock).  A producer whose clock
--- runs ahead would otherwise delay its jobs, and a worker behind the server
--- would write leases that have run out already (spec/pg_clock_spec.lua).
+-- (run_at, a lease's end, a retry's) come from Store:now: the server's
+-- time read when the store opened, and again about once a minute, counted
+-- on since on this process's monotonic clock (tide.jobs.store.pg_clock).
+-- A producer whose clock runs ahead would otherwise delay its jobs, and a
+-- worker behind the server would write leases that have run out already
+-- (spec/pg_clock_spec.lua).
 local core = require "tide.core"
 local common = require "tide.jobs.store.common"
 local job = require "tide.jobs.job"
