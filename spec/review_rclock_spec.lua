@@ -195,15 +195,21 @@ describe("review 88b45af: a worker's clock stepped after its store measured it",
       :format(LIBFAKETIME, clockfile), args)
   end
 
+  --- Starts a worker with its clock at `from` ("+60s"); once it has read
+  --- the server's clock and claimed a job, steps its clock to the right
+  --- time (as NTP would).  Inside a task.
+  local function stepped_worker(from, args)
+    set_clock(from)
+    worker(args)
+    local probe = q:enqueue{ target = "skew", method = "fail_once", max_attempts = 1 }
+    assert.is_true(H.wait_for(function() return q:job(probe).status ~= "available" end, 10000), "worker never claimed")
+    set_clock("+0s")
+    tide.sleep(200)
+  end
+
   it("keeps the hook's lease of a worker 60 s ahead whose clock is then stepped back", function()
-    set_clock("+60s")
-    worker("--concurrency 4 --lease 20000")
     H.run(function()
-      -- The worker opens its store (offset measured: -60 s) and claims.
-      local probe = q:enqueue{ target = "skew", method = "fail_once", max_attempts = 1 }
-      assert.is_true(H.wait_for(function() return q:job(probe).status ~= "available" end, 10000), "worker never claimed")
-      set_clock("+0s")                                   -- NTP steps it back to the right time
-      tide.sleep(200)
+      stepped_worker("+60s", "--concurrency 4 --lease 20000")
       -- A worker of another queue, with the right clock, rescuing every 50 ms
       -- (started first: the flow's steps are quick).
       local rescuer = tide.worker{ queue = q, queues = { nothing_here = 1 }, rescue_every = 50, poll = 50 }
@@ -224,13 +230,8 @@ describe("review 88b45af: a worker's clock stepped after its store measured it",
   end)
 
   it("makes the retries of a worker 60 s behind whose clock is then stepped forward due on time", function()
-    set_clock("-60s")
-    worker("--concurrency 1 --lease 5000")
     H.run(function()
-      local probe = q:enqueue{ target = "skew", method = "fail_once", max_attempts = 1 }
-      assert.is_true(H.wait_for(function() return q:job(probe).status ~= "available" end, 10000), "worker never claimed")
-      set_clock("+0s")
-      tide.sleep(200)
+      stepped_worker("-60s", "--concurrency 1 --lease 5000")
       local id = q:enqueue{ target = "skew", method = "fail_once" }
       assert.is_true(H.wait_for(function() return q:job(id).status == "completed" end, 15000),
         ("the failed job's retry did not run within 15 s: %s, due in %.1f s"):format(q:job(id).status,
