@@ -49,6 +49,8 @@ static inline int reserve(tide_buf *b, size_t n) {
   return b->cap - b->len >= n ? 0 : grow(b, n);
 }
 
+int tide__buf_reserve(tide_buf *b, size_t n) { return reserve(b, n); }
+
 /* memcpy for the short runs most pairs and strings are: two overlapping
  * fixed-size moves instead of a call.  dst and src must not overlap. */
 static inline void copy_short(char *dst, const char *src, size_t n) {
@@ -106,6 +108,10 @@ typedef struct enc {
   size_t seencap, nseen;
   const char **defs;                       /* defs[k]: the string defined as k */
   size_t ndefs, capdefs;
+  /* The most bytes the value may take past `start`: met, the encoding
+   * stops with `over` set and no message (tide__encode_within). */
+  size_t start, limit;
+  int over;
 } enc;
 
 /* A string the encoder met: its address (Lua strings are interned, so one
@@ -559,6 +565,10 @@ static const char *refused(int type) {
 static int enc_value(enc *e, int idx) {
   lua_State *L = e->L;
   int type = lua_type(L, idx);
+  if (e->out->len - e->start > e->limit) {
+    e->over = 1;
+    return -1;
+  }
   switch (type) {
   case LUA_TNONE:
   case LUA_TNIL:
@@ -584,12 +594,13 @@ static int enc_value(enc *e, int idx) {
 #define ENC_STACK (3 * TIDE_CODEC_DEPTH + 8)
 
 static void enc_init(enc *e, lua_State *L, const char *root, tide_buf *out,
-                     char *err, size_t errlen, int sorted) {
+                     char *err, size_t errlen, int sorted, size_t limit) {
   e->L = L, e->out = out, e->root = root ? root : "value", e->sorted = sorted;
   e->err = err, e->errlen = err ? errlen : 0, e->errused = 0;
   e->depth = 0, e->pairs = NULL, e->npairs = e->cappairs = 0;
   e->refs = !sorted, e->seen = NULL, e->seencap = e->nseen = 0;
   e->defs = NULL, e->ndefs = e->capdefs = 0;
+  e->start = out->len, e->limit = limit, e->over = 0;
 }
 
 static void enc_free(enc *e) {
@@ -598,12 +609,13 @@ static void enc_free(enc *e) {
   free(e->defs);
 }
 
+/* 0; -1 with a message in err; TIDE_CODEC_OVER past `limit` bytes. */
 static int encode(lua_State *L, int idx, const char *root, tide_buf *out,
-                  char *err, size_t errlen, int sorted) {
+                  char *err, size_t errlen, int sorted, size_t limit) {
   int top = lua_gettop(L);
   size_t len = out->len;
   enc e;                                /* path and open need no zeroing */
-  enc_init(&e, L, root, out, err, errlen, sorted);
+  enc_init(&e, L, root, out, err, errlen, sorted, limit);
   if (idx < 0 && idx > LUA_REGISTRYINDEX) idx = top + idx + 1;
   if (lua_type(L, idx) == LUA_TTABLE && !lua_checkstack(L, ENC_STACK))
     return fail(&e, "Lua stack overflow");
@@ -611,17 +623,22 @@ static int encode(lua_State *L, int idx, const char *root, tide_buf *out,
   lua_settop(L, top);
   if (rc) out->len = len;
   enc_free(&e);
-  return rc;
+  return rc && e.over ? TIDE_CODEC_OVER : rc;
 }
 
 int tide__encode(lua_State *L, int idx, const char *root, tide_buf *out,
                  char *err, size_t errlen) {
-  return encode(L, idx, root, out, err, errlen, 1);
+  return encode(L, idx, root, out, err, errlen, 1, SIZE_MAX);
 }
 
 int tide__encode_unordered(lua_State *L, int idx, const char *root,
                            tide_buf *out, char *err, size_t errlen) {
-  return encode(L, idx, root, out, err, errlen, 0);
+  return encode(L, idx, root, out, err, errlen, 0, SIZE_MAX);
+}
+
+int tide__encode_within(lua_State *L, int idx, const char *root, tide_buf *out,
+                        size_t limit, char *err, size_t errlen) {
+  return encode(L, idx, root, out, err, errlen, 0, limit);
 }
 
 /* { n = n, v1 .. vn } for the values at first .. first + n - 1: its one
@@ -647,12 +664,13 @@ static int enc_list(enc *e, int first, int n) {
   return 0;
 }
 
-int tide__encode_list(lua_State *L, int first, int n, const char *root,
-                      tide_buf *out, char *err, size_t errlen) {
+/* As encode, for a list. */
+static int encode_list(lua_State *L, int first, int n, const char *root,
+                       tide_buf *out, char *err, size_t errlen, size_t limit) {
   int top = lua_gettop(L);
   size_t len = out->len;
   enc e;
-  enc_init(&e, L, root, out, err, errlen, 0);
+  enc_init(&e, L, root, out, err, errlen, 0, limit);
   if (first < 0 && first > LUA_REGISTRYINDEX) first = top + first + 1;
   int rc = n < 0 || first < 1 || first + n - 1 > top ? fail(&e, "bad list of values")
          : !lua_checkstack(L, ENC_STACK) ? fail(&e, "Lua stack overflow")
@@ -660,10 +678,20 @@ int tide__encode_list(lua_State *L, int first, int n, const char *root,
   lua_settop(L, top);
   if (rc) out->len = len;
   enc_free(&e);
-  return rc;
+  return rc && e.over ? TIDE_CODEC_OVER : rc;
+}
+
+int tide__encode_list(lua_State *L, int first, int n, const char *root,
+                      tide_buf *out, char *err, size_t errlen) {
+  return encode_list(L, first, n, root, out, err, errlen, SIZE_MAX);
+}
+
+int tide__encode_list_within(lua_State *L, int first, int n, const char *root,
+                             tide_buf *out, size_t limit, char *err, size_t errlen) {
+  return encode_list(L, first, n, root, out, err, errlen, limit);
 }
 
 int tide__encode_string(tide_buf *out, const char *s, size_t len) {
-  enc e = { .out = out };
+  enc e = { .out = out, .limit = SIZE_MAX };
   return enc_string(&e, s, len);
 }

@@ -97,6 +97,41 @@ int tide__decode(lua_State *L, const char *data, size_t len, char *err,
 int tide__decode_list(lua_State *L, const char *data, size_t len, int max,
                       char *err, size_t errlen);
 
+/* ===== Between the threads of one process
+ *
+ * A thread task's arguments and results cross by LuaJIT's own serializer
+ * (string.buffer's encode and decode) when they are large: it reads and
+ * builds tables and strings through LuaJIT's internals, which no C API
+ * reaches (a 1 MB table of records encodes and decodes over twice as fast
+ * as with tide__encode_unordered: bench/threads.lua).  Such an encoding is
+ * the byte T_LUAJIT, then the serializer's bytes.  Small values cross in
+ * tide's codec, which has no Lua call to make (codec_lj.c, SMALL); so does
+ * any value the serializer refuses, so that the error names the path as
+ * tide__encode's do.  Between processes, tide's codec alone (canonical,
+ * and hardened for bytes from outside).
+ *
+ * What crosses: what tide__encode takes, and also light userdata (the
+ * same pointer: the threads share the process) and LuaJIT's 64-bit
+ * integer and complex cdata.  Unlike tide__encode, these may run Lua's
+ * collector (so finalizers) and raise when memory runs out. */
+
+/* As tide__encode_unordered, and as tide__encode_list (the table
+ * { n = n, ... } is made only for the serializer). */
+int tide__encode_local(lua_State *L, int idx, const char *root, tide_buf *out,
+                       char *err, size_t errlen);
+int tide__encode_list_local(lua_State *L, int first, int n, const char *root,
+                            tide_buf *out, char *err, size_t errlen);
+
+/* As tide__decode and tide__decode_list, for the encodings above too.  The
+ * serializer's bytes are checked first (format, nesting at most
+ * TIDE_CODEC_DEPTH, no count beyond the input), since LuaJIT's decoder
+ * trusts them; still, only bytes made in this process are meant for these
+ * (a light userdata is a pointer). */
+int tide__decode_local(lua_State *L, const char *data, size_t len, char *err,
+                       size_t errlen);
+int tide__decode_list_local(lua_State *L, const char *data, size_t len, int max,
+                            char *err, size_t errlen);
+
 /* Sets the functions `encode(v [, root])` and `decode(s)` into the table at
  * the top of the stack (lua_codec.c).  Returns 0; the stack is unchanged. */
 int tide__open_codec(lua_State *L);

@@ -236,13 +236,18 @@ int tide__decode_list(lua_State *L, const char *data, size_t len, int max,
   }
   /* Any other table: decoded whole, then unpacked (1 .. n or #). */
   if (tide__decode(L, data, len, err, errlen) != 0) return -1;
-  lua_Number count = lua_istable(L, -1) ? list_count(L, max) : -1;
+  return tide__unpack_list(L, max, err, errlen);
+}
+
+int tide__unpack_list(lua_State *L, int max, char *err, size_t errlen) {
+  int at = lua_gettop(L);
+  lua_Number count = lua_istable(L, at) ? list_count(L, max) : -1;
   if (count < 0 || !lua_checkstack(L, (int)count + 1)) {
-    lua_settop(L, top);
-    if (d.errlen) snprintf(d.err, d.errlen, "not a list of at most %d values", max);
+    lua_settop(L, at - 1);
+    if (err && errlen) snprintf(err, errlen, "not a list of at most %d values", max);
     return -1;
   }
-  for (int i = 1; i <= (int)count; i++) lua_rawgeti(L, top + 1, i);
-  lua_remove(L, top + 1);
+  for (int i = 1; i <= (int)count; i++) lua_rawgeti(L, at, i);
+  lua_remove(L, at);
   return (int)count;
 }

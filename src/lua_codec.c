@@ -1,4 +1,4 @@
-/* lua_codec.c — Lua binding of the value codec: encode(v [, root]), encode_unordered, decode(s) and decode_list(s). */
+/* lua_codec.c — Lua binding of the value codec: encode(v [, root]), encode_unordered, encode_local, decode(s), decode_list(s) and their _local twins. */
 #include "codec.h"
 
 #include <lauxlib.h>
@@ -28,15 +28,16 @@ static int push_bytes(lua_State *L) {
   return 1;
 }
 
+enum { SORTED, UNORDERED, LOCAL };  /* encode, encode_unordered, encode_local (codec.h) */
+
 /* encode(v [, root]) -> string.  Raises "<root><path>: <reason>", e.g.
  * "value.cb: functions cannot cross to a thread".  Upvalues: the shared
  * buffer, push_bytes (taken from there, so that nothing is allocated
  * outside the protected call that makes the string: whatever happens in it,
- * the buffer is released, and its error raised again), and whether hash
- * pairs are sorted (encode) or not (encode_unordered: codec.h). */
+ * the buffer is released, and its error raised again), and which encoding. */
 static int l_encode(lua_State *L) {
   shared *sh = lua_touserdata(L, lua_upvalueindex(1));
-  int sorted = lua_toboolean(L, lua_upvalueindex(3));
+  int mode = (int)lua_tointeger(L, lua_upvalueindex(3));
   char err[256];
   luaL_checkany(L, 1);
   const char *root = luaL_optstring(L, 2, "value");
@@ -44,13 +45,18 @@ static int l_encode(lua_State *L) {
   tide_buf own, *b = nested ? &own : &sh->buf;
   tide__buf_init(&own);
   b->len = 0;
-  int rc = sorted ? tide__encode(L, 1, root, b, err, sizeof err)     /* runs no finalizer */
-                  : tide__encode_unordered(L, 1, root, b, err, sizeof err);
+  /* Busy from here: encode_local may run finalizers (LuaJIT's serializer
+   * steps the collector once its string is made), and one that encodes
+   * then writes into a buffer of its own, not into b under this call. */
+  sh->busy = 1;
+  int rc = mode == SORTED ? tide__encode(L, 1, root, b, err, sizeof err)
+         : mode == UNORDERED ? tide__encode_unordered(L, 1, root, b, err, sizeof err)
+         : tide__encode_local(L, 1, root, b, err, sizeof err);   /* none of them raises */
   if (rc != 0) {
+    sh->busy = nested;
     tide__buf_free(&own);
     return luaL_error(L, "%s", err);
   }
-  sh->busy = 1;
   lua_pushvalue(L, lua_upvalueindex(2));              /* push_bytes */
   lua_pushlightuserdata(L, b);
   rc = lua_pcall(L, 1, 1, 0);
@@ -60,13 +66,16 @@ static int l_encode(lua_State *L) {
   return rc == 0 ? 1 : lua_error(L);
 }
 
-/* decode(s) -> value, or nil, "bad encoding at byte N: <reason>". */
+/* decode(s) -> value, or nil, "bad encoding at byte N: <reason>".
+ * Upvalue: true for decode_local. */
 static int l_decode(lua_State *L) {
   size_t len;
   char err[256];
   luaL_checktype(L, 1, LUA_TSTRING);
   const char *s = lua_tolstring(L, 1, &len);
-  if (tide__decode(L, s, len, err, sizeof err) == 0) return 1;
+  int rc = lua_toboolean(L, lua_upvalueindex(1)) ? tide__decode_local(L, s, len, err, sizeof err)
+                                                 : tide__decode(L, s, len, err, sizeof err);
+  if (rc == 0) return 1;
   lua_pushnil(L);
   lua_pushstring(L, err);
   return 2;
@@ -82,7 +91,9 @@ static int l_decode_list(lua_State *L) {
   char err[256];
   luaL_checktype(L, 1, LUA_TSTRING);
   const char *s = lua_tolstring(L, 1, &len);
-  int n = tide__decode_list(L, s, len, LIST_MAX, err, sizeof err);
+  int n = lua_toboolean(L, lua_upvalueindex(1))
+        ? tide__decode_list_local(L, s, len, LIST_MAX, err, sizeof err)
+        : tide__decode_list(L, s, len, LIST_MAX, err, sizeof err);
   return n >= 0 ? n : luaL_error(L, "%s", err);
 }
 
@@ -96,17 +107,22 @@ int tide__open_codec(lua_State *L) {
   }
   lua_setmetatable(L, -2);                            /* t, shared */
   lua_pushcfunction(L, push_bytes);                   /* t, shared, push_bytes */
-  for (int sorted = 1; sorted >= 0; sorted--) {
+  static const char *const encoders[] = { "encode", "encode_unordered", "encode_local" };
+  for (int mode = SORTED; mode <= LOCAL; mode++) {
     lua_pushvalue(L, -2);
     lua_pushvalue(L, -2);
-    lua_pushboolean(L, sorted);                       /* t, shared, push_bytes, shared, push_bytes, sorted */
+    lua_pushinteger(L, mode);                         /* t, shared, push_bytes, shared, push_bytes, mode */
     lua_pushcclosure(L, l_encode, 3);                 /* t, shared, push_bytes, encode */
-    lua_setfield(L, -4, sorted ? "encode" : "encode_unordered");
+    lua_setfield(L, -4, encoders[mode]);
   }
   lua_pop(L, 2);                                      /* t */
-  lua_pushcfunction(L, l_decode);
-  lua_setfield(L, -2, "decode");
-  lua_pushcfunction(L, l_decode_list);
-  lua_setfield(L, -2, "decode_list");
+  for (int local = 0; local <= 1; local++) {
+    lua_pushboolean(L, local);
+    lua_pushcclosure(L, l_decode, 1);
+    lua_setfield(L, -2, local ? "decode_local" : "decode");
+    lua_pushboolean(L, local);
+    lua_pushcclosure(L, l_decode_list, 1);
+    lua_setfield(L, -2, local ? "decode_list_local" : "decode_list");
+  }
   return 0;
 }

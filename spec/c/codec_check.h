@@ -120,7 +120,7 @@ static int same(lua_State *a, int ia, lua_State *b, int ib, int depth) {
 /* The value src returns, encoded unordered into u and decoded in B, is
  * equal to it, and both encode (sorted, into c1 and c2) to the same bytes.
  * Leaves both stacks as they were. */
-static int unordered_round_trip(const char *src, tide_buf *u, tide_buf *c1, tide_buf *c2,
+__attribute__((unused)) static int unordered_round_trip(const char *src, tide_buf *u, tide_buf *c1, tide_buf *c2,
                                 char *err, size_t errlen) {
   eval(A, src);
   u->len = c1->len = c2->len = 0;
@@ -156,7 +156,7 @@ static int decode_clean(const char *data, size_t len, char *err, size_t errlen) 
 
 /* How many of b's prefixes (every `step` bytes) decode, or fail with another
  * message than "bad encoding at byte N": each should be rejected so. */
-static int truncations_accepted(const tide_buf *b, size_t step) {
+__attribute__((unused)) static int truncations_accepted(const tide_buf *b, size_t step) {
   char err[256];
   int bad = 0;
   for (size_t n = 0; n < b->len; n += step) {
@@ -168,7 +168,7 @@ static int truncations_accepted(const tide_buf *b, size_t step) {
 
 /* Decodes `rounds` copies of b with 1 to 3 random bytes changed, counting
  * those decoded and those rejected (a crash ends the test). */
-static void byte_flips(const tide_buf *b, int rounds, int *decoded, int *rejects) {
+__attribute__((unused)) static void byte_flips(const tide_buf *b, int rounds, int *decoded, int *rejects) {
   char err[256], *copy = malloc(b->len ? b->len : 1);
   if (copy == NULL) exit(2);
   for (int i = 0; i < rounds && b->len > 0; i++) {
