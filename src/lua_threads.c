@@ -118,7 +118,7 @@ static int l_start(lua_State *L) {
   tide__pool_config cfg = {
     .threads = (int)threads, .path = opt_string(L, "path"),
     .cpath = opt_string(L, "cpath"), .init = opt_string(L, "init"),
-    .memory_limit = (size_t)limit,
+    .memory_limit = (size_t)limit, .same_process = 1,
   };
   char err[256];
   lua_createtable(L, PER_JOB * TIDE_POOL_BATCH, 0);  /* the deliveries' list */

@@ -278,7 +278,7 @@ static int configure(void) {
   int rc = take_str(&p, end, &path, NULL) | take_str(&p, end, &cpath, NULL) | take_str(&p, end, &init, NULL);
   free(f);
   if (rc != 0 || getppid() != parent) return -1;  /* the parent died before PDEATHSIG was set */
-  child_cfg = (tide__pool_config){ 1, path, cpath, init, (size_t)limit };
+  child_cfg = (tide__pool_config){ 1, path, cpath, init, (size_t)limit, 0 };  /* results go to another process */
   if (limit) {
     /* The state's own allocator stops Lua at the limit (a catchable "not
      * enough memory"); RLIMIT_AS stops native code a little further on. */

@@ -457,7 +457,7 @@ tide__pool *tide__pool_start(uv_loop_t *loop, const tide__pool_config *cfg,
     return NULL;
   }
   p->cfg = (tide__pool_config){ cfg->threads, dup_str(cfg->path), dup_str(cfg->cpath),
-                                dup_str(cfg->init), cfg->memory_limit };
+                                dup_str(cfg->init), cfg->memory_limit, cfg->same_process };
   p->on_done = on_done;
   p->data = data;
   p->refs = 1;

@@ -85,6 +85,10 @@ typedef struct tide__pool_config {
   const char *path, *cpath;    /* package.path / cpath for worker states    */
   const char *init;            /* module each worker requires once, or NULL */
   size_t memory_limit;         /* bytes per worker state; 0: no limit       */
+  int same_process;            /* 1: values stay in this process, and cross by
+                                  tide__encode_local and tide__decode_local
+                                  (codec.h); 0 (a process child's): tide's
+                                  codec alone, made for bytes from outside  */
 } tide__pool_config;
 
 typedef struct tide__pool_stats {

@@ -200,9 +200,11 @@ static void push_function(lua_State *L, tide__job *job) {
 
 /* Raises the error of arguments that are not a list (tide__decode_list
  * said no; this runs only then): which of "not a table" and "a bad n".  */
-static int bad_args(lua_State *L, tide__job *job, const char *err) {
+static int bad_args(lua_State *L, const tide__worker *w, tide__job *job, const char *err) {
   char why[256];
-  if (tide__decode(L, job->args, job->args_len, why, sizeof why) != 0)
+  int rc = w->cfg->same_process ? tide__decode_local(L, job->args, job->args_len, why, sizeof why)
+                                : tide__decode(L, job->args, job->args_len, why, sizeof why);
+  if (rc != 0)
     return luaL_error(L, "bad arguments: %s", why);
   if (!lua_istable(L, -1)) return luaL_error(L, "bad arguments: a table expected");
   lua_getfield(L, -1, "n");
@@ -211,30 +213,38 @@ static int bad_args(lua_State *L, tide__job *job, const char *err) {
   return luaL_error(L, "bad arguments: %s", err);
 }
 
-/* Protected: function, arguments, call; returns every result.  Arguments
- * and results cross as lists, never a table of them: decoded straight onto
- * the stack, encoded straight from it (take_result). */
+/* Protected: (job, worker): function, arguments, call; returns every
+ * result.  Arguments and results cross as lists, decoded straight onto the
+ * stack, encoded straight from it (take_result); only those with a table
+ * among them cross as a table of them, by LuaJIT's serializer when the
+ * values stay in this process (codec.h, tide__encode_list_local). */
 static int run_job(lua_State *L) {
   tide__job *job = lua_touserdata(L, 1);
+  const tide__worker *w = lua_touserdata(L, 2);
   lua_settop(L, 0);
   push_function(L, job);
   char err[256];
-  int n = tide__decode_list(L, job->args, job->args_len, MAX_ARGS, err, sizeof err);
-  if (n < 0) return bad_args(L, job, err);
+  int n = w->cfg->same_process
+        ? tide__decode_list_local(L, job->args, job->args_len, MAX_ARGS, err, sizeof err)
+        : tide__decode_list(L, job->args, job->args_len, MAX_ARGS, err, sizeof err);
+  if (n < 0) return bad_args(L, w, job, err);
   lua_call(L, n, LUA_MULTRET);
   return lua_gettop(L);
 }
 
 /* Encodes the job's result: on ok, the list of the values from stack index
- * `first` to the top (tide__encode_list); on error, the value at the top.
+ * `first` to the top (tide__encode_list, or its _local twin in a thread
+ * pool); on error, the value at the top.
  * Failing that, the encoding error as an error string. */
 static void take_result(lua_State *L, tide__worker *w, tide__job *job, int first) {
   tide_buf *buf = &w->out;                   /* the worker's, kept from job to job */
   char err[256];
   buf->len = 0;
-  int rc = job->status == TIDE_JOB_OK
-         ? tide__encode_list(L, first, lua_gettop(L) - first + 1, "results", buf, err, sizeof err)
-         : tide__encode_unordered(L, -1, "error", buf, err, sizeof err);   /* only crosses: codec.h */
+  int n = lua_gettop(L) - first + 1;
+  int rc = job->status != TIDE_JOB_OK
+         ? tide__encode_unordered(L, -1, "error", buf, err, sizeof err)   /* only crosses: codec.h */
+         : w->cfg->same_process ? tide__encode_list_local(L, first, n, "results", buf, err, sizeof err)
+         : tide__encode_list(L, first, n, "results", buf, err, sizeof err);
   if (rc != 0) {
     job->status = TIDE_JOB_ERROR;
     if (job->trace == NULL) job->trace = copy_bytes(err, strlen(err));
@@ -254,7 +264,8 @@ static int body(lua_State *L) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, w->handler_ref);
   lua_rawgeti(L, LUA_REGISTRYINDEX, w->job_ref);
   lua_pushlightuserdata(L, job);
-  int rc = lua_pcall(L, 1, LUA_MULTRET, 1);  /* ok: its results from index 2 on */
+  lua_pushlightuserdata(L, w);
+  int rc = lua_pcall(L, 2, LUA_MULTRET, 1);  /* ok: its results from index 2 on */
   job->status = rc == 0 ? TIDE_JOB_OK : TIDE_JOB_ERROR;
   if (rc != 0) {
     /* Out of memory: the failed job's garbage goes before its error is

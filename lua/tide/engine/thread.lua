@@ -18,8 +18,11 @@ local type, error, tostring, tonumber = type, error, tostring, tonumber
 local table_new = require "table.new"
 local string_dump, getupvalue, getinfo, traceback = string.dump, debug.getupvalue, debug.getinfo, debug.traceback
 
-local decode_list = core.decode_list
-local encode_unordered = core.encode_unordered   -- the pairs in walk order: a value that only crosses (codec.h)
+-- Values that stay in this process cross by LuaJIT's serializer when they
+-- hold tables (tide's codec behind it: codec.h, the _local functions);
+-- those that go to a process, by tide's codec alone.
+local encode_local, encode_unordered = core.encode_local, core.encode_unordered
+local decode_list_local = core.decode_list_local
 local MAX = core.thread_max                 -- threads a pool may have (1024)
 
 local M = {
@@ -201,7 +204,7 @@ function M.payload(fname, run, args, level, dest)
     is_name = false
   end
   if args == nil then return { fn, is_name, NO_ARGS } end
-  local ok, bytes = pcall(encode_unordered, args, "args")
+  local ok, bytes = pcall(dest == "a thread" and encode_local or encode_unordered, args, "args")
   if not ok then
     local msg = tostring(bytes):gsub("^[^:]*:%d+: ", ""):gsub("to a thread$", "to " .. dest)
     error(fname .. ": " .. msg, level)
@@ -262,7 +265,7 @@ local function settle(t, o, back)
   -- Protected: an error that interrupts the decoding (a finalizer's, at an
   -- allocation) fails this attempt, as it would fail a coroutine task.
   -- The results come as a list: their values, never a table of them.
-  if type(back) == "string" then return settle_results(t, pcall(decode_list, back)) end
+  if type(back) == "string" then return settle_results(t, pcall(decode_list_local, back)) end
   local bytes, failed = back[1], back[2]
   local done, value, err = pcall(core.decode, bytes)
   if not done then

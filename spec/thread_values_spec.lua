@@ -1,0 +1,78 @@
+-- spec/thread_values_spec.lua — what crosses to a thread and back: large values by LuaJIT's
+-- serializer, small ones and errors by tide's codec (src/codec.h, "Between the threads").
+local tide = require "tide"
+local core = require "tide.core"
+
+tide.configure{ threads = 2 }
+
+--- n records like bench/threads.lua's (about 100 bytes each in tide's codec).
+local function records(n)
+  local users = {}
+  for i = 1, n do
+    users[i] = { id = i, name = "user" .. i, score = i * 1.5, active = i % 2 == 0,
+                 tags = { "alpha", "beta" }, address = { zip = 10000 + i, [2.5] = -0.0 } }
+  end
+  return { users = users, meta = { count = n, [true] = "yes" } }
+end
+
+local echo = function(...) return ... end
+
+describe("values crossing to a thread", function()
+  after_each(function()
+    spec_helper.assert_idle()
+    assert.equal(0, tide.stats().threads.in_flight)
+  end)
+
+  it("hands large arguments and results over intact, beside small ones", function()
+    local big = records(2000)
+    assert.equal(9, core.encode_local(big):byte(1))      -- by LuaJIT's serializer
+    assert.equal(6, core.encode_local({ 1, 2 }):byte(1)) -- in tide's codec
+    spec_helper.run(function()
+      local st, a, b, c, d = tide.spawn{ mode = "thread", run = echo, args = { n = 4, big, "s", nil, { 1 } } }:await()
+      assert.equal("ok", st)
+      assert.equal(core.encode(big), core.encode(a))     -- canonical bytes: equal contents
+      assert.same({ "s", nil, { 1 } }, { b, c, d })
+      assert.equal(-math.huge, 1 / a.users[7].address[2.5])
+      local st2, made = tide.spawn{ mode = "thread", run = function(n)
+        local t = {}
+        for i = 1, n do t[i] = { i, tostring(i) } end
+        return t
+      end, args = { 5000 } }:await()
+      assert.equal("ok", st2)
+      assert.equal(5000, #made)
+      assert.same({ 4321, "4321" }, made[4321])
+    end)
+  end)
+
+  it("hands 64-bit integers over to threads, which processes refuse with the path", function()
+    spec_helper.run(function()
+      local st, v, w = tide.spawn{ mode = "thread", run = function(x, t) return x + 1, t end,
+                                   args = { n = 2, 41LL, { big = 2ULL ^ 63, small = { 1 } } } }:await()
+      assert.equal("ok", st)
+      assert.equal("42LL", tostring(v))
+      assert.equal("9223372036854775808ULL", tostring(w.big))
+      local ok, err = pcall(tide.spawn, { mode = "process", run = echo, args = { n = 1, { x = 41LL } } })
+      assert.is_false(ok)
+      assert.matches("tide.spawn: args[1].x: cdata cannot cross to a process", err, 1, true)
+    end)
+  end)
+
+  it("names the path to what cannot cross in a large value, at the caller's line", function()
+    local big = records(2000)
+    big.users[1500].cb = print
+    spec_helper.run(function()
+      local ok, err = pcall(tide.spawn, { mode = "thread", run = echo, args = { n = 1, big } })
+      assert.is_false(ok)
+      assert.equal("tide.spawn: args[1].users[1500].cb: functions cannot cross to a thread",
+                   (err:gsub("^[^:]*:%d+: ", "")))
+      local st, msg = tide.spawn{ mode = "thread", run = function(n)
+        local t = {}
+        for i = 1, n do t[i] = { i } end
+        t[n][1] = coroutine.create(print)
+        return t
+      end, args = { 3000 } }:await()
+      assert.same({ "error", "results[1][3000][1]: coroutines cannot cross to a thread" }, { st, msg })
+    end)
+  end)
+
+end)
