@@ -9,9 +9,11 @@
 -- fanned out into N trivial children, 1,000 at once), dflow (a durable flow: N
 -- no-op steps in layers of 100, each after 2 of the layer before, run by
 -- one worker in the process on a fresh SQLite file), codec (one round trip of
--- bench/threads.lua's 1 MB table of records through encode_unordered and
--- decode, as thread hand-offs make it: run it at small sizes, `sh
--- bench/cg/run.sh codec 1 5`; codec_encode and codec_decode, each half alone).
+-- bench/threads.lua's 1 MB table of records through tide's own codec,
+-- encode_unordered and decode, as process hand-offs make it: run it at small
+-- sizes, `sh bench/cg/run.sh codec 1 5`; codec_encode and codec_decode, each
+-- half alone), codec_local (the same through encode_local and decode_local,
+-- as thread hand-offs make it).
 local tide = require "tide"
 tide.configure{ watchdog = 0 }
 
@@ -82,6 +84,10 @@ function W.codec()
   local core = require "tide.core"
   for _ = 1, N do core.decode(core.encode_unordered(records)) end
 end
+function W.codec_local()                    -- as threads hand values over (codec.h)
+  local core = require "tide.core"
+  for _ = 1, N do core.decode_local(core.encode_local(records)) end
+end
 function W.codec_encode()
   local encode_unordered = require("tide.core").encode_unordered
   for _ = 1, N do encode_unordered(records) end
@@ -143,7 +149,7 @@ function W.dflow()
   q:close()
 end
 
-if workload == "codec" or workload == "codec_encode" or workload == "codec_decode" then
+if workload:match("^codec") then
   package.path = "bench/lib/?.lua;" .. package.path
   records = require("common").records()
   records_bytes = require("tide.core").encode_unordered(records)
