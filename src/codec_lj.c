@@ -114,12 +114,18 @@ static int lj_put(lua_State *L, int which, int first, int n, tide_buf *out) {
  * against 7.7 (2026-12-04). */
 #define SMALL 256
 
+/* When the serializer refused what tide's codec refused too, or what
+ * tide's codec refused for a light userdata or cdata (which the serializer
+ * takes): the message says why, naming what cannot cross at all when
+ * there is one, not a 64-bit integer met before it (tide__encode_why). */
 int tide__encode_local(lua_State *L, int idx, const char *root, tide_buf *out,
                        char *err, size_t errlen) {
   if (idx < 0 && idx > LUA_REGISTRYINDEX) idx = lua_gettop(L) + idx + 1;
   int rc = tide__encode_within(L, idx, root, out, SMALL, err, errlen);
   if (rc == 0 || lj_put(L, LJ_ENCODE, idx, 1, out) == 0) return 0;  /* large, or cdata, light userdata */
-  return rc == TIDE_CODEC_OVER ? tide__encode_unordered(L, idx, root, out, err, errlen) : -1;
+  if (rc == TIDE_CODEC_OVER && tide__encode_unordered(L, idx, root, out, err, errlen) == 0) return 0;
+  tide__encode_why(L, idx, -1, root, err, errlen);
+  return -1;
 }
 
 int tide__encode_list_local(lua_State *L, int first, int n, const char *root,
@@ -129,7 +135,10 @@ int tide__encode_list_local(lua_State *L, int first, int n, const char *root,
   int rc = tide__encode_list_within(L, first, n, root, out, SMALL, err, errlen);
   int valid = n >= 0 && first >= 1 && first + n - 1 <= top;
   if (rc == 0 || (valid && lj_put(L, LJ_ENCODE_LIST, first, n, out) == 0)) return 0;
-  return rc == TIDE_CODEC_OVER ? tide__encode_list(L, first, n, root, out, err, errlen) : -1;
+  if (!valid) return -1;
+  if (rc == TIDE_CODEC_OVER && tide__encode_list(L, first, n, root, out, err, errlen) == 0) return 0;
+  tide__encode_why(L, first, n, root, err, errlen);
+  return -1;
 }
 
 /* ===== DECODING ===== */
