@@ -224,13 +224,17 @@ done:
 }
 
 /* Checks the serializer's bytes data[0..len) (lj_check), then pushes the
- * value they hold: 0, or -1 with a message in err (nothing pushed). */
+ * value they hold: 0, or -1 with a message in err (nothing pushed).
+ * Raises when memory runs out, as tide__decode does. */
 static int lj_get(lua_State *L, const char *data, size_t len, size_t at, char *err, size_t errlen) {
   if (lj_check(data, len, at, err, errlen)) return -1;
   if (!lua_checkstack(L, 4)) return refuse(err, errlen, 0, "Lua stack overflow");
   if (push_lj(L, LJ_DECODE) != 0) return refuse(err, errlen, 0, "out of memory");
   lua_pushlstring(L, data, len);
-  if (lua_pcall(L, 1, 1, 0) == 0) return 0;
+  int rc = lua_pcall(L, 1, 1, 0);
+  if (rc == 0) return 0;
+  if (rc == LUA_ERRMEM) lua_error(L);     /* "not enough memory" raised again (as a run-time error:
+                                           * the API has no other): not the bytes' fault */
   const char *why = lua_tostring(L, -1);
   refuse(err, errlen, at, why ? why : "an error");
   lua_pop(L, 1);
