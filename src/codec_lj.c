@@ -83,9 +83,24 @@ static int push_lj(lua_State *L, int which) {
  * memory runs out; out is then as it was.  Everything it allocates from L
  * is made in a protected call, but for stack slots past the ENC_STACK
  * tide's codec reserved just before (codec.c), as tide__encode_list grows
- * the stack. */
+ * the stack, and the list of more values than the stack has room to copy. */
 static int lj_put(lua_State *L, int which, int first, int n, tide_buf *out) {
-  if (!lua_checkstack(L, n + 3) || push_lj(L, which) != 0) return -1;
+  if (!lua_checkstack(L, n + 3)) {
+    /* No room for copies of the values (over ~4,000 of them: the stack
+     * holds 8,000): the list is made here, where out of memory raises. */
+    if (which != LJ_ENCODE_LIST || !lua_checkstack(L, 5)) return -1;
+    lua_createtable(L, n, 1);
+    for (int i = 0; i < n; i++) {
+      lua_pushvalue(L, first + i);
+      lua_rawseti(L, -2, i + 1);
+    }
+    lua_pushinteger(L, n);
+    lua_setfield(L, -2, "n");
+    int rc = lj_put(L, LJ_ENCODE, lua_gettop(L), 1, out);
+    lua_pop(L, 1);
+    return rc;
+  }
+  if (push_lj(L, which) != 0) return -1;
   for (int i = 0; i < n; i++) lua_pushvalue(L, first + i);
   if (lua_pcall(L, n, 1, 0) != 0) {
     lua_pop(L, 1);
