@@ -112,6 +112,9 @@ typedef struct enc {
    * stops with `over` set and no message (tide__encode_within). */
   size_t start, limit;
   int over;
+  /* Light userdata and cdata pass as nil: only the reason another value
+   * cannot cross is wanted (tide__encode_why). */
+  int pass_local;
 } enc;
 
 /* A string the encoder met: its address (Lua strings are interned, so one
@@ -584,6 +587,14 @@ static int enc_value(enc *e, int idx) {
     return enc_string_ref(e, s, n);
   }
   case LUA_TTABLE: return enc_table(e, idx);
+  case LUA_TLIGHTUSERDATA:
+  case TYPE_CDATA:
+    if (e->pass_local) {
+      if (reserve(e->out, 1)) return out_of_memory(e);
+      e->out->data[e->out->len++] = T_NIL;
+      return 0;
+    }
+    /* fall through */
   default: return fail(e, "%s cannot cross to a thread", refused(type));
   }
 }
@@ -600,7 +611,7 @@ static void enc_init(enc *e, lua_State *L, const char *root, tide_buf *out,
   e->depth = 0, e->pairs = NULL, e->npairs = e->cappairs = 0;
   e->refs = !sorted, e->seen = NULL, e->seencap = e->nseen = 0;
   e->defs = NULL, e->ndefs = e->capdefs = 0;
-  e->start = out->len, e->limit = limit, e->over = 0;
+  e->start = out->len, e->limit = limit, e->over = 0, e->pass_local = 0;
 }
 
 static void enc_free(enc *e) {
@@ -611,11 +622,12 @@ static void enc_free(enc *e) {
 
 /* 0; -1 with a message in err; TIDE_CODEC_OVER past `limit` bytes. */
 static int encode(lua_State *L, int idx, const char *root, tide_buf *out,
-                  char *err, size_t errlen, int sorted, size_t limit) {
+                  char *err, size_t errlen, int sorted, size_t limit, int pass_local) {
   int top = lua_gettop(L);
   size_t len = out->len;
   enc e;                                /* path and open need no zeroing */
   enc_init(&e, L, root, out, err, errlen, sorted, limit);
+  e.pass_local = pass_local;
   if (idx < 0 && idx > LUA_REGISTRYINDEX) idx = top + idx + 1;
   if (lua_type(L, idx) == LUA_TTABLE && !lua_checkstack(L, ENC_STACK))
     return fail(&e, "Lua stack overflow");
@@ -628,17 +640,17 @@ static int encode(lua_State *L, int idx, const char *root, tide_buf *out,
 
 int tide__encode(lua_State *L, int idx, const char *root, tide_buf *out,
                  char *err, size_t errlen) {
-  return encode(L, idx, root, out, err, errlen, 1, SIZE_MAX);
+  return encode(L, idx, root, out, err, errlen, 1, SIZE_MAX, 0);
 }
 
 int tide__encode_unordered(lua_State *L, int idx, const char *root,
                            tide_buf *out, char *err, size_t errlen) {
-  return encode(L, idx, root, out, err, errlen, 0, SIZE_MAX);
+  return encode(L, idx, root, out, err, errlen, 0, SIZE_MAX, 0);
 }
 
 int tide__encode_within(lua_State *L, int idx, const char *root, tide_buf *out,
                         size_t limit, char *err, size_t errlen) {
-  return encode(L, idx, root, out, err, errlen, 0, limit);
+  return encode(L, idx, root, out, err, errlen, 0, limit, 0);
 }
 
 /* { n = n, v1 .. vn } for the values at first .. first + n - 1: its one
@@ -666,11 +678,12 @@ static int enc_list(enc *e, int first, int n) {
 
 /* As encode, for a list. */
 static int encode_list(lua_State *L, int first, int n, const char *root,
-                       tide_buf *out, char *err, size_t errlen, size_t limit) {
+                       tide_buf *out, char *err, size_t errlen, size_t limit, int pass_local) {
   int top = lua_gettop(L);
   size_t len = out->len;
   enc e;
   enc_init(&e, L, root, out, err, errlen, 0, limit);
+  e.pass_local = pass_local;
   if (first < 0 && first > LUA_REGISTRYINDEX) first = top + first + 1;
   int rc = n < 0 || first < 1 || first + n - 1 > top ? fail(&e, "bad list of values")
          : !lua_checkstack(L, ENC_STACK) ? fail(&e, "Lua stack overflow")
@@ -683,12 +696,24 @@ static int encode_list(lua_State *L, int first, int n, const char *root,
 
 int tide__encode_list(lua_State *L, int first, int n, const char *root,
                       tide_buf *out, char *err, size_t errlen) {
-  return encode_list(L, first, n, root, out, err, errlen, SIZE_MAX);
+  return encode_list(L, first, n, root, out, err, errlen, SIZE_MAX, 0);
 }
 
 int tide__encode_list_within(lua_State *L, int first, int n, const char *root,
                              tide_buf *out, size_t limit, char *err, size_t errlen) {
-  return encode_list(L, first, n, root, out, err, errlen, limit);
+  return encode_list(L, first, n, root, out, err, errlen, limit, 0);
+}
+
+/* The encodings, into a buffer of their own that is then dropped, with
+ * light userdata and cdata passing: n < 0 for the value at idx, else the
+ * list of n from idx. */
+int tide__encode_why(lua_State *L, int idx, int n, const char *root, char *err, size_t errlen) {
+  tide_buf scratch;
+  tide__buf_init(&scratch);
+  int rc = n < 0 ? encode(L, idx, root, &scratch, err, errlen, 0, SIZE_MAX, 1)
+                 : encode_list(L, idx, n, root, &scratch, err, errlen, SIZE_MAX, 1);
+  tide__buf_free(&scratch);
+  return rc;
 }
 
 int tide__encode_string(tide_buf *out, const char *s, size_t len) {

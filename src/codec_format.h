@@ -19,6 +19,13 @@ int tide__encode_within(lua_State *L, int idx, const char *root, tide_buf *out,
 int tide__encode_list_within(lua_State *L, int first, int n, const char *root,
                              tide_buf *out, size_t limit, char *err, size_t errlen);
 
+/* Why a value (n < 0: the one at idx) or a list (the n values from idx)
+ * cannot cross between the threads of one process, by tide's codec with
+ * light userdata and cdata passing (LuaJIT's serializer judges those):
+ * -1 with the message of the first other value it refuses, or 0 (err
+ * untouched) when there is none.  Nothing is kept of the encoding. */
+int tide__encode_why(lua_State *L, int idx, int n, const char *root, char *err, size_t errlen);
+
 /* Makes room for n more bytes in b: 0, or -1 when out of memory. */
 int tide__buf_reserve(tide_buf *b, size_t n);
 

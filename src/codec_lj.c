@@ -8,40 +8,64 @@
 #include <stdio.h>
 #include <string.h>
 
-/* The registry's { encode, decode }: string.buffer's stand-alone functions,
- * made in each state from luaopen_string_buffer rather than taken from
- * package.loaded, where a script could have put others. */
+/* The registry's { encode, decode, encode_list }: string.buffer's
+ * stand-alone functions, made in each state from luaopen_string_buffer
+ * rather than taken from package.loaded, where a script could have put
+ * others, and put_list over that encode. */
 static const char LJ_KEY = 0;             /* its address is the key: no string to make */
-enum { LJ_ENCODE = 1, LJ_DECODE = 2 };
+enum { LJ_ENCODE = 1, LJ_DECODE = 2, LJ_ENCODE_LIST = 3 };
 
+/* (v1 .. vn) -> the serializer's bytes for { n = n, v1 .. vn }.  Upvalue:
+ * the serializer's encode.  Called protected (lj_put): the list table is
+ * made where running out of memory fails only this way of encoding. */
+static int put_list(lua_State *L) {
+  int n = lua_gettop(L);
+  lua_createtable(L, n, 1);
+  for (int i = 1; i <= n; i++) {
+    lua_pushvalue(L, i);
+    lua_rawseti(L, -2, i);
+  }
+  lua_pushinteger(L, n);
+  lua_setfield(L, -2, "n");
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, -2);
+  lua_call(L, 1, 1);
+  return 1;
+}
+
+/* Makes the registry's table.  Run by lua_cpcall: nothing it allocates,
+ * its own closure included, is made outside the protected call. */
 static int open_lj(lua_State *L) {
   lua_getglobal(L, "require");             /* the decoder makes cdata only once the FFI */
   lua_pushliteral(L, "ffi");               /* has its state (else "cannot deserialize") */
   if (lua_pcall(L, 1, 0, 0) != 0) lua_pop(L, 1);
   lua_pushcfunction(L, luaopen_string_buffer);
   lua_call(L, 0, 1);                                  /* the module */
-  lua_createtable(L, 2, 0);
+  lua_createtable(L, 3, 0);
   lua_getfield(L, -2, "encode");
   lua_rawseti(L, -2, LJ_ENCODE);
   lua_getfield(L, -2, "decode");
   lua_rawseti(L, -2, LJ_DECODE);
+  lua_getfield(L, -2, "encode");
+  lua_pushcclosure(L, put_list, 1);
+  lua_rawseti(L, -2, LJ_ENCODE_LIST);
   lua_pushlightuserdata(L, (void *)&LJ_KEY);
   lua_pushvalue(L, -2);
   lua_rawset(L, LUA_REGISTRYINDEX);
-  return 1;
+  return 0;
 }
 
 /* Pushes the serializer's function `which`: 0, or -1 (nothing pushed) when
  * it cannot be had (out of memory making it).  Allocates nothing but in a
  * protected call: it never raises.  Needs 3 stack slots. */
 static int push_lj(lua_State *L, int which) {
-  lua_pushlightuserdata(L, (void *)&LJ_KEY);
-  lua_rawget(L, LUA_REGISTRYINDEX);
-  if (!lua_istable(L, -1)) {
+  for (int tries = 0;; tries++) {
+    lua_pushlightuserdata(L, (void *)&LJ_KEY);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    if (lua_istable(L, -1)) break;
     lua_pop(L, 1);
-    lua_pushcfunction(L, open_lj);
-    if (lua_pcall(L, 0, 1, 0) != 0) {
-      lua_pop(L, 1);
+    if (tries > 0 || lua_cpcall(L, open_lj, NULL) != 0) {
+      if (tries == 0) lua_pop(L, 1);                  /* the error */
       return -1;
     }
   }
@@ -53,39 +77,43 @@ static int push_lj(lua_State *L, int which) {
 /* ===== ENCODING ===== */
 
 /* Appends T_LUAJIT and the serializer's bytes for the value at the
- * (absolute) index idx: 0, or -1 when the serializer refuses the value
- * (a function, a cycle, ...) or memory runs out; out is then as it was. */
-static int lj_put(lua_State *L, int idx, tide_buf *out) {
-  if (!lua_checkstack(L, 4) || push_lj(L, LJ_ENCODE) != 0) return -1;
-  lua_pushvalue(L, idx);
-  if (lua_pcall(L, 1, 1, 0) != 0) {
+ * (absolute) index first (n = 1, `which` LJ_ENCODE), or for the list
+ * { n = n, ... } of the n values from there (LJ_ENCODE_LIST): 0, or -1
+ * when the serializer refuses the value (a function, a cycle, ...) or
+ * memory runs out; out is then as it was.  Everything it allocates from L
+ * is made in a protected call, but for stack slots past the ENC_STACK
+ * tide's codec reserved just before (codec.c), as tide__encode_list grows
+ * the stack, and the list of more values than the stack has room to copy. */
+static int lj_put(lua_State *L, int which, int first, int n, tide_buf *out) {
+  if (!lua_checkstack(L, n + 3)) {
+    /* No room for copies of the values (over ~4,000 of them: the stack
+     * holds 8,000): the list is made here, where out of memory raises. */
+    if (which != LJ_ENCODE_LIST || !lua_checkstack(L, 5)) return -1;
+    lua_createtable(L, n, 1);
+    for (int i = 0; i < n; i++) {
+      lua_pushvalue(L, first + i);
+      lua_rawseti(L, -2, i + 1);
+    }
+    lua_pushinteger(L, n);
+    lua_setfield(L, -2, "n");
+    int rc = lj_put(L, LJ_ENCODE, lua_gettop(L), 1, out);
+    lua_pop(L, 1);
+    return rc;
+  }
+  if (push_lj(L, which) != 0) return -1;
+  for (int i = 0; i < n; i++) lua_pushvalue(L, first + i);
+  if (lua_pcall(L, n, 1, 0) != 0) {
     lua_pop(L, 1);
     return -1;
   }
-  size_t n;
-  const char *s = lua_tolstring(L, -1, &n);
-  int rc = tide__buf_reserve(out, n + 1);
+  size_t len;
+  const char *s = lua_tolstring(L, -1, &len);
+  int rc = tide__buf_reserve(out, len + 1);
   if (rc == 0) {
     out->data[out->len] = T_LUAJIT;
-    memcpy(out->data + out->len + 1, s, n);
-    out->len += n + 1;
+    memcpy(out->data + out->len + 1, s, len);
+    out->len += len + 1;
   }
-  lua_pop(L, 1);
-  return rc;
-}
-
-/* The list { n = n, v1 .. vn } of the values at first .. first + n - 1,
- * as lj_put writes it.  Raises when memory runs out. */
-static int lj_put_list(lua_State *L, int first, int n, tide_buf *out) {
-  if (!lua_checkstack(L, 2)) return -1;
-  lua_createtable(L, n, 1);
-  for (int i = 1; i <= n; i++) {
-    lua_pushvalue(L, first + i - 1);
-    lua_rawseti(L, -2, i);
-  }
-  lua_pushinteger(L, n);
-  lua_setfield(L, -2, "n");
-  int rc = lj_put(L, lua_gettop(L), out);
   lua_pop(L, 1);
   return rc;
 }
@@ -101,12 +129,18 @@ static int lj_put_list(lua_State *L, int first, int n, tide_buf *out) {
  * against 7.7 (2026-12-04). */
 #define SMALL 256
 
+/* When the serializer refused what tide's codec refused too, or what
+ * tide's codec refused for a light userdata or cdata (which the serializer
+ * takes): the message says why, naming what cannot cross at all when
+ * there is one, not a 64-bit integer met before it (tide__encode_why). */
 int tide__encode_local(lua_State *L, int idx, const char *root, tide_buf *out,
                        char *err, size_t errlen) {
   if (idx < 0 && idx > LUA_REGISTRYINDEX) idx = lua_gettop(L) + idx + 1;
   int rc = tide__encode_within(L, idx, root, out, SMALL, err, errlen);
-  if (rc == 0 || lj_put(L, idx, out) == 0) return 0;  /* large, or cdata, light userdata */
-  return rc == TIDE_CODEC_OVER ? tide__encode_unordered(L, idx, root, out, err, errlen) : -1;
+  if (rc == 0 || lj_put(L, LJ_ENCODE, idx, 1, out) == 0) return 0;  /* large, or cdata, light userdata */
+  if (rc == TIDE_CODEC_OVER && tide__encode_unordered(L, idx, root, out, err, errlen) == 0) return 0;
+  tide__encode_why(L, idx, -1, root, err, errlen);
+  return -1;
 }
 
 int tide__encode_list_local(lua_State *L, int first, int n, const char *root,
@@ -115,8 +149,11 @@ int tide__encode_list_local(lua_State *L, int first, int n, const char *root,
   if (first < 0 && first > LUA_REGISTRYINDEX) first = top + first + 1;
   int rc = tide__encode_list_within(L, first, n, root, out, SMALL, err, errlen);
   int valid = n >= 0 && first >= 1 && first + n - 1 <= top;
-  if (rc == 0 || (valid && lj_put_list(L, first, n, out) == 0)) return 0;
-  return rc == TIDE_CODEC_OVER ? tide__encode_list(L, first, n, root, out, err, errlen) : -1;
+  if (rc == 0 || (valid && lj_put(L, LJ_ENCODE_LIST, first, n, out) == 0)) return 0;
+  if (!valid) return -1;
+  if (rc == TIDE_CODEC_OVER && tide__encode_list(L, first, n, root, out, err, errlen) == 0) return 0;
+  tide__encode_why(L, first, n, root, err, errlen);
+  return -1;
 }
 
 /* ===== DECODING ===== */
@@ -202,13 +239,17 @@ done:
 }
 
 /* Checks the serializer's bytes data[0..len) (lj_check), then pushes the
- * value they hold: 0, or -1 with a message in err (nothing pushed). */
+ * value they hold: 0, or -1 with a message in err (nothing pushed).
+ * Raises when memory runs out, as tide__decode does. */
 static int lj_get(lua_State *L, const char *data, size_t len, size_t at, char *err, size_t errlen) {
   if (lj_check(data, len, at, err, errlen)) return -1;
   if (!lua_checkstack(L, 4)) return refuse(err, errlen, 0, "Lua stack overflow");
   if (push_lj(L, LJ_DECODE) != 0) return refuse(err, errlen, 0, "out of memory");
   lua_pushlstring(L, data, len);
-  if (lua_pcall(L, 1, 1, 0) == 0) return 0;
+  int rc = lua_pcall(L, 1, 1, 0);
+  if (rc == 0) return 0;
+  if (rc == LUA_ERRMEM) lua_error(L);     /* "not enough memory" raised again (as a run-time error:
+                                           * the API has no other): not the bytes' fault */
   const char *why = lua_tostring(L, -1);
   refuse(err, errlen, at, why ? why : "an error");
   lua_pop(L, 1);

@@ -15,9 +15,14 @@ typedef struct shared {
   int busy;
 } shared;
 
+/* Busy for good once collected: at lua_close a finalizer that runs after
+ * this one may still encode (spawning a task does), and would grow the
+ * buffer again with nothing left to free it (ASan: test_codec_local's
+ * finalizers leaked it); such a call uses a buffer of its own. */
 static int shared_gc(lua_State *L) {
   shared *sh = lua_touserdata(L, 1);
   tide__buf_free(&sh->buf);
+  sh->busy = 1;
   return 0;
 }
 

@@ -226,6 +226,63 @@ static void test_finalizer_inside(void) {
   lua_close(L);
 }
 
+/* An allocator that refuses past *ud bytes in use (a thread_memory limit). */
+typedef struct { size_t used, limit; } budget;
+static void *limited(void *ud, void *ptr, size_t osize, size_t nsize) {
+  budget *b = ud;
+  if (ptr == NULL) osize = 0;
+  if (nsize == 0) { free(ptr); b->used -= osize; return NULL; }
+  if (nsize > osize && b->used + (nsize - osize) > b->limit) return NULL;
+  void *p = realloc(ptr, nsize);
+  if (p) b->used = b->used - osize + nsize;
+  return p;
+}
+
+static const tide_buf *oom_bytes;
+static char oom_err[256];                 /* (no allocation to tell it: memory is out) */
+static int decode_oom(lua_State *L) {
+  oom_err[0] = '\0';
+  if (tide__decode_local(L, oom_bytes->data, oom_bytes->len, oom_err, sizeof oom_err) != 0) return 0;
+  return 1;
+}
+
+/* codec.h: the _local decoders are "as tide__decode", which raises when
+ * memory runs out (a thread_memory limit): running out of memory inside
+ * LuaJIT's decoder is no "bad encoding" of the bytes. */
+static void test_out_of_memory(void) {
+  budget bud = { 0, (size_t)-1 };
+  lua_State *L = lua_newstate(limited, &bud);
+  luaL_openlibs(L);
+  lua_settop(L, 0);
+  tide_buf b;
+  char err[256] = "";
+  tide__buf_init(&b);
+  push_records(A, 2000, 0);
+  int rc = tide__encode_local(A, -1, "args", &b, err, sizeof err);
+  lua_pop(A, 1);
+  ok(rc == 0 && b.len > 0 && (unsigned char)b.data[0] == T_LUAJIT, "2000 records encode by the serializer");
+  /* room for the string (the serializer's functions made already), not
+   * for the tables */
+  oom_bytes = &b;
+  lua_pushcfunction(L, decode_oom);
+  rc = lua_pcall(L, 0, 1, 0);
+  ok(rc == 0 && lua_istable(L, -1), "they decode with no limit");
+  lua_settop(L, 0);
+  lua_gc(L, LUA_GCCOLLECT, 0);
+  bud.limit = bud.used + b.len + 65536;
+  lua_pushcfunction(L, decode_oom);
+  int status = lua_pcall(L, 0, 1, 0);
+  const char *what = status != 0 ? lua_tostring(L, -1) : NULL;
+  if (!ok(what != NULL && strcmp(what, "not enough memory") == 0,
+          "decode_local raises \"not enough memory\" when memory runs out inside LuaJIT's decoder (status %d)",
+          status))
+    printf("# returned -1: %s\n", oom_err);
+  lua_settop(L, 0);
+  bud.limit = (size_t)-1;
+  lua_close(L);
+  tide__buf_free(&b);
+}
+
 int main(void) {
   if (open_states() != 0) return 2;
   test_which_codec();
@@ -234,5 +291,6 @@ int main(void) {
   test_lists();
   test_malformed();
   test_finalizer_inside();
+  test_out_of_memory();
   return close_states();
 }
