@@ -57,6 +57,23 @@ describe("values crossing to a thread", function()
     end)
   end)
 
+  it("hands an error value over as it hands results: 64-bit integers, large tables", function()
+    spec_helper.run(function()
+      local st, err = tide.spawn{ mode = "thread", run = function() error({ code = 5LL }) end }:await()
+      assert.equal("error", st)
+      assert.equal("table", type(err))
+      assert.equal("5LL", tostring(err.code))
+      local st2, err2 = tide.spawn{ mode = "thread", run = function(n)
+        local t = {}
+        for i = 1, n do t[i] = { i } end
+        error(t)
+      end, args = { 3000 } }:await()
+      assert.equal("error", st2)
+      assert.equal(3000, #err2)
+      assert.equal(1234, err2[1234][1])
+    end)
+  end)
+
   it("names the path to what cannot cross in a large value, at the caller's line", function()
     local big = records(2000)
     big.users[1500].cb = print

@@ -99,11 +99,11 @@ int tide__decode_list(lua_State *L, const char *data, size_t len, int max,
 
 /* ===== Between the threads of one process
  *
- * A thread task's arguments and results cross by LuaJIT's own serializer
- * (string.buffer's encode and decode) when they are large: it reads and
- * builds tables and strings through LuaJIT's internals, which no C API
- * reaches (a 1 MB table of records encodes and decodes over twice as fast
- * as with tide__encode_unordered: bench/threads.lua).  Such an encoding is
+ * A thread task's arguments, results and error value cross by LuaJIT's
+ * own serializer (string.buffer's encode and decode) when they are large:
+ * it reads and builds tables and strings through LuaJIT's internals, which
+ * no C API reaches (a 1 MB table of records encodes and decodes over twice
+ * as fast as with tide__encode_unordered: bench/threads.lua).  Such an encoding is
  * the byte T_LUAJIT, then the serializer's bytes.  Small values cross in
  * tide's codec, which has no Lua call to make (codec_lj.c, SMALL); so does
  * any value the serializer refuses, so that the error names the path as
@@ -112,8 +112,11 @@ int tide__decode_list(lua_State *L, const char *data, size_t len, int max,
  *
  * What crosses: what tide__encode takes, and also light userdata (the
  * same pointer: the threads share the process) and LuaJIT's 64-bit
- * integer and complex cdata.  Unlike tide__encode, these may run Lua's
- * collector (so finalizers) and raise when memory runs out. */
+ * integer and complex cdata (an error names what cannot cross at all
+ * first).  Unlike tide__encode, these may run Lua's collector (so
+ * finalizers), and may need more of the state's memory: a finalizer's
+ * error, or running out of memory, inside the serializer makes the value
+ * cross by tide's codec; decoding raises when memory runs out. */
 
 /* As tide__encode_unordered, and as tide__encode_list (the table
  * { n = n, ... } is made only for the serializer). */

@@ -186,9 +186,10 @@ static int get_u(const unsigned char **p, const unsigned char *end, uint32_t *v)
 /* Checks that data[0..len) is exactly one value in the serializer's format
  * as lj_put writes it (no dictionary entries), tables nested at most
  * TIDE_CODEC_DEPTH deep, and no table counting more values than bytes are
- * left.  LuaJIT's decoder recurses once per table level with no limit of
- * its own (deep enough bytes overflow the C stack) and sizes each table
- * from its counts before reading it; after this check neither can happen.
+ * left.  LuaJIT's decoder recurses once per table level (Debian 12's stops
+ * at 100 levels; this check does not count on a release doing so: deep
+ * enough bytes would overflow the C stack) and sizes each table from its
+ * counts before reading it; after this check neither can go wrong.
  * `at` is the offset of data in the bytes the caller was given, for the
  * message.  Made for bytes that come from no other process: the tags it
  * lets through include light userdata (a pointer). */

@@ -233,18 +233,19 @@ static int run_job(lua_State *L) {
 }
 
 /* Encodes the job's result: on ok, the list of the values from stack index
- * `first` to the top (tide__encode_list, or its _local twin in a thread
- * pool); on error, the value at the top.
+ * `first` to the top (tide__encode_list); on error, the value at the top
+ * (tide__encode_unordered); in a thread pool, by their _local twins.
  * Failing that, the encoding error as an error string. */
 static void take_result(lua_State *L, tide__worker *w, tide__job *job, int first) {
   tide_buf *buf = &w->out;                   /* the worker's, kept from job to job */
   char err[256];
   buf->len = 0;
   int n = lua_gettop(L) - first + 1;
-  int rc = job->status != TIDE_JOB_OK
-         ? tide__encode_unordered(L, -1, "error", buf, err, sizeof err)   /* only crosses: codec.h */
-         : w->cfg->same_process ? tide__encode_list_local(L, first, n, "results", buf, err, sizeof err)
-         : tide__encode_list(L, first, n, "results", buf, err, sizeof err);
+  int local = w->cfg->same_process, ok = job->status == TIDE_JOB_OK;
+  int rc = ok && local ? tide__encode_list_local(L, first, n, "results", buf, err, sizeof err)
+         : ok ? tide__encode_list(L, first, n, "results", buf, err, sizeof err)
+         : local ? tide__encode_local(L, -1, "error", buf, err, sizeof err)
+         : tide__encode_unordered(L, -1, "error", buf, err, sizeof err);   /* only crosses: codec.h */
   if (rc != 0) {
     job->status = TIDE_JOB_ERROR;
     if (job->trace == NULL) job->trace = copy_bytes(err, strlen(err));

@@ -22,7 +22,7 @@ local string_dump, getupvalue, getinfo, traceback = string.dump, debug.getupvalu
 -- hold tables (tide's codec behind it: codec.h, the _local functions);
 -- those that go to a process, by tide's codec alone.
 local encode_local, encode_unordered = core.encode_local, core.encode_unordered
-local decode_list_local = core.decode_list_local
+local decode_local, decode_list_local = core.decode_local, core.decode_list_local
 local MAX = core.thread_max                 -- threads a pool may have (1024)
 
 local M = {
@@ -267,7 +267,7 @@ local function settle(t, o, back)
   -- The results come as a list: their values, never a table of them.
   if type(back) == "string" then return settle_results(t, pcall(decode_list_local, back)) end
   local bytes, failed = back[1], back[2]
-  local done, value, err = pcall(core.decode, bytes)
+  local done, value, err = pcall(decode_local, bytes)
   if not done then
     t.traceback = traceback(tostring(value))
     return S.settle(t, "error", value)
