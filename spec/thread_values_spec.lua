@@ -74,6 +74,42 @@ describe("values crossing to a thread", function()
     end)
   end)
 
+  it("gives each task one outcome, and its own large value, while others time out, fail and are cancelled", function()
+    -- Large arguments and results (the serializer's way) in flight while
+    -- attempts end at random: a result must reach its own task or nobody.
+    math.randomseed(21)
+    local calls, expect, want = {}, {}, {}
+    spec_helper.run(function()
+      local ts = {}
+      for i = 1, 200 do
+        local kind = math.random(4)
+        local v = records(20 + i % 7)
+        v.meta.id = i
+        want[i] = core.encode(v)
+        expect[i] = ({ "ok", "error", "timeout", "cancelled" })[kind]
+        ts[i] = tide.spawn{
+          mode = "thread", args = { n = 2, v, kind },
+          run = function(t, k)
+            local tide = require "tide"
+            if k == 2 then error(t) end
+            if k >= 3 then tide.sleep(2000) end
+            tide.sleep(math.random(0, 3))
+            return t
+          end,
+          timeout = kind == 3 and math.random(1, 30) or nil,
+          handle_result = function(st) calls[i] = (calls[i] or 0) + 1; assert(st == expect[i], st) end,
+        }
+        if kind == 4 then tide.spawn(function() tide.sleep(math.random(0, 20)); ts[i]:cancel() end) end
+      end
+      for i = 1, 200 do
+        local st, v = ts[i]:await()
+        assert.equal(expect[i], st)
+        if st == "ok" or st == "error" then assert.equal(want[i], core.encode(v), "task " .. i) end
+      end
+    end)
+    for i = 1, 200 do assert.equal(1, calls[i]) end
+  end)
+
   it("names the path to what cannot cross in a large value, at the caller's line", function()
     local big = records(2000)
     big.users[1500].cb = print

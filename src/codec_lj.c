@@ -15,20 +15,24 @@
 static const char LJ_KEY = 0;             /* its address is the key: no string to make */
 enum { LJ_ENCODE = 1, LJ_DECODE = 2, LJ_ENCODE_LIST = 3 };
 
+/* Pushes the list { n = n, v1 .. vn } of the values at from .. from + n - 1. */
+static void push_list(lua_State *L, int from, int n) {
+  lua_createtable(L, n, 1);
+  for (int i = 0; i < n; i++) {
+    lua_pushvalue(L, from + i);
+    lua_rawseti(L, -2, i + 1);
+  }
+  lua_pushinteger(L, n);
+  lua_setfield(L, -2, "n");
+}
+
 /* (v1 .. vn) -> the serializer's bytes for { n = n, v1 .. vn }.  Upvalue:
  * the serializer's encode.  Called protected (lj_put): the list table is
  * made where running out of memory fails only this way of encoding. */
 static int put_list(lua_State *L) {
   int n = lua_gettop(L);
-  lua_createtable(L, n, 1);
-  for (int i = 1; i <= n; i++) {
-    lua_pushvalue(L, i);
-    lua_rawseti(L, -2, i);
-  }
-  lua_pushinteger(L, n);
-  lua_setfield(L, -2, "n");
   lua_pushvalue(L, lua_upvalueindex(1));
-  lua_insert(L, -2);
+  push_list(L, 1, n);
   lua_call(L, 1, 1);
   return 1;
 }
@@ -89,13 +93,7 @@ static int lj_put(lua_State *L, int which, int first, int n, tide_buf *out) {
     /* No room for copies of the values (over ~4,000 of them: the stack
      * holds 8,000): the list is made here, where out of memory raises. */
     if (which != LJ_ENCODE_LIST || !lua_checkstack(L, 5)) return -1;
-    lua_createtable(L, n, 1);
-    for (int i = 0; i < n; i++) {
-      lua_pushvalue(L, first + i);
-      lua_rawseti(L, -2, i + 1);
-    }
-    lua_pushinteger(L, n);
-    lua_setfield(L, -2, "n");
+    push_list(L, first, n);
     int rc = lj_put(L, LJ_ENCODE, lua_gettop(L), 1, out);
     lua_pop(L, 1);
     return rc;
