@@ -80,6 +80,43 @@ describe("a job stopped by hand while it runs, on " .. store.name, function()
     end)
   end)
 
+  -- Broken before: `cancelled` is not among the default unique states, so
+  -- the twin went in at once and ran beside the one still stopping.
+  it("counts a stopping job as executing for uniqueness: its twin waits until it has stopped", function()
+    local started, ended = {}, {}
+    local unique = { period = "1h", keys = { "args.account" } }
+    H.run(function()
+      local w = tide.worker{ queue = q, queues = { u = 4 }, poll = 10, heartbeat = 300,
+        on_outcome = function(ev) ended[ev.job.id] = core.now() end,
+        targets = { t = {
+          long = function(_, job) started[job.id] = core.now(); while true do tide.sleep(5) end end } } }
+      local function enqueue(u)
+        return q:enqueue{ queue = "u", target = "t", method = "long", args = { account = 7 }, unique = u }
+      end
+      local a = enqueue(unique)
+      assert.is_true(H.wait_for(function() return started[a] ~= nil end, 3000))
+      assert.is_true(q:cancel(a))
+      assert.equal(w.id, job_row(a).lease_owner)          -- stopping: its worker has not noticed yet
+      local again, inserted = enqueue(unique)
+      assert.equal(a, again)                              -- the job of that key still runs
+      assert.is_false(inserted)
+      -- Without `executing` among the states, a job that runs does not count,
+      -- stopping or not.
+      local waiting = { period = "1h", keys = { "args.account" }, states = { "available", "scheduled" } }
+      local b, b_inserted = enqueue(waiting)
+      assert.is_true(b_inserted)
+      assert.is_true(q:cancel(b))
+      assert.is_true(H.wait_for(function() return job_row(a).lease_owner == nil end, 3000))
+      assert.is_not_nil(ended[a])
+      local c, c_inserted = enqueue(unique)                -- stopped: a cancelled job does not count
+      assert.is_true(c_inserted)
+      assert.is_true(c ~= a and c ~= b)
+      assert.is_true(q:cancel(c))
+      w:stop()
+      w:wait()
+    end)
+  end)
+
   it("gives the slot back when the stopping job's worker died, once its lease ran out", function()
     q:declare("k", { partition = "args.key", per_key = { concurrency = 1 } })
     local started = {}

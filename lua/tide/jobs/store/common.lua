@@ -73,4 +73,15 @@ function M.status_list(statuses)
   return "(" .. concat(marks, ", ") .. ")"
 end
 
+--- The predicate of a unique look-up: a job in one of the states, and,
+--- when `executing` is one of them, a job still stopping (its worker runs
+--- it until it notices: counted as not executing, its twin went in and ran
+--- beside it).
+function M.unique_match(states)
+  for _, st in ipairs(states) do
+    if st == "executing" then return "(status IN " .. M.status_list(states) .. " OR " .. M.STOPPING .. ")" end
+  end
+  return "status IN " .. M.status_list(states)
+end
+
 return M

@@ -481,11 +481,11 @@ end
 --- that of two racing enqueues the second waits, then sees the first's row.
 local function insert_unique(self, j, enc)
   local c = self.c
-  local list = common.status_list(j.unique_states)
+  local match = common.unique_match(j.unique_states)
   return in_tx(c, function()
     c:query(SQL.unique_lock, j.unique_key)
     local old = c:query("SELECT id FROM tide_jobs WHERE unique_key = $1 AND inserted_at > $2::bigint - $3::bigint "
-      .. "AND status IN " .. list .. " ORDER BY id DESC LIMIT 1", j.unique_key, j.inserted_at, j.unique_period).rows[1]
+      .. "AND " .. match .. " ORDER BY id DESC LIMIT 1", j.unique_key, j.inserted_at, j.unique_period).rows[1]
     if old then return old.id, false end
     local rows = c:query([[INSERT INTO tide_jobs (queue, target, method, args, args_enc, status, priority,
         max_attempts, run_at, inserted_at, partition_key, unique_key)

@@ -567,7 +567,7 @@ local function unique_stmts(s, states)
   local key = "unique:" .. concat(states, ",")
   local pair = s.stmts[key]
   if pair then return pair end
-  local list = common.status_list(states)
+  local match = common.unique_match(states)
   pair = {
     -- One statement: SQLite takes the write lock before it reads, so no
     -- other connection can insert the duplicate in between.
@@ -575,10 +575,10 @@ local function unique_stmts(s, states)
         max_attempts, run_at, inserted_at, partition_key, unique_key)
       SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12
       WHERE NOT EXISTS (SELECT 1 FROM tide_jobs WHERE unique_key = ?12 AND inserted_at > ?10 - ?13
-                        AND status IN ]] .. list .. [[)
+                        AND ]] .. match .. [[)
       RETURNING id]]),
     existing = s.db:prepare("SELECT id FROM tide_jobs WHERE unique_key = ?1 AND inserted_at > ?2 - ?3 "
-      .. "AND status IN " .. list .. " ORDER BY id DESC LIMIT 1"),
+      .. "AND " .. match .. " ORDER BY id DESC LIMIT 1"),
     finalize = function(self) self.insert:finalize(); self.existing:finalize() end,
   }
   s.stmts[key] = pair
