@@ -221,6 +221,24 @@ describe("tide.queue on " .. store.name, function()
       })
       assert.equal(0, q:stats().total)
     end)
+
+    -- Broken before: a user's job with a tick's key took the tick, and the
+    -- schedule's own job for it was never enqueued.
+    it("keeps idempotency keys beginning 'schedule:' for schedules' ticks, on every enqueue", function()
+      local key = "schedule:nightly@2026-12-05T02:00:00.000Z"
+      local why = "bad option 'idempotency_key' (keys beginning 'schedule:' are the ticks of schedules)"
+      spec_helper.error_cases("spec/queue_spec.lua", {
+        { function() q:enqueue{ target = "t", method = "m", idempotency_key = key } end, "q:enqueue: " .. why },
+        { function() q:enqueue{ target = "t", method = "m", idempotency_key = "schedule:" } end, "q:enqueue: " .. why },
+        { function() q:enqueue_many{ { target = "t", method = "m" }, { target = "t", method = "m", idempotency_key = key } } end,
+          "q:enqueue_many: job 2: " .. why },
+        { function() q:transaction(function(tx) tx:enqueue{ target = "t", method = "m", idempotency_key = key } end) end,
+          "tx:enqueue: " .. why },
+      })
+      assert.equal(0, q:stats().total)
+      local id, inserted = q:enqueue{ target = "t", method = "m", idempotency_key = "Schedule:mine" }
+      assert.is_true(inserted and id ~= nil)                -- only the exact prefix is kept
+    end)
   end)
 
   describe("ids and ranges", function()

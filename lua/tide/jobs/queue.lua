@@ -281,7 +281,13 @@ local function unique_of(fname, j, level)
 end
 
 --- Checks an enqueue spec; returns the row to insert.
-local function job_row(fname, q, j, now, level)
+--- Idempotency keys with this prefix are the ticks of schedules
+--- (tide.jobs.schedules.key): a user's job with one took the tick, and the
+--- schedule's own job for it was never enqueued.
+local TICK_PREFIX = "schedule:"
+M.TICK_PREFIX = TICK_PREFIX
+
+local function job_row(fname, q, j, now, level, tick)
   level = level + 1
   if type(j) ~= "table" then arg_error(fname, 1, "job table", j, level) end
   check.known(fname, j, JOB_KEYS, nil, level)
@@ -307,6 +313,10 @@ local function job_row(fname, q, j, now, level)
     end
     local why = job.key_problem(key)
     if why then error(("%s: bad option 'idempotency_key' (%s)"):format(fname, why), level) end
+    if not tick and key:sub(1, #TICK_PREFIX) == TICK_PREFIX then
+      error(("%s: bad option 'idempotency_key' (keys beginning '%s' are the ticks of schedules)")
+        :format(fname, TICK_PREFIX), level)
+    end
   end
   if j.delay ~= nil and not (check.is_ms(j.delay) and now + j.delay <= time.MAX_MS) then
     opt_error(fname, "delay", "non-negative number of ms, due before the year 10000", j.delay, level)
@@ -394,14 +404,20 @@ function Queue:enqueue_many(list)
   return insert_rows(self, "q:enqueue_many", job_rows("q:enqueue_many", self, list))
 end
 
-function Tx:enqueue(j)
-  local st = tx_state("tx:enqueue", self)
-  local q = self._q
-  local row = job_row("tx:enqueue", q, j, q._store:now(), 2)
+local function tx_enqueue(tx, j, tick)
+  local st = tx_state("tx:enqueue", tx)
+  local q = tx._q
+  local row = job_row("tx:enqueue", q, j, q._store:now(), 2, tick)
   local id, inserted = st.session:insert(row)
   if inserted then st.touched[row.queue] = true end
   return id, inserted
 end
+
+function Tx:enqueue(j) return tx_enqueue(self, j) end
+
+--- tx:enqueue for a schedule's tick, whose key begins TICK_PREFIX
+--- (tide.jobs.schedules only).
+function M.enqueue_tick(tx, j) return tx_enqueue(tx, j, true) end
 
 function Tx:enqueue_many(list)
   tx_state("tx:enqueue_many", self)

@@ -121,7 +121,7 @@ function M.check(fname, list, level)
 end
 
 --- The idempotency key of schedule `s`'s tick `t` (ms).
-function M.key(s, t) return "schedule:" .. s.name .. "@" .. time.iso(t) end
+function M.key(s, t) return queue.TICK_PREFIX .. s.name .. "@" .. time.iso(t) end
 
 -- ===== catching up
 
@@ -166,9 +166,9 @@ local function enqueue_pending(w, list)
         local n = min(#p, CHUNK)
         for k = 1, n do
           local t = p[k]
-          local _, fresh = tx:enqueue{ target = s.target, method = s.method, args = s.args, queue = s.queue,
-                                       run_at = t, priority = s.priority, max_attempts = s.max_attempts,
-                                       idempotency_key = M.key(s, t) }
+          local _, fresh = queue.enqueue_tick(tx, {
+            target = s.target, method = s.method, args = s.args, queue = s.queue, run_at = t,
+            priority = s.priority, max_attempts = s.max_attempts, idempotency_key = M.key(s, t) })
           if fresh then inserted = inserted + 1 end
         end
         session:schedule_advance(s.name, p[n], now, w.id)
