@@ -37,12 +37,39 @@ static int put_list(lua_State *L) {
   return 1;
 }
 
+/* The decoder makes cdata only once the FFI has its state (else "cannot
+ * deserialize"): loads the module as `require "ffi"` would, but from the
+ * registry's tables, not through the global `require` (a script's own, or
+ * none in a sandbox).  Loaded already, as it nearly always is, nothing
+ * runs; without it (a LuaJIT built without the FFI), cdata cannot be
+ * decoded, and nothing else changes.  Never raises: a loader that fails
+ * leaves the FFI unloaded. */
+static void load_ffi(lua_State *L) {
+  lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+  lua_getfield(L, LUA_REGISTRYINDEX, "_PRELOAD");
+  if (lua_istable(L, -2) && lua_istable(L, -1)) {
+    lua_getfield(L, -2, "ffi");
+    lua_getfield(L, -2, "ffi");                       /* _LOADED, _PRELOAD, loaded, loader */
+    if (lua_isnil(L, -2) && lua_isfunction(L, -1)) {
+      lua_pushliteral(L, "ffi");
+      if (lua_pcall(L, 1, 1, 0) == 0) {
+        if (lua_isnil(L, -1)) { lua_pop(L, 1); lua_pushboolean(L, 1); }
+        lua_setfield(L, -4, "ffi");                   /* _LOADED.ffi, as require sets it */
+      } else {
+        lua_pop(L, 1);                                /* the loader's error */
+      }
+    } else {
+      lua_pop(L, 1);                                  /* the loader */
+    }
+    lua_pop(L, 1);                                    /* loaded */
+  }
+  lua_pop(L, 2);
+}
+
 /* Makes the registry's table.  Run by lua_cpcall: nothing it allocates,
  * its own closure included, is made outside the protected call. */
 static int open_lj(lua_State *L) {
-  lua_getglobal(L, "require");             /* the decoder makes cdata only once the FFI */
-  lua_pushliteral(L, "ffi");               /* has its state (else "cannot deserialize") */
-  if (lua_pcall(L, 1, 0, 0) != 0) lua_pop(L, 1);
+  load_ffi(L);
   lua_pushcfunction(L, luaopen_string_buffer);
   lua_call(L, 0, 1);                                  /* the module */
   lua_createtable(L, 3, 0);

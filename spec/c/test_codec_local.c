@@ -283,6 +283,41 @@ static void test_out_of_memory(void) {
   tide__buf_free(&b);
 }
 
+/* The FFI a decoder needs is loaded from the registry's tables, not by the
+ * global `require`: a script's own ran (and could refuse, yield or do
+ * anything), and a sandbox without one could not decode cdata.  Without
+ * the FFI at all, cdata is refused with an error, and nothing breaks. */
+static void test_ffi_without_require(void) {
+  tide_buf b;
+  char err[256] = "";
+  tide__buf_init(&b);
+  eval(A, "return 7LL");
+  int rc = tide__encode_local(A, -1, "args", &b, err, sizeof err);
+  lua_pop(A, 1);
+  lua_State *C = luaL_newstate();
+  if (C == NULL) exit(2);
+  luaL_openlibs(C);
+  eval(C, "calls = 0; require = function() calls = calls + 1; error('not this one') end");
+  lua_pop(C, 1);
+  rc = rc == 0 ? tide__decode_local(C, b.data, b.len, err, sizeof err) : -1;
+  int good = rc == 0 && luaL_loadstring(C, "return tostring(...) == '7LL' and calls == 0") == 0 &&
+             (lua_insert(C, -2), lua_pcall(C, 1, 1, 0)) == 0 && lua_toboolean(C, -1);
+  if (!ok(good, "a state whose global require refuses decodes an int64, without calling it")) printf("# %s\n", err);
+  lua_close(C);
+  C = luaL_newstate();
+  if (C == NULL) exit(2);
+  luaL_openlibs(C);
+  eval(C, "package.preload.ffi = nil; require = nil");
+  lua_pop(C, 1);
+  int top = lua_gettop(C);
+  rc = tide__decode_local(C, b.data, b.len, err, sizeof err);
+  ok(rc == -1 && err[0] != '\0' && lua_gettop(C) == top, "without the FFI, cdata is refused with an error (%s)", err);
+  eval(C, "return 1 + 1");                        /* the state still works */
+  ok(lua_tointeger(C, -1) == 2, "and the state is left as it was");
+  lua_close(C);
+  tide__buf_free(&b);
+}
+
 int main(void) {
   if (open_states() != 0) return 2;
   test_which_codec();
@@ -292,5 +327,6 @@ int main(void) {
   test_malformed();
   test_finalizer_inside();
   test_out_of_memory();
+  test_ffi_without_require();
   return close_states();
 }
