@@ -1,0 +1,112 @@
+-- spec/review_revweb_spec.lua — a hostile review of the HTTP server, the dashboard and the
+-- metrics endpoint: clients that pipeline without reading or half-close, ids and counts out
+-- of range in URLs, and what the pages and the exposition do with hostile names.
+local H = spec_helper
+local tide = require "tide"
+local http = require "tide.engine.http"
+
+local PY = "env -u LD_PRELOAD /usr/bin/python3 spec/tools/httpc.py "
+local shell = H.sh_on_thread
+
+describe("review revweb: tide.engine.http", function()
+  after_each(function() H.assert_idle() end)
+
+  it("reads no further request while a client leaves the answers unread (memory stays bounded)", function()
+    local body = ("x"):rep(65536)
+    local out, grew
+    H.run(function()
+      local srv = assert(http.serve{ handler = function() return 200, {}, body end })
+      local h0 = H.heap_in_use()
+      local t = tide.spawn{ mode = "thread", args = { PY .. ("pipeline %d 1000 1.5"):format(srv.port) },
+                            run = function(cmd)
+        local f = io.popen(cmd)
+        local s = f:read("*a")
+        f:close()
+        return s
+      end }
+      tide.sleep(1200)                  -- the client pipelines 1,000 requests and reads nothing yet
+      grew = H.heap_in_use() - h0
+      local _, o = t:await()
+      out = o
+      srv:close()
+    end)
+    -- 1,000 answers of 64 KiB are 64 MiB if each is queued as it is made
+    assert.is_true(grew < 16 * 1024 * 1024, ("the heap grew by %.1f MiB"):format(grew / 1048576))
+    assert.equal("answers 1000\n", out)                    -- every answer, once the client reads
+  end)
+
+  it("sends the whole answer to a client that half-closed after its request", function()
+    local body = ("y"):rep(4 * 1024 * 1024)
+    local out
+    H.run(function()
+      local srv = assert(http.serve{ handler = function() return 200, {}, body end })
+      out = shell(PY .. ("halfclose %d"):format(srv.port))
+      srv:close()
+    end)
+    assert.equal(("head %d body %d\n"):format(#body, #body), out)
+  end)
+end)
+
+describe("review revweb: the dashboard", function()
+  local dir, q, srv, csrf
+  local TOKEN = "revweb-token"
+
+  setup(function()
+    dir = H.tempdir()
+  end)
+  teardown(function() os.execute("rm -rf " .. dir) end)
+  after_each(function() H.assert_idle() end)
+
+  --- curl inside a task: the status code and the body.
+  local function curl(args)
+    local out = shell(("env -u LD_PRELOAD curl -s -w '\\n%%{http_code}' -H 'Authorization: Bearer %s' %s")
+      :format(TOKEN, args))
+    local body, code = out:match("^(.*)\n(%d+)$")
+    return tonumber(code), body
+  end
+
+  local function with_web(fn)
+    H.run(function()
+      q = tide.queue.open("sqlite:" .. dir .. "/web.db")
+      if not q:job(1) then q:enqueue{ target = "t", method = "m" } end    -- (a job: its buttons carry the CSRF token)
+      srv = assert(tide.web.serve{ queue = q, port = 0, token = TOKEN })
+      local _, page = curl("'" .. srv:url("/jobs") .. "'")
+      csrf = assert(page:match('name="csrf" value="(%x+)"'))
+      local ok, err = pcall(fn)
+      srv:close()
+      q:close()
+      if not ok then error(err, 0) end
+    end)
+  end
+
+  it("answers 404 for job and run ids out of range, not 503 as if the store had failed", function()
+    with_web(function()
+      for _, path in ipairs{ "/jobs/0", "/jobs/99999999999999999999999", "/jobs/9007199254740993",
+                             "/flows/0", "/flows/99999999999999999999999" } do
+        local code, body = curl("'" .. srv:url(path) .. "'")
+        assert.equal(404, code, path .. ": " .. tostring(body))
+        assert.matches("not found", body, 1, true)
+      end
+      for _, path in ipairs{ "/jobs/0/retry", "/jobs/99999999999999999999999/cancel", "/flows/0/cancel" } do
+        local code, body = curl(("-X POST -d csrf=%s '%s'"):format(csrf, srv:url(path)))
+        assert.equal(404, code, path .. ": " .. tostring(body))
+      end
+    end)
+  end)
+
+  it("ignores a page cursor or a count out of range, as it ignores a negative one", function()
+    with_web(function()
+      for _, path in ipairs{ "/jobs?before=1e300", "/jobs?before=99999999999999999999", "/flows?before=1e300" } do
+        local code, body = curl("'" .. srv:url(path) .. "'")
+        assert.equal(200, code, path .. ": " .. tostring(body))
+      end
+      for _, n in ipairs{ "nan", "1e400", "-3", "1.5" } do
+        local code, body = curl("'" .. srv:url("/jobs?done=retry&n=" .. n) .. "'")
+        assert.equal(200, code)
+        assert.not_matches("retried", body, 1, true)
+      end
+      local _, body = curl("'" .. srv:url("/jobs?done=retry&n=2") .. "'")
+      assert.matches("2 jobs retried.", body, 1, true)
+    end)
+  end)
+end)
