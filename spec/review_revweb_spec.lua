@@ -110,3 +110,27 @@ describe("review revweb: the dashboard", function()
     end)
   end)
 end)
+
+describe("review revweb: tide.metrics", function()
+  local dir
+  setup(function() dir = H.tempdir() end)
+  teardown(function() os.execute("rm -rf " .. dir) end)
+  after_each(function() H.assert_idle() end)
+
+  it("keeps the exposition valid UTF-8 whatever bytes a label value holds", function()
+    local text
+    H.run(function()
+      local bad = tide.pool{ concurrency = 1, name = "a\255\"\\\nb" }         -- not UTF-8, and every escape
+      local fine = tide.pool{ concurrency = 1, name = "caf\195\169 \226\130\172" } -- valid: kept as it is
+      local half = tide.pool{ concurrency = 1, name = "cut\226\130" }          -- a character cut short
+      text = tide.metrics.render()
+      bad:drain(); fine:drain(); half:drain()
+    end)
+    local path = H.write_file(dir, "metrics.txt", text)
+    local status, out = H.sh("env -u LD_PRELOAD /usr/bin/python3 spec/tools/promcheck.py " .. path)
+    assert.equal(0, status, "promcheck refused the exposition: " .. out)
+    assert.matches('tide_pool_size{pool="a\239\191\189\\"\\\\\\nb"} 1', text, 1, true)
+    assert.matches('tide_pool_size{pool="caf\195\169 \226\130\172"} 1', text, 1, true)
+    assert.matches('tide_pool_size{pool="cut\239\191\189\239\191\189"} 1', text, 1, true)
+  end)
+end)
