@@ -109,6 +109,22 @@ describe("review revweb: the dashboard", function()
       assert.matches("2 jobs retried.", body, 1, true)
     end)
   end)
+  it("signs in with ?token= and sends the browser on to a local path, never to another host", function()
+    with_web(function()
+      local cases = {
+        ["/%2F%2Fevil.example/x"] = "/%2F%2Fevil.example/x",   -- decoded, this was //evil.example/x
+        ["/%5C%5Cevil.example"] = "/%5C%5Cevil.example",       -- and this /\\evil.example
+        ["//evil.example/x"] = "/",
+        ["/a%3Fb%20c"] = "/a%3Fb%20c?q=1",                     -- and this "/a?b c?q=1"
+      }
+      for path, want in pairs(cases) do
+        local out = shell(("env -u LD_PRELOAD curl -s -D - -o /dev/null 'http://127.0.0.1:%d%s?token=%s%s'")
+          :format(srv.port, path, TOKEN, want:find("q=1", 1, true) and "&q=1" or ""))
+        assert.matches("^HTTP/1.1 303", out)
+        assert.equal(want, out:match("\r\nlocation: ([^\r]*)\r\n"), path)
+      end
+    end)
+  end)
 end)
 
 describe("review revweb: tide.metrics", function()
