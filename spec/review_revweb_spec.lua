@@ -150,3 +150,4 @@ describe("review revweb: tide.metrics", function()
     assert.matches('tide_pool_size{pool="cut\239\191\189\239\191\189"} 1', text, 1, true)
   end)
 end)
+
