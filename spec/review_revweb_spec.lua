@@ -151,3 +151,24 @@ describe("review revweb: tide.metrics", function()
   end)
 end)
 
+
+describe("review revweb: tide.observe.logs", function()
+  local logs = require "tide.observe.logs"
+  local dir
+  setup(function() dir = H.tempdir() end)
+  teardown(function() os.execute("rm -rf " .. dir) end)
+
+  it("writes lines that a strict JSON parser reads, whatever bytes an error text holds", function()
+    local path = dir .. "/log.jsonl"
+    local out = assert(io.open(path, "wb"))
+    local saved = logs.out
+    logs.out = out
+    logs.event("error", "job_failed", { error = "bad \255 byte, caf\195\169", job = 7, items = { "cut\226\130" } })
+    logs.out = saved
+    out:close()
+    local status, text = H.sh("env -u LD_PRELOAD /usr/bin/python3 -c \"import json,sys; "
+      .. "d = json.loads(open(sys.argv[1], 'rb').read()); print(d['error']); print(d['items'][0])\" " .. path)
+    assert.equal(0, status, text)
+    assert.equal("bad \239\191\189 byte, caf\195\169\ncut\239\191\189\239\191\189\n", text)
+  end)
+end)

@@ -26,9 +26,10 @@ local flow = require "tide.flow.run"
 local worker = require "tide.jobs.worker"
 local queue = require "tide.jobs.queue"
 local sampler = require "tide.observe.sampler"
+local utf8 = require "tide.observe.utf8"
 
-local type, pairs, ipairs, tostring, tonumber, format, concat, sort, floor, byte, sub =
-  type, pairs, ipairs, tostring, tonumber, string.format, table.concat, table.sort, math.floor, string.byte, string.sub
+local type, pairs, ipairs, tostring, tonumber, format, concat, sort, floor =
+  type, pairs, ipairs, tostring, tonumber, string.format, table.concat, table.sort, math.floor
 local opt_error = check.opt_error
 
 local M = {}
@@ -46,32 +47,10 @@ local function num(v)
   return s
 end
 
---- s with each byte that does not belong to valid UTF-8 replaced by U+FFFD:
---- a label value must be UTF-8, and Prometheus refuses a whole scrape for
---- one that is not (a pool or consumer may be named with any bytes).
-local function utf8_only(s)
-  if not s:find("[\128-\255]") then return s end
-  local out, i, n = {}, 1, #s
-  while i <= n do
-    local c = byte(s, i)
-    local len = c < 0x80 and 1 or (c >= 0xC2 and c <= 0xDF) and 2 or (c >= 0xE0 and c <= 0xEF) and 3
-                or (c >= 0xF0 and c <= 0xF4) and 4 or 0
-    local ok = len > 0
-    for k = 1, len - 1 do
-      local b = byte(s, i + k)
-      if not b or b < 0x80 or b > 0xBF then ok = false end
-    end
-    local b = byte(s, i + 1)                -- no overlong form, surrogate or code point past U+10FFFF
-    if ok and ((c == 0xE0 and b < 0xA0) or (c == 0xED and b > 0x9F) or (c == 0xF0 and b < 0x90)
-               or (c == 0xF4 and b > 0x8F)) then ok = false end
-    if ok then out[#out + 1] = sub(s, i, i + len - 1); i = i + len
-    else out[#out + 1] = "\239\191\189"; i = i + 1 end
-  end
-  return concat(out)
-end
-
+--- A label value: UTF-8 (Prometheus refuses a whole scrape for one that is
+--- not, and a pool or consumer may be named with any bytes), escaped.
 local function label_value(v)
-  return (utf8_only(tostring(v)):gsub('[\\"\n]', { ["\\"] = "\\\\", ['"'] = '\\"', ["\n"] = "\\n" }))
+  return (utf8.clean(tostring(v)):gsub('[\\"\n]', { ["\\"] = "\\\\", ['"'] = '\\"', ["\n"] = "\\n" }))
 end
 
 --- A writer of families: out:family(name, type, help) then out:sample(...).
