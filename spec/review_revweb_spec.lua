@@ -47,6 +47,25 @@ describe("review revweb: tide.engine.http", function()
   end)
 end)
 
+describe("review revweb: http.serve's options", function()
+  after_each(function() H.assert_idle() end)
+
+  it("keeps idle and max_body as given, not the defaults, when they are fractional or past 2^32", function()
+    local idle_out, big_code
+    H.run(function()
+      local srv = assert(http.serve{ idle = 0.5, handler = function() return 200, {}, "" end })
+      idle_out = shell(PY .. ("raw %d '' 3"):format(srv.port))       -- idle 0.5 ms: closed by the next sweep
+      srv:close()
+      srv = assert(http.serve{ max_body = 5e9, handler = function(req) return 200, {}, tostring(#req.body) end })
+      big_code = shell(("head -c 2000000 /dev/zero | env -u LD_PRELOAD curl -s -o /dev/null -w '%%{http_code}' "
+                        .. "--data-binary @- '%s'"):format(srv:url("/")))
+      srv:close()
+    end)
+    assert.equal("", idle_out)
+    assert.equal("200", big_code)
+  end)
+end)
+
 describe("review revweb: the dashboard", function()
   local dir, q, srv, csrf
   local TOKEN = "revweb-token"
