@@ -47,6 +47,31 @@ describe("review revweb: tide.engine.http", function()
   end)
 end)
 
+describe("review revweb: SIGPIPE", function()
+  it("lives on when a client closes with answers still to write (no SIGPIPE from the server's sockets)", function()
+    local dir = H.tempdir()
+    local status, out = H.run_lua(dir, "sigpipe.lua", [[
+      local tide = require "tide"
+      local http = require "tide.engine.http"
+      tide.run(function()
+        local srv = assert(http.serve{ handler = function() return 401, {}, ("n"):rep(1000) end })
+        local t = tide.spawn{ mode = "thread", args = { srv.port }, run = function(port)
+          local f = io.popen(("env -u LD_PRELOAD /usr/bin/python3 spec/tools/httpc.py leave %d 5 50"):format(port))
+          f:read("*a")
+          f:close()
+        end }
+        t:await()
+        tide.sleep(200)                           -- the answers meet the closed sockets
+        print("alive after " .. srv:stats().requests .. " requests")
+        srv:close()
+      end)
+    ]], 30)
+    os.execute("rm -rf " .. dir)
+    assert.equal(0, status, out)
+    assert.matches("^alive after %d+ requests\n$", out)
+  end)
+end)
+
 describe("review revweb: http.serve's options", function()
   after_each(function() H.assert_idle() end)
 

@@ -1,5 +1,6 @@
 /* http.c — the HTTP/1.1 server mechanism (see http.h): libuv sockets, http-parser requests. */
 #include "http.h"
+#include "loop.h"
 
 #include <http_parser.h>
 #include <stdio.h>
@@ -447,6 +448,7 @@ int tide__http_listen(uv_loop_t *loop, const char *host, int port,
       uv_ip6_addr(host, port, (struct sockaddr_in6 *)&addr) != 0) return UV_EINVAL;
   tide__http_server *s = calloc(1, sizeof *s);
   if (s == NULL) return UV_ENOMEM;
+  tide__ignore_sigpipe();                  /* a client gone mid-answer: EPIPE, not death */
   s->loop = loop;
   s->opt = *opt;
   if (s->opt.max_body == 0) s->opt.max_body = 1 << 20;

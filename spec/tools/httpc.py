@@ -14,6 +14,8 @@
   httpc.py pipeline PORT N PAUSE       sends N pipelined GET / without reading for PAUSE
                                        seconds, then reads; prints how many complete 200
                                        answers came back
+  httpc.py leave PORT CONNS REQS       CONNS times: sends REQS pipelined GET / and closes
+                                       at once, reading nothing
   httpc.py halfclose PORT              sends GET / then shuts its sending side (FIN), waits
                                        0.5 s, reads; prints "head N body M" (M: bytes
                                        after the head, N: its Content-Length)
@@ -128,6 +130,13 @@ def pipeline(port, n, pause):
     print("answers %d" % got)
 
 
+def leave(port, conns, reqs):
+    for _ in range(conns):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * reqs)
+        s.close()
+
+
 def halfclose(port):
     s = socket.create_connection(("127.0.0.1", port))
     s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -154,6 +163,8 @@ if __name__ == "__main__":
         trickle(int(sys.argv[2]), float(sys.argv[3]))
     elif sys.argv[1] == "pipeline":
         pipeline(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+    elif sys.argv[1] == "leave":
+        leave(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
     elif sys.argv[1] == "halfclose":
         halfclose(int(sys.argv[2]))
     elif sys.argv[1] == "raw":
