@@ -341,7 +341,8 @@ static void on_resume(uv_idle_t *h) {
     buf_free(&bytes);
     /* every byte parsed and no request made: read more (after a request,
      * tide__http_end resumes, maybe already: a handler may answer at once) */
-    if (c->state == READING && s->stats.requests == requests) uv_read_start((uv_stream_t *)&c->handle, on_alloc, on_read);
+    if (c->state == READING && s->stats.requests == requests)
+      uv_read_start((uv_stream_t *)&c->handle, on_alloc, on_read);
   }
   uv_idle_stop(h);
 }
