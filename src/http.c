@@ -1,5 +1,6 @@
 /* http.c — the HTTP/1.1 server mechanism (see http.h): libuv sockets, http-parser requests. */
 #include "http.h"
+#include "loop.h"
 
 #include <http_parser.h>
 #include <stdio.h>
@@ -13,7 +14,6 @@ enum { READING, HANDLING, FLUSHING, CLOSING };
 #define MAX_URL      8192
 #define SWEEP_MS     1000
 #define READ_SIZE    65536
-#define MAX_PENDING  (1 << 20)   /* pipelined bytes kept while a request is out */
 
 typedef struct { char *p; size_t len, cap; } buf;
 
@@ -23,6 +23,7 @@ struct tide__http_conn {
   tide__http_conn *prev, *next; /* the server's open connections */
   tide__http_conn *resume_next; /* the server's resume list */
   int in_resume;
+  int draining;                 /* READING, but the last answer is not all sent: nothing is read */
   http_parser parser;
   int state;
   int writes;                   /* uv_write requests not yet called back */
@@ -56,6 +57,7 @@ struct tide__http_server {
 };
 
 static void feed(tide__http_conn *c, const char *data, size_t len);
+static void resume_reading(tide__http_conn *c);
 
 /* ===== buffers ===== */
 
@@ -139,6 +141,7 @@ static void on_written(uv_write_t *r, int status) {
   if (status < 0) { close_conn(c); return; }
   c->last = uv_now(c->handle.loop);
   if (c->state == FLUSHING && c->writes == 0) close_conn(c);
+  else if (c->state == READING && c->draining) resume_reading(c);
 }
 
 int tide__http_write(tide__http_conn *c, const char *data, size_t len) {
@@ -312,6 +315,11 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b) {
 
 static void on_read(uv_stream_t *h, ssize_t nread, const uv_buf_t *b) {
   tide__http_conn *c = (tide__http_conn *)h;
+  if (nread == UV_EOF && c->writes > 0) {   /* half-closed: the answer still goes out */
+    uv_read_stop(h);
+    c->state = FLUSHING;
+    return;
+  }
   if (nread < 0) { close_conn(c); return; }  /* EOF or error */
   if (nread == 0 || c->state != READING) return;
   c->last = uv_now(h->loop);
@@ -328,9 +336,13 @@ static void on_resume(uv_idle_t *h) {
     if (c->state != READING) continue;
     buf bytes = c->pending;
     c->pending = (buf){ 0 };
+    uint64_t requests = s->stats.requests;
     feed(c, bytes.p, bytes.len);
     buf_free(&bytes);
-    if (c->state == READING) uv_read_start((uv_stream_t *)&c->handle, on_alloc, on_read);
+    /* every byte parsed and no request made: read more (after a request,
+     * tide__http_end resumes, maybe already: a handler may answer at once) */
+    if (c->state == READING && s->stats.requests == requests)
+      uv_read_start((uv_stream_t *)&c->handle, on_alloc, on_read);
   }
   uv_idle_stop(h);
 }
@@ -346,6 +358,18 @@ void tide__http_end(tide__http_conn *c, int keep_alive) {
   }
   c->state = READING;
   http_parser_pause(&c->parser, 0);
+  resume_reading(c);
+}
+
+/* Reads the next request (pipelined bytes first) once the last answer's
+ * bytes have all gone to the kernel; until then the connection is READING
+ * but `draining`, and on_written calls this again.  So a client that sends
+ * requests and reads no answer costs one answer here, not one per request;
+ * the sweep closes it once no write has ended for idle_ms. */
+static void resume_reading(tide__http_conn *c) {
+  tide__http_server *s = c->s;
+  if (uv_stream_get_write_queue_size((uv_stream_t *)&c->handle) > 0) { c->draining = 1; return; }
+  c->draining = 0;
   if (c->pending.len > 0) {
     if (!c->in_resume) { c->in_resume = 1; c->resume_next = s->resume_list; s->resume_list = c; }
     uv_idle_start(&s->resume, on_resume);
@@ -425,6 +449,7 @@ int tide__http_listen(uv_loop_t *loop, const char *host, int port,
       uv_ip6_addr(host, port, (struct sockaddr_in6 *)&addr) != 0) return UV_EINVAL;
   tide__http_server *s = calloc(1, sizeof *s);
   if (s == NULL) return UV_ENOMEM;
+  tide__ignore_sigpipe();                  /* a client gone mid-answer: EPIPE, not death */
   s->loop = loop;
   s->opt = *opt;
   if (s->opt.max_body == 0) s->opt.max_body = 1 << 20;

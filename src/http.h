@@ -3,9 +3,12 @@
  * No Lua here.  A server listens on one TCP address and hands each complete
  * request (method, URL, headers with lower-case names, body) to `on_request`.
  * The owner answers with tide__http_write (any number of times) and then
- * tide__http_end; only then is the next request on that connection parsed
- * (pipelined bytes wait in a buffer, and reading stops meanwhile).  The bytes
- * written are the whole response, head included: this file frames nothing.
+ * tide__http_end; only then, and once that answer's bytes have all gone to
+ * the kernel, is the next request on that connection parsed (pipelined bytes
+ * wait in a buffer, and reading stops meanwhile: a client that reads no
+ * answer holds at most one).  A client that half-closes after its request
+ * still gets the whole answer.  The bytes written are the whole response,
+ * head included: this file frames nothing.
  *
  * Where a connection can be (each is in exactly one state):
  *   READING   the parser is fed from the socket; no request is out

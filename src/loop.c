@@ -182,3 +182,13 @@ int tide__loop_active(const tide__loop *loop) {
   return uv_is_active((const uv_handle_t *)&loop->wake) +
          uv_is_active((const uv_handle_t *)&loop->idle);
 }
+
+/* ===== SIGPIPE (see loop.h) ===== */
+
+void tide__ignore_sigpipe(void) {
+  struct sigaction sa;
+  if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL) {
+    sa.sa_handler = SIG_IGN;
+    sigaction(SIGPIPE, &sa, NULL);
+  }
+}

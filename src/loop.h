@@ -82,4 +82,11 @@ int tide__loop_run(tide__loop *loop, uv_run_mode mode);
 /* Number of active handles that tide holds (ticks still to come). */
 int tide__loop_active(const tide__loop *loop);
 
+/* Sets SIGPIPE to ignored, unless the host set a handler of its own: a write
+ * to a pipe or socket whose reader is gone then fails with EPIPE (libuv
+ * reports it to the write's callback) instead of killing the process.
+ * Called by what writes to peers that may vanish: process pools, HTTP
+ * servers.  Any thread. */
+void tide__ignore_sigpipe(void);
+
 #endif

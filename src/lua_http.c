@@ -18,6 +18,7 @@
  * binding's list until closed, and tide__close_http closes them before the
  * loop closes.
  */
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -229,11 +230,15 @@ static binding *get_binding(lua_State *L) {
   return b;
 }
 
-static unsigned opt_uint(lua_State *L, int t, const char *k) {
+/* opts[k] rounded up, at most `max` (0: absent, or not positive: the default).
+ * A fraction is not truncated to 0, nor a large value wrapped to 0: either
+ * would silently give the default instead of what was asked. */
+static double opt_count(lua_State *L, int t, const char *k, double max) {
   lua_getfield(L, t, k);
   double v = lua_isnumber(L, -1) ? lua_tonumber(L, -1) : 0;
   lua_pop(L, 1);
-  return v > 0 && v < 4e9 ? (unsigned)v : 0;
+  if (!(v > 0)) return 0;                          /* (NaN too) */
+  return v < max ? ceil(v) : max;
 }
 
 /* http_listen(host, port, opts, on_request) -> server | nil, message */
@@ -250,8 +255,9 @@ static int l_listen(lua_State *L) {
   luaL_getmetatable(L, SERVER_MT);
   lua_setmetatable(L, -2);
   tide__http_options opt = {
-    .max_body = opt_uint(L, 3, "max_body"), .idle_ms = opt_uint(L, 3, "idle_ms"),
-    .max_conns = opt_uint(L, 3, "max_conns"),
+    .max_body = (size_t)opt_count(L, 3, "max_body", 9007199254740992.0),   /* 2^53 */
+    .idle_ms = (unsigned)opt_count(L, 3, "idle_ms", 4294967295.0),
+    .max_conns = (unsigned)opt_count(L, 3, "max_conns", 4294967295.0),
     .on_request = on_request, .on_conn_closed = on_conn_closed, .data = su,
   };
   int rc = tide__http_listen(b->loop, host, port, &opt, &su->s);

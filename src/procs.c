@@ -1,5 +1,6 @@
 /* procs.c — the parent's side of a child process: spawning, frames, stderr tail, kill and reap (see procs.h). */
 #include "procs.h"
+#include "loop.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -401,16 +402,6 @@ void tide__proc_ref(tide__proc *p, int on) {
   else uv_unref((uv_handle_t *)&p->proc);
 }
 
-/* Writing to a child that died raises SIGPIPE; libuv's streams report
- * EPIPE instead once it is ignored.  Done once, if nobody set a handler. */
-static void ignore_sigpipe(void) {
-  struct sigaction sa;
-  if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL) {
-    sa.sa_handler = SIG_IGN;
-    sigaction(SIGPIPE, &sa, NULL);
-  }
-}
-
 static int send_config(tide__proc *p, const tide__proc_config *cfg) {
   char head[16];
   uint64_t limit = cfg->memory_limit;
@@ -426,7 +417,7 @@ static int send_config(tide__proc *p, const tide__proc_config *cfg) {
 
 int tide__proc_spawn(uv_loop_t *loop, const tide__proc_config *cfg, tide__proc_cb cb,
                      void *data, tide__proc **out, char *err, size_t errlen) {
-  ignore_sigpipe();
+  tide__ignore_sigpipe();                   /* (writing to a child that died) */
   tide__proc *p = calloc(1, sizeof *p);
   if (p == NULL) { snprintf(err, errlen, "out of memory"); return UV_ENOMEM; }
   p->cb = cb;

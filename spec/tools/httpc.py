@@ -11,6 +11,14 @@
                                        in bursts of up to 4; checks every answer is
                                        200 with the body "echo /echo/<conn>/<i>", in
                                        order; prints {"ok": n, "bad": [...]} as JSON
+  httpc.py pipeline PORT N PAUSE       sends N pipelined GET / without reading for PAUSE
+                                       seconds, then reads; prints how many complete 200
+                                       answers came back
+  httpc.py leave PORT CONNS REQS       CONNS times: sends REQS pipelined GET / and closes
+                                       at once, reading nothing
+  httpc.py halfclose PORT              sends GET / then shuts its sending side (FIN), waits
+                                       0.5 s, reads; prints "head N body M" (M: bytes
+                                       after the head, N: its Content-Length)
 """
 import json
 import random
@@ -100,9 +108,65 @@ def trickle(port, seconds):
         print("closed after %.1f" % (time.time() - t))
 
 
+def pipeline(port, n, pause):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # (before connect: the window it announces)
+    s.connect(("127.0.0.1", port))
+    req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    sender = threading.Thread(target=lambda: s.sendall(req * n))
+    sender.start()
+    time.sleep(pause)
+    s.settimeout(10)
+    f = s.makefile("rb")
+    got = 0
+    try:
+        for _ in range(n):
+            status, body = read_response(f)
+            if status.startswith("HTTP/1.1 200"):
+                got += 1
+    except Exception as e:
+        print("error after %d: %s" % (got, e))
+    sender.join(10)
+    print("answers %d" % got)
+
+
+def leave(port, conns, reqs):
+    for _ in range(conns):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * reqs)
+        s.close()
+
+
+def halfclose(port):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.shutdown(socket.SHUT_WR)
+    time.sleep(0.5)
+    s.settimeout(10)
+    out = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        out += chunk
+    head, _, body = out.partition(b"\r\n\r\n")
+    length = -1
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    print("head %d body %d" % (length, len(body)))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "trickle":
         trickle(int(sys.argv[2]), float(sys.argv[3]))
+    elif sys.argv[1] == "pipeline":
+        pipeline(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+    elif sys.argv[1] == "leave":
+        leave(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    elif sys.argv[1] == "halfclose":
+        halfclose(int(sys.argv[2]))
     elif sys.argv[1] == "raw":
         raw(int(sys.argv[2]), sys.argv[3], float(sys.argv[4]) if len(sys.argv) > 4 else 2)
     else:

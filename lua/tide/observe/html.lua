@@ -20,6 +20,20 @@ function M.link(path, query)
   return qs ~= "" and path .. "?" .. qs or path
 end
 
+--- A count from a URL ("0", "42": digits, at most 2^53) as a number; nil for
+--- anything else (a negative, a fraction, "1e300", "nan", "0x10").
+function M.count(s)
+  local n = type(s) == "string" and s:match("^%d+$") and tonumber(s)
+  return n and n <= 2 ^ 53 and n or nil
+end
+
+--- A job or run id from a URL (1 to 2^53), or nil: a page answers 404 for
+--- nil, as for an id the store does not hold (the store refuses the others).
+function M.id(s)
+  local n = M.count(s)
+  return n and n >= 1 and n or nil
+end
+
 --- 1234567 -> "1,234,567".
 function M.num(n) return (tostring(floor(n)):reverse():gsub("(%d%d%d)", "%1,"):reverse():gsub("^,", "")) end
 

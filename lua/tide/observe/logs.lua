@@ -7,6 +7,7 @@
 local core = require "tide.core"
 local log = require "tide.engine.log"
 local cjson = require("cjson").new()
+local utf8 = require "tide.observe.utf8"
 
 local pairs, tostring, tonumber, type, floor = pairs, tostring, tonumber, type, math.floor
 
@@ -32,7 +33,9 @@ function M.event(level, event, fields)
   end
   local ok, line = pcall(cjson.encode, rec)
   if not ok then line = cjson.encode{ time = rec.time, level = level, event = event, error = tostring(line) } end
-  M.out:write(line, "\n")
+  -- cjson copies bytes as they are; JSON is UTF-8 (an error text may hold
+  -- any bytes), and outside strings the line is ASCII
+  M.out:write(utf8.clean(line), "\n")
 end
 
 --- The error sink in JSON: the task or job named in `where` becomes a field.

@@ -26,9 +26,10 @@ local flow = require "tide.flow.run"
 local worker = require "tide.jobs.worker"
 local queue = require "tide.jobs.queue"
 local sampler = require "tide.observe.sampler"
+local utf8 = require "tide.observe.utf8"
 
-local type, pairs, ipairs, tostring, tonumber, format, concat, sort, floor =
-  type, pairs, ipairs, tostring, tonumber, string.format, table.concat, table.sort, math.floor
+local type, pairs, ipairs, tostring, tonumber, format, concat, sort, floor, byte =
+  type, pairs, ipairs, tostring, tonumber, string.format, table.concat, table.sort, math.floor, string.byte
 local opt_error = check.opt_error
 
 local M = {}
@@ -46,8 +47,10 @@ local function num(v)
   return s
 end
 
+--- A label value: UTF-8 (Prometheus refuses a whole scrape for one that is
+--- not, and a pool or consumer may be named with any bytes), escaped.
 local function label_value(v)
-  return (tostring(v):gsub('[\\"\n]', { ["\\"] = "\\\\", ['"'] = '\\"', ["\n"] = "\\n" }))
+  return (utf8.clean(tostring(v)):gsub('[\\"\n]', { ["\\"] = "\\\\", ['"'] = '\\"', ["\n"] = "\\n" }))
 end
 
 --- A writer of families: out:family(name, type, help) then out:sample(...).
@@ -321,11 +324,23 @@ local KEYS = check.options("tide.metrics.serve", {
   keep_loop = true
 })
 
---- Checks a bearer token: true when `token` is nil or the request carries it.
+--- Checks a bearer token: true when `token` is nil or the request carries it
+--- (compared in time that does not depend on where they differ).
 local function authorized(req, token)
   if token == nil then return true end
-  local h = req.headers.authorization
-  return h ~= nil and h == "Bearer " .. token
+  local h, want = req.headers.authorization, "Bearer " .. token
+  if type(h) ~= "string" or #h ~= #want then return false end
+  local diff = 0
+  for i = 1, #h do diff = diff + (byte(h, i) ~= byte(want, i) and 1 or 0) end
+  return diff == 0
+end
+
+--- Headers of an answer: text a browser must not sniff into HTML (queue,
+--- pool and consumer names are label values, and may hold markup).
+local function plain(ctype, extra)
+  local hd = { ["content-type"] = ctype, ["x-content-type-options"] = "nosniff" }
+  for k, v in pairs(extra or {}) do hd[k] = v end
+  return hd
 end
 
 --- A handler for tide.engine.http: GET `path` answers with the metrics.
@@ -333,15 +348,14 @@ function M.handler(opts)
   local path = opts.path or "/metrics"
   local ropts = { queues = opts.queues, every = opts.every }
   return function(req)
-    if req.path ~= path then return 404, { ["content-type"] = "text/plain" }, "not found; metrics are at " .. path .. "\n" end
+    if req.path ~= path then return 404, plain("text/plain"), "not found; metrics are at " .. path .. "\n" end
     if req.method ~= "GET" and req.method ~= "HEAD" then
-      return 405, { allow = "GET, HEAD", ["content-type"] = "text/plain" }, "method not allowed\n"
+      return 405, plain("text/plain", { allow = "GET, HEAD" }), "method not allowed\n"
     end
     if not authorized(req, opts.token) then
-      return 401, { ["www-authenticate"] = 'Bearer realm="tide metrics"', ["content-type"] = "text/plain" },
-             "unauthorized\n"
+      return 401, plain("text/plain", { ["www-authenticate"] = 'Bearer realm="tide metrics"' }), "unauthorized\n"
     end
-    return 200, { ["content-type"] = M.CONTENT_TYPE, ["cache-control"] = "no-store" }, M.render(ropts)
+    return 200, plain(M.CONTENT_TYPE, { ["cache-control"] = "no-store" }), M.render(ropts)
   end
 end
 

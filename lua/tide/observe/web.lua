@@ -153,11 +153,16 @@ local function csrf_ok(req, csrf)
   return true
 end
 
---- The URL without its token parameter (where the first visit is sent on).
+--- The URL without its token parameter (where the first visit is sent on):
+--- the path as the client sent it (still percent-encoded: decoded, "/%2F%2Fx"
+--- would be "//x", another host), and "/" for one that a browser would read
+--- as another host ("//x", "/\\x").
 local function without_token(req)
   local q = {}
   for k, v in pairs(req.query) do if k ~= "token" then q[k] = v end end
-  return link(req.path, q)
+  local path = req.url:match("^[^?#]*")
+  if not path:match("^/[^/\\]") then path = "/" end
+  return link(path, q)
 end
 
 -- ===== the handler

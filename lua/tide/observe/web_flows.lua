@@ -10,6 +10,7 @@ local html = require "tide.observe.html"
 local json = require "tide.jobs.json"
 
 local h, link, num, badge, iso, when, field = html.h, html.link, html.num, html.badge, html.iso, html.when, html.field
+local as_id = html.id
 local tostring, tonumber, ipairs, pcall = tostring, tonumber, ipairs, pcall
 local concat, format, floor, max = table.concat, string.format, math.floor, math.max
 
@@ -111,8 +112,7 @@ local function runs_page(ctx)
   local known = false
   for _, st in ipairs(STATUSES) do if st == status then known = true end end
   if not known then status = nil end
-  local before = tonumber(req.query.before)
-  if before and (before < 1 or before % 1 ~= 0) then before = nil end
+  local before = as_id(req.query.before)
   local ok, runs = pcall(q.flow_runs, q, { status = status, limit = PAGE + 1, before = before })
   if not ok then return ctx:fail(503, "the store could not be read: " .. tostring(runs)) end
   local opts = { '<option value="">all statuses</option>' }
@@ -149,7 +149,8 @@ end
 
 local function run_page(ctx, id)
   local q = ctx.q
-  local ok, run = pcall(q.flow_run, q, tonumber(id))
+  if not as_id(id) then return ctx:fail(404, "run " .. id .. " not found") end
+  local ok, run = pcall(q.flow_run, q, as_id(id))
   if not ok then return ctx:fail(503, "the store could not be read: " .. tostring(run)) end
   if not run then return ctx:fail(404, "run " .. id .. " not found") end
   local back = "/flows/" .. format("%d", run.id)
@@ -196,9 +197,9 @@ local OPS = { cancel = "cancel_flow", retry = "retry_flow" }
 
 local function run_action(ctx, id, op)
   local method = OPS[op]
-  if not method then return ctx:fail(404, "404 not found") end
+  if not method or not as_id(id) then return ctx:fail(404, "404 not found") end
   local q = ctx.q
-  local ok, changed, why = pcall(q[method], q, tonumber(id))
+  local ok, changed, why = pcall(q[method], q, as_id(id))
   if not ok then return ctx:fail(503, "the store could not be changed: " .. tostring(changed)) end
   if not changed then return ctx:fail(409, "409 conflict: " .. tostring(why)) end
   return ctx:redirect(ctx:back())

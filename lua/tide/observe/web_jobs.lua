@@ -13,6 +13,7 @@ local sampler = require "tide.observe.sampler"
 local html = require "tide.observe.html"
 
 local h, link, num, badge, iso, when, field = html.h, html.link, html.num, html.badge, html.iso, html.when, html.field
+local as_id, as_count = html.id, html.count
 local type, tostring, tonumber, ipairs, pairs, pcall = type, tostring, tonumber, ipairs, pairs, pcall
 local concat, sort, format, floor = table.concat, table.sort, string.format, math.floor
 
@@ -175,14 +176,13 @@ local MESSAGES = { retry = "retried", cancel = "cancelled", discard = "discarded
 local function jobs_page(ctx)
   local req, q = ctx.req, ctx.q
   local f = filter_of(req.query)
-  local before = tonumber(req.query.before)
-  if before and (before < 1 or before % 1 ~= 0) then before = nil end
+  local before = as_id(req.query.before)
   local ok, jobs = pcall(q.list, q, { status = f.status, queue = f.queue, target = f.target,
                                       limit = PAGE + 1, before = before })
   if not ok then return ctx:fail(503, "the store could not be read: " .. tostring(jobs)) end
   local back = link("/jobs", { queue = f.queue, status = f.status, target = f.target, before = before })
   local body = { "<h1>Jobs</h1>" }
-  local done, n = MESSAGES[req.query.done], tonumber(req.query.n)
+  local done, n = MESSAGES[req.query.done], as_count(req.query.n)
   if done and n then body[#body + 1] = ('<div class="msg">%s %s.</div>'):format(num(n), n == 1 and "job " .. done or "jobs " .. done) end
   body[#body + 1] = concat{
     '<form class="filters" method="get" action="/jobs">',
@@ -231,7 +231,8 @@ end
 
 local function job_page(ctx, id)
   local q = ctx.q
-  local ok, job = pcall(q.job, q, tonumber(id))
+  if not as_id(id) then return ctx:fail(404, "job " .. id .. " not found") end
+  local ok, job = pcall(q.job, q, as_id(id))
   if not ok then return ctx:fail(503, "the store could not be read: " .. tostring(job)) end
   if not job then return ctx:fail(404, "job " .. id .. " not found") end
   local back = "/jobs/" .. format("%d", job.id)
@@ -320,8 +321,8 @@ local OPS = {
 
 local function job_action(ctx, id, op)
   local fn = OPS[op]
-  if not fn then return ctx:fail(404, "404 not found") end
-  local ok, changed, why = pcall(fn, ctx.q, tonumber(id))
+  if not fn or not as_id(id) then return ctx:fail(404, "404 not found") end
+  local ok, changed, why = pcall(fn, ctx.q, as_id(id))
   if not ok then return ctx:fail(503, "the store could not be changed: " .. tostring(changed)) end
   if not changed then return ctx:fail(409, "409 conflict: " .. tostring(why)) end
   return ctx:redirect(ctx:back())
