@@ -35,6 +35,20 @@ describe("review revweb: tide.engine.http", function()
     assert.equal("answers 1000\n", out)                    -- every answer, once the client reads
   end)
 
+  -- Broken before: progress counted only when a write ended, and an answer
+  -- is one write: a client reading 6 MiB at 2 MiB/s was cut off after
+  -- `idle`, however steadily it read.
+  it("keeps a client that reads a large answer slowly but steadily, however long past idle", function()
+    local body = ("z"):rep(6 * 1024 * 1024)
+    local out
+    H.run(function()
+      local srv = assert(http.serve{ idle = 300, handler = function() return 200, {}, body end })
+      out = shell(PY .. ("slowread %d %d"):format(srv.port, 2 * 1024 * 1024))
+      srv:close()
+    end)
+    assert.equal(("head %d body %d\n"):format(#body, #body), out)
+  end)
+
   it("sends the whole answer to a client that half-closed after its request", function()
     local body = ("y"):rep(4 * 1024 * 1024)
     local out

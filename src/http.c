@@ -27,6 +27,7 @@ struct tide__http_conn {
   http_parser parser;
   int state;
   int writes;                   /* uv_write requests not yet called back */
+  size_t queued;                /* bytes waiting to be written, at the last look */
   uint64_t last;                /* uv_now of the last activity */
   uint64_t begun;               /* uv_now when the request being read began; 0: none */
   /* the request being read: the URL, then header names and values, in `head` */
@@ -155,6 +156,7 @@ int tide__http_write(tide__http_conn *c, const char *data, size_t len) {
   int rc = uv_write(&w->req, (uv_stream_t *)&c->handle, &b, 1, on_written);
   if (rc != 0) { free(w); close_conn(c); return rc; }
   c->writes++;
+  c->queued = uv_stream_get_write_queue_size((uv_stream_t *)&c->handle);
   return 0;
 }
 
@@ -380,13 +382,22 @@ static void resume_reading(tide__http_conn *c) {
 
 /* Closes connections idle past idle_ms, not reading their response, or
  * sending a request for longer than idle_ms (a byte at a time keeps a
- * connection active, not its request alive). */
+ * connection active, not its request alive).  A client reading an answer
+ * is active while the bytes waiting to be written shrink: a write ends only
+ * once all of it went to the kernel, and an answer is one write, so a
+ * large one read slowly but steadily ended no write for longer than
+ * idle_ms, and was cut off. */
 static void on_sweep(uv_timer_t *h) {
   tide__http_server *s = h->data;
   uint64_t now = uv_now(h->loop);
   tide__http_conn *c = s->conns;
   while (c) {
     tide__http_conn *next = c->next;
+    if (c->writes > 0) {
+      size_t queued = uv_stream_get_write_queue_size((uv_stream_t *)&c->handle);
+      if (queued < c->queued) c->last = now;
+      c->queued = queued;
+    }
     if ((c->state == READING || c->state == FLUSHING) &&
         (now - c->last > s->opt.idle_ms || (c->state == READING && c->begun && now - c->begun > s->opt.idle_ms)))
       close_conn(c);

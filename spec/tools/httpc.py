@@ -19,6 +19,9 @@
   httpc.py halfclose PORT              sends GET / then shuts its sending side (FIN), waits
                                        0.5 s, reads; prints "head N body M" (M: bytes
                                        after the head, N: its Content-Length)
+  httpc.py slowread PORT RATE          sends GET / with a small receive buffer, then reads
+                                       at about RATE bytes a second until the server
+                                       closes; prints "head N body M" as halfclose
 """
 import json
 import random
@@ -137,6 +140,34 @@ def leave(port, conns, reqs):
         s.close()
 
 
+def print_answer(out):
+    head, _, body = out.partition(b"\r\n\r\n")
+    length = -1
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    print("head %d body %d" % (length, len(body)))
+
+
+def slowread(port, rate):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    s.settimeout(10)
+    out, step, t0 = b"", 8192, time.time()
+    while True:
+        chunk = s.recv(step)
+        if not chunk:
+            break
+        out += chunk
+        ahead = len(out) / rate - (time.time() - t0)
+        if ahead > 0:
+            time.sleep(ahead)
+    print_answer(out)
+
+
 def halfclose(port):
     s = socket.create_connection(("127.0.0.1", port))
     s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -149,13 +180,7 @@ def halfclose(port):
         if not chunk:
             break
         out += chunk
-    head, _, body = out.partition(b"\r\n\r\n")
-    length = -1
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.decode().partition(":")
-        if name.lower() == "content-length":
-            length = int(value)
-    print("head %d body %d" % (length, len(body)))
+    print_answer(out)
 
 
 if __name__ == "__main__":
@@ -165,6 +190,8 @@ if __name__ == "__main__":
         pipeline(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
     elif sys.argv[1] == "leave":
         leave(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    elif sys.argv[1] == "slowread":
+        slowread(int(sys.argv[2]), float(sys.argv[3]))
     elif sys.argv[1] == "halfclose":
         halfclose(int(sys.argv[2]))
     elif sys.argv[1] == "raw":
