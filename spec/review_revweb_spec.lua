@@ -37,16 +37,38 @@ describe("review revweb: tide.engine.http", function()
 
   -- Broken before: progress counted only when a write ended, and an answer
   -- is one write: a client reading 6 MiB at 2 MiB/s was cut off after
-  -- `idle`, however steadily it read.
+  -- `idle`, however steadily it read (at 4.9 MiB with idle = 300 ms).
   it("keeps a client that reads a large answer slowly but steadily, however long past idle", function()
     local body = ("z"):rep(6 * 1024 * 1024)
     local out
     H.run(function()
-      local srv = assert(http.serve{ idle = 300, handler = function() return 200, {}, body end })
+      -- (idle 1 s, the sweep's period: a reader starved a whole second on a
+      -- loaded machine has read nothing, and would rightly count as idle)
+      local srv = assert(http.serve{ idle = 1000, handler = function() return 200, {}, body end })
       out = shell(PY .. ("slowread %d %d"):format(srv.port, 2 * 1024 * 1024))
       srv:close()
     end)
     assert.equal(("head %d body %d\n"):format(#body, #body), out)
+  end)
+
+  -- Broken before: a client that opened max_conns connections and sent
+  -- nothing held the server for idle ms (10 s by default), again and again:
+  -- every other client was closed unanswered.
+  it("makes room for a new client by closing the connection idle the longest, when all are taken", function()
+    local answer, held
+    H.run(function()
+      local srv = assert(http.serve{ max_conns = 4, handler = function() return 200, {}, "here" end })
+      -- (a process of its own, not a thread task: the next shell waits for a thread)
+      local hoarder = io.popen(PY .. ("hoard %d 4 2"):format(srv.port))
+      assert.is_true(H.wait_for(function() return srv:stats().open == 4 end, 5000))
+      answer = shell(PY .. ("raw %d 'GET / HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n'")
+        :format(srv.port))
+      held = hoarder:read("*a")                        -- (blocks the loop the rest of the 2 s)
+      hoarder:close()
+      srv:close()
+    end)
+    assert.matches("^HTTP/1.1 200", answer, nil, false, "got: " .. tostring(answer))
+    assert.equal("open 3\n", held)                     -- one of the hoarder's gave way
   end)
 
   it("sends the whole answer to a client that half-closed after its request", function()

@@ -422,6 +422,22 @@ static void peer_name(tide__http_conn *c) {
   snprintf(c->req.remote, sizeof c->req.remote, "%s:%d", ip, port);
 }
 
+/* The connection to close to make room for a new one when all max_conns
+ * are open: the one waiting for a request the longest (READING, nothing
+ * pipelined, no answer still going out), or NULL.  Left open, max_conns
+ * silent connections held the server for idle_ms each, and every other
+ * client was closed unanswered; a client whose idle connection goes opens
+ * another, as after a keep-alive timeout. */
+static tide__http_conn *longest_waiting(tide__http_server *s) {
+  tide__http_conn *oldest = NULL;
+  for (tide__http_conn *c = s->conns; c; c = c->next) {
+    if (c->state != READING || c->writes > 0 || c->draining || c->pending.len > 0) continue;
+    uint64_t since = c->begun ? c->begun : c->last;
+    if (oldest == NULL || since < (oldest->begun ? oldest->begun : oldest->last)) oldest = c;
+  }
+  return oldest;
+}
+
 static void on_connection(uv_stream_t *l, int status) {
   tide__http_server *s = l->data;
   if (status < 0 || s->closing) return;
@@ -430,6 +446,8 @@ static void on_connection(uv_stream_t *l, int status) {
   uv_tcp_init(s->loop, &c->handle);
   c->state = CLOSING;                       /* until it is linked */
   if (uv_accept(l, (uv_stream_t *)&c->handle) != 0) { uv_close((uv_handle_t *)&c->handle, conn_free); return; }
+  tide__http_conn *room = s->stats.open >= s->opt.max_conns ? longest_waiting(s) : NULL;
+  if (room != NULL) close_conn(room);
   if (s->stats.open >= s->opt.max_conns) {
     s->stats.rejected++;
     uv_close((uv_handle_t *)&c->handle, conn_free);

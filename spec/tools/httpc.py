@@ -19,6 +19,9 @@
   httpc.py halfclose PORT              sends GET / then shuts its sending side (FIN), waits
                                        0.5 s, reads; prints "head N body M" (M: bytes
                                        after the head, N: its Content-Length)
+  httpc.py hoard PORT N SECONDS        opens N connections that send nothing, holds them
+                                       SECONDS, then prints "open K": how many the server
+                                       had not closed
   httpc.py slowread PORT RATE          sends GET / with a small receive buffer, then reads
                                        at about RATE bytes a second until the server
                                        closes; prints "head N body M" as halfclose
@@ -150,6 +153,21 @@ def print_answer(out):
     print("head %d body %d" % (length, len(body)))
 
 
+def hoard(port, n, seconds):
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+    time.sleep(seconds)
+    open_ = 0
+    for s in socks:
+        s.setblocking(False)
+        try:
+            open_ += 1 if s.recv(1) else 0      # (b"": closed by the server)
+        except BlockingIOError:
+            open_ += 1
+        except OSError:
+            pass
+    print("open %d" % open_)
+
+
 def slowread(port, rate):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
@@ -190,6 +208,8 @@ if __name__ == "__main__":
         pipeline(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
     elif sys.argv[1] == "leave":
         leave(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    elif sys.argv[1] == "hoard":
+        hoard(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
     elif sys.argv[1] == "slowread":
         slowread(int(sys.argv[2]), float(sys.argv[3]))
     elif sys.argv[1] == "halfclose":
