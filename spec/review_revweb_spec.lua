@@ -174,6 +174,27 @@ describe("review revweb: the dashboard", function()
     end)
   end)
 
+  -- Broken before: a job page carried its args and error texts whole (4 MB
+  -- of args made a 4 MB page, escaped again by the browser's every load).
+  it("shows a job's large args and error texts cut, at a character's edge, saying how much is left out", function()
+    with_web(function()
+      local big = ("é"):rep(2 * 1024 * 1024)                     -- 4 MiB of two-byte characters
+      local id = q:enqueue{ target = "t", method = "m", args = { text = big } }
+      assert.is_true(q:fail(id, "boom " .. big))
+      local code, body = curl("'" .. srv:url("/jobs/" .. id) .. "'")
+      assert.equal(200, code)
+      assert.is_true(#body < 400 * 1024, ("the page is %d bytes"):format(#body))
+      assert.matches("bytes more not shown", body, 1, true)
+      assert.matches("tide jobs show " .. id, body, 1, true)     -- where the whole value is
+      assert.is_nil(body:find("\195[^\128-\191]"), "a character cut in two")
+      assert.equal(big, q:job(id).args.text)                      -- (the job itself is whole)
+      code, body = curl("'" .. srv:url("/jobs") .. "'")             -- its row in the list: a short line
+      assert.equal(200, code)
+      assert.is_true(#body < 64 * 1024, ("the list is %d bytes"):format(#body))
+      assert.matches("boom éé", body, 1, true)
+    end)
+  end)
+
   it("ignores a page cursor or a count out of range, as it ignores a negative one", function()
     with_web(function()
       for _, path in ipairs{ "/jobs?before=1e300", "/jobs?before=99999999999999999999", "/flows?before=1e300" } do

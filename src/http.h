@@ -7,7 +7,9 @@
  * the kernel, is the next request on that connection parsed (pipelined bytes
  * wait in a buffer, and reading stops meanwhile: a client that reads no
  * answer holds at most one).  A client that half-closes after its request
- * still gets the whole answer.  The bytes written are the whole response,
+ * still gets the whole answer.  A connection's last answer is followed by a
+ * FIN, and the socket stays open until the client has it all (http.c,
+ * linger).  The bytes written are the whole response,
  * head included: this file frames nothing.
  *
  * Where a connection can be (each is in exactly one state):

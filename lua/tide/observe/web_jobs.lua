@@ -25,6 +25,7 @@ local WAITING = { "available", "scheduled", "retryable", "executing" }
 local FINISHED = { "completed", "discarded", "cancelled", "expired" }
 local ALL = { "available", "scheduled", "executing", "retryable", "completed", "discarded", "cancelled", "expired" }
 local TERMINAL = { completed = true, discarded = true, cancelled = true, expired = true }
+local SHOWN = 64 * 1024       -- bytes of a job's args or of an error text on its page
 
 -- ===== formatting
 
@@ -157,9 +158,30 @@ local function actions_for(ctx, job, back)
   return concat(out, " ")
 end
 
+--- Where to cut s (longer than n bytes) to keep at most n: not inside a character.
+local function edge(s, n)
+  while n > 0 and s:byte(n + 1) >= 0x80 and s:byte(n + 1) < 0xC0 do n = n - 1 end
+  return n
+end
+
+--- The text cut to SHOWN bytes at a character's edge, escaped, with a
+--- note of what is left out and where it is whole (a job's args or error
+--- text may be megabytes: the page carried them all).
+local function clip(text, id)
+  if #text <= SHOWN then return h(text) end
+  local cut = edge(text, SHOWN)
+  return h(text:sub(1, cut)) .. ('\n<span class="muted">… %d bytes more not shown (the whole: tide jobs show %d)</span>')
+    :format(#text - cut, id)
+end
+
+--- The first line of the job's last error, at most LINE bytes (cut at a
+--- character's edge): a row of the list.
+local LINE = 300
 local function last_error(job)
   local e = job.errors and job.errors[#job.errors]
-  return e and tostring(e.error):match("^[^\n]*") or ""
+  local line = e and tostring(e.error):match("^[^\n]*") or ""
+  if #line <= LINE then return line end
+  return line:sub(1, edge(line, LINE)) .. "…"
 end
 
 local function select_box(name, current, choices, all_label)
@@ -242,14 +264,15 @@ local function job_page(ctx, id)
       or ('<p class="err">%s</p>'):format(h(job.args_error))
   else
     args = (job.encrypted and '<p class="muted">Decrypted with this process\'s encryptor.</p>' or "")
-      .. '<pre id="args">' .. h(pretty(job.args)) .. "</pre>"
+      .. '<pre id="args">' .. clip(pretty(job.args), job.id) .. "</pre>"
   end
   local errors = {}
   for i = #job.errors, 1, -1 do
     local e = job.errors[i]
     errors[#errors + 1] = concat{
       "<h2>", e.attempt and ("Attempt " .. h(e.attempt)) or "Failure", ' <span class="muted">', h(iso(e.at)), " UTC</span></h2>",
-      '<pre class="err-text">', h(e.error), e.traceback and ("\n\n" .. h(e.traceback)) or "", "</pre>" }
+      '<pre class="err-text">', clip(tostring(e.error), job.id), e.traceback and ("\n\n" .. clip(e.traceback, job.id)) or "",
+      "</pre>" }
   end
   local body = concat{
     "<h1>Job ", format("%d", job.id), " ", status_of(job), "</h1>",
