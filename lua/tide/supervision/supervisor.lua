@@ -344,20 +344,26 @@ local function supervise(sup)
   end
 end
 
+--- Applies event `ev` to the specs alone, for a supervisor whose children
+--- are down: a child added starts with the others at its next run, one
+--- deleted is gone; terminate and restart have nothing to do.
+local function keep_spec_change(sup, ev)
+  if ev[1] == "start_child" then sup.specs[#sup.specs + 1] = ev[2] end
+  if ev[1] == "delete_child" then
+    local i = index_of(sup, ev[2])
+    if i then table.remove(sup.specs, i) end
+  end
+end
+
 --- Waits out a cool-down while still answering commands: true when told
---- to stop.  Children are down: terminate and restart have nothing to do,
---- and a child added now starts with the others.
+--- to stop.
 local function cool_down(sup, ms)
   local deadline = S.now() + ms
   while true do
     local ev = receive(sup, deadline - S.now())
     if ev == nil then return false end
     if ev[1] == "stop" then return true end
-    if ev[1] == "start_child" then sup.specs[#sup.specs + 1] = ev[2] end
-    if ev[1] == "delete_child" then
-      local i = index_of(sup, ev[2])
-      if i then table.remove(sup.specs, i) end
-    end
+    keep_spec_change(sup, ev)
   end
 end
 
@@ -366,8 +372,13 @@ end
 function run_supervisor(sup)
   sup.task = S.current()
   running[sup] = true
-  S.on_finish(sup.task, function()                -- however it ends, no child outlives it
+  -- However it ends, no child outlives it, and the commands it did not
+  -- handle (given after a stop, or while it gave up) still change its
+  -- specs: each answered true and took or freed an id.
+  S.on_finish(sup.task, function()
     running[sup] = nil
+    for _, ev in ipairs(sup.mailbox) do keep_spec_change(sup, ev) end
+    sup.mailbox = {}
     for _, rec in pairs(sup.children) do
       rec.stopping = true
       if not S.TERMINAL[rec.task:status()] then rec.task:cancel("supervisor " .. sup.name .. " ended") end
