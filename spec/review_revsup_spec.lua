@@ -95,3 +95,18 @@ describe("review revsup: flow reports", function()
     end)
   end)
 end)
+
+describe("review revsup: tide.flow definitions", function()
+  -- Broken: `after` was read with #, so a dependency after a hole (an
+  -- unknown one too) or given as a map was dropped without a word, and
+  -- the task ran without waiting for it.
+  it("refuses an 'after' that is not a list of names", function()
+    local f = function() end
+    H.error_cases("spec/review_revsup_spec.lua", {
+      { function() tide.flow{ tasks = { a = { run = f }, b = { run = f, after = { "a", nil, "c" } } } } end,
+        "tide.flow: flow 'flow': task 'b': bad field 'after' (a list of task names expected: it has a hole at 2)" },
+      { function() tide.flow{ tasks = { a = { run = f }, b = { run = f, after = { x = "a" } } } } end,
+        "tide.flow: flow 'flow': task 'b': bad field 'after' (a list of task names expected: it has the key string \"x\")" },
+    })
+  end)
+end)
