@@ -110,3 +110,32 @@ describe("review revsup: tide.flow definitions", function()
     })
   end)
 end)
+
+describe("review revsup: a flow task's when and items", function()
+  before_each(H.quiet_start)
+  after_each(H.quiet_end)
+
+  -- Broken: `when` (and `items`) could wait when the task before it ran in
+  -- a worker or at the run's start, not when it ran in a task of its own
+  -- (the wait raised there); one that waited held the run's starts, and a
+  -- cancelled run left its worker live, asleep in the condition.
+  it("never waits in when or items, however the task before it ran", function()
+    H.run(function()
+      local function flow(before)
+        return tide.flow{ name = "w", fail = "continue", tasks = {
+          a = before,
+          b = { after = "a", run = function() return 2 end, when = function() tide.sleep(100000); return true end },
+          c = { after = "a", each = function(x) return x end, items = function() tide.sleep(100000); return { 1 } end },
+        } }
+      end
+      for _, before in ipairs{ { run = function() return 1 end }, { run = function() return 1 end, timeout = 1000 } } do
+        local h = flow(before):start()
+        local s, rep = h:await(1000)
+        assert.equal("error", s)
+        assert.matches("tide.sleep: cannot wait inside the 'when' of flow task 'b'", rep.tasks.b.error, 1, true)
+        assert.matches("tide.sleep: cannot wait inside the 'items' of flow task 'c'", rep.tasks.c.error, 1, true)
+        assert.equal(1, tide.stats().live)     -- only this one
+      end
+    end)
+  end)
+end)

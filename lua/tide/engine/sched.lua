@@ -138,6 +138,17 @@ function S.protected(what, fn, ...)
   return ok, err
 end
 
+--- As S.protected, with pcall's results (the error value as raised, no
+--- traceback): for user functions whose error becomes an outcome (a flow
+--- task's `when` and `items`).
+function S.guarded(what, fn, ...)
+  local saved = in_callback
+  in_callback = what
+  local ok, v = pcall(fn, ...)
+  in_callback = saved
+  return ok, v
+end
+
 --- Adds fn(t), run once when t reaches its outcome (inside the door, after
 --- its awaiters are woken and before handle_result).  For tide's modules:
 --- what they must do however a task ends (free a slot, nack a delivery).

@@ -92,6 +92,15 @@ local function hook(run, name, ev)
   if not ok then log.report(("flow '%s' hook %s"):format(run.flow.name, name), err, err) end
 end
 
+--- What a task's `when` or `items` is called, for the error a wait there
+--- raises.  They run wherever the node became ready, often inside another
+--- task's end: a wait there would hold back the whole run's starts, could
+--- not be stopped with the run, and raised or not depending on how the
+--- dependency ran (its own task or a worker).  So they never wait.
+local function condition_name(node, key)
+  return ("the '%s' of flow task '%s'"):format(key, node.name)
+end
+
 --- tostring that cannot raise: an error object's __tostring is user code,
 --- and a raise half-way through a child's end would lose the node's outcome.
 local function safe_tostring(v)
@@ -454,7 +463,7 @@ local function node_ran(run, i, ctx, status, value, attempts)
     local items = value
     if node.items then
       local remote = node.mode == "thread" or node.mode == "process"
-      local ok, its = pcall(node.items, remote and ctx_for(run, node) or ctx)
+      local ok, its = S.guarded(condition_name(node, "items"), node.items, remote and ctx_for(run, node) or ctx)
       if not ok then return node_finished(run, i, "error", nil, its) end
       items = its
     end
@@ -505,7 +514,7 @@ local function start_node(run, i, t)
   local ctx
   if node.when then
     ctx = ctx_for(run, node)
-    local ok, go = pcall(node.when, ctx)
+    local ok, go = S.guarded(condition_name(node, "when"), node.when, ctx)
     if not still_pending(run, i) then return end
     if not ok then
       log.report(("flow '%s' task '%s' when"):format(run.flow.name, node.name), go)
