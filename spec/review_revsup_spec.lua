@@ -139,3 +139,23 @@ describe("review revsup: a flow task's when and items", function()
     end)
   end)
 end)
+
+describe("review revsup: a supervisor started during a shutdown", function()
+  before_each(H.quiet_start)
+  after_each(H.quiet_end)
+
+  -- Broken: its task ends cancelled at once (nothing new starts), before
+  -- it could set its state: it said "starting" for ever, its children
+  -- "pending".
+  it("says it is stopped, and so are its children", function()
+    local sup = tide.supervisor{ name = "s", children = { { id = "a", start = idle } } }
+    H.run(function()
+      tide.shutdown(100)
+      sup:start()
+      assert.equal("stopped", sup.state)
+      assert.equal("stopped", sup:which_children()[1].status)
+      assert.same({ "cancelled", "shutdown" }, { sup:await() })
+    end)
+    assert.equal("stopped", sup.state)
+  end)
+end)

@@ -183,6 +183,13 @@ local function busy(fname, c)
   end
 end
 
+--- The state of a supervisor whose task t was just spawned: "starting"
+--- (its task starts the children on the next tick), or "stopped" when t
+--- ended at once (spawned during a shutdown: it never runs).
+local function starting_state(t)
+  return S.TERMINAL[t:status()] and "stopped" or "starting"
+end
+
 local function start_child(sup, c)
   local ctx = setmetatable({ id = c.id, supervisor = sup, stop_requested = false }, Ctx_mt)
   local run, args
@@ -200,7 +207,7 @@ local function start_child(sup, c)
   local rec = { spec = c, ctx = ctx, stopping = false }
   rec.task = spawn{ run = run, args = args, name = sup.name .. "/" .. tostring(c.id),
     handle_result = function(status, value, t) post(sup, { "exit", rec, status, value, t.traceback }) end }
-  if nested then nested.task = rec.task end
+  if nested then nested.task, nested.state = rec.task, starting_state(rec.task) end
   sup.children[c.id] = rec
   return rec
 end
@@ -451,7 +458,7 @@ function Sup.start(sup)
   sup.gave_up = 0
   sup.mailbox = {}                              -- commands count from now on, in order
   sup.task = spawn{ run = run_supervisor, args = { sup }, name = sup.name }
-  sup.state = "starting"                        -- its task starts the children on the next tick
+  sup.state = starting_state(sup.task)
   return sup
 end
 
