@@ -159,3 +159,33 @@ describe("review revsup: a supervisor started during a shutdown", function()
     assert.equal("stopped", sup.state)
   end)
 end)
+
+describe("review revsup: pool:submit on a full pool", function()
+  before_each(H.quiet_start)
+  after_each(H.quiet_end)
+
+  -- Broken: the queue was checked before the spec, so a full pool answered
+  -- a wrong call with nil, "queue full": misuse hidden behind a failure of
+  -- the moment, raised or not depending on the load.
+  it("raises for misuse as an empty one does", function()
+    H.run(function()
+      local p = tide.pool{ concurrency = 1, queue_limit = 0 }
+      local busy = p:submit(function() tide.sleep(1000) end)
+      H.error_cases("spec/review_revsup_spec.lua", {
+        { function() p:submit(42) end, "pool:submit: bad argument #1 (function or table expected, got number 42)" },
+        { function() p:submit{ run = function() end, timout = 5 } end, "pool:submit: unknown option 'timout'" },
+        { function() p:submit({ run = function() end }, 1) end,
+          "pool:submit: extra arguments after an option table (pass them as 'args')" },
+        { function() p:submit{ run = function() end, retry = { max_attempts = 0 } } end,
+          "pool:submit: bad option 'retry.max_attempts' (integer >= 1 expected, got number 0)" },
+        { function() p:submit{ run = function() end, handle_result = 1 } end,
+          "pool:submit: bad option 'handle_result' (function expected, got number 1)" },
+      })
+      local t, err = p:submit{ run = function() end }
+      assert.is_nil(t)
+      assert.equal("pool:submit: queue full (0 waiting, queue_limit 0)", err)
+      busy:cancel()
+      assert.equal(1, p:stats().submitted)
+    end)
+  end)
+end)

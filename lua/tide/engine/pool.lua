@@ -115,6 +115,7 @@ end
 function Pool.submit(p, spec, ...)
   check_pool("pool:submit", p)
   if p.running >= p.concurrency and p.waiting >= p.queue_limit then
+    task.check_spec("pool:submit", p.mode, spec, ...)      -- misuse raises, full or not
     return nil, ("pool:submit: queue full (%d waiting, queue_limit %d)"):format(p.waiting, p.queue_limit)
   end
   local t = make_task("pool:submit", p.mode, spec, ...)
