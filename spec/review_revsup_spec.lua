@@ -189,3 +189,22 @@ describe("review revsup: pool:submit on a full pool", function()
     end)
   end)
 end)
+
+describe("review revsup: pool:drain", function()
+  before_each(H.quiet_start)
+  after_each(H.quiet_end)
+
+  -- Broken: a task of the pool that drained it waited for itself: for
+  -- ever, or until its timeout, whatever the others did.
+  it("raises when called from a task of the same pool", function()
+    H.run(function()
+      local p = tide.pool{ concurrency = 2 }
+      local t = p:submit(function() return p:drain(200) end)
+      local s, err = t:await()
+      assert.equal("error", s)
+      assert.matches("pool:drain: called from a task of this pool %(it would wait for itself%)$", err)
+      local other = tide.pool{ concurrency = 1 }
+      assert.equal("ok", (other:submit(function() return p:drain() end):await()))   -- another pool's task may
+    end)
+  end)
+end)
