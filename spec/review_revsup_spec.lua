@@ -208,3 +208,25 @@ describe("review revsup: pool:drain", function()
     end)
   end)
 end)
+
+describe("review revsup: a flow run's handle", function()
+  before_each(H.quiet_start)
+  after_each(H.quiet_end)
+
+  -- Broken: a cancel that came after the run ended (from its flow_done
+  -- hook, before the run's task woke) said true, and run:await() said
+  -- "cancelled" while the report, the hook and f.last_report said "ok".
+  it("keeps the run's outcome once it ended: a late cancel is refused", function()
+    H.run(function()
+      local h, answer
+      local f = tide.flow{ name = "w", tasks = { a = { run = function() return 1 end } },
+        on = { flow_done = function() answer = { h:cancel("late") } end } }
+      h = f:start()
+      local s, rep = h:await()
+      assert.same({ nil, "run:cancel: flow 'w' already finished (ok)" }, answer)
+      assert.equal("ok", s)
+      assert.equal("ok", rep.status)
+      assert.same({ nil, "run:cancel: flow 'w' already finished (ok)" }, { h:cancel() })
+    end)
+  end)
+end)

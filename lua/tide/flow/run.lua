@@ -688,19 +688,22 @@ function Handle.await(h, ms)
   local s, a, b = h.task:await(ms)
   if s == nil then return nil, a end           -- await's own timeout
   if s == "ok" then return a, b end
-  local run = h.run                            -- cancelled before it started: every node too
-  if not run.done then
-    run.stopping, run.stop_status = true, s
-    local st = run.status
-    for i = 1, #st do if st[i] == "pending" then st[i] = "cancelled" end end
-    run.open = 0
-    finish_run(run, s)
-  end
+  local run = h.run
+  -- Its task ended after the run did (cancelled from flow_done): the run's outcome stands.
+  if run.done then return run.report.status, run.report end
+  run.stopping, run.stop_status = true, s      -- cancelled before it started: every node too
+  local st = run.status
+  for i = 1, #st do if st[i] == "pending" then st[i] = "cancelled" end end
+  run.open = 0
+  finish_run(run, s)
   return s, run.report
 end
 
+--- Cancels the run: true, or nil and a message when it already ended.
 function Handle.cancel(h, reason)
   check_handle("run:cancel", h)
+  local run = h.run
+  if run.done then return nil, ("run:cancel: flow '%s' already finished (%s)"):format(h.flow.name, run.report.status) end
   return h.task:cancel(reason or "flow cancelled")
 end
 
