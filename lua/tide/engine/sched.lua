@@ -213,6 +213,13 @@ local function waiting_task(fname, level)
   cannot_wait(fname, t, level + 1)
 end
 
+--- Raises, as wait_begin would, where the code running now cannot wait
+--- (for a check made before the wait another function begins).
+function S.check_wait(fname, level)
+  local t = current
+  if in_callback or t == nil or not own_runner(t[CO]) then waiting_task(fname, level + 1) end
+end
+
 local function wait_begin(fname, level)
   local t = current
   if in_callback or t == nil or not own_runner(t[CO]) then t = waiting_task(fname, level + 1) end

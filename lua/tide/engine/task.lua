@@ -166,8 +166,8 @@ function Task.await(t, timeout_ms)
   end
   local me = S.current()
   if me == t then error("task:await: a task cannot await itself", 2) end
-  if me == nil and TERMINAL[S.state(t)] then
-    error("task:await: called outside a task (start one with tide.run or tide.spawn)", 2)
+  if me == nil and TERMINAL[S.state(t)] then    -- refused as a wait would be (a callback, the main chunk)
+    S.check_wait("task:await", 2)              -- (raises)
   end
   if TERMINAL[t[STATE]] then unheard.hear(t); return results(t) end
   local w, tok = S.wait_begin("task:await", 2)
@@ -181,6 +181,16 @@ function Task.await(t, timeout_ms)
     return nil, "timeout"
   end
   return results(t)
+end
+
+--- Raises, naming `fname`, where t:await() would refuse to wait (outside a
+--- task, in a callback, in a nested coroutine, in t itself): for the
+--- handles built on a task (run:await, supervisor:await), whose errors
+--- blame their caller's line (`level`, as error()'s) and name themselves.
+function M.check_await(fname, t, level)
+  local me = S.current()
+  if me == t then error(fname .. ": a task cannot await itself", level + 1) end
+  if me == nil or not TERMINAL[t[STATE]] then S.check_wait(fname, level + 1) end   -- (as Task.await)
 end
 
 --- Cancels the task: its outcome is `cancelled` with `reason` (default

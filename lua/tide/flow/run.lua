@@ -685,6 +685,7 @@ end
 function Handle.await(h, ms)
   check_handle("run:await", h)
   if ms ~= nil and not check.is_ms(ms) then check.arg_error("run:await", 1, "non-negative number of ms", ms) end
+  task.check_await("run:await", h.task, 2)
   local s, a, b = h.task:await(ms)
   if s == nil then return nil, a end           -- await's own timeout
   if s == "ok" then return a, b end

@@ -24,7 +24,7 @@ local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
 local log = require "tide.engine.log"
 local retry = require "tide.engine.retry"
-local spawn = require("tide.engine.task").spawn
+local spawn, check_await = require("tide.engine.task").spawn, require("tide.engine.task").check_await
 
 local type, error, ipairs, pairs, pcall, tostring = type, error, ipairs, pairs, pcall, tostring
 local setmetatable, getmetatable = setmetatable, getmetatable
@@ -468,6 +468,7 @@ function Sup.await(sup, ms)
   check_sup("supervisor:await", sup)
   if ms ~= nil and not check.is_ms(ms) then arg_error("supervisor:await", 1, "non-negative number of ms", ms) end
   if not sup.task then return nil, ("supervisor:await: '%s' was never started"):format(sup.name) end
+  check_await("supervisor:await", sup.task, 2)
   return sup.task:await(ms)
 end
 
