@@ -132,7 +132,7 @@ function M.new(opts)
     name = opts.name or "supervisor", strategy = strategy, intensity = intensity, period = period,
     on_give_up = opts.on_give_up, cooldown = cooldown, specs = children, ids = ids,
     on_give_up_positional = opts.on_give_up and check.positional_hook(fname, "on_give_up", opts.on_give_up, 2) or nil,
-    state = "stopped", children = {}, restarts = {}, mailbox = {}, waiting = false,
+    state = "stopped", children = {}, restarts = { head = 1, tail = 0 }, mailbox = {}, waiting = false,
     task = nil, parent = nil, gave_up = 0,
   }, Sup_mt)
 end
@@ -242,13 +242,23 @@ end
 -- ===== restarts
 
 --- Counts a restart; false when that exceeds the intensity within the period.
+--- The times of the restarts within the period are a queue, oldest first
+--- (list[head .. tail]): those that left the period go from its front, so
+--- a restart costs the same however many the period holds (copying the
+--- list made each cost one step per restart kept: with intensity and period
+--- huge, the 60,000th restart of a crashing child took 3.6 ms, not 14 us).
 local function count_restart(sup)
-  local now, list = S.now(), sup.restarts
-  local keep = {}
-  for _, at in ipairs(list) do if now - at < sup.period then keep[#keep + 1] = at end end
-  keep[#keep + 1] = now
-  sup.restarts = keep
-  return #keep <= sup.intensity
+  local now, list, period = S.now(), sup.restarts, sup.period
+  local head, tail = list.head, list.tail
+  while head <= tail and now - list[head] >= period do list[head] = nil; head = head + 1 end
+  if head > 64 and 2 * head > tail then       -- half of the slots are gone: move the rest down
+    local n = tail - head + 1
+    for i = 1, n do list[i], list[head + i - 1] = list[head + i - 1], nil end
+    head, tail = 1, n
+  end
+  tail = tail + 1
+  list[tail], list.head, list.tail = now, head, tail
+  return tail - head + 1 <= sup.intensity
 end
 
 local function wants_restart(rec, status)
@@ -332,7 +342,7 @@ end
 --- The supervisor's life: start the children, then handle events until
 --- stopped (returns) or over intensity (raises, children stopped).
 local function supervise(sup)
-  sup.children, sup.restarts = {}, {}
+  sup.children, sup.restarts = {}, { head = 1, tail = 0 }
   drop_stale_exits(sup)
   for _, c in ipairs(sup.specs) do start_child(sup, c) end
   sup.state = "running"
