@@ -311,3 +311,33 @@ describe("review revsup: restart intensity", function()
     end)
   end)
 end)
+
+describe("review revsup: a fan-out that starts during a shutdown", function()
+  before_each(H.quiet_start)
+  after_each(H.quiet_end)
+
+  -- Broken: each child (or crew member) started during a shutdown ends as
+  -- it starts, and its end launched the next one from inside the launch:
+  -- children as tasks nested once per item (5,000 overflowed the stack,
+  -- in a worker that reports nothing: the node never got its outcome, the
+  -- run never ended, flow_done never fired); a crew started a new member
+  -- for each one cancelled, for ever (the same overflow).
+  for _, kind in ipairs{ "tasks", "crew" } do
+    it("ends the node and the run once, children as " .. kind, function()
+      local done, status = 0, nil
+      H.run(function()
+        local f = tide.flow{ name = "f", tasks = {
+          a = { run = function() tide.sleep(10); return 1 end },
+          b = { after = "a", each = function(x) return x end, timeout = kind == "tasks" and 1000 or nil,
+                items = function() local t = {} for i = 1, 5000 do t[i] = i end return t end } },
+          on = { flow_done = function() done = done + 1 end } }
+        local h = f:start()
+        tide.sleep(1)
+        tide.shutdown(2000)
+        status = h:await(1000)
+      end)
+      assert.equal(1, done)
+      assert.is_not_nil(status)
+    end)
+  end
+end)

@@ -391,7 +391,7 @@ local function fan_out(run, i, items)
   -- The fan-out's state, shared with its crew (tide.flow.crew) when it has one.
   local fan = { run = run, i = i, node = node, items = items, n = n, ctx = ctx, name = name, kids = kids,
                 counts = counts, next_i = 1, crew = 0, since = 0, polling = false,
-                child_done = false, settle = false, launch = false }
+                child_done = false, settle = false, launch = false, launching = false, stop_run = stop_run }
   local function settle_node()
     if counts.running > 0 or (fan.next_i <= n and not run.stopping) then return end
     if run.stopping then return node_finished(run, i, "cancelled", nil, "flow stopped") end
@@ -437,10 +437,21 @@ local function fan_out(run, i, items)
       end
     end
   end
+  local start_more
   if type(each) == "function" and not remote and not node.timeout and not node.policy then
-    launch = function() crew.launch(fan) end
+    start_more = function() crew.launch(fan) end
   else
-    launch = launch_tasks
+    start_more = launch_tasks
+  end
+  -- Not re-entered: a child that ends as it starts (a shutdown cancels each
+  -- new task at once) ends inside the launch, and its end launches again;
+  -- nested once per item, 5,000 items overflowed the stack, and the node
+  -- never got its outcome.  The loop in hand starts what its end allows.
+  launch = function()
+    if fan.launching then return end
+    fan.launching = true
+    start_more()
+    fan.launching = false
   end
   fan.child_done, fan.settle, fan.launch = child_done, settle_node, launch
   launch()
