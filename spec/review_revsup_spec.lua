@@ -341,3 +341,33 @@ describe("review revsup: a fan-out that starts during a shutdown", function()
     end)
   end
 end)
+
+describe("review revsup: start_child of a supervisor started elsewhere meanwhile", function()
+  before_each(H.quiet_start)
+  after_each(H.quiet_end)
+
+  -- Broken: the command raised inside the supervisor's loop, which gave
+  -- up: every child stopped for a child that was never added.
+  it("refuses that child alone, reported, and frees its id", function()
+    H.run(function()
+      local n = tide.supervisor{ name = "n" }
+      local a = tide.supervisor{ name = "a", children = { { id = "x", shutdown = 10, start = idle } } }
+      a:start()
+      tide.sleep(5)
+      local x = a:which_children()[1].task
+      assert.is_true(a:start_child{ id = "n", start = n })
+      n:start()
+      tide.sleep(10)
+      assert.equal("running", a.state)
+      assert.equal(0, a.gave_up)
+      assert.equal("running", x:status())
+      assert.same({ "x" }, ids_of(a))
+      assert.equal(1, H.reported)
+      n:stop(); n:await()
+      assert.is_true(a:start_child{ id = "n", start = n })     -- its id was free
+      tide.sleep(5)
+      assert.same({ "x", "n" }, ids_of(a))
+      a:stop(); a:await()
+    end)
+  end)
+end)

@@ -323,6 +323,15 @@ function COMMANDS.restart_child(sup, id)
 end
 
 function COMMANDS.start_child(sup, spec)
+  -- A nested supervisor started elsewhere since the call: refused here,
+  -- reported, its id free again.  Raised, it made this supervisor give up
+  -- and stop every child, and the spec kept failing every run after.
+  local why = busy("supervisor '" .. sup.name .. "'", spec)
+  if why then
+    sup.ids[spec.id] = nil
+    log.report("supervisor " .. sup.name, why .. " (start_child refused)")
+    return
+  end
   sup.specs[#sup.specs + 1] = spec
   start_child(sup, spec)
 end
