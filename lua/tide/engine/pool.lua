@@ -8,6 +8,7 @@ local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
 local task = require "tide.engine.task"
 local make_task = task.make_task
+local OPT = require("tide.engine.fields").OPT
 
 local type, getmetatable, setmetatable, error = type, getmetatable, setmetatable, error
 local arg_error, opt_error = check.arg_error, check.opt_error
@@ -115,6 +116,7 @@ end
 function Pool.submit(p, spec, ...)
   check_pool("pool:submit", p)
   if p.running >= p.concurrency and p.waiting >= p.queue_limit then
+    task.check_spec("pool:submit", p.mode, spec, ...)      -- misuse raises, full or not
     return nil, ("pool:submit: queue full (%d waiting, queue_limit %d)"):format(p.waiting, p.queue_limit)
   end
   local t = make_task("pool:submit", p.mode, spec, ...)
@@ -138,6 +140,11 @@ function Pool.drain(p, timeout_ms)
   check_pool("pool:drain", p)
   if timeout_ms ~= nil and not check.is_ms(timeout_ms) then
     arg_error("pool:drain", 1, "non-negative number of ms", timeout_ms)
+  end
+  local me = S.current()
+  local o = me and me[OPT]
+  if o and o.pool == p and p.outstanding > 0 then
+    error("pool:drain: called from a task of this pool (it would wait for itself)", 2)
   end
   local deadline = timeout_ms and S.now() + timeout_ms
   while p.outstanding > 0 do

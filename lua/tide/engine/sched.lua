@@ -138,6 +138,17 @@ function S.protected(what, fn, ...)
   return ok, err
 end
 
+--- As S.protected, with pcall's results (the error value as raised, no
+--- traceback): for user functions whose error becomes an outcome (a flow
+--- task's `when` and `items`).
+function S.guarded(what, fn, ...)
+  local saved = in_callback
+  in_callback = what
+  local ok, v = pcall(fn, ...)
+  in_callback = saved
+  return ok, v
+end
+
 --- Adds fn(t), run once when t reaches its outcome (inside the door, after
 --- its awaiters are woken and before handle_result).  For tide's modules:
 --- what they must do however a task ends (free a slot, nack a delivery).
@@ -200,6 +211,13 @@ local function waiting_task(fname, level)
     error(fname .. IN_C_CALL, level + 1)
   end
   cannot_wait(fname, t, level + 1)
+end
+
+--- Raises, as wait_begin would, where the code running now cannot wait
+--- (for a check made before the wait another function begins).
+function S.check_wait(fname, level)
+  local t = current
+  if in_callback or t == nil or not own_runner(t[CO]) then waiting_task(fname, level + 1) end
 end
 
 local function wait_begin(fname, level)

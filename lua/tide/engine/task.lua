@@ -25,7 +25,7 @@ M.MODES = MODES
 
 local function opt_function(fname, spec, key)
   local v = spec[key]
-  if v ~= nil and type(v) ~= "function" then opt_error(fname, key, "function", v, 4) end
+  if v ~= nil and type(v) ~= "function" then opt_error(fname, key, "function", v, 5) end
   return v
 end
 
@@ -47,6 +47,54 @@ local function process_task(fname, run, args, level)
   return t
 end
 
+--- Checks an option table given to `fname` (with `nextra` arguments after
+--- it), all but what crosses to a thread or process; returns the mode, the
+--- arguments (copied), the retry policy, handle_result and on_retry.
+--- Errors blame the caller of the caller of the caller (the user's line).
+local function check_spec(fname, default_mode, spec, nextra)
+  if nextra > 0 then
+    error(fname .. ": extra arguments after an option table (pass them as 'args')", 4)
+  end
+  check.known(fname, spec, SPAWN_KEYS, nil, 4)
+  check_mode(fname, spec.mode, 4)
+  local mode = spec.mode or default_mode
+  local run = spec.run
+  if mode == "thread" or mode == "process" then
+    if type(run) ~= "function" and type(run) ~= "string" then
+      opt_error(fname, "run", "function or \"module.function\"", run, 4)
+    end
+  elseif type(run) ~= "function" then
+    opt_error(fname, "run", "function", run, 4)
+  end
+  local args = spec.args
+  if args ~= nil then
+    if type(args) ~= "table" then opt_error(fname, "args", "table", args, 4) end
+    if args.n ~= nil and not check.is_count(args.n) then
+      opt_error(fname, "args.n", "non-negative integer", args.n, 4)
+    end
+    local n = args.n or maxn(args)
+    args = { n = n, unpack(args, 1, n) }
+  end
+  if spec.timeout ~= nil and not is_ms(spec.timeout, true) then
+    opt_error(fname, "timeout", "positive number of ms", spec.timeout, 4)
+  end
+  if spec.name ~= nil and type(spec.name) ~= "string" then opt_error(fname, "name", "string", spec.name, 4) end
+  local policy = spec.retry ~= nil and retry.policy(fname, spec.retry, 4) or nil
+  local handle_result = opt_function(fname, spec, "handle_result")
+  local on_retry = opt_function(fname, spec, "on_retry")
+  return mode, args, policy, handle_result, on_retry
+end
+
+--- Checks `spec, ...` as make_task would, without making a task (a pool
+--- that refuses it for being full still refuses misuse first); errors
+--- blame the caller of `fname`.
+function M.check_spec(fname, default_mode, spec, ...)
+  local kind = type(spec)
+  if kind == "function" then return end
+  if kind ~= "table" then arg_error(fname, 1, "function or table", spec, 3) end
+  check_spec(fname, default_mode, spec, select("#", ...))
+end
+
 --- Builds a pending task from `fn, ...` or an option table (shared by
 --- tide.spawn and pool:submit, whose `mode` is the default); errors name
 --- `fname` and the user's line.
@@ -66,37 +114,9 @@ local function make_task(fname, default_mode, spec, ...)
   elseif kind ~= "table" then
     arg_error(fname, 1, "function or table", spec, 3)
   end
-  if select("#", ...) > 0 then
-    error(fname .. ": extra arguments after an option table (pass them as 'args')", 3)
-  end
-  check.known(fname, spec, SPAWN_KEYS, nil, 3)
-  check_mode(fname, spec.mode, 3)
-  local mode = spec.mode or default_mode
-  local run = spec.run
-  if mode == "thread" or mode == "process" then
-    if type(run) ~= "function" and type(run) ~= "string" then
-      opt_error(fname, "run", "function or \"module.function\"", run, 3)
-    end
-  elseif type(run) ~= "function" then
-    opt_error(fname, "run", "function", run, 3)
-  end
-  local args = spec.args
-  if args ~= nil then
-    if type(args) ~= "table" then opt_error(fname, "args", "table", args, 3) end
-    if args.n ~= nil and not check.is_count(args.n) then
-      opt_error(fname, "args.n", "non-negative integer", args.n, 3)
-    end
-    local n = args.n or maxn(args)
-    args = { n = n, unpack(args, 1, n) }
-  end
-  if spec.timeout ~= nil and not is_ms(spec.timeout, true) then
-    opt_error(fname, "timeout", "positive number of ms", spec.timeout, 3)
-  end
-  if spec.name ~= nil and type(spec.name) ~= "string" then opt_error(fname, "name", "string", spec.name, 3) end
   -- Everything is checked before the task exists: a bad spec leaves no task behind.
-  local policy = spec.retry ~= nil and retry.policy(fname, spec.retry, 3) or nil
-  local handle_result = opt_function(fname, spec, "handle_result")
-  local on_retry = opt_function(fname, spec, "on_retry")
+  local mode, args, policy, handle_result, on_retry = check_spec(fname, default_mode, spec, select("#", ...))
+  local run = spec.run
   local t
   if mode == "thread" then   -- roomy: the options below go in without a rehash
     t = thread_task(fname, run, args, 3, default_mode ~= "coroutine" or spec.timeout ~= nil or spec.name ~= nil
@@ -146,8 +166,8 @@ function Task.await(t, timeout_ms)
   end
   local me = S.current()
   if me == t then error("task:await: a task cannot await itself", 2) end
-  if me == nil and TERMINAL[S.state(t)] then
-    error("task:await: called outside a task (start one with tide.run or tide.spawn)", 2)
+  if me == nil and TERMINAL[S.state(t)] then    -- refused as a wait would be (a callback, the main chunk)
+    S.check_wait("task:await", 2)              -- (raises)
   end
   if TERMINAL[t[STATE]] then unheard.hear(t); return results(t) end
   local w, tok = S.wait_begin("task:await", 2)
@@ -161,6 +181,16 @@ function Task.await(t, timeout_ms)
     return nil, "timeout"
   end
   return results(t)
+end
+
+--- Raises, naming `fname`, where t:await() would refuse to wait (outside a
+--- task, in a callback, in a nested coroutine, in t itself): for the
+--- handles built on a task (run:await, supervisor:await), whose errors
+--- blame their caller's line (`level`, as error()'s) and name themselves.
+function M.check_await(fname, t, level)
+  local me = S.current()
+  if me == t then error(fname .. ": a task cannot await itself", level + 1) end
+  if me == nil or not TERMINAL[t[STATE]] then S.check_wait(fname, level + 1) end   -- (as Task.await)
 end
 
 --- Cancels the task: its outcome is `cancelled` with `reason` (default

@@ -9,8 +9,9 @@
 --     children run at once, and the others go on.
 --   - fan.kids[k] is the member running child k.  A stop or a failed
 --     sibling cancels it; its end (member_ended) gives child k its outcome,
---     as a child's own task would.  A member ended any other way (a child
---     cancelling tide.current(), a shutdown) is replaced while items are left.
+--     as a child's own task would, and is replaced while items are left.  A
+--     member cancelled between children (a shutdown) stops the run, as a
+--     worker's end does.
 --   - A member whose handle went out (tide.current()) retires after that
 --     child, so a kept handle never reaches another child's work.
 --   - POLL_EVERY children called without a wait, the member that counts
@@ -41,7 +42,15 @@ local function member_ended(t)
     o.fan_index = false
     return fan.child_done(k, S.state(t) == "cancelled" and "cancelled" or "error", t[VALUE])
   end
-  if fan.run.status[fan.i] == "running" then fan.launch() end
+  local run, status = fan.run, S.state(t)
+  if status ~= "ok" and not run.stopping and run.status[fan.i] == "running" then
+    -- Cancelled between children (a shutdown): as a worker's end, it stops
+    -- the run.  A new member would be cancelled as it starts, again and again.
+    fan.stop_run(run, "cancelled", ("flow '%s' stopped: a crew member of task '%s' was %s")
+      :format(run.flow.name, fan.node.name, status))
+  elseif run.status[fan.i] == "running" then
+    fan.launch()
+  end
   fan.settle()
 end
 

@@ -130,7 +130,11 @@ local function check_task(fname, fdesc, name, spec, is_flow)
   local after = spec.after
   if after == nil then after = NONE
   elseif type(after) == "string" then after = { after }
-  elseif type(after) ~= "table" then bad(fname, fdesc, name, "after", "task name or list of names", after) end
+  elseif type(after) ~= "table" then bad(fname, fdesc, name, "after", "task name or list of names", after)
+  else                                       -- (# would drop what follows a hole, and a map's names, silently)
+    local why = check.not_a_list(after)
+    if why then task_error(4, fname, fdesc, name, "bad field 'after' (a list of task names expected: %s)", why) end
+  end
   -- Made from constants, then filled: `{ k = v }` with variable values
   -- compiles to one lj_tab_newkey per key, which rehashed the new table
   -- (callgrind); a slot holding a constant is stored into directly.

@@ -92,6 +92,15 @@ local function hook(run, name, ev)
   if not ok then log.report(("flow '%s' hook %s"):format(run.flow.name, name), err, err) end
 end
 
+--- What a task's `when` or `items` is called, for the error a wait there
+--- raises.  They run wherever the node became ready, often inside another
+--- task's end: a wait there would hold back the whole run's starts, could
+--- not be stopped with the run, and raised or not depending on how the
+--- dependency ran (its own task or a worker).  So they never wait.
+local function condition_name(node, key)
+  return ("the '%s' of flow task '%s'"):format(key, node.name)
+end
+
 --- tostring that cannot raise: an error object's __tostring is user code,
 --- and a raise half-way through a child's end would lose the node's outcome.
 local function safe_tostring(v)
@@ -382,7 +391,7 @@ local function fan_out(run, i, items)
   -- The fan-out's state, shared with its crew (tide.flow.crew) when it has one.
   local fan = { run = run, i = i, node = node, items = items, n = n, ctx = ctx, name = name, kids = kids,
                 counts = counts, next_i = 1, crew = 0, since = 0, polling = false,
-                child_done = false, settle = false, launch = false }
+                child_done = false, settle = false, launch = false, launching = false, stop_run = stop_run }
   local function settle_node()
     if counts.running > 0 or (fan.next_i <= n and not run.stopping) then return end
     if run.stopping then return node_finished(run, i, "cancelled", nil, "flow stopped") end
@@ -428,10 +437,21 @@ local function fan_out(run, i, items)
       end
     end
   end
+  local start_more
   if type(each) == "function" and not remote and not node.timeout and not node.policy then
-    launch = function() crew.launch(fan) end
+    start_more = function() crew.launch(fan) end
   else
-    launch = launch_tasks
+    start_more = launch_tasks
+  end
+  -- Not re-entered: a child that ends as it starts (a shutdown cancels each
+  -- new task at once) ends inside the launch, and its end launches again;
+  -- nested once per item, 5,000 items overflowed the stack, and the node
+  -- never got its outcome.  The loop in hand starts what its end allows.
+  launch = function()
+    if fan.launching then return end
+    fan.launching = true
+    start_more()
+    fan.launching = false
   end
   fan.child_done, fan.settle, fan.launch = child_done, settle_node, launch
   launch()
@@ -454,7 +474,7 @@ local function node_ran(run, i, ctx, status, value, attempts)
     local items = value
     if node.items then
       local remote = node.mode == "thread" or node.mode == "process"
-      local ok, its = pcall(node.items, remote and ctx_for(run, node) or ctx)
+      local ok, its = S.guarded(condition_name(node, "items"), node.items, remote and ctx_for(run, node) or ctx)
       if not ok then return node_finished(run, i, "error", nil, its) end
       items = its
     end
@@ -505,7 +525,7 @@ local function start_node(run, i, t)
   local ctx
   if node.when then
     ctx = ctx_for(run, node)
-    local ok, go = pcall(node.when, ctx)
+    local ok, go = S.guarded(condition_name(node, "when"), node.when, ctx)
     if not still_pending(run, i) then return end
     if not ok then
       log.report(("flow '%s' task '%s' when"):format(run.flow.name, node.name), go)
@@ -676,22 +696,26 @@ end
 function Handle.await(h, ms)
   check_handle("run:await", h)
   if ms ~= nil and not check.is_ms(ms) then check.arg_error("run:await", 1, "non-negative number of ms", ms) end
+  task.check_await("run:await", h.task, 2)
   local s, a, b = h.task:await(ms)
   if s == nil then return nil, a end           -- await's own timeout
   if s == "ok" then return a, b end
-  local run = h.run                            -- cancelled before it started: every node too
-  if not run.done then
-    run.stopping, run.stop_status = true, s
-    local st = run.status
-    for i = 1, #st do if st[i] == "pending" then st[i] = "cancelled" end end
-    run.open = 0
-    finish_run(run, s)
-  end
+  local run = h.run
+  -- Its task ended after the run did (cancelled from flow_done): the run's outcome stands.
+  if run.done then return run.report.status, run.report end
+  run.stopping, run.stop_status = true, s      -- cancelled before it started: every node too
+  local st = run.status
+  for i = 1, #st do if st[i] == "pending" then st[i] = "cancelled" end end
+  run.open = 0
+  finish_run(run, s)
   return s, run.report
 end
 
+--- Cancels the run: true, or nil and a message when it already ended.
 function Handle.cancel(h, reason)
   check_handle("run:cancel", h)
+  local run = h.run
+  if run.done then return nil, ("run:cancel: flow '%s' already finished (%s)"):format(h.flow.name, run.report.status) end
   return h.task:cancel(reason or "flow cancelled")
 end
 

@@ -108,6 +108,7 @@ local function run_simple(run, i, me, o)
   local node = run.flow.list[i]
   local ctx = ctx_for(run, node)
   run.holder[i], o.flow_index, run.looping = me, i, false
+  run.attempts[i] = 1                            -- (a stop while it runs reports the attempt too)
   local ok, value = pcall(node.run, ctx)
   if run.holder[i] ~= me then return false end   -- ended while it ran (cancelled): so did this worker
   run.holder[i], run.looping = false, me
