@@ -35,6 +35,26 @@ describe("review revsup: supervisor commands are never lost", function()
     end)
   end)
 
+  -- Broken: restart_child and terminate_child sent after sup:stop()
+  -- answered true, and the stop went first: the child was never restarted.
+  it("refuses restart_child and terminate_child once stop was asked, saying so", function()
+    H.run(function()
+      local sup = tide.supervisor{ name = "s", children = { { id = "a", shutdown = 10, start = idle } } }
+      sup:start()
+      tide.sleep(5)
+      assert.is_true(sup:stop())
+      assert.same({ nil, "supervisor:restart_child: 's' is stopping" }, { sup:restart_child("a") })
+      assert.same({ nil, "supervisor:terminate_child: 's' is stopping" }, { sup:terminate_child("a") })
+      assert.is_true(sup:stop())                          -- (asked again: it is stopping, as asked)
+      assert.same({ "ok", "stopped" }, { sup:await(1000) })
+      sup:start()                                         -- started again: they are taken again
+      tide.sleep(5)
+      assert.is_true(sup:restart_child("a"))
+      assert.is_true(sup:stop())
+      sup:await(1000)
+    end)
+  end)
+
   it("removes a child deleted after stop was asked", function()
     H.run(function()
       local sup = tide.supervisor{ name = "s", children = {

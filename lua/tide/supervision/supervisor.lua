@@ -475,6 +475,7 @@ function Sup.start(sup)
     end
   end
   sup.gave_up = 0
+  sup.stop_asked = nil
   sup.mailbox = {}                              -- commands count from now on, in order
   sup.task = spawn{ run = run_supervisor, args = { sup }, name = sup.name }
   sup.state = starting_state(sup.task)
@@ -512,16 +513,23 @@ end
 
 --- A command about child `id`: nil and a message when it has no such child.
 --- Tail-called by the methods: its errors blame their caller's line.
+--- Once stop was asked, a restart or a termination is refused: the stop
+--- goes first, and the child would never run again (it answered true).
 local function child_command(fname, sup, name, id)
   check_child_call(fname, sup, id)
   if not sup.ids[id] then return nil, ("%s: no child '%s'"):format(fname, tostring(id)) end
+  if sup.stop_asked and name ~= "delete_child" and sup.task and not S.TERMINAL[sup.task:status()] then
+    return nil, ("%s: '%s' is stopping"):format(fname, sup.name)
+  end
   return command(fname, sup, name, id)
 end
 
 --- Stops every child (last started first) and the supervisor; sup:await() waits for it.
 function Sup.stop(sup)
   check_sup("supervisor:stop", sup)
-  return command("supervisor:stop", sup, "stop")
+  local ok, err = command("supervisor:stop", sup, "stop")
+  if ok then sup.stop_asked = true end
+  return ok, err
 end
 
 --- Stops a child; its spec stays (restart_child starts it again).
