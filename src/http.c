@@ -365,7 +365,7 @@ void tide__http_end(tide__http_conn *c, int keep_alive) {
   c->last = uv_now(c->handle.loop);
   if (!keep_alive || !c->req.keep_alive || s->closing) {
     c->state = FLUSHING;
-    if (c->writes == 0) close_conn(c);
+    if (c->writes == 0) linger(c);          /* (writes that ended may still be in the kernel) */
     return;
   }
   c->state = READING;
@@ -412,7 +412,7 @@ static void linger(tide__http_conn *c) {
  * bytes have all gone to the kernel; until then the connection is READING
  * but `draining`, and on_written calls this again.  So a client that sends
  * requests and reads no answer costs one answer here, not one per request;
- * the sweep closes it once no write has ended for idle_ms. */
+ * the sweep closes it once its answer has not moved for idle_ms. */
 static void resume_reading(tide__http_conn *c) {
   tide__http_server *s = c->s;
   if (uv_stream_get_write_queue_size((uv_stream_t *)&c->handle) > 0) { c->draining = 1; return; }
