@@ -1,4 +1,4 @@
---- tide.observe.utf8 — text for readers that require UTF-8 (Prometheus label values, JSON logs).
+--- tide.observe.utf8 — text for readers that require UTF-8 (Prometheus label values, JSON logs, the dashboard's cut texts).
 local byte, sub, find, concat = string.byte, string.sub, string.find, table.concat
 
 local M = {}
@@ -27,6 +27,14 @@ function M.clean(s)
     else out[#out + 1] = REPLACEMENT; i = i + 1 end
   end
   return concat(out)
+end
+
+--- s cut to at most n bytes without splitting a character (s itself when
+--- it is no longer).
+function M.cut(s, n)
+  if #s <= n then return s end
+  while n > 0 and byte(s, n + 1) >= 0x80 and byte(s, n + 1) < 0xC0 do n = n - 1 end
+  return sub(s, 1, n)
 end
 
 return M

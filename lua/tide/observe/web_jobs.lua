@@ -11,6 +11,7 @@ local job = require "tide.jobs.job"
 local json = require "tide.jobs.json"
 local sampler = require "tide.observe.sampler"
 local html = require "tide.observe.html"
+local utf8 = require "tide.observe.utf8"
 
 local h, link, num, badge, iso, when, field = html.h, html.link, html.num, html.badge, html.iso, html.when, html.field
 local as_id, as_count = html.id, html.count
@@ -158,20 +159,14 @@ local function actions_for(ctx, job, back)
   return concat(out, " ")
 end
 
---- Where to cut s (longer than n bytes) to keep at most n: not inside a character.
-local function edge(s, n)
-  while n > 0 and s:byte(n + 1) >= 0x80 and s:byte(n + 1) < 0xC0 do n = n - 1 end
-  return n
-end
-
 --- The text cut to SHOWN bytes at a character's edge, escaped, with a
 --- note of what is left out and where it is whole (a job's args or error
 --- text may be megabytes: the page carried them all).
 local function clip(text, id)
   if #text <= SHOWN then return h(text) end
-  local cut = edge(text, SHOWN)
-  return h(text:sub(1, cut)) .. ('\n<span class="muted">… %d bytes more not shown (the whole: tide jobs show %d)</span>')
-    :format(#text - cut, id)
+  local shown = utf8.cut(text, SHOWN)
+  return h(shown) .. ('\n<span class="muted">… %d bytes more not shown (the whole: tide jobs show %d)</span>')
+    :format(#text - #shown, id)
 end
 
 --- The first line of the job's last error, at most LINE bytes (cut at a
@@ -181,7 +176,7 @@ local function last_error(job)
   local e = job.errors and job.errors[#job.errors]
   local line = e and tostring(e.error):match("^[^\n]*") or ""
   if #line <= LINE then return line end
-  return line:sub(1, edge(line, LINE)) .. "…"
+  return utf8.cut(line, LINE) .. "…"
 end
 
 local function select_box(name, current, choices, all_label)
