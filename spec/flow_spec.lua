@@ -757,7 +757,14 @@ describe("tide.flow", function()
         for _ = 1, 4 do assert.equal("ok", (f:run())) end
         local before, most = heap(), 0
         for r = 1, 40 do
-          assert.equal("ok", (f:run()))
+          local st, rep = f:run()
+          if st ~= "ok" then
+            local why = {}
+            for name, e in pairs(f.last_report and f.last_report.tasks or {}) do
+              if e.status ~= "ok" then why[#why + 1] = name .. ": " .. tostring(e.status) .. " " .. tostring(e.error) end
+            end
+            error("run " .. r .. ": " .. tostring(st) .. " " .. tostring(rep) .. " | " .. table.concat(why, "; "))
+          end
           if r % 4 == 0 then most = math.max(most, heap()) end
         end
         assert.equal(44, #kept)
