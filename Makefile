@@ -59,10 +59,12 @@ deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-# ---- Lua sources compiled to LuaJIT bytecode (with debug info, for tracebacks)
-$(BUILD)/gen/tide/%.h: lua/tide/%.lua
+# ---- Lua sources compiled to LuaJIT bytecode (with debug info, for tracebacks),
+# their pairs() loops in the generic form Debian's LuaJIT compiles soundly
+# (src/bcgen.lua says why)
+$(BUILD)/gen/tide/%.h: lua/tide/%.lua src/bcgen.lua
 	@mkdir -p $(@D)
-	$(LUAJIT) -b -g -t h -n $(call modname,$<) $< $@
+	$(LUAJIT) src/bcgen.lua $(call modname,$<) $< $@
 
 # The table of modules; its list of names is rewritten only when it changes,
 # so adding or removing a module rebuilds it.

@@ -184,12 +184,5 @@ function M.not_a_list(t)
     if t[i] == nil then return ("it has a hole at %d"):format(i) end
   end
 end
--- Interpreted only: compiled by Debian's LuaJIT (2.1.0-beta3, 2022), this
--- loop over a 2,000-item list now and then saw a key of type function that
--- the table does not hold (an interpreted loop right after found none), and
--- a good fan-out failed "items must be a list (it has the key function)":
--- 1 run in 4-10 of flow_spec's "fan-out children as tasks", on main before
--- this too; 0 in 30 with the JIT off here.
-jit.off(M.not_a_list)
 
 return M
