@@ -24,7 +24,7 @@
 -- running it), counts (the report's children counts), next_i (the next
 -- item to take), crew (members alive), since and polling (see above), and
 -- the fan-out's own functions: child_done(k, status, value), settle() and
--- launch().
+-- launch(); shut (the first child a shutdown cancelled, or false).
 local S = require "tide.engine.sched"
 local VALUE = require("tide.engine.fields").VALUE   -- (t.value: a user may write that name onto a task)
 

@@ -391,10 +391,12 @@ local function fan_out(run, i, items)
   -- The fan-out's state, shared with its crew (tide.flow.crew) when it has one.
   local fan = { run = run, i = i, node = node, items = items, n = n, ctx = ctx, name = name, kids = kids,
                 counts = counts, next_i = 1, crew = 0, since = 0, polling = false,
-                child_done = false, settle = false, launch = false, launching = false, stop_run = stop_run }
+                child_done = false, settle = false, launch = false, launching = false, stop_run = stop_run,
+                shut = false }
   local function settle_node()
     if counts.running > 0 or (fan.next_i <= n and not run.stopping) then return end
     if run.stopping then return node_finished(run, i, "cancelled", nil, "flow stopped") end
+    if fan.shut then return node_finished(run, i, "cancelled", nil, ("child %d was cancelled: shutdown"):format(fan.shut)) end
     if failed_err and node.exit_on_error then return node_finished(run, i, "error", nil, failed_err) end
     node_finished(run, i, "ok", values)
   end
@@ -407,7 +409,9 @@ local function fan_out(run, i, items)
     counts[s] = counts[s] + 1
     if s == "ok" then values[k] = value end
     if run.flow.on.child_done then hook(run, "child_done", { task = node.name, index = k, status = s, value = value }) end
-    if s ~= "ok" and not failed_err and s ~= "cancelled" then
+    if s == "cancelled" and S.shutting_down() and not fan.shut then
+      fan.shut = k                          -- the node ends cancelled, once its other children had their grace
+    elseif s ~= "ok" and not failed_err and s ~= "cancelled" then
       failed_err = ("child %d ended in %s: %s"):format(k, s, safe_tostring(value))
       if node.exit_on_error then
         fan.next_i = n + 1                  -- start no more; stop the running ones
