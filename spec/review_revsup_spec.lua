@@ -425,3 +425,74 @@ describe("review revsup: a fan-out child cancelled by a shutdown", function()
     assert.same({ total = 3, ok = 2, error = 0, timeout = 0, cancelled = 1, running = 0 }, report.kids)
   end)
 end)
+
+describe("review revsup: a flow's worker that fails outside a task's code", function()
+  before_each(H.quiet_start)
+  after_each(H.quiet_end)
+
+  -- Broken: `items` read through a metatable whose __index raises (a hole
+  -- looked up) raised inside the run's worker, outside any task's code: the
+  -- worker ended in error, the run said only "cancelled: its worker was
+  -- error", and the error itself reached no one.
+  it("fails the node whose items raise when a hole is read, naming the hole", function()
+    local st, rep
+    H.run(function()
+      local items = setmetatable({ 1, nil, 3 }, { __index = function() error("boom") end })
+      local f = tide.flow{ name = "f", tasks = { a = { run = function() return 1 end },
+                                                 b = { after = "a", items = function() return items end,
+                                                       each = function(x) return x end } } }
+      st, rep = f:run()
+    end)
+    assert.equal("error", st)
+    assert.equal("error", rep.tasks.b.status)
+    assert.matches("items must be a list %(it has a hole at 2%)", rep.tasks.b.error)
+  end)
+
+  -- An error in tide's own code inside a worker (here put there by hand)
+  -- reaches the error sink, and the run ends in error, not cancelled.
+  it("reports an engine error to the sink and ends the run in error", function()
+    local check = require "tide.engine.check"
+    local real = check.not_a_list
+    local seen = {}
+    local st
+    H.run(function()
+      tide.configure{ on_error = function(where, err) seen[#seen + 1] = where .. ": " .. tostring(err) end }
+      check.not_a_list = function() error("engine bug", 0) end
+      local f = tide.flow{ name = "f", tasks = { a = { run = function() return 1 end },   -- b starts in a's worker
+                                                 b = { after = "a", items = function() return { 1 } end,
+                                                       each = function(x) return x end } } }
+      local ok, a = pcall(f.run, f)
+      check.not_a_list = real
+      st = ok and a or ("raised: " .. tostring(a))
+    end)
+    check.not_a_list = real
+    assert.equal("error", st)
+    assert.equal(1, #seen)
+    assert.matches("flow 'f' worker: engine bug", seen[1])
+  end)
+end)
+
+describe("review revsup: a crew member that fails outside a child's code", function()
+  before_each(H.quiet_start)
+  after_each(H.quiet_end)
+
+  -- As a worker's: the member's sleep between children (every 1,000) made
+  -- to raise by hand stands for an error in tide's code there.  It ended
+  -- the run "cancelled" and the error reached no one.
+  it("reports the engine error to the sink and ends the run in error", function()
+    local S = require "tide.engine.sched"
+    local real = S.sleep
+    local seen, st = {}, nil
+    H.run(function()
+      tide.configure{ on_error = function(where, err) seen[#seen + 1] = where .. ": " .. tostring(err) end }
+      local f = tide.flow{ name = "f", tasks = { b = { concurrency = 1,
+        items = function() local t = {} for i = 1, 1500 do t[i] = i end return t end,
+        each = function(x) if x == 1000 then S.sleep = function() error("engine bug", 0) end end return x end } } }
+      st = f:run()
+      S.sleep = real
+    end)
+    S.sleep = real
+    assert.equal("error", st)
+    assert.same({ "flow 'f' crew member of task 'b': engine bug" }, seen)
+  end)
+end)

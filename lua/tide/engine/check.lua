@@ -181,7 +181,7 @@ function M.not_a_list(t)
     if k > n then n = k end
   end
   for i = 1, n do
-    if t[i] == nil then return ("it has a hole at %d"):format(i) end
+    if rawget(t, i) == nil then return ("it has a hole at %d"):format(i) end   -- raw, as pairs: no __index runs
   end
 end
 

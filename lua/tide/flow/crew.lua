@@ -24,7 +24,8 @@
 -- running it), counts (the report's children counts), next_i (the next
 -- item to take), crew (members alive), since and polling (see above), and
 -- the fan-out's own functions: child_done(k, status, value), settle() and
--- launch(); shut (the first child a shutdown cancelled, or false).
+-- launch(); shut (the first child a shutdown cancelled, or false);
+-- stop_run and engine_failed (tide.flow.run's).
 local S = require "tide.engine.sched"
 local VALUE = require("tide.engine.fields").VALUE   -- (t.value: a user may write that name onto a task)
 
@@ -43,7 +44,9 @@ local function member_ended(t)
     return fan.child_done(k, S.state(t) == "cancelled" and "cancelled" or "error", t[VALUE])
   end
   local run, status = fan.run, S.state(t)
-  if status ~= "ok" and not run.stopping and run.status[fan.i] == "running" then
+  if status == "error" and not run.stopping and not run.done then
+    fan.engine_failed(run, "crew member of task '" .. fan.node.name .. "'", t[VALUE])
+  elseif status ~= "ok" and not run.stopping and run.status[fan.i] == "running" then
     -- Cancelled between children (a shutdown): as a worker's end, it stops
     -- the run.  A new member would be cancelled as it starts, again and again.
     fan.stop_run(run, "cancelled", ("flow '%s' stopped: a crew member of task '%s' was %s")

@@ -287,6 +287,20 @@ local function stop_run(run, status, why)
   if run.open == 0 then finish_run(run, status) end
 end
 
+--- tide's own code failed in a task of the run (`who`: its worker, a crew
+--- member), outside any task's code, which runs protected: the sink hears
+--- of it, the run ends in error, and no node is left running with no task
+--- to end it (one that was starting, say).
+local function engine_failed(run, who, err)
+  log.report(("flow '%s' %s"):format(run.flow.name, who), err)
+  local why = ("flow '%s' stopped: its %s failed"):format(run.flow.name, who)
+  stop_run(run, "error", why)
+  local st, holder = run.status, run.holder
+  for j = 1, #st do
+    if st[j] == "running" and not holder[j] then node_finished(run, j, "error", nil, why) end
+  end
+end
+
 --- Skips a node and, iteratively (graphs can be deep), what depends on it.
 local function skip(run, i, why)
   local list, st = run.flow.list, run.status
@@ -392,7 +406,7 @@ local function fan_out(run, i, items)
   local fan = { run = run, i = i, node = node, items = items, n = n, ctx = ctx, name = name, kids = kids,
                 counts = counts, next_i = 1, crew = 0, since = 0, polling = false,
                 child_done = false, settle = false, launch = false, launching = false, stop_run = stop_run,
-                shut = false }
+                engine_failed = engine_failed, shut = false }
   local function settle_node()
     if counts.running > 0 or (fan.next_i <= n and not run.stopping) then return end
     if run.stopping then return node_finished(run, i, "cancelled", nil, "flow stopped") end
@@ -591,7 +605,7 @@ end
 -- ===== workers: simple nodes run without a task of their own (tide.flow.workers)
 
 workers.attach{ ctx_for = ctx_for, node_ran = node_ran, node_finished = node_finished, stop_run = stop_run,
-                task_name = task_name }
+                engine_failed = engine_failed, task_name = task_name }
 
 -- ===== a run
 

@@ -37,12 +37,12 @@ local M = {}
 -- What the workers need from the run (tide.flow.run gives them: M.attach):
 -- ctx_for(run, node), node_ran(run, i, ctx, status, value, attempts),
 -- node_finished(run, i, status, value, err), stop_run(run, status, why),
--- task_name(flow, node).
-local ctx_for, node_ran, node_finished, stop_run, task_name
+-- engine_failed(run, who, err), task_name(flow, node).
+local ctx_for, node_ran, node_finished, stop_run, engine_failed, task_name
 
 function M.attach(ops)
-  ctx_for, node_ran, node_finished, stop_run, task_name =
-    ops.ctx_for, ops.node_ran, ops.node_finished, ops.stop_run, ops.task_name
+  ctx_for, node_ran, node_finished, stop_run, engine_failed, task_name =
+    ops.ctx_for, ops.node_ran, ops.node_finished, ops.stop_run, ops.engine_failed, ops.task_name
 end
 
 local POLL_EVERY = 1000
@@ -69,6 +69,8 @@ local function worker_ended(t)
   if i and run.holder[i] == t then           -- it ended inside node i's code
     local status = S.state(t)
     node_finished(run, i, status == "cancelled" and "cancelled" or "error", nil, t[VALUE])
+  elseif not run.stopping and not run.done and S.state(t) == "error" then
+    engine_failed(run, "worker", t[VALUE])
   elseif not run.stopping and not run.done and S.state(t) ~= "ok" then
     stop_run(run, "cancelled", ("flow '%s' stopped: its worker was %s"):format(run.flow.name, S.state(t)))
   end
