@@ -115,9 +115,47 @@ for _, store in ipairs(H.stores()) do
           { function() q:retry_all{ status = "discarded", batch = 2^60 } end, "q:retry_all: bad option 'batch' (integer "
             .. "from 1 to 2147483647 expected, got number 1.1529215046068e+18)" },
           { function() q:retry_all{ status = "discarded", limit = 5 } end, "q:retry_all: unknown option 'limit'" },
+          { function() q:fail_all{ status = "completed" } end, "q:fail_all: bad option 'status' ('available', "
+            .. "'executing', 'retryable' or 'scheduled' expected, got string \"completed\")" },
+          { function() q:fail_all({ status = "available" }, 5) end, "q:fail_all: bad argument #2 (string or nil expected, "
+            .. "got number 5)" },
+          { function() q:cancel_all{ status = "available", target = true } end, "q:cancel_all: bad option 'target' "
+            .. "(string expected, got boolean)" },
+          { function() q:retry_all{ status = "discarded", max = -1 } end, "q:retry_all: bad option 'max' "
+            .. "(integer >= 0 expected, got number -1)" },
         })
         q:close()
       end)
+    end)
+
+    -- The dashboard's bulk buttons act on a queue, a status and a target:
+    -- q:fail_all discards as q:fail does, and every bulk method takes the
+    -- target and a most.
+    it("fails, cancels and retries in bulk by target, up to a most", function()
+      local got
+      H.run(function()
+        local q = tide.queue.open(url)
+        local ids = {}
+        for i = 1, 7 do
+          ids[i] = q:enqueue{ target = i <= 5 and "pay" or "mail", method = "m", queue = "q", run_at = 4102444800000 }
+        end
+        got = {
+          failed = q:fail_all({ status = "scheduled", target = "pay", max = 3, batch = 2 }, "bad batch"),
+          again = q:fail_all{ status = "scheduled", target = "nobody" },
+          cancelled = q:cancel_all{ status = "scheduled", target = "mail" },
+          retried = q:retry_all{ status = "discarded", target = "pay", max = 1 },
+          none = q:retry_all{ status = "cancelled", max = 0 },
+        }
+        got.jobs = {}
+        for i, id in ipairs(ids) do local j = q:job(id); got.jobs[i] = { j.status, j.errors and #j.errors or 0 } end
+        got.error = q:job(ids[2]).errors[1]
+        q:close()
+      end)
+      assert.same({ 3, 0, 2, 1, 0 }, { got.failed, got.again, got.cancelled, got.retried, got.none })
+      assert.same({ { "available", 1 }, { "discarded", 1 }, { "discarded", 1 }, { "scheduled", 0 }, { "scheduled", 0 },
+                    { "cancelled", 0 }, { "cancelled", 0 } }, got.jobs)
+      assert.equal("bad batch", got.error.error)
+      assert.is_number(got.error.at)
     end)
 
     -- The bulk scenario runs in the plain build only: ASan adds nothing to

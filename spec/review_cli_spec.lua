@@ -137,3 +137,25 @@ describe("the command line under bad input", function()
     end
   end)
 end)
+
+describe("the command line's bulk changes", function()
+  it("discard, cancel and retry by target in batches, refusing what cannot be done", function()
+    local store = fresh_store()
+    for _, t in ipairs{ "pay", "pay", "mail" } do tide("enqueue", store, "--delay 1h " .. t .. " m") end
+    local before = rows(store)
+    refused("jobs", store, "fail --status completed", "tide jobs: fail: a job that is completed cannot be discarded")
+    refused("jobs", store, "retry --target pay", "tide jobs: retry: %-%-queue, %-%-target and %-%-since choose")
+    refused("jobs", store, "cancel --status scheduled 3", "tide jobs: cancel: give an ID or %-%-status, not both")
+    assert.equal(before, rows(store))
+    local status, out, err = tide("jobs", store, "fail --status scheduled --target pay card expired")
+    assert.equal(0, status, err)
+    assert.equal("2 scheduled jobs with target pay discarded\n", out)
+    local jobs = cjson.decode(rows(store))
+    assert.matches("card expired", jobs[2].errors)
+    assert.same({ retried = 2 }, tide_json("jobs", store, "retry --status discarded --target pay --json"))
+    assert.same({ cancelled = 1 }, tide_json("jobs", store, "cancel --status scheduled --json"))
+    local got = {}
+    for i, j in ipairs(cjson.decode(rows(store))) do got[i] = j.status end
+    assert.same({ "available", "available", "cancelled" }, got)
+  end)
+end)

@@ -169,6 +169,11 @@ describe("tide web", function()
       assert.equal(303, code)
       assert.equal("cancelled", job_status(store, ids.mail))
       assert.equal("available", job_status(store, ids.order1))       -- another queue: untouched
+      -- a status the action cannot change is refused, saying so
+      local code2, body = curl(auth .. "-X POST -d csrf=" .. csrf .. " -d action=retry -d status=available "
+                               .. w.base .. "/jobs/bulk")
+      assert.equal(400, code2)
+      assert.matches("available jobs cannot be retried", body, 1, true)
     end)
 
     it("survives requests that do not parse, and garbage in every field", function()

@@ -151,21 +151,24 @@ Commands:
                         with its error and traceback
   retry ID              run it again now (from any status but executing
                         and available)
-  retry --status S [--queue Q] [--since TIME]
+  retry --status S [--queue Q] [--target T] [--since TIME]
                         run again every job of status S (discarded: the dead
                         letters; also scheduled, retryable, completed,
-                        cancelled, expired), of queue Q, that finished at
-                        TIME or later; in batches of 1000, each its own short
-                        transaction (workers go on between them); prints
-                        how many
+                        cancelled, expired), of queue Q and target T, that
+                        finished at TIME or later; in batches of 1000, each
+                        its own short transaction (workers go on between
+                        them); prints how many
   cancel ID             it will not run (again); a running attempt stops at
                         its worker's next heartbeat
-  cancel --status S [--queue Q] [--since TIME]
+  cancel --status S [--queue Q] [--target T] [--since TIME]
                         cancel every job of status S (available, scheduled,
-                        retryable, executing) of queue Q enqueued at TIME or
-                        later, in batches; prints how many
+                        retryable, executing) of queue Q and target T
+                        enqueued at TIME or later, in batches; prints how many
   expire ID             mark it expired: it must no longer run
   fail ID [REASON]      discard it, recording REASON
+  fail --status S [--queue Q] [--target T] [--since TIME] [REASON]
+                        discard every job of status S (as cancel), recording
+                        REASON, in batches; prints how many
   stats                 how many jobs per queue and status
   schedules [--next N]  the cron schedules workers run (registered when a
                         worker starts), each with its next N run times
@@ -194,6 +197,8 @@ local JOBS_OPTS = {
   ["--since"] = { key = "since", meta = "TIME", conv = o.run_at.conv,
                   expected = "UTC time like 2026-11-23T15:04:05Z, or ms since the epoch" },
   ["--next"] = { key = "next", meta = "N", conv = options.integer(1, 1000), expected = "integer from 1 to 1000" },
+  ["--target"] = { key = "target", meta = "MODULE", conv = function(v) return v ~= "" and v or nil end,
+                   expected = "target module name" },
 }
 local GLOBAL_OPTS = { ["--store"] = true, ["--json"] = true, ["--help"] = true, ["-h"] = true }
 
@@ -291,17 +296,19 @@ local DONE = {
   end,
 }
 
-local BULK_DONE = { retry = "will run again", cancel = "cancelled" }
+local BULK_DONE = { retry = "will run again", cancel = "cancelled", fail = "discarded" }
+local BULK_KEY = { retry = "retried", cancel = "cancelled", fail = "discarded" }
 
 --- retry and cancel --status S: change every job that matches, in batches; say how many.
-local function change_all(cmd, q, opts)
-  local n = q[cmd .. "_all"](q, { status = opts.status, queue = opts.queue, since = opts.since })
+local function change_all(cmd, q, opts, reason)
+  local n = q[cmd .. "_all"](q, { status = opts.status, queue = opts.queue, target = opts.target, since = opts.since },
+                             reason)
   if opts.json then
-    io_stdout:write(json_object{ { cmd == "retry" and "retried" or "cancelled", json(n) } }, "\n")
+    io_stdout:write(json_object{ { BULK_KEY[cmd], json(n) } }, "\n")
   else
-    io_stdout:write(("%d %s job%s%s%s %s\n"):format(n, opts.status, n == 1 and "" or "s",
-      opts.queue and " of queue " .. opts.queue or "", opts.since and " since " .. iso_s(opts.since) or "",
-      BULK_DONE[cmd]))
+    io_stdout:write(("%d %s job%s%s%s%s %s\n"):format(n, opts.status, n == 1 and "" or "s",
+      opts.queue and " of queue " .. opts.queue or "", opts.target and " with target " .. opts.target or "",
+      opts.since and " since " .. iso_s(opts.since) or "", BULK_DONE[cmd]))
   end
   return 0
 end
@@ -309,7 +316,7 @@ end
 --- retry, cancel, expire and fail: change job `id`, then say so.
 local function change(cmd)
   return function(q, opts, args)
-    if opts.status then return change_all(cmd, q, opts) end
+    if opts.status then return change_all(cmd, q, opts, #args > 0 and concat(args, " ") or nil) end
     local id = args[1]
     local before = q:job(id)
     local reason = #args > 1 and concat(args, " ", 2) or nil
@@ -326,11 +333,12 @@ local function change(cmd)
 end
 COMMANDS.retry, COMMANDS.cancel, COMMANDS.expire, COMMANDS.fail =
   change("retry"), change("cancel"), change("expire"), change("fail")
-COMMANDS.retry_opts = { ["--status"] = true, ["--queue"] = true, ["--since"] = true }
-COMMANDS.cancel_opts = COMMANDS.retry_opts
+COMMANDS.retry_opts = { ["--status"] = true, ["--queue"] = true, ["--target"] = true, ["--since"] = true }
+COMMANDS.cancel_opts, COMMANDS.fail_opts = COMMANDS.retry_opts, COMMANDS.retry_opts
 local BULK_FROM = {
   retry = { scheduled = true, retryable = true, completed = true, discarded = true, cancelled = true, expired = true },
   cancel = { available = true, scheduled = true, retryable = true, executing = true },
+  fail = { available = true, scheduled = true, retryable = true, executing = true },
 }
 
 --- { status = n } -> a JSON object, statuses in lifecycle order.
@@ -464,14 +472,14 @@ local function check_command(cmd, opts, args)
     end
   end
   local shape = SHAPES[cmd]
-  if BULK_FROM[cmd] and (opts.status or opts.queue or opts.since) then
-    if not opts.status then return nil, cmd .. ": --queue and --since choose among the jobs of a --status" end
-    if args[1] ~= nil then return nil, ("%s: give an ID or --status, not both"):format(cmd) end
+  if BULK_FROM[cmd] and (opts.status or opts.queue or opts.target or opts.since) then
+    if not opts.status then return nil, cmd .. ": --queue, --target and --since choose among the jobs of a --status" end
+    if args[1] ~= nil and cmd ~= "fail" then return nil, ("%s: give an ID or --status, not both"):format(cmd) end
     if not BULK_FROM[cmd][opts.status] then
       local ok = {}
       for _, st in ipairs(STATUSES) do if BULK_FROM[cmd][st] then ok[#ok + 1] = st end end
       return nil, ("%s: a job that is %s cannot be %s (--status %s expected)"):format(cmd, opts.status,
-        cmd == "retry" and "retried" or "cancelled", concat(ok, ", "))
+        BULK_KEY[cmd], concat(ok, ", "))
     end
     return true
   end

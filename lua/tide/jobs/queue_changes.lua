@@ -1,8 +1,9 @@
 --- tide.jobs.queue_changes — the queue's methods that change jobs: by hand, one at a time
 --- (q:retry, q:cancel, q:expire, q:fail), in batches (q:retry_all,
---- q:cancel_all), and q:prune.  tide.jobs.queue installs them on its
+--- q:cancel_all, q:fail_all), and q:prune.  tide.jobs.queue installs them on its
 --- queues, with its own checks; the statements are the stores'.
 local check = require "tide.engine.check"
+local S = require "tide.engine.sched"
 local job = require "tide.jobs.job"
 local json = require "tide.jobs.json"
 local time = require "tide.jobs.time"
@@ -64,19 +65,27 @@ end
 
 -- ===== changing many jobs at once, in batches
 
-local BULK_KEYS = check.options("q:retry_all", { status = true, queue = true, since = true, batch = true })
+local BULK_KEYS = check.options("q:retry_all", { status = true, queue = true, target = true, since = true,
+                                                batch = true, max = true })
 check.options("q:cancel_all", BULK_KEYS)
+check.options("q:fail_all", BULK_KEYS)
 local BULK_FROM = {
   retry_now = { "scheduled", "retryable", "completed", "discarded", "cancelled", "expired" },
   cancel = { "available", "scheduled", "retryable", "executing" },
+  fail = { "available", "scheduled", "retryable", "executing" },
 }
 
-local function bulk_rows(session, op, f, after, limit) return session:bulk(op, f, after, limit, session:now()) end
+local function bulk_rows(session, op, f, after, limit, err_of)
+  local now = session:now()
+  return session:bulk(op, f, after, limit, now, err_of and err_of(now))
+end
 
 --- Applies op to every job that matches filter f, BATCH jobs per statement
---- (each its own short transaction: workers claim and write between two),
---- in id order; returns how many changed.
-local function bulk(q, fname, op, f)
+--- (each its own short transaction: workers claim and write between two,
+--- and the loop turns between two when the caller is a task's own code),
+--- in id order, up to f.max; returns how many changed.  err_of(now): the
+--- error entry a failed job gets (op "fail").
+local function bulk(q, fname, op, f, err_of)
   check_q(fname, q)
   if type(f) ~= "table" then arg_error(fname, 1, "filter table { status =, queue =, since = }", f, 3) end
   check.known(fname, f, BULK_KEYS, nil, 3)
@@ -84,6 +93,8 @@ local function bulk(q, fname, op, f)
   for _, st in ipairs(BULK_FROM[op]) do from[st] = true end
   if not from[f.status] then opt_error(fname, "status", check.choices(from), f.status, 3) end
   if f.queue ~= nil and not job.is_name(f.queue) then opt_error(fname, "queue", "queue " .. job.NAME_EXPECTED, f.queue, 3) end
+  if f.target ~= nil and type(f.target) ~= "string" then opt_error(fname, "target", "string", f.target, 3) end
+  if f.max ~= nil and not check.is_count(f.max, 0) then opt_error(fname, "max", "integer >= 0", f.max, 3) end
   local since
   if f.since ~= nil then
     since = time.run_at_ms(f.since)
@@ -92,11 +103,11 @@ local function bulk(q, fname, op, f)
   if f.batch ~= nil and not (check.is_count(f.batch, 1) and f.batch <= 2147483647) then
     opt_error(fname, "batch", "integer from 1 to 2147483647", f.batch, 3)
   end
-  local filter = { status = f.status, queue = f.queue, since = since,
+  local filter = { status = f.status, queue = f.queue, target = f.target, since = since,
                    since_col = job.is_finished[f.status] and "completed_at" or "inserted_at" }
-  local total, after, limit = 0, 0, f.batch or 1000
-  while true do
-    local rows = with_session(q, fname, bulk_rows, op, filter, after, limit)
+  local total, after, limit, max = 0, 0, f.batch or 1000, f.max or math.huge
+  while total < max do
+    local rows = with_session(q, fname, bulk_rows, op, filter, after, math.min(limit, max - total), err_of)
     if #rows == 0 then return total end
     total, after = total + #rows, rows[#rows].id
     if op == "retry_now" then
@@ -105,14 +116,16 @@ local function bulk(q, fname, op, f)
       local st = q._txs[holder()]
       if st then for name in pairs(queues) do st.touched[name] = true end else notify(q, queues) end
     end
+    if S.in_task() then S.sleep(0) end      -- the loop turns between batches (the rest of the process goes on)
   end
+  return total
 end
 
 --- Makes every job of a status run again now, in batches: filter = { status
 --- (required: scheduled, retryable, completed, discarded, cancelled or
---- expired), queue, since (a UTC time: jobs that finished then or later;
---- for waiting statuses, that were enqueued then or later), batch (jobs
---- per statement, 1000) }.  Returns how many.  Like q:retry, a job that
+--- expired), queue, target, since (a UTC time: jobs that finished then or
+--- later; for waiting statuses, that were enqueued then or later), batch
+--- (jobs per statement, 1000), max (jobs changed at most) }.  Returns how many.  Like q:retry, a job that
 --- used its attempts gets one more; its errors are kept.
 function Queue:retry_all(f)
   local n = bulk(self, "q:retry_all", "retry_now", f)   -- (not a tail call: errors blame the caller)
@@ -124,6 +137,18 @@ end
 --- batches; the filter as q:retry_all's.  Returns how many.
 function Queue:cancel_all(f)
   local n = bulk(self, "q:cancel_all", "cancel", f)
+  return n
+end
+
+--- Fails by hand (discarded, `reason` added to its errors, as q:fail) every
+--- job of a status (available, scheduled, retryable or executing: a running
+--- attempt stops at its worker's next heartbeat), in batches; the filter as
+--- q:retry_all's.  Returns how many.
+function Queue:fail_all(f, reason)
+  if reason ~= nil and type(reason) ~= "string" then arg_error("q:fail_all", 2, "string or nil", reason) end
+  local text = json.text(reason or "failed by hand")
+  local n = bulk(self, "q:fail_all", "fail", f,
+                 function(now) return json.try_encode({ at = now, error = text }, nil, true) end)
   return n
 end
 

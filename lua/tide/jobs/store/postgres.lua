@@ -850,17 +850,24 @@ local BULK_SET = {
   retry_now = "status = 'available', run_at = $2, completed_at = NULL, "
     .. "max_attempts = greatest(max_attempts, attempt + 1)",
   cancel = "status = 'cancelled', completed_at = $2",
+  fail = "status = 'discarded', completed_at = $2, errors = coalesce(errors, '[]'::jsonb) || jsonb_build_array($8::jsonb)",
 }
 
 --- (Rows are locked in id order, as every statement of the store locks
 --- them, and waited for: a job a worker writes now is changed after it.)
-function Session:bulk(op, f, after, limit, now)
+function Session:bulk(op, f, after, limit, now, err)
   local sql = "UPDATE tide_jobs SET " .. BULK_SET[op] .. " WHERE id IN (SELECT id FROM tide_jobs WHERE id > $1 "
     .. (op == "retry_now" and "AND lease_owner IS NULL " or "")
     .. "AND status = $3" .. (f.queue and " AND queue = $4" or " AND $4::text IS NULL")
     .. (f.since and (" AND %s >= $5"):format(f.since_col) or " AND $5::bigint IS NULL")
+    .. (f.target and " AND target = $7" or " AND $7::text IS NULL")
     .. " ORDER BY id LIMIT $6 FOR UPDATE) RETURNING id, queue"
-  local list = self.c:query(sql, after, now, f.status, f.queue, f.since, limit).rows
+  local list
+  if op == "fail" then
+    list = self.c:query(sql, after, now, f.status, f.queue, f.since, limit, f.target, err).rows
+  else
+    list = self.c:query(sql, after, now, f.status, f.queue, f.since, limit, f.target).rows
+  end
   table.sort(list, function(a, b) return a.id < b.id end)
   return list
 end

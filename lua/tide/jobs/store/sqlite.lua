@@ -857,18 +857,21 @@ function Session:pending(queues, now) return (locked(self, pending, self, queues
 local BULK_SET = {
   retry_now = "status = 'available', run_at = ?2, completed_at = NULL, max_attempts = max(max_attempts, attempt + 1)",
   cancel = "status = 'cancelled', completed_at = ?2",
+  fail = "status = 'discarded', completed_at = ?2, errors = json_insert(coalesce(errors, '[]'), '$[#]', json(?8))",
 }
 
---- Applies op ("retry_now" or "cancel") to the next `limit` jobs after id
---- `after` that match f (status, queue, since: ms, since_col) in one
---- statement (its own short write transaction, outside the caller's);
---- returns the rows changed: { id, queue }, in id order.
-function Session:bulk(op, f, after, limit, now)
+--- Applies op ("retry_now", "cancel" or "fail": `err` the error entry,
+--- JSON) to the next `limit` jobs after id `after` that match f (status,
+--- queue, target, since: ms, since_col) in one statement (its own short
+--- write transaction, outside the caller's); returns the rows changed:
+--- { id, queue }, in id order.
+function Session:bulk(op, f, after, limit, now, err)
   local sql = "UPDATE tide_jobs SET " .. BULK_SET[op] .. " WHERE id IN (SELECT id FROM tide_jobs WHERE id > ?1 "
     .. (op == "retry_now" and "AND lease_owner IS NULL " or "")
     .. "AND status = ?3" .. (f.queue and " AND queue = ?4" or "") .. (f.since and (" AND %s >= ?5"):format(f.since_col) or "")
+    .. (f.target and " AND target = ?7" or "")
     .. " ORDER BY id LIMIT ?6) RETURNING id, queue"
-  local list = locked(self, user_rows, self, sql, after, now, f.status, f.queue, f.since, limit)
+  local list = locked(self, user_rows, self, sql, after, now, f.status, f.queue, f.since, limit, f.target, err)
   table.sort(list, function(a, b) return a.id < b.id end)
   return list
 end
