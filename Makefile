@@ -59,12 +59,10 @@ deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-# ---- Lua sources compiled to LuaJIT bytecode (with debug info, for tracebacks),
-# their pairs() loops in the generic form Debian's LuaJIT compiles soundly
-# (src/bcgen.lua says why)
-$(BUILD)/gen/tide/%.h: lua/tide/%.lua src/bcgen.lua
+# ---- Lua sources compiled to LuaJIT bytecode (with debug info, for tracebacks)
+$(BUILD)/gen/tide/%.h: lua/tide/%.lua
 	@mkdir -p $(@D)
-	$(LUAJIT) src/bcgen.lua $(call modname,$<) $< $@
+	$(LUAJIT) -b -g -t h -n $(call modname,$<) $< $@
 
 # The table of modules; its list of names is rewritten only when it changes,
 # so adding or removing a module rebuilds it.

@@ -236,6 +236,22 @@ function M.dependents(def, node)
   return out
 end
 
+--- The keys of t, in a new list.  Interpreted only, and kept apart so that
+--- the rest of a definition is compiled: twice in CI, Debian 12's LuaJIT
+--- (2.1.0~beta3+git20220320) ended the loop that numbered the tasks early,
+--- inside M.define, and a definition lost tasks ("task 'n4' depends on
+--- unknown task 'n2'", a nil node at the linking): the symptom of LuaJIT
+--- issue #827 (a pairs() loop whose trace is blacklisted stops after one
+--- key; fixed upstream in April 2022).  Not reproduced outside the suite.
+--- M.define interpreted whole cost twice the time (1.5-1.8 us a node of a
+--- 100,000-node DAG, against 0.7); this loop alone, ~0.03 us.
+local function keys_of(t)
+  local out, n = {}, 0
+  for k in pairs(t) do n = n + 1; out[n] = k end
+  return out
+end
+jit.off(keys_of)
+
 local Definition_mt = { __index = function(def, k) if k == "order" then return M.order(def) end end }
 
 --- Validates a flow's options (tide.flow's: name, concurrency, fail,
@@ -283,11 +299,13 @@ function M.define(fname, opts, is_flow)
   -- One pass checks the tasks and numbers them; one more links them.  The
   -- tables are sized first: grown one key at a time, 100,000 names cost
   -- more in rehashing than in checking.
-  local n = 0
-  for _ in pairs(tasks) do n = n + 1 end
+  local names = keys_of(tasks)
+  local n = #names
   local nodes, list = table_new(0, n), table_new(n, 0)
   local i = 0
-  for tname, spec in pairs(tasks) do
+  for j = 1, n do
+    local tname = names[j]
+    local spec = tasks[tname]
     if type(tname) ~= "string" then error(("%s: %s: task names must be strings, got %s"):format(fname, fdesc, check.describe(tname)), 3) end
     local node = check_task(fname, fdesc, tname, spec, is_flow)
     i = i + 1
