@@ -496,3 +496,34 @@ describe("review revsup: a crew member that fails outside a child's code", funct
     assert.same({ "flow 'f' crew member of task 'b': engine bug" }, seen)
   end)
 end)
+
+describe("review revsup: commands to a supervisor cooling down", function()
+  before_each(H.quiet_start)
+  after_each(H.quiet_end)
+
+  -- Broken: while a supervisor cooled down after giving up, its children
+  -- were down and terminate_child and restart_child answered true and did
+  -- nothing: a child terminated then started again with the others at the
+  -- end of the cool-down, against what was asked.  They are refused now,
+  -- saying why; start_child and delete_child still change the specs.
+  it("refuses terminate_child and restart_child, saying it is cooling down", function()
+    local got, starts = {}, { c = 0, d = 0 }
+    H.run(function()
+      local sup = tide.supervisor{ name = "top", intensity = 1, period = 1000, cooldown = { base = 100, max = 100 },
+        children = { { id = "c", start = function() starts.c = starts.c + 1; error("boom") end },
+                     { id = "d", shutdown = 10, start = function() starts.d = starts.d + 1; tide.sleep(10000) end } } }
+      sup:start()
+      tide.sleep(30)
+      got.state = sup.state
+      got.terminate = { sup:terminate_child("d") }
+      got.restart = { sup:restart_child("c") }
+      sup:stop()
+      sup:await(2000)
+    end)
+    assert.equal("cooling down", got.state)
+    assert.same({ nil, "supervisor:terminate_child: 'top' is cooling down (its children are down until it starts "
+                  .. "them again)" }, got.terminate)
+    assert.same({ nil, "supervisor:restart_child: 'top' is cooling down (its children are down until it starts "
+                  .. "them again)" }, got.restart)
+  end)
+end)

@@ -514,12 +514,18 @@ end
 --- A command about child `id`: nil and a message when it has no such child.
 --- Tail-called by the methods: its errors blame their caller's line.
 --- Once stop was asked, a restart or a termination is refused: the stop
---- goes first, and the child would never run again (it answered true).
+--- goes first, and the child would never run again (it answered true); so
+--- are they while it cools down (they would change nothing).
 local function child_command(fname, sup, name, id)
   check_child_call(fname, sup, id)
   if not sup.ids[id] then return nil, ("%s: no child '%s'"):format(fname, tostring(id)) end
   if sup.stop_asked and name ~= "delete_child" and sup.task and not S.TERMINAL[sup.task:status()] then
     return nil, ("%s: '%s' is stopping"):format(fname, sup.name)
+  end
+  -- Cooling down, its children are down and all start again with it: a
+  -- termination would be undone then, and a restart is what comes anyway.
+  if sup.state == "cooling down" and name ~= "delete_child" then
+    return nil, ("%s: '%s' is cooling down (its children are down until it starts them again)"):format(fname, sup.name)
   end
   return command(fname, sup, name, id)
 end
