@@ -527,3 +527,27 @@ describe("review revsup: commands to a supervisor cooling down", function()
                   .. "them again)" }, got.restart)
   end)
 end)
+
+describe("review revsup: a full thread or process pool and a function that cannot cross", function()
+  before_each(H.quiet_start)
+  after_each(H.quiet_end)
+
+  -- Broken: a plain function was checked for crossing only when the task
+  -- was made; a full pool answered nil, "queue full" to a closure it could
+  -- never run, which an empty pool refused with an error.
+  for _, mode in ipairs{ "thread", "process" } do
+    it("raises as an empty one does (" .. mode .. ")", function()
+      local got
+      H.run(function()
+        local p = tide.pool{ concurrency = 1, queue_limit = 0, mode = mode }
+        local busy = p:submit(function() local t0 = os.clock() while os.clock() - t0 < 0.3 do end end)
+        local up = 1
+        local ok, err = pcall(p.submit, p, function() return up end)
+        got = { ok, err }
+        busy:await()
+      end)
+      assert.is_false(got[1])
+      assert.matches("pool:submit: bad option 'run' %(a function with upvalues cannot cross to a " .. mode, got[2])
+    end)
+  end
+end)

@@ -90,7 +90,11 @@ end
 --- blame the caller of `fname`.
 function M.check_spec(fname, default_mode, spec, ...)
   local kind = type(spec)
-  if kind == "function" then return end
+  if kind == "function" then                     -- in a thread or process pool it must cross
+    if default_mode == "thread" then thread.payload(fname, spec, nil, 3)
+    elseif default_mode == "process" then process.payload(fname, spec, nil, 3) end
+    return
+  end
   if kind ~= "table" then arg_error(fname, 1, "function or table", spec, 3) end
   check_spec(fname, default_mode, spec, select("#", ...))
 end
