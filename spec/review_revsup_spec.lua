@@ -551,3 +551,23 @@ describe("review revsup: a full thread or process pool and a function that canno
     end)
   end
 end)
+
+describe("review revsup: a task that retries f:run()", function()
+  before_each(H.quiet_start)
+  after_each(H.quiet_end)
+
+  -- Broken: the run of an attempt that timed out (and was retried) ended
+  -- "error", as if a task of the flow had failed: the attempt's own
+  -- outcome was not known to the hook that stops its run.
+  it("ends the run of a timed-out attempt as timeout", function()
+    local done = {}
+    H.run(function()
+      local f = tide.flow{ name = "slow", tasks = { a = { run = function() tide.sleep(1000) return 1 end } },
+                           on = { flow_done = function(ev) done[#done + 1] = ev.status end } }
+      local t = tide.spawn{ run = function() return f:run() end, timeout = 30,
+                            retry = { max_attempts = 2, backoff = "fixed", base = 1, jitter = false } }
+      t:await()
+    end)
+    assert.same({ "timeout", "timeout" }, done)
+  end)
+end)

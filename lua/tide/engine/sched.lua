@@ -355,6 +355,16 @@ end
 --- The state of a task ("pending", "running", "retrying", or terminal).
 function S.state(t) return t[STATE] end
 
+--- How the attempt that is ending ended, for an on_attempt_end hook:
+--- "ok", "error", "timeout" or "cancelled", whether the task is retried
+--- ("retrying" comes after the hooks) or finished.
+function S.attempt_outcome(t)
+  local s = t[STATE]
+  if TERMINAL[s] then return s end
+  local o = t[OPT]
+  return o and o.attempt_status or s
+end
+
 --- Stands for t's current attempt (its coroutine), or false between
 --- attempts: an attempt that ended never comes back, so a saved value
 --- that no longer equals S.attempt_of(t) means "that attempt is over".
@@ -523,6 +533,7 @@ function settle(t, status, ...)
   local o = t[OPT]
   local p = o and o.retry
   if p and p.on[status] and t[ATTEMPTS] < p.attempts and not shutdown.shutting then
+    o.attempt_status = status                -- (for its on_attempt_end hooks: S.attempt_outcome)
     end_attempt(t)
     t[STATE] = "retrying"
     stats.retries = stats.retries + 1

@@ -642,7 +642,8 @@ local function drive(f, input, handle)
   local me = S.current()
   local function stop_with_attempt(t)
     if not run.done then
-      stop_run(run, S.state(t) == "cancelled" and "cancelled" or "error", "flow cancelled")
+      local s = S.attempt_outcome(t)
+      stop_run(run, (s == "cancelled" or s == "timeout") and s or "error", "flow cancelled")
     end
   end
   S.on_attempt_end(me, stop_with_attempt)
