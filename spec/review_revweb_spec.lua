@@ -291,4 +291,37 @@ describe("review revweb: the metrics endpoint", function()
     assert.matches("^HTTP/1.1 401", no_head)
     assert.matches("\r\nx%-content%-type%-options: nosniff\r\n", no_head)
   end)
+
+  -- Left from the review, done since: on loopback without a token, a page
+  -- from anywhere could read the metrics through DNS rebinding (its own
+  -- name resolved to 127.0.0.1, the browser sends that name as Host).  A
+  -- Host that is not an address, localhost or this machine's name is
+  -- refused now; with a token (or off loopback) any Host goes.
+  it("answers on loopback without a token only to the names of this machine", function()
+    local codes = {}
+    local core = require "tide.core"
+    H.run(function()
+      local srv = assert(tide.metrics.serve{ port = 0 })
+      local with_token = assert(tide.metrics.serve{ port = 0, token = "t0ken" })
+      local function code(s, host, extra)
+        local header = host and "'Host: " .. host .. "'" or "'Host:'"       -- (curl sends no Host for the latter)
+        return shell(("env -u LD_PRELOAD curl -s -o /dev/null -w '%%{http_code}' -H %s %s '%s'")
+          :format(header, extra or "", s:url("/metrics")))
+      end
+      for _, host in ipairs{ "127.0.0.1:" .. srv.port, "localhost:" .. srv.port, "localhost", "[::1]:" .. srv.port,
+                             core.hostname() .. ":" .. srv.port, "app.localhost", "10.1.2.3" } do
+        codes[host] = code(srv, host)
+      end
+      codes.rebound = code(srv, "attacker.example:" .. srv.port)
+      codes.none = code(srv, nil)                      -- a client without Host (browsers always send one)
+      codes.empty = code(srv, " ")
+      codes.token = code(with_token, "attacker.example", "-H 'Authorization: Bearer t0ken'")
+      srv:close()
+      with_token:close()
+    end)
+    for host, c in pairs(codes) do
+      if host == "rebound" or host == "empty" then assert.equal("403", c, host)
+      else assert.equal("200", c, host) end
+    end
+  end)
 end)

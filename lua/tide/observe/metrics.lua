@@ -343,11 +343,33 @@ local function plain(ctype, extra)
   return hd
 end
 
+--- Whether a request's Host names this machine: an IP address, localhost
+--- (or a name under it), or this machine's own name; or no Host at all
+--- (browsers always send one).  Served on loopback without a token, the
+--- metrics answer only such requests: a page whose own name an attacker
+--- resolved to 127.0.0.1 (DNS rebinding) sends that name.
+local function names_this_machine(host)
+  if host == nil then return true end
+  host = host:lower()
+  if host:match("^%[[%x:.]+%]:?%d*$") then return true end        -- [IPv6]
+  local name = host:match("^([^:]*):?%d*$")
+  if not name then return false end
+  if name:match("^%d+%.%d+%.%d+%.%d+$") then return true end
+  if name == "localhost" or name:match("%.localhost$") then return true end
+  return name ~= "" and name == core.hostname():lower()
+end
+
 --- A handler for tide.engine.http: GET `path` answers with the metrics.
+--- opts.local_only: only to requests whose Host names this machine.
 function M.handler(opts)
   local path = opts.path or "/metrics"
   local ropts = { queues = opts.queues, every = opts.every }
+  local local_only = opts.local_only
   return function(req)
+    if local_only and not names_this_machine(req.headers.host) then
+      return 403, plain("text/plain"), "forbidden: this endpoint answers on loopback to the names of this machine "
+        .. "(give it a token to be reached by other names)\n"
+    end
     if req.path ~= path then return 404, plain("text/plain"), "not found; metrics are at " .. path .. "\n" end
     if req.method ~= "GET" and req.method ~= "HEAD" then
       return 405, plain("text/plain", { allow = "GET, HEAD" }), "method not allowed\n"
@@ -390,7 +412,8 @@ function M.serve(opts)
   local host = opts.host or "127.0.0.1"
   local srv, err = http.serve{ host = host, port = opts.port or 9464, name = "metrics", keep_loop = opts.keep_loop,
                                handler = M.handler{ token = opts.token, queues = queues, every = opts.every,
-                                                    path = opts.path } }
+                                                    path = opts.path,
+                                                    local_only = http.is_loopback(host) and not opts.token } }
   if not srv then return nil, fname .. ": " .. err end
   if not http.is_loopback(srv.host) and not opts.token then
     io.stderr:write(("tide: warning: metrics on %s:%d without a token: anyone who can reach this address can read them\n")
