@@ -132,35 +132,47 @@ function M.new(opts)
     name = opts.name or "supervisor", strategy = strategy, intensity = intensity, period = period,
     on_give_up = opts.on_give_up, cooldown = cooldown, specs = children, ids = ids,
     on_give_up_positional = opts.on_give_up and check.positional_hook(fname, "on_give_up", opts.on_give_up, 2) or nil,
-    state = "stopped", children = {}, restarts = { head = 1, tail = 0 }, mailbox = {}, waiting = false,
+    state = "stopped", children = {}, restarts = { head = 1, tail = 0 }, mailbox = { head = 1, tail = 0 }, waiting = false,
     task = nil, parent = nil, gave_up = 0,
   }, Sup_mt)
 end
 
 -- ===== the mailbox: events handled one at a time by the supervisor's task
 
+-- A queue: { head, tail, [head..tail] = events }.  (A list popped from its
+-- front cost each event a move of every event behind it: 20,000 children
+-- crashing at once took 80 us each to restart, against 19 for 2,000.)
+local function new_box() return { head = 1, tail = 0 } end
+
 local function post(sup, event)
   local box = sup.mailbox
-  box[#box + 1] = event
+  local tail = box.tail + 1
+  box[tail], box.tail = event, tail
   S.notify(sup)
 end
 
 --- The next event; with `ms`, nil once that much time passed without one.
 local function receive(sup, ms)
-  local box = sup.mailbox
   local deadline = ms and S.now() + ms
-  while #box == 0 do
+  while sup.mailbox.head > sup.mailbox.tail do
     local left = deadline and deadline - S.now()
     if left and left <= 0 then return nil end
     S.wait_for(sup, "supervisor", left)
   end
-  return table.remove(box, 1)
+  local box = sup.mailbox
+  local head = box.head
+  local ev = box[head]
+  box[head], box.head = nil, head + 1
+  return ev
 end
 
 --- Drops the exits of children from an earlier run (commands stay).
 local function drop_stale_exits(sup)
-  local keep = {}
-  for _, ev in ipairs(sup.mailbox) do if ev[1] ~= "exit" then keep[#keep + 1] = ev end end
+  local box, keep = sup.mailbox, new_box()
+  for i = box.head, box.tail do
+    local ev = box[i]
+    if ev[1] ~= "exit" then keep.tail = keep.tail + 1; keep[keep.tail] = ev end
+  end
   sup.mailbox = keep
 end
 
@@ -197,7 +209,7 @@ local function start_child(sup, c)
   if nested then
     local why = busy("supervisor '" .. sup.name .. "'", c)
     if why then error(why, 0) end
-    nested.parent, nested.mailbox = sup, {}     -- its commands count from now on
+    nested.parent, nested.mailbox = sup, new_box()   -- its commands count from now on
     run, args = run_supervisor, { n = 1, nested }
   else
     run = c.start
@@ -224,8 +236,18 @@ local function stop_child(sup, rec)
   if sup.children[rec.spec.id] == rec then sup.children[rec.spec.id] = nil end
 end
 
+--- The index of child `id` in sup.specs, or nil.  Through a map of ids,
+--- checked at each use and made anew when the specs changed (a child
+--- added, deleted): a scan per exit made 20,000 children that crashed at
+--- once cost 3x as much each as 2,000 (bench/supervisor.lua).
 local function index_of(sup, id)
-  for i, c in ipairs(sup.specs) do if c.id == id then return i end end
+  local specs, map = sup.specs, sup.spec_index
+  local i = map and map[id]
+  if i and specs[i] and specs[i].id == id then return i end
+  map = {}
+  for k, c in ipairs(specs) do map[c.id] = k end
+  sup.spec_index = map
+  return map[id]
 end
 
 --- Stops the children from index `from` on, last started first; returns
@@ -403,8 +425,9 @@ function run_supervisor(sup)
   -- specs: each answered true and took or freed an id.
   S.on_finish(sup.task, function()
     running[sup] = nil
-    for _, ev in ipairs(sup.mailbox) do keep_spec_change(sup, ev) end
-    sup.mailbox = {}
+    local box = sup.mailbox
+    for i = box.head, box.tail do keep_spec_change(sup, box[i]) end
+    sup.mailbox = new_box()
     for _, rec in pairs(sup.children) do
       rec.stopping = true
       if not S.TERMINAL[rec.task:status()] then rec.task:cancel("supervisor " .. sup.name .. " ended") end
@@ -476,7 +499,7 @@ function Sup.start(sup)
   end
   sup.gave_up = 0
   sup.stop_asked = nil
-  sup.mailbox = {}                              -- commands count from now on, in order
+  sup.mailbox = new_box()                       -- commands count from now on, in order
   sup.task = spawn{ run = run_supervisor, args = { sup }, name = sup.name }
   sup.state = starting_state(sup.task)
   return sup
