@@ -30,3 +30,32 @@ describe("review rev2: pool:submit on a full thread or process pool", function()
     end)
   end)
 end)
+
+describe("review rev2: metrics served by the command line", function()
+  before_each(H.quiet_start)
+  after_each(H.quiet_end)
+
+  -- Broken: `tide run|worker|web --metrics 127.0.0.1:PORT` (tide.cli.web's
+  -- listen) served the metrics with no token and no Host check: the DNS
+  -- rebinding that tide.metrics.serve now refuses read them there.
+  it("refuses a Host that does not name this machine, alone or beside the dashboard", function()
+    local codes = {}
+    H.run(function()
+      local web = require "tide.cli.web"
+      local q = tide.queue.open("sqlite::memory:")
+      local alone = assert(web.listen("tide worker", { metrics = "127.0.0.1:0" }))
+      local both = assert(web.listen("tide web", { web = "127.0.0.1:0", metrics = "127.0.0.1:0", queue = q }))
+      local function code(srv, host)
+        return (H.sh_on_thread(("env -u LD_PRELOAD curl -s -o /dev/null -w '%%{http_code}' -H 'Host: %s' '%s'")
+          :format(host, srv:url("/metrics"))))
+      end
+      codes.alone_local = code(alone.metrics, "127.0.0.1")
+      codes.alone_rebound = code(alone.metrics, "attacker.example")
+      codes.both_local = code(both.metrics, "localhost")
+      codes.both_rebound = code(both.metrics, "attacker.example")
+      for _, l in ipairs{ alone, both } do for _, s in ipairs(l.servers) do s:close() end end
+      q:close()
+    end)
+    assert.same({ alone_local = "200", alone_rebound = "403", both_local = "200", both_rebound = "403" }, codes)
+  end)
+end)
