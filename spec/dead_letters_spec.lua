@@ -263,7 +263,7 @@ for _, store in ipairs(H.stores()) do
                      .. "scheduled, executing, retryable expected%)\n", out)
       status, out = jobs("retry --queue mail")
       assert.equal(2, status)
-      assert.matches("^tide jobs: retry: %-%-queue and %-%-since choose among the jobs of a %-%-status\n", out)
+      assert.matches("^tide jobs: retry: %-%-queue, %-%-target and %-%-since choose among the jobs of a %-%-status\n", out)
     end)
   end)
 end
