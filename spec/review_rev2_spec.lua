@@ -59,3 +59,26 @@ describe("review rev2: metrics served by the command line", function()
     assert.same({ alone_local = "200", alone_rebound = "403", both_local = "200", both_rebound = "403" }, codes)
   end)
 end)
+
+describe("review rev2: bulk changes from a task's code inside a C call (SQLite)", function()
+  before_each(H.quiet_start)
+  after_each(H.quiet_end)
+
+  -- Broken: the loop's turn between batches (tide.sleep(0)) was taken
+  -- whenever the caller was a task, even where it cannot wait (a gsub or
+  -- sort callback): the first batch was committed, then the call raised
+  -- "tide.sleep: cannot wait inside a C call".  A SQLite store needs no
+  -- wait, and before the change the call worked there.
+  it("changes every job, turning the loop only where it can", function()
+    local got = {}
+    H.run(function()
+      local q = tide.queue.open("sqlite::memory:")
+      for _ = 1, 5 do q:enqueue{ target = "t", method = "m", run_at = 4102444800000 } end
+      local ok, n
+      string.gsub("x", "x", function() ok, n = pcall(q.cancel_all, q, { status = "scheduled", batch = 2 }) end)
+      got.ok, got.n = ok, n
+      q:close()
+    end)
+    assert.same({ true, 5 }, { got.ok, got.n })
+  end)
+end)
