@@ -82,3 +82,27 @@ describe("review rev2: bulk changes from a task's code inside a C call (SQLite)"
     assert.same({ true, 5 }, { got.ok, got.n })
   end)
 end)
+
+describe("review rev2: tide jobs fail --status", function()
+  local dir = H.tempdir()
+  local tidecli = H.cli(dir)
+  teardown(function() os.execute("rm -rf " .. dir) end)
+
+  -- Broken: `tide jobs fail 2 --status scheduled` (an ID, and --status
+  -- added by mistake) took "2" for the reason and discarded every
+  -- scheduled job; retry and cancel refuse an ID beside --status.
+  it("refuses an ID beside --status, changing nothing", function()
+    local store = ("sqlite:%s/fail.db"):format(dir)
+    for _ = 1, 3 do tidecli("enqueue", store, "--delay 1h pay m") end
+    local status, out, err = tidecli("jobs", store, "fail 2 --status scheduled")
+    assert.equal(2, status, out)
+    assert.matches("^tide jobs: fail: give an ID or %-%-status, not both", err)
+    assert.equal("", out)
+    local _, list = tidecli("jobs", store, "list --json")
+    for _, j in ipairs(cjson.decode(list)) do assert.equal("scheduled", j.status) end
+    -- a reason in words still goes
+    status, out, err = tidecli("jobs", store, "fail --status scheduled the card expired")
+    assert.equal(0, status, err)
+    assert.equal("3 scheduled jobs discarded\n", out)
+  end)
+end)

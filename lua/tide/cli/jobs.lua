@@ -474,7 +474,12 @@ local function check_command(cmd, opts, args)
   local shape = SHAPES[cmd]
   if BULK_FROM[cmd] and (opts.status or opts.queue or opts.target or opts.since) then
     if not opts.status then return nil, cmd .. ": --queue, --target and --since choose among the jobs of a --status" end
-    if args[1] ~= nil and cmd ~= "fail" then return nil, ("%s: give an ID or --status, not both"):format(cmd) end
+    -- (fail's words are its reason, but an ID first was meant as one job:
+    -- taken for the reason, it discarded every job of the status)
+    if args[1] ~= nil and (cmd ~= "fail" or job_id(args[1])) then
+      return nil, ("%s: give an ID or --status, not both%s"):format(cmd,
+        cmd == "fail" and " (a REASON cannot start with a number)" or "")
+    end
     if not BULK_FROM[cmd][opts.status] then
       local ok = {}
       for _, st in ipairs(STATUSES) do if BULK_FROM[cmd][st] then ok[#ok + 1] = st end end
