@@ -168,7 +168,8 @@ Commands:
   fail ID [REASON]      discard it, recording REASON
   fail --status S [--queue Q] [--target T] [--since TIME] [REASON]
                         discard every job of status S (as cancel), recording
-                        REASON, in batches; prints how many
+                        REASON (words; a first one that is a number is
+                        refused, as an ID), in batches; prints how many
   stats                 how many jobs per queue and status
   schedules [--next N]  the cron schedules workers run (registered when a
                         worker starts), each with its next N run times
