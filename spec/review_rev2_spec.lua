@@ -106,3 +106,36 @@ describe("review rev2: tide jobs fail --status", function()
     assert.equal("3 scheduled jobs discarded\n", out)
   end)
 end)
+
+describe("review rev2: a fan-out whose child fails during a shutdown", function()
+  before_each(H.quiet_start)
+  after_each(H.quiet_end)
+
+  -- Broken: during a shutdown's grace, a child that failed cancelled its
+  -- siblings (exit_on_error), and those cancels were taken for the
+  -- shutdown's: the node ended "cancelled: child 2 was cancelled:
+  -- shutdown", the run cancelled, and the failure was lost.
+  it("ends the node in error, naming the failed child, not as cancelled by the shutdown", function()
+    local out = { children = {} }
+    H.run(function()
+      local f = tide.flow{ name = "f", tasks = {
+        b = { items = function() return { 1, 2, 3 } end, timeout = 5000, concurrency = 3,
+              each = function(x)
+                if x == 1 then tide.sleep(50); error("boom", 0) end
+                tide.sleep(1000)
+                return x
+              end },
+      }, on = { flow_done = function(ev) out.status, out.report = ev.status, ev.report end,
+                child_done = function(ev) out.children[ev.index] = ev.status end } }
+      local t = tide.spawn(function() return f:run() end)
+      tide.sleep(10)
+      tide.shutdown(5000)
+      t:await()
+    end)
+    assert.same({ "error", "cancelled", "cancelled" }, out.children)
+    assert.equal("error", out.status)
+    local b = out.report.tasks.b
+    assert.equal("error", b.status)
+    assert.equal("child 1 ended in error: boom", b.error)
+  end)
+end)
