@@ -139,3 +139,35 @@ describe("review rev2: a fan-out whose child fails during a shutdown", function(
     assert.equal("child 1 ended in error: boom", b.error)
   end)
 end)
+
+describe("review rev2: a supervisor giving up", function()
+  before_each(H.quiet_start)
+  after_each(H.quiet_end)
+
+  -- Broken: f323cbb refused terminate_child and restart_child while the
+  -- supervisor cools down, but not in the moment before, while it gives up
+  -- (its children stopping, each given its shutdown time): they answered
+  -- true and did nothing, and the terminated child started again with the
+  -- others at the end of the cool-down.
+  it("refuses terminate_child and restart_child, saying so", function()
+    local got, starts = {}, { c = 0, d = 0 }
+    H.run(function()
+      local sup = tide.supervisor{ name = "top", intensity = 1, period = 1000, cooldown = { base = 100, max = 100 },
+        children = {
+          { id = "d", shutdown = 200, start = function() starts.d = starts.d + 1; while true do tide.sleep(5) end end },
+          { id = "c", start = function() starts.c = starts.c + 1; tide.sleep(20); error("boom") end } } }
+      sup:start()
+      for _ = 1, 200 do tide.sleep(2); if sup.state == "giving up" then break end end
+      got.state = sup.state
+      got.terminate = { sup:terminate_child("d") }
+      got.restart = { sup:restart_child("c") }
+      sup:stop()
+      sup:await(2000)
+    end)
+    assert.equal("giving up", got.state)
+    assert.same({ nil, "supervisor:terminate_child: 'top' is giving up (its children are stopping, and all start "
+                  .. "again with it)" }, got.terminate)
+    assert.same({ nil, "supervisor:restart_child: 'top' is giving up (its children are stopping, and all start "
+                  .. "again with it)" }, got.restart)
+  end)
+end)
