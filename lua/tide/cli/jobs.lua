@@ -168,7 +168,8 @@ Commands:
   fail ID [REASON]      discard it, recording REASON
   fail --status S [--queue Q] [--target T] [--since TIME] [REASON]
                         discard every job of status S (as cancel), recording
-                        REASON, in batches; prints how many
+                        REASON (words; a first one that is a number is
+                        refused, as an ID), in batches; prints how many
   stats                 how many jobs per queue and status
   schedules [--next N]  the cron schedules workers run (registered when a
                         worker starts), each with its next N run times
@@ -474,7 +475,12 @@ local function check_command(cmd, opts, args)
   local shape = SHAPES[cmd]
   if BULK_FROM[cmd] and (opts.status or opts.queue or opts.target or opts.since) then
     if not opts.status then return nil, cmd .. ": --queue, --target and --since choose among the jobs of a --status" end
-    if args[1] ~= nil and cmd ~= "fail" then return nil, ("%s: give an ID or --status, not both"):format(cmd) end
+    -- (fail's words are its reason, but an ID first was meant as one job:
+    -- taken for the reason, it discarded every job of the status)
+    if args[1] ~= nil and (cmd ~= "fail" or job_id(args[1])) then
+      return nil, ("%s: give an ID or --status, not both%s"):format(cmd,
+        cmd == "fail" and " (a REASON cannot start with a number)" or "")
+    end
     if not BULK_FROM[cmd][opts.status] then
       local ok = {}
       for _, st in ipairs(STATUSES) do if BULK_FROM[cmd][st] then ok[#ok + 1] = st end end

@@ -73,7 +73,11 @@ function M.listen(prog, spec)
     if not ok then return nil, h end
     web_handler, tok = h, t
   end
-  local metrics_handler = spec.metrics and metrics.handler{ queues = { spec.queue } }
+  -- No token for the metrics here: on loopback they answer only to the
+  -- names of this machine (DNS rebinding: see tide.metrics.handler).
+  local mhost = spec.metrics and http.parse_address(spec.metrics)
+  local metrics_handler = spec.metrics and metrics.handler{ queues = { spec.queue },
+                                                            local_only = mhost and http.is_loopback(mhost) or false }
   local function start(addr, handler, name)
     local host, port = http.parse_address(addr)
     local srv, err = http.serve{ host = host, port = port, handler = handler, name = name, keep_loop = spec.keep_loop }

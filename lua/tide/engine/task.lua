@@ -86,17 +86,22 @@ local function check_spec(fname, default_mode, spec, nextra)
 end
 
 --- Checks `spec, ...` as make_task would, without making a task (a pool
---- that refuses it for being full still refuses misuse first); errors
---- blame the caller of `fname`.
+--- that refuses it for being full still refuses misuse first), what crosses
+--- to a thread or a process included (the function and its arguments, given
+--- plainly or in an option table); errors blame the caller of `fname`.
 function M.check_spec(fname, default_mode, spec, ...)
   local kind = type(spec)
-  if kind == "function" then                     -- in a thread or process pool it must cross
-    if default_mode == "thread" then thread.payload(fname, spec, nil, 3)
-    elseif default_mode == "process" then process.payload(fname, spec, nil, 3) end
-    return
+  local mode, run, args
+  if kind == "function" then
+    local n = select("#", ...)
+    mode, run, args = default_mode, spec, n > 0 and { n = n, ... } or nil
+  else
+    if kind ~= "table" then arg_error(fname, 1, "function or table", spec, 3) end
+    mode, args = check_spec(fname, default_mode, spec, select("#", ...))
+    run = spec.run
   end
-  if kind ~= "table" then arg_error(fname, 1, "function or table", spec, 3) end
-  check_spec(fname, default_mode, spec, select("#", ...))
+  if mode == "thread" then thread.payload(fname, run, args, 3)
+  elseif mode == "process" then process.payload(fname, run, args, 3) end
 end
 
 --- Builds a pending task from `fn, ...` or an option table (shared by

@@ -423,7 +423,8 @@ local function fan_out(run, i, items)
     counts[s] = counts[s] + 1
     if s == "ok" then values[k] = value end
     if run.flow.on.child_done then hook(run, "child_done", { task = node.name, index = k, status = s, value = value }) end
-    if s == "cancelled" and S.shutting_down() and not fan.shut then
+    -- (a sibling's failure cancelled the others itself: those cancels are not the shutdown's)
+    if s == "cancelled" and S.shutting_down() and not fan.shut and not (failed_err and node.exit_on_error) then
       fan.shut = k                          -- the node ends cancelled, once its other children had their grace
     elseif s ~= "ok" and not failed_err and s ~= "cancelled" then
       failed_err = ("child %d ended in %s: %s"):format(k, s, safe_tostring(value))

@@ -11,6 +11,7 @@ local pool = require "tide.jobs.store.pool"
 local transaction_mod = require "tide.jobs.transaction"
 
 local type, pairs, ipairs, tostring = type, pairs, ipairs, tostring
+local in_task, isyieldable = S.in_task, coroutine.isyieldable
 local arg_error, opt_error = check.arg_error, check.opt_error
 local holder = pool.holder
 local with_session, notify, inserted_into = transaction_mod.with_session, transaction_mod.notify,
@@ -116,7 +117,10 @@ local function bulk(q, fname, op, f, err_of)
       local st = q._txs[holder()]
       if st then for name in pairs(queues) do st.touched[name] = true end else notify(q, queues) end
     end
-    if S.in_task() then S.sleep(0) end      -- the loop turns between batches (the rest of the process goes on)
+    -- The loop turns between batches (the rest of the process goes on)
+    -- where the caller can wait: not inside a C call (a gsub or sort
+    -- callback), where a SQLite store works without waiting and must go on.
+    if in_task() and isyieldable() then S.sleep(0) end
   end
   return total
 end

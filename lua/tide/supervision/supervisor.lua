@@ -547,8 +547,13 @@ local function child_command(fname, sup, name, id)
   end
   -- Cooling down, its children are down and all start again with it: a
   -- termination would be undone then, and a restart is what comes anyway.
+  -- So while it gives up, stopping them (each given its shutdown time):
+  -- the command would wait for the cool-down, which drops it.
   if sup.state == "cooling down" and name ~= "delete_child" then
     return nil, ("%s: '%s' is cooling down (its children are down until it starts them again)"):format(fname, sup.name)
+  end
+  if sup.state == "giving up" and name ~= "delete_child" then
+    return nil, ("%s: '%s' is giving up (its children are stopping, and all start again with it)"):format(fname, sup.name)
   end
   return command(fname, sup, name, id)
 end

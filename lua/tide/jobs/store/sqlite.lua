@@ -863,7 +863,8 @@ local BULK_SET = {
 --- Applies op ("retry_now", "cancel" or "fail": `err` the error entry,
 --- JSON) to the next `limit` jobs after id `after` that match f (status,
 --- queue, target, since: ms, since_col) in one statement (its own short
---- write transaction, outside the caller's); returns the rows changed:
+--- write transaction; inside a caller's q:transaction, a statement of
+--- that transaction); returns the rows changed:
 --- { id, queue }, in id order.
 function Session:bulk(op, f, after, limit, now, err)
   local sql = "UPDATE tide_jobs SET " .. BULK_SET[op] .. " WHERE id IN (SELECT id FROM tide_jobs WHERE id > ?1 "
