@@ -174,6 +174,14 @@ describe("tide web", function()
                                .. w.base .. "/jobs/bulk")
       assert.equal(400, code2)
       assert.matches("available jobs cannot be retried", body, 1, true)
+      -- a queue or target the filter cannot take is refused, not dropped (which would change every queue's)
+      for _, field in ipairs{ "queue=a%20b", "target=%3Cx%3E" } do
+        local code3, body3 = curl(auth .. "-X POST -d csrf=" .. csrf .. " -d action=cancel -d status=available -d "
+                                  .. field .. " " .. w.base .. "/jobs/bulk")
+        assert.equal(400, code3, field)
+        assert.matches("bad " .. field:match("^%a+"), body3, 1, true)
+      end
+      assert.equal("available", job_status(store, ids.order1))       -- still untouched
     end)
 
     it("survives requests that do not parse, and garbage in every field", function()

@@ -361,6 +361,11 @@ local function bulk_action(ctx)
   local fn = BULK[form.action]
   local f = filter_of(form)
   if not fn or not f.status then return ctx:fail(400, "400 bad request: an action and a status are needed") end
+  for _, k in ipairs{ "queue", "target" } do       -- one dropped by filter_of would widen the change to every one
+    if form[k] ~= nil and form[k] ~= "" and f[k] == nil then
+      return ctx:fail(400, ("400 bad request: bad %s"):format(k))
+    end
+  end
   local ok, n = pcall(fn, ctx.q, { status = f.status, queue = f.queue, target = f.target, max = BULK_MAX })
   if not ok then
     if tostring(n):find("bad option 'status'", 1, true) then
