@@ -171,3 +171,52 @@ describe("review rev2: a supervisor giving up", function()
                   .. "again with it)" }, got.restart)
   end)
 end)
+
+describe("review rev2: a SQLite job row whose errors column is not a JSON array", function()
+  before_each(H.quiet_start)
+  after_each(H.quiet_end)
+
+  -- Broken (found by the review, fixed after): errors written by hand as
+  -- text that is not JSON made json_insert fail the whole statement.  One
+  -- such row failing an attempt blocked the outcomes of every job recorded
+  -- with it (6 jobs stayed executing, the batch retried for ever), and the
+  -- lease rescuer, q:fail and q:fail_all failed on it the same way.  The
+  -- text is kept now, as the first entry of the errors list.
+  it("records every outcome of the batch, keeping the text as the first error", function()
+    local dir = H.tempdir()
+    local got = {}
+    H.run(function()
+      local q = tide.queue.open("sqlite:" .. dir .. "/jobs.db")
+      local ids = {}
+      for i = 1, 6 do ids[i] = q:enqueue{ target = "t", method = i == 3 and "bad" or "ok", queue = "q", max_attempts = 2 } end
+      local other = q:enqueue{ target = "t", method = "ok", queue = "idle" }
+      local obj = q:enqueue{ target = "t", method = "ok", queue = "idle" }
+      q:transaction(function(tx)
+        tx:exec("UPDATE tide_jobs SET errors = 'not json' WHERE id IN (?, ?)", ids[3], other)
+        tx:exec("UPDATE tide_jobs SET errors = '{\"a\":1}' WHERE id = ?", obj)
+      end)
+      local w = tide.worker{ queue = q, queues = { q = 6 }, poll = 10, retry = { base = 5, max = 5, jitter = false },
+        targets = { t = { ok = function() end, bad = function() error("fails", 0) end } } }
+      local deadline = tide.now() + 5000
+      repeat tide.sleep(10) until q:job(ids[3]).status == "discarded" or tide.now() > deadline
+      w:stop(); w:wait()
+      for i, id in ipairs(ids) do got[i] = q:job(id).status end
+      got.errors = q:job(ids[3]).errors
+      got.failed = { q:fail(other, "by hand") }
+      got.other = q:job(other).errors
+      got.bulk = q:fail_all({ status = "available", queue = "idle" }, "in bulk")
+      got.obj = q:job(obj).errors
+      q:close()
+    end)
+    os.execute("rm -rf " .. dir)
+    assert.same({ "completed", "completed", "discarded", "completed", "completed", "completed" },
+                { got[1], got[2], got[3], got[4], got[5], got[6] })
+    assert.equal(3, #got.errors)
+    assert.equal("not json", got.errors[1].error)
+    assert.same({ "fails", "fails" }, { got.errors[2].error, got.errors[3].error })
+    assert.is_true(got.failed[1])
+    assert.same({ "not json", "by hand" }, { got.other[1].error, got.other[2].error })
+    assert.equal(1, got.bulk)
+    assert.same({ '{"a":1}', "in bulk" }, { got.obj[1].error, got.obj[2].error })
+  end)
+end)

@@ -529,10 +529,14 @@ local function job_of(q, row)
   if type(row.errors) == "string" then
     local list = json.decode(row.errors)
     if type(list) == "table" then
-      for i, e in ipairs(list) do
-        if type(e) == "table" then
+      for i = 1, #list do
+        local e = list[i]
+        if type(e) == "table" and e ~= json.null then
           errors[i] = { attempt = e.attempt, at = ms(e.at),
-                        error = e.error, traceback = e.traceback ~= json.null and e.traceback or nil }
+                        error = type(e.error) == "string" and e.error or json.encode(e),
+                        traceback = e.traceback ~= json.null and e.traceback or nil }
+        else                                   -- not one tide wrote (the errors text a hand left, kept first)
+          errors[i] = { error = type(e) == "string" and e or json.encode(e) }
         end
       end
     end

@@ -71,7 +71,14 @@ local NOT_TERMINAL = common.none_of(job.FINISHED)
 -- queue's and key's limits count it as running.
 local STOPPING = common.STOPPING
 local GUARD = "WHERE id = ?1 AND status = 'executing' AND lease_owner = ?2 AND attempt = ?3"
-local ADD_ERROR = "json_insert(coalesce(errors, '[]'), '$[#]', json(?5))"
+-- A job's errors so far, as a JSON array to append to.  The column is
+-- text: one written by hand as something else than a JSON array made
+-- json_insert fail the whole statement, and with it the outcomes of every
+-- job recorded beside that one (they stayed executing, the batch retried
+-- for ever).  Such text is kept, as the list's first entry.
+local ERRORS = "(CASE WHEN errors IS NULL THEN '[]' WHEN NOT json_valid(errors) THEN json_array(errors) "
+  .. "WHEN json_type(errors) = 'array' THEN errors ELSE json_array(json(errors)) END)"
+local ADD_ERROR = "json_insert(" .. ERRORS .. ", '$[#]', json(?5))"
 
 -- A queue with limits claims nothing through the plain claim (so that a
 -- worker that has not yet heard of the limits cannot break them).
@@ -192,7 +199,7 @@ local SQL = {
       status = CASE WHEN attempt >= max_attempts THEN 'discarded' ELSE 'available' END,
       completed_at = CASE WHEN attempt >= max_attempts THEN ?1 END,
       run_at = ?1, lease_owner = NULL, lease_expires = NULL,
-      errors = json_insert(coalesce(errors, '[]'), '$[#]', json_object('attempt', attempt,
+      errors = json_insert(]] .. ERRORS .. [[, '$[#]', json_object('attempt', attempt,
         'at', ?1, 'error', 'lease expired: worker ' || lease_owner || ' stopped heartbeating'))
     WHERE status = 'executing' AND lease_expires < ?1
     RETURNING id, status, queue, target, method, attempt, max_attempts, priority, run_at, inserted_at,
@@ -203,7 +210,7 @@ local SQL = {
   cancel = "UPDATE tide_jobs SET status = 'cancelled', completed_at = ?2 WHERE id = ?1 AND " .. NOT_TERMINAL,
   expire = "UPDATE tide_jobs SET status = 'expired', completed_at = ?2 WHERE id = ?1 AND " .. NOT_TERMINAL,
   fail = "UPDATE tide_jobs SET status = 'discarded', completed_at = ?2, "
-    .. "errors = json_insert(coalesce(errors, '[]'), '$[#]', json(?3)) WHERE id = ?1 AND " .. NOT_TERMINAL,
+    .. "errors = json_insert(" .. ERRORS .. ", '$[#]', json(?3)) WHERE id = ?1 AND " .. NOT_TERMINAL,
   -- The leases of jobs among ?2 ([[id, attempt], ...]) that this worker
   -- (?1) has stopped, at that attempt: a later attempt of the same job
   -- (rescued once the stopped one's lease ran out, retried, claimed again
@@ -857,7 +864,7 @@ function Session:pending(queues, now) return (locked(self, pending, self, queues
 local BULK_SET = {
   retry_now = "status = 'available', run_at = ?2, completed_at = NULL, max_attempts = max(max_attempts, attempt + 1)",
   cancel = "status = 'cancelled', completed_at = ?2",
-  fail = "status = 'discarded', completed_at = ?2, errors = json_insert(coalesce(errors, '[]'), '$[#]', json(?8))",
+  fail = "status = 'discarded', completed_at = ?2, errors = json_insert(" .. ERRORS .. ", '$[#]', json(?8))",
 }
 
 --- Applies op ("retry_now", "cancel" or "fail": `err` the error entry,
