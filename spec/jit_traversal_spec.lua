@@ -5,7 +5,8 @@
 -- as JSON arrays the way a run stores them, lost their last element in 4%
 -- of fresh processes once every loop was compiled in the generic form
 -- (ITERC), and the run waited for ever.  So each check runs in many fresh
--- processes.
+-- processes.  The second check runs check.not_a_list and a flow's definition
+-- (spec/fixtures/list_check.lua), whose loops were rewritten with next().
 local H = spec_helper
 
 local PROCESSES = (os.getenv("SANITIZE") or "") ~= "" and 10 or 40
@@ -15,6 +16,17 @@ describe("table traversals compiled by this LuaJIT", function()
     local failing = {}
     for i = 1, PROCESSES do
       local p = assert(io.popen("luajit spec/fixtures/edges_check.lua " .. H.build .. " 2>&1"))
+      local out = p:read("*a")
+      p:close()
+      if out ~= "0\n" then failing[#failing + 1] = ("process %d: %s"):format(i, out) end
+    end
+    assert.same({}, failing)
+  end)
+
+  it("check lists and number a flow's tasks right, in every one of " .. PROCESSES .. " fresh processes", function()
+    local failing = {}
+    for i = 1, PROCESSES do
+      local p = assert(io.popen("luajit spec/fixtures/list_check.lua " .. H.build .. " 2>&1"))
       local out = p:read("*a")
       p:close()
       if out ~= "0\n" then failing[#failing + 1] = ("process %d: %s"):format(i, out) end

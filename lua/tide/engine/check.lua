@@ -174,24 +174,27 @@ end
 --- Why table t is not a list (keys 1..n, no hole), or nil: "it has a hole
 --- at 2", "it has the key string "a"".  For what a caller hands over as
 --- a list (a flow's items), which # and ipairs would cut short silently.
+--- A loop of next() calls, not pairs(): Debian 12's LuaJIT
+--- (2.1.0~beta3+git20220320) compiled the pairs() loop over a 2,000-item
+--- list so that now and then its first key was a function the table does
+--- not hold, and a good fan-out failed "items must be a list (it has the
+--- key function)" (bisected on upstream builds to dad04f17, "Fix trace
+--- join to BC_JLOOP originating from BC_ITERN", September 2022).  That bug
+--- and #827 are in the compiled ITERN bytecode, which a next() loop does
+--- not use: spec/fixtures/list_check.lua failed in 4-7% of fresh processes
+--- with pairs() compiled, in none of 180 with next(); and it is compiled,
+--- where the pairs() loop had to be interpreted (a 1-3 name `after` list:
+--- 27-33 ns against 90-130).  README, "Layout", says what else was tried.
 function M.not_a_list(t)
-  local n = 0
-  for k in pairs(t) do
+  local n, k = 0, next(t)
+  while k ~= nil do
     if type(k) ~= "number" or k < 1 or k % 1 ~= 0 then return "it has the key " .. M.describe(k) end
     if k > n then n = k end
+    k = next(t, k)
   end
   for i = 1, n do
-    if rawget(t, i) == nil then return ("it has a hole at %d"):format(i) end   -- raw, as pairs: no __index runs
+    if rawget(t, i) == nil then return ("it has a hole at %d"):format(i) end   -- raw, as next: no __index runs
   end
 end
--- Interpreted only.  Debian 12's LuaJIT (2.1.0~beta3+git20220320) compiled
--- this loop over a 2,000-item list so that now and then its first key was a
--- function the table does not hold, and a good fan-out failed "items must
--- be a list (it has the key function)" (1 run in 4-10 of flow_spec's
--- "fan-out children as tasks").  Bisected on upstream builds: 11 runs in 40
--- failing at 20220320, none in 40 from dad04f17 ("Fix trace join to
--- BC_JLOOP originating from BC_ITERN", September 2022).  0 in 80 with the
--- JIT off here.  README, "Layout", says what else was tried.
-jit.off(M.not_a_list)
 
 return M
