@@ -497,6 +497,67 @@ describe("review revsup: a crew member that fails outside a child's code", funct
   end)
 end)
 
+-- The review of the day's changes (rev2) left this: an error in tide's own
+-- code in a worker or crew member reached the sink only while the run was
+-- not stopping.  One that came after a node's failure had stopped the run
+-- (or ended it) was dropped: the member or worker ended in error and no one
+-- heard of it.
+describe("review revsup: an engine error in a flow that is already stopping", function()
+  before_each(H.quiet_start)
+  after_each(H.quiet_end)
+
+  it("reports a worker's error that comes after a node stopped the run", function()
+    local workers = require "tide.flow.workers"
+    -- node_ran, as tide.flow.run attached it to the workers (an upvalue of
+    -- workers.attach), made to raise once the run is stopping: a bug of
+    -- tide's there.
+    local slot, real_ran
+    for k = 1, math.huge do
+      local name, v = debug.getupvalue(workers.attach, k)
+      if name == nil then break end
+      if name == "node_ran" then slot, real_ran = k, v end
+    end
+    assert.is_function(real_ran)
+    local seen, st = {}, nil
+    H.run(function()
+      tide.configure{ on_error = function(where, err) seen[#seen + 1] = where .. ": " .. tostring(err) end }
+      debug.setupvalue(workers.attach, slot, function(run, ...)
+        real_ran(run, ...)
+        if run.stopping then error("engine bug", 0) end
+      end)
+      local ok, err = pcall(function()
+        local f = tide.flow{ name = "f", tasks = { a = { run = function() error("a failed", 0) end } } }
+        st = f:run()
+      end)
+      debug.setupvalue(workers.attach, slot, real_ran)
+      if not ok then error(err, 0) end
+    end)
+    debug.setupvalue(workers.attach, slot, real_ran)
+    assert.equal("error", st)
+    assert.same({ "flow 'f' worker: engine bug" }, seen)
+  end)
+
+  it("reports a crew member's error that comes after its node stopped the run", function()
+    local S = require "tide.engine.sched"
+    local real = S.sleep
+    local seen, st = {}, nil
+    H.run(function()
+      tide.configure{ on_error = function(where, err) seen[#seen + 1] = where .. ": " .. tostring(err) end }
+      local f = tide.flow{ name = "f", tasks = { b = { concurrency = 1,
+        items = function() local t = {} for i = 1, 1500 do t[i] = i end return t end,
+        each = function(x)
+          if x == 1000 then S.sleep = function() error("engine bug", 0) end; error("child failed", 0) end
+          return x
+        end } } }
+      st = f:run()
+      S.sleep = real
+    end)
+    S.sleep = real
+    assert.equal("error", st)
+    assert.same({ "flow 'f' crew member of task 'b': engine bug" }, seen)
+  end)
+end)
+
 describe("review revsup: commands to a supervisor cooling down", function()
   before_each(H.quiet_start)
   after_each(H.quiet_end)

@@ -44,7 +44,7 @@ local function member_ended(t)
     return fan.child_done(k, S.state(t) == "cancelled" and "cancelled" or "error", t[VALUE])
   end
   local run, status = fan.run, S.state(t)
-  if status == "error" and not run.stopping and not run.done then
+  if status == "error" then
     fan.engine_failed(run, "crew member of task '" .. fan.node.name .. "'", t[VALUE])
   elseif status ~= "ok" and not run.stopping and run.status[fan.i] == "running" then
     -- Cancelled between children (a shutdown): as a worker's end, it stops

@@ -289,12 +289,15 @@ end
 
 --- tide's own code failed in a task of the run (`who`: its worker, a crew
 --- member), outside any task's code, which runs protected: the sink hears
---- of it, the run ends in error, and no node is left running with no task
---- to end it (one that was starting, say).
+--- of it, always (also when the run was stopping or had ended: the error
+--- is a bug of tide's either way), the run ends in error unless it was
+--- stopping already, and no node is left running with no task to end it
+--- (one that was starting, say).
 local function engine_failed(run, who, err)
   log.report(("flow '%s' %s"):format(run.flow.name, who), err)
+  if run.done then return end
   local why = ("flow '%s' stopped: its %s failed"):format(run.flow.name, who)
-  stop_run(run, "error", why)
+  stop_run(run, "error", why)                -- (nothing when it is stopping: its outcome stands)
   local st, holder = run.status, run.holder
   for j = 1, #st do
     if st[j] == "running" and not holder[j] then node_finished(run, j, "error", nil, why) end

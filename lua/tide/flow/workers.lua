@@ -69,7 +69,7 @@ local function worker_ended(t)
   if i and run.holder[i] == t then           -- it ended inside node i's code
     local status = S.state(t)
     node_finished(run, i, status == "cancelled" and "cancelled" or "error", nil, t[VALUE])
-  elseif not run.stopping and not run.done and S.state(t) == "error" then
+  elseif S.state(t) == "error" then
     engine_failed(run, "worker", t[VALUE])
   elseif not run.stopping and not run.done and S.state(t) ~= "ok" then
     stop_run(run, "cancelled", ("flow '%s' stopped: its worker was %s"):format(run.flow.name, S.state(t)))
