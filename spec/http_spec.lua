@@ -86,6 +86,33 @@ describe("tide.engine.http", function()
     assert.matches("^HTTP/1.1 200 OK", out.fine)
   end)
 
+  -- 256 connections (max_conns) each sending a 1 MiB body (max_body) held
+  -- 256 MiB until their requests timed out, and a body's buffer stayed with
+  -- its keep-alive connection after the answer.  Bodies are now bounded
+  -- all together (max_buffered): a body past the bound gets 503, and what
+  -- the others sent is kept whole.
+  it("bounds the bodies of all connections together: 503 past max_buffered, the others whole", function()
+    local out, sizes, st
+    H.run(function()
+      sizes = {}
+      local srv = assert(http.serve{ max_body = 10000, max_buffered = 25000, handler = function(req)
+        sizes[#sizes + 1] = #req.body
+        return 200, {}, "ok"
+      end })
+      out = shell(PY .. ("bodies %d 10000"):format(srv.port))
+      tide.sleep(50)
+      st = srv:stats()
+      srv:close()
+    end)
+    -- held 9,900 + 9,900, then 10,000 more is past 25,000: 503; the first
+    -- finishes, and the fourth fits beside the second
+    local lines = {}
+    for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    assert.same({ "HTTP/1.1 200 OK", "HTTP/1.1 200 OK", "HTTP/1.1 503 Service Unavailable", "HTTP/1.1 200 OK" }, lines)
+    assert.same({ 10000, 10000, 10000 }, sizes)
+    assert.equal(0, st.buffered)
+  end)
+
   it("answers 500 for a handler that raises or answers badly, 503 for one that times out, and goes on", function()
     H.quiet_errors()
     local out
@@ -201,6 +228,8 @@ describe("tide.engine.http", function()
         "http.serve: bad option 'timeout' (positive number of ms expected, got number 0)" },
       { function() http.serve{ handler = echo, max_body = 1.5 } end,
         "http.serve: bad option 'max_body' (integer >= 1 expected, got number 1.5)" },
+      { function() http.serve{ handler = echo, max_buffered = 0 } end,
+        "http.serve: bad option 'max_buffered' (integer >= 1 expected, got number 0)" },
       { function() http.serve{ handler = echo, hots = "x" } end, "http.serve: unknown option 'hots'" },
     })
     local srv, err = http.serve{ handler = echo, host = "not-an-ip" }

@@ -16,6 +16,10 @@ enum { READING, HANDLING, FLUSHING, LINGERING, CLOSING };
 #define MAX_URL      8192
 #define SWEEP_MS     1000
 #define READ_SIZE    65536
+/* A body buffer larger than this is freed once its request is answered,
+ * not kept for the connection's next request: 256 idle keep-alive
+ * connections that each once sent a 1 MiB body held 256 MiB. */
+#define BODY_KEEP    65536
 
 typedef struct { char *p; size_t len, cap; } buf;
 
@@ -86,6 +90,14 @@ static void buf_free(buf *b) {
   *b = (buf){ 0 };
 }
 
+/* The request's body is done with: its bytes leave the server's count,
+ * and a large buffer goes back to the allocator. */
+static void body_release(tide__http_conn *c) {
+  if (c->s) c->s->stats.buffered -= c->body.len;
+  c->body.len = 0;
+  if (c->body.cap > BODY_KEEP) buf_free(&c->body);
+}
+
 /* ===== closing ===== */
 
 static void conn_free(uv_handle_t *h) {
@@ -113,6 +125,7 @@ static void close_conn(tide__http_conn *c) {
   int was = c->state;
   c->state = CLOSING;
   if (was == HANDLING && s->opt.on_conn_closed) s->opt.on_conn_closed(c, s->opt.data);
+  body_release(c);
   resume_remove(s, c);
   if (c->prev) c->prev->next = c->next; else s->conns = c->next;
   if (c->next) c->next->prev = c->prev;
@@ -184,7 +197,8 @@ static tide__http_conn *conn_of(http_parser *p) { return p->data; }
 
 static int on_message_begin(http_parser *p) {
   tide__http_conn *c = conn_of(p);
-  c->head.len = c->body.len = 0;
+  c->head.len = 0;
+  body_release(c);
   c->url_len = 0;
   c->hstate = c->nheaders = 0;
   c->error_status = 0;
@@ -253,8 +267,13 @@ static int on_headers_complete(http_parser *p) {
 
 static int on_body(http_parser *p, const char *at, size_t n) {
   tide__http_conn *c = conn_of(p);
-  if (c->body.len + n > c->s->opt.max_body) { c->error_status = 413; return -1; }
+  tide__http_server *s = c->s;
+  if (c->body.len + n > s->opt.max_body) { c->error_status = 413; return -1; }
+  /* every connection's bodies together: 256 connections each sending 1 MiB
+   * (max_conns, max_body) held 256 MiB until their requests timed out */
+  if (s->stats.buffered + n > s->opt.max_buffered) { c->error_status = 503; return -1; }
   if (buf_add(&c->body, at, n) != 0) { c->error_status = 503; return -1; }
+  s->stats.buffered += n;
   return 0;
 }
 
@@ -363,6 +382,7 @@ void tide__http_end(tide__http_conn *c, int keep_alive) {
   if (c->state != HANDLING) return;
   tide__http_server *s = c->s;
   c->last = uv_now(c->handle.loop);
+  body_release(c);                          /* (the request's pointers end here) */
   if (!keep_alive || !c->req.keep_alive || s->closing) {
     c->state = FLUSHING;
     if (c->writes == 0) linger(c);          /* (writes that ended may still be in the kernel) */
@@ -532,6 +552,8 @@ int tide__http_listen(uv_loop_t *loop, const char *host, int port,
   if (s->opt.max_body == 0) s->opt.max_body = 1 << 20;
   if (s->opt.idle_ms == 0) s->opt.idle_ms = 10000;
   if (s->opt.max_conns == 0) s->opt.max_conns = 256;
+  if (s->opt.max_buffered == 0) s->opt.max_buffered = (size_t)32 << 20;
+  if (s->opt.max_buffered < s->opt.max_body) s->opt.max_buffered = s->opt.max_body;
   uv_tcp_init(loop, &s->listener);
   uv_timer_init(loop, &s->sweep);
   uv_idle_init(loop, &s->resume);

@@ -59,6 +59,9 @@ typedef struct {
   size_t max_body;        /* bytes; a larger body gets 413 (default 1 MiB)      */
   unsigned idle_ms;       /* keep-alive idle and request read time (default 10 s) */
   unsigned max_conns;     /* more connections are closed at once (default 256)  */
+  size_t max_buffered;    /* bytes of request bodies held at once, all connections
+                           * together; a body past it gets 503 (default 32 MiB,
+                           * at least max_body) */
   /* A request: valid until tide__http_end (the pointers are into the
    * connection's buffers).  `data` is tide__http_listen's. */
   void (*on_request)(tide__http_conn *c, const tide__http_request *req, void *data);
@@ -73,6 +76,7 @@ typedef struct {
   uint64_t requests;      /* handed to on_request      */
   uint64_t rejected;      /* answered here: 4xx, or too many connections */
   unsigned open;          /* connections open now      */
+  size_t buffered;        /* bytes of request bodies held now (max_buffered) */
 } tide__http_stats;
 
 /* Starts listening on host:port (an IPv4 or IPv6 literal; port 0: any free

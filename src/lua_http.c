@@ -1,7 +1,8 @@
 /* lua_http.c — the thin Lua binding of the HTTP server in src/http.c.
  *
  *   http_listen(host, port, opts, on_request) -> server | nil, message
- *       opts: { max_body = bytes, idle_ms = ms, max_conns = n } (each optional)
+ *       opts: { max_body = bytes, idle_ms = ms, max_conns = n, max_buffered = bytes }
+ *       (each optional)
  *       on_request(req, method, url, headers, body, remote, keep_alive)
  *       runs on the loop for each request; headers: lower-case name -> value
  *       (repeated headers joined by ", ", cookies by "; ")
@@ -210,11 +211,12 @@ static void set_number(lua_State *L, const char *k, double v) {
 static int srv_stats(lua_State *L) {
   tide__http_stats st;
   tide__http_get_stats(check_server(L)->s, &st);
-  lua_createtable(L, 0, 4);
+  lua_createtable(L, 0, 5);
   set_number(L, "connections", (double)st.connections);
   set_number(L, "requests", (double)st.requests);
   set_number(L, "rejected", (double)st.rejected);
   set_number(L, "open", (double)st.open);
+  set_number(L, "buffered", (double)st.buffered);
   return 1;
 }
 
@@ -258,6 +260,7 @@ static int l_listen(lua_State *L) {
     .max_body = (size_t)opt_count(L, 3, "max_body", 9007199254740992.0),   /* 2^53 */
     .idle_ms = (unsigned)opt_count(L, 3, "idle_ms", 4294967295.0),
     .max_conns = (unsigned)opt_count(L, 3, "max_conns", 4294967295.0),
+    .max_buffered = (size_t)opt_count(L, 3, "max_buffered", 9007199254740992.0),
     .on_request = on_request, .on_conn_closed = on_conn_closed, .data = su,
   };
   int rc = tide__http_listen(b->loop, host, port, &opt, &su->s);

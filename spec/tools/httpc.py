@@ -25,6 +25,11 @@
   httpc.py slowread PORT RATE          sends GET / with a small receive buffer, then reads
                                        at about RATE bytes a second until the server
                                        closes; prints "head N body M" as halfclose
+  httpc.py bodies PORT SIZE            two connections each send a POST of SIZE bytes but
+                                       the last 100, and hold it; then a third sends one
+                                       whole; then the first finishes, then a fourth sends
+                                       one whole; prints the four status lines, in that
+                                       order (the third's before the first's)
 """
 import json
 import random
@@ -201,6 +206,35 @@ def halfclose(port):
     print_answer(out)
 
 
+def bodies(port, size):
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size
+    body = b"y" * size
+
+    def status_of(s):
+        s.settimeout(10)
+        f = s.makefile("rb")
+        try:
+            return read_response(f)[0]
+        except (EOFError, OSError) as e:
+            return "closed: %s" % e
+
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    for s in held:
+        s.sendall(head + body[:-100])
+    time.sleep(0.3)                              # (the server has read them)
+    third = socket.create_connection(("127.0.0.1", port))
+    third.sendall(head + body)
+    out = [status_of(third)]
+    held[0].sendall(body[-100:])
+    out.insert(0, status_of(held[0]))
+    fourth = socket.create_connection(("127.0.0.1", port))
+    fourth.sendall(head + body)
+    out.append(status_of(fourth))
+    held[1].sendall(body[-100:])
+    out.insert(1, status_of(held[1]))
+    print("\n".join(out))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "trickle":
         trickle(int(sys.argv[2]), float(sys.argv[3]))
@@ -214,6 +248,8 @@ if __name__ == "__main__":
         slowread(int(sys.argv[2]), float(sys.argv[3]))
     elif sys.argv[1] == "halfclose":
         halfclose(int(sys.argv[2]))
+    elif sys.argv[1] == "bodies":
+        bodies(int(sys.argv[2]), int(sys.argv[3]))
     elif sys.argv[1] == "raw":
         raw(int(sys.argv[2]), sys.argv[3], float(sys.argv[4]) if len(sys.argv) > 4 else 2)
     else:

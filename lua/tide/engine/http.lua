@@ -213,11 +213,13 @@ local function on_request(srv, ud, method, url, headers, body, remote, keep)
 end
 
 local KEYS = { host = true, port = true, handler = true, timeout = true, max_body = true,
-               max_conns = true, idle = true, keep_loop = true, name = true }
+               max_conns = true, max_buffered = true, idle = true, keep_loop = true, name = true }
 
 --- Starts a server.  opts: handler (function(req) -> status, headers, body;
 --- required), host ("127.0.0.1"), port (0: any free one), timeout (ms per
---- request, 30000), max_body (bytes, 1 MiB), max_conns (256), idle (ms a
+--- request, 30000), max_body (bytes, 1 MiB), max_conns (256), max_buffered
+--- (bytes of request bodies held at once by all connections together, 32
+--- MiB and at least max_body: a body past it gets 503), idle (ms a
 --- connection may sit idle, 10000), keep_loop (false), name ("http").
 --- Returns the server, or nil and why it cannot listen.
 function M.serve(opts)
@@ -233,7 +235,7 @@ function M.serve(opts)
   for _, k in ipairs{ "timeout", "idle" } do
     if opts[k] ~= nil and not check.is_ms(opts[k], true) then opt_error(fname, k, "positive number of ms", opts[k]) end
   end
-  for _, k in ipairs{ "max_body", "max_conns" } do
+  for _, k in ipairs{ "max_body", "max_conns", "max_buffered" } do
     if opts[k] ~= nil and not check.is_count(opts[k], 1) then opt_error(fname, k, "integer >= 1", opts[k]) end
   end
   if opts.name ~= nil and type(opts.name) ~= "string" then opt_error(fname, "name", "string", opts.name) end
@@ -241,7 +243,7 @@ function M.serve(opts)
   local srv = setmetatable({ handler = opts.handler, timeout = opts.timeout or 30000,
                              name = opts.name or "http", open = true, errors = 0 }, Server_mt)
   local ud, err = core.http_listen(host, port, { max_body = opts.max_body, idle_ms = opts.idle,
-                                                 max_conns = opts.max_conns },
+                                                 max_conns = opts.max_conns, max_buffered = opts.max_buffered },
                                    function(...) return on_request(srv, ...) end)
   if not ud then return nil, err end
   srv._ud = ud
@@ -257,9 +259,10 @@ function Server:url(path)
 end
 
 --- Counters: connections, requests, rejected (answered by the parser),
---- open (connections now), errors (handlers that raised or timed out).
+--- open (connections now), buffered (bytes of request bodies held now),
+--- errors (handlers that raised or timed out).
 function Server:stats()
-  local st = self.open and self._ud:stats() or { connections = 0, requests = 0, rejected = 0, open = 0 }
+  local st = self.open and self._ud:stats() or { connections = 0, requests = 0, rejected = 0, open = 0, buffered = 0 }
   st.errors = self.errors
   return st
 end
