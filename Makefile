@@ -44,7 +44,8 @@ help:
 	@echo "make demo       build, then run every example"
 	@echo "make test       run all specs, C tests and examples; last line 'N passed, N failed'"
 	@echo "make sanitize   the same suite built with AddressSanitizer + UBSan"
-	@echo "make bench      run the benchmarks (figures go to bench/RESULTS.md by hand)"
+	@echo "make bench      run the benchmarks, against Node, asyncio and Elixir (they are installed:"
+	@echo "                nodejs, elixir); figures go to bench/RESULTS.md by hand"
 	@echo "make fuzz       run the fuzz targets and the finalizer storm for a bounded time (FUZZ_SECONDS=60)"
 	@echo "make install    install binary, module, header and pkg-config file under PREFIX"
 	@echo "                (luarocks --lua-version=5.1 make rockspecs/tide-scm-1.rockspec: the rock)"
@@ -119,7 +120,9 @@ test: all
 sanitize:
 	@$(MAKE) --no-print-directory test BUILD=build/asan SANITIZE=1
 
+# The peers bench/peers.lua measures tide against: Node (Debian's nodejs) and Elixir.
 bench: all
+	@$(MAKE) --no-print-directory deps DEPS_DEB="$(DEPS_DEB) nodejs elixir"
 	@BUILD=$(BUILD) sh bench/run.sh
 
 FUZZ_SECONDS ?= 60

@@ -1,11 +1,14 @@
--- bench/peers.lua — tide against Node on the same workloads, in the same run: tide, peer, ratio.
+-- bench/peers.lua — tide against Node (and Python's asyncio and Elixir, when installed) on the
+-- same workloads, in the same run: tide, peer, ratio.
 --
 -- Each workload runs in fresh processes for each side, alternated (3 a side
 -- by default, TIDE_BENCH_PROCESSES): "cold" is the first run in a process,
 -- "warm" the best of the next ones, and each side's figure the best of its
 -- processes.  The Node scripts are in
 -- bench/peers/ and run when `node` (or Debian's `nodejs`) is installed;
--- otherwise the peer column says "not installed".  A ratio below 1 means
+-- otherwise the peer column says "not installed"; so do those of asyncio
+-- (python3) and Elixir (elixir: `make bench` installs it), in a second
+-- table, one process each.  A ratio below 1 means
 -- tide is faster.  The load average is printed before and after: on a
 -- shared machine, figures taken under load are slower on both sides.
 --
@@ -222,15 +225,71 @@ local function row(label, t, p, key_cold, key_warm)
     p[key_cold], p[key_warm], t[key_cold] / p[key_cold], t[key_warm] / p[key_warm]))
 end
 
-row("200,000 trivial tasks in flight (us/task)", both_sides("tasks", "tasks.js"))
-row("100,000 tasks that sleep 1 ms (us/task)", both_sides("sleep", "sleep.js"))
-row("1,000,000 timers, 0-100 ms (s, all)", both_sides("timers", "timers.js"))
-row("thread round trip, 100,000 in flight (us)", both_sides("threads", "threads.js"))
-local td, nd = both_sides("dag", "dag.js")
-row("10,000-node DAG, define (us/node)", td, nd, "define_cold", "define_warm")
-row("10,000-node DAG, run (us/node)", td, nd)
+local WORKLOADS = {            -- name, label, Node's script, the figures' keys
+  { "tasks", "200,000 trivial tasks in flight (us/task)", "tasks.js" },
+  { "sleep", "100,000 tasks that sleep 1 ms (us/task)", "sleep.js" },
+  { "timers", "1,000,000 timers, 0-100 ms (s, all)", "timers.js" },
+  { "threads", "thread round trip, 100,000 in flight (us)", "threads.js" },
+  { "dag", "10,000-node DAG, define (us/node)", "dag.js", "define_cold", "define_warm" },
+  { "dag", "10,000-node DAG, run (us/node)", "dag.js" },
+}
+local tide_of = {}             -- workload -> tide's figures, for the other peers' table
+for _, w in ipairs(WORKLOADS) do
+  local name, label, js, kc, kw = w[1], w[2], w[3], w[4], w[5]
+  if not tide_of[name] then tide_of[name] = { both_sides(name, js) } end
+  local t, p = tide_of[name][1], tide_of[name][2]
+  row(label, t, p, kc, kw)
+end
 print("(ratio = tide / peer: below 1, tide is faster; peers: async functions, setTimeout, a 2-worker")
 print(" worker_threads pool with postMessage, a promise DAG whose define is building its node list)")
+
+-- ===== the other peers: Python's asyncio and Elixir's processes, when installed
+
+-- Far slower than Node on every workload, so one process each by default
+-- (TIDE_BENCH_OTHER_PROCESSES), and the same tide figures as above.
+local OTHER_PROCESSES = tonumber(os.getenv("TIDE_BENCH_OTHER_PROCESSES")) or 1
+local function installed(name)
+  local p = io.popen("command -v " .. name .. " 2>/dev/null")
+  local path = p:read("*l")
+  p:close()
+  return path ~= nil and path ~= "" and path or nil
+end
+local OTHERS = {
+  { label = "asyncio", exe = installed("/usr/bin/python3") or installed("python3"), script = "bench/peers/asyncio_peer.py",
+    what = "Python's asyncio: create_task, asyncio.sleep, call_later, run_in_executor on 2 threads, a task DAG" },
+  { label = "Elixir", exe = installed("elixir"), script = "bench/peers/elixir_peer.exs", no = { threads = true },
+    what = "Elixir: Task.async/await, Process.sleep, Process.send_after, a process per DAG node" },
+}
+local function other_runs(o, name)
+  if not o.exe or (o.no and o.no[name]) then return nil end
+  local runs = {}
+  for i = 1, OTHER_PROCESSES do
+    runs[i] = read_json(shell_quote(o.exe) .. " " .. shell_quote(o.script) .. " " .. name)
+  end
+  return best_of(runs)
+end
+print()
+print(("other peers, the best of %d process(es) each: tide's figures above, then each peer's, and tide / peer cold and warm")
+  :format(OTHER_PROCESSES))
+local head = ("%-44s %9s %9s"):format("workload (unit)", "tide cold", "warm")
+for _, o in ipairs(OTHERS) do head = head .. (" | %-7s %7s %7s %7s %7s"):format(o.label, "cold", "warm", "cold", "warm") end
+print(head)
+local of = {}
+for _, w in ipairs(WORKLOADS) do
+  local name, label, kc, kw = w[1], w[2], w[4] or "cold", w[5] or "warm"
+  local t = tide_of[name][1]
+  local line = ("%-44s %9.2f %9.2f"):format(label, t[kc], t[kw])
+  for k, o in ipairs(OTHERS) do
+    of[k] = of[k] or {}
+    if of[k][name] == nil then of[k][name] = other_runs(o, name) or false end
+    local p = of[k][name]
+    if not o.exe then line = line .. (" | %-39s"):format("not installed")
+    elseif not p then line = line .. (" | %-39s"):format("(no such workload)")
+    else line = line .. (" | %-7s %7.2f %7.2f %7.3f %7.3f"):format("", p[kc], p[kw], t[kc] / p[kc], t[kw] / p[kw]) end
+  end
+  print(line)
+end
+for _, o in ipairs(OTHERS) do print(("(%s%s)"):format(o.what, o.exe and "" or ": not installed")) end
 
 -- ===== the control for a 2-thread speed-up: two plain luajit processes against one
 
