@@ -149,7 +149,7 @@ end
 --- tasks whose dependencies are all peeled (Kahn); whatever is left lies on
 --- or behind a cycle, and walking its remaining dependencies from the first
 --- name left finds one.
-local function find_cycle(nodes, list, ndeps, dep_first, dep_idx)
+local function find_cycle(index_of, list, ndeps, dep_first, dep_idx)
   local n_all = #list
   local left, queue, nq, head = table_new(n_all, 0), table_new(n_all, 0), 0, 1   -- by node index
   for i = 1, n_all do
@@ -176,8 +176,8 @@ local function find_cycle(nodes, list, ndeps, dep_first, dep_idx)
   while not seen[name] do                  -- follow unpeeled dependencies until one repeats
     seen[name] = #path + 1
     path[#path + 1] = name
-    for _, dep in ipairs(nodes[name].after) do
-      if left[nodes[dep].index] > 0 then name = dep; break end
+    for _, dep in ipairs(list[index_of[name]].after) do
+      if left[index_of[dep]] > 0 then name = dep; break end
     end
   end
   local ring = {}
@@ -190,13 +190,13 @@ local function find_cycle(nodes, list, ndeps, dep_first, dep_idx)
 end
 
 --- Raises the error for the first task (by name) that depends on an unknown one.
-local function unknown_dependency(fname, fdesc, nodes)
+local function unknown_dependency(fname, fdesc, index_of, list)
   local names = {}
-  for tname in pairs(nodes) do names[#names + 1] = tname end
+  for i = 1, #list do names[i] = list[i].name end
   sort(names)
   for _, tname in ipairs(names) do
-    for _, dep in ipairs(nodes[tname].after) do
-      if nodes[dep] == nil then
+    for _, dep in ipairs(list[index_of[tname]].after) do
+      if index_of[dep] == nil then
         error(("%s: %s: task '%s' depends on unknown task '%s'"):format(fname, fdesc, tname, tostring(dep)), 4)
       end
     end
@@ -255,11 +255,21 @@ local function keys_of(t)
   return out
 end
 
+--- def.nodes: name -> node, read through the definition's index_of (no
+--- table of its own: see M.define).  Not for pairs(): walk def.list.
+local function nodes_of(index_of, list)
+  return setmetatable({}, { __index = function(_, name)
+    local i = index_of[name]
+    if i ~= nil then return list[i] end
+  end })
+end
+
 local Definition_mt = { __index = function(def, k) if k == "order" then return M.order(def) end end }
 
 --- Validates a flow's options (tide.flow's: name, concurrency, fail,
 --- timeout, tasks, on) and returns its definition: { name, nodes (name ->
---- node), list (the nodes by index), ndeps (their numbers of dependencies,
+--- node, read only, not for pairs()), index_of (name -> index), list (the
+--- nodes by index), ndeps (their numbers of dependencies,
 --- by index), dep_first and dep_idx (the dependents of the node of index i
 --- are dep_idx[dep_first[i] .. dep_first[i + 1] - 1], see M.dependents),
 --- dep_of_first and dep_of (its dependencies, the same way: M.dependencies),
@@ -304,10 +314,12 @@ function M.define(fname, opts, is_flow)
   -- more in rehashing than in checking.
   local names = keys_of(tasks)
   local n = #names
-  -- index_of: name -> index, for the linking: through nodes[name].index,
-  -- each dependency was two cache misses on a 100,000-node graph (its hash
-  -- slot, then its node), and defining it took a fifth longer.
-  local nodes, list, index_of = table_new(0, n), table_new(n, 0), table_new(0, n)
+  -- index_of: name -> index, the one table by name.  Through a table of
+  -- nodes by name (nodes[name].index), each dependency was two cache misses
+  -- on a 100,000-node graph (its hash slot, then its node), and defining it
+  -- took a fifth longer; both tables, a tenth more pages to fault in a cold
+  -- process.  def.nodes finds a node through it (nodes_of).
+  local list, index_of = table_new(n, 0), table_new(0, n)
   local i = 0
   for j = 1, n do
     local tname = names[j]
@@ -316,7 +328,7 @@ function M.define(fname, opts, is_flow)
     local node = check_task(fname, fdesc, tname, spec, is_flow)
     i = i + 1
     node.index = i
-    nodes[tname], list[i], index_of[tname] = node, node, i
+    list[i], index_of[tname] = node, i
   end
   -- Linking resolves each dependency once (edges: the dependencies' indexes,
   -- in order), then lists every node's dependents in one array.
@@ -332,7 +344,7 @@ function M.define(fname, opts, is_flow)
     if na == 0 then roots[#roots + 1] = node.name end
     for k = 1, na do
       local d = index_of[after[k]]
-      if d == nil then unknown_dependency(fname, fdesc, nodes) end
+      if d == nil then unknown_dependency(fname, fdesc, index_of, list) end
       count[d] = count[d] + 1
       ne = ne + 1
       edges[ne] = d
@@ -367,11 +379,12 @@ function M.define(fname, opts, is_flow)
   at = 1
   for j = 1, n do dep_of_first[j] = at; at = at + ndeps[j] end
   dep_of_first[n + 1] = at
-  local cycle = find_cycle(nodes, list, ndeps, dep_first, dep_idx)
+  local cycle = find_cycle(index_of, list, ndeps, dep_first, dep_idx)
   if cycle then error(("%s: %s: cycle %s"):format(fname, fdesc, concat(cycle, " -> ")), 3) end
   sort(roots)                               -- a run starts them in name order
-  for j = 1, #roots do roots[j] = nodes[roots[j]] end
-  return setmetatable({ name = name, nodes = nodes, list = list, ndeps = ndeps, roots = roots,
+  for j = 1, #roots do roots[j] = list[index_of[roots[j]]] end
+  return setmetatable({ name = name, nodes = nodes_of(index_of, list), index_of = index_of, list = list,
+                        ndeps = ndeps, roots = roots,
                         dep_first = dep_first, dep_idx = dep_idx, dep_of = edges, dep_of_first = dep_of_first,
                         fail = opts.fail or "stop", timeout = opts.timeout, concurrency = concurrency or math.huge,
                         on = on }, Definition_mt)
