@@ -11,26 +11,24 @@ local H = spec_helper
 
 local PROCESSES = (os.getenv("SANITIZE") or "") ~= "" and 10 or 40
 
+--- The processes (of PROCESSES) in which `fixture` did not print "0" (no wrong answer).
+local function failing_in_fresh_processes(fixture)
+  local failing = {}
+  for i = 1, PROCESSES do
+    local p = assert(io.popen("luajit " .. fixture .. " " .. H.build .. " 2>&1"))
+    local out = p:read("*a")
+    p:close()
+    if out ~= "0\n" then failing[#failing + 1] = ("process %d: %s"):format(i, out) end
+  end
+  return failing
+end
+
 describe("table traversals compiled by this LuaJIT", function()
   it("encode a durable flow's edges whole, in every one of " .. PROCESSES .. " fresh processes", function()
-    local failing = {}
-    for i = 1, PROCESSES do
-      local p = assert(io.popen("luajit spec/fixtures/edges_check.lua " .. H.build .. " 2>&1"))
-      local out = p:read("*a")
-      p:close()
-      if out ~= "0\n" then failing[#failing + 1] = ("process %d: %s"):format(i, out) end
-    end
-    assert.same({}, failing)
+    assert.same({}, failing_in_fresh_processes("spec/fixtures/edges_check.lua"))
   end)
 
   it("check lists and number a flow's tasks right, in every one of " .. PROCESSES .. " fresh processes", function()
-    local failing = {}
-    for i = 1, PROCESSES do
-      local p = assert(io.popen("luajit spec/fixtures/list_check.lua " .. H.build .. " 2>&1"))
-      local out = p:read("*a")
-      p:close()
-      if out ~= "0\n" then failing[#failing + 1] = ("process %d: %s"):format(i, out) end
-    end
-    assert.same({}, failing)
+    assert.same({}, failing_in_fresh_processes("spec/fixtures/list_check.lua"))
   end)
 end)

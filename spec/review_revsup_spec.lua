@@ -472,6 +472,33 @@ describe("review revsup: a flow's worker that fails outside a task's code", func
   end)
 end)
 
+--- Runs a fan-out of 1,500 items in one crew member whose sleep between
+--- children (every 1,000) raises from the 1,000th child on: an error in
+--- tide's own code there.  With child_fails, that child raises too (its
+--- node, then the run, stop first).  Returns the run's status and what
+--- the error sink heard.
+local function crew_with_broken_sleep(child_fails)
+  local S = require "tide.engine.sched"
+  local real = S.sleep
+  local seen, st = {}, nil
+  H.run(function()
+    tide.configure{ on_error = function(where, err) seen[#seen + 1] = where .. ": " .. tostring(err) end }
+    local f = tide.flow{ name = "f", tasks = { b = { concurrency = 1,
+      items = function() local t = {} for i = 1, 1500 do t[i] = i end return t end,
+      each = function(x)
+        if x == 1000 then
+          S.sleep = function() error("engine bug", 0) end
+          if child_fails then error("child failed", 0) end
+        end
+        return x
+      end } } }
+    st = f:run()
+    S.sleep = real
+  end)
+  S.sleep = real
+  return st, seen
+end
+
 describe("review revsup: a crew member that fails outside a child's code", function()
   before_each(H.quiet_start)
   after_each(H.quiet_end)
@@ -480,18 +507,7 @@ describe("review revsup: a crew member that fails outside a child's code", funct
   -- to raise by hand stands for an error in tide's code there.  It ended
   -- the run "cancelled" and the error reached no one.
   it("reports the engine error to the sink and ends the run in error", function()
-    local S = require "tide.engine.sched"
-    local real = S.sleep
-    local seen, st = {}, nil
-    H.run(function()
-      tide.configure{ on_error = function(where, err) seen[#seen + 1] = where .. ": " .. tostring(err) end }
-      local f = tide.flow{ name = "f", tasks = { b = { concurrency = 1,
-        items = function() local t = {} for i = 1, 1500 do t[i] = i end return t end,
-        each = function(x) if x == 1000 then S.sleep = function() error("engine bug", 0) end end return x end } } }
-      st = f:run()
-      S.sleep = real
-    end)
-    S.sleep = real
+    local st, seen = crew_with_broken_sleep(false)
     assert.equal("error", st)
     assert.same({ "flow 'f' crew member of task 'b': engine bug" }, seen)
   end)
@@ -538,21 +554,7 @@ describe("review revsup: an engine error in a flow that is already stopping", fu
   end)
 
   it("reports a crew member's error that comes after its node stopped the run", function()
-    local S = require "tide.engine.sched"
-    local real = S.sleep
-    local seen, st = {}, nil
-    H.run(function()
-      tide.configure{ on_error = function(where, err) seen[#seen + 1] = where .. ": " .. tostring(err) end }
-      local f = tide.flow{ name = "f", tasks = { b = { concurrency = 1,
-        items = function() local t = {} for i = 1, 1500 do t[i] = i end return t end,
-        each = function(x)
-          if x == 1000 then S.sleep = function() error("engine bug", 0) end; error("child failed", 0) end
-          return x
-        end } } }
-      st = f:run()
-      S.sleep = real
-    end)
-    S.sleep = real
+    local st, seen = crew_with_broken_sleep(true)
     assert.equal("error", st)
     assert.same({ "flow 'f' crew member of task 'b': engine bug" }, seen)
   end)

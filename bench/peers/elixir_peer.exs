@@ -61,17 +61,18 @@ defmodule Peer do
           seed
         end)
 
-        receive_n(@timer_n)
+        receive_n(:fired, @timer_n)
       end)
 
     us / 1.0e6
   end
 
-  defp receive_n(0), do: :ok
+  # Waits for n messages `msg`.
+  defp receive_n(_msg, 0), do: :ok
 
-  defp receive_n(n) do
+  defp receive_n(msg, n) do
     receive do
-      :fired -> receive_n(n - 1)
+      ^msg -> receive_n(msg, n - 1)
     end
   end
 
@@ -128,7 +129,7 @@ defmodule Peer do
       |> List.to_tuple()
 
     for i <- 0..(n - 1), do: send(elem(pids, i), {:targets, Enum.map(Map.get(dependents, i, []), &elem(pids, &1))})
-    receive_done(n)
+    receive_n(:node_done, n)
   end
 
   defp node(waiting, run, parent) do
@@ -137,26 +138,10 @@ defmodule Peer do
         {:targets, t} -> t
       end
 
-    wait_deps(waiting)
+    receive_n(:dep_done, waiting)
     run.()
     Enum.each(targets, &send(&1, :dep_done))
     send(parent, :node_done)
-  end
-
-  defp wait_deps(0), do: :ok
-
-  defp wait_deps(n) do
-    receive do
-      :dep_done -> wait_deps(n - 1)
-    end
-  end
-
-  defp receive_done(0), do: :ok
-
-  defp receive_done(n) do
-    receive do
-      :node_done -> receive_done(n - 1)
-    end
   end
 
   def dag do
