@@ -149,9 +149,11 @@ end
 --- tasks whose dependencies are all peeled (Kahn); whatever is left lies on
 --- or behind a cycle, and walking its remaining dependencies from the first
 --- name left finds one.
-local function find_cycle(index_of, list, ndeps, dep_first, dep_idx)
+--- `left` and `queue` are scratch arrays of at least #list slots (the
+--- caller's, done with: two fewer arrays to make, and to fault in cold).
+local function find_cycle(index_of, list, ndeps, dep_first, dep_idx, left, queue)
   local n_all = #list
-  local left, queue, nq, head = table_new(n_all, 0), table_new(n_all, 0), 0, 1   -- by node index
+  local nq, head = 0, 1                    -- left, queue: by node index
   for i = 1, n_all do
     local n = ndeps[i]
     left[i] = n
@@ -379,7 +381,7 @@ function M.define(fname, opts, is_flow)
   at = 1
   for j = 1, n do dep_of_first[j] = at; at = at + ndeps[j] end
   dep_of_first[n + 1] = at
-  local cycle = find_cycle(index_of, list, ndeps, dep_first, dep_idx)
+  local cycle = find_cycle(index_of, list, ndeps, dep_first, dep_idx, count, names)   -- (both done with)
   if cycle then error(("%s: %s: cycle %s"):format(fname, fdesc, concat(cycle, " -> ")), 3) end
   sort(roots)                               -- a run starts them in name order
   for j = 1, #roots do roots[j] = list[index_of[roots[j]]] end
