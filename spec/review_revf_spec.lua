@@ -48,6 +48,26 @@ package.preload.revf_bytes = function()
   }, on = { task_error = function() end } }
 end
 
+--- A step that notes how many steps of its run's account run at once.
+local function keyed_step(ctx)
+  local d = _G.REVF
+  local k = d.keys[ctx.input.account] or { n = 0, most = 0 }
+  d.keys[ctx.input.account] = k
+  k.n, d.n = k.n + 1, d.n + 1
+  if k.n > k.most then k.most = k.n end
+  if d.n > d.most then d.most = d.n end
+  require("tide").sleep(60)
+  k.n, d.n = k.n - 1, d.n - 1
+end
+
+package.preload.revf_keyed = function()
+  return { name = "revf_keyed", tasks = {
+    a = { run = keyed_step }, b = { run = keyed_step }, c = { run = keyed_step },
+    fan = { each = function(_, ctx) return keyed_step(ctx) end, items = function() return { 1, 2 } end },
+    last = { after = { "a", "b", "c", "fan" }, run = keyed_step },
+  } }
+end
+
 package.preload.revf_one = function()
   return { name = "revf_one", tasks = { a = { run = function() return "a" end } } }
 end
@@ -181,6 +201,43 @@ describe("review revf: durable flows on " .. store.name, function()
       assert.equal("error", q:flow_run(id).status)
       assert.equal(1, _G.REVF.most)
     end)
+  end)
+
+  -- Broken: a flow's jobs carried no partition key, so a queue's per-key
+  -- limits never held for them: with per_key = { concurrency = 1 }, the
+  -- steps of one account's runs ran 3 at once.  A run's key is now its
+  -- queue's partition of its input, and every job of the run has it.
+  it("holds a declared queue's per-key limits for the jobs of a flow, by the partition of its input", function()
+    q:declare("acct", { partition = "args.account", per_key = { concurrency = 1 } })
+    _G.REVF.keys = {}
+    local ids = {}
+    H.run(function()
+      ids[1] = q:enqueue_flow("revf_keyed", { account = "ada" }, { queue = "acct" })
+      ids[2] = q:enqueue_flow("revf_keyed", { account = "ada" }, { queue = "acct" })
+      q:transaction(function(tx) ids[3] = tx:enqueue_flow("revf_keyed", { account = "bob" }, { queue = "acct" }) end)
+      local w = tide.worker{ queue = q, queues = { acct = 10 }, poll = 20, heartbeat = 50 }
+      w:drain{ stop = true, within = 15000 }
+    end)
+    assert.equal(1, _G.REVF.keys.ada.most)
+    assert.equal(1, _G.REVF.keys.bob.most)
+    assert.equal(2, _G.REVF.most)                  -- (the two accounts did not wait for each other)
+    for i, id in ipairs(ids) do
+      local run = q:flow_run(id)
+      assert.equal("ok", run.status, "run " .. i)
+      assert.equal(i < 3 and "ada" or "bob", run.partition_key)
+      for _, step in ipairs(run.steps) do
+        if step.job then assert.equal(run.partition_key, q:job(step.job).partition_key, step.name) end
+      end
+    end
+  end)
+
+  it("refuses a flow whose input the queue's partition cannot key, naming the call", function()
+    q:declare("acct", { partition = function(args) return args.account end })
+    assert.error_matches(function() q:enqueue_flow("revf_keyed", { account = { 1 } }, { queue = "acct" }) end,
+      "q:enqueue_flow: the partition of queue 'acct' gave")
+    assert.error_matches(function() q:enqueue_flow("revf_keyed", 5, { queue = "acct" }) end,
+      "q:enqueue_flow: the partition function of queue 'acct' failed")
+    assert.same({}, q:flow_runs())
   end)
 
   it("runs a flow's hook jobs within a declared concurrency", function()

@@ -214,7 +214,8 @@ describe("review: a stopping job's lease, on " .. store.name, function()
   it("upgrades a database of the version before: the index made, a running job's lease kept", function()
     local id = q:enqueue{ target = "t", method = "m" }
     local pg = store.name == "postgres"
-    local VERSION = require(pg and "tide.jobs.store.pg_schema" or "tide.jobs.store.sqlite_schema").VERSION
+    local schema = require(pg and "tide.jobs.store.pg_schema" or "tide.jobs.store.sqlite_schema")
+    local VERSION = pg and 6 or 7             -- (the index's migration: later ones run again too)
     q:transaction(function(tx)
       tx:exec("UPDATE tide_jobs SET status = 'executing', attempt = 1, lease_owner = 'w:1:1', lease_expires = ? "
         .. "WHERE id = ?", core.wallclock() + 60000, id)
@@ -228,7 +229,7 @@ describe("review: a stopping job's lease, on " .. store.name, function()
                         or "SELECT count(*) AS n FROM sqlite_master WHERE name = 'tide_jobs_stopping'")[1].n
       end)
       assert.equal(1, tonumber(idx))
-      assert.equal(VERSION, tonumber(q2:transaction(function(tx)
+      assert.equal(schema.VERSION, tonumber(q2:transaction(function(tx)
         return tx:query("SELECT version FROM tide_schema")[1].version end)))
       assert.equal("w:1:1", q2:job(id).lease_owner)
       assert.equal("executing", q2:job(id).status)

@@ -103,15 +103,16 @@ local MARK_QUEUED = batch_stmt("b_run, b_name, b_job", { "BIGINT", "TEXT", "BIGI
 -- A row with b_take 1 is leased at once to worker ? (see release), by the
 -- server's clock as every lease on PostgreSQL.
 local PG_NOW = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
-local RELEASE_PG = batch_stmt("b_run, b_name, b_queue, b_args, b_priority, b_max, b_take",
-  { "BIGINT", "TEXT", "TEXT", "TEXT", "INTEGER", "INTEGER", "INTEGER" },
+local RELEASE_PG = batch_stmt("b_run, b_name, b_queue, b_args, b_priority, b_max, b_take, b_key",
+  { "BIGINT", "TEXT", "TEXT", "TEXT", "INTEGER", "INTEGER", "INTEGER", "TEXT" },
   ", input AS (SELECT b.*, nextval('tide_jobs_id_seq') AS new_id FROM b WHERE b_run IS NOT NULL), "
   .. "ins AS (INSERT INTO tide_jobs (id, queue, target, method, args, status, priority, max_attempts, run_at, "
-  .. "inserted_at, attempt, attempted_at, lease_owner, lease_expires) SELECT new_id, b_queue, '" .. M.TARGET
+  .. "inserted_at, attempt, attempted_at, lease_owner, lease_expires, partition_key) SELECT new_id, b_queue, '"
+  .. M.TARGET
   .. "', 'step', b_args, CASE WHEN b_take = 1 THEN 'executing' ELSE 'available' END, b_priority, b_max, "
   .. "CAST(? AS BIGINT), CAST(? AS BIGINT), b_take, CASE WHEN b_take = 1 THEN " .. PG_NOW .. " END, "
   .. "CASE WHEN b_take = 1 THEN CAST(? AS TEXT) END, CASE WHEN b_take = 1 THEN " .. PG_NOW
-  .. " + CAST(? AS BIGINT) END FROM input ORDER BY new_id) "
+  .. " + CAST(? AS BIGINT) END, b_key FROM input ORDER BY new_id) "
   .. "UPDATE tide_flow_steps AS s SET status = 'queued', job_id = new_id, queued_at = ? FROM input "
   .. "WHERE s.run_id = b_run AND s.name = b_name RETURNING run_id, name, job_id")
 --- The first jobs released for each queue, as many as F.take[queue]
@@ -160,7 +161,7 @@ local function release(F, list, known)
                 args = '{"flow":' .. jname(run.flow) .. ',"run":' .. format("%d", run.id) .. ',"step":'
                   .. jname(x.name) .. ',"input":' .. run.input .. ',"results":{' .. concat(parts, ",") .. "}}",
                 priority = run.priority, max_attempts = x.max_failures + M.LOST_ATTEMPTS,
-                run_at = F.now, inserted_at = F.now }
+                run_at = F.now, inserted_at = F.now, partition_key = run.partition_key }
   end
   local rows, take = {}, {}
   for i, j in ipairs(jobs) do take[i] = F.owner ~= nil and taken(F, j.queue) end
@@ -168,7 +169,8 @@ local function release(F, list, known)
   if F.s.dialect == "postgres" then          -- one round trip: the ids drawn first, the jobs, the steps
     for i, x in ipairs(list) do
       local j = jobs[i]
-      rows[i] = { x.run.id, x.name, j.queue, j.args, j.priority, j.max_attempts, take[i] and 1 or 0 }
+      rows[i] = { x.run.id, x.name, j.queue, j.args, j.priority, j.max_attempts, take[i] and 1 or 0,
+                  j.partition_key }
     end
     local by = {}
     for _, r in ipairs(batch(F, RELEASE_PG, rows, F.now, F.now, F.owner, F.lease, F.now)) do

@@ -159,7 +159,8 @@ local function exec(F, sql, ...) return F.s:exec(sql, ...) end
 local function run_of(F, id)
   local r = F.runs[id]
   if r == nil then
-    r = q1(F, "SELECT id, flow, status, fail, queue, priority, input FROM tide_flow_runs WHERE id = ?", id) or false
+    r = q1(F, "SELECT id, flow, status, fail, queue, priority, input, partition_key FROM tide_flow_runs WHERE id = ?",
+           id) or false
     F.runs[id] = r
   end
   return r or nil
@@ -171,7 +172,7 @@ local function jstr(s) return json.encode(s) end
 local function insert_job(F, run, method, args_json, max_attempts)
   local id = F.s:insert{ queue = run.queue, target = M.TARGET, method = method, args = args_json,
                          status = "available", priority = run.priority, max_attempts = max_attempts,
-                         run_at = F.now, inserted_at = F.now }
+                         run_at = F.now, inserted_at = F.now, partition_key = run.partition_key }
   F.post.queues[run.queue] = true
   return id
 end
@@ -194,7 +195,7 @@ local function hook_job(F, run, hook, event_json)
     -- a read of it there let the claimer fill the slot meanwhile)
     F.post.rows[#F.post.rows + 1] = { id = id, queue = run.queue, target = M.TARGET, method = "hook", args = args,
                                       priority = run.priority, max_attempts = 3, run_at = F.now,
-                                      inserted_at = F.now, attempt = 1 }
+                                      inserted_at = F.now, attempt = 1, partition_key = run.partition_key }
   end
 end
 
@@ -580,9 +581,9 @@ function M.start(session, def, input, opts, now, fname)
   local F = change(session, now)
   local queue, priority = opts.queue or "default", opts.priority or 0
   local row = q1(F, "INSERT INTO tide_flow_runs (flow, status, fail, queue, priority, input, idempotency_key, "
-    .. "open_steps, inserted_at) VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?) "
+    .. "open_steps, inserted_at, partition_key) VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?) "
     .. "ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
-    def.module, def.fail, queue, priority, input, opts.key, #def.order, now)
+    def.module, def.fail, queue, priority, input, opts.key, #def.order, now, opts.partition_key)
   if not row then
     local held = q1(F, "SELECT id, flow FROM tide_flow_runs WHERE idempotency_key = ?", opts.key)
     if held.flow ~= def.module then
@@ -592,7 +593,7 @@ function M.start(session, def, input, opts, now, fname)
     return held.id, false
   end
   local run = { id = row.id, flow = def.module, status = "running", fail = def.fail, queue = queue,
-                priority = priority, input = input }
+                priority = priority, input = input, partition_key = opts.partition_key }
   F.runs[run.id] = run
   local rows, roots = {}, {}
   for i, name in ipairs(def.order) do
@@ -705,6 +706,7 @@ end
 
 local function run_row_of(r)
   return { id = r.id, flow = r.flow, status = r.status, fail = r.fail, queue = r.queue, key = r.idempotency_key,
+           partition_key = r.partition_key,
            input = decoded(r.input), open = r.open_steps, failed = r.failed_steps, error = r.error,
            inserted_at = ms(r.inserted_at), completed_at = ms(r.completed_at),
            duration = r.completed_at and (r.completed_at - r.inserted_at) or nil }

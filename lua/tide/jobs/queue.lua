@@ -715,7 +715,7 @@ require("tide.jobs.queue_changes").install(Queue, { check_q = check_q, check_id 
 -- q:flow_run, q:flow_runs, q:cancel_flow and q:retry_flow
 
 local queue_flows = require "tide.jobs.queue_flows"
-queue_flows.install(Queue, check_q)
+queue_flows.install(Queue, check_q, partition_key)
 
 --- For workers: fails the steps of durable flows whose jobs finished
 --- outside an outcome write (see tide.jobs.flows), in a transaction on `store`.

@@ -18,7 +18,7 @@ local Tx = transaction_mod.Tx
 
 local M = {}
 
-local check_q                 -- (set by install: tide.jobs.queue's check)
+local check_q, key_of         -- (set by install: tide.jobs.queue's check, and a job's partition key)
 local Q = {}                  -- the queue's methods, copied onto Queue by install
 M.methods = Q
 
@@ -56,11 +56,15 @@ end
 --- transaction: the run and its first jobs commit with the caller's data,
 --- or not at all.  opts: key (idempotency key: a second start with it
 --- returns the existing run; a key held by another flow's run raises),
---- queue (of its jobs, "default"), priority.
+--- queue (of its jobs, "default"), priority.  When that queue is declared
+--- with a partition (q:declare), the run's key is the partition of its
+--- input, and every job of the run carries it: the queue's per-key limits
+--- hold for the run's steps, items and hooks as for jobs of its own.
 --- Returns the run's id and true, or the existing run's id and false.
 function Tx:enqueue_flow(name, input, opts)
   local st = tx_state("tx:enqueue_flow", self)
   local def, input_json, o = flow_args("tx:enqueue_flow", name, input, opts)
+  o.partition_key = key_of("tx:enqueue_flow", self._q, o.queue or "default", input, 2)
   local id, inserted, qname = flows.start(st.session, def, input_json, o, floor(st.session:now()), "tx:enqueue_flow")
   if inserted then st.touched[qname] = true end
   return id, inserted
@@ -71,6 +75,7 @@ end
 function Q:enqueue_flow(name, input, opts)
   check_q("q:enqueue_flow", self)
   local def, input_json, o = flow_args("q:enqueue_flow", name, input, opts)
+  o.partition_key = key_of("q:enqueue_flow", self, o.queue or "default", input, 2)
   return transaction(self, "q:enqueue_flow", function(tx)
     local st = tx._st
     local id, inserted, qname = flows.start(st.session, def, input_json, o, floor(st.session:now()), "q:enqueue_flow")
@@ -172,8 +177,8 @@ end
 
 --- Adds the methods above to tide.jobs.queue's Queue; check_q(fname, q)
 --- raises unless q is an open queue.
-function M.install(queue_methods, check_queue)
-  check_q = check_queue
+function M.install(queue_methods, check_queue, partition_key)
+  check_q, key_of = check_queue, partition_key
   for name, fn in pairs(Q) do queue_methods[name] = fn end
 end
 

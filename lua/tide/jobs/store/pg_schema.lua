@@ -150,6 +150,10 @@ local MIGRATIONS = {
     [[CREATE INDEX IF NOT EXISTS tide_jobs_stopping ON tide_jobs (queue, partition_key)
       WHERE lease_owner IS NOT NULL AND status <> 'executing']],
   },
+  -- 7: a durable flow run's partition key (see the SQLite store's migration 8).
+  {
+    [[ALTER TABLE tide_flow_runs ADD COLUMN IF NOT EXISTS partition_key text]],
+  },
 }
 M.MIGRATIONS, M.VERSION = MIGRATIONS, #MIGRATIONS
 

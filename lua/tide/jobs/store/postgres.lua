@@ -797,7 +797,7 @@ function Session:lock_flow_runs(ids, shared)
   if #ids == 0 then return {} end
   local list = {}
   for i, id in ipairs(ids) do list[i] = format("%d", id) end
-  return self.c:query("SELECT id, flow, status, fail, queue, priority, input FROM tide_flow_runs "
+  return self.c:query("SELECT id, flow, status, fail, queue, priority, input, partition_key FROM tide_flow_runs "
     .. "WHERE id = ANY($1::bigint[]) ORDER BY id FOR " .. (shared and "KEY SHARE" or "UPDATE"),
     "{" .. concat(list, ",") .. "}").rows
 end

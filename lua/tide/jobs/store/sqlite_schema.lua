@@ -45,6 +45,14 @@ local INDEXES = [[
   CREATE INDEX tide_jobs_leased ON tide_jobs (lease_expires) WHERE status = 'executing';
 ]]
 
+local function first_once(db, sql)
+  local st = db:prepare(sql)
+  local ok, row = pcall(st.first, st)
+  st:finalize()
+  if not ok then error(row, 0) end
+  return row
+end
+
 local MIGRATIONS = {
   -- 1: the job table
   "CREATE TABLE tide_jobs (\n    id              INTEGER PRIMARY KEY,\n" .. COLUMNS .. "\n  );\n" .. INDEXES,
@@ -184,6 +192,16 @@ local MIGRATIONS = {
   [[CREATE INDEX IF NOT EXISTS tide_jobs_stopping ON tide_jobs (queue, partition_key)
     WHERE lease_owner IS NOT NULL AND status <> 'executing';
   ]],
+  -- 8: a durable flow run's partition key (its queue's partition of its
+  -- input, when the queue is declared with one), given to every job of the
+  -- run, so that the queue's per-key limits hold for flows too.  A
+  -- function: SQLite's ADD COLUMN has no IF NOT EXISTS, and a database
+  -- whose tide_schema was set back by hand has the column already.
+  function(db)
+    if first_once(db, "SELECT 1 FROM pragma_table_info('tide_flow_runs') WHERE name = 'partition_key'") == nil then
+      db:exec("ALTER TABLE tide_flow_runs ADD COLUMN partition_key TEXT")
+    end
+  end,
 }
 M.VERSION = #MIGRATIONS
 M.MIGRATIONS = MIGRATIONS
@@ -192,13 +210,6 @@ M.MIGRATIONS = MIGRATIONS
 
 --- The first row of a one-off statement, finalized at once (not left to
 --- the collector: an unfinalized statement keeps a closed connection alive).
-local function first_once(db, sql)
-  local st = db:prepare(sql)
-  local ok, row = pcall(st.first, st)
-  st:finalize()
-  if not ok then error(row, 0) end
-  return row
-end
 
 --- Creates the job tables in connection `db`, or takes them from the
 --- version in tide_schema to M.VERSION, in one transaction.  `name`
@@ -211,7 +222,10 @@ function M.migrate(db, name)
     local version = row and row.version or 0
     common.check_version(name, version, #MIGRATIONS, version == 0 and
       first_once(db, "SELECT 1 FROM sqlite_master WHERE name = 'tide_jobs'") ~= nil)
-    for v = version + 1, #MIGRATIONS do db:exec(MIGRATIONS[v]) end
+    for v = version + 1, #MIGRATIONS do
+      local m = MIGRATIONS[v]                   -- SQL, or a function(db) for what SQL cannot say
+      if type(m) == "function" then m(db) else db:exec(m) end
+    end
     if row == nil then
       db:exec("INSERT INTO tide_schema (version) VALUES (" .. #MIGRATIONS .. ")")
     elseif version < #MIGRATIONS then
