@@ -290,15 +290,21 @@ static int l_kick(lua_State *L) {
   return 0;
 }
 
-/* run([once]) -> true when tide's handles are still active afterwards.
+/* run([once]) -> true when work is still left afterwards: tide's own
+ * handles (its timer, its idle), or any referenced handle on the loop
+ * (uv_run's result).  Thread and process tasks in flight, sockets waited
+ * on, keep only their own handles alive: counting tide's two alone, one
+ * step found "no work" and the engine reaped thread tasks still running
+ * as stalled (spec/review_r1_spec.lua).  With a host loop the host's
+ * handles count too: the step runs its callbacks as well.
  * Refused while the loop runs, whoever runs it: a nested uv_run on the
  * same loop (from a task, under a host that runs the loop itself) would run
  * the outer run's callbacks inside a tick, and reap its tasks. */
 static int l_run(lua_State *L) {
   state *s = get_state(L);
   if (s->loop.running || s->in_call) return luaL_error(L, "the loop is already running");
-  tide__loop_run(&s->loop, lua_toboolean(L, 1) ? UV_RUN_NOWAIT : UV_RUN_DEFAULT);
-  lua_pushboolean(L, tide__loop_active(&s->loop) > 0);
+  int alive = tide__loop_run(&s->loop, lua_toboolean(L, 1) ? UV_RUN_NOWAIT : UV_RUN_DEFAULT);
+  lua_pushboolean(L, alive != 0 || tide__loop_active(&s->loop) > 0);
   return 1;
 }
 

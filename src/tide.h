@@ -46,7 +46,10 @@ TIDE_API int tide_spawn_file(lua_State *L, const char *path, int argc, char **ar
  * 0, 1 when the root task failed, 128 + signal after a shutdown by signal. */
 TIDE_API int tide_run(lua_State *L);
 
-/* Runs one non-blocking iteration.  Returns 1 while work remains, else 0. */
+/* Runs one non-blocking iteration.  Returns 1 while work remains (tide's,
+ * thread and process tasks in flight included, and on a host's loop any
+ * handle that keeps that loop alive), else 0: tasks that nothing can wake
+ * then were cancelled, as by tide_run. */
 TIDE_API int tide_step(lua_State *L);
 
 /* Starts a graceful shutdown: nothing new starts, running tasks get

@@ -1,0 +1,196 @@
+-- spec/review_r1_spec.lua — review r1: embedding (stock luajit, a C host through tide.h,
+-- two Lua states in one process, tide loaded twice) and thread mode.  Each case runs in a
+-- process of its own: they load tide again, make Lua states, or drive the loop by hand.
+local H = spec_helper
+
+local dir
+setup(function() dir = H.tempdir() end)
+teardown(function() os.execute("rm -rf " .. dir) end)
+
+-- A second Lua state of this process, through LuaJIT's C API (the luajit binary exports it).
+local SECOND_STATE = [==[
+  local ffi = require "ffi"
+  ffi.cdef[[
+    typedef struct lua_State lua_State;
+    lua_State *luaL_newstate(void);
+    void luaL_openlibs(lua_State *L);
+    int luaL_loadstring(lua_State *L, const char *s);
+    int lua_pcall(lua_State *L, int nargs, int nresults, int errfunc);
+    const char *lua_tolstring(lua_State *L, int idx, size_t *len);
+    void lua_settop(lua_State *L, int idx);
+    void lua_close(lua_State *L);
+    int tide_open(lua_State *L, void *loop);
+    int tide_close(lua_State *L);
+    int tide_run(lua_State *L);
+    int tide_step(lua_State *L);
+    int tide_spawn_file(lua_State *L, const char *path, int argc, char **argv);
+  ]]
+  local C = ffi.C
+  local function new_state()
+    local L = C.luaL_newstate()
+    C.luaL_openlibs(L)
+    return L
+  end
+  local function top_string(L)
+    local s = C.lua_tolstring(L, -1, nil)
+    return s ~= nil and ffi.string(s) or nil
+  end
+  local function run_in(L, src)
+    assert(C.luaL_loadstring(L, src) == 0, "cannot load the chunk")
+    if C.lua_pcall(L, 0, 0, 0) ~= 0 then error(top_string(L), 0) end
+  end
+]==]
+
+describe("review r1: embedding", function()
+  -- tide.core's virtual clock (tide.testing) was one static of the process: a second Lua
+  -- state that turned it on froze tide.now() in the first, whose sleeping tasks then never
+  -- woke and were reaped as stalled.  The clock is now each loop's own.
+  it("keeps the virtual clock of one Lua state out of another's", function()
+    local status, out = H.run_lua(dir, "two_states.lua", SECOND_STATE .. [[
+      local tide = require "tide"
+      local L2 = new_state()
+      run_in(L2, "package.cpath = " .. ("%q"):format(package.cpath) .. [=[
+        local tide = require "tide"
+        require("tide.core").clock_virtual(true)   -- this state's clock stands still now
+        local t0 = tide.now()
+        local x = 0
+        for i = 1, 2e7 do x = x + i end
+        assert(tide.now() == t0, "the second state's virtual clock moved")
+      ]=])
+      local t0 = tide.now()
+      local x = 0
+      for i = 1, 2e7 do x = x + i end
+      print("moves", tide.now() > t0)
+      print(tide.run(function() tide.sleep(20) return "woke" end))
+      C.lua_close(L2)
+    ]], 30)
+    assert.equal(0, status, out)
+    assert.equal("moves\ttrue\nok\twoke\n", out)
+  end)
+
+  -- tide_step (tide.engine.host.step) asked "is work left?" of tide's own loop handles only
+  -- (its timer and idle): thread tasks in flight keep only the pool's async handle alive,
+  -- so the first step after their submission found "no work", reaped them as stalled
+  -- ("cancelled") while their threads still ran them, and the real results were dropped.
+  it("tide_step leaves thread tasks in flight alone and delivers their results", function()
+    local status, out = H.run_lua(dir, "step_threads.lua", [[
+      local tide = require "tide"
+      tide.configure{ threads = 2 }
+      local host = require "tide.engine.host"
+      local got = {}
+      for i = 1, 3 do
+        tide.spawn{ mode = "thread", args = { i }, run = function(i) require("tide").sleep(50) return i end,
+                    handle_result = function(s, v) got[#got + 1] = s .. ":" .. tostring(v) end }
+      end
+      local steps = 0
+      while host.step() == 1 do steps = steps + 1 end
+      table.sort(got)
+      print(table.concat(got, " "))
+    ]], 30)
+    assert.equal(0, status, out)
+    assert.equal("ok:1 ok:2 ok:3\n", out)
+  end)
+
+  -- A second copy of tide's engine (package.loaded cleared of tide's modules, tide required
+  -- again) takes the loop over, but the thread pool kept delivering to the first copy's
+  -- on_done: every thread task of the second copy lost its result (it timed out, or was
+  -- reaped as stalled).  And a first copy with thread tasks in flight could be retired:
+  -- their results would then go to the second copy, which does not know them.
+  it("gives a second copy of tide the thread pool's deliveries, and refuses it while the first has thread tasks in flight", function()
+    local status, out = H.run_lua(dir, "twice_threads.lua", [[
+      local function clear()
+        for k in pairs(package.loaded) do
+          if k:match("^tide") and k ~= "tide.core" then package.loaded[k] = nil end
+        end
+      end
+      local tide1 = require "tide"
+      tide1.configure{ threads = 2 }
+      print(tide1.run(function()
+        local t = tide1.spawn{ mode = "thread", run = function() require("tide").sleep(100) return 1 end }
+        tide1.sleep(10)
+        clear()
+        print(pcall(require, "tide"))
+        return t:await()
+      end))
+      clear()
+      local tide2 = require "tide"
+      assert(tide2 ~= tide1, "not a second copy: this case attacks nothing")
+      print(tide2.run(function()
+        return tide2.spawn{ mode = "thread", timeout = 5000, run = function() return 2 end }:await()
+      end))
+    ]], 30)
+    assert.equal(0, status, out)
+    assert.equal("false\ttide: a second copy of tide's engine was loaded (package.loaded cleared and tide "
+      .. "required again) while the first has 1 thread task(s) in flight; keep one copy\n"
+      .. "ok\tok\t1\nok\tok\t2\n", out)
+  end)
+
+  -- With every tide module cleared from package.loaded, tide.core included, require "tide"
+  -- failed with "module 'tide.core' not found" (tide.core is made by tide_open, never
+  -- preloaded).  It now gives the loaded loop to a second copy, as when tide.core stays.
+  it("loads tide again after package.loaded was cleared of tide.core too", function()
+    local status, out = H.run_lua(dir, "twice_all.lua", [[
+      local tide1 = require "tide"
+      local core1 = require "tide.core"
+      for k in pairs(package.loaded) do if k:match("^tide") then package.loaded[k] = nil end end
+      local tide2 = require "tide"
+      print(tide2 ~= tide1, require("tide.core") == core1)
+      print(tide2.run(function() tide2.sleep(5) return "ran" end))
+    ]], 30)
+    assert.equal(0, status, out)
+    assert.equal("true\ttrue\nok\tran\n", out)
+  end)
+
+  -- The C API in the wrong order: before tide_open, tide_run/tide_step/tide_spawn_file
+  -- answered "module 'tide.engine.host' not found" and a list of paths; tide_open on a
+  -- second loop returned 0 and left tide on the first (the host's loop never ran tide's
+  -- work); tide_open after tide_close returned 0 and gave a tide whose every call raised
+  -- "the loop is closed".  Each now fails (-1) with a message that says what was wrong.
+  it("refuses the C API's calls made in the wrong order, with a message that says so", function()
+    local status, out = H.run_lua(dir, "api_order.lua", SECOND_STATE .. [[
+      local uv = ffi.load("uv")
+      ffi.cdef[=[
+        typedef struct uv_loop_s uv_loop_t;
+        size_t uv_loop_size(void);
+        int uv_loop_init(uv_loop_t *loop);
+        int uv_loop_close(uv_loop_t *loop);
+      ]=]
+      local tide_so = package.searchpath("tide", package.cpath)
+      local T = ffi.load(tide_so)
+      local function say(what, rc, L)
+        print(what, rc, rc ~= 0 and top_string(L) or "")
+        C.lua_settop(L, 0)
+      end
+      local L = new_state()
+      run_in(L, "package.cpath = " .. ("%q"):format(package.cpath))
+      say("run", T.tide_run(L), L)
+      say("step", T.tide_step(L), L)
+      say("spawn_file", T.tide_spawn_file(L, "x.lua", 0, nil), L)
+      say("close", T.tide_close(L), L)
+      say("open", T.tide_open(L, nil), L)
+      say("open again", T.tide_open(L, nil), L)
+      local other = ffi.cast("uv_loop_t *", ffi.new("char[?]", uv.uv_loop_size()))
+      local keep = other
+      assert(uv.uv_loop_init(other) == 0)
+      say("open other loop", T.tide_open(L, other), L)
+      say("close", T.tide_close(L), L)
+      say("open after close", T.tide_open(L, nil), L)
+      C.lua_close(L)
+      assert(uv.uv_loop_close(keep) == 0)
+    ]], 30)
+    assert.equal(0, status, out)
+    local before = "tide: tide_open was not called on this Lua state"
+    assert.equal(table.concat({
+      "run\t-1\t" .. before,
+      "step\t-1\t" .. before,
+      "spawn_file\t-1\t" .. before,
+      "close\t0\t",
+      "open\t0\t",
+      "open again\t0\t",
+      "open other loop\t-1\ttide_open: tide is already open on another loop in this Lua state",
+      "close\t0\t",
+      "open after close\t-1\ttide_open: tide was closed in this Lua state (tide_close); "
+        .. "it cannot be opened again in it",
+      "" }, "\n"), out)
+  end)
+end)
