@@ -39,6 +39,8 @@ typedef struct state {
   uint64_t pass_now;    /* when the timers' pass under way began (pop)   */
   lua_Hook prev_hook;
   int prev_mask, prev_count;
+  double virtual_wall_base;  /* the virtual clock's start: the real wall clock (ms) */
+  double virtual_mono_base;  /* and its monotonic time then (ns)                  */
 } state;
 
 typedef struct { state *s; } loop_ud;
@@ -130,7 +132,8 @@ static state *get_state(lua_State *L) {
  * clock the virtual time, unless real (a PostgreSQL store's measure of the
  * server's clock counts real time). */
 static int l_now(lua_State *L) {
-  uint64_t ns = lua_toboolean(L, 1) ? uv_hrtime() : tide__loop_now();
+  loop_ud *u = lua_touserdata(L, lua_upvalueindex(1));
+  uint64_t ns = lua_toboolean(L, 1) || u->s == NULL ? uv_hrtime() : tide__loop_now(&u->s->loop);
   lua_pushnumber(L, (double)ns / 1e6);
   return 1;
 }
@@ -142,12 +145,12 @@ static int l_now(lua_State *L) {
  * since (so jobs scheduled for later become due when a test advances).
  * wallclock(true) reads the real one all the same: what a PostgreSQL
  * store's distance from the server's clock is measured against. */
-static double virtual_wall_base, virtual_mono_base;
-
 static int l_wallclock(lua_State *L) {
+  loop_ud *u = lua_touserdata(L, lua_upvalueindex(1));
+  state *s = u->s;
   uv_timeval64_t tv;
-  if (tide__loop_is_virtual() && !lua_toboolean(L, 1)) {
-    double ms = virtual_wall_base + ((double)tide__loop_now() - virtual_mono_base) / 1e6;
+  if (s && tide__loop_is_virtual(&s->loop) && !lua_toboolean(L, 1)) {
+    double ms = s->virtual_wall_base + ((double)tide__loop_now(&s->loop) - s->virtual_mono_base) / 1e6;
     lua_pushnumber(L, floor(ms));
     return 1;
   }
@@ -183,7 +186,7 @@ static int64_t start_ms(state *s, double ms) {
   if (ms > MAX_DELAY_MS) ms = MAX_DELAY_MS;
   uint64_t ns = (uint64_t)(ms * 1e6);
   if (ns == 0 && ms > 0) ns = 1;
-  return tide__loop_timer_start(&s->loop, tide__loop_now() + ns);
+  return tide__loop_timer_start(&s->loop, tide__loop_now(&s->loop) + ns);
 }
 
 /* The next timer due in the pass of pops under way, or 0.  `first` starts
@@ -193,7 +196,7 @@ static int64_t start_ms(state *s, double ms) {
  * cached time.  Before, a tide.every shorter than a pass fired again and
  * again in it (up to the engine's 10,000 fires a pass). */
 static int64_t pop_due(state *s, int first) {
-  if (first) s->pass_now = tide__loop_now();
+  if (first) s->pass_now = tide__loop_now(&s->loop);
   return tide__timers_pop_due(&s->loop.timers, s->pass_now);
 }
 
@@ -452,12 +455,12 @@ static int l_isatty(lua_State *L) {
 static int l_clock_virtual(lua_State *L) {
   state *s = get_state(L);
   int on = lua_toboolean(L, 1);
-  if (on && !tide__loop_is_virtual()) {
+  if (on && !tide__loop_is_virtual(&s->loop)) {
     uv_timeval64_t tv;
     if (uv_gettimeofday(&tv) != 0) return luaL_error(L, "tide: cannot read the wall clock");
-    virtual_wall_base = (double)tv.tv_sec * 1000.0 + (double)(tv.tv_usec / 1000);
+    s->virtual_wall_base = (double)tv.tv_sec * 1000.0 + (double)(tv.tv_usec / 1000);
     tide__loop_set_virtual(&s->loop, 1);
-    virtual_mono_base = (double)tide__loop_now();
+    s->virtual_mono_base = (double)tide__loop_now(&s->loop);
     return 0;
   }
   tide__loop_set_virtual(&s->loop, on);
@@ -482,7 +485,7 @@ static int l_clock_step(lua_State *L) {
    * (now() + 40 most often is, in binary) counts as it: cut, it lost a
    * nanosecond each time.  A real fraction (10.5 ns) is still cut. */
   uint64_t target = (uint64_t)(target_ms * 1e6 + 0.01), deadline;
-  if (target < tide__loop_now()) target = tide__loop_now();   /* never backwards */
+  if (target < tide__loop_now(&s->loop)) target = tide__loop_now(&s->loop);   /* never backwards */
   if (tide__timers_next(&s->loop.timers, &deadline) && deadline <= target) {
     tide__loop_set_now(&s->loop, deadline);
     lua_pushboolean(L, 1);

@@ -5,12 +5,11 @@
 
 /* The virtual clock (tide.testing): while on, now() is `virtual_now` and
  * moves only when told to, and `wake` is never armed: timers fire when the
- * clock is advanced past them.  One clock per process, like the real one. */
-static int virtual_on;
-static uint64_t virtual_now;
-
-uint64_t tide__loop_now(void) {
-  return virtual_on ? virtual_now : uv_hrtime();
+ * clock is advanced past them.  One clock per loop: it was one per process,
+ * and a second Lua state that turned it on froze the first's clock, whose
+ * sleeping tasks never woke (spec/review_r1_spec.lua). */
+uint64_t tide__loop_now(const tide__loop *loop) {
+  return loop->virtual_on ? loop->virtual_now : uv_hrtime();
 }
 
 
@@ -104,8 +103,8 @@ static void rearm(tide__loop *loop) {
     loop->armed = 0;
     return;
   }
-  if (loop->armed == deadline || virtual_on) return;
-  uint64_t now = tide__loop_now();
+  if (loop->armed == deadline || loop->virtual_on) return;
+  uint64_t now = tide__loop_now(loop);
   if (deadline <= now) {
     if (loop->armed) uv_timer_stop(&loop->wake);
     loop->armed = 0;
@@ -119,17 +118,17 @@ static void rearm(tide__loop *loop) {
 }
 
 void tide__loop_set_virtual(tide__loop *loop, int on) {
-  if (on && !virtual_on) virtual_now = uv_hrtime();
-  virtual_on = on;
+  if (on && !loop->virtual_on) loop->virtual_now = uv_hrtime();
+  loop->virtual_on = on;
   if (loop->armed) { uv_timer_stop(&loop->wake); loop->armed = 0; }
   rearm(loop);                               /* off: pending timers run on the real clock again */
 }
 
-int tide__loop_is_virtual(void) { return virtual_on; }
+int tide__loop_is_virtual(const tide__loop *loop) { return loop->virtual_on; }
 
 void tide__loop_set_now(tide__loop *loop, uint64_t now) {
-  if (!virtual_on || now < virtual_now) return;   /* monotonic: never back */
-  virtual_now = now;
+  if (!loop->virtual_on || now < loop->virtual_now) return;   /* monotonic: never back */
+  loop->virtual_now = now;
   tide__loop_kick(loop);
 }
 
