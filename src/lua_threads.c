@@ -103,12 +103,23 @@ static const char *opt_string(lua_State *L, const char *key) {
   return s;
 }
 
-/* thread_start{ threads=, path=, cpath=, init=, memory_limit= }, done -> true | nil, err */
+/* thread_start{ threads=, path=, cpath=, init=, memory_limit= }, done -> true | nil, err
+ * With the pool started already, only `done` is taken: a second copy of
+ * tide's engine (package.loaded cleared, tide required again) takes the
+ * deliveries over from the first, retired copy.  Kept, the first copy's
+ * done was handed every result of the second's tasks, which never ended
+ * (spec/review_r1_spec.lua). */
 static int l_start(lua_State *L) {
   binding *b = get(L);
   luaL_checktype(L, 1, LUA_TTABLE);
   luaL_checktype(L, 2, LUA_TFUNCTION);
-  if (b->pool) { lua_pushboolean(L, 1); return 1; }
+  if (b->pool) {
+    luaL_unref(L, LUA_REGISTRYINDEX, b->done_ref);  /* the old one first */
+    lua_pushvalue(L, 2);
+    b->done_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushboolean(L, 1);
+    return 1;
+  }
   lua_getfield(L, 1, "threads");
   lua_getfield(L, 1, "memory_limit");
   lua_Number threads = luaL_checknumber(L, -2), limit = luaL_optnumber(L, -1, 0);

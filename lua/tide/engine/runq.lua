@@ -218,6 +218,11 @@ local function busy()
   for i = 1, 3 * cap, 3 do if slots[i] ~= nil then n = n + 1 end end
   if n > 0 then return ("%d timer(s) pending"):format(n) end
   if rq_n > 0 then return ("%d task(s) runnable"):format(rq_n) end
+  -- The thread pool is tide.core's, shared: the second copy takes its
+  -- deliveries over, so a first copy's job in flight would be delivered to
+  -- a copy that does not know it (spec/review_r1_spec.lua).
+  local in_flight = core.thread_stats().in_flight
+  if in_flight > 0 then return ("%d thread task(s) in flight"):format(in_flight) end
 end
 
 do
