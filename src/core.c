@@ -21,6 +21,7 @@
 #include "watchdog.h"
 
 #define STATE_KEY "tide.state"     /* registry: the tide.Loop userdata */
+#define CORE_KEY  "tide.core"      /* registry: the tide.core table, kept when package.loaded is cleared */
 #define LOOP_MT   "tide.Loop"
 
 static const char HOOK_STATE_KEY;  /* registry, light key: the state, for the stall hook */
@@ -568,10 +569,25 @@ static int load_module(lua_State *L) {
   return 1;
 }
 
-/* Registers every embedded module in package.preload ("tide.init" as "tide"). */
+static int push_core(lua_State *L, uv_loop_t *uv);
+
+/* package.preload["tide.core"]: the state's tide.core again, once
+ * package.loaded was cleared of it (tide.core is made by tide_open, never
+ * loaded from a file: require "tide" failed with "module 'tide.core' not
+ * found").  A second copy of the engine then takes its loop over, as when
+ * tide.core stays loaded (tide.engine.runq). */
+static int load_core(lua_State *L) {
+  if (push_core(L, NULL) != 0) return lua_error(L);
+  return 1;
+}
+
+/* Registers every embedded module in package.preload ("tide.init" as "tide"),
+ * and tide.core. */
 static void preload_modules(lua_State *L) {
   lua_getglobal(L, "package");
   lua_getfield(L, -1, "preload");
+  lua_pushcfunction(L, load_core);
+  lua_setfield(L, -2, "tide.core");
   for (const tide__module *m = tide__modules; m->name; m++) {
     lua_pushlightuserdata(L, (void *)m);
     lua_pushcclosure(L, load_module, 1);
@@ -580,11 +596,22 @@ static void preload_modules(lua_State *L) {
   lua_pop(L, 2);                             /* preload, package */
 }
 
-/* Pushes package.loaded["tide.core"], creating it with a new loop if needed. */
+/* Pushes package.loaded["tide.core"], creating it with a new loop if needed.
+ * One per Lua state: one cleared from package.loaded is found again in the
+ * registry (a second loop in the state would take the registry's keys of
+ * the first one's bindings, and the first one's close would close them). */
 static int push_core(lua_State *L, uv_loop_t *uv) {
   lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
   lua_getfield(L, -1, "tide.core");
-  if (!lua_isnil(L, -1)) { lua_remove(L, -2); return 0; }
+  if (lua_istable(L, -1)) { lua_remove(L, -2); return 0; }   /* (require's mark while loading it: not a table) */
+  lua_pop(L, 1);
+  lua_getfield(L, LUA_REGISTRYINDEX, CORE_KEY);
+  if (!lua_isnil(L, -1)) {
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -3, "tide.core");              /* loaded again */
+    lua_remove(L, -2);                             /* _LOADED */
+    return 0;
+  }
   lua_pop(L, 1);
   tide__alloc_cache_open(L);                       /* without it (no memory), L keeps its allocator */
   state *s = calloc(1, sizeof *s);
@@ -625,12 +652,30 @@ static int push_core(lua_State *L, uv_loop_t *uv) {
   tide__open_fswatch(L, s->loop.uv, s->wd);        /* fs_watch       */
   lua_remove(L, -2);                               /* the userdata */
   lua_pushvalue(L, -1);
+  lua_setfield(L, LUA_REGISTRYINDEX, CORE_KEY);
+  lua_pushvalue(L, -1);
   lua_setfield(L, -3, "tide.core");
   lua_remove(L, -2);                               /* _LOADED */
   return 0;
 }
 
-TIDE_API int tide_open(lua_State *L, uv_loop_t *uv) {
+/* Why tide cannot be opened on `uv` in L (any: on whatever loop it has), or
+ * NULL.  Opened before on the same loop, it is opened again (nothing new). */
+static const char *refuse_open(lua_State *L, uv_loop_t *uv, int any) {
+  lua_getfield(L, LUA_REGISTRYINDEX, STATE_KEY);
+  loop_ud *u = luaL_testudata(L, -1, LOOP_MT);
+  lua_pop(L, 1);
+  if (u == NULL) return NULL;                      /* never opened */
+  if (u->s == NULL)
+    return "tide_open: tide was closed in this Lua state (tide_close); it cannot be opened again in it";
+  if (!any && (uv ? uv != u->s->loop.uv : !u->s->loop.owns_uv))
+    return "tide_open: tide is already open on another loop in this Lua state";
+  return NULL;
+}
+
+static int open_tide(lua_State *L, uv_loop_t *uv, int any) {
+  const char *why = refuse_open(L, uv, any);
+  if (why) { lua_pushstring(L, why); return -1; }
   if (push_core(L, uv) != 0) return -1;
   lua_pop(L, 1);
   preload_modules(L);
@@ -649,15 +694,25 @@ TIDE_API int tide_open(lua_State *L, uv_loop_t *uv) {
   return 0;
 }
 
+TIDE_API int tide_open(lua_State *L, uv_loop_t *uv) {
+  return open_tide(L, uv, 0);
+}
+
+/* require "tide" takes tide on whatever loop the state has (a host's). */
 TIDE_API int luaopen_tide(lua_State *L) {
-  if (tide_open(L, NULL) != 0) return lua_error(L);
+  if (open_tide(L, NULL, 1) != 0) return lua_error(L);
   return 1;
 }
 
 /* ===== the embedding API: thin calls into tide.host ===== */
 
-/* Pushes tide.host[name], protected; -1 with a message pushed on failure. */
+/* Pushes tide.host[name], protected; -1 with a message pushed on failure
+ * (before tide_open: that, not require's list of paths searched). */
 static int push_host_fn(lua_State *L, const char *name) {
+  lua_getfield(L, LUA_REGISTRYINDEX, STATE_KEY);
+  int opened = luaL_testudata(L, -1, LOOP_MT) != NULL;
+  lua_pop(L, 1);
+  if (!opened) { lua_pushliteral(L, "tide: tide_open was not called on this Lua state"); return -1; }
   lua_getglobal(L, "require");
   lua_pushstring(L, "tide.engine.host");
   if (lua_pcall(L, 1, 1, 0) != 0) return -1;

@@ -31,8 +31,12 @@ extern "C" {
 #define TIDE_VERSION_STRING "0.1.0"
 
 /* Loads tide into L, bound to `loop` (NULL: a loop owned by tide), and makes
- * `require "tide"` return it.  Pushes the module table.
- * 0 on success; -1 with an error message pushed instead. */
+ * `require "tide"` return it.  Pushes the module table.  Again on the same
+ * loop: the same tide.  One loop per Lua state: -1 when tide is open in L on
+ * another loop, or was closed in L (tide_close: it is not opened again).
+ * 0 on success; -1 with an error message pushed instead.  The functions
+ * below, before tide_open: -1, "tide: tide_open was not called on this Lua
+ * state". */
 TIDE_API int tide_open(lua_State *L, uv_loop_t *loop);
 
 /* Loads the script at `path` and spawns it as the root task, with the global
