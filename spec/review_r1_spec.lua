@@ -193,4 +193,41 @@ describe("review r1: embedding", function()
         .. "it cannot be opened again in it",
       "" }, "\n"), out)
   end)
+
+  -- tide_close with tasks still live (asleep, waiting on a thread, runnable) closed the loop
+  -- under them: none of them ever got an outcome, and their handle_result never ran.  They
+  -- are now cancelled first ("tide was closed"), each outcome delivered once, and so is a
+  -- task a handle_result spawns meanwhile.
+  it("tide_close delivers an outcome to every task still live", function()
+    local status, out = H.run_lua(dir, "close_live.lua", SECOND_STATE .. [[
+      local T = ffi.load(package.searchpath("tide", package.cpath))
+      local L = new_state()
+      run_in(L, "package.cpath = " .. ("%q"):format(package.cpath) .. [=[
+        local tide = require "tide"
+        tide.configure{ threads = 1 }
+        got = {}
+        local function hr(tag) return function(s, v) got[#got + 1] = tag .. " " .. s .. ": " .. tostring(v) end end
+        tide.spawn{ run = function() tide.sleep(100000) end, handle_result = hr("sleeper") }
+        tide.spawn{ mode = "thread", run = function() require("tide").sleep(300) return 1 end, handle_result = hr("thread") }
+        tide.spawn{ run = function() tide.sleep(100000) end, handle_result = function(s, v)
+          hr("spawner")(s, v)
+          tide.spawn{ run = function() end, handle_result = hr("spawned") }
+        end }
+      ]=])
+      assert(T.tide_step(L) == 1)
+      run_in(L, "local tide = require 'tide' tide.spawn{ run = function() end, handle_result = function(s, v) got[#got + 1] = 'runnable ' .. s .. ': ' .. tostring(v) end }")
+      print("close", T.tide_close(L))
+      run_in(L, "table.sort(got) print(table.concat(got, '\\n'))")
+      C.lua_close(L)
+    ]], 30)
+    assert.equal(0, status, out)
+    assert.equal(table.concat({
+      "close\t0",
+      "runnable cancelled: tide was closed (tide_close)",
+      "sleeper cancelled: tide was closed (tide_close)",
+      "spawned cancelled: tide was closed (tide_close)",
+      "spawner cancelled: tide was closed (tide_close)",
+      "thread cancelled: tide was closed (tide_close)",
+      "" }, "\n"), out)
+  end)
 end)

@@ -758,10 +758,17 @@ TIDE_API void tide_shutdown(lua_State *L, double grace_ms) {
   if (call_host_int(L, "shutdown", 1) < 0) lua_pop(L, 1);   /* the message: nothing is left */
 }
 
+/* Tasks still live when the host closes tide are cancelled first, their
+ * outcomes delivered (tide.engine.host.close_tasks): closed under them, they
+ * never got one, and their handle_result never ran. */
 TIDE_API int tide_close(lua_State *L) {
   lua_getfield(L, LUA_REGISTRYINDEX, STATE_KEY);
   loop_ud *u = luaL_testudata(L, -1, LOOP_MT);
-  int rc = u ? close_state(L, u) : 0;
   lua_pop(L, 1);
-  return rc;
+  if (u == NULL || u->s == NULL) return 0;         /* never opened, or closed already */
+  if (busy(u->s)) return UV_EBUSY;
+  u->s->in_call++;                                 /* a handle_result cannot close it meanwhile */
+  if (call_host_int(L, "close_tasks", 0) < 0) lua_pop(L, 1);   /* (reported by the engine) */
+  u->s->in_call--;
+  return close_state(L, u);
 }

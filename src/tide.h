@@ -60,7 +60,9 @@ TIDE_API int tide_step(lua_State *L);
  * `grace_ms`, then are cancelled.  Outcomes are still delivered. */
 TIDE_API void tide_shutdown(lua_State *L, double grace_ms);
 
-/* Closes tide's handles.  With a host loop, run it once more afterwards so
+/* Closes tide's handles.  Tasks still live are cancelled first ("tide was
+ * closed (tide_close)"), each outcome delivered to its handle_result and
+ * awaiters.  With a host loop, run it once more afterwards so
  * the close callbacks free tide's memory.  Returns uv_loop_close's result
  * for tide's own loop (0: nothing left open), else 0; UV_EBUSY, closing
  * nothing, when called while tide runs the loop or calls into Lua (from a
