@@ -230,4 +230,31 @@ describe("review r1: embedding", function()
       "thread cancelled: tide was closed (tide_close)",
       "" }, "\n"), out)
   end)
+
+  -- lua_close without tide_close, tasks still live: none got an outcome either.  The loop's
+  -- userdata is collected only by lua_close (the registry anchors it): its __gc cancels them
+  -- first ("tide was closed (lua_close)").  The thread pool's __gc may have run before it:
+  -- cancelling a thread task then raised "the thread pool is not running" in its hook.
+  it("lua_close delivers an outcome to every task still live", function()
+    local status, out = H.run_lua(dir, "lua_close_live.lua", SECOND_STATE .. [[
+      local T = ffi.load(package.searchpath("tide", package.cpath))
+      local L = new_state()
+      run_in(L, "package.cpath = " .. ("%q"):format(package.cpath) .. [=[
+        local tide = require "tide"
+        tide.configure{ threads = 1 }
+        local function hr(tag) return function(s, v) print(tag .. " " .. s .. ": " .. tostring(v)) end end
+        tide.spawn{ run = function() tide.sleep(100000) end, handle_result = hr("sleeper") }
+        tide.spawn{ mode = "thread", run = function() require("tide").sleep(300) return 1 end, handle_result = hr("thread") }
+      ]=])
+      assert(T.tide_step(L) == 1)
+      C.lua_close(L)
+      print("closed")
+    ]], 30)
+    assert.equal(0, status, out)
+    assert.equal(table.concat({
+      "sleeper cancelled: tide was closed (lua_close)",
+      "thread cancelled: tide was closed (lua_close)",
+      "closed",
+      "" }, "\n"), out)
+  end)
 end)

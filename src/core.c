@@ -441,8 +441,14 @@ static int l_close(lua_State *L) {
   return 1;
 }
 
+/* Collected only by lua_close (the registry anchors it): tasks still live
+ * are cancelled first, their outcomes delivered, as by tide_close. */
+static int cancel_live(lua_State *L, state *s, const char *by);
+
 static int loop_gc(lua_State *L) {
-  close_state(L, luaL_checkudata(L, 1, LOOP_MT));
+  loop_ud *u = luaL_checkudata(L, 1, LOOP_MT);
+  if (u->s && !busy(u->s)) cancel_live(L, u->s, "lua_close");
+  close_state(L, u);
   return 0;
 }
 
@@ -767,8 +773,16 @@ TIDE_API int tide_close(lua_State *L) {
   lua_pop(L, 1);
   if (u == NULL || u->s == NULL) return 0;         /* never opened, or closed already */
   if (busy(u->s)) return UV_EBUSY;
-  u->s->in_call++;                                 /* a handle_result cannot close it meanwhile */
-  if (call_host_int(L, "close_tasks", 0) < 0) lua_pop(L, 1);   /* (reported by the engine) */
-  u->s->in_call--;
+  cancel_live(L, u->s, "tide_close");
   return close_state(L, u);
+}
+
+static int cancel_live(lua_State *L, state *s, const char *by) {
+  int top = lua_gettop(L);
+  s->in_call++;                                    /* a handle_result cannot close it meanwhile */
+  lua_pushfstring(L, "tide was closed (%s)", by);
+  int n = call_host_int(L, "close_tasks", 1);      /* (an error: reported by the engine) */
+  s->in_call--;
+  lua_settop(L, top);
+  return n;
 }

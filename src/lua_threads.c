@@ -170,16 +170,23 @@ static int l_submit(lua_State *L) {
   return 0;
 }
 
-/* thread_cancel(id) -> 0 unknown, 1 dropped from the queue, 2 asked to stop */
+/* thread_cancel(id) -> 0 unknown, 1 dropped from the queue, 2 asked to stop.
+ * Once the pool is closed, 0: its jobs are gone, and a task cancelled then
+ * (lua_close cancels the live tasks after the pool's __gc may have run)
+ * must still end without an error. */
 static int l_cancel(lua_State *L) {
-  binding *b = get_pool(L);
-  lua_pushinteger(L, tide__pool_cancel(b->pool, (uint64_t)luaL_checknumber(L, 1)));
+  binding *b = get(L);
+  uint64_t id = (uint64_t)luaL_checknumber(L, 1);
+  lua_pushinteger(L, b->pool ? tide__pool_cancel(b->pool, id) : 0);
   return 1;
 }
 
+/* thread_quarantine(id) -> true when the job's thread was quarantined;
+ * false once the pool is closed (as thread_cancel). */
 static int l_quarantine(lua_State *L) {
-  binding *b = get_pool(L);
-  lua_pushboolean(L, tide__pool_quarantine(b->pool, (uint64_t)luaL_checknumber(L, 1)));
+  binding *b = get(L);
+  uint64_t id = (uint64_t)luaL_checknumber(L, 1);
+  lua_pushboolean(L, b->pool && tide__pool_quarantine(b->pool, id));
   return 1;
 }
 

@@ -8,6 +8,10 @@
  *   uv_run(my_loop, UV_RUN_DEFAULT);       // or tide_run(L) / tide_step(L)
  *   tide_close(L);  uv_run(my_loop, UV_RUN_DEFAULT);  lua_close(L);
  *
+ * lua_close without tide_close closes tide too, as tide_close does (tasks
+ * still live are cancelled, "tide was closed (lua_close)", then the handles
+ * closed: with a host loop, run it once more afterwards).
+ *
  * Every function returns 0 (or a count) on success and a negative number on
  * failure; where a message exists it is left on top of the Lua stack.  Only
  * call these from the thread that runs the loop and owns L.
