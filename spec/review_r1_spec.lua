@@ -258,3 +258,25 @@ describe("review r1: embedding", function()
       "" }, "\n"), out)
   end)
 end)
+
+describe("review r1: thread mode", function()
+  -- A script run twice in one Lua state (a host that runs it again, or two tide.run in a row)
+  -- that configures its thread pool failed the second time at its first line: once the pool
+  -- ran, tide.configure refused threads, thread_init and thread_memory even when given the
+  -- values the pool already runs with.  Only a change is refused now.
+  it("takes the thread pool's own settings again once it runs, and refuses a change", function()
+    local status, out = H.run_lua(dir, "configure_again.lua", [[
+      local tide = require "tide"
+      for round = 1, 2 do
+        tide.configure{ threads = 2, thread_memory = 64 }
+        print(round, tide.run(function() return tide.spawn{ mode = "thread", run = function() return 7 end }:await() end))
+      end
+      print(pcall(tide.configure, { threads = 3 }))
+      print(pcall(tide.configure, { thread_memory = 32 }))
+      print(pcall(tide.configure, { thread_init = "thread_init" }))
+    ]], 30)
+    assert.equal(0, status, out)
+    local refused = "false\ttide.configure: threads, thread_init and thread_memory must be set before the first thread task\n"
+    assert.equal("1\tok\tok\t7\n2\tok\tok\t7\n" .. refused .. refused .. refused, out)
+  end)
+end)
