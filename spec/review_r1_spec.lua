@@ -279,4 +279,24 @@ describe("review r1: thread mode", function()
     local refused = "false\ttide.configure: threads, thread_init and thread_memory must be set before the first thread task\n"
     assert.equal("1\tok\tok\t7\n2\tok\tok\t7\n" .. refused .. refused .. refused, out)
   end)
+
+  -- os.exit called by a thread task ended the whole process (the loop, every other task,
+  -- with the thread's status): "nothing a thread task does takes the process down".  On a
+  -- worker thread it now raises, and the task ends with an error outcome.
+  it("gives a thread task that calls os.exit an error outcome, and the process goes on", function()
+    local status, out = H.run_lua(dir, "thread_exit.lua", [[
+      local tide = require "tide"
+      tide.configure{ threads = 1 }
+      print(tide.run(function()
+        local other = tide.spawn(function() tide.sleep(20) return "other" end)
+        local s, v = tide.spawn{ mode = "thread", run = function() os.exit(3) end }:await()
+        print(s, (tostring(v):gsub("^[^:]*:%d+: ", "")))
+        print(tide.spawn{ mode = "thread", run = function() return "next" end }:await())
+        return other:await()
+      end))
+    ]], 30)
+    assert.equal(0, status, out)
+    assert.equal("error\tos.exit cannot be called in a thread task: it would end the whole process "
+      .. "(return, or raise an error, instead)\nok\tnext\nok\tok\tother\n", out)
+  end)
 end)
