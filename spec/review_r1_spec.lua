@@ -299,4 +299,25 @@ describe("review r1: thread mode", function()
     assert.equal("error\tos.exit cannot be called in a thread task: it would end the whole process "
       .. "(return, or raise an error, instead)\nok\tnext\nok\tok\tother\n", out)
   end)
+
+  -- Bad input that got no clear error: thread_init = "" (and process_init) was taken, and
+  -- every thread task then failed with "thread_init '' failed: module '' not found" and a
+  -- list of paths; run = "a..b" was taken as a "module.function" name; args.n = 1e9 (or an
+  -- args table whose largest index is that) raised "task.lua:76: too many results to
+  -- unpack", naming neither the function nor the option.
+  it("refuses an empty init module, a run name with an empty part, and more arguments than a call can take", function()
+    local tide = require "tide"
+    H.error_cases("spec/review_r1_spec.lua", {
+      { function() tide.configure{ thread_init = "" } end,
+        "tide.configure: bad option 'thread_init' (module name expected, got string \"\")" },
+      { function() tide.configure{ process_init = "" } end,
+        "tide.configure: bad option 'process_init' (module name expected, got string \"\")" },
+      { function() tide.spawn{ mode = "thread", run = "a..b" } end,
+        "tide.spawn: bad option 'run' (\"module.function\" expected, got string \"a..b\")" },
+      { function() tide.spawn{ run = print, args = { n = 1e9 } } end,
+        "tide.spawn: bad option 'args.n' (non-negative integer up to 7000 expected, got number 1000000000)" },
+      { function() tide.spawn{ mode = "thread", run = "a.b", args = { [1e6] = 1 } } end,
+        "tide.spawn: bad option 'args' (at most 7000 arguments expected, got 1000000)" },
+    })
+  end)
 end)

@@ -56,7 +56,7 @@ function M.configure(fname, opts, level)
   if opts.processes ~= nil and not (check.is_count(opts.processes, 1) and opts.processes <= MAX) then
     check.opt_error(fname, "processes", "integer from 1 to " .. MAX, opts.processes, level)
   end
-  if opts.process_init ~= nil and type(opts.process_init) ~= "string" then
+  if opts.process_init ~= nil and (type(opts.process_init) ~= "string" or opts.process_init == "") then
     check.opt_error(fname, "process_init", "module name", opts.process_init, level)
   end
   if opts.process_memory ~= nil and not (check.is_count(opts.process_memory) and opts.process_memory <= MAX_MB) then

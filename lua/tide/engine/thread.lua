@@ -55,7 +55,7 @@ function M.configure(fname, opts, level)
   if opts.threads ~= nil and not (check.is_count(opts.threads, 1) and opts.threads <= MAX) then
     check.opt_error(fname, "threads", "integer from 1 to " .. MAX, opts.threads, level)
   end
-  if opts.thread_init ~= nil and type(opts.thread_init) ~= "string" then
+  if opts.thread_init ~= nil and (type(opts.thread_init) ~= "string" or opts.thread_init == "") then
     check.opt_error(fname, "thread_init", "module name", opts.thread_init, level)
   end
   if opts.thread_memory ~= nil and not (check.is_count(opts.thread_memory) and opts.thread_memory <= M.MAX_MB) then
@@ -188,7 +188,7 @@ function M.payload(fname, run, args, level, dest)
   dest = dest or "a thread"
   local fn, is_name
   if type(run) == "string" then
-    if not run:match("^[%a_][%w_.]*%.[%a_][%w_]*$") then
+    if not run:match("^[%a_][%w_.]*%.[%a_][%w_]*$") or run:find("..", 1, true) then
       error(("%s: bad option 'run' (\"module.function\" expected, got string %q)"):format(fname, run), level)
     end
     fn, is_name = run, true
