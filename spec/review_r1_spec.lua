@@ -168,6 +168,12 @@ describe("review r1: embedding", function()
       say("spawn_file", T.tide_spawn_file(L, "x.lua", 0, nil), L)
       say("close", T.tide_close(L), L)
       say("open", T.tide_open(L, nil), L)
+      say("spawn_file NULL", T.tide_spawn_file(L, nil, 0, nil), L)
+      say("spawn_file argc -1", T.tide_spawn_file(L, "x.lua", -1, nil), L)
+      local argv = ffi.new("char *[2]")           -- (zero-filled: argv[1] stays NULL)
+      local arg0 = "a"
+      argv[0] = ffi.cast("char *", arg0)
+      say("spawn_file argv[1] NULL", T.tide_spawn_file(L, "x.lua", 2, argv), L)
       say("open again", T.tide_open(L, nil), L)
       local other = ffi.cast("uv_loop_t *", ffi.new("char[?]", uv.uv_loop_size()))
       local keep = other
@@ -186,6 +192,9 @@ describe("review r1: embedding", function()
       "spawn_file\t-1\t" .. before,
       "close\t0\t",
       "open\t0\t",
+      "spawn_file NULL\t-1\ttide_spawn_file: bad argument 'path' (a file name expected, got NULL)",
+      "spawn_file argc -1\t-1\ttide_spawn_file: bad arguments 'argc', 'argv' (argc >= 0 strings in argv expected)",
+      "spawn_file argv[1] NULL\t-1\ttide_spawn_file: bad argument 'argv' (a string expected at argv[1], got NULL)",
       "open again\t0\t",
       "open other loop\t-1\ttide_open: tide is already open on another loop in this Lua state",
       "close\t0\t",

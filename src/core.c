@@ -728,10 +728,23 @@ static int push_host_fn(lua_State *L, const char *name) {
 }
 
 TIDE_API int tide_spawn_file(lua_State *L, const char *path, int argc, char **argv) {
+  /* A NULL path reached loadfile as nil, which reads the script from stdin
+   * (a host blocked on its terminal); a negative argc sized a table of 4 G
+   * entries. */
+  if (path == NULL || argc < 0 || (argc > 0 && argv == NULL)) {
+    lua_pushstring(L, path == NULL ? "tide_spawn_file: bad argument 'path' (a file name expected, got NULL)"
+                                   : "tide_spawn_file: bad arguments 'argc', 'argv' (argc >= 0 strings in argv expected)");
+    return -1;
+  }
   if (push_host_fn(L, "spawn_file") != 0) return -1;
   lua_pushstring(L, path);
   lua_createtable(L, argc, 0);
   for (int i = 0; i < argc; i++) {
+    if (argv[i] == NULL) {                         /* (not a string: would be nil, a hole in arg) */
+      lua_pop(L, 3);                               /* the table, the path, the function */
+      lua_pushfstring(L, "tide_spawn_file: bad argument 'argv' (a string expected at argv[%d], got NULL)", i);
+      return -1;
+    }
     lua_pushstring(L, argv[i]);
     lua_rawseti(L, -2, i + 1);
   }

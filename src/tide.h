@@ -45,7 +45,9 @@ TIDE_API int tide_open(lua_State *L, uv_loop_t *loop);
 
 /* Loads the script at `path` and spawns it as the root task, with the global
  * `arg` set as luajit sets it (arg[0] = path, arg[1..argc] = argv).
- * 0 on success (nothing pushed); -1 with "file:line: message" pushed. */
+ * 0 on success (nothing pushed); -1 with "file:line: message" pushed, or
+ * with what was wrong with the arguments (path NULL, argc < 0, a NULL among
+ * argv[0 .. argc-1]). */
 TIDE_API int tide_spawn_file(lua_State *L, const char *path, int argc, char **argv);
 
 /* Runs the loop until no work is left, then cancels what can never wake up
