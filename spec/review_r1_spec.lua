@@ -324,9 +324,30 @@ describe("review r1: thread mode", function()
       { function() tide.spawn{ mode = "thread", run = "a..b" } end,
         "tide.spawn: bad option 'run' (\"module.function\" expected, got string \"a..b\")" },
       { function() tide.spawn{ run = print, args = { n = 1e9 } } end,
-        "tide.spawn: bad option 'args.n' (non-negative integer up to 7000 expected, got number 1000000000)" },
+        "tide.spawn: bad option 'args.n' (at most 7000 expected, got number 1000000000)" },
       { function() tide.spawn{ mode = "thread", run = "a.b", args = { [1e6] = 1 } } end,
         "tide.spawn: bad option 'args' (at most 7000 arguments expected, got 1000000)" },
     })
+  end)
+
+  -- A thread task runs no code on the loop ("direct": its job is submitted, later settled,
+  -- from the run queue), but the scheduler left it as the current task after it: once the
+  -- loop stopped, code outside any task (the main chunk after tide.run, a C host between
+  -- steps) had tide.current() give that ended task, t:await() say "a task cannot await
+  -- itself" and tide.sleep "task 2 has ended (ok); its code stops here".
+  it("leaves no thread task current once its job is submitted or settled", function()
+    local status, out = H.run_lua(dir, "current_after.lua", [[
+      local tide = require "tide"
+      tide.configure{ threads = 1 }
+      local t
+      print(tide.run(function() t = tide.spawn{ mode = "thread", run = function() return 1 end } return "root" end))
+      print("current", tide.current())
+      print(pcall(t.await, t))
+      print(pcall(tide.sleep, 1))
+    ]], 30)
+    assert.equal(0, status, out)
+    assert.equal("ok\troot\ncurrent\tnil\n"
+      .. "false\ttask:await: called outside a task (start one with tide.run or tide.spawn)\n"
+      .. "false\ttide.sleep: called outside a task (start one with tide.run or tide.spawn)\n", out)
   end)
 end)

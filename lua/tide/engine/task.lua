@@ -73,9 +73,10 @@ local function check_spec(fname, default_mode, spec, nextra)
   local args = spec.args
   if args ~= nil then
     if type(args) ~= "table" then opt_error(fname, "args", "table", args, 4) end
-    if args.n ~= nil and not (check.is_count(args.n) and args.n <= MAX_ARGS) then
-      opt_error(fname, "args.n", "non-negative integer up to " .. MAX_ARGS, args.n, 4)
+    if args.n ~= nil and not check.is_count(args.n) then
+      opt_error(fname, "args.n", "non-negative integer", args.n, 4)
     end
+    if args.n ~= nil and args.n > MAX_ARGS then opt_error(fname, "args.n", "at most " .. MAX_ARGS, args.n, 4) end
     local n = args.n or maxn(args)
     if n > MAX_ARGS then
       error(("%s: bad option 'args' (at most %d arguments expected, got %d)"):format(fname, MAX_ARGS, n), 4)
