@@ -125,6 +125,31 @@ describe("review r1: embedding", function()
       .. "ok\tok\t1\nok\tok\t2\n", out)
   end)
 
+  -- The same with a process task in flight: the second copy took the process events over,
+  -- and the first copy's task never got its result (it was reaped as stalled).
+  it("refuses a second copy of tide while the first has process tasks in flight", function()
+    local status, out = H.run_lua(dir, "twice_processes.lua", [[
+      local function clear()
+        for k in pairs(package.loaded) do
+          if k:match("^tide") and k ~= "tide.core" then package.loaded[k] = nil end
+        end
+      end
+      local tide1 = require "tide"
+      tide1.configure{ processes = 1 }
+      print(tide1.run(function()
+        local t = tide1.spawn{ mode = "process", run = function() require("tide").sleep(100) return 1 end }
+        tide1.sleep(10)
+        clear()
+        print(pcall(require, "tide"))
+        return t:await()
+      end))
+    ]], 30)
+    assert.equal(0, status, out)
+    assert.equal("false\ttide: a second copy of tide's engine was loaded (package.loaded cleared and tide "
+      .. "required again) while the first has 1 process task(s) in flight; keep one copy\n"
+      .. "ok\tok\t1\n", out)
+  end)
+
   -- With every tide module cleared from package.loaded, tide.core included, require "tide"
   -- failed with "module 'tide.core' not found" (tide.core is made by tide_open, never
   -- preloaded).  It now gives the loaded loop to a second copy, as when tide.core stays.

@@ -212,6 +212,12 @@ function M.unusable()
   return nil
 end
 
+local probes = {}          -- fn() -> what a module above has pending, in words, or nil
+
+--- Adds fn to what busy() asks: a module whose work a second copy would
+--- take over (the process pool's events go to the newest copy's handler).
+function M.add_busy(fn) probes[#probes + 1] = fn end
+
 --- What the engine has pending, said in words, or nil.
 local function busy()
   local n = 0
@@ -223,6 +229,10 @@ local function busy()
   -- a copy that does not know it (spec/review_r1_spec.lua).
   local in_flight = core.thread_stats().in_flight
   if in_flight > 0 then return ("%d thread task(s) in flight"):format(in_flight) end
+  for i = 1, #probes do
+    local what = probes[i]()
+    if what then return what end
+  end
 end
 
 do
