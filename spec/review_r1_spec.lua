@@ -150,6 +150,36 @@ describe("review r1: embedding", function()
       .. "ok\tok\t1\n", out)
   end)
 
+  -- And with tasks live that wait for no timer (here two that await each other): the second
+  -- copy's tick replaced the first's, so a task of the first copy woken in a later tick (b,
+  -- once a is cancelled) sat in a run queue nobody ran, and was reaped as stalled.
+  it("refuses a second copy of tide while the first has tasks live", function()
+    local status, out = H.run_lua(dir, "twice_live.lua", [[
+      local function clear()
+        for k in pairs(package.loaded) do
+          if k:match("^tide") and k ~= "tide.core" then package.loaded[k] = nil end
+        end
+      end
+      local tide1 = require "tide"
+      print(tide1.run(function()
+        local a, b
+        a = tide1.spawn(function() return b:await() end)
+        b = tide1.spawn(function() a:await() return "b" end)
+        tide1.sleep(0)
+        clear()
+        local ok, tide2 = pcall(require, "tide")
+        print(ok, ok and "loaded" or tide2)
+        local later = ok and tide2.after or tide1.after   -- a wake in a later tick
+        later(5, function() a:cancel("unblocked") end)
+        return b:await()
+      end))
+    ]], 30)
+    assert.equal(0, status, out)
+    assert.equal("false\ttide: a second copy of tide's engine was loaded (package.loaded cleared and tide "
+      .. "required again) while the first has 3 task(s) live; keep one copy\n"
+      .. "ok\tok\tb\n", out)
+  end)
+
   -- With every tide module cleared from package.loaded, tide.core included, require "tide"
   -- failed with "module 'tide.core' not found" (tide.core is made by tide_open, never
   -- preloaded).  It now gives the loaded loop to a second copy, as when tide.core stays.

@@ -212,11 +212,15 @@ function M.unusable()
   return nil
 end
 
-local probes = {}          -- fn() -> what a module above has pending, in words, or nil
+local probes, last_probes = {}, {}   -- fn() -> what a module above has pending, in words, or nil
 
 --- Adds fn to what busy() asks: a module whose work a second copy would
 --- take over (the process pool's events go to the newest copy's handler).
-function M.add_busy(fn) probes[#probes + 1] = fn end
+--- `last`: asked after the others (the catch-all of live tasks).
+function M.add_busy(fn, last)
+  local list = last and last_probes or probes
+  list[#list + 1] = fn
+end
 
 --- What the engine has pending, said in words, or nil.
 local function busy()
@@ -231,6 +235,10 @@ local function busy()
   if in_flight > 0 then return ("%d thread task(s) in flight"):format(in_flight) end
   for i = 1, #probes do
     local what = probes[i]()
+    if what then return what end
+  end
+  for i = 1, #last_probes do
+    local what = last_probes[i]()
     if what then return what end
   end
 end

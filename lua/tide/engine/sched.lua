@@ -899,6 +899,13 @@ end
 
 function S.live_count() return nlive end
 
+-- A second copy of tide's engine no longer ticks this one: a live task of
+-- it (waiting for an HTTP request, a broker's message, another task) woken
+-- later would sit in a run queue nobody runs, never to get its outcome.
+runq.add_busy(function()
+  if nlive > 0 then return ("%d task(s) live"):format(nlive) end
+end, true)
+
 shutdown.init{ finish = finish, live_tasks = live_by_id, live_count = S.live_count }
 S.on_shutdown, S.shutdown, S.reap, S.reset = shutdown.on_shutdown, shutdown.shutdown, shutdown.reap, shutdown.reset
 function S.shutting_down() return shutdown.shutting end
