@@ -323,6 +323,76 @@ describe("review r1: embedding", function()
   end)
 end)
 
+describe("review r1: a host that closes every handle on its loop", function()
+  -- A common shutdown idiom: uv_walk(loop, close every handle), run the loop, then close the
+  -- rest.  tide's handles (its timer, idle, signals, the thread pool's async) went with them,
+  -- and tide_run, tide_close or lua_close after it aborted the process on libuv's assertion
+  -- "!uv__is_closing(handle)" (uv_close, uv_signal_start of a closed handle).  tide now
+  -- closes only what is still open (the memory of what the host closed is kept: its close
+  -- callback was the host's), and tide_run says what happened.
+  it("survives tide_run, tide_close and lua_close after the host closed tide's handles", function()
+    for _, how in ipairs{ "tide_run", "tide_close", "lua_close" } do
+      local status, out = H.run_lua(dir, "walk.lua", SECOND_STATE .. [[
+        local how = os.getenv("HOW")
+        local uv = ffi.load("uv")
+        ffi.cdef[=[
+          typedef struct uv_loop_s uv_loop_t;
+          typedef struct uv_handle_s uv_handle_t;
+          typedef void (*uv_walk_cb)(uv_handle_t *h, void *arg);
+          typedef void (*uv_close_cb)(uv_handle_t *h);
+          size_t uv_loop_size(void);
+          int uv_loop_init(uv_loop_t *loop);
+          int uv_loop_close(uv_loop_t *loop);
+          int uv_run(uv_loop_t *loop, int mode);
+          void uv_walk(uv_loop_t *loop, uv_walk_cb cb, void *arg);
+          void uv_close(uv_handle_t *h, uv_close_cb cb);
+          int uv_is_closing(const uv_handle_t *h);
+        ]=]
+        local T = ffi.load(package.searchpath("tide", package.cpath))
+        local mem = ffi.new("char[?]", uv.uv_loop_size())
+        local loop = ffi.cast("uv_loop_t *", mem)
+        assert(uv.uv_loop_init(loop) == 0)
+        local L = new_state()
+        run_in(L, "package.cpath = " .. ("%q"):format(package.cpath))
+        assert(T.tide_open(L, loop) == 0)
+        C.lua_settop(L, 0)
+        run_in(L, [=[
+          local tide = require "tide"
+          tide.configure{ threads = 1 }
+          local function hr(tag) return function(s, v) print(tag, s, v) end end
+          tide.spawn{ run = function() tide.sleep(100000) end, handle_result = hr("sleeper") }
+          tide.spawn{ mode = "thread", run = function() require("tide").sleep(50) return 1 end, handle_result = hr("thread") }
+        ]=])
+        uv.uv_run(loop, 2)                                     -- UV_RUN_NOWAIT
+        local close_all = ffi.cast("uv_walk_cb", function(h)
+          if uv.uv_is_closing(h) == 0 then uv.uv_close(h, nil) end
+        end)
+        uv.uv_walk(loop, close_all, nil)
+        uv.uv_run(loop, 0)                                     -- the close callbacks
+        if how == "tide_run" then
+          print("tide_run", T.tide_run(L), top_string(L))
+          C.lua_settop(L, 0)
+        elseif how == "tide_close" then
+          print("tide_close", T.tide_close(L))
+        end
+        C.lua_close(L)
+        uv.uv_run(loop, 0)
+        print("loop_close", uv.uv_loop_close(loop))
+      ]], 30, "HOW=" .. how)
+      assert.equal(0, status, how .. ": " .. out)
+      if how == "tide_run" then
+        assert.matches("tide_run\t%-1\t[^\n]*tide: the host closed tide's handles on its loop "
+          .. "%(close tide with tide_close before the loop's other handles%)\n", out)
+      elseif how == "tide_close" then
+        assert.matches("tide_close\t0\n", out)
+      end
+      assert.matches("sleeper\tcancelled\ttide was closed %(" .. (how == "tide_close" and "tide_close" or "lua_close")
+        .. "%)\n", out)
+      assert.matches("loop_close\t0\n$", out)
+    end
+  end)
+end)
+
 describe("review r1: thread mode", function()
   -- A script run twice in one Lua state (a host that runs it again, or two tide.run in a row)
   -- that configures its thread pool failed the second time at its first line: once the pool

@@ -294,6 +294,8 @@ static int l_kick(lua_State *L) {
   return 0;
 }
 
+#define LOST "tide: the host closed tide's handles on its loop (close tide with tide_close before the loop's other handles)"
+
 /* run([once]) -> true when work is still left afterwards: tide's own
  * handles (its timer, its idle), or any referenced handle on the loop
  * (uv_run's result).  Thread and process tasks in flight, sockets waited
@@ -307,6 +309,7 @@ static int l_kick(lua_State *L) {
 static int l_run(lua_State *L) {
   state *s = get_state(L);
   if (s->loop.running || s->in_call) return luaL_error(L, "the loop is already running");
+  if (tide__loop_lost(&s->loop)) return luaL_error(L, LOST);
   int alive = tide__loop_run(&s->loop, lua_toboolean(L, 1) ? UV_RUN_NOWAIT : UV_RUN_DEFAULT);
   lua_pushboolean(L, alive != 0 || tide__loop_active(&s->loop) > 0);
   return 1;
@@ -341,6 +344,7 @@ static int l_signals(lua_State *L) {
   int on = lua_toboolean(L, 1);
   double grace = luaL_optnumber(L, 2, -1);
   if (!on && s->wd) tide__watchdog_signals(s->wd, 0);   /* first: never the only watcher */
+  if (on && tide__loop_lost(&s->loop)) return luaL_error(L, LOST);
   int rc = tide__loop_signals(&s->loop, on);
   if (rc != 0) return luaL_error(L, "tide: cannot watch signals: %s", uv_strerror(rc));
   if (on && s->wd) {

@@ -79,10 +79,10 @@ int tide__loop_close(tide__loop *loop, void (*done)(tide__loop *)) {
    * inside it) runs only after uv_loop_close, from here. */
   loop->closed = owns ? NULL : done;
   uv_loop_t *uv = loop->uv;
-  uv_close((uv_handle_t *)&loop->wake, on_closed);
-  uv_close((uv_handle_t *)&loop->idle, on_closed);
-  uv_close((uv_handle_t *)&loop->sigint, on_closed);
-  uv_close((uv_handle_t *)&loop->sigterm, on_closed);
+  tide__close((uv_handle_t *)&loop->wake, on_closed);       /* (closed by the host: kept, see loop.h) */
+  tide__close((uv_handle_t *)&loop->idle, on_closed);
+  tide__close((uv_handle_t *)&loop->sigint, on_closed);
+  tide__close((uv_handle_t *)&loop->sigterm, on_closed);
   if (!owns) return 0;
   uv_run(uv, UV_RUN_DEFAULT);
   int rc = uv_loop_close(uv);
@@ -144,8 +144,15 @@ int tide__loop_timer_cancel(tide__loop *loop, int64_t key) {
   return rc;
 }
 
+/* (uv_idle_start does not check for a closed handle: it would queue it.) */
 void tide__loop_kick(tide__loop *loop) {
-  if (!uv_is_active((uv_handle_t *)&loop->idle)) uv_idle_start(&loop->idle, on_idle);
+  uv_handle_t *h = (uv_handle_t *)&loop->idle;
+  if (!uv_is_active(h) && !uv_is_closing(h)) uv_idle_start(&loop->idle, on_idle);
+}
+
+int tide__loop_lost(const tide__loop *loop) {
+  return uv_is_closing((const uv_handle_t *)&loop->wake) || uv_is_closing((const uv_handle_t *)&loop->idle) ||
+         uv_is_closing((const uv_handle_t *)&loop->sigint) || uv_is_closing((const uv_handle_t *)&loop->sigterm);
 }
 
 void tide__loop_after_tick(tide__loop *loop, int more) {
@@ -158,6 +165,7 @@ void tide__loop_after_tick(tide__loop *loop, int more) {
 
 int tide__loop_signals(tide__loop *loop, int on) {
   int rc = 0;
+  if (tide__loop_lost(loop)) return on ? UV_EINVAL : 0;   /* (uv_signal_start asserts on a closed one) */
   if (!on) {
     uv_signal_stop(&loop->sigint);
     uv_signal_stop(&loop->sigterm);

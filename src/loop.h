@@ -78,6 +78,22 @@ void tide__loop_after_tick(tide__loop *loop, int more);
 /* Watches SIGINT and SIGTERM (on != 0) or stops watching them. */
 int tide__loop_signals(tide__loop *loop, int on);
 
+/* uv_close(h, cb), unless h is closing or closed already: a host that closes
+ * every handle on its loop (uv_walk, a common way to shut down) closes
+ * tide's too, and a second uv_close aborts the process on libuv's assertion.
+ * 1 when it closed h; 0 when it did not: cb will not run for h, and h's
+ * memory must be kept (the host's close callback may still be due), which
+ * its owner does by never seeing its count of closed handles reach zero. */
+static inline int tide__close(uv_handle_t *h, uv_close_cb cb) {
+  if (uv_is_closing(h)) return 0;
+  uv_close(h, cb);
+  return 1;
+}
+
+/* True when a handle of tide's own (its timer, idle, signals) was closed by
+ * someone else: the host closed the handles on its loop before tide_close. */
+int tide__loop_lost(const tide__loop *loop);
+
 /* Runs the loop (uv_run with `mode`); returns uv_run's result. */
 int tide__loop_run(tide__loop *loop, uv_run_mode mode);
 
