@@ -72,7 +72,10 @@ TIDE_API void tide_shutdown(lua_State *L, double grace_ms);
  * the close callbacks free tide's memory.  Returns uv_loop_close's result
  * for tide's own loop (0: nothing left open), else 0; UV_EBUSY, closing
  * nothing, when called while tide runs the loop or calls into Lua (from a
- * callback: close once the run returned). */
+ * callback: close once the run returned).  Close tide before closing every
+ * handle on the loop (uv_walk): a host that closed tide's handles itself
+ * gets tide_run's -1 ("the host closed tide's handles on its loop"), and
+ * tide_close then closes what is left and keeps the memory of the others. */
 TIDE_API int tide_close(lua_State *L);
 
 /* The module entry point for `require "tide"` from stock luajit. */
