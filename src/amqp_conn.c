@@ -11,6 +11,7 @@
 #include <amqp_tcp_socket.h>
 
 #include "amqp_conn.h"
+#include "loop.h"
 
 #define IN_SIZE 65536          /* bytes read per read(2)                       */
 #define READS_PER_READY 8      /* reads per ready callback: then others run    */
@@ -267,8 +268,8 @@ int tide__amqp_attach(tide__amqp *c, uv_loop_t *loop, tide__amqp_ready_cb ready,
   if (rc != 0) {                                       /* c goes with the timer and the prepare */
     c->attached = 1;
     c->open_handles = 2;
-    uv_close((uv_handle_t *)&c->timer, on_closed);
-    uv_close((uv_handle_t *)&c->prepare, on_closed);
+    tide__close((uv_handle_t *)&c->timer, on_closed);
+    tide__close((uv_handle_t *)&c->prepare, on_closed);
     if (c->st) amqp_destroy_connection(c->st);
     c->st = NULL;
     return rc;
@@ -608,9 +609,9 @@ void tide__amqp_close(tide__amqp *c) {
   }
   if (c->attached) {
     uv_poll_stop(&c->poll);
-    uv_close((uv_handle_t *)&c->poll, on_closed);
-    uv_close((uv_handle_t *)&c->timer, on_closed);
-    uv_close((uv_handle_t *)&c->prepare, on_closed);
+    tide__close((uv_handle_t *)&c->poll, on_closed);
+    tide__close((uv_handle_t *)&c->timer, on_closed);
+    tide__close((uv_handle_t *)&c->prepare, on_closed);
   }
   if (c->st) {
     amqp_destroy_connection(c->st);                 /* closes the socket */

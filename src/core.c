@@ -21,6 +21,7 @@
 #include "watchdog.h"
 
 #define STATE_KEY "tide.state"     /* registry: the tide.Loop userdata */
+#define CORE_KEY  "tide.core"      /* registry: the tide.core table, kept when package.loaded is cleared */
 #define LOOP_MT   "tide.Loop"
 
 static const char HOOK_STATE_KEY;  /* registry, light key: the state, for the stall hook */
@@ -39,6 +40,8 @@ typedef struct state {
   uint64_t pass_now;    /* when the timers' pass under way began (pop)   */
   lua_Hook prev_hook;
   int prev_mask, prev_count;
+  double virtual_wall_base;  /* the virtual clock's start: the real wall clock (ms) */
+  double virtual_mono_base;  /* and its monotonic time then (ns)                  */
 } state;
 
 typedef struct { state *s; } loop_ud;
@@ -130,7 +133,8 @@ static state *get_state(lua_State *L) {
  * clock the virtual time, unless real (a PostgreSQL store's measure of the
  * server's clock counts real time). */
 static int l_now(lua_State *L) {
-  uint64_t ns = lua_toboolean(L, 1) ? uv_hrtime() : tide__loop_now();
+  loop_ud *u = lua_touserdata(L, lua_upvalueindex(1));
+  uint64_t ns = lua_toboolean(L, 1) || u->s == NULL ? uv_hrtime() : tide__loop_now(&u->s->loop);
   lua_pushnumber(L, (double)ns / 1e6);
   return 1;
 }
@@ -142,12 +146,12 @@ static int l_now(lua_State *L) {
  * since (so jobs scheduled for later become due when a test advances).
  * wallclock(true) reads the real one all the same: what a PostgreSQL
  * store's distance from the server's clock is measured against. */
-static double virtual_wall_base, virtual_mono_base;
-
 static int l_wallclock(lua_State *L) {
+  loop_ud *u = lua_touserdata(L, lua_upvalueindex(1));
+  state *s = u->s;
   uv_timeval64_t tv;
-  if (tide__loop_is_virtual() && !lua_toboolean(L, 1)) {
-    double ms = virtual_wall_base + ((double)tide__loop_now() - virtual_mono_base) / 1e6;
+  if (s && tide__loop_is_virtual(&s->loop) && !lua_toboolean(L, 1)) {
+    double ms = s->virtual_wall_base + ((double)tide__loop_now(&s->loop) - s->virtual_mono_base) / 1e6;
     lua_pushnumber(L, floor(ms));
     return 1;
   }
@@ -183,7 +187,7 @@ static int64_t start_ms(state *s, double ms) {
   if (ms > MAX_DELAY_MS) ms = MAX_DELAY_MS;
   uint64_t ns = (uint64_t)(ms * 1e6);
   if (ns == 0 && ms > 0) ns = 1;
-  return tide__loop_timer_start(&s->loop, tide__loop_now() + ns);
+  return tide__loop_timer_start(&s->loop, tide__loop_now(&s->loop) + ns);
 }
 
 /* The next timer due in the pass of pops under way, or 0.  `first` starts
@@ -193,7 +197,7 @@ static int64_t start_ms(state *s, double ms) {
  * cached time.  Before, a tide.every shorter than a pass fired again and
  * again in it (up to the engine's 10,000 fires a pass). */
 static int64_t pop_due(state *s, int first) {
-  if (first) s->pass_now = tide__loop_now();
+  if (first) s->pass_now = tide__loop_now(&s->loop);
   return tide__timers_pop_due(&s->loop.timers, s->pass_now);
 }
 
@@ -290,15 +294,24 @@ static int l_kick(lua_State *L) {
   return 0;
 }
 
-/* run([once]) -> true when tide's handles are still active afterwards.
+#define LOST "tide: the host closed tide's handles on its loop (close tide with tide_close before the loop's other handles)"
+
+/* run([once]) -> true when work is still left afterwards: tide's own
+ * handles (its timer, its idle), or any referenced handle on the loop
+ * (uv_run's result).  Thread and process tasks in flight, sockets waited
+ * on, keep only their own handles alive: counting tide's two alone, one
+ * step found "no work" and the engine reaped thread tasks still running
+ * as stalled (spec/review_r1_spec.lua).  With a host loop the host's
+ * handles count too: the step runs its callbacks as well.
  * Refused while the loop runs, whoever runs it: a nested uv_run on the
  * same loop (from a task, under a host that runs the loop itself) would run
  * the outer run's callbacks inside a tick, and reap its tasks. */
 static int l_run(lua_State *L) {
   state *s = get_state(L);
   if (s->loop.running || s->in_call) return luaL_error(L, "the loop is already running");
-  tide__loop_run(&s->loop, lua_toboolean(L, 1) ? UV_RUN_NOWAIT : UV_RUN_DEFAULT);
-  lua_pushboolean(L, tide__loop_active(&s->loop) > 0);
+  if (tide__loop_lost(&s->loop)) return luaL_error(L, LOST);
+  int alive = tide__loop_run(&s->loop, lua_toboolean(L, 1) ? UV_RUN_NOWAIT : UV_RUN_DEFAULT);
+  lua_pushboolean(L, alive != 0 || tide__loop_active(&s->loop) > 0);
   return 1;
 }
 
@@ -331,6 +344,7 @@ static int l_signals(lua_State *L) {
   int on = lua_toboolean(L, 1);
   double grace = luaL_optnumber(L, 2, -1);
   if (!on && s->wd) tide__watchdog_signals(s->wd, 0);   /* first: never the only watcher */
+  if (on && tide__loop_lost(&s->loop)) return luaL_error(L, LOST);
   int rc = tide__loop_signals(&s->loop, on);
   if (rc != 0) return luaL_error(L, "tide: cannot watch signals: %s", uv_strerror(rc));
   if (on && s->wd) {
@@ -431,8 +445,14 @@ static int l_close(lua_State *L) {
   return 1;
 }
 
+/* Collected only by lua_close (the registry anchors it): tasks still live
+ * are cancelled first, their outcomes delivered, as by tide_close. */
+static int cancel_live(lua_State *L, state *s, const char *by);
+
 static int loop_gc(lua_State *L) {
-  close_state(L, luaL_checkudata(L, 1, LOOP_MT));
+  loop_ud *u = luaL_checkudata(L, 1, LOOP_MT);
+  if (u->s && !busy(u->s)) cancel_live(L, u->s, "lua_close");
+  close_state(L, u);
   return 0;
 }
 
@@ -446,12 +466,12 @@ static int l_isatty(lua_State *L) {
 static int l_clock_virtual(lua_State *L) {
   state *s = get_state(L);
   int on = lua_toboolean(L, 1);
-  if (on && !tide__loop_is_virtual()) {
+  if (on && !tide__loop_is_virtual(&s->loop)) {
     uv_timeval64_t tv;
     if (uv_gettimeofday(&tv) != 0) return luaL_error(L, "tide: cannot read the wall clock");
-    virtual_wall_base = (double)tv.tv_sec * 1000.0 + (double)(tv.tv_usec / 1000);
+    s->virtual_wall_base = (double)tv.tv_sec * 1000.0 + (double)(tv.tv_usec / 1000);
     tide__loop_set_virtual(&s->loop, 1);
-    virtual_mono_base = (double)tide__loop_now();
+    s->virtual_mono_base = (double)tide__loop_now(&s->loop);
     return 0;
   }
   tide__loop_set_virtual(&s->loop, on);
@@ -476,7 +496,7 @@ static int l_clock_step(lua_State *L) {
    * (now() + 40 most often is, in binary) counts as it: cut, it lost a
    * nanosecond each time.  A real fraction (10.5 ns) is still cut. */
   uint64_t target = (uint64_t)(target_ms * 1e6 + 0.01), deadline;
-  if (target < tide__loop_now()) target = tide__loop_now();   /* never backwards */
+  if (target < tide__loop_now(&s->loop)) target = tide__loop_now(&s->loop);   /* never backwards */
   if (tide__timers_next(&s->loop.timers, &deadline) && deadline <= target) {
     tide__loop_set_now(&s->loop, deadline);
     lua_pushboolean(L, 1);
@@ -559,10 +579,25 @@ static int load_module(lua_State *L) {
   return 1;
 }
 
-/* Registers every embedded module in package.preload ("tide.init" as "tide"). */
+static int push_core(lua_State *L, uv_loop_t *uv);
+
+/* package.preload["tide.core"]: the state's tide.core again, once
+ * package.loaded was cleared of it (tide.core is made by tide_open, never
+ * loaded from a file: require "tide" failed with "module 'tide.core' not
+ * found").  A second copy of the engine then takes its loop over, as when
+ * tide.core stays loaded (tide.engine.runq). */
+static int load_core(lua_State *L) {
+  if (push_core(L, NULL) != 0) return lua_error(L);
+  return 1;
+}
+
+/* Registers every embedded module in package.preload ("tide.init" as "tide"),
+ * and tide.core. */
 static void preload_modules(lua_State *L) {
   lua_getglobal(L, "package");
   lua_getfield(L, -1, "preload");
+  lua_pushcfunction(L, load_core);
+  lua_setfield(L, -2, "tide.core");
   for (const tide__module *m = tide__modules; m->name; m++) {
     lua_pushlightuserdata(L, (void *)m);
     lua_pushcclosure(L, load_module, 1);
@@ -571,11 +606,22 @@ static void preload_modules(lua_State *L) {
   lua_pop(L, 2);                             /* preload, package */
 }
 
-/* Pushes package.loaded["tide.core"], creating it with a new loop if needed. */
+/* Pushes package.loaded["tide.core"], creating it with a new loop if needed.
+ * One per Lua state: one cleared from package.loaded is found again in the
+ * registry (a second loop in the state would take the registry's keys of
+ * the first one's bindings, and the first one's close would close them). */
 static int push_core(lua_State *L, uv_loop_t *uv) {
   lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
   lua_getfield(L, -1, "tide.core");
-  if (!lua_isnil(L, -1)) { lua_remove(L, -2); return 0; }
+  if (lua_istable(L, -1)) { lua_remove(L, -2); return 0; }   /* (require's mark while loading it: not a table) */
+  lua_pop(L, 1);
+  lua_getfield(L, LUA_REGISTRYINDEX, CORE_KEY);
+  if (!lua_isnil(L, -1)) {
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -3, "tide.core");              /* loaded again */
+    lua_remove(L, -2);                             /* _LOADED */
+    return 0;
+  }
   lua_pop(L, 1);
   tide__alloc_cache_open(L);                       /* without it (no memory), L keeps its allocator */
   state *s = calloc(1, sizeof *s);
@@ -616,12 +662,30 @@ static int push_core(lua_State *L, uv_loop_t *uv) {
   tide__open_fswatch(L, s->loop.uv, s->wd);        /* fs_watch       */
   lua_remove(L, -2);                               /* the userdata */
   lua_pushvalue(L, -1);
+  lua_setfield(L, LUA_REGISTRYINDEX, CORE_KEY);
+  lua_pushvalue(L, -1);
   lua_setfield(L, -3, "tide.core");
   lua_remove(L, -2);                               /* _LOADED */
   return 0;
 }
 
-TIDE_API int tide_open(lua_State *L, uv_loop_t *uv) {
+/* Why tide cannot be opened on `uv` in L (any: on whatever loop it has), or
+ * NULL.  Opened before on the same loop, it is opened again (nothing new). */
+static const char *refuse_open(lua_State *L, uv_loop_t *uv, int any) {
+  lua_getfield(L, LUA_REGISTRYINDEX, STATE_KEY);
+  loop_ud *u = luaL_testudata(L, -1, LOOP_MT);
+  lua_pop(L, 1);
+  if (u == NULL) return NULL;                      /* never opened */
+  if (u->s == NULL)
+    return "tide_open: tide was closed in this Lua state (tide_close); it cannot be opened again in it";
+  if (!any && (uv ? uv != u->s->loop.uv : !u->s->loop.owns_uv))
+    return "tide_open: tide is already open on another loop in this Lua state";
+  return NULL;
+}
+
+static int open_tide(lua_State *L, uv_loop_t *uv, int any) {
+  const char *why = refuse_open(L, uv, any);
+  if (why) { lua_pushstring(L, why); return -1; }
   if (push_core(L, uv) != 0) return -1;
   lua_pop(L, 1);
   preload_modules(L);
@@ -640,15 +704,25 @@ TIDE_API int tide_open(lua_State *L, uv_loop_t *uv) {
   return 0;
 }
 
+TIDE_API int tide_open(lua_State *L, uv_loop_t *uv) {
+  return open_tide(L, uv, 0);
+}
+
+/* require "tide" takes tide on whatever loop the state has (a host's). */
 TIDE_API int luaopen_tide(lua_State *L) {
-  if (tide_open(L, NULL) != 0) return lua_error(L);
+  if (open_tide(L, NULL, 1) != 0) return lua_error(L);
   return 1;
 }
 
 /* ===== the embedding API: thin calls into tide.host ===== */
 
-/* Pushes tide.host[name], protected; -1 with a message pushed on failure. */
+/* Pushes tide.host[name], protected; -1 with a message pushed on failure
+ * (before tide_open: that, not require's list of paths searched). */
 static int push_host_fn(lua_State *L, const char *name) {
+  lua_getfield(L, LUA_REGISTRYINDEX, STATE_KEY);
+  int opened = luaL_testudata(L, -1, LOOP_MT) != NULL;
+  lua_pop(L, 1);
+  if (!opened) { lua_pushliteral(L, "tide: tide_open was not called on this Lua state"); return -1; }
   lua_getglobal(L, "require");
   lua_pushstring(L, "tide.engine.host");
   if (lua_pcall(L, 1, 1, 0) != 0) return -1;
@@ -658,10 +732,23 @@ static int push_host_fn(lua_State *L, const char *name) {
 }
 
 TIDE_API int tide_spawn_file(lua_State *L, const char *path, int argc, char **argv) {
+  /* A NULL path reached loadfile as nil, which reads the script from stdin
+   * (a host blocked on its terminal); a negative argc sized a table of 4 G
+   * entries. */
+  if (path == NULL || argc < 0 || (argc > 0 && argv == NULL)) {
+    lua_pushstring(L, path == NULL ? "tide_spawn_file: bad argument 'path' (a file name expected, got NULL)"
+                                   : "tide_spawn_file: bad arguments 'argc', 'argv' (argc >= 0 strings in argv expected)");
+    return -1;
+  }
   if (push_host_fn(L, "spawn_file") != 0) return -1;
   lua_pushstring(L, path);
   lua_createtable(L, argc, 0);
   for (int i = 0; i < argc; i++) {
+    if (argv[i] == NULL) {                         /* (not a string: would be nil, a hole in arg) */
+      lua_pop(L, 3);                               /* the table, the path, the function */
+      lua_pushfstring(L, "tide_spawn_file: bad argument 'argv' (a string expected at argv[%d], got NULL)", i);
+      return -1;
+    }
     lua_pushstring(L, argv[i]);
     lua_rawseti(L, -2, i + 1);
   }
@@ -694,10 +781,25 @@ TIDE_API void tide_shutdown(lua_State *L, double grace_ms) {
   if (call_host_int(L, "shutdown", 1) < 0) lua_pop(L, 1);   /* the message: nothing is left */
 }
 
+/* Tasks still live when the host closes tide are cancelled first, their
+ * outcomes delivered (tide.engine.host.close_tasks): closed under them, they
+ * never got one, and their handle_result never ran. */
 TIDE_API int tide_close(lua_State *L) {
   lua_getfield(L, LUA_REGISTRYINDEX, STATE_KEY);
   loop_ud *u = luaL_testudata(L, -1, LOOP_MT);
-  int rc = u ? close_state(L, u) : 0;
   lua_pop(L, 1);
-  return rc;
+  if (u == NULL || u->s == NULL) return 0;         /* never opened, or closed already */
+  if (busy(u->s)) return UV_EBUSY;
+  cancel_live(L, u->s, "tide_close");
+  return close_state(L, u);
+}
+
+static int cancel_live(lua_State *L, state *s, const char *by) {
+  int top = lua_gettop(L);
+  s->in_call++;                                    /* a handle_result cannot close it meanwhile */
+  lua_pushfstring(L, "tide was closed (%s)", by);
+  int n = call_host_int(L, "close_tasks", 1);      /* (an error: reported by the engine) */
+  s->in_call--;
+  lua_settop(L, top);
+  return n;
 }

@@ -131,7 +131,7 @@ static void close_conn(tide__http_conn *c) {
   if (c->next) c->next->prev = c->prev;
   s->stats.open--;
   c->s = NULL;
-  uv_close((uv_handle_t *)&c->handle, conn_free);
+  tide__close((uv_handle_t *)&c->handle, conn_free);
 }
 
 static void server_closed(uv_handle_t *h) {
@@ -143,9 +143,9 @@ void tide__http_close(tide__http_server *s) {
   if (s->closing) return;
   s->closing = 1;
   while (s->conns) close_conn(s->conns);
-  uv_close((uv_handle_t *)&s->listener, server_closed);
-  uv_close((uv_handle_t *)&s->sweep, server_closed);
-  uv_close((uv_handle_t *)&s->resume, server_closed);
+  tide__close((uv_handle_t *)&s->listener, server_closed);
+  tide__close((uv_handle_t *)&s->sweep, server_closed);
+  tide__close((uv_handle_t *)&s->resume, server_closed);
 }
 
 /* ===== writing ===== */
@@ -513,12 +513,12 @@ static void on_connection(uv_stream_t *l, int status) {
   if (c == NULL) return;
   uv_tcp_init(s->loop, &c->handle);
   c->state = CLOSING;                       /* until it is linked */
-  if (uv_accept(l, (uv_stream_t *)&c->handle) != 0) { uv_close((uv_handle_t *)&c->handle, conn_free); return; }
+  if (uv_accept(l, (uv_stream_t *)&c->handle) != 0) { tide__close((uv_handle_t *)&c->handle, conn_free); return; }
   tide__http_conn *room = s->stats.open >= s->opt.max_conns ? longest_waiting(s) : NULL;
   if (room != NULL) close_conn(room);
   if (s->stats.open >= s->opt.max_conns) {
     s->stats.rejected++;
-    uv_close((uv_handle_t *)&c->handle, conn_free);
+    tide__close((uv_handle_t *)&c->handle, conn_free);
     return;
   }
   if (!s->ref) uv_unref((uv_handle_t *)&c->handle);

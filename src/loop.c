@@ -5,12 +5,11 @@
 
 /* The virtual clock (tide.testing): while on, now() is `virtual_now` and
  * moves only when told to, and `wake` is never armed: timers fire when the
- * clock is advanced past them.  One clock per process, like the real one. */
-static int virtual_on;
-static uint64_t virtual_now;
-
-uint64_t tide__loop_now(void) {
-  return virtual_on ? virtual_now : uv_hrtime();
+ * clock is advanced past them.  One clock per loop: it was one per process,
+ * and a second Lua state that turned it on froze the first's clock, whose
+ * sleeping tasks never woke (spec/review_r1_spec.lua). */
+uint64_t tide__loop_now(const tide__loop *loop) {
+  return loop->virtual_on ? loop->virtual_now : uv_hrtime();
 }
 
 
@@ -80,10 +79,10 @@ int tide__loop_close(tide__loop *loop, void (*done)(tide__loop *)) {
    * inside it) runs only after uv_loop_close, from here. */
   loop->closed = owns ? NULL : done;
   uv_loop_t *uv = loop->uv;
-  uv_close((uv_handle_t *)&loop->wake, on_closed);
-  uv_close((uv_handle_t *)&loop->idle, on_closed);
-  uv_close((uv_handle_t *)&loop->sigint, on_closed);
-  uv_close((uv_handle_t *)&loop->sigterm, on_closed);
+  tide__close((uv_handle_t *)&loop->wake, on_closed);       /* (closed by the host: kept, see loop.h) */
+  tide__close((uv_handle_t *)&loop->idle, on_closed);
+  tide__close((uv_handle_t *)&loop->sigint, on_closed);
+  tide__close((uv_handle_t *)&loop->sigterm, on_closed);
   if (!owns) return 0;
   uv_run(uv, UV_RUN_DEFAULT);
   int rc = uv_loop_close(uv);
@@ -104,8 +103,8 @@ static void rearm(tide__loop *loop) {
     loop->armed = 0;
     return;
   }
-  if (loop->armed == deadline || virtual_on) return;
-  uint64_t now = tide__loop_now();
+  if (loop->armed == deadline || loop->virtual_on) return;
+  uint64_t now = tide__loop_now(loop);
   if (deadline <= now) {
     if (loop->armed) uv_timer_stop(&loop->wake);
     loop->armed = 0;
@@ -119,17 +118,17 @@ static void rearm(tide__loop *loop) {
 }
 
 void tide__loop_set_virtual(tide__loop *loop, int on) {
-  if (on && !virtual_on) virtual_now = uv_hrtime();
-  virtual_on = on;
+  if (on && !loop->virtual_on) loop->virtual_now = uv_hrtime();
+  loop->virtual_on = on;
   if (loop->armed) { uv_timer_stop(&loop->wake); loop->armed = 0; }
   rearm(loop);                               /* off: pending timers run on the real clock again */
 }
 
-int tide__loop_is_virtual(void) { return virtual_on; }
+int tide__loop_is_virtual(const tide__loop *loop) { return loop->virtual_on; }
 
 void tide__loop_set_now(tide__loop *loop, uint64_t now) {
-  if (!virtual_on || now < virtual_now) return;   /* monotonic: never back */
-  virtual_now = now;
+  if (!loop->virtual_on || now < loop->virtual_now) return;   /* monotonic: never back */
+  loop->virtual_now = now;
   tide__loop_kick(loop);
 }
 
@@ -145,8 +144,15 @@ int tide__loop_timer_cancel(tide__loop *loop, int64_t key) {
   return rc;
 }
 
+/* (uv_idle_start does not check for a closed handle: it would queue it.) */
 void tide__loop_kick(tide__loop *loop) {
-  if (!uv_is_active((uv_handle_t *)&loop->idle)) uv_idle_start(&loop->idle, on_idle);
+  uv_handle_t *h = (uv_handle_t *)&loop->idle;
+  if (!uv_is_active(h) && !uv_is_closing(h)) uv_idle_start(&loop->idle, on_idle);
+}
+
+int tide__loop_lost(const tide__loop *loop) {
+  return uv_is_closing((const uv_handle_t *)&loop->wake) || uv_is_closing((const uv_handle_t *)&loop->idle) ||
+         uv_is_closing((const uv_handle_t *)&loop->sigint) || uv_is_closing((const uv_handle_t *)&loop->sigterm);
 }
 
 void tide__loop_after_tick(tide__loop *loop, int more) {
@@ -159,6 +165,7 @@ void tide__loop_after_tick(tide__loop *loop, int more) {
 
 int tide__loop_signals(tide__loop *loop, int on) {
   int rc = 0;
+  if (tide__loop_lost(loop)) return on ? UV_EINVAL : 0;   /* (uv_signal_start asserts on a closed one) */
   if (!on) {
     uv_signal_stop(&loop->sigint);
     uv_signal_stop(&loop->sigterm);

@@ -35,6 +35,8 @@ struct tide__loop {
   int open_handles;           /* handles not yet closed                   */
   int running;                /* nesting depth of tide__loop_run          */
   int leak;                   /* a failed init left a handle closing on the host's loop */
+  int virtual_on;             /* the virtual clock is on (tide.testing)   */
+  uint64_t virtual_now;       /* its time, in ns                          */
   tide__tick_cb on_tick;
   tide__signal_cb on_signal;
   void (*closed)(tide__loop *);  /* runs once every handle is closed      */
@@ -53,13 +55,13 @@ int tide__loop_init(tide__loop *loop, uv_loop_t *uv, tide__tick_cb on_tick,
 int tide__loop_close(tide__loop *loop, void (*done)(tide__loop *));
 
 /* Monotonic clock in nanoseconds (the virtual one while it is on). */
-uint64_t tide__loop_now(void);
+uint64_t tide__loop_now(const tide__loop *loop);
 
-/* The virtual clock, for tests: on, now() stops moving by itself and
+/* The virtual clock, for tests (each loop its own): on, now() stops moving by itself and
  * timers fire only when tide__loop_set_now moves it past them (forward only;
  * it kicks the loop so that a tick fires what became due). */
 void tide__loop_set_virtual(tide__loop *loop, int on);
-int tide__loop_is_virtual(void);
+int tide__loop_is_virtual(const tide__loop *loop);
 void tide__loop_set_now(tide__loop *loop, uint64_t now);
 
 /* Timers, in ns of tide__loop_now.  start returns a key >= 1 or -1 (ENOMEM). */
@@ -75,6 +77,22 @@ void tide__loop_after_tick(tide__loop *loop, int more);
 
 /* Watches SIGINT and SIGTERM (on != 0) or stops watching them. */
 int tide__loop_signals(tide__loop *loop, int on);
+
+/* uv_close(h, cb), unless h is closing or closed already: a host that closes
+ * every handle on its loop (uv_walk, a common way to shut down) closes
+ * tide's too, and a second uv_close aborts the process on libuv's assertion.
+ * 1 when it closed h; 0 when it did not: cb will not run for h, and h's
+ * memory must be kept (the host's close callback may still be due), which
+ * its owner does by never seeing its count of closed handles reach zero. */
+static inline int tide__close(uv_handle_t *h, uv_close_cb cb) {
+  if (uv_is_closing(h)) return 0;
+  uv_close(h, cb);
+  return 1;
+}
+
+/* True when a handle of tide's own (its timer, idle, signals) was closed by
+ * someone else: the host closed the handles on its loop before tide_close. */
+int tide__loop_lost(const tide__loop *loop);
 
 /* Runs the loop (uv_run with `mode`); returns uv_run's result. */
 int tide__loop_run(tide__loop *loop, uv_run_mode mode);

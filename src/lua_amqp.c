@@ -55,6 +55,7 @@
 #include "amqp_fields.h"
 #include "bindings.h"
 #include "lua_call.h"
+#include "loop.h"
 
 #define CONN_MT     "tide.AmqpConn"
 #define BINDING_MT  "tide.AmqpBinding"
@@ -704,7 +705,7 @@ void tide__close_amqp(lua_State *L) {
       r = next;
     }
     b->loop = NULL;
-    uv_close((uv_handle_t *)&b->async, on_async_closed);
+    tide__close((uv_handle_t *)&b->async, on_async_closed);
     luaL_unref(L, LUA_REGISTRYINDEX, b->ready_ref);
     b->ready_ref = LUA_NOREF;
     tide__caller_free(L, &b->caller);

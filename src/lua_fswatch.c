@@ -23,6 +23,7 @@
 
 #include "bindings.h"
 #include "lua_call.h"
+#include "loop.h"
 
 #define WATCH_MT    "tide.FsWatch"
 #define BINDING_MT  "tide.FsWatchBinding"
@@ -58,7 +59,7 @@ static void watch_close(lua_State *L, fwatch *w) {
   luaL_unref(L, LUA_REGISTRYINDEX, w->fn_ref);
   w->fn_ref = LUA_NOREF;
   uv_fs_event_stop(&w->handle);
-  uv_close((uv_handle_t *)&w->handle, watch_free);
+  tide__close((uv_handle_t *)&w->handle, watch_free);
 }
 
 typedef struct event { const char *what; } event;
@@ -97,7 +98,7 @@ static int l_watch(lua_State *L) {
   int rc = uv_fs_event_init(b->loop, &w->handle);
   if (rc != 0) free(w);
   else if ((rc = uv_fs_event_start(&w->handle, on_event, path, 0)) != 0) {
-    uv_close((uv_handle_t *)&w->handle, watch_free);
+    tide__close((uv_handle_t *)&w->handle, watch_free);
   }
   if (rc != 0) {
     lua_pushnil(L);

@@ -55,6 +55,7 @@
 
 #include "bindings.h"
 #include "lua_call.h"
+#include "loop.h"
 
 #define CONN_MT     "tide.PgConn"
 #define RESULT_MT   "tide.PgResult"
@@ -95,7 +96,7 @@ static void watch_close(watch *w) {
   w->owner->w = NULL;
   if (w->prev) w->prev->next = w->next; else w->b->watches = w->next;
   if (w->next) w->next->prev = w->prev;
-  uv_close((uv_handle_t *)&w->handle, watch_free);
+  tide__close((uv_handle_t *)&w->handle, watch_free);
 }
 
 typedef struct ready { int id, readable, writable; } ready;

@@ -103,12 +103,23 @@ static const char *opt_string(lua_State *L, const char *key) {
   return s;
 }
 
-/* thread_start{ threads=, path=, cpath=, init=, memory_limit= }, done -> true | nil, err */
+/* thread_start{ threads=, path=, cpath=, init=, memory_limit= }, done -> true | nil, err
+ * With the pool started already, only `done` is taken: a second copy of
+ * tide's engine (package.loaded cleared, tide required again) takes the
+ * deliveries over from the first, retired copy.  Kept, the first copy's
+ * done was handed every result of the second's tasks, which never ended
+ * (spec/review_r1_spec.lua). */
 static int l_start(lua_State *L) {
   binding *b = get(L);
   luaL_checktype(L, 1, LUA_TTABLE);
   luaL_checktype(L, 2, LUA_TFUNCTION);
-  if (b->pool) { lua_pushboolean(L, 1); return 1; }
+  if (b->pool) {
+    luaL_unref(L, LUA_REGISTRYINDEX, b->done_ref);  /* the old one first */
+    lua_pushvalue(L, 2);
+    b->done_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushboolean(L, 1);
+    return 1;
+  }
   lua_getfield(L, 1, "threads");
   lua_getfield(L, 1, "memory_limit");
   lua_Number threads = luaL_checknumber(L, -2), limit = luaL_optnumber(L, -1, 0);
@@ -159,16 +170,23 @@ static int l_submit(lua_State *L) {
   return 0;
 }
 
-/* thread_cancel(id) -> 0 unknown, 1 dropped from the queue, 2 asked to stop */
+/* thread_cancel(id) -> 0 unknown, 1 dropped from the queue, 2 asked to stop.
+ * Once the pool is closed, 0: its jobs are gone, and a task cancelled then
+ * (lua_close cancels the live tasks after the pool's __gc may have run)
+ * must still end without an error. */
 static int l_cancel(lua_State *L) {
-  binding *b = get_pool(L);
-  lua_pushinteger(L, tide__pool_cancel(b->pool, (uint64_t)luaL_checknumber(L, 1)));
+  binding *b = get(L);
+  uint64_t id = (uint64_t)luaL_checknumber(L, 1);
+  lua_pushinteger(L, b->pool ? tide__pool_cancel(b->pool, id) : 0);
   return 1;
 }
 
+/* thread_quarantine(id) -> true when the job's thread was quarantined;
+ * false once the pool is closed (as thread_cancel). */
 static int l_quarantine(lua_State *L) {
-  binding *b = get_pool(L);
-  lua_pushboolean(L, tide__pool_quarantine(b->pool, (uint64_t)luaL_checknumber(L, 1)));
+  binding *b = get(L);
+  uint64_t id = (uint64_t)luaL_checknumber(L, 1);
+  lua_pushboolean(L, b->pool && tide__pool_quarantine(b->pool, id));
   return 1;
 }
 

@@ -138,11 +138,11 @@ static void on_closed(uv_handle_t *h) {
 }
 
 static void close_handles(tide__proc *p) {
-  uv_close((uv_handle_t *)&p->proc, on_closed);
-  uv_close((uv_handle_t *)&p->chan, on_closed);
-  uv_close((uv_handle_t *)&p->err, on_closed);
-  uv_close((uv_handle_t *)&p->check, on_closed);
-  uv_close((uv_handle_t *)&p->flush, on_closed);
+  tide__close((uv_handle_t *)&p->proc, on_closed);
+  tide__close((uv_handle_t *)&p->chan, on_closed);
+  tide__close((uv_handle_t *)&p->err, on_closed);
+  tide__close((uv_handle_t *)&p->check, on_closed);
+  tide__close((uv_handle_t *)&p->flush, on_closed);
 }
 
 void tide__proc_close(tide__proc *p) {

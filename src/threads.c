@@ -10,6 +10,7 @@
 
 #include "slab.h"
 #include "worker.h"
+#include "loop.h"
 
 /* One worker thread.  `current` and `quarantined` are guarded by the pool's
  * mutex; the worker's Lua state is its own thread's alone (it makes it). */
@@ -677,7 +678,7 @@ void tide__pool_close(tide__pool *p) {
     free(s);
   }
   p->nslots = 0;
-  uv_close((uv_handle_t *)p->async, free_async);
-  uv_close((uv_handle_t *)p->prepare, free_async);
+  tide__close((uv_handle_t *)p->async, free_async);
+  tide__close((uv_handle_t *)p->prepare, free_async);
   pool_unref(p);
 }

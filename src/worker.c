@@ -375,12 +375,28 @@ static const char GUARD_FINALIZERS[] =
   "  end\n"
   "end\n";
 
+/* os.exit on a worker thread: exit() would end the whole process, the loop
+ * and every other task with it (a thread task that called it took the
+ * process down with its status).  It raises instead: the task ends with an
+ * `error` outcome.  (In process mode the child's exit is its own, reported
+ * as its death.) */
+static int refuse_exit(lua_State *L) {
+  return luaL_error(L, "os.exit cannot be called in a thread task: it would end the whole process "
+                       "(return, or raise an error, instead)");
+}
+
 /* (cfg, worker): libraries, paths, the thread-side tide, init.  Protected. */
 static int open_state(lua_State *L) {
   tide__worker *w = lua_touserdata(L, 1);
   const tide__pool_config *cfg = w->cfg;
   lua_settop(L, 0);
   luaL_openlibs(L);
+  if (cfg->same_process) {
+    lua_getglobal(L, "os");
+    lua_pushcfunction(L, refuse_exit);
+    lua_setfield(L, -2, "exit");
+    lua_pop(L, 1);                          /* os */
+  }
   lua_getglobal(L, "package");
   if (cfg->path) { lua_pushstring(L, cfg->path); lua_setfield(L, -2, "path"); }
   if (cfg->cpath) { lua_pushstring(L, cfg->cpath); lua_setfield(L, -2, "cpath"); }

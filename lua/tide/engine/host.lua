@@ -65,6 +65,28 @@ function H.step()
   return active and 1 or 0
 end
 
+--- Before tide_close or lua_close: the loop is about to close, so the tasks still live
+--- (asleep, waiting on a thread, runnable) can never run again.  Each is
+--- cancelled, its outcome delivered; so is a task that a handle_result
+--- spawns meanwhile (a bounded number of rounds: a handle_result that
+--- always spawns again leaves its last task live, said on stderr).
+--- `reason` says which ("tide was closed (tide_close)").  Returns how many
+--- were cancelled.
+function H.close_tasks(reason)
+  local n = 0
+  for _ = 1, 100 do
+    if S.live_count() == 0 then break end
+    local ok, k = pcall(S.reap, reason)
+    if ok then n = n + k else log.report("tide's engine (cancelling tasks at tide_close)", k, k) end
+  end
+  if S.live_count() > 0 then
+    io_stderr:write(("tide: %s left %d task(s) live: their handle_result spawned again at every cancel\n")
+      :format(reason, S.live_count()))
+  end
+  S.reset()
+  return n
+end
+
 function H.shutdown(grace_ms)
   S.shutdown(grace_ms or config.grace)
   return 0

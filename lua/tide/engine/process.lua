@@ -56,7 +56,7 @@ function M.configure(fname, opts, level)
   if opts.processes ~= nil and not (check.is_count(opts.processes, 1) and opts.processes <= MAX) then
     check.opt_error(fname, "processes", "integer from 1 to " .. MAX, opts.processes, level)
   end
-  if opts.process_init ~= nil and type(opts.process_init) ~= "string" then
+  if opts.process_init ~= nil and (type(opts.process_init) ~= "string" or opts.process_init == "") then
     check.opt_error(fname, "process_init", "module name", opts.process_init, level)
   end
   if opts.process_memory ~= nil and not (check.is_count(opts.process_memory) and opts.process_memory <= MAX_MB) then
@@ -91,6 +91,16 @@ local spare = nil                            -- the child kept started to replac
 local idle, nidle = {}, 0                    -- stack of idle children (may hold stale ones)
 local queue, qhead, qtail, nqueued = {}, 1, 0, 0
 local jobs = {}                              -- job id -> { p, task, tok, cid, result, abandoned }
+
+-- A second copy of tide's engine (package.loaded cleared, tide required
+-- again) takes tide.core's process events over: a job of this copy queued
+-- or out on a child then would never come back (its task was reaped as
+-- stalled), so the second copy is refused meanwhile (spec/review_r1_spec.lua).
+require("tide.engine.runq").add_busy(function()
+  local n = 0
+  for _ in pairs(jobs) do n = n + 1 end
+  if n > 0 then return ("%d process task(s) in flight"):format(n) end
+end)
 local next_job = 0
 local start_failures, broken = 0, nil        -- deaths before ready in a row; their reason
 local counts = { killed = 0, replaced = 0, died = 0 }

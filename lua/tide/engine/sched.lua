@@ -687,7 +687,11 @@ local function run_task(t, co)
   current, in_callback = t, nil             -- a callback that yielded never leaks its state
   if type(co) == "number" then             -- the attempt's first resume (or a fire): take a runner
     local o = t[OPT]
-    if o and o.direct then return o.direct(t) end   -- no coroutine (see "direct tasks")
+    if o and o.direct then                  -- no coroutine (see "direct tasks")
+      o.direct(t)
+      current = nil                         -- no code of t runs past it: left set, code outside
+      return                                -- any task took t for its own (spec/review_r1_spec.lua)
+    end
     if co == FIRE then current = nil; fire.taken(t) end
     if nidle > 0 then
       co, idle[nidle], nidle = idle[nidle], nil, nidle - 1
@@ -894,6 +898,13 @@ local function live_by_id()
 end
 
 function S.live_count() return nlive end
+
+-- A second copy of tide's engine no longer ticks this one: a live task of
+-- it (waiting for an HTTP request, a broker's message, another task) woken
+-- later would sit in a run queue nobody runs, never to get its outcome.
+runq.add_busy(function()
+  if nlive > 0 then return ("%d task(s) live"):format(nlive) end
+end, true)
 
 shutdown.init{ finish = finish, live_tasks = live_by_id, live_count = S.live_count }
 S.on_shutdown, S.shutdown, S.reap, S.reset = shutdown.on_shutdown, shutdown.shutdown, shutdown.reap, shutdown.reset

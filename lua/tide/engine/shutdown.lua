@@ -76,9 +76,10 @@ function M.shutdown(grace_ms, reason)
 end
 
 --- After the loop ran out of work: tasks still live can never be woken, so
---- they are cancelled (their outcomes delivered).  Returns how many.
-function M.reap()
-  return cancel_all("stalled: nothing left that could wake this task")
+--- they are cancelled (their outcomes delivered) with `reason` (by default,
+--- that they stalled).  Returns how many.
+function M.reap(reason)
+  return cancel_all(reason or "stalled: nothing left that could wake this task")
 end
 
 --- Forgets a finished shutdown, so the loop can be run again.

@@ -21,6 +21,10 @@ local SPAWN_KEYS = check.options("tide.spawn", {
   handle_result = true, on_retry = true
 })
 local MODES = { coroutine = true, thread = true, process = true }
+-- What unpack can give a task's function: LuaJIT refuses 7,999 and more
+-- values ("too many results to unpack", which escaped from tide.spawn
+-- naming neither the function nor the option: spec/review_r1_spec.lua).
+local MAX_ARGS = 7000
 M.MODES = MODES
 
 local function opt_function(fname, spec, key)
@@ -72,7 +76,11 @@ local function check_spec(fname, default_mode, spec, nextra)
     if args.n ~= nil and not check.is_count(args.n) then
       opt_error(fname, "args.n", "non-negative integer", args.n, 4)
     end
+    if args.n ~= nil and args.n > MAX_ARGS then opt_error(fname, "args.n", "at most " .. MAX_ARGS, args.n, 4) end
     local n = args.n or maxn(args)
+    if n > MAX_ARGS then
+      error(("%s: bad option 'args' (at most %d arguments expected, got %d)"):format(fname, MAX_ARGS, n), 4)
+    end
     args = { n = n, unpack(args, 1, n) }
   end
   if spec.timeout ~= nil and not is_ms(spec.timeout, true) then

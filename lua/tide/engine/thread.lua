@@ -27,6 +27,7 @@ local MAX = core.thread_max                 -- threads a pool may have (1024)
 
 local M = {
   config = { threads = nil, init = nil, memory_mb = 0, stop_wait = 100 },
+  running = nil,                             -- once the pool started: its threads, init, memory_mb
   MAX_MB = 16777216,                         -- thread_memory, process_memory: 16 TB (the C side takes below 1e15 bytes)
   MAX = MAX,
 }
@@ -54,7 +55,7 @@ function M.configure(fname, opts, level)
   if opts.threads ~= nil and not (check.is_count(opts.threads, 1) and opts.threads <= MAX) then
     check.opt_error(fname, "threads", "integer from 1 to " .. MAX, opts.threads, level)
   end
-  if opts.thread_init ~= nil and type(opts.thread_init) ~= "string" then
+  if opts.thread_init ~= nil and (type(opts.thread_init) ~= "string" or opts.thread_init == "") then
     check.opt_error(fname, "thread_init", "module name", opts.thread_init, level)
   end
   if opts.thread_memory ~= nil and not (check.is_count(opts.thread_memory) and opts.thread_memory <= M.MAX_MB) then
@@ -64,8 +65,12 @@ function M.configure(fname, opts, level)
   if opts.thread_stop_wait ~= nil and not check.is_ms(opts.thread_stop_wait) then
     check.opt_error(fname, "thread_stop_wait", "non-negative number of ms", opts.thread_stop_wait, level)
   end
-  local c = M.config
-  if M.started() and (opts.threads or opts.thread_init or opts.thread_memory) then
+  local c, r = M.config, M.running
+  -- Once the pool runs, only a change is refused: a script run again in the
+  -- same Lua state (a host's, a second tide.run) that sets the same values
+  -- again failed at its first line.
+  if r and (opts.threads ~= nil and opts.threads ~= r.threads or opts.thread_init ~= nil and opts.thread_init ~= r.init
+            or opts.thread_memory ~= nil and opts.thread_memory ~= r.memory_mb) then
     error(fname .. ": threads, thread_init and thread_memory must be set before the first thread task", level)
   end
   c.threads = opts.threads or c.threads
@@ -163,6 +168,7 @@ local function start()
   }, on_done)
   if not ok then error("tide: cannot start the thread pool: " .. tostring(err), 0) end
   started = true
+  M.running = { threads = n, init = c.init, memory_mb = c.memory_mb }   -- what configure may no longer change
 end
 
 function M.started() return started end
@@ -182,7 +188,7 @@ function M.payload(fname, run, args, level, dest)
   dest = dest or "a thread"
   local fn, is_name
   if type(run) == "string" then
-    if not run:match("^[%a_][%w_.]*%.[%a_][%w_]*$") then
+    if not run:match("^[%a_][%w_.]*%.[%a_][%w_]*$") or run:find("..", 1, true) then
       error(("%s: bad option 'run' (\"module.function\" expected, got string %q)"):format(fname, run), level)
     end
     fn, is_name = run, true
