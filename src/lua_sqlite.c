@@ -250,6 +250,9 @@ static int db_prepare(lua_State *L) {
   conn *c = check_db(L);
   size_t len;
   const char *sql = luaL_checklstring(L, 2, &len);
+  /* SQLite stops at a NUL: what follows it would be dropped unseen, and
+   * the "more SQL follows" check below would not see it either. */
+  if (memchr(sql, 0, len) != NULL) return luaL_error(L, "%s: the SQL text holds a NUL byte", c->name);
   stmt_ud *s = lua_newuserdata(L, sizeof *s);
   s->c = c;
   s->st = NULL;
