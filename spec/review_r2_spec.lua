@@ -78,3 +78,83 @@ describe("review r2: tide.queue on " .. store.name, function()
   end)
 end)
 end
+
+for _, store in ipairs(spec_helper.stores()) do
+describe("review r2: bounds of names and keys on " .. store.name, function()
+  local path, q
+
+  before_each(function()
+    path = os.tmpname()
+    q = tide.queue.open(store.fresh(path))
+  end)
+
+  after_each(function()
+    if q then q:close(); q = nil end
+    store.reset(path)
+    spec_helper.assert_idle()
+  end)
+
+  -- Broken: SQLite took any length, and PostgreSQL refused a long queue
+  -- name, idempotency key, partition key or unique key with its index's
+  -- error ("index row size 3016 exceeds btree version 4 maximum 2704 for
+  -- index "tide_jobs_key"", SQLSTATE 54000), naming neither the function
+  -- nor the option; the stores disagreed on what a job may be.
+  it("refuses names over 200 bytes and keys over 2000 bytes on every store, naming the option", function()
+    local function rnd(n)                    -- (incompressible: PostgreSQL compresses a repeated letter)
+      local t = {}
+      for i = 1, n do t[i] = string.char(97 + (i * 7919 + math.floor(i / 26) * 31) % 26) end
+      return table.concat(t)
+    end
+    local function fails(j, msg)
+      local ok, err = pcall(q.enqueue, q, j)
+      assert.is_false(ok, msg)
+      assert.matches(msg, tostring(err), 1, true)
+    end
+    fails({ target = "t", method = "m", queue = "q" .. rnd(200) },
+          "q:enqueue: bad option 'queue' (at most 200 bytes, got 201)")
+    fails({ target = "t" .. rnd(200), method = "m" }, "q:enqueue: bad option 'target' (at most 200 bytes, got 201)")
+    fails({ target = "t", method = "m" .. rnd(200) }, "q:enqueue: bad option 'method' (at most 200 bytes, got 201)")
+    fails({ target = "t", method = "m", idempotency_key = rnd(2001) },
+          "q:enqueue: bad option 'idempotency_key' (2001 bytes, at most 2000)")
+    fails({ target = "t", method = "m", args = { s = rnd(3000) }, unique = { period = "1h" } },
+          "q:enqueue: bad option 'unique.keys' (the job's unique key is")
+    q:declare("p", { partition = "args.a", per_key = { concurrency = 1 } })
+    fails({ target = "t", method = "m", queue = "p", args = { a = rnd(2001) } },
+          "q:enqueue: the partition key of queue 'p' is bad (2001 bytes, at most 2000)")
+    local ok, err = pcall(q.declare, q, "q" .. rnd(200), {})
+    assert.is_false(ok)
+    assert.matches("q:declare: bad argument #1 (queue name: at most 200 bytes, got 201)", tostring(err), 1, true)
+    ok, err = pcall(q.enqueue_many, q, { { target = "t", method = "m" }, { target = "t", method = "m", idempotency_key = rnd(2001) } })
+    assert.is_false(ok)
+    assert.matches("q:enqueue_many: job 2: bad option 'idempotency_key' (2001 bytes, at most 2000)", tostring(err), 1, true)
+    assert.equal(0, q:stats().total)
+    -- at the bounds, every store takes them, together in the widest index entry
+    local qname = "q" .. rnd(199)
+    q:declare(qname, { partition = "args.a", per_key = { concurrency = 1 } })
+    local id, inserted = q:enqueue{ target = "t" .. rnd(199), method = "m" .. rnd(199), queue = qname,
+                                    args = { a = rnd(2000) }, idempotency_key = rnd(2000) }
+    assert.is_true(inserted)
+    assert.equal(2000, #q:job(id).partition_key)
+    local text = string.rep("é", 900)        -- (1800 bytes, with the rest of the unique key below 2000)
+    local uid, uins = q:enqueue{ target = "t", method = "m", args = text, unique = { period = "1h" } }
+    assert.is_true(uins)
+    assert.same({ uid, false }, { q:enqueue{ target = "t", method = "m", args = text, unique = { period = "1h" } } })
+  end)
+
+  -- Broken: q:list{ queue = "a\0b" } (or invalid UTF-8) reached PostgreSQL,
+  -- which refused it with its own error (SQLSTATE 22021) and, inside
+  -- q:transaction, aborted the caller's transaction; SQLite listed nothing.
+  it("refuses a list filter with a NUL byte or invalid UTF-8, naming it, and the transaction goes on", function()
+    q:enqueue{ target = "t", method = "m" }
+    local n = q:transaction(function()
+      for _, case in ipairs{ { queue = "a\0b" }, { target = "\255" } } do
+        local ok, err = pcall(q.list, q, case)
+        assert.is_false(ok)
+        assert.matches("q:list: bad option '%a+' %(string %(valid UTF%-8, no NUL%) expected, got string", tostring(err))
+      end
+      return #q:list()
+    end)
+    assert.equal(1, n)
+  end)
+end)
+end

@@ -277,6 +277,10 @@ local function unique_of(fname, j, level)
   end
   local ok, text = pcall(canonical, parts)
   if not ok then error(("%s: bad option 'unique.keys' (%s)"):format(fname, tostring(text)), level) end
+  if #text > job.MAX_KEY then      -- (indexed: see tide.jobs.job's bounds)
+    error(("%s: bad option 'unique.keys' (the job's unique key is %d bytes of JSON, at most %d: name the args "
+      .. "that make a job unique, like keys = { \"args.account\" })"):format(fname, #text, job.MAX_KEY), level)
+  end
   return text, floor(period), sorted
 end
 
@@ -287,10 +291,16 @@ end
 local TICK_PREFIX = "schedule:"
 M.TICK_PREFIX = TICK_PREFIX
 
+local NAME_OPTIONS = { "target", "method", "queue" }
+
 local function job_row(fname, q, j, now, level, tick)
   level = level + 1
   if type(j) ~= "table" then arg_error(fname, 1, "job table", j, level) end
   check.known(fname, j, JOB_KEYS, nil, level)
+  for _, k in ipairs(NAME_OPTIONS) do
+    local why = job.name_length_problem(j[k])
+    if why then error(("%s: bad option '%s' (%s)"):format(fname, k, why), level) end
+  end
   if not job.is_name(j.target) then
     opt_error(fname, "target", "module name (like \"orders\" or \"app.mail\")", j.target, level)
   end
@@ -445,6 +455,8 @@ local PER_KEY_KEYS = check.options("per_key", { concurrency = true, rate = true 
 --- the limits; omitted options are no limit.  Returns true.
 function Queue:declare(name, opts)
   check_q("q:declare", self)
+  local long = job.name_length_problem(name)
+  if long then error("q:declare: bad argument #1 (queue name: " .. long .. ")", 2) end
   if not job.is_name(name) then arg_error("q:declare", 1, "queue " .. job.NAME_EXPECTED, name) end
   if type(opts) ~= "table" then arg_error("q:declare", 2, "table of queue options", opts) end
   check.known("q:declare", opts, DECLARE_KEYS)
@@ -591,6 +603,7 @@ local LIST_KEYS = check.options("q:list", {
 })
 
 local function list_rows(session, f) return session:list(f) end
+local LIST_TEXT = { "queue", "target" }
 
 --- Jobs, newest first: filter by status, queue and target; limit (default
 --- 100); before = id for the next page.
@@ -602,8 +615,14 @@ function Queue:list(f)
   if f.status ~= nil and not job.is_status[f.status] then
     opt_error("q:list", "status", check.choices(job.is_status), f.status)
   end
-  if f.queue ~= nil and type(f.queue) ~= "string" then opt_error("q:list", "queue", "string", f.queue) end
-  if f.target ~= nil and type(f.target) ~= "string" then opt_error("q:list", "target", "string", f.target) end
+  -- (text: PostgreSQL refused a NUL or invalid UTF-8 with its own error,
+  -- and aborted the caller's transaction; SQLite found nothing)
+  for _, k in ipairs(LIST_TEXT) do
+    local v = f[k]
+    if v ~= nil and (type(v) ~= "string" or v:find("\0", 1, true) or json.utf8_error(v)) then
+      opt_error("q:list", k, "string (valid UTF-8, no NUL)", v)
+    end
+  end
   if f.limit ~= nil and not (check.is_count(f.limit, 1) and f.limit <= MAX_LIMIT) then
     opt_error("q:list", "limit", "integer from 1 to 2147483647", f.limit)
   end
