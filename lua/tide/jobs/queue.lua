@@ -112,6 +112,11 @@ end
 function M.open(url, opts)
   not_in_finalizer("tide.queue.open", 2)
   if type(url) ~= "string" then arg_error("tide.queue.open", 1, "store URL string", url) end
+  -- (a C string ends at a NUL: "sqlite:a.db\0x" opened a.db, another file)
+  local nul = url:find("\0", 1, true)
+  if nul then
+    error(("tide.queue.open: bad argument #1 (store URL expected, got a string with a NUL byte at byte %d)"):format(nul), 2)
+  end
   if opts ~= nil and type(opts) ~= "table" then arg_error("tide.queue.open", 2, "table or nil", opts) end
   opts = opts or {}
   check.known("tide.queue.open", opts, OPEN_KEYS)
@@ -382,6 +387,16 @@ end
 --- Checks a list of jobs; returns their rows.
 local function job_rows(fname, q, list)
   if type(list) ~= "table" then arg_error(fname, 1, "list of job tables", list, 3) end
+  -- Keys 1..n only: a job under another key (a name, a key past a hole)
+  -- was left out without a word, as a table of them gave 0 jobs inserted.
+  local n = #list
+  for k in pairs(list) do
+    if type(k) ~= "number" or k < 1 or k > n or k % 1 ~= 0 then
+      error(("%s: bad argument #1 (list of job tables expected, got a table with key %s, past its %d jobs)")
+        :format(fname, type(k) == "string" and ("%q"):format(#k > 40 and k:sub(1, 40) .. "..." or k)
+                       or describe(k), n), 3)
+    end
+  end
   local now, rows = q._store:now(), {}
   for i = 1, #list do
     local ok, row = pcall(job_row, fname, q, list[i], now, 1)
