@@ -210,3 +210,42 @@ describe("review r2: lists and URLs on " .. store.name, function()
   end)
 end)
 end
+
+for _, store in ipairs(spec_helper.stores()) do
+describe("review r2: tide.worker's options on " .. store.name, function()
+  local path, q
+
+  before_each(function()
+    path = os.tmpname()
+    q = tide.queue.open(store.fresh(path))
+  end)
+
+  after_each(function()
+    if q then q:close(); q = nil end
+    store.reset(path)
+    spec_helper.assert_idle()
+  end)
+
+  -- Broken: queues = { ["a\0"] = 1 } (or invalid UTF-8, or a name no job
+  -- can have) and lease = 0.5 were taken; on PostgreSQL every claim then
+  -- failed ("invalid byte sequence for encoding "UTF8"", "invalid input
+  -- syntax for type bigint: "0.5"") and the worker backed off for ever,
+  -- while on SQLite it ran (a fractional lease stored as a real).
+  it("refuses queue names no job can have and a fractional lease, naming the option", function()
+    local targets = { t = { m = function() end } }
+    local cases = {
+      { { queues = { ["a\0"] = 1 } }, "tide.worker: bad option 'queues' (queue names (letters, digits, _ . -, at most 200 bytes) expected, got string \"a\\0\")" },
+      { { queues = { ["\255"] = 1 } }, "tide.worker: bad option 'queues' (queue names (letters, digits, _ . -, at most 200 bytes) expected, got string \"\255\")" },
+      { { queues = { ["a b"] = 1 } }, "tide.worker: bad option 'queues' (queue names (letters, digits, _ . -, at most 200 bytes) expected, got string \"a b\")" },
+      { { lease = 0.5 }, "tide.worker: bad option 'lease' (whole number of ms (a lease's end is stored in whole ms) expected, got number 0.5)" },
+    }
+    for i, case in ipairs(cases) do
+      local opts = case[1]
+      opts.queue, opts.targets = q, targets
+      local ok, err = pcall(tide.worker, opts)
+      assert.is_false(ok, "case " .. i)
+      assert.matches(case[2], tostring(err), 1, true)
+    end
+  end)
+end)
+end
