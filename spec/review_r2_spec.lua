@@ -249,3 +249,47 @@ describe("review r2: tide.worker's options on " .. store.name, function()
   end)
 end)
 end
+
+describe("review r2: enqueue's unique option and its args", function()
+  local path, q
+
+  before_each(function()
+    path = os.tmpname()
+    q = tide.queue.open("sqlite:" .. path)
+  end)
+
+  after_each(function()
+    q:close()
+    os.remove(path); os.remove(path .. "-wal"); os.remove(path .. "-shm")
+    spec_helper.assert_idle()
+  end)
+
+  -- Broken: unique = { period = 0.5 } was taken as a positive period and
+  -- kept in whole ms as 0, under which no job is ever a duplicate; a hole
+  -- in unique.states or unique.keys ended the list there (ipairs), so
+  -- { "available", nil, "bogus" } was taken and "bogus" never checked.
+  it("refuses a unique period below 1 ms and lists with holes", function()
+    local function fails(u, msg)
+      local ok, err = pcall(q.enqueue, q, { target = "t", method = "m", args = { a = 1 }, unique = u })
+      assert.is_false(ok, msg)
+      assert.matches(msg, tostring(err), 1, true)
+    end
+    fails({ period = 0.5 }, "q:enqueue: bad option 'unique.period' (positive duration below 8000 years")
+    fails({ period = "1h", states = { "available", nil, "bogus" } },
+          "q:enqueue: bad option 'unique.states' (a list expected, got a ")      -- (# may stop at 1 or 3)
+    fails({ period = "1h", keys = { "args.a", x = "args.b" } },
+          "q:enqueue: bad option 'unique.keys' (a list expected, got a table with key string \"x\" past its 1 entries)")
+    assert.equal(0, q:stats().total)
+  end)
+
+  -- Broken: args that hold themselves were refused with their path, 1000
+  -- steps long (args.self.self...: a message of 5 KB).
+  it("names a cycle in args with a short path", function()
+    local t = {}; t.self = t
+    local ok, err = pcall(q.enqueue, q, { target = "t", method = "m", args = t })
+    assert.is_false(ok)
+    assert.matches("q:enqueue: bad option 'args' (args.self.self", tostring(err), 1, true)
+    assert.matches("...: nested too deep (more than 1000 levels: a cycle?))", tostring(err), 1, true)
+    assert.is_true(#tostring(err) < 300, #tostring(err))
+  end)
+end)

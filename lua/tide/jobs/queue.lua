@@ -241,6 +241,24 @@ end
 
 local MAX_PERIOD = 8000 * 365.25 * 86400000
 
+--- Raises unless `list` has keys 1..#list only: ipairs stopped at a hole,
+--- and what came after it ({ "available", nil, "bogus" }) went unchecked
+--- and unused.
+local function list_only(fname, key, list, level)
+  local n = #list
+  for k in pairs(list) do
+    if type(k) ~= "number" or k < 1 or k > n or k % 1 ~= 0 or list[k] == nil then
+      error(("%s: bad option '%s' (a list expected, got a table with key %s past its %d entries)")
+        :format(fname, key, describe(k), n), level + 1)
+    end
+  end
+  for i = 1, n do
+    if list[i] == nil then
+      error(("%s: bad option '%s' (a list expected, got a hole at %d)"):format(fname, key, i), level + 1)
+    end
+  end
+end
+
 --- Checks the unique option; returns key text, period (ms), sorted states.
 local function unique_of(fname, j, level)
   local u = j.unique
@@ -248,7 +266,9 @@ local function unique_of(fname, j, level)
   if type(u) ~= "table" then opt_error(fname, "unique", "table { period =, states =, keys = }", u, level) end
   check.known(fname, u, UNIQUE_KEYS, "unique.", level)
   local period = check.duration(u.period)
-  if not period or period <= 0 or period > MAX_PERIOD then   -- (a store's bigint holds inserted_at - period)
+  -- (at least 1 ms: 0.5 was taken, and the period kept in whole ms was 0,
+  -- under which no job is ever a duplicate)
+  if not period or period < 1 or period > MAX_PERIOD then   -- (a store's bigint holds inserted_at - period)
     opt_error(fname, "unique.period", "positive duration below 8000 years (ms, or like \"1h\", \"30s\")", u.period,
               level)
   end
@@ -256,6 +276,7 @@ local function unique_of(fname, j, level)
   if type(states) ~= "table" or #states == 0 then
     opt_error(fname, "unique.states", "non-empty list of statuses", states, level)
   end
+  list_only(fname, "unique.states", states, level)
   local sorted, seen = {}, {}
   for i, st in ipairs(states) do
     if not job.is_status[st] then
@@ -268,6 +289,7 @@ local function unique_of(fname, j, level)
   if type(keys) ~= "table" or #keys == 0 then
     opt_error(fname, "unique.keys", 'non-empty list of "args" or paths like "args.account"', keys, level)
   end
+  list_only(fname, "unique.keys", keys, level)
   local parts = { j.queue or "default", j.target, j.method }
   for i, k in ipairs(keys) do
     local v
