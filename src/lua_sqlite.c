@@ -170,6 +170,12 @@ static stmt_ud *check_stmt(lua_State *L) {
   return s;
 }
 
+/* st:params() -> how many parameters the statement takes (its highest ?N). */
+static int stmt_params(lua_State *L) {
+  lua_pushinteger(L, sqlite3_bind_parameter_count(check_stmt(L)->st));
+  return 1;
+}
+
 static int stmt_run(lua_State *L) {
   stmt_ud *s = check_stmt(L);
   bind_all(L, s);
@@ -371,7 +377,7 @@ static int l_open(lua_State *L) {
 
 static const luaL_Reg stmt_methods[] = {
   { "run", stmt_run }, { "rows", stmt_rows }, { "first", stmt_first },
-  { "column", stmt_column }, { "finalize", stmt_finalize }, { NULL, NULL }
+  { "column", stmt_column }, { "finalize", stmt_finalize }, { "params", stmt_params }, { NULL, NULL }
 };
 
 static const luaL_Reg db_methods[] = {
