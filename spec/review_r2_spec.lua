@@ -141,6 +141,17 @@ describe("review r2: bounds of names and keys on " .. store.name, function()
     assert.same({ uid, false }, { q:enqueue{ target = "t", method = "m", args = text, unique = { period = "1h" } } })
   end)
 
+  -- Broken: q:limits("a\0") (or invalid UTF-8) reached PostgreSQL, which
+  -- refused it with its own error (SQLSTATE 22021), where SQLite said nil.
+  it("refuses a queue name q:declare would refuse in q:limits, naming it", function()
+    for _, name in ipairs{ "a\0", "\255", "a b" } do
+      local ok, err = pcall(q.limits, q, name)
+      assert.is_false(ok)
+      assert.matches("q:limits: bad argument #1 (queue name (letters, digits, _ . -) expected, got string", tostring(err), 1, true)
+    end
+    assert.is_nil(q:limits("nosuch"))
+  end)
+
   -- Broken: q:list{ queue = "a\0b" } (or invalid UTF-8) reached PostgreSQL,
   -- which refused it with its own error (SQLSTATE 22021) and, inside
   -- q:transaction, aborted the caller's transaction; SQLite listed nothing.

@@ -539,7 +539,9 @@ end
 --- concurrency, rate = { limit, period } } }.
 function Queue:limits(name)
   check_q("q:limits", self)
-  if type(name) ~= "string" then arg_error("q:limits", 1, "queue name", name) end
+  -- (a name q:declare refuses: PostgreSQL refused one with a NUL or invalid
+  -- UTF-8 with its own error, where SQLite answered nil)
+  if not job.is_name(name) then arg_error("q:limits", 1, "queue " .. job.NAME_EXPECTED, name) end
   local r = with_session(self, "q:limits", function(session) return session:queue_limits(name) end)
   if not r then return nil end
   return { concurrency = r.concurrency, partition = r.partition,
