@@ -336,3 +336,59 @@ describe("review r2: tx:exec's parameters on " .. store.name, function()
   end)
 end)
 end
+
+if os.getenv("TIDE_PG_URL") then
+describe("review r2: idempotency keys on postgres", function()
+  local store = spec_helper.stores()[2]
+  local path, q
+
+  before_each(function()
+    path = os.tmpname()
+    q = tide.queue.open(store.fresh(path))
+  end)
+
+  after_each(function()
+    if q then q:close(); q = nil end
+    store.reset(path)
+    spec_helper.assert_idle()
+  end)
+
+  -- Broken: an enqueue whose key met a job in its INSERT (ON CONFLICT DO
+  -- NOTHING) read that job's id in a second statement; a job pruned by
+  -- another transaction in between made it raise "attempt to index a nil
+  -- value" (q:enqueue), or return a hole among the ids as a job not
+  -- inserted (q:enqueue_many).  The window is simulated here by a row
+  -- security policy that hides the key's job (its id) from SELECT only.
+  it("never answers a hole or a Lua error when the key's job vanishes between its INSERT and SELECT", function()
+    local id = q:enqueue{ target = "t", method = "m", idempotency_key = "hidden" }
+    -- (a role of its own: the spec server's tide is a superuser, whom no policy holds)
+    spec_helper.sql(q, "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'tide_r2') THEN "
+                       .. "CREATE ROLE tide_r2 LOGIN; END IF; END $$")
+    spec_helper.sql(q, "GRANT ALL ON SCHEMA public TO tide_r2")
+    spec_helper.sql(q, "GRANT ALL ON ALL TABLES IN SCHEMA public TO tide_r2")
+    spec_helper.sql(q, "GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO tide_r2")
+    spec_helper.sql(q, "ALTER TABLE tide_jobs ENABLE ROW LEVEL SECURITY")
+    spec_helper.sql(q, "CREATE POLICY r2_sel ON tide_jobs FOR SELECT USING (id <> " .. id .. ")")
+    spec_helper.sql(q, "CREATE POLICY r2_ins ON tide_jobs FOR INSERT WITH CHECK (true)")
+    spec_helper.sql(q, "CREATE POLICY r2_upd ON tide_jobs FOR UPDATE USING (true)")
+    spec_helper.sql(q, "CREATE POLICY r2_del ON tide_jobs FOR DELETE USING (true)")
+    local owner = q
+    q = tide.queue.open((os.getenv("TIDE_PG_URL"):gsub("//tide@", "//tide_r2@")))
+    local ok, err = pcall(q.enqueue, q, { target = "t", method = "m", idempotency_key = "hidden" })
+    assert.is_false(ok)
+    assert.matches("the job with idempotency key \"hidden\" was gone before its id could be read", tostring(err), 1, true)
+    local ids
+    ok, err = pcall(function()
+      ids = q:enqueue_many{ { target = "t", method = "m", idempotency_key = "other" },
+                            { target = "t", method = "m", idempotency_key = "hidden" } }
+    end)
+    assert.is_false(ok, ids and ("ids: " .. tostring(ids[1]) .. ", " .. tostring(ids[2])))
+    assert.matches("the job with idempotency key \"hidden\" was gone before its id could be read", tostring(err), 1, true)
+    q:close()
+    q = owner
+    spec_helper.sql(q, "ALTER TABLE tide_jobs DISABLE ROW LEVEL SECURITY")
+    assert.equal(1, q:stats().total)        -- ("other" was taken back with the list)
+    assert.equal(id, q:job(id).id)
+  end)
+end)
+end
