@@ -170,6 +170,12 @@ static stmt_ud *check_stmt(lua_State *L) {
   return s;
 }
 
+/* st:params() -> how many parameters the statement takes (its highest ?N). */
+static int stmt_params(lua_State *L) {
+  lua_pushinteger(L, sqlite3_bind_parameter_count(check_stmt(L)->st));
+  return 1;
+}
+
 static int stmt_run(lua_State *L) {
   stmt_ud *s = check_stmt(L);
   bind_all(L, s);
@@ -250,6 +256,9 @@ static int db_prepare(lua_State *L) {
   conn *c = check_db(L);
   size_t len;
   const char *sql = luaL_checklstring(L, 2, &len);
+  /* SQLite stops at a NUL: what follows it would be dropped unseen, and
+   * the "more SQL follows" check below would not see it either. */
+  if (memchr(sql, 0, len) != NULL) return luaL_error(L, "%s: the SQL text holds a NUL byte", c->name);
   stmt_ud *s = lua_newuserdata(L, sizeof *s);
   s->c = c;
   s->st = NULL;
@@ -368,7 +377,7 @@ static int l_open(lua_State *L) {
 
 static const luaL_Reg stmt_methods[] = {
   { "run", stmt_run }, { "rows", stmt_rows }, { "first", stmt_first },
-  { "column", stmt_column }, { "finalize", stmt_finalize }, { NULL, NULL }
+  { "column", stmt_column }, { "finalize", stmt_finalize }, { "params", stmt_params }, { NULL, NULL }
 };
 
 static const luaL_Reg db_methods[] = {

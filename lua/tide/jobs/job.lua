@@ -40,12 +40,28 @@ M.NAME = "^[%a_][%w_.%-]*$"          -- queues and targets
 M.METHOD = "^[%a_][%w_]*$"
 M.NAME_EXPECTED = "name (letters, digits, _ . -)"
 
+-- Bounds, the same on every store: PostgreSQL's btree indexes refuse an
+-- entry over 2704 bytes (its 1/3 page), so a queue name or a key that
+-- SQLite took failed there with "index row size ... exceeds btree version 4
+-- maximum" (SQLSTATE 54000), naming neither the function nor the option.
+-- The widest index entry, (queue, partition_key, priority, run_at, id),
+-- stays below that with a name of MAX_NAME and a key of MAX_KEY bytes.
+M.MAX_NAME = 200          -- queues, targets, methods (as schedules' names)
+M.MAX_KEY = 2000          -- idempotency keys, partition keys, unique keys (bytes)
+
+--- Why a name option is too long ("at most 200 bytes, got 5000"), or nil.
+function M.name_length_problem(s)
+  if type(s) == "string" and #s > M.MAX_NAME then
+    return format("at most %d bytes, got %d", M.MAX_NAME, #s)
+  end
+end
+
 -- Names seen valid (a pattern match per job is slow: it does not compile).
 local good, ngood = {}, 0
 
 local function matches(s, pattern)
   if good[s] == pattern then return true end
-  if type(s) ~= "string" or not s:match(pattern) then return false end
+  if type(s) ~= "string" or #s > M.MAX_NAME or not s:match(pattern) then return false end
   if ngood > 10000 then good, ngood = {}, 0 end
   good[s], ngood = pattern, ngood + 1
   return true
@@ -82,6 +98,7 @@ end
 
 function M.key_problem(s)
   if type(s) ~= "string" or s == "" then return "non-empty string expected" end
+  if #s > M.MAX_KEY then return format("%d bytes, at most %d", #s, M.MAX_KEY) end
   local nul = s:find("\0", 1, true)
   if nul then return format("a NUL byte at byte %d: keys are text", nul) end
   local bad = json.utf8_error(s)

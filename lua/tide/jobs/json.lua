@@ -206,7 +206,10 @@ local function array_shape(t)
 end
 
 local function encode_table(buf, n, t, path, depth, lossy)
-  if depth > M.MAX_DEPTH then fail(path, "nested too deep (more than " .. M.MAX_DEPTH .. " levels: a cycle?)") end
+  if depth > M.MAX_DEPTH then         -- (its path, 1000 steps long, was a message of kilobytes)
+    fail(#path > 80 and sub(path, 1, 80) .. "..." or path, "nested too deep (more than " .. M.MAX_DEPTH
+         .. " levels: a cycle?)")
+  end
   local array, max, count = array_shape(t)
   if array == nil then
     if max > 10 and max > 2 * count then

@@ -112,6 +112,11 @@ end
 function M.open(url, opts)
   not_in_finalizer("tide.queue.open", 2)
   if type(url) ~= "string" then arg_error("tide.queue.open", 1, "store URL string", url) end
+  -- (a C string ends at a NUL: "sqlite:a.db\0x" opened a.db, another file)
+  local nul = url:find("\0", 1, true)
+  if nul then
+    error(("tide.queue.open: bad argument #1 (store URL expected, got a string with a NUL byte at byte %d)"):format(nul), 2)
+  end
   if opts ~= nil and type(opts) ~= "table" then arg_error("tide.queue.open", 2, "table or nil", opts) end
   opts = opts or {}
   check.known("tide.queue.open", opts, OPEN_KEYS)
@@ -236,6 +241,24 @@ end
 
 local MAX_PERIOD = 8000 * 365.25 * 86400000
 
+--- Raises unless `list` has keys 1..#list only: ipairs stopped at a hole,
+--- and what came after it ({ "available", nil, "bogus" }) went unchecked
+--- and unused.
+local function list_only(fname, key, list, level)
+  local n = #list
+  for k in pairs(list) do
+    if type(k) ~= "number" or k < 1 or k > n or k % 1 ~= 0 or list[k] == nil then
+      error(("%s: bad option '%s' (a list expected, got a table with key %s past its %d entries)")
+        :format(fname, key, describe(k), n), level + 1)
+    end
+  end
+  for i = 1, n do
+    if list[i] == nil then
+      error(("%s: bad option '%s' (a list expected, got a hole at %d)"):format(fname, key, i), level + 1)
+    end
+  end
+end
+
 --- Checks the unique option; returns key text, period (ms), sorted states.
 local function unique_of(fname, j, level)
   local u = j.unique
@@ -243,7 +266,9 @@ local function unique_of(fname, j, level)
   if type(u) ~= "table" then opt_error(fname, "unique", "table { period =, states =, keys = }", u, level) end
   check.known(fname, u, UNIQUE_KEYS, "unique.", level)
   local period = check.duration(u.period)
-  if not period or period <= 0 or period > MAX_PERIOD then   -- (a store's bigint holds inserted_at - period)
+  -- (at least 1 ms: 0.5 was taken, and the period kept in whole ms was 0,
+  -- under which no job is ever a duplicate)
+  if not period or period < 1 or period > MAX_PERIOD then   -- (a store's bigint holds inserted_at - period)
     opt_error(fname, "unique.period", "positive duration below 8000 years (ms, or like \"1h\", \"30s\")", u.period,
               level)
   end
@@ -251,6 +276,7 @@ local function unique_of(fname, j, level)
   if type(states) ~= "table" or #states == 0 then
     opt_error(fname, "unique.states", "non-empty list of statuses", states, level)
   end
+  list_only(fname, "unique.states", states, level)
   local sorted, seen = {}, {}
   for i, st in ipairs(states) do
     if not job.is_status[st] then
@@ -263,6 +289,7 @@ local function unique_of(fname, j, level)
   if type(keys) ~= "table" or #keys == 0 then
     opt_error(fname, "unique.keys", 'non-empty list of "args" or paths like "args.account"', keys, level)
   end
+  list_only(fname, "unique.keys", keys, level)
   local parts = { j.queue or "default", j.target, j.method }
   for i, k in ipairs(keys) do
     local v
@@ -277,6 +304,10 @@ local function unique_of(fname, j, level)
   end
   local ok, text = pcall(canonical, parts)
   if not ok then error(("%s: bad option 'unique.keys' (%s)"):format(fname, tostring(text)), level) end
+  if #text > job.MAX_KEY then      -- (indexed: see tide.jobs.job's bounds)
+    error(("%s: bad option 'unique.keys' (the job's unique key is %d bytes of JSON, at most %d: name the args "
+      .. "that make a job unique, like keys = { \"args.account\" })"):format(fname, #text, job.MAX_KEY), level)
+  end
   return text, floor(period), sorted
 end
 
@@ -287,10 +318,16 @@ end
 local TICK_PREFIX = "schedule:"
 M.TICK_PREFIX = TICK_PREFIX
 
+local NAME_OPTIONS = { "target", "method", "queue" }
+
 local function job_row(fname, q, j, now, level, tick)
   level = level + 1
   if type(j) ~= "table" then arg_error(fname, 1, "job table", j, level) end
   check.known(fname, j, JOB_KEYS, nil, level)
+  for _, k in ipairs(NAME_OPTIONS) do
+    local why = job.name_length_problem(j[k])
+    if why then error(("%s: bad option '%s' (%s)"):format(fname, k, why), level) end
+  end
   if not job.is_name(j.target) then
     opt_error(fname, "target", "module name (like \"orders\" or \"app.mail\")", j.target, level)
   end
@@ -372,6 +409,16 @@ end
 --- Checks a list of jobs; returns their rows.
 local function job_rows(fname, q, list)
   if type(list) ~= "table" then arg_error(fname, 1, "list of job tables", list, 3) end
+  -- Keys 1..n only: a job under another key (a name, a key past a hole)
+  -- was left out without a word, as a table of them gave 0 jobs inserted.
+  local n = #list
+  for k in pairs(list) do
+    if type(k) ~= "number" or k < 1 or k > n or k % 1 ~= 0 then
+      error(("%s: bad argument #1 (list of job tables expected, got a table with key %s, past its %d jobs)")
+        :format(fname, type(k) == "string" and ("%q"):format(#k > 40 and k:sub(1, 40) .. "..." or k)
+                       or describe(k), n), 3)
+    end
+  end
   local now, rows = q._store:now(), {}
   for i = 1, #list do
     local ok, row = pcall(job_row, fname, q, list[i], now, 1)
@@ -445,6 +492,8 @@ local PER_KEY_KEYS = check.options("per_key", { concurrency = true, rate = true 
 --- the limits; omitted options are no limit.  Returns true.
 function Queue:declare(name, opts)
   check_q("q:declare", self)
+  local long = job.name_length_problem(name)
+  if long then error("q:declare: bad argument #1 (queue name: " .. long .. ")", 2) end
   if not job.is_name(name) then arg_error("q:declare", 1, "queue " .. job.NAME_EXPECTED, name) end
   if type(opts) ~= "table" then arg_error("q:declare", 2, "table of queue options", opts) end
   check.known("q:declare", opts, DECLARE_KEYS)
@@ -490,7 +539,9 @@ end
 --- concurrency, rate = { limit, period } } }.
 function Queue:limits(name)
   check_q("q:limits", self)
-  if type(name) ~= "string" then arg_error("q:limits", 1, "queue name", name) end
+  -- (a name q:declare refuses: PostgreSQL refused one with a NUL or invalid
+  -- UTF-8 with its own error, where SQLite answered nil)
+  if not job.is_name(name) then arg_error("q:limits", 1, "queue " .. job.NAME_EXPECTED, name) end
   local r = with_session(self, "q:limits", function(session) return session:queue_limits(name) end)
   if not r then return nil end
   return { concurrency = r.concurrency, partition = r.partition,
@@ -591,6 +642,7 @@ local LIST_KEYS = check.options("q:list", {
 })
 
 local function list_rows(session, f) return session:list(f) end
+local LIST_TEXT = { "queue", "target" }
 
 --- Jobs, newest first: filter by status, queue and target; limit (default
 --- 100); before = id for the next page.
@@ -602,8 +654,14 @@ function Queue:list(f)
   if f.status ~= nil and not job.is_status[f.status] then
     opt_error("q:list", "status", check.choices(job.is_status), f.status)
   end
-  if f.queue ~= nil and type(f.queue) ~= "string" then opt_error("q:list", "queue", "string", f.queue) end
-  if f.target ~= nil and type(f.target) ~= "string" then opt_error("q:list", "target", "string", f.target) end
+  -- (text: PostgreSQL refused a NUL or invalid UTF-8 with its own error,
+  -- and aborted the caller's transaction; SQLite found nothing)
+  for _, k in ipairs(LIST_TEXT) do
+    local v = f[k]
+    if v ~= nil and (type(v) ~= "string" or v:find("\0", 1, true) or json.utf8_error(v)) then
+      opt_error("q:list", k, "string (valid UTF-8, no NUL)", v)
+    end
+  end
   if f.limit ~= nil and not (check.is_count(f.limit, 1) and f.limit <= MAX_LIMIT) then
     opt_error("q:list", "limit", "integer from 1 to 2147483647", f.limit)
   end

@@ -30,7 +30,7 @@ local check = require "tide.engine.check"
 local finalizers = require "tide.engine.finalizers"
 local pool = require "tide.jobs.store.pool"
 
-local type, error, pairs, ipairs, tostring = type, error, pairs, ipairs, tostring
+local type, error, pairs, ipairs, tostring, find = type, error, pairs, ipairs, tostring, string.find
 local setmetatable, getmetatable, pcall, select = setmetatable, getmetatable, pcall, select
 local arg_error, describe = check.arg_error, check.describe
 local holder, OUTSIDE = pool.holder, pool.OUTSIDE
@@ -207,18 +207,41 @@ local function tx_state(fname, tx)
 end
 M.tx_state = tx_state
 
+local BINDABLE = { ["nil"] = true, boolean = true, number = true, string = true }
+
+--- Checks a statement of the caller's own before any store sees it: the
+--- SQL is a string without NUL (SQLite ran the text up to the NUL and
+--- dropped the rest unseen; PostgreSQL's binding refused it half-way
+--- through a pipeline and its connection hung), and each parameter is one
+--- the stores bind.  Raises naming `fname` and the argument.
+local function check_statement(fname, sql, ...)
+  if type(sql) ~= "string" then arg_error(fname, 1, "SQL string", sql, 3) end
+  local nul = find(sql, "\0", 1, true)
+  if nul then
+    error(("%s: bad argument #1 (SQL text expected, got a string with a NUL byte at byte %d)"):format(fname, nul), 3)
+  end
+  local n = select("#", ...)
+  if n == 0 then return end
+  local args = { ... }
+  for i = 1, n do
+    if not BINDABLE[type(args[i])] then
+      arg_error(fname, i + 1, "nil, boolean, number or string (parameter " .. i .. ")", args[i], 3)
+    end
+  end
+end
+
 --- Runs one statement of your own SQL with ? parameters bound (never
 --- interpolated); returns the number of rows changed.
 function Tx:exec(sql, ...)
   local st = tx_state("tx:exec", self)
-  if type(sql) ~= "string" then arg_error("tx:exec", 1, "SQL string", sql) end
+  check_statement("tx:exec", sql, ...)
   return st.session:exec(sql, ...)
 end
 
 --- Runs a query of your own; returns its rows as { column = value } tables.
 function Tx:query(sql, ...)
   local st = tx_state("tx:query", self)
-  if type(sql) ~= "string" then arg_error("tx:query", 1, "SQL string", sql) end
+  check_statement("tx:query", sql, ...)
   return st.session:query(sql, ...)
 end
 

@@ -8,6 +8,7 @@ local check = require "tide.engine.check"
 local retry = require "tide.engine.retry"
 local task = require "tide.engine.task"
 local queue = require "tide.jobs.queue"
+local job = require "tide.jobs.job"
 local schedules = require "tide.jobs.schedules"
 
 local type, error, pairs, ipairs, tostring, next = type, error, pairs, ipairs, tostring, next
@@ -138,6 +139,12 @@ local function check_queues(fname, opts, level)
     opt_error(fname, "queues", "table of queue name = concurrency", queues, level + 1)
   end
   for name, n in pairs(queues) do
+    -- (a name no job can have: on PostgreSQL one with a NUL or invalid
+    -- UTF-8 failed every claim, and the worker backed off for ever)
+    if type(name) == "string" and not job.is_name(name) then
+      error(("%s: bad option 'queues' (queue names (letters, digits, _ . -, at most %d bytes) expected, got %s)")
+        :format(fname, job.MAX_NAME, check.describe(name)), level + 1)
+    end
     if type(name) ~= "string" or not check.is_count(n, 1) then
       opt_error(fname, "queues." .. tostring(name), "integer >= 1", n, level + 1)
     end
@@ -161,6 +168,11 @@ local function check_opts(fname, opts)
   -- every claim failed); 1e12 ms is about 31 years.
   if opts.lease ~= nil and opts.lease > 1e12 then
     opt_error(fname, "lease", "positive number of ms up to 1e12 (a lease's end must be a time every store holds)", opts.lease, 3)
+  end
+  -- (PostgreSQL's bigint refused now + 0.5, and every claim failed; SQLite
+  -- stored a fraction, which a job's lease_expires never is)
+  if opts.lease ~= nil and opts.lease % 1 ~= 0 then
+    opt_error(fname, "lease", "whole number of ms (a lease's end is stored in whole ms)", opts.lease, 3)
   end
   if opts.batch ~= nil and not check.is_count(opts.batch, 1) then
     opt_error(fname, "batch", "integer >= 1", opts.batch, 3)

@@ -24,7 +24,7 @@ local log = require "tide.engine.log"
 local spawn = require("tide.engine.task").spawn
 
 local error, ipairs, tostring, format = error, ipairs, tostring, string.format
-local setmetatable, pcall = setmetatable, pcall
+local setmetatable, pcall, type, select, find = setmetatable, pcall, type, select, string.find
 
 local M = {}
 
@@ -367,6 +367,29 @@ end
 
 local COPY = {}                               -- (query's `name` for a COPY: run_copy)
 
+-- What the binding (src/lua_pg.c) refuses, refused here before anything is
+-- sent: there it raised half-way through a pipeline (the first statement
+-- of a transaction goes with its BEGIN), which left pipeline mode on with
+-- a BEGIN queued and no Sync after it, and the connection's next
+-- statement waited for ever for results that never came.
+local BINDABLE = { ["nil"] = true, boolean = true, number = true, string = true }
+local MAX_PARAMS = 4096                       -- (lua_pg.c's)
+
+local function check_statement(c, sql, ...)
+  if type(sql) ~= "string" then error(format("%s: SQL string expected, got %s", c.name, type(sql)), 0) end
+  if find(sql, "\0", 1, true) then error(c.name .. ": the SQL text holds a NUL byte", 0) end
+  local n = select("#", ...)
+  if n == 0 then return end
+  if n > MAX_PARAMS then error(format("%s: too many parameters (%d)", c.name, n), 0) end
+  local args = { ... }
+  for i = 1, n do
+    if not BINDABLE[type(args[i])] then
+      error(format("%s: cannot bind parameter %d (nil, boolean, number or string expected, got %s)",
+                   c.name, i, type(args[i])), 0)
+    end
+  end
+end
+
 local function query(self, name, sql, ...)
   local holder = self.running
   if holder then
@@ -386,6 +409,7 @@ local function query(self, name, sql, ...)
   -- anything is sent.  (isyieldable, not the wait's own check: a builtin,
   -- where that one costs ~1200 instructions, and the stack is deep here.)
   if t and not isyieldable() then error(self.name .. S.IN_C_CALL, 0) end
+  if name ~= COPY then check_statement(self, sql, ...) end
   self.running = t and { t, S.attempt_of(t) } or true
   self.replanned = false
   local ok, res = pcall(name == COPY and run_copy or run, self, name, sql, ...)

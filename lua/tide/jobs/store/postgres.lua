@@ -498,10 +498,19 @@ end
 function Session:insert(j)
   local enc = j.args_enc and "\\x" .. hex(j.args_enc)
   if j.unique_key then return insert_unique(self, j, enc) end
-  local rows = self.c:prepared("tide_insert", SQL.insert, j.queue, j.target, j.method, j.args, enc, j.status,
-    j.priority, j.max_attempts, j.run_at, j.idempotence_key, j.inserted_at, j.partition_key).rows
-  if rows[1] then return rows[1].id, true end
-  return self.c:prepared("tide_by_key", SQL.by_key, j.idempotence_key).rows[1].id, false
+  -- The job that has the key may be gone between the INSERT that met it
+  -- and the SELECT that reads its id (q:prune, in another transaction):
+  -- then the INSERT goes again.  (The SELECT found nothing, and
+  -- `rows[1].id` raised "attempt to index a nil value".)
+  for _ = 1, 3 do
+    local rows = self.c:prepared("tide_insert", SQL.insert, j.queue, j.target, j.method, j.args, enc, j.status,
+      j.priority, j.max_attempts, j.run_at, j.idempotence_key, j.inserted_at, j.partition_key).rows
+    if rows[1] then return rows[1].id, true end
+    local found = self.c:prepared("tide_by_key", SQL.by_key, j.idempotence_key).rows[1]
+    if found then return found.id, false end
+  end
+  error(format("%s: the job with idempotency key %q was gone before its id could be read, three times "
+    .. "(pruned meanwhile?)", self.c.name, j.idempotence_key), 0)
 end
 
 -- ===== arrays as PostgreSQL reads them in text: {"a","b",NULL}
@@ -642,6 +651,12 @@ local function insert_keyed(c, list, from, n, ids, inserted)
     for i = 1, n do
       local k = from + i - 1
       if not ids[k] then ids[k] = by_key[keys[i]] end
+      -- (gone since the INSERT met it: see Session:insert.  The caller's
+      -- savepoint takes the whole list back; it returned a hole before.)
+      if not ids[k] then
+        error(format("%s: the job with idempotency key %q was gone before its id could be read (pruned meanwhile?); "
+          .. "nothing of the list was inserted", c.name, keys[i]), 0)
+      end
     end
   end
 end

@@ -559,8 +559,22 @@ local function user_stmt(s, sql)
   return st
 end
 
-local function user_run(s, sql, ...) return user_stmt(s, sql):run(...) end
-local function user_rows(s, sql, ...) return user_stmt(s, sql):rows(...) end
+--- The caller's statement, given at least the parameters it takes: SQLite
+--- bound the missing ones as NULL, where PostgreSQL refuses the statement
+--- ("bind message supplies 1 parameters, but prepared statement requires
+--- 2"), so the same tx:exec wrote a NULL on one store and failed on the other.
+local function user_checked(s, sql, n)
+  local st = user_stmt(s, sql)
+  local want = st:params()
+  if n < want then
+    error(("%s: %d parameter%s given, the statement takes %d"):format(s.name, n, n == 1 and "" or "s",
+          want), 0)
+  end
+  return st
+end
+
+local function user_run(s, sql, ...) return user_checked(s, sql, select("#", ...)):run(...) end
+local function user_rows(s, sql, ...) return user_checked(s, sql, select("#", ...)):rows(...) end
 
 function Session:exec(sql, ...) return (locked(self, user_run, self, sql, ...)) end
 function Session:query(sql, ...) return (locked(self, user_rows, self, sql, ...)) end
