@@ -3,6 +3,16 @@
 -- process of its own: they load tide again, make Lua states, or drive the loop by hand.
 local H = spec_helper
 
+-- The start of a script that loads a second copy of tide's engine: clear()
+-- drops tide's modules (but tide.core) from package.loaded.
+local SECOND_COPY = [[
+  local function clear()
+    for k in pairs(package.loaded) do
+      if k:match("^tide") and k ~= "tide.core" then package.loaded[k] = nil end
+    end
+  end
+]]
+
 local dir
 setup(function() dir = H.tempdir() end)
 teardown(function() os.execute("rm -rf " .. dir) end)
@@ -97,12 +107,7 @@ describe("review r1: embedding", function()
   -- reaped as stalled).  And a first copy with thread tasks in flight could be retired:
   -- their results would then go to the second copy, which does not know them.
   it("gives a second copy of tide the thread pool's deliveries, and refuses it while the first has thread tasks in flight", function()
-    local status, out = H.run_lua(dir, "twice_threads.lua", [[
-      local function clear()
-        for k in pairs(package.loaded) do
-          if k:match("^tide") and k ~= "tide.core" then package.loaded[k] = nil end
-        end
-      end
+    local status, out = H.run_lua(dir, "twice_threads.lua", SECOND_COPY .. [[
       local tide1 = require "tide"
       tide1.configure{ threads = 2 }
       print(tide1.run(function()
@@ -128,12 +133,7 @@ describe("review r1: embedding", function()
   -- The same with a process task in flight: the second copy took the process events over,
   -- and the first copy's task never got its result (it was reaped as stalled).
   it("refuses a second copy of tide while the first has process tasks in flight", function()
-    local status, out = H.run_lua(dir, "twice_processes.lua", [[
-      local function clear()
-        for k in pairs(package.loaded) do
-          if k:match("^tide") and k ~= "tide.core" then package.loaded[k] = nil end
-        end
-      end
+    local status, out = H.run_lua(dir, "twice_processes.lua", SECOND_COPY .. [[
       local tide1 = require "tide"
       tide1.configure{ processes = 1 }
       print(tide1.run(function()
@@ -154,12 +154,7 @@ describe("review r1: embedding", function()
   -- copy's tick replaced the first's, so a task of the first copy woken in a later tick (b,
   -- once a is cancelled) sat in a run queue nobody ran, and was reaped as stalled.
   it("refuses a second copy of tide while the first has tasks live", function()
-    local status, out = H.run_lua(dir, "twice_live.lua", [[
-      local function clear()
-        for k in pairs(package.loaded) do
-          if k:match("^tide") and k ~= "tide.core" then package.loaded[k] = nil end
-        end
-      end
+    local status, out = H.run_lua(dir, "twice_live.lua", SECOND_COPY .. [[
       local tide1 = require "tide"
       print(tide1.run(function()
         local a, b

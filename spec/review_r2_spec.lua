@@ -81,18 +81,8 @@ end
 
 for _, store in ipairs(spec_helper.stores()) do
 describe("review r2: bounds of names and keys on " .. store.name, function()
-  local path, q
-
-  before_each(function()
-    path = os.tmpname()
-    q = tide.queue.open(store.fresh(path))
-  end)
-
-  after_each(function()
-    if q then q:close(); q = nil end
-    store.reset(path)
-    spec_helper.assert_idle()
-  end)
+  local q
+  spec_helper.fresh_queue_each(store, function(new) q = new end)
 
   -- Broken: SQLite took any length, and PostgreSQL refused a long queue
   -- name, idempotency key, partition key or unique key with its index's
@@ -172,18 +162,8 @@ end
 
 for _, store in ipairs(spec_helper.stores()) do
 describe("review r2: lists and URLs on " .. store.name, function()
-  local path, q
-
-  before_each(function()
-    path = os.tmpname()
-    q = tide.queue.open(store.fresh(path))
-  end)
-
-  after_each(function()
-    if q then q:close(); q = nil end
-    store.reset(path)
-    spec_helper.assert_idle()
-  end)
+  local q
+  spec_helper.fresh_queue_each(store, function(new) q = new end)
 
   -- Broken: q:enqueue_many and tx:enqueue_many read list[1..#list] only: a
   -- job under a name, or past a hole, was left out without a word
@@ -224,18 +204,8 @@ end
 
 for _, store in ipairs(spec_helper.stores()) do
 describe("review r2: tide.worker's options on " .. store.name, function()
-  local path, q
-
-  before_each(function()
-    path = os.tmpname()
-    q = tide.queue.open(store.fresh(path))
-  end)
-
-  after_each(function()
-    if q then q:close(); q = nil end
-    store.reset(path)
-    spec_helper.assert_idle()
-  end)
+  local q
+  spec_helper.fresh_queue_each(store, function(new) q = new end)
 
   -- Broken: queues = { ["a\0"] = 1 } (or invalid UTF-8, or a name no job
   -- can have) and lease = 0.5 were taken; on PostgreSQL every claim then
@@ -340,18 +310,8 @@ end
 if os.getenv("TIDE_PG_URL") then
 describe("review r2: idempotency keys on postgres", function()
   local store = spec_helper.stores()[2]
-  local path, q
-
-  before_each(function()
-    path = os.tmpname()
-    q = tide.queue.open(store.fresh(path))
-  end)
-
-  after_each(function()
-    if q then q:close(); q = nil end
-    store.reset(path)
-    spec_helper.assert_idle()
-  end)
+  local q
+  spec_helper.fresh_queue_each(store, function(new) q = new end)
 
   -- Broken: an enqueue whose key met a job in its INSERT (ON CONFLICT DO
   -- NOTHING) read that job's id in a second statement; a job pruned by
