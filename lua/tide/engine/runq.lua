@@ -13,7 +13,16 @@
 --   - unit_t is the task whose entry the batch is running now, or nil: an
 --     error that interrupts the tick leaves it there for sched to repair.
 --   - A pending timer's key k has its handler and two arguments in
---     slots[3k-2 .. 3k]; a fired or cancelled one has none.
+--     slots[3k-2 .. 3k]; a fired or cancelled one has none.  `changes`
+--     counts the timers started and stopped: the slots are copied into a
+--     new array only if none was meanwhile.
+--
+-- Code may run in the middle of a function here, and call it again: the
+-- collector runs __gc finalizers at an allocation and, with the JIT on, at
+-- any exit of a compiled trace while it finalizes (a guard that fails
+-- in a copy's loop), and a finalizer may start or stop a timer (it spawns
+-- a task with a timeout, calls tide.after).  So a copy of the slots checks
+-- `changes`.
 local core = require "tide.core"
 local CO = require("tide.engine.fields").CO
 
@@ -147,17 +156,27 @@ end
 -- instructions fewer each than the classic API's stitching (bench/cg after).
 
 local slots, cap = nil, 0            -- slots[3k-2 .. 3k]: key k's handler, obj, arg
+local changes = 0                    -- timers started and stopped (see the header)
 local new_table = (function()
   local ok, tnew = pcall(require, "table.new")
   return ok and tnew or function() return {} end
 end)()
 
+-- A timer started or stopped during the copy (by a finalizer: see the
+-- header) would be lost, its slots written into the array being replaced,
+-- or into a third one made by a nested grow: then the copy is made again
+-- (each finalizer runs once: this ends).  gc_storm lost timers so:
+-- timeouts and tide.after timers that finalizers started as they spawned
+-- tasks, which then ended ok instead of timed out or cancelled.
 local function grow(key)
-  local n = cap > 0 and cap or 64
-  while n < key do n = n * 2 end
-  local new = new_table(3 * n, 0)
-  for i = 1, 3 * cap do new[i] = slots[i] end
-  slots, cap = new, n
+  repeat
+    local seen = changes
+    local n = cap > 0 and cap or 64
+    while n < key do n = n * 2 end
+    local new = new_table(3 * n, 0)
+    for i = 1, 3 * cap do new[i] = slots[i] end
+    if changes == seen then slots, cap, changes = new, n, seen + 1 end
+  until key <= cap
 end
 grow(1)
 
@@ -272,6 +291,7 @@ local function try_timer(ms, fn, obj, arg)
   end
   local i = 3 * key
   slots[i - 2], slots[i - 1], slots[i] = fn, obj, arg
+  changes = changes + 1
   return key
 end
 M.try_timer = try_timer
@@ -289,6 +309,7 @@ function M.untimer(key)
   if key <= cap then
     local i = 3 * key
     slots[i - 2], slots[i - 1], slots[i] = nil, nil, nil
+    changes = changes + 1
   end
 end
 
@@ -347,9 +368,11 @@ local function shrink_check()
   if n * 8 >= cap then return end          -- high keys still pending: later (they are not reused)
   local c = 64
   while c < 2 * n do c = c * 2 end
+  local seen = changes
   local new = new_table(3 * c, 0)          -- allocates first: may raise (a finalizer's), changing nothing
   for i = 1, 3 * n do new[i] = slots[i] end
-  slots, cap, few_since = new, c, nil
+  if changes ~= seen then return end       -- timers started or stopped meanwhile (see grow): later
+  slots, cap, few_since, changes = new, c, nil, seen + 1
 end
 
 -- At most this many timers fire per tick, so a flood of due timers (each

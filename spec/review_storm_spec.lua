@@ -1,0 +1,74 @@
+-- spec/review_storm_spec.lua — review of gc_storm's lost wake-ups: code that the collector runs
+-- in the middle of the run queue's and the timers' writes of several steps (tide.engine.runq).
+--
+-- With the JIT on, LuaJIT runs a finalizer not only at an allocation but at a compiled
+-- trace's exit while the collector is finalizing (lj_trace_exit drives the collector
+-- there): a guard that fails in the middle of a loop or between two stores is enough.  A
+-- finalizer may spawn a task (a push on the run queue) or start a timer (tide.after, a
+-- task's timeout): gc_storm's do.  Before the fix, a timer started while the timers'
+-- slots array was copied into a larger one was lost (its callback never ran: a task's
+-- timeout never came, a sleep was never woken).
+--
+-- The finalizer's place is made exact here with a line hook (LuaJIT's hooks are global,
+-- and run in the interpreter), at the statement a trace's exit can interrupt; the hook
+-- runs what the finalizer would.  The statement is found by its text in the module's
+-- source, not by its line number.
+local H = spec_helper
+
+local dir
+setup(function() dir = H.tempdir() end)
+teardown(function() os.execute("rm -rf " .. dir) end)
+
+-- at(fn, text, what): calls what() once, when fn's statement whose source holds `text`
+-- is about to run for the n-th time in a call (default 1).  Shared by the scripts below.
+local AT = [[
+  local function at(fn, text, what, nth)
+    local info = debug.getinfo(fn, "S")
+    local line, n = nil, 0
+    for src in io.lines(info.source:sub(2)) do
+      n = n + 1
+      if n >= info.linedefined and n <= info.lastlinedefined and src:find(text, 1, true) then line = n; break end
+    end
+    assert(line, text)
+    local hits = 0
+    debug.sethook(function(_, l)
+      if l == line and debug.getinfo(2, "f").func == fn then
+        hits = hits + 1
+        if hits == (nth or 1) then debug.sethook(); what() end
+      end
+    end, "l")
+  end
+  local function upvalue(fn, name)
+    for i = 1, 100 do
+      local k, v = debug.getupvalue(fn, i)
+      if k == name then return v end
+    end
+  end
+]]
+
+describe("review storm: a finalizer run inside the engine's writes of several steps", function()
+  it("loses no timer started while the timers' slots are copied into a larger array", function()
+    -- 64 keys fit the array at first: the 65th timer grows it, and timers started during
+    -- the copy (at its second element, as by a finalizer at a trace's exit in the loop)
+    -- took keys whose slots were written into the array being replaced.
+    local status, out = H.run_lua(dir, "grow.lua", AT .. [[
+      local tide = require "tide"
+      local runq = require "tide.engine.runq"
+      local fired, started = 0, 0
+      local function cb() fired = fired + 1 end
+      tide.run(function()
+        for k = 1, 100 do
+          if k == 65 then
+            at(upvalue(runq.try_timer, "grow"), "new[i] = slots[i]", function()
+              for _ = 1, 10 do tide.after(1, cb); started = started + 1 end
+            end, 2)
+          end
+          tide.after(1, cb); started = started + 1
+        end
+      end)
+      print(("started %d fired %d"):format(started, fired))
+    ]], 60)
+    assert.equal(0, status, out)
+    assert.matches("started 110 fired 110", out, 1, true)
+  end)
+end)
