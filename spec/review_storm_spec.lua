@@ -7,7 +7,8 @@
 -- finalizer may spawn a task (a push on the run queue) or start a timer (tide.after, a
 -- task's timeout): gc_storm's do.  Before the fix, a timer started while the timers'
 -- slots array was copied into a larger one was lost (its callback never ran: a task's
--- timeout never came, a sleep was never woken).
+-- timeout never came), and a push made while another push stored its entry took the
+-- same slot (one of the two tasks never ran: "stalled: nothing left that could wake").
 --
 -- The finalizer's place is made exact here with a line hook (LuaJIT's hooks are global,
 -- and run in the interpreter), at the statement a trace's exit can interrupt; the hook
@@ -70,5 +71,30 @@ describe("review storm: a finalizer run inside the engine's writes of several st
     ]], 60)
     assert.equal(0, status, out)
     assert.matches("started 110 fired 110", out, 1, true)
+  end)
+
+  it("wakes a sleeping task and runs a task spawned while its wake-up is pushed", function()
+    -- The wake-up of `sleeper` is pushed by its timer's fire; a finalizer run at the store
+    -- of its entry (a trace's exit there) spawns `spawned`, whose push read the same count:
+    -- before the fix, `spawned` ended "cancelled stalled: nothing left that could wake this task".
+    local status, out = H.run_lua(dir, "push.lua", AT .. [[
+      local tide = require "tide"
+      local runq = require "tide.engine.runq"
+      local got = {}
+      local function record(name) return function(s, v) got[#got + 1] = name .. " " .. s .. " " .. tostring(v) end end
+      tide.run(function()
+        tide.spawn{ run = function()
+          at(runq.push, "rq_t[n] = t", function()
+            tide.spawn{ run = function() tide.sleep(1); return 2 end, handle_result = record("spawned") }
+          end)
+          tide.sleep(1)
+          return 1
+        end, handle_result = record("sleeper") }
+      end)
+      table.sort(got)
+      print(table.concat(got, ", "))
+    ]], 60)
+    assert.equal(0, status, out)
+    assert.matches("sleeper ok 1, spawned ok 2", out, 1, true)
   end)
 end)

@@ -6,7 +6,8 @@
 --
 -- Invariants kept here:
 --   - An entry is a pair (task, coroutine or attempt number), in rq_t/rq_c
---     at the same index; rq_n counts them, and is written after the slots.
+--     at the same index; rq_n counts them, and is written before the slots
+--     (an entry left empty is skipped).
 --   - The queue is swapped out whole when a batch starts (cur_*): entries
 --     pushed while a batch runs go to the next batch, of the same tick
 --     unless the batch ran past SLICE_MS (its rest runs first next tick).
@@ -20,9 +21,10 @@
 -- Code may run in the middle of a function here, and call it again: the
 -- collector runs __gc finalizers at an allocation and, with the JIT on, at
 -- any exit of a compiled trace while it finalizes (a guard that fails
--- in a copy's loop), and a finalizer may start or stop a timer (it spawns
--- a task with a timeout, calls tide.after).  So a copy of the slots checks
--- `changes`.
+-- between two stores, or in a copy's loop), and a finalizer may spawn a task
+-- (a push) or start a timer.  So a write of several steps is done in an
+-- order that such a nested call cannot undo: each push takes its slot
+-- before it fills it, and a copy of the slots checks `changes`.
 local core = require "tide.core"
 local CO = require("tide.engine.fields").CO
 
@@ -38,14 +40,18 @@ local spare_t, spare_c = {}, {}
 local SPARE_MAX = 16384      -- a batch larger than this does not keep its arrays as the spare pair
 local in_tick = false        -- a tick is running: what is pushed runs in it, no kick needed
 
--- The slots are written before the count, one by one: a slot may grow its
--- table, an allocation may raise (a finalizer's error), and a multiple
--- assignment is done right to left: the count first, leaving a hole.
+-- The slot is taken (the count written) before it is filled: a store that
+-- grows an array may exit a trace, where a finalizer may push too, and a
+-- push that read the count before it took the same slot (gc_storm: a task
+-- spawned by a finalizer, or the wake-up pushed, never ran; "stalled").
+-- Nothing runs between the count's read and its write (no allocation, no
+-- guard that can fail).  A store that raises (out of memory) leaves the
+-- entry empty, and run() skips it.
 function M.push(t, co)
   local n = rq_n + 1
+  rq_n = n
   rq_t[n] = t
   rq_c[n] = co
-  rq_n = n
   if n == 1 and not in_tick then kick() end
 end
 
@@ -112,7 +118,7 @@ function M.run(run, budget)
       i = i + 1
       local t, co = ts[i], cs[i]
       ts[i], cs[i] = nil, nil
-      if t[CO] == co then
+      if t ~= nil and t[CO] == co then              -- (empty: a push raised, M.push)
         cur_i, unit_t = i, t
         run(t, co)
         i = cur_i                                 -- a runner may have taken the entries after it
