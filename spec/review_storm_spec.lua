@@ -97,4 +97,25 @@ describe("review storm: a finalizer run inside the engine's writes of several st
     assert.equal(0, status, out)
     assert.matches("sleeper ok 1, spawned ok 2", out, 1, true)
   end)
+
+  it("fires a timer whose key a timer started between its pop and the read of its slots took", function()
+    -- fire_due pops a due key (the C heap frees it) and then reads its slots; a finalizer run
+    -- in between (a trace's exit at a guard on a slot's type) starts a timer, which takes the
+    -- freed key back (the last freed is handed out first) and wrote its slots over the
+    -- popped timer's: that one never ran, and the new one ran at once.
+    local status, out = H.run_lua(dir, "pop.lua", AT .. [[
+      local tide = require "tide"
+      local runq = require "tide.engine.runq"
+      local log = {}
+      tide.run(function()
+        tide.after(1, function() log[#log + 1] = "first" end)
+        at(runq.fire_due, "local fn, obj, arg = slots[i - 2]", function()
+          tide.after(5, function() log[#log + 1] = "second" end)
+        end)
+      end)
+      print(table.concat(log, ", "))
+    ]], 60)
+    assert.equal(0, status, out)
+    assert.matches("^first, second\n", out)
+  end)
 end)

@@ -14,9 +14,10 @@
 --   - unit_t is the task whose entry the batch is running now, or nil: an
 --     error that interrupts the tick leaves it there for sched to repair.
 --   - A pending timer's key k has its handler and two arguments in
---     slots[3k-2 .. 3k]; a fired or cancelled one has none.  `changes`
---     counts the timers started and stopped: the slots are copied into a
---     new array only if none was meanwhile.
+--     slots[3k-2 .. 3k]; a fired or cancelled one has none, except the key
+--     fire_due() popped and has not read yet.  `changes` counts the timers
+--     started and stopped: the slots are copied into a new array only if
+--     none was meanwhile.
 --
 -- Code may run in the middle of a function here, and call it again: the
 -- collector runs __gc finalizers at an allocation and, with the JIT on, at
@@ -24,7 +25,9 @@
 -- between two stores, or in a copy's loop), and a finalizer may spawn a task
 -- (a push) or start a timer.  So a write of several steps is done in an
 -- order that such a nested call cannot undo: each push takes its slot
--- before it fills it, and a copy of the slots checks `changes`.
+-- before it fills it, a copy of the slots checks `changes`, a timer's slots
+-- are emptied before its key is freed, and a timer never takes a key whose
+-- slots are not empty.
 local core = require "tide.core"
 local CO = require("tide.engine.fields").CO
 
@@ -291,6 +294,16 @@ local function try_timer(ms, fn, obj, arg)
   if M.retired then return nil, RETIRED end
   local key = timer_start(ms)
   if key <= 0 then return nil, START_FAILED[key] end
+  if key <= cap and slots[3 * key - 2] ~= nil then
+    -- The key fire_due() just popped (the last freed is handed out first),
+    -- its slots not read yet: a finalizer run in between starts this timer.
+    -- Written over, the popped timer was lost (and this one ran at once).
+    -- This timer takes another key, and gives that one back.
+    local other = timer_start(ms)
+    timer_cancel(key)
+    if other <= 0 then return nil, START_FAILED[other] end
+    key = other
+  end
   if key > cap then
     local ok, err = pcall(grow, key)           -- allocates: may raise (a finalizer's error)
     if not ok then timer_cancel(key); error(err, 0) end
@@ -310,13 +323,15 @@ function M.timer(ms, fn, obj, arg)
 end
 
 --- Cancels a pending timer (a key that fired or was cancelled: harmless).
+--- The slots are emptied first: freed, the key may be taken at once by a
+--- timer that a finalizer starts (see try_timer).
 function M.untimer(key)
-  timer_cancel(key)
   if key <= cap then
     local i = 3 * key
     slots[i - 2], slots[i - 1], slots[i] = nil, nil, nil
     changes = changes + 1
   end
+  timer_cancel(key)
 end
 
 --- True when timer `key` is pending and was made for `obj` (a key is
