@@ -35,6 +35,18 @@ describe("the arena", function()
     end
   end)
 
+  it("refuses a TIDE_ARENA that is not on or off, naming it, before anything runs", function()
+    local status, out = H.sh(("TIDE_ARENA=yes LUA_CPATH='%s/?.so;;' luajit -e 'require \"tide\" print(\"ran\")'")
+      :format(H.build))
+    assert.is_true(status ~= 0)
+    assert.matches('TIDE_ARENA must be on or off (got "yes")', out, 1, true)
+    assert.is_nil(out:find("ran", 1, true))
+    for _, v in ipairs{ "on", "off", "" } do
+      assert.equal("ran\n", H.sh_ok(("TIDE_ARENA=%s LUA_CPATH='%s/?.so;;' luajit -e 'require \"tide\" print(\"ran\")'")
+        :format(v, H.build)))
+    end
+  end)
+
   -- A block moves between the arena and LuaJIT's allocator when it is
   -- resized across 1 KiB or 64 KiB or 2 MiB: a string of each length
   -- around them, a table's array and hash part grown one slot at a time

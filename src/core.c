@@ -635,6 +635,12 @@ static int push_core(lua_State *L, uv_loop_t *uv, int required) {
     return 0;
   }
   lua_pop(L, 1);
+  const char *arena = getenv("TIDE_ARENA");        /* (read by tide__alloc_cache_open) */
+  if (arena != NULL && *arena && strcmp(arena, "on") != 0 && strcmp(arena, "off") != 0) {
+    lua_pop(L, 1);
+    lua_pushfstring(L, "tide: TIDE_ARENA must be on or off (got \"%s\")", arena);
+    return -1;
+  }
   tide__alloc_cache_open(L, required);             /* without it (no memory), L keeps its allocator */
   state *s = calloc(1, sizeof *s);
   if (s == NULL) { lua_pop(L, 1); lua_pushstring(L, "tide: out of memory"); return -1; }
