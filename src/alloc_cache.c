@@ -387,14 +387,14 @@ static void *arena_alloc(cache *c, void *p, size_t osize, size_t nsize, int mine
     grew(c, nsize);
     return p;
   }
-  void *q = NULL;
-  if (tide__arena_serves(nsize)) {
+  void *q = tide__arena_serves(nsize) ? tide__arena_alloc(a, nsize) : NULL;
+  if (q != NULL) {
     c->volume += nsize;
     if (c->volume >= c->next_expiry) expire(c);
-    q = tide__arena_alloc(a, nsize);
-    if (q != NULL) grew(c, nsize);
+    grew(c, nsize);
+  } else {
+    q = plain_alloc(c, NULL, 0, nsize);           /* not of its sizes, or the arena is spent */
   }
-  else q = plain_alloc(c, NULL, 0, nsize);        /* not of its sizes, or the arena is full */
   if (q == NULL) {
     /* "Lua assumes that the allocator never fails when osize >= nsize" (the
      * Lua 5.1 manual, lua_Alloc): p stays, and is freed later by its page

@@ -210,6 +210,46 @@ static void states_close_their_arena(void) {
      "(%ld kB more address space, %ld kB more RSS)", after - before, rss_after - rss_before);
 }
 
+/* A state whose arena is spent (32 GiB reserved: 16,382 runs of 2 MiB,
+ * never touched, then small blocks until it refuses one) gets its further
+ * blocks from its own allocator, of every size: Lua raised "not enough
+ * memory" with the C library's heap all there. */
+static void full_arena(void) {
+  lua_State *L = open_state();
+  void *ud;
+  lua_Alloc f = lua_getallocf(L, &ud);
+  enum { MAX = 20000, SMALL = 100000 };
+  static void *runs[MAX], *smalls[SMALL];
+  size_t n = 0, m = 0;
+  while (n < MAX && (runs[n] = f(ud, NULL, 0, TIDE_ARENA_RUN_MAX)) != NULL) {
+    tide_arena_stats s;
+    tide__alloc_cache_arena(L, &s);
+    n++;
+    if (s.fresh < TIDE_ARENA_RUN_MAX / PAGE) break;
+  }
+  tide_arena_stats s;
+  tide__alloc_cache_arena(L, &s);
+  size_t past = 0;                                 /* blocks asked for once no page was fresh */
+  while (m < SMALL && past < PAGE / 1000 + 1 && (smalls[m] = f(ud, NULL, 0, 1000)) != NULL) {
+    m++;
+    tide__alloc_cache_arena(L, &s);
+    if (s.fresh == 0) past++;
+  }
+  tide__alloc_cache_arena(L, &s);
+  unsigned char *small = f(ud, NULL, 0, 1000), *big = f(ud, NULL, 0, TIDE_ARENA_RUN_MIN);
+  unsigned char *grown = small ? f(ud, small, 1000, 1016) : NULL;
+  if (grown != NULL) small = grown;
+  ok(s.fresh == 0 && small != NULL && grown != NULL && big != NULL,
+     "the arena spent (%zu runs, %zu small blocks, %zu pages fresh): blocks still served, by the state's allocator "
+     "(small %p, grown %p, run %p)", n, m, s.fresh, (void *)small, (void *)grown, (void *)big);
+  if (small) f(ud, small, 1016, 0);
+  if (big) f(ud, big, TIDE_ARENA_RUN_MIN, 0);
+  for (size_t i = 0; i < m; i++) f(ud, smalls[i], 1000, 0);
+  for (size_t i = 0; i < n; i++) f(ud, runs[i], TIDE_ARENA_RUN_MAX, 0);
+  ok(run(L, "local t = {} for i = 1, 1000 do t[i] = { i } end"), "... and Lua runs on");
+  lua_close(L);
+}
+
 /* LuaJIT's own allocator gets an arena only when tide is loaded by
  * require (alloc_cache.h): the cache then stays in front to the end of
  * lua_close, and frees the arena with the state's last block. */
@@ -239,6 +279,7 @@ int main(void) {
   random_calls();
   purges();
   states_close_their_arena();
+  full_arena();
   luajit_allocator();
   return tap_done();
 }
