@@ -103,8 +103,10 @@ typedef struct cache {
   size_t volume;           /* bytes handed out so far */
   size_t next_expiry;      /* the volume at which big blocks are looked at next */
   tide_arena *arena;       /* the small blocks' (arena.h), or NULL */
-  /* Closing (the sentinel's finalizer ran in lua_close): the arena's
-   * blocks are freed all at once, with the state's last block, `last`. */
+  /* Closing (the sentinel's finalizer ran in lua_close): the arena is
+   * unmapped, with every block still in it, at the state's last block,
+   * `last`.  Until then it serves and frees as before: finalizers that run
+   * after the sentinel's may make and drop much. */
   int closing;
   const void *last;
 } cache;
@@ -379,7 +381,7 @@ static void *arena_alloc(cache *c, void *p, size_t osize, size_t nsize, int mine
   tide_arena *a = c->arena;
   if (nsize == 0) {
     shrank(c, osize);
-    if (!c->closing) tide__arena_free(a, p);      /* (closing: all at once, at the last block) */
+    tide__arena_free(a, p);                       /* (closing too: finalizers after the sentinel's reuse it) */
     return NULL;
   }
   if (mine && tide__arena_fits(a, p, nsize)) {    /* the same size rounded to 8 */
