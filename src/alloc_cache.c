@@ -384,7 +384,7 @@ static void *arena_alloc(cache *c, void *p, size_t osize, size_t nsize, int mine
     tide__arena_free(a, p);                       /* (closing too: finalizers after the sentinel's reuse it) */
     return NULL;
   }
-  if (mine && tide__arena_fits(a, p, nsize)) {    /* the same size rounded to 8 */
+  if (mine && tide__arena_resize(a, p, nsize)) {  /* the same size rounded to 8, or pages */
     shrank(c, osize);
     grew(c, nsize);
     return p;

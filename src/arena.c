@@ -197,6 +197,7 @@ static page *page_for(tide_arena *a, size_t size) {
   }
   pg = take_run(a, 1);
   if (pg == NULL) return NULL;
+  POISON(start_of(a, pg), PAGE);                   /* (fresh: its untouched blocks too) */
   pg->size = (uint32_t)size;
   a->small_pages++;
   return pg;
@@ -227,6 +228,7 @@ static void *run_alloc(tide_arena *a, size_t size) {
   if (pg == NULL) return NULL;
   pg->size = (uint32_t)(n * PAGE);
   a->run_pages += n;
+  POISON(start_of(a, pg), n * PAGE);               /* (fresh: its tail too) */
   UNPOISON(start_of(a, pg), size);
   return start_of(a, pg);
 }
@@ -267,6 +269,16 @@ int tide__arena_fits(const tide_arena *a, const void *p, size_t size) {
   size_t have = page_of(a, p)->size;
   if (have > TIDE_ARENA_LARGEST) return ((size + PAGE - 1) & ~(PAGE - 1)) == have;
   return ((size + 7) & ~(size_t)7) == have;
+}
+
+int tide__arena_resize(tide_arena *a, void *p, size_t size) {
+  if (!tide__arena_fits(a, p, size)) return 0;
+  size_t have = page_of(a, p)->size;
+  if (have > TIDE_ARENA_LARGEST) {                 /* a run: its bytes past `size` are free */
+    POISON(p, have);
+    UNPOISON(p, size);
+  }
+  return 1;
 }
 
 /* Gives back free runs over `keep` bytes, the longest first; only those

@@ -244,6 +244,25 @@ static void states_close_their_arena(void) {
      "(%ld kB more address space, %ld kB more RSS)", after - before, rss_after - rss_before);
 }
 
+/* A run resized in place to more bytes (the same pages): all of them are
+ * the block's.  Under ASan, those past its first size stayed poisoned
+ * (a reused run's: poisoned whole at its free), and writing them was
+ * reported (make sanitize: build/asan/test_arena). */
+static void run_resized_in_place(void) {
+  lua_State *L = open_state();
+  void *ud;
+  lua_Alloc f = lua_getallocf(L, &ud);
+  size_t small = TIDE_ARENA_RUN_MIN + PAGE - 100, large = TIDE_ARENA_RUN_MIN + PAGE;
+  unsigned char *p = f(ud, NULL, 0, small);
+  f(ud, p, small, 0);
+  p = f(ud, NULL, 0, small);                        /* the same run, again */
+  unsigned char *q = f(ud, p, small, large);
+  if (q != NULL) mark(q, large, 7);
+  ok(q == p && marked(q, large, 7), "a run grown in place to %zu bytes: all of them written", large);
+  f(ud, q, large, 0);
+  lua_close(L);
+}
+
 /* A finalizer that runs at lua_close after the cache's sentinel, and makes
  * and drops 2,000,000 tables, collecting as it goes: what it drops is
  * reused.  The arena's frees were ignored once the sentinel's finalizer
@@ -343,6 +362,7 @@ int main(void) {
   bound_zero_no_storm();
   states_close_their_arena();
   full_arena();
+  run_resized_in_place();
   churn_at_close();
   luajit_allocator();
   return tap_done();
