@@ -166,8 +166,12 @@ describe("tide.configure{ alloc_cache }", function()
     end
     assert.is_true(s.kept <= s.cap)
     local with = collected_burst()
-    assert.is_true(without > 1000, without .. " faults without the cache")
-    assert.is_true(with * 10 < without, with .. " faults with the cache, " .. without .. " without")
+    if ARENA then                                 -- the arena's free pages wait for a purge, whatever the cap
+      assert.is_true(with < 1000 and without < 1000, with .. " faults with the cache, " .. without .. " without")
+    else
+      assert.is_true(without > 1000, without .. " faults without the cache")
+      assert.is_true(with * 10 < without, with .. " faults with the cache, " .. without .. " without")
+    end
   end)
 
   -- The anchors leave LuaJIT's allocator no free chunk larger than a window

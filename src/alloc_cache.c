@@ -103,8 +103,10 @@ typedef struct cache {
   size_t volume;           /* bytes handed out so far */
   size_t next_expiry;      /* the volume at which big blocks are looked at next */
   tide_arena *arena;       /* the small blocks' (arena.h), or NULL */
-  /* Closing (the sentinel's finalizer ran in lua_close): the arena's
-   * blocks are freed all at once, with the state's last block, `last`. */
+  /* Closing (the sentinel's finalizer ran in lua_close): the arena is
+   * unmapped, with every block still in it, at the state's last block,
+   * `last`.  Until then it serves and frees as before: finalizers that run
+   * after the sentinel's may make and drop much. */
   int closing;
   const void *last;
 } cache;
@@ -379,22 +381,22 @@ static void *arena_alloc(cache *c, void *p, size_t osize, size_t nsize, int mine
   tide_arena *a = c->arena;
   if (nsize == 0) {
     shrank(c, osize);
-    if (!c->closing) tide__arena_free(a, p);      /* (closing: all at once, at the last block) */
+    tide__arena_free(a, p);                       /* (closing too: finalizers after the sentinel's reuse it) */
     return NULL;
   }
-  if (mine && tide__arena_fits(a, p, nsize)) {    /* the same size rounded to 8 */
+  if (mine && tide__arena_resize(a, p, nsize)) {  /* the same size rounded to 8, or pages */
     shrank(c, osize);
     grew(c, nsize);
     return p;
   }
-  void *q = NULL;
-  if (tide__arena_serves(nsize)) {
+  void *q = tide__arena_serves(nsize) ? tide__arena_alloc(a, nsize) : NULL;
+  if (q != NULL) {
     c->volume += nsize;
     if (c->volume >= c->next_expiry) expire(c);
-    q = tide__arena_alloc(a, nsize);
-    if (q != NULL) grew(c, nsize);
+    grew(c, nsize);
+  } else {
+    q = plain_alloc(c, NULL, 0, nsize);           /* not of its sizes, or the arena is spent */
   }
-  else q = plain_alloc(c, NULL, 0, nsize);        /* not of its sizes, or the arena is full */
   if (q == NULL) {
     /* "Lua assumes that the allocator never fails when osize >= nsize" (the
      * Lua 5.1 manual, lua_Alloc): p stays, and is freed later by its page

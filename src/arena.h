@@ -63,8 +63,14 @@ void tide__arena_free(tide_arena *a, void *p);
  * block of the same size rounded up to 8. */
 int tide__arena_fits(const tide_arena *a, const void *p, size_t size);
 
-/* The most bytes of free pages kept for reuse (those over it go back to
- * the kernel at once, then at each purge). */
+/* tide__arena_fits, and when it does, p now holds `size` bytes (under
+ * ASan: a run's bytes up to `size` are the block's, those past it free). */
+int tide__arena_resize(tide_arena *a, void *p, size_t size);
+
+/* The most bytes of free pages kept for reuse past a purge: those over it
+ * go back to the kernel at once, then at each purge those not reused since
+ * the one before (0 too: between purges, what the collector frees is there
+ * for what is made next). */
 void tide__arena_keep(tide_arena *a, size_t keep_empty);
 
 /* Called now and then (the allocator cache: every 64 MiB handed out): the
