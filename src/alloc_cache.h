@@ -103,9 +103,10 @@
  * when not `luajit_ok`. */
 int tide__alloc_cache_open(lua_State *L, int luajit_ok);
 
-/* A lua_Alloc of the C library's malloc, for states tide makes (the tide
- * binary's, each thread's): the arena serves most blocks, and the state
- * closes without leaving memory behind. */
+/* A lua_Alloc of the C library's malloc, for the state of the tide binary:
+ * the arena serves most blocks, and the state closes without leaving
+ * memory behind.  (A thread task's state keeps LuaJIT's allocator:
+ * worker.c says why.) */
 void *tide__state_alloc(void *ud, void *p, size_t osize, size_t nsize);
 
 /* Sets the most bytes kept (0: none; the blocks kept over it go back at

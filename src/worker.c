@@ -11,7 +11,6 @@
 #include <lualib.h>
 #include <uv.h>
 
-#include "alloc_cache.h"
 #include "codec.h"
 #include "lua_call.h"
 
@@ -438,15 +437,18 @@ static int open_state(lua_State *L) {
 }
 
 int tide__worker_open(tide__worker *w, const tide__pool_config *cfg, char *err, size_t errlen) {
-  /* The C library's allocator under an arena (alloc_cache.h); a counting
-   * one when a limit is asked for. */
+  /* LuaJIT's own allocator; a counting one when a limit is asked for.
+   * (Not tide__state_alloc: with no cache in front, the C library's
+   * allocator alone is slower than LuaJIT's, and a thread left stuck in
+   * compiled code at the pool's close keeps its state for ever, which
+   * LeakSanitizer then reports.) */
   self = w;
   w->cfg = cfg;
   w->limit = cfg->memory_limit;
   w->mem = 0;
   w->nfns = 0;
   w->init_error[0] = '\0';
-  w->L = w->limit ? lua_newstate(limited_alloc, w) : lua_newstate(tide__state_alloc, NULL);
+  w->L = w->limit ? lua_newstate(limited_alloc, w) : luaL_newstate();
   if (w->L == NULL) {
     snprintf(w->init_error, sizeof w->init_error, "cannot create a Lua state for thread %d%s",
              w->index, w->limit ? " (is thread_memory large enough?)" : "");
