@@ -113,6 +113,26 @@ describe("the arena", function()
     assert.is_true(again * 10 < first + 1000, ("faults: %d, then %d"):format(first, again))
   end)
 
+  -- A process that allocates little after a burst (a worker between jobs)
+  -- kept the burst's free pages, over the cap, until 64 MiB more were
+  -- handed out: the loop's ticks purge every 5 s too.
+  it("gives free pages over the cap back within ~10 s of a burst while the loop ticks", function()
+    if not arena then return end
+    tide.configure{ alloc_cache = 4 * 1024 * 1024 }
+    assert.equal("ok", (tide.run(function()
+      local t = {}
+      for i = 1, 600000 do t[i] = { i } end        -- ~50 MB of small blocks
+      t = nil
+      collectgarbage(); collectgarbage()
+      local free = tide.stats().alloc_cache.arena.free
+      assert.is_true(free > 20 * 1024 * 1024, "free pages after the burst: " .. free)
+      local deadline = tide.now() + 15000
+      while tide.stats().alloc_cache.arena.free > 4 * 1024 * 1024 and tide.now() < deadline do tide.sleep(500) end
+      local left = tide.stats().alloc_cache.arena.free
+      assert.is_true(left <= 4 * 1024 * 1024, ("%d bytes of free pages left after 15 s"):format(left))
+    end)))
+  end)
+
   it("gives free pages back to the kernel when the cap is lowered: RSS falls", function()
     if not arena then return end
     local t = {}

@@ -103,6 +103,7 @@ typedef struct cache {
   size_t volume;           /* bytes handed out so far */
   size_t next_expiry;      /* the volume at which big blocks are looked at next */
   tide_arena *arena;       /* the small blocks' (arena.h), or NULL */
+  uint64_t purged_at;      /* the loop's time (ms) at the arena's last timed purge */
   /* Closing (the sentinel's finalizer ran in lua_close): the arena is
    * unmapped, with every block still in it, at the state's last block,
    * `last`.  Until then it serves and frees as before: finalizers that run
@@ -617,4 +618,17 @@ int tide__alloc_cache_arena(lua_State *L, tide_arena_stats *s) {
   if (c == NULL || c->arena == NULL) return 0;
   tide__arena_stats(c->arena, s);
   return 1;
+}
+
+/* Purges by time as well as by volume: a process that allocates little
+ * after a burst (a worker between jobs) would otherwise keep the burst's
+ * free pages, over the cap, until 64 MiB more were handed out.  Two purges
+ * give back a page left unused since the first. */
+#define PURGE_EVERY_MS 5000
+
+void tide__alloc_cache_tick(lua_State *L, uint64_t now_ms) {
+  cache *c = get(L);
+  if (c == NULL || c->arena == NULL || c->closing || now_ms - c->purged_at < PURGE_EVERY_MS) return;
+  c->purged_at = now_ms;
+  tide__arena_purge(c->arena);
 }

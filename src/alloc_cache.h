@@ -56,6 +56,7 @@
 #define TIDE_ALLOC_CACHE_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include <lua.h>
 
@@ -131,6 +132,10 @@ size_t tide__alloc_cache_anchors(lua_State *L);
  * an arena (a host's allocator, or TIDE_ARENA=off). */
 #include "arena.h"
 int tide__alloc_cache_arena(lua_State *L, tide_arena_stats *s);
+
+/* Called at the loop's ticks with its time: every 5 s, a purge of the
+ * arena (arena.h), as every 64 MiB handed out. */
+void tide__alloc_cache_tick(lua_State *L, uint64_t now_ms);
 
 /* Sets the most bytes of small blocks kept (0, the default: none; within
  * the cap and the heap's recent peak too).  Returns the bytes of small

@@ -68,6 +68,7 @@ static void on_tick(tide__loop *loop) {
   int more = rc == 0 ? lua_toboolean(L, -1) : ++s->failed_ticks < MAX_FAILED_TICKS;
   if (rc == 0) s->failed_ticks = 0;
   lua_settop(L, top);
+  tide__alloc_cache_tick(L, uv_now(loop->uv));
   tide__loop_after_tick(loop, more);
 }
 
