@@ -9,18 +9,8 @@
 
 #include "alloc_cache.h"
 #include "arena.h"
+#include "poison.h"
 
-/* Under ASan a kept block is poisoned until it is handed out again: C code
- * that reads Lua memory after Lua freed it is caught (LuaJIT's own
- * allocator is not instrumented). */
-#if defined(__SANITIZE_ADDRESS__)
-#include <sanitizer/asan_interface.h>
-#define POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
-#define UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
-#else
-#define POISON(p, n) ((void)(p), (void)(n))
-#define UNPOISON(p, n) ((void)(p), (void)(n))
-#endif
 
 #define NLISTS (TIDE_ALLOC_CACHE_LARGEST / 8)   /* sizes 8, 16, ... LARGEST: list size/8 - 1 */
 /* Larger blocks, up to TIDE_ALLOC_CACHE_BIGGEST and of a size that is a

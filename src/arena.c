@@ -4,18 +4,8 @@
 #include <sys/mman.h>
 
 #include "arena.h"
+#include "poison.h"
 
-/* Under ASan a free block is poisoned until it is handed out again, as
- * the allocator cache does (alloc_cache.c): C code that reads Lua memory
- * after Lua freed it is caught. */
-#if defined(__SANITIZE_ADDRESS__)
-#include <sanitizer/asan_interface.h>
-#define POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
-#define UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
-#else
-#define POISON(p, n) ((void)(p), (void)(n))
-#define UNPOISON(p, n) ((void)(p), (void)(n))
-#endif
 
 /* The range reserved: 32 GiB of address space, of which a state touches
  * what it uses.  A state that fills it gets its further blocks from its own

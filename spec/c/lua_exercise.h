@@ -1,6 +1,21 @@
-/* lua_exercise.h — a Lua chunk that allocates and frees in every way LuaJIT does, for the allocator tests. */
+/* lua_exercise.h — for the allocator tests: run(L, code), and a chunk that allocates and frees in every way LuaJIT does. */
 #ifndef TIDE_LUA_EXERCISE_H
 #define TIDE_LUA_EXERCISE_H
+
+#include <stdio.h>
+
+#include <lauxlib.h>
+
+/* Runs a chunk; 0 (with its error printed as a TAP comment) when it fails. */
+static int run(lua_State *L, const char *code) {
+  if (luaL_dostring(L, code) != 0) {
+    printf("# %s\n", lua_tostring(L, -1));
+    lua_pop(L, 1);
+    return 0;
+  }
+  return 1;
+}
+
 
 /* Every way LuaJIT allocates and frees (ffi cdata of fixed, variable and
  * large alignment, finalized cdata, long strings, string.buffer, deep

@@ -103,15 +103,6 @@ static void close_clean(lua_State *L, host *h, const char *what) {
      what, h->blocks, h->bytes, h->bad_sizes, h->bad_blocks);
 }
 
-static int run(lua_State *L, const char *code) {
-  if (luaL_dostring(L, code) != 0) {
-    printf("# %s\n", lua_tostring(L, -1));
-    lua_pop(L, 1);
-    return 0;
-  }
-  return 1;
-}
-
 /* A burst of n tasks spawned, then awaited, in a tide.run. */
 static const char *BURST =
   "local n = ...\n"

@@ -180,15 +180,6 @@ static long status_kb(const char *name) {
   return kb;
 }
 
-static int run(lua_State *L, const char *code) {
-  if (luaL_dostring(L, code) != 0) {
-    printf("# %s\n", lua_tostring(L, -1));
-    lua_pop(L, 1);
-    return 0;
-  }
-  return 1;
-}
-
 /* A state as tide makes them, with tide: its small blocks in an arena. */
 static lua_State *open_state(void) {
   lua_State *L = lua_newstate(tide__state_alloc, NULL);
