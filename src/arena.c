@@ -6,7 +6,6 @@
 #include "arena.h"
 #include "poison.h"
 
-
 /* The range reserved: 32 GiB of address space, of which a state touches
  * what it uses.  A state that fills it gets its further blocks from its own
  * allocator. */
