@@ -12,6 +12,7 @@
 #define RANGE ((size_t)32 << 30)
 #define HUGE_PAGE ((size_t)2 << 20)
 #define SMALL_START ((size_t)4 << 20)                    /* in 4 KiB pages: a small state's */
+#define COMMIT_STEP ((size_t)4 << 20)                    /* the range made writable this much at a time */
 #define PAGE TIDE_ARENA_PAGE                            /* 16 KiB: 16 blocks of the largest size */
 #define PAGE_SHIFT 14
 _Static_assert(PAGE == (size_t)1 << PAGE_SHIFT, "PAGE_SHIFT is PAGE's");
@@ -36,6 +37,7 @@ struct tide_arena {
   struct tide__arena_range range;   /* first: tide__arena_owns reads it */
   char *base;              /* the range, writable */
   char *fresh;             /* pages never used: fresh .. the range's end */
+  char *writable;          /* the range is writable up to here (commit) */
   page *pages;             /* one per PAGE of the range (NORESERVE too) */
   page *current[NSIZES];   /* the page each size's blocks come from */
   page *room[NSIZES];      /* other pages of each size with free blocks (doubly linked) */
@@ -55,9 +57,30 @@ static page *page_of(const tide_arena *a, const void *p) {
   return &a->pages[((size_t)((const char *)p - a->base)) >> PAGE_SHIFT];
 }
 
+/* Address space, reserved: not writable (nor counted against the
+ * system's commit limit under vm.overcommit_memory=2, where MAP_NORESERVE
+ * is ignored) until `commit` makes a part of it so. */
 static void *map(size_t n) {
-  void *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void *p = mmap(NULL, n, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   return p == MAP_FAILED ? NULL : p;
+}
+
+/* Makes the range writable up to `upto` at least (in steps of COMMIT_STEP),
+ * with the pages' descriptors: 0 when the kernel refuses (the arena is
+ * spent then: the state's allocator serves). */
+static int commit(tide_arena *a, const char *upto) {
+  size_t want = ((size_t)(upto - a->base) + COMMIT_STEP - 1) & ~(COMMIT_STEP - 1);
+  if (want > RANGE) want = RANGE;
+  size_t have = (size_t)(a->writable - a->base);
+  size_t d_have = (have / PAGE * sizeof(page) + 4095) & ~(size_t)4095;
+  size_t d_want = (want / PAGE * sizeof(page) + 4095) & ~(size_t)4095;
+  if (mprotect(a->writable, want - have, PROT_READ | PROT_WRITE) != 0) return 0;
+  if (d_want > d_have && mprotect((char *)a->pages + d_have, d_want - d_have, PROT_READ | PROT_WRITE) != 0) {
+    (void)mprotect(a->writable, want - have, PROT_NONE);
+    return 0;
+  }
+  a->writable = a->base + want;
+  return 1;
 }
 
 tide_arena *tide__arena_new(size_t keep_empty) {
@@ -82,7 +105,7 @@ tide_arena *tide__arena_new(size_t keep_empty) {
    * state 2-4 MiB larger, each thread's included.  (A hint: without it,
    * 4 KiB pages.) */
   (void)madvise(base + SMALL_START, RANGE - SMALL_START, MADV_HUGEPAGE);
-  a->base = a->fresh = base;
+  a->base = a->fresh = a->writable = base;
   a->range.base = base;
   a->range.end = base + RANGE;
   a->keep_empty = keep_empty;
@@ -156,7 +179,8 @@ static page *take_run(tide_arena *a, size_t n) {
     a->runs[n] = pg->next;
     if (pg->backed) a->backed -= n;
     else a->given_back -= n;
-  } else if ((size_t)(a->range.end - a->fresh) >= n * PAGE) {
+  } else if ((size_t)(a->range.end - a->fresh) >= n * PAGE &&
+             (a->fresh + n * PAGE <= a->writable || commit(a, a->fresh + n * PAGE))) {
     pg = page_of(a, a->fresh);
     a->fresh += n * PAGE;
   } else {
