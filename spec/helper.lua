@@ -330,6 +330,18 @@ function H.heap_in_use()
   return H._heap()
 end
 
+--- This process's minor page faults so far (getrusage).
+function H.faults()
+  local ffi = require "ffi"
+  if not H._rusage then
+    pcall(ffi.cdef, "struct tide_spec_rusage { long tv[4]; long maxrss, ixrss, idrss, isrss, minflt, majflt, rest[8]; };" ..
+                    "int getrusage(int who, struct tide_spec_rusage *usage);")
+    H._rusage = ffi.new("struct tide_spec_rusage")
+  end
+  assert(ffi.C.getrusage(0, H._rusage) == 0)
+  return tonumber(H._rusage.minflt)
+end
+
 --- The bytes of a file ("" when it does not exist).
 function H.file_bytes(file)
   local f = io.open(file, "rb")

@@ -103,6 +103,13 @@ for spec in spec/*_spec.lua; do
   tally "$name" $rc "$LOG/$name.log"
 done
 
+# 2b. the allocator cache again without the arena (TIDE_ARENA=off): its
+#     anchors and free lists serve states whose small blocks are not in one
+#     (a host's allocator, a thread whose memory is bounded: src/arena.h)
+timeout -k 10 "${SPEC_TIMEOUT:-900}" env TIDE_ARENA=off ASAN_OPTIONS="$LUA_ASAN" LD_PRELOAD="$PRELOAD" \
+  luajit /usr/bin/busted --helper=spec/helper.lua -o TAP spec/alloc_cache_spec.lua > "$LOG/alloc_cache_spec_off.log" 2>&1
+tally alloc_cache_spec_arena_off $? "$LOG/alloc_cache_spec_off.log"
+
 # 3. installing: make install + pkg-config + a C host, and the luarocks rock
 #    (once, outside the sanitizer pass: it builds and uses its own copies)
 if [ -z "$SANITIZE" ]; then

@@ -1,4 +1,5 @@
 /* alloc_cache.c — freed small blocks of a Lua state kept for reuse (see alloc_cache.h). */
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -7,18 +8,9 @@
 #include <lauxlib.h>
 
 #include "alloc_cache.h"
+#include "arena.h"
+#include "poison.h"
 
-/* Under ASan a kept block is poisoned until it is handed out again: C code
- * that reads Lua memory after Lua freed it is caught (LuaJIT's own
- * allocator is not instrumented). */
-#if defined(__SANITIZE_ADDRESS__)
-#include <sanitizer/asan_interface.h>
-#define POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
-#define UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
-#else
-#define POISON(p, n) ((void)(p), (void)(n))
-#define UNPOISON(p, n) ((void)(p), (void)(n))
-#endif
 
 #define NLISTS (TIDE_ALLOC_CACHE_LARGEST / 8)   /* sizes 8, 16, ... LARGEST: list size/8 - 1 */
 /* Larger blocks, up to TIDE_ALLOC_CACHE_BIGGEST and of a size that is a
@@ -100,6 +92,14 @@ typedef struct cache {
   uintptr_t last_window;   /* the window of the last small free looked at (1 + its number) */
   size_t volume;           /* bytes handed out so far */
   size_t next_expiry;      /* the volume at which big blocks are looked at next */
+  tide_arena *arena;       /* the small blocks' (arena.h), or NULL */
+  uint64_t purged_at;      /* the loop's time (ms) at the arena's last timed purge */
+  /* Closing (the sentinel's finalizer ran in lua_close): the arena is
+   * unmapped, with every block still in it, at the state's last block,
+   * `last`.  Until then it serves and frees as before: finalizers that run
+   * after the sentinel's may make and drop much. */
+  int closing;
+  const void *last;
 } cache;
 
 /* Caches left as pass-throughs behind another's wrapper: still called
@@ -147,6 +147,7 @@ static void expire(cache *c) {
      * heap's recent peak (else a burst's blocks stayed for ever, up to the
      * cap, however small the heap remained after). */
     trim_small(c, small_bound(c));
+    if (c->arena != NULL) tide__arena_purge(c->arena);
     size_t peak = c->peak > c->peak_before ? c->peak : c->peak_before;
     if (c->nanchors * ANCHOR_WINDOW / 2 > peak) release_anchors(c);
   }
@@ -329,9 +330,8 @@ static inline void *ask(cache *c, void *p, size_t osize, size_t nsize) {
   return q != NULL || c->kept == 0 ? q : ask_again(c, p, osize, nsize);
 }
 
-/* The lua_Alloc in front of the state's own. */
-static void *cached_alloc(void *ud, void *p, size_t osize, size_t nsize) {
-  cache *c = ud;
+/* A block to or from the state's own allocator, through what is kept. */
+static void *plain_alloc(cache *c, void *p, size_t osize, size_t nsize) {
   if (nsize == 0) {                                /* a free */
     if (p != NULL) release(c, p, osize);
     return NULL;
@@ -363,6 +363,76 @@ static void *cached_alloc(void *ud, void *p, size_t osize, size_t nsize) {
     release(c, p, osize);
   }
   return q;
+}
+
+/* A block of a size the arena serves, or one of the arena's (mine) that is
+ * freed or resized.  A block moves between the arena and the state's
+ * allocator when it is resized to a size the other serves. */
+static void *arena_alloc(cache *c, void *p, size_t osize, size_t nsize, int mine) {
+  tide_arena *a = c->arena;
+  if (nsize == 0) {
+    shrank(c, osize);
+    tide__arena_free(a, p);                       /* (closing too: finalizers after the sentinel's reuse it) */
+    return NULL;
+  }
+  if (mine && tide__arena_resize(a, p, nsize)) {  /* the same size rounded to 8, or pages */
+    shrank(c, osize);
+    grew(c, nsize);
+    return p;
+  }
+  void *q = tide__arena_serves(nsize) ? tide__arena_alloc(a, nsize) : NULL;
+  if (q != NULL) {
+    c->volume += nsize;
+    if (c->volume >= c->next_expiry) expire(c);
+    grew(c, nsize);
+  } else {
+    q = plain_alloc(c, NULL, 0, nsize);           /* not of its sizes, or the arena is spent */
+  }
+  if (q == NULL) {
+    /* "Lua assumes that the allocator never fails when osize >= nsize" (the
+     * Lua 5.1 manual, lua_Alloc): p stays, and is freed later by its page
+     * or its allocator, neither of which needs the size it is told. */
+    if (p != NULL && nsize <= osize) {
+      shrank(c, osize);
+      grew(c, nsize);
+      return p;
+    }
+    return NULL;
+  }
+  if (p != NULL) {
+    memcpy(q, p, osize < nsize ? osize : nsize);
+    if (mine) {
+      shrank(c, osize);
+      tide__arena_free(a, p);
+    } else {
+      release(c, p, osize);
+    }
+  }
+  return q;
+}
+
+/* The state's last free in lua_close, its own block (lua_close frees the
+ * main thread last): the arena goes, with everything in it, then the
+ * cache, and the state's allocator frees the last block. */
+__attribute__((noinline, cold))
+static void *close_last(cache *c, void *p, size_t osize) {
+  lua_Alloc inner = c->inner;
+  void *inner_ud = c->inner_ud;
+  tide__arena_delete(c->arena);
+  free(c);
+  return inner(inner_ud, p, osize, 0);
+}
+
+/* The lua_Alloc in front of the state's own. */
+static void *cached_alloc(void *ud, void *p, size_t osize, size_t nsize) {
+  cache *c = ud;
+  if (c->arena != NULL) {
+    int mine = tide__arena_owns(c->arena, p);
+    if (mine || tide__arena_serves(nsize))        /* (nsize 0: a free of another's block) */
+      return arena_alloc(c, p, osize, nsize, mine);
+    if (c->closing && p == c->last && nsize == 0) return close_last(c, p, osize);
+  }
+  return plain_alloc(c, p, osize, nsize);
 }
 
 /* Gives the first small block of list i back to the state's allocator. */
@@ -415,6 +485,19 @@ static int sentinel_gc(lua_State *L) {
   free(c->anchors);
   c->anchors = NULL;
   c->anchor_slots = 0;
+  if (c->arena != NULL) {
+    /* The arena's blocks cannot go to another allocator: the cache stays
+     * in front to the end of lua_close, whose finalizers run on the main
+     * thread, the block the state frees last (arena.c, close_last). */
+    c->closing = 1;
+    if (lua_pushthread(L)) c->last = L;
+    lua_pop(L, 1);
+    if (c->last == NULL) {                        /* (never: the arena stays, an orphan) */
+      c->next = atomic_load(&orphans);
+      while (!atomic_compare_exchange_weak(&orphans, &c->next, c)) {}
+    }
+    return 0;
+  }
   void *ud;
   if (lua_getallocf(L, &ud) == cached_alloc && ud == c) {
     lua_setallocf(L, c->inner, c->inner_ud);
@@ -426,7 +509,37 @@ static int sentinel_gc(lua_State *L) {
   return 0;
 }
 
-int tide__alloc_cache_open(lua_State *L) {
+/* LuaJIT's own allocator, that of luaL_newstate (NULL: none found). */
+static lua_Alloc luajit_alloc;
+static pthread_once_t luajit_alloc_once = PTHREAD_ONCE_INIT;
+
+static void find_luajit_alloc(void) {
+  lua_State *L = luaL_newstate();
+  if (L == NULL) return;
+  luajit_alloc = lua_getallocf(L, NULL);
+  lua_close(L);
+}
+
+/* Whether a state whose allocator is `inner` gets an arena (alloc_cache.h). */
+static int arena_wanted(lua_Alloc inner, int luajit_ok) {
+  const char *e = getenv("TIDE_ARENA");
+  if (e != NULL && strcmp(e, "off") == 0) return 0;
+  if (inner == tide__state_alloc) return 1;
+  pthread_once(&luajit_alloc_once, find_luajit_alloc);
+  return inner == luajit_alloc && (luajit_ok || (e != NULL && strcmp(e, "on") == 0));
+}
+
+void *tide__state_alloc(void *ud, void *p, size_t osize, size_t nsize) {
+  (void)ud;
+  if (nsize == 0) {
+    free(p);
+    return NULL;
+  }
+  void *q = realloc(p, nsize);
+  return q != NULL || nsize > osize ? q : p;       /* a shrink never fails */
+}
+
+int tide__alloc_cache_open(lua_State *L, int luajit_ok) {
   if (get(L) != NULL) return 0;
   cache **u = lua_newuserdata(L, sizeof *u);
   *u = NULL;                                       /* (its finalizer does nothing until set) */
@@ -445,6 +558,7 @@ int tide__alloc_cache_open(lua_State *L) {
   c->in_use = (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024 + (size_t)lua_gc(L, LUA_GCCOUNTB, 0);
   c->peak = c->in_use;
   c->window_end = PEAK_WINDOW;
+  if (arena_wanted(c->inner, luajit_ok)) c->arena = tide__arena_new(c->cap);
   *u = c;
   lua_setallocf(L, cached_alloc, c);
   return 0;
@@ -455,6 +569,7 @@ long long tide__alloc_cache_set(lua_State *L, size_t cap) {
   if (c == NULL) return -1;
   c->cap = cap;
   trim(c, cap);
+  if (c->arena != NULL) tide__arena_keep(c->arena, cap);
   return (long long)c->kept;
 }
 
@@ -486,4 +601,24 @@ size_t tide__alloc_cache_small(lua_State *L) {
 size_t tide__alloc_cache_anchors(lua_State *L) {
   cache *c = get(L);
   return c ? c->nanchors : 0;
+}
+
+int tide__alloc_cache_arena(lua_State *L, tide_arena_stats *s) {
+  cache *c = get(L);
+  if (c == NULL || c->arena == NULL) return 0;
+  tide__arena_stats(c->arena, s);
+  return 1;
+}
+
+/* Purges by time as well as by volume: a process that allocates little
+ * after a burst (a worker between jobs) would otherwise keep the burst's
+ * free pages, over the cap, until 64 MiB more were handed out.  Two purges
+ * give back a page left unused since the first. */
+#define PURGE_EVERY_MS 5000
+
+void tide__alloc_cache_tick(lua_State *L, uint64_t now_ms) {
+  cache *c = get(L);
+  if (c == NULL || c->arena == NULL || c->closing || now_ms - c->purged_at < PURGE_EVERY_MS) return;
+  c->purged_at = now_ms;
+  tide__arena_purge(c->arena);
 }

@@ -56,6 +56,7 @@
 #define TIDE_ALLOC_CACHE_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include <lua.h>
 
@@ -89,8 +90,25 @@
 
 /* Puts the cache in front of L's allocator (cap: the default), and a
  * finalizer that takes it out again; a second call does nothing.  0, or -1
- * when it cannot (out of memory: L keeps its allocator). */
-int tide__alloc_cache_open(lua_State *L);
+ * when it cannot (out of memory: L keeps its allocator).
+ *
+ * The state's small blocks go in an arena (arena.h) when its allocator is
+ * tide__state_alloc, or LuaJIT's own and `luajit_ok` (tide loaded by
+ * require, in a process such as `luajit` that closes its state when it
+ * ends).  Not in front of LuaJIT's own otherwise (tide_open: a C host may
+ * close states and open more): the cache has to stay in front of it to
+ * the end of lua_close, and LuaJIT then never destroys its allocator,
+ * whose segments stay mapped (~0.7 MB a state).  Not in front of a host's
+ * allocator either (it may count or bound the state's memory).
+ * TIDE_ARENA=off: never; TIDE_ARENA=on: also in front of LuaJIT's own
+ * when not `luajit_ok`. */
+int tide__alloc_cache_open(lua_State *L, int luajit_ok);
+
+/* A lua_Alloc of the C library's malloc, for the state of the tide binary:
+ * the arena serves most blocks, and the state closes without leaving
+ * memory behind.  (A thread task's state keeps LuaJIT's allocator:
+ * worker.c says why.) */
+void *tide__state_alloc(void *ud, void *p, size_t osize, size_t nsize);
 
 /* Sets the most bytes kept (0: none; the blocks kept over it go back at
  * once).  Returns the bytes kept now, or -1 when L has no cache. */
@@ -109,6 +127,15 @@ size_t tide__alloc_cache_small(lua_State *L);
  * that memory back to the kernel (alloc_cache.c says why; 0 when L has no
  * cache).  Their bytes are in `kept`. */
 size_t tide__alloc_cache_anchors(lua_State *L);
+
+/* The arena's figures (arena.h): 1, or 0 when L's small blocks are not in
+ * an arena (a host's allocator, or TIDE_ARENA=off). */
+#include "arena.h"
+int tide__alloc_cache_arena(lua_State *L, tide_arena_stats *s);
+
+/* Called at the loop's ticks with its time: every 5 s, a purge of the
+ * arena (arena.h), as every 64 MiB handed out. */
+void tide__alloc_cache_tick(lua_State *L, uint64_t now_ms);
 
 /* Sets the most bytes of small blocks kept (0, the default: none; within
  * the cap and the heap's recent peak too).  Returns the bytes of small

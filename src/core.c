@@ -68,6 +68,7 @@ static void on_tick(tide__loop *loop) {
   int more = rc == 0 ? lua_toboolean(L, -1) : ++s->failed_ticks < MAX_FAILED_TICKS;
   if (rc == 0) s->failed_ticks = 0;
   lua_settop(L, top);
+  tide__alloc_cache_tick(L, uv_now(loop->uv));
   tide__loop_after_tick(loop, more);
 }
 
@@ -373,8 +374,9 @@ static int l_stats(lua_State *L) {
 }
 
 /* alloc_cache([cap [, small_cap]]) -> bytes kept, cap, hits, bytes kept in
- * small blocks, small_cap, anchors: the allocator cache's figures, after
- * setting its caps (bytes) when given (alloc_cache.h). */
+ * small blocks, small_cap, anchors, and the arena's figures (a table, or
+ * none): the allocator cache's figures, after setting its caps (bytes)
+ * when given (alloc_cache.h). */
 static int l_alloc_cache(lua_State *L) {
   if (!lua_isnoneornil(L, 1)) {
     lua_Number cap = luaL_checknumber(L, 1);
@@ -396,7 +398,18 @@ static int l_alloc_cache(lua_State *L) {
   lua_pushnumber(L, (lua_Number)tide__alloc_cache_small(L));
   lua_pushnumber(L, (lua_Number)tide__alloc_cache_small_cap(L));
   lua_pushnumber(L, (lua_Number)tide__alloc_cache_anchors(L));
-  return 6;
+  tide_arena_stats a;
+  if (!tide__alloc_cache_arena(L, &a)) return 6;
+  lua_createtable(L, 0, 4);                        /* the arena's, in bytes */
+  lua_pushnumber(L, (lua_Number)a.small_pages * TIDE_ARENA_PAGE);
+  lua_setfield(L, -2, "small");
+  lua_pushnumber(L, (lua_Number)a.run_pages * TIDE_ARENA_PAGE);
+  lua_setfield(L, -2, "large");
+  lua_pushnumber(L, (lua_Number)a.free_backed * TIDE_ARENA_PAGE);
+  lua_setfield(L, -2, "free");
+  lua_pushnumber(L, (lua_Number)a.given_back * TIDE_ARENA_PAGE);
+  lua_setfield(L, -2, "given_back");
+  return 7;
 }
 
 static void free_state(tide__loop *loop) {
@@ -579,7 +592,7 @@ static int load_module(lua_State *L) {
   return 1;
 }
 
-static int push_core(lua_State *L, uv_loop_t *uv);
+static int push_core(lua_State *L, uv_loop_t *uv, int required);
 
 /* package.preload["tide.core"]: the state's tide.core again, once
  * package.loaded was cleared of it (tide.core is made by tide_open, never
@@ -587,7 +600,7 @@ static int push_core(lua_State *L, uv_loop_t *uv);
  * found").  A second copy of the engine then takes its loop over, as when
  * tide.core stays loaded (tide.engine.runq). */
 static int load_core(lua_State *L) {
-  if (push_core(L, NULL) != 0) return lua_error(L);
+  if (push_core(L, NULL, 1) != 0) return lua_error(L);
   return 1;
 }
 
@@ -610,7 +623,7 @@ static void preload_modules(lua_State *L) {
  * One per Lua state: one cleared from package.loaded is found again in the
  * registry (a second loop in the state would take the registry's keys of
  * the first one's bindings, and the first one's close would close them). */
-static int push_core(lua_State *L, uv_loop_t *uv) {
+static int push_core(lua_State *L, uv_loop_t *uv, int required) {
   lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
   lua_getfield(L, -1, "tide.core");
   if (lua_istable(L, -1)) { lua_remove(L, -2); return 0; }   /* (require's mark while loading it: not a table) */
@@ -623,7 +636,13 @@ static int push_core(lua_State *L, uv_loop_t *uv) {
     return 0;
   }
   lua_pop(L, 1);
-  tide__alloc_cache_open(L);                       /* without it (no memory), L keeps its allocator */
+  const char *arena = getenv("TIDE_ARENA");        /* (read by tide__alloc_cache_open) */
+  if (arena != NULL && *arena && strcmp(arena, "on") != 0 && strcmp(arena, "off") != 0) {
+    lua_pop(L, 1);
+    lua_pushfstring(L, "tide: TIDE_ARENA must be on or off (got \"%s\")", arena);
+    return -1;
+  }
+  tide__alloc_cache_open(L, required);             /* without it (no memory), L keeps its allocator */
   state *s = calloc(1, sizeof *s);
   if (s == NULL) { lua_pop(L, 1); lua_pushstring(L, "tide: out of memory"); return -1; }
   int rc = tide__loop_init(&s->loop, uv, on_tick, on_signal, s);
@@ -686,7 +705,7 @@ static const char *refuse_open(lua_State *L, uv_loop_t *uv, int any) {
 static int open_tide(lua_State *L, uv_loop_t *uv, int any) {
   const char *why = refuse_open(L, uv, any);
   if (why) { lua_pushstring(L, why); return -1; }
-  if (push_core(L, uv) != 0) return -1;
+  if (push_core(L, uv, any) != 0) return -1;
   lua_pop(L, 1);
   preload_modules(L);
   /* Not require "tide": luaopen_tide runs inside that very require. */

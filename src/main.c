@@ -5,6 +5,7 @@
 #include <lauxlib.h>
 #include <lualib.h>
 
+#include "alloc_cache.h"
 #include "lua_call.h"
 #include "procs.h"
 #include "tide.h"
@@ -12,7 +13,7 @@
 int main(int argc, char **argv) {
   if (argc == 2 && strcmp(argv[1], TIDE_PROC_CHILD_ARG) == 0) return tide__proc_child_main();
   tide__proc_in_host = 1;                     /* process mode starts this binary again */
-  lua_State *L = luaL_newstate();
+  lua_State *L = lua_newstate(tide__state_alloc, NULL);   /* (small blocks in an arena: alloc_cache.h) */
   if (L == NULL) {
     fprintf(stderr, "tide: cannot create a Lua state (out of memory)\n");
     return 1;

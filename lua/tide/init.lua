@@ -63,14 +63,14 @@ tide.testing = require "tide.engine.testing"
 function tide.stats()
   local st = S.stats
   local active, timers, timer_bytes = core.stats()
-  local kept, cap, hits, small, small_cap, anchors = core.alloc_cache()
+  local kept, cap, hits, small, small_cap, anchors, arena = core.alloc_cache()
   return {
     spawned = st.spawned, ok = st.ok, error = st.error, timeout = st.timeout,
     cancelled = st.cancelled, retries = st.retries, live = S.live_count(),
     timers = timers, timer_bytes = timer_bytes, active_handles = active,
     callback_errors = log.errors, threads = thread.stats(), processes = process.stats(),
     alloc_cache = { kept = kept, cap = cap, hits = hits, small = small, small_cap = small_cap,
-                    anchors = anchors },
+                    anchors = anchors, arena = arena },
   }
 end
 
