@@ -192,4 +192,33 @@ describe("tide.jobs.store.pg_conn", function()
     listener:close()
     assert(ok, err)
   end)
+
+  -- The server answers an aborted transaction's COMMIT with ROLLBACK and
+  -- no error.  The failed statement's error already refuses the COMMIT;
+  -- this takes that away to attack the check of the COMMIT's own reply.
+  it("never takes the reply ROLLBACK to a COMMIT for a commit, whatever aborted the transaction", function()
+    local c = pg_conn.new(URL, "conn")
+    local err
+    H.run(function()
+      c:query("CREATE TEMP TABLE kept (x integer)")
+      c:begin()
+      c:query("INSERT INTO kept VALUES (1)")
+      assert.is_false((pcall(c.query, c, "SELECT 1 / 0")))
+      assert.matches("division by zero", c:failed(), 1, true)
+      c:recovered()                           -- (as if nothing here had seen it fail)
+      local ok
+      ok, err = pcall(c.finish, c, "COMMIT")
+      assert.is_false(ok)
+      c:finish("ROLLBACK")
+      assert.equal(0, #c:query("SELECT * FROM kept").rows)
+      c:begin()                               -- and a transaction that commits still does
+      c:query("INSERT INTO kept VALUES (2)")
+      c:finish("COMMIT")
+      assert.same({ { x = 2 } }, c:query("SELECT * FROM kept").rows)
+    end)
+    c:close()
+    assert.equal("conn: rolled back, not committed: a statement in the transaction failed (the server rolled "
+      .. "it back at COMMIT); to go on after a statement that may fail, run it in a nested q:transaction "
+      .. "(a savepoint)", err)
+  end)
 end)

@@ -209,6 +209,91 @@ describe("transactions on " .. store.name, function()
     end
   end)
 
+  -- A failed statement aborts its transaction, on both stores as on
+  -- PostgreSQL: the server had rolled such a transaction back at COMMIT
+  -- while q:transaction reported it committed (its jobs silently gone),
+  -- and SQLite went on and committed the rest.
+  local function rows_and_jobs()
+    local n = q:transaction(function(tx) return #tx:query("SELECT * FROM effects") end)
+    return n, #q:list()
+  end
+  local ABORTED = "current transaction is aborted, commands ignored until end of transaction block"
+
+  it("aborts on a failed statement: later ones refused, and a function that returns is told the commit failed", function()
+    local later_ok, later_err, query_ok, query_err
+    local ok, err = pcall(q.transaction, q, function(tx)
+      tx:exec("INSERT INTO effects (task, step) VALUES (1, 1)")
+      tx:enqueue{ target = "t", method = "m" }
+      assert.is_false((pcall(tx.exec, tx, "INSERT INTO no_such_table VALUES (1)")))
+      later_ok, later_err = pcall(tx.exec, tx, "INSERT INTO effects (task, step) VALUES (1, 2)")
+      query_ok, query_err = pcall(tx.query, tx, "SELECT 1 AS one")
+      return "done"
+    end)
+    assert.is_false(later_ok)
+    assert.matches(ABORTED, later_err, 1, true)
+    assert.matches("no_such_table", later_err, 1, true)      -- names the statement that failed first
+    assert.is_false(query_ok)
+    assert.matches(ABORTED, query_err, 1, true)
+    assert.is_false(ok)
+    assert.matches("q:transaction: commit failed: .*rolled back, not committed.*no_such_table", err)
+    assert.same({ 0, 0 }, { rows_and_jobs() })
+    -- the session serves the next transaction as if nothing happened
+    q:transaction(function(tx) tx:exec("INSERT INTO effects (task, step) VALUES (2, 1)") end)
+    assert.same({ 1, 0 }, { rows_and_jobs() })
+  end)
+
+  it("goes on after a failed statement inside a nested q:transaction (a savepoint), which alone is rolled back", function()
+    local inner_ok, inner_err, quiet_ok, quiet_err
+    q:transaction(function(tx)
+      tx:exec("INSERT INTO effects (task, step) VALUES (1, 1)")
+      -- the nested function raises: rolled back to its savepoint
+      inner_ok, inner_err = pcall(q.transaction, q, function(tx2)
+        tx2:exec("INSERT INTO effects (task, step) VALUES (1, 2)")
+        tx2:exec("INSERT INTO no_such_table VALUES (1)")
+      end)
+      -- the nested function swallows its statement's error and returns:
+      -- it cannot commit, so it raises, rolled back to its savepoint
+      quiet_ok, quiet_err = pcall(q.transaction, q, function(tx2)
+        tx2:exec("INSERT INTO effects (task, step) VALUES (1, 3)")
+        pcall(tx2.exec, tx2, "INSERT INTO no_such_table VALUES (2)")
+        return "swallowed"
+      end)
+      tx:exec("INSERT INTO effects (task, step) VALUES (1, 4)")
+      tx:enqueue{ target = "t", method = "m" }
+    end)
+    assert.is_false(inner_ok)
+    assert.matches("no_such_table", inner_err, 1, true)
+    assert.is_false(quiet_ok)
+    assert.matches("q:transaction: commit failed: .*rolled back, not committed.*no_such_table", quiet_err)
+    local steps = q:transaction(function(tx) return tx:query("SELECT step FROM effects ORDER BY step") end)
+    assert.same({ { step = 1 }, { step = 4 } }, steps)
+    assert.equal(1, #q:list())
+  end)
+
+  it("refuses transaction control in tx:exec and tx:query: the transaction is q:transaction's to end", function()
+    local refused = {}
+    q:transaction(function(tx)
+      tx:exec("INSERT INTO effects (task, step) VALUES (1, 1)")
+      for _, sql in ipairs{ "COMMIT", "  rollback", "-- c\nEND", "/* c */ begin", "START TRANSACTION",
+                            "SAVEPOINT x", "RELEASE SAVEPOINT x", "ROLLBACK TO SAVEPOINT x", "abort",
+                            "commit;" } do
+        local ok, err = pcall(tx.exec, tx, sql)
+        refused[#refused + 1] = not ok and err:match("^tx:exec: bad argument #1 %(a statement other than "
+          .. "BEGIN, COMMIT, ROLLBACK, SAVEPOINT or RELEASE expected") and true or (ok and "ran" or err)
+      end
+      local ok, err = pcall(tx.query, tx, "COMMIT")
+      refused[#refused + 1] = not ok and err:match("^tx:query: bad argument #1") and true or (ok and "ran" or err)
+      tx:exec("INSERT INTO effects (task, step) VALUES (1, 2)")
+    end)
+    for i, r in ipairs(refused) do assert.equal(true, r, "statement " .. i) end
+    assert.same({ 2, 0 }, { rows_and_jobs() })
+    -- names that only begin like a keyword still run
+    q:transaction(function(tx)
+      tx:exec("CREATE TABLE IF NOT EXISTS committed_things (x INTEGER)")
+      tx:exec("DROP TABLE committed_things")
+    end)
+  end)
+
   if pg then
     -- BEGIN is sent with a transaction's first statement, in one pipeline
     -- (tide.jobs.store.pg_conn): the statement must still run inside the

@@ -18,7 +18,7 @@
  *                                exact for bytea, refused by the server for text)
  *   conn:flush() -> 0 (sent) | 1 (more to send) | nil, message
  *   conn:consume() -> true | nil, message   conn:busy() -> boolean
- *   conn:result() -> nil (no more) | { ok, rows, changes, sqlstate, message }
+ *   conn:result() -> nil (no more) | { ok, rows, changes, command, sqlstate, message }
  *                                (in a pipeline: false at the end of each
  *                                statement's results, nil after the sync,
  *                                which leaves pipeline mode)
@@ -508,6 +508,8 @@ static int conn_result(lua_State *L) {
     push_rows(L, r);
     lua_setfield(L, -2, "rows");
   }
+  if (st == PGRES_COMMAND_OK)                       /* "COMMIT", or "ROLLBACK" for an aborted one */
+    set_string(L, "command", PQcmdStatus(r));
   const char *changes = PQcmdTuples(r);
   lua_pushnumber(L, changes && *changes ? strtod(changes, NULL) : 0);
   lua_setfield(L, -2, "changes");

@@ -29,6 +29,7 @@ local S = require "tide.engine.sched"
 local check = require "tide.engine.check"
 local finalizers = require "tide.engine.finalizers"
 local pool = require "tide.jobs.store.pool"
+local common = require "tide.jobs.store.common"
 
 local type, error, pairs, ipairs, tostring, find = type, error, pairs, ipairs, tostring, string.find
 local setmetatable, getmetatable, pcall, select = setmetatable, getmetatable, pcall, select
@@ -138,7 +139,10 @@ local function savepoint(q, st, fname, fn, ...)
   tx._live = false
   st.depth = depth - 1
   if st.closed then error(fname .. ": the transaction ended while it ran (its task was stopped)", 3) end
-  if res[1] then st.session:release(depth) else st.session:rollback_to(depth) end
+  local session = st.session
+  local failed = res[1] and session:failed()   -- (it returned, after a statement failed and aborted all)
+  if res[1] and not failed then session:release(depth) else session:rollback_to(depth) end
+  if failed then error(fname .. ": commit failed: " .. common.rolled_back(st.store.name, failed), 3) end
   if not res[1] then error(res[2], 0) end
   return unpack(res, 2, res.n)
 end
@@ -209,6 +213,29 @@ M.tx_state = tx_state
 
 local BINDABLE = { ["nil"] = true, boolean = true, number = true, string = true }
 
+-- Statements that would end, or open, a transaction under q:transaction's
+-- feet (the first word, after blanks and comments).
+local CONTROL = { BEGIN = true, START = true, COMMIT = true, END = true, ROLLBACK = true, ABORT = true,
+                  SAVEPOINT = true, RELEASE = true }
+
+--- The first word of `sql` in capitals, after blanks and comments.
+local function first_word(sql)
+  local at = 1
+  while true do
+    local s = sql:match("^%s*()", at)
+    if sql:sub(s, s + 1) == "--" then
+      at = (sql:find("\n", s, true) or #sql) + 1
+    elseif sql:sub(s, s + 1) == "/*" then
+      local stop = select(2, sql:find("*/", s + 2, true))
+      if not stop then return nil end
+      at = stop + 1
+    else
+      local word = sql:match("^[%a_]+", s)
+      return word and word:upper()
+    end
+  end
+end
+
 --- Checks a statement of the caller's own before any store sees it: the
 --- SQL is a string without NUL (SQLite ran the text up to the NUL and
 --- dropped the rest unseen; PostgreSQL's binding refused it half-way
@@ -219,6 +246,12 @@ local function check_statement(fname, sql, ...)
   local nul = find(sql, "\0", 1, true)
   if nul then
     error(("%s: bad argument #1 (SQL text expected, got a string with a NUL byte at byte %d)"):format(fname, nul), 3)
+  end
+  local word = first_word(sql)
+  if CONTROL[word] then
+    error(("%s: bad argument #1 (a statement other than BEGIN, COMMIT, ROLLBACK, SAVEPOINT or RELEASE "
+      .. "expected, got %s: q:transaction commits when its function returns and rolls back when it raises; "
+      .. "a nested q:transaction is a savepoint)"):format(fname, word), 3)
   end
   local n = select("#", ...)
   if n == 0 then return end

@@ -1,5 +1,5 @@
 --- tide.jobs.store.common — what the store drivers share apart from their SQL.
-local error, ipairs, type, sort, concat, format = error, ipairs, type, table.sort, table.concat, string.format
+local error, ipairs, type, tostring, sort, concat, format = error, ipairs, type, tostring, table.sort, table.concat, string.format
 
 local M = {}
 
@@ -13,6 +13,26 @@ function M.check_version(name, version, latest, foreign)
   if version == 0 and foreign then
     error(name .. ": a table tide_jobs exists that tide did not create (no tide_schema version)", 0)
   end
+end
+
+-- ===== a transaction aborted by a failed statement
+--
+-- Both stores behave as PostgreSQL does: once a statement of a transaction
+-- fails, the transaction is aborted.  Later statements are refused (not
+-- run), its COMMIT is refused (the caller rolls back), and a ROLLBACK TO a
+-- savepoint (a nested q:transaction that raised) makes it usable again.
+-- The stores keep the first failure's message, to name it.
+
+--- The error for a statement sent to an aborted transaction of store `name`.
+function M.aborted(name, first)
+  return format("%s: current transaction is aborted, commands ignored until end of transaction block "
+    .. "(SQLSTATE 25P02; the statement that failed first: %s)", name, tostring(first))
+end
+
+--- The error for the COMMIT of an aborted transaction of store `name`.
+function M.rolled_back(name, first)
+  return format("%s: rolled back, not committed: a statement in the transaction failed (%s); to go on "
+    .. "after a statement that may fail, run it in a nested q:transaction (a savepoint)", name, tostring(first))
 end
 
 -- (a corrupt row may hold a string where a number belongs: it sorts last,

@@ -21,6 +21,7 @@
 local core = require "tide.core"
 local S = require "tide.engine.sched"
 local log = require "tide.engine.log"
+local common = require "tide.jobs.store.common"
 local spawn = require("tide.engine.task").spawn
 
 local error, ipairs, tostring, format = error, ipairs, tostring, string.format
@@ -71,6 +72,7 @@ function M.new(info, name, setup, prepare)
   local c = setmetatable({ info = info, name = name, id = next_id, pg = false, waiter = false,
                            unprepared = prepare == false,
                            running = false, tx = false, begin_next = false, ending = false, on_notify = false,
+                           aborted = false,
                            setup = setup or false, setup_next = false, parsed = {},
                            deallocate_next = false, replanned = false }, Conn)
   conns[next_id] = c
@@ -113,7 +115,7 @@ function Conn:reset()
       .. "the server may have committed it")
   end
   drop(self)
-  self.running, self.tx, self.waiter, self.begin_next = false, false, false, false
+  self.running, self.tx, self.waiter, self.begin_next, self.aborted = false, false, false, false, false
 end
 
 -- ===== transactions: BEGIN goes with the first statement
@@ -127,8 +129,14 @@ end
 
 --- Opens a transaction (c.tx); its BEGIN waits for the first statement.
 function Conn:begin()
-  self.tx, self.begin_next = true, true
+  self.tx, self.begin_next, self.aborted = true, true, false
 end
+
+--- The first error of a statement that aborted the transaction (see
+--- tide.jobs.store.common), or false.  ROLLBACK TO a savepoint clears it:
+--- call this first.
+function Conn:failed() return self.aborted end
+function Conn:recovered() self.aborted = false end
 
 --- Ends the transaction with `sql` (COMMIT or ROLLBACK): a round trip,
 --- unless no statement ran in it.  Raises when the statement fails (the
@@ -138,11 +146,17 @@ function Conn:finish(sql)
     self.begin_next, self.tx = false, false
     return
   end
+  if sql == "COMMIT" and self.aborted then error(common.rolled_back(self.name, self.aborted), 0) end
   self.ending = sql
-  local ok, err = pcall(self.query, self, sql)
+  local ok, res = pcall(self.query, self, sql)
   self.ending = false
-  if not ok then error(err, 0) end
-  self.tx = false
+  if not ok then error(res, 0) end
+  -- The server ends an aborted transaction's COMMIT with ROLLBACK, and no
+  -- error: never taken for a commit, whatever aborted it.
+  if sql == "COMMIT" and res.command == "ROLLBACK" then
+    error(common.rolled_back(self.name, "the server rolled it back at COMMIT"), 0)
+  end
+  self.tx, self.aborted = false, false
 end
 
 local function connect(c)
@@ -409,6 +423,7 @@ local function query(self, name, sql, ...)
   -- anything is sent.  (isyieldable, not the wait's own check: a builtin,
   -- where that one costs ~1200 instructions, and the stack is deep here.)
   if t and not isyieldable() then error(self.name .. S.IN_C_CALL, 0) end
+  if self.aborted and not self.ending then error(common.aborted(self.name, self.aborted), 0) end
   if name ~= COPY then check_statement(self, sql, ...) end
   self.running = t and { t, S.attempt_of(t) } or true
   self.replanned = false
@@ -422,7 +437,10 @@ local function query(self, name, sql, ...)
     ok, res = pcall(run, self, name, sql, ...)
   end
   self.running = false
-  if not ok then error(res, 0) end
+  if not ok then
+    if self.tx and self.pg and not self.ending and not self.aborted then self.aborted = res end   -- (lost: says so)
+    error(res, 0)
+  end
   return res
 end
 

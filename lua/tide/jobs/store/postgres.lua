@@ -364,9 +364,11 @@ end
 function Session:begin() self.c:begin() end
 function Session:commit() self.c:finish("COMMIT") end
 function Session:rollback() self.c:finish("ROLLBACK") end
+function Session:failed() return self.c:failed() end
 function Session:savepoint(n) self.c:query("SAVEPOINT tide_" .. n) end
 function Session:release(n) self.c:query("RELEASE SAVEPOINT tide_" .. n) end
 function Session:rollback_to(n)
+  self.c:recovered()                          -- (the savepoint precedes any failure: it could not be made after)
   self.c:query("ROLLBACK TO SAVEPOINT tide_" .. n)
   self.c:query("RELEASE SAVEPOINT tide_" .. n)
 end

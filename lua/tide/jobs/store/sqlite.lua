@@ -281,16 +281,22 @@ end
 
 --- Runs fn(...) (statements on s); a "database is locked" is tried again as
 --- the header says.  Returns fn's first three results.
+local function failed(s, err)
+  if s.in_tx and not s.aborted then s.aborted = err end      -- (tide.jobs.store.common: as on PostgreSQL)
+  error(err, 0)
+end
+
 local function locked(s, fn, ...)
   if not s.db then error(s.name .. ": the store is closed", 0) end
+  if s.aborted then error(common.aborted(s.name, s.aborted), 0) end
   local ok, a, b, c = pcall(fn, ...)
   if ok then return a, b, c end
-  if not is_busy(a) then error(explain(s, a), 0) end
+  if not is_busy(a) then failed(s, explain(s, a)) end
   local waited, delay = 0, BUSY_FIRST
   while true do
     if S.in_task() then
       if waited >= s.busy_timeout then
-        error(("%s (waited %d ms for another connection's lock)"):format(a, waited), 0)
+        failed(s, ("%s (waited %d ms for another connection's lock)"):format(a, waited))
       end
       S.sleep(delay)
       waited, delay = waited + delay, min(delay * 2, BUSY_MAX)
@@ -299,14 +305,14 @@ local function locked(s, fn, ...)
       s.db:busy_timeout(s.busy_timeout)
       ok, a, b, c = pcall(fn, ...)
       s.db:busy_timeout(0)
-      if not ok and is_busy(a) then error(("%s (waited %d ms for another connection's lock)")
-        :format(a, s.busy_timeout), 0) end
+      if not ok and is_busy(a) then failed(s, ("%s (waited %d ms for another connection's lock)")
+        :format(a, s.busy_timeout)) end
     else
-      error(a .. " (called outside a task while the loop runs, where it cannot wait for the lock: "
-            .. "call it from a task)", 0)
+      failed(s, a .. " (called outside a task while the loop runs, where it cannot wait for the lock: "
+             .. "call it from a task)")
     end
     if ok then return a, b, c end
-    if not is_busy(a) then error(explain(s, a), 0) end
+    if not is_busy(a) then failed(s, explain(s, a)) end
   end
 end
 
@@ -321,7 +327,7 @@ function M.open(path, name, opts)
   local db, err = core.sqlite_open(path, name, 0)
   if not db then error(err, 0) end
   local s = setmetatable({ db = db, name = name, path = path, stmts = {}, user = {}, nuser = 0,
-                           busy_timeout = opts.busy_timeout or 5000 }, Session)
+                           in_tx = false, aborted = false, busy_timeout = opts.busy_timeout or 5000 }, Session)
   local ok, e = pcall(locked, s, function()
     db:exec("PRAGMA journal_mode = WAL")
     db:exec("PRAGMA synchronous = " .. SYNC[opts.synchronous or "normal"])
@@ -390,12 +396,30 @@ end
 
 local function exec(db, sql) return db:exec(sql) end
 
-function Session:begin() locked(self, exec, self.db, "BEGIN IMMEDIATE") end
-function Session:commit() locked(self, exec, self.db, "COMMIT") end
-function Session:rollback() if self.db and self.db:in_transaction() then self.db:exec("ROLLBACK") end end
-function Session:savepoint(n) self.db:exec("SAVEPOINT tide_" .. n) end
-function Session:release(n) self.db:exec("RELEASE tide_" .. n) end
-function Session:rollback_to(n) self.db:exec("ROLLBACK TO tide_" .. n .. "; RELEASE tide_" .. n) end
+-- A failed statement aborts the transaction, as on PostgreSQL (see
+-- tide.jobs.store.common): SQLite itself undoes the statement alone and
+-- goes on, which committed the rest of what the caller had meant whole.
+function Session:begin()
+  locked(self, exec, self.db, "BEGIN IMMEDIATE")
+  self.in_tx, self.aborted = true, false
+end
+function Session:commit()
+  if self.aborted then error(common.rolled_back(self.name, self.aborted), 0) end
+  locked(self, exec, self.db, "COMMIT")
+  self.in_tx = false
+end
+function Session:rollback()
+  self.in_tx, self.aborted = false, false
+  if self.db and self.db:in_transaction() then self.db:exec("ROLLBACK") end
+end
+function Session:failed() return self.aborted end
+local function refuse_aborted(s) if s.aborted then error(common.aborted(s.name, s.aborted), 0) end end
+function Session:savepoint(n) refuse_aborted(self); self.db:exec("SAVEPOINT tide_" .. n) end
+function Session:release(n) refuse_aborted(self); self.db:exec("RELEASE tide_" .. n) end
+function Session:rollback_to(n)
+  self.aborted = false                        -- (the savepoint precedes any failure: it could not be made after)
+  self.db:exec("ROLLBACK TO tide_" .. n .. "; RELEASE tide_" .. n)
+end
 
 -- ===== the caller's own SQL (statements cached by text, at most USER_MAX)
 
