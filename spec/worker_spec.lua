@@ -344,6 +344,33 @@ describe("tide.worker on " .. store.name, function()
     assert.is_true(delay >= 5 and delay < 50, ("attempt 3 was due %d ms after attempt 2 failed"):format(delay))
   end)
 
+  -- JSON null and [] in a job's args reached a thread or process method as
+  -- plain empty tables: it could not tell null from {}, and handed on, an
+  -- empty array became an object.
+  it("hands a thread or process method JSON null as tide's null and [] as an array", function()
+    local seen = {}
+    for _, mode in ipairs{ "thread", "process" } do
+      local out = os.tmpname()
+      local target = { mode = mode, methods = { look = function(args)
+        local tide_here = require "tide"
+        local f = assert(io.open(args.out, "w"))
+        f:write(tostring(args.a), " ", tostring(rawequal(args.a, tide_here.null)), " ",
+                tostring(rawequal(args.list[2], tide_here.null)), " ",
+                tostring(getmetatable(args.empty) ~= nil and next(args.empty) == nil))
+        f:close()
+      end } }
+      q:enqueue{ target = "t", method = "look", max_attempts = 1,
+                 args = tide.json.decode(('{"a": null, "list": [1, null], "empty": [], "out": %q}'):format(out)) }
+      local st = with_worker(function() return tide.worker{ queue = q, targets = { t = target } }:drain{ stop = true } end)
+      assert.equal(1, st.completed)
+      local f = assert(io.open(out))
+      seen[mode] = f:read("*a")
+      f:close()
+      os.remove(out)
+    end
+    assert.same({ thread = "null true true true", process = "null true true true" }, seen)
+  end)
+
   it("runs an inline thread-mode target's methods on threads, and refuses one with upvalues at start", function()
     local out = os.tmpname()
     local cpu = { mode = "thread", methods = { square = function(args, job)

@@ -115,6 +115,7 @@ typedef struct enc {
   /* Light userdata and cdata pass as nil: only the reason another value
    * cannot cross is wanted (tide__encode_why). */
   int pass_local;
+  const void *marks[2];                    /* tide__json_mark_of's cache */
 } enc;
 
 /* A string the encoder met: its address (Lua strings are interned, so one
@@ -526,9 +527,25 @@ static int enc_table(enc *e, int t) {
   /* Its 3 stack slots were reserved with the others (ENC_STACK), and
    * nothing in an encoding runs the collector, which could shrink them. */
   if (reserve(e->out, 12)) return out_of_memory(e);
+  int mark = 0, is_key = e->depth > 0 && e->path[e->depth - 1].kind == STEP_IN_KEY;
+  if (!is_key && lua_getmetatable(L, t)) {            /* (a slot of ENC_STACK's margin) */
+    mark = tide__json_mark_of(L, lua_topointer(L, -1), e->marks);
+    lua_pop(L, 1);
+    if (mark == TIDE_MARK_NULL) {                     /* (empty: null is read-only; else a plain table) */
+      lua_pushnil(L);
+      if (lua_next(L, t)) {
+        lua_pop(L, 2);
+        mark = 0;
+      }
+    }
+    if (mark == TIDE_MARK_NULL) {
+      e->out->data[e->out->len++] = T_NULL;
+      return 0;
+    }
+  }
   size_t narr = lua_objlen(L, t), base = e->npairs, defs = e->ndefs, vdefs;
   char *p = e->out->data + e->out->len;
-  *p = T_TABLE;
+  *p = mark == TIDE_MARK_ARRAY ? T_ARRAY : T_TABLE;
   e->out->len += 1 + put_varint(p + 1, narr);
   size_t at = e->out->len++;                          /* the pair count's byte */
   e->open[e->depth++] = self;
@@ -612,6 +629,7 @@ static void enc_init(enc *e, lua_State *L, const char *root, tide_buf *out,
   e->refs = !sorted, e->seen = NULL, e->seencap = e->nseen = 0;
   e->defs = NULL, e->ndefs = e->capdefs = 0;
   e->start = out->len, e->limit = limit, e->over = 0, e->pass_local = 0;
+  e->marks[0] = e->marks[1] = NULL;
 }
 
 static void enc_free(enc *e) {

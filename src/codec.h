@@ -18,6 +18,8 @@
  *   7 varint length, bytes (a string defined for references: the first 7
  *     of a message is string 0, the next string 1, ...)
  *   8 varint k (a reference: string k again)
+ *   10 tide.json's null | 11 varint narr, ... as after 6 (a JSON array:
+ *     a table with tide.json's array metatable; codec_marks.c)
  * tide__encode sorts hash pairs by their bytes (key, then value), so equal
  * tables encode to equal bytes whatever state or insertion order they come
  * from (holes aside: # may then pick another border).  Decoding then
@@ -32,7 +34,9 @@
  * enc_string_ref); tide__encode never does, and decoding then re-encoding
  * with it gives the same bytes again.
  *
- * Tables are read and written raw: no metamethod runs.  A state is touched
+ * Tables are read and written raw: no metamethod runs.  A metatable does
+ * not cross, but for tide.json's two markers (codec_marks.c) on values
+ * (a table used as a key crosses as a plain table).  A state is touched
  * only by its own thread; the bytes may cross threads freely.
  */
 #ifndef TIDE_CODEC_H
@@ -43,6 +47,21 @@
 #include <lua.h>
 
 #define TIDE_CODEC_DEPTH 100  /* deepest table nesting either side accepts */
+
+/* tide.json's markers in L, made at first use (codec_marks.c): pushes its
+ * null, or the metatable of its arrays.  They raise only when memory runs
+ * out. */
+void tide__push_json_null(lua_State *L);
+void tide__push_json_array_mt(lua_State *L);
+
+/* Which marker metatable `mt` (an address) is in L: TIDE_MARK_NULL,
+ * TIDE_MARK_ARRAY or 0.  marks[2] caches the markers' addresses for one
+ * encoding: { NULL, NULL } the first time.  Never raises. */
+enum { TIDE_MARK_NULL = 1, TIDE_MARK_ARRAY = 2 };
+int tide__json_mark_of(lua_State *L, const void *mt, const void **marks);
+
+/* core.json_marks() -> null, array metatable (tide.json's). */
+int tide__l_json_marks(lua_State *L);
 
 /* A growable byte buffer (malloc-backed); zero-initialised is empty. */
 typedef struct tide_buf { char *data; size_t len, cap; } tide_buf;

@@ -172,6 +172,16 @@ static inline int dec_value(dec *d) {
     lua_rawgeti(L, d->strs, (int)n + 1);
     return 0;
   case T_TABLE: return dec_table(d, at);
+  case T_NULL:
+    if (!lua_checkstack(L, 3)) return bad(d, at, "Lua stack overflow");
+    tide__push_json_null(L);
+    return 0;
+  case T_ARRAY:
+    if (dec_table(d, at)) return -1;                  /* (the layout after T_TABLE) */
+    if (!lua_checkstack(L, 3)) return bad(d, at, "Lua stack overflow");
+    tide__push_json_array_mt(L);
+    lua_setmetatable(L, -2);
+    return 0;
   default: return bad(d, at, "unknown tag 0x%02x", *at);
   }
 }

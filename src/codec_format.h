@@ -10,6 +10,11 @@ enum { T_NIL, T_FALSE, T_TRUE, T_INT, T_DOUBLE, T_STRING, T_TABLE, T_STRDEF, T_S
  * the _local decoders read it; to tide__decode it is an unknown tag. */
 #define T_LUAJIT 9
 
+/* tide.json's null, and a JSON array (laid out as after T_TABLE):
+ * codec_marks.c. */
+#define T_NULL 10
+#define T_ARRAY 11
+
 /* tide__encode_unordered and tide__encode_list that give up once the
  * encoding takes more than `limit` bytes: then TIDE_CODEC_OVER, no message,
  * and out as it was (codec_lj.c hands larger values to LuaJIT's serializer). */

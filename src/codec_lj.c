@@ -66,18 +66,39 @@ static void load_ffi(lua_State *L) {
   lua_pop(L, 2);
 }
 
+/* (buffer.new, null's metatable, the arrays' metatable) -> encode, decode:
+ * the serializer with tide.json's markers as its metatable dictionary, so
+ * that they cross (codec_marks.c): one buffer to encode into, one to
+ * decode from, each emptied after use.  decode reads one value, which
+ * lj_check found to be all the bytes. */
+static const char LJ_FUNCTIONS[] =
+  "local new, null_mt, array_mt = ...\n"
+  "local options = { metatable = { null_mt, array_mt } }\n"
+  "local into, from = new(options), new(options)\n"
+  "local reset, encode, get, set, decode = into.reset, into.encode, into.get, into.set, into.decode\n"
+  "return function(v) reset(into); encode(into, v); return get(into) end,\n"
+  "  function(s) set(from, s); local v = decode(from); reset(from); return v end\n";
+
 /* Makes the registry's table.  Run by lua_cpcall: nothing it allocates,
  * its own closure included, is made outside the protected call. */
 static int open_lj(lua_State *L) {
   load_ffi(L);
+  if (luaL_loadbuffer(L, LJ_FUNCTIONS, sizeof LJ_FUNCTIONS - 1, "=tide.codec_lj") != 0) lua_error(L);
   lua_pushcfunction(L, luaopen_string_buffer);
-  lua_call(L, 0, 1);                                  /* the module */
+  lua_call(L, 0, 1);                                  /* chunk, the module */
+  lua_getfield(L, -1, "new");
+  lua_replace(L, -2);                                 /* chunk, new */
+  tide__push_json_null(L);
+  lua_getmetatable(L, -1);
+  lua_replace(L, -2);                                 /* chunk, new, null's metatable */
+  tide__push_json_array_mt(L);
+  lua_call(L, 3, 2);                                  /* encode, decode */
   lua_createtable(L, 3, 0);
-  lua_getfield(L, -2, "encode");
+  lua_pushvalue(L, -3);
   lua_rawseti(L, -2, LJ_ENCODE);
-  lua_getfield(L, -2, "decode");
+  lua_pushvalue(L, -2);
   lua_rawseti(L, -2, LJ_DECODE);
-  lua_getfield(L, -2, "encode");
+  lua_pushvalue(L, -3);
   lua_pushcclosure(L, put_list, 1);
   lua_rawseti(L, -2, LJ_ENCODE_LIST);
   lua_pushlightuserdata(L, (void *)&LJ_KEY);
@@ -218,7 +239,7 @@ static int get_u(const unsigned char **p, const unsigned char *end, uint32_t *v)
  * `at` is the offset of data in the bytes the caller was given, for the
  * message.  Made for bytes that come from no other process: the tags it
  * lets through include light userdata (a pointer). */
-static int lj_check(const char *data, size_t len, size_t at, char *err, size_t errlen) {
+static int lj_check(const char *data, size_t len, size_t at, size_t *nulls, char *err, size_t errlen) {
   const unsigned char *start = (const unsigned char *)data, *p = start, *end = p + len;
   uint64_t left[TIDE_CODEC_DEPTH + 1];          /* values still to read at each level */
   int depth = 0;
@@ -238,6 +259,18 @@ static int lj_check(const char *data, size_t len, size_t at, char *err, size_t e
     } else {
       switch (tp) {
       case 0x00: case 0x01: case 0x02: case 0x03: case 0x08: break;  /* nil .. NULL, {} */
+      case 0x0e: {                              /* a marker's metatable (0: null, 1: array), */
+        uint32_t mt, next;                      /* then its table: the same value            */
+        const unsigned char *table_at;
+        if (get_u(&p, end, &mt)) return refuse(err, errlen, at + len, "truncated");
+        table_at = p;
+        if (get_u(&table_at, end, &next)) return refuse(err, errlen, at + len, "truncated");
+        if (mt > 1 || next < 0x08 || next > 0x0d || (mt == 0 && next != 0x08))   /* (null is empty) */
+          return refuse(err, errlen, at + (size_t)(tag_at - start), "bad metatable reference");
+        *nulls += mt == 0;
+        left[depth]++;
+        break;
+      }
       case 0x04: case 0x06: skip = 4; break;
       case 0x05: case 0x07: case 0x10: case 0x11: skip = 8; break;
       case 0x12: skip = 16; break;
@@ -267,16 +300,73 @@ done:
 /* Checks the serializer's bytes data[0..len) (lj_check), then pushes the
  * value they hold: 0, or -1 with a message in err (nothing pushed).
  * Raises when memory runs out, as tide__decode does. */
+/* Puts L's null in place of each copy of it among the values of the table
+ * at t, down to `depth` more levels (in tables used as keys too): the
+ * serializer makes a new table with null's metatable for each (tide.json's
+ * null is one table, compared as one).  A key that is a copy stays one, as
+ * tide's codec sends it: a plain table.  Allocates nothing: never raises. */
+static void unify_nulls(lua_State *L, int t, const void *null_mt, int depth) {
+  if (!lua_checkstack(L, 4)) return;
+  lua_pushnil(L);
+  while (lua_next(L, t)) {                            /* key, value */
+    if (depth > 0 && lua_istable(L, -2)) unify_nulls(L, lua_gettop(L) - 1, null_mt, depth - 1);
+    if (lua_istable(L, -1)) {
+      int is_null = 0;
+      if (lua_getmetatable(L, -1)) {
+        is_null = lua_topointer(L, -1) == null_mt;
+        lua_pop(L, 1);
+      }
+      if (is_null) {
+        lua_pop(L, 1);                                /* key */
+        lua_pushvalue(L, -1);
+        tide__push_json_null(L);                      /* (made already: it decoded the copies) */
+        lua_rawset(L, t);                             /* an existing key: no allocation */
+        continue;
+      }
+      if (depth > 0) unify_nulls(L, lua_gettop(L), null_mt, depth - 1);
+    }
+    lua_pop(L, 1);
+  }
+}
+
+/* The value on top, decoded from bytes with copies of null in it: each
+ * copy, itself included, becomes L's null.  Never raises. */
+static void unify_value(lua_State *L) {
+  if (!lua_istable(L, -1) || !lua_checkstack(L, 4)) return;
+  int v = lua_gettop(L);
+  tide__push_json_null(L);                            /* v, null (made already) */
+  lua_getmetatable(L, -1);
+  const void *null_mt = lua_topointer(L, -1);
+  lua_pop(L, 1);                                      /* v, null */
+  int is_null = 0;
+  if (lua_getmetatable(L, v)) {
+    is_null = lua_topointer(L, -1) == null_mt;
+    lua_pop(L, 1);
+  }
+  if (is_null) {
+    lua_replace(L, v);                                /* null in the copy's place */
+    return;
+  }
+  lua_pop(L, 1);                                      /* v */
+  unify_nulls(L, v, null_mt, TIDE_CODEC_DEPTH);
+}
+
 static int lj_get(lua_State *L, const char *data, size_t len, size_t at, char *err, size_t errlen) {
-  if (lj_check(data, len, at, err, errlen)) return -1;
+  size_t nulls = 0;
+  if (lj_check(data, len, at, &nulls, err, errlen)) return -1;
   if (!lua_checkstack(L, 4)) return refuse(err, errlen, 0, "Lua stack overflow");
   if (push_lj(L, LJ_DECODE) != 0) return refuse(err, errlen, 0, "out of memory");
   lua_pushlstring(L, data, len);
   int rc = lua_pcall(L, 1, 1, 0);
-  if (rc == 0) return 0;
+  if (rc == 0) {
+    if (nulls) unify_value(L);
+    return 0;
+  }
   if (rc == LUA_ERRMEM) lua_error(L);     /* "not enough memory" raised again (as a run-time error:
                                            * the API has no other): not the bytes' fault */
   const char *why = lua_tostring(L, -1);
+  static const char chunk[] = "tide.codec_lj:";     /* (the position LJ_FUNCTIONS' line gives it) */
+  if (why && strncmp(why, chunk, sizeof chunk - 1) == 0 && strstr(why, ": ")) why = strstr(why, ": ") + 2;
   refuse(err, errlen, at, why ? why : "an error");
   lua_pop(L, 1);
   return -1;

@@ -103,6 +103,8 @@ static int l_decode_list(lua_State *L) {
 }
 
 int tide__open_codec(lua_State *L) {
+  lua_pushcfunction(L, tide__l_json_marks);
+  lua_setfield(L, -2, "json_marks");
   shared *sh = lua_newuserdata(L, sizeof *sh);        /* t, shared */
   tide__buf_init(&sh->buf);
   sh->busy = 0;

@@ -405,6 +405,8 @@ static int open_state(lua_State *L) {
   luaL_register(L, NULL, thread_funcs);
   lua_pushinteger(L, w->index);
   lua_setfield(L, -2, "thread");
+  tide__push_json_null(L);                  /* what tide.json.null crosses as (codec_marks.c) */
+  lua_setfield(L, -2, "null");
   lua_pushvalue(L, -1);
   lua_setfield(L, -3, "tide");              /* package.loaded.tide */
   if (luaL_loadbuffer(L, GUARD_FINALIZERS, sizeof GUARD_FINALIZERS - 1, "=tide.finalizers") != 0)

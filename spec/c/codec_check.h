@@ -136,6 +136,54 @@ __attribute__((unused)) static int unordered_round_trip(const char *src, tide_bu
   return good;
 }
 
+/* tide.json's markers, crossed by encode (tide__encode_local or tide__encode)
+ * and decode: a value with null (at the top, in arrays and records, as a
+ * record's field) and empty and full arrays, `n` records long (large: the
+ * thread hand-off's serializer), comes back with B's own null in each
+ * place (the same table) and B's arrays' metatable on each array. */
+static inline int marks_cross(int n, int (*encode)(lua_State *, int, const char *, tide_buf *, char *, size_t),
+                              int (*decode)(lua_State *, const char *, size_t, char *, size_t)) {
+  char src[512];
+  tide_buf b;
+  char err[256] = "";
+  tide__buf_init(&b);
+  tide__push_json_null(A);
+  lua_setglobal(A, "null");
+  tide__push_json_array_mt(A);
+  lua_setglobal(A, "amt");
+  snprintf(src, sizeof src,
+           "local list = {} "
+           "for i = 1, %d do list[i] = { id = i, note = null, tags = setmetatable({}, amt), "
+           "  more = setmetatable({ 1, null, 3 }, amt) } end "
+           "return { null, list = setmetatable(list, amt), top = null, [2] = 'x' }", n);
+  eval(A, src);
+  int good = encode(A, -1, "args", &b, err, sizeof err) == 0 &&
+             decode(B, b.data, b.len, err, sizeof err) == 0;
+  lua_pop(A, 1);
+  if (good) {
+    lua_setglobal(B, "v");
+    tide__push_json_null(B);
+    lua_setglobal(B, "null");
+    tide__push_json_array_mt(B);
+    lua_setglobal(B, "amt");
+    snprintf(src, sizeof src,
+             "if not (rawequal(v[1], null) and rawequal(v.top, null) and v[2] == 'x' "
+             "        and getmetatable(v.list) == amt and #v.list == %d) then return false end "
+             "for i, r in ipairs(v.list) do "
+             "  if not (r.id == i and rawequal(r.note, null) and getmetatable(r.tags) == amt and next(r.tags) == nil "
+             "          and getmetatable(r.more) == amt and r.more[1] == 1 and rawequal(r.more[2], null) "
+             "          and r.more[3] == 3) then return false end "
+             "end "
+             "return tostring(null) == 'null' and not pcall(function() null.x = 1 end)", n);
+    good = luaL_loadstring(B, src) == 0 && lua_pcall(B, 0, 1, 0) == 0 && lua_toboolean(B, -1);
+    if (!good) snprintf(err, sizeof err, "%s", lua_isstring(B, -1) ? lua_tostring(B, -1) : "not the same");
+    lua_settop(B, 0);
+  }
+  if (!good) printf("# %s\n", err);
+  tide__buf_free(&b);
+  return good;
+}
+
 static uint64_t rng = 0x9e3779b97f4a7c15u;
 
 static uint64_t next_random(void) {

@@ -483,8 +483,21 @@ static void test_binding(void) {
          "return #codec.decode(s) == 200000 and codec.decode(codec.encode(7)) == 7");
 }
 
+/* tide.json's null and arrays, between processes (tide__encode and
+ * tide__decode): B's own in their places.  A T_ARRAY whose table is cut
+ * short is refused as any table would be. */
+static void test_json_marks(void) {
+  ok(marks_cross(3, tide__encode_unordered, tide__decode), "tide.json's null and arrays cross (unordered)");
+  ok(marks_cross(300, tide__encode, tide__decode), "tide.json's null and arrays cross (canonical)");
+  char err[256] = "";
+  const char cut[] = { 11, 2, 0, 2 };                 /* T_ARRAY, narr 2, nhash 0, one value of two */
+  ok(tide__decode(B, cut, sizeof cut, err, sizeof err) == -1 && lua_gettop(B) == 0,
+     "a JSON array cut short is refused (%s)", err);
+}
+
 int main(void) {
   if (open_states() != 0) return 2;
+  test_json_marks();
   test_round_trips();
   test_unordered();
   test_canonical();

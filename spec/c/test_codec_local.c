@@ -162,7 +162,11 @@ static void test_malformed(void) {
   bad_local("a count beyond the input", "\x09\x0c\xff\xff\xff\xff\x7f", 7,
             "bad encoding at byte 1: table counts more values than bytes left");
   bad_local("a dictionary string", "\x09\x0f\x00", 3, "bad encoding at byte 1: unknown tag");
-  bad_local("a dictionary metatable", "\x09\x0e\x00\x08", 4, "bad encoding at byte 1: unknown tag");
+  bad_local("a dictionary metatable past tide.json's two", "\x09\x0e\x02\x08", 4,
+            "bad encoding at byte 1: bad metatable reference");
+  bad_local("a dictionary metatable on a string", "\x09\x0e\x00\x21" "a", 5,
+            "bad encoding at byte 1: bad metatable reference");
+  bad_local("a dictionary metatable cut short", "\x09\x0e", 2, "bad encoding at byte 2: truncated");
   bad_local("a tag no version writes", "\x09\x13", 2, "bad encoding at byte 1: unknown tag");
   bad_local("trailing bytes", "\x09\x00\x00", 3, "bad encoding at byte 2: trailing bytes after the value");
   bad_local("a nil key", "\x09\x09\x01\x00\x02", 5, "bad encoding at byte 1: table index is nil");
@@ -318,8 +322,18 @@ static void test_ffi_without_require(void) {
   tide__buf_free(&b);
 }
 
+/* tide.json's null and arrays cross as B's own, by either codec: they
+ * came back as plain empty tables (a method saw {} for null, and `[]`
+ * encoded as `{}`). */
+static void test_json_marks(void) {
+  ok(marks_cross(1, tide__encode_local, tide__decode_local), "tide.json's null and arrays cross (small)");
+  ok(marks_cross(200, tide__encode_local, tide__decode_local),
+     "tide.json's null and arrays cross (large: by LuaJIT's serializer)");
+}
+
 int main(void) {
   if (open_states() != 0) return 2;
+  test_json_marks();
   test_which_codec();
   test_what_only_luajit_takes();
   test_refusals();

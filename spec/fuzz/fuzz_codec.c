@@ -1,6 +1,6 @@
 /* fuzz_codec.c — libFuzzer target: decode any bytes; whatever decodes must re-encode to a fixed point.
  *
- * fuzz-sources: src/codec.c src/codec_decode.c
+ * fuzz-sources: src/codec.c src/codec_decode.c src/codec_marks.c
  *
  * For input X that decodes to V1: E1 = encode(V1) must succeed (V1 came out of
  * the decoder, so it holds nothing the encoder refuses), E1 must decode to V2,

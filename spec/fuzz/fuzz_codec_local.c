@@ -1,6 +1,6 @@
 /* fuzz_codec_local.c — libFuzzer target: LuaJIT's serialization as threads hand it over (codec_lj.c), read from any bytes.
  *
- * fuzz-sources: src/codec.c src/codec_decode.c src/codec_lj.c
+ * fuzz-sources: src/codec.c src/codec_decode.c src/codec_lj.c src/codec_marks.c
  *
  * The input, after the tag byte T_LUAJIT, goes to tide__decode_local and
  * tide__decode_list_local.  Neither may crash, however deep, long or

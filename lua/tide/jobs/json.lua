@@ -38,12 +38,10 @@ local M = {}
 
 M.MAX_DEPTH = 1000
 
-M.null = setmetatable({}, { __tostring = function() return "null" end, __newindex = function()
-  error("tide.json.null is read-only", 2)
-end })
+-- null and the arrays' metatable are the core's (src/codec_marks.c), so
+-- that they cross to thread and process tasks as themselves.
+M.null, M.array_mt = require("tide.core").json_marks()
 local null = M.null
-
-M.array_mt = { __name = "tide.json.array" }
 local array_mt = M.array_mt
 
 --- Marks `t` (or a new table) as a JSON array, so that it encodes as one even
