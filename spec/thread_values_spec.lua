@@ -110,6 +110,29 @@ describe("values crossing to a thread", function()
     for i = 1, 200 do assert.equal(1, calls[i]) end
   end)
 
+  it("crosses tide.json's null and arrays both ways, small and large, as each side's own", function()
+    local json = tide.json
+    spec_helper.run(function()
+      for _, n in ipairs{ 1, 300 } do
+        local list = {}
+        for i = 1, n do list[i] = { id = i, note = json.null, tags = json.array() } end
+        local st, back, made = tide.spawn{ mode = "thread", args = { list }, run = function(l)
+          local here = require "tide"
+          for _, r in ipairs(l) do
+            assert(rawequal(r.note, here.null) and getmetatable(r.tags) ~= nil, "not the thread's own")
+          end
+          return l, { items = here.array(), none = here.null, some = here.array{ 1, here.null } }
+        end }:await()
+        assert.equal("ok", st, back)
+        assert.is_true(rawequal(back[n].note, json.null))
+        assert.equal("[]", json.encode(back[n].tags))
+        assert.equal('[1,null]', json.encode(made.some))
+        assert.equal('[]', json.encode(made.items))
+        assert.is_true(rawequal(made.none, json.null))
+      end
+    end)
+  end)
+
   it("names the path to what cannot cross in a large value, at the caller's line", function()
     local big = records(2000)
     big.users[1500].cb = print

@@ -115,8 +115,23 @@ static int t_log(lua_State *L) {
   return 0;
 }
 
+/* array([t]) -> t: marks t (or a new table) as a JSON array, as
+ * tide.json.array does: it crosses back as one, `[]` when empty. */
+static int t_array(lua_State *L) {
+  if (lua_isnoneornil(L, 1)) {
+    lua_settop(L, 0);
+    lua_newtable(L);
+  }
+  luaL_argcheck(L, lua_istable(L, 1), 1, "table or nil expected");
+  lua_settop(L, 1);
+  tide__push_json_array_mt(L);
+  lua_setmetatable(L, 1);
+  return 1;
+}
+
 static const luaL_Reg thread_funcs[] = {
-  { "now", t_now }, { "sleep", t_sleep }, { "check", t_check }, { "log", t_log }, { NULL, NULL }
+  { "now", t_now }, { "sleep", t_sleep }, { "check", t_check }, { "log", t_log }, { "array", t_array },
+  { NULL, NULL }
 };
 
 /* ===== failing a job from C (when Lua cannot be used) */
