@@ -118,4 +118,60 @@ describe("review storm: a finalizer run inside the engine's writes of several st
     assert.equal(0, status, out)
     assert.matches("^first, second\n", out)
   end)
+
+  it("keeps every task in the live list when a task is spawned at any line of its updates", function()
+    -- The engine's list of live tasks (what a shutdown cancels) is written in several
+    -- steps by new_task (a slot, then its entry), by finish (the finished tasks at its
+    -- end dropped) and by compact_live (the finished ones in the middle dropped); a
+    -- finalizer may spawn in between.  Here a task is spawned once at each line of each
+    -- in turn, in a run that takes all three paths, and must then be in the list.
+    -- (The JIT is off: a line hook does not run in compiled code, and which lines a
+    -- trace covers varies from run to run.)
+    local status, out = H.run_lua(dir, "live.lua", AT .. [[
+      jit.off()
+      local tide = require "tide"
+      local S = require "tide.engine.sched"
+      local shutdown = require "tide.engine.shutdown"
+      local finish = upvalue(S.start, "finish")
+      local targets = { new_task = S.new_task, compact_live = upvalue(S.new_task, "compact_live"), finish = finish,
+                        trim_live = upvalue(finish, "trim_live") }
+      local live_tasks = assert(upvalue(shutdown.shutdown, "live_tasks"))
+      local tried, lost, refused = 0, {}, 0
+      for name, fn in pairs(targets) do
+        local info = debug.getinfo(fn, "S")
+        for line = info.linedefined, info.lastlinedefined do
+          local x, hit
+          tide.run(function()
+            tide.spawn(function() tide.sleep(30) end)            -- the oldest: finished ones pile up behind it
+            debug.sethook(function(_, l)
+              if not hit and l == line and debug.getinfo(2, "f").func == fn then
+                hit = true
+                debug.sethook()
+                local ok, t = pcall(tide.spawn, function() tide.sleep(60000) end)
+                if ok then x = t else refused = refused + 1 end
+              end
+            end, "l")
+            for _ = 1, 150 do tide.spawn(function() end) end
+            tide.spawn(function() tide.sleep(2) end)
+            tide.sleep(1)                                        -- the 150 end, in the middle of the list
+            for _ = 1, 150 do tide.spawn(function() end) end     -- these compact it; the last ends youngest
+            tide.sleep(5)
+            debug.sethook()
+            if x then
+              tried = tried + 1
+              local found = false
+              for _, t in ipairs(live_tasks()) do found = found or rawequal(t, x) end
+              if not found then lost[#lost + 1] = name .. ":" .. line end
+              x:cancel()
+            end
+          end)
+        end
+      end
+      print(("tried %d lost %d refused %d %s"):format(tried, #lost, refused, table.concat(lost, " ")))
+    ]], 120)
+    assert.equal(0, status, out)
+    local tried, lost = out:match("tried (%d+) lost (%d+)")
+    assert.is_true(tonumber(tried) >= 40, out)
+    assert.equal("0", lost, out)
+  end)
 end)

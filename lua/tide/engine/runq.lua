@@ -170,6 +170,7 @@ local new_table = (function()
   local ok, tnew = pcall(require, "table.new")
   return ok and tnew or function() return {} end
 end)()
+M.new_table = new_table
 
 -- A timer started or stopped during the copy (by a finalizer: see the
 -- header) would be lost, its slots written into the array being replaced,

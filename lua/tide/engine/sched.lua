@@ -79,9 +79,19 @@ local next_id = 0
 -- arguments go at its end): with a slack of 1,024 and those kept, a flow
 -- run 400 times inside one task kept every run.  nlive counts the tasks
 -- really live.
+--
+-- Code may run amid these writes and spawn (a finalizer: see
+-- tide.engine.runq's header), so each is done in steps that such a spawn
+-- cannot undo: new_task takes its slot before it fills it; the list is
+-- not compacted nor trimmed while a slot is being filled, nor compacted
+-- while its end is trimmed (`live_busy`): a compaction replaces the array
+-- those write into, and an empty slot looks like a hole; a compaction or
+-- a trim that finds an entry added meanwhile leaves the count alone (a
+-- trim's cleared slots then stay as holes, which both skip).
 local live, live_n, nlive = {}, 0, 0
+local live_busy = 0
 local LIVE_SLACK = 64
-local compact_live
+local compact_live, trim_live
 
 local stats = { spawned = 0, ok = 0, error = 0, timeout = 0, cancelled = 0, retries = 0 }
 S.stats = stats
@@ -489,9 +499,7 @@ local function finish(t, status, ...)
   t[VALUE] = value
   if values then t[VALUES] = values end
   nlive = nlive - 1
-  if live[live_n] == t then            -- the youngest: it and the finished ones before it leave the list
-    repeat live[live_n], live_n = nil, live_n - 1 until live_n == 0 or not TERMINAL[live[live_n][STATE]]
-  end
+  if live[live_n] == t then trim_live() end   -- the youngest: it and the finished ones before it leave the list
   stats[status] = stats[status] + 1
   end_attempt(t)
   local w = t[WAITERS]
@@ -819,14 +827,36 @@ end
 
 -- ===== the lifecycle's public face
 
-function compact_live()
-  local j = 0
-  for i = 1, live_n do
-    local t = live[i]
-    if not TERMINAL[t[STATE]] then j = j + 1; live[j] = t end
+--- Drops the finished tasks at the end of the live list.
+function trim_live()
+  if live_busy > 0 then return end            -- (a slot being filled would look like a hole: later)
+  live_busy = 1
+  local top = live_n
+  local n = top
+  while n > 0 do
+    local t = live[n]
+    if t and not TERMINAL[t[STATE]] then break end
+    n = n - 1
   end
-  for i = j + 1, live_n do live[i] = nil end
-  live_n = j
+  for i = top, n + 1, -1 do live[i] = nil end
+  if live_n == top then live_n = n end         -- (else a task was added after them: they stay holes)
+  live_busy = 0
+end
+
+--- Drops the finished tasks (and holes) from the live list, into a new
+--- array; not while the list is being written, nor if a task was added
+--- or trimmed meanwhile (then the next spawn tries again).
+function compact_live()
+  if live_busy > 0 then return end
+  live_busy = 1
+  local n = live_n
+  local kept, j = runq.new_table(nlive, 0), 0
+  for i = 1, n do
+    local t = live[i]
+    if t and not TERMINAL[t[STATE]] then j = j + 1; kept[j] = t end
+  end
+  if live_n == n then live, live_n = kept, j end
+  live_busy = 0
 end
 
 local Task = {}
@@ -848,9 +878,16 @@ function S.new_task(fn, opt)
   -- this order, and why the last is false, not nil).
   local t = setmetatable({ [0] = 0, 0, nil, "pending", false, false, false, false, false }, Task_mt)
   t[ID], t[FN], t[OPT] = next_id, fn, opt or false
-  nlive, live_n = nlive + 1, live_n + 1
-  live[live_n] = t
-  if live_n > 2 * nlive + LIVE_SLACK then compact_live() end
+  live_busy = live_busy + 1
+  -- The slot is ours from here: a spawn nested after this line takes the
+  -- next.  (One line: nothing runs between the count's write and its read,
+  -- as no allocation nor guard that can fail comes between them, and a line
+  -- hook, which review_storm_spec runs a spawn from, comes only at a line.)
+  live_n = live_n + 1; local n = live_n
+  nlive = nlive + 1
+  live[n] = t
+  live_busy = live_busy - 1
+  if n > 2 * nlive + LIVE_SLACK then compact_live() end
   stats.spawned = stats.spawned + 1
   return t
 end
@@ -892,8 +929,11 @@ end
 --- The live tasks, oldest first (a copy: finishing them changes `live`).
 local function live_by_id()
   compact_live()
-  local list = {}
-  for i = 1, live_n do list[i] = live[i] end
+  local list, j = {}, 0
+  for i = 1, live_n do                        -- (holes and finished ones, if it could not compact)
+    local t = live[i]
+    if t and not TERMINAL[t[STATE]] then j = j + 1; list[j] = t end
+  end
   return list
 end
 
