@@ -221,4 +221,29 @@ describe("tide.jobs.store.pg_conn", function()
       .. "it back at COMMIT); to go on after a statement that may fail, run it in a nested q:transaction "
       .. "(a savepoint)", err)
   end)
+
+  -- The store's own transactions (postgres.lua's in_tx, record) end with
+  -- pcall(c.finish, c, "ROLLBACK") and c.tx = false, whether or not that
+  -- ROLLBACK got through.  A connection lost between the failed statement
+  -- and its ROLLBACK kept the abort past the transaction: every later
+  -- statement on that pooled (or worker's) connection raised "current
+  -- transaction is aborted", for ever, instead of connecting again.
+  it("forgets a failed statement's abort once its transaction is over, even when the ROLLBACK was lost", function()
+    local c = pg_conn.new(URL, "conn")
+    local rolled, later_ok, later
+    H.run(function()
+      local pid = c:query("SELECT pg_backend_pid() AS pid").rows[1].pid
+      c:begin()
+      assert.is_false((pcall(c.query, c, "SELECT 1 / 0")))
+      terminate(pid)
+      rolled = pcall(c.finish, c, "ROLLBACK")  -- (as in_tx and record do)
+      c.tx = false
+      later_ok, later = pcall(c.query, c, "SELECT 2 AS two")
+    end)
+    c:close()
+    assert.is_false(rolled)
+    assert(later_ok, later)
+    assert.equal(2, later.rows[1].two)
+    assert.is_false(c:failed())
+  end)
 end)

@@ -135,7 +135,11 @@ end
 --- The first error of a statement that aborted the transaction (see
 --- tide.jobs.store.common), or false.  ROLLBACK TO a savepoint clears it:
 --- call this first.
-function Conn:failed() return self.aborted end
+--- (Only while the transaction is open: tide's own transactions end with
+--- pcall(c.finish, c, "ROLLBACK") and c.tx = false, and a ROLLBACK that was
+--- lost with the connection left `aborted` set, which refused every later
+--- statement on that connection for ever.)
+function Conn:failed() return self.tx and self.aborted or false end
 function Conn:recovered() self.aborted = false end
 
 --- Ends the transaction with `sql` (COMMIT or ROLLBACK): a round trip,
@@ -423,7 +427,7 @@ local function query(self, name, sql, ...)
   -- anything is sent.  (isyieldable, not the wait's own check: a builtin,
   -- where that one costs ~1200 instructions, and the stack is deep here.)
   if t and not isyieldable() then error(self.name .. S.IN_C_CALL, 0) end
-  if self.aborted and not self.ending then error(common.aborted(self.name, self.aborted), 0) end
+  if self.aborted and self.tx and not self.ending then error(common.aborted(self.name, self.aborted), 0) end
   if name ~= COPY then check_statement(self, sql, ...) end
   self.running = t and { t, S.attempt_of(t) } or true
   self.replanned = false
