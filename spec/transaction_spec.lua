@@ -294,6 +294,38 @@ describe("transactions on " .. store.name, function()
     end)
   end)
 
+  if not pg then
+    -- Some failures make SQLite roll the whole transaction back, not the
+    -- statement alone (an OR ROLLBACK conflict, RAISE(ROLLBACK) in a
+    -- trigger, a full disk): inside a nested q:transaction its ROLLBACK TO
+    -- found no savepoint ("no such savepoint: tide_2"), cleared the abort,
+    -- and the statements after it ran outside any transaction, each
+    -- committed at once, while q:transaction reported "commit failed".
+    it("refuses every statement after SQLite rolled the whole transaction back inside a nested q:transaction", function()
+      local inner_ok, inner_err, later_ok, later_err
+      local ok, err = pcall(q.transaction, q, function(tx)
+        tx:exec("CREATE TABLE uniq (x INTEGER UNIQUE)")
+        tx:exec("INSERT INTO effects (task, step) VALUES (1, 1)")
+        inner_ok, inner_err = pcall(q.transaction, q, function(tx2)
+          tx2:exec("INSERT INTO uniq VALUES (1)")
+          tx2:exec("INSERT OR ROLLBACK INTO uniq VALUES (1)")
+        end)
+        later_ok, later_err = pcall(tx.exec, tx, "INSERT INTO effects (task, step) VALUES (1, 2)")
+        return "done"
+      end)
+      assert.is_false(inner_ok)
+      assert.matches("UNIQUE constraint failed", inner_err, 1, true)
+      assert.is_false(later_ok)
+      assert.matches(ABORTED, later_err, 1, true)
+      assert.matches("UNIQUE constraint failed", later_err, 1, true)
+      assert.is_false(ok)
+      assert.same({ 0, 0 }, { rows_and_jobs() })
+      -- and the session serves the next transaction
+      q:transaction(function(tx) tx:exec("INSERT INTO effects (task, step) VALUES (2, 1)") end)
+      assert.same({ 1, 0 }, { rows_and_jobs() })
+    end)
+  end
+
   if pg then
     -- BEGIN is sent with a transaction's first statement, in one pipeline
     -- (tide.jobs.store.pg_conn): the statement must still run inside the
