@@ -294,6 +294,37 @@ describe("transactions on " .. store.name, function()
     end)
   end)
 
+  -- What the first-word check missed, each of which ended the transaction
+  -- under q:transaction's feet: an empty statement first (";COMMIT", both
+  -- stores skip it and commit), a nested comment (PostgreSQL nests them,
+  -- SQLite does not), a line comment ended by a CR (PostgreSQL), PREPARE TRANSACTION (PostgreSQL with
+  -- max_prepared_transactions: the rows held in limbo, the statements after
+  -- it committed one by one, q:transaction's commit reported).  And a name
+  -- that only begins like a keyword was taken for it ("end1": END).
+  it("refuses transaction control behind a leading ';', nested comments, and PREPARE TRANSACTION", function()
+    local refused = {}
+    q:transaction(function(tx)
+      tx:exec("INSERT INTO effects (task, step) VALUES (1, 1)")
+      for _, sql in ipairs{ ";COMMIT", " ; ;\n commit", "/* a */;/* b */ END", "/* /* */ */ COMMIT",
+                            "/* /* */ COMMIT", "PREPARE TRANSACTION 'x'", "prepare\n transaction 'x'",
+                            "PREPARE /* c */ TRANSACTION 'x'", "-- c\rCOMMIT" } do
+        local ok, err = pcall(tx.exec, tx, sql)
+        refused[#refused + 1] = not ok and err:match("^tx:exec: bad argument #1 %(a statement other than "
+          .. "BEGIN, COMMIT, ROLLBACK, SAVEPOINT or RELEASE expected") and true or (ok and "ran" or err)
+      end
+      tx:exec("INSERT INTO effects (task, step) VALUES (1, 2)")
+    end)
+    for i, r in ipairs(refused) do assert.equal(true, r, "statement " .. i) end
+    assert.same({ 2, 0 }, { rows_and_jobs() })
+    -- the store's own error for a name that is no keyword (in a savepoint: it aborts)
+    local err
+    q:transaction(function()
+      err = select(2, pcall(q.transaction, q, function(tx2) tx2:exec("end1") end))
+    end)
+    assert.not_matches("bad argument", err, 1, true)
+    assert.matches("syntax error", err, 1, true)
+  end)
+
   if not pg then
     -- Some failures make SQLite roll the whole transaction back, not the
     -- statement alone (an OR ROLLBACK conflict, RAISE(ROLLBACK) in a
