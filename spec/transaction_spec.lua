@@ -428,6 +428,43 @@ describe("transactions on " .. store.name, function()
       local rows = q:transaction(function(tx) return tx:query("SELECT task, step FROM effects") end)
       assert.same({ { task = 2, step = 1 } }, rows)
     end)
+
+    -- The first statement of a transaction connects when the pool's
+    -- connection was closed while idle.  A connect that failed failed the
+    -- statement without aborting the transaction (the connection was gone,
+    -- and with it the mark): the next statement connected, began the
+    -- transaction without the first, and q:transaction committed it.
+    it("aborts a transaction whose first statement failed to connect: the next ones refused, no commit", function()
+      local admin = require("tide.jobs.store.postgres").connect(url)
+      admin:query("DROP DATABASE IF EXISTS tide_first_connect")
+      admin:query("CREATE DATABASE tide_first_connect")
+      local one = tide.queue.open((url:gsub("/[^/?]*$", "/tide_first_connect")), { pool = 1 })
+      local first, second, ok, err, rows
+      local status, serr = tide.run(function()
+        one:transaction(function(tx) tx:exec("CREATE TABLE kept (x INTEGER)") end)
+        local pid = one:transaction(function(tx) return tx:query("SELECT pg_backend_pid() AS pid")[1].pid end)
+        admin:query("ALTER DATABASE tide_first_connect WITH ALLOW_CONNECTIONS false")
+        admin:query("SELECT pg_terminate_backend($1)", pid)
+        tide.sleep(50)
+        ok, err = pcall(one.transaction, one, function(tx)
+          first = select(2, pcall(tx.exec, tx, "INSERT INTO kept VALUES (1)"))
+          admin:query("ALTER DATABASE tide_first_connect WITH ALLOW_CONNECTIONS true")
+          second = select(2, pcall(tx.exec, tx, "INSERT INTO kept VALUES (2)"))
+          return "done"
+        end)
+        rows = one:transaction(function(tx) return tx:query("SELECT x FROM kept") end)
+      end)
+      one:close()
+      admin:query("ALTER DATABASE tide_first_connect WITH ALLOW_CONNECTIONS true")
+      admin:query("DROP DATABASE tide_first_connect WITH (FORCE)")
+      admin:close()
+      assert(status == "ok", tostring(serr))
+      assert.matches("not currently accepting connections", tostring(first), 1, true)
+      assert.matches("current transaction is aborted.*not currently accepting connections", tostring(second))
+      assert.is_false(ok)
+      assert.matches("q:transaction: commit failed: .*rolled back, not committed", tostring(err))
+      assert.same({}, rows)
+    end)
   end
 end)
 end

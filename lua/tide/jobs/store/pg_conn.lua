@@ -146,11 +146,11 @@ function Conn:recovered() self.aborted = false end
 --- unless no statement ran in it.  Raises when the statement fails (the
 --- transaction is then still open: roll it back).
 function Conn:finish(sql)
+  if sql == "COMMIT" and self.aborted then error(common.rolled_back(self.name, self.aborted), 0) end
   if self.begin_next then
-    self.begin_next, self.tx = false, false
+    self.begin_next, self.tx, self.aborted = false, false, false
     return
   end
-  if sql == "COMMIT" and self.aborted then error(common.rolled_back(self.name, self.aborted), 0) end
   self.ending = sql
   local ok, res = pcall(self.query, self, sql)
   self.ending = false
@@ -442,7 +442,11 @@ local function query(self, name, sql, ...)
   end
   self.running = false
   if not ok then
-    if self.tx and self.pg and not self.ending and not self.aborted then self.aborted = res end   -- (lost: says so)
+    -- (Lost mid-transaction: live() refuses what follows, saying so.  Not
+    -- begun yet, as when the first statement's connect failed: nothing
+    -- would refuse the next one, which connected and began the transaction
+    -- without this one, and its COMMIT went through.)
+    if self.tx and (self.pg or self.begin_next) and not self.ending and not self.aborted then self.aborted = res end
     error(res, 0)
   end
   return res
