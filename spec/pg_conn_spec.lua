@@ -246,4 +246,28 @@ describe("tide.jobs.store.pg_conn", function()
     assert.equal(2, later.rows[1].two)
     assert.is_false(c:failed())
   end)
+
+  -- A caller that ends its own transaction with pcall(session.rollback,
+  -- session) and gives the connection back as it is (queue_flows.sweep,
+  -- through worker_call: never "broken") left it inside a transaction when
+  -- that ROLLBACK met a connection lost: every later statement on it raised
+  -- "connection lost during a transaction", for ever, instead of
+  -- connecting again.  The server rolls back a closed session's
+  -- transaction: the ROLLBACK happened all the same.
+  it("ends the transaction when its ROLLBACK finds the connection lost: the next statement connects again", function()
+    local c = pg_conn.new(URL, "conn")
+    local rolled, later_ok, later
+    H.run(function()
+      local pid = c:query("SELECT pg_backend_pid() AS pid").rows[1].pid
+      c:begin()
+      c:query("SELECT 1")
+      terminate(pid)
+      rolled = pcall(c.finish, c, "ROLLBACK")
+      later_ok, later = pcall(c.query, c, "SELECT 2 AS two")
+    end)
+    c:close()
+    assert.is_false(rolled)
+    assert(later_ok, later)
+    assert.equal(2, later.rows[1].two)
+  end)
 end)

@@ -154,7 +154,16 @@ function Conn:finish(sql)
   self.ending = sql
   local ok, res = pcall(self.query, self, sql)
   self.ending = false
-  if not ok then error(res, 0) end
+  if not ok then
+    -- A ROLLBACK whose connection is gone happened all the same (the server
+    -- rolls back what a closed session had open): the transaction is over,
+    -- and the next statement connects again.  Left open, every statement
+    -- raised "connection lost during a transaction" until the pool reset
+    -- the connection, which a caller ending its own transaction with
+    -- pcall(session.rollback, session) never asks for (queue_flows.sweep).
+    if sql == "ROLLBACK" and not self.pg then self.tx, self.begin_next, self.aborted = false, false, false end
+    error(res, 0)
+  end
   -- The server ends an aborted transaction's COMMIT with ROLLBACK, and no
   -- error: never taken for a commit, whatever aborted it.
   if sql == "COMMIT" and res.command == "ROLLBACK" then
