@@ -222,8 +222,8 @@ local CONTROL = { BEGIN = true, START = true, COMMIT = true, END = true, ROLLBAC
 --- The first two words of `sql` (from byte `at`) in capitals, after blanks,
 --- comments and empty statements (";": both stores skip them).  When
 --- `nested` (PostgreSQL) block comments nest and a line comment ends at a
---- CR too; not otherwise (SQLite): the caller asks both ways.  A word is a name's whole run of letters, digits,
---- _ and $ ("end1" is no END).
+--- CR too; not otherwise (SQLite): the caller asks both ways.  A word is a
+--- name's whole run of letters, digits, _ and $ ("end1" is no END).
 local function words(sql, nested, at, n)
   n = n or 1
   while true do
