@@ -221,4 +221,53 @@ describe("tide.jobs.store.pg_conn", function()
       .. "it back at COMMIT); to go on after a statement that may fail, run it in a nested q:transaction "
       .. "(a savepoint)", err)
   end)
+
+  -- The store's own transactions (postgres.lua's in_tx, record) end with
+  -- pcall(c.finish, c, "ROLLBACK") and c.tx = false, whether or not that
+  -- ROLLBACK got through.  A connection lost between the failed statement
+  -- and its ROLLBACK kept the abort past the transaction: every later
+  -- statement on that pooled (or worker's) connection raised "current
+  -- transaction is aborted", for ever, instead of connecting again.
+  it("forgets a failed statement's abort once its transaction is over, even when the ROLLBACK was lost", function()
+    local c = pg_conn.new(URL, "conn")
+    local rolled, later_ok, later
+    H.run(function()
+      local pid = c:query("SELECT pg_backend_pid() AS pid").rows[1].pid
+      c:begin()
+      assert.is_false((pcall(c.query, c, "SELECT 1 / 0")))
+      terminate(pid)
+      rolled = pcall(c.finish, c, "ROLLBACK")  -- (as in_tx and record do)
+      c.tx = false
+      later_ok, later = pcall(c.query, c, "SELECT 2 AS two")
+    end)
+    c:close()
+    assert.is_false(rolled)
+    assert(later_ok, later)
+    assert.equal(2, later.rows[1].two)
+    assert.is_false(c:failed())
+  end)
+
+  -- A caller that ends its own transaction with pcall(session.rollback,
+  -- session) and gives the connection back as it is (queue_flows.sweep,
+  -- through worker_call: never "broken") left it inside a transaction when
+  -- that ROLLBACK met a connection lost: every later statement on it raised
+  -- "connection lost during a transaction", for ever, instead of
+  -- connecting again.  The server rolls back a closed session's
+  -- transaction: the ROLLBACK happened all the same.
+  it("ends the transaction when its ROLLBACK finds the connection lost: the next statement connects again", function()
+    local c = pg_conn.new(URL, "conn")
+    local rolled, later_ok, later
+    H.run(function()
+      local pid = c:query("SELECT pg_backend_pid() AS pid").rows[1].pid
+      c:begin()
+      c:query("SELECT 1")
+      terminate(pid)
+      rolled = pcall(c.finish, c, "ROLLBACK")
+      later_ok, later = pcall(c.query, c, "SELECT 2 AS two")
+    end)
+    c:close()
+    assert.is_false(rolled)
+    assert(later_ok, later)
+    assert.equal(2, later.rows[1].two)
+  end)
 end)

@@ -294,6 +294,69 @@ describe("transactions on " .. store.name, function()
     end)
   end)
 
+  -- What the first-word check missed, each of which ended the transaction
+  -- under q:transaction's feet: an empty statement first (";COMMIT", both
+  -- stores skip it and commit), a nested comment (PostgreSQL nests them,
+  -- SQLite does not), a line comment ended by a CR (PostgreSQL), PREPARE TRANSACTION (PostgreSQL with
+  -- max_prepared_transactions: the rows held in limbo, the statements after
+  -- it committed one by one, q:transaction's commit reported).  And a name
+  -- that only begins like a keyword was taken for it ("end1": END).
+  it("refuses transaction control behind a leading ';', nested comments, and PREPARE TRANSACTION", function()
+    local refused = {}
+    q:transaction(function(tx)
+      tx:exec("INSERT INTO effects (task, step) VALUES (1, 1)")
+      for _, sql in ipairs{ ";COMMIT", " ; ;\n commit", "/* a */;/* b */ END", "/* /* */ */ COMMIT",
+                            "/* /* */ COMMIT", "PREPARE TRANSACTION 'x'", "prepare\n transaction 'x'",
+                            "PREPARE /* c */ TRANSACTION 'x'", "-- c\rCOMMIT" } do
+        local ok, err = pcall(tx.exec, tx, sql)
+        refused[#refused + 1] = not ok and err:match("^tx:exec: bad argument #1 %(a statement other than "
+          .. "BEGIN, COMMIT, ROLLBACK, SAVEPOINT or RELEASE expected") and true or (ok and "ran" or err)
+      end
+      tx:exec("INSERT INTO effects (task, step) VALUES (1, 2)")
+    end)
+    for i, r in ipairs(refused) do assert.equal(true, r, "statement " .. i) end
+    assert.same({ 2, 0 }, { rows_and_jobs() })
+    -- the store's own error for a name that is no keyword (in a savepoint: it aborts)
+    local err
+    q:transaction(function()
+      err = select(2, pcall(q.transaction, q, function(tx2) tx2:exec("end1") end))
+    end)
+    assert.not_matches("bad argument", err, 1, true)
+    assert.matches("syntax error", err, 1, true)
+  end)
+
+  if not pg then
+    -- Some failures make SQLite roll the whole transaction back, not the
+    -- statement alone (an OR ROLLBACK conflict, RAISE(ROLLBACK) in a
+    -- trigger, a full disk): inside a nested q:transaction its ROLLBACK TO
+    -- found no savepoint ("no such savepoint: tide_2"), cleared the abort,
+    -- and the statements after it ran outside any transaction, each
+    -- committed at once, while q:transaction reported "commit failed".
+    it("refuses every statement after SQLite rolled the whole transaction back inside a nested q:transaction", function()
+      local inner_ok, inner_err, later_ok, later_err
+      local ok, err = pcall(q.transaction, q, function(tx)
+        tx:exec("CREATE TABLE uniq (x INTEGER UNIQUE)")
+        tx:exec("INSERT INTO effects (task, step) VALUES (1, 1)")
+        inner_ok, inner_err = pcall(q.transaction, q, function(tx2)
+          tx2:exec("INSERT INTO uniq VALUES (1)")
+          tx2:exec("INSERT OR ROLLBACK INTO uniq VALUES (1)")
+        end)
+        later_ok, later_err = pcall(tx.exec, tx, "INSERT INTO effects (task, step) VALUES (1, 2)")
+        return "done"
+      end)
+      assert.is_false(inner_ok)
+      assert.matches("UNIQUE constraint failed", inner_err, 1, true)
+      assert.is_false(later_ok)
+      assert.matches(ABORTED, later_err, 1, true)
+      assert.matches("UNIQUE constraint failed", later_err, 1, true)
+      assert.is_false(ok)
+      assert.same({ 0, 0 }, { rows_and_jobs() })
+      -- and the session serves the next transaction
+      q:transaction(function(tx) tx:exec("INSERT INTO effects (task, step) VALUES (2, 1)") end)
+      assert.same({ 1, 0 }, { rows_and_jobs() })
+    end)
+  end
+
   if pg then
     -- BEGIN is sent with a transaction's first statement, in one pipeline
     -- (tide.jobs.store.pg_conn): the statement must still run inside the
@@ -364,6 +427,43 @@ describe("transactions on " .. store.name, function()
       assert.matches("commit failed", tostring(errs[3]))
       local rows = q:transaction(function(tx) return tx:query("SELECT task, step FROM effects") end)
       assert.same({ { task = 2, step = 1 } }, rows)
+    end)
+
+    -- The first statement of a transaction connects when the pool's
+    -- connection was closed while idle.  A connect that failed failed the
+    -- statement without aborting the transaction (the connection was gone,
+    -- and with it the mark): the next statement connected, began the
+    -- transaction without the first, and q:transaction committed it.
+    it("aborts a transaction whose first statement failed to connect: the next ones refused, no commit", function()
+      local admin = require("tide.jobs.store.postgres").connect(url)
+      admin:query("DROP DATABASE IF EXISTS tide_first_connect")
+      admin:query("CREATE DATABASE tide_first_connect")
+      local one = tide.queue.open((url:gsub("/[^/?]*$", "/tide_first_connect")), { pool = 1 })
+      local first, second, ok, err, rows
+      local status, serr = tide.run(function()
+        one:transaction(function(tx) tx:exec("CREATE TABLE kept (x INTEGER)") end)
+        local pid = one:transaction(function(tx) return tx:query("SELECT pg_backend_pid() AS pid")[1].pid end)
+        admin:query("ALTER DATABASE tide_first_connect WITH ALLOW_CONNECTIONS false")
+        admin:query("SELECT pg_terminate_backend($1)", pid)
+        tide.sleep(50)
+        ok, err = pcall(one.transaction, one, function(tx)
+          first = select(2, pcall(tx.exec, tx, "INSERT INTO kept VALUES (1)"))
+          admin:query("ALTER DATABASE tide_first_connect WITH ALLOW_CONNECTIONS true")
+          second = select(2, pcall(tx.exec, tx, "INSERT INTO kept VALUES (2)"))
+          return "done"
+        end)
+        rows = one:transaction(function(tx) return tx:query("SELECT x FROM kept") end)
+      end)
+      one:close()
+      admin:query("ALTER DATABASE tide_first_connect WITH ALLOW_CONNECTIONS true")
+      admin:query("DROP DATABASE tide_first_connect WITH (FORCE)")
+      admin:close()
+      assert(status == "ok", tostring(serr))
+      assert.matches("not currently accepting connections", tostring(first), 1, true)
+      assert.matches("current transaction is aborted.*not currently accepting connections", tostring(second))
+      assert.is_false(ok)
+      assert.matches("q:transaction: commit failed: .*rolled back, not committed", tostring(err))
+      assert.same({}, rows)
     end)
   end
 end)

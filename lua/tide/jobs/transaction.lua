@@ -214,25 +214,47 @@ M.tx_state = tx_state
 local BINDABLE = { ["nil"] = true, boolean = true, number = true, string = true }
 
 -- Statements that would end, or open, a transaction under q:transaction's
--- feet (the first word, after blanks and comments).
+-- feet (the first word, after blanks, comments and empty statements), and
+-- PREPARE TRANSACTION (PostgreSQL: the transaction leaves the session).
 local CONTROL = { BEGIN = true, START = true, COMMIT = true, END = true, ROLLBACK = true, ABORT = true,
                   SAVEPOINT = true, RELEASE = true }
 
---- The first word of `sql` in capitals, after blanks and comments.
-local function first_word(sql)
-  local at = 1
+--- The first two words of `sql` (from byte `at`) in capitals, after blanks,
+--- comments and empty statements (";": both stores skip them).  When
+--- `nested` (PostgreSQL) block comments nest and a line comment ends at a
+--- CR too; not otherwise (SQLite): the caller asks both ways.  A word is a
+--- name's whole run of letters, digits, _ and $ ("end1" is no END).
+local function words(sql, nested, at, n)
+  n = n or 1
   while true do
-    local s = sql:match("^%s*()", at)
+    local s = sql:match("^[%s;]*()", at)
     if sql:sub(s, s + 1) == "--" then
-      at = (sql:find("\n", s, true) or #sql) + 1
+      at = (sql:find(nested and "[\n\r]" or "\n", s) or #sql) + 1
     elseif sql:sub(s, s + 1) == "/*" then
-      local stop = select(2, sql:find("*/", s + 2, true))
-      if not stop then return nil end
-      at = stop + 1
+      local depth, i = 1, s + 2
+      while depth > 0 do
+        local open, close = nested and sql:find("/*", i, true), sql:find("*/", i, true)
+        if not close then return nil end
+        if open and open < close then depth, i = depth + 1, open + 2
+        else depth, i = depth - 1, close + 2 end
+      end
+      at = i
     else
-      local word = sql:match("^[%a_]+", s)
-      return word and word:upper()
+      local word, after = sql:match("^([%a_\128-\255][%w_$\128-\255]*)()", s)
+      if not word then return nil end
+      word = word:upper()
+      if n == 2 then return word end
+      return word, words(sql, nested, after, 2)
     end
+  end
+end
+
+--- The control statement `sql` opens with, if any ("COMMIT", "PREPARE TRANSACTION").
+local function control(sql)
+  for _, nested in ipairs{ false, true } do
+    local first, second = words(sql, nested, 1)
+    if CONTROL[first] then return first end
+    if first == "PREPARE" and second == "TRANSACTION" then return "PREPARE TRANSACTION" end
   end
 end
 
@@ -247,8 +269,8 @@ local function check_statement(fname, sql, ...)
   if nul then
     error(("%s: bad argument #1 (SQL text expected, got a string with a NUL byte at byte %d)"):format(fname, nul), 3)
   end
-  local word = first_word(sql)
-  if CONTROL[word] then
+  local word = control(sql)
+  if word then
     error(("%s: bad argument #1 (a statement other than BEGIN, COMMIT, ROLLBACK, SAVEPOINT or RELEASE "
       .. "expected, got %s: q:transaction commits when its function returns and rolls back when it raises; "
       .. "a nested q:transaction is a savepoint)"):format(fname, word), 3)

@@ -135,22 +135,35 @@ end
 --- The first error of a statement that aborted the transaction (see
 --- tide.jobs.store.common), or false.  ROLLBACK TO a savepoint clears it:
 --- call this first.
-function Conn:failed() return self.aborted end
+--- (Only while the transaction is open: tide's own transactions end with
+--- pcall(c.finish, c, "ROLLBACK") and c.tx = false, and a ROLLBACK that was
+--- lost with the connection left `aborted` set, which refused every later
+--- statement on that connection for ever.)
+function Conn:failed() return self.tx and self.aborted or false end
 function Conn:recovered() self.aborted = false end
 
 --- Ends the transaction with `sql` (COMMIT or ROLLBACK): a round trip,
 --- unless no statement ran in it.  Raises when the statement fails (the
 --- transaction is then still open: roll it back).
 function Conn:finish(sql)
+  if sql == "COMMIT" and self.aborted then error(common.rolled_back(self.name, self.aborted), 0) end
   if self.begin_next then
-    self.begin_next, self.tx = false, false
+    self.begin_next, self.tx, self.aborted = false, false, false
     return
   end
-  if sql == "COMMIT" and self.aborted then error(common.rolled_back(self.name, self.aborted), 0) end
   self.ending = sql
   local ok, res = pcall(self.query, self, sql)
   self.ending = false
-  if not ok then error(res, 0) end
+  if not ok then
+    -- A ROLLBACK whose connection is gone happened all the same (the server
+    -- rolls back what a closed session had open): the transaction is over,
+    -- and the next statement connects again.  Left open, every statement
+    -- raised "connection lost during a transaction" until the pool reset
+    -- the connection, which a caller ending its own transaction with
+    -- pcall(session.rollback, session) never asks for (queue_flows.sweep).
+    if sql == "ROLLBACK" and not self.pg then self.tx, self.begin_next, self.aborted = false, false, false end
+    error(res, 0)
+  end
   -- The server ends an aborted transaction's COMMIT with ROLLBACK, and no
   -- error: never taken for a commit, whatever aborted it.
   if sql == "COMMIT" and res.command == "ROLLBACK" then
@@ -423,7 +436,7 @@ local function query(self, name, sql, ...)
   -- anything is sent.  (isyieldable, not the wait's own check: a builtin,
   -- where that one costs ~1200 instructions, and the stack is deep here.)
   if t and not isyieldable() then error(self.name .. S.IN_C_CALL, 0) end
-  if self.aborted and not self.ending then error(common.aborted(self.name, self.aborted), 0) end
+  if self.aborted and self.tx and not self.ending then error(common.aborted(self.name, self.aborted), 0) end
   if name ~= COPY then check_statement(self, sql, ...) end
   self.running = t and { t, S.attempt_of(t) } or true
   self.replanned = false
@@ -438,7 +451,11 @@ local function query(self, name, sql, ...)
   end
   self.running = false
   if not ok then
-    if self.tx and self.pg and not self.ending and not self.aborted then self.aborted = res end   -- (lost: says so)
+    -- (Lost mid-transaction: live() refuses what follows, saying so.  Not
+    -- begun yet, as when the first statement's connect failed: nothing
+    -- would refuse the next one, which connected and began the transaction
+    -- without this one, and its COMMIT went through.)
+    if self.tx and (self.pg or self.begin_next) and not self.ending and not self.aborted then self.aborted = res end
     error(res, 0)
   end
   return res

@@ -282,7 +282,13 @@ end
 --- Runs fn(...) (statements on s); a "database is locked" is tried again as
 --- the header says.  Returns fn's first three results.
 local function failed(s, err)
-  if s.in_tx and not s.aborted then s.aborted = err end      -- (tide.jobs.store.common: as on PostgreSQL)
+  if s.in_tx and not s.aborted then                          -- (tide.jobs.store.common: as on PostgreSQL)
+    -- (some failures roll the whole transaction back: an OR ROLLBACK
+    -- conflict, RAISE(ROLLBACK) in a trigger, a full disk; no savepoint
+    -- is left to go back to: see Session:rollback_to)
+    if s.db and not s.db:in_transaction() then err = err .. " (SQLite rolled the whole transaction back)" end
+    s.aborted = err
+  end
   error(err, 0)
 end
 
@@ -417,6 +423,12 @@ local function refuse_aborted(s) if s.aborted then error(common.aborted(s.name, 
 function Session:savepoint(n) refuse_aborted(self); self.db:exec("SAVEPOINT tide_" .. n) end
 function Session:release(n) refuse_aborted(self); self.db:exec("RELEASE tide_" .. n) end
 function Session:rollback_to(n)
+  if self.in_tx and not self.db:in_transaction() then
+    -- SQLite rolled the whole transaction back (see failed): what follows
+    -- would run outside any transaction, each statement committed at once.
+    self.aborted = self.aborted or "SQLite rolled the whole transaction back"
+    error(common.aborted(self.name, self.aborted), 0)
+  end
   self.aborted = false                        -- (the savepoint precedes any failure: it could not be made after)
   self.db:exec("ROLLBACK TO tide_" .. n .. "; RELEASE tide_" .. n)
 end
