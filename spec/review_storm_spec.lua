@@ -120,22 +120,22 @@ describe("review storm: a finalizer run inside the engine's writes of several st
   end)
 
   it("keeps every task in the live list when a task is spawned at any line of its updates", function()
-    -- The engine's list of live tasks (what a shutdown cancels) is written in several
-    -- steps by new_task (a slot, then its entry), by finish (the finished tasks at its
-    -- end dropped) and by compact_live (the finished ones in the middle dropped); a
-    -- finalizer may spawn in between.  Here a task is spawned once at each line of each
-    -- in turn, in a run that takes all three paths, and must then be in the list.
+    -- The engine's list of live tasks (what a shutdown cancels: tide.engine.live) is
+    -- written in several steps by add (a slot, then its entry), by remove's trim (the
+    -- finished tasks at its end dropped) and by compact (the finished ones in the middle
+    -- dropped); a finalizer may spawn in between.  Here a task is spawned once at each
+    -- line of each in turn (and of sched's new_task and finish, which call them), in a
+    -- run that takes every path, and must then be in the list.
     -- (The JIT is off: a line hook does not run in compiled code, and which lines a
     -- trace covers varies from run to run.)
     local status, out = H.run_lua(dir, "live.lua", AT .. [[
       jit.off()
       local tide = require "tide"
       local S = require "tide.engine.sched"
-      local shutdown = require "tide.engine.shutdown"
-      local finish = upvalue(S.start, "finish")
-      local targets = { new_task = S.new_task, compact_live = upvalue(S.new_task, "compact_live"), finish = finish,
-                        trim_live = upvalue(finish, "trim_live") }
-      local live_tasks = assert(upvalue(shutdown.shutdown, "live_tasks"))
+      local live = require "tide.engine.live"
+      local targets = { new_task = S.new_task, finish = upvalue(S.start, "finish"), add = live.add,
+                        remove = live.remove, compact = upvalue(live.add, "compact"), trim = upvalue(live.remove, "trim") }
+      local live_tasks = live.tasks
       local tried, lost, refused = 0, {}, 0
       for name, fn in pairs(targets) do
         local info = debug.getinfo(fn, "S")

@@ -40,6 +40,7 @@ local hooks = require "tide.engine.hooks"
 local fire = require "tide.engine.fire"
 local shutdown = require "tide.engine.shutdown"
 local fields = require "tide.engine.fields"
+local live = require "tide.engine.live"
 
 local co_create, co_resume, co_yield, co_status = coroutine.create, coroutine.resume, coroutine.yield, coroutine.status
 local type = type
@@ -56,7 +57,7 @@ local VALUES, WAITERS, AWAITING = fields.VALUES, fields.WAITERS, fields.AWAITING
 
 local S = {}
 
-local TERMINAL = { ok = true, error = true, timeout = true, cancelled = true }
+local TERMINAL = live.TERMINAL
 S.TERMINAL = TERMINAL
 
 -- Yielded by tide's waiting primitives.  Any other yield from a task is a
@@ -69,29 +70,8 @@ local current = nil          -- the task whose coroutine is being resumed
 local FIRE, fire_runner, promote, promote_now = fire.FIRE, fire.runner, fire.promote, fire.promote_now
 local in_callback = nil      -- the name of the user callback running now, if any
 local next_id = 0
--- Every task that may still be live, in creation order (a shutdown ends
--- them oldest first): appended when created.  A finished task leaves it
--- at once when it is the last one, with the finished ones before it (a
--- flow's workers, a burst); the others go when a spawn finds more than
--- half of the list and LIVE_SLACK entries finished, and compacts it (at
--- tasks' ends too, it was compacted again and again at the end of a burst:
--- 8% of its time).  A finished task keeps only its value (its function and
--- arguments go at its end): with a slack of 1,024 and those kept, a flow
--- run 400 times inside one task kept every run.  nlive counts the tasks
--- really live.
---
--- Code may run amid these writes and spawn (a finalizer: see
--- tide.engine.runq's header), so each is done in steps that such a spawn
--- cannot undo: new_task takes its slot before it fills it; the list is
--- not compacted nor trimmed while a slot is being filled, nor compacted
--- while its end is trimmed (`live_busy`): a compaction replaces the array
--- those write into, and an empty slot looks like a hole; a compaction or
--- a trim that finds an entry added meanwhile leaves the count alone (a
--- trim's cleared slots then stay as holes, which both skip).
-local live, live_n, nlive = {}, 0, 0
-local live_busy = 0
-local LIVE_SLACK = 64
-local compact_live, trim_live
+-- The tasks that may still be live: tide.engine.live.
+local live_add, live_remove, live_count = live.add, live.remove, live.count
 
 local stats = { spawned = 0, ok = 0, error = 0, timeout = 0, cancelled = 0, retries = 0 }
 S.stats = stats
@@ -498,8 +478,7 @@ local function finish(t, status, ...)
   local value = ...
   t[VALUE] = value
   if values then t[VALUES] = values end
-  nlive = nlive - 1
-  if live[live_n] == t then trim_live() end   -- the youngest: it and the finished ones before it leave the list
+  local nlive = live_remove(t)
   stats[status] = stats[status] + 1
   end_attempt(t)
   local w = t[WAITERS]
@@ -827,38 +806,6 @@ end
 
 -- ===== the lifecycle's public face
 
---- Drops the finished tasks at the end of the live list.
-function trim_live()
-  if live_busy > 0 then return end            -- (a slot being filled would look like a hole: later)
-  live_busy = 1
-  local top = live_n
-  local n = top
-  while n > 0 do
-    local t = live[n]
-    if t and not TERMINAL[t[STATE]] then break end
-    n = n - 1
-  end
-  for i = top, n + 1, -1 do live[i] = nil end
-  if live_n == top then live_n = n end         -- (else a task was added after them: they stay holes)
-  live_busy = 0
-end
-
---- Drops the finished tasks (and holes) from the live list, into a new
---- array; not while the list is being written, nor if a task was added
---- or trimmed meanwhile (then the next spawn tries again).
-function compact_live()
-  if live_busy > 0 then return end
-  live_busy = 1
-  local n = live_n
-  local kept, j = runq.new_table(nlive, 0), 0
-  for i = 1, n do
-    local t = live[i]
-    if t and not TERMINAL[t[STATE]] then j = j + 1; kept[j] = t end
-  end
-  if live_n == n then live, live_n = kept, j end
-  live_busy = 0
-end
-
 local Task = {}
 S.Task = Task
 S.Task_mt = { __index = fields.index(Task), __tostring = function(t)   -- t.id, t.attempts, t.value, the methods
@@ -878,16 +825,7 @@ function S.new_task(fn, opt)
   -- this order, and why the last is false, not nil).
   local t = setmetatable({ [0] = 0, 0, nil, "pending", false, false, false, false, false }, Task_mt)
   t[ID], t[FN], t[OPT] = next_id, fn, opt or false
-  live_busy = live_busy + 1
-  -- The slot is ours from here: a spawn nested after this line takes the
-  -- next.  (One line: nothing runs between the count's write and its read,
-  -- as no allocation nor guard that can fail comes between them, and a line
-  -- hook, which review_storm_spec runs a spawn from, comes only at a line.)
-  live_n = live_n + 1; local n = live_n
-  nlive = nlive + 1
-  live[n] = t
-  live_busy = live_busy - 1
-  if n > 2 * nlive + LIVE_SLACK then compact_live() end
+  live_add(t)
   stats.spawned = stats.spawned + 1
   return t
 end
@@ -926,27 +864,17 @@ end
 
 -- ===== shutdown and the end of the loop (tide.engine.shutdown)
 
---- The live tasks, oldest first (a copy: finishing them changes `live`).
-local function live_by_id()
-  compact_live()
-  local list, j = {}, 0
-  for i = 1, live_n do                        -- (holes and finished ones, if it could not compact)
-    local t = live[i]
-    if t and not TERMINAL[t[STATE]] then j = j + 1; list[j] = t end
-  end
-  return list
-end
-
-function S.live_count() return nlive end
+S.live_count = live_count
 
 -- A second copy of tide's engine no longer ticks this one: a live task of
 -- it (waiting for an HTTP request, a broker's message, another task) woken
 -- later would sit in a run queue nobody runs, never to get its outcome.
 runq.add_busy(function()
+  local nlive = live_count()
   if nlive > 0 then return ("%d task(s) live"):format(nlive) end
 end, true)
 
-shutdown.init{ finish = finish, live_tasks = live_by_id, live_count = S.live_count }
+shutdown.init{ finish = finish, live_tasks = live.tasks, live_count = live_count }
 S.on_shutdown, S.shutdown, S.reap, S.reset = shutdown.on_shutdown, shutdown.shutdown, shutdown.reap, shutdown.reset
 function S.shutting_down() return shutdown.shutting end
 
