@@ -230,15 +230,48 @@ describe("transactions on " .. store.name, function()
       return "done"
     end)
     assert.is_false(later_ok)
+    assert.matches("^[^:]*:%d+: tx:exec: ", later_err)       -- names the function called (at the caller's line),
     assert.matches(ABORTED, later_err, 1, true)
-    assert.matches("no_such_table", later_err, 1, true)      -- names the statement that failed first
+    assert.matches("no_such_table", later_err, 1, true)      -- and the statement that failed first
     assert.is_false(query_ok)
+    assert.matches("^[^:]*:%d+: tx:query: ", query_err)
     assert.matches(ABORTED, query_err, 1, true)
     assert.is_false(ok)
     assert.matches("q:transaction: commit failed: .*rolled back, not committed.*no_such_table", err)
     assert.same({ 0, 0 }, { rows_and_jobs() })
     -- the session serves the next transaction as if nothing happened
     q:transaction(function(tx) tx:exec("INSERT INTO effects (task, step) VALUES (2, 1)") end)
+    assert.same({ 1, 0 }, { rows_and_jobs() })
+  end)
+
+  it("names the function that met the aborted transaction: q:enqueue, q:job and a nested q:transaction too", function()
+    local errs = {}
+    pcall(q.transaction, q, function(tx)
+      pcall(tx.exec, tx, "INSERT INTO no_such_table VALUES (1)")
+      errs[1] = select(2, pcall(q.enqueue, q, { target = "t", method = "m" }))
+      errs[2] = select(2, pcall(q.job, q, 1))
+      errs[3] = select(2, pcall(q.transaction, q, function() end))
+      errs[4] = select(2, pcall(tx.enqueue, tx, { target = "t", method = "m" }))
+    end)
+    for i, fname in ipairs{ "q:enqueue", "q:job", "q:transaction", "tx:enqueue" } do
+      local err = tostring(errs[i])
+      assert.truthy(err:find(fname .. ": " .. url .. ": " .. ABORTED, 1, true) and err:find("no_such_table", 1, true), err)
+    end
+  end)
+
+  it("refuses a statement of only blanks, comments and semicolons, which the stores took differently", function()
+    local errs = {}
+    q:transaction(function(tx)
+      for _, sql in ipairs{ "", "  ", "-- c", "/* c */ ;", ";" } do
+        errs[#errs + 1] = select(2, pcall(tx.exec, tx, sql))
+      end
+      errs[#errs + 1] = select(2, pcall(tx.query, tx, "-- c\n"))
+      tx:exec("INSERT INTO effects (task, step) VALUES (1, 1)")     -- the transaction goes on
+    end)
+    for i, err in ipairs(errs) do
+      assert.matches("^tx:%a+: bad argument #1 %(an SQL statement expected, got only blanks and comments%)",
+                     tostring(err), nil, false, "statement " .. i)
+    end
     assert.same({ 1, 0 }, { rows_and_jobs() })
   end)
 

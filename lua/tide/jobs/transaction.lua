@@ -83,11 +83,22 @@ M.notify = notify
 
 -- ===== sessions: the caller's transaction's, or one of the pool's
 
+--- Raises, naming `fname`, when transaction state st was aborted by a
+--- failed statement (tide.jobs.store.common): the store would refuse what
+--- comes next anyway, naming only itself.
+local function refuse_aborted(fname, st, level)
+  local first = st.session:failed()
+  if first then error(fname .. ": " .. common.aborted(st.store.name, first), level + 1) end
+end
+
 --- Runs fn(session, ...) on the caller's transaction's session, or on one
 --- checked out for it (waiting for a free one); returns fn's first two results.
 local function with_session(q, fname, fn, ...)
   local st = q._txs[holder()]
-  if st then return fn(st.session, ...) end
+  if st then
+    refuse_aborted(fname, st, 3)
+    return fn(st.session, ...)
+  end
   local store = q._store
   if not store then error(fname .. ": the queue is closed", 3) end   -- (since check_q: by a finalizer)
   local session = store:acquire(fname)
@@ -131,6 +142,7 @@ end
 
 --- A nested q:transaction: a savepoint on the holder's session.
 local function savepoint(q, st, fname, fn, ...)
+  refuse_aborted(fname, st, 4)
   local depth = st.depth + 1
   st.session:savepoint(depth)
   st.depth = depth
@@ -207,6 +219,7 @@ local function tx_state(fname, tx)
   end
   if not tx._q._store then error(fname .. ": the queue is closed", 3) end
   not_in_c_call(fname, tx._q._store, 3)
+  refuse_aborted(fname, st, 4)
   return st
 end
 M.tx_state = tx_state
@@ -220,7 +233,8 @@ local CONTROL = { BEGIN = true, START = true, COMMIT = true, END = true, ROLLBAC
                   SAVEPOINT = true, RELEASE = true }
 
 --- The first two words of `sql` (from byte `at`) in capitals, after blanks,
---- comments and empty statements (";": both stores skip them).  When
+--- comments and empty statements (";": both stores skip them); "" when
+--- nothing else is left.  When
 --- `nested` (PostgreSQL) block comments nest and a line comment ends at a
 --- CR too; not otherwise (SQLite): the caller asks both ways.  A word is a
 --- name's whole run of letters, digits, _ and $ ("end1" is no END).
@@ -228,6 +242,7 @@ local function words(sql, nested, at, n)
   n = n or 1
   while true do
     local s = sql:match("^[%s;]*()", at)
+    if s > #sql then return "" end            -- (nothing but blanks, comments and semicolons)
     if sql:sub(s, s + 1) == "--" then
       at = (sql:find(nested and "[\n\r]" or "\n", s) or #sql) + 1
     elseif sql:sub(s, s + 1) == "/*" then
@@ -249,13 +264,17 @@ local function words(sql, nested, at, n)
   end
 end
 
---- The control statement `sql` opens with, if any ("COMMIT", "PREPARE TRANSACTION").
+--- The control statement `sql` opens with, if any ("COMMIT", "PREPARE
+--- TRANSACTION"), or "" when it holds no statement at all.
 local function control(sql)
+  local empty = true
   for _, nested in ipairs{ false, true } do
     local first, second = words(sql, nested, 1)
     if CONTROL[first] then return first end
     if first == "PREPARE" and second == "TRANSACTION" then return "PREPARE TRANSACTION" end
+    empty = empty and first == ""
   end
+  return empty and "" or nil
 end
 
 --- Checks a statement of the caller's own before any store sees it: the
@@ -270,7 +289,10 @@ local function check_statement(fname, sql, ...)
     error(("%s: bad argument #1 (SQL text expected, got a string with a NUL byte at byte %d)"):format(fname, nul), 3)
   end
   local word = control(sql)
-  if word then
+  if word == "" then
+    -- (PostgreSQL ran it as an empty query; SQLite refused it, aborting the transaction)
+    error(fname .. ": bad argument #1 (an SQL statement expected, got only blanks and comments)", 3)
+  elseif word then
     error(("%s: bad argument #1 (a statement other than BEGIN, COMMIT, ROLLBACK, SAVEPOINT or RELEASE "
       .. "expected, got %s: q:transaction commits when its function returns and rolls back when it raises; "
       .. "a nested q:transaction is a savepoint)"):format(fname, word), 3)
