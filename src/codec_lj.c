@@ -13,7 +13,7 @@
  * rather than taken from package.loaded, where a script could have put
  * others, and put_list over that encode. */
 static const char LJ_KEY = 0;             /* its address is the key: no string to make */
-enum { LJ_ENCODE = 1, LJ_DECODE = 2, LJ_ENCODE_LIST = 3 };
+enum { LJ_ENCODE = 1, LJ_DECODE = 2, LJ_ENCODE_LIST = 3, LJ_ENCODE_BUF = 4, LJ_DECODE_BUF = 5 };
 
 /* Pushes the list { n = n, v1 .. vn } of the values at from .. from + n - 1. */
 static void push_list(lua_State *L, int from, int n) {
@@ -26,14 +26,16 @@ static void push_list(lua_State *L, int from, int n) {
   lua_setfield(L, -2, "n");
 }
 
-/* (v1 .. vn) -> the serializer's bytes for { n = n, v1 .. vn }.  Upvalue:
- * the serializer's encode.  Called protected (lj_put): the list table is
- * made where running out of memory fails only this way of encoding. */
+/* (buffer, v1 .. vn) -> the serializer's bytes for { n = n, v1 .. vn }.
+ * Upvalue: the serializer's encode.  Called protected (lj_put): the list
+ * table is made where running out of memory fails only this way of
+ * encoding. */
 static int put_list(lua_State *L) {
-  int n = lua_gettop(L);
+  int n = lua_gettop(L) - 1;
   lua_pushvalue(L, lua_upvalueindex(1));
-  push_list(L, 1, n);
-  lua_call(L, 1, 1);
+  lua_pushvalue(L, 1);
+  push_list(L, 2, n);
+  lua_call(L, 2, 1);
   return 1;
 }
 
@@ -66,18 +68,21 @@ static void load_ffi(lua_State *L) {
   lua_pop(L, 2);
 }
 
-/* (buffer.new, null's metatable, the arrays' metatable) -> encode, decode:
- * the serializer with tide.json's markers as its metatable dictionary, so
- * that they cross (codec_marks.c): one buffer to encode into, one to
- * decode from, each emptied after use.  decode reads one value, which
- * lj_check found to be all the bytes. */
+/* (buffer.new, null's metatable, the arrays' metatable) -> encode(buffer,
+ * v), decode(buffer, s), and a buffer for each: the serializer with
+ * tide.json's markers as its metatable dictionary, so that they cross
+ * (codec_marks.c).  The buffer is emptied before use, and its memory
+ * serves the next value; a nil one (a call made while the kept one is in
+ * use: see take_buffer) is made for the call.  decode reads one value,
+ * which lj_check found to be all the bytes. */
 static const char LJ_FUNCTIONS[] =
   "local new, null_mt, array_mt = ...\n"
   "local options = { metatable = { null_mt, array_mt } }\n"
-  "local into, from = new(options), new(options)\n"
-  "local reset, encode, get, set, decode = into.reset, into.encode, into.get, into.set, into.decode\n"
-  "return function(v) reset(into); encode(into, v); return get(into) end,\n"
-  "  function(s) set(from, s); local v = decode(from); reset(from); return v end\n";
+  "local b = new(options)\n"
+  "local reset, encode, get, set, decode = b.reset, b.encode, b.get, b.set, b.decode\n"
+  "return function(buf, v) buf = buf or new(options); reset(buf); encode(buf, v); return get(buf) end,\n"
+  "  function(buf, s) buf = buf or new(options); set(buf, s); local v = decode(buf); reset(buf); return v end,\n"
+  "  b, new(options)\n";
 
 /* Makes the registry's table.  Run by lua_cpcall: nothing it allocates,
  * its own closure included, is made outside the protected call. */
@@ -92,13 +97,13 @@ static int open_lj(lua_State *L) {
   lua_getmetatable(L, -1);
   lua_replace(L, -2);                                 /* chunk, new, null's metatable */
   tide__push_json_array_mt(L);
-  lua_call(L, 3, 2);                                  /* encode, decode */
-  lua_createtable(L, 3, 0);
-  lua_pushvalue(L, -3);
-  lua_rawseti(L, -2, LJ_ENCODE);
-  lua_pushvalue(L, -2);
-  lua_rawseti(L, -2, LJ_DECODE);
-  lua_pushvalue(L, -3);
+  lua_call(L, 3, 4);                                  /* encode, decode, their buffers */
+  lua_createtable(L, 5, 0);
+  for (int i = 1; i <= 4; i++) {
+    lua_pushvalue(L, -6 + i);
+    lua_rawseti(L, -2, i == 3 ? LJ_ENCODE_BUF : i == 4 ? LJ_DECODE_BUF : i);
+  }
+  lua_pushvalue(L, -5);
   lua_pushcclosure(L, put_list, 1);
   lua_rawseti(L, -2, LJ_ENCODE_LIST);
   lua_pushlightuserdata(L, (void *)&LJ_KEY);
@@ -126,6 +131,39 @@ static int push_lj(lua_State *L, int which) {
   return 0;
 }
 
+/* Pushes the serializer's buffer kept in `slot` (LJ_ENCODE_BUF or
+ * LJ_DECODE_BUF), taking it (the slot holds false until give_buffer), or
+ * nil when a call under way has it: the collector may run a finalizer
+ * between the steps of a call (the value's tables and strings are
+ * allocated), which may hand over a value too, and would empty the buffer
+ * under the first (finalizer_spec: a thread task got another's
+ * arguments).  After push_lj: allocates nothing, never raises.  Needs 2
+ * stack slots. */
+static void take_buffer(lua_State *L, int slot) {
+  lua_pushlightuserdata(L, (void *)&LJ_KEY);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  lua_rawgeti(L, -1, slot);
+  if (lua_toboolean(L, -1)) {
+    lua_pushboolean(L, 0);
+    lua_rawseti(L, -3, slot);                         /* (an array slot that exists: no allocation) */
+  } else {
+    lua_pop(L, 1);
+    lua_pushnil(L);
+  }
+  lua_remove(L, -2);
+}
+
+/* Puts back the buffer at idx, if take_buffer gave one.  Never raises. */
+static void give_buffer(lua_State *L, int idx, int slot) {
+  if (lua_isnil(L, idx)) return;
+  if (idx < 0) idx = lua_gettop(L) + idx + 1;
+  lua_pushlightuserdata(L, (void *)&LJ_KEY);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  lua_pushvalue(L, idx);
+  lua_rawseti(L, -2, slot);
+  lua_pop(L, 1);
+}
+
 /* ===== ENCODING ===== */
 
 /* Appends T_LUAJIT and the serializer's bytes for the value at the
@@ -137,7 +175,7 @@ static int push_lj(lua_State *L, int which) {
  * tide's codec reserved just before (codec.c), as tide__encode_list grows
  * the stack, and the list of more values than the stack has room to copy. */
 static int lj_put(lua_State *L, int which, int first, int n, tide_buf *out) {
-  if (!lua_checkstack(L, n + 3)) {
+  if (!lua_checkstack(L, n + 5)) {
     /* No room for copies of the values (over ~4,000 of them: the stack
      * holds 8,000): the list is made here, where out of memory raises. */
     if (which != LJ_ENCODE_LIST || !lua_checkstack(L, 5)) return -1;
@@ -146,10 +184,15 @@ static int lj_put(lua_State *L, int which, int first, int n, tide_buf *out) {
     lua_pop(L, 1);
     return rc;
   }
-  if (push_lj(L, which) != 0) return -1;
+  if (push_lj(L, which) != 0) return -1;              /* fn */
+  take_buffer(L, LJ_ENCODE_BUF);
+  lua_pushvalue(L, -1);
+  lua_insert(L, -3);                                  /* buffer, fn, buffer */
   for (int i = 0; i < n; i++) lua_pushvalue(L, first + i);
-  if (lua_pcall(L, n, 1, 0) != 0) {
-    lua_pop(L, 1);
+  int called = lua_pcall(L, n + 1, 1, 0);             /* buffer, bytes | error */
+  give_buffer(L, -2, LJ_ENCODE_BUF);
+  if (called != 0) {
+    lua_pop(L, 2);
     return -1;
   }
   size_t len;
@@ -160,7 +203,7 @@ static int lj_put(lua_State *L, int which, int first, int n, tide_buf *out) {
     memcpy(out->data + out->len + 1, s, len);
     out->len += len + 1;
   }
-  lua_pop(L, 1);
+  lua_pop(L, 2);
   return rc;
 }
 
@@ -354,10 +397,15 @@ static void unify_value(lua_State *L) {
 static int lj_get(lua_State *L, const char *data, size_t len, size_t at, char *err, size_t errlen) {
   size_t nulls = 0;
   if (lj_check(data, len, at, &nulls, err, errlen)) return -1;
-  if (!lua_checkstack(L, 4)) return refuse(err, errlen, 0, "Lua stack overflow");
+  if (!lua_checkstack(L, 6)) return refuse(err, errlen, 0, "Lua stack overflow");
   if (push_lj(L, LJ_DECODE) != 0) return refuse(err, errlen, 0, "out of memory");
+  take_buffer(L, LJ_DECODE_BUF);
+  lua_pushvalue(L, -1);
+  lua_insert(L, -3);                                  /* buffer, fn, buffer */
   lua_pushlstring(L, data, len);
-  int rc = lua_pcall(L, 1, 1, 0);
+  int rc = lua_pcall(L, 2, 1, 0);                     /* buffer, value | error */
+  give_buffer(L, -2, LJ_DECODE_BUF);
+  lua_remove(L, -2);
   if (rc == 0) {
     if (nulls) unify_value(L);
     return 0;
