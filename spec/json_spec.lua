@@ -153,6 +153,19 @@ describe("tide.jobs.json", function()
       assert.equal(json.null, json.decode("[1,null,3]")[2])
       assert.is_nil(json.decode("null"))
     end)
+
+    -- 65fe5fc moved null into C (src/codec_marks.c), whose __newindex named the
+    -- caller of the function that assigned (luaL_where(L, 2)), not that function's
+    -- line, as error(msg, 2) did: from a pcall'd function, no place at all.
+    it("refuses a write to null at the line that writes it", function()
+      local function assign() json.null.x = 1 end
+      local line = debug.getinfo(assign, "S").linedefined
+      local ok, err = pcall(assign)
+      assert.is_false(ok)
+      assert.equal(("spec/json_spec.lua:%d: tide.json.null is read-only"):format(line), err)
+      assert.equal("null", tostring(json.null))
+      assert.is_nil(next(json.null))
+    end)
   end)
 
   describe("strings", function()

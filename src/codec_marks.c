@@ -22,7 +22,7 @@ static int null_tostring(lua_State *L) {
 }
 
 static int null_newindex(lua_State *L) {
-  luaL_where(L, 2);                       /* where the assignment is, not this function */
+  luaL_where(L, 1);                       /* where the assignment is (level 1: the function that assigns), as error(msg, 2) in a Lua __newindex */
   lua_pushliteral(L, "tide.json.null is read-only");
   lua_concat(L, 2);
   return lua_error(L);
