@@ -308,7 +308,7 @@ static int lj_check(const char *data, size_t len, size_t at, size_t *nulls, char
         if (get_u(&p, end, &mt)) return refuse(err, errlen, at + len, "truncated");
         table_at = p;
         if (get_u(&table_at, end, &next)) return refuse(err, errlen, at + len, "truncated");
-        if (mt > 1 || next < 0x08 || next > 0x0d || (mt == 0 && next != 0x08))   /* (null is empty) */
+        if (mt > 1 || next < 0x08 || next > 0x0d)   /* (null's on a full table too: unify_value makes it plain) */
           return refuse(err, errlen, at + (size_t)(tag_at - start), "bad metatable reference");
         *nulls += mt == 0;
         left[depth]++;
@@ -340,40 +340,59 @@ done:
   return 0;
 }
 
-/* Checks the serializer's bytes data[0..len) (lj_check), then pushes the
- * value they hold: 0, or -1 with a message in err (nothing pushed).
- * Raises when memory runs out, as tide__decode does. */
+/* Whether the table at (absolute) idx is a copy of null the serializer
+ * made: an empty table with null's metatable.  One with null's metatable
+ * and contents (a script's: tide.json's null is empty and read-only) is
+ * not null, and is made plain, as tide's codec sends it.  Allocates
+ * nothing: never raises.  Needs 2 stack slots. */
+static int null_copy(lua_State *L, int idx, const void *null_mt) {
+  if (!lua_getmetatable(L, idx)) return 0;
+  int has = lua_topointer(L, -1) == null_mt;
+  lua_pop(L, 1);
+  if (!has) return 0;
+  lua_pushnil(L);
+  if (lua_next(L, idx) == 0) return 1;
+  lua_pop(L, 2);                                      /* key, value */
+  lua_pushnil(L);
+  lua_setmetatable(L, idx);                           /* (nil: no allocation) */
+  return 0;
+}
+
 /* Puts L's null in place of each copy of it among the values of the table
  * at t, down to `depth` more levels (in tables used as keys too): the
  * serializer makes a new table with null's metatable for each (tide.json's
- * null is one table, compared as one).  A key that is a copy stays one, as
- * tide's codec sends it: a plain table.  Allocates nothing: never raises. */
+ * null is one table, compared as one).  A key that is a copy is made a
+ * plain table, as tide's codec sends it (a key cannot be replaced without
+ * allocating).  Allocates nothing: never raises. */
 static void unify_nulls(lua_State *L, int t, const void *null_mt, int depth) {
-  if (!lua_checkstack(L, 4)) return;
+  if (!lua_checkstack(L, 5)) return;
   lua_pushnil(L);
   while (lua_next(L, t)) {                            /* key, value */
-    if (depth > 0 && lua_istable(L, -2)) unify_nulls(L, lua_gettop(L) - 1, null_mt, depth - 1);
-    if (lua_istable(L, -1)) {
-      int is_null = 0;
-      if (lua_getmetatable(L, -1)) {
-        is_null = lua_topointer(L, -1) == null_mt;
-        lua_pop(L, 1);
+    int top = lua_gettop(L);
+    if (lua_istable(L, -2)) {
+      if (null_copy(L, top - 1, null_mt)) {
+        lua_pushnil(L);
+        lua_setmetatable(L, top - 1);                 /* a key: plain */
       }
-      if (is_null) {
+      if (depth > 0) unify_nulls(L, top - 1, null_mt, depth - 1);
+    }
+    if (lua_istable(L, -1)) {
+      if (null_copy(L, top, null_mt)) {
         lua_pop(L, 1);                                /* key */
         lua_pushvalue(L, -1);
         tide__push_json_null(L);                      /* (made already: it decoded the copies) */
         lua_rawset(L, t);                             /* an existing key: no allocation */
         continue;
       }
-      if (depth > 0) unify_nulls(L, lua_gettop(L), null_mt, depth - 1);
+      if (depth > 0) unify_nulls(L, top, null_mt, depth - 1);
     }
     lua_pop(L, 1);
   }
 }
 
-/* The value on top, decoded from bytes with copies of null in it: each
- * copy, itself included, becomes L's null.  Never raises. */
+/* The value on top, decoded from bytes with null's metatable in them: each
+ * copy of null, itself included, becomes L's null (and a full table with
+ * null's metatable a plain one).  Never raises. */
 static void unify_value(lua_State *L) {
   if (!lua_istable(L, -1) || !lua_checkstack(L, 4)) return;
   int v = lua_gettop(L);
@@ -381,12 +400,7 @@ static void unify_value(lua_State *L) {
   lua_getmetatable(L, -1);
   const void *null_mt = lua_topointer(L, -1);
   lua_pop(L, 1);                                      /* v, null */
-  int is_null = 0;
-  if (lua_getmetatable(L, v)) {
-    is_null = lua_topointer(L, -1) == null_mt;
-    lua_pop(L, 1);
-  }
-  if (is_null) {
+  if (null_copy(L, v, null_mt)) {
     lua_replace(L, v);                                /* null in the copy's place */
     return;
   }
@@ -394,6 +408,9 @@ static void unify_value(lua_State *L) {
   unify_nulls(L, v, null_mt, TIDE_CODEC_DEPTH);
 }
 
+/* Checks the serializer's bytes data[0..len) (lj_check), then pushes the
+ * value they hold: 0, or -1 with a message in err (nothing pushed).
+ * Raises when memory runs out, as tide__decode does. */
 static int lj_get(lua_State *L, const char *data, size_t len, size_t at, char *err, size_t errlen) {
   size_t nulls = 0;
   if (lj_check(data, len, at, &nulls, err, errlen)) return -1;
