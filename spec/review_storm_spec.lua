@@ -174,4 +174,45 @@ describe("review storm: a finalizer run inside the engine's writes of several st
     assert.is_true(tonumber(tried) >= 40, out)
     assert.equal("0", lost, out)
   end)
+
+  it("still compacts and trims the live list after an error amid its writes", function()
+    -- An allocation in the live list's writes may raise (out of memory, or a
+    -- finalizer's error, which LuaJIT passes on): compact's new array, add's store
+    -- that grows the list.  Both came after `busy` was taken, and an error there
+    -- left it taken for good: no compaction nor trim ever again, and the list (each
+    -- finished task with its value) grew with every task the process made.  The
+    -- error is raised here from a line hook at that statement; then 3,000 tasks
+    -- that end at once must leave the list short.
+    local status, out = H.run_lua(dir, "stuck.lua", AT .. [[
+      jit.off()
+      local tide = require "tide"
+      local live = require "tide.engine.live"
+      local compact = upvalue(live.add, "compact")
+      local function burst()
+        for _ = 1, 3000 do tide.spawn(function() end) end
+        tide.sleep(1)
+        return upvalue(live.add, "n_list")
+      end
+      local raised = {}
+      tide.run(function()
+        local oldest = tide.spawn(function() tide.sleep(60000) end)   -- no trim empties the list
+        at(compact, "new_table(", function() error("not enough memory (simulated)") end)
+        raised[1] = select(2, pcall(live.tasks))
+        local after_compact = burst()
+        at(live.add, "list[n] = t", function() error("not enough memory (simulated)") end)
+        raised[2] = select(2, pcall(tide.spawn, function() end))
+        tide.sleep(1)
+        local after_add = burst()
+        print(("compact %d add %d live %d"):format(after_compact, after_add, live.count()))
+        oldest:cancel()
+      end)
+      print(raised[1], raised[2])
+    ]], 60)
+    assert.equal(0, status, out)
+    assert.matches("simulated", out, 1, true)
+    local after_compact, after_add = out:match("compact (%d+) add (%d+)")
+    assert.is_true(tonumber(after_compact) < 200, out)
+    assert.is_true(tonumber(after_add) < 200, out)
+    assert.matches("live 2", out, 1, true)       -- the oldest and the main task: the spawn that failed is not counted
+  end)
 end)

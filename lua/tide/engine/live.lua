@@ -18,7 +18,9 @@
 -- into, and an empty slot looks like a hole; a compaction or a trim that
 -- finds an entry added meanwhile leaves the count alone (a trim's cleared
 -- slots then stay as holes, which both skip).  review_storm_spec spawns at
--- each line of these functions.
+-- each line of these functions.  What may raise (an allocation) comes
+-- before `busy` is taken, but for add's store, whose `busy` the next tick
+-- lets go (M.tick).
 local STATE = require("tide.engine.fields").STATE
 local new_table = require("tide.engine.runq").new_table
 
@@ -51,9 +53,11 @@ end
 --- trimmed meanwhile (then the next add tries again).
 local function compact()
   if busy > 0 then return end
+  local size = nlive
+  local kept = new_table(size, 0)             -- before `busy`: it may raise (out of memory, a finalizer's error)
+  if busy > 0 or nlive > size then return end -- (a spawn at that allocation: kept may be too short, later)
   busy = 1
-  local n = n_list
-  local kept, j = new_table(nlive, 0), 0
+  local n, j = n_list, 0
   for i = 1, n do
     local t = list[i]
     if t and not TERMINAL[t[STATE]] then j = j + 1; kept[j] = t end
@@ -70,8 +74,8 @@ function M.add(t)
   -- as no allocation nor guard that can fail comes between them, and a line
   -- hook, which review_storm_spec runs a spawn from, comes only at a line.)
   n_list = n_list + 1; local n = n_list
+  list[n] = t                                 -- (a store that grows the list may raise: t is then not counted)
   nlive = nlive + 1
-  list[n] = t
   busy = busy - 1
   if n > 2 * nlive + SLACK then compact() end
 end
@@ -93,6 +97,14 @@ function M.tasks()
   end
   return copy
 end
+
+--- A tick begins.  None of these functions is running then (the loop runs
+--- from tide.run, never inside them), so a `busy` still taken was left by
+--- an error amid a write (add's store that grows the list, raising: out of
+--- memory, a finalizer's error, which LuaJIT passes on): it is let go, or
+--- the list would never be compacted nor trimmed again, and would keep
+--- every task the process makes.
+function M.tick() busy = 0 end
 
 --- How many tasks are live.
 function M.count() return nlive end

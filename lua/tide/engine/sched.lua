@@ -71,7 +71,7 @@ local FIRE, fire_runner, promote, promote_now = fire.FIRE, fire.runner, fire.pro
 local in_callback = nil      -- the name of the user callback running now, if any
 local next_id = 0
 -- The tasks that may still be live: tide.engine.live.
-local live_add, live_remove, live_count = live.add, live.remove, live.count
+local live_add, live_remove, live_count, live_tick = live.add, live.remove, live.count, live.tick
 
 local stats = { spawned = 0, ok = 0, error = 0, timeout = 0, cancelled = 0, retries = 0 }
 S.stats = stats
@@ -794,6 +794,7 @@ end
 --- tasks are runnable (or timers due) still.  An error that interrupts it
 --- is reported, and the next tick repairs and goes on (see above).
 function S.tick()
+  live_tick()                                       -- (a write of the live list an error interrupted: let go)
   runq.set_in_tick(true)
   local ok, more = pcall(tick_body)
   runq.set_in_tick(false)
