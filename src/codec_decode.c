@@ -204,7 +204,8 @@ int tide__decode(lua_State *L, const char *data, size_t len, char *err,
 /* The count of the list table on top (its field n, or its length), which
  * is popped; -1 when not an integer from 0 to max. */
 static lua_Number list_count(lua_State *L, int max) {
-  lua_getfield(L, -1, "n");                           /* raw: the table has no metatable */
+  lua_pushliteral(L, "n");
+  lua_rawget(L, -2);                                  /* raw: a JSON array (T_ARRAY) has tide.json's metatable */
   lua_Number n = lua_isnil(L, -1) ? (lua_Number)lua_objlen(L, -2)
                : lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : -1;
   lua_pop(L, 1);

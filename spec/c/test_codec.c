@@ -493,6 +493,27 @@ static void test_json_marks(void) {
   const char cut[] = { 11, 2, 0, 2 };                 /* T_ARRAY, narr 2, nhash 0, one value of two */
   ok(tide__decode(B, cut, sizeof cut, err, sizeof err) == -1 && lua_gettop(B) == 0,
      "a JSON array cut short is refused (%s)", err);
+  /* A list's count is read raw: a JSON array (T_ARRAY, tide.json's
+   * metatable, which a script may give an __index) at the top of a list's
+   * bytes had its `n` read through that metamethod, which ran inside the
+   * decoding and gave the count. */
+  lua_settop(B, 0);
+  tide__push_json_array_mt(B);
+  lua_setglobal(B, "amt");
+  eval(B, "amt.__index = function(_, k) ran = true; if k == 'n' then return 5 end end");
+  lua_settop(B, 0);
+  const char list[] = { 11, 1, 0, 3, 2 };            /* T_ARRAY, narr 1, nhash 0, T_INT 1 */
+  int n = tide__decode_list(B, list, sizeof list, 10, err, sizeof err);
+  lua_getglobal(B, "ran");
+  int ran = lua_toboolean(B, -1);
+  lua_pop(B, 1);
+  ok(n == 1 && lua_gettop(B) == 1 && lua_tonumber(B, 1) == 1 && !ran,
+     "a JSON array as a list gives its values, its count read raw (%d values, metamethod %s)", n, ran ? "ran" : "not run");
+  lua_settop(B, 0);
+  tide__push_json_array_mt(B);
+  lua_pushnil(B);
+  lua_setfield(B, -2, "__index");
+  lua_settop(B, 0);
 }
 
 int main(void) {
