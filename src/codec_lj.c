@@ -416,10 +416,11 @@ static int lj_get(lua_State *L, const char *data, size_t len, size_t at, char *e
   if (lj_check(data, len, at, &nulls, err, errlen)) return -1;
   if (!lua_checkstack(L, 6)) return refuse(err, errlen, 0, "Lua stack overflow");
   if (push_lj(L, LJ_DECODE) != 0) return refuse(err, errlen, 0, "out of memory");
-  take_buffer(L, LJ_DECODE_BUF);
-  lua_pushvalue(L, -1);
-  lua_insert(L, -3);                                  /* buffer, fn, buffer */
-  lua_pushlstring(L, data, len);
+  lua_pushlstring(L, data, len);                      /* fn, s: may raise, so before the buffer is taken */
+  take_buffer(L, LJ_DECODE_BUF);                      /* fn, s, buffer */
+  lua_insert(L, -3);                                  /* buffer, fn, s */
+  lua_pushvalue(L, -3);
+  lua_insert(L, -2);                                  /* buffer, fn, buffer, s */
   int rc = lua_pcall(L, 2, 1, 0);                     /* buffer, value | error */
   give_buffer(L, -2, LJ_DECODE_BUF);
   lua_remove(L, -2);

@@ -283,6 +283,32 @@ static void test_out_of_memory(void) {
     printf("# returned -1: %s\n", oom_err);
   lua_settop(L, 0);
   bud.limit = (size_t)-1;
+  /* Out of memory making the bytes' string, which lj_get pushed after it
+   * took the kept decode buffer and outside the protected call: the raise
+   * left the buffer taken (its slot false) for good, and every decoding
+   * after made a buffer of its own (2cefd0a). */
+  tide_buf other;                          /* other bytes: the string of the last ones may be kept */
+  tide__buf_init(&other);
+  push_records(A, 1500, 0);
+  rc = tide__encode_local(A, -1, "args", &other, err, sizeof err);
+  lua_pop(A, 1);
+  oom_bytes = &other;
+  lua_gc(L, LUA_GCCOLLECT, 0);
+  bud.limit = bud.used + other.len / 2;
+  lua_pushcfunction(L, decode_oom);
+  status = rc == 0 ? lua_pcall(L, 0, 1, 0) : -1;
+  tide__buf_free(&other);
+  lua_settop(L, 0);
+  bud.limit = (size_t)-1;
+  eval(L, "for k, t in pairs(debug.getregistry()) do "
+          "  if type(k) == 'userdata' and type(t) == 'table' and type(t[2]) == 'function' "
+          "     and t[5] ~= nil then return t[5] ~= false end "
+          "end "
+          "return 'no serializer table'");
+  ok(status != 0 && lua_toboolean(L, -1) && lua_type(L, -1) != LUA_TSTRING,
+     "out of memory for the bytes' string leaves the kept decode buffer in place (status %d, %s)", status,
+     lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : lua_toboolean(L, -1) ? "kept" : "taken for good");
+  lua_settop(L, 0);
   lua_close(L);
   tide__buf_free(&b);
 }
