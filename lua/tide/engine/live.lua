@@ -66,8 +66,12 @@ local function compact()
   busy = 0
 end
 
---- Adds task t, made now.
+--- Adds task t, made now.  The list is compacted first: compact may raise
+--- (its new array: out of memory, a finalizer's error), and then t is not
+--- in the list, nor counted (a task stored there, never started, stayed
+--- live for ever).
 function M.add(t)
+  if n_list > 2 * nlive + SLACK then compact() end
   busy = busy + 1
   -- The slot is ours from here: a spawn nested after this line takes the
   -- next.  (One line: nothing runs between the count's write and its read,
@@ -77,7 +81,6 @@ function M.add(t)
   list[n] = t                                 -- (a store that grows the list may raise: t is then not counted)
   nlive = nlive + 1
   busy = busy - 1
-  if n > 2 * nlive + SLACK then compact() end
 end
 
 --- Task t has just ended (its state is terminal); returns how many are live.
