@@ -228,23 +228,31 @@ describe("tide.jobs.store.pg_conn", function()
   -- and its ROLLBACK kept the abort past the transaction: every later
   -- statement on that pooled (or worker's) connection raised "current
   -- transaction is aborted", for ever, instead of connecting again.
-  it("forgets a failed statement's abort once its transaction is over, even when the ROLLBACK was lost", function()
+  -- A transaction on a new connection whose statement `sql` runs (ok: it
+  -- succeeds), then the backend is ended and the ROLLBACK tried (then,
+  -- when `untx`, c.tx cleared as in_tx and record do); the next statement
+  -- must connect again and run.  Returns the connection, closed.
+  local function rollback_lost(sql, ok, untx)
     local c = pg_conn.new(URL, "conn")
     local rolled, later_ok, later
     H.run(function()
       local pid = c:query("SELECT pg_backend_pid() AS pid").rows[1].pid
       c:begin()
-      assert.is_false((pcall(c.query, c, "SELECT 1 / 0")))
+      assert.equal(ok, (pcall(c.query, c, sql)))
       terminate(pid)
-      rolled = pcall(c.finish, c, "ROLLBACK")  -- (as in_tx and record do)
-      c.tx = false
+      rolled = pcall(c.finish, c, "ROLLBACK")
+      if untx then c.tx = false end
       later_ok, later = pcall(c.query, c, "SELECT 2 AS two")
     end)
     c:close()
     assert.is_false(rolled)
     assert(later_ok, later)
     assert.equal(2, later.rows[1].two)
-    assert.is_false(c:failed())
+    return c
+  end
+
+  it("forgets a failed statement's abort once its transaction is over, even when the ROLLBACK was lost", function()
+    assert.is_false(rollback_lost("SELECT 1 / 0", false, true):failed())
   end)
 
   -- A caller that ends its own transaction with pcall(session.rollback,
@@ -255,19 +263,6 @@ describe("tide.jobs.store.pg_conn", function()
   -- connecting again.  The server rolls back a closed session's
   -- transaction: the ROLLBACK happened all the same.
   it("ends the transaction when its ROLLBACK finds the connection lost: the next statement connects again", function()
-    local c = pg_conn.new(URL, "conn")
-    local rolled, later_ok, later
-    H.run(function()
-      local pid = c:query("SELECT pg_backend_pid() AS pid").rows[1].pid
-      c:begin()
-      c:query("SELECT 1")
-      terminate(pid)
-      rolled = pcall(c.finish, c, "ROLLBACK")
-      later_ok, later = pcall(c.query, c, "SELECT 2 AS two")
-    end)
-    c:close()
-    assert.is_false(rolled)
-    assert(later_ok, later)
-    assert.equal(2, later.rows[1].two)
+    rollback_lost("SELECT 1", true, false)
   end)
 end)
