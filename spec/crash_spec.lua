@@ -7,8 +7,9 @@
 -- them, one or two alive at once, and one is killed with SIGKILL a random
 -- 20-300 ms after the last kill; a fresh one takes its place, until 60 were
 -- killed, at least 50 of them after they had opened the store and started
--- their tide.worker.  Each job appends "id pid attempt wallclock_ms" to an
--- effects file when it does its work.  Then a fresh worker drains the
+-- their tide.worker.  Each job appends "id pid attempt wallclock_ms" (a
+-- line padded to 64 bytes) to an effects file when it does its work.  Then
+-- a fresh worker drains the
 -- store, and the spec checks, job by job:
 --
 --   * every job is completed (none lost, none discarded, none executing),
@@ -82,7 +83,8 @@ local function read_effects(path)
   local by_id, lines = {}, 0
   for line in io.lines(path) do
     lines = lines + 1
-    local id, pid, attempt, at = line:match("^(%d+) (%d+) (%d+) (%d+)$")
+    local id, pid, attempt, at = line:match("^(%d+) (%d+) (%d+) (%d+) *$")   -- (padded: crash_worker.lua)
+    assert(#line == 63, ("effects line %d is not 64 bytes: %q"):format(lines, line))
     assert(id, ("effects line %d is malformed: %q"):format(lines, line))
     id = tonumber(id)
     local list = by_id[id]
