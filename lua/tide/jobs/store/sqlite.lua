@@ -279,8 +279,8 @@ local function explain(s, err)
     .. "make the directory writable, or create them while it is)"):format(dir, s.path, s.path)
 end
 
---- Runs fn(...) (statements on s); a "database is locked" is tried again as
---- the header says.  Returns fn's first three results.
+--- Raises `err`, a statement's failure; inside the caller's transaction it
+--- aborts that transaction first.
 local function failed(s, err)
   if s.in_tx and not s.aborted then                          -- (tide.jobs.store.common: as on PostgreSQL)
     -- (some failures roll the whole transaction back: an OR ROLLBACK
@@ -292,6 +292,8 @@ local function failed(s, err)
   error(err, 0)
 end
 
+--- Runs fn(...) (statements on s); a "database is locked" is tried again as
+--- the header says.  Returns fn's first three results.
 local function locked(s, fn, ...)
   if not s.db then error(s.name .. ": the store is closed", 0) end
   if s.aborted then error(common.aborted(s.name, s.aborted), 0) end
